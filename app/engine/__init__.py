@@ -1,0 +1,1 @@
+"""The replication engine: the daemon, mirrorfs capture, the change journal and the applier."""

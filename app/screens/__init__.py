@@ -1,0 +1,1 @@
+"""Textual screens. No syscalls here: every action calls app.services."""

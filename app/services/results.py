@@ -1,0 +1,88 @@
+"""Result objects and errors shared by every service, so the TUI and the CLI say the same words.
+
+A state-changing call returns one `Result` per entry it touched. A call that cannot even start
+(bad input, corrupt config) raises `MirrorError`, which keeps the errno and names the object.
+"""
+
+from __future__ import annotations
+
+import errno as errno_module
+import os
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Any
+
+
+class Outcome(str, Enum):
+    OK = "ok"  # the action was done
+    UNCHANGED = "unchanged"  # already in the wanted state (e.g. "already attached")
+    PENDING = "pending"  # the kernel deferred it (e.g. LOOP_CLR_FD on an open device)
+    SKIPPED = "skipped"  # deliberately not done (dry run, not ours)
+    FAILED = "failed"
+
+
+@dataclass(frozen=True)
+class Result:
+    """What happened to one entry: `target` names it the way an administrator would."""
+
+    action: str
+    target: str
+    outcome: Outcome
+    message: str
+    errno: int | None = None
+    details: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def failed(self) -> bool:
+        return self.outcome is Outcome.FAILED
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "action": self.action,
+            "target": self.target,
+            "outcome": self.outcome.value,
+            "message": self.message,
+            "errno": self.errno,
+            "errno_name": errno_module.errorcode.get(self.errno) if self.errno else None,
+            **({"details": self.details} if self.details else {}),
+        }
+
+    @classmethod
+    def from_error(cls, action: str, target: str, exc: BaseException) -> Result:
+        err = getattr(exc, "errno", None)
+        return cls(action, target, Outcome.FAILED, str(exc), err if isinstance(err, int) else None)
+
+
+class MirrorError(Exception):
+    """A refusal or a failed syscall. `str()` is the message the administrator reads."""
+
+    def __init__(self, message: str, *, errno: int | None = None, obj: str | None = None):
+        super().__init__(message)
+        self.message = message
+        self.errno = errno
+        self.obj = obj
+
+    def __str__(self) -> str:
+        return self.message
+
+    @classmethod
+    def from_oserror(cls, what: str, obj: str, exc: OSError) -> MirrorError:
+        """`what` says what we tried ("attach", "mount"); the errno and its name are kept."""
+        name = errno_module.errorcode.get(exc.errno or 0, "E?")
+        reason = exc.strerror or os.strerror(exc.errno or 0)
+        return cls(f"{what} {obj}: {reason} ({name})", errno=exc.errno, obj=obj)
+
+
+class ConfigError(MirrorError):
+    """The configuration file or an entry is wrong; `line` and `key` point at it when known."""
+
+    def __init__(self, message: str, *, line: int | None = None, key: str | None = None,
+                 obj: str | None = None, errno: int | None = None):
+        super().__init__(message, errno=errno, obj=obj)
+        self.line = line
+        self.key = key
+
+
+def exit_code(results: list[Result]) -> int:
+    """0 only when no entry failed (the CLI contract)."""
+    return 1 if any(r.failed for r in results) else 0

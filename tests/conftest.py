@@ -1,0 +1,109 @@
+"""Shared fixtures: real sparse files, real loop devices, real mounts, always cleaned up.
+
+Loop devices that tests need as *raw material* are made with util-linux `losetup`, an
+independent tool, so our own loop service is checked against something it did not write.
+Every fixture undoes what it made in its finalizer, even when the test fails.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+
+IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
+IS_ROOT = os.geteuid() == 0
+
+
+def pytest_runtest_setup(item):
+    """Tests marked `root` skip off-root, but in CI (which is root) that skip is a failure."""
+    if item.get_closest_marker("root") and not IS_ROOT:
+        reason = "needs root: real loop devices, FUSE and mount(2)"
+        if IN_CI:
+            pytest.fail(f"CI=true but not root, so this root test cannot run ({reason})")
+        pytest.skip(reason)
+
+
+def run(*argv: str, check: bool = True, **kw) -> subprocess.CompletedProcess:
+    """Run a tool with an argv list (never a shell string); output captured as text."""
+    return subprocess.run(list(argv), check=check, capture_output=True, text=True, **kw)
+
+
+def losetup_json() -> list[dict]:
+    """The loop devices util-linux sees: the independent witness for our loop service."""
+    out = run("losetup", "-l", "-J", "-O", "NAME,BACK-FILE,OFFSET,SIZELIMIT,RO,AUTOCLEAR").stdout
+    return json.loads(out)["loopdevices"] if out.strip() else []
+
+
+@pytest.fixture
+def sparse_file(tmp_path):
+    """make(size, name=None) -> Path of a sparse file of `size` bytes in the test's temp dir."""
+    counter = iter(range(10_000))
+
+    def make(size: int, name: str | None = None) -> Path:
+        path = tmp_path / (name or f"disk{next(counter)}.img")
+        with open(path, "wb") as f:
+            f.truncate(size)
+        return path
+
+    return make
+
+
+@pytest.fixture
+def scratch_loop(sparse_file):
+    """make(size=64 MiB, read_only=False) -> '/dev/loopN' on a new sparse file (via losetup).
+
+    Stands in for a real disk: it is a block device this test made and may format, probe,
+    protect and destroy. Detached at teardown (after a lazy unmount of anything left on it).
+    """
+    made: list[str] = []
+
+    def make(size: int = 64 << 20, *, read_only: bool = False) -> str:
+        img = sparse_file(size)
+        argv = ["losetup", "--find", "--show"] + (["--read-only"] if read_only else []) + [str(img)]
+        dev = run(*argv).stdout.strip()
+        made.append(dev)
+        return dev
+
+    yield make
+    for dev in reversed(made):
+        _unmount_everything_from(dev)
+        run("losetup", "-d", dev, check=False)
+
+
+def _unmount_everything_from(dev: str) -> None:
+    st = os.stat(dev)
+    want = f"{os.major(st.st_rdev)}:{os.minor(st.st_rdev)}"
+    with open("/proc/self/mountinfo") as f:
+        lines = f.read().splitlines()
+    for line in reversed(lines):
+        fields = line.split()
+        if fields[2] == want:
+            mp = fields[4].encode().decode("unicode_escape")
+            run("umount", "-l", mp, check=False)
+
+
+@pytest.fixture
+def tmpfs_mount(tmp_path):
+    """make(path) mounts a small tmpfs at `path` (created if needed); lazily unmounted at teardown."""
+    made: list[Path] = []
+
+    def make(path: Path | None = None) -> Path:
+        path = Path(path or tmp_path / f"tmpfs{len(made)}")
+        path.mkdir(parents=True, exist_ok=True)
+        run("mount", "-t", "tmpfs", "-o", "size=16m", "mirrorsetup-test", str(path))
+        made.append(path)
+        return path
+
+    yield make
+    for path in reversed(made):
+        run("umount", "-l", str(path), check=False)
+
+
+@pytest.fixture
+def config_path(tmp_path) -> Path:
+    """A config file path in the test's temp dir (never /etc/mirrorsetup)."""
+    return tmp_path / "etc" / "replication.toml"
