@@ -48,6 +48,12 @@ class Result:
         }
 
     @classmethod
+    def from_json(cls, data: dict[str, Any]) -> Result:
+        """Inverse of `to_json`, for results that crossed the daemon's control socket."""
+        return cls(data["action"], data["target"], Outcome(data["outcome"]), data["message"],
+                   data.get("errno"), data.get("details") or {})
+
+    @classmethod
     def from_error(cls, action: str, target: str, exc: BaseException) -> Result:
         err = getattr(exc, "errno", None)
         return cls(action, target, Outcome.FAILED, str(exc), err if isinstance(err, int) else None)
