@@ -1,0 +1,88 @@
+"""How the CLI prints: plain aligned columns for people, JSON (`--json`) for scripts."""
+
+from __future__ import annotations
+
+import json
+import sys
+from typing import Any
+
+from app.services.results import Outcome, Result
+from app.services.units import human_size
+
+_MARK = {Outcome.OK: "ok", Outcome.UNCHANGED: "unchanged", Outcome.PENDING: "PENDING",
+         Outcome.SKIPPED: "plan", Outcome.FAILED: "FAILED"}
+
+
+def _dump(data: Any) -> None:
+    json.dump(data, sys.stdout, indent=2, default=str)
+    sys.stdout.write("\n")
+
+
+def _cell(value: Any) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if isinstance(value, (list, tuple)):
+        return ",".join(map(str, value)) or "-"
+    return str(value)
+
+
+def print_table(rows: list[dict[str, Any]], columns: list[str], *, as_json: bool = False) -> None:
+    if as_json:
+        _dump(rows)
+        return
+    if not rows:
+        print("(no entries)")
+        return
+    cells = [[_cell(r.get(c)) for c in columns] for r in rows]
+    widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(columns)]
+    print("  ".join(c.upper().ljust(w) for c, w in zip(columns, widths)).rstrip())
+    for row in cells:
+        print("  ".join(v.ljust(w) for v, w in zip(row, widths)).rstrip())
+
+
+def print_results(results: list[Result], *, as_json: bool = False) -> None:
+    """One line per entry, the same words the TUI shows; failures also go to stderr's eye."""
+    if as_json:
+        _dump([r.to_json() for r in results])
+        return
+    if not results:
+        print("(nothing to do: no entries configured)")
+    for r in results:
+        print(f"{_MARK[r.outcome]:>9}  {r.target}: {r.message}")
+
+
+def print_devices(devices, *, as_json: bool = False) -> None:
+    if as_json:
+        _dump([d.to_json() for d in devices])
+        return
+    rows = [{"path": d.path, "size": human_size(d.size), "type": d.type, "fstype": d.fstype,
+             "mountpoints": list(d.mountpoints), "in use": list(d.in_use),
+             "excluded": d.excluded} for d in devices]
+    print_table(rows, ["path", "size", "type", "fstype", "mountpoints", "in use", "excluded"])
+
+
+def print_status(snap, *, as_json: bool = False) -> None:
+    if as_json:
+        _dump(snap.to_json())
+        return
+    print("File-system replication")
+    print_table([{"path": s.entry.path, "state": s.state, "atime": s.entry.replicate_atime,
+                  "target": s.entry.target,
+                  "queued": (s.engine or {}).get("bytes_queued"),
+                  "lag s": (s.engine or {}).get("lag_seconds")} for s in snap.filesystem],
+                ["path", "state", "atime", "target", "queued", "lag s"])
+    print("\nBlock-device replication")
+    print_table([{"device": s.entry.device, "state": s.state, "loop wanted": s.entry.loop,
+                  "loop": s.loop, "offset": s.entry.offset,
+                  "mounted via loop": list(s.loop_mounts)} for s in snap.block],
+                ["device", "state", "loop wanted", "loop", "offset", "mounted via loop"])
+    if snap.engine_error:
+        print(f"\nDaemon: {snap.engine_error}")
+    elif snap.engine is None:
+        print("\nDaemon: not running")
+    if snap.warnings:
+        print("\nWarnings")
+        for w in snap.warnings:
+            print(f"  {w.level.upper()}: {w.subject}: {w.message}")

@@ -1,0 +1,178 @@
+"""One snapshot of what is configured against what the kernel says is true right now.
+
+Sources: the config file, /proc/self/mountinfo, loop attachments from sysfs, /proc/*/fd for
+writers that bypass a loop, and the daemon's figures when it runs. The CLI's `status` and the
+TUI's dashboard both render this.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from app.services import loop as loopdev
+from app.services import mounts
+from app.services.config import BlockEntry, ConfigStore, FsEntry
+from app.services.replication import same_device
+
+MIRRORFS_TYPE = "fuse.mirrorfs"
+
+
+@dataclass(frozen=True)
+class StatusWarning:
+    subject: str
+    message: str
+    level: str = "warning"  # "warning" | "error"
+
+
+@dataclass(frozen=True)
+class FsState:
+    entry: FsEntry
+    state: str  # "mounted" | "not mounted" | "path missing"
+    other_fstype: str | None = None  # what is mounted at the path when it is not us
+    engine: dict[str, Any] | None = None
+
+
+@dataclass(frozen=True)
+class BlockState:
+    entry: BlockEntry
+    state: str  # "attached" | "detached" | "detach pending" | "device missing"
+    loops: tuple[loopdev.LoopStatus, ...] = ()
+    raw_mounts: tuple[str, ...] = ()
+    loop_mounts: tuple[str, ...] = ()
+
+    @property
+    def loop(self) -> str | None:
+        return self.loops[0].device if self.loops else None
+
+
+@dataclass
+class StatusSnapshot:
+    taken_at: float
+    filesystem: list[FsState] = field(default_factory=list)
+    block: list[BlockState] = field(default_factory=list)
+    loops: list[loopdev.LoopStatus] = field(default_factory=list)
+    warnings: list[StatusWarning] = field(default_factory=list)
+    engine: dict[str, Any] | None = None
+    engine_error: str | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "taken_at": self.taken_at,
+            "filesystem": [{**asdict(s.entry), "state": s.state, "mounted": s.state == "mounted",
+                            "other_fstype": s.other_fstype, "engine": s.engine}
+                           for s in self.filesystem],
+            "block": [{**asdict(s.entry), "state": s.state, "attached_loop": s.loop,
+                       "loops": [lp.to_json() for lp in s.loops],
+                       "raw_mounts": list(s.raw_mounts), "loop_mounts": list(s.loop_mounts)}
+                      for s in self.block],
+            "loops": [lp.to_json() for lp in self.loops],
+            "warnings": [asdict(w) for w in self.warnings],
+            "engine": self.engine,
+            "engine_error": self.engine_error,
+        }
+
+
+def _device_mounts(path: str, table: list[mounts.MountEntry]) -> tuple[str, ...]:
+    try:
+        rdev = os.stat(path).st_rdev
+    except OSError:
+        return ()
+    return tuple(m.mount_point for m in
+                 mounts.mounts_of_device(os.major(rdev), os.minor(rdev), table))
+
+
+def writers_of(device: str) -> list[tuple[int, str]]:
+    """(pid, command) of processes holding `device` open for writing, found via /proc/*/fd."""
+    try:
+        rdev = os.stat(device).st_rdev
+    except OSError:
+        return []
+    found = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        fd_dir = f"/proc/{pid}/fd"
+        try:
+            fds = os.listdir(fd_dir)
+        except OSError:
+            continue
+        for fd in fds:
+            try:
+                if os.stat(f"{fd_dir}/{fd}").st_rdev != rdev:
+                    continue
+                with open(f"/proc/{pid}/fdinfo/{fd}") as f:
+                    flags = int(f.readline().split()[1], 8)
+            except (OSError, ValueError, IndexError):
+                continue
+            if flags & (os.O_WRONLY | os.O_RDWR):
+                try:
+                    with open(f"/proc/{pid}/comm") as f:
+                        comm = f.read().strip()
+                except OSError:
+                    comm = "?"
+                found.append((int(pid), comm))
+                break
+    return found
+
+
+def snapshot(store: ConfigStore, control=None, *, scan_writers: bool = True) -> StatusSnapshot:
+    """Read everything once; `control` is a ControlClient or None (engine figures omitted)."""
+    config = store.load()
+    table = mounts.read_mountinfo()
+    loops = loopdev.list_attached()
+    snap = StatusSnapshot(taken_at=time.time(), loops=loops)
+
+    if control is not None:
+        try:
+            snap.engine = control.request("status")
+        except Exception as exc:  # the daemon's absence is a state to show, not a crash
+            snap.engine_error = str(exc)
+    engine_by_path = {e.get("path"): e for e in (snap.engine or {}).get("entries", [])}
+
+    by_point = {m.mount_point: m for m in table}  # later lines win: the top mount of a path
+    for entry in config.filesystem:
+        top = by_point.get(entry.path)
+        if not os.path.isdir(entry.path) and top is None:
+            state, other = "path missing", None
+            snap.warnings.append(StatusWarning(entry.path, "the directory does not exist", "error"))
+        elif top is not None and top.fstype == MIRRORFS_TYPE:
+            state, other = "mounted", None
+        else:
+            state, other = "not mounted", (top.fstype if top is not None else None)
+            snap.warnings.append(StatusWarning(entry.path, "not mounted as mirrorfs: changes there are "
+                                                     "not captured (Mount all)"))
+        snap.filesystem.append(FsState(entry, state, other, engine_by_path.get(entry.path)))
+
+    for entry in config.block:
+        snap.block.append(_block_state(entry, loops, table, snap.warnings, scan_writers))
+    return snap
+
+
+def _block_state(entry: BlockEntry, loops, table, warnings: list[StatusWarning],
+                 scan_writers: bool) -> BlockState:
+    dev = entry.device
+    if not os.path.exists(dev):
+        warnings.append(StatusWarning(dev, "the device does not exist", "error"))
+        return BlockState(entry, "device missing")
+    ours = tuple(s for s in loops if same_device(s.backing_file, dev) and s.offset == entry.offset)
+    raw_mounts = _device_mounts(dev, table)
+    loop_mounts = tuple(mp for s in ours for mp in _device_mounts(s.device, table))
+    if not ours:
+        state = "detached"
+        warnings.append(StatusWarning(dev, "not attached to a loop device: its writes are not captured"))
+    elif all(s.autoclear for s in ours):
+        # We never attach with autoclear, so it being set means a deferred LOOP_CLR_FD.
+        state = "detach pending"
+        warnings.append(StatusWarning(dev, f"{ours[0].device}: detach pending (still open)"))
+    else:
+        state = "attached"
+    if raw_mounts:
+        warnings.append(StatusWarning(dev, f"the raw device is mounted on {', '.join(raw_mounts)}: "
+                                     "writes there bypass the loop device and corrupt the target",
+                                "error"))
+    if scan_writers and ours:
+        for pid, comm in writers_of(dev):
+            warnings.append(StatusWarning(dev, f"{comm} (pid {pid}) has the raw device open for writing, "
+                                         f"bypassing {ours[0].device}", "error"))
+    return BlockState(entry, state, ours, raw_mounts, loop_mounts)

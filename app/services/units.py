@@ -1,0 +1,29 @@
+"""Sizes as administrators type and read them: "512", "4k", "1M", "2GiB" <-> bytes."""
+
+from __future__ import annotations
+
+import re
+
+_UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40, "p": 1 << 50}
+_SIZE = re.compile(r"^\s*(\d+)\s*([kmgtp]?)(?:i?b)?\s*$", re.IGNORECASE)
+
+
+def parse_size(text: str | int) -> int:
+    """Bytes from "1048576", "1M", "1MiB", "4k". Binary units, as losetup and dd use them."""
+    if isinstance(text, int):
+        return text
+    m = _SIZE.match(text)
+    if not m:
+        raise ValueError(f"not a size: {text!r} (use bytes or a suffix: 512, 4K, 1M, 2G)")
+    return int(m.group(1)) * _UNITS[m.group(2).lower()]
+
+
+def human_size(n: int) -> str:
+    """"64.0 MiB"; exact byte counts under 1 KiB."""
+    if n < 1024:
+        return f"{n} B"
+    for unit in ("KiB", "MiB", "GiB", "TiB", "PiB"):
+        n /= 1024
+        if n < 1024 or unit == "PiB":
+            return f"{n:.1f} {unit}"
+    raise AssertionError("unreachable")
