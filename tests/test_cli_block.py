@@ -1,0 +1,235 @@
+"""The seed's block-device steps through the CLI, on real loop devices, checked in sysfs and by losetup.
+
+A "disk" here is a loop device made by util-linux on a sparse file (scratch_loop); the entry's
+access point is a second loop device attached by mirrorsetup on top of it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from conftest import losetup_json, run
+
+pytestmark = pytest.mark.root
+
+
+def cli(config: Path, *argv: str, check_rc: int | None = 0) -> subprocess.CompletedProcess:
+    proc = subprocess.run([sys.executable, "-m", "app", "--config", str(config), *argv],
+                          capture_output=True, text=True, cwd=Path(__file__).parent.parent)
+    if check_rc is not None:
+        assert proc.returncode == check_rc, (proc.returncode, proc.stdout, proc.stderr)
+    return proc
+
+
+def loops_on(device: str) -> list[str]:
+    """Loop devices whose backing is `device`, per sysfs (the kernel's own view)."""
+    rdev = os.stat(device).st_rdev
+    found = []
+    for name in os.listdir("/sys/block"):
+        path = f"/sys/block/{name}/loop/backing_file"
+        if name.startswith("loop") and os.path.exists(path):
+            backing = Path(path).read_text().strip()
+            try:
+                if os.stat(backing).st_rdev == rdev:
+                    found.append(f"/dev/{name}")
+            except OSError:
+                pass
+    return sorted(found)
+
+
+@pytest.fixture
+def disks(scratch_loop):
+    """make() -> a fresh "disk"; at teardown every loop stacked on it is unmounted and detached."""
+    made: list[str] = []
+
+    def make(size: int = 64 << 20) -> str:
+        dev = scratch_loop(size)
+        made.append(dev)
+        return dev
+
+    yield make
+    for dev in made:
+        for lp in loops_on(dev):
+            run("umount", "-l", lp, check=False)
+            run("losetup", "-d", lp, check=False)
+
+
+def sysfs(loop: str, key: str) -> str:
+    return Path(f"/sys/block/{Path(loop).name}/loop/{key}").read_text().strip()
+
+
+def test_add_attach_all_detach_all(config_path, disks):
+    disk = disks()
+    cli(config_path, "block", "add", disk, "--offset", "1M")
+    listed = json.loads(cli(config_path, "block", "list", "--json").stdout)
+    assert [(e["device"], e["offset"]) for e in listed] == [(disk, 1 << 20)]
+
+    out = json.loads(cli(config_path, "--json", "block", "attach-all").stdout)
+    assert [r["outcome"] for r in out] == ["ok"]
+    loop = out[0]["details"]["loop"]
+    assert loops_on(disk) == [loop]
+    assert sysfs(loop, "offset") == str(1 << 20)
+    witness = {d["name"]: d for d in losetup_json()}
+    assert witness[loop]["back-file"] == disk and int(witness[loop]["offset"]) == 1 << 20
+
+    again = json.loads(cli(config_path, "block", "attach-all", "--json").stdout)
+    assert again[0]["outcome"] == "unchanged" and loops_on(disk) == [loop]
+
+    status = json.loads(cli(config_path, "status", "--json").stdout)
+    assert status["block"][0]["state"] == "attached" and status["block"][0]["attached_loop"] == loop
+
+    gone = json.loads(cli(config_path, "block", "detach-all", "--json").stdout)
+    assert [r["outcome"] for r in gone] == ["ok"]
+    assert loops_on(disk) == []
+
+
+def test_dry_run_changes_nothing(config_path, disks):
+    disk = disks()
+    cli(config_path, "block", "add", disk)
+    before = config_path.read_bytes()
+    out = json.loads(cli(config_path, "block", "attach-all", "--dry-run", "--json").stdout)
+    assert out[0]["outcome"] == "skipped" and "would attach" in out[0]["message"]
+    assert loops_on(disk) == [] and config_path.read_bytes() == before
+
+
+def test_fixed_loop_is_used(config_path, disks):
+    disk = disks()
+    free = run("losetup", "--find").stdout.strip()  # witness picks a free one; we ask for it
+    cli(config_path, "block", "add", disk, "--loop", free)
+    out = json.loads(cli(config_path, "block", "attach-all", "--json").stdout)
+    assert out[0]["details"]["loop"] == free and loops_on(disk) == [free]
+
+
+def test_mounted_device_is_refused_unless_forced(config_path, disks, tmp_path):
+    disk = disks()
+    run("mkfs.ext4", "-q", disk)
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    run("mount", disk, str(mnt))
+    try:
+        cli(config_path, "block", "add", disk)
+        proc = cli(config_path, "block", "attach-all", check_rc=1)
+        assert f"mounted on {mnt}" in proc.stdout and loops_on(disk) == []
+        forced = json.loads(cli(config_path, "block", "attach-all", "--force", "--json").stdout)
+        assert forced[0]["outcome"] == "ok" and len(loops_on(disk)) == 1
+    finally:
+        run("umount", "-l", str(mnt), check=False)
+
+
+def test_detach_all_reports_a_mounted_loop_and_unmounts_nothing(config_path, disks, tmp_path):
+    disk = disks()
+    cli(config_path, "block", "add", disk)
+    loop = json.loads(cli(config_path, "block", "attach-all", "--json").stdout)[0]["details"]["loop"]
+    run("mkfs.ext4", "-q", loop)
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    run("mount", loop, str(mnt))
+    try:
+        proc = cli(config_path, "block", "detach-all", "--json", check_rc=1)
+        res = json.loads(proc.stdout)[0]
+        assert res["errno_name"] == "EBUSY" and str(mnt) in res["message"]
+        assert loops_on(disk) == [loop]
+        assert any(line.split()[4] == str(mnt) for line in Path("/proc/self/mountinfo").read_text().splitlines())
+    finally:
+        run("umount", "-l", str(mnt), check=False)
+
+
+def test_remove_detaches_first(config_path, disks):
+    disk = disks()
+    cli(config_path, "block", "add", disk)
+    cli(config_path, "block", "attach-all")
+    assert len(loops_on(disk)) == 1
+    out = json.loads(cli(config_path, "block", "remove", disk, "--json").stdout)
+    assert [r["action"] for r in out] == ["detach", "remove"]
+    assert loops_on(disk) == [] and json.loads(cli(config_path, "block", "list", "--json").stdout) == []
+
+
+def test_bad_input_is_refused_and_changes_nothing(config_path, disks, tmp_path):
+    disk = disks(8 << 20)
+    cli(config_path, "block", "add", disk)
+    before = config_path.read_bytes()
+    swap = disks(8 << 20)
+    run("mkswap", "-q", swap)
+    not_block = tmp_path / "plain-file"
+    not_block.write_text("x")
+    cases = [
+        (["block", "add", swap], "swap"),
+        (["block", "add", str(not_block)], "not a block device"),
+        (["block", "add", disk], disk),  # duplicate
+        (["block", "add", disks(8 << 20), "--offset", "1G"], "past the end"),
+        (["block", "add", disks(8 << 20), "--offset", "100"], "512"),
+        (["block", "add", disks(8 << 20), "--loop", "/dev/sda"], "/dev/loopN"),
+        (["block", "add", disks(8 << 20), "--encryption", "aes"], "encryption"),
+    ]
+    for argv, words in cases:
+        proc = cli(config_path, *argv, "--json", check_rc=1)
+        res = json.loads(proc.stdout)[0]
+        assert res["outcome"] == "failed" and words in res["message"], (argv, res)
+        assert config_path.read_bytes() == before, argv
+    assert cli(config_path, "block", "add", disk, "--offset", "12x", check_rc=2).stderr
+
+
+def test_manual_attach_and_detach_are_not_persisted(config_path, disks):
+    disk = disks()
+    out = json.loads(cli(config_path, "manual", "attach", disk, "--read-only", "--json").stdout)[0]
+    loop = out["details"]["loop"]
+    assert loops_on(disk) == [loop] and sysfs(loop, "../ro") == "1"
+    assert not config_path.exists()
+    assert json.loads(cli(config_path, "manual", "detach", loop, "--json").stdout)[0]["outcome"] == "ok"
+    assert loops_on(disk) == []
+    again = json.loads(cli(config_path, "manual", "detach", loop, "--json").stdout)[0]
+    assert again["outcome"] == "unchanged"
+    assert cli(config_path, "manual", "detach", "/dev/sda", check_rc=1).stdout
+
+
+def test_detach_pending_while_the_loop_is_open(config_path, disks):
+    disk = disks()
+    loop = json.loads(cli(config_path, "manual", "attach", disk, "--json").stdout)[0]["details"]["loop"]
+    holder = os.open(loop, os.O_RDONLY)
+    try:
+        res = json.loads(cli(config_path, "manual", "detach", loop, "--json").stdout)[0]
+        assert res["outcome"] == "pending" and "pending" in res["message"]
+        assert loops_on(disk) == [loop] and sysfs(loop, "autoclear") == "1"
+    finally:
+        os.close(holder)
+    assert loops_on(disk) == []  # the kernel detached at last close
+
+
+def test_parallel_attach_all_never_shares_a_loop(tmp_path, disks):
+    """Several processes attach different entries at once: each gets its own loop device."""
+    configs = []
+    for i in range(6):
+        cfg = tmp_path / f"c{i}.toml"
+        for _ in range(3):
+            cli(cfg, "block", "add", disks(4 << 20))
+        configs.append(cfg)
+    procs = [subprocess.Popen([sys.executable, "-m", "app", "--config", str(c), "block", "attach-all",
+                               "--json"], stdout=subprocess.PIPE, text=True,
+                              cwd=Path(__file__).parent.parent) for c in configs]
+    loops = []
+    for p in procs:
+        out, _ = p.communicate(timeout=120)
+        assert p.returncode == 0, out
+        loops += [r["details"]["loop"] for r in json.loads(out)]
+    assert len(loops) == 18 and len(set(loops)) == 18
+    for cfg in configs:
+        for entry in json.loads(cli(cfg, "block", "list", "--json").stdout):
+            assert len(loops_on(entry["device"])) == 1
+
+
+def test_devices_json_lists_a_disk_and_excludes_swap(config_path, disks):
+    good, swap = disks(16 << 20), disks(16 << 20)
+    run("mkfs.ext4", "-q", good)
+    run("mkswap", "-q", swap)
+    listed = {d["path"]: d for d in json.loads(cli(config_path, "block", "devices", "--json").stdout)}
+    assert good in listed and swap not in listed
+    assert listed[good]["fstype"] == "ext4" and listed[good]["size"] == 16 << 20
+    assert {"path", "size", "type", "fstype", "mountpoints", "excluded"} <= set(listed[good])
+    everything = {d["path"]: d for d in json.loads(cli(config_path, "block", "devices", "--all",
+                                                       "--json").stdout)}
+    assert "swap" in everything[swap]["excluded"]
