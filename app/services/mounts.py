@@ -1,0 +1,327 @@
+"""Mounts: mount(2)/umount2(2), the kernel's mount table, and a watcher that wakes on changes.
+
+The kernel's `/proc/self/mountinfo` is the only truth for what is mounted. Paths in it are
+bytes (a mount point need not be UTF-8), with space, tab, newline and backslash written as
+octal escapes (`\\040`); we turn them back into bytes and then into `str` with `os.fsdecode`
+(surrogateescape), so every name round-trips to `os.fsencode` exactly.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import errno as errno_module
+import os
+import re
+import select
+import threading
+import time
+from dataclasses import asdict, dataclass
+from typing import Iterator, Union
+
+from app.services.results import MirrorError
+
+PathArg = Union[str, bytes, "os.PathLike[str]", "os.PathLike[bytes]"]
+
+# mount(2) flags, <linux/mount.h>
+MS_RDONLY = 1
+MS_NOSUID = 2
+MS_NODEV = 4
+MS_NOEXEC = 8
+MS_SYNCHRONOUS = 16
+MS_REMOUNT = 32
+MS_MANDLOCK = 64
+MS_DIRSYNC = 128
+MS_NOSYMFOLLOW = 256
+MS_NOATIME = 1024
+MS_NODIRATIME = 2048
+MS_BIND = 4096
+MS_MOVE = 8192
+MS_REC = 16384
+MS_SILENT = 32768
+MS_UNBINDABLE = 1 << 17
+MS_PRIVATE = 1 << 18
+MS_SLAVE = 1 << 19
+MS_SHARED = 1 << 20
+MS_RELATIME = 1 << 21
+MS_STRICTATIME = 1 << 24
+MS_LAZYTIME = 1 << 25
+
+# umount2(2) flags
+MNT_FORCE = 1
+MNT_DETACH = 2
+MNT_EXPIRE = 4
+UMOUNT_NOFOLLOW = 8
+
+MOUNTINFO = "/proc/self/mountinfo"
+OPTIONAL_END = "-"  # separates the optional fields from fstype/source/super options
+READ_CHUNK = 1 << 20  # the table can be megabytes with thousands of mounts; read to EOF anyway
+
+# The kernel escapes these with seq_escape() as \ooo; "#" only in the source field.
+_OCTAL = re.compile(rb"\\([0-3][0-7][0-7])")
+
+_libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+_libc.mount.argtypes = [ctypes.c_char_p, ctypes.c_char_p, ctypes.c_char_p, ctypes.c_ulong,
+                        ctypes.c_void_p]
+_libc.mount.restype = ctypes.c_int
+_libc.umount2.argtypes = [ctypes.c_char_p, ctypes.c_int]
+_libc.umount2.restype = ctypes.c_int
+
+
+@dataclass(frozen=True)
+class MountEntry:
+    """One line of mountinfo (see proc(5)); paths are str that round-trip through os.fsencode."""
+
+    mount_id: int
+    parent_id: int
+    major: int
+    minor: int
+    root: str
+    mount_point: str
+    options: str
+    optional: tuple[str, ...]
+    fstype: str
+    source: str
+    super_options: str
+
+    def to_json(self) -> dict:
+        data = asdict(self)  # exact names; json.dumps writes undecodable bytes as \udcXX
+        data["optional"] = list(self.optional)
+        return data
+
+
+@dataclass(frozen=True)
+class MountDiff:
+    """What changed between two reads of the table; `changed` pairs are (old, new)."""
+
+    added: tuple[MountEntry, ...] = ()
+    removed: tuple[MountEntry, ...] = ()
+    changed: tuple[tuple[MountEntry, MountEntry], ...] = ()
+
+    def __bool__(self) -> bool:
+        return bool(self.added or self.removed or self.changed)
+
+
+def decode_field(raw: str) -> str:
+    """Undo the kernel's \\ooo escapes at byte level, so escaped and raw bytes join correctly."""
+    data = os.fsencode(raw)
+    if b"\\" in data:
+        data = _OCTAL.sub(lambda m: bytes((int(m.group(1), 8),)), data)
+    return os.fsdecode(data)
+
+
+def _parse_line(line: str) -> MountEntry:
+    # Split on " " only: a raw \r, \v or \f may sit inside a name (the kernel escapes only
+    # space, tab, newline, backslash), and an empty source gives an empty field.
+    fields = line.split(" ")
+    try:
+        end = fields.index(OPTIONAL_END, 6)
+        major, minor = fields[2].split(":")
+        fstype, source, super_options = fields[end + 1:end + 4]
+        return MountEntry(int(fields[0]), int(fields[1]), int(major), int(minor),
+                          decode_field(fields[3]), decode_field(fields[4]), fields[5],
+                          tuple(fields[6:end]), decode_field(fstype), decode_field(source),
+                          decode_field(super_options))
+    except ValueError as exc:
+        raise MirrorError(f"unreadable mountinfo line {_display(line)!r}: {exc}",
+                          errno=errno_module.EINVAL, obj=MOUNTINFO) from None
+
+
+def parse_mountinfo(text: str) -> list[MountEntry]:
+    """Lines end with "\\n" only; str.splitlines() would also cut at a raw \\r in a name."""
+    return [_parse_line(line) for line in text.split("\n") if line]
+
+
+def _read_all(fd: int) -> bytes:
+    """Read a seq_file from offset 0 to EOF (one read() returns at most a page or so)."""
+    os.lseek(fd, 0, os.SEEK_SET)
+    chunks = []
+    while chunk := os.read(fd, READ_CHUNK):
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def read_mountinfo(path: str = MOUNTINFO) -> list[MountEntry]:
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError as exc:
+        raise MirrorError.from_oserror("read", path, exc) from None
+    try:
+        return parse_mountinfo(os.fsdecode(_read_all(fd)))
+    finally:
+        os.close(fd)
+
+
+def _display(path: str) -> str:
+    """A path as an administrator can read it: undecodable bytes and controls escaped."""
+    text = os.fsencode(path).decode("utf-8", "backslashreplace")
+    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii")
+                   for c in text)
+
+
+def _arg(value: PathArg | None) -> bytes | None:
+    return None if value is None else os.fsencode(value)
+
+
+def mount(source: PathArg | None, target: PathArg, fstype: str | None, flags: int = 0,
+          data: str | bytes | None = None) -> None:
+    """mount(2). `source`/`fstype` may be None (remount, propagation changes)."""
+    raw_data = os.fsencode(data) if data is not None else None
+    if _libc.mount(_arg(source), _arg(target), _arg(fstype), flags, raw_data) != 0:
+        err = ctypes.get_errno()
+        target_s = _display(os.fsdecode(target))
+        what = f"mount {_display(os.fsdecode(source))} on" if source is not None else "mount"
+        exc = OSError(err, os.strerror(err))
+        error = MirrorError.from_oserror(what, target_s, exc)
+        error.obj = os.fsdecode(target)
+        raise error
+
+
+def umount(target: PathArg, flags: int = 0) -> None:
+    """umount2(2): EINVAL means not a mount point, EBUSY means still in use."""
+    if _libc.umount2(_arg(target), flags) != 0:
+        err = ctypes.get_errno()
+        error = MirrorError.from_oserror("umount", _display(os.fsdecode(target)),
+                                         OSError(err, os.strerror(err)))
+        error.obj = os.fsdecode(target)
+        raise error
+
+
+def _contains(mount_point: str, path: str) -> bool:
+    return mount_point == "/" or path == mount_point or path.startswith(mount_point + "/")
+
+
+def mount_containing(path: PathArg, entries: list[MountEntry] | None = None) -> MountEntry:
+    """The mount that serves `path`, following the mount tree the way path lookup does.
+
+    Plain longest-prefix is wrong when a mount is hidden (a later mount over /a hides the
+    older /a/b), so we walk down from the root mount: at each mount, the first child met along
+    the path (shortest mount point, an over-mount of the mount itself included) wins.
+    """
+    entries = read_mountinfo() if entries is None else entries
+    resolved = os.path.realpath(os.fsdecode(path))
+    ids = {e.mount_id for e in entries}
+    children: dict[int, list[MountEntry]] = {}
+    for entry in entries:
+        children.setdefault(entry.parent_id, []).append(entry)
+    roots = [e for e in entries if e.mount_point == "/" and
+             (e.parent_id not in ids or e.parent_id == e.mount_id)]
+    if not roots:  # a partial table: the best we can do is the longest prefix
+        best = [e for e in entries if _contains(e.mount_point, resolved)]
+        if not best:
+            raise MirrorError(f"no mount contains {_display(resolved)}", obj=resolved,
+                              errno=errno_module.ENOENT)
+        return max(best, key=lambda e: len(e.mount_point))
+    current = roots[-1]
+    for _ in range(len(entries)):  # bounded: each step goes one mount deeper
+        below = [c for c in children.get(current.mount_id, ())
+                 if c.mount_id != current.mount_id and _contains(c.mount_point, resolved)
+                 and len(c.mount_point) >= len(current.mount_point)]
+        if not below:
+            break
+        shortest = min(len(c.mount_point) for c in below)
+        current = [c for c in below if len(c.mount_point) == shortest][-1]
+    return current
+
+
+def mounts_of_device(major: int, minor: int, entries: list[MountEntry] | None = None
+                     ) -> list[MountEntry]:
+    entries = read_mountinfo() if entries is None else entries
+    return [e for e in entries if (e.major, e.minor) == (major, minor)]
+
+
+def _identity(entry: MountEntry) -> tuple:
+    """What a live mount cannot change. mount ids are reused at once (lowest free id), so an
+    unmount plus a mount inside one coalesced event must read as removed + added."""
+    return (entry.mount_id, entry.major, entry.minor, entry.root, entry.fstype, entry.source)
+
+
+def diff_mounts(old: list[MountEntry], new: list[MountEntry]) -> MountDiff:
+    before = {e.mount_id: e for e in old}
+    after = {e.mount_id: e for e in new}
+    added, removed, changed = [], [], []
+    for mount_id, entry in after.items():
+        prev = before.get(mount_id)
+        if prev is None:
+            added.append(entry)
+        elif _identity(prev) != _identity(entry):
+            removed.append(prev)
+            added.append(entry)
+        elif prev != entry:
+            changed.append((prev, entry))
+    removed.extend(e for mount_id, e in before.items() if mount_id not in after)
+    return MountDiff(tuple(added), tuple(removed), tuple(changed))
+
+
+class MountWatcher:
+    """Wakes when the mount table changes: poll() reports POLLPRI|POLLERR on mountinfo.
+
+    The table is read at construction, so a change made right after constructing is seen by
+    the next wait(). Events coalesce: one wake may stand for many changes, so we re-read the
+    whole table and diff. One thread waits; close() may be called from any thread.
+    """
+
+    def __init__(self, path: str = MOUNTINFO):
+        self.path = path
+        try:
+            self._fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        except OSError as exc:
+            raise MirrorError.from_oserror("watch", path, exc) from None
+        self._wake = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
+        self._closed = False
+        self._close_once = threading.Lock()
+        self._busy = threading.Lock()  # held while waiting/reading; close() frees fds after
+        self._entries = self._read()
+
+    def _read(self) -> list[MountEntry]:
+        return parse_mountinfo(os.fsdecode(_read_all(self._fd)))
+
+    def snapshot(self) -> list[MountEntry]:
+        """The table as of the last read: the baseline for the next diff."""
+        return list(self._entries)
+
+    def wait(self, timeout: float | None = None) -> MountDiff | None:
+        """The next non-empty change, or None on timeout or once closed."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        with self._busy:
+            if self._closed:
+                return None
+            poller = select.poll()
+            poller.register(self._fd, select.POLLPRI | select.POLLERR)
+            poller.register(self._wake, select.POLLIN)
+            while not self._closed:
+                left = None if deadline is None else max(0.0, deadline - time.monotonic())
+                ready = dict(poller.poll(None if left is None else left * 1000))
+                if self._closed or self._wake in ready:
+                    return None
+                if not ready:
+                    return None  # timed out
+                # A wake with nothing to show (e.g. a mount and its unmount between two
+                # reads, or a change we already read) is not reported; keep waiting.
+                new = self._read()
+                diff = diff_mounts(self._entries, new)
+                self._entries = new
+                if diff:
+                    return diff
+            return None
+
+    def __iter__(self) -> Iterator[MountDiff]:
+        while (diff := self.wait()) is not None:
+            yield diff
+
+    def close(self) -> None:
+        """Wake a blocked wait() through the eventfd, then release the fds once it is out."""
+        with self._close_once:
+            if self._closed:
+                return
+            self._closed = True
+        os.eventfd_write(self._wake, 1)
+        with self._busy:
+            os.close(self._fd)
+            os.close(self._wake)
+
+    def __enter__(self) -> MountWatcher:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
