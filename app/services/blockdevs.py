@@ -1,0 +1,389 @@
+"""Block devices an administrator may replicate, and why some of them may not be.
+
+The picker lists disks, partitions and attached loops from sysfs (via pyudev). Swap and LVM
+physical volumes are left out, as the old DTSetup did. Without udevd there is no udev database
+and so no ID_FS_TYPE: we then read the on-disk signatures ourselves, the way blkid does, with
+small read-only reads. /proc/swaps names the swap that is active; /proc/self/mountinfo, the
+holders directories and the loops' backing files say what is in use.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import os
+import re
+import stat
+import struct
+import zlib
+from dataclasses import dataclass, field
+
+import pyudev
+
+from app.services import mounts
+from app.services.results import MirrorError
+
+SYS_BLOCK = "/sys/class/block"
+PROC_SWAPS = "/proc/swaps"
+SECTOR_SIZE = 512  # sysfs "size" counts 512-byte sectors whatever the logical block size is
+BLKGETSIZE64 = 0x80081272  # _IOR(0x12, 114, size_t): device size in bytes
+SCSI_CDROM_MAJOR = 11  # sr0, sr1, ...
+
+# Swap: the magic sits in the last 10 bytes of the first page, and the page size is that of
+# the machine that ran mkswap, so try every size blkid tries.
+SWAP_PAGE_SIZES = (4096, 8192, 16384, 65536)
+SWAP_MAGICS = (b"SWAPSPACE2", b"SWAP-SPACE")
+SWAP_MAGIC_LEN = 10
+
+# LVM2: a label_header in one of the first four sectors; CRC over the rest of that sector.
+LVM2_SCAN_SECTORS = 4
+LVM2_LABEL_ID = b"LABELONE"
+LVM2_LABEL_TYPE = b"LVM2 001"
+LVM2_HEADER = struct.Struct("<8sQII8s")  # id, sector_xl, crc_xl, offset_xl, type
+LVM2_CRC_FROM = 20  # the CRC covers offset_xl up to the end of the sector
+LVM2_INITIAL_CRC = 0xF597A6CF
+CRC32_MASK = 0xFFFFFFFF
+
+# ext2/3/4: superblock at 1024; features decide the name as in libblkid's ext.c.
+EXT_SB_OFFSET = 1024
+EXT_SB = struct.Struct("<56xH34xIII")  # s_magic @56, feature_compat/incompat/ro_compat @92
+EXT_MAGIC = 0xEF53
+EXT3_COMPAT_HAS_JOURNAL = 0x0004
+EXT_INCOMPAT_FILETYPE = 0x0002
+EXT3_INCOMPAT_RECOVER = 0x0004
+EXT3_INCOMPAT_JOURNAL_DEV = 0x0008
+EXT_INCOMPAT_META_BG = 0x0010
+EXT3_INCOMPAT_SUPP = EXT_INCOMPAT_FILETYPE | EXT3_INCOMPAT_RECOVER | EXT_INCOMPAT_META_BG
+EXT3_RO_COMPAT_SUPP = 0x0001 | 0x0002 | 0x0004  # sparse_super, large_file, btree_dir
+
+XFS_MAGIC = b"XFSB"  # at offset 0
+BTRFS_MAGIC = b"_BHRfS_M"
+BTRFS_MAGIC_OFFSET = 65536 + 64
+PROBE_HEAD = 4096  # one read covers LVM sectors 0-3, the ext superblock, XFS and 4 KiB swap
+
+SWAP = "swap"
+LVM2_MEMBER = "LVM2_member"
+REASON_SWAP_ACTIVE = "swap (active)"
+REASON_SWAP_SIGNATURE = "swap (signature)"
+REASON_LVM_PV = "LVM2 physical volume"
+
+
+@dataclass(frozen=True)
+class BlockDevice:
+    """One row of the picker: what the device is, and why it may not or should not be chosen."""
+
+    path: str
+    name: str
+    size: int
+    type: str
+    major: int
+    minor: int
+    read_only: bool
+    fstype: str | None
+    model: str | None
+    mountpoints: tuple[str, ...] = ()
+    holders: tuple[str, ...] = ()
+    backing_file: str | None = None
+    excluded: str | None = None
+    in_use: tuple[str, ...] = field(default_factory=tuple)
+
+    def to_json(self) -> dict:
+        return {"path": self.path, "name": self.name, "size": self.size, "type": self.type,
+                "fstype": self.fstype, "model": self.model, "mountpoints": list(self.mountpoints),
+                "holders": list(self.holders), "backing_file": self.backing_file,
+                "excluded": self.excluded, "in_use": list(self.in_use),
+                "read_only": self.read_only, "major": self.major, "minor": self.minor}
+
+
+# ---------------------------------------------------------------- signatures
+
+def _lvm_crc(data: bytes) -> int:
+    """LVM's calc_crc: reflected CRC-32 without the pre/post inversion zlib applies."""
+    return zlib.crc32(data, LVM2_INITIAL_CRC ^ CRC32_MASK) ^ CRC32_MASK
+
+
+def _is_lvm2_label(sector: bytes, index: int) -> bool:
+    if len(sector) < SECTOR_SIZE:
+        return False
+    ident, sector_xl, crc, _offset, kind = LVM2_HEADER.unpack_from(sector)
+    return (ident == LVM2_LABEL_ID and kind == LVM2_LABEL_TYPE and sector_xl == index
+            and crc == _lvm_crc(sector[LVM2_CRC_FROM:SECTOR_SIZE]))
+
+
+def _ext_name(head: bytes) -> str | None:
+    if len(head) < EXT_SB_OFFSET + EXT_SB.size:
+        return None
+    magic, compat, incompat, ro_compat = EXT_SB.unpack_from(head, EXT_SB_OFFSET)
+    if magic != EXT_MAGIC:
+        return None
+    if incompat & EXT3_INCOMPAT_JOURNAL_DEV:
+        return "jbd"  # an external ext3/4 journal, not a file system
+    if incompat & ~EXT3_INCOMPAT_SUPP or ro_compat & ~EXT3_RO_COMPAT_SUPP:
+        return "ext4"  # a feature ext3 does not understand (extents, 64bit, metadata_csum...)
+    return "ext3" if compat & EXT3_COMPAT_HAS_JOURNAL else "ext2"
+
+
+def _probe_fd(fd: int) -> str | None:
+    head = os.pread(fd, PROBE_HEAD, 0)
+    for index in range(LVM2_SCAN_SECTORS):
+        if _is_lvm2_label(head[index * SECTOR_SIZE:(index + 1) * SECTOR_SIZE], index):
+            return LVM2_MEMBER
+    for page in SWAP_PAGE_SIZES:
+        where = page - SWAP_MAGIC_LEN
+        magic = (head[where:where + SWAP_MAGIC_LEN] if page <= len(head)
+                 else os.pread(fd, SWAP_MAGIC_LEN, where))
+        if magic in SWAP_MAGICS:
+            return SWAP
+    if head[:len(XFS_MAGIC)] == XFS_MAGIC:
+        return "xfs"
+    name = _ext_name(head)
+    if name:
+        return name
+    if os.pread(fd, len(BTRFS_MAGIC), BTRFS_MAGIC_OFFSET) == BTRFS_MAGIC:
+        return "btrfs"
+    return None
+
+
+def probe_signature(path: str) -> str | None:
+    """The content type blkid would name, or None when unknown, blank or unreadable.
+
+    Read-only and non-blocking (a CD drive without a disc must not hang the picker).
+    """
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)
+    except OSError:
+        return None
+    try:
+        return _probe_fd(fd)
+    except OSError:
+        return None  # e.g. EIO from a failing disk: unknown, not a reason to crash the list
+    finally:
+        os.close(fd)
+
+
+def device_size(path: str) -> int:
+    """Size in bytes as the block layer reports it (BLKGETSIZE64)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)
+    except OSError as exc:
+        raise MirrorError.from_oserror("open", path, exc) from None
+    try:
+        buf = fcntl.ioctl(fd, BLKGETSIZE64, bytes(8))
+    except OSError as exc:
+        raise MirrorError.from_oserror("read the size of", path, exc) from None
+    finally:
+        os.close(fd)
+    return struct.unpack("=Q", buf)[0]
+
+
+# ---------------------------------------------------------------- the system's view
+
+def _read_sys(path: str) -> str | None:
+    try:
+        with open(path, "rb") as f:
+            return os.fsdecode(f.read()).rstrip("\n")
+    except OSError:
+        return None
+
+
+def _active_swaps() -> set[int]:
+    """Device numbers of the block devices in use as swap now (swap files are not devices)."""
+    devices: set[int] = set()
+    try:
+        with open(PROC_SWAPS) as f:
+            lines = f.read().split("\n")[1:]  # first line is the column header
+    except OSError:
+        return devices
+    for line in lines:
+        if not line.strip():
+            continue
+        # The kernel escapes space, tab, newline and backslash in the name as \ooo.
+        name = mounts.decode_field(line.split()[0])
+        try:
+            st = os.stat(name)
+        except OSError:
+            continue
+        if stat.S_ISBLK(st.st_mode):
+            devices.add(st.st_rdev)
+    return devices
+
+
+def _backing_rdev(backing_file: str) -> int | None:
+    """Device number of a loop's backing file when that file is itself a block device."""
+    try:
+        st = os.stat(backing_file)
+    except OSError:
+        return None  # e.g. "/img (deleted)": a file that no longer has this name
+    return st.st_rdev if stat.S_ISBLK(st.st_mode) else None
+
+
+class _SystemView:
+    """One consistent read of mounts, active swap and loop backings for a whole listing."""
+
+    def __init__(self) -> None:
+        self.mounts: dict[int, list[str]] = {}
+        self.root: int | None = None
+        for entry in mounts.read_mountinfo():
+            rdev = os.makedev(entry.major, entry.minor)
+            self.mounts.setdefault(rdev, []).append(entry.mount_point)
+            if entry.mount_point == "/":
+                self.root = rdev  # the last "/" is the one this process sees
+        self.swap_devices = _active_swaps()
+        self.loops_on: dict[int, list[str]] = {}  # lower device number -> ["/dev/loopN"]
+        try:
+            names = os.listdir(SYS_BLOCK)
+        except OSError:
+            names = []
+        for name in names:
+            backing = _read_sys(f"{SYS_BLOCK}/{name}/loop/backing_file")
+            rdev = _backing_rdev(backing) if backing else None
+            if rdev is not None:
+                self.loops_on.setdefault(rdev, []).append(f"/dev/{name}")
+
+
+def _exclusion(rdev: int, fstype: str | None, view_swaps: set[int]) -> str | None:
+    if rdev in view_swaps:
+        return REASON_SWAP_ACTIVE
+    if fstype == SWAP:
+        return REASON_SWAP_SIGNATURE
+    if fstype == LVM2_MEMBER:
+        return REASON_LVM_PV
+    return None
+
+
+def _device_type(name: str, devtype: str | None, major: int) -> str:
+    if devtype == "partition":
+        return "part"
+    if name.startswith("loop"):
+        return "loop"
+    if major == SCSI_CDROM_MAJOR or name.startswith("sr"):
+        return "rom"
+    if name.startswith("dm-"):
+        return "dm"
+    if name.startswith("md"):
+        return "md"
+    return "disk"
+
+
+def _natural_key(name: str) -> list:
+    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", name)]
+
+
+def _partitions_of(sys_path: str) -> list[str]:
+    try:
+        entries = os.listdir(sys_path)
+    except OSError:
+        return []
+    return sorted((e for e in entries if os.path.exists(f"{sys_path}/{e}/partition")),
+                  key=_natural_key)
+
+
+def _build(device: pyudev.Device, view: _SystemView, *, with_partitions: bool = True
+           ) -> BlockDevice:
+    name = device.sys_name
+    sys_path = device.sys_path
+    rdev = device.device_number
+    path = device.device_node or f"/dev/{name}"
+    kind = _device_type(name, device.device_type, os.major(rdev))
+    size = int(_read_sys(f"{sys_path}/size") or 0) * SECTOR_SIZE
+    backing = _read_sys(f"{sys_path}/loop/backing_file") if kind == "loop" else None
+    try:
+        holders = tuple(sorted(os.listdir(f"{sys_path}/holders"), key=_natural_key))
+    except OSError:
+        holders = ()
+    # udev's answer when it has one; otherwise the signature on the device itself.
+    fstype = device.properties.get("ID_FS_TYPE") or (probe_signature(path) if size else None)
+    mountpoints = tuple(view.mounts.get(rdev, ()))
+
+    in_use: list[str] = []
+    for mp in mountpoints:
+        in_use.append("root file system" if rdev == view.root and mp == "/" else f"mounted on {mp}")
+    in_use += [f"held by {h}" for h in holders]
+    lower = _backing_rdev(backing) if backing else None
+    if lower is not None:
+        in_use.append(f"loop access point for /dev/{_name_of(lower) or backing}")
+    in_use += [f"backs {loop}" for loop in sorted(view.loops_on.get(rdev, ()), key=_natural_key)]
+    if kind != "part" and with_partitions:
+        for part in _partitions_of(sys_path):
+            try:
+                child = _build(pyudev.Devices.from_sys_path(device.context, f"{sys_path}/{part}"),
+                               view, with_partitions=False)
+            except (pyudev.DeviceNotFoundError, ValueError):
+                continue  # the partition went away while we looked
+            in_use += [f"partition {part} {why}" for why in child.in_use]
+            if child.excluded:
+                in_use.append(f"partition {part} is {child.excluded}")
+
+    return BlockDevice(
+        path=path, name=name, size=size, type=kind, major=os.major(rdev), minor=os.minor(rdev),
+        read_only=_read_sys(f"{sys_path}/ro") == "1",
+        fstype=fstype, model=(_read_sys(f"{sys_path}/device/model") or "").strip() or None,
+        mountpoints=mountpoints, holders=holders, backing_file=backing,
+        excluded=_exclusion(rdev, fstype, view.swap_devices), in_use=tuple(in_use))
+
+
+def _name_of(rdev: int) -> str | None:
+    """Kernel name of a block device number (e.g. "loop3"), from /sys/dev/block."""
+    target = f"/sys/dev/block/{os.major(rdev)}:{os.minor(rdev)}"
+    try:
+        return os.path.basename(os.readlink(target))
+    except OSError:
+        return None
+
+
+# ---------------------------------------------------------------- public API
+
+def list_block_devices(*, include_excluded: bool = True) -> list[BlockDevice]:
+    """Every block device with a size, in name order; excluded ones only when asked."""
+    context = pyudev.Context()
+    view = _SystemView()
+    found: list[BlockDevice] = []
+    for device in context.list_devices(subsystem="block"):
+        # Size 0: a loop with nothing attached, an unconfigured zram, an empty drive.
+        if not int(_read_sys(f"{device.sys_path}/size") or 0):
+            continue
+        try:
+            dev = _build(device, view)
+        except (pyudev.DeviceNotFoundError, ValueError):
+            continue  # removed while we looked (another process detached a loop)
+        if include_excluded or dev.excluded is None:
+            found.append(dev)
+    return sorted(found, key=lambda d: _natural_key(d.name))
+
+
+def _block_rdev(path: str) -> int:
+    try:
+        st = os.stat(os.path.realpath(path))
+    except OSError as exc:
+        raise MirrorError.from_oserror("describe", path, exc) from None
+    if not stat.S_ISBLK(st.st_mode):
+        raise MirrorError(f"{path} is not a block device", errno=errno.ENOTBLK, obj=path)
+    return st.st_rdev
+
+
+def describe(path: str) -> BlockDevice:
+    """One device, symlinks (/dev/disk/by-id/...) resolved; size-0 devices are described too."""
+    rdev = _block_rdev(path)
+    try:
+        device = pyudev.Devices.from_device_number(pyudev.Context(), "block", rdev)
+    except (pyudev.DeviceNotFoundError, ValueError):
+        raise MirrorError(f"{path} is not known to the kernel's block layer",
+                          errno=errno.ENODEV, obj=path) from None
+    return _build(device, _SystemView())
+
+
+def exclusion_reason(path: str) -> str | None:
+    """Why `path` may never be replicated (swap, LVM PV), or None. MirrorError if no block device.
+
+    Cheaper than describe(): no mount table, no loops, only /proc/swaps and the signature.
+    """
+    rdev = _block_rdev(path)
+    swaps = _active_swaps()
+    if rdev in swaps:
+        return REASON_SWAP_ACTIVE
+    try:
+        device = pyudev.Devices.from_device_number(pyudev.Context(), "block", rdev)
+        fstype = device.properties.get("ID_FS_TYPE")
+    except (pyudev.DeviceNotFoundError, ValueError):
+        fstype = None
+    return _exclusion(rdev, fstype or probe_signature(os.path.realpath(path)), swaps)

@@ -1,0 +1,354 @@
+"""The block device picker: "Swap and LVM physical partitions will not be included in the list".
+
+Loop devices made with util-linux stand in for disks. What we report is checked against tools
+that did not use our code: blkid -p, lsblk, blockdev, losetup, /proc/swaps and mountinfo.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import struct
+
+import pytest
+from conftest import losetup_json, run
+
+from app.services import blockdevs
+from app.services.results import MirrorError
+
+LVM_ENV = {**os.environ, "LVM_SUPPRESS_FD_WARNINGS": "1"}
+PART_START_SECTOR = 2048
+
+
+def blkid_type(path) -> str | None:
+    """blkid's low-level probe (no cache, no udev): the independent witness for fstype."""
+    out = run("blkid", "-p", "-o", "value", "-s", "TYPE", str(path), check=False).stdout.strip()
+    return out or None
+
+
+def listed(include_excluded: bool = True) -> dict[str, blockdevs.BlockDevice]:
+    return {d.path: d for d in blockdevs.list_block_devices(include_excluded=include_excluded)}
+
+
+def lsblk_sizes() -> dict[str, int]:
+    """Name -> size of every device lsblk shows, partitions (nested children) included."""
+    tree = json.loads(run("lsblk", "-J", "-b", "-o", "NAME,SIZE,TYPE").stdout)["blockdevices"]
+    found: dict[str, int] = {}
+    while tree:
+        node = tree.pop()
+        found[node["name"]] = int(node["size"] or 0)
+        tree += node.get("children", [])
+    return found
+
+
+@pytest.fixture
+def pv(scratch_loop):
+    """make() -> a loop carrying a real LVM2 PV label from pvcreate; pvremove'd at teardown.
+
+    This machine has no udevd and no device-mapper driver; pvcreate still writes the label
+    (it needs neither), so no hand-made label is needed.
+    """
+    made: list[str] = []
+
+    def make() -> str:
+        dev = scratch_loop(16 << 20)
+        made.append(dev)
+        run("pvcreate", "-ff", "-y", dev, env=LVM_ENV)
+        return dev
+
+    yield make
+    for dev in made:  # before scratch_loop detaches it, so LVM forgets it too
+        run("pvremove", "-ff", "-y", dev, env=LVM_ENV, check=False)
+
+
+@pytest.fixture
+def active_swap():
+    """make(dev) -> swapon dev; swapoff at teardown (before the loop under it is detached)."""
+    made: list[str] = []
+
+    def make(dev: str) -> str:
+        run("mkswap", "-q", dev)
+        run("swapon", dev)
+        made.append(dev)
+        return dev
+
+    yield make
+    for dev in made:
+        run("swapoff", dev, check=False)
+
+
+@pytest.fixture
+def mounted(tmp_path):
+    """make(dev) -> mount point under tmp_path; unmounted at teardown."""
+    made: list[str] = []
+
+    def make(dev: str) -> str:
+        where = tmp_path / f"mnt{len(made)}"
+        where.mkdir()
+        run("mount", dev, str(where))
+        made.append(str(where))
+        return str(where)
+
+    yield make
+    for where in reversed(made):
+        run("umount", where, check=False)
+
+
+@pytest.fixture
+def loop_over():
+    """make(lower) -> '/dev/loopM' backed by the block device `lower`; detached at teardown."""
+    made: list[str] = []
+
+    def make(lower: str) -> str:
+        dev = run("losetup", "--find", "--show", lower).stdout.strip()
+        made.append(dev)
+        return dev
+
+    yield make
+    for dev in reversed(made):
+        run("losetup", "-d", dev, check=False)
+
+
+# ---------------------------------------------------------------- signatures (no root needed)
+
+@pytest.mark.parametrize("mkfs, expected", [("mkfs.ext2", "ext2"), ("mkfs.ext3", "ext3"),
+                                            ("mkfs.ext4", "ext4")])
+def test_ext_generations_are_named_as_blkid_names_them(sparse_file, mkfs, expected):
+    img = sparse_file(16 << 20)
+    run(mkfs, "-q", "-F", str(img))
+    assert blkid_type(img) == expected
+    assert blockdevs.probe_signature(str(img)) == expected
+
+
+@pytest.mark.parametrize("page", blockdevs.SWAP_PAGE_SIZES)
+@pytest.mark.parametrize("magic", blockdevs.SWAP_MAGICS)
+def test_swap_magic_is_found_for_every_page_size(sparse_file, page, magic):
+    img = sparse_file(1 << 20)
+    with open(img, "r+b") as f:
+        f.seek(page - len(magic))
+        f.write(magic)
+    assert blockdevs.probe_signature(str(img)) == "swap"
+
+
+def test_swap_magic_elsewhere_is_not_swap(sparse_file):
+    img = sparse_file(1 << 20)
+    with open(img, "r+b") as f:
+        f.seek(4096)  # the start of the second page, not the end of the first
+        f.write(b"SWAPSPACE2")
+    assert blockdevs.probe_signature(str(img)) is None
+
+
+def test_blank_unreadable_and_missing_have_no_signature(sparse_file, tmp_path):
+    assert blockdevs.probe_signature(str(sparse_file(1 << 20))) is None
+    assert blockdevs.probe_signature(str(tmp_path / "missing")) is None
+    assert blockdevs.probe_signature(str(tmp_path)) is None  # a directory: EISDIR on read
+
+
+# ---------------------------------------------------------------- LVM
+
+@pytest.mark.root
+def test_pvcreate_label_is_excluded_and_hidden_from_the_picker(pv):
+    dev = pv()
+    assert blkid_type(dev) == "LVM2_member"
+    assert blockdevs.probe_signature(dev) == "LVM2_member"
+    assert blockdevs.exclusion_reason(dev) == "LVM2 physical volume"
+    assert blockdevs.describe(dev).excluded == "LVM2 physical volume"
+    everything = listed()
+    assert everything[dev].excluded == "LVM2 physical volume"
+    assert dev not in listed(include_excluded=False)
+
+
+@pytest.mark.root
+def test_lvm_label_needs_its_crc_and_its_own_sector_number(pv, sparse_file):
+    """A copy of pvcreate's label is found in any of sectors 0-3 only when it is intact."""
+    with open(pv(), "rb") as f:
+        head = f.read(4 * 512)
+    index = next(i for i in range(4) if head[i * 512:i * 512 + 8] == b"LABELONE")
+    label = bytearray(head[index * 512:(index + 1) * 512])
+
+    def probe_with(sector: int, data: bytes) -> str | None:
+        img = sparse_file(1 << 20)
+        with open(img, "r+b") as f:
+            f.seek(sector * 512)
+            f.write(data)
+        return blockdevs.probe_signature(str(img))
+
+    assert probe_with(index, label) == "LVM2_member"
+    assert probe_with((index + 1) % 4, label) is None  # sector_xl names another sector
+    renumbered = bytearray(label)
+    struct.pack_into("<Q", renumbered, 8, 3)  # sector_xl lies outside the CRC-covered part
+    assert probe_with(3, renumbered) == "LVM2_member"
+    broken = bytearray(label)
+    broken[100] ^= 0xFF  # inside the CRC-covered part of the label sector
+    assert probe_with(index, broken) is None
+
+
+# ---------------------------------------------------------------- swap
+
+@pytest.mark.root
+def test_mkswap_device_is_excluded_by_its_signature(scratch_loop):
+    dev = scratch_loop(16 << 20)
+    run("mkswap", "-q", dev)
+    assert blkid_type(dev) == "swap"
+    assert blockdevs.describe(dev).fstype == "swap"
+    assert blockdevs.exclusion_reason(dev) == "swap (signature)"
+    assert listed()[dev].excluded == "swap (signature)"
+    assert dev not in listed(include_excluded=False)
+
+
+@pytest.mark.root
+def test_active_swap_is_named_from_proc_swaps(scratch_loop, active_swap):
+    dev = active_swap(scratch_loop(16 << 20))
+    with open("/proc/swaps") as f:
+        assert dev in {line.split()[0] for line in f.read().splitlines()[1:]}
+    assert blockdevs.exclusion_reason(dev) == "swap (active)"
+    assert blockdevs.describe(dev).excluded == "swap (active)"
+    assert dev not in listed(include_excluded=False)
+
+
+# ---------------------------------------------------------------- usable devices
+
+@pytest.mark.root
+@pytest.mark.parametrize("argv, size, expected", [
+    (("mkfs.ext4", "-q"), 32 << 20, "ext4"),
+    (("mkfs.xfs", "-q"), 320 << 20, "xfs"),  # xfsprogs refuses file systems under 300 MiB
+])
+def test_formatted_device_is_listed_with_its_fstype(scratch_loop, argv, size, expected):
+    dev = scratch_loop(size)
+    run(*argv, dev)
+    assert blkid_type(dev) == expected
+    row = listed(include_excluded=False)[dev]
+    assert (row.fstype, row.excluded, row.in_use, row.type) == (expected, None, (), "loop")
+
+
+@pytest.mark.root
+def test_blank_device_is_listed_without_fstype(scratch_loop):
+    dev = scratch_loop(8 << 20)
+    assert blkid_type(dev) is None
+    row = listed(include_excluded=False)[dev]
+    assert row.fstype is None and row.excluded is None and row.in_use == ()
+    data = row.to_json()
+    assert data["path"] == dev and data["size"] == 8 << 20 and data["mountpoints"] == []
+    assert {"name", "type", "fstype", "model", "holders", "backing_file", "excluded", "in_use",
+            "read_only", "major", "minor"} <= set(data)
+
+
+@pytest.mark.root
+def test_size_type_numbers_and_read_only_match_the_kernel(scratch_loop):
+    dev = scratch_loop((48 << 20) + 3 * 512, read_only=True)
+    row = blockdevs.describe(dev)
+    assert row.size == blockdevs.device_size(dev) == int(run("blockdev", "--getsize64", dev).stdout)
+    st = os.stat(dev)
+    assert (row.major, row.minor) == (os.major(st.st_rdev), os.minor(st.st_rdev))
+    assert row.read_only is True
+    assert {d["name"]: d["ro"] for d in losetup_json()}[dev] is True
+    backing = {d["name"]: d["back-file"] for d in losetup_json()}[dev]
+    assert row.backing_file == backing
+
+
+# ---------------------------------------------------------------- in use
+
+@pytest.mark.root
+def test_mounted_device_says_where(scratch_loop, mounted):
+    dev = scratch_loop(32 << 20)
+    run("mkfs.ext4", "-q", dev)
+    where = mounted(dev)
+    st = os.stat(dev)
+    with open("/proc/self/mountinfo") as f:
+        fields = [line.split() for line in f]
+    assert [fl[4] for fl in fields if fl[2] == f"{os.major(st.st_rdev)}:{os.minor(st.st_rdev)}"] \
+        == [where]  # tmp_path has no spaces, so no octal escapes to undo here
+    row = listed()[dev]
+    assert row.mountpoints == (where,)
+    assert f"mounted on {where}" in row.in_use
+    assert row.excluded is None  # in use is shown, not hidden: the administrator decides
+
+
+@pytest.mark.root
+def test_loop_over_loop_marks_both_ends(scratch_loop, loop_over):
+    lower = scratch_loop(8 << 20)
+    upper = loop_over(lower)
+    assert {d["name"]: d["back-file"] for d in losetup_json()}[upper] == lower
+    rows = listed()
+    assert f"backs {upper}" in rows[lower].in_use
+    assert rows[upper].backing_file == lower
+    assert f"loop access point for {lower}" in rows[upper].in_use
+    assert blockdevs.describe(lower).in_use == rows[lower].in_use
+
+
+@pytest.mark.root
+def test_root_file_system_device_is_marked():
+    """Reads the listing only: whatever backs "/" here (vda on the VM) is never offered as free."""
+    majmin = run("findmnt", "-n", "-o", "MAJ:MIN", "/").stdout.strip()
+    rows = [d for d in blockdevs.list_block_devices() if f"{d.major}:{d.minor}" == majmin]
+    if not rows:
+        pytest.skip(f"/ is on {majmin}, not a block device (overlay, btrfs subvolume)")
+    assert "root file system" in rows[0].in_use
+
+
+@pytest.mark.root
+def test_partitions_are_listed_and_a_swap_partition_marks_its_disk(sparse_file):
+    """This kernel parses no partition tables (CONFIG_MSDOS_PARTITION and EFI are off), so the
+    partition is made with util-linux addpart (the BLKPG ioctl) on a --partscan loop."""
+    img = sparse_file(32 << 20)
+    disk = run("losetup", "--find", "--show", "--partscan", str(img)).stdout.strip()
+    part = f"{disk}p1"
+    try:
+        run("addpart", disk, "1", str(PART_START_SECTOR), str((16 << 20) // 512))
+        assert os.path.exists(f"/sys/class/block/{os.path.basename(part)}/partition")
+        run("mkswap", "-q", part)
+        rows = listed()
+        assert rows[part].type == "part" and rows[part].size == 16 << 20
+        assert rows[part].excluded == "swap (signature)"
+        assert f"partition {os.path.basename(part)} is swap (signature)" in rows[disk].in_use
+        assert rows[disk].excluded is None
+        assert lsblk_sizes()[os.path.basename(part)] == 16 << 20
+        assert part not in listed(include_excluded=False)
+    finally:
+        run("delpart", disk, "1", check=False)
+        run("losetup", "-d", disk, check=False)
+
+
+@pytest.mark.root
+def test_names_match_lsblk(scratch_loop):
+    """lsblk also lists size-0 devices (an unconfigured zram); we leave those out.
+
+    Other tests may attach or detach loops meanwhile, so lsblk is asked before and after:
+    what both saw must be ours, and ours must have been seen by one of them.
+    """
+    mine = scratch_loop(8 << 20)
+    before = {n for n, size in lsblk_sizes().items() if size}
+    ours = {d.name: d.size for d in blockdevs.list_block_devices()}
+    after_sizes = lsblk_sizes()
+    after = {n for n, size in after_sizes.items() if size}
+    assert before & after <= set(ours) <= before | after
+    assert os.path.basename(mine) in ours and all(ours.values())
+    assert ours[os.path.basename(mine)] == after_sizes[os.path.basename(mine)] == 8 << 20
+
+
+# ---------------------------------------------------------------- describe() refusals
+
+def test_describe_a_regular_file_is_enotblk(sparse_file):
+    img = sparse_file(1 << 20)
+    with pytest.raises(MirrorError) as caught:
+        blockdevs.describe(str(img))
+    assert caught.value.errno == errno.ENOTBLK and f"{img} is not a block device" in str(caught.value)
+    with pytest.raises(MirrorError):
+        blockdevs.exclusion_reason(str(img))
+
+
+def test_describe_a_missing_path_is_enoent(tmp_path):
+    missing = tmp_path / "no-such-disk"
+    with pytest.raises(MirrorError) as caught:
+        blockdevs.describe(str(missing))
+    assert caught.value.errno == errno.ENOENT and str(missing) in str(caught.value)
+
+
+@pytest.mark.root
+def test_describe_resolves_symlinks(scratch_loop, tmp_path):
+    dev = scratch_loop(8 << 20)
+    link = tmp_path / "by-id-like"
+    link.symlink_to(dev)
+    row = blockdevs.describe(str(link))
+    assert row.path == dev and row.name == os.path.basename(dev)
