@@ -1,0 +1,243 @@
+"""Live status: configured entries against the kernel's mounts and loops, warnings, an event
+log of mount-table changes and block uevents, per-device I/O rates, and engine figures.
+
+Redraws happen on kernel events (the App's MountWatcher and uevent workers publish them),
+never on a fixed timer. The one timer is the I/O-rate sampler, and it runs only while this
+screen is visible: disk counters change without any event to wake us.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections import deque
+
+from rich.text import Text
+from textual import on, work
+from textual.app import ComposeResult
+from textual.containers import Horizontal, Vertical, VerticalScroll
+from textual.message import Message
+from textual.widgets import DataTable, Footer, Header, Label, RichLog, Sparkline, Static
+
+from app.screens.base import RootBanner, TaskScreen, state_text, sync_table
+from app.screens.manual import loop_flags
+from app.services.units import human_size
+
+RATE_INTERVAL = 1.0  # seconds between disk-counter samples while the dashboard is shown
+RATE_HISTORY = 30  # samples kept per sparkline
+ENGINE_KEYS = ("queued", "lag", "journal_bytes", "applied", "entries")
+
+
+def mount_diff_lines(diff) -> list[str]:
+    lines = [f"mounted {m.fstype} {m.source} on {m.mount_point}" for m in diff.added]
+    lines += [f"unmounted {m.fstype} {m.source} from {m.mount_point}" for m in diff.removed]
+    lines += [f"remounted {new.mount_point} ({old.options} → {new.options})" for old, new in diff.changed]
+    return lines
+
+
+def kernel_name(path: str) -> str:
+    return os.path.basename(os.path.realpath(path))
+
+
+class DeviceRate(Vertical):
+    """Read and write bytes/s of one device as two sparklines."""
+
+    def __init__(self, name: str, label: str) -> None:
+        super().__init__(id=f"rate-{name}", classes="rate")
+        self.label = label
+        self.reads: deque[float] = deque([0.0] * RATE_HISTORY, maxlen=RATE_HISTORY)
+        self.writes: deque[float] = deque([0.0] * RATE_HISTORY, maxlen=RATE_HISTORY)
+
+    def compose(self) -> ComposeResult:
+        yield Label(self.label, classes="rate-label")
+        with Horizontal(classes="rate-row"):
+            yield Label("r", classes="rate-mark")
+            yield Sparkline(list(self.reads), classes="reads")
+        with Horizontal(classes="rate-row"):
+            yield Label("w", classes="rate-mark")
+            yield Sparkline(list(self.writes), classes="writes")
+
+    def add(self, read: float, write: float) -> None:
+        self.reads.append(read)
+        self.writes.append(write)
+        self.query_one(".reads", Sparkline).data = list(self.reads)
+        self.query_one(".writes", Sparkline).data = list(self.writes)
+        self.query_one(".rate-label", Label).update(
+            f"{self.label}  r {human_size(int(read))}/s  w {human_size(int(write))}/s")
+
+
+class DashboardScreen(TaskScreen):
+    CSS_PATH = "dashboard.tcss"
+    busy_target = "#dash-fs"
+
+    class Rates(Message):
+        def __init__(self, counters: dict, at: float) -> None:
+            super().__init__()
+            self.counters = counters
+            self.at = at
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.events: list[str] = []  # the log's lines as plain text (tests and screenshots read it)
+        self._devices: dict[str, str] = {}  # kernel name -> label
+        self._last: tuple[dict, float] | None = None
+        self._rate_timer = None
+
+    def compose(self) -> ComposeResult:
+        yield Header()
+        yield RootBanner()
+        yield Static("", id="load-error", classes="banner error")
+        with Horizontal(id="dash-top"):
+            with VerticalScroll(id="dash-left"):
+                yield Label("File system entries", classes="section-title")
+                fs = DataTable(id="dash-fs", cursor_type="row")
+                for label, key in (("Path", "path"), ("State", "state"), ("Engine", "engine")):
+                    fs.add_column(label, key=key)
+                yield fs
+                yield Label("Block entries and their loops", classes="section-title")
+                block = DataTable(id="dash-block", cursor_type="row")
+                for label, key in (("Device", "device"), ("Loop", "loop"), ("Offset", "offset"),
+                                   ("Flags", "flags"), ("State", "state"), ("Mounted", "mounted")):
+                    block.add_column(label, key=key)
+                yield block
+                yield Label("Warnings", classes="section-title")
+                yield Static("", id="warnings")
+            with VerticalScroll(id="dash-right"):
+                yield Label("Engine", classes="section-title")
+                yield Static("", id="engine")
+                yield Label("I/O rates", classes="section-title")
+                yield Vertical(id="rates")
+        yield Label("Events", classes="section-title")
+        yield RichLog(id="events", max_lines=500, wrap=False)
+        yield Footer()
+
+    def on_mount(self) -> None:
+        super().on_mount()
+        self.app.mounts_signal.subscribe(self, self._mounts_changed)
+        self.app.block_signal.subscribe(self, self._block_event)
+        watching = "watching the mount table and block uevents" if self.services.watch_kernel \
+            else "kernel events are not watched in this session"
+        self.log_event(watching)
+        if self.services.disk_counters is None:
+            self.query_one("#rates").mount(Static("rates are not sampled in this session",
+                                                  classes="notes"))
+        else:
+            self._rate_timer = self.set_interval(RATE_INTERVAL, self.sample_rates)
+        self.query_one("#dash-fs").focus()
+
+    def on_screen_suspend(self) -> None:
+        if self._rate_timer is not None:
+            self._rate_timer.pause()
+
+    def on_screen_resume(self) -> None:
+        if self._rate_timer is not None:
+            self._last = None  # a gap in sampling is not a rate
+            self._rate_timer.resume()
+
+    def log_event(self, line: str) -> None:
+        stamp = time.strftime("%H:%M:%S", time.localtime(self.services.clock()))
+        self.events.append(f"{stamp} {line}")
+        self.query_one("#events", RichLog).write(Text.assemble((stamp, "cyan"), " ", line))
+
+    def _mounts_changed(self, diff) -> None:
+        for line in mount_diff_lines(diff):
+            self.log_event(line)
+        self.reload()
+
+    def _block_event(self, event: tuple[str, str]) -> None:
+        action, name = event
+        self.log_event(f"uevent {action} {name}")
+        self.reload()
+
+    def load(self):
+        snap = self.services.status()
+        devices: dict[str, str] = {}
+        for state in snap.block:
+            devices[kernel_name(state.entry.device)] = state.entry.device
+            for lp in state.loops:
+                devices[kernel_name(lp.device)] = f"{lp.device} ← {state.entry.device}"
+        return snap, devices
+
+    def show(self, data) -> None:
+        snap, devices = data
+        sync_table(self.query_one("#dash-fs", DataTable), {
+            s.entry.path: (s.entry.path, state_text(s.state + (f" ({s.other_fstype} here)"
+                                                                if s.other_fstype else "")),
+                           _engine_cell(s.engine)) for s in snap.filesystem})
+        rows = {}
+        for s in snap.block:
+            lp = s.loops[0] if s.loops else None
+            rows[s.entry.device] = (s.entry.device, lp.device if lp else "—",
+                                    str(lp.offset if lp else s.entry.offset),
+                                    loop_flags(lp) if lp else "", state_text(s.state),
+                                    ", ".join(s.loop_mounts))
+        sync_table(self.query_one("#dash-block", DataTable), rows)
+        self._show_warnings(snap.warnings)
+        self._show_engine(snap)
+        self._show_rate_devices(devices)
+
+    def _show_warnings(self, warnings) -> None:
+        if not warnings:
+            self.query_one("#warnings", Static).update(Text("none", style="green"))
+            return
+        text = Text()
+        for w in warnings:
+            style = "bold red" if w.level == "error" else "yellow"
+            text.append("✘ " if w.level == "error" else "! ", style=style)
+            text.append(f"{w.subject}: ", style="bold")
+            text.append(w.message + "\n")
+        text.rstrip()
+        self.query_one("#warnings", Static).update(text)
+
+    def _show_engine(self, snap) -> None:
+        if snap.engine is None:
+            why = snap.engine_error or "the daemon is not running (menu 5 starts it)"
+            self.query_one("#engine", Static).update(Text(why, style="yellow"))
+            return
+        text = Text("running\n", style="green")
+        for key in ENGINE_KEYS:
+            if key in snap.engine and not isinstance(snap.engine[key], (list, dict)):
+                text.append(f"{key}: {snap.engine[key]}\n")
+        text.rstrip()
+        self.query_one("#engine", Static).update(text)
+
+    def _show_rate_devices(self, devices: dict[str, str]) -> None:
+        if devices == self._devices or self.services.disk_counters is None:
+            return
+        box = self.query_one("#rates")
+        for name in set(self._devices) - set(devices):
+            box.query(f"#rate-{name}").remove()
+        for name in devices:
+            if name not in self._devices:
+                box.mount(DeviceRate(name, devices[name]))
+        self._devices = dict(devices)
+
+    def sample_rates(self) -> None:
+        self._rates_worker()
+
+    @work(thread=True, exclusive=True, exit_on_error=False, group="rates",
+          description="read per-disk I/O counters")
+    def _rates_worker(self) -> None:
+        self.post_message(self.Rates(self.services.disk_counters(), time.monotonic()))
+
+    @on(Rates)
+    def _rates(self, event: Rates) -> None:
+        last, self._last = self._last, (event.counters, event.at)
+        if last is None:
+            return
+        before, then = last
+        elapsed = max(event.at - then, 1e-3)
+        for name in self._devices:
+            now, old = event.counters.get(name), before.get(name)
+            if now is None or old is None:
+                continue
+            widget = self.query(f"#rate-{name}")
+            if widget:
+                widget.first(DeviceRate).add((now.read_bytes - old.read_bytes) / elapsed,
+                                             (now.write_bytes - old.write_bytes) / elapsed)
+
+
+def _engine_cell(figures: dict | None) -> str:
+    if not figures:
+        return "—"
+    return "  ".join(f"{k} {figures[k]}" for k in ENGINE_KEYS if k in figures) or "running"

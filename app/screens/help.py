@@ -1,0 +1,73 @@
+"""Keys, and the seed's notes in our words: what an administrator must know before replicating."""
+
+from __future__ import annotations
+
+from textual.app import ComposeResult
+from textual.binding import Binding
+from textual.containers import VerticalScroll
+from textual.screen import Screen
+from textual.widgets import Footer, Header, Markdown
+
+HELP = """\
+## Keys
+- **Everywhere:** **q** / **Esc** back one level (quits from the main menu), **ctrl+q** quit,
+  **ctrl+p** every command.
+- **Main menu:** **↑ ↓ Enter**, or **1**–**6**, or a click.
+- **File systems:** **a** add, **r** remove, **t** access times on/off, **m** mount all,
+  **u** unmount all.
+- **Block devices:** **a** or **Enter** add the picked device, **r** remove/detach,
+  **t** attach all, **d** detach all, **x** show swap and LVM.
+- **Manual:** type, then **Enter** or a button; **ctrl+d** detaches the selected loop.
+- **Daemon:** **s** start, **p** stop, **r** restart.
+
+## Before you change what is replicated
+- **Stop the applications** that use a directory or device first, and start them again
+  after the change: mirrorsetup must be in place *before* any application writes, or some
+  changes are never replicated.
+- **Load order at boot:** the daemon starts before the applications, and before NFS and Samba.
+- **NFS and Samba go above mirrorfs**: export the replicated directory (mounted as mirrorfs),
+  never the storage underneath. mirrorfs sits just above the storage file system.
+- **Never the root directory `/`.** On a single-disk system, add the directories directly
+  under `/` that you want replicated instead.
+- Add the *highest* directory whose changes should be captured: a mount point or any
+  directory inside one.
+
+## Access times
+Replicating access times turns every read into a replication operation, during the initial
+mirror too; that can cost a lot of performance. It is off by default. Access times at file close
+are replicated either way.
+
+## Block devices
+- Replicated block devices are reached **only through their loop device `/dev/loopN`**.
+  A write to the device itself is not captured and **corrupts the target**; the dashboard
+  warns when the raw device is mounted or open for writing.
+- **Do not mount them from `/etc/fstab`.** Mount the loop device from a script that runs after
+  the daemon has attached it.
+- Give an entry a fixed `/dev/loopN` when you use more than one, so it is the same device after
+  a restart; "first free" may pick another one next time.
+- Swap and LVM physical volumes are not offered (`x` shows them, greyed, with the reason).
+- Loop encryption no longer exists in Linux; put dm-crypt/LUKS under the device instead.
+
+## Manual replication (deprecated)
+Attaches and detaches a loop device *now*. Nothing is written to the configuration, so it is
+gone after a restart; use block device replication to keep it.
+
+## Mount all / Attach all
+Apply the configuration now instead of at the next daemon start, so you can check the effect.
+Unmount all / Detach all let you change the configuration without stopping the daemon. Each entry
+reports its own result; a busy mount lists the processes holding it.
+"""
+
+
+class HelpScreen(Screen):
+    CSS_PATH = "help.tcss"
+    BINDINGS = [Binding("escape", "app.back", "Back"), Binding("q", "app.back", "Back", show=False)]
+
+    def compose(self) -> ComposeResult:
+        yield Header()
+        with VerticalScroll(id="help"):
+            yield Markdown(HELP)
+        yield Footer()
+
+    def on_mount(self) -> None:
+        self.query_one("#help").focus()

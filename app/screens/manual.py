@@ -1,0 +1,109 @@
+"""Manual replication (deprecated, as in the seed): attach or detach a loop device now.
+Nothing here is written to the configuration, so it is gone after a restart."""
+
+from __future__ import annotations
+
+from textual import on
+from textual.app import ComposeResult
+from textual.binding import Binding
+from textual.containers import Horizontal, Vertical
+from textual.widgets import Button, DataTable, Footer, Header, Input, Label, Static, Switch
+
+from app.screens.dialogs import ResultsDialog
+from app.screens.base import RootBanner, TaskScreen, selected_key, sync_table
+from app.services.results import Result
+from app.services.units import human_size, parse_size
+
+LOOP_COLUMNS = (("Loop", "loop"), ("Backing", "backing"), ("Offset", "offset"),
+                ("Size", "size"), ("Flags", "flags"))
+NOT_PERSISTED = ("DEPRECATED · NOT PERSISTED: what you attach or detach here is not written to "
+                 "the configuration and is lost at the next restart. Use block device "
+                 "replication (menu 2) to keep it.")
+
+
+def loop_flags(status) -> str:
+    flags = [name for name, on_ in (("ro", status.read_only), ("autoclear", status.autoclear),
+                                    ("partscan", status.partscan), ("dio", status.direct_io)) if on_]
+    return ",".join(flags)
+
+
+def loop_row(status) -> tuple:
+    return (status.device, status.backing_file or "", str(status.offset), human_size(status.size),
+            loop_flags(status))
+
+
+class ManualScreen(TaskScreen):
+    CSS_PATH = "manual.tcss"
+    BINDINGS = TaskScreen.BINDINGS + [Binding("ctrl+d", "detach_selected", "Detach selected")]
+    busy_target = "#loops"
+
+    def compose(self) -> ComposeResult:
+        yield Header()
+        yield RootBanner()
+        yield Static(NOT_PERSISTED, id="not-persisted", classes="banner")
+        with Vertical(classes="form"):
+            yield Label("Attach a device now", classes="section-title")
+            with Horizontal(classes="row"):
+                yield Input(placeholder="device, e.g. /dev/sdb1", id="device", compact=True)
+                yield Input(placeholder="loop: first free", id="loop", compact=True)
+            with Horizontal(classes="row"):
+                yield Input(placeholder="offset: 0", id="offset", compact=True)
+                yield Input(placeholder="size limit: whole", id="sizelimit", compact=True)
+                yield Switch(False, id="read-only")
+                yield Label("read-only", classes="switch-label")
+                yield Button("Attach now", id="attach", compact=True, variant="warning")
+            yield Label("Detach a loop device now", classes="section-title")
+            with Horizontal(classes="row"):
+                yield Input(placeholder="/dev/loopN", id="detach-loop", compact=True)
+                yield Button("Detach now", id="detach", compact=True, variant="warning")
+        yield Label("Attached loop devices (all, from sysfs)", classes="section-title")
+        table = DataTable(id="loops", cursor_type="row")
+        for label, key in LOOP_COLUMNS:
+            table.add_column(label, key=key)
+        yield table
+        yield Footer()
+
+    def on_mount(self) -> None:
+        super().on_mount()
+        self.app.block_signal.subscribe(self, lambda _event: self.reload())
+        self.query_one("#device").focus()
+
+    def load(self):
+        return self.services.list_loops()
+
+    def show(self, loops) -> None:
+        sync_table(self.query_one("#loops", DataTable), {s.device: loop_row(s) for s in loops})
+
+    def _value(self, name: str) -> str:
+        return self.query_one(f"#{name}", Input).value.strip()
+
+    @on(Button.Pressed, "#attach")
+    @on(Input.Submitted, "#device, #loop, #offset, #sizelimit")
+    def action_attach(self) -> None:
+        device = self._value("device")
+        try:
+            offset = parse_size(self._value("offset") or "0")
+            sizelimit = parse_size(self._value("sizelimit") or "0")
+        except ValueError as exc:
+            self.app.push_screen(ResultsDialog("Manual attach", [
+                Result.from_error("manual attach", device or "(no device)", exc)]))
+            return
+        loop = self._value("loop") or None
+        read_only = self.query_one("#read-only", Switch).value
+        self.run_action(f"Manual attach {device} (not persisted)",
+                        lambda: self.services.replication.manual_attach(
+                            device, loop=loop, offset=offset, sizelimit=sizelimit,
+                            read_only=read_only))
+
+    @on(Button.Pressed, "#detach")
+    @on(Input.Submitted, "#detach-loop")
+    def action_detach(self) -> None:
+        loop = self._value("detach-loop")
+        self.run_action(f"Manual detach {loop} (not persisted)",
+                        lambda: self.services.replication.manual_detach(loop))
+
+    def action_detach_selected(self) -> None:
+        loop = selected_key(self.query_one("#loops", DataTable))
+        if loop:
+            self.query_one("#detach-loop", Input).value = loop
+            self.action_detach()
