@@ -229,17 +229,40 @@ def _tables_by_line(lines: list[str]) -> list[tuple[str | None, int]]:
 
 
 def _locate(text: str, table: str | None, index: int, key: str) -> int | None:
-    """Line of `key` in the index-th [[table]] (top level if table is None), else the header's."""
+    """Line of `key` in the index-th [[table]] (top level if table is None), else the table's.
+
+    Best effort over the raw text, for the administrator's eyes: [[table]] headers, top-level
+    keys and [table] headers, and inline arrays of inline tables (`table = [ {...}, ]`).
+    """
     lines = text.splitlines()
-    key_re = re.compile(rf"""\s*(?:{re.escape(key)}|"{re.escape(key)}"|'{re.escape(key)}')\s*=""")
+    name = rf"""(?:{re.escape(key)}|"{re.escape(key)}"|'{re.escape(key)}')"""
+    key_re = re.compile(rf"\s*{name}\s*=" if table else rf"\s*(?:{name}\s*=|\[\[?\s*{name}\s*\])")
     want = (table, index) if table else (None, 0)
     header = None
     for n, (line, here) in enumerate(zip(lines, _tables_by_line(lines)), 1):
-        if here == want:
-            if key_re.match(line):
-                return n
-            header = header or (n if table else None)
-    return header or (_locate(text, None, 0, table) if table else None)
+        if key_re.match(line) and (here == want or not table and line.lstrip().startswith("[")):
+            return n
+        if here == want and table and header is None:
+            header = n
+    if header or not table:
+        return header
+    start = _locate(text, None, 0, table)
+    return start and _inline_table_line(lines, start, index, key)
+
+
+_TOML_STRING = re.compile(r'"(?:[^"\\]|\\.)*"|\'[^\']*\'')
+
+
+def _inline_table_line(lines: list[str], start: int, index: int, key: str) -> int:
+    """Line of the index-th `{` after `table = [` (strings skipped), else the array's line."""
+    seen = 0
+    for n in range(start, len(lines) + 1):
+        if n > start and lines[n - 1].lstrip().startswith("["):
+            break
+        seen += _TOML_STRING.sub("", lines[n - 1]).count("{")
+        if seen >= index:
+            return n
+    return start
 
 
 # ---- the file on disk ---------------------------------------------------------------------

@@ -1,0 +1,503 @@
+"""The replication configuration file: what is added comes back, what is refused leaves the file
+byte for byte as it was, a hand-broken file is pointed at (line and key) and never overwritten,
+and concurrent writers lose nothing."""
+
+from __future__ import annotations
+
+import errno
+import multiprocessing
+import os
+import re
+import stat
+import tempfile
+import tomllib
+from contextlib import contextmanager
+from pathlib import Path
+
+import pytest
+import tomli_w
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from app.services import config as config_module
+from app.services.config import (ENCRYPTION_REFUSAL, ROOT_REFUSAL, BlockEntry, Config, ConfigStore,
+                                 FsEntry, config_from_toml, config_to_toml, default_path)
+from app.services.results import ConfigError, MirrorError, Outcome
+from conftest import run
+
+MiB = 1 << 20
+
+
+@pytest.fixture
+def store(config_path) -> ConfigStore:
+    return ConfigStore(config_path)
+
+
+@pytest.fixture
+def dirs(tmp_path):
+    """make(*names) -> real directories under tmp_path (created with parents)."""
+    def make(*names: str) -> list[str]:
+        out = []
+        for name in names:
+            (tmp_path / name).mkdir(parents=True, exist_ok=True)
+            out.append(str(tmp_path / name))
+        return out
+    return make
+
+
+def snapshot(path: Path) -> bytes | None:
+    return path.read_bytes() if path.exists() else None
+
+
+def assert_only_config_and_lock(store: ConfigStore) -> None:
+    """No temp file survives: the directory holds the config (if written) and its lock."""
+    names = set(os.listdir(store.path.parent))
+    assert names <= {store.path.name, store.path.name + ".lock"}, names
+
+
+@contextmanager
+def refused(store: ConfigStore, match: str):
+    """The call inside is refused with `match` and the file is byte-identical afterwards."""
+    before = snapshot(store.path)
+    with pytest.raises(ConfigError, match=match or None) as info:
+        yield info
+    assert snapshot(store.path) == before
+    if store.path.parent.exists():
+        assert_only_config_and_lock(store)
+
+
+# ---- file system entries ------------------------------------------------------------------
+
+def test_added_entries_come_back_and_the_file_is_schema_1_toml(store, dirs):
+    src, tgt, other = dirs("srv/data", "backup/data", "home")
+    a = store.add_filesystem(src, replicate_atime=True, target=tgt)
+    b = store.add_filesystem(Path(other))
+    assert store.load() == Config(filesystem=(FsEntry(src, True, tgt), FsEntry(other)))
+    assert (a, b) == store.load().filesystem
+    doc = tomllib.loads(store.path.read_text())
+    assert doc["schema"] == 1
+    assert doc["filesystem"] == [{"path": src, "replicate_atime": True, "target": tgt},
+                                 {"path": other, "replicate_atime": False}]
+    assert "[[filesystem]]" in store.path.read_text()  # tables, not an inline array
+    assert stat.S_IMODE(store.path.stat().st_mode) == 0o600
+    assert stat.S_IMODE(store.path.parent.stat().st_mode) == 0o755
+    assert_only_config_and_lock(store)
+
+
+def test_missing_file_is_an_empty_config_and_load_creates_nothing(store):
+    assert store.load() == Config()
+    assert not store.path.parent.exists()
+
+
+def test_default_path_follows_the_environment(monkeypatch, config_path):
+    monkeypatch.delenv("MIRRORSETUP_CONFIG", raising=False)
+    assert default_path() == "/etc/mirrorsetup/replication.toml"
+    monkeypatch.setenv("MIRRORSETUP_CONFIG", str(config_path))
+    assert ConfigStore().path == config_path
+
+
+def test_symlinks_are_resolved_and_aliases_are_duplicates(store, dirs, tmp_path):
+    (real,) = dirs("real")
+    (tmp_path / "link").symlink_to(real)
+    assert store.add_filesystem(tmp_path / "link").path == real
+    for alias in (real, real + "/", str(tmp_path / "link"), f"{tmp_path}/real/../real"):
+        with refused(store, "already configured"):
+            store.add_filesystem(alias)
+
+
+@pytest.mark.parametrize("make_path, match", [
+    (lambda t: "srv/data", "must be an absolute path, got 'srv/data'"),
+    (lambda t: "/", f"^{ROOT_REFUSAL}$"),
+    (lambda t: f"{t}/../" + "/".join([".."] * 40), f"^{ROOT_REFUSAL}$"),
+    (lambda t: f"{t}/missing", "directory .*/missing does not exist"),
+    (lambda t: f"{t}/file", r"/file is not a directory"),
+    (lambda t: f"{t}/top/inner", r"/top/inner is inside .*/top, which is already replicated"),
+    (lambda t: str(t), r"contains .*/top, which is already replicated"),
+    (lambda t: f"{t}/top", r"/top is already configured$"),
+    (lambda t: f"{t}/bak", r"/bak overlaps .*/bak, the target of .*/top"),
+])
+def test_filesystem_refusals_leave_the_file_untouched(store, dirs, tmp_path, make_path, match):
+    top, _inner, _bak = dirs("top", "top/inner", "bak")
+    (tmp_path / "file").write_text("x")
+    store.add_filesystem(top, target=_bak)
+    with refused(store, match):
+        store.add_filesystem(make_path(tmp_path))
+
+
+@pytest.mark.parametrize("make_target, match", [
+    (lambda t: "bak", "must be an absolute path, got .bak.$"),
+    (lambda t: f"{t}/src", "is the replicated directory itself"),
+    (lambda t: f"{t}/src/copy", "is inside the replicated directory"),
+    (lambda t: str(t), "contains the replicated directory"),
+    (lambda t: f"{t}/nope/bak", r"cannot be created: its parent .*/nope does not exist"),
+    (lambda t: f"{t}/file", "is not a directory"),
+    (lambda t: f"{t}/other/sub", r"overlaps .*/other, which is replicated"),
+])
+def test_target_refusals(store, dirs, tmp_path, make_target, match):
+    src, other = dirs("src", "other")
+    (tmp_path / "file").write_text("x")
+    store.add_filesystem(other)
+    with refused(store, f"^target.* {match}"):
+        store.add_filesystem(src, target=make_target(tmp_path))
+
+
+@pytest.mark.root
+def test_target_on_a_read_only_file_system_is_refused(store, dirs, tmpfs_mount, tmp_path):
+    (src,) = dirs("src")
+    ro = tmpfs_mount(tmp_path / "ro")
+    run("mount", "-o", "remount,ro", str(ro))
+    assert os.statvfs(ro).f_flag & os.ST_RDONLY  # the kernel says read-only
+    with refused(store, r"target .*/ro is not writable \(read-only file system\)"):
+        store.add_filesystem(src, target=ro)
+    assert store.add_filesystem(src, target=tmp_path / "new").target == str(tmp_path / "new")
+
+
+def test_set_and_remove_filesystem(store, dirs):
+    a, b = dirs("a", "b")
+    store.add_filesystem(a)
+    store.add_filesystem(b)
+    assert store.set_filesystem(FsEntry(a, replicate_atime=True)) == FsEntry(a, True)
+    assert store.load().filesystem == (FsEntry(a, True), FsEntry(b))  # order kept
+    with refused(store, "target .* is the replicated directory itself"):
+        store.set_filesystem(FsEntry(a, True, target=a))
+    assert store.remove_filesystem(b + "/") == FsEntry(b)
+    assert store.load().filesystem == (FsEntry(a, True),)
+    with refused(store, "is not configured for replication"):
+        store.remove_filesystem(b)
+    with refused(store, "is not configured for replication"):
+        store.set_filesystem(FsEntry(b))
+
+
+def test_validate_does_not_write(store, dirs):
+    (a,) = dirs("a")
+    store.validate_filesystem(FsEntry(a))
+    with pytest.raises(ConfigError, match="already configured"):
+        store.validate_filesystem(FsEntry(a), Config(filesystem=(FsEntry(a),)))
+    assert not store.path.exists()
+
+
+# ---- hand-broken files --------------------------------------------------------------------
+
+BLOCK1 = '[[block]]\ndevice = "/dev/sdb"\n'
+BROKEN = [  # (text, line, key, words)
+    ('schema = 1\n' + BLOCK1 + '\n[[block]]\ndevice = "/dev/sdc"\noffset = "abc"\n', 7, "offset",
+     "replication.toml line 7: [[block]] #2 key 'offset': expected an integer, got 'abc'"),
+    ('schema = 1\n' + BLOCK1 + 'offset = abc\n', 4, "offset",
+     "replication.toml line 4: [[block]] #1 key 'offset': not valid TOML: Invalid value"),
+    ('schema = 1\n[[filesystem]]\npath = "/srv"\nreplicate_atim = true\n', 4, "replicate_atim",
+     "[[filesystem]] #1 key 'replicate_atim': unknown key (expected one of path, "),
+    ('schema = 1\n[[filesystem]]\nreplicate_atime = true\n', 2, "path", "key 'path': missing"),
+    ('schema = 1\n[[filesystem]]\npath = "/srv"\nreplicate_atime = 1\n', 4, "replicate_atime",
+     "expected true or false, got 1"),
+    ('schema = 1\n' + BLOCK1 + 'read_only = "yes"\n', 4, "read_only", "got 'yes'"),
+    ('schema = 1\n' + BLOCK1 + 'offset = true\n', 4, "offset", "expected an integer, got true"),
+    ('schema = 1\n' + BLOCK1 + 'offset = -512\n', 4, "offset", "must not be negative"),
+    ('schema = 1\n' + BLOCK1 + 'sizelimit = 1000\n', 4, "sizelimit", "multiple of 512 bytes"),
+    ('schema = 1\n' + BLOCK1 + 'loop = "/dev/sda"\n', 4, "loop", "must be a loop device path"),
+    ('schema = 1\n[[filesystem]]\npath = "srv"\n', 3, "path", "must be an absolute path"),
+    ('schema = 1\nfilesystem = "/srv"\n', 2, "filesystem", "expected [[filesystem]] tables"),
+    ('schema = 1\n[mirror]\nx = 1\n', 2, "mirror", "key 'mirror': unknown key"),
+    ('\n\nschema = 2\n', 3, "schema", "schema 2 is newer than this mirrorsetup understands (1)"),
+    ('schema = "1"\n', 1, "schema", "expected an integer, got '1'"),
+    ('[[filesystem]]\npath = "/srv"\n', None, "schema", "key 'schema': missing"),
+    ('schema = 1\nschema = 1\n', 2, "schema", "Cannot overwrite a value"),
+]
+
+
+@pytest.mark.parametrize("text, line, key, words", BROKEN)
+def test_hand_broken_file_names_line_and_key_and_is_never_overwritten(store, dirs, tmp_path, text,
+                                                                       line, key, words):
+    store.path.parent.mkdir(parents=True)
+    store.path.write_text(text)
+    with pytest.raises(ConfigError) as info:
+        store.load()
+    assert (info.value.line, info.value.key) == (line, key)
+    assert words in str(info.value) and str(store.path) in str(info.value)
+    (d,) = dirs("data")
+    for mutate in (lambda: store.add_filesystem(d), lambda: store.remove_filesystem("/srv"),
+                   lambda: store.remove_block("/dev/sdb"), lambda: store.import_legacy(
+                       fs_file=_write(tmp_path / "dtfs_mounts", f"{d}\n"))):
+        with refused(store, "") as again:
+            mutate()
+        assert str(again.value) == str(info.value)
+
+
+def test_non_utf8_file_is_refused_with_its_line(store):
+    store.path.parent.mkdir(parents=True)
+    store.path.write_bytes(b'schema = 1\n[[filesystem]]\npath = "/srv/\xff"\n')
+    with pytest.raises(ConfigError, match=r"line 3: not valid UTF-8") as info:
+        store.load()
+    assert info.value.line == 3
+
+
+def test_an_empty_file_is_an_empty_config(store, dirs):
+    store.path.parent.mkdir(parents=True)
+    store.path.write_text("# nothing configured yet\n")
+    assert store.load() == Config()
+    (d,) = dirs("d")
+    store.add_filesystem(d)
+    assert store.load().filesystem == (FsEntry(d),)
+
+
+# ---- atomic writes and the lock -----------------------------------------------------------
+
+@pytest.mark.root
+def test_a_write_that_fails_on_a_full_disk_leaves_the_old_file(store, dirs, tmpfs_mount, tmp_path):
+    """ENOSPC from the kernel midway through the write: old file intact, no temp file left."""
+    etc = tmpfs_mount(tmp_path / "etc")
+    many = dirs(*[f"d{i:03}-{'x' * 60}" for i in range(120)])
+    store.add_filesystem(many[0])
+    before = store.path.read_bytes()
+    fd = os.open(etc / "filler", os.O_WRONLY | os.O_CREAT, 0o600)
+    try:  # fill the tmpfs to the last byte
+        while os.write(fd, b"\0" * 4096):
+            pass
+    except OSError as exc:
+        assert exc.errno == errno.ENOSPC
+    finally:
+        os.close(fd)
+    with pytest.raises(MirrorError, match="ENOSPC") as info:
+        for d in many[1:]:  # a page or two of config must hit the full disk
+            store.add_filesystem(d)
+    assert not isinstance(info.value, ConfigError)
+    (etc / "filler").unlink()
+    text = store.path.read_text()
+    assert store.load().filesystem[0] == FsEntry(many[0])  # every write was whole or nothing
+    assert text.startswith(before.decode())
+    assert set(os.listdir(etc)) == {"replication.toml", "replication.toml.lock"}
+
+
+def test_a_failed_fsync_leaves_the_old_file(store, dirs, monkeypatch):
+    a, b = dirs("a", "b")
+    store.add_filesystem(a)
+    before = store.path.read_bytes()
+
+    def eio(fd):
+        raise OSError(5, "Input/output error")
+    monkeypatch.setattr(config_module.os, "fsync", eio)
+    with pytest.raises(MirrorError, match=r"write configuration .*replication.toml: .*\(EIO\)"):
+        store.add_filesystem(b)
+    assert store.path.read_bytes() == before
+    assert_only_config_and_lock(store)
+
+
+def _add_all(args: tuple[str, list[str]]) -> None:
+    path, paths = args
+    store = ConfigStore(path)
+    for p in paths:
+        store.add_filesystem(p)
+
+
+def test_concurrent_writers_lose_nothing(store, dirs):
+    """8 processes x 5 adds: without the flock, read-modify-write races drop entries."""
+    jobs = [(str(store.path), dirs(*[f"w{w}/e{i}" for i in range(5)])) for w in range(8)]
+    with multiprocessing.get_context("fork").Pool(8) as pool:
+        pool.map(_add_all, jobs)
+    loaded = store.load()
+    assert sorted(e.path for e in loaded.filesystem) == sorted(p for _, ps in jobs for p in ps)
+    assert len(tomllib.loads(store.path.read_text())["filesystem"]) == 40
+    assert_only_config_and_lock(store)
+
+
+# ---- property tests -----------------------------------------------------------------------
+
+_name = st.text(st.characters(blacklist_categories=("Cs",), blacklist_characters="/\0"),
+                min_size=1, max_size=10)
+_abs = st.lists(_name, min_size=1, max_size=4).map(lambda parts: "/" + "/".join(parts))
+_sectors = st.integers(0, 1 << 40).map(lambda n: n * 512)
+_loop = st.integers(0, 1 << 20).map(lambda n: f"/dev/loop{n}")
+_fs = st.builds(FsEntry, _abs, st.booleans(), st.none() | _abs)
+_block = st.builds(BlockEntry, _abs, st.none() | _loop, _sectors, _sectors, st.booleans(),
+                   st.none() | _name, st.none() | _abs)
+_configs = st.builds(Config, st.lists(_fs, max_size=4).map(tuple),
+                     st.lists(_block, max_size=4).map(tuple))
+
+
+@given(_configs)
+def test_any_valid_config_survives_serialisation(config):
+    text = config_to_toml(config)
+    assert config_from_toml(text, "x.toml") == config
+    assert tomllib.loads(text)["schema"] == 1
+
+
+_scalar = st.one_of(st.integers(-(1 << 63), (1 << 63) - 1), st.booleans(), st.text(max_size=8),
+                    st.floats(allow_nan=False), st.lists(st.integers(), max_size=2))
+_keys = st.sampled_from(["path", "replicate_atime", "target", "device", "loop", "offset",
+                         "sizelimit", "read_only", "encryption", "bogus"])
+_tables = st.lists(st.dictionaries(_keys, _scalar, max_size=6), max_size=3)
+_docs = st.fixed_dictionaries({}, optional={"schema": st.just(1) | _scalar,
+                                            "filesystem": _tables, "block": _tables,
+                                            "extra": _scalar})
+
+
+@given(_docs)
+def test_any_toml_document_is_a_config_or_a_pointed_config_error(doc):
+    text = tomli_w.dumps(doc)
+    try:
+        config_from_toml(text, "x.toml")
+    except ConfigError as exc:
+        assert str(exc).startswith("x.toml") and exc.key
+        if exc.line is None:
+            assert "missing" in str(exc)
+        else:
+            pointed = text.splitlines()[exc.line - 1]
+            assert exc.key in pointed or "missing" in str(exc)
+
+
+@given(st.text(max_size=200))
+def test_any_text_is_a_config_or_a_config_error(text):
+    try:
+        assert isinstance(config_from_toml(text, "x.toml"), Config)
+    except ConfigError:
+        pass
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.lists(_name.filter(lambda n: n not in (".", "..")), min_size=1, max_size=6,
+                unique=True), st.data())
+def test_added_directories_load_back_equal(names, data):
+    with tempfile.TemporaryDirectory() as tmp:
+        store = ConfigStore(Path(tmp) / "etc" / "replication.toml")
+        want = []
+        for name in names:
+            os.mkdir(os.path.join(tmp, name))
+            want.append(store.add_filesystem(os.path.join(tmp, name),
+                                             replicate_atime=data.draw(st.booleans())))
+        assert store.load() == Config(filesystem=tuple(want))
+        assert config_from_toml(store.path.read_text(), "x") == store.load()
+
+
+# ---- legacy import ------------------------------------------------------------------------
+
+def _write(path: Path, text: str) -> Path:
+    path.write_text(text)
+    return path
+
+
+def test_legacy_filesystem_import_reports_each_line(store, dirs, tmp_path, monkeypatch):
+    a, b = dirs("a", "b")
+    legacy = _write(tmp_path / "dtfs_mounts",
+                    f"# DTFS mounts\n{a}\n\n   \n{b}/\n/\n{tmp_path}/gone\n{a}\n")
+    writes = []
+    real_write = ConfigStore._write
+    monkeypatch.setattr(ConfigStore, "_write", lambda self, c: (writes.append(c),
+                                                               real_write(self, c)))
+    results = store.import_legacy(fs_file=legacy)
+    assert [(r.outcome, r.details["line"]) for r in results] == [
+        (Outcome.OK, 2), (Outcome.OK, 5), (Outcome.FAILED, 6), (Outcome.FAILED, 7),
+        (Outcome.UNCHANGED, 8)]
+    assert results[2].message == f"{legacy} line 6: {ROOT_REFUSAL}"
+    assert "gone does not exist" in results[3].message
+    assert len(writes) == 1  # one atomic write for all valid lines
+    assert store.load().filesystem == (FsEntry(a), FsEntry(b))
+    before = store.path.read_bytes()
+    again = store.import_legacy(fs_file=legacy)
+    assert [r.outcome for r in again] == [Outcome.UNCHANGED] * 2 + [Outcome.FAILED] * 2 + [
+        Outcome.UNCHANGED]
+    assert store.path.read_bytes() == before
+
+
+def test_legacy_import_of_a_missing_file_fails_and_writes_nothing(store, tmp_path):
+    (result,) = store.import_legacy(block_file=tmp_path / "dtloop_devices")
+    assert result.failed and "does not exist" in result.message and result.errno == 2
+    assert not store.path.exists()
+
+
+@pytest.mark.root
+def test_legacy_block_import(store, scratch_loop, tmp_path):
+    d1, d2, d3, d4 = (scratch_loop() for _ in range(4))
+    legacy = _write(tmp_path / "dtloop_devices",
+                    f"# DTLOOP\n{d1}\n{d2} /dev/loop4001 1048576\n{d3} 512 AES128\n"
+                    f"{d4} /dev/loop4002 100\n{tmp_path}/nodev\n{d1} /dev/loop4003\n")
+    results = store.import_legacy(block_file=legacy)
+    assert [r.outcome for r in results] == [Outcome.OK, Outcome.OK, Outcome.FAILED,
+                                            Outcome.FAILED, Outcome.FAILED, Outcome.UNCHANGED]
+    assert results[2].message == f"{legacy} line 4: {ENCRYPTION_REFUSAL}"
+    assert "multiple of 512" in results[3].message
+    assert store.load().block == (BlockEntry(d1), BlockEntry(d2, "/dev/loop4001", MiB))
+
+
+# ---- block entries (real block devices) ---------------------------------------------------
+
+@pytest.mark.root
+def test_block_entry_round_trip(store, scratch_loop):
+    dev = scratch_loop()
+    entry = store.add_block(dev, loop="/dev/loop4010", offset=MiB, sizelimit=32 * MiB,
+                            read_only=True, encryption="none")
+    assert entry == BlockEntry(dev, "/dev/loop4010", MiB, 32 * MiB, True, None)
+    assert store.load().block == (entry,)
+    assert tomllib.loads(store.path.read_text())["block"] == [
+        {"device": dev, "loop": "/dev/loop4010", "offset": MiB, "sizelimit": 32 * MiB,
+         "read_only": True}]
+    assert store.remove_block(dev) == entry
+    assert store.load() == Config()
+
+
+@pytest.mark.root
+def test_block_refusals_leave_the_file_untouched(store, scratch_loop, tmp_path):
+    dev, other = scratch_loop(), scratch_loop()
+    store.add_block(other, loop="/dev/loop4020")
+    (tmp_path / "img").write_bytes(b"")
+    (tmp_path / "alias").symlink_to(other)
+    cases = [
+        (dict(device=str(tmp_path / "img")), r"/img is not a block device"),
+        (dict(device="/dev/null"), "^/dev/null is not a block device$"),
+        (dict(device="/dev/nosuchdisk"), "^block device /dev/nosuchdisk does not exist$"),
+        (dict(device="sdb"), "must be an absolute path"),
+        (dict(device=other), f"^{other} is already configured$"),
+        (dict(device=str(tmp_path / "alias")), f"is already configured \\(as {other}\\)"),
+        (dict(device=dev, loop="/dev/loop4020"), "loop /dev/loop4020 is already used by the entry"),
+        (dict(device=dev, loop=dev), f"^{dev} cannot be its own loop device"),
+        (dict(device=dev, loop=other), f"loop {other} is itself configured for replication"),
+        (dict(device=dev, loop="/dev/loop01"), "must be a loop device path /dev/loopN"),
+        (dict(device=dev, loop="/dev/loop3p1"), "must be a loop device path"),
+        (dict(device=dev, loop="/dev/sda"), "must be a loop device path"),
+        (dict(device=dev, offset=-512), "offset: must not be negative"),
+        (dict(device=dev, offset=1000), "offset: must be a multiple of 512 bytes"),
+        (dict(device=dev, offset="1M"), "offset: expected an integer, got '1M'"),
+        (dict(device=dev, sizelimit=-512), "sizelimit: must not be negative"),
+        (dict(device=dev, sizelimit=4097), "sizelimit: must be a multiple of 512"),
+        (dict(device=dev, offset=2 << 30), f"^offset 2 GiB is past the end of {dev} \\(64 MiB\\)$"),
+        (dict(device=dev, offset=64 * MiB), "offset 64 MiB is past the end"),
+        (dict(device=dev, offset=32 * MiB, sizelimit=48 * MiB),
+         f"^offset 32 MiB \\+ sizelimit 48 MiB runs past the end of {dev} \\(64 MiB\\)$"),
+        (dict(device=dev, encryption="AES128"), f"^{re.escape(ENCRYPTION_REFUSAL)}$"),
+        (dict(device=dev, encryption="XOR"), "cryptoloop, 2021"),
+        (dict(device=dev, target=dev), "is the replicated device itself"),
+    ]
+    for kw, match in cases:
+        with refused(store, match):
+            store.add_block(**kw)
+    assert store.add_block(dev, offset=32 * MiB, sizelimit=32 * MiB).offset == 32 * MiB
+
+
+@pytest.mark.root
+def test_a_device_that_is_another_entrys_loop_is_refused(store, scratch_loop):
+    dev, other = scratch_loop(), scratch_loop()
+    store.add_block(other, loop=dev)
+    with refused(store, f"^{dev} is the loop device of the entry for {other}$"):
+        store.add_block(dev)
+
+
+@pytest.mark.root
+def test_swap_is_refused(store, scratch_loop):
+    dev = scratch_loop()
+    run("mkswap", dev)
+    assert run("blkid", "-p", "-o", "value", "-s", "TYPE", dev, check=False).stdout.strip() == "swap"
+    with refused(store, f"^{dev} cannot be replicated: swap"):
+        store.add_block(dev)
+
+
+@pytest.fixture
+def lvm_pv(scratch_loop):
+    dev = scratch_loop()
+    env = {**os.environ, "LVM_SUPPRESS_FD_WARNINGS": "1"}
+    run("pvcreate", "-ff", "-y", "--devices", dev, dev, env=env)  # --devices: host LVM untouched
+    yield dev
+    run("pvremove", "-ff", "-y", "--devices", dev, dev, env=env, check=False)
+
+
+@pytest.mark.root
+def test_lvm_physical_volume_is_refused(store, lvm_pv):
+    with refused(store, f"^{lvm_pv} cannot be replicated: LVM2 physical volume$"):
+        store.add_block(lvm_pv)
