@@ -168,6 +168,12 @@ def test_set_and_remove_filesystem(store, dirs):
         store.set_filesystem(FsEntry(b))
 
 
+def test_a_path_toml_cannot_hold_is_refused(store, tmp_path):
+    os.mkdir(os.path.join(os.fsencode(tmp_path), b"caf\xe9"))  # Latin-1 name, not UTF-8
+    with refused(store, "path: must be valid UTF-8"):
+        store.add_filesystem(os.fsdecode(os.path.join(os.fsencode(tmp_path), b"caf\xe9")))
+
+
 def test_validate_does_not_write(store, dirs):
     (a,) = dirs("a")
     store.validate_filesystem(FsEntry(a))
@@ -201,6 +207,8 @@ BROKEN = [  # (text, line, key, words)
     ('schema = "1"\n', 1, "schema", "expected an integer, got '1'"),
     ('[[filesystem]]\npath = "/srv"\n', None, "schema", "key 'schema': missing"),
     ('schema = 1\nschema = 1\n', 2, "schema", "Cannot overwrite a value"),
+    ('schema = 1\nfilesystem = [\n    { path = "/a" },\n    { path = 0 },\n]\n', 4, "path",
+     "[[filesystem]] #2 key 'path': expected a string, got 0"),  # tomli_w's inline form
 ]
 
 
@@ -243,28 +251,27 @@ def test_an_empty_file_is_an_empty_config(store, dirs):
 
 @pytest.mark.root
 def test_a_write_that_fails_on_a_full_disk_leaves_the_old_file(store, dirs, tmpfs_mount, tmp_path):
-    """ENOSPC from the kernel midway through the write: old file intact, no temp file left."""
+    """ENOSPC from the kernel while the temp file is written: old file intact, no temp left."""
     etc = tmpfs_mount(tmp_path / "etc")
-    many = dirs(*[f"d{i:03}-{'x' * 60}" for i in range(120)])
-    store.add_filesystem(many[0])
+    a, b = dirs("a", "b")
+    store.add_filesystem(a)
     before = store.path.read_bytes()
     fd = os.open(etc / "filler", os.O_WRONLY | os.O_CREAT, 0o600)
-    try:  # fill the tmpfs to the last byte
+    try:  # fill the tmpfs to the last page: the temp file cannot get one
         while os.write(fd, b"\0" * 4096):
             pass
     except OSError as exc:
         assert exc.errno == errno.ENOSPC
     finally:
         os.close(fd)
-    with pytest.raises(MirrorError, match="ENOSPC") as info:
-        for d in many[1:]:  # a page or two of config must hit the full disk
-            store.add_filesystem(d)
-    assert not isinstance(info.value, ConfigError)
+    with pytest.raises(MirrorError, match=r"write configuration .*\(ENOSPC\)") as info:
+        store.add_filesystem(b)
+    assert not isinstance(info.value, ConfigError) and info.value.errno == errno.ENOSPC
+    assert store.path.read_bytes() == before
+    assert set(os.listdir(etc)) == {"replication.toml", "replication.toml.lock", "filler"}
     (etc / "filler").unlink()
-    text = store.path.read_text()
-    assert store.load().filesystem[0] == FsEntry(many[0])  # every write was whole or nothing
-    assert text.startswith(before.decode())
-    assert set(os.listdir(etc)) == {"replication.toml", "replication.toml.lock"}
+    store.add_filesystem(b)
+    assert store.load().filesystem == (FsEntry(a), FsEntry(b))
 
 
 def test_a_failed_fsync_leaves_the_old_file(store, dirs, monkeypatch):
@@ -403,6 +410,15 @@ def test_legacy_import_of_a_missing_file_fails_and_writes_nothing(store, tmp_pat
     assert not store.path.exists()
 
 
+def test_legacy_import_defaults_to_the_old_products_files(store, dirs, tmp_path, monkeypatch):
+    (a,) = dirs("a")
+    monkeypatch.setattr(config_module, "LEGACY_FS_FILE", str(_write(tmp_path / "fs", a + "\n")))
+    monkeypatch.setattr(config_module, "LEGACY_BLOCK_FILE", str(tmp_path / "absent"))
+    ok, skipped = store.import_legacy()
+    assert (ok.outcome, ok.target, skipped.outcome) == (Outcome.OK, a, Outcome.SKIPPED)
+    assert store.load().filesystem == (FsEntry(a),)
+
+
 @pytest.mark.root
 def test_legacy_block_import(store, scratch_loop, tmp_path):
     d1, d2, d3, d4 = (scratch_loop() for _ in range(4))
@@ -499,5 +515,6 @@ def lvm_pv(scratch_loop):
 
 @pytest.mark.root
 def test_lvm_physical_volume_is_refused(store, lvm_pv):
+    assert run("blkid", "-p", "-o", "value", "-s", "TYPE", lvm_pv).stdout.strip() == "LVM2_member"
     with refused(store, f"^{lvm_pv} cannot be replicated: LVM2 physical volume$"):
         store.add_block(lvm_pv)

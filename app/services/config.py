@@ -102,7 +102,7 @@ def field_problem(key: str, kind: type, value: Any) -> str | None:
         return f"must be an absolute path, got {value!r}"
     if kind is str and "\0" in value:
         return f"must not contain a NUL byte, got {value!r}"
-    if kind is str and not value.isprintable() and _not_utf8(value):
+    if kind is str and any("\ud800" <= ch <= "\udfff" for ch in value):  # surrogateescape'd bytes
         return f"must be valid UTF-8 (a TOML file cannot hold other bytes), got {value!r}"
     if key == "loop" and not LOOP_PATH.fullmatch(value):
         return f"must be a loop device path /dev/loopN (e.g. /dev/loop3), got {value!r}"
@@ -112,14 +112,6 @@ def field_problem(key: str, kind: type, value: Any) -> str | None:
         if value % SECTOR_SIZE:
             return f"must be a multiple of {SECTOR_SIZE} bytes (the sector size), got {value}"
     return None
-
-
-def _not_utf8(value: str) -> bool:
-    try:
-        value.encode("utf-8")
-    except UnicodeEncodeError:  # a path read with surrogateescape from undecodable bytes
-        return True
-    return False
 
 
 # ---- pure serialisation -------------------------------------------------------------------
@@ -247,13 +239,13 @@ def _locate(text: str, table: str | None, index: int, key: str) -> int | None:
     if header or not table:
         return header
     start = _locate(text, None, 0, table)
-    return start and _inline_table_line(lines, start, index, key)
+    return start and _inline_table_line(lines, start, index)
 
 
 _TOML_STRING = re.compile(r'"(?:[^"\\]|\\.)*"|\'[^\']*\'')
 
 
-def _inline_table_line(lines: list[str], start: int, index: int, key: str) -> int:
+def _inline_table_line(lines: list[str], start: int, index: int) -> int:
     """Line of the index-th `{` after `table = [` (strings skipped), else the array's line."""
     seen = 0
     for n in range(start, len(lines) + 1):
@@ -410,10 +402,13 @@ class ConfigStore:
             if loop is not None and _device_id(other.device) == _device_id(loop):
                 raise refuse(f"loop {loop} is itself configured for replication", "loop")
         from app.services import blockdevs  # imported late: it probes devices, config need not
-        reason = blockdevs.exclusion_reason(device)
+        try:
+            reason = blockdevs.exclusion_reason(device)
+            size = blockdevs.device_size(device)
+        except MirrorError as exc:  # e.g. EACCES opening the device: still a refusal to show
+            raise ConfigError(exc.message, key="device", obj=device, errno=exc.errno) from exc
         if reason:
             raise refuse(f"{device} cannot be replicated: {reason}")
-        size = blockdevs.device_size(device)
         if entry.offset >= size:
             raise refuse(f"offset {human_size(entry.offset)} is past the end of {device}"
                          f" ({human_size(size)})", "offset")
@@ -421,7 +416,8 @@ class ConfigStore:
             raise refuse(f"offset {human_size(entry.offset)} + sizelimit "
                          f"{human_size(entry.sizelimit)} runs past the end of {device}"
                          f" ({human_size(size)})", "sizelimit")
-        if entry.target is not None and _device_id(entry.target) in (me, _device_id(loop or "")):
+        if entry.target is not None and _device_id(entry.target) in (
+                me, loop and _device_id(loop)):
             raise refuse(f"target {entry.target} is the replicated device itself", "target")
         return replace(entry, device=device, encryption=None)
 
