@@ -1,0 +1,437 @@
+"""Loop devices driven with the kernel's own ioctls (fcntl + struct), read back from sysfs.
+
+Why not shell out to losetup: we need errno on every failure, the race-safe allocation under a
+lock shared with our other processes, and to say "detach pending" when the kernel defers a
+detach. What is attached is always read from /sys/block/loopN (never from a cached list, never
+from `lo_file_name`, which the kernel cuts at 64 bytes).
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import os
+import re
+import stat
+import struct
+import time
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass
+from typing import Iterator
+
+from app.services.results import ConfigError, MirrorError, Outcome, Result
+
+SYS_ROOT = "/sys"
+LOOP_CONTROL = "/dev/loop-control"
+
+# ioctl numbers on a loop device (include/uapi/linux/loop.h)
+LOOP_SET_FD = 0x4C00
+LOOP_CLR_FD = 0x4C01
+LOOP_SET_STATUS64 = 0x4C04
+LOOP_GET_STATUS64 = 0x4C05
+LOOP_SET_CAPACITY = 0x4C07
+LOOP_SET_DIRECT_IO = 0x4C08
+LOOP_SET_BLOCK_SIZE = 0x4C09
+LOOP_CONFIGURE = 0x4C0A          # Linux >= 5.8: SET_FD + SET_STATUS64 + block size in one step
+# ioctl numbers on /dev/loop-control
+LOOP_CTL_ADD = 0x4C80
+LOOP_CTL_REMOVE = 0x4C81
+LOOP_CTL_GET_FREE = 0x4C82       # returns the index of an unbound loop (adding one if needed)
+# ioctl on a block device: its size in bytes (_IOR(0x12, 114, size_t))
+BLKGETSIZE64 = 0x80081272
+
+# lo_flags
+LO_FLAGS_READ_ONLY = 1
+LO_FLAGS_AUTOCLEAR = 4
+LO_FLAGS_PARTSCAN = 8
+LO_FLAGS_DIRECT_IO = 16
+
+LO_NAME_SIZE = 64
+SECTOR_SIZE = 512                # sysfs `size` unit, and the alignment we demand of offsets
+LOOP_MAJOR = 7
+
+# struct loop_info64: lo_device, lo_inode, lo_rdevice, lo_offset, lo_sizelimit (u64),
+# lo_number, lo_encrypt_type, lo_encrypt_key_size, lo_flags (u32),
+# lo_file_name[64], lo_crypt_name[64], lo_encrypt_key[32], lo_init[2] (u64)
+LOOP_INFO64 = struct.Struct("=QQQQQIIII64s64s32sQQ")
+# struct loop_config: u32 fd, u32 block_size, struct loop_info64 info, u64 __reserved[8]
+LOOP_CONFIG = struct.Struct("=II" + LOOP_INFO64.format.lstrip("=") + "8Q")
+assert LOOP_INFO64.size == 232, LOOP_INFO64.size
+assert LOOP_CONFIG.size == 304, LOOP_CONFIG.size
+
+# util-linux retries allocation 64 times: GET_FREE only names a free loop, it does not reserve
+# it, so a process that does not share our lock (losetup, systemd) can bind it first (EBUSY).
+ALLOC_RETRIES = 64
+# SET_STATUS64 returns EAGAIN while another opener (udev's blkid, a prober) still has pages
+# of the device cached; the kernel wants us to try again shortly. util-linux waits ~2.5 s.
+SET_STATUS_RETRIES = 20
+SET_STATUS_BACKOFF = 0.02        # seconds, doubled up to SET_STATUS_BACKOFF_MAX
+SET_STATUS_BACKOFF_MAX = 0.25
+# devtmpfs creates /dev/loopN synchronously in LOOP_CTL_ADD; this short wait only covers
+# a /dev populated by something slower (it is bounded: ~1 s).
+NODE_WAIT_TRIES = 50
+NODE_WAIT_STEP = 0.02
+
+_LOOP_PATH = re.compile(r"/dev/loop(0|[1-9][0-9]{0,6})")
+_LOOP_NAME = re.compile(r"loop(0|[1-9][0-9]{0,6})")
+
+
+@dataclass(frozen=True)
+class LoopStatus:
+    """One loop device as sysfs shows it; sizes in bytes."""
+
+    device: str
+    index: int
+    backing_file: str | None
+    offset: int
+    sizelimit: int
+    size: int
+    read_only: bool
+    autoclear: bool
+    partscan: bool
+    direct_io: bool
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+
+def parse_loop_path(path: str) -> int:
+    """'/dev/loopN' -> N; anything else is a configuration mistake, said as such."""
+    m = _LOOP_PATH.fullmatch(path or "")
+    if not m:
+        raise ConfigError(f"{path!r} is not a loop device path (expected /dev/loopN)",
+                          key="loop", obj=path, errno=errno.EINVAL)
+    return int(m.group(1))
+
+
+def _sys_block(index: int) -> str:
+    return os.path.join(SYS_ROOT, "block", f"loop{index}")
+
+
+def _read_sys(path: str) -> str:
+    with open(path, "rb") as f:
+        return f.read().decode("utf-8", "surrogateescape").rstrip("\n")
+
+
+def _status_of(index: int) -> LoopStatus | None:
+    """Read sysfs; None when the loop is unbound (no loop/ directory) or vanished meanwhile."""
+    base = _sys_block(index)
+    try:
+        backing = _read_sys(os.path.join(base, "loop", "backing_file"))
+        val = {name: int(_read_sys(os.path.join(base, "loop", name)))
+               for name in ("offset", "sizelimit", "autoclear", "partscan", "dio")}
+        sectors = int(_read_sys(os.path.join(base, "size")))
+        ro = _read_sys(os.path.join(base, "ro")) == "1"
+    except FileNotFoundError:
+        return None
+    return LoopStatus(f"/dev/loop{index}", index, backing, val["offset"], val["sizelimit"],
+                      sectors * SECTOR_SIZE, ro, bool(val["autoclear"]), bool(val["partscan"]),
+                      bool(val["dio"]))
+
+
+def status(loop: str) -> LoopStatus | None:
+    """The loop's attachment as the kernel reports it; None when not attached."""
+    return _status_of(parse_loop_path(loop))
+
+
+def list_attached() -> list[LoopStatus]:
+    """Every bound loop device, sorted by index."""
+    try:
+        names = os.listdir(os.path.join(SYS_ROOT, "block"))
+    except OSError as exc:
+        raise MirrorError.from_oserror("list", os.path.join(SYS_ROOT, "block"), exc) from exc
+    found = []
+    for name in names:
+        m = _LOOP_NAME.fullmatch(name)
+        if m and (st := _status_of(int(m.group(1)))) is not None:
+            found.append(st)
+    return sorted(found, key=lambda s: s.index)
+
+
+def holders_of(loop_or_dev: str) -> list[str]:
+    """Kernel names of what holds a block device open exclusively (dm-0, md127, ...).
+
+    Accepts '/dev/…' (symlinks such as /dev/mapper/x or /dev/disk/by-id/… included) or a bare
+    kernel name like 'loop3'.
+    """
+    if "/" in loop_or_dev:
+        try:
+            rdev = os.stat(loop_or_dev).st_rdev
+        except OSError as exc:
+            raise MirrorError.from_oserror("inspect", loop_or_dev, exc) from exc
+        base = os.path.join(SYS_ROOT, "dev", "block", f"{os.major(rdev)}:{os.minor(rdev)}")
+    else:
+        base = os.path.join(SYS_ROOT, "class", "block", loop_or_dev)
+    try:
+        return sorted(os.listdir(os.path.join(base, "holders")))
+    except OSError as exc:
+        raise MirrorError.from_oserror("list holders of", loop_or_dev, exc) from exc
+
+
+# -- /dev/loop-control -----------------------------------------------------------------------
+
+@contextmanager
+def _control_locked() -> Iterator[int]:
+    """/dev/loop-control opened and flock'ed, so our processes allocate one at a time."""
+    try:
+        fd = os.open(LOOP_CONTROL, os.O_RDWR | os.O_CLOEXEC)
+    except OSError as exc:
+        raise MirrorError.from_oserror("open", LOOP_CONTROL, exc) from exc
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield fd
+    finally:
+        os.close(fd)            # closing drops the flock
+
+
+def _get_free(ctl: int) -> int:
+    try:
+        return fcntl.ioctl(ctl, LOOP_CTL_GET_FREE)
+    except OSError as exc:
+        raise MirrorError.from_oserror("find a free loop device via", LOOP_CONTROL, exc) from exc
+
+
+def find_free() -> str:
+    """A loop that is free now. Only a hint: use attach(loop=None) to allocate race-free."""
+    with _control_locked() as ctl:
+        return f"/dev/loop{_get_free(ctl)}"
+
+
+def _ensure(ctl: int, path: str, index: int) -> None:
+    if os.path.exists(path):
+        return
+    try:
+        fcntl.ioctl(ctl, LOOP_CTL_ADD, index)
+    except OSError as exc:
+        if exc.errno != errno.EEXIST:       # EEXIST: the kernel has it, only the node is missing
+            raise MirrorError.from_oserror("create", path, exc) from exc
+    for _ in range(NODE_WAIT_TRIES):
+        if os.path.exists(path):
+            return
+        time.sleep(NODE_WAIT_STEP)
+    # No devtmpfs node appeared: make it from the kernel's own major:minor.
+    try:
+        major, minor = map(int, _read_sys(os.path.join(_sys_block(index), "dev")).split(":"))
+        os.mknod(path, stat.S_IFBLK | 0o660, os.makedev(major, minor))
+    except OSError as exc:
+        raise MirrorError.from_oserror("create device node", path, exc) from exc
+
+
+def ensure_device(path: str) -> None:
+    """Create /dev/loopN (LOOP_CTL_ADD) when it does not exist yet; a no-op otherwise."""
+    index = parse_loop_path(path)
+    if os.path.exists(path):
+        return
+    with _control_locked() as ctl:
+        _ensure(ctl, path, index)
+
+
+# -- attach ----------------------------------------------------------------------------------
+
+def _backing_size(backing: str, st: os.stat_result) -> int:
+    if stat.S_ISREG(st.st_mode):
+        return st.st_size
+    if not stat.S_ISBLK(st.st_mode):
+        raise MirrorError(f"attach {backing}: not a regular file or block device",
+                          errno=errno.EINVAL, obj=backing)
+    try:
+        fd = os.open(backing, os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            return struct.unpack("=Q", fcntl.ioctl(fd, BLKGETSIZE64, b"\0" * 8))[0]
+        finally:
+            os.close(fd)
+    except OSError as exc:
+        raise MirrorError.from_oserror("read the size of", backing, exc) from exc
+
+
+def _validate(backing: str, where: str, offset: int, sizelimit: int, block_size: int) -> None:
+    """Refuse bad geometry before anything is opened or bound; errors name the loop too."""
+    def bad(why: str) -> MirrorError:
+        return MirrorError(f"attach {backing} to {where}: {why}", errno=errno.EINVAL, obj=where)
+
+    if offset < 0 or offset % SECTOR_SIZE:
+        raise bad(f"offset {offset} must be >= 0 and a multiple of {SECTOR_SIZE}")
+    if sizelimit < 0 or sizelimit % SECTOR_SIZE:
+        raise bad(f"size limit {sizelimit} must be >= 0 and a multiple of {SECTOR_SIZE}")
+    if block_size and (block_size < SECTOR_SIZE or block_size & (block_size - 1)
+                       or block_size > os.sysconf("SC_PAGE_SIZE")):
+        raise bad(f"block size {block_size} must be 0 or a power of two from "
+                  f"{SECTOR_SIZE} to the page size")
+    try:
+        st = os.stat(backing)
+    except OSError as exc:
+        raise MirrorError.from_oserror(f"attach to {where}:", backing, exc) from exc
+    size = _backing_size(backing, st)
+    if offset and offset >= size:
+        raise bad(f"offset {offset} is at or past the end of {backing} ({size} bytes)")
+    if offset + sizelimit > size:
+        raise bad(f"offset {offset} + size limit {sizelimit} exceeds {backing} ({size} bytes)")
+
+
+def _info64(offset: int, sizelimit: int, flags: int, backing: str) -> bytes:
+    name = os.fsencode(backing)[:LO_NAME_SIZE - 1]      # informative only; sysfs has the truth
+    return LOOP_INFO64.pack(0, 0, 0, offset, sizelimit, 0, 0, 0, flags, name, b"", b"", 0, 0)
+
+
+def _set_status(dev_fd: int, info: bytes) -> None:
+    delay = SET_STATUS_BACKOFF
+    for attempt in range(SET_STATUS_RETRIES):
+        try:
+            fcntl.ioctl(dev_fd, LOOP_SET_STATUS64, info)
+            return
+        except OSError as exc:
+            # EAGAIN: another opener still caches pages of the device; the kernel asks us to
+            # come back (util-linux does the same). Bounded by SET_STATUS_RETRIES.
+            if exc.errno != errno.EAGAIN or attempt == SET_STATUS_RETRIES - 1:
+                raise
+        time.sleep(delay)
+        delay = min(delay * 2, SET_STATUS_BACKOFF_MAX)
+
+
+def _bind(dev_fd: int, file_fd: int, info: bytes, flags: int, direct_io: bool,
+          block_size: int) -> None:
+    """LOOP_CONFIGURE, or the pre-5.8 sequence when the kernel does not know it."""
+    try:
+        fcntl.ioctl(dev_fd, LOOP_CONFIGURE,
+                    LOOP_CONFIG.pack(file_fd, block_size, *LOOP_INFO64.unpack(info), *[0] * 8))
+        return
+    except OSError as exc:
+        if exc.errno not in (errno.EINVAL, errno.ENOTTY):
+            raise
+    fcntl.ioctl(dev_fd, LOOP_SET_FD, file_fd)           # EBUSY here: someone bound it first
+    try:
+        # SET_FD takes read-only from the file's open mode; SET_STATUS64 sets the rest.
+        _set_status(dev_fd, _info_without(info, LO_FLAGS_READ_ONLY | LO_FLAGS_DIRECT_IO))
+        if direct_io:
+            fcntl.ioctl(dev_fd, LOOP_SET_DIRECT_IO, 1)
+        if block_size:
+            fcntl.ioctl(dev_fd, LOOP_SET_BLOCK_SIZE, block_size)
+    except OSError:
+        try:
+            fcntl.ioctl(dev_fd, LOOP_CLR_FD)    # undo the half-done attach (detach at our close)
+        except OSError:
+            pass
+        raise
+
+
+def _info_without(info: bytes, mask: int) -> bytes:
+    fields = list(LOOP_INFO64.unpack(info))
+    fields[8] &= ~mask
+    return LOOP_INFO64.pack(*fields)
+
+
+def _open_backing(backing: str, where: str, read_only: bool) -> int:
+    try:
+        return os.open(backing, (os.O_RDONLY if read_only else os.O_RDWR) | os.O_CLOEXEC)
+    except OSError as exc:
+        err = MirrorError.from_oserror(f"attach to {where}: open", backing, exc)
+        if exc.errno in (errno.EROFS, errno.EACCES, errno.EPERM) and not read_only:
+            err = MirrorError(f"{err.message}; it cannot be opened for writing — "
+                              f"attach it read-only if that is what you want",
+                              errno=exc.errno, obj=where)
+        raise err from exc
+
+
+def _open_loop(path: str) -> int:
+    try:
+        return os.open(path, os.O_RDWR | os.O_CLOEXEC)
+    except OSError as exc:
+        raise MirrorError.from_oserror("open", path, exc) from exc
+
+
+def _busy(path: str, index: int) -> MirrorError:
+    st = _status_of(index)
+    what = st.backing_file if st else "another process's file"
+    return MirrorError(f"attach to {path}: {path} is busy (attached to {what})",
+                       errno=errno.EBUSY, obj=path)
+
+
+def attach(backing: str, *, loop: str | None = None, offset: int = 0, sizelimit: int = 0,
+           read_only: bool = False, autoclear: bool = False, partscan: bool = False,
+           direct_io: bool = False, block_size: int = 0) -> LoopStatus:
+    """Bind `backing` to `loop` (or the first free loop) and return what sysfs then shows.
+
+    With autoclear the kernel detaches at the last close; if nothing else opened the device,
+    that is our own close right after binding, so the returned status is its last sight.
+    """
+    index = parse_loop_path(loop) if loop else None
+    where = loop or "a free loop device"
+    _validate(backing, where, offset, sizelimit, block_size)
+    flags = ((LO_FLAGS_READ_ONLY if read_only else 0) | (LO_FLAGS_AUTOCLEAR if autoclear else 0)
+             | (LO_FLAGS_PARTSCAN if partscan else 0) | (LO_FLAGS_DIRECT_IO if direct_io else 0))
+    info = _info64(offset, sizelimit, flags, backing)
+    file_fd = _open_backing(backing, where, read_only)
+    try:
+        with _control_locked() as ctl:
+            if index is not None:
+                _ensure(ctl, loop, index)
+                if _status_of(index) is not None:
+                    raise _busy(loop, index)
+                return _attach_at(loop, index, file_fd, info, flags, direct_io, block_size,
+                                  fixed=True)
+            for _ in range(ALLOC_RETRIES):
+                index = _get_free(ctl)
+                path = f"/dev/loop{index}"
+                _ensure(ctl, path, index)
+                got = _attach_at(path, index, file_fd, info, flags, direct_io, block_size,
+                                 fixed=False)
+                if got is not None:
+                    return got
+            raise MirrorError(f"attach {backing}: every free loop device was taken by another "
+                              f"process ({ALLOC_RETRIES} tries)", errno=errno.EBUSY, obj=backing)
+    finally:
+        os.close(file_fd)
+
+
+def _attach_at(path: str, index: int, file_fd: int, info: bytes, flags: int, direct_io: bool,
+               block_size: int, *, fixed: bool) -> LoopStatus | None:
+    """Bind on one device. None = lost the race for a device we did not choose (try another)."""
+    dev_fd = _open_loop(path)
+    try:
+        try:
+            _bind(dev_fd, file_fd, info, flags, direct_io, block_size)
+        except OSError as exc:
+            if exc.errno == errno.EBUSY:
+                if fixed:
+                    raise _busy(path, index) from exc
+                return None
+            raise MirrorError.from_oserror("attach to", path, exc) from exc
+        # Read while our descriptor still holds the device (see attach() about autoclear).
+        st = _status_of(index)
+        if st is None:
+            raise MirrorError(f"attach to {path}: the kernel accepted it but sysfs shows "
+                              f"nothing attached", errno=errno.EIO, obj=path)
+        return st
+    finally:
+        os.close(dev_fd)
+
+
+# -- detach ----------------------------------------------------------------------------------
+
+def detach(loop: str) -> Result:
+    """LOOP_CLR_FD. The kernel only marks a device that is still open (autoclear) and detaches
+    it at the last close: that is reported as PENDING, not as done and not as failed."""
+    try:
+        index = parse_loop_path(loop)
+    except MirrorError as exc:
+        return Result.from_error("detach", loop, exc)
+    if _status_of(index) is None:
+        return Result("detach", loop, Outcome.UNCHANGED, f"{loop}: not attached")
+    try:
+        fd = os.open(loop, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError as exc:
+        return Result.from_error("detach", loop, MirrorError.from_oserror("open", loop, exc))
+    try:
+        fcntl.ioctl(fd, LOOP_CLR_FD)
+    except OSError as exc:
+        os.close(fd)
+        if exc.errno == errno.ENXIO:        # unbound between our look and the ioctl
+            return Result("detach", loop, Outcome.UNCHANGED, f"{loop}: not attached")
+        return Result.from_error("detach", loop, MirrorError.from_oserror("detach", loop, exc))
+    os.close(fd)        # our close may be the last one: the kernel detaches here
+    after = _status_of(index)
+    if after is None:
+        return Result("detach", loop, Outcome.OK, f"{loop}: detached")
+    return Result("detach", loop, Outcome.PENDING,
+                  f"{loop}: detach pending (still open; the kernel detaches at last close)",
+                  details={"backing_file": after.backing_file, "autoclear": after.autoclear})
