@@ -231,9 +231,12 @@ def mounts_of_device(major: int, minor: int, entries: list[MountEntry] | None = 
 
 
 def _identity(entry: MountEntry) -> tuple:
-    """What a live mount cannot change. mount ids are reused at once (lowest free id), so an
-    unmount plus a mount inside one coalesced event must read as removed + added."""
-    return (entry.mount_id, entry.major, entry.minor, entry.root, entry.fstype, entry.source)
+    """What makes two reads the same mount. The kernel hands a freed mount id (and a tmpfs's
+    anonymous 0:N device) to the next mount at once, so an unmount plus a mount in one coalesced
+    event can differ only in the mount point: that must read as removed + added, not changed.
+    The price: a MS_MOVE also reads as removed + added. Options and propagation can change."""
+    return (entry.mount_id, entry.parent_id, entry.major, entry.minor, entry.root,
+            entry.mount_point, entry.fstype, entry.source)
 
 
 def diff_mounts(old: list[MountEntry], new: list[MountEntry]) -> MountDiff:
