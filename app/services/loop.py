@@ -13,51 +13,20 @@ import fcntl
 import os
 import re
 import stat
-import struct
 import time
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from typing import Iterator
 
+from app.services._ioctl import (
+    LO_FLAGS_AUTOCLEAR, LO_FLAGS_DIRECT_IO, LO_FLAGS_PARTSCAN, LO_FLAGS_READ_ONLY,
+    LOOP_CLR_FD, LOOP_CONFIGURE, LOOP_CTL_ADD, LOOP_CTL_GET_FREE, LOOP_SET_BLOCK_SIZE,
+    LOOP_SET_DIRECT_IO, LOOP_SET_FD, LOOP_SET_STATUS64, SECTOR_SIZE, block_device_size,
+    info64_without, pack_config, pack_info64)
 from app.services.results import ConfigError, MirrorError, Outcome, Result
 
 SYS_ROOT = "/sys"
 LOOP_CONTROL = "/dev/loop-control"
-
-# ioctl numbers on a loop device (include/uapi/linux/loop.h)
-LOOP_SET_FD = 0x4C00
-LOOP_CLR_FD = 0x4C01
-LOOP_SET_STATUS64 = 0x4C04
-LOOP_GET_STATUS64 = 0x4C05
-LOOP_SET_CAPACITY = 0x4C07
-LOOP_SET_DIRECT_IO = 0x4C08
-LOOP_SET_BLOCK_SIZE = 0x4C09
-LOOP_CONFIGURE = 0x4C0A          # Linux >= 5.8: SET_FD + SET_STATUS64 + block size in one step
-# ioctl numbers on /dev/loop-control
-LOOP_CTL_ADD = 0x4C80
-LOOP_CTL_REMOVE = 0x4C81
-LOOP_CTL_GET_FREE = 0x4C82       # returns the index of an unbound loop (adding one if needed)
-# ioctl on a block device: its size in bytes (_IOR(0x12, 114, size_t))
-BLKGETSIZE64 = 0x80081272
-
-# lo_flags
-LO_FLAGS_READ_ONLY = 1
-LO_FLAGS_AUTOCLEAR = 4
-LO_FLAGS_PARTSCAN = 8
-LO_FLAGS_DIRECT_IO = 16
-
-LO_NAME_SIZE = 64
-SECTOR_SIZE = 512                # sysfs `size` unit, and the alignment we demand of offsets
-LOOP_MAJOR = 7
-
-# struct loop_info64: lo_device, lo_inode, lo_rdevice, lo_offset, lo_sizelimit (u64),
-# lo_number, lo_encrypt_type, lo_encrypt_key_size, lo_flags (u32),
-# lo_file_name[64], lo_crypt_name[64], lo_encrypt_key[32], lo_init[2] (u64)
-LOOP_INFO64 = struct.Struct("=QQQQQIIII64s64s32sQQ")
-# struct loop_config: u32 fd, u32 block_size, struct loop_info64 info, u64 __reserved[8]
-LOOP_CONFIG = struct.Struct("=II" + LOOP_INFO64.format.lstrip("=") + "8Q")
-assert LOOP_INFO64.size == 232, LOOP_INFO64.size
-assert LOOP_CONFIG.size == 304, LOOP_CONFIG.size
 
 # util-linux retries allocation 64 times: GET_FREE only names a free loop, it does not reserve
 # it, so a process that does not share our lock (losetup, systemd) can bind it first (EBUSY).
@@ -237,7 +206,7 @@ def _backing_size(backing: str, st: os.stat_result) -> int:
     try:
         fd = os.open(backing, os.O_RDONLY | os.O_CLOEXEC)
         try:
-            return struct.unpack("=Q", fcntl.ioctl(fd, BLKGETSIZE64, b"\0" * 8))[0]
+            return block_device_size(fd)
         finally:
             os.close(fd)
     except OSError as exc:
@@ -268,11 +237,6 @@ def _validate(backing: str, where: str, offset: int, sizelimit: int, block_size:
         raise bad(f"offset {offset} + size limit {sizelimit} exceeds {backing} ({size} bytes)")
 
 
-def _info64(offset: int, sizelimit: int, flags: int, backing: str) -> bytes:
-    name = os.fsencode(backing)[:LO_NAME_SIZE - 1]      # informative only; sysfs has the truth
-    return LOOP_INFO64.pack(0, 0, 0, offset, sizelimit, 0, 0, 0, flags, name, b"", b"", 0, 0)
-
-
 def _set_status(dev_fd: int, info: bytes) -> None:
     delay = SET_STATUS_BACKOFF
     for attempt in range(SET_STATUS_RETRIES):
@@ -288,12 +252,10 @@ def _set_status(dev_fd: int, info: bytes) -> None:
         delay = min(delay * 2, SET_STATUS_BACKOFF_MAX)
 
 
-def _bind(dev_fd: int, file_fd: int, info: bytes, flags: int, direct_io: bool,
-          block_size: int) -> None:
+def _bind(dev_fd: int, file_fd: int, info: bytes, direct_io: bool, block_size: int) -> None:
     """LOOP_CONFIGURE, or the pre-5.8 sequence when the kernel does not know it."""
     try:
-        fcntl.ioctl(dev_fd, LOOP_CONFIGURE,
-                    LOOP_CONFIG.pack(file_fd, block_size, *LOOP_INFO64.unpack(info), *[0] * 8))
+        fcntl.ioctl(dev_fd, LOOP_CONFIGURE, pack_config(file_fd, block_size, info))
         return
     except OSError as exc:
         if exc.errno not in (errno.EINVAL, errno.ENOTTY):
@@ -301,7 +263,7 @@ def _bind(dev_fd: int, file_fd: int, info: bytes, flags: int, direct_io: bool,
     fcntl.ioctl(dev_fd, LOOP_SET_FD, file_fd)           # EBUSY here: someone bound it first
     try:
         # SET_FD takes read-only from the file's open mode; SET_STATUS64 sets the rest.
-        _set_status(dev_fd, _info_without(info, LO_FLAGS_READ_ONLY | LO_FLAGS_DIRECT_IO))
+        _set_status(dev_fd, info64_without(info, LO_FLAGS_READ_ONLY | LO_FLAGS_DIRECT_IO))
         if direct_io:
             fcntl.ioctl(dev_fd, LOOP_SET_DIRECT_IO, 1)
         if block_size:
@@ -312,12 +274,6 @@ def _bind(dev_fd: int, file_fd: int, info: bytes, flags: int, direct_io: bool,
         except OSError:
             pass
         raise
-
-
-def _info_without(info: bytes, mask: int) -> bytes:
-    fields = list(LOOP_INFO64.unpack(info))
-    fields[8] &= ~mask
-    return LOOP_INFO64.pack(*fields)
 
 
 def _open_backing(backing: str, where: str, read_only: bool) -> int:
@@ -359,7 +315,7 @@ def attach(backing: str, *, loop: str | None = None, offset: int = 0, sizelimit:
     _validate(backing, where, offset, sizelimit, block_size)
     flags = ((LO_FLAGS_READ_ONLY if read_only else 0) | (LO_FLAGS_AUTOCLEAR if autoclear else 0)
              | (LO_FLAGS_PARTSCAN if partscan else 0) | (LO_FLAGS_DIRECT_IO if direct_io else 0))
-    info = _info64(offset, sizelimit, flags, backing)
+    info = pack_info64(offset, sizelimit, flags, backing)
     file_fd = _open_backing(backing, where, read_only)
     try:
         with _control_locked() as ctl:
@@ -367,13 +323,13 @@ def attach(backing: str, *, loop: str | None = None, offset: int = 0, sizelimit:
                 _ensure(ctl, loop, index)
                 if _status_of(index) is not None:
                     raise _busy(loop, index)
-                return _attach_at(loop, index, file_fd, info, flags, direct_io, block_size,
+                return _attach_at(loop, index, file_fd, info, direct_io, block_size,
                                   fixed=True)
             for _ in range(ALLOC_RETRIES):
                 index = _get_free(ctl)
                 path = f"/dev/loop{index}"
                 _ensure(ctl, path, index)
-                got = _attach_at(path, index, file_fd, info, flags, direct_io, block_size,
+                got = _attach_at(path, index, file_fd, info, direct_io, block_size,
                                  fixed=False)
                 if got is not None:
                     return got
@@ -383,13 +339,13 @@ def attach(backing: str, *, loop: str | None = None, offset: int = 0, sizelimit:
         os.close(file_fd)
 
 
-def _attach_at(path: str, index: int, file_fd: int, info: bytes, flags: int, direct_io: bool,
+def _attach_at(path: str, index: int, file_fd: int, info: bytes, direct_io: bool,
                block_size: int, *, fixed: bool) -> LoopStatus | None:
     """Bind on one device. None = lost the race for a device we did not choose (try another)."""
     dev_fd = _open_loop(path)
     try:
         try:
-            _bind(dev_fd, file_fd, info, flags, direct_io, block_size)
+            _bind(dev_fd, file_fd, info, direct_io, block_size)
         except OSError as exc:
             if exc.errno == errno.EBUSY:
                 if fixed:
