@@ -279,6 +279,25 @@ def test_bad_geometry_is_refused_before_anything_changes(sparse_file, loops, hig
 
 
 @pytest.mark.root
+def test_block_device_backing_is_measured_with_blkgetsize64(scratch_loop, loops, high_loop):
+    disk = scratch_loop(8 * MiB)                     # a block device made by losetup
+    with pytest.raises(MirrorError) as info:
+        loops(disk, loop=high_loop, offset=8 * MiB)
+    assert info.value.errno == errno.EINVAL and f"{disk} (8388608 bytes)" in str(info.value)
+    assert not os.path.exists(high_loop)
+    st = loops(disk, loop=high_loop, offset=6 * MiB)
+    assert (st.backing_file, st.offset, st.size) == (disk, 6 * MiB, 2 * MiB)
+    assert _witness(high_loop)["back-file"] == disk
+
+
+@pytest.mark.root
+def test_find_free_names_an_existing_loop():
+    path = loop.find_free()
+    index = loop.parse_loop_path(path)
+    assert os.path.exists(path) and os.path.isdir(f"/sys/block/loop{index}")
+
+
+@pytest.mark.root
 def test_missing_backing_keeps_enoent(tmp_path, loops):
     with pytest.raises(MirrorError) as info:
         loops(str(tmp_path / "nope.img"))
