@@ -104,9 +104,9 @@ class MountDiff:
 
 def decode_field(raw: str) -> str:
     """Undo the kernel's \\ooo escapes at byte level, so escaped and raw bytes join correctly."""
-    data = os.fsencode(raw)
-    if b"\\" in data:
-        data = _OCTAL.sub(lambda m: bytes((int(m.group(1), 8),)), data)
+    if "\\" not in raw:  # nothing escaped: the str already is os.fsdecode of the bytes
+        return raw
+    data = _OCTAL.sub(lambda m: bytes((int(m.group(1), 8),)), os.fsencode(raw))
     return os.fsdecode(data)
 
 
