@@ -23,6 +23,7 @@ from textual.message import Message
 from textual.screen import Screen
 from textual.signal import Signal
 
+from app.screens.main_menu import MainMenuScreen
 from app.services.config import ConfigStore
 
 ROOT_UID = 0
@@ -99,6 +100,8 @@ class MirrorSetupApp(App):
     CSS_PATH = "screens/app.tcss"
     TITLE = "mirrorsetup"
     BINDINGS = [Binding("ctrl+q", "quit", "Quit", priority=True, show=False)]
+    MODES = {"setup": MainMenuScreen}  # a mode (not get_default_screen) so its CSS_PATH loads
+    DEFAULT_MODE = "setup"
 
     class MountsChanged(Message):
         def __init__(self, diff) -> None:
@@ -121,10 +124,7 @@ class MirrorSetupApp(App):
         self.block_signal: Signal = Signal(self, "block-uevent")
         self._mount_watcher = None
         self._uevent_wake: int | None = None
-
-    def get_default_screen(self) -> Screen:
-        from app.screens.main_menu import MainMenuScreen
-        return MainMenuScreen()
+        self.refusals: list[str] = []  # what was refused for want of root, newest last
 
     def on_mount(self) -> None:
         self.theme = "textual-dark"
@@ -215,8 +215,10 @@ class MirrorSetupApp(App):
         """True (and a notice saying why) when `what` cannot be done without root."""
         if self.is_root:
             return False
-        self.notify(f"{what} needs root: the configuration, loop devices and mounts belong to "
-                    f"root. Run `sudo mirrorsetup`.", title="Read-only", severity="warning")
+        message = (f"{what} needs root: the configuration, loop devices and mounts belong to "
+                   f"root. Run `sudo mirrorsetup`.")
+        self.refusals.append(message)
+        self.notify(message, title="Read-only", severity="warning")
         return True
 
     # -- daemon ----------------------------------------------------------------------------

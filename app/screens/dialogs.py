@@ -22,16 +22,13 @@ from app.services.results import MirrorError, Result
 from app.services.units import parse_size
 
 FS_NOTES = (
-    "• Never the root directory /: pick the directories under it you want replicated.\n"
-    "• Stop the applications that use it first; start them again after mirrorfs is mounted.\n"
-    "• NFS and Samba exports go above mirrorfs: start them after the daemon.\n"
-    "• Access times: replicating them turns every read into a replication operation; "
-    "leave it off unless the target needs them."
+    "Never / itself: add the directories under it. Stop the applications using it first and "
+    "start them after Mount all. NFS/Samba export the mirrorfs mount and start after the daemon."
 )
 BLOCK_NOTES = (
-    "Applications must read and write through the loop device (/dev/loopN), never the device "
-    "itself: writes there are not captured and corrupt the target. Do not mount it from "
-    "/etc/fstab; mount the loop device from a script that runs after the daemon."
+    "Applications must use the loop device (/dev/loopN), never the device itself: writes there "
+    "are not captured and corrupt the target. Do not mount it from /etc/fstab; mount the loop "
+    "device from a script that runs after the daemon."
 )
 
 
@@ -167,12 +164,12 @@ class AddFsEntryDialog(_EntryDialog):
     def compose(self) -> ComposeResult:
         with Vertical(classes="dialog wide", id="add-fs"):
             yield Label(Text("Add a directory to replicate", style="bold"))
-            yield Input(placeholder="/srv/data  (highest directory to capture)", id="path")
+            yield Input(placeholder="/srv/data  (highest directory to capture)", id="path", compact=True)
             yield DirectoryTree(self.start, id="picker")
             with Horizontal(classes="field"):
                 yield Switch(False, id="atime")
-                yield Label("Replicate access times (slower; off is recommended)")
-            yield Input(placeholder="target directory (optional)", id="target")
+                yield Label("Replicate access times (slower: off is recommended)")
+            yield Input(placeholder="target directory (optional)", id="target", compact=True)
             yield Static("", id="problem")
             yield Static(FS_NOTES, classes="notes")
             with Horizontal(classes="dialog-buttons"):
@@ -217,13 +214,12 @@ class AddBlockEntryDialog(_EntryDialog):
     def compose(self) -> ComposeResult:
         with Vertical(classes="dialog wide", id="add-block"):
             yield Label(Text("Add a block device to replicate", style="bold"))
-            yield Label("Device")
-            yield Input(self.device, placeholder="/dev/sdb1", id="device")
-            yield Label("Loop device (empty: the first free one; /dev/loopN keeps it across restarts)")
-            yield Input(placeholder="first free", id="loop")
+            yield Input(self.device, placeholder="device, e.g. /dev/sdb1", id="device", compact=True)
+            yield Input(placeholder="loop: first free, or /dev/loopN to keep the same one "
+                        "across restarts", id="loop", compact=True)
             with Horizontal(classes="field"):
-                yield Input(placeholder="offset: 0  (512, 4K, 1M…)", id="offset")
-                yield Input(placeholder="size limit: whole device", id="sizelimit")
+                yield Input(placeholder="offset: 0  (512, 4K, 1M…)", id="offset", compact=True)
+                yield Input(placeholder="size limit: whole device", id="sizelimit", compact=True)
             with Horizontal(classes="field"):
                 yield Switch(False, id="read-only")
                 yield Label("Read-only")
@@ -237,6 +233,7 @@ class AddBlockEntryDialog(_EntryDialog):
 
     def on_mount(self) -> None:
         self.query_one("#loop" if self.device else "#device").focus()
+        self.query_one("#device", Input).tooltip = "the block device to replicate"
         if self.device:
             self.recheck()
 

@@ -1,0 +1,120 @@
+"""Moving around like an administrator: number keys, arrows + Enter, mouse clicks, q/Escape
+back one level, ctrl+q from anywhere, the command palette, and the read-only mode off root."""
+
+from __future__ import annotations
+
+from test_tui_support import config_bytes, pilot_test, settle, static_text, tui  # noqa: F401 (fixtures)
+from textual.widgets import OptionList
+
+from app.screens.block import BlockScreen
+from app.screens.daemon import DaemonScreen
+from app.screens.dashboard import DashboardScreen
+from app.screens.dialogs import AddFsEntryDialog, ResultsDialog
+from app.screens.filesystem import FilesystemScreen
+from app.screens.help import HelpScreen
+from app.screens.main_menu import MENU, MainMenuScreen
+from app.screens.manual import ManualScreen
+
+BY_KEY = {"1": FilesystemScreen, "2": BlockScreen, "3": ManualScreen, "4": DashboardScreen,
+          "5": DaemonScreen, "6": HelpScreen}
+OPTION_HEIGHT = 2  # each menu option is its label line plus its hint line
+
+
+@pilot_test
+async def test_number_keys_open_each_task_and_escape_or_q_comes_back(tui):
+    app = tui()
+    async with app.run_test(size=(120, 36)) as pilot:
+        for key, screen in BY_KEY.items():
+            await pilot.press(key)
+            await settle(pilot)
+            assert type(app.screen) is screen
+            await pilot.press("escape" if int(key) % 2 else "q")
+            assert type(app.screen) is MainMenuScreen
+        assert app.is_running
+        await pilot.press("q")  # from the top, q quits
+    assert app.return_value == 0
+
+
+@pilot_test
+async def test_arrows_and_enter_choose_the_highlighted_task(tui):
+    app = tui()
+    async with app.run_test(size=(80, 24)) as pilot:
+        await pilot.press("down", "down", "enter")  # third item: manual replication
+        await settle(pilot)
+        assert type(app.screen) is ManualScreen
+        await pilot.press("escape")
+        await pilot.press("up", "enter")
+        await settle(pilot)
+        assert type(app.screen) is BlockScreen
+
+
+@pilot_test
+async def test_mouse_click_on_a_menu_item_and_on_a_button(tui):
+    app = tui()
+    async with app.run_test(size=(120, 36)) as pilot:
+        index = [name for _key, name, _label, _hint in MENU].index("dashboard")
+        assert await pilot.click(OptionList, offset=(6, index * OPTION_HEIGHT))
+        await settle(pilot)
+        assert type(app.screen) is DashboardScreen
+        await pilot.press("escape")
+        assert await pilot.click(OptionList, offset=(6, 0))
+        await settle(pilot)
+        assert type(app.screen) is FilesystemScreen
+        assert await pilot.click("#add")
+        await settle(pilot)
+        assert type(app.screen) is AddFsEntryDialog
+        assert await pilot.click("#cancel")
+        assert type(app.screen) is FilesystemScreen
+
+
+@pilot_test
+async def test_ctrl_q_quits_from_a_dialog_deep_down(tui):
+    app = tui()
+    async with app.run_test(size=(80, 24)) as pilot:
+        await pilot.press("1", "a")
+        await settle(pilot)
+        assert type(app.screen) is AddFsEntryDialog
+        await pilot.press("ctrl+q")
+        await pilot.pause()
+    assert not app.is_running
+
+
+@pilot_test
+async def test_command_palette_runs_a_screen_action(tui, config_bytes):
+    app = tui()
+    async with app.run_test(size=(120, 36)) as pilot:
+        await pilot.press("ctrl+p")
+        await pilot.press(*"attach all")
+        await settle(pilot)
+        await pilot.press("enter")
+        await settle(pilot)
+        assert type(app.screen) is ResultsDialog
+        assert type(app.screen_stack[-2]) is BlockScreen
+        assert app.screen.results == []  # nothing configured: nothing attached
+        await pilot.press("escape")
+        assert type(app.screen) is BlockScreen
+    assert config_bytes() is None
+
+
+@pilot_test
+async def test_not_root_opens_read_only_and_says_why(tui, config_bytes):
+    app = tui(is_root=False)
+    async with app.run_test(size=(120, 36)) as pilot:
+        banner = app.screen.query_one("RootBanner")
+        assert banner.display and "not running as root" in static_text(banner)
+        await pilot.press("1", "a")  # add needs root: no dialog, a notice instead
+        await settle(pilot)
+        assert type(app.screen) is FilesystemScreen
+        assert app.refusals and "needs root" in app.refusals[-1]
+        await pilot.press("m")
+        await settle(pilot)
+        assert type(app.screen) is FilesystemScreen
+    assert config_bytes() is None
+
+
+@pilot_test
+async def test_as_root_there_is_no_banner(tui):
+    app = tui(is_root=True)
+    async with app.run_test(size=(80, 24)) as pilot:
+        await pilot.pause()
+        assert not app.screen.query_one("RootBanner").display
