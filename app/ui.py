@@ -27,7 +27,6 @@ from app.screens.main_menu import MainMenuScreen
 from app.services.config import ConfigStore
 
 ROOT_UID = 0
-CONTROL_SOCKET = "/run/mirrorsetup/control.sock"
 SYSTEMD_RUNNING = "/run/systemd/system"  # exists only when systemd is PID 1 (sd_booted)
 SYSTEMD_UNIT = "mirrorsetup"
 DAEMON_HINT = "start it with `mirrorsetup daemon` or `systemctl start mirrorsetup`"
@@ -84,7 +83,7 @@ def _control_client(socket_path):
         from app.services.control import ControlClient
     except ImportError:  # the engine is not installed: file-system mounts say so per action
         return None
-    return ControlClient(socket_path or CONTROL_SOCKET)
+    return ControlClient(socket_path)  # None: MIRRORSETUP_SOCKET or the default
 
 
 def _safe_running(control) -> bool:

@@ -1,0 +1,148 @@
+"""File system replication screen: add a directory, remove it, refused input, mount all."""
+
+from __future__ import annotations
+
+import pytest
+from test_tui_support import (  # noqa: F401 (fixtures)
+    cell, config_bytes, pilot_test, settle, static_text, store, table_keys, tui, wait_until)
+from textual.widgets import DataTable, Input, Switch
+
+from app.screens.dialogs import AddFsEntryDialog, ConfirmDialog, ResultsDialog
+from app.screens.filesystem import FilesystemScreen
+from app.services.config import ROOT_REFUSAL, FsEntry
+from app.services.results import ConfigError
+
+
+async def open_add_dialog(pilot) -> AddFsEntryDialog:
+    await pilot.press("1")
+    await settle(pilot)
+    await pilot.press("a")
+    await settle(pilot)
+    assert type(pilot.app.screen) is AddFsEntryDialog
+    return pilot.app.screen
+
+
+@pilot_test
+async def test_add_a_directory_with_the_form_then_remove_it(tui, store, tmp_path):
+    data = tmp_path / "srv data"  # a space, as real paths have
+    data.mkdir()
+    app = tui()
+    async with app.run_test(size=(120, 36)) as pilot:
+        dialog = await open_add_dialog(pilot)
+        dialog.query_one("#path", Input).value = str(data)
+        await wait_until(pilot, lambda: "can be added" in static_text(dialog.query_one("#problem")),
+                         "the inline check to accept the path")
+        await pilot.click("#atime")
+        assert dialog.query_one("#atime", Switch).value
+        await pilot.click("#add")
+        await wait_until(pilot, lambda: type(app.screen) is FilesystemScreen, "the dialog to close")
+        table = app.screen.query_one("#fs-entries", DataTable)
+        await wait_until(pilot, lambda: str(data) in table_keys(table), "the new row")
+        assert cell(table, str(data), "atime") == "replicated"
+        assert cell(table, str(data), "state") == "not mounted"
+        assert store.load().filesystem == (FsEntry(str(data), True, None),)
+
+        await pilot.press("r")
+        await settle(pilot)
+        assert type(app.screen) is ConfirmDialog
+        await pilot.press("y")
+        await wait_until(pilot, lambda: type(app.screen) is ResultsDialog, "the results")
+        assert [r.outcome.value for r in app.screen.results] == ["ok"]
+        await pilot.press("enter")
+        await wait_until(pilot, lambda: table.row_count == 0, "the row to go")
+    assert store.load().filesystem == ()
+
+
+@pilot_test
+async def test_remove_asks_first_and_no_keeps_the_entry(tui, store, tmp_path, config_bytes):
+    store.add_filesystem(tmp_path)
+    before = config_bytes()
+    app = tui()
+    async with app.run_test(size=(80, 24)) as pilot:
+        await pilot.press("1")
+        await settle(pilot)
+        await pilot.press("r")
+        await settle(pilot)
+        await pilot.press("n")
+        await settle(pilot)
+        assert type(app.screen) is FilesystemScreen
+        assert table_keys(app.screen.query_one("#fs-entries", DataTable)) == [str(tmp_path)]
+    assert config_bytes() == before
+
+
+def _bad_paths(tmp_path):
+    (tmp_path / "a-file").write_text("not a directory\n")
+    return {"root": "/", "missing": str(tmp_path / "missing"), "file": str(tmp_path / "a-file"),
+            "relative": "relative/dir"}
+
+
+@pytest.mark.parametrize("case", ["root", "missing", "file", "relative"])
+@pilot_test
+async def test_refused_path_shows_the_service_message_and_changes_nothing(
+        tui, store, tmp_path, config_bytes, case):
+    bad = _bad_paths(tmp_path)[case]
+    with pytest.raises(ConfigError) as refused:  # the words the service uses
+        store.validate_filesystem(FsEntry(bad))
+    if case == "root":
+        assert str(refused.value) == ROOT_REFUSAL
+    app = tui()
+    async with app.run_test(size=(80, 24)) as pilot:
+        dialog = await open_add_dialog(pilot)
+        dialog.query_one("#path", Input).value = bad
+        await pilot.press("enter")  # submit anyway: the service refuses it again
+        await wait_until(pilot, lambda: str(refused.value) in static_text(dialog.query_one("#problem")),
+                         "the service's message")
+        assert app.screen is dialog
+        await pilot.press("escape")
+        assert type(app.screen) is FilesystemScreen
+    assert config_bytes() is None
+
+
+@pilot_test
+async def test_refused_target_inside_the_directory(tui, store, tmp_path, config_bytes):
+    inner = tmp_path / "inner"
+    inner.mkdir()
+    with pytest.raises(ConfigError) as refused:
+        store.validate_filesystem(FsEntry(str(tmp_path), target=str(inner)))
+    app = tui()
+    async with app.run_test(size=(120, 36)) as pilot:
+        dialog = await open_add_dialog(pilot)
+        dialog.query_one("#path", Input).value = str(tmp_path)
+        dialog.query_one("#target", Input).value = str(inner)
+        await pilot.click("#add")
+        await wait_until(pilot, lambda: str(refused.value) in static_text(dialog.query_one("#problem")),
+                         "the target refusal")
+    assert config_bytes() is None
+
+
+@pilot_test
+async def test_access_time_toggle_rewrites_the_entry(tui, store, tmp_path):
+    store.add_filesystem(tmp_path)
+    app = tui()
+    async with app.run_test(size=(120, 36)) as pilot:
+        await pilot.press("1")
+        await settle(pilot)
+        await pilot.press("t")
+        await wait_until(pilot, lambda: type(app.screen) is ResultsDialog, "the results")
+        await pilot.press("escape")
+        table = app.screen.query_one("#fs-entries", DataTable)
+        await wait_until(pilot, lambda: cell(table, str(tmp_path), "atime") == "replicated",
+                         "the row to show it")
+    assert store.load().filesystem[0].replicate_atime is True
+
+
+@pilot_test
+async def test_mount_all_without_a_daemon_says_so_per_entry(tui, store, tmp_path, config_bytes):
+    """No daemon runs in the test (none is started): the results say how to start it."""
+    store.add_filesystem(tmp_path)
+    before = config_bytes()
+    app = tui(control_socket=str(tmp_path / "no-daemon.sock"))
+    async with app.run_test(size=(120, 36)) as pilot:
+        await pilot.press("1")
+        await settle(pilot)
+        await pilot.click("#mount_all")
+        await wait_until(pilot, lambda: type(app.screen) is ResultsDialog, "the results")
+        results = app.screen.results
+        assert results and all(r.failed for r in results)
+        assert "not running" in results[0].message or "not installed" in results[0].message
+    assert config_bytes() == before
