@@ -1,0 +1,232 @@
+"""The applier: replays journal records, in order, onto the entry's target directory.
+
+Replay must converge when a record is applied twice (after a crash the applied seq on disk may
+lag what was done): a write at an offset is idempotent; creates tolerate an existing name;
+removals tolerate a missing one; a rename whose source is gone but whose destination exists is
+taken as already done. The applied seq is written durably (after syncfs of the target) at most
+every PERSIST_SECONDS and whenever the applier catches up.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import logging
+import os
+import threading
+import time
+
+from app.engine.journal import Journal, Record, decode_path
+from app.engine.lowlevel import RENAME_EXCHANGE, _libc, at, proc_path, renameat2
+
+log = logging.getLogger("mirrorsetup.applier")
+PERSIST_SECONDS = 1.0  # how far the durable applied seq may trail; replay is idempotent
+BATCH = 512
+FD_CACHE = 64  # open target files kept between writes (sequential writes come in 128 KiB+ pieces)
+
+
+
+def _syncfs(fd: int) -> None:
+    """Make the target's writes durable before the applied seq says they are done."""
+    if _libc.syncfs(fd) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err), "target")
+
+
+class Applier:
+    def __init__(self, journal: Journal, target_fd: int | None):
+        """With no target the records are only counted and released, in order."""
+        self.journal = journal
+        self.tfd = target_fd
+        # syncfs(2) needs a real open file, not the O_PATH fd the *at() calls use
+        self._sync_fd = None if target_fd is None else os.open(
+            b".", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC, dir_fd=target_fd)
+        self._fds: dict[bytes, int] = {}
+        self._stop = threading.Event()
+        self._paused = threading.Event()
+        self._idle = threading.Event()
+        self._thread: threading.Thread | None = None
+        self.errors = 0
+        self.last_error: str | None = None
+        self._last_persist = time.monotonic()
+
+    # -- thread -----------------------------------------------------------------------------
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._run, name="applier", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+        self._close_fds()
+
+    def pause(self) -> None:
+        """Hold the applier between batches (a mirror writes the target meanwhile)."""
+        self._idle.clear()
+        self._paused.set()
+        while self._thread is not None and self._thread.is_alive() and not self._idle.wait(0.05):
+            pass
+        self._close_fds()
+
+    def resume(self) -> None:
+        self._paused.clear()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            if self._paused.is_set():
+                self._idle.set()
+                time.sleep(0.02)
+                continue
+            batch = self.journal.take(BATCH, timeout=0.1)
+            if not batch:
+                if self.journal.applied_seq == self.journal.last_seq and \
+                        time.monotonic() - self._last_persist > PERSIST_SECONDS / 4:
+                    self.persist()
+                continue
+            self.apply_batch(batch)
+
+    def apply_batch(self, batch: list[Record]) -> None:
+        for rec in batch:
+            try:
+                self.apply(rec)
+            except OSError as exc:
+                self.errors += 1
+                self.last_error = f"seq {rec.seq} {rec.op} {rec.args.get('path')}: {exc}"
+                log.warning("apply %s", self.last_error)
+        persist = time.monotonic() - self._last_persist > PERSIST_SECONDS
+        self.journal.applied(batch[-1].seq, sum(r.size for r in batch))
+        if persist:
+            self.persist()
+
+    def persist(self) -> None:
+        if self._sync_fd is not None:
+            _syncfs(self._sync_fd)
+        self.journal.persist_applied()
+        self._last_persist = time.monotonic()
+
+    def drain(self) -> None:
+        """Apply everything queued now, on the caller's thread (used at stop)."""
+        while True:
+            batch = self.journal.take(BATCH)
+            if not batch:
+                break
+            self.apply_batch(batch)
+
+    # -- records ----------------------------------------------------------------------------
+    def _close_fds(self, path: bytes | None = None) -> None:
+        for p in list(self._fds) if path is None else [path]:
+            fd = self._fds.pop(p, None)
+            if fd is not None:
+                os.close(fd)
+
+    def _fd(self, path: bytes) -> int:
+        fd = self._fds.get(path)
+        if fd is None:
+            if len(self._fds) >= FD_CACHE:
+                self._close_fds()
+            fd = os.open(at(path), os.O_WRONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=self.tfd)
+            self._fds[path] = fd
+        return fd
+
+    def apply(self, rec: Record) -> None:
+        if self.tfd is None:
+            return
+        a = rec.args
+        op = rec.op
+        path = decode_path(a["path"]) if "path" in a else b""
+        t = self.tfd
+        if op == "write":
+            os.pwrite(self._fd(path), rec.data, a["offset"])
+        elif op == "truncate":
+            os.ftruncate(self._fd(path), a["size"])
+        elif op == "times":
+            atime = a["atime"]
+            if atime is None:
+                atime = os.stat(at(path), dir_fd=t, follow_symlinks=False).st_atime_ns
+            os.utime(at(path), ns=(atime, a["mtime"]), dir_fd=t, follow_symlinks=False)
+        elif op == "create":
+            try:
+                fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, a["mode"], dir_fd=t)
+            except FileExistsError:  # replayed: start the file again, later records refill it
+                fd = os.open(path, os.O_WRONLY | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=t)
+            try:
+                os.fchmod(fd, a["mode"])
+                os.fchown(fd, a["uid"], a["gid"])
+            finally:
+                os.close(fd)
+        elif op == "mkdir":
+            try:
+                os.mkdir(path, a["mode"], dir_fd=t)
+            except FileExistsError:
+                pass
+            os.chmod(path, a["mode"], dir_fd=t)
+            os.chown(path, a["uid"], a["gid"], dir_fd=t, follow_symlinks=False)
+        elif op == "mknod":
+            self._replace_missing(path, lambda: os.mknod(path, a["mode"], a["rdev"], dir_fd=t))
+            os.chown(path, a["uid"], a["gid"], dir_fd=t, follow_symlinks=False)
+        elif op == "symlink":
+            target = decode_path(a["target"])
+            self._replace_missing(path, lambda: os.symlink(target, path, dir_fd=t))
+            os.chown(path, a["uid"], a["gid"], dir_fd=t, follow_symlinks=False)
+        elif op == "link":
+            self._close_fds()
+            src = decode_path(a["src"])
+            try:
+                os.link(src, path, src_dir_fd=t, dst_dir_fd=t, follow_symlinks=False)
+            except FileExistsError:
+                if not _same_file(t, src, path):
+                    os.unlink(path, dir_fd=t)
+                    os.link(src, path, src_dir_fd=t, dst_dir_fd=t, follow_symlinks=False)
+        elif op == "unlink":
+            self._close_fds(path)
+            _missing_ok(lambda: os.unlink(path, dir_fd=t))
+        elif op == "rmdir":
+            self._close_fds()
+            _missing_ok(lambda: os.rmdir(path, dir_fd=t))
+        elif op == "rename":
+            self._rename(decode_path(a["old"]), decode_path(a["new"]), a["flags"])
+        elif op == "chmod":
+            os.chmod(at(path), a["mode"], dir_fd=t)
+        elif op == "chown":
+            os.chown(at(path), a["uid"], a["gid"], dir_fd=t, follow_symlinks=False)
+        elif op == "setxattr":
+            os.setxattr(proc_path(t, path), decode_path(a["name"]), rec.data, follow_symlinks=False)
+        elif op == "removexattr":
+            try:
+                os.removexattr(proc_path(t, path), decode_path(a["name"]), follow_symlinks=False)
+            except OSError as exc:
+                if exc.errno != errno.ENODATA:
+                    raise
+        else:
+            raise OSError(errno.EINVAL, f"unknown journal op {op!r}")
+
+    def _rename(self, old: bytes, new: bytes, flags: int) -> None:
+        self._close_fds()
+        t = self.tfd
+        try:
+            # NOREPLACE was checked at the source; at the target the name may exist from replay
+            renameat2(t, old, t, new, flags & RENAME_EXCHANGE)
+        except FileNotFoundError:
+            if not os.path.lexists(proc_path(t, new)):
+                raise  # neither name: a real divergence, counted and fixed by a difference mirror
+
+    def _replace_missing(self, path: bytes, make) -> None:
+        try:
+            make()
+        except FileExistsError:
+            os.unlink(path, dir_fd=self.tfd)
+            make()
+
+
+def _missing_ok(fn) -> None:
+    try:
+        fn()
+    except FileNotFoundError:
+        pass
+
+
+def _same_file(dir_fd: int, a: bytes, b: bytes) -> bool:
+    sa = os.stat(a, dir_fd=dir_fd, follow_symlinks=False)
+    sb = os.stat(b, dir_fd=dir_fd, follow_symlinks=False)
+    return (sa.st_dev, sa.st_ino) == (sb.st_dev, sb.st_ino)

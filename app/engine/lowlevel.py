@@ -1,0 +1,40 @@
+"""System calls Python's os module lacks (renameat2) and path helpers for fd-relative access."""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import os
+
+RENAME_NOREPLACE = 1  # <linux/fs.h>: fail with EEXIST instead of replacing the new name
+RENAME_EXCHANGE = 2  # <linux/fs.h>: swap the two names atomically
+UTIME_OMIT = (1 << 30) - 2  # <linux/stat.h>: leave this time as it is
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc.renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+
+
+def renameat2(src_dir: int, src: bytes, dst_dir: int, dst: bytes, flags: int) -> None:
+    """rename(2) with RENAME_EXCHANGE / RENAME_NOREPLACE; plain rename when flags is 0."""
+    if not flags:
+        os.rename(src, dst, src_dir_fd=src_dir, dst_dir_fd=dst_dir)
+        return
+    if _libc.renameat2(src_dir, src, dst_dir, dst, flags) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err), os.fsdecode(src))
+
+
+def at(rel: bytes) -> bytes:
+    """The name to hand an *at() call for an entry-relative path (b"." for the entry itself)."""
+    return rel or b"."
+
+
+def proc_path(dir_fd: int, rel: bytes) -> bytes:
+    """A path through /proc/self/fd for calls without dir_fd (xattrs). The trailing slash on the
+    bare fd makes the kernel follow the magic link to the directory, not act on the link."""
+    base = b"/proc/self/fd/%d/" % dir_fd
+    return base + rel if rel else base
+
+
+def enoent_ok(exc: OSError) -> bool:
+    return exc.errno == errno.ENOENT

@@ -1,0 +1,104 @@
+"""Client of the daemon's control socket: one JSON object per line each way.
+
+Request `{"cmd": "...", "args": {...}}`; reply `{"ok": true, ...}` or
+`{"ok": false, "error": message, "errno": n}`. Long commands (mirror) send progress lines
+`{"progress": {...}}` before the final reply. The socket must be root's and 0600 (its directory
+0700): anyone who can talk to it can unmount capture, so we refuse to talk to any other.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import socket
+import stat
+from collections.abc import Callable
+
+from app.services.results import MirrorError, Result
+
+DEFAULT_SOCKET = "/run/mirrorsetup/control.sock"
+SOCKET_ENV = "MIRRORSETUP_SOCKET"
+SOCKET_MODE = 0o600
+DIR_MODE = 0o700
+
+
+class DaemonNotRunning(MirrorError):
+    pass
+
+
+def default_socket() -> str:
+    return os.environ.get(SOCKET_ENV) or DEFAULT_SOCKET
+
+
+class ControlClient:
+    def __init__(self, socket_path: str | None = None, *, timeout: float | None = None):
+        self.socket_path = socket_path or default_socket()
+        self.timeout = timeout
+
+    def _not_running(self, reason: str) -> DaemonNotRunning:
+        return DaemonNotRunning(
+            f"the mirrorsetup daemon is not running ({reason} at {self.socket_path}): start it with "
+            "`mirrorsetup daemon` or `systemctl start mirrorsetup`", errno=errno.ENOENT,
+            obj=self.socket_path)
+
+    def _check_socket(self) -> None:
+        try:
+            st = os.stat(self.socket_path)
+        except FileNotFoundError:
+            raise self._not_running("no socket") from None
+        except OSError as exc:
+            raise MirrorError.from_oserror("check control socket", self.socket_path, exc) from exc
+        if not stat.S_ISSOCK(st.st_mode):
+            raise MirrorError(f"{self.socket_path} is not a socket", errno=errno.ENOTSOCK,
+                              obj=self.socket_path)
+        if st.st_uid != 0 or st.st_mode & 0o077:
+            raise MirrorError(f"control socket {self.socket_path} is not root-only (owner uid "
+                              f"{st.st_uid}, mode {stat.S_IMODE(st.st_mode):04o}); refusing to use it",
+                              errno=errno.EPERM, obj=self.socket_path)
+
+    def _connect(self) -> socket.socket:
+        self._check_socket()
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+        sock.settimeout(self.timeout)
+        try:
+            sock.connect(self.socket_path)
+        except (ConnectionRefusedError, FileNotFoundError):
+            sock.close()
+            raise self._not_running("nobody listening on the socket") from None
+        except OSError as exc:
+            sock.close()
+            raise MirrorError.from_oserror("connect to the daemon", self.socket_path, exc) from exc
+        return sock
+
+    def is_running(self) -> bool:
+        try:
+            return bool(self.request("ping").get("ok"))
+        except MirrorError:
+            return False
+
+    def request(self, cmd: str, *, progress: Callable[[dict], None] | None = None, **args) -> dict:
+        """Send one command; progress lines go to `progress`, the final reply is returned.
+        A refusal (`ok: false`) raises MirrorError with the daemon's message and errno."""
+        sock = self._connect()
+        try:
+            sock.sendall(json.dumps({"cmd": cmd, "args": args}).encode() + b"\n")
+            reader = sock.makefile("rb")
+            for line in reader:
+                msg = json.loads(line)
+                if "progress" in msg and "ok" not in msg:
+                    if progress:
+                        progress(msg["progress"])
+                    continue
+                if not msg.get("ok"):
+                    raise MirrorError(msg.get("error", "the daemon refused"), errno=msg.get("errno"))
+                return msg
+            raise MirrorError("the daemon closed the connection without a reply",
+                              errno=errno.ECONNRESET, obj=self.socket_path)
+        except OSError as exc:
+            raise MirrorError.from_oserror(f"talk to the daemon ({cmd})", self.socket_path, exc) from exc
+        finally:
+            sock.close()
+
+    def results(self, cmd: str, **args) -> list[Result]:
+        return [Result.from_json(r) for r in self.request(cmd, **args).get("results", [])]

@@ -1,0 +1,155 @@
+"""mirrorfs end to end: a real daemon, a real FUSE over-mount, a real target; verify is the judge."""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import os
+import stat
+import subprocess
+import sys
+
+import pytest
+
+from test_engine_support import Engine, mirrorfs_mounts, write_config
+
+pytestmark = pytest.mark.root
+
+RENAME_NOREPLACE, RENAME_EXCHANGE = 1, 2  # <linux/fs.h>
+OTHER_UID, OTHER_GID = 4242, 4343
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+def renameat2(old: bytes, new: bytes, flags: int) -> None:
+    if _libc.renameat2(-100, old, -100, new, flags) != 0:  # AT_FDCWD
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err))
+
+
+@pytest.fixture
+def engine(tmp_path):
+    made: list[Engine] = []
+
+    def make(*, atime: bool = False, start: bool = True, seed=None) -> tuple[Engine, str, str]:
+        src, tgt = tmp_path / "src", tmp_path / "tgt"
+        src.mkdir()
+        if seed:
+            seed(src)
+        cfg = write_config(tmp_path / "etc" / "replication.toml",
+                           [{"path": str(src), "target": str(tgt), "replicate_atime": atime}])
+        eng = Engine(tmp_path, cfg)
+        made.append(eng)
+        if start:
+            eng.start()
+        return eng, str(src), str(tgt)
+
+    yield make
+    for eng in made:
+        eng.cleanup()
+    assert not [m for m in mirrorfs_mounts() if m.startswith(str(tmp_path))]
+
+
+def test_mount_shows_in_mountinfo_and_status(engine):
+    eng, src, _ = engine(seed=lambda p: (p / "before").write_text("old"))
+    assert src in mirrorfs_mounts()
+    st = eng.status(src)
+    assert st["mounted"] is True and st["worker_pid"]
+    assert open(os.path.join(src, "before")).read() == "old"  # the lower tree shows through
+
+
+def test_workload_replicates_every_operation(engine):
+    eng, src, tgt = engine(seed=lambda p: (p / "before").write_text("old"))
+    j = lambda *n: os.path.join(src, *n)  # noqa: E731
+    os.mkdir(j("d"), 0o750)
+    with open(j("d", "f"), "wb") as f:
+        f.write(b"a" * 10000)
+        f.seek(50000)
+        f.write(b"tail")
+        f.seek(3)
+        f.write(b"MID")
+    os.truncate(j("d", "f"), 20000)
+    with open(j("g"), "w") as f:
+        f.write("g")
+    with open(j("h"), "w") as f:
+        f.write("h")
+    renameat2(j("g").encode(), j("h").encode(), RENAME_EXCHANGE)
+    with pytest.raises(OSError) as exc:
+        renameat2(j("g").encode(), j("h").encode(), RENAME_NOREPLACE)
+    assert exc.value.errno == errno.EEXIST
+    renameat2(j("g").encode(), j("g2").encode(), RENAME_NOREPLACE)
+    os.rename(j("h"), j("d", "h-moved"))
+    os.link(j("d", "f"), j("hard"))
+    os.symlink("d/f", j("sym"))
+    with open(j("gone"), "w") as f:
+        f.write("x")
+    os.unlink(j("gone"))
+    os.mkdir(j("empty"))
+    os.rmdir(j("empty"))
+    os.chmod(j("g2"), 0o600)
+    os.chown(j("g2"), OTHER_UID, OTHER_GID)
+    os.utime(j("before"), ns=(1_000_000_123, 2_000_000_456))
+    os.setxattr(j("g2"), "user.keep", b"value")
+    os.setxattr(j("g2"), "user.drop", b"x")
+    os.removexattr(j("g2"), "user.drop")
+    os.mkfifo(j("fifo"), 0o640)
+    os.rename(j("d"), j("d2"))  # a directory rename moves every name below it
+    with open(j("d2", "f"), "r+b") as f:
+        f.seek(100)
+        f.write(b"after-dir-rename")
+        f.flush()
+        os.fsync(f.fileno())
+
+    eng.drain(src)
+    assert eng.verify(src) == []
+    assert open(os.path.join(tgt, "d2", "f"), "rb").read()[100:116] == b"after-dir-rename"
+    t = os.stat(os.path.join(tgt, "g2"))
+    assert (t.st_uid, t.st_gid, stat.S_IMODE(t.st_mode)) == (OTHER_UID, OTHER_GID, 0o600)
+    assert os.getxattr(os.path.join(tgt, "g2"), "user.keep") == b"value"
+    assert os.stat(os.path.join(tgt, "hard")).st_ino == os.stat(os.path.join(tgt, "d2", "f")).st_ino
+    assert stat.S_ISFIFO(os.lstat(os.path.join(tgt, "fifo")).st_mode)
+    assert os.readlink(os.path.join(tgt, "sym")) == "d/f"
+    assert not os.path.exists(os.path.join(tgt, "gone"))
+    assert eng.status(src)["captured_ops"] > 20
+
+
+def test_files_belong_to_the_caller_with_its_umask(engine):
+    eng, src, tgt = engine()
+    os.chmod(src, 0o777)
+    # chdir first (pytest's temp root is 0700), then become the other user
+    code = ("import os; os.chdir(%r); os.umask(0o027); os.setgid(%d); os.setuid(%d); "
+            "open('userfile', 'w').write('u'); os.mkdir('userdir', 0o777)" % (src, OTHER_GID, OTHER_UID))
+    subprocess.run([sys.executable, "-c", code], check=True)
+    for name, mode in (("userfile", 0o640), ("userdir", 0o750)):
+        st = os.stat(os.path.join(src, name))
+        assert (st.st_uid, st.st_gid, stat.S_IMODE(st.st_mode)) == (OTHER_UID, OTHER_GID, mode)
+    eng.drain(src)
+    assert eng.verify(src) == []
+    st = os.stat(os.path.join(tgt, "userfile"))
+    assert (st.st_uid, st.st_gid) == (OTHER_UID, OTHER_GID)
+
+
+def test_awkward_names(engine):
+    eng, src, tgt = engine()
+    names = [b"with space", b"new\nline", b"caf\xe9-latin1", b"\xff\xfe", b"tab\there", b"-dash"]
+    base = os.fsencode(src)
+    for i, name in enumerate(names):
+        with open(base + b"/" + name, "wb") as f:
+            f.write(b"%d" % i)
+        os.mkdir(base + b"/dir " + name)
+        os.rename(base + b"/" + name, base + b"/dir " + name + b"/" + name)
+    eng.drain(src)
+    assert eng.verify(src) == []
+    for i, name in enumerate(names):
+        assert open(os.fsencode(tgt) + b"/dir " + name + b"/" + name, "rb").read() == b"%d" % i
+
+
+def test_ten_thousand_small_files(engine):
+    eng, src, tgt = engine()
+    for d in range(10):
+        os.mkdir(os.path.join(src, f"d{d}"))
+        for i in range(1000):
+            with open(os.path.join(src, f"d{d}", f"f{i}"), "wb") as f:
+                f.write(b"%d/%d" % (d, i))
+    eng.drain(src)
+    assert eng.verify(src) == []
+    assert len(os.listdir(os.path.join(tgt, "d9"))) == 1000
