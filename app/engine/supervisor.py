@@ -145,6 +145,9 @@ class Supervisor:
             return Result.from_error("mount", path, exc)
         if our_mount(path) is not None:
             await self.clean_stale(path)
+            if our_mount(path) is not None:  # never stack on a live capture: its lower tree is not ours
+                return Result("mount", path, Outcome.FAILED, f"{path} already has a live mirrorfs "
+                              "mount served by another process", errno.EBUSY)
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         state = os.path.join(self.state_dir, "journal", entry_id(path))
         os.makedirs(state, mode=0o700, exist_ok=True)
@@ -247,10 +250,11 @@ class Supervisor:
 
 
 async def _is_stale(path: str) -> bool:
-    """stat() in a thread with a deadline: a mount whose server is stopped may hang, not fail."""
+    """statfs() in a thread with a deadline: a mount whose server is stopped may hang, not fail.
+    Not stat(): the kernel may answer that from its attribute cache without asking the server."""
     def probe() -> bool:
         try:
-            os.stat(path)
+            os.statvfs(path)
             return False
         except OSError as exc:
             return exc.errno == errno.ENOTCONN
