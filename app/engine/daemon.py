@@ -246,15 +246,10 @@ def _offline(cmd: str, entry: FsEntry, token, send) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="mirrorsetup daemon")
-    add_arguments(p)
-    return run(p.parse_args(argv))
-
-
-def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--socket", default=None, help=f"control socket (default {DEFAULT_SOCKET})")
     p.add_argument("--state-dir", default=DEFAULT_STATE_DIR, help="journals and replication state")
-    if not any(a.dest == "config" for a in p._actions):
-        p.add_argument("--config", default=None)
+    p.add_argument("--config", default=None)
+    return run(p.parse_args(argv))
 
 
 def run(args) -> int:
@@ -262,7 +257,8 @@ def run(args) -> int:
     if os.geteuid() != 0:
         print("mirrorsetup daemon: must run as root (mount(2), allow_other)", file=sys.stderr)
         return 2
-    daemon = Daemon(getattr(args, "config", None), args.socket or DEFAULT_SOCKET, args.state_dir)
+    from app.services.control import default_socket
+    daemon = Daemon(getattr(args, "config", None), args.socket or default_socket(), args.state_dir)
     try:
         return trio.run(daemon.run)
     except MirrorError as exc:

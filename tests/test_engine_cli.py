@@ -1,0 +1,78 @@
+"""The engine through `mirrorsetup …` (app.cli, with the engine's registered commands)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from test_engine_support import REPO, Engine, mirrorfs_mounts, write_config
+
+pytestmark = pytest.mark.root
+
+
+def cli(*argv: str, socket: str | None = None) -> subprocess.CompletedProcess:
+    env = {**os.environ, **({"MIRRORSETUP_SOCKET": socket} if socket else {})}
+    return subprocess.run([sys.executable, "-m", "app", *argv], cwd=REPO, env=env,
+                          capture_output=True, text=True)
+
+
+@pytest.fixture
+def running(tmp_path, tmpfs_mount):
+    src, tgt = tmp_path / "src", tmp_path / "tgt"
+    src.mkdir()
+    (src / "a").write_text("alpha")
+    tmpfs_mount(src / "nested")  # a file system below the entry: passed through, not captured
+    (src / "nested" / "inner").write_text("n")
+    cfg = write_config(tmp_path / "etc" / "replication.toml", [{"path": str(src), "target": str(tgt)}])
+    eng = Engine(tmp_path, cfg)
+    eng.start()
+    yield eng, str(src), str(tgt), str(cfg)
+    eng.cleanup()
+    assert not [m for m in mirrorfs_mounts() if m.startswith(str(tmp_path))]
+
+
+def test_service_install_writes_the_unit_with_this_executable(tmp_path):
+    r = cli("service", "install", "--root", str(tmp_path))
+    assert r.returncode == 0, r.stderr
+    unit = tmp_path / "etc" / "systemd" / "system" / "mirrorsetup.service"
+    assert str(unit) in r.stdout
+    text = unit.read_text()
+    exec_line = next(line for line in text.splitlines() if line.startswith("ExecStart="))
+    exe = exec_line.split("=", 1)[1].split()[0]
+    assert os.path.isabs(exe) and exe.endswith("mirrorsetup") and exec_line.endswith(" daemon")
+
+
+def test_cli_without_daemon_says_how_to_start(tmp_path):
+    r = cli("fs", "mount-all", socket=str(tmp_path / "absent.sock"))
+    assert r.returncode == 2 and "systemctl start mirrorsetup" in r.stderr
+
+
+def test_status_mirror_verify_unmount_all_through_the_cli(running):
+    eng, src, tgt, cfg = running
+    st = eng.status(src)
+    assert st["mounted"] and st["nested_mounts_not_captured"] == [os.path.join(src, "nested")]
+    for key in ("captured_ops", "bytes_queued", "applied_seq", "last_seq", "lag_seconds", "target"):
+        assert key in st
+    # the nested file system is reachable through mirrorfs, but nothing of it is replicated
+    open(os.path.join(src, "nested", "inner2"), "w").write("not captured")
+    open(os.path.join(src, "b"), "w").write("beta")
+    eng.drain(src)
+    assert not os.path.exists(os.path.join(tgt, "nested", "inner2"))
+    r = cli("--config", cfg, "fs", "verify", src, "--json", socket=eng.socket)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert json.loads(r.stdout)["differences"] == []
+    os.unlink(os.path.join(tgt, "a"))  # damage the target behind the engine's back
+    r = cli("fs", "verify", src, socket=eng.socket)
+    assert r.returncode == 1 and "missing at target" in r.stdout
+    r = cli("fs", "mirror", src, "--json", socket=eng.socket)
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)[0]["outcome"] == "ok"
+    assert open(os.path.join(tgt, "a")).read() == "alpha"
+    r = cli("fs", "unmount-all", socket=eng.socket)
+    assert r.returncode == 0 and src not in mirrorfs_mounts()
+    r = cli("fs", "verify", src, socket=eng.socket)  # offline verify works on the directories
+    assert r.returncode == 0, r.stdout
