@@ -46,11 +46,17 @@ class Record:
     size: int = field(default=0, compare=False)
 
     def encode(self) -> bytes:
+        """The on-disk form; only spilled records pay for it (memory records are kept as is)."""
         op = self.op.encode()
         args = json.dumps(self.args, separators=(",", ":")).encode()
-        rest = struct.pack("<Q", self.seq) + BODY.pack(self.kind, len(op), len(args)) + op + args + self.data
-        crc = zlib.crc32(rest)
-        return struct.pack("<II", len(rest), crc) + rest
+        head = struct.pack("<Q", self.seq) + BODY.pack(self.kind, len(op), len(args)) + op + args
+        crc = zlib.crc32(self.data, zlib.crc32(head))
+        return b"".join((struct.pack("<II", len(head) + len(self.data), crc), head, self.data))
+
+    def estimate_size(self) -> int:
+        """Bytes this record occupies in the queue: its data plus a small fixed allowance for
+        the header and arguments (exact sizes are only needed on disk)."""
+        return HEADER.size + BODY.size + 64 + len(self.data)
 
 
 class CorruptRecord(Exception):
@@ -74,7 +80,9 @@ def decode_at(buf: bytes | memoryview, pos: int) -> tuple[Record, int]:
     op = rest[at:at + op_len].decode()
     args = json.loads(rest[at + op_len:at + op_len + args_len])
     data = rest[at + op_len + args_len:]
-    return Record(seq, kind, op, args, data, size=end - pos), end
+    rec = Record(seq, kind, op, args, data)
+    rec.size = rec.estimate_size()
+    return rec, end
 
 
 def scan_segment(path: Path) -> tuple[list[int], int]:
@@ -161,8 +169,7 @@ class Journal:
         with self._cv:
             seq = self.last_seq + 1
             rec = Record(seq, self.kind, op, args, data)
-            raw = rec.encode()
-            rec.size = len(raw)
+            rec.size = rec.estimate_size()
             self.last_seq = seq
             self.captured_ops += 1
             self.queued_bytes += rec.size
@@ -170,10 +177,10 @@ class Journal:
             if not self._samples or now - self._samples[-1][1] >= LAG_SAMPLE_SECONDS:
                 self._samples.append((seq, now))
             if self._disk_last > self.taken_seq:  # disk backlog: keep order, go to disk too
-                self._write(raw, seq)
+                self._write(rec.encode(), seq)
             elif self._mem_bytes + rec.size > self.memory_bytes:
                 self._spill()
-                self._write(raw, seq)
+                self._write(rec.encode(), seq)
             else:
                 self._mem.append(rec)
                 self._mem_bytes += rec.size

@@ -24,6 +24,7 @@ import signal
 import socket
 import sys
 
+PROFILE_ENV = "MIRRORSETUP_WORKER_PROFILE"
 CLEAN_MARKER = "clean"  # written at a clean stop, removed at start: absent means unclean
 FUSE_OPTIONS = ("fsname=mirrorfs", "subtype=mirrorfs", "allow_other", "default_permissions")
 
@@ -60,7 +61,15 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format=f"worker[{os.getpid()}] %(levelname)s %(message)s")
     os.umask(0)  # modes come from the caller's request, masked by the caller's umask
     chan = Channel(socket.socket(fileno=args.fd))
+    profile_to = os.environ.get(PROFILE_ENV)  # bench/capture.py --profile: the FUSE thread's time
     try:
+        if profile_to:
+            import cProfile
+            prof = cProfile.Profile()
+            try:
+                return prof.runcall(_run, args, chan)
+            finally:
+                prof.dump_stats(profile_to)
         return _run(args, chan)
     except SystemExit as exc:
         if isinstance(exc.code, str) and exc.code.startswith("{"):
