@@ -153,3 +153,22 @@ def test_ten_thousand_small_files(engine):
     eng.drain(src)
     assert eng.verify(src) == []
     assert len(os.listdir(os.path.join(tgt, "d9"))) == 1000
+
+
+@pytest.mark.parametrize("atime", [True, False])
+def test_access_times_replicated_only_when_asked(engine, atime):
+    eng, src, tgt = engine(atime=atime)
+    f = os.path.join(src, "read-me")
+    with open(f, "w") as fh:
+        fh.write("data")
+    old_atime = 1_000_000_000_000_000_000
+    os.utime(f, ns=(old_atime, os.stat(f).st_mtime_ns))  # explicit: replicated either way
+    eng.drain(src)
+    assert os.stat(os.path.join(tgt, "read-me")).st_atime_ns == old_atime
+    with open(f) as fh:
+        assert fh.read() == "data"
+    eng.drain(src)
+    lower_atime = os.stat(f).st_atime_ns
+    assert lower_atime > old_atime  # relatime: an atime older than the mtime is updated
+    want = lower_atime if atime else old_atime
+    assert os.stat(os.path.join(tgt, "read-me")).st_atime_ns == want

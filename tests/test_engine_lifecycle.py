@@ -172,3 +172,18 @@ def test_socket_not_root_only_is_refused(setup, tmp_path):
     st = os.stat(eng.socket)
     assert oct(st.st_mode & 0o777) == "0o600" and oct(os.stat(os.path.dirname(eng.socket)).st_mode & 0o777) == "0o700"
     assert eng.client.request("ping")["ok"]
+
+
+def test_reload_mounts_new_entries_and_unmounts_removed_ones(setup, tmp_path):
+    eng, src, tgt = setup()
+    other = tmp_path / "other"
+    other.mkdir()
+    write_config(eng.config, [{"path": src, "target": tgt}, {"path": str(other)}])
+    results = eng.client.results("reload")
+    assert [(r.action, r.target, r.outcome.value) for r in results] == [("mount", str(other), "ok")]
+    assert str(other) in mirrorfs_mounts()
+    write_config(eng.config, [{"path": str(other)}])
+    results = eng.client.results("reload")
+    assert [(r.action, r.target, r.outcome.value) for r in results] == [("unmount", src, "ok")]
+    assert src not in mirrorfs_mounts() and str(other) in mirrorfs_mounts()
+    assert eng.status(str(other))["target"] is None
