@@ -112,6 +112,8 @@ class TaskScreen(Screen):
             data = self.load()
         except MirrorError as exc:  # e.g. a corrupt config: shown, never rewritten
             data = exc
+        except Exception as exc:  # shown in the banner rather than lost in a worker
+            data = MirrorError(f"unexpected error: {exc!r}")
         self.post_message(self.Loaded(data))
 
     def load(self):
@@ -125,7 +127,7 @@ class TaskScreen(Screen):
         error = self.query("#load-error")
         if isinstance(event.data, MirrorError):
             if error:
-                error.first().update(f"Cannot read the configuration: {event.data}")
+                error.first().update(f"Cannot read the current state: {event.data}")
                 error.first().display = True
             return
         if error:
@@ -148,6 +150,8 @@ class TaskScreen(Screen):
             results = [out] if isinstance(out, Result) else list(out)
         except MirrorError as exc:
             results = [Result.from_error(title, "", exc)]
+        except Exception as exc:  # a bug below us must not leave the screen busy forever
+            results = [Result(title, "", Outcome.FAILED, f"unexpected error: {exc!r}")]
         self.post_message(self.ActionDone(title, results))
 
     def _set_busy(self, busy: bool) -> None:

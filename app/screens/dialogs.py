@@ -126,6 +126,9 @@ class _EntryDialog(ModalScreen[Result | None]):
         except (ValueError, MirrorError) as exc:
             self.post_message(self.Checked(str(exc)))
             return
+        except Exception as exc:  # never leave the Add button spinning
+            self.post_message(self.Checked(f"unexpected error: {exc!r}"))
+            return
         result = self.submit(entry) if submit else None
         problem = result.message if result is not None and result.failed else None
         self.post_message(self.Checked(problem, result))
@@ -224,7 +227,7 @@ class AddBlockEntryDialog(_EntryDialog):
                 yield Switch(False, id="read-only")
                 yield Label("Read-only")
             yield Input(placeholder="encryption: none (the kernel has no loop encryption)",
-                        id="encryption")
+                        id="encryption", compact=True)
             yield Static("", id="problem")
             yield Static(BLOCK_NOTES, classes="notes")
             with Horizontal(classes="dialog-buttons"):
