@@ -102,6 +102,15 @@ def test_unmount_refused_while_held_then_forced_is_lazy(setup):
         (r,) = eng.client.results("unmount", path=src, force=True)
         assert not r.failed and "lazy unmount" in r.message
         assert src not in mirrorfs_mounts()
+        # the detached capture still serves the holder and owns the journal: no second one yet
+        (r,) = eng.client.results("mount", path=src)
+        assert r.failed and r.errno == errno.EBUSY and src not in mirrorfs_mounts()
+        holder.kill()
+        holder.wait()
+        deadline = time.monotonic() + 30
+        while (r := eng.client.results("mount", path=src)[0]).failed and time.monotonic() < deadline:
+            time.sleep(0.1)  # the old worker exits when the kernel ends the detached session
+        assert r.outcome.value == "ok" and src in mirrorfs_mounts()
     finally:
         holder.kill()
         holder.wait()

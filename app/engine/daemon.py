@@ -27,6 +27,7 @@ from app.services.control import DEFAULT_SOCKET, DIR_MODE, SOCKET_MODE
 from app.services.results import MirrorError, Outcome, Result
 
 DEFAULT_STATE_DIR = "/var/lib/mirrorsetup"
+DETACHED_WAIT_SECONDS = 10  # at stop, lazily unmounted entries get this long to see files closed
 log = logging.getLogger("mirrorsetup.daemon")
 
 
@@ -213,6 +214,7 @@ class Daemon:
                 for path in list(self.sup.workers):
                     r = await self.sup.unmount(path, force=True)
                     log.info("%s %s: %s", r.outcome.value, r.target, r.message)
+                await self.sup.wait_detached(DETACHED_WAIT_SECONDS)
                 nursery.cancel_scope.cancel()
         finally:
             try:

@@ -81,22 +81,32 @@ def check_entry(entry: FsEntry) -> None:
 
 
 def holders(path: str, exclude: set[int]) -> list[dict]:
-    """Processes with a file, cwd or root below `path` (the unmount would be EBUSY)."""
+    """Processes with a file or cwd on our mount at `path` (the unmount would be EBUSY).
+
+    Matched by device number, not by name: a file opened in the lower tree before the mount
+    has the same path but does not hold the mount. (stat of /proc/PID/fd/N asks our worker,
+    which is alive and serving, so the daemon cannot block itself.)"""
     import psutil
-    prefix = path.rstrip("/") + "/"
+    mine = our_mount(path)
+    if mine is None:
+        return []
+    dev = os.makedev(mine.major, mine.minor)
     found = []
     for proc in psutil.process_iter(["pid", "name"]):
         if proc.pid in exclude:
             continue
         try:
-            files = [f.path for f in proc.open_files()]
-            files.append(proc.cwd() + "/")
+            files = [(f.path, f"/proc/{proc.pid}/fd/{f.fd}") for f in proc.open_files()]
         except (psutil.Error, OSError):
             continue
-        for f in files:
-            if f == path or f.startswith(prefix):
-                found.append({"pid": proc.pid, "name": proc.info["name"], "file": f.rstrip("/") or "/"})
-                break
+        files.append((f"{path} (working directory)", f"/proc/{proc.pid}/cwd"))
+        for name, link in files:
+            try:
+                if os.stat(link).st_dev == dev:
+                    found.append({"pid": proc.pid, "name": proc.info["name"], "file": name})
+                    break
+            except OSError:
+                continue
     return found
 
 
@@ -134,6 +144,13 @@ class Supervisor:
     def __init__(self, state_dir: str):
         self.state_dir = state_dir
         self.workers: dict[str, Worker] = {}
+        self.detached: list[Worker] = []  # lazily unmounted, serving files still open
+
+    async def wait_detached(self, seconds: float) -> None:
+        """At shutdown: give lazily unmounted workers time to finish; they exit with us."""
+        with trio.move_on_after(seconds):
+            for w in self.detached:
+                await w.proc.wait()
 
     async def mount(self, entry: FsEntry, progress=None) -> Result:
         path = entry.path
@@ -143,6 +160,10 @@ class Supervisor:
             check_entry(entry)
         except MirrorError as exc:
             return Result.from_error("mount", path, exc)
+        self.detached = [w for w in self.detached if w.proc.poll() is None]
+        if any(w.entry.path == path for w in self.detached):  # it still owns the journal and target
+            return Result("mount", path, Outcome.FAILED, f"{path} was lazily unmounted and its capture "
+                          "still serves files open there; mount again once they are closed", errno.EBUSY)
         if our_mount(path) is not None:
             await self.clean_stale(path)
             if our_mount(path) is not None:  # never stack on a live capture: its lower tree is not ours
@@ -212,13 +233,13 @@ class Supervisor:
                 return Result.from_error("unmount", path, exc)
             mounts.umount(path, mounts.MNT_DETACH)
             lazy = True
-        if held and not lazy:  # held but unmountable: detached anyway because forced
-            lazy = True
         if worker is not None:
+            self.workers.pop(path, None)
             with trio.move_on_after(0 if lazy else STOP_WAIT_SECONDS):
                 await worker.proc.wait()
-            if worker.proc.returncode is not None or not lazy:
-                self.workers.pop(path, None)
+            if worker.proc.returncode is None:
+                # detached but still serving open files; the path itself is free to mount again
+                self.detached.append(worker)
         if lazy:
             who = ", ".join(f"pid {h['pid']} ({h['name']})" for h in held) or "open files"
             return Result("unmount", path, Outcome.OK, f"lazy unmount of {path}: detached now, capture "
