@@ -75,15 +75,12 @@ def scratch_loop(sparse_file):
 
 
 def _unmount_everything_from(dev: str) -> None:
-    st = os.stat(dev)
-    want = f"{os.major(st.st_rdev)}:{os.minor(st.st_rdev)}"
-    with open("/proc/self/mountinfo") as f:
-        lines = f.read().splitlines()
-    for line in reversed(lines):
-        fields = line.split()
-        if fields[2] == want:
-            mp = fields[4].encode().decode("unicode_escape")
-            run("umount", "-l", mp, check=False)
+    """Lazily unmount whatever a test left mounted from `dev` (deepest mounts first)."""
+    from app.services.mounts import mounts_of_device
+
+    rdev = os.stat(dev).st_rdev
+    for m in reversed(mounts_of_device(os.major(rdev), os.minor(rdev))):
+        run("umount", "-l", m.mount_point, check=False)
 
 
 @pytest.fixture

@@ -136,6 +136,8 @@ class Replication:
         try:
             reason = blockdevs.exclusion_reason(dev)
             busy = busy_reasons(dev)
+        except MirrorError as exc:
+            return Result.from_error(action, dev, exc)
         except OSError as exc:
             return Result.from_error(action, dev, MirrorError.from_oserror("inspect", dev, exc))
         if reason:
