@@ -178,7 +178,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     parser = argparse.ArgumentParser(prog="mirrorsetup", parents=[common],
                                      description="Choose what is replicated, and see live whether it is.")
-    parser.set_defaults(func=cmd_tui, config=None, json=False)
+    parser.set_defaults(func=cmd_tui)
     sub = parser.add_subparsers(title="commands", metavar="COMMAND")
 
     def add(parent, name: str, func: Callable, help: str) -> argparse.ArgumentParser:
@@ -262,6 +262,9 @@ def _register_engine_commands(sub, fs, common) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    # --config/--json may stand before or after the subcommand (SUPPRESS keeps either).
+    args.config = getattr(args, "config", None)
+    args.json = getattr(args, "json", False)
     try:
         return args.func(args)
     except MirrorError as exc:
