@@ -196,3 +196,17 @@ def test_reload_mounts_new_entries_and_unmounts_removed_ones(setup, tmp_path):
     assert [(r.action, r.target, r.outcome.value) for r in results] == [("unmount", src, "ok")]
     assert src not in mirrorfs_mounts() and str(other) in mirrorfs_mounts()
     assert eng.status(str(other))["target"] is None
+
+
+def test_a_worker_that_dies_is_reported_and_its_dead_mount_cleared(setup):
+    eng, src, _ = setup()
+    pid = eng.status(src)["worker_pid"]
+    os.kill(pid, 9)
+    deadline = time.monotonic() + 30
+    while src in mirrorfs_mounts() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert src not in mirrorfs_mounts()
+    st = eng.status(src)
+    assert st["capturing"] is False and st["mounted"] is False
+    assert "stopped unexpectedly" in eng.logtext()
+    assert eng.client.results("mount", path=src)[0].outcome.value == "ok"

@@ -58,6 +58,7 @@ class Daemon:
         for e in self._entries():
             row = {"path": e.path, "target": e.target, "replicate_atime": e.replicate_atime,
                    "mounted": our_mount(e.path) is not None,
+                   "capturing": e.path in self.sup.workers,
                    "nested_mounts_not_captured": nested_mounts(e.path),
                    "captured_ops": 0, "bytes_queued": 0, "applied_seq": None, "last_seq": None,
                    "lag_seconds": None, "worker_pid": None}
@@ -202,6 +203,7 @@ class Daemon:
         listener = trio.SocketListener(trio.socket.from_stdlib_socket(sock))
         try:
             async with trio.open_nursery() as nursery:
+                self.sup.nursery = nursery
                 nursery.start_soon(self._signals, nursery)
                 for r in await self.sup.clean_stale():
                     log.info("%s: %s", r.target, r.message)

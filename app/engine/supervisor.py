@@ -12,6 +12,7 @@ from __future__ import annotations
 import errno
 import hashlib
 import json
+import logging
 import os
 import socket
 import sys
@@ -23,6 +24,7 @@ from app.services import mounts
 from app.services.config import FsEntry
 from app.services.results import MirrorError, Outcome, Result
 
+log = logging.getLogger("mirrorsetup.daemon")
 FSTYPE = "fuse.mirrorfs"
 STOP_WAIT_SECONDS = 30  # a clean stop drains the journal onto the target first
 
@@ -145,6 +147,18 @@ class Supervisor:
         self.state_dir = state_dir
         self.workers: dict[str, Worker] = {}
         self.detached: list[Worker] = []  # lazily unmounted, serving files still open
+        self.nursery: trio.Nursery | None = None  # set by the daemon: watchers of the workers
+
+    async def _watch(self, worker: Worker) -> None:
+        """A worker that dies on its own leaves a dead mount (ENOTCONN): say so and clear it."""
+        status = await worker.proc.wait()
+        path = worker.entry.path
+        if self.workers.get(path) is worker:
+            del self.workers[path]
+            log.error("capture of %s stopped unexpectedly (worker exit status %s); "
+                      "clearing its dead mount", path, status)
+            for r in await self.clean_stale(path):
+                log.error("%s: %s", r.target, r.message)
 
     async def wait_detached(self, seconds: float) -> None:
         """At shutdown: give lazily unmounted workers time to finish; they exit with us."""
@@ -203,6 +217,8 @@ class Supervisor:
                           msg.get("errno"))
         worker.info = msg
         self.workers[path] = worker
+        if self.nursery is not None:
+            self.nursery.start_soon(self._watch, worker)
         note = ""
         if msg.get("mirrored"):
             m = msg["mirrored"]
