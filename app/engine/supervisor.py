@@ -222,8 +222,8 @@ class Supervisor:
         note = ""
         if msg.get("mirrored"):
             m = msg["mirrored"]
-            note = (f"; unclean previous stop: difference mirror copied {m['copied']} of {m['files']} "
-                    f"files, removed {m['removed']}" if msg.get("unclean") else "")
+            why = "unclean previous stop: difference mirror" if msg.get("unclean") else "first start: mirror"
+            note = f"; {why} copied {m['copied']} of {m['files']} files, removed {m['removed']}"
         nested = nested_mounts(path)
         if nested:
             note += f"; not captured (mounted below): {', '.join(nested)}"

@@ -97,6 +97,12 @@ def _run(args, chan: Channel) -> int:
     if args.target:
         os.makedirs(args.target, mode=0o700, exist_ok=True)
         target_fd = _open_dir(args.target, "target")
+    id_file = os.path.join(args.state, "entry")  # which directory this journal belongs to
+    first = not os.path.exists(id_file)  # never started: the mirror is the initial copy
+    if first:
+        with open(id_file, "wb") as f:
+            f.write(os.fsencode(args.path) + b"\n")
+            os.fsync(f.fileno())
     journal = Journal(args.state)
     marker = os.path.join(args.state, CLEAN_MARKER)
     unclean = not os.path.exists(marker)
@@ -117,7 +123,8 @@ def _run(args, chan: Channel) -> int:
 
     async def serve(nursery) -> None:
         stream = trio.SocketStream(trio.socket.from_stdlib_socket(chan.sock))
-        await stream.send_all(json.dumps({"event": "ready", "unclean": unclean,
+        await stream.send_all(json.dumps({"event": "ready", "unclean": unclean and not first,
+                                          "first": first,
                                           "mirrored": diffs_done}).encode() + b"\n")
         buf = b""
         while True:
