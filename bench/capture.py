@@ -112,6 +112,7 @@ def main() -> int:
     p.add_argument("--size", type=parse_size, default=256 * MiB)
     p.add_argument("--files", type=int, default=10_000)
     p.add_argument("--dir", default="/var/tmp")
+    p.add_argument("--target-dir", help="put the target here instead (e.g. /dev/shm: is the disk the limit?)")
     p.add_argument("--profile", action="store_true")
     args = p.parse_args()
     work = Path(tempfile.mkdtemp(prefix="mirrorsetup-bench-", dir=args.dir))
@@ -121,7 +122,9 @@ def main() -> int:
         drop_caches()
         seq_native = sequential(str(native / "big"), args.size)
         files_native = small_files(str(native / "small"), args.files)
-        src, tgt = work / "src", work / "tgt"
+        src = work / "src"
+        tgt = Path(tempfile.mkdtemp(prefix="mirrorsetup-bench-tgt-", dir=args.target_dir)) \
+            if args.target_dir else work / "tgt"
         src.mkdir()
         drop_caches()
         d = Daemon(work, src, tgt, args.profile)
@@ -157,6 +160,8 @@ def main() -> int:
             pstats.Stats(str(prof)).sort_stats("tottime").print_stats(15)
     finally:
         shutil.rmtree(work, ignore_errors=True)
+        if args.target_dir:
+            shutil.rmtree(tgt, ignore_errors=True)
     return 0
 
 
