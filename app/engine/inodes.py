@@ -41,6 +41,9 @@ class InodeTable:
     def node(self, ino: int) -> Node:
         return self._nodes[ino]
 
+    def get(self, ino: int) -> Node | None:
+        return self._nodes.get(ino)
+
     def path(self, ino: int) -> bytes | None:
         """The entry-relative path of `ino` (b"" for the root), or None when it has no name."""
         parts = []

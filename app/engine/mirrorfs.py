@@ -319,9 +319,9 @@ class MirrorFS(XattrOps, pyfuse3.Operations):
         h = self._handles.pop(fh)
         try:
             if h.wrote or (h.read and self.replicate_atime):
-                rel = self.inodes.path(h.ino)
-                if rel is not None and h.ino in self.inodes._nodes:
-                    self._times(self.inodes.node(h.ino), rel, os.fstat(h.fd))
+                rel, node = self.inodes.path(h.ino), self.inodes.get(h.ino)
+                if rel is not None and node is not None:
+                    self._times(node, rel, os.fstat(h.fd))
         finally:
             os.close(h.fd)
 
