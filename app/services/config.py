@@ -4,80 +4,45 @@ The administrator may edit the file by hand, so every load checks each key and p
 line. The TUI, the CLI and the daemon may change it at the same time, so every change is
 load-modify-validate-write under an exclusive flock, and readers never see half a file (temp
 file, fsync, rename, directory fsync). A file we cannot understand is never rewritten.
+
+The schema and its TOML text live in config_toml, the old product's import in config_legacy;
+their public names are re-exported here, so callers import everything from this module.
 """
 
 from __future__ import annotations
 
 import fcntl
 import os
-import re
 import stat
 import tempfile
-import tomllib
 from contextlib import contextmanager
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
-from typing import Any, Callable, Iterator, TypeVar
+from typing import Callable, Iterator, TypeVar
 
-import tomli_w
-
-from app.services.results import ConfigError, MirrorError, Outcome, Result
+from app.services.config_legacy import LEGACY_BLOCK_FILE, LEGACY_FS_FILE, import_line, legacy_lines
+from app.services.config_toml import (TABLES, BlockEntry, Config, FsEntry, config_from_toml,
+                                      config_to_toml, field_problem)
+# Re-exported, so that every configuration name can still be imported from this module:
+from app.services.config_legacy import legacy_block  # noqa: F401
+from app.services.config_toml import HEADER, LOOP_PATH, SCHEMA_VERSION  # noqa: F401
+from app.services.config_toml import SECTOR_SIZE, TYPE_WORDS  # noqa: F401
+from app.services.results import ConfigError, MirrorError, Result
 
 DEFAULT_PATH = "/etc/mirrorsetup/replication.toml"
-SCHEMA_VERSION = 1
 CONFIG_ENV = "MIRRORSETUP_CONFIG"
 FILE_MODE = 0o600  # names the host's devices and paths: root's business only
 DIR_MODE = 0o755
-SECTOR_SIZE = 512  # the block layer addresses a loop's offset and size in 512-byte sectors
-LEGACY_FS_FILE = "/etc/DT/dtfs_mounts"
-LEGACY_BLOCK_FILE = "/etc/DT/dtloop_devices"
-LOOP_PATH = re.compile(r"/dev/loop(0|[1-9][0-9]*)")
 NO_ENCRYPTION = (None, "", "none")
 ROOT_REFUSAL = "Do not select the root as a replication mount point"
 ENCRYPTION_REFUSAL = ("loop encryption was removed from the Linux kernel (cryptoloop, 2021) and from "
                       "losetup; use dm-crypt/LUKS under the replicated device instead")
-HEADER = "# mirrorsetup replication configuration. Hand edits are checked on every load.\n"
 
 T = TypeVar("T")
 
 
 def default_path() -> str:
     return os.environ.get(CONFIG_ENV) or DEFAULT_PATH
-
-
-@dataclass(frozen=True)
-class FsEntry:
-    path: str
-    replicate_atime: bool = False
-    target: str | None = None
-
-
-@dataclass(frozen=True)
-class BlockEntry:
-    device: str
-    loop: str | None = None
-    offset: int = 0
-    sizelimit: int = 0
-    read_only: bool = False
-    encryption: str | None = None
-    target: str | None = None
-
-
-@dataclass(frozen=True)
-class Config:
-    filesystem: tuple[FsEntry, ...] = ()
-    block: tuple[BlockEntry, ...] = ()
-
-
-# table name -> (entry class, {key: (type, required)}); the order is the order written.
-TABLES: dict[str, tuple[type, dict[str, tuple[type, bool]]]] = {
-    "filesystem": (FsEntry, {"path": (str, True), "replicate_atime": (bool, False),
-                             "target": (str, False)}),
-    "block": (BlockEntry, {"device": (str, True), "loop": (str, False), "offset": (int, False),
-                           "sizelimit": (int, False), "read_only": (bool, False),
-                           "encryption": (str, False), "target": (str, False)}),
-}
-TYPE_WORDS = {str: "a string", int: "an integer", bool: "true or false"}
 
 
 def human_size(n: int) -> str:
@@ -89,172 +54,6 @@ def human_size(n: int) -> str:
             return f"{n / (1 << shift):.1f} {unit} ({n} bytes)"
     return f"{n} bytes"
 
-
-def _show(value: Any) -> str:
-    return ("true" if value else "false") if isinstance(value, bool) else repr(value)
-
-
-def field_problem(key: str, kind: type, value: Any) -> str | None:
-    """What is wrong with one value on its own (type and shape), or None: shared by load and add."""
-    if type(value) is not kind:  # bool is an int subclass, so compare exact types
-        return f"expected {TYPE_WORDS[kind]}, got {_show(value)}"
-    if key in ("path", "device", "target") and not value.startswith("/"):
-        return f"must be an absolute path, got {value!r}"
-    if kind is str and "\0" in value:
-        return f"must not contain a NUL byte, got {value!r}"
-    if kind is str and any("\ud800" <= ch <= "\udfff" for ch in value):  # surrogateescape'd bytes
-        return f"must be valid UTF-8 (a TOML file cannot hold other bytes), got {value!r}"
-    if key == "loop" and not LOOP_PATH.fullmatch(value):
-        return f"must be a loop device path /dev/loopN (e.g. /dev/loop3), got {value!r}"
-    if key in ("offset", "sizelimit"):
-        if value < 0:
-            return f"must not be negative, got {value}"
-        if value % SECTOR_SIZE:
-            return f"must be a multiple of {SECTOR_SIZE} bytes (the sector size), got {value}"
-    return None
-
-
-# ---- pure serialisation -------------------------------------------------------------------
-
-def config_to_toml(config: Config) -> str:
-    """The file's text: `schema`, then one [[filesystem]] / [[block]] table per entry.
-
-    Each table is dumped on its own so tomli_w never folds them into inline arrays, which are
-    harder to edit by hand; keys whose value is None are left out.
-    """
-    parts = [HEADER, tomli_w.dumps({"schema": SCHEMA_VERSION})]
-    for table, (_cls, spec) in TABLES.items():
-        for entry in getattr(config, table):
-            values = {k: getattr(entry, k) for k in spec if getattr(entry, k) is not None}
-            parts.append(f"\n[[{table}]]\n" + tomli_w.dumps(values))
-    return "".join(parts)
-
-
-def config_from_toml(text: str, name: str) -> Config:
-    """Parse and check the file's text; `name` (the file) starts every error message."""
-    try:
-        doc = tomllib.loads(text)
-    except tomllib.TOMLDecodeError as exc:
-        raise _syntax_error(text, name, exc) from None
-    if not doc:
-        return Config()
-
-    def fail(problem: str, key: str, table: str | None = None, index: int = 0) -> ConfigError:
-        line = _locate(text, table, index, key)
-        where = f"[[{table}]] #{index} key {key!r}" if table else f"key {key!r}"
-        return ConfigError(f"{name}{f' line {line}' if line else ''}: {where}: {problem}",
-                           line=line, key=key, obj=name)
-
-    if "schema" not in doc:
-        raise fail(f"missing; the file must start with schema = {SCHEMA_VERSION}", "schema")
-    schema = doc["schema"]
-    if type(schema) is not int:
-        raise fail(f"expected an integer, got {_show(schema)}", "schema")
-    if schema > SCHEMA_VERSION:
-        raise fail(f"schema {schema} is newer than this mirrorsetup understands ({SCHEMA_VERSION});"
-                   " refusing to read or change the file", "schema")
-    if schema != SCHEMA_VERSION:
-        raise fail(f"unknown schema {schema}; this mirrorsetup reads schema {SCHEMA_VERSION}",
-                   "schema")
-    parsed: dict[str, tuple] = {}
-    for key, tables in doc.items():
-        if key == "schema":
-            continue
-        if key not in TABLES:
-            raise fail(f"unknown key (expected schema, {', '.join(TABLES)})", key)
-        cls, spec = TABLES[key]
-        if not isinstance(tables, list) or not all(isinstance(t, dict) for t in tables):
-            raise fail(f"expected [[{key}]] tables, got {_show(tables)}", key)
-        entries = []
-        for index, table in enumerate(tables, 1):
-            for k, value in table.items():
-                if k not in spec:
-                    raise fail(f"unknown key (expected one of {', '.join(spec)})", k, key, index)
-                problem = field_problem(k, spec[k][0], value)
-                if problem:
-                    raise fail(problem, k, key, index)
-            for k, (_kind, required) in spec.items():
-                if required and k not in table:
-                    raise fail("missing (required)", k, key, index)
-            entries.append(cls(**table))
-        parsed[key] = tuple(entries)
-    return Config(**parsed)
-
-
-def _syntax_error(text: str, name: str, exc: tomllib.TOMLDecodeError) -> ConfigError:
-    """tomllib (3.11) only says '... (at line 7, column 10)': point at that line and its key."""
-    msg = str(exc)
-    m = re.search(r"\(at line (\d+), column (\d+)\)", msg)
-    if not m:
-        return ConfigError(f"{name}: not valid TOML: {msg}", obj=name)
-    line = int(m[1])
-    lines = text.splitlines()
-    source = lines[line - 1] if line <= len(lines) else ""
-    km = re.match(r"\s*([A-Za-z0-9_-]+)\s*=", source)
-    key = km[1] if km else None
-    where = ""
-    if key:
-        table, index = _tables_by_line(lines[:line])[-1]
-        where = f"[[{table}]] #{index} key {key!r}: " if table else f"key {key!r}: "
-    reason = msg[:m.start()].strip()
-    return ConfigError(f"{name} line {line}: {where}not valid TOML: {reason} at column {m[2]}",
-                       line=line, key=key, obj=name)
-
-
-_ARRAY_HEADER = re.compile(r"\s*\[\[\s*([A-Za-z0-9_-]+)\s*\]\]")
-
-
-def _tables_by_line(lines: list[str]) -> list[tuple[str | None, int]]:
-    """For each line, the [[table]] it belongs to and that table's 1-based number."""
-    counts: dict[str, int] = {}
-    current: tuple[str | None, int] = (None, 0)
-    out = []
-    for line in lines:
-        m = _ARRAY_HEADER.match(line)
-        if m:
-            counts[m[1]] = counts.get(m[1], 0) + 1
-            current = (m[1], counts[m[1]])
-        elif line.lstrip().startswith("["):
-            current = ("?", 0)  # a table we do not know: its keys are nobody's
-        out.append(current)
-    return out
-
-
-def _locate(text: str, table: str | None, index: int, key: str) -> int | None:
-    """Line of `key` in the index-th [[table]] (top level if table is None), else the table's.
-
-    Best effort over the raw text, for the administrator's eyes: [[table]] headers, top-level
-    keys and [table] headers, and inline arrays of inline tables (`table = [ {...}, ]`).
-    """
-    lines = text.splitlines()
-    name = rf"""(?:{re.escape(key)}|"{re.escape(key)}"|'{re.escape(key)}')"""
-    key_re = re.compile(rf"\s*{name}\s*=" if table else rf"\s*(?:{name}\s*=|\[\[?\s*{name}\s*\])")
-    want = (table, index) if table else (None, 0)
-    header = None
-    for n, (line, here) in enumerate(zip(lines, _tables_by_line(lines)), 1):
-        if key_re.match(line) and (here == want or not table and line.lstrip().startswith("[")):
-            return n
-        if here == want and table and header is None:
-            header = n
-    if header or not table:
-        return header
-    start = _locate(text, None, 0, table)
-    return start and _inline_table_line(lines, start, index)
-
-
-_TOML_STRING = re.compile(r'"(?:[^"\\]|\\.)*"|\'[^\']*\'')
-
-
-def _inline_table_line(lines: list[str], start: int, index: int) -> int:
-    """Line of the index-th `{` after `table = [` (strings skipped), else the array's line."""
-    seen = 0
-    for n in range(start, len(lines) + 1):
-        if n > start and lines[n - 1].lstrip().startswith("["):
-            break
-        seen += _TOML_STRING.sub("", lines[n - 1]).count("{")
-        if seen >= index:
-            return n
-    return start
 
 
 # ---- the file on disk ---------------------------------------------------------------------
@@ -342,8 +141,12 @@ class ConfigStore:
         def change(config: Config) -> tuple[Config, list[Result]]:
             results: list[Result] = []
             for file, kind in sources:
-                for number, text in _legacy_lines(file, defaults, results):
-                    config = self._import_line(config, kind, file, number, text, results)
+                fs = kind == "filesystem"
+                match, check = ((_match_fs, self._checked_fs) if fs
+                                else (_match_block, self._checked_block))
+                for number, text in legacy_lines(file, defaults, results):
+                    config = import_line(config, kind, file, number, text, results,
+                                         match=match, check=check)
             return config, results
         return self._change(change)
 
@@ -420,30 +223,6 @@ class ConfigStore:
                 me, loop and _device_id(loop)):
             raise refuse(f"target {entry.target} is the replicated device itself", "target")
         return replace(entry, device=device, encryption=None)
-
-    def _import_line(self, config: Config, kind: str, file: str, number: int, text: str,
-                     results: list[Result]) -> Config:
-        details = {"file": file, "line": number}
-        fs = kind == "filesystem"
-        try:
-            entry = FsEntry(text) if fs else _legacy_block(text)
-            name = entry.path if fs else entry.device
-            if (_match_fs(config, name) if fs else _match_block(config, name)) is not None:
-                results.append(Result("import", name, Outcome.UNCHANGED,
-                                      f"already configured ({file} line {number})", details=details))
-                return config
-            if fs:
-                checked = self._checked_fs(entry, config)
-                config = replace(config, filesystem=config.filesystem + (checked,))
-            else:
-                config = replace(config, block=config.block + (self._checked_block(entry, config),))
-        except ConfigError as exc:
-            results.append(Result("import", text.split()[0], Outcome.FAILED,
-                                  f"{file} line {number}: {exc}", exc.errno, details))
-            return config
-        results.append(Result("import", name, Outcome.OK, f"imported from {file} line {number}",
-                              details=details))
-        return config
 
     # ---- locking and writing
 
@@ -590,39 +369,3 @@ def _unlink_quietly(path: str) -> None:
         os.unlink(path)
     except FileNotFoundError:
         pass
-
-
-def _legacy_lines(file: str, missing_ok: bool, results: list[Result]) -> list[tuple[int, str]]:
-    """(line number, text) of the entries: '#' comments and blank lines skipped."""
-    try:
-        with open(file, encoding="utf-8", errors="surrogateescape") as f:
-            raw = f.read().splitlines()
-    except FileNotFoundError as exc:
-        outcome = Outcome.SKIPPED if missing_ok else Outcome.FAILED
-        results.append(Result("import", file, outcome, f"{file} does not exist",
-                              None if missing_ok else exc.errno))
-        return []
-    except OSError as exc:
-        results.append(Result.from_error("import", file, MirrorError.from_oserror("read", file, exc)))
-        return []
-    return [(n, line.strip()) for n, line in enumerate(raw, 1)
-            if line.strip() and not line.lstrip().startswith("#")]
-
-
-_LEGACY_NUMBER = re.compile(r"[+-]?(0[xX][0-9a-fA-F]+|[0-9]+)")
-
-
-def _legacy_block(text: str) -> BlockEntry:
-    """'device [loop] [offset] [encryption]': the old fields, told apart by their shape."""
-    device, *rest = text.split()
-    loop = offset = encryption = None
-    for token in rest:
-        if loop is None and token.startswith("/dev/"):
-            loop = token
-        elif offset is None and _LEGACY_NUMBER.fullmatch(token):
-            offset = int(token, 16 if "x" in token.lower() else 10)
-        elif encryption is None:
-            encryption = token
-        else:
-            raise ConfigError(f"unexpected {token!r} (expected: device [loop] [offset] [encryption])")
-    return BlockEntry(device, loop, offset or 0, encryption=encryption)
