@@ -11,6 +11,7 @@ import os
 import select
 import shutil
 import subprocess
+import sys
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -29,7 +30,10 @@ from app.services.config import ConfigStore
 ROOT_UID = 0
 SYSTEMD_RUNNING = "/run/systemd/system"  # exists only when systemd is PID 1 (sd_booted)
 SYSTEMD_UNIT = "mirrorsetup"
-DAEMON_HINT = "start it with `mirrorsetup daemon` or `systemctl start mirrorsetup`"
+DAEMON_WAIT_STEPS = 100  # × DAEMON_WAIT_STEP: up to 10 s for the daemon to start or stop
+DAEMON_WAIT_STEP = 0.1
+DAEMON_LOG = "daemon.log"  # beside the control socket, when the console starts the daemon
+RUN_DIR_MODE = 0o700  # as the daemon makes /run/mirrorsetup: root's only
 
 
 @dataclass
@@ -46,6 +50,7 @@ class Services:
     watch_kernel: bool = True  # MountWatcher + kernel uevents; off only for snapshots
     clock: Callable[[], float] = time.time
     browse_root: str = "/"  # where the directory picker starts
+    daemon_args: tuple[str, ...] = ()  # extra `mirrorsetup daemon` arguments (e.g. --state-dir)
 
     def daemon_running(self) -> bool:
         if self.control is None:
@@ -228,13 +233,15 @@ class MirrorSetupApp(App):
 
 
 def daemon_command(services: Services, action: str):
-    """systemctl when systemd runs; without systemd, stop still works over the control socket."""
+    """systemctl when systemd runs; otherwise `mirrorsetup daemon` started in its own session
+    (it outlives the console) and stopped with the control socket's `shutdown`."""
     from app.services.results import Outcome, Result
 
     def result(outcome: Outcome, message: str) -> Result:
         return Result(action, "daemon", outcome, message)
 
-    if services.control is None:
+    control = services.control
+    if control is None:
         return result(Outcome.FAILED, f"the replication engine (daemon) is not installed here; "
                                       f"cannot {action} it")
     running = services.daemon_running()
@@ -248,15 +255,53 @@ def daemon_command(services: Services, action: str):
             return result(Outcome.OK, f"systemctl {action} {SYSTEMD_UNIT}: done")
         return result(Outcome.FAILED, f"systemctl {action} {SYSTEMD_UNIT} failed: "
                                       f"{proc.stderr.strip() or proc.returncode}")
-    if action in ("stop", "restart") and running:
+    if running:  # stop or restart
         try:
-            services.control.request("shutdown")
+            control.request("shutdown")
         except Exception as exc:
             return result(Outcome.FAILED, f"could not stop the daemon: {exc}")
+        if not _wait_for(lambda: not services.daemon_running()):
+            return result(Outcome.FAILED, "asked the daemon to stop, but it still answers")
         if action == "stop":
-            return result(Outcome.OK, "asked the daemon to stop")
-        return result(Outcome.FAILED, f"stopped the daemon; systemd is not running here, so {DAEMON_HINT}")
-    return result(Outcome.FAILED, f"systemd is not running here; {DAEMON_HINT}")
+            return result(Outcome.OK, "stopped the daemon")
+    argv = [sys.executable, "-m", "app", "daemon", "--config", str(services.store.path),
+            "--socket", control.socket_path, *services.daemon_args]
+    log_path = os.path.join(os.path.dirname(control.socket_path), DAEMON_LOG)
+    try:
+        os.makedirs(os.path.dirname(log_path), mode=RUN_DIR_MODE, exist_ok=True)
+        with open(log_path, "ab") as log:
+            proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log, stderr=log,
+                                    start_new_session=True)
+    except OSError as exc:
+        return result(Outcome.FAILED, f"could not start the daemon: {exc}")
+    if _wait_for(lambda: services.daemon_running() or proc.poll() is not None) and proc.poll() is None:
+        return result(Outcome.OK, f"{'re' if action == 'restart' else ''}started the daemon "
+                                  f"(pid {proc.pid}, log {log_path}); systemd is not running "
+                                  f"here, so nothing restarts it if it dies")
+    if proc.poll() is None:
+        return result(Outcome.PENDING, f"started the daemon (pid {proc.pid}), but it does not "
+                                       f"answer on {control.socket_path} yet (log {log_path})")
+    return result(Outcome.FAILED, f"the daemon exited with status {proc.returncode}: "
+                                  f"{_last_line(log_path) or 'no output'} (log {log_path})")
+
+
+def _last_line(path: str) -> str:
+    try:
+        with open(path, "rb") as f:
+            lines = f.read().decode(errors="replace").strip().splitlines()
+    except OSError:
+        return ""
+    return lines[-1] if lines else ""
+
+
+def _wait_for(condition: Callable[[], bool]) -> bool:
+    """The daemon binds its socket (or lets go of it) a moment after start/shutdown: poll,
+    bounded at DAEMON_WAIT_STEPS × DAEMON_WAIT_STEP seconds."""
+    for _ in range(DAEMON_WAIT_STEPS):
+        if condition():
+            return True
+        time.sleep(DAEMON_WAIT_STEP)
+    return condition()
 
 
 # (palette title, help, screen, screen action or None to just open it)

@@ -13,12 +13,14 @@ from pathlib import Path
 
 import pytest
 from conftest import losetup_json, run
+from textual.worker import WorkerCancelled
 
 from app.services.config import ConfigStore
 from app.ui import Services, make_app
 
 # Workers that never finish by design: the App's kernel watchers and DirectoryTree's queue.
 WATCHER_GROUPS = ("mount-watcher", "uevent-monitor", "_loader")
+SETTLE_ROUNDS = 5
 WAIT_STEPS = 200  # bounded waits: 200 × 50 ms pauses, never a timed assertion
 WAIT_STEP = 0.05
 
@@ -34,10 +36,13 @@ def pilot_test(fn):
 async def settle(pilot) -> None:
     """Wait until every worker except the kernel watchers is done, then let the UI catch up."""
     app = pilot.app
-    for _ in range(3):  # a finished worker may post a message that starts the next one
+    for _ in range(SETTLE_ROUNDS):  # a finished worker may post a message that starts the next
         busy = [w for w in app.workers if w.group not in WATCHER_GROUPS and not w.is_finished]
         if busy:  # wait_for_complete([]) would wait for *all* workers, watchers included
-            await app.workers.wait_for_complete(busy)
+            try:
+                await app.workers.wait_for_complete(busy)
+            except WorkerCancelled:  # an exclusive worker replaced by a newer one: wait again
+                pass
         await pilot.pause()
 
 

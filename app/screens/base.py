@@ -7,6 +7,7 @@ from collections.abc import Callable, Iterable
 
 from rich.text import Text
 from textual import on, work
+from textual.worker import get_current_worker
 from textual.binding import Binding
 from textual.message import Message
 from textual.screen import Screen
@@ -114,7 +115,8 @@ class TaskScreen(Screen):
             data = exc
         except Exception as exc:  # shown in the banner rather than lost in a worker
             data = MirrorError(f"unexpected error: {exc!r}")
-        self.post_message(self.Loaded(data))
+        if not get_current_worker().is_cancelled:  # a newer load started: its data is newer
+            self.post_message(self.Loaded(data))
 
     def load(self):
         raise NotImplementedError

@@ -25,7 +25,6 @@ from app.services.units import human_size
 
 RATE_INTERVAL = 1.0  # seconds between disk-counter samples while the dashboard is shown
 RATE_HISTORY = 30  # samples kept per sparkline
-ENGINE_KEYS = ("queued", "lag", "journal_bytes", "applied", "entries")
 
 
 def mount_diff_lines(diff) -> list[str]:
@@ -106,6 +105,7 @@ class DashboardScreen(TaskScreen):
                 yield Label("Engine", classes="section-title")
                 yield Static("", id="engine")
                 yield Label("I/O rates", classes="section-title")
+                yield Static("no replicated block devices", id="rates-empty", classes="notes")
                 yield Vertical(id="rates")
         yield Label("Events", classes="section-title")
         yield RichLog(id="events", max_lines=500, wrap=False)
@@ -175,6 +175,7 @@ class DashboardScreen(TaskScreen):
         self._show_warnings(snap.warnings)
         self._show_engine(snap)
         self._show_rate_devices(devices)
+        self.query_one("#rates-empty", Static).display = not devices
 
     def _show_warnings(self, warnings) -> None:
         if not warnings:
@@ -194,11 +195,14 @@ class DashboardScreen(TaskScreen):
             why = snap.engine_error or "the daemon is not running (menu 5 starts it)"
             self.query_one("#engine", Static).update(Text(why, style="yellow"))
             return
-        text = Text("running\n", style="green")
-        for key in ENGINE_KEYS:
-            if key in snap.engine and not isinstance(snap.engine[key], (list, dict)):
-                text.append(f"{key}: {snap.engine[key]}\n")
-        text.rstrip()
+        entries = snap.engine.get("entries") or []
+        queued = sum(e.get("bytes_queued") or 0 for e in entries)
+        lags = [e["lag_seconds"] for e in entries if e.get("lag_seconds") is not None]
+        text = Text(f"running (pid {snap.engine.get('pid', '?')})\n", style="green")
+        text.append(f"{len(entries)} entries, {sum(e.get('captured_ops') or 0 for e in entries)} "
+                    f"operations captured\nqueued {human_size(queued)}")
+        if lags:
+            text.append(f", lag up to {max(lags):.1f} s")
         self.query_one("#engine", Static).update(text)
 
     def _show_rate_devices(self, devices: dict[str, str]) -> None:
@@ -238,6 +242,12 @@ class DashboardScreen(TaskScreen):
 
 
 def _engine_cell(figures: dict | None) -> str:
+    """One FS entry's engine figures (from the daemon's status), or a dash."""
     if not figures:
         return "—"
-    return "  ".join(f"{k} {figures[k]}" for k in ENGINE_KEYS if k in figures) or "running"
+    if figures.get("error"):
+        return f"error: {figures['error']}"
+    cell = f"ops {figures.get('captured_ops') or 0} · queued {human_size(figures.get('bytes_queued') or 0)}"
+    if figures.get("lag_seconds") is not None:
+        cell += f" · lag {figures['lag_seconds']:.1f} s"
+    return cell

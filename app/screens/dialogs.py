@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from rich.text import Text
 from textual import on, work
+from textual.worker import get_current_worker
 from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.containers import Horizontal, Vertical, VerticalScroll
@@ -124,14 +125,16 @@ class _EntryDialog(ModalScreen[Result | None]):
             entry = self.app.call_from_thread(self.entry)
             self.validate_entry(entry)
         except (ValueError, MirrorError) as exc:
-            self.post_message(self.Checked(str(exc)))
+            if submit or not get_current_worker().is_cancelled:  # else stale: input changed
+                self.post_message(self.Checked(str(exc)))
             return
         except Exception as exc:  # never leave the Add button spinning
             self.post_message(self.Checked(f"unexpected error: {exc!r}"))
             return
         result = self.submit(entry) if submit else None
         problem = result.message if result is not None and result.failed else None
-        self.post_message(self.Checked(problem, result))
+        if submit or not get_current_worker().is_cancelled:
+            self.post_message(self.Checked(problem, result))
 
     @on(Checked)
     def _checked(self, event: Checked) -> None:

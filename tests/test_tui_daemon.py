@@ -1,0 +1,79 @@
+"""Daemon screen: start and stop the real daemon on a temp socket (no systemd on the test VM,
+so the console starts `mirrorsetup daemon` itself), and say so when it is not running."""
+
+from __future__ import annotations
+
+import os
+import signal
+
+import pytest
+from test_tui_support import pilot_test, settle, static_text, wait_until
+
+from app.screens.daemon import DaemonScreen
+from app.screens.dialogs import ResultsDialog
+from app.services.control import ControlClient
+from app.ui import SYSTEMD_RUNNING, default_services, make_app
+
+pytestmark = pytest.mark.root
+
+
+@pytest.fixture
+def daemon_services(tmp_path, config_path):
+    """Real services whose daemon uses a temp socket and state dir; killed at teardown if left."""
+    socket_path = tmp_path / "run" / "control.sock"
+    services = default_services(config_path, str(socket_path))
+    services.daemon_args = ("--state-dir", str(tmp_path / "state"))
+    yield services
+    client = ControlClient(str(socket_path))
+    if client.is_running():
+        pid = client.request("ping").get("pid")
+        try:
+            client.request("shutdown")
+        finally:
+            if pid:
+                try:
+                    os.kill(pid, signal.SIGTERM)
+                except ProcessLookupError:
+                    pass
+
+
+@pytest.mark.skipif(os.path.isdir(SYSTEMD_RUNNING), reason="systemd would start the real unit")
+@pilot_test
+async def test_start_then_stop_the_daemon_from_the_screen(daemon_services):
+    client = daemon_services.control
+    assert not client.is_running()
+    app = make_app(services=daemon_services, is_root=True)
+    async with app.run_test(size=(120, 36)) as pilot:
+        await pilot.press("5")
+        await settle(pilot)
+        screen = app.screen
+        assert type(screen) is DaemonScreen
+        assert "not running" in static_text(screen.query_one("#daemon-state"))
+
+        await pilot.press("s")
+        await wait_until(pilot, lambda: type(app.screen) is ResultsDialog, "start results")
+        [result] = app.screen.results
+        assert result.outcome.value == "ok", result.message
+        assert client.is_running()  # the daemon answers on its socket
+        await pilot.press("enter")
+        await wait_until(pilot, lambda: "running" in static_text(screen.query_one("#daemon-state"))
+                         and "not running" not in static_text(screen.query_one("#daemon-state")),
+                         "the screen to show it running")
+
+        await pilot.click("#stop")
+        await wait_until(pilot, lambda: type(app.screen) is ResultsDialog, "stop results")
+        assert app.screen.results[0].outcome.value == "ok", app.screen.results[0].message
+        assert not client.is_running()
+
+
+@pilot_test
+async def test_stop_when_not_running_changes_nothing(daemon_services):
+    app = make_app(services=daemon_services, is_root=True)
+    async with app.run_test(size=(80, 24)) as pilot:
+        await pilot.press("5")
+        await settle(pilot)
+        await pilot.press("p")
+        await wait_until(pilot, lambda: type(app.screen) is ResultsDialog, "stop results")
+        [result] = app.screen.results
+        assert result.outcome.value == "unchanged" and "not running" in result.message
+    assert not daemon_services.control.is_running()
