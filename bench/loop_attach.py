@@ -13,6 +13,8 @@ ratio of at most 0.25. Everything made is detached and removed at the end, even 
 from __future__ import annotations
 
 import argparse
+import fcntl
+import os
 import statistics
 import subprocess
 import sys
@@ -23,7 +25,25 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from app.services._ioctl import LOOP_CTL_REMOVE  # noqa: E402
 from app.services.config import ConfigStore  # noqa: E402
+
+
+def loop_indexes() -> set[int]:
+    return {int(n[4:]) for n in os.listdir("/sys/block") if n.startswith("loop")}
+
+
+def remove_loop_devices(indexes: set[int]) -> None:
+    """LOOP_CTL_REMOVE the (now free) /dev/loopN nodes this run created, leaving the host as it was."""
+    fd = os.open("/dev/loop-control", os.O_RDWR)
+    try:
+        for index in sorted(indexes):
+            try:
+                fcntl.ioctl(fd, LOOP_CTL_REMOVE, index)
+            except OSError:
+                pass  # still in use by someone else: leave it
+    finally:
+        os.close(fd)
 
 
 def run(*argv: str) -> str:
@@ -43,6 +63,7 @@ def main() -> int:
     args = ap.parse_args()
     mirrorsetup = [sys.executable, "-m", "app"]
     disks: list[str] = []
+    existed = loop_indexes()
     with tempfile.TemporaryDirectory(prefix="mirrorsetup-bench-") as tmp:
         config = Path(tmp) / "replication.toml"
         try:
@@ -72,6 +93,7 @@ def main() -> int:
                 for line in run("losetup", "-j", d).splitlines():
                     subprocess.run(["losetup", "-d", line.split(":")[0]], check=False)
                 subprocess.run(["losetup", "-d", d], check=False)
+            remove_loop_devices(loop_indexes() - existed)
     o, t = statistics.median(t_ours), statistics.median(t_theirs)
     print(f"entries: {args.entries}, rounds: {args.rounds} (medians)")
     print(f"mirrorsetup attach-all + detach-all: {o:8.3f} s")

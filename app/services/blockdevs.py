@@ -12,6 +12,7 @@ from __future__ import annotations
 import errno
 import fcntl
 import os
+import functools
 import re
 import stat
 import struct
@@ -96,6 +97,13 @@ class BlockDevice:
 
 
 # ---------------------------------------------------------------- signatures
+
+
+@functools.cache
+def _udev_context() -> pyudev.Context:
+    """One Context per process: creating one loads libudev, and ctypes' library lookup forks
+    a helper process each time (measured: 4 ms per device in attach-all)."""
+    return pyudev.Context()
 
 def _lvm_crc(data: bytes) -> int:
     """LVM's calc_crc: reflected CRC-32 without the pre/post inversion zlib applies."""
@@ -335,7 +343,7 @@ def _name_of(rdev: int) -> str | None:
 
 def list_block_devices(*, include_excluded: bool = True) -> list[BlockDevice]:
     """Every block device with a size, in name order; excluded ones only when asked."""
-    context = pyudev.Context()
+    context = _udev_context()
     view = _SystemView()
     found: list[BlockDevice] = []
     for device in context.list_devices(subsystem="block"):
@@ -365,7 +373,7 @@ def describe(path: str) -> BlockDevice:
     """One device, symlinks (/dev/disk/by-id/...) resolved; size-0 devices are described too."""
     rdev = _block_rdev(path)
     try:
-        device = pyudev.Devices.from_device_number(pyudev.Context(), "block", rdev)
+        device = pyudev.Devices.from_device_number(_udev_context(), "block", rdev)
     except (pyudev.DeviceNotFoundError, ValueError):
         raise MirrorError(f"{path} is not known to the kernel's block layer",
                           errno=errno.ENODEV, obj=path) from None
@@ -382,7 +390,7 @@ def exclusion_reason(path: str) -> str | None:
     if rdev in swaps:
         return REASON_SWAP_ACTIVE
     try:
-        device = pyudev.Devices.from_device_number(pyudev.Context(), "block", rdev)
+        device = pyudev.Devices.from_device_number(_udev_context(), "block", rdev)
         fstype = device.properties.get("ID_FS_TYPE")
     except (pyudev.DeviceNotFoundError, ValueError):
         fstype = None

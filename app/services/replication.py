@@ -21,26 +21,44 @@ def same_device(a: str | None, b: str | None) -> bool:
     """True when two paths name one block device (symlinks and /dev/disk/by-* included)."""
     if not a or not b:
         return False
-    try:
-        sa, sb = os.stat(a), os.stat(b)
-    except OSError:
+    ida, idb = device_id(a), device_id(b)
+    if ida is None or idb is None:
         return os.path.realpath(a) == os.path.realpath(b)
-    if sa.st_rdev and sb.st_rdev:
-        return sa.st_rdev == sb.st_rdev
-    return (sa.st_dev, sa.st_ino) == (sb.st_dev, sb.st_ino)
+    return ida == idb
 
 
-def loops_backed_by(device: str, attached: Iterable[loopdev.LoopStatus] | None = None
-                    ) -> list[loopdev.LoopStatus]:
+LoopIndex = dict[tuple[int, int], list[loopdev.LoopStatus]]
+
+
+def device_id(path: str | None) -> tuple[int, int] | None:
+    """(0, rdev) for a device node, (st_dev, st_ino) for a file; None when it cannot be seen."""
+    try:
+        st = os.stat(path) if path else None
+    except OSError:
+        return None
+    if st is None:
+        return None
+    return (0, st.st_rdev) if st.st_rdev else (st.st_dev, st.st_ino)
+
+
+def index_by_backing(attached: Iterable[loopdev.LoopStatus] | None = None) -> LoopIndex:
+    """Attached loops grouped by what backs them: one stat per loop, however many entries ask."""
+    index: LoopIndex = {}
+    for s in loopdev.list_attached() if attached is None else attached:
+        if (key := device_id(s.backing_file)) is not None:
+            index.setdefault(key, []).append(s)
+    return index
+
+
+def loops_backed_by(device: str, index: LoopIndex | None = None) -> list[loopdev.LoopStatus]:
     """Loop devices whose backing is `device` (the kernel's sysfs view, never a cache)."""
-    attached = loopdev.list_attached() if attached is None else attached
-    return [s for s in attached if same_device(s.backing_file, device)]
+    key = device_id(device)
+    return [] if key is None else list((index_by_backing() if index is None else index).get(key, ()))
 
 
-def matching_loop(entry: BlockEntry, attached: Iterable[loopdev.LoopStatus] | None = None
-                  ) -> loopdev.LoopStatus | None:
+def matching_loop(entry: BlockEntry, index: LoopIndex | None = None) -> loopdev.LoopStatus | None:
     """The loop that already serves `entry`: same backing device, offset and size limit."""
-    for s in loops_backed_by(entry.device, attached):
+    for s in loops_backed_by(entry.device, index):
         if s.offset == entry.offset and s.sizelimit == entry.sizelimit:
             return s
     return None
@@ -109,23 +127,24 @@ class Replication:
     def attach_all(self, *, dry_run: bool = False, force: bool = False) -> list[Result]:
         """Attach every configured block entry; idempotent (an attached entry is unchanged)."""
         config = self.store.load()
-        attached = loopdev.list_attached()
-        return [self._attach_entry(e, attached, dry_run=dry_run, force=force, action="attach")
+        index = index_by_backing()
+        return [self._attach_entry(e, index, dry_run=dry_run, force=force, action="attach")
                 for e in config.block]
 
     def detach_all(self, *, dry_run: bool = False) -> list[Result]:
         """Detach only the loops our configuration names; a mounted loop is reported, not forced."""
         results: list[Result] = []
+        index = index_by_backing()  # read sysfs once, not once per entry
         for entry in self.store.load().block:
-            results += self._detach_entry(entry, dry_run=dry_run)
+            results += self._detach_entry(entry, index, dry_run=dry_run)
         return results
 
-    def _attach_entry(self, entry: BlockEntry, attached, *, dry_run: bool, force: bool,
+    def _attach_entry(self, entry: BlockEntry, index: LoopIndex, *, dry_run: bool, force: bool,
                       action: str) -> Result:
         dev = entry.device
         if not os.path.exists(dev):
             return Result(action, dev, Outcome.FAILED, f"{dev} does not exist", errno.ENOENT)
-        current = matching_loop(entry, attached)
+        current = matching_loop(entry, index)
         if current is not None:
             note = ""
             if entry.loop and entry.loop != current.device:
@@ -162,8 +181,9 @@ class Replication:
                       + (" (forced over: " + ", ".join(busy) + ")" if busy else ""),
                       details={"loop": st.device})
 
-    def _detach_entry(self, entry: BlockEntry, *, dry_run: bool = False) -> list[Result]:
-        found = [s for s in loops_backed_by(entry.device) if s.offset == entry.offset]
+    def _detach_entry(self, entry: BlockEntry, index: LoopIndex | None = None, *,
+                      dry_run: bool = False) -> list[Result]:
+        found = [s for s in loops_backed_by(entry.device, index) if s.offset == entry.offset]
         if not found:
             return [Result("detach", entry.device, Outcome.UNCHANGED,
                            f"{entry.device} is not attached")]
@@ -194,7 +214,7 @@ class Replication:
                                read_only=read_only)
         except MirrorError as exc:
             return Result.from_error("manual attach", device, exc)
-        return self._attach_entry(entry, loopdev.list_attached(), dry_run=False, force=force,
+        return self._attach_entry(entry, index_by_backing(), dry_run=False, force=force,
                                   action="manual attach")
 
     def manual_detach(self, loop_path: str) -> Result:

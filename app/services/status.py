@@ -15,7 +15,7 @@ from typing import Any
 from app.services import loop as loopdev
 from app.services import mounts
 from app.services.config import BlockEntry, ConfigStore, FsEntry
-from app.services.replication import same_device
+from app.services.replication import LoopIndex, index_by_backing, loops_backed_by
 
 MIRRORFS_TYPE = "fuse.mirrorfs"
 
@@ -144,18 +144,19 @@ def snapshot(store: ConfigStore, control=None, *, scan_writers: bool = True) -> 
                                                      "not captured (Mount all)"))
         snap.filesystem.append(FsState(entry, state, other, engine_by_path.get(entry.path)))
 
+    index = index_by_backing(loops)
     for entry in config.block:
-        snap.block.append(_block_state(entry, loops, table, snap.warnings, scan_writers))
+        snap.block.append(_block_state(entry, index, table, snap.warnings, scan_writers))
     return snap
 
 
-def _block_state(entry: BlockEntry, loops, table, warnings: list[StatusWarning],
+def _block_state(entry: BlockEntry, index: LoopIndex, table, warnings: list[StatusWarning],
                  scan_writers: bool) -> BlockState:
     dev = entry.device
     if not os.path.exists(dev):
         warnings.append(StatusWarning(dev, "the device does not exist", "error"))
         return BlockState(entry, "device missing")
-    ours = tuple(s for s in loops if same_device(s.backing_file, dev) and s.offset == entry.offset)
+    ours = tuple(s for s in loops_backed_by(dev, index) if s.offset == entry.offset)
     raw_mounts = _device_mounts(dev, table)
     loop_mounts = tuple(mp for s in ours for mp in _device_mounts(s.device, table))
     if not ours:
