@@ -146,3 +146,32 @@ async def test_mount_all_without_a_daemon_says_so_per_entry(tui, store, tmp_path
         assert results and all(r.failed for r in results)
         assert "not running" in results[0].message or "not installed" in results[0].message
     assert config_bytes() == before
+
+
+@pilot_test
+async def test_a_corrupt_config_is_shown_with_its_line_and_never_rewritten(
+        tui, store, tmp_path, config_path, config_bytes):
+    config_path.parent.mkdir(parents=True)
+    config_path.write_text('schema = 1\n\n[[filesystem]]\npath = "relative"\n')
+    before = config_bytes()
+    with pytest.raises(ConfigError) as refused:
+        store.load()
+    app = tui()
+    async with app.run_test(size=(120, 36)) as pilot:
+        await pilot.press("1")
+        await settle(pilot)
+        banner = app.screen.query_one("#load-error")
+        assert banner.display and str(refused.value) in static_text(banner)
+        dialog = await open_add_dialog_here(pilot)
+        dialog.query_one("#path", Input).value = str(tmp_path)
+        await pilot.press("enter")
+        await wait_until(pilot, lambda: "line 4" in static_text(dialog.query_one("#problem")),
+                         "the add to be refused with the file's line")
+    assert config_bytes() == before
+
+
+async def open_add_dialog_here(pilot) -> AddFsEntryDialog:
+    await pilot.press("a")
+    await settle(pilot)
+    assert type(pilot.app.screen) is AddFsEntryDialog
+    return pilot.app.screen

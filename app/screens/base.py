@@ -103,10 +103,19 @@ class TaskScreen(Screen):
     def services(self):
         return self.app.services
 
+    _loading = False
+    _reload_pending = False
+
     def reload(self) -> None:
+        """Read the state again; while a read is running, ask for one more after it (so a
+        burst of kernel events costs at most two reads, never a pile of threads)."""
+        if self._loading:
+            self._reload_pending = True
+            return
+        self._loading = True
         self._load_worker()
 
-    @work(thread=True, exclusive=True, exit_on_error=False, group="load",
+    @work(thread=True, exit_on_error=False, group="load",
           description="read configuration and kernel state")
     def _load_worker(self) -> None:
         try:
@@ -115,8 +124,7 @@ class TaskScreen(Screen):
             data = exc
         except Exception as exc:  # shown in the banner rather than lost in a worker
             data = MirrorError(f"unexpected error: {exc!r}")
-        if not get_current_worker().is_cancelled:  # a newer load started: its data is newer
-            self.post_message(self.Loaded(data))
+        self.post_message(self.Loaded(data))
 
     def load(self):
         raise NotImplementedError
@@ -126,6 +134,10 @@ class TaskScreen(Screen):
 
     @on(Loaded)
     def _on_loaded(self, event: Loaded) -> None:
+        self._loading = False
+        if self._reload_pending:
+            self._reload_pending = False
+            self.reload()
         error = self.query("#load-error")
         if isinstance(event.data, MirrorError):
             if error:

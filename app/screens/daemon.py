@@ -28,6 +28,7 @@ class DaemonScreen(TaskScreen):
     def compose(self) -> ComposeResult:
         yield Header()
         yield RootBanner()
+        yield Static("", id="load-error", classes="banner error")
         with Vertical(id="daemon-box"):
             yield Label("Replication engine (daemon)", classes="section-title")
             yield Static("checking…", id="daemon-state")

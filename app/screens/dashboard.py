@@ -50,10 +50,10 @@ class DeviceRate(Vertical):
     def compose(self) -> ComposeResult:
         yield Label(self.label, classes="rate-label")
         with Horizontal(classes="rate-row"):
-            yield Label("r", classes="rate-mark")
+            yield Label("r 0 B/s", classes="rate-value reads-value")
             yield Sparkline(list(self.reads), classes="reads")
         with Horizontal(classes="rate-row"):
-            yield Label("w", classes="rate-mark")
+            yield Label("w 0 B/s", classes="rate-value writes-value")
             yield Sparkline(list(self.writes), classes="writes")
 
     def add(self, read: float, write: float) -> None:
@@ -61,8 +61,8 @@ class DeviceRate(Vertical):
         self.writes.append(write)
         self.query_one(".reads", Sparkline).data = list(self.reads)
         self.query_one(".writes", Sparkline).data = list(self.writes)
-        self.query_one(".rate-label", Label).update(
-            f"{self.label}  r {human_size(int(read))}/s  w {human_size(int(write))}/s")
+        self.query_one(".reads-value", Label).update(f"r {human_size(int(read))}/s")
+        self.query_one(".writes-value", Label).update(f"w {human_size(int(write))}/s")
 
 
 class DashboardScreen(TaskScreen):
@@ -78,7 +78,9 @@ class DashboardScreen(TaskScreen):
     def __init__(self) -> None:
         super().__init__()
         self.events: list[str] = []  # the log's lines as plain text (tests and screenshots read it)
-        self._devices: dict[str, str] = {}  # kernel name -> label
+        self._devices: dict[str, str] = {}  # kernel name -> label, shown with rates
+        self._watched: set[str] = set()  # kernel names of protected devices and their loops
+        self._states: dict[str, str] | None = None  # entry -> state at the last read
         self._last: tuple[dict, float] | None = None
         self._rate_timer = None
 
@@ -145,8 +147,11 @@ class DashboardScreen(TaskScreen):
         self.reload()
 
     def _block_event(self, event: tuple[str, str]) -> None:
+        """Log uevents of protected devices, their loops and real disks (not every loop
+        another tool makes); any of them may change the picture, so reload on all."""
         action, name = event
-        self.log_event(f"uevent {action} {name}")
+        if name in self._watched or not name.startswith("loop"):
+            self.log_event(f"uevent {action} {name}")
         self.reload()
 
     def load(self):
@@ -160,6 +165,8 @@ class DashboardScreen(TaskScreen):
 
     def show(self, data) -> None:
         snap, devices = data
+        self._watched = set(devices)
+        self._log_transitions(snap)
         sync_table(self.query_one("#dash-fs", DataTable), {
             s.entry.path: (s.entry.path, state_text(s.state + (f" ({s.other_fstype} here)"
                                                                 if s.other_fstype else "")),
@@ -176,6 +183,18 @@ class DashboardScreen(TaskScreen):
         self._show_engine(snap)
         self._show_rate_devices(devices)
         self.query_one("#rates-empty", Static).display = not devices
+
+    def _log_transitions(self, snap) -> None:
+        """Log each entry whose state changed since the last read (not on the first read)."""
+        states = {s.entry.path: s.state for s in snap.filesystem}
+        states.update({s.entry.device: s.state + (f" as {s.loop}" if s.loop else "")
+                       for s in snap.block})
+        if self._states is not None:
+            for subject, state in states.items():
+                before = self._states.get(subject)
+                if before is not None and before != state:
+                    self.log_event(f"{subject}: {before} → {state}")
+        self._states = states
 
     def _show_warnings(self, warnings) -> None:
         if not warnings:

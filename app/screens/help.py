@@ -55,7 +55,9 @@ gone after a restart; use block device replication to keep it.
 ## Mount all / Attach all
 Apply the configuration now instead of at the next daemon start, so you can check the effect.
 Unmount all / Detach all let you change the configuration without stopping the daemon. Each entry
-reports its own result; a busy mount lists the processes holding it.
+reports its own result; a busy mount lists the processes holding it. A file manager that keeps a
+replicated directory open (the old guide warned about Konqueror) keeps it busy: close it, or
+the directory can only be released by a restart.
 """
 
 

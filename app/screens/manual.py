@@ -41,6 +41,7 @@ class ManualScreen(TaskScreen):
         yield Header()
         yield RootBanner()
         yield Static(NOT_PERSISTED, id="not-persisted", classes="banner")
+        yield Static("", id="load-error", classes="banner error")
         with Vertical(classes="form"):
             yield Label("Attach a device now", classes="section-title")
             with Horizontal(classes="row"):
@@ -81,6 +82,11 @@ class ManualScreen(TaskScreen):
     @on(Input.Submitted, "#device, #loop, #offset, #sizelimit")
     def action_attach(self) -> None:
         device = self._value("device")
+        if not device:
+            self.notify("Type the path of the block device to attach, e.g. /dev/sdb1.",
+                        severity="warning")
+            self.query_one("#device").focus()
+            return
         try:
             offset = parse_size(self._value("offset") or "0")
             sizelimit = parse_size(self._value("sizelimit") or "0")
@@ -99,6 +105,11 @@ class ManualScreen(TaskScreen):
     @on(Input.Submitted, "#detach-loop")
     def action_detach(self) -> None:
         loop = self._value("detach-loop")
+        if not loop:
+            self.notify("Type the loop device to detach (/dev/loopN), or select one in the "
+                        "table and press ctrl+d.", severity="warning")
+            self.query_one("#detach-loop").focus()
+            return
         self.run_action(f"Manual detach {loop} (not persisted)",
                         lambda: self.services.replication.manual_detach(loop))
 
