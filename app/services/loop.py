@@ -91,7 +91,8 @@ def _status_of(index: int) -> LoopStatus | None:
                for name in ("offset", "sizelimit", "autoclear", "partscan", "dio")}
         sectors = int(_read_sys(os.path.join(base, "size")))
         ro = _read_sys(os.path.join(base, "ro")) == "1"
-    except FileNotFoundError:
+    except (OSError, ValueError):
+        # Unbound, or detached/removed between our reads (sysfs files vanish or read empty).
         return None
     return LoopStatus(f"/dev/loop{index}", index, backing, val["offset"], val["sizelimit"],
                       sectors * SECTOR_SIZE, ro, bool(val["autoclear"]), bool(val["partscan"]),
