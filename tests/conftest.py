@@ -83,6 +83,38 @@ def _unmount_everything_from(dev: str) -> None:
         run("umount", "-l", m.mount_point, check=False)
 
 
+def loops_on(device: str) -> list[str]:
+    """Loop devices whose backing is `device`, per sysfs (the kernel's own view)."""
+    rdev = os.stat(device).st_rdev
+    found = []
+    for name in os.listdir("/sys/block"):
+        try:
+            backing = Path(f"/sys/block/{name}/loop/backing_file").read_text().strip()
+            if os.stat(backing).st_rdev == rdev:
+                found.append(f"/dev/{name}")
+        except OSError:
+            continue
+    return sorted(found)
+
+
+@pytest.fixture
+def disks(scratch_loop):
+    """make(size=64 MiB) -> a fresh "disk"; at teardown every loop a test stacked on it (our
+    access points) is unmounted and detached, before scratch_loop detaches the disk itself."""
+    made: list[str] = []
+
+    def make(size: int = 64 << 20) -> str:
+        dev = scratch_loop(size)
+        made.append(dev)
+        return dev
+
+    yield make
+    for dev in made:
+        for lp in loops_on(dev):
+            run("umount", "-l", lp, check=False)
+            run("losetup", "-d", lp, check=False)
+
+
 @pytest.fixture
 def tmpfs_mount(tmp_path):
     """make(path) mounts a small tmpfs at `path` (created if needed); lazily unmounted at teardown."""

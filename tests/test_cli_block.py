@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import losetup_json, run
+from conftest import losetup_json, loops_on, run
 
 pytestmark = pytest.mark.root
 
@@ -24,39 +24,6 @@ def cli(config: Path, *argv: str, check_rc: int | None = 0) -> subprocess.Comple
     if check_rc is not None:
         assert proc.returncode == check_rc, (proc.returncode, proc.stdout, proc.stderr)
     return proc
-
-
-def loops_on(device: str) -> list[str]:
-    """Loop devices whose backing is `device`, per sysfs (the kernel's own view)."""
-    rdev = os.stat(device).st_rdev
-    found = []
-    for name in os.listdir("/sys/block"):
-        path = f"/sys/block/{name}/loop/backing_file"
-        if name.startswith("loop") and os.path.exists(path):
-            backing = Path(path).read_text().strip()
-            try:
-                if os.stat(backing).st_rdev == rdev:
-                    found.append(f"/dev/{name}")
-            except OSError:
-                pass
-    return sorted(found)
-
-
-@pytest.fixture
-def disks(scratch_loop):
-    """make() -> a fresh "disk"; at teardown every loop stacked on it is unmounted and detached."""
-    made: list[str] = []
-
-    def make(size: int = 64 << 20) -> str:
-        dev = scratch_loop(size)
-        made.append(dev)
-        return dev
-
-    yield make
-    for dev in made:
-        for lp in loops_on(dev):
-            run("umount", "-l", lp, check=False)
-            run("losetup", "-d", lp, check=False)
 
 
 def sysfs(loop: str, key: str) -> str:

@@ -12,7 +12,7 @@ import os
 from pathlib import Path
 
 import pytest
-from conftest import losetup_json, run
+from conftest import loops_on, losetup_json, run
 from textual.worker import WorkerCancelled
 
 from app.services.config import ConfigStore
@@ -84,35 +84,13 @@ def config_bytes(config_path):
     return read
 
 
-def loops_backed_by(device: str) -> list[str]:
-    """Loop devices whose backing file (sysfs, the kernel's truth) is `device`."""
-    found = []
-    for name in os.listdir("/sys/block"):
-        try:
-            backing = Path(f"/sys/block/{name}/loop/backing_file").read_text().strip()
-        except OSError:
-            continue
-        if backing == device:
-            found.append(f"/dev/{name}")
-    return sorted(found)
+loops_backed_by = loops_on
 
 
 @pytest.fixture
-def protected_device(scratch_loop):
-    """A scratch loop standing in for a disk; every loop the test attached over it is detached
-    in the finalizer (before scratch_loop's own teardown, which depends on it)."""
-    made: list[str] = []
-
-    def make(size: int = 64 << 20) -> str:
-        dev = scratch_loop(size)
-        made.append(dev)
-        return dev
-
-    yield make
-    for dev in made:
-        for loop in loops_backed_by(dev):
-            run("umount", "-l", loop, check=False)
-            run("losetup", "-d", loop, check=False)
+def protected_device(disks):
+    """A scratch loop standing in for a disk (conftest's `disks`: stacked loops detached after)."""
+    return disks
 
 
 @pytest.fixture
