@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import functools
-import os
-from pathlib import Path
 
 import pytest
 from conftest import loops_on, losetup_json, run
