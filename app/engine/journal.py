@@ -296,12 +296,17 @@ class Journal:
                 self._reader = (self._reader[0] - 1, self._reader[1], self._reader[2])
         if (self._segments and self._disk_last <= self.applied_seq and self._writer is not None
                 and not self._mem):
+            self._forget_segments()
+
+    def _forget_segments(self) -> None:
+        """Close the spill writer and delete every segment: nothing on disk is still needed."""
+        if self._writer is not None:
             os.close(self._writer)
             self._writer = None
-            for _, path in self._segments:
-                path.unlink(missing_ok=True)
-            self._segments.clear()
-            self._reader = None
+        for _, path in self._segments:
+            path.unlink(missing_ok=True)
+        self._segments.clear()
+        self._reader = None
 
     def wait_applied(self, seq: int, timeout: float | None = None) -> bool:
         with self._cv:
@@ -317,13 +322,7 @@ class Journal:
             self.queued_bytes = 0
             self._samples.clear()
             self.persist_applied()
-            if self._writer is not None:
-                os.close(self._writer)
-                self._writer = None
-            for _, path in self._segments:
-                path.unlink(missing_ok=True)
-            self._segments.clear()
-            self._reader = None
+            self._forget_segments()
 
     def lag_seconds(self) -> float:
         """Time since the oldest unapplied record was captured (0 when caught up)."""
