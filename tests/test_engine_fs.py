@@ -11,7 +11,7 @@ import sys
 
 import pytest
 
-from test_engine_support import Engine, mirrorfs_mounts, write_config
+from test_engine_support import engine_maker, mirrorfs_mounts
 
 pytestmark = pytest.mark.root
 
@@ -28,25 +28,12 @@ def renameat2(old: bytes, new: bytes, flags: int) -> None:
 
 @pytest.fixture
 def engine(tmp_path):
-    made: list[Engine] = []
-
-    def make(*, atime: bool = False, start: bool = True, seed=None) -> tuple[Engine, str, str]:
-        src, tgt = tmp_path / "src", tmp_path / "tgt"
-        src.mkdir()
-        if seed:
-            seed(src)
-        cfg = write_config(tmp_path / "etc" / "replication.toml",
-                           [{"path": str(src), "target": str(tgt), "replicate_atime": atime}])
-        eng = Engine(tmp_path, cfg)
-        made.append(eng)
-        if start:
-            eng.start()
-        return eng, str(src), str(tgt)
-
-    yield make
-    for eng in made:
-        eng.cleanup()
-    assert not [m for m in mirrorfs_mounts() if m.startswith(str(tmp_path))]
+    with engine_maker(tmp_path) as make:
+        def make_one(*, atime: bool = False, start: bool = True, seed=None):
+            entry = {"path": str(tmp_path / "src"), "target": str(tmp_path / "tgt"),
+                     "replicate_atime": atime}
+            return make([entry], start=start, seed=seed)
+        yield make_one
 
 
 def test_mount_shows_in_mountinfo_and_status(engine):

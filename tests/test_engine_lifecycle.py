@@ -13,7 +13,7 @@ import pytest
 
 from app.services.control import ControlClient, DaemonNotRunning
 from app.services.results import MirrorError
-from test_engine_support import Engine, mirrorfs_mounts, write_config
+from test_engine_support import engine_maker, mirrorfs_mounts, write_config
 
 pytestmark = pytest.mark.root
 
@@ -39,23 +39,8 @@ while True:
 
 @pytest.fixture
 def setup(tmp_path):
-    engines: list[Engine] = []
-
-    def make(entries=None, *, start=True):
-        src, tgt = tmp_path / "src", tmp_path / "tgt"
-        src.mkdir(exist_ok=True)
-        cfg = write_config(tmp_path / "etc" / "replication.toml",
-                           entries if entries is not None else [{"path": str(src), "target": str(tgt)}])
-        eng = Engine(tmp_path, cfg)
-        engines.append(eng)
-        if start:
-            eng.start()
-        return eng, str(src), str(tgt)
-
-    yield make
-    for eng in engines:
-        eng.cleanup()
-    assert not [m for m in mirrorfs_mounts() if m.startswith(str(tmp_path))]
+    with engine_maker(tmp_path) as make:
+        yield make
 
 
 def _sha(path: str) -> str:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import signal
 import subprocess
 import sys
@@ -9,6 +10,7 @@ import time
 from pathlib import Path
 
 from app.services.control import ControlClient
+from app.services.mounts import read_mountinfo
 
 REPO = Path(__file__).resolve().parent.parent
 START_SECONDS = 60  # the first mount runs a difference mirror of the source
@@ -16,13 +18,33 @@ DRAIN_SECONDS = 120
 
 
 def mirrorfs_mounts() -> list[str]:
-    out = []
-    with open("/proc/self/mountinfo") as f:
-        for line in f:
-            left, _, right = line.partition(" - ")
-            if right.startswith("fuse.mirrorfs "):
-                out.append(left.split()[4])
-    return out
+    return [m.mount_point for m in read_mountinfo() if m.fstype == "fuse.mirrorfs"]
+
+
+@contextlib.contextmanager
+def engine_maker(tmp_path: Path):
+    """make(entries=None, *, start=True, seed=None) -> (Engine, src, tgt); the default entry
+    replicates tmp_path/src to tmp_path/tgt. Every engine is cleaned up on exit, and no
+    mirrorfs mount under tmp_path may remain."""
+    made: list[Engine] = []
+    src, tgt = tmp_path / "src", tmp_path / "tgt"
+
+    def make(entries=None, *, start: bool = True, seed=None):
+        src.mkdir(exist_ok=True)
+        if seed:
+            seed(src)
+        cfg = write_config(tmp_path / "etc" / "replication.toml",
+                           entries if entries is not None else [{"path": str(src), "target": str(tgt)}])
+        eng = Engine(tmp_path, cfg)
+        made.append(eng)
+        if start:
+            eng.start()
+        return eng, str(src), str(tgt)
+
+    yield make
+    for eng in made:
+        eng.cleanup()
+    assert not [m for m in mirrorfs_mounts() if m.startswith(str(tmp_path))]
 
 
 def write_config(path: Path, entries: list[dict]) -> Path:
