@@ -64,11 +64,11 @@ def matching_loop(entry: BlockEntry, index: LoopIndex | None = None) -> loopdev.
     return None
 
 
-def busy_reasons(device: str) -> list[str]:
+def busy_reasons(device: str, table: list[mounts.MountEntry] | None = None) -> list[str]:
     """Why attaching a loop over `device` would let writes bypass capture (mounted, held)."""
     st = os.stat(device)
     reasons = [f"mounted on {m.mount_point}"
-               for m in mounts.mounts_of_device(os.major(st.st_rdev), os.minor(st.st_rdev))]
+               for m in mounts.mounts_of_device(os.major(st.st_rdev), os.minor(st.st_rdev), table)]
     reasons += [f"held by {h}" for h in loopdev.holders_of(device)]
     return reasons
 
@@ -127,8 +127,8 @@ class Replication:
     def attach_all(self, *, dry_run: bool = False, force: bool = False) -> list[Result]:
         """Attach every configured block entry; idempotent (an attached entry is unchanged)."""
         config = self.store.load()
-        index = index_by_backing()
-        return [self._attach_entry(e, index, dry_run=dry_run, force=force, action="attach")
+        index, table = index_by_backing(), mounts.read_mountinfo()  # read once, not per entry
+        return [self._attach_entry(e, index, table, dry_run=dry_run, force=force, action="attach")
                 for e in config.block]
 
     def detach_all(self, *, dry_run: bool = False) -> list[Result]:
@@ -139,7 +139,8 @@ class Replication:
             results += self._detach_entry(entry, index, dry_run=dry_run)
         return results
 
-    def _attach_entry(self, entry: BlockEntry, index: LoopIndex, *, dry_run: bool, force: bool,
+    def _attach_entry(self, entry: BlockEntry, index: LoopIndex,
+                      table: list[mounts.MountEntry] | None = None, *, dry_run: bool, force: bool,
                       action: str) -> Result:
         dev = entry.device
         if not os.path.exists(dev):
@@ -154,7 +155,7 @@ class Replication:
                           details={"loop": current.device})
         try:
             reason = blockdevs.exclusion_reason(dev)
-            busy = busy_reasons(dev)
+            busy = busy_reasons(dev, table)
         except MirrorError as exc:
             return Result.from_error(action, dev, exc)
         except OSError as exc:
