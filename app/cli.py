@@ -14,7 +14,7 @@ from collections.abc import Callable
 
 from app.cli_output import print_devices, print_results, print_status, print_table
 from app.services.results import MirrorError, Result, exit_code
-from app.services.units import parse_size
+from app.services.units import human_size, parse_size
 
 
 def _size(text: str) -> int:
@@ -94,6 +94,34 @@ def cmd_block_attach_all(args) -> int:
 
 def cmd_block_detach_all(args) -> int:
     return _report(args, _replication(args).detach_all(dry_run=args.dry_run))
+
+
+def cmd_block_mirror(args) -> int:
+    as_json = args.json
+    bar = not as_json and sys.stderr.isatty()
+
+    def progress(p: dict) -> None:
+        if bar and p.get("total"):
+            done, total = p["bytes"], p["total"]
+            filled = int(30 * done / total)
+            sys.stderr.write(f"\r  [{'#' * filled}{'.' * (30 - filled)}] {done * 100 // total:3d}% "
+                             f"{done >> 20} of {total >> 20} MiB")
+            sys.stderr.flush()
+
+    results = _replication(args).block_mirror(args.device, progress=progress)
+    if bar:
+        sys.stderr.write("\n")
+    return _report(args, results)
+
+
+def cmd_block_verify(args) -> int:
+    results, ranges = _replication(args).block_verify(args.device)
+    if args.json:
+        print(json.dumps({"ranges": ranges, "results": [r.to_json() for r in results]}, indent=2))
+        return exit_code(results)
+    for start, end in ranges:
+        print(f"  differs: bytes {start}-{end - 1} of the target ({human_size(end - start)})")
+    return _report(args, results)
 
 
 def cmd_manual_attach(args) -> int:
@@ -218,6 +246,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="attach even over a mounted or held device")
     p = add(block, "detach-all", cmd_block_detach_all, "detach the loop devices of every entry now")
     p.add_argument("--dry-run", action="store_true", help="show the plan, change nothing")
+    p = add(block, "mirror", cmd_block_mirror, "copy the whole device (from its offset) to its "
+            "target, with a progress bar (via the daemon)")
+    p.add_argument("device")
+    p = add(block, "verify", cmd_block_verify, "compare a device with its target by block hashes; "
+            "print the differing ranges (via the daemon)")
+    p.add_argument("device")
 
     manual = sub.add_parser("manual", help="attach or detach now, not persisted").add_subparsers(
         title="manual actions", metavar="ACTION", required=True)

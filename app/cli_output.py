@@ -74,10 +74,13 @@ def print_status(snap, *, as_json: bool = False) -> None:
                   "lag s": (s.engine or {}).get("lag_seconds")} for s in snap.filesystem],
                 ["path", "state", "atime", "target", "queued", "lag s"])
     print("\nBlock-device replication")
-    print_table([{"device": s.entry.device, "state": s.state, "loop wanted": s.entry.loop,
-                  "loop": s.loop, "offset": s.entry.offset,
+    print_table([{"device": s.entry.device, "state": s.state, "capture": s.capture or None,
+                  "loop wanted": s.entry.loop, "loop": s.loop, "offset": s.entry.offset,
+                  "target": s.entry.target, "queued": (s.engine or {}).get("bytes_queued"),
+                  "lag s": (s.engine or {}).get("lag_seconds"),
                   "mounted via loop": list(s.loop_mounts)} for s in snap.block],
-                ["device", "state", "loop wanted", "loop", "offset", "mounted via loop"])
+                ["device", "state", "capture", "loop wanted", "loop", "offset", "target", "queued",
+                 "lag s", "mounted via loop"])
     if snap.engine_error:
         print(f"\nDaemon: {snap.engine_error}")
     elif snap.engine is None:

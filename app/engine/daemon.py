@@ -21,8 +21,10 @@ import sys
 import trio
 
 from app.engine import sync
+from app.engine.blocksup import BlockSupervisor
 from app.engine.supervisor import Supervisor, nested_mounts, our_mount
-from app.services.config import ConfigStore, FsEntry
+from app.services.config import BlockEntry, ConfigStore, FsEntry
+from app.services.replication import Replication, same_device
 from app.services.control import DEFAULT_SOCKET, DIR_MODE, SOCKET_MODE
 from app.services.results import MirrorError, Outcome, Result
 
@@ -36,6 +38,7 @@ class Daemon:
         self.store = ConfigStore(config)
         self.socket_path = socket_path
         self.sup = Supervisor(state_dir)
+        self.blk = BlockSupervisor(state_dir, os.path.dirname(socket_path), Replication(self.store))
         self.stopping = trio.Event()
 
     def _entries(self) -> tuple[FsEntry, ...]:
@@ -47,6 +50,15 @@ class Daemon:
             if e.path in (path, real):
                 return e
         raise MirrorError(f"{path} is not a configured file-system entry", errno=errno.ENOENT, obj=path)
+
+    def _blocks(self) -> tuple[BlockEntry, ...]:
+        return self.store.load().block
+
+    def _block(self, device: str) -> BlockEntry:
+        for e in self._blocks():
+            if e.device == device or same_device(e.device, device):
+                return e
+        raise MirrorError(f"{device} is not a configured block device", errno=errno.ENOENT, obj=device)
 
     # -- commands ---------------------------------------------------------------------------
     async def cmd_ping(self, send, **_):
@@ -70,7 +82,63 @@ class Daemon:
                 except (MirrorError, trio.BrokenResourceError) as exc:
                     row["error"] = str(exc)
             entries.append(row)
-        return {"pid": os.getpid(), "socket": self.socket_path, "entries": entries}
+        block = [await self.blk.status_row(e) for e in self._blocks()]
+        return {"pid": os.getpid(), "socket": self.socket_path, "entries": entries, "block": block,
+                "pids": sorted({os.getpid()} | self.blk.pids() | {w.proc.pid for w in self.sup.workers.values()})}
+
+    # -- block entries ----------------------------------------------------------------------
+    async def cmd_block_attach_all(self, send, dry_run=False, force=False, **_):
+        results = [] if dry_run else await self.blk.clean_stale()
+
+        async def progress(p):
+            await send({"progress": p})
+        for e in self._blocks():
+            results.append(await self.blk.attach(e, dry_run=bool(dry_run), progress=progress))
+        return {"results": [r.to_json() for r in results]}
+
+    async def cmd_block_detach_all(self, send, dry_run=False, **_):
+        results = []
+        for e in self._blocks():
+            results += await self.blk.detach(e, dry_run=bool(dry_run))
+        return {"results": [r.to_json() for r in results]}
+
+    async def cmd_block_attach(self, send, device="", **_):
+        return {"results": [(await self.blk.attach(self._block(device))).to_json()]}
+
+    async def cmd_block_detach(self, send, device="", **_):
+        return {"results": [r.to_json() for r in await self.blk.detach(self._block(device))]}
+
+    async def cmd_block_mirror(self, send, device="", **_):
+        return await self._block_command("mirror", device, send)
+
+    async def cmd_block_verify(self, send, device="", **_):
+        return await self._block_command("verify", device, send)
+
+    async def _block_command(self, cmd: str, device: str, send) -> dict:
+        entry = self._block(device)
+        if not entry.target:
+            raise MirrorError(f"{entry.device} has no target to {cmd}", errno=errno.EINVAL, obj=entry.device)
+
+        async def progress(p):
+            await send({"progress": p})
+        cap = self.blk.captures.get(entry.device)
+        if cap is not None:
+            reply = await cap.worker.call(cmd, progress=progress)
+            if not reply.get("ok"):
+                raise MirrorError(reply.get("error", f"{cmd} failed"), errno=reply.get("errno"))
+            reply.pop("ok")
+        else:  # not attached: nothing writes through us, work on the devices directly
+            reply = await trio.to_thread.run_sync(_block_offline, cmd, entry,
+                                                  trio.lowlevel.current_trio_token(), send)
+        n = reply["differing"]
+        if cmd == "verify":
+            res = Result("verify", entry.device, Outcome.OK if n == 0 else Outcome.FAILED,
+                         "target matches" if n == 0 else f"{n} of {reply['blocks']} blocks differ",
+                         None if n == 0 else errno.EIO)
+        else:
+            res = Result("mirror", entry.device, Outcome.OK, f"mirrored {reply['copied_bytes']} bytes "
+                         f"from offset {entry.offset} to {entry.target}")
+        return {**reply, "results": [res.to_json()]}
 
     async def cmd_mount_all(self, send, force=False, **_):
         results = list(await self.sup.clean_stale())
@@ -210,9 +278,19 @@ class Daemon:
                 for e in self._entries():
                     r = await self.sup.mount(e)
                     log.info("%s %s: %s", r.outcome.value, r.target, r.message)
+                self.blk.nursery = nursery
+                for r in await self.blk.clean_stale():
+                    log.info("%s %s: %s", r.outcome.value, r.target, r.message)
+                for e in self._blocks():
+                    r = await self.blk.attach(e)
+                    log.info("%s %s: %s", r.outcome.value, r.target, r.message)
                 nursery.start_soon(trio.serve_listeners, self.serve_client, [listener])
                 print(f"mirrorsetup daemon ready on {self.socket_path}", flush=True)
+                sd_notify(b"READY=1")
                 await self.stopping.wait()
+                sd_notify(b"STOPPING=1")
+                for r in await self.blk.stop_all():
+                    log.info("%s %s: %s", r.outcome.value, r.target, r.message)
                 for path in list(self.sup.workers):
                     r = await self.sup.unmount(path, force=True)
                     log.info("%s %s: %s", r.outcome.value, r.target, r.message)
@@ -246,6 +324,39 @@ def _offline(cmd: str, entry: FsEntry, token, send) -> dict:
     finally:
         os.close(src)
         os.close(dst)
+
+
+def _block_offline(cmd: str, entry: BlockEntry, token, send) -> dict:
+    from app.engine import blocksync
+    src = os.open(entry.device, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        end = os.lseek(src, 0, os.SEEK_END)
+        size = min(entry.sizelimit or end - entry.offset, end - entry.offset)
+        dst = blocksync.open_target(entry.target, size, create=cmd == "mirror")
+        try:
+            def progress(done, total):
+                trio.from_thread.run(send, {"progress": {"bytes": done, "total": total}}, trio_token=token)
+            return {"size": size, **blocksync.compare(src, entry.offset, size, dst, progress=progress,
+                                                      copy="none" if cmd == "verify" else "all")}
+        finally:
+            os.close(dst)
+    finally:
+        os.close(src)
+
+
+def sd_notify(state: bytes) -> None:
+    """Tell systemd (Type=notify) we are ready: every entry is mounted and attached."""
+    addr = os.environ.get("NOTIFY_SOCKET")
+    if not addr:
+        return
+    if addr.startswith("@"):
+        addr = "\0" + addr[1:]
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as s:
+        try:
+            s.connect(addr)
+            s.sendall(state)
+        except OSError as exc:
+            log.warning("sd_notify %s: %s", addr, exc)
 
 
 def main(argv: list[str] | None = None) -> int:

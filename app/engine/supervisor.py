@@ -34,6 +34,36 @@ def entry_id(path: str) -> str:
     return f"{base[:40]}-{hashlib.sha256(os.fsencode(path)).hexdigest()[:12]}"
 
 
+async def spawn(module: str, args: list[str], entry, label: str, progress=None) -> tuple[Worker, dict]:
+    """Start `python -m module ARGS --fd N` with one end of a socketpair; read its progress
+    events until "ready" or an error. Returns the worker and that last message."""
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    argv = [sys.executable, "-m", module, *args, "--fd", str(theirs.fileno())]
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))}
+    proc = await trio.lowlevel.open_process(argv, pass_fds=(theirs.fileno(),),
+                                            start_new_session=True, env=env)
+    theirs.close()
+    worker = Worker(entry, proc, trio.SocketStream(trio.socket.from_stdlib_socket(ours)),
+                    trio.Lock(), {}, label=label)
+    try:
+        while True:
+            msg = await worker._line()
+            if msg.get("event") != "progress":
+                break
+            if progress:
+                await progress(msg)
+    except MirrorError:
+        msg = {"event": "error", "message": f"capture worker for {label} exited with status "
+               f"{await proc.wait()}", "errno": None}
+    if msg.get("event") != "ready":
+        with trio.move_on_after(5):
+            await proc.wait()
+    else:
+        worker.info = msg
+    return worker, msg
+
+
 def our_mount(path: str, table=None) -> mounts.MountEntry | None:
     for m in reversed(table if table is not None else mounts.read_mountinfo()):
         if m.mount_point == path:
@@ -119,13 +149,14 @@ class Worker:
     stream: trio.SocketStream
     lock: trio.Lock
     info: dict
+    label: str = ""
     buf: bytes = b""
 
     async def _line(self) -> dict:
         while b"\n" not in self.buf:
             data = await self.stream.receive_some(65536)
             if not data:
-                raise MirrorError(f"capture worker for {self.entry.path} exited", errno=errno.EPIPE)
+                raise MirrorError(f"capture worker for {self.label} exited", errno=errno.EPIPE)
             self.buf += data
         line, self.buf = self.buf.split(b"\n", 1)
         return json.loads(line)
@@ -183,39 +214,18 @@ class Supervisor:
             if our_mount(path) is not None:  # never stack on a live capture: its lower tree is not ours
                 return Result("mount", path, Outcome.FAILED, f"{path} already has a live mirrorfs "
                               "mount served by another process", errno.EBUSY)
-        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         state = os.path.join(self.state_dir, "journal", entry_id(path))
         os.makedirs(state, mode=0o700, exist_ok=True)
-        argv = [sys.executable, "-m", "app.engine.worker", "--path", path, "--state", state,
-                "--fd", str(theirs.fileno())]
+        args = ["--path", path, "--state", state]
         if entry.target:
-            argv += ["--target", entry.target]
+            args += ["--target", entry.target]
         if entry.replicate_atime:
-            argv.append("--atime")
-        root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-        env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))}
-        proc = await trio.lowlevel.open_process(argv, pass_fds=(theirs.fileno(),),
-                                                start_new_session=True, env=env)
-        theirs.close()
-        stream = trio.SocketStream(trio.socket.from_stdlib_socket(ours))
-        worker = Worker(entry, proc, stream, trio.Lock(), {})
-        try:
-            while True:
-                msg = await worker._line()
-                if msg.get("event") == "progress":
-                    if progress:
-                        await progress(msg)
-                    continue
-                break
-        except MirrorError:
-            msg = {"event": "error", "message": f"capture worker for {path} exited with status "
-                   f"{await proc.wait()}", "errno": None}
+            args.append("--atime")
+        worker, msg = await spawn("app.engine.worker", args, entry, path, progress)
         if msg.get("event") != "ready":
-            with trio.move_on_after(5):
-                await proc.wait()
             return Result("mount", path, Outcome.FAILED, msg.get("message", "worker failed"),
                           msg.get("errno"))
-        worker.info = msg
+        proc = worker.proc
         self.workers[path] = worker
         if self.nursery is not None:
             self.nursery.start_soon(self._watch, worker)

@@ -58,19 +58,24 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--atime", action="store_true")
     p.add_argument("--fd", type=int, required=True)
     args = p.parse_args(argv)
+    return guarded(args.fd, lambda chan: _run(args, chan))
+
+
+def guarded(fd: int, run) -> int:
+    """Run a worker body; report any failure to the daemon as an "error" event, exit 1."""
     logging.basicConfig(level=logging.INFO, format=f"worker[{os.getpid()}] %(levelname)s %(message)s")
     os.umask(0)  # modes come from the caller's request, masked by the caller's umask
-    chan = Channel(socket.socket(fileno=args.fd))
+    chan = Channel(socket.socket(fileno=fd))
     profile_to = os.environ.get(PROFILE_ENV)  # bench/capture.py --profile: the FUSE thread's time
     try:
         if profile_to:
             import cProfile
             prof = cProfile.Profile()
             try:
-                return prof.runcall(_run, args, chan)
+                return prof.runcall(run, chan)
             finally:
                 prof.dump_stats(profile_to)
-        return _run(args, chan)
+        return run(chan)
     except SystemExit as exc:
         if isinstance(exc.code, str) and exc.code.startswith("{"):
             chan.sock.sendall(exc.code.encode() + b"\n")
@@ -81,6 +86,25 @@ def main(argv: list[str] | None = None) -> int:
         chan.send(event="error", message=f"{type(exc).__name__}: {exc}",
                   errno=getattr(exc, "errno", None))
         return 1
+
+
+async def serve_daemon(sock: socket.socket, ready: dict, handle, label: str) -> None:
+    """Say "ready", then answer the daemon's JSON-line requests with `handle(req, stream)`.
+    End of file means the daemon is gone: exit at once, as if we had crashed with it."""
+    import trio
+    stream = trio.SocketStream(trio.socket.from_stdlib_socket(sock))
+    await stream.send_all(json.dumps({"event": "ready", **ready}).encode() + b"\n")
+    buf = b""
+    while True:
+        data = await stream.receive_some(65536)
+        if not data:
+            log.error("%s: the daemon is gone; stopping capture now", label)
+            os._exit(1)
+        buf += data
+        while b"\n" in buf:
+            line, buf = buf.split(b"\n", 1)
+            reply = await handle(json.loads(line), stream)
+            await stream.send_all(json.dumps(reply).encode() + b"\n")
 
 
 def _run(args, chan: Channel) -> int:
@@ -121,23 +145,6 @@ def _run(args, chan: Channel) -> int:
     applier = Applier(journal, target_fd)
     applier.start()
 
-    async def serve(nursery) -> None:
-        stream = trio.SocketStream(trio.socket.from_stdlib_socket(chan.sock))
-        await stream.send_all(json.dumps({"event": "ready", "unclean": unclean and not first,
-                                          "first": first,
-                                          "mirrored": diffs_done}).encode() + b"\n")
-        buf = b""
-        while True:
-            data = await stream.receive_some(65536)
-            if not data:
-                log.error("%s: the daemon is gone; stopping capture now", args.path)
-                os._exit(1)
-            buf += data
-            while b"\n" in buf:
-                line, buf = buf.split(b"\n", 1)
-                reply = await handle(json.loads(line), stream)
-                await stream.send_all(json.dumps(reply).encode() + b"\n")
-
     async def frozen_drained():
         ops.unfrozen = trio.Event()  # mutations wait from here on
         await trio.to_thread.run_sync(journal.wait_applied, journal.last_seq)
@@ -176,7 +183,8 @@ def _run(args, chan: Channel) -> int:
 
     async def run() -> None:
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(serve, nursery)
+            nursery.start_soon(serve_daemon, chan.sock, {"unclean": unclean and not first, "first": first,
+                                                         "mirrored": diffs_done}, handle, args.path)
             await pyfuse3.main()  # returns when the daemon unmounts us (ENODEV on /dev/fuse)
             nursery.cancel_scope.cancel()
 

@@ -8,6 +8,7 @@ the control socket; nothing here fakes them with bind mounts.
 from __future__ import annotations
 
 import errno
+import hashlib
 import os
 from collections.abc import Iterable
 
@@ -25,6 +26,20 @@ def same_device(a: str | None, b: str | None) -> bool:
     if ida is None or idb is None:
         return os.path.realpath(a) == os.path.realpath(b)
     return ida == idb
+
+
+CAPTURE_FILE = "disk"  # the one file of a block entry's private FUSE mount, backing its loop
+
+
+def capture_id(device: str) -> str:
+    """The directory name of a block entry's capture (FUSE mount, journal): stable per device."""
+    base = os.path.basename(device.rstrip("/")) or "dev"
+    return f"{base[:40]}-{hashlib.sha256(os.fsencode(device)).hexdigest()[:12]}"
+
+
+def is_capture_of(device: str, backing: str | None) -> bool:
+    """True when a loop's backing file is the capture file of `device` (live or left dead)."""
+    return bool(backing) and backing.endswith(f"/block/{capture_id(device)}/{CAPTURE_FILE}")
 
 
 LoopIndex = dict[tuple[int, int], list[loopdev.LoopStatus]]
@@ -78,6 +93,10 @@ def mounted_on(device: str) -> list[str]:
     return [m.mount_point for m in mounts.mounts_of_device(os.major(st.st_rdev), os.minor(st.st_rdev))]
 
 
+UNCAPTURED = ("; NOT captured: the replication daemon is not running, so writes through it are "
+              "not replicated (start the daemon: it takes the loop over)")
+
+
 class Replication:
     """What the TUI's menus and the CLI's subcommands call; both report the returned Results."""
 
@@ -114,7 +133,10 @@ class Replication:
                            f"{device} is not a configured block device", errno.ENOENT)]
         except MirrorError as exc:
             return [Result.from_error("remove", device, exc)]
-        results = self._detach_entry(entry)
+        if self.daemon() is not None:
+            results = self._daemon_results("detach", entry.device, "block_detach", device=entry.device)
+        else:
+            results = self._detach_entry(entry)
         if any(r.failed for r in results):
             return results + [Result("remove", entry.device, Outcome.SKIPPED,
                                      f"kept {entry.device} in the configuration: its loop is still in use")]
@@ -124,15 +146,30 @@ class Replication:
             return results + [Result.from_error("remove", entry.device, exc)]
         return results + [Result("remove", entry.device, Outcome.OK, f"removed {entry.device}")]
 
+    def daemon(self):
+        """The daemon's client when it answers, else None. Block entries are captured by the
+        daemon; without it they are attached as plain loops and said to be uncaptured."""
+        try:
+            control = self.control
+        except ImportError:
+            return None
+        return control if control.is_running() else None
+
     def attach_all(self, *, dry_run: bool = False, force: bool = False) -> list[Result]:
         """Attach every configured block entry; idempotent (an attached entry is unchanged)."""
+        if self.daemon() is not None:
+            return self._daemon_results("attach", "all block entries", "block_attach_all",
+                                        dry_run=dry_run, force=force)
         config = self.store.load()
         index, table = index_by_backing(), mounts.read_mountinfo()  # read once, not per entry
-        return [self._attach_entry(e, index, table, dry_run=dry_run, force=force, action="attach")
-                for e in config.block]
+        return [self._attach_entry(e, index, table, dry_run=dry_run, force=force, action="attach",
+                                   uncaptured=True) for e in config.block]
 
     def detach_all(self, *, dry_run: bool = False) -> list[Result]:
         """Detach only the loops our configuration names; a mounted loop is reported, not forced."""
+        if self.daemon() is not None:
+            return self._daemon_results("detach", "all block entries", "block_detach_all",
+                                        dry_run=dry_run)
         results: list[Result] = []
         index = index_by_backing()  # read sysfs once, not once per entry
         for entry in self.store.load().block:
@@ -141,7 +178,7 @@ class Replication:
 
     def _attach_entry(self, entry: BlockEntry, index: LoopIndex,
                       table: list[mounts.MountEntry] | None = None, *, dry_run: bool, force: bool,
-                      action: str) -> Result:
+                      action: str, uncaptured: bool = False) -> Result:
         dev = entry.device
         if not os.path.exists(dev):
             return Result(action, dev, Outcome.FAILED, f"{dev} does not exist", errno.ENOENT)
@@ -179,8 +216,8 @@ class Replication:
         except MirrorError as exc:
             return Result.from_error(action, dev, exc)
         return Result(action, dev, Outcome.OK, f"attached {dev} as {st.device}"
-                      + (" (forced over: " + ", ".join(busy) + ")" if busy else ""),
-                      details={"loop": st.device})
+                      + (" (forced over: " + ", ".join(busy) + ")" if busy else "")
+                      + (UNCAPTURED if uncaptured else ""), details={"loop": st.device})
 
     def _detach_entry(self, entry: BlockEntry, index: LoopIndex | None = None, *,
                       dry_run: bool = False) -> list[Result]:
@@ -203,6 +240,20 @@ class Replication:
             return Result("detach", subject, Outcome.SKIPPED, f"would detach {dev}", details={"loop": dev})
         r = loopdev.detach(dev)
         return Result("detach", subject, r.outcome, r.message, r.errno, {"loop": dev})
+
+    def block_mirror(self, device: str, progress=None) -> list[Result]:
+        """Copy the entry's whole window to its target (through the daemon, writes held still);
+        `progress({"bytes": done, "total": size})` is called as it goes."""
+        return self._daemon_results("mirror", device, "block_mirror", device=device, progress=progress)
+
+    def block_verify(self, device: str) -> tuple[list[Result], list[list[int]]]:
+        """Compare the window with its target by block hashes: results and the differing
+        [start, end) byte ranges (target offsets)."""
+        try:
+            reply = self.control.request("block_verify", device=device)
+        except MirrorError as exc:
+            return [Result.from_error("verify", device, exc)], []
+        return [Result.from_json(r) for r in reply.get("results", [])], reply.get("ranges", [])
 
     # -- manual (not persisted) ----------------------------------------------------------
 
@@ -261,8 +312,10 @@ class Replication:
     def unmount_all(self, *, force: bool = False) -> list[Result]:
         return self._daemon_results("unmount", "all file-system entries", "unmount_all", force=force)
 
-    def _daemon_results(self, action: str, subject: str, cmd: str | None = None, **args) -> list[Result]:
+    def _daemon_results(self, action: str, subject: str, cmd: str | None = None, progress=None,
+                        **args) -> list[Result]:
         try:
-            return self.control.results(cmd or action, **args)
+            reply = self.control.request(cmd or action, progress=progress, **args)
+            return [Result.from_json(r) for r in reply.get("results", [])]
         except MirrorError as exc:
             return [Result.from_error(action, subject, exc)]

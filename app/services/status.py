@@ -15,7 +15,7 @@ from typing import Any
 from app.services import loop as loopdev
 from app.services import mounts
 from app.services.config import BlockEntry, ConfigStore, FsEntry
-from app.services.replication import LoopIndex, index_by_backing, loops_backed_by
+from app.services.replication import LoopIndex, index_by_backing, is_capture_of, loops_backed_by
 
 MIRRORFS_TYPE = "fuse.mirrorfs"
 
@@ -42,6 +42,8 @@ class BlockState:
     loops: tuple[loopdev.LoopStatus, ...] = ()
     raw_mounts: tuple[str, ...] = ()
     loop_mounts: tuple[str, ...] = ()
+    capture: str = ""  # "captured" | "not captured" | "lost" (its daemon is gone) | "" (no loop)
+    engine: dict[str, Any] | None = None  # the daemon's figures for a captured entry
 
     @property
     def loop(self) -> str | None:
@@ -65,6 +67,7 @@ class StatusSnapshot:
                             "other_fstype": s.other_fstype, "engine": s.engine}
                            for s in self.filesystem],
             "block": [{**asdict(s.entry), "state": s.state, "attached_loop": s.loop,
+                       "capture": s.capture, "engine": s.engine,
                        "loops": [lp.to_json() for lp in s.loops],
                        "raw_mounts": list(s.raw_mounts), "loop_mounts": list(s.loop_mounts)}
                       for s in self.block],
@@ -84,14 +87,22 @@ def _device_mounts(path: str, table: list[mounts.MountEntry]) -> tuple[str, ...]
                  mounts.mounts_of_device(os.major(rdev), os.minor(rdev), table))
 
 
-def writers_of(device: str) -> list[tuple[int, str]]:
+def writers_of(device: str, exclude: set[int] | frozenset[int] = frozenset()) -> list[tuple[int, str]]:
     """(pid, command) of processes holding `device` open for writing, found via /proc/*/fd."""
+    return openers_of(device, writing=True, exclude=exclude)
+
+
+def openers_of(device: str, *, writing: bool = False,
+               exclude: set[int] | frozenset[int] = frozenset()) -> list[tuple[int, str]]:
+    """(pid, command) of processes holding `device` open (for writing only, when asked)."""
     try:
         rdev = os.stat(device).st_rdev
     except OSError:
         return []
     found = []
     for pid in filter(str.isdigit, os.listdir("/proc")):
+        if int(pid) in exclude:
+            continue
         fd_dir = f"/proc/{pid}/fd"
         try:
             fds = os.listdir(fd_dir)
@@ -101,8 +112,10 @@ def writers_of(device: str) -> list[tuple[int, str]]:
             try:
                 if os.stat(f"{fd_dir}/{fd}").st_rdev != rdev:
                     continue
-                with open(f"/proc/{pid}/fdinfo/{fd}") as f:
-                    flags = int(f.readline().split()[1], 8)
+                flags = os.O_RDWR
+                if writing:
+                    with open(f"/proc/{pid}/fdinfo/{fd}") as f:
+                        flags = int(f.readline().split()[1], 8)
             except (OSError, ValueError, IndexError):
                 continue
             if flags & (os.O_WRONLY | os.O_RDWR):
@@ -145,35 +158,58 @@ def snapshot(store: ConfigStore, control=None, *, scan_writers: bool = True) -> 
         snap.filesystem.append(FsState(entry, state, other, engine_by_path.get(entry.path)))
 
     index = index_by_backing(loops)
+    engine_block = {row.get("device"): row for row in (snap.engine or {}).get("block", [])}
+    ours_pids = frozenset((snap.engine or {}).get("pids", []))
     for entry in config.block:
-        snap.block.append(_block_state(entry, index, table, snap.warnings, scan_writers))
+        snap.block.append(_block_state(entry, index, loops, table, snap.warnings, scan_writers,
+                                       engine_block.get(entry.device), ours_pids))
     return snap
 
 
-def _block_state(entry: BlockEntry, index: LoopIndex, table, warnings: list[StatusWarning],
-                 scan_writers: bool) -> BlockState:
+def _block_state(entry: BlockEntry, index: LoopIndex, loops: list[loopdev.LoopStatus], table,
+                 warnings: list[StatusWarning], scan_writers: bool, engine: dict | None,
+                 ours_pids: frozenset[int]) -> BlockState:
     dev = entry.device
     if not os.path.exists(dev):
         warnings.append(StatusWarning(dev, "the device does not exist", "error"))
         return BlockState(entry, "device missing")
-    ours = tuple(s for s in loops_backed_by(dev, index) if s.offset == entry.offset)
+    captured = tuple(s for s in loops if is_capture_of(dev, s.backing_file))
+    raw_loops = loops_backed_by(dev, index)  # loops straight on the raw device: no capture
+    plain = tuple(s for s in raw_loops if s.offset == entry.offset)
+    ours = captured + plain
     raw_mounts = _device_mounts(dev, table)
     loop_mounts = tuple(mp for s in ours for mp in _device_mounts(s.device, table))
+    live = bool(engine and engine.get("captured"))
+    capture = ""
     if not ours:
         state = "detached"
         warnings.append(StatusWarning(dev, "not attached to a loop device: its writes are not captured"))
-    elif all(s.autoclear for s in ours):
+    elif all(s.autoclear for s in ours) or (engine or {}).get("pending_detach"):
         # We never attach with autoclear, so it being set means a deferred LOOP_CLR_FD.
         state = "detach pending"
         warnings.append(StatusWarning(dev, f"{ours[0].device}: detach pending (still open)"))
     else:
         state = "attached"
+    if captured and live:
+        capture = "captured"
+    elif captured:
+        capture = "lost"
+        warnings.append(StatusWarning(dev, f"{captured[0].device} serves a capture whose daemon is gone: "
+                                     "its I/O fails; unmount/close it and start the daemon", "error"))
+    elif plain:
+        capture = "not captured"
+        warnings.append(StatusWarning(dev, f"{plain[0].device} is attached without capture (daemon not "
+                                     "running then): its writes are not replicated"))
+    if captured and raw_loops:
+        warnings.append(StatusWarning(dev, f"{', '.join(s.device for s in raw_loops)} reach the raw "
+                                     "device directly: writes there bypass capture and corrupt the "
+                                     "target", "error"))
     if raw_mounts:
         warnings.append(StatusWarning(dev, f"the raw device is mounted on {', '.join(raw_mounts)}: "
                                      "writes there bypass the loop device and corrupt the target",
                                 "error"))
     if scan_writers and ours:
-        for pid, comm in writers_of(dev):
+        for pid, comm in writers_of(dev, exclude=ours_pids):
             warnings.append(StatusWarning(dev, f"{comm} (pid {pid}) has the raw device open for writing, "
                                          f"bypassing {ours[0].device}", "error"))
-    return BlockState(entry, state, ours, raw_mounts, loop_mounts)
+    return BlockState(entry, state, ours, raw_mounts, loop_mounts, capture, engine)
