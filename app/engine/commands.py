@@ -1,4 +1,4 @@
-"""The engine's CLI commands: `daemon`, `fs mount-all|unmount-all|mirror|verify`, `service install`.
+"""The engine's CLI commands: `daemon`, `fs mount-all|unmount-all|mirror|verify`, `service install|mount-units`.
 
 The lead's app/cli.py owns the parser; it calls `register(sub, fs, common)` (or the three
 `register_*` functions). Nothing heavy is imported here: trio and pyfuse3 load inside handlers,
@@ -100,6 +100,41 @@ def cmd_service_install(args) -> int:
     return 0
 
 
+def cmd_service_mount_units(args) -> int:
+    """Show (default) or write (--write) .mount units for the entries' fixed loop devices."""
+    import shlex
+    from app.engine import mountunits
+    from app.services.config import ConfigStore
+    from app.services.mounts import read_mountinfo
+    config = ConfigStore(getattr(args, "config", None)).load()
+    plan = mountunits.plan(config.block, read_mountinfo(), root=args.root or "/")
+    if args.write:
+        mountunits.write_all(plan)
+    if getattr(args, "json", False):
+        print(json.dumps(plan.to_json(), indent=2))
+        return 0 if plan.ok else 1
+    for unit in plan.units:
+        if args.write:
+            print(f"wrote {unit.path}" if unit.written else f"not written: {unit.path}")
+        else:
+            print(f"==> {unit.path}{' (refused: see below)' if unit.refused else ''}")
+            print(unit.text)
+    for skip in plan.skipped:
+        print(f"no unit for {skip['device']}: {skip['reason']}")
+    for problem in plan.problems:
+        print(f"problem: {problem['device']}: {problem['message']}")
+    if not config.block:
+        print("no block device entries are configured")
+    written = [u.name for u in plan.units if u.written]
+    if not args.write and any(not u.refused for u in plan.units):
+        print("nothing written; run again with --write to write these units")
+    elif written and args.root:
+        print(f"next: systemctl --root {shlex.quote(args.root)} enable {shlex.join(written)}")
+    elif written:
+        print(f"next: systemctl daemon-reload && systemctl enable {shlex.join(written)}")
+    return 0 if plan.ok else 1
+
+
 # -- registration --------------------------------------------------------------------------
 
 def _add(parent, name: str, func, help: str, common=None) -> argparse.ArgumentParser:
@@ -133,6 +168,11 @@ def register_service(subparsers, common=None) -> None:
         title="service actions", metavar="ACTION", required=True)
     p = _add(service, "install", cmd_service_install, f"put {UNIT_NAME} into {UNIT_DIR}", common)
     p.add_argument("--root", default=None, help="install below this directory instead of / (tests, images)")
+    p = _add(service, "mount-units", cmd_service_mount_units, "show (or --write) systemd .mount "
+             "units that mount the entries' fixed loop devices after mirrorsetup.service", common)
+    p.add_argument("--write", action="store_true", help=f"write them into {UNIT_DIR} "
+                   "(default: only show the text)")
+    p.add_argument("--root", default=None, help="write below this directory instead of / (tests, images)")
 
 
 def register(sub, fs, common=None) -> None:
