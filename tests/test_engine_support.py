@@ -47,14 +47,25 @@ def engine_maker(tmp_path: Path):
     assert not [m for m in mirrorfs_mounts() if m.startswith(str(tmp_path))]
 
 
-def write_config(path: Path, entries: list[dict]) -> Path:
+def block_mounts() -> list[str]:
+    return [m.mount_point for m in read_mountinfo() if m.fstype == "fuse.mirrorblk"]
+
+
+def _toml_value(v) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, int):
+        return str(v)
+    return '"' + str(v).replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def write_config(path: Path, entries: list[dict], block: list[dict] = ()) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     lines = ["schema = 1"]
-    for e in entries:
-        lines.append("[[filesystem]]")
-        for k, v in e.items():
-            lines.append(f"{k} = {'true' if v is True else 'false' if v is False else repr(str(v))}"
-                         .replace("'", '"'))
+    for table, rows in (("filesystem", entries), ("block", block)):
+        for e in rows:
+            lines.append(f"[[{table}]]")
+            lines += [f"{k} = {_toml_value(v)}" for k, v in e.items()]
     path.write_text("\n".join(lines) + "\n")
     return path
 
@@ -120,9 +131,29 @@ class Engine:
                 self.proc.wait()
         self.proc = None
 
+    def block(self, device: str) -> dict:
+        for e in self.client.request("status")["block"]:
+            if e["device"] == device:
+                return e
+        raise AssertionError(f"{device} not in status")
+
+    def block_drain(self, device: str) -> dict:
+        deadline = time.monotonic() + DRAIN_SECONDS
+        while True:
+            st = self.block(device)
+            if st["applied_seq"] == st["last_seq"]:
+                return st
+            assert time.monotonic() < deadline, f"journal did not drain: {st}"
+            time.sleep(0.05)
+
     def cleanup(self) -> None:
         self.stop()
-        for mp in mirrorfs_mounts():
+        from app.services import loop as loopdev
+        for lp in loopdev.list_attached():  # loops left on our capture files (a killed daemon's)
+            if lp.backing_file and lp.backing_file.startswith(str(self.tmp)):
+                subprocess.run(["umount", "-l", lp.device], capture_output=True)
+                subprocess.run(["losetup", "-d", lp.device], capture_output=True)
+        for mp in mirrorfs_mounts() + block_mounts():
             if mp.startswith(str(self.tmp)):
                 subprocess.run(["umount", "-l", mp.encode().decode("unicode_escape")],
                                capture_output=True)

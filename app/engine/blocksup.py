@@ -132,8 +132,15 @@ class BlockSupervisor:
                           msg.get("errno"))
         cap = Capture(entry, worker, mount_dir)
         try:
-            st = await trio.to_thread.run_sync(lambda: loopdev.attach(
-                cap.file, loop=want, read_only=entry.read_only))
+            try:
+                st = await trio.to_thread.run_sync(lambda: loopdev.attach(
+                    cap.file, loop=want, read_only=entry.read_only))
+            except MirrorError as exc:
+                if entry.loop or not want or exc.errno != errno.EBUSY:
+                    raise
+                # the number came from a plain loop we took over; someone took it meanwhile
+                st = await trio.to_thread.run_sync(lambda: loopdev.attach(
+                    cap.file, read_only=entry.read_only))
         except MirrorError as exc:
             await self._stop_worker(cap)
             return Result.from_error(action, dev, exc)

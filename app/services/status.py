@@ -115,8 +115,8 @@ def openers_of(device: str, *, writing: bool = False,
                 flags = os.O_RDWR
                 if writing:
                     with open(f"/proc/{pid}/fdinfo/{fd}") as f:
-                        flags = int(f.readline().split()[1], 8)
-            except (OSError, ValueError, IndexError):
+                        flags = next(int(line.split()[1], 8) for line in f if line.startswith("flags:"))
+            except (OSError, ValueError, IndexError, StopIteration):
                 continue
             if flags & (os.O_WRONLY | os.O_RDWR):
                 try:

@@ -1,0 +1,229 @@
+"""Block capture end to end: a real daemon, real loop devices, real FUSE, real ext4.
+
+The "disk" is a loop device over a sparse file (tests/conftest.py `disks`); the daemon holds it
+exclusively and attaches a second loop over its capture file; the target is a plain file.
+Witnesses: the target's bytes, the raw device's bytes, /proc/self/mountinfo, sysfs via losetup.
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+
+from conftest import losetup_json, run
+from test_engine_support import REPO, Engine, block_mounts, write_config
+
+pytestmark = pytest.mark.root
+MiB = 1 << 20
+
+
+def sha(path: str, offset: int = 0, size: int | None = None) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        f.seek(offset)
+        left = size if size is not None else float("inf")
+        while left > 0 and (chunk := f.read(int(min(MiB, left)))):
+            h.update(chunk)
+            left -= len(chunk)
+    return h.hexdigest()
+
+
+def backing_of(loop: str) -> str | None:
+    for d in losetup_json():
+        if d["name"] == loop:
+            return d["back-file"]
+    return None
+
+
+@pytest.fixture
+def block_engine(tmp_path, disks):
+    """make(**entry) -> (engine, disk, target, config): one block entry, daemon started."""
+    made: list[Engine] = []
+
+    def make(size: int = 64 * MiB, *, start: bool = True, disk: str | None = None, **entry):
+        disk = disk or disks(size)
+        target = str(tmp_path / "target.img")
+        cfg = write_config(tmp_path / "etc" / "replication.toml", [],
+                           [{"device": disk, "target": target, **entry}])
+        eng = Engine(tmp_path, cfg)
+        made.append(eng)
+        if start:
+            eng.start()
+        return eng, disk, target, cfg
+
+    yield make
+    for eng in made:
+        eng.cleanup()
+    assert not [m for m in block_mounts() if m.startswith(str(tmp_path))]
+
+
+def cli(cfg, eng: Engine, *argv: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "MIRRORSETUP_SOCKET": eng.socket}
+    return subprocess.run([sys.executable, "-m", "app", "--config", str(cfg), *argv], cwd=REPO,
+                          env=env, capture_output=True, text=True)
+
+
+def test_ext4_on_the_captured_loop_replicates_byte_for_byte(block_engine, tmp_path):
+    eng, disk, target, cfg = block_engine()
+    st = eng.block(disk)
+    loop = st["loop"]
+    assert st["captured"] and loop and loop != disk
+    assert backing_of(loop) == st["file"]  # the kernel's view: the loop is on our capture file
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    run("mkfs.ext4", "-q", "-F", loop)
+    run("mount", loop, str(mnt))
+    try:
+        for i in range(20):
+            (mnt / f"f{i}").write_bytes(os.urandom(64 * 1024 + i))
+        for i in range(0, 20, 3):
+            (mnt / f"f{i}").unlink()
+        run("sync")
+    finally:
+        run("umount", str(mnt))
+    st = eng.block_drain(disk)
+    assert st["captured_ops"] > 0 and st["apply_errors"] == 0
+    size = os.path.getsize(target)
+    assert size == 64 * MiB
+    assert sha(target) == sha(disk, 0, size)
+    r = cli(cfg, eng, "--json", "block", "verify", disk)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert '"ranges": []' in r.stdout
+
+
+def test_offset_and_sizelimit_window_only(block_engine, disks):
+    disk = disks(32 * MiB)
+    with open(disk, "r+b") as f:  # marks outside the window must never reach the target
+        f.write(b"\xaa" * MiB)
+        f.seek(9 * MiB)
+        f.write(b"\xbb" * MiB)
+        f.flush()
+        os.fsync(f.fileno())
+    eng, disk, target, cfg = block_engine(disk=disk, offset=MiB, sizelimit=8 * MiB)
+    loop = eng.block(disk)["loop"]
+    assert int(run("blockdev", "--getsize64", loop).stdout) == 8 * MiB
+    with open(loop, "r+b", buffering=0) as f:
+        f.write(b"\x11" * MiB)
+        f.seek(7 * MiB)
+        f.write(b"\x22" * MiB)
+        with pytest.raises(OSError) as past:
+            f.write(b"\x33" * 4096)  # at 8 MiB: the end of the window
+        assert past.value.errno == errno.ENOSPC
+        os.fsync(f.fileno())
+    eng.block_drain(disk)
+    assert os.path.getsize(target) == 8 * MiB
+    data = open(target, "rb").read()
+    assert data[:MiB] == b"\x11" * MiB and data[7 * MiB:] == b"\x22" * MiB
+    assert b"\xaa" not in data and b"\xbb" not in data
+    raw = open(disk, "rb").read()
+    assert raw[:MiB] == b"\xaa" * MiB and raw[9 * MiB:10 * MiB] == b"\xbb" * MiB  # untouched
+    assert raw[MiB:2 * MiB] == b"\x11" * MiB  # the window starts at the offset on the device
+
+
+def test_raw_device_cannot_be_mounted_while_protected(block_engine, tmp_path):
+    eng, disk, target, cfg = block_engine()
+    loop = eng.block(disk)["loop"]
+    run("mkfs.ext4", "-q", "-F", loop)
+    (tmp_path / "raw").mkdir()
+    r = run("mount", disk, str(tmp_path / "raw"), check=False)
+    assert r.returncode != 0
+    assert not [m for m in open("/proc/self/mountinfo") if str(tmp_path / "raw") in m]
+
+
+def test_attach_of_a_mounted_raw_device_is_refused(block_engine, disks, tmp_path):
+    disk = disks()
+    run("mkfs.ext4", "-q", "-F", disk)
+    mnt = tmp_path / "rawmnt"
+    mnt.mkdir()
+    run("mount", disk, str(mnt))
+    try:
+        eng, disk, target, cfg = block_engine(disk=disk)
+        r = cli(cfg, eng, "block", "attach-all")
+        assert r.returncode == 1
+        assert f"mounted on {mnt}" in r.stdout and "bypass capture" in r.stdout
+        assert eng.block(disk)["captured"] is False
+        assert not os.path.exists(target)
+    finally:
+        run("umount", str(mnt))
+
+
+def test_detach_reports_a_mounted_loop_and_a_pending_detach(block_engine, tmp_path):
+    eng, disk, target, cfg = block_engine()
+    loop = eng.block(disk)["loop"]
+    run("mkfs.ext4", "-q", "-F", loop)
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    run("mount", loop, str(mnt))
+    try:
+        r = cli(cfg, eng, "block", "detach-all")
+        assert r.returncode == 1 and f"mounted on {mnt}" in r.stdout and "nothing was unmounted" in r.stdout
+        assert any(str(mnt) in m for m in open("/proc/self/mountinfo"))
+    finally:
+        run("umount", str(mnt))
+    holder = open(loop, "rb")  # an open loop: the kernel defers the detach to the last close
+    try:
+        r = cli(cfg, eng, "block", "detach-all")
+        assert r.returncode == 0 and "detach pending" in r.stdout
+        assert eng.block(disk)["pending_detach"] is True
+        assert "detach pending" in cli(cfg, eng, "status").stdout
+    finally:
+        holder.close()
+    deadline = time.monotonic() + 10
+    while eng.block(disk)["captured"]:
+        assert time.monotonic() < deadline, "capture did not stop after the last close"
+        time.sleep(0.1)
+    assert backing_of(loop) is None
+    assert not [m for m in block_mounts() if m.startswith(str(tmp_path))]
+
+
+def test_status_warns_about_a_raw_writer_but_not_about_the_daemon(block_engine, tmp_path):
+    eng, disk, target, cfg = block_engine()
+    assert "open for writing" not in cli(cfg, eng, "status").stdout  # our worker holds it
+    fd = os.open(disk, os.O_WRONLY)  # not exclusive: the kernel allows it; we can only warn
+    try:
+        out = cli(cfg, eng, "status").stdout
+        assert f"(pid {os.getpid()}) has the raw device open for writing" in out
+    finally:
+        os.close(fd)
+
+
+def test_daemon_takes_over_an_uncaptured_loop(block_engine, tmp_path):
+    eng, disk, target, cfg = block_engine(start=False)
+    r = cli(cfg, eng, "block", "attach-all")  # no daemon: a plain loop, said to be uncaptured
+    assert r.returncode == 0 and "NOT captured" in r.stdout
+    plain = [d["name"] for d in losetup_json() if d["back-file"] == disk]
+    assert len(plain) == 1
+    eng.start()
+    st = eng.block(disk)
+    assert st["captured"] and st["loop"] == plain[0]  # same number, now on the capture file
+    assert backing_of(plain[0]) == st["file"]
+
+
+def test_kill9_under_write_load_then_restart_resyncs(block_engine, tmp_path):
+    eng, disk, target, cfg = block_engine()
+    loop = eng.block(disk)["loop"]
+    writer = subprocess.Popen(["dd", "if=/dev/urandom", f"of={loop}", "bs=64K", "count=800",
+                               "oflag=direct"], stderr=subprocess.PIPE)
+    time.sleep(0.5)
+    eng.kill9()
+    writer.wait(timeout=60)  # the capture died under it: its writes fail from then on
+    old_file = backing_of(loop)
+    assert old_file is not None
+    eng.start()
+    st = eng.block(disk)
+    assert st["captured"]
+    assert backing_of(st["loop"]) == st["file"]
+    dead = [m for m in open("/proc/self/mountinfo") if "fuse.mirrorblk" in m and str(tmp_path) in m]
+    assert len(dead) == 1  # the stale mount was lifted; only the new one is left
+    log = eng.logtext()
+    assert "unclean previous stop: resync copied" in log, log
+    eng.block_drain(disk)
+    reply = eng.client.request("block_verify", device=disk)
+    assert reply["ranges"] == [], reply
+    assert sha(target) == sha(disk)
