@@ -227,3 +227,13 @@ def test_kill9_under_write_load_then_restart_resyncs(block_engine, tmp_path):
     reply = eng.client.request("block_verify", device=disk)
     assert reply["ranges"] == [], reply
     assert sha(target) == sha(disk)
+
+
+def test_manual_attach_of_a_captured_device_is_refused(block_engine, tmp_path):
+    eng, disk, target, cfg = block_engine()
+    loop = eng.block(disk)["loop"]
+    before = losetup_json()
+    r = cli(cfg, eng, "manual", "attach", disk)
+    assert r.returncode == 1
+    assert f"captured by the mirrorsetup daemon through {loop}" in r.stdout
+    assert losetup_json() == before  # nothing attached behind the capture

@@ -85,6 +85,15 @@ def busy_reasons(device: str, table: list[mounts.MountEntry] | None = None) -> l
     reasons = [f"mounted on {m.mount_point}"
                for m in mounts.mounts_of_device(os.major(st.st_rdev), os.minor(st.st_rdev), table)]
     reasons += [f"held by {h}" for h in loopdev.holders_of(device)]
+    reasons += [f"captured by the mirrorsetup daemon through {s.device}"
+                for s in loopdev.list_attached() if is_capture_of(device, s.backing_file)]
+    if not reasons:
+        try:  # what sysfs does not name: an exclusive opener (mkfs, a daemon, a RAID tool)
+            os.close(os.open(device, os.O_RDONLY | os.O_EXCL | os.O_CLOEXEC))
+        except OSError as exc:
+            if exc.errno != errno.EBUSY:
+                raise
+            reasons.append("held open exclusively by another program")
     return reasons
 
 
