@@ -205,14 +205,33 @@ def test_daemon_takes_over_an_uncaptured_loop(block_engine, tmp_path):
     assert backing_of(plain[0]) == st["file"]
 
 
+WRITER = """
+import mmap, os, sys
+fd = os.open(sys.argv[1], os.O_WRONLY | os.O_DIRECT)
+buf = mmap.mmap(-1, 65536)
+buf.write(os.urandom(65536))
+size, off = os.lseek(fd, 0, os.SEEK_END), 0
+print("writing", flush=True)
+while True:  # rewrite the device round and round until a write fails; print its errno
+    try:
+        os.pwrite(fd, buf, off)
+    except OSError as exc:
+        print(exc.errno, exc.strerror, flush=True)
+        sys.exit(3)
+    off = (off + 65536) % size
+"""
+
+
 def test_kill9_under_write_load_then_restart_resyncs(block_engine, tmp_path):
     eng, disk, target, cfg = block_engine()
     loop = eng.block(disk)["loop"]
-    writer = subprocess.Popen(["dd", "if=/dev/urandom", f"of={loop}", "bs=64K", "count=800",
-                               "oflag=direct"], stderr=subprocess.PIPE)
+    writer = subprocess.Popen([sys.executable, "-c", WRITER, loop], stdout=subprocess.PIPE, text=True)
+    assert writer.stdout.readline() == "writing\n"
     time.sleep(0.5)
     eng.kill9()
     writer.wait(timeout=60)  # the capture died under it: its writes fail from then on
+    assert writer.returncode == 3
+    assert writer.stdout.read().split()[0] == str(errno.EIO)
     old_file = backing_of(loop)
     assert old_file is not None
     eng.start()
