@@ -5,10 +5,10 @@ from __future__ import annotations
 import ctypes
 import errno
 import os
-import time
 import stat
 import subprocess
 import sys
+import time
 
 import pytest
 
