@@ -256,3 +256,28 @@ def test_manual_attach_of_a_captured_device_is_refused(block_engine, tmp_path):
     assert r.returncode == 1
     assert f"captured by the mirrorsetup daemon through {loop}" in r.stdout
     assert losetup_json() == before  # nothing attached behind the capture
+
+
+def test_verify_names_differing_ranges_and_mirror_repairs_them(block_engine):
+    eng, disk, target, cfg = block_engine()
+    eng.block_drain(disk)
+    with open(target, "r+b") as f:  # damage the target behind the engine's back
+        f.seek(3 * MiB + 100)
+        f.write(b"damage")
+        f.seek(10 * MiB)
+        f.write(b"\xff" * (2 * MiB))
+    r = cli(cfg, eng, "block", "verify", disk)
+    assert r.returncode == 1, r.stdout + r.stderr
+    assert f"bytes {3 * MiB}-{4 * MiB - 1} of the target" in r.stdout
+    assert f"bytes {10 * MiB}-{12 * MiB - 1} of the target" in r.stdout  # adjacent blocks merged
+    assert "3 of 64 blocks differ" in r.stdout
+    r = cli(cfg, eng, "block", "mirror", disk)
+    assert r.returncode == 0 and f"mirrored {64 * MiB} bytes" in r.stdout, r.stdout + r.stderr
+    assert sha(target) == sha(disk)
+    assert cli(cfg, eng, "block", "verify", disk).returncode == 0
+
+
+def test_block_verify_without_a_daemon_says_so(block_engine):
+    eng, disk, target, cfg = block_engine(start=False)
+    r = cli(cfg, eng, "block", "verify", disk)
+    assert r.returncode == 1 and "daemon is not running" in r.stdout
