@@ -234,6 +234,8 @@ def test_kill9_under_write_load_then_restart_resyncs(block_engine, tmp_path):
     assert writer.stdout.read().split()[0] == str(errno.EIO)
     old_file = backing_of(loop)
     assert old_file is not None
+    out = cli(cfg, eng, "status").stdout  # no daemon: the loop on the dead capture is named
+    assert f"{loop} serves a capture whose daemon is gone" in out, out
     eng.start()
     st = eng.block(disk)
     assert st["captured"]

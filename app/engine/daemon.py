@@ -98,7 +98,10 @@ class Daemon:
 
     async def cmd_block_detach_all(self, send, dry_run=False, **_):
         results = []
-        for e in self._blocks():
+        entries = list(self._blocks())
+        configured = {e.device for e in entries}
+        entries += [c.entry for d, c in self.blk.captures.items() if d not in configured]  # removed by hand
+        for e in entries:
             results += await self.blk.detach(e, dry_run=bool(dry_run))
         return {"results": [r.to_json() for r in results]}
 
