@@ -18,7 +18,6 @@ import argparse
 import errno
 import json
 import os
-import signal
 import stat
 import sys
 import time
@@ -28,7 +27,7 @@ import trio
 
 from app.engine.applier import Applier
 from app.engine.journal import KIND_BLOCK, Journal, Record
-from app.engine.worker import CLEAN_MARKER, Channel, guarded, serve_daemon
+from app.engine.worker import Channel, guarded, open_state, run_until_unmounted
 
 FILE_NAME = b"disk"
 FILE_INO = pyfuse3.ROOT_INODE + 1
@@ -202,18 +201,8 @@ def _run(args, chan: Channel) -> int:
         raise OSError(errno.EINVAL, f"offset {args.offset} is past the end of {args.device} ({end} bytes)")
     size = min(args.sizelimit or end - args.offset, end - args.offset)
     target = blocksync.open_target(args.target, size) if args.target else None
-    os.makedirs(args.state, mode=0o700, exist_ok=True)
-    id_file = os.path.join(args.state, "entry")
-    first = not os.path.exists(id_file)
-    if first:
-        with open(id_file, "wb") as f:
-            f.write(f"{args.device} offset={args.offset} size={size}\n".encode())
-            os.fsync(f.fileno())
+    first, unclean = open_state(args.state, f"{args.device} offset={args.offset} size={size}".encode())
     journal = Journal(args.state, kind=KIND_BLOCK)
-    marker = os.path.join(args.state, CLEAN_MARKER)
-    unclean = not os.path.exists(marker)
-    if not unclean:
-        os.unlink(marker)
     resync = None
     if target is not None and (unclean or journal.torn_bytes):
         stage = "initial copy" if first else "block resync"
@@ -264,27 +253,9 @@ def _run(args, chan: Channel) -> int:
             ops.unfrozen.set()
         return {"ok": True, "size": size, **counts}
 
-    async def run() -> None:
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(serve_daemon, chan.sock, {
-                "unclean": unclean and not first, "first": first, "resync": resync, "size": size,
-                "file": os.path.join(args.mount, os.fsdecode(FILE_NAME))}, handle, args.device)
-            await pyfuse3.main()
-            nursery.cancel_scope.cancel()
-
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    try:
-        trio.run(run)
-    finally:
-        pyfuse3.close(unmount=False)
-        applier.stop()
-        applier.drain()
-        applier.persist()
-        journal.close()
-        os.fsync(raw)
-        with open(marker, "w") as f:
-            f.write("clean stop\n")
-            os.fsync(f.fileno())
+    run_until_unmounted(chan, {"unclean": unclean and not first, "first": first, "resync": resync,
+                               "size": size, "file": os.path.join(args.mount, os.fsdecode(FILE_NAME))},
+                        handle, args.device, applier, journal, flush=lambda: os.fsync(raw))
     return 0
 
 

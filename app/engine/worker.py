@@ -88,6 +88,52 @@ def guarded(fd: int, run) -> int:
         return 1
 
 
+def open_state(state: str, ident: bytes) -> tuple[bool, bool]:
+    """(first, unclean): is this the journal's first start (the initial copy is due), and did
+    the last run stop without writing the clean marker (a resync is due)? Consumes the marker."""
+    os.makedirs(state, mode=0o700, exist_ok=True)
+    id_file = os.path.join(state, "entry")  # which directory or device this journal belongs to
+    first = not os.path.exists(id_file)
+    if first:
+        with open(id_file, "wb") as f:
+            f.write(ident + b"\n")
+            os.fsync(f.fileno())
+    marker = os.path.join(state, CLEAN_MARKER)
+    unclean = not os.path.exists(marker)
+    if not unclean:
+        os.unlink(marker)
+    return first, unclean
+
+
+def run_until_unmounted(chan: Channel, ready: dict, handle, label: str, applier, journal,
+                        flush=None) -> None:
+    """Serve FUSE and the daemon until the daemon unmounts us; then drain the journal onto the
+    target, make it durable (and `flush()`), and write the clean marker last."""
+    import pyfuse3
+    import trio
+
+    async def run() -> None:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(serve_daemon, chan.sock, ready, handle, label)
+            await pyfuse3.main()  # returns when the daemon unmounts us (ENODEV on /dev/fuse)
+            nursery.cancel_scope.cancel()
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the daemon decides when we stop
+    try:
+        trio.run(run)
+    finally:
+        pyfuse3.close(unmount=False)
+        applier.stop()
+        applier.drain()
+        applier.persist()
+        journal.close()
+        if flush is not None:
+            flush()
+        with open(os.path.join(journal.dir, CLEAN_MARKER), "w") as f:
+            f.write("clean stop\n")
+            os.fsync(f.fileno())
+
+
 async def serve_daemon(sock: socket.socket, ready: dict, handle, label: str) -> None:
     """Say "ready", then answer the daemon's JSON-line requests with `handle(req, stream)`.
     End of file means the daemon is gone: exit at once, as if we had crashed with it."""
@@ -121,17 +167,8 @@ def _run(args, chan: Channel) -> int:
     if args.target:
         os.makedirs(args.target, mode=0o700, exist_ok=True)
         target_fd = _open_dir(args.target, "target")
-    id_file = os.path.join(args.state, "entry")  # which directory this journal belongs to
-    first = not os.path.exists(id_file)  # never started: the mirror is the initial copy
-    if first:
-        with open(id_file, "wb") as f:
-            f.write(os.fsencode(args.path) + b"\n")
-            os.fsync(f.fileno())
+    first, unclean = open_state(args.state, os.fsencode(args.path))
     journal = Journal(args.state)
-    marker = os.path.join(args.state, CLEAN_MARKER)
-    unclean = not os.path.exists(marker)
-    if not unclean:
-        os.unlink(marker)
     diffs_done = None
     if target_fd is not None and (unclean or journal.torn_bytes):
         chan.send(event="progress", stage="difference mirror", files=0, bytes=0)
@@ -181,25 +218,8 @@ def _run(args, chan: Channel) -> int:
             return {"ok": True, **counts}
         return {"ok": False, "error": f"unknown worker command {cmd!r}", "errno": errno.EINVAL}
 
-    async def run() -> None:
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(serve_daemon, chan.sock, {"unclean": unclean and not first, "first": first,
-                                                         "mirrored": diffs_done}, handle, args.path)
-            await pyfuse3.main()  # returns when the daemon unmounts us (ENODEV on /dev/fuse)
-            nursery.cancel_scope.cancel()
-
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the daemon decides when we stop
-    try:
-        trio.run(run)
-    finally:
-        pyfuse3.close(unmount=False)
-        applier.stop()
-        applier.drain()
-        applier.persist()
-        journal.close()
-        with open(marker, "w") as f:
-            f.write("clean stop\n")
-            os.fsync(f.fileno())
+    run_until_unmounted(chan, {"unclean": unclean and not first, "first": first,
+                               "mirrored": diffs_done}, handle, args.path, applier, journal)
     log.info("%s: stopped cleanly (applied seq %d)", args.path, journal.applied_seq)
     return 0
 
