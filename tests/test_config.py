@@ -518,3 +518,16 @@ def test_lvm_physical_volume_is_refused(store, lvm_pv):
     assert run("blkid", "-p", "-o", "value", "-s", "TYPE", lvm_pv).stdout.strip() == "LVM2_member"
     with refused(store, f"^{lvm_pv} cannot be replicated: LVM2 physical volume$"):
         store.add_block(lvm_pv)
+
+
+@pytest.mark.root
+def test_block_target_refusals(store, scratch_loop, tmp_path):
+    disk = scratch_loop(8 << 20)
+    small = scratch_loop(4 << 20)
+    (tmp_path / "adir").mkdir()
+    for target, match in [(str(tmp_path / "adir"), "is neither a regular file nor a block device"),
+                          (str(tmp_path / "no" / "t.img"), "cannot be created: .*/no is not a directory"),
+                          (small, "holds 4 MiB, less than the 8 MiB it must mirror")]:
+        with refused(store, f"^target {re.escape(target)} {match}"):
+            store.add_block(disk, target=target)
+    assert store.add_block(disk, offset=4 << 20, target=small).target == small  # the window fits

@@ -219,9 +219,13 @@ class ConfigStore:
             raise refuse(f"offset {human_size(entry.offset)} + sizelimit "
                          f"{human_size(entry.sizelimit)} runs past the end of {device}"
                          f" ({human_size(size)})", "sizelimit")
-        if entry.target is not None and _device_id(entry.target) in (
-                me, loop and _device_id(loop)):
-            raise refuse(f"target {entry.target} is the replicated device itself", "target")
+        if entry.target is not None:
+            if _device_id(entry.target) in (me, loop and _device_id(loop)):
+                raise refuse(f"target {entry.target} is the replicated device itself", "target")
+            window = entry.sizelimit or size - entry.offset
+            problem = _block_target_problem(entry.target, window)
+            if problem:
+                raise refuse(f"target {entry.target} {problem}", "target")
         return replace(entry, device=device, encryption=None)
 
     # ---- locking and writing
@@ -316,6 +320,26 @@ def _device_id(path: str) -> int | str:
     except OSError:
         pass
     return os.path.realpath(path)
+
+
+def _block_target_problem(target: str, window: int) -> str | None:
+    """What is wrong with a block entry's target: it must be a block device of at least the
+    window's size, a regular file (extended to the window) or a new file in an existing directory."""
+    try:
+        st = os.stat(target)
+    except FileNotFoundError:
+        parent = os.path.dirname(target)
+        return None if os.path.isdir(parent) else f"cannot be created: {parent} is not a directory"
+    except OSError as exc:
+        return f"cannot be inspected: {exc.strerror}"
+    if stat.S_ISBLK(st.st_mode):
+        from app.services import blockdevs
+        have = blockdevs.device_size(target)
+        return None if have >= window else (f"holds {human_size(have)}, less than the "
+                                            f"{human_size(window)} it must mirror")
+    if not stat.S_ISREG(st.st_mode):
+        return "is neither a regular file nor a block device"
+    return None
 
 
 def _checked_fs_target(source: str, target: str, config: Config) -> str:
