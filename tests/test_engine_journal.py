@@ -117,3 +117,21 @@ def test_discard_pending_after_a_difference_mirror(tmp_path, n):
     j.discard_pending()
     assert j.take(10) == [] and j.applied_seq == j.last_seq == n
     assert Journal(tmp_path).applied_seq == n
+
+
+def test_rolled_segments_are_made_durable_by_sync_not_by_the_roll(tmp_path):
+    from app.engine import journal as jmod
+    j = Journal(tmp_path, memory_bytes=0, segment_bytes=4096)  # every record spills; tiny segments
+    fds_before = len(os.listdir("/proc/self/fd"))
+    for i in range(10):
+        j.append("write", {"offset": i}, b"x" * 3000)  # one segment each
+    assert len(j._unsynced_fds) == 9  # rolled without an fdatasync on the capture path
+    j.sync()
+    assert j._unsynced_fds == [] and len(os.listdir("/proc/self/fd")) == fds_before + 1
+    for i in range(jmod.MAX_UNSYNCED_SEGMENTS + 5):
+        j.append("write", {"offset": i}, b"y" * 3000)
+    assert len(j._unsynced_fds) == jmod.MAX_UNSYNCED_SEGMENTS  # bounded: the oldest get synced
+    j.close()
+    assert len(os.listdir("/proc/self/fd")) == fds_before
+    again = Journal(tmp_path)
+    assert again.last_seq == 10 + jmod.MAX_UNSYNCED_SEGMENTS + 5

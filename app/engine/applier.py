@@ -49,6 +49,7 @@ class Applier:
         self.errors = 0
         self.last_error: str | None = None
         self._last_persist = time.monotonic()
+        self._persisted_seq: int | None = None
 
     # -- thread -----------------------------------------------------------------------------
     def start(self) -> None:
@@ -80,9 +81,9 @@ class Applier:
                 continue
             batch = self.journal.take(BATCH, timeout=0.1)
             if not batch:
-                if self.journal.applied_seq == self.journal.last_seq and \
+                if self.journal.applied_seq == self.journal.last_seq != self._persisted_seq and \
                         time.monotonic() - self._last_persist > PERSIST_SECONDS / 4:
-                    self.persist()
+                    self.persist()  # caught up: make it durable once, not again while idle
                 continue
             self.apply_batch(batch)
 
@@ -102,7 +103,12 @@ class Applier:
     def persist(self) -> None:
         if self._sync_fd is not None:
             _syncfs(self._sync_fd)
+        self._persisted()
+
+    def _persisted(self) -> None:
+        """Record the applied seq durably (after the target's data is) and note when."""
         self.journal.persist_applied()
+        self._persisted_seq = self.journal.applied_seq
         self._last_persist = time.monotonic()
 
     def drain(self) -> None:

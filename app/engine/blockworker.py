@@ -20,7 +20,6 @@ import json
 import os
 import stat
 import sys
-import time
 
 import pyfuse3
 import trio
@@ -160,8 +159,7 @@ class BlockApplier(Applier):
     def persist(self) -> None:
         if self.tfd is not None:
             os.fdatasync(self.tfd)
-        self.journal.persist_applied()
-        self._last_persist = time.monotonic()
+        self._persisted()
 
 
 def open_raw(device: str, read_only: bool) -> int:

@@ -33,6 +33,7 @@ MEMORY_BYTES = 64 << 20  # in-memory queue bound; beyond it records spill to dis
 HEADER = struct.Struct("<IIQ")  # length of the rest, crc32 of the rest, seq
 BODY = struct.Struct("<BHI")  # kind, op length, args length
 APPLIED_FILE = "applied"
+MAX_UNSYNCED_SEGMENTS = 16  # rolled, not yet fdatasync'ed segments kept open for the next sync
 LAG_SAMPLE_SECONDS = 0.005  # lag is measured to this resolution, not per record
 
 
@@ -123,6 +124,7 @@ class Journal:
         self._mem_bytes = 0
         self._segments: list[tuple[int, Path]] = []  # (first seq, path), oldest first
         self._writer: int | None = None
+        self._unsynced_fds: list[int] = []  # rolled segments not yet made durable
         self._writer_size = 0
         self._unsynced = False
         self._disk_last = 0  # highest seq written to disk
@@ -191,10 +193,22 @@ class Journal:
         """Make every record so far durable on disk (an application's fsync); returns last seq."""
         with self._cv:
             self._spill()
+            self._sync_rolled()
             if self._writer is not None and self._unsynced:
                 os.fdatasync(self._writer)
                 self._unsynced = False
             return self.last_seq
+
+    def _sync_rolled(self, count: int | None = None) -> None:
+        """fdatasync and close segments rolled over since the last sync (oldest first)."""
+        while self._unsynced_fds and (count is None or count > 0):
+            fd = self._unsynced_fds.pop(0)
+            try:
+                os.fdatasync(fd)
+            finally:
+                os.close(fd)
+            if count is not None:
+                count -= 1
 
     def _spill(self) -> None:
         while self._mem:
@@ -212,9 +226,12 @@ class Journal:
 
     def _roll(self, seq: int) -> None:
         if self._writer is not None:
-            if self._unsynced:
-                os.fdatasync(self._writer)
-            os.close(self._writer)
+            if self._unsynced:  # made durable by the next sync(), not here: a roll is no fsync
+                self._unsynced_fds.append(self._writer)
+                if len(self._unsynced_fds) > MAX_UNSYNCED_SEGMENTS:
+                    self._sync_rolled(1)
+            else:
+                os.close(self._writer)
         path = self.dir / f"{seq:020d}.seg"
         self._writer = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
         self._writer_size = os.fstat(self._writer).st_size
@@ -303,6 +320,9 @@ class Journal:
         if self._writer is not None:
             os.close(self._writer)
             self._writer = None
+        for fd in self._unsynced_fds:  # their segments are deleted: nothing left to make durable
+            os.close(fd)
+        self._unsynced_fds.clear()
         for _, path in self._segments:
             path.unlink(missing_ok=True)
         self._segments.clear()
@@ -339,6 +359,7 @@ class Journal:
 
     def close(self) -> None:
         with self._cv:
+            self._sync_rolled()
             if self._writer is not None:
                 if self._unsynced:
                     os.fdatasync(self._writer)
