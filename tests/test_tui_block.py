@@ -1,21 +1,50 @@
-"""Block device screen on real loop devices: pick a device, add it, attach all and detach all
-(checked in sysfs), remove it, refused input, and the excluded devices toggle."""
+"""Block device screen on real loop devices: pick a device, add it (with a target), attach all
+and detach all (checked in sysfs), remove it, refused input, the excluded devices toggle, and
+mirror / verify of an entry, without a daemon and through a real one."""
 
 from __future__ import annotations
 
+import hashlib
+
 import pytest
+from test_engine_support import Engine, block_mounts, write_config
 from test_tui_support import (  # noqa: F401 (fixtures)
     cell, config_bytes, loops_backed_by, pilot_test, protected_device, run, settle,
     static_text, store, table_keys, tui, wait_until)
-from textual.widgets import DataTable, Input
+from textual.widgets import DataTable, Input, ProgressBar
 
-from app.screens.block import BlockScreen
+from app.screens.base import elide
+from app.screens.block import MAX_RANGES_SHOWN, BlockScreen, range_lines
+from app.screens.dashboard import DashboardScreen
 from app.screens.dialogs import AddBlockEntryDialog, ConfirmDialog, ResultsDialog
 from app.services.config import ENCRYPTION_REFUSAL, BlockEntry
 from app.services.results import ConfigError
 from app.services.units import parse_size
+from app.ui import default_services, make_app
 
 pytestmark = pytest.mark.root
+MiB = 1 << 20
+
+
+@pytest.fixture
+def no_daemon_tui(tmp_path, config_path):
+    """make() -> the real App whose daemon socket is a temp path where nothing listens (so a
+    daemon that happens to run on the host is never asked)."""
+    def make():
+        services = default_services(config_path, str(tmp_path / "run" / "control.sock"))
+        assert not services.daemon_running()
+        return make_app(services=services, is_root=True)
+    return make
+
+
+def notices(app) -> list[str]:
+    """The notifications the App has shown (toasts), oldest first."""
+    return [n.message for n in app._notifications]
+
+
+def sha(path, size: int) -> str:
+    with open(path, "rb") as f:
+        return hashlib.sha256(f.read(size)).hexdigest()
 
 
 async def open_block_screen(pilot) -> BlockScreen:
@@ -48,12 +77,13 @@ async def test_add_attach_all_detach_all_remove_on_a_real_device(tui, store, pro
         dialog = await pick(pilot, screen, disk)
         await wait_until(pilot, lambda: "can be added" in static_text(dialog.query_one("#problem")),
                          "the inline check to accept the device")
-        await pilot.press("enter")  # in the loop input: first free
+        await pilot.press("enter")  # in the target input, left empty: no target, first free loop
         await wait_until(pilot, lambda: app.screen is screen, "the dialog to close")
         assert store.load().block == (BlockEntry(disk),)
         entries = screen.query_one("#block-entries", DataTable)
         await wait_until(pilot, lambda: disk in table_keys(entries), "the entry row")
         assert cell(entries, disk, "state") == "detached"
+        assert cell(entries, disk, "capture") == "—" and cell(entries, disk, "target") == "—"
 
         await pilot.click("#attach_all")
         await wait_until(pilot, lambda: type(app.screen) is ResultsDialog, "attach results")
@@ -172,3 +202,210 @@ async def test_swap_is_hidden_until_show_excluded_then_greyed_with_its_reason(
         await pilot.press("a")  # an excluded device does not open the dialog
         await settle(pilot)
         assert app.screen is screen
+
+
+@pilot_test
+async def test_a_target_typed_in_the_dialog_is_saved_and_shown(no_daemon_tui, store, tmp_path,
+                                                                 protected_device):
+    disk = protected_device()
+    target = tmp_path / "replica" / "disk-copy.img"  # a new file in an existing directory
+    target.parent.mkdir()
+    app = no_daemon_tui()
+    async with app.run_test(size=(80, 24)) as pilot:
+        screen = await open_block_screen(pilot)
+        dialog = await pick(pilot, screen, disk)
+        assert app.focused is dialog.query_one("#target", Input)  # the next thing to type
+        await pilot.press(*str(target))
+        problem = dialog.query_one("#problem")
+        await wait_until(pilot, lambda: "can be added" in static_text(problem),
+                         "the inline check to accept the target (it says "
+                         f"{static_text(problem)!r})")
+        await pilot.press("enter")
+        await wait_until(pilot, lambda: app.screen is screen, "the dialog to close")
+        assert store.load().block == (BlockEntry(disk, target=str(target)),)
+        entries = screen.query_one("#block-entries", DataTable)
+        await wait_until(pilot, lambda: disk in table_keys(entries), "the entry row")
+        assert cell(entries, disk, "target") == elide(str(target))
+        assert cell(entries, disk, "target").endswith("/replica/disk-copy.img")
+
+        await pilot.press("t")  # no daemon: attached, and the Capture column says it is not captured
+        await wait_until(pilot, lambda: type(app.screen) is ResultsDialog, "attach results")
+        [result] = app.screen.results
+        assert result.outcome.value == "ok" and "NOT captured" in result.message, result.message
+        loop = result.details["loop"]
+        await pilot.press("enter")
+        await wait_until(pilot, lambda: cell(entries, disk, "actual") == loop, "the loop in the row")
+        assert cell(entries, disk, "capture") == "not captured"
+        for key, text in (("actual", loop), ("capture", "not captured")):  # widened, not cut
+            assert entries.columns[key].content_width >= len(text), key
+    assert not target.exists()  # nothing is replicated without the daemon
+
+
+@pytest.mark.parametrize("case", ["the-device-itself", "no-such-directory", "smaller-device"])
+@pilot_test
+async def test_a_refused_target_shows_the_service_message_and_changes_nothing(
+        no_daemon_tui, store, tmp_path, protected_device, config_bytes, case):
+    disk = protected_device(64 * MiB)
+    target = {"the-device-itself": lambda: disk,
+              "no-such-directory": lambda: str(tmp_path / "missing" / "copy.img"),
+              "smaller-device": lambda: protected_device(32 * MiB)}[case]()
+    with pytest.raises(ConfigError) as refused:  # the config service's own words
+        store.validate_block(BlockEntry(disk, target=target))
+    app = no_daemon_tui()
+    async with app.run_test(size=(120, 36)) as pilot:
+        screen = await open_block_screen(pilot)
+        dialog = await pick(pilot, screen, disk)
+        dialog.query_one("#target", Input).value = target
+        await pilot.click("#add")
+        await wait_until(pilot, lambda: str(refused.value) in static_text(dialog.query_one("#problem")),
+                         f"the message {str(refused.value)!r}")
+        assert app.screen is dialog
+    assert config_bytes() is None
+    assert not (tmp_path / "missing").exists()
+
+
+@pilot_test
+async def test_mirror_and_verify_without_a_daemon_fail_clearly_and_change_nothing(
+        no_daemon_tui, store, tmp_path, protected_device, config_bytes):
+    disk = protected_device()
+    target = tmp_path / "target.img"
+    store.add_block(disk, target=str(target))
+    before = config_bytes()
+    app = no_daemon_tui()
+    async with app.run_test(size=(120, 36)) as pilot:
+        screen = await open_block_screen(pilot)
+        entries = screen.query_one("#block-entries", DataTable)
+        await wait_until(pilot, lambda: disk in table_keys(entries), "the entry row")
+
+        await pilot.press("v")
+        await wait_until(pilot, lambda: type(app.screen) is ResultsDialog, "verify results")
+        [result] = app.screen.results
+        assert result.outcome.value == "failed" and result.target == disk
+        assert "daemon is not running" in result.message, result.message
+        assert any("Daemon screen" in line for line in app.screen.notes)
+        await pilot.press("enter")
+
+        await pilot.click("#mirror")
+        await settle(pilot)
+        assert type(app.screen) is ConfirmDialog
+        assert str(target) in static_text(app.screen.query_one("#question"))
+        await pilot.press("y")
+        await wait_until(pilot, lambda: type(app.screen) is ResultsDialog, "mirror results")
+        [result] = app.screen.results
+        assert result.outcome.value == "failed" and "daemon is not running" in result.message
+        await pilot.press("enter")
+        await settle(pilot)
+        assert app.screen is screen
+        assert not screen.query_one("#sync-box").display  # the progress bar is gone again
+    assert not target.exists()
+    assert config_bytes() == before
+    assert loops_backed_by(disk) == []
+
+
+@pilot_test
+async def test_mirror_and_verify_say_what_is_missing(no_daemon_tui, store, protected_device):
+    app = no_daemon_tui()
+    async with app.run_test(size=(120, 36)) as pilot:
+        screen = await open_block_screen(pilot)
+        await pilot.press("m")  # no entries at all
+        await settle(pilot)
+        assert app.screen is screen
+        assert any("Select a replicated device" in n for n in notices(app))
+
+        disk = protected_device()
+        store.add_block(disk)  # captured only: no target
+        screen.reload()
+        entries = screen.query_one("#block-entries", DataTable)
+        await wait_until(pilot, lambda: disk in table_keys(entries), "the entry row")
+        await pilot.press("v")
+        await settle(pilot)
+        assert app.screen is screen
+        assert any(f"{disk} has no target to verify" in n for n in notices(app))
+
+
+@pytest.fixture
+def block_daemon(tmp_path, disks):
+    """(engine, disk, target, config): a 64 MiB disk in one [[block]] entry with a target,
+    captured by a real daemon on a temp socket; stopped (loops, FUSE mount) at teardown."""
+    disk = disks(64 * MiB)
+    target = tmp_path / "target.img"
+    cfg = write_config(tmp_path / "etc" / "replication.toml", [],
+                       [{"device": disk, "target": str(target)}])
+    eng = Engine(tmp_path, cfg)
+    try:
+        eng.start()
+        yield eng, disk, target, cfg
+    finally:
+        eng.cleanup()
+    assert not [m for m in block_mounts() if m.startswith(str(tmp_path))]
+
+
+@pilot_test
+async def test_verify_then_mirror_through_a_real_daemon(block_daemon):
+    eng, disk, target, cfg = block_daemon
+    loop = eng.block(disk)["loop"]
+    eng.block_drain(disk)
+    with open(target, "r+b") as f:  # the target drifts: 4 KiB inside its sixth MiB
+        f.seek(5 * MiB + 4096)
+        f.write(b"\xff" * 4096)
+    assert sha(target, 64 * MiB) != sha(disk, 64 * MiB)
+
+    app = make_app(services=default_services(cfg, eng.socket), is_root=True)
+    async with app.run_test(size=(120, 36)) as pilot:
+        screen = await open_block_screen(pilot)
+        entries = screen.query_one("#block-entries", DataTable)
+        await wait_until(pilot, lambda: disk in table_keys(entries), "the entry row")
+        assert cell(entries, disk, "capture") == "captured"
+        assert cell(entries, disk, "actual") == loop
+        assert cell(entries, disk, "target") == elide(str(target))
+
+        await pilot.press("v")
+        await wait_until(pilot, lambda: type(app.screen) is ResultsDialog, "verify results")
+        [result] = app.screen.results
+        assert result.outcome.value == "failed" and "1 of 64 blocks differ" in result.message
+        assert app.screen.notes == ["1 range of the target differs (1.0 MiB in all):",
+                                    "  bytes 5242880-6291455 (1.0 MiB)"]
+        assert "bytes 5242880-6291455 (1.0 MiB)" in static_text(
+            app.screen.query_one("#results-notes"))
+        await pilot.press("enter")
+
+        await pilot.press("m")
+        await settle(pilot)
+        assert type(app.screen) is ConfirmDialog
+        assert f"Writes through {loop} wait" in static_text(app.screen.query_one("#question"))
+        await pilot.click("#yes")
+        await wait_until(pilot, lambda: type(app.screen) is ResultsDialog, "mirror results")
+        [result] = app.screen.results
+        assert result.outcome.value == "ok", result.message
+        assert f"mirrored {64 * MiB} bytes" in result.message
+        bar = screen.query_one("#sync-progress", ProgressBar)
+        assert (bar.total, bar.progress) == (64 * MiB, 64 * MiB)  # fed by the daemon's progress
+        assert not screen.query_one("#sync-box").display
+        assert sha(target, 64 * MiB) == sha(disk, 64 * MiB)  # the bytes, not the UI, say so
+        await pilot.press("enter")
+
+        await pilot.press("v")
+        await wait_until(pilot, lambda: type(app.screen) is ResultsDialog, "second verify")
+        [result] = app.screen.results
+        assert result.outcome.value == "ok" and result.message == "target matches"
+        assert app.screen.notes == []
+        await pilot.press("enter")
+
+        await pilot.press("escape", "4")  # the dashboard shows the capture and the daemon's figures
+        await settle(pilot)
+        assert type(app.screen) is DashboardScreen
+        block = app.screen.query_one("#dash-block", DataTable)
+        await wait_until(pilot, lambda: disk in table_keys(block), "the dashboard row")
+        assert cell(block, disk, "capture") == "captured"
+        engine = static_text(app.screen.query_one("#engine"))
+        assert f"{disk} via {loop}" in engine and "queued 0 B" in engine, engine
+
+
+def test_range_lines_count_merge_and_cap():
+    assert range_lines([]) == []
+    assert range_lines([[0, MiB]]) == ["1 range of the target differs (1.0 MiB in all):",
+                                       "  bytes 0-1048575 (1.0 MiB)"]
+    many = [[2 * i * MiB, (2 * i + 1) * MiB] for i in range(MAX_RANGES_SHOWN + 5)]
+    lines = range_lines(many)
+    assert lines[0] == f"{MAX_RANGES_SHOWN + 5} ranges of the target differ (105.0 MiB in all):"
+    assert len(lines) == 1 + MAX_RANGES_SHOWN + 1 and lines[-1] == "  … and 5 more ranges"

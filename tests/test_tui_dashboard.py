@@ -68,12 +68,15 @@ async def test_a_loop_attached_by_losetup_shows_as_attached(tui, store, protecte
         block = screen.query_one("#dash-block", DataTable)
         await wait_until(pilot, lambda: disk in table_keys(block), "the entry row")
         assert cell(block, disk, "state") == "detached"
+        assert cell(block, disk, "capture") == "—"
         cursor = block.cursor_coordinate
 
         loop = run("losetup", "--find", "--show", disk).stdout.strip()
         assert loops_backed_by(disk) == [loop]
         await wait_until(pilot, lambda: cell(block, disk, "loop") == loop, "the loop in the row")
         assert cell(block, disk, "state") == "attached"
+        assert cell(block, disk, "capture") == "not captured"  # losetup's loop is on the raw device
+        assert "attached without capture" in static_text(screen.query_one("#warnings"))
         assert block.cursor_coordinate == cursor  # updated in place, not rebuilt
-        await wait_until(pilot, lambda: any(f"{disk}: detached → attached as {loop}" in e
-                                            for e in screen.events), "the transition in the log")
+        await wait_until(pilot, lambda: any(f"{disk}: detached → attached as {loop}, not captured"
+                                            in e for e in screen.events), "the transition in the log")

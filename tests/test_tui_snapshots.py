@@ -22,7 +22,7 @@ from app.services import blockdevs
 from app.services.config import BlockEntry, ConfigStore, FsEntry
 from app.services.control import ControlClient
 from app.services.loop import LoopStatus
-from app.services.replication import Replication
+from app.services.replication import Replication, capture_id
 from app.services.status import BlockState, FsState, StatusSnapshot, StatusWarning
 from app.ui import Services, make_app
 
@@ -45,10 +45,15 @@ target = "/backup/shared"
 [[block]]
 device = "/dev/sdb1"
 loop = "/dev/loop7"
+target = "/backup/sdb1.img"
 
 [[block]]
 device = "/dev/sdc"
 offset = 1048576
+target = "/dev/sdf"
+
+[[block]]
+device = "/dev/sdg"
 """
 
 
@@ -59,33 +64,55 @@ def _device(name, size, type_, fstype=None, mounts=(), excluded=None, in_use=(),
                                  excluded=excluded, in_use=tuple(in_use))
 
 
+# The daemon's capture of /dev/sdb1: loop7 sits on this FUSE file, not on the device.
+CAPTURE_FILE = f"/run/mirrorsetup/block/{capture_id('/dev/sdb1')}/disk"
 DEVICES = [
     _device("sda", 64 * GIB, "disk", in_use=("root file system",)),
     _device("sda1", 63 * GIB, "part", "ext4", ["/"], in_use=("mounted on /", "root file system")),
     _device("sdb", 200 * GIB, "disk"),
-    _device("sdb1", 200 * GIB, "part", "xfs", in_use=("mirrorsetup loop access point",)),
-    _device("sdc", 500 * GIB, "disk", "ext4"),
+    _device("sdb1", 200 * GIB, "part", "xfs"),  # held by the daemon's capture worker (O_EXCL)
+    _device("sdc", 500 * GIB, "disk", "ext4", in_use=("backs /dev/loop8",)),
     _device("sdd", 8 * GIB, "part", "swap", excluded="swap (active)"),
     _device("sde", 100 * GIB, "part", "LVM2_member", excluded="LVM2 physical volume"),
-    _device("loop7", 200 * GIB, "loop", "xfs", ["/srv/db"], backing="/dev/sdb1"),
+    _device("sdf", 500 * GIB, "disk"),
+    _device("sdg", 20 * GIB, "disk"),
+    _device("loop7", 200 * GIB, "loop", "xfs", ["/srv/db"], backing=CAPTURE_FILE),
+    _device("loop8", 500 * GIB - (1 << 20), "loop", "ext4",
+            in_use=("loop access point for /dev/sdc",), backing="/dev/sdc"),
 ]
-LOOP7 = LoopStatus("/dev/loop7", 7, "/dev/sdb1", 0, 0, 200 * GIB, False, False, False, False)
+LOOP7 = LoopStatus("/dev/loop7", 7, CAPTURE_FILE, 0, 0, 200 * GIB, False, False, False, False)
+LOOP8 = LoopStatus("/dev/loop8", 8, "/dev/sdc", 1 << 20, 0, 500 * GIB - (1 << 20), False, False,
+                   False, False)
+ENGINE_SDB1 = {"device": "/dev/sdb1", "offset": 0, "target": "/backup/sdb1.img", "captured": True,
+               "loop": "/dev/loop7", "file": CAPTURE_FILE, "pending_detach": False,
+               "worker_pid": 4243, "captured_ops": 1532, "bytes_queued": 6 << 20,
+               "lag_seconds": 0.4, "applied_seq": 1490, "last_seq": 1532}
+ENGINE_SRV = {"path": "/srv/data", "captured_ops": 87, "bytes_queued": 12 << 10, "lag_seconds": 0.1}
 
 
 def fake_status() -> StatusSnapshot:
+    """One captured block entry with the daemon's figures, one attached while the daemon was
+    down (not captured), one detached; the daemon runs (its pid is fake)."""
     srv, shared = FsEntry("/srv/data"), FsEntry("/home/shared", True, "/backup/shared")
-    sdb1, sdc = BlockEntry("/dev/sdb1", "/dev/loop7"), BlockEntry("/dev/sdc", offset=1 << 20)
+    sdb1 = BlockEntry("/dev/sdb1", "/dev/loop7", target="/backup/sdb1.img")
+    sdc = BlockEntry("/dev/sdc", offset=1 << 20, target="/dev/sdf")
+    sdg = BlockEntry("/dev/sdg")
     return StatusSnapshot(
         taken_at=FIXED_TIME,
-        filesystem=[FsState(srv, "mounted"), FsState(shared, "not mounted", "ext4")],
-        block=[BlockState(sdb1, "attached", (LOOP7,), (), ("/srv/db",)),
-               BlockState(sdc, "detached")],
-        loops=[LOOP7],
+        filesystem=[FsState(srv, "mounted", None, ENGINE_SRV),
+                    FsState(shared, "not mounted", "ext4")],
+        block=[BlockState(sdb1, "attached", (LOOP7,), (), ("/srv/db",), "captured", ENGINE_SDB1),
+               BlockState(sdc, "attached", (LOOP8,), (), (), "not captured",
+                          {"device": "/dev/sdc", "captured": False, "bytes_queued": 0}),
+               BlockState(sdg, "detached")],
+        loops=[LOOP7, LOOP8],
         warnings=[StatusWarning("/home/shared", "not mounted as mirrorfs: changes there are not "
                                                 "captured (Mount all)"),
-                  StatusWarning("/dev/sdc", "not attached to a loop device: its writes are not "
+                  StatusWarning("/dev/sdc", "/dev/loop8 is attached without capture (daemon not "
+                                            "running then): its writes are not replicated"),
+                  StatusWarning("/dev/sdg", "not attached to a loop device: its writes are not "
                                             "captured")],
-        engine=None, engine_error="the mirrorsetup daemon is not running")
+        engine={"pid": 4242, "entries": [ENGINE_SRV], "block": [ENGINE_SDB1]})
 
 
 @pytest.fixture
@@ -100,7 +127,7 @@ def snap_services(monkeypatch):
     store = ConfigStore(config)
     control = ControlClient(str(SNAP_DIR / "control.sock"))  # the real client; no daemon there
     yield Services(store=store, replication=Replication(store, control), control=control, list_devices=lambda **_: list(DEVICES),
-                   status=fake_status, list_loops=lambda: [LOOP7], disk_counters=None,
+                   status=fake_status, list_loops=lambda: [LOOP7, LOOP8], disk_counters=None,
                    watch_kernel=False, clock=lambda: FIXED_TIME,
                    browse_root=str(SNAP_DIR / "browse"))
     shutil.rmtree(SNAP_DIR, ignore_errors=True)
@@ -128,6 +155,8 @@ SCREENS = {
     "block_show_excluded": keys("2", "x"),
     "block_add": keys("2", "down", "down", "down", "a"),
     "block_attach_all_results": keys("2", "t"),
+    "block_mirror_confirm": keys("2", "m"),
+    "block_verify_no_daemon": keys("2", "v"),
     "manual": keys("3"),
     "dashboard": keys("4"),
     "daemon": keys("5"),

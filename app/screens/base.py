@@ -3,7 +3,7 @@ with a per-entry results dialog, and tables updated in place by row key."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 
 from rich.text import Text
 from textual import on, work
@@ -27,6 +27,7 @@ STATE_STYLE = {
     "not mounted": "yellow", "detached": "yellow", "detach pending": "yellow",
     "path missing": "red", "device missing": "red",
 }
+CAPTURE_STYLE = {"captured": "green", "not captured": "bold yellow", "lost": "bold red"}
 
 
 def outcome_text(result: Result) -> Text:
@@ -36,6 +37,16 @@ def outcome_text(result: Result) -> Text:
 
 def state_text(state: str) -> Text:
     return Text(state, style=STATE_STYLE.get(state.split(" (")[0], ""))
+
+
+def capture_text(capture: str) -> Text:
+    """A block entry's capture ("captured" | "not captured" | "lost"), or a dash without a loop."""
+    return Text(capture or "—", style=CAPTURE_STYLE.get(capture, ""))
+
+
+def elide(path: str, width: int = 28) -> str:
+    """`path` in at most `width` characters, its end kept (the file name tells targets apart)."""
+    return path if len(path) <= width else "…" + path[-(width - 1):]
 
 
 def sync_table(table: DataTable, rows: dict[str, tuple]) -> None:
@@ -50,7 +61,7 @@ def sync_table(table: DataTable, rows: dict[str, tuple]) -> None:
             if key in existing:
                 for column, value in zip(columns, cells):
                     if table.get_cell(key, column) != value:
-                        table.update_cell(key, column, value)
+                        table.update_cell(key, column, value, update_width=True)
             else:
                 table.add_row(*cells, key=key)
 
@@ -89,10 +100,11 @@ class TaskScreen(Screen):
             self.data = data
 
     class ActionDone(Message):
-        def __init__(self, title: str, results: list[Result]) -> None:
+        def __init__(self, title: str, results: list[Result], notes: Sequence[str] = ()) -> None:
             super().__init__()
             self.title = title
             self.results = results
+            self.notes = list(notes)  # extra lines under the results (e.g. differing ranges)
 
     busy_target = "DataTable"  # what shows the loading indicator while an action runs
 
@@ -177,4 +189,4 @@ class TaskScreen(Screen):
         from app.screens.dialogs import ResultsDialog
         self._set_busy(False)
         self.reload()
-        self.app.push_screen(ResultsDialog(event.title, event.results))
+        self.app.push_screen(ResultsDialog(event.title, event.results, event.notes))

@@ -1,23 +1,32 @@
 """Block device replication: the device picker and the configured entries, with the seed's
-actions (list devices, add, remove/detach, attach all, detach all)."""
+actions (list devices, add, remove/detach, attach all, detach all), and the daemon's mirror
+and verify of the selected entry against its target, with a progress bar."""
 
 from __future__ import annotations
 
+import inspect
+
 from rich.text import Text
-from textual import on
+from textual import on, work
 from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.containers import Horizontal, Vertical
-from textual.widgets import Button, DataTable, Footer, Header, Label, Static, Switch
+from textual.message import Message
+from textual.widgets import Button, DataTable, Footer, Header, Label, ProgressBar, Static, Switch
 
-from app.screens.base import RootBanner, TaskScreen, selected_key, state_text, sync_table
+from app.screens.base import (RootBanner, TaskScreen, capture_text, elide, selected_key, state_text,
+                              sync_table)
 from app.screens.dialogs import AddBlockEntryDialog, ConfirmDialog
+from app.services.results import MirrorError, Outcome, Result
 from app.services.units import human_size
 
 DEVICE_COLUMNS = (("Device", "path"), ("Size", "size"), ("Type", "type"), ("FS", "fstype"),
                   ("Mounted on", "mounts"), ("In use / excluded", "notes"))
-ENTRY_COLUMNS = (("Device", "device"), ("Loop wanted", "wanted"), ("Loop now", "actual"),
-                 ("Offset", "offset"), ("Size limit", "sizelimit"), ("RO", "ro"), ("State", "state"))
+# What the kernel and the daemon say first (readable at 80 columns), the configuration after.
+ENTRY_COLUMNS = (("Device", "device"), ("Loop now", "actual"), ("Capture", "capture"),
+                 ("State", "state"), ("Target", "target"), ("Loop wanted", "wanted"),
+                 ("Offset", "offset"), ("Size limit", "sizelimit"), ("RO", "ro"))
+MAX_RANGES_SHOWN = 100  # a verify of a very different target lists the first ones, then a count
 
 
 def device_row(dev) -> tuple:
@@ -32,10 +41,25 @@ def device_row(dev) -> tuple:
 
 def entry_row(state) -> tuple:
     e = state.entry
-    return (e.device, e.loop or "first free", state.loop or "—",
+    return (e.device, state.loop or "—", capture_text(state.capture), state_text(state.state),
+            elide(e.target) if e.target else "—", e.loop or "first free",
             human_size(e.offset) if e.offset else "0",
-            human_size(e.sizelimit) if e.sizelimit else "whole", "yes" if e.read_only else "",
-            state_text(state.state))
+            human_size(e.sizelimit) if e.sizelimit else "whole", "yes" if e.read_only else "")
+
+
+def range_lines(ranges) -> list[str]:
+    """A verify's differing [start, end) byte ranges (target offsets, end exclusive) as lines:
+    a count, then inclusive byte ranges as the CLI prints them."""
+    if not ranges:
+        return []
+    total = sum(end - start for start, end in ranges)
+    lines = [f"{len(ranges)} range{'s' if len(ranges) > 1 else ''} of the target "
+             f"differ{'' if len(ranges) > 1 else 's'} ({human_size(total)} in all):"]
+    lines += [f"  bytes {start}-{end - 1} ({human_size(end - start)})"
+              for start, end in ranges[:MAX_RANGES_SHOWN]]
+    if len(ranges) > MAX_RANGES_SHOWN:
+        lines.append(f"  … and {len(ranges) - MAX_RANGES_SHOWN} more ranges")
+    return lines
 
 
 class BlockScreen(TaskScreen):
@@ -45,14 +69,31 @@ class BlockScreen(TaskScreen):
         Binding("r,delete", "remove", "Remove/detach"),
         Binding("t", "attach_all", "Attach all"),
         Binding("d", "detach_all", "Detach all"),
+        Binding("m", "mirror", "Mirror"),
+        Binding("v", "verify", "Verify"),
         Binding("x", "toggle_excluded", "Show excluded"),
     ]
     busy_target = "#block-entries"
+
+    class SyncProgress(Message):
+        """A mirror's or verify's progress, posted from its worker thread."""
+
+        def __init__(self, progress: dict) -> None:
+            super().__init__()
+            self.progress = progress
+
+    class SyncDone(Message):
+        def __init__(self, title: str, results: list[Result], notes: list[str]) -> None:
+            super().__init__()
+            self.title = title
+            self.results = results
+            self.notes = notes
 
     def __init__(self) -> None:
         super().__init__()
         self._devices: list = []
         self._snap = None
+        self._sync: tuple[str, str, str] | None = None  # (verb, device, target) while one runs
 
     def compose(self) -> ComposeResult:
         yield Header()
@@ -74,6 +115,9 @@ class BlockScreen(TaskScreen):
                 entries.add_column(label, key=key)
             yield entries
             yield Static("", id="block-empty", classes="notes")
+            with Vertical(id="sync-box"):
+                yield Label("", id="sync-label")
+                yield ProgressBar(id="sync-progress", show_eta=True)
         yield Static("Use the loop device, never the device itself; mount it from a script after "
                      "the daemon, not from /etc/fstab.", classes="notes")
         with Horizontal(classes="buttons"):
@@ -81,6 +125,8 @@ class BlockScreen(TaskScreen):
             yield Button("Remove/detach", id="remove", compact=True)
             yield Button("Attach all", id="attach_all", compact=True)
             yield Button("Detach all", id="detach_all", compact=True)
+            yield Button("Mirror", id="mirror", compact=True)
+            yield Button("Verify", id="verify", compact=True)
         yield Footer()
 
     def on_mount(self) -> None:
@@ -158,3 +204,129 @@ class BlockScreen(TaskScreen):
 
     def action_detach_all(self) -> None:
         self.run_action("Detach all", lambda: self.services.replication.detach_all())
+
+    def run_action(self, title, call, *, root: bool = True) -> None:
+        if self._refuse_while_syncing():
+            return
+        super().run_action(title, call, root=root)
+
+    def _refuse_while_syncing(self) -> bool:
+        if self._sync is None:
+            return False
+        verb, device, _ = self._sync
+        self.notify(f"{verb.capitalize()} of {device} is still running: wait until it is done.",
+                    severity="warning", title="Busy")
+        return True
+
+    # -- mirror / verify through the daemon -------------------------------------------------
+
+    def _selected_state(self):
+        device = selected_key(self.query_one("#block-entries", DataTable))
+        if device is None or self._snap is None:
+            return None
+        return next((s for s in self._snap.block if s.entry.device == device), None)
+
+    def action_mirror(self) -> None:
+        self._start_sync("mirror")
+
+    def action_verify(self) -> None:
+        self._start_sync("verify")
+
+    def _start_sync(self, verb: str) -> None:
+        state = self._selected_state()
+        if state is None:
+            self.notify(f"Select a replicated device in the lower table first: {verb} works on "
+                        "one entry.", severity="warning")
+            return
+        if self._refuse_while_syncing():
+            return
+        what = "Mirroring" if verb == "mirror" else "Verifying"
+        if self.app.needs_root(f"{what} a block device"):
+            return
+        entry = state.entry
+        if not entry.target:
+            self.notify(f"{entry.device} has no target to {verb}: its writes are captured only. "
+                        "Remove the entry and add it again with a target.", severity="warning",
+                        title="No target")
+            return
+        if verb == "verify":
+            self._run_sync(verb, entry.device, entry.target)
+            return
+        window = f"from offset {human_size(entry.offset) if entry.offset else 0}" + (
+            f", {human_size(entry.sizelimit)}" if entry.sizelimit else "")
+        held = (f"\nWrites through {state.loop} wait until it is done." if state.capture ==
+                "captured" else "")
+
+        def confirmed(yes: bool | None) -> None:
+            if yes:
+                self._run_sync(verb, entry.device, entry.target)
+        self.app.push_screen(ConfirmDialog(
+            f"Copy all of {entry.device} ({window}) to {entry.target}?\nEvery block of the "
+            f"target is overwritten.{held}", yes="Mirror"), confirmed)
+
+    def _run_sync(self, verb: str, device: str, target: str) -> None:
+        if self._refuse_while_syncing():  # a second confirm dialog answered late
+            return
+        self._sync = (verb, device, target)
+        self.query_one("#sync-progress", ProgressBar).update(total=None, progress=0)
+        self._show_sync_label()
+        self.query_one("#sync-box").display = True
+        self._sync_worker(verb, device)
+
+    def _show_sync_label(self, done: int | None = None, total: int | None = None) -> None:
+        verb, device, target = self._sync
+        head = (f"Mirroring {device} to {target}" if verb == "mirror"
+                else f"Verifying {device} against {target}")
+        tail = f": {human_size(done)} of {human_size(total)}" if total else " …"
+        self.query_one("#sync-label", Label).update(head + tail)
+
+    @work(thread=True, exit_on_error=False, group="sync",
+          description="mirror or verify a block entry through the daemon")
+    def _sync_worker(self, verb: str, device: str) -> None:
+        def progress(p: dict) -> None:  # from this thread; never blocks on the UI
+            self.post_message(self.SyncProgress(dict(p)))
+
+        replication = self.services.replication
+        notes: list[str] = []
+        try:
+            if verb == "mirror":
+                results = list(replication.block_mirror(device, progress=progress))
+            else:
+                verify = replication.block_verify
+                kw = {"progress": progress} if "progress" in inspect.signature(verify).parameters \
+                    else {}
+                results, ranges = verify(device, **kw)
+                results, notes = list(results), range_lines(ranges)
+        except MirrorError as exc:
+            results = [Result.from_error(verb, device, exc)]
+        except Exception as exc:  # a bug below us must not leave the progress bar up forever
+            results = [Result(verb, device, Outcome.FAILED, f"unexpected error: {exc!r}")]
+        if any(r.failed for r in results) and not self.services.daemon_running():
+            notes.append("Mirror and verify go through the daemon: the Daemon screen (5 in the "
+                         "main menu) starts it.")
+        title = f"{verb.capitalize()} {device}"
+        if self.is_attached:
+            self.post_message(self.SyncDone(title, results, notes))
+        elif self.app.is_running:  # the screen was left while it ran: say how it ended anyway
+            failed = any(r.failed for r in results)
+            summary = "; ".join(r.message for r in results) or "done"
+            try:
+                self.app.call_from_thread(self.app.notify, summary, title=title,
+                                          severity="error" if failed else "information")
+            except RuntimeError:  # the App itself has ended
+                pass
+
+    @on(SyncProgress)
+    def _sync_progress(self, event: SyncProgress) -> None:
+        if self._sync is None:
+            return
+        total, done = event.progress.get("total"), event.progress.get("bytes")
+        if total and done is not None:
+            self.query_one("#sync-progress", ProgressBar).update(total=total, progress=done)
+            self._show_sync_label(done, total)
+
+    @on(SyncDone)
+    def _sync_done(self, event: SyncDone) -> None:
+        self._sync = None
+        self.query_one("#sync-box").display = False
+        self._on_action_done(TaskScreen.ActionDone(event.title, event.results, event.notes))

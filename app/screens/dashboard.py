@@ -19,7 +19,7 @@ from textual.containers import Horizontal, Vertical, VerticalScroll
 from textual.message import Message
 from textual.widgets import DataTable, Footer, Header, Label, RichLog, Sparkline, Static
 
-from app.screens.base import RootBanner, TaskScreen, state_text, sync_table
+from app.screens.base import RootBanner, TaskScreen, capture_text, state_text, sync_table
 from app.screens.manual import loop_flags
 from app.services.units import human_size
 
@@ -97,8 +97,9 @@ class DashboardScreen(TaskScreen):
                 yield fs
                 yield Label("Block entries and their loops", classes="section-title")
                 block = DataTable(id="dash-block", cursor_type="row")
-                for label, key in (("Device", "device"), ("Loop", "loop"), ("Offset", "offset"),
-                                   ("Flags", "flags"), ("State", "state"), ("Mounted", "mounted")):
+                for label, key in (("Device", "device"), ("Loop", "loop"), ("State", "state"),
+                                   ("Capture", "capture"), ("Mounted", "mounted"),
+                                   ("Offset", "offset"), ("Flags", "flags")):
                     block.add_column(label, key=key)
                 yield block
                 yield Label("Warnings", classes="section-title")
@@ -174,10 +175,12 @@ class DashboardScreen(TaskScreen):
         rows = {}
         for s in snap.block:
             lp = s.loops[0] if s.loops else None
-            rows[s.entry.device] = (s.entry.device, lp.device if lp else "—",
-                                    str(lp.offset if lp else s.entry.offset),
-                                    loop_flags(lp) if lp else "", state_text(s.state),
-                                    ", ".join(s.loop_mounts))
+            # The entry's offset: a captured loop sits at 0 of the capture file, which starts
+            # at the entry's offset on the device (a plain loop has the entry's offset itself).
+            rows[s.entry.device] = (s.entry.device, lp.device if lp else "—", state_text(s.state),
+                                    capture_text(s.capture), ", ".join(s.loop_mounts),
+                                    human_size(s.entry.offset) if s.entry.offset else "0",
+                                    loop_flags(lp) if lp else "")
         sync_table(self.query_one("#dash-block", DataTable), rows)
         self._show_warnings(snap.warnings)
         self._show_engine(snap)
@@ -188,7 +191,7 @@ class DashboardScreen(TaskScreen):
         """Log each entry whose state changed since the last read (not on the first read)."""
         states = {s.entry.path: s.state for s in snap.filesystem}
         states.update({s.entry.device: s.state + (f" as {s.loop}" if s.loop else "")
-                       for s in snap.block})
+                       + (f", {s.capture}" if s.capture else "") for s in snap.block})
         if self._states is not None:
             for subject, state in states.items():
                 before = self._states.get(subject)
@@ -217,11 +220,19 @@ class DashboardScreen(TaskScreen):
         entries = snap.engine.get("entries") or []
         queued = sum(e.get("bytes_queued") or 0 for e in entries)
         lags = [e["lag_seconds"] for e in entries if e.get("lag_seconds") is not None]
-        text = Text(f"running (pid {snap.engine.get('pid', '?')})\n", style="green")
-        text.append(f"{len(entries)} entries, {sum(e.get('captured_ops') or 0 for e in entries)} "
-                    f"operations captured\nqueued {human_size(queued)}")
-        if lags:
-            text.append(f", lag up to {max(lags):.1f} s")
+        text = Text()
+        text.append(f"running (pid {snap.engine.get('pid', '?')})", style="green")
+        if entries:
+            text.append(f"\n{len(entries)} file-system {'entry' if len(entries) == 1 else 'entries'}"
+                        f", {sum(e.get('captured_ops') or 0 for e in entries)} operations "
+                        f"captured\nqueued {human_size(queued)}")
+            if lags:
+                text.append(f", lag up to {max(lags):.1f} s")
+        for s in snap.block:  # the daemon's figures for each captured block entry
+            if s.engine and (s.engine.get("captured") or s.engine.get("error")):
+                text.append(f"\n{s.entry.device}", style="bold")
+                text.append(f" via {s.loop}" if s.loop else "")
+                text.append(f"\n  {_block_engine_cell(s.engine)}")
         self.query_one("#engine", Static).update(text)
 
     def _show_rate_devices(self, devices: dict[str, str]) -> None:
@@ -269,4 +280,16 @@ def _engine_cell(figures: dict | None) -> str:
     cell = f"ops {figures.get('captured_ops') or 0} · queued {human_size(figures.get('bytes_queued') or 0)}"
     if figures.get("lag_seconds") is not None:
         cell += f" · lag {figures['lag_seconds']:.1f} s"
+    return cell
+
+
+def _block_engine_cell(figures: dict) -> str:
+    """One captured block entry's queue and lag, and its apply errors when there are any."""
+    if figures.get("error"):
+        return f"error: {figures['error']}"
+    cell = f"queued {human_size(figures.get('bytes_queued') or 0)}"
+    if figures.get("lag_seconds") is not None:
+        cell += f" · lag {figures['lag_seconds']:.1f} s"
+    if figures.get("apply_errors"):
+        cell += f"\n  {figures['apply_errors']} apply errors: {figures.get('last_apply_error') or '?'}"
     return cell

@@ -7,6 +7,8 @@ refused entry shows the service's message and leaves the file untouched.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 from rich.text import Text
 from textual import on, work
 from textual.worker import get_current_worker
@@ -67,10 +69,11 @@ class ResultsDialog(ModalScreen[None]):
 
     BINDINGS = [Binding("escape,enter,q", "close", "Close")]
 
-    def __init__(self, title: str, results: list[Result]) -> None:
+    def __init__(self, title: str, results: list[Result], notes: Sequence[str] = ()) -> None:
         super().__init__(classes="dialog-screen")
         self.title_text = title
         self.results = results
+        self.notes = list(notes)  # lines shown under the results, e.g. a verify's differing ranges
 
     def compose(self) -> ComposeResult:
         with Vertical(classes="dialog results"):
@@ -83,6 +86,8 @@ class ResultsDialog(ModalScreen[None]):
                     line = Text.assemble((f"{mark} {r.outcome.value:<9}", style), (r.target, "bold"),
                                          "\n  ", r.message)
                     yield Static(line, classes=f"result {r.outcome.value}")
+                if self.notes:
+                    yield Static("\n".join(self.notes), id="results-notes")
             with Horizontal(classes="dialog-buttons"):
                 yield Button("OK", id="ok", variant="primary", compact=True)
 
@@ -211,7 +216,8 @@ class AddFsEntryDialog(_EntryDialog):
 
 
 class AddBlockEntryDialog(_EntryDialog):
-    """Device (from the picker), loop (first free or /dev/loopN), offset, size limit, ro, encryption."""
+    """Device (from the picker), loop (first free or /dev/loopN), offset, size limit, ro,
+    encryption, and the optional target the daemon replicates the captured writes to."""
 
     def __init__(self, device: str = "") -> None:
         super().__init__(classes="dialog-screen")
@@ -221,6 +227,8 @@ class AddBlockEntryDialog(_EntryDialog):
         with Vertical(classes="dialog wide", id="add-block"):
             yield Label(Text("Add a block device to replicate", style="bold"))
             yield Input(self.device, placeholder="device, e.g. /dev/sdb1", id="device", compact=True)
+            yield Input(placeholder="target (optional): file or block device the writes are "
+                        "replicated to", id="target", compact=True)
             yield Input(placeholder="loop: first free, or /dev/loopN to keep the same one "
                         "across restarts", id="loop", compact=True)
             with Horizontal(classes="field"):
@@ -229,8 +237,8 @@ class AddBlockEntryDialog(_EntryDialog):
             with Horizontal(classes="field"):
                 yield Switch(False, id="read-only")
                 yield Label("Read-only")
-            yield Input(placeholder="encryption: none (the kernel has no loop encryption)",
-                        id="encryption", compact=True)
+                yield Input(placeholder="encryption: none (the kernel has no loop encryption)",
+                            id="encryption", compact=True)
             yield Static("", id="problem")
             yield Static(BLOCK_NOTES, classes="notes")
             with Horizontal(classes="dialog-buttons"):
@@ -238,7 +246,7 @@ class AddBlockEntryDialog(_EntryDialog):
                 yield Button("Cancel", id="cancel", compact=True)
 
     def on_mount(self) -> None:
-        self.query_one("#loop" if self.device else "#device").focus()
+        self.query_one("#target" if self.device else "#device").focus()
         self.query_one("#device", Input).tooltip = "the block device to replicate"
         if self.device:
             self.recheck()
@@ -264,7 +272,7 @@ class AddBlockEntryDialog(_EntryDialog):
                 raise ValueError(f"{name}: {exc}") from None
         return BlockEntry(device, self._value("loop") or None, sizes["offset"], sizes["sizelimit"],
                           self.query_one("#read-only", Switch).value,
-                          self._value("encryption") or None)
+                          self._value("encryption") or None, self._value("target") or None)
 
     def validate_entry(self, entry: BlockEntry) -> None:
         self.app.services.store.validate_block(entry)
@@ -272,4 +280,4 @@ class AddBlockEntryDialog(_EntryDialog):
     def submit(self, entry: BlockEntry) -> Result:
         return self.app.services.replication.add_block(
             entry.device, loop=entry.loop, offset=entry.offset, sizelimit=entry.sizelimit,
-            read_only=entry.read_only, encryption=entry.encryption)
+            read_only=entry.read_only, encryption=entry.encryption, target=entry.target)

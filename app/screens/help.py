@@ -16,7 +16,8 @@ HELP = """\
 - **File systems:** **a** add, **r** remove, **t** access times on/off, **m** mount all,
   **u** unmount all.
 - **Block devices:** **a** or **Enter** add the picked device, **r** remove/detach,
-  **t** attach all, **d** detach all, **x** show swap and LVM.
+  **t** attach all, **d** detach all, **m** mirror / **v** verify the selected entry against
+  its target, **x** show swap and LVM.
 - **Manual:** type, then **Enter** or a button; **ctrl+d** detaches the selected loop.
 - **Daemon:** **s** start, **p** stop, **r** restart.
 
@@ -45,6 +46,11 @@ are replicated either way.
   the daemon has attached it.
 - Give an entry a fixed `/dev/loopN` when you use more than one, so it is the same device after
   a restart; "first free" may pick another one next time.
+- The daemon **captures** an attached entry: it holds the device exclusively and journals every
+  write through the loop device to the entry's **target** (a file or another block device).
+  Without the daemon, Attach all still attaches a loop, but its writes are **not captured**;
+  the Capture column says which. **Mirror** copies the whole device to its target, **Verify**
+  compares them block by block and lists the byte ranges that differ.
 - Swap and LVM physical volumes are not offered (`x` shows them, greyed, with the reason).
 - Loop encryption no longer exists in Linux; put dm-crypt/LUKS under the device instead.
 
