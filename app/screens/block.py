@@ -4,7 +4,6 @@ and verify of the selected entry against its target, with a progress bar."""
 
 from __future__ import annotations
 
-import inspect
 
 from rich.text import Text
 from textual import on, work
@@ -292,10 +291,7 @@ class BlockScreen(TaskScreen):
             if verb == "mirror":
                 results = list(replication.block_mirror(device, progress=progress))
             else:
-                verify = replication.block_verify
-                kw = {"progress": progress} if "progress" in inspect.signature(verify).parameters \
-                    else {}
-                results, ranges = verify(device, **kw)
+                results, ranges = replication.block_verify(device, progress=progress)
                 results, notes = list(results), range_lines(ranges)
         except MirrorError as exc:
             results = [Result.from_error(verb, device, exc)]

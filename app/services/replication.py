@@ -255,11 +255,11 @@ class Replication:
         `progress({"bytes": done, "total": size})` is called as it goes."""
         return self._daemon_results("mirror", device, "block_mirror", device=device, progress=progress)
 
-    def block_verify(self, device: str) -> tuple[list[Result], list[list[int]]]:
+    def block_verify(self, device: str, progress=None) -> tuple[list[Result], list[list[int]]]:
         """Compare the window with its target by block hashes: results and the differing
-        [start, end) byte ranges (target offsets)."""
+        [start, end) byte ranges (target offsets); progress as for block_mirror."""
         try:
-            reply = self.control.request("block_verify", device=device)
+            reply = self.control.request("block_verify", device=device, progress=progress)
         except MirrorError as exc:
             return [Result.from_error("verify", device, exc)], []
         return [Result.from_json(r) for r in reply.get("results", [])], reply.get("ranges", [])
