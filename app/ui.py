@@ -112,6 +112,9 @@ class MirrorSetupApp(App):
             super().__init__()
             self.diff = diff
 
+    class DaemonGone(Message):
+        """The daemon's watch connection ended: it stopped or died."""
+
     class BlockEvent(Message):
         def __init__(self, action: str, name: str) -> None:
             super().__init__()
@@ -126,7 +129,10 @@ class MirrorSetupApp(App):
         # Screens subscribe; the watcher threads publish through the App's messages.
         self.mounts_signal: Signal = Signal(self, "mounts-changed")
         self.block_signal: Signal = Signal(self, "block-uevent")
+        self.daemon_signal: Signal = Signal(self, "daemon-gone")
         self._mount_watcher = None
+        self._daemon_wake: int | None = None
+        self._watching_daemon = False
         self._uevent_wake: int | None = None
         self.refusals: list[str] = []  # what was refused for want of root, newest last
 
@@ -135,6 +141,7 @@ class MirrorSetupApp(App):
         if self.services.watch_kernel:
             self.watch_mounts()
             self.watch_uevents()
+            self.arm_daemon_watch()
 
     def on_unmount(self) -> None:
         self.stop_watchers()
@@ -145,6 +152,8 @@ class MirrorSetupApp(App):
             self._mount_watcher.close()
         if self._uevent_wake is not None:
             os.eventfd_write(self._uevent_wake, 1)
+        if self._daemon_wake is not None:
+            os.eventfd_write(self._daemon_wake, 1)
 
     # -- kernel events -------------------------------------------------------------------
 
@@ -175,8 +184,38 @@ class MirrorSetupApp(App):
         finally:
             os.close(wake)
 
+    def arm_daemon_watch(self) -> None:
+        """Start watching the daemon unless a watch is already held (main thread only).
+        Re-armed by mount-table changes (a starting daemon mounts its captures), never by polling."""
+        if self.services.control is not None and not self._watching_daemon:
+            self._watching_daemon = True
+            self.watch_daemon()
+
+    @work(thread=True, exit_on_error=False, group="daemon-watcher",
+          description="notice when the daemon stops or dies")
+    def watch_daemon(self) -> None:
+        """Hold the daemon's watch connection; when it ends, say so."""
+        try:
+            sock = self.services.control.open_watch()
+        except Exception:  # not running (or not reachable): nothing to watch yet
+            self._watching_daemon = False
+            return
+        if self._daemon_wake is None:
+            self._daemon_wake = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
+        try:
+            ready, _, _ = select.select([sock, self._daemon_wake], [], [])
+            if sock in ready:
+                self.post_message(self.DaemonGone())
+        finally:
+            sock.close()
+            self._watching_daemon = False
+
     def on_mirror_setup_app_mounts_changed(self, event: MountsChanged) -> None:
         self.mounts_signal.publish(event.diff)
+        self.arm_daemon_watch()
+
+    def on_mirror_setup_app_daemon_gone(self, event: DaemonGone) -> None:
+        self.daemon_signal.publish(True)
 
     def on_mirror_setup_app_block_event(self, event: BlockEvent) -> None:
         self.block_signal.publish((event.action, event.name))

@@ -409,3 +409,22 @@ def test_range_lines_count_merge_and_cap():
     lines = range_lines(many)
     assert lines[0] == f"{MAX_RANGES_SHOWN + 5} ranges of the target differ (105.0 MiB in all):"
     assert len(lines) == 1 + MAX_RANGES_SHOWN + 1 and lines[-1] == "  … and 5 more ranges"
+
+
+@pilot_test
+async def test_the_dashboard_notices_a_killed_daemon_without_polling(block_daemon):
+    eng, disk, target, cfg = block_daemon
+    app = make_app(services=default_services(cfg, eng.socket), is_root=True)
+    async with app.run_test(size=(120, 36)) as pilot:
+        await pilot.press("4")
+        await settle(pilot)
+        dash = app.screen
+        assert type(dash) is DashboardScreen
+        block = dash.query_one("#dash-block", DataTable)
+        await wait_until(pilot, lambda: disk in table_keys(block), "the dashboard row")
+        assert cell(block, disk, "capture") == "captured"
+        await wait_until(pilot, lambda: app._watching_daemon, "the daemon watch")
+        eng.kill9()  # no mount changes, no uevent: only the watch connection's end tells
+        await wait_until(pilot, lambda: cell(block, disk, "capture") == "lost", "capture lost")
+        assert any("the daemon stopped or died" in line for line in dash.events)
+        assert "serves a capture whose daemon is gone" in static_text(dash.query_one("#warnings"))

@@ -16,8 +16,8 @@ from textual.worker import WorkerCancelled
 from app.services.config import ConfigStore
 from app.ui import Services, make_app
 
-# Workers that never finish by design: the App's kernel watchers and DirectoryTree's queue.
-WATCHER_GROUPS = ("mount-watcher", "uevent-monitor", "_loader")
+# Workers that never finish by design: the App's kernel and daemon watchers, DirectoryTree's queue.
+WATCHER_GROUPS = ("mount-watcher", "uevent-monitor", "daemon-watcher", "_loader")
 SETTLE_ROUNDS = 5
 WAIT_STEPS = 200  # bounded waits: 200 × 50 ms pauses, never a timed assertion
 WAIT_STEP = 0.05

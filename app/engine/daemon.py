@@ -167,6 +167,12 @@ class Daemon:
         results += [await self.sup.mount(e) for e in self._entries() if e.path not in self.sup.workers]
         return {"results": [r.to_json() for r in results]}
 
+    async def cmd_watch(self, send, **_):
+        """Hold the connection until the daemon stops: its end (or EOF, if we are killed) tells
+        a console that the daemon is gone, without polling."""
+        await self.stopping.wait()
+        return {"stopping": True}
+
     async def cmd_shutdown(self, send, **_):
         self.stopping.set()
         return {"results": [Result("shutdown", "daemon", Outcome.OK, "stopping").to_json()]}

@@ -118,6 +118,7 @@ class DashboardScreen(TaskScreen):
         super().on_mount()
         self.app.mounts_signal.subscribe(self, self._mounts_changed)
         self.app.block_signal.subscribe(self, self._block_event)
+        self.app.daemon_signal.subscribe(self, self._daemon_gone)
         watching = "watching the mount table and block uevents" if self.services.watch_kernel \
             else "kernel events are not watched in this session"
         self.log_event(watching)
@@ -145,6 +146,10 @@ class DashboardScreen(TaskScreen):
     def _mounts_changed(self, diff) -> None:
         for line in mount_diff_lines(diff):
             self.log_event(line)
+        self.reload()
+
+    def _daemon_gone(self, _event) -> None:
+        self.log_event("the daemon stopped or died: capture state read again")
         self.reload()
 
     def _block_event(self, event: tuple[str, str]) -> None:

@@ -100,5 +100,16 @@ class ControlClient:
         finally:
             sock.close()
 
+    def open_watch(self) -> socket.socket:
+        """A connection the daemon holds open while it runs: it becomes readable (a reply or end
+        of file) when the daemon stops or dies. Raises DaemonNotRunning when there is none."""
+        sock = self._connect()
+        try:
+            sock.sendall(json.dumps({"cmd": "watch", "args": {}}).encode() + b"\n")
+        except OSError as exc:
+            sock.close()
+            raise MirrorError.from_oserror("watch the daemon", self.socket_path, exc) from exc
+        return sock
+
     def results(self, cmd: str, **args) -> list[Result]:
         return [Result.from_json(r) for r in self.request(cmd, **args).get("results", [])]
