@@ -22,7 +22,7 @@ from app.services.config import ConfigStore  # noqa: E402
 from app.ui import make_app  # noqa: E402
 
 # WATCHERS never finish (kernel watchers, DirectoryTree's queue): do not wait for them.
-WATCHERS = ("mount-watcher", "uevent-monitor", "_loader")
+WATCHERS = ("mount-watcher", "uevent-monitor", "daemon-watcher", "_loader")
 SHOTS = [  # (file name, keys pressed from the main menu)
     ("main-menu", []),
     ("filesystem", ["1"]),
