@@ -283,3 +283,16 @@ def test_block_verify_without_a_daemon_says_so(block_engine):
     eng, disk, target, cfg = block_engine(start=False)
     r = cli(cfg, eng, "block", "verify", disk)
     assert r.returncode == 1 and "daemon is not running" in r.stdout
+
+
+def test_a_daemon_with_another_configuration_is_refused(block_engine, tmp_path):
+    eng, disk, target, cfg = block_engine()
+    other = tmp_path / "other.toml"
+    other.write_text(cfg.read_text())
+    before = losetup_json()
+    for argv in (["block", "detach-all"], ["block", "attach-all"], ["block", "verify", disk],
+                 ["fs", "mount-all"]):
+        r = cli(other, eng, *argv)
+        assert r.returncode == 1, (argv, r.stdout, r.stderr)
+        assert f"works from {cfg}, not {other}" in r.stdout, (argv, r.stdout)
+    assert losetup_json() == before and eng.block(disk)["captured"]  # nothing was changed

@@ -72,7 +72,10 @@ def test_status_mirror_verify_unmount_all_through_the_cli(running):
     assert r.returncode == 0, r.stderr
     assert json.loads(r.stdout)[0]["outcome"] == "ok"
     assert open(os.path.join(tgt, "a")).read() == "alpha"
-    r = cli("fs", "unmount-all", socket=eng.socket)
+    r = cli("fs", "unmount-all", socket=eng.socket)  # another config than the daemon's: refused
+    assert r.returncode == 1 and f"works from {os.path.realpath(cfg)}" in r.stdout
+    assert src in mirrorfs_mounts()
+    r = cli("--config", cfg, "fs", "unmount-all", socket=eng.socket)
     assert r.returncode == 0 and src not in mirrorfs_mounts()
     r = cli("fs", "verify", src, socket=eng.socket)  # offline verify works on the directories
     assert r.returncode == 0, r.stdout

@@ -39,12 +39,21 @@ def cmd_daemon(args) -> int:
     return daemon.run(args)
 
 
+def _replication(args):
+    """The same service calls as the TUI: they refuse a daemon working from another config."""
+    from app.services.config import ConfigStore
+    from app.services.replication import Replication
+    return Replication(ConfigStore(getattr(args, "config", None)), _client())
+
+
 def cmd_mount_all(args) -> int:
-    return _print_results(args, _client().results("mount_all", force=args.force))
+    _client().request("ping")  # no daemon: a refusal (exit 2) that says how to start it
+    return _print_results(args, _replication(args).mount_all(force=args.force))
 
 
 def cmd_unmount_all(args) -> int:
-    return _print_results(args, _client().results("unmount_all", force=args.force))
+    _client().request("ping")
+    return _print_results(args, _replication(args).unmount_all(force=args.force))
 
 
 def cmd_mirror(args) -> int:

@@ -62,7 +62,7 @@ class Daemon:
 
     # -- commands ---------------------------------------------------------------------------
     async def cmd_ping(self, send, **_):
-        return {"pid": os.getpid()}
+        return {"pid": os.getpid(), "config": os.path.realpath(self.store.path)}
 
     async def cmd_status(self, send, **_):
         await self.sup.reap()

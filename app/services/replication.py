@@ -142,7 +142,11 @@ class Replication:
                            f"{device} is not a configured block device", errno.ENOENT)]
         except MirrorError as exc:
             return [Result.from_error("remove", device, exc)]
-        if self.daemon() is not None:
+        try:
+            daemon = self.daemon()
+        except MirrorError as exc:
+            return [Result.from_error("remove", entry.device, exc)]
+        if daemon is not None:
             results = self._daemon_results("detach", entry.device, "block_detach", device=entry.device)
         else:
             results = self._detach_entry(entry)
@@ -157,16 +161,30 @@ class Replication:
 
     def daemon(self):
         """The daemon's client when it answers, else None. Block entries are captured by the
-        daemon; without it they are attached as plain loops and said to be uncaptured."""
+        daemon; without it they are attached as plain loops and said to be uncaptured.
+        Raises MirrorError when the daemon that answers works from another configuration file."""
         try:
             control = self.control
         except ImportError:
             return None
-        return control if control.is_running() else None
+        try:
+            ping = control.request("ping")
+        except MirrorError:
+            return None
+        theirs, ours = ping.get("config"), os.path.realpath(self.store.path)
+        if theirs and theirs != ours:
+            raise MirrorError(f"the daemon on {control.socket_path} works from {theirs}, not {ours}: "
+                              "use its configuration (--config) or start a daemon for this one",
+                              errno=errno.EINVAL, obj=ours)
+        return control
 
     def attach_all(self, *, dry_run: bool = False, force: bool = False) -> list[Result]:
         """Attach every configured block entry; idempotent (an attached entry is unchanged)."""
-        if self.daemon() is not None:
+        try:
+            daemon = self.daemon()
+        except MirrorError as exc:
+            return [Result.from_error("attach", "all block entries", exc)]
+        if daemon is not None:
             return self._daemon_results("attach", "all block entries", "block_attach_all",
                                         dry_run=dry_run, force=force)
         config = self.store.load()
@@ -176,7 +194,11 @@ class Replication:
 
     def detach_all(self, *, dry_run: bool = False) -> list[Result]:
         """Detach only the loops our configuration names; a mounted loop is reported, not forced."""
-        if self.daemon() is not None:
+        try:
+            daemon = self.daemon()
+        except MirrorError as exc:
+            return [Result.from_error("detach", "all block entries", exc)]
+        if daemon is not None:
             return self._daemon_results("detach", "all block entries", "block_detach_all",
                                         dry_run=dry_run)
         results: list[Result] = []
@@ -259,6 +281,7 @@ class Replication:
         """Compare the window with its target by block hashes: results and the differing
         [start, end) byte ranges (target offsets); progress as for block_mirror."""
         try:
+            self.daemon()  # refuses a daemon that works from another configuration file
             reply = self.control.request("block_verify", device=device, progress=progress)
         except MirrorError as exc:
             return [Result.from_error("verify", device, exc)], []
@@ -324,6 +347,7 @@ class Replication:
     def _daemon_results(self, action: str, subject: str, cmd: str | None = None, progress=None,
                         **args) -> list[Result]:
         try:
+            self.daemon()  # refuses a daemon that works from another configuration file
             reply = self.control.request(cmd or action, progress=progress, **args)
             return [Result.from_json(r) for r in reply.get("results", [])]
         except MirrorError as exc:
