@@ -98,21 +98,30 @@ class Engine:
     def logtext(self) -> str:
         return (self.tmp / "daemon.log").read_text(errors="replace")
 
-    def status(self, path: str) -> dict:
-        for e in self.client.request("status")["entries"]:
-            if e["path"] == path:
+    def _row(self, table: str, key: str, value: str) -> dict:
+        for e in self.client.request("status")[table]:
+            if e[key] == value:
                 return e
-        raise AssertionError(f"{path} not in status")
+        raise AssertionError(f"{value} not in status")
 
-    def drain(self, path: str) -> dict:
+    def status(self, path: str) -> dict:
+        return self._row("entries", "path", path)
+
+    def block(self, device: str) -> dict:
+        return self._row("block", "device", device)
+
+    def drain(self, path: str, *, table: str = "entries", key: str = "path") -> dict:
         """Wait until the applier has applied everything captured so far (status is the witness)."""
         deadline = time.monotonic() + DRAIN_SECONDS
         while True:
-            st = self.status(path)
+            st = self._row(table, key, path)
             if st["applied_seq"] == st["last_seq"]:
                 return st
             assert time.monotonic() < deadline, f"journal did not drain: {st}"
             time.sleep(0.05)
+
+    def block_drain(self, device: str) -> dict:
+        return self.drain(device, table="block", key="device")
 
     def verify(self, path: str) -> list[dict]:
         return self.client.request("verify", path=path)["differences"]
@@ -130,21 +139,6 @@ class Engine:
                 self.proc.kill()
                 self.proc.wait()
         self.proc = None
-
-    def block(self, device: str) -> dict:
-        for e in self.client.request("status")["block"]:
-            if e["device"] == device:
-                return e
-        raise AssertionError(f"{device} not in status")
-
-    def block_drain(self, device: str) -> dict:
-        deadline = time.monotonic() + DRAIN_SECONDS
-        while True:
-            st = self.block(device)
-            if st["applied_seq"] == st["last_seq"]:
-                return st
-            assert time.monotonic() < deadline, f"journal did not drain: {st}"
-            time.sleep(0.05)
 
     def cleanup(self) -> None:
         self.stop()

@@ -142,10 +142,9 @@ class Replication:
                            f"{device} is not a configured block device", errno.ENOENT)]
         except MirrorError as exc:
             return [Result.from_error("remove", device, exc)]
-        try:
-            daemon = self.daemon()
-        except MirrorError as exc:
-            return [Result.from_error("remove", entry.device, exc)]
+        daemon, refusal = self._daemon_or_refusal("remove", entry.device)
+        if refusal:
+            return refusal
         if daemon is not None:
             results = self._daemon_results("detach", entry.device, "block_detach", device=entry.device)
         else:
@@ -178,12 +177,19 @@ class Replication:
                               errno=errno.EINVAL, obj=ours)
         return control
 
+    def _daemon_or_refusal(self, action: str, subject: str):
+        """(daemon client or None, None) — or (None, [FAILED result]) for a daemon that works
+        from another configuration file."""
+        try:
+            return self.daemon(), None
+        except MirrorError as exc:
+            return None, [Result.from_error(action, subject, exc)]
+
     def attach_all(self, *, dry_run: bool = False, force: bool = False) -> list[Result]:
         """Attach every configured block entry; idempotent (an attached entry is unchanged)."""
-        try:
-            daemon = self.daemon()
-        except MirrorError as exc:
-            return [Result.from_error("attach", "all block entries", exc)]
+        daemon, refusal = self._daemon_or_refusal("attach", "all block entries")
+        if refusal:
+            return refusal
         if daemon is not None:
             return self._daemon_results("attach", "all block entries", "block_attach_all",
                                         dry_run=dry_run, force=force)
@@ -194,10 +200,9 @@ class Replication:
 
     def detach_all(self, *, dry_run: bool = False) -> list[Result]:
         """Detach only the loops our configuration names; a mounted loop is reported, not forced."""
-        try:
-            daemon = self.daemon()
-        except MirrorError as exc:
-            return [Result.from_error("detach", "all block entries", exc)]
+        daemon, refusal = self._daemon_or_refusal("detach", "all block entries")
+        if refusal:
+            return refusal
         if daemon is not None:
             return self._daemon_results("detach", "all block entries", "block_detach_all",
                                         dry_run=dry_run)
