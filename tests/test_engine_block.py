@@ -222,13 +222,40 @@ while True:  # rewrite the device round and round until a write fails; print its
 """
 
 
-def test_kill9_under_write_load_then_restart_resyncs(block_engine, tmp_path):
+def test_kill9_of_the_daemon_under_write_load_keeps_io_alive_and_is_taken_over(block_engine):
+    eng, disk, target, cfg = block_engine()
+    before = eng.block(disk)
+    loop, worker = before["loop"], before["worker_pid"]
+    writer = subprocess.Popen([sys.executable, "-c", WRITER, loop], stdout=subprocess.PIPE, text=True)
+    try:
+        assert writer.stdout.readline() == "writing\n"
+        time.sleep(0.5)
+        eng.kill9()  # the daemon only: its capture worker goes on serving the loop
+        out = cli(cfg, eng, "status").stdout
+        assert f"{loop}: its capture goes on without a daemon" in out, out
+        time.sleep(1)
+        assert writer.poll() is None  # the application's writes never failed
+        eng.start()
+        st = eng.block(disk)
+        assert st["captured"] and st["loop"] == loop and st["worker_pid"] == worker
+        assert "took over the running capture" in eng.logtext()
+        assert writer.poll() is None
+    finally:
+        writer.terminate()
+        writer.wait()
+    eng.block_drain(disk)
+    assert eng.client.request("block_verify", device=disk)["ranges"] == []
+    assert sha(target) == sha(disk)
+
+
+def test_kill9_of_daemon_and_worker_under_write_load_then_restart_resyncs(block_engine, tmp_path):
     eng, disk, target, cfg = block_engine()
     loop = eng.block(disk)["loop"]
     writer = subprocess.Popen([sys.executable, "-c", WRITER, loop], stdout=subprocess.PIPE, text=True)
     assert writer.stdout.readline() == "writing\n"
     time.sleep(0.5)
     eng.kill9()
+    eng.kill_orphan_workers()  # the whole capture dies (a crash, or systemd killing the cgroup)
     writer.wait(timeout=60)  # the capture died under it: its writes fail from then on
     assert writer.returncode == 3
     assert writer.stdout.read().split()[0] == str(errno.EIO)

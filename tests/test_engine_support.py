@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import os
 import signal
 import subprocess
 import sys
@@ -126,6 +127,23 @@ class Engine:
     def verify(self, path: str) -> list[dict]:
         return self.client.request("verify", path=path)["differences"]
 
+    def workers(self) -> list[int]:
+        """Capture worker processes of this engine (still running after a daemon died)."""
+        import psutil
+        found = []
+        for p in psutil.process_iter(["pid", "cmdline"]):
+            cmd = p.info["cmdline"] or []
+            if "app.engine.blockworker" in cmd and any(str(self.tmp) in a for a in cmd):
+                found.append(p.info["pid"])
+        return found
+
+    def kill_orphan_workers(self) -> None:
+        for pid in self.workers():
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
     def kill9(self) -> None:
         self.proc.send_signal(signal.SIGKILL)
         self.proc.wait()
@@ -142,6 +160,7 @@ class Engine:
 
     def cleanup(self) -> None:
         self.stop()
+        self.kill_orphan_workers()
         from app.services import loop as loopdev
         for lp in loopdev.list_attached():  # loops left on our capture files (a killed daemon's)
             if lp.backing_file and lp.backing_file.startswith(str(self.tmp)):

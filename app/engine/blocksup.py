@@ -14,6 +14,8 @@ from __future__ import annotations
 import errno
 import logging
 import os
+import select
+import socket
 from dataclasses import dataclass
 
 import trio
@@ -31,6 +33,26 @@ log = logging.getLogger("mirrorsetup.block")
 FSTYPE = "fuse.mirrorblk"
 PENDING_POLL_SECONDS = 1.0  # only while a deferred detach waits for the last close
 UMOUNT_TRIES = 50  # the loop lets go of its file a moment after LOOP_CLR_FD returns
+
+
+class AdoptedProcess:
+    """A capture worker left by a previous daemon: not our child, watched through a pidfd."""
+
+    def __init__(self, pid: int):
+        self.pid = pid
+        self._fd = os.pidfd_open(pid)
+        self.returncode: int | None = None
+
+    def poll(self) -> int | None:
+        if self.returncode is None and select.select([self._fd], [], [], 0)[0]:
+            self.returncode = -1  # gone; not our child, so its status is not ours to read
+        return self.returncode
+
+    async def wait(self) -> int:
+        if self.returncode is None:
+            await trio.lowlevel.wait_readable(self._fd)
+            self.returncode = -1
+        return self.returncode
 
 
 @dataclass
@@ -57,6 +79,33 @@ class BlockSupervisor:
     def mount_dir(self, device: str) -> str:
         return os.path.join(self.block_dir, capture_id(device))
 
+    def adopt_path(self, device: str) -> str:
+        return os.path.join(self.block_dir, capture_id(device) + ".sock")
+
+    async def _adopt(self, entry: BlockEntry) -> Capture | None:
+        """Take over a capture worker whose daemon died: it kept serving the loop meanwhile."""
+        path = self.adopt_path(entry.device)
+        if not os.path.exists(path):
+            return None
+        sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            await sock.connect(path)
+        except OSError:
+            sock.close()
+            return None  # a dead worker's socket: the stale-capture cleanup takes it from here
+        worker = Worker(entry, None, trio.SocketStream(sock), trio.Lock(), {}, label=entry.device)
+        with trio.move_on_after(10):
+            msg = await worker._line()
+            if msg.get("event") == "ready" and msg.get("pid"):
+                worker.proc = AdoptedProcess(msg["pid"])
+                worker.info = msg
+                cap = Capture(entry, worker, self.mount_dir(entry.device))
+                cap.loop = next((s.device for s in loopdev.list_attached()
+                                 if s.backing_file == cap.file), None)
+                return cap
+        await worker.stream.aclose()
+        return None
+
     def pids(self) -> set[int]:
         return {c.worker.proc.pid for c in self.captures.values()}
 
@@ -70,6 +119,8 @@ class BlockSupervisor:
                           " (captured)", details={"loop": cap.loop, "captured": True})
         if not os.path.exists(dev):
             return Result(action, dev, Outcome.FAILED, f"{dev} does not exist", errno.ENOENT)
+        if not dry_run and (cap := await self._adopt(entry)) is not None:
+            return await self._adopted(cap, action)
         await self.clean_stale(dev)
         try:
             refusal, plain = self._refusal(entry)
@@ -93,6 +144,22 @@ class BlockSupervisor:
                 return Result(action, dev, Outcome.FAILED, f"could not take over {plain.device}, "
                               f"attached without capture: {r.message}", r.errno or errno.EBUSY)
         return await self._start(entry, want, progress, action, target)
+
+    async def _adopted(self, cap: Capture, action: str) -> Result:
+        dev = cap.entry.device
+        if cap.loop is None:  # its daemon died between the worker's start and the loop attach
+            try:
+                cap.loop = (await trio.to_thread.run_sync(lambda: loopdev.attach(
+                    cap.file, loop=cap.entry.loop, read_only=cap.entry.read_only))).device
+            except MirrorError as exc:
+                await self._stop_worker(cap)
+                return Result.from_error(action, dev, exc)
+        self.captures[dev] = cap
+        if self.nursery is not None:
+            self.nursery.start_soon(self._watch, cap)
+        return Result(action, dev, Outcome.OK, f"took over the running capture of {dev} as {cap.loop} "
+                      f"(worker pid {cap.worker.proc.pid}): its I/O went on while no daemon ran",
+                      details={"loop": cap.loop, "captured": True, "adopted": True})
 
     def _refusal(self, entry: BlockEntry) -> tuple[str | None, loopdev.LoopStatus | None]:
         """Why `entry` cannot be captured now, and an idle uncaptured loop of it to take over."""
@@ -121,7 +188,7 @@ class BlockSupervisor:
         mount_dir = self.mount_dir(dev)
         state = os.path.join(self.state_dir, "block", capture_id(dev))
         args = ["--device", dev, "--offset", str(entry.offset), "--sizelimit", str(entry.sizelimit),
-                "--state", state, "--mount", mount_dir]
+                "--state", state, "--mount", mount_dir, "--adopt", self.adopt_path(dev)]
         if entry.target:
             args += ["--target", entry.target]
         if entry.read_only:
@@ -214,16 +281,17 @@ class BlockSupervisor:
             await cap.worker.proc.wait()
 
     async def stop_all(self) -> list[Result]:
-        """At daemon stop: detach what can be; a mounted loop loses its capture (said loudly)."""
+        """At daemon stop: detach what can be. A loop still mounted or open keeps its capture
+        worker running (the next daemon takes it over), so its I/O does not fail."""
         results = []
         for cap in list(self.captures.values()):
             rs = await self.detach(cap.entry)
             if any(r.failed for r in rs) or any(r.outcome is Outcome.PENDING for r in rs):
-                results.append(Result("detach", cap.entry.device, Outcome.FAILED,
-                                      f"{cap.loop} is still in use at daemon stop: its I/O fails "
-                                      "from now on until it is unmounted/closed and attached again",
-                                      errno.EBUSY))
-                await self._stop_worker(cap)
+                results.append(Result("detach", cap.entry.device, Outcome.PENDING,
+                                      f"{cap.loop} is still in use at daemon stop: its capture goes "
+                                      f"on in pid {cap.worker.proc.pid} and the next daemon takes it "
+                                      "over"))
+                self.captures.pop(cap.entry.device, None)
             results += rs
         return results
 

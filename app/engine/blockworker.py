@@ -18,6 +18,7 @@ import argparse
 import errno
 import json
 import os
+import socket
 import stat
 import sys
 
@@ -185,6 +186,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--state", required=True)
     p.add_argument("--mount", required=True, help="private directory for the FUSE file")
     p.add_argument("--read-only", action="store_true")
+    p.add_argument("--adopt", help="socket where the next daemon takes over a capture whose "
+                   "daemon died (the capture goes on meanwhile)")
     p.add_argument("--fd", type=int, required=True)
     args = p.parse_args(argv)
     return guarded(args.fd, lambda chan: _run(args, chan))
@@ -251,9 +254,24 @@ def _run(args, chan: Channel) -> int:
             ops.unfrozen.set()
         return {"ok": True, "size": size, **counts}
 
-    run_until_unmounted(chan, {"unclean": unclean and not first, "first": first, "resync": resync,
-                               "size": size, "file": os.path.join(args.mount, os.fsdecode(FILE_NAME))},
-                        handle, args.device, applier, journal, flush=lambda: os.fsync(raw))
+    adopt = None
+    if args.adopt:
+        if os.path.lexists(args.adopt):
+            os.unlink(args.adopt)  # a dead worker's; a live one would hold our O_EXCL open
+        adopt = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+        adopt.bind(args.adopt)
+        os.chmod(args.adopt, 0o600)
+        adopt.listen(1)
+    try:
+        run_until_unmounted(chan, {"unclean": unclean and not first, "first": first,
+                                   "resync": resync, "size": size, "pid": os.getpid(),
+                                   "file": os.path.join(args.mount, os.fsdecode(FILE_NAME))},
+                            handle, args.device, applier, journal, flush=lambda: os.fsync(raw),
+                            adopt=adopt)
+    finally:
+        if adopt is not None:
+            adopt.close()
+            os.unlink(args.adopt)
     return 0
 
 

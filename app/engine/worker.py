@@ -106,7 +106,7 @@ def open_state(state: str, ident: bytes) -> tuple[bool, bool]:
 
 
 def run_until_unmounted(chan: Channel, ready: dict, handle, label: str, applier, journal,
-                        flush=None) -> None:
+                        flush=None, adopt: socket.socket | None = None) -> None:
     """Serve FUSE and the daemon until the daemon unmounts us; then drain the journal onto the
     target, make it durable (and `flush()`), and write the clean marker last."""
     import pyfuse3
@@ -114,7 +114,7 @@ def run_until_unmounted(chan: Channel, ready: dict, handle, label: str, applier,
 
     async def run() -> None:
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(serve_daemon, chan.sock, ready, handle, label)
+            nursery.start_soon(serve_daemon, chan.sock, ready, handle, label, adopt)
             await pyfuse3.main()  # returns when the daemon unmounts us (ENODEV on /dev/fuse)
             nursery.cancel_scope.cancel()
 
@@ -134,18 +134,30 @@ def run_until_unmounted(chan: Channel, ready: dict, handle, label: str, applier,
             os.fsync(f.fileno())
 
 
-async def serve_daemon(sock: socket.socket, ready: dict, handle, label: str) -> None:
+async def serve_daemon(sock: socket.socket, ready: dict, handle, label: str,
+                       adopt: socket.socket | None = None) -> None:
     """Say "ready", then answer the daemon's JSON-line requests with `handle(req, stream)`.
-    End of file means the daemon is gone: exit at once, as if we had crashed with it."""
+    End of file means the daemon is gone. Without `adopt` exit at once, as if we had crashed
+    with it; with `adopt` (a listening socket) keep capturing and wait for the next daemon to
+    connect there and take us over (block entries: their applications' I/O never stops)."""
     import trio
     stream = trio.SocketStream(trio.socket.from_stdlib_socket(sock))
     await stream.send_all(json.dumps({"event": "ready", **ready}).encode() + b"\n")
+    listener = None if adopt is None else trio.socket.from_stdlib_socket(adopt)
     buf = b""
     while True:
         data = await stream.receive_some(65536)
         if not data:
-            log.error("%s: the daemon is gone; stopping capture now", label)
-            os._exit(1)
+            if listener is None:
+                log.error("%s: the daemon is gone; stopping capture now", label)
+                os._exit(1)
+            log.error("%s: the daemon is gone; capture goes on, waiting to be taken over", label)
+            conn, _ = await listener.accept()
+            stream = trio.SocketStream(conn)
+            await stream.send_all(json.dumps({"event": "ready", **ready, "adopted": True,
+                                              "first": False, "resync": None}).encode() + b"\n")
+            buf = b""
+            continue
         buf += data
         while b"\n" in buf:
             line, buf = buf.split(b"\n", 1)

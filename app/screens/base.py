@@ -27,7 +27,8 @@ STATE_STYLE = {
     "not mounted": "yellow", "detached": "yellow", "detach pending": "yellow",
     "path missing": "red", "device missing": "red",
 }
-CAPTURE_STYLE = {"captured": "green", "not captured": "bold yellow", "lost": "bold red"}
+CAPTURE_STYLE = {"captured": "green", "not captured": "bold yellow", "no daemon": "yellow",
+                 "lost": "bold red"}
 
 
 def outcome_text(result: Result) -> Text:

@@ -42,7 +42,8 @@ class BlockState:
     loops: tuple[loopdev.LoopStatus, ...] = ()
     raw_mounts: tuple[str, ...] = ()
     loop_mounts: tuple[str, ...] = ()
-    capture: str = ""  # "captured" | "not captured" | "lost" (its daemon is gone) | "" (no loop)
+    capture: str = ""  # "captured" | "not captured" | "no daemon" (worker alive, daemon gone)
+    #                    | "lost" (worker dead too) | "" (no loop)
     engine: dict[str, Any] | None = None  # the daemon's figures for a captured entry
 
     @property
@@ -166,6 +167,15 @@ def snapshot(store: ConfigStore, control=None, *, scan_writers: bool = True) -> 
     return snap
 
 
+def _serving(capture_file: str | None) -> bool:
+    """Is the capture worker behind this FUSE file still answering? (a dead one: ENOTCONN)"""
+    try:
+        os.statvfs(os.path.dirname(capture_file or "/nonexistent/x"))
+        return bool(capture_file)
+    except OSError:
+        return False
+
+
 def _block_state(entry: BlockEntry, index: LoopIndex, loops: list[loopdev.LoopStatus], table,
                  warnings: list[StatusWarning], scan_writers: bool, engine: dict | None,
                  ours_pids: frozenset[int]) -> BlockState:
@@ -192,6 +202,10 @@ def _block_state(entry: BlockEntry, index: LoopIndex, loops: list[loopdev.LoopSt
         state = "attached"
     if captured and live:
         capture = "captured"
+    elif captured and _serving(captured[0].backing_file):
+        capture = "no daemon"
+        warnings.append(StatusWarning(dev, f"{captured[0].device}: its capture goes on without a daemon "
+                                     "(the daemon stopped or died); start the daemon to take it over"))
     elif captured:
         capture = "lost"
         warnings.append(StatusWarning(dev, f"{captured[0].device} serves a capture whose daemon is gone: "
