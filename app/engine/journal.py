@@ -33,7 +33,7 @@ MEMORY_BYTES = 64 << 20  # in-memory queue bound; beyond it records spill to dis
 HEADER = struct.Struct("<IIQ")  # length of the rest, crc32 of the rest, seq
 BODY = struct.Struct("<BHI")  # kind, op length, args length
 APPLIED_FILE = "applied"
-MAX_UNSYNCED_SEGMENTS = 16  # rolled, not yet fdatasync'ed segments kept open for the next sync
+MAX_UNSYNCED_SEGMENTS = 64  # rolled segments (5 MB each) kept open, unsynced, for the next sync()
 LAG_SAMPLE_SECONDS = 0.005  # lag is measured to this resolution, not per record
 
 
