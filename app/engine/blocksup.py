@@ -7,6 +7,10 @@ resync, private FUSE mount under RUN/block/<id>/), then attach the configured or
 loop to the worker's file. Detach: never unmount anything; a mounted loop is reported, an open
 one is a deferred detach ("detach pending") finished in the background when it is closed, and
 only then is the FUSE mount lifted and the worker stopped (its journal drained).
+
+Take-over: a worker outlives a daemon that dies (or stops while its loop is still in use) and
+waits on RUN/block/<id>.sock; the next daemon's attach connects there first and adopts it, so
+the applications' I/O through the loop never stops.
 """
 
 from __future__ import annotations
@@ -26,8 +30,8 @@ from app.services import loop as loopdev
 from app.services.config import BlockEntry
 from app.services.replication import (CAPTURE_FILE, Replication, busy_reasons, capture_id,
                                       index_by_backing, is_capture_of, mounted_on)
-from app.services.status import openers_of
 from app.services.results import MirrorError, Outcome, Result
+from app.services.status import openers_of
 
 log = logging.getLogger("mirrorsetup.block")
 FSTYPE = "fuse.mirrorblk"
@@ -45,14 +49,18 @@ class AdoptedProcess:
 
     def poll(self) -> int | None:
         if self.returncode is None and select.select([self._fd], [], [], 0)[0]:
-            self.returncode = -1  # gone; not our child, so its status is not ours to read
+            self._gone()
         return self.returncode
 
     async def wait(self) -> int:
         if self.returncode is None:
             await trio.lowlevel.wait_readable(self._fd)
-            self.returncode = -1
+            self._gone()
         return self.returncode
+
+    def _gone(self) -> None:
+        self.returncode = -1  # not our child: its exit status is not ours to read
+        os.close(self._fd)
 
 
 @dataclass
