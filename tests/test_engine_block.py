@@ -246,6 +246,8 @@ def test_kill9_of_the_daemon_under_write_load_keeps_io_alive_and_is_taken_over(b
     eng.block_drain(disk)
     assert eng.client.request("block_verify", device=disk)["ranges"] == []
     assert sha(target) == sha(disk)
+    assert eng.stop() == 0, eng.logtext()  # a clean stop detaches and ends the adopted worker too
+    assert eng.workers() == [] and backing_of(loop) is None
 
 
 def test_kill9_of_daemon_and_worker_under_write_load_then_restart_resyncs(block_engine, tmp_path):

@@ -40,27 +40,31 @@ UMOUNT_TRIES = 50  # the loop lets go of its file a moment after LOOP_CLR_FD ret
 
 
 class AdoptedProcess:
-    """A capture worker left by a previous daemon: not our child, watched through a pidfd."""
+    """A capture worker left by a previous daemon: not our child, watched through a pidfd.
+    trio lets one task wait on an fd at a time: the others check back every 50 ms."""
 
     def __init__(self, pid: int):
         self.pid = pid
         self._fd = os.pidfd_open(pid)
+        self._waiting = False
         self.returncode: int | None = None
 
     def poll(self) -> int | None:
         if self.returncode is None and select.select([self._fd], [], [], 0)[0]:
-            self._gone()
+            self.returncode = -1  # not our child: its exit status is not ours to read
         return self.returncode
 
     async def wait(self) -> int:
-        if self.returncode is None:
-            await trio.lowlevel.wait_readable(self._fd)
-            self._gone()
+        while self.poll() is None:
+            if self._waiting:
+                await trio.sleep(0.05)
+                continue
+            self._waiting = True
+            try:
+                await trio.lowlevel.wait_readable(self._fd)
+            finally:
+                self._waiting = False
         return self.returncode
-
-    def _gone(self) -> None:
-        self.returncode = -1  # not our child: its exit status is not ours to read
-        os.close(self._fd)
 
 
 @dataclass
