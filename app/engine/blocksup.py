@@ -179,9 +179,10 @@ class BlockSupervisor:
         reason = blockdevs.exclusion_reason(dev)
         if reason:
             return f"refused: {dev} is {reason}; it cannot be replicated", None
-        busy = busy_reasons(dev)
+        attached = loopdev.list_attached()  # read sysfs once for both questions
+        busy = busy_reasons(dev, None, attached)
         plain = None
-        for s in index_by_backing().get((0, os.stat(dev).st_rdev), []):
+        for s in index_by_backing(attached).get((0, os.stat(dev).st_rdev), []):
             used = mounted_on(s.device)
             if s.offset == entry.offset and s.sizelimit == entry.sizelimit and not used \
                     and not openers_of(s.device):

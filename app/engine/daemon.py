@@ -119,20 +119,9 @@ class Daemon:
 
     async def _block_command(self, cmd: str, device: str, send) -> dict:
         entry = self._block(device)
-        if not entry.target:
-            raise MirrorError(f"{entry.device} has no target to {cmd}", errno=errno.EINVAL, obj=entry.device)
-
-        async def progress(p):
-            await send({"progress": p})
         cap = self.blk.captures.get(entry.device)
-        if cap is not None:
-            reply = await cap.worker.call(cmd, progress=progress)
-            if not reply.get("ok"):
-                raise MirrorError(reply.get("error", f"{cmd} failed"), errno=reply.get("errno"))
-            reply.pop("ok")
-        else:  # not attached: nothing writes through us, work on the devices directly
-            reply = await trio.to_thread.run_sync(_block_offline, cmd, entry,
-                                                  trio.lowlevel.current_trio_token(), send)
+        # not attached: nothing writes through us, work on the devices directly
+        reply = await _run_on_target(cmd, entry, entry.device, cap and cap.worker, _block_offline, send)
         n = reply["differing"]
         if cmd == "verify":
             res = Result("verify", entry.device, Outcome.OK if n == 0 else Outcome.FAILED,
@@ -185,21 +174,9 @@ class Daemon:
 
     async def _tree_command(self, cmd: str, path: str, send) -> dict:
         entry = self._entry(path)
-        if not entry.target:
-            raise MirrorError(f"{entry.path} has no target to {cmd}", errno=errno.EINVAL, obj=entry.path)
-
-        async def progress(p):
-            await send({"progress": p})
-
-        w = self.sup.workers.get(entry.path)
-        if w is not None:
-            reply = await w.call(cmd, progress=progress)
-            if not reply.get("ok"):
-                raise MirrorError(reply.get("error", f"{cmd} failed"), errno=reply.get("errno"))
-        else:  # not mounted: nothing is being captured, work on the directories directly
-            reply = await trio.to_thread.run_sync(_offline, cmd, entry, trio.lowlevel.current_trio_token(),
-                                                  send)
-        reply.pop("ok", None)
+        # not mounted: nothing is being captured, work on the directories directly
+        reply = await _run_on_target(cmd, entry, entry.path, self.sup.workers.get(entry.path),
+                                     _offline, send)
         if cmd == "verify":
             n = len(reply["differences"])
             res = Result("verify", entry.path, Outcome.OK if n == 0 else Outcome.FAILED,
@@ -317,6 +294,22 @@ class Daemon:
             async for _ in signals:
                 self.stopping.set()
                 return
+
+
+async def _run_on_target(cmd: str, entry, name: str, worker, offline, send) -> dict:
+    """Mirror or verify an entry against its target: through its capture worker when it has
+    one (writes held still there), else `offline(cmd, entry, token, send)` in a thread."""
+    if not entry.target:
+        raise MirrorError(f"{name} has no target to {cmd}", errno=errno.EINVAL, obj=name)
+
+    async def progress(p):
+        await send({"progress": p})
+    if worker is None:
+        return await trio.to_thread.run_sync(offline, cmd, entry, trio.lowlevel.current_trio_token(), send)
+    reply = await worker.call(cmd, progress=progress)
+    if not reply.pop("ok", False):
+        raise MirrorError(reply.get("error", f"{cmd} failed"), errno=reply.get("errno"))
+    return reply
 
 
 def _offline(cmd: str, entry: FsEntry, token, send) -> dict:

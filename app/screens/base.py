@@ -112,6 +112,11 @@ class TaskScreen(Screen):
     def on_mount(self) -> None:
         self.reload()
 
+    def reload_on(self, *signals) -> None:
+        """Read the state again whenever one of the App's signals fires (kernel or daemon events)."""
+        for signal in signals:
+            signal.subscribe(self, lambda _event: self.reload())
+
     @property
     def services(self):
         return self.app.services

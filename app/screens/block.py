@@ -130,9 +130,7 @@ class BlockScreen(TaskScreen):
 
     def on_mount(self) -> None:
         super().on_mount()
-        self.app.mounts_signal.subscribe(self, lambda _diff: self.reload())
-        self.app.daemon_signal.subscribe(self, lambda _gone: self.reload())
-        self.app.block_signal.subscribe(self, lambda _event: self.reload())
+        self.reload_on(self.app.mounts_signal, self.app.daemon_signal, self.app.block_signal)
         self.query_one("#devices").focus()
 
     def load(self):

@@ -63,8 +63,7 @@ class FilesystemScreen(TaskScreen):
 
     def on_mount(self) -> None:
         super().on_mount()
-        self.app.mounts_signal.subscribe(self, lambda _diff: self.reload())
-        self.app.daemon_signal.subscribe(self, lambda _gone: self.reload())
+        self.reload_on(self.app.mounts_signal, self.app.daemon_signal)
         self.query_one("#fs-entries").focus()
 
     def load(self):

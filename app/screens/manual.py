@@ -66,7 +66,7 @@ class ManualScreen(TaskScreen):
 
     def on_mount(self) -> None:
         super().on_mount()
-        self.app.block_signal.subscribe(self, lambda _event: self.reload())
+        self.reload_on(self.app.block_signal)
         self.query_one("#device").focus()
 
     def load(self):

@@ -79,14 +79,17 @@ def matching_loop(entry: BlockEntry, index: LoopIndex | None = None) -> loopdev.
     return None
 
 
-def busy_reasons(device: str, table: list[mounts.MountEntry] | None = None) -> list[str]:
-    """Why attaching a loop over `device` would let writes bypass capture (mounted, held)."""
+def busy_reasons(device: str, table: list[mounts.MountEntry] | None = None,
+                 attached: list[loopdev.LoopStatus] | None = None) -> list[str]:
+    """Why attaching a loop over `device` would let writes bypass capture (mounted, held,
+    captured). `table` and `attached` are read once by callers that ask for many devices."""
     st = os.stat(device)
     reasons = [f"mounted on {m.mount_point}"
                for m in mounts.mounts_of_device(os.major(st.st_rdev), os.minor(st.st_rdev), table)]
     reasons += [f"held by {h}" for h in loopdev.holders_of(device)]
     reasons += [f"captured by the mirrorsetup daemon through {s.device}"
-                for s in loopdev.list_attached() if is_capture_of(device, s.backing_file)]
+                for s in (loopdev.list_attached() if attached is None else attached)
+                if is_capture_of(device, s.backing_file)]
     if not reasons:
         try:  # what sysfs does not name: an exclusive opener (mkfs, a daemon, a RAID tool)
             os.close(os.open(device, os.O_RDONLY | os.O_EXCL | os.O_CLOEXEC))
@@ -146,7 +149,8 @@ class Replication:
         if refusal:
             return refusal
         if daemon is not None:
-            results = self._daemon_results("detach", entry.device, "block_detach", device=entry.device)
+            results = self._daemon_results("detach", entry.device, "block_detach", checked=True,
+                                           device=entry.device)
         else:
             results = self._detach_entry(entry)
         if any(r.failed for r in results):
@@ -192,11 +196,12 @@ class Replication:
             return refusal
         if daemon is not None:
             return self._daemon_results("attach", "all block entries", "block_attach_all",
-                                        dry_run=dry_run, force=force)
+                                        checked=True, dry_run=dry_run, force=force)
         config = self.store.load()
-        index, table = index_by_backing(), mounts.read_mountinfo()  # read once, not per entry
-        return [self._attach_entry(e, index, table, dry_run=dry_run, force=force, action="attach",
-                                   uncaptured=True) for e in config.block]
+        attached, table = loopdev.list_attached(), mounts.read_mountinfo()  # once, not per entry
+        index = index_by_backing(attached)
+        return [self._attach_entry(e, index, table, attached, dry_run=dry_run, force=force,
+                                   action="attach", uncaptured=True) for e in config.block]
 
     def detach_all(self, *, dry_run: bool = False) -> list[Result]:
         """Detach only the loops our configuration names; a mounted loop is reported, not forced."""
@@ -205,7 +210,7 @@ class Replication:
             return refusal
         if daemon is not None:
             return self._daemon_results("detach", "all block entries", "block_detach_all",
-                                        dry_run=dry_run)
+                                        checked=True, dry_run=dry_run)
         results: list[Result] = []
         index = index_by_backing()  # read sysfs once, not once per entry
         for entry in self.store.load().block:
@@ -213,8 +218,9 @@ class Replication:
         return results
 
     def _attach_entry(self, entry: BlockEntry, index: LoopIndex,
-                      table: list[mounts.MountEntry] | None = None, *, dry_run: bool, force: bool,
-                      action: str, uncaptured: bool = False) -> Result:
+                      table: list[mounts.MountEntry] | None = None,
+                      attached: list[loopdev.LoopStatus] | None = None, *, dry_run: bool,
+                      force: bool, action: str, uncaptured: bool = False) -> Result:
         dev = entry.device
         if not os.path.exists(dev):
             return Result(action, dev, Outcome.FAILED, f"{dev} does not exist", errno.ENOENT)
@@ -228,7 +234,7 @@ class Replication:
                           details={"loop": current.device})
         try:
             reason = blockdevs.exclusion_reason(dev)
-            busy = busy_reasons(dev, table)
+            busy = busy_reasons(dev, table, attached)
         except MirrorError as exc:
             return Result.from_error(action, dev, exc)
         except OSError as exc:
@@ -350,9 +356,12 @@ class Replication:
         return self._daemon_results("unmount", "all file-system entries", "unmount_all", force=force)
 
     def _daemon_results(self, action: str, subject: str, cmd: str | None = None, progress=None,
-                        **args) -> list[Result]:
+                        checked: bool = False, **args) -> list[Result]:
+        """Ask the daemon; unless the caller has `checked` it already, first refuse a daemon
+        that works from another configuration file."""
         try:
-            self.daemon()  # refuses a daemon that works from another configuration file
+            if not checked:
+                self.daemon()
             reply = self.control.request(cmd or action, progress=progress, **args)
             return [Result.from_json(r) for r in reply.get("results", [])]
         except MirrorError as exc:
