@@ -1,4 +1,4 @@
-"""The journal on its own: order, checksums, torn tails, spill to disk, applied seq, replay."""
+"""The journal on its own: order, checksums, torn tails, spill to disk, release, rewind, gaps, replay."""
 
 from __future__ import annotations
 
@@ -6,8 +6,8 @@ import os
 
 import pytest
 
-from app.engine.applier import Applier
-from app.engine.journal import Journal, scan_segment
+from app.engine.applier import FsApplier
+from app.engine.journal import Journal, JournalGap, scan_segment
 
 
 def _segments(d):
@@ -18,7 +18,7 @@ def test_memory_records_come_back_in_order(tmp_path):
     j = Journal(tmp_path)
     seqs = [j.append("write", {"path": "f", "offset": i}, b"x" * i) for i in range(100)]
     assert seqs == list(range(1, 101))
-    got = j.take(1000)
+    got = j.read(1000)
     assert [r.seq for r in got] == seqs and got[5].data == b"x" * 5
     assert _segments(tmp_path) == []  # never spilled: nothing written
 
@@ -29,7 +29,7 @@ def test_spill_to_disk_preserves_order(tmp_path):
         j.append("write", {"path": "f", "offset": i}, b"%d" % i)
     assert len(_segments(tmp_path)) >= 2  # rolled over several small segments
     got, added = [], False
-    while batch := j.take(37):
+    while batch := j.read(37):
         got += batch
         if len(got) >= 150 and not added:
             added = True  # new records while a disk backlog remains must queue behind it
@@ -52,7 +52,7 @@ def test_crc_detects_corruption_and_torn_tail_is_truncated(tmp_path):
         f.write(b"\x40\x00\x00\x00\x12\x34")
     j2 = Journal(tmp_path)
     assert j2.torn_bytes == 6 and seg.stat().st_size == size
-    assert [r.seq for r in j2.take(100)] == list(range(1, 11))
+    assert [r.seq for r in j2.read(100)] == list(range(1, 11))
     j2.close()
     data = bytearray(seg.read_bytes())
     data[size // 2] ^= 0xFF  # flip a bit in the middle: the CRC of that record fails
@@ -65,13 +65,13 @@ def test_sync_makes_records_durable_and_reopen_replays_unapplied(tmp_path):
     j = Journal(tmp_path)
     for i in range(5):
         j.append("write", {"path": "f", "offset": i}, b"a")
-    j.applied(2, 0, persist=True)  # pretend 1..2 were applied
-    j.take(2)
+    j.read(2)
+    j.release(2)  # the target holds 1..2 durably
     assert j.sync() == 5
     # as if the process died here: nothing else flushed
     j2 = Journal(tmp_path)
-    assert (j2.applied_seq, j2.last_seq) == (2, 5)
-    assert [r.seq for r in j2.take(100)] == [3, 4, 5]
+    assert (j2.released_seq, j2.last_seq) == (2, 5)
+    assert [r.seq for r in j2.read(100)] == [3, 4, 5]
     assert j2.append("unlink", {"path": "f"}) == 6
 
 
@@ -89,15 +89,24 @@ def test_applier_replay_twice_converges(tmp_path):
             ("unlink", {"path": "gone"}, b"")]
     for op, args, data in recs:
         j.append(op, args, data)
-    batch = j.take(100)
+    batch = j.read(100)
     fd = os.open(src, os.O_PATH | os.O_DIRECTORY)
     try:
-        ap = Applier(j, fd)
-        ap.apply_batch(batch)
+        ap = FsApplier(fd)
+        for rec in batch:
+            try:
+                ap.apply(rec)
+            except FileNotFoundError:
+                assert rec.op == "unlink"
         first = sorted(os.listdir(src)), open(src / "c", "rb").read()
-        ap.apply_batch(batch)  # the crash-replay case: everything again
+        for rec in batch:  # the crash-replay case: everything again
+            try:
+                ap.apply(rec)
+            except FileNotFoundError:
+                pass
         assert (sorted(os.listdir(src)), open(src / "c", "rb").read()) == first == (["c", "d", "s"], b"hello")
         assert os.stat(src / "c").st_ino == os.stat(src / "d" / "b").st_ino
+        ap.close()
     finally:
         os.close(fd)
 
@@ -110,13 +119,14 @@ def test_no_textual_or_fuse_import_for_the_client():
 
 
 @pytest.mark.parametrize("n", [1, 3])
-def test_discard_pending_after_a_difference_mirror(tmp_path, n):
+def test_discard_through_after_a_resync(tmp_path, n):
     j = Journal(tmp_path, memory_bytes=10)
     for i in range(n):
         j.append("write", {"path": "f", "offset": i}, b"zz")
-    j.discard_pending()
-    assert j.take(10) == [] and j.applied_seq == j.last_seq == n
-    assert Journal(tmp_path).applied_seq == n
+    j.discard_through(j.last_seq)
+    assert j.read(10) == [] and j.released_seq == j.last_seq == n and j.queued_bytes == 0
+    assert Journal(tmp_path).released_seq == n
+    assert not list(tmp_path.glob("*.seg"))
 
 
 def test_rolled_segments_are_made_durable_by_sync_not_by_the_roll(tmp_path):
@@ -135,3 +145,102 @@ def test_rolled_segments_are_made_durable_by_sync_not_by_the_roll(tmp_path):
     assert len(os.listdir("/proc/self/fd")) == fds_before
     again = Journal(tmp_path)
     assert again.last_seq == 10 + jmod.MAX_UNSYNCED_SEGMENTS + 5
+
+
+def test_concurrent_append_spill_read_release_loses_nothing_and_never_stalls(tmp_path):
+    """The take-over livelock: releasing (and deleting segments) raced the capture's spills.
+    The same stress against the old journal (take/applied/persist_applied outside the lock)
+    failed three ways in three runs: EBADF, a reader stuck with no segment files left while
+    records were said to be on disk, and skipped seqs. Every record must arrive once, in order."""
+    import threading
+    import time
+    n = 60_000
+    j = Journal(tmp_path, memory_bytes=0, segment_bytes=4096)  # every record spills, tiny segments
+    errors: list[BaseException] = []
+
+    def writer():
+        try:
+            for i in range(n):
+                j.append("write", {"offset": i}, b"x" * 100)
+                if i % 3 == 0:
+                    j.sync()
+        except BaseException as exc:  # surfaced below
+            errors.append(exc)
+    t = threading.Thread(target=writer)
+    t.start()
+    last, idle_since, rounds = 0, time.monotonic(), 0
+    while last < n:
+        batch = j.read(256, timeout=0.1)
+        if batch:
+            assert [r.seq for r in batch] == list(range(last + 1, last + 1 + len(batch)))
+            last = batch[-1].seq
+            idle_since = time.monotonic()
+            j.release(last, persist=rounds % 7 == 0)
+            rounds += 1
+        else:
+            assert not errors, errors
+            assert time.monotonic() - idle_since < 30, f"no progress at seq {last} of {n}"
+    t.join()
+    assert not errors, errors
+    assert j.released_seq == n and j.queued_bytes == 0
+    assert len(list(tmp_path.glob("*.seg"))) <= 1  # released segments are gone
+
+
+def test_rewind_resends_from_the_targets_position(tmp_path):
+    j = Journal(tmp_path, memory_bytes=300, segment_bytes=1000)  # half in memory, half on disk
+    for i in range(40):
+        j.append("write", {"offset": i}, b"y" * 20)
+    first = j.read(25)
+    assert [r.seq for r in first] == list(range(1, 26))
+    j.release(10)
+    j.rewind(10)  # a reconnect: the target holds 1..10 durably, 11.. are sent again
+    again = j.read(100)
+    assert [r.seq for r in again] == list(range(11, 41))
+    with pytest.raises(JournalGap):
+        j.rewind(5)  # 6..10 are gone: only a resync can bring them back
+
+
+def test_a_hole_on_disk_is_a_gap_never_skipped(tmp_path):
+    j = Journal(tmp_path, memory_bytes=0, segment_bytes=500)
+    for i in range(30):
+        j.append("write", {"offset": i}, b"z" * 40)
+    j.close()
+    segs = _segments(tmp_path)
+    assert len(segs) >= 3
+    segs[1].unlink()  # records lost in the middle
+    j2 = Journal(tmp_path)
+    assert j2.gap is not None
+    got = []
+    with pytest.raises(JournalGap) as exc:
+        while batch := j2.read(10):
+            got += batch
+    assert [r.seq for r in got] == list(range(1, len(got) + 1))
+    assert exc.value.expected == len(got) + 1
+
+
+def test_queue_limit_pull_ahead_stops_storing_and_says_so(tmp_path):
+    j = Journal(tmp_path, limit_bytes=10_000, on_full="pull-ahead")
+    stored = [j.append("write", {"offset": i}, b"w" * 1000) for i in range(30)]
+    assert 0 in stored and j.behind and j.dropped == stored.count(0)
+    assert stored[:5] == [1, 2, 3, 4, 5]
+    assert j.queued_bytes <= 10_000
+    assert j.append("write", {"offset": 99}, b"q") == 0  # still behind until a resync begins
+    j.read(100)
+    j.release(j.last_seq)
+    last = j.catch_up_from_behind()
+    assert not j.behind and j.append("write", {"offset": 1}, b"r") == last + 1
+
+
+def test_queue_limit_block_makes_writers_wait(tmp_path):
+    import threading
+    j = Journal(tmp_path, limit_bytes=5_000, on_full="block")
+    for i in range(4):
+        j.append("write", {"offset": i}, b"b" * 1000)
+    done = threading.Event()
+    t = threading.Thread(target=lambda: (j.append("write", {"offset": 9}, b"b" * 1000), done.set()))
+    t.start()
+    assert not done.wait(0.5)  # the writer waits for room
+    j.read(10)
+    j.release(4)
+    assert done.wait(10) and j.last_seq == 5 and not j.behind
+    t.join()

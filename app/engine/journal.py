@@ -2,20 +2,31 @@
 
 A record is (seq, kind, op, args, data). `kind` says which engine wrote it (file system or
 block), `op` is the operation name, `args` a small JSON object and `data` the raw bytes (a
-write's payload). The file-system engine writes records now; the block engine reuses the format.
+write's payload). Capture appends; the shipper reads with a cursor (`read`), may go back
+(`rewind`, after a reconnect the target says where it is), and frees records only once the
+target holds them durably (`release`). So a record leaves the journal when, and only when,
+the target has it.
 
 Records live in a bounded in-memory queue. When the queue is full, or when an application asks
 for durability (fsync), everything queued moves to append-only segment files
-(`<seq>.seg`, about 5 MB each, like the seed product's spill files) and later records keep going
-to disk until the applier has read them all, so the order is never broken. On disk a record is
+(`<first seq>.seg`, about 5 MB each, like the seed product's spill files); the disk always
+holds a prefix of the unreleased records and memory the rest, so order is never broken. On
+disk a record is
 
     u32 length | u32 crc32(seq..end) | u64 seq | u8 kind | u16 op_len | u32 args_len | op | args | data
 
-A torn or corrupt tail (the daemon died mid-append) is detected on open and truncated.
+A torn or corrupt tail (the process died mid-append) is detected on open and truncated. Seqs
+are consecutive; a hole (records lost) is never skipped: `read` raises JournalGap and the
+capture turns it into a resync.
+
+Queue limit: past `limit_bytes` of unreleased records the journal either makes writers wait
+("block") or stops storing records and says so ("pull-ahead": the capture keeps a dirty map
+instead and resyncs it later). Every state change happens under one lock.
 """
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import struct
@@ -32,9 +43,14 @@ SEGMENT_BYTES = 5 * 1000 * 1000  # the seed product's spill files were 5 MB each
 MEMORY_BYTES = 64 << 20  # in-memory queue bound; beyond it records spill to disk
 HEADER = struct.Struct("<IIQ")  # length of the rest, crc32 of the rest, seq
 BODY = struct.Struct("<BHI")  # kind, op length, args length
-APPLIED_FILE = "applied"
+RELEASED_FILE = "released"  # the highest seq the target holds durably
+LEGACY_APPLIED_FILE = "applied"  # its name before the journal could be rewound
 MAX_UNSYNCED_SEGMENTS = 64  # rolled segments (5 MB each) kept open, unsynced, for the next sync()
-LAG_SAMPLE_SECONDS = 0.005  # lag is measured to this resolution, not per record
+MARK_BYTES = 64 << 10  # queued bytes are counted to this precision
+LAG_SAMPLE_SECONDS = 0.005
+READ_CHUNK = 1 << 20  # lag is measured to this resolution, not per record
+ON_FULL = ("pull-ahead", "block")
+FILE_MODE = 0o600
 
 
 @dataclass
@@ -47,7 +63,7 @@ class Record:
     size: int = field(default=0, compare=False)
 
     def encode(self) -> bytes:
-        """The on-disk form; only spilled records pay for it (memory records are kept as is)."""
+        """The on-disk (and on-the-wire) form."""
         op = self.op.encode()
         args = json.dumps(self.args, separators=(",", ":")).encode()
         head = struct.pack("<Q", self.seq) + BODY.pack(self.kind, len(op), len(args)) + op + args
@@ -64,6 +80,15 @@ class CorruptRecord(Exception):
     """A record whose length runs past the end or whose checksum does not match."""
 
 
+class JournalGap(Exception):
+    """Records between two seqs are missing: the target can no longer be brought up to date by
+    replay alone (a resync is due)."""
+
+    def __init__(self, expected: int, found: int):
+        super().__init__(f"journal gap: expected seq {expected}, found {found}")
+        self.expected, self.found = expected, found
+
+
 def decode_at(buf: bytes | memoryview, pos: int) -> tuple[Record, int]:
     """Decode the record at `pos`; return it and the position after it."""
     if len(buf) - pos < HEADER.size:
@@ -78,8 +103,11 @@ def decode_at(buf: bytes | memoryview, pos: int) -> tuple[Record, int]:
     seq = struct.unpack_from("<Q", rest, 0)[0]
     kind, op_len, args_len = BODY.unpack_from(rest, 8)
     at = 8 + BODY.size
-    op = rest[at:at + op_len].decode()
-    args = json.loads(rest[at + op_len:at + op_len + args_len])
+    try:
+        op = rest[at:at + op_len].decode()
+        args = json.loads(rest[at + op_len:at + op_len + args_len])
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise CorruptRecord(f"undecodable record: {exc}") from None
     data = rest[at + op_len + args_len:]
     rec = Record(seq, kind, op, args, data)
     rec.size = rec.estimate_size()
@@ -93,7 +121,7 @@ def scan_segment(path: Path) -> tuple[list[int], int]:
     while pos < len(buf):
         try:
             rec, nxt = decode_at(buf, pos)
-        except (CorruptRecord, ValueError, UnicodeDecodeError):
+        except CorruptRecord:
             break
         seqs.append(rec.seq)
         pos = nxt
@@ -109,85 +137,154 @@ def decode_path(text: str) -> bytes:
     return os.fsencode(text)
 
 
+def write_small_file(directory: Path, name: str, text: str) -> None:
+    """Replace a small state file atomically (temp + fsync + rename), never through a symlink."""
+    tmp = directory / (name + ".tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, FILE_MODE)
+    try:
+        os.write(fd, text.encode())
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(tmp, directory / name)
+
+
+def read_small_file(directory: Path, name: str) -> str | None:
+    try:
+        fd = os.open(directory / name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return None
+    try:
+        return os.read(fd, 1 << 16).decode(errors="replace")
+    finally:
+        os.close(fd)
+
+
+@dataclass
+class _Segment:
+    first: int  # first seq in the file
+    path: Path
+    last: int = 0  # last seq written to it
+
+
 class Journal:
-    """One entry's journal; `append` from the capture side, `take` and `applied` from the applier."""
+    """One entry's journal; `append`/`sync` from capture, `read`/`rewind`/`release` from the shipper."""
 
     def __init__(self, directory: str | os.PathLike, *, kind: int = KIND_FS,
-                 memory_bytes: int = MEMORY_BYTES, segment_bytes: int = SEGMENT_BYTES):
+                 memory_bytes: int = MEMORY_BYTES, segment_bytes: int = SEGMENT_BYTES,
+                 limit_bytes: int | None = None, on_full: str = "pull-ahead"):
+        if on_full not in ON_FULL:
+            raise ValueError(f"on_full must be one of {ON_FULL}")
         self.dir = Path(directory)
         self.dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         self.kind = kind
         self.memory_bytes = memory_bytes
         self.segment_bytes = segment_bytes
+        self.limit_bytes = limit_bytes
+        self.on_full = on_full
         self._cv = threading.Condition()
-        self._mem: deque[Record] = deque()
+        self._mem: deque[Record] = deque()  # unreleased records not on disk, oldest first
         self._mem_bytes = 0
-        self._segments: list[tuple[int, Path]] = []  # (first seq, path), oldest first
+        self._segments: list[_Segment] = []  # oldest first
         self._writer: int | None = None
-        self._unsynced_fds: list[int] = []  # rolled segments not yet made durable
         self._writer_size = 0
         self._unsynced = False
-        self._disk_last = 0  # highest seq written to disk
-        self._reader: tuple[int, Path, int] | None = None  # segment index, path, offset
+        self._unsynced_fds: list[int] = []  # rolled segments not yet made durable
+        self._disk_last = 0  # highest seq on disk
+        self._reader: tuple[int, int] | None = None  # (segment index, byte offset) of the cursor
         self.torn_bytes = 0  # bytes cut off a torn tail at open
-        self.applied_seq = self._read_applied()
-        self.taken_seq = self.applied_seq
-        self.last_seq = self.applied_seq
+        self.gap: tuple[int, int] | None = None  # (expected, found) seen at open or while reading
+        self.released_seq = self._read_released()
+        self.sent_seq = self.released_seq  # the shipper's cursor: read up to here
+        self.last_seq = self.released_seq
         self.captured_ops = 0
-        self.queued_bytes = 0
+        self._cum = 0  # bytes appended since open (disk records found at open included)
+        self._released_cum = 0  # of which the target holds
+        self._marks: deque[tuple[int, int]] = deque()  # (seq, _cum after it), every MARK_BYTES
+        self.behind = False  # pull-ahead: records are not being stored (the capture keeps a dirty map)
+        self.dropped = 0  # records not stored while behind
         self._samples: deque[tuple[int, float]] = deque()  # (seq, monotonic time) for the lag
         self._open_segments()
 
     # -- opening --------------------------------------------------------------------------
-    def _read_applied(self) -> int:
-        try:
-            return int((self.dir / APPLIED_FILE).read_text().strip() or 0)
-        except FileNotFoundError:
-            return 0
+    def _read_released(self) -> int:
+        for name in (RELEASED_FILE, LEGACY_APPLIED_FILE):
+            text = read_small_file(self.dir, name)
+            if text is not None and text.strip().isdigit():
+                return int(text.strip())
+        return 0
 
     def _open_segments(self) -> None:
+        expected = self.released_seq + 1
         for path in sorted(self.dir.glob("*.seg")):
             seqs, valid = scan_segment(path)
             size = path.stat().st_size
-            if valid < size:  # torn tail: the daemon died mid-append; cut it off
+            if valid < size:  # torn tail: the process died mid-append; cut it off
                 self.torn_bytes += size - valid
                 with open(path, "r+b") as f:
                     f.truncate(valid)
                     os.fsync(f.fileno())
-            if not seqs:
-                path.unlink()
+            if not seqs or seqs[-1] <= self.released_seq:
+                path.unlink()  # empty, or wholly held by the target already
                 continue
-            if seqs[-1] <= self.applied_seq:
-                path.unlink()  # fully applied: nothing left to replay
-                continue
-            self._segments.append((seqs[0], path))
-            self._disk_last = max(self._disk_last, seqs[-1])
-            self.queued_bytes += valid
+            live = [s for s in seqs if s > self.released_seq]
+            if live[0] != expected and self.gap is None:
+                self.gap = (expected, live[0])
+            expected = live[-1] + 1
+            self._segments.append(_Segment(seqs[0], path, seqs[-1]))
+            self._disk_last = seqs[-1]
+            self._cum += valid
+            self._marks.append((seqs[-1], self._cum))
         self.last_seq = max(self.last_seq, self._disk_last)
 
     # -- capture side ---------------------------------------------------------------------
     def append(self, op: str, args: dict, data: bytes = b"") -> int:
-        """Queue one record, in order; returns its seq. Never blocks on the applier."""
+        """Queue one record, in order; returns its seq, or 0 when it was not stored (behind:
+        the caller records what changed in its dirty map instead)."""
+        rec = Record(0, self.kind, op, args, data)
+        rec.size = rec.estimate_size()
         with self._cv:
-            seq = self.last_seq + 1
-            rec = Record(seq, self.kind, op, args, data)
-            rec.size = rec.estimate_size()
+            if self.behind or self._full(rec.size):
+                if self.on_full == "block" and not self.behind:
+                    self._cv.wait_for(lambda: not self._full(rec.size))
+                else:
+                    self.behind = True
+                    self.dropped += 1
+                    self._cv.notify_all()
+                    return 0
+            seq = rec.seq = self.last_seq + 1
             self.last_seq = seq
             self.captured_ops += 1
-            self.queued_bytes += rec.size
+            self._cum += rec.size
+            if not self._marks or self._cum - self._marks[-1][1] >= MARK_BYTES:
+                self._marks.append((seq, self._cum))
             now = time.monotonic()
             if not self._samples or now - self._samples[-1][1] >= LAG_SAMPLE_SECONDS:
                 self._samples.append((seq, now))
-            if self._disk_last > self.taken_seq:  # disk backlog: keep order, go to disk too
-                self._write(rec.encode(), seq)
-            elif self._mem_bytes + rec.size > self.memory_bytes:
+            if self._mem_bytes + rec.size > self.memory_bytes:
                 self._spill()
-                self._write(rec.encode(), seq)
+            if rec.size > self.memory_bytes:  # one record larger than the whole memory bound
+                self._write(rec)
             else:
                 self._mem.append(rec)
                 self._mem_bytes += rec.size
             self._cv.notify_all()
             return seq
+
+    @property
+    def queued_bytes(self) -> int:
+        """Bytes of records the target does not hold yet (to MARK_BYTES' precision)."""
+        return self._cum - self._released_cum if self.last_seq > self.released_seq else 0
+
+    def _full(self, size: int) -> bool:
+        return self.limit_bytes is not None and self.queued_bytes + size > self.limit_bytes \
+            and self.queued_bytes > 0
+
+    def catch_up_from_behind(self) -> int:
+        """Store records again (a resync of the dirty map starts now); returns the last seq."""
+        with self._cv:
+            self.behind = False
+            return self.last_seq
 
     def sync(self) -> int:
         """Make every record so far durable on disk (an application's fsync); returns last seq."""
@@ -214,14 +311,16 @@ class Journal:
         while self._mem:
             rec = self._mem.popleft()
             self._mem_bytes -= rec.size
-            self._write(rec.encode(), rec.seq)
+            self._write(rec)
 
-    def _write(self, raw: bytes, seq: int) -> None:
+    def _write(self, rec: Record) -> None:
+        raw = rec.encode()
         if self._writer is None or self._writer_size + len(raw) > self.segment_bytes:
-            self._roll(seq)
+            self._roll(rec.seq)
         os.write(self._writer, raw)
         self._writer_size += len(raw)
-        self._disk_last = seq
+        self._segments[-1].last = rec.seq
+        self._disk_last = rec.seq
         self._unsynced = True
 
     def _roll(self, seq: int) -> None:
@@ -233,129 +332,162 @@ class Journal:
             else:
                 os.close(self._writer)
         path = self.dir / f"{seq:020d}.seg"
-        self._writer = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
+        self._writer = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW
+                               | os.O_CLOEXEC, FILE_MODE)
         self._writer_size = os.fstat(self._writer).st_size
-        self._segments.append((seq, path))
+        self._segments.append(_Segment(seq, path, seq))
         self._unsynced = False
 
-    # -- applier side ---------------------------------------------------------------------
-    def take(self, max_records: int = 256, timeout: float | None = None) -> list[Record]:
-        """The next records after the last taken one, in order (waits up to `timeout`)."""
+    # -- shipper side ---------------------------------------------------------------------
+    def read(self, max_records: int = 256, *, max_bytes: int = 8 << 20,
+             timeout: float | None = None) -> list[Record]:
+        """The next records after the cursor, in order, without freeing them (waits up to
+        `timeout` for one). Raises JournalGap when the next seq is missing."""
         with self._cv:
-            if self.taken_seq >= self.last_seq and timeout:
-                self._cv.wait_for(lambda: self.taken_seq < self.last_seq, timeout)
+            if self.sent_seq >= self.last_seq and timeout:
+                self._cv.wait_for(lambda: self.sent_seq < self.last_seq, timeout)
             out: list[Record] = []
-            if self._disk_last > self.taken_seq:
-                out = self._read_disk(max_records)
-            while len(out) < max_records and self._mem and self._disk_last <= self.taken_seq:
-                rec = self._mem.popleft()
-                self._mem_bytes -= rec.size
-                out.append(rec)
-                self.taken_seq = rec.seq
+            try:
+                if self.sent_seq < self._disk_last:
+                    self._read_disk(out, max_records, max_bytes)
+                if self.sent_seq >= self._disk_last and self._mem:
+                    nbytes = sum(r.size for r in out)
+                    start = max(0, self.sent_seq + 1 - self._mem[0].seq)  # memory seqs are consecutive
+                    for rec in itertools.islice(self._mem, start, None):
+                        if len(out) >= max_records or nbytes >= max_bytes:
+                            break
+                        self._check_next(rec.seq)
+                        out.append(rec)
+                        nbytes += rec.size
+                        self.sent_seq = rec.seq
+            except JournalGap:
+                if out:  # what came before the hole goes now; the next read says the gap
+                    self._reader = None
+                    return out
+                raise
             return out
 
-    def _read_disk(self, max_records: int) -> list[Record]:
-        out: list[Record] = []  # our own O_APPEND writes are visible through the page cache
-        index = 0 if self._reader is None else self._reader[0]
-        offset = 0 if self._reader is None else self._reader[2]
-        while len(out) < max_records and index < len(self._segments):
-            path = self._segments[index][1]
-            with open(path, "rb") as f:
+    def _check_next(self, seq: int) -> None:
+        if seq != self.sent_seq + 1:
+            self.gap = (self.sent_seq + 1, seq)
+            raise JournalGap(self.sent_seq + 1, seq)
+
+    def _read_disk(self, out: list[Record], max_records: int, max_bytes: int) -> None:
+        if self._reader is None:
+            self._reader = self._seek(self.sent_seq + 1)
+        index, offset = self._reader
+        nbytes = 0
+        while index < len(self._segments) and len(out) < max_records and nbytes < max_bytes:
+            seg = self._segments[index]
+            with open(seg.path, "rb") as f:  # our own O_APPEND writes show through the page cache
                 f.seek(offset)
-                buf = f.read()
-            pos = 0
-            while len(out) < max_records and pos < len(buf):
-                try:
-                    rec, nxt = decode_at(buf, pos)
-                except CorruptRecord:
-                    break
-                pos = nxt
-                if rec.seq > self.taken_seq:
+                buf, pos = f.read(READ_CHUNK), 0
+                while len(out) < max_records and nbytes < max_bytes:
+                    need = 8 if len(buf) - pos < 8 else 8 + struct.unpack_from("<I", buf, pos)[0]
+                    if len(buf) - pos < need:  # a record runs past what we read: read on
+                        more = f.read(max(READ_CHUNK, need - (len(buf) - pos)))
+                        if not more:
+                            break
+                        buf, offset, pos = buf[pos:] + more, offset + pos, 0
+                        continue
+                    try:
+                        rec, nxt = decode_at(buf, pos)
+                    except CorruptRecord as exc:  # in a live journal: damage, never skipped
+                        self.gap = (self.sent_seq + 1, self._disk_last + 1)
+                        raise JournalGap(self.sent_seq + 1, self._disk_last + 1) from exc
+                    pos = nxt
+                    if rec.seq <= self.sent_seq:
+                        continue
+                    self._check_next(rec.seq)
                     out.append(rec)
-                    self.taken_seq = rec.seq
-            offset += pos
-            if len(out) < max_records and index + 1 < len(self._segments):
+                    nbytes += rec.size
+                    self.sent_seq = rec.seq
+                offset += pos
+            if self.sent_seq >= seg.last and index + 1 < len(self._segments):
                 index, offset = index + 1, 0
             else:
                 break
-        self._reader = (index, self._segments[index][1], offset) if index < len(self._segments) else None
-        return out
+        self._reader = (index, offset)
+        if not out and self.sent_seq < self._disk_last:  # records said to be there are not
+            self.gap = (self.sent_seq + 1, self._disk_last)
+            raise JournalGap(self.sent_seq + 1, self._disk_last)
 
-    def applied(self, seq: int, nbytes: int, *, persist: bool = False) -> None:
-        """The applier finished everything up to `seq` (`nbytes` of records)."""
+    def _seek(self, seq: int) -> tuple[int, int]:
+        """(segment index, 0) of the segment that holds `seq` (records before it are skipped)."""
+        for i in range(len(self._segments) - 1, -1, -1):
+            if self._segments[i].first <= seq:
+                return i, 0
+        return 0, 0
+
+    def rewind(self, seq: int) -> None:
+        """Read again from after `seq` (the target's durable position after a reconnect)."""
         with self._cv:
-            self.applied_seq = seq
-            self.queued_bytes = max(0, self.queued_bytes - nbytes)
+            if seq < self.released_seq:
+                raise JournalGap(seq + 1, self.released_seq + 1)
+            self.sent_seq = min(seq, self.last_seq)
+            self._reader = None
+
+    def release(self, seq: int, *, persist: bool = True) -> None:
+        """The target holds everything up to `seq` durably: free those records."""
+        with self._cv:
+            seq = min(seq, self.sent_seq)
+            if seq <= self.released_seq:
+                return
+            while self._mem and self._mem[0].seq <= seq:
+                rec = self._mem.popleft()
+                self._mem_bytes -= rec.size
+            self.released_seq = seq
             while self._samples and self._samples[0][0] <= seq:
                 self._samples.popleft()
+            while self._marks and self._marks[0][0] <= seq:
+                self._released_cum = self._marks.popleft()[1]
+            if seq >= self.last_seq:
+                self._released_cum = self._cum
             if persist:
-                self.persist_applied()
+                write_small_file(self.dir, RELEASED_FILE, f"{seq}\n")
+            self._drop_released_segments()
             self._cv.notify_all()
 
-    def persist_applied(self) -> None:
-        """Write the applied seq atomically (temp + fsync + rename) and drop applied segments."""
-        tmp = self.dir / (APPLIED_FILE + ".tmp")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
-        try:
-            os.write(fd, f"{self.applied_seq}\n".encode())
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(tmp, self.dir / APPLIED_FILE)
-        self._drop_applied_segments()
-
-    def _drop_applied_segments(self) -> None:
-        """A segment is garbage once the next one starts at or below the applied seq + 1."""
-        while len(self._segments) > 1 and self._segments[1][0] <= self.applied_seq + 1:
-            _, path = self._segments.pop(0)
-            path.unlink(missing_ok=True)
+    def _drop_released_segments(self) -> None:
+        """Delete segments wholly at or below the released seq."""
+        while self._segments and self._segments[0].last <= self.released_seq and \
+                (len(self._segments) > 1 or self._disk_last <= self.released_seq):
+            seg = self._segments.pop(0)
+            if not self._segments:  # the writer's own segment: close it first
+                self._close_writer()
+            seg.path.unlink(missing_ok=True)
             if self._reader is not None:
-                self._reader = (self._reader[0] - 1, self._reader[1], self._reader[2])
-        if (self._segments and self._disk_last <= self.applied_seq and self._writer is not None
-                and not self._mem):
-            self._forget_segments()
+                self._reader = None if self._reader[0] == 0 else (self._reader[0] - 1, self._reader[1])
 
-    def _forget_segments(self) -> None:
-        """Close the spill writer and delete every segment: nothing on disk is still needed."""
+    def _close_writer(self) -> None:
+        for fd in self._unsynced_fds:  # their segments are released: nothing left to make durable
+            os.close(fd)
+        self._unsynced_fds.clear()
         if self._writer is not None:
             os.close(self._writer)
             self._writer = None
-        for fd in self._unsynced_fds:  # their segments are deleted: nothing left to make durable
-            os.close(fd)
-        self._unsynced_fds.clear()
-        for _, path in self._segments:
-            path.unlink(missing_ok=True)
-        self._segments.clear()
-        self._reader = None
+            self._unsynced = False
 
-    def wait_applied(self, seq: int, timeout: float | None = None) -> bool:
+    def wait_released(self, seq: int, timeout: float | None = None) -> bool:
         with self._cv:
-            return self._cv.wait_for(lambda: self.applied_seq >= seq, timeout)
+            return self._cv.wait_for(lambda: self.released_seq >= seq, timeout)
 
-    def discard_pending(self) -> None:
-        """Forget every unapplied record (a difference mirror has made the target whole)."""
+    def discard_through(self, seq: int) -> None:
+        """Forget every record up to `seq` without shipping it: a resync has made the target
+        hold their effect (or they were lost: the gap is closed by the resync)."""
         with self._cv:
-            self._mem.clear()
-            self._mem_bytes = 0
-            self.taken_seq = self.applied_seq = self.last_seq
-            self._disk_last = min(self._disk_last, self.last_seq)
-            self.queued_bytes = 0
-            self._samples.clear()
-            self.persist_applied()
-            self._forget_segments()
+            seq = min(seq, self.last_seq)
+            self.sent_seq = max(self.sent_seq, seq)
+            self._reader = None
+            self.gap = None
+        self.release(seq)
 
     def lag_seconds(self) -> float:
-        """Time since the oldest unapplied record was captured (0 when caught up)."""
+        """Time since the oldest unreleased record was captured (0 when caught up)."""
         with self._cv:
-            if self.applied_seq >= self.last_seq or not self._samples:
+            if self.released_seq >= self.last_seq or not self._samples:
                 return 0.0
             return time.monotonic() - self._samples[0][1]
-
-    def stats(self) -> dict:
-        with self._cv:
-            return {"captured_ops": self.captured_ops, "bytes_queued": self.queued_bytes,
-                    "applied_seq": self.applied_seq, "last_seq": self.last_seq,
-                    "lag_seconds": round(self.lag_seconds(), 3)}
 
     def close(self) -> None:
         with self._cv:
