@@ -1,0 +1,236 @@
+"""What attaching or detaching a block entry would do, and why it is refused: one plan for
+both ways of attaching (a plain loop when no daemon runs; a captured loop by the daemon).
+
+Every "busy" refusal names what holds the device: a mount, a kernel holder (dm, md), another
+loop (mounted where, or open by whom), a capture, an exclusive opener. The plan is made and
+carried out under one host-wide lock (`attach_lock`), so concurrent attach-alls, or a manual
+attach beside the daemon, can never stack two writable loops over one device.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import os
+from dataclasses import dataclass, field
+
+from app.services import blockdevs, mounts
+from app.services import loop as loopdev
+from app.services.config import BlockEntry
+from app.services.layout import is_capture_of
+from app.services.results import MirrorError, Outcome, Result
+
+ATTACH_LOCK = "/run/mirrorsetup.attach.lock"  # host-wide, root-only (/run is root's)
+UNCAPTURED = ("; NOT captured: the replication daemon is not running, so writes through it are "
+              "not replicated (start the daemon: it takes the loop over)")
+
+
+@contextlib.contextmanager
+def attach_lock(path: str = ATTACH_LOCK):
+    """Serialise loop planning + attaching across every mirrorsetup process on the host."""
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
+
+
+@dataclass
+class View:
+    """The kernel's state read once per action: loops from sysfs, the mount table."""
+
+    attached: list[loopdev.LoopStatus] = field(default_factory=loopdev.list_attached)
+    table: list[mounts.MountEntry] = field(default_factory=mounts.read_mountinfo)
+
+    def __post_init__(self) -> None:
+        self.by_backing: dict[tuple[int, int], list[loopdev.LoopStatus]] = {}
+        for s in self.attached:
+            if (key := device_id(s.backing_file)) is not None:
+                self.by_backing.setdefault(key, []).append(s)
+
+    def loops_on(self, device: str) -> list[loopdev.LoopStatus]:
+        key = device_id(device)
+        return [] if key is None else list(self.by_backing.get(key, ()))
+
+    def mounted_on(self, device: str) -> list[str]:
+        rdev = os.stat(device).st_rdev
+        return [m.mount_point for m in mounts.mounts_of_device(os.major(rdev), os.minor(rdev), self.table)]
+
+
+def device_id(path: str | None) -> tuple[int, int] | None:
+    """(0, rdev) for a device node, (st_dev, st_ino) for a file; None when it cannot be seen."""
+    try:
+        st = os.stat(path) if path else None
+    except OSError:
+        return None
+    if st is None:
+        return None
+    return (0, st.st_rdev) if st.st_rdev else (st.st_dev, st.st_ino)
+
+
+def same_device(a: str | None, b: str | None) -> bool:
+    """True when two paths name one block device (symlinks and /dev/disk/by-* included)."""
+    if not a or not b:
+        return False
+    ida, idb = device_id(a), device_id(b)
+    if ida is None or idb is None:
+        return os.path.realpath(a) == os.path.realpath(b)
+    return ida == idb
+
+
+def matching_loop(entry: BlockEntry, view: View) -> loopdev.LoopStatus | None:
+    """A plain loop that already serves `entry`: same device, offset and size limit."""
+    for s in view.loops_on(entry.device):
+        if s.offset == entry.offset and s.sizelimit == entry.sizelimit:
+            return s
+    return None
+
+
+def busy_reasons(device: str, view: View) -> list[str]:
+    """Why a loop over `device` would let writes bypass capture: mounted, held, captured,
+    open exclusively. Loops straight on the device are judged by the plans below."""
+    reasons = [f"mounted on {mp}" for mp in view.mounted_on(device)]
+    reasons += [f"held by {h}" for h in loopdev.holders_of(device)]
+    reasons += [f"captured by the mirrorsetup daemon through {s.device}" for s in view.attached
+                if is_capture_of(device, s.backing_file)]
+    if not reasons:
+        try:  # what sysfs does not name: an exclusive opener (mkfs, a daemon, a RAID tool)
+            os.close(os.open(device, os.O_RDONLY | os.O_EXCL | os.O_CLOEXEC))
+        except OSError as exc:
+            if exc.errno != errno.EBUSY:
+                raise
+            reasons.append("held open exclusively by another program")
+    return reasons
+
+
+def _loop_use(s: loopdev.LoopStatus, view: View) -> str | None:
+    """How a loop is in use: 'mounted on …' or 'open by pid N (comm)'; None when idle."""
+    from app.services.status import openers_of
+    where = view.mounted_on(s.device)
+    if where:
+        return f"mounted on {', '.join(where)}"
+    who = openers_of(s.device)
+    if who:
+        return "open by " + ", ".join(f"pid {pid} ({comm})" for pid, comm in who)
+    return None
+
+
+@dataclass
+class AttachPlan:
+    entry: BlockEntry
+    result: Result | None = None  # set: nothing to do (unchanged) or refused
+    want: str | None = None  # the loop to attach (None: the first free one)
+    take_over: loopdev.LoopStatus | None = None  # an idle plain loop of the entry to replace
+    forced_over: list[str] = field(default_factory=list)
+
+
+def plan_attach(entry: BlockEntry, view: View, *, captured: bool, force: bool = False,
+                action: str = "attach") -> AttachPlan:
+    """`captured`: the daemon attaches through capture (an idle plain loop of the entry is
+    taken over, keeping its number); otherwise a plain loop straight on the device."""
+    dev = entry.device
+    plan = AttachPlan(entry)
+    if not os.path.exists(dev):
+        plan.result = Result(action, dev, Outcome.FAILED, f"{dev} does not exist", errno.ENOENT)
+        return plan
+    try:
+        reason = blockdevs.exclusion_reason(dev)
+        busy = busy_reasons(dev, view)
+        plain = matching_loop(entry, view)
+        others = [s for s in view.loops_on(dev) if s is not plain]
+        if captured and plain is not None and _loop_use(plain, view) is not None:
+            others.insert(0, plain)
+            plain = None
+        reach = [f"reachable without capture through {s.device} ({_loop_use(s, view) or 'idle'})"
+                 for s in others] if captured else []
+    except MirrorError as exc:
+        plan.result = Result.from_error(action, dev, exc)
+        return plan
+    except OSError as exc:
+        plan.result = Result.from_error(action, dev, MirrorError.from_oserror("inspect", dev, exc))
+        return plan
+    if reason:
+        plan.result = Result(action, dev, Outcome.FAILED,
+                             f"refused: {dev} is {reason}; it cannot be replicated", errno.EINVAL)
+        return plan
+    if not captured and plain is not None:
+        note = ""
+        if entry.loop and entry.loop != plain.device:
+            note = f" (configured {entry.loop}; detach and attach again to move it)"
+        plan.result = Result(action, dev, Outcome.UNCHANGED,
+                             f"{dev} is already attached as {plain.device}{note}",
+                             details={"loop": plain.device})
+        return plan
+    busy += reach
+    if busy and not (force and not captured):
+        plan.result = Result(action, dev, Outcome.FAILED,
+                             f"refused: {dev} is {', '.join(busy)}; writes there would bypass "
+                             "capture and corrupt the target. Unmount or detach it first"
+                             + ("" if captured else " (--force overrides)"), errno.EBUSY)
+        return plan
+    plan.forced_over = busy
+    plan.take_over = plain if captured else None
+    plan.want = entry.loop or (plain.device if plan.take_over else None)
+    if plan.want:
+        other = loopdev.status(plan.want)
+        if other is not None and (plan.take_over is None or other.device != plan.take_over.device):
+            plan.result = Result(action, dev, Outcome.FAILED, f"{plan.want} is busy: attached to "
+                                 f"{other.backing_file} ({_loop_use(other, view) or 'idle'})",
+                                 errno.EBUSY)
+    return plan
+
+
+def describe(plan: AttachPlan, *, captured: bool, target: str | None) -> str:
+    """What a dry run says."""
+    e = plan.entry
+    where = plan.want or "the first free loop device"
+    how = f" through capture, replicated to {target}" if captured and target else \
+        " through capture (no target)" if captured else ""
+    return (f"would attach {e.device} to {where} at offset {e.offset}"
+            + (f", size limit {e.sizelimit}" if e.sizelimit else "")
+            + (", read-only" if e.read_only else "") + how
+            + (f" (taking over {plan.take_over.device})" if plan.take_over else ""))
+
+
+def attach_plain(plan: AttachPlan, *, action: str, uncaptured: bool) -> Result:
+    """Carry out a plain plan (the caller holds attach_lock)."""
+    e = plan.entry
+    try:
+        st = loopdev.attach(e.device, loop=e.loop, offset=e.offset, sizelimit=e.sizelimit,
+                            read_only=e.read_only)
+    except MirrorError as exc:
+        return Result.from_error(action, e.device, exc)
+    return Result(action, e.device, Outcome.OK, f"attached {e.device} as {st.device}"
+                  + (" (forced over: " + ", ".join(plan.forced_over) + ")" if plan.forced_over else "")
+                  + (UNCAPTURED if uncaptured else ""), details={"loop": st.device})
+
+
+def detach_loop(loop: str, subject: str, view: View | None = None, *, dry_run: bool = False) -> Result:
+    """Detach one loop; a mounted one is refused (nothing is unmounted), an open one is
+    deferred by the kernel ("detach pending") and says who keeps it open."""
+    view = view or View()
+    try:
+        where = view.mounted_on(loop)
+    except OSError as exc:
+        return Result.from_error("detach", subject, MirrorError.from_oserror("inspect", loop, exc))
+    if where:
+        return Result("detach", subject, Outcome.FAILED,
+                      f"{loop} is mounted on {', '.join(where)}: unmount it first "
+                      f"(nothing was unmounted)", errno.EBUSY, {"loop": loop})
+    if dry_run:
+        return Result("detach", subject, Outcome.SKIPPED, f"would detach {loop}", details={"loop": loop})
+    r = loopdev.detach(loop)
+    if r.outcome is Outcome.PENDING:
+        from app.services.status import openers_of
+        who = ", ".join(f"pid {pid} ({comm})" for pid, comm in openers_of(loop)) or \
+            "another mount namespace or the kernel"
+        return Result("detach", subject, Outcome.PENDING, f"{loop}: detach pending: still open "
+                      f"by {who}; the kernel detaches it at the last close",
+                      details={"loop": loop})
+    return Result("detach", subject, r.outcome, r.message, r.errno, {"loop": loop})
+
+
+def plain_loops_of(entry: BlockEntry, view: View) -> list[loopdev.LoopStatus]:
+    return [s for s in view.loops_on(entry.device) if s.offset == entry.offset]

@@ -1,0 +1,145 @@
+"""Where mirrorsetup keeps things and what it calls them: the one owner of every name.
+
+An installation is its state directory (journals, claims; default /var/lib/mirrorsetup,
+`--state-dir` or MIRRORSETUP_STATE_DIR) and its run directory (the control socket's directory,
+default /run/mirrorsetup): two installations on one host (a test run, a second configuration)
+never touch each other's mounts, loops or workers, because every FUSE mount carries the
+installation's tag in its source name (`mirrorfs:TAG`, `mirrorblk:TAG`; findmnt's SOURCE) and
+every capture file lives below the installation's own run directory.
+
+Per entry (id = last path component + a hash of the path or device):
+    RUN/fs/ID/lower      the lower directory, bound here before mirrorfs covers it (the door a
+                         new capture worker comes in by when the old one died under its mount)
+    RUN/fs/ID/stage      where mirrorfs is mounted first, then moved over the entry's path
+    RUN/fs/ID.sock       where a worker whose daemon died waits to be taken over
+    RUN/block/ID/disk    the block capture's one FUSE file, backing the entry's loop device
+    RUN/block/ID.sock    likewise for block workers
+    STATE/journal/ID     a file-system entry's journal and markers
+    STATE/block/ID       a block entry's journal and markers
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import os
+import stat
+from dataclasses import dataclass
+
+from app.services.results import MirrorError
+
+DEFAULT_STATE_DIR = "/var/lib/mirrorsetup"
+STATE_ENV = "MIRRORSETUP_STATE_DIR"
+FSTYPE_FS = "fuse.mirrorfs"
+FSTYPE_BLOCK = "fuse.mirrorblk"
+FSNAME_FS = "mirrorfs"
+FSNAME_BLOCK = "mirrorblk"
+CAPTURE_FILE = "disk"
+MARKER_XATTR = "trusted.mirrorsetup.replica"  # on a target: whose replica it is (never replicated)
+PRIVATE_DIR = 0o700
+PRIVATE_FILE = 0o600
+
+
+def default_state_dir() -> str:
+    return os.environ.get(STATE_ENV) or DEFAULT_STATE_DIR
+
+
+def entry_id(key: str) -> str:
+    """A directory name for an entry, stable per path or device: readable and unique."""
+    base = os.path.basename(key.rstrip("/")) or "root"
+    return f"{base[:40]}-{hashlib.sha256(os.fsencode(key)).hexdigest()[:12]}"
+
+
+def installation_tag(state_dir: str) -> str:
+    return hashlib.sha256(os.fsencode(os.path.realpath(state_dir))).hexdigest()[:10]
+
+
+@dataclass(frozen=True)
+class Layout:
+    run_dir: str
+    state_dir: str
+
+    @property
+    def tag(self) -> str:
+        return installation_tag(self.state_dir)
+
+    def fsname(self, kind: str) -> str:
+        return f"{FSNAME_FS if kind == 'fs' else FSNAME_BLOCK}:{self.tag}"
+
+    def fstype(self, kind: str) -> str:
+        return FSTYPE_FS if kind == "fs" else FSTYPE_BLOCK
+
+    def run(self, kind: str, key: str) -> str:
+        return os.path.join(self.run_dir, kind, entry_id(key))
+
+    def adopt_socket(self, kind: str, key: str) -> str:
+        return self.run(kind, key) + ".sock"
+
+    def door(self, key: str) -> str:
+        return os.path.join(self.run("fs", key), "lower")
+
+    def stage(self, key: str) -> str:
+        return os.path.join(self.run("fs", key), "stage")
+
+    def capture_file(self, device: str) -> str:
+        return os.path.join(self.run("block", device), CAPTURE_FILE)
+
+    def state(self, kind: str, key: str) -> str:
+        return os.path.join(self.state_dir, "journal" if kind == "fs" else "block", entry_id(key))
+
+    def is_ours(self, mount) -> bool:
+        """A mount made by this installation's capture workers (a `mounts.MountEntry`)."""
+        return mount.source in (self.fsname("fs"), self.fsname("block")) and \
+            mount.fstype in (FSTYPE_FS, FSTYPE_BLOCK)
+
+
+def is_capture_of(device: str, backing: str | None) -> bool:
+    """True when a loop's backing file is a capture file of `device` (any installation's,
+    live or left dead): such a loop reaches the device through a capture."""
+    return bool(backing) and backing.endswith(f"/block/{entry_id(device)}/{CAPTURE_FILE}")
+
+
+def private_dir(path: str, what: str) -> str:
+    """Create `path` (and missing parents) root-only, or check an existing one is: owned by
+    root, not a symlink, not writable by group or others. Refuses otherwise, with the fix."""
+    missing = []
+    probe = os.path.abspath(path)
+    while not os.path.lexists(probe):
+        missing.append(probe)
+        probe = os.path.dirname(probe)
+    for d in reversed(missing):
+        try:
+            os.mkdir(d, PRIVATE_DIR)
+        except FileExistsError:
+            pass
+        os.chmod(d, PRIVATE_DIR)  # mkdir's mode passes through the umask
+    st = os.lstat(path)
+    if not stat.S_ISDIR(st.st_mode):
+        raise MirrorError(f"{what} {path} is not a directory (a symlink or a file is refused)",
+                          errno=errno.ENOTDIR, obj=path)
+    if st.st_uid != os.geteuid() or st.st_mode & 0o022:
+        raise MirrorError(f"{what} {path} is owned by uid {st.st_uid} with mode "
+                          f"{stat.S_IMODE(st.st_mode):04o}: it must be root's and not writable by "
+                          f"others (fix: chown root: {path} && chmod 700 {path})",
+                          errno=errno.EPERM, obj=path)
+    return path
+
+
+def read_marker(path: str) -> str | None:
+    """The replica marker of a target directory or file, or None (none, or not readable)."""
+    try:
+        return os.getxattr(path, MARKER_XATTR).decode(errors="replace")
+    except OSError:
+        return None
+
+
+def target_is_empty(path: str) -> bool:
+    """A directory with no entries, a file or device whose first MiB is zeros, or nothing."""
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return True
+    if stat.S_ISDIR(st.st_mode):
+        return not os.listdir(path)
+    with open(path, "rb") as f:
+        return not any(f.read(1 << 20))
