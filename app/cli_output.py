@@ -63,24 +63,30 @@ def print_devices(devices, *, as_json: bool = False) -> None:
     print_table(rows, ["path", "size", "type", "fstype", "mountpoints", "in use", "excluded"])
 
 
+def _replication(row) -> dict:
+    """An entry's replication columns from the daemon's typed row (dashes without one)."""
+    from app.services.status import replication_text
+    if row is None:
+        return {"replication": None, "queued": None, "lag s": None}
+    return {"replication": replication_text(row).split(" · ")[0], "queued": human_size(row.bytes_queued),
+            "lag s": row.lag_seconds}
+
+
 def print_status(snap, *, as_json: bool = False) -> None:
     if as_json:
         _dump(snap.to_json())
         return
     print("File-system replication")
     print_table([{"path": s.entry.path, "state": s.state, "atime": s.entry.replicate_atime,
-                  "target": s.entry.target,
-                  "queued": (s.engine or {}).get("bytes_queued"),
-                  "lag s": (s.engine or {}).get("lag_seconds")} for s in snap.filesystem],
-                ["path", "state", "atime", "target", "queued", "lag s"])
+                  "target": s.entry.target, **_replication(s.engine)} for s in snap.filesystem],
+                ["path", "state", "atime", "target", "replication", "queued", "lag s"])
     print("\nBlock-device replication")
     print_table([{"device": s.entry.device, "state": s.state, "capture": s.capture or None,
                   "loop wanted": s.entry.loop, "loop": s.loop, "offset": s.entry.offset,
-                  "target": s.entry.target, "queued": (s.engine or {}).get("bytes_queued"),
-                  "lag s": (s.engine or {}).get("lag_seconds"),
+                  "target": s.entry.target, **_replication(s.engine),
                   "mounted via loop": list(s.loop_mounts)} for s in snap.block],
-                ["device", "state", "capture", "loop wanted", "loop", "offset", "target", "queued",
-                 "lag s", "mounted via loop"])
+                ["device", "state", "capture", "loop wanted", "loop", "offset", "target",
+                 "replication", "queued", "lag s", "mounted via loop"])
     if snap.engine_error:
         print(f"\nDaemon: {snap.engine_error}")
     elif snap.engine is None:

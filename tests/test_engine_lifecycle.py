@@ -18,23 +18,44 @@ from test_engine_support import engine_maker, mirrorfs_mounts, write_config
 pytestmark = pytest.mark.root
 
 WRITER = r"""
-import os, sys
-src, log = sys.argv[1], sys.argv[2]
+import errno, os, sys, time
+src, log, errlog = sys.argv[1], sys.argv[2], sys.argv[3]
 logfd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_APPEND)
+errfd = os.open(errlog, os.O_WRONLY | os.O_CREAT | os.O_APPEND)
 i = 0
-while True:
+while not os.path.exists(log + ".stop"):
     name = os.path.join(src, "w%05d" % i)
     try:
         with open(name, "wb") as f:
             f.write(os.urandom(4096 + i * 7))
             f.flush()
             os.fsync(f.fileno())
-    except OSError:
-        break  # the mount went away with the daemon
+    except OSError as exc:  # a dead mount says ENOTCONN: an application would retry
+        os.write(errfd, b"%d\n" % exc.errno)
+        time.sleep(0.01)
+        continue
     os.write(logfd, b"%s\n" % name.encode())
     os.fsync(logfd)
     i += 1
 """
+
+PROBE = r"""
+import ctypes, os, sys
+# statfs(2) f_type of the entry's path, as fast as it goes: FUSE's magic or ENOTCONN (a dead
+# mount of ours) are fine; anything else means the directory below was uncovered.
+libc = ctypes.CDLL(None, use_errno=True)
+buf = ctypes.create_string_buffer(256)
+path, out = sys.argv[1].encode(), sys.argv[2]
+seen = set()
+while not os.path.exists(out + ".stop"):
+    if libc.statfs(path, buf) == 0:
+        seen.add(hex(ctypes.c_long.from_buffer(buf).value & 0xffffffff))
+    else:
+        seen.add("errno %d" % ctypes.get_errno())
+open(out, "w").write(" ".join(sorted(seen)))
+"""
+FUSE_MAGIC = "0x65735546"
+DEAD = {str(errno.ENOTCONN), str(errno.ECONNABORTED)}  # what a dead FUSE mount answers
 
 
 @pytest.fixture
@@ -47,30 +68,101 @@ def _sha(path: str) -> str:
     return hashlib.sha256(open(path, "rb").read()).hexdigest()
 
 
-def test_kill9_under_write_load_then_restart_converges(setup, tmp_path):
+def _wait_lines(path, n: int, timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while (not os.path.exists(path) or open(path).read().count("\n") < n) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert open(path).read().count("\n") >= n, f"{path}: fewer than {n} lines"
+
+
+def _stop(proc, flag: str) -> None:
+    open(flag + ".stop", "w").close()
+    proc.wait(timeout=60)
+
+
+def _fsynced_on_target(log: str, src: str, tgt: str) -> list[str]:
+    names = open(log).read().split()
+    for name in names:
+        rel = os.path.relpath(name, src)
+        assert _sha(os.path.join(tgt, rel)) == _sha(name), rel
+    return names
+
+
+def test_kill9_of_the_daemon_is_invisible_to_writers(setup, tmp_path):
+    """The capture worker outlives the daemon: a writer that fsyncs never sees an error, the
+    next daemon takes the worker over (no catching up: no gap), and everything arrives."""
     eng, src, tgt = setup()
-    log = str(tmp_path / "fsynced.log")
-    for _round in range(2):
-        writer = subprocess.Popen([sys.executable, "-c", WRITER, src, log])
-        deadline = time.monotonic() + 30
-        while (not os.path.exists(log) or os.path.getsize(log) < 2000) and time.monotonic() < deadline:
-            time.sleep(0.05)
+    log, errlog = str(tmp_path / "fsynced.log"), str(tmp_path / "errors.log")
+    writer = subprocess.Popen([sys.executable, "-c", WRITER, src, log, errlog])
+    try:
+        _wait_lines(log, 20)
+        pid = eng.status(src)["worker_pid"]
         eng.kill9()
-        writer.wait(timeout=30)
-        # the killed daemon's mount is stale: ENOTCONN until the next daemon cleans it
-        with pytest.raises(OSError) as exc:
-            os.listdir(src)  # not stat(): the root's attributes may still be cached
-        assert exc.value.errno == errno.ENOTCONN
+        before = open(log).read().count("\n")
+        _wait_lines(log, before + 20)  # capture goes on without a daemon
         eng.start()
-        assert eng.status(src)["mounted"]
-        eng.drain(src)
-        fsynced = open(log).read().split()
-        assert len(fsynced) > 10
-        for name in fsynced:
-            rel = os.path.relpath(name, src)
-            assert _sha(os.path.join(tgt, rel)) == _sha(name), rel
-        assert eng.verify(src) == []
+        st = eng.status(src)
+        assert st["worker_pid"] == pid and st["captured"]
+        _wait_lines(log, open(log).read().count("\n") + 10)
+    finally:
+        _stop(writer, log)
+    assert not os.path.exists(errlog) or open(errlog).read() == "", "the writer saw errors"
+    eng.drain(src)
+    assert len(_fsynced_on_target(log, src, tgt)) > 50
+    assert eng.verify(src) == []
+    assert "took over the running capture" in eng.logtext()
+
+
+def test_kill9_of_daemon_and_worker_never_uncovers_the_path(setup, tmp_path):
+    """Both die: the mount is dead (ENOTCONN), never the directory below; the next daemon
+    mounts beneath the dead mount and lifts it, then catches up while capturing. Every file
+    the writer fsync'd, before and after, is on the target and verify is clean."""
+    eng, src, tgt = setup()
+    log, errlog, seen = str(tmp_path / "fsynced.log"), str(tmp_path / "errors.log"), str(tmp_path / "seen")
+    writer = subprocess.Popen([sys.executable, "-c", WRITER, src, log, errlog])
+    probe = subprocess.Popen([sys.executable, "-c", PROBE, src, seen])
+    try:
+        _wait_lines(log, 20)
+        for _round in range(2):
+            worker = eng.status(src)["worker_pid"]
+            eng.kill9()
+            os.kill(worker, 9)
+            deadline = time.monotonic() + 30
+            while (not os.path.exists(errlog) or not open(errlog).read()) and time.monotonic() < deadline:
+                time.sleep(0.02)
+            assert str(errno.ENOTCONN) in open(errlog).read().split()
+            eng.start()
+            assert eng.status(src)["captured"]
+            _wait_lines(log, open(log).read().count("\n") + 20)
+    finally:
+        _stop(writer, log)
+        _stop(probe, seen)
+    kinds = open(seen).read().split(" ")
+    assert FUSE_MAGIC in kinds and not [k for k in kinds if k not in {FUSE_MAGIC, "errno"} | DEAD], kinds
+    eng.drain(src)
+    assert len(_fsynced_on_target(log, src, tgt)) > 50
+    assert eng.verify(src) == []
     assert "unclean previous stop" in eng.logtext()
+
+
+def test_a_capture_gap_is_caught_up_while_capturing(setup, tmp_path):
+    """Unmount all, change files below, Mount all: the target is made equal again (status says
+    catching up until it is), not left different forever."""
+    eng, src, tgt = setup()
+    open(os.path.join(src, "kept"), "w").write("same")
+    open(os.path.join(src, "changed"), "w").write("v1")
+    eng.drain(src)
+    assert [r.outcome.value for r in eng.client.results("unmount_all")] == ["ok"]
+    open(os.path.join(src, "changed"), "w").write("version two")  # not captured: a gap
+    open(os.path.join(src, "new"), "w").write("made while nobody captured")
+    os.unlink(os.path.join(src, "kept"))
+    (r,) = eng.client.results("mount_all")
+    assert r.outcome.value == "ok" and "catching up" in r.message, r.message
+    eng.drain(src)
+    assert eng.verify(src) == []
+    assert open(os.path.join(tgt, "changed")).read() == "version two"
+    assert not os.path.exists(os.path.join(tgt, "kept"))
+    assert "capture was not in place since" in eng.logtext()
 
 
 def test_unmount_refused_while_held_then_forced_is_lazy(setup):
@@ -110,7 +202,7 @@ def test_unmount_all_and_mount_all_through_the_socket(setup):
     assert eng.client.results("mount", path=src)[0].outcome.value == "unchanged"
 
 
-def test_clean_stop_unmounts_and_restart_needs_no_mirror(setup):
+def test_clean_stop_unmounts_drains_and_marks_the_end(setup):
     eng, src, tgt = setup()
     open(os.path.join(src, "f"), "w").write("x")
     eng.stop()
@@ -118,7 +210,9 @@ def test_clean_stop_unmounts_and_restart_needs_no_mirror(setup):
     assert open(os.path.join(tgt, "f")).read() == "x"  # drained before the clean stop
     eng.start()
     assert eng.status(src)["mounted"]
-    assert "first start: mirror" in eng.logtext() and "unclean previous stop" not in eng.logtext()
+    log = eng.logtext()
+    assert "first start: initial copy" in log and "unclean previous stop" not in log
+    assert "capture was not in place since" in log  # the stop was a gap: compared again
 
 
 @pytest.mark.parametrize("case", ["missing", "inside", "same", "readonly"])
@@ -183,15 +277,22 @@ def test_reload_mounts_new_entries_and_unmounts_removed_ones(setup, tmp_path):
     assert eng.status(str(other))["target"] is None
 
 
-def test_a_worker_that_dies_is_reported_and_its_dead_mount_cleared(setup):
-    eng, src, _ = setup()
+def test_a_worker_that_dies_is_replaced_under_its_dead_mount(setup):
+    """The daemon notices a dead worker and captures again at once, beneath the dead mount:
+    the path answers again and what is written there is replicated."""
+    eng, src, tgt = setup()
     pid = eng.status(src)["worker_pid"]
     os.kill(pid, 9)
     deadline = time.monotonic() + 30
-    while src in mirrorfs_mounts() and time.monotonic() < deadline:
+    while time.monotonic() < deadline:
+        st = eng.status(src)
+        if st["captured"] and st["worker_pid"] not in (None, pid):
+            break
         time.sleep(0.05)
-    assert src not in mirrorfs_mounts()
-    st = eng.status(src)
-    assert st["capturing"] is False and st["mounted"] is False
+    assert st["captured"] and st["worker_pid"] != pid, st
+    assert [m for m in mirrorfs_mounts() if m == src] == [src]  # one mount there, not a stack
+    open(os.path.join(src, "after"), "w").write("captured again")
+    eng.drain(src)
+    assert open(os.path.join(tgt, "after")).read() == "captured again"
     assert "stopped unexpectedly" in eng.logtext()
-    assert eng.client.results("mount", path=src)[0].outcome.value == "ok"
+    assert eng.verify(src) == []

@@ -99,30 +99,31 @@ class Engine:
     def logtext(self) -> str:
         return (self.tmp / "daemon.log").read_text(errors="replace")
 
-    def _row(self, table: str, key: str, value: str) -> dict:
+    def _row(self, table: str, value: str) -> dict:
         for e in self.client.request("status")[table]:
-            if e[key] == value:
+            if e["key"] == value:
                 return e
         raise AssertionError(f"{value} not in status")
 
     def status(self, path: str) -> dict:
-        return self._row("entries", "path", path)
+        return self._row("filesystem", path)
 
     def block(self, device: str) -> dict:
-        return self._row("block", "device", device)
+        return self._row("block", device)
 
-    def drain(self, path: str, *, table: str = "entries", key: str = "path") -> dict:
-        """Wait until the applier has applied everything captured so far (status is the witness)."""
+    def drain(self, path: str, *, table: str = "filesystem") -> dict:
+        """Wait until the target holds everything captured so far and any catching-up is
+        over (status is the witness)."""
         deadline = time.monotonic() + DRAIN_SECONDS
         while True:
-            st = self._row(table, key, path)
-            if st["applied_seq"] == st["last_seq"]:
+            st = self._row(table, path)
+            if st["captured"] and st["applied_seq"] == st["last_seq"] and st["catch_up"] is None:
                 return st
             assert time.monotonic() < deadline, f"journal did not drain: {st}"
             time.sleep(0.05)
 
     def block_drain(self, device: str) -> dict:
-        return self.drain(device, table="block", key="device")
+        return self.drain(device, table="block")
 
     def verify(self, path: str) -> list[dict]:
         return self.client.request("verify", path=path)["differences"]
@@ -133,7 +134,7 @@ class Engine:
         found = []
         for p in psutil.process_iter(["pid", "cmdline"]):
             cmd = p.info["cmdline"] or []
-            if "app.engine.blockworker" in cmd and any(str(self.tmp) in a for a in cmd):
+            if "app.engine.capture" in cmd and any(str(self.tmp) in a for a in cmd):
                 found.append(p.info["pid"])
         return found
 
@@ -169,7 +170,7 @@ class Engine:
             if lp.backing_file and lp.backing_file.startswith(str(self.tmp)):
                 subprocess.run(["umount", "-l", lp.device], capture_output=True)
                 subprocess.run(["losetup", "-d", lp.device], capture_output=True)
-        for mp in mirrorfs_mounts() + block_mounts():
-            if mp.startswith(str(self.tmp)):
-                subprocess.run(["umount", "-l", mp.encode().decode("unicode_escape")],
-                               capture_output=True)
+        # the daemon's captures (mirrorfs, block files) and the fs entries' doors, deepest first
+        for mp in sorted({m.mount_point for m in read_mountinfo()
+                          if m.mount_point.startswith(str(self.tmp) + "/")}, key=len, reverse=True):
+            subprocess.run(["umount", "-l", mp], capture_output=True)

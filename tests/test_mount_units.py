@@ -25,7 +25,8 @@ from app.services import loop as loopsvc
 from app.services._ioctl import LOOP_CTL_REMOVE
 from app.services.config_toml import BlockEntry
 from app.services.mounts import parse_mountinfo, read_mountinfo
-from app.services.replication import CAPTURE_FILE, capture_id
+from app.services.layout import CAPTURE_FILE
+from app.services.layout import entry_id as capture_id
 
 REPO = Path(__file__).resolve().parent.parent
 SYSTEMD_ESCAPE = shutil.which("systemd-escape")

@@ -22,7 +22,9 @@ from app.services import blockdevs
 from app.services.config import BlockEntry, ConfigStore, FsEntry
 from app.services.control import ControlClient
 from app.services.loop import LoopStatus
-from app.services.replication import Replication, capture_id
+from app.services.layout import entry_id as capture_id
+from app.services.protocol import CaptureRow
+from app.services.replication import Replication
 from app.services.status import BlockState, FsState, StatusSnapshot, StatusWarning
 from app.ui import Services, make_app
 
@@ -83,11 +85,14 @@ DEVICES = [
 LOOP7 = LoopStatus("/dev/loop7", 7, CAPTURE_FILE, 0, 0, 200 * GIB, False, False, False, False)
 LOOP8 = LoopStatus("/dev/loop8", 8, "/dev/sdc", 1 << 20, 0, 500 * GIB - (1 << 20), False, False,
                    False, False)
-ENGINE_SDB1 = {"device": "/dev/sdb1", "offset": 0, "target": "/backup/sdb1.img", "captured": True,
-               "loop": "/dev/loop7", "file": CAPTURE_FILE, "pending_detach": False,
-               "worker_pid": 4243, "captured_ops": 1532, "bytes_queued": 6 << 20,
-               "lag_seconds": 0.4, "applied_seq": 1490, "last_seq": 1532}
-ENGINE_SRV = {"path": "/srv/data", "captured_ops": 87, "bytes_queued": 12 << 10, "lag_seconds": 0.1}
+ENGINE_SDB1 = CaptureRow("block", "/dev/sdb1", target="/backup/sdb1.img", captured=True,
+                         state="capturing", loop="/dev/loop7", file=CAPTURE_FILE, worker_pid=4243,
+                         captured_ops=1532, bytes_queued=6 << 20, lag_seconds=0.4, applied_seq=1490,
+                         last_seq=1532, connection="local", replication="established",
+                         target_data="consistent")
+ENGINE_SRV = CaptureRow("fs", "/srv/data", captured=True, state="capturing", captured_ops=87,
+                        bytes_queued=12 << 10, lag_seconds=0.1, connection="local",
+                        replication="established", target_data="consistent")
 
 
 def fake_status() -> StatusSnapshot:
@@ -103,7 +108,7 @@ def fake_status() -> StatusSnapshot:
                     FsState(shared, "not mounted", "ext4")],
         block=[BlockState(sdb1, "attached", (LOOP7,), (), ("/srv/db",), "captured", ENGINE_SDB1),
                BlockState(sdc, "attached", (LOOP8,), (), (), "not captured",
-                          {"device": "/dev/sdc", "captured": False, "bytes_queued": 0}),
+                          CaptureRow("block", "/dev/sdc", state="not captured")),
                BlockState(sdg, "detached")],
         loops=[LOOP7, LOOP8],
         warnings=[StatusWarning("/home/shared", "not mounted as mirrorfs: changes there are not "

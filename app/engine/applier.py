@@ -1,10 +1,10 @@
-"""The applier: replays journal records, in order, onto the entry's target directory.
+"""Replays journal records, in order, onto a local target: a directory (FsApplier) or a file
+or block device (BlockApplier). Used by local targets and by the remote agent alike.
 
-Replay must converge when a record is applied twice (after a crash the applied seq on disk may
+Replay must converge when a record is applied twice (after a crash the durable position may
 lag what was done): a write at an offset is idempotent; creates tolerate an existing name;
 removals tolerate a missing one; a rename whose source is gone but whose destination exists is
-taken as already done. The applied seq is written durably (after syncfs of the target) at most
-every PERSIST_SECONDS and whenever the applier catches up.
+taken as already done. Whoever applies calls `sync()` before saying the records are durable.
 """
 
 from __future__ import annotations
@@ -13,17 +13,14 @@ import ctypes
 import errno
 import logging
 import os
-import threading
-import time
+import shutil
+import stat
 
-from app.engine.journal import Journal, Record, decode_path
+from app.engine.journal import Record, decode_path
 from app.engine.lowlevel import RENAME_EXCHANGE, _libc, at, proc_path, renameat2
 
 log = logging.getLogger("mirrorsetup.applier")
-PERSIST_SECONDS = 1.0  # how far the durable applied seq may trail; replay is idempotent
-BATCH = 512
 FD_CACHE = 64  # open target files kept between writes (sequential writes come in 128 KiB+ pieces)
-
 
 
 def _syncfs(fd: int) -> None:
@@ -33,91 +30,22 @@ def _syncfs(fd: int) -> None:
         raise OSError(err, os.strerror(err), "target")
 
 
-class Applier:
-    def __init__(self, journal: Journal, target_fd: int | None):
-        """With no target the records are only counted and released, in order."""
-        self.journal = journal
+class FsApplier:
+    """Applies file-system records to a target directory reached through `target_fd` (O_PATH)."""
+
+    def __init__(self, target_fd: int):
         self.tfd = target_fd
         # syncfs(2) needs a real open file, not the O_PATH fd the *at() calls use
-        self._sync_fd = None if target_fd is None else os.open(
-            b".", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC, dir_fd=target_fd)
+        self._sync_fd = os.open(b".", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC, dir_fd=target_fd)
         self._fds: dict[bytes, int] = {}
-        self._stop = threading.Event()
-        self._paused = threading.Event()
-        self._idle = threading.Event()
-        self._thread: threading.Thread | None = None
-        self.errors = 0
-        self.last_error: str | None = None
-        self._last_persist = time.monotonic()
-        self._persisted_seq: int | None = None
 
-    # -- thread -----------------------------------------------------------------------------
-    def start(self) -> None:
-        self._thread = threading.Thread(target=self._run, name="applier", daemon=True)
-        self._thread.start()
-
-    def stop(self) -> None:
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join()
+    def close(self) -> None:
         self._close_fds()
+        os.close(self._sync_fd)
 
-    def pause(self) -> None:
-        """Hold the applier between batches (a mirror writes the target meanwhile)."""
-        self._idle.clear()
-        self._paused.set()
-        while self._thread is not None and self._thread.is_alive() and not self._idle.wait(0.05):
-            pass
-        self._close_fds()
-
-    def resume(self) -> None:
-        self._paused.clear()
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            if self._paused.is_set():
-                self._idle.set()
-                time.sleep(0.02)
-                continue
-            batch = self.journal.take(BATCH, timeout=0.1)
-            if not batch:
-                if self.journal.applied_seq == self.journal.last_seq != self._persisted_seq and \
-                        time.monotonic() - self._last_persist > PERSIST_SECONDS / 4:
-                    self.persist()  # caught up: make it durable once, not again while idle
-                continue
-            self.apply_batch(batch)
-
-    def apply_batch(self, batch: list[Record]) -> None:
-        for rec in batch:
-            try:
-                self.apply(rec)
-            except OSError as exc:
-                self.errors += 1
-                self.last_error = f"seq {rec.seq} {rec.op} {rec.args.get('path')}: {exc}"
-                log.warning("apply %s", self.last_error)
-        persist = time.monotonic() - self._last_persist > PERSIST_SECONDS
-        self.journal.applied(batch[-1].seq, sum(r.size for r in batch))
-        if persist:
-            self.persist()
-
-    def persist(self) -> None:
-        if self._sync_fd is not None:
-            _syncfs(self._sync_fd)
-        self._persisted()
-
-    def _persisted(self) -> None:
-        """Record the applied seq durably (after the target's data is) and note when."""
-        self.journal.persist_applied()
-        self._persisted_seq = self.journal.applied_seq
-        self._last_persist = time.monotonic()
-
-    def drain(self) -> None:
-        """Apply everything queued now, on the caller's thread (used at stop)."""
-        while True:
-            batch = self.journal.take(BATCH)
-            if not batch:
-                break
-            self.apply_batch(batch)
+    def sync(self) -> None:
+        """Make everything applied so far durable on the target's file system."""
+        _syncfs(self._sync_fd)
 
     # -- records ----------------------------------------------------------------------------
     def _close_fds(self, path: bytes | None = None) -> None:
@@ -136,8 +64,6 @@ class Applier:
         return fd
 
     def apply(self, rec: Record) -> None:
-        if self.tfd is None:
-            return
         a = rec.args
         op = rec.op
         path = decode_path(a["path"]) if "path" in a else b""
@@ -198,6 +124,12 @@ class Applier:
             os.chown(at(path), a["uid"], a["gid"], dir_fd=t, follow_symlinks=False)
         elif op == "setxattr":
             os.setxattr(proc_path(t, path), decode_path(a["name"]), rec.data, follow_symlinks=False)
+        elif op == "remove":  # a resync's removal of what the source no longer has, whole trees too
+            self._close_fds()
+            _missing_ok(lambda: _remove_tree(t, path))
+        elif op == "prune":  # a resync's directory listing: what is not in `keep` goes
+            self._close_fds()
+            self._prune(path, {decode_path(n) for n in a["keep"]})
         elif op == "removexattr":
             try:
                 os.removexattr(proc_path(t, path), decode_path(a["name"]), follow_symlinks=False)
@@ -216,6 +148,20 @@ class Applier:
         except FileNotFoundError:
             if not os.path.lexists(proc_path(t, new)):
                 raise  # neither name: a real divergence, counted and fixed by a difference mirror
+
+    def _prune(self, path: bytes, keep: set[bytes]) -> None:
+        try:
+            fd = os.open(at(path), os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC,
+                         dir_fd=self.tfd)
+        except (FileNotFoundError, NotADirectoryError):
+            return  # replayed after the directory went: nothing to prune
+        try:
+            names = [os.fsencode(n) for n in os.listdir(fd)]
+        finally:
+            os.close(fd)
+        for name in names:
+            if name not in keep:
+                _missing_ok(lambda: _remove_tree(self.tfd, name if not path else path + b"/" + name))
 
     def _replace_missing(self, path: bytes, make) -> None:
         try:
@@ -236,3 +182,29 @@ def _same_file(dir_fd: int, a: bytes, b: bytes) -> bool:
     sa = os.stat(a, dir_fd=dir_fd, follow_symlinks=False)
     sb = os.stat(b, dir_fd=dir_fd, follow_symlinks=False)
     return (sa.st_dev, sa.st_ino) == (sb.st_dev, sb.st_ino)
+
+
+class BlockApplier:
+    """Applies block writes to a target file or device at the same window offsets."""
+
+    def __init__(self, fd: int):
+        self.fd = fd
+
+    def apply(self, rec: Record) -> None:
+        if rec.op != "write":
+            raise OSError(errno.EINVAL, f"unknown block journal op {rec.op!r}")
+        os.pwrite(self.fd, rec.data, rec.args["offset"])
+
+    def sync(self) -> None:
+        os.fdatasync(self.fd)
+
+    def close(self) -> None:
+        pass
+
+
+def _remove_tree(dir_fd: int, rel: bytes) -> None:
+    st = os.stat(rel, dir_fd=dir_fd, follow_symlinks=False)
+    if stat.S_ISDIR(st.st_mode):
+        shutil.rmtree(proc_path(dir_fd, rel))
+    else:
+        os.unlink(rel, dir_fd=dir_fd)

@@ -1,363 +1,266 @@
-"""The daemon's block entries: one capture worker per attached entry, and its loop device.
+"""The daemon's block entries: a capture worker per attached entry, and its loop device.
 
-Attach: refuse a device that is mounted, held or already reachable through another loop (its
-writes would bypass capture), convert an idle uncaptured loop of the entry (attached while the
-daemon was down), spawn `python -m app.engine.blockworker` (exclusive open of the raw device,
-resync, private FUSE mount under RUN/block/<id>/), then attach the configured or first free
-loop to the worker's file. Detach: never unmount anything; a mounted loop is reported, an open
-one is a deferred detach ("detach pending") finished in the background when it is closed, and
-only then is the FUSE mount lifted and the worker stopped (its journal drained).
-
-Take-over: a worker outlives a daemon that dies (or stops while its loop is still in use) and
-waits on RUN/block/<id>.sock; the next daemon's attach connects there first and adopts it, so
-the applications' I/O through the loop never stops.
+Attach (planned by services.blockplan, the same plan a plain attach uses): refuse a device that
+is mounted, held, captured or reachable through another loop, naming who; take over an idle
+plain loop of the entry (attached while the daemon was down) keeping its number; start the
+worker (raw device held O_EXCL, private FUSE file), then attach the configured or first free
+loop to the worker's file. Detach never unmounts anything: a mounted loop is reported, an open
+one is a deferred detach ("detach pending", naming who keeps it open) finished in the
+background at the last close; only then is the FUSE mount lifted and the worker stopped (its
+journal drained and the end marked). A worker whose FUSE mount lives on in another mount
+namespace is ended there too, and who kept it is said.
 """
 
 from __future__ import annotations
 
+import contextlib
 import errno
+import fcntl
 import logging
 import os
-import select
-import socket
-from dataclasses import dataclass
 
 import trio
 
-from app.engine.supervisor import Worker, _is_stale, spawn
-from app.services import blockdevs, mounts
+from app.engine.supervisor import Captured, Supervisor, spawn
+from app.services import blockplan, mounts
 from app.services import loop as loopdev
+from app.services.blockplan import View
 from app.services.config import BlockEntry
-from app.services.replication import (CAPTURE_FILE, Replication, busy_reasons, capture_id,
-                                      index_by_backing, is_capture_of, mounted_on)
+from app.services.layout import CAPTURE_FILE
 from app.services.results import MirrorError, Outcome, Result
-from app.services.status import openers_of
 
 log = logging.getLogger("mirrorsetup.block")
-FSTYPE = "fuse.mirrorblk"
 PENDING_POLL_SECONDS = 1.0  # only while a deferred detach waits for the last close
 UMOUNT_TRIES = 50  # the loop lets go of its file a moment after LOOP_CLR_FD returns
 
 
-class AdoptedProcess:
-    """A capture worker left by a previous daemon: not our child, watched through a pidfd.
-    trio lets one task wait on an fd at a time: the others check back every 50 ms."""
+class BlockCaptures:
+    def __init__(self, sup: Supervisor):
+        self.sup = sup
 
-    def __init__(self, pid: int):
-        self.pid = pid
-        self._fd = os.pidfd_open(pid)
-        self._waiting = False
-        self.returncode: int | None = None
+    def file(self, device: str) -> str:
+        return self.sup.layout.capture_file(device)
 
-    def poll(self) -> int | None:
-        if self.returncode is None and select.select([self._fd], [], [], 0)[0]:
-            self.returncode = -1  # not our child: its exit status is not ours to read
-        return self.returncode
+    def get(self, device: str) -> Captured | None:
+        return self.sup.get("block", device)
 
-    async def wait(self) -> int:
-        while self.poll() is None:
-            if self._waiting:
-                await trio.sleep(0.05)
-                continue
-            self._waiting = True
-            try:
-                await trio.lowlevel.wait_readable(self._fd)
-            finally:
-                self._waiting = False
-        return self.returncode
-
-
-@dataclass
-class Capture:
-    entry: BlockEntry
-    worker: Worker
-    mount_dir: str
-    loop: str | None = None
-    pending: bool = False
-
-    @property
-    def file(self) -> str:
-        return os.path.join(self.mount_dir, CAPTURE_FILE)
-
-
-class BlockSupervisor:
-    def __init__(self, state_dir: str, run_dir: str, replication: Replication):
-        self.state_dir = state_dir
-        self.block_dir = os.path.join(run_dir, "block")
-        self.replication = replication  # plain (uncaptured) loops are detached its way
-        self.captures: dict[str, Capture] = {}  # by configured device path
-        self.nursery: trio.Nursery | None = None
-
-    def mount_dir(self, device: str) -> str:
-        return os.path.join(self.block_dir, capture_id(device))
-
-    def adopt_path(self, device: str) -> str:
-        return os.path.join(self.block_dir, capture_id(device) + ".sock")
-
-    async def _adopt(self, entry: BlockEntry) -> Capture | None:
-        """Take over a capture worker whose daemon died: it kept serving the loop meanwhile."""
-        path = self.adopt_path(entry.device)
-        if not os.path.exists(path):
-            return None
-        sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        try:
-            await sock.connect(path)
-        except OSError:
-            sock.close()
-            return None  # a dead worker's socket: the stale-capture cleanup takes it from here
-        worker = Worker(entry, None, trio.SocketStream(sock), trio.Lock(), {}, label=entry.device)
-        with trio.move_on_after(10):
-            msg = await worker._line()
-            if msg.get("event") == "ready" and msg.get("pid"):
-                worker.proc = AdoptedProcess(msg["pid"])
-                worker.info = msg
-                cap = Capture(entry, worker, self.mount_dir(entry.device))
-                cap.loop = next((s.device for s in loopdev.list_attached()
-                                 if s.backing_file == cap.file), None)
-                return cap
-        await worker.stream.aclose()
-        return None
-
-    def pids(self) -> set[int]:
-        return {c.worker.proc.pid for c in self.captures.values()}
+    def _loop_of(self, device: str) -> str | None:
+        f = self.file(device)
+        return next((s.device for s in loopdev.list_attached() if s.backing_file == f), None)
 
     # -- attach -----------------------------------------------------------------------------
-    async def attach(self, entry: BlockEntry, *, dry_run: bool = False, progress=None,
-                     action: str = "attach") -> Result:
+    async def attach(self, entry: BlockEntry, *, dry_run: bool = False, action: str = "attach") -> Result:
         dev = entry.device
-        cap = self.captures.get(dev)
-        if cap is not None and cap.worker.proc.returncode is None:
-            return Result(action, dev, Outcome.UNCHANGED, f"{dev} is already attached as {cap.loop}"
-                          " (captured)", details={"loop": cap.loop, "captured": True})
-        if not os.path.exists(dev):
-            return Result(action, dev, Outcome.FAILED, f"{dev} does not exist", errno.ENOENT)
-        if not dry_run and (cap := await self._adopt(entry)) is not None:
-            return await self._adopted(cap, action)
-        await self.clean_stale(dev)
-        try:
-            refusal, plain = self._refusal(entry)
-        except OSError as exc:
-            return Result.from_error(action, dev, MirrorError.from_oserror("inspect", dev, exc))
-        if refusal:
-            return Result(action, dev, Outcome.FAILED, refusal, errno.EBUSY)
-        want = entry.loop or (plain.device if plain else None)
-        if want:
-            other = loopdev.status(want)
-            if other is not None and (plain is None or other.device != plain.device):
-                return Result(action, dev, Outcome.FAILED, f"{want} is busy: attached to "
-                              f"{other.backing_file}", errno.EBUSY)
-        target = f" replicated to {entry.target}" if entry.target else " (no target: captured only)"
-        if dry_run:
-            return Result(action, dev, Outcome.SKIPPED, f"would attach {dev} to "
-                          f"{want or 'the first free loop device'} through capture{target}")
-        if plain is not None:  # idle and uncaptured: hand its number over to the captured loop
-            r = loopdev.detach(plain.device)
-            if r.outcome is not Outcome.OK:
-                return Result(action, dev, Outcome.FAILED, f"could not take over {plain.device}, "
-                              f"attached without capture: {r.message}", r.errno or errno.EBUSY)
-        return await self._start(entry, want, progress, action, target)
+        async with self.sup.lock("block", dev):
+            cap = self.get(dev)
+            if cap is not None:
+                return Result(action, dev, Outcome.UNCHANGED, f"{dev} is already attached as "
+                              f"{cap.loop} (captured)", details={"loop": cap.loop, "captured": True})
+            if not dry_run:
+                await self.clean_dead(dev)
+            async with host_attach_lock():
+                plan = await trio.to_thread.run_sync(lambda: blockplan.plan_attach(
+                    entry, View(), captured=True, action=action))
+                if plan.result is not None:
+                    return plan.result
+                if dry_run:
+                    return Result(action, dev, Outcome.SKIPPED,
+                                  blockplan.describe(plan, captured=True, target=entry.target))
+                if plan.take_over is not None:  # idle and uncaptured: its number goes to capture
+                    r = loopdev.detach(plan.take_over.device)
+                    if r.outcome is not Outcome.OK:
+                        return Result(action, dev, Outcome.FAILED, f"could not take over "
+                                      f"{plan.take_over.device}, attached without capture: "
+                                      f"{r.message}", r.errno or errno.EBUSY)
+                return await self._start(entry, plan, action)
 
-    async def _adopted(self, cap: Capture, action: str) -> Result:
-        dev = cap.entry.device
-        if cap.loop is None:  # its daemon died between the worker's start and the loop attach
-            try:
-                cap.loop = (await trio.to_thread.run_sync(lambda: loopdev.attach(
-                    cap.file, loop=cap.entry.loop, read_only=cap.entry.read_only))).device
-            except MirrorError as exc:
-                await self._stop_worker(cap)
-                return Result.from_error(action, dev, exc)
-        self.captures[dev] = cap
-        if self.nursery is not None:
-            self.nursery.start_soon(self._watch, cap)
-        return Result(action, dev, Outcome.OK, f"took over the running capture of {dev} as {cap.loop} "
-                      f"(worker pid {cap.worker.proc.pid}): its I/O went on while no daemon ran",
-                      details={"loop": cap.loop, "captured": True, "adopted": True})
-
-    def _refusal(self, entry: BlockEntry) -> tuple[str | None, loopdev.LoopStatus | None]:
-        """Why `entry` cannot be captured now, and an idle uncaptured loop of it to take over."""
+    async def _start(self, entry: BlockEntry, plan, action: str) -> Result:
         dev = entry.device
-        reason = blockdevs.exclusion_reason(dev)
-        if reason:
-            return f"refused: {dev} is {reason}; it cannot be replicated", None
-        attached = loopdev.list_attached()  # read sysfs once for both questions
-        busy = busy_reasons(dev, None, attached)
-        plain = None
-        for s in index_by_backing(attached).get((0, os.stat(dev).st_rdev), []):
-            used = mounted_on(s.device)
-            if s.offset == entry.offset and s.sizelimit == entry.sizelimit and not used \
-                    and not openers_of(s.device):
-                plain = s
-            else:
-                busy.append(f"reachable without capture through {s.device}"
-                            + (f" (mounted on {', '.join(used)})" if used else " (in use)"))
-        if busy:
-            return (f"refused: {dev} is {', '.join(busy)}; writes there would bypass capture and "
-                    "corrupt the target. Unmount or detach it first", None)
-        return None, plain
-
-    async def _start(self, entry: BlockEntry, want: str | None, progress, action: str,
-                     target_note: str) -> Result:
-        dev = entry.device
-        mount_dir = self.mount_dir(dev)
-        state = os.path.join(self.state_dir, "block", capture_id(dev))
-        args = ["--device", dev, "--offset", str(entry.offset), "--sizelimit", str(entry.sizelimit),
-                "--state", state, "--mount", mount_dir, "--adopt", self.adopt_path(dev)]
-        if entry.target:
-            args += ["--target", entry.target]
-        if entry.read_only:
-            args.append("--read-only")
-        worker, msg = await spawn("app.engine.blockworker", args, entry, dev, progress)
-        if msg.get("event") != "ready":
+        spec = self.sup.spec("block", dev, entry, offset=entry.offset, sizelimit=entry.sizelimit,
+                             read_only=entry.read_only)
+        link, msg = await spawn(spec)
+        if link is None:
             return Result(action, dev, Outcome.FAILED, msg.get("message", "capture worker failed"),
                           msg.get("errno"))
-        cap = Capture(entry, worker, mount_dir)
+        cap = Captured("block", dev, entry, link)
         try:
             try:
                 st = await trio.to_thread.run_sync(lambda: loopdev.attach(
-                    cap.file, loop=want, read_only=entry.read_only))
+                    msg["file"], loop=plan.want, read_only=entry.read_only))
             except MirrorError as exc:
-                if entry.loop or not want or exc.errno != errno.EBUSY:
+                if entry.loop or not plan.want or exc.errno != errno.EBUSY:
                     raise
                 # the number came from a plain loop we took over; someone took it meanwhile
                 st = await trio.to_thread.run_sync(lambda: loopdev.attach(
-                    cap.file, read_only=entry.read_only))
+                    msg["file"], read_only=entry.read_only))
         except MirrorError as exc:
             await self._stop_worker(cap)
             return Result.from_error(action, dev, exc)
         cap.loop = st.device
-        self.captures[dev] = cap
-        if self.nursery is not None:
-            self.nursery.start_soon(self._watch, cap)
-        note = ""
-        if msg.get("resync"):
-            rs = msg["resync"]
-            why = "first attach: copied" if msg.get("first") else "unclean previous stop: resync copied"
-            note = f"; {why} {rs['copied_bytes']} bytes ({rs['differing']} of {rs['blocks']} blocks differed)"
-        return Result(action, dev, Outcome.OK, f"attached {dev} as {st.device}, captured{target_note}"
-                      f"{note}", details={"loop": st.device, "captured": True, "pid": worker.proc.pid})
+        self.sup.register(cap)
+        target = f" replicated to {entry.target}" if entry.target else " (no target: captured only)"
+        note = f"; catching up in the background ({msg.get('reason')})" if msg.get("reason") else ""
+        return Result(action, dev, Outcome.OK, f"attached {dev} as {st.device}, captured{target}{note}",
+                      details={"loop": st.device, "captured": True, "pid": link.pid})
+
+    def adopted(self, link, entry: BlockEntry | None) -> Captured:
+        """A worker left running by a previous daemon: record it (its loop is found by file)."""
+        dev = link.info["key"]
+        cap = Captured("block", dev, entry, link, adopted=True)
+        cap.loop = self._loop_of(dev)
+        self.sup.register(cap)
+        return cap
+
+    async def attach_adopted_loop(self, cap: Captured) -> Result | None:
+        """Its daemon died between the worker's start and the loop attach: attach it now."""
+        if cap.loop is not None or cap.entry is None:
+            return None
+        try:
+            st = await trio.to_thread.run_sync(lambda: loopdev.attach(
+                cap.link.info["file"], loop=cap.entry.loop, read_only=cap.entry.read_only))
+        except MirrorError as exc:
+            return Result.from_error("attach", cap.key, exc)
+        cap.loop = st.device
+        return None
 
     # -- detach -----------------------------------------------------------------------------
     async def detach(self, entry: BlockEntry, *, dry_run: bool = False) -> list[Result]:
-        cap = self.captures.get(entry.device)
-        if cap is None:  # maybe a plain loop attached while the daemon was down
-            return self.replication._detach_entry(entry, dry_run=dry_run)
-        dev, loop = entry.device, cap.loop
+        dev = entry.device
+        async with self.sup.lock("block", dev):
+            cap = self.get(dev)
+            if cap is None:  # maybe a plain loop attached while the daemon was down
+                view = View()
+                found = blockplan.plain_loops_of(entry, view)
+                if not found:
+                    return [Result("detach", dev, Outcome.UNCHANGED, f"{dev} is not attached")]
+                return [blockplan.detach_loop(s.device, dev, view, dry_run=dry_run) for s in found]
+            return [await self._detach_captured(cap, dry_run=dry_run)]
+
+    async def _detach_captured(self, cap: Captured, *, dry_run: bool = False) -> Result:
+        dev, loop = cap.key, cap.loop
         if cap.pending:
-            return [Result("detach", dev, Outcome.PENDING, f"{loop}: detach pending (still open)",
-                           details={"loop": loop})]
-        where = mounted_on(loop)
-        if where:
-            return [Result("detach", dev, Outcome.FAILED, f"{loop} is mounted on {', '.join(where)}: "
-                           "unmount it first (nothing was unmounted)", errno.EBUSY, {"loop": loop})]
-        if dry_run:
-            return [Result("detach", dev, Outcome.SKIPPED, f"would detach {loop} and stop capturing {dev}",
-                           details={"loop": loop})]
-        r = await trio.to_thread.run_sync(loopdev.detach, loop)
+            return Result("detach", dev, Outcome.PENDING, f"{loop}: detach pending (still open"
+                          f"{': ' + '; '.join(cap.holders) if cap.holders else ''})",
+                          details={"loop": loop})
+        if loop is None:
+            if dry_run:
+                return Result("detach", dev, Outcome.SKIPPED, f"would stop capturing {dev}")
+            note = await self._stop_worker(cap)
+            return Result("detach", dev, Outcome.OK, f"capture of {dev} stopped (it had no loop)"
+                          + (f"; {note}" if note else ""))
+        r = await trio.to_thread.run_sync(lambda: blockplan.detach_loop(loop, dev, dry_run=dry_run))
         if r.outcome is Outcome.PENDING:
             cap.pending = True
-            if self.nursery is not None:
-                self.nursery.start_soon(self._finish_pending, cap)
-            return [Result("detach", dev, Outcome.PENDING, f"{loop}: detach pending: still open, "
-                           "capture goes on until it is closed", details={"loop": loop})]
-        if r.failed:
-            return [Result("detach", dev, r.outcome, r.message, r.errno, {"loop": loop})]
-        await self._stop_worker(cap)
-        return [Result("detach", dev, Outcome.OK, f"detached {loop}; capture of {dev} stopped, "
-                       "journal drained to the target", details={"loop": loop})]
+            cap.holders = [r.message.split("still open by ", 1)[-1].split(";")[0]]
+            if self.sup.nursery is not None:
+                self.sup.nursery.start_soon(self._finish_pending, cap)
+            return Result("detach", dev, Outcome.PENDING, f"{r.message}; capture goes on until "
+                          "then", details={"loop": loop})
+        if r.failed or r.outcome is Outcome.SKIPPED:
+            return Result("detach", dev, r.outcome, r.message, r.errno, {"loop": loop})
+        note = await self._stop_worker(cap)
+        return Result("detach", dev, Outcome.OK, f"detached {loop}; capture of {dev} ended, its journal "
+                      "drained to the target" + (f"; the capture was {note}: ended there too"
+                                                 if note else ""), details={"loop": loop})
 
-    async def _finish_pending(self, cap: Capture) -> None:
-        while True:
+    async def _finish_pending(self, cap: Captured) -> None:
+        f = self.file(cap.key)
+        while cap.link.alive():
             s = loopdev.status(cap.loop)
-            if s is None or not is_capture_of(cap.entry.device, s.backing_file):
+            if s is None or s.backing_file != f:
                 break
             await trio.sleep(PENDING_POLL_SECONDS)
-        log.info("%s: deferred detach done; stopping capture of %s", cap.loop, cap.entry.device)
-        await self._stop_worker(cap)
+        log.info("%s: deferred detach done; ending the capture of %s", cap.loop, cap.key)
+        async with self.sup.lock("block", cap.key):
+            await self._stop_worker(cap)
 
-    async def _stop_worker(self, cap: Capture) -> None:
-        """Lift the FUSE mount (the worker then drains its journal and exits cleanly)."""
-        if self.captures.get(cap.entry.device) is cap:
-            del self.captures[cap.entry.device]
+    async def _stop_worker(self, cap: Captured) -> str:
+        """Lift the FUSE mount (the worker then drains, marks the end and exits); a copy of
+        it in another mount namespace is ended too. Returns who kept it, or ""."""
+        cap.ending = True
+        mount_dir = os.path.dirname(self.file(cap.key))
         for _ in range(UMOUNT_TRIES):
             try:
-                mounts.umount(cap.mount_dir, 0)
+                mounts.umount(mount_dir, 0)
                 break
             except MirrorError as exc:
+                if exc.errno == errno.EINVAL:
+                    break  # not mounted here (already lifted)
                 if exc.errno != errno.EBUSY:
-                    log.error("%s: %s", cap.mount_dir, exc)
+                    log.error("%s: %s", mount_dir, exc)
                     break
                 await trio.sleep(0.1)
         else:
-            log.error("%s still busy; lazy unmount", cap.mount_dir)
-            mounts.umount(cap.mount_dir, mounts.MNT_DETACH)
-        with trio.move_on_after(60):
-            await cap.worker.proc.wait()
+            log.error("%s still busy; lazy unmount", mount_dir)
+            mounts.umount(mount_dir, mounts.MNT_DETACH)
+        return await self.sup.stop(cap)
 
     async def stop_all(self) -> list[Result]:
         """At daemon stop: detach what can be. A loop still mounted or open keeps its capture
         worker running (the next daemon takes it over), so its I/O does not fail."""
         results = []
-        for cap in list(self.captures.values()):
-            rs = await self.detach(cap.entry)
-            if any(r.failed for r in rs) or any(r.outcome is Outcome.PENDING for r in rs):
-                results.append(Result("detach", cap.entry.device, Outcome.PENDING,
-                                      f"{cap.loop} is still in use at daemon stop: its capture goes "
-                                      f"on in pid {cap.worker.proc.pid} and the next daemon takes it "
-                                      "over"))
-                self.captures.pop(cap.entry.device, None)
-            results += rs
+        for cap in [c for c in self.sup.captures.values() if c.kind == "block"]:
+            async with self.sup.lock("block", cap.key):
+                r = await self._detach_captured(cap)
+            if r.failed or r.outcome is Outcome.PENDING:
+                r = Result("detach", cap.key, Outcome.PENDING, f"{cap.loop} is still in use at daemon "
+                           f"stop ({r.message}): its capture goes on in pid {cap.link.pid} and the "
+                           "next daemon takes it over")
+                cap.ending = True
+                self.sup.captures.pop(("block", cap.key), None)
+                await cap.link.close()
+            results.append(r)
         return results
 
     # -- failures ---------------------------------------------------------------------------
-    async def _watch(self, cap: Capture) -> None:
-        status = await cap.worker.proc.wait()
-        if self.captures.get(cap.entry.device) is cap:
-            del self.captures[cap.entry.device]
-            log.error("capture of %s stopped unexpectedly (worker exit status %s); %s now fails "
-                      "I/O", cap.entry.device, status, cap.loop)
-            for r in await self.clean_stale(cap.entry.device):
-                log.error("%s: %s", r.target, r.message)
-
-    async def clean_stale(self, device: str | None = None) -> list[Result]:
-        """Detach loops on dead capture files (a killed daemon's) and lift the dead mounts."""
+    async def clean_dead(self, device: str | None = None) -> list[Result]:
+        """Detach loops on dead capture files of ours and lift the dead FUSE mounts."""
         out = []
-        live = {c.mount_dir for c in self.captures.values()}
+        fsname = self.sup.layout.fsname("block")
+        live = {os.path.dirname(self.file(c.key)) for c in self.sup.captures.values() if c.kind == "block"}
         for m in mounts.read_mountinfo():
-            if m.fstype != FSTYPE or m.mount_point in live or not m.mount_point.startswith(
-                    self.block_dir + "/") or (device and m.mount_point != self.mount_dir(device)):
+            if m.source != fsname or m.mount_point in live or \
+                    (device and m.mount_point != os.path.dirname(self.file(device))):
                 continue
-            if not await _is_stale(m.mount_point):
+            if not await _is_dead(m.mount_point):
                 continue
             for s in loopdev.list_attached():
-                if s.backing_file and s.backing_file.startswith(m.mount_point + "/"):
-                    where = mounted_on(s.device)
-                    r = loopdev.detach(s.device)
-                    msg = (f"{s.device} served a capture that died with its daemon: "
-                           + ("detached" if r.outcome is Outcome.OK else
-                              f"detach pending ({'mounted on ' + ', '.join(where) if where else 'open'}): "
-                              "its I/O fails until it is unmounted/closed"))
-                    out.append(Result("detach", s.device, r.outcome if not where else Outcome.FAILED,
-                                      msg, None if r.outcome is Outcome.OK else errno.EIO))
+                if s.backing_file == os.path.join(m.mount_point, CAPTURE_FILE):
+                    r = await trio.to_thread.run_sync(lambda: blockplan.detach_loop(s.device, s.device))
+                    msg = (f"{s.device} served a capture whose worker is gone: "
+                           + ("detached" if r.outcome is Outcome.OK else r.message +
+                              "; its I/O fails until it is unmounted/closed"))
+                    out.append(Result("detach", s.device, Outcome.OK if r.outcome is Outcome.OK
+                                      else Outcome.FAILED, msg, None if r.outcome is Outcome.OK else errno.EIO))
             try:
                 mounts.umount(m.mount_point, mounts.MNT_DETACH)
                 out.append(Result("unmount", m.mount_point, Outcome.OK, "lazy unmount of a dead "
-                                  "block capture left by a stopped daemon"))
+                                  "block capture of this installation"))
             except MirrorError as exc:
                 out.append(Result.from_error("unmount", m.mount_point, exc))
         return out
 
-    # -- status -----------------------------------------------------------------------------
-    async def status_row(self, entry: BlockEntry) -> dict:
-        cap = self.captures.get(entry.device)
-        row = {"device": entry.device, "offset": entry.offset, "target": entry.target,
-               "captured": cap is not None, "loop": cap.loop if cap else None,
-               "file": cap.file if cap else None, "pending_detach": bool(cap and cap.pending),
-               "worker_pid": cap.worker.proc.pid if cap else None, "captured_ops": 0,
-               "bytes_queued": 0, "lag_seconds": None}
-        if cap is not None:
-            try:
-                st = await cap.worker.call("status")
-                row.update({k: v for k, v in st.items() if k != "ok"})
-            except (MirrorError, trio.BrokenResourceError) as exc:
-                row["error"] = str(exc)
-        return row
+
+@contextlib.asynccontextmanager
+async def host_attach_lock():
+    """blockplan.attach_lock for the daemon: waited for in a thread, not on the event loop."""
+    fd = os.open(blockplan.ATTACH_LOCK, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    try:
+        await trio.to_thread.run_sync(fcntl.flock, fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
+
+
+async def _is_dead(path: str) -> bool:
+    """statfs() in a thread with a deadline: a mount whose server is gone answers ENOTCONN (or
+    hangs). Not stat(): the kernel may answer that from its attribute cache."""
+    def probe() -> bool:
+        try:
+            os.statvfs(path)
+            return False
+        except OSError as exc:
+            return exc.errno == errno.ENOTCONN
+    with trio.move_on_after(2):
+        return await trio.to_thread.run_sync(probe, abandon_on_cancel=True)
+    return False

@@ -1,9 +1,14 @@
-"""Whole-device work between a block entry's window and its target: mirror, resync, verify.
+"""Whole-device work between a block entry's window and its target: reconcile and verify.
 
 The window is `size` bytes of the source starting at `offset`; the target holds the same bytes
-from its own byte 0. Both sides are compared block by block (BLOCK bytes) by sha256, the way a
-remote target would be compared; a resync copies only the blocks whose hashes differ, a full
-mirror copies every block. Nothing outside the window is read or written.
+from its own byte 0. Both are compared in BLOCK pieces by sha256 (over the wire for a remote
+target: only hashes cross it); a block that differs is sent whole as an ordinary `write`
+record. While capture goes on, each block's record is committed atomically with a check that
+no write reached that block since it was read (the capture's per-block write generation), so
+the target ends equal to the device however applications write meanwhile: a block record at
+position t states the block as it is at t, records after it are later writes. (A target block
+equal to the source at t needs nothing even if older records for it are still on their way:
+replaying them leaves each byte at its last written value, which is the source's.)
 """
 
 from __future__ import annotations
@@ -11,75 +16,114 @@ from __future__ import annotations
 import errno
 import hashlib
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 
-BLOCK = 1 << 20
-Progress = Callable[[int, int], None]  # (bytes done, bytes of the window)
+from app.engine.sync import BLOCK
 
-
-def _read(fd: int, length: int, at: int, what: str) -> bytes:
-    data = os.pread(fd, length, at)
-    if len(data) != length:
-        raise OSError(errno.EIO, f"short read of {what} at byte {at} ({len(data)} of {length})")
-    return data
+CHUNK = 64  # blocks whose target hashes are asked for at once
+COMMIT_TRIES = 4
+Progress = Callable[[dict], None]
 
 
-def _blocks(size: int):
-    for start in range(0, size, BLOCK):
-        yield start, min(BLOCK, size - start)
+def nblocks(size: int) -> int:
+    return (size + BLOCK - 1) // BLOCK
 
 
-def _ranges(starts: list[tuple[int, int]]) -> list[list[int]]:
-    """Merge adjacent (start, length) blocks into [start, end) byte ranges."""
+def ranges(blocks: Iterable[int], size: int) -> list[list[int]]:
+    """Merge block numbers into [start, end) byte ranges of the window."""
     out: list[list[int]] = []
-    for start, length in starts:
+    for b in sorted(blocks):
+        start, end = b * BLOCK, min((b + 1) * BLOCK, size)
         if out and out[-1][1] == start:
-            out[-1][1] = start + length
+            out[-1][1] = end
         else:
-            out.append([start, start + length])
+            out.append([start, end])
     return out
 
 
-def compare(src_fd: int, offset: int, size: int, dst_fd: int, *, copy: str = "none",
-            progress: Progress | None = None) -> dict:
-    """Walk the window; copy="none" only compares, "diff" copies differing blocks, "all" copies
-    every block. Returns {"blocks", "differing", "copied_bytes", "ranges"} (target offsets)."""
-    differing: list[tuple[int, int]] = []
-    copied = 0
-    for start, length in _blocks(size):
-        src = _read(src_fd, length, offset + start, "the source")
-        if copy == "all":
-            os.pwrite(dst_fd, src, start)
-            copied += length
-        else:
-            dst = _read(dst_fd, length, start, "the target")
-            if hashlib.sha256(src).digest() != hashlib.sha256(dst).digest():
-                differing.append((start, length))
-                if copy == "diff":
-                    os.pwrite(dst_fd, src, start)
-                    copied += length
-        if progress is not None and (start // BLOCK) % 64 == 0:
-            progress(start + length, size)
-    if copied:
-        os.fdatasync(dst_fd)
-    if progress is not None:
-        progress(size, size)
-    return {"blocks": (size + BLOCK - 1) // BLOCK, "differing": len(differing),
-            "copied_bytes": copied, "ranges": _ranges(differing)}
+def _progress(stage: str, done: int, total: int, size: int, sent: int) -> dict:
+    """Progress in bytes of the window (what a progress bar shows) and blocks (status)."""
+    part = size if total == 0 or done >= total else min(size, done * BLOCK)
+    return {"stage": stage, "done": done, "total_blocks": total, "bytes": part, "total": size,
+            "copied": sent}
 
 
-def open_target(path: str, size: int, *, create: bool = True) -> int:
-    """Open (creating a sparse file of `size` when missing) a target of at least `size` bytes."""
-    flags = os.O_RDWR | os.O_CLOEXEC | (os.O_CREAT if create else 0)
-    fd = os.open(path, flags, 0o600)
-    try:
-        st = os.fstat(fd)
-        have = os.lseek(fd, 0, os.SEEK_END)
-        if have < size:
-            if st.st_rdev:
-                raise OSError(errno.ENOSPC, f"target {path} holds {have} bytes; the window is {size}")
-            os.ftruncate(fd, size)
-    except BaseException:
-        os.close(fd)
-        raise
-    return fd
+def read_block(fd: int, offset: int, size: int, b: int) -> bytes:
+    length = min(BLOCK, size - b * BLOCK)
+    data = os.pread(fd, length, offset + b * BLOCK)
+    if len(data) != length:
+        raise OSError(errno.EIO, f"short read of the source at byte {offset + b * BLOCK} "
+                                 f"({len(data)} of {length})")
+    return data
+
+
+def reconcile(src_fd: int, offset: int, size: int, target, commit, *, scope: Iterable[int] | None = None,
+              compare: bool = True, progress: Progress | None = None, gen=None,
+              frozen=None) -> dict:
+    """Make the target's blocks equal to the source's. `commit(block, data, gen)` appends (or
+    applies) a write of the whole block and returns False when the block changed since `gen`
+    (then it is read again). `compare=False` sends every block (a full mirror onto a target
+    that cannot be read). `scope` limits the work to those blocks (a dirty map)."""
+    todo = list(range(nblocks(size))) if scope is None else sorted(set(scope))
+    total = len(todo)
+    sent = differing = done = 0
+    for i in range(0, total, CHUNK):
+        part = todo[i:i + CHUNK]
+        theirs = target.block_hashes_of(part) if compare else [None] * len(part)
+        for b, their in zip(part, theirs):
+            for _ in range(COMMIT_TRIES):
+                g = gen(b) if gen else 0
+                data = read_block(src_fd, offset, size, b)
+                if their is not None and hashlib.sha256(data).hexdigest() == their:
+                    break
+                if commit(b, data, g):
+                    sent += len(data)
+                    differing += 1
+                    break
+            else:
+                with frozen():
+                    commit(b, read_block(src_fd, offset, size, b), None)
+                    sent += min(BLOCK, size - b * BLOCK)
+                    differing += 1
+            done += 1
+            if progress and (done % 64 == 0 or done == total):
+                progress(_progress("copying", done, total, size, sent))
+    if progress and not total:
+        progress(_progress("copying", 0, 0, size, 0))
+    return {"blocks": total, "differing": differing, "copied_bytes": sent}
+
+
+def verify(src_fd: int, offset: int, size: int, target, *, progress: Progress | None = None,
+           gen=None, wait_target=None) -> dict:
+    """Compare every block; blocks written meanwhile are checked again (up to three rounds)
+    once the target has caught up with them. Returns counts and the differing byte ranges."""
+    todo = list(range(nblocks(size)))
+    total = len(todo)
+    differing: list[int] = []
+    for attempt in range(3):
+        changed: list[int] = []
+        done = 0
+        for i in range(0, len(todo), CHUNK):
+            part = todo[i:i + CHUNK]
+            gens = [gen(b) if gen else 0 for b in part]
+            ours = [hashlib.sha256(read_block(src_fd, offset, size, b)).hexdigest() for b in part]
+            if wait_target is not None:
+                wait_target()  # the target has applied every write captured so far
+            theirs = target.block_hashes_of(part)
+            for b, g, mine, their in zip(part, gens, ours, theirs):
+                if mine == their:
+                    continue
+                if gen and gen(b) != g:
+                    changed.append(b)  # written meanwhile: compare again
+                else:
+                    differing.append(b)
+            done += len(part)
+            if progress:
+                progress(_progress("verifying", done if attempt == 0 else total, total, size, 0))
+        if not changed:
+            break
+        todo = changed
+    else:
+        differing += changed  # kept changing: said as differing, never as equal
+    return {"blocks": total, "differing": len(differing), "copied_bytes": 0,
+            "ranges": ranges(differing, size)}

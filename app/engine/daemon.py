@@ -1,46 +1,72 @@
-"""`mirrorsetup daemon`: the long-running service behind `fs mount-all`, status and mirrors.
+"""`mirrorsetup daemon`: the long-running service behind mount-all, attach-all, status and mirrors.
 
-Foreground, trio. On start: clean stale mirrorfs mounts a killed daemon left, mount every
-configured file-system entry (one capture worker each), then serve the control socket. On
-SIGTERM/SIGINT or `shutdown`: unmount every entry (lazily when files are still open, and said
-so) and exit. The config file is re-read by every mount request, so new entries need no restart.
+Foreground, trio. On start: take over every capture worker a previous daemon left running
+(their applications never noticed it was gone), end the ones whose entry was removed (or show
+them as orphaned), mount every file-system entry and capture every block entry, then serve
+the control socket. On SIGTERM/SIGINT or `shutdown`: end the captures nothing uses (drained,
+end marked), leave the ones in use running for the next daemon (`shutdown` with
+keep_captures leaves them all: a restart applications do not see), and exit.
+
+Every request runs under the lock of the entry it touches; a request that fails is answered
+with its error, the daemon never dies of a client. The config file is re-read by every request.
 """
 
 from __future__ import annotations
 
 import argparse
 import errno
-import json
 import logging
 import os
 import signal
 import socket
 import stat
 import sys
+import traceback
 
 import trio
 
 from app.engine import sync
-from app.engine.blocksup import BlockSupervisor
-from app.engine.supervisor import Supervisor, nested_mounts, our_mount
+from app.engine.blocksup import BlockCaptures
+from app.engine.supervisor import Captured, Supervisor, holders, mount_dev
+from app.services import layout as layout_mod
+from app.services import mounts, protocol
+from app.services.blockplan import same_device
 from app.services.config import BlockEntry, ConfigStore, FsEntry
-from app.services.replication import Replication, same_device
-from app.services.control import DEFAULT_SOCKET, DIR_MODE, SOCKET_MODE
+from app.services.control import DIR_MODE, SOCKET_MODE, default_socket
+from app.services.layout import Layout
+from app.services.protocol import CaptureRow
 from app.services.results import MirrorError, Outcome, Result
 
-DEFAULT_STATE_DIR = "/var/lib/mirrorsetup"
 DETACHED_WAIT_SECONDS = 10  # at stop, lazily unmounted entries get this long to see files closed
 log = logging.getLogger("mirrorsetup.daemon")
 
 
 class Daemon:
     def __init__(self, config: str | None, socket_path: str, state_dir: str):
+        from app.engine.target import host_id
         self.store = ConfigStore(config)
         self.socket_path = socket_path
-        self.sup = Supervisor(state_dir)
-        self.blk = BlockSupervisor(state_dir, os.path.dirname(socket_path), Replication(self.store))
+        self.state_dir = state_dir
+        self.layout = Layout(os.path.dirname(socket_path), state_dir)
+        self.sup = Supervisor(self.layout, host_id())
+        self.sup.on_death = self._on_death
+        self.blk = BlockCaptures(self.sup)
         self.stopping = trio.Event()
+        self.keep_captures = False
+        self.commands = {
+            "ping": self.cmd_ping, "status": self.cmd_status, "watch": self.cmd_watch,
+            "shutdown": self.cmd_shutdown, "reload": self.cmd_reload,
+            "mount_all": self.cmd_mount_all, "unmount_all": self.cmd_unmount_all,
+            "mount": self.cmd_mount, "unmount": self.cmd_unmount,
+            "mirror": self.cmd_mirror, "verify": self.cmd_verify,
+            "block_attach_all": self.cmd_block_attach_all, "block_detach_all": self.cmd_block_detach_all,
+            "block_attach": self.cmd_block_attach, "block_detach": self.cmd_block_detach,
+            "block_mirror": self.cmd_block_mirror, "block_verify": self.cmd_block_verify,
+            "capture_end": self.cmd_capture_end,
+        }
+        assert set(self.commands) == set(protocol.COMMANDS), "the command table and the protocol differ"
 
+    # -- configuration ----------------------------------------------------------------------
     def _entries(self) -> tuple[FsEntry, ...]:
         return self.store.load().filesystem
 
@@ -61,177 +87,283 @@ class Daemon:
         raise MirrorError(f"{device} is not a configured block device", errno=errno.ENOENT, obj=device)
 
     # -- commands ---------------------------------------------------------------------------
-    async def cmd_ping(self, send, **_):
-        return {"pid": os.getpid(), "config": os.path.realpath(self.store.path)}
+    async def cmd_ping(self, send):
+        return {"pid": os.getpid(), "version": protocol.VERSION,
+                "config": os.path.realpath(self.store.path), "state_dir": self.state_dir,
+                "socket": self.socket_path}
 
-    async def cmd_status(self, send, **_):
-        await self.sup.reap()
-        entries = []
-        for e in self._entries():
-            row = {"path": e.path, "target": e.target, "replicate_atime": e.replicate_atime,
-                   "mounted": our_mount(e.path) is not None,
-                   "capturing": e.path in self.sup.workers,
-                   "nested_mounts_not_captured": nested_mounts(e.path),
-                   "captured_ops": 0, "bytes_queued": 0, "applied_seq": None, "last_seq": None,
-                   "lag_seconds": None, "worker_pid": None}
-            w = self.sup.workers.get(e.path)
-            if w is not None:
-                try:
-                    st = await w.call("status")
-                    row.update({k: v for k, v in st.items() if k != "ok"}, worker_pid=w.proc.pid)
-                except (MirrorError, trio.BrokenResourceError) as exc:
-                    row["error"] = str(exc)
-            entries.append(row)
-        block = [await self.blk.status_row(e) for e in self._blocks()]
-        return {"pid": os.getpid(), "socket": self.socket_path, "entries": entries, "block": block,
-                "pids": sorted({os.getpid()} | self.blk.pids() | {w.proc.pid for w in self.sup.workers.values()})}
+    async def cmd_status(self, send):
+        config = self.store.load()
+        fs_rows = [await self._fs_row(e) for e in config.filesystem]
+        block_rows = [await self._block_row(e) for e in config.block]
+        configured = {("fs", e.path) for e in config.filesystem} | {("block", e.device) for e in config.block}
+        orphans = []
+        for cap in list(self.sup.captures.values()):
+            if (cap.kind, cap.key) not in configured:
+                row = CaptureRow(cap.kind, cap.key, captured=True, state="orphaned",
+                                 worker_pid=cap.link.pid, loop=cap.loop, holders=cap.holders)
+                row.update(await self.sup.figures(cap))
+                row.state = "orphaned"
+                row.last_error = (f"its entry is no longer configured; end it with "
+                                  f"`mirrorsetup capture end {layout_mod.entry_id(cap.key)}`")
+                orphans.append(row.to_json())
+        return {"pid": os.getpid(), "socket": self.socket_path, "state_dir": self.state_dir,
+                "filesystem": [r.to_json() for r in fs_rows], "block": [r.to_json() for r in block_rows],
+                "orphans": orphans, "pids": sorted({os.getpid()} | self.sup.pids())}
 
-    # -- block entries ----------------------------------------------------------------------
-    async def cmd_block_attach_all(self, send, dry_run=False, force=False, **_):
-        results = [] if dry_run else await self.blk.clean_stale()
-
-        async def progress(p):
-            await send({"progress": p})
-        for e in self._blocks():
-            results.append(await self.blk.attach(e, dry_run=bool(dry_run), progress=progress))
-        return {"results": [r.to_json() for r in results]}
-
-    async def cmd_block_detach_all(self, send, dry_run=False, **_):
-        results = []
-        entries = list(self._blocks())
-        configured = {e.device for e in entries}
-        entries += [c.entry for d, c in self.blk.captures.items() if d not in configured]  # removed by hand
-        for e in entries:
-            results += await self.blk.detach(e, dry_run=bool(dry_run))
-        return {"results": [r.to_json() for r in results]}
-
-    async def cmd_block_attach(self, send, device="", **_):
-        return {"results": [(await self.blk.attach(self._block(device))).to_json()]}
-
-    async def cmd_block_detach(self, send, device="", **_):
-        return {"results": [r.to_json() for r in await self.blk.detach(self._block(device))]}
-
-    async def cmd_block_mirror(self, send, device="", **_):
-        return await self._block_command("mirror", device, send)
-
-    async def cmd_block_verify(self, send, device="", **_):
-        return await self._block_command("verify", device, send)
-
-    async def _block_command(self, cmd: str, device: str, send) -> dict:
-        entry = self._block(device)
-        cap = self.blk.captures.get(entry.device)
-        # not attached: nothing writes through us, work on the devices directly
-        reply = await _run_on_target(cmd, entry, entry.device, cap and cap.worker, _block_offline, send)
-        n = reply["differing"]
-        if cmd == "verify":
-            res = Result("verify", entry.device, Outcome.OK if n == 0 else Outcome.FAILED,
-                         "target matches" if n == 0 else f"{n} of {reply['blocks']} blocks differ",
-                         None if n == 0 else errno.EIO)
+    async def _fs_row(self, e: FsEntry) -> CaptureRow:
+        cap = self.sup.get("fs", e.path)
+        row = CaptureRow("fs", e.path, target=e.target, replicate_atime=e.replicate_atime,
+                         mounted=mount_dev(e.path, self.layout.fsname("fs")) is not None,
+                         nested_mounts=sync_nested(e.path))
+        if cap is not None:
+            row.captured = True
+            row.update(await self.sup.figures(cap))
+            row.worker_pid = cap.link.pid
         else:
-            res = Result("mirror", entry.device, Outcome.OK, f"mirrored {reply['copied_bytes']} bytes "
-                         f"from offset {entry.offset} to {entry.target}")
-        return {**reply, "results": [res.to_json()]}
+            row.state = "not captured"
+            row.last_error = self.sup.lost.get(("fs", e.path))
+        return row
 
-    async def cmd_mount_all(self, send, force=False, **_):
-        results = list(await self.sup.clean_stale())
-        for e in self._entries():
-            results.append(await self.sup.mount(e))
-        return {"results": [r.to_json() for r in results]}
+    async def _block_row(self, e: BlockEntry) -> CaptureRow:
+        cap = self.sup.get("block", e.device)
+        row = CaptureRow("block", e.device, target=e.target, offset=e.offset)
+        if cap is not None:
+            row.captured = True
+            row.loop, row.pending_detach, row.holders = cap.loop, cap.pending, cap.holders
+            row.file = self.blk.file(e.device)
+            row.update(await self.sup.figures(cap))
+            row.worker_pid = cap.link.pid
+        else:
+            row.state = "not captured"
+            row.last_error = self.sup.lost.get(("block", e.device))
+        return row
 
-    async def cmd_unmount_all(self, send, force=False, **_):
-        paths = [e.path for e in self._entries()] + [p for p in self.sup.workers if
-                                                     p not in {e.path for e in self._entries()}]
-        return {"results": [(await self.sup.unmount(p, bool(force))).to_json() for p in paths]}
-
-    async def cmd_mount(self, send, path="", **_):
-        return {"results": [(await self.sup.mount(self._entry(path))).to_json()]}
-
-    async def cmd_unmount(self, send, path="", force=False, **_):
-        entry = self._entry(path)
-        return {"results": [(await self.sup.unmount(entry.path, bool(force))).to_json()]}
-
-    async def cmd_reload(self, send, **_):
-        wanted = {e.path for e in self._entries()}
-        results = [await self.sup.unmount(p) for p in list(self.sup.workers) if p not in wanted]
-        results += [await self.sup.mount(e) for e in self._entries() if e.path not in self.sup.workers]
-        return {"results": [r.to_json() for r in results]}
-
-    async def cmd_watch(self, send, **_):
-        """Hold the connection until the daemon stops: its end (or EOF, if we are killed) tells
-        a console that the daemon is gone, without polling."""
+    async def cmd_watch(self, send):
+        """Held until the daemon stops: its end (or EOF, if we are killed) tells a console
+        that the daemon is gone, without polling."""
         await self.stopping.wait()
         return {"stopping": True}
 
-    async def cmd_shutdown(self, send, **_):
+    async def cmd_shutdown(self, send, keep_captures=False):
+        self.keep_captures = bool(keep_captures)
         self.stopping.set()
-        return {"results": [Result("shutdown", "daemon", Outcome.OK, "stopping").to_json()]}
+        how = "leaving every capture running for the next daemon" if keep_captures else \
+            "ending the captures nothing uses"
+        return {"results": [Result("shutdown", "daemon", Outcome.OK, f"stopping, {how}").to_json()]}
 
-    async def cmd_mirror(self, send, path="", **_):
-        return await self._tree_command("mirror", path, send)
+    async def cmd_mount_all(self, send, force=False):
+        return _results([await self.sup.mount(e) for e in self._entries()])
 
-    async def cmd_verify(self, send, path="", **_):
-        return await self._tree_command("verify", path, send)
+    async def cmd_unmount_all(self, send, force=False):
+        configured = [e.path for e in self._entries()]
+        extra = [c.key for c in self.sup.captures.values() if c.kind == "fs" and c.key not in configured]
+        return _results([await self.sup.unmount(p, bool(force)) for p in configured + extra])
 
-    async def _tree_command(self, cmd: str, path: str, send) -> dict:
+    async def cmd_mount(self, send, path=""):
+        return _results([await self.sup.mount(self._entry(path))])
+
+    async def cmd_unmount(self, send, path="", force=False):
+        return _results([await self.sup.unmount(self._entry(path).path, bool(force))])
+
+    async def cmd_reload(self, send):
+        wanted = {e.path for e in self._entries()}
+        results = [await self.sup.unmount(c.key) for c in list(self.sup.captures.values())
+                   if c.kind == "fs" and c.key not in wanted]
+        results += [await self.sup.mount(e) for e in self._entries() if self.sup.get("fs", e.path) is None]
+        return _results(results)
+
+    async def cmd_capture_end(self, send, id=""):
+        """End an orphaned capture: its entry was removed but something kept it running."""
+        for cap in list(self.sup.captures.values()):
+            if layout_mod.entry_id(cap.key) == id or cap.key == id:
+                return _results([await self._end_orphan(cap, force=True)])
+        raise MirrorError(f"no capture {id!r} is running (see `mirrorsetup status`)", errno=errno.ENOENT, obj=id)
+
+    async def cmd_mirror(self, send, path=""):
         entry = self._entry(path)
-        # not mounted: nothing is being captured, work on the directories directly
-        reply = await _run_on_target(cmd, entry, entry.path, self.sup.workers.get(entry.path),
-                                     _offline, send)
-        if cmd == "verify":
-            n = len(reply["differences"])
-            res = Result("verify", entry.path, Outcome.OK if n == 0 else Outcome.FAILED,
-                         "target matches" if n == 0 else f"{n} differences",
-                         None if n == 0 else errno.EIO)
-        else:
-            res = Result("mirror", entry.path, Outcome.OK, f"mirrored {reply['files']} files "
-                         f"({reply['copied']} copied, {reply['bytes']} bytes, {reply['removed']} removed)")
+        reply = await self._run_on_target("mirror", "fs", entry.path, entry, send)
+        res = Result("mirror", entry.path, Outcome.OK, f"mirrored {reply['files']} files "
+                     f"({reply['copied']} copied, {reply['bytes']} bytes, {reply['removed']} removed)")
         return {**reply, "results": [res.to_json()]}
+
+    async def cmd_verify(self, send, path=""):
+        entry = self._entry(path)
+        reply = await self._run_on_target("verify", "fs", entry.path, entry, send)
+        n = len(reply["differences"])
+        res = Result("verify", entry.path, Outcome.OK if n == 0 else Outcome.FAILED,
+                     "target matches" if n == 0 else f"{n} differences", None if n == 0 else errno.EIO)
+        return {**reply, "results": [res.to_json()]}
+
+    async def cmd_block_attach_all(self, send, dry_run=False, force=False):
+        results = [] if dry_run else await self.blk.clean_dead()
+        for e in self._blocks():
+            results.append(await self.blk.attach(e, dry_run=bool(dry_run)))
+        return _results(results)
+
+    async def cmd_block_detach_all(self, send, dry_run=False):
+        results = []
+        configured = {e.device for e in self._blocks()}
+        for e in self._blocks():
+            results += await self.blk.detach(e, dry_run=bool(dry_run))
+        for cap in [c for c in self.sup.captures.values() if c.kind == "block" and c.key not in configured]:
+            results.append(await self._end_orphan(cap, force=False, dry_run=bool(dry_run)))
+        return _results(results)
+
+    async def cmd_block_attach(self, send, device=""):
+        return _results([await self.blk.attach(self._block(device))])
+
+    async def cmd_block_detach(self, send, device=""):
+        return _results(await self.blk.detach(self._block(device)))
+
+    async def cmd_block_mirror(self, send, device=""):
+        entry = self._block(device)
+        reply = await self._run_on_target("mirror", "block", entry.device, entry, send)
+        res = Result("mirror", entry.device, Outcome.OK, f"mirrored {reply['copied_bytes']} bytes "
+                     f"({reply['differing']} of {reply['blocks']} blocks differed) from offset "
+                     f"{entry.offset} to {entry.target}")
+        return {**reply, "results": [res.to_json()]}
+
+    async def cmd_block_verify(self, send, device=""):
+        entry = self._block(device)
+        reply = await self._run_on_target("verify", "block", entry.device, entry, send)
+        n = reply["differing"]
+        res = Result("verify", entry.device, Outcome.OK if n == 0 else Outcome.FAILED,
+                     "target matches" if n == 0 else f"{n} of {reply['blocks']} blocks differ",
+                     None if n == 0 else errno.EIO)
+        return {**reply, "results": [res.to_json()]}
+
+    async def _run_on_target(self, cmd: str, kind: str, key: str, entry, send) -> dict:
+        """Mirror or verify: through the capture worker when there is one (it compares while
+        capturing), else directly on the source (nothing writes through us then)."""
+        if not entry.target:
+            raise MirrorError(f"{key} has no target to {cmd}", errno=errno.EINVAL, obj=key)
+
+        async def progress(p):
+            await send(protocol.progress(**p))
+        cap = self.sup.get(kind, key)
+        if cap is not None:
+            reply = await cap.link.call(cmd, progress=progress)
+            if not reply.pop("ok", False):
+                raise MirrorError(reply.get("error", f"{cmd} failed"), errno=reply.get("errno"))
+            return reply
+        async with self.sup.lock(kind, key):
+            spec = self.sup.spec(kind, key, entry, offset=getattr(entry, "offset", 0),
+                                 sizelimit=getattr(entry, "sizelimit", 0))
+            token = trio.lowlevel.current_trio_token()
+            return await trio.to_thread.run_sync(_offline, cmd, spec, token, send)
+
+    # -- captures that outlive us, die, or lose their entry ---------------------------------
+    async def _take_over(self) -> None:
+        config = self.store.load()
+        fs = {e.path: e for e in config.filesystem}
+        blocks = {e.device: e for e in config.block}
+        for kind, link in await self.sup.adopt_all():
+            key = link.info.get("key")
+            entry = (fs if kind == "fs" else blocks).get(key)
+            if kind == "fs":
+                cap = Captured("fs", key, entry, link, adopted=True)
+                self.sup.register(cap)
+            else:
+                cap = self.blk.adopted(link, entry)
+                r = await self.blk.attach_adopted_loop(cap)
+                if r is not None:
+                    log.error("%s: %s", key, r.message)
+            log.info("took over the running capture of %s (worker pid %s)%s", key, link.pid,
+                     "" if entry else ": its entry is no longer configured")
+            if entry is None:
+                r = await self._end_orphan(cap, force=False)
+                log.info("%s %s: %s", r.outcome.value, r.target, r.message)
+
+    async def _end_orphan(self, cap: Captured, *, force: bool, dry_run: bool = False) -> Result:
+        """A capture whose entry was removed: end it when nothing uses it (or `force`)."""
+        if dry_run:
+            return Result("end", cap.key, Outcome.SKIPPED, f"would end the orphaned capture of {cap.key}")
+        if cap.kind == "fs":
+            r = await self.sup.unmount(cap.key, force=force)
+        else:
+            async with self.sup.lock("block", cap.key):
+                r = await self.blk._detach_captured(cap)
+        if r.failed or r.outcome is Outcome.PENDING:
+            return Result("end", cap.key, Outcome.FAILED, f"orphaned capture of {cap.key} (its entry "
+                          f"was removed) kept running: {r.message}; end it with `mirrorsetup capture "
+                          f"end {layout_mod.entry_id(cap.key)}` once that is resolved", r.errno or errno.EBUSY)
+        return Result("end", cap.key, Outcome.OK, f"ended the orphaned capture of {cap.key}: {r.message}")
+
+    async def _on_death(self, cap: Captured) -> None:
+        """A worker died under its mount: capture again at once (a file-system entry's new
+        worker mounts beneath the dead mount, so the path never shows the directory below)."""
+        if cap.kind == "fs":
+            entry = next((e for e in self._entries() if e.path == cap.key), None)
+            if entry is not None:
+                r = await self.sup.mount(entry)
+                log.info("%s %s after its worker died: %s", r.outcome.value, r.target, r.message)
+            return
+        for r in await self.blk.clean_dead(cap.key):
+            log.error("%s: %s", r.target, r.message)
+        entry = next((e for e in self._blocks() if e.device == cap.key), None)
+        if entry is not None and not any(s.backing_file and s.backing_file.startswith(
+                os.path.dirname(self.blk.file(cap.key)) + "/") for s in _loops()):
+            r = await self.blk.attach(entry)
+            log.info("%s %s after its worker died: %s", r.outcome.value, r.target, r.message)
 
     # -- socket -----------------------------------------------------------------------------
     async def serve_client(self, stream: trio.SocketStream) -> None:
-        buf = b""
+        lines = protocol.TrioLines(stream)
         async with stream:
             while True:
                 try:
-                    data = await stream.receive_some(65536)
-                except trio.BrokenResourceError:
+                    msg = await lines.next()
+                except (trio.BrokenResourceError, trio.ClosedResourceError):
                     return
-                if not data:
+                except protocol.ProtocolError as exc:
+                    await self._send(lines, protocol.error(f"bad request: {exc}", errno.EINVAL))
                     return
-                buf += data
-                while b"\n" in buf:
-                    line, buf = buf.split(b"\n", 1)
-                    await self._answer(stream, line)
+                if msg is None:
+                    return
+                await self._send(lines, await self._answer(lines, msg))
 
-    async def _answer(self, stream, line: bytes) -> None:
-        async def send(msg: dict) -> None:
-            await stream.send_all(json.dumps(msg).encode() + b"\n")
+    async def _answer(self, lines, msg: dict) -> dict:
+        async def send(m: dict) -> None:
+            await lines.send(m)
         try:
-            req = json.loads(line)
-            handler = getattr(self, "cmd_" + str(req.get("cmd")), None)
-            if handler is None:
-                raise MirrorError(f"unknown command {req.get('cmd')!r}", errno=errno.EINVAL)
-            reply = {"ok": True, **await handler(send, **(req.get("args") or {}))}
+            cmd, args = protocol.check_request(msg, protocol.COMMANDS)
+            return protocol.ok(**await self.commands[cmd](send, **args))
+        except protocol.ProtocolError as exc:
+            return protocol.error(f"bad request: {exc}", errno.EINVAL)
         except MirrorError as exc:
-            reply = {"ok": False, "error": str(exc), "errno": exc.errno}
-        except (ValueError, TypeError) as exc:
-            reply = {"ok": False, "error": f"bad request: {exc}", "errno": errno.EINVAL}
+            return protocol.error(str(exc), exc.errno)
         except OSError as exc:
-            err = MirrorError.from_oserror("daemon", "request", exc)
-            reply = {"ok": False, "error": str(err), "errno": exc.errno}
+            return protocol.error(str(MirrorError.from_oserror("daemon", "request", exc)), exc.errno)
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            return protocol.error("the client went away", errno.EPIPE)
+        except Exception as exc:  # a bug: said to the client and logged, the daemon lives on
+            log.error("request %s failed:\n%s", msg.get("cmd"), traceback.format_exc())
+            return protocol.error(f"internal error in {msg.get('cmd')}: {type(exc).__name__}: {exc}",
+                                  errno.EIO)
+
+    @staticmethod
+    async def _send(lines, reply: dict) -> None:
         try:
-            await send(reply)
+            await lines.send(reply)
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             pass
 
     def bind(self) -> socket.socket:
-        """Make the socket root-only: directory 0700, socket 0600, a live one is never taken."""
+        """Root-only socket in a root-only directory; a live one is never taken, a stale socket
+        is replaced, anything that is not a socket is refused."""
         parent = os.path.dirname(self.socket_path)
-        if not os.path.isdir(parent):
-            os.makedirs(parent, mode=DIR_MODE)
-        if self.socket_path == DEFAULT_SOCKET:
-            os.chmod(parent, DIR_MODE)
-        if os.path.lexists(self.socket_path):
+        layout_mod.private_dir(parent, "run directory")
+        os.chmod(parent, DIR_MODE)
+        try:
+            st = os.lstat(self.socket_path)
+        except FileNotFoundError:
+            st = None
+        if st is not None:
+            if not stat.S_ISSOCK(st.st_mode):
+                raise MirrorError(f"{self.socket_path} exists and is not a socket: refusing to "
+                                  "replace it (remove it, or give another --socket)",
+                                  errno=errno.EEXIST, obj=self.socket_path)
             probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
             try:
                 probe.connect(self.socket_path)
@@ -248,24 +380,22 @@ class Daemon:
         finally:
             os.umask(old)
         os.chmod(self.socket_path, SOCKET_MODE)
-        assert stat.S_IMODE(os.stat(self.socket_path).st_mode) == SOCKET_MODE
-        sock.listen(16)
+        sock.listen(64)
         return sock
 
     async def run(self) -> int:
+        layout_mod.private_dir(self.state_dir, "state directory")
         sock = self.bind()
         listener = trio.SocketListener(trio.socket.from_stdlib_socket(sock))
         try:
             async with trio.open_nursery() as nursery:
                 self.sup.nursery = nursery
-                nursery.start_soon(self._signals, nursery)
-                for r in await self.sup.clean_stale():
-                    log.info("%s: %s", r.target, r.message)
+                nursery.start_soon(self._signals)
+                await self._take_over()
+                for r in await self.blk.clean_dead():
+                    log.info("%s %s: %s", r.outcome.value, r.target, r.message)
                 for e in self._entries():
                     r = await self.sup.mount(e)
-                    log.info("%s %s: %s", r.outcome.value, r.target, r.message)
-                self.blk.nursery = nursery
-                for r in await self.blk.clean_stale():
                     log.info("%s %s: %s", r.outcome.value, r.target, r.message)
                 for e in self._blocks():
                     r = await self.blk.attach(e)
@@ -275,12 +405,7 @@ class Daemon:
                 sd_notify(b"READY=1")
                 await self.stopping.wait()
                 sd_notify(b"STOPPING=1")
-                for r in await self.blk.stop_all():
-                    log.info("%s %s: %s", r.outcome.value, r.target, r.message)
-                for path in list(self.sup.workers):
-                    r = await self.sup.unmount(path, force=True)
-                    log.info("%s %s: %s", r.outcome.value, r.target, r.message)
-                await self.sup.wait_detached(DETACHED_WAIT_SECONDS)
+                await self._stop_captures()
                 nursery.cancel_scope.cancel()
         finally:
             try:
@@ -289,61 +414,96 @@ class Daemon:
                 pass
         return 0
 
-    async def _signals(self, nursery) -> None:
+    async def _stop_captures(self) -> None:
+        if self.keep_captures:
+            for cap in list(self.sup.captures.values()):
+                cap.ending = True
+                await cap.link.close()
+                log.info("%s: capture left running in pid %s for the next daemon", cap.key, cap.link.pid)
+            return
+        for r in await self.blk.stop_all():
+            log.info("%s %s: %s", r.outcome.value, r.target, r.message)
+        for cap in [c for c in self.sup.captures.values() if c.kind == "fs"]:
+            dev = mount_dev(cap.key, self.layout.fsname("fs"))
+            busy = holders(cap.key, dev, {os.getpid()} | self.sup.pids()) if dev else []
+            if busy:
+                cap.ending = True
+                await cap.link.close()
+                names = ", ".join(f"pid {h['pid']} ({h['name']})" for h in busy)
+                log.info("%s is in use by %s: its capture goes on in pid %s and the next daemon "
+                         "takes it over", cap.key, names, cap.link.pid)
+                continue
+            r = await self.sup.unmount(cap.key)
+            log.info("%s %s: %s", r.outcome.value, r.target, r.message)
+        with trio.move_on_after(DETACHED_WAIT_SECONDS):
+            for c in self.sup.detached:
+                await c.link.proc.wait()
+
+    async def _signals(self) -> None:
         with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
             async for _ in signals:
                 self.stopping.set()
                 return
 
 
-async def _run_on_target(cmd: str, entry, name: str, worker, offline, send) -> dict:
-    """Mirror or verify an entry against its target: through its capture worker when it has
-    one (writes held still there), else `offline(cmd, entry, token, send)` in a thread."""
-    if not entry.target:
-        raise MirrorError(f"{name} has no target to {cmd}", errno=errno.EINVAL, obj=name)
-
-    async def progress(p):
-        await send({"progress": p})
-    if worker is None:
-        return await trio.to_thread.run_sync(offline, cmd, entry, trio.lowlevel.current_trio_token(), send)
-    reply = await worker.call(cmd, progress=progress)
-    if not reply.pop("ok", False):
-        raise MirrorError(reply.get("error", f"{cmd} failed"), errno=reply.get("errno"))
-    return reply
+def sync_nested(path: str) -> list[str]:
+    from app.engine.supervisor import nested_mounts
+    return nested_mounts(path)
 
 
-def _offline(cmd: str, entry: FsEntry, token, send) -> dict:
-    os.makedirs(entry.target, mode=0o700, exist_ok=True)
-    src = os.open(entry.path, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
-    dst = os.open(entry.target, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        if cmd == "verify":
-            return {"differences": sync.verify(src, dst)}
-
-        def progress(files, nbytes):
-            trio.from_thread.run(send, {"progress": {"files": files, "bytes": nbytes}}, trio_token=token)
-        return sync.mirror(src, dst, progress)
-    finally:
-        os.close(src)
-        os.close(dst)
+def _loops():
+    from app.services import loop as loopdev
+    return loopdev.list_attached()
 
 
-def _block_offline(cmd: str, entry: BlockEntry, token, send) -> dict:
+def _results(results: list[Result]) -> dict:
+    return {"results": [r.to_json() for r in results]}
+
+
+def _offline(cmd: str, spec, token, send) -> dict:
+    """Mirror or verify an entry nobody captures now (in a thread): straight to the target."""
     from app.engine import blocksync
-    src = os.open(entry.device, os.O_RDONLY | os.O_CLOEXEC)
+    from app.engine.capture import make_target
+
+    def progress(p: dict) -> None:
+        trio.from_thread.run(send, protocol.progress(**p), trio_token=token)
+    if spec.kind == "fs":
+        target = make_target(spec)
+        target.open()
+        src = os.open(spec.key, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            if cmd == "verify":
+                return {"differences": sync.compare_trees(sync.scan(src), target.scan(hashes=True))}
+            return sync.Reconciler(src, target, sync.DirectSink(target), hashes=True,
+                                   progress=progress).run() | _flushed(target)
+        finally:
+            os.close(src)
+            target.close()
+    src = os.open(spec.key, os.O_RDONLY | os.O_CLOEXEC)
     try:
         end = os.lseek(src, 0, os.SEEK_END)
-        size = min(entry.sizelimit or end - entry.offset, end - entry.offset)
-        dst = blocksync.open_target(entry.target, size, create=cmd == "mirror")
+        size = min(spec.sizelimit or end - spec.offset, end - spec.offset)
+        target = make_target(spec, size)
+        target.open()
         try:
-            def progress(done, total):
-                trio.from_thread.run(send, {"progress": {"bytes": done, "total": total}}, trio_token=token)
-            return {"size": size, **blocksync.compare(src, entry.offset, size, dst, progress=progress,
-                                                      copy="none" if cmd == "verify" else "all")}
+            if cmd == "verify":
+                return {"size": size, **blocksync.verify(src, spec.offset, size, target, progress=progress)}
+
+            def commit(block, data, gen):
+                target.apply_ops([("write", {"offset": block * sync.BLOCK}, data)])
+                return True
+            counts = blocksync.reconcile(src, spec.offset, size, target, commit, progress=progress)
+            target.flush()
+            return {"size": size, **counts, "ranges": []}
         finally:
-            os.close(dst)
+            target.close()
     finally:
         os.close(src)
+
+
+def _flushed(target) -> dict:
+    target.flush()
+    return {}
 
 
 def sd_notify(state: bytes) -> None:
@@ -363,8 +523,10 @@ def sd_notify(state: bytes) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="mirrorsetup daemon")
-    p.add_argument("--socket", default=None, help=f"control socket (default {DEFAULT_SOCKET})")
-    p.add_argument("--state-dir", default=DEFAULT_STATE_DIR, help="journals and replication state")
+    p.add_argument("--socket", default=None, help="control socket (default $MIRRORSETUP_SOCKET or "
+                   "/run/mirrorsetup/control.sock)")
+    p.add_argument("--state-dir", default=None, help="journals and replication state (default "
+                   "$MIRRORSETUP_STATE_DIR or /var/lib/mirrorsetup)")
     p.add_argument("--config", default=None)
     return run(p.parse_args(argv))
 
@@ -374,9 +536,10 @@ def run(args) -> int:
     if os.geteuid() != 0:
         print("mirrorsetup daemon: must run as root (mount(2), allow_other)", file=sys.stderr)
         return 2
-    from app.services.control import default_socket
-    daemon = Daemon(getattr(args, "config", None), args.socket or default_socket(), args.state_dir)
+    daemon = Daemon(getattr(args, "config", None), args.socket or default_socket(),
+                    args.state_dir or layout_mod.default_state_dir())
     try:
+        daemon.store.load()  # a corrupt or unsafe configuration is refused before anything starts
         return trio.run(daemon.run)
     except MirrorError as exc:
         print(f"mirrorsetup daemon: {exc}", file=sys.stderr)

@@ -48,6 +48,7 @@ class MirrorFS(XattrOps, pyfuse3.Operations):
         self._next_fh = 1
         self.unfrozen = trio.Event()
         self.unfrozen.set()
+        self.tracker = None  # a sync.Tracker while a resync or verify runs beside capture
 
     # -- helpers ----------------------------------------------------------------------------
     async def _gate(self) -> None:
@@ -83,6 +84,8 @@ class MirrorFS(XattrOps, pyfuse3.Operations):
     def _record(self, node: Node, op: str, data: bytes = b"", **args) -> None:
         if node.captured:
             self.journal.append(op, args, data)
+            if self.tracker is not None:
+                self.tracker.observe(node.key, op, args)
 
     def _times(self, node: Node, rel: bytes, st: os.stat_result | None = None) -> None:
         """Record a node's times as they are now at the lower tree (atime only when asked)."""
@@ -90,7 +93,7 @@ class MirrorFS(XattrOps, pyfuse3.Operations):
             return
         st = st or self._lstat(rel)
         atime = st.st_atime_ns if self.replicate_atime else None
-        self.journal.append("times", {"path": encode_path(rel), "atime": atime, "mtime": st.st_mtime_ns})
+        self._record(node, "times", path=encode_path(rel), atime=atime, mtime=st.st_mtime_ns)
 
     def _dir_times(self, parent: int) -> None:
         self._times(self.inodes.node(parent), self._path(parent))

@@ -21,7 +21,7 @@ from datetime import datetime
 
 from app.services import loop as loopsvc
 from app.services.mounts import MountEntry
-from app.services.replication import is_capture_of
+from app.services.layout import is_capture_of
 from app.services.results import MirrorError
 
 UNIT_DIR = "/etc/systemd/system"

@@ -1,73 +1,210 @@
-"""The daemon's view of its entries: one worker process per mounted entry, started and stopped here.
+"""The daemon's capture workers: started, taken over, watched and stopped here; and the
+file-system entries' mount / unmount on top of that (block entries: blocksup.py).
 
-Mount: check the entry, spawn `python -m app.engine.worker` with one end of a socketpair, wait
-for "ready" (sent from inside the worker's FUSE loop, so the mount point answers by then).
-Unmount: refuse while other processes hold files below the path (named, via psutil) unless
-forced; then umount2(path) from the daemon — a different process from the FUSE server, so the
-kernel's round trip to the server cannot deadlock — lazily (MNT_DETACH) when forced.
+A worker is `python -m app.engine.capture` with one end of a socketpair; it says "ready" once
+capture is in place (its catching-up goes on in the background). Workers outlive the daemon:
+at start the daemon first connects to every take-over socket in its own run directory and
+adopts what it finds; a worker whose entry is no longer configured is ended (when nothing uses
+it) or shown as orphaned with the way to end it, never left running unseen.
+
+Only what this installation made is touched: its workers (found through its run directory),
+mounts tagged with its installation tag, loops on its capture files.
 """
 
 from __future__ import annotations
 
 import errno
-import hashlib
-import json
+import glob
 import logging
 import os
+import select
 import socket
 import sys
-from dataclasses import dataclass
+import time
+from dataclasses import dataclass, field
 
 import trio
 
-from app.services import mounts
+from app.services import layout as layout_mod
+from app.services import mounts, protocol
 from app.services.config import FsEntry
+from app.services.layout import Layout
 from app.services.results import MirrorError, Outcome, Result
 
 log = logging.getLogger("mirrorsetup.daemon")
-FSTYPE = "fuse.mirrorfs"
-STOP_WAIT_SECONDS = 30  # a clean stop drains the journal onto the target first
+READY_SECONDS = 120  # a worker mounts (and claims its target) within this
+STOP_WAIT_SECONDS = 45  # a worker drains its journal (up to 30 s) and exits within this
+ABORT_AFTER_SECONDS = 2  # still alive after our unmount: a copy lives in another namespace
+RESPAWN_LIMIT = 3  # a worker that dies this often within RESPAWN_WINDOW is not restarted
+RESPAWN_WINDOW = 60.0
 
 
-def entry_id(path: str) -> str:
-    base = os.path.basename(path.rstrip("/")) or "root"
-    return f"{base[:40]}-{hashlib.sha256(os.fsencode(path)).hexdigest()[:12]}"
+class AdoptedProcess:
+    """A worker left by a previous daemon: not our child, watched through a pidfd. trio lets
+    one task wait on an fd at a time: the others check back every 50 ms."""
+
+    def __init__(self, pid: int):
+        self.pid = pid
+        self._fd = os.pidfd_open(pid)
+        self._waiting = False
+        self.returncode: int | None = None
+
+    def poll(self) -> int | None:
+        if self.returncode is None and select.select([self._fd], [], [], 0)[0]:
+            self.returncode = -1  # not our child: its exit status is not ours to read
+            os.close(self._fd)
+        return self.returncode
+
+    async def wait(self) -> int:
+        while self.poll() is None:
+            if self._waiting:
+                await trio.sleep(0.05)
+                continue
+            self._waiting = True
+            try:
+                await trio.lowlevel.wait_readable(self._fd)
+            finally:
+                self._waiting = False
+        return self.returncode
 
 
-async def spawn(module: str, args: list[str], entry, label: str, progress=None) -> tuple[Worker, dict]:
-    """Start `python -m module ARGS --fd N` with one end of a socketpair; read its progress
-    events until "ready" or an error. Returns the worker and that last message."""
+@dataclass
+class WorkerLink:
+    """The daemon's end of one worker's socket."""
+
+    proc: object  # trio.Process or AdoptedProcess
+    lines: protocol.TrioLines
+    info: dict
+    lock: trio.Lock = field(default_factory=trio.Lock)
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    async def call(self, cmd: str, progress=None, **args) -> dict:
+        async with self.lock:
+            try:
+                await self.lines.send({"cmd": cmd, "args": args})
+                while True:
+                    msg = await self.lines.next()
+                    if msg is None:
+                        raise MirrorError(f"capture worker pid {self.pid} ended", errno=errno.EPIPE)
+                    if protocol.is_progress(msg):
+                        if progress:
+                            await progress(msg["progress"])
+                        continue
+                    return msg
+            except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+                raise MirrorError(f"capture worker pid {self.pid}: {exc}", errno=errno.EPIPE) from exc
+
+    async def close(self) -> None:
+        try:
+            await self.lines.stream.aclose()
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            pass
+
+
+@dataclass
+class Captured:
+    """One entry under capture, as the daemon knows it."""
+
+    kind: str
+    key: str
+    entry: object  # FsEntry or BlockEntry (None: orphaned)
+    link: WorkerLink
+    loop: str | None = None  # block: the loop device on the capture file
+    pending: bool = False  # block: a deferred detach waits for the last close
+    ending: bool = False  # being stopped: its death is expected
+    holders: list[str] = field(default_factory=list)
+    adopted: bool = False
+
+
+async def spawn(spec) -> tuple[WorkerLink | None, dict]:
+    """Start a capture worker; wait for its "ready" (or error) event."""
     ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-    argv = [sys.executable, "-m", module, *args, "--fd", str(theirs.fileno())]
+    argv = [sys.executable, "-m", "app.engine.capture", "--spec", spec.to_arg(),
+            "--fd", str(theirs.fileno())]
     root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))}
     proc = await trio.lowlevel.open_process(argv, pass_fds=(theirs.fileno(),),
                                             start_new_session=True, env=env)
     theirs.close()
-    worker = Worker(entry, proc, trio.SocketStream(trio.socket.from_stdlib_socket(ours)),
-                    trio.Lock(), {}, label=label)
+    lines = protocol.TrioLines(trio.SocketStream(trio.socket.from_stdlib_socket(ours)))
+    msg = None
+    with trio.move_on_after(READY_SECONDS):
+        try:
+            msg = await lines.next()
+        except (trio.BrokenResourceError, protocol.ProtocolError):
+            msg = None
+    if msg is None or msg.get("event") != "ready":
+        if msg is None:
+            with trio.move_on_after(5):
+                await proc.wait()
+            msg = {"event": "error", "message": f"capture worker for {spec.key} exited with status "
+                   f"{proc.returncode}" if proc.returncode is not None else
+                   f"capture worker for {spec.key} did not get ready within {READY_SECONDS} s"}
+        if proc.returncode is None:
+            proc.kill()
+        await lines.stream.aclose()
+        return None, msg
+    return WorkerLink(proc, lines, msg), msg
+
+
+async def adopt(path: str) -> WorkerLink | None:
+    """Connect to a worker's take-over socket; None when nobody answers (a dead worker's)."""
+    sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
-        while True:
-            msg = await worker._line()
-            if msg.get("event") != "progress":
-                break
-            if progress:
-                await progress(msg)
-    except MirrorError:
-        msg = {"event": "error", "message": f"capture worker for {label} exited with status "
-               f"{await proc.wait()}", "errno": None}
-    if msg.get("event") != "ready":
-        with trio.move_on_after(5):
-            await proc.wait()
-    else:
-        worker.info = msg
-    return worker, msg
+        await sock.connect(path)
+    except OSError:
+        sock.close()
+        return None
+    lines = protocol.TrioLines(trio.SocketStream(sock))
+    with trio.move_on_after(10):
+        msg = await lines.next()
+        if msg and msg.get("event") == "ready" and msg.get("pid"):
+            if msg.get("version") != protocol.VERSION:
+                log.error("%s: worker pid %s speaks protocol %s, not %s: left running, not taken over",
+                          path, msg.get("pid"), msg.get("version"), protocol.VERSION)
+                await lines.stream.aclose()
+                return None
+            return WorkerLink(AdoptedProcess(msg["pid"]), lines, msg)
+    await lines.stream.aclose()
+    return None
 
 
-def our_mount(path: str, table=None) -> mounts.MountEntry | None:
-    for m in reversed(table if table is not None else mounts.read_mountinfo()):
-        if m.mount_point == path:
-            return m if m.fstype == FSTYPE else None
+def holders(path: str, dev: tuple[int, int], exclude: set[int]) -> list[dict]:
+    """Processes with a file or cwd on the mount of device `dev` at `path` (in any namespace).
+
+    Matched by device number, not by name: a file opened in the lower tree before the mount
+    has the same path but does not hold the mount."""
+    import psutil
+    want = os.makedev(*dev)
+    found = []
+    for proc in psutil.process_iter(["pid", "name"]):
+        if proc.pid in exclude:
+            continue
+        try:
+            files = [(f.path, f"/proc/{proc.pid}/fd/{f.fd}") for f in proc.open_files()]
+        except (psutil.Error, OSError):
+            continue
+        files.append((f"{path} (working directory)", f"/proc/{proc.pid}/cwd"))
+        for name, link in files:
+            try:
+                if os.stat(link).st_dev == want:
+                    found.append({"pid": proc.pid, "name": proc.info["name"], "file": name})
+                    break
+            except OSError:
+                continue
+    return found
+
+
+def mount_dev(path: str, fsname: str) -> tuple[int, int] | None:
+    for m in reversed(mounts.read_mountinfo()):
+        if m.mount_point == path and m.source == fsname:
+            return m.major, m.minor
     return None
 
 
@@ -77,19 +214,211 @@ def nested_mounts(path: str, table=None) -> list[str]:
             if m.mount_point.startswith(prefix)]
 
 
+class Supervisor:
+    """Every capture of this daemon, by (kind, key)."""
+
+    def __init__(self, lay: Layout, host: str):
+        self.layout = lay
+        self.host = host
+        self.captures: dict[tuple[str, str], Captured] = {}
+        self.locks: dict[tuple[str, str], trio.Lock] = {}
+        self.nursery: trio.Nursery | None = None
+        self.on_death = None  # async (Captured) -> None: set by the daemon
+        self.deaths: dict[tuple[str, str], list[float]] = {}
+        self.lost: dict[tuple[str, str], str] = {}  # why a capture is not running (its worker died)
+        self.detached: list[Captured] = []  # lazily unmounted, still serving files open there
+
+    def lock(self, kind: str, key: str) -> trio.Lock:
+        return self.locks.setdefault((kind, key), trio.Lock())
+
+    def get(self, kind: str, key: str) -> Captured | None:
+        cap = self.captures.get((kind, key))
+        if cap is not None and not cap.link.alive():
+            return None
+        return cap
+
+    def pids(self) -> set[int]:
+        return {c.link.pid for c in self.captures.values()}
+
+    def spec(self, kind: str, key: str, entry, **extra):
+        from app.engine.capture import Spec
+        target = getattr(entry, "target", None)
+        return Spec(kind=kind, key=key, state=self.layout.state(kind, key),
+                    run=self.layout.run(kind, key), adopt=self.layout.adopt_socket(kind, key),
+                    fsname=self.layout.fsname(kind),
+                    target=None if not target else target_spec(target),
+                    claim={"entry": f"{kind}:{key}", "host": self.host,
+                           "adopt": bool(getattr(entry, "adopt_target", False))}, **extra)
+
+    def register(self, cap: Captured) -> None:
+        self.captures[(cap.kind, cap.key)] = cap
+        self.lost.pop((cap.kind, cap.key), None)
+        if self.nursery is not None:
+            self.nursery.start_soon(self._watch, cap)
+
+    async def _watch(self, cap: Captured) -> None:
+        await cap.link.proc.wait()
+        if self.captures.get((cap.kind, cap.key)) is not cap:
+            return
+        del self.captures[(cap.kind, cap.key)]
+        if cap.ending:
+            return
+        log.error("capture of %s stopped unexpectedly (worker pid %s)", cap.key, cap.link.pid)
+        deaths = [t for t in self.deaths.get((cap.kind, cap.key), []) if time.monotonic() - t < RESPAWN_WINDOW]
+        deaths.append(time.monotonic())
+        self.deaths[(cap.kind, cap.key)] = deaths
+        self.lost[(cap.kind, cap.key)] = f"its worker (pid {cap.link.pid}) died"
+        if self.on_death is not None and len(deaths) < RESPAWN_LIMIT:
+            await self.on_death(cap)
+        elif len(deaths) >= RESPAWN_LIMIT:
+            self.lost[(cap.kind, cap.key)] = (f"its worker died {len(deaths)} times within "
+                                              f"{RESPAWN_WINDOW:.0f} s: not restarted (see the log)")
+
+    async def adopt_all(self) -> list[tuple[str, WorkerLink]]:
+        """Every worker waiting on a take-over socket in our run directory."""
+        found = []
+        for kind in ("fs", "block"):
+            for path in sorted(glob.glob(os.path.join(self.layout.run_dir, kind, "*.sock"))):
+                link = await adopt(path)
+                if link is not None:
+                    found.append((kind, link))
+        return found
+
+    async def stop(self, cap: Captured, *, abort: bool = False) -> str:
+        """Let a worker end (its mount is gone) or end it (`abort`: its mount lives on in other
+        mount namespaces): it drains its journal and marks the end first. Returns a note
+        naming who kept the mount, or ""."""
+        cap.ending = True
+        with trio.move_on_after(0 if abort else ABORT_AFTER_SECONDS):
+            await cap.link.proc.wait()
+        note = ""
+        if cap.link.alive():
+            dev = cap.link.info.get("fuse_dev")
+            copies = mounts.namespace_holders(*dev) if dev else []
+            cap.holders = [mounts.describe_holders([h]) for h in copies]
+            note = mounts.describe_holders(copies) if copies else "still busy"
+            try:
+                await cap.link.call("stop", abort=True)
+            except MirrorError:
+                pass
+            with trio.move_on_after(STOP_WAIT_SECONDS):
+                await cap.link.proc.wait()
+            if cap.link.alive():
+                log.error("%s: worker pid %s did not end; killing it", cap.key, cap.link.pid)
+                os.kill(cap.link.pid, 9)
+        self.captures.pop((cap.kind, cap.key), None)
+        await cap.link.close()
+        return note
+
+    async def figures(self, cap: Captured) -> dict:
+        try:
+            with trio.move_on_after(10):
+                reply = await cap.link.call("status")
+                return {k: v for k, v in reply.items() if k != "ok"}
+            return {"error": "the worker did not answer within 10 s"}
+        except MirrorError as exc:
+            return {"error": str(exc)}
+
+    # -- file-system entries ----------------------------------------------------------------
+    async def mount(self, entry: FsEntry) -> Result:
+        path = entry.path
+        async with self.lock("fs", path):
+            cap = self.get("fs", path)
+            if cap is not None:
+                return Result("mount", path, Outcome.UNCHANGED, f"mirrorfs already mounted on {path}")
+            old = self.detached_busy(path)
+            if old is not None:  # it still owns the journal and target
+                who = ", ".join(old.holders) or "processes"
+                return Result("mount", path, Outcome.FAILED, f"{path} was lazily unmounted and its "
+                              f"capture (worker pid {old.link.pid}) still serves files that {who} "
+                              "keep open there; mount again once they are closed", errno.EBUSY)
+            try:
+                if mount_dev(path, self.layout.fsname("fs")) is None:  # not a dead mount of ours
+                    check_entry(entry)
+            except MirrorError as exc:
+                return Result.from_error("mount", path, exc)
+            link, msg = await spawn(self.spec("fs", path, entry, atime=entry.replicate_atime))
+            if link is None:
+                return Result("mount", path, Outcome.FAILED, msg.get("message", "worker failed"),
+                              msg.get("errno"))
+            self.register(Captured("fs", path, entry, link))
+        note = f"; catching up in the background ({msg.get('reason')})" if msg.get("reason") else ""
+        nested = nested_mounts(path)
+        if nested:
+            note += f"; not captured (mounted below): {', '.join(nested)}"
+        return Result("mount", path, Outcome.OK, f"mounted mirrorfs on {path}{note}",
+                      details={"pid": link.pid, "reason": msg.get("reason")})
+
+    async def unmount(self, path: str, force: bool = False) -> Result:
+        async with self.lock("fs", path):
+            cap = self.get("fs", path)
+            dev = mount_dev(path, self.layout.fsname("fs"))
+            if cap is None and dev is None:
+                return Result("unmount", path, Outcome.UNCHANGED, f"mirrorfs is not mounted on {path}")
+            held = holders(path, dev, {os.getpid()} | self.pids()) if dev else []
+            if held and not force:
+                names = "; ".join(f"pid {h['pid']} ({h['name']}) holds {h['file']}" for h in held)
+                return Result("unmount", path, Outcome.FAILED, f"files are open under {path}: {names}; "
+                              "close them or unmount with --force (lazy unmount)", errno.EBUSY,
+                              details={"holders": held})
+            lazy = False
+            if dev is not None:
+                try:
+                    mounts.umount(path, 0)
+                except MirrorError as exc:
+                    if exc.errno != errno.EBUSY or not force:
+                        return Result.from_error("unmount", path, exc)
+                    mounts.umount(path, mounts.MNT_DETACH)
+                    lazy = True
+            if cap is None:
+                return Result("unmount", path, Outcome.OK, f"unmounted a dead mirrorfs from {path}")
+            if lazy:
+                cap.ending = True
+                cap.holders = [f"pid {h['pid']} ({h['name']})" for h in held]
+                self.captures.pop(("fs", path), None)
+                self.detached.append(cap)
+                who = ", ".join(f"pid {h['pid']} ({h['name']})" for h in held) or "open files"
+                return Result("unmount", path, Outcome.OK, f"lazy unmount of {path}: detached now, "
+                              f"capture ends when {who} close their files",
+                              details={"lazy": True, "holders": held})
+            note = await self.stop(cap)
+        if note:
+            return Result("unmount", path, Outcome.OK, f"unmounted mirrorfs from {path}; its capture "
+                          f"was {note}: ended there too (journal drained and marked first; those "
+                          "copies now answer ENOTCONN)", details={"holders": cap.holders})
+        return Result("unmount", path, Outcome.OK, f"unmounted mirrorfs from {path}")
+
+    def detached_busy(self, path: str) -> Captured | None:
+        self.detached = [c for c in self.detached if c.link.alive()]
+        return next((c for c in self.detached if c.key == path), None)
+
+
+def target_spec(target: str) -> dict:
+    """An entry's target as a worker spec: a local path, or NAME:PATH of a configured remote."""
+    if target.startswith("/"):
+        return {"local": target}
+    name, _, rel = target.partition(":")
+    from app.services.config import ConfigStore  # the remote's connection settings
+    remote = next((t for t in getattr(ConfigStore().load(), "targets", ()) if t.name == name), None)
+    if remote is None:
+        raise MirrorError(f"target {target}: no remote target named {name!r} is configured",
+                          errno=errno.ENOENT, obj=target)
+    return {"remote": {**remote.to_spec(), "path": rel}}
+
+
 def _inside(inner: str, outer: str) -> bool:
     return inner != outer and inner.startswith(outer.rstrip("/") + "/")
 
 
 def check_entry(entry: FsEntry) -> None:
-    """Refuse what cannot be captured or replicated, before anything is changed."""
+    """What a mount needs beyond the configuration's own checks: the directory still there."""
     path = entry.path
     if not os.path.isabs(path) or os.path.normpath(path) == "/":
         raise MirrorError(f"{path}: not an absolute directory other than /", errno=errno.EINVAL, obj=path)
     if not os.path.isdir(path):
         raise MirrorError(f"entry path {path} does not exist or is not a directory",
                           errno=errno.ENOENT, obj=path)
-    if entry.target is None:
+    if entry.target is None or not entry.target.startswith("/"):
         return
     real, target = os.path.realpath(path), os.path.realpath(entry.target)
     if target == real:
@@ -105,206 +434,11 @@ def check_entry(entry: FsEntry) -> None:
     if not os.path.isdir(probe):
         raise MirrorError(f"target {entry.target}: parent {probe} does not exist",
                           errno=errno.ENOENT, obj=entry.target)
-    if not os.access(probe, os.W_OK):
+    if not os.access(probe, os.W_OK) or os.statvfs(probe).f_flag & os.ST_RDONLY:
         ro = os.statvfs(probe).f_flag & os.ST_RDONLY
         raise MirrorError(f"target {entry.target} is not writable"
                           + (" (read-only file system)" if ro else ""), errno=errno.EROFS if ro
                           else errno.EACCES, obj=entry.target)
 
 
-def holders(path: str, exclude: set[int]) -> list[dict]:
-    """Processes with a file or cwd on our mount at `path` (the unmount would be EBUSY).
-
-    Matched by device number, not by name: a file opened in the lower tree before the mount
-    has the same path but does not hold the mount. (stat of /proc/PID/fd/N asks our worker,
-    which is alive and serving, so the daemon cannot block itself.)"""
-    import psutil
-    mine = our_mount(path)
-    if mine is None:
-        return []
-    dev = os.makedev(mine.major, mine.minor)
-    found = []
-    for proc in psutil.process_iter(["pid", "name"]):
-        if proc.pid in exclude:
-            continue
-        try:
-            files = [(f.path, f"/proc/{proc.pid}/fd/{f.fd}") for f in proc.open_files()]
-        except (psutil.Error, OSError):
-            continue
-        files.append((f"{path} (working directory)", f"/proc/{proc.pid}/cwd"))
-        for name, link in files:
-            try:
-                if os.stat(link).st_dev == dev:
-                    found.append({"pid": proc.pid, "name": proc.info["name"], "file": name})
-                    break
-            except OSError:
-                continue
-    return found
-
-
-@dataclass
-class Worker:
-    entry: FsEntry
-    proc: trio.Process
-    stream: trio.SocketStream
-    lock: trio.Lock
-    info: dict
-    label: str = ""
-    buf: bytes = b""
-
-    async def _line(self) -> dict:
-        while b"\n" not in self.buf:
-            data = await self.stream.receive_some(65536)
-            if not data:
-                raise MirrorError(f"capture worker for {self.label} exited", errno=errno.EPIPE)
-            self.buf += data
-        line, self.buf = self.buf.split(b"\n", 1)
-        return json.loads(line)
-
-    async def call(self, cmd: str, progress=None, **args) -> dict:
-        async with self.lock:
-            await self.stream.send_all(json.dumps({"cmd": cmd, **args}).encode() + b"\n")
-            while True:
-                msg = await self._line()
-                if "progress" in msg and "ok" not in msg:
-                    if progress:
-                        await progress(msg["progress"])
-                    continue
-                return msg
-
-
-class Supervisor:
-    def __init__(self, state_dir: str):
-        self.state_dir = state_dir
-        self.workers: dict[str, Worker] = {}
-        self.detached: list[Worker] = []  # lazily unmounted, serving files still open
-        self.nursery: trio.Nursery | None = None  # set by the daemon: watchers of the workers
-
-    async def _watch(self, worker: Worker) -> None:
-        """A worker that dies on its own leaves a dead mount (ENOTCONN): say so and clear it."""
-        status = await worker.proc.wait()
-        path = worker.entry.path
-        if self.workers.get(path) is worker:
-            del self.workers[path]
-            log.error("capture of %s stopped unexpectedly (worker exit status %s); "
-                      "clearing its dead mount", path, status)
-            for r in await self.clean_stale(path):
-                log.error("%s: %s", r.target, r.message)
-
-    async def wait_detached(self, seconds: float) -> None:
-        """At shutdown: give lazily unmounted workers time to finish; they exit with us."""
-        with trio.move_on_after(seconds):
-            for w in self.detached:
-                await w.proc.wait()
-
-    async def mount(self, entry: FsEntry, progress=None) -> Result:
-        path = entry.path
-        if path in self.workers and self.workers[path].proc.returncode is None:
-            return Result("mount", path, Outcome.UNCHANGED, f"mirrorfs already mounted on {path}")
-        try:
-            check_entry(entry)
-        except MirrorError as exc:
-            return Result.from_error("mount", path, exc)
-        self.detached = [w for w in self.detached if w.proc.poll() is None]
-        if any(w.entry.path == path for w in self.detached):  # it still owns the journal and target
-            return Result("mount", path, Outcome.FAILED, f"{path} was lazily unmounted and its capture "
-                          "still serves files open there; mount again once they are closed", errno.EBUSY)
-        if our_mount(path) is not None:
-            await self.clean_stale(path)
-            if our_mount(path) is not None:  # never stack on a live capture: its lower tree is not ours
-                return Result("mount", path, Outcome.FAILED, f"{path} already has a live mirrorfs "
-                              "mount served by another process", errno.EBUSY)
-        state = os.path.join(self.state_dir, "journal", entry_id(path))
-        os.makedirs(state, mode=0o700, exist_ok=True)
-        args = ["--path", path, "--state", state]
-        if entry.target:
-            args += ["--target", entry.target]
-        if entry.replicate_atime:
-            args.append("--atime")
-        worker, msg = await spawn("app.engine.worker", args, entry, path, progress)
-        if msg.get("event") != "ready":
-            return Result("mount", path, Outcome.FAILED, msg.get("message", "worker failed"),
-                          msg.get("errno"))
-        proc = worker.proc
-        self.workers[path] = worker
-        if self.nursery is not None:
-            self.nursery.start_soon(self._watch, worker)
-        note = ""
-        if msg.get("mirrored"):
-            m = msg["mirrored"]
-            why = "unclean previous stop: difference mirror" if msg.get("unclean") else "first start: mirror"
-            note = f"; {why} copied {m['copied']} of {m['files']} files, removed {m['removed']}"
-        nested = nested_mounts(path)
-        if nested:
-            note += f"; not captured (mounted below): {', '.join(nested)}"
-        return Result("mount", path, Outcome.OK, f"mounted mirrorfs on {path}{note}",
-                      details={"pid": proc.pid, "unclean": msg.get("unclean")})
-
-    async def unmount(self, path: str, force: bool = False) -> Result:
-        worker = self.workers.get(path)
-        if worker is None and our_mount(path) is None:
-            return Result("unmount", path, Outcome.UNCHANGED, f"mirrorfs is not mounted on {path}")
-        exclude = {os.getpid()} | {w.proc.pid for w in self.workers.values()}
-        held = holders(path, exclude)
-        if held and not force:
-            names = "; ".join(f"pid {h['pid']} ({h['name']}) holds {h['file']}" for h in held)
-            return Result("unmount", path, Outcome.FAILED, f"files are open under {path}: {names}; "
-                          "close them or unmount with --force (lazy unmount)", errno.EBUSY,
-                          details={"holders": held})
-        lazy = False
-        try:
-            mounts.umount(path, 0)
-        except MirrorError as exc:
-            if exc.errno != errno.EBUSY or not force:
-                return Result.from_error("unmount", path, exc)
-            mounts.umount(path, mounts.MNT_DETACH)
-            lazy = True
-        if worker is not None:
-            self.workers.pop(path, None)
-            with trio.move_on_after(0 if lazy else STOP_WAIT_SECONDS):
-                await worker.proc.wait()
-            if worker.proc.returncode is None:
-                # detached but still serving open files; the path itself is free to mount again
-                self.detached.append(worker)
-        if lazy:
-            who = ", ".join(f"pid {h['pid']} ({h['name']})" for h in held) or "open files"
-            return Result("unmount", path, Outcome.OK, f"lazy unmount of {path}: detached now, capture "
-                          f"ends when {who} close their files", details={"lazy": True, "holders": held})
-        return Result("unmount", path, Outcome.OK, f"unmounted mirrorfs from {path}")
-
-    async def clean_stale(self, only: str | None = None) -> list[Result]:
-        """Lazily unmount fuse.mirrorfs mounts left by a killed daemon (they answer ENOTCONN)."""
-        out = []
-        mine = {w.entry.path for w in self.workers.values()}
-        for m in mounts.read_mountinfo():
-            if m.fstype != FSTYPE or m.mount_point in mine or (only and m.mount_point != only):
-                continue
-            if not await _is_stale(m.mount_point):
-                continue
-            try:
-                mounts.umount(m.mount_point, mounts.MNT_DETACH)
-                out.append(Result("unmount", m.mount_point, Outcome.OK,
-                                  "lazy unmount of a stale mirrorfs left by a stopped daemon"))
-            except MirrorError as exc:
-                out.append(Result.from_error("unmount", m.mount_point, exc))
-        return out
-
-    async def reap(self) -> None:
-        """Forget workers whose process has ended (their mount went with them)."""
-        for path, w in list(self.workers.items()):
-            if w.proc.returncode is not None or w.proc.poll() is not None:
-                self.workers.pop(path, None)
-
-
-async def _is_stale(path: str) -> bool:
-    """statfs() in a thread with a deadline: a mount whose server is stopped may hang, not fail.
-    Not stat(): the kernel may answer that from its attribute cache without asking the server."""
-    def probe() -> bool:
-        try:
-            os.statvfs(path)
-            return False
-        except OSError as exc:
-            return exc.errno == errno.ENOTCONN
-    with trio.move_on_after(2):
-        return await trio.to_thread.run_sync(probe, abandon_on_cancel=True)
-    return False
+__all__ = ["Supervisor", "Captured", "WorkerLink", "spawn", "adopt", "holders", "layout_mod"]

@@ -1,69 +1,95 @@
-"""Whole-tree work between an entry's lower tree and its target: mirror, difference mirror, verify.
+"""Whole-tree work between an entry's lower tree and its target: reconcile and verify.
 
-Both sides are directory fds, so the daemon can reach a lower tree hidden under its own mount.
+One algorithm serves the initial copy, `fs mirror`, the resync after a capture gap and the
+catching-up after a daemon or worker died: walk the source, compare each path with the target
+(quick: size and mtime, then 1 MiB block hashes of the files that differ; or hashes of every
+file), and emit the ordinary journal records (create, write, mkdir, prune, link, chmod…) that
+make the target's copy equal. A `Sink` takes them: offline they are applied to the target at
+once; while capture goes on they are appended to the journal, each path's records committed
+atomically with a check that the source path did not change since it was read (`Tracker`,
+kept by the capture). So the target ends equal to the source however applications write
+meanwhile; the records' order is the journal's order.
+
+Why that is enough (the argument the code relies on): a record written at position t states
+the source's content of a path at t. Records before t were applied before it; records after it
+are changes the source made after t. For a path whose *name* was not changed since the
+catch-up began, the target's file there is the old one plus captured changes, so comparing
+with the live target and sending differing blocks whole is exact; a path whose name (or a
+parent's) was created, renamed or linked is sent whole, and rename/link destinations made
+during the walk are walked again (`revisit`), since the walk may have passed them already.
+
 A walk never descends into a file system mounted below the entry (other st_dev): capture does
-not cross it, so replication does not either. The difference mirror copies only what differs
-(by size, then sha256), deletes what the source no longer has, and sets owners, modes, xattrs
-and times; a full mirror is the same walk over an empty target.
+not cross it, so replication does not either.
 """
 
 from __future__ import annotations
 
+import base64
 import errno
 import hashlib
 import os
-import shutil
 import stat
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 from app.engine.lowlevel import at, proc_path
+from app.services.layout import MARKER_XATTR
 
-CHUNK = 1 << 20
-XATTR_PREFIXES = ("user.", "security.", "trusted.")  # what an administrator expects copied
-Progress = Callable[[int, int], None]  # (files done, bytes copied)
+BLOCK = 1 << 20  # file content is compared and sent in blocks of this size
+XATTR_PREFIXES = ("user.", "security.", "trusted.", "system.posix_acl")  # what is replicated
+COMMIT_TRIES = 4  # a path that keeps changing is read again this often, then held still once
+Progress = Callable[[dict], None]
+Op = tuple[str, dict, bytes]
 
 
 @dataclass
 class Info:
-    st: os.stat_result
-    sha256: str | None = None
+    """What a comparison needs of one path, on either side (also carried over the wire)."""
+
+    mode: int
+    uid: int
+    gid: int
+    size: int
+    mtime_ns: int
+    atime_ns: int
+    ino: tuple[int, int]
+    nlink: int = 1
+    rdev: int = 0
     link: bytes | None = None
     xattrs: dict[str, bytes] = field(default_factory=dict)
+    sha256: str | None = None
+
+    @property
+    def kind(self) -> int:
+        return stat.S_IFMT(self.mode)
+
+    def to_wire(self) -> dict:
+        return {"m": self.mode, "u": self.uid, "g": self.gid, "s": self.size, "mt": self.mtime_ns,
+                "at": self.atime_ns, "i": list(self.ino), "n": self.nlink, "r": self.rdev,
+                "l": None if self.link is None else os.fsdecode(self.link),
+                "x": {k: base64.b64encode(v).decode() for k, v in self.xattrs.items()},
+                "h": self.sha256}
+
+    @classmethod
+    def from_wire(cls, d: dict) -> Info:
+        return cls(d["m"], d["u"], d["g"], d["s"], d["mt"], d["at"], tuple(d["i"]), d["n"], d["r"],
+                   None if d["l"] is None else os.fsencode(d["l"]),
+                   {k: base64.b64decode(v) for k, v in d["x"].items()}, d["h"])
 
 
 def _join(base: bytes, name: bytes) -> bytes:
     return name if base in (b"", b".") else base + b"/" + name
 
 
-def walk(root_fd: int):
-    """Yield (rel, stat) for every entry below the root (parents first), same device only."""
-    dev = os.stat(b".", dir_fd=root_fd).st_dev
-    for dirpath, dirnames, filenames, dfd in os.fwalk(b".", dir_fd=root_fd, follow_symlinks=False):
-        base = b"" if dirpath == b"." else dirpath[2:]
-        keep = []
-        for name in sorted(dirnames) + sorted(filenames):
-            try:
-                st = os.stat(name, dir_fd=dfd, follow_symlinks=False)
-            except FileNotFoundError:
-                continue
-            if stat.S_ISDIR(st.st_mode):
-                if st.st_dev != dev:
-                    continue  # a file system mounted below the entry: not captured, not copied
-                keep.append(name)
-            yield _join(base, name), st
-        dirnames[:] = sorted(keep)
-
-
-def file_hash(dir_fd: int, rel: bytes) -> str:
-    h = hashlib.sha256()
-    fd = os.open(rel, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dir_fd)
-    try:
-        while chunk := os.read(fd, CHUNK):
-            h.update(chunk)
-    finally:
-        os.close(fd)
-    return h.hexdigest()
+def lstat_info(dir_fd: int, rel: bytes, *, with_xattrs: bool = True) -> Info:
+    st = os.stat(at(rel), dir_fd=dir_fd, follow_symlinks=False)
+    info = Info(st.st_mode, st.st_uid, st.st_gid, st.st_size, st.st_mtime_ns, st.st_atime_ns,
+                (st.st_dev, st.st_ino), st.st_nlink, st.st_rdev)
+    if stat.S_ISLNK(st.st_mode):
+        info.link = os.readlink(at(rel), dir_fd=dir_fd)
+    if with_xattrs:
+        info.xattrs = xattrs(dir_fd, rel)
+    return info
 
 
 def xattrs(dir_fd: int, rel: bytes) -> dict[str, bytes]:
@@ -74,7 +100,7 @@ def xattrs(dir_fd: int, rel: bytes) -> dict[str, bytes]:
     except OSError:
         return out
     for name in names:
-        if name.startswith(XATTR_PREFIXES):
+        if name.startswith(XATTR_PREFIXES) and name != MARKER_XATTR:
             try:
                 out[name] = os.getxattr(path, name, follow_symlinks=False)
             except OSError:
@@ -82,61 +108,115 @@ def xattrs(dir_fd: int, rel: bytes) -> dict[str, bytes]:
     return out
 
 
-def scan(root_fd: int, *, with_root: bool = True) -> dict[bytes, Info]:
-    """Everything verify compares, per entry-relative path (b"" is the entry itself)."""
-    out: dict[bytes, Info] = {}
-    if with_root:
-        out[b""] = Info(os.stat(b".", dir_fd=root_fd, follow_symlinks=False), xattrs=xattrs(root_fd, b""))
-    for rel, st in walk(root_fd):
-        info = Info(st, xattrs=xattrs(root_fd, rel))
-        if stat.S_ISREG(st.st_mode):
-            info.sha256 = file_hash(root_fd, rel)
-        elif stat.S_ISLNK(st.st_mode):
-            info.link = os.readlink(rel, dir_fd=root_fd)
-        out[rel] = info
+def children(dir_fd: int, rel: bytes, *, dev: int | None = None) -> dict[bytes, Info] | None:
+    """The entries of directory `rel` (None when it is missing or not a directory). With
+    `dev`, a directory on another file system (mounted below the entry) is left out: capture
+    does not cross into it, so replication does not either."""
+    try:
+        fd = os.open(at(rel), os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC,
+                     dir_fd=dir_fd)
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            return None
+        raise
+    try:
+        names = sorted(os.fsencode(n) for n in os.listdir(fd))
+    finally:
+        os.close(fd)
+    out = {}
+    for name in names:
+        try:
+            info = lstat_info(dir_fd, _join(rel, name))
+        except FileNotFoundError:
+            continue  # removed since the listing
+        if dev is not None and info.ino[0] != dev and stat.S_ISDIR(info.mode):
+            continue
+        out[name] = info
     return out
 
 
-def _link_groups(tree: dict[bytes, Info]) -> dict[bytes, frozenset[bytes]]:
-    groups: dict[tuple[int, int], set[bytes]] = {}
-    for rel, info in tree.items():
-        if not stat.S_ISDIR(info.st.st_mode) and info.st.st_nlink > 1:
-            groups.setdefault((info.st.st_dev, info.st.st_ino), set()).add(rel)
-    return {rel: frozenset(g) for g in groups.values() for rel in g}
+def block_hashes(fd: int, size: int, offset: int = 0, block: int = BLOCK) -> list[str]:
+    """sha256 of each `block` bytes of [offset, offset + size) of an open file."""
+    out = []
+    for start in range(0, size, block):
+        n = min(block, size - start)
+        data = os.pread(fd, n, offset + start)
+        out.append(hashlib.sha256(data).hexdigest())
+    return out
 
 
-def verify(src_fd: int, dst_fd: int) -> list[dict]:
-    """Every difference between source and target: path, what differs, both values."""
-    src, dst = scan(src_fd), scan(dst_fd)
+def file_hashes(dir_fd: int, rel: bytes, block: int = BLOCK) -> list[str] | None:
+    try:
+        fd = os.open(at(rel), os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dir_fd)
+    except FileNotFoundError:
+        return None
+    try:
+        return block_hashes(fd, os.fstat(fd).st_size, 0, block)
+    finally:
+        os.close(fd)
+
+
+def whole_hash(hashes: list[str]) -> str:
+    """One digest for a file from its block hashes (what verify compares)."""
+    return hashlib.sha256("".join(hashes).encode()).hexdigest()
+
+
+def scan(root_fd: int, *, hashes: bool = True) -> dict[bytes, Info]:
+    """Every path below the root (b"" is the root), parents first; files hashed when asked."""
+    root = lstat_info(root_fd, b"")
+    out: dict[bytes, Info] = {b"": root}
+    stack = [b""]
+    while stack:
+        rel = stack.pop()
+        kids = children(root_fd, rel, dev=root.ino[0]) or {}
+        for name, info in kids.items():
+            child = _join(rel, name)
+            if stat.S_ISREG(info.mode) and hashes:
+                h = file_hashes(root_fd, child)
+                info.sha256 = None if h is None else whole_hash(h)
+            out[child] = info
+            if stat.S_ISDIR(info.mode):
+                stack.append(child)
+    return out
+
+
+# -- verify ------------------------------------------------------------------------------------
+
+def compare_trees(src: dict[bytes, Info], dst: dict[bytes, Info],
+                  paths: Iterable[bytes] | None = None) -> list[dict]:
+    """Every difference between two scans: path, what differs, both values."""
     diffs: list[dict] = []
 
     def diff(rel: bytes, what: str, a, b) -> None:
         diffs.append({"path": os.fsdecode(rel) or ".", "what": what, "source": a, "target": b})
 
-    for rel in sorted(src.keys() | dst.keys()):
+    for rel in sorted(src.keys() | dst.keys()) if paths is None else sorted(paths):
         a, b = src.get(rel), dst.get(rel)
+        if a is None and b is None:
+            continue
         if b is None:
-            diff(rel, "missing at target", stat.filemode(a.st.st_mode), None)
+            diff(rel, "missing at target", stat.filemode(a.mode), None)
             continue
         if a is None:
-            diff(rel, "extra at target", None, stat.filemode(b.st.st_mode))
+            diff(rel, "extra at target", None, stat.filemode(b.mode))
             continue
-        if stat.S_IFMT(a.st.st_mode) != stat.S_IFMT(b.st.st_mode):
-            diff(rel, "type", stat.filemode(a.st.st_mode), stat.filemode(b.st.st_mode))
+        if a.kind != b.kind:
+            diff(rel, "type", stat.filemode(a.mode), stat.filemode(b.mode))
             continue
-        if stat.S_IMODE(a.st.st_mode) != stat.S_IMODE(b.st.st_mode) and not stat.S_ISLNK(a.st.st_mode):
-            diff(rel, "mode", oct(stat.S_IMODE(a.st.st_mode)), oct(stat.S_IMODE(b.st.st_mode)))
-        if (a.st.st_uid, a.st.st_gid) != (b.st.st_uid, b.st.st_gid):
-            diff(rel, "owner", f"{a.st.st_uid}:{a.st.st_gid}", f"{b.st.st_uid}:{b.st.st_gid}")
+        if stat.S_IMODE(a.mode) != stat.S_IMODE(b.mode) and not stat.S_ISLNK(a.mode):
+            diff(rel, "mode", oct(stat.S_IMODE(a.mode)), oct(stat.S_IMODE(b.mode)))
+        if (a.uid, a.gid) != (b.uid, b.gid):
+            diff(rel, "owner", f"{a.uid}:{a.gid}", f"{b.uid}:{b.gid}")
         if a.sha256 != b.sha256:
             diff(rel, "content", a.sha256, b.sha256)
         if a.link != b.link:
-            diff(rel, "symlink target", os.fsdecode(a.link), os.fsdecode(b.link))
-        if stat.S_ISCHR(a.st.st_mode) or stat.S_ISBLK(a.st.st_mode):
-            if a.st.st_rdev != b.st.st_rdev:
-                diff(rel, "device number", a.st.st_rdev, b.st.st_rdev)
-        if a.st.st_mtime_ns != b.st.st_mtime_ns:
-            diff(rel, "mtime", a.st.st_mtime_ns, b.st.st_mtime_ns)
+            diff(rel, "symlink target", os.fsdecode(a.link or b""), os.fsdecode(b.link or b""))
+        if a.kind in (stat.S_IFCHR, stat.S_IFBLK) and a.rdev != b.rdev:
+            diff(rel, "device number", a.rdev, b.rdev)
+        if a.mtime_ns != b.mtime_ns:
+            diff(rel, "mtime", a.mtime_ns, b.mtime_ns)
         if a.xattrs != b.xattrs:
             diff(rel, "xattrs", sorted(a.xattrs), sorted(b.xattrs))
     ga, gb = _link_groups(src), _link_groups(dst)
@@ -147,124 +227,359 @@ def verify(src_fd: int, dst_fd: int) -> list[dict]:
     return diffs
 
 
-# -- mirror ------------------------------------------------------------------------------------
-
-def _remove(dir_fd: int, rel: bytes) -> None:
-    st = os.stat(rel, dir_fd=dir_fd, follow_symlinks=False)
-    if stat.S_ISDIR(st.st_mode):
-        shutil.rmtree(proc_path(dir_fd, rel))
-    else:
-        os.unlink(rel, dir_fd=dir_fd)
+def _link_groups(tree: dict[bytes, Info]) -> dict[bytes, frozenset[bytes]]:
+    groups: dict[tuple[int, int], set[bytes]] = {}
+    for rel, info in tree.items():
+        if not stat.S_ISDIR(info.mode) and info.nlink > 1:
+            groups.setdefault(info.ino, set()).add(rel)
+    return {rel: frozenset(g) for g in groups.values() for rel in g}
 
 
-def _copy_file(src_fd: int, dst_fd: int, rel: bytes, st: os.stat_result) -> int:
-    """Copy into a temporary name beside the file, then rename over: a hard-linked old file at
-    the target is never written through."""
-    parent, _, name = rel.rpartition(b"/")
-    tmp = _join(parent, b".mirrorsetup-tmp")
-    fin = os.open(rel, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=src_fd)
-    try:
-        fout = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600, dir_fd=dst_fd)
-        try:
-            done = 0
-            while done < st.st_size:
-                n = os.copy_file_range(fin, fout, CHUNK * 8)
-                if n == 0:
-                    break
-                done += n
-        finally:
-            os.close(fout)
-    finally:
-        os.close(fin)
-    os.rename(tmp, rel, src_dir_fd=dst_fd, dst_dir_fd=dst_fd)
-    return done
+# -- reconcile ---------------------------------------------------------------------------------
 
+class Tracker:
+    """What capture changed while a reconcile or verify runs (fed on the capture thread): per
+    lower inode a stamp of its last change, the inodes created since (their whole life is in
+    the journal), the names that rename/link moved (their identity at the target is unknown)
+    and the rename/link destinations a walk may already have passed (`revisit`)."""
 
-def _same_content(src_fd: int, dst_fd: int, rel: bytes, a: os.stat_result, b: os.stat_result) -> bool:
-    return a.st_size == b.st_size and file_hash(src_fd, rel) == file_hash(dst_fd, rel)
+    def __init__(self) -> None:
+        self.changes: dict[tuple[int, int], int] = {}
+        self.created: set[tuple[int, int]] = set()
+        self.clock = 0
+        self.names_epoch = 0
+        self.moved: dict[bytes, int] = {}  # path -> names_epoch when it was moved or linked
+        self.revisit: list[bytes] = []
 
+    def changed(self, key: tuple[int, int]) -> None:
+        self.clock += 1
+        self.changes[key] = self.clock
 
-def mirror(src_fd: int, dst_fd: int, progress: Progress | None = None) -> dict:
-    """Make the target equal to the source; copy only what differs. Returns counts."""
-    files = copied_bytes = copied = removed = 0
-    linked: dict[tuple[int, int], bytes] = {}
-    dirs: list[tuple[bytes, os.stat_result]] = [(b"", os.stat(b".", dir_fd=src_fd))]
-    seen: set[bytes] = set()
-    for rel, st in walk(src_fd):
-        seen.add(rel)
-        try:
-            tst = os.stat(rel, dir_fd=dst_fd, follow_symlinks=False)
-        except FileNotFoundError:
-            tst = None
-        if tst is not None and stat.S_IFMT(tst.st_mode) != stat.S_IFMT(st.st_mode):
-            _remove(dst_fd, rel)
-            tst = None
-        mode = st.st_mode
-        if stat.S_ISDIR(mode):
-            if tst is None:
-                os.mkdir(rel, 0o700, dir_fd=dst_fd)
-            dirs.append((rel, st))
-            continue
-        key = (st.st_dev, st.st_ino)
-        if stat.S_ISREG(mode) and st.st_nlink > 1 and key in linked:
-            first = linked[key]
-            fst = os.stat(first, dir_fd=dst_fd, follow_symlinks=False)
-            if tst is None or (tst.st_dev, tst.st_ino) != (fst.st_dev, fst.st_ino):
-                if tst is not None:
-                    os.unlink(rel, dir_fd=dst_fd)
-                os.link(first, rel, src_dir_fd=dst_fd, dst_dir_fd=dst_fd, follow_symlinks=False)
-            files += 1
-            continue
-        if stat.S_ISREG(mode):
-            if st.st_nlink > 1:
-                linked[key] = rel
-                if tst is not None and tst.st_nlink > 1:
-                    tst = None  # linked to a wrong group: copy fresh rather than write through
-            if tst is None or not _same_content(src_fd, dst_fd, rel, st, tst):
-                copied_bytes += _copy_file(src_fd, dst_fd, rel, st)
-                copied += 1
-        elif stat.S_ISLNK(mode):
-            target = os.readlink(rel, dir_fd=src_fd)
-            if tst is None or os.readlink(rel, dir_fd=dst_fd) != target:
-                if tst is not None:
-                    os.unlink(rel, dir_fd=dst_fd)
-                os.symlink(target, rel, dir_fd=dst_fd)
-                copied += 1
+    def made(self, key: tuple[int, int]) -> None:
+        self.changed(key)
+        self.created.add(key)
+
+    def moved_name(self, path: bytes, *, destination: bool) -> None:
+        self.names_epoch += 1
+        self.moved[path] = self.names_epoch
+        if destination:
+            self.revisit.append(path)
+
+    def observe(self, key: tuple[int, int], op: str, args: dict) -> None:
+        """One journal record of the capture: `key` is the inode it was recorded for (the
+        new node of a create, the parent directory of a removal or rename)."""
+        if op in ("create", "mkdir", "mknod", "symlink"):
+            self.made(key)
+        elif op == "rename":
+            self.changed(key)
+            self.moved_name(os.fsencode(args["old"]), destination=bool(args.get("flags", 0) & 2))
+            self.moved_name(os.fsencode(args["new"]), destination=True)
+        elif op == "link":
+            self.changed(key)
+            self.moved_name(os.fsencode(args["path"]), destination=True)
         else:
-            if tst is None or tst.st_rdev != st.st_rdev:
-                if tst is not None:
-                    os.unlink(rel, dir_fd=dst_fd)
-                os.mknod(rel, mode, st.st_rdev, dir_fd=dst_fd)
-                copied += 1
-        _metadata(src_fd, dst_fd, rel, st)
-        files += 1
-        if progress and files % 100 == 0:
-            progress(files, copied_bytes)
-    for rel, tst in list(walk(dst_fd)):
-        if rel not in seen and os.path.lexists(proc_path(dst_fd, rel)):
-            _remove(dst_fd, rel)
-            removed += 1
-    for rel, st in reversed(dirs):  # children first: their changes move the parent's mtime
-        _metadata(src_fd, dst_fd, rel, st)
-    if progress:
-        progress(files, copied_bytes)
-    return {"files": files, "copied": copied, "bytes": copied_bytes, "removed": removed}
+            self.changed(key)
+
+    def stamp(self, key: tuple[int, int]) -> tuple[int, int]:
+        return self.changes.get(key, 0), self.names_epoch
+
+    def name_touched(self, rel: bytes, since: int = 0) -> bool:
+        """Was `rel`, or a directory above it, renamed or linked (after epoch `since`)?"""
+        if not self.moved:
+            return False
+        probe = rel
+        while True:
+            if self.moved.get(probe, 0) > since:
+                return True
+            if not probe:
+                return False
+            probe = probe.rpartition(b"/")[0]
+
+    def still(self, check: Check, lstat_key) -> bool:
+        """Is the source at `check.rel` as it was read? `lstat_key()` gives its inode now."""
+        changes, epoch = check.stamp
+        if self.changes.get(check.key, 0) != changes:
+            return False
+        if self.names_epoch == epoch:
+            return True
+        return not self.name_touched(check.rel, epoch) and lstat_key() == check.key
 
 
-def _metadata(src_fd: int, dst_fd: int, rel: bytes, st: os.stat_result) -> None:
-    name = at(rel)
-    os.chown(name, st.st_uid, st.st_gid, dir_fd=dst_fd, follow_symlinks=False)
-    if not stat.S_ISLNK(st.st_mode):
-        os.chmod(name, stat.S_IMODE(st.st_mode), dir_fd=dst_fd)
-    want, have = xattrs(src_fd, rel), xattrs(dst_fd, rel)
-    path = proc_path(dst_fd, rel)
-    for key in have.keys() - want.keys():
-        os.removexattr(path, key, follow_symlinks=False)
-    for key, value in want.items():
-        if have.get(key) != value:
+@dataclass
+class Check:
+    """What a commit verifies: the source path still names the same inode, unchanged."""
+
+    rel: bytes
+    key: tuple[int, int]
+    stamp: tuple[int, int]
+
+
+class Sink:
+    """Where reconcile records go. `commit` returns False when the check failed (the path
+    changed since it was read): the reconciler reads it again."""
+
+    tracker: Tracker | None = None
+
+    def commit(self, check: Check | None, ops: list[Op]) -> bool:
+        raise NotImplementedError
+
+    def frozen(self):
+        """A context in which the source does not change (capture holds mutations)."""
+        raise NotImplementedError
+
+
+class Reconciler:
+    """Make the target equal to the source tree. `hashes` compares every file's content by
+    block hashes (mirror); otherwise files with equal size and mtime are taken as equal."""
+
+    def __init__(self, src_fd: int, target, sink: Sink, *, hashes: bool = False,
+                 progress: Progress | None = None, block: int = BLOCK):
+        self.src = src_fd
+        self.target = target
+        self.sink = sink
+        self.hashes = hashes
+        self.progress = progress
+        self.block = block
+        self.dev = os.stat(b".", dir_fd=src_fd).st_dev
+        self.counts = {"files": 0, "copied": 0, "bytes": 0, "removed": 0}
+        self._leaders: dict[tuple[int, int], tuple[bytes, tuple[int, int] | None]] = {}
+
+    @property
+    def tracker(self) -> Tracker | None:
+        return self.sink.tracker
+
+    def _unknown(self, rel: bytes) -> bool:
+        return self.tracker is not None and self.tracker.name_touched(rel)
+
+    def run(self) -> dict:
+        root = self.target.info(b"")
+        self._dir(b"", known=root is not None and stat.S_ISDIR(root.mode))
+        seen: set[bytes] = set()
+        while self.tracker is not None and self.tracker.revisit:
+            rel = self.tracker.revisit.pop(0)
+            if rel in seen:
+                continue
+            seen.add(rel)
+            self._visit(rel)
+        self._report(final=True)
+        return self.counts
+
+    def _report(self, final: bool = False) -> None:
+        if self.progress and (final or self.counts["files"] % 100 == 0):
+            self.progress(dict(self.counts, stage="done" if final else "walking"))
+
+    def _visit(self, rel: bytes) -> None:
+        """A rename/link destination made during the walk: reconcile it (whole) again."""
+        try:
+            info = lstat_info(self.src, rel)
+        except FileNotFoundError:
+            return  # moved on again: its new name is in the queue too
+        parent, _, name = rel.rpartition(b"/")
+        self._child(parent, name, info, None)
+
+    # -- directories
+    def _dir(self, rel: bytes, *, known: bool) -> None:
+        for _ in range(COMMIT_TRIES):
+            src_info = lstat_info(self.src, rel)
+            check = self._check(rel, src_info)
+            kids = children(self.src, rel, dev=self.dev)
+            if kids is None:
+                return  # gone since: the capture recorded its removal
+            tgt = self.target.children(rel) if known and not self._unknown(rel) else None
+            keep = [os.fsdecode(n) for n in kids]
+            if self.sink.commit(check, [("prune", {"path": os.fsdecode(rel), "keep": keep}, b"")]):
+                break
+        else:
+            with self.sink.frozen():
+                kids = children(self.src, rel, dev=self.dev) or {}
+                tgt = self.target.children(rel) if known and not self._unknown(rel) else None
+                self.sink.commit(None, [("prune", {"path": os.fsdecode(rel), "keep":
+                                                   [os.fsdecode(n) for n in kids]}, b"")])
+        if tgt is not None:
+            self.counts["removed"] += len(tgt.keys() - kids.keys())
+        for name, info in kids.items():
+            self._child(rel, name, info, None if tgt is None else tgt.get(name))
+        self._metadata(rel, None)
+
+    def _child(self, parent: bytes, name: bytes, info: Info, tinfo: Info | None) -> None:
+        rel = _join(parent, name)
+        if self.tracker is not None and info.ino in self.tracker.created:
+            return  # made while we walk: its whole life is in the journal already
+        if self._unknown(rel):
+            tinfo = None
+        self.counts["files"] += 1
+        self._report()
+        kind = info.kind
+        if kind == stat.S_IFDIR:
+            fresh = tinfo is None or tinfo.kind != stat.S_IFDIR
+            ops: list[Op] = []
+            if fresh:
+                ops = [("remove", {"path": os.fsdecode(rel)}, b""),
+                       ("mkdir", {"path": os.fsdecode(rel), "mode": stat.S_IMODE(info.mode),
+                                  "uid": info.uid, "gid": info.gid}, b"")]
+            if ops and not self._commit_fresh(rel, info, ops):
+                return
+            self._dir(rel, known=not fresh)
+            return
+        if kind == stat.S_IFREG and info.nlink > 1 and self._hard_link(rel, info, tinfo):
+            return
+        if kind == stat.S_IFREG:
+            self._file(rel, info, tinfo)
+            return
+        gone = ("remove", {"path": os.fsdecode(rel)}, b"")
+        if kind == stat.S_IFLNK:
+            if tinfo is None or tinfo.kind != kind or tinfo.link != info.link:
+                if not self._commit_fresh(rel, info, [
+                        gone, ("symlink", {"path": os.fsdecode(rel), "target": os.fsdecode(info.link),
+                                     "uid": info.uid, "gid": info.gid}, b"")]):
+                    return
+                self.counts["copied"] += 1
+                tinfo = None
+        elif tinfo is None or tinfo.kind != kind or tinfo.rdev != info.rdev:
+            if not self._commit_fresh(rel, info, [
+                    gone, ("mknod", {"path": os.fsdecode(rel), "mode": info.mode, "rdev": info.rdev,
+                               "uid": info.uid, "gid": info.gid}, b"")]):
+                return
+            self.counts["copied"] += 1
+            tinfo = None
+        self._metadata(rel, tinfo)
+
+    def _commit_fresh(self, rel: bytes, info: Info, ops: list[Op]) -> bool:
+        """Commit records made from `info`; False when the path is gone (capture has it)."""
+        for _ in range(COMMIT_TRIES):
+            if self.sink.commit(self._check(rel, info), ops):
+                return True
             try:
-                os.setxattr(path, key, value, follow_symlinks=False)
-            except OSError as exc:
-                if exc.errno not in (errno.EPERM, errno.ENOTSUP):
-                    raise
-    os.utime(name, ns=(st.st_atime_ns, st.st_mtime_ns), dir_fd=dst_fd, follow_symlinks=False)
+                fresh = lstat_info(self.src, rel)
+            except FileNotFoundError:
+                return False
+            if fresh.kind != info.kind:
+                return False  # replaced by another kind: the capture recorded that
+        with self.sink.frozen():
+            try:
+                lstat_info(self.src, rel)
+            except FileNotFoundError:
+                return False
+            return self.sink.commit(None, ops)
+
+    def _hard_link(self, rel: bytes, info: Info, tinfo: Info | None) -> bool:
+        """A second name of a file already sent: link it at the target (True when done)."""
+        leader = self._leaders.get(info.ino)
+        if leader is None:
+            self._leaders[info.ino] = (rel, None if tinfo is None else tinfo.ino)
+            return False
+        lrel, ltino = leader
+        if tinfo is not None and ltino is not None and tinfo.ino == ltino:
+            return True
+        self._commit_fresh(rel, info, [("link", {"src": os.fsdecode(lrel), "path": os.fsdecode(rel)},
+                                        b"")])
+        return True
+
+    # -- files
+    def _file(self, rel: bytes, info: Info, tinfo: Info | None) -> None:
+        for _ in range(COMMIT_TRIES):
+            if self._file_once(rel, info, tinfo):
+                return
+            try:
+                info = lstat_info(self.src, rel)
+            except FileNotFoundError:
+                return
+            if info.kind != stat.S_IFREG:
+                return
+        with self.sink.frozen():
+            try:
+                info = lstat_info(self.src, rel)
+            except FileNotFoundError:
+                return
+            self._file_once(rel, info, tinfo, frozen=True)
+
+    def _file_once(self, rel: bytes, info: Info, tinfo: Info | None, frozen: bool = False) -> bool:
+        p = os.fsdecode(rel)
+        fresh = tinfo is None or tinfo.kind != stat.S_IFREG
+        same = not fresh and not self.hashes and tinfo.size == info.size \
+            and tinfo.mtime_ns == info.mtime_ns
+        check = None if frozen else self._check(rel, info)
+        if same:
+            return self._metadata(rel, tinfo, check)
+        theirs = None if fresh else self.target.file_hashes(rel)
+        fd = os.open(rel, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=self.src)
+        try:
+            ops: list[Op] = []
+            if fresh:
+                ops += [("remove", {"path": p}, b""),
+                        ("create", {"path": p, "mode": stat.S_IMODE(info.mode), "uid": info.uid,
+                                    "gid": info.gid}, b"")]
+            sent = 0
+            for i, start in enumerate(range(0, info.size, self.block)):
+                data = os.pread(fd, min(self.block, info.size - start), start)
+                if theirs is not None and i < len(theirs) and \
+                        hashlib.sha256(data).hexdigest() == theirs[i]:
+                    continue
+                ops.append(("write", {"path": p, "offset": start}, data))
+                sent += len(data)
+                if sum(len(o[2]) for o in ops) >= 8 * self.block:  # commit large files in parts
+                    if not self.sink.commit(check, ops):
+                        return False
+                    ops = []
+            if fresh or tinfo.size != info.size:
+                ops.append(("truncate", {"path": p, "size": info.size}, b""))
+            if ops and not self.sink.commit(check, ops):
+                return False
+        finally:
+            os.close(fd)
+        changed = fresh or sent or tinfo.size != info.size
+        if changed:
+            self.counts["copied"] += 1
+            self.counts["bytes"] += sent
+        # writing the target moved its mtime: set the times again whenever anything was written
+        return self._metadata(rel, None if changed else tinfo, check)
+
+    # -- metadata
+    def _metadata(self, rel: bytes, tinfo: Info | None, check: Check | None = None) -> bool:
+        """Owner, mode, xattrs and times as the source has them now (checked like the data)."""
+        for _ in range(COMMIT_TRIES):
+            try:
+                info = lstat_info(self.src, rel)
+            except FileNotFoundError:
+                return True
+            if check is None or check.key != info.ino:
+                check = self._check(rel, info)
+            p = os.fsdecode(rel)
+            ops: list[Op] = []
+            if tinfo is None or (tinfo.uid, tinfo.gid) != (info.uid, info.gid):
+                ops.append(("chown", {"path": p, "uid": info.uid, "gid": info.gid}, b""))
+            if not stat.S_ISLNK(info.mode) and (tinfo is None or stat.S_IMODE(tinfo.mode)
+                                                 != stat.S_IMODE(info.mode)):
+                ops.append(("chmod", {"path": p, "mode": stat.S_IMODE(info.mode)}, b""))
+            have = {} if tinfo is None else tinfo.xattrs
+            for name in have.keys() - info.xattrs.keys():
+                ops.append(("removexattr", {"path": p, "name": name}, b""))
+            for name, value in info.xattrs.items():
+                if have.get(name) != value:
+                    ops.append(("setxattr", {"path": p, "name": name}, value))
+            if tinfo is None or tinfo.mtime_ns != info.mtime_ns:
+                ops.append(("times", {"path": p, "atime": info.atime_ns, "mtime": info.mtime_ns}, b""))
+            if not ops or self.sink.commit(check, ops):
+                return True
+            check = None
+        return False
+
+    def _check(self, rel: bytes, info: Info) -> Check | None:
+        if self.tracker is None:
+            return None
+        return Check(rel, info.ino, self.tracker.stamp(info.ino))
+
+
+class DirectSink(Sink):
+    """Offline: records go straight to the target (nobody captures this source now)."""
+
+    def __init__(self, target):
+        self.target = target
+
+    def commit(self, check: Check | None, ops: list[Op]) -> bool:
+        self.target.apply_ops(ops)
+        return True
+
+    def frozen(self):
+        import contextlib
+        return contextlib.nullcontext()

@@ -222,22 +222,23 @@ class DashboardScreen(TaskScreen):
             why = snap.engine_error or "the daemon is not running (menu 5 starts it)"
             self.query_one("#engine", Static).update(Text(why, style="yellow"))
             return
-        entries = snap.engine.get("entries") or []
-        queued = sum(e.get("bytes_queued") or 0 for e in entries)
-        lags = [e["lag_seconds"] for e in entries if e.get("lag_seconds") is not None]
+        from app.services.status import replication_text
+        entries = [s.engine for s in snap.filesystem if s.engine is not None]
+        queued = sum(e.bytes_queued for e in entries)
+        lags = [e.lag_seconds for e in entries if e.lag_seconds is not None]
         text = Text()
         text.append(f"running (pid {snap.engine.get('pid', '?')})", style="green")
         if entries:
             text.append(f"\n{len(entries)} file-system {'entry' if len(entries) == 1 else 'entries'}"
-                        f", {sum(e.get('captured_ops') or 0 for e in entries)} operations "
+                        f", {sum(e.captured_ops for e in entries)} operations "
                         f"captured\nqueued {human_size(queued)}")
             if lags:
                 text.append(f", lag up to {max(lags):.1f} s")
         for s in snap.block:  # the daemon's figures for each captured block entry
-            if s.engine and (s.engine.get("captured") or s.engine.get("error")):
+            if s.engine and (s.engine.captured or s.engine.error):
                 text.append(f"\n{s.entry.device}", style="bold")
                 text.append(f" via {s.loop}" if s.loop else "")
-                text.append(f"\n  {_block_engine_cell(s.engine)}")
+                text.append(f"\n  {replication_text(s.engine, long=True)}")
         self.query_one("#engine", Static).update(text)
 
     def _show_rate_devices(self, devices: dict[str, str]) -> None:
@@ -276,25 +277,7 @@ class DashboardScreen(TaskScreen):
                                              (now.write_bytes - old.write_bytes) / elapsed)
 
 
-def _engine_cell(figures: dict | None) -> str:
-    """One FS entry's engine figures (from the daemon's status), or a dash."""
-    if not figures:
-        return "—"
-    if figures.get("error"):
-        return f"error: {figures['error']}"
-    cell = f"ops {figures.get('captured_ops') or 0} · queued {human_size(figures.get('bytes_queued') or 0)}"
-    if figures.get("lag_seconds") is not None:
-        cell += f" · lag {figures['lag_seconds']:.1f} s"
-    return cell
-
-
-def _block_engine_cell(figures: dict) -> str:
-    """One captured block entry's queue and lag, and its apply errors when there are any."""
-    if figures.get("error"):
-        return f"error: {figures['error']}"
-    cell = f"queued {human_size(figures.get('bytes_queued') or 0)}"
-    if figures.get("lag_seconds") is not None:
-        cell += f" · lag {figures['lag_seconds']:.1f} s"
-    if figures.get("apply_errors"):
-        cell += f"\n  {figures['apply_errors']} apply errors: {figures.get('last_apply_error') or '?'}"
-    return cell
+def _engine_cell(row) -> str:
+    """One entry's replication figures (the daemon's typed row), or a dash."""
+    from app.services.status import replication_text
+    return replication_text(row)

@@ -9,12 +9,12 @@ Request `{"cmd": "...", "args": {...}}`; reply `{"ok": true, ...}` or
 from __future__ import annotations
 
 import errno
-import json
 import os
 import socket
 import stat
 from collections.abc import Callable
 
+from app.services import protocol
 from app.services.results import MirrorError, Result
 
 DEFAULT_SOCKET = "/run/mirrorsetup/control.sock"
@@ -80,13 +80,14 @@ class ControlClient:
     def request(self, cmd: str, *, progress: Callable[[dict], None] | None = None, **args) -> dict:
         """Send one command; progress lines go to `progress`, the final reply is returned.
         A refusal (`ok: false`) raises MirrorError with the daemon's message and errno."""
+        if cmd not in protocol.COMMANDS:
+            raise MirrorError(f"unknown daemon command {cmd!r}", errno=errno.EINVAL)
         sock = self._connect()
         try:
-            sock.sendall(json.dumps({"cmd": cmd, "args": args}).encode() + b"\n")
-            reader = sock.makefile("rb")
-            for line in reader:
-                msg = json.loads(line)
-                if "progress" in msg and "ok" not in msg:
+            sock.sendall(protocol.request(cmd, **args))
+            reader = protocol.LineReader(sock)
+            while (msg := reader.next()) is not None:
+                if protocol.is_progress(msg):
                     if progress:
                         progress(msg["progress"])
                     continue
@@ -95,6 +96,9 @@ class ControlClient:
                 return msg
             raise MirrorError("the daemon closed the connection without a reply",
                               errno=errno.ECONNRESET, obj=self.socket_path)
+        except protocol.ProtocolError as exc:
+            raise MirrorError(f"the daemon's reply to {cmd}: {exc}", errno=errno.EPROTO,
+                              obj=self.socket_path) from exc
         except OSError as exc:
             raise MirrorError.from_oserror(f"talk to the daemon ({cmd})", self.socket_path, exc) from exc
         finally:
@@ -105,7 +109,7 @@ class ControlClient:
         of file) when the daemon stops or dies. Raises DaemonNotRunning when there is none."""
         sock = self._connect()
         try:
-            sock.sendall(json.dumps({"cmd": "watch", "args": {}}).encode() + b"\n")
+            sock.sendall(protocol.request("watch"))
         except OSError as exc:
             sock.close()
             raise MirrorError.from_oserror("watch the daemon", self.socket_path, exc) from exc

@@ -187,6 +187,84 @@ def umount(target: PathArg, flags: int = 0) -> None:
         raise error
 
 
+# The new mount API (Linux 5.2; MOVE_MOUNT_BENEATH 6.5): syscall numbers of x86_64 and arm64
+SYS_OPEN_TREE = 428
+SYS_MOVE_MOUNT = 429
+OPEN_TREE_CLONE = 1
+OPEN_TREE_CLOEXEC = os.O_CLOEXEC
+AT_EMPTY_PATH = 0x1000
+AT_RECURSIVE = 0x8000
+AT_FDCWD = -100
+MOVE_MOUNT_F_EMPTY_PATH = 0x4
+MOVE_MOUNT_BENEATH = 0x200
+_libc.syscall.restype = ctypes.c_long
+
+
+def clone_tree(path: PathArg, *, dir_fd: int = AT_FDCWD, recursive: bool = False) -> int:
+    """open_tree(OPEN_TREE_CLONE): a detached copy of the mount at `path` (relative to
+    `dir_fd`; b"" with a dir_fd: that directory), kept alive by the returned fd."""
+    flags = OPEN_TREE_CLONE | OPEN_TREE_CLOEXEC | (AT_RECURSIVE if recursive else 0)
+    if not os.fsencode(path):
+        flags |= AT_EMPTY_PATH
+    fd = _libc.syscall(SYS_OPEN_TREE, ctypes.c_int(dir_fd), _arg(path), ctypes.c_uint(flags))
+    if fd < 0:
+        err = ctypes.get_errno()
+        raise MirrorError.from_oserror("clone the mount at", _display(os.fsdecode(path) or "(fd)"),
+                                       OSError(err, os.strerror(err)))
+    return fd
+
+
+def move_mount(tree_fd: int, target: PathArg, *, beneath: bool = False) -> None:
+    """move_mount(2) of a detached tree onto `target`: on top of what is mounted there, or
+    beneath the top mount (so that lifting the top one reveals ours, with no moment between)."""
+    flags = MOVE_MOUNT_F_EMPTY_PATH | (MOVE_MOUNT_BENEATH if beneath else 0)
+    if _libc.syscall(SYS_MOVE_MOUNT, ctypes.c_int(tree_fd), b"", ctypes.c_int(AT_FDCWD),
+                     _arg(target), ctypes.c_uint(flags)) != 0:
+        err = ctypes.get_errno()
+        error = MirrorError.from_oserror("move the mount to", _display(os.fsdecode(target)),
+                                         OSError(err, os.strerror(err)))
+        error.obj = os.fsdecode(target)
+        raise error
+
+
+def namespace_holders(major: int, minor: int, *, skip_own: bool = True) -> list[dict]:
+    """Other mount namespaces that hold a copy of a mount of device major:minor (`unshare -m`,
+    `ip netns exec`, containers): one {pid, comm, mount_point} per namespace, found through
+    /proc/PID/mountinfo. Such a copy keeps a FUSE mount (and its server) alive after we
+    unmount ours."""
+    try:
+        own = os.readlink("/proc/self/ns/mnt")
+    except OSError:
+        own = None
+    seen: dict[str, dict] = {}
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            ns = os.readlink(f"/proc/{pid}/ns/mnt")
+        except OSError:
+            continue
+        if ns in seen or (skip_own and ns == own):
+            continue
+        try:
+            with open(f"/proc/{pid}/mountinfo", "rb") as f:
+                table = parse_mountinfo(os.fsdecode(f.read()))
+        except OSError:
+            continue
+        hits = [m.mount_point for m in table if (m.major, m.minor) == (major, minor)]
+        if hits:
+            try:
+                with open(f"/proc/{pid}/comm") as f:
+                    comm = f.read().strip()
+            except OSError:
+                comm = "?"
+            seen[ns] = {"pid": int(pid), "comm": comm, "mount_point": hits[0]}
+    return list(seen.values())
+
+
+def describe_holders(holders: list[dict]) -> str:
+    return "; ".join(f"still mounted in the mount namespace of pid {h['pid']} ({h['comm']})"
+                     + (f" at {h['mount_point']}" if h.get("mount_point") else "") for h in holders)
+
+
 def _contains(mount_point: str, path: str) -> bool:
     return mount_point == "/" or path == mount_point or path.startswith(mount_point + "/")
 

@@ -8,105 +8,14 @@ the control socket; nothing here fakes them with bind mounts.
 from __future__ import annotations
 
 import errno
-import hashlib
 import os
-from collections.abc import Iterable
 
-from app.services import blockdevs, mounts
+from app.services import blockdevs, blockplan, mounts
 from app.services import loop as loopdev
+from app.services.blockplan import View, same_device
 from app.services.config import BlockEntry, ConfigStore
+from app.services.layout import FSTYPE_FS
 from app.services.results import MirrorError, Outcome, Result
-
-
-def same_device(a: str | None, b: str | None) -> bool:
-    """True when two paths name one block device (symlinks and /dev/disk/by-* included)."""
-    if not a or not b:
-        return False
-    ida, idb = device_id(a), device_id(b)
-    if ida is None or idb is None:
-        return os.path.realpath(a) == os.path.realpath(b)
-    return ida == idb
-
-
-CAPTURE_FILE = "disk"  # the one file of a block entry's private FUSE mount, backing its loop
-
-
-def capture_id(device: str) -> str:
-    """The directory name of a block entry's capture (FUSE mount, journal): stable per device."""
-    base = os.path.basename(device.rstrip("/")) or "dev"
-    return f"{base[:40]}-{hashlib.sha256(os.fsencode(device)).hexdigest()[:12]}"
-
-
-def is_capture_of(device: str, backing: str | None) -> bool:
-    """True when a loop's backing file is the capture file of `device` (live or left dead)."""
-    return bool(backing) and backing.endswith(f"/block/{capture_id(device)}/{CAPTURE_FILE}")
-
-
-LoopIndex = dict[tuple[int, int], list[loopdev.LoopStatus]]
-
-
-def device_id(path: str | None) -> tuple[int, int] | None:
-    """(0, rdev) for a device node, (st_dev, st_ino) for a file; None when it cannot be seen."""
-    try:
-        st = os.stat(path) if path else None
-    except OSError:
-        return None
-    if st is None:
-        return None
-    return (0, st.st_rdev) if st.st_rdev else (st.st_dev, st.st_ino)
-
-
-def index_by_backing(attached: Iterable[loopdev.LoopStatus] | None = None) -> LoopIndex:
-    """Attached loops grouped by what backs them: one stat per loop, however many entries ask."""
-    index: LoopIndex = {}
-    for s in loopdev.list_attached() if attached is None else attached:
-        if (key := device_id(s.backing_file)) is not None:
-            index.setdefault(key, []).append(s)
-    return index
-
-
-def loops_backed_by(device: str, index: LoopIndex | None = None) -> list[loopdev.LoopStatus]:
-    """Loop devices whose backing is `device` (the kernel's sysfs view, never a cache)."""
-    key = device_id(device)
-    return [] if key is None else list((index_by_backing() if index is None else index).get(key, ()))
-
-
-def matching_loop(entry: BlockEntry, index: LoopIndex | None = None) -> loopdev.LoopStatus | None:
-    """The loop that already serves `entry`: same backing device, offset and size limit."""
-    for s in loops_backed_by(entry.device, index):
-        if s.offset == entry.offset and s.sizelimit == entry.sizelimit:
-            return s
-    return None
-
-
-def busy_reasons(device: str, table: list[mounts.MountEntry] | None = None,
-                 attached: list[loopdev.LoopStatus] | None = None) -> list[str]:
-    """Why attaching a loop over `device` would let writes bypass capture (mounted, held,
-    captured). `table` and `attached` are read once by callers that ask for many devices."""
-    st = os.stat(device)
-    reasons = [f"mounted on {m.mount_point}"
-               for m in mounts.mounts_of_device(os.major(st.st_rdev), os.minor(st.st_rdev), table)]
-    reasons += [f"held by {h}" for h in loopdev.holders_of(device)]
-    reasons += [f"captured by the mirrorsetup daemon through {s.device}"
-                for s in (loopdev.list_attached() if attached is None else attached)
-                if is_capture_of(device, s.backing_file)]
-    if not reasons:
-        try:  # what sysfs does not name: an exclusive opener (mkfs, a daemon, a RAID tool)
-            os.close(os.open(device, os.O_RDONLY | os.O_EXCL | os.O_CLOEXEC))
-        except OSError as exc:
-            if exc.errno != errno.EBUSY:
-                raise
-            reasons.append("held open exclusively by another program")
-    return reasons
-
-
-def mounted_on(device: str) -> list[str]:
-    st = os.stat(device)
-    return [m.mount_point for m in mounts.mounts_of_device(os.major(st.st_rdev), os.minor(st.st_rdev))]
-
-
-UNCAPTURED = ("; NOT captured: the replication daemon is not running, so writes through it are "
-              "not replicated (start the daemon: it takes the loop over)")
 
 
 class Replication:
@@ -152,7 +61,7 @@ class Replication:
             results = self._daemon_results("detach", entry.device, "block_detach", checked=True,
                                            device=entry.device)
         else:
-            results = self._detach_entry(entry)
+            results = self._detach_plain(entry)
         if any(r.failed for r in results):
             return results + [Result("remove", entry.device, Outcome.SKIPPED,
                                      f"kept {entry.device} in the configuration: its loop is still in use")]
@@ -198,10 +107,15 @@ class Replication:
             return self._daemon_results("attach", "all block entries", "block_attach_all",
                                         checked=True, dry_run=dry_run, force=force)
         config = self.store.load()
-        attached, table = loopdev.list_attached(), mounts.read_mountinfo()  # once, not per entry
-        index = index_by_backing(attached)
-        return [self._attach_entry(e, index, table, attached, dry_run=dry_run, force=force,
-                                   action="attach", uncaptured=True) for e in config.block]
+        with blockplan.attach_lock():  # planned and done under one host-wide lock
+            view = View()
+            results = []
+            for e in config.block:
+                results.append(self._attach_plain(e, view, dry_run=dry_run, force=force,
+                                                  action="attach", uncaptured=True))
+                if results[-1].outcome is Outcome.OK:
+                    view = View()  # what we attached is part of the next entry's picture
+            return results
 
     def detach_all(self, *, dry_run: bool = False) -> list[Result]:
         """Detach only the loops our configuration names; a mounted loop is reported, not forced."""
@@ -212,76 +126,29 @@ class Replication:
             return self._daemon_results("detach", "all block entries", "block_detach_all",
                                         checked=True, dry_run=dry_run)
         results: list[Result] = []
-        index = index_by_backing()  # read sysfs once, not once per entry
+        view = View()  # read sysfs and the mount table once, not once per entry
         for entry in self.store.load().block:
-            results += self._detach_entry(entry, index, dry_run=dry_run)
+            results += self._detach_plain(entry, view, dry_run=dry_run)
         return results
 
-    def _attach_entry(self, entry: BlockEntry, index: LoopIndex,
-                      table: list[mounts.MountEntry] | None = None,
-                      attached: list[loopdev.LoopStatus] | None = None, *, dry_run: bool,
-                      force: bool, action: str, uncaptured: bool = False) -> Result:
-        dev = entry.device
-        if not os.path.exists(dev):
-            return Result(action, dev, Outcome.FAILED, f"{dev} does not exist", errno.ENOENT)
-        current = matching_loop(entry, index)
-        if current is not None:
-            note = ""
-            if entry.loop and entry.loop != current.device:
-                note = f" (configured {entry.loop}; detach and attach again to move it)"
-            return Result(action, dev, Outcome.UNCHANGED,
-                          f"{dev} is already attached as {current.device}{note}",
-                          details={"loop": current.device})
-        try:
-            reason = blockdevs.exclusion_reason(dev)
-            busy = busy_reasons(dev, table, attached)
-        except MirrorError as exc:
-            return Result.from_error(action, dev, exc)
-        except OSError as exc:
-            return Result.from_error(action, dev, MirrorError.from_oserror("inspect", dev, exc))
-        if reason:
-            return Result(action, dev, Outcome.FAILED,
-                          f"refused: {dev} is {reason}; it cannot be replicated", errno.EINVAL)
-        if busy and not force:
-            return Result(action, dev, Outcome.FAILED,
-                          f"refused: {dev} is {', '.join(busy)}; writes there would bypass the loop "
-                          f"device and corrupt the target (--force overrides)", errno.EBUSY)
-        where = entry.loop or "the first free loop device"
+    def _attach_plain(self, entry: BlockEntry, view: View, *, dry_run: bool, force: bool,
+                      action: str, uncaptured: bool = False) -> Result:
+        plan = blockplan.plan_attach(entry, view, captured=False, force=force, action=action)
+        if plan.result is not None:
+            return plan.result
         if dry_run:
-            return Result(action, dev, Outcome.SKIPPED,
-                          f"would attach {dev} to {where} at offset {entry.offset}"
-                          + (f", size limit {entry.sizelimit}" if entry.sizelimit else "")
-                          + (", read-only" if entry.read_only else ""))
-        try:
-            st = loopdev.attach(dev, loop=entry.loop, offset=entry.offset,
-                             sizelimit=entry.sizelimit, read_only=entry.read_only)
-        except MirrorError as exc:
-            return Result.from_error(action, dev, exc)
-        return Result(action, dev, Outcome.OK, f"attached {dev} as {st.device}"
-                      + (" (forced over: " + ", ".join(busy) + ")" if busy else "")
-                      + (UNCAPTURED if uncaptured else ""), details={"loop": st.device})
+            return Result(action, entry.device, Outcome.SKIPPED,
+                          blockplan.describe(plan, captured=False, target=None))
+        return blockplan.attach_plain(plan, action=action, uncaptured=uncaptured)
 
-    def _detach_entry(self, entry: BlockEntry, index: LoopIndex | None = None, *,
+    def _detach_plain(self, entry: BlockEntry, view: View | None = None, *,
                       dry_run: bool = False) -> list[Result]:
-        found = [s for s in loops_backed_by(entry.device, index) if s.offset == entry.offset]
+        view = view or View()
+        found = blockplan.plain_loops_of(entry, view)
         if not found:
             return [Result("detach", entry.device, Outcome.UNCHANGED,
                            f"{entry.device} is not attached")]
-        return [self._detach_loop(s.device, entry.device, dry_run=dry_run) for s in found]
-
-    def _detach_loop(self, dev: str, subject: str, *, dry_run: bool = False) -> Result:
-        try:
-            where = mounted_on(dev)
-        except OSError as exc:
-            return Result.from_error("detach", subject, MirrorError.from_oserror("inspect", dev, exc))
-        if where:
-            return Result("detach", subject, Outcome.FAILED,
-                          f"{dev} is mounted on {', '.join(where)}: unmount it first "
-                          f"(nothing was unmounted)", errno.EBUSY, {"loop": dev})
-        if dry_run:
-            return Result("detach", subject, Outcome.SKIPPED, f"would detach {dev}", details={"loop": dev})
-        r = loopdev.detach(dev)
-        return Result("detach", subject, r.outcome, r.message, r.errno, {"loop": dev})
+        return [blockplan.detach_loop(s.device, entry.device, view, dry_run=dry_run) for s in found]
 
     def block_mirror(self, device: str, progress=None) -> list[Result]:
         """Copy the entry's whole window to its target (through the daemon, writes held still);
@@ -309,17 +176,21 @@ class Replication:
                                read_only=read_only)
         except MirrorError as exc:
             return Result.from_error("manual attach", device, exc)
-        return self._attach_entry(entry, index_by_backing(), dry_run=False, force=force,
-                                  action="manual attach")
+        with blockplan.attach_lock():
+            return self._attach_plain(entry, View(), dry_run=False, force=force,
+                                      action="manual attach")
 
     def manual_detach(self, loop_path: str) -> Result:
         try:
             loopdev.parse_loop_path(loop_path)
         except MirrorError as exc:
             return Result.from_error("manual detach", loop_path, exc)
+        if not os.path.exists(loop_path):
+            return Result("manual detach", loop_path, Outcome.FAILED, f"{loop_path} does not exist",
+                          errno.ENOENT)
         if loopdev.status(loop_path) is None:
             return Result("manual detach", loop_path, Outcome.UNCHANGED, f"{loop_path} is not attached")
-        r = self._detach_loop(loop_path, loop_path)
+        r = blockplan.detach_loop(loop_path, loop_path)
         return Result("manual detach", loop_path, r.outcome, r.message, r.errno, r.details)
 
     # -- file-system entries (mounted by the daemon) -------------------------------------
@@ -338,7 +209,7 @@ class Replication:
         """Remove an entry; a capture still mounted there is unmounted first through the daemon."""
         results: list[Result] = []
         norm = os.path.realpath(path) if path != "/" else path
-        if any(m.mount_point == norm and m.fstype == "fuse.mirrorfs" for m in mounts.read_mountinfo()):
+        if any(m.mount_point == norm and m.fstype == FSTYPE_FS for m in mounts.read_mountinfo()):
             results = self._daemon_results("unmount", norm, path=norm, force=force)
             if any(r.failed for r in results):
                 return results + [Result("remove", norm, Outcome.SKIPPED,

@@ -15,9 +15,9 @@ from typing import Any
 from app.services import loop as loopdev
 from app.services import mounts
 from app.services.config import BlockEntry, ConfigStore, FsEntry
-from app.services.replication import LoopIndex, index_by_backing, is_capture_of, loops_backed_by
-
-MIRRORFS_TYPE = "fuse.mirrorfs"
+from app.services.blockplan import View
+from app.services.layout import FSTYPE_FS, is_capture_of
+from app.services.protocol import CaptureRow
 
 
 @dataclass(frozen=True)
@@ -32,7 +32,7 @@ class FsState:
     entry: FsEntry
     state: str  # "mounted" | "not mounted" | "path missing"
     other_fstype: str | None = None  # what is mounted at the path when it is not us
-    engine: dict[str, Any] | None = None
+    engine: CaptureRow | None = None  # the daemon's figures
 
 
 @dataclass(frozen=True)
@@ -44,7 +44,7 @@ class BlockState:
     loop_mounts: tuple[str, ...] = ()
     capture: str = ""  # "captured" | "not captured" | "no daemon" (worker alive, daemon gone)
     #                    | "lost" (worker dead too) | "" (no loop)
-    engine: dict[str, Any] | None = None  # the daemon's figures for a captured entry
+    engine: CaptureRow | None = None  # the daemon's figures for a captured entry
 
     @property
     def loop(self) -> str | None:
@@ -58,17 +58,19 @@ class StatusSnapshot:
     block: list[BlockState] = field(default_factory=list)
     loops: list[loopdev.LoopStatus] = field(default_factory=list)
     warnings: list[StatusWarning] = field(default_factory=list)
-    engine: dict[str, Any] | None = None
+    engine: dict[str, Any] | None = None  # the daemon's whole status reply
     engine_error: str | None = None
+    orphans: list[CaptureRow] = field(default_factory=list)
 
     def to_json(self) -> dict[str, Any]:
         return {
             "taken_at": self.taken_at,
             "filesystem": [{**asdict(s.entry), "state": s.state, "mounted": s.state == "mounted",
-                            "other_fstype": s.other_fstype, "engine": s.engine}
+                            "other_fstype": s.other_fstype,
+                            "engine": s.engine.to_json() if s.engine else None}
                            for s in self.filesystem],
             "block": [{**asdict(s.entry), "state": s.state, "attached_loop": s.loop,
-                       "capture": s.capture, "engine": s.engine,
+                       "capture": s.capture, "engine": s.engine.to_json() if s.engine else None,
                        "loops": [lp.to_json() for lp in s.loops],
                        "raw_mounts": list(s.raw_mounts), "loop_mounts": list(s.loop_mounts)}
                       for s in self.block],
@@ -76,6 +78,7 @@ class StatusSnapshot:
             "warnings": [asdict(w) for w in self.warnings],
             "engine": self.engine,
             "engine_error": self.engine_error,
+            "orphans": [o.to_json() for o in self.orphans],
         }
 
 
@@ -142,7 +145,12 @@ def snapshot(store: ConfigStore, control=None, *, scan_writers: bool = True) -> 
             snap.engine = control.request("status")
         except Exception as exc:  # the daemon's absence is a state to show, not a crash
             snap.engine_error = str(exc)
-    engine_by_path = {e.get("path"): e for e in (snap.engine or {}).get("entries", [])}
+    rows = {(r["kind"], r["key"]): CaptureRow.from_json(r) for table in ("filesystem", "block")
+            for r in (snap.engine or {}).get(table, [])}
+    snap.orphans = [CaptureRow.from_json(r) for r in (snap.engine or {}).get("orphans", [])]
+    for o in snap.orphans:
+        snap.warnings.append(StatusWarning(o.key, f"orphaned capture (pid {o.worker_pid}): "
+                                                  f"{o.last_error}", "error"))
 
     by_point = {m.mount_point: m for m in table}  # later lines win: the top mount of a path
     for entry in config.filesystem:
@@ -150,20 +158,22 @@ def snapshot(store: ConfigStore, control=None, *, scan_writers: bool = True) -> 
         if not os.path.isdir(entry.path) and top is None:
             state, other = "path missing", None
             snap.warnings.append(StatusWarning(entry.path, "the directory does not exist", "error"))
-        elif top is not None and top.fstype == MIRRORFS_TYPE:
+        elif top is not None and top.fstype == FSTYPE_FS:
             state, other = "mounted", None
         else:
             state, other = "not mounted", (top.fstype if top is not None else None)
             snap.warnings.append(StatusWarning(entry.path, "not mounted as mirrorfs: changes there are "
                                                      "not captured (Mount all)"))
-        snap.filesystem.append(FsState(entry, state, other, engine_by_path.get(entry.path)))
+        row = rows.get(("fs", entry.path))
+        if row is not None:
+            _replication_warnings(entry.path, row, snap.warnings)
+        snap.filesystem.append(FsState(entry, state, other, row))
 
-    index = index_by_backing(loops)
-    engine_block = {row.get("device"): row for row in (snap.engine or {}).get("block", [])}
+    view = View(attached=loops, table=table)
     ours_pids = frozenset((snap.engine or {}).get("pids", []))
     for entry in config.block:
-        snap.block.append(_block_state(entry, index, loops, table, snap.warnings, scan_writers,
-                                       engine_block.get(entry.device), ours_pids))
+        snap.block.append(_block_state(entry, view, loops, table, snap.warnings, scan_writers,
+                                       rows.get(("block", entry.device)), ours_pids))
     return snap
 
 
@@ -176,25 +186,25 @@ def _serving(capture_file: str | None) -> bool:
         return False
 
 
-def _block_state(entry: BlockEntry, index: LoopIndex, loops: list[loopdev.LoopStatus], table,
-                 warnings: list[StatusWarning], scan_writers: bool, engine: dict | None,
+def _block_state(entry: BlockEntry, view: View, loops: list[loopdev.LoopStatus], table,
+                 warnings: list[StatusWarning], scan_writers: bool, engine: CaptureRow | None,
                  ours_pids: frozenset[int]) -> BlockState:
     dev = entry.device
     if not os.path.exists(dev):
         warnings.append(StatusWarning(dev, "the device does not exist", "error"))
         return BlockState(entry, "device missing")
     captured = tuple(s for s in loops if is_capture_of(dev, s.backing_file))
-    raw_loops = loops_backed_by(dev, index)  # loops straight on the raw device: no capture
+    raw_loops = view.loops_on(dev)  # loops straight on the raw device: no capture
     plain = tuple(s for s in raw_loops if s.offset == entry.offset)
     ours = captured + plain
     raw_mounts = _device_mounts(dev, table)
     loop_mounts = tuple(mp for s in ours for mp in _device_mounts(s.device, table))
-    live = bool(engine and engine.get("captured"))
+    live = bool(engine and engine.captured)
     capture = ""
     if not ours:
         state = "detached"
         warnings.append(StatusWarning(dev, "not attached to a loop device: its writes are not captured"))
-    elif all(s.autoclear for s in ours) or (engine or {}).get("pending_detach"):
+    elif all(s.autoclear for s in ours) or (engine is not None and engine.pending_detach):
         # We never attach with autoclear, so it being set means a deferred LOOP_CLR_FD.
         state = "detach pending"
         warnings.append(StatusWarning(dev, f"{ours[0].device}: detach pending (still open)"))
@@ -226,4 +236,50 @@ def _block_state(entry: BlockEntry, index: LoopIndex, loops: list[loopdev.LoopSt
         for pid, comm in writers_of(dev, exclude=ours_pids):
             warnings.append(StatusWarning(dev, f"{comm} (pid {pid}) has the raw device open for writing, "
                                          f"bypassing {ours[0].device}", "error"))
+    if engine is not None:
+        _replication_warnings(dev, engine, warnings)
     return BlockState(entry, state, ours, raw_mounts, loop_mounts, capture, engine)
+
+
+def _replication_warnings(subject: str, row: CaptureRow, warnings: list[StatusWarning]) -> None:
+    """What an administrator must know about replication (never silent): catching up, behind,
+    paused or refused targets, apply errors, a capture lost."""
+    if row.catch_up is not None:
+        warnings.append(StatusWarning(subject, f"catching up ({row.catch_up.get('reason')}): the "
+                                               f"target is not yet equal to the source "
+                                               f"[{row.catch_up.get('stage', '')}]"))
+    if row.behind:
+        warnings.append(StatusWarning(subject, "behind: the queue limit was reached; changes are "
+                                               "tracked and resynced when the target catches up"))
+    if row.connection.startswith(("paused", "refused", "disconnected", "error")):
+        warnings.append(StatusWarning(subject, f"target: {row.connection}",
+                                      "error" if row.connection.startswith("refused") else "warning"))
+    if row.apply_errors:
+        warnings.append(StatusWarning(subject, f"{row.apply_errors} records failed to apply to the "
+                                               f"target (last: {row.last_error}); run mirror", "error"))
+    if not row.captured and row.last_error:
+        warnings.append(StatusWarning(subject, f"not captured: {row.last_error}", "error"))
+
+
+def replication_text(row: CaptureRow | None, *, long: bool = False) -> str:
+    """One entry's replication as the CLI and the dashboard both say it."""
+    from app.services.units import human_size
+    if row is None:
+        return "—"
+    if row.error:
+        return f"error: {row.error}"
+    if not row.captured:
+        return f"not captured{': ' + row.last_error if row.last_error else ''}"
+    text = row.replication or row.state
+    if row.connection and row.connection not in ("local", "none", "connected"):
+        text += f" ({row.connection})"
+    text += f" · queued {human_size(row.bytes_queued)}"
+    if row.lag_seconds:
+        text += f" · lag {row.lag_seconds:.1f} s"
+    if long:
+        text += f" · ops {row.captured_ops} · seq {row.applied_seq}/{row.last_seq}"
+        if row.target_data:
+            text += f" · target {row.target_data}"
+        if row.apply_errors:
+            text += f"\n  {row.apply_errors} apply errors: {row.last_error or '?'}"
+    return text

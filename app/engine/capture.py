@@ -1,0 +1,844 @@
+"""One entry's capture process: a directory (mirrorfs) or a block device (blockfs) captured
+into a journal, and the journal shipped to the entry's target.
+
+pyfuse3 keeps its FUSE session in module globals, so each captured entry is its own process,
+started by the daemon with one end of a socketpair (`python -m app.engine.capture --spec JSON
+--fd N`). The process is self-sufficient: FUSE, journal, shipper and catching-up all live
+here. It does not die with the daemon: on end of file from the daemon it goes on capturing and
+waits on its take-over socket (RUN/KIND/ID.sock) for the next daemon, so applications never
+see a daemon restart.
+
+Capture is in place before the path or loop can be used again, always:
+- A file-system entry's lower directory is reached through its door (RUN/fs/ID/lower, a bind
+  of the directory made before mirrorfs first covered it). mirrorfs is mounted on a private
+  staging point and moved over the entry's path: on top of the bare directory, or *beneath*
+  a dead mirrorfs of ours (a worker that died) which is then lifted, so there is no moment in
+  which the directory below answers.
+- A fresh worker always catches up (the target may miss what changed while nothing captured):
+  it mounts, says ready, and reconciles while capturing (sync.Reconciler / blocksync), status
+  "catching up". A journal gap, a queue overflow (pull-ahead) or an unclean stop lead here too.
+- The end of each capture is recorded (the `clean` marker: last seq, released seq, time) after
+  the journal was drained; a stop that cannot unmount everywhere drains and marks first, then
+  ends the FUSE connection and says who kept it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import errno
+import fcntl
+import json
+import logging
+import os
+import signal
+import socket
+import sys
+import threading
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from app.services import layout, mounts, protocol
+
+log = logging.getLogger("mirrorsetup.capture")
+PROFILE_ENV = "MIRRORSETUP_WORKER_PROFILE"
+CLEAN_MARKER = "clean"  # written at the end of a capture, consumed at the start of the next
+ENTRY_MARKER = "entry"  # which directory or device this journal belongs to
+LOCK_FILE = "lock"  # flock: one capture per entry, whatever asks
+STOP_DRAIN_SECONDS = 30  # a clean stop ships what is queued for at most this long
+CATCH_UP_RETRY_SECONDS = 5  # a catch-up that lost its target tries again after this
+BEHIND_RESUME_FRACTION = 0.5  # pull-ahead: resync once the queue is below this share of its limit
+FUSE_OPTIONS_FS = ("subtype=mirrorfs", "allow_other", "default_permissions")
+FUSE_OPTIONS_BLOCK = ("subtype=mirrorblk", "default_permissions")
+
+
+@dataclass
+class Spec:
+    kind: str  # "fs" | "block"
+    key: str  # the entry's path or device
+    state: str
+    run: str
+    adopt: str
+    fsname: str
+    target: dict | None  # {"local": PATH} (remote targets: {"remote": {...}})
+    claim: dict
+    atime: bool = False
+    offset: int = 0
+    sizelimit: int = 0
+    read_only: bool = False
+    queue_limit: int | None = None
+    on_full: str = "pull-ahead"
+    version: int = protocol.VERSION
+
+    def to_arg(self) -> str:
+        return json.dumps(asdict(self))
+
+
+class Channel:
+    """Blocking JSON-lines writer to the daemon (used before trio runs)."""
+
+    def __init__(self, sock: socket.socket):
+        self.sock = sock
+
+    def send(self, msg: dict) -> None:
+        self.sock.sendall(protocol.encode(msg))
+
+
+class Refused(Exception):
+    """Why this capture cannot start; said to the daemon as the worker's error event."""
+
+    def __init__(self, message: str, err: int | None = None):
+        super().__init__(message)
+        self.errno = err
+
+
+# -- state directory ------------------------------------------------------------------------------
+
+def open_state(spec: Spec) -> tuple[int, bool, dict | None]:
+    """(lock fd, first start?, the previous capture's end or None when it did not end cleanly).
+    The lock makes a second worker for the same entry fail at once, naming the first."""
+    layout.private_dir(spec.state, "entry state directory")
+    state = Path(spec.state)
+    lock = os.open(state / LOCK_FILE, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.pread(lock, 32, 0).decode(errors="replace").strip() or "?"
+        os.close(lock)
+        raise Refused(f"{spec.key} is already captured by worker pid {holder}", errno.EBUSY) from None
+    os.ftruncate(lock, 0)
+    os.pwrite(lock, f"{os.getpid()}\n".encode(), 0)
+    from app.engine.journal import read_small_file, write_small_file
+    first = read_small_file(state, ENTRY_MARKER) is None
+    if first:
+        write_small_file(state, ENTRY_MARKER, spec.key + "\n")
+    text = read_small_file(state, CLEAN_MARKER)
+    end = None
+    if text is not None:
+        try:
+            end = json.loads(text)
+        except ValueError:
+            end = {"legacy": text.strip()}
+        os.unlink(state / CLEAN_MARKER)
+    return lock, first, end
+
+
+def write_end(state: str, info: dict) -> None:
+    from app.engine.journal import write_small_file
+    write_small_file(Path(state), CLEAN_MARKER, json.dumps(info) + "\n")
+
+
+# -- targets ---------------------------------------------------------------------------------------
+
+def make_target(spec: Spec, size: int | None = None):
+    from app.engine import target as targets
+    if spec.target is None:
+        return None
+    claim = targets.Claim(spec.claim["entry"], spec.claim["host"], bool(spec.claim.get("adopt")))
+    if "local" in spec.target:
+        path = spec.target["local"]
+        if spec.kind == "fs":
+            return targets.LocalDirTarget(path, claim, Path(spec.state))
+        return targets.LocalBlockTarget(path, size, claim, Path(spec.state))
+    from app.engine import remote
+    return remote.RemoteTarget.from_spec(spec.target["remote"], spec.kind, size, claim)
+
+
+class NoTarget:
+    """An entry without a target: records are counted and released, nothing is written."""
+
+    label = "(none)"
+
+    def open(self):
+        return None
+
+    def send(self, records):
+        return None
+
+    def flush(self):
+        return None
+
+    def close(self):
+        pass
+
+
+# -- the worker ------------------------------------------------------------------------------------
+
+class Capture:
+    def __init__(self, spec: Spec, chan: Channel):
+        self.spec = spec
+        self.chan = chan
+        self.ops = None
+        self.journal = None
+        self.target = None
+        self.shipper = None
+        self.token = None
+        self.catching: dict | None = None  # progress of a catch-up while it runs
+        self.consistent = False
+        self.resync_bytes = 0
+        self.stop_requested = False
+        self.abort_connection = False
+        self.fuse_dev: tuple[int, int] | None = None
+        self.mount_point = ""
+        self._catch_up_wake = None
+        self._trackers = 0
+        self._held = False
+        self.last_catch_up: dict | None = None
+
+    # -- start
+    def start(self) -> dict:
+        from app.engine.journal import KIND_BLOCK, KIND_FS, Journal
+        spec = self.spec
+        self.lock, first, end = open_state(spec)
+        layout.private_dir(spec.run, "capture run directory")
+        self.journal = Journal(spec.state, kind=KIND_FS if spec.kind == "fs" else KIND_BLOCK,
+                               limit_bytes=spec.queue_limit, on_full=spec.on_full)
+        if spec.kind == "block":
+            self._setup_block()  # the window's size first: a block target is checked against it
+        self.target = make_target(spec, getattr(self, "size", None)) or NoTarget()
+        if "local" in (spec.target or {}) or spec.target is None:
+            try:
+                self.target.open()  # a local target is claimed before anything is mounted
+            except OSError as exc:
+                raise Refused(str(exc), getattr(exc, "errno", None)) from exc
+        if spec.kind == "fs":
+            self._setup_fs()
+        unclean = end is None and not first
+        broken = unclean or self.journal.torn_bytes or self.journal.gap
+        self.reason = ("first start: initial copy" if first else
+                       "unclean previous stop" if unclean else
+                       "journal damaged" if broken else
+                       "capture was not in place since " + time.strftime(
+                           "%Y-%m-%d %H:%M:%S", time.localtime(end.get("time", 0))) if end.get("time")
+                       else "capture restarted")
+        self._mount()
+        if broken:  # lost records: the catch-up below repairs what they would have done
+            self.journal.discard_through(self.journal.last_seq)
+        from app.engine.shipper import Shipper
+        self.shipper = Shipper(self.journal, self.target, on_gap=self._on_gap,
+                               local=not isinstance(self.target, _remote_type()))
+        self.shipper.start()
+        return {"first": first, "unclean": unclean, "reason": self.reason,
+                "pid": os.getpid(), "fuse_dev": list(self.fuse_dev), "version": protocol.VERSION, "key": spec.key,
+                "kind": spec.kind, **({"file": os.path.join(spec.run, "disk"), "size": self.size}
+                                      if spec.kind == "block" else {})}
+
+    def _setup_fs(self) -> None:
+        from app.engine.mirrorfs import MirrorFS
+        spec = self.spec
+        self.door = os.path.join(spec.run, "lower")
+        self.stage = os.path.join(spec.run, "stage")
+        table = mounts.read_mountinfo()
+        door_mounted = any(m.mount_point == self.door for m in table)
+        if door_mounted:
+            self.root_fd = os.open(self.door, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+        else:
+            top = _top_mount(table, spec.key)
+            if top is not None and top.fstype == layout.FSTYPE_FS:
+                who = "ours (a dead capture)" if top.source == spec.fsname else f"{top.source}'s"
+                raise Refused(f"{spec.key} is covered by a mirrorfs mount ({who}) and the "
+                              f"lower directory's door {self.door} is gone: nothing can reach "
+                              f"the directory below without uncovering it; lift it by hand "
+                              f"(umount -l {spec.key}) and mount again", errno.EBUSY)
+            try:
+                self.root_fd = os.open(spec.key, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+            except OSError as exc:
+                raise Refused(f"open directory {spec.key}: {exc.strerror} "
+                              f"({errno.errorcode.get(exc.errno, '?')})", exc.errno) from None
+            os.makedirs(self.door, mode=0o700, exist_ok=True)
+            tree = mounts.clone_tree(b"", dir_fd=self.root_fd, recursive=True)
+            try:
+                mounts.move_mount(tree, self.door)
+            finally:
+                os.close(tree)
+        self.ops = MirrorFS(self.root_fd, self.journal, replicate_atime=spec.atime)
+        self._hold_tracker()  # on before the first request: the catch-up needs every change
+        self.mount_point = spec.key
+
+    def _setup_block(self) -> None:
+        from app.engine.blockfs import BlockFS, open_raw
+        spec = self.spec
+        try:
+            self.raw = open_raw(spec.key, spec.read_only)
+        except OSError as exc:
+            raise Refused(str(exc.strerror), exc.errno) from None
+        end = os.lseek(self.raw, 0, os.SEEK_END)
+        if spec.offset >= end:
+            raise Refused(f"offset {spec.offset} is past the end of {spec.key} ({end} bytes)",
+                          errno.EINVAL)
+        self.size = min(spec.sizelimit or end - spec.offset, end - spec.offset)
+        self.ops = BlockFS(self.raw, spec.offset, self.size, self.journal, spec.read_only)
+        self.mount_point = spec.run
+
+    def _mount(self) -> None:
+        """Mount FUSE on the staging point (block: its final place). Nothing may touch the
+        mount before the FUSE loop serves it (with default_permissions a lookup asks us)."""
+        import pyfuse3
+        spec = self.spec
+        where = self.stage if spec.kind == "fs" else spec.run
+        os.makedirs(where, mode=0o700, exist_ok=True)
+        _lift_ours(where, spec.fsname)  # a dead predecessor's, in our own run directory
+        options = (FUSE_OPTIONS_FS if spec.kind == "fs" else FUSE_OPTIONS_BLOCK) + (f"fsname={spec.fsname}",)
+        pyfuse3.init(self.ops, where, set(options))
+        top = _top_mount(mounts.read_mountinfo(), where)
+        self.fuse_dev = (top.major, top.minor)
+
+    def place(self) -> None:
+        """In a thread, once FUSE serves: move mirrorfs from its staging point over the entry's
+        path — beneath a dead mirrorfs of ours (then lifted), so the directory below never shows."""
+        spec = self.spec
+        if spec.kind == "block":
+            return
+        top = _top_mount(mounts.read_mountinfo(), spec.key)
+        dead_ours = top is not None and top.source == spec.fsname and top.fstype == layout.FSTYPE_FS
+        tree = mounts.clone_tree(self.stage)
+        try:
+            mounts.move_mount(tree, spec.key, beneath=dead_ours)
+        finally:
+            os.close(tree)
+        mounts.umount(self.stage, mounts.MNT_DETACH)
+        if dead_ours:
+            mounts.umount(spec.key, mounts.MNT_DETACH)  # the dead one on top: ours is revealed
+
+    # -- catching up
+    def _on_gap(self, gap) -> None:
+        """From the shipper's thread: a hole in the journal. Resync, never skip it."""
+        import trio
+        trio.from_thread.run_sync(self.request_catch_up, f"journal gap ({gap})", True,
+                                  trio_token=self.token)
+
+    def _hold_tracker(self) -> None:
+        """On the trio thread: track capture from this very record on, until a catch-up that
+        starts later takes the hold over (what it compares must see every change since)."""
+        from app.engine.sync import Tracker
+        if self.spec.kind == "fs" and self.ops.tracker is None:
+            self.ops.tracker = Tracker()
+        if not self._held:
+            self._held = True
+            self._trackers += 1
+
+    def request_catch_up(self, reason: str, discard: bool = False) -> None:
+        """On the trio thread (atomic with capture): start tracking, drop what is moot."""
+        self._hold_tracker()
+        if discard:
+            self.journal.discard_through(self.journal.last_seq)
+            self.shipper.release_hold()
+        self.reason = reason
+        self.consistent = False
+        if self._catch_up_wake is not None:
+            self._catch_up_wake.set()
+
+    async def catch_up_loop(self) -> None:
+        """A fresh worker catches up once; again after a journal gap, and when a pull-ahead
+        queue has drained (then only what was dropped). A catch-up that loses its target is
+        tried again."""
+        import trio
+        self._catch_up_wake = trio.Event()
+        pending = True
+        while True:
+            if pending:
+                with self.tracking():
+                    if self._held:  # the hold since the gap (or the mount) ends inside ours
+                        self._held = False
+                        self._trackers -= 1
+                    try:
+                        pending = not await self._catch_up_once()
+                    except Exception as exc:  # a bug here must not end capture: said, retried
+                        log.exception("%s: catching up", self.spec.key)
+                        self.catching = {"reason": self.reason, "stage": f"failed: {exc!r}"}
+                        pending = True
+            with trio.move_on_after(CATCH_UP_RETRY_SECONDS if pending else 1.0):
+                await self._catch_up_wake.wait()
+            if self._catch_up_wake.is_set():
+                self._catch_up_wake = trio.Event()
+                pending = True
+            elif self.journal.behind and self.journal.queued_bytes <= \
+                    (self.spec.queue_limit or 0) * BEHIND_RESUME_FRACTION:
+                pending = True  # pull-ahead: the queue drained; resync what was dropped
+
+    async def _catch_up_once(self) -> bool:
+        import trio
+
+        from app.engine.shipper import TargetUnavailable
+        if isinstance(self.target, NoTarget):
+            self.journal.catch_up_from_behind()
+            self.consistent = True
+            return True
+        while not self.shipper.connected:
+            self.catching = {"reason": self.reason, "stage": "waiting for the target"}
+            await trio.sleep(0.2)
+        dirty = None
+        if self.journal.behind:
+            self.journal.catch_up_from_behind()
+            if self.spec.kind == "block":
+                dirty = self.ops.dirty_blocks()
+                self.ops.dirty[:] = bytes(len(self.ops.dirty))
+        self.catching = {"reason": self.reason, "stage": "comparing", "done": 0, "total": None,
+                         "bytes": 0, "started": time.time()}
+        log.info("%s: catching up (%s)", self.spec.key, self.reason)
+        try:
+            counts = await trio.to_thread.run_sync(self._reconcile, False, dirty)
+        except TargetUnavailable as exc:
+            log.warning("%s: catching up paused: %s", self.spec.key, exc.state)
+            self.catching = {"reason": self.reason, "stage": f"paused: {exc.state}"}
+            return False
+        except OSError as exc:
+            log.error("%s: catching up failed: %s", self.spec.key, exc)
+            self.catching = {"reason": self.reason, "stage": f"failed: {exc}"}
+            return False
+        self.resync_bytes += counts.get("bytes", counts.get("copied_bytes", 0))
+        self.catching = None
+        self.consistent = True
+        log.info("%s: caught up (%s): %s", self.spec.key, self.reason, counts)
+        self.last_catch_up = {"reason": self.reason, **counts, "finished": time.time()}
+        return True
+
+    def _progress(self, p: dict) -> None:
+        if self.catching is not None:
+            self.catching.update(p)
+
+    def _reconcile(self, hashes: bool, scope, progress=None) -> dict:
+        """In a thread: the whole reconcile, commits on the trio thread."""
+        progress = progress or self._progress
+        if self.spec.kind == "fs":
+            from app.engine.sync import Reconciler
+            return Reconciler(self.root_fd, self.target, FsCaptureSink(self), hashes=hashes,
+                              progress=progress).run()
+        from app.engine import blocksync
+        sink = BlockCaptureSink(self)
+        return blocksync.reconcile(self.raw, self.spec.offset, self.size, self.target, sink.commit,
+                                   scope=scope, progress=progress, gen=self.ops.generation,
+                                   frozen=sink.frozen)
+
+    # -- daemon requests
+    async def handle(self, cmd: str, args: dict, lines) -> dict:
+        import trio
+        if cmd == "status":
+            return protocol.ok(**self.figures())
+        if cmd == "stop":
+            self.abort_connection = bool(args.get("abort", True))
+            self._stop_event.set()
+            return protocol.ok(stopping=True)
+        if isinstance(self.target, NoTarget):
+            return protocol.error(f"{self.spec.key} has no target", errno.EINVAL)
+        token = trio.lowlevel.current_trio_token()
+
+        def progress(p: dict) -> None:
+            trio.from_thread.run(lines.send, protocol.progress(**p), trio_token=token)
+        with self.tracking():
+            if cmd == "mirror":
+                counts = await trio.to_thread.run_sync(self._reconcile, True, None, progress)
+                self.resync_bytes += counts.get("bytes", counts.get("copied_bytes", 0))
+                await trio.to_thread.run_sync(self._wait_target)  # "mirrored" means at the target
+                return protocol.ok(**counts)
+            if cmd == "verify":
+                return protocol.ok(**await trio.to_thread.run_sync(self._verify, progress))
+        return protocol.error(f"unknown worker command {cmd!r}", errno.EINVAL)
+
+    @contextlib.contextmanager
+    def tracking(self):
+        """On the trio thread: a Tracker for as long as anything (a catch-up, a mirror, a
+        verify) reconciles or compares beside capture; dropped when the last one ends."""
+        from app.engine.sync import Tracker
+        if self.spec.kind == "fs" and self.ops.tracker is None:
+            self.ops.tracker = Tracker()
+        self._trackers += 1
+        try:
+            yield
+        finally:
+            self._trackers -= 1
+            if self._trackers == 0 and self.spec.kind == "fs":
+                self.ops.tracker = None
+
+    def _wait_target(self, deadline: float = 120.0) -> None:
+        from app.engine.shipper import TargetUnavailable
+        if not self.shipper.wait_applied(self.journal.last_seq, deadline):
+            raise TargetUnavailable(f"the target did not apply the queue within {deadline:.0f} s "
+                                    f"({self.shipper.fig.connection})")
+
+    def _verify(self, progress) -> dict:
+        if self.spec.kind == "block":
+            from app.engine import blocksync
+            return blocksync.verify(self.raw, self.spec.offset, self.size, self.target,
+                                    progress=progress, gen=self.ops.generation,
+                                    wait_target=self._wait_target)
+        return verify_tree(self, progress)
+
+    def figures(self) -> dict:
+        j, sh = self.journal, self.shipper
+        fig = sh.fig
+        logical, wire = sh.rates()
+        catching = self.catching
+        if catching is not None and catching.get("total"):
+            pct = 100 * catching.get("bytes", 0) // max(1, catching["total"])
+            replication = f"catching up {pct} %"
+        elif catching is not None:
+            replication = f"catching up ({catching.get('stage', '')}, {catching.get('files', catching.get('done', 0))} done)"
+        elif j.behind:
+            replication = "behind"
+        else:
+            replication = "established" if sh.connected else "waiting for the target"
+        if isinstance(self.target, NoTarget):
+            connection, target_data = "none", ""
+        else:
+            connection = fig.connection
+            if fig.retry_at and not sh.connected:
+                connection += f", retry in {max(0, int(fig.retry_at - time.time()))} s"
+            target_data = "consistent" if self.consistent and not j.behind else "inconsistent"
+        return {
+            "state": "catching up" if catching is not None else "capturing",
+            "captured_ops": j.captured_ops, "last_seq": j.last_seq, "sent_seq": fig.sent_seq,
+            "received_seq": fig.received_seq, "applied_seq": fig.applied_seq,
+            "bytes_queued": j.queued_bytes, "lag_seconds": round(j.lag_seconds(), 3),
+            "behind": j.behind, "connection": connection, "replication": replication,
+            "target_data": target_data, "catch_up": catching,
+            "apply_errors": getattr(self.target, "errors", 0),
+            "last_error": getattr(self.target, "last_error", None) or fig.last_error,
+            "reconnects": fig.reconnects, "resent_bytes": fig.resent_bytes,
+            "resync_bytes": self.resync_bytes, "wire_bytes": fig.wire_bytes,
+            "logical_bytes": fig.logical_bytes, "wire_rate": round(wire, 1),
+            "logical_rate": round(logical, 1), "worker_pid": os.getpid(),
+            "open_handles": self.ops.open_handles() if self.spec.kind == "fs" else self.ops.opened,
+            **({"size": self.size, "file": os.path.join(self.spec.run, "disk")}
+               if self.spec.kind == "block" else {}),
+        }
+
+    # -- the event loop
+    def run(self) -> int:
+        import pyfuse3
+        import trio
+        ready = self.start()
+        adopt = _listen(self.spec.adopt)
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # the daemon decides when we stop
+
+        async def main() -> None:
+            self.token = trio.lowlevel.current_trio_token()
+            self._stop_event = trio.Event()
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._place_then_serve, ready, adopt)
+                nursery.start_soon(self.catch_up_loop)
+                nursery.start_soon(self._stop_on_request, nursery)
+                await pyfuse3.main()  # returns when the last mount of ours is gone
+                nursery.cancel_scope.cancel()
+
+        try:
+            trio.run(main)
+        finally:
+            self.finish(adopt)
+            pyfuse3.close(unmount=False)
+        return 0
+
+    async def _place_then_serve(self, ready: dict, adopt) -> None:
+        import trio
+        try:
+            await trio.to_thread.run_sync(self.place)
+        except Exception as exc:  # said to the daemon; nothing is left mounted by us
+            log.exception("placing the mount")
+            with contextlib.suppress(mounts.MirrorError):
+                mounts.umount(self.stage, mounts.MNT_DETACH)
+            self.chan.send({"event": "error", "message": f"mount mirrorfs on {self.spec.key}: {exc}",
+                            "errno": getattr(exc, "errno", None)})
+            self._stop_event.set()
+            return
+        await self.serve_daemons(ready, adopt)
+
+    async def _stop_on_request(self, nursery) -> None:
+        """A `stop` from the daemon: drain and mark clean while mutations wait, then end the
+        FUSE connection (copies of the mount elsewhere answer ENOTCONN from then on)."""
+        import trio
+        await self._stop_event.wait()
+        self.ops.unfrozen = trio.Event()  # mutations wait from here on
+        await trio.to_thread.run_sync(self._drain_and_mark)
+        self.ops.stopping = True
+        self.ops.unfrozen.set()  # waiting mutations now fail (EIO): nothing unjournalled lands
+        if self.abort_connection and self.fuse_dev is not None:
+            _abort_fuse(self.fuse_dev)
+        nursery.cancel_scope.cancel()
+
+    def _drain_and_mark(self) -> None:
+        if getattr(self, "_marked", False):
+            return
+        drained = self.shipper.stop(drain_seconds=STOP_DRAIN_SECONDS)
+        self.journal.close()
+        self.target.close()
+        write_end(self.spec.state, {"seq": self.journal.last_seq, "released": self.journal.released_seq,
+                                    "drained": drained, "time": time.time(), "pid": os.getpid()})
+        self._marked = True
+        log.info("%s: capture ended at seq %d (%s)", self.spec.key, self.journal.last_seq,
+                 "drained to the target" if drained else
+                 f"{self.journal.last_seq - self.journal.released_seq} records kept for the next start")
+
+    def finish(self, adopt: socket.socket | None) -> None:
+        self._drain_and_mark()
+        if adopt is not None:
+            adopt.close()
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self.spec.adopt)
+        if self.spec.kind == "fs":
+            mounts_here = mounts.read_mountinfo()
+            if any(m.mount_point == self.door for m in mounts_here) and \
+                    not any(m.mount_point == self.spec.key and m.source == self.spec.fsname
+                            for m in mounts_here):
+                # capture ended on purpose: the door goes too (the lower file system is free)
+                with contextlib.suppress(mounts.MirrorError):
+                    mounts.umount(self.door, mounts.MNT_DETACH)
+
+    async def serve_daemons(self, ready: dict, adopt: socket.socket) -> None:
+        """Say ready, answer the daemon; when it goes, keep capturing and wait for the next."""
+        import trio
+        stream = trio.SocketStream(trio.socket.from_stdlib_socket(self.chan.sock))
+        listener = trio.socket.from_stdlib_socket(adopt)
+        hello = {"event": "ready", **ready}
+        while True:
+            lines = protocol.TrioLines(stream)
+            await lines.send(hello)
+            while True:
+                try:
+                    msg = await lines.next()
+                except (trio.BrokenResourceError, trio.ClosedResourceError, protocol.ProtocolError):
+                    msg = None
+                if msg is None:
+                    break
+                try:
+                    cmd, args = protocol.check_request(msg, protocol.WORKER_COMMANDS)
+                    reply = await self.handle(cmd, args, lines)
+                except protocol.ProtocolError as exc:
+                    reply = protocol.error(str(exc), errno.EINVAL)
+                except Exception as exc:  # never die of a request: say it
+                    log.exception("request %s", msg)
+                    reply = protocol.error(f"{type(exc).__name__}: {exc}", getattr(exc, "errno", None))
+                with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
+                    await lines.send(reply)
+            with contextlib.suppress(trio.ClosedResourceError):
+                await stream.aclose()
+            log.warning("%s: the daemon is gone; capture goes on, waiting to be taken over on %s",
+                        self.spec.key, self.spec.adopt)
+            conn, _ = await listener.accept()
+            stream = trio.SocketStream(conn)
+            hello = {"event": "ready", **ready, "adopted": True, "first": False, "unclean": False}
+
+
+# -- sinks: reconcile records committed atomically with capture ----------------------------------
+
+class FsCaptureSink:
+    def __init__(self, cap: Capture):
+        self.cap = cap
+        self.tracker = cap.ops.tracker
+
+    def commit(self, check, ops) -> bool:
+        import trio
+        cap = self.cap
+
+        def on_capture_thread() -> bool:
+            if check is not None and not self.tracker.still(check, lambda: _lstat_key(cap.root_fd, check.rel)):
+                return False
+            for op, args, data in ops:
+                if not cap.journal.append(op, args, data):
+                    cap.journal_behind_during_catch_up = True
+            return True
+        return trio.from_thread.run_sync(on_capture_thread, trio_token=cap.token)
+
+    @contextlib.contextmanager
+    def frozen(self):
+        import trio
+        cap = self.cap
+
+        def close_gate() -> None:
+            cap.ops.unfrozen = trio.Event()
+        trio.from_thread.run_sync(close_gate, trio_token=cap.token)
+        try:
+            yield
+        finally:
+            trio.from_thread.run_sync(lambda: cap.ops.unfrozen.set(), trio_token=cap.token)
+
+
+class BlockCaptureSink:
+    def __init__(self, cap: Capture):
+        self.cap = cap
+
+    def commit(self, block: int, data: bytes, gen: int | None) -> bool:
+        import trio
+        cap = self.cap
+
+        def on_capture_thread() -> bool:
+            if gen is not None and cap.ops.generation(block) != gen:
+                return False
+            from app.engine.sync import BLOCK
+            if not cap.journal.append("write", {"offset": block * BLOCK}, data):
+                cap.ops.dirty[block] = 1
+            return True
+        return trio.from_thread.run_sync(on_capture_thread, trio_token=cap.token)
+
+    @contextlib.contextmanager
+    def frozen(self):
+        import trio
+        cap = self.cap
+
+        def close_gate() -> None:
+            cap.ops.unfrozen = trio.Event()
+        trio.from_thread.run_sync(close_gate, trio_token=cap.token)
+        try:
+            yield
+        finally:
+            trio.from_thread.run_sync(lambda: cap.ops.unfrozen.set(), trio_token=cap.token)
+
+
+def verify_tree(cap: Capture, progress) -> dict:
+    """Compare source and target while capture goes on: scan the source, wait until the
+    target has applied everything captured so far, scan it; paths that changed meanwhile are
+    compared again (three rounds), and are reported, never called equal, if they keep changing."""
+    import trio
+
+    from app.engine import sync
+
+    def stamp():
+        return cap.ops.tracker, cap.ops.tracker.clock, cap.ops.tracker.names_epoch
+    tracker, clock, epoch = trio.from_thread.run_sync(stamp, trio_token=cap.token)
+    src = sync.scan(cap.root_fd, hashes=True)
+    progress({"stage": "verify", "files": len(src)})
+    cap._wait_target()
+    dst = cap.target.scan(hashes=True)
+    diffs = sync.compare_trees(src, dst)
+    for _ in range(2):
+        moving = {os.fsencode(d["path"]) if d["path"] != "." else b"" for d in diffs
+                  if _changed_since(tracker, src, os.fsencode(d["path"]) if d["path"] != "." else b"",
+                                    clock, epoch)}
+        if not moving:
+            break
+        clock, epoch = tracker.clock, tracker.names_epoch
+        for rel in moving:
+            src.pop(rel, None)
+            try:
+                info = sync.lstat_info(cap.root_fd, rel)
+                if info.kind == 0o100000:
+                    info.sha256 = sync.whole_hash(sync.file_hashes(cap.root_fd, rel) or [])
+                src[rel] = info
+            except FileNotFoundError:
+                pass
+        cap._wait_target()
+        for rel in moving:
+            dst.pop(rel, None)
+            info = cap.target.info(rel)
+            if info is not None:
+                if info.kind == 0o100000:
+                    info.sha256 = sync.whole_hash(cap.target.file_hashes(rel) or [])
+                dst[rel] = info
+        diffs = sync.compare_trees(src, dst)
+    return {"differences": diffs, "files": len(src)}
+
+
+def _changed_since(tracker, src: dict, rel: bytes, clock: int, epoch: int) -> bool:
+    info = src.get(rel)
+    if info is not None and tracker.changes.get(info.ino, 0) > clock:
+        return True
+    return tracker.name_touched(rel, epoch) or (info is None and tracker.clock > clock)
+
+
+# -- helpers ---------------------------------------------------------------------------------------
+
+def _remote_type():
+    try:
+        from app.engine.remote import RemoteTarget
+        return RemoteTarget
+    except ImportError:  # not built yet in this tree
+        return type("NoRemote", (), {})
+
+
+def _lstat_key(root_fd: int, rel: bytes) -> tuple[int, int] | None:
+    try:
+        st = os.stat(rel or b".", dir_fd=root_fd, follow_symlinks=False)
+    except OSError:
+        return None
+    return st.st_dev, st.st_ino
+
+
+def _top_mount(table, path: str):
+    """The mount a lookup of `path` ends on, when a mount sits exactly there."""
+    found = [m for m in table if m.mount_point == path]
+    if not found:
+        return None
+    ids = {m.mount_id for m in found}
+    tops = [m for m in found if not any(o.parent_id == m.mount_id and o.mount_point == path
+                                        for o in found if o.mount_id in ids)]
+    return tops[-1] if tops else found[-1]
+
+
+def _lift_ours(path: str, fsname: str) -> None:
+    """Lazily unmount dead mounts of ours at `path` (in our own run directory only)."""
+    for _ in range(8):
+        top = _top_mount(mounts.read_mountinfo(), path)
+        if top is None or top.source != fsname:
+            return
+        mounts.umount(path, mounts.MNT_DETACH)
+
+
+def _listen(path: str) -> socket.socket:
+    """The take-over socket (root only); a leftover of a dead worker of this entry goes (we
+    hold the entry's lock, so no live worker owns it), anything that is not a socket stays."""
+    import stat as st_mod
+    try:
+        st = os.lstat(path)
+        if st_mod.S_ISSOCK(st.st_mode):
+            os.unlink(path)
+        else:
+            raise Refused(f"{path} exists and is not a socket: refusing to remove it", errno.EEXIST)
+    except FileNotFoundError:
+        pass
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+    old = os.umask(0o177)
+    try:
+        sock.bind(path)
+    finally:
+        os.umask(old)
+    sock.listen(1)
+    return sock
+
+
+def _abort_fuse(dev: tuple[int, int]) -> None:
+    """End our FUSE connection for every copy of the mount (other mount namespaces too)."""
+    major, minor = dev
+    path = f"/sys/fs/fuse/connections/{(major << 20) | minor}/abort"  # the kernel's s_dev
+    try:
+        with open(path, "w") as f:
+            f.write("1")
+    except OSError as exc:
+        log.error("abort FUSE connection %s: %s", path, exc)
+
+
+def guarded(fd: int, run) -> int:
+    """Run the worker body; report any failure to the daemon as an "error" event, exit 1."""
+    logging.basicConfig(level=logging.INFO, format=f"worker[{os.getpid()}] %(levelname)s %(message)s")
+    os.umask(0)  # mirrorfs creates with the caller's modes (already masked by the caller's umask)
+    chan = Channel(socket.socket(fileno=fd))
+    profile_to = os.environ.get(PROFILE_ENV)  # bench: the FUSE thread's time
+    try:
+        if profile_to:
+            import cProfile
+            prof = cProfile.Profile()
+            try:
+                return prof.runcall(run, chan)
+            finally:
+                prof.dump_stats(profile_to)
+        return run(chan)
+    except Refused as exc:
+        chan.send({"event": "error", "message": str(exc), "errno": exc.errno})
+        return 1
+    except Exception as exc:  # reported to the daemon, which turns it into a FAILED result
+        log.exception("worker failed")
+        chan.send({"event": "error", "message": f"{type(exc).__name__}: {exc}",
+                   "errno": getattr(exc, "errno", None)})
+        return 1
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="mirrorsetup-capture")
+    p.add_argument("--spec", required=True)
+    p.add_argument("--fd", type=int, required=True)
+    args = p.parse_args(argv)
+    spec = Spec(**json.loads(args.spec))
+    return guarded(args.fd, lambda chan: Capture(spec, chan).run())
+
+
+if __name__ == "__main__":
+    sys.exit(main())

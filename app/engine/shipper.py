@@ -1,0 +1,207 @@
+"""Ships one entry's journal to its target, in order, from a thread of the capture process.
+
+Records are read with the journal's cursor and handed to the target; they are released (freed
+from the journal) only once the target holds them durably: a local target after syncfs /
+fdatasync (at most every PERSIST_SECONDS, and whenever the queue runs dry), a remote one when
+its agent acknowledges them. A target that cannot take more (disk full, read-only, link down)
+pauses the shipper: the cursor goes back to the first record it did not take, nothing is
+skipped, and the shipper tries again with exponential back-off and jitter. A hole in the
+journal stops shipping and asks the capture for a resync (`on_gap`), never skipping it.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass
+
+from app.engine.journal import Journal, JournalGap
+
+log = logging.getLogger("mirrorsetup.shipper")
+PERSIST_SECONDS = 1.0  # how far the durable position may trail; replay is idempotent
+BATCH = 512
+BATCH_BYTES = 4 << 20
+BACKOFF_FIRST = 1.0
+BACKOFF_MAX = 60.0  # remote targets (reconnects)
+BACKOFF_MAX_LOCAL = 5.0  # a local target that was full is tried again this often
+RATE_WINDOW = 5.0  # seconds over which rates are averaged
+
+
+class TargetUnavailable(Exception):
+    """The target cannot take records now. `state` is what status shows ("paused: target
+    full", "disconnected: …", "refused: …"); `taken` is the last seq it did take (or None)."""
+
+    def __init__(self, state: str, *, taken: int | None = None, retry: bool = True):
+        super().__init__(state)
+        self.state = state
+        self.taken = taken
+        self.retry = retry  # False: a refusal an administrator must resolve (we still re-check)
+
+
+@dataclass
+class Figures:
+    connection: str = "local"
+    sent_seq: int = 0
+    received_seq: int = 0
+    applied_seq: int = 0
+    reconnects: int = 0
+    resent_bytes: int = 0
+    logical_bytes: int = 0
+    wire_bytes: int = 0
+    last_error: str | None = None
+    retry_at: float | None = None
+
+
+class Shipper:
+    def __init__(self, journal: Journal, target, *, on_gap=None, local: bool = True):
+        self.journal = journal
+        self.target = target
+        self.on_gap = on_gap
+        self.local = local
+        self.fig = Figures(connection="local" if local else "connecting",
+                           sent_seq=journal.released_seq, received_seq=journal.released_seq,
+                           applied_seq=journal.released_seq)
+        self._stop = threading.Event()
+        self._hold = threading.Event()  # set: ship nothing (a gap awaits its resync)
+        self._wake = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._last_flush = time.monotonic()
+        self._rates: deque[tuple[float, int, int]] = deque()  # (time, logical, wire)
+        self._connected = local
+
+    # -- control ----------------------------------------------------------------------------
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._run, name="shipper", daemon=True)
+        self._thread.start()
+
+    def stop(self, *, drain_seconds: float = 0.0) -> bool:
+        """Stop; first ship what is queued for up to `drain_seconds`. True when drained."""
+        drained = self.journal.wait_released(self.journal.last_seq, drain_seconds) \
+            if drain_seconds else self.journal.released_seq >= self.journal.last_seq
+        self._stop.set()
+        self._wake.set()
+        if self._thread is not None:
+            self._thread.join()
+        return drained
+
+    def hold(self) -> None:
+        self._hold.set()
+
+    def release_hold(self) -> None:
+        self._hold.clear()
+        self._wake.set()
+
+    def wait_applied(self, seq: int, timeout: float | None) -> bool:
+        """Until the target has applied (durably) everything up to `seq`."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while self.fig.applied_seq < seq:
+            if self._stop.is_set():
+                return False
+            left = None if deadline is None else deadline - time.monotonic()
+            if left is not None and left <= 0:
+                return False
+            self.journal.wait_released(seq, min(0.1, left) if left is not None else 0.1)
+            if self.local:
+                self.fig.applied_seq = self.fig.received_seq = self.journal.released_seq
+        return True
+
+    @property
+    def connected(self) -> bool:
+        return self._connected
+
+    def rates(self) -> tuple[float, float]:
+        """(logical, wire) bytes per second over the last RATE_WINDOW seconds."""
+        now = time.monotonic()
+        while self._rates and now - self._rates[0][0] > RATE_WINDOW:
+            self._rates.popleft()
+        if len(self._rates) < 2:
+            return 0.0, 0.0
+        t0, l0, w0 = self._rates[0]
+        span = max(now - t0, 1e-3)
+        return (self.fig.logical_bytes - l0) / span, (self.fig.wire_bytes - w0) / span
+
+    # -- the thread -------------------------------------------------------------------------
+    def _run(self) -> None:
+        backoff = BACKOFF_FIRST
+        while not self._stop.is_set():
+            if self._hold.is_set():
+                self._wake.wait(0.1)
+                self._wake.clear()
+                continue
+            try:
+                if not self._connected:
+                    self._connect()
+                self._ship_once()
+                backoff = BACKOFF_FIRST
+                self.fig.retry_at = None
+            except JournalGap as gap:
+                log.error("%s; asking for a resync", gap)
+                self._hold.set()
+                if self.on_gap is not None:
+                    self.on_gap(gap)
+            except TargetUnavailable as exc:
+                self._unavailable(exc)
+                cap = BACKOFF_MAX_LOCAL if self.local else BACKOFF_MAX
+                delay = min(backoff, cap) * random.uniform(0.8, 1.2)
+                backoff = min(backoff * 2, cap)
+                self.fig.retry_at = time.time() + delay
+                self._stop.wait(delay)
+            except Exception as exc:  # a bug must not end replication silently
+                log.exception("shipper")
+                self._unavailable(TargetUnavailable(f"error: {exc}"))
+                self._stop.wait(BACKOFF_FIRST)
+
+    def _connect(self) -> None:
+        pos = self.target.open()
+        if pos is not None:  # a remote target: resume from what it holds durably
+            self.journal.rewind(pos.received)
+            self.fig.received_seq, self.fig.applied_seq = pos.received, pos.applied
+        self._connected = True
+        self.fig.connection = "local" if self.local else "connected"
+        self.fig.last_error = None
+
+    def _unavailable(self, exc: TargetUnavailable) -> None:
+        self.fig.connection = exc.state
+        self.fig.last_error = exc.state
+        if exc.taken is not None:  # everything after it goes again
+            self.journal.rewind(max(exc.taken, self.journal.released_seq))
+        else:
+            self.journal.rewind(self.journal.released_seq)
+        if not self.local:
+            self._connected = False
+            self.fig.reconnects += 1
+
+    def _ship_once(self) -> None:
+        batch = self.journal.read(BATCH, max_bytes=BATCH_BYTES, timeout=0.1)
+        if batch:
+            resent = sum(r.size for r in batch if r.seq <= self.fig.sent_seq)
+            self.fig.resent_bytes += resent
+            wire = self.target.send(batch)
+            self.fig.sent_seq = max(self.fig.sent_seq, batch[-1].seq)
+            logical = sum(len(r.data) for r in batch)
+            self.fig.logical_bytes += logical
+            self.fig.wire_bytes += wire if isinstance(wire, int) else logical
+            self._rates.append((time.monotonic(), self.fig.logical_bytes, self.fig.wire_bytes))
+        if self.local:
+            self._local_durable(bool(batch))
+        else:
+            pos = self.target.flush()
+            self.fig.received_seq, self.fig.applied_seq = pos.received, pos.applied
+            self.journal.release(pos.received, persist=True)
+        if self.fig.connection.startswith("paused") and batch:
+            self.fig.connection = "local" if self.local else "connected"
+
+    def _local_durable(self, busy: bool) -> None:
+        """Local targets apply as they receive: sync the target now and then, then release."""
+        done = self.journal.sent_seq
+        if done <= self.journal.released_seq:
+            return
+        if busy and time.monotonic() - self._last_flush < PERSIST_SECONDS:
+            return
+        self.target.flush()
+        self._last_flush = time.monotonic()
+        self.journal.release(done, persist=True)
+        self.fig.sent_seq = self.fig.received_seq = self.fig.applied_seq = done

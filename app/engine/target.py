@@ -1,0 +1,314 @@
+"""Where an entry's changes go: the `Target` seam.
+
+Every path that writes or reads a replica goes through one of these: the shipper (journal
+records, in order), the reconciler (mirror, resync, catching up) and verify. A local target is
+a directory (file-system entries) or a file or block device (block entries) on this host; a
+remote one (app/engine/remote.py) is the same thing served by `mirrorsetup serve-target` on
+another host over SSH. Each implementation says how far the target durably is (`Positions`).
+
+A replica is never overwritten, deleted or shared by accident: before the first write a target
+is claimed for one entry. The claim is a marker on the target itself (the `trusted.
+mirrorsetup.replica` extended attribute of the directory or file), or, where a target cannot
+carry one (a block device, a file system without trusted xattrs), a claim file in the entry's
+state directory. A target that is not empty and not claimed by this entry is refused unless
+the administrator said to adopt it; one claimed by another entry is always refused, by name.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import json
+import os
+import socket
+import stat
+from dataclasses import dataclass
+from pathlib import Path
+
+from app.engine import sync
+from app.engine.applier import BlockApplier, FsApplier
+from app.engine.journal import Record, read_small_file, write_small_file
+from app.engine.sync import BLOCK
+from app.services.layout import MARKER_XATTR
+from app.services.results import MirrorError
+
+CLAIM_FILE = "target-claim"  # in the entry's state directory, for targets without a marker
+
+
+@dataclass(frozen=True)
+class Positions:
+    """How far the target is: records durable in its own journal (`received`) and applied
+    durably to its data (`applied`). A local target applies as it receives."""
+
+    received: int
+    applied: int
+
+
+@dataclass(frozen=True)
+class Claim:
+    """Who a target belongs to: the entry (kind and source) on this host."""
+
+    entry: str  # "fs:/srv/data" or "block:/dev/vdb"
+    host: str
+    adopt: bool = False
+
+    def marker(self) -> str:
+        return json.dumps({"entry": self.entry, "host": self.host}, sort_keys=True)
+
+    def mine(self, marker: str | None) -> bool:
+        try:
+            other = json.loads(marker or "")
+        except ValueError:
+            return False
+        return other.get("entry") == self.entry and other.get("host") == self.host
+
+    @staticmethod
+    def describe(marker: str) -> str:
+        try:
+            other = json.loads(marker)
+            return f"the replica of {other.get('entry', '?').split(':', 1)[-1]} on {other.get('host', '?')}"
+        except ValueError:
+            return "claimed by something else (unreadable marker)"
+
+
+def host_id() -> str:
+    """This host's name for claims: its machine-id when it has one, else its host name."""
+    text = read_small_file(Path("/etc"), "machine-id")
+    return (text or "").strip() or socket.gethostname()
+
+
+class TargetRefused(MirrorError):
+    """The target may not be written: not ours, not empty, wrong kind, too small."""
+
+
+class Target:
+    """One entry's replica. Subclasses: LocalDirTarget, LocalBlockTarget, remote.RemoteTarget."""
+
+    kind = "fs"
+    label = ""
+
+    def open(self) -> Positions | None:
+        """Claim (or check the claim of) the target and return where it durably is; None when
+        the target keeps no position of its own (a local one: the journal's is the truth)."""
+        raise NotImplementedError
+
+    def send(self, records: list[Record]) -> None:
+        """Apply (local) or send (remote) records, in order."""
+        raise NotImplementedError
+
+    def flush(self) -> Positions | None:
+        """Make what was sent durable where that is up to us (local); return the positions."""
+        raise NotImplementedError
+
+    def apply_ops(self, ops: list[sync.Op]) -> None:
+        """Apply reconcile records directly (offline mirror: nobody captures the source)."""
+        self.send([Record(0, 0, op, args, data) for op, args, data in ops])
+
+    def close(self) -> None:
+        pass
+
+
+class LocalDirTarget(Target):
+    """A directory on this host: records applied by FsApplier, compared through its fd."""
+
+    kind = "fs"
+
+    def __init__(self, path: str, claim: Claim, state_dir: Path):
+        self.path = path
+        self.label = path
+        self.claim = claim
+        self.state_dir = state_dir
+        self.fd: int | None = None
+        self.applier: FsApplier | None = None
+        self.errors = 0
+        self.last_error: str | None = None
+
+    def open(self) -> None:
+        if self.fd is None:
+            os.makedirs(self.path, mode=0o700, exist_ok=True)
+            fd = os.open(self.path, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+            try:
+                _claim(self.path, fd, self.claim, self.state_dir, empty=lambda: not os.listdir(
+                    f"/proc/self/fd/{fd}"))
+            except BaseException:
+                os.close(fd)
+                raise
+            self.fd = fd
+            self.applier = FsApplier(fd)
+        return None
+
+    def send(self, records: list[Record]) -> None:
+        _apply_all(self, records, lambda rec: f"{rec.op} {rec.args.get('path')}")
+
+    def flush(self) -> None:
+        self.applier.sync()
+        return None
+
+    def info(self, rel: bytes) -> sync.Info | None:
+        try:
+            return sync.lstat_info(self.fd, rel)
+        except (FileNotFoundError, NotADirectoryError):
+            return None
+
+    def children(self, rel: bytes) -> dict[bytes, sync.Info] | None:
+        return sync.children(self.fd, rel)
+
+    def file_hashes(self, rel: bytes) -> list[str] | None:
+        try:
+            return sync.file_hashes(self.fd, rel)
+        except (IsADirectoryError, NotADirectoryError):
+            return None
+
+    def scan(self, *, hashes: bool = True) -> dict[bytes, sync.Info]:
+        return sync.scan(self.fd, hashes=hashes)
+
+    def close(self) -> None:
+        if self.applier is not None:
+            self.applier.close()
+            self.applier = None
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
+
+
+class LocalBlockTarget(Target):
+    """A file (created sparse, extended to the window) or a block device of at least the
+    window's size, written at the window's offsets."""
+
+    kind = "block"
+
+    def __init__(self, path: str, size: int, claim: Claim, state_dir: Path):
+        self.path = path
+        self.label = path
+        self.size = size
+        self.claim = claim
+        self.state_dir = state_dir
+        self.fd: int | None = None
+        self.applier: BlockApplier | None = None
+        self.errors = 0
+        self.last_error: str | None = None
+
+    def open(self) -> None:
+        if self.fd is None:
+            fd = open_block_target(self.path, self.size)
+            try:
+                _claim(self.path, fd, self.claim, self.state_dir, empty=lambda: _zeros(fd))
+            except BaseException:
+                os.close(fd)
+                raise
+            self.fd = fd
+            self.applier = BlockApplier(fd)
+        return None
+
+    def send(self, records: list[Record]) -> None:
+        _apply_all(self, records, lambda rec: f"write at {rec.args.get('offset')}")
+
+    def flush(self) -> None:
+        self.applier.sync()
+        return None
+
+    def block_hashes_of(self, blocks: list[int]) -> list[str]:
+        return [sync.block_hashes(self.fd, min(BLOCK, self.size - b * BLOCK), b * BLOCK)[0]
+                for b in blocks]
+
+    def close(self) -> None:
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
+
+
+PAUSE_ERRNOS = {errno.ENOSPC: "paused: target full", errno.EDQUOT: "paused: target over quota",
+                errno.EROFS: "paused: target read-only", errno.EIO: "paused: target I/O error"}
+
+
+def _apply_all(target, records: list[Record], what) -> None:
+    """Apply in order. A full, read-only or failing target pauses shipping at the record it
+    could not take (nothing skipped); any other error is a divergence, counted and shown."""
+    from app.engine.shipper import TargetUnavailable
+    for i, rec in enumerate(records):
+        try:
+            target.applier.apply(rec)
+        except OSError as exc:
+            if exc.errno in PAUSE_ERRNOS:
+                taken = records[i - 1].seq if i else rec.seq - 1
+                raise TargetUnavailable(f"{PAUSE_ERRNOS[exc.errno]} ({target.label}: "
+                                        f"{exc.strerror})", taken=taken if rec.seq else None) from exc
+            target.errors += 1
+            target.last_error = f"seq {rec.seq} {what(rec)}: {exc}"
+
+
+def open_block_target(path: str, size: int) -> int:
+    """Open (creating a sparse file of `size` when missing) a target of at least `size` bytes."""
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    try:
+        st = os.fstat(fd)
+        have = os.lseek(fd, 0, os.SEEK_END)
+        if have < size:
+            if stat.S_ISBLK(st.st_mode):
+                raise TargetRefused(f"target {path} holds {have} bytes; the window is {size}",
+                                    errno=errno.ENOSPC, obj=path)
+            os.ftruncate(fd, size)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def _zeros(fd: int) -> bool:
+    """A block target counts as empty when its first MiB is zeros (a new sparse file is)."""
+    return not any(os.pread(fd, BLOCK, 0))
+
+
+def _claim(path: str, fd: int, claim: Claim, state_dir: Path, *, empty) -> None:
+    """Check the target's marker; claim an empty (or adopted) one; refuse anything else."""
+    where = f"/proc/self/fd/{fd}"
+    marker, can_mark = None, True
+    try:
+        marker = os.getxattr(where, MARKER_XATTR).decode(errors="replace")
+    except OSError as exc:
+        if exc.errno in (errno.ENOTSUP, errno.EPERM, errno.EOPNOTSUPP):
+            can_mark = False
+        elif exc.errno != errno.ENODATA:
+            raise
+    if not can_mark or stat.S_ISBLK(os.fstat(fd).st_mode):
+        can_mark = False
+        marker = _state_claim(state_dir, fd)
+    if marker is not None:
+        if claim.mine(marker):
+            return
+        raise TargetRefused(f"target {path} is {Claim.describe(marker)}: refusing to write to "
+                            "another entry's replica", errno=errno.EEXIST, obj=path)
+    if not empty() and not claim.adopt:
+        raise TargetRefused(f"target {path} is not empty and carries no mirrorsetup marker: "
+                            "refusing to overwrite it; to replace its contents with this entry's "
+                            "replica, set the entry's adopt_target (CLI: --adopt-target)",
+                            errno=errno.ENOTEMPTY, obj=path)
+    if can_mark:
+        os.setxattr(where, MARKER_XATTR, claim.marker().encode())
+    else:
+        st = os.fstat(fd)
+        write_small_file(state_dir, CLAIM_FILE, json.dumps(
+            {**json.loads(claim.marker()), "dev": st.st_dev, "ino": st.st_ino, "rdev": st.st_rdev}))
+
+
+def _state_claim(state_dir: Path, fd: int) -> str | None:
+    """The state-directory claim of this very target (by device/inode), if any."""
+    text = read_small_file(state_dir, CLAIM_FILE)
+    if not text:
+        return None
+    try:
+        d = json.loads(text)
+    except ValueError:
+        return None
+    st = os.fstat(fd)
+    same = d.get("rdev") == st.st_rdev if st.st_rdev else (d.get("dev"), d.get("ino")) == (st.st_dev, st.st_ino)
+    return json.dumps({"entry": d.get("entry"), "host": d.get("host")}, sort_keys=True) if same else None
+
+
+@contextlib.contextmanager
+def opened(target: Target):
+    target.open()
+    try:
+        yield target
+    finally:
+        target.close()
