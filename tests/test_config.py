@@ -531,3 +531,100 @@ def test_block_target_refusals(store, scratch_loop, tmp_path):
         with refused(store, f"^target {re.escape(target)} {match}"):
             store.add_block(disk, target=target)
     assert store.add_block(disk, offset=4 << 20, target=small).target == small  # the window fits
+
+
+# ---- no replica shared, destroyed or written by accident (issue 9) and unsafe files (issue 10)
+
+def test_two_entries_can_never_share_or_nest_a_replica(store, dirs, tmp_path):
+    """The second entry's first mirror used to delete the first entry's replica ("removed 1")."""
+    a, b, _ = dirs("a", "b", "replicas")
+    store.add_filesystem(a, target=tmp_path / "replicas" / "a")
+    for target, match in [(tmp_path / "replicas" / "a", r"overlaps .*/replicas/a, the target of .*/a"),
+                          (tmp_path / "replicas" / "a" / "inner", "overlaps .*, the target of"),
+                          (tmp_path / "replicas", "overlaps .*, the target of")]:
+        with refused(store, f"^target .* {match}"):
+            store.add_filesystem(b, target=target)
+    assert store.add_filesystem(b, target=tmp_path / "replicas" / "b").target == str(tmp_path / "replicas" / "b")
+    assert [e.path for e in store.load().filesystem] == [a, b]
+
+
+@pytest.mark.root
+def test_block_targets_are_never_shared_with_devices_or_other_replicas(store, scratch_loop, dirs, tmp_path):
+    d1, d2, d3 = scratch_loop(8 << 20), scratch_loop(8 << 20), scratch_loop(8 << 20)
+    (src,) = dirs("src")
+    store.add_block(d1, target=str(tmp_path / "d1.img"))
+    store.add_filesystem(src, target=tmp_path / "fsreplica")
+    for device, target, match in [
+            (d2, str(tmp_path / "d1.img"), r"is \(or holds\) .*/d1.img, the target of"),
+            (d2, d1, f"is {re.escape(d1)}, a replicated device"),
+            (d2, str(tmp_path / "src" / "x.img"), r"overlaps .*/src, which is replicated"),
+            (d2, str(tmp_path / "fsreplica" / "x.img"), r"overlaps .*/fsreplica, the target of")]:
+        with refused(store, f"^target .* {match}"):
+            store.add_block(device, target=target)
+    store.add_block(d3, target=d2)
+    with refused(store, f"{re.escape(d2)} is the target of the entry for {re.escape(d3)}"):
+        store.add_block(d2)  # a device another entry replicates to cannot be a source
+    assert [e.device for e in store.load().block] == [d1, d3]
+
+
+def test_a_target_with_something_in_it_is_refused_unless_adopted(store, dirs, tmp_path):
+    (src,) = dirs("src")
+    old = tmp_path / "backup"
+    old.mkdir()
+    (old / "precious").write_text("not a replica of anything")
+    with refused(store, r"^target .*/backup is not empty and carries no mirrorsetup marker: "
+                        r"refusing to overwrite it; .* --adopt-target"):
+        store.add_filesystem(src, target=old)
+    entry = store.add_filesystem(src, target=old, adopt_target=True)
+    assert entry.adopt_target and "adopt_target = true" in store.path.read_text()
+    assert store.load().filesystem[0].adopt_target is True
+
+
+@pytest.mark.root
+def test_a_target_marked_as_another_entrys_replica_is_refused_even_when_adopting(store, dirs, tmp_path):
+    (src,) = dirs("src")
+    replica = tmp_path / "replica"
+    replica.mkdir()
+    os.setxattr(replica, "trusted.mirrorsetup.replica",
+                b'{"entry": "fs:/srv/other", "host": "elsewhere"}')
+    with refused(store, "^target .*/replica is the replica of /srv/other: refusing to share it"):
+        store.add_filesystem(src, target=replica)
+
+
+def test_a_config_file_others_could_write_is_refused(store, dirs):
+    (a,) = dirs("a")
+    store.add_filesystem(a)
+    os.chmod(store.path, 0o666)
+    with pytest.raises(ConfigError, match=r"owned by uid 0 with mode 0666: a local user could have "
+                                          r"changed what is replicated; .*chmod 600"):
+        store.load()
+    os.chmod(store.path, 0o600)
+    os.chmod(store.path.parent, 0o777)
+    try:
+        with pytest.raises(ConfigError, match=r"the configuration's directory\) .* mode 0777: a "
+                                              "local user could replace the configuration"):
+            store.load()
+    finally:
+        os.chmod(store.path.parent, 0o755)
+    assert store.load().filesystem[0].path == a
+
+
+@pytest.mark.root
+def test_a_config_file_owned_by_another_user_is_refused(store, dirs):
+    (a,) = dirs("a")
+    store.add_filesystem(a)
+    os.chown(store.path, 1000, 1000)
+    with pytest.raises(ConfigError, match="owned by uid 1000"):
+        store.load()
+
+
+def test_a_killed_writer_leaves_no_temporary_file_for_long(store, dirs):
+    """A writer killed between mkstemp and rename leaves its temporary file; the next locked
+    change removes it (only a dead writer's can exist while we hold the lock)."""
+    a, b = dirs("a", "b")
+    store.add_filesystem(a)
+    left = store.path.parent / f".{store.path.name}.x1y2z3.tmp"
+    left.write_text("half a file")
+    store.add_filesystem(b)
+    assert not left.exists()
+    assert_only_config_and_lock(store)

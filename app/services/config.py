@@ -11,6 +11,7 @@ their public names are re-exported here, so callers import everything from this 
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import os
 import stat
@@ -66,7 +67,9 @@ class ConfigStore:
         self.lock_path = self.path.with_name(self.path.name + ".lock")
 
     def load(self) -> Config:
-        """No lock needed: writers replace the file whole, so a reader sees old or new."""
+        """No lock needed: writers replace the file whole, so a reader sees old or new. A file
+        that someone other than root could have written is refused (it decides what is
+        replicated where)."""
         try:
             data = self.path.read_bytes()
         except FileNotFoundError:
@@ -79,10 +82,11 @@ class ConfigStore:
             line = data.count(b"\n", 0, exc.start) + 1
             raise ConfigError(f"{self.path} line {line}: not valid UTF-8 (byte {exc.start})",
                               line=line, obj=str(self.path)) from None
+        check_file_safety(self.path)
         return config_from_toml(text, str(self.path))
 
-    def add_filesystem(self, path, *, replicate_atime=False, target=None) -> FsEntry:
-        wanted = FsEntry(os.fspath(path), replicate_atime, _fspath(target))
+    def add_filesystem(self, path, *, replicate_atime=False, target=None, adopt_target=False) -> FsEntry:
+        wanted = FsEntry(os.fspath(path), replicate_atime, _fspath(target), bool(adopt_target))
 
         def change(config: Config) -> tuple[Config, FsEntry]:
             entry = self._checked_fs(wanted, config)
@@ -105,9 +109,9 @@ class ConfigStore:
         return self._change(change)
 
     def add_block(self, device, *, loop=None, offset=0, sizelimit=0, read_only=False,
-                  encryption=None, target=None) -> BlockEntry:
+                  encryption=None, target=None, adopt_target=False) -> BlockEntry:
         wanted = BlockEntry(os.fspath(device), _fspath(loop), offset, sizelimit, read_only,
-                            encryption, _fspath(target))
+                            encryption, _fspath(target), bool(adopt_target))
 
         def change(config: Config) -> tuple[Config, BlockEntry]:
             entry = self._checked_block(wanted, config)
@@ -176,8 +180,11 @@ class ConfigStore:
                                  or _inside(other.target, real)):
                 raise ConfigError(f"{real} overlaps {other.target}, the target of {other.path}",
                                   key="path", obj=path)
-        target = None if entry.target is None else _checked_fs_target(real, entry.target, config)
-        return FsEntry(real, entry.replicate_atime, target)
+        target = None
+        if entry.target is not None:
+            target = _checked_fs_target(real, entry.target, config)
+            _refuse_unclaimed(target, f"fs:{real}", entry.adopt_target)
+        return FsEntry(real, entry.replicate_atime, target, entry.adopt_target)
 
     def _checked_block(self, entry: BlockEntry, config: Config) -> BlockEntry:
         entry = replace(entry, device=os.fspath(entry.device), loop=_fspath(entry.loop),
@@ -222,10 +229,15 @@ class ConfigStore:
         if entry.target is not None:
             if _device_id(entry.target) in (me, loop and _device_id(loop)):
                 raise refuse(f"target {entry.target} is the replicated device itself", "target")
+            _refuse_shared_target("block", device, entry.target, config)
             window = entry.sizelimit or size - entry.offset
             problem = _block_target_problem(entry.target, window)
             if problem:
                 raise refuse(f"target {entry.target} {problem}", "target")
+            _refuse_unclaimed(entry.target, f"block:{device}", entry.adopt_target)
+        for other in config.block:  # this device may not be where another entry replicates to
+            if other.target and _device_id(other.target) == me:
+                raise refuse(f"{device} is the target of the entry for {other.device}")
         return replace(entry, device=device, encryption=None)
 
     # ---- locking and writing
@@ -233,6 +245,7 @@ class ConfigStore:
     def _change(self, change: Callable[[Config], tuple[Config, T]]) -> T:
         """Load, change, validate and write while holding the lock; nothing is written on error."""
         with self._locked():
+            self._remove_stale_temporaries()
             config = self.load()  # a corrupt file raises here, before anything is written
             new, result = change(config)
             if new != config:
@@ -255,6 +268,12 @@ class ConfigStore:
             yield
         finally:
             os.close(fd)
+
+    def _remove_stale_temporaries(self) -> None:
+        """Every writer holds the lock while its temporary file exists, so one found while we
+        hold the lock was left by a writer that was killed: remove it."""
+        for tmp in self.path.parent.glob(f".{self.path.name}.*.tmp"):
+            _unlink_quietly(str(tmp))
 
     def _write(self, config: Config) -> None:
         data = config_to_toml(config).encode("utf-8")
@@ -342,6 +361,94 @@ def _block_target_problem(target: str, window: int) -> str | None:
     return None
 
 
+def check_file_safety(path: Path) -> None:
+    """Refuse a configuration file that a local user other than root could have written (or
+    replaced): it decides what is replicated and where to."""
+    me = os.geteuid()
+    try:
+        st, pst = os.stat(path), os.stat(path.parent)
+    except FileNotFoundError:
+        return
+    if st.st_uid not in (0, me) or st.st_mode & 0o022:
+        raise ConfigError(f"{path} is owned by uid {st.st_uid} with mode {stat.S_IMODE(st.st_mode):04o}: "
+                          "a local user could have changed what is replicated; refusing to use it "
+                          f"(fix: chown root: {path} && chmod 600 {path})", obj=str(path),
+                          errno=errno.EPERM)
+    if pst.st_uid not in (0, me) or (pst.st_mode & 0o002 and not pst.st_mode & stat.S_ISVTX):
+        raise ConfigError(f"{path.parent} (the configuration's directory) is owned by uid "
+                          f"{pst.st_uid} with mode {stat.S_IMODE(pst.st_mode):04o}: a local user "
+                          "could replace the configuration; refusing to use it "
+                          f"(fix: chown root: {path.parent} && chmod 755 {path.parent})",
+                          obj=str(path), errno=errno.EPERM)
+
+
+def _local(target: str | None) -> bool:
+    return bool(target) and target.startswith("/")
+
+
+def _overlap(a: str, b: str) -> bool:
+    return a == b or _inside(a, b) or _inside(b, a)
+
+
+def _refuse_shared_target(kind: str, source: str, target: str, config: Config) -> None:
+    """No two entries share a replica, and no replica lies where another entry's mirror would
+    prune it or its capture would write behind it."""
+    if not _local(target):
+        return
+    real = os.path.realpath(target)
+    mine = _device_id(target)
+
+    def refuse(message: str) -> ConfigError:
+        return ConfigError(f"target {target} {message}", key="target", obj=target)
+    for other in config.filesystem:
+        if other.path == source:
+            continue
+        if _overlap(real, other.path):
+            raise refuse(f"overlaps {other.path}, which is replicated")
+        if _local(other.target) and _overlap(real, os.path.realpath(other.target)):
+            raise refuse(f"overlaps {other.target}, the target of {other.path}: its mirror would "
+                         "remove what is not its own")
+    for other in config.block:
+        if other.device == source:
+            continue
+        if _device_id(other.device) == mine:
+            raise refuse(f"is {other.device}, a replicated device (writes there would bypass "
+                         "its capture)")
+        if _local(other.target):
+            theirs = os.path.realpath(other.target)
+            if _device_id(other.target) == mine or _overlap(real, theirs):
+                raise refuse(f"is (or holds) {other.target}, the target of {other.device}")
+
+
+def _refuse_unclaimed(target: str, entry: str, adopt: bool) -> None:
+    """A target that already holds something is written only when it is this entry's replica
+    (its marker says so) or the administrator said to adopt it."""
+    from app.services.layout import read_marker, target_is_empty
+    if not _local(target) or adopt:
+        return
+    marker = read_marker(target)
+    if marker is not None:
+        import json
+        try:
+            if json.loads(marker).get("entry") == entry:
+                return
+            owner = json.loads(marker).get("entry", "?").split(":", 1)[-1]
+        except ValueError:
+            owner = "something else"
+        raise ConfigError(f"target {target} is the replica of {owner}: refusing to share it",
+                          key="target", obj=target, errno=errno.EEXIST)
+    try:
+        empty = target_is_empty(target)
+    except OSError as exc:
+        raise ConfigError(f"target {target} cannot be read: {exc.strerror}", key="target",
+                          obj=target, errno=exc.errno) from exc
+    if not empty:
+        raise ConfigError(f"target {target} is not empty and carries no mirrorsetup marker: "
+                          "refusing to overwrite it; to replace its contents with this entry's "
+                          "replica, add the entry with --adopt-target", key="target", obj=target,
+                          errno=errno.ENOTEMPTY)
+
+
 def _checked_fs_target(source: str, target: str, config: Config) -> str:
     def refuse(message: str) -> ConfigError:
         return ConfigError(f"target {target} {message}", key="target", obj=target)
@@ -355,15 +462,16 @@ def _checked_fs_target(source: str, target: str, config: Config) -> str:
     for other in config.filesystem:
         if real == other.path or _inside(real, other.path) or _inside(other.path, real):
             raise refuse(f"overlaps {other.path}, which is replicated")
+    _refuse_shared_target("fs", source, target, config)
     parent = os.path.dirname(real)
     if not os.path.isdir(parent):
         raise refuse(f"cannot be created: its parent {parent} does not exist")
-    if os.path.lexists(real):
-        if not os.path.isdir(real):
-            raise refuse("is not a directory")
-        if not os.access(real, os.W_OK):
-            ro = os.statvfs(real).f_flag & os.ST_RDONLY
-            raise refuse("is not writable" + (" (read-only file system)" if ro else ""))
+    if os.path.lexists(real) and not os.path.isdir(real):
+        raise refuse("is not a directory")
+    probe = real if os.path.lexists(real) else parent
+    if not os.access(probe, os.W_OK) or os.statvfs(probe).f_flag & os.ST_RDONLY:
+        ro = os.statvfs(probe).f_flag & os.ST_RDONLY
+        raise refuse("is not writable" + (" (read-only file system)" if ro else ""))
     return real
 
 

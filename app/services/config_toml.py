@@ -27,6 +27,7 @@ class FsEntry:
     path: str
     replicate_atime: bool = False
     target: str | None = None
+    adopt_target: bool = False  # replace a non-empty target that carries no marker of ours
 
 
 @dataclass(frozen=True)
@@ -38,6 +39,7 @@ class BlockEntry:
     read_only: bool = False
     encryption: str | None = None
     target: str | None = None
+    adopt_target: bool = False
 
 
 @dataclass(frozen=True)
@@ -49,11 +51,13 @@ class Config:
 # table name -> (entry class, {key: (type, required)}); the order is the order written.
 TABLES: dict[str, tuple[type, dict[str, tuple[type, bool]]]] = {
     "filesystem": (FsEntry, {"path": (str, True), "replicate_atime": (bool, False),
-                             "target": (str, False)}),
+                             "target": (str, False), "adopt_target": (bool, False)}),
     "block": (BlockEntry, {"device": (str, True), "loop": (str, False), "offset": (int, False),
                            "sizelimit": (int, False), "read_only": (bool, False),
-                           "encryption": (str, False), "target": (str, False)}),
+                           "encryption": (str, False), "target": (str, False),
+                           "adopt_target": (bool, False)}),
 }
+WRITTEN_WHEN_TRUE = {"adopt_target"}  # written only when set, so old files stay as they were
 TYPE_WORDS = {str: "a string", int: "an integer", bool: "true or false"}
 
 
@@ -92,7 +96,8 @@ def config_to_toml(config: Config) -> str:
     parts = [HEADER, tomli_w.dumps({"schema": SCHEMA_VERSION})]
     for table, (_cls, spec) in TABLES.items():
         for entry in getattr(config, table):
-            values = {k: getattr(entry, k) for k in spec if getattr(entry, k) is not None}
+            values = {k: getattr(entry, k) for k in spec if getattr(entry, k) is not None
+                      and not (k in WRITTEN_WHEN_TRUE and not getattr(entry, k))}
             parts.append(f"\n[[{table}]]\n" + tomli_w.dumps(values))
     return "".join(parts)
 
