@@ -42,9 +42,11 @@ removes the veth pair) and /run/sshd when this bed created it and no other sshd 
         bed.link_down(); ...; bed.link_up()
         disk.fill(); ...; disk.unfill()
 
-Caveats: the remote command runs as root through root's login shell (Debian's bash sources
-~/.bashrc for ssh commands); only the target side has a private mount view, the source is the
-host itself; /run/sshd is shared with any other sshd on the machine (see "/run/sshd" below).
+Caveats: the remote command runs as root through root's login shell, with sshd's PATH
+(/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin: name a venv's programs by
+absolute path). sshd sets SHLVL=1, so Debian's bash does not source root's ~/.bashrc for ssh
+commands as it would on a real target. Only the target has a private mount view; the source is
+the host itself. /run/sshd is shared with any other sshd on the machine (see "/run/sshd" below).
 """
 
 from __future__ import annotations
@@ -155,6 +157,10 @@ def running(pid: int) -> bool:
     return stat[stat.rindex(")") + 2] not in "ZX"
 
 
+def _given(value, default):
+    return default if value is None else value
+
+
 def _wait_pidfds(fds: list[int], timeout: float) -> bool:
     """True when every process behind `fds` has ended (a pidfd polls readable at exit)."""
     deadline = time.monotonic() + timeout
@@ -219,7 +225,8 @@ class TwoHosts:
         self.source_addr = self.target_addr = ""
         self.anchor: subprocess.Popen | None = None
         self.sshd: subprocess.Popen | None = None
-        self._netns_key: tuple[int, int] | None = None
+        self._netns_key: tuple[int, int] | None = None  # set while the namespace is ours
+        self._made_netns = self._made_link = False
         self._spawned: list[subprocess.Popen] = []
         self._relays: list[Relay] = []
         self._disks: list[TargetDisk] = []
@@ -281,9 +288,9 @@ class TwoHosts:
     def leftovers(self) -> list[str]:
         """What of this bed still exists on the machine (empty after a clean `close`)."""
         left = []
-        if (NETNS_DIR / self.netns).exists():
+        if self._made_netns and (NETNS_DIR / self.netns).exists():
             left.append(f"namespace {self.netns}")
-        if Path(f"/sys/class/net/{self.source_if}").exists():
+        if self._made_link and Path(f"/sys/class/net/{self.source_if}").exists():
             left.append(f"link {self.source_if}")
         if self._ns_pids_at_delete:
             left.append(f"processes in the namespace at deletion: {self._ns_pids_at_delete}")
@@ -297,10 +304,12 @@ class TwoHosts:
     # network -------------------------------------------------------------------------------
 
     def _make_network(self) -> None:
-        run(["ip", "netns", "add", self.netns])
+        run(["ip", "netns", "add", self.netns])  # fails if the name is taken: then not ours
+        self._made_netns = True
         self._netns_key = _ns_key(str(NETNS_DIR / self.netns))
         run(["ip", "link", "add", self.source_if, "type", "veth", "peer", "name",
              self.target_if, "netns", self.netns])
+        self._made_link = True
         for _ in range(20):
             net = _pick_free_subnet(self._rng)
             src, tgt = (str(h) for h in net.hosts())
@@ -322,9 +331,10 @@ class TwoHosts:
         if self._netns_key is not None:
             # A process left in the namespace keeps it (and the veth) alive after `ip netns del`.
             self._ns_pids_at_delete = _pids_in_netns(self._netns_key)
-        if (NETNS_DIR / self.netns).exists():
             run(["ip", "netns", "del", self.netns])
-        self._netns_key = None  # the kernel may give its inode number to another namespace now
+            self._netns_key = None  # the kernel may give its inode number to another namespace
+        if not self._made_link:
+            return
         # The kernel frees a namespace (and with it the veth pair) asynchronously.
         deadline = time.monotonic() + STOP_TIMEOUT
         link = Path(f"/sys/class/net/{self.source_if}")
@@ -332,6 +342,7 @@ class TwoHosts:
             time.sleep(0.05)
         if link.exists():
             run(["ip", "link", "del", self.source_if], check=False)
+        self._made_link = link.exists()
 
     # keys and sshd -------------------------------------------------------------------------
 
@@ -396,6 +407,9 @@ class TwoHosts:
             "UseDNS no\n"
             "LogLevel VERBOSE\n"
             "LoginGraceTime 30\n"
+            # Debian's bash sources ~/.bashrc for commands run by sshd when SHLVL < 2: the
+            # host's own root .bashrc (here: pyenv init, many processes) must not run in the bed
+            "SetEnv SHLVL=1\n"
             # reconnect loops in tests open many connections at once
             "MaxStartups 100:30:200\n")
         return path
@@ -475,13 +489,10 @@ class TwoHosts:
         The remote shell joins and parses `remote_cmd` (ssh's own rule), so pass simple words.
         """
         host, port = (via.host, via.port) if via else (self.target_addr, self.port)
-        def pick(given, default):
-            return default if given is None else given
-
         opts = {
-            "ServerAliveInterval": pick(alive_interval, self.alive_interval),
-            "ServerAliveCountMax": pick(alive_count, self.alive_count),
-            "ConnectTimeout": pick(connect_timeout, self.connect_timeout),
+            "ServerAliveInterval": _given(alive_interval, self.alive_interval),
+            "ServerAliveCountMax": _given(alive_count, self.alive_count),
+            "ConnectTimeout": _given(connect_timeout, self.connect_timeout),
             **({"UserKnownHostsFile": known_hosts} if known_hosts else {}),
             **(options or {}),
         }
@@ -539,10 +550,18 @@ class TwoHosts:
 
     def target_processes(self) -> list[tuple[int, list[str]]]:
         """(pid, argv) of every process in the target namespace (sshd, sessions, agents...)."""
-        return [(pid, _cmdline(pid)) for pid in _pids_in_netns(self._netns_key)]
+        if self._netns_key is None:
+            return []
+        found = []
+        for pid in _pids_in_netns(self._netns_key):
+            argv = _cmdline(pid)
+            if _ns_key(f"/proc/{pid}/ns/net") == self._netns_key:  # still ours: PID not reused
+                found.append((pid, argv))
+        return found
 
     def wait_target_process(self, word: str, timeout: float = START_TIMEOUT) -> int:
-        """PID of the first target process with `word` in its argv, once one appears."""
+        """PID of the first target process with `word` as one of its arguments, once one
+        appears (e.g. "serve-target")."""
         deadline = time.monotonic() + timeout
         while True:
             for pid, argv in self.target_processes():
@@ -576,9 +595,11 @@ class TwoHosts:
                     continue
                 with contextlib.suppress(ProcessLookupError):
                     fd = os.pidfd_open(pid)
-                    if _ns_key(f"/proc/{pid}/ns/net") == self._netns_key:
+                    if _ns_key(f"/proc/{pid}/ns/net") == self._netns_key:  # not a reused PID
                         signal.pidfd_send_signal(fd, signal.SIGKILL)
-                    fds.append(fd)
+                        fds.append(fd)
+                    else:
+                        os.close(fd)
             if not fds:
                 return
             try:
@@ -682,9 +703,13 @@ class Relay:
             [sys.executable, "-u", __file__, "relay", listen, target, str(target_port)],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
         self.pid = self.proc.pid
-        first = self._line()
-        if not first.startswith("listening "):
-            raise NetbedError(f"relay {self.pid} did not start: {first!r}")
+        try:
+            first = self._line()
+            if not first.startswith("listening "):
+                raise NetbedError(f"relay {self.pid} did not start: {first!r}")
+        except BaseException:
+            self.close()
+            raise
         _, self.host, port = first.split()
         self.port = int(port)
 
@@ -916,6 +941,11 @@ class TargetDisk:
             self._mounted = False
         if self.device and self._loop_backs_image():
             run(["losetup", "-d", self.device])
+            # While anyone holds the loop open (udev, or another test probing every loop
+            # device), the kernel only marks it for detach at the last close.
+            deadline = time.monotonic() + STOP_TIMEOUT
+            while self._loop_backs_image() and time.monotonic() < deadline:
+                time.sleep(0.05)
 
     def leftovers(self) -> list[str]:
         left = []

@@ -22,7 +22,8 @@ from pathlib import Path
 
 import pytest
 from conftest import losetup_json, run
-from netbed import PRIVSEP_DIR, PRIVSEP_MARK, NetbedError, TwoHosts, _other_sshd_running, running
+from netbed import (PRIVSEP_DIR, PRIVSEP_MARK, NetbedError, TwoHosts, _other_sshd_running,
+                    _privsep_lock, running)
 
 pytestmark = pytest.mark.root
 
@@ -109,20 +110,35 @@ def test_authorized_keys_options_are_honoured(two_hosts):
     assert r.returncode == 255 and "Permission denied" in r.stderr
 
 
+def privsep_made_elsewhere() -> bool:
+    """/run/sshd is there and no bed made it (the host's, or another tool's)."""
+    with _privsep_lock():
+        return PRIVSEP_DIR.exists() and not PRIVSEP_MARK.exists()
+
+
+def check_privsep_dir(made_elsewhere: bool) -> None:
+    """After the last bed closed: a /run/sshd made by a bed is gone unless an sshd still runs
+    (another bed's, or the host's); one made by anyone else is left alone. Looked at under the
+    beds' lock, so no other bed is half-way through starting its sshd."""
+    with _privsep_lock():
+        if _other_sshd_running():
+            assert PRIVSEP_DIR.exists()
+        else:
+            assert not PRIVSEP_MARK.exists()
+            assert PRIVSEP_DIR.exists() == made_elsewhere
+
+
 def test_two_beds_at_once_are_apart_and_closing_one_leaves_the_other(make_two_hosts):
-    privsep_existed = PRIVSEP_DIR.exists()
+    made_elsewhere = privsep_made_elsewhere()
     a, b = make_two_hosts(), make_two_hosts()
     assert a.netns != b.netns and a.source_if != b.source_if
-    assert ip_interface(f"{a.source_addr}/30").network != ip_interface(f"{b.source_addr}/30").network
+    subnet = {ip_interface(f"{bed.source_addr}/30").network for bed in (a, b)}
+    assert len(subnet) == 2
     a.close()
     assert not Path(f"/run/netns/{a.netns}").exists()
     assert ssh(b, "true").returncode == 0  # b's sshd still has its namespace and /run/sshd
     b.close()
-    if _other_sshd_running():  # someone else's sshd needs it on every new connection
-        assert PRIVSEP_DIR.exists()
-    else:  # whichever bed made /run/sshd, the last one to close removed it
-        assert PRIVSEP_DIR.exists() == privsep_existed
-        assert not PRIVSEP_MARK.exists()
+    check_privsep_dir(made_elsewhere)  # whichever bed made it, the last one removed it
 
 
 # -- faults ------------------------------------------------------------------------------------
@@ -267,8 +283,8 @@ def test_target_disk_fills_to_enospc_and_unfills(two_hosts):
 
 
 def test_kill_on_target_kills_its_processes_only(two_hosts):
-    s = session(two_hosts, "exec", "sleep", "600")
-    sleeper = two_hosts.wait_target_process("sleep")
+    s = session(two_hosts, "exec", "sleep", "613")
+    sleeper = two_hosts.wait_target_process("613")
     two_hosts.kill_on_target(sleeper)
     assert not running(sleeper)
     code, _ = end(s)
@@ -299,7 +315,7 @@ def test_private_mounts_give_the_target_its_own_view(make_two_hosts, tmpfs_mount
 # -- teardown ----------------------------------------------------------------------------------
 
 def test_close_removes_everything_it_made(tmp_path):
-    privsep_existed = PRIVSEP_DIR.exists()
+    made_elsewhere = privsep_made_elsewhere()
     bed = TwoHosts(tmp_path, private_mounts=True)
     bed.start()
     relay = bed.relay(delay_up=0.01)
@@ -327,9 +343,5 @@ def test_close_removes_everything_it_made(tmp_path):
     assert bed.source_if not in [link["ifname"] for link in links]
     assert str(disk.image) not in [d["back-file"] for d in losetup_json()]
     assert bed.leftovers() == []
-    if _other_sshd_running():
-        assert PRIVSEP_DIR.exists()
-    else:
-        assert not PRIVSEP_MARK.exists()
-        assert PRIVSEP_DIR.exists() == privsep_existed
+    check_privsep_dir(made_elsewhere)
     end(s)
