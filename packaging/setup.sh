@@ -13,11 +13,42 @@ if [ "$(id -u)" -ne 0 ]; then
 fi
 export DEBIAN_FRONTEND=noninteractive
 apt-get update -qq
+# openssh-server, nftables, iproute2: the two-host test bed (tests/netbed.py) runs its own sshd
+# in a network namespace (ip netns, veth, tc tbf) and makes faults with nft drop/reject.
+test_packages=""
+fresh_sshd=""
+if [ -n "$extras" ]; then
+    test_packages="openssh-server nftables iproute2"
+    dpkg-query -W -f='${Status}' openssh-server 2>/dev/null | grep -q "install ok installed" \
+        || fresh_sshd=1
+fi
+# The system's sshd must be neither started nor enabled by openssh-server's postinst (on an
+# install or an upgrade): a policy-rc.d answering 101 ("action forbidden") for ssh's units makes
+# invoke-rc.d and deb-systemd-invoke skip it; other services are allowed (0). Ours is removed
+# on exit; a policy-rc.d that was already there is used as it is.
+policy=/usr/sbin/policy-rc.d
+if [ -n "$test_packages" ] && [ ! -e "$policy" ]; then
+    cat >"$policy" <<'EOF'
+#!/bin/sh
+# written by mirrorsetup packaging/setup.sh for its apt-get install: ssh is not started
+[ "$1" = --quiet ] && shift
+case "$1" in ssh | ssh.service | ssh.socket | rescue-ssh.target) exit 101 ;; esac
+exit 0
+EOF
+    chmod 755 "$policy"
+    trap 'grep -qs "mirrorsetup packaging/setup.sh" "$policy" && rm -f "$policy"' EXIT
+fi
 # fuse3/libfuse3-dev/pkg-config/gcc: pyfuse3 builds against libfuse3; e2fsprogs, xfsprogs,
-# lvm2 (pvcreate) and util-linux (losetup, mkswap, findmnt) are used by the tests as witnesses.
+# lvm2 (pvcreate) and util-linux (losetup, mkswap, findmnt, nsenter) are used by the tests as
+# witnesses; openssh-client carries replication to remote targets.
 apt-get install -y -qq --no-install-recommends \
     python3 python3-venv python3-dev gcc pkg-config fuse3 libfuse3-dev libudev1 \
-    util-linux e2fsprogs xfsprogs lvm2 kmod >/dev/null
+    util-linux e2fsprogs xfsprogs lvm2 kmod openssh-client $test_packages >/dev/null
+if [ -n "$fresh_sshd" ]; then
+    # Installed just now for the tests only: take back the postinst's boot-time enabling.
+    deb-systemd-helper disable ssh.service ssh.socket >/dev/null 2>&1 || true
+    update-rc.d ssh disable >/dev/null 2>&1 || true
+fi
 modprobe loop 2>/dev/null || true
 modprobe fuse 2>/dev/null || true
 [ -x .venv/bin/python ] || python3 -m venv .venv

@@ -13,6 +13,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
+from netbed import NETNS_DIR, NetbedError, TwoHosts
 
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 IS_ROOT = os.geteuid() == 0
@@ -136,3 +137,35 @@ def tmpfs_mount(tmp_path):
 def config_path(tmp_path) -> Path:
     """A config file path in the test's temp dir (never /etc/mirrorsetup)."""
     return tmp_path / "etc" / "replication.toml"
+
+
+@pytest.fixture
+def make_two_hosts(tmp_path):
+    """make(**TwoHosts options) -> a started two-host bed (tests/netbed.py) in the test's temp
+    dir. At teardown each bed is closed and its namespace, link and processes must be gone."""
+    beds: list[TwoHosts] = []
+
+    def make(**kw) -> TwoHosts:
+        bed = TwoHosts(tmp_path / f"bed{len(beds)}", **kw)
+        bed.start()
+        beds.append(bed)
+        return bed
+
+    yield make
+    errors = []
+    for bed in reversed(beds):
+        try:
+            bed.close()
+        except NetbedError as e:
+            errors.append(str(e))
+    assert not errors
+    for bed in beds:
+        assert not (NETNS_DIR / bed.netns).exists(), f"namespace {bed.netns} left behind"
+        assert not Path(f"/sys/class/net/{bed.source_if}").exists(), f"{bed.source_if} left"
+        assert bed.leftovers() == []
+
+
+@pytest.fixture
+def two_hosts(make_two_hosts) -> TwoHosts:
+    """A target network namespace with sshd (network only; the mounts are the host's)."""
+    return make_two_hosts()
