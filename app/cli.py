@@ -187,6 +187,82 @@ def _kernel_events():
         watcher.close()
 
 
+def cmd_target_add(args) -> int:
+    from app.services import targets
+    from app.services.config_toml import TargetHost
+    host = TargetHost(name=args.name, host=args.host, root=args.root, port=args.port, user=args.user,
+                      identity=args.identity, known_hosts=args.known_hosts, ssh_config=args.ssh_config,
+                      bandwidth=args.bandwidth, resync_bandwidth=args.resync_bandwidth,
+                      compression=args.compression, agent=args.agent)
+
+    def confirm(keys) -> bool:
+        if args.json or not sys.stdin.isatty():
+            return False
+        for _line, fp, kind in keys:
+            print(f"{args.host} port {args.port} offers the host key {fp} ({kind})", file=sys.stderr)
+        answer = input(f"Pin {keys[0][1]} for target {args.name}? Compare it with the target's "
+                       "ssh-keygen -lf /etc/ssh/ssh_host_ed25519_key.pub [y/N] ")
+        return answer.strip().lower() in ("y", "yes")
+    return _report(args, [targets.add_target(_store(args), host, accept_host_key=args.accept_host_key,
+                                             confirm=confirm)])
+
+
+def cmd_target_list(args) -> int:
+    from dataclasses import asdict
+    hosts = _store(args).load().target
+    print_table([asdict(t) for t in hosts], ["name", "host", "port", "user", "root", "bandwidth",
+                                             "compression", "identity"], as_json=args.json)
+    return 0
+
+
+def cmd_target_remove(args) -> int:
+    from app.services.results import Outcome
+    try:
+        host = _store(args).remove_target(args.name)
+    except MirrorError as exc:
+        return _report(args, [Result.from_error("remove target", args.name, exc)])
+    return _report(args, [Result("remove target", args.name, Outcome.OK, f"removed target {host.name} "
+                                 f"({host.host}); its key {host.identity} and the replicas there were kept")])
+
+
+def _target_host(args):
+    host = _store(args).load().target_host(args.name)
+    if host is None:
+        raise MirrorError(f"no remote target named {args.name!r} is configured (mirrorsetup target list)",
+                          errno=2)
+    return host
+
+
+def cmd_target_test(args) -> int:
+    from app.services import targets
+    from app.services.results import Outcome
+    from app.services.units import human_size
+    host = _target_host(args)
+    try:
+        info = targets.probe(host)
+    except MirrorError as exc:
+        return _report(args, [Result.from_error("test target", args.name, exc)])
+    if args.json:
+        print(json.dumps(info, indent=2))
+        return 0
+    return _report(args, [Result("test target", args.name, Outcome.OK,
+                                 f"agent {info['agent_version']} on {info['agent_host']} (wire {info['wire_version']}, "
+                                 f"ours {info['source_wire_version']}), root {info['root']} has "
+                                 f"{human_size(info['free_bytes'] or 0)} free, connect {info['connect_seconds']} s, "
+                                 f"round trip {info['rtt_ms']} ms")])
+
+
+def cmd_target_authorized_key(args) -> int:
+    from app.services import targets
+    print(targets.authorized_key_line(_target_host(args)))
+    return 0
+
+
+def cmd_serve_target(args) -> int:
+    from app.engine import agent
+    return agent.main(args.root)
+
+
 def cmd_import_legacy(args) -> int:
     if not args.fs and not args.block:
         raise MirrorError("give --fs FILE and/or --block FILE (the old /etc/DT/dtfs_mounts and "
@@ -270,6 +346,37 @@ def build_parser() -> argparse.ArgumentParser:
     p = add(cfg, "import-legacy", cmd_import_legacy, "import the old one-entry-per-line files")
     p.add_argument("--fs", metavar="FILE", help="a dtfs_mounts-style list of directories")
     p.add_argument("--block", metavar="FILE", help="a dtloop_devices-style list of devices")
+
+    tgt = sub.add_parser("target", help="remote targets (replicas on other hosts, over SSH)").add_subparsers(
+        title="target actions", metavar="ACTION", required=True)
+    p = add(tgt, "add", cmd_target_add, "add a remote target: a dedicated key, its host key pinned")
+    p.add_argument("name")
+    p.add_argument("--host", required=True, help="ssh destination (the administrator's ssh_config applies)")
+    p.add_argument("--port", type=int, default=22)
+    p.add_argument("--user", default=None)
+    p.add_argument("--identity", default=None, help="private key (default: a new ed25519 key "
+                   "next to the configuration, in keys/NAME_ed25519)")
+    p.add_argument("--known-hosts", default=None, help="where the host key is pinned (default: "
+                   "known_hosts next to the configuration)")
+    p.add_argument("--ssh-config", default=None, help="an ssh_config to use instead of yours")
+    p.add_argument("--root", required=True, help="what serve-target serves on the target")
+    p.add_argument("--bandwidth", default=None, help="cap on wire bytes, e.g. 20MiB/s or 100Mbit/s")
+    p.add_argument("--resync-bandwidth", default=None, help="a lower cap for resyncs")
+    p.add_argument("--compression", choices=("zstd", "none"), default="zstd")
+    p.add_argument("--agent", default="mirrorsetup", help="the mirrorsetup command on the target "
+                   "(for the authorized_keys line; default: mirrorsetup on its PATH)")
+    p.add_argument("--accept-host-key", metavar="SHA256:…", default=None, help="pin the host key "
+                   "with this fingerprint (scripts); without it, a terminal is asked")
+    add(tgt, "list", cmd_target_list, "list the remote targets")
+    p = add(tgt, "remove", cmd_target_remove, "remove a remote target no entry uses")
+    p.add_argument("name")
+    p = add(tgt, "test", cmd_target_test, "connect, greet the agent: versions, free space, round trip")
+    p.add_argument("name")
+    p = add(tgt, "authorized-key", cmd_target_authorized_key, "print the target's authorized_keys line")
+    p.add_argument("name")
+    p = add(sub, "serve-target", cmd_serve_target, "the target side (run by sshd as the forced "
+            "command of the replication key): serve replicas below --root")
+    p.add_argument("--root", required=True)
 
     _register_engine_commands(sub, fs, common)
     return parser

@@ -24,18 +24,19 @@ def mirrorfs_mounts() -> list[str]:
 
 @contextlib.contextmanager
 def engine_maker(tmp_path: Path):
-    """make(entries=None, *, start=True, seed=None) -> (Engine, src, tgt); the default entry
-    replicates tmp_path/src to tmp_path/tgt. Every engine is cleaned up on exit, and no
-    mirrorfs mount under tmp_path may remain."""
+    """make(entries=None, *, start=True, seed=None, config=None) -> (Engine, src, tgt); the
+    default entry replicates tmp_path/src to tmp_path/tgt (`config`: a file already written,
+    e.g. by the CLI). Every engine is cleaned up on exit, and no mirrorfs mount under
+    tmp_path may remain."""
     made: list[Engine] = []
     src, tgt = tmp_path / "src", tmp_path / "tgt"
 
-    def make(entries=None, *, start: bool = True, seed=None):
+    def make(entries=None, *, start: bool = True, seed=None, config: Path | None = None):
         src.mkdir(exist_ok=True)
         if seed:
             seed(src)
-        cfg = write_config(tmp_path / "etc" / "replication.toml",
-                           entries if entries is not None else [{"path": str(src), "target": str(tgt)}])
+        cfg = config or write_config(tmp_path / "etc" / "replication.toml",
+                                     entries if entries is not None else [{"path": str(src), "target": str(tgt)}])
         eng = Engine(tmp_path, cfg)
         made.append(eng)
         if start:

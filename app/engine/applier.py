@@ -191,9 +191,16 @@ class BlockApplier:
         self.fd = fd
 
     def apply(self, rec: Record) -> None:
-        if rec.op != "write":
+        if rec.op == "write":
+            os.pwrite(self.fd, rec.data, rec.args["offset"])
+        elif rec.op == "zero":  # a run of zeros sent as its length (the wire's zero range)
+            offset, length = rec.args["offset"], rec.args["length"]
+            zeros = bytes(min(length, 1 << 20))
+            done = 0
+            while done < length:
+                done += os.pwrite(self.fd, zeros[:length - done], offset + done)
+        else:
             raise OSError(errno.EINVAL, f"unknown block journal op {rec.op!r}")
-        os.pwrite(self.fd, rec.data, rec.args["offset"])
 
     def sync(self) -> None:
         os.fdatasync(self.fd)

@@ -131,7 +131,7 @@ def write_end(state: str, info: dict) -> None:
 
 # -- targets ---------------------------------------------------------------------------------------
 
-def make_target(spec: Spec, size: int | None = None):
+def make_target(spec: Spec, size: int | None = None, journal=None):
     from app.engine import target as targets
     if spec.target is None:
         return None
@@ -142,7 +142,22 @@ def make_target(spec: Spec, size: int | None = None):
             return targets.LocalDirTarget(path, claim, Path(spec.state))
         return targets.LocalBlockTarget(path, size, claim, Path(spec.state))
     from app.engine import remote
-    return remote.RemoteTarget.from_spec(spec.target["remote"], spec.kind, size, claim)
+    seqs = None if journal is None else (lambda: (journal.last_seq, journal.released_seq))
+    return remote.RemoteTarget.from_spec(spec.target["remote"], spec.kind, size, claim,
+                                         generation=generation(spec.state), journal_seqs=seqs)
+
+
+def generation(state: str) -> str:
+    """This entry's history as replicas know it: made at its first capture, kept for good."""
+    import uuid
+
+    from app.engine.journal import read_small_file, write_small_file
+    text = read_small_file(Path(state), "generation")
+    if text and text.strip():
+        return text.strip()
+    gen = uuid.uuid4().hex
+    write_small_file(Path(state), "generation", gen + "\n")
+    return gen
 
 
 class NoTarget:
@@ -196,7 +211,7 @@ class Capture:
                                limit_bytes=spec.queue_limit, on_full=spec.on_full)
         if spec.kind == "block":
             self._setup_block()  # the window's size first: a block target is checked against it
-        self.target = make_target(spec, getattr(self, "size", None)) or NoTarget()
+        self.target = make_target(spec, getattr(self, "size", None), self.journal) or NoTarget()
         if "local" in (spec.target or {}) or spec.target is None:
             try:
                 self.target.open()  # a local target is claimed before anything is mounted
@@ -216,8 +231,9 @@ class Capture:
         if broken:  # lost records: the catch-up below repairs what they would have done
             self.journal.discard_through(self.journal.last_seq)
         from app.engine.shipper import Shipper
-        self.shipper = Shipper(self.journal, self.target, on_gap=self._on_gap,
-                               local=not isinstance(self.target, _remote_type()))
+        from app.engine.remote import RemoteTarget
+        self.remote = isinstance(self.target, RemoteTarget)
+        self.shipper = Shipper(self.journal, self.target, on_gap=self._on_gap, local=not self.remote)
         self.shipper.start()
         return {"first": first, "unclean": unclean, "reason": self.reason,
                 "pid": os.getpid(), "fuse_dev": list(self.fuse_dev), "version": protocol.VERSION, "key": spec.key,
@@ -390,6 +406,11 @@ class Capture:
         self.resync_bytes += counts.get("bytes", counts.get("copied_bytes", 0))
         self.catching = None
         self.consistent = True
+        if self.remote:  # the replica is consistent once the agent has applied all of it
+            try:
+                self.target.mark_consistent(self.journal.last_seq)
+            except OSError as exc:
+                log.warning("%s: could not mark the replica consistent now: %s", self.spec.key, exc)
         log.info("%s: caught up (%s): %s", self.spec.key, self.reason, counts)
         self.last_catch_up = {"reason": self.reason, **counts, "finished": time.time()}
         return True
@@ -485,7 +506,8 @@ class Capture:
             connection = fig.connection
             if fig.retry_at and not sh.connected:
                 connection += f", retry in {max(0, int(fig.retry_at - time.time()))} s"
-            target_data = "consistent" if self.consistent and not j.behind else "inconsistent"
+            ok = self.consistent and not j.behind and (not self.remote or self.target.consistent)
+            target_data = "consistent" if ok else "inconsistent"
         return {
             "state": "catching up" if catching is not None else "capturing",
             "captured_ops": j.captured_ops, "last_seq": j.last_seq, "sent_seq": fig.sent_seq,
@@ -499,6 +521,7 @@ class Capture:
             "resync_bytes": self.resync_bytes, "wire_bytes": fig.wire_bytes,
             "logical_bytes": fig.logical_bytes, "wire_rate": round(wire, 1),
             "logical_rate": round(logical, 1), "worker_pid": os.getpid(),
+            **({"rtt": self.target.rtt, "attempts": fig.attempts} if self.remote else {}),
             "open_handles": self.ops.open_handles() if self.spec.kind == "fs" else self.ops.opened,
             **({"size": self.size, "file": os.path.join(self.spec.run, "disk")}
                if self.spec.kind == "block" else {}),
@@ -736,14 +759,6 @@ def _changed_since(tracker, src: dict, rel: bytes, clock: int, epoch: int) -> bo
 
 
 # -- helpers ---------------------------------------------------------------------------------------
-
-def _remote_type():
-    try:
-        from app.engine.remote import RemoteTarget
-        return RemoteTarget
-    except ImportError:  # not built yet in this tree
-        return type("NoRemote", (), {})
-
 
 def _lstat_key(root_fd: int, rel: bytes) -> tuple[int, int] | None:
     try:

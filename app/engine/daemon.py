@@ -48,7 +48,7 @@ class Daemon:
         self.socket_path = socket_path
         self.state_dir = state_dir
         self.layout = Layout(os.path.dirname(socket_path), state_dir)
-        self.sup = Supervisor(self.layout, host_id())
+        self.sup = Supervisor(self.layout, host_id(), self.store)
         self.sup.on_death = self._on_death
         self.blk = BlockCaptures(self.sup)
         self.stopping = trio.Event()

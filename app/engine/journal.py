@@ -276,6 +276,36 @@ class Journal:
         """Bytes of records the target does not hold yet (to MARK_BYTES' precision)."""
         return self._cum - self._released_cum if self.last_seq > self.released_seq else 0
 
+    def ingest(self, records: list[Record]) -> int:
+        """The agent's side: store records that arrive with the source's seqs, which must follow
+        on from the last one (a hole raises JournalGap); returns the last seq."""
+        with self._cv:
+            for rec in records:
+                if rec.seq != self.last_seq + 1:
+                    raise JournalGap(self.last_seq + 1, rec.seq)
+                rec.size = rec.size or rec.estimate_size()
+                self.last_seq = rec.seq
+                self.captured_ops += 1
+                self._cum += rec.size
+                if not self._marks or self._cum - self._marks[-1][1] >= MARK_BYTES:
+                    self._marks.append((rec.seq, self._cum))
+                if self._mem_bytes + rec.size > self.memory_bytes:
+                    self._spill()
+                if rec.size > self.memory_bytes:
+                    self._write(rec)
+                else:
+                    self._mem.append(rec)
+                    self._mem_bytes += rec.size
+            self._cv.notify_all()
+            return self.last_seq
+
+    def skip_to(self, seq: int) -> None:
+        """Records up to `seq` will never come (the source resyncs instead): forget ours."""
+        with self._cv:
+            if seq > self.last_seq:
+                self.last_seq = seq
+        self.discard_through(seq)
+
     def _full(self, size: int) -> bool:
         return self.limit_bytes is not None and self.queued_bytes + size > self.limit_bytes \
             and self.queued_bytes > 0

@@ -38,3 +38,50 @@ def proc_path(dir_fd: int, rel: bytes) -> bytes:
 
 def enoent_ok(exc: OSError) -> bool:
     return exc.errno == errno.ENOENT
+
+
+def safe_relpath(text: str) -> bytes:
+    """A path a remote source may name beneath a replica root: relative, no `..`, no `.`
+    components, no NUL. Raises ValueError otherwise."""
+    raw = os.fsencode(text)
+    if not raw or raw.startswith(b"/") or b"\0" in raw:
+        raise ValueError(f"not a relative path: {text!r}")
+    parts = raw.split(b"/")
+    if any(p in (b"", b".", b"..") for p in parts):
+        raise ValueError(f"path escapes or is not normal: {text!r}")
+    return raw
+
+
+def open_beneath(dir_fd: int, rel: bytes, flags: int = os.O_PATH | os.O_DIRECTORY, *,
+                 make_dirs: bool = False, mode: int = 0o700) -> int:
+    """Open `rel` below `dir_fd` one component at a time, never following a symlink (an
+    intermediate symlink is ENOTDIR, the last one ELOOP unless flags ask for O_PATH): what a
+    remote source writes cannot leave the replica root. `make_dirs` creates missing
+    directories (the last one too when `flags` ask for a directory)."""
+    parts = safe_relpath(os.fsdecode(rel)).split(b"/") if rel else []
+    cur = os.dup(dir_fd)
+    try:
+        for i, part in enumerate(parts):
+            last = i == len(parts) - 1
+            if last:
+                try:
+                    nxt = os.open(part, flags | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600, dir_fd=cur)
+                except FileNotFoundError:
+                    if not (make_dirs and flags & os.O_DIRECTORY):
+                        raise
+                    os.mkdir(part, mode, dir_fd=cur)
+                    nxt = os.open(part, flags | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=cur)
+            else:
+                try:
+                    nxt = os.open(part, os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=cur)
+                except FileNotFoundError:
+                    if not make_dirs:
+                        raise
+                    os.mkdir(part, mode, dir_fd=cur)
+                    nxt = os.open(part, os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=cur)
+            os.close(cur)
+            cur = nxt
+        return cur
+    except BaseException:
+        os.close(cur)
+        raise

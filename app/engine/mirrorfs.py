@@ -232,6 +232,8 @@ class MirrorFS(XattrOps, pyfuse3.Operations):
                 finally:
                     os.close(tfd)
             self._record(node, "truncate", path=p, size=attr.st_size)
+            if not (fields.update_atime or fields.update_mtime):  # the source's new mtime, not the replay's
+                self._times(node, rel, os.fstat(fd) if fd is not None else None)
         if fields.update_mode:
             mode = stat.S_IMODE(attr.st_mode)
             os.chmod(at(rel), mode, dir_fd=self.root_fd)

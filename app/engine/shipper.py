@@ -11,6 +11,7 @@ journal stops shipping and asks the capture for a resync (`on_gap`), never skipp
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import random
 import threading
@@ -34,11 +35,13 @@ class TargetUnavailable(Exception):
     """The target cannot take records now. `state` is what status shows ("paused: target
     full", "disconnected: …", "refused: …"); `taken` is the last seq it did take (or None)."""
 
-    def __init__(self, state: str, *, taken: int | None = None, retry: bool = True):
+    def __init__(self, state: str, *, taken: int | None = None, retry: bool = True,
+                 disconnect: bool = True):
         super().__init__(state)
         self.state = state
         self.taken = taken
         self.retry = retry  # False: a refusal an administrator must resolve (we still re-check)
+        self.disconnect = disconnect  # False: the session stays (a paused agent says when to go on)
 
 
 @dataclass
@@ -47,7 +50,8 @@ class Figures:
     sent_seq: int = 0
     received_seq: int = 0
     applied_seq: int = 0
-    reconnects: int = 0
+    reconnects: int = 0  # sessions established again after one was lost
+    attempts: int = 0  # connection attempts that failed
     resent_bytes: int = 0
     logical_bytes: int = 0
     wire_bytes: int = 0
@@ -71,6 +75,7 @@ class Shipper:
         self._last_flush = time.monotonic()
         self._rates: deque[tuple[float, int, int]] = deque()  # (time, logical, wire)
         self._connected = local
+        self._ever_connected = local
 
     # -- control ----------------------------------------------------------------------------
     def start(self) -> None:
@@ -156,12 +161,23 @@ class Shipper:
 
     def _connect(self) -> None:
         pos = self.target.open()
+        lost = None
         if pos is not None:  # a remote target: resume from what it holds durably
-            self.journal.rewind(pos.received)
+            released = self.journal.released_seq
+            if pos.received < released:  # it lost records we no longer hold: skip, then resync
+                self.target.skip_to(released)
+                self.journal.rewind(released)
+                lost = JournalGap(pos.received + 1, released)
+            else:
+                self.journal.rewind(pos.received)
             self.fig.received_seq, self.fig.applied_seq = pos.received, pos.applied
-        self._connected = True
+            self.fig.reconnects += 1 if self._ever_connected else 0
+        self._connected = self._ever_connected = True
         self.fig.connection = "local" if self.local else "connected"
         self.fig.last_error = None
+        if lost is not None and self.on_gap is not None:
+            log.error("the target lost records %d..%d; a resync replaces them", lost.expected, lost.found)
+            self.on_gap(lost)
 
     def _unavailable(self, exc: TargetUnavailable) -> None:
         self.fig.connection = exc.state
@@ -170,9 +186,11 @@ class Shipper:
             self.journal.rewind(max(exc.taken, self.journal.released_seq))
         else:
             self.journal.rewind(self.journal.released_seq)
-        if not self.local:
+        if not self.local and exc.disconnect:
             self._connected = False
-            self.fig.reconnects += 1
+            self.fig.attempts += 1
+            with contextlib.suppress(Exception):
+                self.target.close()
 
     def _ship_once(self) -> None:
         batch = self.journal.read(BATCH, max_bytes=BATCH_BYTES, timeout=0.1)

@@ -217,9 +217,10 @@ def nested_mounts(path: str, table=None) -> list[str]:
 class Supervisor:
     """Every capture of this daemon, by (kind, key)."""
 
-    def __init__(self, lay: Layout, host: str):
+    def __init__(self, lay: Layout, host: str, store):
         self.layout = lay
         self.host = host
+        self.store = store  # the daemon's configuration (remote targets are looked up there)
         self.captures: dict[tuple[str, str], Captured] = {}
         self.locks: dict[tuple[str, str], trio.Lock] = {}
         self.nursery: trio.Nursery | None = None
@@ -246,7 +247,7 @@ class Supervisor:
         return Spec(kind=kind, key=key, state=self.layout.state(kind, key),
                     run=self.layout.run(kind, key), adopt=self.layout.adopt_socket(kind, key),
                     fsname=self.layout.fsname(kind),
-                    target=None if not target else target_spec(target),
+                    target=None if not target else target_spec(target, self.store.load()),
                     claim={"entry": f"{kind}:{key}", "host": self.host,
                            "adopt": bool(getattr(entry, "adopt_target", False))}, **extra)
 
@@ -393,13 +394,12 @@ class Supervisor:
         return next((c for c in self.detached if c.key == path), None)
 
 
-def target_spec(target: str) -> dict:
+def target_spec(target: str, config) -> dict:
     """An entry's target as a worker spec: a local path, or NAME:PATH of a configured remote."""
     if target.startswith("/"):
         return {"local": target}
     name, _, rel = target.partition(":")
-    from app.services.config import ConfigStore  # the remote's connection settings
-    remote = next((t for t in getattr(ConfigStore().load(), "targets", ()) if t.name == name), None)
+    remote = config.target_host(name)
     if remote is None:
         raise MirrorError(f"target {target}: no remote target named {name!r} is configured",
                           errno=errno.ENOENT, obj=target)

@@ -376,6 +376,7 @@ class Reconciler:
             return  # moved on again: its new name is in the queue too
         parent, _, name = rel.rpartition(b"/")
         self._child(parent, name, info, None)
+        self._metadata(parent, None)  # sending it again changed the parent's times there
 
     # -- directories
     def _dir(self, rel: bytes, *, known: bool) -> None:

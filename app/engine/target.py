@@ -123,6 +123,14 @@ class LocalDirTarget(Target):
         self.errors = 0
         self.last_error: str | None = None
 
+    @classmethod
+    def on_fd(cls, fd: int, label: str) -> LocalDirTarget:
+        """A directory already opened (and claimed) by the caller: the remote agent's replica."""
+        t = cls(label, None, None)
+        t.fd = fd
+        t.applier = FsApplier(fd)
+        return t
+
     def open(self) -> None:
         if self.fd is None:
             os.makedirs(self.path, mode=0o700, exist_ok=True)
@@ -187,6 +195,13 @@ class LocalBlockTarget(Target):
         self.applier: BlockApplier | None = None
         self.errors = 0
         self.last_error: str | None = None
+
+    @classmethod
+    def on_fd(cls, fd: int, label: str, size: int) -> LocalBlockTarget:
+        t = cls(label, size, None, None)
+        t.fd = fd
+        t.applier = BlockApplier(fd)
+        return t
 
     def open(self) -> None:
         if self.fd is None:

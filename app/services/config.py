@@ -22,8 +22,8 @@ from pathlib import Path
 from typing import Callable, Iterator, TypeVar
 
 from app.services.config_legacy import LEGACY_BLOCK_FILE, LEGACY_FS_FILE, import_line, legacy_lines
-from app.services.config_toml import (TABLES, BlockEntry, Config, FsEntry, config_from_toml,
-                                      config_to_toml, field_problem)
+from app.services.config_toml import (TABLES, BlockEntry, Config, FsEntry, TargetHost,
+                                      config_from_toml, config_to_toml, field_problem)
 # Re-exported, so that every configuration name can still be imported from this module:
 from app.services.config_legacy import legacy_block  # noqa: F401
 from app.services.config_toml import HEADER, LOOP_PATH, SCHEMA_VERSION  # noqa: F401
@@ -124,6 +124,29 @@ class ConfigStore:
             return replace(config, block=_without(config.block, entry)), entry
         return self._change(change)
 
+    def add_target(self, host: TargetHost) -> TargetHost:
+        def change(config: Config) -> tuple[Config, TargetHost]:
+            _check_fields(host, TABLES["target"][1])
+            if config.target_host(host.name) is not None:
+                raise ConfigError(f"a target named {host.name!r} is already configured",
+                                  key="name", obj=host.name, errno=errno.EEXIST)
+            return replace(config, target=config.target + (host,)), host
+        return self._change(change)
+
+    def remove_target(self, name: str) -> TargetHost:
+        def change(config: Config) -> tuple[Config, TargetHost]:
+            host = config.target_host(name)
+            if host is None:
+                raise ConfigError(f"no remote target named {name!r} is configured", obj=name,
+                                  errno=errno.ENOENT)
+            users = [getattr(e, "path", None) or e.device for e in config.filesystem + config.block
+                     if e.target and e.target.partition(":")[0] == name and not _local(e.target)]
+            if users:
+                raise ConfigError(f"target {name} is used by {', '.join(users)}: remove those "
+                                  "entries (or change their target) first", obj=name, errno=errno.EBUSY)
+            return replace(config, target=tuple(t for t in config.target if t is not host)), host
+        return self._change(change)
+
     def validate_filesystem(self, entry: FsEntry, config: Config | None = None) -> None:
         self._checked_fs(entry, self.load() if config is None else config)
 
@@ -181,7 +204,9 @@ class ConfigStore:
                 raise ConfigError(f"{real} overlaps {other.target}, the target of {other.path}",
                                   key="path", obj=path)
         target = None
-        if entry.target is not None:
+        if entry.target is not None and not _local(entry.target):
+            target = _checked_remote_target("fs", real, entry.target, config)
+        elif entry.target is not None:
             target = _checked_fs_target(real, entry.target, config)
             _refuse_unclaimed(target, f"fs:{real}", entry.adopt_target)
         return FsEntry(real, entry.replicate_atime, target, entry.adopt_target)
@@ -226,7 +251,9 @@ class ConfigStore:
             raise refuse(f"offset {human_size(entry.offset)} + sizelimit "
                          f"{human_size(entry.sizelimit)} runs past the end of {device}"
                          f" ({human_size(size)})", "sizelimit")
-        if entry.target is not None:
+        if entry.target is not None and not _local(entry.target):
+            _checked_remote_target("block", device, entry.target, config)
+        elif entry.target is not None:
             if _device_id(entry.target) in (me, loop and _device_id(loop)):
                 raise refuse(f"target {entry.target} is the replicated device itself", "target")
             _refuse_shared_target("block", device, entry.target, config)
@@ -418,6 +445,26 @@ def _refuse_shared_target(kind: str, source: str, target: str, config: Config) -
             theirs = os.path.realpath(other.target)
             if _device_id(other.target) == mine or _overlap(real, theirs):
                 raise refuse(f"is (or holds) {other.target}, the target of {other.device}")
+
+
+def _checked_remote_target(kind: str, source: str, target: str, config: Config) -> str:
+    """NAME:PATH: NAME must be a configured [[target]]; no two entries share (or, for
+    directories, nest) a replica there. What the remote side holds is checked when the
+    capture connects (the agent refuses another source's replica by name)."""
+    name, _, rel = target.partition(":")
+    if config.target_host(name) is None:
+        known = ", ".join(t.name for t in config.target) or "none yet (mirrorsetup target add)"
+        raise ConfigError(f"target {target}: no remote target named {name!r} is configured "
+                          f"(configured: {known})", key="target", obj=target, errno=errno.ENOENT)
+    for other in config.filesystem + config.block:
+        key = getattr(other, "path", None) or getattr(other, "device", None)
+        if key == source or not other.target or _local(other.target):
+            continue
+        oname, _, orel = other.target.partition(":")
+        if oname == name and _overlap("/" + rel, "/" + orel):
+            raise ConfigError(f"target {target} overlaps {other.target}, the target of {key}",
+                              key="target", obj=target, errno=errno.EEXIST)
+    return target
 
 
 def _refuse_unclaimed(target: str, entry: str, adopt: bool) -> None:

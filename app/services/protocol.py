@@ -186,6 +186,8 @@ class CaptureRow:
     apply_errors: int = 0
     last_error: str | None = None
     reconnects: int = 0
+    attempts: int = 0  # failed connection attempts
+    rtt: float | None = None
     resent_bytes: int = 0
     resync_bytes: int = 0
     wire_bytes: int = 0

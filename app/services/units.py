@@ -27,3 +27,23 @@ def human_size(n: int) -> str:
         if n < 1024 or unit == "PiB":
             return f"{n:.1f} {unit}"
     raise AssertionError("unreachable")
+
+
+_RATE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(i?b|bit)(?:/s|ps)?\s*$", re.IGNORECASE)
+
+
+def parse_rate(text: str | int) -> int:
+    """Bytes per second from "20MiB/s", "20M", "100Mbit/s", "500kbit" (bits: decimal, as
+    network links are sold; bytes: binary, as sizes are elsewhere)."""
+    if isinstance(text, int):
+        return text
+    m = _RATE.match(text)
+    if m is None:
+        try:
+            return parse_size(text.strip().removesuffix("/s"))
+        except ValueError:
+            raise ValueError(f"not a rate: {text!r} (e.g. 20MiB/s or 100Mbit/s)") from None
+    value, prefix, unit = float(m.group(1)), m.group(2).lower(), m.group(3).lower()
+    if unit == "bit":
+        return int(value * {"": 1, "k": 1e3, "m": 1e6, "g": 1e9, "t": 1e12}[prefix] / 8)
+    return int(value * _UNITS[prefix])

@@ -1,0 +1,368 @@
+"""A replica on another host: the source side of `mirrorsetup serve-target`, over OpenSSH.
+
+OpenSSH runs as a subprocess (the rsync / borg / `zfs send | ssh` pattern): the administrator's
+keys, agent, ProxyJump and ssh_config work as they expect, no port of ours listens, the host
+key is pinned in the target's own known_hosts file (StrictHostKeyChecking=yes, BatchMode=yes),
+dead peers are noticed by ServerAliveInterval/CountMax and by our own heartbeats.
+
+This is one more `Target`: the shipper hands it batches of journal records, which go out as
+DATA frames (zstd per batch when that is smaller, zero runs as their length), pipelined within
+a window of bytes in flight, under a token bucket on wire bytes. The agent acknowledges two
+positions: received (durable in its journal) and applied (durable on the replica); the journal
+frees records only up to what the agent received. On reconnect the agent's positions say where
+to resume; records the source no longer holds make a resync (SKIP, then catching up). The
+reconciler and verify ask for listings and hashes (REQ/REP) on the same session.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import logging
+import os
+import subprocess
+import threading
+import time
+from collections import deque
+
+from app.engine import sync
+from app.services import wire
+from app.services.targets import Settings, ssh_failure_text
+from app.engine.journal import JournalGap, Record
+from app.engine.shipper import TargetUnavailable
+from app.engine.target import Positions, Target
+
+log = logging.getLogger("mirrorsetup.remote")
+BEAT_SECONDS = 1.0
+PEER_TIMEOUT = 15.0  # no frame from the agent for this long: the session is dead
+CONNECT_SECONDS = 30.0  # ssh + greeting + WELCOME
+WINDOW_MIN = 8 << 20
+QUERY_SECONDS = 300.0
+
+
+def ssh_failure(stderr: str, status: int | None) -> TargetUnavailable:
+    """What an ssh that ended before the agent answered means, in status words."""
+    state, retry = ssh_failure_text(stderr, status)
+    return TargetUnavailable(state, retry=retry)
+
+
+class RemoteTarget(Target):
+    def __init__(self, settings: Settings, kind: str, size: int | None, claim, *, state_dir=None,
+                 generation: str | None = None, journal_seqs=None):
+        self.s = settings
+        self.kind = kind
+        self.size = size
+        self.claim = claim
+        self.generation = generation
+        self.journal_seqs = journal_seqs  # () -> (last, released): what the HELLO says we hold
+        self.label = f"{settings.name}:{settings.path}"
+        self.codec = wire.Codec(settings.compression)
+        self.proc: subprocess.Popen | None = None
+        self._wlock = threading.Lock()
+        self._cv = threading.Condition()
+        self._inflight: deque[tuple[int, int]] = deque()  # (last seq of a DATA frame, its bytes)
+        self._inflight_bytes = 0
+        self._expect = 0  # the next seq the agent expects
+        self._pending: dict[int, dict] = {}
+        self._ids = itertools.count(1)
+        self._failure: TargetUnavailable | None = None
+        self._gap: str | None = None
+        self.paused: str | None = None
+        self.pos = Positions(0, 0)
+        self.welcome: dict = {}
+        self.rtt: float | None = None
+        self.last_frame = 0.0
+        self.errors = 0
+        self.last_error: str | None = None
+        self.consistent = False
+        self._tokens = 0.0
+        self._tokens_at = time.monotonic()
+        self._stderr: deque[str] = deque(maxlen=50)
+
+    @classmethod
+    def from_spec(cls, spec: dict, kind: str, size: int | None, claim, **kw) -> RemoteTarget:
+        known = {f for f in Settings.__dataclass_fields__}
+        return cls(Settings(**{k: v for k, v in spec.items() if k in known}), kind, size, claim, **kw)
+
+    # -- session ----------------------------------------------------------------------------
+    def open(self, action: str = "replicate") -> Positions:
+        self.close()
+        self._failure, self._gap, self.paused = None, None, None
+        self.proc = subprocess.Popen(self.s.ssh_argv("mirrorsetup-agent"), stdin=subprocess.PIPE,
+                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, bufsize=0,
+                                     start_new_session=True)
+        threading.Thread(target=self._read_stderr, args=(self.proc,), daemon=True).start()
+        ready = threading.Event()
+        result: dict = {}
+
+        def greet() -> None:
+            try:
+                wire.skip_to_greeting(self.proc.stdout.read)
+                self._send(wire.jframe(wire.HELLO, self._hello(action)))
+                got = wire.read_frame(self.proc.stdout.read)
+                result["frame"] = got
+            except (wire.WireError, OSError) as exc:
+                result["error"] = exc
+            finally:
+                ready.set()
+        threading.Thread(target=greet, daemon=True).start()
+        if not ready.wait(CONNECT_SECONDS):
+            self.close()
+            raise TargetUnavailable(f"disconnected: no answer from {self.s.host} within "
+                                    f"{CONNECT_SECONDS:.0f} s")
+        got = result.get("frame")
+        if got is None:
+            status = self._end_ssh()
+            raise ssh_failure("\n".join(self._stderr), status)
+        kind, payload = got
+        msg = json.loads(payload)
+        if kind == wire.ERROR:
+            self._end_ssh()
+            raise _agent_error(msg)
+        if kind != wire.WELCOME:
+            self._end_ssh()
+            raise TargetUnavailable(f"disconnected: the agent answered {wire.NAMES.get(kind)}")
+        self.welcome = msg
+        self.last_frame = time.monotonic()
+        if action != "replicate":
+            return Positions(0, 0)
+        self.pos = Positions(msg["received"], msg["applied"])
+        self.consistent = bool(msg.get("consistent"))
+        self._expect = self.pos.received + 1
+        self._inflight.clear()
+        self._inflight_bytes = 0
+        threading.Thread(target=self._read_loop, args=(self.proc,), daemon=True).start()
+        threading.Thread(target=self._beat_loop, args=(self.proc,), daemon=True).start()
+        if self.journal_seqs is not None:
+            last, released = self.journal_seqs()
+            if self.pos.received > last:
+                self.close()
+                raise TargetUnavailable(f"refused: the target holds records up to "
+                                        f"{self.pos.received} but this source only up to {last}: "
+                                        "its history is not ours (adopt_target replaces it)", retry=False)
+        return self.pos
+
+    def _hello(self, action: str) -> dict:
+        last, released = self.journal_seqs() if self.journal_seqs else (0, 0)
+        return {"version": wire.VERSION, "action": action, "path": self.s.path, "kind": self.kind,
+                "size": self.size, "compression": self.s.compression,
+                "source": {"host": self.claim.host, "entry": self.claim.entry} if self.claim else {},
+                "adopt": bool(self.claim and self.claim.adopt), "generation": self.generation,
+                "last_seq": last, "released_seq": released}
+
+    def _read_stderr(self, proc) -> None:
+        for line in proc.stderr:
+            text = line.decode(errors="replace").rstrip()
+            self._stderr.append(text)
+            if text and not text.startswith("mirrorsetup-agent") or "ERROR" in text:
+                log.info("%s: ssh: %s", self.label, text)
+
+    def _read_loop(self, proc) -> None:
+        try:
+            while True:
+                got = wire.read_frame(proc.stdout.read)
+                if got is None:
+                    raise wire.WireError("the session ended")
+                kind, payload = got
+                self.last_frame = time.monotonic()
+                msg = json.loads(payload) if payload else {}
+                if kind in (wire.ACK, wire.BEAT, wire.RESUME, wire.PAUSE):
+                    self._positions(msg)
+                if kind == wire.BEAT and msg.get("echo"):
+                    self.rtt = max(0.0, time.time() - msg["echo"])
+                elif kind == wire.PAUSE:
+                    self.paused = msg.get("reason", "target full")
+                elif kind == wire.RESUME:
+                    self.paused = None
+                elif kind == wire.REP:
+                    with self._cv:
+                        self._pending[msg["id"]] = msg
+                        self._cv.notify_all()
+                elif kind == wire.ERROR:
+                    if msg.get("code") == "gap":
+                        self._gap = msg.get("message")
+                    else:
+                        self._fail(_agent_error(msg))
+                    return
+        except (wire.WireError, OSError, ValueError) as exc:
+            if proc is self.proc:
+                status = proc.poll()
+                self._fail(ssh_failure("\n".join(self._stderr), status) if self._stderr and status is not None
+                           else TargetUnavailable(f"disconnected: {exc}"))
+
+    def _positions(self, msg: dict) -> None:
+        if "received" not in msg:
+            return
+        with self._cv:
+            self.pos = Positions(msg["received"], msg["applied"])
+            self.consistent = bool(msg.get("consistent"))
+            while self._inflight and self._inflight[0][0] <= self.pos.received:
+                self._inflight_bytes -= self._inflight.popleft()[1]
+            self._cv.notify_all()
+
+    def _beat_loop(self, proc) -> None:
+        while proc is self.proc and proc.poll() is None and self._failure is None:
+            try:
+                self._send(wire.jframe(wire.BEAT, {"ts": time.time()}))
+            except OSError:
+                return
+            if time.monotonic() - self.last_frame > PEER_TIMEOUT:
+                self._fail(TargetUnavailable(f"disconnected: no answer from the agent for "
+                                             f"{PEER_TIMEOUT:.0f} s"))
+                return
+            time.sleep(BEAT_SECONDS)
+
+    def _fail(self, exc: TargetUnavailable) -> None:
+        with self._cv:
+            if self._failure is None:
+                self._failure = exc
+            self._cv.notify_all()
+        self.last_error = exc.state
+        self._end_ssh()
+
+    def _send(self, data: bytes) -> None:
+        with self._wlock:
+            proc = self.proc
+            if proc is None or proc.stdin is None:
+                raise OSError("no session")
+            proc.stdin.write(data)
+            proc.stdin.flush()
+
+    def _check(self) -> None:
+        if self._gap:
+            gap, self._gap = self._gap, None
+            raise JournalGap(self._expect, self._expect)  # the agent lost records: resync
+        if self._failure is not None:
+            raise self._failure
+        if self.paused:
+            raise TargetUnavailable(f"paused: {self.paused}", taken=self.pos.received, disconnect=False)
+
+    # -- shipping ---------------------------------------------------------------------------
+    def send(self, records: list[Record]) -> int:
+        self._check()
+        if records[0].seq > self._expect:  # records the journal dropped for a resync: say so
+            self._send(wire.jframe(wire.SKIP, {"through": records[0].seq - 1}))
+        self._expect = records[-1].seq + 1
+        raw = b"".join(self._wire_record(r).encode() for r in records)
+        payload = self.codec.pack(raw)
+        self._throttle(len(payload) + wire.HEAD.size)
+        window = max(WINDOW_MIN, int(2 * (self.s.bandwidth or 0) * (self.rtt or 0.1)))
+        deadline = time.monotonic() + PEER_TIMEOUT
+        with self._cv:
+            while self._inflight_bytes > window and self._failure is None and not self.paused:
+                if not self._cv.wait(max(0.0, deadline - time.monotonic())):
+                    raise TargetUnavailable(f"disconnected: no acknowledgement for {PEER_TIMEOUT:.0f} s",
+                                            taken=self.pos.received)
+            self._check()
+            self._inflight.append((records[-1].seq, len(raw)))
+            self._inflight_bytes += len(raw)
+        try:
+            self._send(wire.frame(wire.DATA, payload))
+        except OSError as exc:
+            self._fail(TargetUnavailable(f"disconnected: {exc}"))
+            raise self._failure from exc
+        return len(payload) + wire.HEAD.size
+
+    def _wire_record(self, rec: Record) -> Record:
+        """A block write of zeros travels as its length."""
+        if self.kind == "block" and rec.op == "write" and wire.is_zeros(rec.data):
+            return Record(rec.seq, rec.kind, "zero", {"offset": rec.args["offset"],
+                                                      "length": len(rec.data)})
+        return rec
+
+    def _throttle(self, nbytes: int) -> None:
+        """Token bucket on wire bytes: the configured bandwidth, averaged over ~0.25 s."""
+        rate = self.s.bandwidth
+        if not rate:
+            return
+        now = time.monotonic()
+        self._tokens = min(rate * 0.25, self._tokens + (now - self._tokens_at) * rate)
+        self._tokens_at = now
+        self._tokens -= nbytes
+        if self._tokens < 0:
+            time.sleep(-self._tokens / rate)
+
+    def flush(self) -> Positions:
+        self._check()
+        return self.pos
+
+    def skip_to(self, seq: int) -> None:
+        """Records up to `seq` will never come: the agent forgets its own, a resync follows."""
+        self._send(wire.jframe(wire.SKIP, {"through": seq}))
+        self._expect = seq + 1
+
+    def mark_consistent(self, seq: int) -> None:
+        """The catch-up has emitted everything: consistent once the agent applied `seq`."""
+        self._send(wire.jframe(wire.MARK, {"seq": seq}))
+
+    # -- queries ----------------------------------------------------------------------------
+    def _call(self, method: str, **args):
+        self._check()
+        rid = next(self._ids)
+        self._send(wire.jframe(wire.REQ, {"id": rid, "method": method, "args": args}))
+        deadline = time.monotonic() + QUERY_SECONDS
+        with self._cv:
+            while rid not in self._pending:
+                if self._failure is not None:
+                    raise self._failure
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise TargetUnavailable(f"disconnected: {method} got no answer in {QUERY_SECONDS:.0f} s")
+                self._cv.wait(min(left, 1.0))
+            rep = self._pending.pop(rid)
+        if "error" in rep:
+            raise OSError(rep.get("errno") or 5, f"{self.label}: {method}: {rep['error']}")
+        return rep["result"]
+
+    def info(self, rel: bytes) -> sync.Info | None:
+        d = self._call("info", rel=os.fsdecode(rel))
+        return None if d is None else sync.Info.from_wire(d)
+
+    def children(self, rel: bytes) -> dict[bytes, sync.Info] | None:
+        d = self._call("children", rel=os.fsdecode(rel))
+        return None if d is None else {os.fsencode(k): sync.Info.from_wire(v) for k, v in d.items()}
+
+    def file_hashes(self, rel: bytes) -> list[str] | None:
+        return self._call("file_hashes", rel=os.fsdecode(rel))
+
+    def scan(self, *, hashes: bool = True) -> dict[bytes, sync.Info]:
+        return {os.fsencode(k): sync.Info.from_wire(v) for k, v in self._call("scan", hashes=hashes).items()}
+
+    def block_hashes_of(self, blocks: list[int]) -> list[str]:
+        return self._call("block_hashes_of", blocks=blocks)
+
+    def apply_ops(self, ops) -> None:
+        raise TargetUnavailable("refused: a remote replica is written only by its capture; mount "
+                                "or attach the entry first", retry=False)
+
+    # -- end --------------------------------------------------------------------------------
+    def _end_ssh(self) -> int | None:
+        proc = self.proc
+        if proc is None:
+            return None
+        with self._wlock:
+            try:
+                proc.stdin.close()
+            except OSError:
+                pass
+        try:
+            return proc.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            return proc.wait()
+
+    def close(self) -> None:
+        if self.proc is not None:
+            self._end_ssh()
+            self.proc = None
+
+    def figures(self) -> dict:
+        return {"rtt": self.rtt, "agent": self.welcome.get("agent"),
+                "free_bytes": self.welcome.get("free_bytes"), "target_consistent": self.consistent}
+
+
+def _agent_error(msg: dict) -> TargetUnavailable:
+    code, text = msg.get("code", "error"), msg.get("message", "the agent refused")
+    if code in ("locked", "not-ours", "path", "version", "root", "split-brain"):
+        return TargetUnavailable(f"refused: {text}", retry=False)
+    return TargetUnavailable(f"disconnected: {text}")

@@ -1,0 +1,273 @@
+"""Remote targets from the administrator's side: adding one (a dedicated key, the host key
+shown and pinned, never accepted silently), the authorized_keys line for the target, and a
+connection test. The replication itself runs in the capture workers (app/engine/remote.py)
+over the same ssh settings and wire.
+
+OpenSSH is a subprocess, given everything on its command line: BatchMode (never a prompt),
+StrictHostKeyChecking=yes against the target's own known_hosts file, the dedicated key only
+(IdentitiesOnly), keep-alives for dead-peer detection, no ssh-level compression (we compress
+per batch) and no forwarding. The administrator's ssh_config still applies unless the target
+names its own.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import shlex
+import socket
+import subprocess
+import threading
+import time
+from dataclasses import dataclass, replace
+
+from app.services import wire
+from app.services.config import ConfigStore
+from app.services.config_toml import TargetHost
+from app.services.results import ConfigError, MirrorError, Outcome, Result
+
+KEYSCAN_SECONDS = 10
+PROBE_SECONDS = 30
+
+
+@dataclass(frozen=True)
+class Settings:
+    """A configured [[target]] and the path of one replica below its root."""
+
+    name: str
+    host: str
+    root: str
+    path: str = ""
+    port: int = 22
+    user: str | None = None
+    identity: str | None = None
+    known_hosts: str | None = None
+    ssh_config: str | None = None
+    bandwidth: int | None = None  # wire bytes per second
+    resync_bandwidth: int | None = None
+    compression: str = "zstd"
+    alive_interval: int = 2
+    alive_count: int = 3
+    connect_timeout: int = 10
+
+    def ssh_argv(self, *remote: str) -> list[str]:
+        argv = ["ssh"]
+        if self.ssh_config:
+            argv += ["-F", self.ssh_config]
+        opts = {"BatchMode": "yes", "StrictHostKeyChecking": "yes", "Compression": "no",
+                "ServerAliveInterval": str(self.alive_interval),
+                "ServerAliveCountMax": str(self.alive_count),
+                "ConnectTimeout": str(self.connect_timeout), "LogLevel": "INFO",
+                "ForwardAgent": "no", "ForwardX11": "no", "ClearAllForwardings": "yes"}
+        if self.known_hosts:
+            opts["UserKnownHostsFile"] = self.known_hosts
+            opts["GlobalKnownHostsFile"] = "/dev/null"
+        if self.identity:
+            opts["IdentityFile"] = self.identity
+            opts["IdentitiesOnly"] = "yes"
+        for k, v in opts.items():
+            argv += ["-o", f"{k}={v}"]
+        argv += ["-p", str(self.port), "-T"]
+        if self.user:
+            argv += ["-l", self.user]
+        return argv + ["--", self.host, *remote]
+
+
+    @classmethod
+    def of(cls, host: TargetHost, path: str = "") -> Settings:
+        spec = host.to_spec()
+        return cls(**{k: v for k, v in spec.items() if k in cls.__dataclass_fields__}, path=path)
+
+
+def ssh_failure_text(stderr: str, status: int | None) -> tuple[str, bool]:
+    """(status words, retry?) for an ssh that ended before the agent answered."""
+    text = stderr.strip()
+    last = text.splitlines()[-1] if text else f"ssh exited with status {status}"
+    low = text.lower()
+    if "host key verification failed" in low or "remote host identification has changed" in low:
+        return f"refused: host key changed or not pinned ({last})", False
+    if "permission denied" in low:
+        return f"refused: the target does not accept our key ({last})", False
+    if "not responding" in low:
+        return f"disconnected: the target stopped answering ({last})", True
+    return f"disconnected: {last}", True
+
+
+def keys_dir(store: ConfigStore) -> str:
+    return os.path.join(os.path.dirname(os.path.abspath(store.path)), "keys")
+
+
+def default_known_hosts(store: ConfigStore) -> str:
+    return os.path.join(os.path.dirname(os.path.abspath(store.path)), "known_hosts")
+
+
+def host_pattern(host: str, port: int) -> str:
+    return host if port == 22 else f"[{host}]:{port}"
+
+
+def _run(argv: list[str], *, input: bytes | None = None, timeout: float = 30) -> subprocess.CompletedProcess:
+    return subprocess.run(argv, input=input, capture_output=True, timeout=timeout, check=False)
+
+
+def scan_host_keys(host: str, port: int) -> list[tuple[str, str, str]]:
+    """(key line for known_hosts, fingerprint SHA256:…, type) for each key the host offers."""
+    r = _run(["ssh-keyscan", "-T", str(KEYSCAN_SECONDS), "-p", str(port), "--", host],
+             timeout=KEYSCAN_SECONDS + 10)
+    lines = [ln for ln in r.stdout.decode(errors="replace").splitlines()
+             if ln.strip() and not ln.startswith("#")]
+    if not lines:
+        raise MirrorError(f"could not read the host key of {host} port {port}: "
+                          f"{r.stderr.decode(errors='replace').strip() or 'no answer'}",
+                          errno=errno.EHOSTUNREACH, obj=host)
+    out = []
+    for line in lines:
+        fp = _run(["ssh-keygen", "-l", "-E", "sha256", "-f", "-"], input=line.encode() + b"\n")
+        parts = fp.stdout.decode().split()
+        if fp.returncode == 0 and len(parts) >= 2:
+            out.append((line, parts[1], parts[-1].strip("()")))
+    return out
+
+
+def pinned(known_hosts: str, host: str, port: int) -> bool:
+    if not os.path.exists(known_hosts):
+        return False
+    r = _run(["ssh-keygen", "-F", host_pattern(host, port), "-f", known_hosts])
+    return r.returncode == 0 and bool(r.stdout.strip())
+
+
+def _pin(known_hosts: str, host: str, port: int, line: str) -> None:
+    """Append `line` (as ssh-keyscan printed it) with the host named the way ssh looks it up."""
+    _keyhost, keytype, key = line.split(None, 2)
+    os.makedirs(os.path.dirname(known_hosts), mode=0o700, exist_ok=True)
+    fd = os.open(known_hosts, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    try:
+        os.write(fd, f"{host_pattern(host, port)} {keytype} {key}\n".encode())
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def generate_key(path: str) -> None:
+    os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
+    r = _run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", f"mirrorsetup@{socket.gethostname()}",
+              "-f", path])
+    if r.returncode != 0:
+        raise MirrorError(f"ssh-keygen could not make {path}: {r.stderr.decode(errors='replace').strip()}",
+                          errno=errno.EIO, obj=path)
+
+
+def add_target(store: ConfigStore, host: TargetHost, *, accept_host_key: str | None = None,
+               confirm=None) -> Result:
+    """Add a [[target]]: a dedicated ed25519 key unless one is given, and the host key pinned
+    (`accept_host_key` must match what the host offers; without it `confirm(fingerprints)`
+    asks an administrator at a terminal; without either the host is refused, naming its key)."""
+    name = host.name
+    try:
+        if store.load().target_host(name) is not None:
+            raise ConfigError(f"a target named {name!r} is already configured", obj=name, errno=errno.EEXIST)
+        made_key = False
+        if host.identity is None:
+            host = replace(host, identity=os.path.join(keys_dir(store), f"{name}_ed25519"))
+            if not os.path.exists(host.identity):
+                generate_key(host.identity)
+                made_key = True
+        elif not os.path.exists(host.identity):
+            raise ConfigError(f"identity {host.identity} does not exist", obj=host.identity, errno=errno.ENOENT)
+        if host.known_hosts is None:
+            host = replace(host, known_hosts=default_known_hosts(store))
+        note = ""
+        if pinned(host.known_hosts, host.host, host.port):
+            note = f"host key of {host.host} already pinned in {host.known_hosts}"
+        else:
+            keys = scan_host_keys(host.host, host.port)
+            shown = ", ".join(f"{fp} ({kind})" for _line, fp, kind in keys)
+            chosen = None
+            if accept_host_key:
+                chosen = next((k for k in keys if k[1] == accept_host_key), None)
+                if chosen is None:
+                    raise MirrorError(f"the host key of {host.host} is not {accept_host_key}: it offers "
+                                      f"{shown}. Nothing was added", errno=errno.EACCES, obj=name)
+            elif confirm is not None and confirm(keys):
+                chosen = keys[0]
+            else:
+                raise MirrorError(f"the host key of {host.host} port {host.port} is not pinned: it offers "
+                                  f"{shown}. Check it on the target (ssh-keygen -lf "
+                                  "/etc/ssh/ssh_host_ed25519_key.pub) and add the target again with "
+                                  f"--accept-host-key {keys[0][1]}. Nothing was added",
+                                  errno=errno.EACCES, obj=name)
+            _pin(host.known_hosts, host.host, host.port, chosen[0])
+            note = f"pinned host key {chosen[1]} ({chosen[2]}) in {host.known_hosts}"
+        store.add_target(host)
+    except (MirrorError, subprocess.TimeoutExpired, OSError) as exc:
+        if isinstance(exc, OSError) and not isinstance(exc, MirrorError):
+            exc = MirrorError.from_oserror("add target", name, exc)
+        if isinstance(exc, subprocess.TimeoutExpired):
+            exc = MirrorError(f"{exc.cmd[0]} did not answer in {exc.timeout:.0f} s", errno=errno.ETIMEDOUT)
+        return Result.from_error("add target", name, exc)
+    key_note = f"; generated key {host.identity}" if made_key else ""
+    return Result("add target", name, Outcome.OK, f"added target {name} ({host.user + '@' if host.user else ''}"
+                  f"{host.host}:{host.port}, root {host.root}); {note}{key_note}. Put this line in "
+                  f"the target's authorized_keys: {authorized_key_line(host)}",
+                  details={"authorized_key": authorized_key_line(host), "identity": host.identity,
+                           "known_hosts": host.known_hosts})
+
+
+def authorized_key_line(host: TargetHost) -> str:
+    """The exact line for the target's ~/.ssh/authorized_keys: the agent as a forced command,
+    `restrict` (no pty, no forwarding, no agent, no X11)."""
+    with open(f"{host.identity}.pub") as f:
+        keytype, key = f.read().split()[:2]
+    command = shlex.join([host.agent, "serve-target", "--root", host.root]).replace('"', '\\"')
+    return f'command="{command}",restrict {keytype} {key} mirrorsetup@{socket.gethostname()}'
+
+
+def probe(host: TargetHost) -> dict:
+    """Connect, greet the agent, time a heartbeat: versions, free space, round-trip time."""
+    s = Settings.of(host)
+    started = time.monotonic()
+    proc = subprocess.Popen(s.ssh_argv("mirrorsetup-agent"), stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, bufsize=0)
+    result: dict = {}
+
+    def talk() -> None:
+        try:
+            wire.skip_to_greeting(proc.stdout.read)
+            proc.stdin.write(wire.jframe(wire.HELLO, {"version": wire.VERSION, "action": "test"}))
+            kind, payload = wire.read_frame(proc.stdout.read) or (None, b"{}")
+            result["welcome"] = (kind, json.loads(payload))
+            result["connect"] = time.monotonic() - started
+            t0 = time.monotonic()
+            proc.stdin.write(wire.jframe(wire.BEAT, {"ts": time.time()}))
+            got = wire.read_frame(proc.stdout.read)
+            if got is not None and got[0] == wire.BEAT:
+                result["rtt"] = time.monotonic() - t0
+        except (wire.WireError, OSError, ValueError, TypeError) as exc:
+            result["error"] = str(exc)
+    t = threading.Thread(target=talk, daemon=True)
+    t.start()
+    t.join(PROBE_SECONDS)
+    try:
+        proc.stdin.close()
+    except OSError:
+        pass
+    try:
+        proc.wait(timeout=5)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+    stderr = proc.stderr.read().decode(errors="replace")
+    if "welcome" not in result:
+        state, _retry = ssh_failure_text(stderr, proc.returncode)
+        raise MirrorError(f"target {host.name}: {state}" + (f" ({result['error']})" if result.get("error")
+                                                             and "ssh exited" in state else ""),
+                          errno=errno.ECONNREFUSED, obj=host.name)
+    kind, msg = result["welcome"]
+    if kind == wire.ERROR:
+        raise MirrorError(f"target {host.name}: the agent refused: {msg.get('message')}",
+                          errno=msg.get("errno") or errno.EPROTO, obj=host.name)
+    return {"target": host.name, "host": host.host, "port": host.port, "agent_version": msg.get("agent"),
+            "wire_version": msg.get("version"), "source_wire_version": wire.VERSION,
+            "agent_host": msg.get("host"), "root": msg.get("root"), "free_bytes": msg.get("free_bytes"),
+            "connect_seconds": round(result.get("connect", 0.0), 3),
+            "rtt_ms": None if "rtt" not in result else round(result["rtt"] * 1000, 2)}

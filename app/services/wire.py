@@ -1,0 +1,126 @@
+"""The wire between a source's capture worker and `mirrorsetup serve-target` on another host:
+frames over the stdin/stdout of an OpenSSH session.
+
+    frame   = u32 length of payload | u8 type | u32 crc32(type, payload) | payload
+
+The agent opens with a greeting line (GREETING), so whatever a login shell prints before it
+(a real target's ~/.bashrc) is skipped, never taken for a frame. Then:
+
+    HELLO  source → agent   JSON: version, replica path, kind, size, source claim, generation,
+                            last/released seq, what to do (replicate | test | promote …)
+    WELCOME agent → source  JSON: version, generation, received, applied, consistent, free bytes
+    DATA   source → agent   u8 flags (1: zstd) | records in the journal's on-disk encoding
+    SKIP   source → agent   JSON {through}: records up to there never come (a resync replaces them)
+    MARK   source → agent   JSON {seq}: the target is consistent once it has applied seq
+    ACK    agent → source   JSON {received, applied, ts}: durable in its journal / on its data
+    BEAT   both ways        JSON {ts, echo}: liveness, round-trip time, lag while idle
+    PAUSE / RESUME          JSON {reason}: the agent cannot take more (disk full) / can again
+    REQ / REP               JSON {id, method, args} / {id, result | error}: hashes and listings
+    ERROR                   JSON {code, message, errno}: the session ends
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+import zlib
+from dataclasses import dataclass
+
+GREETING = b"MIRRORSETUP-AGENT 1\n"
+VERSION = 1
+HEAD = struct.Struct("<IBI")
+MAX_FRAME = 256 << 20
+
+HELLO, WELCOME, DATA, SKIP, MARK, ACK, BEAT, PAUSE, RESUME, REQ, REP, ERROR = range(1, 13)
+NAMES = {v: k for k, v in dict(HELLO=HELLO, WELCOME=WELCOME, DATA=DATA, SKIP=SKIP, MARK=MARK, ACK=ACK,
+                                BEAT=BEAT, PAUSE=PAUSE, RESUME=RESUME, REQ=REQ, REP=REP,
+                                ERROR=ERROR).items()}
+FLAG_ZSTD = 1
+
+
+class WireError(Exception):
+    """A broken or unexpected frame: the session cannot go on."""
+
+
+def frame(kind: int, payload: bytes) -> bytes:
+    crc = zlib.crc32(payload, zlib.crc32(bytes([kind])))
+    return HEAD.pack(len(payload), kind, crc) + payload
+
+
+def jframe(kind: int, obj: dict) -> bytes:
+    return frame(kind, json.dumps(obj, separators=(",", ":")).encode())
+
+
+def read_exact(read, n: int) -> bytes:
+    """`read(n)` until n bytes; b"" at a clean end of stream before the first byte."""
+    parts, have = [], 0
+    while have < n:
+        chunk = read(n - have)
+        if not chunk:
+            if have == 0:
+                return b""
+            raise WireError(f"stream ended inside a frame ({have} of {n} bytes)")
+        parts.append(chunk)
+        have += len(chunk)
+    return b"".join(parts)
+
+
+def read_frame(read) -> tuple[int, bytes] | None:
+    """The next frame from a blocking `read(n)`; None at end of stream."""
+    head = read_exact(read, HEAD.size)
+    if not head:
+        return None
+    length, kind, crc = HEAD.unpack(head)
+    if length > MAX_FRAME or kind not in NAMES:
+        raise WireError(f"not a frame (type {kind}, length {length})")
+    payload = read_exact(read, length) if length else b""
+    if len(payload) != length:
+        raise WireError("stream ended inside a frame")
+    if zlib.crc32(payload, zlib.crc32(bytes([kind]))) != crc:
+        raise WireError(f"checksum mismatch in a {NAMES[kind]} frame")
+    return kind, payload
+
+
+def skip_to_greeting(read) -> None:
+    """Drop what a login shell printed before the agent started."""
+    seen = b""
+    while not seen.endswith(GREETING):
+        b = read(1)
+        if not b:
+            raise WireError("the other side ended before the mirrorsetup agent greeted"
+                            + (f" (it said: {seen[-200:].decode(errors='replace').strip()!r})"
+                               if seen.strip() else ""))
+        seen = (seen + b)[-4096:]
+
+
+@dataclass
+class Codec:
+    """zstd level 1 per DATA batch, kept only when it is smaller (random data passes through)."""
+
+    compression: str = "zstd"
+
+    def __post_init__(self) -> None:
+        self._c = self._d = None
+        if self.compression == "zstd":
+            import zstandard
+            self._c = zstandard.ZstdCompressor(level=1)
+        import zstandard as zs
+        self._d = zs.ZstdDecompressor()
+
+    def pack(self, raw: bytes) -> bytes:
+        if self._c is not None and len(raw) > 256:
+            packed = self._c.compress(raw)
+            if len(packed) < len(raw):
+                return bytes([FLAG_ZSTD]) + packed
+        return b"\0" + raw
+
+    def unpack(self, payload: bytes) -> bytes:
+        if not payload:
+            raise WireError("empty DATA frame")
+        if payload[0] & FLAG_ZSTD:
+            return self._d.decompress(payload[1:], max_output_size=MAX_FRAME)
+        return payload[1:]
+
+
+def is_zeros(data: bytes) -> bool:
+    return bool(data) and data.count(0) == len(data)
