@@ -55,7 +55,8 @@ def cmd_fs_list(args) -> int:
 
 def cmd_fs_add(args) -> int:
     return _report(args, [_replication(args).add_filesystem(
-        args.path, replicate_atime=args.atime, target=args.target)])
+        args.path, replicate_atime=args.atime, target=args.target, adopt_target=args.adopt_target,
+        queue_limit=args.queue_limit, on_full=args.on_full)])
 
 
 def cmd_fs_remove(args) -> int:
@@ -81,7 +82,8 @@ def cmd_block_list(args) -> int:
 def cmd_block_add(args) -> int:
     return _report(args, [_replication(args).add_block(
         args.device, loop=args.loop, offset=args.offset, sizelimit=args.sizelimit,
-        read_only=args.read_only, encryption=args.encryption, target=args.target)])
+        read_only=args.read_only, encryption=args.encryption, target=args.target,
+        adopt_target=args.adopt_target, queue_limit=args.queue_limit, on_full=args.on_full)])
 
 
 def cmd_block_remove(args) -> int:
@@ -299,7 +301,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("path")
     p.add_argument("--atime", action="store_true", help="replicate access times (off by default; "
                    "times at close are always replicated)")
-    p.add_argument("--target", help="directory the changes are replicated to")
+    p.add_argument("--target", help="directory the changes are replicated to, or NAME:PATH on a "
+                   "remote target")
+    _replica_options(p)
     p = add(fs, "remove", cmd_fs_remove, "remove an entry (its mirrorfs is unmounted first)")
     p.add_argument("path")
     p.add_argument("--force", action="store_true", help="lazy-unmount even when files are open")
@@ -314,7 +318,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("device")
     _loop_options(p)
     p.add_argument("--encryption", help=argparse.SUPPRESS)  # legacy field: refused with a reason
-    p.add_argument("--target", help="file or device the writes are replicated to")
+    p.add_argument("--target", help="file or device the writes are replicated to, or NAME:PATH "
+                   "on a remote target")
+    _replica_options(p)
     p = add(block, "remove", cmd_block_remove, "detach and remove a block device entry")
     p.add_argument("device")
     p = add(block, "attach-all", cmd_block_attach_all, "attach every entry to its loop device now")
@@ -380,6 +386,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     _register_engine_commands(sub, fs, common)
     return parser
+
+
+def _replica_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--adopt-target", action="store_true", help="replace the contents of a target "
+                   "that is not empty and is no replica of ours (otherwise refused)")
+    p.add_argument("--queue-limit", metavar="SIZE", help="unreplicated changes kept at most "
+                   "(default: a tenth of the state directory's file system, 64 MiB-16 GiB)")
+    p.add_argument("--on-full", choices=("pull-ahead", "block"), help="when the queue is full: "
+                   "track what changed and resync it later (pull-ahead, default) or make writers wait")
 
 
 def _loop_options(p: argparse.ArgumentParser) -> None:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import errno
 import os
+import subprocess
 
 import pytest
 
@@ -244,3 +246,35 @@ def test_queue_limit_block_makes_writers_wait(tmp_path):
     j.release(4)
     assert done.wait(10) and j.last_seq == 5 and not j.behind
     t.join()
+
+
+@pytest.mark.root
+def test_a_full_disk_never_leaves_a_torn_or_half_ingested_journal(tmp_path, tmpfs_mount):
+    """The agent's ingest is all or nothing: ENOSPC in the middle leaves the journal as it was
+    (no torn record that would stop the reader later), and it goes on once there is room."""
+    from app.engine.journal import Record
+    small = tmpfs_mount(tmp_path / "small")
+    subprocess.run(["mount", "-o", "remount,size=1m", str(small)], check=True)
+    j = Journal(small, segment_bytes=200_000)
+    seq = 0
+
+    def batch(n: int, size: int) -> list[Record]:
+        nonlocal seq
+        out = []
+        for _ in range(n):
+            seq += 1
+            out.append(Record(seq, 1, "write", {"offset": seq}, b"d" * size))
+        return out
+    assert j.ingest_durably(batch(4, 100_000)) == 4
+    with pytest.raises(OSError) as exc:
+        j.ingest_durably(batch(20, 100_000))  # runs out of room part way
+    assert exc.value.errno == errno.ENOSPC
+    assert j.last_seq == 4
+    seq = 4
+    got = j.read(100)
+    assert [r.seq for r in got] == [1, 2, 3, 4]
+    j.release(4)  # applied: the space comes back
+    assert j.ingest_durably(batch(3, 100_000)) == 7
+    assert [r.seq for r in j.read(100)] == [5, 6, 7]
+    j.close()
+    assert Journal(small).torn_bytes == 0

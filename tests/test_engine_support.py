@@ -118,7 +118,8 @@ class Engine:
         deadline = time.monotonic() + DRAIN_SECONDS
         while True:
             st = self._row(table, path)
-            if st["captured"] and st["applied_seq"] == st["last_seq"] and st["catch_up"] is None:
+            if st["captured"] and st["applied_seq"] == st["last_seq"] and st["catch_up"] is None \
+                    and not st["behind"]:
                 return st
             assert time.monotonic() < deadline, f"journal did not drain: {st}"
             time.sleep(0.05)
@@ -167,11 +168,16 @@ class Engine:
         self.stop()
         self.kill_orphan_workers()
         from app.services import loop as loopdev
+        run_dir = os.path.dirname(self.socket) + "/"
         for lp in loopdev.list_attached():  # loops left on our capture files (a killed daemon's)
-            if lp.backing_file and lp.backing_file.startswith(str(self.tmp)):
+            if lp.backing_file and lp.backing_file.startswith(run_dir):
                 subprocess.run(["umount", "-l", lp.device], capture_output=True)
                 subprocess.run(["losetup", "-d", lp.device], capture_output=True)
-        # the daemon's captures (mirrorfs, block files) and the fs entries' doors, deepest first
+        # the daemon's captures (mirrorfs, block files) and the fs entries' doors, deepest first;
+        # nothing else of the test's (a target disk, a tmpfs it made) is ours to unmount
         for mp in sorted({m.mount_point for m in read_mountinfo()
-                          if m.mount_point.startswith(str(self.tmp) + "/")}, key=len, reverse=True):
+                          if m.mount_point.startswith(run_dir) or (
+                              m.fstype in ("fuse.mirrorfs", "fuse.mirrorblk")
+                              and m.mount_point.startswith(str(self.tmp) + "/"))},
+                         key=len, reverse=True):
             subprocess.run(["umount", "-l", mp], capture_output=True)

@@ -46,11 +46,11 @@ def tree(root: Path) -> dict[str, str]:
 class Remote:
     """A configured remote target `backup1` on a bed, added the way an administrator does."""
 
-    def __init__(self, tmp_path: Path, bed, **opts):
+    def __init__(self, tmp_path: Path, bed, root: Path | None = None, **opts):
         self.bed = bed
         self.cfg = tmp_path / "etc" / "replication.toml"
-        self.root = tmp_path / "replicas"
-        self.root.mkdir()
+        self.root = root or tmp_path / "replicas"
+        self.root.mkdir(exist_ok=True)
         fp = subprocess.run(["ssh-keygen", "-lf", f"{bed.host_key}.pub"], capture_output=True,
                             text=True, check=True).stdout.split()[1]
         argv = ["target", "add", "backup1", "--host", bed.target_addr, "--port", str(bed.port),
@@ -69,9 +69,10 @@ class Remote:
 @pytest.fixture
 def remote(tmp_path, make_two_hosts):
     with engine_maker(tmp_path) as make:
-        def build(*, bed_opts=None, **opts):
+        def build(*, bed_opts=None, disk: int | None = None, **opts):
             bed = make_two_hosts(**(bed_opts or {}))
-            return make, Remote(tmp_path, bed, **opts)
+            root = bed.target_disk(disk).path if disk else None
+            return make, Remote(tmp_path, bed, root, **opts)
         yield build
 
 
@@ -114,3 +115,261 @@ def test_fs_entry_replicates_every_kind_of_change_to_the_other_host(remote, tmp_
     assert st["resync_bytes"] > 0 and st["wire_bytes"] > 0
     assert tree(src) == tree(r.root / "data")
     assert eng.verify(str(src)) == []
+
+
+MiB = 1 << 20
+WRITER = r"""
+import os, sys, time
+src, log = sys.argv[1], sys.argv[2]
+logfd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_APPEND)
+i = 0
+while not os.path.exists(log + ".stop"):
+    name = os.path.join(src, "w%05d" % i)
+    with open(name, "wb") as f:
+        f.write(os.urandom(2048 + i % 5000))
+        f.flush()
+        os.fsync(f.fileno())
+    os.write(logfd, b"%s\n" % name.encode())
+    i += 1
+    time.sleep(0.01)
+"""
+
+
+def wait_for(what: str, pred, timeout: float = 120, step: float = 0.1):
+    deadline = time.monotonic() + timeout
+    while True:
+        got = pred()
+        if got:
+            return got
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(step)
+
+
+def lines(path: str) -> int:
+    return open(path).read().count("\n") if os.path.exists(path) else 0
+
+
+@pytest.fixture
+def fs_remote(remote, tmp_path):
+    """A file-system entry replicating to backup1:data, captured and caught up."""
+    def build(**opts):
+        make, r = remote(**opts)
+        src = tmp_path / "src"
+        src.mkdir()
+        assert cli(r.cfg, "fs", "add", str(src), "--target", "backup1:data").returncode == 0
+        eng, _, _ = make(config=r.cfg)
+        eng.drain(str(src))
+        return eng, str(src), r
+    return build
+
+
+@pytest.fixture
+def writer(tmp_path):
+    procs = []
+
+    def start(src: str) -> str:
+        log = str(tmp_path / f"writer{len(procs)}.log")
+        procs.append((subprocess.Popen([sys.executable, "-c", WRITER, src, log]), log))
+        wait_for("the writer", lambda: lines(log) >= 10, 30)
+        return log
+
+    def stop() -> None:
+        for proc, log in procs:
+            open(log + ".stop", "w").close()
+            proc.wait(timeout=60)
+            assert proc.returncode == 0, "the writer failed"
+    start.stop = stop
+    yield start
+    for proc, log in procs:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def test_link_down_20s_under_a_writer_resumes_without_resync(fs_remote, writer):
+    eng, src, r = fs_remote()
+    before = eng.status(src)
+    log = writer(src)
+    r.bed.link_down()
+    down = time.monotonic()
+    st = wait_for("the dead link noticed", lambda: (s := eng.status(src))["connection"].startswith(
+        "disconnected") and s, 30)
+    assert "retry in" in st["connection"]
+    written = lines(log)
+    time.sleep(max(0.0, 20 - (time.monotonic() - down)))
+    assert lines(log) > written  # capture went on: the writer never waited for the network
+    r.bed.link_up()
+    wait_for("reconnected", lambda: eng.status(src)["connection"] == "connected", 120)
+    writer.stop()
+    st = eng.drain(src)
+    assert st["reconnects"] - before["reconnects"] == 1, st
+    assert st["resync_bytes"] == before["resync_bytes"], "a resync ran: the resume did not resume"
+    assert st["resent_bytes"] <= 12 * MiB  # at most one window went again
+    assert tree(Path(src)) == tree(r.root / "data")
+    assert eng.verify(src) == []
+
+
+def test_blackhole_is_noticed_and_reject_backs_off(fs_remote):
+    import psutil
+    eng, src, r = fs_remote()
+    r.bed.blackhole()
+    st = wait_for("the silent link noticed", lambda: (s := eng.status(src))["connection"].startswith(
+        "disconnected") and s, 30)
+    assert st["last_error"] and "retry in" in st["connection"]
+    r.bed.unblock()
+    wait_for("reconnected", lambda: eng.status(src)["connection"] == "connected", 120)
+    r.bed.reject()
+    os.kill(eng.status(src)["worker_pid"], 0)
+    wait_for("refused", lambda: "refused" in eng.status(src)["connection"], 60)
+    procs = [psutil.Process(eng.proc.pid), psutil.Process(eng.status(src)["worker_pid"])]
+    cpu0 = sum(p.cpu_times().user + p.cpu_times().system for p in procs)
+    attempts0, t0 = eng.status(src)["attempts"], time.monotonic()
+    time.sleep(30)
+    st = eng.status(src)
+    cpu = sum(p.cpu_times().user + p.cpu_times().system for p in procs) - cpu0
+    span = time.monotonic() - t0
+    assert st["attempts"] - attempts0 <= 4, st  # backed off: not more than 8 a minute
+    assert cpu / span < 0.02, f"{cpu:.2f} s of CPU in {span:.0f} s while the target refused"
+    assert "Connection refused" in st["connection"] and "retry in" in st["connection"], st
+    r.bed.unblock()
+    wait_for("reconnected", lambda: eng.status(src)["connection"] == "connected", 120)
+
+
+def test_killed_agents_and_daemon_resume_from_the_targets_position(fs_remote, writer):
+    eng, src, r = fs_remote()
+    before = eng.status(src)
+    writer(src)
+    applied = []
+    for _ in range(3):
+        pid = r.bed.wait_target_process("serve-target")
+        time.sleep(0.3)  # mid-batch: the writer keeps it busy
+        r.bed.kill_on_target(pid)
+        wait_for("a new agent", lambda: (p := r.bed.target_processes()) and any(
+            "serve-target" in " ".join(argv) and q != pid for q, argv in p), 120)
+        for _ in range(10):
+            applied.append(eng.status(src)["applied_seq"])
+            time.sleep(0.1)
+    eng.kill9()  # the source daemon too: its worker goes on and is taken over
+    eng.start()
+    writer.stop()
+    st = eng.drain(src)
+    applied.append(st["applied_seq"])
+    assert applied == sorted(applied), "the applied position went back"
+    assert st["resync_bytes"] == before["resync_bytes"], "resumed by a resync instead of the journal"
+    assert tree(Path(src)) == tree(r.root / "data")
+
+
+def test_a_full_target_pauses_and_resumes_with_nothing_lost(fs_remote, tmp_path):
+    eng, src, r = fs_remote(disk=48 * MiB)
+    disk = r.bed._disks[-1]
+    disk.fill()
+    for i in range(20):
+        (Path(src) / f"big{i}").write_bytes(os.urandom(256 << 10))
+    st = wait_for("paused", lambda: (s := eng.status(src))["connection"].startswith("paused") and s, 60)
+    assert "target full" in st["connection"], st
+    assert st["bytes_queued"] > 0  # the source keeps what the target could not take
+    disk.unfill()
+    st = eng.drain(src)
+    assert st["connection"] == "connected", st
+    assert tree(Path(src)) == tree(r.root / "data")
+
+
+@pytest.fixture
+def block_remote(remote, disks):
+    """A block entry (a 64 MiB scratch disk) replicating to backup1:disk.img, captured."""
+    def build(*, entry_opts=(), **opts):
+        make, r = remote(**opts)
+        disk = disks(64 * MiB)
+        a = cli(r.cfg, "block", "add", disk, "--target", "backup1:disk.img", *entry_opts)
+        assert a.returncode == 0, a.stdout + a.stderr
+        eng, _, _ = make(config=r.cfg)
+        eng.block_drain(disk)
+        return eng, disk, r
+    return build
+
+
+def sha(path, size=None) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        h.update(f.read(size) if size else f.read())
+    return h.hexdigest()
+
+
+def dd(dest: str, *, src: str = "/dev/urandom", mib: int, seek_mib: int = 0) -> None:
+    subprocess.run(["dd", f"if={src}", f"of={dest}", "bs=1M", f"count={mib}", f"seek={seek_mib}",
+                    "oflag=direct", "conv=fsync,notrunc", "status=none"], check=True)
+
+
+def test_block_entry_replicates_to_the_other_host(block_remote):
+    eng, disk, r = block_remote()
+    loop = eng.block(disk)["loop"]
+    subprocess.run(["mkfs.ext4", "-q", "-F", loop], check=True)
+    dd(loop, mib=3, seek_mib=20)
+    dd(loop, src="/dev/zero", mib=4, seek_mib=40)
+    st = eng.block_drain(disk)
+    assert st["target_data"] == "consistent" and st["connection"] == "connected", st
+    assert sha(r.root / "disk.img") == sha(disk)
+    reply = eng.client.request("block_verify", device=disk)
+    assert reply["ranges"] == [] and reply["differing"] == 0
+
+
+def test_verify_names_exactly_the_damaged_ranges_and_mirror_repairs_only_them(block_remote):
+    eng, disk, r = block_remote()
+    dd(eng.block(disk)["loop"], mib=8, seek_mib=8)
+    eng.block_drain(disk)
+    with open(r.root / "disk.img", "r+b") as f:  # damage the replica behind the engine's back
+        f.seek(3 * MiB + 100)
+        f.write(b"damage")
+        f.seek(10 * MiB)
+        f.write(b"\xff" * (2 * MiB))
+    reply = eng.client.request("block_verify", device=disk)
+    assert reply["ranges"] == [[3 * MiB, 4 * MiB], [10 * MiB, 12 * MiB]], reply
+    before = eng.block(disk)["wire_bytes"]
+    reply = eng.client.request("block_mirror", device=disk)
+    assert reply["copied_bytes"] == 3 * MiB and reply["differing"] == 3, reply
+    assert eng.block(disk)["wire_bytes"] - before < 4 * MiB  # hashes crossed, not the device
+    assert sha(r.root / "disk.img") == sha(disk)
+
+
+def test_queue_limit_pull_ahead_never_blocks_writers_and_resyncs_only_what_changed(block_remote):
+    eng, disk, r = block_remote(entry_opts=("--queue-limit", "4MiB"))
+    loop = eng.block(disk)["loop"]
+    before = eng.block(disk)
+    r.bed.link_down()
+    wait_for("the dead link noticed", lambda: eng.block(disk)["connection"].startswith("disconnected"), 30)
+    started = time.monotonic()
+    for i in range(12):  # 24 MiB of changes: six times the queue
+        dd(loop, mib=2, seek_mib=4 + 4 * i)
+    assert time.monotonic() - started < 60  # the writer never waited for the link
+    st = eng.block(disk)
+    assert st["behind"] and st["bytes_queued"] <= 5 * MiB, st
+    r.bed.link_up()
+    st = eng.block_drain(disk)
+    assert not st["behind"] and st["target_data"] == "consistent", st
+    resync = st["resync_bytes"] - before["resync_bytes"]
+    assert 0 < resync <= 1.2 * 24 * MiB, f"resync moved {resync} bytes for 24 MiB of changes"
+    assert sha(r.root / "disk.img") == sha(disk)
+
+
+def test_bandwidth_cap_holds_and_compressible_data_compresses(block_remote):
+    eng, disk, r = block_remote(bandwidth="4MiB/s")
+    loop = eng.block(disk)["loop"]
+    dd(loop, mib=40, seek_mib=0)  # incompressible: the sender runs at the cap for ~10 s
+    time.sleep(2)
+    a, ta = eng.block(disk)["wire_bytes"], time.monotonic()
+    time.sleep(5)
+    b, tb = eng.block(disk)["wire_bytes"], time.monotonic()
+    rate = (b - a) / (tb - ta)
+    assert 0.9 * 4 * MiB <= rate <= 1.1 * 4 * MiB, f"{rate / MiB:.2f} MiB/s against a cap of 4"
+    st = eng.block_drain(disk)
+    text = (b"mirrorsetup replicates this line of text to the other host, again and again. " * 14000)[:MiB]
+    with open(loop, "r+b", buffering=0) as f:
+        for i in range(8):
+            f.seek((44 + i) * MiB)
+            f.write(text)
+        os.fsync(f.fileno())
+    before_w, before_l = st["wire_bytes"], st["logical_bytes"]
+    st = eng.block_drain(disk)
+    ratio = (st["logical_bytes"] - before_l) / max(1, st["wire_bytes"] - before_w)
+    assert ratio >= 3, f"compression ratio {ratio:.1f}"
+    assert sha(r.root / "disk.img") == sha(disk)

@@ -306,7 +306,9 @@ class Agent:
                 self.send(wire.ACK, self.positions())
             elif kind == wire.MARK:
                 self.state["mark_seq"] = int(json.loads(payload)["seq"])
+                self._consistent_if_applied()
                 self.replica.save(self.state)
+                self.send(wire.ACK, self.positions())
             elif kind == wire.REQ:
                 req = json.loads(payload)
                 threading.Thread(target=self._query, args=(req,), daemon=True).start()
@@ -324,9 +326,13 @@ class Agent:
         if not recs:
             self.send(wire.ACK, self.positions())
             return
+        if self.paused:
+            return  # dropped, not acknowledged: the source sends it again after RESUME
+        if recs[0].seq > self.journal.last_seq + 1:  # an earlier batch was dropped: resend from there
+            self.send(wire.REWIND, self.positions())
+            return
         try:
-            self.journal.ingest(recs)
-            self.journal.sync()
+            self.journal.ingest_durably(recs)
         except JournalGap as gap:
             raise AgentError("gap", f"records missing: {gap}; the source must resync", errno.EPROTO) from None
         except OSError as exc:
@@ -346,6 +352,17 @@ class Agent:
         if self.paused:
             self.paused = None
             self.send(wire.RESUME, self.positions())
+
+    def _consistent_if_applied(self) -> bool:
+        """The source's catch-up ended at `mark_seq`: once that is applied the replica is
+        consistent (a prefix of the source's history) again."""
+        mark = self.state.get("mark_seq")
+        if mark is None or self.journal.released_seq < mark:
+            return False
+        self.state.update(consistent=True, consistent_seq=self.journal.released_seq,
+                          consistent_time=time.time())
+        self.state.pop("mark_seq")
+        return True
 
     def _inconsistent(self) -> None:
         if self.state.get("consistent"):
@@ -368,11 +385,7 @@ class Agent:
                     self.target.flush()
                     j.release(j.sent_seq)
                     last_sync = time.monotonic()
-                    mark = self.state.get("mark_seq")
-                    if mark and j.released_seq >= mark:
-                        self.state.update(consistent=True, consistent_seq=j.released_seq,
-                                          consistent_time=time.time())
-                        self.state.pop("mark_seq")
+                    if self._consistent_if_applied():
                         self.replica.save(self.state)
                     self.send(wire.ACK, self.positions())
                 if not batch and self.paused and _has_room(self.root):
@@ -435,7 +448,7 @@ class Agent:
                 self.target.close()
 
 
-def _has_room(root: str, need: int = 64 << 20) -> bool:
+def _has_room(root: str, need: int = 8 << 20) -> bool:
     st = os.statvfs(root)
     return st.f_bavail * st.f_frsize >= need
 

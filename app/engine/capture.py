@@ -199,6 +199,9 @@ class Capture:
         self._catch_up_wake = None
         self._trackers = 0
         self._held = False
+        self._full_pending = True  # a fresh worker compares everything once
+        self._dirty_scope: set[int] = set()  # block: what pull-ahead dropped, not yet resynced
+        self._resync_tokens, self._resync_at = 0.0, time.monotonic()
         self.last_catch_up: dict | None = None
 
     # -- start
@@ -337,6 +340,7 @@ class Capture:
     def request_catch_up(self, reason: str, discard: bool = False) -> None:
         """On the trio thread (atomic with capture): start tracking, drop what is moot."""
         self._hold_tracker()
+        self._full_pending = True
         if discard:
             self.journal.discard_through(self.journal.last_seq)
             self.shipper.release_hold()
@@ -384,17 +388,19 @@ class Capture:
         while not self.shipper.connected:
             self.catching = {"reason": self.reason, "stage": "waiting for the target"}
             await trio.sleep(0.2)
-        dirty = None
         if self.journal.behind:
             self.journal.catch_up_from_behind()
-            if self.spec.kind == "block":
-                dirty = self.ops.dirty_blocks()
+            if not self._full_pending:
+                self.reason = "the queue limit was reached: resync of what was not journalled"
+            if self.spec.kind == "block":  # only what was dropped (kept until a resync succeeds)
+                self._dirty_scope.update(self.ops.dirty_blocks())
                 self.ops.dirty[:] = bytes(len(self.ops.dirty))
+        dirty = None if self._full_pending or self.spec.kind == "fs" else sorted(self._dirty_scope)
         self.catching = {"reason": self.reason, "stage": "comparing", "done": 0, "total": None,
                          "bytes": 0, "started": time.time()}
         log.info("%s: catching up (%s)", self.spec.key, self.reason)
         try:
-            counts = await trio.to_thread.run_sync(self._reconcile, False, dirty)
+            counts = await trio.to_thread.run_sync(self._reconcile, False, dirty, abandon_on_cancel=True)
         except TargetUnavailable as exc:
             log.warning("%s: catching up paused: %s", self.spec.key, exc.state)
             self.catching = {"reason": self.reason, "stage": f"paused: {exc.state}"}
@@ -406,6 +412,8 @@ class Capture:
         self.resync_bytes += counts.get("bytes", counts.get("copied_bytes", 0))
         self.catching = None
         self.consistent = True
+        self._full_pending = False
+        self._dirty_scope.clear()
         if self.remote:  # the replica is consistent once the agent has applied all of it
             try:
                 self.target.mark_consistent(self.journal.last_seq)
@@ -414,6 +422,23 @@ class Capture:
         log.info("%s: caught up (%s): %s", self.spec.key, self.reason, counts)
         self.last_catch_up = {"reason": self.reason, **counts, "finished": time.time()}
         return True
+
+    def resync_room(self, nbytes: int) -> None:
+        """In the reconciler's thread, before it commits `nbytes`: a resync never fills the
+        queue (it would go behind and start over) and keeps under the resync bandwidth, so
+        live changes still get through."""
+        limit = self.spec.queue_limit
+        while limit and self.journal.queued_bytes + nbytes > limit * 3 // 4 and \
+                self.journal.queued_bytes > 0:
+            time.sleep(0.02)
+        rate = ((self.spec.target or {}).get("remote") or {}).get("resync_bandwidth")
+        if rate:
+            now = time.monotonic()
+            self._resync_tokens = min(rate * 0.25, self._resync_tokens + (now - self._resync_at) * rate)
+            self._resync_at = now
+            self._resync_tokens -= nbytes
+            if self._resync_tokens < 0:
+                time.sleep(-self._resync_tokens / rate)
 
     def _progress(self, p: dict) -> None:
         if self.catching is not None:
@@ -652,6 +677,7 @@ class FsCaptureSink:
     def commit(self, check, ops) -> bool:
         import trio
         cap = self.cap
+        cap.resync_room(sum(len(d) + 64 for _o, _a, d in ops))
 
         def on_capture_thread() -> bool:
             if check is not None and not self.tracker.still(check, lambda: _lstat_key(cap.root_fd, check.rel)):
@@ -683,6 +709,7 @@ class BlockCaptureSink:
     def commit(self, block: int, data: bytes, gen: int | None) -> bool:
         import trio
         cap = self.cap
+        cap.resync_room(len(data) + 64)
 
         def on_capture_thread() -> bool:
             if gen is not None and cap.ops.generation(block) != gen:

@@ -26,6 +26,8 @@ instead and resyncs it later). Every state change happens under one lock.
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import itertools
 import json
 import os
@@ -276,28 +278,58 @@ class Journal:
         """Bytes of records the target does not hold yet (to MARK_BYTES' precision)."""
         return self._cum - self._released_cum if self.last_seq > self.released_seq else 0
 
-    def ingest(self, records: list[Record]) -> int:
-        """The agent's side: store records that arrive with the source's seqs, which must follow
-        on from the last one (a hole raises JournalGap); returns the last seq."""
+    def ingest_durably(self, records: list[Record]) -> int:
+        """The agent's side: store records that arrive with the source's seqs (they must follow
+        on from the last one: a hole raises JournalGap) and make them durable. All or nothing:
+        on an error (a full disk) the journal is as it was before, and the error is raised."""
         with self._cv:
-            for rec in records:
-                if rec.seq != self.last_seq + 1:
-                    raise JournalGap(self.last_seq + 1, rec.seq)
-                rec.size = rec.size or rec.estimate_size()
-                self.last_seq = rec.seq
-                self.captured_ops += 1
-                self._cum += rec.size
-                if not self._marks or self._cum - self._marks[-1][1] >= MARK_BYTES:
-                    self._marks.append((rec.seq, self._cum))
-                if self._mem_bytes + rec.size > self.memory_bytes:
-                    self._spill()
-                if rec.size > self.memory_bytes:
+            mark = (self.last_seq, len(self._segments), self._writer, self._writer_size,
+                    len(self._mem), self._mem_bytes, self._cum, len(self._marks), self.captured_ops,
+                    self._disk_last)
+            try:
+                for rec in records:
+                    if rec.seq != self.last_seq + 1:
+                        raise JournalGap(self.last_seq + 1, rec.seq)
+                    rec.size = rec.size or rec.estimate_size()
+                    self._spill()  # everything goes to disk: received means durable
                     self._write(rec)
-                else:
-                    self._mem.append(rec)
-                    self._mem_bytes += rec.size
+                    self.last_seq = rec.seq
+                    self.captured_ops += 1
+                    self._cum += rec.size
+                    if not self._marks or self._cum - self._marks[-1][1] >= MARK_BYTES:
+                        self._marks.append((rec.seq, self._cum))
+                self._sync_rolled()
+                if self._writer is not None and self._unsynced:
+                    os.fdatasync(self._writer)
+                    self._unsynced = False
+            except BaseException:
+                self._roll_back(mark)
+                raise
             self._cv.notify_all()
             return self.last_seq
+
+    def _roll_back(self, mark) -> None:
+        """Undo an ingest: segments made since go, the one it wrote to is cut back, and the
+        next record starts a new segment."""
+        (last, nsegs, writer, writer_size, nmem, mem_bytes, cum, nmarks, ops, disk_last) = mark
+        for fd in self._unsynced_fds + ([self._writer] if self._writer is not None else []):
+            with contextlib.suppress(OSError):
+                os.close(fd)
+        self._unsynced_fds, self._writer, self._unsynced, self._writer_size = [], None, False, 0
+        for seg in self._segments[nsegs:]:
+            seg.path.unlink(missing_ok=True)
+        del self._segments[nsegs:]
+        if writer is not None and self._segments:
+            os.truncate(self._segments[-1].path, writer_size)
+            self._segments[-1].last = min(self._segments[-1].last, last)
+        while len(self._mem) > nmem:
+            self._mem.pop()
+        self._mem_bytes, self._cum, self.captured_ops = mem_bytes, cum, ops
+        while len(self._marks) > nmarks:
+            self._marks.pop()
+        self.last_seq, self._disk_last = last, disk_last
+        self.sent_seq = min(self.sent_seq, last)
+        self._reader = None
 
     def skip_to(self, seq: int) -> None:
         """Records up to `seq` will never come (the source resyncs instead): forget ours."""
@@ -339,15 +371,20 @@ class Journal:
 
     def _spill(self) -> None:
         while self._mem:
+            self._write(self._mem[0])  # a failed write keeps the record where it was
             rec = self._mem.popleft()
             self._mem_bytes -= rec.size
-            self._write(rec)
 
     def _write(self, rec: Record) -> None:
         raw = rec.encode()
         if self._writer is None or self._writer_size + len(raw) > self.segment_bytes:
             self._roll(rec.seq)
-        os.write(self._writer, raw)
+        try:
+            if os.write(self._writer, raw) != len(raw):
+                raise OSError(errno.ENOSPC, "short write to the journal")
+        except OSError:
+            os.ftruncate(self._writer, self._writer_size)  # no torn record stays behind
+            raise
         self._writer_size += len(raw)
         self._segments[-1].last = rec.seq
         self._disk_last = rec.seq

@@ -68,6 +68,7 @@ class RemoteTarget(Target):
         self._failure: TargetUnavailable | None = None
         self._gap: str | None = None
         self.paused: str | None = None
+        self._rewind: int | None = None
         self.pos = Positions(0, 0)
         self.welcome: dict = {}
         self.rtt: float | None = None
@@ -87,7 +88,7 @@ class RemoteTarget(Target):
     # -- session ----------------------------------------------------------------------------
     def open(self, action: str = "replicate") -> Positions:
         self.close()
-        self._failure, self._gap, self.paused = None, None, None
+        self._failure, self._gap, self.paused, self._rewind = None, None, None, None
         self.proc = subprocess.Popen(self.s.ssh_argv("mirrorsetup-agent"), stdin=subprocess.PIPE,
                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, bufsize=0,
                                      start_new_session=True)
@@ -174,6 +175,8 @@ class RemoteTarget(Target):
                     self.paused = msg.get("reason", "target full")
                 elif kind == wire.RESUME:
                     self.paused = None
+                elif kind == wire.REWIND:
+                    self._rewind = msg["received"]
                 elif kind == wire.REP:
                     with self._cv:
                         self._pending[msg["id"]] = msg
@@ -236,6 +239,13 @@ class RemoteTarget(Target):
             raise self._failure
         if self.paused:
             raise TargetUnavailable(f"paused: {self.paused}", taken=self.pos.received, disconnect=False)
+        if self._rewind is not None:
+            taken, self._rewind = self._rewind, None
+            with self._cv:
+                self._inflight.clear()
+                self._inflight_bytes = 0
+            self._expect = taken + 1
+            raise TargetUnavailable("connected", taken=taken, disconnect=False, delay=0.0)
 
     # -- shipping ---------------------------------------------------------------------------
     def send(self, records: list[Record]) -> int:
@@ -297,7 +307,8 @@ class RemoteTarget(Target):
 
     # -- queries ----------------------------------------------------------------------------
     def _call(self, method: str, **args):
-        self._check()
+        if self._failure is not None:  # a pause or a rewind is the shipper's business, not ours
+            raise self._failure
         rid = next(self._ids)
         self._send(wire.jframe(wire.REQ, {"id": rid, "method": method, "args": args}))
         deadline = time.monotonic() + QUERY_SECONDS

@@ -36,8 +36,9 @@ class TargetUnavailable(Exception):
     full", "disconnected: …", "refused: …"); `taken` is the last seq it did take (or None)."""
 
     def __init__(self, state: str, *, taken: int | None = None, retry: bool = True,
-                 disconnect: bool = True):
+                 disconnect: bool = True, delay: float | None = None):
         super().__init__(state)
+        self.delay = delay  # go again after exactly this long (None: back off)
         self.state = state
         self.taken = taken
         self.retry = retry  # False: a refusal an administrator must resolve (we still re-check)
@@ -149,9 +150,11 @@ class Shipper:
                     self.on_gap(gap)
             except TargetUnavailable as exc:
                 self._unavailable(exc)
-                cap = BACKOFF_MAX_LOCAL if self.local else BACKOFF_MAX
+                cap = BACKOFF_MAX_LOCAL if self.local or not exc.disconnect else BACKOFF_MAX
                 delay = min(backoff, cap) * random.uniform(0.8, 1.2)
                 backoff = min(backoff * 2, cap)
+                if exc.delay is not None:
+                    delay = exc.delay
                 self.fig.retry_at = time.time() + delay
                 self._stop.wait(delay)
             except Exception as exc:  # a bug must not end replication silently

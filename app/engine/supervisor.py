@@ -243,8 +243,13 @@ class Supervisor:
 
     def spec(self, kind: str, key: str, entry, **extra):
         from app.engine.capture import Spec
+        from app.services.units import parse_size
         target = getattr(entry, "target", None)
+        limit = getattr(entry, "queue_limit", None)
         return Spec(kind=kind, key=key, state=self.layout.state(kind, key),
+                    queue_limit=parse_size(limit) if limit else
+                    layout_mod.default_queue_limit(self.layout.state_dir),
+                    on_full=getattr(entry, "on_full", None) or "pull-ahead",
                     run=self.layout.run(kind, key), adopt=self.layout.adopt_socket(kind, key),
                     fsname=self.layout.fsname(kind),
                     target=None if not target else target_spec(target, self.store.load()),

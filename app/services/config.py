@@ -85,8 +85,10 @@ class ConfigStore:
         check_file_safety(self.path)
         return config_from_toml(text, str(self.path))
 
-    def add_filesystem(self, path, *, replicate_atime=False, target=None, adopt_target=False) -> FsEntry:
-        wanted = FsEntry(os.fspath(path), replicate_atime, _fspath(target), bool(adopt_target))
+    def add_filesystem(self, path, *, replicate_atime=False, target=None, adopt_target=False,
+                       queue_limit=None, on_full=None) -> FsEntry:
+        wanted = FsEntry(os.fspath(path), replicate_atime, _fspath(target), bool(adopt_target),
+                         queue_limit, on_full)
 
         def change(config: Config) -> tuple[Config, FsEntry]:
             entry = self._checked_fs(wanted, config)
@@ -109,9 +111,10 @@ class ConfigStore:
         return self._change(change)
 
     def add_block(self, device, *, loop=None, offset=0, sizelimit=0, read_only=False,
-                  encryption=None, target=None, adopt_target=False) -> BlockEntry:
+                  encryption=None, target=None, adopt_target=False, queue_limit=None,
+                  on_full=None) -> BlockEntry:
         wanted = BlockEntry(os.fspath(device), _fspath(loop), offset, sizelimit, read_only,
-                            encryption, _fspath(target), bool(adopt_target))
+                            encryption, _fspath(target), bool(adopt_target), queue_limit, on_full)
 
         def change(config: Config) -> tuple[Config, BlockEntry]:
             entry = self._checked_block(wanted, config)
@@ -209,7 +212,7 @@ class ConfigStore:
         elif entry.target is not None:
             target = _checked_fs_target(real, entry.target, config)
             _refuse_unclaimed(target, f"fs:{real}", entry.adopt_target)
-        return FsEntry(real, entry.replicate_atime, target, entry.adopt_target)
+        return replace(entry, path=real, target=target)
 
     def _checked_block(self, entry: BlockEntry, config: Config) -> BlockEntry:
         entry = replace(entry, device=os.fspath(entry.device), loop=_fspath(entry.loop),

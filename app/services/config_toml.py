@@ -31,6 +31,8 @@ class FsEntry:
     replicate_atime: bool = False
     target: str | None = None
     adopt_target: bool = False  # replace a non-empty target that carries no marker of ours
+    queue_limit: str | None = None  # unreplicated changes kept at most (default: see layout)
+    on_full: str | None = None  # "pull-ahead" (default: track, resync later) or "block" (writers wait)
 
 
 @dataclass(frozen=True)
@@ -43,6 +45,8 @@ class BlockEntry:
     encryption: str | None = None
     target: str | None = None
     adopt_target: bool = False
+    queue_limit: str | None = None
+    on_full: str | None = None
 
 
 @dataclass(frozen=True)
@@ -88,11 +92,13 @@ class Config:
 # table name -> (entry class, {key: (type, required)}); the order is the order written.
 TABLES: dict[str, tuple[type, dict[str, tuple[type, bool]]]] = {
     "filesystem": (FsEntry, {"path": (str, True), "replicate_atime": (bool, False),
-                             "target": (str, False), "adopt_target": (bool, False)}),
+                             "target": (str, False), "adopt_target": (bool, False),
+                             "queue_limit": (str, False), "on_full": (str, False)}),
     "block": (BlockEntry, {"device": (str, True), "loop": (str, False), "offset": (int, False),
                            "sizelimit": (int, False), "read_only": (bool, False),
                            "encryption": (str, False), "target": (str, False),
-                           "adopt_target": (bool, False)}),
+                           "adopt_target": (bool, False), "queue_limit": (str, False),
+                           "on_full": (str, False)}),
     "target": (TargetHost, {"name": (str, True), "host": (str, True), "root": (str, True),
                             "port": (int, False), "user": (str, False), "identity": (str, False),
                             "known_hosts": (str, False), "ssh_config": (str, False),
@@ -129,6 +135,15 @@ def field_problem(key: str, kind: type, value: Any) -> str | None:
         return f"must be a loop device path /dev/loopN (e.g. /dev/loop3), got {value!r}"
     if key == "name" and not TARGET_NAME.fullmatch(value):
         return f"must be letters, digits, '.', '_' or '-' (at most 64), got {value!r}"
+    if key == "on_full" and value not in ("pull-ahead", "block"):
+        return f"must be pull-ahead or block, got {value!r}"
+    if key == "queue_limit":
+        from app.services.units import parse_size
+        try:
+            if parse_size(value) < 1 << 20:
+                return f"must be at least 1 MiB, got {value!r}"
+        except ValueError as exc:
+            return str(exc)
     if key == "compression" and value not in ("zstd", "none"):
         return f"must be zstd or none, got {value!r}"
     if key in ("bandwidth", "resync_bandwidth"):

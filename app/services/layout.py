@@ -50,6 +50,17 @@ def entry_id(key: str) -> str:
     return f"{base[:40]}-{hashlib.sha256(os.fsencode(key)).hexdigest()[:12]}"
 
 
+QUEUE_LIMIT_SHARE = 10  # by default an entry's queue may take a tenth of its file system
+QUEUE_LIMIT_MIN, QUEUE_LIMIT_MAX = 64 << 20, 16 << 30
+
+
+def default_queue_limit(state_dir: str) -> int:
+    """What an entry's journal may hold unreplicated when its entry says nothing: a tenth of
+    the state directory's file system, between 64 MiB and 16 GiB (the journal never fills it)."""
+    st = os.statvfs(state_dir)
+    return max(QUEUE_LIMIT_MIN, min(QUEUE_LIMIT_MAX, st.f_blocks * st.f_frsize // QUEUE_LIMIT_SHARE))
+
+
 def installation_tag(state_dir: str) -> str:
     return hashlib.sha256(os.fsencode(os.path.realpath(state_dir))).hexdigest()[:10]
 

@@ -15,6 +15,8 @@ The agent opens with a greeting line (GREETING), so whatever a login shell print
     ACK    agent → source   JSON {received, applied, ts}: durable in its journal / on its data
     BEAT   both ways        JSON {ts, echo}: liveness, round-trip time, lag while idle
     PAUSE / RESUME          JSON {reason}: the agent cannot take more (disk full) / can again
+    REWIND agent → source   JSON {received}: a batch was dropped (it came while paused, or after
+                            one that was): send again from there
     REQ / REP               JSON {id, method, args} / {id, result | error}: hashes and listings
     ERROR                   JSON {code, message, errno}: the session ends
 """
@@ -31,10 +33,10 @@ VERSION = 1
 HEAD = struct.Struct("<IBI")
 MAX_FRAME = 256 << 20
 
-HELLO, WELCOME, DATA, SKIP, MARK, ACK, BEAT, PAUSE, RESUME, REQ, REP, ERROR = range(1, 13)
+HELLO, WELCOME, DATA, SKIP, MARK, ACK, BEAT, PAUSE, RESUME, REQ, REP, ERROR, REWIND = range(1, 14)
 NAMES = {v: k for k, v in dict(HELLO=HELLO, WELCOME=WELCOME, DATA=DATA, SKIP=SKIP, MARK=MARK, ACK=ACK,
                                 BEAT=BEAT, PAUSE=PAUSE, RESUME=RESUME, REQ=REQ, REP=REP,
-                                ERROR=ERROR).items()}
+                                ERROR=ERROR, REWIND=REWIND).items()}
 FLAG_ZSTD = 1
 
 
