@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 from conftest import run
 
-from app.engine.commands import unit_text as daemon_unit_text
+from app.cli.service import unit_text as daemon_unit_text
 from app.engine.mountunits import NO_LOOP, escape_path, options_of, unit_name, unit_text
 from app.services import loop as loopsvc
 from app.services._ioctl import LOOP_CTL_REMOVE

@@ -9,15 +9,60 @@ from __future__ import annotations
 
 import os
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 from app.services import loop as loopdev
 from app.services import mounts
 from app.services.config import BlockEntry, ConfigStore, FsEntry
+from app.services.entries import problems
 from app.services.replication import LoopIndex, index_by_backing, is_capture_of, loops_backed_by
 
 MIRRORFS_TYPE = "fuse.mirrorfs"
+
+
+@dataclass(frozen=True)
+class Figures:
+    """The daemon's figures for one entry. The only reader of its untyped status rows: when
+    the protocol gets typed rows, this is the one place that changes."""
+
+    captured_ops: int = 0
+    bytes_queued: int = 0
+    lag_seconds: float | None = None
+    captured: bool = False  # a block entry's capture is live
+    pending_detach: bool = False
+    error: str | None = None  # the daemon could not ask the entry's worker
+    apply_errors: int = 0
+    last_apply_error: str | None = None
+
+    @classmethod
+    def from_row(cls, row: dict[str, Any] | None) -> Figures | None:
+        if not row:
+            return None
+        return cls(int(row.get("captured_ops") or 0), int(row.get("bytes_queued") or 0),
+                   row.get("lag_seconds"), bool(row.get("captured")),
+                   bool(row.get("pending_detach")), row.get("error"),
+                   int(row.get("apply_errors") or 0), row.get("last_apply_error"))
+
+
+@dataclass(frozen=True)
+class EngineSummary:
+    """The running daemon as a whole: its pid and the totals over its file-system entries."""
+
+    pid: int | None
+    fs_entries: int
+    captured_ops: int
+    bytes_queued: int
+    max_lag: float | None
+
+    @classmethod
+    def from_reply(cls, reply: dict[str, Any] | None) -> EngineSummary | None:
+        if reply is None:
+            return None
+        rows = [Figures.from_row(e) for e in reply.get("entries") or []]
+        lags = [f.lag_seconds for f in rows if f and f.lag_seconds is not None]
+        return cls(reply.get("pid"), len(rows), sum(f.captured_ops for f in rows if f),
+                   sum(f.bytes_queued for f in rows if f), max(lags) if lags else None)
 
 
 @dataclass(frozen=True)
@@ -33,6 +78,11 @@ class FsState:
     state: str  # "mounted" | "not mounted" | "path missing"
     other_fstype: str | None = None  # what is mounted at the path when it is not us
     engine: dict[str, Any] | None = None
+    problem: str | None = None  # why the (hand-edited) entry is not valid as it stands
+
+    @property
+    def figures(self) -> Figures | None:
+        return Figures.from_row(self.engine)
 
 
 @dataclass(frozen=True)
@@ -45,10 +95,15 @@ class BlockState:
     capture: str = ""  # "captured" | "not captured" | "no daemon" (worker alive, daemon gone)
     #                    | "lost" (worker dead too) | "" (no loop)
     engine: dict[str, Any] | None = None  # the daemon's figures for a captured entry
+    problem: str | None = None  # why the (hand-edited) entry is not valid as it stands
 
     @property
     def loop(self) -> str | None:
         return self.loops[0].device if self.loops else None
+
+    @property
+    def figures(self) -> Figures | None:
+        return Figures.from_row(self.engine)
 
 
 @dataclass
@@ -61,22 +116,34 @@ class StatusSnapshot:
     engine: dict[str, Any] | None = None
     engine_error: str | None = None
 
+    @property
+    def summary(self) -> EngineSummary | None:
+        return EngineSummary.from_reply(self.engine)
+
     def to_json(self) -> dict[str, Any]:
         return {
             "taken_at": self.taken_at,
             "filesystem": [{**asdict(s.entry), "state": s.state, "mounted": s.state == "mounted",
-                            "other_fstype": s.other_fstype, "engine": s.engine}
+                            "other_fstype": s.other_fstype, "engine": s.engine,
+                            "problem": s.problem}
                            for s in self.filesystem],
             "block": [{**asdict(s.entry), "state": s.state, "attached_loop": s.loop,
                        "capture": s.capture, "engine": s.engine,
                        "loops": [lp.to_json() for lp in s.loops],
-                       "raw_mounts": list(s.raw_mounts), "loop_mounts": list(s.loop_mounts)}
+                       "raw_mounts": list(s.raw_mounts), "loop_mounts": list(s.loop_mounts),
+                       "problem": s.problem}
                       for s in self.block],
             "loops": [lp.to_json() for lp in self.loops],
             "warnings": [asdict(w) for w in self.warnings],
             "engine": self.engine,
             "engine_error": self.engine_error,
         }
+
+
+def kernel_name(path: str) -> str:
+    """The kernel's name for a device path (a /dev/disk/by-id/… link resolved): what the
+    per-disk I/O counters are keyed by."""
+    return os.path.basename(os.path.realpath(path))
 
 
 def _device_mounts(path: str, table: list[mounts.MountEntry]) -> tuple[str, ...]:
@@ -144,6 +211,13 @@ def snapshot(store: ConfigStore, control=None, *, scan_writers: bool = True) -> 
             snap.engine_error = str(exc)
     engine_by_path = {e.get("path"): e for e in (snap.engine or {}).get("entries", [])}
 
+    flawed = problems(config, store)
+    for entry in (*config.filesystem, *config.block):
+        if id(entry) in flawed:
+            subject = entry.path if isinstance(entry, FsEntry) else entry.device
+            snap.warnings.append(StatusWarning(subject, f"invalid entry: {flawed[id(entry)]}; "
+                                               "remove it or correct the file", "error"))
+
     by_point = {m.mount_point: m for m in table}  # later lines win: the top mount of a path
     for entry in config.filesystem:
         top = by_point.get(entry.path)
@@ -156,14 +230,16 @@ def snapshot(store: ConfigStore, control=None, *, scan_writers: bool = True) -> 
             state, other = "not mounted", (top.fstype if top is not None else None)
             snap.warnings.append(StatusWarning(entry.path, "not mounted as mirrorfs: changes there are "
                                                      "not captured (Mount all)"))
-        snap.filesystem.append(FsState(entry, state, other, engine_by_path.get(entry.path)))
+        snap.filesystem.append(FsState(entry, state, other, engine_by_path.get(entry.path),
+                                       flawed.get(id(entry))))
 
     index = index_by_backing(loops)
     engine_block = {row.get("device"): row for row in (snap.engine or {}).get("block", [])}
     ours_pids = frozenset((snap.engine or {}).get("pids", []))
     for entry in config.block:
-        snap.block.append(_block_state(entry, index, loops, table, snap.warnings, scan_writers,
-                                       engine_block.get(entry.device), ours_pids))
+        state = _block_state(entry, index, loops, table, snap.warnings, scan_writers,
+                             engine_block.get(entry.device), ours_pids)
+        snap.block.append(replace(state, problem=flawed.get(id(entry))))
     return snap
 
 

@@ -27,3 +27,24 @@ def human_size(n: int) -> str:
         if n < 1024 or unit == "PiB":
             return f"{n:.1f} {unit}"
     raise AssertionError("unreachable")
+
+
+def shown(text: str) -> str:
+    """`text` safe for one line of a terminal or a table cell: control characters (a newline is
+    legal in a path) become visible escapes (\\n, \\t, \\xNN), nothing else changes."""
+    if text.isprintable():
+        return text
+    out = []
+    for ch in text:
+        if ch.isprintable() or ch == " ":
+            out.append(ch)
+        elif ch in _ESCAPES:
+            out.append(_ESCAPES[ch])
+        elif ord(ch) < 0x100:
+            out.append(f"\\x{ord(ch):02x}")
+        else:
+            out.append(f"\\u{ord(ch):04x}")
+    return "".join(out)
+
+
+_ESCAPES = {"\n": "\\n", "\t": "\\t", "\r": "\\r"}
