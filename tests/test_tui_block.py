@@ -9,15 +9,15 @@ import hashlib
 import pytest
 from test_engine_support import Engine, block_mounts, write_config
 from test_tui_support import (  # noqa: F401 (fixtures)
-    cell, config_bytes, loops_backed_by, pilot_test, protected_device, run, settle,
+    cell, config_bytes, loops_backed_by, own_devices, pilot_test, protected_device, run, settle,
     static_text, store, table_keys, tui, wait_until)
 from textual.widgets import DataTable, Input, ProgressBar
 
 from app.screens.base import elide
 from app.screens.block import MAX_RANGES_SHOWN, BlockScreen, range_lines
 from app.screens.dashboard import DashboardScreen
-from app.screens.dialogs import AddBlockEntryDialog, ConfirmDialog, ResultsDialog
-from app.services.config import ENCRYPTION_REFUSAL, BlockEntry
+from app.screens.dialogs import AddBlockEntryDialog, ConfirmDialog, DetailsDialog, ResultsDialog
+from app.services.config import BlockEntry
 from app.services.results import ConfigError
 from app.services.units import parse_size
 from app.ui import default_services, make_app
@@ -27,14 +27,21 @@ MiB = 1 << 20
 
 
 @pytest.fixture
-def no_daemon_tui(tmp_path, config_path):
-    """make() -> the real App whose daemon socket is a temp path where nothing listens (so a
-    daemon that happens to run on the host is never asked)."""
-    def make():
-        services = default_services(config_path, str(tmp_path / "run" / "control.sock"))
-        assert not services.daemon_running()
-        return make_app(services=services, is_root=True)
+def no_daemon_tui(tui):
+    """make(devices) -> the real App whose daemon socket is a temp path where nothing listens
+    (so a daemon that happens to run on the host is never asked)."""
+    def make(devices):
+        app = tui(devices=devices, is_root=True)
+        assert not app.services.daemon_running()
+        return app
     return make
+
+
+def daemon_app(cfg, eng, devices):
+    """The real App talking to a test's own daemon; the picker lists `devices` only."""
+    services = default_services(cfg, eng.socket)
+    services._list_devices = own_devices(devices)
+    return make_app(services=services, is_root=True)
 
 
 def notices(app) -> list[str]:
@@ -71,7 +78,7 @@ async def pick(pilot, screen: BlockScreen, device: str) -> AddBlockEntryDialog:
 @pilot_test
 async def test_add_attach_all_detach_all_remove_on_a_real_device(tui, store, protected_device):
     disk = protected_device()
-    app = tui()
+    app = tui(devices=[disk])
     async with app.run_test(size=(120, 36)) as pilot:
         screen = await open_block_screen(pilot)
         dialog = await pick(pilot, screen, disk)
@@ -102,7 +109,11 @@ async def test_add_attach_all_detach_all_remove_on_a_real_device(tui, store, pro
         await pilot.press("enter")
         await wait_until(pilot, lambda: cell(entries, disk, "state") == "detached", "detached row")
 
-        await pilot.click("#block-entries", offset=(3, 1))  # the first row, under the header
+        await pilot.click("#block-entries", offset=(3, 1))  # a click on the selected row:
+        await settle(pilot)                                  # its details
+        assert type(app.screen) is DetailsDialog
+        assert disk in static_text(app.screen.query_one("#details-text"))
+        await pilot.press("escape")
         await pilot.click("#remove")
         await settle(pilot)
         assert type(app.screen) is ConfirmDialog
@@ -118,7 +129,7 @@ async def test_add_attach_all_detach_all_remove_on_a_real_device(tui, store, pro
 async def test_attach_all_with_a_fixed_loop_uses_that_loop(tui, store, protected_device):
     disk = protected_device()
     free = run("losetup", "--find").stdout.strip()
-    app = tui()
+    app = tui(devices=[disk])
     async with app.run_test(size=(120, 36)) as pilot:
         screen = await open_block_screen(pilot)
         dialog = await pick(pilot, screen, disk)
@@ -142,7 +153,6 @@ def _bad_fields(disk: str) -> dict[str, dict[str, str]]:
         "offset-past-end": {"offset": "1G"},
         "loop-not-a-loop": {"loop": "/dev/sda"},
         "loop-is-itself": {"loop": disk},
-        "encryption": {"encryption": "aes"},
         "missing-device": {"device": "/dev/mirrorsetup-no-such-disk"},
     }
 
@@ -153,8 +163,7 @@ def _expected_message(store, disk: str, fields: dict[str, str]) -> str:
         offset = parse_size(fields.get("offset", "0"))
     except ValueError as exc:
         return str(exc)
-    entry = BlockEntry(fields.get("device", disk), fields.get("loop"), offset,
-                       encryption=fields.get("encryption"))
+    entry = BlockEntry(fields.get("device", disk), fields.get("loop"), offset)
     with pytest.raises(ConfigError) as refused:
         store.validate_block(entry)
     return str(refused.value)
@@ -167,9 +176,7 @@ async def test_refused_input_shows_the_service_message_and_changes_nothing(
     disk = protected_device()
     fields = _bad_fields(disk)[case]
     expected = _expected_message(store, disk, fields)
-    if case == "encryption":
-        assert expected == ENCRYPTION_REFUSAL
-    app = tui()
+    app = tui(devices=[disk])
     async with app.run_test(size=(120, 36)) as pilot:
         screen = await open_block_screen(pilot)
         dialog = await pick(pilot, screen, disk)
@@ -186,13 +193,13 @@ async def test_refused_input_shows_the_service_message_and_changes_nothing(
 @pilot_test
 async def test_swap_is_hidden_until_show_excluded_then_greyed_with_its_reason(
         tui, protected_device):
-    swap = protected_device()
+    swap, plain = protected_device(), protected_device()
     run("mkswap", swap)
-    app = tui()
+    app = tui(devices=[swap, plain])
     async with app.run_test(size=(120, 36)) as pilot:
         screen = await open_block_screen(pilot)
         devices = screen.query_one("#devices", DataTable)
-        await wait_until(pilot, lambda: devices.row_count > 0, "the device list")
+        await wait_until(pilot, lambda: plain in table_keys(devices), "the device list")
         assert swap not in table_keys(devices)
         await pilot.press("x")
         await wait_until(pilot, lambda: swap in table_keys(devices), "the swap row")
@@ -210,7 +217,7 @@ async def test_a_target_typed_in_the_dialog_is_saved_and_shown(no_daemon_tui, st
     disk = protected_device()
     target = tmp_path / "replica" / "disk-copy.img"  # a new file in an existing directory
     target.parent.mkdir()
-    app = no_daemon_tui()
+    app = no_daemon_tui([disk])
     async with app.run_test(size=(80, 24)) as pilot:
         screen = await open_block_screen(pilot)
         dialog = await pick(pilot, screen, disk)
@@ -251,7 +258,7 @@ async def test_a_refused_target_shows_the_service_message_and_changes_nothing(
               "smaller-device": lambda: protected_device(32 * MiB)}[case]()
     with pytest.raises(ConfigError) as refused:  # the config service's own words
         store.validate_block(BlockEntry(disk, target=target))
-    app = no_daemon_tui()
+    app = no_daemon_tui([disk])
     async with app.run_test(size=(120, 36)) as pilot:
         screen = await open_block_screen(pilot)
         dialog = await pick(pilot, screen, disk)
@@ -271,7 +278,7 @@ async def test_mirror_and_verify_without_a_daemon_fail_clearly_and_change_nothin
     target = tmp_path / "target.img"
     store.add_block(disk, target=str(target))
     before = config_bytes()
-    app = no_daemon_tui()
+    app = no_daemon_tui([disk])
     async with app.run_test(size=(120, 36)) as pilot:
         screen = await open_block_screen(pilot)
         entries = screen.query_one("#block-entries", DataTable)
@@ -304,7 +311,8 @@ async def test_mirror_and_verify_without_a_daemon_fail_clearly_and_change_nothin
 
 @pilot_test
 async def test_mirror_and_verify_say_what_is_missing(no_daemon_tui, store, protected_device):
-    app = no_daemon_tui()
+    made: list[str] = []
+    app = no_daemon_tui(lambda: made)
     async with app.run_test(size=(120, 36)) as pilot:
         screen = await open_block_screen(pilot)
         await pilot.press("m")  # no entries at all
@@ -313,6 +321,7 @@ async def test_mirror_and_verify_say_what_is_missing(no_daemon_tui, store, prote
         assert any("Select a replicated device" in n for n in notices(app))
 
         disk = protected_device()
+        made.append(disk)
         store.add_block(disk)  # captured only: no target
         screen.reload()
         entries = screen.query_one("#block-entries", DataTable)
@@ -350,7 +359,7 @@ async def test_verify_then_mirror_through_a_real_daemon(block_daemon):
         f.write(b"\xff" * 4096)
     assert sha(target, 64 * MiB) != sha(disk, 64 * MiB)
 
-    app = make_app(services=default_services(cfg, eng.socket), is_root=True)
+    app = daemon_app(cfg, eng, [disk])
     async with app.run_test(size=(120, 36)) as pilot:
         screen = await open_block_screen(pilot)
         entries = screen.query_one("#block-entries", DataTable)
@@ -364,7 +373,8 @@ async def test_verify_then_mirror_through_a_real_daemon(block_daemon):
         [result] = app.screen.results
         assert result.outcome.value == "failed" and "1 of 64 blocks differ" in result.message
         assert app.screen.notes == ["1 range of the target differs (1.0 MiB in all):",
-                                    "  bytes 5242880-6291455 (1.0 MiB)"]
+                                    "  bytes 5242880-6291455 (1.0 MiB)",
+                                    "Press m (Mirror) to copy the device over the target."]
         assert "bytes 5242880-6291455 (1.0 MiB)" in static_text(
             app.screen.query_one("#results-notes"))
         await pilot.press("enter")
@@ -414,7 +424,7 @@ def test_range_lines_count_merge_and_cap():
 @pilot_test
 async def test_the_dashboard_notices_a_killed_daemon_without_polling(block_daemon):
     eng, disk, target, cfg = block_daemon
-    app = make_app(services=default_services(cfg, eng.socket), is_root=True)
+    app = daemon_app(cfg, eng, [disk])
     async with app.run_test(size=(120, 36)) as pilot:
         await pilot.press("4")
         await settle(pilot)
@@ -423,7 +433,8 @@ async def test_the_dashboard_notices_a_killed_daemon_without_polling(block_daemo
         block = dash.query_one("#dash-block", DataTable)
         await wait_until(pilot, lambda: disk in table_keys(block), "the dashboard row")
         assert cell(block, disk, "capture") == "captured"
-        await wait_until(pilot, lambda: app._watching_daemon, "the daemon watch")
+        await wait_until(pilot, lambda: app.watchers is not None and app.watchers.watching_daemon,
+                         "the daemon watch")
         eng.kill9()  # no mount changes, no uevent: only the watch connection's end tells
         await wait_until(pilot, lambda: cell(block, disk, "capture") == "no daemon",
                          "capture without a daemon")

@@ -12,7 +12,8 @@ from test_tui_support import pilot_test, settle, static_text, wait_until
 from app.screens.daemon import DaemonScreen
 from app.screens.dialogs import ResultsDialog
 from app.services.control import ControlClient
-from app.ui import SYSTEMD_RUNNING, default_services, make_app
+from app.services.daemonctl import SYSTEMD_RUNNING
+from app.ui import default_services, make_app
 
 pytestmark = pytest.mark.root
 
@@ -21,8 +22,7 @@ pytestmark = pytest.mark.root
 def daemon_services(tmp_path, config_path):
     """Real services whose daemon uses a temp socket and state dir; killed at teardown if left."""
     socket_path = tmp_path / "run" / "control.sock"
-    services = default_services(config_path, str(socket_path))
-    services.daemon_args = ("--state-dir", str(tmp_path / "state"))
+    services = default_services(config_path, str(socket_path), str(tmp_path / "state"))
     yield services
     client = ControlClient(str(socket_path))
     if client.is_running():

@@ -57,25 +57,11 @@ def cmd_status(args) -> int:
     if args.json:
         dump(info.to_json())
     else:
-        for label, value in status_lines(info, time.time()):
+        for label, value in daemonctl.info_lines(info, time.time()):
             say(f"{label + ':':<17}{value}")
     if info.problem:
         complain(info.problem)
     return 0 if info.running and not info.problem else 1
-
-
-def status_lines(info, now: float) -> list[tuple[str, str]]:
-    """The Daemon screen and `daemon status` say the same: (label, value) lines."""
-    from app.services.daemonctl import uptime_text
-    if info.running:
-        up = f", up {uptime_text(now - info.started_at)}" if info.started_at else ""
-        return [("state", f"running (pid {info.pid}{up})"), ("config", info.config or "?"),
-                ("socket", info.socket), ("state directory", info.state_dir or "?"),
-                ("log", info.log or "?")]
-    return [("state", "not running"), ("socket", f"{info.socket} (nothing listening)"),
-            ("state directory", f"{info.state_dir} (when started from here)"),
-            ("log", f"{info.log} (when started from here; under systemd: journalctl -u "
-                    "mirrorsetup)")]
 
 
 def register(sub, common) -> None:

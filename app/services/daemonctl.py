@@ -150,6 +150,19 @@ def uptime_text(seconds: float) -> str:
     return f"{s} s"
 
 
+def info_lines(info: DaemonInfo, now: float) -> list[tuple[str, str]]:
+    """What the Daemon screen and `daemon status` say, as (label, value) lines."""
+    if info.running:
+        up = f", up {uptime_text(now - info.started_at)}" if info.started_at else ""
+        return [("state", f"running (pid {info.pid}{up})"), ("config", info.config or "?"),
+                ("socket", info.socket), ("state directory", info.state_dir or "?"),
+                ("log", info.log or "?")]
+    return [("state", "not running"), ("socket", f"{info.socket} (nothing listening)"),
+            ("state directory", f"{info.state_dir} (when started from here)"),
+            ("log", f"{info.log} (when started from here; under systemd: journalctl -u "
+                    f"{SYSTEMD_UNIT})")]
+
+
 # -- start / stop / restart --------------------------------------------------------------
 
 def _use_systemd(settings: DaemonSettings) -> bool:

@@ -160,7 +160,7 @@ def device_refusal(device) -> str | None:
     the disk that holds the root file system, in the words the picker shows."""
     if device.excluded:
         return f"{device.path} is {device.excluded}: it cannot be replicated"
-    if ROOT_FS in device.in_use:
+    if any(why == ROOT_FS or why.endswith(" " + ROOT_FS) for why in device.in_use):
         return (f"{device.path} holds the root file system: it cannot be replicated through a "
                 "loop device (it is in use by the running system)")
     return None
