@@ -86,8 +86,8 @@ class Services:
     def disk_counters(self) -> dict:
         if callable(self._disk_counters):
             return self._disk_counters()
-        import psutil
-        return psutil.disk_io_counters(perdisk=True, nowrap=True)
+        from app.services.status import disk_counters
+        return disk_counters()
 
     def check_block(self, entry):
         if self._check_block is not None:

@@ -45,7 +45,7 @@ def outcome_text(result: Result) -> Text:
 def state_text(state: str, problem: str | None = None) -> Text:
     """An entry's state; an invalid entry says so first (the detail view says why)."""
     if problem:
-        return Text(f"invalid ({state})", style=STATE_STYLE["invalid"])
+        return Text("invalid", style=STATE_STYLE["invalid"])
     return Text(state, style=STATE_STYLE.get(state.split(" (")[0], ""))
 
 

@@ -155,7 +155,7 @@ class BlockScreen(TaskScreen):
 
     @staticmethod
     def _excluded_words(on_: bool) -> Text:
-        return switch_text(on_, "swap / LVM shown", "swap / LVM hidden")
+        return switch_text(on_, "Swap / LVM", "shown, greyed", "hidden")
 
     def on_mount(self) -> None:
         super().on_mount()
@@ -171,8 +171,9 @@ class BlockScreen(TaskScreen):
         self._show_devices()
         self.query_one("#block-entries", KeyedTable).show_rows(
             {s.entry.device: entry_row(s) for s in self._snap.block})
-        self.query_one("#block-empty", Static).update(
-            "" if self._snap.block else "No block devices are replicated yet: pick one above.")
+        empty = self.query_one("#block-empty", Static)
+        empty.update("No block devices are replicated yet: pick one above.")
+        empty.display = not self._snap.block
 
     def _show_devices(self) -> None:
         show_all = self.query_one("#show-excluded", Switch).value

@@ -30,7 +30,7 @@ RATE_HISTORY = 30  # samples kept per sparkline
 EVENTS_KEPT = 500
 NARROW_WARNINGS = 3  # warnings shown at 80 columns; `w` shows them all
 FS_COLUMNS = (Col("path", "Path", 9, 40), Col("state", "State", 8, 26),
-              Col("engine", "Engine", 6, 34))
+              Col("engine", "Engine", 6, 40))
 BLOCK_COLUMNS = (Col("device", "Device", 9, 24), Col("loop", "Loop", 8), Col("state", "State", 7, 18),
                  Col("capture", "Capture", 8), Col("mounted", "Mounted", 4, 20),
                  Col("offset", "Offset", 2), Col("flags", "Flags", 1))

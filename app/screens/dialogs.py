@@ -240,10 +240,10 @@ class _EntryDialog(ModalScreen[Result | None]):
         self.dismiss(None)
 
 
-def switch_text(on_: bool, on_words: str, off_words: str) -> Text:
-    """A switch's state in words beside it (never by colour alone)."""
-    return Text.assemble(("ON  " if on_ else "off ", "bold" if on_ else "dim"),
-                         on_words if on_ else off_words)
+def switch_text(on_: bool, name: str, on_words: str, off_words: str) -> Text:
+    """A switch's name and state in words beside it (never by colour alone)."""
+    return Text.assemble((f"{name}: ", "bold"), ("ON" if on_ else "off", "bold" if on_ else ""),
+                         f" — {on_words if on_ else off_words}")
 
 
 class AddFsEntryDialog(_EntryDialog):
@@ -271,9 +271,8 @@ class AddFsEntryDialog(_EntryDialog):
 
     @staticmethod
     def _atime_words(on_: bool) -> Text:
-        return switch_text(on_, "access times replicated: every read costs a replication "
-                           "operation", "access times not replicated (recommended; times at "
-                           "close are)")
+        return switch_text(on_, "Access times", "replicated: every read costs a replication "
+                           "operation", "not replicated (recommended; times at close are)")
 
     def on_mount(self) -> None:
         self.query_one("#path").focus()
@@ -343,8 +342,8 @@ class AddBlockEntryDialog(_EntryDialog):
 
     @staticmethod
     def _ro_words(on_: bool) -> Text:
-        return switch_text(on_, "read-only: the loop device refuses writes",
-                           "read-write (Read-only switch)")
+        return switch_text(on_, "Read-only", "the loop device refuses writes",
+                           "writes allowed")
 
     def on_mount(self) -> None:
         self.query_one("#target" if self.device else "#device").focus()

@@ -103,8 +103,9 @@ class FilesystemScreen(TaskScreen):
         self._snap = snap
         self.query_one("#fs-entries", KeyedTable).show_rows(
             {s.entry.path: fs_row(s) for s in snap.filesystem})
-        self.query_one("#fs-empty", Static).update(
-            "" if snap.filesystem else "No directories are replicated yet: press a to add one.")
+        empty = self.query_one("#fs-empty", Static)
+        empty.update("No directories are replicated yet: press a to add one.")
+        empty.display = not snap.filesystem
 
     @on(Button.Pressed)
     def _button(self, event: Button.Pressed) -> None:

@@ -64,7 +64,7 @@ class ManualScreen(TaskScreen):
 
     @staticmethod
     def _ro_words(on_: bool):
-        return switch_text(on_, "read-only", "read-write")
+        return switch_text(on_, "Read-only", "yes", "no")
 
     @on(Switch.Changed, "#read-only")
     def _read_only(self, event: Switch.Changed) -> None:

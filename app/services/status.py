@@ -140,6 +140,12 @@ class StatusSnapshot:
         }
 
 
+def disk_counters() -> dict:
+    """Per-disk I/O counters (kernel name -> psutil's sdiskio), for the dashboard's rates."""
+    import psutil
+    return psutil.disk_io_counters(perdisk=True, nowrap=True)
+
+
 def kernel_name(path: str) -> str:
     """The kernel's name for a device path (a /dev/disk/by-id/… link resolved): what the
     per-disk I/O counters are keyed by."""
