@@ -5,15 +5,16 @@ mirror / verify of an entry, without a daemon and through a real one."""
 from __future__ import annotations
 
 import hashlib
+import sys
 
 import pytest
 from test_engine_support import Engine, block_mounts, write_config
 from test_tui_support import (  # noqa: F401 (fixtures)
-    cell, config_bytes, loops_backed_by, own_devices, pilot_test, protected_device, run, settle,
-    static_text, store, table_keys, tui, wait_until)
+    cell, config_bytes, loops_backed_by, notices, own_devices, pilot_test, protected_device, run,
+    settle, static_text, store, table_keys, tui, wait_until)
 from textual.widgets import DataTable, Input, ProgressBar
 
-from app.screens.base import elide
+from app.screens.base import elide, natural_key, selected_key
 from app.screens.block import MAX_RANGES_SHOWN, BlockScreen, range_lines
 from app.screens.dashboard import DashboardScreen
 from app.screens.dialogs import AddBlockEntryDialog, ConfirmDialog, DetailsDialog, ResultsDialog
@@ -42,11 +43,6 @@ def daemon_app(cfg, eng, devices):
     services = default_services(cfg, eng.socket)
     services._list_devices = own_devices(devices)
     return make_app(services=services, is_root=True)
-
-
-def notices(app) -> list[str]:
-    """The notifications the App has shown (toasts), oldest first."""
-    return [n.message for n in app._notifications]
 
 
 def sha(path, size: int) -> str:
@@ -440,3 +436,149 @@ async def test_the_dashboard_notices_a_killed_daemon_without_polling(block_daemo
                          "capture without a daemon")
         assert any("the daemon stopped or died" in line for line in dash.events)
         assert "capture goes on without a daemon" in static_text(dash.query_one("#warnings"))
+
+
+# -- the picker on a busy host, and the checks as typed ----------------------------------------
+
+@pilot_test
+async def test_the_picker_keeps_the_cursor_on_the_chosen_device_when_others_go(
+        tui, protected_device):
+    """Another program detaches loops above the cursor: the rows stay sorted, the cursor stays
+    on the device the administrator chose; when that one goes, a notice says so."""
+    made = sorted((protected_device() for _ in range(3)), key=natural_key)
+    first, middle, last = made
+    app = tui(devices=lambda: made)
+    async with app.run_test(size=(120, 36)) as pilot:
+        screen = await open_block_screen(pilot)
+        devices = screen.query_one("#devices", DataTable)
+        await wait_until(pilot, lambda: table_keys(devices) == made, "the three devices")
+        devices.focus()
+        devices.move_cursor(row=devices.get_row_index(last))
+        await settle(pilot)
+
+        run("losetup", "-d", first)  # a uevent, not a key: the screen reloads by itself
+        await wait_until(pilot, lambda: table_keys(devices) == [middle, last], "the row to go")
+        assert selected_key(devices) == last  # not whatever row now sits at the old index
+        await pilot.press("a")
+        await settle(pilot)
+        assert type(app.screen) is AddBlockEntryDialog
+        assert app.screen.query_one("#device", Input).value == last
+        await pilot.press("escape")
+
+        run("losetup", "-d", last)
+        await wait_until(pilot, lambda: table_keys(devices) == [middle], "the chosen row to go")
+        assert any(f"{last} went away" in n and f"cursor is on {middle}" in n
+                   for n in notices(app)), notices(app)
+
+
+@pilot_test
+async def test_the_root_disk_is_refused_by_the_picker_with_its_reason(tui):
+    """The picker knows the disk holds the root file system: it says so, no dialog opens (no
+    open of the device, no EPERM). A listed device that cannot exist stands in for it."""
+    from app.services.blockdevs import BlockDevice
+    root = BlockDevice("/dev/mirrorsetup-test-rootdisk", "mirrorsetup-test-rootdisk", 64 << 30,
+                       "disk", 252, 0, False, None, None,
+                       in_use=("partition mirrorsetup-test-rootdisk1 root file system",))
+    app = tui(is_root=True)
+    app.services._list_devices = lambda **_: [root]
+    async with app.run_test(size=(80, 24)) as pilot:
+        screen = await open_block_screen(pilot)
+        devices = screen.query_one("#devices", DataTable)
+        await wait_until(pilot, lambda: table_keys(devices) == [root.path], "the root disk row")
+        devices.focus()
+        await pilot.press("enter")
+        await settle(pilot)
+        assert app.screen is screen
+        assert any(f"{root.path} holds the root file system" in n for n in notices(app))
+        assert not any("EPERM" in n for n in notices(app))
+
+
+@pilot_test
+async def test_the_add_dialog_checks_the_loop_and_the_device_as_typed(
+        tui, store, protected_device, tmp_path, config_bytes):
+    """A loop attached to something else is refused as it is typed; a mounted device can be
+    added, with the warning that Attach all refuses it until it is unmounted."""
+    disk, busy_loop = protected_device(), protected_device()
+    run("mkfs.ext4", "-q", disk)
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    app = tui(devices=[disk], is_root=True)
+    try:
+        async with app.run_test(size=(120, 36)) as pilot:
+            screen = await open_block_screen(pilot)
+            dialog = await pick(pilot, screen, disk)
+            problem = dialog.query_one("#problem")
+            dialog.query_one("#loop", Input).value = busy_loop
+            await wait_until(pilot, lambda: f"loop {busy_loop} is in use" in static_text(problem),
+                             "the busy loop refused as typed")
+            assert static_text(problem).startswith("✘ ")
+            await pilot.click("#add")
+            await settle(pilot)
+            assert app.screen is dialog and config_bytes() is None  # refused at Add as well
+
+            dialog.query_one("#loop", Input).value = ""
+            run("mount", disk, str(mnt))
+            dialog.query_one("#target", Input).value = str(tmp_path / "t.img")  # re-check
+            await wait_until(pilot, lambda: f"mounted on {mnt}" in static_text(problem),
+                             "the mount named as typed")
+            assert static_text(problem).startswith("! ") and "Attach all refuses" in \
+                static_text(problem)
+            await pilot.click("#add")
+            await wait_until(pilot, lambda: app.screen is screen, "the dialog to close")
+        assert [e.device for e in store.load().block] == [disk]
+    finally:
+        run("umount", "-l", str(mnt), check=False)
+
+
+@pilot_test
+async def test_attach_all_of_a_mounted_device_offers_force_and_says_what_it_means(
+        no_daemon_tui, store, protected_device, tmp_path):
+    disk = protected_device()
+    run("mkfs.ext4", "-q", disk)
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    run("mount", disk, str(mnt))
+    store.add_block(disk)
+    app = no_daemon_tui([disk])
+    try:
+        async with app.run_test(size=(80, 24)) as pilot:
+            screen = await open_block_screen(pilot)
+            await pilot.press("t")
+            await wait_until(pilot, lambda: type(app.screen) is ResultsDialog, "attach results")
+            [result] = app.screen.results
+            assert result.failed and result.errno == 16 and f"mounted on {mnt}" in result.message
+            shown = static_text(app.screen.query_one(".result"))
+            assert "--force" not in shown and "Force… below overrides" in shown
+            assert loops_backed_by(disk) == []
+            await pilot.click("#force")
+            await settle(pilot)
+            assert type(app.screen) is ConfirmDialog
+            assert "NOT captured" in static_text(app.screen.query_one("#question"))
+            await pilot.press("y")
+            await wait_until(pilot, lambda: type(app.screen) is ResultsDialog, "forced results")
+            [result] = app.screen.results
+            assert result.outcome.value == "ok" and "forced over" in result.message, result.message
+            assert loops_backed_by(disk) == [result.details["loop"]]
+            await pilot.press("enter")
+            assert app.screen is screen
+    finally:
+        run("umount", "-l", str(mnt), check=False)
+
+
+@pilot_test
+async def test_an_entry_removed_with_the_cli_leaves_the_block_screen(tui, store,
+                                                                     protected_device,
+                                                                     config_path):
+    """The screen follows the configuration file (inotify): no key is pressed after the CLI."""
+    disk = protected_device()
+    store.add_block(disk)
+    app = tui(devices=[disk])
+    async with app.run_test(size=(120, 36)) as pilot:
+        screen = await open_block_screen(pilot)
+        entries = screen.query_one("#block-entries", DataTable)
+        await wait_until(pilot, lambda: disk in table_keys(entries), "the entry row")
+        await wait_until(pilot, lambda: app.watchers is not None, "the watchers")
+        r = run(sys.executable, "-m", "app", "--config", str(config_path), "block", "remove",
+                disk, check=False)
+        assert r.returncode == 0, r.stderr
+        await wait_until(pilot, lambda: table_keys(entries) == [], "the row to go")

@@ -268,3 +268,34 @@ def test_screen(snap_compare, snap_services, screen, size):
 def test_main_menu_not_root(snap_compare, snap_services, size):
     assert snap_compare(snapshot_app(snap_services, is_root=False), terminal_size=SIZES[size],
                         run_before=keys())
+
+
+LAYOUT_SCREENS = {"filesystem": keys("1"), "block": keys("2"), "block_excluded": keys("2", "x"),
+                  "manual": keys("3"), "dashboard": keys("4"), "daemon": keys("5")}
+
+
+@pytest.mark.parametrize("size", SIZES)
+@pytest.mark.parametrize("screen", LAYOUT_SCREENS)
+def test_nothing_hides_off_screen(snap_services, screen, size):
+    """Every table fits its width (no sideways scrolling: what does not fit is in the detail
+    view) and every footer key is on screen."""
+    from textual.widgets import DataTable
+    from textual.widgets._footer import FooterKey
+    from test_tui_support import pilot_test
+
+    @pilot_test
+    async def check():
+        app = snapshot_app(snap_services)
+        async with app.run_test(size=SIZES[size]) as pilot:
+            await LAYOUT_SCREENS[screen](pilot)
+            width = SIZES[size][0]
+            tables = [t for t in app.screen.query(DataTable) if t.display]
+            assert tables or screen == "daemon"
+            for table in tables:
+                assert table.virtual_size.width <= table.scrollable_content_region.width, \
+                    (table.id, table.virtual_size.width, table.scrollable_content_region.width)
+            footer_keys = list(app.screen.query(FooterKey))
+            assert footer_keys
+            for key in footer_keys:
+                assert key.region.right <= width, (key.description, key.region)
+    check()

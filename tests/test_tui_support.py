@@ -18,6 +18,7 @@ from textual.worker import WorkerCancelled
 
 from app.services import blockdevs
 from app.services.config import ConfigStore
+from app.services.results import MirrorError
 from app.ui import default_services, make_app
 
 # Workers that never finish by design: DirectoryTree's queue (the App's watchers are threads).
@@ -87,12 +88,23 @@ def tui(config_path, tmp_path):
 
 
 def own_devices(devices):
-    """A list_devices over only these real devices (described as the picker lists them)."""
+    """A list_devices over only these real devices, described as the picker lists them (a
+    detached loop, size 0, is left out as list_block_devices leaves it out)."""
     def list_devices(include_excluded: bool = True) -> list:
         paths = devices() if callable(devices) else devices
-        found = [blockdevs.describe(p) for p in paths]
-        return [d for d in found if include_excluded or d.excluded is None]
+        found = []
+        for p in paths:
+            try:
+                found.append(blockdevs.describe(p))
+            except MirrorError:  # removed meanwhile
+                continue
+        return [d for d in found if d.size and (include_excluded or d.excluded is None)]
     return list_devices
+
+
+def notices(app) -> list[str]:
+    """The notifications the App has shown (toasts), oldest first."""
+    return [str(n.message) for n in app._notifications]
 
 
 @pytest.fixture
@@ -119,4 +131,4 @@ def store(config_path) -> ConfigStore:
 
 __all__ = ["pilot_test", "settle", "wait_until", "table_keys", "cell", "static_text", "tui",
            "config_bytes", "loops_backed_by", "protected_device", "store", "losetup_json", "run",
-           "own_devices"]
+           "own_devices", "notices"]
