@@ -443,31 +443,38 @@ async def test_the_dashboard_notices_a_killed_daemon_without_polling(block_daemo
 @pilot_test
 async def test_the_picker_keeps_the_cursor_on_the_chosen_device_when_others_go(
         tui, protected_device):
-    """Another program detaches loops above the cursor: the rows stay sorted, the cursor stays
-    on the device the administrator chose; when that one goes, a notice says so."""
-    made = sorted((protected_device() for _ in range(3)), key=natural_key)
-    first, middle, last = made
+    """Another program detaches a loop above the cursor and attaches a new one: the rows stay
+    sorted, the cursor stays on the device the administrator chose (not on whatever row now
+    sits at its old place); when that one goes, a notice says so."""
+    made = sorted((protected_device() for _ in range(4)), key=natural_key)
+    chosen = made[2]
     app = tui(devices=lambda: made)
     async with app.run_test(size=(120, 36)) as pilot:
         screen = await open_block_screen(pilot)
         devices = screen.query_one("#devices", DataTable)
-        await wait_until(pilot, lambda: table_keys(devices) == made, "the three devices")
+        await wait_until(pilot, lambda: table_keys(devices) == made, "the four devices")
         devices.focus()
-        devices.move_cursor(row=devices.get_row_index(last))
+        devices.move_cursor(row=devices.get_row_index(chosen))
         await settle(pilot)
 
-        run("losetup", "-d", first)  # a uevent, not a key: the screen reloads by itself
-        await wait_until(pilot, lambda: table_keys(devices) == [middle, last], "the row to go")
-        assert selected_key(devices) == last  # not whatever row now sits at the old index
+        run("losetup", "-d", made.pop(0))  # uevents, not keys: the screen reloads by itself
+        await wait_until(pilot, lambda: table_keys(devices) == made, "the first row to go")
+        assert selected_key(devices) == chosen
+        made.append(protected_device())  # most likely takes the freed, lower number
+        await wait_until(pilot, lambda: table_keys(devices) == sorted(made, key=natural_key),
+                         "the new row, in order")
+        assert selected_key(devices) == chosen
         await pilot.press("a")
         await settle(pilot)
         assert type(app.screen) is AddBlockEntryDialog
-        assert app.screen.query_one("#device", Input).value == last
+        assert app.screen.query_one("#device", Input).value == chosen
         await pilot.press("escape")
 
-        run("losetup", "-d", last)
-        await wait_until(pilot, lambda: table_keys(devices) == [middle], "the chosen row to go")
-        assert any(f"{last} went away" in n and f"cursor is on {middle}" in n
+        run("losetup", "-d", chosen)
+        made.remove(chosen)
+        await wait_until(pilot, lambda: chosen not in table_keys(devices), "the chosen row to go")
+        now = selected_key(devices)
+        assert any(f"{chosen} went away" in n and f"cursor is on {now}" in n
                    for n in notices(app)), notices(app)
 
 
