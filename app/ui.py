@@ -21,17 +21,15 @@ from textual.signal import Signal
 
 from app.screens import actions
 from app.screens.main_menu import MainMenuScreen
-from app.services.config import ConfigStore
-from app.services.control import ControlClient
-from app.services.daemonctl import DaemonSettings
 
 
 class Services:
-    """Everything the screens call. Each defaults to the real service, imported on first use;
-    tests and the snapshot suite pass fakes only for what a host cannot provide alike."""
+    """Everything the screens call. Each defaults to the real service, built or imported on
+    first use (none before the first frame); tests and the snapshot suite pass fakes only for
+    what a host cannot provide alike."""
 
-    def __init__(self, store: ConfigStore, replication=None, control: ControlClient | None = None,
-                 *, daemon: DaemonSettings | None = None,
+    def __init__(self, store=None, replication=None, control=None, *, config_path=None,
+                 control_socket=None, state_dir=None, daemon=None,
                  list_devices: Callable[..., list] | None = None,
                  status: Callable[[], object] | None = None,
                  list_loops: Callable[[], list] | None = None,
@@ -40,9 +38,9 @@ class Services:
                  describe_daemon: Callable | None = None,
                  watch_kernel: bool = True, clock: Callable[[], float] = time.time,
                  browse_root: str = "/") -> None:
-        self.store = store
-        self.control = control or ControlClient()
-        self.daemon = daemon or DaemonSettings.resolve(store.path, self.control.socket_path)
+        self._store, self._control, self._daemon = store, control, daemon
+        self._config_path, self._control_socket, self._state_dir = (config_path, control_socket,
+                                                                    state_dir)
         self._replication = replication
         self._list_devices = list_devices
         self._status = status
@@ -53,6 +51,31 @@ class Services:
         self.watch_kernel = watch_kernel  # kernel, daemon and config watchers; off for snapshots
         self.clock = clock
         self.browse_root = browse_root  # where the directory picker starts
+
+    @property
+    def store(self):
+        """The configuration file (ConfigStore)."""
+        if self._store is None:
+            from app.services.config import ConfigStore
+            self._store = ConfigStore(self._config_path)
+        return self._store
+
+    @property
+    def control(self):
+        """The daemon's control socket (ControlClient)."""
+        if self._control is None:
+            from app.services.control import ControlClient
+            self._control = ControlClient(self._control_socket)
+        return self._control
+
+    @property
+    def daemon(self):
+        """Where a daemon for this configuration works (DaemonSettings)."""
+        if self._daemon is None:
+            from app.services.daemonctl import DaemonSettings
+            self._daemon = DaemonSettings.resolve(self.store.path, self.control.socket_path,
+                                                  self._state_dir)
+        return self._daemon
 
     @property
     def replication(self):
@@ -113,10 +136,7 @@ class Services:
 def default_services(config_path=None, control_socket=None, state_dir=None) -> Services:
     """The real services over `config_path` (default: MIRRORSETUP_CONFIG or /etc/...), the
     daemon on `control_socket` (MIRRORSETUP_SOCKET) with `state_dir` (MIRRORSETUP_STATE_DIR)."""
-    store = ConfigStore(config_path)
-    control = ControlClient(control_socket)
-    return Services(store, control=control,
-                    daemon=DaemonSettings.resolve(store.path, control.socket_path, state_dir))
+    return Services(config_path=config_path, control_socket=control_socket, state_dir=state_dir)
 
 
 class MirrorSetupApp(App):
@@ -125,9 +145,6 @@ class MirrorSetupApp(App):
     CSS_PATH = "screens/app.tcss"
     TITLE = "mirrorsetup"
     BINDINGS = [Binding("ctrl+q", "quit", "Quit", priority=True, show=False)]
-    MODES = {"setup": MainMenuScreen}  # a mode (not get_default_screen) so its CSS_PATH loads
-    DEFAULT_MODE = "setup"
-    HORIZONTAL_BREAKPOINTS = [(0, "-narrow"), (100, "-wide")]
 
     class Changed(Message):
         """Something changed elsewhere (an app.services.events event), from a watcher thread."""
@@ -143,7 +160,6 @@ class MirrorSetupApp(App):
             from app.services.host import is_root as host_is_root
             is_root = host_is_root()
         self.is_root = is_root
-        self.sub_title = str(services.store.path)
         # Screens subscribe; the watcher threads publish through the App's messages.
         self.mounts_signal: Signal = Signal(self, "mounts-changed")
         self.block_signal: Signal = Signal(self, "block-uevents")
@@ -152,9 +168,20 @@ class MirrorSetupApp(App):
         self.watchers = None
         self.refusals: list[str] = []  # what was refused for want of root, newest last
 
+    def get_default_screen(self) -> Screen:
+        """The main menu (its CSS is the App's: a mode would re-parse the stylesheet once more)."""
+        return MainMenuScreen()
+
     def on_mount(self) -> None:
+        self.call_after_refresh(self._after_first_frame)
+
+    def _after_first_frame(self) -> None:
+        """What the first frame does not need: the config path in the header (its module), and
+        the watcher threads."""
+        if not self.sub_title:
+            self.sub_title = str(self.services.store.path)
         if self.services.watch_kernel:
-            self.call_after_refresh(self.start_watchers)  # after the first frame is painted
+            self.start_watchers()
 
     def on_unmount(self) -> None:
         if self.watchers is not None:

@@ -19,6 +19,7 @@ from app.screens.manual import ManualScreen
 BY_KEY = {"1": FilesystemScreen, "2": BlockScreen, "3": ManualScreen, "4": DashboardScreen,
           "5": DaemonScreen, "6": HelpScreen}
 OPTION_HEIGHT = 2  # each menu option is its label line plus its hint line
+MENU_TOP = 1  # the menu's border
 
 
 @pilot_test
@@ -58,11 +59,11 @@ async def test_mouse_click_on_a_menu_item_and_on_a_button(tui):
     app = tui()
     async with app.run_test(size=(120, 36)) as pilot:
         index = [s.name for s in actions.menu()].index("dashboard")
-        assert await pilot.click(OptionList, offset=(6, index * OPTION_HEIGHT))
+        assert await pilot.click(OptionList, offset=(6, MENU_TOP + index * OPTION_HEIGHT))
         await settle(pilot)
         assert type(app.screen) is DashboardScreen
         await pilot.press("escape")
-        assert await pilot.click(OptionList, offset=(6, 0))
+        assert await pilot.click(OptionList, offset=(6, MENU_TOP))
         await settle(pilot)
         assert type(app.screen) is FilesystemScreen
         assert await pilot.click("#add")

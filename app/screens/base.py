@@ -235,19 +235,6 @@ def selected_key(table: DataTable) -> str | None:
         return None
 
 
-# -- banners -----------------------------------------------------------------------------------
-
-class RootBanner(Static):
-    """Shown when not root: everything is read-only, and why."""
-
-    DEFAULT_CLASSES = "banner"
-
-    def on_mount(self) -> None:
-        self.display = not self.app.is_root
-        self.update("Read-only: not running as root. Configuration, loop devices and mounts "
-                    "belong to root; run `sudo mirrorsetup` to change them.")
-
-
 # -- screens -----------------------------------------------------------------------------------
 
 @dataclass(frozen=True)

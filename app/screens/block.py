@@ -16,7 +16,8 @@ from textual.message import Message
 from textual.widgets import Button, DataTable, Footer, Header, Label, ProgressBar, Static, Switch
 
 from app.screens import actions
-from app.screens.base import (Col, ForceOffer, KeyedTable, RootBanner, TaskScreen, capture_text,
+from app.screens.banner import RootBanner
+from app.screens.base import (Col, ForceOffer, KeyedTable, TaskScreen, capture_text,
                               elide, natural_key, selected_key, state_text)
 from app.screens.dialogs import AddBlockEntryDialog, ConfirmDialog, DetailsDialog, switch_text
 from app.services.results import MirrorError, Outcome, Result
@@ -99,7 +100,7 @@ def range_lines(ranges) -> list[str]:
 
 class BlockScreen(TaskScreen):
     NAME = "block"
-    CSS_PATH = "block.tcss"
+    CSS_PATH = ["task.tcss", "block.tcss"]
     busy_target = "#block-entries"
 
     class SyncProgress(Message):

@@ -10,7 +10,8 @@ from textual.app import ComposeResult
 from textual.containers import Horizontal, Vertical
 from textual.widgets import Button, Footer, Header, Label, Static
 
-from app.screens.base import RootBanner, TaskScreen
+from app.screens.banner import RootBanner
+from app.screens.base import TaskScreen
 from app.services.units import shown
 
 ABOUT = ("The daemon mounts mirrorfs on the file system entries, captures writes to the block "
@@ -34,7 +35,7 @@ def info_text(info, now: float) -> Text:
 
 class DaemonScreen(TaskScreen):
     NAME = "daemon"
-    CSS_PATH = "daemon.tcss"
+    CSS_PATH = ["task.tcss", "daemon.tcss"]
     busy_target = "#daemon-state"
 
     def compose(self) -> ComposeResult:

@@ -19,7 +19,8 @@ from textual.containers import Horizontal, Vertical, VerticalScroll
 from textual.message import Message
 from textual.widgets import DataTable, Footer, Header, Label, RichLog, Sparkline, Static
 
-from app.screens.base import (Col, KeyedTable, RootBanner, TaskScreen, capture_text, elide,
+from app.screens.banner import RootBanner
+from app.screens.base import (Col, KeyedTable, TaskScreen, capture_text, elide,
                               selected_key, state_text)
 from app.screens.dialogs import DetailsDialog
 from app.screens.manual import loop_flags
@@ -156,7 +157,8 @@ class DeviceRate(Vertical):
 
 class DashboardScreen(TaskScreen):
     NAME = "dashboard"
-    CSS_PATH = "dashboard.tcss"
+    CSS_PATH = ["task.tcss", "dashboard.tcss"]
+    HORIZONTAL_BREAKPOINTS = [(0, "-narrow"), (100, "-wide")]  # the layout at 80 columns
     busy_target = "#dash-fs"
 
     class Rates(Message):

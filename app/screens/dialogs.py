@@ -48,7 +48,7 @@ def tui_words(message: str) -> str:
 class ConfirmDialog(ModalScreen[bool]):
     """Yes/No; Escape and n say no. The question is plain text (paths may hold brackets)."""
 
-    DEFAULT_CSS = "ConfirmDialog { align: center middle; }"
+    CSS_PATH = "dialogs.tcss"
     BINDINGS = [Binding("y", "answer(True)", "Yes"), Binding("n,escape", "answer(False)", "No")]
 
     def __init__(self, question: str, yes: str = "Yes") -> None:
@@ -78,6 +78,7 @@ class ResultsDialog(ModalScreen[str | None]):
     """One line per entry, in the words the CLI prints; dismissed with "force" when the
     administrator chooses the offered Force button."""
 
+    CSS_PATH = "dialogs.tcss"
     BINDINGS = [Binding("escape,enter,q", "close", "Close")]
 
     def __init__(self, title: str, results: list[Result], notes: Sequence[str] = (),
@@ -122,6 +123,7 @@ class DetailsDialog(ModalScreen[None]):
     """Everything about one entry (what a narrow table leaves out), or one of the dashboard's
     panels in full."""
 
+    CSS_PATH = "dialogs.tcss"
     BINDINGS = [Binding("escape,enter,q,i", "close", "Close")]
 
     def __init__(self, title: str, body: Text | Sequence[tuple[str, str]]) -> None:
@@ -160,6 +162,7 @@ class _EntryDialog(ModalScreen[Result | None]):
     """Shared: checked as typed in a thread (one at a time), submitted in a thread, the
     service's message shown in the one style of every check."""
 
+    CSS_PATH = "dialogs.tcss"
     BINDINGS = [Binding("escape", "cancel", "Cancel")]
 
     class Checked(Message):

@@ -9,7 +9,8 @@ from textual.containers import Horizontal
 from textual.widgets import Button, DataTable, Footer, Header, Static
 
 from app.screens import actions
-from app.screens.base import (Col, ForceOffer, KeyedTable, RootBanner, TaskScreen, elide,
+from app.screens.banner import RootBanner
+from app.screens.base import (Col, ForceOffer, KeyedTable, TaskScreen, elide,
                               selected_key, state_text)
 from app.screens.dialogs import AddFsEntryDialog, ConfirmDialog, DetailsDialog
 from app.services.results import Result
@@ -63,7 +64,7 @@ def difference_lines(diffs: list[dict]) -> list[str]:
 
 class FilesystemScreen(TaskScreen):
     NAME = "filesystem"
-    CSS_PATH = "filesystem.tcss"
+    CSS_PATH = ["task.tcss", "filesystem.tcss"]
     busy_target = "#fs-entries"
 
     def __init__(self) -> None:

@@ -7,17 +7,18 @@ from rich.text import Text
 from textual import on
 from textual.app import ComposeResult
 from textual.binding import Binding
-from textual.containers import Vertical
 from textual.screen import Screen
-from textual.widgets import Footer, Header, OptionList, Static
+from textual.widgets import Footer, Header, OptionList
 from textual.widgets.option_list import Option
 
 from app.screens import actions
-from app.screens.base import RootBanner
+from app.screens.banner import RootBanner
 
 
 class MainMenuScreen(Screen):
-    CSS_PATH = "main_menu.tcss"
+    """Its CSS is in app.tcss, and its widgets are all direct children: the first frame
+    registers every style in one pass (each pass re-parses the whole stylesheet)."""
+
     BINDINGS = [
         Binding("q", "app.quit", "Quit"),
         Binding("escape", "esc", "", show=False),
@@ -29,15 +30,14 @@ class MainMenuScreen(Screen):
         entries = actions.menu()
         yield Header()
         yield RootBanner()
-        with Vertical(id="menu-box"):
-            yield Static(Text("Setup tasks", style="bold"), id="menu-title")
-            yield OptionList(*[
-                Option(Text.assemble((f" {s.menu_key}  ", "bold"), s.label, "\n",
-                                     (f"    {s.hint}", "dim")), id=s.name)
-                for s in entries], id="menu")
-            yield Static(f"↑↓ Enter or {entries[0].menu_key}–{entries[-1].menu_key} to choose · "
-                         "q quits · Esc goes back in the screens · ctrl+p commands",
-                         id="menu-keys")
+        menu = OptionList(*[
+            Option(Text.assemble((f" {s.menu_key}  ", "bold"), s.label, "\n",
+                                 (f"    {s.hint}", "dim")), id=s.name)
+            for s in entries], id="menu")
+        menu.border_title = "Setup tasks"
+        menu.border_subtitle = (f"↑↓ Enter or {entries[0].menu_key}–{entries[-1].menu_key} · "
+                                "q quits · Esc: back in screens · ctrl+p commands")
+        yield menu
         yield Footer(compact=True)
 
     def on_mount(self) -> None:

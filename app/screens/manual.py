@@ -8,7 +8,8 @@ from textual.app import ComposeResult
 from textual.containers import Horizontal, Vertical
 from textual.widgets import Button, DataTable, Footer, Header, Input, Label, Static, Switch
 
-from app.screens.base import (Col, KeyedTable, RootBanner, TaskScreen, elide, natural_key,
+from app.screens.banner import RootBanner
+from app.screens.base import (Col, KeyedTable, TaskScreen, elide, natural_key,
                               selected_key)
 from app.screens.dialogs import ResultsDialog, switch_text
 from app.services.results import Result
@@ -34,7 +35,7 @@ def loop_row(status) -> tuple:
 
 class ManualScreen(TaskScreen):
     NAME = "manual"
-    CSS_PATH = "manual.tcss"
+    CSS_PATH = ["task.tcss", "manual.tcss"]
     busy_target = "#loops"
 
     def compose(self) -> ComposeResult:
