@@ -5,6 +5,7 @@ that says what a running action waits for, and tables that keep their rows by ke
 from __future__ import annotations
 
 import re
+import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
@@ -34,6 +35,7 @@ STATE_STYLE = {
 }
 CAPTURE_STYLE = {"captured": "green", "not captured": "bold yellow", "no daemon": "yellow",
                  "lost": "bold red"}
+MAX_READ_GAP = 1.0  # seconds: the longest a pending re-read waits after a slow read
 REBUILD_OVER = 24  # rows added + removed at once: clearing and refilling beats row by row
 
 
@@ -296,10 +298,13 @@ class TaskScreen(Screen):
 
     _loading = False
     _reload_pending = False
+    _last_read = 0.0  # seconds the last read took
 
     def reload(self) -> None:
         """Read the state again; while a read is running, ask for one more after it (so a
-        burst of events costs at most two reads, never a pile of threads)."""
+        burst of events costs at most two reads, never a pile of threads), and that one
+        waits as long as the last read took: under a storm of events the reading thread is
+        busy at most half the time and the keys stay quick."""
         if self._loading:
             self._reload_pending = True
             return
@@ -309,12 +314,14 @@ class TaskScreen(Screen):
     @work(thread=True, exit_on_error=False, group="load",
           description="read configuration and kernel state")
     def _load_worker(self) -> None:
+        started = time.monotonic()
         try:
             data = self.load()
         except MirrorError as exc:  # e.g. a corrupt config: shown, never rewritten
             data = exc
         except Exception as exc:  # shown in the banner rather than lost in a worker
             data = MirrorError(f"unexpected error: {exc!r}")
+        self._last_read = time.monotonic() - started
         self.post_message(self.Loaded(data))
 
     def load(self):
@@ -328,7 +335,8 @@ class TaskScreen(Screen):
         self._loading = False
         if self._reload_pending:
             self._reload_pending = False
-            self.reload()
+            self._loading = True  # no other read starts before the delayed one
+            self.set_timer(min(self._last_read, MAX_READ_GAP), self._load_worker)
         error = self.query("#load-error")
         if isinstance(event.data, MirrorError):
             if error:
