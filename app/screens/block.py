@@ -24,7 +24,7 @@ from app.services.results import MirrorError, Outcome, Result
 from app.services.units import human_size, shown
 
 DEVICE_COLUMNS = (Col("path", "Device", 9, 32), Col("size", "Size", 8), Col("type", "Type", 6),
-                  Col("fstype", "FS", 5, 12), Col("mounts", "Mounted on", 4, 24),
+                  Col("fstype", "FS", 5, 12), Col("mounts", "Mounted on", 4, 28),
                   Col("notes", "In use / excluded", 7, 48))
 # What the kernel and the daemon say first (readable at 80 columns), the configuration after;
 # what does not fit is in the entry's detail view (i or Enter).
@@ -40,11 +40,25 @@ FORCED_ATTACH = (
     "and corrupt the target. Only do this if you know the other user writes nothing.")
 
 
-def device_row(dev) -> tuple:
+def entry_notes(snap) -> dict[str, str]:
+    """What the picker adds about configured devices and their loops (from the status)."""
+    notes: dict[str, str] = {}
+    for s in snap.block if snap is not None else ():
+        how = f"{s.capture} via {s.loop}" if s.loop and s.capture else (s.loop or s.state)
+        notes[s.entry.device] = f"replicated: {how}"
+        for lp in s.loops:
+            notes[lp.device] = f"the loop of replicated {s.entry.device}"
+    return notes
+
+
+def device_row(dev, note: str | None = None) -> tuple:
     style = "grey50" if dev.excluded else ""
-    notes = f"excluded: {dev.excluded}" if dev.excluded else "; ".join(dev.in_use)
+    notes = f"excluded: {dev.excluded}" if dev.excluded else "; ".join(
+        ([note] if note else []) + list(dev.in_use))
     cells = (dev.path, human_size(dev.size), dev.type, dev.fstype or "",
-             ", ".join(shown(m) for m in dev.mountpoints), shown(notes))
+             elide(", ".join(dev.mountpoints), 28), shown(notes))
+    if note and not dev.excluded:
+        return tuple(Text(c, style="cyan") if i == 5 else c for i, c in enumerate(cells))
     if dev.in_use and not dev.excluded:
         return tuple(Text(c, style="yellow") if i == 5 else c for i, c in enumerate(cells))
     return tuple(Text(c, style=style) for c in cells)
@@ -74,7 +88,8 @@ def entry_details(state) -> list[tuple[str, str]]:
     if state.raw_mounts:
         lines.append(("RAW DEVICE MOUNTED", ", ".join(state.raw_mounts)))
     if f and f.captured:
-        lines += [("Queued", human_size(f.bytes_queued)),
+        lines += [("Writes captured", str(f.captured_ops)),
+                  ("Queued", human_size(f.bytes_queued)),
                   ("Lag", "—" if f.lag_seconds is None else f"{f.lag_seconds:.1f} s")]
     if f and f.error:
         lines.append(("Engine error", f.error))
@@ -178,8 +193,10 @@ class BlockScreen(TaskScreen):
 
     def _show_devices(self) -> None:
         show_all = self.query_one("#show-excluded", Switch).value
+        notes = entry_notes(self._snap)
         self.query_one("#devices", KeyedTable).show_rows(
-            {d.path: device_row(d) for d in self._devices if show_all or not d.excluded})
+            {d.path: device_row(d, notes.get(d.path)) for d in self._devices
+             if show_all or not d.excluded})
 
     @on(Switch.Changed, "#show-excluded")
     def _excluded_toggled(self, event: Switch.Changed) -> None:

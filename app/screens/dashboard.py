@@ -62,7 +62,8 @@ def block_engine_cell(figures) -> str:
     """One captured block entry's queue and lag, and its apply errors when there are any."""
     if figures.error:
         return f"error: {shown(figures.error)}"
-    cell = f"queued {human_size(figures.bytes_queued)}"
+    cell = (f"{figures.captured_ops} writes captured · queued "
+            f"{human_size(figures.bytes_queued)}")
     if figures.lag_seconds is not None:
         cell += f" · lag {figures.lag_seconds:.1f} s"
     if figures.apply_errors:
