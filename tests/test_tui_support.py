@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import io
 
 import pytest
 from conftest import loops_on, losetup_json, run
@@ -69,7 +70,15 @@ def cell(table, row_key: str, column_key: str) -> str:
 
 
 def static_text(widget) -> str:
-    return str(widget.render())
+    """What a Static shows, as plain text (a Text, a string or a table; wide, never wrapped)."""
+    from rich.console import Console
+    renderable = getattr(widget, "content", None) or widget.render()
+    if isinstance(renderable, str):
+        return renderable
+    console = Console(width=400, color_system=None, file=io.StringIO())
+    with console.capture() as capture:
+        console.print(renderable, end="", soft_wrap=True)
+    return "\n".join(line.rstrip() for line in capture.get().splitlines())
 
 
 @pytest.fixture

@@ -153,16 +153,18 @@ def palette() -> list[tuple[str, str, str, str | None]]:
 
 
 def keys_markdown() -> str:
-    """The Help screen's key list."""
-    lines = ["## Keys", "- **Everywhere:** " + ", ".join(f"**{k}** {w}" for k, w in GLOBAL_KEYS)
-             + ".",
-             "- **Main menu:** **↑ ↓ Enter**, " + ", ".join(f"**{s.menu_key}**" for s in menu())
-             + ", or a click."]
+    """The Help screen's key list: one line per key, grouped by screen."""
+    lines = ["## Keys", "**Everywhere**", ""]
+    lines += [f"- **{k}** — {w}" for k, w in GLOBAL_KEYS]
+    lines += ["", "**Main menu**", "",
+              "- **↑ ↓ Enter**, " + ", ".join(f"**{s.menu_key}**" for s in menu())
+              + ", or a click — open a task"]
     for s in menu():
         acts = actions(s.name)
         if acts:
-            keys = ", ".join(f"**{_keys(a)}** {a.help}" for a in acts)
-            lines.append(f"- **{s.label.removeprefix('Configure ')}:** {keys}.")
+            title = s.label.removeprefix("Configure ")
+            lines += ["", f"**{title[0].upper() + title[1:]}**", ""]
+            lines += [f"- **{_keys(a)}** — {a.help}" for a in acts]
     return "\n".join(lines)
 
 

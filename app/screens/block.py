@@ -26,6 +26,7 @@ from app.services.units import human_size, shown
 DEVICE_COLUMNS = (Col("path", "Device", 9, 32), Col("size", "Size", 8), Col("type", "Type", 6),
                   Col("fstype", "FS", 5, 12), Col("mounts", "Mounted on", 4, 28),
                   Col("notes", "In use / excluded", 7, 48))
+NOTES_WIDTH = 48
 # What the kernel and the daemon say first (readable at 80 columns), the configuration after;
 # what does not fit is in the entry's detail view (i or Enter).
 ENTRY_COLUMNS = (Col("device", "Device", 9, 28), Col("actual", "Loop now", 8),
@@ -55,8 +56,11 @@ def device_row(dev, note: str | None = None) -> tuple:
     style = "grey50" if dev.excluded else ""
     notes = f"excluded: {dev.excluded}" if dev.excluded else "; ".join(
         ([note] if note else []) + list(dev.in_use))
+    notes = shown(notes)
+    if len(notes) > NOTES_WIDTH:  # the start says most (root file system, mounted on …)
+        notes = notes[:NOTES_WIDTH - 1] + "…"
     cells = (dev.path, human_size(dev.size), dev.type, dev.fstype or "",
-             elide(", ".join(dev.mountpoints), 28), shown(notes))
+             elide(", ".join(dev.mountpoints), 28), notes)
     if note and not dev.excluded:
         return tuple(Text(c, style="cyan") if i == 5 else c for i, c in enumerate(cells))
     if dev.in_use and not dev.excluded:

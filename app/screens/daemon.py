@@ -4,6 +4,7 @@ appearing, its watch connection ending) without polling."""
 
 from __future__ import annotations
 
+from rich.table import Table
 from rich.text import Text
 from textual import on
 from textual.app import ComposeResult
@@ -19,18 +20,19 @@ ABOUT = ("The daemon mounts mirrorfs on the file system entries, captures writes
          "applications (and before NFS/Samba) so no change is missed.")
 
 
-def info_text(info, now: float) -> Text:
+def info_text(info, now: float) -> Table:
+    """Label and value in two columns: a long path wraps under its value, not its label."""
     from app.services.daemonctl import info_lines
-    text = Text()
+    grid = Table.grid(padding=(0, 1))
+    grid.add_column(style="bold", no_wrap=True)
+    grid.add_column()
     mark, style = ("● ", "bold green") if info.running and not info.problem else ("○ ", "yellow")
     for i, (label, value) in enumerate(info_lines(info, now)):
-        text.append(f"{label + ':':<17}", style="bold")
-        text.append((mark if i == 0 else "") + shown(value) + "\n",
-                    style=style if i == 0 else "")
+        grid.add_row(f"{label}:", Text((mark if i == 0 else "") + shown(value),
+                                       style=style if i == 0 else ""))
     if info.problem:
-        text.append(shown(info.problem), style="bold red")
-    text.rstrip()
-    return text
+        grid.add_row("problem:", Text(shown(info.problem), style="bold red"))
+    return grid
 
 
 class DaemonScreen(TaskScreen):

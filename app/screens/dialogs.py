@@ -36,7 +36,9 @@ BLOCK_NOTES = (
 )
 # The services word their hints for the command line; the results dialog has a Force button.
 CLI_HINTS = (("(--force overrides)", "(Force… below overrides)"),
-             ("or unmount with --force (lazy unmount)", "or use Force… below (lazy unmount)"))
+             ("or unmount with --force (lazy unmount)", "or use Force… below (lazy unmount)"),
+             ("start it with `mirrorsetup daemon start` (or `systemctl start mirrorsetup`)",
+              "start it on the Daemon screen (5 in the main menu)"))
 
 
 def tui_words(message: str) -> str:
