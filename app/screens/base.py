@@ -15,7 +15,7 @@ from textual import on, work
 from textual.binding import Binding
 from textual.message import Message
 from textual.screen import Screen
-from textual.widgets import DataTable, Static
+from textual.widgets import DataTable
 
 from app.screens import actions
 from app.services.results import MirrorError, Outcome, Result
