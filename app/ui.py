@@ -42,7 +42,9 @@ class Services:
         self._config_path, self._control_socket, self._state_dir = (config_path, control_socket,
                                                                     state_dir)
         self._replication = replication
-        self._list_devices = list_devices
+        # What the picker lists; None: the host's block devices. Tests hand in their own
+        # devices' descriptions, the screenshot script the demo's.
+        self.device_lister = list_devices
         self._status = status
         self._list_loops = list_loops
         self._disk_counters = disk_counters
@@ -85,8 +87,8 @@ class Services:
         return self._replication
 
     def list_devices(self, include_excluded: bool = True) -> list:
-        if self._list_devices is not None:
-            return self._list_devices(include_excluded=include_excluded)
+        if self.device_lister is not None:
+            return self.device_lister(include_excluded=include_excluded)
         from app.services.blockdevs import list_block_devices
         return list_block_devices(include_excluded=include_excluded)
 

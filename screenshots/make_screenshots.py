@@ -180,7 +180,7 @@ async def settle(pilot) -> None:
 async def shoot(demo: Demo, name: str, keys: list[str], size: tuple[int, int], out: Path) -> None:
     app = make_app(config_path=demo.settings.config, control_socket=demo.settings.socket,
                    state_dir=demo.settings.state_dir, is_root=True)
-    app.services._list_devices = lambda include_excluded=True: [
+    app.services.device_lister = lambda include_excluded=True: [
         d for d in blockdevs.list_block_devices(include_excluded=include_excluded)
         if d.type != "loop" or d.path in demo.loops
         or (d.backing_file or "").startswith(str(demo.root) + "/")]  # no other program's loops

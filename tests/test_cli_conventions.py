@@ -130,3 +130,26 @@ def test_daemon_status_and_stop_without_a_daemon(config, tmp_path):
     assert info["running"] is False and info["socket"] == str(config.parent / "none.sock")
     r = cli(*args(config, "daemon", "stop"))
     assert r.returncode == 0 and "unchanged" in r.stdout and "not running" in r.stdout
+
+
+def test_status_watch_prints_again_when_the_configuration_changes(config, tmp_path):
+    """`status --watch` follows the same watchers as the TUI (app.services.events): an entry
+    added by another command shows in the next print, without a timer."""
+    data = tmp_path / "data"
+    data.mkdir()
+    watch = subprocess.Popen([sys.executable, "-m", "app", *args(config, "status", "--watch")],
+                             cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        first = ""
+        while "Warnings" not in first and "Daemon: " not in first:  # the first print, whole
+            first += watch.stdout.readline()
+        assert str(data) not in first
+        assert cli(*args(config, "fs", "add", str(data))).returncode == 0
+        seen = ""
+        while str(data) not in seen:
+            line = watch.stdout.readline()
+            assert line, watch.stderr.read()
+            seen += line
+    finally:
+        watch.kill()
+        watch.wait()

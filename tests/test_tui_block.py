@@ -41,7 +41,7 @@ def no_daemon_tui(tui):
 def daemon_app(cfg, eng, devices):
     """The real App talking to a test's own daemon; the picker lists `devices` only."""
     services = default_services(cfg, eng.socket)
-    services._list_devices = own_devices(devices)
+    services.device_lister = own_devices(devices)
     return make_app(services=services, is_root=True)
 
 
@@ -487,7 +487,7 @@ async def test_the_root_disk_is_refused_by_the_picker_with_its_reason(tui):
                        "disk", 252, 0, False, None, None,
                        in_use=("partition mirrorsetup-test-rootdisk1 root file system",))
     app = tui(is_root=True)
-    app.services._list_devices = lambda **_: [root]
+    app.services.device_lister = lambda **_: [root]
     async with app.run_test(size=(80, 24)) as pilot:
         screen = await open_block_screen(pilot)
         devices = screen.query_one("#devices", DataTable)

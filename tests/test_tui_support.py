@@ -91,7 +91,7 @@ def tui(config_path, tmp_path):
                                                                        "control.sock"),
                                     state_dir or str(tmp_path / "state"))
         if devices is not None:
-            services._list_devices = own_devices(devices)
+            services.device_lister = own_devices(devices)
         return make_app(services=services, **kw)
     return make
 
