@@ -1,238 +1,228 @@
-"""The full-screen console: the App, its services, and the kernel watchers that feed it.
+"""The full-screen console: the App, the services it hands its screens, and the events that
+make screens follow what happens elsewhere.
 
-`make_app` builds the App from explicit inputs so the CLI, the tests and the screenshot
-script all run the same code; only what a machine cannot provide deterministically (the
-host's device list, for snapshots) is ever swapped for a fake.
+`make_app` builds the App from explicit inputs so the CLI, the tests and the screenshot script
+all run the same code; only what a machine cannot provide deterministically (the host's
+device list, for snapshots) is ever swapped for a fake. Nothing heavy is built before the
+first frame: services import their modules on first use, and the watcher threads start
+after the first paint.
 """
 
 from __future__ import annotations
 
-import os
-import select
-import shutil
-import subprocess
-import sys
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
-from typing import Any
 
-from textual import work
 from textual.app import App, SystemCommand
 from textual.binding import Binding
 from textual.message import Message
 from textual.screen import Screen
 from textual.signal import Signal
 
+from app.screens import actions
 from app.screens.main_menu import MainMenuScreen
-from app.services.config import ConfigStore
-
-ROOT_UID = 0
-SYSTEMD_RUNNING = "/run/systemd/system"  # exists only when systemd is PID 1 (sd_booted)
-SYSTEMD_UNIT = "mirrorsetup"
-DAEMON_WAIT_STEPS = 100  # × DAEMON_WAIT_STEP: up to 10 s for the daemon to start or stop
-DAEMON_WAIT_STEP = 0.1
-DAEMON_LOG = "daemon.log"  # beside the control socket, when the console starts the daemon
-RUN_DIR_MODE = 0o700  # as the daemon makes /run/mirrorsetup: root's only
 
 
-@dataclass
 class Services:
-    """Everything the screens call. Fields default to the real services."""
+    """Everything the screens call. Each defaults to the real service, built or imported on
+    first use (none before the first frame); tests and the snapshot suite pass fakes only for
+    what a host cannot provide alike."""
 
-    store: ConfigStore
-    replication: Any
-    control: Any | None = None  # ControlClient, or None when the engine is not installed
-    list_devices: Callable[..., list] | None = None  # blockdevs.list_block_devices
-    status: Callable[[], Any] | None = None  # () -> StatusSnapshot
-    list_loops: Callable[[], list] | None = None  # loop.list_attached
-    disk_counters: Callable[[], dict] | None = None  # psutil per-disk counters; None: no rates
-    watch_kernel: bool = True  # MountWatcher + kernel uevents; off only for snapshots
-    clock: Callable[[], float] = time.time
-    browse_root: str = "/"  # where the directory picker starts
-    daemon_args: tuple[str, ...] = ()  # extra `mirrorsetup daemon` arguments (e.g. --state-dir)
+    def __init__(self, store=None, replication=None, control=None, *, config_path=None,
+                 control_socket=None, state_dir=None, daemon=None,
+                 list_devices: Callable[..., list] | None = None,
+                 status: Callable[[], object] | None = None,
+                 list_loops: Callable[[], list] | None = None,
+                 disk_counters: Callable[[], dict] | None | bool = True,
+                 check_block: Callable | None = None,
+                 describe_daemon: Callable | None = None,
+                 watch_kernel: bool = True, clock: Callable[[], float] = time.time,
+                 browse_root: str = "/") -> None:
+        self._store, self._control, self._daemon = store, control, daemon
+        self._config_path, self._control_socket, self._state_dir = (config_path, control_socket,
+                                                                    state_dir)
+        self._replication = replication
+        # What the picker lists; None: the host's block devices. Tests hand in their own
+        # devices' descriptions, the screenshot script the demo's.
+        self.device_lister = list_devices
+        self._status = status
+        self._list_loops = list_loops
+        self._disk_counters = disk_counters
+        self._check_block = check_block
+        self._describe_daemon = describe_daemon
+        self.watch_kernel = watch_kernel  # kernel, daemon and config watchers; off for snapshots
+        self.clock = clock
+        self.browse_root = browse_root  # where the directory picker starts
+
+    @property
+    def store(self):
+        """The configuration file (ConfigStore)."""
+        if self._store is None:
+            from app.services.config import ConfigStore
+            self._store = ConfigStore(self._config_path)
+        return self._store
+
+    @property
+    def control(self):
+        """The daemon's control socket (ControlClient)."""
+        if self._control is None:
+            from app.services.control import ControlClient
+            self._control = ControlClient(self._control_socket)
+        return self._control
+
+    @property
+    def daemon(self):
+        """Where a daemon for this configuration works (DaemonSettings)."""
+        if self._daemon is None:
+            from app.services.daemonctl import DaemonSettings
+            self._daemon = DaemonSettings.resolve(self.store.path, self.control.socket_path,
+                                                  self._state_dir)
+        return self._daemon
+
+    @property
+    def replication(self):
+        if self._replication is None:
+            from app.services.replication import Replication
+            self._replication = Replication(self.store, self.control)
+        return self._replication
+
+    def list_devices(self, include_excluded: bool = True) -> list:
+        if self.device_lister is not None:
+            return self.device_lister(include_excluded=include_excluded)
+        from app.services.blockdevs import list_block_devices
+        return list_block_devices(include_excluded=include_excluded)
+
+    def status(self):
+        if self._status is not None:
+            return self._status()
+        from app.services.status import snapshot
+        return snapshot(self.store, self.control if self.daemon_running() else None)
+
+    def list_loops(self) -> list:
+        if self._list_loops is not None:
+            return self._list_loops()
+        from app.services.loop import list_attached
+        return list_attached()
+
+    @property
+    def samples_rates(self) -> bool:
+        return self._disk_counters is not None
+
+    def disk_counters(self) -> dict:
+        if callable(self._disk_counters):
+            return self._disk_counters()
+        from app.services.status import disk_counters
+        return disk_counters()
+
+    def check_block(self, entry):
+        if self._check_block is not None:
+            return self._check_block(entry)
+        from app.services.entries import check_block
+        return check_block(self.store, entry)
+
+    def describe_daemon(self):
+        if self._describe_daemon is not None:
+            return self._describe_daemon()
+        from app.services import daemonctl
+        return daemonctl.describe(self.daemon, self.control)
 
     def daemon_running(self) -> bool:
-        if self.control is None:
-            return False
-        try:
-            return bool(self.control.is_running())
-        except Exception:  # a broken socket is "not running" to the administrator
-            return False
+        return self.control.is_running()
+
+    def daemon_action(self, action: str):
+        """start / stop / restart: one Result. Blocking (a thread worker calls it)."""
+        from app.services import daemonctl
+        return getattr(daemonctl, action)(self.daemon)
 
 
-def default_services(config_path=None, control_socket=None) -> Services:
-    """The real services over `config_path` (default: MIRRORSETUP_CONFIG or /etc/...)."""
-    import psutil
-
-    from app.services import blockdevs, status
-    from app.services import loop as loopdev
-    from app.services.replication import Replication
-
-    store = ConfigStore(config_path)
-    control = _control_client(control_socket)
-    replication = Replication(store, control)
-
-    def snap():
-        live = control if control is not None and _safe_running(control) else None
-        return status.snapshot(store, live)
-
-    return Services(store=store, replication=replication, control=control,
-                    list_devices=blockdevs.list_block_devices, status=snap,
-                    list_loops=loopdev.list_attached,
-                    disk_counters=lambda: psutil.disk_io_counters(perdisk=True, nowrap=True))
-
-
-def _control_client(socket_path):
-    try:
-        from app.services.control import ControlClient
-    except ImportError:  # the engine is not installed: file-system mounts say so per action
-        return None
-    return ControlClient(socket_path)  # None: MIRRORSETUP_SOCKET or the default
-
-
-def _safe_running(control) -> bool:
-    try:
-        return bool(control.is_running())
-    except Exception:
-        return False
+def default_services(config_path=None, control_socket=None, state_dir=None) -> Services:
+    """The real services over `config_path` (default: MIRRORSETUP_CONFIG or /etc/...), the
+    daemon on `control_socket` (MIRRORSETUP_SOCKET) with `state_dir` (MIRRORSETUP_STATE_DIR)."""
+    return Services(config_path=config_path, control_socket=control_socket, state_dir=state_dir)
 
 
 class MirrorSetupApp(App):
-    """Screens push and pop over the main menu; `q`/Escape goes back, from the top it quits."""
+    """Screens push and pop over the main menu; q/Escape goes back, q on the menu quits."""
 
     CSS_PATH = "screens/app.tcss"
     TITLE = "mirrorsetup"
     BINDINGS = [Binding("ctrl+q", "quit", "Quit", priority=True, show=False)]
-    MODES = {"setup": MainMenuScreen}  # a mode (not get_default_screen) so its CSS_PATH loads
-    DEFAULT_MODE = "setup"
 
-    class MountsChanged(Message):
-        def __init__(self, diff) -> None:
+    class Changed(Message):
+        """Something changed elsewhere (an app.services.events event), from a watcher thread."""
+
+        def __init__(self, event) -> None:
             super().__init__()
-            self.diff = diff
-
-    class DaemonGone(Message):
-        """The daemon's watch connection ended: it stopped or died."""
-
-    class BlockEvent(Message):
-        def __init__(self, action: str, name: str) -> None:
-            super().__init__()
-            self.action = action
-            self.name = name
+            self.event = event
 
     def __init__(self, services: Services, *, is_root: bool | None = None) -> None:
         super().__init__()
         self.services = services
-        self.is_root = os.geteuid() == ROOT_UID if is_root is None else is_root
-        self.sub_title = str(services.store.path)
+        if is_root is None:
+            from app.services.host import is_root as host_is_root
+            is_root = host_is_root()
+        self.is_root = is_root
         # Screens subscribe; the watcher threads publish through the App's messages.
         self.mounts_signal: Signal = Signal(self, "mounts-changed")
-        self.block_signal: Signal = Signal(self, "block-uevent")
-        self.daemon_signal: Signal = Signal(self, "daemon-gone")
-        self._mount_watcher = None
-        self._daemon_wake: int | None = None
-        self._watching_daemon = False
-        self._uevent_wake: int | None = None
+        self.block_signal: Signal = Signal(self, "block-uevents")
+        self.daemon_signal: Signal = Signal(self, "daemon-changed")
+        self.config_signal: Signal = Signal(self, "config-changed")
+        self.watchers = None
         self.refusals: list[str] = []  # what was refused for want of root, newest last
 
+    def get_default_screen(self) -> Screen:
+        """The main menu (its CSS is the App's: a mode would re-parse the stylesheet once more)."""
+        return MainMenuScreen()
+
     def on_mount(self) -> None:
-        self.theme = "textual-dark"
+        self.call_after_refresh(self._after_first_frame)
+
+    def _after_first_frame(self) -> None:
+        """What the first frame does not need: the config path in the header (its module), and
+        the watcher threads."""
+        if not self.sub_title:
+            self.sub_title = str(self.services.store.path)
         if self.services.watch_kernel:
-            self.watch_mounts()
-            self.watch_uevents()
-            self.arm_daemon_watch()
+            self.start_watchers()
 
     def on_unmount(self) -> None:
-        self.stop_watchers()
+        if self.watchers is not None:
+            self.watchers.close()
 
-    def stop_watchers(self) -> None:
-        """Wake the blocked watcher threads so they end with the App."""
-        if self._mount_watcher is not None:
-            self._mount_watcher.close()
-        if self._uevent_wake is not None:
-            os.eventfd_write(self._uevent_wake, 1)
-        if self._daemon_wake is not None:
-            os.eventfd_write(self._daemon_wake, 1)
+    def start_watchers(self) -> None:
+        from app.services.events import Watchers
+        self.watchers = Watchers(lambda event: self.post_message(self.Changed(event)),
+                                 config_path=self.services.store.path,
+                                 control=self.services.control)
+        self.watchers.start()
 
-    # -- kernel events -------------------------------------------------------------------
+    def on_mirror_setup_app_changed(self, message: Changed) -> None:
+        from app.services import events
+        event = message.event
+        if isinstance(event, events.MountsChanged):
+            self.mounts_signal.publish(event.diff)
+        elif isinstance(event, events.BlockUevents):
+            self.block_signal.publish(event.events)
+        elif isinstance(event, events.DaemonChanged):
+            self.daemon_signal.publish(event.running)
+        elif isinstance(event, events.ConfigChanged):
+            self.config_signal.publish(event.path)
 
-    @work(thread=True, exclusive=True, exit_on_error=False, group="mount-watcher",
-          description="wait for mount-table changes")
-    def watch_mounts(self) -> None:
-        from app.services.mounts import MountWatcher
-        self._mount_watcher = watcher = MountWatcher()
-        for diff in watcher:  # ends when stop_watchers() closes it
-            self.post_message(self.MountsChanged(diff))
-
-    @work(thread=True, exclusive=True, exit_on_error=False, group="uevent-monitor",
-          description="wait for block-device uevents")
-    def watch_uevents(self) -> None:
-        import pyudev
-        monitor = pyudev.Monitor.from_netlink(pyudev.Context(), source="kernel")
-        monitor.filter_by("block")
-        monitor.start()
-        self._uevent_wake = wake = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
-        try:
-            while True:
-                ready, _, _ = select.select([monitor, wake], [], [])
-                if wake in ready:
-                    return
-                device = monitor.poll(timeout=0)
-                if device is not None:
-                    self.post_message(self.BlockEvent(device.action or "?", device.sys_name))
-        finally:
-            os.close(wake)
-
-    def arm_daemon_watch(self) -> None:
-        """Start watching the daemon unless a watch is already held (main thread only).
-        Re-armed by mount-table changes (a starting daemon mounts its captures), never by polling."""
-        if self.services.control is not None and not self._watching_daemon:
-            self._watching_daemon = True
-            self.watch_daemon()
-
-    @work(thread=True, exit_on_error=False, group="daemon-watcher",
-          description="notice when the daemon stops or dies")
-    def watch_daemon(self) -> None:
-        """Hold the daemon's watch connection; when it ends, say so."""
-        try:
-            sock = self.services.control.open_watch()
-        except Exception:  # not running (or not reachable): nothing to watch yet
-            self._watching_daemon = False
-            return
-        if self._daemon_wake is None:
-            self._daemon_wake = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
-        try:
-            ready, _, _ = select.select([sock, self._daemon_wake], [], [])
-            if sock in ready:
-                self.post_message(self.DaemonGone())
-        finally:
-            sock.close()
-            self._watching_daemon = False
-
-    def on_mirror_setup_app_mounts_changed(self, event: MountsChanged) -> None:
-        self.mounts_signal.publish(event.diff)
-        self.arm_daemon_watch()
-
-    def on_mirror_setup_app_daemon_gone(self, event: DaemonGone) -> None:
-        self.daemon_signal.publish(True)
-
-    def on_mirror_setup_app_block_event(self, event: BlockEvent) -> None:
-        self.block_signal.publish((event.action, event.name))
+    def daemon_changed_here(self) -> None:
+        """We started or stopped the daemon: arm the watch now rather than at its next event."""
+        if self.watchers is not None:
+            self.watchers.poke_daemon()
 
     # -- navigation ----------------------------------------------------------------------
 
     def action_back(self) -> None:
-        """One level up; from the main menu, quit (the seed's "press Q as many times as needed")."""
+        """One level up. On the main menu only q quits (Esc there does nothing by accident)."""
         if len(self.screen_stack) > 1:
             self.pop_screen()
-        else:
-            self.exit(0)
 
     def open_screen(self, name: str) -> Screen:
         """Show `name` over the main menu (replacing any other task screen) and return it."""
-        from app.screens import screen_class
-        cls = screen_class(name)
+        cls = actions.screen_class(name)
         while len(self.screen_stack) > 1 and not isinstance(self.screen, cls):
             self.pop_screen()
         if not isinstance(self.screen, cls):
@@ -246,7 +236,7 @@ class MirrorSetupApp(App):
 
     def get_system_commands(self, screen: Screen) -> Iterable[SystemCommand]:
         yield from super().get_system_commands(screen)
-        for title, help_text, name, action in PALETTE:
+        for title, help_text, name, action in actions.palette():
             if action:
                 yield SystemCommand(title, help_text, lambda n=name, a=action: self.run_on(n, a))
             else:
@@ -261,125 +251,20 @@ class MirrorSetupApp(App):
         message = (f"{what} needs root: the configuration, loop devices and mounts belong to "
                    f"root. Run `sudo mirrorsetup`.")
         self.refusals.append(message)
-        self.notify(message, title="Read-only", severity="warning")
+        self.notify(message, title="Read-only", severity="warning", markup=False)
         return True
 
-    # -- daemon ----------------------------------------------------------------------------
 
-    def daemon_command(self, action: str):
-        """start / stop / restart the daemon; one Result saying what happened. Blocking."""
-        return daemon_command(self.services, action)
-
-
-def daemon_command(services: Services, action: str):
-    """systemctl when systemd runs; otherwise `mirrorsetup daemon` started in its own session
-    (it outlives the console) and stopped with the control socket's `shutdown`."""
-    from app.services.results import Outcome, Result
-
-    def result(outcome: Outcome, message: str) -> Result:
-        return Result(action, "daemon", outcome, message)
-
-    control = services.control
-    if control is None:
-        return result(Outcome.FAILED, f"the replication engine (daemon) is not installed here; "
-                                      f"cannot {action} it")
-    running = services.daemon_running()
-    if action == "start" and running:
-        return result(Outcome.UNCHANGED, "the daemon is already running")
-    if action == "stop" and not running:
-        return result(Outcome.UNCHANGED, "the daemon is not running")
-    if os.path.isdir(SYSTEMD_RUNNING) and shutil.which("systemctl"):
-        proc = subprocess.run(["systemctl", action, SYSTEMD_UNIT], capture_output=True, text=True)
-        if proc.returncode == 0:
-            return result(Outcome.OK, f"systemctl {action} {SYSTEMD_UNIT}: done")
-        return result(Outcome.FAILED, f"systemctl {action} {SYSTEMD_UNIT} failed: "
-                                      f"{proc.stderr.strip() or proc.returncode}")
-    if running:  # stop or restart
-        try:
-            control.request("shutdown")
-        except Exception as exc:
-            return result(Outcome.FAILED, f"could not stop the daemon: {exc}")
-        if not _wait_for(lambda: not services.daemon_running()):
-            return result(Outcome.FAILED, "asked the daemon to stop, but it still answers")
-        if action == "stop":
-            return result(Outcome.OK, "stopped the daemon")
-    argv = [sys.executable, "-m", "app", "daemon", "--config", str(services.store.path),
-            "--socket", control.socket_path, *services.daemon_args]
-    log_path = os.path.join(os.path.dirname(control.socket_path), DAEMON_LOG)
-    try:
-        os.makedirs(os.path.dirname(log_path), mode=RUN_DIR_MODE, exist_ok=True)
-        with open(log_path, "ab") as log:
-            proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log, stderr=log,
-                                    start_new_session=True)
-    except OSError as exc:
-        return result(Outcome.FAILED, f"could not start the daemon: {exc}")
-    if _wait_for(lambda: services.daemon_running() or proc.poll() is not None) and proc.poll() is None:
-        return result(Outcome.OK, f"{'re' if action == 'restart' else ''}started the daemon "
-                                  f"(pid {proc.pid}, log {log_path}); systemd is not running "
-                                  f"here, so nothing restarts it if it dies")
-    if proc.poll() is None:
-        return result(Outcome.PENDING, f"started the daemon (pid {proc.pid}), but it does not "
-                                       f"answer on {control.socket_path} yet (log {log_path})")
-    return result(Outcome.FAILED, f"the daemon exited with status {proc.returncode}: "
-                                  f"{_last_line(log_path) or 'no output'} (log {log_path})")
-
-
-def _last_line(path: str) -> str:
-    try:
-        with open(path, "rb") as f:
-            lines = f.read().decode(errors="replace").strip().splitlines()
-    except OSError:
-        return ""
-    return lines[-1] if lines else ""
-
-
-def _wait_for(condition: Callable[[], bool]) -> bool:
-    """The daemon binds its socket (or lets go of it) a moment after start/shutdown: poll,
-    bounded at DAEMON_WAIT_STEPS × DAEMON_WAIT_STEP seconds."""
-    for _ in range(DAEMON_WAIT_STEPS):
-        if condition():
-            return True
-        time.sleep(DAEMON_WAIT_STEP)
-    return condition()
-
-
-# (palette title, help, screen, screen action or None to just open it)
-PALETTE = [
-    ("Main menu", "Back to the setup tasks", "main_menu", None),
-    ("File system replication", "Configured directories and their mirrorfs mounts", "filesystem", None),
-    ("Add file system entry", "Replicate a directory", "filesystem", "add"),
-    ("Remove file system entry", "Stop replicating the selected directory", "filesystem", "remove"),
-    ("Mount all file system entries", "Mount mirrorfs on every entry now", "filesystem", "mount_all"),
-    ("Unmount all file system entries", "Unmount mirrorfs from every entry", "filesystem", "unmount_all"),
-    ("Block device replication", "Device picker and configured block entries", "block", None),
-    ("Add block entry", "Replicate the device selected in the picker", "block", "add"),
-    ("Remove / detach block entry", "Detach and remove the selected entry", "block", "remove"),
-    ("Attach all block entries", "Attach every entry to its loop device now", "block", "attach_all"),
-    ("Detach all block entries", "Detach the loop devices of every entry", "block", "detach_all"),
-    ("Mirror block entry", "Copy the selected entry's whole device to its target", "block", "mirror"),
-    ("Verify block entry", "Compare the selected entry with its target, list what differs", "block",
-     "verify"),
-    ("Show excluded block devices", "Toggle swap and LVM physical volumes in the picker", "block", "toggle_excluded"),
-    ("Manual replication (not persisted)", "Attach or detach a loop now, deprecated", "manual", None),
-    ("Status dashboard", "Live view of mounts, loops, warnings and rates", "dashboard", None),
-    ("Daemon", "Start, stop or restart the replication engine", "daemon", None),
-    ("Start daemon", "Start the replication engine", "daemon", "start"),
-    ("Stop daemon", "Stop the replication engine", "daemon", "stop"),
-    ("Restart daemon", "Restart the replication engine", "daemon", "restart"),
-    ("Help", "Keys and the notes on replication", "help", None),
-]
-
-
-def make_app(*, config_path=None, control_socket=None, services: Services | None = None,
-             is_root: bool | None = None) -> MirrorSetupApp:
+def make_app(*, config_path=None, control_socket=None, state_dir=None,
+             services: Services | None = None, is_root: bool | None = None) -> MirrorSetupApp:
     """The App over real services (or `services` as given); `is_root` overrides the euid check."""
     if services is None:
-        services = default_services(config_path, control_socket)
+        services = default_services(config_path, control_socket, state_dir)
     return MirrorSetupApp(services, is_root=is_root)
 
 
-def run_tui(config_path=None) -> int:
-    app = make_app(config_path=config_path)
+def run_tui(config_path=None, control_socket=None, state_dir=None) -> int:
+    app = make_app(config_path=config_path, control_socket=control_socket, state_dir=state_dir)
     result = app.run()
     return result if isinstance(result, int) else 0
 

@@ -81,7 +81,7 @@ def test_mounted_device_is_refused_unless_forced(config_path, disks, tmp_path):
     try:
         cli(config_path, "block", "add", disk)
         proc = cli(config_path, "block", "attach-all", check_rc=1)
-        assert f"mounted on {mnt}" in proc.stdout and loops_on(disk) == []
+        assert f"mounted on {mnt}" in proc.stderr and loops_on(disk) == []
         forced = json.loads(cli(config_path, "block", "attach-all", "--force", "--json").stdout)
         assert forced[0]["outcome"] == "ok" and len(loops_on(disk)) == 1
     finally:
@@ -133,10 +133,10 @@ def test_bad_input_is_refused_and_changes_nothing(config_path, disks, tmp_path):
         (["block", "add", disks(8 << 20), "--loop", "/dev/sda"], "/dev/loopN"),
         (["block", "add", disks(8 << 20), "--encryption", "aes"], "encryption"),
     ]
-    for argv, words in cases:
-        proc = cli(config_path, *argv, "--json", check_rc=1)
-        res = json.loads(proc.stdout)[0]
-        assert res["outcome"] == "failed" and words in res["message"], (argv, res)
+    for argv, words in cases:  # refused (exit 2): the reason on stderr, JSON on stdout
+        proc = cli(config_path, *argv, "--json", check_rc=2)
+        refusal = json.loads(proc.stdout)
+        assert words in refusal["error"] and words in proc.stderr, (argv, refusal)
         assert config_path.read_bytes() == before, argv
     assert cli(config_path, "block", "add", disk, "--offset", "12x", check_rc=2).stderr
 
@@ -151,7 +151,7 @@ def test_manual_attach_and_detach_are_not_persisted(config_path, disks):
     assert loops_on(disk) == []
     again = json.loads(cli(config_path, "manual", "detach", loop, "--json").stdout)[0]
     assert again["outcome"] == "unchanged"
-    assert cli(config_path, "manual", "detach", "/dev/sda", check_rc=1).stdout
+    assert "/dev/loopN" in cli(config_path, "manual", "detach", "/dev/sda", check_rc=2).stderr
 
 
 def test_detach_pending_while_the_loop_is_open(config_path, disks):

@@ -151,7 +151,7 @@ def test_attach_of_a_mounted_raw_device_is_refused(block_engine, disks, tmp_path
         eng, disk, target, cfg = block_engine(disk=disk)
         r = cli(cfg, eng, "block", "attach-all")
         assert r.returncode == 1
-        assert f"mounted on {mnt}" in r.stdout and "bypass capture" in r.stdout
+        assert f"mounted on {mnt}" in r.stderr and "bypass capture" in r.stderr  # a failure
         assert eng.block(disk)["captured"] is False
         assert not os.path.exists(target)
     finally:
@@ -167,7 +167,7 @@ def test_detach_reports_a_mounted_loop_and_a_pending_detach(block_engine, tmp_pa
     run("mount", loop, str(mnt))
     try:
         r = cli(cfg, eng, "block", "detach-all")
-        assert r.returncode == 1 and f"mounted on {mnt}" in r.stdout and "nothing was unmounted" in r.stdout
+        assert r.returncode == 1 and f"mounted on {mnt}" in r.stderr and "nothing was unmounted" in r.stderr
         assert any(str(mnt) in m for m in open("/proc/self/mountinfo"))
     finally:
         run("umount", str(mnt))
@@ -292,7 +292,7 @@ def test_manual_attach_of_a_captured_device_is_refused(block_engine, tmp_path):
     before = ours(disk, tmp_path)
     r = cli(cfg, eng, "manual", "attach", disk)
     assert r.returncode == 1
-    assert f"captured by the mirrorsetup daemon through {loop}" in r.stdout
+    assert f"captured by the mirrorsetup daemon through {loop}" in r.stderr
     assert ours(disk, tmp_path) == before  # nothing attached behind the capture
 
 
@@ -308,7 +308,8 @@ def test_verify_names_differing_ranges_and_mirror_repairs_them(block_engine):
     assert r.returncode == 1, r.stdout + r.stderr
     assert f"bytes {3 * MiB}-{4 * MiB - 1} of the target" in r.stdout
     assert f"bytes {10 * MiB}-{12 * MiB - 1} of the target" in r.stdout  # adjacent blocks merged
-    assert "3 of 64 blocks differ" in r.stdout
+    assert "3 of 64 blocks differ" in r.stderr  # the failed entry's line
+    assert f"mirrorsetup block mirror {disk}" in r.stderr  # what to do next
     r = cli(cfg, eng, "block", "mirror", disk)
     assert r.returncode == 0 and f"mirrored {3 * MiB} bytes (3 of 64 blocks differed)" in r.stdout, \
         r.stdout + r.stderr  # only what differs is copied
@@ -319,7 +320,7 @@ def test_verify_names_differing_ranges_and_mirror_repairs_them(block_engine):
 def test_block_verify_without_a_daemon_says_so(block_engine):
     eng, disk, target, cfg = block_engine(start=False)
     r = cli(cfg, eng, "block", "verify", disk)
-    assert r.returncode == 1 and "daemon is not running" in r.stdout
+    assert r.returncode == 2 and "daemon is not running" in r.stderr  # refused: nothing tried
 
 
 def test_a_daemon_with_another_configuration_is_refused(block_engine, tmp_path):
@@ -330,6 +331,6 @@ def test_a_daemon_with_another_configuration_is_refused(block_engine, tmp_path):
     for argv in (["block", "detach-all"], ["block", "attach-all"], ["block", "verify", disk],
                  ["fs", "mount-all"]):
         r = cli(other, eng, *argv)
-        assert r.returncode == 1, (argv, r.stdout, r.stderr)
-        assert f"works from {cfg}, not {other}" in r.stdout, (argv, r.stdout)
+        assert r.returncode == 2, (argv, r.stdout, r.stderr)  # refused before anything is tried
+        assert f"works from {cfg}, not {other}" in r.stderr, (argv, r.stderr)
     assert ours(disk, tmp_path) == before and eng.block(disk)["captured"]  # nothing was changed

@@ -1,4 +1,4 @@
-"""The engine through `mirrorsetup …` (app.cli, with the engine's registered commands)."""
+"""The engine through `mirrorsetup …` (fs mount-all/unmount-all/mirror/verify, service install)."""
 
 from __future__ import annotations
 
@@ -66,16 +66,17 @@ def test_status_mirror_verify_unmount_all_through_the_cli(running):
     assert r.returncode == 0, r.stdout + r.stderr
     assert json.loads(r.stdout)["differences"] == []
     os.unlink(os.path.join(tgt, "a"))  # damage the target behind the engine's back
-    r = cli("fs", "verify", src, socket=eng.socket)
-    assert r.returncode == 1 and "missing at target" in r.stdout
-    r = cli("fs", "mirror", src, "--json", socket=eng.socket)
+    r = cli("--config", cfg, "fs", "verify", src, socket=eng.socket)
+    assert r.returncode == 1 and "missing at target" in r.stdout  # the differences: the result
+    assert f"mirrorsetup fs mirror {src}" in r.stderr  # and what to do about them
+    r = cli("fs", "mirror", src, "--json", "--config", cfg, socket=eng.socket)
     assert r.returncode == 0, r.stderr
     assert json.loads(r.stdout)[0]["outcome"] == "ok"
     assert open(os.path.join(tgt, "a")).read() == "alpha"
     r = cli("fs", "unmount-all", socket=eng.socket)  # another config than the daemon's: refused
-    assert r.returncode == 1 and f"works from {os.path.realpath(cfg)}" in r.stdout
+    assert r.returncode == 2 and f"works from {os.path.realpath(cfg)}" in r.stderr
     assert src in mirrorfs_mounts()
     r = cli("--config", cfg, "fs", "unmount-all", socket=eng.socket)
     assert r.returncode == 0 and src not in mirrorfs_mounts()
-    r = cli("fs", "verify", src, socket=eng.socket)  # offline verify works on the directories
+    r = cli("fs", "verify", src, "--config", cfg, socket=eng.socket)  # offline verify works on the directories
     assert r.returncode == 0, r.stdout

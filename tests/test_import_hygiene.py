@@ -1,9 +1,24 @@
-"""The service layer and the CLI's non-TUI paths must never pull in Textual."""
+"""The layers' import rules (DESIGN.md): services never import Textual or the engine; the
+engine never imports the CLI, the screens or the App; screens (and the App) make no syscalls,
+they call services; and a scripted CLI call never loads Textual."""
 
+from __future__ import annotations
+
+import ast
+import pkgutil
 import subprocess
 import sys
+from pathlib import Path
 
-SERVICES = ["results", "loop", "mounts", "blockdevs", "config", "replication", "status", "control"]
+import app.engine
+import app.services
+
+APP = Path(__file__).resolve().parent.parent / "app"
+SERVICES = sorted(m.name for m in pkgutil.iter_modules(app.services.__path__))
+ENGINE = sorted(m.name for m in pkgutil.iter_modules(app.engine.__path__))
+# Modules through which a screen would talk to the kernel itself.
+SYSCALL_MODULES = {"os", "subprocess", "socket", "fcntl", "ctypes", "select", "psutil",
+                   "pyudev", "shutil", "signal", "mmap", "pathlib"}
 
 
 def _imported_in_fresh_interpreter(code: str) -> set[str]:
@@ -12,14 +27,56 @@ def _imported_in_fresh_interpreter(code: str) -> set[str]:
     return set(out.split())
 
 
-def test_services_do_not_import_textual():
+def _imports(path: Path) -> set[str]:
+    """Every module a file imports, at the top or inside functions."""
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            found.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
+            found.add(node.module)
+            found.update(f"{node.module}.{alias.name}" for alias in node.names)
+    return found
+
+
+def _under(names: set[str], *packages: str) -> set[str]:
+    return {n for n in names if any(n == p or n.startswith(p + ".") for p in packages)}
+
+
+def test_services_do_not_import_textual_or_the_engine():
+    assert len(SERVICES) > 10 and "daemonctl" in SERVICES and "events" in SERVICES
     code = "\n".join(f"import app.services.{name}" for name in SERVICES)
     modules = _imported_in_fresh_interpreter(code)
-    assert "app.services.loop" in modules  # the import really happened
-    assert not any(m == "textual" or m.startswith("textual.") for m in modules)
+    assert "app.services.events" in modules  # the imports really happened
+    assert not _under(modules, "textual", "app.engine"), _under(modules, "textual", "app.engine")
+    for name in SERVICES:  # lazy imports inside functions count too
+        path = APP / "services" / f"{name}.py"
+        assert not _under(_imports(path), "textual", "app.engine"), path
+
+
+def test_the_engine_does_not_import_the_cli_the_screens_or_the_app():
+    assert "daemon" in ENGINE and "commands" not in ENGINE  # the CLI's commands left the engine
+    code = "\n".join(f"import app.engine.{name}" for name in ENGINE)
+    modules = _imported_in_fresh_interpreter(code)
+    assert "app.engine.daemon" in modules
+    assert not _under(modules, "app.cli", "app.screens", "app.ui", "textual")
+    for name in ENGINE:
+        path = APP / "engine" / f"{name}.py"
+        assert not _under(_imports(path), "app.cli", "app.screens", "app.ui"), path
+
+
+def test_screens_and_the_app_make_no_syscalls():
+    """They import no module that talks to the kernel and never open() a file themselves."""
+    files = sorted((APP / "screens").glob("*.py")) + [APP / "ui.py"]
+    for path in files:
+        imported = {n.split(".")[0] for n in _imports(path) if not n.startswith("app.")}
+        assert not imported & SYSCALL_MODULES, (path.name, imported & SYSCALL_MODULES)
+        calls = [n for n in ast.walk(ast.parse(path.read_text()))
+                 if isinstance(n, ast.Call) and isinstance(n.func, ast.Name) and n.func.id == "open"]
+        assert not calls, path.name
 
 
 def test_cli_module_does_not_import_textual():
     modules = _imported_in_fresh_interpreter("import app.cli")
-    assert "app.cli" in modules
-    assert "textual" not in modules
+    assert "app.cli" in modules and "app.cli.block" in modules
+    assert not _under(modules, "textual")

@@ -373,3 +373,57 @@ def test_bandwidth_cap_holds_and_compressible_data_compresses(block_remote):
     ratio = (st["logical_bytes"] - before_l) / max(1, st["wire_bytes"] - before_w)
     assert ratio >= 3, f"compression ratio {ratio:.1f}"
     assert sha(r.root / "disk.img") == sha(disk)
+
+
+def test_a_changed_host_key_is_refused_before_any_data(fs_remote):
+    eng, src, r = fs_remote()
+    before = tree(r.root / "data")
+    r.bed.change_host_key()
+    r.bed.kill_on_target(r.bed.wait_target_process("serve-target"))  # the next session meets the new key
+    (Path(src) / "after-the-change").write_text("must not reach an impostor")
+    st = wait_for("refused", lambda: (s := eng.status(src))["connection"].startswith("refused") and s, 60)
+    assert "host key" in st["connection"], st
+    assert tree(r.root / "data") == before  # nothing was written
+
+
+def test_a_second_source_for_the_same_replica_is_refused_by_name(fs_remote, tmp_path):
+    from test_engine_support import Engine
+    eng, src, r = fs_remote()
+    other_tmp = tmp_path / "second"
+    (other_tmp / "src2").mkdir(parents=True)
+    cfg2 = other_tmp / "etc" / "replication.toml"
+    cfg2.parent.mkdir(parents=True)
+    text = r.cfg.read_text()
+    cfg2.write_text(text[:text.index("[[filesystem]]")] + text[text.index("[[target]]"):])  # same target
+    assert cli(cfg2, "fs", "add", str(other_tmp / "src2"), "--target", "backup1:data").returncode == 0
+    second = Engine(other_tmp, cfg2)
+    try:
+        second.start()
+        st = wait_for("refused", lambda: (s := second.status(str(other_tmp / "src2")))["connection"]
+                      .startswith("refused") and s, 60)
+        assert "locked by agent pid" in st["connection"] and src in st["connection"], st
+        assert eng.status(src)["connection"] == "connected"  # the first source goes on
+    finally:
+        second.cleanup()
+
+
+def test_the_replication_key_runs_nothing_but_the_agent(fs_remote):
+    eng, src, r = fs_remote()
+    key = r.cfg.parent / "keys" / "backup1_ed25519"
+    base = r.bed.ssh_argv(options={"IdentityFile": str(key), "IdentitiesOnly": "yes"})
+    shell = subprocess.run(base + ["id"], capture_output=True, timeout=60)
+    assert b"uid=" not in shell.stdout and shell.stdout.startswith(b"MIRRORSETUP-AGENT")
+    fwd = subprocess.run(base[:1] + ["-N", "-o", "ExitOnForwardFailure=yes", "-L", "0:127.0.0.1:22"]
+                         + base[1:], capture_output=True, timeout=60)
+    assert fwd.returncode != 0  # `restrict` refuses port forwarding
+    from app.services import wire
+    proc = subprocess.Popen(base, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    wire.skip_to_greeting(proc.stdout.read)
+    proc.stdin.write(wire.jframe(wire.HELLO, {"version": wire.VERSION, "action": "replicate",
+                                              "path": "../escape", "kind": "fs"}))
+    proc.stdin.flush()
+    kind, payload = wire.read_frame(proc.stdout.read)
+    proc.stdin.close()
+    proc.wait(timeout=30)
+    assert kind == wire.ERROR and json.loads(payload)["code"] == "path"
+    assert not (r.root.parent / "escape").exists()

@@ -5,19 +5,20 @@ mirror / verify of an entry, without a daemon and through a real one."""
 from __future__ import annotations
 
 import hashlib
+import sys
 
 import pytest
 from test_engine_support import Engine, block_mounts, write_config
 from test_tui_support import (  # noqa: F401 (fixtures)
-    cell, config_bytes, loops_backed_by, pilot_test, protected_device, run, settle,
-    static_text, store, table_keys, tui, wait_until)
+    cell, config_bytes, loops_backed_by, notices, own_devices, pilot_test, protected_device, run,
+    settle, static_text, store, table_keys, tui, wait_until)
 from textual.widgets import DataTable, Input, ProgressBar
 
-from app.screens.base import elide
+from app.screens.base import elide, natural_key, selected_key
 from app.screens.block import MAX_RANGES_SHOWN, BlockScreen, range_lines
 from app.screens.dashboard import DashboardScreen
-from app.screens.dialogs import AddBlockEntryDialog, ConfirmDialog, ResultsDialog
-from app.services.config import ENCRYPTION_REFUSAL, BlockEntry
+from app.screens.dialogs import AddBlockEntryDialog, ConfirmDialog, DetailsDialog, ResultsDialog
+from app.services.config import BlockEntry
 from app.services.results import ConfigError
 from app.services.units import parse_size
 from app.ui import default_services, make_app
@@ -27,19 +28,21 @@ MiB = 1 << 20
 
 
 @pytest.fixture
-def no_daemon_tui(tmp_path, config_path):
-    """make() -> the real App whose daemon socket is a temp path where nothing listens (so a
-    daemon that happens to run on the host is never asked)."""
-    def make():
-        services = default_services(config_path, str(tmp_path / "run" / "control.sock"))
-        assert not services.daemon_running()
-        return make_app(services=services, is_root=True)
+def no_daemon_tui(tui):
+    """make(devices) -> the real App whose daemon socket is a temp path where nothing listens
+    (so a daemon that happens to run on the host is never asked)."""
+    def make(devices):
+        app = tui(devices=devices, is_root=True)
+        assert not app.services.daemon_running()
+        return app
     return make
 
 
-def notices(app) -> list[str]:
-    """The notifications the App has shown (toasts), oldest first."""
-    return [n.message for n in app._notifications]
+def daemon_app(cfg, eng, devices):
+    """The real App talking to a test's own daemon; the picker lists `devices` only."""
+    services = default_services(cfg, eng.socket)
+    services.device_lister = own_devices(devices)
+    return make_app(services=services, is_root=True)
 
 
 def sha(path, size: int) -> str:
@@ -71,7 +74,7 @@ async def pick(pilot, screen: BlockScreen, device: str) -> AddBlockEntryDialog:
 @pilot_test
 async def test_add_attach_all_detach_all_remove_on_a_real_device(tui, store, protected_device):
     disk = protected_device()
-    app = tui()
+    app = tui(devices=[disk])
     async with app.run_test(size=(120, 36)) as pilot:
         screen = await open_block_screen(pilot)
         dialog = await pick(pilot, screen, disk)
@@ -102,7 +105,11 @@ async def test_add_attach_all_detach_all_remove_on_a_real_device(tui, store, pro
         await pilot.press("enter")
         await wait_until(pilot, lambda: cell(entries, disk, "state") == "detached", "detached row")
 
-        await pilot.click("#block-entries", offset=(3, 1))  # the first row, under the header
+        await pilot.click("#block-entries", offset=(3, 1))  # a click on the selected row:
+        await settle(pilot)                                  # its details
+        assert type(app.screen) is DetailsDialog
+        assert disk in static_text(app.screen.query_one("#details-text"))
+        await pilot.press("escape")
         await pilot.click("#remove")
         await settle(pilot)
         assert type(app.screen) is ConfirmDialog
@@ -118,7 +125,7 @@ async def test_add_attach_all_detach_all_remove_on_a_real_device(tui, store, pro
 async def test_attach_all_with_a_fixed_loop_uses_that_loop(tui, store, protected_device):
     disk = protected_device()
     free = run("losetup", "--find").stdout.strip()
-    app = tui()
+    app = tui(devices=[disk])
     async with app.run_test(size=(120, 36)) as pilot:
         screen = await open_block_screen(pilot)
         dialog = await pick(pilot, screen, disk)
@@ -142,7 +149,6 @@ def _bad_fields(disk: str) -> dict[str, dict[str, str]]:
         "offset-past-end": {"offset": "1G"},
         "loop-not-a-loop": {"loop": "/dev/sda"},
         "loop-is-itself": {"loop": disk},
-        "encryption": {"encryption": "aes"},
         "missing-device": {"device": "/dev/mirrorsetup-no-such-disk"},
     }
 
@@ -153,8 +159,7 @@ def _expected_message(store, disk: str, fields: dict[str, str]) -> str:
         offset = parse_size(fields.get("offset", "0"))
     except ValueError as exc:
         return str(exc)
-    entry = BlockEntry(fields.get("device", disk), fields.get("loop"), offset,
-                       encryption=fields.get("encryption"))
+    entry = BlockEntry(fields.get("device", disk), fields.get("loop"), offset)
     with pytest.raises(ConfigError) as refused:
         store.validate_block(entry)
     return str(refused.value)
@@ -167,9 +172,7 @@ async def test_refused_input_shows_the_service_message_and_changes_nothing(
     disk = protected_device()
     fields = _bad_fields(disk)[case]
     expected = _expected_message(store, disk, fields)
-    if case == "encryption":
-        assert expected == ENCRYPTION_REFUSAL
-    app = tui()
+    app = tui(devices=[disk])
     async with app.run_test(size=(120, 36)) as pilot:
         screen = await open_block_screen(pilot)
         dialog = await pick(pilot, screen, disk)
@@ -186,13 +189,13 @@ async def test_refused_input_shows_the_service_message_and_changes_nothing(
 @pilot_test
 async def test_swap_is_hidden_until_show_excluded_then_greyed_with_its_reason(
         tui, protected_device):
-    swap = protected_device()
+    swap, plain = protected_device(), protected_device()
     run("mkswap", swap)
-    app = tui()
+    app = tui(devices=[swap, plain])
     async with app.run_test(size=(120, 36)) as pilot:
         screen = await open_block_screen(pilot)
         devices = screen.query_one("#devices", DataTable)
-        await wait_until(pilot, lambda: devices.row_count > 0, "the device list")
+        await wait_until(pilot, lambda: plain in table_keys(devices), "the device list")
         assert swap not in table_keys(devices)
         await pilot.press("x")
         await wait_until(pilot, lambda: swap in table_keys(devices), "the swap row")
@@ -210,7 +213,7 @@ async def test_a_target_typed_in_the_dialog_is_saved_and_shown(no_daemon_tui, st
     disk = protected_device()
     target = tmp_path / "replica" / "disk-copy.img"  # a new file in an existing directory
     target.parent.mkdir()
-    app = no_daemon_tui()
+    app = no_daemon_tui([disk])
     async with app.run_test(size=(80, 24)) as pilot:
         screen = await open_block_screen(pilot)
         dialog = await pick(pilot, screen, disk)
@@ -251,7 +254,7 @@ async def test_a_refused_target_shows_the_service_message_and_changes_nothing(
               "smaller-device": lambda: protected_device(32 * MiB)}[case]()
     with pytest.raises(ConfigError) as refused:  # the config service's own words
         store.validate_block(BlockEntry(disk, target=target))
-    app = no_daemon_tui()
+    app = no_daemon_tui([disk])
     async with app.run_test(size=(120, 36)) as pilot:
         screen = await open_block_screen(pilot)
         dialog = await pick(pilot, screen, disk)
@@ -271,7 +274,7 @@ async def test_mirror_and_verify_without_a_daemon_fail_clearly_and_change_nothin
     target = tmp_path / "target.img"
     store.add_block(disk, target=str(target))
     before = config_bytes()
-    app = no_daemon_tui()
+    app = no_daemon_tui([disk])
     async with app.run_test(size=(120, 36)) as pilot:
         screen = await open_block_screen(pilot)
         entries = screen.query_one("#block-entries", DataTable)
@@ -304,7 +307,8 @@ async def test_mirror_and_verify_without_a_daemon_fail_clearly_and_change_nothin
 
 @pilot_test
 async def test_mirror_and_verify_say_what_is_missing(no_daemon_tui, store, protected_device):
-    app = no_daemon_tui()
+    made: list[str] = []
+    app = no_daemon_tui(lambda: made)
     async with app.run_test(size=(120, 36)) as pilot:
         screen = await open_block_screen(pilot)
         await pilot.press("m")  # no entries at all
@@ -313,6 +317,7 @@ async def test_mirror_and_verify_say_what_is_missing(no_daemon_tui, store, prote
         assert any("Select a replicated device" in n for n in notices(app))
 
         disk = protected_device()
+        made.append(disk)
         store.add_block(disk)  # captured only: no target
         screen.reload()
         entries = screen.query_one("#block-entries", DataTable)
@@ -350,7 +355,7 @@ async def test_verify_then_mirror_through_a_real_daemon(block_daemon):
         f.write(b"\xff" * 4096)
     assert sha(target, 64 * MiB) != sha(disk, 64 * MiB)
 
-    app = make_app(services=default_services(cfg, eng.socket), is_root=True)
+    app = daemon_app(cfg, eng, [disk])
     async with app.run_test(size=(120, 36)) as pilot:
         screen = await open_block_screen(pilot)
         entries = screen.query_one("#block-entries", DataTable)
@@ -364,7 +369,8 @@ async def test_verify_then_mirror_through_a_real_daemon(block_daemon):
         [result] = app.screen.results
         assert result.outcome.value == "failed" and "1 of 64 blocks differ" in result.message
         assert app.screen.notes == ["1 range of the target differs (1.0 MiB in all):",
-                                    "  bytes 5242880-6291455 (1.0 MiB)"]
+                                    "  bytes 5242880-6291455 (1.0 MiB)",
+                                    "Press m (Mirror) to copy the device over the target."]
         assert "bytes 5242880-6291455 (1.0 MiB)" in static_text(
             app.screen.query_one("#results-notes"))
         await pilot.press("enter")
@@ -414,7 +420,7 @@ def test_range_lines_count_merge_and_cap():
 @pilot_test
 async def test_the_dashboard_notices_a_killed_daemon_without_polling(block_daemon):
     eng, disk, target, cfg = block_daemon
-    app = make_app(services=default_services(cfg, eng.socket), is_root=True)
+    app = daemon_app(cfg, eng, [disk])
     async with app.run_test(size=(120, 36)) as pilot:
         await pilot.press("4")
         await settle(pilot)
@@ -423,9 +429,163 @@ async def test_the_dashboard_notices_a_killed_daemon_without_polling(block_daemo
         block = dash.query_one("#dash-block", DataTable)
         await wait_until(pilot, lambda: disk in table_keys(block), "the dashboard row")
         assert cell(block, disk, "capture") == "captured"
-        await wait_until(pilot, lambda: app._watching_daemon, "the daemon watch")
+        await wait_until(pilot, lambda: app.watchers is not None and app.watchers.watching_daemon,
+                         "the daemon watch")
         eng.kill9()  # no mount changes, no uevent: only the watch connection's end tells
         await wait_until(pilot, lambda: cell(block, disk, "capture") == "no daemon",
                          "capture without a daemon")
         assert any("the daemon stopped or died" in line for line in dash.events)
         assert "capture goes on without a daemon" in static_text(dash.query_one("#warnings"))
+
+
+# -- the picker on a busy host, and the checks as typed ----------------------------------------
+
+@pilot_test
+async def test_the_picker_keeps_the_cursor_on_the_chosen_device_when_others_go(
+        tui, protected_device):
+    """Another program detaches a loop above the cursor and attaches a new one: the rows stay
+    sorted, the cursor stays on the device the administrator chose (not on whatever row now
+    sits at its old place); when that one goes, a notice says so."""
+    made = sorted((protected_device() for _ in range(4)), key=natural_key)
+    chosen = made[2]
+    app = tui(devices=lambda: made)
+    async with app.run_test(size=(120, 36)) as pilot:
+        screen = await open_block_screen(pilot)
+        devices = screen.query_one("#devices", DataTable)
+        await wait_until(pilot, lambda: table_keys(devices) == made, "the four devices")
+        devices.focus()
+        devices.move_cursor(row=devices.get_row_index(chosen))
+        await settle(pilot)
+
+        run("losetup", "-d", made.pop(0))  # uevents, not keys: the screen reloads by itself
+        await wait_until(pilot, lambda: table_keys(devices) == made, "the first row to go")
+        assert selected_key(devices) == chosen
+        made.append(protected_device())  # most likely takes the freed, lower number
+        await wait_until(pilot, lambda: table_keys(devices) == sorted(made, key=natural_key),
+                         "the new row, in order")
+        assert selected_key(devices) == chosen
+        await pilot.press("a")
+        await settle(pilot)
+        assert type(app.screen) is AddBlockEntryDialog
+        assert app.screen.query_one("#device", Input).value == chosen
+        await pilot.press("escape")
+
+        run("losetup", "-d", chosen)
+        made.remove(chosen)
+        await wait_until(pilot, lambda: chosen not in table_keys(devices), "the chosen row to go")
+        now = selected_key(devices)
+        assert any(f"{chosen} went away" in n and f"cursor is on {now}" in n
+                   for n in notices(app)), notices(app)
+
+
+@pilot_test
+async def test_the_root_disk_is_refused_by_the_picker_with_its_reason(tui):
+    """The picker knows the disk holds the root file system: it says so, no dialog opens (no
+    open of the device, no EPERM). A listed device that cannot exist stands in for it."""
+    from app.services.blockdevs import BlockDevice
+    root = BlockDevice("/dev/mirrorsetup-test-rootdisk", "mirrorsetup-test-rootdisk", 64 << 30,
+                       "disk", 252, 0, False, None, None,
+                       in_use=("partition mirrorsetup-test-rootdisk1 root file system",))
+    app = tui(is_root=True)
+    app.services.device_lister = lambda **_: [root]
+    async with app.run_test(size=(80, 24)) as pilot:
+        screen = await open_block_screen(pilot)
+        devices = screen.query_one("#devices", DataTable)
+        await wait_until(pilot, lambda: table_keys(devices) == [root.path], "the root disk row")
+        devices.focus()
+        await pilot.press("enter")
+        await settle(pilot)
+        assert app.screen is screen
+        assert any(f"{root.path} holds the root file system" in n for n in notices(app))
+        assert not any("EPERM" in n for n in notices(app))
+
+
+@pilot_test
+async def test_the_add_dialog_checks_the_loop_and_the_device_as_typed(
+        tui, store, protected_device, tmp_path, config_bytes):
+    """A loop attached to something else is refused as it is typed; a mounted device can be
+    added, with the warning that Attach all refuses it until it is unmounted."""
+    disk, busy_loop = protected_device(), protected_device()
+    run("mkfs.ext4", "-q", disk)
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    app = tui(devices=[disk], is_root=True)
+    try:
+        async with app.run_test(size=(120, 36)) as pilot:
+            screen = await open_block_screen(pilot)
+            dialog = await pick(pilot, screen, disk)
+            problem = dialog.query_one("#problem")
+            dialog.query_one("#loop", Input).value = busy_loop
+            await wait_until(pilot, lambda: f"loop {busy_loop} is in use" in static_text(problem),
+                             "the busy loop refused as typed")
+            assert static_text(problem).startswith("✘ ")
+            await pilot.click("#add")
+            await settle(pilot)
+            assert app.screen is dialog and config_bytes() is None  # refused at Add as well
+
+            dialog.query_one("#loop", Input).value = ""
+            run("mount", disk, str(mnt))
+            dialog.query_one("#target", Input).value = str(tmp_path / "t.img")  # re-check
+            await wait_until(pilot, lambda: f"mounted on {mnt}" in static_text(problem),
+                             "the mount named as typed")
+            assert static_text(problem).startswith("! ") and "Attach all refuses" in \
+                static_text(problem)
+            await pilot.click("#add")
+            await wait_until(pilot, lambda: app.screen is screen, "the dialog to close")
+        assert [e.device for e in store.load().block] == [disk]
+    finally:
+        run("umount", "-l", str(mnt), check=False)
+
+
+@pilot_test
+async def test_attach_all_of_a_mounted_device_offers_force_and_says_what_it_means(
+        no_daemon_tui, store, protected_device, tmp_path):
+    disk = protected_device()
+    run("mkfs.ext4", "-q", disk)
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    run("mount", disk, str(mnt))
+    store.add_block(disk)
+    app = no_daemon_tui([disk])
+    try:
+        async with app.run_test(size=(80, 24)) as pilot:
+            screen = await open_block_screen(pilot)
+            await pilot.press("t")
+            await wait_until(pilot, lambda: type(app.screen) is ResultsDialog, "attach results")
+            [result] = app.screen.results
+            assert result.failed and result.errno == 16 and f"mounted on {mnt}" in result.message
+            shown = static_text(app.screen.query_one(".result"))
+            assert "--force" not in shown and "Force… below overrides" in shown
+            assert loops_backed_by(disk) == []
+            await pilot.click("#force")
+            await settle(pilot)
+            assert type(app.screen) is ConfirmDialog
+            assert "NOT captured" in static_text(app.screen.query_one("#question"))
+            await pilot.press("y")
+            await wait_until(pilot, lambda: type(app.screen) is ResultsDialog, "forced results")
+            [result] = app.screen.results
+            assert result.outcome.value == "ok" and "forced over" in result.message, result.message
+            assert loops_backed_by(disk) == [result.details["loop"]]
+            await pilot.press("enter")
+            assert app.screen is screen
+    finally:
+        run("umount", "-l", str(mnt), check=False)
+
+
+@pilot_test
+async def test_an_entry_removed_with_the_cli_leaves_the_block_screen(tui, store,
+                                                                     protected_device,
+                                                                     config_path):
+    """The screen follows the configuration file (inotify): no key is pressed after the CLI."""
+    disk = protected_device()
+    store.add_block(disk)
+    app = tui(devices=[disk])
+    async with app.run_test(size=(120, 36)) as pilot:
+        screen = await open_block_screen(pilot)
+        entries = screen.query_one("#block-entries", DataTable)
+        await wait_until(pilot, lambda: disk in table_keys(entries), "the entry row")
+        await wait_until(pilot, lambda: app.watchers is not None, "the watchers")
+        r = run(sys.executable, "-m", "app", "--config", str(config_path), "block", "remove",
+                disk, check=False)
+        assert r.returncode == 0, r.stderr
+        await wait_until(pilot, lambda: table_keys(entries) == [], "the row to go")

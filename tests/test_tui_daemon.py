@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
+import sys
 
 import pytest
 from test_tui_support import pilot_test, settle, static_text, wait_until
@@ -12,17 +14,19 @@ from test_tui_support import pilot_test, settle, static_text, wait_until
 from app.screens.daemon import DaemonScreen
 from app.screens.dialogs import ResultsDialog
 from app.services.control import ControlClient
-from app.ui import SYSTEMD_RUNNING, default_services, make_app
+from app.services.daemonctl import SYSTEMD_RUNNING
+from app.ui import default_services, make_app
 
 pytestmark = pytest.mark.root
 
 
 @pytest.fixture
-def daemon_services(tmp_path, config_path):
-    """Real services whose daemon uses a temp socket and state dir; killed at teardown if left."""
+def daemon_services(tmp_path, config_path, monkeypatch):
+    """Real services whose daemon uses a temp socket, and the state dir MIRRORSETUP_STATE_DIR
+    names (the TUI's Start honours it); killed at teardown if left running."""
     socket_path = tmp_path / "run" / "control.sock"
+    monkeypatch.setenv("MIRRORSETUP_STATE_DIR", str(tmp_path / "state"))
     services = default_services(config_path, str(socket_path))
-    services.daemon_args = ("--state-dir", str(tmp_path / "state"))
     yield services
     client = ControlClient(str(socket_path))
     if client.is_running():
@@ -56,9 +60,16 @@ async def test_start_then_stop_the_daemon_from_the_screen(daemon_services):
         assert result.outcome.value == "ok", result.message
         assert client.is_running()  # the daemon answers on its socket
         await pilot.press("enter")
-        await wait_until(pilot, lambda: "running" in static_text(screen.query_one("#daemon-state"))
-                         and "not running" not in static_text(screen.query_one("#daemon-state")),
+        await wait_until(pilot, lambda: "running (pid" in static_text(screen.query_one("#daemon-state")),
                          "the screen to show it running")
+        state = static_text(screen.query_one("#daemon-state"))
+        info = daemon_services.describe_daemon()
+        assert info.state_dir == str(daemon_services.daemon.state_dir)  # from the environment
+        for words in (f"running (pid {info.pid}, up ", f"config:          {info.config}",
+                      f"socket:          {client.socket_path}",
+                      f"state directory: {info.state_dir}", f"log:             {info.log}"):
+            assert words in state, (words, state)
+        assert info.log == os.path.join(os.path.dirname(client.socket_path), "daemon.log")
 
         await pilot.click("#stop")
         await wait_until(pilot, lambda: type(app.screen) is ResultsDialog, "stop results")
@@ -77,3 +88,25 @@ async def test_stop_when_not_running_changes_nothing(daemon_services):
         [result] = app.screen.results
         assert result.outcome.value == "unchanged" and "not running" in result.message
     assert not daemon_services.control.is_running()
+
+
+@pilot_test
+async def test_the_screen_follows_a_daemon_started_and_stopped_from_a_shell(daemon_services,
+                                                                             config_path):
+    """No key is pressed and nothing polls: the socket appearing (inotify) and the watch
+    connection ending tell the screen."""
+    argv = [sys.executable, "-m", "app", "--config", str(config_path), "--socket",
+            daemon_services.control.socket_path, "daemon"]
+    app = make_app(services=daemon_services, is_root=True)
+    async with app.run_test(size=(80, 24)) as pilot:
+        await pilot.press("5")
+        await settle(pilot)
+        state = app.screen.query_one("#daemon-state")
+        await wait_until(pilot, lambda: "not running" in static_text(state), "not running")
+        await wait_until(pilot, lambda: app.watchers is not None, "the watchers")
+        r = subprocess.run(argv + ["start"], capture_output=True, text=True)
+        assert r.returncode == 0, r.stdout + r.stderr
+        await wait_until(pilot, lambda: "running (pid" in static_text(state), "running")
+        r = subprocess.run(argv + ["stop"], capture_output=True, text=True)
+        assert r.returncode == 0, r.stdout + r.stderr
+        await wait_until(pilot, lambda: "not running" in static_text(state), "stopped")

@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import os
+import sys
+import threading
+
 import pytest
+from test_engine_support import engine_maker, mirrorfs_mounts
 from test_tui_support import (  # noqa: F401 (fixtures)
-    cell, config_bytes, pilot_test, settle, static_text, store, table_keys, tui, wait_until)
+    cell, config_bytes, pilot_test, run, settle, static_text, store, table_keys, tui, wait_until)
 from textual.widgets import DataTable, Input, Switch
 
 from app.screens.dialogs import AddFsEntryDialog, ConfirmDialog, ResultsDialog
@@ -175,3 +180,147 @@ async def open_add_dialog_here(pilot) -> AddFsEntryDialog:
     await settle(pilot)
     assert type(pilot.app.screen) is AddFsEntryDialog
     return pilot.app.screen
+
+
+# -- what other programs change, and invalid entries --------------------------------------------
+
+@pilot_test
+async def test_an_entry_added_with_the_cli_appears_without_a_key(tui, tmp_path, config_path):
+    """The screen follows the configuration file (inotify), not a timer and not a keypress."""
+    data = tmp_path / "data"
+    data.mkdir()
+    app = tui()
+    async with app.run_test(size=(80, 24)) as pilot:
+        await pilot.press("1")
+        await settle(pilot)
+        table = app.screen.query_one("#fs-entries", DataTable)
+        await wait_until(pilot, lambda: app.watchers is not None, "the watchers")
+        r = run(sys.executable, "-m", "app", "--config", str(config_path), "fs", "add", str(data))
+        assert r.returncode == 0, r.stderr
+        await wait_until(pilot, lambda: str(data) in table_keys(table), "the new row")
+
+
+@pilot_test
+async def test_a_hand_edited_slash_is_flagged_and_a_newline_stays_on_one_line(
+        tui, tmp_path, config_path, config_bytes):
+    odd = tmp_path / "two\nlines"
+    odd.mkdir()
+    config_path.parent.mkdir(parents=True)
+    escaped = str(odd).replace("\n", "\\n")  # TOML's escape for the newline
+    config_path.write_text(f'schema = 1\n[[filesystem]]\npath = "/"\n[[filesystem]]\n'
+                           f'path = "{escaped}"\n')
+    before = config_bytes()
+    app = tui()
+    async with app.run_test(size=(120, 36)) as pilot:
+        await pilot.press("1")
+        await settle(pilot)
+        table = app.screen.query_one("#fs-entries", DataTable)
+        await wait_until(pilot, lambda: table.row_count == 2, "both rows")
+        assert cell(table, "/", "state") == "invalid"
+        assert cell(table, str(odd), "path") == str(tmp_path / "two\\nlines")
+        assert "\n" not in cell(table, str(odd), "path")
+        table.move_cursor(row=table.get_row_index("/"))
+        await pilot.press("i")
+        await settle(pilot)
+        details = static_text(app.screen.query_one("#details-text"))
+        assert "INVALID" in details and "Do not select the root" in details
+        await pilot.press("escape", "escape", "4")
+        await settle(pilot)
+        warnings = static_text(app.screen.query_one("#warnings"))
+        assert "/: invalid entry: Do not select the root" in warnings
+        dash = app.screen.query_one("#dash-fs", DataTable)
+        assert cell(dash, "/", "state") == "invalid"
+    assert config_bytes() == before
+
+
+@pytest.fixture
+def fs_daemon(tmp_path):
+    """(engine, src, tgt): a real daemon over the test's config (the `tui` fixture's file) with
+    one entry src -> tgt holding a file; stopped and unmounted at teardown."""
+    with engine_maker(tmp_path) as make:
+        eng, src, tgt = make(seed=lambda s: (s / "a").write_text("alpha"))
+        yield eng, src, tgt
+
+
+@pytest.mark.root
+@pilot_test
+async def test_verify_then_mirror_a_directory_through_a_real_daemon(tui, fs_daemon):
+    eng, src, tgt = fs_daemon
+    eng.drain(src)
+    os.unlink(os.path.join(tgt, "a"))  # the target drifts behind the engine's back
+    app = tui(control_socket=eng.socket, is_root=True)
+    async with app.run_test(size=(120, 36)) as pilot:
+        await pilot.press("1")
+        await settle(pilot)
+        table = app.screen.query_one("#fs-entries", DataTable)
+        await wait_until(pilot, lambda: src in table_keys(table), "the entry row")
+        await pilot.press("v")
+        await wait_until(pilot, lambda: type(app.screen) is ResultsDialog, "verify results")
+        [result] = app.screen.results
+        assert result.failed, result.message
+        notes = static_text(app.screen.query_one("#results-notes"))
+        assert "a: missing at target" in notes and "Press c (Mirror)" in notes
+        await pilot.press("enter")
+        await pilot.press("c")
+        await settle(pilot)
+        assert type(app.screen) is ConfirmDialog
+        await pilot.press("y")
+        await wait_until(pilot, lambda: type(app.screen) is ResultsDialog, "mirror results")
+        assert [r.outcome.value for r in app.screen.results] == ["ok"]
+        assert open(os.path.join(tgt, "a")).read() == "alpha"  # the files, not the UI, say so
+        await pilot.press("enter")
+        await pilot.press("v")
+        await wait_until(pilot, lambda: type(app.screen) is ResultsDialog, "second verify")
+        assert app.screen.results[0].message == "target matches"
+
+
+class HeldReplication:
+    """The real Replication, with unmount_all held until the test has read the screen: a
+    running action cannot otherwise be caught at a known moment."""
+
+    def __init__(self, real) -> None:
+        self.real = real
+        self.go = threading.Event()
+
+    def __getattr__(self, name):
+        return getattr(self.real, name)
+
+    def unmount_all(self, force: bool = False):
+        assert self.go.wait(60)
+        return self.real.unmount_all(force=force)
+
+
+@pytest.mark.root
+@pilot_test
+async def test_unmount_all_says_what_it_waits_for_then_offers_a_lazy_unmount(tui, fs_daemon):
+    eng, src, tgt = fs_daemon
+    app = tui(control_socket=eng.socket, is_root=True)
+    held = HeldReplication(app.services.replication)
+    app.services._replication = held
+    busy = open(os.path.join(src, "a"))  # a file open under the entry: unmount refuses
+    try:
+        async with app.run_test(size=(80, 24)) as pilot:
+            await pilot.press("1")
+            await settle(pilot)
+            table = app.screen.query_one("#fs-entries", DataTable)
+            await wait_until(pilot, lambda: cell(table, src, "state") == "mounted", "mounted")
+            await pilot.press("u")
+            await pilot.pause()
+            waiting = app.screen.query_one("#waiting")
+            assert waiting.display
+            assert src in static_text(waiting) and "drains" in static_text(waiting)
+            held.go.set()
+            await wait_until(pilot, lambda: type(app.screen) is ResultsDialog, "the results")
+            [result] = app.screen.results
+            assert result.failed and result.errno == 16, result.message
+            assert "Force… below" in static_text(app.screen.query_one(".result"))
+            await pilot.click("#force")
+            await settle(pilot)
+            assert type(app.screen) is ConfirmDialog
+            assert "lazily" in static_text(app.screen.query_one("#question"))
+            await pilot.press("y")
+            await wait_until(pilot, lambda: type(app.screen) is ResultsDialog, "forced results")
+            assert [r.outcome.value for r in app.screen.results] == ["ok"], app.screen.results
+            assert src not in mirrorfs_mounts()
+    finally:
+        busy.close()

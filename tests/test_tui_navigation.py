@@ -12,12 +12,14 @@ from app.screens.dashboard import DashboardScreen
 from app.screens.dialogs import AddFsEntryDialog, ResultsDialog
 from app.screens.filesystem import FilesystemScreen
 from app.screens.help import HelpScreen
-from app.screens.main_menu import MENU, MainMenuScreen
+from app.screens import actions
+from app.screens.main_menu import MainMenuScreen
 from app.screens.manual import ManualScreen
 
 BY_KEY = {"1": FilesystemScreen, "2": BlockScreen, "3": ManualScreen, "4": DashboardScreen,
           "5": DaemonScreen, "6": HelpScreen}
 OPTION_HEIGHT = 2  # each menu option is its label line plus its hint line
+MENU_TOP = 1  # the menu's border
 
 
 @pilot_test
@@ -31,8 +33,12 @@ async def test_number_keys_open_each_task_and_escape_or_q_comes_back(tui):
             await pilot.press("escape" if int(key) % 2 else "q")
             assert type(app.screen) is MainMenuScreen
         assert app.is_running
+        await pilot.press("escape")  # Esc on the main menu does not quit: it says how
+        await pilot.pause()
+        assert app.is_running and type(app.screen) is MainMenuScreen
+        assert any("q (or ctrl+q) quits" in n.message for n in app._notifications)
         await pilot.press("q")  # from the top, q quits
-    assert app.return_value == 0
+    assert not app.is_running
 
 
 @pilot_test
@@ -52,12 +58,12 @@ async def test_arrows_and_enter_choose_the_highlighted_task(tui):
 async def test_mouse_click_on_a_menu_item_and_on_a_button(tui):
     app = tui()
     async with app.run_test(size=(120, 36)) as pilot:
-        index = [name for _key, name, _label, _hint in MENU].index("dashboard")
-        assert await pilot.click(OptionList, offset=(6, index * OPTION_HEIGHT))
+        index = [s.name for s in actions.menu()].index("dashboard")
+        assert await pilot.click(OptionList, offset=(6, MENU_TOP + index * OPTION_HEIGHT))
         await settle(pilot)
         assert type(app.screen) is DashboardScreen
         await pilot.press("escape")
-        assert await pilot.click(OptionList, offset=(6, 0))
+        assert await pilot.click(OptionList, offset=(6, MENU_TOP))
         await settle(pilot)
         assert type(app.screen) is FilesystemScreen
         assert await pilot.click("#add")

@@ -1,19 +1,25 @@
-"""What every task screen shares: back/quit keys, the read-only banner, thread-worker actions
-with a per-entry results dialog, and tables updated in place by row key."""
+"""What every task screen shares: back keys, the read-only banner, thread-worker reads and
+actions with a per-entry results dialog (offering Force where the services name it), a line
+that says what a running action waits for, and tables that keep their rows by key."""
 
 from __future__ import annotations
 
+import re
+import time
 from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
 
+from rich.cells import cell_len
 from rich.text import Text
 from textual import on, work
-from textual.worker import get_current_worker
 from textual.binding import Binding
 from textual.message import Message
 from textual.screen import Screen
-from textual.widgets import DataTable, Static
+from textual.widgets import DataTable
 
+from app.screens import actions
 from app.services.results import MirrorError, Outcome, Result
+from app.services.units import shown
 
 OUTCOME_STYLE = {
     Outcome.OK: ("✔", "green"),
@@ -25,10 +31,12 @@ OUTCOME_STYLE = {
 STATE_STYLE = {
     "mounted": "green", "attached": "green",
     "not mounted": "yellow", "detached": "yellow", "detach pending": "yellow",
-    "path missing": "red", "device missing": "red",
+    "path missing": "red", "device missing": "red", "invalid": "bold red",
 }
 CAPTURE_STYLE = {"captured": "green", "not captured": "bold yellow", "no daemon": "yellow",
                  "lost": "bold red"}
+MAX_READ_GAP = 1.0  # seconds: the longest a pending re-read waits after a slow read
+REBUILD_OVER = 24  # rows added + removed at once: clearing and refilling beats row by row
 
 
 def outcome_text(result: Result) -> Text:
@@ -36,7 +44,10 @@ def outcome_text(result: Result) -> Text:
     return Text(f"{mark} {result.outcome.value}", style=style)
 
 
-def state_text(state: str) -> Text:
+def state_text(state: str, problem: str | None = None) -> Text:
+    """An entry's state; an invalid entry says so first (the detail view says why)."""
+    if problem:
+        return Text("invalid", style=STATE_STYLE["invalid"])
     return Text(state, style=STATE_STYLE.get(state.split(" (")[0], ""))
 
 
@@ -46,25 +57,175 @@ def capture_text(capture: str) -> Text:
 
 
 def elide(path: str, width: int = 28) -> str:
-    """`path` in at most `width` characters, its end kept (the file name tells targets apart)."""
+    """`path` shown safely in at most `width` characters, its end kept (the file name tells
+    targets apart)."""
+    path = shown(path)
     return path if len(path) <= width else "…" + path[-(width - 1):]
 
 
-def sync_table(table: DataTable, rows: dict[str, tuple]) -> None:
-    """Make `table` show `rows` (key -> cells) by updating, adding and removing keyed rows,
-    so the cursor and scroll position survive a refresh."""
-    columns = list(table.columns)
-    with table.app.batch_update():
-        for key in [k.value for k in table.rows if k.value not in rows]:
-            table.remove_row(key)
-        existing = {k.value for k in table.rows}
-        for key, cells in rows.items():
-            if key in existing:
-                for column, value in zip(columns, cells):
-                    if table.get_cell(key, column) != value:
-                        table.update_cell(key, column, value, update_width=True)
+def natural_key(name: str) -> list:
+    """loop2 before loop10."""
+    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", name)]
+
+
+def check_text(problem: str | None, warnings: Sequence[str] = (), ok: str = "can be added"
+               ) -> Text:
+    """The one style of every inline check: ✘ refused (red), ! allowed with a caveat (yellow),
+    ✔ fine (green)."""
+    if problem:
+        return Text("✘ " + problem, style="bold red")
+    if warnings:
+        return Text("\n".join("! " + w for w in warnings), style="yellow")
+    return Text("✔ " + ok, style="green")
+
+
+# -- tables ------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Col:
+    key: str
+    label: str
+    keep: int = 0  # which columns go first when the table is too narrow: lowest keep first;
+    #                keep=9 is never dropped. What is dropped is in the row's detail view.
+    cap: int = 40  # widest the column grows (cells are elided by the caller)
+
+
+class KeyedTable(DataTable):
+    """A table of rows by key that stays where the administrator is: rows are updated in
+    place (or refilled at once for a big change), kept sorted when asked, the cursor stays on
+    the same key, and the columns are chosen to fit the width (none hide off screen)."""
+
+    class SelectionGone(Message):
+        """The row under the cursor went away (e.g. another tool detached that loop)."""
+
+        def __init__(self, table: KeyedTable, key: str) -> None:
+            super().__init__()
+            self.table = table
+            self.key = key
+
+        @property
+        def control(self) -> KeyedTable:
+            return self.table
+
+    def __init__(self, columns: Sequence[Col], *, sort_key: Callable[[str], object] | None = None,
+                 **kw) -> None:
+        super().__init__(cursor_type="row", **kw)
+        self.spec = tuple(columns)
+        # row key -> sort key; None keeps the order rows are given in. A sorted table's first
+        # column shows its row key (DataTable.sort sees cells, not keys).
+        self.sort_key = sort_key
+        self._cells: dict[str, tuple] = {}  # every column's cell, spec order
+        self._layout: tuple[tuple[str, int], ...] = ()  # (column key, width) shown now
+        self._index = {c.key: i for i, c in enumerate(self.spec)}
+
+    @property
+    def shown_columns(self) -> tuple[str, ...]:
+        return tuple(key for key, _ in self._layout)
+
+    def show_rows(self, rows: dict[str, tuple]) -> None:
+        """Make the table show `rows` (key -> one cell per column of the spec)."""
+        self._cells = dict(rows) if self.sort_key is None else {
+            k: rows[k] for k in sorted(rows, key=self.sort_key)}
+        if not self._relayout():
+            self._sync()
+
+    def on_resize(self) -> None:
+        self._relayout()
+
+    def _widths(self) -> list[int]:
+        widths = [cell_len(c.label) for c in self.spec]
+        for cells in self._cells.values():
+            for i, cell in enumerate(cells):
+                widths[i] = max(widths[i], _cell_width(cell))
+        return [min(w, c.cap) for w, c in zip(widths, self.spec)]
+
+    def _fit(self) -> tuple[tuple[str, int], ...]:
+        """The columns that fit the table's width (each takes its width plus padding),
+        dropping the lowest `keep` first."""
+        room = (self.size.width or self.app.size.width) - 2  # the vertical scrollbar
+        columns = list(zip(self.spec, self._widths()))
+        pad = 2 * self.cell_padding
+        while len(columns) > 1 and sum(w + pad for _, w in columns) > room:
+            drop = min((c for c in columns if c[0].keep < 9), key=lambda c: c[0].keep,
+                       default=None)
+            if drop is None:
+                break
+            columns.remove(drop)
+        return tuple((c.key, w) for c, w in columns)
+
+    def _relayout(self) -> bool:
+        """Rebuild the columns when the fitting set or a width changed; True if it did."""
+        layout = self._fit()
+        if layout == self._layout:
+            return False
+        selected = selected_key(self)
+        with self.app.batch_update():
+            self.clear(columns=True)
+            labels = {c.key: c.label for c in self.spec}
+            for key, width in layout:
+                self.add_column(labels[key], key=key, width=width)
+            self._layout = layout
+            self._fill()
+        self._restore(selected)
+        return True
+
+    def keys_in_order(self) -> list[str]:
+        """The row keys as displayed, top to bottom."""
+        return [row.key.value for row in self.ordered_rows]
+
+    def _project(self, cells: tuple) -> tuple:
+        return tuple(cells[self._index[key]] for key, _ in self._layout)
+
+    def _fill(self) -> None:
+        for key, cells in self._cells.items():
+            self.add_row(*self._project(cells), key=key)
+
+    def _sync(self) -> None:
+        selected = selected_key(self)
+        present = self.keys_in_order()
+        gone = [k for k in present if k not in self._cells]
+        have = set(present)
+        new = [k for k in self._cells if k not in have]
+        with self.app.batch_update():
+            if len(gone) + len(new) > REBUILD_OVER:
+                self.clear()
+                self._fill()
             else:
-                table.add_row(*cells, key=key)
+                for key in gone:
+                    self.remove_row(key)
+                columns = [key for key, _ in self._layout]
+                for key, cells in self._cells.items():
+                    cells = self._project(cells)
+                    if key not in have:
+                        self.add_row(*cells, key=key)
+                        continue
+                    for column, value in zip(columns, cells):
+                        if self.get_cell(key, column) != value:
+                            self.update_cell(key, column, value)  # fixed widths: no re-measure
+                if self.sort_key is not None and self.keys_in_order() != list(self._cells):
+                    sort_key = self.sort_key
+                    self.sort(self._layout[0][0], key=lambda cell: sort_key(_plain(cell)))
+        self._restore(selected)
+
+    def _restore(self, selected: str | None) -> None:
+        if selected is None or self.row_count == 0:
+            return
+        if selected in self._cells:
+            index = self.get_row_index(selected)
+            if index != self.cursor_row:
+                self.move_cursor(row=index)
+        else:
+            self.post_message(self.SelectionGone(self, selected))
+
+
+def _plain(cell) -> str:
+    return cell.plain if isinstance(cell, Text) else str(cell)
+
+
+def _cell_width(cell) -> int:
+    if isinstance(cell, Text):
+        return max((cell_len(line) for line in cell.plain.splitlines()), default=0)
+    return cell_len(str(cell))
 
 
 def selected_key(table: DataTable) -> str | None:
@@ -76,24 +237,35 @@ def selected_key(table: DataTable) -> str | None:
         return None
 
 
-class RootBanner(Static):
-    """Shown when not root: everything is read-only, and why."""
+# -- screens -----------------------------------------------------------------------------------
 
-    DEFAULT_CLASSES = "banner"
+@dataclass(frozen=True)
+class ForceOffer:
+    """What the results dialog offers when a refusal can be overridden: the button's words,
+    the confirmation's explanation, and the forced call."""
 
-    def on_mount(self) -> None:
-        self.display = not self.app.is_root
-        self.update("Read-only: not running as root. Configuration, loop devices and mounts "
-                    "belong to root; run `sudo mirrorsetup` to change them.")
+    label: str
+    explain: str
+    call: Callable[[], Iterable[Result] | Result]
+    title: str
 
 
 class TaskScreen(Screen):
-    """A screen under the main menu. Subclasses implement `load()` (thread) and `show(data)`."""
+    """A screen under the main menu. Subclasses implement `load()` (thread) and `show(data)`;
+    their keys come from app.screens.actions under the screen's `NAME`."""
 
+    NAME = ""
+    # Esc/q are the same on every screen (the menu's key line and Help say so): the footer's
+    # room at 80 columns goes to the screen's own keys.
     BINDINGS = [
-        Binding("escape", "app.back", "Back"),
+        Binding("escape", "app.back", "Back", show=False),
         Binding("q", "app.back", "Back", show=False),
     ]
+
+    def __init_subclass__(cls, **kw) -> None:
+        if cls.__dict__.get("NAME"):  # before Textual merges the class's bindings
+            cls.BINDINGS = TaskScreen.BINDINGS + actions.bindings(cls.NAME)
+        super().__init_subclass__(**kw)
 
     class Loaded(Message):
         def __init__(self, data) -> None:
@@ -101,11 +273,13 @@ class TaskScreen(Screen):
             self.data = data
 
     class ActionDone(Message):
-        def __init__(self, title: str, results: list[Result], notes: Sequence[str] = ()) -> None:
+        def __init__(self, title: str, results: list[Result], notes: Sequence[str] = (),
+                     force: ForceOffer | None = None) -> None:
             super().__init__()
             self.title = title
             self.results = results
             self.notes = list(notes)  # extra lines under the results (e.g. differing ranges)
+            self.force = force
 
     busy_target = "DataTable"  # what shows the loading indicator while an action runs
 
@@ -113,7 +287,8 @@ class TaskScreen(Screen):
         self.reload()
 
     def reload_on(self, *signals) -> None:
-        """Read the state again whenever one of the App's signals fires (kernel or daemon events)."""
+        """Read the state again whenever one of the App's signals fires (kernel, daemon or
+        configuration events)."""
         for signal in signals:
             signal.subscribe(self, lambda _event: self.reload())
 
@@ -123,10 +298,13 @@ class TaskScreen(Screen):
 
     _loading = False
     _reload_pending = False
+    _last_read = 0.0  # seconds the last read took
 
     def reload(self) -> None:
         """Read the state again; while a read is running, ask for one more after it (so a
-        burst of kernel events costs at most two reads, never a pile of threads)."""
+        burst of events costs at most two reads, never a pile of threads), and that one
+        waits as long as the last read took: under a storm of events the reading thread is
+        busy at most half the time and the keys stay quick."""
         if self._loading:
             self._reload_pending = True
             return
@@ -136,12 +314,14 @@ class TaskScreen(Screen):
     @work(thread=True, exit_on_error=False, group="load",
           description="read configuration and kernel state")
     def _load_worker(self) -> None:
+        started = time.monotonic()
         try:
             data = self.load()
         except MirrorError as exc:  # e.g. a corrupt config: shown, never rewritten
             data = exc
         except Exception as exc:  # shown in the banner rather than lost in a worker
             data = MirrorError(f"unexpected error: {exc!r}")
+        self._last_read = time.monotonic() - started
         self.post_message(self.Loaded(data))
 
     def load(self):
@@ -155,44 +335,77 @@ class TaskScreen(Screen):
         self._loading = False
         if self._reload_pending:
             self._reload_pending = False
-            self.reload()
+            self._loading = True  # no other read starts before the delayed one
+            self.set_timer(min(self._last_read, MAX_READ_GAP), self._load_worker)
         error = self.query("#load-error")
         if isinstance(event.data, MirrorError):
             if error:
-                error.first().update(f"Cannot read the current state: {event.data}")
+                error.first().update(Text(f"Cannot read the current state: {shown(str(event.data))}"))
                 error.first().display = True
             return
         if error:
             error.first().display = False
         self.show(event.data)
 
-    def run_action(self, title: str, call: Callable[[], Iterable[Result] | Result],
-                   *, root: bool = True) -> None:
-        """Run a service call in a thread; show its per-entry results, then reload."""
+    # -- actions -------------------------------------------------------------------------
+
+    def run_action(self, title: str, call: Callable[[], Iterable[Result] | Result | tuple],
+                   *, root: bool = True, waiting: str | None = None,
+                   force: ForceOffer | None = None) -> None:
+        """Run a service call in a thread; show its per-entry results (and notes, when it
+        returns (results, notes)), then reload. `waiting` says what it waits for while it
+        runs; `force` is offered when a result was refused as busy (EBUSY)."""
         if root and self.app.needs_root(title):
             return
-        self._set_busy(True)
-        self._action_worker(title, call)
+        self._set_busy(True, waiting or f"{title}: working…")
+        self._action_worker(title, call, force)
 
     @work(thread=True, exclusive=True, exit_on_error=False, group="action",
           description="apply an administrator's action")
-    def _action_worker(self, title: str, call) -> None:
+    def _action_worker(self, title: str, call, force) -> None:
+        notes: list[str] = []
         try:
             out = call()
+            if isinstance(out, tuple):
+                out, notes = out
             results = [out] if isinstance(out, Result) else list(out)
         except MirrorError as exc:
             results = [Result.from_error(title, "", exc)]
         except Exception as exc:  # a bug below us must not leave the screen busy forever
             results = [Result(title, "", Outcome.FAILED, f"unexpected error: {exc!r}")]
-        self.post_message(self.ActionDone(title, results))
+        busy = any(r.failed and r.errno == EBUSY for r in results)
+        self.post_message(self.ActionDone(title, results, notes, force if busy else None))
 
-    def _set_busy(self, busy: bool) -> None:
+    def _set_busy(self, busy: bool, waiting: str = "") -> None:
         for widget in self.query(self.busy_target):
             widget.loading = busy
+        for line in self.query("#waiting"):
+            line.update(Text("… " + waiting, style="yellow") if busy else "")
+            line.display = busy
+
+    def set_waiting(self, text: str) -> None:
+        """Say what a running action waits for now (e.g. which entries are still mounted)."""
+        for line in self.query("#waiting"):
+            if line.display:
+                line.update(Text("… " + text, style="yellow"))
 
     @on(ActionDone)
     def _on_action_done(self, event: ActionDone) -> None:
-        from app.screens.dialogs import ResultsDialog
+        from app.screens.dialogs import ConfirmDialog, ResultsDialog
         self._set_busy(False)
         self.reload()
-        self.app.push_screen(ResultsDialog(event.title, event.results, event.notes))
+
+        def closed(choice: str | None) -> None:
+            if choice == "force" and event.force is not None:
+                offer = event.force
+
+                def confirmed(yes: bool | None) -> None:
+                    if yes:
+                        self.run_action(offer.title, offer.call)
+                self.app.push_screen(ConfirmDialog(offer.explain, yes=offer.label), confirmed)
+        self.app.push_screen(ResultsDialog(event.title, event.results, event.notes,
+                                           force=event.force.label if event.force else None),
+                             closed)
+
+
+EBUSY = 16  # errno.EBUSY: the refusals Force can override

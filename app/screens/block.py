@@ -1,38 +1,69 @@
 """Block device replication: the device picker and the configured entries, with the seed's
 actions (list devices, add, remove/detach, attach all, detach all), and the daemon's mirror
-and verify of the selected entry against its target, with a progress bar."""
+and verify of the selected entry against its target, with a progress bar.
+
+The picker stays usable on a host where hundreds of loops come and go: the list is read in a
+thread, uevents arrive in batches, rows are updated in place by key and the cursor stays on
+the device the administrator chose (if that device goes away, a notice says so)."""
 
 from __future__ import annotations
-
 
 from rich.text import Text
 from textual import on, work
 from textual.app import ComposeResult
-from textual.binding import Binding
 from textual.containers import Horizontal, Vertical
 from textual.message import Message
 from textual.widgets import Button, DataTable, Footer, Header, Label, ProgressBar, Static, Switch
 
-from app.screens.base import (RootBanner, TaskScreen, capture_text, elide, selected_key, state_text,
-                              sync_table)
-from app.screens.dialogs import AddBlockEntryDialog, ConfirmDialog
+from app.screens import actions
+from app.screens.banner import RootBanner
+from app.screens.base import (Col, ForceOffer, KeyedTable, TaskScreen, capture_text,
+                              elide, natural_key, selected_key, state_text)
+from app.screens.dialogs import AddBlockEntryDialog, ConfirmDialog, DetailsDialog, switch_text
 from app.services.results import MirrorError, Outcome, Result
-from app.services.units import human_size
+from app.services.status import replication_lines
+from app.services.units import human_size, shown
 
-DEVICE_COLUMNS = (("Device", "path"), ("Size", "size"), ("Type", "type"), ("FS", "fstype"),
-                  ("Mounted on", "mounts"), ("In use / excluded", "notes"))
-# What the kernel and the daemon say first (readable at 80 columns), the configuration after.
-ENTRY_COLUMNS = (("Device", "device"), ("Loop now", "actual"), ("Capture", "capture"),
-                 ("State", "state"), ("Target", "target"), ("Loop wanted", "wanted"),
-                 ("Offset", "offset"), ("Size limit", "sizelimit"), ("RO", "ro"))
+DEVICE_COLUMNS = (Col("path", "Device", 9, 32), Col("size", "Size", 8), Col("type", "Type", 6),
+                  Col("fstype", "FS", 5, 12), Col("mounts", "Mounted on", 4, 28),
+                  Col("notes", "In use / excluded", 7, 48))
+NOTES_WIDTH = 48
+# What the kernel and the daemon say first (readable at 80 columns), the configuration after;
+# what does not fit is in the entry's detail view (i or Enter).
+ENTRY_COLUMNS = (Col("device", "Device", 9, 28), Col("actual", "Loop now", 8),
+                 Col("capture", "Capture", 7), Col("state", "State", 8, 24),
+                 Col("target", "Target", 5, 28), Col("wanted", "Loop wanted", 3),
+                 Col("offset", "Offset", 2), Col("sizelimit", "Size limit", 1),
+                 Col("ro", "RO", 0))
 MAX_RANGES_SHOWN = 100  # a verify of a very different target lists the first ones, then a count
+FORCED_ATTACH = (
+    "Attach even where the device is mounted or held?\n\nThen two paths write to the same "
+    "device: writes through the mount or the holder bypass the loop device, are NOT captured, "
+    "and corrupt the target. Only do this if you know the other user writes nothing.")
 
 
-def device_row(dev) -> tuple:
+def entry_notes(snap) -> dict[str, str]:
+    """What the picker adds about configured devices and their loops (from the status)."""
+    notes: dict[str, str] = {}
+    for s in snap.block if snap is not None else ():
+        how = f"{s.capture} via {s.loop}" if s.loop and s.capture else (s.loop or s.state)
+        notes[s.entry.device] = f"replicated: {how}"
+        for lp in s.loops:
+            notes[lp.device] = f"the loop of replicated {s.entry.device}"
+    return notes
+
+
+def device_row(dev, note: str | None = None) -> tuple:
     style = "grey50" if dev.excluded else ""
-    notes = f"excluded: {dev.excluded}" if dev.excluded else "; ".join(dev.in_use)
+    notes = f"excluded: {dev.excluded}" if dev.excluded else "; ".join(
+        ([note] if note else []) + list(dev.in_use))
+    notes = shown(notes)
+    if len(notes) > NOTES_WIDTH:  # the start says most (root file system, mounted on …)
+        notes = notes[:NOTES_WIDTH - 1] + "…"
     cells = (dev.path, human_size(dev.size), dev.type, dev.fstype or "",
-             ", ".join(dev.mountpoints), notes)
+             elide(", ".join(dev.mountpoints), 28), notes)
+    if note and not dev.excluded:
+        return tuple(Text(c, style="cyan") if i == 5 else c for i, c in enumerate(cells))
     if dev.in_use and not dev.excluded:
         return tuple(Text(c, style="yellow") if i == 5 else c for i, c in enumerate(cells))
     return tuple(Text(c, style=style) for c in cells)
@@ -40,10 +71,28 @@ def device_row(dev) -> tuple:
 
 def entry_row(state) -> tuple:
     e = state.entry
-    return (e.device, state.loop or "—", capture_text(state.capture), state_text(state.state),
-            elide(e.target) if e.target else "—", e.loop or "first free",
-            human_size(e.offset) if e.offset else "0",
+    return (elide(e.device, 28), state.loop or "—", capture_text(state.capture),
+            state_text(state.state, state.problem), elide(e.target) if e.target else "—",
+            e.loop or "first free", human_size(e.offset) if e.offset else "0",
             human_size(e.sizelimit) if e.sizelimit else "whole", "yes" if e.read_only else "")
+
+
+def entry_details(state) -> list[tuple[str, str]]:
+    """Every field of a block entry and its live state, for the detail view."""
+    e, f = state.entry, state.figures
+    lines = [("Device", e.device), ("State", state.state), ("Loop now", state.loop or "none"),
+             ("Capture", state.capture or "—"), ("Target", e.target or "none (captured only)"),
+             ("Loop wanted", e.loop or "the first free one"),
+             ("Offset", f"{human_size(e.offset)} ({e.offset} bytes)" if e.offset else "0"),
+             ("Size limit", human_size(e.sizelimit) if e.sizelimit else "the whole device"),
+             ("Read-only", "yes" if e.read_only else "no")]
+    if state.problem:
+        lines.insert(1, ("INVALID", state.problem))
+    if state.loop_mounts:
+        lines.append(("Mounted via loop", ", ".join(state.loop_mounts)))
+    if state.raw_mounts:
+        lines.append(("RAW DEVICE MOUNTED", ", ".join(state.raw_mounts)))
+    return lines + replication_lines(f)
 
 
 def range_lines(ranges) -> list[str]:
@@ -62,16 +111,8 @@ def range_lines(ranges) -> list[str]:
 
 
 class BlockScreen(TaskScreen):
-    CSS_PATH = "block.tcss"
-    BINDINGS = TaskScreen.BINDINGS + [
-        Binding("a", "add", "Add"),
-        Binding("r,delete", "remove", "Remove/detach"),
-        Binding("t", "attach_all", "Attach all"),
-        Binding("d", "detach_all", "Detach all"),
-        Binding("m", "mirror", "Mirror"),
-        Binding("v", "verify", "Verify"),
-        Binding("x", "toggle_excluded", "Show excluded"),
-    ]
+    NAME = "block"
+    CSS_PATH = ["task.tcss", "block.tcss"]
     busy_target = "#block-entries"
 
     class SyncProgress(Message):
@@ -100,20 +141,17 @@ class BlockScreen(TaskScreen):
         yield Static("", id="load-error", classes="banner error")
         with Vertical(id="picker-box"):
             with Horizontal(id="picker-head"):
-                yield Label("Block devices on this system (Enter or a adds)", classes="section-title")
+                yield Label("Block devices on this system (Enter or a adds)",
+                            classes="section-title")
                 yield Switch(False, id="show-excluded")
-                yield Label("show swap / LVM")
-            table = DataTable(id="devices", cursor_type="row")
-            for label, key in DEVICE_COLUMNS:
-                table.add_column(label, key=key)
-            yield table
+                yield Label(self._excluded_words(False), id="excluded-state")
+            yield KeyedTable(DEVICE_COLUMNS, id="devices",
+                             sort_key=lambda path: natural_key(path))
         with Vertical(id="entries-box"):
-            yield Label("Replicated block devices", classes="section-title")
-            entries = DataTable(id="block-entries", cursor_type="row", zebra_stripes=True)
-            for label, key in ENTRY_COLUMNS:
-                entries.add_column(label, key=key)
-            yield entries
+            yield Label("Replicated block devices (i or Enter: details)", classes="section-title")
+            yield KeyedTable(ENTRY_COLUMNS, id="block-entries", zebra_stripes=True)
             yield Static("", id="block-empty", classes="notes")
+            yield Static("", id="waiting")
             with Vertical(id="sync-box"):
                 yield Label("", id="sync-label")
                 yield ProgressBar(id="sync-progress", show_eta=True)
@@ -126,11 +164,16 @@ class BlockScreen(TaskScreen):
             yield Button("Detach all", id="detach_all", compact=True)
             yield Button("Mirror", id="mirror", compact=True)
             yield Button("Verify", id="verify", compact=True)
-        yield Footer()
+        yield Footer(compact=True)
+
+    @staticmethod
+    def _excluded_words(on_: bool) -> Text:
+        return switch_text(on_, "Swap / LVM", "shown, greyed", "hidden")
 
     def on_mount(self) -> None:
         super().on_mount()
-        self.reload_on(self.app.mounts_signal, self.app.daemon_signal, self.app.block_signal)
+        self.reload_on(self.app.mounts_signal, self.app.daemon_signal, self.app.block_signal,
+                       self.app.config_signal)
         self.query_one("#devices").focus()
 
     def load(self):
@@ -139,23 +182,34 @@ class BlockScreen(TaskScreen):
     def show(self, data) -> None:
         self._devices, self._snap = data
         self._show_devices()
-        sync_table(self.query_one("#block-entries", DataTable),
-                   {s.entry.device: entry_row(s) for s in self._snap.block})
-        self.query_one("#block-empty", Static).update(
-            "" if self._snap.block else "No block devices are replicated yet: pick one above.")
+        self.query_one("#block-entries", KeyedTable).show_rows(
+            {s.entry.device: entry_row(s) for s in self._snap.block})
+        empty = self.query_one("#block-empty", Static)
+        empty.update("No block devices are replicated yet: pick one above.")
+        empty.display = not self._snap.block
 
     def _show_devices(self) -> None:
         show_all = self.query_one("#show-excluded", Switch).value
-        sync_table(self.query_one("#devices", DataTable),
-                   {d.path: device_row(d) for d in self._devices if show_all or not d.excluded})
+        notes = entry_notes(self._snap)
+        self.query_one("#devices", KeyedTable).show_rows(
+            {d.path: device_row(d, notes.get(d.path)) for d in self._devices
+             if show_all or not d.excluded})
 
     @on(Switch.Changed, "#show-excluded")
-    def _excluded_toggled(self) -> None:
+    def _excluded_toggled(self, event: Switch.Changed) -> None:
+        self.query_one("#excluded-state", Label).update(self._excluded_words(event.value))
         self._show_devices()
 
     def action_toggle_excluded(self) -> None:
         switch = self.query_one("#show-excluded", Switch)
         switch.value = not switch.value
+
+    @on(KeyedTable.SelectionGone, "#devices")
+    def _device_gone(self, event: KeyedTable.SelectionGone) -> None:
+        now = selected_key(event.table)
+        self.notify(f"{event.key} went away (another program detached or removed it); the "
+                    f"cursor is on {now or 'nothing'} now.", severity="warning",
+                    title="Device gone", markup=False)
 
     @on(Button.Pressed)
     def _button(self, event: Button.Pressed) -> None:
@@ -165,20 +219,31 @@ class BlockScreen(TaskScreen):
     def _device_chosen(self) -> None:
         self.action_add()
 
+    @on(DataTable.RowSelected, "#block-entries")
+    def action_details(self) -> None:
+        state = self._selected_state()
+        if state is None:
+            self.notify("Select a replicated device in the lower table first.",
+                        severity="warning")
+            return
+        self.app.push_screen(DetailsDialog(f"Block entry {shown(state.entry.device)}",
+                                           entry_details(state)))
+
     def action_add(self) -> None:
         if self.app.needs_root("Adding a block device"):
             return
+        from app.services.entries import device_refusal
         path = selected_key(self.query_one("#devices", DataTable)) or ""
         device = next((d for d in self._devices if d.path == path), None)
-        if device is not None and device.excluded:
-            self.notify(f"{path} is {device.excluded}: it cannot be replicated.",
-                        severity="error", title="Excluded")
+        refusal = device_refusal(device) if device is not None else None
+        if refusal:
+            self.notify(refusal, severity="error", title="Cannot be replicated", markup=False)
             return
         self.app.push_screen(AddBlockEntryDialog(path), self._added)
 
     def _added(self, result) -> None:
         if result is not None:
-            self.notify(result.message, title="Added")
+            self.notify(shown(result.message), title="Added", markup=False)
             self.reload()
 
     def action_remove(self) -> None:
@@ -191,29 +256,38 @@ class BlockScreen(TaskScreen):
 
         def confirmed(yes: bool | None) -> None:
             if yes:
-                self.run_action(f"Remove {device}",
-                                lambda: self.services.replication.remove_block(device))
+                self.run_action(f"Remove {shown(device)}",
+                                lambda: self.services.replication.remove_block(device),
+                                waiting=f"detaching {shown(device)}, then removing the entry")
         self.app.push_screen(ConfirmDialog(
-            f"Detach and stop replicating {device}?\nA loop device that is still mounted is "
-            "not detached, and the entry is then kept.", yes="Remove"), confirmed)
+            f"Detach and stop replicating {shown(device)}?\nA loop device that is still mounted "
+            "is not detached, and the entry is then kept.", yes="Remove"), confirmed)
 
     def action_attach_all(self) -> None:
-        self.run_action("Attach all", lambda: self.services.replication.attach_all())
+        replication = self.services.replication
+        self.run_action("Attach all", lambda: replication.attach_all(),
+                        waiting="attaching every entry (through the daemon's capture when it "
+                        "runs: a device with a target is compared with it first)",
+                        force=ForceOffer("Force: attach anyway", FORCED_ATTACH,
+                                         lambda: replication.attach_all(force=True),
+                                         "Attach all (forced)"))
 
     def action_detach_all(self) -> None:
-        self.run_action("Detach all", lambda: self.services.replication.detach_all())
+        self.run_action("Detach all", lambda: self.services.replication.detach_all(),
+                        waiting="detaching every entry's loop (a capture drains its journal to "
+                        "the target first)")
 
-    def run_action(self, title, call, *, root: bool = True) -> None:
+    def run_action(self, title, call, **kw) -> None:
         if self._refuse_while_syncing():
             return
-        super().run_action(title, call, root=root)
+        super().run_action(title, call, **kw)
 
     def _refuse_while_syncing(self) -> bool:
         if self._sync is None:
             return False
         verb, device, _ = self._sync
-        self.notify(f"{verb.capitalize()} of {device} is still running: wait until it is done.",
-                    severity="warning", title="Busy")
+        self.notify(f"{verb.capitalize()} of {shown(device)} is still running: wait until it "
+                    "is done.", severity="warning", title="Busy", markup=False)
         return True
 
     # -- mirror / verify through the daemon -------------------------------------------------
@@ -243,9 +317,9 @@ class BlockScreen(TaskScreen):
             return
         entry = state.entry
         if not entry.target:
-            self.notify(f"{entry.device} has no target to {verb}: its writes are captured only. "
-                        "Remove the entry and add it again with a target.", severity="warning",
-                        title="No target")
+            self.notify(f"{shown(entry.device)} has no target to {verb}: its writes are captured "
+                        "only. Remove the entry and add it again with a target.",
+                        severity="warning", title="No target", markup=False)
             return
         if verb == "verify":
             self._run_sync(verb, entry.device, entry.target)
@@ -259,8 +333,8 @@ class BlockScreen(TaskScreen):
             if yes:
                 self._run_sync(verb, entry.device, entry.target)
         self.app.push_screen(ConfirmDialog(
-            f"Copy all of {entry.device} ({window}) to {entry.target}?\nEvery block of the "
-            f"target is overwritten.{held}", yes="Mirror"), confirmed)
+            f"Copy all of {shown(entry.device)} ({window}) to {shown(entry.target)}?\nEvery "
+            f"block of the target is overwritten.{held}", yes="Mirror"), confirmed)
 
     def _run_sync(self, verb: str, device: str, target: str) -> None:
         if self._refuse_while_syncing():  # a second confirm dialog answered late
@@ -273,10 +347,10 @@ class BlockScreen(TaskScreen):
 
     def _show_sync_label(self, done: int | None = None, total: int | None = None) -> None:
         verb, device, target = self._sync
-        head = (f"Mirroring {device} to {target}" if verb == "mirror"
-                else f"Verifying {device} against {target}")
+        head = (f"Mirroring {shown(device)} to {shown(target)}" if verb == "mirror"
+                else f"Verifying {shown(device)} against {shown(target)}")
         tail = f": {human_size(done)} of {human_size(total)}" if total else " …"
-        self.query_one("#sync-label", Label).update(head + tail)
+        self.query_one("#sync-label", Label).update(Text(head + tail))
 
     @work(thread=True, exit_on_error=False, group="sync",
           description="mirror or verify a block entry through the daemon")
@@ -292,6 +366,9 @@ class BlockScreen(TaskScreen):
             else:
                 results, ranges = replication.block_verify(device, progress=progress)
                 results, notes = list(results), range_lines(ranges)
+                if ranges:
+                    notes.append(f"Press {actions.key_of(self.NAME, 'mirror')} (Mirror) to copy "
+                                 "the device over the target.")
         except MirrorError as exc:
             results = [Result.from_error(verb, device, exc)]
         except Exception as exc:  # a bug below us must not leave the progress bar up forever
@@ -299,14 +376,14 @@ class BlockScreen(TaskScreen):
         if any(r.failed for r in results) and not self.services.daemon_running():
             notes.append("Mirror and verify go through the daemon: the Daemon screen (5 in the "
                          "main menu) starts it.")
-        title = f"{verb.capitalize()} {device}"
+        title = f"{verb.capitalize()} {shown(device)}"
         if self.is_attached:
             self.post_message(self.SyncDone(title, results, notes))
         elif self.app.is_running:  # the screen was left while it ran: say how it ended anyway
             failed = any(r.failed for r in results)
-            summary = "; ".join(r.message for r in results) or "done"
+            summary = "; ".join(shown(r.message) for r in results) or "done"
             try:
-                self.app.call_from_thread(self.app.notify, summary, title=title,
+                self.app.call_from_thread(self.app.notify, summary, title=title, markup=False,
                                           severity="error" if failed else "information")
             except RuntimeError:  # the App itself has ended
                 pass

@@ -1,28 +1,43 @@
-"""The replication engine: is it running, and start / stop / restart it."""
+"""The replication engine: is it running (pid, uptime, config, socket, state directory, log),
+and start / stop / restart it. Follows a daemon started or stopped elsewhere (its socket
+appearing, its watch connection ending) without polling."""
 
 from __future__ import annotations
 
+from rich.table import Table
 from rich.text import Text
 from textual import on
 from textual.app import ComposeResult
-from textual.binding import Binding
 from textual.containers import Horizontal, Vertical
 from textual.widgets import Button, Footer, Header, Label, Static
 
-from app.screens.base import RootBanner, TaskScreen
+from app.screens.banner import RootBanner
+from app.screens.base import TaskScreen
+from app.services.units import shown
 
 ABOUT = ("The daemon mounts mirrorfs on the file system entries, captures writes to the block "
          "entries' loop devices, and applies the journal to the targets. Start it before the "
          "applications (and before NFS/Samba) so no change is missed.")
 
 
+def info_text(info, now: float) -> Table:
+    """Label and value in two columns: a long path wraps under its value, not its label."""
+    from app.services.daemonctl import info_lines
+    grid = Table.grid(padding=(0, 1))
+    grid.add_column(style="bold", no_wrap=True)
+    grid.add_column()
+    mark, style = ("● ", "bold green") if info.running and not info.problem else ("○ ", "yellow")
+    for i, (label, value) in enumerate(info_lines(info, now)):
+        grid.add_row(f"{label}:", Text((mark if i == 0 else "") + shown(value),
+                                       style=style if i == 0 else ""))
+    if info.problem:
+        grid.add_row("problem:", Text(shown(info.problem), style="bold red"))
+    return grid
+
+
 class DaemonScreen(TaskScreen):
-    CSS_PATH = "daemon.tcss"
-    BINDINGS = TaskScreen.BINDINGS + [
-        Binding("s", "start", "Start"),
-        Binding("p", "stop", "Stop"),
-        Binding("r", "restart", "Restart"),
-    ]
+    NAME = "daemon"
+    CSS_PATH = ["task.tcss", "daemon.tcss"]
     busy_target = "#daemon-state"
 
     def compose(self) -> ComposeResult:
@@ -32,50 +47,45 @@ class DaemonScreen(TaskScreen):
         with Vertical(id="daemon-box"):
             yield Label("Replication engine (daemon)", classes="section-title")
             yield Static("checking…", id="daemon-state")
+            yield Static("", id="waiting")
             yield Static(ABOUT, classes="notes")
             with Horizontal(classes="buttons"):
                 yield Button("Start", id="start", compact=True)
                 yield Button("Stop", id="stop", compact=True)
                 yield Button("Restart", id="restart", compact=True)
-        yield Footer()
+        yield Footer(compact=True)
 
     def on_mount(self) -> None:
         super().on_mount()
+        self.reload_on(self.app.daemon_signal)
         self.query_one("#start").focus()
 
     def load(self):
-        services = self.services
-        if services.control is None:
-            return None, "the replication engine is not installed here"
-        if not services.daemon_running():
-            return False, f"not running (socket {getattr(services.control, 'socket_path', '?')})"
-        try:
-            return True, services.control.request("status")
-        except Exception as exc:  # it went away between the two calls
-            return False, str(exc)
+        return self.services.describe_daemon()
 
-    def show(self, data) -> None:
-        running, detail = data
-        if running:
-            text = Text("● running\n", style="bold green")
-            if isinstance(detail, dict):
-                for key, value in detail.items():
-                    if not isinstance(value, (list, dict)):
-                        text.append(f"  {key}: {value}\n")
-            text.rstrip()
-        else:
-            text = Text.assemble(("○ " + str(detail), "yellow"))
-        self.query_one("#daemon-state", Static).update(text)
+    def show(self, info) -> None:
+        self.query_one("#daemon-state", Static).update(info_text(info, self.services.clock()))
 
     @on(Button.Pressed)
     def _button(self, event: Button.Pressed) -> None:
         getattr(self, f"action_{event.button.id}")()
 
+    def _control(self, action: str, title: str, waiting: str) -> None:
+        def call():
+            try:
+                return self.services.daemon_action(action)
+            finally:
+                self.app.call_from_thread(self.app.daemon_changed_here)
+        self.run_action(title, call, waiting=waiting)
+
     def action_start(self) -> None:
-        self.run_action("Start the daemon", lambda: self.app.daemon_command("start"))
+        self._control("start", "Start the daemon", "starting the daemon: waiting for it to "
+                      "answer on its socket (up to 10 s)")
 
     def action_stop(self) -> None:
-        self.run_action("Stop the daemon", lambda: self.app.daemon_command("stop"))
+        self._control("stop", "Stop the daemon", "stopping the daemon: it drains every entry to "
+                      "its target and unmounts it first (up to 10 s)")
 
     def action_restart(self) -> None:
-        self.run_action("Restart the daemon", lambda: self.app.daemon_command("restart"))
+        self._control("restart", "Restart the daemon", "restarting the daemon: stop (drain and "
+                      "unmount), then start")

@@ -1,14 +1,14 @@
 """Live status: configured entries against the kernel's mounts and loops, warnings, an event
 log of mount-table changes and block uevents, per-device I/O rates, and engine figures.
 
-Redraws happen on kernel events (the App's MountWatcher and uevent workers publish them),
-never on a fixed timer. The one timer is the I/O-rate sampler, and it runs only while this
-screen is visible: disk counters change without any event to wake us.
+Redraws happen on events (the App's watchers publish them), never on a fixed timer. The one
+timer is the I/O-rate sampler, and it runs only while this screen is visible: disk counters
+change without any event to wake us. At 80 columns the side panel (engine, rates) and the
+full log and warnings are one key away (g, e, w); at 120 everything is on screen.
 """
 
 from __future__ import annotations
 
-import os
 import time
 from collections import deque
 
@@ -19,23 +19,96 @@ from textual.containers import Horizontal, Vertical, VerticalScroll
 from textual.message import Message
 from textual.widgets import DataTable, Footer, Header, Label, RichLog, Sparkline, Static
 
-from app.screens.base import RootBanner, TaskScreen, capture_text, state_text, sync_table
+from app.screens.banner import RootBanner
+from app.screens.base import (Col, KeyedTable, TaskScreen, capture_text, elide,
+                              selected_key, state_text)
+from app.screens.dialogs import DetailsDialog
 from app.screens.manual import loop_flags
-from app.services.units import human_size
+from app.services.status import replication_text
+from app.services.units import human_size, shown
 
 RATE_INTERVAL = 1.0  # seconds between disk-counter samples while the dashboard is shown
 RATE_HISTORY = 30  # samples kept per sparkline
+EVENTS_KEPT = 500
+NARROW_WARNINGS = 3  # warnings shown at 80 columns; `w` shows them all
+FS_COLUMNS = (Col("path", "Path", 9, 40), Col("state", "State", 8, 26),
+              Col("engine", "Engine", 6, 40))
+BLOCK_COLUMNS = (Col("device", "Device", 9, 24), Col("loop", "Loop", 8), Col("state", "State", 7, 18),
+                 Col("capture", "Capture", 8), Col("mounted", "Mounted", 4, 20),
+                 Col("offset", "Offset", 2), Col("flags", "Flags", 1))
 
 
 def mount_diff_lines(diff) -> list[str]:
-    lines = [f"mounted {m.fstype} {m.source} on {m.mount_point}" for m in diff.added]
-    lines += [f"unmounted {m.fstype} {m.source} from {m.mount_point}" for m in diff.removed]
-    lines += [f"remounted {new.mount_point} ({old.options} → {new.options})" for old, new in diff.changed]
+    lines = [f"mounted {m.fstype} {shown(m.source)} on {shown(m.mount_point)}" for m in diff.added]
+    lines += [f"unmounted {m.fstype} {shown(m.source)} from {shown(m.mount_point)}"
+              for m in diff.removed]
+    lines += [f"remounted {shown(new.mount_point)} ({old.options} → {new.options})"
+              for old, new in diff.changed]
     return lines
 
 
-def kernel_name(path: str) -> str:
-    return os.path.basename(os.path.realpath(path))
+def engine_cell(figures) -> str:
+    """One entry's replication in a table cell (the daemon's typed row), or a dash."""
+    return shown(replication_text(figures))
+
+
+def block_engine_cell(figures) -> str:
+    """One captured block entry's replication, positions and apply errors."""
+    return shown(replication_text(figures, long=True))
+
+
+def engine_text(snap) -> Text:
+    """The daemon as a whole, then each captured block entry's figures."""
+    summary = snap.summary
+    if summary is None:
+        why = snap.engine_error or "the daemon is not running (menu 5 starts it)"
+        return Text(shown(why), style="yellow")
+    text = Text()
+    text.append(f"running (pid {summary.pid})", style="green")
+    if summary.fs_entries:
+        text.append(f"\n{summary.fs_entries} file-system "
+                    f"{'entry' if summary.fs_entries == 1 else 'entries'}, "
+                    f"{summary.captured_ops} operations captured\n"
+                    f"queued {human_size(summary.bytes_queued)}")
+        if summary.max_lag is not None:
+            text.append(f", lag up to {summary.max_lag:.1f} s")
+    for s in snap.block:
+        f = s.figures
+        if f and (f.captured or f.error):
+            text.append(f"\n{shown(s.entry.device)}", style="bold")
+            text.append(f" via {s.loop}" if s.loop else "")
+            text.append(f"\n  {block_engine_cell(f)}")
+    return text
+
+
+def engine_line(snap) -> Text:
+    """The engine in one line, for 80 columns (`g` shows it all)."""
+    summary = snap.summary
+    if summary is None:
+        return Text("daemon: " + shown(snap.engine_error or "not running (menu 5 starts it)"),
+                    style="yellow")
+    line = Text(f"daemon: running (pid {summary.pid})", style="green")
+    captured = sum(1 for s in snap.block if s.figures and s.figures.captured)
+    queued = summary.bytes_queued + sum(s.figures.bytes_queued for s in snap.block
+                                        if s.figures and s.figures.captured)
+    line.append(f" · {summary.captured_ops} fs ops · {captured} captured "
+                f"{'device' if captured == 1 else 'devices'} · {human_size(queued)} queued")
+    return line
+
+
+def warnings_text(warnings, limit: int | None = None) -> Text:
+    if not warnings:
+        return Text("none", style="green")
+    text = Text()
+    for w in warnings[:limit]:
+        style = "bold red" if w.level == "error" else "yellow"
+        text.append("✘ " if w.level == "error" else "! ", style=style)
+        text.append(f"{shown(w.subject)}: ", style="bold")
+        text.append(shown(w.message) + "\n")
+    if limit is not None and len(warnings) > limit:
+        text.append(f"… {len(warnings) - limit} more: w shows all", style="dim")
+    text.rstrip()
+    return text
 
 
 class DeviceRate(Vertical):
@@ -48,7 +121,7 @@ class DeviceRate(Vertical):
         self.writes: deque[float] = deque([0.0] * RATE_HISTORY, maxlen=RATE_HISTORY)
 
     def compose(self) -> ComposeResult:
-        yield Label(self.label, classes="rate-label")
+        yield Label(Text(shown(self.label)), classes="rate-label")
         with Horizontal(classes="rate-row"):
             yield Label("r 0 B/s", classes="rate-value reads-value")
             yield Sparkline(list(self.reads), classes="reads")
@@ -64,9 +137,15 @@ class DeviceRate(Vertical):
         self.query_one(".reads-value", Label).update(f"r {human_size(int(read))}/s")
         self.query_one(".writes-value", Label).update(f"w {human_size(int(write))}/s")
 
+    def line(self) -> str:
+        return (f"{shown(self.label)}: read {human_size(int(self.reads[-1]))}/s, "
+                f"write {human_size(int(self.writes[-1]))}/s")
+
 
 class DashboardScreen(TaskScreen):
-    CSS_PATH = "dashboard.tcss"
+    NAME = "dashboard"
+    CSS_PATH = ["task.tcss", "dashboard.tcss"]
+    HORIZONTAL_BREAKPOINTS = [(0, "-narrow"), (100, "-wide")]  # the layout at 80 columns
     busy_target = "#dash-fs"
 
     class Rates(Message):
@@ -77,12 +156,13 @@ class DashboardScreen(TaskScreen):
 
     def __init__(self) -> None:
         super().__init__()
-        self.events: list[str] = []  # the log's lines as plain text (tests and screenshots read it)
+        self.events: deque[str] = deque(maxlen=EVENTS_KEPT)  # the log as plain text
         self._devices: dict[str, str] = {}  # kernel name -> label, shown with rates
         self._watched: set[str] = set()  # kernel names of protected devices and their loops
         self._states: dict[str, str] | None = None  # entry -> state at the last read
         self._last: tuple[dict, float] | None = None
         self._rate_timer = None
+        self._snap = None
 
     def compose(self) -> ComposeResult:
         yield Header()
@@ -91,17 +171,10 @@ class DashboardScreen(TaskScreen):
         with Horizontal(id="dash-top"):
             with VerticalScroll(id="dash-left"):
                 yield Label("File system entries", classes="section-title")
-                fs = DataTable(id="dash-fs", cursor_type="row")
-                for label, key in (("Path", "path"), ("State", "state"), ("Engine", "engine")):
-                    fs.add_column(label, key=key)
-                yield fs
+                yield KeyedTable(FS_COLUMNS, id="dash-fs")
                 yield Label("Block entries and their loops", classes="section-title")
-                block = DataTable(id="dash-block", cursor_type="row")
-                for label, key in (("Device", "device"), ("Loop", "loop"), ("State", "state"),
-                                   ("Capture", "capture"), ("Mounted", "mounted"),
-                                   ("Offset", "offset"), ("Flags", "flags")):
-                    block.add_column(label, key=key)
-                yield block
+                yield KeyedTable(BLOCK_COLUMNS, id="dash-block")
+                yield Static("", id="engine-line")
                 yield Label("Warnings", classes="section-title")
                 yield Static("", id="warnings")
             with VerticalScroll(id="dash-right"):
@@ -111,18 +184,20 @@ class DashboardScreen(TaskScreen):
                 yield Static("no replicated block devices", id="rates-empty", classes="notes")
                 yield Vertical(id="rates")
         yield Label("Events", classes="section-title")
-        yield RichLog(id="events", max_lines=500, wrap=False)
-        yield Footer()
+        yield RichLog(id="events", max_lines=EVENTS_KEPT, wrap=False)
+        yield Footer(compact=True)
 
     def on_mount(self) -> None:
         super().on_mount()
+        self.reload_on(self.app.config_signal)
         self.app.mounts_signal.subscribe(self, self._mounts_changed)
-        self.app.block_signal.subscribe(self, self._block_event)
-        self.app.daemon_signal.subscribe(self, self._daemon_gone)
-        watching = "watching the mount table and block uevents" if self.services.watch_kernel \
-            else "kernel events are not watched in this session"
+        self.app.block_signal.subscribe(self, self._block_events)
+        self.app.daemon_signal.subscribe(self, self._daemon_changed)
+        watching = ("watching the mount table, block uevents, the daemon and the configuration"
+                    if self.services.watch_kernel
+                    else "kernel events are not watched in this session")
         self.log_event(watching)
-        if self.services.disk_counters is None:
+        if not self.services.samples_rates:
             self.query_one("#rates").mount(Static("rates are not sampled in this session",
                                                   classes="notes"))
         else:
@@ -148,19 +223,26 @@ class DashboardScreen(TaskScreen):
             self.log_event(line)
         self.reload()
 
-    def _daemon_gone(self, _event) -> None:
-        self.log_event("the daemon stopped or died: capture state read again")
+    def _daemon_changed(self, running: bool) -> None:
+        self.log_event("the daemon started: capture state read again" if running else
+                       "the daemon stopped or died: capture state read again")
         self.reload()
 
-    def _block_event(self, event: tuple[str, str]) -> None:
+    def _block_events(self, batch) -> None:
         """Log uevents of protected devices, their loops and real disks (not every loop
         another tool makes); any of them may change the picture, so reload on all."""
-        action, name = event
-        if name in self._watched or not name.startswith("loop"):
-            self.log_event(f"uevent {action} {name}")
+        other = 0
+        for action, name in batch:
+            if name in self._watched or not name.startswith("loop"):
+                self.log_event(f"uevent {action} {name}")
+            else:
+                other += 1
+        if other > 1:
+            self.log_event(f"{other} uevents of other loop devices")
         self.reload()
 
     def load(self):
+        from app.services.status import kernel_name
         snap = self.services.status()
         devices: dict[str, str] = {}
         for state in snap.block:
@@ -171,24 +253,30 @@ class DashboardScreen(TaskScreen):
 
     def show(self, data) -> None:
         snap, devices = data
+        self._snap = snap
         self._watched = set(devices)
         self._log_transitions(snap)
-        sync_table(self.query_one("#dash-fs", DataTable), {
-            s.entry.path: (s.entry.path, state_text(s.state + (f" ({s.other_fstype} here)"
-                                                                if s.other_fstype else "")),
-                           _engine_cell(s.engine)) for s in snap.filesystem})
+        self.query_one("#dash-fs", KeyedTable).show_rows({
+            s.entry.path: (shown(s.entry.path),
+                           state_text(s.state + (f" ({s.other_fstype} here)" if s.other_fstype
+                                                 else ""), s.problem),
+                           engine_cell(s.figures)) for s in snap.filesystem})
         rows = {}
         for s in snap.block:
             lp = s.loops[0] if s.loops else None
             # The entry's offset: a captured loop sits at 0 of the capture file, which starts
             # at the entry's offset on the device (a plain loop has the entry's offset itself).
-            rows[s.entry.device] = (s.entry.device, lp.device if lp else "—", state_text(s.state),
-                                    capture_text(s.capture), ", ".join(s.loop_mounts),
+            rows[s.entry.device] = (elide(s.entry.device, 24), lp.device if lp else "—",
+                                    state_text(s.state, s.problem), capture_text(s.capture),
+                                    ", ".join(shown(m) for m in s.loop_mounts) or "—",
                                     human_size(s.entry.offset) if s.entry.offset else "0",
                                     loop_flags(lp) if lp else "")
-        sync_table(self.query_one("#dash-block", DataTable), rows)
-        self._show_warnings(snap.warnings)
-        self._show_engine(snap)
+        self.query_one("#dash-block", KeyedTable).show_rows(rows)
+        narrow = self.has_class("-narrow")
+        self.query_one("#warnings", Static).update(
+            warnings_text(snap.warnings, NARROW_WARNINGS if narrow else None))
+        self.query_one("#engine", Static).update(engine_text(snap))
+        self.query_one("#engine-line", Static).update(engine_line(snap))
         self._show_rate_devices(devices)
         self.query_one("#rates-empty", Static).display = not devices
 
@@ -201,48 +289,58 @@ class DashboardScreen(TaskScreen):
             for subject, state in states.items():
                 before = self._states.get(subject)
                 if before is not None and before != state:
-                    self.log_event(f"{subject}: {before} → {state}")
+                    self.log_event(f"{shown(subject)}: {before} → {state}")
         self._states = states
 
-    def _show_warnings(self, warnings) -> None:
-        if not warnings:
-            self.query_one("#warnings", Static).update(Text("none", style="green"))
-            return
-        text = Text()
-        for w in warnings:
-            style = "bold red" if w.level == "error" else "yellow"
-            text.append("✘ " if w.level == "error" else "! ", style=style)
-            text.append(f"{w.subject}: ", style="bold")
-            text.append(w.message + "\n")
-        text.rstrip()
-        self.query_one("#warnings", Static).update(text)
+    def on_resize(self) -> None:
+        if self._snap is not None:  # the number of warnings shown depends on the width
+            narrow = self.has_class("-narrow")
+            self.query_one("#warnings", Static).update(
+                warnings_text(self._snap.warnings, NARROW_WARNINGS if narrow else None))
 
-    def _show_engine(self, snap) -> None:
-        if snap.engine is None:
-            why = snap.engine_error or "the daemon is not running (menu 5 starts it)"
-            self.query_one("#engine", Static).update(Text(why, style="yellow"))
+    # -- detail views -----------------------------------------------------------------------
+
+    def action_events(self) -> None:
+        self.app.push_screen(DetailsDialog("Events since the dashboard opened",
+                                           Text("\n".join(self.events))))
+
+    def action_warnings(self) -> None:
+        if self._snap is not None:
+            self.app.push_screen(DetailsDialog("Warnings", warnings_text(self._snap.warnings)))
+
+    def action_engine(self) -> None:
+        if self._snap is None:
             return
-        from app.services.status import replication_text
-        entries = [s.engine for s in snap.filesystem if s.engine is not None]
-        queued = sum(e.bytes_queued for e in entries)
-        lags = [e.lag_seconds for e in entries if e.lag_seconds is not None]
-        text = Text()
-        text.append(f"running (pid {snap.engine.get('pid', '?')})", style="green")
-        if entries:
-            text.append(f"\n{len(entries)} file-system {'entry' if len(entries) == 1 else 'entries'}"
-                        f", {sum(e.captured_ops for e in entries)} operations "
-                        f"captured\nqueued {human_size(queued)}")
-            if lags:
-                text.append(f", lag up to {max(lags):.1f} s")
-        for s in snap.block:  # the daemon's figures for each captured block entry
-            if s.engine and (s.engine.captured or s.engine.error):
-                text.append(f"\n{s.entry.device}", style="bold")
-                text.append(f" via {s.loop}" if s.loop else "")
-                text.append(f"\n  {replication_text(s.engine, long=True)}")
-        self.query_one("#engine", Static).update(text)
+        text = engine_text(self._snap)
+        rates = [w.line() for w in self.query(DeviceRate)]
+        text.append("\n\nI/O rates (last sample)\n", style="bold")
+        text.append("\n".join(rates) if rates else "no replicated block devices"
+                    if self.services.samples_rates else "rates are not sampled in this session")
+        self.app.push_screen(DetailsDialog("Engine and I/O rates", text))
+
+    @on(DataTable.RowSelected)
+    def action_details(self) -> None:
+        from app.screens.block import entry_details
+        from app.screens.filesystem import fs_details
+        if self._snap is None:
+            return
+        focused = self.focused
+        table = focused if isinstance(focused, KeyedTable) else self.query_one("#dash-fs",
+                                                                               KeyedTable)
+        key = selected_key(table)
+        if table.id == "dash-block":
+            state = next((s for s in self._snap.block if s.entry.device == key), None)
+            body = entry_details(state) if state else None
+        else:
+            state = next((s for s in self._snap.filesystem if s.entry.path == key), None)
+            body = fs_details(state) if state else None
+        if body:
+            self.app.push_screen(DetailsDialog(f"Entry {shown(key)}", body))
+
+    # -- rates ------------------------------------------------------------------------------
 
     def _show_rate_devices(self, devices: dict[str, str]) -> None:
-        if devices == self._devices or self.services.disk_counters is None:
+        if devices == self._devices or not self.services.samples_rates:
             return
         box = self.query_one("#rates")
         for name in set(self._devices) - set(devices):
@@ -275,9 +373,3 @@ class DashboardScreen(TaskScreen):
             if widget:
                 widget.first(DeviceRate).add((now.read_bytes - old.read_bytes) / elapsed,
                                              (now.write_bytes - old.write_bytes) / elapsed)
-
-
-def _engine_cell(row) -> str:
-    """One entry's replication figures (the daemon's typed row), or a dash."""
-    from app.services.status import replication_text
-    return replication_text(row)

@@ -1,8 +1,10 @@
-"""Typed modal dialogs: confirm, add a file-system entry, add a block entry, per-entry results.
+"""Typed modal dialogs: confirm, per-entry results (with Force where it applies), details of
+one entry, add a file-system entry, add a block entry.
 
-The add dialogs validate as the administrator types (the config service's own words, checked
-in a thread because it stats paths and reads the file) and submit through Replication, so a
-refused entry shows the service's message and leaves the file untouched.
+The add dialogs check as the administrator types, with the rules Add and Attach all use (the
+services' own words, in a thread because they stat paths and probe devices; one check at a
+time, the latest input checked last), and submit through Replication, so a refused entry
+shows the service's message and leaves the file untouched.
 """
 
 from __future__ import annotations
@@ -11,7 +13,6 @@ from collections.abc import Sequence
 
 from rich.text import Text
 from textual import on, work
-from textual.worker import get_current_worker
 from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.containers import Horizontal, Vertical, VerticalScroll
@@ -19,10 +20,10 @@ from textual.message import Message
 from textual.screen import ModalScreen
 from textual.widgets import Button, DirectoryTree, Input, Label, Static, Switch
 
-from app.screens.base import OUTCOME_STYLE
+from app.screens.base import OUTCOME_STYLE, check_text
 from app.services.config import BlockEntry, FsEntry
 from app.services.results import MirrorError, Result
-from app.services.units import parse_size
+from app.services.units import parse_size, shown
 
 FS_NOTES = (
     "Never / itself: add the directories under it. Stop the applications using it first and "
@@ -33,12 +34,23 @@ BLOCK_NOTES = (
     "are not captured and corrupt the target. Do not mount it from /etc/fstab; mount the loop "
     "device from a script that runs after the daemon."
 )
+# The services word their hints for the command line; the results dialog has a Force button.
+CLI_HINTS = (("(--force overrides)", "(Force… below overrides)"),
+             ("or unmount with --force (lazy unmount)", "or use Force… below (lazy unmount)"),
+             ("start it with `mirrorsetup daemon start` (or `systemctl start mirrorsetup`)",
+              "start it on the Daemon screen (5 in the main menu)"))
+
+
+def tui_words(message: str) -> str:
+    for cli, tui in CLI_HINTS:
+        message = message.replace(cli, tui)
+    return shown(message)
 
 
 class ConfirmDialog(ModalScreen[bool]):
-    """Yes/No; Escape and n say no."""
+    """Yes/No; Escape and n say no. The question is plain text (paths may hold brackets)."""
 
-    DEFAULT_CSS = "ConfirmDialog { align: center middle; }"
+    CSS_PATH = "dialogs.tcss"
     BINDINGS = [Binding("y", "answer(True)", "Yes"), Binding("n,escape", "answer(False)", "No")]
 
     def __init__(self, question: str, yes: str = "Yes") -> None:
@@ -48,7 +60,7 @@ class ConfirmDialog(ModalScreen[bool]):
 
     def compose(self) -> ComposeResult:
         with Vertical(classes="dialog"):
-            yield Static(self.question, id="question")
+            yield Static(Text(self.question), id="question")
             with Horizontal(classes="dialog-buttons"):
                 yield Button(self.yes, id="yes", variant="error", compact=True)
                 yield Button("No", id="no", compact=True)
@@ -64,16 +76,20 @@ class ConfirmDialog(ModalScreen[bool]):
         self.dismiss(answer)
 
 
-class ResultsDialog(ModalScreen[None]):
-    """One line per entry, in the words the CLI prints."""
+class ResultsDialog(ModalScreen[str | None]):
+    """One line per entry, in the words the CLI prints; dismissed with "force" when the
+    administrator chooses the offered Force button."""
 
+    CSS_PATH = "dialogs.tcss"
     BINDINGS = [Binding("escape,enter,q", "close", "Close")]
 
-    def __init__(self, title: str, results: list[Result], notes: Sequence[str] = ()) -> None:
+    def __init__(self, title: str, results: list[Result], notes: Sequence[str] = (),
+                 force: str | None = None) -> None:
         super().__init__(classes="dialog-screen")
         self.title_text = title
         self.results = results
         self.notes = list(notes)  # lines shown under the results, e.g. a verify's differing ranges
+        self.force = force
 
     def compose(self) -> ComposeResult:
         with Vertical(classes="dialog results"):
@@ -83,74 +99,136 @@ class ResultsDialog(ModalScreen[None]):
                     yield Static("Nothing to do: no entries are configured.")
                 for r in self.results:
                     mark, style = OUTCOME_STYLE[r.outcome]
-                    line = Text.assemble((f"{mark} {r.outcome.value:<9}", style), (r.target, "bold"),
-                                         "\n  ", r.message)
+                    line = Text.assemble((f"{mark} {r.outcome.value:<10}", style),
+                                         (shown(r.target), "bold"), "\n  ", tui_words(r.message))
                     yield Static(line, classes=f"result {r.outcome.value}")
                 if self.notes:
-                    yield Static("\n".join(self.notes), id="results-notes")
+                    yield Static(Text("\n".join(shown(n) for n in self.notes)), id="results-notes")
             with Horizontal(classes="dialog-buttons"):
+                if self.force:
+                    yield Button(self.force, id="force", variant="error", compact=True)
                 yield Button("OK", id="ok", variant="primary", compact=True)
 
     def on_mount(self) -> None:
         self.query_one("#ok").focus()
 
-    @on(Button.Pressed)
+    @on(Button.Pressed, "#force")
+    def _force(self) -> None:
+        self.dismiss("force")
+
+    @on(Button.Pressed, "#ok")
+    def action_close(self) -> None:
+        self.dismiss(None)
+
+
+class DetailsDialog(ModalScreen[None]):
+    """Everything about one entry (what a narrow table leaves out), or one of the dashboard's
+    panels in full."""
+
+    CSS_PATH = "dialogs.tcss"
+    BINDINGS = [Binding("escape,enter,q,i", "close", "Close")]
+
+    def __init__(self, title: str, body: Text | Sequence[tuple[str, str]]) -> None:
+        super().__init__(classes="dialog-screen")
+        self.title_text = title
+        self.body = body
+
+    def compose(self) -> ComposeResult:
+        with Vertical(classes="dialog details"):
+            yield Label(Text(self.title_text, style="bold"), id="details-title")
+            with VerticalScroll(id="details-body"):
+                yield Static(self._text(), id="details-text")
+            with Horizontal(classes="dialog-buttons"):
+                yield Button("Close", id="close", variant="primary", compact=True)
+
+    def _text(self) -> Text:
+        if isinstance(self.body, Text):
+            return self.body
+        width = max((len(label) for label, _ in self.body), default=0) + 2
+        text = Text()
+        for label, value in self.body:
+            text.append(f"{label + ':':<{width}}", style="bold")
+            text.append(shown(value) + "\n")
+        text.rstrip()
+        return text
+
+    def on_mount(self) -> None:
+        self.query_one("#details-body").focus()
+
+    @on(Button.Pressed, "#close")
     def action_close(self) -> None:
         self.dismiss(None)
 
 
 class _EntryDialog(ModalScreen[Result | None]):
-    """Shared: inline validation in a thread, submit in a thread, the service's message shown."""
+    """Shared: checked as typed in a thread (one at a time), submitted in a thread, the
+    service's message shown in the one style of every check."""
 
+    CSS_PATH = "dialogs.tcss"
     BINDINGS = [Binding("escape", "cancel", "Cancel")]
 
     class Checked(Message):
-        def __init__(self, problem: str | None, submitted: Result | None = None) -> None:
+        def __init__(self, problem: str | None, warnings: Sequence[str] = (),
+                     submitted: Result | None = None) -> None:
             super().__init__()
             self.problem = problem
+            self.warnings = list(warnings)
             self.submitted = submitted
+
+    _checking = False
+    _check_again = False
 
     def entry(self):
         """The entry as typed; raises ValueError/MirrorError with the message to show."""
         raise NotImplementedError
 
-    def validate_entry(self, entry) -> None:
+    def check_entry(self, entry) -> tuple[str | None, list[str]]:
+        """(refusal or None, warnings) for the entry as typed."""
         raise NotImplementedError
 
     def submit(self, entry) -> Result:
         raise NotImplementedError
 
     def recheck(self) -> None:
+        """Check the input as it is now; while a check runs, check once more after it."""
+        if self._checking:
+            self._check_again = True
+            return
+        self._checking = True
         self._check_worker(False)
 
-    @work(thread=True, exclusive=True, exit_on_error=False, group="validate",
-          description="check the entry with the config service")
+    @work(thread=True, exit_on_error=False, group="validate",
+          description="check the entry with the services")
     def _check_worker(self, submit: bool) -> None:
         try:
             entry = self.app.call_from_thread(self.entry)
-            self.validate_entry(entry)
+            problem, warnings = self.check_entry(entry)
         except (ValueError, MirrorError) as exc:
-            if submit or not get_current_worker().is_cancelled:  # else stale: input changed
-                self.post_message(self.Checked(str(exc)))
+            self.post_message(self.Checked(str(exc)))
             return
         except Exception as exc:  # never leave the Add button spinning
             self.post_message(self.Checked(f"unexpected error: {exc!r}"))
             return
-        result = self.submit(entry) if submit else None
-        problem = result.message if result is not None and result.failed else None
-        if submit or not get_current_worker().is_cancelled:
-            self.post_message(self.Checked(problem, result))
+        if problem or not submit:
+            self.post_message(self.Checked(problem, warnings))
+            return
+        result = self.submit(entry)
+        self.post_message(self.Checked(result.message if result.failed else None, warnings,
+                                       result))
 
     @on(Checked)
     def _checked(self, event: Checked) -> None:
-        problem = self.query_one("#problem", Static)
+        self._checking = False
         self.query_one("#add", Button).loading = False
-        if event.problem:
-            problem.update(Text("✘ " + event.problem, style="bold red"))
-        elif event.submitted is not None:
+        if event.submitted is not None and not event.submitted.failed:
             self.dismiss(event.submitted)
-        else:
-            problem.update(Text("✔ can be added", style="green"))
+            return
+        if self._check_again:  # the input changed meanwhile: this answer is stale
+            self._check_again = False
+            self.recheck()
+            return
+        self.query_one("#problem", Static).update(check_text(
+            event.problem and shown(event.problem), [shown(w) for w in event.warnings]))
 
     @on(Button.Pressed, "#add")
     @on(Input.Submitted)
@@ -158,11 +236,19 @@ class _EntryDialog(ModalScreen[Result | None]):
         if self.app.needs_root("Adding an entry"):
             return
         self.query_one("#add", Button).loading = True
+        self._check_again = False
+        self._checking = True
         self._check_worker(True)
 
     @on(Button.Pressed, "#cancel")
     def action_cancel(self) -> None:
         self.dismiss(None)
+
+
+def switch_text(on_: bool, name: str, on_words: str, off_words: str) -> Text:
+    """A switch's name and state in words beside it (never by colour alone)."""
+    return Text.assemble((f"{name}: ", "bold"), ("ON" if on_ else "off", "bold" if on_ else ""),
+                         f" — {on_words if on_ else off_words}")
 
 
 class AddFsEntryDialog(_EntryDialog):
@@ -175,11 +261,12 @@ class AddFsEntryDialog(_EntryDialog):
     def compose(self) -> ComposeResult:
         with Vertical(classes="dialog wide", id="add-fs"):
             yield Label(Text("Add a directory to replicate", style="bold"))
-            yield Input(placeholder="/srv/data  (highest directory to capture)", id="path", compact=True)
+            yield Input(placeholder="/srv/data  (highest directory to capture)", id="path",
+                        compact=True)
             yield DirectoryTree(self.start, id="picker")
             with Horizontal(classes="field"):
                 yield Switch(False, id="atime")
-                yield Label("Replicate access times (slower: off is recommended)")
+                yield Label(self._atime_words(False), id="atime-state")
             yield Input(placeholder="target directory (optional)", id="target", compact=True)
             yield Static("", id="problem")
             yield Static(FS_NOTES, classes="notes")
@@ -187,12 +274,21 @@ class AddFsEntryDialog(_EntryDialog):
                 yield Button("Add", id="add", variant="primary", compact=True)
                 yield Button("Cancel", id="cancel", compact=True)
 
+    @staticmethod
+    def _atime_words(on_: bool) -> Text:
+        return switch_text(on_, "Access times", "replicated: every read costs a replication "
+                           "operation", "not replicated (recommended; times at close are)")
+
     def on_mount(self) -> None:
         self.query_one("#path").focus()
 
     @on(DirectoryTree.DirectorySelected)
     def _picked(self, event: DirectoryTree.DirectorySelected) -> None:
         self.query_one("#path", Input).value = str(event.path)
+
+    @on(Switch.Changed, "#atime")
+    def _atime(self, event: Switch.Changed) -> None:
+        self.query_one("#atime-state", Label).update(self._atime_words(event.value))
 
     @on(Input.Changed)
     @on(Switch.Changed)
@@ -207,8 +303,12 @@ class AddFsEntryDialog(_EntryDialog):
         target = self.query_one("#target", Input).value.strip() or None
         return FsEntry(path, self.query_one("#atime", Switch).value, target)
 
-    def validate_entry(self, entry: FsEntry) -> None:
-        self.app.services.store.validate_filesystem(entry)
+    def check_entry(self, entry: FsEntry) -> tuple[str | None, list[str]]:
+        try:
+            self.app.services.store.validate_filesystem(entry)
+        except MirrorError as exc:
+            return exc.message, []
+        return None, []
 
     def submit(self, entry: FsEntry) -> Result:
         return self.app.services.replication.add_filesystem(
@@ -216,8 +316,8 @@ class AddFsEntryDialog(_EntryDialog):
 
 
 class AddBlockEntryDialog(_EntryDialog):
-    """Device (from the picker), loop (first free or /dev/loopN), offset, size limit, ro,
-    encryption, and the optional target the daemon replicates the captured writes to."""
+    """Device (from the picker), target, loop (first free or /dev/loopN), offset, size limit
+    and read-only. The legacy encryption field is not offered: the kernel has none."""
 
     def __init__(self, device: str = "") -> None:
         super().__init__(classes="dialog-screen")
@@ -226,30 +326,39 @@ class AddBlockEntryDialog(_EntryDialog):
     def compose(self) -> ComposeResult:
         with Vertical(classes="dialog wide", id="add-block"):
             yield Label(Text("Add a block device to replicate", style="bold"))
-            yield Input(self.device, placeholder="device, e.g. /dev/sdb1", id="device", compact=True)
+            yield Input(self.device, placeholder="device, e.g. /dev/sdb1", id="device",
+                        compact=True)
             yield Input(placeholder="target (optional): file or block device the writes are "
                         "replicated to", id="target", compact=True)
             yield Input(placeholder="loop: first free, or /dev/loopN to keep the same one "
                         "across restarts", id="loop", compact=True)
             with Horizontal(classes="field"):
                 yield Input(placeholder="offset: 0  (512, 4K, 1M…)", id="offset", compact=True)
-                yield Input(placeholder="size limit: whole device", id="sizelimit", compact=True)
+                yield Input(placeholder="size limit: whole device", id="sizelimit",
+                            compact=True)
             with Horizontal(classes="field"):
                 yield Switch(False, id="read-only")
-                yield Label("Read-only")
-                yield Input(placeholder="encryption: none (the kernel has no loop encryption)",
-                            id="encryption", compact=True)
+                yield Label(self._ro_words(False), id="read-only-state")
             yield Static("", id="problem")
             yield Static(BLOCK_NOTES, classes="notes")
             with Horizontal(classes="dialog-buttons"):
                 yield Button("Add", id="add", variant="primary", compact=True)
                 yield Button("Cancel", id="cancel", compact=True)
 
+    @staticmethod
+    def _ro_words(on_: bool) -> Text:
+        return switch_text(on_, "Read-only", "the loop device refuses writes",
+                           "writes allowed")
+
     def on_mount(self) -> None:
         self.query_one("#target" if self.device else "#device").focus()
         self.query_one("#device", Input).tooltip = "the block device to replicate"
         if self.device:
             self.recheck()
+
+    @on(Switch.Changed, "#read-only")
+    def _read_only(self, event: Switch.Changed) -> None:
+        self.query_one("#read-only-state", Label).update(self._ro_words(event.value))
 
     @on(Input.Changed)
     @on(Switch.Changed)
@@ -270,14 +379,16 @@ class AddBlockEntryDialog(_EntryDialog):
                 sizes[name] = parse_size(self._value(name) or "0")
             except ValueError as exc:
                 raise ValueError(f"{name}: {exc}") from None
-        return BlockEntry(device, self._value("loop") or None, sizes["offset"], sizes["sizelimit"],
-                          self.query_one("#read-only", Switch).value,
-                          self._value("encryption") or None, self._value("target") or None)
+        return BlockEntry(device, self._value("loop") or None, sizes["offset"],
+                          sizes["sizelimit"], self.query_one("#read-only", Switch).value,
+                          None, self._value("target") or None)
 
-    def validate_entry(self, entry: BlockEntry) -> None:
-        self.app.services.store.validate_block(entry)
+    def check_entry(self, entry: BlockEntry) -> tuple[str | None, list[str]]:
+        check = self.app.services.check_block(entry)
+        return check.refusal, [f"{entry.device} is {w}: Attach all refuses it until that "
+                               "ends (Force… overrides)" for w in check.warnings]
 
     def submit(self, entry: BlockEntry) -> Result:
         return self.app.services.replication.add_block(
             entry.device, loop=entry.loop, offset=entry.offset, sizelimit=entry.sizelimit,
-            read_only=entry.read_only, encryption=entry.encryption, target=entry.target)
+            read_only=entry.read_only, target=entry.target)

@@ -1,24 +1,30 @@
-"""File system replication: the configured directories, their live mirrorfs state, and the
-seed's four actions (add, remove, mount all, unmount all)."""
+"""File system replication: the configured directories, their live mirrorfs state, the seed's
+four actions (add, remove, mount all, unmount all), and mirror / verify of one entry."""
 
 from __future__ import annotations
 
-import errno
-
-from rich.text import Text
 from textual import on
 from textual.app import ComposeResult
-from textual.binding import Binding
 from textual.containers import Horizontal
 from textual.widgets import Button, DataTable, Footer, Header, Static
 
-from app.screens.base import RootBanner, TaskScreen, selected_key, state_text, sync_table
-from app.screens.dialogs import AddFsEntryDialog, ConfirmDialog
-from app.services.results import Outcome, Result
+from app.screens import actions
+from app.screens.banner import RootBanner
+from app.screens.base import (Col, ForceOffer, KeyedTable, TaskScreen, elide,
+                              selected_key, state_text)
+from app.screens.dialogs import AddFsEntryDialog, ConfirmDialog, DetailsDialog
+from app.services.results import Result
+from app.services.status import replication_lines
+from app.services.units import human_size, shown
 
-COLUMNS = (("Path", "path"), ("Access times", "atime"), ("Target", "target"), ("State", "state"))
-NO_ENGINE = ("the replication engine (daemon) is not installed here, so nothing can mount "
-             "mirrorfs; the entries are kept and mounted when it runs")
+COLUMNS = (Col("path", "Path", 9, 48), Col("state", "State", 8, 30),
+           Col("target", "Target", 5, 32), Col("atime", "Access times", 3))
+LAZY_UNMOUNT = (
+    "Unmount lazily (MNT_DETACH) where files are still open?\n\nThe path is detached now: new "
+    "opens see the directory below, not mirrorfs, and their changes are NOT replicated. Files "
+    "already open stay open through mirrorfs and their changes are still captured until they "
+    "close. Prefer stopping the applications that hold them.")
+MAX_DIFFERENCES_SHOWN = 100
 
 
 def fs_row(state) -> tuple:
@@ -26,20 +32,39 @@ def fs_row(state) -> tuple:
     label = state.state
     if state.other_fstype:
         label += f" ({state.other_fstype} here)"
-    return (entry.path, "replicated" if entry.replicate_atime else "off",
-            entry.target or "—", state_text(label))
+    return (shown(entry.path), state_text(label, state.problem),
+            elide(entry.target, 32) if entry.target else "—",
+            "replicated" if entry.replicate_atime else "off")
+
+
+def fs_details(state) -> list[tuple[str, str]]:
+    """Every field of an entry and its live state, for the detail view."""
+    entry, figures = state.entry, state.figures
+    lines = [("Path", entry.path), ("State", state.state + (f" ({state.other_fstype} mounted "
+                                                              "here)" if state.other_fstype else "")),
+             ("Target", entry.target or "none (captured only)"),
+             ("Access times", "replicated" if entry.replicate_atime else "not replicated")]
+    if state.problem:
+        lines.insert(1, ("INVALID", state.problem))
+    return lines + replication_lines(figures)
+
+
+def difference_lines(diffs: list[dict]) -> list[str]:
+    lines = [f"{shown(d['path'])}: {d['what']} (source {shown(str(d['source']))}, target "
+             f"{shown(str(d['target']))})" for d in diffs[:MAX_DIFFERENCES_SHOWN]]
+    if len(diffs) > MAX_DIFFERENCES_SHOWN:
+        lines.append(f"… and {len(diffs) - MAX_DIFFERENCES_SHOWN} more differences")
+    return lines
 
 
 class FilesystemScreen(TaskScreen):
-    CSS_PATH = "filesystem.tcss"
-    BINDINGS = TaskScreen.BINDINGS + [
-        Binding("a", "add", "Add"),
-        Binding("r,delete", "remove", "Remove"),
-        Binding("t", "toggle_atime", "Atime on/off"),
-        Binding("m", "mount_all", "Mount all"),
-        Binding("u", "unmount_all", "Unmount all"),
-    ]
+    NAME = "filesystem"
+    CSS_PATH = ["task.tcss", "filesystem.tcss"]
     busy_target = "#fs-entries"
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._snap = None
 
     def compose(self) -> ComposeResult:
         yield Header()
@@ -47,11 +72,9 @@ class FilesystemScreen(TaskScreen):
         yield Static("", id="load-error", classes="banner error")
         yield Static("File system replication: directories captured by mirrorfs",
                      classes="section-title")
-        table = DataTable(id="fs-entries", cursor_type="row", zebra_stripes=True)
-        for label, key in COLUMNS:
-            table.add_column(label, key=key)
-        yield table
+        yield KeyedTable(COLUMNS, id="fs-entries", zebra_stripes=True)
         yield Static("", id="fs-empty", classes="notes")
+        yield Static("", id="waiting")
         yield Static("Stop applications before changing entries and start them after Mount all. "
                      "NFS/Samba go above mirrorfs. Never /.", classes="notes")
         with Horizontal(classes="buttons"):
@@ -59,21 +82,26 @@ class FilesystemScreen(TaskScreen):
             yield Button("Remove", id="remove", compact=True)
             yield Button("Mount all", id="mount_all", compact=True)
             yield Button("Unmount all", id="unmount_all", compact=True)
-        yield Footer()
+            yield Button("Mirror", id="mirror", compact=True)
+            yield Button("Verify", id="verify", compact=True)
+        yield Footer(compact=True)
 
     def on_mount(self) -> None:
         super().on_mount()
-        self.reload_on(self.app.mounts_signal, self.app.daemon_signal)
+        self.reload_on(self.app.mounts_signal, self.app.daemon_signal, self.app.config_signal)
+        self.app.mounts_signal.subscribe(self, self._mounts_changed)
         self.query_one("#fs-entries").focus()
 
     def load(self):
         return self.services.status()
 
     def show(self, snap) -> None:
-        sync_table(self.query_one("#fs-entries", DataTable),
-                   {s.entry.path: fs_row(s) for s in snap.filesystem})
-        self.query_one("#fs-empty", Static).update(
-            "" if snap.filesystem else "No directories are replicated yet: press a to add one.")
+        self._snap = snap
+        self.query_one("#fs-entries", KeyedTable).show_rows(
+            {s.entry.path: fs_row(s) for s in snap.filesystem})
+        empty = self.query_one("#fs-empty", Static)
+        empty.update("No directories are replicated yet: press a to add one.")
+        empty.display = not snap.filesystem
 
     @on(Button.Pressed)
     def _button(self, event: Button.Pressed) -> None:
@@ -86,52 +114,144 @@ class FilesystemScreen(TaskScreen):
 
     def _added(self, result: Result | None) -> None:
         if result is not None:
-            self.notify(result.message, title="Added")
+            self.notify(shown(result.message), title="Added", markup=False)
             self.reload()
 
-    def _selected(self) -> str | None:
+    def _selected_state(self):
         path = selected_key(self.query_one("#fs-entries", DataTable))
-        if path is None:
+        if path is None or self._snap is None:
             self.notify("No entry is selected.", severity="warning")
-        return path
+            return None
+        return next((s for s in self._snap.filesystem if s.entry.path == path), None)
+
+    @on(DataTable.RowSelected, "#fs-entries")
+    def action_details(self) -> None:
+        state = self._selected_state()
+        if state is not None:
+            self.app.push_screen(DetailsDialog(f"File system entry {shown(state.entry.path)}",
+                                               fs_details(state)))
 
     def action_remove(self) -> None:
-        path = self._selected()
-        if path is None or self.app.needs_root("Removing a directory"):
+        state = self._selected_state()
+        if state is None or self.app.needs_root("Removing a directory"):
             return
+        path = state.entry.path
+        replication = self.services.replication
 
         def confirmed(yes: bool | None) -> None:
             if yes:
-                self.run_action(f"Remove {path}",
-                                lambda: self.services.replication.remove_filesystem(path))
+                self.run_action(
+                    f"Remove {shown(path)}", lambda: replication.remove_filesystem(path),
+                    waiting=f"removing {shown(path)}: the daemon drains and unmounts it first",
+                    force=ForceOffer("Force: lazy unmount", LAZY_UNMOUNT,
+                                     lambda: replication.remove_filesystem(path, force=True),
+                                     f"Remove {shown(path)} (lazy unmount)"))
         self.app.push_screen(ConfirmDialog(
-            f"Stop replicating {path}?\nIf mirrorfs is mounted there it is unmounted first; "
-            "stop the applications using it before you do this.", yes="Remove"), confirmed)
+            f"Stop replicating {shown(path)}?\nIf mirrorfs is mounted there it is unmounted "
+            "first; stop the applications using it before you do this.", yes="Remove"),
+            confirmed)
 
     def action_toggle_atime(self) -> None:
-        path = self._selected()
-        if path is None:
+        state = self._selected_state()
+        if state is None:
             return
-
-        def toggle() -> Result:
-            from dataclasses import replace
-            store = self.services.store
-            entry = next(e for e in store.load().filesystem if e.path == path)
-            new = store.set_filesystem(replace(entry, replicate_atime=not entry.replicate_atime))
-            word = "replicated" if new.replicate_atime else "not replicated"
-            return Result("edit", path, Outcome.OK, f"access times are now {word} for {path} "
-                          "(takes effect at the next mount)")
-        self.run_action(f"Access times for {path}", toggle)
-
-    def _engine(self, action: str, call) -> None:
-        if self.services.control is None:
-            self.run_action(f"{action.capitalize()} all", lambda: [Result(
-                action, "all file-system entries", Outcome.FAILED, NO_ENGINE, errno.ENOSYS)])
-        else:
-            self.run_action(f"{action.capitalize()} all", call)
+        from app.services.entries import toggle_atime
+        path = state.entry.path
+        self.run_action(f"Access times for {shown(path)}",
+                        lambda: toggle_atime(self.services.store, path))
 
     def action_mount_all(self) -> None:
-        self._engine("mount", lambda: self.services.replication.mount_all())
+        self.run_action("Mount all", lambda: self.services.replication.mount_all(),
+                        waiting=self._waiting_text("mount"))
 
     def action_unmount_all(self) -> None:
-        self._engine("unmount", lambda: self.services.replication.unmount_all())
+        replication = self.services.replication
+        self.run_action("Unmount all", lambda: replication.unmount_all(),
+                        waiting=self._waiting_text("unmount"),
+                        force=ForceOffer("Force: lazy unmount", LAZY_UNMOUNT,
+                                         lambda: replication.unmount_all(force=True),
+                                         "Unmount all (lazy where busy)"))
+
+    _pending: tuple[str, set[str]] | None = None  # (verb, paths not done) while Mount/Unmount all runs
+
+    def _waiting_text(self, verb: str) -> str:
+        """What Mount all / Unmount all waits for: the daemon, entry by entry; the line is
+        updated on each mount-table change."""
+        paths = {s.entry.path for s in (self._snap.filesystem if self._snap else ())
+                 if (s.state == "mounted") == (verb == "unmount")}
+        self._pending = (verb, paths)
+        return self._pending_words()
+
+    def _pending_words(self) -> str:
+        verb, paths = self._pending
+        if not paths:
+            return f"{verb} all: waiting for the daemon's answer"
+        how = ("drains each entry's journal to its target, then unmounts it" if verb == "unmount"
+               else "mounts mirrorfs on each entry")
+        return (f"{verb} all: the daemon {how}; still to do: "
+                + ", ".join(shown(p) for p in sorted(paths)))
+
+    def _mounts_changed(self, diff) -> None:
+        if self._pending is None:
+            return
+        verb, paths = self._pending
+        changed = {m.mount_point for m in (diff.removed if verb == "unmount" else diff.added)}
+        if paths & changed:
+            paths -= changed
+            self.set_waiting(self._pending_words())
+
+    def _on_action_done(self, event) -> None:
+        self._pending = None
+        super()._on_action_done(event)
+
+    # -- mirror / verify through the daemon ---------------------------------------------
+
+    def _sync_target(self, verb: str):
+        state = self._selected_state()
+        if state is None:
+            return None
+        if not state.entry.target:
+            self.notify(f"{shown(state.entry.path)} has no target to {verb}: its changes are "
+                        "captured only. Remove the entry and add it again with a target.",
+                        severity="warning", title="No target", markup=False)
+            return None
+        return state.entry
+
+    def action_mirror(self) -> None:
+        entry = self._sync_target("mirror")
+        if entry is None or self.app.needs_root("Mirroring a directory"):
+            return
+        from app.services.entries import fs_mirror
+
+        def confirmed(yes: bool | None) -> None:
+            if yes:
+                self.run_action(f"Mirror {shown(entry.path)}",
+                                lambda: fs_mirror(self.services.replication, entry.path),
+                                waiting=f"copying {shown(entry.path)} to {shown(entry.target)}: "
+                                "files that differ are copied, files the source no longer has "
+                                "are deleted on the target")
+        self.app.push_screen(ConfirmDialog(
+            f"Make {shown(entry.target)} equal to {shown(entry.path)}?\nFiles that differ are "
+            "copied over the target's, and files the source does not have are deleted from the "
+            "target.", yes="Mirror"), confirmed)
+
+    def action_verify(self) -> None:
+        entry = self._sync_target("verify")
+        if entry is None or self.app.needs_root("Verifying a directory"):
+            return
+        from app.services.entries import fs_verify
+        key = actions.key_of(self.NAME, "mirror")
+
+        def verify():
+            results, diffs = fs_verify(self.services.replication, entry.path)
+            notes = difference_lines(diffs)
+            if diffs:
+                notes.append(f"Press {key} (Mirror) to make the target equal to the source.")
+            if any(r.failed for r in results) and not self.services.daemon_running():
+                notes.append("Verify goes through the daemon: the Daemon screen (5 in the "
+                             "main menu) starts it.")
+            return results, notes
+
+        self.run_action(f"Verify {shown(entry.path)}", verify,
+                        waiting=f"comparing {shown(entry.path)} with {shown(entry.target)} "
+                        "(every file is hashed)")

@@ -1,4 +1,5 @@
-"""Keys, and the seed's notes in our words: what an administrator must know before replicating."""
+"""Keys (from the action registry), and the seed's notes in our words: what an administrator
+must know before replicating."""
 
 from __future__ import annotations
 
@@ -8,19 +9,9 @@ from textual.containers import VerticalScroll
 from textual.screen import Screen
 from textual.widgets import Footer, Header, Markdown
 
-HELP = """\
-## Keys
-- **Everywhere:** **q** / **Esc** back one level (quits from the main menu), **ctrl+q** quit,
-  **ctrl+p** every command.
-- **Main menu:** **↑ ↓ Enter**, or **1**–**6**, or a click.
-- **File systems:** **a** add, **r** remove, **t** access times on/off, **m** mount all,
-  **u** unmount all.
-- **Block devices:** **a** or **Enter** add the picked device, **r** remove/detach,
-  **t** attach all, **d** detach all, **m** mirror / **v** verify the selected entry against
-  its target, **x** show swap and LVM.
-- **Manual:** type, then **Enter** or a button; **ctrl+d** detaches the selected loop.
-- **Daemon:** **s** start, **p** stop, **r** restart.
+from app.screens import actions
 
+NOTES = """\
 ## Before you change what is replicated
 - **Stop the applications** that use a directory or device first, and start them again
   after the change: mirrorsetup must be in place *before* any application writes, or some
@@ -29,7 +20,8 @@ HELP = """\
 - **NFS and Samba go above mirrorfs**: export the replicated directory (mounted as mirrorfs),
   never the storage underneath. mirrorfs sits just above the storage file system.
 - **Never the root directory `/`.** On a single-disk system, add the directories directly
-  under `/` that you want replicated instead.
+  under `/` that you want replicated instead. An entry that breaks a rule (added by hand to
+  the file) is shown as **invalid** everywhere, with the reason.
 - Add the *highest* directory whose changes should be captured: a mount point or any
   directory inside one.
 
@@ -51,19 +43,29 @@ are replicated either way.
   Without the daemon, Attach all still attaches a loop, but its writes are **not captured**;
   the Capture column says which. **Mirror** copies the whole device to its target, **Verify**
   compares them block by block and lists the byte ranges that differ.
-- Swap and LVM physical volumes are not offered (`x` shows them, greyed, with the reason).
+- Swap and LVM physical volumes are not offered (`x` shows them, greyed, with the reason); the
+  disk holding the root file system cannot be picked.
 - Loop encryption no longer exists in Linux; put dm-crypt/LUKS under the device instead.
 
 ## Manual replication (deprecated)
 Attaches and detaches a loop device *now*. Nothing is written to the configuration, so it is
 gone after a restart; use block device replication to keep it.
 
-## Mount all / Attach all
+## Mount all / Attach all, and Force
 Apply the configuration now instead of at the next daemon start, so you can check the effect.
 Unmount all / Detach all let you change the configuration without stopping the daemon. Each entry
-reports its own result; a busy mount lists the processes holding it. A file manager that keeps a
-replicated directory open (the old guide warned about Konqueror) keeps it busy: close it, or
-the directory can only be released by a restart.
+reports its own result; a busy mount lists the processes holding it. When an entry is refused
+because it is busy, the results offer **Force…**, which first says what it means: a *lazy
+unmount* detaches the path now while open files keep using mirrorfs; a *forced attach* lets
+writes reach the device around the loop, uncaptured. A file manager that keeps a replicated
+directory open (the old guide warned about Konqueror) keeps it busy: close it, or the directory
+can only be released by a restart.
+
+## The daemon
+Start, stop and restart it from its screen (5) or with `mirrorsetup daemon start|stop|restart|
+status`. With systemd it is the `mirrorsetup` unit (log: `journalctl -u mirrorsetup`);
+otherwise it runs detached and logs to `daemon.log` beside its control socket. Its state
+directory is `--state-dir` or `$MIRRORSETUP_STATE_DIR` (default `/var/lib/mirrorsetup`).
 """
 
 
@@ -74,8 +76,8 @@ class HelpScreen(Screen):
     def compose(self) -> ComposeResult:
         yield Header()
         with VerticalScroll(id="help"):
-            yield Markdown(HELP)
-        yield Footer()
+            yield Markdown(actions.keys_markdown() + "\n\n" + NOTES)
+        yield Footer(compact=True)
 
     def on_mount(self) -> None:
         self.query_one("#help").focus()

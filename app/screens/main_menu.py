@@ -1,4 +1,5 @@
-"""The setup tasks, numbered as the old DTSetup menu: arrows + Enter, 1–6, or a click."""
+"""The setup tasks, numbered as the old DTSetup menu: arrows + Enter, the number, or a click.
+The entries come from the action registry (app.screens.actions)."""
 
 from __future__ import annotations
 
@@ -6,46 +7,38 @@ from rich.text import Text
 from textual import on
 from textual.app import ComposeResult
 from textual.binding import Binding
-from textual.containers import Vertical
 from textual.screen import Screen
-from textual.widgets import Footer, Header, OptionList, Static
+from textual.widgets import Footer, Header, OptionList
 from textual.widgets.option_list import Option
 
-from app.screens.base import RootBanner
-
-# (key, screen, label, hint)
-MENU = [
-    ("1", "filesystem", "Configure file system replication",
-     "directories captured by mirrorfs; add, remove, mount/unmount all"),
-    ("2", "block", "Configure block device replication",
-     "devices used through /dev/loopN; add, remove, attach/detach all"),
-    ("3", "manual", "Manual replication (deprecated)",
-     "attach or detach a loop now; not persisted across restarts"),
-    ("4", "dashboard", "Status dashboard", "live mounts, loops, warnings, events and rates"),
-    ("5", "daemon", "Daemon", "start, stop or restart the replication engine"),
-    ("6", "help", "Help", "keys, and what to know before replicating"),
-]
+from app.screens import actions
+from app.screens.banner import RootBanner
 
 
 class MainMenuScreen(Screen):
-    CSS_PATH = "main_menu.tcss"
+    """Its CSS is in app.tcss, and its widgets are all direct children: the first frame
+    registers every style in one pass (each pass re-parses the whole stylesheet)."""
+
     BINDINGS = [
-        Binding("escape", "app.back", "Quit"),
-        Binding("q", "app.back", "Quit", show=False),
-        *[Binding(key, f"choose('{name}')", label, show=False) for key, name, label, _ in MENU],
+        Binding("q", "app.quit", "Quit"),
+        Binding("escape", "esc", "", show=False),
+        *[Binding(s.menu_key, f"choose('{s.name}')", s.label, show=False)
+          for s in actions.menu()],
     ]
 
     def compose(self) -> ComposeResult:
+        entries = actions.menu()
         yield Header()
         yield RootBanner()
-        with Vertical(id="menu-box"):
-            yield Static(Text("Setup tasks", style="bold"), id="menu-title")
-            yield OptionList(*[
-                Option(Text.assemble((f" {key}  ", "bold"), label, "\n", (f"    {hint}", "dim")), id=name)
-                for key, name, label, hint in MENU], id="menu")
-            yield Static("↑↓ Enter or 1–6 to choose · q / Esc back and quit · ctrl+p commands",
-                         id="menu-keys")
-        yield Footer()
+        menu = OptionList(*[
+            Option(Text.assemble((f" {s.menu_key}  ", "bold"), s.label, "\n",
+                                 (f"    {s.hint}", "dim")), id=s.name)
+            for s in entries], id="menu")
+        menu.border_title = "Setup tasks"
+        menu.border_subtitle = (f"↑↓ Enter or {entries[0].menu_key}–{entries[-1].menu_key} · "
+                                "q quits · Esc: back in screens · ctrl+p commands")
+        yield menu
+        yield Footer(compact=True)
 
     def on_mount(self) -> None:
         self.query_one("#menu").focus()
@@ -56,3 +49,9 @@ class MainMenuScreen(Screen):
 
     def action_choose(self, name: str) -> None:
         self.app.open_screen(name)
+
+    def action_esc(self) -> None:
+        """Esc on the menu does not quit (it did, and administrators pressed it once too
+        often); it says how."""
+        self.notify("q (or ctrl+q) quits; Esc goes back one level inside a screen.",
+                    title="Quit?")

@@ -5,17 +5,18 @@ from __future__ import annotations
 
 from textual import on
 from textual.app import ComposeResult
-from textual.binding import Binding
 from textual.containers import Horizontal, Vertical
 from textual.widgets import Button, DataTable, Footer, Header, Input, Label, Static, Switch
 
-from app.screens.dialogs import ResultsDialog
-from app.screens.base import RootBanner, TaskScreen, selected_key, sync_table
+from app.screens.banner import RootBanner
+from app.screens.base import (Col, KeyedTable, TaskScreen, elide, natural_key,
+                              selected_key)
+from app.screens.dialogs import ResultsDialog, switch_text
 from app.services.results import Result
-from app.services.units import human_size, parse_size
+from app.services.units import human_size, parse_size, shown
 
-LOOP_COLUMNS = (("Loop", "loop"), ("Backing", "backing"), ("Offset", "offset"),
-                ("Size", "size"), ("Flags", "flags"))
+LOOP_COLUMNS = (Col("loop", "Loop", 9), Col("backing", "Backing", 8, 48), Col("offset", "Offset", 3),
+                Col("size", "Size", 5), Col("flags", "Flags", 4))
 NOT_PERSISTED = ("DEPRECATED · NOT PERSISTED: what you attach or detach here is not written to "
                  "the configuration and is lost at the next restart. Use block device "
                  "replication (menu 2) to keep it.")
@@ -28,13 +29,13 @@ def loop_flags(status) -> str:
 
 
 def loop_row(status) -> tuple:
-    return (status.device, status.backing_file or "", str(status.offset), human_size(status.size),
-            loop_flags(status))
+    return (status.device, elide(status.backing_file or "", 48), str(status.offset),
+            human_size(status.size), loop_flags(status))
 
 
 class ManualScreen(TaskScreen):
-    CSS_PATH = "manual.tcss"
-    BINDINGS = TaskScreen.BINDINGS + [Binding("ctrl+d", "detach_selected", "Detach selected")]
+    NAME = "manual"
+    CSS_PATH = ["task.tcss", "manual.tcss"]
     busy_target = "#loops"
 
     def compose(self) -> ComposeResult:
@@ -51,18 +52,24 @@ class ManualScreen(TaskScreen):
                 yield Input(placeholder="offset: 0", id="offset", compact=True)
                 yield Input(placeholder="size limit: whole", id="sizelimit", compact=True)
                 yield Switch(False, id="read-only")
-                yield Label("read-only", classes="switch-label")
+                yield Label(self._ro_words(False), id="read-only-state", classes="switch-label")
                 yield Button("Attach now", id="attach", compact=True, variant="warning")
             yield Label("Detach a loop device now", classes="section-title")
             with Horizontal(classes="row"):
                 yield Input(placeholder="/dev/loopN", id="detach-loop", compact=True)
                 yield Button("Detach now", id="detach", compact=True, variant="warning")
         yield Label("Attached loop devices (all, from sysfs)", classes="section-title")
-        table = DataTable(id="loops", cursor_type="row")
-        for label, key in LOOP_COLUMNS:
-            table.add_column(label, key=key)
-        yield table
-        yield Footer()
+        yield KeyedTable(LOOP_COLUMNS, id="loops", sort_key=natural_key)
+        yield Static("", id="waiting")
+        yield Footer(compact=True)
+
+    @staticmethod
+    def _ro_words(on_: bool):
+        return switch_text(on_, "Read-only", "yes", "no")
+
+    @on(Switch.Changed, "#read-only")
+    def _read_only(self, event: Switch.Changed) -> None:
+        self.query_one("#read-only-state", Label).update(self._ro_words(event.value))
 
     def on_mount(self) -> None:
         super().on_mount()
@@ -73,7 +80,7 @@ class ManualScreen(TaskScreen):
         return self.services.list_loops()
 
     def show(self, loops) -> None:
-        sync_table(self.query_one("#loops", DataTable), {s.device: loop_row(s) for s in loops})
+        self.query_one("#loops", KeyedTable).show_rows({s.device: loop_row(s) for s in loops})
 
     def _value(self, name: str) -> str:
         return self.query_one(f"#{name}", Input).value.strip()
@@ -96,7 +103,7 @@ class ManualScreen(TaskScreen):
             return
         loop = self._value("loop") or None
         read_only = self.query_one("#read-only", Switch).value
-        self.run_action(f"Manual attach {device} (not persisted)",
+        self.run_action(f"Manual attach {shown(device)} (not persisted)",
                         lambda: self.services.replication.manual_attach(
                             device, loop=loop, offset=offset, sizelimit=sizelimit,
                             read_only=read_only))
@@ -110,7 +117,7 @@ class ManualScreen(TaskScreen):
                         "table and press ctrl+d.", severity="warning")
             self.query_one("#detach-loop").focus()
             return
-        self.run_action(f"Manual detach {loop} (not persisted)",
+        self.run_action(f"Manual detach {shown(loop)} (not persisted)",
                         lambda: self.services.replication.manual_detach(loop))
 
     def action_detach_selected(self) -> None:

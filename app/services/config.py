@@ -91,7 +91,7 @@ class ConfigStore:
                          queue_limit, on_full)
 
         def change(config: Config) -> tuple[Config, FsEntry]:
-            entry = self._checked_fs(wanted, config)
+            entry = self._checked_fs(wanted, config, adding=True)
             return replace(config, filesystem=config.filesystem + (entry,)), entry
         return self._change(change)
 
@@ -117,7 +117,7 @@ class ConfigStore:
                             encryption, _fspath(target), bool(adopt_target), queue_limit, on_full)
 
         def change(config: Config) -> tuple[Config, BlockEntry]:
-            entry = self._checked_block(wanted, config)
+            entry = self._checked_block(wanted, config, adding=True)
             return replace(config, block=config.block + (entry,)), entry
         return self._change(change)
 
@@ -150,11 +150,14 @@ class ConfigStore:
             return replace(config, target=tuple(t for t in config.target if t is not host)), host
         return self._change(change)
 
-    def validate_filesystem(self, entry: FsEntry, config: Config | None = None) -> None:
-        self._checked_fs(entry, self.load() if config is None else config)
+    def validate_filesystem(self, entry: FsEntry, config: Config | None = None, *,
+                            adding: bool = False) -> None:
+        """`adding`: also what the target holds (a configured entry's target is its replica)."""
+        self._checked_fs(entry, self.load() if config is None else config, adding=adding)
 
-    def validate_block(self, entry: BlockEntry, config: Config | None = None) -> None:
-        self._checked_block(entry, self.load() if config is None else config)
+    def validate_block(self, entry: BlockEntry, config: Config | None = None, *,
+                       adding: bool = False) -> None:
+        self._checked_block(entry, self.load() if config is None else config, adding=adding)
 
     def import_legacy(self, fs_file=None, block_file=None) -> list[Result]:
         """One Result per line of the old product's files; every valid line lands in one write.
@@ -182,7 +185,7 @@ class ConfigStore:
 
     # ---- validation: each returns the entry as stored, or raises ConfigError saying why not
 
-    def _checked_fs(self, entry: FsEntry, config: Config) -> FsEntry:
+    def _checked_fs(self, entry: FsEntry, config: Config, *, adding: bool = False) -> FsEntry:
         entry = replace(entry, path=os.fspath(entry.path), target=_fspath(entry.target))
         _check_fields(entry, TABLES["filesystem"][1])
         path = entry.path
@@ -211,10 +214,11 @@ class ConfigStore:
             target = _checked_remote_target("fs", real, entry.target, config)
         elif entry.target is not None:
             target = _checked_fs_target(real, entry.target, config)
-            _refuse_unclaimed(target, f"fs:{real}", entry.adopt_target)
+            if adding:  # what a target holds is checked when it is chosen (and at capture)
+                _refuse_unclaimed(target, f"fs:{real}", entry.adopt_target)
         return replace(entry, path=real, target=target)
 
-    def _checked_block(self, entry: BlockEntry, config: Config) -> BlockEntry:
+    def _checked_block(self, entry: BlockEntry, config: Config, *, adding: bool = False) -> BlockEntry:
         entry = replace(entry, device=os.fspath(entry.device), loop=_fspath(entry.loop),
                         target=_fspath(entry.target))
         _check_fields(entry, TABLES["block"][1])
@@ -264,7 +268,8 @@ class ConfigStore:
             problem = _block_target_problem(entry.target, window)
             if problem:
                 raise refuse(f"target {entry.target} {problem}", "target")
-            _refuse_unclaimed(entry.target, f"block:{device}", entry.adopt_target)
+            if adding:
+                _refuse_unclaimed(entry.target, f"block:{device}", entry.adopt_target)
         for other in config.block:  # this device may not be where another entry replicates to
             if other.target and _device_id(other.target) == me:
                 raise refuse(f"{device} is the target of the entry for {other.device}")

@@ -39,7 +39,7 @@ class ControlClient:
     def _not_running(self, reason: str) -> DaemonNotRunning:
         return DaemonNotRunning(
             f"the mirrorsetup daemon is not running ({reason} at {self.socket_path}): start it with "
-            "`mirrorsetup daemon` or `systemctl start mirrorsetup`", errno=errno.ENOENT,
+            "`mirrorsetup daemon start` (or `systemctl start mirrorsetup`)", errno=errno.ENOENT,
             obj=self.socket_path)
 
     def _check_socket(self) -> None:

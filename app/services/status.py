@@ -9,15 +9,39 @@ from __future__ import annotations
 
 import os
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 from app.services import loop as loopdev
 from app.services import mounts
 from app.services.config import BlockEntry, ConfigStore, FsEntry
 from app.services.blockplan import View
+from app.services.entries import problems
 from app.services.layout import FSTYPE_FS, is_capture_of
 from app.services.protocol import CaptureRow
+
+
+Figures = CaptureRow  # the daemon's typed row for one entry (app/services/protocol.py)
+
+
+@dataclass(frozen=True)
+class EngineSummary:
+    """The running daemon as a whole: its pid and the totals over its file-system entries."""
+
+    pid: int | None
+    fs_entries: int
+    captured_ops: int
+    bytes_queued: int
+    max_lag: float | None
+
+    @classmethod
+    def from_reply(cls, reply: dict[str, Any] | None) -> EngineSummary | None:
+        if reply is None:
+            return None
+        rows = [CaptureRow.from_json(e) for e in reply.get("filesystem") or []]
+        lags = [f.lag_seconds for f in rows if f and f.lag_seconds is not None]
+        return cls(reply.get("pid"), len(rows), sum(f.captured_ops for f in rows if f),
+                   sum(f.bytes_queued for f in rows if f), max(lags) if lags else None)
 
 
 @dataclass(frozen=True)
@@ -33,6 +57,11 @@ class FsState:
     state: str  # "mounted" | "not mounted" | "path missing"
     other_fstype: str | None = None  # what is mounted at the path when it is not us
     engine: CaptureRow | None = None  # the daemon's figures
+    problem: str | None = None  # why the (hand-edited) entry is not valid as it stands
+
+    @property
+    def figures(self) -> CaptureRow | None:
+        return self.engine
 
 
 @dataclass(frozen=True)
@@ -45,10 +74,15 @@ class BlockState:
     capture: str = ""  # "captured" | "not captured" | "no daemon" (worker alive, daemon gone)
     #                    | "lost" (worker dead too) | "" (no loop)
     engine: CaptureRow | None = None  # the daemon's figures for a captured entry
+    problem: str | None = None  # why the (hand-edited) entry is not valid as it stands
 
     @property
     def loop(self) -> str | None:
         return self.loops[0].device if self.loops else None
+
+    @property
+    def figures(self) -> CaptureRow | None:
+        return self.engine
 
 
 @dataclass
@@ -62,17 +96,23 @@ class StatusSnapshot:
     engine_error: str | None = None
     orphans: list[CaptureRow] = field(default_factory=list)
 
+    @property
+    def summary(self) -> EngineSummary | None:
+        return EngineSummary.from_reply(self.engine)
+
     def to_json(self) -> dict[str, Any]:
         return {
             "taken_at": self.taken_at,
             "filesystem": [{**asdict(s.entry), "state": s.state, "mounted": s.state == "mounted",
                             "other_fstype": s.other_fstype,
-                            "engine": s.engine.to_json() if s.engine else None}
+                            "engine": s.engine.to_json() if s.engine else None,
+                            "problem": s.problem}
                            for s in self.filesystem],
             "block": [{**asdict(s.entry), "state": s.state, "attached_loop": s.loop,
                        "capture": s.capture, "engine": s.engine.to_json() if s.engine else None,
                        "loops": [lp.to_json() for lp in s.loops],
-                       "raw_mounts": list(s.raw_mounts), "loop_mounts": list(s.loop_mounts)}
+                       "raw_mounts": list(s.raw_mounts), "loop_mounts": list(s.loop_mounts),
+                       "problem": s.problem}
                       for s in self.block],
             "loops": [lp.to_json() for lp in self.loops],
             "warnings": [asdict(w) for w in self.warnings],
@@ -80,6 +120,18 @@ class StatusSnapshot:
             "engine_error": self.engine_error,
             "orphans": [o.to_json() for o in self.orphans],
         }
+
+
+def disk_counters() -> dict:
+    """Per-disk I/O counters (kernel name -> psutil's sdiskio), for the dashboard's rates."""
+    import psutil
+    return psutil.disk_io_counters(perdisk=True, nowrap=True)
+
+
+def kernel_name(path: str) -> str:
+    """The kernel's name for a device path (a /dev/disk/by-id/… link resolved): what the
+    per-disk I/O counters are keyed by."""
+    return os.path.basename(os.path.realpath(path))
 
 
 def _device_mounts(path: str, table: list[mounts.MountEntry]) -> tuple[str, ...]:
@@ -152,6 +204,13 @@ def snapshot(store: ConfigStore, control=None, *, scan_writers: bool = True) -> 
         snap.warnings.append(StatusWarning(o.key, f"orphaned capture (pid {o.worker_pid}): "
                                                   f"{o.last_error}", "error"))
 
+    flawed = problems(config, store)
+    for entry in (*config.filesystem, *config.block):
+        if id(entry) in flawed:
+            subject = entry.path if isinstance(entry, FsEntry) else entry.device
+            snap.warnings.append(StatusWarning(subject, f"invalid entry: {flawed[id(entry)]}; "
+                                               "remove it or correct the file", "error"))
+
     by_point = {m.mount_point: m for m in table}  # later lines win: the top mount of a path
     for entry in config.filesystem:
         top = by_point.get(entry.path)
@@ -167,13 +226,14 @@ def snapshot(store: ConfigStore, control=None, *, scan_writers: bool = True) -> 
         row = rows.get(("fs", entry.path))
         if row is not None:
             _replication_warnings(entry.path, row, snap.warnings)
-        snap.filesystem.append(FsState(entry, state, other, row))
+        snap.filesystem.append(FsState(entry, state, other, row, flawed.get(id(entry))))
 
     view = View(attached=loops, table=table)
     ours_pids = frozenset((snap.engine or {}).get("pids", []))
     for entry in config.block:
-        snap.block.append(_block_state(entry, view, loops, table, snap.warnings, scan_writers,
-                                       rows.get(("block", entry.device)), ours_pids))
+        state = _block_state(entry, view, loops, table, snap.warnings, scan_writers,
+                             rows.get(("block", entry.device)), ours_pids)
+        snap.block.append(replace(state, problem=flawed.get(id(entry))))
     return snap
 
 
@@ -283,3 +343,42 @@ def replication_text(row: CaptureRow | None, *, long: bool = False) -> str:
         if row.apply_errors:
             text += f"\n  {row.apply_errors} apply errors: {row.last_error or '?'}"
     return text
+
+
+
+def replication_lines(row: CaptureRow | None) -> list[tuple[str, str]]:
+    """An entry's capture and replication, field by field, for a detail view."""
+    from app.services.units import human_size
+    if row is None:
+        return []
+    if row.error:
+        return [("Engine error", row.error)]
+    if not row.captured:
+        return [("Capture", "not captured" + (f": {row.last_error}" if row.last_error else ""))]
+    lines = [("Capture", row.state + (f" (worker pid {row.worker_pid})" if row.worker_pid else "")),
+             ("Replication", row.replication or "—"),
+             ("Connection", row.connection or "—"),
+             ("Target data", row.target_data or "—"),
+             ("Positions", f"captured {row.last_seq} · sent {row.sent_seq} · received "
+                           f"{row.received_seq} · applied {row.applied_seq}"),
+             ("Queued", human_size(row.bytes_queued)),
+             ("Lag", "—" if row.lag_seconds is None else f"{row.lag_seconds:.1f} s"),
+             ("Operations", str(row.captured_ops))]
+    if row.catch_up:
+        c = row.catch_up
+        lines.append(("Catching up", f"{c.get('reason')}: {c.get('stage')}"))
+    if row.wire_bytes:
+        ratio = row.logical_bytes / row.wire_bytes if row.wire_bytes else 0
+        lines.append(("Traffic", f"{human_size(row.logical_bytes)} logical, {human_size(row.wire_bytes)} "
+                                 f"on the wire (×{ratio:.1f}); now {human_size(int(row.logical_rate))}/s"))
+    if row.reconnects or row.attempts or row.resent_bytes or row.resync_bytes:
+        lines.append(("Recovery", f"{row.reconnects} reconnects, {row.attempts} failed attempts, "
+                                  f"{human_size(row.resent_bytes)} resent, "
+                                  f"{human_size(row.resync_bytes)} resynced"))
+    if row.rtt is not None:
+        lines.append(("Round trip", f"{row.rtt * 1000:.1f} ms"))
+    if row.apply_errors:
+        lines.append(("Apply errors", f"{row.apply_errors}: {row.last_error or '?'}"))
+    elif row.last_error:
+        lines.append(("Last error", row.last_error))
+    return lines

@@ -47,3 +47,24 @@ def parse_rate(text: str | int) -> int:
     if unit == "bit":
         return int(value * {"": 1, "k": 1e3, "m": 1e6, "g": 1e9, "t": 1e12}[prefix] / 8)
     return int(value * _UNITS[prefix])
+
+
+def shown(text: str) -> str:
+    """`text` safe for one line of a terminal or a table cell: control characters (a newline is
+    legal in a path) become visible escapes (\\n, \\t, \\xNN), nothing else changes."""
+    if text.isprintable():
+        return text
+    out = []
+    for ch in text:
+        if ch.isprintable() or ch == " ":
+            out.append(ch)
+        elif ch in _ESCAPES:
+            out.append(_ESCAPES[ch])
+        elif ord(ch) < 0x100:
+            out.append(f"\\x{ord(ch):02x}")
+        else:
+            out.append(f"\\u{ord(ch):04x}")
+    return "".join(out)
+
+
+_ESCAPES = {"\n": "\\n", "\t": "\\t", "\r": "\\r"}

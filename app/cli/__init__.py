@@ -1,0 +1,61 @@
+"""`mirrorsetup …`: the scriptable face, over the same service calls as the TUI. One module per
+subcommand group; the engine prints nothing here (it is only asked to run, for `daemon`).
+
+Conventions (util-linux's): results on stdout, failures and refusals on stderr, `--json`
+results on stdout; one exit-code rule for every command (common.EXIT_CODES). Textual is
+imported only by the `tui` path, so scripted calls start fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from app.cli import block, config, daemon, fs, manual, service, status, target
+from app.cli.common import EXIT_CODES, add
+from app.cli.output import refusal
+from app.services.results import MirrorError
+
+
+def cmd_tui(args) -> int:
+    from app.ui import run_tui
+    return run_tui(config_path=args.config, control_socket=args.socket)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--config", default=argparse.SUPPRESS, metavar="PATH",
+                        help="configuration file (default: $MIRRORSETUP_CONFIG or "
+                             "/etc/mirrorsetup/replication.toml)")
+    common.add_argument("--socket", default=argparse.SUPPRESS, metavar="PATH",
+                        help="the daemon's control socket (default: $MIRRORSETUP_SOCKET or "
+                             "/run/mirrorsetup/control.sock)")
+    common.add_argument("--json", action="store_true", default=argparse.SUPPRESS,
+                        help="machine-readable output on stdout")
+
+    parser = argparse.ArgumentParser(
+        prog="mirrorsetup", parents=[common], epilog=EXIT_CODES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Choose what is replicated, and see live whether it is. Without a "
+                    "command: the full-screen console.")
+    parser.set_defaults(func=cmd_tui)
+    sub = parser.add_subparsers(title="commands", metavar="COMMAND")
+    add(sub, "tui", cmd_tui, "start the full-screen console (the default)", common)
+    for module in (fs, block, manual, status, daemon, service, config, target):
+        module.register(sub, common)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    # --config/--socket/--json may stand before or after the subcommand (SUPPRESS keeps either).
+    for name, default in (("config", None), ("socket", None), ("json", False),
+                          ("state_dir", None)):
+        setattr(args, name, getattr(args, name, default))
+    try:
+        return args.func(args)
+    except MirrorError as exc:
+        return refusal(exc, as_json=args.json)
+    except KeyboardInterrupt:
+        return 130
+    except BrokenPipeError:
+        return 0

@@ -1,0 +1,146 @@
+"""`mirrorsetup block …`: the block-device entries, their loops and captures."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from app.cli.common import (Refused, add, group, loop_options, replica_options, replication, require,
+                            require_daemon, store)
+from app.cli.output import complain, dump, failures, print_devices, print_table, report
+from app.services.units import human_size
+
+
+def cmd_devices(args) -> int:
+    from app.services import blockdevs
+    print_devices(blockdevs.list_block_devices(include_excluded=args.all), as_json=args.json)
+    return 0
+
+
+def cmd_list(args) -> int:
+    from dataclasses import asdict
+
+    from app.services.entries import block_problem
+    s = store(args)
+    config = require(s.load)
+    rows = []
+    for e in config.block:
+        problem = block_problem(e, config, s)
+        rows.append({**asdict(e), "problem": problem})
+        if problem:
+            complain(f"warning: invalid entry {e.device}: {problem}")
+    print_table(rows, ["device", "loop", "offset", "sizelimit", "read_only", "target", "problem"],
+                as_json=args.json)
+    return 0
+
+
+def cmd_add(args) -> int:
+    from app.services.config import BlockEntry
+    from app.services.entries import check_block
+    rep = replication(args)
+    opts = dict(adopt_target=args.adopt_target, queue_limit=args.queue_limit, on_full=args.on_full)
+    entry = BlockEntry(args.device, args.loop, args.offset, args.sizelimit, args.read_only,
+                       args.encryption, args.target, **opts)
+    check = require(check_block, rep.store, entry)
+    if check.refusal:
+        raise Refused(check.refusal, errno=check.errno, obj=args.device)
+    code = report([rep.add_block(args.device, loop=args.loop, offset=args.offset,
+                                 sizelimit=args.sizelimit, read_only=args.read_only,
+                                 encryption=args.encryption, target=args.target, **opts)],
+                  as_json=args.json)
+    for warning in check.warnings:
+        complain(f"warning: {args.device} is {warning}: attach-all refuses it until that ends "
+                 "(--force attaches anyway)")
+    return code
+
+
+def cmd_remove(args) -> int:
+    from app.services.entries import configured_block
+    rep = replication(args)
+    entry = require(configured_block, rep.store, args.device)
+    return report(rep.remove_block(entry.device), as_json=args.json)
+
+
+def cmd_attach_all(args) -> int:
+    rep = replication(args)
+    require(rep.store.load)
+    require(rep.daemon)  # a daemon that works from another configuration file: refused
+    return report(rep.attach_all(dry_run=args.dry_run, force=args.force), as_json=args.json)
+
+
+def cmd_detach_all(args) -> int:
+    rep = replication(args)
+    require(rep.store.load)
+    require(rep.daemon)
+    return report(rep.detach_all(dry_run=args.dry_run), as_json=args.json)
+
+
+def cmd_mirror(args) -> int:
+    from app.services.entries import configured_block
+    rep = replication(args)
+    entry = require(configured_block, rep.store, args.device)
+    require_daemon(rep)
+    bar = not args.json and sys.stderr.isatty()
+
+    def progress(p: dict) -> None:
+        if bar and p.get("total"):
+            done, total = p["bytes"], p["total"]
+            filled = int(30 * done / total)
+            sys.stderr.write(f"\r  [{'#' * filled}{'.' * (30 - filled)}] {done * 100 // total:3d}% "
+                             f"{done >> 20} of {total >> 20} MiB")
+            sys.stderr.flush()
+
+    results = rep.block_mirror(entry.device, progress=progress)
+    if bar:
+        sys.stderr.write("\n")
+    return report(results, as_json=args.json)
+
+
+def cmd_verify(args) -> int:
+    from app.services.entries import configured_block
+    rep = replication(args)
+    entry = require(configured_block, rep.store, args.device)
+    require_daemon(rep)
+    results, ranges = rep.block_verify(entry.device)
+    if args.json:
+        dump({"ranges": ranges, "results": [r.to_json() for r in results]})
+        code = failures(results)
+    else:
+        for start, end in ranges:
+            print(f"  differs: bytes {start}-{end - 1} of the target ({human_size(end - start)})")
+        code = report(results)
+    if ranges:
+        complain(f"to make the target equal: mirrorsetup block mirror {entry.device}")
+    return code
+
+
+def register(sub, common) -> None:
+    block = group(sub, "block", "block-device replication entries", "block actions")
+    p = add(block, "devices", cmd_devices, "list block devices that can be replicated", common)
+    p.add_argument("--all", action="store_true", help="also show swap and LVM physical volumes, "
+                   "with the reason they are excluded")
+    add(block, "list", cmd_list, "list the configured block devices (an invalid entry is "
+        "flagged)", common)
+    p = add(block, "add", cmd_add, "add a block device entry", common)
+    p.add_argument("device")
+    loop_options(p)
+    p.add_argument("--encryption", help=argparse.SUPPRESS)  # legacy field: refused with a reason
+    p.add_argument("--target", help="file or device the writes are replicated to, or NAME:PATH "
+                   "on a remote target (mirrorsetup target add)")
+    replica_options(p)
+    p = add(block, "remove", cmd_remove, "detach and remove a block device entry", common)
+    p.add_argument("device")
+    p = add(block, "attach-all", cmd_attach_all, "attach every entry to its loop device now "
+            "(captured when the daemon runs)", common)
+    p.add_argument("--dry-run", action="store_true", help="show the plan, change nothing")
+    p.add_argument("--force", action="store_true", help="attach even over a mounted or held "
+                   "device (its writes there bypass the loop and corrupt the target)")
+    p = add(block, "detach-all", cmd_detach_all, "detach the loop devices of every entry now",
+            common)
+    p.add_argument("--dry-run", action="store_true", help="show the plan, change nothing")
+    p = add(block, "mirror", cmd_mirror, "copy the whole device (from its offset) to its "
+            "target, with a progress bar (via the daemon)", common)
+    p.add_argument("device")
+    p = add(block, "verify", cmd_verify, "compare a device with its target by block hashes; "
+            "print the differing ranges (via the daemon; exit 1 when one differs)", common)
+    p.add_argument("device")

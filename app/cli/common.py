@@ -1,0 +1,91 @@
+"""What every subcommand shares: its services from the global options, the request checks
+that make a mistake a refusal (exit 2) before anything is tried, and the parser helpers."""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Callable
+
+from app.services.results import MirrorError
+from app.services.units import parse_size
+
+EXIT_CODES = """\
+exit status (every command):
+  0  done: every entry is ok, unchanged, pending (e.g. a deferred detach) or planned
+  1  some entry failed; its line is on stderr (the others on stdout)
+  2  refused before anything changed: bad arguments, an entry that is not configured or
+     not valid, a configuration file that cannot be read, or a daemon that is needed but
+     not running (or works from another configuration file)"""
+
+
+class Refused(MirrorError):
+    """The request itself is wrong or cannot be served: exit 2, nothing changed."""
+
+
+def store(args):
+    from app.services.config import ConfigStore
+    return ConfigStore(args.config)
+
+
+def control(args):
+    from app.services.control import ControlClient
+    return ControlClient(args.socket)
+
+
+def replication(args):
+    from app.services.replication import Replication
+    return Replication(store(args), control(args))
+
+
+def require(call: Callable, *a, **kw):
+    """Run a check; its MirrorError (with the errno a missing object deserves) is a refusal."""
+    from app.services.entries import with_errno
+    try:
+        return call(*a, **kw)
+    except MirrorError as exc:
+        raise Refused(with_errno(exc).message, errno=exc.errno, obj=exc.obj) from exc
+
+
+def require_daemon(rep) -> None:
+    """Refused unless the daemon answers and works from this configuration file."""
+    require(rep.control.request, "ping")
+    require(rep.daemon)
+
+
+def size(text: str) -> int:
+    try:
+        return parse_size(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def add(parent, name: str, func: Callable, help: str, common) -> argparse.ArgumentParser:
+    p = parent.add_parser(name, parents=[common], help=help, description=help,
+                          epilog=EXIT_CODES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.set_defaults(func=func)
+    return p
+
+
+def group(sub, name: str, help: str, title: str):
+    return sub.add_parser(name, help=help, description=help, epilog=EXIT_CODES,
+                          formatter_class=argparse.RawDescriptionHelpFormatter).add_subparsers(
+        title=title, metavar="ACTION", required=True)
+
+
+def replica_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--adopt-target", action="store_true", help="replace the contents of a target "
+                   "that is not empty and is no replica of ours (otherwise refused)")
+    p.add_argument("--queue-limit", metavar="SIZE", help="unreplicated changes kept at most "
+                   "(default: a tenth of the state directory's file system, 64 MiB-16 GiB)")
+    p.add_argument("--on-full", choices=("pull-ahead", "block"), help="when the queue is full: "
+                   "track what changed and resync it later (pull-ahead, the default) or make "
+                   "writers wait (block)")
+
+
+def loop_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--loop", metavar="/dev/loopN", help="always use this loop device "
+                   "(default: the first free one)")
+    p.add_argument("--offset", type=size, default=0, help="start this far into the device "
+                   "(bytes, or 512, 4K, 1M …; a multiple of 512)")
+    p.add_argument("--sizelimit", type=size, default=0, help="use at most this many bytes")
+    p.add_argument("--read-only", action="store_true", help="attach read-only")

@@ -1,0 +1,116 @@
+"""`mirrorsetup fs …`: the file-system entries and their mirrorfs mounts."""
+
+from __future__ import annotations
+
+import sys
+
+from app.cli.common import add, group, replica_options, replication, require, require_daemon, store
+from app.cli.output import complain, dump, failures, print_table, report
+
+
+def cmd_list(args) -> int:
+    from app.services.entries import fs_problem
+    s = store(args)
+    config = require(s.load)
+    rows = []
+    for e in config.filesystem:
+        problem = fs_problem(e, config, s)
+        rows.append({"path": e.path, "replicate_atime": e.replicate_atime, "target": e.target,
+                     "problem": problem})
+        if problem:
+            complain(f"warning: invalid entry {e.path}: {problem}")
+    print_table(rows, ["path", "replicate_atime", "target", "problem"], as_json=args.json)
+    return 0
+
+
+def cmd_add(args) -> int:
+    from app.services.config import FsEntry
+    rep = replication(args)
+    opts = dict(adopt_target=args.adopt_target, queue_limit=args.queue_limit, on_full=args.on_full)
+    require(rep.store.validate_filesystem, FsEntry(args.path, args.atime, args.target, **opts),
+            adding=True)
+    return report([rep.add_filesystem(args.path, replicate_atime=args.atime, target=args.target,
+                                      **opts)], as_json=args.json)
+
+
+def cmd_remove(args) -> int:
+    from app.services.entries import configured_fs
+    rep = replication(args)
+    entry = require(configured_fs, rep.store, args.path)
+    return report(rep.remove_filesystem(entry.path, force=args.force), as_json=args.json)
+
+
+def cmd_mount_all(args) -> int:
+    rep = replication(args)
+    require_daemon(rep)
+    return report(rep.mount_all(), as_json=args.json)
+
+
+def cmd_unmount_all(args) -> int:
+    rep = replication(args)
+    require_daemon(rep)
+    return report(rep.unmount_all(force=args.force), as_json=args.json)
+
+
+def cmd_mirror(args) -> int:
+    from app.services.entries import configured_fs, fs_mirror
+    rep = replication(args)
+    entry = require(configured_fs, rep.store, args.path)
+    require_daemon(rep)
+    bar = not args.json and sys.stderr.isatty()
+
+    def progress(p: dict) -> None:
+        if bar:
+            sys.stderr.write(f"\r  {p.get('files', 0)} files, {p.get('bytes', 0) >> 20} MiB copied")
+            sys.stderr.flush()
+
+    results = fs_mirror(rep, entry.path, progress)
+    if bar:
+        sys.stderr.write("\n")
+    return report(results, as_json=args.json)
+
+
+def cmd_verify(args) -> int:
+    from app.services.entries import configured_fs, fs_verify
+    from app.services.units import shown
+    rep = replication(args)
+    entry = require(configured_fs, rep.store, args.path)
+    require_daemon(rep)
+    results, diffs = fs_verify(rep, entry.path)
+    if args.json:
+        dump({"differences": diffs, "results": [r.to_json() for r in results]})
+    for d in [] if args.json else diffs:
+        print(f"  {shown(d['path'])}: {d['what']} (source {shown(str(d['source']))}, "
+              f"target {shown(str(d['target']))})")
+    code = failures(results) if args.json else report(results)
+    if diffs:
+        complain(f"to make the target equal: mirrorsetup fs mirror {entry.path}")
+    return max(code, 1 if diffs else 0)
+
+
+def register(sub, common) -> None:
+    fs = group(sub, "fs", "file-system replication entries", "fs actions")
+    add(fs, "list", cmd_list, "list the configured directories (an invalid entry is flagged)",
+        common)
+    p = add(fs, "add", cmd_add, "add the highest directory to capture (never /)", common)
+    p.add_argument("path")
+    p.add_argument("--atime", action="store_true", help="replicate access times (off by default; "
+                   "times at close are always replicated)")
+    p.add_argument("--target", help="directory the changes are replicated to, or NAME:PATH on a "
+                   "remote target (mirrorsetup target add)")
+    replica_options(p)
+    p = add(fs, "remove", cmd_remove, "remove an entry (its mirrorfs is unmounted first)", common)
+    p.add_argument("path")
+    p.add_argument("--force", action="store_true", help="lazy-unmount even when files are open")
+    add(fs, "mount-all", cmd_mount_all, "mount mirrorfs on every entry now (via the daemon)",
+        common)
+    p = add(fs, "unmount-all", cmd_unmount_all, "unmount mirrorfs from every entry now (via the "
+            "daemon)", common)
+    p.add_argument("--force", action="store_true", help="lazy-unmount even when files are open: "
+                   "the path is detached now, the capture serves open files until they close")
+    p = add(fs, "mirror", cmd_mirror, "copy the whole tree of an entry to its target (via the "
+            "daemon)", common)
+    p.add_argument("path")
+    p = add(fs, "verify", cmd_verify, "compare an entry with its target; list every difference "
+            "(exit 1 when there is one)", common)
+    p.add_argument("path")

@@ -1,0 +1,42 @@
+"""`mirrorsetup status`: the dashboard's content as text or JSON, once or on every change."""
+
+from __future__ import annotations
+
+import queue
+import sys
+
+from app.cli.common import add, control, require, store
+from app.cli.output import print_status
+
+
+def cmd_status(args) -> int:
+    from app.services.status import snapshot
+    s, client = store(args), control(args)
+
+    def show() -> None:
+        live = client if client.is_running() else None
+        print_status(require(snapshot, s, live), as_json=args.json)
+        sys.stdout.flush()
+
+    show()
+    if not args.watch:
+        return 0
+    from app.services.events import Watchers
+    events: queue.Queue = queue.Queue()
+    watchers = Watchers(events.put, config_path=s.path, control=client)
+    watchers.start()
+    try:
+        while True:
+            events.get()
+            while not events.empty():  # one redraw for a burst
+                events.get_nowait()
+            show()
+    finally:
+        watchers.close()
+
+
+def register(sub, common) -> None:
+    p = add(sub, "status", cmd_status, "configured entries against the kernel's live state",
+            common)
+    p.add_argument("--watch", action="store_true", help="print again on every mount, device, "
+                   "daemon or configuration change")

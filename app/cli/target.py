@@ -1,0 +1,124 @@
+"""`mirrorsetup target …` (remote targets: replicas on other hosts, over SSH) and
+`mirrorsetup serve-target` (the other host's side, run by sshd as a forced command)."""
+
+from __future__ import annotations
+
+import errno
+import json
+import sys
+from dataclasses import asdict
+
+from app.cli.common import Refused, add, group, require, store
+from app.cli.output import complain, print_table, report
+from app.services.results import MirrorError, Outcome, Result
+
+
+def _host(args):
+    host = require(store(args).load).target_host(args.name)
+    if host is None:
+        raise Refused(f"no remote target named {args.name!r} is configured (mirrorsetup target list)",
+                      errno=errno.ENOENT, obj=args.name)
+    return host
+
+
+def cmd_add(args) -> int:
+    from app.services import targets
+    from app.services.config_toml import TargetHost
+    host = TargetHost(name=args.name, host=args.host, root=args.root, port=args.port, user=args.user,
+                      identity=args.identity, known_hosts=args.known_hosts, ssh_config=args.ssh_config,
+                      bandwidth=args.bandwidth, resync_bandwidth=args.resync_bandwidth,
+                      compression=args.compression, agent=args.agent)
+
+    def confirm(keys) -> bool:
+        """At a terminal only: show what the host offers and ask; scripts give the key."""
+        if args.json or not sys.stdin.isatty():
+            return False
+        for _line, fp, kind in keys:
+            complain(f"{args.host} port {args.port} offers the host key {fp} ({kind})")
+        answer = input(f"Pin {keys[0][1]} for target {args.name}? Compare it with "
+                       "`ssh-keygen -lf /etc/ssh/ssh_host_ed25519_key.pub` on the target [y/N] ")
+        return answer.strip().lower() in ("y", "yes")
+    return report([targets.add_target(store(args), host, accept_host_key=args.accept_host_key,
+                                      confirm=confirm)], as_json=args.json)
+
+
+def cmd_list(args) -> int:
+    hosts = require(store(args).load).target
+    print_table([asdict(t) for t in hosts], ["name", "host", "port", "user", "root", "bandwidth",
+                                             "compression", "identity"], as_json=args.json)
+    return 0
+
+
+def cmd_remove(args) -> int:
+    try:
+        host = store(args).remove_target(args.name)
+    except MirrorError as exc:
+        return report([Result.from_error("remove target", args.name, exc)], as_json=args.json)
+    return report([Result("remove target", args.name, Outcome.OK, f"removed target {host.name} "
+                          f"({host.host}); its key {host.identity} and the replicas there were kept")],
+                  as_json=args.json)
+
+
+def cmd_test(args) -> int:
+    from app.services import targets
+    from app.services.units import human_size
+    host = _host(args)
+    try:
+        info = targets.probe(host)
+    except MirrorError as exc:
+        return report([Result.from_error("test target", args.name, exc)], as_json=args.json)
+    if args.json:
+        print(json.dumps(info, indent=2))
+        return 0
+    return report([Result("test target", args.name, Outcome.OK,
+                          f"agent {info['agent_version']} on {info['agent_host']} (wire "
+                          f"{info['wire_version']}, ours {info['source_wire_version']}), root "
+                          f"{info['root']} has {human_size(info['free_bytes'] or 0)} free, connect "
+                          f"{info['connect_seconds']} s, round trip {info['rtt_ms']} ms")])
+
+
+def cmd_authorized_key(args) -> int:
+    from app.services import targets
+    print(targets.authorized_key_line(_host(args)))
+    return 0
+
+
+def cmd_serve_target(args) -> int:
+    from app.engine import agent
+    return agent.main(args.root)
+
+
+def register(sub, common) -> None:
+    tgt = group(sub, "target", "remote targets: replicas on other hosts, over SSH", "target actions")
+    p = add(tgt, "add", cmd_add, "add a remote target: a dedicated key, its host key shown and "
+            "pinned (never accepted silently)", common)
+    p.add_argument("name")
+    p.add_argument("--host", required=True, help="ssh destination (your ssh_config applies)")
+    p.add_argument("--port", type=int, default=22)
+    p.add_argument("--user", default=None)
+    p.add_argument("--identity", default=None, help="private key (default: a new ed25519 key "
+                   "next to the configuration, keys/NAME_ed25519)")
+    p.add_argument("--known-hosts", default=None, help="where the host key is pinned (default: "
+                   "known_hosts next to the configuration)")
+    p.add_argument("--ssh-config", default=None, help="an ssh_config to use instead of yours")
+    p.add_argument("--root", required=True, help="what serve-target serves on the target")
+    p.add_argument("--bandwidth", default=None, help="cap on wire bytes, e.g. 20MiB/s or 100Mbit/s")
+    p.add_argument("--resync-bandwidth", default=None, help="a lower cap for resyncs, so live "
+                   "changes still get through")
+    p.add_argument("--compression", choices=("zstd", "none"), default="zstd")
+    p.add_argument("--agent", default="mirrorsetup", help="the mirrorsetup command on the target, "
+                   "for the authorized_keys line (default: mirrorsetup on its PATH)")
+    p.add_argument("--accept-host-key", metavar="SHA256:…", default=None, help="pin the host key "
+                   "with this fingerprint (scripts); without it a terminal is asked")
+    add(tgt, "list", cmd_list, "list the remote targets", common)
+    p = add(tgt, "remove", cmd_remove, "remove a remote target that no entry uses", common)
+    p.add_argument("name")
+    p = add(tgt, "test", cmd_test, "connect and greet the agent: versions, free space, round trip",
+            common)
+    p.add_argument("name")
+    p = add(tgt, "authorized-key", cmd_authorized_key, "print the line for the target's "
+            "~/.ssh/authorized_keys (the agent as a forced command, restrict)", common)
+    p.add_argument("name")
+    p = add(sub, "serve-target", cmd_serve_target, "the target side: serve replicas below --root "
+            "(run by sshd as the forced command of the replication key)", common)
+    p.add_argument("--root", required=True)

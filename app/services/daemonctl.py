@@ -1,0 +1,261 @@
+"""The daemon's life as a service: where it works (config, socket, state directory, log),
+whether it runs, and start / stop / restart — the same calls for the TUI and the CLI.
+
+With systemd as PID 1 and the unit's own paths, systemctl does it (the unit restarts a daemon
+that dies). Otherwise `mirrorsetup daemon` is started in its own session with its output
+appended to a log beside the control socket, and stopped with the socket's `shutdown`.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from app.services.config import DEFAULT_PATH, default_path
+from app.services.control import DEFAULT_SOCKET, ControlClient, default_socket
+from app.services.layout import DEFAULT_STATE_DIR, STATE_ENV as STATE_DIR_ENV, default_state_dir
+from app.services.results import MirrorError, Outcome, Result
+
+SYSTEMD_RUNNING = "/run/systemd/system"  # exists only when systemd is PID 1 (sd_booted)
+SYSTEMD_UNIT = "mirrorsetup"
+UNIT_CGROUP = "/mirrorsetup.service"
+LOG_NAME = "daemon.log"  # beside the control socket, when we start the daemon ourselves
+RUN_DIR_MODE = 0o700  # as the daemon makes /run/mirrorsetup: root's only
+WAIT_STEPS = 100  # × WAIT_STEP: up to 10 s for the daemon to bind its socket or let go of it
+WAIT_STEP = 0.1
+
+
+@dataclass(frozen=True)
+class DaemonSettings:
+    """Where a daemon for this configuration works; None means the environment or default."""
+
+    config: str
+    socket: str
+    state_dir: str
+
+    @classmethod
+    def resolve(cls, config=None, socket=None, state_dir=None) -> DaemonSettings:
+        return cls(os.path.realpath(os.fspath(config or default_path())),
+                   os.fspath(socket or default_socket()),
+                   os.fspath(state_dir or default_state_dir()))
+
+    @property
+    def log_path(self) -> str:
+        return os.path.join(os.path.dirname(self.socket), LOG_NAME)
+
+    @property
+    def is_the_units(self) -> bool:
+        """The packaged unit runs `mirrorsetup daemon` with every default."""
+        return (self.config == os.path.realpath(DEFAULT_PATH) and self.socket == DEFAULT_SOCKET
+                and self.state_dir == DEFAULT_STATE_DIR)
+
+
+@dataclass(frozen=True)
+class DaemonInfo:
+    """What the Daemon screen and `daemon status` show."""
+
+    running: bool
+    socket: str
+    pid: int | None = None
+    started_at: float | None = None  # epoch seconds
+    config: str | None = None  # the file the running daemon works from
+    state_dir: str | None = None
+    log: str | None = None
+    problem: str | None = None  # why we cannot tell, or a daemon for another config
+
+    def to_json(self) -> dict:
+        return {"running": self.running, "pid": self.pid, "started_at": self.started_at,
+                "config": self.config, "socket": self.socket, "state_dir": self.state_dir,
+                "log": self.log, "problem": self.problem}
+
+
+def describe(settings: DaemonSettings, control: ControlClient | None = None) -> DaemonInfo:
+    """Ask the daemon on the settings' socket who it is; its process says the rest."""
+    control = control or ControlClient(settings.socket)
+    try:
+        ping = control.request("ping")
+    except MirrorError as exc:
+        problem = None if exc.errno == errno.ENOENT else exc.message
+        return DaemonInfo(False, settings.socket, state_dir=settings.state_dir,
+                          log=settings.log_path, problem=problem)
+    pid = ping.get("pid")
+    config = ping.get("config")
+    problem = None
+    if config and config != settings.config:
+        problem = (f"this daemon works from {config}, not {settings.config}: start one for this "
+                   "configuration on another socket (--socket)")
+    return DaemonInfo(True, settings.socket, pid, _started_at(pid), config,
+                      _state_dir_of(pid), _log_of(pid), problem)
+
+
+def _started_at(pid: int | None) -> float | None:
+    import psutil
+    try:
+        return psutil.Process(pid).create_time() if pid else None
+    except psutil.Error:
+        return None
+
+
+def _state_dir_of(pid: int | None) -> str | None:
+    """From the daemon's own command line (or environment, or the default it then used)."""
+    import psutil
+    try:
+        proc = psutil.Process(pid)
+        argv = proc.cmdline()
+        for i, arg in enumerate(argv):
+            if arg == "--state-dir" and i + 1 < len(argv):
+                return argv[i + 1]
+            if arg.startswith("--state-dir="):
+                return arg.split("=", 1)[1]
+        return proc.environ().get(STATE_DIR_ENV) or DEFAULT_STATE_DIR
+    except (psutil.Error, TypeError):
+        return None
+
+
+def _log_of(pid: int | None) -> str | None:
+    """Where the daemon's messages go: the file on its stderr, or systemd's journal."""
+    if not pid:
+        return None
+    try:
+        with open(f"/proc/{pid}/cgroup") as f:
+            if any(line.rstrip().endswith(UNIT_CGROUP) for line in f):
+                return f"the journal (journalctl -u {SYSTEMD_UNIT})"
+        target = os.readlink(f"/proc/{pid}/fd/2")
+    except OSError:
+        return None
+    return target if target.startswith("/") else f"{target} (not a file)"
+
+
+def uptime_text(seconds: float) -> str:
+    """"3 d 4 h", "2 h 5 min", "4 min 10 s", "12 s"."""
+    s = int(max(seconds, 0))
+    d, h, m = s // 86400, s // 3600 % 24, s // 60 % 60
+    if d:
+        return f"{d} d {h} h"
+    if h:
+        return f"{h} h {m} min"
+    if m:
+        return f"{m} min {s % 60} s"
+    return f"{s} s"
+
+
+def info_lines(info: DaemonInfo, now: float) -> list[tuple[str, str]]:
+    """What the Daemon screen and `daemon status` say, as (label, value) lines."""
+    if info.running:
+        up = f", up {uptime_text(now - info.started_at)}" if info.started_at else ""
+        return [("state", f"running (pid {info.pid}{up})"), ("config", info.config or "?"),
+                ("socket", info.socket), ("state directory", info.state_dir or "?"),
+                ("log", info.log or "?")]
+    return [("state", "not running"), ("socket", f"{info.socket} (nothing listening)"),
+            ("state directory", f"{info.state_dir} (when started from here)"),
+            ("log", f"{info.log} (when started from here; under systemd: journalctl -u "
+                    f"{SYSTEMD_UNIT})")]
+
+
+# -- start / stop / restart --------------------------------------------------------------
+
+def _use_systemd(settings: DaemonSettings) -> bool:
+    return (os.path.isdir(SYSTEMD_RUNNING) and shutil.which("systemctl") is not None
+            and settings.is_the_units)
+
+
+def start(settings: DaemonSettings) -> Result:
+    return _control("start", settings)
+
+
+def stop(settings: DaemonSettings) -> Result:
+    return _control("stop", settings)
+
+
+def restart(settings: DaemonSettings) -> Result:
+    return _control("restart", settings)
+
+
+def _control(action: str, settings: DaemonSettings) -> Result:
+    def result(outcome: Outcome, message: str, err: int | None = None) -> Result:
+        return Result(action, "daemon", outcome, message, err)
+
+    info = describe(settings)
+    if info.running and info.config and info.config != settings.config:
+        return result(Outcome.FAILED, f"the daemon on {settings.socket} works from {info.config}, "
+                      f"not {settings.config}: {action} it with --config {info.config}",
+                      errno.EINVAL)
+    if not info.running and info.problem:  # e.g. a socket that is not root-only
+        return result(Outcome.FAILED, info.problem, errno.EPERM)
+    if action == "start" and info.running:
+        return result(Outcome.UNCHANGED, f"the daemon is already running (pid {info.pid})")
+    if action == "stop" and not info.running:
+        return result(Outcome.UNCHANGED, "the daemon is not running")
+    if _use_systemd(settings):
+        proc = subprocess.run(["systemctl", action, SYSTEMD_UNIT], capture_output=True, text=True)
+        if proc.returncode == 0:
+            return result(Outcome.OK, f"systemctl {action} {SYSTEMD_UNIT}: done")
+        return result(Outcome.FAILED, f"systemctl {action} {SYSTEMD_UNIT} failed: "
+                      f"{proc.stderr.strip() or proc.returncode}")
+    control = ControlClient(settings.socket)
+    if info.running:  # stop or restart
+        try:
+            # a restart leaves every capture running: the new daemon takes them over, so
+            # applications never see it (a stop ends the captures nothing uses)
+            control.request("shutdown", keep_captures=action == "restart")
+        except MirrorError as exc:
+            return result(Outcome.FAILED, f"could not stop the daemon: {exc}", exc.errno)
+        if not _wait_for(lambda: not control.is_running()):
+            return result(Outcome.FAILED, f"asked the daemon (pid {info.pid}) to stop, but it "
+                          "still answers", errno.ETIMEDOUT)
+        if action == "stop":
+            return result(Outcome.OK, f"stopped the daemon (pid {info.pid})")
+    return _spawn(action, settings, control)
+
+
+def _spawn(action: str, settings: DaemonSettings, control: ControlClient) -> Result:
+    argv = [sys.executable, "-m", "app", "daemon", "--config", settings.config,
+            "--socket", settings.socket, "--state-dir", settings.state_dir]
+    log_path = settings.log_path
+    try:
+        os.makedirs(os.path.dirname(log_path), mode=RUN_DIR_MODE, exist_ok=True)
+        with open(log_path, "ab") as log:
+            os.fchmod(log.fileno(), 0o600)
+            proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log, stderr=log,
+                                    start_new_session=True)
+    except OSError as exc:
+        err = MirrorError.from_oserror("start the daemon, log", log_path, exc)
+        return Result(action, "daemon", Outcome.FAILED, err.message, exc.errno)
+    if _wait_for(lambda: control.is_running() or proc.poll() is not None) and proc.poll() is None:
+        return Result(action, "daemon", Outcome.OK,
+                      f"{'re' if action == 'restart' else ''}started the daemon (pid {proc.pid}, "
+                      f"log {log_path}); systemd is not running it, so nothing restarts it if "
+                      "it dies")
+    if proc.poll() is None:
+        return Result(action, "daemon", Outcome.PENDING,
+                      f"started the daemon (pid {proc.pid}), but it does not answer on "
+                      f"{settings.socket} yet (log {log_path})")
+    return Result(action, "daemon", Outcome.FAILED,
+                  f"the daemon exited with status {proc.returncode}: "
+                  f"{_last_line(log_path) or 'no output'} (log {log_path})")
+
+
+def _last_line(path: str) -> str:
+    try:
+        with open(path, "rb") as f:
+            f.seek(max(0, os.fstat(f.fileno()).st_size - 4096))
+            lines = f.read().decode(errors="replace").strip().splitlines()
+    except OSError:
+        return ""
+    return lines[-1] if lines else ""
+
+
+def _wait_for(condition: Callable[[], bool]) -> bool:
+    """The daemon binds its socket (or lets go of it) a moment after start/shutdown and says
+    nothing else: poll, bounded at WAIT_STEPS × WAIT_STEP seconds."""
+    for _ in range(WAIT_STEPS):
+        if condition():
+            return True
+        time.sleep(WAIT_STEP)
+    return condition()

@@ -1,0 +1,206 @@
+"""Questions about configured entries that the TUI and the CLI both ask, in one place:
+is it configured, is a loaded entry valid, can an entry be attached as typed, and the few
+entry actions that are not plan + apply (access-time toggle, file-system mirror and verify).
+
+The rules themselves stay where they are written (ConfigStore's validation, Replication's
+busy check, the loop service); this module only applies them to the question asked.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+
+from app.services import blockdevs
+from app.services import loop as loopdev
+from app.services.config import BlockEntry, Config, ConfigStore, FsEntry, _match_block, _match_fs
+from app.services.blockplan import View, busy_reasons, same_device
+from app.services.layout import is_capture_of
+from app.services.results import ConfigError, MirrorError, Outcome, Result
+
+
+# -- is it configured ---------------------------------------------------------------------
+
+def configured_fs(store: ConfigStore, path: str) -> FsEntry:
+    """The entry for `path` (as typed, normalised or resolved); refused with ENOENT if none."""
+    entry = _match_fs(store.load(), os.fspath(path))
+    if entry is None:
+        raise ConfigError(f"{path} is not a configured file-system entry", obj=str(path),
+                          errno=errno.ENOENT)
+    return entry
+
+
+def configured_block(store: ConfigStore, device: str) -> BlockEntry:
+    """The entry for `device` (an alias of the same device matches); refused with ENOENT."""
+    entry = _match_block(store.load(), os.fspath(device))
+    if entry is None:
+        raise ConfigError(f"{device} is not a configured block device", obj=str(device),
+                          errno=errno.ENOENT)
+    return entry
+
+
+def with_errno(exc: MirrorError) -> MirrorError:
+    """The refusal with its errno: the config's checks name a missing path without one, so a
+    script reading --json would see null where the administrator reads "does not exist"."""
+    if exc.errno is None and exc.obj and not os.path.lexists(exc.obj):
+        exc.errno = errno.ENOENT
+    return exc
+
+
+# -- is a loaded entry valid -----------------------------------------------------------------
+
+def fs_problem(entry: FsEntry, config: Config, store: ConfigStore) -> str | None:
+    """Why a loaded (possibly hand-edited) entry could not be added as it stands, or None.
+    A missing directory is a state the status shows, not a flaw of the entry."""
+    if not os.path.lexists(entry.path) and os.path.normpath(entry.path) != "/":
+        return None
+    others = replace(config, filesystem=tuple(e for e in config.filesystem if e is not entry))
+    try:
+        store.validate_filesystem(entry, others)
+    except MirrorError as exc:
+        return exc.message
+    return None
+
+
+def block_problem(entry: BlockEntry, config: Config, store: ConfigStore) -> str | None:
+    """As fs_problem, for a block entry; a missing device is a state, not a flaw."""
+    if not os.path.exists(entry.device):
+        return None
+    others = replace(config, block=tuple(e for e in config.block if e is not entry))
+    try:
+        store.validate_block(entry, others)
+    except MirrorError as exc:
+        return exc.message
+    return None
+
+
+def problems(config: Config, store: ConfigStore) -> dict[int, str]:
+    """id(entry) -> why it is invalid, for every flawed entry of `config`."""
+    found = {}
+    for entry in config.filesystem:
+        if (why := fs_problem(entry, config, store)) is not None:
+            found[id(entry)] = why
+    for entry in config.block:
+        if (why := block_problem(entry, config, store)) is not None:
+            found[id(entry)] = why
+    return found
+
+
+# -- can it be attached as typed (the add dialog and `block add`) -----------------------------
+
+@dataclass(frozen=True)
+class BlockCheck:
+    """A typed block entry against the configuration and the attach rules: `refusal` means it
+    cannot be added; `warnings` say what Attach all would refuse today (the device is busy)."""
+
+    refusal: str | None = None
+    warnings: list[str] = field(default_factory=list)
+    errno: int | None = None  # the refusal's
+
+
+def _refused(exc: MirrorError) -> BlockCheck:
+    exc = with_errno(exc)
+    return BlockCheck(exc.message, errno=exc.errno)
+
+
+def check_block(store: ConfigStore, entry: BlockEntry) -> BlockCheck:
+    """The same rules as add (the config's) and as attach (busy device, usable loop)."""
+    try:
+        store.validate_block(entry, adding=True)
+    except MirrorError as exc:
+        return _refused(exc)
+    loop_problem = wanted_loop_problem(entry)
+    if loop_problem:
+        return BlockCheck(loop_problem, errno=errno.EBUSY)
+    return BlockCheck(None, device_busy(entry.device))
+
+
+def wanted_loop_problem(entry: BlockEntry) -> str | None:
+    """A fixed loop that is attached to something else, mounted or swap cannot be ours."""
+    if entry.loop is None:
+        return None
+    try:
+        now = loopdev.status(entry.loop)
+    except MirrorError as exc:
+        return exc.message
+    if now is None:
+        return None
+    ours = same_device(now.backing_file, entry.device) or is_capture_of(entry.device,
+                                                                        now.backing_file)
+    if not ours:
+        return (f"loop {entry.loop} is in use: it is attached to {now.backing_file}; choose "
+                "another loop or leave it empty for the first free one")
+    try:
+        why = blockdevs.exclusion_reason(entry.loop)
+    except MirrorError:
+        why = None
+    if why:
+        return f"loop {entry.loop} is {why}: it cannot be a replicated device's loop"
+    return None
+
+
+def device_busy(device: str) -> list[str]:
+    """What the picker and Attach all see on `device`: root file system, mounts, holders,
+    loops on it, our capture. Empty when it is free."""
+    try:
+        described = blockdevs.describe(device)
+    except MirrorError:
+        return []
+    reasons = list(described.in_use)
+    try:
+        reasons += [r for r in busy_reasons(device, View()) if r not in reasons]
+    except (OSError, MirrorError):
+        pass
+    return reasons
+
+
+def device_refusal(device) -> str | None:
+    """The picker's own refusal for a device it lists (no dialog opens): excluded devices and
+    the disk that holds the root file system, in the words the picker shows."""
+    if device.excluded:
+        return f"{device.path} is {device.excluded}: it cannot be replicated"
+    if any(why == ROOT_FS or why.endswith(" " + ROOT_FS) for why in device.in_use):
+        return (f"{device.path} holds the root file system: it cannot be replicated through a "
+                "loop device (it is in use by the running system)")
+    return None
+
+
+ROOT_FS = "root file system"  # blockdevs' in_use word for the disk (and partition) under /
+
+
+# -- entry actions that are not plan + apply --------------------------------------------------
+
+def toggle_atime(store: ConfigStore, path: str) -> Result:
+    """Flip an entry's replicate_atime; takes effect at its next mount."""
+    try:
+        entry = configured_fs(store, path)
+        new = store.set_filesystem(replace(entry, replicate_atime=not entry.replicate_atime))
+    except MirrorError as exc:
+        return Result.from_error("edit", path, exc)
+    word = "replicated" if new.replicate_atime else "not replicated"
+    return Result("edit", new.path, Outcome.OK, f"access times are now {word} for {new.path} "
+                  "(takes effect at the next mount)")
+
+
+def fs_mirror(replication, path: str, progress: Callable[[dict], None] | None = None
+              ) -> list[Result]:
+    """Copy the whole tree of an entry to its target, through the daemon."""
+    try:
+        replication.daemon()  # refuses a daemon that works from another configuration file
+        reply = replication.control.request("mirror", path=path, progress=progress)
+    except MirrorError as exc:
+        return [Result.from_error("mirror", path, exc)]
+    return [Result.from_json(r) for r in reply.get("results", [])]
+
+
+def fs_verify(replication, path: str) -> tuple[list[Result], list[dict]]:
+    """Compare an entry with its target through the daemon: results and every difference
+    ({path, what, source, target})."""
+    try:
+        replication.daemon()
+        reply = replication.control.request("verify", path=path)
+    except MirrorError as exc:
+        return [Result.from_error("verify", path, exc)], []
+    return [Result.from_json(r) for r in reply.get("results", [])], reply.get("differences", [])

@@ -1,0 +1,204 @@
+"""What changed, as the kernel, the daemon and the configuration file say it: one set of
+watcher threads for the TUI and for `status --watch`, never a timer.
+
+- the mount table: poll() on mountinfo (MountWatcher), one diff per wake;
+- block devices: kernel uevents, delivered in batches: the first at once, then at most one per
+  UEVENT_BATCH seconds (a host attaching hundreds of loops must not flood the console);
+- the daemon: a held `watch` connection ends when it stops or dies; its socket appearing
+  (inotify) or a mount-table change (a starting daemon mounts its captures) arms it again;
+- the configuration file: inotify on its directory (the CLI, an editor or another console).
+
+`deliver(event)` is called from the watcher threads; it must be thread-safe (the App's
+post_message is, a queue.Queue's put is).
+"""
+
+from __future__ import annotations
+
+import os
+import select
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from app.services.inotify import PathWatch
+
+UEVENT_BATCH = 0.25  # seconds: uevents after the first are gathered this long, then delivered
+DAEMON_ARM_TRIES = 10  # × DAEMON_ARM_STEP: the socket file appears at bind(), before listen()
+DAEMON_ARM_STEP = 0.05
+
+
+@dataclass(frozen=True)
+class MountsChanged:
+    diff: object  # mounts.MountDiff
+
+
+@dataclass(frozen=True)
+class BlockUevents:
+    events: tuple[tuple[str, str], ...]  # (action, kernel name), oldest first
+
+
+@dataclass(frozen=True)
+class DaemonChanged:
+    running: bool
+
+
+@dataclass(frozen=True)
+class ConfigChanged:
+    path: str
+
+
+class Watchers:
+    """Start with start(); close() wakes every thread and they end. Threads are daemonic so a
+    crashed caller never hangs on them."""
+
+    def __init__(self, deliver: Callable[[object], None], *, config_path=None, control=None,
+                 mounts: bool = True, uevents: bool = True) -> None:
+        self.deliver = deliver
+        self.config_path = os.fspath(config_path) if config_path is not None else None
+        self.control = control
+        self._want_mounts, self._want_uevents = mounts, uevents
+        self._wake = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)  # wakes the file thread
+        self._uevent_wake = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
+        self._mount_watcher = None
+        self._closed = False
+        self._lock = threading.Lock()  # eventfds are written and closed under it, never after
+        self._watch_sock = None
+        self.threads: list[threading.Thread] = []
+        self.errors: list[str] = []  # a watcher that died, and why (shown, never raised)
+
+    @property
+    def watching_daemon(self) -> bool:
+        """True while a watch connection to a running daemon is held."""
+        return self._watch_sock is not None
+
+    def start(self) -> None:
+        targets = [self._files_and_daemon]
+        if self._want_mounts:
+            from app.services.mounts import MountWatcher
+            self._mount_watcher = MountWatcher()  # read now: a change made after start is seen
+            targets.append(self._mounts)
+        if self._want_uevents:
+            targets.append(self._uevents)
+        for target in targets:
+            thread = threading.Thread(target=self._guarded, args=(target,),
+                                      name=f"mirrorsetup-watch{target.__name__}", daemon=True)
+            thread.start()
+            self.threads.append(thread)
+
+    def _guarded(self, target) -> None:
+        try:
+            target()
+        except Exception as exc:  # a watcher that cannot run must not print over the screen
+            self.errors.append(f"{target.__name__.strip('_')}: {exc}")
+
+    def close(self) -> None:
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            for fd in (self._wake, self._uevent_wake):
+                if fd >= 0:
+                    os.eventfd_write(fd, 1)
+        if self._mount_watcher is not None:
+            self._mount_watcher.close()
+
+    def poke_daemon(self) -> None:
+        """Try to arm the daemon watch now (e.g. after starting the daemon ourselves)."""
+        with self._lock:
+            if not self._closed and self._wake >= 0:
+                os.eventfd_write(self._wake, 2)
+
+    def _close_fd(self, name: str) -> None:
+        with self._lock:
+            fd = getattr(self, name)
+            setattr(self, name, -1)
+            if fd >= 0:
+                os.close(fd)
+
+    # -- threads ---------------------------------------------------------------------------
+
+    def _mounts(self) -> None:
+        for diff in self._mount_watcher:  # ends when close() closes it
+            self.deliver(MountsChanged(diff))
+            if not self.watching_daemon:
+                self.poke_daemon()
+
+    def _uevents(self) -> None:
+        import pyudev
+        try:
+            monitor = pyudev.Monitor.from_netlink(pyudev.Context(), source="kernel")
+            monitor.filter_by("block")
+            monitor.start()
+            self._gather(monitor)
+        finally:
+            self._close_fd("_uevent_wake")
+
+    def _gather(self, monitor) -> None:
+        batch: list[tuple[str, str]] = []
+        hold_until = 0.0  # while now < hold_until, events are gathered, not delivered
+        while not self._closed:
+            timeout = max(0.0, hold_until - time.monotonic()) if batch else None
+            ready, _, _ = select.select([monitor, self._uevent_wake], [], [], timeout)
+            if self._uevent_wake in ready:
+                break
+            while (device := monitor.poll(timeout=0)) is not None:
+                batch.append((device.action or "?", device.sys_name))
+            now = time.monotonic()
+            if batch and now >= hold_until:
+                self.deliver(BlockUevents(tuple(batch)))
+                batch = []
+                hold_until = now + UEVENT_BATCH
+
+    def _files_and_daemon(self) -> None:
+        socket_path = getattr(self.control, "socket_path", None)
+        paths = [p for p in (self.config_path, socket_path) if p]
+        config = os.path.abspath(self.config_path) if self.config_path else None
+        sock_path = os.path.abspath(socket_path) if socket_path else None
+        files = None
+        try:
+            files = PathWatch(paths)
+            self._arm_daemon(tries=1)
+            while not self._closed:
+                watched = [files, self._wake] + ([self._watch_sock] if self._watch_sock else [])
+                ready, _, _ = select.select(watched, [], [])
+                if self._wake in ready:
+                    os.eventfd_read(self._wake)
+                    if self._closed:
+                        break
+                    if not self.watching_daemon and self._arm_daemon(tries=1):
+                        self.deliver(DaemonChanged(True))
+                if self._watch_sock is not None and self._watch_sock in ready:
+                    self._drop_watch()
+                    self.deliver(DaemonChanged(False))
+                if files in ready:
+                    touched = files.read()
+                    if config in touched:
+                        self.deliver(ConfigChanged(config))
+                    if sock_path in touched and not self.watching_daemon \
+                            and self._arm_daemon(tries=DAEMON_ARM_TRIES):
+                        self.deliver(DaemonChanged(True))
+        finally:
+            self._drop_watch()
+            if files is not None:
+                files.close()
+            self._close_fd("_wake")
+
+    def _arm_daemon(self, tries: int) -> bool:
+        """Hold a watch connection to the daemon if one answers; bounded retries cover the
+        moment between its bind() and listen()."""
+        if self.control is None:
+            return False
+        for attempt in range(tries):
+            try:
+                self._watch_sock = self.control.open_watch()
+                return True
+            except Exception:  # not running, not reachable, or a foreign socket: not watched
+                if attempt + 1 < tries:
+                    time.sleep(DAEMON_ARM_STEP)
+        return False
+
+    def _drop_watch(self) -> None:
+        sock, self._watch_sock = self._watch_sock, None
+        if sock is not None:
+            sock.close()

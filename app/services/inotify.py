@@ -1,0 +1,110 @@
+"""inotify(7) for a few files that may not exist yet (the configuration file, the control socket).
+
+A file is watched through its directory, so a file replaced by rename (our atomic config
+writes, an editor's save) or created later (a daemon binding its socket) is seen. A directory
+that does not exist yet is replaced by its nearest existing ancestor until it appears.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import os
+import struct
+
+from app.services.mounts import _libc as libc  # one libc handle for the services
+
+IN_MODIFY = 0x00000002
+IN_ATTRIB = 0x00000004
+IN_CLOSE_WRITE = 0x00000008
+IN_MOVED_FROM = 0x00000040
+IN_MOVED_TO = 0x00000080
+IN_CREATE = 0x00000100
+IN_DELETE = 0x00000200
+IN_DELETE_SELF = 0x00000400
+IN_MOVE_SELF = 0x00000800
+IN_IGNORED = 0x00008000  # the watch is gone (its directory was removed)
+IN_ONLYDIR = 0x01000000
+IN_NONBLOCK = os.O_NONBLOCK
+IN_CLOEXEC = os.O_CLOEXEC
+# A file's whole life as seen from its directory: written and closed, created, renamed over or
+# away, deleted; and the directory itself going away.
+DIR_EVENTS = (IN_CLOSE_WRITE | IN_ATTRIB | IN_MOVED_FROM | IN_MOVED_TO | IN_CREATE | IN_DELETE
+              | IN_DELETE_SELF | IN_MOVE_SELF | IN_ONLYDIR)
+EVENT_HEAD = struct.Struct("iIII")  # struct inotify_event: wd, mask, cookie, len; then the name
+READ_SIZE = 64 * 1024
+
+libc.inotify_init1.argtypes = [ctypes.c_int]
+libc.inotify_add_watch.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_uint32]
+libc.inotify_rm_watch.argtypes = [ctypes.c_int, ctypes.c_int]
+
+
+class PathWatch:
+    """Which of `paths` may have changed since the last read(); fileno() is for select/poll."""
+
+    def __init__(self, paths) -> None:
+        self.paths = tuple(os.path.abspath(os.fspath(p)) for p in paths)
+        self.fd = libc.inotify_init1(IN_NONBLOCK | IN_CLOEXEC)
+        if self.fd < 0:
+            err = ctypes.get_errno()
+            raise OSError(err, os.strerror(err), "inotify_init1")
+        self._dirs: dict[int, str] = {}  # watch descriptor -> directory
+        self._arm()
+
+    def fileno(self) -> int:
+        return self.fd
+
+    def _arm(self) -> None:
+        """Watch each path's directory, or its nearest existing ancestor until it exists."""
+        wanted = {_nearest_dir(os.path.dirname(p)) for p in self.paths}
+        for wd, directory in list(self._dirs.items()):
+            if directory not in wanted:
+                libc.inotify_rm_watch(self.fd, wd)  # IN_IGNORED follows; the entry goes then
+                del self._dirs[wd]
+        for directory in wanted - set(self._dirs.values()):
+            wd = libc.inotify_add_watch(self.fd, os.fsencode(directory), DIR_EVENTS)
+            if wd >= 0:
+                self._dirs[wd] = directory
+            # A directory removed between our look and the call: the next read re-arms.
+
+    def read(self) -> set[str]:
+        """The watched paths touched by the queued events (empty when none were ours)."""
+        touched: set[str] = set()
+        while True:
+            try:
+                data = os.read(self.fd, READ_SIZE)
+            except BlockingIOError:
+                break
+            except OSError as exc:
+                if exc.errno == errno.EINTR:
+                    continue
+                raise
+            offset = 0
+            while offset < len(data):
+                wd, mask, _cookie, size = EVENT_HEAD.unpack_from(data, offset)
+                raw = data[offset + EVENT_HEAD.size:offset + EVENT_HEAD.size + size]
+                offset += EVENT_HEAD.size + size
+                directory = self._dirs.get(wd)
+                if mask & IN_IGNORED:
+                    self._dirs.pop(wd, None)
+                if directory is None:
+                    continue
+                name = os.fsdecode(raw.rstrip(b"\0"))
+                where = os.path.join(directory, name) if name else directory
+                touched.update(p for p in self.paths if p == where or p.startswith(where + "/"))
+        self._arm()  # directories may have appeared or gone
+        return touched
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+
+def _nearest_dir(path: str) -> str:
+    while not os.path.isdir(path):
+        parent = os.path.dirname(path)
+        if parent == path:
+            break
+        path = parent
+    return path

@@ -1,0 +1,155 @@
+"""The CLI as scripts use it (util-linux is the model): results on stdout, failures and refusals
+on stderr, one exit-code rule (0 done, 1 an entry failed, 2 refused) written in --help and the
+README, errno names in --json, and entries shown safely (a newline in a path) and flagged when
+invalid (a hand-edited `path = "/"`)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from app.cli.common import EXIT_CODES
+from app.cli.output import report
+from app.services.results import Outcome, Result
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def cli(*argv: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "app", *argv], cwd=REPO, capture_output=True,
+                          text=True, env={**os.environ, **(env or {})})
+
+
+@pytest.fixture
+def config(tmp_path) -> Path:
+    """An empty configuration and a socket where no daemon listens, both in the test's dir."""
+    return tmp_path / "etc" / "replication.toml"
+
+
+def args(config: Path, *argv: str) -> list[str]:
+    return ["--config", str(config), "--socket", str(config.parent / "none.sock"), *argv]
+
+
+@pytest.mark.parametrize("argv", [
+    ["fs", "remove", "/nope"], ["fs", "verify", "/nope"], ["fs", "mirror", "/nope"],
+    ["block", "remove", "/dev/nope"], ["block", "verify", "/dev/nope"],
+    ["block", "mirror", "/dev/nope"], ["manual", "detach", "/dev/loop99999"],
+    ["fs", "add", "/nope"],
+])
+def test_the_same_mistake_is_refused_the_same_way(config, argv):
+    """Naming something that does not exist: exit 2, the reason on stderr only, ENOENT in JSON."""
+    r = cli(*args(config, *argv))
+    assert r.returncode == 2, (argv, r.returncode, r.stdout, r.stderr)
+    named = argv[-1]
+    assert r.stdout == "" and r.stderr.startswith("mirrorsetup: ") and named in r.stderr
+    r = cli(*args(config, *argv, "--json"))
+    assert r.returncode == 2
+    refusal = json.loads(r.stdout)
+    assert refusal["errno_name"] == "ENOENT" and named in refusal["error"], refusal
+    assert named in r.stderr  # the human message stays on stderr
+    assert not config.exists()
+
+
+def test_a_corrupt_configuration_is_a_refusal_on_stderr(config, tmp_path):
+    config.parent.mkdir(parents=True)
+    config.write_text('schema = 1\n[[filesystem]]\npath = "relative"\n')
+    before = config.read_bytes()
+    r = cli(*args(config, "fs", "add", str(tmp_path)))
+    assert r.returncode == 2 and r.stdout == ""
+    assert "line 3" in r.stderr
+    for argv in (["fs", "list"], ["block", "list"], ["status"], ["block", "attach-all"]):
+        r = cli(*args(config, *argv))
+        assert r.returncode == 2 and r.stdout == "" and "line 3" in r.stderr, argv
+    assert config.read_bytes() == before
+
+
+def test_exit_codes_are_written_in_every_help_and_the_readme():
+    for argv in ([], ["fs"], ["fs", "verify"], ["block", "attach-all"], ["manual", "detach"],
+                 ["status"], ["daemon"], ["daemon", "status"], ["service", "mount-units"]):
+        r = cli(*argv, "--help")
+        assert r.returncode == 0 and EXIT_CODES in r.stdout, argv
+    readme = (REPO / "README.md").read_text()
+    assert EXIT_CODES in readme
+    for name in ("MIRRORSETUP_SOCKET", "MIRRORSETUP_STATE_DIR", "--state-dir", "daemon.log"):
+        assert name in readme, name
+
+
+def test_failed_lines_go_to_stderr_and_the_rest_to_stdout(capsys):
+    results = [Result("attach", "/dev/a", Outcome.OK, "attached /dev/a as /dev/loop4"),
+               Result("attach", "/dev/b", Outcome.FAILED, "refused: /dev/b is mounted on /m", 16)]
+    assert report(results) == 1
+    out, err = capsys.readouterr()
+    assert "/dev/a" in out and "/dev/b" not in out
+    assert "/dev/b" in err and "/dev/a" not in err
+    assert report(results, as_json=True) == 1
+    out, err = capsys.readouterr()
+    assert [r["errno_name"] for r in json.loads(out)] == [None, "EBUSY"]
+    assert "/dev/b" in err and "/dev/a" not in err
+
+
+def test_a_newline_in_a_path_stays_on_one_line_and_slash_is_flagged(config, tmp_path):
+    odd = tmp_path / "two\nlines"
+    odd.mkdir()
+    r = cli(*args(config, "fs", "add", str(odd)))
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.count("\n") == 1 and "two\\nlines" in r.stdout
+    listed = cli(*args(config, "fs", "list"))
+    assert listed.returncode == 0
+    assert listed.stdout.splitlines()[1].split()[0] == str(tmp_path / "two\\nlines")
+    assert json.loads(cli(*args(config, "fs", "list", "--json")).stdout)[0]["path"] == str(odd)
+
+    config.write_text(config.read_text() + '\n[[filesystem]]\npath = "/"\n')  # by hand
+    listed = cli(*args(config, "fs", "list"))
+    assert listed.returncode == 0
+    assert "warning: invalid entry /: Do not select the root" in listed.stderr
+    row = next(line for line in listed.stdout.splitlines() if line.startswith("/ "))
+    assert "Do not select the root" in row
+    problem = {e["path"]: e["problem"] for e in json.loads(cli(*args(config, "fs", "list",
+                                                                     "--json")).stdout)}
+    assert problem["/"].startswith("Do not select the root")
+    status = cli(*args(config, "status"))
+    assert status.returncode == 0
+    assert "ERROR: /: invalid entry: Do not select the root" in status.stdout
+    assert [line.split()[1] for line in status.stdout.splitlines() if line.startswith("/ ")] \
+        == ["INVALID"]
+    assert all("\\n" in line for line in status.stdout.splitlines() if "two" in line)
+
+
+def test_daemon_status_and_stop_without_a_daemon(config, tmp_path):
+    state = tmp_path / "state"
+    r = cli(*args(config, "daemon", "status"), env={"MIRRORSETUP_STATE_DIR": str(state)})
+    assert r.returncode == 1 and "not running" in r.stdout
+    assert f"state directory: {state}" in r.stdout
+    assert f"{config.parent / 'daemon.log'}" in r.stdout
+    info = json.loads(cli(*args(config, "daemon", "status", "--json")).stdout)
+    assert info["running"] is False and info["socket"] == str(config.parent / "none.sock")
+    r = cli(*args(config, "daemon", "stop"))
+    assert r.returncode == 0 and "unchanged" in r.stdout and "not running" in r.stdout
+
+
+def test_status_watch_prints_again_when_the_configuration_changes(config, tmp_path):
+    """`status --watch` follows the same watchers as the TUI (app.services.events): an entry
+    added by another command shows in the next print, without a timer."""
+    data = tmp_path / "data"
+    data.mkdir()
+    watch = subprocess.Popen([sys.executable, "-m", "app", *args(config, "status", "--watch")],
+                             cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        first = ""
+        while "Warnings" not in first and "Daemon: " not in first:  # the first print, whole
+            first += watch.stdout.readline()
+        assert str(data) not in first
+        assert cli(*args(config, "fs", "add", str(data))).returncode == 0
+        seen = ""
+        while str(data) not in seen:
+            line = watch.stdout.readline()
+            assert line, watch.stderr.read()
+            seen += line
+    finally:
+        watch.kill()
+        watch.wait()
