@@ -12,6 +12,7 @@ file system mounted below the entry (another st_dev) are passed through but not 
 from __future__ import annotations
 
 import errno
+import functools
 import os
 import stat
 
@@ -20,11 +21,21 @@ import trio
 
 from app.engine.inodes import InodeTable, Node
 from app.engine.journal import Journal, encode_path
-from app.engine.lowlevel import at, renameat2
-from app.engine.mirrorfs_xattr import XattrOps, fuse_errors
+from app.engine.lowlevel import at, proc_path, renameat2
 
 TIMEOUT = 1.0  # seconds the kernel may cache names and attributes: we are the only way in
 OPEN_STRIP = os.O_CREAT | os.O_EXCL | os.O_NOCTTY | os.O_APPEND  # the kernel sends offsets
+
+
+def fuse_errors(fn):
+    """Report OSError to the kernel as its errno, never as a crash of the handler."""
+    @functools.wraps(fn)
+    async def wrapper(*args, **kwargs):
+        try:
+            return await fn(*args, **kwargs)
+        except OSError as exc:
+            raise pyfuse3.FUSEError(exc.errno or errno.EIO) from None
+    return wrapper
 
 
 class Handle:
@@ -34,7 +45,7 @@ class Handle:
         self.fd, self.ino, self.wrote, self.read = fd, ino, wrote, False
 
 
-class MirrorFS(XattrOps, pyfuse3.Operations):
+class MirrorFS(pyfuse3.Operations):
     enable_writeback_cache = False
 
     def __init__(self, root_fd: int, journal: Journal, *, replicate_atime: bool = False):
@@ -245,6 +256,50 @@ class MirrorFS(XattrOps, pyfuse3.Operations):
             os.utime(at(rel), ns=(atime, mtime), dir_fd=self.root_fd, follow_symlinks=False)
             self._record(node, "times", path=p, atime=atime, mtime=mtime)
         return self._attr(os.fstat(fd) if fd is not None else self._lstat(rel), inode)
+
+    # -- extended attributes (through /proc/self/fd/N/: there is no *at() form) -------------
+    @fuse_errors
+    async def setxattr(self, inode, name, value, ctx):
+        await self._gate()
+        rel = self._path(inode)
+        os.setxattr(proc_path(self.root_fd, rel), name, value, follow_symlinks=False)
+        self._record(self.inodes.node(inode), "setxattr", value, path=encode_path(rel),
+                     name=encode_path(name))
+
+    @fuse_errors
+    async def getxattr(self, inode, name, ctx):
+        try:
+            return os.getxattr(proc_path(self.root_fd, self._path(inode)), name, follow_symlinks=False)
+        except OSError as exc:
+            if exc.errno == errno.ENODATA:
+                raise pyfuse3.FUSEError(pyfuse3.ENOATTR) from None
+            raise
+
+    @fuse_errors
+    async def listxattr(self, inode, ctx):
+        names = os.listxattr(proc_path(self.root_fd, self._path(inode)), follow_symlinks=False)
+        return [os.fsencode(n) for n in names]
+
+    @fuse_errors
+    async def removexattr(self, inode, name, ctx):
+        await self._gate()
+        rel = self._path(inode)
+        try:
+            os.removexattr(proc_path(self.root_fd, rel), name, follow_symlinks=False)
+        except OSError as exc:
+            if exc.errno == errno.ENODATA:
+                raise pyfuse3.FUSEError(pyfuse3.ENOATTR) from None
+            raise
+        self._record(self.inodes.node(inode), "removexattr", path=encode_path(rel), name=encode_path(name))
+
+    @fuse_errors
+    async def statfs(self, ctx):
+        sv = os.statvfs(proc_path(self.root_fd, b""))
+        out = pyfuse3.StatvfsData()
+        for f in ("f_bsize", "f_frsize", "f_blocks", "f_bfree", "f_bavail", "f_files", "f_ffree",
+                  "f_favail", "f_namemax"):
+            setattr(out, f, getattr(sv, f))
+        return out
 
     # -- files ------------------------------------------------------------------------------
     def _handle(self, fd: int, ino: int, wrote: bool = False) -> int:
