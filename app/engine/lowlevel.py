@@ -1,4 +1,5 @@
-"""System calls Python's os module lacks (renameat2) and path helpers for fd-relative access."""
+"""System calls Python's os module lacks (renameat2, utimensat with UTIME_NOW) and path helpers
+for fd-relative access."""
 
 from __future__ import annotations
 
@@ -8,10 +9,25 @@ import os
 
 RENAME_NOREPLACE = 1  # <linux/fs.h>: fail with EEXIST instead of replacing the new name
 RENAME_EXCHANGE = 2  # <linux/fs.h>: swap the two names atomically
+UTIME_NOW = (1 << 30) - 1  # <linux/stat.h>: set this time to the current time
 UTIME_OMIT = (1 << 30) - 2  # <linux/stat.h>: leave this time as it is
+AT_SYMLINK_NOFOLLOW = 0x100  # <fcntl.h>
+NOW = "now"  # a time given as "the current time" (UTIME_NOW)
 
 _libc = ctypes.CDLL(None, use_errno=True)
 _libc.renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+
+
+class _Timespec(ctypes.Structure):
+    _fields_ = [("tv_sec", ctypes.c_long), ("tv_nsec", ctypes.c_long)]
+
+
+_libc.utimensat.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.POINTER(_Timespec), ctypes.c_int]
+
+
+def _raise(what) -> None:
+    err = ctypes.get_errno()
+    raise OSError(err, os.strerror(err), None if what is None else os.fsdecode(what))
 
 
 def renameat2(src_dir: int, src: bytes, dst_dir: int, dst: bytes, flags: int) -> None:
@@ -20,8 +36,23 @@ def renameat2(src_dir: int, src: bytes, dst_dir: int, dst: bytes, flags: int) ->
         os.rename(src, dst, src_dir_fd=src_dir, dst_dir_fd=dst_dir)
         return
     if _libc.renameat2(src_dir, src, dst_dir, dst, flags) != 0:
-        err = ctypes.get_errno()
-        raise OSError(err, os.strerror(err), os.fsdecode(src))
+        _raise(src)
+
+
+def _timespec(t) -> tuple[int, int]:
+    if t is None:
+        return 0, UTIME_OMIT
+    if t == NOW:
+        return 0, UTIME_NOW
+    return divmod(t, 1_000_000_000)
+
+
+def utimensat(dir_fd: int, name: bytes | None, atime, mtime) -> None:
+    """utimensat(2) without following a symlink; each time in ns, NOW or None (left as it
+    is). With name None, the times of the open file dir_fd itself (futimens)."""
+    times = (_Timespec * 2)(_Timespec(*_timespec(atime)), _Timespec(*_timespec(mtime)))
+    if _libc.utimensat(dir_fd, name, times, 0 if name is None else AT_SYMLINK_NOFOLLOW) != 0:
+        _raise(name)
 
 
 def at(rel: bytes) -> bytes:

@@ -106,23 +106,25 @@ def open_state(state: str, ident: bytes) -> tuple[bool, bool]:
 
 
 def run_until_unmounted(chan: Channel, ready: dict, handle, label: str, applier, journal,
-                        flush=None, adopt: socket.socket | None = None) -> None:
+                        flush=None, adopt: socket.socket | None = None, session=None) -> None:
     """Serve FUSE and the daemon until the daemon unmounts us; then drain the journal onto the
-    target, make it durable (and `flush()`), and write the clean marker last."""
+    target, make it durable (and `flush()`), and write the clean marker last. `session` is the
+    FUSE session to serve (mirrorfs speaks the protocol itself); pyfuse3's by default."""
     import pyfuse3
     import trio
+    fuse = session or pyfuse3
 
     async def run() -> None:
         async with trio.open_nursery() as nursery:
             nursery.start_soon(serve_daemon, chan.sock, ready, handle, label, adopt)
-            await pyfuse3.main()  # returns when the daemon unmounts us (ENODEV on /dev/fuse)
+            await fuse.main()  # returns when the daemon unmounts us (ENODEV on /dev/fuse)
             nursery.cancel_scope.cancel()
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the daemon decides when we stop
     try:
         trio.run(run)
     finally:
-        pyfuse3.close(unmount=False)
+        fuse.close(unmount=False)
         applier.stop()
         applier.drain()
         applier.persist()
@@ -166,13 +168,12 @@ async def serve_daemon(sock: socket.socket, ready: dict, handle, label: str,
 
 
 def _run(args, chan: Channel) -> int:
-    import pyfuse3
     import trio
 
     from app.engine import sync
     from app.engine.applier import Applier
     from app.engine.journal import Journal
-    from app.engine.mirrorfs import MirrorFS
+    from app.engine.mirrorfs import MirrorFS, mount
 
     root_fd = _open_dir(args.path, "directory")  # before the mount: the lower tree's only door
     target_fd = None
@@ -188,7 +189,7 @@ def _run(args, chan: Channel) -> int:
             event="progress", stage="difference mirror", files=f, bytes=b))
         journal.discard_pending()  # the target now equals the source: old records are moot
     ops = MirrorFS(root_fd, journal, replicate_atime=args.atime)
-    pyfuse3.init(ops, args.path, set(FUSE_OPTIONS))
+    session = mount(ops, args.path, FUSE_OPTIONS)
     if target_fd is None:
         journal.discard_pending()  # nothing to replay onto; records are counted, then dropped
     applier = Applier(journal, target_fd)
@@ -231,7 +232,8 @@ def _run(args, chan: Channel) -> int:
         return {"ok": False, "error": f"unknown worker command {cmd!r}", "errno": errno.EINVAL}
 
     run_until_unmounted(chan, {"unclean": unclean and not first, "first": first,
-                               "mirrored": diffs_done}, handle, args.path, applier, journal)
+                               "mirrored": diffs_done}, handle, args.path, applier, journal,
+                        session=session)
     log.info("%s: stopped cleanly (applied seq %d)", args.path, journal.applied_seq)
     return 0
 
