@@ -3,7 +3,8 @@
 Replay must converge when a record is applied twice (after a crash the applied seq on disk may
 lag what was done): a write at an offset is idempotent; creates tolerate an existing name;
 removals tolerate a missing one; a rename whose source is gone but whose destination exists is
-taken as already done. The applied seq is written durably (after syncfs of the target) at most
+taken as already done. Records carry entry-relative paths of any length: a long one's
+directories are opened piece by piece (lowlevel.beneath), below PATH_MAX each. The applied seq is written durably (after syncfs of the target) at most
 every PERSIST_SECONDS and whenever the applier catches up.
 """
 
@@ -13,11 +14,12 @@ import ctypes
 import errno
 import logging
 import os
+import stat
 import threading
 import time
 
 from app.engine.journal import Journal, Record, decode_path
-from app.engine.lowlevel import RENAME_EXCHANGE, _libc, at, proc_path, renameat2
+from app.engine.lowlevel import RENAME_EXCHANGE, _libc, beneath, proc_path, renameat2
 
 log = logging.getLogger("mirrorsetup.applier")
 PERSIST_SECONDS = 1.0  # how far the durable applied seq may trail; replay is idempotent
@@ -131,7 +133,8 @@ class Applier:
         if fd is None:
             if len(self._fds) >= FD_CACHE:
                 self._close_fds()
-            fd = os.open(at(path), os.O_WRONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=self.tfd)
+            with beneath(self.tfd, path) as (d, name):
+                fd = os.open(name, os.O_WRONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=d)
             self._fds[path] = fd
         return fd
 
@@ -141,66 +144,74 @@ class Applier:
         a = rec.args
         op = rec.op
         path = decode_path(a["path"]) if "path" in a else b""
-        t = self.tfd
         if op == "write":
             os.pwrite(self._fd(path), rec.data, a["offset"])
         elif op == "truncate":
             os.ftruncate(self._fd(path), a["size"])
-        elif op == "times":
+        elif op == "link":
+            self._close_fds()
+            with beneath(self.tfd, decode_path(a["src"])) as (sd, sname), \
+                    beneath(self.tfd, path) as (d, name):
+                try:
+                    os.link(sname, name, src_dir_fd=sd, dst_dir_fd=d, follow_symlinks=False)
+                except FileExistsError:
+                    if not _same_file(sd, sname, d, name):
+                        os.unlink(name, dir_fd=d)
+                        os.link(sname, name, src_dir_fd=sd, dst_dir_fd=d, follow_symlinks=False)
+        elif op == "rename":
+            self._rename(decode_path(a["old"]), decode_path(a["new"]), a["flags"])
+        else:
+            with beneath(self.tfd, path) as (d, name):
+                self._apply_at(op, a, rec.data, d, name, path)
+
+    def _apply_at(self, op: str, a: dict, data: bytes, d: int, name: bytes, path: bytes) -> None:
+        """A record about one name: `name` in the target directory `d`."""
+        if op == "times":
             atime = a["atime"]
             if atime is None:
-                atime = os.stat(at(path), dir_fd=t, follow_symlinks=False).st_atime_ns
-            os.utime(at(path), ns=(atime, a["mtime"]), dir_fd=t, follow_symlinks=False)
+                atime = os.stat(name, dir_fd=d, follow_symlinks=False).st_atime_ns
+            os.utime(name, ns=(atime, a["mtime"]), dir_fd=d, follow_symlinks=False)
         elif op == "create":
             try:
-                fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, a["mode"], dir_fd=t)
+                fd = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, a["mode"], dir_fd=d)
             except FileExistsError:  # replayed: start the file again, later records refill it
-                fd = os.open(path, os.O_WRONLY | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=t)
+                fd = os.open(name, os.O_WRONLY | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=d)
             try:
-                os.fchmod(fd, a["mode"])
                 os.fchown(fd, a["uid"], a["gid"])
+                os.fchmod(fd, a["mode"])  # after the chown, which clears set-ID bits
             finally:
                 os.close(fd)
         elif op == "mkdir":
             try:
-                os.mkdir(path, a["mode"], dir_fd=t)
+                os.mkdir(name, a["mode"], dir_fd=d)
             except FileExistsError:
                 pass
-            os.chmod(path, a["mode"], dir_fd=t)
-            os.chown(path, a["uid"], a["gid"], dir_fd=t, follow_symlinks=False)
+            os.chmod(name, a["mode"], dir_fd=d)
+            os.chown(name, a["uid"], a["gid"], dir_fd=d, follow_symlinks=False)
         elif op == "mknod":
-            self._replace_missing(path, lambda: os.mknod(path, a["mode"], a["rdev"], dir_fd=t))
-            os.chown(path, a["uid"], a["gid"], dir_fd=t, follow_symlinks=False)
+            _replace_missing(d, name, lambda: os.mknod(name, a["mode"], a["rdev"], dir_fd=d))
+            os.chown(name, a["uid"], a["gid"], dir_fd=d, follow_symlinks=False)
+            if a["mode"] & (stat.S_ISUID | stat.S_ISGID):
+                os.chmod(name, stat.S_IMODE(a["mode"]), dir_fd=d)
         elif op == "symlink":
             target = decode_path(a["target"])
-            self._replace_missing(path, lambda: os.symlink(target, path, dir_fd=t))
-            os.chown(path, a["uid"], a["gid"], dir_fd=t, follow_symlinks=False)
-        elif op == "link":
-            self._close_fds()
-            src = decode_path(a["src"])
-            try:
-                os.link(src, path, src_dir_fd=t, dst_dir_fd=t, follow_symlinks=False)
-            except FileExistsError:
-                if not _same_file(t, src, path):
-                    os.unlink(path, dir_fd=t)
-                    os.link(src, path, src_dir_fd=t, dst_dir_fd=t, follow_symlinks=False)
+            _replace_missing(d, name, lambda: os.symlink(target, name, dir_fd=d))
+            os.chown(name, a["uid"], a["gid"], dir_fd=d, follow_symlinks=False)
         elif op == "unlink":
             self._close_fds(path)
-            _missing_ok(lambda: os.unlink(path, dir_fd=t))
+            _missing_ok(lambda: os.unlink(name, dir_fd=d))
         elif op == "rmdir":
             self._close_fds()
-            _missing_ok(lambda: os.rmdir(path, dir_fd=t))
-        elif op == "rename":
-            self._rename(decode_path(a["old"]), decode_path(a["new"]), a["flags"])
+            _missing_ok(lambda: os.rmdir(name, dir_fd=d))
         elif op == "chmod":
-            os.chmod(at(path), a["mode"], dir_fd=t)
+            os.chmod(name, a["mode"], dir_fd=d)
         elif op == "chown":
-            os.chown(at(path), a["uid"], a["gid"], dir_fd=t, follow_symlinks=False)
+            os.chown(name, a["uid"], a["gid"], dir_fd=d, follow_symlinks=False)
         elif op == "setxattr":
-            os.setxattr(proc_path(t, path), decode_path(a["name"]), rec.data, follow_symlinks=False)
+            os.setxattr(proc_path(d, name), decode_path(a["name"]), data, follow_symlinks=False)
         elif op == "removexattr":
             try:
-                os.removexattr(proc_path(t, path), decode_path(a["name"]), follow_symlinks=False)
+                os.removexattr(proc_path(d, name), decode_path(a["name"]), follow_symlinks=False)
             except OSError as exc:
                 if exc.errno != errno.ENODATA:
                     raise
@@ -209,20 +220,21 @@ class Applier:
 
     def _rename(self, old: bytes, new: bytes, flags: int) -> None:
         self._close_fds()
-        t = self.tfd
-        try:
-            # NOREPLACE was checked at the source; at the target the name may exist from replay
-            renameat2(t, old, t, new, flags & RENAME_EXCHANGE)
-        except FileNotFoundError:
-            if not os.path.lexists(proc_path(t, new)):
-                raise  # neither name: a real divergence, counted and fixed by a difference mirror
+        with beneath(self.tfd, old) as (od, oname), beneath(self.tfd, new) as (nd, nname):
+            try:
+                # NOREPLACE was checked at the source; at the target the name may exist from replay
+                renameat2(od, oname, nd, nname, flags & RENAME_EXCHANGE)
+            except FileNotFoundError:
+                if not os.path.lexists(proc_path(nd, nname)):
+                    raise  # neither name: a real divergence, counted and fixed by a difference mirror
 
-    def _replace_missing(self, path: bytes, make) -> None:
-        try:
-            make()
-        except FileExistsError:
-            os.unlink(path, dir_fd=self.tfd)
-            make()
+
+def _replace_missing(d: int, name: bytes, make) -> None:
+    try:
+        make()
+    except FileExistsError:
+        os.unlink(name, dir_fd=d)
+        make()
 
 
 def _missing_ok(fn) -> None:
@@ -232,7 +244,7 @@ def _missing_ok(fn) -> None:
         pass
 
 
-def _same_file(dir_fd: int, a: bytes, b: bytes) -> bool:
-    sa = os.stat(a, dir_fd=dir_fd, follow_symlinks=False)
-    sb = os.stat(b, dir_fd=dir_fd, follow_symlinks=False)
+def _same_file(da: int, a: bytes, db: int, b: bytes) -> bool:
+    sa = os.stat(a, dir_fd=da, follow_symlinks=False)
+    sb = os.stat(b, dir_fd=db, follow_symlinks=False)
     return (sa.st_dev, sa.st_ino) == (sb.st_dev, sb.st_ino)

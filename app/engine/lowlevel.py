@@ -3,6 +3,7 @@ for fd-relative access."""
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import errno
 import os
@@ -13,6 +14,9 @@ UTIME_NOW = (1 << 30) - 1  # <linux/stat.h>: set this time to the current time
 UTIME_OMIT = (1 << 30) - 2  # <linux/stat.h>: leave this time as it is
 AT_SYMLINK_NOFOLLOW = 0x100  # <fcntl.h>
 NOW = "now"  # a time given as "the current time" (UTIME_NOW)
+LONG_PATH = 2048  # relative paths this long are walked in pieces: PATH_MAX is 4096 bytes, and
+                  # /proc/self/fd/N/ prefixes need room too
+DIR_PATH = os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC
 
 _libc = ctypes.CDLL(None, use_errno=True)
 _libc.renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
@@ -53,6 +57,45 @@ def utimensat(dir_fd: int, name: bytes | None, atime, mtime) -> None:
     times = (_Timespec * 2)(_Timespec(*_timespec(atime)), _Timespec(*_timespec(mtime)))
     if _libc.utimensat(dir_fd, name, times, 0 if name is None else AT_SYMLINK_NOFOLLOW) != 0:
         _raise(name)
+
+
+def open_dir(dir_fd: int, rel: bytes) -> int:
+    """An O_PATH fd of the directory `rel` below dir_fd, however deep: opened in pieces, each
+    shorter than LONG_PATH, each relative to the last."""
+    fd, piece = dir_fd, []
+    try:
+        for name in rel.split(b"/"):
+            if piece and sum(len(p) + 1 for p in piece) + len(name) >= LONG_PATH:
+                fd = _step(fd, dir_fd, b"/".join(piece))
+                piece = []
+            piece.append(name)
+        return _step(fd, dir_fd, b"/".join(piece)) if piece else os.dup(fd)
+    except BaseException:
+        if fd != dir_fd:
+            os.close(fd)
+        raise
+
+
+def _step(fd: int, base: int, piece: bytes) -> int:
+    nxt = os.open(piece, DIR_PATH, dir_fd=fd)
+    if fd != base:
+        os.close(fd)
+    return nxt
+
+
+@contextlib.contextmanager
+def beneath(dir_fd: int, rel: bytes):
+    """(fd, name) for an *at() call on `rel` below dir_fd (b"" is dir_fd itself, as "."),
+    however long `rel` is: a short path goes as it is, a long one's parent is opened in pieces."""
+    if len(rel) < LONG_PATH:
+        yield dir_fd, rel or b"."
+        return
+    head, _, name = rel.rpartition(b"/")
+    fd = open_dir(dir_fd, head)
+    try:
+        yield fd, name
+    finally:
+        os.close(fd)
 
 
 def at(rel: bytes) -> bytes:

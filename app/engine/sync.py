@@ -1,6 +1,7 @@
 """Whole-tree work between an entry's lower tree and its target: mirror, difference mirror, verify.
 
-Both sides are directory fds, so the daemon can reach a lower tree hidden under its own mount.
+Both sides are directory fds, so the daemon can reach a lower tree hidden under its own mount;
+paths are relative to them and may be longer than PATH_MAX (lowlevel.beneath walks those).
 A walk never descends into a file system mounted below the entry (other st_dev): capture does
 not cross it, so replication does not either. The difference mirror copies only what differs
 (by size, then sha256), deletes what the source no longer has, and sets owners, modes, xattrs
@@ -17,7 +18,7 @@ import stat
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from app.engine.lowlevel import at, proc_path
+from app.engine.lowlevel import beneath, proc_path
 
 CHUNK = 1 << 20
 XATTR_PREFIXES = ("user.", "security.", "trusted.")  # what an administrator expects copied
@@ -55,9 +56,33 @@ def walk(root_fd: int):
         dirnames[:] = sorted(keep)
 
 
+def _lstat(dir_fd: int, rel: bytes) -> os.stat_result:
+    with beneath(dir_fd, rel) as (d, name):
+        return os.stat(name, dir_fd=d, follow_symlinks=False)
+
+
+def _lexists(dir_fd: int, rel: bytes) -> bool:
+    try:
+        _lstat(dir_fd, rel)
+    except FileNotFoundError:
+        return False
+    return True
+
+
+def _readlink(dir_fd: int, rel: bytes) -> bytes:
+    with beneath(dir_fd, rel) as (d, name):
+        return os.readlink(name, dir_fd=d)
+
+
+def _unlink(dir_fd: int, rel: bytes) -> None:
+    with beneath(dir_fd, rel) as (d, name):
+        os.unlink(name, dir_fd=d)
+
+
 def file_hash(dir_fd: int, rel: bytes) -> str:
     h = hashlib.sha256()
-    fd = os.open(rel, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dir_fd)
+    with beneath(dir_fd, rel) as (d, name):
+        fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=d)
     try:
         while chunk := os.read(fd, CHUNK):
             h.update(chunk)
@@ -67,7 +92,11 @@ def file_hash(dir_fd: int, rel: bytes) -> str:
 
 
 def xattrs(dir_fd: int, rel: bytes) -> dict[str, bytes]:
-    path = proc_path(dir_fd, rel)
+    with beneath(dir_fd, rel) as (d, name):
+        return _xattrs(proc_path(d, name))
+
+
+def _xattrs(path: bytes) -> dict[str, bytes]:
     out = {}
     try:
         names = os.listxattr(path, follow_symlinks=False)
@@ -92,7 +121,7 @@ def scan(root_fd: int, *, with_root: bool = True) -> dict[bytes, Info]:
         if stat.S_ISREG(st.st_mode):
             info.sha256 = file_hash(root_fd, rel)
         elif stat.S_ISLNK(st.st_mode):
-            info.link = os.readlink(rel, dir_fd=root_fd)
+            info.link = _readlink(root_fd, rel)
         out[rel] = info
     return out
 
@@ -150,21 +179,25 @@ def verify(src_fd: int, dst_fd: int) -> list[dict]:
 # -- mirror ------------------------------------------------------------------------------------
 
 def _remove(dir_fd: int, rel: bytes) -> None:
-    st = os.stat(rel, dir_fd=dir_fd, follow_symlinks=False)
-    if stat.S_ISDIR(st.st_mode):
-        shutil.rmtree(proc_path(dir_fd, rel))
-    else:
-        os.unlink(rel, dir_fd=dir_fd)
+    with beneath(dir_fd, rel) as (d, name):
+        if stat.S_ISDIR(os.stat(name, dir_fd=d, follow_symlinks=False).st_mode):
+            shutil.rmtree(proc_path(d, name))
+        else:
+            os.unlink(name, dir_fd=d)
 
 
 def _copy_file(src_fd: int, dst_fd: int, rel: bytes, st: os.stat_result) -> int:
     """Copy into a temporary name beside the file, then rename over: a hard-linked old file at
     the target is never written through."""
-    parent, _, name = rel.rpartition(b"/")
-    tmp = _join(parent, b".mirrorsetup-tmp")
-    fin = os.open(rel, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=src_fd)
+    with beneath(src_fd, rel) as (sd, sname), beneath(dst_fd, rel) as (dd, dname):
+        return _copy_at(sd, sname, dd, dname, st)
+
+
+def _copy_at(sd: int, sname: bytes, dd: int, dname: bytes, st: os.stat_result) -> int:
+    tmp = _join(dname.rpartition(b"/")[0], b".mirrorsetup-tmp")
+    fin = os.open(sname, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=sd)
     try:
-        fout = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600, dir_fd=dst_fd)
+        fout = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600, dir_fd=dd)
         try:
             done = 0
             while done < st.st_size:
@@ -176,7 +209,7 @@ def _copy_file(src_fd: int, dst_fd: int, rel: bytes, st: os.stat_result) -> int:
             os.close(fout)
     finally:
         os.close(fin)
-    os.rename(tmp, rel, src_dir_fd=dst_fd, dst_dir_fd=dst_fd)
+    os.rename(tmp, dname, src_dir_fd=dd, dst_dir_fd=dd)
     return done
 
 
@@ -193,7 +226,7 @@ def mirror(src_fd: int, dst_fd: int, progress: Progress | None = None) -> dict:
     for rel, st in walk(src_fd):
         seen.add(rel)
         try:
-            tst = os.stat(rel, dir_fd=dst_fd, follow_symlinks=False)
+            tst = _lstat(dst_fd, rel)
         except FileNotFoundError:
             tst = None
         if tst is not None and stat.S_IFMT(tst.st_mode) != stat.S_IFMT(st.st_mode):
@@ -202,17 +235,19 @@ def mirror(src_fd: int, dst_fd: int, progress: Progress | None = None) -> dict:
         mode = st.st_mode
         if stat.S_ISDIR(mode):
             if tst is None:
-                os.mkdir(rel, 0o700, dir_fd=dst_fd)
+                with beneath(dst_fd, rel) as (d, name):
+                    os.mkdir(name, 0o700, dir_fd=d)
             dirs.append((rel, st))
             continue
         key = (st.st_dev, st.st_ino)
         if stat.S_ISREG(mode) and st.st_nlink > 1 and key in linked:
             first = linked[key]
-            fst = os.stat(first, dir_fd=dst_fd, follow_symlinks=False)
+            fst = _lstat(dst_fd, first)
             if tst is None or (tst.st_dev, tst.st_ino) != (fst.st_dev, fst.st_ino):
                 if tst is not None:
-                    os.unlink(rel, dir_fd=dst_fd)
-                os.link(first, rel, src_dir_fd=dst_fd, dst_dir_fd=dst_fd, follow_symlinks=False)
+                    _unlink(dst_fd, rel)
+                with beneath(dst_fd, first) as (fd_, fname), beneath(dst_fd, rel) as (d, name):
+                    os.link(fname, name, src_dir_fd=fd_, dst_dir_fd=d, follow_symlinks=False)
             files += 1
             continue
         if stat.S_ISREG(mode):
@@ -224,24 +259,26 @@ def mirror(src_fd: int, dst_fd: int, progress: Progress | None = None) -> dict:
                 copied_bytes += _copy_file(src_fd, dst_fd, rel, st)
                 copied += 1
         elif stat.S_ISLNK(mode):
-            target = os.readlink(rel, dir_fd=src_fd)
-            if tst is None or os.readlink(rel, dir_fd=dst_fd) != target:
+            target = _readlink(src_fd, rel)
+            if tst is None or _readlink(dst_fd, rel) != target:
                 if tst is not None:
-                    os.unlink(rel, dir_fd=dst_fd)
-                os.symlink(target, rel, dir_fd=dst_fd)
+                    _unlink(dst_fd, rel)
+                with beneath(dst_fd, rel) as (d, name):
+                    os.symlink(target, name, dir_fd=d)
                 copied += 1
         else:
             if tst is None or tst.st_rdev != st.st_rdev:
                 if tst is not None:
-                    os.unlink(rel, dir_fd=dst_fd)
-                os.mknod(rel, mode, st.st_rdev, dir_fd=dst_fd)
+                    _unlink(dst_fd, rel)
+                with beneath(dst_fd, rel) as (d, name):
+                    os.mknod(name, mode, st.st_rdev, dir_fd=d)
                 copied += 1
         _metadata(src_fd, dst_fd, rel, st)
         files += 1
         if progress and files % 100 == 0:
             progress(files, copied_bytes)
     for rel, tst in list(walk(dst_fd)):
-        if rel not in seen and os.path.lexists(proc_path(dst_fd, rel)):
+        if rel not in seen and _lexists(dst_fd, rel):
             _remove(dst_fd, rel)
             removed += 1
     for rel, st in reversed(dirs):  # children first: their changes move the parent's mtime
@@ -252,12 +289,16 @@ def mirror(src_fd: int, dst_fd: int, progress: Progress | None = None) -> dict:
 
 
 def _metadata(src_fd: int, dst_fd: int, rel: bytes, st: os.stat_result) -> None:
-    name = at(rel)
-    os.chown(name, st.st_uid, st.st_gid, dir_fd=dst_fd, follow_symlinks=False)
+    with beneath(dst_fd, rel) as (d, name):
+        _metadata_at(xattrs(src_fd, rel), d, name, st)
+
+
+def _metadata_at(want: dict[str, bytes], d: int, name: bytes, st: os.stat_result) -> None:
+    os.chown(name, st.st_uid, st.st_gid, dir_fd=d, follow_symlinks=False)
     if not stat.S_ISLNK(st.st_mode):
-        os.chmod(name, stat.S_IMODE(st.st_mode), dir_fd=dst_fd)
-    want, have = xattrs(src_fd, rel), xattrs(dst_fd, rel)
-    path = proc_path(dst_fd, rel)
+        os.chmod(name, stat.S_IMODE(st.st_mode), dir_fd=d)
+    path = proc_path(d, name)
+    have = _xattrs(path)
     for key in have.keys() - want.keys():
         os.removexattr(path, key, follow_symlinks=False)
     for key, value in want.items():
@@ -267,4 +308,4 @@ def _metadata(src_fd: int, dst_fd: int, rel: bytes, st: os.stat_result) -> None:
             except OSError as exc:
                 if exc.errno not in (errno.EPERM, errno.ENOTSUP):
                     raise
-    os.utime(name, ns=(st.st_atime_ns, st.st_mtime_ns), dir_fd=dst_fd, follow_symlinks=False)
+    os.utime(name, ns=(st.st_atime_ns, st.st_mtime_ns), dir_fd=d, follow_symlinks=False)
