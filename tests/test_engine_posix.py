@@ -8,7 +8,9 @@ mirrorfs (paths deeper than PATH_MAX, chown(-1, -1) and the ctime) each have a s
 
 from __future__ import annotations
 
+import contextlib
 import os
+import time
 
 import pytest
 
@@ -104,4 +106,47 @@ def test_paths_deeper_than_path_max_below_the_entry(entry):
         f.write(b"drift")
     assert [d["what"] for d in eng.verify(src)] == ["content", "mtime"]
     eng.client.request("mirror", path=src)
+    assert eng.verify(src) == []
+
+
+# -- truncate's mtime ---------------------------------------------------------------------------
+
+CLOCK_REALTIME_COARSE = 5  # <linux/time.h>: the clock file times are taken from
+
+
+@contextlib.contextmanager
+def applier_held(eng, src: str, tgt: str):
+    """Hold the applier: its next record writes to a target file swapped for a FIFO that nobody
+    reads yet, so what is captured meanwhile is replayed later, when the hold ends."""
+    gate = os.path.join(src, "gate")
+    open(gate, "w").close()
+    eng.drain(src)
+    os.unlink(os.path.join(tgt, "gate"))
+    os.mkfifo(os.path.join(tgt, "gate"))
+    with open(gate, "w") as f:
+        f.write("x")
+    try:
+        yield
+    finally:
+        reader = os.open(os.path.join(tgt, "gate"), os.O_RDONLY | os.O_NONBLOCK)
+        eng.drain(src)
+        os.close(reader)
+        os.unlink(gate)
+        eng.drain(src)
+
+
+def test_truncate_carries_the_source_mtime_to_the_target(entry):
+    eng, src, tgt, _ = entry
+    f, t = os.path.join(src, "t"), os.path.join(tgt, "t")
+    with open(f, "w") as fh:
+        fh.write("0123456789" * 10)
+    os.utime(f, ns=(1_000_000_000, 1_000_000_000))
+    with applier_held(eng, src, tgt):
+        with open(f, "r+") as fh:
+            fh.truncate(5)
+        source_mtime = os.stat(f).st_mtime_ns
+        while time.clock_gettime_ns(CLOCK_REALTIME_COARSE) <= source_mtime:
+            time.sleep(0.001)  # the replay comes on a later clock tick than the truncate
+    assert os.stat(t).st_size == 5
+    assert os.stat(t).st_mtime_ns == os.stat(f).st_mtime_ns == source_mtime
     assert eng.verify(src) == []

@@ -264,8 +264,8 @@ class MirrorFS:
         if ch.atime_ns is not None or ch.mtime_ns is not None:
             utimensat(fd, name, ch.atime_ns, ch.mtime_ns)
         st = os.fstat(fd) if name is None else os.stat(name, dir_fd=fd, follow_symlinks=False)
-        if ch.atime_ns is not None or ch.mtime_ns is not None:
-            self._times(node, st, atime=ch.atime_ns is not None)
+        if ch.size is not None or ch.atime_ns is not None or ch.mtime_ns is not None:
+            self._times(node, st, atime=ch.atime_ns is not None)  # a truncate moves the mtime too
         return st
 
     # -- extended attributes (through /proc/self/fd/N/name: there is no *at() form) -----------
