@@ -150,3 +150,24 @@ def test_truncate_carries_the_source_mtime_to_the_target(entry):
     assert os.stat(t).st_size == 5
     assert os.stat(t).st_mtime_ns == os.stat(f).st_mtime_ns == source_mtime
     assert eng.verify(src) == []
+
+
+# -- chown and the ctime (pjdfstest chown/00.t) ------------------------------------------------
+
+def test_chown_to_the_same_owner_updates_ctime_as_below(entry):
+    _, src, _, plain = entry
+
+    def story(d):
+        seen = []
+        for name, make in (("file", lambda p: open(p, "w").close()), ("dir", os.mkdir)):
+            p = os.path.join(d, name)
+            make(p)
+            before = os.stat(p).st_ctime_ns
+            os.chown(p, -1, -1)
+            seen.append(os.stat(p).st_ctime_ns > before)
+            before = os.stat(p).st_ctime_ns
+            os.chown(p, 0, 0)
+            seen.append(os.stat(p).st_ctime_ns > before)
+        return seen
+
+    assert both(plain, src, story) == [True, True, True, True]

@@ -130,6 +130,11 @@ class Changes:
         self.mtime_ns = (NOW if valid & FATTR_MTIME_NOW else mtime * 1_000_000_000 + mtimensec) \
             if valid & FATTR_MTIME else None
 
+    def only_ctime(self) -> bool:
+        """Nothing but the change time: what chown(f, -1, -1) sends (ATTR_CTIME alone)."""
+        return (self.mode is None and self.uid is None and self.gid is None and self.size is None
+                and self.atime_ns is None and self.mtime_ns is None)
+
 
 class Session:
     """One mounted FUSE file system; `fs` implements the operations (see mirrorfs.MirrorFS)."""

@@ -263,6 +263,11 @@ class MirrorFS:
                 self._record(node, "chown", path=p, uid=uid, gid=gid)
         if ch.atime_ns is not None or ch.mtime_ns is not None:
             utimensat(fd, name, ch.atime_ns, ch.mtime_ns)
+        if ch.only_ctime():  # the lower file system updates the ctime as the caller's call did
+            if name is None:
+                os.fchown(fd, -1, -1)
+            else:
+                os.chown(name, -1, -1, dir_fd=fd, follow_symlinks=False)
         st = os.fstat(fd) if name is None else os.stat(name, dir_fd=fd, follow_symlinks=False)
         if ch.size is not None or ch.atime_ns is not None or ch.mtime_ns is not None:
             self._times(node, st, atime=ch.atime_ns is not None)  # a truncate moves the mtime too
