@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import subprocess
 import time
 
 import pytest
@@ -34,6 +35,93 @@ def both(plain: str, src: str, story):
     want, got = story(plain), story(src)
     assert got == want
     return want
+
+
+# -- POSIX ACLs --------------------------------------------------------------------------------
+
+NOBODY = 65534
+
+
+def as_user(uid: int, argv: list[str], cwd: str, umask: int = 0o022) -> tuple[int, str]:
+    """Run argv as uid (its own group, no supplementary groups) in cwd: (exit status, stderr's
+    last word). cwd is entered as root first: pytest's temp root is 0700."""
+    proc = subprocess.run(["setpriv", f"--reuid={uid}", f"--regid={uid}", "--clear-groups", "--",
+                           "sh", "-c", f"umask {umask:03o}; exec \"$@\"", "sh", *argv],
+                          cwd=cwd, capture_output=True, text=True)
+    return proc.returncode, proc.stderr.strip().rsplit(":", 1)[-1].strip()
+
+
+def getfacl(cwd: str, name: str) -> str:
+    return subprocess.run(["getfacl", "-c", "-n", "-p", name], cwd=cwd, check=True,
+                          capture_output=True, text=True).stdout
+
+
+def acl_story(d: str) -> list:
+    seen = []
+    for name in ("denied", "granted"):
+        with open(os.path.join(d, name), "w") as f:
+            f.write(name)
+    os.chmod(os.path.join(d, "denied"), 0o644)
+    os.chmod(os.path.join(d, "granted"), 0o600)
+    seen.append(("deny", as_user(NOBODY, ["cat", "denied"], d)[0] == 0,
+                 subprocess.run(["setfacl", "-m", f"u:{NOBODY}:---", "denied"], cwd=d).returncode,
+                 as_user(NOBODY, ["cat", "denied"], d)))
+    seen.append(("grant", as_user(NOBODY, ["cat", "granted"], d),
+                 subprocess.run(["setfacl", "-m", f"u:{NOBODY}:r", "granted"], cwd=d).returncode,
+                 as_user(NOBODY, ["cat", "granted"], d)))
+    sgid = os.path.join(d, "sgid")  # an ACL set by one outside the group drops the set-GID bit
+    open(sgid, "w").close()
+    os.chown(sgid, NOBODY, 0)
+    os.chmod(sgid, 0o2775)
+    seen.append(("sgid", as_user(NOBODY, ["setfacl", "-m", "u:0:r", "sgid"], d), oct(os.stat(sgid).st_mode)))
+    os.mkdir(os.path.join(d, "inherit"), 0o755)
+    subprocess.run(["setfacl", "-m", f"d:u:{NOBODY}:rwx,d:g::rwx,d:o::-", "inherit"], cwd=d, check=True)
+    sub = os.path.join(d, "inherit")
+    os.chmod(sub, 0o777)
+    seen.append(("create", as_user(NOBODY, ["sh", "-c", "echo x > file && mkdir dir && mkfifo fifo"],
+                                   sub, umask=0o077)))
+    for name in ("denied", "granted", "sgid", "inherit", "inherit/file", "inherit/dir", "inherit/fifo"):
+        seen.append((name, oct(os.lstat(os.path.join(d, name)).st_mode), getfacl(d, name)))
+    return seen
+
+
+def test_posix_acls_decide_access_and_inheritance_as_below(entry):
+    eng, src, tgt, plain = entry
+    seen = both(plain, src, acl_story)
+    assert seen[0] == ("deny", True, 0, (1, "Permission denied"))  # the oracle really denies
+    assert seen[1][1:] == ((1, "Permission denied"), 0, (0, ""))  # ... and really grants
+    assert seen[2] == ("sgid", (0, ""), "0o100775")
+    assert f"user:{NOBODY}:rwx" in dict((s[0], s[2]) for s in seen[4:])["inherit/file"]
+    eng.drain(src)
+    assert eng.verify(src) == []
+    for name in ("denied", "granted", "sgid", "inherit", "inherit/file", "inherit/dir", "inherit/fifo"):
+        assert getfacl(tgt, name) == getfacl(src, name), name
+    assert as_user(NOBODY, ["cat", "denied"], tgt)[0] == 1
+
+
+def test_verify_sees_acls_and_mirror_repairs_them(entry):
+    eng, src, tgt, plain = entry
+
+    def story(d):
+        f = os.path.join(d, "f")
+        open(f, "w").close()
+        os.mkdir(os.path.join(d, "d"))
+        subprocess.run(["setfacl", "-m", f"u:{NOBODY}:rw", "f"], cwd=d, check=True)
+        subprocess.run(["setfacl", "-m", f"d:u:{NOBODY}:rx", "d"], cwd=d, check=True)
+        os.chmod(f, 0o640)  # with an ACL, chmod sets the mask
+        return [getfacl(d, "f"), getfacl(d, "d")]
+
+    seen = both(plain, src, story)
+    assert "mask::r--" in seen[0]
+    eng.drain(src)
+    assert eng.verify(src) == []
+    assert [getfacl(tgt, "f"), getfacl(tgt, "d")] == seen
+    subprocess.run(["setfacl", "-b", "f"], cwd=tgt, check=True)  # the replica drifts by hand
+    subprocess.run(["setfacl", "-k", "d"], cwd=tgt, check=True)
+    assert sorted(d["path"] for d in eng.verify(src) if d["what"] == "xattrs") == ["d", "f"]
+    eng.client.request("mirror", path=src)
+    assert eng.verify(src) == []
+    assert [getfacl(tgt, "f"), getfacl(tgt, "d")] == seen
 
 
 # -- paths deeper than PATH_MAX below the entry --------------------------------------------------

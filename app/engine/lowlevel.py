@@ -43,6 +43,27 @@ def renameat2(src_dir: int, src: bytes, dst_dir: int, dst: bytes, flags: int) ->
         _raise(src)
 
 
+CLONE_FS = 0x200  # <sched.h>: cwd, root and umask
+
+
+def unshare_fs() -> None:
+    """Give the calling thread its own umask (and cwd): os.umask() in it then leaves the other
+    threads of the process alone."""
+    if _libc.unshare(CLONE_FS) != 0:
+        _raise(None)
+
+
+@contextlib.contextmanager
+def umask(mask: int):
+    """The caller's umask for a creation, so the lower file system applies it, or a directory's
+    default ACL instead, exactly as it would for the caller (this thread only: unshare_fs)."""
+    old = os.umask(mask)
+    try:
+        yield
+    finally:
+        os.umask(old)
+
+
 def _timespec(t) -> tuple[int, int]:
     if t is None:
         return 0, UTIME_OMIT

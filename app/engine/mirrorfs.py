@@ -27,7 +27,7 @@ from app.engine import fusewire
 from app.engine.fusewire import Changes, Ctx
 from app.engine.inodes import ROOT, InodeTable, Node
 from app.engine.journal import Journal, encode_path
-from app.engine.lowlevel import RENAME_EXCHANGE, proc_path, renameat2, utimensat
+from app.engine.lowlevel import RENAME_EXCHANGE, proc_path, renameat2, umask, unshare_fs, utimensat
 from app.services import mounts
 
 OPEN_STRIP = os.O_CREAT | os.O_EXCL | os.O_NOCTTY | os.O_APPEND  # the kernel sends offsets
@@ -61,7 +61,10 @@ class MirrorFS:
 
     # -- the session's questions --------------------------------------------------------------
     def init(self) -> None:
-        """The kernel said hello (FUSE_INIT)."""
+        """The kernel said hello (FUSE_INIT). Creations run under the caller's umask (FUSE_DONT_MASK
+        gives it to us, and the lower file system applies it or a default ACL): this thread gets
+        a umask of its own, so the applier's thread never sees it."""
+        unshare_fs()
 
     def frozen(self) -> bool:
         """Mutations wait while a mirror or verify holds the tree still."""
@@ -148,8 +151,8 @@ class MirrorFS:
         rel = self._path_of(parent, name)
         pfd = self.inodes.dirfd(parent)
         uid, gid = self._owner(parent, ctx)
-        mode &= ~ctx.umask
-        os.mknod(name, mode, rdev, dir_fd=pfd)
+        with umask(ctx.umask):
+            os.mknod(name, mode, rdev, dir_fd=pfd)
         self._give(pfd, name, uid, gid, mode & SPECIAL_BITS)
         node, st = self._new_entry(parent, name)
         self._record(node, "mknod", path=encode_path(rel), mode=st.st_mode, rdev=rdev, uid=uid, gid=gid)
@@ -161,7 +164,8 @@ class MirrorFS:
         rel = self._path_of(parent, name)
         pfd = self.inodes.dirfd(parent)
         uid, gid = self._owner(parent, ctx)
-        os.mkdir(name, mode & ~ctx.umask & 0o1777, dir_fd=pfd)  # a set-GID parent hands it down
+        with umask(ctx.umask):
+            os.mkdir(name, mode & 0o1777, dir_fd=pfd)  # a set-GID parent hands its bit down
         os.chown(name, uid, gid, dir_fd=pfd, follow_symlinks=False)
         node, st = self._new_entry(parent, name)
         self._record(node, "mkdir", path=encode_path(rel), mode=stat.S_IMODE(st.st_mode), uid=uid, gid=gid)
@@ -285,11 +289,25 @@ class MirrorFS:
         return proc_path(fd, b"" if name == b"." else name)
 
     def setxattr(self, ino: int, name: bytes, value: bytes, flags: int, kill_sgid: bool, ctx: Ctx) -> None:
-        os.setxattr(self._xattr_path(ino), name, value, flags, follow_symlinks=False)
+        """`kill_sgid`: the caller set an ACL but is neither in the file's group nor privileged,
+        so the set-GID bit goes, as the lower file system would drop it for such a caller (for
+        us, root, it keeps it)."""
+        where = self._xattr_path(ino)
+        os.setxattr(where, name, value, flags, follow_symlinks=False)
         rel = self.inodes.path(ino)
+        node = self.inodes.node(ino)
         if rel is not None:
-            self._record(self.inodes.node(ino), "setxattr", value, path=encode_path(rel),
-                         name=encode_path(name))
+            self._record(node, "setxattr", value, path=encode_path(rel), name=encode_path(name))
+        if kill_sgid:
+            st = self.getattr(ino, None)
+            if st.st_mode & stat.S_ISGID:
+                mode = stat.S_IMODE(st.st_mode) & ~stat.S_ISGID
+                if isinstance(where, int):
+                    os.fchmod(where, mode)
+                else:
+                    os.chmod(where, mode)
+                if rel is not None:
+                    self._record(node, "chmod", path=encode_path(rel), mode=mode)
 
     def getxattr(self, ino: int, name: bytes) -> bytes:
         return os.getxattr(self._xattr_path(ino), name, follow_symlinks=False)
@@ -327,10 +345,11 @@ class MirrorFS:
     def create(self, parent: int, name: bytes, mode: int, flags: int, ctx: Ctx):
         rel = self._path_of(parent, name)
         pfd = self.inodes.dirfd(parent)
-        mode = mode & ~ctx.umask & 0o7777
+        mode &= 0o7777
         base = (flags & ~OPEN_STRIP) | os.O_CLOEXEC | os.O_NOFOLLOW
         try:
-            fd = os.open(name, base | os.O_CREAT | os.O_EXCL, mode, dir_fd=pfd)
+            with umask(ctx.umask):
+                fd = os.open(name, base | os.O_CREAT | os.O_EXCL, mode, dir_fd=pfd)
             made = True
         except FileExistsError:
             if flags & os.O_EXCL:

@@ -21,7 +21,8 @@ from dataclasses import dataclass, field
 from app.engine.lowlevel import beneath, proc_path
 
 CHUNK = 1 << 20
-XATTR_PREFIXES = ("user.", "security.", "trusted.")  # what an administrator expects copied
+# what an administrator expects copied, POSIX ACLs included
+XATTR_PREFIXES = ("user.", "security.", "trusted.", "system.posix_acl_")
 Progress = Callable[[int, int], None]  # (files done, bytes copied)
 
 
