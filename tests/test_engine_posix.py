@@ -9,7 +9,11 @@ mirrorfs (paths deeper than PATH_MAX, chown(-1, -1) and the ctime) each have a s
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import errno
+import hashlib
 import os
+import stat
 import subprocess
 import time
 
@@ -122,6 +126,124 @@ def test_verify_sees_acls_and_mirror_repairs_them(entry):
     eng.client.request("mirror", path=src)
     assert eng.verify(src) == []
     assert [getfacl(tgt, "f"), getfacl(tgt, "d")] == seen
+
+
+# -- fallocate(2) and O_TMPFILE ------------------------------------------------------------------
+
+MiB = 1 << 20
+FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, FALLOC_FL_ZERO_RANGE = 0x01, 0x02, 0x10  # <linux/falloc.h>
+AT_FDCWD, AT_SYMLINK_FOLLOW, AT_EMPTY_PATH = -100, 0x400, 0x1000  # <fcntl.h>
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_long, ctypes.c_long]
+_libc.linkat.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_int]
+
+
+def fallocate(fd: int, mode: int, offset: int, length: int) -> None:
+    if _libc.fallocate(fd, mode, offset, length) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err))
+
+
+def linkat(fd: int, old: bytes, new: bytes, flags: int) -> None:
+    """linkat(2) as an application names an O_TMPFILE file (os.link cannot pass these flags)."""
+    if _libc.linkat(fd, old, AT_FDCWD, new, flags) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err))
+
+
+def file_sha(path) -> str:
+    return hashlib.sha256(open(path, "rb").read()).hexdigest()
+
+
+def fallocate_story(d: str) -> list:
+    path = os.path.join(d, "image")
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        os.write(fd, b"a" * (3 * MiB))
+        os.fsync(fd)
+        fallocate(fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, MiB, MiB)
+        hole = os.lseek(fd, 0, os.SEEK_HOLE)
+        data = os.lseek(fd, MiB, os.SEEK_DATA)
+        fallocate(fd, FALLOC_FL_KEEP_SIZE, 3 * MiB, MiB)  # beyond the end: the size stays
+        size_kept = os.fstat(fd).st_size
+        os.posix_fallocate(fd, 3 * MiB, MiB)
+        fallocate(fd, FALLOC_FL_ZERO_RANGE, 0, 4096)
+        st = os.fstat(fd)
+    finally:
+        os.close(fd)
+    return [size_kept, st.st_size, hole, data, file_sha(path)]
+
+
+def test_fallocate_modes_work_and_replicate(entry):
+    eng, src, tgt, plain = entry
+    seen = both(plain, src, fallocate_story)
+    assert seen[:4] == [3 * MiB, 4 * MiB, MiB, 2 * MiB]
+    eng.drain(src)
+    assert eng.verify(src) == []
+    t = os.path.join(tgt, "image")
+    with open(t, "rb") as f:
+        body = f.read()
+        assert body[MiB:2 * MiB] == bytes(MiB) and body[:4096] == bytes(4096)
+        assert os.lseek(f.fileno(), MiB, os.SEEK_DATA) == 2 * MiB  # the hole is a hole there too
+    assert os.stat(t).st_mtime_ns == os.stat(os.path.join(src, "image")).st_mtime_ns
+
+
+@pytest.fixture
+def ext2_target(tmp_path, scratch_loop):
+    """(eng, src, tgt): an entry whose target is an ext2 file system (no extents), which can
+    punch holes but neither allocate nor zero a range. Unmounted after the engine stops."""
+    dev = scratch_loop(64 * MiB)
+    subprocess.run(["mkfs.ext2", "-q", "-I", "256", dev], check=True)  # 256: nanosecond times
+    (tmp_path / "tgt").mkdir()
+    subprocess.run(["mount", dev, str(tmp_path / "tgt")], check=True)
+    with engine_maker(tmp_path) as make:
+        yield make()
+
+
+def test_fallocate_replicates_onto_a_target_that_cannot_fallocate(ext2_target):
+    eng, src, tgt = ext2_target
+    fd = os.open(os.path.join(tgt, "probe"), os.O_WRONLY | os.O_CREAT)
+    try:
+        for mode in (0, FALLOC_FL_ZERO_RANGE):  # the premise
+            with pytest.raises(OSError) as exc:
+                fallocate(fd, mode, 0, 4096)
+            assert exc.value.errno == errno.EOPNOTSUPP
+    finally:
+        os.close(fd)
+        os.unlink(os.path.join(tgt, "probe"))
+    fallocate_story(src)
+    eng.drain(src)
+    assert eng.status(src)["apply_errors"] == 0  # the applier wrote the zeros, set the size
+    assert eng.verify(src) == []
+
+
+def test_o_tmpfile_linked_in_appears_at_the_target_with_its_data(entry):
+    eng, src, tgt, plain = entry
+
+    def story(d):
+        fd = os.open(d, os.O_TMPFILE | os.O_RDWR, 0o640)
+        try:
+            os.write(fd, b"anonymous until linked")
+            os.fchmod(fd, 0o604)
+            linkat(AT_FDCWD, b"/proc/self/fd/%d" % fd, os.fsencode(os.path.join(d, "by-proc")),
+                   AT_SYMLINK_FOLLOW)
+            os.write(fd, b", then named")
+            linkat(fd, b"", os.fsencode(os.path.join(d, "by-fd")), AT_EMPTY_PATH)
+        finally:
+            os.close(fd)
+        never = os.open(d, os.O_TMPFILE | os.O_WRONLY, 0o600)  # closed unnamed: gone
+        os.write(never, b"x")
+        os.close(never)
+        st = os.stat(os.path.join(d, "by-fd"))
+        return [sorted(os.listdir(d)), open(os.path.join(d, "by-proc")).read(),
+                oct(st.st_mode), st.st_nlink]
+
+    seen = both(plain, src, story)
+    assert seen == [["by-fd", "by-proc"], "anonymous until linked, then named", "0o100604", 2]
+    eng.drain(src)
+    assert eng.verify(src) == []
+    assert open(os.path.join(tgt, "by-fd")).read() == seen[1]
+    assert os.stat(os.path.join(tgt, "by-fd")).st_ino == os.stat(os.path.join(tgt, "by-proc")).st_ino
 
 
 # -- paths deeper than PATH_MAX below the entry --------------------------------------------------

@@ -19,12 +19,17 @@ import threading
 import time
 
 from app.engine.journal import Journal, Record, decode_path
-from app.engine.lowlevel import RENAME_EXCHANGE, _libc, beneath, proc_path, renameat2
+from app.engine.lowlevel import (FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, FALLOC_FL_ZERO_RANGE,
+                                 RENAME_EXCHANGE, _libc, beneath, fallocate, linkat_fd, proc_path,
+                                 renameat2)
 
 log = logging.getLogger("mirrorsetup.applier")
 PERSIST_SECONDS = 1.0  # how far the durable applied seq may trail; replay is idempotent
 BATCH = 512
 FD_CACHE = 64  # open target files kept between writes (sequential writes come in 128 KiB+ pieces)
+ZERO_CHUNK = 1 << 20
+FILE_OPS = {"write", "truncate", "fallocate"}  # records about a regular file's data
+NODE_OPS = {"times", "chmod", "chown", "setxattr", "removexattr"}  # about any node
 
 
 
@@ -44,6 +49,7 @@ class Applier:
         self._sync_fd = None if target_fd is None else os.open(
             b".", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC, dir_fd=target_fd)
         self._fds: dict[bytes, int] = {}
+        self._tmp: dict[int, int] = {}  # O_TMPFILE files at the target, by their record's seq
         self._stop = threading.Event()
         self._paused = threading.Event()
         self._idle = threading.Event()
@@ -63,6 +69,9 @@ class Applier:
         if self._thread is not None:
             self._thread.join()
         self._close_fds()
+        for fd in self._tmp.values():
+            os.close(fd)
+        self._tmp.clear()
 
     def pause(self) -> None:
         """Hold the applier between batches (a mirror writes the target meanwhile)."""
@@ -138,26 +147,35 @@ class Applier:
             self._fds[path] = fd
         return fd
 
+    def _tmp_fd(self, seq: int) -> int:
+        fd = self._tmp.get(seq)
+        if fd is None:
+            raise OSError(errno.EBADF, f"O_TMPFILE file of record {seq} is not open at the target")
+        return fd
+
     def apply(self, rec: Record) -> None:
         if self.tfd is None:
             return
         a = rec.args
         op = rec.op
         path = decode_path(a["path"]) if "path" in a else b""
-        if op == "write":
-            os.pwrite(self._fd(path), rec.data, a["offset"])
-        elif op == "truncate":
-            os.ftruncate(self._fd(path), a["size"])
+        if op in FILE_OPS:  # about a regular file's data: through a cached open fd
+            _apply_fd(op, a, rec.data, self._tmp_fd(a["tmp"]) if "tmp" in a else self._fd(path))
+        elif "tmp" in a and op in NODE_OPS:
+            _apply_fd(op, a, rec.data, self._tmp_fd(a["tmp"]))
+        elif op == "tmpfile":
+            with beneath(self.tfd, path) as (d, name):
+                fd = os.open(name, os.O_RDWR | os.O_TMPFILE | os.O_CLOEXEC, a["mode"], dir_fd=d)
+            self._tmp[rec.seq] = fd
+            os.fchown(fd, a["uid"], a["gid"])
+            os.fchmod(fd, a["mode"])  # after the chown, which clears set-ID bits
+        elif op == "tmpclose":
+            fd = self._tmp.pop(a["tmp"], None)
+            if fd is not None:
+                os.close(fd)
         elif op == "link":
             self._close_fds()
-            with beneath(self.tfd, decode_path(a["src"])) as (sd, sname), \
-                    beneath(self.tfd, path) as (d, name):
-                try:
-                    os.link(sname, name, src_dir_fd=sd, dst_dir_fd=d, follow_symlinks=False)
-                except FileExistsError:
-                    if not _same_file(sd, sname, d, name):
-                        os.unlink(name, dir_fd=d)
-                        os.link(sname, name, src_dir_fd=sd, dst_dir_fd=d, follow_symlinks=False)
+            self._link(a, path)
         elif op == "rename":
             self._rename(decode_path(a["old"]), decode_path(a["new"]), a["flags"])
         else:
@@ -218,6 +236,27 @@ class Applier:
         else:
             raise OSError(errno.EINVAL, f"unknown journal op {op!r}")
 
+    def _link(self, a: dict, path: bytes) -> None:
+        """A new name: for a name, or for an O_TMPFILE file (its first, from its open fd)."""
+        with beneath(self.tfd, path) as (d, name):
+            if "tmp" in a:
+                fd = self._tmp_fd(a["tmp"])
+                try:
+                    linkat_fd(fd, d, name)
+                except FileExistsError:
+                    if os.fstat(fd).st_ino != os.stat(name, dir_fd=d, follow_symlinks=False).st_ino:
+                        os.unlink(name, dir_fd=d)
+                        linkat_fd(fd, d, name)
+                os.close(self._tmp.pop(a["tmp"]))  # named now: later records use its path
+                return
+            with beneath(self.tfd, decode_path(a["src"])) as (sd, sname):
+                try:
+                    os.link(sname, name, src_dir_fd=sd, dst_dir_fd=d, follow_symlinks=False)
+                except FileExistsError:
+                    if not _same_file(sd, sname, d, name):
+                        os.unlink(name, dir_fd=d)
+                        os.link(sname, name, src_dir_fd=sd, dst_dir_fd=d, follow_symlinks=False)
+
     def _rename(self, old: bytes, new: bytes, flags: int) -> None:
         self._close_fds()
         with beneath(self.tfd, old) as (od, oname), beneath(self.tfd, new) as (nd, nname):
@@ -227,6 +266,51 @@ class Applier:
             except FileNotFoundError:
                 if not os.path.lexists(proc_path(nd, nname)):
                     raise  # neither name: a real divergence, counted and fixed by a difference mirror
+
+
+def _apply_fd(op: str, a: dict, data: bytes, fd: int) -> None:
+    """A record about an open file at the target (by path through the fd cache, or an
+    O_TMPFILE file that has no name yet)."""
+    if op == "write":
+        os.pwrite(fd, data, a["offset"])
+    elif op == "truncate":
+        os.ftruncate(fd, a["size"])
+    elif op == "fallocate":
+        _fallocate(fd, a["mode"], a["offset"], a["length"])
+    elif op == "times":
+        atime = os.fstat(fd).st_atime_ns if a["atime"] is None else a["atime"]
+        os.utime(fd, ns=(atime, a["mtime"]))
+    elif op == "chmod":
+        os.fchmod(fd, a["mode"])
+    elif op == "chown":
+        os.fchown(fd, a["uid"], a["gid"])
+    elif op == "setxattr":
+        os.setxattr(fd, decode_path(a["name"]), data)
+    elif op == "removexattr":
+        try:
+            os.removexattr(fd, decode_path(a["name"]))
+        except OSError as exc:
+            if exc.errno != errno.ENODATA:
+                raise
+
+
+def _fallocate(fd: int, mode: int, offset: int, length: int) -> None:
+    """fallocate(2) as the source did; a target file system that cannot gets the same bytes:
+    zeros written over a punched or zeroed range, the size extended by an allocation."""
+    try:
+        fallocate(fd, mode, offset, length)
+        return
+    except OSError as exc:
+        if exc.errno != errno.EOPNOTSUPP:
+            raise
+    size, end = os.fstat(fd).st_size, offset + length
+    if mode & (FALLOC_FL_PUNCH_HOLE | FALLOC_FL_ZERO_RANGE):
+        stop = min(end, size) if mode & FALLOC_FL_KEEP_SIZE else end
+        zeros = bytes(min(ZERO_CHUNK, max(stop - offset, 0)))
+        for at_ in range(offset, stop, ZERO_CHUNK):
+            os.pwrite(fd, zeros[:stop - at_], at_)
+    elif not mode & FALLOC_FL_KEEP_SIZE and end > size:
+        os.ftruncate(fd, end)
 
 
 def _replace_missing(d: int, name: bytes, make) -> None:

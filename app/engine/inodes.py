@@ -28,7 +28,7 @@ DIR_OPEN = os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 
 
 class Node:
-    __slots__ = ("ino", "key", "lookups", "links", "captured", "is_dir", "fd")
+    __slots__ = ("ino", "key", "lookups", "links", "captured", "is_dir", "fd", "tmp")
 
     def __init__(self, ino: int, key: tuple[int, int], captured: bool, is_dir: bool):
         self.ino = ino
@@ -38,6 +38,7 @@ class Node:
         self.captured = captured
         self.is_dir = is_dir
         self.fd = -1  # O_PATH fd of a directory, while open
+        self.tmp = 0  # an O_TMPFILE file not linked yet: the seq of its "tmpfile" record
 
 
 class InodeTable:
@@ -158,6 +159,17 @@ class InodeTable:
             self._nodes[old].links.pop((parent, name), None)
         self._dentries[(parent, name)] = ino
         node.links[(parent, name)] = None
+        return node
+
+    def anonymous(self, parent: int, st: os.stat_result) -> Node:
+        """A node with no name yet (an O_TMPFILE file made in `parent`), looked up once by the
+        reply that made it."""
+        node = Node(self._next, (st.st_dev, st.st_ino),
+                    st.st_dev == self.root_dev and self._nodes[parent].captured, False)
+        self._next += 1
+        self._nodes[node.ino] = node
+        self._by_key[node.key] = node.ino
+        node.lookups = 1
         return node
 
     def lookup(self, parent: int, name: bytes, st: os.stat_result) -> Node:

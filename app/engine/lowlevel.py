@@ -1,5 +1,5 @@
-"""System calls Python's os module lacks (renameat2, utimensat with UTIME_NOW) and path helpers
-for fd-relative access."""
+"""System calls Python's os module lacks (renameat2, utimensat with UTIME_NOW, fallocate with
+modes, linkat with AT_EMPTY_PATH, unshare) and path helpers for fd-relative access."""
 
 from __future__ import annotations
 
@@ -13,6 +13,8 @@ RENAME_EXCHANGE = 2  # <linux/fs.h>: swap the two names atomically
 UTIME_NOW = (1 << 30) - 1  # <linux/stat.h>: set this time to the current time
 UTIME_OMIT = (1 << 30) - 2  # <linux/stat.h>: leave this time as it is
 AT_SYMLINK_NOFOLLOW = 0x100  # <fcntl.h>
+FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, FALLOC_FL_ZERO_RANGE = 0x01, 0x02, 0x10  # <linux/falloc.h>
+AT_EMPTY_PATH = 0x1000  # <fcntl.h>: the fd itself (linkat needs CAP_DAC_READ_SEARCH for it)
 NOW = "now"  # a time given as "the current time" (UTIME_NOW)
 LONG_PATH = 2048  # relative paths this long are walked in pieces: PATH_MAX is 4096 bytes, and
                   # /proc/self/fd/N/ prefixes need room too
@@ -27,6 +29,8 @@ class _Timespec(ctypes.Structure):
 
 
 _libc.utimensat.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.POINTER(_Timespec), ctypes.c_int]
+_libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
+_libc.linkat.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_int]
 
 
 def _raise(what) -> None:
@@ -41,6 +45,18 @@ def renameat2(src_dir: int, src: bytes, dst_dir: int, dst: bytes, flags: int) ->
         return
     if _libc.renameat2(src_dir, src, dst_dir, dst, flags) != 0:
         _raise(src)
+
+
+def fallocate(fd: int, mode: int, offset: int, length: int) -> None:
+    """fallocate(2) with its modes (os.posix_fallocate has none)."""
+    if _libc.fallocate(fd, mode, offset, length) != 0:
+        _raise(None)
+
+
+def linkat_fd(fd: int, dir_fd: int, name: bytes) -> None:
+    """Give the open file fd (an O_TMPFILE file) the name `name` in dir_fd."""
+    if _libc.linkat(fd, b"", dir_fd, name, AT_EMPTY_PATH) != 0:
+        _raise(name)
 
 
 CLONE_FS = 0x200  # <sched.h>: cwd, root and umask

@@ -27,7 +27,8 @@ from app.engine import fusewire
 from app.engine.fusewire import Changes, Ctx
 from app.engine.inodes import ROOT, InodeTable, Node
 from app.engine.journal import Journal, encode_path
-from app.engine.lowlevel import RENAME_EXCHANGE, proc_path, renameat2, umask, unshare_fs, utimensat
+from app.engine.lowlevel import (RENAME_EXCHANGE, fallocate, linkat_fd, proc_path, renameat2, umask,
+                                 unshare_fs, utimensat)
 from app.services import mounts
 
 OPEN_STRIP = os.O_CREAT | os.O_EXCL | os.O_NOCTTY | os.O_APPEND  # the kernel sends offsets
@@ -91,19 +92,30 @@ class MirrorFS:
         if node.captured:
             self.journal.append(op, args, data)
 
+    def _ref(self, node: Node) -> dict | None:
+        """How a record names an existing node: its path; an O_TMPFILE file not linked yet, by
+        the seq of its "tmpfile" record; a file with no name left, not at all (the target
+        has removed it already)."""
+        rel = self.inodes.path(node.ino)
+        if rel is not None:
+            return {"path": encode_path(rel)}
+        return {"tmp": node.tmp} if node.tmp else None
+
+    def _record_on(self, node: Node, op: str, data: bytes = b"", **args) -> None:
+        """A record about an existing node (its data, size, mode, owner, times, xattrs)."""
+        if node.captured:
+            ref = self._ref(node)
+            if ref is not None:
+                self.journal.append(op, {**ref, **args}, data)
+
     def _times(self, node: Node, st: os.stat_result | None = None, atime=None) -> None:
         """Record a node's times as they are now at the lower tree; its atime when asked for
         (`atime` True) or when the entry replicates access times."""
-        if not node.captured:
-            return
-        rel = self.inodes.path(node.ino)
-        if rel is None:
-            return
-        st = st or self._lstat(node.ino)
-        keep_atime = atime or self.replicate_atime
-        self.journal.append("times", {"path": encode_path(rel),
-                                      "atime": st.st_atime_ns if keep_atime else None,
-                                      "mtime": st.st_mtime_ns})
+        if node.captured:
+            st = st or self.getattr(node.ino, None)
+            keep_atime = atime or self.replicate_atime
+            self._record_on(node, "times", atime=st.st_atime_ns if keep_atime else None,
+                            mtime=st.st_mtime_ns)
 
     def _dir_times(self, parent: int) -> None:
         self._times(self.inodes.node(parent))
@@ -186,15 +198,24 @@ class MirrorFS:
         return node.ino, st
 
     def link(self, ino: int, new_parent: int, new_name: bytes):
-        src = self.inodes.path(ino)
-        if src is None:
-            raise OSError(errno.ENOENT, "no name left", str(ino))
+        """A new name for a node; an O_TMPFILE file gets its first one from its open fd."""
+        old = self.inodes.node(ino)
+        src = self._ref(old)
         rel = self._path_of(new_parent, new_name)
-        sfd, sname = self.inodes.at(ino)
-        os.link(sname, new_name, src_dir_fd=sfd, dst_dir_fd=self.inodes.dirfd(new_parent),
-                follow_symlinks=False)
+        dfd = self.inodes.dirfd(new_parent)
+        if self.inodes.path(ino) is None:
+            fd = self._open_fd(ino)
+            if fd is None:
+                raise OSError(errno.ENOENT, "no name left", str(ino))
+            linkat_fd(fd, dfd, new_name)
+        else:
+            sfd, sname = self.inodes.at(ino)
+            os.link(sname, new_name, src_dir_fd=sfd, dst_dir_fd=dfd, follow_symlinks=False)
         node, st = self._new_entry(new_parent, new_name)
-        self._record(node, "link", src=encode_path(src), path=encode_path(rel))
+        if src is not None:
+            self._record(node, "link", path=encode_path(rel),
+                         **({"tmp": src["tmp"]} if "tmp" in src else {"src": src["path"]}))
+        old.tmp = 0  # named now: records use its path; the target's anonymous fd is done with
         self._dir_times(new_parent)
         return node.ino, st
 
@@ -227,14 +248,12 @@ class MirrorFS:
     def setattr(self, ino: int, ch: Changes, ctx: Ctx) -> os.stat_result:
         node = self.inodes.node(ino)
         h = self._handles.get(ch.fh) if ch.fh is not None else None
-        rel = self.inodes.path(ino)
-        if rel is None:  # no name left: only through an open file, and not replicated
+        if self.inodes.path(ino) is None:  # no name (left): only through an open file
             fd, name = (h.fd if h is not None else self._open_fd(ino)), None
             if fd is None:
                 raise OSError(errno.ENOENT, "no name left", str(ino))
         else:
             fd, name = self.inodes.at(ino)
-        p = encode_path(rel) if rel is not None else None
         if ch.size is not None:
             if h is not None:
                 os.ftruncate(h.fd, ch.size)
@@ -246,16 +265,14 @@ class MirrorFS:
                     os.ftruncate(tfd, ch.size)
                 finally:
                     os.close(tfd)
-            if p is not None:
-                self._record(node, "truncate", path=p, size=ch.size)
+            self._record_on(node, "truncate", size=ch.size)
         if ch.mode is not None:
             mode = stat.S_IMODE(ch.mode)
             if name is None:
                 os.fchmod(fd, mode)
             else:
                 os.chmod(name, mode, dir_fd=fd)
-            if p is not None:
-                self._record(node, "chmod", path=p, mode=mode)
+            self._record_on(node, "chmod", mode=mode)
         if ch.uid is not None or ch.gid is not None:
             uid = -1 if ch.uid is None else ch.uid
             gid = -1 if ch.gid is None else ch.gid
@@ -263,8 +280,7 @@ class MirrorFS:
                 os.fchown(fd, uid, gid)
             else:
                 os.chown(name, uid, gid, dir_fd=fd, follow_symlinks=False)
-            if p is not None:
-                self._record(node, "chown", path=p, uid=uid, gid=gid)
+            self._record_on(node, "chown", uid=uid, gid=gid)
         if ch.atime_ns is not None or ch.mtime_ns is not None:
             utimensat(fd, name, ch.atime_ns, ch.mtime_ns)
         if ch.only_ctime():  # the lower file system updates the ctime as the caller's call did
@@ -294,10 +310,8 @@ class MirrorFS:
         us, root, it keeps it)."""
         where = self._xattr_path(ino)
         os.setxattr(where, name, value, flags, follow_symlinks=False)
-        rel = self.inodes.path(ino)
         node = self.inodes.node(ino)
-        if rel is not None:
-            self._record(node, "setxattr", value, path=encode_path(rel), name=encode_path(name))
+        self._record_on(node, "setxattr", value, name=encode_path(name))
         if kill_sgid:
             st = self.getattr(ino, None)
             if st.st_mode & stat.S_ISGID:
@@ -306,8 +320,7 @@ class MirrorFS:
                     os.fchmod(where, mode)
                 else:
                     os.chmod(where, mode)
-                if rel is not None:
-                    self._record(node, "chmod", path=encode_path(rel), mode=mode)
+                self._record_on(node, "chmod", mode=mode)
 
     def getxattr(self, ino: int, name: bytes) -> bytes:
         return os.getxattr(self._xattr_path(ino), name, follow_symlinks=False)
@@ -317,10 +330,7 @@ class MirrorFS:
 
     def removexattr(self, ino: int, name: bytes) -> None:
         os.removexattr(self._xattr_path(ino), name, follow_symlinks=False)
-        rel = self.inodes.path(ino)
-        if rel is not None:
-            self._record(self.inodes.node(ino), "removexattr", path=encode_path(rel),
-                         name=encode_path(name))
+        self._record_on(self.inodes.node(ino), "removexattr", name=encode_path(name))
 
     def statfs(self) -> os.statvfs_result:
         return os.fstatvfs(self.root_fd)
@@ -337,9 +347,8 @@ class MirrorFS:
         dfd, name = self.inodes.at(ino)
         fd = os.open(name, (flags & ~OPEN_STRIP) | os.O_CLOEXEC | os.O_NOFOLLOW, dir_fd=dfd)
         truncated = bool(flags & os.O_TRUNC)
-        rel = self.inodes.path(ino)
-        if truncated and rel is not None:
-            self._record(self.inodes.node(ino), "truncate", path=encode_path(rel), size=0)
+        if truncated:
+            self._record_on(self.inodes.node(ino), "truncate", size=0)
         return self._handle(fd, ino, wrote=truncated)
 
     def create(self, parent: int, name: bytes, mode: int, flags: int, ctx: Ctx):
@@ -374,6 +383,31 @@ class MirrorFS:
             self._record(node, "truncate", path=encode_path(rel), size=0)
         return node.ino, st, self._handle(fd, node.ino, wrote=True)
 
+    def tmpfile(self, parent: int, mode: int, flags: int, ctx: Ctx):
+        """open(O_TMPFILE): an anonymous file in `parent`, made at the target too (its records
+        name it by the seq of its "tmpfile" record until linkat(2) gives it a name)."""
+        rel = self.inodes.path(parent)
+        if rel is None:
+            raise OSError(errno.ENOENT, "directory has no name left", str(parent))
+        pfd = self.inodes.dirfd(parent)
+        mode &= 0o7777
+        with umask(ctx.umask):
+            fd = os.open(b".", (flags & ~OPEN_STRIP) | os.O_TMPFILE | os.O_CLOEXEC, mode, dir_fd=pfd)
+        try:
+            uid, gid = self._owner(parent, ctx)
+            os.fchown(fd, uid, gid)
+            if mode & SPECIAL_BITS:
+                os.fchmod(fd, stat.S_IMODE(os.fstat(fd).st_mode) | (mode & SPECIAL_BITS))
+            st = os.fstat(fd)
+        except OSError:
+            os.close(fd)
+            raise
+        node = self.inodes.anonymous(parent, st)
+        if node.captured:
+            node.tmp = self.journal.append("tmpfile", {"path": encode_path(rel), "mode": stat.S_IMODE(st.st_mode),
+                                                       "uid": uid, "gid": gid})
+        return node.ino, st, self._handle(fd, node.ino, wrote=True)
+
     def read(self, fh: int, off: int, size: int) -> bytes:
         h = self._handles[fh]
         h.read = True
@@ -383,10 +417,18 @@ class MirrorFS:
         h = self._handles[fh]
         n = os.pwrite(h.fd, buf, off)
         h.wrote = True
-        rel = self.inodes.path(h.ino)
-        if rel is not None:  # a file with no name left is gone at the target too
-            self._record(self.inodes.node(h.ino), "write", bytes(buf[:n]), path=encode_path(rel), offset=off)
+        self._record_on(self.inodes.node(h.ino), "write", bytes(buf[:n]), offset=off)
         return n
+
+    def fallocate(self, fh: int, offset: int, length: int, mode: int) -> None:
+        h = self._handles[fh]
+        fallocate(h.fd, mode, offset, length)
+        h.wrote = True  # its times are recorded at close, as after writes
+        self._record_on(self.inodes.node(h.ino), "fallocate", offset=offset, length=length, mode=mode)
+
+    def lseek(self, fh: int, offset: int, whence: int) -> int:
+        """SEEK_DATA and SEEK_HOLE, answered by the lower file system's own extents."""
+        return os.lseek(self._handles[fh].fd, offset, whence)
 
     def release(self, fh: int) -> None:
         h = self._handles.pop(fh)
@@ -396,10 +438,12 @@ class MirrorFS:
             if not handles:
                 del self._open[h.ino]
         try:
-            if h.wrote or (h.read and self.replicate_atime):
-                node = self.inodes.get(h.ino)
-                if node is not None:
-                    self._times(node, os.fstat(h.fd))
+            node = self.inodes.get(h.ino)
+            if node is not None and (h.wrote or (h.read and self.replicate_atime)):
+                self._times(node, os.fstat(h.fd))
+            if node is not None and node.tmp and h.ino not in self._open:
+                self._record(node, "tmpclose", tmp=node.tmp)  # never linked: gone for good
+                node.tmp = 0
         finally:
             os.close(h.fd)
 
