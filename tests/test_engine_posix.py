@@ -12,6 +12,7 @@ import contextlib
 import ctypes
 import errno
 import hashlib
+import mmap
 import os
 import stat
 import subprocess
@@ -360,6 +361,65 @@ def test_truncate_carries_the_source_mtime_to_the_target(entry):
     assert os.stat(t).st_size == 5
     assert os.stat(t).st_mtime_ns == os.stat(f).st_mtime_ns == source_mtime
     assert eng.verify(src) == []
+
+
+# -- what a creation hands down, what I/O bypasses, what stat shows ---------------------------
+
+def setid_story(d: str) -> list:
+    """Set-ID bits asked for at creation stay (mirrorfs's own chown as root clears them)."""
+    seen = []
+    fd = os.open(os.path.join(d, "setid"), os.O_WRONLY | os.O_CREAT, 0o6755)
+    os.close(fd)
+    os.mknod(os.path.join(d, "setid-node"), stat.S_IFREG | 0o4750)
+    os.mkdir(os.path.join(d, "shared"), 0o777)
+    os.chmod(os.path.join(d, "shared"), 0o2777)
+    seen.append(as_user(NOBODY, ["sh", "-c", "mkdir sub && touch file && chmod 4755 file"],
+                        os.path.join(d, "shared")))
+    for name in ("setid", "setid-node", "shared", "shared/sub", "shared/file"):
+        st = os.stat(os.path.join(d, name))
+        seen.append((name, oct(st.st_mode), st.st_uid, st.st_gid))
+    return seen
+
+
+def test_set_id_bits_at_creation_as_below(entry):
+    eng, src, tgt, plain = entry
+    seen = both(plain, src, setid_story)
+    assert ("setid", "0o106755", 0, 0) in seen
+    eng.drain(src)
+    assert eng.verify(src) == []
+
+
+def test_direct_io_works_as_below(entry):
+    """O_DIRECT through mirrorfs (databases, VM images): aligned writes and reads."""
+    eng, src, tgt, plain = entry
+
+    def story(d):
+        buf = mmap.mmap(-1, 64 * 1024)  # page-aligned, as O_DIRECT wants
+        buf.write(os.urandom(64 * 1024))
+        fd = os.open(os.path.join(d, "direct"), os.O_RDWR | os.O_CREAT | os.O_DIRECT, 0o644)
+        try:
+            written = [os.pwrite(fd, buf, i * len(buf)) for i in range(4)]
+            back = mmap.mmap(-1, 64 * 1024)
+            got = os.preadv(fd, [back], 64 * 1024)
+            return [written, got, back[:] == buf[:], os.fstat(fd).st_size]
+        finally:
+            os.close(fd)
+
+    assert both(plain, src, story) == [[65536] * 4, 65536, True, 262144]
+    eng.drain(src)
+    assert eng.verify(src) == []
+
+
+def test_stat_shows_the_lower_inode_numbers(entry):
+    """stat, ls -i, git and tar see the inode numbers the files had before the mount."""
+    eng, src, tgt, _ = entry
+    os.mkdir(os.path.join(src, "d"))
+    open(os.path.join(src, "d", "f"), "w").close()
+    seen = {name: os.lstat(os.path.join(src, name)).st_ino for name in (".", "d", "d/f")}
+    listed = {e.name: e.inode() for e in os.scandir(os.path.join(src, "d"))}
+    assert listed["f"] == seen["d/f"]
+    eng.stop()  # the lower tree shows again
+    assert {name: os.lstat(os.path.join(src, name)).st_ino for name in seen} == seen
 
 
 # -- chown and the ctime (pjdfstest chown/00.t) ------------------------------------------------

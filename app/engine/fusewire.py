@@ -88,22 +88,11 @@ FORGET_ONE = struct.Struct("=QQ")
 STATFS_OUT = struct.Struct("=QQQQQIIII24x")
 DIRENT = struct.Struct("=QQII")
 TIMEOUT_S, TIMEOUT_NS = 1, 0  # names and attributes may be cached 1 s: we are the only way in
+OTHER_DEV_INO = 1 << 62  # tags the inode numbers shown for nodes on another file system
 
 
 def _split(ns: int) -> tuple[int, int]:
     return divmod(ns, 1_000_000_000)
-
-
-def attr_fields(ino: int, st: os.stat_result) -> tuple:
-    a, an = _split(st.st_atime_ns)
-    m, mn = _split(st.st_mtime_ns)
-    c, cn = _split(st.st_ctime_ns)
-    return (ino, st.st_size, st.st_blocks, a, m, c, an, mn, cn, st.st_mode, st.st_nlink,
-            st.st_uid, st.st_gid, st.st_rdev & 0xFFFFFFFF, st.st_blksize, 0)
-
-
-def entry_out(ino: int, st: os.stat_result) -> bytes:
-    return ENTRY_OUT.pack(ino, 0, TIMEOUT_S, TIMEOUT_S, TIMEOUT_NS, TIMEOUT_NS, *attr_fields(ino, st))
 
 
 class Ctx:
@@ -160,6 +149,22 @@ class Session:
             CREATE: self._create, TMPFILE: self._tmpfile, INTERRUPT: self._interrupt,
             DESTROY: self._destroy, FALLOCATE: self._fallocate, LSEEK: self._lseek,
         }
+
+    # -- attributes as the kernel wants them ------------------------------------------------------
+    def _attr(self, nodeid: int, st: os.stat_result) -> tuple:
+        """fuse_attr's fields. The inode number shown is the lower file's own (stat, ls -i, git
+        and tar see the numbers they saw before the mount); a node on a file system mounted
+        below the entry, whose numbers could repeat the entry's, shows ours, tagged."""
+        a, an = _split(st.st_atime_ns)
+        m, mn = _split(st.st_mtime_ns)
+        c, cn = _split(st.st_ctime_ns)
+        ino = st.st_ino if st.st_dev == self.fs.dev else OTHER_DEV_INO | nodeid
+        return (ino, st.st_size, st.st_blocks, a, m, c, an, mn, cn, st.st_mode, st.st_nlink,
+                st.st_uid, st.st_gid, st.st_rdev & 0xFFFFFFFF, st.st_blksize, 0)
+
+    def _entry(self, nodeid: int, st: os.stat_result) -> bytes:
+        return ENTRY_OUT.pack(nodeid, 0, TIMEOUT_S, TIMEOUT_S, TIMEOUT_NS, TIMEOUT_NS,
+                              *self._attr(nodeid, st))
 
     # -- mount --------------------------------------------------------------------------------
     def mount(self, flags: int = mounts.MS_NOSUID | mounts.MS_NODEV) -> None:
@@ -297,7 +302,7 @@ class Session:
 
     def _lookup(self, nodeid, body, ctx):
         name = bytes(body[:-1])
-        return entry_out(*self.fs.lookup(nodeid, name))
+        return self._entry(*self.fs.lookup(nodeid, name))
 
     def _forget(self, nodeid, body, ctx):
         self.fs.forget(nodeid, U64.unpack_from(body)[0])
@@ -311,14 +316,14 @@ class Session:
     def _getattr(self, nodeid, body, ctx):
         flags, _, fh = struct.unpack_from("=IIQ", body)
         st = self.fs.getattr(nodeid, fh if flags & GETATTR_FH else None)
-        return ATTR_OUT.pack(TIMEOUT_S, TIMEOUT_NS, 0, *attr_fields(nodeid, st))
+        return ATTR_OUT.pack(TIMEOUT_S, TIMEOUT_NS, 0, *self._attr(nodeid, st))
 
     def _setattr(self, nodeid, body, ctx):
         (valid, _, fh, size, _, atime, mtime, _, atimensec, mtimensec, _, mode, _, uid, gid,
          _) = SETATTR_IN.unpack_from(body)
         changes = Changes(valid, fh, size, atime, mtime, atimensec, mtimensec, mode, uid, gid)
         st = self.fs.setattr(nodeid, changes, ctx)
-        return ATTR_OUT.pack(TIMEOUT_S, TIMEOUT_NS, 0, *attr_fields(nodeid, st))
+        return ATTR_OUT.pack(TIMEOUT_S, TIMEOUT_NS, 0, *self._attr(nodeid, st))
 
     def _readlink(self, nodeid, body, ctx):
         return self.fs.readlink(nodeid)
@@ -327,17 +332,17 @@ class Session:
         raw = bytes(body)
         name, _, rest = raw.partition(b"\0")
         target = rest[:rest.index(b"\0")]
-        return entry_out(*self.fs.symlink(nodeid, name, target, ctx))
+        return self._entry(*self.fs.symlink(nodeid, name, target, ctx))
 
     def _mknod(self, nodeid, body, ctx):
         mode, rdev, ctx.umask, _ = FOUR_U32.unpack_from(body)
         name = bytes(body[16:-1])
-        return entry_out(*self.fs.mknod(nodeid, name, mode, os.makedev(*_decode_dev(rdev)), ctx))
+        return self._entry(*self.fs.mknod(nodeid, name, mode, os.makedev(*_decode_dev(rdev)), ctx))
 
     def _mkdir(self, nodeid, body, ctx):
         mode, ctx.umask = TWO_U32.unpack_from(body)
         name = bytes(body[8:-1])
-        return entry_out(*self.fs.mkdir(nodeid, name, mode, ctx))
+        return self._entry(*self.fs.mkdir(nodeid, name, mode, ctx))
 
     def _unlink(self, nodeid, body, ctx):
         self.fs.unlink(nodeid, bytes(body[:-1]))
@@ -357,7 +362,7 @@ class Session:
 
     def _link(self, nodeid, body, ctx):
         old = U64.unpack_from(body)[0]
-        return entry_out(*self.fs.link(old, nodeid, bytes(body[8:-1])))
+        return self._entry(*self.fs.link(old, nodeid, bytes(body[8:-1])))
 
     def _open(self, nodeid, body, ctx):
         flags = U32.unpack_from(body)[0]
@@ -367,12 +372,12 @@ class Session:
         flags, mode, ctx.umask, _ = FOUR_U32.unpack_from(body)
         name = bytes(body[16:-1])
         ino, st, fh = self.fs.create(nodeid, name, mode, flags, ctx)
-        return entry_out(ino, st), OPEN_OUT.pack(fh, FOPEN_KEEP_CACHE, 0)
+        return self._entry(ino, st), OPEN_OUT.pack(fh, FOPEN_KEEP_CACHE, 0)
 
     def _tmpfile(self, nodeid, body, ctx):
         flags, mode, ctx.umask, _ = FOUR_U32.unpack_from(body)
         ino, st, fh = self.fs.tmpfile(nodeid, mode, flags, ctx)
-        return entry_out(ino, st), OPEN_OUT.pack(fh, FOPEN_KEEP_CACHE, 0)
+        return self._entry(ino, st), OPEN_OUT.pack(fh, FOPEN_KEEP_CACHE, 0)
 
     def _read(self, nodeid, body, ctx):
         fh, offset, size = RW_IN.unpack_from(body)[:3]
@@ -448,11 +453,11 @@ class Session:
                 if counted:
                     self.fs.unsent_entry(ino)
                 break
-            dirent = DIRENT.pack(ino, next_off, len(name), (st.st_mode >> 12) & 0xF)
+            attr = self._attr(ino, st)
+            dirent = DIRENT.pack(attr[0], next_off, len(name), (st.st_mode >> 12) & 0xF)
             pad = rec - ENTRY_OUT.size - DIRENT.size - len(name)
-            nodeid_out = ino if counted else 0
-            out.append(ENTRY_OUT.pack(nodeid_out, 0, TIMEOUT_S, TIMEOUT_S, TIMEOUT_NS, TIMEOUT_NS,
-                                      *attr_fields(ino, st)) + dirent + name + bytes(pad))
+            out.append(ENTRY_OUT.pack(ino if counted else 0, 0, TIMEOUT_S, TIMEOUT_S, TIMEOUT_NS,
+                                      TIMEOUT_NS, *attr) + dirent + name + bytes(pad))
             used += rec
         return b"".join(out)
 

@@ -31,7 +31,9 @@ from app.engine.lowlevel import (RENAME_EXCHANGE, fallocate, linkat_fd, proc_pat
                                  unshare_fs, utimensat)
 from app.services import mounts
 
-OPEN_STRIP = os.O_CREAT | os.O_EXCL | os.O_NOCTTY | os.O_APPEND  # the kernel sends offsets
+# the kernel sends offsets (O_APPEND) and bypasses its own cache for O_DIRECT; our buffers are
+# not aligned for O_DIRECT at the lower file, and need not be
+OPEN_STRIP = os.O_CREAT | os.O_EXCL | os.O_NOCTTY | os.O_APPEND | os.O_DIRECT
 SPECIAL_BITS = stat.S_ISUID | stat.S_ISGID  # chown(2) clears them, even our own as root
 LOWER_MOUNT_FLAGS = ((os.ST_NOSUID, mounts.MS_NOSUID), (os.ST_NODEV, mounts.MS_NODEV),
                      (os.ST_NOEXEC, mounts.MS_NOEXEC))
@@ -52,7 +54,9 @@ class MirrorFS:
         soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
         if soft < hard:  # an fd of ours for every file an application holds open through us
             resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-        self.inodes = InodeTable(os.stat(b".", dir_fd=root_fd, follow_symlinks=False), root_fd)
+        root_st = os.stat(b".", dir_fd=root_fd, follow_symlinks=False)
+        self.dev = root_st.st_dev  # the entry's own file system
+        self.inodes = InodeTable(root_st, root_fd)
         self._handles: dict[int, Handle] = {}
         self._open: dict[int, list[Handle]] = {}  # open handles per inode
         self._dirs: dict[int, tuple[int, list[bytes] | None]] = {}
