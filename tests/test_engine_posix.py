@@ -410,16 +410,24 @@ def test_direct_io_works_as_below(entry):
     assert eng.verify(src) == []
 
 
-def test_stat_shows_the_lower_inode_numbers(entry):
-    """stat, ls -i, git and tar see the inode numbers the files had before the mount."""
+def test_stat_shows_the_lower_inode_numbers_and_birth_times(entry):
+    """stat, ls -i, git and tar see the inode numbers the files had before the mount, and
+    statx(2) their birth times (FUSE_STATX)."""
     eng, src, tgt, _ = entry
     os.mkdir(os.path.join(src, "d"))
     open(os.path.join(src, "d", "f"), "w").close()
-    seen = {name: os.lstat(os.path.join(src, name)).st_ino for name in (".", "d", "d/f")}
+    names = (".", "d", "d/f")
+
+    def stat_x():  # coreutils stat asks statx for the birth time: %W
+        return subprocess.run(["stat", "-c", "%n %i %W", *names], cwd=src, check=True,
+                              capture_output=True, text=True).stdout
+
+    seen = stat_x()
     listed = {e.name: e.inode() for e in os.scandir(os.path.join(src, "d"))}
-    assert listed["f"] == seen["d/f"]
+    assert listed["f"] == os.lstat(os.path.join(src, "d", "f")).st_ino
+    assert " 0\n" not in seen  # a birth time for each
     eng.stop()  # the lower tree shows again
-    assert {name: os.lstat(os.path.join(src, name)).st_ino for name in seen} == seen
+    assert stat_x() == seen
 
 
 # -- chown and the ctime (pjdfstest chown/00.t) ------------------------------------------------

@@ -3,8 +3,8 @@
 Why not pyfuse3: it has no handler for FUSE_FALLOCATE nor FUSE_TMPFILE (the libfuse it builds
 against here, 3.14, cannot even dispatch FUSE_TMPFILE), and its INIT cannot ask for
 FUSE_DONT_MASK, without which a directory's default POSIX ACL cannot work as it does below.
-The protocol is small and stable (<linux/fuse.h>); we answer INIT with 7.38 and the kernel
-adapts to that.
+The protocol is small and stable (<linux/fuse.h>); we answer INIT with 7.39 (FUSE_STATX) and
+the kernel adapts to that.
 
 `Session` parses each request into plain Python values, calls the file system's method of the
 same name and encodes what it returns; an OSError becomes the reply's errno. One trio task
@@ -33,7 +33,7 @@ from app.services import mounts
 log = logging.getLogger("mirrorsetup.fusewire")
 
 ROOT_ID = 1  # FUSE_ROOT_ID
-KERNEL_MAJOR, OUR_MINOR = 7, 38
+KERNEL_MAJOR, OUR_MINOR = 7, 39  # 7.39: FUSE_STATX
 MAX_WRITE = 1 << 20  # what libfuse asks for: 256 pages per request
 MAX_PAGES = MAX_WRITE // 4096
 BUFFER = MAX_WRITE + 4096  # a write request's headers and 1 MiB of data
@@ -61,7 +61,7 @@ UNLINK, RMDIR, RENAME, LINK, OPEN, READ, WRITE, STATFS = 10, 11, 12, 13, 14, 15,
 RELEASE, FSYNC, SETXATTR, GETXATTR, LISTXATTR, REMOVEXATTR = 18, 20, 21, 22, 23, 24
 FLUSH, INIT, OPENDIR, READDIR, RELEASEDIR, FSYNCDIR = 25, 26, 27, 28, 29, 30
 CREATE, INTERRUPT, DESTROY, BATCH_FORGET, FALLOCATE, READDIRPLUS = 35, 36, 38, 42, 43, 44
-RENAME2, LSEEK, TMPFILE = 45, 46, 51
+RENAME2, LSEEK, TMPFILE, STATX = 45, 46, 51, 52
 CHANGES = {SETATTR, SYMLINK, MKNOD, MKDIR, UNLINK, RMDIR, RENAME, LINK, WRITE, SETXATTR,
            REMOVEXATTR, CREATE, FALLOCATE, RENAME2, TMPFILE}  # wait while frozen (OPEN: O_TRUNC)
 NO_REPLY = {FORGET, BATCH_FORGET, INTERRUPT}
@@ -87,6 +87,9 @@ RENAME2_IN = struct.Struct("=QII")
 FORGET_ONE = struct.Struct("=QQ")
 STATFS_OUT = struct.Struct("=QQQQQIIII24x")
 DIRENT = struct.Struct("=QQII")
+STATX_IN = struct.Struct("=IIQII")
+STATX_OUT = struct.Struct("=QII16x")  # followed by a struct statx, which fuse_statx is bit for bit
+STATX_INO, STATX_DEV = struct.Struct("=Q"), struct.Struct("=II")  # at 32 and 136 in struct statx
 TIMEOUT_S, TIMEOUT_NS = 1, 0  # names and attributes may be cached 1 s: we are the only way in
 OTHER_DEV_INO = 1 << 62  # tags the inode numbers shown for nodes on another file system
 
@@ -148,6 +151,7 @@ class Session:
             READDIRPLUS: self._readdirplus, RELEASEDIR: self._releasedir, FSYNCDIR: self._fsyncdir,
             CREATE: self._create, TMPFILE: self._tmpfile, INTERRUPT: self._interrupt,
             DESTROY: self._destroy, FALLOCATE: self._fallocate, LSEEK: self._lseek,
+            STATX: self._statx,
         }
 
     # -- attributes as the kernel wants them ------------------------------------------------------
@@ -317,6 +321,13 @@ class Session:
         flags, _, fh = struct.unpack_from("=IIQ", body)
         st = self.fs.getattr(nodeid, fh if flags & GETATTR_FH else None)
         return ATTR_OUT.pack(TIMEOUT_S, TIMEOUT_NS, 0, *self._attr(nodeid, st))
+
+    def _statx(self, nodeid, body, ctx):
+        flags, _, fh, _, mask = STATX_IN.unpack_from(body)
+        sx = self.fs.statx(nodeid, fh if flags & GETATTR_FH else None, mask)
+        if os.makedev(*STATX_DEV.unpack_from(sx, 136)) != self.fs.dev:
+            STATX_INO.pack_into(sx, 32, OTHER_DEV_INO | nodeid)  # the number GETATTR shows
+        return STATX_OUT.pack(TIMEOUT_S, TIMEOUT_NS, 0), sx
 
     def _setattr(self, nodeid, body, ctx):
         (valid, _, fh, size, _, atime, mtime, _, atimensec, mtimensec, _, mode, _, uid, gid,

@@ -29,6 +29,7 @@ class _Timespec(ctypes.Structure):
 
 
 _libc.utimensat.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.POINTER(_Timespec), ctypes.c_int]
+_libc.statx.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_uint, ctypes.c_char_p]
 _libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
 _libc.linkat.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_int]
 
@@ -45,6 +46,19 @@ def renameat2(src_dir: int, src: bytes, dst_dir: int, dst: bytes, flags: int) ->
         return
     if _libc.renameat2(src_dir, src, dst_dir, dst, flags) != 0:
         _raise(src)
+
+
+STATX_SIZE = 256  # sizeof(struct statx)
+
+
+def statx(dir_fd: int, name: bytes | None, mask: int) -> bytearray:
+    """statx(2) without following a symlink: the raw struct statx (os has no statx). With name
+    None, of the open file dir_fd itself."""
+    buf = ctypes.create_string_buffer(STATX_SIZE)
+    flags = AT_SYMLINK_NOFOLLOW | (AT_EMPTY_PATH if name is None else 0)
+    if _libc.statx(dir_fd, b"" if name is None else name, flags, mask, buf) != 0:
+        _raise(name)
+    return bytearray(buf.raw)
 
 
 def fallocate(fd: int, mode: int, offset: int, length: int) -> None:

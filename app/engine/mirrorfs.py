@@ -27,8 +27,8 @@ from app.engine import fusewire
 from app.engine.fusewire import Changes, Ctx
 from app.engine.inodes import ROOT, InodeTable, Node
 from app.engine.journal import Journal, encode_path
-from app.engine.lowlevel import (RENAME_EXCHANGE, fallocate, linkat_fd, proc_path, renameat2, umask,
-                                 unshare_fs, utimensat)
+from app.engine.lowlevel import (RENAME_EXCHANGE, fallocate, linkat_fd, proc_path, renameat2, statx,
+                                 umask, unshare_fs, utimensat)
 from app.services import mounts
 
 # the kernel sends offsets (O_APPEND) and bypasses its own cache for O_DIRECT; our buffers are
@@ -158,6 +158,15 @@ class MirrorFS:
         h = self._handles.get(fh) if fh is not None else None
         fd = h.fd if h is not None else self._open_fd(ino)
         return os.fstat(fd) if fd is not None else self._lstat(ino)
+
+    def statx(self, ino: int, fh: int | None, mask: int) -> bytearray:
+        """What statx(2) asks beyond stat (the birth time): the lower file's own answer."""
+        h = self._handles.get(fh) if fh is not None else None
+        fd = h.fd if h is not None else self._open_fd(ino)
+        if fd is not None:
+            return statx(fd, None, mask)
+        dfd, name = self.inodes.at(ino)
+        return statx(dfd, name, mask)
 
     def readlink(self, ino: int) -> bytes:
         fd, name = self.inodes.at(ino)
