@@ -136,6 +136,7 @@ class Session:
         self.mountpoint = mountpoint
         self.options = list(options)
         self.fd = -1
+        self._setxattr_ext = False  # FUSE_SETXATTR_EXT agreed: fuse_setxattr_in has 16 bytes
         self._deferred: deque[tuple[int, int, int, Ctx, bytes]] = deque()
         self._draining = False
         self._nursery: trio.Nursery | None = None
@@ -286,7 +287,9 @@ class Session:
         try:
             os.writev(self.fd, bufs)
         except OSError as exc:
-            if exc.errno != errno.ENOENT:  # the request was interrupted: nobody waits for it
+            # ENOENT: the request was interrupted, nobody waits for it; ENODEV: unmounted, the
+            # request loop ends at its next read
+            if exc.errno not in (errno.ENOENT, errno.ENODEV):
                 raise
 
     # -- requests -------------------------------------------------------------------------------
@@ -294,6 +297,7 @@ class Session:
         major, minor, max_readahead, flags = INIT_IN.unpack_from(body)
         if major != KERNEL_MAJOR:
             raise OSError(errno.EPROTO, f"FUSE protocol {major}.{minor} not supported")
+        self._setxattr_ext = bool(flags & SETXATTR_EXT)
         self.fs.init()
         return INIT_OUT.pack(KERNEL_MAJOR, min(minor, OUR_MINOR), max_readahead, flags & WANTED,
                              0, 0, MAX_WRITE, 1, MAX_PAGES, 0, 0, 0, 0, 0, 0, 0, 0, 0)
@@ -423,8 +427,12 @@ class Session:
         return U64.pack(self.fs.lseek(fh, offset, whence))
 
     def _setxattr(self, nodeid, body, ctx):
-        size, flags, setxattr_flags, _ = FOUR_U32.unpack_from(body)  # FUSE_SETXATTR_EXT form
-        raw = bytes(body[16:])
+        if self._setxattr_ext:
+            size, flags, setxattr_flags, _ = FOUR_U32.unpack_from(body)
+            raw = bytes(body[16:])
+        else:
+            (size, flags), setxattr_flags = TWO_U32.unpack_from(body), 0
+            raw = bytes(body[8:])
         end = raw.index(b"\0")
         self.fs.setxattr(nodeid, raw[:end], raw[end + 1:end + 1 + size], flags,
                          bool(setxattr_flags & SETXATTR_ACL_KILL_SGID), ctx)
