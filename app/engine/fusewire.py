@@ -271,6 +271,8 @@ class Session:
             if opcode not in NO_REPLY:
                 self._reply_error(unique, errno.EIO)
             return
+        finally:
+            self.fs.answered()
         if opcode in NO_REPLY:
             return
         if out is None:

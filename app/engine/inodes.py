@@ -10,8 +10,9 @@ target has already removed it.
 The lower tree is reached relative to the parent directory's fd, never by a path from the
 entry's root: a path below the entry may be longer than PATH_MAX although each call's own name
 is short, and an fd follows its directory through renames. Directory fds are opened when first
-needed, from the nearest ancestor that has one, and the least recently used are closed again
-beyond a bound set by the process's file limit.
+needed, from the nearest ancestor that has one; between requests (`trim`), the least recently
+used are closed again beyond a bound set by the process's file limit. Never during a request:
+a handler may hold two of them (rename, link).
 """
 
 from __future__ import annotations
@@ -114,7 +115,6 @@ class InodeTable:
                 raise OSError(errno.ESTALE, "directory changed under its name", os.fsdecode(name))
             child.fd = fd = cfd
             self._open_dirs[child.ino] = None
-        self._trim(keep={child.ino for child, _ in chain})
         return fd
 
     def at(self, ino: int) -> tuple[int, bytes]:
@@ -128,12 +128,10 @@ class InodeTable:
             raise OSError(errno.ENOENT, "no name left", str(ino))
         return self.dirfd(link[0]), link[1]
 
-    def _trim(self, keep: set[int]) -> None:
+    def trim(self) -> None:
+        """Close the least recently used directory fds beyond the bound (between requests)."""
         while len(self._open_dirs) > self.max_dir_fds:
-            ino = next(iter(self._open_dirs))
-            if ino in keep:
-                break
-            self._close_dir(self._nodes[ino])
+            self._close_dir(self._nodes[next(iter(self._open_dirs))])
 
     def _close_dir(self, node: Node) -> None:
         if node.fd >= 0 and node.ino != ROOT:

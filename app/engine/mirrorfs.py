@@ -79,6 +79,10 @@ class MirrorFS:
         while not self.unfrozen.is_set():
             await self.unfrozen.wait()
 
+    def answered(self) -> None:
+        """A request is answered: directory fds beyond the bound may be closed now."""
+        self.inodes.trim()
+
     def open_handles(self) -> int:
         return len(self._handles)
 
