@@ -166,3 +166,42 @@ def test_access_times_replicated_only_when_asked(engine, atime):
         time.sleep(0.05)
         eng.drain(src)
     assert os.stat(os.path.join(tgt, "read-me")).st_atime_ns == want
+
+
+def test_changes_during_verify_and_mirror_wait_their_turn_and_replicate(engine):
+    """While verify or mirror holds the tree still, changes wait (in order) and reads go on;
+    afterwards everything the writer did is at the target."""
+    import threading
+    eng, src, tgt = engine()
+    errors, done, rounds = [], threading.Event(), []
+
+    def writer():
+        i = 0
+        try:
+            while not done.is_set():
+                with open(os.path.join(src, f"w{i % 50}"), "w") as f:
+                    f.write(f"round {i}")
+                os.rename(os.path.join(src, f"w{i % 50}"), os.path.join(src, f"r{i % 50}"))
+                with open(os.path.join(src, f"r{i % 50}")) as f:
+                    assert f.read() == f"round {i}"
+                i += 1
+                rounds.append(i)
+        except Exception as exc:  # reported below, in the test's thread
+            errors.append(exc)
+
+    t = threading.Thread(target=writer)
+    t.start()
+    try:
+        for _ in range(3):
+            before = len(rounds)
+            eng.verify(src)
+            eng.client.request("mirror", path=src)
+            while len(rounds) == before and t.is_alive():  # the writer went on after each hold
+                time.sleep(0.01)
+    finally:
+        done.set()
+        t.join()
+    assert errors == [] and len(rounds) >= 3
+    eng.drain(src)
+    assert eng.verify(src) == []
+    assert sorted(os.listdir(tgt)) == sorted(os.listdir(src))

@@ -4,7 +4,9 @@ or block device (BlockApplier). Used by local targets and by the remote agent al
 Replay must converge when a record is applied twice (after a crash the durable position may
 lag what was done): a write at an offset is idempotent; creates tolerate an existing name;
 removals tolerate a missing one; a rename whose source is gone but whose destination exists is
-taken as already done. Whoever applies calls `sync()` before saying the records are durable.
+taken as already done. Records carry entry-relative paths of any length: a long one's
+directories are opened piece by piece (lowlevel.beneath), below PATH_MAX each. Whoever applies
+calls `sync()` before saying the records are durable.
 """
 
 from __future__ import annotations
@@ -17,10 +19,15 @@ import shutil
 import stat
 
 from app.engine.journal import Record, decode_path
-from app.engine.lowlevel import RENAME_EXCHANGE, _libc, at, proc_path, renameat2
+from app.engine.lowlevel import (FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, FALLOC_FL_ZERO_RANGE,
+                                 RENAME_EXCHANGE, _libc, beneath, fallocate, linkat_fd, open_dir,
+                                 proc_path, renameat2)
 
 log = logging.getLogger("mirrorsetup.applier")
 FD_CACHE = 64  # open target files kept between writes (sequential writes come in 128 KiB+ pieces)
+ZERO_CHUNK = 1 << 20
+FILE_OPS = {"write", "truncate", "fallocate"}  # records about a regular file's data
+NODE_OPS = {"times", "chmod", "chown", "setxattr", "removexattr"}  # about any node
 
 
 def _syncfs(fd: int) -> None:
@@ -38,9 +45,13 @@ class FsApplier:
         # syncfs(2) needs a real open file, not the O_PATH fd the *at() calls use
         self._sync_fd = os.open(b".", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC, dir_fd=target_fd)
         self._fds: dict[bytes, int] = {}
+        self._tmp: dict[int, int] = {}  # O_TMPFILE files at the target, by their record's seq
 
     def close(self) -> None:
         self._close_fds()
+        for fd in self._tmp.values():
+            os.close(fd)
+        self._tmp.clear()
         os.close(self._sync_fd)
 
     def sync(self) -> None:
@@ -59,116 +70,203 @@ class FsApplier:
         if fd is None:
             if len(self._fds) >= FD_CACHE:
                 self._close_fds()
-            fd = os.open(at(path), os.O_WRONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=self.tfd)
+            with beneath(self.tfd, path) as (d, name):
+                fd = os.open(name, os.O_WRONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=d)
             self._fds[path] = fd
+        return fd
+
+    def _tmp_fd(self, seq: int) -> int:
+        fd = self._tmp.get(seq)
+        if fd is None:
+            raise OSError(errno.EBADF, f"O_TMPFILE file of record {seq} is not open at the target")
         return fd
 
     def apply(self, rec: Record) -> None:
         a = rec.args
         op = rec.op
         path = decode_path(a["path"]) if "path" in a else b""
-        t = self.tfd
-        if op == "write":
-            os.pwrite(self._fd(path), rec.data, a["offset"])
-        elif op == "truncate":
-            os.ftruncate(self._fd(path), a["size"])
-        elif op == "times":
+        if op in FILE_OPS:  # about a regular file's data: through a cached open fd
+            _apply_fd(op, a, rec.data, self._tmp_fd(a["tmp"]) if "tmp" in a else self._fd(path))
+        elif "tmp" in a and op in NODE_OPS:
+            _apply_fd(op, a, rec.data, self._tmp_fd(a["tmp"]))
+        elif op == "tmpfile":
+            with beneath(self.tfd, path) as (d, name):
+                fd = os.open(name, os.O_RDWR | os.O_TMPFILE | os.O_CLOEXEC, a["mode"], dir_fd=d)
+            self._tmp[rec.seq] = fd
+            os.fchown(fd, a["uid"], a["gid"])
+            os.fchmod(fd, a["mode"])  # after the chown, which clears set-ID bits
+        elif op == "tmpclose":
+            fd = self._tmp.pop(a["tmp"], None)
+            if fd is not None:
+                os.close(fd)
+        elif op == "link":
+            self._close_fds()
+            self._link(a, path)
+        elif op == "rename":
+            self._rename(decode_path(a["old"]), decode_path(a["new"]), a["flags"])
+        elif op in ("remove", "prune"):  # a resync's: what the source no longer has goes
+            self._close_fds()
+            self._remove(op, a, path)
+        else:
+            with beneath(self.tfd, path) as (d, name):
+                self._apply_at(op, a, rec.data, d, name, path)
+
+    def _apply_at(self, op: str, a: dict, data: bytes, d: int, name: bytes, path: bytes) -> None:
+        """A record about one name: `name` in the target directory `d`."""
+        if op == "times":
             atime = a["atime"]
             if atime is None:
-                atime = os.stat(at(path), dir_fd=t, follow_symlinks=False).st_atime_ns
-            os.utime(at(path), ns=(atime, a["mtime"]), dir_fd=t, follow_symlinks=False)
+                atime = os.stat(name, dir_fd=d, follow_symlinks=False).st_atime_ns
+            os.utime(name, ns=(atime, a["mtime"]), dir_fd=d, follow_symlinks=False)
         elif op == "create":
             try:
-                fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, a["mode"], dir_fd=t)
+                fd = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, a["mode"], dir_fd=d)
             except FileExistsError:  # replayed: start the file again, later records refill it
-                fd = os.open(path, os.O_WRONLY | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=t)
+                fd = os.open(name, os.O_WRONLY | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=d)
             try:
-                os.fchmod(fd, a["mode"])
                 os.fchown(fd, a["uid"], a["gid"])
+                os.fchmod(fd, a["mode"])  # after the chown, which clears set-ID bits
             finally:
                 os.close(fd)
         elif op == "mkdir":
             try:
-                os.mkdir(path, a["mode"], dir_fd=t)
+                os.mkdir(name, a["mode"], dir_fd=d)
             except FileExistsError:
                 pass
-            os.chmod(path, a["mode"], dir_fd=t)
-            os.chown(path, a["uid"], a["gid"], dir_fd=t, follow_symlinks=False)
+            os.chmod(name, a["mode"], dir_fd=d)
+            os.chown(name, a["uid"], a["gid"], dir_fd=d, follow_symlinks=False)
         elif op == "mknod":
-            self._replace_missing(path, lambda: os.mknod(path, a["mode"], a["rdev"], dir_fd=t))
-            os.chown(path, a["uid"], a["gid"], dir_fd=t, follow_symlinks=False)
+            _replace_missing(d, name, lambda: os.mknod(name, a["mode"], a["rdev"], dir_fd=d))
+            os.chown(name, a["uid"], a["gid"], dir_fd=d, follow_symlinks=False)
+            if a["mode"] & (stat.S_ISUID | stat.S_ISGID):
+                os.chmod(name, stat.S_IMODE(a["mode"]), dir_fd=d)
         elif op == "symlink":
             target = decode_path(a["target"])
-            self._replace_missing(path, lambda: os.symlink(target, path, dir_fd=t))
-            os.chown(path, a["uid"], a["gid"], dir_fd=t, follow_symlinks=False)
-        elif op == "link":
-            self._close_fds()
-            src = decode_path(a["src"])
-            try:
-                os.link(src, path, src_dir_fd=t, dst_dir_fd=t, follow_symlinks=False)
-            except FileExistsError:
-                if not _same_file(t, src, path):
-                    os.unlink(path, dir_fd=t)
-                    os.link(src, path, src_dir_fd=t, dst_dir_fd=t, follow_symlinks=False)
+            _replace_missing(d, name, lambda: os.symlink(target, name, dir_fd=d))
+            os.chown(name, a["uid"], a["gid"], dir_fd=d, follow_symlinks=False)
         elif op == "unlink":
             self._close_fds(path)
-            _missing_ok(lambda: os.unlink(path, dir_fd=t))
+            _missing_ok(lambda: os.unlink(name, dir_fd=d))
         elif op == "rmdir":
             self._close_fds()
-            _missing_ok(lambda: os.rmdir(path, dir_fd=t))
-        elif op == "rename":
-            self._rename(decode_path(a["old"]), decode_path(a["new"]), a["flags"])
+            _missing_ok(lambda: os.rmdir(name, dir_fd=d))
         elif op == "chmod":
-            os.chmod(at(path), a["mode"], dir_fd=t)
+            os.chmod(name, a["mode"], dir_fd=d)
         elif op == "chown":
-            os.chown(at(path), a["uid"], a["gid"], dir_fd=t, follow_symlinks=False)
+            os.chown(name, a["uid"], a["gid"], dir_fd=d, follow_symlinks=False)
         elif op == "setxattr":
-            os.setxattr(proc_path(t, path), decode_path(a["name"]), rec.data, follow_symlinks=False)
-        elif op == "remove":  # a resync's removal of what the source no longer has, whole trees too
-            self._close_fds()
-            _missing_ok(lambda: _remove_tree(t, path))
-        elif op == "prune":  # a resync's directory listing: what is not in `keep` goes
-            self._close_fds()
-            self._prune(path, {decode_path(n) for n in a["keep"]})
+            os.setxattr(proc_path(d, name), decode_path(a["name"]), data, follow_symlinks=False)
         elif op == "removexattr":
             try:
-                os.removexattr(proc_path(t, path), decode_path(a["name"]), follow_symlinks=False)
+                os.removexattr(proc_path(d, name), decode_path(a["name"]), follow_symlinks=False)
             except OSError as exc:
                 if exc.errno != errno.ENODATA:
                     raise
         else:
             raise OSError(errno.EINVAL, f"unknown journal op {op!r}")
 
-    def _rename(self, old: bytes, new: bytes, flags: int) -> None:
-        self._close_fds()
-        t = self.tfd
-        try:
-            # NOREPLACE was checked at the source; at the target the name may exist from replay
-            renameat2(t, old, t, new, flags & RENAME_EXCHANGE)
-        except FileNotFoundError:
-            if not os.path.lexists(proc_path(t, new)):
-                raise  # neither name: a real divergence, counted and fixed by a difference mirror
+    def _link(self, a: dict, path: bytes) -> None:
+        """A new name: for a name, or for an O_TMPFILE file (its first, from its open fd)."""
+        with beneath(self.tfd, path) as (d, name):
+            if "tmp" in a:
+                fd = self._tmp_fd(a["tmp"])
+                try:
+                    linkat_fd(fd, d, name)
+                except FileExistsError:
+                    if os.fstat(fd).st_ino != os.stat(name, dir_fd=d, follow_symlinks=False).st_ino:
+                        os.unlink(name, dir_fd=d)
+                        linkat_fd(fd, d, name)
+                os.close(self._tmp.pop(a["tmp"]))  # named now: later records use its path
+                return
+            with beneath(self.tfd, decode_path(a["src"])) as (sd, sname):
+                try:
+                    os.link(sname, name, src_dir_fd=sd, dst_dir_fd=d, follow_symlinks=False)
+                except FileExistsError:
+                    if not _same_file(sd, sname, d, name):
+                        os.unlink(name, dir_fd=d)
+                        os.link(sname, name, src_dir_fd=sd, dst_dir_fd=d, follow_symlinks=False)
 
-    def _prune(self, path: bytes, keep: set[bytes]) -> None:
+    def _remove(self, op: str, a: dict, path: bytes) -> None:
+        """"remove": the name, a whole tree too. "prune": every name of the directory that is
+        not in `keep` (a resync's listing of the source)."""
+        if op == "remove":
+            with beneath(self.tfd, path) as (d, name):
+                _missing_ok(lambda: _remove_tree(d, name))
+            return
+        keep = {decode_path(n) for n in a["keep"]} | (set() if path else {b"lost+found"})
         try:
-            fd = os.open(at(path), os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC,
-                         dir_fd=self.tfd)
+            d = open_dir(self.tfd, path) if path else os.dup(self.tfd)
         except (FileNotFoundError, NotADirectoryError):
             return  # replayed after the directory went: nothing to prune
         try:
-            names = [os.fsencode(n) for n in os.listdir(fd)]
+            for name in [os.fsencode(n) for n in os.listdir(f"/proc/self/fd/{d}")]:
+                if name not in keep:
+                    _missing_ok(lambda: _remove_tree(d, name))
         finally:
-            os.close(fd)
-        for name in names:
-            if name not in keep:
-                _missing_ok(lambda: _remove_tree(self.tfd, name if not path else path + b"/" + name))
+            os.close(d)
 
-    def _replace_missing(self, path: bytes, make) -> None:
+    def _rename(self, old: bytes, new: bytes, flags: int) -> None:
+        self._close_fds()
+        with beneath(self.tfd, old) as (od, oname), beneath(self.tfd, new) as (nd, nname):
+            try:
+                # NOREPLACE was checked at the source; at the target the name may exist from replay
+                renameat2(od, oname, nd, nname, flags & RENAME_EXCHANGE)
+            except FileNotFoundError:
+                if not os.path.lexists(proc_path(nd, nname)):
+                    raise  # neither name: a real divergence, counted and fixed by a difference mirror
+
+
+def _apply_fd(op: str, a: dict, data: bytes, fd: int) -> None:
+    """A record about an open file at the target (by path through the fd cache, or an
+    O_TMPFILE file that has no name yet)."""
+    if op == "write":
+        os.pwrite(fd, data, a["offset"])
+    elif op == "truncate":
+        os.ftruncate(fd, a["size"])
+    elif op == "fallocate":
+        _fallocate(fd, a["mode"], a["offset"], a["length"])
+    elif op == "times":
+        atime = os.fstat(fd).st_atime_ns if a["atime"] is None else a["atime"]
+        os.utime(fd, ns=(atime, a["mtime"]))
+    elif op == "chmod":
+        os.fchmod(fd, a["mode"])
+    elif op == "chown":
+        os.fchown(fd, a["uid"], a["gid"])
+    elif op == "setxattr":
+        os.setxattr(fd, decode_path(a["name"]), data)
+    elif op == "removexattr":
         try:
-            make()
-        except FileExistsError:
-            os.unlink(path, dir_fd=self.tfd)
-            make()
+            os.removexattr(fd, decode_path(a["name"]))
+        except OSError as exc:
+            if exc.errno != errno.ENODATA:
+                raise
+
+
+def _fallocate(fd: int, mode: int, offset: int, length: int) -> None:
+    """fallocate(2) as the source did; a target file system that cannot gets the same bytes:
+    zeros written over a punched or zeroed range, the size extended by an allocation."""
+    try:
+        fallocate(fd, mode, offset, length)
+        return
+    except OSError as exc:
+        if exc.errno != errno.EOPNOTSUPP:
+            raise
+    size, end = os.fstat(fd).st_size, offset + length
+    if mode & (FALLOC_FL_PUNCH_HOLE | FALLOC_FL_ZERO_RANGE):
+        stop = min(end, size) if mode & FALLOC_FL_KEEP_SIZE else end
+        zeros = bytes(min(ZERO_CHUNK, max(stop - offset, 0)))
+        for at_ in range(offset, stop, ZERO_CHUNK):
+            os.pwrite(fd, zeros[:stop - at_], at_)
+    elif not mode & FALLOC_FL_KEEP_SIZE and end > size:
+        os.ftruncate(fd, end)
+
+
+def _replace_missing(d: int, name: bytes, make) -> None:
+    try:
+        make()
+    except FileExistsError:
+        os.unlink(name, dir_fd=d)
+        make()
 
 
 def _missing_ok(fn) -> None:
@@ -178,9 +276,9 @@ def _missing_ok(fn) -> None:
         pass
 
 
-def _same_file(dir_fd: int, a: bytes, b: bytes) -> bool:
-    sa = os.stat(a, dir_fd=dir_fd, follow_symlinks=False)
-    sb = os.stat(b, dir_fd=dir_fd, follow_symlinks=False)
+def _same_file(da: int, a: bytes, db: int, b: bytes) -> bool:
+    sa = os.stat(a, dir_fd=da, follow_symlinks=False)
+    sb = os.stat(b, dir_fd=db, follow_symlinks=False)
     return (sa.st_dev, sa.st_ino) == (sb.st_dev, sb.st_ino)
 
 
@@ -195,7 +293,7 @@ class BlockApplier:
             os.pwrite(self.fd, rec.data, rec.args["offset"])
         elif rec.op == "zero":  # a run of zeros sent as its length (the wire's zero range)
             offset, length = rec.args["offset"], rec.args["length"]
-            zeros = bytes(min(length, 1 << 20))
+            zeros = bytes(min(length, ZERO_CHUNK))
             done = 0
             while done < length:
                 done += os.pwrite(self.fd, zeros[:length - done], offset + done)
@@ -209,9 +307,9 @@ class BlockApplier:
         pass
 
 
-def _remove_tree(dir_fd: int, rel: bytes) -> None:
-    st = os.stat(rel, dir_fd=dir_fd, follow_symlinks=False)
+def _remove_tree(dir_fd: int, name: bytes) -> None:
+    st = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
     if stat.S_ISDIR(st.st_mode):
-        shutil.rmtree(proc_path(dir_fd, rel))
+        shutil.rmtree(proc_path(dir_fd, name))
     else:
-        os.unlink(rel, dir_fd=dir_fd)
+        os.unlink(name, dir_fd=dir_fd)

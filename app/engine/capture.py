@@ -40,6 +40,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from app.services import layout, mounts, protocol
+from app.services.results import MirrorError
 
 log = logging.getLogger("mirrorsetup.capture")
 PROFILE_ENV = "MIRRORSETUP_WORKER_PROFILE"
@@ -218,7 +219,7 @@ class Capture:
         if "local" in (spec.target or {}) or spec.target is None:
             try:
                 self.target.open()  # a local target is claimed before anything is mounted
-            except OSError as exc:
+            except (OSError, MirrorError) as exc:
                 raise Refused(str(exc), getattr(exc, "errno", None)) from exc
         if spec.kind == "fs":
             self._setup_fs()
@@ -293,13 +294,18 @@ class Capture:
     def _mount(self) -> None:
         """Mount FUSE on the staging point (block: its final place). Nothing may touch the
         mount before the FUSE loop serves it (with default_permissions a lookup asks us)."""
-        import pyfuse3
         spec = self.spec
         where = self.stage if spec.kind == "fs" else spec.run
         os.makedirs(where, mode=0o700, exist_ok=True)
         _lift_ours(where, spec.fsname)  # a dead predecessor's, in our own run directory
         options = (FUSE_OPTIONS_FS if spec.kind == "fs" else FUSE_OPTIONS_BLOCK) + (f"fsname={spec.fsname}",)
-        pyfuse3.init(self.ops, where, set(options))
+        if spec.kind == "fs":  # mirrorfs speaks the FUSE protocol itself (app/engine/fusewire.py)
+            from app.engine.mirrorfs import mount as mount_mirrorfs
+            self.session = mount_mirrorfs(self.ops, where, options)
+        else:
+            import pyfuse3
+            pyfuse3.init(self.ops, where, set(options))
+            self.session = pyfuse3
         top = _top_mount(mounts.read_mountinfo(), where)
         self.fuse_dev = (top.major, top.minor)
 
@@ -554,7 +560,6 @@ class Capture:
 
     # -- the event loop
     def run(self) -> int:
-        import pyfuse3
         import trio
         ready = self.start()
         adopt = _listen(self.spec.adopt)
@@ -567,14 +572,14 @@ class Capture:
                 nursery.start_soon(self._place_then_serve, ready, adopt)
                 nursery.start_soon(self.catch_up_loop)
                 nursery.start_soon(self._stop_on_request, nursery)
-                await pyfuse3.main()  # returns when the last mount of ours is gone
+                await self.session.main()  # returns when the last mount of ours is gone
                 nursery.cancel_scope.cancel()
 
         try:
             trio.run(main)
         finally:
             self.finish(adopt)
-            pyfuse3.close(unmount=False)
+            self.session.close(unmount=False)
         return 0
 
     async def _place_then_serve(self, ready: dict, adopt) -> None:
@@ -598,9 +603,7 @@ class Capture:
         await self._stop_event.wait()
         self.ops.unfrozen = trio.Event()  # mutations wait from here on
         await trio.to_thread.run_sync(self._drain_and_mark)
-        self.ops.stopping = True
-        self.ops.unfrozen.set()  # waiting mutations now fail (EIO): nothing unjournalled lands
-        if self.abort_connection and self.fuse_dev is not None:
+        if self.fuse_dev is not None:  # still held: waiting changes fail, nothing unjournalled lands
             _abort_fuse(self.fuse_dev)
         nursery.cancel_scope.cancel()
 
@@ -788,8 +791,10 @@ def _changed_since(tracker, src: dict, rel: bytes, clock: int, epoch: int) -> bo
 # -- helpers ---------------------------------------------------------------------------------------
 
 def _lstat_key(root_fd: int, rel: bytes) -> tuple[int, int] | None:
+    from app.engine.lowlevel import beneath
     try:
-        st = os.stat(rel or b".", dir_fd=root_fd, follow_symlinks=False)
+        with beneath(root_fd, rel) as (d, name):
+            st = os.stat(name, dir_fd=d, follow_symlinks=False)
     except OSError:
         return None
     return st.st_dev, st.st_ino

@@ -1,17 +1,42 @@
-"""System calls Python's os module lacks (renameat2) and path helpers for fd-relative access."""
+"""System calls Python's os module lacks (renameat2, utimensat with UTIME_NOW, fallocate with
+modes, linkat with AT_EMPTY_PATH, unshare) and path helpers for fd-relative access."""
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import errno
 import os
 
 RENAME_NOREPLACE = 1  # <linux/fs.h>: fail with EEXIST instead of replacing the new name
 RENAME_EXCHANGE = 2  # <linux/fs.h>: swap the two names atomically
+UTIME_NOW = (1 << 30) - 1  # <linux/stat.h>: set this time to the current time
 UTIME_OMIT = (1 << 30) - 2  # <linux/stat.h>: leave this time as it is
+AT_SYMLINK_NOFOLLOW = 0x100  # <fcntl.h>
+FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, FALLOC_FL_ZERO_RANGE = 0x01, 0x02, 0x10  # <linux/falloc.h>
+AT_EMPTY_PATH = 0x1000  # <fcntl.h>: the fd itself (linkat needs CAP_DAC_READ_SEARCH for it)
+NOW = "now"  # a time given as "the current time" (UTIME_NOW)
+LONG_PATH = 2048  # relative paths this long are walked in pieces: PATH_MAX is 4096 bytes, and
+                  # /proc/self/fd/N/ prefixes need room too
+DIR_PATH = os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC
 
 _libc = ctypes.CDLL(None, use_errno=True)
 _libc.renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+
+
+class _Timespec(ctypes.Structure):
+    _fields_ = [("tv_sec", ctypes.c_long), ("tv_nsec", ctypes.c_long)]
+
+
+_libc.utimensat.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.POINTER(_Timespec), ctypes.c_int]
+_libc.statx.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_uint, ctypes.c_char_p]
+_libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
+_libc.linkat.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_int]
+
+
+def _raise(what) -> None:
+    err = ctypes.get_errno()
+    raise OSError(err, os.strerror(err), None if what is None else os.fsdecode(what))
 
 
 def renameat2(src_dir: int, src: bytes, dst_dir: int, dst: bytes, flags: int) -> None:
@@ -20,8 +45,108 @@ def renameat2(src_dir: int, src: bytes, dst_dir: int, dst: bytes, flags: int) ->
         os.rename(src, dst, src_dir_fd=src_dir, dst_dir_fd=dst_dir)
         return
     if _libc.renameat2(src_dir, src, dst_dir, dst, flags) != 0:
-        err = ctypes.get_errno()
-        raise OSError(err, os.strerror(err), os.fsdecode(src))
+        _raise(src)
+
+
+STATX_SIZE = 256  # sizeof(struct statx)
+
+
+def statx(dir_fd: int, name: bytes | None, mask: int) -> bytearray:
+    """statx(2) without following a symlink: the raw struct statx (os has no statx). With name
+    None, of the open file dir_fd itself."""
+    buf = ctypes.create_string_buffer(STATX_SIZE)
+    flags = AT_SYMLINK_NOFOLLOW | (AT_EMPTY_PATH if name is None else 0)
+    if _libc.statx(dir_fd, b"" if name is None else name, flags, mask, buf) != 0:
+        _raise(name)
+    return bytearray(buf.raw)
+
+
+def fallocate(fd: int, mode: int, offset: int, length: int) -> None:
+    """fallocate(2) with its modes (os.posix_fallocate has none)."""
+    if _libc.fallocate(fd, mode, offset, length) != 0:
+        _raise(None)
+
+
+def linkat_fd(fd: int, dir_fd: int, name: bytes) -> None:
+    """Give the open file fd (an O_TMPFILE file) the name `name` in dir_fd."""
+    if _libc.linkat(fd, b"", dir_fd, name, AT_EMPTY_PATH) != 0:
+        _raise(name)
+
+
+CLONE_FS = 0x200  # <sched.h>: cwd, root and umask
+
+
+def unshare_fs() -> None:
+    """Give the calling thread its own umask (and cwd): os.umask() in it then leaves the other
+    threads of the process alone."""
+    if _libc.unshare(CLONE_FS) != 0:
+        _raise(None)
+
+
+@contextlib.contextmanager
+def umask(mask: int):
+    """The caller's umask for a creation, so the lower file system applies it, or a directory's
+    default ACL instead, exactly as it would for the caller (this thread only: unshare_fs)."""
+    old = os.umask(mask)
+    try:
+        yield
+    finally:
+        os.umask(old)
+
+
+def _timespec(t) -> tuple[int, int]:
+    if t is None:
+        return 0, UTIME_OMIT
+    if t == NOW:
+        return 0, UTIME_NOW
+    return divmod(t, 1_000_000_000)
+
+
+def utimensat(dir_fd: int, name: bytes | None, atime, mtime) -> None:
+    """utimensat(2) without following a symlink; each time in ns, NOW or None (left as it
+    is). With name None, the times of the open file dir_fd itself (futimens)."""
+    times = (_Timespec * 2)(_Timespec(*_timespec(atime)), _Timespec(*_timespec(mtime)))
+    if _libc.utimensat(dir_fd, name, times, 0 if name is None else AT_SYMLINK_NOFOLLOW) != 0:
+        _raise(name)
+
+
+def open_dir(dir_fd: int, rel: bytes) -> int:
+    """An O_PATH fd of the directory `rel` below dir_fd, however deep: opened in pieces, each
+    shorter than LONG_PATH, each relative to the last."""
+    fd, piece = dir_fd, []
+    try:
+        for name in rel.split(b"/"):
+            if piece and sum(len(p) + 1 for p in piece) + len(name) >= LONG_PATH:
+                fd = _step(fd, dir_fd, b"/".join(piece))
+                piece = []
+            piece.append(name)
+        return _step(fd, dir_fd, b"/".join(piece)) if piece else os.dup(fd)
+    except BaseException:
+        if fd != dir_fd:
+            os.close(fd)
+        raise
+
+
+def _step(fd: int, base: int, piece: bytes) -> int:
+    nxt = os.open(piece, DIR_PATH, dir_fd=fd)
+    if fd != base:
+        os.close(fd)
+    return nxt
+
+
+@contextlib.contextmanager
+def beneath(dir_fd: int, rel: bytes):
+    """(fd, name) for an *at() call on `rel` below dir_fd (b"" is dir_fd itself, as "."),
+    however long `rel` is: a short path goes as it is, a long one's parent is opened in pieces."""
+    if len(rel) < LONG_PATH:
+        yield dir_fd, rel or b"."
+        return
+    head, _, name = rel.rpartition(b"/")
+    fd = open_dir(dir_fd, head)
+    try:
+        yield fd, name
+    finally:
+        os.close(fd)
 
 
 def at(rel: bytes) -> bytes:

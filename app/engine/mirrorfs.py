@@ -1,30 +1,42 @@
-"""mirrorfs: a pyfuse3 file system over-mounted on an entry, passing through to the lower tree.
+"""mirrorfs: a FUSE file system over-mounted on an entry, passing through to the lower tree.
 
 The lower tree is reached only through `root_fd`, an O_PATH directory fd opened before the
-mount: *at() calls with dir_fd, or /proc/self/fd/N/ paths for xattrs. Every change is applied
-to the lower tree first and, if that worked, appended to the journal before the reply goes
-back to the kernel, so the journal's order is the order the applications saw.
+mount, and the O_PATH fds of its directories (see inodes.py): *at() calls relative to the
+parent directory, or /proc/self/fd/N/name for xattrs. No call ever carries a path from the
+entry's root, so depth below the entry is not limited by PATH_MAX. Every change is applied to
+the lower tree first and, if that worked, appended to the journal before the reply goes back to
+the kernel, so the journal's order is the order the applications saw. Records name files by
+their entry-relative path.
 
-Handlers use blocking os calls on the trio thread: one request at a time, in order. Nodes on a
-file system mounted below the entry (another st_dev) are passed through but not captured.
+`fusewire.Session` calls these handlers with plain values; they make blocking os calls on the
+trio thread, one request at a time, in order. Access is decided by the kernel
+(`default_permissions`) before a request reaches us. Nodes on a file system mounted below the
+entry (another st_dev) are passed through but not captured.
 """
 
 from __future__ import annotations
 
 import errno
 import os
+import resource
 import stat
 
-import pyfuse3
 import trio
 
-from app.engine.inodes import InodeTable, Node
+from app.engine import fusewire
+from app.engine.fusewire import Changes, Ctx
+from app.engine.inodes import ROOT, InodeTable, Node
 from app.engine.journal import Journal, encode_path
-from app.engine.lowlevel import at, renameat2
-from app.engine.mirrorfs_xattr import XattrOps, fuse_errors
+from app.engine.lowlevel import (RENAME_EXCHANGE, fallocate, linkat_fd, proc_path, renameat2, statx,
+                                 umask, unshare_fs, utimensat)
+from app.services import mounts
 
-TIMEOUT = 1.0  # seconds the kernel may cache names and attributes: we are the only way in
-OPEN_STRIP = os.O_CREAT | os.O_EXCL | os.O_NOCTTY | os.O_APPEND  # the kernel sends offsets
+# the kernel sends offsets (O_APPEND) and bypasses its own cache for O_DIRECT; our buffers are
+# not aligned for O_DIRECT at the lower file, and need not be
+OPEN_STRIP = os.O_CREAT | os.O_EXCL | os.O_NOCTTY | os.O_APPEND | os.O_DIRECT
+SPECIAL_BITS = stat.S_ISUID | stat.S_ISGID  # chown(2) clears them, even our own as root
+LOWER_MOUNT_FLAGS = ((os.ST_NOSUID, mounts.MS_NOSUID), (os.ST_NODEV, mounts.MS_NODEV),
+                     (os.ST_NOEXEC, mounts.MS_NOEXEC))
 
 
 class Handle:
@@ -34,350 +46,489 @@ class Handle:
         self.fd, self.ino, self.wrote, self.read = fd, ino, wrote, False
 
 
-class MirrorFS(XattrOps, pyfuse3.Operations):
-    enable_writeback_cache = False
-
+class MirrorFS:
     def __init__(self, root_fd: int, journal: Journal, *, replicate_atime: bool = False):
-        super().__init__()
         self.root_fd = root_fd
         self.journal = journal
         self.replicate_atime = replicate_atime
-        self.inodes = InodeTable(os.stat(b".", dir_fd=root_fd, follow_symlinks=False))
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        if soft < hard:  # an fd of ours for every file an application holds open through us
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+        root_st = os.stat(b".", dir_fd=root_fd, follow_symlinks=False)
+        self.dev = root_st.st_dev  # the entry's own file system
+        self.inodes = InodeTable(root_st, root_fd)
         self._handles: dict[int, Handle] = {}
+        self._open: dict[int, list[Handle]] = {}  # open handles per inode
         self._dirs: dict[int, tuple[int, list[bytes] | None]] = {}
         self._next_fh = 1
         self.unfrozen = trio.Event()
         self.unfrozen.set()
         self.tracker = None  # a sync.Tracker while a resync or verify runs beside capture
 
-    # -- helpers ----------------------------------------------------------------------------
-    async def _gate(self) -> None:
+    # -- the session's questions --------------------------------------------------------------
+    def init(self) -> None:
+        """The kernel said hello (FUSE_INIT). Creations run under the caller's umask (FUSE_DONT_MASK
+        gives it to us, and the lower file system applies it or a default ACL): this thread gets
+        a umask of its own, so the applier's thread never sees it."""
+        unshare_fs()
+
+    def frozen(self) -> bool:
         """Mutations wait while a mirror or verify holds the tree still."""
-        if not self.unfrozen.is_set():
+        return not self.unfrozen.is_set()
+
+    async def wait_unfrozen(self) -> None:
+        while not self.unfrozen.is_set():
             await self.unfrozen.wait()
 
-    def _path(self, ino: int) -> bytes:
-        path = self.inodes.path(ino)
-        if path is None:
-            raise OSError(errno.ENOENT, "no name left", str(ino))
-        return path
+    def answered(self) -> None:
+        """A request is answered: directory fds beyond the bound may be closed now."""
+        self.inodes.trim()
 
-    def _child(self, parent: int, name: bytes) -> bytes:
-        path = self.inodes.child_path(parent, name)
-        if path is None:
-            raise OSError(errno.ENOENT, "parent has no name", str(parent))
-        return path
+    def open_handles(self) -> int:
+        return len(self._handles)
 
-    def _lstat(self, rel: bytes) -> os.stat_result:
-        return os.stat(at(rel), dir_fd=self.root_fd, follow_symlinks=False)
+    # -- helpers ------------------------------------------------------------------------------
+    def _lstat(self, ino: int) -> os.stat_result:
+        fd, name = self.inodes.at(ino)
+        return os.stat(name, dir_fd=fd, follow_symlinks=False)
 
-    def _attr(self, st: os.stat_result, ino: int) -> pyfuse3.EntryAttributes:
-        e = pyfuse3.EntryAttributes()
-        e.st_ino = ino
-        e.generation = 0
-        e.entry_timeout = e.attr_timeout = TIMEOUT
-        for f in ("st_mode", "st_nlink", "st_uid", "st_gid", "st_rdev", "st_size", "st_blksize",
-                  "st_blocks", "st_atime_ns", "st_mtime_ns", "st_ctime_ns"):
-            setattr(e, f, getattr(st, f))
-        return e
+    def _open_fd(self, ino: int) -> int | None:
+        """An fd of an open handle on `ino` (the way to a file that has lost every name)."""
+        handles = self._open.get(ino)
+        return handles[0].fd if handles else None
 
     def _record(self, node: Node, op: str, data: bytes = b"", **args) -> None:
         if node.captured:
             self.journal.append(op, args, data)
-            if self.tracker is not None:
+            if self.tracker is not None:  # a resync or verify runs beside capture
                 self.tracker.observe(node.key, op, args)
 
-    def _times(self, node: Node, rel: bytes, st: os.stat_result | None = None) -> None:
-        """Record a node's times as they are now at the lower tree (atime only when asked)."""
-        if not node.captured:
-            return
-        st = st or self._lstat(rel)
-        atime = st.st_atime_ns if self.replicate_atime else None
-        self._record(node, "times", path=encode_path(rel), atime=atime, mtime=st.st_mtime_ns)
+    def _ref(self, node: Node) -> dict | None:
+        """How a record names an existing node: its path; an O_TMPFILE file not linked yet, by
+        the seq of its "tmpfile" record; a file with no name left, not at all (the target
+        has removed it already)."""
+        rel = self.inodes.path(node.ino)
+        if rel is not None:
+            return {"path": encode_path(rel)}
+        return {"tmp": node.tmp} if node.tmp else None
+
+    def _record_on(self, node: Node, op: str, data: bytes = b"", **args) -> None:
+        """A record about an existing node (its data, size, mode, owner, times, xattrs)."""
+        if node.captured:
+            ref = self._ref(node)
+            if ref is not None:
+                self.journal.append(op, {**ref, **args}, data)
+                if self.tracker is not None:
+                    self.tracker.observe(node.key, op, args)
+
+    def _times(self, node: Node, st: os.stat_result | None = None, atime=None) -> None:
+        """Record a node's times as they are now at the lower tree; its atime when asked for
+        (`atime` True) or when the entry replicates access times."""
+        if node.captured:
+            st = st or self.getattr(node.ino, None)
+            keep_atime = atime or self.replicate_atime
+            self._record_on(node, "times", atime=st.st_atime_ns if keep_atime else None,
+                            mtime=st.st_mtime_ns)
 
     def _dir_times(self, parent: int) -> None:
-        self._times(self.inodes.node(parent), self._path(parent))
+        self._times(self.inodes.node(parent))
 
-    def _new_entry(self, parent: int, name: bytes, rel: bytes) -> tuple[Node, pyfuse3.EntryAttributes]:
-        st = self._lstat(rel)
-        node = self.inodes.lookup(parent, name, st)
-        return node, self._attr(st, node.ino)
+    def _new_entry(self, parent: int, name: bytes) -> tuple[Node, os.stat_result]:
+        st = os.stat(name, dir_fd=self.inodes.dirfd(parent), follow_symlinks=False)
+        return self.inodes.lookup(parent, name, st), st
 
-    def _owner(self, parent: int, ctx) -> tuple[int, int]:
+    def _owner(self, parent: int, ctx: Ctx) -> tuple[int, int]:
         """The caller owns what it creates; a set-group-ID directory hands down its group."""
-        pst = self._lstat(self._path(parent))
+        pst = os.stat(b".", dir_fd=self.inodes.dirfd(parent))
         return ctx.uid, (pst.st_gid if pst.st_mode & stat.S_ISGID else ctx.gid)
 
-    # -- names ------------------------------------------------------------------------------
-    @fuse_errors
-    async def lookup(self, parent_inode, name, ctx=None):
-        rel = self._child(parent_inode, name)
-        return self._new_entry(parent_inode, name, rel)[1]
+    def _give(self, dir_fd: int, name: bytes, uid: int, gid: int, special: int) -> None:
+        """Hand a new node to its owner; our chown(2) cleared the set-ID bits it was made with."""
+        os.chown(name, uid, gid, dir_fd=dir_fd, follow_symlinks=False)
+        if special:
+            st = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+            os.chmod(name, stat.S_IMODE(st.st_mode) | special, dir_fd=dir_fd)
 
-    async def forget(self, inode_list):
-        for ino, count in inode_list:
-            self.inodes.forget(ino, count)
+    def _path_of(self, parent: int, name: bytes) -> bytes:
+        rel = self.inodes.child_path(parent, name)
+        if rel is None:
+            raise OSError(errno.ENOENT, "parent has no name", str(parent))
+        return rel
 
-    @fuse_errors
-    async def getattr(self, inode, ctx=None):
-        fds = [h.fd for h in self._handles.values() if h.ino == inode]
-        st = os.fstat(fds[0]) if fds else self._lstat(self._path(inode))
-        return self._attr(st, inode)
+    # -- names --------------------------------------------------------------------------------
+    def lookup(self, parent: int, name: bytes) -> tuple[int, os.stat_result]:
+        node, st = self._new_entry(parent, name)
+        return node.ino, st
 
-    @fuse_errors
-    async def readlink(self, inode, ctx):
-        return os.readlink(at(self._path(inode)), dir_fd=self.root_fd)
+    def forget(self, ino: int, count: int) -> None:
+        self.inodes.forget(ino, count)
 
-    @fuse_errors
-    async def mknod(self, parent_inode, name, mode, rdev, ctx):
-        await self._gate()
-        rel = self._child(parent_inode, name)
-        uid, gid = self._owner(parent_inode, ctx)
-        mode = mode & ~ctx.umask
-        os.mknod(rel, mode, rdev, dir_fd=self.root_fd)
-        os.chown(rel, uid, gid, dir_fd=self.root_fd, follow_symlinks=False)
-        node, attr = self._new_entry(parent_inode, name, rel)
-        self._record(node, "mknod", path=encode_path(rel), mode=mode, rdev=rdev, uid=uid, gid=gid)
-        self._times(node, rel)
-        self._dir_times(parent_inode)
-        return attr
+    def getattr(self, ino: int, fh: int | None) -> os.stat_result:
+        h = self._handles.get(fh) if fh is not None else None
+        fd = h.fd if h is not None else self._open_fd(ino)
+        return os.fstat(fd) if fd is not None else self._lstat(ino)
 
-    @fuse_errors
-    async def mkdir(self, parent_inode, name, mode, ctx):
-        await self._gate()
-        rel = self._child(parent_inode, name)
-        uid, gid = self._owner(parent_inode, ctx)
-        pmode = self._lstat(self._path(parent_inode)).st_mode
-        mode = (mode & ~ctx.umask & 0o7777) | (stat.S_ISGID if pmode & stat.S_ISGID else 0)
-        os.mkdir(rel, mode, dir_fd=self.root_fd)
-        os.chmod(rel, mode, dir_fd=self.root_fd)  # mkdir(2) drops S_ISGID and applies our umask
-        os.chown(rel, uid, gid, dir_fd=self.root_fd, follow_symlinks=False)
-        node, attr = self._new_entry(parent_inode, name, rel)
-        self._record(node, "mkdir", path=encode_path(rel), mode=mode, uid=uid, gid=gid)
-        self._times(node, rel)
-        self._dir_times(parent_inode)
-        return attr
+    def statx(self, ino: int, fh: int | None, mask: int) -> bytearray:
+        """What statx(2) asks beyond stat (the birth time): the lower file's own answer."""
+        h = self._handles.get(fh) if fh is not None else None
+        fd = h.fd if h is not None else self._open_fd(ino)
+        if fd is not None:
+            return statx(fd, None, mask)
+        dfd, name = self.inodes.at(ino)
+        return statx(dfd, name, mask)
 
-    @fuse_errors
-    async def symlink(self, parent_inode, name, target, ctx):
-        await self._gate()
-        rel = self._child(parent_inode, name)
-        uid, gid = self._owner(parent_inode, ctx)
-        os.symlink(target, rel, dir_fd=self.root_fd)
-        os.chown(rel, uid, gid, dir_fd=self.root_fd, follow_symlinks=False)
-        node, attr = self._new_entry(parent_inode, name, rel)
+    def readlink(self, ino: int) -> bytes:
+        fd, name = self.inodes.at(ino)
+        return os.readlink(name, dir_fd=fd)
+
+    def mknod(self, parent: int, name: bytes, mode: int, rdev: int, ctx: Ctx):
+        rel = self._path_of(parent, name)
+        pfd = self.inodes.dirfd(parent)
+        uid, gid = self._owner(parent, ctx)
+        with umask(ctx.umask):
+            os.mknod(name, mode, rdev, dir_fd=pfd)
+        self._give(pfd, name, uid, gid, mode & SPECIAL_BITS)
+        node, st = self._new_entry(parent, name)
+        self._record(node, "mknod", path=encode_path(rel), mode=st.st_mode, rdev=rdev, uid=uid, gid=gid)
+        self._times(node, st)
+        self._dir_times(parent)
+        return node.ino, st
+
+    def mkdir(self, parent: int, name: bytes, mode: int, ctx: Ctx):
+        rel = self._path_of(parent, name)
+        pfd = self.inodes.dirfd(parent)
+        uid, gid = self._owner(parent, ctx)
+        with umask(ctx.umask):
+            os.mkdir(name, mode & 0o1777, dir_fd=pfd)  # a set-GID parent hands its bit down
+        os.chown(name, uid, gid, dir_fd=pfd, follow_symlinks=False)
+        node, st = self._new_entry(parent, name)
+        self._record(node, "mkdir", path=encode_path(rel), mode=stat.S_IMODE(st.st_mode), uid=uid, gid=gid)
+        self._times(node, st)
+        self._dir_times(parent)
+        return node.ino, st
+
+    def symlink(self, parent: int, name: bytes, target: bytes, ctx: Ctx):
+        rel = self._path_of(parent, name)
+        pfd = self.inodes.dirfd(parent)
+        uid, gid = self._owner(parent, ctx)
+        os.symlink(target, name, dir_fd=pfd)
+        os.chown(name, uid, gid, dir_fd=pfd, follow_symlinks=False)
+        node, st = self._new_entry(parent, name)
         self._record(node, "symlink", path=encode_path(rel), target=encode_path(target), uid=uid, gid=gid)
-        self._times(node, rel)
-        self._dir_times(parent_inode)
-        return attr
+        self._times(node, st)
+        self._dir_times(parent)
+        return node.ino, st
 
-    @fuse_errors
-    async def link(self, inode, new_parent_inode, new_name, ctx):
-        await self._gate()
-        src = self._path(inode)
-        rel = self._child(new_parent_inode, new_name)
-        os.link(at(src), rel, src_dir_fd=self.root_fd, dst_dir_fd=self.root_fd, follow_symlinks=False)
-        node, attr = self._new_entry(new_parent_inode, new_name, rel)
-        self._record(node, "link", src=encode_path(src), path=encode_path(rel))
-        self._dir_times(new_parent_inode)
-        return attr
+    def link(self, ino: int, new_parent: int, new_name: bytes):
+        """A new name for a node; an O_TMPFILE file gets its first one from its open fd."""
+        old = self.inodes.node(ino)
+        src = self._ref(old)
+        rel = self._path_of(new_parent, new_name)
+        dfd = self.inodes.dirfd(new_parent)
+        if self.inodes.path(ino) is None:
+            fd = self._open_fd(ino)
+            if fd is None:
+                raise OSError(errno.ENOENT, "no name left", str(ino))
+            linkat_fd(fd, dfd, new_name)
+        else:
+            sfd, sname = self.inodes.at(ino)
+            os.link(sname, new_name, src_dir_fd=sfd, dst_dir_fd=dfd, follow_symlinks=False)
+        node, st = self._new_entry(new_parent, new_name)
+        if src is not None:
+            self._record(node, "link", path=encode_path(rel),
+                         **({"tmp": src["tmp"]} if "tmp" in src else {"src": src["path"]}))
+        old.tmp = 0  # named now: records use its path; the target's anonymous fd is done with
+        self._dir_times(new_parent)
+        return node.ino, st
 
-    @fuse_errors
-    async def unlink(self, parent_inode, name, ctx):
-        await self._gate()
-        rel = self._child(parent_inode, name)
-        os.unlink(rel, dir_fd=self.root_fd)
-        self.inodes.unlinked(parent_inode, name)
-        self._record(self.inodes.node(parent_inode), "unlink", path=encode_path(rel))
-        self._dir_times(parent_inode)
+    def unlink(self, parent: int, name: bytes) -> None:
+        rel = self._path_of(parent, name)
+        os.unlink(name, dir_fd=self.inodes.dirfd(parent))
+        self.inodes.unlinked(parent, name)
+        self._record(self.inodes.node(parent), "unlink", path=encode_path(rel))
+        self._dir_times(parent)
 
-    @fuse_errors
-    async def rmdir(self, parent_inode, name, ctx):
-        await self._gate()
-        rel = self._child(parent_inode, name)
-        os.rmdir(rel, dir_fd=self.root_fd)
-        self.inodes.unlinked(parent_inode, name)
-        self._record(self.inodes.node(parent_inode), "rmdir", path=encode_path(rel))
-        self._dir_times(parent_inode)
+    def rmdir(self, parent: int, name: bytes) -> None:
+        rel = self._path_of(parent, name)
+        os.rmdir(name, dir_fd=self.inodes.dirfd(parent))
+        self.inodes.unlinked(parent, name)
+        self._record(self.inodes.node(parent), "rmdir", path=encode_path(rel))
+        self._dir_times(parent)
 
-    @fuse_errors
-    async def rename(self, parent_inode_old, name_old, parent_inode_new, name_new, flags, ctx):
-        await self._gate()
-        old = self._child(parent_inode_old, name_old)
-        new = self._child(parent_inode_new, name_new)
-        renameat2(self.root_fd, old, self.root_fd, new, flags)
-        self.inodes.renamed(parent_inode_old, name_old, parent_inode_new, name_new,
-                            bool(flags & pyfuse3.RENAME_EXCHANGE))
-        self._record(self.inodes.node(parent_inode_old), "rename", old=encode_path(old),
+    def rename(self, old_parent: int, old_name: bytes, new_parent: int, new_name: bytes, flags: int) -> None:
+        old = self._path_of(old_parent, old_name)
+        new = self._path_of(new_parent, new_name)
+        renameat2(self.inodes.dirfd(old_parent), old_name, self.inodes.dirfd(new_parent), new_name, flags)
+        self.inodes.renamed(old_parent, old_name, new_parent, new_name, bool(flags & RENAME_EXCHANGE))
+        self._record(self.inodes.node(old_parent), "rename", old=encode_path(old),
                      new=encode_path(new), flags=int(flags))
-        self._dir_times(parent_inode_old)
-        if parent_inode_new != parent_inode_old:
-            self._dir_times(parent_inode_new)
+        self._dir_times(old_parent)
+        if new_parent != old_parent:
+            self._dir_times(new_parent)
 
-    # -- attributes -------------------------------------------------------------------------
-    @fuse_errors
-    async def setattr(self, inode, attr, fields, fh, ctx):
-        await self._gate()
-        rel = self._path(inode)
-        node = self.inodes.node(inode)
-        fd = self._handles[fh].fd if fh in self._handles else None
-        p = encode_path(rel)
-        if fields.update_size:
-            if fd is not None:
-                os.ftruncate(fd, attr.st_size)
+    # -- attributes ---------------------------------------------------------------------------
+    def setattr(self, ino: int, ch: Changes, ctx: Ctx) -> os.stat_result:
+        node = self.inodes.node(ino)
+        h = self._handles.get(ch.fh) if ch.fh is not None else None
+        if self.inodes.path(ino) is None:  # no name (left): only through an open file
+            fd, name = (h.fd if h is not None else self._open_fd(ino)), None
+            if fd is None:
+                raise OSError(errno.ENOENT, "no name left", str(ino))
+        else:
+            fd, name = self.inodes.at(ino)
+        if ch.size is not None:
+            if h is not None:
+                os.ftruncate(h.fd, ch.size)
+            elif name is None:
+                os.ftruncate(fd, ch.size)
             else:
-                tfd = os.open(at(rel), os.O_WRONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=self.root_fd)
+                tfd = os.open(name, os.O_WRONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=fd)
                 try:
-                    os.ftruncate(tfd, attr.st_size)
+                    os.ftruncate(tfd, ch.size)
                 finally:
                     os.close(tfd)
-            self._record(node, "truncate", path=p, size=attr.st_size)
-            if not (fields.update_atime or fields.update_mtime):  # the source's new mtime, not the replay's
-                self._times(node, rel, os.fstat(fd) if fd is not None else None)
-        if fields.update_mode:
-            mode = stat.S_IMODE(attr.st_mode)
-            os.chmod(at(rel), mode, dir_fd=self.root_fd)
-            self._record(node, "chmod", path=p, mode=mode)
-        if fields.update_uid or fields.update_gid:
-            uid = attr.st_uid if fields.update_uid else -1
-            gid = attr.st_gid if fields.update_gid else -1
-            os.chown(at(rel), uid, gid, dir_fd=self.root_fd, follow_symlinks=False)
-            self._record(node, "chown", path=p, uid=uid, gid=gid)
-        if fields.update_atime or fields.update_mtime:
-            st = self._lstat(rel)
-            atime = attr.st_atime_ns if fields.update_atime else st.st_atime_ns
-            mtime = attr.st_mtime_ns if fields.update_mtime else st.st_mtime_ns
-            os.utime(at(rel), ns=(atime, mtime), dir_fd=self.root_fd, follow_symlinks=False)
-            self._record(node, "times", path=p, atime=atime, mtime=mtime)
-        return self._attr(os.fstat(fd) if fd is not None else self._lstat(rel), inode)
+            self._record_on(node, "truncate", size=ch.size)
+        if ch.mode is not None:
+            mode = stat.S_IMODE(ch.mode)
+            if name is None:
+                os.fchmod(fd, mode)
+            else:
+                os.chmod(name, mode, dir_fd=fd)
+            self._record_on(node, "chmod", mode=mode)
+        if ch.uid is not None or ch.gid is not None:
+            uid = -1 if ch.uid is None else ch.uid
+            gid = -1 if ch.gid is None else ch.gid
+            if name is None:
+                os.fchown(fd, uid, gid)
+            else:
+                os.chown(name, uid, gid, dir_fd=fd, follow_symlinks=False)
+            self._record_on(node, "chown", uid=uid, gid=gid)
+        if ch.atime_ns is not None or ch.mtime_ns is not None:
+            utimensat(fd, name, ch.atime_ns, ch.mtime_ns)
+        if ch.only_ctime():  # the lower file system updates the ctime as the caller's call did
+            if name is None:
+                os.fchown(fd, -1, -1)
+            else:
+                os.chown(name, -1, -1, dir_fd=fd, follow_symlinks=False)
+        st = os.fstat(fd) if name is None else os.stat(name, dir_fd=fd, follow_symlinks=False)
+        if ch.size is not None or ch.atime_ns is not None or ch.mtime_ns is not None:
+            self._times(node, st, atime=ch.atime_ns is not None)  # a truncate moves the mtime too
+        return st
 
-    # -- files ------------------------------------------------------------------------------
+    # -- extended attributes (through /proc/self/fd/N/name: there is no *at() form) -----------
+    def _xattr_path(self, ino: int):
+        """What os.*xattr take for `ino`: a /proc path, or an open fd when it has no name."""
+        if self.inodes.path(ino) is None:
+            fd = self._open_fd(ino)
+            if fd is None:
+                raise OSError(errno.ENOENT, "no name left", str(ino))
+            return fd
+        fd, name = self.inodes.at(ino)
+        return proc_path(fd, b"" if name == b"." else name)
+
+    def setxattr(self, ino: int, name: bytes, value: bytes, flags: int, kill_sgid: bool, ctx: Ctx) -> None:
+        """`kill_sgid`: the caller set an ACL but is neither in the file's group nor privileged,
+        so the set-GID bit goes, as the lower file system would drop it for such a caller (for
+        us, root, it keeps it)."""
+        where = self._xattr_path(ino)
+        os.setxattr(where, name, value, flags, follow_symlinks=False)
+        node = self.inodes.node(ino)
+        self._record_on(node, "setxattr", value, name=encode_path(name))
+        if kill_sgid:
+            st = self.getattr(ino, None)
+            if st.st_mode & stat.S_ISGID:
+                mode = stat.S_IMODE(st.st_mode) & ~stat.S_ISGID
+                if isinstance(where, int):
+                    os.fchmod(where, mode)
+                else:
+                    os.chmod(where, mode)
+                self._record_on(node, "chmod", mode=mode)
+
+    def getxattr(self, ino: int, name: bytes) -> bytes:
+        return os.getxattr(self._xattr_path(ino), name, follow_symlinks=False)
+
+    def listxattr(self, ino: int) -> list[bytes]:
+        return [os.fsencode(n) for n in os.listxattr(self._xattr_path(ino), follow_symlinks=False)]
+
+    def removexattr(self, ino: int, name: bytes) -> None:
+        os.removexattr(self._xattr_path(ino), name, follow_symlinks=False)
+        self._record_on(self.inodes.node(ino), "removexattr", name=encode_path(name))
+
+    def statfs(self) -> os.statvfs_result:
+        return os.fstatvfs(self.root_fd)
+
+    # -- files --------------------------------------------------------------------------------
     def _handle(self, fd: int, ino: int, wrote: bool = False) -> int:
         fh = self._next_fh
         self._next_fh += 1
-        self._handles[fh] = Handle(fd, ino, wrote)
+        h = self._handles[fh] = Handle(fd, ino, wrote)
+        self._open.setdefault(ino, []).append(h)
         return fh
 
-    @fuse_errors
-    async def open(self, inode, flags, ctx):
-        rel = self._path(inode)
-        if flags & os.O_TRUNC:
-            await self._gate()
-        fd = os.open(at(rel), (flags & ~OPEN_STRIP) | os.O_CLOEXEC | os.O_NOFOLLOW, dir_fd=self.root_fd)
+    def open(self, ino: int, flags: int) -> int:
+        dfd, name = self.inodes.at(ino)
+        fd = os.open(name, (flags & ~OPEN_STRIP) | os.O_CLOEXEC | os.O_NOFOLLOW, dir_fd=dfd)
         truncated = bool(flags & os.O_TRUNC)
         if truncated:
-            self._record(self.inodes.node(inode), "truncate", path=encode_path(rel), size=0)
-        return pyfuse3.FileInfo(fh=self._handle(fd, inode, wrote=truncated))
+            self._record_on(self.inodes.node(ino), "truncate", size=0)
+        return self._handle(fd, ino, wrote=truncated)
 
-    @fuse_errors
-    async def create(self, parent_inode, name, mode, flags, ctx):
-        await self._gate()
-        rel = self._child(parent_inode, name)
-        mode = (mode & ~ctx.umask & 0o7777)
+    def create(self, parent: int, name: bytes, mode: int, flags: int, ctx: Ctx):
+        rel = self._path_of(parent, name)
+        pfd = self.inodes.dirfd(parent)
+        mode &= 0o7777
         base = (flags & ~OPEN_STRIP) | os.O_CLOEXEC | os.O_NOFOLLOW
         try:
-            fd = os.open(rel, base | os.O_CREAT | os.O_EXCL, mode, dir_fd=self.root_fd)
+            with umask(ctx.umask):
+                fd = os.open(name, base | os.O_CREAT | os.O_EXCL, mode, dir_fd=pfd)
             made = True
         except FileExistsError:
             if flags & os.O_EXCL:
                 raise
-            fd, made = os.open(rel, base, dir_fd=self.root_fd), False
+            fd, made = os.open(name, base, dir_fd=pfd), False
         try:
             if made:
-                uid, gid = self._owner(parent_inode, ctx)
+                uid, gid = self._owner(parent, ctx)
                 os.fchown(fd, uid, gid)
+                if mode & SPECIAL_BITS:
+                    os.fchmod(fd, stat.S_IMODE(os.fstat(fd).st_mode) | (mode & SPECIAL_BITS))
             st = os.fstat(fd)
         except OSError:
             os.close(fd)
             raise
-        node = self.inodes.lookup(parent_inode, name, st)
+        node = self.inodes.lookup(parent, name, st)
         if made:
-            self._record(node, "create", path=encode_path(rel), mode=mode, uid=uid, gid=gid)
-            self._dir_times(parent_inode)
+            self._record(node, "create", path=encode_path(rel), mode=stat.S_IMODE(st.st_mode),
+                         uid=uid, gid=gid)
+            self._dir_times(parent)
         elif flags & os.O_TRUNC:
             self._record(node, "truncate", path=encode_path(rel), size=0)
-        return pyfuse3.FileInfo(fh=self._handle(fd, node.ino, wrote=True)), self._attr(st, node.ino)
+        return node.ino, st, self._handle(fd, node.ino, wrote=True)
 
-    @fuse_errors
-    async def read(self, fh, off, size):
+    def tmpfile(self, parent: int, mode: int, flags: int, ctx: Ctx):
+        """open(O_TMPFILE): an anonymous file in `parent`, made at the target too (its records
+        name it by the seq of its "tmpfile" record until linkat(2) gives it a name)."""
+        rel = self.inodes.path(parent)
+        if rel is None:
+            raise OSError(errno.ENOENT, "directory has no name left", str(parent))
+        pfd = self.inodes.dirfd(parent)
+        mode &= 0o7777
+        with umask(ctx.umask):
+            fd = os.open(b".", (flags & ~OPEN_STRIP) | os.O_TMPFILE | os.O_CLOEXEC, mode, dir_fd=pfd)
+        try:
+            uid, gid = self._owner(parent, ctx)
+            os.fchown(fd, uid, gid)
+            if mode & SPECIAL_BITS:
+                os.fchmod(fd, stat.S_IMODE(os.fstat(fd).st_mode) | (mode & SPECIAL_BITS))
+            st = os.fstat(fd)
+        except OSError:
+            os.close(fd)
+            raise
+        node = self.inodes.anonymous(parent, st)
+        if node.captured:
+            node.tmp = self.journal.append("tmpfile", {"path": encode_path(rel), "mode": stat.S_IMODE(st.st_mode),
+                                                       "uid": uid, "gid": gid})
+        return node.ino, st, self._handle(fd, node.ino, wrote=True)
+
+    def read(self, fh: int, off: int, size: int) -> bytes:
         h = self._handles[fh]
         h.read = True
         return os.pread(h.fd, size, off)
 
-    @fuse_errors
-    async def write(self, fh, off, buf):
-        await self._gate()
+    def write(self, fh: int, off: int, buf: memoryview) -> int:
         h = self._handles[fh]
         n = os.pwrite(h.fd, buf, off)
         h.wrote = True
-        rel = self.inodes.path(h.ino)
-        if rel is not None:  # a file with no name left is gone at the target too
-            self._record(self.inodes.node(h.ino), "write", bytes(buf[:n]) if n < len(buf) else bytes(buf),
-                         path=encode_path(rel), offset=off)
+        self._record_on(self.inodes.node(h.ino), "write", bytes(buf[:n]), offset=off)
         return n
 
-    async def flush(self, fh):
-        pass
+    def fallocate(self, fh: int, offset: int, length: int, mode: int) -> None:
+        h = self._handles[fh]
+        fallocate(h.fd, mode, offset, length)
+        h.wrote = True  # its times are recorded at close, as after writes
+        self._record_on(self.inodes.node(h.ino), "fallocate", offset=offset, length=length, mode=mode)
 
-    @fuse_errors
-    async def release(self, fh):
+    def lseek(self, fh: int, offset: int, whence: int) -> int:
+        """SEEK_DATA and SEEK_HOLE, answered by the lower file system's own extents."""
+        return os.lseek(self._handles[fh].fd, offset, whence)
+
+    def release(self, fh: int) -> None:
         h = self._handles.pop(fh)
+        handles = self._open.get(h.ino)
+        if handles is not None:
+            handles.remove(h)
+            if not handles:
+                del self._open[h.ino]
         try:
-            if h.wrote or (h.read and self.replicate_atime):
-                rel, node = self.inodes.path(h.ino), self.inodes.get(h.ino)
-                if rel is not None and node is not None:
-                    self._times(node, rel, os.fstat(h.fd))
+            node = self.inodes.get(h.ino)
+            if node is not None and (h.wrote or (h.read and self.replicate_atime)):
+                self._times(node, os.fstat(h.fd))
+            if node is not None and node.tmp and h.ino not in self._open:
+                self._record(node, "tmpclose", tmp=node.tmp)  # never linked: gone for good
+                node.tmp = 0
         finally:
             os.close(h.fd)
 
-    @fuse_errors
-    async def fsync(self, fh, datasync):
+    def fsync(self, fh: int, datasync: bool) -> None:
         h = self._handles[fh]
         (os.fdatasync if datasync else os.fsync)(h.fd)
         self.journal.sync()  # the application's fsync returns once its records are durable
 
-    # -- directories ------------------------------------------------------------------------
-    @fuse_errors
-    async def opendir(self, inode, ctx):
-        fd = os.open(at(self._path(inode)), os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC,
-                     dir_fd=self.root_fd)
+    # -- directories --------------------------------------------------------------------------
+    def opendir(self, ino: int) -> int:
+        self.inodes.dirfd(ino)  # still there?
         fh = self._next_fh
         self._next_fh += 1
-        self._dirs[fh] = (inode, None)
-        os.close(fd)
+        self._dirs[fh] = (ino, None)
         return fh
 
-    @fuse_errors
-    async def readdir(self, fh, start_id, token):
-        inode, names = self._dirs[fh]
-        if names is None or start_id == 0:
-            dfd = os.open(at(self._path(inode)), os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC,
-                          dir_fd=self.root_fd)
+    def readdir(self, fh: int, offset: int):
+        """Yield (name, ino, stat, next offset, counted) from `offset` on: "." and ".." first
+        (not counted as lookups), then the names in order, listed once per open at offset 0."""
+        ino, names = self._dirs[fh]
+        dfd = self.inodes.dirfd(ino)
+        if names is None or offset == 0:
+            lfd = os.open(b".", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC, dir_fd=dfd)
             try:
-                names = sorted(os.fsencode(n) for n in os.listdir(dfd))
+                names = sorted(os.fsencode(n) for n in os.listdir(lfd))
             finally:
-                os.close(dfd)
-            self._dirs[fh] = (inode, names)
-        base = self._path(inode)
-        for i in range(start_id, len(names)):
+                os.close(lfd)
+            self._dirs[fh] = (ino, names)
+        if offset == 0:
+            yield b".", ino, os.stat(b".", dir_fd=dfd), 1, False
+        if offset <= 1:
+            node = self.inodes.node(ino)
+            link = self.inodes.link(node) if ino != ROOT else None
+            up = link[0] if link is not None else ino
+            yield b"..", up, os.stat(b"..", dir_fd=dfd, follow_symlinks=False), 2, False
+        for i in range(max(offset - 2, 0), len(names)):
             name = names[i]
-            rel = name if not base else base + b"/" + name
             try:
-                st = self._lstat(rel)
+                st = os.stat(name, dir_fd=dfd, follow_symlinks=False)
             except FileNotFoundError:
                 continue  # removed since the listing: skip, never report twice
-            node = self.inodes.entry(inode, name, st)
-            if not pyfuse3.readdir_reply(token, name, self._attr(st, node.ino), i + 1):
-                self.inodes.drop_if_unused(node)
-                return
+            node = self.inodes.entry(ino, name, st)
             node.lookups += 1
+            yield name, node.ino, st, i + 3, True
 
-    async def releasedir(self, fh):
+    def unsent_entry(self, ino: int) -> None:
+        node = self.inodes.get(ino)
+        if node is not None:
+            node.lookups -= 1
+            self.inodes.drop_if_unused(node)
+
+    def releasedir(self, fh: int) -> None:
         self._dirs.pop(fh, None)
 
-    async def fsyncdir(self, fh, datasync):
+    def fsyncdir(self, fh: int, datasync: bool) -> None:
         self.journal.sync()
 
-    def open_handles(self) -> int:
-        return len(self._handles)
+
+def mount(fs: MirrorFS, path: str, options) -> fusewire.Session:
+    """Mount `fs` on `path` with the lower mount's nosuid/nodev/noexec: set-ID programs, device
+    nodes and executables work through mirrorfs exactly as they did on the directory below."""
+    lower = os.fstatvfs(fs.root_fd).f_flag
+    session = fusewire.Session(fs, path, options)
+    session.mount(sum(ms for st, ms in LOWER_MOUNT_FLAGS if lower & st))
+    return session
 

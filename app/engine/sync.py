@@ -19,7 +19,8 @@ parent's) was created, renamed or linked is sent whole, and rename/link destinat
 during the walk are walked again (`revisit`), since the walk may have passed them already.
 
 A walk never descends into a file system mounted below the entry (other st_dev): capture does
-not cross it, so replication does not either.
+not cross it, so replication does not either. Paths are relative to directory fds and may be
+longer than PATH_MAX (lowlevel.beneath opens the parents of long ones in pieces).
 """
 
 from __future__ import annotations
@@ -32,11 +33,11 @@ import stat
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
-from app.engine.lowlevel import at, proc_path
+from app.engine.lowlevel import beneath, proc_path
 from app.services.layout import MARKER_XATTR
 
 BLOCK = 1 << 20  # file content is compared and sent in blocks of this size
-XATTR_PREFIXES = ("user.", "security.", "trusted.", "system.posix_acl")  # what is replicated
+XATTR_PREFIXES = ("user.", "security.", "trusted.", "system.posix_acl_")  # what is replicated, ACLs too
 COMMIT_TRIES = 4  # a path that keeps changing is read again this often, then held still once
 Progress = Callable[[dict], None]
 Op = tuple[str, dict, bytes]
@@ -82,18 +83,23 @@ def _join(base: bytes, name: bytes) -> bytes:
 
 
 def lstat_info(dir_fd: int, rel: bytes, *, with_xattrs: bool = True) -> Info:
-    st = os.stat(at(rel), dir_fd=dir_fd, follow_symlinks=False)
-    info = Info(st.st_mode, st.st_uid, st.st_gid, st.st_size, st.st_mtime_ns, st.st_atime_ns,
-                (st.st_dev, st.st_ino), st.st_nlink, st.st_rdev)
-    if stat.S_ISLNK(st.st_mode):
-        info.link = os.readlink(at(rel), dir_fd=dir_fd)
-    if with_xattrs:
-        info.xattrs = xattrs(dir_fd, rel)
+    with beneath(dir_fd, rel) as (d, name):
+        st = os.stat(name, dir_fd=d, follow_symlinks=False)
+        info = Info(st.st_mode, st.st_uid, st.st_gid, st.st_size, st.st_mtime_ns, st.st_atime_ns,
+                    (st.st_dev, st.st_ino), st.st_nlink, st.st_rdev)
+        if stat.S_ISLNK(st.st_mode):
+            info.link = os.readlink(name, dir_fd=d)
+        if with_xattrs:
+            info.xattrs = _xattrs(proc_path(d, name) if name != b"." else proc_path(d, b""))
     return info
 
 
 def xattrs(dir_fd: int, rel: bytes) -> dict[str, bytes]:
-    path = proc_path(dir_fd, rel)
+    with beneath(dir_fd, rel) as (d, name):
+        return _xattrs(proc_path(d, name) if name != b"." else proc_path(d, b""))
+
+
+def _xattrs(path: bytes) -> dict[str, bytes]:
     out = {}
     try:
         names = os.listxattr(path, follow_symlinks=False)
@@ -113,8 +119,8 @@ def children(dir_fd: int, rel: bytes, *, dev: int | None = None) -> dict[bytes, 
     `dev`, a directory on another file system (mounted below the entry) is left out: capture
     does not cross into it, so replication does not either."""
     try:
-        fd = os.open(at(rel), os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC,
-                     dir_fd=dir_fd)
+        with beneath(dir_fd, rel) as (d, name):
+            fd = os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=d)
     except (FileNotFoundError, NotADirectoryError):
         return None
     except OSError as exc:
@@ -149,13 +155,19 @@ def block_hashes(fd: int, size: int, offset: int = 0, block: int = BLOCK) -> lis
 
 def file_hashes(dir_fd: int, rel: bytes, block: int = BLOCK) -> list[str] | None:
     try:
-        fd = os.open(at(rel), os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dir_fd)
+        fd = open_file(dir_fd, rel)
     except FileNotFoundError:
         return None
     try:
         return block_hashes(fd, os.fstat(fd).st_size, 0, block)
     finally:
         os.close(fd)
+
+
+def open_file(dir_fd: int, rel: bytes) -> int:
+    """A regular file below `dir_fd` for reading, however long its path, never through a link."""
+    with beneath(dir_fd, rel) as (d, name):
+        return os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=d)
 
 
 def whole_hash(hashes: list[str]) -> str:
@@ -503,7 +515,7 @@ class Reconciler:
         if same:
             return self._metadata(rel, tinfo, check)
         theirs = None if fresh else self.target.file_hashes(rel)
-        fd = os.open(rel, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=self.src)
+        fd = open_file(self.src, rel)
         try:
             ops: list[Op] = []
             if fresh:

@@ -29,10 +29,11 @@ from app.engine import sync
 from app.engine.applier import BlockApplier, FsApplier
 from app.engine.journal import Record, read_small_file, write_small_file
 from app.engine.sync import BLOCK
-from app.services.layout import MARKER_XATTR
+from app.services.layout import MARKER_XATTR, dir_is_empty
 from app.services.results import MirrorError
 
-CLAIM_FILE = "target-claim"  # in the entry's state directory, for targets without a marker
+CLAIM_FILE = "target-claim"
+LOST_FOUND = b"lost+found"  # a target that is a file system's root keeps its own  # in the entry's state directory, for targets without a marker
 
 
 @dataclass(frozen=True)
@@ -136,8 +137,8 @@ class LocalDirTarget(Target):
             os.makedirs(self.path, mode=0o700, exist_ok=True)
             fd = os.open(self.path, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
             try:
-                _claim(self.path, fd, self.claim, self.state_dir, empty=lambda: not os.listdir(
-                    f"/proc/self/fd/{fd}"))
+                _claim(self.path, fd, self.claim, self.state_dir,
+                       empty=lambda: dir_is_empty(f"/proc/self/fd/{fd}"))
             except BaseException:
                 os.close(fd)
                 raise
@@ -159,7 +160,10 @@ class LocalDirTarget(Target):
             return None
 
     def children(self, rel: bytes) -> dict[bytes, sync.Info] | None:
-        return sync.children(self.fd, rel)
+        kids = sync.children(self.fd, rel)
+        if kids is not None and not rel:
+            kids.pop(LOST_FOUND, None)
+        return kids
 
     def file_hashes(self, rel: bytes) -> list[str] | None:
         try:
@@ -168,7 +172,10 @@ class LocalDirTarget(Target):
             return None
 
     def scan(self, *, hashes: bool = True) -> dict[bytes, sync.Info]:
-        return sync.scan(self.fd, hashes=hashes)
+        tree = sync.scan(self.fd, hashes=hashes)
+        for rel in [r for r in tree if r == LOST_FOUND or r.startswith(LOST_FOUND + b"/")]:
+            del tree[rel]  # the target file system's own, not part of the replica
+        return tree
 
     def close(self) -> None:
         if self.applier is not None:

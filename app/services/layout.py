@@ -144,6 +144,17 @@ def read_marker(path: str) -> str | None:
         return None
 
 
+def dir_is_empty(path: str) -> bool:
+    """Nothing in it but, maybe, an empty lost+found (a fresh file system's root)."""
+    names = os.listdir(path)
+    if names == ["lost+found"]:
+        try:
+            return not os.listdir(os.path.join(path, "lost+found"))
+        except OSError:
+            return False
+    return not names
+
+
 def target_is_empty(path: str) -> bool:
     """A directory with no entries, a file or device whose first MiB is zeros, or nothing."""
     try:
@@ -151,6 +162,6 @@ def target_is_empty(path: str) -> bool:
     except FileNotFoundError:
         return True
     if stat.S_ISDIR(st.st_mode):
-        return not os.listdir(path)
+        return dir_is_empty(path)
     with open(path, "rb") as f:
         return not any(f.read(1 << 20))
