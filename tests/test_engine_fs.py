@@ -205,3 +205,21 @@ def test_changes_during_verify_and_mirror_wait_their_turn_and_replicate(engine):
     eng.drain(src)
     assert eng.verify(src) == []
     assert sorted(os.listdir(tgt)) == sorted(os.listdir(src))
+
+
+def test_listing_a_subdirectory_shows_its_parent_without_waiting_for_ourselves(engine):
+    """readdir's ".." of a first-level directory was stat'ed through the lower tree, where it
+    is the entry root under our own mount: the worker waited for itself, forever."""
+    eng, src, _ = engine()
+    os.makedirs(os.path.join(src, "d", "e"))
+    for path in (src, os.path.join(src, "d"), os.path.join(src, "d", "e")):
+        ls = subprocess.Popen(["ls", "-la", path], stdout=subprocess.PIPE, text=True)
+        try:
+            out, _ = ls.communicate(timeout=30)
+        except subprocess.TimeoutExpired:  # ls waits in the kernel: end the worker to free it
+            for pid in eng.workers():
+                os.kill(pid, 9)
+            ls.wait()
+            pytest.fail(f"listing {path} waited for the capture worker, which waited for itself")
+        assert ls.returncode == 0 and " .." in out
+    assert os.stat(os.path.join(src, "d", "..")).st_ino == os.stat(src).st_ino

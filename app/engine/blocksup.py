@@ -159,9 +159,9 @@ class BlockCaptures:
         if r.failed or r.outcome is Outcome.SKIPPED:
             return Result("detach", dev, r.outcome, r.message, r.errno, {"loop": loop})
         note = await self._stop_worker(cap)
-        return Result("detach", dev, Outcome.OK, f"detached {loop}; capture of {dev} ended, its journal "
-                      "drained to the target" + (f"; the capture was {note}: ended there too"
-                                                 if note else ""), details={"loop": loop})
+        return Result("detach", dev, Outcome.OK, f"detached {loop}; capture of {dev} ended, "
+                      f"{cap.ended()}" + (f"; the capture was {note}: ended there too"
+                                          if note else ""), details={"loop": loop})
 
     async def _finish_pending(self, cap: Captured) -> None:
         f = self.file(cap.key)

@@ -500,7 +500,11 @@ class MirrorFS:
             node = self.inodes.node(ino)
             link = self.inodes.link(node) if ino != ROOT else None
             up = link[0] if link is not None else ino
-            yield b"..", up, os.stat(b"..", dir_fd=dfd, follow_symlinks=False), 2, False
+            # the parent through its own fd: ".." from a lower directory whose parent is the
+            # entry root would cross into our own mount over it and wait for ourselves
+            st_up = os.stat(b".", dir_fd=self.inodes.dirfd(up)) if up != ino else \
+                os.stat(b"..", dir_fd=dfd, follow_symlinks=False)
+            yield b"..", up, st_up, 2, False
         for i in range(max(offset - 2, 0), len(names)):
             name = names[i]
             try:

@@ -120,6 +120,17 @@ class Captured:
     ending: bool = False  # being stopped: its death is expected
     holders: list[str] = field(default_factory=list)
     adopted: bool = False
+    end: dict | None = None  # what the worker marked when it ended (capture.CLEAN_MARKER)
+
+    def ended(self) -> str:
+        """How the capture ended, as its own end marker says (never assumed)."""
+        end = self.end
+        if not end:
+            return "its end was not marked (the worker did not finish cleanly): the next start resyncs"
+        if end.get("drained"):
+            return f"its journal was drained to the target (seq {end.get('seq')})"
+        return (f"{end.get('seq', 0) - end.get('released', 0)} changes not yet at the target are "
+                "kept in its journal for the next start")
 
 
 async def spawn(spec) -> tuple[WorkerLink | None, dict]:
@@ -199,6 +210,18 @@ def holders(path: str, dev: tuple[int, int], exclude: set[int]) -> list[dict]:
             except OSError:
                 continue
     return found
+
+
+def capture_end(state: str) -> dict | None:
+    from app.engine.capture import CLEAN_MARKER
+    from app.engine.journal import read_small_file
+    import json
+    from pathlib import Path
+    try:
+        text = read_small_file(Path(state), CLEAN_MARKER)
+        return json.loads(text) if text else None
+    except (OSError, ValueError):
+        return None
 
 
 def mount_dev(path: str, fsname: str) -> tuple[int, int] | None:
@@ -314,6 +337,7 @@ class Supervisor:
                 os.kill(cap.link.pid, 9)
         self.captures.pop((cap.kind, cap.key), None)
         await cap.link.close()
+        cap.end = capture_end(self.layout.state(cap.kind, cap.key))
         return note
 
     async def figures(self, cap: Captured) -> dict:
@@ -390,9 +414,9 @@ class Supervisor:
             note = await self.stop(cap)
         if note:
             return Result("unmount", path, Outcome.OK, f"unmounted mirrorfs from {path}; its capture "
-                          f"was {note}: ended there too (journal drained and marked first; those "
-                          "copies now answer ENOTCONN)", details={"holders": cap.holders})
-        return Result("unmount", path, Outcome.OK, f"unmounted mirrorfs from {path}")
+                          f"was {note}: ended there too after {cap.ended()} (those copies now "
+                          "answer ENOTCONN)", details={"holders": cap.holders})
+        return Result("unmount", path, Outcome.OK, f"unmounted mirrorfs from {path}; {cap.ended()}")
 
     def detached_busy(self, path: str) -> Captured | None:
         self.detached = [c for c in self.detached if c.link.alive()]
