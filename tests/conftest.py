@@ -117,6 +117,39 @@ def disks(scratch_loop):
 
 
 @pytest.fixture
+def unused_loop():
+    """A /dev/loopN path far above the first-free ones that tests and other users of the host
+    take (so nobody races us for it), not existing yet; torn down (detached, LOOP_CTL_REMOVE)
+    at the end. For tests that ask for a fixed loop: `losetup --find` names one another
+    process can take before we attach."""
+    import fcntl
+    import errno as errno_mod
+    import random
+    import time
+    from app.services import _ioctl
+    taken = set(os.listdir("/sys/block"))
+    index = random.choice([n for n in range(2000, 9000) if f"loop{n}" not in taken
+                           and not os.path.exists(f"/dev/loop{n}")])
+    path = f"/dev/loop{index}"
+    yield path
+    if os.path.exists(path):
+        _unmount_everything_from(path)
+        run("losetup", "-d", path, check=False)
+    ctl = os.open("/dev/loop-control", os.O_RDWR | os.O_CLOEXEC)
+    try:
+        for _ in range(40):  # a device a test just closed can answer EBUSY for a moment
+            try:
+                fcntl.ioctl(ctl, _ioctl.LOOP_CTL_REMOVE, index)
+                break
+            except OSError as exc:
+                if exc.errno == errno_mod.ENODEV:
+                    break
+                time.sleep(0.05)
+    finally:
+        os.close(ctl)
+
+
+@pytest.fixture
 def tmpfs_mount(tmp_path):
     """make(path) mounts a small tmpfs at `path` (created if needed); lazily unmounted at teardown."""
     made: list[Path] = []

@@ -64,9 +64,9 @@ def test_dry_run_changes_nothing(config_path, disks):
     assert loops_on(disk) == [] and config_path.read_bytes() == before
 
 
-def test_fixed_loop_is_used(config_path, disks):
+def test_fixed_loop_is_used(config_path, disks, unused_loop):
     disk = disks()
-    free = run("losetup", "--find").stdout.strip()  # witness picks a free one; we ask for it
+    free = unused_loop  # nobody else takes it
     cli(config_path, "block", "add", disk, "--loop", free)
     out = json.loads(cli(config_path, "block", "attach-all", "--json").stdout)
     assert out[0]["details"]["loop"] == free and loops_on(disk) == [free]

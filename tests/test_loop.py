@@ -9,7 +9,6 @@ from __future__ import annotations
 import errno
 import fcntl
 import os
-import random
 import subprocess
 import sys
 import time
@@ -57,26 +56,9 @@ def loops(tmp_path):
 
 
 @pytest.fixture
-def high_loop(tmp_path):
-    """A /dev/loopN path (N >= 200) that does not exist yet; removed (LOOP_CTL_REMOVE) at teardown."""
-    candidates = [n for n in range(200, 1000)
-                  if not os.path.exists(f"/dev/loop{n}") and not os.path.exists(f"/sys/block/loop{n}")]
-    index = random.choice(candidates)
-    path = f"/dev/loop{index}"
-    yield path
-    run("losetup", "-d", path, check=False)
-    ctl = os.open(loop.LOOP_CONTROL, os.O_RDWR)
-    try:
-        for _ in range(20):     # a device our test just closed can report EBUSY for a moment
-            try:
-                fcntl.ioctl(ctl, _ioctl.LOOP_CTL_REMOVE, index)
-                break
-            except OSError as exc:
-                if exc.errno == errno.ENODEV:
-                    break
-                time.sleep(0.05)
-    finally:
-        os.close(ctl)
+def high_loop(unused_loop):
+    """A /dev/loopN path that does not exist yet (conftest's unused_loop)."""
+    return unused_loop
 
 
 # -- pure layout / parsing -------------------------------------------------------------------

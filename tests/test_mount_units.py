@@ -7,7 +7,6 @@ The independent witnesses are systemd's own tools when installed (`systemd-escap
 
 from __future__ import annotations
 
-import fcntl
 import json
 import os
 import shutil
@@ -22,7 +21,6 @@ from conftest import run
 from app.cli.service import unit_text as daemon_unit_text
 from app.engine.mountunits import NO_LOOP, escape_path, options_of, unit_name, unit_text
 from app.services import loop as loopsvc
-from app.services._ioctl import LOOP_CTL_REMOVE
 from app.services.config_toml import BlockEntry
 from app.services.mounts import parse_mountinfo, read_mountinfo
 from app.services.layout import CAPTURE_FILE
@@ -119,23 +117,9 @@ def mounted(tmp_path, disks):
 
 
 @pytest.fixture
-def fixed_loop(disks):
-    """A /dev/loopN far above the first-free ones that parallel tests take (so no race for it);
-    made by `block attach-all`, then detached and removed again at teardown."""
-    taken = set(os.listdir("/sys/block"))
-    index = next(i for i in range(400 + os.getpid() % 400, 2000) if f"loop{i}" not in taken)
-    loop = f"/dev/loop{index}"
-    yield loop
-    if os.path.exists(loop):
-        run("umount", "-l", loop, check=False)  # only if a test left it mounted
-        run("losetup", "-d", loop, check=False)
-        fd = os.open("/dev/loop-control", os.O_RDWR | os.O_CLOEXEC)
-        try:
-            fcntl.ioctl(fd, LOOP_CTL_REMOVE, index)
-        except OSError:
-            pass
-        finally:
-            os.close(fd)
+def fixed_loop(unused_loop):
+    """A fixed loop nobody else takes (conftest's unused_loop), made by `block attach-all`."""
+    return unused_loop
 
 
 @pytest.fixture

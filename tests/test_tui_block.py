@@ -122,9 +122,9 @@ async def test_add_attach_all_detach_all_remove_on_a_real_device(tui, store, pro
 
 
 @pilot_test
-async def test_attach_all_with_a_fixed_loop_uses_that_loop(tui, store, protected_device):
+async def test_attach_all_with_a_fixed_loop_uses_that_loop(tui, store, protected_device, unused_loop):
     disk = protected_device()
-    free = run("losetup", "--find").stdout.strip()
+    free = unused_loop
     app = tui(devices=[disk])
     async with app.run_test(size=(120, 36)) as pilot:
         screen = await open_block_screen(pilot)

@@ -34,7 +34,6 @@ import os
 import signal
 import socket
 import sys
-import threading
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path

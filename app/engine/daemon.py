@@ -29,7 +29,7 @@ from app.engine import sync
 from app.engine.blocksup import BlockCaptures
 from app.engine.supervisor import Captured, Supervisor, holders, mount_dev
 from app.services import layout as layout_mod
-from app.services import mounts, protocol
+from app.services import protocol
 from app.services.blockplan import same_device
 from app.services.config import BlockEntry, ConfigStore, FsEntry
 from app.services.control import DIR_MODE, SOCKET_MODE, default_socket

@@ -233,7 +233,7 @@ class RemoteTarget(Target):
 
     def _check(self) -> None:
         if self._gap:
-            gap, self._gap = self._gap, None
+            self._gap = None
             raise JournalGap(self._expect, self._expect)  # the agent lost records: resync
         if self._failure is not None:
             raise self._failure

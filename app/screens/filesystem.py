@@ -15,7 +15,7 @@ from app.screens.base import (Col, ForceOffer, KeyedTable, TaskScreen, elide,
 from app.screens.dialogs import AddFsEntryDialog, ConfirmDialog, DetailsDialog
 from app.services.results import Result
 from app.services.status import replication_lines
-from app.services.units import human_size, shown
+from app.services.units import shown
 
 COLUMNS = (Col("path", "Path", 9, 48), Col("state", "State", 8, 30),
            Col("target", "Target", 5, 32), Col("atime", "Access times", 3))

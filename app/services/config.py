@@ -5,8 +5,7 @@ line. The TUI, the CLI and the daemon may change it at the same time, so every c
 load-modify-validate-write under an exclusive flock, and readers never see half a file (temp
 file, fsync, rename, directory fsync). A file we cannot understand is never rewritten.
 
-The schema and its TOML text live in config_toml, the old product's import in config_legacy;
-their public names are re-exported here, so callers import everything from this module.
+The schema and its TOML text live in config_toml, the old product's import in config_legacy.
 """
 
 from __future__ import annotations
@@ -24,10 +23,6 @@ from typing import Callable, Iterator, TypeVar
 from app.services.config_legacy import LEGACY_BLOCK_FILE, LEGACY_FS_FILE, import_line, legacy_lines
 from app.services.config_toml import (TABLES, BlockEntry, Config, FsEntry, TargetHost,
                                       config_from_toml, config_to_toml, field_problem)
-# Re-exported, so that every configuration name can still be imported from this module:
-from app.services.config_legacy import legacy_block  # noqa: F401
-from app.services.config_toml import HEADER, LOOP_PATH, SCHEMA_VERSION  # noqa: F401
-from app.services.config_toml import SECTOR_SIZE, TYPE_WORDS  # noqa: F401
 from app.services.results import ConfigError, MirrorError, Result
 
 DEFAULT_PATH = "/etc/mirrorsetup/replication.toml"
