@@ -1,5 +1,9 @@
 """The daemon's block entries: a capture worker per attached entry, and its loop device.
 
+The loop is attached with direct I/O onto the capture's FUSE file (itself direct_io): the loop
+then keeps several asynchronous writes in flight instead of one synchronous write at a time
+(bench/apps.py: 64 KiB random writes 290 -> 353 MB/s).
+
 Attach (planned by services.blockplan, the same plan a plain attach uses): refuse a device that
 is mounted, held, captured or reachable through another loop, naming who; take over an idle
 plain loop of the entry (attached while the daemon was down) keeping its number; start the
@@ -86,13 +90,13 @@ class BlockCaptures:
         try:
             try:
                 st = await trio.to_thread.run_sync(lambda: loopdev.attach(
-                    msg["file"], loop=plan.want, read_only=entry.read_only))
+                    msg["file"], loop=plan.want, read_only=entry.read_only, direct_io=True))
             except MirrorError as exc:
                 if entry.loop or not plan.want or exc.errno != errno.EBUSY:
                     raise
                 # the number came from a plain loop we took over; someone took it meanwhile
                 st = await trio.to_thread.run_sync(lambda: loopdev.attach(
-                    msg["file"], read_only=entry.read_only))
+                    msg["file"], read_only=entry.read_only, direct_io=True))
         except MirrorError as exc:
             await self._stop_worker(cap)
             return Result.from_error(action, dev, exc)
@@ -117,7 +121,8 @@ class BlockCaptures:
             return None
         try:
             st = await trio.to_thread.run_sync(lambda: loopdev.attach(
-                cap.link.info["file"], loop=cap.entry.loop, read_only=cap.entry.read_only))
+                cap.link.info["file"], loop=cap.entry.loop, read_only=cap.entry.read_only,
+                direct_io=True))
         except MirrorError as exc:
             return Result.from_error("attach", cap.key, exc)
         cap.loop = st.device

@@ -20,6 +20,7 @@ import errno
 import os
 import resource
 import stat
+import threading
 
 import trio
 
@@ -33,6 +34,7 @@ from app.services import mounts
 
 # the kernel sends offsets (O_APPEND) and bypasses its own cache for O_DIRECT; our buffers are
 # not aligned for O_DIRECT at the lower file, and need not be
+CAPABILITY = b"security.capability"
 OPEN_STRIP = os.O_CREAT | os.O_EXCL | os.O_NOCTTY | os.O_APPEND | os.O_DIRECT
 SPECIAL_BITS = stat.S_ISUID | stat.S_ISGID  # chown(2) clears them, even our own as root
 LOWER_MOUNT_FLAGS = ((os.ST_NOSUID, mounts.MS_NOSUID), (os.ST_NODEV, mounts.MS_NODEV),
@@ -61,6 +63,7 @@ class MirrorFS:
         self._open: dict[int, list[Handle]] = {}  # open handles per inode
         self._dirs: dict[int, tuple[int, list[bytes] | None]] = {}
         self._next_fh = 1
+        self._no_caps: set[int] = set()  # inodes known to have no security.capability
         self.unfrozen = trio.Event()
         self.unfrozen.set()
         self.tracker = None  # a sync.Tracker while a resync or verify runs beside capture
@@ -162,6 +165,8 @@ class MirrorFS:
 
     def forget(self, ino: int, count: int) -> None:
         self.inodes.forget(ino, count)
+        if self.inodes.get(ino) is None:
+            self._no_caps.discard(ino)  # the number may come back for another file
 
     def getattr(self, ino: int, fh: int | None) -> os.stat_result:
         h = self._handles.get(fh) if fh is not None else None
@@ -330,6 +335,7 @@ class MirrorFS:
         """`kill_sgid`: the caller set an ACL but is neither in the file's group nor privileged,
         so the set-GID bit goes, as the lower file system would drop it for such a caller (for
         us, root, it keeps it)."""
+        self._no_caps.discard(ino)
         where = self._xattr_path(ino)
         os.setxattr(where, name, value, flags, follow_symlinks=False)
         node = self.inodes.node(ino)
@@ -345,7 +351,16 @@ class MirrorFS:
                 self._record_on(node, "chmod", mode=mode)
 
     def getxattr(self, ino: int, name: bytes) -> bytes:
-        return os.getxattr(self._xattr_path(ino), name, follow_symlinks=False)
+        """The kernel asks for security.capability before every write(2): a file known to have
+        none (we made it, or the lower file system said so) is answered from memory."""
+        if name == CAPABILITY and ino in self._no_caps:
+            raise OSError(errno.ENODATA, "no capabilities")
+        try:
+            return os.getxattr(self._xattr_path(ino), name, follow_symlinks=False)
+        except OSError as exc:
+            if name == CAPABILITY and exc.errno == errno.ENODATA:
+                self._no_caps.add(ino)
+            raise
 
     def listxattr(self, ino: int) -> list[bytes]:
         return [os.fsencode(n) for n in os.listxattr(self._xattr_path(ino), follow_symlinks=False)]
@@ -470,9 +485,18 @@ class MirrorFS:
             os.close(h.fd)
 
     def fsync(self, fh: int, datasync: bool) -> None:
+        """The file and the journal are made durable side by side (one disk wait, not two);
+        the application's fsync returns once both are."""
         h = self._handles[fh]
-        (os.fdatasync if datasync else os.fsync)(h.fd)
-        self.journal.sync()  # the application's fsync returns once its records are durable
+        errors: list[BaseException] = []
+        other = threading.Thread(target=_catching, args=(self.journal.sync, errors), name="journal-sync")
+        other.start()
+        try:
+            (os.fdatasync if datasync else os.fsync)(h.fd)
+        finally:
+            other.join()
+        if errors:
+            raise errors[0]
 
     # -- directories --------------------------------------------------------------------------
     def opendir(self, ino: int) -> int:
@@ -526,6 +550,13 @@ class MirrorFS:
 
     def fsyncdir(self, fh: int, datasync: bool) -> None:
         self.journal.sync()
+
+
+def _catching(fn, errors: list) -> None:
+    try:
+        fn()
+    except BaseException as exc:  # raised on the handler's thread
+        errors.append(exc)
 
 
 def mount(fs: MirrorFS, path: str, options) -> fusewire.Session:
