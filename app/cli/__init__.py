@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import argparse
 
-from app.cli import block, config, daemon, fs, manual, service, status, target
+from app.cli import block, config, daemon, fs, manual, replica, service, status, target
 from app.cli.common import EXIT_CODES, add
 from app.cli.output import refusal
 from app.services.results import MirrorError
@@ -40,7 +40,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.set_defaults(func=cmd_tui)
     sub = parser.add_subparsers(title="commands", metavar="COMMAND")
     add(sub, "tui", cmd_tui, "start the full-screen console (the default)", common)
-    for module in (fs, block, manual, status, daemon, service, config, target):
+    for module in (fs, block, manual, status, daemon, service, config, target, replica):
         module.register(sub, common)
     return parser
 

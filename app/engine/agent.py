@@ -156,11 +156,15 @@ class Agent:
         self.paused: str | None = None
         self.codec = wire.Codec("none")
         self.state: dict = {}
+        self.quiet = False  # applying before a promotion: the source waits for WELCOME only
 
     # -- output
     def send(self, kind: int, obj: dict) -> None:
+        self.send_raw(wire.jframe(kind, obj))
+
+    def send_raw(self, data: bytes) -> None:
         with self.wlock:
-            self.wfile.write(wire.jframe(kind, obj))
+            self.wfile.write(data)
             self.wfile.flush()
 
     def positions(self) -> dict:
@@ -189,7 +193,8 @@ class Agent:
                 raise AgentError("protocol", f"expected HELLO, got {wire.NAMES.get(kind)}")
             hello = json.loads(payload)
             self.hello(hello)
-            self.serve()
+            if hello.get("action", "replicate") in ("replicate", "test"):
+                self.serve()
         except AgentError as exc:
             log.error("%s", exc)
             self.send(wire.ERROR, {"code": exc.code, "message": str(exc), "errno": exc.errno})
@@ -216,12 +221,12 @@ class Agent:
                              f"agent {wire.VERSION}: upgrade one side", errno.EPROTO)
         action = h.get("action", "replicate")
         st = os.statvfs(self.root)
-        info = {"version": wire.VERSION, "agent": _version(), "host": socket.gethostname(),
-                "free_bytes": st.f_bavail * st.f_frsize, "root": self.root}
+        self.info = {"version": wire.VERSION, "agent": _version(), "host": socket.gethostname(),
+                     "free_bytes": st.f_bavail * st.f_frsize, "root": self.root}
         if action == "test":
-            self.send(wire.WELCOME, info)
+            self.send(wire.WELCOME, self.info)
             return
-        if action != "replicate":
+        if action not in ("replicate", "promote", "discard", "failback"):
             raise AgentError("action", f"unknown action {action!r}")
         try:
             rel = safe_relpath(h["path"]).decode(errors="surrogateescape")
@@ -244,9 +249,23 @@ class Agent:
         if state and state.get("kind", kind) != kind:
             raise AgentError("not-ours", f"replica {rel} is a {state.get('kind')} replica, not {kind}",
                              errno.EEXIST)
+        if state.get("role") == "primary" and action == "replicate":
+            self._split_brain(source)
+        if action in ("discard", "failback") and state.get("role") == "primary" and \
+                (state.get("promoted") or {}).get("from_generation") != h.get("generation"):
+            raise AgentError("not-ours", f"replica {rel} was promoted from another history than "
+                             "this source's: refusing", errno.EEXIST)
+        if action == "promote" and state.get("generation") != h.get("generation"):
+            raise AgentError("not-ours", f"replica {rel} belongs to another history (generation "
+                             f"{state.get('generation')}): not promoted", errno.EEXIST)
+        if state and action == "replicate" and state.get("generation") != h.get("generation") \
+                and not h.get("adopt"):
+            raise AgentError("not-ours", f"replica {rel} belongs to another history (generation "
+                             f"{state.get('generation')}, the source's is {h.get('generation')}): "
+                             "refusing to overwrite it (adopt_target replaces it)", errno.EEXIST)
         self._open_data(rel, kind, h)
         if not state or state.get("source") != source:
-            self.state = state = {"source": source, "kind": kind, "path": rel,
+            self.state = state = {"source": source, "kind": kind, "path": rel, "role": "secondary",
                                   "generation": h.get("generation") or uuid.uuid4().hex,
                                   "created": time.time(), "consistent": False, "consistent_seq": 0}
             self.replica.save(state)
@@ -255,9 +274,115 @@ class Agent:
             self.journal.skip_to(self.journal.last_seq)
             self._inconsistent()
         self.codec = wire.Codec(h.get("compression", "zstd"))
-        self.send(wire.WELCOME, {**info, **self.positions(), "generation": state["generation"],
+        if action == "promote":
+            return self._promote_for_switchover(h)
+        if action == "discard":
+            return self._discard_promotion(h)
+        if action == "failback":
+            return self._failback(h)
+        if state.get("generation") != h.get("generation"):  # adopted: the source's history now
+            state.update(generation=h.get("generation"), consistent=False)
+            self.replica.save(state)
+        self.send(wire.WELCOME, {**self.info, **self.positions(), "generation": state["generation"],
                                  "consistent_seq": state.get("consistent_seq", 0)})
         threading.Thread(target=self._apply_loop, daemon=True).start()
+
+    # -- fail-over and fail-back ------------------------------------------------------------
+    def _split_brain(self, source: dict) -> None:
+        """The old source came back after this replica was promoted: both have moved on. Say
+        so (here too: `replica list` shows it), write nothing."""
+        promoted = self.state.get("promoted", {})
+        self.state["split_brain"] = {"time": time.time(), "source": source}
+        self.replica.save(self.state)
+        when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(promoted.get("time", 0)))
+        raise AgentError("split-brain", f"split brain: the target was promoted at {when} "
+                         f"(generation {self.state.get('generation')}); nothing was written. "
+                         "Choose: `mirrorsetup replica resolve ENTRY --discard-target` (the source "
+                         "wins) or `mirrorsetup failback ENTRY` (the promoted replica wins)",
+                         errno.EEXIST)
+
+    def _settle(self, seq: int, deadline: float = 60) -> None:
+        """Apply what our journal holds (everything up to `seq` must be there)."""
+        self.quiet = True
+        self.journal_applier = threading.Thread(target=self._apply_loop, daemon=True)
+        self.journal_applier.start()
+        end = time.monotonic() + deadline
+        while self.journal.released_seq < max(seq, self.journal.last_seq):
+            if time.monotonic() > end:
+                raise AgentError("incomplete", f"replica {self.replica.rel} holds records up to "
+                                 f"{self.journal.last_seq}, applied {self.journal.released_seq}; "
+                                 f"the source said {seq}", errno.EIO)
+            if self.paused:
+                raise AgentError("incomplete", f"replica {self.replica.rel} cannot apply what it "
+                                 f"holds: {self.paused}; nothing was promoted", errno.ENOSPC)
+            time.sleep(0.05)
+        self.stop.set()  # the applier ends; the state is ours alone from here
+        self.journal_applier.join()
+        self.stop.clear()
+
+    def _promote_for_switchover(self, h: dict) -> None:
+        """A planned switch-over: the source has drained and lifted capture; once everything
+        it sent is applied here, this replica becomes primary in a generation of its own."""
+        seq = int(h.get("last_seq") or 0)
+        if self.state.get("role") == "primary":
+            raise AgentError("promoted", f"replica {self.replica.rel} is already primary", errno.EEXIST)
+        if self.journal.last_seq < seq:
+            raise AgentError("incomplete", f"the replica received records up to {self.journal.last_seq} "
+                             f"of {seq}: nothing was promoted", errno.EIO)
+        self._settle(seq)
+        self._consistent_if_applied()
+        if not self.state.get("consistent"):
+            raise AgentError("incomplete", f"replica {self.replica.rel} is inconsistent (its resync "
+                             "did not finish): nothing was promoted", errno.EIO)
+        promote_state(self.state, by="switch-over", seq=seq)
+        self.replica.save(self.state)
+        self.send(wire.WELCOME, {**self.info, **self.positions(), "generation": self.state["generation"],
+                                 "promoted": self.state["promoted"]})
+
+    def _discard_promotion(self, h: dict) -> None:
+        """`replica resolve --discard-target`: the source wins; this replica is its secondary
+        again (inconsistent until the source's resync has made it equal)."""
+        users = replica_users(self.root, self.replica.rel, self.replica.kind)
+        if users:
+            raise AgentError("in-use", f"the promoted replica {self.replica.rel} is in use on the "
+                             f"target: {'; '.join(users)}: stop using it first", errno.EBUSY)
+        demote_state(self.state, generation=h.get("generation"), consistent=False)
+        self.replica.save(self.state)
+        self.send(wire.WELCOME, {**self.info, **self.positions(), "generation": self.state["generation"]})
+
+    def _failback(self, h: dict) -> None:
+        """Fail back: the promoted replica is sent to the source, only what differs (the source
+        answers the comparisons and applies), then this replica is the source's secondary
+        again, consistent at the source's position."""
+        if self.state.get("role") != "primary":
+            raise AgentError("not-promoted", f"replica {self.replica.rel} is not promoted: nothing "
+                             "to fail back from", errno.EINVAL)
+        users = replica_users(self.root, self.replica.rel, self.replica.kind)
+        if users:
+            raise AgentError("in-use", f"the promoted replica {self.replica.rel} is in use on the "
+                             f"target: {'; '.join(users)}: stop using it there first", errno.EBUSY)
+        self.send(wire.WELCOME, {**self.info, **self.positions(), "generation": self.state["generation"]})
+        back = Reverse(self)
+        threading.Thread(target=self._read_replies, args=(back,), daemon=True).start()
+        counts = back.run()
+        demote_state(self.state, generation=h.get("new_generation"), consistent=True,
+                     seq=int(h.get("last_seq") or 0))
+        self.journal.skip_to(int(h.get("last_seq") or 0))
+        self.replica.save(self.state)
+        self.send(wire.ACK, {**self.positions(), "done": counts})
+
+    def _read_replies(self, back: Reverse) -> None:
+        try:
+            while (got := wire.read_frame(self.rfile.read)) is not None:
+                self.last_frame = time.monotonic()
+                kind, payload = got
+                if kind == wire.REP:
+                    back.reply(json.loads(payload))
+                elif kind == wire.BEAT:
+                    pass
+        except (wire.WireError, OSError, ValueError):
+            pass
+        back.reply(None)
 
     def _open_data(self, rel: str, kind: str, h: dict) -> None:
         from app.engine.target import LocalBlockTarget, LocalDirTarget
@@ -346,7 +471,8 @@ class Agent:
         if self.paused != reason:
             self.paused = reason
             log.warning("paused: %s", reason)
-            self.send(wire.PAUSE, {"reason": reason, **self.positions()})
+            if not self.quiet:
+                self.send(wire.PAUSE, {"reason": reason, **self.positions()})
 
     def _resume(self) -> None:
         if self.paused:
@@ -387,7 +513,8 @@ class Agent:
                     last_sync = time.monotonic()
                     if self._consistent_if_applied():
                         self.replica.save(self.state)
-                    self.send(wire.ACK, self.positions())
+                    if not self.quiet:
+                        self.send(wire.ACK, self.positions())
                 if not batch and self.paused and _has_room(self.root):
                     self._resume()
             except TargetUnavailable as exc:
@@ -474,3 +601,280 @@ def main(root: str) -> int:
     agent = Agent(root, sys.stdin.buffer, sys.stdout.buffer)
     return agent.run()
 
+
+
+class Reverse:
+    """The source host, seen from here during a fail-back: what the reconciler compares
+    against and writes to. Questions go out as REQ and are answered by the source; writes go
+    out as DATA records that the source applies."""
+
+    def __init__(self, agent: Agent):
+        self.agent = agent
+        self.kind = agent.replica.kind
+        self._cv = threading.Condition()
+        self._replies: dict[int, dict] = {}
+        self._ids = 0
+        self._gone = False
+        self.sent = 0
+
+    def reply(self, msg: dict | None) -> None:
+        with self._cv:
+            if msg is None:
+                self._gone = True
+            else:
+                self._replies[msg["id"]] = msg
+            self._cv.notify_all()
+
+    def _call(self, method: str, **args):
+        with self._cv:
+            self._ids += 1
+            rid = self._ids
+        self.agent.send(wire.REQ, {"id": rid, "method": method, "args": args})
+        with self._cv:
+            while rid not in self._replies:
+                if self._gone:
+                    raise AgentError("gone", "the source went away during the fail-back", errno.EPIPE)
+                self._cv.wait(1.0)
+            rep = self._replies.pop(rid)
+        if "error" in rep:
+            raise OSError(rep.get("errno") or errno.EIO, f"the source: {method}: {rep['error']}")
+        return rep["result"]
+
+    def info(self, rel: bytes):
+        from app.engine.sync import Info
+        d = self._call("info", rel=os.fsdecode(rel))
+        return None if d is None else Info.from_wire(d)
+
+    def children(self, rel: bytes):
+        from app.engine.sync import Info
+        d = self._call("children", rel=os.fsdecode(rel))
+        return None if d is None else {os.fsencode(k): Info.from_wire(v) for k, v in d.items()}
+
+    def file_hashes(self, rel: bytes):
+        return self._call("file_hashes", rel=os.fsdecode(rel))
+
+    def block_hashes_of(self, blocks: list[int]) -> list[str]:
+        return self._call("block_hashes_of", blocks=blocks)
+
+    def apply_ops(self, ops) -> None:
+        from app.engine.journal import Record
+        raw = b"".join(Record(0, 0, op, args, data).encode() for op, args, data in ops)
+        self.sent += len(raw)
+        self.agent.send_raw(wire.frame(wire.DATA, self.agent.codec.pack(raw)))
+
+    def run(self) -> dict:
+        from app.engine import blocksync, sync
+        if self.kind == "fs":
+            counts = sync.Reconciler(self.agent.target.fd, self, sync.DirectSink(self)).run()
+        else:
+            t = self.agent.target
+
+            def commit(block, data, gen):
+                self.apply_ops([("write", {"offset": block * sync.BLOCK}, data)])
+                return True
+            counts = blocksync.reconcile(t.fd, 0, t.size, self, commit)
+        self._call("flush")  # the source made it all durable
+        return {**counts, "sent_bytes": self.sent}
+
+
+def promote_state(state: dict, *, by: str, seq: int) -> None:
+    """This replica becomes primary in a generation of its own: the old source's history
+    (its generation) can never write over it by accident."""
+    state["promoted"] = {"time": time.time(), "by": by, "seq": seq,
+                         "from_generation": state.get("generation")}
+    state.setdefault("history", []).append({"promoted": state["promoted"]})
+    state.update(role="primary", generation=uuid.uuid4().hex)
+    state.pop("split_brain", None)
+
+
+def demote_state(state: dict, *, generation: str | None, consistent: bool, seq: int = 0) -> None:
+    state.setdefault("history", []).append({"demoted": time.time(), "from": state.get("generation")})
+    state.update(role="secondary", generation=generation or uuid.uuid4().hex, consistent=consistent,
+                 consistent_seq=seq if consistent else 0, consistent_time=time.time())
+    for key in ("promoted", "split_brain", "mark_seq"):
+        state.pop(key, None)
+
+
+def replica_users(root: str, rel: str, kind: str) -> list[str]:
+    """Who uses a (promoted) replica on this host: mounts of it (a bind of the directory, the
+    file system on its loop), loops on it, processes with files open there (named)."""
+    return path_users(os.path.join(root, rel), block=kind == "block")
+
+
+def path_users(path: str, *, block: bool = False) -> list[str]:
+    """Mounts on or of `path` (binds of it too), loops on it (`block`: a file), processes with
+    a file or their working directory there."""
+    import psutil
+
+    from app.services import loop as loopdev
+    from app.services import mounts
+    users = []
+    table = mounts.read_mountinfo()
+    home = mounts.mount_containing(path, table)
+    inside = os.path.join(home.root, os.path.relpath(path, home.mount_point)).rstrip("/")
+    for m in table:
+        if m is home:
+            continue
+        bound = (m.major, m.minor) == (home.major, home.minor) and \
+            (m.root == inside or m.root.startswith(inside + "/"))
+        if bound or m.mount_point == path or m.mount_point.startswith(path + "/"):
+            users.append(f"mounted at {m.mount_point}")
+    if block:
+        for s in loopdev.list_attached():
+            if s.backing_file == path:
+                users.append(f"attached to {s.device}" + "".join(
+                    f", mounted at {m.mount_point}" for m in table
+                    if (m.major, m.minor) == (7, s.index) or m.source == s.device))
+    for proc in psutil.process_iter(["pid", "name"]):
+        if proc.pid == os.getpid():
+            continue  # the agent itself, which has the replica open
+        try:
+            files = [f.path for f in proc.open_files()] + [proc.cwd()]
+        except (psutil.Error, OSError):
+            continue
+        if any(f == path or f.startswith(path + "/") for f in files):
+            users.append(f"open by pid {proc.pid} ({proc.info['name']})")
+    return users
+
+
+# -- the target host's own commands: what replicas are kept here, promote one -------------------
+
+def list_replicas(root: str) -> list[dict]:
+    """Every replica serve-target keeps below `root`, with its state."""
+    base = Path(os.path.realpath(root)) / META / "replicas"
+    out = []
+    for d in sorted(base.glob("*")) if base.is_dir() else []:
+        text = read_small_file(d, "state.json")
+        if not text:
+            continue
+        state = json.loads(text)
+        released = read_small_file(d, "released")
+        applied = int(released.strip()) if released and released.strip().isdigit() else 0
+        lock = _holder_of(d / "lock")
+        out.append({"name": state.get("path"), "id": d.name, "kind": state.get("kind"),
+                    "role": state.get("role", "secondary"), "generation": state.get("generation"),
+                    "source": state.get("source"), "consistent": bool(state.get("consistent")),
+                    "consistent_seq": state.get("consistent_seq"), "consistent_time":
+                    state.get("consistent_time"), "inconsistent_since": state.get("inconsistent_since"),
+                    "applied_seq": applied, "promoted": state.get("promoted"),
+                    "split_brain": state.get("split_brain"), "session_pid": lock,
+                    "path": os.path.join(os.path.realpath(root), state.get("path", ""))})
+    return out
+
+
+def _holder_of(lock: Path) -> int | None:
+    """The pid of the agent session holding a replica's lock, or None."""
+    try:
+        fd = os.open(lock, os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return None
+    except BlockingIOError:
+        return _holder(fd).get("pid")
+    finally:
+        os.close(fd)
+
+
+def replica_line(r: dict) -> str:
+    """One replica as `replica list` says it."""
+    def when(t):
+        return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(t)) if t else "?"
+    src = (r.get("source") or {}).get("entry", "?").split(":", 1)[-1]
+    if r["role"] == "primary":
+        p = r.get("promoted") or {}
+        state = f"PROMOTED at {when(p.get('time'))} ({p.get('by')}, from seq {p.get('seq')})"
+        if r.get("split_brain"):
+            state += f"; SPLIT BRAIN: the old source connected at {when(r['split_brain'].get('time'))}"
+    elif r["consistent"]:
+        state = f"consistent at position {r['applied_seq']} ({when(r.get('consistent_time'))})"
+    else:
+        state = ("inconsistent: a resync was running" + (f" since {when(r['inconsistent_since'])}"
+                                                          if r.get("inconsistent_since") else ""))
+    busy = f"; a session is writing it (agent pid {r['session_pid']})" if r.get("session_pid") else ""
+    return f"{r['name']} ({r['kind']}, replica of {src}): {state}{busy}"
+
+
+def promote(root: str, name: str, *, mount_at: str | None = None, loop: str | None = None,
+            force: bool = False) -> tuple[dict, list[str]]:
+    """Fail-over: make a replica usable on this host. An inconsistent one only with `force`.
+    Returns the replica's new state and what was done (lines to print)."""
+    from app.services import loop as loopdev
+    from app.services import mounts
+    found = next((r for r in list_replicas(root) if r["name"] == name), None)
+    if found is None:
+        raise AgentError("path", f"no replica named {name!r} below {root} (mirrorsetup replica list "
+                         f"--root {root})", errno.ENOENT)
+    root_fd = os.open(os.path.realpath(root), os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        rep = Replica(root_fd, os.path.realpath(root), name, found["kind"])
+        deadline = time.monotonic() + HEARTBEAT_TIMEOUT + 5  # a lost session ends on its own
+        while True:
+            try:
+                rep.lock({"promote": os.getpid()})
+                break
+            except AgentError:
+                if time.monotonic() > deadline:
+                    raise AgentError("locked", f"replica {name} is being written by agent pid "
+                                     f"{found.get('session_pid')} (its source is connected): use "
+                                     "`mirrorsetup switchover` on the source instead", errno.EBUSY) from None
+                time.sleep(0.5)
+        state = rep.state()
+        if state.get("role") == "primary":
+            raise AgentError("promoted", f"replica {name} is already promoted", errno.EEXIST)
+        journal = Journal(rep.dir, kind=KIND_FS if found["kind"] == "fs" else KIND_BLOCK)
+        done = []
+        pending = journal.last_seq - journal.released_seq
+        if not state.get("consistent") and not force:
+            raise AgentError("inconsistent", f"replica {name} is inconsistent (a resync was running): "
+                             "its files or blocks mix old and new states. Promote with --force only "
+                             "if that is acceptable (check it first: e2fsck -fn, an application's "
+                             "own check)", errno.EAGAIN)
+        if pending:  # what arrived but was not applied yet: apply it first
+            from app.engine.target import LocalBlockTarget, LocalDirTarget
+            path = os.path.join(os.path.realpath(root), name)
+            if found["kind"] == "fs":
+                target = LocalDirTarget.on_fd(os.open(path, os.O_PATH | os.O_DIRECTORY), name)
+            else:
+                fd = os.open(path, os.O_RDWR)
+                target = LocalBlockTarget.on_fd(fd, name, os.fstat(fd).st_size)
+            try:
+                while batch := journal.read(512):
+                    target.send(batch)
+                target.flush()
+                journal.release(journal.sent_seq)
+            finally:
+                target.close()
+            done.append(f"applied the {pending} records received but not yet applied")
+        journal.close()
+        promote_state(state, by="fail-over" + (" (forced, inconsistent)" if not state.get("consistent")
+                                               else ""), seq=journal.released_seq)
+        rep.save(state)
+        path = os.path.join(os.path.realpath(root), name)
+        done.append(f"promoted {name}: generation {state['generation']} (the old source can no longer "
+                    "write to it)")
+        if found["kind"] == "block":
+            st = loopdev.attach(path, loop=loop)
+            done.append(f"attached {path} as {st.device}")
+            if mount_at:
+                os.makedirs(mount_at, exist_ok=True)
+                subprocess_mount(st.device, mount_at)
+                done.append(f"mounted {st.device} on {mount_at}")
+        elif mount_at:
+            os.makedirs(mount_at, exist_ok=True)
+            mounts.mount(path, mount_at, None, mounts.MS_BIND)
+            done.append(f"bind-mounted {path} on {mount_at}")
+        else:
+            done.append(f"use it at {path}")
+        return state, done
+    finally:
+        os.close(root_fd)
+
+
+def subprocess_mount(device: str, where: str) -> None:
+    """mount(8) for a file system on a loop (it knows every file system's type)."""
+    import subprocess
+    r = subprocess.run(["mount", "--", device, where], capture_output=True, text=True)
+    if r.returncode != 0:
+        raise AgentError("mount", f"mount {device} on {where}: {r.stderr.strip()}", errno.EIO)

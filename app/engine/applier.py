@@ -285,14 +285,15 @@ def _same_file(da: int, a: bytes, db: int, b: bytes) -> bool:
 class BlockApplier:
     """Applies block writes to a target file or device at the same window offsets."""
 
-    def __init__(self, fd: int):
+    def __init__(self, fd: int, offset: int = 0):
         self.fd = fd
+        self.offset = offset  # where the window starts in `fd` (0 for a target)
 
     def apply(self, rec: Record) -> None:
         if rec.op == "write":
-            os.pwrite(self.fd, rec.data, rec.args["offset"])
+            os.pwrite(self.fd, rec.data, self.offset + rec.args["offset"])
         elif rec.op == "zero":  # a run of zeros sent as its length (the wire's zero range)
-            offset, length = rec.args["offset"], rec.args["length"]
+            offset, length = self.offset + rec.args["offset"], rec.args["length"]
             zeros = bytes(min(length, ZERO_CHUNK))
             done = 0
             while done < length:

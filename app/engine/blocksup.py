@@ -60,6 +60,10 @@ class BlockCaptures:
             if cap is not None:
                 return Result(action, dev, Outcome.UNCHANGED, f"{dev} is already attached as "
                               f"{cap.loop} (captured)", details={"loop": cap.loop, "captured": True})
+            from app.engine.failover import refusal
+            refused = refusal(self.sup.layout, "block", dev, action)
+            if refused is not None:
+                return refused
             if not dry_run:
                 await self.clean_dead(dev)
             async with host_attach_lock():

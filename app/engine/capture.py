@@ -473,6 +473,12 @@ class Capture:
             return protocol.ok(stopping=True)
         if isinstance(self.target, NoTarget):
             return protocol.error(f"{self.spec.key} has no target", errno.EINVAL)
+        if cmd == "resync":  # the target was handed back to us (a discarded promotion)
+            self.shipper.kick()
+            self.request_catch_up(args.get("reason") or "resync asked for")
+            return protocol.ok()
+        if cmd == "drain":
+            return await self._drain(float(args.get("timeout") or 300))
         token = trio.lowlevel.current_trio_token()
 
         def progress(p: dict) -> None:
@@ -486,6 +492,25 @@ class Capture:
             if cmd == "verify":
                 return protocol.ok(**await trio.to_thread.run_sync(self._verify, progress))
         return protocol.error(f"unknown worker command {cmd!r}", errno.EINVAL)
+
+    async def _drain(self, timeout: float) -> dict:
+        """A switch-over's first step: until nothing is being caught up and the target has
+        applied every record captured so far (or `timeout`). Says where that is."""
+        import trio
+        deadline = time.monotonic() + timeout
+        while self.catching is not None or self.journal.behind or not self.consistent:
+            if time.monotonic() > deadline:
+                return protocol.error(f"{self.spec.key} is still catching up with its target "
+                                      f"({self.reason}): try again once status says consistent",
+                                      errno.EAGAIN)
+            await trio.sleep(0.2)
+        seq = self.journal.last_seq
+        left = max(0.0, deadline - time.monotonic())
+        if not await trio.to_thread.run_sync(self.shipper.wait_applied, seq, left):
+            return protocol.error(f"the target has applied {self.shipper.fig.applied_seq} of {seq} "
+                                  f"records after {timeout:.0f} s ({self.shipper.fig.connection})",
+                                  errno.ETIMEDOUT)
+        return protocol.ok(seq=seq, applied=self.shipper.fig.applied_seq)
 
     @contextlib.contextmanager
     def tracking(self):
@@ -538,6 +563,8 @@ class Capture:
                 connection += f", retry in {max(0, int(fig.retry_at - time.time()))} s"
             ok = self.consistent and not j.behind and (not self.remote or self.target.consistent)
             target_data = "consistent" if ok else "inconsistent"
+            if fig.refusal == "split-brain":  # the replica was promoted: nothing goes there
+                target_data, replication = "split-brain", "split brain"
         return {
             "state": "catching up" if catching is not None else "capturing",
             "captured_ops": j.captured_ops, "last_seq": j.last_seq, "sent_seq": fig.sent_seq,

@@ -27,6 +27,8 @@ import trio
 
 from app.engine import sync
 from app.engine.blocksup import BlockCaptures
+from app.engine.failover import Failover, switched
+from app.engine.failover import refusal as _refusal
 from app.engine.supervisor import Captured, Supervisor, holders, mount_dev
 from app.services import layout as layout_mod
 from app.services import protocol
@@ -63,7 +65,10 @@ class Daemon:
             "block_attach": self.cmd_block_attach, "block_detach": self.cmd_block_detach,
             "block_mirror": self.cmd_block_mirror, "block_verify": self.cmd_block_verify,
             "capture_end": self.cmd_capture_end,
+            "switchover": self.cmd_switchover, "failback": self.cmd_failback,
+            "resolve": self.cmd_resolve,
         }
+        self.failover = Failover(self)
         assert set(self.commands) == set(protocol.COMMANDS), "the command table and the protocol differ"
 
     # -- configuration ----------------------------------------------------------------------
@@ -85,6 +90,18 @@ class Daemon:
             if e.device == device or same_device(e.device, device):
                 return e
         raise MirrorError(f"{device} is not a configured block device", errno=errno.ENOENT, obj=device)
+
+    def _any(self, entry: str):
+        """(kind, key, entry) of a file-system entry's path or a block entry's device."""
+        real = os.path.realpath(entry) if entry else entry
+        for e in self._entries():
+            if e.path in (entry, real):
+                return "fs", e.path, e
+        for e in self._blocks():
+            if e.device == entry or same_device(e.device, entry):
+                return "block", e.device, e
+        raise MirrorError(f"{entry} is neither a configured file-system entry nor a configured "
+                          "block device", errno=errno.ENOENT, obj=entry)
 
     # -- commands ---------------------------------------------------------------------------
     async def cmd_ping(self, send):
@@ -123,6 +140,7 @@ class Daemon:
         else:
             row.state = "not captured"
             row.last_error = self.sup.lost.get(("fs", e.path))
+            self._switched(row)
         return row
 
     async def _block_row(self, e: BlockEntry) -> CaptureRow:
@@ -137,7 +155,16 @@ class Daemon:
         else:
             row.state = "not captured"
             row.last_error = self.sup.lost.get(("block", e.device))
+            self._switched(row)
         return row
+
+    def _switched(self, row: CaptureRow) -> None:
+        sw = switched(self.layout.state(row.kind, row.key))
+        if sw is not None:
+            row.switched = sw
+            row.state = "switched over" if sw.get("state") == "switched" else "switch-over interrupted"
+            r = failover_refusal(self.layout, row.kind, row.key)
+            row.last_error = r.message if r else None
 
     async def cmd_watch(self, send):
         """Held until the daemon stops: its end (or EOF, if we are killed) tells a console
@@ -179,6 +206,18 @@ class Daemon:
             if layout_mod.entry_id(cap.key) == id or cap.key == id:
                 return _results([await self._end_orphan(cap, force=True)])
         raise MirrorError(f"no capture {id!r} is running (see `mirrorsetup status`)", errno=errno.ENOENT, obj=id)
+
+    async def cmd_switchover(self, send, entry=""):
+        kind, key, e = self._any(entry)
+        return _results(await self.failover.switchover(kind, key, e, send))
+
+    async def cmd_failback(self, send, entry=""):
+        kind, key, e = self._any(entry)
+        return _results(await self.failover.failback(kind, key, e, send))
+
+    async def cmd_resolve(self, send, entry="", discard_target=False):
+        kind, key, e = self._any(entry)
+        return _results(await self.failover.resolve(kind, key, e, bool(discard_target)))
 
     async def cmd_mirror(self, send, path=""):
         entry = self._entry(path)
@@ -444,6 +483,10 @@ class Daemon:
             async for _ in signals:
                 self.stopping.set()
                 return
+
+
+def failover_refusal(layout, kind: str, key: str):
+    return _refusal(layout, kind, key, "capture")
 
 
 def sync_nested(path: str) -> list[str]:

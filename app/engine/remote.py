@@ -29,6 +29,7 @@ from app.engine import sync
 from app.services import wire
 from app.services.targets import Settings, ssh_failure_text
 from app.engine.journal import JournalGap, Record
+from app.engine.journal import decode_at as decode_record
 from app.engine.shipper import TargetUnavailable
 from app.engine.target import Positions, Target
 
@@ -86,8 +87,11 @@ class RemoteTarget(Target):
         return cls(Settings(**{k: v for k, v in spec.items() if k in known}), kind, size, claim, **kw)
 
     # -- session ----------------------------------------------------------------------------
-    def open(self, action: str = "replicate") -> Positions:
+    def open(self, action: str = "replicate", **extra) -> Positions:
+        """Connect and shake hands. `action` other than "replicate": the agent's answer is in
+        `self.welcome` and the session is the caller's (promote, discard, failback)."""
         self.close()
+        self._extra = extra
         self._failure, self._gap, self.paused, self._rewind = None, None, None, None
         self.proc = subprocess.Popen(self.s.ssh_argv("mirrorsetup-agent"), stdin=subprocess.PIPE,
                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, bufsize=0,
@@ -149,7 +153,7 @@ class RemoteTarget(Target):
                 "size": self.size, "compression": self.s.compression,
                 "source": {"host": self.claim.host, "entry": self.claim.entry} if self.claim else {},
                 "adopt": bool(self.claim and self.claim.adopt), "generation": self.generation,
-                "last_seq": last, "released_seq": released}
+                "last_seq": last, "released_seq": released, **getattr(self, "_extra", {})}
 
     def _read_stderr(self, proc) -> None:
         for line in proc.stderr:
@@ -374,6 +378,75 @@ class RemoteTarget(Target):
 
 def _agent_error(msg: dict) -> TargetUnavailable:
     code, text = msg.get("code", "error"), msg.get("message", "the agent refused")
-    if code in ("locked", "not-ours", "path", "version", "root", "split-brain"):
-        return TargetUnavailable(f"refused: {text}", retry=False)
+    if code in ("locked", "not-ours", "path", "version", "root", "split-brain", "in-use",
+                "not-promoted", "promoted", "incomplete"):
+        exc = TargetUnavailable(f"refused: {text}", retry=False)
+        exc.code = code
+        return exc
     return TargetUnavailable(f"disconnected: {text}")
+
+
+def receive_failback(target: RemoteTarget, local, *, new_generation: str, last_seq: int) -> dict:
+    """Fail back, the source's side: the agent compares its promoted replica with `local`
+    (this host's data: a LocalDirTarget or LocalBlockTarget), asking us (REQ), and sends what
+    differs (DATA records) which we apply; then it demotes its replica. Returns its counts."""
+    target.open("failback", new_generation=new_generation, last_seq=last_seq)
+    proc = target.proc
+    stop = threading.Event()
+
+    def beats() -> None:  # the agent ends a session it does not hear from
+        while not stop.wait(BEAT_SECONDS):
+            try:
+                target._send(wire.jframe(wire.BEAT, {"ts": time.time()}))
+            except OSError:
+                return
+    threading.Thread(target=beats, daemon=True).start()
+    codec = wire.Codec(target.s.compression)
+    try:
+        while True:
+            got = wire.read_frame(proc.stdout.read)
+            if got is None:
+                raise TargetUnavailable("disconnected: the agent ended the fail-back early")
+            kind, payload = got
+            if kind == wire.REQ:
+                req = json.loads(payload)
+                target._send(wire.jframe(wire.REP, _answer(local, req)))
+            elif kind == wire.DATA:
+                raw, pos, recs = codec.unpack(payload), 0, []
+                while pos < len(raw):
+                    rec, pos = decode_record(raw, pos)
+                    recs.append(rec)
+                local.send(recs)
+            elif kind == wire.ACK:
+                msg = json.loads(payload)
+                if "done" in msg:
+                    return msg["done"]
+            elif kind == wire.ERROR:
+                raise _agent_error(json.loads(payload))
+    finally:
+        stop.set()
+        target.close()
+
+
+def _answer(local, req: dict) -> dict:
+    rid, method, args = req.get("id"), req.get("method"), req.get("args") or {}
+    try:
+        rel = os.fsencode(args.get("rel", ""))
+        if method == "info":
+            info = local.info(rel)
+            result = None if info is None else info.to_wire()
+        elif method == "children":
+            kids = local.children(rel)
+            result = None if kids is None else {os.fsdecode(k): v.to_wire() for k, v in kids.items()}
+        elif method == "file_hashes":
+            result = local.file_hashes(rel)
+        elif method == "block_hashes_of":
+            result = local.block_hashes_of([int(b) for b in args["blocks"]])
+        elif method == "flush":
+            local.flush()
+            result = True
+        else:
+            raise ValueError(f"unknown method {method!r}")
+        return {"id": rid, "result": result}
+    except Exception as exc:  # said to the agent, which stops
+        return {"id": rid, "error": f"{type(exc).__name__}: {exc}", "errno": getattr(exc, "errno", None)}

@@ -58,6 +58,7 @@ class Figures:
     wire_bytes: int = 0
     last_error: str | None = None
     retry_at: float | None = None
+    refusal: str | None = None  # the agent's code when it refused us ("split-brain", "not-ours", …)
 
 
 class Shipper:
@@ -72,6 +73,7 @@ class Shipper:
         self._stop = threading.Event()
         self._hold = threading.Event()  # set: ship nothing (a gap awaits its resync)
         self._wake = threading.Event()
+        self._kick = threading.Event()  # set: try the target again now (an administrator resolved it)
         self._thread: threading.Thread | None = None
         self._last_flush = time.monotonic()
         self._rates: deque[tuple[float, int, int]] = deque()  # (time, logical, wire)
@@ -84,14 +86,22 @@ class Shipper:
         self._thread.start()
 
     def stop(self, *, drain_seconds: float = 0.0) -> bool:
-        """Stop; first ship what is queued for up to `drain_seconds`. True when drained."""
+        """Stop; first ship what is queued for up to `drain_seconds` (not when the target
+        refuses us: that needs an administrator). True when drained."""
+        if self.fig.refusal is not None and not self._connected:
+            drain_seconds = 0.0
         drained = self.journal.wait_released(self.journal.last_seq, drain_seconds) \
             if drain_seconds else self.journal.released_seq >= self.journal.last_seq
         self._stop.set()
         self._wake.set()
+        self._kick.set()
         if self._thread is not None:
             self._thread.join()
         return drained
+
+    def kick(self) -> None:
+        """Connect again now instead of at the end of the back-off."""
+        self._kick.set()
 
     def hold(self) -> None:
         self._hold.set()
@@ -156,7 +166,8 @@ class Shipper:
                 if exc.delay is not None:
                     delay = exc.delay
                 self.fig.retry_at = time.time() + delay
-                self._stop.wait(delay)
+                self._kick.wait(delay)
+                self._kick.clear()
             except Exception as exc:  # a bug must not end replication silently
                 log.exception("shipper")
                 self._unavailable(TargetUnavailable(f"error: {exc}"))
@@ -177,7 +188,7 @@ class Shipper:
             self.fig.reconnects += 1 if self._ever_connected else 0
         self._connected = self._ever_connected = True
         self.fig.connection = "local" if self.local else "connected"
-        self.fig.last_error = None
+        self.fig.last_error = self.fig.refusal = None
         if lost is not None and self.on_gap is not None:
             log.error("the target lost records %d..%d; a resync replaces them", lost.expected, lost.found)
             self.on_gap(lost)
@@ -185,6 +196,7 @@ class Shipper:
     def _unavailable(self, exc: TargetUnavailable) -> None:
         self.fig.connection = exc.state
         self.fig.last_error = exc.state
+        self.fig.refusal = getattr(exc, "code", None) if not exc.retry else None
         if exc.taken is not None:  # everything after it goes again
             self.journal.rewind(max(exc.taken, self.journal.released_seq))
         else:

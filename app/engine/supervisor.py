@@ -356,6 +356,10 @@ class Supervisor:
             cap = self.get("fs", path)
             if cap is not None:
                 return Result("mount", path, Outcome.UNCHANGED, f"mirrorfs already mounted on {path}")
+            from app.engine.failover import refusal
+            refused = refusal(self.layout, "fs", path, "mount")
+            if refused is not None:
+                return refused
             old = self.detached_busy(path)
             if old is not None:  # it still owns the journal and target
                 who = ", ".join(old.holders) or "processes"

@@ -199,15 +199,18 @@ class LocalBlockTarget(Target):
         self.claim = claim
         self.state_dir = state_dir
         self.fd: int | None = None
+        self.offset = 0
         self.applier: BlockApplier | None = None
         self.errors = 0
         self.last_error: str | None = None
 
     @classmethod
-    def on_fd(cls, fd: int, label: str, size: int) -> LocalBlockTarget:
+    def on_fd(cls, fd: int, label: str, size: int, offset: int = 0) -> LocalBlockTarget:
+        """An open file or device (the agent's replica; a source's window during a fail-back,
+        `offset` bytes into its device)."""
         t = cls(label, size, None, None)
-        t.fd = fd
-        t.applier = BlockApplier(fd)
+        t.fd, t.offset = fd, offset
+        t.applier = BlockApplier(fd, offset)
         return t
 
     def open(self) -> None:
@@ -230,7 +233,7 @@ class LocalBlockTarget(Target):
         return None
 
     def block_hashes_of(self, blocks: list[int]) -> list[str]:
-        return [sync.block_hashes(self.fd, min(BLOCK, self.size - b * BLOCK), b * BLOCK)[0]
+        return [sync.block_hashes(self.fd, min(BLOCK, self.size - b * BLOCK), self.offset + b * BLOCK)[0]
                 for b in blocks]
 
     def close(self) -> None:

@@ -132,6 +132,12 @@ COMMANDS: dict[str, Command] = {
     "block_mirror": Command(("device",), "copy what differs of a block entry to its target"),
     "block_verify": Command(("device",), "compare a block entry with its target"),
     "capture_end": Command(("id",), "end an orphaned capture (its entry was removed)"),
+    "switchover": Command(("entry",), "planned switch-over: drain, lift capture, promote the "
+                          "remote replica"),
+    "failback": Command(("entry",), "bring the promoted remote replica back (what differs) and "
+                        "capture again"),
+    "resolve": Command(("entry", "discard_target"), "end a split brain: the source wins, the "
+                       "target's promotion is discarded"),
 }
 
 # What the daemon asks a capture worker.
@@ -139,6 +145,8 @@ WORKER_COMMANDS: dict[str, Command] = {
     "status": Command(),
     "mirror": Command(),
     "verify": Command(),
+    "drain": Command(("timeout",), "until the target applied every record captured so far"),
+    "resync": Command(("reason",), "connect to the target again now and catch up with it"),
     "stop": Command(("abort",), "end capture: drain, mark clean; abort the FUSE connection if "
                     "the mount lives on elsewhere"),
 }
@@ -167,7 +175,8 @@ class CaptureRow:
     key: str
     target: str | None = None
     captured: bool = False  # a worker captures it now
-    state: str = ""  # "capturing" | "catching up" | "stopping" | "not captured" | "orphaned"
+    state: str = ""  # "capturing" | "catching up" | "stopping" | "not captured" | "orphaned" | "switched over"
+    switched: dict[str, Any] | None = None  # handed over to the remote replica (switch-over)
     worker_pid: int | None = None
     # journal positions
     captured_ops: int = 0

@@ -165,6 +165,20 @@ class Replication:
             return [Result.from_error("verify", device, exc)], []
         return [Result.from_json(r) for r in reply.get("results", [])], reply.get("ranges", [])
 
+    # -- fail-over (a remote replica takes over, and gives back) -----------------------------
+
+    def switchover(self, entry: str, progress=None) -> list[Result]:
+        """Planned: drain, lift capture, promote the remote replica (nothing may use `entry`)."""
+        return self._daemon_results("switchover", entry, progress=progress, entry=entry)
+
+    def failback(self, entry: str, progress=None) -> list[Result]:
+        """The promoted replica's data comes back (only what differs), capture starts again."""
+        return self._daemon_results("failback", entry, progress=progress, entry=entry)
+
+    def resolve(self, entry: str, *, discard_target: bool) -> list[Result]:
+        """A split brain ends with this side's data: the replica's promotion is discarded."""
+        return self._daemon_results("resolve", entry, entry=entry, discard_target=discard_target)
+
     # -- manual (not persisted) ----------------------------------------------------------
 
     def manual_attach(self, device: str, *, loop: str | None = None, offset: int = 0,

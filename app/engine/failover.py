@@ -1,0 +1,352 @@
+"""Switch-over, fail-back and the end of a split brain: the source host's side (the daemon's).
+
+A remote replica has a role on its host (app/engine/agent.py): secondary (the source writes
+it) or primary (promoted: in use there, in a generation of its own, so the old source can
+never write to it again by accident). On this side an entry handed over to its replica has a
+`switched` marker in its state directory; while it is there the entry is not captured (mount
+and attach are refused: capturing here again would fork the history).
+
+- switchover: nothing may use the entry; the worker drains (the target has applied every
+  record), capture is lifted (the end marker says drained at seq N), the agent applies what
+  it holds and promotes. Any failure before the promotion captures again: nothing is lost.
+- failback: the promoted replica comes back, only what differs (the agent compares it with
+  this host's data through questions we answer, and sends the differing blocks or files);
+  then the replica is this entry's secondary again in a new generation, and capture starts.
+  Applications on the target must have stopped using the replica (the agent refuses and
+  names them otherwise). Records captured here that never reached the replica are dropped:
+  the promoted replica wins, as the administrator chose.
+- resolve --discard-target: the source wins; the replica's promotion is discarded and the
+  capture catches up with it (only differences are sent).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import json
+import logging
+import os
+import time
+import uuid
+from pathlib import Path
+
+import trio
+
+from app.engine.journal import KIND_BLOCK, KIND_FS, Journal, read_small_file, write_small_file
+from app.engine.shipper import TargetUnavailable
+from app.engine.supervisor import capture_end, holders, mount_dev
+from app.services.results import MirrorError, Outcome, Result
+
+log = logging.getLogger("mirrorsetup.failover")
+SWITCHED = "switched"  # in an entry's state directory: handed over to its remote replica
+FAILBACK = "failback"  # a fail-back under way: the generation the replica is handed back in
+DRAIN_SECONDS = 300  # a switch-over waits this long for the target to apply everything
+
+
+# -- the marker ----------------------------------------------------------------------------------
+
+def switched(state_dir: str) -> dict | None:
+    return _read_json(state_dir, SWITCHED)
+
+
+def _read_json(state_dir: str, name: str) -> dict | None:
+    try:
+        text = read_small_file(Path(state_dir), name)
+        return json.loads(text) if text else None
+    except (OSError, ValueError):
+        return {"state": "unreadable"}
+
+
+def _mark(state_dir: str, info: dict) -> None:
+    write_small_file(Path(state_dir), SWITCHED, json.dumps(info) + "\n")
+
+
+def _unmark(state_dir: str) -> None:
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(Path(state_dir) / SWITCHED)
+
+
+def _when(t: float | None) -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(t)) if t else "?"
+
+
+def refusal(layout, kind: str, key: str, action: str) -> Result | None:
+    """Capture of an entry handed over to its replica is refused, with what to do."""
+    sw = switched(layout.state(kind, key))
+    if sw is None:
+        return None
+    if sw.get("state") == "switching":
+        why = (f"a switch-over of {key} to {sw.get('target')} began at {_when(sw.get('time'))} and "
+               f"did not finish: run `mirrorsetup switchover {key}` again to finish it, or "
+               f"`mirrorsetup replica resolve {key} --discard-target` to keep this side")
+    else:
+        why = (f"{key} was switched over to {sw.get('target')} at {_when(sw.get('time'))} (seq "
+               f"{sw.get('seq')}): the replica there is primary, capturing here would fork its "
+               f"history. Bring it back with `mirrorsetup failback {key}`, or keep this side "
+               f"with `mirrorsetup replica resolve {key} --discard-target`")
+    return Result(action, key, Outcome.FAILED, why, errno.EREMOTE)
+
+
+# -- helpers ---------------------------------------------------------------------------------------
+
+def window_size(entry) -> int:
+    """A block entry's window: from its offset, at most its size limit."""
+    fd = os.open(entry.device, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        end = os.lseek(fd, 0, os.SEEK_END)
+    finally:
+        os.close(fd)
+    left = max(0, end - entry.offset)
+    return min(entry.sizelimit, left) if entry.sizelimit else left
+
+
+def block_users(loop: str, ours: set[int]) -> list[str]:
+    from app.services.blockplan import View
+    from app.services.status import openers_of
+    users = [f"mounted on {m}" for m in View().mounted_on(loop)]
+    users += [f"open by pid {pid} ({comm})" for pid, comm in openers_of(loop, exclude=ours)]
+    return users
+
+
+def _exc_error(exc: TargetUnavailable) -> int:
+    return {"in-use": errno.EBUSY, "split-brain": errno.EEXIST, "not-ours": errno.EEXIST,
+            "locked": errno.EBUSY, "incomplete": errno.EIO, "promoted": errno.EEXIST,
+            "not-promoted": errno.EINVAL}.get(getattr(exc, "code", None), errno.EHOSTUNREACH)
+
+
+class Failover:
+    """The daemon's switchover / failback / resolve commands (app/engine/daemon.py)."""
+
+    def __init__(self, daemon):
+        self.d = daemon
+        self.sup = daemon.sup
+        self.locks: dict[tuple[str, str], trio.Lock] = {}
+
+    def _lock(self, kind: str, key: str) -> trio.Lock:
+        return self.locks.setdefault((kind, key), trio.Lock())
+
+    def _spec(self, kind: str, key: str, entry):
+        spec = self.sup.spec(kind, key, entry, offset=getattr(entry, "offset", 0),
+                             sizelimit=getattr(entry, "sizelimit", 0))
+        if not spec.target or "remote" not in spec.target:
+            where = entry.target or "no target"
+            raise MirrorError(f"{key} replicates to {where}, not to another host: there is no "
+                              "replica that could take over", errno=errno.EINVAL, obj=key)
+        return spec
+
+    async def _size(self, kind: str, entry) -> int | None:
+        return None if kind == "fs" else await trio.to_thread.run_sync(window_size, entry)
+
+    async def _capture(self, kind: str, entry) -> Result:
+        if kind == "fs":
+            return await self.sup.mount(entry)
+        return await self.d.blk.attach(entry)
+
+    async def _lift(self, kind: str, key: str, entry, cap) -> Result:
+        """End the capture (it drains and marks its end); refused when something uses it."""
+        ours = {os.getpid()} | self.sup.pids()
+        if kind == "fs":
+            dev = mount_dev(key, self.sup.layout.fsname("fs"))
+            held = await trio.to_thread.run_sync(holders, key, dev, ours) if dev else []
+            if held:
+                names = "; ".join(f"pid {h['pid']} ({h['name']}) holds {h['file']}" for h in held)
+                raise MirrorError(f"{key} is in use: {names}: stop them first (nothing was changed)",
+                                  errno=errno.EBUSY, obj=key)
+        elif cap.loop:
+            users = await trio.to_thread.run_sync(block_users, cap.loop, ours)
+            if users:
+                raise MirrorError(f"{key} is in use through {cap.loop}: {'; '.join(users)}: stop "
+                                  "them first (nothing was changed)", errno=errno.EBUSY, obj=key)
+        if kind == "fs":
+            r = await self.sup.unmount(key)
+        else:
+            r = (await self.d.blk.detach(entry))[0]
+        if r.failed or r.outcome is Outcome.PENDING:
+            raise MirrorError(f"{r.message} (capture goes on)", errno=r.errno or errno.EBUSY, obj=key)
+        return r
+
+    # -- switch-over ----------------------------------------------------------------------------
+    async def switchover(self, kind: str, key: str, entry, send) -> list[Result]:
+        from app.engine.capture import make_target
+        spec = self._spec(kind, key, entry)
+        state = spec.state
+        async with self._lock(kind, key):
+            sw = switched(state)
+            if sw is not None and sw.get("state") == "switched":
+                raise MirrorError(f"{key} was already switched over to {sw.get('target')} at "
+                                  f"{_when(sw.get('time'))}", errno=errno.EALREADY, obj=key)
+            cap = self.sup.get(kind, key)
+            if sw is None:
+                if cap is None:
+                    raise MirrorError(f"{key} is not captured: mount or attach it first (its capture "
+                                      "catches up with what changed meanwhile), then switch over",
+                                      errno=errno.EINVAL, obj=key)
+                await send({"progress": {"stage": "draining"}})
+                reply = await cap.link.call("drain", timeout=DRAIN_SECONDS)
+                if not reply.get("ok"):
+                    raise MirrorError(f"switch-over of {key} refused: {reply.get('error')} (nothing "
+                                      "was changed)", errno=reply.get("errno") or errno.EAGAIN, obj=key)
+                _mark(state, {"state": "switching", "time": time.time(), "target": entry.target})
+                try:
+                    await self._lift(kind, key, entry, cap)
+                except BaseException:
+                    _unmark(state)
+                    raise
+            elif cap is not None:
+                raise MirrorError(f"{key} is captured although a switch-over was under way: run "
+                                  "it again", errno=errno.EAGAIN, obj=key)
+            end = capture_end(state) or {}
+            if not end.get("drained"):
+                _unmark(state)
+                again = await self._capture(kind, entry)
+                left = end.get("seq", 0) - end.get("released", 0)
+                raise MirrorError(f"switch-over of {key} abandoned: the target did not receive every "
+                                  f"record ({left} of seq {end.get('seq', '?')} not received); nothing "
+                                  f"was promoted; {again.message}", errno=errno.EIO, obj=key)
+            seq = int(end["seq"])
+            await send({"progress": {"stage": "promoting", "seq": seq}})
+            size = await self._size(kind, entry)
+
+            def promote() -> dict:
+                t = make_target(spec, size)
+                try:
+                    t.open("promote", last_seq=seq)
+                    return t.welcome
+                finally:
+                    t.close()
+            try:
+                welcome = await trio.to_thread.run_sync(promote)
+            except TargetUnavailable as exc:
+                if getattr(exc, "code", None) != "promoted":
+                    _unmark(state)
+                    again = await self._capture(kind, entry)
+                    raise MirrorError(f"switch-over of {key}: {exc.state}; nothing was promoted; "
+                                      f"{again.message}", errno=_exc_error(exc), obj=key) from None
+                welcome = {}  # an interrupted switch-over had promoted it already
+            _mark(state, {"state": "switched", "time": time.time(), "seq": seq, "target": entry.target,
+                          "generation": welcome.get("generation"), "host": welcome.get("host")})
+            log.info("%s switched over to %s at seq %d", key, entry.target, seq)
+            return [Result("switchover", key, Outcome.OK,
+                           f"switched over to {entry.target} at seq {seq}: every record captured "
+                           f"here was applied there, none lost; the replica on "
+                           f"{welcome.get('host', 'the target')} is primary now (generation "
+                           f"{welcome.get('generation', '?')}); {key} is no longer captured here. "
+                           f"`mirrorsetup failback {key}` brings the service back",
+                           details={"seq": seq, "lost": 0, "generation": welcome.get("generation"),
+                                    "host": welcome.get("host")})]
+
+    # -- fail-back ------------------------------------------------------------------------------
+    async def failback(self, kind: str, key: str, entry, send) -> list[Result]:
+        from app.engine.capture import make_target, write_end
+        from app.engine.remote import receive_failback
+        from app.engine.target import LocalBlockTarget, LocalDirTarget
+        spec = self._spec(kind, key, entry)
+        state = spec.state
+        results: list[Result] = []
+        async with self._lock(kind, key):
+            cap = self.sup.get(kind, key)
+            if cap is not None:  # the split-brain case: capturing here, refused there
+                results.append(await self._lift(kind, key, entry, cap))
+            size = await self._size(kind, entry)
+            users = await trio.to_thread.run_sync(_local_users, kind, key, entry)
+            if users:
+                raise MirrorError(f"{key} is in use here: {'; '.join(users)}: its data is about to be "
+                                  "replaced by the promoted replica's; stop them first",
+                                  errno=errno.EBUSY, obj=key)
+            if kind == "fs":
+                fd = os.open(key, os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+                local = LocalDirTarget.on_fd(fd, key)
+            else:
+                try:
+                    fd = os.open(entry.device, os.O_RDWR | os.O_EXCL | os.O_CLOEXEC)
+                except OSError as exc:
+                    raise MirrorError.from_oserror("open (exclusive)", entry.device, exc) from None
+                local = LocalBlockTarget.on_fd(fd, entry.device, size, entry.offset)
+            journal = Journal(state, kind=KIND_FS if kind == "fs" else KIND_BLOCK)
+            last = journal.last_seq
+            unsent = last - journal.released_seq
+            # the new history is chosen before and kept until it is ours: a fail-back that was
+            # interrupted after the replica took it is finished by the next one
+            pending = _read_json(state, FAILBACK)
+            new_gen = (pending or {}).get("generation") or uuid.uuid4().hex
+            write_small_file(Path(state), FAILBACK, json.dumps({"generation": new_gen}) + "\n")
+            await send({"progress": {"stage": "comparing"}})
+            target = make_target(spec, size)  # says the old history, the one it was promoted from
+            try:
+                counts = await trio.to_thread.run_sync(lambda: receive_failback(
+                    target, local, new_generation=new_gen, last_seq=last))
+                already = False
+            except TargetUnavailable as exc:
+                if getattr(exc, "code", None) != "not-promoted" or pending is None:
+                    journal.close()
+                    raise MirrorError(f"fail-back of {key}: {exc.state}", errno=_exc_error(exc),
+                                      obj=key) from None
+                counts, already = {}, True  # the interrupted fail-back had finished there
+            finally:
+                local.close()
+            write_small_file(Path(state), "generation", new_gen + "\n")
+            os.unlink(Path(state) / FAILBACK)
+            journal.discard_through(last)
+            journal.close()
+            write_end(state, {"seq": last, "released": last, "drained": True, "time": time.time(),
+                              "failback": True})
+            _unmark(state)
+            sent = counts.get("sent_bytes", 0)
+            what = (f"{counts.get('differing', 0)} of {counts.get('blocks', 0)} blocks differed"
+                    if kind == "block" else
+                    f"{counts.get('copied', 0)} of {counts.get('files', 0)} files differed, "
+                    f"{counts.get('removed', 0)} removed")
+            msg = ("the replica had been handed back already" if already else
+                   f"failed back from {entry.target}: {what}, {sent} bytes came back")
+            if unsent and not already:
+                msg += (f"; {unsent} records captured here that never reached the replica were "
+                        "dropped (the promoted replica won)")
+            results.append(Result("failback", key, Outcome.OK, msg + f"; the replica is secondary "
+                                  f"again (generation {new_gen})",
+                                  details={**counts, "generation": new_gen, "dropped_records": unsent}))
+        results.append(await self._capture(kind, entry))
+        return results
+
+    # -- split brain: the source wins -------------------------------------------------------------
+    async def resolve(self, kind: str, key: str, entry, discard_target: bool) -> list[Result]:
+        from app.engine.capture import make_target
+        if not discard_target:
+            raise MirrorError(f"say which side wins: --discard-target keeps {key} as it is here and "
+                              "re-mirrors the replica (only differences); `mirrorsetup failback "
+                              f"{key}` keeps the promoted replica instead", errno=errno.EINVAL, obj=key)
+        spec = self._spec(kind, key, entry)
+        async with self._lock(kind, key):
+            size = await self._size(kind, entry)
+
+            def discard() -> dict:
+                t = make_target(spec, size)
+                try:
+                    t.open("discard")
+                    return t.welcome
+                finally:
+                    t.close()
+            try:
+                await trio.to_thread.run_sync(discard)
+            except TargetUnavailable as exc:
+                raise MirrorError(f"resolve {key}: {exc.state}", errno=_exc_error(exc), obj=key) from None
+            _unmark(spec.state)
+            results = [Result("resolve", key, Outcome.OK, f"discarded the promotion of the replica on "
+                              f"{entry.target}: it is this entry's secondary again and is made equal "
+                              "to this side (only differences are sent)")]
+            cap = self.sup.get(kind, key)
+            if cap is not None:
+                reply = await cap.link.call("resync", reason="the replica's promotion was discarded")
+                if not reply.get("ok"):
+                    results.append(Result("resync", key, Outcome.FAILED, reply.get("error", "?"),
+                                          reply.get("errno")))
+                return results
+        return results + [await self._capture(kind, entry)]
+
+
+def _local_users(kind: str, key: str, entry) -> list[str]:
+    """Who uses this side's data (nothing may during a fail-back)."""
+    if kind == "fs":
+        from app.engine.agent import path_users
+        return path_users(key)
+    from app.services.blockplan import View, busy_reasons
+    return busy_reasons(entry.device, View())

@@ -1,0 +1,285 @@
+"""Fail-over and fail-back between two hosts (tests/netbed.py: the target is a network namespace
+with its own sshd, and with private_mounts its own mount namespace): planned switch-over,
+fail-over after the source died, split brain refused on both sides, fail-back of only what
+differs, the source winning a split brain."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from test_engine_support import REPO
+from test_remote import MiB, cli, dd, lines, sha, tree, wait_for
+from test_remote import block_remote, fs_remote, remote, writer  # noqa: F401 (fixtures)
+
+pytestmark = pytest.mark.root
+BLOCK = 1 << 20  # what the comparison works in (app/engine/sync.BLOCK)
+
+
+def full_tree(root: Path) -> dict[str, str]:
+    """tree() plus extended attributes and hard-link groups."""
+    out = tree(root)
+    inodes: dict[int, list[str]] = {}
+    for rel in list(out):
+        p = root / rel
+        if not p.is_symlink():
+            names = sorted(os.listxattr(p, follow_symlinks=False))
+            out[rel] += " xattrs " + ",".join(f"{n}={os.getxattr(p, n, follow_symlinks=False).hex()}"
+                                              for n in names)
+            st = p.lstat()
+            if p.is_file() and st.st_nlink > 1:
+                inodes.setdefault(st.st_ino, []).append(rel)
+    out["(links)"] = repr(sorted(sorted(g) for g in inodes.values()))
+    return out
+
+
+def on_target(bed, *argv: str, check: bool = False) -> subprocess.CompletedProcess:
+    """The CLI on the target host (its network and, with private_mounts, mount namespace)."""
+    return bed.run_on_target([sys.executable, "-m", "app", *argv], check=check,
+                             env={**os.environ, "PYTHONPATH": str(REPO)}, cwd="/")
+
+
+def replicas(r) -> list[dict]:
+    p = on_target(r.bed, "replica", "list", "--root", str(r.root), "--json")
+    assert p.returncode == 0, p.stdout + p.stderr
+    return json.loads(p.stdout)
+
+
+def blocks_differing(a: str, b: str, size: int) -> int:
+    n = 0
+    with open(a, "rb") as fa, open(b, "rb") as fb:
+        for off in range(0, size, BLOCK):
+            if hashlib.sha256(fa.read(BLOCK)).digest() != hashlib.sha256(fb.read(BLOCK)).digest():
+                n += 1
+    return n
+
+
+def test_planned_switchover_of_a_directory_and_fail_back(fs_remote, writer):
+    eng, src, r = fs_remote()
+    s = Path(src)
+    (s / "d").mkdir()
+    (s / "d" / "f").write_bytes(os.urandom(200_000))
+    os.setxattr(s / "d" / "f", "user.origin", b"source")
+    os.link(s / "d" / "f", s / "hard")
+    os.symlink("d/f", s / "link")
+    os.chown(s / "d", 1234, 5678)
+    log = writer(src)
+    time.sleep(2)
+    writer.stop()
+    written = lines(log)
+
+    p = cli(r.cfg, "switchover", src, "--json", socket=eng.socket)
+    assert p.returncode == 0, p.stdout + p.stderr
+    res = json.loads(p.stdout)
+    assert [x["outcome"] for x in res] == ["ok"], res
+    assert res[0]["details"]["lost"] == 0 and "none lost" in res[0]["message"]
+    replica = r.root / "data"
+    assert full_tree(s) == full_tree(replica)  # byte for byte: contents, modes, owners, times, links, xattrs
+    assert len([n for n in os.listdir(replica) if n.startswith("w")]) == written
+    assert not any(m for m in open("/proc/self/mountinfo") if f" {src} " in m), "still captured"
+
+    st = eng.status(src)
+    assert st["state"] == "switched over" and st["switched"]["seq"] == res[0]["details"]["seq"], st
+    m = cli(r.cfg, "fs", "mount-all", socket=eng.socket)  # capturing here would fork the history
+    assert m.returncode == 1 and "switched over to backup1:data" in m.stderr, m.stdout + m.stderr
+    again = cli(r.cfg, "switchover", src, socket=eng.socket)
+    assert again.returncode == 1 and "already switched over" in again.stderr
+    [rep] = replicas(r)
+    assert rep["role"] == "primary" and rep["promoted"]["by"] == "switch-over", rep
+    assert rep["promoted"]["seq"] == res[0]["details"]["seq"]
+
+    # the promoted replica in use on the target: an application changes it
+    (replica / "new-on-target").write_text("written after the switch-over")
+    (replica / "d" / "f").write_bytes(b"changed on the target")
+    os.unlink(replica / "w00001")
+    os.setxattr(replica / "link", "trusted.t", b"1", follow_symlinks=False)
+
+    p = cli(r.cfg, "failback", src, "--json", socket=eng.socket)  # no --yes, no terminal
+    assert p.returncode == 2 and "--yes" in p.stderr and (s / "w00001").exists()
+    p = cli(r.cfg, "failback", src, "--yes", "--json", socket=eng.socket)
+    assert p.returncode == 0, p.stdout + p.stderr
+    res = json.loads(p.stdout)
+    assert [x["action"] for x in res] == ["failback", "mount"], res
+    assert res[0]["details"]["copied"] >= 2 and res[0]["details"]["removed"] >= 1, res
+    assert res[0]["details"]["sent_bytes"] < 1 * MiB, res  # what differed, not the tree
+    assert full_tree(s) == full_tree(replica)
+    assert (s / "new-on-target").read_text() == "written after the switch-over"
+    st = eng.drain(src)
+    assert st["target_data"] == "consistent" and st["switched"] is None, st
+    (s / "after").write_text("replicated again")
+    eng.drain(src)
+    assert (replica / "after").read_text() == "replicated again"
+    assert replicas(r)[0]["role"] == "secondary"
+    assert eng.verify(src) == []
+
+
+def test_block_switchover_then_fail_back_sends_only_what_changed(block_remote):
+    eng, disk, r = block_remote()
+    loop = eng.block(disk)["loop"]
+    dd(loop, mib=16, seek_mib=4)
+    eng.block_drain(disk)
+    p = cli(r.cfg, "switchover", disk, "--json", socket=eng.socket)
+    assert p.returncode == 0, p.stdout + p.stderr
+    image = r.bed.target_view(r.root / "disk.img")
+    assert sha(image) == sha(disk)
+    assert eng.block(disk)["state"] == "switched over"
+    a = cli(r.cfg, "block", "attach-all", socket=eng.socket)
+    assert a.returncode == 1 and "switched over" in a.stderr, a.stdout + a.stderr
+
+    # an application on the target changes 10 % of the replica (three 2 MiB runs)
+    for seek in (2, 30, 50):
+        r.bed.run_on_target(["dd", "if=/dev/urandom", f"of={r.root / 'disk.img'}", "bs=1M",
+                             "count=2", f"seek={seek}", "conv=notrunc,fsync", "status=none"])
+    changed = 6 * MiB
+    assert blocks_differing(disk, image, 64 * MiB) == 6
+    source_before = sha(disk)
+
+    busy = r.bed.run_on_target(["losetup", "--show", "-f", str(r.root / "disk.img")])
+    target_loop = busy.stdout.strip()
+    try:
+        p = cli(r.cfg, "failback", disk, "--yes", socket=eng.socket)
+        assert p.returncode == 1 and f"attached to {target_loop}" in p.stderr, p.stdout + p.stderr
+        assert sha(disk) == source_before, "a refused fail-back wrote to the source"
+    finally:
+        r.bed.run_on_target(["losetup", "-d", target_loop], check=False)
+
+    p = cli(r.cfg, "failback", disk, "--yes", "--json", socket=eng.socket)
+    assert p.returncode == 0, p.stdout + p.stderr
+    res = json.loads(p.stdout)
+    d = res[0]["details"]
+    assert d["differing"] == 6 and d["sent_bytes"] <= 1.2 * changed, d
+    assert sha(disk) == sha(image)
+    st = eng.block_drain(disk)
+    assert st["target_data"] == "consistent" and st["loop"], st
+    dd(st["loop"], mib=1, seek_mib=60)
+    eng.block_drain(disk)
+    assert sha(disk) == sha(image)
+    reply = eng.client.request("block_verify", device=disk)
+    assert reply["differing"] == 0
+
+
+SQL_WRITER = r"""
+import os, sqlite3, sys
+db, log = sys.argv[1], sys.argv[2]
+con = sqlite3.connect(db, isolation_level=None)
+con.execute("PRAGMA synchronous=FULL")
+con.execute("CREATE TABLE IF NOT EXISTS t (id INTEGER PRIMARY KEY, pad BLOB)")
+logfd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_APPEND)
+i = 0
+while True:
+    con.execute("BEGIN")
+    con.execute("INSERT INTO t VALUES (?, ?)", (i, os.urandom(500 + i % 3000)))
+    con.execute("COMMIT")
+    os.write(logfd, b"%d\n" % i)
+    i += 1
+"""
+
+
+def test_fail_over_of_a_sqlite_directory_after_the_source_died(fs_remote, tmp_path):
+    eng, src, r = fs_remote()
+    log = str(tmp_path / "committed.log")
+    w = subprocess.Popen([sys.executable, "-c", SQL_WRITER, os.path.join(src, "db.sqlite"), log])
+    try:
+        wait_for("commits", lambda: lines(log) >= 200, 60)
+        r.bed.link_down()  # the source host dies: link cut, then everything of ours killed
+        time.sleep(1)
+        eng.kill9()
+        eng.kill_orphan_workers()
+        w.kill()
+        w.wait()
+    finally:
+        if w.poll() is None:
+            w.kill()
+            w.wait()
+    committed = lines(log)
+
+    [rep] = replicas(r)
+    assert rep["role"] == "secondary" and rep["consistent"], rep
+    p = on_target(r.bed, "replica", "promote", "data", "--root", str(r.root))
+    assert p.returncode == 0, p.stdout + p.stderr
+    assert "promoted data: generation" in p.stdout and f"use it at {r.root / 'data'}" in p.stdout
+    con = sqlite3.connect(r.root / "data" / "db.sqlite")
+    assert con.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+    ids = [row[0] for row in con.execute("SELECT id FROM t ORDER BY id")]
+    con.close()
+    assert ids == list(range(len(ids))), "not a gap-free prefix of the committed transactions"
+    assert 0 < len(ids) <= committed + 1
+    [rep] = replicas(r)
+    assert rep["role"] == "primary" and rep["promoted"]["by"] == "fail-over", rep
+    again = on_target(r.bed, "replica", "promote", "data", "--root", str(r.root))
+    assert again.returncode == 2 and "already promoted" in again.stderr
+
+
+def test_fail_over_of_a_block_device_split_brain_then_the_source_wins(remote, disks, tmp_path,
+                                                                       unused_loop):
+    make, r = remote(bed_opts={"private_mounts": True})
+    disk = disks(64 * MiB)
+    assert cli(r.cfg, "block", "add", disk, "--target", "backup1:disk.img").returncode == 0
+    eng, _, _ = make(config=r.cfg)
+    eng.block_drain(disk)
+    loop = eng.block(disk)["loop"]
+    subprocess.run(["mkfs.ext4", "-q", "-F", loop], check=True)
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    subprocess.run(["mount", loop, str(mnt)], check=True)
+    try:
+        for i in range(40):
+            with open(mnt / f"f{i}", "wb") as f:
+                f.write(os.urandom(64 << 10))
+                f.flush()
+                os.fsync(f.fileno())
+        eng.block_drain(disk)
+        r.bed.link_down()
+        for i in range(40, 60):  # written, never shipped: the source dies with them
+            (mnt / f"f{i}").write_bytes(os.urandom(64 << 10))
+        os.sync()
+        eng.kill9()
+        eng.kill_orphan_workers()
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)], check=False)
+
+    image = r.bed.target_view(r.root / "disk.img")
+    where = tmp_path / "promoted"
+    where.mkdir()
+    p = on_target(r.bed, "replica", "promote", "disk.img", "--root", str(r.root), "--loop",
+                  unused_loop, "--mount", str(where))
+    assert p.returncode == 0, p.stdout + p.stderr
+    assert f"attached {r.root / 'disk.img'} as {unused_loop}" in p.stdout
+    assert not (where / "f0").exists(), "the target's mount leaked into the source's view"
+    listing = r.bed.run_on_target(["ls", str(where)]).stdout.split()
+    assert {f"f{i}" for i in range(40)} <= set(listing)
+    r.bed.run_on_target(["umount", str(where)])
+    fsck = subprocess.run(["e2fsck", "-fn", unused_loop], capture_output=True, text=True)
+    assert fsck.returncode == 0, fsck.stdout + fsck.stderr
+    subprocess.run(["losetup", "-d", unused_loop], check=True)
+
+    # the old source comes back: both sides have moved on
+    replica_before, source_before = sha(image), sha(disk)
+    r.bed.link_up()
+    eng.start()
+    st = wait_for("split brain", lambda: (s := eng.block(disk))["target_data"] == "split-brain" and s, 120)
+    assert "split brain: the target was promoted at" in st["last_error"], st
+    assert st["replication"] == "split brain" and "refused" in st["connection"]
+    [rep] = replicas(r)
+    assert rep["role"] == "primary" and rep["split_brain"], rep
+    line = on_target(r.bed, "replica", "list", "--root", str(r.root)).stdout
+    assert "SPLIT BRAIN" in line, line
+    time.sleep(3)
+    assert sha(image) == replica_before and sha(disk) == source_before, "split brain wrote data"
+
+    p = cli(r.cfg, "replica", "resolve", disk, socket=eng.socket)
+    assert p.returncode == 2 and "say which side wins" in p.stderr
+    p = cli(r.cfg, "replica", "resolve", disk, "--discard-target", "--yes", socket=eng.socket)
+    assert p.returncode == 0, p.stdout + p.stderr
+    st = eng.block_drain(disk)
+    assert st["target_data"] == "consistent", st
+    assert sha(image) == sha(disk)
+    assert replicas(r)[0]["role"] == "secondary"
