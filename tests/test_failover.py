@@ -283,3 +283,48 @@ def test_fail_over_of_a_block_device_split_brain_then_the_source_wins(remote, di
     assert st["target_data"] == "consistent", st
     assert sha(image) == sha(disk)
     assert replicas(r)[0]["role"] == "secondary"
+
+
+def test_promoting_an_inconsistent_replica_needs_force_and_applies_what_arrived(tmp_path):
+    """The target host's side alone (no source, no network): a replica whose resync was
+    running is refused unless --force; what it received but had not applied is applied first."""
+    from app.engine.agent import META, Replica
+    from app.engine.journal import KIND_FS, Journal, Record
+    root = tmp_path / "replicas"
+    (root / "data").mkdir(parents=True)
+    fd = os.open(root, os.O_PATH | os.O_DIRECTORY)
+    try:
+        rep = Replica(fd, str(root), "data", "fs")
+    finally:
+        os.close(fd)
+    rep.save({"source": {"host": "h", "entry": "fs:/src"}, "kind": "fs", "path": "data",
+              "role": "secondary", "generation": "g1", "consistent": False, "consistent_seq": 0,
+              "inconsistent_since": time.time()})
+    j = Journal(rep.dir, kind=KIND_FS)
+    j.ingest_durably([Record(1, KIND_FS, "mkdir", {"path": "arrived", "mode": 0o750, "uid": 0, "gid": 0}),
+                      Record(2, KIND_FS, "create", {"path": "arrived/f", "mode": 0o640, "uid": 0, "gid": 0})])
+    j.close()
+
+    def promote(*extra):
+        return subprocess.run([sys.executable, "-m", "app", "replica", "promote", "data", "--root",
+                               str(root), *extra], capture_output=True, text=True, cwd=REPO)
+    listed = subprocess.run([sys.executable, "-m", "app", "replica", "list", "--root", str(root)],
+                            capture_output=True, text=True, cwd=REPO).stdout
+    assert "data (fs, replica of /src): inconsistent: a resync was running since" in listed, listed
+    p = promote()
+    assert p.returncode == 2 and "inconsistent" in p.stderr and "--force" in p.stderr, p.stderr
+    assert not (root / "data" / "arrived").exists() and rep.state()["role"] == "secondary"
+    p = promote("--force")  # no terminal: --force is confirmed with --yes
+    assert p.returncode == 2 and "--yes" in p.stderr and rep.state()["role"] == "secondary"
+    p = promote("--force", "--yes")
+    assert p.returncode == 0, p.stdout + p.stderr
+    assert "applied the 2 records received but not yet applied" in p.stdout
+    assert stat_mode(root / "data" / "arrived") == 0o750 and (root / "data" / "arrived" / "f").is_file()
+    state = rep.state()
+    assert state["role"] == "primary" and state["generation"] != "g1"
+    assert state["promoted"]["by"] == "fail-over (forced, inconsistent)"
+    assert (root / META).is_dir()
+
+
+def stat_mode(p: Path) -> int:
+    return p.stat().st_mode & 0o7777
