@@ -69,27 +69,39 @@ ENGINE_SDB1 = CaptureRow("block", "/dev/sdb1", target="/backup/sdb1.img", captur
                          captured_ops=1532, bytes_queued=6 << 20, lag_seconds=0.4, applied_seq=1490,
                          last_seq=1532, connection="local", replication="established",
                          target_data="consistent")
-ENGINE_SRV = CaptureRow("fs", "/srv/data", captured=True, state="capturing", captured_ops=87,
-                        worker_pid=4244, last_seq=87, sent_seq=87, received_seq=85,
-                        applied_seq=85, bytes_queued=12 << 10, lag_seconds=0.1, connection="local",
-                        replication="established", target_data="consistent")
+ENGINE_SRV = CaptureRow("fs", "/srv/data", target="backup1:data", captured=True,
+                        state="capturing", captured_ops=87, worker_pid=4244, last_seq=87,
+                        sent_seq=87, received_seq=85, applied_seq=85, bytes_queued=12 << 10,
+                        lag_seconds=0.1, connection="connected", replication="established",
+                        target_data="consistent", rtt=0.0021)
+ENGINE_SHARED = CaptureRow("fs", "/home/shared", target="backup1:shared", state="switched over",
+                           switched={"state": "switched", "time": FIXED_TIME - 7200, "seq": 20417,
+                                     "target": "backup1:shared"},
+                           last_error="/home/shared was switched over to backup1:shared at "
+                           "2026-09-21 12:13:20 (seq 20417): the replica there is primary")
 
-SRV, SHARED = FsEntry("/srv/data", False, "/backup/data"), FsEntry("/home/shared", True,
-                                                                   "/backup/shared")
+SRV, SHARED = FsEntry("/srv/data", False, "backup1:data"), FsEntry("/home/shared", True,
+                                                                   "backup1:shared")
 SDB1 = BlockEntry("/dev/sdb1", "/dev/loop7", target="/backup/sdb1.img")
 SDC = BlockEntry("/dev/sdc", offset=1 << 20, target="/dev/sdf")
 SDG = BlockEntry("/dev/sdg")
 CONFIG = f"""\
 schema = 1
 
+[[target]]
+name = "backup1"
+host = "backup1.example.net"
+root = "/srv/replicas"
+bandwidth = "100Mbit/s"
+
 [[filesystem]]
 path = "/srv/data"
-target = "/backup/data"
+target = "backup1:data"
 
 [[filesystem]]
 path = "/home/shared"
 replicate_atime = true
-target = "/backup/shared"
+target = "backup1:shared"
 
 [[filesystem]]
 path = "/srv/two\\nlines"
@@ -120,7 +132,7 @@ def fake_status() -> StatusSnapshot:
     return StatusSnapshot(
         taken_at=FIXED_TIME,
         filesystem=[FsState(SRV, "mounted", None, ENGINE_SRV),
-                    FsState(SHARED, "not mounted", "ext4"),
+                    FsState(SHARED, "not mounted", "ext4", ENGINE_SHARED),
                     FsState(odd, "not mounted"),
                     FsState(root, "not mounted", "ext4", problem=ROOT_REFUSAL)],
         block=[BlockState(SDB1, "attached", (LOOP7,), (), ("/srv/db",), "captured", ENGINE_SDB1),
@@ -130,8 +142,9 @@ def fake_status() -> StatusSnapshot:
         loops=[LOOP7, LOOP8],
         warnings=[StatusWarning("/", f"invalid entry: {ROOT_REFUSAL}; remove it or correct the "
                                      "file", "error"),
-                  StatusWarning("/home/shared", "not mounted as mirrorfs: changes there are not "
-                                                "captured (Mount all)"),
+                  StatusWarning("/home/shared", "switched over to backup1:shared: primary there; "
+                                                "fail back to capture here (Targets screen: f "
+                                                "fails back, o keeps this side)"),
                   StatusWarning(ODD, "not mounted as mirrorfs: changes there are not captured "
                                      "(Mount all)"),
                   StatusWarning("/dev/sdc", "/dev/loop8 is attached without capture (daemon not "
@@ -181,6 +194,20 @@ class SnapshotReplication:
 
     def block_mirror(self, device: str, progress=None) -> list[Result]:
         return [Result("mirror", device, Outcome.OK, "mirrored 200 GiB")]
+
+    def switchover(self, entry: str, progress=None) -> list[Result]:
+        return [Result("switchover", entry, Outcome.FAILED, f"{entry} is in use: pid 3190 (vim) "
+                       f"holds {entry}/notes.txt: stop them first (nothing was changed)",
+                       errno.EBUSY)]
+
+    def failback(self, entry: str, progress=None) -> list[Result]:
+        return [Result("failback", entry, Outcome.OK, "failed back from backup1:shared: 12 of "
+                       "20417 files differed, 1 removed, 3145728 bytes came back; the replica "
+                       "is secondary again"),
+                Result("mount", entry, Outcome.OK, f"mounted mirrorfs on {entry}")]
+
+    def resolve(self, entry: str, discard_target: bool = False) -> list[Result]:
+        return [Result("resolve", entry, Outcome.OK, "discarded the promotion of the replica")]
 
     def daemon(self):
         return None
@@ -253,6 +280,12 @@ SCREENS = {
     "dashboard_warnings": keys("4", "w"),
     "daemon": keys("5"),
     "help": keys("6"),
+    "targets": keys("7"),
+    "targets_details": keys("7", "i"),
+    "targets_switchover_confirm": keys("7", "s"),
+    "targets_failback_confirm": keys("7", "down", "f"),
+    "targets_failback_done": keys("7", "down", "f", "y"),
+    "targets_add": keys("7", "a"),
 }
 
 
@@ -276,7 +309,8 @@ def test_main_menu_not_root(snap_compare, snap_services, size):
 
 
 LAYOUT_SCREENS = {"filesystem": keys("1"), "block": keys("2"), "block_excluded": keys("2", "x"),
-                  "manual": keys("3"), "dashboard": keys("4"), "daemon": keys("5")}
+                  "manual": keys("3"), "dashboard": keys("4"), "daemon": keys("5"),
+                  "targets": keys("7")}
 
 
 @pytest.mark.parametrize("size", SIZES)

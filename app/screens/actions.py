@@ -52,6 +52,8 @@ SCREENS: tuple[ScreenInfo, ...] = (
                "start, stop or restart the replication engine", "5"),
     ScreenInfo("help", "app.screens.help", "HelpScreen", "Help",
                "keys, and what to know before replicating", "6"),
+    ScreenInfo("targets", "app.screens.targets", "TargetsScreen", "Remote targets and fail-over",
+               "hosts that keep replicas; switch over, fail back, split brain", "7"),
 )
 
 ACTIONS: tuple[Action, ...] = (
@@ -100,6 +102,24 @@ ACTIONS: tuple[Action, ...] = (
            "every warning in full"),
     Action("dashboard", "details", "i", "Details", "Dashboard entry details",
            "everything about the selected entry (Enter too)", footer=False, palette=False),
+
+    Action("targets", "add", "a", "Add", "Add remote target",
+           "add a host that keeps replicas: a dedicated key, its host key shown and pinned"),
+    Action("targets", "test", "t", "Test", "Test remote target",
+           "connect to the selected target and greet its agent"),
+    Action("targets", "key_line", "k", "Key line", "Remote target authorized_keys line",
+           "the line for the target's ~/.ssh/authorized_keys"),
+    Action("targets", "remove", "r,delete", "Remove", "Remove remote target",
+           "remove the selected target (refused while an entry uses it)", footer=False),
+    Action("targets", "switchover", "s", "Switch over", "Switch over to the replica",
+           "planned: drain, stop capturing here, promote the selected entry's replica"),
+    Action("targets", "failback", "f", "Fail back", "Fail back from the replica",
+           "the promoted replica's data comes back (what differs); capture here again"),
+    Action("targets", "resolve", "o", "Keep ours", "Split brain: this host wins",
+           "discard the replica's promotion; it is made equal to this host's data"),
+    Action("targets", "details", "i", "Details", "Replica details",
+           "everything about the selected entry's replication (Enter too)", footer=False,
+           palette=False),
 
     Action("daemon", "start", "s", "Start", "Start daemon", "start the replication engine"),
     Action("daemon", "stop", "p", "Stop", "Stop daemon", "stop the replication engine"),

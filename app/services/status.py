@@ -221,9 +221,9 @@ def snapshot(store: ConfigStore, control=None, *, scan_writers: bool = True) -> 
             state, other = "mounted", None
         else:
             state, other = "not mounted", (top.fstype if top is not None else None)
-            snap.warnings.append(StatusWarning(entry.path, "not mounted as mirrorfs: changes there are "
-                                                     "not captured (Mount all)"))
         row = rows.get(("fs", entry.path))
+        if state == "not mounted":
+            snap.warnings.append(_not_captured_warning(entry.path, row))
         if row is not None:
             _replication_warnings(entry.path, row, snap.warnings)
         snap.filesystem.append(FsState(entry, state, other, row, flawed.get(id(entry))))
@@ -235,6 +235,15 @@ def snapshot(store: ConfigStore, control=None, *, scan_writers: bool = True) -> 
                              rows.get(("block", entry.device)), ours_pids)
         snap.block.append(replace(state, problem=flawed.get(id(entry))))
     return snap
+
+
+def _not_captured_warning(path: str, row: CaptureRow | None) -> StatusWarning:
+    """An entry without its capture mount: Mount all, unless it was handed over to its replica."""
+    if row is not None and row.switched:
+        return StatusWarning(path, _switched_text(row) + " (Targets screen: f fails back, "
+                                   "o keeps this side)")
+    return StatusWarning(path, "not mounted as mirrorfs: changes there are not captured "
+                               "(Mount all)")
 
 
 def _serving(capture_file: str | None) -> bool:
@@ -321,6 +330,14 @@ def _replication_warnings(subject: str, row: CaptureRow, warnings: list[StatusWa
         warnings.append(StatusWarning(subject, f"not captured: {row.last_error}", "error"))
 
 
+def _switched_text(row: CaptureRow) -> str:
+    sw = row.switched or {}
+    where = sw.get("target") or row.target or "its replica"
+    if sw.get("state") == "switching":
+        return f"switch-over to {where} interrupted: run it again, or resolve"
+    return f"switched over to {where}: primary there; fail back to capture here"
+
+
 def replication_text(row: CaptureRow | None, *, long: bool = False) -> str:
     """One entry's replication as the CLI and the dashboard both say it."""
     from app.services.units import human_size
@@ -328,6 +345,8 @@ def replication_text(row: CaptureRow | None, *, long: bool = False) -> str:
         return "—"
     if row.error:
         return f"error: {row.error}"
+    if row.switched:
+        return _switched_text(row)
     if not row.captured:
         return f"not captured{': ' + row.last_error if row.last_error else ''}"
     text = row.replication or row.state

@@ -1,0 +1,371 @@
+"""Remote targets and fail-over: the hosts replicas are kept on (add with the host key shown
+and pinned, test, the authorized_keys line, remove), and each entry replicated to one of them
+with its role and state (source with a secondary replica, switched over, split brain), with
+switch-over, fail-back and "this host wins" behind confirmations that say what happens to
+which host's data."""
+
+from __future__ import annotations
+
+import time
+
+from rich.text import Text
+from textual import on, work
+from textual.app import ComposeResult
+from textual.binding import Binding
+from textual.containers import Horizontal, Vertical
+from textual.screen import ModalScreen
+from textual.widgets import Button, DataTable, Footer, Header, Input, Label, Static
+
+from app.screens.banner import RootBanner
+from app.screens.base import Col, KeyedTable, TaskScreen, elide, selected_key
+from app.screens.dialogs import ConfirmDialog, DetailsDialog
+from app.services.results import MirrorError, Outcome, Result
+from app.services.status import replication_lines
+from app.services.units import shown
+
+TARGET_COLUMNS = (Col("name", "Name", 9, 16), Col("host", "Host", 8, 30), Col("root", "Root", 6, 30),
+                  Col("bandwidth", "Bandwidth", 2, 14))
+REPLICA_COLUMNS = (Col("entry", "Entry", 9, 30), Col("target", "Replica", 4, 24),
+                   Col("role", "Role", 9, 16), Col("state", "State", 8, 40))
+NOTES = ("A replica on another host can take over: Switch over (planned), or on that host "
+         "`mirrorsetup replica promote` when this one is gone. Fail back brings it home.")
+
+
+def remote_name(target: str | None, config) -> str | None:
+    """The remote target an entry's target names (NAME:PATH), or None for a local path."""
+    if not target or target.startswith("/") or ":" not in target:
+        return None
+    name = target.split(":", 1)[0]
+    return name if config.target_host(name) is not None else None
+
+
+def role_and_state(row) -> tuple[Text, Text]:
+    """An entry's role toward its replica, and the state of both, in words."""
+    if row is None:
+        return Text("?", style="yellow"), Text("the daemon is not running", style="yellow")
+    sw = row.switched
+    if sw:
+        when = time.strftime("%Y-%m-%d %H:%M", time.localtime(sw.get("time") or 0))
+        if sw.get("state") == "switched":
+            return (Text("replica primary", style="bold cyan"),
+                    Text(f"since {when} (seq {sw.get('seq')}); not captured here"))
+        return Text("switching", style="bold yellow"), Text("a switch-over was interrupted: run it again")
+    if row.target_data == "split-brain":
+        return Text("SPLIT BRAIN", style="bold red"), Text(shown(row.last_error or "both sides moved on"))
+    if not row.captured:
+        return Text("source", style="yellow"), Text("not captured" + (f": {row.last_error}"
+                                                                      if row.last_error else ""))
+    data = row.target_data or "—"
+    style = "green" if data == "consistent" else "yellow"
+    how = row.replication or row.state
+    if row.connection not in ("connected", "local", ""):
+        how += f" ({row.connection})"
+    return Text("source", style="green"), Text(f"replica {data}; {how}", style=style)
+
+
+class AddTargetDialog(ModalScreen["object | None"]):
+    """Name, host, port, user, root: the fields `mirrorsetup target add` asks for."""
+
+    CSS_PATH = "dialogs.tcss"
+    BINDINGS = [Binding("escape", "cancel", "Cancel")]
+
+    def compose(self) -> ComposeResult:
+        with Vertical(classes="dialog wide", id="add-target"):
+            yield Label(Text("Add a remote target (a host replicas are kept on)", style="bold"))
+            yield Input(placeholder="name, e.g. backup1", id="name", compact=True)
+            yield Input(placeholder="host (an address or ssh_config name)", id="host", compact=True)
+            with Horizontal(classes="field"):
+                yield Input("22", placeholder="port", id="port", compact=True)
+                yield Input("root", placeholder="user", id="user", compact=True)
+            yield Input(placeholder="root directory on the target, e.g. /srv/replicas", id="root",
+                        compact=True)
+            yield Static("", id="problem")
+            yield Static("A dedicated key is made; the host key is shown for you to compare "
+                         "before it is pinned.", classes="notes")
+            with Horizontal(classes="dialog-buttons"):
+                yield Button("Add", id="add", variant="primary", compact=True)
+                yield Button("Cancel", id="cancel", compact=True)
+
+    def on_mount(self) -> None:
+        self.query_one("#name").focus()
+
+    def _value(self, field: str) -> str:
+        return self.query_one(f"#{field}", Input).value.strip()
+
+    @on(Button.Pressed, "#add")
+    @on(Input.Submitted)
+    def action_add(self) -> None:
+        from app.services.config_toml import TargetHost
+        name, host, root = self._value("name"), self._value("host"), self._value("root")
+        problem = None
+        if not name or not host or not root:
+            problem = "name, host and root are needed"
+        elif not self._value("port").isdigit() or not 0 < int(self._value("port")) < 65536:
+            problem = f"port {self._value('port')!r} is not a port number"
+        elif not root.startswith("/"):
+            problem = "the root is an absolute path on the target"
+        if problem:
+            self.query_one("#problem", Static).update(Text("✘ " + problem, style="bold red"))
+            return
+        self.dismiss(TargetHost(name=name, host=host, root=root, port=int(self._value("port")),
+                                user=self._value("user") or None))
+
+    @on(Button.Pressed, "#cancel")
+    def action_cancel(self) -> None:
+        self.dismiss(None)
+
+
+class TargetsScreen(TaskScreen):
+    NAME = "targets"
+    CSS_PATH = ["task.tcss", "targets.tcss"]
+    busy_target = "#replicas"
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._config = None
+        self._snap = None
+
+    def compose(self) -> ComposeResult:
+        yield Header()
+        yield RootBanner()
+        yield Static("", id="load-error", classes="banner error")
+        yield Static("Remote targets: hosts that keep replicas (over SSH)", classes="section-title")
+        yield KeyedTable(TARGET_COLUMNS, id="targets", zebra_stripes=True)
+        yield Static("Replicated entries and their replicas", classes="section-title")
+        yield KeyedTable(REPLICA_COLUMNS, id="replicas", zebra_stripes=True)
+        yield Static("", id="empty", classes="notes")
+        yield Static("", id="waiting")
+        yield Static(NOTES, classes="notes")
+        with Horizontal(classes="buttons"):
+            yield Button("Add target", id="add", compact=True)
+            yield Button("Test", id="test", compact=True)
+            yield Button("Switch over", id="switchover", compact=True)
+            yield Button("Fail back", id="failback", compact=True)
+            yield Button("This host wins", id="resolve", compact=True)
+        yield Footer(compact=True)
+
+    def on_mount(self) -> None:
+        super().on_mount()
+        self.reload_on(self.app.mounts_signal, self.app.daemon_signal, self.app.config_signal,
+                       self.app.block_signal)
+        self.query_one("#replicas").focus()
+
+    def load(self):
+        return self.services.store.load(), self.services.status()
+
+    def show(self, data) -> None:
+        config, snap = data
+        self._config, self._snap = config, snap
+        self.query_one("#targets", KeyedTable).show_rows({
+            t.name: (t.name, elide(f"{t.user + '@' if t.user else ''}{t.host}:{t.port}", 30),
+                     elide(t.root, 30), t.bandwidth or "—") for t in config.target})
+        rows = {}
+        for key, target, row in self._replicated():
+            role, state = role_and_state(row)
+            rows[key] = (elide(key, 30), elide(target, 28), role, state)
+        self.query_one("#replicas", KeyedTable).show_rows(rows)
+        empty = self.query_one("#empty", Static)
+        empty.update("No remote target yet: press a to add one, then give an entry the target "
+                     "NAME:PATH." if not config.target else
+                     "No entry replicates to a remote target: give one the target NAME:PATH.")
+        empty.display = not rows
+
+    def _replicated(self):
+        """(key, target, CaptureRow or None) of every entry with a remote target."""
+        if self._snap is None:
+            return []
+        out = []
+        for s in self._snap.filesystem:
+            if remote_name(s.entry.target, self._config):
+                out.append((s.entry.path, s.entry.target, s.engine))
+        for b in self._snap.block:
+            if remote_name(b.entry.target, self._config):
+                out.append((b.entry.device, b.entry.target, b.engine))
+        return out
+
+    @on(Button.Pressed)
+    def _button(self, event: Button.Pressed) -> None:
+        getattr(self, f"action_{event.button.id}")()
+
+    # -- targets ----------------------------------------------------------------------------
+    def _selected_target(self):
+        name = selected_key(self.query_one("#targets", DataTable))
+        host = self._config.target_host(name) if (name and self._config) else None
+        if host is None:
+            self.notify("No remote target is selected.", severity="warning")
+        return host
+
+    def action_add(self) -> None:
+        if self.app.needs_root("Adding a remote target"):
+            return
+        self.app.push_screen(AddTargetDialog(), self._add_typed)
+
+    def _add_typed(self, host) -> None:
+        if host is not None:
+            self._set_busy(True, f"asking {host.host} port {host.port} for its host key")
+            self._scan(host)
+
+    @work(thread=True, exit_on_error=False, group="scan")
+    def _scan(self, host) -> None:
+        from app.services import targets
+        try:
+            keys = targets.scan_host_keys(host.host, host.port)
+            error = None
+        except (MirrorError, OSError) as exc:
+            keys, error = [], str(exc)
+        self.app.call_from_thread(self._scanned, host, keys, error)
+
+    def _scanned(self, host, keys, error) -> None:
+        self._set_busy(False)
+        if error or not keys:
+            self.notify(shown(error or f"{host.host} offered no host key"), title="Add target",
+                        severity="error", markup=False)
+            return
+        _line, fp, kind = keys[0]
+
+        def confirmed(yes: bool | None) -> None:
+            if yes:
+                self.run_action(f"Add target {host.name}", lambda: self._add(host, fp))
+        self.app.push_screen(ConfirmDialog(
+            f"{host.host} port {host.port} offers the host key\n\n  {fp} ({kind})\n\nCompare it "
+            "with `ssh-keygen -lf /etc/ssh/ssh_host_ed25519_key.pub` on the target. Pin it? A "
+            "different key later is refused before any data is sent.", yes="Pin and add"), confirmed)
+
+    def _add(self, host, fp: str):
+        from app.services import targets
+        result = targets.add_target(self.services.store, host, accept_host_key=fp)
+        if result.failed:
+            return result
+        added = self.services.store.load().target_host(host.name)
+        return [result], ["On the target, put this line in the user's ~/.ssh/authorized_keys "
+                          "(k shows it again):", targets.authorized_key_line(added)]
+
+    def action_test(self) -> None:
+        host = self._selected_target()
+        if host is None:
+            return
+
+        def test():
+            from app.services import targets
+            from app.services.units import human_size
+            info = targets.probe(host)
+            return Result("test target", host.name, Outcome.OK,
+                          f"agent {info['agent_version']} on {info['agent_host']}, root {info['root']} "
+                          f"has {human_size(info['free_bytes'] or 0)} free, round trip "
+                          f"{info['rtt_ms']} ms")
+        self.run_action(f"Test {host.name}", test, root=False,
+                        waiting=f"connecting to {host.host} and greeting its agent")
+
+    def action_key_line(self) -> None:
+        host = self._selected_target()
+        if host is None:
+            return
+        from app.services import targets
+        try:
+            line = targets.authorized_key_line(host)
+        except (OSError, TypeError, ValueError) as exc:
+            self.notify(f"the key of {host.name} ({host.identity}.pub) cannot be read: {exc}",
+                        title="Key line", severity="error", markup=False)
+            return
+        self.app.push_screen(DetailsDialog(
+            f"authorized_keys line for {host.name}",
+            Text("Put this line in ~/.ssh/authorized_keys of the target's user: the key runs "
+                 "the agent and nothing else.\n\n" + line)))
+
+    def action_remove(self) -> None:
+        host = self._selected_target()
+        if host is None or self.app.needs_root("Removing a remote target"):
+            return
+
+        def remove():
+            try:
+                self.services.store.remove_target(host.name)
+            except MirrorError as exc:
+                return Result.from_error("remove target", host.name, exc)
+            return Result("remove target", host.name, Outcome.OK, f"removed {host.name}; its key "
+                          "and the replicas on it were kept")
+
+        def confirmed(yes: bool | None) -> None:
+            if yes:
+                self.run_action(f"Remove target {host.name}", remove)
+        self.app.push_screen(ConfirmDialog(
+            f"Remove the remote target {host.name} ({host.host})?\nRefused while an entry "
+            "replicates to it. Nothing on the target is deleted.", yes="Remove"), confirmed)
+
+    # -- fail-over --------------------------------------------------------------------------
+    def _selected_replica(self):
+        key = selected_key(self.query_one("#replicas", DataTable))
+        found = next(((k, t, r) for k, t, r in self._replicated() if k == key), None)
+        if found is None:
+            self.notify("No replicated entry is selected.", severity="warning")
+        return found
+
+    def _host_of(self, target: str) -> str:
+        host = self._config.target_host(target.split(":", 1)[0])
+        return host.host if host else target
+
+    @on(DataTable.RowSelected, "#replicas")
+    def action_details(self) -> None:
+        found = self._selected_replica()
+        if found is not None:
+            key, target, row = found
+            role, state = role_and_state(row)
+            self.app.push_screen(DetailsDialog(f"{shown(key)} → {shown(target)}", [
+                ("Entry", key), ("Replica", target), ("Role", role.plain), ("State", state.plain)]
+                + replication_lines(row)))
+
+    def _confirm_then(self, title: str, question: str, yes: str, call, waiting: str) -> None:
+        if self.app.needs_root(title):
+            return
+
+        def confirmed(ok: bool | None) -> None:
+            if ok:
+                self.run_action(title, call, waiting=waiting)
+        self.app.push_screen(ConfirmDialog(question, yes=yes), confirmed)
+
+    def action_switchover(self) -> None:
+        found = self._selected_replica()
+        if found is None:
+            return
+        key, target, _row = found
+        host = self._host_of(target)
+        rep = self.services.replication
+        self._confirm_then(
+            f"Switch over {shown(key)}",
+            f"Switch {shown(key)} over to its replica on {shown(host)}?\n\nOn THIS host: capture "
+            "stops once the replica has applied every change; nothing may use the entry (stop "
+            f"the applications first). It is not captured here afterwards.\nOn {shown(host)}: "
+            f"the replica {shown(target)} becomes primary and can be used there.\nNo data is lost "
+            "or overwritten on either host.", "Switch over",
+            lambda: rep.switchover(key), f"draining {shown(key)} to {shown(host)}, then promoting")
+
+    def action_failback(self) -> None:
+        found = self._selected_replica()
+        if found is None:
+            return
+        key, target, _row = found
+        host = self._host_of(target)
+        rep = self.services.replication
+        self._confirm_then(
+            f"Fail back {shown(key)}",
+            f"Fail back {shown(key)} from {shown(host)}?\n\nOn THIS host: the data of "
+            f"{shown(key)} is REPLACED by the replica's where it differs; what was changed here "
+            f"since the replica was promoted is lost. Capture starts again.\nOn {shown(host)}: "
+            "the replica becomes a secondary again; applications there must have stopped using "
+            "it.", "Fail back",
+            lambda: rep.failback(key), f"comparing {shown(key)} with the replica on {shown(host)}")
+
+    def action_resolve(self) -> None:
+        found = self._selected_replica()
+        if found is None:
+            return
+        key, target, _row = found
+        host = self._host_of(target)
+        rep = self.services.replication
+        self._confirm_then(
+            f"Keep this host's {shown(key)}",
+            f"Keep THIS host's data of {shown(key)} and discard the promotion on "
+            f"{shown(host)}?\n\nOn {shown(host)}: everything written to {shown(target)} since it "
+            "was promoted is OVERWRITTEN with this host's data (only what differs is sent).\nOn "
+            "THIS host: nothing changes; replication resumes.", "Discard the target's",
+            lambda: rep.resolve(key, discard_target=True), f"handing {shown(target)} back to this host")

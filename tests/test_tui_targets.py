@@ -1,0 +1,178 @@
+"""Remote targets and fail-over screen: the real app over a temp config. Wrong input in the Add
+dialog changes nothing; the key line is the one `target authorized-key` prints; the fail-over
+confirmations say what happens on which host and "No" changes nothing; and, on a real second
+host (tests/netbed.py), a target is added through the dialog with its host key shown and
+pinned, and tested."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from test_tui_support import cell, config_bytes, notices, pilot_test, settle, static_text, tui, wait_until  # noqa: F401
+
+from app.screens.dialogs import ConfirmDialog, DetailsDialog, ResultsDialog
+from app.screens.targets import AddTargetDialog, TargetsScreen
+from app.services.config import ConfigStore
+
+AGENT = str(Path(sys.executable).parent / "mirrorsetup")
+
+
+def write_config(config_path: Path, tmp_path: Path) -> None:
+    key = tmp_path / "etc" / "keys" / "backup1_ed25519"
+    key.parent.mkdir(parents=True)
+    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(key)], check=True)
+    config_path.write_text(f"""schema = 1
+
+[[target]]
+name = "backup1"
+host = "backup1.example.net"
+root = "/srv/replicas"
+identity = "{key}"
+
+[[filesystem]]
+path = "{tmp_path / 'src'}"
+target = "backup1:data"
+""")
+    (tmp_path / "src").mkdir()
+
+
+async def open_targets(pilot):
+    await settle(pilot)
+    await pilot.press("7")
+    await wait_until(pilot, lambda: isinstance(pilot.app.screen, TargetsScreen)
+                     and pilot.app.screen.query_one("#targets").row_count == 1, "the targets")
+
+
+@pilot_test
+async def test_targets_and_replicas_are_listed_and_wrong_input_changes_nothing(
+        tui, config_path, tmp_path, config_bytes):
+    write_config(config_path, tmp_path)
+    before = config_bytes()
+    app = tui(is_root=True)
+    async with app.run_test(size=(80, 24)) as pilot:
+        await open_targets(pilot)
+        screen = app.screen
+        assert cell(screen.query_one("#targets"), "backup1", "host") == "backup1.example.net:22"
+        src = str(tmp_path / "src")
+        await wait_until(pilot, lambda: screen.query_one("#replicas").row_count == 1, "the entry")
+        assert cell(screen.query_one("#replicas"), src, "state") == "the daemon is not running"
+
+        await pilot.press("k")  # the authorized_keys line, as `target authorized-key` prints it
+        await settle(pilot)
+        assert isinstance(app.screen, DetailsDialog)
+        text = static_text(app.screen.query_one("#details-text"))
+        line = subprocess.run([sys.executable, "-m", "app", "--config", str(config_path), "target",
+                               "authorized-key", "backup1"], capture_output=True, text=True).stdout
+        assert line.strip() in text.replace("\n", "") and 'serve-target --root /srv/replicas",restrict' in text
+        await pilot.press("escape")
+
+        await pilot.press("a")
+        await settle(pilot)
+        assert isinstance(app.screen, AddTargetDialog)
+        await pilot.click("#add")
+        await settle(pilot)
+        assert "name, host and root are needed" in static_text(app.screen.query_one("#problem"))
+        for field, value in (("name", "b2"), ("host", "10.0.0.9"), ("root", "relative/dir")):
+            app.screen.query_one(f"#{field}").value = value
+        app.screen.query_one("#port").value = "99999"
+        await pilot.click("#add")
+        await settle(pilot)
+        assert "'99999' is not a port number" in static_text(app.screen.query_one("#problem"))
+        app.screen.query_one("#port").value = "22"
+        await pilot.click("#add")
+        await settle(pilot)
+        assert "the root is an absolute path" in static_text(app.screen.query_one("#problem"))
+        await pilot.press("escape")
+        await settle(pilot)
+
+        await pilot.press("s")  # switch over: what happens on which host, then No
+        await settle(pilot)
+        assert isinstance(app.screen, ConfirmDialog)
+        question = static_text(app.screen.query_one("#question"))
+        assert "On THIS host: capture stops" in question and "On backup1.example.net: the " \
+            "replica backup1:data becomes primary" in question and "No data is lost" in question
+        await pilot.press("n")
+        await pilot.press("f")
+        await settle(pilot)
+        question = static_text(app.screen.query_one("#question"))
+        assert "is REPLACED by the replica's where it differs" in question
+        await pilot.press("n")
+        await pilot.press("o")
+        await settle(pilot)
+        question = static_text(app.screen.query_one("#question"))
+        assert "On backup1.example.net: everything written to backup1:data since it was " \
+               "promoted is OVERWRITTEN" in question
+        await pilot.press("n")
+        await settle(pilot)
+        assert isinstance(app.screen, TargetsScreen)
+    assert config_bytes() == before
+
+
+@pytest.mark.root
+@pilot_test
+async def test_add_a_real_target_through_the_dialog_pins_its_key_and_tests_it(
+        tui, config_path, tmp_path, make_two_hosts):
+    bed = make_two_hosts()
+    fp = subprocess.run(["ssh-keygen", "-lf", f"{bed.host_key}.pub"], capture_output=True,
+                        text=True, check=True).stdout.split()[1]
+    root = tmp_path / "replicas"
+    root.mkdir()
+    app = tui(is_root=True)
+    async with app.run_test(size=(120, 36)) as pilot:
+        await settle(pilot)
+        await pilot.press("7")
+        await settle(pilot)
+        await pilot.press("a")
+        await settle(pilot)
+        dialog = app.screen
+        for field, value in (("name", "backup1"), ("host", bed.target_addr), ("port", str(bed.port)),
+                             ("root", str(root))):
+            dialog.query_one(f"#{field}").value = value
+        await pilot.click("#add")
+        await wait_until(pilot, lambda: isinstance(app.screen, ConfirmDialog), "the host key")
+        question = static_text(app.screen.query_one("#question"))
+        assert fp in question and f"{bed.target_addr} port {bed.port}" in question
+        await pilot.press("y")
+        await wait_until(pilot, lambda: isinstance(app.screen, ResultsDialog), "the result")
+        notes = static_text(app.screen.query_one("#results-notes"))
+        assert "authorized_keys" in notes and "restrict ssh-ed25519" in notes.replace("\n", " ")
+        await pilot.press("enter")
+        await settle(pilot)
+        host = ConfigStore(config_path).load().target_host("backup1")
+        assert host is not None and host.port == bed.port
+        assert fp.split(":", 1)[1] in subprocess.run(
+            ["ssh-keygen", "-lf", host.known_hosts], capture_output=True, text=True).stdout
+        line = subprocess.run([sys.executable, "-m", "app", "--config", str(config_path), "target",
+                               "authorized-key", "backup1"], capture_output=True, text=True).stdout
+        bed.set_authorized_keys([line.strip().replace('command="mirrorsetup ', f'command="{AGENT} ')])
+        await wait_until(pilot, lambda: app.screen.query_one("#targets").row_count == 1, "the row")
+        await pilot.press("t")
+        await wait_until(pilot, lambda: isinstance(app.screen, ResultsDialog), "the test")
+        text = " ".join(static_text(w) for w in app.screen.query(".result"))
+        assert "agent" in text and f"root {root}" in text and "round trip" in text, text
+
+
+def test_a_switched_over_entry_is_said_as_such_not_as_mount_all(tmp_path):
+    """The dashboard's warning and engine cell for an entry handed over to its replica point to
+    fail-back, not to Mount all (which refuses it with EREMOTE)."""
+    from app.services.protocol import CaptureRow
+    from app.services.status import replication_text, snapshot
+
+    class Control:
+        def request(self, what):
+            return {"filesystem": [{"kind": "fs", "key": str(tmp_path / "src"),
+                                    "target": "backup1:data", "state": "switched over",
+                                    "switched": {"state": "switched", "time": 1, "seq": 9,
+                                                 "target": "backup1:data"}}], "block": []}
+
+    cfg = tmp_path / "etc" / "replication.toml"
+    write_config(cfg, tmp_path)
+    snap = snapshot(ConfigStore(cfg), Control(), scan_writers=False)
+    [warning] = [w for w in snap.warnings if w.subject == str(tmp_path / "src")]
+    assert "switched over to backup1:data" in warning.message and "Mount all" not in warning.message
+    row = CaptureRow("fs", "/x", state="switched over", switched={"state": "switching",
+                                                                  "target": "backup1:x"})
+    assert replication_text(row).startswith("switch-over to backup1:x interrupted")
