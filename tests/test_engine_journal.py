@@ -278,3 +278,25 @@ def test_a_full_disk_never_leaves_a_torn_or_half_ingested_journal(tmp_path, tmpf
     assert [r.seq for r in j.read(100)] == [5, 6, 7]
     j.close()
     assert Journal(small).torn_bytes == 0
+
+
+def test_lag_of_a_remote_target_counts_until_applied_not_received(tmp_path):
+    """A remote target acknowledges records received before it has applied them: the lag an
+    administrator sees must not say 0 while the replica is still behind."""
+    j = Journal(tmp_path)
+    j.track_applied = True
+    for i in range(5):
+        j.append("write", {"path": "f", "offset": i}, b"x")
+    j.read(10)
+    j.release(5)  # received (durable in the agent's journal), not applied yet
+    assert j.lag_seconds() > 0
+    j.applied(3)
+    assert j.lag_seconds() > 0
+    j.applied(5)
+    assert j.lag_seconds() == 0
+    local = Journal(tmp_path / "local")  # a local target applies what it releases
+    local.append("write", {"path": "f", "offset": 0}, b"x")
+    local.read(10)
+    assert local.lag_seconds() > 0
+    local.release(1)
+    assert local.lag_seconds() == 0

@@ -42,6 +42,7 @@ log = logging.getLogger("mirrorsetup.agent")
 META = ".mirrorsetup"
 HEARTBEAT_TIMEOUT = 15.0  # no frame from the source for this long: the session is dead
 APPLY_SYNC_SECONDS = 1.0  # the applied position is made durable (syncfs) this often
+APPLY_SYNC_MIN_SECONDS = 0.05  # ... and when caught up, but not more often than this
 PAUSE_RETRY_SECONDS = 2.0
 TAKE_OVER_SECONDS = 10.0  # a stale session of the same source is ended within this
 PATH_ARGS = ("path", "old", "new", "src")
@@ -506,7 +507,13 @@ class Agent:
                 batch = j.read(512, timeout=0.2)
                 if batch:
                     self.target.send(batch)
-                due = time.monotonic() - last_sync > APPLY_SYNC_SECONDS or not batch
+                # Durable and acknowledged at least every APPLY_SYNC_SECONDS under a stream,
+                # and as soon as the applier has caught up with what arrived (a trickle of
+                # records must not wait a second for its flush), at most every
+                # APPLY_SYNC_MIN_SECONDS.
+                since = time.monotonic() - last_sync
+                due = since > APPLY_SYNC_SECONDS or not batch or (
+                    j.sent_seq >= j.last_seq and since > APPLY_SYNC_MIN_SECONDS)
                 if j.sent_seq > j.released_seq and due:
                     self.target.flush()
                     j.release(j.sent_seq)

@@ -206,6 +206,11 @@ class Journal:
         self.behind = False  # pull-ahead: records are not being stored (the capture keeps a dirty map)
         self.dropped = 0  # records not stored while behind
         self._samples: deque[tuple[int, float]] = deque()  # (seq, monotonic time) for the lag
+        # A remote target acknowledges records received (released here) before it has applied
+        # them: its shipper sets track_applied and says what is applied, and the lag counts
+        # from the oldest record not yet applied, not merely received.
+        self.track_applied = False
+        self._applied_seq = 0
         self._open_segments()
 
     # -- opening --------------------------------------------------------------------------
@@ -504,8 +509,8 @@ class Journal:
                 rec = self._mem.popleft()
                 self._mem_bytes -= rec.size
             self.released_seq = seq
-            while self._samples and self._samples[0][0] <= seq:
-                self._samples.popleft()
+            if not self.track_applied:
+                self._drop_samples(seq)
             while self._marks and self._marks[0][0] <= seq:
                 self._released_cum = self._marks.popleft()[1]
             if seq >= self.last_seq:
@@ -549,10 +554,26 @@ class Journal:
             self.gap = None
         self.release(seq)
 
-    def lag_seconds(self) -> float:
-        """Time since the oldest unreleased record was captured (0 when caught up)."""
+    def applied(self, seq: int) -> None:
+        """The target has applied (durably) every record up to `seq` (track_applied)."""
         with self._cv:
-            if self.released_seq >= self.last_seq or not self._samples:
+            self._applied_seq = max(self._applied_seq, seq)
+            self._drop_samples(seq)
+
+    def _drop_samples(self, seq: int) -> None:
+        """Forget the capture times of records up to `seq`; a sample also stands for the
+        records after it up to the next sample (captured within LAG_SAMPLE_SECONDS of it), so
+        it stays while one of those is still to go."""
+        samples = self._samples
+        while samples and (samples[1][0] <= seq + 1 if len(samples) > 1 else seq >= self.last_seq):
+            samples.popleft()
+
+    def lag_seconds(self) -> float:
+        """Time since the oldest record not yet on the target was captured (0 when caught up):
+        not yet released, or with track_applied not yet applied there."""
+        with self._cv:
+            done = self._applied_seq if self.track_applied else self.released_seq
+            if done >= self.last_seq or not self._samples:
                 return 0.0
             return time.monotonic() - self._samples[0][1]
 

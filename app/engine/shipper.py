@@ -67,6 +67,7 @@ class Shipper:
         self.target = target
         self.on_gap = on_gap
         self.local = local
+        journal.track_applied = not local  # the lag counts until applied there, not received
         self.fig = Figures(connection="local" if local else "connecting",
                            sent_seq=journal.released_seq, received_seq=journal.released_seq,
                            applied_seq=journal.released_seq)
@@ -185,6 +186,7 @@ class Shipper:
             else:
                 self.journal.rewind(pos.received)
             self.fig.received_seq, self.fig.applied_seq = pos.received, pos.applied
+            self.journal.applied(pos.applied)
             self.fig.reconnects += 1 if self._ever_connected else 0
         self._connected = self._ever_connected = True
         self.fig.connection = "local" if self.local else "connected"
@@ -224,6 +226,7 @@ class Shipper:
             pos = self.target.flush()
             self.fig.received_seq, self.fig.applied_seq = pos.received, pos.applied
             self.journal.release(pos.received, persist=True)
+            self.journal.applied(pos.applied)
         if self.fig.connection.startswith("paused") and batch:
             self.fig.connection = "local" if self.local else "connected"
 
