@@ -1,0 +1,686 @@
+"""Replication to a remote SSH target, measured by hand (a benchmark, not a test).
+
+Run as root from the repository's top directory (about 5-10 minutes with the defaults):
+
+    .venv/bin/python bench/remote.py [--runs 3] [--seconds 20] [--skip-mirror] [--skip-stream]
+                                     [--skip-lag] [--skip-compress]
+
+The bed is tests/netbed.py's TwoHosts (a target network namespace with its own sshd, joined by
+a veth pair); the remote target `backup1` is added exactly as tests/test_remote.py's Remote does
+(`target add --agent ... --ssh-config ... --accept-host-key FP`, the generated key installed
+with its forced command `mirrorsetup serve-target --root R`), and every daemon runs with a
+private config, socket and state directory through tests/test_engine_support.py's engine_maker.
+Figures come from the daemon's status rows (the fields of `status --json`), /proc and the veth's
+counters.
+
+1. Initial mirror of a real tree (the running interpreter's standard library without
+   __pycache__, site-packages, dist-packages, config-* and lib-dynload: ~45 MB, ~2,000 files):
+   time from `fs add SRC --target backup1:data` through the daemon's start and mount until the
+   row says captured, established, consistent, no catch-up, applied_seq == last_seq; then the
+   target tree is compared with the source (type, mode, owner, mtime, sha256 of every file).
+   Against `rsync -a` of the same tree over the same link with the bed's ssh_config into a
+   fresh directory on the target. Interleaved rsync, ours, rsync, ours, ... (--runs pairs, each
+   pair on a fresh copy); medians and the ratio ours / rsync (goal <= 1.0).
+2. Sustained replication through tbf (--link-mbit, default 100 Mbit/s, on the source end of the
+   veth, as bench/netbed.py sets it): first the plain-ssh reference (`ssh cat >/dev/null`
+   through the same tbf); then a writer of incompressible files (os.urandom, 4 MiB, fsync) as
+   fast as it can for --seconds, held back only while more than --max-queue MiB are queued (the
+   shipper always has work; the journal does not grow to gigabytes). Payload wire rate (status
+   wire_bytes) and veth tx bytes over the steady part, against the link rate (goal >= 90 %).
+   Then a steady writer at --lag-fraction of the link (1 MiB files, fsync) for --seconds; for
+   each file the lag is the time from its fsync until a status row shows applied_seq >= the
+   last_seq read right after that fsync (an upper bound: status is polled every 10 ms and
+   the reply's arrival time counts), and status's own lag_seconds is sampled too. p50 / p99
+   (goal p99 < 1 s).
+3. CPU per replicated MiB: utime+stime (+ reaped children's) from /proc of the source daemon,
+   its capture workers and their ssh client, against the processes of the target namespace
+   (sshd and the agent `mirrorsetup serve-target`; the agent alone shown too), over the
+   initial mirrors (with rsync's for comparison) and over the saturating stream (from its
+   first write until drained), divided by the MiB replicated (tree size; logical bytes).
+   The source side includes capture (the FUSE file system the writer writes through).
+4. Compressible data (--compress-mib of the tree's .py files, 4 MiB files, fsync): the
+   compression ratio the status shows (logical_bytes / wire_bytes) for those writes.
+
+Everything made here (namespace, sshd, daemons, mounts, files) lives under one tempfile
+directory and is torn down by PID in finally blocks. The host may be shared (another session's
+tests): the load average is printed at the start and the end.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import math
+import os
+import resource
+import shutil
+import statistics
+import subprocess
+import sys
+import sysconfig
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO / "tests"))
+sys.path.insert(0, str(REPO))
+
+from app.services.control import ControlClient  # noqa: E402
+from app.services.mounts import read_mountinfo  # noqa: E402
+from netbed import TwoHosts  # noqa: E402
+from test_engine_support import engine_maker  # noqa: E402
+from test_remote import Remote, cli, tree  # noqa: E402
+
+MiB = 1 << 20
+CLK = os.sysconf("SC_CLK_TCK")
+T0 = time.monotonic()
+
+
+def say(text: str) -> None:
+    print(f"[{time.monotonic() - T0:6.1f} s] {text}", flush=True)
+
+
+def pct(values: list[float], q: float) -> float:
+    """Nearest-rank percentile."""
+    s = sorted(values)
+    return s[max(0, math.ceil(q / 100 * len(s)) - 1)]
+
+
+def loadavg() -> str:
+    return " ".join(Path("/proc/loadavg").read_text().split()[:3])
+
+
+# -- the tree --------------------------------------------------------------------------------
+
+SKIP = ("__pycache__", "site-packages", "dist-packages", "lib-dynload")
+
+
+def _ignore(_dir: str, names: list[str]) -> list[str]:
+    return [n for n in names if n in SKIP or n.startswith("config-")]
+
+
+def copy_tree(origin: Path, dest: Path) -> tuple[int, int]:
+    """Copy with modes, times and symlinks; (files, bytes)."""
+    shutil.copytree(origin, dest, symlinks=True, ignore=_ignore)
+    files = size = 0
+    for dirpath, _dirs, names in os.walk(dest):
+        for n in names:
+            st = os.lstat(os.path.join(dirpath, n))
+            files += 1
+            size += st.st_size
+    return files, size
+
+
+# -- CPU from /proc --------------------------------------------------------------------------
+
+def _stat(pid: int) -> tuple[int, int] | None:
+    """(ppid, utime+stime+cutime+cstime in ticks): own time plus that of reaped children."""
+    try:
+        text = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    rest = text[text.rindex(")") + 2:].split()
+    return int(rest[1]), sum(int(x) for x in rest[11:15])
+
+
+def _argv(pid: int) -> list[str]:
+    try:
+        return [a.decode(errors="replace") for a in Path(f"/proc/{pid}/cmdline").read_bytes()
+                .split(b"\0") if a]
+    except OSError:
+        return []
+
+
+def _table() -> dict[int, tuple[int, int]]:
+    out = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit() and (s := _stat(int(entry))) is not None:
+            out[int(entry)] = s
+    return out
+
+
+def _descendants(roots: set[int], table: dict[int, tuple[int, int]]) -> set[int]:
+    found = set(r for r in roots if r in table)
+    grew = True
+    while grew:
+        grew = False
+        for pid, (ppid, _) in table.items():
+            if ppid in found and pid not in found:
+                found.add(pid)
+                grew = True
+    return found
+
+
+def source_cpu(daemon_pid: int) -> dict[str, float]:
+    """Seconds of CPU of the daemon, its workers and their ssh clients (ssh alone too)."""
+    table = _table()
+    pids = _descendants({daemon_pid}, table)
+    ssh = [p for p in pids if os.path.basename((_argv(p) or [""])[0]) == "ssh"]
+    return {"total": sum(table[p][1] for p in pids) / CLK,
+            "ssh": sum(table[p][1] for p in ssh) / CLK}
+
+
+def target_cpu(bed: TwoHosts) -> dict[str, float]:
+    """Seconds of CPU of every process in the target namespace (sshd, sessions, agents, a
+    remote rsync); the agents' trees alone too."""
+    table = _table()
+    procs = bed.target_processes()
+    pids = {p for p, _ in procs if p in table}
+    agents = _descendants({p for p, argv in procs if "serve-target" in argv}, table) & pids
+    return {"total": sum(table[p][1] for p in pids) / CLK,
+            "agent": sum(table[p][1] for p in agents) / CLK}
+
+
+def children_cpu() -> float:
+    ru = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return ru.ru_utime + ru.ru_stime
+
+
+# -- status ----------------------------------------------------------------------------------
+
+def row(client: ControlClient, key: str) -> dict | None:
+    for e in client.request("status")["filesystem"]:
+        if e["key"] == key:
+            return e
+    return None
+
+
+def settled(st: dict | None) -> bool:
+    return bool(st and st["captured"] and st["applied_seq"] == st["last_seq"]
+                and st["catch_up"] is None and not st["behind"]
+                and st["replication"] == "established" and st["target_data"] == "consistent")
+
+
+def wait_settled(client: ControlClient, key: str, timeout: float,
+                 firsts: dict | None = None) -> dict:
+    """Poll until `settled`; `firsts` gets the time each stage was first seen (captured,
+    connected)."""
+    deadline = time.monotonic() + timeout
+    st = None
+    while True:
+        with contextlib.suppress(OSError):
+            st = row(client, key)
+        if firsts is not None and st:
+            for name, seen in (("captured", st["captured"]),
+                               ("connected", st["connection"] == "connected")):
+                if seen:
+                    firsts.setdefault(name, time.monotonic())
+        if settled(st):
+            return st
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"{key} not settled after {timeout:.0f} s: {st}")
+        time.sleep(0.05)
+
+
+class Poller(threading.Thread):
+    """Status of one entry every `period` seconds: (asked at, answered at, row)."""
+
+    def __init__(self, socket: str, key: str, period: float = 0.01):
+        super().__init__(name="poller", daemon=True)
+        self.client = ControlClient(socket, timeout=30)
+        self.key = key
+        self.period = period
+        self.samples: list[tuple[float, float, dict]] = []
+        self.latest: dict = {}
+        self.errors = 0
+        self._halt = threading.Event()
+
+    def run(self) -> None:
+        while not self._halt.is_set():
+            t0 = time.monotonic()
+            try:
+                st = row(self.client, self.key)
+            except Exception:
+                self.errors += 1
+                st = None
+            t1 = time.monotonic()
+            if st is not None:
+                self.samples.append((t0, t1, st))
+                self.latest = st
+            self._halt.wait(self.period)
+
+    def stop(self) -> None:
+        self._halt.set()
+        self.join(30)
+
+
+# -- setting up a remote entry ---------------------------------------------------------------
+
+@contextlib.contextmanager
+def engines(run_dir: Path):
+    """engine_maker, with its engines cleaned up (daemon stopped by PID, mounts under run_dir
+    unmounted) also when the body raises (engine_maker alone does that only on success)."""
+    made = []
+    with engine_maker(run_dir) as make:
+        def tracked(**kw):
+            got = make(**kw)
+            made.append(got[0])
+            return got
+        try:
+            yield tracked
+        finally:
+            for eng in made:
+                eng.cleanup()
+
+
+def add_remote(run_dir: Path, bed: TwoHosts) -> Remote:
+    """backup1 in run_dir's own config; its key authorized beside the bed's own (rsync's)."""
+    r = Remote(run_dir, bed)
+    bed.set_authorized_keys([bed.authorized_key_line(), r.authorized_line])
+    return r
+
+
+def fsync_write(path: Path, data: bytes) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    try:
+        os.write(fd, data)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+# -- 1. initial mirror -----------------------------------------------------------------------
+
+def rsync_once(bed: TwoHosts, src: Path, dest: Path) -> dict:
+    ssh = " ".join(bed.ssh_argv()[:-1])  # the bed's ssh_config and options, without the host
+    argv = ["rsync", "-a", "-e", ssh, f"{src}/", f"{bed.target_addr}:{dest}/"]
+    c0, t0c = children_cpu(), target_cpu(bed)
+    t0 = time.monotonic()
+    subprocess.run(argv, check=True, capture_output=True, text=True)
+    took = time.monotonic() - t0
+    time.sleep(0.3)  # the remote rsync and its session reaped: their time is in sshd's
+    t1c = target_cpu(bed)
+    equal = tree(src) == tree(dest)
+    return {"seconds": took, "src_cpu": children_cpu() - c0, "tgt_cpu": t1c["total"] - t0c["total"],
+            "agent_cpu": 0.0, "equal": equal}
+
+
+def ours_once(bed: TwoHosts, run_dir: Path, src: Path, timeout: float) -> dict:
+    r = add_remote(run_dir, bed)
+    with engines(run_dir) as make:
+        t0c = target_cpu(bed)
+        t0 = time.monotonic()
+        a = cli(r.cfg, "fs", "add", str(src), "--target", "backup1:data")
+        if a.returncode != 0:
+            raise RuntimeError(f"fs add: {a.stdout}{a.stderr}")
+        t_add = time.monotonic()
+        eng, _, _ = make(config=r.cfg)
+        t_up = time.monotonic()
+        firsts: dict = {}
+        st = wait_settled(eng.client, str(src), timeout, firsts)
+        took = time.monotonic() - t0
+        s_cpu, t1c = source_cpu(eng.proc.pid), target_cpu(bed)
+        equal = tree(src) == tree(r.root / "data")
+        out = {"seconds": took, "fs_add": t_add - t0, "daemon_up": t_up - t_add,
+               "captured": firsts.get("captured", t_up) - t0,
+               "connected": firsts.get("connected", t_up) - t0,
+               "src_cpu": s_cpu["total"], "ssh_cpu": s_cpu["ssh"],
+               "tgt_cpu": t1c["total"] - t0c["total"], "agent_cpu": t1c["agent"] - t0c["agent"],
+               "equal": equal, "resync_bytes": st["resync_bytes"], "wire_bytes": st["wire_bytes"],
+               "logical_bytes": st["logical_bytes"], "reconnects": st["reconnects"]}
+        if not equal:
+            diff = tree(src), tree(r.root / "data")
+            keys = sorted(k for k in set(diff[0]) | set(diff[1]) if diff[0].get(k) != diff[1].get(k))
+            out["differences"] = keys[:10]
+            out["n_differences"] = len(keys)
+    return out
+
+
+def bench_mirror(bed: TwoHosts, tmp: Path, origin: Path, args) -> dict:
+    rs, ours = [], []
+    files = size = 0
+    for i in range(args.runs):
+        pair = tmp / f"pair{i}"
+        pair.mkdir()
+        src = pair / "src"
+        files, size = copy_tree(origin, src)
+        if i == 0:
+            say(f"tree {origin}: {files} files, {size / MiB:.1f} MiB")
+        dest = pair / "rsync-dest"
+        r = rsync_once(bed, src, dest)
+        rs.append(r)
+        say(f"mirror {i + 1}/{args.runs} rsync -a: {r['seconds']:.2f} s, equal={r['equal']}, "
+            f"cpu source {r['src_cpu']:.2f} s target {r['tgt_cpu']:.2f} s")
+        shutil.rmtree(dest)
+        o = ours_once(bed, pair, src, args.timeout)
+        ours.append(o)
+        say(f"mirror {i + 1}/{args.runs} mirrorsetup: {o['seconds']:.2f} s (fs add "
+            f"{o['fs_add']:.2f}, daemon up {o['daemon_up']:.2f}, captured at {o['captured']:.2f},"
+            f" connected at {o['connected']:.2f}), equal={o['equal']}, "
+            f"cpu source {o['src_cpu']:.2f} s (ssh {o['ssh_cpu']:.2f}) target "
+            f"{o['tgt_cpu']:.2f} s (agent {o['agent_cpu']:.2f}), resync_bytes "
+            f"{o['resync_bytes']}, wire_bytes {o['wire_bytes']}, logical_bytes "
+            f"{o['logical_bytes']}" + (f", DIFFERENCES {o['n_differences']}: "
+                                       f"{o['differences']}" if not o["equal"] else ""))
+        shutil.rmtree(pair)  # the entry is gone with its daemon; nothing is mounted there now
+    med_r = statistics.median(x["seconds"] for x in rs)
+    med_o = statistics.median(x["seconds"] for x in ours)
+    mib = size / MiB
+    return {
+        "files": files, "mib": mib, "rsync": med_r, "ours": med_o, "ratio": med_o / med_r,
+        "pair_ratios": [o["seconds"] / r["seconds"] for r, o in zip(rs, ours)],
+        "all_equal": all(x["equal"] for x in rs + ours),
+        "rsync_src_ms": statistics.median(x["src_cpu"] for x in rs) * 1000 / mib,
+        "rsync_tgt_ms": statistics.median(x["tgt_cpu"] for x in rs) * 1000 / mib,
+        "ours_src_ms": statistics.median(x["src_cpu"] for x in ours) * 1000 / mib,
+        "ours_ssh_ms": statistics.median(x["ssh_cpu"] for x in ours) * 1000 / mib,
+        "ours_tgt_ms": statistics.median(x["tgt_cpu"] for x in ours) * 1000 / mib,
+        "ours_agent_ms": statistics.median(x["agent_cpu"] for x in ours) * 1000 / mib,
+        "runs_rsync": [x["seconds"] for x in rs], "runs_ours": [x["seconds"] for x in ours],
+        "compression": statistics.median(x["logical_bytes"] / max(1, x["wire_bytes"])
+                                         for x in ours),
+    }
+
+
+# -- 2-4. streams through the link -----------------------------------------------------------
+
+def ssh_reference(bed: TwoHosts, mib: int = 48) -> float:
+    """Payload bit rate of plain `ssh TARGET cat >/dev/null` (Mbit/s)."""
+    payload = os.urandom(mib * MiB)
+    t0 = time.monotonic()
+    subprocess.run(bed.ssh_argv("cat", ">/dev/null"), input=payload, check=True,
+                   capture_output=True)
+    return mib * MiB * 8 / (time.monotonic() - t0) / 1e6
+
+
+def tx_bytes(bed: TwoHosts) -> int:
+    return int(Path(f"/sys/class/net/{bed.source_if}/statistics/tx_bytes").read_text())
+
+
+def saturate(bed, eng, poller: Poller, src: Path, args) -> dict:
+    """Incompressible 4 MiB files as fast as the writer can (held while the queue is over
+    --max-queue MiB) for --seconds; rates over the part after --warmup; CPU until drained."""
+    d = src / "sat"
+    d.mkdir()
+    link = args.link_mbit * 1e6 / 8
+    s0, c0 = source_cpu(eng.proc.pid), target_cpu(bed)
+    l_start = poller.latest["logical_bytes"]
+    t_start = time.monotonic()
+    mark = None
+    held = written = i = 0
+    write_secs = 0.0
+    while (now := time.monotonic()) - t_start < args.seconds:
+        if mark is None and now - t_start >= args.warmup:
+            st = poller.latest
+            mark = (now, st["wire_bytes"], st["logical_bytes"], tx_bytes(bed))
+        if poller.latest.get("bytes_queued", 0) > args.max_queue * MiB:
+            held += 1
+            time.sleep(0.02)
+            continue
+        data = os.urandom(4 * MiB)
+        w0 = time.monotonic()
+        fsync_write(d / f"f{i:05d}", data)
+        write_secs += time.monotonic() - w0
+        written += len(data)
+        i += 1
+    t_end = time.monotonic()
+    st = poller.latest
+    tx_end = tx_bytes(bed)
+    span = t_end - mark[0]
+    wire_rate = (st["wire_bytes"] - mark[1]) / span
+    logical_rate = (st["logical_bytes"] - mark[2]) / span
+    tx_rate = (tx_end - mark[3]) / span
+    status_rates = [s["wire_rate"] for a, _, s in poller.samples if mark[0] + 5 <= a <= t_end]
+    queued = st["bytes_queued"]
+    say(f"saturate: wrote {written / MiB:.0f} MiB in {i} files (write+fsync {write_secs:.1f} s of "
+        f"{t_end - t_start:.1f} s; {written / MiB / max(write_secs, 1e-9):.0f} MiB/s while "
+        f"writing), queue at end {queued / MiB:.0f} MiB; draining")
+    drained = wait_settled(eng.client, str(src), args.timeout)
+    t_drained = time.monotonic()
+    s1, c1 = source_cpu(eng.proc.pid), target_cpu(bed)
+    mib = (drained["logical_bytes"] - l_start) / MiB
+    out = {
+        "written_mib": written / MiB, "wire_mbit": wire_rate * 8 / 1e6,
+        "wire_pct": wire_rate / link * 100, "logical_pct": logical_rate / link * 100,
+        "tx_mbit": tx_rate * 8 / 1e6, "tx_pct": tx_rate / link * 100,
+        "status_wire_rate_median_mbit": (statistics.median(status_rates) * 8 / 1e6
+                                         if status_rates else float("nan")),
+        "drain_s": t_drained - t_end, "replicated_mib": mib,
+        "src_ms": (s1["total"] - s0["total"]) * 1000 / mib,
+        "ssh_ms": (s1["ssh"] - s0["ssh"]) * 1000 / mib,
+        "tgt_ms": (c1["total"] - c0["total"]) * 1000 / mib,
+        "agent_ms": (c1["agent"] - c0["agent"]) * 1000 / mib,
+        "held_polls": held, "seconds_measured": span,
+        "connection": drained["connection"], "reconnects": drained["reconnects"],
+        "resent_bytes": drained["resent_bytes"],
+    }
+    say(f"saturate: payload wire {out['wire_mbit']:.1f} Mbit/s ({out['wire_pct']:.1f} % of "
+        f"{args.link_mbit} Mbit/s; status wire_rate median {out['status_wire_rate_median_mbit']:.1f}),"
+        f" veth tx {out['tx_mbit']:.1f} Mbit/s ({out['tx_pct']:.1f} %), drained in "
+        f"{out['drain_s']:.1f} s; cpu ms/MiB source {out['src_ms']:.1f} (ssh {out['ssh_ms']:.1f})"
+        f" target {out['tgt_ms']:.1f} (agent {out['agent_ms']:.1f}) over {mib:.0f} MiB")
+    return out
+
+
+def steady(bed, eng, poller: Poller, src: Path, args) -> dict:
+    """Files of --lag-file-kib at --lag-fraction of the link for --seconds; per file, fsync to
+    applied."""
+    d = src / "steady"
+    d.mkdir()
+    size = args.lag_file_kib * 1024
+    interval = size / (args.lag_fraction * args.link_mbit * 1e6 / 8)
+    writes: list[tuple[float, int]] = []
+    t_start = time.monotonic()
+    i = 0
+    while time.monotonic() - t_start < args.seconds:
+        due = t_start + i * interval
+        if (wait := due - time.monotonic()) > 0:
+            time.sleep(wait)
+        data = os.urandom(size)
+        fd = os.open(d / f"f{i:05d}", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        try:
+            os.write(fd, data)
+            os.fsync(fd)
+            t_f = time.monotonic()
+            seq = row(eng.client, str(src))["last_seq"]
+        finally:
+            os.close(fd)
+        writes.append((t_f, seq))
+        i += 1
+    t_end = time.monotonic()
+    wait_settled(eng.client, str(src), args.timeout)
+    time.sleep(0.1)
+    samples = list(poller.samples)
+    lags, received = [], []
+    for t_f, seq in writes:
+        seen = next((t1 for t0, t1, st in samples if t0 >= t_f and st["applied_seq"] >= seq), None)
+        lags.append(float("inf") if seen is None else seen - t_f)
+        seen = next((t1 for t0, t1, st in samples if t0 >= t_f and st["received_seq"] >= seq), None)
+        received.append(float("inf") if seen is None else seen - t_f)
+    status_lags = [st["lag_seconds"] for t0, _, st in samples if t_start <= t0 <= t_end]
+    rtts = [t1 - t0 for t0, t1, _ in samples if t_start <= t0 <= t_end]
+    out = {"files": len(writes), "rate_mbit": len(writes) * size * 8 / (t_end - t_start) / 1e6,
+           "p50": pct(lags, 50), "p99": pct(lags, 99), "max": max(lags),
+           "recv_p50": pct(received, 50), "recv_p99": pct(received, 99),
+           "status_p50": pct(status_lags, 50), "status_p99": pct(status_lags, 99),
+           "status_max": max(status_lags), "poll_rtt_ms": statistics.median(rtts) * 1000,
+           "polls": len(rtts)}
+    say(f"steady {out['rate_mbit']:.1f} Mbit/s, {out['files']} files of {args.lag_file_kib} KiB: "
+        f"fsync->applied p50 {out['p50'] * 1000:.0f} ms p99 {out['p99'] * 1000:.0f} ms max "
+        f"{out['max'] * 1000:.0f} ms; fsync->received p50 {out['recv_p50'] * 1000:.0f} ms p99 "
+        f"{out['recv_p99'] * 1000:.0f} ms; status lag_seconds p50 {out['status_p50']:.3f} p99 "
+        f"{out['status_p99']:.3f} max {out['status_max']:.3f} ({out['polls']} polls, median "
+        f"status round trip {out['poll_rtt_ms']:.1f} ms)")
+    return out
+
+
+def compressible(eng, src: Path, origin: Path, args) -> dict:
+    text = bytearray()
+    while len(text) < args.compress_mib * MiB:
+        for p in sorted(origin.rglob("*.py")):
+            if "__pycache__" in p.parts or "site-packages" in p.parts:
+                continue
+            text += p.read_bytes()
+            if len(text) >= args.compress_mib * MiB:
+                break
+    before = wait_settled(eng.client, str(src), args.timeout)
+    d = src / "text"
+    d.mkdir()
+    for i in range(args.compress_mib // 4):
+        fsync_write(d / f"t{i:03d}", bytes(text[i * 4 * MiB:(i + 1) * 4 * MiB]))
+    st = wait_settled(eng.client, str(src), args.timeout)
+    logical = st["logical_bytes"] - before["logical_bytes"]
+    wire = st["wire_bytes"] - before["wire_bytes"]
+    out = {"mib": logical / MiB, "ratio": logical / max(wire, 1),
+           "session_ratio": st["logical_bytes"] / max(st["wire_bytes"], 1)}
+    say(f"compressible: {logical / MiB:.1f} MiB logical -> {wire / MiB:.2f} MiB wire, ratio "
+        f"{out['ratio']:.2f} (whole session as status shows it: {out['session_ratio']:.2f})")
+    return out
+
+
+def bench_streams(bed: TwoHosts, tmp: Path, origin: Path, args) -> dict:
+    results: dict = {}
+    run_dir = tmp / "stream"
+    run_dir.mkdir()
+    r = add_remote(run_dir, bed)
+    with engines(run_dir) as make:
+        src = run_dir / "src"
+        src.mkdir()
+        a = cli(r.cfg, "fs", "add", str(src), "--target", "backup1:data")
+        if a.returncode != 0:
+            raise RuntimeError(f"fs add: {a.stdout}{a.stderr}")
+        eng, _, _ = make(config=r.cfg)
+        wait_settled(eng.client, str(src), args.timeout)
+        poller = Poller(eng.socket, str(src))
+        poller.start()
+        try:
+            while not poller.latest:
+                time.sleep(0.01)
+            if not (args.skip_stream and args.skip_lag):
+                bed.rate_limit(rate=f"{args.link_mbit}mbit", burst=args.burst, latency="50ms")
+                ref = ssh_reference(bed)
+                results["ssh_ref_mbit"] = ref
+                say(f"plain ssh through tbf {args.link_mbit} Mbit/s: {ref:.1f} Mbit/s payload")
+                if not args.skip_stream:
+                    results["stream"] = saturate(bed, eng, poller, src, args)
+                if not args.skip_lag:
+                    results["lag"] = steady(bed, eng, poller, src, args)
+                bed.unlimit()
+            if not args.skip_compress:
+                results["compress"] = compressible(eng, src, origin, args)
+            j = cli(r.cfg, "status", "--json", socket=eng.socket)
+            results["status_cli_rc"] = j.returncode
+            results["status_cli"] = j.stdout
+        finally:
+            poller.stop()
+        if poller.errors:
+            say(f"status poller: {poller.errors} failed requests")
+        tgt_equal = tree(src) == tree(r.root / "data")
+        results["stream_equal"] = tgt_equal
+        say(f"stream entry: target tree equal to the source: {tgt_equal}")
+    return results
+
+
+# -- main ------------------------------------------------------------------------------------
+
+def table(m: dict | None, s: dict, args) -> str:
+    lines = ["", "| figure | value | goal |", "|---|---|---|"]
+    if m:
+        lines += [
+            f"| initial mirror, {m['files']} files / {m['mib']:.1f} MiB: rsync -a median | "
+            f"{m['rsync']:.2f} s (runs {', '.join(f'{x:.2f}' for x in m['runs_rsync'])}) | |",
+            f"| initial mirror: mirrorsetup median (fs add -> settled) | {m['ours']:.2f} s (runs "
+            f"{', '.join(f'{x:.2f}' for x in m['runs_ours'])}) | |",
+            f"| ratio mirrorsetup / rsync (medians; per pair "
+            f"{', '.join(f'{x:.2f}' for x in m['pair_ratios'])}) | {m['ratio']:.2f} | <= 1.0 |",
+            f"| trees equal after every run | {m['all_equal']} | True |",
+            f"| CPU ms/MiB initial mirror, source (daemon+workers+ssh; ssh alone) | "
+            f"{m['ours_src_ms']:.1f} ({m['ours_ssh_ms']:.1f}) | |",
+            f"| CPU ms/MiB initial mirror, target (sshd+agent; agent alone) | "
+            f"{m['ours_tgt_ms']:.1f} ({m['ours_agent_ms']:.1f}) | |",
+            f"| CPU ms/MiB rsync, source / target | {m['rsync_src_ms']:.1f} / "
+            f"{m['rsync_tgt_ms']:.1f} | |",
+            f"| compression ratio of the initial mirror (status logical_bytes / wire_bytes) | "
+            f"{m['compression']:.2f} | |",
+        ]
+    if "ssh_ref_mbit" in s:
+        lines.append(f"| plain ssh through tbf {args.link_mbit} Mbit/s | "
+                     f"{s['ssh_ref_mbit']:.1f} Mbit/s ({s['ssh_ref_mbit'] / args.link_mbit:.1%}) | |")
+    if "stream" in s:
+        x = s["stream"]
+        lines += [
+            f"| saturating writer: payload wire rate (status wire_bytes) | {x['wire_mbit']:.1f} "
+            f"Mbit/s = {x['wire_pct']:.1f} % of link | >= 90 % |",
+            f"| saturating writer: veth tx (ssh+TCP+IP) | {x['tx_mbit']:.1f} Mbit/s = "
+            f"{x['tx_pct']:.1f} % | |",
+            f"| CPU ms/MiB stream, source (daemon+workers+ssh; ssh alone) | {x['src_ms']:.1f} "
+            f"({x['ssh_ms']:.1f}) | |",
+            f"| CPU ms/MiB stream, target (sshd+agent; agent alone) | {x['tgt_ms']:.1f} "
+            f"({x['agent_ms']:.1f}) | |",
+        ]
+    if "lag" in s:
+        x = s["lag"]
+        lines += [
+            f"| steady writer {x['rate_mbit']:.1f} Mbit/s: fsync -> applied p50 / p99 (max) | "
+            f"{x['p50'] * 1000:.0f} / {x['p99'] * 1000:.0f} ({x['max'] * 1000:.0f}) ms | p99 < 1 s |",
+            f"| steady writer: fsync -> received (durable in the agent's journal) p50 / p99 | "
+            f"{x['recv_p50'] * 1000:.0f} / {x['recv_p99'] * 1000:.0f} ms | |",
+            f"| steady writer: status lag_seconds p50 / p99 (max) | {x['status_p50'] * 1000:.0f} / "
+            f"{x['status_p99'] * 1000:.0f} ({x['status_max'] * 1000:.0f}) ms | |",
+        ]
+    if "compress" in s:
+        x = s["compress"]
+        lines.append(f"| compression ratio, {x['mib']:.0f} MiB of .py text (logical/wire) | "
+                     f"{x['ratio']:.2f} | |")
+    return "\n".join(lines)
+
+
+def leftovers(tmp: Path) -> list[str]:
+    return [m.mount_point for m in read_mountinfo() if m.mount_point.startswith(str(tmp) + "/")]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--runs", type=int, default=3, help="interleaved rsync/mirrorsetup pairs")
+    ap.add_argument("--seconds", type=float, default=20, help="each writer phase")
+    ap.add_argument("--warmup", type=float, default=4, help="start of the saturating phase "
+                    "not counted in its rates")
+    ap.add_argument("--tree", default=sysconfig.get_paths()["stdlib"], help="tree to mirror")
+    ap.add_argument("--link-mbit", type=int, default=100)
+    ap.add_argument("--burst", default="64kb", help="tbf burst (bench/netbed.py's)")
+    ap.add_argument("--max-queue", type=int, default=256, help="MiB queued before the "
+                    "saturating writer waits")
+    ap.add_argument("--lag-fraction", type=float, default=0.5)
+    ap.add_argument("--lag-file-kib", type=int, default=1024)
+    ap.add_argument("--compress-mib", type=int, default=32)
+    ap.add_argument("--timeout", type=float, default=300, help="for any wait until settled")
+    for name in ("mirror", "stream", "lag", "compress"):
+        ap.add_argument(f"--skip-{name}", action="store_true")
+    args = ap.parse_args()
+    args.warmup = min(args.warmup, args.seconds / 2)
+    if os.geteuid() != 0:
+        sys.exit("run as root (network namespaces, FUSE mounts)")
+    origin = Path(args.tree)
+    say(f"load average {loadavg()} (the host may be shared with another session's tests); "
+        f"{os.cpu_count()} CPUs")
+    tmp = Path(tempfile.mkdtemp(prefix="bench-remote-"))
+    m, s = None, {}
+    try:
+        with TwoHosts(tmp) as bed:
+            say(f"bed {bed.netns}: {bed.source_addr} -> {bed.target_addr}:{bed.port}")
+            if not args.skip_mirror:
+                m = bench_mirror(bed, tmp, origin, args)
+            if not (args.skip_stream and args.skip_lag and args.skip_compress):
+                s = bench_streams(bed, tmp, origin, args)
+    finally:
+        left = leftovers(tmp)
+        if left:
+            print(f"NOT removing {tmp}: still mounted {left}", flush=True)
+        else:
+            shutil.rmtree(tmp, ignore_errors=True)
+    say(f"load average {loadavg()}")
+    print(table(m, s, args), flush=True)
+    if s.get("status_cli"):
+        keys = ("last_seq", "sent_seq", "received_seq", "applied_seq", "lag_seconds",
+                "bytes_queued", "wire_rate", "logical_rate", "wire_bytes", "logical_bytes",
+                "connection", "replication", "target_data", "reconnects", "resent_bytes")
+        for r in json.loads(s["status_cli"])["engine"]["filesystem"]:
+            print(f"\nstatus --json (exit {s['status_cli_rc']}), the stream entry at the end:",
+                  json.dumps({k: r.get(k) for k in keys}))
+
+
+if __name__ == "__main__":
+    main()
