@@ -10,12 +10,15 @@ one a bare "disk" for the block entry), a configuration file, control socket and
 directory of its own, and a
 daemon of its own started through the same service as the Daemon screen. The daemon mounts
 mirrorfs on the file-system entry and captures the block entry, both with a local target; a
-little traffic (files written through mirrorfs, blocks written through the captured loop)
+second file-system entry replicates to a remote target, `backup1`: a second "host" made by
+tests/netbed.py (a network namespace with its own sshd, torn down with the demo), added the
+way an administrator does (`target add`, its host key pinned, the key's authorized_keys line
+installed there). A little traffic (files written through mirrorfs, blocks written through the captured loop)
 makes the rates, queues and lag real. Then it runs the real app over those services and saves
 an SVG of each screen. Everything is torn down in a finally: the daemon stopped (killed by
 pid if it will not), mounts under the temp directory unmounted, the loops backed by its files
 detached, the directory removed. The picker shows the host's disks and the demo's loops only
-(never other programs' loops). A replica on another host comes with remote targets.
+(never other programs' loops).
 """
 
 from __future__ import annotations
@@ -34,6 +37,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
+sys.path.insert(0, str(HERE.parent / "tests"))
 
 from app.services import blockdevs, daemonctl  # noqa: E402
 from app.services import loop as loopdev  # noqa: E402
@@ -41,12 +45,13 @@ from app.services.config import ConfigStore  # noqa: E402
 from app.services.control import ControlClient  # noqa: E402
 from app.services.mounts import read_mountinfo  # noqa: E402
 from app.ui import make_app  # noqa: E402
+from netbed import TwoHosts  # noqa: E402
 
 IMAGE_SIZE = 256 << 20  # sparse
 TRAFFIC_CHUNK = 256 << 10
 TRAFFIC_PAUSE = 0.05  # seconds between writes: a few MiB/s, enough for real rates and queues
 RATE_SAMPLES = 3.5  # seconds on the dashboard: the sampler needs two samples for a rate
-SETTLE_TRIES = 100  # × 0.1 s: the daemon mounts and captures a moment after it answers
+SETTLE_TRIES = 300  # × 0.1 s: the daemon mounts and captures a moment after it answers
 SHOTS = [  # (file name, keys pressed from the main menu)
     ("main-menu", []),
     ("filesystem", ["1"]),
@@ -57,6 +62,7 @@ SHOTS = [  # (file name, keys pressed from the main menu)
     ("dashboard", ["4"]),
     ("daemon", ["5"]),
     ("help", ["6"]),
+    ("targets", ["7"]),
 ]
 WATCHERS = ("_loader",)  # workers that never finish (DirectoryTree's queue): not waited for
 
@@ -73,6 +79,8 @@ class Demo:
         os.chmod(self.root, 0o755)
         self.volume = self.root / "srv"
         self.data = self.volume / "data"
+        self.shared = self.volume / "shared"
+        self.bed: TwoHosts | None = None
         self.settings = daemonctl.DaemonSettings.resolve(
             self.root / "etc" / "replication.toml", self.root / "run" / "control.sock",
             self.root / "state")
@@ -101,22 +109,44 @@ class Demo:
         (self.root / "backup").mkdir()
         store = ConfigStore(self.settings.config)
         store.add_filesystem(self.data, target=str(self.volume / "backup" / "data"))
+        self.remote_target()
+        self.shared.mkdir()
+        (self.shared / "plan.txt").write_text("kept on backup1 too\n")
+        store.add_filesystem(self.shared, target="backup1:shared")
         store.add_block(block_disk, target=str(self.root / "backup" / "disk.img"))
         self.block_disk = block_disk
         result = daemonctl.start(self.settings)
         if result.failed:
             raise SystemExit(f"the demo daemon did not start: {result.message}")
         for _ in range(SETTLE_TRIES):
-            if self.captured_loop() and any(m.mount_point == str(self.data) and
-                                            m.fstype == "fuse.mirrorfs" for m in read_mountinfo()):
+            mounted = {m.mount_point for m in read_mountinfo() if m.fstype == "fuse.mirrorfs"}
+            if self.captured_loop() and {str(self.data), str(self.shared)} <= mounted:
                 break
             time.sleep(0.1)
         else:
             raise SystemExit("the demo daemon did not mount and capture its entries")
 
+    def cli(self, *argv: str) -> str:
+        return run(sys.executable, "-m", "app", "--config", str(self.settings.config), *argv)
+
+    def remote_target(self) -> None:
+        """backup1: another "host" (a network namespace with its sshd), added as an
+        administrator adds one: the host key's fingerprint pinned, the key line installed."""
+        self.bed = TwoHosts(self.root)
+        self.bed.start()
+        replicas = self.root / "replicas"
+        replicas.mkdir()
+        fingerprint = run("ssh-keygen", "-lf", f"{self.bed.host_key}.pub").split()[1]
+        self.cli("target", "add", "backup1", "--host", self.bed.target_addr, "--port",
+                 str(self.bed.port), "--root", str(replicas), "--ssh-config",
+                 str(self.bed.ssh_config), "--agent", str(Path(sys.executable).parent /
+                                                          "mirrorsetup"),
+                 "--bandwidth", "20MiB/s", "--accept-host-key", fingerprint)
+        self.bed.set_authorized_keys([self.cli("target", "authorized-key", "backup1")])
+
     def captured_loop(self) -> str | None:
         status = ControlClient(self.settings.socket).request("status")
-        row = next((b for b in status.get("block", []) if b.get("device") == self.block_disk), {})
+        row = next((b for b in status.get("block", []) if b.get("key") == self.block_disk), {})
         return row.get("loop") if row.get("captured") else None
 
     def start_traffic(self) -> None:
@@ -125,9 +155,11 @@ class Demo:
         def files() -> None:
             n = 0
             while not self.stop.wait(TRAFFIC_PAUSE):
-                with open(self.data / "reports" / f"day-{n % 50:02d}.log", "ab") as f:
-                    f.write(os.urandom(TRAFFIC_CHUNK // 4))
-                    os.fsync(f.fileno())  # to the disk now, so its rate shows
+                for path in (self.data / "reports" / f"day-{n % 50:02d}.log",
+                             self.shared / f"notes-{n % 20:02d}.txt"):
+                    with open(path, "ab") as f:
+                        f.write(os.urandom(TRAFFIC_CHUNK // 4))
+                        os.fsync(f.fileno())  # to the disk now, so its rate shows
                 n += 1
 
         def blocks() -> None:
@@ -166,6 +198,8 @@ class Demo:
         for s in loopdev.list_attached():  # the demo's disks and any capture loop left behind
             if s.device in self.loops or (s.backing_file or "").startswith(str(self.root) + "/"):
                 loopdev.detach(s.device)
+        if self.bed is not None:
+            self.bed.close()  # sshd, the namespace and its link
         shutil.rmtree(self.root, ignore_errors=True)
 
 

@@ -698,9 +698,31 @@ class Capture:
 
 # -- sinks: reconcile records committed atomically with capture ----------------------------------
 
-class FsCaptureSink:
+class _CaptureSink:
+    """Where a catch-up's records go: into the journal on the capture's own thread, so they
+    are ordered with what applications write meanwhile."""
+
     def __init__(self, cap: Capture):
         self.cap = cap
+
+    @contextlib.contextmanager
+    def frozen(self):
+        """Applications' writes wait at the gate while the body runs (a final comparison)."""
+        import trio
+        cap = self.cap
+
+        def close_gate() -> None:
+            cap.ops.unfrozen = trio.Event()
+        trio.from_thread.run_sync(close_gate, trio_token=cap.token)
+        try:
+            yield
+        finally:
+            trio.from_thread.run_sync(lambda: cap.ops.unfrozen.set(), trio_token=cap.token)
+
+
+class FsCaptureSink(_CaptureSink):
+    def __init__(self, cap: Capture):
+        super().__init__(cap)
         self.tracker = cap.ops.tracker
 
     def commit(self, check, ops) -> bool:
@@ -717,24 +739,9 @@ class FsCaptureSink:
             return True
         return trio.from_thread.run_sync(on_capture_thread, trio_token=cap.token)
 
-    @contextlib.contextmanager
-    def frozen(self):
-        import trio
-        cap = self.cap
-
-        def close_gate() -> None:
-            cap.ops.unfrozen = trio.Event()
-        trio.from_thread.run_sync(close_gate, trio_token=cap.token)
-        try:
-            yield
-        finally:
-            trio.from_thread.run_sync(lambda: cap.ops.unfrozen.set(), trio_token=cap.token)
 
 
-class BlockCaptureSink:
-    def __init__(self, cap: Capture):
-        self.cap = cap
-
+class BlockCaptureSink(_CaptureSink):
     def commit(self, block: int, data: bytes, gen: int | None) -> bool:
         import trio
         cap = self.cap
@@ -749,18 +756,6 @@ class BlockCaptureSink:
             return True
         return trio.from_thread.run_sync(on_capture_thread, trio_token=cap.token)
 
-    @contextlib.contextmanager
-    def frozen(self):
-        import trio
-        cap = self.cap
-
-        def close_gate() -> None:
-            cap.ops.unfrozen = trio.Event()
-        trio.from_thread.run_sync(close_gate, trio_token=cap.token)
-        try:
-            yield
-        finally:
-            trio.from_thread.run_sync(lambda: cap.ops.unfrozen.set(), trio_token=cap.token)
 
 
 def verify_tree(cap: Capture, progress) -> dict:

@@ -31,8 +31,8 @@ RATE_INTERVAL = 1.0  # seconds between disk-counter samples while the dashboard 
 RATE_HISTORY = 30  # samples kept per sparkline
 EVENTS_KEPT = 500
 NARROW_WARNINGS = 3  # warnings shown at 80 columns; `w` shows them all
-FS_COLUMNS = (Col("path", "Path", 9, 40), Col("state", "State", 8, 26),
-              Col("engine", "Engine", 6, 40))
+FS_COLUMNS = (Col("path", "Path", 9, 30), Col("state", "State", 8, 26),
+              Col("engine", "Engine", 6, 40))  # a path's end tells entries apart
 BLOCK_COLUMNS = (Col("device", "Device", 9, 24), Col("loop", "Loop", 8), Col("state", "State", 7, 18),
                  Col("capture", "Capture", 8), Col("mounted", "Mounted", 4, 20),
                  Col("offset", "Offset", 2), Col("flags", "Flags", 1))
@@ -257,7 +257,7 @@ class DashboardScreen(TaskScreen):
         self._watched = set(devices)
         self._log_transitions(snap)
         self.query_one("#dash-fs", KeyedTable).show_rows({
-            s.entry.path: (shown(s.entry.path),
+            s.entry.path: (elide(s.entry.path, 30),
                            state_text(s.state + (f" ({s.other_fstype} here)" if s.other_fstype
                                                  else ""), s.problem),
                            engine_cell(s.figures)) for s in snap.filesystem})

@@ -314,7 +314,14 @@ class TargetsScreen(TaskScreen):
                 ("Entry", key), ("Replica", target), ("Role", role.plain), ("State", state.plain)]
                 + replication_lines(row)))
 
-    def _confirm_then(self, title: str, question: str, yes: str, call, waiting: str) -> None:
+    def _on_replica(self, ask) -> None:
+        """Confirm, then run, an action on the selected replica: `ask(key, target, host)` gives
+        (title, question, yes, call, what it waits for)."""
+        found = self._selected_replica()
+        if found is None:
+            return
+        key, target, _row = found
+        title, question, yes, call, waiting = ask(key, target, self._host_of(target))
         if self.app.needs_root(title):
             return
 
@@ -324,48 +331,34 @@ class TargetsScreen(TaskScreen):
         self.app.push_screen(ConfirmDialog(question, yes=yes), confirmed)
 
     def action_switchover(self) -> None:
-        found = self._selected_replica()
-        if found is None:
-            return
-        key, target, _row = found
-        host = self._host_of(target)
         rep = self.services.replication
-        self._confirm_then(
+        self._on_replica(lambda key, target, host: (
             f"Switch over {shown(key)}",
             f"Switch {shown(key)} over to its replica on {shown(host)}?\n\nOn THIS host: capture "
             "stops once the replica has applied every change; nothing may use the entry (stop "
             f"the applications first). It is not captured here afterwards.\nOn {shown(host)}: "
             f"the replica {shown(target)} becomes primary and can be used there.\nNo data is lost "
             "or overwritten on either host.", "Switch over",
-            lambda: rep.switchover(key), f"draining {shown(key)} to {shown(host)}, then promoting")
+            lambda: rep.switchover(key), f"draining {shown(key)} to {shown(host)}, then promoting"))
 
     def action_failback(self) -> None:
-        found = self._selected_replica()
-        if found is None:
-            return
-        key, target, _row = found
-        host = self._host_of(target)
         rep = self.services.replication
-        self._confirm_then(
+        self._on_replica(lambda key, target, host: (
             f"Fail back {shown(key)}",
             f"Fail back {shown(key)} from {shown(host)}?\n\nOn THIS host: the data of "
             f"{shown(key)} is REPLACED by the replica's where it differs; what was changed here "
             f"since the replica was promoted is lost. Capture starts again.\nOn {shown(host)}: "
             "the replica becomes a secondary again; applications there must have stopped using "
             "it.", "Fail back",
-            lambda: rep.failback(key), f"comparing {shown(key)} with the replica on {shown(host)}")
+            lambda: rep.failback(key), f"comparing {shown(key)} with the replica on {shown(host)}"))
 
     def action_resolve(self) -> None:
-        found = self._selected_replica()
-        if found is None:
-            return
-        key, target, _row = found
-        host = self._host_of(target)
         rep = self.services.replication
-        self._confirm_then(
+        self._on_replica(lambda key, target, host: (
             f"Keep this host's {shown(key)}",
             f"Keep THIS host's data of {shown(key)} and discard the promotion on "
             f"{shown(host)}?\n\nOn {shown(host)}: everything written to {shown(target)} since it "
             "was promoted is OVERWRITTEN with this host's data (only what differs is sent).\nOn "
             "THIS host: nothing changes; replication resumes.", "Discard the target's",
-            lambda: rep.resolve(key, discard_target=True), f"handing {shown(target)} back to this host")
+            lambda: rep.resolve(key, discard_target=True),
+            f"handing {shown(target)} back to this host"))

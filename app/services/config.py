@@ -24,6 +24,7 @@ from app.services.config_legacy import LEGACY_BLOCK_FILE, LEGACY_FS_FILE, import
 from app.services.config_toml import (TABLES, BlockEntry, Config, FsEntry, TargetHost,
                                       config_from_toml, config_to_toml, field_problem)
 from app.services.results import ConfigError, MirrorError, Result
+from app.services.units import exact_size
 
 DEFAULT_PATH = "/etc/mirrorsetup/replication.toml"
 CONFIG_ENV = "MIRRORSETUP_CONFIG"
@@ -39,17 +40,6 @@ T = TypeVar("T")
 
 def default_path() -> str:
     return os.environ.get(CONFIG_ENV) or DEFAULT_PATH
-
-
-def human_size(n: int) -> str:
-    """Binary units as an administrator reads them; exact bytes when the unit would round."""
-    for unit, shift in (("TiB", 40), ("GiB", 30), ("MiB", 20), ("KiB", 10)):
-        if abs(n) >= 1 << shift:
-            if n % (1 << shift) == 0:
-                return f"{n >> shift} {unit}"
-            return f"{n / (1 << shift):.1f} {unit} ({n} bytes)"
-    return f"{n} bytes"
-
 
 
 # ---- the file on disk ---------------------------------------------------------------------
@@ -247,12 +237,12 @@ class ConfigStore:
         if reason:
             raise refuse(f"{device} cannot be replicated: {reason}")
         if entry.offset >= size:
-            raise refuse(f"offset {human_size(entry.offset)} is past the end of {device}"
-                         f" ({human_size(size)})", "offset")
+            raise refuse(f"offset {exact_size(entry.offset)} is past the end of {device}"
+                         f" ({exact_size(size)})", "offset")
         if entry.sizelimit and entry.offset + entry.sizelimit > size:
-            raise refuse(f"offset {human_size(entry.offset)} + sizelimit "
-                         f"{human_size(entry.sizelimit)} runs past the end of {device}"
-                         f" ({human_size(size)})", "sizelimit")
+            raise refuse(f"offset {exact_size(entry.offset)} + sizelimit "
+                         f"{exact_size(entry.sizelimit)} runs past the end of {device}"
+                         f" ({exact_size(size)})", "sizelimit")
         if entry.target is not None and not _local(entry.target):
             _checked_remote_target("block", device, entry.target, config)
         elif entry.target is not None:
@@ -384,8 +374,8 @@ def _block_target_problem(target: str, window: int) -> str | None:
     if stat.S_ISBLK(st.st_mode):
         from app.services import blockdevs
         have = blockdevs.device_size(target)
-        return None if have >= window else (f"holds {human_size(have)}, less than the "
-                                            f"{human_size(window)} it must mirror")
+        return None if have >= window else (f"holds {exact_size(have)}, less than the "
+                                            f"{exact_size(window)} it must mirror")
     if not stat.S_ISREG(st.st_mode):
         return "is neither a regular file nor a block device"
     return None

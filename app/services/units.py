@@ -18,8 +18,18 @@ def parse_size(text: str | int) -> int:
     return int(m.group(1)) * _UNITS[m.group(2).lower()]
 
 
+def exact_size(n: int) -> str:
+    """A size in a refusal, where the exact figure matters: "1 MiB", "1.5 MiB (1572864 bytes)"."""
+    for unit, shift in (("TiB", 40), ("GiB", 30), ("MiB", 20), ("KiB", 10)):
+        if abs(n) >= 1 << shift:
+            if n % (1 << shift) == 0:
+                return f"{n >> shift} {unit}"
+            return f"{n / (1 << shift):.1f} {unit} ({n} bytes)"
+    return f"{n} bytes"
+
+
 def human_size(n: int) -> str:
-    """"64.0 MiB"; exact byte counts under 1 KiB."""
+    """"64.0 MiB"; exact byte counts under 1 KiB (for tables and rates)."""
     if n < 1024:
         return f"{n} B"
     for unit in ("KiB", "MiB", "GiB", "TiB", "PiB"):
