@@ -427,3 +427,19 @@ def test_the_replication_key_runs_nothing_but_the_agent(fs_remote):
     proc.wait(timeout=30)
     assert kind == wire.ERROR and json.loads(payload)["code"] == "path"
     assert not (r.root.parent / "escape").exists()
+
+
+def test_target_add_refuses_malformed_fields_and_leaves_nothing_behind(tmp_path):
+    """An option-like or spaced host, a bad port or name: refused (exit 2, EINVAL) before a key
+    is made; a host that does not answer: failed (exit 1), and the key made for it is gone."""
+    cfg = tmp_path / "etc" / "replication.toml"
+    for argv, word in ((["x", "--host=-oProxyCommand=id"], "host"), (["x", "--host", "a b"], "host"),
+                       (["x", "--host", "h", "--port", "70000"], "port"),
+                       (["x y", "--host", "h"], "name")):
+        r = cli(cfg, "--json", "target", "add", *argv, "--root", "/srv/r")
+        assert r.returncode == 2 and r.stderr.startswith(f"mirrorsetup: {word}:"), r.stderr
+        assert json.loads(r.stdout)["errno_name"] == "EINVAL"
+        assert not (tmp_path / "etc").exists()
+    r = cli(cfg, "target", "add", "x", "--host", "host.invalid", "--root", "/srv/r")
+    assert r.returncode == 1 and "could not read the host key of host.invalid" in r.stderr
+    assert "\\r" not in r.stderr and not (tmp_path / "etc" / "keys").exists() and not cfg.exists()

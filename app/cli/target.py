@@ -28,6 +28,11 @@ def cmd_add(args) -> int:
                       identity=args.identity, known_hosts=args.known_hosts, ssh_config=args.ssh_config,
                       bandwidth=args.bandwidth, resync_bandwidth=args.resync_bandwidth,
                       compression=args.compression, agent=args.agent)
+    st = store(args)
+    require(st.check_target, host)  # a malformed field or a name in use: refused, nothing made
+    if require(st.load).target_host(args.name) is not None:
+        raise Refused(f"a target named {args.name!r} is already configured", errno=errno.EEXIST,
+                      obj=args.name)
 
     def confirm(keys) -> bool:
         """At a terminal only: show what the host offers and ask; scripts give the key."""
@@ -38,7 +43,7 @@ def cmd_add(args) -> int:
         answer = input(f"Pin {keys[0][1]} for target {args.name}? Compare it with "
                        "`ssh-keygen -lf /etc/ssh/ssh_host_ed25519_key.pub` on the target [y/N] ")
         return answer.strip().lower() in ("y", "yes")
-    return report([targets.add_target(store(args), host, accept_host_key=args.accept_host_key,
+    return report([targets.add_target(st, host, accept_host_key=args.accept_host_key,
                                       confirm=confirm)], as_json=args.json)
 
 

@@ -95,11 +95,15 @@ class AddTargetDialog(ModalScreen["object | None"]):
     @on(Button.Pressed, "#add")
     @on(Input.Submitted)
     def action_add(self) -> None:
-        from app.services.config_toml import TargetHost
+        from app.services.config_toml import TargetHost, field_problem
         name, host, root = self._value("name"), self._value("host"), self._value("root")
         problem = None
         if not name or not host or not root:
             problem = "name, host and root are needed"
+        elif (why := field_problem("name", str, name)) is not None:
+            problem = f"the name {why}"  # the rule the configuration file has
+        elif host.startswith("-") or any(ch.isspace() for ch in host):
+            problem = f"host {host!r} is not an address or an ssh_config name"
         elif not self._value("port").isdigit() or not 0 < int(self._value("port")) < 65536:
             problem = f"port {self._value('port')!r} is not a port number"
         elif not root.startswith("/"):

@@ -112,6 +112,10 @@ class ConfigStore:
             return replace(config, block=_without(config.block, entry)), entry
         return self._change(change)
 
+    def check_target(self, host: TargetHost) -> None:
+        """A new target's fields on their own (before a key is made or a host is asked)."""
+        _check_fields(host, TABLES["target"][1])
+
     def add_target(self, host: TargetHost) -> TargetHost:
         def change(config: Config) -> tuple[Config, TargetHost]:
             _check_fields(host, TABLES["target"][1])
@@ -333,7 +337,7 @@ def _check_fields(entry, spec: dict[str, tuple[type, bool]]) -> None:
             continue
         problem = field_problem(key, kind, value)
         if problem:
-            raise ConfigError(f"{key}: {problem}", key=key)
+            raise ConfigError(f"{key}: {problem}", key=key, errno=errno.EINVAL)
 
 
 def _stat(path: str, key: str, what: str) -> os.stat_result:

@@ -133,6 +133,12 @@ def field_problem(key: str, kind: type, value: Any) -> str | None:
         return f"must be valid UTF-8 (a TOML file cannot hold other bytes), got {value!r}"
     if key == "loop" and not LOOP_PATH.fullmatch(value):
         return f"must be a loop device path /dev/loopN (e.g. /dev/loop3), got {value!r}"
+    if key in ("host", "user") and (not value or value.startswith("-") or
+                                    any(ch.isspace() or not ch.isprintable() for ch in value)):
+        return (f"must be {'an address or an ssh_config host name' if key == 'host' else 'a user name'}"
+                f" (no spaces, not starting with '-'), got {value!r}")
+    if key == "port" and not 0 < value < 65536:
+        return f"must be a TCP port (1-65535), got {value}"
     if key == "name" and not TARGET_NAME.fullmatch(value):
         return f"must be letters, digits, '.', '_' or '-' (at most 64), got {value!r}"
     if key == "on_full" and value not in ("pull-ahead", "block"):

@@ -12,6 +12,7 @@ names its own.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import os
@@ -117,8 +118,10 @@ def scan_host_keys(host: str, port: int) -> list[tuple[str, str, str]]:
     lines = [ln for ln in r.stdout.decode(errors="replace").splitlines()
              if ln.strip() and not ln.startswith("#")]
     if not lines:
+        said = dict.fromkeys(ln.strip() for ln in r.stderr.decode(errors="replace").splitlines()
+                             if ln.strip() and not ln.startswith("#"))  # once each, no \r
         raise MirrorError(f"could not read the host key of {host} port {port}: "
-                          f"{r.stderr.decode(errors='replace').strip() or 'no answer'}",
+                          f"{'; '.join(said) or 'no answer'}",
                           errno=errno.EHOSTUNREACH, obj=host)
     out = []
     for line in lines:
@@ -163,10 +166,11 @@ def add_target(store: ConfigStore, host: TargetHost, *, accept_host_key: str | N
     (`accept_host_key` must match what the host offers; without it `confirm(fingerprints)`
     asks an administrator at a terminal; without either the host is refused, naming its key)."""
     name = host.name
+    made_key = False
     try:
+        store.check_target(host)  # refused before anything is made
         if store.load().target_host(name) is not None:
             raise ConfigError(f"a target named {name!r} is already configured", obj=name, errno=errno.EEXIST)
-        made_key = False
         if host.identity is None:
             host = replace(host, identity=os.path.join(keys_dir(store), f"{name}_ed25519"))
             if not os.path.exists(host.identity):
@@ -200,6 +204,12 @@ def add_target(store: ConfigStore, host: TargetHost, *, accept_host_key: str | N
             note = f"pinned host key {chosen[1]} ({chosen[2]}) in {host.known_hosts}"
         store.add_target(host)
     except (MirrorError, subprocess.TimeoutExpired, OSError) as exc:
+        if made_key:  # nothing was added: the key made for it goes too
+            for path in (host.identity, host.identity + ".pub"):
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(path)
+            with contextlib.suppress(OSError):  # the keys directory, when it holds nothing else
+                os.rmdir(os.path.dirname(host.identity))
         if isinstance(exc, OSError) and not isinstance(exc, MirrorError):
             exc = MirrorError.from_oserror("add target", name, exc)
         if isinstance(exc, subprocess.TimeoutExpired):
