@@ -327,10 +327,13 @@ def test_names_match_lsblk(scratch_loop):
     what both saw must be ours, and ours must have been seen by one of them.
     """
     mine = scratch_loop(8 << 20)
-    before = {n for n, size in lsblk_sizes().items() if size}
-    ours = {d.name: d.size for d in blockdevs.list_block_devices()}
-    after_sizes = lsblk_sizes()
-    after = {n for n, size in after_sizes.items() if size}
+    for _ in range(20):  # a loop detached and attached again between two looks: look again
+        before = {n for n, size in lsblk_sizes().items() if size}
+        ours = {d.name: d.size for d in blockdevs.list_block_devices()}
+        after_sizes = lsblk_sizes()
+        after = {n for n, size in after_sizes.items() if size}
+        if before & after <= set(ours) <= before | after:
+            break
     assert before & after <= set(ours) <= before | after
     assert os.path.basename(mine) in ours and all(ours.values())
     assert ours[os.path.basename(mine)] == after_sizes[os.path.basename(mine)] == 8 << 20

@@ -300,3 +300,41 @@ def test_lag_of_a_remote_target_counts_until_applied_not_received(tmp_path):
     assert local.lag_seconds() > 0
     local.release(1)
     assert local.lag_seconds() == 0
+
+
+def test_a_mirror_takes_files_that_vanish_under_it_as_gone_not_as_an_error(tmp_path, monkeypatch):
+    """A file renamed away between the walk's look and its open (the source), or renamed away at
+    the target by the applier meanwhile: the mirror goes on (seen under a busy host: `mirror`
+    failed with ENOENT while a writer renamed files)."""
+    from app.engine import sync
+    from app.engine.target import LocalDirTarget
+    src, tgt = tmp_path / "src", tmp_path / "tgt"
+    src.mkdir()
+    tgt.mkdir()
+    for name in ("gone", "lost-there", "kept"):
+        (src / name).write_text(name * 100)
+        (tgt / name).write_text("old")
+    real_open = sync.open_file
+
+    def open_after_a_rename(dir_fd, rel):
+        if rel == b"gone" and (src / "gone").exists():
+            os.rename(src / "gone", src / "renamed")  # as a writer would, just before our open
+        return real_open(dir_fd, rel)
+    monkeypatch.setattr(sync, "open_file", open_after_a_rename)
+    fd = os.open(tgt, os.O_PATH | os.O_DIRECTORY)
+    target = LocalDirTarget.on_fd(fd, str(tgt))
+    real_hashes = target.file_hashes
+
+    def hashes_after_the_applier_renamed(rel):
+        if rel == b"lost-there" and (tgt / "lost-there").exists():
+            os.rename(tgt / "lost-there", tgt / "moved-there")
+        return real_hashes(rel)
+    target.file_hashes = hashes_after_the_applier_renamed
+    src_fd = os.open(src, os.O_PATH | os.O_DIRECTORY)
+    try:
+        counts = sync.Reconciler(src_fd, target, sync.DirectSink(target), hashes=True).run()
+    finally:
+        os.close(src_fd)
+        os.close(fd)
+    assert (tgt / "lost-there").read_text() == "lost-there" * 100  # sent whole
+    assert (tgt / "kept").read_text() == "kept" * 100 and counts["copied"] >= 2

@@ -326,9 +326,9 @@ def test_long_backing_path_is_shown_whole(tmp_path, loops):
 # -- detach ----------------------------------------------------------------------------------
 
 @pytest.mark.root
-def test_detach_pending_while_open_then_done_at_close(sparse_file, loops):
+def test_detach_pending_while_open_then_done_at_close(sparse_file, loops, high_loop):
     img = sparse_file(4 * MiB)
-    st = loops(str(img))
+    st = loops(str(img), loop=high_loop)  # a number nobody else takes once it is free again
     holder = os.open(st.device, os.O_RDONLY)
     try:
         r = loop.detach(st.device)

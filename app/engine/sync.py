@@ -514,8 +514,17 @@ class Reconciler:
         check = None if frozen else self._check(rel, info)
         if same:
             return self._metadata(rel, tinfo, check)
-        theirs = None if fresh else self.target.file_hashes(rel)
-        fd = open_file(self.src, rel)
+        theirs = None
+        if not fresh:
+            try:
+                theirs = self.target.file_hashes(rel)
+            except FileNotFoundError:
+                theirs = None
+            fresh = theirs is None  # renamed or removed there meanwhile (the applier): whole
+        try:
+            fd = open_file(self.src, rel)
+        except FileNotFoundError:
+            return False  # renamed or removed since the walk saw it: looked at again
         try:
             ops: list[Op] = []
             if fresh:
