@@ -141,10 +141,12 @@ def test_bad_input_is_refused_and_changes_nothing(config_path, disks, tmp_path):
     assert cli(config_path, "block", "add", disk, "--offset", "12x", check_rc=2).stderr
 
 
-def test_manual_attach_and_detach_are_not_persisted(config_path, disks):
+def test_manual_attach_and_detach_are_not_persisted(config_path, disks, unused_loop):
     disk = disks()
-    out = json.loads(cli(config_path, "manual", "attach", disk, "--read-only", "--json").stdout)[0]
-    loop = out["details"]["loop"]
+    out = json.loads(cli(config_path, "manual", "attach", disk, "--read-only", "--loop",
+                         unused_loop, "--json").stdout)[0]
+    loop = out["details"]["loop"]  # a number nobody takes once we free it (detached twice below)
+    assert loop == unused_loop
     assert loops_on(disk) == [loop] and sysfs(loop, "../ro") == "1"
     assert not config_path.exists()
     assert json.loads(cli(config_path, "manual", "detach", loop, "--json").stdout)[0]["outcome"] == "ok"
