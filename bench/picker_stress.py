@@ -22,6 +22,7 @@ import argparse
 import asyncio
 import os
 import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -103,13 +104,8 @@ def pct(values: list[float], q: float) -> float:
 
 
 async def drive(keys: int, seconds: float) -> dict:
-    from textual import events
     from textual.app import App
-    from textual.widgets import DataTable
 
-    from app.screens.base import selected_key
-    from app.screens.block import BlockScreen
-    from app.screens.dialogs import AddBlockEntryDialog
     from app.ui import make_app
 
     tmp = tempfile.mkdtemp(prefix="mirrorsetup-bench-picker-cfg-")
@@ -126,6 +122,20 @@ async def drive(keys: int, seconds: float) -> dict:
             frames.append(time.monotonic())
         return display(self, screen, renderable)
     App._display = counted
+    try:
+        return await _drive(app, keys, seconds, frames, handled, lags, result)
+    finally:
+        App._display = display
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+async def _drive(app, keys, seconds, frames, handled, lags, result) -> dict:
+    from textual import events
+
+    from app.screens.base import selected_key
+    from app.screens.block import BlockScreen
+    from app.screens.dialogs import AddBlockEntryDialog
+    from textual.widgets import DataTable
 
     async def key(name: str, done) -> float:
         """A key as the driver delivers it (not Pilot.press, which waits for the app to be
@@ -153,7 +163,7 @@ async def drive(keys: int, seconds: float) -> dict:
             await asyncio.sleep(0.01)
         screen = app.screen
         table = screen.query_one("#devices", DataTable)
-        while table.row_count < 50:
+        while table.row_count < 10:  # the host's devices and the churned loops are listed
             await asyncio.sleep(0.05)
         table.focus()
         presses, moved_away = [], 0
@@ -175,7 +185,6 @@ async def drive(keys: int, seconds: float) -> dict:
         await pilot.press("escape")
         result.update(presses=presses, lags=lags, moved_away=moved_away, rows=table.row_count,
                       handled=handled)
-    App._display = display
     return result
 
 
@@ -213,8 +222,11 @@ def main() -> int:
         child.send_signal(signal.SIGKILL)
         child.wait()
         detached, removed = cleanup(directory, before)
+        left = len(ours(directory))
+        if not left:
+            shutil.rmtree(directory, ignore_errors=True)
         print(f"cleanup: {detached} loops detached, {removed} loop nodes removed, "
-              f"{len(ours(directory))} left")
+              f"{left} left" + ("" if not left else f" (their files kept in {directory})"))
     presses, lags = result["presses"], result["lags"]
     print(f"picker rows at the end: {result['rows']}")
     print(f"keystroke to screen (down): p50 {pct(presses, .5) * 1000:.0f} ms, "
