@@ -166,7 +166,8 @@ def test_a_switched_over_entry_is_said_as_such_not_as_mount_all(tmp_path):
             return {"filesystem": [{"kind": "fs", "key": str(tmp_path / "src"),
                                     "target": "backup1:data", "state": "switched over",
                                     "switched": {"state": "switched", "time": 1, "seq": 9,
-                                                 "target": "backup1:data"}}], "block": []}
+                                                 "target": "backup1:data"},
+                                    "last_error": "mount refused: switched over"}], "block": []}
 
     cfg = tmp_path / "etc" / "replication.toml"
     write_config(cfg, tmp_path)

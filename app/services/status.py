@@ -326,7 +326,7 @@ def _replication_warnings(subject: str, row: CaptureRow, warnings: list[StatusWa
     if row.apply_errors:
         warnings.append(StatusWarning(subject, f"{row.apply_errors} records failed to apply to the "
                                                f"target (last: {row.last_error}); run mirror", "error"))
-    if not row.captured and row.last_error:
+    if not row.captured and row.last_error and not row.switched:  # switched: said once, above
         warnings.append(StatusWarning(subject, f"not captured: {row.last_error}", "error"))
 
 
