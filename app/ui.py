@@ -92,11 +92,13 @@ class Services:
         from app.services.blockdevs import list_block_devices
         return list_block_devices(include_excluded=include_excluded)
 
-    def status(self):
+    def status(self, *, scan_writers: bool = True):
+        """`scan_writers`: also look through /proc for raw-device writers (the dashboard)."""
         if self._status is not None:
             return self._status()
         from app.services.status import snapshot
-        return snapshot(self.store, self.control if self.daemon_running() else None)
+        return snapshot(self.store, self.control if self.daemon_running() else None,
+                        scan_writers=scan_writers)
 
     def list_loops(self) -> list:
         if self._list_loops is not None:

@@ -93,7 +93,7 @@ class FilesystemScreen(TaskScreen):
         self.query_one("#fs-entries").focus()
 
     def load(self):
-        return self.services.status()
+        return self.services.status(scan_writers=False)  # no block rows shown here
 
     def show(self, snap) -> None:
         self._snap = snap

@@ -95,24 +95,28 @@ class AddTargetDialog(ModalScreen["object | None"]):
     @on(Button.Pressed, "#add")
     @on(Input.Submitted)
     def action_add(self) -> None:
-        from app.services.config_toml import TargetHost, field_problem
-        name, host, root = self._value("name"), self._value("host"), self._value("root")
-        problem = None
+        from app.services.config_toml import TargetHost
+        from app.services.results import ConfigError
+        name, host, root, port = (self._value("name"), self._value("host"), self._value("root"),
+                                  self._value("port"))
+        problem, target = None, None
         if not name or not host or not root:
             problem = "name, host and root are needed"
-        elif (why := field_problem("name", str, name)) is not None:
-            problem = f"the name {why}"  # the rule the configuration file has
-        elif host.startswith("-") or any(ch.isspace() for ch in host):
-            problem = f"host {host!r} is not an address or an ssh_config name"
-        elif not self._value("port").isdigit() or not 0 < int(self._value("port")) < 65536:
-            problem = f"port {self._value('port')!r} is not a port number"
+        elif not port.isdigit() or not 0 < int(port) < 65536:
+            problem = f"port {port!r} is not a port number"
         elif not root.startswith("/"):
             problem = "the root is an absolute path on the target"
+        else:
+            target = TargetHost(name=name, host=host, root=root, port=int(port),
+                                user=self._value("user") or None)
+            try:
+                self.app.services.store.check_target(target)  # the configuration file's rules
+            except ConfigError as exc:
+                problem = str(exc)
         if problem:
             self.query_one("#problem", Static).update(Text("✘ " + problem, style="bold red"))
             return
-        self.dismiss(TargetHost(name=name, host=host, root=root, port=int(self._value("port")),
-                                user=self._value("user") or None))
+        self.dismiss(target)
 
     @on(Button.Pressed, "#cancel")
     def action_cancel(self) -> None:
@@ -150,12 +154,12 @@ class TargetsScreen(TaskScreen):
 
     def on_mount(self) -> None:
         super().on_mount()
-        self.reload_on(self.app.mounts_signal, self.app.daemon_signal, self.app.config_signal,
-                       self.app.block_signal)
+        # the replicas' rows are the daemon's; block uevents (a busy host's loops) change nothing here
+        self.reload_on(self.app.mounts_signal, self.app.daemon_signal, self.app.config_signal)
         self.query_one("#replicas").focus()
 
     def load(self):
-        return self.services.store.load(), self.services.status()
+        return self.services.store.load(), self.services.status(scan_writers=False)
 
     def show(self, data) -> None:
         config, snap = data
