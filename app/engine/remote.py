@@ -284,6 +284,13 @@ class RemoteTarget(Target):
                                                       "length": len(rec.data)})
         return rec
 
+    @property
+    def batch_bytes(self) -> int | None:
+        """The largest batch worth sending at once: under a bandwidth cap, a quarter second of
+        it (the token bucket's depth), so the rate holds over any second, not in 4 MiB steps."""
+        rate = self.s.bandwidth
+        return max(64 << 10, int(rate * 0.25)) if rate else None
+
     def _throttle(self, nbytes: int) -> None:
         """Token bucket on wire bytes: the configured bandwidth, averaged over ~0.25 s."""
         rate = self.s.bandwidth

@@ -210,7 +210,8 @@ class Shipper:
                 self.target.close()
 
     def _ship_once(self) -> None:
-        batch = self.journal.read(BATCH, max_bytes=BATCH_BYTES, timeout=0.1)
+        batch = self.journal.read(BATCH, max_bytes=min(BATCH_BYTES, getattr(
+            self.target, "batch_bytes", None) or BATCH_BYTES), timeout=0.1)
         if batch:
             resent = sum(r.size for r in batch if r.seq <= self.fig.sent_seq)
             self.fig.resent_bytes += resent
