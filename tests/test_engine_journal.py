@@ -338,3 +338,91 @@ def test_a_mirror_takes_files_that_vanish_under_it_as_gone_not_as_an_error(tmp_p
         os.close(fd)
     assert (tgt / "lost-there").read_text() == "lost-there" * 100  # sent whole
     assert (tgt / "kept").read_text() == "kept" * 100 and counts["copied"] >= 2
+
+
+def test_a_remote_targets_release_is_written_down_only_before_a_segment_goes(tmp_path):
+    """Each acknowledgement of a remote target used to rewrite the released file (an fsync'd
+    rename under the journal lock). It is written when a segment file is deleted (a reopen
+    must find no hole) and at close; in between a reopen keeps records the target already
+    has, which a reconnect skips by the target's own position."""
+    j = Journal(tmp_path, memory_bytes=0, segment_bytes=1000)
+    for i in range(40):
+        j.append("write", {"offset": i}, b"q" * 40)
+    assert [r.seq for r in j.read(40)] == list(range(1, 41))
+    released = tmp_path / "released"
+    j.release(3, persist=False)  # inside the first segment: nothing deleted, nothing written
+    assert not released.exists() and len(_segments(tmp_path)) > 2
+    first_last = scan_segment(_segments(tmp_path)[0])[0][-1]
+    j.release(first_last + 1, persist=False)  # the first segment goes: written before
+    assert int(released.read_text()) == first_last + 1
+    j.release(first_last + 2, persist=False)
+    assert int(released.read_text()) == first_last + 1
+    again = Journal(tmp_path)  # a crash now: records the target holds come back, no hole
+    assert again.gap is None and again.released_seq == first_last + 1
+    assert [r.seq for r in again.read(100)][:1] == [first_last + 2]
+    again.close()
+    j.close()  # a clean close writes the last position down
+    assert int(released.read_text()) == first_last + 2
+    assert Journal(tmp_path).released_seq == first_last + 2
+
+
+def test_confined_records_and_queries_never_leave_the_replica(tmp_path):
+    """A remote source chooses the paths of its records and queries: a symlink it made (or
+    one it put where a checked directory was) is never followed out of the replica, by a
+    write, a chmod, a mkdir or a look."""
+    from app.engine.agent import Agent, ConfinedFsApplier
+    from app.engine.journal import Record
+    from app.engine.target import LocalDirTarget
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    secret = outside / "secret"
+    secret.write_bytes(b"s")
+    secret.chmod(0o600)
+    outside.chmod(0o700)
+    rep = tmp_path / "rep"
+    rep.mkdir()
+    fd = os.open(rep, os.O_RDONLY | os.O_DIRECTORY)
+    app = ConfinedFsApplier(fd)
+    seq = iter(range(1, 1000))
+
+    def apply(op, data=b"", **args):
+        app.apply(Record(next(seq), 1, op, args, data))
+
+    apply("mkdir", path="d", mode=0o755, uid=0, gid=0)
+    apply("create", path="d/f", mode=0o644, uid=0, gid=0)  # d is checked (cached) now
+    apply("symlink", path="out", target=str(outside), uid=0, gid=0)
+    apply("symlink", path="sec", target=str(secret), uid=0, gid=0)
+    apply("chmod", path="sec", mode=0o666)  # chmod(2) would follow the link
+    apply("mkdir", path="out", mode=0o777, uid=0, gid=0)  # exists (a symlink): its chmod too
+    for op, args in [("create", dict(path="out/new", mode=0o644, uid=0, gid=0)),
+                     ("write", dict(path="out/secret", offset=0))]:
+        with pytest.raises(OSError):
+            apply(op, b"x", **args)
+    # a checked directory replaced by a symlink: renamed away first, so checked again
+    apply("rename", old="d", new="e", flags=0)
+    apply("symlink", path="d", target=str(outside), uid=0, gid=0)
+    with pytest.raises(OSError):
+        apply("create", path="d/new", mode=0o644, uid=0, gid=0)
+    apply("mkdir", path="g", mode=0o755, uid=0, gid=0)
+    apply("create", path="g/f", mode=0o644, uid=0, gid=0)
+    apply("remove", path="g")
+    apply("symlink", path="g", target=str(outside), uid=0, gid=0)
+    with pytest.raises(OSError):
+        apply("create", path="g/f", mode=0o644, uid=0, gid=0)
+    assert sorted(p.name for p in outside.iterdir()) == ["secret"]
+    assert secret.read_bytes() == b"s" and (secret.stat().st_mode & 0o777) == 0o600
+    assert (outside.stat().st_mode & 0o777) == 0o700
+    assert (rep / "e" / "f").is_file()
+    app.close()
+
+    agent = Agent(str(tmp_path), None, None)
+    agent.target = LocalDirTarget.on_fd(os.open(rep, os.O_RDONLY | os.O_DIRECTORY), "rep")
+    for method, rel in [("info", "../outside/secret"), ("file_hashes", "/etc/hostname"),
+                        ("children", "out"), ("file_hashes", "out/secret"), ("info", "d/secret"),
+                        ("file_hashes", "sec")]:
+        try:
+            got = agent.answer(method, {"rel": rel})
+        except (OSError, ValueError):
+            continue
+        assert got is None, (method, rel, got)  # nothing about what is outside
+    assert agent.answer("info", {"rel": "e/f"})["s"] == 0  # inside: answered

@@ -113,7 +113,9 @@ class ConfinedFsApplier:
     """FsApplier whose record paths a remote source chose: checked, and their parent
     directories resolved without symlinks, before anything is done."""
 
-    NAME_OPS = {"rename", "unlink", "rmdir", "remove", "prune", "symlink", "mkdir", "link", "create", "mknod"}
+    # What can turn a checked directory into something else (a symlink put in its place
+    # later needs one of these first: nothing the applier does replaces a directory otherwise).
+    GONE_OPS = {"rename", "unlink", "rmdir", "remove", "prune"}
 
     def __init__(self, target_fd: int):
         from app.engine.applier import FsApplier
@@ -133,8 +135,12 @@ class ConfinedFsApplier:
         for key in PATH_ARGS:
             if key in rec.args and rec.args[key]:
                 self._check(rec.args[key])
-        if rec.op in self.NAME_OPS:
-            self._safe = {b""}  # a name changed: check again
+        if rec.op in self.GONE_OPS:  # checked directories at or below these names: again
+            for key in ("path", "old", "new"):
+                if rec.args.get(key):
+                    gone = safe_relpath(rec.args[key])
+                    self._safe = {p for p in self._safe
+                                  if p != gone and not p.startswith(gone + b"/")}
         self.inner.apply(rec)
 
     def sync(self) -> None:
@@ -547,6 +553,9 @@ class Agent:
     def answer(self, method: str, args: dict):
         t = self.target
         rel = os.fsencode(args.get("rel", ""))
+        if rel and getattr(t, "fd", None) is not None:  # a file-system replica: looked at only
+            rel = safe_relpath(os.fsdecode(rel))      # below it, never through a symlink
+            os.close(open_beneath(t.fd, rel.rpartition(b"/")[0]))
         if method == "info":
             info = t.info(rel)
             return None if info is None else info.to_wire()

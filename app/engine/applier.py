@@ -133,13 +133,13 @@ class FsApplier:
                 os.mkdir(name, a["mode"], dir_fd=d)
             except FileExistsError:
                 pass
-            os.chmod(name, a["mode"], dir_fd=d)
+            _chmod_nofollow(d, name, a["mode"])
             os.chown(name, a["uid"], a["gid"], dir_fd=d, follow_symlinks=False)
         elif op == "mknod":
             _replace_missing(d, name, lambda: os.mknod(name, a["mode"], a["rdev"], dir_fd=d))
             os.chown(name, a["uid"], a["gid"], dir_fd=d, follow_symlinks=False)
             if a["mode"] & (stat.S_ISUID | stat.S_ISGID):
-                os.chmod(name, stat.S_IMODE(a["mode"]), dir_fd=d)
+                _chmod_nofollow(d, name, stat.S_IMODE(a["mode"]))
         elif op == "symlink":
             target = decode_path(a["target"])
             _replace_missing(d, name, lambda: os.symlink(target, name, dir_fd=d))
@@ -151,7 +151,7 @@ class FsApplier:
             self._close_fds()
             _missing_ok(lambda: os.rmdir(name, dir_fd=d))
         elif op == "chmod":
-            os.chmod(name, a["mode"], dir_fd=d)
+            _chmod_nofollow(d, name, a["mode"])
         elif op == "chown":
             os.chown(name, a["uid"], a["gid"], dir_fd=d, follow_symlinks=False)
         elif op == "setxattr":
@@ -259,6 +259,18 @@ def _fallocate(fd: int, mode: int, offset: int, length: int) -> None:
             os.pwrite(fd, zeros[:stop - at_], at_)
     elif not mode & FALLOC_FL_KEEP_SIZE and end > size:
         os.ftruncate(fd, end)
+
+
+def _chmod_nofollow(d: int, name: bytes, mode: int) -> None:
+    """chmod of the name itself, never of what a symlink there points to (Linux gives symlinks
+    no mode of their own, and chmod(2) would follow one out of the replica)."""
+    fd = os.open(name, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=d)
+    try:
+        if stat.S_ISLNK(os.fstat(fd).st_mode):
+            return
+        os.chmod(f"/proc/self/fd/{fd}", mode)
+    finally:
+        os.close(fd)
 
 
 def _replace_missing(d: int, name: bytes, make) -> None:

@@ -197,6 +197,7 @@ class Journal:
         self.torn_bytes = 0  # bytes cut off a torn tail at open
         self.gap: tuple[int, int] | None = None  # (expected, found) seen at open or while reading
         self.released_seq = self._read_released()
+        self._persisted = self.released_seq  # what the released file says
         self.sent_seq = self.released_seq  # the shipper's cursor: read up to here
         self.last_seq = self.released_seq
         self.captured_ops = 0
@@ -500,7 +501,11 @@ class Journal:
             self._reader = None
 
     def release(self, seq: int, *, persist: bool = True) -> None:
-        """The target holds everything up to `seq` durably: free those records."""
+        """The target holds everything up to `seq` durably: free those records. `persist`
+        writes the released seq down now (a local target: where a restart resumes); without it
+        it is written only before a segment file goes (a remote target reports its own
+        position on every connect, so a stale file only keeps records a little longer, never
+        leaves a hole), which spares an fsync'd rename per acknowledgement."""
         with self._cv:
             seq = min(seq, self.sent_seq)
             if seq <= self.released_seq:
@@ -515,15 +520,20 @@ class Journal:
                 self._released_cum = self._marks.popleft()[1]
             if seq >= self.last_seq:
                 self._released_cum = self._cum
-            if persist:
+            if persist or self._droppable():
                 write_small_file(self.dir, RELEASED_FILE, f"{seq}\n")
+                self._persisted = seq
             self._drop_released_segments()
             self._cv.notify_all()
 
+    def _droppable(self) -> bool:
+        return bool(self._segments) and self._segments[0].last <= self.released_seq and \
+            (len(self._segments) > 1 or self._disk_last <= self.released_seq)
+
     def _drop_released_segments(self) -> None:
-        """Delete segments wholly at or below the released seq."""
-        while self._segments and self._segments[0].last <= self.released_seq and \
-                (len(self._segments) > 1 or self._disk_last <= self.released_seq):
+        """Delete segments wholly at or below the released seq (the released file says so
+        first: a reopen must not find a hole where they were)."""
+        while self._droppable():
             seg = self._segments.pop(0)
             if not self._segments:  # the writer's own segment: close it first
                 self._close_writer()
@@ -579,6 +589,9 @@ class Journal:
 
     def close(self) -> None:
         with self._cv:
+            if self.released_seq > self._persisted:  # what release() left unwritten
+                write_small_file(self.dir, RELEASED_FILE, f"{self.released_seq}\n")
+                self._persisted = self.released_seq
             self._sync_rolled()
             if self._writer is not None:
                 if self._unsynced:

@@ -226,7 +226,7 @@ class Shipper:
         else:
             pos = self.target.flush()
             self.fig.received_seq, self.fig.applied_seq = pos.received, pos.applied
-            self.journal.release(pos.received, persist=True)
+            self.journal.release(pos.received, persist=False)  # the target keeps its own
             self.journal.applied(pos.applied)
         if self.fig.connection.startswith("paused") and batch:
             self.fig.connection = "local" if self.local else "connected"
