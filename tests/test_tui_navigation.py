@@ -124,3 +124,41 @@ async def test_as_root_there_is_no_banner(tui):
     async with app.run_test(size=(80, 24)) as pilot:
         await pilot.pause()
         assert not app.screen.query_one("RootBanner").display
+
+
+@pilot_test
+async def test_full_garbage_collections_wait_until_nobody_types(tui):
+    """A full collection (50-100 ms under a device storm, bench/picker_stress.py) runs only
+    when keys and clicks have paused, at the latest after GC_LATEST; the collector is as it
+    was once the app ends."""
+    import gc
+    import time
+    before = gc.get_threshold()
+    full: list[int] = []
+
+    def seen(phase, info):
+        if phase == "stop" and info["generation"] == 2:
+            full.append(1)
+    app = tui()
+    gc.callbacks.append(seen)
+    try:
+        async with app.run_test(size=(80, 24)) as pilot:
+            await settle(pilot)
+            assert gc.get_threshold()[2] > 1 << 20 and gc.get_freeze_count() > 0
+            await pilot.press("down")  # typing now
+            app._last_collect = time.monotonic() - app.GC_QUIET_EVERY - 1
+            full.clear()
+            app._collect_when_quiet()
+            assert full == []  # due, but a key came just now
+            app._last_input = time.monotonic() - app.GC_QUIET_SECONDS - 1
+            app._collect_when_quiet()
+            assert full == [1]  # quiet: done now
+            app._last_input = time.monotonic()
+            app._collect_when_quiet()
+            assert full == [1]  # not again so soon
+            app._last_collect = time.monotonic() - app.GC_LATEST - 1
+            app._collect_when_quiet()
+            assert full == [1, 1]  # typing for GC_LATEST: done anyway
+    finally:
+        gc.callbacks.remove(seen)
+    assert gc.get_threshold() == before and gc.get_freeze_count() == 0
