@@ -426,3 +426,61 @@ def test_confined_records_and_queries_never_leave_the_replica(tmp_path):
             continue
         assert got is None, (method, rel, got)  # nothing about what is outside
     assert agent.answer("info", {"rel": "e/f"})["s"] == 0  # inside: answered
+
+
+def test_metadata_of_a_directory_that_keeps_changing_is_sent_held_still(tmp_path):
+    """The walk sends a directory's mode, owner and times after its children; while writers keep
+    changing it every checked commit is refused. It used to give up after COMMIT_TRIES and the
+    replica kept the wrong mode for good (the capture records later changes, not that state:
+    seen as a verify difference 'mode 0o755 / 0o700' of the root in a CI run). Now it is held
+    still once and sent, like a file's data."""
+    import contextlib
+    import stat as st
+    from app.engine import sync
+    from app.engine.target import LocalDirTarget
+    src, tgt = tmp_path / "src", tmp_path / "tgt"
+    src.mkdir()
+    (src / "sub").mkdir()
+    (src / "sub" / "f").write_text("f")
+    src.chmod(0o755)
+    (src / "sub").chmod(0o751)
+    tgt.mkdir(mode=0o700)
+
+    class Busy(sync.Sink):
+        """Every checked commit about a directory is refused (it changed since it was read);
+        frozen() is the gate closed for writers."""
+        def __init__(self, target):
+            self.target = target
+            self.tracker = sync.Tracker()
+            self.held = 0
+            self.still = False
+
+        def commit(self, check, ops):
+            if check is not None and not self.still and any(
+                    op in ("chmod", "times") and st.S_ISDIR(os.lstat(src / a["path"]).st_mode)
+                    for op, a, _ in ops):
+                return False
+            self.target.apply_ops(ops)
+            return True
+
+        @contextlib.contextmanager
+        def frozen(self):
+            self.held += 1
+            self.still = True
+            try:
+                yield
+            finally:
+                self.still = False
+    fd = os.open(tgt, os.O_PATH | os.O_DIRECTORY)
+    src_fd = os.open(src, os.O_PATH | os.O_DIRECTORY)
+    target = LocalDirTarget.on_fd(fd, str(tgt))
+    sink = Busy(target)
+    try:
+        sync.Reconciler(src_fd, target, sink).run()
+    finally:
+        os.close(src_fd)
+        os.close(fd)
+    assert oct(tgt.stat().st_mode & 0o777) == "0o755"
+    assert oct((tgt / "sub").stat().st_mode & 0o777) == "0o751"
+    assert (tgt / "sub").stat().st_mtime_ns == (src / "sub").stat().st_mtime_ns
+    assert sink.held == 2  # the two directories, each held still once

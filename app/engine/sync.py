@@ -26,6 +26,7 @@ longer than PATH_MAX (lowlevel.beneath opens the parents of long ones in pieces)
 from __future__ import annotations
 
 import base64
+import contextlib
 import errno
 import hashlib
 import os
@@ -554,37 +555,51 @@ class Reconciler:
             self.counts["copied"] += 1
             self.counts["bytes"] += sent
         # writing the target moved its mtime: set the times again whenever anything was written
-        return self._metadata(rel, None if changed else tinfo, check)
+        return self._metadata(rel, None if changed else tinfo, check, frozen)
 
     # -- metadata
-    def _metadata(self, rel: bytes, tinfo: Info | None, check: Check | None = None) -> bool:
-        """Owner, mode, xattrs and times as the source has them now (checked like the data)."""
-        for _ in range(COMMIT_TRIES):
+    def _metadata(self, rel: bytes, tinfo: Info | None, check: Check | None = None,
+                  frozen: bool = False) -> bool:
+        """Owner, mode, xattrs and times as the source has them now (checked like the data;
+        a path that keeps changing is held still once, like a file's data: the capture
+        records later changes, never the state a refused commit would have sent)."""
+        for _ in range(0 if frozen else COMMIT_TRIES):
             try:
                 info = lstat_info(self.src, rel)
             except FileNotFoundError:
                 return True
             if check is None or check.key != info.ino:
                 check = self._check(rel, info)
-            p = os.fsdecode(rel)
-            ops: list[Op] = []
-            if tinfo is None or (tinfo.uid, tinfo.gid) != (info.uid, info.gid):
-                ops.append(("chown", {"path": p, "uid": info.uid, "gid": info.gid}, b""))
-            if not stat.S_ISLNK(info.mode) and (tinfo is None or stat.S_IMODE(tinfo.mode)
-                                                 != stat.S_IMODE(info.mode)):
-                ops.append(("chmod", {"path": p, "mode": stat.S_IMODE(info.mode)}, b""))
-            have = {} if tinfo is None else tinfo.xattrs
-            for name in have.keys() - info.xattrs.keys():
-                ops.append(("removexattr", {"path": p, "name": name}, b""))
-            for name, value in info.xattrs.items():
-                if have.get(name) != value:
-                    ops.append(("setxattr", {"path": p, "name": name}, value))
-            if tinfo is None or tinfo.mtime_ns != info.mtime_ns:
-                ops.append(("times", {"path": p, "atime": info.atime_ns, "mtime": info.mtime_ns}, b""))
+            ops = self._metadata_ops(rel, info, tinfo)
             if not ops or self.sink.commit(check, ops):
                 return True
             check = None
-        return False
+        with contextlib.nullcontext() if frozen else self.sink.frozen():
+            try:
+                info = lstat_info(self.src, rel)
+            except FileNotFoundError:
+                return True
+            ops = self._metadata_ops(rel, info, tinfo)
+            return not ops or self.sink.commit(None, ops)
+
+    @staticmethod
+    def _metadata_ops(rel: bytes, info: Info, tinfo: Info | None) -> list[Op]:
+        p = os.fsdecode(rel)
+        ops: list[Op] = []
+        if tinfo is None or (tinfo.uid, tinfo.gid) != (info.uid, info.gid):
+            ops.append(("chown", {"path": p, "uid": info.uid, "gid": info.gid}, b""))
+        if not stat.S_ISLNK(info.mode) and (tinfo is None or stat.S_IMODE(tinfo.mode)
+                                             != stat.S_IMODE(info.mode)):
+            ops.append(("chmod", {"path": p, "mode": stat.S_IMODE(info.mode)}, b""))
+        have = {} if tinfo is None else tinfo.xattrs
+        for name in have.keys() - info.xattrs.keys():
+            ops.append(("removexattr", {"path": p, "name": name}, b""))
+        for name, value in info.xattrs.items():
+            if have.get(name) != value:
+                ops.append(("setxattr", {"path": p, "name": name}, value))
+        if tinfo is None or tinfo.mtime_ns != info.mtime_ns:
+            ops.append(("times", {"path": p, "atime": info.atime_ns, "mtime": info.mtime_ns}, b""))
+        return ops
 
     def _check(self, rel: bytes, info: Info) -> Check | None:
         if self.tracker is None:
