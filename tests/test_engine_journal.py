@@ -484,3 +484,47 @@ def test_metadata_of_a_directory_that_keeps_changing_is_sent_held_still(tmp_path
     assert oct((tgt / "sub").stat().st_mode & 0o777) == "0o751"
     assert (tgt / "sub").stat().st_mtime_ns == (src / "sub").stat().st_mtime_ns
     assert sink.held == 2  # the two directories, each held still once
+
+
+def test_a_fresh_file_goes_in_one_commit_with_its_metadata_read_after_the_check(tmp_path, monkeypatch):
+    """A mirror sends a new small file as one commit (one trip to the capture thread: it was
+    two, data then metadata, plus an owner and mode the create record had already set), and
+    the metadata in it is read after the check's stamp: a chmod or utime just before the data
+    is read is what the target gets."""
+    from app.engine import sync
+    from app.engine.target import LocalDirTarget
+    src, tgt = tmp_path / "src", tmp_path / "tgt"
+    src.mkdir()
+    tgt.mkdir()
+    (src / "a").write_bytes(b"a" * 5000)
+    (src / "b").write_bytes(b"b" * 10)
+    real_open = sync.open_file
+
+    def changed_just_before_the_read(dir_fd, rel):
+        if rel == b"b":
+            os.chmod(src / "b", 0o600)
+            os.utime(src / "b", ns=(1_500_000_000_000_000_000, 1_600_000_000_000_000_000))
+        return real_open(dir_fd, rel)
+    monkeypatch.setattr(sync, "open_file", changed_just_before_the_read)
+    commits: list[list[str]] = []
+
+    class Recording(sync.DirectSink):
+        tracker = sync.Tracker()
+
+        def commit(self, check, ops):
+            commits.append([op for op, _a, _d in ops])
+            return super().commit(check, ops)
+    fd = os.open(tgt, os.O_PATH | os.O_DIRECTORY)
+    src_fd = os.open(src, os.O_PATH | os.O_DIRECTORY)
+    target = LocalDirTarget.on_fd(fd, str(tgt))
+    try:
+        sync.Reconciler(src_fd, target, Recording(target)).run()
+    finally:
+        os.close(src_fd)
+        os.close(fd)
+    files = [c for c in commits if "create" in c]
+    assert files == [["remove", "create", "write", "truncate", "times"]] * 2
+    for name in ("a", "b"):
+        s, t = os.lstat(src / name), os.lstat(tgt / name)
+        assert (t.st_mode, t.st_mtime_ns, t.st_size) == (s.st_mode, s.st_mtime_ns, s.st_size)
+    assert os.lstat(tgt / "b").st_mode & 0o777 == 0o600

@@ -65,6 +65,12 @@ class FsApplier:
             if fd is not None:
                 os.close(fd)
 
+    def _keep_fd(self, path: bytes, fd: int) -> None:
+        self._close_fds(path)
+        if len(self._fds) >= FD_CACHE:
+            self._close_fds()
+        self._fds[path] = fd
+
     def _fd(self, path: bytes) -> int:
         fd = self._fds.get(path)
         if fd is None:
@@ -126,8 +132,10 @@ class FsApplier:
             try:
                 os.fchown(fd, a["uid"], a["gid"])
                 os.fchmod(fd, a["mode"])  # after the chown, which clears set-ID bits
-            finally:
+            except BaseException:
                 os.close(fd)
+                raise
+            self._keep_fd(path, fd)  # its data records come next
         elif op == "mkdir":
             try:
                 os.mkdir(name, a["mode"], dir_fd=d)

@@ -392,7 +392,7 @@ class Reconciler:
         self._metadata(parent, None)  # sending it again changed the parent's times there
 
     # -- directories
-    def _dir(self, rel: bytes, *, known: bool) -> None:
+    def _dir(self, rel: bytes, *, known: bool, made: Info | None = None) -> None:
         for _ in range(COMMIT_TRIES):
             src_info = lstat_info(self.src, rel)
             check = self._check(rel, src_info)
@@ -413,7 +413,7 @@ class Reconciler:
             self.counts["removed"] += len(tgt.keys() - kids.keys())
         for name, info in kids.items():
             self._child(rel, name, info, None if tgt is None else tgt.get(name))
-        self._metadata(rel, None)
+        self._metadata(rel, made)
 
     def _child(self, parent: bytes, name: bytes, info: Info, tinfo: Info | None) -> None:
         rel = _join(parent, name)
@@ -433,7 +433,7 @@ class Reconciler:
                                   "uid": info.uid, "gid": info.gid}, b"")]
             if ops and not self._commit_fresh(rel, info, ops):
                 return
-            self._dir(rel, known=not fresh)
+            self._dir(rel, known=not fresh, made=_made(info) if fresh else None)
             return
         if kind == stat.S_IFREG and info.nlink > 1 and self._hard_link(rel, info, tinfo):
             return
@@ -514,7 +514,7 @@ class Reconciler:
             and tinfo.mtime_ns == info.mtime_ns
         check = None if frozen else self._check(rel, info)
         if same:
-            return self._metadata(rel, tinfo, check)
+            return self._metadata(rel, tinfo, check, frozen)
         theirs = None
         if not fresh:
             try:
@@ -527,6 +527,16 @@ class Reconciler:
         except FileNotFoundError:
             return False  # renamed or removed since the walk saw it: looked at again
         try:
+            # Read again after the check's stamp: what changes from here on fails the commit
+            # (read again), what changed before is seen here; so the metadata can go in the
+            # same commit as the data (one trip to the capture thread per small file).
+            try:
+                now = lstat_info(self.src, rel)
+            except FileNotFoundError:
+                return False
+            if now.ino != info.ino or now.kind != stat.S_IFREG:
+                return False
+            info = now
             ops: list[Op] = []
             if fresh:
                 ops += [("remove", {"path": p}, b""),
@@ -546,16 +556,19 @@ class Reconciler:
                     ops = []
             if fresh or tinfo.size != info.size:
                 ops.append(("truncate", {"path": p, "size": info.size}, b""))
+            changed = fresh or sent or tinfo.size != info.size
+            # writing the target moved its mtime: the times go again whenever anything was
+            # written (a file made here has the owner and mode its create record gave it)
+            ops += self._metadata_ops(rel, info, _made(info) if fresh else None if changed
+                                      else tinfo)
             if ops and not self.sink.commit(check, ops):
                 return False
         finally:
             os.close(fd)
-        changed = fresh or sent or tinfo.size != info.size
         if changed:
             self.counts["copied"] += 1
             self.counts["bytes"] += sent
-        # writing the target moved its mtime: set the times again whenever anything was written
-        return self._metadata(rel, None if changed else tinfo, check, frozen)
+        return True
 
     # -- metadata
     def _metadata(self, rel: bytes, tinfo: Info | None, check: Check | None = None,
@@ -605,6 +618,12 @@ class Reconciler:
         if self.tracker is None:
             return None
         return Check(rel, info.ino, self.tracker.stamp(info.ino))
+
+
+def _made(info: Info) -> Info:
+    """What the target has right after a create or mkdir record made from `info`: its owner
+    and mode (the record sets them), no extended attributes, times not yet set."""
+    return Info(info.mode, info.uid, info.gid, 0, -1, -1, (0, 0))
 
 
 class DirectSink(Sink):
