@@ -21,6 +21,10 @@ counters.
    Against `rsync -a` of the same tree over the same link with the bed's ssh_config into a
    fresh directory on the target. Interleaved rsync, ours, rsync, ours, ... (--runs pairs, each
    pair on a fresh copy); medians and the ratio ours / rsync (goal <= 1.0).
+   Each tool writes to a fresh ext4 of its own (--target-fs fresh-ext4, the default: a sparse
+   image on a loop device, the bed's target_disk) rather than to the host's root file system
+   (--target-fs host): that one is mounted `discard` here, and the deletes of one run slowed
+   the creates of the next, so rsync's own time went 0.91 -> 2.41 -> 2.98 s over three pairs.
 2. Sustained replication through tbf (--link-mbit, default 100 Mbit/s, on the source end of the
    veth, as bench/netbed.py sets it): first the plain-ssh reference (`ssh cat >/dev/null`
    through the same tbf); then a writer of incompressible files (os.urandom, 4 MiB, fsync) as
@@ -75,6 +79,7 @@ from test_engine_support import engine_maker  # noqa: E402
 from test_remote import Remote, cli, tree  # noqa: E402
 
 MiB = 1 << 20
+DISK = 512 * MiB  # each tool's fresh target file system (sparse): the tree, and our journal
 CLK = os.sysconf("SC_CLK_TCK")
 T0 = time.monotonic()
 
@@ -266,9 +271,9 @@ def engines(run_dir: Path):
                 eng.cleanup()
 
 
-def add_remote(run_dir: Path, bed: TwoHosts) -> Remote:
+def add_remote(run_dir: Path, bed: TwoHosts, root: Path | None = None) -> Remote:
     """backup1 in run_dir's own config; its key authorized beside the bed's own (rsync's)."""
-    r = Remote(run_dir, bed)
+    r = Remote(run_dir, bed, root)
     bed.set_authorized_keys([bed.authorized_key_line(), r.authorized_line])
     return r
 
@@ -298,8 +303,9 @@ def rsync_once(bed: TwoHosts, src: Path, dest: Path) -> dict:
             "agent_cpu": 0.0, "equal": equal}
 
 
-def ours_once(bed: TwoHosts, run_dir: Path, src: Path, timeout: float) -> dict:
-    r = add_remote(run_dir, bed)
+def ours_once(bed: TwoHosts, run_dir: Path, src: Path, timeout: float,
+              root: Path | None = None) -> dict:
+    r = add_remote(run_dir, bed, root)
     with engines(run_dir) as make:
         t0c = target_cpu(bed)
         t0 = time.monotonic()
@@ -339,13 +345,15 @@ def bench_mirror(bed: TwoHosts, tmp: Path, origin: Path, args) -> dict:
         files, size = copy_tree(origin, src)
         if i == 0:
             say(f"tree {origin}: {files} files, {size / MiB:.1f} MiB")
-        dest = pair / "rsync-dest"
+        fresh = args.target_fs == "fresh-ext4"
+        dest = (bed.target_disk(DISK).path if fresh else pair) / "rsync-dest"
         r = rsync_once(bed, src, dest)
         rs.append(r)
         say(f"mirror {i + 1}/{args.runs} rsync -a: {r['seconds']:.2f} s, equal={r['equal']}, "
             f"cpu source {r['src_cpu']:.2f} s target {r['tgt_cpu']:.2f} s")
-        shutil.rmtree(dest)
-        o = ours_once(bed, pair, src, args.timeout)
+        if not fresh:
+            shutil.rmtree(dest)
+        o = ours_once(bed, pair, src, args.timeout, bed.target_disk(DISK).path if fresh else None)
         ours.append(o)
         say(f"mirror {i + 1}/{args.runs} mirrorsetup: {o['seconds']:.2f} s (fs add "
             f"{o['fs_add']:.2f}, daemon up {o['daemon_up']:.2f}, captured at {o['captured']:.2f},"
@@ -580,7 +588,7 @@ def table(m: dict | None, s: dict, args) -> str:
     lines = ["", "| figure | value | goal |", "|---|---|---|"]
     if m:
         lines += [
-            f"| initial mirror, {m['files']} files / {m['mib']:.1f} MiB: rsync -a median | "
+            f"| initial mirror, {m['files']} files / {m['mib']:.1f} MiB, target on {args.target_fs}: rsync -a median | "
             f"{m['rsync']:.2f} s (runs {', '.join(f'{x:.2f}' for x in m['runs_rsync'])}) | |",
             f"| initial mirror: mirrorsetup median (fs add -> settled) | {m['ours']:.2f} s (runs "
             f"{', '.join(f'{x:.2f}' for x in m['runs_ours'])}) | |",
@@ -639,6 +647,8 @@ def main() -> None:
     ap.add_argument("--warmup", type=float, default=4, help="start of the saturating phase "
                     "not counted in its rates")
     ap.add_argument("--tree", default=sysconfig.get_paths()["stdlib"], help="tree to mirror")
+    ap.add_argument("--target-fs", choices=("fresh-ext4", "host"), default="fresh-ext4",
+                    help="where each initial mirror writes on the target (see above)")
     ap.add_argument("--link-mbit", type=int, default=100)
     ap.add_argument("--burst", default="64kb", help="tbf burst (bench/netbed.py's)")
     ap.add_argument("--max-queue", type=int, default=256, help="MiB queued before the "
