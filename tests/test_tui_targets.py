@@ -85,6 +85,18 @@ async def test_targets_and_replicas_are_listed_and_wrong_input_changes_nothing(
         await pilot.click("#add")
         await settle(pilot)
         assert "the root is an absolute path" in static_text(app.screen.query_one("#problem"))
+        # checked as typed, with the configuration's rules (no Add pressed)
+        app.screen.query_one("#host").value = "-oProxyCommand=x"
+        app.screen.query_one("#root").value = "/srv/b2"
+        await settle(pilot)
+        assert "✘" in static_text(app.screen.query_one("#problem")) and \
+            "-oProxyCommand=x" in static_text(app.screen.query_one("#problem"))
+        app.screen.query_one("#host").value = "10.0.0.9"
+        await settle(pilot)
+        assert "✔ ready to add" in static_text(app.screen.query_one("#problem"))
+        app.screen.query_one("#port").value = "0"
+        await settle(pilot)
+        assert "'0' is not a port number" in static_text(app.screen.query_one("#problem"))
         await pilot.press("escape")
         await settle(pilot)
 

@@ -92,27 +92,43 @@ class AddTargetDialog(ModalScreen["object | None"]):
     def _value(self, field: str) -> str:
         return self.query_one(f"#{field}", Input).value.strip()
 
-    @on(Button.Pressed, "#add")
-    @on(Input.Submitted)
-    def action_add(self) -> None:
+    def _check(self, *, final: bool):
+        """(problem, target): the fields as typed, by the configuration's own rules. While
+        typing (`final` False) a field not typed yet is not a problem."""
         from app.services.config_toml import TargetHost
         from app.services.results import ConfigError
         name, host, root, port = (self._value("name"), self._value("host"), self._value("root"),
                                   self._value("port"))
-        problem, target = None, None
-        if not name or not host or not root:
-            problem = "name, host and root are needed"
-        elif not port.isdigit() or not 0 < int(port) < 65536:
-            problem = f"port {port!r} is not a port number"
-        elif not root.startswith("/"):
-            problem = "the root is an absolute path on the target"
+        if final and (not name or not host or not root):
+            return "name, host and root are needed", None
+        if port and not (port.isdigit() and 0 < int(port) < 65536) or final and not port:
+            return f"port {port!r} is not a port number", None
+        if root and not root.startswith("/"):
+            return "the root is an absolute path on the target", None
+        target = TargetHost(name=name or "x", host=host or "x", root=root or "/x",
+                            port=int(port or 22), user=self._value("user") or None)
+        try:
+            self.app.services.store.check_target(target)  # the configuration file's rules
+        except ConfigError as exc:
+            return str(exc), None
+        return None, target
+
+    @on(Input.Changed)
+    def _typed(self) -> None:
+        problem, _ = self._check(final=False)
+        shown = self.query_one("#problem", Static)
+        if problem:
+            shown.update(Text("✘ " + problem, style="bold red"))
+        elif self._value("name") and self._value("host") and self._value("root"):
+            shown.update(Text("✔ ready to add: the host is asked for its key next",
+                              style="green"))
         else:
-            target = TargetHost(name=name, host=host, root=root, port=int(port),
-                                user=self._value("user") or None)
-            try:
-                self.app.services.store.check_target(target)  # the configuration file's rules
-            except ConfigError as exc:
-                problem = str(exc)
+            shown.update("")
+
+    @on(Button.Pressed, "#add")
+    @on(Input.Submitted)
+    def action_add(self) -> None:
+        problem, target = self._check(final=True)
         if problem:
             self.query_one("#problem", Static).update(Text("✘ " + problem, style="bold red"))
             return
