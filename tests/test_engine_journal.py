@@ -528,3 +528,76 @@ def test_a_fresh_file_goes_in_one_commit_with_its_metadata_read_after_the_check(
         s, t = os.lstat(src / name), os.lstat(tgt / name)
         assert (t.st_mode, t.st_mtime_ns, t.st_size) == (s.st_mode, s.st_mtime_ns, s.st_size)
     assert os.lstat(tgt / "b").st_mode & 0o777 == 0o600
+
+
+def test_status_is_answered_while_a_long_worker_command_runs(tmp_path):
+    """A mirror, verify or switch-over drain held the worker's link: `status` waited up to 10 s
+    per entry and then said "the worker did not answer". Now the worker runs a long command in
+    a task and answers a status ask meanwhile with its figures; the daemon's long call hands
+    them over. The real worker loop (Capture.serve_daemons) and the daemon's WorkerLink, over
+    a real socket; only the command itself is a stand-in that waits until released."""
+    import socket
+    from types import SimpleNamespace
+
+    import trio
+
+    from app.engine.capture import Capture
+    from app.engine.supervisor import adopt
+    from app.services import protocol
+
+    class Worker(Capture):
+        def __init__(self, sock, door):
+            self.chan = SimpleNamespace(sock=sock)
+            self.spec = SimpleNamespace(key="/srv/x", adopt=door)
+            self.release = trio.Event()
+
+        def figures(self):
+            return {"last_seq": 7, "state": "capturing"}
+
+        async def handle(self, cmd, args, lines):
+            if cmd == "verify":
+                await lines.send(protocol.progress(stage="comparing"))
+                await self.release.wait()
+                return protocol.ok(differences=[])
+            return protocol.ok(**self.figures())
+
+    door = str(tmp_path / "w.sock")
+
+    async def main():
+        first, gone = socket.socketpair()
+        listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        listener.bind(door)
+        listener.listen()
+        worker = Worker(first, door)
+        ready = {"pid": os.getpid(), "version": protocol.VERSION,
+                 "features": [protocol.FIGURES_WHILE_BUSY]}
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(worker.serve_daemons, ready, listener)
+            await trio.sleep(0.1)
+            gone.close()  # the daemon that started it went: the worker waits to be taken over
+            link = await adopt(door)
+            assert link is not None
+            seen, done = [], {}
+
+            async def verify():
+                async def progress(p):
+                    seen.append(p)
+                done["reply"] = await link.call("verify", progress=progress)
+            nursery.start_soon(verify)
+            with trio.fail_after(10):
+                while link.busy != "verify" or not seen:
+                    await trio.sleep(0.01)
+            with trio.fail_after(5):
+                st = await link.call("status")
+            assert st["ok"] and st["last_seq"] == 7 and "reply" not in done
+            worker.release.set()
+            with trio.fail_after(10):
+                while "reply" not in done:
+                    await trio.sleep(0.01)
+            assert done["reply"]["ok"] and done["reply"]["differences"] == []
+            assert seen == [{"stage": "comparing"}]
+            with trio.fail_after(5):
+                st = await link.call("status")  # the ordinary way again
+            assert st["ok"] and st["last_seq"] == 7 and link.busy is None
+            nursery.cancel_scope.cancel()
+    trio.run(main)

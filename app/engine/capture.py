@@ -239,7 +239,8 @@ class Capture:
         self.shipper = Shipper(self.journal, self.target, on_gap=self._on_gap, local=not self.remote)
         self.shipper.start()
         return {"first": first, "unclean": unclean, "reason": self.reason,
-                "pid": os.getpid(), "fuse_dev": list(self.fuse_dev), "version": protocol.VERSION, "key": spec.key,
+                "pid": os.getpid(), "fuse_dev": list(self.fuse_dev), "version": protocol.VERSION,
+                "features": [protocol.FIGURES_WHILE_BUSY], "key": spec.key,
                 "kind": spec.kind, **({"file": os.path.join(spec.run, "disk"), "size": self.size}
                                       if spec.kind == "block" else {})}
 
@@ -463,6 +464,19 @@ class Capture:
                                    frozen=sink.frozen)
 
     # -- daemon requests
+    async def _answer(self, msg: dict, out: _Sender) -> None:
+        try:
+            cmd, args = protocol.check_request(msg, protocol.WORKER_COMMANDS)
+            reply = await self.handle(cmd, args, out)
+        except protocol.ProtocolError as exc:
+            reply = protocol.error(str(exc), errno.EINVAL)
+        except Exception as exc:  # never die of a request: say it
+            log.exception("request %s", msg)
+            reply = protocol.error(f"{type(exc).__name__}: {exc}", getattr(exc, "errno", None))
+        import trio
+        with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
+            await out.send(reply)
+
     async def handle(self, cmd: str, args: dict, lines) -> dict:
         import trio
         if cmd == "status":
@@ -668,25 +682,26 @@ class Capture:
         listener = trio.socket.from_stdlib_socket(adopt)
         hello = {"event": "ready", **ready}
         while True:
-            lines = protocol.TrioLines(stream)
-            await lines.send(hello)
-            while True:
-                try:
-                    msg = await lines.next()
-                except (trio.BrokenResourceError, trio.ClosedResourceError, protocol.ProtocolError):
-                    msg = None
-                if msg is None:
-                    break
-                try:
-                    cmd, args = protocol.check_request(msg, protocol.WORKER_COMMANDS)
-                    reply = await self.handle(cmd, args, lines)
-                except protocol.ProtocolError as exc:
-                    reply = protocol.error(str(exc), errno.EINVAL)
-                except Exception as exc:  # never die of a request: say it
-                    log.exception("request %s", msg)
-                    reply = protocol.error(f"{type(exc).__name__}: {exc}", getattr(exc, "errno", None))
-                with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
-                    await lines.send(reply)
+            out = _Sender(protocol.TrioLines(stream))
+            await out.send(hello)
+            # A long command (mirror, verify, drain) runs in a task of its own: the daemon's
+            # status asks meanwhile ({"figures": true}) are answered at once, as figures
+            # messages its long call's reader takes aside. The daemon sends nothing else then.
+            async with trio.open_nursery() as nursery:
+                while True:
+                    try:
+                        msg = await out.lines.next()
+                    except (trio.BrokenResourceError, trio.ClosedResourceError, protocol.ProtocolError):
+                        msg = None
+                    if msg is None:
+                        break  # the long command, if any, ends first (its answer has nowhere to go)
+                    if msg.get("cmd") == "status" and (msg.get("args") or {}).get("figures"):
+                        with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
+                            await out.send({"figures": self.figures()})
+                    elif msg.get("cmd") in LONG_COMMANDS:
+                        nursery.start_soon(self._answer, msg, out)
+                    else:
+                        await self._answer(msg, out)
             with contextlib.suppress(trio.ClosedResourceError):
                 await stream.aclose()
             log.warning("%s: the daemon is gone; capture goes on, waiting to be taken over on %s",
@@ -694,6 +709,23 @@ class Capture:
             conn, _ = await listener.accept()
             stream = trio.SocketStream(conn)
             hello = {"event": "ready", **ready, "adopted": True, "first": False, "unclean": False}
+
+
+LONG_COMMANDS = ("mirror", "verify", "drain")  # answered from a task: status goes on meanwhile
+
+
+class _Sender:
+    """The worker's end of the daemon's link: one message at a time whoever sends (the
+    request loop, a long command's task, its progress from a thread)."""
+
+    def __init__(self, lines: protocol.TrioLines):
+        import trio
+        self.lines = lines
+        self._lock = trio.Lock()
+
+    async def send(self, msg: dict) -> None:
+        async with self._lock:
+            await self.lines.send(msg)
 
 
 # -- sinks: reconcile records committed atomically with capture ----------------------------------

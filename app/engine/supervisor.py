@@ -75,7 +75,11 @@ class WorkerLink:
     proc: object  # trio.Process or AdoptedProcess
     lines: protocol.TrioLines
     info: dict
-    lock: trio.Lock = field(default_factory=trio.Lock)
+    lock: trio.Lock = field(default_factory=trio.Lock)  # one call at a time
+    busy: str | None = None  # the long command a call is waiting for now
+    _send_lock: trio.Lock = field(default_factory=trio.Lock)
+    _figures: tuple[float, dict] | None = None  # (when, the worker's status figures)
+    _waiters: list = field(default_factory=list)  # status asks waiting for figures
 
     @property
     def pid(self) -> int:
@@ -85,13 +89,24 @@ class WorkerLink:
         return self.proc.poll() is None
 
     async def call(self, cmd: str, progress=None, **args) -> dict:
+        if cmd == "status" and self.busy is not None and \
+                protocol.FIGURES_WHILE_BUSY in self.info.get("features", ()):
+            figures = await self._figures_while_busy()
+            if figures is not None:
+                return protocol.ok(**figures)
         async with self.lock:
+            self.busy = None if cmd == "status" else cmd
             try:
-                await self.lines.send({"cmd": cmd, "args": args})
+                async with self._send_lock:
+                    await self.lines.send({"cmd": cmd, "args": args})
                 while True:
                     msg = await self.lines.next()
                     if msg is None:
                         raise MirrorError(f"capture worker pid {self.pid} ended", errno=errno.EPIPE)
+                    if "figures" in msg and "ok" not in msg:  # a status asked meanwhile
+                        self._figures = (time.monotonic(), msg["figures"])
+                        self._wake()
+                        continue
                     if protocol.is_progress(msg):
                         if progress:
                             await progress(msg["progress"])
@@ -99,6 +114,31 @@ class WorkerLink:
                     return msg
             except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
                 raise MirrorError(f"capture worker pid {self.pid}: {exc}", errno=errno.EPIPE) from exc
+            finally:
+                self.busy = None
+                self._wake()  # a status ask still waiting goes the ordinary way now
+
+    async def _figures_while_busy(self) -> dict | None:
+        """A long call holds the link (a mirror, a verify, a switch-over's drain): ask the
+        worker for its figures; the long call's reader hands them over. None when that call
+        ended first (then status is asked the ordinary way)."""
+        asked = time.monotonic()
+        woken = trio.Event()
+        self._waiters.append(woken)
+        try:
+            async with self._send_lock:
+                await self.lines.send({"cmd": "status", "args": {"figures": True}})
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            return None
+        await woken.wait()
+        if self._figures is not None and self._figures[0] >= asked:
+            return self._figures[1]
+        return None
+
+    def _wake(self) -> None:
+        for woken in self._waiters:
+            woken.set()
+        self._waiters.clear()
 
     async def close(self) -> None:
         try:

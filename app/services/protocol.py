@@ -141,8 +141,11 @@ COMMANDS: dict[str, Command] = {
 }
 
 # What the daemon asks a capture worker.
+# A worker's hello lists it: status may be asked while a long command runs (answered as a
+# {"figures": ...} message, not a reply).
+FIGURES_WHILE_BUSY = "figures-while-busy"
 WORKER_COMMANDS: dict[str, Command] = {
-    "status": Command(),
+    "status": Command(("figures",)),
     "mirror": Command(),
     "verify": Command(),
     "drain": Command(("timeout",), "until the target applied every record captured so far"),
