@@ -31,21 +31,14 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 sys.path.insert(0, str(HERE))
 
-from picker_stress import cleanup, loop_indices  # noqa: E402
-
-FILE_SIZE = 8 << 20  # sparse
+from picker_stress import cleanup, images, loop_indices  # noqa: E402
 
 
 def churn(directory: str, loops: int, mounts: int, pause: float) -> None:
     """The other user of the host: attach, detach, mount, unmount, forever."""
     from app.services import loop as loopdev
     from app.services import mounts as mountsvc
-    files = []
-    for i in range(loops):
-        path = os.path.join(directory, f"f{i}.img")
-        with open(path, "wb") as f:
-            f.truncate(FILE_SIZE)
-        files.append(path)
+    files = images(directory, loops)
     points = []
     for i in range(mounts):
         point = os.path.join(directory, f"m{i}")

@@ -52,15 +52,21 @@ def ours(directory: str) -> list[str]:
             if s.backing_file and s.backing_file.startswith(directory + "/")]
 
 
-def churn(directory: str, count: int) -> None:
-    """The other process: attach `count` loops, then detach and re-attach at random forever."""
-    from app.services import loop as loopdev
+def images(directory: str, count: int) -> list[str]:
+    """`count` sparse image files in `directory` for loops to be attached to."""
     files = []
     for i in range(count):
         path = os.path.join(directory, f"f{i}.img")
         with open(path, "wb") as f:
             f.truncate(FILE_SIZE)
         files.append(path)
+    return files
+
+
+def churn(directory: str, count: int) -> None:
+    """The other process: attach `count` loops, then detach and re-attach at random forever."""
+    from app.services import loop as loopdev
+    files = images(directory, count)
     attached: dict[str, str] = {}
     for path in files:
         attached[path] = loopdev.attach(path).device

@@ -35,7 +35,7 @@ from pathlib import Path
 
 from app.services import wire
 from app.engine.journal import KIND_BLOCK, KIND_FS, Journal, JournalGap, decode_at, read_small_file, write_small_file
-from app.engine.lowlevel import open_beneath, safe_relpath
+from app.engine.lowlevel import beneath, open_beneath, safe_relpath
 from app.engine.shipper import TargetUnavailable
 
 log = logging.getLogger("mirrorsetup.agent")
@@ -109,6 +109,19 @@ def _holder(fd: int) -> dict:
         return {}
 
 
+def check_beneath(dir_fd: int, text: str, checked: set[bytes] | None = None) -> bytes:
+    """`text` as a path below `dir_fd` that a remote source chose: normal and relative, its
+    parent directories reached without a symlink (ENOTDIR otherwise). `checked`: parents
+    known to be good, skipped, and added to."""
+    rel = safe_relpath(text)
+    parent = rel.rpartition(b"/")[0]
+    if checked is None or parent not in checked:
+        os.close(open_beneath(dir_fd, parent))
+        if checked is not None:
+            checked.add(parent)
+    return rel
+
+
 class ConfinedFsApplier:
     """FsApplier whose record paths a remote source chose: checked, and their parent
     directories resolved without symlinks, before anything is done."""
@@ -124,24 +137,25 @@ class ConfinedFsApplier:
         self._safe: set[bytes] = {b""}
 
     def _check(self, text: str) -> None:
-        rel = safe_relpath(text)
-        parent = rel.rpartition(b"/")[0]
-        if parent in self._safe:
-            return
-        os.close(open_beneath(self.fd, parent))  # ENOTDIR on a symlinked directory
-        self._safe.add(parent)
+        check_beneath(self.fd, text, self._safe)
 
     def apply(self, rec) -> None:
         for key in PATH_ARGS:
             if key in rec.args and rec.args[key]:
                 self._check(rec.args[key])
-        if rec.op in self.GONE_OPS:  # checked directories at or below these names: again
-            for key in ("path", "old", "new"):
-                if rec.args.get(key):
-                    gone = safe_relpath(rec.args[key])
-                    self._safe = {p for p in self._safe
-                                  if p != gone and not p.startswith(gone + b"/")}
+        if rec.op in self.GONE_OPS and any(self._is_dir(rec.args[key]) for key in
+                                             ("path", "old", "new") if rec.args.get(key)):
+            self._safe = {b""}  # a directory goes or moves: every check again from here on
         self.inner.apply(rec)
+
+    def _is_dir(self, text: str) -> bool:
+        """Only a directory can be a checked parent (a file's removal, the usual case in a
+        mirror, keeps the checks; a walk of them per removal grew with the tree)."""
+        try:
+            with beneath(self.fd, safe_relpath(text)) as (d, name):
+                return stat.S_ISDIR(os.lstat(name, dir_fd=d).st_mode)
+        except OSError:
+            return False
 
     def sync(self) -> None:
         self.inner.sync()
@@ -554,8 +568,7 @@ class Agent:
         t = self.target
         rel = os.fsencode(args.get("rel", ""))
         if rel and getattr(t, "fd", None) is not None:  # a file-system replica: looked at only
-            rel = safe_relpath(os.fsdecode(rel))      # below it, never through a symlink
-            os.close(open_beneath(t.fd, rel.rpartition(b"/")[0]))
+            rel = check_beneath(t.fd, os.fsdecode(rel))  # below it, never through a symlink
         if method == "info":
             info = t.info(rel)
             return None if info is None else info.to_wire()
