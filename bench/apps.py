@@ -32,7 +32,9 @@ an initial copy: random writes into a sparse target cost ext4 allocations the ra
 pays), sha256 of target == raw afterwards; `lag` lag p50/p99
 (sampled from status every 50 ms) while writing at half the capture's measured maximum (mirrorfs
 sequential MB/s, captured-loop 64 KiB MB/s); `memory` VmRSS / peak / PSS of each worker and, with
---entries N, of a second daemon capturing N entries (half fs, half block on 8 MiB loop disks).
+--entries N, of a second daemon capturing N entries (half fs, half block on 8 MiB loop disks):
+the daemon, its workers and the worker template they are forked from (MIRRORSETUP_ZYGOTE=0 in
+the environment: every worker starts Python anew, as before the template).
 `--requests` counts the FUSE requests per small file by opcode (perf, tracepoint
 fuse:fuse_request_send) through passthrough_ll and mirrorfs. `--block-proto bench/cblock/cblock.c`
 builds the compiled block capture prototype (gcc, fuse3, zlib) and adds, for each --proto-args
@@ -570,7 +572,20 @@ def memory_of(pid: int) -> dict[str, int]:
         for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
             if line.startswith("Pss:"):
                 out["Pss"] = int(line.split()[1]) * 1024
+            if line.startswith(("Private_Clean:", "Private_Dirty:")):
+                out["Uss"] = out.get("Uss", 0) + int(line.split()[1]) * 1024
     return out
+
+
+def template_pids(pids) -> list[int]:
+    """The worker template the daemon forks workers from (app/engine/zygote.py): its memory counts."""
+    import psutil
+    found = []
+    for pid in pids:
+        with contextlib.suppress(psutil.Error):
+            found += [c.pid for c in psutil.Process(pid).children()
+                      if "app.engine.zygote" in c.cmdline()]
+    return found
 
 
 def memory100(args, work: Path, used: set[str], registry: dict) -> dict:
@@ -596,10 +611,11 @@ def memory100(args, work: Path, used: set[str], registry: dict) -> dict:
     st = d.status()
     for b in st["block"]:
         used.add(b["loop"])
-    pids = st["pids"]
+    pids = list(st["pids"]) + template_pids(st["pids"])
     mem = [memory_of(p) for p in pids]
     out = {"entries": args.entries, "processes": len(pids), "start_seconds": took,
-           "rss": sum(m.get("VmRSS", 0) for m in mem), "pss": sum(m.get("Pss", 0) for m in mem)}
+           "rss": sum(m.get("VmRSS", 0) for m in mem), "pss": sum(m.get("Pss", 0) for m in mem),
+           "uss": sum(m.get("Uss", 0) for m in mem), "templates": len(pids) - len(st["pids"])}
     d.stop()
     registry["daemons"].remove(d)
     return out
@@ -939,7 +955,8 @@ def body(args, which: list[str], work: Path, used: set[str], registry: dict) -> 
         if args.entries:
             print(f"  capturing {args.entries} entries at once (half fs, half block) ...", flush=True)
             r = memory100(args, work / "many", used, registry)
-            print(f"  {r['entries']} entries: {r['processes']} processes, RSS {gib(r['rss'])}, "
+            print(f"  {r['entries']} entries: {r['processes']} processes (daemon, workers and "
+                  f"{r['templates']} worker template), RSS {gib(r['rss'])}, private {gib(r['uss'])}, "
                   f"PSS {gib(r['pss'])} (goal < 1 GiB: {'met' if r['pss'] < 1 << 30 else 'NOT met'}); "
                   f"start {r['start_seconds']:.1f} s")
     return 0

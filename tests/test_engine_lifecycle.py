@@ -296,3 +296,48 @@ def test_a_worker_that_dies_is_replaced_under_its_dead_mount(setup):
     assert open(os.path.join(tgt, "after")).read() == "captured again"
     assert "stopped unexpectedly" in eng.logtext()
     assert eng.verify(src) == []
+
+
+def _template_of(worker: int):
+    import psutil
+    parent = psutil.Process(worker).parent()
+    assert parent is not None and "app.engine.zygote" in parent.cmdline(), \
+        f"worker {worker}'s parent is {parent and parent.cmdline()}"
+    return parent
+
+
+def _replaced(eng, src: str, pid: int) -> int:
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        st = eng.status(src)
+        if st["captured"] and st["worker_pid"] not in (None, pid):
+            return st["worker_pid"]
+        time.sleep(0.05)
+    raise AssertionError(f"worker {pid} was not replaced: {st}")
+
+
+def test_workers_are_forked_from_a_template_whose_death_they_survive(setup):
+    """A worker is forked from the daemon's worker template (shared memory) yet reads as
+    `python -m app.engine.capture --spec ...` in ps; it survives its template, and the next
+    worker comes from a new template; the template ends with the daemon."""
+    import psutil
+    eng, src, tgt = setup()
+    pid = eng.status(src)["worker_pid"]
+    cmd = psutil.Process(pid).cmdline()
+    assert cmd[1:3] == ["-m", "app.engine.capture"] and "--spec" in cmd and src in " ".join(cmd), cmd
+    template = _template_of(pid)
+    assert template.ppid() == eng.proc.pid
+    template.kill()
+    template.wait(10)
+    open(os.path.join(src, "after-template"), "w").write("still captured")
+    eng.drain(src)
+    assert open(os.path.join(tgt, "after-template")).read() == "still captured"
+    assert eng.status(src)["worker_pid"] == pid
+    os.kill(pid, 9)  # the daemon starts a new worker: through a new template
+    second = _template_of(_replaced(eng, src, pid))
+    assert second.pid != template.pid and second.ppid() == eng.proc.pid
+    open(os.path.join(src, "after-new-template"), "w").write("captured again")
+    eng.drain(src)
+    assert open(os.path.join(tgt, "after-new-template")).read() == "captured again"
+    eng.stop()
+    second.wait(10)  # ends with the daemon (its socket closes)

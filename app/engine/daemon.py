@@ -29,7 +29,7 @@ from app.engine import sync
 from app.engine.blocksup import BlockCaptures
 from app.engine.failover import Failover, switched
 from app.engine.failover import refusal as _refusal
-from app.engine.supervisor import Captured, Supervisor, holders, mount_dev
+from app.engine.supervisor import Captured, Supervisor, close_zygote, holders, mount_dev
 from app.services import layout as layout_mod
 from app.services import protocol
 from app.services.blockplan import same_device
@@ -447,6 +447,7 @@ class Daemon:
                 await self._stop_captures()
                 nursery.cancel_scope.cancel()
         finally:
+            close_zygote()  # the template ends; the workers it forked go on
             try:
                 os.unlink(self.socket_path)
             except FileNotFoundError:

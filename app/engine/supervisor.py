@@ -1,7 +1,8 @@
 """The daemon's capture workers: started, taken over, watched and stopped here; and the
 file-system entries' mount / unmount on top of that (block entries: blocksup.py).
 
-A worker is `python -m app.engine.capture` with one end of a socketpair; it says "ready" once
+A worker is `python -m app.engine.capture` with one end of a socketpair (forked from the worker
+template, app/engine/zygote.py, or started anew when that cannot answer); it says "ready" once
 capture is in place (its catching-up goes on in the background). Workers outlive the daemon:
 at start the daemon first connects to every take-over socket in its own run directory and
 adopts what it finds; a worker whose entry is no longer configured is ended (when nothing uses
@@ -13,11 +14,15 @@ mounts tagged with its installation tag, loops on its capture files.
 
 from __future__ import annotations
 
+import array
+import contextlib
 import errno
 import glob
+import json
 import logging
 import os
 import select
+import signal
 import socket
 import sys
 import time
@@ -43,9 +48,9 @@ class AdoptedProcess:
     """A worker left by a previous daemon: not our child, watched through a pidfd. trio lets
     one task wait on an fd at a time: the others check back every 50 ms."""
 
-    def __init__(self, pid: int):
+    def __init__(self, pid: int, pidfd: int | None = None):
         self.pid = pid
-        self._fd = os.pidfd_open(pid)
+        self._fd = os.pidfd_open(pid) if pidfd is None else pidfd
         self._waiting = False
         self.returncode: int | None = None
 
@@ -54,6 +59,11 @@ class AdoptedProcess:
             self.returncode = -1  # not our child: its exit status is not ours to read
             os.close(self._fd)
         return self.returncode
+
+    def kill(self) -> None:
+        if self.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                signal.pidfd_send_signal(self._fd, signal.SIGKILL)
 
     async def wait(self) -> int:
         while self.poll() is None:
@@ -173,15 +183,121 @@ class Captured:
                 "kept in its journal for the next start")
 
 
-async def spawn(spec) -> tuple[WorkerLink | None, dict]:
-    """Start a capture worker; wait for its "ready" (or error) event."""
-    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-    argv = [sys.executable, "-m", "app.engine.capture", "--spec", spec.to_arg(),
-            "--fd", str(theirs.fileno())]
+def _worker_env() -> dict:
     root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))}
-    proc = await trio.lowlevel.open_process(argv, pass_fds=(theirs.fileno(),),
-                                            start_new_session=True, env=env)
+    return {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))}
+
+
+ZYGOTE_ENV = "MIRRORSETUP_ZYGOTE"  # "0": every worker starts Python anew (bench comparisons)
+ZYGOTE_ANSWER_SECONDS = 60  # the first answer waits for the template's imports
+
+
+class Zygote:
+    """The daemon's end of the worker template (app/engine/zygote.py): started on the first
+    spawn, asked for a forked worker per spawn; None from fork() when it cannot answer (then
+    the worker is started anew, and the template restarted at the next spawn)."""
+
+    def __init__(self):
+        self.proc = None  # trio.Process
+        self.sock = None  # trio socket
+        self.lock = trio.Lock()
+
+    async def _start(self) -> None:
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        try:
+            self.proc = await trio.lowlevel.open_process(
+                [sys.executable, "-m", "app.engine.zygote", "--fd", str(theirs.fileno())],
+                pass_fds=(theirs.fileno(),), start_new_session=True, env=_worker_env())
+        except OSError:
+            ours.close()
+            raise
+        finally:
+            theirs.close()
+        self.sock = trio.socket.from_stdlib_socket(ours)
+        trio.lowlevel.spawn_system_task(self._reap, self.proc)
+
+    async def _reap(self, proc) -> None:
+        """Reaped as soon as it ends (killed, or after the daemon let it go)."""
+        try:
+            await proc.wait()  # cancelled at the run's end (then the template ends on its own)
+        except OSError as exc:
+            log.error("worker template pid %s: %s", proc.pid, exc)
+            return
+        if proc is self.proc:
+            log.warning("worker template pid %s ended (status %s): another starts with the next "
+                        "worker", proc.pid, proc.returncode)
+            self.close()
+
+    def close(self) -> None:
+        if self.sock is not None:
+            self.sock.close()
+            self.sock = None
+        self.proc = None  # it ends when its socket closes; _reap waits for it
+
+    async def fork(self, spec_arg: str, fd: int) -> AdoptedProcess | None:
+        async with self.lock:
+            for _attempt in range(2):  # a template found dead is started again once
+                try:
+                    if self.sock is None:
+                        await self._start()
+                    return await self._ask(spec_arg, fd)
+                except (OSError, ValueError, trio.TooSlowError) as exc:
+                    log.error("worker template pid %s: %s", getattr(self.proc, "pid", None), exc)
+                    self.close()
+            return None  # the worker is started anew
+
+    async def _ask(self, spec_arg: str, fd: int) -> AdoptedProcess:
+        await self.sock.sendmsg([json.dumps({"spec": spec_arg}).encode()],
+                               [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [fd]))])
+        with trio.fail_after(ZYGOTE_ANSWER_SECONDS):
+            data, anc, _flags, _addr = await self.sock.recvmsg(65536, socket.CMSG_SPACE(4))
+        fds = array.array("i")
+        for level, kind, payload in anc:
+            if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+                fds.frombytes(payload[:len(payload) - len(payload) % fds.itemsize])
+        answer = json.loads(data) if data else {"error": "it ended"}
+        if "pid" in answer and len(fds) == 1:
+            return AdoptedProcess(int(answer["pid"]), pidfd=fds[0])
+        for extra in fds:
+            os.close(extra)
+        raise OSError(answer.get("errno") or errno.EPROTO, str(answer.get("error", answer)))
+
+
+_zygote: tuple[object, Zygote] | None = None  # (the trio run it belongs to, the template)
+
+
+def zygote() -> Zygote | None:
+    global _zygote
+    if os.environ.get(ZYGOTE_ENV, "1") == "0":
+        return None
+    token = trio.lowlevel.current_trio_token()
+    if _zygote is None or _zygote[0] is not token:
+        if _zygote is not None:
+            _zygote[1].close()
+        _zygote = (token, Zygote())
+    return _zygote[1]
+
+
+def close_zygote() -> None:
+    global _zygote
+    if _zygote is not None:
+        _zygote[1].close()
+        _zygote = None
+
+
+async def spawn(spec) -> tuple[WorkerLink | None, dict]:
+    """Start a capture worker (forked from the template, or anew when that cannot answer);
+    wait for its "ready" (or error) event."""
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    proc = None
+    template = zygote()
+    if template is not None:
+        proc = await template.fork(spec.to_arg(), theirs.fileno())
+    if proc is None:
+        argv = [sys.executable, "-m", "app.engine.capture", "--spec", spec.to_arg(),
+                "--fd", str(theirs.fileno())]
+        proc = await trio.lowlevel.open_process(argv, pass_fds=(theirs.fileno(),),
+                                                start_new_session=True, env=_worker_env())
     theirs.close()
     lines = protocol.TrioLines(trio.SocketStream(trio.socket.from_stdlib_socket(ours)))
     msg = None
@@ -194,8 +310,10 @@ async def spawn(spec) -> tuple[WorkerLink | None, dict]:
         if msg is None:
             with trio.move_on_after(5):
                 await proc.wait()
-            msg = {"event": "error", "message": f"capture worker for {spec.key} exited with status "
-                   f"{proc.returncode}" if proc.returncode is not None else
+            status = (f" with status {proc.returncode}" if proc.returncode is not None and proc.returncode >= 0
+                      else "")
+            msg = {"event": "error", "message": f"capture worker for {spec.key} exited{status}"
+                   if proc.returncode is not None else
                    f"capture worker for {spec.key} did not get ready within {READY_SECONDS} s"}
         if proc.returncode is None:
             proc.kill()
@@ -514,4 +632,5 @@ def check_entry(entry: FsEntry) -> None:
                           else errno.EACCES, obj=entry.target)
 
 
-__all__ = ["Supervisor", "Captured", "WorkerLink", "spawn", "adopt", "holders", "layout_mod"]
+__all__ = ["Supervisor", "Captured", "WorkerLink", "Zygote", "spawn", "close_zygote", "adopt", "holders",
+           "layout_mod"]
