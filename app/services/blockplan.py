@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from app.services import blockdevs, mounts
 from app.services import loop as loopdev
 from app.services.config import BlockEntry
-from app.services.layout import is_capture_of
+from app.services.layout import capture_suffix, is_capture_of
 from app.services.results import MirrorError, Outcome, Result
 
 ATTACH_LOCK = "/run/mirrorsetup.attach.lock"  # host-wide, root-only (/run is root's)
@@ -41,14 +41,22 @@ def attach_lock(path: str = ATTACH_LOCK):
 class View:
     """The kernel's state read once per action: loops from sysfs, the mount table."""
 
-    attached: list[loopdev.LoopStatus] = field(default_factory=loopdev.list_attached)
+    attached: list[loopdev.LoopStatus] = field(default_factory=lambda: loopdev.list_attached())
     table: list[mounts.MountEntry] = field(default_factory=mounts.read_mountinfo)
 
     def __post_init__(self) -> None:
         self.by_backing: dict[tuple[int, int], list[loopdev.LoopStatus]] = {}
         for s in self.attached:
-            if (key := device_id(s.backing_file)) is not None:
-                self.by_backing.setdefault(key, []).append(s)
+            self._index(s)
+
+    def _index(self, s: loopdev.LoopStatus) -> None:
+        if (key := device_id(s.backing_file)) is not None:
+            self.by_backing.setdefault(key, []).append(s)
+
+    def note_attached(self, s: loopdev.LoopStatus) -> None:
+        """A loop we attached ourselves joins the picture (no new scan of every loop)."""
+        self.attached.append(s)
+        self._index(s)
 
     def loops_on(self, device: str) -> list[loopdev.LoopStatus]:
         key = device_id(device)
@@ -93,8 +101,9 @@ def busy_reasons(device: str, view: View) -> list[str]:
     open exclusively. Loops straight on the device are judged by the plans below."""
     reasons = [f"mounted on {mp}" for mp in view.mounted_on(device)]
     reasons += [f"held by {h}" for h in loopdev.holders_of(device)]
+    suffix = capture_suffix(device)  # one hash, not one per attached loop
     reasons += [f"captured by the mirrorsetup daemon through {s.device}" for s in view.attached
-                if is_capture_of(device, s.backing_file)]
+                if is_capture_of(device, s.backing_file, suffix)]
     if not reasons:
         try:  # what sysfs does not name: an exclusive opener (mkfs, a daemon, a RAID tool)
             os.close(os.open(device, os.O_RDONLY | os.O_EXCL | os.O_CLOEXEC))
@@ -194,14 +203,16 @@ def describe(plan: AttachPlan, *, captured: bool, target: str | None) -> str:
             + (f" (taking over {plan.take_over.device})" if plan.take_over else ""))
 
 
-def attach_plain(plan: AttachPlan, *, action: str, uncaptured: bool) -> Result:
-    """Carry out a plain plan (the caller holds attach_lock)."""
+def attach_plain(plan: AttachPlan, *, action: str, uncaptured: bool, view: View | None = None) -> Result:
+    """Carry out a plain plan (the caller holds attach_lock); the new loop joins `view`."""
     e = plan.entry
     try:
         st = loopdev.attach(e.device, loop=e.loop, offset=e.offset, sizelimit=e.sizelimit,
                             read_only=e.read_only)
     except MirrorError as exc:
         return Result.from_error(action, e.device, exc)
+    if view is not None:
+        view.note_attached(st)
     return Result(action, e.device, Outcome.OK, f"attached {e.device} as {st.device}"
                   + (" (forced over: " + ", ".join(plan.forced_over) + ")" if plan.forced_over else "")
                   + (UNCAPTURED if uncaptured else ""), details={"loop": st.device})

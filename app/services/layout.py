@@ -104,10 +104,16 @@ class Layout:
             mount.fstype in (FSTYPE_FS, FSTYPE_BLOCK)
 
 
-def is_capture_of(device: str, backing: str | None) -> bool:
+def capture_suffix(device: str) -> str:
+    """How every capture file of `device` ends (any installation's)."""
+    return f"/block/{entry_id(device)}/{CAPTURE_FILE}"
+
+
+def is_capture_of(device: str, backing: str | None, suffix: str | None = None) -> bool:
     """True when a loop's backing file is a capture file of `device` (any installation's,
-    live or left dead): such a loop reaches the device through a capture."""
-    return bool(backing) and backing.endswith(f"/block/{entry_id(device)}/{CAPTURE_FILE}")
+    live or left dead): such a loop reaches the device through a capture. `suffix`:
+    capture_suffix(device), when the caller asks about many loops."""
+    return bool(backing) and backing.endswith(suffix or capture_suffix(device))
 
 
 def private_dir(path: str, what: str) -> str:

@@ -113,8 +113,6 @@ class Replication:
             for e in config.block:
                 results.append(self._attach_plain(e, view, dry_run=dry_run, force=force,
                                                   action="attach", uncaptured=True))
-                if results[-1].outcome is Outcome.OK:
-                    view = View()  # what we attached is part of the next entry's picture
             return results
 
     def detach_all(self, *, dry_run: bool = False) -> list[Result]:
@@ -139,7 +137,8 @@ class Replication:
         if dry_run:
             return Result(action, entry.device, Outcome.SKIPPED,
                           blockplan.describe(plan, captured=False, target=None))
-        return blockplan.attach_plain(plan, action=action, uncaptured=uncaptured)
+        return blockplan.attach_plain(plan, action=action, uncaptured=uncaptured,
+                                      view=view)  # what we attached is in the next entry's picture
 
     def _detach_plain(self, entry: BlockEntry, view: View | None = None, *,
                       dry_run: bool = False) -> list[Result]:

@@ -17,7 +17,7 @@ from app.services import mounts
 from app.services.config import BlockEntry, ConfigStore, FsEntry
 from app.services.blockplan import View
 from app.services.entries import problems
-from app.services.layout import FSTYPE_FS, is_capture_of
+from app.services.layout import FSTYPE_FS, capture_suffix, is_capture_of
 from app.services.protocol import CaptureRow
 
 
@@ -262,7 +262,8 @@ def _block_state(entry: BlockEntry, view: View, loops: list[loopdev.LoopStatus],
     if not os.path.exists(dev):
         warnings.append(StatusWarning(dev, "the device does not exist", "error"))
         return BlockState(entry, "device missing")
-    captured = tuple(s for s in loops if is_capture_of(dev, s.backing_file))
+    suffix = capture_suffix(dev)  # one hash per entry, not one per loop on the host
+    captured = tuple(s for s in loops if is_capture_of(dev, s.backing_file, suffix))
     raw_loops = view.loops_on(dev)  # loops straight on the raw device: no capture
     plain = tuple(s for s in raw_loops if s.offset == entry.offset)
     ours = captured + plain
