@@ -153,3 +153,10 @@ def test_status_watch_prints_again_when_the_configuration_changes(config, tmp_pa
     finally:
         watch.kill()
         watch.wait()
+
+
+@pytest.mark.parametrize("flag", ["-V", "--version"])
+def test_version_is_printed_on_stdout(flag):
+    from app import __version__
+    proc = cli(flag)
+    assert (proc.returncode, proc.stdout, proc.stderr) == (0, f"mirrorsetup {__version__}\n", "")

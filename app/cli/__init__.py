@@ -37,6 +37,9 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
         description="Choose what is replicated, and see live whether it is. Without a "
                     "command: the full-screen console.")
+    from app import __version__
+    parser.add_argument("-V", "--version", action="version", version=f"mirrorsetup {__version__}",
+                        help="print the version and exit")
     parser.set_defaults(func=cmd_tui)
     sub = parser.add_subparsers(title="commands", metavar="COMMAND")
     add(sub, "tui", cmd_tui, "start the full-screen console (the default)", common)
