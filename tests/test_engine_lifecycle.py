@@ -5,8 +5,10 @@ from __future__ import annotations
 import errno
 import hashlib
 import os
+import signal
 import subprocess
 import sys
+import threading
 import time
 
 import pytest
@@ -341,3 +343,45 @@ def test_workers_are_forked_from_a_template_whose_death_they_survive(setup):
     assert open(os.path.join(tgt, "after-new-template")).read() == "captured again"
     eng.stop()
     second.wait(10)  # ends with the daemon (its socket closes)
+
+
+def test_holders_are_found_without_asking_a_mount_that_does_not_answer(setup, tmp_path):
+    """Another entry's worker is stopped (SIGSTOP: its FUSE mount answers nothing) while a
+    process has its working directory and a file there. Looking for the holders of the first
+    entry asks nothing of that mount (stat'ing those files hung the daemon): the first entry's
+    own holder is named, its unmount is refused with who holds it, then done once it is free."""
+    other = tmp_path / "other"
+    other.mkdir()
+    eng, src, _ = setup([{"path": str(tmp_path / "src"), "target": str(tmp_path / "tgt")},
+                         {"path": str(other), "target": str(tmp_path / "other.tgt")}])
+    script = "import sys, time; f = open(sys.argv[1], 'w'); print('ok', flush=True); time.sleep(600)"
+    stuck = subprocess.Popen([sys.executable, "-c", script, "held-there"], cwd=other, stdout=subprocess.PIPE)
+    mine = subprocess.Popen([sys.executable, "-c", script, os.path.join(src, "held-here")],
+                            stdout=subprocess.PIPE)
+    worker = eng.status(str(other))["worker_pid"]
+    try:
+        assert stuck.stdout.readline().strip() == b"ok" and mine.stdout.readline().strip() == b"ok"
+        os.kill(worker, signal.SIGSTOP)
+        box: dict = {}
+
+        def ask():
+            try:
+                box["r"] = eng.client.results("unmount", path=src, force=False)
+            except Exception as exc:  # noqa: BLE001 - reported below
+                box["r"] = exc
+        t = threading.Thread(target=ask, daemon=True)
+        t.start()
+        t.join(20)
+        assert "r" in box, "the unmount hung on the stopped worker's mount"
+        (r,) = box["r"]
+        assert r.failed and r.errno == errno.EBUSY, r.message
+        assert f"pid {mine.pid}" in r.message and f"pid {stuck.pid}" not in r.message, r.message
+        mine.kill()
+        mine.wait()
+        (r,) = eng.client.results("unmount", path=src, force=False)
+        assert r.outcome.value == "ok", r.message
+    finally:
+        os.kill(worker, signal.SIGCONT)
+        for p in (stuck, mine):
+            p.kill()
+            p.wait()

@@ -465,7 +465,8 @@ class Daemon:
             log.info("%s %s: %s", r.outcome.value, r.target, r.message)
         for cap in [c for c in self.sup.captures.values() if c.kind == "fs"]:
             dev = mount_dev(cap.key, self.layout.fsname("fs"))
-            busy = holders(cap.key, dev, {os.getpid()} | self.sup.pids()) if dev else []
+            busy = await trio.to_thread.run_sync(
+                holders, cap.key, dev, {os.getpid()} | self.sup.pids()) if dev else []
             if busy:
                 cap.ending = True
                 await cap.link.close()

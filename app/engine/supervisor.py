@@ -347,27 +347,75 @@ async def adopt(path: str) -> WorkerLink | None:
 def holders(path: str, dev: tuple[int, int], exclude: set[int]) -> list[dict]:
     """Processes with a file or cwd on the mount of device `dev` at `path` (in any namespace).
 
-    Matched by device number, not by name: a file opened in the lower tree before the mount
-    has the same path but does not hold the mount."""
-    import psutil
-    want = os.makedev(*dev)
+    Matched by mount, not by name: a file opened in the lower tree before the mount has the
+    same path but does not hold the mount. Nothing is looked up or stat'ed on any file system
+    (another FUSE mount that does not answer would hang the caller): each process's mount
+    namespace says which mount ids are `dev` (/proc/PID/mountinfo, read once per namespace);
+    a file's mount id is in /proc/PID/fdinfo, a working directory's is read from an O_PATH
+    descriptor of /proc/PID/cwd, which opens nothing on its file system."""
+    want = dev
+    ids_of: dict[str, frozenset[int]] = {}
     found = []
-    for proc in psutil.process_iter(["pid", "name"]):
-        if proc.pid in exclude:
+    for name in os.listdir("/proc"):
+        if not name.isdigit() or int(name) in exclude:
             continue
+        pid = int(name)
         try:
-            files = [(f.path, f"/proc/{proc.pid}/fd/{f.fd}") for f in proc.open_files()]
-        except (psutil.Error, OSError):
+            ns = os.readlink(f"/proc/{pid}/ns/mnt")
+            ids = ids_of.get(ns)
+            if ids is None:
+                with open(f"/proc/{pid}/mountinfo", "rb") as f:
+                    table = mounts.parse_mountinfo(os.fsdecode(f.read()))
+                ids = ids_of[ns] = frozenset(m.mount_id for m in table if (m.major, m.minor) == want)
+        except OSError:
             continue
-        files.append((f"{path} (working directory)", f"/proc/{proc.pid}/cwd"))
-        for name, link in files:
+        if not ids:  # its namespace does not see the mount: nothing of it can be held there
+            continue
+        held = _held_in(pid, ids, path)
+        if held is not None:
             try:
-                if os.stat(link).st_dev == want:
-                    found.append({"pid": proc.pid, "name": proc.info["name"], "file": name})
-                    break
+                with open(f"/proc/{pid}/comm") as f:
+                    comm = f.read().strip()
             except OSError:
-                continue
+                comm = "?"
+            found.append({"pid": pid, "name": comm, "file": held})
     return found
+
+
+def _fdinfo_mount_id(path: str) -> int | None:
+    try:
+        with open(path, "rb") as f:
+            for line in f.read().splitlines():
+                if line.startswith(b"mnt_id:"):
+                    return int(line.split()[1])
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def _held_in(pid: int, ids: frozenset[int], path: str) -> str | None:
+    """What of `pid` is on one of the mounts `ids`: its working directory or an open file."""
+    try:
+        fd = os.open(f"/proc/{pid}/cwd", os.O_PATH | os.O_CLOEXEC)
+    except OSError:
+        fd = None
+    if fd is not None:
+        try:
+            if _fdinfo_mount_id(f"/proc/self/fdinfo/{fd}") in ids:
+                return f"{path} (working directory)"
+        finally:
+            os.close(fd)
+    try:
+        fds = os.listdir(f"/proc/{pid}/fd")
+    except OSError:
+        return None
+    for n in fds:
+        if _fdinfo_mount_id(f"/proc/{pid}/fdinfo/{n}") in ids:
+            try:
+                return os.readlink(f"/proc/{pid}/fd/{n}")  # the kernel's name: no lookup
+            except OSError:
+                return f"{path} (fd {n})"
+    return None
 
 
 def capture_end(state: str) -> dict | None:
@@ -547,7 +595,8 @@ class Supervisor:
             dev = mount_dev(path, self.layout.fsname("fs"))
             if cap is None and dev is None:
                 return Result("unmount", path, Outcome.UNCHANGED, f"mirrorfs is not mounted on {path}")
-            held = holders(path, dev, {os.getpid()} | self.pids()) if dev else []
+            held = await trio.to_thread.run_sync(  # a scan of /proc: off the event loop
+                holders, path, dev, {os.getpid()} | self.pids()) if dev else []
             if held and not force:
                 names = "; ".join(f"pid {h['pid']} ({h['name']}) holds {h['file']}" for h in held)
                 return Result("unmount", path, Outcome.FAILED, f"files are open under {path}: {names}; "
