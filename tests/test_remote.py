@@ -443,3 +443,29 @@ def test_target_add_refuses_malformed_fields_and_leaves_nothing_behind(tmp_path)
     r = cli(cfg, "target", "add", "x", "--host", "host.invalid", "--root", "/srv/r")
     assert r.returncode == 1 and "could not read the host key of host.invalid" in r.stderr
     assert "\\r" not in r.stderr and not (tmp_path / "etc" / "keys").exists() and not cfg.exists()
+
+
+def test_a_session_prepared_while_capture_mounts_is_used_once_and_not_when_old(remote, monkeypatch):
+    """A worker starts ssh and the agent before it mounts (prepare) and shakes hands on that
+    session when the shipper opens; a prepared session the agent would have dropped for
+    silence (older than PREPARED_SECONDS) is replaced by a new one, not used."""
+    from app.engine import remote as remote_mod
+    from app.engine.supervisor import target_spec
+    from app.services.config import ConfigStore
+    _make, r = remote()
+    spec = target_spec("backup1:prepared", ConfigStore(r.cfg).load())["remote"]
+    t = remote_mod.RemoteTarget.from_spec(spec, "fs", None, None)
+    try:
+        t.prepare()
+        prepared = t.proc.pid
+        t.open("test")
+        assert t.proc.pid == prepared and t.welcome.get("free_bytes", 0) > 0, t.welcome
+        t.close()
+        t.prepare()
+        stale = t.proc
+        monkeypatch.setattr(remote_mod, "PREPARED_SECONDS", 0.0)
+        t.open("test")
+        assert t.proc.pid != stale.pid and stale.poll() is not None  # ended, not left behind
+        assert t.welcome.get("free_bytes", 0) > 0
+    finally:
+        t.close()

@@ -220,6 +220,8 @@ class Capture:
                 self.target.open()  # a local target is claimed before anything is mounted
             except (OSError, MirrorError) as exc:
                 raise Refused(str(exc), getattr(exc, "errno", None)) from exc
+        elif hasattr(self.target, "prepare"):
+            self.target.prepare()  # a remote target: ssh and the agent start while we mount
         if spec.kind == "fs":
             self._setup_fs()
         unclean = end is None and not first

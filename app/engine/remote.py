@@ -37,6 +37,8 @@ log = logging.getLogger("mirrorsetup.remote")
 BEAT_SECONDS = 1.0
 PEER_TIMEOUT = 15.0  # no frame from the agent for this long: the session is dead
 CONNECT_SECONDS = 30.0  # ssh + greeting + WELCOME
+PREPARED_SECONDS = 10.0  # a prepared session not opened by then is started again (the agent
+# ends a session that sends nothing for 15 s)
 WINDOW_MIN = 8 << 20
 QUERY_SECONDS = 300.0
 
@@ -87,35 +89,56 @@ class RemoteTarget(Target):
         return cls(Settings(**{k: v for k, v in spec.items() if k in known}), kind, size, claim, **kw)
 
     # -- session ----------------------------------------------------------------------------
-    def open(self, action: str = "replicate", **extra) -> Positions:
-        """Connect and shake hands. `action` other than "replicate": the agent's answer is in
-        `self.welcome` and the session is the caller's (promote, discard, failback)."""
-        self.close()
-        self._extra = extra
-        self._failure, self._gap, self.paused, self._rewind = None, None, None, None
-        self.proc = subprocess.Popen(self.s.ssh_argv("mirrorsetup-agent"), stdin=subprocess.PIPE,
-                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, bufsize=0,
-                                     start_new_session=True)
-        threading.Thread(target=self._read_stderr, args=(self.proc,), daemon=True).start()
-        ready = threading.Event()
-        result: dict = {}
+    def prepare(self) -> None:
+        """Start ssh and let the agent start and greet while the caller does something else
+        (capture mounts meanwhile): the first open() then only shakes hands."""
+        if self.proc is None:
+            self._spawn()
+
+    def _spawn(self) -> None:
+        proc = subprocess.Popen(self.s.ssh_argv("mirrorsetup-agent"), stdin=subprocess.PIPE,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, bufsize=0,
+                                start_new_session=True)
+        self.proc = proc
+        threading.Thread(target=self._read_stderr, args=(proc,), daemon=True).start()
+        greeting = {"greeted": threading.Event(), "go": threading.Event(), "done": threading.Event(),
+                    "since": time.monotonic(), "proc": proc}
 
         def greet() -> None:
             try:
-                wire.skip_to_greeting(self.proc.stdout.read)
-                self._send(wire.jframe(wire.HELLO, self._hello(action)))
-                got = wire.read_frame(self.proc.stdout.read)
-                result["frame"] = got
+                wire.skip_to_greeting(proc.stdout.read)
+                greeting["greeted"].set()
+                greeting["go"].wait()
+                if greeting.get("action") is None:
+                    return  # closed before any open()
+                self._send(wire.jframe(wire.HELLO, self._hello(greeting["action"])))
+                greeting["frame"] = wire.read_frame(proc.stdout.read)
             except (wire.WireError, OSError) as exc:
-                result["error"] = exc
+                greeting["error"] = exc
             finally:
-                ready.set()
+                greeting["done"].set()
+        self._greeting = greeting
         threading.Thread(target=greet, daemon=True).start()
-        if not ready.wait(CONNECT_SECONDS):
+
+    def open(self, action: str = "replicate", **extra) -> Positions:
+        """Connect and shake hands. `action` other than "replicate": the agent's answer is in
+        `self.welcome` and the session is the caller's (promote, discard, failback)."""
+        g = getattr(self, "_greeting", None)
+        fresh = (g is not None and g["proc"] is self.proc and self.proc.poll() is None
+                 and "action" not in g and time.monotonic() - g["since"] < PREPARED_SECONDS)
+        if not fresh:  # nothing prepared, or that one is used, ended or too old
+            self.close()
+            self._spawn()
+        g = self._greeting
+        self._extra = extra
+        self._failure, self._gap, self.paused, self._rewind = None, None, None, None
+        g["action"] = action
+        g["go"].set()
+        if not g["done"].wait(CONNECT_SECONDS):
             self.close()
             raise TargetUnavailable(f"disconnected: no answer from {self.s.host} within "
                                     f"{CONNECT_SECONDS:.0f} s")
-        got = result.get("frame")
+        got = g.get("frame")
         if got is None:
             status = self._end_ssh()
             raise ssh_failure("\n".join(self._stderr), status)
@@ -374,6 +397,9 @@ class RemoteTarget(Target):
             return proc.wait()
 
     def close(self) -> None:
+        g = getattr(self, "_greeting", None)
+        if g is not None:
+            g["go"].set()  # a greeting thread still waiting for open() ends
         if self.proc is not None:
             self._end_ssh()
             self.proc = None
