@@ -72,6 +72,9 @@ def scratch_loop(sparse_file):
     yield make
     for dev in reversed(made):
         _unmount_everything_from(dev)
+        # a switch-over makes the device read-only (BLKROSET); that flag outlives the loop's
+        # binding and the next user of this loop number would inherit it
+        run("blockdev", "--setrw", dev, check=False)
         run("losetup", "-d", dev, check=False)
 
 

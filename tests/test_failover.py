@@ -5,6 +5,7 @@ differs, the source winning a split brain."""
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -84,10 +85,23 @@ def test_planned_switchover_of_a_directory_and_fail_back(fs_remote, writer):
     replica = r.root / "data"
     assert full_tree(s) == full_tree(replica)  # byte for byte: contents, modes, owners, times, links, xattrs
     assert len([n for n in os.listdir(replica) if n.startswith("w")]) == written
-    assert not any(m for m in open("/proc/self/mountinfo") if f" {src} " in m), "still captured"
+    assert not any("fuse.mirrorfs" in m for m in open("/proc/self/mountinfo") if f" {src} " in m), \
+        "still captured"
+    # what an application writes here now would be overwritten by the fail-back: refused
+    assert "read-only here until the fail-back" in res[0]["message"], res
+    with pytest.raises(OSError) as refused:
+        (s / "written-after-the-switch-over").write_text("would be lost")
+    assert refused.value.errno == errno.EROFS
+    subprocess.run(["umount", src], check=True)  # as a reboot would: the read-only mount is gone
+    eng.stop()
+    eng.start()  # ... and the daemon puts it back
+    with pytest.raises(OSError) as refused:
+        (s / "written-after-a-restart").write_text("would be lost")
+    assert refused.value.errno == errno.EROFS
 
     st = eng.status(src)
     assert st["state"] == "switched over" and st["switched"]["seq"] == res[0]["details"]["seq"], st
+    assert st["switched"]["fence"].get("read_only_mount"), st  # put back by the restart
     m = cli(r.cfg, "fs", "mount-all", socket=eng.socket)  # capturing here would fork the history
     assert m.returncode == 1 and "switched over to backup1:data" in m.stderr, m.stdout + m.stderr
     again = cli(r.cfg, "switchover", src, socket=eng.socket)
@@ -131,6 +145,14 @@ def test_block_switchover_then_fail_back_sends_only_what_changed(block_remote):
     image = r.bed.target_view(r.root / "disk.img")
     assert sha(image) == sha(disk)
     assert eng.block(disk)["state"] == "switched over"
+    fd = os.open(disk, os.O_WRONLY)  # read-only here until the fail-back
+    try:
+        with pytest.raises(OSError) as refused:
+            os.pwrite(fd, b"would be lost", 0)
+            os.fsync(fd)
+        assert refused.value.errno in (errno.EPERM, errno.EROFS)
+    finally:
+        os.close(fd)
     a = cli(r.cfg, "block", "attach-all", socket=eng.socket)
     assert a.returncode == 1 and "switched over" in a.stderr, a.stdout + a.stderr
 

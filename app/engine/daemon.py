@@ -433,6 +433,9 @@ class Daemon:
                 await self._take_over()
                 for r in await self.blk.clean_dead():
                     log.info("%s %s: %s", r.outcome.value, r.target, r.message)
+                for kind, entries in (("fs", self._entries()), ("block", self._blocks())):
+                    for e in entries:  # switched over: read-only here, even after a reboot
+                        await self.failover.refence(kind, e)
                 for e in self._entries():
                     r = await self.sup.mount(e)
                     log.info("%s %s: %s", r.outcome.value, r.target, r.message)

@@ -87,6 +87,81 @@ def refusal(layout, kind: str, key: str, action: str) -> Result | None:
     return Result(action, key, Outcome.FAILED, why, errno.EREMOTE)
 
 
+# -- the fence: this side is read-only while its replica is primary ------------------------------
+# After a switch-over, anything written here would be overwritten by the fail-back: a directory
+# gets a read-only bind mount of itself over it, a whole block device the kernel's read-only
+# flag (BLKROSET, as `blockdev --setro`; writers, even those already open, get EPERM/EROFS).
+# The marker records what was done, so only that is undone (a device read-only before stays so).
+BLKROSET, BLKROGET = 0x125D, 0x125E
+
+
+def _top_mount_id(path: str) -> int | None:
+    from app.services import mounts
+    ids = [m.mount_id for m in mounts.read_mountinfo() if m.mount_point == path]
+    return ids[-1] if ids else None  # the last one listed at a path is the one on top
+
+
+def _set_ro(device: str, ro: bool) -> bool:
+    """Set the device's read-only flag; returns what it was."""
+    import ctypes
+    import fcntl
+    fd = os.open(device, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        was = ctypes.c_int(0)
+        fcntl.ioctl(fd, BLKROGET, was)
+        fcntl.ioctl(fd, BLKROSET, ctypes.c_int(1 if ro else 0))
+        return bool(was.value)
+    finally:
+        os.close(fd)
+
+
+def fence(kind: str, key: str, entry) -> dict:
+    """Make this side read-only (after a promotion); what to put in the marker. Errors are
+    reported, not raised: the switch-over itself is done."""
+    from app.services import mounts
+    try:
+        if kind == "fs":
+            mounts.mount(key, key, None, mounts.MS_BIND)
+            try:
+                mounts.mount(None, key, None, mounts.MS_BIND | mounts.MS_REMOUNT | mounts.MS_RDONLY)
+            except MirrorError:
+                mounts.umount(key)
+                raise
+            return {"read_only_mount": _top_mount_id(key)}
+        if entry.offset or entry.sizelimit:
+            return {"unfenced": "the entry is a window of the device: the rest is not ours to "
+                                "make read-only"}
+        return {"read_only_device": True, "was_read_only": _set_ro(entry.device, True)}
+    except (OSError, MirrorError) as exc:
+        log.error("%s: could not make it read-only after the switch-over: %s", key, exc)
+        return {"unfenced": str(exc)}
+
+
+def fenced(kind: str, key: str, entry, info: dict) -> bool:
+    """Is what fence() did still in place (a reboot ends both kinds)?"""
+    if kind == "fs":
+        return info.get("read_only_mount") is not None and _top_mount_id(key) == info["read_only_mount"]
+    try:
+        with open(f"/sys/dev/block/{os.major(os.stat(entry.device).st_rdev)}:"
+                  f"{os.minor(os.stat(entry.device).st_rdev)}/ro") as f:
+            return f.read().strip() == "1"
+    except OSError:
+        return False
+
+
+def unfence(kind: str, key: str, entry, info: dict) -> None:
+    """Undo what fence() did (before data comes back or capture starts again)."""
+    from app.services import mounts
+    mid = info.get("read_only_mount")
+    if kind == "fs" and mid is not None and _top_mount_id(key) == mid:
+        mounts.umount(key)  # EBUSY: someone still reads the old data there; said by name
+    if kind == "block" and info.get("read_only_device") and not info.get("was_read_only"):
+        try:
+            _set_ro(entry.device, False)
+        except OSError as exc:
+            raise MirrorError.from_oserror("make writable again", entry.device, exc) from None
+
+
 # -- helpers ---------------------------------------------------------------------------------------
 
 def window_size(entry) -> int:
@@ -165,6 +240,28 @@ class Failover:
             raise MirrorError(f"{r.message} (capture goes on)", errno=r.errno or errno.EBUSY, obj=key)
         return r
 
+    async def refence(self, kind: str, entry) -> None:
+        """At the daemon's start: an entry switched over whose read-only fence is gone (a
+        reboot, an unmount by hand) is fenced again."""
+        key = entry.path if kind == "fs" else entry.device
+        state = self._spec(kind, key, entry).state
+        sw = switched(state)
+        if not sw or sw.get("state") != "switched" or "unfenced" in (sw.get("fence") or {}):
+            return
+        info = sw.get("fence") or {}
+        if info and await trio.to_thread.run_sync(fenced, kind, key, entry, info):
+            return
+        if kind == "block" and info.get("was_read_only") is not None:
+            keep = info["was_read_only"]  # what it was before the first fence, not now
+        else:
+            keep = None
+        new = await trio.to_thread.run_sync(fence, kind, key, entry)
+        if keep is not None and "was_read_only" in new:
+            new["was_read_only"] = keep
+        _mark(state, {**sw, "fence": new})
+        log.info("%s: switched over to %s: made read-only here again (%s)", key, sw.get("target"),
+                 new.get("unfenced", "done"))
+
     # -- switch-over ----------------------------------------------------------------------------
     async def switchover(self, kind: str, key: str, entry, send) -> list[Result]:
         from app.engine.capture import make_target
@@ -223,23 +320,27 @@ class Failover:
                     raise MirrorError(f"switch-over of {key}: {exc.state}; nothing was promoted; "
                                       f"{again.message}", errno=_exc_error(exc), obj=key) from None
                 welcome = {}  # an interrupted switch-over had promoted it already
-            _mark(state, {"state": "switched", "time": time.time(), "seq": seq, "target": entry.target,
-                          "generation": welcome.get("generation"), "host": welcome.get("host")})
+            info = {"state": "switched", "time": time.time(), "seq": seq, "target": entry.target,
+                    "generation": welcome.get("generation"), "host": welcome.get("host")}
+            _mark(state, info)
+            fenced = await trio.to_thread.run_sync(fence, kind, key, entry)
+            _mark(state, {**info, "fence": fenced})
             log.info("%s switched over to %s at seq %d", key, entry.target, seq)
+            here = (f"{key} is read-only here until the fail-back (what is written here would be "
+                    "overwritten by it)" if "unfenced" not in fenced else
+                    f"{key} could NOT be made read-only here ({fenced['unfenced']}): what is "
+                    "written here is overwritten by the fail-back")
             return [Result("switchover", key, Outcome.OK,
                            f"switched over to {entry.target} at seq {seq}: every record captured "
                            f"here was applied there, none lost; the replica on "
                            f"{welcome.get('host', 'the target')} is primary now (generation "
-                           f"{welcome.get('generation', '?')}); {key} is no longer captured here. "
-                           f"`mirrorsetup failback {key}` brings the service back",
+                           f"{welcome.get('generation', '?')}); {key} is no longer captured here; "
+                           f"{here}. `mirrorsetup failback {key}` brings the service back",
                            details={"seq": seq, "lost": 0, "generation": welcome.get("generation"),
-                                    "host": welcome.get("host")})]
+                                    "host": welcome.get("host"), "fence": fenced})]
 
     # -- fail-back ------------------------------------------------------------------------------
     async def failback(self, kind: str, key: str, entry, send) -> list[Result]:
-        from app.engine.capture import make_target, write_end
-        from app.engine.remote import receive_failback
-        from app.engine.target import LocalBlockTarget, LocalDirTarget
         spec = self._spec(kind, key, entry)
         state = spec.state
         results: list[Result] = []
@@ -253,58 +354,77 @@ class Failover:
                 raise MirrorError(f"{key} is in use here: {'; '.join(users)}: its data is about to be "
                                   "replaced by the promoted replica's; stop them first",
                                   errno=errno.EBUSY, obj=key)
-            if kind == "fs":
-                fd = os.open(key, os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
-                local = LocalDirTarget.on_fd(fd, key)
-            else:
-                try:
-                    fd = os.open(entry.device, os.O_RDWR | os.O_EXCL | os.O_CLOEXEC)
-                except OSError as exc:
-                    raise MirrorError.from_oserror("open (exclusive)", entry.device, exc) from None
-                local = LocalBlockTarget.on_fd(fd, entry.device, size, entry.offset)
-            journal = Journal(state, kind=KIND_FS if kind == "fs" else KIND_BLOCK)
-            last = journal.last_seq
-            unsent = last - journal.released_seq
-            # the new history is chosen before and kept until it is ours: a fail-back that was
-            # interrupted after the replica took it is finished by the next one
-            pending = _read_json(state, FAILBACK)
-            new_gen = (pending or {}).get("generation") or uuid.uuid4().hex
-            write_small_file(Path(state), FAILBACK, json.dumps({"generation": new_gen}) + "\n")
-            await send({"progress": {"stage": "comparing"}})
-            target = make_target(spec, size)  # says the old history, the one it was promoted from
+            sw = switched(state) or {}
+            if sw.get("fence"):  # the data comes back through the directory or device itself
+                await trio.to_thread.run_sync(unfence, kind, key, entry, sw["fence"])
+                _mark(state, {**sw, "fence": {}})
             try:
-                counts = await trio.to_thread.run_sync(lambda: receive_failback(
-                    target, local, new_generation=new_gen, last_seq=last))
-                already = False
-            except TargetUnavailable as exc:
-                if getattr(exc, "code", None) != "not-promoted" or pending is None:
-                    journal.close()
-                    raise MirrorError(f"fail-back of {key}: {exc.state}", errno=_exc_error(exc),
-                                      obj=key) from None
-                counts, already = {}, True  # the interrupted fail-back had finished there
-            finally:
-                local.close()
-            write_small_file(Path(state), "generation", new_gen + "\n")
-            os.unlink(Path(state) / FAILBACK)
-            journal.discard_through(last)
-            journal.close()
-            write_end(state, {"seq": last, "released": last, "drained": True, "time": time.time(),
-                              "failback": True})
-            _unmark(state)
-            sent = counts.get("sent_bytes", 0)
-            what = (f"{counts.get('differing', 0)} of {counts.get('blocks', 0)} blocks differed"
-                    if kind == "block" else
-                    f"{counts.get('copied', 0)} of {counts.get('files', 0)} files differed, "
-                    f"{counts.get('removed', 0)} removed")
-            msg = ("the replica had been handed back already" if already else
-                   f"failed back from {entry.target}: {what}, {sent} bytes came back")
-            if unsent and not already:
-                msg += (f"; {unsent} records captured here that never reached the replica were "
-                        "dropped (the promoted replica won)")
-            results.append(Result("failback", key, Outcome.OK, msg + f"; the replica is secondary "
-                                  f"again (generation {new_gen})",
-                                  details={**counts, "generation": new_gen, "dropped_records": unsent}))
+                results += await self._failback(kind, key, entry, send, spec, size)
+            except BaseException:
+                if sw.get("fence") and switched(state) is not None:  # still primary there
+                    fenced = await trio.to_thread.run_sync(fence, kind, key, entry)
+                    _mark(state, {**sw, "fence": fenced})
+                raise
         results.append(await self._capture(kind, entry))
+        return results
+
+    async def _failback(self, kind: str, key: str, entry, send, spec, size) -> list[Result]:
+        from app.engine.capture import make_target, write_end
+        from app.engine.remote import receive_failback
+        from app.engine.target import LocalBlockTarget, LocalDirTarget
+        state = spec.state
+        results: list[Result] = []
+        if kind == "fs":
+            fd = os.open(key, os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+            local = LocalDirTarget.on_fd(fd, key)
+        else:
+            try:
+                fd = os.open(entry.device, os.O_RDWR | os.O_EXCL | os.O_CLOEXEC)
+            except OSError as exc:
+                raise MirrorError.from_oserror("open (exclusive)", entry.device, exc) from None
+            local = LocalBlockTarget.on_fd(fd, entry.device, size, entry.offset)
+        journal = Journal(state, kind=KIND_FS if kind == "fs" else KIND_BLOCK)
+        last = journal.last_seq
+        unsent = last - journal.released_seq
+        # the new history is chosen before and kept until it is ours: a fail-back that was
+        # interrupted after the replica took it is finished by the next one
+        pending = _read_json(state, FAILBACK)
+        new_gen = (pending or {}).get("generation") or uuid.uuid4().hex
+        write_small_file(Path(state), FAILBACK, json.dumps({"generation": new_gen}) + "\n")
+        await send({"progress": {"stage": "comparing"}})
+        target = make_target(spec, size)  # says the old history, the one it was promoted from
+        try:
+            counts = await trio.to_thread.run_sync(lambda: receive_failback(
+                target, local, new_generation=new_gen, last_seq=last))
+            already = False
+        except TargetUnavailable as exc:
+            if getattr(exc, "code", None) != "not-promoted" or pending is None:
+                journal.close()
+                raise MirrorError(f"fail-back of {key}: {exc.state}", errno=_exc_error(exc),
+                                  obj=key) from None
+            counts, already = {}, True  # the interrupted fail-back had finished there
+        finally:
+            local.close()
+        write_small_file(Path(state), "generation", new_gen + "\n")
+        os.unlink(Path(state) / FAILBACK)
+        journal.discard_through(last)
+        journal.close()
+        write_end(state, {"seq": last, "released": last, "drained": True, "time": time.time(),
+                          "failback": True})
+        _unmark(state)
+        sent = counts.get("sent_bytes", 0)
+        what = (f"{counts.get('differing', 0)} of {counts.get('blocks', 0)} blocks differed"
+                if kind == "block" else
+                f"{counts.get('copied', 0)} of {counts.get('files', 0)} files differed, "
+                f"{counts.get('removed', 0)} removed")
+        msg = ("the replica had been handed back already" if already else
+               f"failed back from {entry.target}: {what}, {sent} bytes came back")
+        if unsent and not already:
+            msg += (f"; {unsent} records captured here that never reached the replica were "
+                    "dropped (the promoted replica won)")
+        results.append(Result("failback", key, Outcome.OK, msg + f"; the replica is secondary "
+                              f"again (generation {new_gen})",
+                              details={**counts, "generation": new_gen, "dropped_records": unsent}))
         return results
 
     # -- split brain: the source wins -------------------------------------------------------------
@@ -329,6 +449,9 @@ class Failover:
                 await trio.to_thread.run_sync(discard)
             except TargetUnavailable as exc:
                 raise MirrorError(f"resolve {key}: {exc.state}", errno=_exc_error(exc), obj=key) from None
+            sw = switched(spec.state) or {}
+            if sw.get("fence"):  # this side wins: it is written again
+                await trio.to_thread.run_sync(unfence, kind, key, entry, sw["fence"])
             _unmark(spec.state)
             results = [Result("resolve", key, Outcome.OK, f"discarded the promotion of the replica on "
                               f"{entry.target}: it is this entry's secondary again and is made equal "

@@ -336,7 +336,9 @@ def _switched_text(row: CaptureRow) -> str:
     where = sw.get("target") or row.target or "its replica"
     if sw.get("state") == "switching":
         return f"switch-over to {where} interrupted: run it again, or resolve"
-    return f"switched over to {where}: primary there; fail back to capture here"
+    fence = sw.get("fence") or {}
+    here = ("; NOT read-only here" if "unfenced" in fence else "; read-only here" if fence else "")
+    return f"switched over to {where}: primary there{here}; fail back to capture here"
 
 
 def replication_text(row: CaptureRow | None, *, long: bool = False) -> str:
