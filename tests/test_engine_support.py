@@ -173,11 +173,14 @@ class Engine:
             if lp.backing_file and lp.backing_file.startswith(run_dir):
                 subprocess.run(["umount", "-l", lp.device], capture_output=True)
                 subprocess.run(["losetup", "-d", lp.device], capture_output=True)
-        # the daemon's captures (mirrorfs, block files) and the fs entries' doors, deepest first;
-        # nothing else of the test's (a target disk, a tmpfs it made) is ours to unmount
+        # the daemon's captures (mirrorfs, block files), the fs entries' doors and a switch-over's
+        # read-only fence (a directory bound onto itself), deepest first; nothing else of the
+        # test's (a target disk, a tmpfs it made) is ours to unmount
+        inside = str(self.tmp) + "/"
         for mp in sorted({m.mount_point for m in read_mountinfo()
                           if m.mount_point.startswith(run_dir) or (
-                              m.fstype in ("fuse.mirrorfs", "fuse.mirrorblk")
-                              and m.mount_point.startswith(str(self.tmp) + "/"))},
+                              m.mount_point.startswith(inside)
+                              and (m.fstype in ("fuse.mirrorfs", "fuse.mirrorblk")
+                                   or (m.root != "/" and m.mount_point.endswith(m.root))))},
                          key=len, reverse=True):
             subprocess.run(["umount", "-l", mp], capture_output=True)

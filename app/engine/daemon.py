@@ -435,7 +435,11 @@ class Daemon:
                     log.info("%s %s: %s", r.outcome.value, r.target, r.message)
                 for kind, entries in (("fs", self._entries()), ("block", self._blocks())):
                     for e in entries:  # switched over: read-only here, even after a reboot
-                        await self.failover.refence(kind, e)
+                        try:
+                            await self.failover.refence(kind, e)
+                        except (OSError, MirrorError) as exc:  # said; the daemon starts anyway
+                            log.error("%s: could not make it read-only again: %s",
+                                      getattr(e, "path", None) or e.device, exc)
                 for e in self._entries():
                     r = await self.sup.mount(e)
                     log.info("%s %s: %s", r.outcome.value, r.target, r.message)

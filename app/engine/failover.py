@@ -244,7 +244,7 @@ class Failover:
         """At the daemon's start: an entry switched over whose read-only fence is gone (a
         reboot, an unmount by hand) is fenced again."""
         key = entry.path if kind == "fs" else entry.device
-        state = self._spec(kind, key, entry).state
+        state = self.sup.layout.state(kind, key)  # any entry: most were never switched over
         sw = switched(state)
         if not sw or sw.get("state") != "switched" or "unfenced" in (sw.get("fence") or {}):
             return
