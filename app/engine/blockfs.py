@@ -15,25 +15,32 @@ from __future__ import annotations
 import errno
 import os
 import stat
+import time
 from array import array
+from types import SimpleNamespace
 
-import pyfuse3
 import trio
 
+from app.engine import fusewire
 from app.engine.journal import Journal
 from app.engine.sync import BLOCK
 
 FILE_NAME = b"disk"
-FILE_INO = pyfuse3.ROOT_INODE + 1
+ROOT_INO = fusewire.ROOT_ID
+FILE_INO = ROOT_INO + 1
+FOPEN_DIRECT_IO = 1 << 0
 
 
-class BlockFS(pyfuse3.Operations):
-    """A directory with one file: the window of the raw device."""
+class BlockFS:
+    """A directory with one file: the window of the raw device. Served by fusewire.Session
+    (the FUSE protocol spoken directly: one request costs a read, a few unpacks and a write,
+    not pyfuse3's and trio's dispatch). While frozen, the session holds writes back, in order."""
 
-    enable_writeback_cache = False
+    # the file's data goes straight to us: no second page cache under the loop device's own,
+    # every write reaches us
+    open_flags = FOPEN_DIRECT_IO
 
     def __init__(self, raw_fd: int, offset: int, size: int, journal: Journal, read_only: bool):
-        super().__init__()
         self.raw_fd, self.offset, self.size = raw_fd, offset, size
         self.journal = journal
         self.read_only = read_only
@@ -46,6 +53,17 @@ class BlockFS(pyfuse3.Operations):
         self.unfrozen = trio.Event()
         self.unfrozen.set()
         self.stopping = False
+        self.dev = os.fstat(raw_fd).st_rdev  # what fusewire compares inode numbers' devices with
+        now = time.time_ns()
+        self._stat = {
+            FILE_INO: SimpleNamespace(
+                st_ino=FILE_INO, st_dev=self.dev, st_mode=stat.S_IFREG | (0o400 if read_only else 0o600),
+                st_nlink=1, st_uid=0, st_gid=0, st_rdev=0, st_size=size, st_blocks=(size + 511) // 512,
+                st_blksize=4096, st_atime_ns=now, st_mtime_ns=now, st_ctime_ns=now),
+            ROOT_INO: SimpleNamespace(
+                st_ino=ROOT_INO, st_dev=self.dev, st_mode=stat.S_IFDIR | 0o700, st_nlink=2, st_uid=0,
+                st_gid=0, st_rdev=0, st_size=0, st_blocks=0, st_blksize=4096, st_atime_ns=now,
+                st_mtime_ns=now, st_ctime_ns=now)}
 
     def generation(self, block: int) -> int:
         return self.gen[block]
@@ -53,107 +71,109 @@ class BlockFS(pyfuse3.Operations):
     def dirty_blocks(self) -> list[int]:
         return [b for b, d in enumerate(self.dirty) if d]
 
-    def _attr(self, ino: int) -> pyfuse3.EntryAttributes:
-        e = pyfuse3.EntryAttributes()
-        e.st_ino = ino
-        e.entry_timeout = e.attr_timeout = 3600  # nothing else changes the window's size
-        e.st_uid = e.st_gid = 0
-        if ino == FILE_INO:
-            e.st_mode = stat.S_IFREG | (0o400 if self.read_only else 0o600)
-            e.st_size = self.size
-            e.st_blocks = (self.size + 511) // 512
-            e.st_nlink = 1
-        else:
-            e.st_mode = stat.S_IFDIR | 0o700
-            e.st_nlink = 2
-        e.st_blksize = 4096
-        return e
+    # -- the session's questions --------------------------------------------------------------
+    def init(self) -> None:
+        pass
 
-    async def getattr(self, inode, ctx=None):
-        if inode not in (pyfuse3.ROOT_INODE, FILE_INO):
-            raise pyfuse3.FUSEError(errno.ENOENT)
-        return self._attr(inode)
+    def frozen(self) -> bool:
+        """Writes wait while a block that kept changing is held still (catch-up, verify)."""
+        return not self.unfrozen.is_set()
 
-    async def lookup(self, parent_inode, name, ctx=None):
-        if parent_inode != pyfuse3.ROOT_INODE or name != FILE_NAME:
-            raise pyfuse3.FUSEError(errno.ENOENT)
-        return self._attr(FILE_INO)
+    async def wait_unfrozen(self) -> None:
+        while not self.unfrozen.is_set():
+            await self.unfrozen.wait()
 
-    async def opendir(self, inode, ctx):
-        if inode != pyfuse3.ROOT_INODE:
-            raise pyfuse3.FUSEError(errno.ENOTDIR)
-        return inode
+    def answered(self) -> None:
+        pass
 
-    async def readdir(self, fh, start_id, token):
-        if start_id == 0:
-            pyfuse3.readdir_reply(token, FILE_NAME, self._attr(FILE_INO), 1)
+    # -- requests -----------------------------------------------------------------------------
+    def getattr(self, ino: int, fh: int | None):
+        try:
+            return self._stat[ino]
+        except KeyError:
+            raise OSError(errno.ENOENT, "no such node") from None
 
-    async def setattr(self, inode, attr, fields, fh, ctx):
-        if fields.update_size and attr.st_size != self.size:
-            raise pyfuse3.FUSEError(errno.EPERM)  # the window's size is the device's
-        return self._attr(inode)
+    def statx(self, ino: int, fh: int | None, mask: int):
+        raise OSError(errno.ENOSYS, "GETATTR answers")  # the kernel asks GETATTR from then on
 
-    async def open(self, inode, flags, ctx):
-        if inode != FILE_INO:
-            raise pyfuse3.FUSEError(errno.EISDIR)
+    def lookup(self, parent: int, name: bytes):
+        if parent != ROOT_INO or name != FILE_NAME:
+            raise OSError(errno.ENOENT, "no such file")
+        return FILE_INO, self._stat[FILE_INO]
+
+    def forget(self, ino: int, count: int) -> None:
+        pass
+
+    def opendir(self, ino: int) -> int:
+        if ino != ROOT_INO:
+            raise OSError(errno.ENOTDIR, "not a directory")
+        return ino
+
+    def readdir(self, fh: int, offset: int):
+        if offset == 0:
+            yield FILE_NAME, FILE_INO, self._stat[FILE_INO], 1, True
+
+    def unsent_entry(self, ino: int) -> None:
+        pass
+
+    def releasedir(self, fh: int) -> None:
+        pass
+
+    def fsyncdir(self, fh: int, datasync: bool) -> None:
+        pass
+
+    def setattr(self, ino: int, ch, ctx):
+        if ch.valid & fusewire.FATTR_SIZE and ch.size != self.size:
+            raise OSError(errno.EPERM, "the window's size is the device's")
+        return self.getattr(ino, None)
+
+    def open(self, ino: int, flags: int) -> int:
+        if ino != FILE_INO:
+            raise OSError(errno.EISDIR, "a directory")
         if self.read_only and flags & (os.O_WRONLY | os.O_RDWR):
-            raise pyfuse3.FUSEError(errno.EROFS)
+            raise OSError(errno.EROFS, "read-only entry")
         self.opened += 1
-        # direct_io: no second page cache under the loop device's own, every write reaches us
-        return pyfuse3.FileInfo(fh=FILE_INO, direct_io=True, keep_cache=False)
+        return FILE_INO
 
-    async def release(self, fh):
+    def release(self, fh: int) -> None:
         self.opened -= 1
 
-    async def read(self, fh, off, size):
+    def read(self, fh: int, off: int, size: int) -> bytes:
         size = max(0, min(size, self.size - off))
-        try:
-            return os.pread(self.raw_fd, size, self.offset + off) if size else b""
-        except OSError as exc:
-            raise pyfuse3.FUSEError(exc.errno) from exc
+        return os.pread(self.raw_fd, size, self.offset + off) if size else b""
 
-    async def write(self, fh, off, buf):
-        if not self.unfrozen.is_set():
-            await self.unfrozen.wait()  # held still for a moment (a block that kept changing)
+    def write(self, fh: int, off: int, buf: memoryview) -> int:
         if self.stopping:
-            raise pyfuse3.FUSEError(errno.EIO)  # capture has ended: nothing unjournalled lands
-        if off >= self.size and buf:
-            raise pyfuse3.FUSEError(errno.ENOSPC)
+            raise OSError(errno.EIO, "capture has ended")  # nothing unjournalled lands
+        if off >= self.size and len(buf):
+            raise OSError(errno.ENOSPC, "past the end of the window")
         data = bytes(buf[:self.size - off])
-        try:
-            done = os.pwrite(self.raw_fd, data, self.offset + off)
-        except OSError as exc:
-            raise pyfuse3.FUSEError(exc.errno) from exc
+        done = os.pwrite(self.raw_fd, data, self.offset + off)
         if done:
             self.clock += 1
             first, last = off // BLOCK, (off + done - 1) // BLOCK
             for b in range(first, last + 1):
                 self.gen[b] = self.clock
-            if not self.journal.append("write", {"offset": off}, data[:done]):
+            if not self.journal.append("write", {"offset": off}, data[:done] if done < len(data) else data):
                 for b in range(first, last + 1):
                     self.dirty[b] = 1  # behind: the resync sends this block
             self.writes += 1
         return done
 
-    async def fsync(self, fh, datasync):
-        try:
-            os.fdatasync(self.raw_fd)
-        except OSError as exc:
-            raise pyfuse3.FUSEError(exc.errno) from exc
+    def fsync(self, fh: int, datasync: bool) -> None:
+        os.fdatasync(self.raw_fd)
         self.journal.sync()
 
-    async def flush(self, fh):
-        """close(2) of the file; durability comes with fsync. "Not supported" stops the kernel
-        sending FLUSH at all (one round trip less per close)."""
-        raise pyfuse3.FUSEError(errno.ENOSYS)
+    def getxattr(self, ino: int, name: bytes) -> bytes:
+        raise OSError(errno.ENOSYS, "no attributes")  # the kernel stops asking (one request less per write)
 
-    async def statfs(self, ctx):
-        s = pyfuse3.StatvfsData()
-        s.f_bsize = s.f_frsize = 4096
-        s.f_blocks = (self.size + 4095) // 4096
-        s.f_files = 1
-        s.f_namemax = 255
-        return s
+    def listxattr(self, ino: int) -> list:
+        raise OSError(errno.ENOSYS, "no attributes")
+
+    def statfs(self):
+        blocks = (self.size + 4095) // 4096
+        return SimpleNamespace(f_blocks=blocks, f_bfree=0, f_bavail=0, f_files=1, f_ffree=0,
+                               f_bsize=4096, f_namemax=255, f_frsize=4096)
 
 
 def open_raw(device: str, read_only: bool) -> int:

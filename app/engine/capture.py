@@ -1,9 +1,9 @@
 """One entry's capture process: a directory (mirrorfs) or a block device (blockfs) captured
 into a journal, and the journal shipped to the entry's target.
 
-pyfuse3 keeps its FUSE session in module globals, so each captured entry is its own process,
-started by the daemon with one end of a socketpair (`python -m app.engine.capture --spec JSON
---fd N`). The process is self-sufficient: FUSE, journal, shipper and catching-up all live
+Each captured entry is its own process (one entry's failure stays its own), started by the
+daemon with one end of a socketpair (`python -m app.engine.capture --spec JSON --fd N`, forked
+from the daemon's worker template). The process is self-sufficient: FUSE, journal, shipper and catching-up all live
 here. It does not die with the daemon: on end of file from the daemon it goes on capturing and
 waits on its take-over socket (RUN/KIND/ID.sock) for the next daemon, so applications never
 see a daemon restart.
@@ -301,13 +301,13 @@ class Capture:
         os.makedirs(where, mode=0o700, exist_ok=True)
         _lift_ours(where, spec.fsname)  # a dead predecessor's, in our own run directory
         options = (FUSE_OPTIONS_FS if spec.kind == "fs" else FUSE_OPTIONS_BLOCK) + (f"fsname={spec.fsname}",)
-        if spec.kind == "fs":  # mirrorfs speaks the FUSE protocol itself (app/engine/fusewire.py)
+        if spec.kind == "fs":  # both speak the FUSE protocol themselves (app/engine/fusewire.py)
             from app.engine.mirrorfs import mount as mount_mirrorfs
             self.session = mount_mirrorfs(self.ops, where, options)
         else:
-            import pyfuse3
-            pyfuse3.init(self.ops, where, set(options))
-            self.session = pyfuse3
+            from app.engine import fusewire
+            self.session = fusewire.Session(self.ops, where, options)
+            self.session.mount()
         top = _top_mount(mounts.read_mountinfo(), where)
         self.fuse_dev = (top.major, top.minor)
 

@@ -383,7 +383,7 @@ class Session:
 
     def _open(self, nodeid, body, ctx):
         flags = U32.unpack_from(body)[0]
-        return OPEN_OUT.pack(self.fs.open(nodeid, flags), FOPEN_KEEP_CACHE, 0)
+        return OPEN_OUT.pack(self.fs.open(nodeid, flags), getattr(self.fs, "open_flags", FOPEN_KEEP_CACHE), 0)
 
     def _create(self, nodeid, body, ctx):
         flags, mode, ctx.umask, _ = FOUR_U32.unpack_from(body)

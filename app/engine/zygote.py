@@ -30,7 +30,7 @@ import sys
 PRELOAD = ("app.engine.capture", "app.engine.journal", "app.engine.target", "app.engine.shipper",
            "app.engine.remote", "app.engine.mirrorfs", "app.engine.fusewire", "app.engine.applier",
            "app.engine.inodes", "app.engine.sync", "app.engine.blocksync", "app.engine.blockfs",
-           "trio", "pyfuse3", "zstandard", "uuid", "hashlib", "cProfile")
+           "trio", "zstandard", "uuid", "hashlib", "cProfile")
 MAX_REQUEST = 1 << 20
 
 
