@@ -385,3 +385,17 @@ def test_holders_are_found_without_asking_a_mount_that_does_not_answer(setup, tm
         for p in (stuck, mine):
             p.kill()
             p.wait()
+
+
+def test_without_the_template_workers_start_anew(setup, monkeypatch):
+    """MIRRORSETUP_ZYGOTE=0 (and the fall-back when the template cannot answer): the worker is
+    `python -m app.engine.capture` started by the daemon itself, and captures as well."""
+    import psutil
+    monkeypatch.setenv("MIRRORSETUP_ZYGOTE", "0")
+    eng, src, tgt = setup()
+    pid = eng.status(src)["worker_pid"]
+    assert psutil.Process(pid).ppid() == eng.proc.pid
+    assert not [c for c in psutil.Process(eng.proc.pid).children() if "app.engine.zygote" in c.cmdline()]
+    open(os.path.join(src, "anew"), "w").write("captured")
+    eng.drain(src)
+    assert open(os.path.join(tgt, "anew")).read() == "captured"

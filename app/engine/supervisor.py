@@ -235,20 +235,28 @@ class Zygote:
         self.proc = None  # it ends when its socket closes; _reap waits for it
 
     async def fork(self, spec_arg: str, fd: int) -> AdoptedProcess | None:
+        """A forked worker holding `fd`; None when the template could not say (then `fd` may
+        be held by a worker whose answer was lost: the caller starts one anew on a new socket)."""
         async with self.lock:
-            for _attempt in range(2):  # a template found dead is started again once
+            for _attempt in range(2):  # a template found dead before the ask: another, once
                 try:
                     if self.sock is None:
                         await self._start()
-                    return await self._ask(spec_arg, fd)
+                    await self.sock.sendmsg([json.dumps({"spec": spec_arg}).encode()],
+                                           [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [fd]))])
+                except OSError as exc:
+                    log.error("worker template pid %s: %s", getattr(self.proc, "pid", None), exc)
+                    self.close()
+                    continue
+                try:
+                    return await self._answer()
                 except (OSError, ValueError, trio.TooSlowError) as exc:
                     log.error("worker template pid %s: %s", getattr(self.proc, "pid", None), exc)
                     self.close()
-            return None  # the worker is started anew
+                    return None
+            return None
 
-    async def _ask(self, spec_arg: str, fd: int) -> AdoptedProcess:
-        await self.sock.sendmsg([json.dumps({"spec": spec_arg}).encode()],
-                               [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [fd]))])
+    async def _answer(self) -> AdoptedProcess:
         with trio.fail_after(ZYGOTE_ANSWER_SECONDS):
             data, anc, _flags, _addr = await self.sock.recvmsg(65536, socket.CMSG_SPACE(4))
         fds = array.array("i")
@@ -293,6 +301,10 @@ async def spawn(spec) -> tuple[WorkerLink | None, dict]:
     template = zygote()
     if template is not None:
         proc = await template.fork(spec.to_arg(), theirs.fileno())
+        if proc is None:  # whatever may hold that socket now, the new worker gets its own
+            ours.close()
+            theirs.close()
+            ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
     if proc is None:
         argv = [sys.executable, "-m", "app.engine.capture", "--spec", spec.to_arg(),
                 "--fd", str(theirs.fileno())]
