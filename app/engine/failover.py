@@ -120,12 +120,12 @@ def fence(kind: str, key: str, entry) -> dict:
     reported, not raised: the switch-over itself is done."""
     from app.services import mounts
     try:
-        if kind == "fs":
-            mounts.mount(key, key, None, mounts.MS_BIND)
+        if kind == "fs":  # recursive: file systems mounted below the entry stay in view (and rw)
+            mounts.mount(key, key, None, mounts.MS_BIND | mounts.MS_REC)
             try:
                 mounts.mount(None, key, None, mounts.MS_BIND | mounts.MS_REMOUNT | mounts.MS_RDONLY)
             except MirrorError:
-                mounts.umount(key)
+                mounts.umount(key, mounts.MNT_DETACH)
                 raise
             return {"read_only_mount": _top_mount_id(key)}
         if entry.offset or entry.sizelimit:
@@ -154,7 +154,7 @@ def unfence(kind: str, key: str, entry, info: dict) -> None:
     from app.services import mounts
     mid = info.get("read_only_mount")
     if kind == "fs" and mid is not None and _top_mount_id(key) == mid:
-        mounts.umount(key)  # EBUSY: someone still reads the old data there; said by name
+        mounts.umount(key, mounts.MNT_DETACH)  # with what is mounted below it (users were refused)
     if kind == "block" and info.get("read_only_device") and not info.get("was_read_only"):
         try:
             _set_ro(entry.device, False)

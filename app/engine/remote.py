@@ -101,14 +101,13 @@ class RemoteTarget(Target):
                                 start_new_session=True)
         self.proc = proc
         threading.Thread(target=self._read_stderr, args=(proc,), daemon=True).start()
-        greeting = {"greeted": threading.Event(), "go": threading.Event(), "done": threading.Event(),
-                    "since": time.monotonic(), "proc": proc}
+        greeting = {"go": threading.Event(), "done": threading.Event(), "since": time.monotonic(),
+                    "proc": proc}
 
         def greet() -> None:
             try:
                 wire.skip_to_greeting(proc.stdout.read)
-                greeting["greeted"].set()
-                greeting["go"].wait()
+                greeting["go"].wait()  # until open() says what the session is for
                 if greeting.get("action") is None:
                     return  # closed before any open()
                 self._send(wire.jframe(wire.HELLO, self._hello(greeting["action"])))
