@@ -324,3 +324,26 @@ async def test_unmount_all_says_what_it_waits_for_then_offers_a_lazy_unmount(tui
             assert src not in mirrorfs_mounts()
     finally:
         busy.close()
+
+
+@pytest.mark.root
+@pilot_test
+async def test_the_dashboard_shows_the_daemons_figures_move_without_any_event(tui, fs_daemon):
+    """Writes into a captured directory raise no kernel event the console hears (no mount, no
+    uevent): the dashboard still shows the engine's figures moving while it is on screen."""
+    from app.screens.dashboard import DashboardScreen
+    eng, src, _tgt = fs_daemon
+    eng.drain(src)
+    app = tui(control_socket=eng.socket, is_root=True)
+    async with app.run_test(size=(120, 36)) as pilot:
+        await pilot.press("4")
+        await settle(pilot)
+        assert type(app.screen) is DashboardScreen
+        engine = app.screen.query_one("#engine")
+        await wait_until(pilot, lambda: "running (pid" in static_text(engine), "the engine panel")
+        before = static_text(engine)
+        for i in range(20):
+            with open(os.path.join(src, f"new{i}"), "w") as f:
+                f.write("x")
+        await wait_until(pilot, lambda: static_text(engine) != before, "the figures to move")
+        assert "operations captured" in static_text(engine)

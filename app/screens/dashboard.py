@@ -1,9 +1,10 @@
 """Live status: configured entries against the kernel's mounts and loops, warnings, an event
 log of mount-table changes and block uevents, per-device I/O rates, and engine figures.
 
-Redraws happen on events (the App's watchers publish them), never on a fixed timer. The one
-timer is the I/O-rate sampler, and it runs only while this screen is visible: disk counters
-change without any event to wake us. At 80 columns the side panel (engine, rates) and the
+Redraws happen on events (the App's watchers publish them). Two timers run, only while this
+screen is visible, for what changes without any event to wake us: the I/O-rate sampler (disk
+counters) and, while the daemon captures something, a read of its figures every
+ENGINE_INTERVAL (queued bytes, lag, positions, connection: they move with every write). At 80 columns the side panel (engine, rates) and the
 full log and warnings are one key away (g, e, w); at 120 everything is on screen.
 """
 
@@ -28,6 +29,7 @@ from app.services.status import replication_text
 from app.services.units import human_size, shown
 
 RATE_INTERVAL = 1.0  # seconds between disk-counter samples while the dashboard is shown
+ENGINE_INTERVAL = 2.0  # seconds between reads of the daemon's figures while it captures
 RATE_HISTORY = 30  # samples kept per sparkline
 EVENTS_KEPT = 500
 NARROW_WARNINGS = 3  # warnings shown at 80 columns; `w` shows them all
@@ -162,6 +164,7 @@ class DashboardScreen(TaskScreen):
         self._states: dict[str, str] | None = None  # entry -> state at the last read
         self._last: tuple[dict, float] | None = None
         self._rate_timer = None
+        self._engine_timer = None
         self._snap = None
 
     def compose(self) -> ComposeResult:
@@ -202,16 +205,30 @@ class DashboardScreen(TaskScreen):
                                                   classes="notes"))
         else:
             self._rate_timer = self.set_interval(RATE_INTERVAL, self.sample_rates)
+        if self.services.watch_kernel:
+            self._engine_timer = self.set_interval(ENGINE_INTERVAL, self._engine_figures)
         self.query_one("#dash-fs").focus()
 
     def on_screen_suspend(self) -> None:
-        if self._rate_timer is not None:
-            self._rate_timer.pause()
+        for timer in (self._rate_timer, self._engine_timer):
+            if timer is not None:
+                timer.pause()
 
     def on_screen_resume(self) -> None:
         if self._rate_timer is not None:
             self._last = None  # a gap in sampling is not a rate
             self._rate_timer.resume()
+        if self._engine_timer is not None:
+            self._engine_timer.resume()
+            self._engine_figures()  # what moved while another screen was shown
+
+    def _engine_figures(self) -> None:
+        """The daemon's figures move with every write and no event says so: read them again
+        while it captures something (a coalesced read, in a thread, as every reload)."""
+        snap = self._snap
+        if snap is not None and snap.summary is not None and (
+                snap.summary.fs_entries or any(s.figures for s in snap.block)):
+            self.reload()
 
     def log_event(self, line: str) -> None:
         stamp = time.strftime("%H:%M:%S", time.localtime(self.services.clock()))
