@@ -30,6 +30,8 @@ from app.services.units import human_size, shown
 
 RATE_INTERVAL = 1.0  # seconds between disk-counter samples while the dashboard is shown
 ENGINE_INTERVAL = 2.0  # seconds between reads of the daemon's figures while it captures
+MOVING = ("captured", "captured_ops", "last_seq", "applied_seq", "bytes_queued", "behind",
+          "connection", "replication", "target_data", "catch_up", "last_error", "switched")
 RATE_HISTORY = 30  # samples kept per sparkline
 EVENTS_KEPT = 500
 NARROW_WARNINGS = 3  # warnings shown at 80 columns; `w` shows them all
@@ -165,6 +167,7 @@ class DashboardScreen(TaskScreen):
         self._last: tuple[dict, float] | None = None
         self._rate_timer = None
         self._engine_timer = None
+        self._figures: list | None = None  # the daemon's moving figures at the last ask
         self._snap = None
 
     def compose(self) -> ComposeResult:
@@ -223,12 +226,33 @@ class DashboardScreen(TaskScreen):
             self._engine_figures()  # what moved while another screen was shown
 
     def _engine_figures(self) -> None:
-        """The daemon's figures move with every write and no event says so: read them again
-        while it captures something (a coalesced read, in a thread, as every reload)."""
+        """The daemon's figures move with every write and no event says so: while it captures
+        something, ask it for them (one request, in a thread) and read everything again
+        only when they moved."""
         snap = self._snap
         if snap is not None and snap.summary is not None and (
                 snap.summary.fs_entries or any(s.figures for s in snap.block)):
-            self.reload()
+            self._figures_worker()
+
+    @work(thread=True, exclusive=True, exit_on_error=False, group="figures",
+          description="ask the daemon for its figures")
+    def _figures_worker(self) -> None:
+        try:
+            reply = self.services.control.request("status")
+        except Exception:  # noqa: BLE001 - gone or busy: the daemon watch says when it is back
+            return
+        rows = [(r.get("key"), int(r.get("lag_seconds") or 0), *(r.get(k) for k in MOVING))
+                for table in ("filesystem", "block") for r in reply.get(table) or ()]
+        if rows != self._figures:
+            self._figures = rows
+            self.post_message(self.FiguresMoved())
+
+    class FiguresMoved(Message):
+        pass
+
+    @on(FiguresMoved)
+    def _figures_moved(self) -> None:
+        self.reload()
 
     def log_event(self, line: str) -> None:
         stamp = time.strftime("%H:%M:%S", time.localtime(self.services.clock()))
