@@ -250,6 +250,11 @@ class ForceOffer:
     title: str
 
 
+FIGURES_INTERVAL = 2.0  # seconds between asks for the daemon's figures on a screen that shows them
+MOVING = ("captured", "captured_ops", "last_seq", "applied_seq", "bytes_queued", "behind",
+          "connection", "replication", "target_data", "catch_up", "last_error", "switched")
+
+
 class TaskScreen(Screen):
     """A screen under the main menu. Subclasses implement `load()` (thread) and `show(data)`;
     their keys come from app.screens.actions under the screen's `NAME`."""
@@ -284,6 +289,49 @@ class TaskScreen(Screen):
     busy_target = "DataTable"  # what shows the loading indicator while an action runs
 
     def on_mount(self) -> None:
+        self.reload()
+
+    # -- the daemon's figures: they move with every write and no event says so -----------------
+    _figures_timer = None
+    _figures: list | None = None  # the daemon's moving figures at the last ask
+
+    def follow_daemon_figures(self) -> None:
+        """While this screen is shown, ask the daemon for its figures every FIGURES_INTERVAL
+        (one request, in a thread) and read everything again only when they moved. Live
+        sessions only (not snapshots)."""
+        if self.services.watch_kernel:
+            self._figures_timer = self.set_interval(FIGURES_INTERVAL, self._ask_figures)
+
+    def on_screen_suspend(self) -> None:
+        if self._figures_timer is not None:
+            self._figures_timer.pause()
+
+    def on_screen_resume(self) -> None:
+        if self._figures_timer is not None:
+            self._figures_timer.resume()
+            self._ask_figures()  # what moved while another screen was shown
+
+    def _ask_figures(self) -> None:
+        self._figures_worker()
+
+    @work(thread=True, exclusive=True, exit_on_error=False, group="figures",
+          description="ask the daemon for its figures")
+    def _figures_worker(self) -> None:
+        try:
+            reply = self.services.control.request("status")
+        except Exception:  # noqa: BLE001 - not running or busy: the daemon watch says when it is back
+            return
+        rows = [(r.get("key"), int(r.get("lag_seconds") or 0), *(r.get(k) for k in MOVING))
+                for table in ("filesystem", "block") for r in reply.get(table) or ()]
+        if rows != self._figures:
+            self._figures = rows
+            self.post_message(self.FiguresMoved())
+
+    class FiguresMoved(Message):
+        pass
+
+    @on(FiguresMoved)
+    def _figures_moved(self) -> None:
         self.reload()
 
     def reload_on(self, *signals) -> None:

@@ -3,8 +3,8 @@ log of mount-table changes and block uevents, per-device I/O rates, and engine f
 
 Redraws happen on events (the App's watchers publish them). Two timers run, only while this
 screen is visible, for what changes without any event to wake us: the I/O-rate sampler (disk
-counters) and, while the daemon captures something, a read of its figures every
-ENGINE_INTERVAL (queued bytes, lag, positions, connection: they move with every write). At 80 columns the side panel (engine, rates) and the
+counters) and the daemon's figures (base.TaskScreen.follow_daemon_figures: queued bytes, lag,
+positions, connection move with every write). At 80 columns the side panel (engine, rates) and the
 full log and warnings are one key away (g, e, w); at 120 everything is on screen.
 """
 
@@ -29,9 +29,6 @@ from app.services.status import replication_text
 from app.services.units import human_size, shown
 
 RATE_INTERVAL = 1.0  # seconds between disk-counter samples while the dashboard is shown
-ENGINE_INTERVAL = 2.0  # seconds between reads of the daemon's figures while it captures
-MOVING = ("captured", "captured_ops", "last_seq", "applied_seq", "bytes_queued", "behind",
-          "connection", "replication", "target_data", "catch_up", "last_error", "switched")
 RATE_HISTORY = 30  # samples kept per sparkline
 EVENTS_KEPT = 500
 NARROW_WARNINGS = 3  # warnings shown at 80 columns; `w` shows them all
@@ -166,8 +163,6 @@ class DashboardScreen(TaskScreen):
         self._states: dict[str, str] | None = None  # entry -> state at the last read
         self._last: tuple[dict, float] | None = None
         self._rate_timer = None
-        self._engine_timer = None
-        self._figures: list | None = None  # the daemon's moving figures at the last ask
         self._snap = None
 
     def compose(self) -> ComposeResult:
@@ -208,51 +203,19 @@ class DashboardScreen(TaskScreen):
                                                   classes="notes"))
         else:
             self._rate_timer = self.set_interval(RATE_INTERVAL, self.sample_rates)
-        if self.services.watch_kernel:
-            self._engine_timer = self.set_interval(ENGINE_INTERVAL, self._engine_figures)
+        self.follow_daemon_figures()
         self.query_one("#dash-fs").focus()
 
     def on_screen_suspend(self) -> None:
-        for timer in (self._rate_timer, self._engine_timer):
-            if timer is not None:
-                timer.pause()
+        super().on_screen_suspend()
+        if self._rate_timer is not None:
+            self._rate_timer.pause()
 
     def on_screen_resume(self) -> None:
+        super().on_screen_resume()
         if self._rate_timer is not None:
             self._last = None  # a gap in sampling is not a rate
             self._rate_timer.resume()
-        if self._engine_timer is not None:
-            self._engine_timer.resume()
-            self._engine_figures()  # what moved while another screen was shown
-
-    def _engine_figures(self) -> None:
-        """The daemon's figures move with every write and no event says so: while it captures
-        something, ask it for them (one request, in a thread) and read everything again
-        only when they moved."""
-        snap = self._snap
-        if snap is not None and snap.summary is not None and (
-                snap.summary.fs_entries or any(s.figures for s in snap.block)):
-            self._figures_worker()
-
-    @work(thread=True, exclusive=True, exit_on_error=False, group="figures",
-          description="ask the daemon for its figures")
-    def _figures_worker(self) -> None:
-        try:
-            reply = self.services.control.request("status")
-        except Exception:  # noqa: BLE001 - gone or busy: the daemon watch says when it is back
-            return
-        rows = [(r.get("key"), int(r.get("lag_seconds") or 0), *(r.get(k) for k in MOVING))
-                for table in ("filesystem", "block") for r in reply.get(table) or ()]
-        if rows != self._figures:
-            self._figures = rows
-            self.post_message(self.FiguresMoved())
-
-    class FiguresMoved(Message):
-        pass
-
-    @on(FiguresMoved)
-    def _figures_moved(self) -> None:
-        self.reload()
 
     def log_event(self, line: str) -> None:
         stamp = time.strftime("%H:%M:%S", time.localtime(self.services.clock()))

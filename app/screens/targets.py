@@ -172,6 +172,7 @@ class TargetsScreen(TaskScreen):
         super().on_mount()
         # the replicas' rows are the daemon's; block uevents (a busy host's loops) change nothing here
         self.reload_on(self.app.mounts_signal, self.app.daemon_signal, self.app.config_signal)
+        self.follow_daemon_figures()  # connection, positions, lag
         self.query_one("#replicas").focus()
 
     def load(self):
