@@ -399,3 +399,30 @@ def test_without_the_template_workers_start_anew(setup, monkeypatch):
     open(os.path.join(src, "anew"), "w").write("captured")
     eng.drain(src)
     assert open(os.path.join(tgt, "anew")).read() == "captured"
+
+
+def test_status_watch_prints_again_when_the_daemons_figures_move(setup):
+    """Writes into a captured directory raise no event a watcher hears; `status --watch`
+    still prints again when the daemon's positions move (it asks every FIGURES_INTERVAL)."""
+    eng, src, _ = setup()
+    eng.drain(src)
+    watch = subprocess.Popen([sys.executable, "-m", "app", "--config", str(eng.config), "--socket",
+                              eng.socket, "status", "--watch"], stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True)
+    try:
+        seen = ""
+        while "Daemon: " not in seen:  # the first print, whole
+            line = watch.stdout.readline()
+            assert line, watch.stderr.read()
+            seen += line
+        for i in range(10):
+            with open(os.path.join(src, f"moved{i}"), "w") as f:
+                f.write("x")
+        again = ""
+        while "Daemon: " not in again:  # printed again, without any event
+            line = watch.stdout.readline()
+            assert line, watch.stderr.read()
+            again += line
+    finally:
+        watch.kill()
+        watch.wait()

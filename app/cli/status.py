@@ -22,14 +22,22 @@ def cmd_status(args) -> int:
     if not args.watch:
         return 0
     from app.services.events import Watchers
+    from app.services.status import FIGURES_INTERVAL, moving_figures
     events: queue.Queue = queue.Queue()
     watchers = Watchers(events.put, config_path=s.path, control=client)
     watchers.start()
+    figures = moving_figures(client)
     try:
         while True:
-            events.get()
+            try:
+                events.get(timeout=FIGURES_INTERVAL)
+            except queue.Empty:  # no event: did the daemon's figures move meanwhile?
+                now = moving_figures(client)
+                if now is None or now == figures:
+                    continue
             while not events.empty():  # one redraw for a burst
                 events.get_nowait()
+            figures = moving_figures(client)
             show()
     finally:
         watchers.close()
@@ -39,4 +47,5 @@ def register(sub, common) -> None:
     p = add(sub, "status", cmd_status, "configured entries against the kernel's live state",
             common)
     p.add_argument("--watch", action="store_true", help="print again on every mount, device, "
-                   "daemon or configuration change")
+                   "daemon or configuration change, and when the daemon's figures move "
+                   "(positions, queue, lag, connection: asked every 2 s)")

@@ -250,11 +250,6 @@ class ForceOffer:
     title: str
 
 
-FIGURES_INTERVAL = 2.0  # seconds between asks for the daemon's figures on a screen that shows them
-MOVING = ("captured", "captured_ops", "last_seq", "applied_seq", "bytes_queued", "behind",
-          "connection", "replication", "target_data", "catch_up", "last_error", "switched")
-
-
 class TaskScreen(Screen):
     """A screen under the main menu. Subclasses implement `load()` (thread) and `show(data)`;
     their keys come from app.screens.actions under the screen's `NAME`."""
@@ -299,6 +294,7 @@ class TaskScreen(Screen):
         """While this screen is shown, ask the daemon for its figures every FIGURES_INTERVAL
         (one request, in a thread) and read everything again only when they moved. Live
         sessions only (not snapshots)."""
+        from app.services.status import FIGURES_INTERVAL
         if self.services.watch_kernel:
             self._figures_timer = self.set_interval(FIGURES_INTERVAL, self._ask_figures)
 
@@ -317,13 +313,9 @@ class TaskScreen(Screen):
     @work(thread=True, exclusive=True, exit_on_error=False, group="figures",
           description="ask the daemon for its figures")
     def _figures_worker(self) -> None:
-        try:
-            reply = self.services.control.request("status")
-        except Exception:  # noqa: BLE001 - not running or busy: the daemon watch says when it is back
-            return
-        rows = [(r.get("key"), int(r.get("lag_seconds") or 0), *(r.get(k) for k in MOVING))
-                for table in ("filesystem", "block") for r in reply.get(table) or ()]
-        if rows != self._figures:
+        from app.services.status import moving_figures
+        rows = moving_figures(self.services.control)
+        if rows is not None and rows != self._figures:
             self._figures = rows
             self.post_message(self.FiguresMoved())
 

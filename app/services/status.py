@@ -404,3 +404,21 @@ def replication_lines(row: CaptureRow | None) -> list[tuple[str, str]]:
     elif row.last_error:
         lines.append(("Last error", row.last_error))
     return lines
+
+
+FIGURES_INTERVAL = 2.0  # seconds between asks for the daemon's figures (dashboard, Targets, --watch)
+MOVING = ("captured", "captured_ops", "last_seq", "applied_seq", "bytes_queued", "behind",
+          "connection", "replication", "target_data", "catch_up", "last_error", "switched")
+
+
+def moving_figures(control) -> list | None:
+    """What of the daemon's figures moves with the data (positions, queue, lag in whole
+    seconds, connection and replication states), one tuple per capture; None when the daemon
+    does not answer. The figures change with every write and no event says so: a live view
+    asks for these every FIGURES_INTERVAL and reads everything again only when they moved."""
+    try:
+        reply = control.request("status")
+    except Exception:  # noqa: BLE001 - not running, or busy: the daemon watch says when it is back
+        return None
+    return [(r.get("key"), int(r.get("lag_seconds") or 0), *(r.get(k) for k in MOVING))
+            for table in ("filesystem", "block") for r in reply.get(table) or ()]
