@@ -72,3 +72,29 @@ def test_a_daemon_started_and_stopped_elsewhere_is_seen(watch, tmp_path):
         client = ControlClient(str(socket))
         if client.is_running():
             client.request("shutdown")
+
+
+def test_a_change_right_after_start_is_seen_however_late_the_watch_thread_runs(tmp_path, monkeypatch):
+    """start() arms the file watch itself: on a busy host the watching thread may run long after
+    start() returned, and a configuration written meanwhile was never reported (the thread
+    armed its watch after the change; seen once under bench/busy_host.py)."""
+    import time
+    real = Watchers._files_and_daemon
+
+    def late(self):
+        time.sleep(1)  # the thread's first turn comes late
+        real(self)
+    monkeypatch.setattr(Watchers, "_files_and_daemon", late)
+    config = tmp_path / "not" / "yet" / "replication.toml"
+    events: queue.Queue = queue.Queue()
+    w = Watchers(events.put, config_path=config, control=ControlClient(str(tmp_path / "none.sock")),
+                 mounts=False, uevents=False)
+    w.start()
+    try:
+        (tmp_path / "data").mkdir()
+        ConfigStore(config).add_filesystem(tmp_path / "data")
+        assert next_of(events, ConfigChanged).path == str(config)
+    finally:
+        w.close()
+        for thread in w.threads:
+            thread.join(WAIT)

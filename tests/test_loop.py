@@ -174,8 +174,9 @@ def test_autoclear_detaches_at_our_own_close(sparse_file, loops):
     img = sparse_file(4 * MiB)
     st = loops(str(img), autoclear=True)
     assert st.autoclear and st.backing_file == str(img)
-    assert loop.status(st.device) is None
-    assert _witness(st.device) is None
+    now = loop.status(st.device)  # another process may have taken the freed number at once
+    assert now is None or now.backing_file != str(img), now
+    assert not any(d["back-file"] == str(img) for d in losetup_json())
 
 
 @pytest.mark.root
@@ -350,7 +351,10 @@ def test_detach_when_nobody_else_holds_it(sparse_file, loops):
     st = loops(str(sparse_file(4 * MiB)))
     r = loop.detach(st.device)
     assert (r.outcome, r.message, r.errno) == (Outcome.OK, f"{st.device}: detached", None)
-    assert not os.path.exists(f"/sys/block/loop{st.index}/loop") and _witness(st.device) is None
+    # on a busy host another process may take the freed number at once: ours is gone from it
+    now = _witness(st.device)
+    assert now is None or now["back-file"] != st.backing_file, now
+    assert not any(s.backing_file == st.backing_file for s in loop.list_attached())
 
 
 @pytest.mark.root

@@ -61,6 +61,7 @@ class Watchers:
         self._wake = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)  # wakes the file thread
         self._uevent_wake = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
         self._mount_watcher = None
+        self._files = None  # the configuration file and the daemon's socket (inotify)
         self._closed = False
         self._lock = threading.Lock()  # eventfds are written and closed under it, never after
         self._watch_sock = None
@@ -73,7 +74,13 @@ class Watchers:
         return self._watch_sock is not None
 
     def start(self) -> None:
-        targets = [self._files_and_daemon]
+        socket_path = getattr(self.control, "socket_path", None)
+        try:  # armed now, not in the thread: a change made right after start() is seen
+            self._files = PathWatch([p for p in (self.config_path, socket_path) if p])
+        except OSError as exc:
+            self._files = None
+            self.errors.append(f"files_and_daemon: {exc}")
+        targets = [self._files_and_daemon] if self._files is not None else []
         if self._want_mounts:
             from app.services.mounts import MountWatcher
             self._mount_watcher = MountWatcher()  # read now: a change made after start is seen
@@ -152,12 +159,10 @@ class Watchers:
 
     def _files_and_daemon(self) -> None:
         socket_path = getattr(self.control, "socket_path", None)
-        paths = [p for p in (self.config_path, socket_path) if p]
         config = os.path.abspath(self.config_path) if self.config_path else None
         sock_path = os.path.abspath(socket_path) if socket_path else None
-        files = None
+        files = self._files
         try:
-            files = PathWatch(paths)
             self._arm_daemon(tries=1)
             while not self._closed:
                 watched = [files, self._wake] + ([self._watch_sock] if self._watch_sock else [])
