@@ -19,7 +19,6 @@ import time
 from array import array
 from types import SimpleNamespace
 
-import trio
 
 from app.engine import fusewire
 from app.engine.journal import Journal
@@ -31,7 +30,7 @@ FILE_INO = ROOT_INO + 1
 FOPEN_DIRECT_IO = 1 << 0
 
 
-class BlockFS:
+class BlockFS(fusewire.Gate):
     """A directory with one file: the window of the raw device. Served by fusewire.Session
     (the FUSE protocol spoken directly: one request costs a read, a few unpacks and a write,
     not pyfuse3's and trio's dispatch). While frozen, the session holds writes back, in order."""
@@ -50,8 +49,7 @@ class BlockFS:
         self.gen = array("Q", bytes(8 * nblocks))  # per block: the clock at its last write
         self.clock = 0
         self.dirty = bytearray(nblocks)  # written while the journal was behind
-        self.unfrozen = trio.Event()
-        self.unfrozen.set()
+        super().__init__()  # closed while a block that kept changing is held still
         self.stopping = False
         self.dev = os.fstat(raw_fd).st_rdev  # what fusewire compares inode numbers' devices with
         now = time.time_ns()
@@ -74,14 +72,6 @@ class BlockFS:
     # -- the session's questions --------------------------------------------------------------
     def init(self) -> None:
         pass
-
-    def frozen(self) -> bool:
-        """Writes wait while a block that kept changing is held still (catch-up, verify)."""
-        return not self.unfrozen.is_set()
-
-    async def wait_unfrozen(self) -> None:
-        while not self.unfrozen.is_set():
-            await self.unfrozen.wait()
 
     def answered(self) -> None:
         pass
@@ -154,7 +144,7 @@ class BlockFS:
             first, last = off // BLOCK, (off + done - 1) // BLOCK
             for b in range(first, last + 1):
                 self.gen[b] = self.clock
-            if not self.journal.append("write", {"offset": off}, data[:done] if done < len(data) else data):
+            if not self.journal.append("write", {"offset": off}, data[:done]):
                 for b in range(first, last + 1):
                     self.dirty[b] = 1  # behind: the resync sends this block
             self.writes += 1

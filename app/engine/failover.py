@@ -142,8 +142,8 @@ def fenced(kind: str, key: str, entry, info: dict) -> bool:
     if kind == "fs":
         return info.get("read_only_mount") is not None and _top_mount_id(key) == info["read_only_mount"]
     try:
-        with open(f"/sys/dev/block/{os.major(os.stat(entry.device).st_rdev)}:"
-                  f"{os.minor(os.stat(entry.device).st_rdev)}/ro") as f:
+        rdev = os.stat(entry.device).st_rdev
+        with open(f"/sys/dev/block/{os.major(rdev)}:{os.minor(rdev)}/ro") as f:
             return f.read().strip() == "1"
     except OSError:
         return False

@@ -128,6 +128,24 @@ class Changes:
                 and self.atime_ns is None and self.mtime_ns is None)
 
 
+class Gate:
+    """A file system's side of holding changes still (a mirror, verify or catch-up): while
+    `unfrozen` is clear the session queues the requests that change something, in arrival
+    order, and answers them once it is set. Replacing `unfrozen` by a new Event closes the
+    gate; setting it opens it."""
+
+    def __init__(self) -> None:
+        self.unfrozen = trio.Event()
+        self.unfrozen.set()
+
+    def frozen(self) -> bool:
+        return not self.unfrozen.is_set()
+
+    async def wait_unfrozen(self) -> None:
+        while not self.unfrozen.is_set():
+            await self.unfrozen.wait()
+
+
 class Session:
     """One mounted FUSE file system; `fs` implements the operations (see mirrorfs.MirrorFS)."""
 

@@ -22,7 +22,6 @@ import resource
 import stat
 import threading
 
-import trio
 
 from app.engine import fusewire
 from app.engine.fusewire import Changes, Ctx
@@ -48,7 +47,7 @@ class Handle:
         self.fd, self.ino, self.wrote, self.read = fd, ino, wrote, False
 
 
-class MirrorFS:
+class MirrorFS(fusewire.Gate):
     def __init__(self, root_fd: int, journal: Journal, *, replicate_atime: bool = False):
         self.root_fd = root_fd
         self.journal = journal
@@ -64,8 +63,7 @@ class MirrorFS:
         self._dirs: dict[int, tuple[int, list[bytes] | None]] = {}
         self._next_fh = 1
         self._no_caps: set[int] = set()  # inodes known to have no security.capability
-        self.unfrozen = trio.Event()
-        self.unfrozen.set()
+        super().__init__()  # the gate a mirror or verify closes
         self.tracker = None  # a sync.Tracker while a resync or verify runs beside capture
 
     # -- the session's questions --------------------------------------------------------------
@@ -74,14 +72,6 @@ class MirrorFS:
         gives it to us, and the lower file system applies it or a default ACL): this thread gets
         a umask of its own, so the applier's thread never sees it."""
         unshare_fs()
-
-    def frozen(self) -> bool:
-        """Mutations wait while a mirror or verify holds the tree still."""
-        return not self.unfrozen.is_set()
-
-    async def wait_unfrozen(self) -> None:
-        while not self.unfrozen.is_set():
-            await self.unfrozen.wait()
 
     def answered(self) -> None:
         """A request is answered: directory fds beyond the bound may be closed now."""
