@@ -280,6 +280,42 @@ def test_a_full_disk_never_leaves_a_torn_or_half_ingested_journal(tmp_path, tmpf
     assert Journal(small).torn_bytes == 0
 
 
+def test_ingested_records_are_read_back_from_memory_and_equal_what_is_on_disk(tmp_path, monkeypatch):
+    """The agent applies what it has just made durable: those records come from memory (the
+    disk is not read back and decoded again) as long as they fit `memory_bytes`; past that,
+    and after a reopen, from the segments, which hold exactly the bytes that arrived."""
+    from app.engine.journal import Record, decode_at
+    records = [Record(s, 1, "write", {"path": "f", "offset": s * 7}, bytes([s % 251]) * (s * 997 % 30_000))
+               for s in range(1, 121)]
+    wire = [r.encode() for r in records]
+    disk_reads = []
+
+    def ingest(j: Journal) -> list[Record]:
+        out: list[Record] = []
+        real = Journal._read_disk
+        monkeypatch.setattr(Journal, "_read_disk", lambda self, *a: (disk_reads.append(1), real(self, *a)))
+        for at in range(0, 120, 25):  # batches as they come off the wire, decoded and checked
+            got = [decode_at(w, 0)[0] for w in wire[at:at + 25]]
+            j.ingest_durably(got, [memoryview(w) for w in wire[at:at + 25]])
+            while batch := j.read(10, max_bytes=100_000):
+                out += batch
+        monkeypatch.undo()
+        return out
+
+    roomy = Journal(tmp_path / "roomy", segment_bytes=200_000)
+    assert ingest(roomy) == records and disk_reads == []
+    roomy.close()
+    tight = Journal(tmp_path / "tight", segment_bytes=200_000, memory_bytes=100_000)
+    assert ingest(tight) == records and disk_reads  # the oldest left memory: read from disk
+    tight.close()
+    for name in ("roomy", "tight"):
+        segs = sorted((tmp_path / name).glob("*.seg"))
+        assert len(segs) > 1 and all(s.stat().st_size <= 200_000 for s in segs)
+        assert b"".join(s.read_bytes() for s in segs) == b"".join(wire)
+        again = Journal(tmp_path / name)
+        assert again.read(1000, max_bytes=1 << 30) == records
+
+
 def test_lag_of_a_remote_target_counts_until_applied_not_received(tmp_path):
     """A remote target acknowledges records received before it has applied them: the lag an
     administrator sees must not say 0 while the replica is still behind."""

@@ -462,13 +462,16 @@ class Agent:
                 raise wire.WireError(f"unexpected {wire.NAMES.get(kind)} frame")
 
     def _data(self, payload: bytes) -> None:
-        raw = self.codec.unpack(payload)
-        recs, pos = [], 0
+        raw = memoryview(self.codec.unpack(payload))
+        recs, encoded, pos = [], [], 0
         while pos < len(raw):
-            rec, pos = decode_at(raw, pos)
+            rec, end = decode_at(raw, pos)
             recs.append(rec)
+            encoded.append(raw[pos:end])  # written to our journal as it came (checked above)
+            pos = end
         if recs and recs[0].seq <= self.journal.last_seq:  # resent after a reconnect: drop what we hold
-            recs = [r for r in recs if r.seq > self.journal.last_seq]
+            keep = [i for i, r in enumerate(recs) if r.seq > self.journal.last_seq]
+            recs, encoded = [recs[i] for i in keep], [encoded[i] for i in keep]
         if not recs:
             self.send(wire.ACK, self.positions())
             return
@@ -478,7 +481,7 @@ class Agent:
             self.send(wire.REWIND, self.positions())
             return
         try:
-            self.journal.ingest_durably(recs)
+            self.journal.ingest_durably(recs, encoded)
         except JournalGap as gap:
             raise AgentError("gap", f"records missing: {gap}; the source must resync", errno.EPROTO) from None
         except OSError as exc:

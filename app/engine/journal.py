@@ -187,6 +187,8 @@ class Journal:
         self._cv = threading.Condition()
         self._mem: deque[Record] = deque()  # unreleased records not on disk, oldest first
         self._mem_bytes = 0
+        self._tail: deque[Record] = deque()  # ingested records (on disk) kept for the reader
+        self._tail_bytes = 0
         self._segments: list[_Segment] = []  # oldest first
         self._writer: int | None = None
         self._writer_size = 0
@@ -284,21 +286,30 @@ class Journal:
         """Bytes of records the target does not hold yet (to MARK_BYTES' precision)."""
         return self._cum - self._released_cum if self.last_seq > self.released_seq else 0
 
-    def ingest_durably(self, records: list[Record]) -> int:
+    def ingest_durably(self, records: list[Record], encoded: list | None = None) -> int:
         """The agent's side: store records that arrive with the source's seqs (they must follow
         on from the last one: a hole raises JournalGap) and make them durable. All or nothing:
-        on an error (a full disk) the journal is as it was before, and the error is raised."""
+        on an error (a full disk) the journal is as it was before, and the error is raised.
+        `encoded`: each record's on-disk form as it arrived (decoded and checked already), so
+        it is written as it is, a segment's share in one write. The records stay in memory
+        too (up to `memory_bytes`) for the reader that applies them: it does not read back
+        and decode what was just written."""
+        if encoded is None:
+            encoded = [r.encode() for r in records]
         with self._cv:
             mark = (self.last_seq, len(self._segments), self._writer, self._writer_size,
                     len(self._mem), self._mem_bytes, self._cum, len(self._marks), self.captured_ops,
                     self._disk_last)
             try:
+                self._spill()  # everything goes to disk: received means durable
+                expect = self.last_seq + 1
                 for rec in records:
-                    if rec.seq != self.last_seq + 1:
-                        raise JournalGap(self.last_seq + 1, rec.seq)
+                    if rec.seq != expect:
+                        raise JournalGap(expect, rec.seq)
+                    expect += 1
+                self._write_run(records, encoded)
+                for rec in records:
                     rec.size = rec.size or rec.estimate_size()
-                    self._spill()  # everything goes to disk: received means durable
-                    self._write(rec)
                     self.last_seq = rec.seq
                     self.captured_ops += 1
                     self._cum += rec.size
@@ -311,8 +322,35 @@ class Journal:
             except BaseException:
                 self._roll_back(mark)
                 raise
+            for rec in records:
+                self._tail.append(rec)
+                self._tail_bytes += rec.size
+            while self._tail and self._tail_bytes > self.memory_bytes:
+                self._tail_bytes -= self._tail.popleft().size
             self._cv.notify_all()
             return self.last_seq
+
+    def _write_run(self, records: list[Record], encoded: list) -> None:
+        """Append consecutive records, already encoded: one write per segment they fall in."""
+        i = 0
+        while i < len(records):
+            if self._writer is None or self._writer_size + len(encoded[i]) > self.segment_bytes:
+                self._roll(records[i].seq)
+            room, j = self.segment_bytes - self._writer_size, i
+            while j < len(records) and (j == i or len(encoded[j]) <= room):
+                room -= len(encoded[j])
+                j += 1
+            raw = b"".join(encoded[i:j])
+            try:
+                if os.write(self._writer, raw) != len(raw):
+                    raise OSError(errno.ENOSPC, "short write to the journal")
+            except OSError:
+                os.ftruncate(self._writer, self._writer_size)  # no torn record stays behind
+                raise
+            self._writer_size += len(raw)
+            self._segments[-1].last = self._disk_last = records[j - 1].seq
+            self._unsynced = True
+            i = j
 
     def _roll_back(self, mark) -> None:
         """Undo an ingest: segments made since go, the one it wrote to is cut back, and the
@@ -421,7 +459,9 @@ class Journal:
                 self._cv.wait_for(lambda: self.sent_seq < self.last_seq, timeout)
             out: list[Record] = []
             try:
-                if self.sent_seq < self._disk_last:
+                if self._tail and self._tail[0].seq <= self.sent_seq + 1 <= self._tail[-1].seq:
+                    self._read_tail(out, max_records, max_bytes)
+                elif self.sent_seq < self._disk_last:
                     self._read_disk(out, max_records, max_bytes)
                 if self.sent_seq >= self._disk_last and self._mem:
                     nbytes = sum(r.size for r in out)
@@ -439,6 +479,18 @@ class Journal:
                     return out
                 raise
             return out
+
+    def _read_tail(self, out: list[Record], max_records: int, max_bytes: int) -> None:
+        """Ingested records from memory (their seqs are consecutive); the disk cursor is
+        found again if a later read needs the disk."""
+        nbytes = 0
+        for rec in itertools.islice(self._tail, self.sent_seq + 1 - self._tail[0].seq, None):
+            if len(out) >= max_records or nbytes >= max_bytes:
+                break
+            out.append(rec)
+            nbytes += rec.size
+            self.sent_seq = rec.seq
+        self._reader = None
 
     def _check_next(self, seq: int) -> None:
         if seq != self.sent_seq + 1:
@@ -513,6 +565,8 @@ class Journal:
             while self._mem and self._mem[0].seq <= seq:
                 rec = self._mem.popleft()
                 self._mem_bytes -= rec.size
+            while self._tail and self._tail[0].seq <= seq:
+                self._tail_bytes -= self._tail.popleft().size
             self.released_seq = seq
             if not self.track_applied:
                 self._drop_samples(seq)
