@@ -760,17 +760,27 @@ class FsCaptureSink(_CaptureSink):
         self.tracker = cap.ops.tracker
 
     def commit(self, check, ops) -> bool:
+        return self.commit_many([(check, ops)])[0]
+
+    def commit_many(self, items) -> list[bool]:
+        """One trip to the capture thread for several files' records, each file checked there
+        (unchanged since it was read) right before its records are appended."""
         import trio
         cap = self.cap
-        cap.resync_room(sum(len(d) + 64 for _o, _a, d in ops))
+        cap.resync_room(sum(len(d) + 64 for _c, ops in items for _o, _a, d in ops))
 
-        def on_capture_thread() -> bool:
-            if check is not None and not self.tracker.still(check, lambda: _lstat_key(cap.root_fd, check.rel)):
-                return False
-            for op, args, data in ops:
-                if not cap.journal.append(op, args, data):
-                    cap.journal_behind_during_catch_up = True
-            return True
+        def on_capture_thread() -> list[bool]:
+            done = []
+            for check, ops in items:
+                if check is not None and not self.tracker.still(
+                        check, lambda rel=check.rel: _lstat_key(cap.root_fd, rel)):
+                    done.append(False)
+                    continue
+                for op, args, data in ops:
+                    if not cap.journal.append(op, args, data):
+                        cap.journal_behind_during_catch_up = True
+                done.append(True)
+            return done
         return trio.from_thread.run_sync(on_capture_thread, trio_token=cap.token)
 
 

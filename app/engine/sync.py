@@ -40,6 +40,8 @@ from app.services.layout import MARKER_XATTR
 BLOCK = 1 << 20  # file content is compared and sent in blocks of this size
 XATTR_PREFIXES = ("user.", "security.", "trusted.", "system.posix_acl_")  # what is replicated, ACLs too
 COMMIT_TRIES = 4  # a path that keeps changing is read again this often, then held still once
+BATCH_FILES = 64  # small files whose records go to the sink together (one trip to the capture)
+BATCH_BYTES = 4 << 20
 Progress = Callable[[dict], None]
 Op = tuple[str, dict, bytes]
 
@@ -336,6 +338,10 @@ class Sink:
     def commit(self, check: Check | None, ops: list[Op]) -> bool:
         raise NotImplementedError
 
+    def commit_many(self, items: list[tuple[Check | None, list[Op]]]) -> list[bool]:
+        """Several commits in order, each checked on its own (one trip where that costs)."""
+        return [self.commit(check, ops) for check, ops in items]
+
     def frozen(self):
         """A context in which the source does not change (capture holds mutations)."""
         raise NotImplementedError
@@ -356,6 +362,11 @@ class Reconciler:
         self.dev = os.stat(b".", dir_fd=src_fd).st_dev
         self.counts = {"files": 0, "copied": 0, "bytes": 0, "removed": 0}
         self._leaders: dict[tuple[int, int], tuple[bytes, tuple[int, int] | None]] = {}
+        # Small files' records wait here and go to the sink together; anything else the sink
+        # gets sends them first, so records keep the walk's order (a directory's times after
+        # its files, a hard link after the file it names).
+        self._pending: list[tuple[Check | None, list[Op], Callable[[bool], None]]] = []
+        self._pending_bytes = 0
 
     @property
     def tracker(self) -> Tracker | None:
@@ -374,8 +385,32 @@ class Reconciler:
                 continue
             seen.add(rel)
             self._visit(rel)
+        self._flush()
         self._report(final=True)
         return self.counts
+
+    # -- commits
+    def _commit(self, check: Check | None, ops: list[Op]) -> bool:
+        self._flush()
+        return self.sink.commit(check, ops)
+
+    def _frozen(self):
+        self._flush()
+        return self.sink.frozen()
+
+    def _defer(self, check: Check | None, ops: list[Op], done: Callable[[bool], None]) -> None:
+        """Commit with the next batch; `done(committed)` is called then."""
+        self._pending.append((check, ops, done))
+        self._pending_bytes += sum(len(o[2]) for o in ops)
+        if len(self._pending) >= BATCH_FILES or self._pending_bytes >= BATCH_BYTES:
+            self._flush()
+
+    def _flush(self) -> None:
+        while self._pending:
+            batch, self._pending, self._pending_bytes = self._pending, [], 0
+            done = self.sink.commit_many([(check, ops) for check, ops, _ in batch])
+            for ok, (_check, _ops, then) in zip(done, batch):
+                then(ok)
 
     def _report(self, final: bool = False) -> None:
         if self.progress and (final or self.counts["files"] % 100 == 0):
@@ -401,13 +436,13 @@ class Reconciler:
                 return  # gone since: the capture recorded its removal
             tgt = self.target.children(rel) if known and not self._unknown(rel) else None
             keep = [os.fsdecode(n) for n in kids]
-            if self.sink.commit(check, [("prune", {"path": os.fsdecode(rel), "keep": keep}, b"")]):
+            if self._commit(check, [("prune", {"path": os.fsdecode(rel), "keep": keep}, b"")]):
                 break
         else:
-            with self.sink.frozen():
+            with self._frozen():
                 kids = children(self.src, rel, dev=self.dev) or {}
                 tgt = self.target.children(rel) if known and not self._unknown(rel) else None
-                self.sink.commit(None, [("prune", {"path": os.fsdecode(rel), "keep":
+                self._commit(None, [("prune", {"path": os.fsdecode(rel), "keep":
                                                    [os.fsdecode(n) for n in kids]}, b"")])
         if tgt is not None:
             self.counts["removed"] += len(tgt.keys() - kids.keys())
@@ -461,7 +496,7 @@ class Reconciler:
     def _commit_fresh(self, rel: bytes, info: Info, ops: list[Op]) -> bool:
         """Commit records made from `info`; False when the path is gone (capture has it)."""
         for _ in range(COMMIT_TRIES):
-            if self.sink.commit(self._check(rel, info), ops):
+            if self._commit(self._check(rel, info), ops):
                 return True
             try:
                 fresh = lstat_info(self.src, rel)
@@ -469,12 +504,12 @@ class Reconciler:
                 return False
             if fresh.kind != info.kind:
                 return False  # replaced by another kind: the capture recorded that
-        with self.sink.frozen():
+        with self._frozen():
             try:
                 lstat_info(self.src, rel)
             except FileNotFoundError:
                 return False
-            return self.sink.commit(None, ops)
+            return self._commit(None, ops)
 
     def _hard_link(self, rel: bytes, info: Info, tinfo: Info | None) -> bool:
         """A second name of a file already sent: link it at the target (True when done)."""
@@ -490,24 +525,29 @@ class Reconciler:
         return True
 
     # -- files
-    def _file(self, rel: bytes, info: Info, tinfo: Info | None) -> None:
+    def _file(self, rel: bytes, info: Info, tinfo: Info | None, defer: bool = True) -> None:
         for _ in range(COMMIT_TRIES):
-            if self._file_once(rel, info, tinfo):
+            if self._file_once(rel, info, tinfo, defer=defer):
                 return
+            defer = False
             try:
                 info = lstat_info(self.src, rel)
             except FileNotFoundError:
                 return
             if info.kind != stat.S_IFREG:
                 return
-        with self.sink.frozen():
+        with self._frozen():
             try:
                 info = lstat_info(self.src, rel)
             except FileNotFoundError:
                 return
             self._file_once(rel, info, tinfo, frozen=True)
 
-    def _file_once(self, rel: bytes, info: Info, tinfo: Info | None, frozen: bool = False) -> bool:
+    def _file_once(self, rel: bytes, info: Info, tinfo: Info | None, frozen: bool = False,
+                   defer: bool = False) -> bool:
+        """Send what differs; False when the file changed meanwhile (read it again). With
+        `defer`, a file whose records fit one commit goes with the next batch: True then,
+        and should that commit's check fail, the file is done again (not deferred)."""
         p = os.fsdecode(rel)
         fresh = tinfo is None or tinfo.kind != stat.S_IFREG
         same = not fresh and not self.hashes and tinfo.size == info.size \
@@ -542,7 +582,7 @@ class Reconciler:
                 ops += [("remove", {"path": p}, b""),
                         ("create", {"path": p, "mode": stat.S_IMODE(info.mode), "uid": info.uid,
                                     "gid": info.gid}, b"")]
-            sent = 0
+            sent, parts = 0, False
             for i, start in enumerate(range(0, info.size, self.block)):
                 data = os.pread(fd, min(self.block, info.size - start), start)
                 if theirs is not None and i < len(theirs) and \
@@ -551,9 +591,9 @@ class Reconciler:
                 ops.append(("write", {"path": p, "offset": start}, data))
                 sent += len(data)
                 if sum(len(o[2]) for o in ops) >= 8 * self.block:  # commit large files in parts
-                    if not self.sink.commit(check, ops):
+                    if not self._commit(check, ops):
                         return False
-                    ops = []
+                    ops, parts = [], True
             if fresh or tinfo.size != info.size:
                 ops.append(("truncate", {"path": p, "size": info.size}, b""))
             changed = fresh or sent or tinfo.size != info.size
@@ -561,14 +601,25 @@ class Reconciler:
             # written (a file made here has the owner and mode its create record gave it)
             ops += self._metadata_ops(rel, info, _made(info) if fresh else None if changed
                                       else tinfo)
-            if ops and not self.sink.commit(check, ops):
+            if ops and defer and not frozen and not parts:
+                def then(ok: bool, info: Info = info) -> None:
+                    if not ok:
+                        self._file(rel, info, tinfo, defer=False)
+                    elif changed:
+                        self._count(sent)
+                self._defer(check, ops, then)
+                return True
+            if ops and not self._commit(check, ops):
                 return False
         finally:
             os.close(fd)
         if changed:
-            self.counts["copied"] += 1
-            self.counts["bytes"] += sent
+            self._count(sent)
         return True
+
+    def _count(self, sent: int) -> None:
+        self.counts["copied"] += 1
+        self.counts["bytes"] += sent
 
     # -- metadata
     def _metadata(self, rel: bytes, tinfo: Info | None, check: Check | None = None,
@@ -584,16 +635,16 @@ class Reconciler:
             if check is None or check.key != info.ino:
                 check = self._check(rel, info)
             ops = self._metadata_ops(rel, info, tinfo)
-            if not ops or self.sink.commit(check, ops):
+            if not ops or self._commit(check, ops):
                 return True
             check = None
-        with contextlib.nullcontext() if frozen else self.sink.frozen():
+        with contextlib.nullcontext() if frozen else self._frozen():
             try:
                 info = lstat_info(self.src, rel)
             except FileNotFoundError:
                 return True
             ops = self._metadata_ops(rel, info, tinfo)
-            return not ops or self.sink.commit(None, ops)
+            return not ops or self._commit(None, ops)
 
     @staticmethod
     def _metadata_ops(rel: bytes, info: Info, tinfo: Info | None) -> list[Op]:
