@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from app.services import blockdevs, mounts
 from app.services import loop as loopdev
 from app.services.config import BlockEntry
-from app.services.layout import capture_suffix, is_capture_of
+from app.services.layout import capture_key, capture_suffix
 from app.services.results import MirrorError, Outcome, Result
 
 ATTACH_LOCK = "/run/mirrorsetup.attach.lock"  # host-wide, root-only (/run is root's)
@@ -46,12 +46,15 @@ class View:
 
     def __post_init__(self) -> None:
         self.by_backing: dict[tuple[int, int], list[loopdev.LoopStatus]] = {}
+        self.by_capture: dict[str, list[loopdev.LoopStatus]] = {}
         for s in self.attached:
             self._index(s)
 
     def _index(self, s: loopdev.LoopStatus) -> None:
         if (key := device_id(s.backing_file)) is not None:
             self.by_backing.setdefault(key, []).append(s)
+        if (suffix := capture_key(s.backing_file)) is not None:
+            self.by_capture.setdefault(suffix, []).append(s)
 
     def note_attached(self, s: loopdev.LoopStatus) -> None:
         """A loop we attached ourselves joins the picture (no new scan of every loop)."""
@@ -61,6 +64,10 @@ class View:
     def loops_on(self, device: str) -> list[loopdev.LoopStatus]:
         key = device_id(device)
         return [] if key is None else list(self.by_backing.get(key, ()))
+
+    def captures_of(self, device: str) -> list[loopdev.LoopStatus]:
+        """Loops whose backing file is a capture file of `device` (any installation's)."""
+        return list(self.by_capture.get(capture_suffix(device), ()))
 
     def mounted_on(self, device: str) -> list[str]:
         rdev = os.stat(device).st_rdev
@@ -101,9 +108,8 @@ def busy_reasons(device: str, view: View) -> list[str]:
     open exclusively. Loops straight on the device are judged by the plans below."""
     reasons = [f"mounted on {mp}" for mp in view.mounted_on(device)]
     reasons += [f"held by {h}" for h in loopdev.holders_of(device)]
-    suffix = capture_suffix(device)  # one hash, not one per attached loop
-    reasons += [f"captured by the mirrorsetup daemon through {s.device}" for s in view.attached
-                if is_capture_of(device, s.backing_file, suffix)]
+    reasons += [f"captured by the mirrorsetup daemon through {s.device}"
+                for s in view.captures_of(device)]
     if not reasons:
         try:  # what sysfs does not name: an exclusive opener (mkfs, a daemon, a RAID tool)
             os.close(os.open(device, os.O_RDONLY | os.O_EXCL | os.O_CLOEXEC))

@@ -109,6 +109,17 @@ def capture_suffix(device: str) -> str:
     return f"/block/{entry_id(device)}/{CAPTURE_FILE}"
 
 
+def capture_key(backing: str | None) -> str | None:
+    """The capture_suffix() of the device whose capture file `backing` is; None when it is
+    not one (so loops can be indexed by it once instead of compared per device)."""
+    if not backing:
+        return None
+    parts = backing.rsplit("/", 3)
+    if len(parts) == 4 and parts[1] == "block" and parts[3] == CAPTURE_FILE:
+        return "/" + "/".join(parts[1:])
+    return None
+
+
 def is_capture_of(device: str, backing: str | None, suffix: str | None = None) -> bool:
     """True when a loop's backing file is a capture file of `device` (any installation's,
     live or left dead): such a loop reaches the device through a capture. `suffix`:

@@ -17,7 +17,7 @@ from app.services import mounts
 from app.services.config import BlockEntry, ConfigStore, FsEntry
 from app.services.blockplan import View
 from app.services.entries import problems
-from app.services.layout import FSTYPE_FS, capture_suffix, is_capture_of
+from app.services.layout import FSTYPE_FS
 from app.services.protocol import CaptureRow
 
 
@@ -231,7 +231,7 @@ def snapshot(store: ConfigStore, control=None, *, scan_writers: bool = True) -> 
     view = View(attached=loops, table=table)
     ours_pids = frozenset((snap.engine or {}).get("pids", []))
     for entry in config.block:
-        state = _block_state(entry, view, loops, table, snap.warnings, scan_writers,
+        state = _block_state(entry, view, table, snap.warnings, scan_writers,
                              rows.get(("block", entry.device)), ours_pids)
         snap.block.append(replace(state, problem=flawed.get(id(entry))))
     return snap
@@ -255,15 +255,14 @@ def _serving(capture_file: str | None) -> bool:
         return False
 
 
-def _block_state(entry: BlockEntry, view: View, loops: list[loopdev.LoopStatus], table,
+def _block_state(entry: BlockEntry, view: View, table,
                  warnings: list[StatusWarning], scan_writers: bool, engine: CaptureRow | None,
                  ours_pids: frozenset[int]) -> BlockState:
     dev = entry.device
     if not os.path.exists(dev):
         warnings.append(StatusWarning(dev, "the device does not exist", "error"))
         return BlockState(entry, "device missing")
-    suffix = capture_suffix(dev)  # one hash per entry, not one per loop on the host
-    captured = tuple(s for s in loops if is_capture_of(dev, s.backing_file, suffix))
+    captured = tuple(view.captures_of(dev))  # indexed once, not compared per loop of the host
     raw_loops = view.loops_on(dev)  # loops straight on the raw device: no capture
     plain = tuple(s for s in raw_loops if s.offset == entry.offset)
     ours = captured + plain
