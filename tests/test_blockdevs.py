@@ -132,6 +132,19 @@ def test_swap_magic_is_found_for_every_page_size(sparse_file, page, magic):
     assert blockdevs.probe_signature(str(img)) == "swap"
 
 
+@pytest.mark.parametrize("size", [65536 + 72, 1 << 20])
+def test_btrfs_magic_is_found_in_the_one_read_of_the_head_and_a_short_device_is_nothing(sparse_file, size):
+    """Every signature comes from one read of the device's first 68 KiB (it was five reads);
+    btrfs's magic is the last thing in it. A device shorter than that is read short: no
+    signature past its end, no error."""
+    img = sparse_file(size)
+    with open(img, "r+b") as f:
+        f.seek(65536 + 64)
+        f.write(b"_BHRfS_M")
+    assert blockdevs.probe_signature(str(img)) == "btrfs"
+    assert blockdevs.probe_signature(str(sparse_file(8192))) is None
+
+
 def test_mkswap_with_64k_pages_is_swap(sparse_file):
     """The layout mkswap writes on a 64 KiB-page machine (arm64, ppc64), as blkid sees it."""
     img = sparse_file(4 << 20)

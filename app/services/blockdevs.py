@@ -60,7 +60,9 @@ EXT3_RO_COMPAT_SUPP = 0x0001 | 0x0002 | 0x0004  # sparse_super, large_file, btre
 XFS_MAGIC = b"XFSB"  # at offset 0
 BTRFS_MAGIC = b"_BHRfS_M"
 BTRFS_MAGIC_OFFSET = 65536 + 64
-PROBE_HEAD = 4096  # one read covers LVM sectors 0-3, the ext superblock, XFS and 4 KiB swap
+# One read covers every signature we look for: LVM sectors 0-3, the ext superblock, XFS, the
+# swap magic for every page size and btrfs's superblock (five reads cost more than one of 68 KiB)
+PROBE_HEAD = BTRFS_MAGIC_OFFSET + len(BTRFS_MAGIC)
 
 SWAP = "swap"
 LVM2_MEMBER = "LVM2_member"
@@ -136,18 +138,16 @@ def _probe_fd(fd: int) -> str | None:
     for index in range(LVM2_SCAN_SECTORS):
         if _is_lvm2_label(head[index * SECTOR_SIZE:(index + 1) * SECTOR_SIZE], index):
             return LVM2_MEMBER
-    for page in SWAP_PAGE_SIZES:
+    for page in SWAP_PAGE_SIZES:  # (a device shorter than the head has none past its end)
         where = page - SWAP_MAGIC_LEN
-        magic = (head[where:where + SWAP_MAGIC_LEN] if page <= len(head)
-                 else os.pread(fd, SWAP_MAGIC_LEN, where))
-        if magic in SWAP_MAGICS:
+        if head[where:where + SWAP_MAGIC_LEN] in SWAP_MAGICS:
             return SWAP
     if head[:len(XFS_MAGIC)] == XFS_MAGIC:
         return "xfs"
     name = _ext_name(head)
     if name:
         return name
-    if os.pread(fd, len(BTRFS_MAGIC), BTRFS_MAGIC_OFFSET) == BTRFS_MAGIC:
+    if head[BTRFS_MAGIC_OFFSET:BTRFS_MAGIC_OFFSET + len(BTRFS_MAGIC)] == BTRFS_MAGIC:
         return "btrfs"
     return None
 
