@@ -105,6 +105,11 @@ def _status_of(index: int) -> LoopStatus | None:
                       bool(val["dio"]))
 
 
+def _bound(index: int) -> bool:
+    """Is a file bound to loop `index`? One look at sysfs (its loop/ directory), not eight."""
+    return os.path.exists(os.path.join(_sys_block(index), "loop", "backing_file"))
+
+
 def status(loop: str) -> LoopStatus | None:
     """The loop's attachment as the kernel reports it; None when not attached."""
     return _status_of(parse_loop_path(loop))
@@ -378,7 +383,7 @@ def detach(loop: str) -> Result:
         index = parse_loop_path(loop)
     except MirrorError as exc:
         return Result.from_error("detach", loop, exc)
-    if _status_of(index) is None:
+    if not _bound(index):
         return Result("detach", loop, Outcome.UNCHANGED, f"{loop}: not attached")
     try:
         fd = os.open(loop, os.O_RDONLY | os.O_CLOEXEC)
@@ -392,7 +397,7 @@ def detach(loop: str) -> Result:
             return Result("detach", loop, Outcome.UNCHANGED, f"{loop}: not attached")
         return Result.from_error("detach", loop, MirrorError.from_oserror("detach", loop, exc))
     os.close(fd)        # our close may be the last one: the kernel detaches here
-    after = _status_of(index)
+    after = _status_of(index) if _bound(index) else None
     if after is None:
         return Result("detach", loop, Outcome.OK, f"{loop}: detached")
     return Result("detach", loop, Outcome.PENDING,
