@@ -50,6 +50,7 @@ class ConfigStore:
     def __init__(self, path: str | os.PathLike | None = None):
         self.path = Path(default_path() if path is None else path)
         self.lock_path = self.path.with_name(self.path.name + ".lock")
+        self._parsed: tuple[str, Config] | None = None  # the last text parsed, and its result
 
     def load(self) -> Config:
         """No lock needed: writers replace the file whole, so a reader sees old or new. A file
@@ -68,7 +69,11 @@ class ConfigStore:
             raise ConfigError(f"{self.path} line {line}: not valid UTF-8 (byte {exc.start})",
                               line=line, obj=str(self.path)) from None
         check_file_safety(self.path)
-        return config_from_toml(text, str(self.path))
+        if self._parsed is not None and self._parsed[0] == text:
+            return self._parsed[1]  # the same text parses the same (a Config is immutable)
+        config = config_from_toml(text, str(self.path))
+        self._parsed = (text, config)
+        return config
 
     def add_filesystem(self, path, *, replicate_atime=False, target=None, adopt_target=False,
                        queue_limit=None, on_full=None) -> FsEntry:
