@@ -137,17 +137,23 @@ async def test_add_a_real_target_through_the_dialog_pins_its_key_and_tests_it(
         await settle(pilot)
         await pilot.press("7")
         await settle(pilot)
-        await pilot.press("a")
-        await settle(pilot)
-        dialog = app.screen
-        for field, value in (("name", "backup1"), ("host", bed.target_addr), ("port", str(bed.port)),
-                             ("root", str(root))):
-            dialog.query_one(f"#{field}").value = value
-        await pilot.click("#add")
-        await wait_until(pilot, lambda: isinstance(app.screen, ConfirmDialog), "the host key")
-        question = static_text(app.screen.query_one("#question"))
-        assert fp in question and f"{bed.target_addr} port {bed.port}" in question
-        await pilot.press("y")
+        for answer in ("enter", "y"):  # Enter is "No" (focused): said, and nothing is added
+            await pilot.press("a")
+            await settle(pilot)
+            dialog = app.screen
+            for field, value in (("name", "backup1"), ("host", bed.target_addr),
+                                 ("port", str(bed.port)), ("root", str(root))):
+                dialog.query_one(f"#{field}").value = value
+            await pilot.click("#add")
+            await wait_until(pilot, lambda: isinstance(app.screen, ConfirmDialog), "the host key")
+            question = static_text(app.screen.query_one("#question"))
+            assert fp in question and f"{bed.target_addr} port {bed.port}" in question
+            await pilot.press(answer)
+            if answer == "enter":
+                await settle(pilot)
+                assert any("backup1 was not added: its host key was not pinned" in str(n.message)
+                           for n in app._notifications)
+                assert ConfigStore(config_path).load().target == ()
         await wait_until(pilot, lambda: isinstance(app.screen, ResultsDialog), "the result")
         notes = static_text(app.screen.query_one("#results-notes"))
         assert "authorized_keys" in notes and "restrict ssh-ed25519" in notes.replace("\n", " ")

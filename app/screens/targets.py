@@ -251,6 +251,9 @@ class TargetsScreen(TaskScreen):
         def confirmed(yes: bool | None) -> None:
             if yes:
                 self.run_action(f"Add target {host.name}", lambda: self._add(host, fp))
+            else:  # the safe default: say so, an Enter on "No" must not look like nothing
+                self.notify(f"{host.name} was not added: its host key was not pinned.",
+                            title="Add target", severity="warning", markup=False)
         self.app.push_screen(ConfirmDialog(
             f"{host.host} port {host.port} offers the host key\n\n  {fp} ({kind})\n\nCompare it "
             "with `ssh-keygen -lf /etc/ssh/ssh_host_ed25519_key.pub` on the target. Pin it? A "
