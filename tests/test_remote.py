@@ -89,6 +89,17 @@ def test_target_add_pins_the_host_key_and_test_reaches_the_agent(remote, tmp_pat
     assert [t["name"] for t in listed] == ["backup1"]
 
 
+def test_a_target_without_the_agent_says_how_to_install_or_name_it(remote, tmp_path):
+    """The forced command names `mirrorsetup`; on a host where that is not installed (or not on
+    the PATH) ssh says 'command not found' and exits 127: status says what to do."""
+    make, r = remote()
+    r.bed.set_authorized_keys([r.authorized_line.replace(f'command="{AGENT} ',
+                                                         'command="/nonexistent/mirrorsetup ')])
+    t = cli(r.cfg, "target", "test", "backup1")
+    assert t.returncode == 1
+    assert "cannot run the agent" in t.stderr and "--agent PATH" in t.stderr, t.stderr
+
+
 def test_fs_entry_replicates_every_kind_of_change_to_the_other_host(remote, tmp_path):
     make, r = remote()
     src = tmp_path / "src"

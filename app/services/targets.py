@@ -92,6 +92,9 @@ def ssh_failure_text(stderr: str, status: int | None) -> tuple[str, bool]:
         return f"refused: the target does not accept our key ({last})", False
     if "not responding" in low:
         return f"disconnected: the target stopped answering ({last})", True
+    if status == 127 or "command not found" in low:
+        return (f"refused: the target cannot run the agent ({last}); install mirrorsetup there "
+                "or name its path with `target add --agent PATH`"), True
     return f"disconnected: {last}", True
 
 
