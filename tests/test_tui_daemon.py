@@ -110,3 +110,26 @@ async def test_the_screen_follows_a_daemon_started_and_stopped_from_a_shell(daem
         r = subprocess.run(argv + ["stop"], capture_output=True, text=True)
         assert r.returncode == 0, r.stdout + r.stderr
         await wait_until(pilot, lambda: "not running" in static_text(state), "stopped")
+
+
+@pilot_test
+async def test_the_uptime_counts_on_without_asking_the_daemon_again(daemon_services):
+    """The screen said "up 0 s" for as long as it was shown (found by hand): the uptime is
+    counted from the start time it has, once a second; the daemon is not asked again."""
+    from app.services.daemonctl import DaemonInfo
+    now = [1_000_000.0]
+    asked = []
+    info = DaemonInfo(True, "/run/x.sock", 4242, now[0], "/etc/x.toml", "/var/lib/x", "/run/x.log")
+    daemon_services._describe_daemon = lambda: asked.append(1) or info
+    daemon_services.clock = lambda: now[0]
+    app = make_app(services=daemon_services, is_root=True)
+    async with app.run_test(size=(120, 36)) as pilot:
+        await settle(pilot)
+        await pilot.press("5")
+        await wait_until(pilot, lambda: "up 0 s" in static_text(app.screen.query_one("#daemon-state")),
+                         "the screen")
+        calls = len(asked)
+        now[0] += 125
+        await wait_until(pilot, lambda: "up 2 min 5 s" in static_text(
+            app.screen.query_one("#daemon-state")), "the uptime to count on")
+        assert len(asked) == calls

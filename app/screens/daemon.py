@@ -64,7 +64,15 @@ class DaemonScreen(TaskScreen):
         return self.services.describe_daemon()
 
     def show(self, info) -> None:
-        self.query_one("#daemon-state", Static).update(info_text(info, self.services.clock()))
+        self._info = info
+        self._tick()
+        if getattr(self, "_ticker", None) is None:  # "up N" is counted here, not read again
+            self._ticker = self.set_interval(1.0, self._tick)
+
+    def _tick(self) -> None:
+        info = getattr(self, "_info", None)
+        if info is not None:
+            self.query_one("#daemon-state", Static).update(info_text(info, self.services.clock()))
 
     @on(Button.Pressed)
     def _button(self, event: Button.Pressed) -> None:
