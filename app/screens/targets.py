@@ -364,7 +364,8 @@ class TargetsScreen(TaskScreen):
             f"Switch over {shown(key)}",
             f"Switch {shown(key)} over to its replica on {shown(host)}?\n\nOn THIS host: capture "
             "stops once the replica has applied every change; nothing may use the entry (stop "
-            f"the applications first). It is not captured here afterwards.\nOn {shown(host)}: "
+            f"the applications first). It is not captured here afterwards, and read-only here "
+            f"until the fail-back.\nOn {shown(host)}: "
             f"the replica {shown(target)} becomes primary and can be used there.\nNo data is lost "
             "or overwritten on either host.", "Switch over",
             lambda: rep.switchover(key), f"draining {shown(key)} to {shown(host)}, then promoting"))
