@@ -480,3 +480,27 @@ def test_a_session_prepared_while_capture_mounts_is_used_once_and_not_when_old(r
         assert t.welcome.get("free_bytes", 0) > 0
     finally:
         t.close()
+
+
+def test_a_failed_connection_is_told_by_its_own_ssh_not_by_an_earlier_sessions(monkeypatch):
+    """ssh's messages were kept across sessions: after a session that timed out ("not
+    responding"), every later attempt refused outright was still said to be "the target
+    stopped answering" (found by hand with the link down). Each session's own words now.
+    ssh itself is stood in for by a process that says what ssh says and exits 255 (what is
+    checked is how we read it; the real ssh paths are in the tests above)."""
+    from app.engine.remote import RemoteTarget
+    from app.engine.shipper import TargetUnavailable
+    from app.services.targets import Settings
+    said = iter(["Timeout, server 10.0.0.2 not responding.",
+                 "ssh: connect to host 10.0.0.2 port 22: Connection refused"])
+    monkeypatch.setattr(Settings, "ssh_argv", lambda self, *a: [
+        sys.executable, "-c", f"import sys; print({next(said)!r}, file=sys.stderr); sys.exit(255)"])
+    target = RemoteTarget(Settings("b1", "10.0.0.2", "/r", "x"), "fs", None, None)
+    states = []
+    for _ in range(2):
+        with pytest.raises(TargetUnavailable) as exc:
+            target.open()
+        states.append(exc.value.state)
+    target.close()
+    assert "stopped answering" in states[0]
+    assert "Connection refused" in states[1] and "stopped answering" not in states[1], states

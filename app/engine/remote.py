@@ -100,7 +100,8 @@ class RemoteTarget(Target):
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, bufsize=0,
                                 start_new_session=True)
         self.proc = proc
-        threading.Thread(target=self._read_stderr, args=(proc,), daemon=True).start()
+        self._stderr = deque(maxlen=50)  # this session's own: an old one's words do not color it
+        threading.Thread(target=self._read_stderr, args=(proc, self._stderr), daemon=True).start()
         greeting = {"go": threading.Event(), "done": threading.Event(), "since": time.monotonic(),
                     "proc": proc}
 
@@ -177,10 +178,10 @@ class RemoteTarget(Target):
                 "adopt": bool(self.claim and self.claim.adopt), "generation": self.generation,
                 "last_seq": last, "released_seq": released, **getattr(self, "_extra", {})}
 
-    def _read_stderr(self, proc) -> None:
+    def _read_stderr(self, proc, lines: deque) -> None:
         for line in proc.stderr:
             text = line.decode(errors="replace").rstrip()
-            self._stderr.append(text)
+            lines.append(text)
             if text and not text.startswith("mirrorsetup-agent") or "ERROR" in text:
                 log.info("%s: ssh: %s", self.label, text)
 
