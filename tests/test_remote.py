@@ -454,6 +454,10 @@ def test_target_add_refuses_malformed_fields_and_leaves_nothing_behind(tmp_path)
     r = cli(cfg, "target", "add", "x", "--host", "host.invalid", "--root", "/srv/r")
     assert r.returncode == 1 and "could not read the host key of host.invalid" in r.stderr
     assert "\\r" not in r.stderr and not (tmp_path / "etc" / "keys").exists() and not cfg.exists()
+    for action in ("remove", "test", "authorized-key"):  # a name not configured: a refusal
+        r = cli(cfg, "--json", "target", action, "nosuch")
+        assert r.returncode == 2 and "no remote target named 'nosuch'" in r.stderr, (action, r)
+        assert json.loads(r.stdout)["errno_name"] == "ENOENT"
 
 
 def test_a_session_prepared_while_capture_mounts_is_used_once_and_not_when_old(remote, monkeypatch):

@@ -55,6 +55,7 @@ def cmd_list(args) -> int:
 
 
 def cmd_remove(args) -> int:
+    _host(args)  # a name that is not configured is a refusal (exit 2), as for test and the others
     try:
         host = store(args).remove_target(args.name)
     except MirrorError as exc:
