@@ -195,3 +195,35 @@ def test_a_switched_over_entry_is_said_as_such_not_as_mount_all(tmp_path):
     row = CaptureRow("fs", "/x", state="switched over", switched={"state": "switching",
                                                                   "target": "backup1:x"})
     assert replication_text(row).startswith("switch-over to backup1:x interrupted")
+
+
+def test_a_long_connection_state_is_short_in_a_cell_and_whole_in_the_warnings(tmp_path, capsys):
+    """A split brain's refusal is a paragraph (what happened, both ways out): `status` printed
+    all of it in the table's replication cell (a 300-column row, found by hand) and the
+    dashboard cut it mid-word. The cell says its kind and first reason with the retry; the
+    warnings, the details and --json keep every word."""
+    from app.cli.output import print_status
+    from app.services.protocol import CaptureRow
+    from app.services.status import replication_text, snapshot
+    refusal = ("refused: split brain: the target was promoted at 2026-12-02 02:50:36 (generation "
+               "c595); nothing was written. Choose: `mirrorsetup replica resolve ENTRY "
+               "--discard-target` (the source wins) or `mirrorsetup failback ENTRY`, retry in 1 s")
+
+    class Control:
+        def request(self, what):
+            return {"filesystem": [{"kind": "fs", "key": str(tmp_path / "src"), "captured": True,
+                                    "target": "backup1:data", "state": "captured",
+                                    "replication": "split brain", "connection": refusal,
+                                    "last_error": refusal}], "block": []}
+
+    cfg = tmp_path / "etc" / "replication.toml"
+    write_config(cfg, tmp_path)
+    snap = snapshot(ConfigStore(cfg), Control(), scan_writers=False)
+    print_status(snap)
+    out = capsys.readouterr().out
+    [line] = [x for x in out.splitlines() if x.startswith(str(tmp_path / "src"))]
+    assert "split brain (refused: split brain, retry in 1 s)" in line and "Choose" not in line
+    assert "--discard-target" in out  # the warning below the table says what to do
+    row = CaptureRow.from_json(Control().request("status")["filesystem"][0])
+    assert replication_text(row).startswith("split brain (refused: split brain, retry in 1 s)")
+    assert refusal in replication_text(row, long=True)

@@ -148,9 +148,10 @@ def _replication(f) -> str | None:
     connection when it is not simply up."""
     if f is None or not f.captured:
         return None
+    from app.services.status import short_connection
     text = f.replication or f.state
     if f.connection and f.connection not in ("local", "none", "connected"):
-        text += f" ({f.connection})"
+        text += f" ({short_connection(f.connection)})"  # the whole of it: in the warnings
     return text
 
 

@@ -340,6 +340,18 @@ def _switched_text(row: CaptureRow) -> str:
     return f"switched over to {where}: primary there{here}; fail back to capture here"
 
 
+def short_connection(text: str) -> str:
+    """A connection state in a table cell: its kind and first reason ("refused: split brain",
+    "disconnected: the target stopped answering"), with the retry time; the whole of it is in
+    the warnings, `status --json` and the details."""
+    head, sep, retry = text.partition(", retry in ")
+    parts = head.split(": ")
+    short = ": ".join(parts[:2]).split(" (")[0].split(". ")[0]
+    if len(short) > 60:
+        short = short[:59] + "…"
+    return short + (sep + retry if sep else "")
+
+
 def replication_text(row: CaptureRow | None, *, long: bool = False) -> str:
     """One entry's replication as the CLI and the dashboard both say it."""
     from app.services.units import human_size
@@ -353,7 +365,7 @@ def replication_text(row: CaptureRow | None, *, long: bool = False) -> str:
         return f"not captured{': ' + row.last_error if row.last_error else ''}"
     text = row.replication or row.state
     if row.connection and row.connection not in ("local", "none", "connected"):
-        text += f" ({row.connection})"
+        text += f" ({row.connection if long else short_connection(row.connection)})"
     text += f" · queued {human_size(row.bytes_queued)}"
     if row.lag_seconds:
         text += f" · lag {row.lag_seconds:.1f} s"
