@@ -9,7 +9,7 @@ import subprocess
 import pytest
 
 from app.engine.applier import FsApplier
-from app.engine.journal import Journal, JournalGap, scan_segment
+from app.engine.journal import Journal, JournalGap, Record, scan_segment
 
 
 def _segments(d):
@@ -75,6 +75,30 @@ def test_sync_makes_records_durable_and_reopen_replays_unapplied(tmp_path):
     assert (j2.released_seq, j2.last_seq) == (2, 5)
     assert [r.seq for r in j2.read(100)] == [3, 4, 5]
     assert j2.append("unlink", {"path": "f"}) == 6
+
+
+def test_seqs_handed_out_are_reserved_durably_so_a_crash_never_gives_one_again(tmp_path):
+    """Records only in memory die with the process, but a remote target may have received
+    them: after a crash the journal must not hand their seqs to other changes (the target
+    would take those as already held). Seqs are reserved durably ahead; a clean close gives
+    back what was not used; a journal that only ingests (the agent's) reserves nothing."""
+    j = Journal(tmp_path / "a")
+    for i in range(5):
+        j.append("write", {"path": "f", "offset": i}, b"a")  # in memory only
+    crashed = Journal(tmp_path / "a")  # as if the process died: nothing flushed or closed
+    assert crashed.last_seq == 0 and crashed.reserved_seq >= 5
+    crashed.skip_to(crashed.reserved_seq)  # what a capture does after an unclean stop
+    assert crashed.append("write", {"path": "f", "offset": 9}, b"b") > 5
+    clean = Journal(tmp_path / "b")
+    for i in range(3):
+        clean.append("write", {"path": "f", "offset": i}, b"a")
+    clean.read(10)
+    clean.release(3)
+    clean.close()
+    assert Journal(tmp_path / "b").reserved_seq == 3  # nothing lost: no jump after a clean stop
+    agent = Journal(tmp_path / "c")
+    agent.ingest_durably([Record(1, 1, "write", {"path": "f", "offset": 0}, b"x")])
+    assert not (tmp_path / "c" / "reserved").exists()
 
 
 def test_applier_replay_twice_converges(tmp_path):

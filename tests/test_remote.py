@@ -270,6 +270,34 @@ def test_killed_agents_and_daemon_resume_from_the_targets_position(fs_remote, wr
     assert tree(Path(src)) == tree(r.root / "data")
 
 
+def test_a_source_crash_that_lost_acknowledged_records_resumes_above_the_targets_position(fs_remote):
+    """The source host goes down (daemon and worker killed): records the target had already
+    received were only in the journal's memory (no application fsync'd), so the journal opens
+    below the target's position. That was refused for good as "its history is not ours" (found
+    by hand). The capture knows it lost history (unclean stop: it catches up anyway), so it goes
+    on above the target's position, the target marked inconsistent until the catch-up ends;
+    every change reaches it, none is dropped as already held."""
+    eng, src, r = fs_remote()
+    for i in range(40):
+        Path(src, f"a{i}").write_bytes(os.urandom(3000))  # no fsync: records stay in memory
+    held = eng.drain(src)["applied_seq"]
+    assert held > 40
+    worker = eng.status(src)["worker_pid"]
+    eng.kill9()
+    os.kill(worker, 9)
+    wait_for("the worker's end", lambda: not os.path.exists(f"/proc/{worker}"), 30)
+    eng.start()
+    for i in range(10):
+        Path(src, f"b{i}").write_bytes(os.urandom(3000))
+    Path(src, "a0").unlink()
+    st = eng.drain(src)
+    assert st["connection"] == "connected", st
+    assert st["last_seq"] > held, "new records must go above what the target holds"
+    wait_for("consistent again", lambda: eng.status(src)["target_data"] == "consistent", 60)
+    assert tree(Path(src)) == tree(r.root / "data")
+    assert "unclean previous stop" in eng.logtext()
+
+
 def test_a_full_target_pauses_and_resumes_with_nothing_lost(fs_remote, tmp_path):
     eng, src, r = fs_remote(disk=48 * MiB)
     disk = r.bed._disks[-1]

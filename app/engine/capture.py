@@ -232,9 +232,12 @@ class Capture:
                        "capture was not in place since " + time.strftime(
                            "%Y-%m-%d %H:%M:%S", time.localtime(end.get("time", 0))) if end.get("time")
                        else "capture restarted")
-        self._mount()
         if broken:  # lost records: the catch-up below repairs what they would have done
-            self.journal.discard_through(self.journal.last_seq)
+            # Above every seq the dead capture may have handed out (a remote target may hold
+            # records that were only in its memory: the next change must not reuse their seqs),
+            # and before the mount: records captured from then on are kept and shipped.
+            self.journal.skip_to(self.journal.reserved_seq)
+        self._mount()
         from app.engine.shipper import Shipper
         from app.engine.remote import RemoteTarget
         self.remote = isinstance(self.target, RemoteTarget)
@@ -347,6 +350,10 @@ class Capture:
 
     def request_catch_up(self, reason: str, discard: bool = False) -> None:
         """On the trio thread (atomic with capture): start tracking, drop what is moot."""
+        if discard and self.ops.tracker is not None:
+            # Files made since the tracker began are skipped by a walk ("their whole life is in
+            # the journal"): not so once those records are gone. The walk must see them.
+            self.ops.tracker.created.clear()
         self._hold_tracker()
         self._full_pending = True
         if discard:

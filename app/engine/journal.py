@@ -46,6 +46,8 @@ MEMORY_BYTES = 64 << 20  # in-memory queue bound; beyond it records spill to dis
 HEADER = struct.Struct("<IIQ")  # length of the rest, crc32 of the rest, seq
 BODY = struct.Struct("<BHI")  # kind, op length, args length
 RELEASED_FILE = "released"  # the highest seq the target holds durably
+RESERVED_FILE = "reserved"  # seqs up to here may have been handed out (and reached the target)
+SEQ_RESERVE = 1 << 20  # seqs reserved at a time: one durable small write per this many records
 LEGACY_APPLIED_FILE = "applied"  # its name before the journal could be rewound
 MAX_UNSYNCED_SEGMENTS = 64  # rolled segments (5 MB each) kept open, unsynced, for the next sync()
 MARK_BYTES = 64 << 10  # queued bytes are counted to this precision
@@ -215,6 +217,12 @@ class Journal:
         self.track_applied = False
         self._applied_seq = 0
         self._open_segments()
+        # Records in memory are lost with the process, but a remote target may have received
+        # them: a journal that assigns seqs reserves them durably ahead (`reserved_seq`), so a
+        # capture that starts after an unclean stop can go on above every seq that may have
+        # been handed out, never giving one the target may hold to another change.
+        text = read_small_file(self.dir, RESERVED_FILE)
+        self._reserved = int(text) if text and text.strip().isdigit() else 0
 
     # -- opening --------------------------------------------------------------------------
     def _read_released(self) -> int:
@@ -263,6 +271,8 @@ class Journal:
                     self._cv.notify_all()
                     return 0
             seq = rec.seq = self.last_seq + 1
+            if seq > self._reserved:
+                self._reserve(seq + SEQ_RESERVE - 1)
             self.last_seq = seq
             self.captured_ops += 1
             self._cum += rec.size
@@ -374,6 +384,21 @@ class Journal:
         self.last_seq, self._disk_last = last, disk_last
         self.sent_seq = min(self.sent_seq, last)
         self._reader = None
+
+    @property
+    def reserved_seq(self) -> int:
+        """No seq above this was handed out (by this journal or one that died before it)."""
+        return max(self._reserved, self.last_seq)
+
+    def _reserve(self, seq: int) -> None:
+        """Say durably that seqs up to `seq` may be handed out (before the first of them is)."""
+        write_small_file(self.dir, RESERVED_FILE, f"{seq}\n")
+        fd = os.open(self.dir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            os.fsync(fd)  # the rename itself must survive a crash
+        finally:
+            os.close(fd)
+        self._reserved = seq
 
     def skip_to(self, seq: int) -> None:
         """Records up to `seq` will never come (the source resyncs instead): forget ours."""
@@ -652,3 +677,6 @@ class Journal:
                     os.fdatasync(self._writer)
                 os.close(self._writer)
                 self._writer = None
+            if self._reserved > self.last_seq and not self._mem:
+                # every seq handed out is on disk or released: the next open starts right here
+                self._reserve(self.last_seq)
