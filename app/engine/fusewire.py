@@ -172,6 +172,15 @@ class Session:
             DESTROY: self._destroy, FALLOCATE: self._fallocate, LSEEK: self._lseek,
             STATX: self._statx,
         }
+        # An operation the file system does not have is answered ENOSYS (the kernel then stops
+        # asking, e.g. the loop device's discards to a block capture), not EIO with a traceback.
+        for opcode, name in {READLINK: "readlink", SYMLINK: "symlink", MKNOD: "mknod",
+                             MKDIR: "mkdir", UNLINK: "unlink", RMDIR: "rmdir", RENAME: "rename",
+                             RENAME2: "rename", LINK: "link", SETXATTR: "setxattr",
+                             REMOVEXATTR: "removexattr", CREATE: "create", TMPFILE: "tmpfile",
+                             FALLOCATE: "fallocate", LSEEK: "lseek"}.items():
+            if not hasattr(self.fs, name):
+                del self._handlers[opcode]
 
     # -- attributes as the kernel wants them ------------------------------------------------------
     def _attr(self, nodeid: int, st: os.stat_result) -> tuple:
