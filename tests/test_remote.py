@@ -562,3 +562,56 @@ def test_a_failed_connection_is_told_by_its_own_ssh_not_by_an_earlier_sessions(m
     target.close()
     assert "stopped answering" in states[0]
     assert "Connection refused" in states[1] and "stopped answering" not in states[1], states
+
+
+def test_a_replica_lock_taken_a_moment_ago_is_waited_for_and_a_stale_pid_never_signalled(tmp_path):
+    """A session that has the replica's lock but has not yet said who it is was taken for
+    "another source" and refused at once (a resolve refused while a retry of the same source
+    held the lock for a moment: failed once in the full suite). Now its words are waited for;
+    another source is still refused by name; a lock file naming a pid that is no agent (a
+    session long gone, its pid reused) never gets that process signalled."""
+    import fcntl
+    import threading
+    from app.engine.agent import AgentError, Replica
+    root = tmp_path / "root"
+    root.mkdir()
+    fd = os.open(root, os.O_PATH | os.O_DIRECTORY)
+    mine = {"host": "h1", "entry": "fs:/srv/data"}
+    rep = Replica(fd, str(root), "data", "fs")
+    held = os.open(rep.dir / "lock", os.O_RDWR | os.O_CREAT, 0o600)
+    fcntl.flock(held, fcntl.LOCK_EX)  # taken; nothing said yet
+    got: list = []
+    t = threading.Thread(target=lambda: got.append(_try_lock(rep, mine)))
+    t.start()
+    time.sleep(1.0)
+    assert got == [], "refused while the holder had not said who it is"
+    other = {"host": "h2", "entry": "fs:/srv/data"}
+    os.pwrite(held, json.dumps({"pid": 1, "source": other}).encode(), 0)
+    t.join(10)
+    assert isinstance(got[0], AgentError) and "on h2 (another source)" in str(got[0])
+    sleeper = subprocess.Popen(["sleep", "30"])  # no agent, though the file names it as ours
+    try:
+        os.ftruncate(held, 0)
+        os.pwrite(held, json.dumps({"pid": sleeper.pid, "source": mine}).encode(), 0)
+        t = threading.Thread(target=lambda: got.append(_try_lock(rep, mine)))
+        t.start()
+        time.sleep(1.0)
+        assert sleeper.poll() is None, "a process that is no agent was signalled"
+        fcntl.flock(held, fcntl.LOCK_UN)
+        t.join(10)
+        assert got[1] is None and rep.lock_fd is not None
+        assert json.loads((rep.dir / "lock").read_text()) == {"pid": os.getpid(), "source": mine}
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+        os.close(held)
+        os.close(fd)
+
+
+def _try_lock(rep, source):
+    from app.engine.agent import AgentError
+    try:
+        rep.lock(source)
+    except AgentError as exc:
+        return exc
+    return None

@@ -88,18 +88,33 @@ class Replica:
                 break
             except BlockingIOError:
                 holder = _holder(fd)
-                if holder.get("source") != source or time.monotonic() > deadline:
+                who = holder.get("source")  # None: its holder has not said who it is yet
+                if (who is not None and who != source) or time.monotonic() > deadline:
                     os.close(fd)
-                    who = holder.get("source", {})
+                    who = who or {}
                     raise AgentError("locked", f"replica {self.rel} is locked by agent pid "
                                      f"{holder.get('pid', '?')} for {who.get('entry', '?').split(':', 1)[-1]} "
                                      f"on {who.get('host', '?')} (another source)", errno.EBUSY) from None
-                with contextlib.suppress(ProcessLookupError, TypeError):
-                    os.kill(int(holder.get("pid")), signal.SIGTERM)  # our own stale session
+                if who == source and _is_agent(holder.get("pid")):
+                    with contextlib.suppress(ProcessLookupError):
+                        os.kill(int(holder["pid"]), signal.SIGTERM)  # our own stale session
                 time.sleep(0.2)
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, json.dumps({"pid": os.getpid(), "source": source}).encode(), 0)
+        # who holds it, written whole over the last holder's words (never an empty file: a
+        # session that looks then would take a moment's silence for another source)
+        said = json.dumps({"pid": os.getpid(), "source": source}).encode()
+        os.pwrite(fd, said, 0)
+        os.ftruncate(fd, len(said))
         self.lock_fd = fd
+
+
+def _is_agent(pid) -> bool:
+    """Is `pid` a running agent? (a lock file may name a session long gone, whose pid another
+    process has since; that one is never signalled)"""
+    try:
+        with open(f"/proc/{int(pid)}/cmdline", "rb") as f:
+            return b"serve-target" in f.read()
+    except (OSError, TypeError, ValueError):
+        return False
 
 
 def _holder(fd: int) -> dict:
