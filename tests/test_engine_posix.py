@@ -226,6 +226,8 @@ def test_o_tmpfile_linked_in_appears_at_the_target_with_its_data(entry):
         try:
             os.write(fd, b"anonymous until linked")
             os.fchmod(fd, 0o604)
+            os.setxattr(fd, "user.note", b"set while nameless")  # on a node with no name:
+            xattrs = [os.getxattr(fd, "user.note"), os.listxattr(fd)]  # EIO and a traceback before
             linkat(AT_FDCWD, b"/proc/self/fd/%d" % fd, os.fsencode(os.path.join(d, "by-proc")),
                    AT_SYMLINK_FOLLOW)
             os.write(fd, b", then named")
@@ -237,12 +239,15 @@ def test_o_tmpfile_linked_in_appears_at_the_target_with_its_data(entry):
         os.close(never)
         st = os.stat(os.path.join(d, "by-fd"))
         return [sorted(os.listdir(d)), open(os.path.join(d, "by-proc")).read(),
-                oct(st.st_mode), st.st_nlink]
+                oct(st.st_mode), st.st_nlink, xattrs]
 
     seen = both(plain, src, story)
-    assert seen == [["by-fd", "by-proc"], "anonymous until linked, then named", "0o100604", 2]
+    assert seen == [["by-fd", "by-proc"], "anonymous until linked, then named", "0o100604", 2,
+                    [b"set while nameless", ["user.note"]]]
     eng.drain(src)
     assert eng.verify(src) == []
+    assert os.getxattr(os.path.join(tgt, "by-fd"), "user.note") == b"set while nameless"
+    assert "Traceback" not in eng.logtext(), eng.logtext()[-3000:]
     assert open(os.path.join(tgt, "by-fd")).read() == seen[1]
     assert os.stat(os.path.join(tgt, "by-fd")).st_ino == os.stat(os.path.join(tgt, "by-proc")).st_ino
 

@@ -311,7 +311,7 @@ class MirrorFS(fusewire.Gate):
         return st
 
     # -- extended attributes (through /proc/self/fd/N/name: there is no *at() form) -----------
-    def _xattr_path(self, ino: int):
+    def _xattr_path(self, ino: int) -> str | int:
         """What os.*xattr take for `ino`: a /proc path, or an open fd when it has no name."""
         if self.inodes.path(ino) is None:
             fd = self._open_fd(ino)
@@ -327,7 +327,7 @@ class MirrorFS(fusewire.Gate):
         us, root, it keeps it)."""
         self._no_caps.discard(ino)
         where = self._xattr_path(ino)
-        os.setxattr(where, name, value, flags, follow_symlinks=False)
+        os.setxattr(where, name, value, flags, **_nofollow(where))
         node = self.inodes.node(ino)
         self._record_on(node, "setxattr", value, name=encode_path(name))
         if kill_sgid:
@@ -346,17 +346,20 @@ class MirrorFS(fusewire.Gate):
         if name == CAPABILITY and ino in self._no_caps:
             raise OSError(errno.ENODATA, "no capabilities")
         try:
-            return os.getxattr(self._xattr_path(ino), name, follow_symlinks=False)
+            where = self._xattr_path(ino)
+            return os.getxattr(where, name, **_nofollow(where))
         except OSError as exc:
             if name == CAPABILITY and exc.errno == errno.ENODATA:
                 self._no_caps.add(ino)
             raise
 
     def listxattr(self, ino: int) -> list[bytes]:
-        return [os.fsencode(n) for n in os.listxattr(self._xattr_path(ino), follow_symlinks=False)]
+        where = self._xattr_path(ino)
+        return [os.fsencode(n) for n in os.listxattr(where, **_nofollow(where))]
 
     def removexattr(self, ino: int, name: bytes) -> None:
-        os.removexattr(self._xattr_path(ino), name, follow_symlinks=False)
+        where = self._xattr_path(ino)
+        os.removexattr(where, name, **_nofollow(where))
         self._record_on(self.inodes.node(ino), "removexattr", name=encode_path(name))
 
     def statfs(self) -> os.statvfs_result:
@@ -557,3 +560,8 @@ def mount(fs: MirrorFS, path: str, options) -> fusewire.Session:
     session.mount(sum(ms for st, ms in LOWER_MOUNT_FLAGS if lower & st))
     return session
 
+
+def _nofollow(where: str | int) -> dict:
+    """os.*xattr on a path must not follow a symlink; on an fd (a file with no name left, e.g.
+    O_TMPFILE before its link) the flag is refused (ValueError: it was EIO and a traceback)."""
+    return {} if isinstance(where, int) else {"follow_symlinks": False}
