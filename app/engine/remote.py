@@ -16,6 +16,7 @@ reconciler and verify ask for listings and hashes (REQ/REP) on the same session.
 
 from __future__ import annotations
 
+import errno
 import itertools
 import json
 import logging
@@ -255,8 +256,11 @@ class RemoteTarget(Target):
             proc = self.proc
             if proc is None or proc.stdin is None:
                 raise OSError("no session")
-            proc.stdin.write(data)
-            proc.stdin.flush()
+            try:
+                proc.stdin.write(data)
+                proc.stdin.flush()
+            except ValueError:  # closed meanwhile (the session ended): like a broken pipe
+                raise OSError(errno.EPIPE, "the session is closed") from None
 
     def _check(self) -> None:
         if self._gap:
