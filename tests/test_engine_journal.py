@@ -101,6 +101,24 @@ def test_seqs_handed_out_are_reserved_durably_so_a_crash_never_gives_one_again(t
     assert not (tmp_path / "c" / "reserved").exists()
 
 
+@pytest.mark.root
+def test_a_reservation_that_cannot_be_written_never_fails_a_capture(tmp_path, tmpfs_mount, caplog):
+    """The journal's file system is full: the reservation cannot be written, and capture goes on
+    (what it costs is said: after a crash a remote target may refuse until adopted)."""
+    small = tmpfs_mount(tmp_path / "small")
+    subprocess.run(["mount", "-o", "remount,size=64k", str(small)], check=True)
+    j = Journal(small)
+    fd = os.open(small / "filler", os.O_WRONLY | os.O_CREAT)
+    with pytest.raises(OSError):  # the file system is full now
+        while True:
+            os.write(fd, b"x" * 4096)
+    os.close(fd)
+    with caplog.at_level("WARNING"):
+        assert [j.append("write", {"path": "f", "offset": i}, b"a") for i in range(3)] == [1, 2, 3]
+    assert "could not reserve record numbers" in caplog.text
+    j.close()
+
+
 def test_applier_replay_twice_converges(tmp_path):
     src = tmp_path / "target"
     src.mkdir()

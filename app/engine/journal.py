@@ -30,6 +30,7 @@ import contextlib
 import errno
 import itertools
 import json
+import logging
 import os
 import struct
 import threading
@@ -48,6 +49,8 @@ BODY = struct.Struct("<BHI")  # kind, op length, args length
 RELEASED_FILE = "released"  # the highest seq the target holds durably
 RESERVED_FILE = "reserved"  # seqs up to here may have been handed out (and reached the target)
 SEQ_RESERVE = 1 << 20  # seqs reserved at a time: one durable small write per this many records
+SEQ_RESERVE_RETRY = 1 << 12  # a reservation that could not be written is tried again this soon
+TAIL_BYTES = 16 << 20  # ingested records kept in memory for the applier (an agent per replica)
 LEGACY_APPLIED_FILE = "applied"  # its name before the journal could be rewound
 MAX_UNSYNCED_SEGMENTS = 64  # rolled segments (5 MB each) kept open, unsynced, for the next sync()
 MARK_BYTES = 64 << 10  # queued bytes are counted to this precision
@@ -272,7 +275,13 @@ class Journal:
                     return 0
             seq = rec.seq = self.last_seq + 1
             if seq > self._reserved:
-                self._reserve(seq + SEQ_RESERVE - 1)
+                try:
+                    self._reserve(seq + SEQ_RESERVE - 1)
+                except OSError as exc:  # its file system is full: capture goes on regardless
+                    logging.getLogger("mirrorsetup.journal").warning(
+                        "%s: could not reserve record numbers (%s): after a crash a remote "
+                        "target may refuse this source until it is adopted", self.dir, exc)
+                    self._reserved = seq + SEQ_RESERVE_RETRY - 1
             self.last_seq = seq
             self.captured_ops += 1
             self._cum += rec.size
@@ -335,7 +344,7 @@ class Journal:
             for rec in records:
                 self._tail.append(rec)
                 self._tail_bytes += rec.size
-            while self._tail and self._tail_bytes > self.memory_bytes:
+            while self._tail and self._tail_bytes > min(self.memory_bytes, TAIL_BYTES):
                 self._tail_bytes -= self._tail.popleft().size
             self._cv.notify_all()
             return self.last_seq
@@ -679,4 +688,5 @@ class Journal:
                 self._writer = None
             if self._reserved > self.last_seq and not self._mem:
                 # every seq handed out is on disk or released: the next open starts right here
-                self._reserve(self.last_seq)
+                with contextlib.suppress(OSError):  # else a later crash only jumps further
+                    self._reserve(self.last_seq)
