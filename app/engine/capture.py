@@ -359,7 +359,8 @@ class Capture:
         if discard:
             self.journal.discard_through(self.journal.last_seq)
             self.shipper.release_hold()
-        self.reason = reason
+        if (self.catching or {}).get("stage") != "waiting for the target":
+            self.reason = reason  # (one that waits already covers it, and keeps its own reason)
         self.consistent = False
         if self._catch_up_wake is not None:
             self._catch_up_wake.set()
@@ -403,6 +404,10 @@ class Capture:
         while not self.shipper.connected:
             self.catching = {"reason": self.reason, "stage": "waiting for the target"}
             await trio.sleep(0.2)
+        # What was asked until now (a gap found while connecting, after an unclean stop) is
+        # covered by the walk that starts here: not a second walk after it.
+        if self._catch_up_wake is not None:
+            self._catch_up_wake = trio.Event()
         if self.journal.behind:
             self.journal.catch_up_from_behind()
             if not self._full_pending:
