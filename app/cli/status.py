@@ -35,9 +35,11 @@ def cmd_status(args) -> int:
                 now = moving_figures(client)
                 if now is None or now == figures:
                     continue
-            while not events.empty():  # one redraw for a burst
-                events.get_nowait()
-            figures = moving_figures(client)
+                figures = now
+            else:
+                while not events.empty():  # one redraw for a burst
+                    events.get_nowait()
+                figures = moving_figures(client)
             show()
     finally:
         watchers.close()

@@ -19,7 +19,6 @@ import time
 from array import array
 from types import SimpleNamespace
 
-
 from app.engine import fusewire
 from app.engine.journal import Journal
 from app.engine.sync import BLOCK

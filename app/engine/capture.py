@@ -47,6 +47,7 @@ CLEAN_MARKER = "clean"  # written at the end of a capture, consumed at the start
 ENTRY_MARKER = "entry"  # which directory or device this journal belongs to
 LOCK_FILE = "lock"  # flock: one capture per entry, whatever asks
 STOP_DRAIN_SECONDS = 30  # a clean stop ships what is queued for at most this long
+WAITING_FOR_TARGET = "waiting for the target"  # a catch-up's stage until the target answers
 CATCH_UP_RETRY_SECONDS = 5  # a catch-up that lost its target tries again after this
 BEHIND_RESUME_FRACTION = 0.5  # pull-ahead: resync once the queue is below this share of its limit
 FUSE_OPTIONS_FS = ("subtype=mirrorfs", "allow_other", "default_permissions")
@@ -359,7 +360,7 @@ class Capture:
         if discard:
             self.journal.discard_through(self.journal.last_seq)
             self.shipper.release_hold()
-        if (self.catching or {}).get("stage") != "waiting for the target":
+        if (self.catching or {}).get("stage") != WAITING_FOR_TARGET:
             self.reason = reason  # (one that waits already covers it, and keeps its own reason)
         self.consistent = False
         if self._catch_up_wake is not None:
@@ -402,7 +403,7 @@ class Capture:
             self.consistent = True
             return True
         while not self.shipper.connected:
-            self.catching = {"reason": self.reason, "stage": "waiting for the target"}
+            self.catching = {"reason": self.reason, "stage": WAITING_FOR_TARGET}
             await trio.sleep(0.2)
         # What was asked until now (a gap found while connecting, after an unclean stop) is
         # covered by the walk that starts here: not a second walk after it.

@@ -454,19 +454,7 @@ class Journal:
             self._mem_bytes -= rec.size
 
     def _write(self, rec: Record) -> None:
-        raw = rec.encode()
-        if self._writer is None or self._writer_size + len(raw) > self.segment_bytes:
-            self._roll(rec.seq)
-        try:
-            if os.write(self._writer, raw) != len(raw):
-                raise OSError(errno.ENOSPC, "short write to the journal")
-        except OSError:
-            os.ftruncate(self._writer, self._writer_size)  # no torn record stays behind
-            raise
-        self._writer_size += len(raw)
-        self._segments[-1].last = rec.seq
-        self._disk_last = rec.seq
-        self._unsynced = True
+        self._write_run([rec], [rec.encode()])
 
     def _roll(self, seq: int) -> None:
         if self._writer is not None:

@@ -22,7 +22,6 @@ import resource
 import stat
 import threading
 
-
 from app.engine import fusewire
 from app.engine.fusewire import Changes, Ctx
 from app.engine.inodes import ROOT, InodeTable, Node

@@ -39,6 +39,7 @@ class DaemonScreen(TaskScreen):
     NAME = "daemon"
     CSS_PATH = ["task.tcss", "daemon.tcss"]
     busy_target = "#daemon-state"
+    _info = None  # what describe_daemon said last
 
     def compose(self) -> ComposeResult:
         yield Header()
@@ -59,6 +60,7 @@ class DaemonScreen(TaskScreen):
         super().on_mount()
         self.reload_on(self.app.daemon_signal)
         self.query_one("#start").focus()
+        self.set_interval(1.0, self._tick)
 
     def load(self):
         return self.services.describe_daemon()
@@ -66,13 +68,11 @@ class DaemonScreen(TaskScreen):
     def show(self, info) -> None:
         self._info = info
         self._tick()
-        if getattr(self, "_ticker", None) is None:  # "up N" is counted here, not read again
-            self._ticker = self.set_interval(1.0, self._tick)
 
     def _tick(self) -> None:
-        info = getattr(self, "_info", None)
-        if info is not None:
-            self.query_one("#daemon-state", Static).update(info_text(info, self.services.clock()))
+        """Also once a second: "up N" is counted here from what was read, not read again."""
+        if self._info is not None:
+            self.query_one("#daemon-state", Static).update(info_text(self._info, self.services.clock()))
 
     @on(Button.Pressed)
     def _button(self, event: Button.Pressed) -> None:
