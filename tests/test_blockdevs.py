@@ -229,6 +229,23 @@ def test_active_swap_is_named_from_proc_swaps(scratch_loop, active_swap):
     assert dev not in listed(include_excluded=False)
 
 
+@pytest.mark.root
+def test_udevs_record_of_a_device_is_believed_before_its_signature(scratch_loop, tmp_path,
+                                                                    monkeypatch):
+    """What udev probed (its database) excludes a device whose first bytes say nothing, as the
+    picker's pyudev properties do. This machine runs no udevd: the database is a directory we
+    write in udev's own format (`E:KEY=value` lines in b<major>:<minor>)."""
+    dev = scratch_loop(16 << 20)
+    rdev = os.stat(dev).st_rdev
+    monkeypatch.setattr(blockdevs, "UDEV_DATA", str(tmp_path))
+    assert blockdevs.exclusion_reason(dev) is None  # no record, a blank device
+    (tmp_path / f"b{os.major(rdev)}:{os.minor(rdev)}").write_text(
+        "S:disk/by-id/x\nE:ID_FS_USAGE=other\nE:ID_FS_TYPE=LVM2_member\nG:systemd\n")
+    assert blockdevs.exclusion_reason(dev) == "LVM2 physical volume"
+    (tmp_path / f"b{os.major(rdev)}:{os.minor(rdev)}").write_text("E:ID_FS_TYPE=\n")
+    assert blockdevs.exclusion_reason(dev) is None  # probed, nothing found: the signature says
+
+
 # ---------------------------------------------------------------- usable devices
 
 @pytest.mark.root

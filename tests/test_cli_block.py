@@ -206,7 +206,8 @@ def test_devices_json_lists_a_disk_and_excludes_swap(config_path, disks):
 
 def test_attach_all_reads_the_loops_of_the_host_once(config_path, disks, tmp_path, monkeypatch):
     """Each attached loop joins the picture the next entry is planned against: the loops of the
-    host are read once per attach-all, not once per entry (256 entries took 17 s that way)."""
+    host are read once per attach-all, not once per entry (256 entries took 17 s that way), and
+    only their backing files: a loop's whole status is read when it is one of the entry's."""
     from app.services import loop as loopdev
     from app.services.config import ConfigStore
     from app.services.control import ControlClient
@@ -215,15 +216,18 @@ def test_attach_all_reads_the_loops_of_the_host_once(config_path, disks, tmp_pat
     store = ConfigStore(config_path)
     for d in made:
         store.add_block(d)
-    reads = []
-    real = loopdev.list_attached
-    monkeypatch.setattr(loopdev, "list_attached", lambda: reads.append(1) or real())
+    reads, whole = [], []
+    real, real_status = loopdev.bound_backing, loopdev.status_of
+    monkeypatch.setattr(loopdev, "bound_backing", lambda: reads.append(1) or real())
+    monkeypatch.setattr(loopdev, "status_of", lambda i: whole.append(i) or real_status(i))
     results = Replication(store, ControlClient(str(tmp_path / "no-daemon.sock"))).attach_all()
     assert [r.outcome.value for r in results] == ["ok"] * 3, [r.message for r in results]
-    assert len(reads) == 1
+    assert len(reads) == 1 and whole == []  # nothing was on them; what we bound we knew
     assert all(len(loops_on(d)) == 1 for d in made)
+    whole.clear()
     again = Replication(store, ControlClient(str(tmp_path / "no-daemon.sock"))).attach_all()
     assert [r.outcome.value for r in again] == ["unchanged"] * 3
+    assert sorted(whole) == sorted(int(loops_on(d)[0][len("/dev/loop"):]) for d in made)
 
 
 def test_capture_loops_are_indexed_exactly_as_the_per_device_comparison_found_them():

@@ -18,14 +18,17 @@ import stat
 import struct
 import zlib
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
-import pyudev
+if TYPE_CHECKING:  # imported where used: a command that only attaches loops never loads it
+    import pyudev
 
 from app.services import mounts
 from app.services.results import MirrorError
 
 SYS_BLOCK = "/sys/class/block"
 PROC_SWAPS = "/proc/swaps"
+UDEV_DATA = "/run/udev/data"  # udev's database: one file per device, b<major>:<minor> for blocks
 SECTOR_SIZE = 512  # sysfs "size" counts 512-byte sectors whatever the logical block size is
 BLKGETSIZE64 = 0x80081272  # _IOR(0x12, 114, size_t): device size in bytes
 SCSI_CDROM_MAJOR = 11  # sr0, sr1, ...
@@ -105,6 +108,7 @@ class BlockDevice:
 def _udev_context() -> pyudev.Context:
     """One Context per process: creating one loads libudev, and ctypes' library lookup forks
     a helper process each time (measured: 4 ms per device in attach-all)."""
+    import pyudev
     return pyudev.Context()
 
 def _lvm_crc(data: bytes) -> int:
@@ -288,6 +292,7 @@ def _partitions_of(sys_path: str) -> list[str]:
 
 def _build(device: pyudev.Device, view: _SystemView, *, with_partitions: bool = True
            ) -> BlockDevice:
+    import pyudev
     name = device.sys_name
     sys_path = device.sys_path
     rdev = device.device_number
@@ -343,6 +348,7 @@ def _name_of(rdev: int) -> str | None:
 
 def list_block_devices(*, include_excluded: bool = True) -> list[BlockDevice]:
     """Every block device with a size, in name order; excluded ones only when asked."""
+    import pyudev
     context = _udev_context()
     view = _SystemView()
     found: list[BlockDevice] = []
@@ -371,6 +377,7 @@ def _block_rdev(path: str) -> int:
 
 def describe(path: str) -> BlockDevice:
     """One device, symlinks (/dev/disk/by-id/...) resolved; size-0 devices are described too."""
+    import pyudev
     rdev = _block_rdev(path)
     try:
         device = pyudev.Devices.from_device_number(_udev_context(), "block", rdev)
@@ -389,9 +396,21 @@ def exclusion_reason(path: str) -> str | None:
     swaps = _active_swaps()
     if rdev in swaps:
         return REASON_SWAP_ACTIVE
-    try:
-        device = pyudev.Devices.from_device_number(_udev_context(), "block", rdev)
-        fstype = device.properties.get("ID_FS_TYPE")
-    except (pyudev.DeviceNotFoundError, ValueError):
-        fstype = None
+    fstype = _udev_property(rdev, "ID_FS_TYPE")
     return _exclusion(rdev, fstype or probe_signature(os.path.realpath(path)), swaps)
+
+
+def _udev_property(rdev: int, key: str) -> str | None:
+    """One property from udev's database of a block device (the `E:KEY=value` lines libudev
+    reads for pyudev), None when udev has no record (no udevd, or not probed yet)."""
+    path = f"{UDEV_DATA}/b{os.major(rdev)}:{os.minor(rdev)}"
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except OSError:
+        return None
+    prefix = f"E:{key}=".encode()
+    for line in data.splitlines():
+        if line.startswith(prefix):
+            return os.fsdecode(line[len(prefix):]) or None
+    return None

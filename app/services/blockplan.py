@@ -37,37 +37,56 @@ def attach_lock(path: str = ATTACH_LOCK):
         os.close(fd)
 
 
-@dataclass
 class View:
-    """The kernel's state read once per action: loops from sysfs, the mount table."""
+    """The kernel's state read once per action: which file backs each loop (sysfs), the mount
+    table. A loop's whole status is read when a question first needs it (one file per loop
+    to index them all, eight for each loop that matters), or given whole by the caller."""
 
-    attached: list[loopdev.LoopStatus] = field(default_factory=lambda: loopdev.list_attached())
-    table: list[mounts.MountEntry] = field(default_factory=mounts.read_mountinfo)
+    def __init__(self, attached: list[loopdev.LoopStatus] | None = None,
+                 table: list[mounts.MountEntry] | None = None) -> None:
+        self.table = mounts.read_mountinfo() if table is None else table
+        self._status: dict[int, loopdev.LoopStatus | None] = {}
+        self._backing: dict[int, str | None] = {}
+        self.by_backing: dict[tuple[int, int], list[int]] = {}
+        self.by_capture: dict[str, list[int]] = {}
+        if attached is None:
+            for index, backing in loopdev.bound_backing().items():
+                self._index(index, backing)
+        else:
+            for s in attached:
+                self._status[s.index] = s
+                self._index(s.index, s.backing_file)
 
-    def __post_init__(self) -> None:
-        self.by_backing: dict[tuple[int, int], list[loopdev.LoopStatus]] = {}
-        self.by_capture: dict[str, list[loopdev.LoopStatus]] = {}
-        for s in self.attached:
-            self._index(s)
+    def _index(self, index: int, backing: str | None) -> None:
+        self._backing[index] = backing
+        if (key := device_id(backing)) is not None:
+            self.by_backing.setdefault(key, []).append(index)
+        if (suffix := capture_key(backing)) is not None:
+            self.by_capture.setdefault(suffix, []).append(index)
 
-    def _index(self, s: loopdev.LoopStatus) -> None:
-        if (key := device_id(s.backing_file)) is not None:
-            self.by_backing.setdefault(key, []).append(s)
-        if (suffix := capture_key(s.backing_file)) is not None:
-            self.by_capture.setdefault(suffix, []).append(s)
+    def _loops(self, indexes) -> list[loopdev.LoopStatus]:
+        """Statuses of indexed loops; one rebound or detached since it was indexed is left out."""
+        found = []
+        for index in indexes:
+            if index not in self._status:
+                s = loopdev.status_of(index)
+                self._status[index] = s if s and s.backing_file == self._backing[index] else None
+            if (s := self._status[index]) is not None:
+                found.append(s)
+        return found
 
     def note_attached(self, s: loopdev.LoopStatus) -> None:
         """A loop we attached ourselves joins the picture (no new scan of every loop)."""
-        self.attached.append(s)
-        self._index(s)
+        self._status[s.index] = s
+        self._index(s.index, s.backing_file)
 
     def loops_on(self, device: str) -> list[loopdev.LoopStatus]:
         key = device_id(device)
-        return [] if key is None else list(self.by_backing.get(key, ()))
+        return [] if key is None else self._loops(self.by_backing.get(key, ()))
 
     def captures_of(self, device: str) -> list[loopdev.LoopStatus]:
         """Loops whose backing file is a capture file of `device` (any installation's)."""
-        return list(self.by_capture.get(capture_suffix(device), ()))
+        return self._loops(self.by_capture.get(capture_suffix(device), ()))
 
     def mounted_on(self, device: str) -> list[str]:
         rdev = os.stat(device).st_rdev

@@ -2,8 +2,9 @@
 
 Why not shell out to losetup: we need errno on every failure, the race-safe allocation under a
 lock shared with our other processes, and to say "detach pending" when the kernel defers a
-detach. What is attached is always read from /sys/block/loopN (never from a cached list, never
-from `lo_file_name`, which the kernel cuts at 64 bytes).
+detach. What is attached is always read from the kernel (sysfs /sys/block/loopN, or for a loop
+we hold open its LOOP_GET_STATUS64), never from a cached list; the backing file's path always
+from sysfs, never from `lo_file_name`, which the kernel cuts at 64 bytes.
 """
 
 from __future__ import annotations
@@ -20,8 +21,8 @@ from typing import Iterator
 
 from app.services._ioctl import (
     LO_FLAGS_AUTOCLEAR, LO_FLAGS_DIRECT_IO, LO_FLAGS_PARTSCAN, LO_FLAGS_READ_ONLY,
-    LOOP_CLR_FD, LOOP_CONFIGURE, LOOP_CTL_ADD, LOOP_CTL_GET_FREE, LOOP_SET_BLOCK_SIZE,
-    LOOP_SET_DIRECT_IO, LOOP_SET_FD, LOOP_SET_STATUS64, SECTOR_SIZE, block_device_size,
+    LOOP_CLR_FD, LOOP_CONFIGURE, LOOP_CTL_ADD, LOOP_CTL_GET_FREE, LOOP_GET_STATUS64, LOOP_INFO64,
+    LOOP_SET_BLOCK_SIZE, LOOP_SET_DIRECT_IO, LOOP_SET_FD, LOOP_SET_STATUS64, SECTOR_SIZE, block_device_size,
     info64_without, pack_config, pack_info64)
 from app.services.results import ConfigError, MirrorError, Outcome, Result
 
@@ -88,7 +89,7 @@ def _read_sys(path: str) -> str:
     return data.decode("utf-8", "surrogateescape").rstrip("\n")
 
 
-def _status_of(index: int) -> LoopStatus | None:
+def status_of(index: int) -> LoopStatus | None:
     """Read sysfs; None when the loop is unbound (no loop/ directory) or vanished meanwhile."""
     base = _sys_block(index)
     try:
@@ -105,6 +106,24 @@ def _status_of(index: int) -> LoopStatus | None:
                       bool(val["dio"]))
 
 
+def bound_backing() -> dict[int, str]:
+    """Index -> backing file of every bound loop, in index order: one sysfs read per loop (a
+    whole status is eight); callers read the status of the few they need with status_of()."""
+    try:
+        names = os.listdir(os.path.join(SYS_ROOT, "block"))
+    except OSError as exc:
+        raise MirrorError.from_oserror("list", os.path.join(SYS_ROOT, "block"), exc) from exc
+    found = {}
+    for name in names:
+        if m := _LOOP_NAME.fullmatch(name):
+            index = int(m.group(1))
+            try:
+                found[index] = _read_sys(os.path.join(_sys_block(index), "loop", "backing_file"))
+            except OSError:
+                continue  # unbound (no loop/ directory), or detached meanwhile
+    return dict(sorted(found.items()))
+
+
 def _bound(index: int) -> bool:
     """Is a file bound to loop `index`? One look at sysfs (its loop/ directory), not eight."""
     return os.path.exists(os.path.join(_sys_block(index), "loop", "backing_file"))
@@ -112,7 +131,7 @@ def _bound(index: int) -> bool:
 
 def status(loop: str) -> LoopStatus | None:
     """The loop's attachment as the kernel reports it; None when not attached."""
-    return _status_of(parse_loop_path(loop))
+    return status_of(parse_loop_path(loop))
 
 
 def list_attached() -> list[LoopStatus]:
@@ -124,7 +143,7 @@ def list_attached() -> list[LoopStatus]:
     found = []
     for name in names:
         m = _LOOP_NAME.fullmatch(name)
-        if m and (st := _status_of(int(m.group(1)))) is not None:
+        if m and (st := status_of(int(m.group(1)))) is not None:
             found.append(st)
     return sorted(found, key=lambda s: s.index)
 
@@ -308,7 +327,7 @@ def _open_loop(path: str) -> int:
 
 
 def _busy(path: str, index: int) -> MirrorError:
-    st = _status_of(index)
+    st = status_of(index)
     what = st.backing_file if st else "another process's file"
     return MirrorError(f"attach to {path}: {path} is busy (attached to {what})",
                        errno=errno.EBUSY, obj=path)
@@ -333,7 +352,7 @@ def attach(backing: str, *, loop: str | None = None, offset: int = 0, sizelimit:
         with _control_locked() as ctl:
             if index is not None:
                 _ensure(ctl, loop, index)
-                if _status_of(index) is not None:
+                if status_of(index) is not None:
                     raise _busy(loop, index)
                 return _attach_at(loop, index, file_fd, info, direct_io, block_size,
                                   fixed=True)
@@ -365,13 +384,29 @@ def _attach_at(path: str, index: int, file_fd: int, info: bytes, direct_io: bool
                 return None
             raise MirrorError.from_oserror("attach to", path, exc) from exc
         # Read while our descriptor still holds the device (see attach() about autoclear).
-        st = _status_of(index)
+        st = _status_from_fd(dev_fd, path, index)
         if st is None:
             raise MirrorError(f"attach to {path}: the kernel accepted it but sysfs shows "
                               f"nothing attached", errno=errno.EIO, obj=path)
         return st
     finally:
         os.close(dev_fd)
+
+
+def _status_from_fd(dev_fd: int, path: str, index: int) -> LoopStatus | None:
+    """The status of a loop we hold open: geometry and flags from the kernel's own
+    LOOP_GET_STATUS64 and BLKGETSIZE64 (the values sysfs prints), the backing file's whole path
+    from sysfs (lo_file_name is cut at 64 bytes). None when the kernel shows it unbound."""
+    try:
+        info = LOOP_INFO64.unpack(fcntl.ioctl(dev_fd, LOOP_GET_STATUS64, bytes(LOOP_INFO64.size)))
+        size = block_device_size(dev_fd)
+        backing = _read_sys(os.path.join(_sys_block(index), "loop", "backing_file"))
+    except OSError:
+        return None
+    offset, sizelimit, flags = info[3], info[4], info[8]
+    return LoopStatus(path, index, backing, offset, sizelimit, size,
+                      bool(flags & LO_FLAGS_READ_ONLY), bool(flags & LO_FLAGS_AUTOCLEAR),
+                      bool(flags & LO_FLAGS_PARTSCAN), bool(flags & LO_FLAGS_DIRECT_IO))
 
 
 # -- detach ----------------------------------------------------------------------------------
@@ -397,7 +432,7 @@ def detach(loop: str) -> Result:
             return Result("detach", loop, Outcome.UNCHANGED, f"{loop}: not attached")
         return Result.from_error("detach", loop, MirrorError.from_oserror("detach", loop, exc))
     os.close(fd)        # our close may be the last one: the kernel detaches here
-    after = _status_of(index) if _bound(index) else None
+    after = status_of(index) if _bound(index) else None
     if after is None:
         return Result("detach", loop, Outcome.OK, f"{loop}: detached")
     return Result("detach", loop, Outcome.PENDING,

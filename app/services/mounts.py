@@ -8,9 +8,8 @@ octal escapes (`\\040`); we turn them back into bytes and then into `str` with `
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
 import errno as errno_module
+import functools
 import os
 import re
 import select
@@ -60,12 +59,26 @@ READ_CHUNK = 1 << 20  # the table can be megabytes with thousands of mounts; rea
 # The kernel escapes these with seq_escape() as \ooo; "#" only in the source field.
 _OCTAL = re.compile(rb"\\([0-3][0-7][0-7])")
 
-_libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-_libc.mount.argtypes = [ctypes.c_char_p, ctypes.c_char_p, ctypes.c_char_p, ctypes.c_ulong,
-                        ctypes.c_void_p]
-_libc.mount.restype = ctypes.c_int
-_libc.umount2.argtypes = [ctypes.c_char_p, ctypes.c_int]
-_libc.umount2.restype = ctypes.c_int
+
+
+@functools.cache
+def _libc():
+    """The C library's mount calls, loaded at the first use: a command that only reads the
+    mount table (attach-all, status) does not pay for ctypes."""
+    import ctypes
+    libc = ctypes.CDLL(None, use_errno=True)  # the process's own symbols: glibc or musl
+    libc.mount.argtypes = [ctypes.c_char_p, ctypes.c_char_p, ctypes.c_char_p, ctypes.c_ulong,
+                           ctypes.c_void_p]
+    libc.mount.restype = ctypes.c_int
+    libc.umount2.argtypes = [ctypes.c_char_p, ctypes.c_int]
+    libc.umount2.restype = ctypes.c_int
+    libc.syscall.restype = ctypes.c_long
+    return libc
+
+
+def _errno() -> int:
+    import ctypes
+    return ctypes.get_errno()
 
 
 @dataclass(frozen=True)
@@ -167,8 +180,8 @@ def mount(source: PathArg | None, target: PathArg, fstype: str | None, flags: in
           data: str | bytes | None = None) -> None:
     """mount(2). `source`/`fstype` may be None (remount, propagation changes)."""
     raw_data = os.fsencode(data) if data is not None else None
-    if _libc.mount(_arg(source), _arg(target), _arg(fstype), flags, raw_data) != 0:
-        err = ctypes.get_errno()
+    if _libc().mount(_arg(source), _arg(target), _arg(fstype), flags, raw_data) != 0:
+        err = _errno()
         target_s = _display(os.fsdecode(target))
         what = f"mount {_display(os.fsdecode(source))} on" if source is not None else "mount"
         exc = OSError(err, os.strerror(err))
@@ -179,8 +192,8 @@ def mount(source: PathArg | None, target: PathArg, fstype: str | None, flags: in
 
 def umount(target: PathArg, flags: int = 0) -> None:
     """umount2(2): EINVAL means not a mount point, EBUSY means still in use."""
-    if _libc.umount2(_arg(target), flags) != 0:
-        err = ctypes.get_errno()
+    if _libc().umount2(_arg(target), flags) != 0:
+        err = _errno()
         error = MirrorError.from_oserror("umount", _display(os.fsdecode(target)),
                                          OSError(err, os.strerror(err)))
         error.obj = os.fsdecode(target)
@@ -197,7 +210,6 @@ AT_RECURSIVE = 0x8000
 AT_FDCWD = -100
 MOVE_MOUNT_F_EMPTY_PATH = 0x4
 MOVE_MOUNT_BENEATH = 0x200
-_libc.syscall.restype = ctypes.c_long
 
 
 def clone_tree(path: PathArg, *, dir_fd: int = AT_FDCWD, recursive: bool = False) -> int:
@@ -206,9 +218,10 @@ def clone_tree(path: PathArg, *, dir_fd: int = AT_FDCWD, recursive: bool = False
     flags = OPEN_TREE_CLONE | OPEN_TREE_CLOEXEC | (AT_RECURSIVE if recursive else 0)
     if not os.fsencode(path):
         flags |= AT_EMPTY_PATH
-    fd = _libc.syscall(SYS_OPEN_TREE, ctypes.c_int(dir_fd), _arg(path), ctypes.c_uint(flags))
+    import ctypes
+    fd = _libc().syscall(SYS_OPEN_TREE, ctypes.c_int(dir_fd), _arg(path), ctypes.c_uint(flags))
     if fd < 0:
-        err = ctypes.get_errno()
+        err = _errno()
         raise MirrorError.from_oserror("clone the mount at", _display(os.fsdecode(path) or "(fd)"),
                                        OSError(err, os.strerror(err)))
     return fd
@@ -217,10 +230,11 @@ def clone_tree(path: PathArg, *, dir_fd: int = AT_FDCWD, recursive: bool = False
 def move_mount(tree_fd: int, target: PathArg, *, beneath: bool = False) -> None:
     """move_mount(2) of a detached tree onto `target`: on top of what is mounted there, or
     beneath the top mount (so that lifting the top one reveals ours, with no moment between)."""
+    import ctypes
     flags = MOVE_MOUNT_F_EMPTY_PATH | (MOVE_MOUNT_BENEATH if beneath else 0)
-    if _libc.syscall(SYS_MOVE_MOUNT, ctypes.c_int(tree_fd), b"", ctypes.c_int(AT_FDCWD),
+    if _libc().syscall(SYS_MOVE_MOUNT, ctypes.c_int(tree_fd), b"", ctypes.c_int(AT_FDCWD),
                      _arg(target), ctypes.c_uint(flags)) != 0:
-        err = ctypes.get_errno()
+        err = _errno()
         error = MirrorError.from_oserror("move the mount to", _display(os.fsdecode(target)),
                                          OSError(err, os.strerror(err)))
         error.obj = os.fsdecode(target)
