@@ -155,6 +155,24 @@ def test_attach_flags_direct_io_partscan_block_size(sparse_file, loops):
 
 
 @pytest.mark.root
+def test_a_loop_we_hold_is_read_through_our_fd_as_sysfs_shows_it(sparse_file, loops):
+    """The status of a loop just bound is read with ioctls on our own descriptor: it must say
+    what sysfs says, read-only included when only the device flag (`blockdev --setro`, which
+    outlives a binding) is set and the loop's own LO_FLAGS_READ_ONLY is not."""
+    st = loops(str(sparse_file(8 * MiB)), offset=MiB, sizelimit=2 * MiB, partscan=True)
+    assert loop.status(st.device) == st and not st.read_only
+    fd = os.open(st.device, os.O_RDONLY)
+    try:
+        fcntl.ioctl(fd, _ioctl.BLKROSET, (1).to_bytes(4, sys.byteorder))
+        assert _sysfs(st.index, "ro") == "1"
+        assert loop.status(st.device).read_only
+        assert loop._status_from_fd(fd, st.device, st.index) == loop.status(st.device)
+    finally:
+        fcntl.ioctl(fd, _ioctl.BLKROSET, (0).to_bytes(4, sys.byteorder))  # the number stays clean
+        os.close(fd)
+
+
+@pytest.mark.root
 def test_attach_fallback_without_loop_configure(sparse_file, loops, monkeypatch):
     """Kernels before 5.8 answer LOOP_CONFIGURE with EINVAL; an unknown loop ioctl gets the same
     answer here, so the SET_FD + SET_STATUS64 path runs against the real kernel."""

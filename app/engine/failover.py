@@ -92,7 +92,6 @@ def refusal(layout, kind: str, key: str, action: str) -> Result | None:
 # gets a read-only bind mount of itself over it, a whole block device the kernel's read-only
 # flag (BLKROSET, as `blockdev --setro`; writers, even those already open, get EPERM/EROFS).
 # The marker records what was done, so only that is undone (a device read-only before stays so).
-BLKROSET, BLKROGET = 0x125D, 0x125E
 
 
 def _top_mount_id(path: str) -> int | None:
@@ -105,6 +104,8 @@ def _set_ro(device: str, ro: bool) -> bool:
     """Set the device's read-only flag; returns what it was."""
     import ctypes
     import fcntl
+
+    from app.services._ioctl import BLKROGET, BLKROSET
     fd = os.open(device, os.O_RDONLY | os.O_CLOEXEC)
     try:
         was = ctypes.c_int(0)

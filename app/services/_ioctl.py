@@ -23,8 +23,10 @@ LOOP_CONFIGURE = 0x4C0A          # Linux >= 5.8: SET_FD + SET_STATUS64 + block s
 LOOP_CTL_ADD = 0x4C80
 LOOP_CTL_REMOVE = 0x4C81
 LOOP_CTL_GET_FREE = 0x4C82       # returns the index of an unbound loop (adding one if needed)
-# ioctl on any block device: its size in bytes, _IOR(0x12, 114, size_t)
+# ioctls on any block device: its size in bytes, _IOR(0x12, 114, size_t); its read-only flag
+# (set as `blockdev --setro` does; it outlives a loop's binding), get and set, an int
 BLKGETSIZE64 = 0x80081272
+BLKROSET, BLKROGET = 0x125D, 0x125E
 
 # lo_flags
 LO_FLAGS_READ_ONLY = 1

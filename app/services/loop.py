@@ -14,16 +14,17 @@ import fcntl
 import os
 import re
 import stat
+import sys
 import time
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from typing import Iterator
 
 from app.services._ioctl import (
-    LO_FLAGS_AUTOCLEAR, LO_FLAGS_DIRECT_IO, LO_FLAGS_PARTSCAN, LO_FLAGS_READ_ONLY,
+    BLKROGET, LO_FLAGS_AUTOCLEAR, LO_FLAGS_DIRECT_IO, LO_FLAGS_PARTSCAN, LO_FLAGS_READ_ONLY,
     LOOP_CLR_FD, LOOP_CONFIGURE, LOOP_CTL_ADD, LOOP_CTL_GET_FREE, LOOP_GET_STATUS64, LOOP_INFO64,
-    LOOP_SET_BLOCK_SIZE, LOOP_SET_DIRECT_IO, LOOP_SET_FD, LOOP_SET_STATUS64, SECTOR_SIZE, block_device_size,
-    info64_without, pack_config, pack_info64)
+    LOOP_SET_BLOCK_SIZE, LOOP_SET_DIRECT_IO, LOOP_SET_FD, LOOP_SET_STATUS64, SECTOR_SIZE,
+    block_device_size, info64_without, pack_config, pack_info64)
 from app.services.results import ConfigError, MirrorError, Outcome, Result
 
 SYS_ROOT = "/sys"
@@ -396,16 +397,19 @@ def _attach_at(path: str, index: int, file_fd: int, info: bytes, direct_io: bool
 def _status_from_fd(dev_fd: int, path: str, index: int) -> LoopStatus | None:
     """The status of a loop we hold open: geometry and flags from the kernel's own
     LOOP_GET_STATUS64 and BLKGETSIZE64 (the values sysfs prints), the backing file's whole path
-    from sysfs (lo_file_name is cut at 64 bytes). None when the kernel shows it unbound."""
+    from sysfs (lo_file_name is cut at 64 bytes). None when the kernel shows it unbound.
+    Read-only is the device's flag as sysfs `ro` shows it, which a `blockdev --setro` of this
+    loop number, even before this binding, sets beside the loop's own LO_FLAGS_READ_ONLY."""
     try:
         info = LOOP_INFO64.unpack(fcntl.ioctl(dev_fd, LOOP_GET_STATUS64, bytes(LOOP_INFO64.size)))
         size = block_device_size(dev_fd)
+        ro = int.from_bytes(fcntl.ioctl(dev_fd, BLKROGET, bytes(4)), sys.byteorder)
         backing = _read_sys(os.path.join(_sys_block(index), "loop", "backing_file"))
     except OSError:
         return None
     offset, sizelimit, flags = info[3], info[4], info[8]
     return LoopStatus(path, index, backing, offset, sizelimit, size,
-                      bool(flags & LO_FLAGS_READ_ONLY), bool(flags & LO_FLAGS_AUTOCLEAR),
+                      bool(ro or flags & LO_FLAGS_READ_ONLY), bool(flags & LO_FLAGS_AUTOCLEAR),
                       bool(flags & LO_FLAGS_PARTSCAN), bool(flags & LO_FLAGS_DIRECT_IO))
 
 
