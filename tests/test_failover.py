@@ -124,6 +124,11 @@ def test_planned_switchover_of_a_directory_and_fail_back(fs_remote, writer):
     assert [x["action"] for x in res] == ["failback", "mount"], res
     assert res[0]["details"]["copied"] >= 2 and res[0]["details"]["removed"] >= 1, res
     assert res[0]["details"]["sent_bytes"] < 1 * MiB, res  # what differed, not the tree
+    # said as what came back (51 bytes of contents and an xattr value, with their metadata),
+    # not as the records that carried it (3,054 "bytes came back" for this before)
+    came = res[0]["details"]["data_bytes"]
+    assert 51 <= came < 200 and res[0]["details"]["sent_bytes"] < 4096, res
+    assert f"{came} bytes of data came back (" in res[0]["message"], res
     assert full_tree(s) == full_tree(replica)
     assert (s / "new-on-target").read_text() == "written after the switch-over"
     st = eng.drain(src)

@@ -202,7 +202,8 @@ class SnapshotReplication:
 
     def failback(self, entry: str, progress=None) -> list[Result]:
         return [Result("failback", entry, Outcome.OK, "failed back from backup1:shared: 12 of "
-                       "20417 files differed, 1 removed, 3145728 bytes came back; the replica "
+                       "20417 files differed, 1 removed, 3145728 bytes of data came back (1204113 "
+                       "bytes on the wire); the replica "
                        "is secondary again"),
                 Result("mount", entry, Outcome.OK, f"mounted mirrorfs on {entry}")]
 

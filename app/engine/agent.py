@@ -662,7 +662,8 @@ class Reverse:
         self._replies: dict[int, dict] = {}
         self._ids = 0
         self._gone = False
-        self.sent = 0
+        self.sent = 0  # bytes of DATA frames on the wire (compressed as sent)
+        self.data = 0  # of which file contents, extended attribute values, block data
 
     def reply(self, msg: dict | None) -> None:
         with self._cv:
@@ -706,8 +707,10 @@ class Reverse:
     def apply_ops(self, ops) -> None:
         from app.engine.journal import Record
         raw = b"".join(Record(0, 0, op, args, data).encode() for op, args, data in ops)
-        self.sent += len(raw)
-        self.agent.send_raw(wire.frame(wire.DATA, self.agent.codec.pack(raw)))
+        packed = self.agent.codec.pack(raw)
+        self.sent += len(packed)
+        self.data += sum(len(data) for _op, _args, data in ops if data)
+        self.agent.send_raw(wire.frame(wire.DATA, packed))
 
     def run(self) -> dict:
         from app.engine import blocksync, sync
@@ -721,7 +724,7 @@ class Reverse:
                 return True
             counts = blocksync.reconcile(t.fd, 0, t.size, self, commit)
         self._call("flush")  # the source made it all durable
-        return {**counts, "sent_bytes": self.sent}
+        return {**counts, "sent_bytes": self.sent, "data_bytes": self.data}
 
 
 def promote_state(state: dict, *, by: str, seq: int) -> None:

@@ -413,13 +413,14 @@ class Failover:
         write_end(state, {"seq": last, "released": last, "drained": True, "time": time.time(),
                           "failback": True})
         _unmark(state)
-        sent = counts.get("sent_bytes", 0)
+        came = (f"{counts.get('data_bytes', 0)} bytes of data came back "
+                f"({counts.get('sent_bytes', 0)} bytes on the wire)")
         what = (f"{counts.get('differing', 0)} of {counts.get('blocks', 0)} blocks differed"
                 if kind == "block" else
                 f"{counts.get('copied', 0)} of {counts.get('files', 0)} files differed, "
                 f"{counts.get('removed', 0)} removed")
         msg = ("the replica had been handed back already" if already else
-               f"failed back from {entry.target}: {what}, {sent} bytes came back")
+               f"failed back from {entry.target}: {what}, {came}")
         if unsent and not already:
             msg += (f"; {unsent} records captured here that never reached the replica were "
                     "dropped (the promoted replica won)")
