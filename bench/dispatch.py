@@ -12,7 +12,8 @@ from /proc: robust when other work shares the two cores). Servers (each on a pri
 
   passthrough_ll   libfuse's C example (built here, as bench/apps.py does), -s: one thread;
   passthrough_mt   the same, multi-threaded (its default);
-  pyfuse3-bare     a pyfuse3 file system whose handlers do nothing (the dispatch alone);
+  pyfuse3-bare     a pyfuse3 file system whose handlers do nothing (pyfuse3's dispatch alone;
+                   needs `pip install '.[bench]'`: mirrorfs speaks FUSE itself, app/engine/fusewire.py);
   mirrorfs         app.engine.mirrorfs.MirrorFS with a journal and no target (no applier);
   mirrorfs+applier the same with an applier thread replaying onto a target directory;
   mirrorfs-alone   no applier thread at all (records pile up in memory): what moving the
@@ -65,30 +66,38 @@ def serve(kind: str, lower: str, mnt: str, extra: list[str]) -> None:
     if "@" in kind:
         kind, repo = kind.split("@", 1)
         sys.path.insert(0, repo)
-    import pyfuse3
     import trio
 
     if kind == "pyfuse3-bare":
-        ops = Bare()
-        options = {"fsname=bare", "default_permissions", "allow_other"}
-    else:
-        from app.engine.applier import Applier
-        from app.engine.journal import Journal
-        from app.engine.mirrorfs import MirrorFS
-        target, state = extra
-        root = os.open(lower, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
-        journal = Journal(state)
-        ops = MirrorFS(root, journal)
-        options = {"fsname=mirrorfs", "subtype=mirrorfs", "allow_other", "default_permissions"}
-        tfd = os.open(target, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC) if kind == "mirrorfs+applier" else None
-        if kind != "mirrorfs-alone":
-            Applier(journal, tfd).start()
-    pyfuse3.init(ops, mnt, options)
+        import pyfuse3  # pip install '.[bench]': the product speaks FUSE itself (fusewire)
+        pyfuse3.init(Bare(), mnt, {"fsname=bare", "default_permissions", "allow_other"})
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        try:
+            trio.run(pyfuse3.main)
+        finally:
+            pyfuse3.close(unmount=False)
+        return
+    from app.engine.journal import Journal
+    from app.engine.mirrorfs import MirrorFS, mount
+    from app.engine.shipper import Shipper
+    from app.engine.capture import NoTarget
+    from app.engine.target import Claim, LocalDirTarget
+    target, state = extra
+    root = os.open(lower, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+    journal = Journal(state)
+    ops = MirrorFS(root, journal)
+    if kind != "mirrorfs-alone":  # the capture's own applier thread: records onto the target
+        to = (LocalDirTarget(target, Claim(f"fs:{lower}", "bench"), Path(state))
+              if kind == "mirrorfs+applier" else NoTarget())
+        to.open()  # claims the target directory, as the capture does before it ships
+        Shipper(journal, to).start()
+    session = mount(ops, mnt, ("fsname=mirrorfs", "subtype=mirrorfs", "allow_other",
+                               "default_permissions"))
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     try:
-        trio.run(pyfuse3.main)
+        trio.run(session.main)
     finally:
-        pyfuse3.close(unmount=False)
+        session.close(unmount=False)
 
 
 class Bare:
