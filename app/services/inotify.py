@@ -12,7 +12,9 @@ import errno
 import os
 import struct
 
-from app.services.mounts import _libc as libc  # one libc handle for the services
+from app.services.mounts import _libc
+
+libc = _libc()  # one libc handle for the services
 
 IN_MODIFY = 0x00000002
 IN_ATTRIB = 0x00000004
