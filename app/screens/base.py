@@ -132,18 +132,21 @@ class KeyedTable(DataTable):
     def on_resize(self) -> None:
         self._relayout()
 
-    def _widths(self) -> list[int]:
+    def _natural_widths(self) -> list[int]:
+        """Each column's widest cell (or label), before any cap."""
         widths = [cell_len(c.label) for c in self.spec]
         for cells in self._cells.values():
             for i, cell in enumerate(cells):
                 widths[i] = max(widths[i], _cell_width(cell))
-        return [min(w, c.cap) for w, c in zip(widths, self.spec)]
+        return widths
 
     def _fit(self) -> tuple[tuple[str, int], ...]:
         """The columns that fit the table's width (each takes its width plus padding),
-        dropping the lowest `keep` first."""
+        dropping the lowest `keep` first; room left over goes to columns cut by their cap,
+        the last (wordiest) first."""
         room = (self.size.width or self.app.size.width) - 2  # the vertical scrollbar
-        columns = list(zip(self.spec, self._widths()))
+        natural = dict(zip((c.key for c in self.spec), self._natural_widths()))
+        columns = [(c, min(natural[c.key], c.cap)) for c in self.spec]
         pad = 2 * self.cell_padding
         while len(columns) > 1 and sum(w + pad for _, w in columns) > room:
             drop = min((c for c in columns if c[0].keep < 9), key=lambda c: c[0].keep,
@@ -151,6 +154,13 @@ class KeyedTable(DataTable):
             if drop is None:
                 break
             columns.remove(drop)
+        spare = room - sum(w + pad for _, w in columns)
+        for i in reversed(range(len(columns))):
+            c, w = columns[i]
+            more = min(spare, natural[c.key] - w)
+            if more > 0:
+                columns[i] = (c, w + more)
+                spare -= more
         return tuple((c.key, w) for c, w in columns)
 
     def _relayout(self) -> bool:
@@ -174,7 +184,16 @@ class KeyedTable(DataTable):
         return [row.key.value for row in self.ordered_rows]
 
     def _project(self, cells: tuple) -> tuple:
-        return tuple(cells[self._index[key]] for key, _ in self._layout)
+        """The shown columns' cells; one wider than its column ends in "…" (the row's details
+        say it all), except a sorted table's first column, which its sort reads."""
+        shown = []
+        for n, (key, width) in enumerate(self._layout):
+            cell = cells[self._index[key]]
+            if (n or self.sort_key is None) and _cell_width(cell) > width and "\n" not in _plain(cell):
+                cell = cell.copy() if isinstance(cell, Text) else Text(str(cell))
+                cell.truncate(width, overflow="ellipsis")
+            shown.append(cell)
+        return tuple(shown)
 
     def _fill(self) -> None:
         for key, cells in self._cells.items():
