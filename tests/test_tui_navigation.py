@@ -162,3 +162,34 @@ async def test_full_garbage_collections_wait_until_nobody_types(tui):
     finally:
         gc.callbacks.remove(seen)
     assert gc.get_threshold() == before and gc.get_freeze_count() == 0
+
+
+@pilot_test
+async def test_a_table_gives_its_room_to_a_capped_column_and_marks_what_it_cuts():
+    """A wordy cell uses the room the table has (not only its column's cap); when the screen is
+    too narrow it ends in "…", so nobody reads a cut sentence as the whole state."""
+    from textual.app import App
+
+    from app.screens.base import Col, KeyedTable
+    wordy = "since 2026-09-21 12:13 (seq 20417); not captured here"
+
+    class One(App):
+        def compose(self):
+            yield KeyedTable((Col("key", "Key", 9, 10), Col("state", "State", 8, 20)))
+
+    app = One()
+    async with app.run_test(size=(120, 10)) as pilot:
+        table = app.query_one(KeyedTable)
+        table.show_rows({"/srv/a": ("/srv/a", wordy), "/srv/b": ("/srv/b", "short")})
+        await pilot.pause()
+        assert str(table.get_cell("/srv/a", "state")) == wordy
+        assert table.columns["state"].width == len(wordy)  # 54 columns, beyond its cap of 20
+        await pilot.resize_terminal(40, 10)
+        await pilot.pause()
+        cut = str(table.get_cell("/srv/a", "state"))
+        assert cut.endswith("…") and wordy.startswith(cut[:-1]) and len(cut) < len(wordy), cut
+        assert str(table.get_cell("/srv/b", "state")) == "short"
+        await pilot.resize_terminal(120, 10)
+        await pilot.pause()
+        assert str(table.get_cell("/srv/a", "state")) == wordy
+        assert table.columns["state"].width == len(wordy)
