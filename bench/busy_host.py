@@ -91,6 +91,10 @@ def main() -> int:
     if os.geteuid() != 0:
         print("needs root: it attaches loop devices and mounts", file=sys.stderr)
         return 2
+    def terminated(*_):  # `kill` of this tool cleans up as Ctrl-C does (the churn lived on)
+        raise KeyboardInterrupt
+    signal.signal(signal.SIGTERM, terminated)
+    signal.signal(signal.SIGHUP, terminated)
     before = loop_indices()
     directory = tempfile.mkdtemp(prefix="mirrorsetup-busy-host-")
     child = subprocess.Popen([sys.executable, __file__, "--churn", directory, "--loops",
@@ -98,7 +102,7 @@ def main() -> int:
                               str(args.pause)], stdout=subprocess.PIPE, text=True)
     status = 1
     started = time.monotonic()
-    try:
+    try:  # (the churn child's loops and mounts are undone below whatever ends the command)
         if child.stdout.readline().strip() != "ready":
             print("the churn process did not start", file=sys.stderr)
             return 1
@@ -106,6 +110,7 @@ def main() -> int:
         status = subprocess.run(command).returncode
     except KeyboardInterrupt:
         status = 130
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second one must not stop the cleanup
     finally:
         child.send_signal(signal.SIGTERM)
         try:
