@@ -57,6 +57,7 @@ class Watchers:
         self.deliver = deliver
         self.config_path = os.fspath(config_path) if config_path is not None else None
         self.control = control
+        self.socket_path = getattr(control, "socket_path", None)  # the daemon's, watched too
         self._want_mounts, self._want_uevents = mounts, uevents
         self._wake = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)  # wakes the file thread
         self._uevent_wake = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
@@ -74,9 +75,8 @@ class Watchers:
         return self._watch_sock is not None
 
     def start(self) -> None:
-        socket_path = getattr(self.control, "socket_path", None)
         try:  # armed now, not in the thread: a change made right after start() is seen
-            self._files = PathWatch([p for p in (self.config_path, socket_path) if p])
+            self._files = PathWatch([p for p in (self.config_path, self.socket_path) if p])
         except OSError as exc:
             self._files = None
             self.errors.append(f"files_and_daemon: {exc}")
@@ -158,9 +158,8 @@ class Watchers:
                 hold_until = now + UEVENT_BATCH
 
     def _files_and_daemon(self) -> None:
-        socket_path = getattr(self.control, "socket_path", None)
         config = os.path.abspath(self.config_path) if self.config_path else None
-        sock_path = os.path.abspath(socket_path) if socket_path else None
+        sock_path = os.path.abspath(self.socket_path) if self.socket_path else None
         files = self._files
         try:
             self._arm_daemon(tries=1)
