@@ -617,3 +617,79 @@ def _try_lock(rep, source):
     except AgentError as exc:
         return exc
     return None
+
+
+def test_a_batch_goes_out_in_pieces_and_random_data_costs_no_compression():
+    """The shipper's DATA frame: its pieces are written as they are (writev, never joined),
+    even more pieces than one writev takes and more bytes than the pipe holds, and the agent
+    reads the same frame back; a big batch of random data is sent as it is after compressing
+    only a sample of it, while text is still compressed."""
+    import threading
+
+    from app.engine.journal import Record, decode_at
+    from app.services import wire
+    codec = wire.Codec("zstd")
+    squeezed = []
+
+    class Counting:  # what the codec hands zstd, by size
+        def compress(self, data, real=codec._c):
+            squeezed.append(len(data))
+            return real.compress(data)
+    codec._c = Counting()
+    records = [Record(i + 1, 1, "write", {"path": f"f{i}", "offset": 0}, os.urandom(64 << 10))
+               for i in range(64)] + [Record(100 + i, 1, "mkdir", {"path": f"d{i}"}) for i in range(1500)]
+    parts = [p for r in records for p in r.encode_parts()]
+    size = sum(map(len, parts))
+    payload = codec.pack_parts(parts, size)
+    assert payload[0] == b"\0" and all(a is b for a, b in zip(payload[1:], parts))
+    assert sum(squeezed) <= wire.SAMPLE_WINDOWS * wire.SAMPLE_WIDTH  # a sample, not 4 MiB
+    text = Path(wire.__file__).read_bytes() * 200  # over SAMPLE_FROM, compressible
+    assert codec.pack_parts([text], len(text))[0] == bytes([wire.FLAG_ZSTD])
+
+    framed = wire.frame_parts(wire.DATA, payload)
+    assert len(framed) > wire.IOV_MAX  # more pieces than one writev takes
+    r, w = os.pipe()
+    got = []
+    reader = threading.Thread(target=lambda: got.append(wire.read_frame(lambda n: os.read(r, n))))
+    reader.start()
+    try:
+        wire.write_all(w, framed)
+    finally:
+        os.close(w)
+        reader.join(30)
+        os.close(r)
+    kind, body = got[0]
+    assert kind == wire.DATA and codec.unpack(body) == b"".join(parts)
+    back, pos = [], 0
+    raw = codec.unpack(body)
+    while pos < len(raw):
+        rec, pos = decode_at(raw, pos)
+        back.append(rec)
+    assert back == records
+
+
+def test_a_record_read_from_the_journal_is_sent_on_with_its_checksum_and_rechecked_when_changed():
+    """A big record decoded from the journal keeps its checksum for the wire encoding (one
+    crc32 pass over its data less); a record changed since is checksummed anew, so the agent's
+    check never sees a stale one."""
+    from app.engine import journal
+    from app.engine.journal import Record, decode_at
+    rec = Record(7, 1, "write", {"path": "a", "offset": 0}, os.urandom(1 << 20))
+    back, _ = decode_at(b"\0" * 3 + rec.encode(), 3)
+    real, seen = journal.zlib.crc32, []
+
+    def counting(data, *start):
+        seen.append(len(data))
+        return real(data, *start)
+    journal.zlib.crc32 = counting
+    try:
+        again = back.encode()
+        assert max(seen, default=0) < 1024, seen  # the head only: the 1 MiB is not read again
+        back.args["offset"] = 4096  # changed: checksummed anew
+        moved = back.encode()
+        assert max(seen) == 1 << 20
+    finally:
+        journal.zlib.crc32 = real
+    assert decode_at(again, 0)[0] == rec and decode_at(moved, 0)[0].args["offset"] == 4096
+    back.data = b"other"
+    assert decode_at(back.encode(), 0)[0].data == b"other"

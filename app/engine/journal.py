@@ -58,6 +58,7 @@ LAG_SAMPLE_SECONDS = 0.005
 READ_CHUNK = 1 << 20  # lag is measured to this resolution, not per record
 ON_FULL = ("pull-ahead", "block")
 FILE_MODE = 0o600
+CRC_KEPT_OVER = 4096  # data bytes from which a record keeps its checksum (see Record)
 
 
 @dataclass
@@ -68,14 +69,29 @@ class Record:
     args: dict
     data: bytes = b""
     size: int = field(default=0, compare=False)
+    # (head, data, crc) of the last encoding or decoding of a record with CRC_KEPT_OVER bytes
+    # of data or more: its checksum is not computed again when it is sent on (it is used only
+    # for the same head and the very same data object: a record changed since is checksummed
+    # anew). Small records keep nothing: their checksum is cheap, their count large.
+    _crc: tuple | None = field(default=None, compare=False, repr=False)
 
     def encode(self) -> bytes:
         """The on-disk (and on-the-wire) form."""
+        return b"".join(self.encode_parts())
+
+    def encode_parts(self) -> tuple[bytes, bytes, bytes]:
+        """The encoded form in three pieces (length and crc, head, data), the data not copied."""
         op = self.op.encode()
         args = json.dumps(self.args, separators=(",", ":")).encode()
         head = struct.pack("<Q", self.seq) + BODY.pack(self.kind, len(op), len(args)) + op + args
-        crc = zlib.crc32(self.data, zlib.crc32(head))
-        return b"".join((struct.pack("<II", len(head) + len(self.data), crc), head, self.data))
+        known = self._crc
+        if known is not None and known[1] is self.data and known[0] == head:
+            crc = known[2]
+        else:
+            crc = zlib.crc32(self.data, zlib.crc32(head))
+            if len(self.data) >= CRC_KEPT_OVER:
+                self._crc = (head, self.data, crc)
+        return struct.pack("<II", len(head) + len(self.data), crc), head, self.data
 
     def estimate_size(self) -> int:
         """Bytes this record occupies in the queue: its data plus a small fixed allowance for
@@ -97,26 +113,29 @@ class JournalGap(Exception):
 
 
 def decode_at(buf: bytes | memoryview, pos: int) -> tuple[Record, int]:
-    """Decode the record at `pos`; return it and the position after it."""
+    """Decode the record at `pos`; return it and the position after it (its data is the one
+    copy made of it)."""
     if len(buf) - pos < HEADER.size:
         raise CorruptRecord("torn header")
     length, crc = struct.unpack_from("<II", buf, pos)
     end = pos + 8 + length
     if length < 8 + BODY.size or end > len(buf):
         raise CorruptRecord("torn record")
-    rest = bytes(buf[pos + 8:end])
-    if zlib.crc32(rest) != crc:
+    view = memoryview(buf)
+    if zlib.crc32(view[pos + 8:end]) != crc:
         raise CorruptRecord("checksum mismatch")
-    seq = struct.unpack_from("<Q", rest, 0)[0]
-    kind, op_len, args_len = BODY.unpack_from(rest, 8)
-    at = 8 + BODY.size
+    seq = struct.unpack_from("<Q", buf, pos + 8)[0]
+    kind, op_len, args_len = BODY.unpack_from(buf, pos + 16)
+    at = pos + 16 + BODY.size
+    head = bytes(view[pos + 8:at + op_len + args_len])
     try:
-        op = rest[at:at + op_len].decode()
-        args = json.loads(rest[at + op_len:at + op_len + args_len])
+        op = head[at - pos - 8:at - pos - 8 + op_len].decode()
+        args = json.loads(head[at - pos - 8 + op_len:])
     except (UnicodeDecodeError, ValueError) as exc:
         raise CorruptRecord(f"undecodable record: {exc}") from None
-    data = rest[at + op_len + args_len:]
-    rec = Record(seq, kind, op, args, data)
+    data = bytes(view[at + op_len + args_len:end])
+    rec = Record(seq, kind, op, args, data,
+                 _crc=(head, data, crc) if len(data) >= CRC_KEPT_OVER else None)
     rec.size = rec.estimate_size()
     return rec, end
 

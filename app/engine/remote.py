@@ -252,15 +252,18 @@ class RemoteTarget(Target):
         self._end_ssh()
 
     def _send(self, data: bytes) -> None:
+        self._send_parts([data])
+
+    def _send_parts(self, parts: list) -> None:
         with self._wlock:
             proc = self.proc
             if proc is None or proc.stdin is None:
                 raise OSError("no session")
             try:
-                proc.stdin.write(data)
-                proc.stdin.flush()
+                fd = proc.stdin.fileno()  # unbuffered (bufsize=0): nothing waits in Python
             except ValueError:  # closed meanwhile (the session ended): like a broken pipe
                 raise OSError(errno.EPIPE, "the session is closed") from None
+            wire.write_all(fd, parts)
 
     def _check(self) -> None:
         if self._gap:
@@ -284,9 +287,13 @@ class RemoteTarget(Target):
         if records[0].seq > self._expect:  # records the journal dropped for a resync: say so
             self._send(wire.jframe(wire.SKIP, {"through": records[0].seq - 1}))
         self._expect = records[-1].seq + 1
-        raw = b"".join(self._wire_record(r).encode() for r in records)
-        payload = self.codec.pack(raw)
-        self._throttle(len(payload) + wire.HEAD.size)
+        parts: list = []
+        for r in records:
+            parts += self._wire_record(r).encode_parts()  # the data is never copied here
+        size = sum(map(len, parts))
+        payload = self.codec.pack_parts(parts, size)
+        wire_size = sum(map(len, payload)) + wire.HEAD.size
+        self._throttle(wire_size)
         window = max(WINDOW_MIN, int(2 * (self.s.bandwidth or 0) * (self.rtt or 0.1)))
         deadline = time.monotonic() + PEER_TIMEOUT
         with self._cv:
@@ -295,14 +302,14 @@ class RemoteTarget(Target):
                     raise TargetUnavailable(f"disconnected: no acknowledgement for {PEER_TIMEOUT:.0f} s",
                                             taken=self.pos.received)
             self._check()
-            self._inflight.append((records[-1].seq, len(raw)))
-            self._inflight_bytes += len(raw)
+            self._inflight.append((records[-1].seq, size))
+            self._inflight_bytes += size
         try:
-            self._send(wire.frame(wire.DATA, payload))
+            self._send_parts(wire.frame_parts(wire.DATA, payload))
         except OSError as exc:
             self._fail(TargetUnavailable(f"disconnected: {exc}"))
             raise self._failure from exc
-        return len(payload) + wire.HEAD.size
+        return wire_size
 
     def _wire_record(self, rec: Record) -> Record:
         """A block write of zeros travels as its length."""

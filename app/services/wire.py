@@ -24,6 +24,7 @@ The agent opens with a greeting line (GREETING), so whatever a login shell print
 from __future__ import annotations
 
 import json
+import os
 import struct
 import zlib
 from dataclasses import dataclass
@@ -38,6 +39,9 @@ NAMES = {v: k for k, v in dict(HELLO=HELLO, WELCOME=WELCOME, DATA=DATA, SKIP=SKI
                                 BEAT=BEAT, PAUSE=PAUSE, RESUME=RESUME, REQ=REQ, REP=REP,
                                 ERROR=ERROR, REWIND=REWIND).items()}
 FLAG_ZSTD = 1
+IOV_MAX = 1024  # pieces per writev (Linux's UIO_MAXIOV)
+SAMPLE_FROM = 256 << 10  # a batch this big is compressed only when a sample of it compresses
+SAMPLE_WINDOWS, SAMPLE_WIDTH = 16, 4096  # the sample: windows spread evenly over the batch
 
 
 class WireError(Exception):
@@ -47,6 +51,28 @@ class WireError(Exception):
 def frame(kind: int, payload: bytes) -> bytes:
     crc = zlib.crc32(payload, zlib.crc32(bytes([kind])))
     return HEAD.pack(len(payload), kind, crc) + payload
+
+
+def frame_parts(kind: int, parts: list) -> list:
+    """frame() of a payload given in pieces, none of them copied: [head, *parts]."""
+    crc, length = zlib.crc32(bytes([kind])), 0
+    for part in parts:
+        crc = zlib.crc32(part, crc)
+        length += len(part)
+    return [HEAD.pack(length, kind, crc), *parts]
+
+
+def write_all(fd: int, parts: list) -> None:
+    """Write the pieces in order with as few system calls as the kernel allows (writev, at
+    most IOV_MAX pieces a call), a short write resumed where it stopped."""
+    views = [memoryview(p) for p in parts if len(p)]
+    while views:
+        done = os.writev(fd, views[:IOV_MAX])
+        while views and done >= len(views[0]):
+            done -= len(views[0])
+            views.pop(0)
+        if done:
+            views[0] = views[0][done:]
 
 
 def jframe(kind: int, obj: dict) -> bytes:
@@ -110,11 +136,30 @@ class Codec:
         self._d = zs.ZstdDecompressor()
 
     def pack(self, raw: bytes) -> bytes:
-        if self._c is not None and len(raw) > 256:
-            packed = self._c.compress(raw)
-            if len(packed) < len(raw):
-                return bytes([FLAG_ZSTD]) + packed
-        return b"\0" + raw
+        return b"".join(self.pack_parts([raw], len(raw)))
+
+    def pack_parts(self, parts: list, size: int) -> list:
+        """A DATA payload of `size` bytes given in pieces: [flags, *pieces], not copied, or
+        [flags, compressed]. A big batch is compressed only when a sample of it compresses
+        to under 90 % (random data, or compressed files, cost no compression attempt)."""
+        if self._c is not None and size > 256 and (
+                size < SAMPLE_FROM or self._worth_it(parts, size)):
+            packed = self._c.compress(b"".join(parts))
+            if len(packed) < size:
+                return [bytes([FLAG_ZSTD]), packed]
+        return [b"\0", *parts]
+
+    def _worth_it(self, parts: list, size: int) -> bool:
+        sample, want, pos, step = [], 0, 0, size // SAMPLE_WINDOWS
+        for part in parts:
+            end = pos + len(part)
+            while want < SAMPLE_WINDOWS and want * step < end:
+                start = want * step - pos
+                sample.append(memoryview(part)[start:start + SAMPLE_WIDTH])
+                want += 1
+            pos = end
+        sample = b"".join(sample)
+        return len(self._c.compress(sample)) < 0.9 * len(sample)
 
     def unpack(self, payload: bytes) -> bytes:
         if not payload:
