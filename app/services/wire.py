@@ -161,12 +161,15 @@ class Codec:
         sample = b"".join(sample)
         return len(self._c.compress(sample)) < 0.9 * len(sample)
 
-    def unpack(self, payload: bytes) -> bytes:
+    def unpack(self, payload: bytes) -> bytes | memoryview:
+        """The records of a DATA payload (a view of it when it was not compressed: a batch
+        is not copied to drop its flag byte)."""
         if not payload:
             raise WireError("empty DATA frame")
+        view = memoryview(payload)[1:]
         if payload[0] & FLAG_ZSTD:
-            return self._d.decompress(payload[1:], max_output_size=MAX_FRAME)
-        return payload[1:]
+            return self._d.decompress(view, max_output_size=MAX_FRAME)
+        return view
 
 
 def is_zeros(data: bytes) -> bool:
