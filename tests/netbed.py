@@ -72,6 +72,7 @@ SSHD = "/usr/sbin/sshd"
 PRIVSEP_DIR = Path("/run/sshd")  # compiled into sshd: it refuses to start without it
 PRIVSEP_MARK = PRIVSEP_DIR / ".made-by-mirrorsetup-netbed"  # sshd minds the dir, not its files
 NETNS_DIR = Path("/run/netns")
+NETNS_MARK = Path("/run/.netns-mount-made-by-mirrorsetup-netbed")  # not in it: `ip netns` lists it
 NFT_TABLE = "netbed"
 START_TIMEOUT = 30.0  # generous: the host is shared and busy
 STOP_TIMEOUT = 10.0
@@ -174,6 +175,14 @@ def _wait_pidfds(fds: list[int], timeout: float) -> bool:
     return True
 
 
+def is_mount_point(path: Path) -> bool:
+    """Is something mounted at `path` (by the mount table: a directory bind-mounted onto
+    itself, as /run/netns is, has its parent's device, so os.path.ismount says no)?"""
+    want = os.fsencode(path)
+    with open("/proc/self/mountinfo", "rb") as f:
+        return any(line.split()[4].replace(b"\\040", b" ") == want for line in f)
+
+
 # -- /run/sshd --------------------------------------------------------------------------------
 # sshd chroots its pre-authentication child into /run/sshd on every connection, so the directory
 # must outlive every sshd using it, whoever started them. A bed that has to create it leaves a
@@ -181,7 +190,8 @@ def _wait_pidfds(fds: list[int], timeout: float) -> bool:
 
 @contextlib.contextmanager
 def _privsep_lock():
-    """Serialise the check-and-create / check-and-remove of /run/sshd between beds.
+    """Serialise the check-and-create / check-and-remove of /run/sshd (and of the /run/netns
+    mount) between beds.
 
     The lock is a flock on the /run directory itself, so nothing is left behind.
     """
@@ -304,6 +314,12 @@ class TwoHosts:
     # network -------------------------------------------------------------------------------
 
     def _make_network(self) -> None:
+        # `ip netns add` makes /run/netns a mount point of itself the first time and leaves it
+        # so: when a bed's was that first time, a mark says so and the last bed to close
+        # takes the mount back (see _delete_network).
+        with _privsep_lock():
+            if not is_mount_point(NETNS_DIR):
+                NETNS_MARK.touch()
         run(["ip", "netns", "add", self.netns])  # fails if the name is taken: then not ours
         self._made_netns = True
         self._netns_key = _ns_key(str(NETNS_DIR / self.netns))
@@ -333,6 +349,11 @@ class TwoHosts:
             self._ns_pids_at_delete = _pids_in_netns(self._netns_key)
             run(["ip", "netns", "del", self.netns])
             self._netns_key = None  # the kernel may give its inode number to another namespace
+            with _privsep_lock():  # (not lazily: another's namespace in it keeps it: EBUSY)
+                if NETNS_MARK.exists() and is_mount_point(NETNS_DIR) and \
+                        not any(NETNS_DIR.iterdir()) and \
+                        run(["umount", str(NETNS_DIR)], check=False).returncode == 0:
+                    NETNS_MARK.unlink()
         if not self._made_link:
             return
         # The kernel frees a namespace (and with it the veth pair) asynchronously.

@@ -22,8 +22,8 @@ from pathlib import Path
 
 import pytest
 from conftest import losetup_json, run
-from netbed import (PRIVSEP_DIR, PRIVSEP_MARK, NetbedError, TwoHosts, _other_sshd_running,
-                    _privsep_lock, running)
+from netbed import (NETNS_DIR, PRIVSEP_DIR, PRIVSEP_MARK, NetbedError, TwoHosts,
+                    _other_sshd_running, _privsep_lock, is_mount_point, running)
 
 pytestmark = pytest.mark.root
 
@@ -130,6 +130,7 @@ def check_privsep_dir(made_elsewhere: bool) -> None:
 
 def test_two_beds_at_once_are_apart_and_closing_one_leaves_the_other(make_two_hosts):
     made_elsewhere = privsep_made_elsewhere()
+    netns_mounted = is_mount_point(NETNS_DIR)  # `ip netns add` mounts it the first time
     a, b = make_two_hosts(), make_two_hosts()
     assert a.netns != b.netns and a.source_if != b.source_if
     subnet = {ip_interface(f"{bed.source_addr}/30").network for bed in (a, b)}
@@ -137,8 +138,10 @@ def test_two_beds_at_once_are_apart_and_closing_one_leaves_the_other(make_two_ho
     a.close()
     assert not Path(f"/run/netns/{a.netns}").exists()
     assert ssh(b, "true").returncode == 0  # b's sshd still has its namespace and /run/sshd
+    assert is_mount_point(NETNS_DIR)  # b's namespace is in it
     b.close()
     check_privsep_dir(made_elsewhere)  # whichever bed made it, the last one removed it
+    assert is_mount_point(NETNS_DIR) == netns_mounted  # so for the /run/netns mount
 
 
 # -- faults ------------------------------------------------------------------------------------
