@@ -13,7 +13,8 @@ from /proc: robust when other work shares the two cores). Servers (each on a pri
   passthrough_ll   libfuse's C example (built here, as bench/apps.py does), -s: one thread;
   passthrough_mt   the same, multi-threaded (its default);
   pyfuse3-bare     a pyfuse3 file system whose handlers do nothing (pyfuse3's dispatch alone;
-                   needs `pip install '.[bench]'`: mirrorfs speaks FUSE itself, app/engine/fusewire.py);
+                   needs `pip install '.[bench]'`: mirrorfs speaks FUSE itself, through
+                   app/engine/fusewire.py);
   mirrorfs         app.engine.mirrorfs.MirrorFS with a journal and no target (no applier);
   mirrorfs+applier the same with an applier thread replaying onto a target directory;
   mirrorfs-alone   no applier thread at all (records pile up in memory): what moving the

@@ -189,7 +189,8 @@ class KeyedTable(DataTable):
         shown = []
         for n, (key, width) in enumerate(self._layout):
             cell = cells[self._index[key]]
-            if (n or self.sort_key is None) and _cell_width(cell) > width and "\n" not in _plain(cell):
+            cut = _cell_width(cell) > width and "\n" not in _plain(cell)
+            if cut and (n or self.sort_key is None):
                 cell = cell.copy() if isinstance(cell, Text) else Text(str(cell))
                 cell.truncate(width, overflow="ellipsis")
             shown.append(cell)

@@ -49,8 +49,7 @@ class WireError(Exception):
 
 
 def frame(kind: int, payload: bytes) -> bytes:
-    crc = zlib.crc32(payload, zlib.crc32(bytes([kind])))
-    return HEAD.pack(len(payload), kind, crc) + payload
+    return b"".join(frame_parts(kind, [payload]))
 
 
 def frame_parts(kind: int, parts: list) -> list:
@@ -65,14 +64,14 @@ def frame_parts(kind: int, parts: list) -> list:
 def write_all(fd: int, parts: list) -> None:
     """Write the pieces in order with as few system calls as the kernel allows (writev, at
     most IOV_MAX pieces a call), a short write resumed where it stopped."""
-    views = [memoryview(p) for p in parts if len(p)]
-    while views:
-        done = os.writev(fd, views[:IOV_MAX])
-        while views and done >= len(views[0]):
-            done -= len(views[0])
-            views.pop(0)
+    views, at = [memoryview(p) for p in parts if len(p)], 0
+    while at < len(views):
+        done = os.writev(fd, views[at:at + IOV_MAX])
+        while at < len(views) and done >= len(views[at]):
+            done -= len(views[at])
+            at += 1
         if done:
-            views[0] = views[0][done:]
+            views[at] = views[at][done:]
 
 
 def jframe(kind: int, obj: dict) -> bytes:
