@@ -630,10 +630,17 @@ class Reconciler:
         for _ in range(0 if frozen else COMMIT_TRIES):
             try:
                 info = lstat_info(self.src, rel)
+                if check is None or check.key != info.ino:
+                    check = self._check(rel, info)
+                    if check is not None:
+                        # read again after the stamp: a change between the first read and the
+                        # stamp was in the stamp, and its times would have gone out stale
+                        info = lstat_info(self.src, rel)
             except FileNotFoundError:
                 return True
-            if check is None or check.key != info.ino:
-                check = self._check(rel, info)
+            if check is not None and check.key != info.ino:
+                check = None  # replaced meanwhile: read and stamp it anew
+                continue
             ops = self._metadata_ops(rel, info, tinfo)
             if not ops or self._commit(check, ops):
                 return True
