@@ -794,3 +794,61 @@ def test_a_directorys_times_changed_between_the_walks_read_and_its_stamp_are_not
         os.close(fd)
     assert fired
     assert (tgt / "d").stat().st_mtime_ns == (src / "d").stat().st_mtime_ns == newer
+
+
+def test_a_symlink_made_anew_between_the_listing_and_the_stamp_is_not_sent_stale(
+        tmp_path, monkeypatch):
+    """The walk lists a directory, then sends a symlink from that listing under a check taken
+    later. A symlink removed and made anew in between (captured: its records are in the
+    journal) is another node (here, as ext4 does, even with the same inode number), and the
+    check, which follows the inode, did not see it: the walk's records of the old link went out
+    after the capture's, and the target kept the old target. The name is looked at again after
+    the stamp."""
+    import contextlib
+
+    from app.engine import sync
+    from app.engine.target import LocalDirTarget
+    src, tgt = tmp_path / "src", tmp_path / "tgt"
+    src.mkdir()
+    tgt.mkdir()
+    os.symlink("old-target", src / "link")
+    real = sync.Reconciler._check
+    fired = []
+
+    class Capturing(sync.Sink):
+        def __init__(self, target):
+            self.target, self.tracker = target, sync.Tracker()
+
+        def commit(self, check, ops):
+            if check is not None and not self.tracker.still(
+                    check, lambda: os.lstat(src / os.fsdecode(check.rel)).st_ino):
+                return False
+            self.target.apply_ops(ops)
+            return True
+
+        def frozen(self):
+            return contextlib.nullcontext()
+
+    def made_anew_just_before(self, rel, info):
+        if rel == b"link" and not fired:
+            fired.append(1)  # an application replaces it now, and the capture records that
+            os.unlink(src / "link")
+            os.symlink("new-target", src / "link")
+            new = os.lstat(src / "link")
+            self.tracker.made((new.st_dev, new.st_ino))
+            sink.target.apply_ops([("remove", {"path": "link"}, b""),
+                                   ("symlink", {"path": "link", "target": "new-target",
+                                                "uid": 0, "gid": 0}, b"")])
+        return real(self, rel, info)
+    monkeypatch.setattr(sync.Reconciler, "_check", made_anew_just_before)
+    fd = os.open(tgt, os.O_PATH | os.O_DIRECTORY)
+    src_fd = os.open(src, os.O_PATH | os.O_DIRECTORY)
+    target = LocalDirTarget.on_fd(fd, str(tgt))
+    sink = Capturing(target)
+    try:
+        sync.Reconciler(src_fd, target, sink).run()
+    finally:
+        os.close(src_fd)
+        os.close(fd)
+    assert fired
+    assert os.readlink(tgt / "link") == os.readlink(src / "link") == "new-target"

@@ -494,9 +494,23 @@ class Reconciler:
         self._metadata(rel, tinfo)
 
     def _commit_fresh(self, rel: bytes, info: Info, ops: list[Op]) -> bool:
-        """Commit records made from `info`; False when the path is gone (capture has it)."""
+        """Commit records made from `info`; False when the path is gone or was replaced since
+        `info` was read (capture has it: what was made meanwhile is in the journal whole)."""
         for _ in range(COMMIT_TRIES):
-            if self._commit(self._check(rel, info), ops):
+            check = self._check(rel, info)
+            if check is not None:
+                # looked at again after the stamp: a name removed and made anew between the
+                # listing and the stamp is another node (or the same inode number, reused,
+                # made since the walk began), which the check alone cannot see
+                try:
+                    now = lstat_info(self.src, rel, with_xattrs=False)
+                except FileNotFoundError:
+                    return False
+                if (now.ino, now.kind, now.link, now.rdev) != (info.ino, info.kind, info.link,
+                                                               info.rdev) \
+                        or now.ino in self.tracker.created:
+                    return False
+            if self._commit(check, ops):
                 return True
             try:
                 fresh = lstat_info(self.src, rel)
