@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import subprocess
 
 import pytest
 
+from app.engine import sync
 from app.engine.applier import FsApplier
 from app.engine.journal import Journal, JournalGap, Record, scan_segment
+from app.engine.target import LocalDirTarget
 
 
 def _segments(d):
@@ -739,6 +742,38 @@ def test_status_is_answered_while_a_long_worker_command_runs(tmp_path):
     trio.run(main)
 
 
+class CaptureBesideTheWalk(sync.Sink):
+    """A catch-up of `src` onto the directory `tgt` through a sink that checks each commit as
+    the capture thread does (`tracker.still`); what a test's stand-in for the capture records
+    goes to `target` at once, before the walk's commits that follow."""
+
+    def __init__(self, src, tgt) -> None:
+        self.src, self.tgt, self.tracker = src, tgt, sync.Tracker()
+        self.fd = os.open(tgt, os.O_PATH | os.O_DIRECTORY)
+        self.target = LocalDirTarget.on_fd(self.fd, str(tgt))
+
+    def commit(self, check, ops):
+        if check is not None and not self.tracker.still(check, lambda: self._key(check.rel)):
+            return False
+        self.target.apply_ops(ops)
+        return True
+
+    def _key(self, rel: bytes) -> tuple[int, int]:
+        st = os.lstat(self.src / os.fsdecode(rel))
+        return st.st_dev, st.st_ino
+
+    def frozen(self):
+        return contextlib.nullcontext()
+
+    def walk(self) -> None:
+        src_fd = os.open(self.src, os.O_PATH | os.O_DIRECTORY)
+        try:
+            sync.Reconciler(src_fd, self.target, self).run()
+        finally:
+            os.close(src_fd)
+            os.close(self.fd)
+
+
 def test_a_directorys_times_changed_between_the_walks_read_and_its_stamp_are_not_sent_stale(
         tmp_path, monkeypatch):
     """The walk reads a directory's metadata, then takes the check's stamp. A change captured
@@ -746,11 +781,9 @@ def test_a_directorys_times_changed_between_the_walks_read_and_its_stamp_are_not
     after the capture's newer record: the target kept an older mtime than the source while the
     entry said consistent (seen once in the suite: 1.57 ms older, on the deep-path test). The
     metadata is read again after the stamp, as a file's data is."""
-    import contextlib
     import sys
 
     from app.engine import sync
-    from app.engine.target import LocalDirTarget
     src, tgt = tmp_path / "src", tmp_path / "tgt"
     (src / "d").mkdir(parents=True)
     tgt.mkdir()
@@ -758,21 +791,7 @@ def test_a_directorys_times_changed_between_the_walks_read_and_its_stamp_are_not
     newer = 1_700_000_000_000_000_000
     real = sync.lstat_info
     fired = []
-
-    class Capturing(sync.Sink):
-        """Checks commits as the capture thread does; what 'the capture' records goes first."""
-        def __init__(self, target):
-            self.target, self.tracker = target, sync.Tracker()
-
-        def commit(self, check, ops):
-            if check is not None and not self.tracker.still(
-                    check, lambda: os.lstat(src / os.fsdecode(check.rel)).st_ino):
-                return False
-            self.target.apply_ops(ops)
-            return True
-
-        def frozen(self):
-            return contextlib.nullcontext()
+    sink = CaptureBesideTheWalk(src, tgt)
 
     def read_then_changed(dir_fd, rel, **kw):
         info = real(dir_fd, rel, **kw)
@@ -783,15 +802,7 @@ def test_a_directorys_times_changed_between_the_walks_read_and_its_stamp_are_not
             sink.target.apply_ops([("times", {"path": "d", "atime": None, "mtime": newer}, b"")])
         return info
     monkeypatch.setattr(sync, "lstat_info", read_then_changed)
-    fd = os.open(tgt, os.O_PATH | os.O_DIRECTORY)
-    src_fd = os.open(src, os.O_PATH | os.O_DIRECTORY)
-    target = LocalDirTarget.on_fd(fd, str(tgt))
-    sink = Capturing(target)
-    try:
-        sync.Reconciler(src_fd, target, sink).run()
-    finally:
-        os.close(src_fd)
-        os.close(fd)
+    sink.walk()
     assert fired
     assert (tgt / "d").stat().st_mtime_ns == (src / "d").stat().st_mtime_ns == newer
 
@@ -804,30 +815,14 @@ def test_a_symlink_made_anew_between_the_listing_and_the_stamp_is_not_sent_stale
     check, which follows the inode, did not see it: the walk's records of the old link went out
     after the capture's, and the target kept the old target. The name is looked at again after
     the stamp."""
-    import contextlib
-
     from app.engine import sync
-    from app.engine.target import LocalDirTarget
     src, tgt = tmp_path / "src", tmp_path / "tgt"
     src.mkdir()
     tgt.mkdir()
     os.symlink("old-target", src / "link")
     real = sync.Reconciler._check
     fired = []
-
-    class Capturing(sync.Sink):
-        def __init__(self, target):
-            self.target, self.tracker = target, sync.Tracker()
-
-        def commit(self, check, ops):
-            if check is not None and not self.tracker.still(
-                    check, lambda: os.lstat(src / os.fsdecode(check.rel)).st_ino):
-                return False
-            self.target.apply_ops(ops)
-            return True
-
-        def frozen(self):
-            return contextlib.nullcontext()
+    sink = CaptureBesideTheWalk(src, tgt)
 
     def made_anew_just_before(self, rel, info):
         if rel == b"link" and not fired:
@@ -841,14 +836,6 @@ def test_a_symlink_made_anew_between_the_listing_and_the_stamp_is_not_sent_stale
                                                 "uid": 0, "gid": 0}, b"")])
         return real(self, rel, info)
     monkeypatch.setattr(sync.Reconciler, "_check", made_anew_just_before)
-    fd = os.open(tgt, os.O_PATH | os.O_DIRECTORY)
-    src_fd = os.open(src, os.O_PATH | os.O_DIRECTORY)
-    target = LocalDirTarget.on_fd(fd, str(tgt))
-    sink = Capturing(target)
-    try:
-        sync.Reconciler(src_fd, target, sink).run()
-    finally:
-        os.close(src_fd)
-        os.close(fd)
+    sink.walk()
     assert fired
     assert os.readlink(tgt / "link") == os.readlink(src / "link") == "new-target"
