@@ -11,7 +11,7 @@ import pytest
 
 from app.engine import sync
 from app.engine.applier import FsApplier
-from app.engine.journal import Journal, JournalGap, Record, scan_segment
+from app.engine.journal import KIND_FS, Journal, JournalGap, Record, scan_segment
 from app.engine.target import LocalDirTarget
 
 
@@ -156,6 +156,61 @@ def test_applier_replay_twice_converges(tmp_path):
         ap.close()
     finally:
         os.close(fd)
+
+
+def test_a_put_makes_the_whole_file_whatever_had_its_name_and_replays(tmp_path):
+    """"put" (a walk's whole small file) replaces a file, a directory with its tree (an fd the
+    applier kept for a file below it is dropped, never written through) and a symlink (not
+    followed); owner, then mode with set-ID bits, data, size (a tail of zeros) and times."""
+    tgt = tmp_path / "target"
+    (tgt / "d" / "sub").mkdir(parents=True)
+    (tgt / "f").write_bytes(b"old content, longer than the new")
+    outside = tmp_path / "outside"
+    outside.write_bytes(b"not ours")
+    os.symlink(outside, tgt / "s")
+    fd = os.open(tgt, os.O_PATH | os.O_DIRECTORY)
+    ap = FsApplier(fd)
+    try:
+        ap.apply(Record(1, KIND_FS, "create", {"path": "d/sub/x", "mode": 0o644, "uid": 0, "gid": 0}))
+        times = {"atime": 1_500_000_000_000_000_000, "mtime": 1_600_000_000_000_000_000}
+        puts = [Record(2, KIND_FS, "put", {"path": "f", "mode": 0o4750, "uid": 1234, "gid": 99,
+                                  "size": 3, **times}, b"new"),
+                Record(3, KIND_FS, "put", {"path": "d", "mode": 0o600, "uid": 0, "gid": 0, "size": 8},
+                       b"abc"),
+                Record(4, KIND_FS, "put", {"path": "s", "mode": 0o644, "uid": 0, "gid": 0, "size": 0}),
+                Record(5, KIND_FS, "write", {"path": "d/sub/x", "offset": 0}, b"lost?")]
+        for rec in puts[:3]:
+            ap.apply(rec)
+        with pytest.raises(NotADirectoryError):
+            ap.apply(puts[3])  # the cached fd went with its directory: "d" is a file now
+        for rec in puts[:3]:  # replayed after a crash: the same result
+            ap.apply(rec)
+        st = os.lstat(tgt / "f")
+        assert ((tgt / "f").read_bytes(), st.st_uid, st.st_gid, st.st_mode & 0o7777,
+                st.st_atime_ns, st.st_mtime_ns) == (b"new", 1234, 99, 0o4750, *times.values())
+        assert (tgt / "d").read_bytes() == b"abc" + bytes(5) and not (tgt / "d").is_symlink()
+        assert (tgt / "s").read_bytes() == b"" and not (tgt / "s").is_symlink()
+        assert outside.read_bytes() == b"not ours"
+    finally:
+        ap.close()
+        os.close(fd)
+
+
+def test_an_agent_takes_the_older_wire_version_and_names_one_it_does_not_know(tmp_path):
+    """Wire version 2 added "put": an agent still serves a version-1 source (which never sends
+    one); a source newer than the agent is refused with both versions named."""
+    import io
+    import json
+    from app.engine.agent import Agent, AgentError
+    from app.services import wire
+    for version in wire.ACCEPTED:
+        out = io.BytesIO()
+        Agent(str(tmp_path), None, out).hello({"version": version, "action": "test"})
+        kind, payload = wire.read_frame(io.BytesIO(out.getvalue()).read)
+        assert kind == wire.WELCOME and json.loads(payload)["version"] == wire.VERSION == 2
+    with pytest.raises(AgentError, match="source speaks wire version 3, this agent 2") as exc:
+        Agent(str(tmp_path), None, io.BytesIO()).hello({"version": 3, "action": "test"})
+    assert exc.value.code == "version"
 
 
 def test_no_textual_or_fuse_import_for_the_client():
@@ -568,7 +623,7 @@ def test_metadata_of_a_directory_that_keeps_changing_is_sent_held_still(tmp_path
 
 
 def test_a_fresh_file_goes_in_one_commit_with_its_metadata_read_after_the_check(tmp_path, monkeypatch):
-    """A mirror sends a new small file as one commit (one trip to the capture thread: it was
+    """A mirror sends a new small file as one record, "put", in one commit (one trip to the capture thread: it was
     two, data then metadata, plus an owner and mode the create record had already set), and
     the metadata in it is read after the check's stamp: a chmod or utime just before the data
     is read is what the target gets."""
@@ -579,6 +634,8 @@ def test_a_fresh_file_goes_in_one_commit_with_its_metadata_read_after_the_check(
     tgt.mkdir()
     (src / "a").write_bytes(b"a" * 5000)
     (src / "b").write_bytes(b"b" * 10)
+    (src / "c").write_bytes(b"")
+    os.setxattr(src / "c", "user.k", b"v")
     real_open = sync.open_file
 
     def changed_just_before_the_read(dir_fd, rel):
@@ -603,9 +660,12 @@ def test_a_fresh_file_goes_in_one_commit_with_its_metadata_read_after_the_check(
     finally:
         os.close(src_fd)
         os.close(fd)
-    files = [c for c in commits if "create" in c]
-    assert files == [["remove", "create", "write", "truncate", "times"]] * 2
-    for name in ("a", "b"):
+    files = [c for c in commits if "put" in c]
+    # one record each (it was five: remove, create, write, truncate, times); times go last
+    # after extended attributes
+    assert files == [["put"], ["put"], ["put", "setxattr", "times"]]
+    assert os.getxattr(tgt / "c", "user.k") == b"v"
+    for name in ("a", "b", "c"):
         s, t = os.lstat(src / name), os.lstat(tgt / name)
         assert (t.st_mode, t.st_mtime_ns, t.st_size) == (s.st_mode, s.st_mtime_ns, s.st_size)
     assert os.lstat(tgt / "b").st_mode & 0o777 == 0o600

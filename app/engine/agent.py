@@ -143,7 +143,7 @@ class ConfinedFsApplier:
 
     # What can turn a checked directory into something else (a symlink put in its place
     # later needs one of these first: nothing the applier does replaces a directory otherwise).
-    GONE_OPS = {"rename", "unlink", "rmdir", "remove", "prune"}
+    GONE_OPS = {"rename", "unlink", "rmdir", "remove", "prune", "put"}
 
     def __init__(self, target_fd: int):
         from app.engine.applier import FsApplier
@@ -252,7 +252,7 @@ class Agent:
                 os._exit(3)
 
     def hello(self, h: dict) -> None:
-        if h.get("version") != wire.VERSION:
+        if h.get("version") not in wire.ACCEPTED:
             raise AgentError("version", f"the source speaks wire version {h.get('version')}, this "
                              f"agent {wire.VERSION}: upgrade one side", errno.EPROTO)
         action = h.get("action", "replicate")

@@ -113,6 +113,8 @@ class FsApplier:
         elif op in ("remove", "prune"):  # a resync's: what the source no longer has goes
             self._close_fds()
             self._remove(op, a, path)
+        elif op == "put":
+            self._put(a, rec.data, path)
         else:
             with beneath(self.tfd, path) as (d, name):
                 self._apply_at(op, a, rec.data, d, name, path)
@@ -172,6 +174,34 @@ class FsApplier:
                     raise
         else:
             raise OSError(errno.EINVAL, f"unknown journal op {op!r}")
+
+    def _put(self, a: dict, data: bytes, path: bytes) -> None:
+        """A whole small file as a walk read it (remove, create, write, truncate and times
+        in one record): whatever had the name goes first, a directory with its tree."""
+        with beneath(self.tfd, path) as (d, name):
+            flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
+            try:
+                fd = os.open(name, flags, a["mode"], dir_fd=d)
+            except FileExistsError:  # the old file, or a replay: made anew
+                if stat.S_ISDIR(os.stat(name, dir_fd=d, follow_symlinks=False).st_mode):
+                    self._close_fds()  # cached fds below it would write into removed files
+                else:
+                    self._close_fds(path)
+                _remove_tree(d, name)
+                fd = os.open(name, flags, a["mode"], dir_fd=d)
+            try:
+                os.fchown(fd, a["uid"], a["gid"])
+                os.fchmod(fd, a["mode"])  # after the chown, which clears set-ID bits
+                if data:
+                    os.pwrite(fd, data, 0)
+                if a["size"] != len(data):
+                    os.ftruncate(fd, a["size"])
+                if "mtime" in a:
+                    os.utime(fd, ns=(a["atime"], a["mtime"]))
+            except BaseException:
+                os.close(fd)
+                raise
+            self._keep_fd(path, fd)  # captured writes to it may come next
 
     def _link(self, a: dict, path: bytes) -> None:
         """A new name: for a name, or for an O_TMPFILE file (its first, from its open fd)."""

@@ -591,6 +591,8 @@ class Reconciler:
             if now.ino != info.ino or now.kind != stat.S_IFREG:
                 return False
             info = now
+            if fresh and info.size <= self.block:
+                return self._put(rel, info, fd, check, frozen, defer, tinfo)
             ops: list[Op] = []
             if fresh:
                 ops += [("remove", {"path": p}, b""),
@@ -629,6 +631,31 @@ class Reconciler:
             os.close(fd)
         if changed:
             self._count(sent)
+        return True
+
+    def _put(self, rel: bytes, info: Info, fd: int, check: Check | None, frozen: bool,
+             defer: bool, tinfo: Info | None) -> bool:
+        """A small file the target does not have as one record: remove, create, write,
+        truncate and, unless extended attributes come after it, times."""
+        data = os.pread(fd, info.size, 0) if info.size else b""
+        args = {"path": os.fsdecode(rel), "mode": stat.S_IMODE(info.mode), "uid": info.uid,
+                "gid": info.gid, "size": info.size}
+        meta = self._metadata_ops(rel, info, _made(info))
+        if [op for op, _, _ in meta] == ["times"]:
+            args.update(atime=info.atime_ns, mtime=info.mtime_ns)
+            meta = []
+        ops: list[Op] = [("put", args, data), *meta]
+        if defer and not frozen:
+            def then(ok: bool) -> None:
+                if not ok:
+                    self._file(rel, info, tinfo, defer=False)
+                else:
+                    self._count(len(data))
+            self._defer(check, ops, then)
+            return True
+        if not self._commit(check, ops):
+            return False
+        self._count(len(data))
         return True
 
     def _count(self, sent: int) -> None:

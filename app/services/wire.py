@@ -30,7 +30,8 @@ import zlib
 from dataclasses import dataclass
 
 GREETING = b"MIRRORSETUP-AGENT 1\n"
-VERSION = 1
+VERSION = 2  # 2: a walk may send a whole small file as one "put" record
+ACCEPTED = (1, 2)  # what an agent takes from a source (an older source never sends "put")
 HEAD = struct.Struct("<IBI")
 MAX_FRAME = 256 << 20
 
