@@ -209,8 +209,12 @@ def wait_settled(client: ControlClient, key: str, timeout: float,
         with contextlib.suppress(OSError):
             st = row(client, key)
         if firsts is not None and st:
+            walked = "connected" in firsts and st["catch_up"] is None
             for name, seen in (("captured", st["captured"]),
-                               ("connected", st["connection"] == "connected")):
+                               ("connected", st["connection"] == "connected"),
+                               ("walked", walked),
+                               ("sent", walked and st["sent_seq"] >= st["last_seq"]),
+                               ("received", walked and st["received_seq"] >= st["last_seq"])):
                 if seen:
                     firsts.setdefault(name, time.monotonic())
         if settled(st):
@@ -333,6 +337,7 @@ def ours_once(bed: TwoHosts, run_dir: Path, src: Path, timeout: float,
         out = {"seconds": took, "fs_add": t_add - t0, "daemon_up": t_up - t_add,
                "captured": firsts.get("captured", t_up) - t0,
                "connected": firsts.get("connected", t_up) - t0,
+               **{k: firsts.get(k, t_up) - t0 for k in ("walked", "sent", "received")},
                "src_cpu": s_cpu["total"] - s0, "ssh_cpu": s_cpu["ssh"],
                "tgt_cpu": t1c["total"] - t0c["total"], "agent_cpu": t1c["agent"] - t0c["agent"],
                "equal": equal, "resync_bytes": st["resync_bytes"], "wire_bytes": st["wire_bytes"],
@@ -367,7 +372,8 @@ def bench_mirror(bed: TwoHosts, tmp: Path, origin: Path, args) -> dict:
         ours.append(o)
         say(f"mirror {i + 1}/{args.runs} mirrorsetup: {o['seconds']:.2f} s (fs add "
             f"{o['fs_add']:.2f}, daemon up {o['daemon_up']:.2f}, captured at {o['captured']:.2f},"
-            f" connected at {o['connected']:.2f}), equal={o['equal']}, "
+            f" connected at {o['connected']:.2f}, walked {o['walked']:.2f}, sent {o['sent']:.2f},"
+            f" received {o['received']:.2f}), equal={o['equal']}, "
             f"cpu source {o['src_cpu']:.2f} s (ssh {o['ssh_cpu']:.2f}) target "
             f"{o['tgt_cpu']:.2f} s (agent {o['agent_cpu']:.2f}), resync_bytes "
             f"{o['resync_bytes']}, wire_bytes {o['wire_bytes']}, logical_bytes "
