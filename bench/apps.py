@@ -206,7 +206,7 @@ class Daemon:
         self.socket = str(work / "run" / "control.sock")
         self.log = open(work / "daemon.log", "wb")
         # own session: a Ctrl-C reaches us only, and we stop the daemon in order
-        self.proc = subprocess.Popen([sys.executable, "-m", "app.engine.daemon", "--config", str(cfg),
+        self.proc = subprocess.Popen([sys.executable, "-m", "app", "daemon", "--config", str(cfg),
                                       "--socket", self.socket, "--state-dir", str(work / "state")],
                                      cwd=repo, env={**os.environ, **(env or {}), "PYTHONPATH": str(repo)},
                                      stdout=self.log,

@@ -71,7 +71,7 @@ class Daemon:
         env = dict(os.environ)
         if profile:
             env["MIRRORSETUP_WORKER_PROFILE"] = str(work / "worker.prof")
-        self.proc = subprocess.Popen([sys.executable, "-m", "app.engine.daemon", "--config", str(cfg),
+        self.proc = subprocess.Popen([sys.executable, "-m", "app", "daemon", "--config", str(cfg),
                                       "--socket", self.socket, "--state-dir", str(work / "state")],
                                      cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         self.client = ControlClient(self.socket, timeout=600)

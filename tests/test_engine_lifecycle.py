@@ -348,6 +348,31 @@ def test_workers_are_forked_from_a_template_whose_death_they_survive(setup):
     second.wait(10)  # ends with the daemon (its socket closes)
 
 
+def test_the_worker_template_starts_with_the_daemons_process(setup, tmp_path):
+    """The template is started as the daemon's process begins, so that its imports run beside
+    the daemon's own (it was started at the first worker, after them): a daemon with no
+    entries has it already; the first worker is forked from that very process; it ends with
+    the daemon."""
+    import psutil
+    eng, _, _ = setup([])
+
+    def templates():
+        return [p for p in psutil.Process(eng.proc.pid).children()
+                if "app.engine.zygote" in " ".join(p.cmdline())]
+    (template,) = templates()
+    src, tgt = str(tmp_path / "src"), str(tmp_path / "tgt")
+    write_config(eng.config, [{"path": src, "target": tgt}])
+    (r,) = eng.client.results("mount_all")
+    assert r.outcome.value == "ok", r.message
+    assert _template_of(eng.status(src)["worker_pid"]).pid == template.pid
+    assert templates() == [template]
+    open(os.path.join(src, "f"), "w").write("captured")
+    eng.drain(src)
+    assert open(os.path.join(tgt, "f")).read() == "captured"
+    eng.stop()
+    template.wait(10)
+
+
 def test_holders_are_found_without_asking_a_mount_that_does_not_answer(setup, tmp_path):
     """Another entry's worker is stopped (SIGSTOP: its FUSE mount answers nothing) while a
     process has its working directory and a file there. Looking for the holders of the first

@@ -95,7 +95,7 @@ class Engine:
     def start(self, *, wait: bool = True) -> None:
         self.log = open(self.tmp / "daemon.log", "ab")
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "app.engine.daemon", "--config", str(self.config),
+            [sys.executable, "-m", "app", "daemon", "--config", str(self.config),
              "--socket", self.socket, "--state-dir", self.state],
             cwd=REPO, stdout=self.log, stderr=subprocess.STDOUT)
         if wait:

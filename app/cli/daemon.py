@@ -16,6 +16,8 @@ def settings(args):
 
 
 def cmd_run(args) -> int:
+    from app.engine import zygote
+    zygote.start_early()  # the worker template's imports run beside the daemon's own
     from app.engine import daemon
     s = settings(args)
     args.socket, args.state_dir = s.socket, s.state_dir

@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 
 import trio
 
+from app.engine import zygote as zygote_mod
 from app.services import layout as layout_mod
 from app.services import mounts, protocol
 from app.services.config import FsEntry
@@ -75,6 +76,21 @@ class AdoptedProcess:
                 await trio.lowlevel.wait_readable(self._fd)
             finally:
                 self._waiting = False
+        return self.returncode
+
+
+class EarlyChild(AdoptedProcess):
+    """Our child started before trio ran (the early worker template): watched through a
+    pidfd like an adopted worker, and reaped, with its exit status, once it ended."""
+
+    def __init__(self, popen):
+        super().__init__(popen.pid)
+        self.popen = popen
+
+    def poll(self) -> int | None:
+        if self.returncode is None and select.select([self._fd], [], [], 0)[0]:
+            os.close(self._fd)
+            self.returncode = self.popen.wait()
         return self.returncode
 
 
@@ -183,12 +199,7 @@ class Captured:
                 "kept in its journal for the next start")
 
 
-def _worker_env() -> dict:
-    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    return {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))}
-
-
-ZYGOTE_ENV = "MIRRORSETUP_ZYGOTE"  # "0": every worker starts Python anew (bench comparisons)
+ZYGOTE_ENV = zygote_mod.ENV
 ZYGOTE_ANSWER_SECONDS = 60  # the first answer waits for the template's imports
 
 
@@ -203,16 +214,22 @@ class Zygote:
         self.lock = trio.Lock()
 
     async def _start(self) -> None:
-        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-        try:
-            self.proc = await trio.lowlevel.open_process(
-                [sys.executable, "-m", "app.engine.zygote", "--fd", str(theirs.fileno())],
-                pass_fds=(theirs.fileno(),), start_new_session=True, env=_worker_env())
-        except OSError:
-            ours.close()
-            raise
-        finally:
-            theirs.close()
+        early = zygote_mod.take_early()
+        if early is not None and early[0].poll() is None:  # started with the daemon's process
+            self.proc, ours = EarlyChild(early[0]), early[1]
+        else:
+            if early is not None:
+                early[1].close()
+            ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+            try:
+                self.proc = await trio.lowlevel.open_process(
+                    zygote_mod.argv(theirs.fileno()), pass_fds=(theirs.fileno(),),
+                    start_new_session=True, env=zygote_mod.worker_env())
+            except OSError:
+                ours.close()
+                raise
+            finally:
+                theirs.close()
         self.sock = trio.socket.from_stdlib_socket(ours)
         trio.lowlevel.spawn_system_task(self._reap, self.proc)
 
@@ -309,7 +326,7 @@ async def spawn(spec) -> tuple[WorkerLink | None, dict]:
         argv = [sys.executable, "-m", "app.engine.capture", "--spec", spec.to_arg(),
                 "--fd", str(theirs.fileno())]
         proc = await trio.lowlevel.open_process(argv, pass_fds=(theirs.fileno(),),
-                                                start_new_session=True, env=_worker_env())
+                                                start_new_session=True, env=zygote_mod.worker_env())
     theirs.close()
     lines = protocol.TrioLines(trio.SocketStream(trio.socket.from_stdlib_socket(ours)))
     msg = None
