@@ -42,6 +42,10 @@ counters.
    initial mirrors (with rsync's for comparison) and over the saturating stream (from its
    first write until drained), divided by the MiB replicated (tree size; logical bytes).
    The source side includes capture (the FUSE file system the writer writes through).
+5. Whole-tree passes over a long link (--resync-delay-ms, one way, through the bed's relay;
+   0 skips it): a complete replica, nothing changed; then, interleaved --runs times, `fs mirror`
+   (every file compared by hashes), the catch-up after capture was off (unmount, mount-all: sizes
+   and times), and `rsync -a` of the same tree into its complete copy over the same relay.
 4. Compressible data (--compress-mib of the tree's .py files, 4 MiB files, fsync): the
    compression ratio the status shows (logical_bytes / wire_bytes) for those writes.
 
@@ -348,6 +352,52 @@ def ours_once(bed: TwoHosts, run_dir: Path, src: Path, timeout: float,
             out["differences"] = keys[:10]
             out["n_differences"] = len(keys)
     return out
+
+
+def bench_resync(bed: TwoHosts, tmp: Path, origin: Path, args) -> dict:
+    """Section 5: seconds per pass (medians) and the round-trip time the relay gives."""
+    delay = args.resync_delay_ms / 1000
+    relay = bed.relay(delay, delay)
+    run = tmp / "resync"
+    run.mkdir()
+    src = run / "src"
+    files, size = copy_tree(origin, src)
+    dest = run / "rsync-dest"
+    ssh = " ".join(bed.ssh_argv(via=relay)[:-1])
+    rsync = ["rsync", "-a", "-e", ssh, f"{src}/", f"{relay.host}:{dest}/"]
+    subprocess.run(rsync, check=True, capture_output=True)  # the complete copy
+    r = Remote(run, bed, via=relay)
+    bed.set_authorized_keys([bed.authorized_key_line(), r.authorized_line])
+    times: dict[str, list[float]] = {"fs mirror": [], "catch-up": [], "rsync -a": []}
+    with engines(run) as make:
+        eng, _, _ = make(config=r.cfg)
+        a = cli(r.cfg, "fs", "add", str(src), "--target", "backup1:data", socket=eng.socket)
+        if a.returncode != 0:
+            raise RuntimeError(f"fs add: {a.stdout}{a.stderr}")
+        eng.client.results("mount_all")
+        st = wait_settled(eng.client, str(src), args.timeout)
+        say(f"resync: {files} files, {size / MiB:.1f} MiB replicated through a relay of "
+            f"{args.resync_delay_ms} ms each way (status rtt {(st.get('rtt') or 0) * 1000:.1f} ms)")
+        for i in range(args.runs):
+            t0 = time.monotonic()
+            eng.client.results("mirror", path=str(src))
+            wait_settled(eng.client, str(src), args.timeout)
+            times["fs mirror"].append(time.monotonic() - t0)
+            eng.client.results("unmount", path=str(src), force=False)
+            t0 = time.monotonic()
+            eng.client.results("mount_all")
+            firsts: dict = {}
+            wait_settled(eng.client, str(src), args.timeout, firsts)
+            times["catch-up"].append(time.monotonic() - t0)
+            say("resync: catch-up " + ", ".join(f"{k} at {v - t0:.2f}" for k, v in firsts.items()))
+            t0 = time.monotonic()
+            subprocess.run(rsync, check=True, capture_output=True)
+            times["rsync -a"].append(time.monotonic() - t0)
+            say(f"resync {i + 1}/{args.runs}: " + ", ".join(f"{k} {v[-1]:.2f} s"
+                                                           for k, v in times.items()))
+        equal = tree(src) == tree(r.root / "data")
+    return {"delay_ms": args.resync_delay_ms, "files": files, "equal": equal,
+            **{k: statistics.median(v) for k, v in times.items()}}
 
 
 def bench_mirror(bed: TwoHosts, tmp: Path, origin: Path, args) -> dict:
@@ -698,6 +748,8 @@ def main() -> None:
     ap.add_argument("--timeout", type=float, default=300, help="for any wait until settled")
     ap.add_argument("--warm", action="store_true", help="also time each initial mirror with the "
                     "daemon already running (fs add, then fs mount-all), interleaved")
+    ap.add_argument("--resync-delay-ms", type=float, default=10, help="section 5's one-way "
+                    "delay; 0 skips the section")
     for name in ("mirror", "stream", "lag", "compress"):
         ap.add_argument(f"--skip-{name}", action="store_true")
     args = ap.parse_args()
@@ -708,7 +760,7 @@ def main() -> None:
     say(f"load average {loadavg()} (the host may be shared with another session's tests); "
         f"{os.cpu_count()} CPUs")
     tmp = Path(tempfile.mkdtemp(prefix="bench-remote-"))
-    m, s = None, {}
+    m, s, rs = None, {}, None
     try:
         with TwoHosts(tmp) as bed:
             say(f"bed {bed.netns}: {bed.source_addr} -> {bed.target_addr}:{bed.port}")
@@ -716,6 +768,8 @@ def main() -> None:
                 m = bench_mirror(bed, tmp, origin, args)
             if not (args.skip_stream and args.skip_lag and args.skip_compress):
                 s = bench_streams(bed, tmp, origin, args)
+            if args.resync_delay_ms > 0:
+                rs = bench_resync(bed, tmp, origin, args)
     finally:
         left = leftovers(tmp)
         if left:
@@ -724,6 +778,12 @@ def main() -> None:
             shutil.rmtree(tmp, ignore_errors=True)
     say(f"load average {loadavg()}")
     print(table(m, s, args), flush=True)
+    if rs:
+        print(f"\n| whole-tree pass, nothing changed, {rs['files']} files, relay {rs['delay_ms']:g} ms "
+              f"each way | median | ratio to rsync -a |\n|---|---|---|")
+        for k in ("fs mirror", "catch-up", "rsync -a"):
+            print(f"| {k} | {rs[k]:.2f} s | {rs[k] / rs['rsync -a']:.2f} |")
+        print(f"| trees equal | {rs['equal']} | |", flush=True)
     if s.get("status_cli"):
         keys = ("last_seq", "sent_seq", "received_seq", "applied_seq", "lag_seconds",
                 "bytes_queued", "wire_rate", "logical_rate", "wire_bytes", "logical_bytes",

@@ -213,6 +213,65 @@ def test_an_agent_takes_the_older_wire_version_and_names_one_it_does_not_know(tm
     assert exc.value.code == "version"
 
 
+def test_a_walk_asks_a_remote_target_a_window_ahead_and_leaves_nothing_asked(tmp_path, monkeypatch):
+    """Over a long link a walk waited one round trip per directory, and one per file compared
+    by hashes: a directory's children's queries now go a window ahead of the walk (in its
+    order, topped up as it goes; a subdirectory's own go out while its parent's wait), and
+    what was asked and not used is dropped. Only
+    the transport is replaced, to see which query was asked when (the walk over ssh runs in
+    tests/test_remote.py)."""
+    import shutil
+    import threading
+    from app.engine import remote
+    src, tgt = tmp_path / "src", tmp_path / "tgt"
+    for d in range(6):
+        (src / f"d{d}" / "sub").mkdir(parents=True)
+        for f in range(5):
+            (src / f"d{d}" / f"f{f}").write_bytes(b"%d-%d" % (d, f) * 100)
+    shutil.copytree(src, tgt)
+    (tgt / "d3" / "f2").write_bytes(b"X" * len((src / "d3" / "f2").read_bytes()))  # differs
+    (tgt / "d4" / "f0").unlink()
+    monkeypatch.setattr(sync, "AHEAD_PER_DIRECTORY", 2)
+    monkeypatch.setattr(remote, "AHEAD_WINDOW", 8)
+    fd = os.open(tgt, os.O_PATH | os.O_DIRECTORY)
+    src_fd = os.open(src, os.O_PATH | os.O_DIRECTORY)
+    local = LocalDirTarget.on_fd(fd, str(tgt))
+    far = object.__new__(remote.RemoteTarget)
+    far._cv, far._pending, far._ahead, far._dropped = threading.Condition(), {}, {}, set()
+    far._ids, far._failure = iter(range(1, 10**6)), None
+    asked_when_needed, most_ahead = [], [0]
+
+    def ask(method, args):  # the agent's answer, at once (as of the moment it was asked)
+        rid = next(far._ids)
+        rel = os.fsencode(args["rel"])
+        if method == "info":
+            got = local.info(rel).to_wire()
+        elif method == "children":
+            got = {os.fsdecode(k): v.to_wire() for k, v in local.children(rel).items()}
+        else:
+            got = local.file_hashes(rel)
+        far._pending[rid] = {"id": rid, "result": got}
+        most_ahead[0] = max(most_ahead[0], len(far._ahead) + 1)
+        return rid
+    far._ask = ask
+    real_call = far._call
+    far._call = lambda method, **args: (asked_when_needed.append((method, args["rel"])),
+                                        real_call(method, **args))[1]
+    try:
+        counts = sync.Reconciler(src_fd, far, sync.DirectSink(local), hashes=True).run()
+    finally:
+        os.close(src_fd)
+        os.close(fd)
+    # the root's own, and nothing else: every other listing and hash list went ahead
+    assert asked_when_needed == [("info", ""), ("children", "")]
+    # two a directory beyond where the walk is there, three levels deep at most: six
+    assert 2 < most_ahead[0] <= 6
+    assert far._ahead == {} and far._pending == {}  # nothing asked and left
+    assert counts["copied"] == 2
+    assert (tgt / "d3" / "f2").read_bytes() == (src / "d3" / "f2").read_bytes()
+    assert (tgt / "d4" / "f0").read_bytes() == (src / "d4" / "f0").read_bytes()
+
+
 def test_no_textual_or_fuse_import_for_the_client():
     import subprocess
     import sys

@@ -46,14 +46,16 @@ def tree(root: Path) -> dict[str, str]:
 class Remote:
     """A configured remote target `backup1` on a bed, added the way an administrator does."""
 
-    def __init__(self, tmp_path: Path, bed, root: Path | None = None, **opts):
+    def __init__(self, tmp_path: Path, bed, root: Path | None = None, *, via=None, **opts):
+        """`via`: a relay of the bed's, reached instead of the target's sshd."""
         self.bed = bed
         self.cfg = tmp_path / "etc" / "replication.toml"
         self.root = root or tmp_path / "replicas"
         self.root.mkdir(exist_ok=True)
         fp = subprocess.run(["ssh-keygen", "-lf", f"{bed.host_key}.pub"], capture_output=True,
                             text=True, check=True).stdout.split()[1]
-        argv = ["target", "add", "backup1", "--host", bed.target_addr, "--port", str(bed.port),
+        host, port = (via.host, via.port) if via else (bed.target_addr, bed.port)
+        argv = ["target", "add", "backup1", "--host", host, "--port", str(port),
                 "--user", "root", "--root", str(self.root), "--agent", AGENT,
                 "--ssh-config", str(bed.ssh_config), "--accept-host-key", fp]
         for k, v in opts.items():

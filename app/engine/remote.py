@@ -42,6 +42,7 @@ PREPARED_SECONDS = 10.0  # a prepared session not opened by then is started agai
 # ends a session that sends nothing for 15 s)
 WINDOW_MIN = 8 << 20
 QUERY_SECONDS = 300.0
+AHEAD_WINDOW = 1024  # queries a walk sends before it needs their answers (see ask_ahead)
 
 
 def ssh_failure(stderr: str, status: int | None) -> TargetUnavailable:
@@ -68,6 +69,8 @@ class RemoteTarget(Target):
         self._inflight_bytes = 0
         self._expect = 0  # the next seq the agent expects
         self._pending: dict[int, dict] = {}
+        self._ahead: dict[tuple[str, str], int] = {}  # (method, rel) -> id of a query asked ahead
+        self._dropped: set[int] = set()  # ids asked ahead whose answers nobody will take
         self._ids = itertools.count(1)
         self._failure: TargetUnavailable | None = None
         self._gap: str | None = None
@@ -133,6 +136,9 @@ class RemoteTarget(Target):
         g = self._greeting
         self._extra = extra
         self._failure, self._gap, self.paused, self._rewind = None, None, None, None
+        with self._cv:  # what the last session was asked is not answered in this one
+            self._ahead.clear()
+            self._dropped.clear()
         g["action"] = action
         g["go"].set()
         if not g["done"].wait(CONNECT_SECONDS):
@@ -207,8 +213,11 @@ class RemoteTarget(Target):
                     self._rewind = msg["received"]
                 elif kind == wire.REP:
                     with self._cv:
-                        self._pending[msg["id"]] = msg
-                        self._cv.notify_all()
+                        if msg["id"] in self._dropped:
+                            self._dropped.discard(msg["id"])
+                        else:
+                            self._pending[msg["id"]] = msg
+                            self._cv.notify_all()
                 elif kind == wire.ERROR:
                     if msg.get("code") == "gap":
                         self._gap = msg.get("message")
@@ -352,10 +361,50 @@ class RemoteTarget(Target):
 
     # -- queries ----------------------------------------------------------------------------
     def _call(self, method: str, **args):
+        return self._wait(self._ask(method, args), method)
+
+    def _ask(self, method: str, args: dict) -> int:
         if self._failure is not None:  # a pause or a rewind is the shipper's business, not ours
             raise self._failure
         rid = next(self._ids)
         self._send(wire.jframe(wire.REQ, {"id": rid, "method": method, "args": args}))
+        return rid
+
+    def ask_ahead(self, method: str, rel: bytes) -> bool:
+        """Send now a `children` or `file_hashes` query a walk is about to make, so that many
+        go in one round trip (over a long link a walk was a round trip per directory, and per
+        file compared by hashes). An answer asked early is as good: every answer of a remote
+        target is of the replica as the agent's applier had it at some moment behind the
+        source, never of one newer than the journal, and that is all a walk assumes (sync.py).
+        At most AHEAD_WINDOW wait at a time: False when the window is full (or the session
+        failed), and nothing was sent."""
+        key = (method, os.fsdecode(rel))
+        if key in self._ahead:
+            return True
+        if len(self._ahead) >= AHEAD_WINDOW or self._failure is not None:
+            return False
+        rid = self._ask(method, {"rel": key[1]})
+        with self._cv:
+            self._ahead[key] = rid
+        return True
+
+    def forget_ahead(self, keys) -> None:
+        """Queries asked ahead that the walk did not use after all: their answers are dropped."""
+        with self._cv:
+            for key in keys:
+                rid = self._ahead.pop((key[0], os.fsdecode(key[1])), None)
+                if rid is not None and self._pending.pop(rid, None) is None:
+                    self._dropped.add(rid)
+
+    def _asked(self, method: str, rel: bytes):
+        """The answer to a query, asked ahead or now."""
+        with self._cv:
+            rid = self._ahead.pop((method, os.fsdecode(rel)), None)
+        if rid is None:
+            return self._call(method, rel=os.fsdecode(rel))
+        return self._wait(rid, method)
+
+    def _wait(self, rid: int, method: str):
         deadline = time.monotonic() + QUERY_SECONDS
         with self._cv:
             while rid not in self._pending:
@@ -375,11 +424,11 @@ class RemoteTarget(Target):
         return None if d is None else sync.Info.from_wire(d)
 
     def children(self, rel: bytes) -> dict[bytes, sync.Info] | None:
-        d = self._call("children", rel=os.fsdecode(rel))
+        d = self._asked("children", rel)
         return None if d is None else {os.fsencode(k): sync.Info.from_wire(v) for k, v in d.items()}
 
     def file_hashes(self, rel: bytes) -> list[str] | None:
-        return self._call("file_hashes", rel=os.fsdecode(rel))
+        return self._asked("file_hashes", rel)
 
     def scan(self, *, hashes: bool = True) -> dict[bytes, sync.Info]:
         return {os.fsencode(k): sync.Info.from_wire(v) for k, v in self._call("scan", hashes=hashes).items()}

@@ -42,6 +42,7 @@ XATTR_PREFIXES = ("user.", "security.", "trusted.", "system.posix_acl_")  # what
 COMMIT_TRIES = 4  # a path that keeps changing is read again this often, then held still once
 BATCH_FILES = 64  # small files whose records go to the sink together (one trip to the capture)
 BATCH_BYTES = 4 << 20
+AHEAD_PER_DIRECTORY = 32  # a remote target's queries sent ahead of the walk, per directory
 Progress = Callable[[dict], None]
 Op = tuple[str, dict, bytes]
 
@@ -446,9 +447,34 @@ class Reconciler:
                                                    [os.fsdecode(n) for n in kids]}, b"")])
         if tgt is not None:
             self.counts["removed"] += len(tgt.keys() - kids.keys())
-        for name, info in kids.items():
-            self._child(rel, name, info, None if tgt is None else tgt.get(name))
+        ahead = self._ahead(rel, kids, tgt)
+        try:
+            for i, (name, info) in enumerate(kids.items()):
+                if ahead is not None:
+                    ahead.top_up(i)
+                self._child(rel, name, info, None if tgt is None else tgt.get(name))
+        finally:
+            if ahead is not None:
+                ahead.forget()
         self._metadata(rel, made)
+
+    def _ahead(self, rel: bytes, kids: dict[bytes, Info], tgt: dict[bytes, Info] | None
+               ) -> Ahead | None:
+        """The queries this directory's children will make of a remote target (listings of
+        directories, hashes of files that differ), to be sent before they are needed."""
+        if not tgt or getattr(self.target, "ask_ahead", None) is None:
+            return None
+        wanted = []
+        for i, (name, info) in enumerate(kids.items()):
+            t = tgt.get(name)
+            if t is None or t.kind != info.kind:
+                continue  # sent whole: nothing asked
+            if info.kind == stat.S_IFREG and (self.hashes or t.size != info.size
+                                              or t.mtime_ns != info.mtime_ns):
+                wanted.append((i, "file_hashes", _join(rel, name)))
+            elif info.kind == stat.S_IFDIR:
+                wanted.append((i, "children", _join(rel, name)))
+        return Ahead(self.target, wanted) if wanted else None
 
     def _child(self, parent: bytes, name: bytes, info: Info, tinfo: Info | None) -> None:
         rel = _join(parent, name)
@@ -717,6 +743,29 @@ class Reconciler:
         if self.tracker is None:
             return None
         return Check(rel, info.ino, self.tracker.stamp(info.ino))
+
+
+class Ahead:
+    """Queries a walk will make of a remote target, sent ahead of the walk (over a long link
+    a walk waited a round trip per directory, and per file compared by hashes): of one
+    directory's children, at most AHEAD_PER_DIRECTORY beyond the child the walk is at, so a
+    subdirectory the walk goes into gets its own queries out too."""
+
+    def __init__(self, target, wanted: list[tuple[int, str, bytes]]):
+        self.target, self.wanted = target, wanted  # (index among the children, method, path)
+        self.next = self.passed = 0
+
+    def top_up(self, at: int) -> None:
+        """The walk is at child `at`: ask, in its order, what the window now allows."""
+        while self.passed < len(self.wanted) and self.wanted[self.passed][0] < at:
+            self.passed += 1
+        while (self.next < len(self.wanted) and self.next - self.passed < AHEAD_PER_DIRECTORY
+               and self.target.ask_ahead(*self.wanted[self.next][1:])):
+            self.next += 1
+
+    def forget(self) -> None:
+        """The directory is done: answers asked for and not used are dropped."""
+        self.target.forget_ahead([w[1:] for w in self.wanted[:self.next]])
 
 
 def _made(info: Info) -> Info:
