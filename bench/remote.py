@@ -42,12 +42,12 @@ counters.
    initial mirrors (with rsync's for comparison) and over the saturating stream (from its
    first write until drained), divided by the MiB replicated (tree size; logical bytes).
    The source side includes capture (the FUSE file system the writer writes through).
+4. Compressible data (--compress-mib of the tree's .py files, 4 MiB files, fsync): the
+   compression ratio the status shows (logical_bytes / wire_bytes) for those writes.
 5. Whole-tree passes over a long link (--resync-delay-ms, one way, through the bed's relay;
    0 skips it): a complete replica, nothing changed; then, interleaved --runs times, `fs mirror`
    (every file compared by hashes), the catch-up after capture was off (unmount, mount-all: sizes
    and times), and `rsync -a` of the same tree into its complete copy over the same relay.
-4. Compressible data (--compress-mib of the tree's .py files, 4 MiB files, fsync): the
-   compression ratio the status shows (logical_bytes / wire_bytes) for those writes.
 
 Everything made here (namespace, sshd, daemons, mounts, files) lives under one tempfile
 directory and is torn down by PID in finally blocks. The host may be shared (another session's
