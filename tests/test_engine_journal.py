@@ -272,6 +272,34 @@ def test_a_walk_asks_a_remote_target_a_window_ahead_and_leaves_nothing_asked(tmp
     assert (tgt / "d4" / "f0").read_bytes() == (src / "d4" / "f0").read_bytes()
 
 
+def test_a_query_of_a_session_that_ended_is_not_waited_for(tmp_path):
+    """A walk's query asked ahead, then the session ends and the shipper opens the next one:
+    the answer will never come, and the walk is told so at once (it waited 300 s)."""
+    import threading
+    import time
+    from app.engine import remote
+    far = object.__new__(remote.RemoteTarget)
+    far._cv, far._pending, far._ahead, far._dropped = threading.Condition(), {}, {}, set()
+    far._ids, far._failure, far._first_id = iter(range(1, 10**6)), None, 0
+    far._ask = lambda method, args: next(far._ids)  # sent; its answer never comes
+    assert far.ask_ahead("children", b"d")
+    got: list = []
+
+    def walk():
+        try:
+            far.children(b"d")
+        except remote.TargetUnavailable as exc:
+            got.append(exc)
+    t = threading.Thread(target=walk, daemon=True)
+    t.start()
+    time.sleep(0.2)
+    assert t.is_alive()  # waiting for its answer
+    far._forget_session()  # as open() does for the next session
+    t.join(5)
+    assert not t.is_alive() and "a session that ended" in str(got[0])
+    assert far._ahead == {}
+
+
 def test_no_textual_or_fuse_import_for_the_client():
     import subprocess
     import sys

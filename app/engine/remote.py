@@ -71,6 +71,7 @@ class RemoteTarget(Target):
         self._pending: dict[int, dict] = {}
         self._ahead: dict[tuple[str, str], int] = {}  # (method, rel) -> id of a query asked ahead
         self._dropped: set[int] = set()  # ids asked ahead whose answers nobody will take
+        self._first_id = 0  # the first query id of this session
         self._ids = itertools.count(1)
         self._failure: TargetUnavailable | None = None
         self._gap: str | None = None
@@ -136,9 +137,7 @@ class RemoteTarget(Target):
         g = self._greeting
         self._extra = extra
         self._failure, self._gap, self.paused, self._rewind = None, None, None, None
-        with self._cv:  # what the last session was asked is not answered in this one
-            self._ahead.clear()
-            self._dropped.clear()
+        self._forget_session()
         g["action"] = action
         g["go"].set()
         if not g["done"].wait(CONNECT_SECONDS):
@@ -176,6 +175,15 @@ class RemoteTarget(Target):
                                         f"{self.pos.received} but this source only up to {last}: "
                                         "its history is not ours (adopt_target replaces it)", retry=False)
         return self.pos
+
+    def _forget_session(self) -> None:
+        """What the last session was asked is never answered in the next one: a walk that
+        waits for such an answer is told so at once (it waited QUERY_SECONDS)."""
+        with self._cv:
+            self._ahead.clear()
+            self._dropped.clear()
+            self._first_id = next(self._ids)
+            self._cv.notify_all()
 
     def _hello(self, action: str) -> dict:
         last, released = self.journal_seqs() if self.journal_seqs else (0, 0)
@@ -410,6 +418,9 @@ class RemoteTarget(Target):
             while rid not in self._pending:
                 if self._failure is not None:
                     raise self._failure
+                if rid < self._first_id:  # asked of a session that ended: never answered
+                    raise TargetUnavailable(f"disconnected: {method} was asked of a session "
+                                            "that ended")
                 left = deadline - time.monotonic()
                 if left <= 0:
                     raise TargetUnavailable(f"disconnected: {method} got no answer in {QUERY_SECONDS:.0f} s")
