@@ -14,9 +14,11 @@ Why that is enough (the argument the code relies on): a record written at positi
 the source's content of a path at t. Records before t were applied before it; records after it
 are changes the source made after t. For a path whose *name* was not changed since the
 catch-up began, the target's file there is the old one plus captured changes, so comparing
-with the live target and sending differing blocks whole is exact; a path whose name (or a
-parent's) was created, renamed or linked is sent whole, and rename/link destinations made
-during the walk are walked again (`revisit`), since the walk may have passed them already.
+with the target as it was at any moment since the catch-up began (a remote target's answers
+lag the journal, and a walk asks them ahead of itself) and sending differing blocks whole is
+exact; a path whose name (or a parent's) was created, renamed or linked is sent whole, and
+rename/link destinations made during the walk are walked again (`revisit`), since the walk
+may have passed them already.
 
 A walk never descends into a file system mounted below the entry (other st_dev): capture does
 not cross it, so replication does not either. Paths are relative to directory fds and may be
