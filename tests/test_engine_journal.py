@@ -300,6 +300,45 @@ def test_a_query_of_a_session_that_ended_is_not_waited_for(tmp_path):
     assert far._ahead == {}
 
 
+def test_a_fail_back_to_a_source_of_wire_version_1_sends_no_put(tmp_path, monkeypatch):
+    """An agent serves a version-1 source, and in a fail-back the agent's walk writes to that
+    source: it sends a small file as the five records version 1 knows, not as "put"."""
+    import io
+    from types import SimpleNamespace
+    from app.engine import agent as agent_mod
+    made: list[dict] = []
+    real = sync.Reconciler
+
+    class Seen(real):
+        def __init__(self, *args, **kw):
+            made.append(kw)
+            super().__init__(*args, **kw)
+    monkeypatch.setattr(sync, "Reconciler", Seen)
+    src, there = tmp_path / "replica", tmp_path / "source"
+    src.mkdir()
+    there.mkdir()
+    (src / "f").write_bytes(b"data")
+    fd, there_fd = os.open(src, os.O_PATH | os.O_DIRECTORY), os.open(there, os.O_PATH | os.O_DIRECTORY)
+    source = LocalDirTarget.on_fd(there_fd, str(there))
+    ops: list[str] = []
+    try:
+        for version, expected in ((1, ["remove", "create", "write", "truncate", "times"]), (2, ["put"])):
+            agent = agent_mod.Agent(str(tmp_path), None, io.BytesIO())
+            agent.hello({"version": version, "action": "test"})
+            agent.replica, agent.target = SimpleNamespace(kind="fs"), SimpleNamespace(fd=fd)
+            back = agent_mod.Reverse(agent)
+            # the source answers: its root is there, nothing below it (the file is new there)
+            back._call = lambda method, **args: source.info(b"").to_wire() if method == "info" else None
+            back.apply_ops = lambda batch: ops.extend(op for op, a, _d in batch if a.get("path") == "f")
+            del ops[:]
+            back.run()
+            assert ops == expected, version
+            assert made[-1]["put"] is (version >= 2)
+    finally:
+        os.close(fd)
+        os.close(there_fd)
+
+
 def test_no_textual_or_fuse_import_for_the_client():
     import subprocess
     import sys

@@ -193,6 +193,7 @@ class Agent:
         self.codec = wire.Codec("none")
         self.state: dict = {}
         self.quiet = False  # applying before a promotion: the source waits for WELCOME only
+        self.source_version = wire.VERSION  # the wire version the source speaks (its HELLO)
 
     # -- output
     def send(self, kind: int, obj: dict) -> None:
@@ -255,6 +256,7 @@ class Agent:
         if h.get("version") not in wire.ACCEPTED:
             raise AgentError("version", f"the source speaks wire version {h.get('version')}, this "
                              f"agent {wire.VERSION}: upgrade one side", errno.EPROTO)
+        self.source_version = h["version"]  # what a fail-back may send it (wire.VERSION)
         action = h.get("action", "replicate")
         st = os.statvfs(self.root)
         self.info = {"version": wire.VERSION, "agent": _version(), "host": socket.gethostname(),
@@ -715,7 +717,8 @@ class Reverse:
     def run(self) -> dict:
         from app.engine import blocksync, sync
         if self.kind == "fs":
-            counts = sync.Reconciler(self.agent.target.fd, self, sync.DirectSink(self)).run()
+            counts = sync.Reconciler(self.agent.target.fd, self, sync.DirectSink(self),
+                                     put=self.agent.source_version >= 2).run()
         else:
             t = self.agent.target
 

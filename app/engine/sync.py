@@ -355,13 +355,16 @@ class Reconciler:
     block hashes (mirror); otherwise files with equal size and mtime are taken as equal."""
 
     def __init__(self, src_fd: int, target, sink: Sink, *, hashes: bool = False,
-                 progress: Progress | None = None, block: int = BLOCK):
+                 progress: Progress | None = None, block: int = BLOCK, put: bool = True):
+        """`put`: a small file the target lacks may go as one "put" record (False when
+        whoever applies the records may not know it: a source of wire version 1)."""
         self.src = src_fd
         self.target = target
         self.sink = sink
         self.hashes = hashes
         self.progress = progress
         self.block = block
+        self.put = put
         self.dev = os.stat(b".", dir_fd=src_fd).st_dev
         self.counts = {"files": 0, "copied": 0, "bytes": 0, "removed": 0}
         self._leaders: dict[tuple[int, int], tuple[bytes, tuple[int, int] | None]] = {}
@@ -619,7 +622,7 @@ class Reconciler:
             if now.ino != info.ino or now.kind != stat.S_IFREG:
                 return False
             info = now
-            if fresh and info.size <= self.block:
+            if fresh and self.put and info.size <= self.block:
                 return self._put(rel, info, fd, check, frozen, defer, tinfo)
             ops: list[Op] = []
             if fresh:
