@@ -339,6 +339,42 @@ def test_a_fail_back_to_a_source_of_wire_version_1_sends_no_put(tmp_path, monkey
         os.close(there_fd)
 
 
+def test_an_agent_answers_a_few_queries_at_a_time_and_every_one(tmp_path, monkeypatch):
+    """A walk sends up to a thousand queries ahead of itself: the agent answers them with
+    QUERY_THREADS threads (it started a thread for each, all reading at once), and each gets
+    its answer."""
+    import io
+    import json
+    import threading
+    import time
+    from app.engine import agent as agent_mod
+    from app.services import wire
+    out = io.BytesIO()
+    agent = agent_mod.Agent(str(tmp_path), None, out)
+    busy, most, lock = [0], [0], threading.Lock()
+
+    def answer(method, args):
+        with lock:
+            busy[0] += 1
+            most[0] = max(most[0], busy[0])
+        time.sleep(0.01)
+        with lock:
+            busy[0] -= 1
+        return args["n"]
+    monkeypatch.setattr(agent, "answer", answer)
+    for n in range(100):
+        agent.ask({"id": n, "method": "info", "args": {"n": n}})
+    deadline = time.monotonic() + 20
+    while (agent._queries or agent._query_threads) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    read, got = io.BytesIO(out.getvalue()).read, {}
+    while (frame := wire.read_frame(read)) is not None:
+        rep = json.loads(frame[1])
+        got[rep["id"]] = rep["result"]
+    assert got == {n: n for n in range(100)}
+    assert 1 < most[0] <= agent_mod.QUERY_THREADS and agent._query_threads == 0
+
+
 def test_no_textual_or_fuse_import_for_the_client():
     import subprocess
     import sys

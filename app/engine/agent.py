@@ -31,6 +31,7 @@ import sys
 import threading
 import time
 import uuid
+from collections import deque
 from pathlib import Path
 
 from app.services import wire
@@ -46,6 +47,7 @@ APPLY_SYNC_MIN_SECONDS = 0.05  # ... and when caught up, but not more often than
 PAUSE_RETRY_SECONDS = 2.0
 TAKE_OVER_SECONDS = 10.0  # a stale session of the same source is ended within this
 PATH_ARGS = ("path", "old", "new", "src")
+QUERY_THREADS = 8  # queries answered at a time (a walk sends many ahead of itself)
 
 
 def replica_id(rel: str) -> str:
@@ -194,6 +196,9 @@ class Agent:
         self.state: dict = {}
         self.quiet = False  # applying before a promotion: the source waits for WELCOME only
         self.source_version = wire.VERSION  # the wire version the source speaks (its HELLO)
+        self._queries: deque[dict] = deque()  # asked, not yet being answered
+        self._queries_lock = threading.Lock()
+        self._query_threads = 0
 
     # -- output
     def send(self, kind: int, obj: dict) -> None:
@@ -473,8 +478,7 @@ class Agent:
                 self.replica.save(self.state)
                 self.send(wire.ACK, self.positions())
             elif kind == wire.REQ:
-                req = json.loads(payload)
-                threading.Thread(target=self._query, args=(req,), daemon=True).start()
+                self.ask(json.loads(payload))
             else:
                 raise wire.WireError(f"unexpected {wire.NAMES.get(kind)} frame")
 
@@ -574,6 +578,29 @@ class Agent:
             except OSError as exc:
                 log.error("apply: %s", exc)
                 self.stop.wait(PAUSE_RETRY_SECONDS)
+
+    def ask(self, req: dict) -> None:
+        """A query of the source's: answered by one of QUERY_THREADS threads (a walk asks up
+        to a thousand ahead of itself; each was a thread of its own, all reading at once)."""
+        with self._queries_lock:
+            self._queries.append(req)
+            if self._query_threads < QUERY_THREADS:
+                self._query_threads += 1
+                threading.Thread(target=self._answer_queries, daemon=True).start()
+
+    def _answer_queries(self) -> None:
+        while True:
+            with self._queries_lock:
+                if not self._queries:
+                    self._query_threads -= 1
+                    return
+                req = self._queries.popleft()
+            try:
+                self._query(req)
+            except BaseException:  # its answer could not be sent: the session is ending
+                with self._queries_lock:
+                    self._query_threads -= 1
+                raise
 
     def _query(self, req: dict) -> None:
         rid = req.get("id")
