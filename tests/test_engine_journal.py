@@ -375,6 +375,59 @@ def test_an_agent_answers_a_few_queries_at_a_time_and_every_one(tmp_path, monkey
     assert 1 < most[0] <= agent_mod.QUERY_THREADS and agent._query_threads == 0
 
 
+HOLDER = """
+import os, sys, time
+sys.path.insert(0, sys.argv[1])
+from app.engine.agent import Replica
+root = sys.argv[2]
+fd = os.open(root, os.O_PATH | os.O_DIRECTORY)
+Replica(fd, root, "data", "fs").lock({"host": "h", "entry": "/e"}, sys.argv[3])
+print("locked", flush=True)
+time.sleep(60)
+"""
+
+
+def test_a_replication_session_waits_for_its_sources_fail_over_session(tmp_path, monkeypatch):
+    """The capture's reconnect ended a `replica resolve` of the same source in the middle (its
+    agent took the other for a stale session of its own and signalled it: ssh exited with
+    status 255; seen once in a busy-host run). A replication session now waits for a fail-over
+    session of its source and is then refused as busy (its capture tries again); a fail-over
+    session still ends a replication session, and another source is still refused by name."""
+    import subprocess
+    import sys
+    from pathlib import Path
+    from app.engine import agent as agent_mod
+    repo = str(Path(__file__).resolve().parent.parent)
+    monkeypatch.setattr(agent_mod, "TAKE_OVER_SECONDS", 1.0)
+    fd = os.open(tmp_path, os.O_PATH | os.O_DIRECTORY)
+    source = {"host": "h", "entry": "/e"}
+    holders = []
+
+    def holder(action):  # an agent process ("serve-target" in its command line) holding the lock
+        p = subprocess.Popen([sys.executable, "-c", HOLDER, repo, str(tmp_path), action, "serve-target"],
+                             stdout=subprocess.PIPE, text=True)
+        holders.append(p)
+        assert p.stdout.readline().strip() == "locked"
+        return p
+    try:
+        resolving = holder("discard")
+        with pytest.raises(agent_mod.AgentError, match="busy with a discard of this source") as exc:
+            agent_mod.Replica(fd, str(tmp_path), "data", "fs").lock(source, "replicate")
+        assert exc.value.code == "busy" and resolving.poll() is None  # not ended
+        with pytest.raises(agent_mod.AgentError, match="another source"):
+            agent_mod.Replica(fd, str(tmp_path), "data", "fs").lock({"host": "other", "entry": "/e"})
+        resolving.kill()
+        resolving.wait()
+        replicating = holder("replicate")
+        agent_mod.Replica(fd, str(tmp_path), "data", "fs").lock(source, "discard")  # takes over
+        assert replicating.wait(10) == -15  # the stale replication session was ended (SIGTERM)
+    finally:
+        for p in holders:
+            p.kill()
+            p.wait()
+        os.close(fd)
+
+
 def test_no_textual_or_fuse_import_for_the_client():
     import subprocess
     import sys

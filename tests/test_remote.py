@@ -604,7 +604,8 @@ def test_a_replica_lock_taken_a_moment_ago_is_waited_for_and_a_stale_pid_never_s
         fcntl.flock(held, fcntl.LOCK_UN)
         t.join(10)
         assert got[1] is None and rep.lock_fd is not None
-        assert json.loads((rep.dir / "lock").read_text()) == {"pid": os.getpid(), "source": mine}
+        assert json.loads((rep.dir / "lock").read_text()) == {"pid": os.getpid(), "source": mine,
+                                                              "action": "replicate"}
     finally:
         sleeper.kill()
         sleeper.wait()

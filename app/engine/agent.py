@@ -79,9 +79,12 @@ class Replica:
     def save(self, state: dict) -> None:
         write_small_file(self.dir, "state.json", json.dumps(state, indent=1, sort_keys=True) + "\n")
 
-    def lock(self, source: dict) -> None:
+    def lock(self, source: dict, action: str = "replicate") -> None:
         """One session per replica. The same source's stale session (a lost connection not yet
-        noticed here) is ended; another source is refused by name."""
+        noticed here) is ended; another source is refused by name. A replication session never
+        ends the same source's fail-over session (promote, discard, failback: an
+        administrator's command, whose ssh would end with status 255): it waits for it, then
+        is refused as busy, and its capture tries again later."""
         fd = os.open(self.dir / "lock", os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
         deadline = time.monotonic() + TAKE_OVER_SECONDS
         while True:
@@ -91,19 +94,26 @@ class Replica:
             except BlockingIOError:
                 holder = _holder(fd)
                 who = holder.get("source")  # None: its holder has not said who it is yet
+                ours = who == source and _is_agent(holder.get("pid"))
+                theirs = holder.get("action", "replicate")
+                waits = ours and action == "replicate" and theirs != "replicate"
+                if waits and time.monotonic() > deadline:
+                    os.close(fd)
+                    raise AgentError("busy", f"replica {self.rel} is busy with a {theirs} of this "
+                                     f"source (agent pid {holder['pid']})", errno.EBUSY)
                 if (who is not None and who != source) or time.monotonic() > deadline:
                     os.close(fd)
                     who = who or {}
                     raise AgentError("locked", f"replica {self.rel} is locked by agent pid "
                                      f"{holder.get('pid', '?')} for {who.get('entry', '?').split(':', 1)[-1]} "
                                      f"on {who.get('host', '?')} (another source)", errno.EBUSY) from None
-                if who == source and _is_agent(holder.get("pid")):
+                if ours and not waits:
                     with contextlib.suppress(ProcessLookupError):
                         os.kill(int(holder["pid"]), signal.SIGTERM)  # our own stale session
                 time.sleep(0.2)
         # who holds it, written whole over the last holder's words (never an empty file: a
         # session that looks then would take a moment's silence for another source)
-        said = json.dumps({"pid": os.getpid(), "source": source}).encode()
+        said = json.dumps({"pid": os.getpid(), "source": source, "action": action}).encode()
         os.pwrite(fd, said, 0)
         os.ftruncate(fd, len(said))
         self.lock_fd = fd
@@ -282,7 +292,7 @@ class Agent:
             raise AgentError("protocol", f"unknown replica kind {kind!r}")
         source = h.get("source") or {}
         self.replica = Replica(self.root_fd, self.root, rel, kind)
-        self.replica.lock(source)
+        self.replica.lock(source, action)
         self.state = state = self.replica.state()
         if state and state.get("source") != source and not h.get("adopt"):
             theirs = state.get("source", {})
