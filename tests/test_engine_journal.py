@@ -419,12 +419,15 @@ def test_a_replication_session_waits_for_its_sources_fail_over_session(tmp_path,
         resolving.kill()
         resolving.wait()
         replicating = holder("replicate")
-        agent_mod.Replica(fd, str(tmp_path), "data", "fs").lock(source, "discard")  # takes over
+        mine = agent_mod.Replica(fd, str(tmp_path), "data", "fs")
+        mine.lock(source, "discard")  # takes over
         assert replicating.wait(10) == -15  # the stale replication session was ended (SIGTERM)
+        os.close(mine.lock_fd)
     finally:
-        for p in holders:
+        for p in holders:  # closed here, not when collected (a later test counts our fds)
             p.kill()
             p.wait()
+            p.stdout.close()
         os.close(fd)
 
 
