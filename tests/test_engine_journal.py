@@ -213,15 +213,23 @@ def test_an_agent_takes_the_older_wire_version_and_names_one_it_does_not_know(tm
     assert exc.value.code == "version"
 
 
+def _far_target():
+    """A RemoteTarget's query bookkeeping without its session: a test sets `_ask` (the send)."""
+    import threading
+    from app.engine import remote
+    far = object.__new__(remote.RemoteTarget)
+    far._cv, far._pending, far._ahead, far._dropped = threading.Condition(), {}, {}, set()
+    far._ids, far._failure, far._first_id = iter(range(1, 10**6)), None, 0
+    return far
+
+
 def test_a_walk_asks_a_remote_target_a_window_ahead_and_leaves_nothing_asked(tmp_path, monkeypatch):
     """Over a long link a walk waited one round trip per directory, and one per file compared
     by hashes: a directory's children's queries now go a window ahead of the walk (in its
     order, topped up as it goes; a subdirectory's own go out while its parent's wait), and
-    what was asked and not used is dropped. Only
-    the transport is replaced, to see which query was asked when (the walk over ssh runs in
-    tests/test_remote.py)."""
+    what was asked and not used is dropped. Only the transport is replaced, to see which
+    query was asked when (the walk over ssh runs in tests/test_remote.py)."""
     import shutil
-    import threading
     from app.engine import remote
     src, tgt = tmp_path / "src", tmp_path / "tgt"
     for d in range(6):
@@ -236,9 +244,7 @@ def test_a_walk_asks_a_remote_target_a_window_ahead_and_leaves_nothing_asked(tmp
     fd = os.open(tgt, os.O_PATH | os.O_DIRECTORY)
     src_fd = os.open(src, os.O_PATH | os.O_DIRECTORY)
     local = LocalDirTarget.on_fd(fd, str(tgt))
-    far = object.__new__(remote.RemoteTarget)
-    far._cv, far._pending, far._ahead, far._dropped = threading.Condition(), {}, {}, set()
-    far._ids, far._failure = iter(range(1, 10**6)), None
+    far = _far_target()
     asked_when_needed, most_ahead = [], [0]
 
     def ask(method, args):  # the agent's answer, at once (as of the moment it was asked)
@@ -278,9 +284,7 @@ def test_a_query_of_a_session_that_ended_is_not_waited_for(tmp_path):
     import threading
     import time
     from app.engine import remote
-    far = object.__new__(remote.RemoteTarget)
-    far._cv, far._pending, far._ahead, far._dropped = threading.Condition(), {}, {}, set()
-    far._ids, far._failure, far._first_id = iter(range(1, 10**6)), None, 0
+    far = _far_target()
     far._ask = lambda method, args: next(far._ids)  # sent; its answer never comes
     assert far.ask_ahead("children", b"d")
     got: list = []

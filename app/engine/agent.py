@@ -591,7 +591,9 @@ class Agent:
 
     def ask(self, req: dict) -> None:
         """A query of the source's: answered by one of QUERY_THREADS threads (a walk asks up
-        to a thousand ahead of itself; each was a thread of its own, all reading at once)."""
+        to a thousand ahead of itself; each was a thread of its own, all reading at once).
+        Daemon threads, not a ThreadPoolExecutor's: the agent's exit must not wait for the
+        hashes of a big file nobody will read."""
         with self._queries_lock:
             self._queries.append(req)
             if self._query_threads < QUERY_THREADS:

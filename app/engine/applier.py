@@ -131,13 +131,7 @@ class FsApplier:
                 fd = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, a["mode"], dir_fd=d)
             except FileExistsError:  # replayed: start the file again, later records refill it
                 fd = os.open(name, os.O_WRONLY | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=d)
-            try:
-                os.fchown(fd, a["uid"], a["gid"])
-                os.fchmod(fd, a["mode"])  # after the chown, which clears set-ID bits
-            except BaseException:
-                os.close(fd)
-                raise
-            self._keep_fd(path, fd)  # its data records come next
+            self._keep_fd(path, _made_file(fd, a))  # its data records come next
         elif op == "mkdir":
             try:
                 os.mkdir(name, a["mode"], dir_fd=d)
@@ -189,19 +183,7 @@ class FsApplier:
                     self._close_fds(path)
                 _remove_tree(d, name)
                 fd = os.open(name, flags, a["mode"], dir_fd=d)
-            try:
-                os.fchown(fd, a["uid"], a["gid"])
-                os.fchmod(fd, a["mode"])  # after the chown, which clears set-ID bits
-                if data:
-                    os.pwrite(fd, data, 0)
-                if a["size"] != len(data):
-                    os.ftruncate(fd, a["size"])
-                if "mtime" in a:
-                    os.utime(fd, ns=(a["atime"], a["mtime"]))
-            except BaseException:
-                os.close(fd)
-                raise
-            self._keep_fd(path, fd)  # captured writes to it may come next
+            self._keep_fd(path, _made_file(fd, a, data))  # captured writes to it may come next
 
     def _link(self, a: dict, path: bytes) -> None:
         """A new name: for a name, or for an O_TMPFILE file (its first, from its open fd)."""
@@ -252,6 +234,26 @@ class FsApplier:
             except FileNotFoundError:
                 if not os.path.lexists(proc_path(nd, nname)):
                     raise  # neither name: a real divergence, counted and fixed by a difference mirror
+
+
+def _made_file(fd: int, a: dict, data: bytes | None = None) -> int:
+    """A file a create or put record made (or started again): its owner, then its mode (after
+    the chown, which clears set-ID bits); for a put (`data`) its content, size and times.
+    The fd is closed when any of that fails."""
+    try:
+        os.fchown(fd, a["uid"], a["gid"])
+        os.fchmod(fd, a["mode"])
+        if data is not None:
+            if data:
+                os.pwrite(fd, data, 0)
+            if a["size"] != len(data):
+                os.ftruncate(fd, a["size"])
+            if "mtime" in a:
+                os.utime(fd, ns=(a["atime"], a["mtime"]))
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
 
 
 def _apply_fd(op: str, a: dict, data: bytes, fd: int) -> None:

@@ -79,9 +79,10 @@ class AdoptedProcess:
         return self.returncode
 
 
-class EarlyChild(AdoptedProcess):
-    """Our child started before trio ran (the early worker template): watched through a
-    pidfd like an adopted worker, and reaped, with its exit status, once it ended."""
+class SpawnedChild(AdoptedProcess):
+    """Our child started with subprocess (the worker template, also before trio ran):
+    watched through a pidfd like an adopted worker, and reaped, with its exit status, once
+    it ended."""
 
     def __init__(self, popen):
         super().__init__(popen.pid)
@@ -209,28 +210,18 @@ class Zygote:
     the worker is started anew, and the template restarted at the next spawn)."""
 
     def __init__(self):
-        self.proc = None  # trio.Process
+        self.proc = None  # SpawnedChild
         self.sock = None  # trio socket
         self.lock = trio.Lock()
 
     async def _start(self) -> None:
-        early = zygote_mod.take_early()
-        if early is not None and early[0].poll() is None:  # started with the daemon's process
-            self.proc, ours = EarlyChild(early[0]), early[1]
-        else:
-            if early is not None:
-                early[1].close()
-            ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-            try:
-                self.proc = await trio.lowlevel.open_process(
-                    zygote_mod.argv(theirs.fileno()), pass_fds=(theirs.fileno(),),
-                    start_new_session=True, env=zygote_mod.worker_env())
-            except OSError:
-                ours.close()
-                raise
-            finally:
-                theirs.close()
-        self.sock = trio.socket.from_stdlib_socket(ours)
+        started = zygote_mod.take_early()  # the one started with the daemon's process
+        if started is None or started[0].poll() is not None:
+            if started is not None:
+                started[1].close()
+            started = await trio.to_thread.run_sync(zygote_mod.spawn)
+        self.proc = SpawnedChild(started[0])
+        self.sock = trio.socket.from_stdlib_socket(started[1])
         trio.lowlevel.spawn_system_task(self._reap, self.proc)
 
     async def _reap(self, proc) -> None:

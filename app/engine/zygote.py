@@ -41,11 +41,22 @@ def worker_env() -> dict:
     return {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))}
 
 
-def argv(fd: int) -> list[str]:
-    return [sys.executable, "-m", "app.engine.zygote", "--fd", str(fd)]
+def spawn() -> tuple:
+    """Start a template: (its Popen, the daemon's end of its socket). Raises OSError."""
+    import subprocess
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    try:
+        proc = subprocess.Popen([sys.executable, "-m", "app.engine.zygote", "--fd", str(theirs.fileno())],
+                                pass_fds=(theirs.fileno(),), start_new_session=True, env=worker_env())
+    except OSError:
+        ours.close()
+        raise
+    finally:
+        theirs.close()
+    return proc, ours
 
 
-_early: tuple | None = None  # (Popen, the daemon's end of its socket): started before trio ran
+_early: tuple | None = None  # spawn()'s answer for a template started before trio ran
 
 
 def start_early() -> None:
@@ -56,17 +67,10 @@ def start_early() -> None:
     global _early
     if _early is not None or os.geteuid() != 0 or os.environ.get(ENV, "1") == "0":
         return
-    import subprocess
-    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     try:
-        proc = subprocess.Popen(argv(theirs.fileno()), pass_fds=(theirs.fileno(),),
-                                start_new_session=True, env=worker_env())
+        _early = spawn()
     except OSError:
-        ours.close()
-        return
-    finally:
-        theirs.close()
-    _early = (proc, ours)
+        pass  # started at the first worker then, as spawn() says why
 
 
 def take_early() -> tuple | None:
