@@ -47,7 +47,9 @@ counters.
 5. Whole-tree passes over a long link (--resync-delay-ms, one way, through the bed's relay;
    0 skips it): a complete replica, nothing changed; then, interleaved --runs times, `fs mirror`
    (every file compared by hashes), the catch-up after capture was off (unmount, mount-all: sizes
-   and times), and `rsync -a` of the same tree into its complete copy over the same relay.
+   and times), and `rsync -a` of the same tree into its complete copy over the same relay; then,
+   --runs times, a switch-over, one new file on the promoted replica, and the timed fail-back
+   (`failback --yes`: every directory compared over the relay, and what differs sent back).
 
 Everything made here (namespace, sshd, daemons, mounts, files) lives under one tempfile
 directory and is torn down by PID in finally blocks. The host may be shared (another session's
@@ -396,6 +398,22 @@ def bench_resync(bed: TwoHosts, tmp: Path, origin: Path, args) -> dict:
             say(f"resync {i + 1}/{args.runs}: " + ", ".join(f"{k} {v[-1]:.2f} s"
                                                            for k, v in times.items()))
         equal = tree(src) == tree(r.root / "data")
+        # a switch-over, one file changed on the promoted replica, the fail-back: timed (the
+        # fail-back compares every directory and the files that differ by size or time)
+        times["fail-back"] = []
+        for i in range(args.runs):
+            p = cli(r.cfg, "switchover", str(src), socket=eng.socket)
+            if p.returncode != 0:
+                raise RuntimeError(f"switchover: {p.stdout}{p.stderr}")
+            fsync_write(r.root / "data" / "changed-on-the-replica", b"%d" % i)
+            t0 = time.monotonic()
+            p = cli(r.cfg, "failback", str(src), "--yes", socket=eng.socket)
+            times["fail-back"].append(time.monotonic() - t0)
+            if p.returncode != 0:
+                raise RuntimeError(f"failback: {p.stdout}{p.stderr}")
+            wait_settled(eng.client, str(src), args.timeout)
+            say(f"resync: fail-back {i + 1}/{args.runs}: {times['fail-back'][-1]:.2f} s")
+        equal = equal and tree(src) == tree(r.root / "data")
     return {"delay_ms": args.resync_delay_ms, "files": files, "equal": equal,
             **{k: statistics.median(v) for k, v in times.items()}}
 
@@ -781,7 +799,7 @@ def main() -> None:
     if rs:
         print(f"\n| whole-tree pass, nothing changed, {rs['files']} files, relay {rs['delay_ms']:g} ms "
               f"each way | median | ratio to rsync -a |\n|---|---|---|")
-        for k in ("fs mirror", "catch-up", "rsync -a"):
+        for k in ("fs mirror", "catch-up", "fail-back", "rsync -a"):
             print(f"| {k} | {rs[k]:.2f} s | {rs[k] / rs['rsync -a']:.2f} |")
         print(f"| trees equal | {rs['equal']} | |", flush=True)
     if s.get("status_cli"):

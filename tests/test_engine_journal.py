@@ -213,24 +213,31 @@ def test_an_agent_takes_the_older_wire_version_and_names_one_it_does_not_know(tm
     assert exc.value.code == "version"
 
 
-def _far_target():
-    """A RemoteTarget's query bookkeeping without its session: a test sets `_ask` (the send)."""
-    import threading
+def _far_target(side: str):
+    """What a walk asks across a session, without the session: a RemoteTarget (the source
+    asks its agent) or an agent's Reverse (a fail-back asks the old source). A test sets
+    `far.queries._send` (the REQ going out)."""
+    from types import SimpleNamespace
     from app.engine import remote
-    far = object.__new__(remote.RemoteTarget)
-    far._cv, far._pending, far._ahead, far._dropped = threading.Condition(), {}, {}, set()
-    far._ids, far._failure, far._first_id = iter(range(1, 10**6)), None, 0
-    return far
+    from app.engine.agent import Reverse
+    from app.services.targets import Settings
+    if side == "source":
+        return remote.RemoteTarget(Settings("far", "far.example", "/srv"), "fs", None, None)
+    return Reverse(SimpleNamespace(replica=SimpleNamespace(kind="fs")))
 
 
-def test_a_walk_asks_a_remote_target_a_window_ahead_and_leaves_nothing_asked(tmp_path, monkeypatch):
+@pytest.mark.parametrize("side", ["source", "agent"])
+def test_a_walk_asks_the_other_end_a_window_ahead_and_leaves_nothing_asked(tmp_path, monkeypatch,
+                                                                            side):
     """Over a long link a walk waited one round trip per directory, and one per file compared
     by hashes: a directory's children's queries now go a window ahead of the walk (in its
     order, topped up as it goes; a subdirectory's own go out while its parent's wait), and
-    what was asked and not used is dropped. Only the transport is replaced, to see which
-    query was asked when (the walk over ssh runs in tests/test_remote.py)."""
+    what was asked and not used is dropped. The same for the source's walk against its agent
+    and for a fail-back's walk (on the agent) against the old source, which asked one query at
+    a time. Only the transport is replaced, to see which query was asked when (the walks over
+    ssh run in tests/test_remote.py and tests/test_failover.py)."""
     import shutil
-    from app.engine import remote
+    from app.services import wire
     src, tgt = tmp_path / "src", tmp_path / "tgt"
     for d in range(6):
         (src / f"d{d}" / "sub").mkdir(parents=True)
@@ -240,29 +247,27 @@ def test_a_walk_asks_a_remote_target_a_window_ahead_and_leaves_nothing_asked(tmp
     (tgt / "d3" / "f2").write_bytes(b"X" * len((src / "d3" / "f2").read_bytes()))  # differs
     (tgt / "d4" / "f0").unlink()
     monkeypatch.setattr(sync, "AHEAD_PER_DIRECTORY", 2)
-    monkeypatch.setattr(remote, "AHEAD_WINDOW", 8)
+    monkeypatch.setattr(wire, "AHEAD_WINDOW", 8)
     fd = os.open(tgt, os.O_PATH | os.O_DIRECTORY)
     src_fd = os.open(src, os.O_PATH | os.O_DIRECTORY)
     local = LocalDirTarget.on_fd(fd, str(tgt))
-    far = _far_target()
+    far = _far_target(side)
     asked_when_needed, most_ahead = [], [0]
 
-    def ask(method, args):  # the agent's answer, at once (as of the moment it was asked)
-        rid = next(far._ids)
-        rel = os.fsencode(args["rel"])
+    def send(req):  # the other end's answer, at once (as of the moment it was asked)
+        rel, method = os.fsencode(req["args"]["rel"]), req["method"]
         if method == "info":
             got = local.info(rel).to_wire()
         elif method == "children":
             got = {os.fsdecode(k): v.to_wire() for k, v in local.children(rel).items()}
         else:
             got = local.file_hashes(rel)
-        far._pending[rid] = {"id": rid, "result": got}
-        most_ahead[0] = max(most_ahead[0], len(far._ahead) + 1)
-        return rid
-    far._ask = ask
-    real_call = far._call
-    far._call = lambda method, **args: (asked_when_needed.append((method, args["rel"])),
-                                        real_call(method, **args))[1]
+        most_ahead[0] = max(most_ahead[0], len(far.queries._ahead) + 1)
+        far.queries.answer({"id": req["id"], "result": got})
+    far.queries._send = send
+    real_call = far.queries.call
+    far.queries.call = lambda method, **args: (asked_when_needed.append((method, args["rel"])),
+                                               real_call(method, **args))[1]
     try:
         counts = sync.Reconciler(src_fd, far, sync.DirectSink(local), hashes=True).run()
     finally:
@@ -272,36 +277,45 @@ def test_a_walk_asks_a_remote_target_a_window_ahead_and_leaves_nothing_asked(tmp
     assert asked_when_needed == [("info", ""), ("children", "")]
     # two a directory beyond where the walk is there, three levels deep at most: six
     assert 2 < most_ahead[0] <= 6
-    assert far._ahead == {} and far._pending == {}  # nothing asked and left
+    assert far.queries._ahead == {} and far.queries._answers == {}  # nothing asked and left
     assert counts["copied"] == 2
     assert (tgt / "d3" / "f2").read_bytes() == (src / "d3" / "f2").read_bytes()
     assert (tgt / "d4" / "f0").read_bytes() == (src / "d4" / "f0").read_bytes()
 
 
-def test_a_query_of_a_session_that_ended_is_not_waited_for(tmp_path):
-    """A walk's query asked ahead, then the session ends and the shipper opens the next one:
-    the answer will never come, and the walk is told so at once (it waited 300 s)."""
+@pytest.mark.parametrize("side", ["source", "agent"])
+def test_a_query_whose_answer_cannot_come_is_not_waited_for(side):
+    """A walk's query asked ahead, then its session ends: the source's shipper opens the next
+    session (the answer will never come: the walk waited 300 s for it), or on the agent the
+    old source went away during a fail-back. The walk is told so at once."""
     import threading
     import time
-    from app.engine import remote
-    far = _far_target()
-    far._ask = lambda method, args: next(far._ids)  # sent; its answer never comes
+    from app.engine.agent import AgentError
+    from app.engine.shipper import TargetUnavailable
+    far = _far_target(side)
+    far.queries._send = lambda req: None  # sent; its answer never comes
     assert far.ask_ahead("children", b"d")
     got: list = []
 
     def walk():
         try:
             far.children(b"d")
-        except remote.TargetUnavailable as exc:
+        except (TargetUnavailable, AgentError) as exc:
             got.append(exc)
     t = threading.Thread(target=walk, daemon=True)
     t.start()
     time.sleep(0.2)
     assert t.is_alive()  # waiting for its answer
-    far._forget_session()  # as open() does for the next session
+    if side == "source":
+        far.queries.new_session()  # as open() does for the next session
+    else:
+        far.reply(None)  # as the agent's reader does when the source's stream ends
     t.join(5)
-    assert not t.is_alive() and "a session that ended" in str(got[0])
-    assert far._ahead == {}
+    assert not t.is_alive()
+    assert ("a session that ended" if side == "source" else "went away") in str(got[0])
+    assert type(got[0]) is (TargetUnavailable if side == "source" else AgentError)
+    if side == "source":
+        assert far.queries._ahead == {}
 
 
 def test_a_fail_back_to_a_source_of_wire_version_1_sends_no_put(tmp_path, monkeypatch):
@@ -332,7 +346,8 @@ def test_a_fail_back_to_a_source_of_wire_version_1_sends_no_put(tmp_path, monkey
             agent.replica, agent.target = SimpleNamespace(kind="fs"), SimpleNamespace(fd=fd)
             back = agent_mod.Reverse(agent)
             # the source answers: its root is there, nothing below it (the file is new there)
-            back._call = lambda method, **args: source.info(b"").to_wire() if method == "info" else None
+            back.queries.call = lambda method, **args: (source.info(b"").to_wire()
+                                                        if method == "info" else None)
             back.apply_ops = lambda batch: ops.extend(op for op, a, _d in batch if a.get("path") == "f")
             del ops[:]
             back.run()

@@ -699,51 +699,45 @@ class Reverse:
     def __init__(self, agent: Agent):
         self.agent = agent
         self.kind = agent.replica.kind
-        self._cv = threading.Condition()
-        self._replies: dict[int, dict] = {}
-        self._ids = 0
-        self._gone = False
+        self._gone: AgentError | None = None
+        # no deadline: the source answers while the session lives (heartbeats say it does)
+        self.queries = wire.Queries(lambda req: agent.send(wire.REQ, req), lambda: self._gone,
+                                    lambda text: AgentError("gone", text, errno.EPIPE),
+                                    window=wire.AHEAD_WINDOW, timeout=None, label="the source")
         self.sent = 0  # bytes of DATA frames on the wire (compressed as sent)
         self.data = 0  # of which file contents, extended attribute values, block data
 
     def reply(self, msg: dict | None) -> None:
-        with self._cv:
-            if msg is None:
-                self._gone = True
-            else:
-                self._replies[msg["id"]] = msg
-            self._cv.notify_all()
+        """An answer from the source; None: its session ended."""
+        if msg is not None:
+            self.queries.answer(msg)
+            return
+        with self.queries.cv:
+            self._gone = AgentError("gone", "the source went away during the fail-back", errno.EPIPE)
+            self.queries.cv.notify_all()
 
-    def _call(self, method: str, **args):
-        with self._cv:
-            self._ids += 1
-            rid = self._ids
-        self.agent.send(wire.REQ, {"id": rid, "method": method, "args": args})
-        with self._cv:
-            while rid not in self._replies:
-                if self._gone:
-                    raise AgentError("gone", "the source went away during the fail-back", errno.EPIPE)
-                self._cv.wait(1.0)
-            rep = self._replies.pop(rid)
-        if "error" in rep:
-            raise OSError(rep.get("errno") or errno.EIO, f"the source: {method}: {rep['error']}")
-        return rep["result"]
+    # a fail-back's walk asks ahead too: over a long link it waited a round trip per directory
+    def ask_ahead(self, method: str, rel: bytes) -> bool:
+        return self.queries.ask_ahead(method, rel)
+
+    def forget_ahead(self, keys) -> None:
+        self.queries.forget_ahead(keys)
 
     def info(self, rel: bytes):
         from app.engine.sync import Info
-        d = self._call("info", rel=os.fsdecode(rel))
+        d = self.queries.call("info", rel=os.fsdecode(rel))
         return None if d is None else Info.from_wire(d)
 
     def children(self, rel: bytes):
         from app.engine.sync import Info
-        d = self._call("children", rel=os.fsdecode(rel))
+        d = self.queries.asked("children", rel)
         return None if d is None else {os.fsencode(k): Info.from_wire(v) for k, v in d.items()}
 
     def file_hashes(self, rel: bytes):
-        return self._call("file_hashes", rel=os.fsdecode(rel))
+        return self.queries.asked("file_hashes", rel)
 
     def block_hashes_of(self, blocks: list[int]) -> list[str]:
-        return self._call("block_hashes_of", blocks=blocks)
+        return self.queries.call("block_hashes_of", blocks=blocks)
 
     def apply_ops(self, ops) -> None:
         from app.engine.journal import Record
@@ -765,7 +759,7 @@ class Reverse:
                 self.apply_ops([("write", {"offset": block * sync.BLOCK}, data)])
                 return True
             counts = blocksync.reconcile(t.fd, 0, t.size, self, commit)
-        self._call("flush")  # the source made it all durable
+        self.queries.call("flush")  # the source made it all durable
         return {**counts, "sent_bytes": self.sent, "data_bytes": self.data}
 
 

@@ -17,7 +17,6 @@ reconciler and verify ask for listings and hashes (REQ/REP) on the same session.
 from __future__ import annotations
 
 import errno
-import itertools
 import json
 import logging
 import os
@@ -42,7 +41,6 @@ PREPARED_SECONDS = 10.0  # a prepared session not opened by then is started agai
 # ends a session that sends nothing for 15 s)
 WINDOW_MIN = 8 << 20
 QUERY_SECONDS = 300.0
-AHEAD_WINDOW = 1024  # queries a walk sends before it needs their answers (see ask_ahead)
 
 
 def ssh_failure(stderr: str, status: int | None) -> TargetUnavailable:
@@ -68,12 +66,11 @@ class RemoteTarget(Target):
         self._inflight: deque[tuple[int, int]] = deque()  # (last seq of a DATA frame, its bytes)
         self._inflight_bytes = 0
         self._expect = 0  # the next seq the agent expects
-        self._pending: dict[int, dict] = {}
-        self._ahead: dict[tuple[str, str], int] = {}  # (method, rel) -> id of a query asked ahead
-        self._dropped: set[int] = set()  # ids asked ahead whose answers nobody will take
-        self._first_id = 0  # the first query id of this session
-        self._ids = itertools.count(1)
         self._failure: TargetUnavailable | None = None
+        # a pause or a rewind is the shipper's business, not a query's: only a failure ends one
+        self.queries = wire.Queries(lambda req: self._send(wire.jframe(wire.REQ, req)),
+                                    lambda: self._failure, TargetUnavailable, window=wire.AHEAD_WINDOW,
+                                    timeout=QUERY_SECONDS, label=self.label, cv=self._cv)
         self._gap: str | None = None
         self.paused: str | None = None
         self._rewind: int | None = None
@@ -137,7 +134,7 @@ class RemoteTarget(Target):
         g = self._greeting
         self._extra = extra
         self._failure, self._gap, self.paused, self._rewind = None, None, None, None
-        self._forget_session()
+        self.queries.new_session()
         g["action"] = action
         g["go"].set()
         if not g["done"].wait(CONNECT_SECONDS):
@@ -176,15 +173,6 @@ class RemoteTarget(Target):
                                         "its history is not ours (adopt_target replaces it)", retry=False)
         return self.pos
 
-    def _forget_session(self) -> None:
-        """What the last session was asked is never answered in the next one: a walk that
-        waits for such an answer is told so at once (it waited QUERY_SECONDS)."""
-        with self._cv:
-            self._ahead.clear()
-            self._dropped.clear()
-            self._first_id = next(self._ids)
-            self._cv.notify_all()
-
     def _hello(self, action: str) -> dict:
         last, released = self.journal_seqs() if self.journal_seqs else (0, 0)
         return {"version": wire.VERSION, "action": action, "path": self.s.path, "kind": self.kind,
@@ -220,12 +208,7 @@ class RemoteTarget(Target):
                 elif kind == wire.REWIND:
                     self._rewind = msg["received"]
                 elif kind == wire.REP:
-                    with self._cv:
-                        if msg["id"] in self._dropped:
-                            self._dropped.discard(msg["id"])
-                        else:
-                            self._pending[msg["id"]] = msg
-                            self._cv.notify_all()
+                    self.queries.answer(msg)
                 elif kind == wire.ERROR:
                     if msg.get("code") == "gap":
                         self._gap = msg.get("message")
@@ -367,85 +350,29 @@ class RemoteTarget(Target):
         """The catch-up has emitted everything: consistent once the agent applied `seq`."""
         self._send(wire.jframe(wire.MARK, {"seq": seq}))
 
-    # -- queries ----------------------------------------------------------------------------
-    def _call(self, method: str, **args):
-        return self._wait(self._ask(method, args), method)
-
-    def _ask(self, method: str, args: dict) -> int:
-        if self._failure is not None:  # a pause or a rewind is the shipper's business, not ours
-            raise self._failure
-        rid = next(self._ids)
-        self._send(wire.jframe(wire.REQ, {"id": rid, "method": method, "args": args}))
-        return rid
-
+    # -- queries (wire.Queries: asked ahead by a walk, see sync.Ahead) ------------------------
     def ask_ahead(self, method: str, rel: bytes) -> bool:
-        """Send now a `children` or `file_hashes` query a walk is about to make, so that many
-        go in one round trip (over a long link a walk was a round trip per directory, and per
-        file compared by hashes). An answer asked early is as good: every answer of a remote
-        target is of the replica as the agent's applier had it at some moment behind the
-        source, never of one newer than the journal, and that is all a walk assumes (sync.py).
-        At most AHEAD_WINDOW wait at a time: False when the window is full (or the session
-        failed), and nothing was sent."""
-        key = (method, os.fsdecode(rel))
-        if key in self._ahead:
-            return True
-        if len(self._ahead) >= AHEAD_WINDOW or self._failure is not None:
-            return False
-        rid = self._ask(method, {"rel": key[1]})
-        with self._cv:
-            self._ahead[key] = rid
-        return True
+        return self.queries.ask_ahead(method, rel)
 
     def forget_ahead(self, keys) -> None:
-        """Queries asked ahead that the walk did not use after all: their answers are dropped."""
-        with self._cv:
-            for key in keys:
-                rid = self._ahead.pop((key[0], os.fsdecode(key[1])), None)
-                if rid is not None and self._pending.pop(rid, None) is None:
-                    self._dropped.add(rid)
-
-    def _asked(self, method: str, rel: bytes):
-        """The answer to a query, asked ahead or now."""
-        with self._cv:
-            rid = self._ahead.pop((method, os.fsdecode(rel)), None)
-        if rid is None:
-            return self._call(method, rel=os.fsdecode(rel))
-        return self._wait(rid, method)
-
-    def _wait(self, rid: int, method: str):
-        deadline = time.monotonic() + QUERY_SECONDS
-        with self._cv:
-            while rid not in self._pending:
-                if self._failure is not None:
-                    raise self._failure
-                if rid < self._first_id:  # asked of a session that ended: never answered
-                    raise TargetUnavailable(f"disconnected: {method} was asked of a session "
-                                            "that ended")
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    raise TargetUnavailable(f"disconnected: {method} got no answer in {QUERY_SECONDS:.0f} s")
-                self._cv.wait(min(left, 1.0))
-            rep = self._pending.pop(rid)
-        if "error" in rep:
-            raise OSError(rep.get("errno") or 5, f"{self.label}: {method}: {rep['error']}")
-        return rep["result"]
+        self.queries.forget_ahead(keys)
 
     def info(self, rel: bytes) -> sync.Info | None:
-        d = self._call("info", rel=os.fsdecode(rel))
+        d = self.queries.call("info", rel=os.fsdecode(rel))
         return None if d is None else sync.Info.from_wire(d)
 
     def children(self, rel: bytes) -> dict[bytes, sync.Info] | None:
-        d = self._asked("children", rel)
+        d = self.queries.asked("children", rel)
         return None if d is None else {os.fsencode(k): sync.Info.from_wire(v) for k, v in d.items()}
 
     def file_hashes(self, rel: bytes) -> list[str] | None:
-        return self._asked("file_hashes", rel)
+        return self.queries.asked("file_hashes", rel)
 
     def scan(self, *, hashes: bool = True) -> dict[bytes, sync.Info]:
-        return {os.fsencode(k): sync.Info.from_wire(v) for k, v in self._call("scan", hashes=hashes).items()}
+        return {os.fsencode(k): sync.Info.from_wire(v) for k, v in self.queries.call("scan", hashes=hashes).items()}
 
     def block_hashes_of(self, blocks: list[int]) -> list[str]:
-        return self._call("block_hashes_of", blocks=blocks)
+        return self.queries.call("block_hashes_of", blocks=blocks)
 
     def apply_ops(self, ops) -> None:
         raise TargetUnavailable("refused: a remote replica is written only by its capture; mount "

@@ -23,9 +23,13 @@ The agent opens with a greeting line (GREETING), so whatever a login shell print
 
 from __future__ import annotations
 
+import errno
+import itertools
 import json
 import os
 import struct
+import threading
+import time
 import zlib
 from dataclasses import dataclass
 
@@ -41,6 +45,7 @@ NAMES = {v: k for k, v in dict(HELLO=HELLO, WELCOME=WELCOME, DATA=DATA, SKIP=SKI
                                 ERROR=ERROR, REWIND=REWIND).items()}
 FLAG_ZSTD = 1
 IOV_MAX = 1024  # pieces per writev (Linux's UIO_MAXIOV)
+AHEAD_WINDOW = 1024  # queries a walk may have asked before it needs their answers (Queries)
 SAMPLE_FROM = 256 << 10  # a batch this big is compressed only when a sample of it compresses
 SAMPLE_WINDOWS, SAMPLE_WIDTH = 16, 4096  # the sample: windows spread evenly over the batch
 
@@ -174,3 +179,103 @@ class Codec:
 
 def is_zeros(data: bytes) -> bool:
     return bool(data) and data.count(0) == len(data)
+
+
+class Queries:
+    """The REQ/REP half of a session, asked from either end (a source asks its agent during a
+    catch-up or verify; an agent asks the old source during a fail-back): ids, answers, and
+    queries a walk sends ahead of itself so that many share one round trip.
+
+    `send(obj)` sends one REQ; `failure()` says why no answer will come any more (or None);
+    `lost(text)` makes the exception for an answer that will never come (asked of a session
+    that ended, or none within `timeout` seconds; None: wait as long as the session lives).
+    Answers arrive by `answer(msg)` from the session's reader; every wait wakes on `cv`, which
+    the owner also notifies when the session fails."""
+
+    def __init__(self, send, failure, lost, *, window: int, timeout: float | None, label: str,
+                 cv: threading.Condition | None = None):
+        self._send, self._failure, self._lost = send, failure, lost
+        self.window, self.timeout, self.label = window, timeout, label
+        self.cv = cv or threading.Condition()
+        self._ids = itertools.count(1)
+        self._answers: dict[int, dict] = {}
+        self._ahead: dict[tuple[str, str], int] = {}  # (method, rel) -> id of a query asked ahead
+        self._dropped: set[int] = set()  # ids asked ahead whose answers nobody will take
+        self._first_id = next(self._ids)  # the first id of this session
+
+    def new_session(self) -> None:
+        """What the last session was asked is never answered in the next one: a wait for
+        such an answer is told so at once (it waited the whole timeout)."""
+        with self.cv:
+            self._ahead.clear()
+            self._dropped.clear()
+            self._first_id = next(self._ids)
+            self.cv.notify_all()
+
+    def answer(self, msg: dict) -> None:
+        with self.cv:
+            if msg["id"] in self._dropped:
+                self._dropped.discard(msg["id"])
+            else:
+                self._answers[msg["id"]] = msg
+                self.cv.notify_all()
+
+    def ask(self, method: str, args: dict) -> int:
+        failure = self._failure()
+        if failure is not None:
+            raise failure
+        rid = next(self._ids)
+        self._send({"id": rid, "method": method, "args": args})
+        return rid
+
+    def call(self, method: str, **args):
+        return self.wait(self.ask(method, args), method)
+
+    def ask_ahead(self, method: str, rel: bytes) -> bool:
+        """Send now a `children` or `file_hashes` query a walk is about to make (sync.Ahead).
+        An answer asked early is as good: the walk's proof (sync.py) takes the other side's
+        state at any moment after the walk began. At most `window` wait at a time: False when
+        the window is full (or the session failed), and nothing was sent."""
+        key = (method, os.fsdecode(rel))
+        if key in self._ahead:
+            return True
+        if len(self._ahead) >= self.window or self._failure() is not None:
+            return False
+        rid = self.ask(method, {"rel": key[1]})
+        with self.cv:
+            self._ahead[key] = rid
+        return True
+
+    def forget_ahead(self, keys) -> None:
+        """Queries asked ahead that the walk did not use after all: their answers are dropped."""
+        with self.cv:
+            for method, rel in keys:
+                rid = self._ahead.pop((method, os.fsdecode(rel)), None)
+                if rid is not None and self._answers.pop(rid, None) is None:
+                    self._dropped.add(rid)
+
+    def asked(self, method: str, rel: bytes):
+        """The answer to a query, asked ahead or now."""
+        with self.cv:
+            rid = self._ahead.pop((method, os.fsdecode(rel)), None)
+        if rid is None:
+            return self.call(method, rel=os.fsdecode(rel))
+        return self.wait(rid, method)
+
+    def wait(self, rid: int, method: str):
+        deadline = None if self.timeout is None else time.monotonic() + self.timeout
+        with self.cv:
+            while rid not in self._answers:
+                failure = self._failure()
+                if failure is not None:
+                    raise failure
+                if rid < self._first_id:
+                    raise self._lost(f"disconnected: {method} was asked of a session that ended")
+                left = 1.0 if deadline is None else deadline - time.monotonic()
+                if left <= 0:
+                    raise self._lost(f"disconnected: {method} got no answer in {self.timeout:.0f} s")
+                self.cv.wait(min(left, 1.0))
+            rep = self._answers.pop(rid)
+        if "error" in rep:
+            raise OSError(rep.get("errno") or errno.EIO, f"{self.label}: {method}: {rep['error']}")
+        return rep["result"]
