@@ -82,6 +82,7 @@ from app.services.control import ControlClient  # noqa: E402
 from app.services.mounts import read_mountinfo  # noqa: E402
 from netbed import TwoHosts  # noqa: E402
 from test_engine_support import engine_maker  # noqa: E402
+import test_remote  # noqa: E402
 from test_remote import Remote, cli, tree  # noqa: E402
 
 MiB = 1 << 20
@@ -743,6 +744,16 @@ def table(m: dict | None, s: dict, args) -> str:
     return "\n".join(lines)
 
 
+def own_agent(tmp: Path) -> None:
+    """The target's agent runs this tree's code, as the source side does: the venv's
+    `mirrorsetup` (the tests' agent) imports the checkout the venv was installed from, so a
+    bench of an older tree (git archive) measured that older source against the newest agent."""
+    agent = tmp / "mirrorsetup-agent"
+    agent.write_text(f"#!/bin/sh\nPYTHONPATH={REPO} exec {sys.executable} -m app \"$@\"\n")
+    agent.chmod(0o755)
+    test_remote.AGENT = str(agent)
+
+
 def leftovers(tmp: Path) -> list[str]:
     return [m.mount_point for m in read_mountinfo() if m.mount_point.startswith(str(tmp) + "/")]
 
@@ -780,6 +791,7 @@ def main() -> None:
     tmp = Path(tempfile.mkdtemp(prefix="bench-remote-"))
     m, s, rs = None, {}, None
     try:
+        own_agent(tmp)
         with TwoHosts(tmp) as bed:
             say(f"bed {bed.netns}: {bed.source_addr} -> {bed.target_addr}:{bed.port}")
             if not args.skip_mirror:
