@@ -394,3 +394,48 @@ def test_describe_resolves_symlinks(scratch_loop, tmp_path):
     link.symlink_to(dev)
     row = blockdevs.describe(str(link))
     assert row.path == dev and row.name == os.path.basename(dev)
+
+
+# ---------------------------------------------------------------- read ahead for many devices
+
+@pytest.mark.root
+def test_exclusions_read_once_for_many_devices_say_what_each_device_alone_says(
+        scratch_loop, pv, active_swap, tmp_path, monkeypatch):
+    """An attach-all reads /proc/swaps and every device's signature once, up front and
+    several devices at a time (Exclusions): each device's reason is the one it has alone,
+    and nothing is probed again."""
+    swap_sig, blank, ext4 = scratch_loop(16 << 20), scratch_loop(16 << 20), scratch_loop(16 << 20)
+    run("mkswap", "-q", swap_sig)
+    run("mkfs.ext4", "-q", "-F", ext4)
+    swapping = active_swap(scratch_loop(16 << 20))
+    lvm = pv()
+    not_a_device, missing = tmp_path / "file", str(tmp_path / "missing")
+    not_a_device.write_bytes(b"x")
+    devices = [swap_sig, blank, ext4, swapping, lvm]
+    alone = {dev: blockdevs.exclusion_reason(dev) for dev in devices}
+    assert alone == {swap_sig: "swap (signature)", blank: None, ext4: None,
+                     swapping: "swap (active)", lvm: "LVM2 physical volume"}
+    known = blockdevs.Exclusions(devices + [str(not_a_device), missing])
+
+    def probed_again(path):
+        raise AssertionError(f"{path} probed again")
+    monkeypatch.setattr(blockdevs, "probe_signature", probed_again)
+    assert {dev: blockdevs.exclusion_reason(dev, known) for dev in devices} == alone
+    for path in (str(not_a_device), missing):  # refused as before, by name
+        with pytest.raises(MirrorError) as exc:
+            blockdevs.exclusion_reason(path, known)
+        assert path in exc.value.message
+
+
+@pytest.mark.root
+def test_a_signature_written_but_not_yet_flushed_is_seen(scratch_loop):
+    """The probe reads past the page cache (O_DIRECT): what another program wrote through it
+    and has not flushed must still be seen (the kernel writes the range back first)."""
+    dev = scratch_loop(16 << 20)
+    assert blockdevs.probe_signature(dev) is None
+    fd = os.open(dev, os.O_WRONLY)
+    try:
+        os.pwrite(fd, b"SWAPSPACE2", 4096 - 10)  # no fsync: dirty in the device's page cache
+        assert blockdevs.probe_signature(dev) == "swap"
+    finally:
+        os.close(fd)

@@ -252,3 +252,34 @@ def test_capture_loops_are_indexed_exactly_as_the_per_device_comparison_found_th
         want = [s.device for s in loops if is_capture_of(d, s.backing_file)]
         assert [s.device for s in view.captures_of(d)] == want
     assert [s.device for s in view.captures_of(devs[0])] == ["/dev/loop0", "/dev/loop3"]
+
+
+def test_a_loop_rebound_to_another_file_since_the_view_was_read_is_not_detached(disks, sparse_file):
+    """A detach reads one picture of every loop's backing file (View), then for the entry's
+    loops only their offset: a loop detached and bound by someone else meanwhile, at the same
+    offset, is theirs now and not named for detaching."""
+    from app.services import loop as loopdev
+    from app.services.blockplan import View, plain_loops_of
+    from app.services.config import BlockEntry
+    import errno
+    from app.services.results import MirrorError
+    disk = disks(4 << 20)
+    mine = loopdev.attach(disk)
+    ours = [mine.device]  # what this test detaches at the end
+    try:
+        entry = BlockEntry(disk)
+        view = View()
+        assert plain_loops_of(entry, view) == [mine.device]
+        assert loopdev.detach(mine.device).outcome.name == "OK"
+        ours = []
+        try:  # someone else's now: ours, on another file
+            other = loopdev.attach(str(sparse_file(4 << 20)), loop=mine.device)
+            ours = [other.device]
+            assert other.backing_file != disk
+        except MirrorError as exc:  # a busy host's process took the number first: theirs
+            assert exc.errno == errno.EBUSY, exc
+        assert plain_loops_of(entry, view) == []  # the same View: its picture is older
+        assert plain_loops_of(entry, View()) == []
+    finally:
+        for loop in ours:
+            loopdev.detach(loop)

@@ -142,7 +142,7 @@ class BlockCaptures:
                 found = blockplan.plain_loops_of(entry, view)
                 if not found:
                     return [Result("detach", dev, Outcome.UNCHANGED, f"{dev} is not attached")]
-                return [blockplan.detach_loop(s.device, dev, view, dry_run=dry_run) for s in found]
+                return [blockplan.detach_loop(loop, dev, view, dry_run=dry_run) for loop in found]
             return [await self._detach_captured(cap, dry_run=dry_run)]
 
     async def _detach_captured(self, cap: Captured, *, dry_run: bool = False) -> Result:

@@ -45,6 +45,7 @@ class View:
     def __init__(self, attached: list[loopdev.LoopStatus] | None = None,
                  table: list[mounts.MountEntry] | None = None) -> None:
         self.table = mounts.read_mountinfo() if table is None else table
+        self.exclusions: blockdevs.Exclusions | None = None  # read ahead for many devices
         self._status: dict[int, loopdev.LoopStatus | None] = {}
         self._backing: dict[int, str | None] = {}
         self.by_backing: dict[tuple[int, int], list[int]] = {}
@@ -83,6 +84,21 @@ class View:
     def loops_on(self, device: str) -> list[loopdev.LoopStatus]:
         key = device_id(device)
         return [] if key is None else self._loops(self.by_backing.get(key, ()))
+
+    def offsets_on(self, device: str) -> list[tuple[int, int]]:
+        """(index, offset) of the loops on `device`, without their whole status (a detach-all
+        read eight files per loop for the one it needs)."""
+        key = device_id(device)
+        found = []
+        for index in [] if key is None else self.by_backing.get(key, ()):
+            if index in self._status:
+                s = self._status[index]
+                offset = None if s is None else s.offset
+            else:
+                offset = loopdev.offset_of(index, self._backing[index])
+            if offset is not None:
+                found.append((index, offset))
+        return found
 
     def captures_of(self, device: str) -> list[loopdev.LoopStatus]:
         """Loops whose backing file is a capture file of `device` (any installation's)."""
@@ -170,7 +186,7 @@ def plan_attach(entry: BlockEntry, view: View, *, captured: bool, force: bool = 
         plan.result = Result(action, dev, Outcome.FAILED, f"{dev} does not exist", errno.ENOENT)
         return plan
     try:
-        reason = blockdevs.exclusion_reason(dev)
+        reason = blockdevs.exclusion_reason(dev, view.exclusions)
         busy = busy_reasons(dev, view)
         plain = matching_loop(entry, view)
         others = [s for s in view.loops_on(dev) if s is not plain]
@@ -268,5 +284,7 @@ def detach_loop(loop: str, subject: str, view: View | None = None, *, dry_run: b
     return Result("detach", subject, r.outcome, r.message, r.errno, {"loop": loop})
 
 
-def plain_loops_of(entry: BlockEntry, view: View) -> list[loopdev.LoopStatus]:
-    return [s for s in view.loops_on(entry.device) if s.offset == entry.offset]
+def plain_loops_of(entry: BlockEntry, view: View) -> list[str]:
+    """The loops straight on the entry's device at its offset: what detaching it undoes."""
+    return [f"/dev/loop{index}" for index, offset in view.offsets_on(entry.device)
+            if offset == entry.offset]

@@ -107,6 +107,18 @@ def status_of(index: int) -> LoopStatus | None:
                       bool(val["dio"]))
 
 
+def offset_of(index: int, backing: str) -> int | None:
+    """The offset of loop `index` while `backing` is bound to it (None: unbound, or bound to
+    another file now): two sysfs reads, where a whole status is eight."""
+    base = os.path.join(_sys_block(index), "loop")
+    try:
+        offset = int(_read_sys(os.path.join(base, "offset")))
+        still = _read_sys(os.path.join(base, "backing_file"))  # after: the offset was of it
+    except (OSError, ValueError):
+        return None
+    return offset if still == backing else None
+
+
 def bound_backing() -> dict[int, str]:
     """Index -> backing file of every bound loop, in index order: one sysfs read per loop (a
     whole status is eight); callers read the status of the few they need with status_of()."""

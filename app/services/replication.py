@@ -109,6 +109,7 @@ class Replication:
         config = self.store.load()
         with blockplan.attach_lock():  # planned and done under one host-wide lock
             view = View()
+            view.exclusions = blockdevs.Exclusions([e.device for e in config.block])
             results = []
             for e in config.block:
                 results.append(self._attach_plain(e, view, dry_run=dry_run, force=force,
@@ -147,7 +148,7 @@ class Replication:
         if not found:
             return [Result("detach", entry.device, Outcome.UNCHANGED,
                            f"{entry.device} is not attached")]
-        return [blockplan.detach_loop(s.device, entry.device, view, dry_run=dry_run) for s in found]
+        return [blockplan.detach_loop(loop, entry.device, view, dry_run=dry_run) for loop in found]
 
     def block_mirror(self, device: str, progress=None) -> list[Result]:
         """Copy the entry's whole window to its target (through the daemon, writes held still);
