@@ -149,6 +149,23 @@ def children(dir_fd: int, rel: bytes, *, dev: int | None = None) -> dict[bytes, 
     return out
 
 
+def subdirectories(dir_fd: int, rel: bytes) -> list[bytes]:
+    """The names of directory `rel`'s subdirectories, in the walk's order, from the directory's
+    entry types alone (no stat each); [] when it is missing or not a directory."""
+    try:
+        with beneath(dir_fd, rel) as (d, name):
+            fd = os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=d)
+    except OSError:
+        return []
+    try:
+        with os.scandir(fd) as it:
+            return sorted(os.fsencode(e.name) for e in it if e.is_dir(follow_symlinks=False))
+    except OSError:
+        return []
+    finally:
+        os.close(fd)
+
+
 def block_hashes(fd: int, size: int, offset: int = 0, block: int = BLOCK) -> list[str]:
     """sha256 of each `block` bytes of [offset, offset + size) of an open file."""
     out = []
@@ -478,7 +495,13 @@ class Reconciler:
                                               or t.mtime_ns != info.mtime_ns):
                 wanted.append((i, "file_hashes", _join(rel, name)))
             elif info.kind == stat.S_IFDIR:
-                wanted.append((i, "children", _join(rel, name)))
+                child = _join(rel, name)
+                wanted.append((i, "children", child))
+                # and its own subdirectories' listings (their names here; there they may be
+                # missing, and the answer says so): entering `child` the walk needs the first
+                # of them at once, and asked only then, each directory cost a round trip
+                wanted += [(i, "children", _join(child, sub))
+                           for sub in subdirectories(self.src, child)]
         return Ahead(self.target, wanted) if wanted else None
 
     def _child(self, parent: bytes, name: bytes, info: Info, tinfo: Info | None) -> None:
