@@ -44,7 +44,10 @@ XATTR_PREFIXES = ("user.", "security.", "trusted.", "system.posix_acl_")  # what
 COMMIT_TRIES = 4  # a path that keeps changing is read again this often, then held still once
 BATCH_FILES = 64  # small files whose records go to the sink together (one trip to the capture)
 BATCH_BYTES = 4 << 20
-AHEAD_PER_DIRECTORY = 32  # a remote target's queries sent ahead of the walk, per directory
+# a remote target's queries sent ahead of the walk, per directory: a directory of files compared
+# by hashes goes this many files per round trip (32: fs mirror of the standard library over a
+# 20 ms round trip 5.4 s, 128: 5.0 s; the agent answers in its order with 8 threads)
+AHEAD_PER_DIRECTORY = 128
 Progress = Callable[[dict], None]
 Op = tuple[str, dict, bytes]
 
