@@ -263,8 +263,13 @@ def test_a_walk_asks_the_other_end_a_window_ahead_and_leaves_nothing_asked(tmp_p
         else:
             got = local.file_hashes(rel)
         most_ahead[0] = max(most_ahead[0], len(far.queries._ahead) + 1)
+        events.append(("asked", method, req["args"]["rel"]))
         far.queries.answer({"id": req["id"], "result": got})
     far.queries._send = send
+    events: list[tuple[str, str, str]] = []
+    real_children = far.children
+    far.children = lambda rel: (events.append(("used", "children", os.fsdecode(rel))),
+                                real_children(rel))[1]
     real_call = far.queries.call
     far.queries.call = lambda method, **args: (asked_when_needed.append((method, args["rel"])),
                                                real_call(method, **args))[1]
@@ -278,6 +283,11 @@ def test_a_walk_asks_the_other_end_a_window_ahead_and_leaves_nothing_asked(tmp_p
     # two a directory beyond where the walk is there, three levels deep at most: six
     assert 2 < most_ahead[0] <= 6
     assert far.queries._ahead == {} and far.queries._answers == {}  # nothing asked and left
+    # a subdirectory's listing went out before its parent's was used: entering the parent,
+    # the walk did not wait a round trip for it (it was asked only then)
+    for d in range(6):
+        assert (events.index(("asked", "children", f"d{d}/sub"))
+                < events.index(("used", "children", f"d{d}"))), events
     assert counts["copied"] == 2
     assert (tgt / "d3" / "f2").read_bytes() == (src / "d3" / "f2").read_bytes()
     assert (tgt / "d4" / "f0").read_bytes() == (src / "d4" / "f0").read_bytes()
