@@ -221,12 +221,15 @@ def _far_target(side: str):
     from app.engine import remote
     from app.engine.agent import Reverse
     from app.services.targets import Settings
-    if side == "source":
-        return remote.RemoteTarget(Settings("far", "far.example", "/srv"), "fs", None, None)
-    return Reverse(SimpleNamespace(replica=SimpleNamespace(kind="fs")))
+    if side == "agent":
+        return Reverse(SimpleNamespace(replica=SimpleNamespace(kind="fs")))
+    far = remote.RemoteTarget(Settings("far", "far.example", "/srv"), "fs", None, None)
+    if side == "hashed":  # an agent whose listings can bring their files' hashes
+        far.welcome = {"features": ["hashed-listings"]}
+    return far
 
 
-@pytest.mark.parametrize("side", ["source", "agent"])
+@pytest.mark.parametrize("side", ["source", "hashed", "agent"])
 def test_a_walk_asks_the_other_end_a_window_ahead_and_leaves_nothing_asked(tmp_path, monkeypatch,
                                                                             side):
     """Over a long link a walk waited one round trip per directory, and one per file compared
@@ -234,9 +237,15 @@ def test_a_walk_asks_the_other_end_a_window_ahead_and_leaves_nothing_asked(tmp_p
     order, topped up as it goes; a subdirectory's own go out while its parent's wait), and
     what was asked and not used is dropped. The same for the source's walk against its agent
     and for a fail-back's walk (on the agent) against the old source, which asked one query at
-    a time. Only the transport is replaced, to see which query was asked when (the walks over
-    ssh run in tests/test_remote.py and tests/test_failover.py)."""
+    a time. With an agent whose listings bring the hashes of their files ("hashed"), a walk
+    comparing every file by hashes asks no file's hashes at all. Only the transport is
+    replaced, to see which query was asked when; the answers are the agent's own (and the old
+    source's in a fail-back). The walks over ssh run in tests/test_remote.py and
+    tests/test_failover.py."""
     import shutil
+    from types import SimpleNamespace
+    from app.engine import remote
+    from app.engine.agent import Agent
     from app.services import wire
     src, tgt = tmp_path / "src", tmp_path / "tgt"
     for d in range(6):
@@ -255,16 +264,24 @@ def test_a_walk_asks_the_other_end_a_window_ahead_and_leaves_nothing_asked(tmp_p
     asked_when_needed, most_ahead = [], [0]
 
     def send(req):  # the other end's answer, at once (as of the moment it was asked)
-        rel, method = os.fsencode(req["args"]["rel"]), req["method"]
-        if method == "info":
-            got = local.info(rel).to_wire()
-        elif method == "children":
-            got = {os.fsdecode(k): v.to_wire() for k, v in local.children(rel).items()}
-        else:
-            got = local.file_hashes(rel)
         most_ahead[0] = max(most_ahead[0], len(far.queries._ahead) + 1)
-        events.append(("asked", method, req["args"]["rel"]))
-        far.queries.answer({"id": req["id"], "result": got})
+        events.append(("asked", req["method"], req["args"]["rel"]))
+        hashed_asks.append(bool(req["args"].get("hashes")))
+        if side == "agent":  # the old source answers a fail-back's walk
+            far.queries.answer(remote._answer(local, req))
+        else:
+            far.queries.answer({"id": req["id"], "result": Agent.answer(
+                SimpleNamespace(target=local, root=str(tgt)), req["method"], req["args"])})
+    hashed_asks: list[bool] = []
+    left_unused: list[int] = []
+    if side == "hashed":
+        real_by_hashes = far.compare_by_hashes
+
+        def by_hashes(on):
+            if not on:
+                left_unused.append(len(far._hash_lists))
+            real_by_hashes(on)
+        far.compare_by_hashes = by_hashes
     far.queries._send = send
     events: list[tuple[str, str, str]] = []
     real_children = far.children
@@ -281,8 +298,14 @@ def test_a_walk_asks_the_other_end_a_window_ahead_and_leaves_nothing_asked(tmp_p
     # the root's own, and nothing else: every other listing and hash list went ahead
     assert asked_when_needed == [("info", ""), ("children", "")]
     # two a directory beyond where the walk is there, three levels deep at most: six
-    assert 2 < most_ahead[0] <= 6
+    assert (1 if side == "hashed" else 2) < most_ahead[0] <= 6
     assert far.queries._ahead == {} and far.queries._answers == {}  # nothing asked and left
+    hash_queries = [e for e in events if e[1] == "file_hashes"]
+    if side == "hashed":  # every listing asked for its files' hashes, and no file was asked
+        assert hash_queries == [] and all(hashed_asks[1:]), events
+        assert left_unused == [0]  # every hash list that came with a listing was used
+    else:  # every file there is compared: 29 (one of the 30 is missing there)
+        assert len(hash_queries) == 29 and not any(hashed_asks), events
     # a subdirectory's listing went out before its parent's was used: entering the parent,
     # the walk did not wait a round trip for it (it was asked only then)
     for d in range(6):

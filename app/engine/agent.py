@@ -275,7 +275,8 @@ class Agent:
         action = h.get("action", "replicate")
         st = os.statvfs(self.root)
         self.info = {"version": wire.VERSION, "agent": _version(), "host": socket.gethostname(),
-                     "free_bytes": st.f_bavail * st.f_frsize, "root": self.root}
+                     "free_bytes": st.f_bavail * st.f_frsize, "root": self.root,
+                     "features": list(wire.FEATURES)}
         if action == "test":
             self.send(wire.WELCOME, self.info)
             return
@@ -633,7 +634,13 @@ class Agent:
             return None if info is None else info.to_wire()
         if method == "children":
             kids = t.children(rel)
-            return None if kids is None else {os.fsdecode(k): v.to_wire() for k, v in kids.items()}
+            listing = None if kids is None else {os.fsdecode(k): v.to_wire() for k, v in kids.items()}
+            if not args.get("hashes") or kids is None:
+                return listing
+            # a walk comparing every file by hashes: those of the small files come along
+            return {"entries": listing, "hashes": {
+                os.fsdecode(k): t.file_hashes(rel + b"/" + k if rel else k) for k, v in kids.items()
+                if stat.S_ISREG(v.mode) and v.size <= wire.HASHED_LISTING_FILE}}
         if method == "file_hashes":
             return t.file_hashes(rel)
         if method == "scan":

@@ -43,6 +43,9 @@ WINDOW_MIN = 8 << 20
 QUERY_SECONDS = 300.0
 
 
+_NONE = object()
+
+
 def ssh_failure(stderr: str, status: int | None) -> TargetUnavailable:
     """What an ssh that ended before the agent answered means, in status words."""
     state, retry = ssh_failure_text(stderr, status)
@@ -66,6 +69,8 @@ class RemoteTarget(Target):
         self._inflight: deque[tuple[int, int]] = deque()  # (last seq of a DATA frame, its bytes)
         self._inflight_bytes = 0
         self._expect = 0  # the next seq the agent expects
+        self._hashed = False  # listings bring hash lists (compare_by_hashes)
+        self._hash_lists: dict[str, list[str] | None] = {}  # path -> hashes, from a listing
         self._failure: TargetUnavailable | None = None
         # a pause or a rewind is the shipper's business, not a query's: only a failure ends one
         self.queries = wire.Queries(lambda req: self._send(wire.jframe(wire.REQ, req)),
@@ -351,10 +356,28 @@ class RemoteTarget(Target):
         self._send(wire.jframe(wire.MARK, {"seq": seq}))
 
     # -- queries (wire.Queries: asked ahead by a walk, see sync.Ahead) ------------------------
+    def compare_by_hashes(self, on: bool) -> None:
+        """A walk that compares every file by hashes begins (or ends): the listings it asks
+        for then bring the hash lists of their small files along (an agent that says
+        "hashed-listings"), so a directory's files cost it no query, and no wait, each."""
+        with self._cv:
+            self._hashed = on and "hashed-listings" in self.welcome.get("features", ())
+            self._hash_lists.clear()
+
     def ask_ahead(self, method: str, rel: bytes) -> bool:
+        if self._hashed and method == "file_hashes":
+            with self._cv:
+                if os.fsdecode(rel) in self._hash_lists:
+                    return True  # came with its directory's listing
+        if self._hashed and method == "children":
+            return self.queries.ask_ahead(method, rel, hashes=True)
         return self.queries.ask_ahead(method, rel)
 
     def forget_ahead(self, keys) -> None:
+        with self._cv:
+            for method, rel in keys:
+                if method == "file_hashes":
+                    self._hash_lists.pop(os.fsdecode(rel), None)
         self.queries.forget_ahead(keys)
 
     def info(self, rel: bytes) -> sync.Info | None:
@@ -362,10 +385,22 @@ class RemoteTarget(Target):
         return None if d is None else sync.Info.from_wire(d)
 
     def children(self, rel: bytes) -> dict[bytes, sync.Info] | None:
-        d = self.queries.asked("children", rel)
+        if not self._hashed:
+            d = self.queries.asked("children", rel)
+        elif (d := self.queries.asked("children", rel, hashes=True)) is not None:
+            prefix = os.fsdecode(rel) + "/" if rel else ""
+            with self._cv:
+                for name, hashes in d["hashes"].items():
+                    self._hash_lists[prefix + name] = hashes
+            d = d["entries"]
         return None if d is None else {os.fsencode(k): sync.Info.from_wire(v) for k, v in d.items()}
 
     def file_hashes(self, rel: bytes) -> list[str] | None:
+        if self._hashed:
+            with self._cv:
+                got = self._hash_lists.pop(os.fsdecode(rel), _NONE)
+            if got is not _NONE:
+                return got
         return self.queries.asked("file_hashes", rel)
 
     def scan(self, *, hashes: bool = True) -> dict[bytes, sync.Info]:

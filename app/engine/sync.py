@@ -402,16 +402,24 @@ class Reconciler:
         return self.tracker is not None and self.tracker.name_touched(rel)
 
     def run(self) -> dict:
-        root = self.target.info(b"")
-        self._dir(b"", known=root is not None and stat.S_ISDIR(root.mode))
-        seen: set[bytes] = set()
-        while self.tracker is not None and self.tracker.revisit:
-            rel = self.tracker.revisit.pop(0)
-            if rel in seen:
-                continue
-            seen.add(rel)
-            self._visit(rel)
-        self._flush()
+        # every file compared by hashes: a remote target's listings may bring them along
+        by_hashes = getattr(self.target, "compare_by_hashes", None) if self.hashes else None
+        if by_hashes is not None:
+            by_hashes(True)
+        try:
+            root = self.target.info(b"")
+            self._dir(b"", known=root is not None and stat.S_ISDIR(root.mode))
+            seen: set[bytes] = set()
+            while self.tracker is not None and self.tracker.revisit:
+                rel = self.tracker.revisit.pop(0)
+                if rel in seen:
+                    continue
+                seen.add(rel)
+                self._visit(rel)
+            self._flush()
+        finally:
+            if by_hashes is not None:
+                by_hashes(False)
         self._report(final=True)
         return self.counts
 

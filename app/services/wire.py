@@ -45,6 +45,11 @@ NAMES = {v: k for k, v in dict(HELLO=HELLO, WELCOME=WELCOME, DATA=DATA, SKIP=SKI
                                 ERROR=ERROR, REWIND=REWIND).items()}
 FLAG_ZSTD = 1
 IOV_MAX = 1024  # pieces per writev (Linux's UIO_MAXIOV)
+# what an agent does beyond its wire version (said in its WELCOME; a source asks only what the
+# agent says): "hashed-listings": a `children` query with {"hashes": true} is answered
+# {"entries": listing, "hashes": {name: hash list}} for the regular files up to HASHED_LISTING_FILE
+FEATURES = ("hashed-listings",)
+HASHED_LISTING_FILE = 4 << 20
 AHEAD_WINDOW = 1024  # queries a walk may have asked before it needs their answers (Queries)
 SAMPLE_FROM = 256 << 10  # a batch this big is compressed only when a sample of it compresses
 SAMPLE_WINDOWS, SAMPLE_WIDTH = 16, 4096  # the sample: windows spread evenly over the batch
@@ -231,7 +236,7 @@ class Queries:
     def call(self, method: str, **args):
         return self.wait(self.ask(method, args), method)
 
-    def ask_ahead(self, method: str, rel: bytes) -> bool:
+    def ask_ahead(self, method: str, rel: bytes, **extra) -> bool:
         """Send now a `children` or `file_hashes` query a walk is about to make (sync.Ahead).
         An answer asked early is as good: the walk's proof (sync.py) takes the other side's
         state at any moment after the walk began. At most `window` wait at a time: False when
@@ -241,7 +246,7 @@ class Queries:
             return True
         if len(self._ahead) >= self.window or self._failure() is not None:
             return False
-        rid = self.ask(method, {"rel": key[1]})
+        rid = self.ask(method, {"rel": key[1], **extra})
         with self.cv:
             self._ahead[key] = rid
         return True
@@ -254,12 +259,12 @@ class Queries:
                 if rid is not None and self._answers.pop(rid, None) is None:
                     self._dropped.add(rid)
 
-    def asked(self, method: str, rel: bytes):
-        """The answer to a query, asked ahead or now."""
+    def asked(self, method: str, rel: bytes, **extra):
+        """The answer to a query, asked ahead or now (with the same `extra` arguments)."""
         with self.cv:
             rid = self._ahead.pop((method, os.fsdecode(rel)), None)
         if rid is None:
-            return self.call(method, rel=os.fsdecode(rel))
+            return self.call(method, rel=os.fsdecode(rel), **extra)
         return self.wait(rid, method)
 
     def wait(self, rid: int, method: str):
