@@ -435,7 +435,9 @@ def _fstype(rdev: int, path: str) -> str | None:
     return _udev_property(rdev, "ID_FS_TYPE") or probe_signature(os.path.realpath(path))
 
 
-PROBE_THREADS = 8
+# devices probed at once: each read waits for its device (a disk's seek, a loop's worker). Here
+# (2 CPUs, 256 loops on sparse files): 1 thread 54-60 ms, 2: 38-46, 4: 42-51, 8: 60-81
+PROBE_THREADS = 4
 
 
 class Exclusions:
