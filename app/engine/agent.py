@@ -637,10 +637,15 @@ class Agent:
             listing = None if kids is None else {os.fsdecode(k): v.to_wire() for k, v in kids.items()}
             if not args.get("hashes") or kids is None:
                 return listing
-            # a walk comparing every file by hashes: those of the small files come along
-            return {"entries": listing, "hashes": {
-                os.fsdecode(k): t.file_hashes(rel + b"/" + k if rel else k) for k, v in kids.items()
-                if stat.S_ISREG(v.mode) and v.size <= wire.HASHED_LISTING_FILE}}
+            # a walk comparing every file by hashes: those of the small files come along,
+            # each reached as a file_hashes query's is (its directory checked, once)
+            checked: set[bytes] = set()
+            hashes = {}
+            for k, v in kids.items():
+                if stat.S_ISREG(v.mode) and v.size <= wire.HASHED_LISTING_FILE:
+                    path = check_beneath(t.fd, os.fsdecode(rel + b"/" + k if rel else k), checked)
+                    hashes[os.fsdecode(k)] = t.file_hashes(path)
+            return {"entries": listing, "hashes": hashes}
         if method == "file_hashes":
             return t.file_hashes(rel)
         if method == "scan":
