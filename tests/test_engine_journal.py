@@ -1169,3 +1169,58 @@ def test_a_symlink_made_anew_between_the_listing_and_the_stamp_is_not_sent_stale
     sink.walk()
     assert fired
     assert os.readlink(tgt / "link") == os.readlink(src / "link") == "new-target"
+
+
+def test_a_block_reconcile_asks_the_next_chunks_target_hashes_while_it_compares_this_one(tmp_path):
+    """The target hashed (a remote one: was asked for) a chunk only once the source had
+    compared the one before: both sides' hashing, and the round trip, one after the other.
+    Now the next chunk's target hashes are asked for first; the result is the same, and an
+    error of the target's still ends the reconcile, with nothing left running."""
+    import hashlib
+    import threading
+    from app.engine import blocksync
+    from app.engine.sync import BLOCK
+    size = 5 * blocksync.CHUNK * BLOCK // 2  # two and a half chunks
+    src = tmp_path / "src"
+    src.write_bytes(os.urandom(size))
+    theirs = bytearray(src.read_bytes())
+    for b in (3, blocksync.CHUNK + 1, 2 * blocksync.CHUNK + 5):  # one differing block per chunk
+        theirs[b * BLOCK] ^= 0xFF
+    events: list[tuple[str, int]] = []
+
+    class Target:
+        def __init__(self, fail_at=None):
+            self.fail_at = fail_at
+
+        def block_hashes_of(self, blocks):
+            events.append(("asked", blocks[0] // blocksync.CHUNK))
+            asked[blocks[0] // blocksync.CHUNK].set()
+            if blocks[0] == self.fail_at:
+                raise OSError(errno.EIO, "the target's disk")
+            return [hashlib.sha256(theirs[b * BLOCK:(b + 1) * BLOCK]).hexdigest()
+                    for b in blocks]
+
+    asked = [threading.Event() for _ in range(3)]
+
+    def commit(b, data, g):
+        k = b // blocksync.CHUNK
+        if k < 2:  # the next chunk's ask may still be on its way to the target: wait for it
+            asked[k + 1].wait(10)
+        events.append(("sent", k))
+        theirs[b * BLOCK:b * BLOCK + len(data)] = data
+        return True
+    fd = os.open(src, os.O_RDONLY)
+    try:
+        counts = blocksync.reconcile(fd, 0, size, Target(), commit)
+        assert counts["differing"] == 3 and bytes(theirs) == src.read_bytes()
+        # chunk k+1's hashes were asked for before chunk k's differing block was sent
+        for k in (0, 1):
+            assert events.index(("asked", k + 1)) < events.index(("sent", k)), events
+        for e in asked:
+            e.clear()
+        before = threading.active_count()
+        with pytest.raises(OSError, match="the target's disk"):
+            blocksync.reconcile(fd, 0, size, Target(fail_at=blocksync.CHUNK), commit)
+        assert threading.active_count() == before  # its helper thread ended with it
+    finally:
+        os.close(fd)

@@ -17,6 +17,7 @@ import errno
 import hashlib
 import os
 from collections.abc import Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor
 
 from app.engine.sync import BLOCK
 
@@ -67,30 +68,48 @@ def reconcile(src_fd: int, offset: int, size: int, target, commit, *, scope: Ite
     todo = list(range(nblocks(size))) if scope is None else sorted(set(scope))
     total = len(todo)
     sent = differing = done = 0
-    for i in range(0, total, CHUNK):
-        part = todo[i:i + CHUNK]
-        theirs = target.block_hashes_of(part) if compare else [None] * len(part)
-        for b, their in zip(part, theirs):
-            for _ in range(COMMIT_TRIES):
-                g = gen(b) if gen else 0
-                data = read_block(src_fd, offset, size, b)
-                if their is not None and hashlib.sha256(data).hexdigest() == their:
-                    break
-                if commit(b, data, g):
-                    sent += len(data)
-                    differing += 1
-                    break
-            else:
-                with frozen():
-                    commit(b, read_block(src_fd, offset, size, b), None)
-                    sent += min(BLOCK, size - b * BLOCK)
-                    differing += 1
-            done += 1
-            if progress and (done % 64 == 0 or done == total):
-                progress(_progress("copying", done, total, size, sent))
+    parts = [todo[i:i + CHUNK] for i in range(0, total, CHUNK)]
+    hashes = _target_hashes(target, parts) if compare else iter([None] * len(p) for p in parts)
+    try:
+        for part, theirs in zip(parts, hashes):
+            for b, their in zip(part, theirs):
+                for _ in range(COMMIT_TRIES):
+                    g = gen(b) if gen else 0
+                    data = read_block(src_fd, offset, size, b)
+                    if their is not None and hashlib.sha256(data).hexdigest() == their:
+                        break
+                    if commit(b, data, g):
+                        sent += len(data)
+                        differing += 1
+                        break
+                else:
+                    with frozen():
+                        commit(b, read_block(src_fd, offset, size, b), None)
+                        sent += min(BLOCK, size - b * BLOCK)
+                        differing += 1
+                done += 1
+                if progress and (done % 64 == 0 or done == total):
+                    progress(_progress("copying", done, total, size, sent))
+    finally:
+        if compare:
+            hashes.close()  # waits for a chunk still being hashed there
     if progress and not total:
         progress(_progress("copying", 0, 0, size, 0))
     return {"blocks": total, "differing": differing, "copied_bytes": sent}
+
+
+def _target_hashes(target, parts: list[list[int]]):
+    """Each part's target hashes, in order. The next part's are asked for (a local target:
+    hashed) while the caller compares this one: the two sides' hashing, and a remote target's
+    round trip, were one after the other. Hashes from any moment after the reconcile began are
+    as good as later ones: a block equal to the source then needs nothing (see above)."""
+    with ThreadPoolExecutor(1, thread_name_prefix="target-hashes") as pool:
+        nxt = pool.submit(target.block_hashes_of, parts[0]) if parts else None
+        for k in range(len(parts)):
+            got = nxt.result()
+            if k + 1 < len(parts):
+                nxt = pool.submit(target.block_hashes_of, parts[k + 1])
+            yield got
 
 
 def verify(src_fd: int, offset: int, size: int, target, *, progress: Progress | None = None,
