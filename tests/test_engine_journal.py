@@ -1224,3 +1224,46 @@ def test_a_block_reconcile_asks_the_next_chunks_target_hashes_while_it_compares_
         assert threading.active_count() == before  # its helper thread ended with it
     finally:
         os.close(fd)
+
+
+def test_a_block_verify_hashes_the_next_chunk_here_while_the_target_hashes_this_one(tmp_path):
+    """verify read and hashed a chunk here, then waited for the target's hashes of it, one
+    after the other. Now the target's hashes of a chunk are asked for before the next chunk is
+    read here; each chunk keeps its own order (read here, the target caught up, asked there),
+    and the differing ranges are the same."""
+    import hashlib
+    import threading
+    from app.engine import blocksync
+    from app.engine.sync import BLOCK
+    size = 5 * blocksync.CHUNK * BLOCK // 2
+    src = tmp_path / "src"
+    src.write_bytes(os.urandom(size))
+    theirs = bytearray(src.read_bytes())
+    theirs[(blocksync.CHUNK + 2) * BLOCK] ^= 0xFF
+    events: list[tuple[str, int]] = []
+    reading = [threading.Event() for _ in range(3)]
+    overlapped = []
+
+    def gen(b):  # called for a chunk's blocks just before they are read here
+        reading[b // blocksync.CHUNK].set()
+        return 0
+
+    class Target:
+        def block_hashes_of(self, blocks):
+            k = blocks[0] // blocksync.CHUNK
+            events.append(("asked", k))
+            if k < 2:  # is the next chunk read here meanwhile?
+                overlapped.append(reading[k + 1].wait(10))
+            return [hashlib.sha256(theirs[b * BLOCK:(b + 1) * BLOCK]).hexdigest() for b in blocks]
+
+    def caught_up():
+        events.append(("caught up", sum(e[0] == "caught up" for e in events)))
+    fd = os.open(src, os.O_RDONLY)
+    try:
+        got = blocksync.verify(fd, 0, size, Target(), gen=gen, wait_target=caught_up)
+    finally:
+        os.close(fd)
+    assert got["ranges"] == [[(blocksync.CHUNK + 2) * BLOCK, (blocksync.CHUNK + 3) * BLOCK]]
+    assert overlapped == [True, True]
+    for k in range(3):
+        assert events.index(("caught up", k)) < events.index(("asked", k)), events

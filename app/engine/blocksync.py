@@ -122,13 +122,9 @@ def verify(src_fd: int, offset: int, size: int, target, *, progress: Progress | 
     for attempt in range(3):
         changed: list[int] = []
         done = 0
-        for i in range(0, len(todo), CHUNK):
-            part = todo[i:i + CHUNK]
-            gens = [gen(b) if gen else 0 for b in part]
-            ours = [hashlib.sha256(read_block(src_fd, offset, size, b)).hexdigest() for b in part]
-            if wait_target is not None:
-                wait_target()  # the target has applied every write captured so far
-            theirs = target.block_hashes_of(part)
+
+        def compare(part, gens, ours, theirs) -> None:
+            nonlocal done
             for b, g, mine, their in zip(part, gens, ours, theirs):
                 if mine == their:
                     continue
@@ -139,6 +135,22 @@ def verify(src_fd: int, offset: int, size: int, target, *, progress: Progress | 
             done += len(part)
             if progress:
                 progress(_progress("verifying", done if attempt == 0 else total, total, size, 0))
+        # the target hashes a chunk (a remote one: is asked) while we hash the next one; each
+        # chunk's own order stays: ours read, the target caught up with them, theirs asked
+        with ThreadPoolExecutor(1, thread_name_prefix="target-hashes") as pool:
+            waiting = None
+            for i in range(0, len(todo), CHUNK):
+                part = todo[i:i + CHUNK]
+                gens = [gen(b) if gen else 0 for b in part]
+                ours = [hashlib.sha256(read_block(src_fd, offset, size, b)).hexdigest() for b in part]
+                if wait_target is not None:
+                    wait_target()  # the target has applied every write captured so far
+                asked = pool.submit(target.block_hashes_of, part)
+                if waiting is not None:
+                    compare(*waiting[:3], waiting[3].result())
+                waiting = (part, gens, ours, asked)
+            if waiting is not None:
+                compare(*waiting[:3], waiting[3].result())
         if not changed:
             break
         todo = changed
