@@ -3,7 +3,8 @@
 Run as root from the repository's top directory (about 5-10 minutes with the defaults):
 
     .venv/bin/python bench/remote.py [--runs 3] [--seconds 20] [--skip-mirror] [--skip-stream]
-                                     [--skip-lag] [--skip-compress]
+                                     [--skip-lag] [--skip-compress] [--resync-delay-ms MS]
+                                     [--block-mib MIB]
 
 The bed is tests/netbed.py's TwoHosts (a target network namespace with its own sshd, joined by
 a veth pair); the remote target `backup1` is added exactly as tests/test_remote.py's Remote does
@@ -50,6 +51,8 @@ counters.
    and times), and `rsync -a` of the same tree into its complete copy over the same relay; then,
    --runs times, a switch-over, one new file on the promoted replica, and the timed fail-back
    (`failback --yes`: every directory compared over the relay, and what differs sent back).
+6. Whole-device passes (--block-mib, 0 skips it): a block entry of that many MiB of random data,
+   replicated; then, --runs times, `block verify` and `block mirror` with nothing differing.
 
 Everything made here (namespace, sshd, daemons, mounts, files) lives under one tempfile
 directory and is torn down by PID in finally blocks. The host may be shared (another session's
@@ -419,6 +422,46 @@ def bench_resync(bed: TwoHosts, tmp: Path, origin: Path, args) -> dict:
             **{k: statistics.median(v) for k, v in times.items()}}
 
 
+def bench_block(bed: TwoHosts, tmp: Path, args) -> dict:
+    """Section 6: `block verify` and `block mirror` of a device of --block-mib MiB of random
+    data whose replica is complete (nothing differs: every block hashed on both sides)."""
+    run = tmp / "block"
+    run.mkdir()
+    img = run / "disk.img"
+    with open(img, "wb") as f:
+        for _ in range(args.block_mib):
+            f.write(os.urandom(MiB))
+    disk = subprocess.run(["losetup", "--find", "--show", str(img)], check=True,
+                          capture_output=True, text=True).stdout.strip()
+    times: dict[str, list[float]] = {"block verify": [], "block mirror": []}
+    try:
+        r = Remote(run, bed)
+        bed.set_authorized_keys([bed.authorized_key_line(), r.authorized_line])
+        with engines(run) as make:
+            a = cli(r.cfg, "block", "add", disk, "--target", "backup1:disk.img")
+            if a.returncode != 0:
+                raise RuntimeError(f"block add: {a.stdout}{a.stderr}")
+            eng, _, _ = make(config=r.cfg)
+            eng.block_drain(disk)
+            for i in range(args.runs):
+                t0 = time.monotonic()
+                v = eng.client.request("block_verify", device=disk)
+                times["block verify"].append(time.monotonic() - t0)
+                t0 = time.monotonic()
+                m = eng.client.request("block_mirror", device=disk)
+                times["block mirror"].append(time.monotonic() - t0)
+                if v["ranges"] or m["differing"]:
+                    raise RuntimeError(f"the replica differs: {v}, {m}")
+                say(f"block {i + 1}/{args.runs}: " + ", ".join(f"{k} {t[-1]:.2f} s"
+                                                             for k, t in times.items()))
+    finally:  # the captured loop on the disk (the daemon is gone by now), then the disk
+        for line in subprocess.run(["losetup", "-j", disk], capture_output=True,
+                                   text=True).stdout.splitlines():
+            subprocess.run(["losetup", "-d", line.split(":")[0]], check=False)
+        subprocess.run(["losetup", "-d", disk], check=False)
+    return {"mib": args.block_mib, **{k: statistics.median(v) for k, v in times.items()}}
+
+
 def bench_mirror(bed: TwoHosts, tmp: Path, origin: Path, args) -> dict:
     rs, ours, warms = [], [], []
     files = size = 0
@@ -779,6 +822,7 @@ def main() -> None:
                     "daemon already running (fs add, then fs mount-all), interleaved")
     ap.add_argument("--resync-delay-ms", type=float, default=10, help="section 5's one-way "
                     "delay; 0 skips the section")
+    ap.add_argument("--block-mib", type=int, default=256, help="section 6's device; 0 skips it")
     for name in ("mirror", "stream", "lag", "compress"):
         ap.add_argument(f"--skip-{name}", action="store_true")
     args = ap.parse_args()
@@ -789,7 +833,7 @@ def main() -> None:
     say(f"load average {loadavg()} (the host may be shared with another session's tests); "
         f"{os.cpu_count()} CPUs")
     tmp = Path(tempfile.mkdtemp(prefix="bench-remote-"))
-    m, s, rs = None, {}, None
+    m, s, rs, bk = None, {}, None, None
     try:
         own_agent(tmp)
         with TwoHosts(tmp) as bed:
@@ -800,6 +844,8 @@ def main() -> None:
                 s = bench_streams(bed, tmp, origin, args)
             if args.resync_delay_ms > 0:
                 rs = bench_resync(bed, tmp, origin, args)
+            if args.block_mib > 0:
+                bk = bench_block(bed, tmp, args)
     finally:
         left = leftovers(tmp)
         if left:
@@ -814,6 +860,10 @@ def main() -> None:
         for k in ("fs mirror", "catch-up", "fail-back", "rsync -a"):
             print(f"| {k} | {rs[k]:.2f} s | {rs[k] / rs['rsync -a']:.2f} |")
         print(f"| trees equal | {rs['equal']} | |", flush=True)
+    if bk:
+        print(f"\n| {bk['mib']} MiB block device, replica complete | median |\n|---|---|")
+        for k in ("block verify", "block mirror"):
+            print(f"| {k} | {bk[k]:.2f} s |")
     if s.get("status_cli"):
         keys = ("last_seq", "sent_seq", "received_seq", "applied_seq", "lag_seconds",
                 "bytes_queued", "wire_rate", "logical_rate", "wire_bytes", "logical_bytes",
