@@ -38,6 +38,7 @@ from app.services import wire
 from app.engine.journal import KIND_BLOCK, KIND_FS, Journal, JournalGap, decode_at, read_small_file, write_small_file
 from app.engine.lowlevel import beneath, open_beneath, safe_relpath
 from app.engine.shipper import TargetUnavailable
+from app.engine.target import Queried
 
 log = logging.getLogger("mirrorsetup.agent")
 META = ".mirrorsetup"
@@ -703,7 +704,7 @@ def main(root: str) -> int:
 
 
 
-class Reverse:
+class Reverse(Queried):
     """The source host, seen from here during a fail-back: what the reconciler compares
     against and writes to. Questions go out as REQ and are answered by the source; writes go
     out as DATA records that the source applies."""
@@ -727,29 +728,6 @@ class Reverse:
         with self.queries.cv:
             self._gone = AgentError("gone", "the source went away during the fail-back", errno.EPIPE)
             self.queries.cv.notify_all()
-
-    # a fail-back's walk asks ahead too: over a long link it waited a round trip per directory
-    def ask_ahead(self, method: str, rel: bytes) -> bool:
-        return self.queries.ask_ahead(method, rel)
-
-    def forget_ahead(self, keys) -> None:
-        self.queries.forget_ahead(keys)
-
-    def info(self, rel: bytes):
-        from app.engine.sync import Info
-        d = self.queries.call("info", rel=os.fsdecode(rel))
-        return None if d is None else Info.from_wire(d)
-
-    def children(self, rel: bytes):
-        from app.engine.sync import Info
-        d = self.queries.asked("children", rel)
-        return None if d is None else {os.fsencode(k): Info.from_wire(v) for k, v in d.items()}
-
-    def file_hashes(self, rel: bytes):
-        return self.queries.asked("file_hashes", rel)
-
-    def block_hashes_of(self, blocks: list[int]) -> list[str]:
-        return self.queries.call("block_hashes_of", blocks=blocks)
 
     def apply_ops(self, ops) -> None:
         from app.engine.journal import Record

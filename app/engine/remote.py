@@ -31,7 +31,7 @@ from app.services.targets import Settings, ssh_failure_text
 from app.engine.journal import JournalGap, Record
 from app.engine.journal import decode_at as decode_record
 from app.engine.shipper import TargetUnavailable
-from app.engine.target import Positions, Target
+from app.engine.target import Positions, Queried, Target, listing_from_wire
 
 log = logging.getLogger("mirrorsetup.remote")
 BEAT_SECONDS = 1.0
@@ -52,7 +52,7 @@ def ssh_failure(stderr: str, status: int | None) -> TargetUnavailable:
     return TargetUnavailable(state, retry=retry)
 
 
-class RemoteTarget(Target):
+class RemoteTarget(Queried, Target):
     def __init__(self, settings: Settings, kind: str, size: int | None, claim, *, state_dir=None,
                  generation: str | None = None, journal_seqs=None):
         self.s = settings
@@ -371,29 +371,26 @@ class RemoteTarget(Target):
                     return True  # came with its directory's listing
         if self._hashed and method == "children":
             return self.queries.ask_ahead(method, rel, hashes=True)
-        return self.queries.ask_ahead(method, rel)
+        return super().ask_ahead(method, rel)
 
     def forget_ahead(self, keys) -> None:
         with self._cv:
             for method, rel in keys:
                 if method == "file_hashes":
                     self._hash_lists.pop(os.fsdecode(rel), None)
-        self.queries.forget_ahead(keys)
-
-    def info(self, rel: bytes) -> sync.Info | None:
-        d = self.queries.call("info", rel=os.fsdecode(rel))
-        return None if d is None else sync.Info.from_wire(d)
+        super().forget_ahead(keys)
 
     def children(self, rel: bytes) -> dict[bytes, sync.Info] | None:
         if not self._hashed:
-            d = self.queries.asked("children", rel)
-        elif (d := self.queries.asked("children", rel, hashes=True)) is not None:
+            return super().children(rel)
+        d = self.queries.asked("children", rel, hashes=True)
+        if d is not None:
             prefix = os.fsdecode(rel) + "/" if rel else ""
             with self._cv:
                 for name, hashes in d["hashes"].items():
                     self._hash_lists[prefix + name] = hashes
             d = d["entries"]
-        return None if d is None else {os.fsencode(k): sync.Info.from_wire(v) for k, v in d.items()}
+        return listing_from_wire(d)
 
     def file_hashes(self, rel: bytes) -> list[str] | None:
         if self._hashed:
@@ -401,13 +398,10 @@ class RemoteTarget(Target):
                 got = self._hash_lists.pop(os.fsdecode(rel), _NONE)
             if got is not _NONE:
                 return got
-        return self.queries.asked("file_hashes", rel)
+        return super().file_hashes(rel)
 
     def scan(self, *, hashes: bool = True) -> dict[bytes, sync.Info]:
-        return {os.fsencode(k): sync.Info.from_wire(v) for k, v in self.queries.call("scan", hashes=hashes).items()}
-
-    def block_hashes_of(self, blocks: list[int]) -> list[str]:
-        return self.queries.call("block_hashes_of", blocks=blocks)
+        return listing_from_wire(self.queries.call("scan", hashes=hashes))
 
     def apply_ops(self, ops) -> None:
         raise TargetUnavailable("refused: a remote replica is written only by its capture; mount "

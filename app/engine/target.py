@@ -109,6 +109,37 @@ class Target:
         pass
 
 
+class Queried:
+    """The other end of a walk reached by questions over a session (`self.queries`, a
+    wire.Queries): a remote target seen from its source, and the source seen from its agent
+    during a fail-back. Listings and hash lists may be asked ahead of the walk (sync.Ahead)."""
+
+    queries = None  # wire.Queries, set by the subclass
+
+    def ask_ahead(self, method: str, rel: bytes) -> bool:
+        return self.queries.ask_ahead(method, rel)
+
+    def forget_ahead(self, keys) -> None:
+        self.queries.forget_ahead(keys)
+
+    def info(self, rel: bytes) -> sync.Info | None:
+        d = self.queries.call("info", rel=os.fsdecode(rel))
+        return None if d is None else sync.Info.from_wire(d)
+
+    def children(self, rel: bytes) -> dict[bytes, sync.Info] | None:
+        return listing_from_wire(self.queries.asked("children", rel))
+
+    def file_hashes(self, rel: bytes) -> list[str] | None:
+        return self.queries.asked("file_hashes", rel)
+
+    def block_hashes_of(self, blocks: list[int]) -> list[str]:
+        return self.queries.call("block_hashes_of", blocks=blocks)
+
+
+def listing_from_wire(d: dict | None) -> dict[bytes, sync.Info] | None:
+    return None if d is None else {os.fsencode(k): sync.Info.from_wire(v) for k, v in d.items()}
+
+
 class LocalDirTarget(Target):
     """A directory on this host: records applied by FsApplier, compared through its fd."""
 
