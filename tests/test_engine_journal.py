@@ -1171,6 +1171,40 @@ def test_a_symlink_made_anew_between_the_listing_and_the_stamp_is_not_sent_stale
     assert os.readlink(tgt / "link") == os.readlink(src / "link") == "new-target"
 
 
+def test_a_file_made_where_the_walk_has_not_made_the_directory_yet_reaches_the_target(
+        tmp_path, monkeypatch):
+    """The first copy: the target has nothing yet. An application makes a file in a directory
+    the walk has not reached. Its captured create fails at the target (the directory is not
+    there), and the walk skipped every node made since it began ("its whole life is in the
+    journal"): the file never reached the target, and the entry said consistent. A node the
+    walk finds in a listing is now sent like any other."""
+    from app.engine import sync
+    src, tgt = tmp_path / "src", tmp_path / "tgt"
+    (src / "a").mkdir(parents=True)
+    (src / "a" / "old").write_bytes(b"there before")
+    tgt.mkdir()
+    sink = CaptureBesideTheWalk(src, tgt)
+    real = sync.children
+    fired = []
+
+    def listed_then_made(dir_fd, rel, **kw):
+        kids = real(dir_fd, rel, **kw)
+        if rel == b"" and not fired:  # the top listed: `a` is not at the target yet
+            fired.append(1)
+            (src / "a" / "new").write_bytes(b"made meanwhile")
+            st = os.lstat(src / "a" / "new")
+            sink.tracker.made((st.st_dev, st.st_ino))
+            sink.target.apply_ops([("create", {"path": "a/new", "mode": 0o644, "uid": 0,
+                                               "gid": 0}, b""),
+                                   ("write", {"path": "a/new", "offset": 0}, b"made meanwhile")])
+        return kids
+    monkeypatch.setattr(sync, "children", listed_then_made)
+    sink.walk()
+    assert fired and sink.target.errors == 2  # the capture's create and write failed there
+    assert (tgt / "a" / "new").read_bytes() == b"made meanwhile"
+    assert (tgt / "a" / "old").read_bytes() == b"there before"
+
+
 def test_a_block_reconcile_asks_the_next_chunks_target_hashes_while_it_compares_this_one(tmp_path):
     """The target hashed (a remote one: was asked for) a chunk only once the source had
     compared the one before: both sides' hashing, and the round trip, one after the other.

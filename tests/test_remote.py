@@ -130,6 +130,35 @@ def test_fs_entry_replicates_every_kind_of_change_to_the_other_host(remote, tmp_
     assert eng.verify(str(src)) == []
 
 
+
+def test_files_made_while_the_target_was_unreachable_at_the_first_start_all_arrive(remote, tmp_path):
+    """The first start, the target host refusing connections: applications go on writing in
+    directories that were there before. Their captured records reach the target first, when
+    it has none of those directories (the first copy makes them later): they fail there. The
+    first copy skipped every node made since it began ("its whole life is in the journal"),
+    so those files never arrived while the entry said consistent."""
+    make, r = remote()
+    src = tmp_path / "src"
+    for d in ("a", "b/c"):
+        (src / d).mkdir(parents=True)
+        (src / d / "old").write_bytes(os.urandom(5000))
+    assert cli(r.cfg, "fs", "add", str(src), "--target", "backup1:data").returncode == 0
+    r.bed.reject()
+    eng, _, _ = make(config=r.cfg)
+    wait_for("the capture, with the target unreachable",
+             lambda: eng.status(str(src))["captured"] and eng.status(str(src))["attempts"] >= 1)
+    (src / "a" / "new").write_bytes(os.urandom(7000))
+    (src / "b" / "c" / "sub").mkdir()
+    (src / "b" / "c" / "sub" / "deep").write_bytes(b"made in a directory made meanwhile")
+    os.symlink("new", src / "a" / "link")
+    assert eng.status(str(src))["connection"] != "connected"
+    r.bed.unblock()
+    eng.drain(str(src))
+    st = eng.status(str(src))
+    assert st["connection"] == "connected" and st["target_data"] == "consistent", st
+    assert tree(src) == tree(r.root / "data")
+    assert eng.verify(str(src)) == []
+
 MiB = 1 << 20
 WRITER = r"""
 import os, sys, time

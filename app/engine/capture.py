@@ -351,10 +351,6 @@ class Capture:
 
     def request_catch_up(self, reason: str, discard: bool = False) -> None:
         """On the trio thread (atomic with capture): start tracking, drop what is moot."""
-        if discard and self.spec.kind == "fs" and self.ops.tracker is not None:
-            # Files made since the tracker began are skipped by a walk ("their whole life is in
-            # the journal"): not so once those records are gone. The walk must see them.
-            self.ops.tracker.created.clear()
         self._hold_tracker()
         self._full_pending = True
         if discard:

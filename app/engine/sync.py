@@ -277,13 +277,13 @@ def _link_groups(tree: dict[bytes, Info]) -> dict[bytes, frozenset[bytes]]:
 
 class Tracker:
     """What capture changed while a reconcile or verify runs (fed on the capture thread): per
-    lower inode a stamp of its last change, the inodes created since (their whole life is in
-    the journal), the names that rename/link moved (their identity at the target is unknown)
-    and the rename/link destinations a walk may already have passed (`revisit`)."""
+    lower inode a stamp of its last change, the inodes created since and when (`clock`), the
+    names that rename/link moved (their identity at the target is unknown) and the
+    rename/link destinations a walk may already have passed (`revisit`)."""
 
     def __init__(self) -> None:
         self.changes: dict[tuple[int, int], int] = {}
-        self.created: set[tuple[int, int]] = set()
+        self.created: dict[tuple[int, int], int] = {}  # inode -> clock when it was made
         self.clock = 0
         self.names_epoch = 0
         self.moved: dict[bytes, int] = {}  # path -> names_epoch when it was moved or linked
@@ -295,7 +295,11 @@ class Tracker:
 
     def made(self, key: tuple[int, int]) -> None:
         self.changed(key)
-        self.created.add(key)
+        self.created[key] = self.clock
+
+    def made_since(self, key: tuple[int, int], clock: int) -> bool:
+        """Was the node `key` made after the tracker's clock read `clock`?"""
+        return self.created.get(key, -1) > clock
 
     def moved_name(self, path: bytes, *, destination: bool) -> None:
         self.names_epoch += 1
@@ -452,12 +456,13 @@ class Reconciler:
 
     def _visit(self, rel: bytes) -> None:
         """A rename/link destination made during the walk: reconcile it (whole) again."""
+        listed = self._clock()
         try:
             info = lstat_info(self.src, rel)
         except FileNotFoundError:
             return  # moved on again: its new name is in the queue too
         parent, _, name = rel.rpartition(b"/")
-        self._child(parent, name, info, None)
+        self._child(parent, name, info, None, listed)
         self._metadata(parent, None)  # sending it again changed the parent's times there
 
     # -- directories
@@ -465,6 +470,7 @@ class Reconciler:
         for _ in range(COMMIT_TRIES):
             src_info = lstat_info(self.src, rel)
             check = self._check(rel, src_info)
+            listed = self._clock()
             kids = children(self.src, rel, dev=self.dev)
             if kids is None:
                 return  # gone since: the capture recorded its removal
@@ -474,6 +480,7 @@ class Reconciler:
                 break
         else:
             with self._frozen():
+                listed = self._clock()
                 kids = children(self.src, rel, dev=self.dev) or {}
                 tgt = self.target.children(rel) if known and not self._unknown(rel) else None
                 self._commit(None, [("prune", {"path": os.fsdecode(rel), "keep":
@@ -485,7 +492,7 @@ class Reconciler:
             for i, (name, info) in enumerate(kids.items()):
                 if ahead is not None:
                     ahead.top_up(i)
-                self._child(rel, name, info, None if tgt is None else tgt.get(name))
+                self._child(rel, name, info, None if tgt is None else tgt.get(name), listed)
         finally:
             if ahead is not None:
                 ahead.forget()
@@ -515,10 +522,14 @@ class Reconciler:
                            for sub in subdirectories(self.src, child)]
         return Ahead(self.target, wanted) if wanted else None
 
-    def _child(self, parent: bytes, name: bytes, info: Info, tinfo: Info | None) -> None:
+    def _child(self, parent: bytes, name: bytes, info: Info, tinfo: Info | None,
+               listed: int) -> None:
+        """`info` as a listing read it, after the tracker's clock read `listed`. A node the
+        capture made before that listing is sent like any other: its records may have reached
+        the target before the directory it is in did (the walk makes that one later: a create
+        there fails), or the walk's own records about a directory above it (a rename's
+        destination made again) may have removed it there since."""
         rel = _join(parent, name)
-        if self.tracker is not None and info.ino in self.tracker.created:
-            return  # made while we walk: its whole life is in the journal already
         if self._unknown(rel):
             tinfo = None
         self.counts["files"] += 1
@@ -531,11 +542,11 @@ class Reconciler:
                 ops = [("remove", {"path": os.fsdecode(rel)}, b""),
                        ("mkdir", {"path": os.fsdecode(rel), "mode": stat.S_IMODE(info.mode),
                                   "uid": info.uid, "gid": info.gid}, b"")]
-            if ops and not self._commit_fresh(rel, info, ops):
+            if ops and not self._commit_fresh(rel, info, listed, ops):
                 return
             self._dir(rel, known=not fresh, made=_made(info) if fresh else None)
             return
-        if kind == stat.S_IFREG and info.nlink > 1 and self._hard_link(rel, info, tinfo):
+        if kind == stat.S_IFREG and info.nlink > 1 and self._hard_link(rel, info, tinfo, listed):
             return
         if kind == stat.S_IFREG:
             self._file(rel, info, tinfo)
@@ -543,14 +554,14 @@ class Reconciler:
         gone = ("remove", {"path": os.fsdecode(rel)}, b"")
         if kind == stat.S_IFLNK:
             if tinfo is None or tinfo.kind != kind or tinfo.link != info.link:
-                if not self._commit_fresh(rel, info, [
+                if not self._commit_fresh(rel, info, listed, [
                         gone, ("symlink", {"path": os.fsdecode(rel), "target": os.fsdecode(info.link),
                                      "uid": info.uid, "gid": info.gid}, b"")]):
                     return
                 self.counts["copied"] += 1
                 tinfo = None
         elif tinfo is None or tinfo.kind != kind or tinfo.rdev != info.rdev:
-            if not self._commit_fresh(rel, info, [
+            if not self._commit_fresh(rel, info, listed, [
                     gone, ("mknod", {"path": os.fsdecode(rel), "mode": info.mode, "rdev": info.rdev,
                                "uid": info.uid, "gid": info.gid}, b"")]):
                 return
@@ -558,7 +569,7 @@ class Reconciler:
             tinfo = None
         self._metadata(rel, tinfo)
 
-    def _commit_fresh(self, rel: bytes, info: Info, ops: list[Op]) -> bool:
+    def _commit_fresh(self, rel: bytes, info: Info, listed: int, ops: list[Op]) -> bool:
         """Commit records made from `info`; False when the path is gone or was replaced since
         `info` was read (capture has it: what was made meanwhile is in the journal whole)."""
         for _ in range(COMMIT_TRIES):
@@ -566,14 +577,14 @@ class Reconciler:
             if check is not None:
                 # looked at again after the stamp: a name removed and made anew between the
                 # listing and the stamp is another node (or the same inode number, reused,
-                # made since the walk began), which the check alone cannot see
+                # made since the listing), which the check alone cannot see
                 try:
                     now = lstat_info(self.src, rel, with_xattrs=False)
                 except FileNotFoundError:
                     return False
                 if (now.ino, now.kind, now.link, now.rdev) != (info.ino, info.kind, info.link,
                                                                info.rdev) \
-                        or now.ino in self.tracker.created:
+                        or self.tracker.made_since(now.ino, listed):
                     return False
             if self._commit(check, ops):
                 return True
@@ -590,7 +601,7 @@ class Reconciler:
                 return False
             return self._commit(None, ops)
 
-    def _hard_link(self, rel: bytes, info: Info, tinfo: Info | None) -> bool:
+    def _hard_link(self, rel: bytes, info: Info, tinfo: Info | None, listed: int) -> bool:
         """A second name of a file already sent: link it at the target (True when done)."""
         leader = self._leaders.get(info.ino)
         if leader is None:
@@ -599,8 +610,8 @@ class Reconciler:
         lrel, ltino = leader
         if tinfo is not None and ltino is not None and tinfo.ino == ltino:
             return True
-        self._commit_fresh(rel, info, [("link", {"src": os.fsdecode(lrel), "path": os.fsdecode(rel)},
-                                        b"")])
+        self._commit_fresh(rel, info, listed, [("link", {"src": os.fsdecode(lrel),
+                                                         "path": os.fsdecode(rel)}, b"")])
         return True
 
     # -- files
@@ -777,6 +788,10 @@ class Reconciler:
         if tinfo is None or tinfo.mtime_ns != info.mtime_ns:
             ops.append(("times", {"path": p, "atime": info.atime_ns, "mtime": info.mtime_ns}, b""))
         return ops
+
+    def _clock(self) -> int:
+        """The tracker's clock now: read before a listing, what is made later is newer."""
+        return 0 if self.tracker is None else self.tracker.clock
 
     def _check(self, rel: bytes, info: Info) -> Check | None:
         if self.tracker is None:
