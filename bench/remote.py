@@ -268,23 +268,6 @@ class Poller(threading.Thread):
 
 # -- setting up a remote entry ---------------------------------------------------------------
 
-@contextlib.contextmanager
-def engines(run_dir: Path):
-    """engine_maker, with its engines cleaned up (daemon stopped by PID, mounts under run_dir
-    unmounted) also when the body raises (engine_maker alone does that only on success)."""
-    made = []
-    with engine_maker(run_dir) as make:
-        def tracked(**kw):
-            got = make(**kw)
-            made.append(got[0])
-            return got
-        try:
-            yield tracked
-        finally:
-            for eng in made:
-                eng.cleanup()
-
-
 def add_remote(run_dir: Path, bed: TwoHosts, root: Path | None = None) -> Remote:
     """backup1 in run_dir's own config; its key authorized beside the bed's own (rsync's)."""
     r = Remote(run_dir, bed, root)
@@ -322,7 +305,7 @@ def ours_once(bed: TwoHosts, run_dir: Path, src: Path, timeout: float,
     """`fs add` then the daemon's start (cold), or with the daemon already running (warm):
     `fs add` then `fs mount-all`, as an administrator of a running service does."""
     r = add_remote(run_dir, bed, root)
-    with engines(run_dir) as make:
+    with engine_maker(run_dir) as make:
         if warm:
             eng, _, _ = make(config=r.cfg)
         s0 = source_cpu(eng.proc.pid)["total"] if warm else 0.0  # its start is not counted
@@ -375,7 +358,7 @@ def bench_resync(bed: TwoHosts, tmp: Path, origin: Path, args) -> dict:
     r = Remote(run, bed, via=relay)
     bed.set_authorized_keys([bed.authorized_key_line(), r.authorized_line])
     times: dict[str, list[float]] = {"fs mirror": [], "catch-up": [], "rsync -a": []}
-    with engines(run) as make:
+    with engine_maker(run) as make:
         eng, _, _ = make(config=r.cfg)
         a = cli(r.cfg, "fs", "add", str(src), "--target", "backup1:data", socket=eng.socket)
         if a.returncode != 0:
@@ -437,7 +420,7 @@ def bench_block(bed: TwoHosts, tmp: Path, args) -> dict:
     try:
         r = Remote(run, bed)
         bed.set_authorized_keys([bed.authorized_key_line(), r.authorized_line])
-        with engines(run) as make:
+        with engine_maker(run) as make:
             a = cli(r.cfg, "block", "add", disk, "--target", "backup1:disk.img")
             if a.returncode != 0:
                 raise RuntimeError(f"block add: {a.stdout}{a.stderr}")
@@ -688,7 +671,7 @@ def bench_streams(bed: TwoHosts, tmp: Path, origin: Path, args) -> dict:
     run_dir = tmp / "stream"
     run_dir.mkdir()
     r = add_remote(run_dir, bed)
-    with engines(run_dir) as make:
+    with engine_maker(run_dir) as make:
         src = run_dir / "src"
         src.mkdir()
         a = cli(r.cfg, "fs", "add", str(src), "--target", "backup1:data")

@@ -43,9 +43,11 @@ def engine_maker(tmp_path: Path):
             eng.start()
         return eng, str(src), str(tgt)
 
-    yield make
-    for eng in made:
-        eng.cleanup()
+    try:
+        yield make
+    finally:  # also when the body raised (used as a context manager, not only as a fixture)
+        for eng in made:
+            eng.cleanup()
     assert not [m for m in mirrorfs_mounts() if m.startswith(str(tmp_path))]
     # A traceback in the daemon's log is a bug somewhere below a test that passed (a discard
     # answered EIO, an xattr on a nameless file, a shipper that failed and retried): found
