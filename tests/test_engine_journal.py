@@ -229,6 +229,25 @@ def _far_target(side: str):
     return far
 
 
+def test_a_catch_up_is_announced_only_to_an_agent_that_says_it_knows_how():
+    """MARK {"begin": true} makes the replica inconsistent while a catch-up runs. An agent of
+    before it reads a MARK's seq, and would end the session: it is told only after a WELCOME
+    whose features name "catch-up-marks"."""
+    import io
+    import json
+    from app.services import wire
+    far = _far_target("source")
+    sent = []
+    far._send = sent.append
+    far.begin_catch_up()
+    assert sent == []
+    far.welcome = {"features": ["hashed-listings", "catch-up-marks"]}
+    far.begin_catch_up()
+    [(kind, payload)] = [wire.read_frame(io.BytesIO(f).read) for f in sent]
+    assert kind == wire.MARK and json.loads(payload) == {"begin": True}
+    assert "catch-up-marks" in wire.FEATURES
+
+
 @pytest.mark.parametrize("side", ["source", "hashed", "agent"])
 def test_a_walk_asks_the_other_end_a_window_ahead_and_leaves_nothing_asked(tmp_path, monkeypatch,
                                                                             side):
@@ -1203,6 +1222,30 @@ def test_a_file_made_where_the_walk_has_not_made_the_directory_yet_reaches_the_t
     assert fired and sink.target.errors == 2  # the capture's create and write failed there
     assert (tgt / "a" / "new").read_bytes() == b"made meanwhile"
     assert (tgt / "a" / "old").read_bytes() == b"there before"
+
+
+def test_a_catch_ups_record_about_a_name_not_there_yet_is_superseded_not_an_apply_error(tmp_path):
+    """Until a catch-up has made a directory at the target, the capture's records about names
+    in it find nothing there; the catch-up sends those names whole when it reaches them. Such
+    a record of the catch-up's (up to `catch_up_through`) is counted as superseded: status
+    said "records failed to apply; run mirror" after every first copy an application wrote
+    during. The same failure after the catch-up's last record is an apply error."""
+    from app.engine.journal import KIND_FS, Record
+    tgt = tmp_path / "tgt"
+    tgt.mkdir()
+    fd = os.open(tgt, os.O_PATH | os.O_DIRECTORY)
+    try:
+        t = LocalDirTarget.on_fd(fd, str(tgt))
+        t.catch_up_through = 5
+        made = {"mode": 0o644, "uid": 0, "gid": 0}
+        t.send([Record(4, KIND_FS, "create", {"path": "a/x", **made}),
+                Record(5, KIND_FS, "write", {"path": "a/x", "offset": 0}, b"x"),
+                Record(6, KIND_FS, "create", {"path": "a/y", **made}),
+                Record(7, KIND_FS, "create", {"path": "y", **made})])
+        assert (t.superseded, t.errors) == (2, 1) and "seq 6 create a/y" in t.last_error
+        assert (tgt / "y").exists()
+    finally:
+        os.close(fd)
 
 
 def test_a_block_reconcile_asks_the_next_chunks_target_hashes_while_it_compares_this_one(tmp_path):

@@ -63,6 +63,36 @@ def blocks_differing(a: str, b: str, size: int) -> int:
     return n
 
 
+def test_a_catch_up_leaves_the_replica_inconsistent_until_it_ends(fs_remote):
+    """Changes made below while capture was not in place are caught up file by file: until
+    that ends, the replica mixes older and newer files. Its agent went on calling it
+    consistent (only a first copy or a gap said otherwise), so a fail-over on the target host
+    would have promoted it without a word. The catch-up now says so when it begins, and a
+    record of the capture's that finds no such name there meanwhile (its directory is made
+    later by the catch-up) is not taken for an apply error."""
+    eng, src, r = fs_remote(resync_bandwidth="2MiB/s")
+    (Path(src) / "kept").write_bytes(b"there from the start")
+    eng.drain(src)
+    [rep] = replicas(r)
+    assert rep["consistent"], rep
+    (res,) = eng.client.results("unmount", path=src, force=False)
+    assert res.outcome.value == "ok", res.message
+    (Path(src) / "big").write_bytes(os.urandom(6 << 20))  # 3 s at the resync rate
+    (Path(src) / "sub").mkdir()
+    (Path(src) / "sub" / "below").write_bytes(b"made while nobody captured")
+    (res,) = eng.client.results("mount_all")
+    assert res.outcome.value == "ok", res.message
+    wait_for("the replica said inconsistent", lambda: not replicas(r)[0]["consistent"], 30, 0.2)
+    assert eng.status(src)["catch_up"] is not None  # said while the catch-up runs, not after
+    (Path(src) / "sub" / "live").write_bytes(b"made while the catch-up runs")
+    eng.drain(src)
+    st = eng.status(src)
+    assert st["target_data"] == "consistent" and st["apply_errors"] == 0, st
+    [rep] = replicas(r)
+    assert rep["consistent"], rep
+    assert tree(Path(src)) == tree(r.root / "data")
+
+
 def test_planned_switchover_of_a_directory_and_fail_back(fs_remote, writer):
     eng, src, r = fs_remote()
     s = Path(src)

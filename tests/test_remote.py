@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -275,6 +276,23 @@ def test_blackhole_is_noticed_and_reject_backs_off(fs_remote):
     assert "Connection refused" in st["connection"] and "retry in" in st["connection"], st
     r.bed.unblock()
     wait_for("reconnected", lambda: eng.status(src)["connection"] == "connected", 120)
+
+
+def test_a_record_the_replica_cannot_take_is_reported_at_the_source(fs_remote):
+    """Someone removed a directory on the replica behind our back: the next record there
+    fails on the target host. The agent counted it and told nobody; status showed no error.
+    Its count and the failing record now come with its positions, as a local target's do."""
+    eng, src, r = fs_remote()
+    (Path(src) / "d").mkdir()
+    (Path(src) / "d" / "f").write_bytes(b"one")
+    eng.drain(src)
+    shutil.rmtree(r.root / "data" / "d")  # behind our back
+    (Path(src) / "d" / "g").write_bytes(b"two")
+    eng.drain(src)
+    st = eng.status(src)
+    assert st["apply_errors"] >= 1 and "d/g" in st["last_error"], st
+    warned = cli(r.cfg, "status", socket=eng.socket)
+    assert "records failed to apply to the target" in warned.stdout + warned.stderr
 
 
 def test_killed_agents_and_daemon_resume_from_the_targets_position(fs_remote, writer):

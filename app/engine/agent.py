@@ -38,7 +38,7 @@ from app.services import wire
 from app.engine.journal import KIND_BLOCK, KIND_FS, Journal, JournalGap, decode_at, read_small_file, write_small_file
 from app.engine.lowlevel import beneath, open_beneath, safe_relpath
 from app.engine.shipper import TargetUnavailable
-from app.engine.target import Queried
+from app.engine.target import CATCHING_UP, Queried
 
 log = logging.getLogger("mirrorsetup.agent")
 META = ".mirrorsetup"
@@ -222,8 +222,11 @@ class Agent:
 
     def positions(self) -> dict:
         j = self.journal
+        t = getattr(self, "target", None)
         return {"received": j.last_seq, "applied": j.released_seq, "ts": time.time(),
-                "consistent": bool(self.state.get("consistent")), "paused": self.paused}
+                "consistent": bool(self.state.get("consistent")), "paused": self.paused,
+                **({"apply_errors": t.errors, "last_error": t.last_error}
+                   if getattr(t, "errors", 0) else {})}
 
     # -- session
     def run(self) -> int:
@@ -485,9 +488,15 @@ class Agent:
                 self._inconsistent()
                 self.send(wire.ACK, self.positions())
             elif kind == wire.MARK:
-                self.state["mark_seq"] = int(json.loads(payload)["seq"])
-                self._consistent_if_applied()
-                self.replica.save(self.state)
+                mark = json.loads(payload)
+                if mark.get("begin"):  # a catch-up begins: inconsistent until its MARK {seq}
+                    self.state.pop("mark_seq", None)
+                    self._inconsistent()
+                    self.replica.save(self.state)
+                else:
+                    self.state["mark_seq"] = int(mark["seq"])
+                    self._consistent_if_applied()
+                    self.replica.save(self.state)
                 self.send(wire.ACK, self.positions())
             elif kind == wire.REQ:
                 self.ask(json.loads(payload))
@@ -547,6 +556,13 @@ class Agent:
         self.state.pop("mark_seq")
         return True
 
+    def _catch_up_through(self) -> int:
+        """Records up to this seq are a catch-up's (target._apply_all): all of them while the
+        replica is inconsistent, up to the MARK's seq once the source has sent it."""
+        if self.state.get("consistent"):
+            return -1
+        return self.state.get("mark_seq", CATCHING_UP)
+
     def _inconsistent(self) -> None:
         if self.state.get("consistent"):
             self.state["consistent"] = False
@@ -562,6 +578,7 @@ class Agent:
             try:
                 batch = j.read(512, timeout=0.2)
                 if batch:
+                    self.target.catch_up_through = self._catch_up_through()
                     self.target.send(batch)
                 # Durable and acknowledged at least every APPLY_SYNC_SECONDS under a stream,
                 # and as soon as the applier has caught up with what arrived (a trickle of

@@ -223,6 +223,7 @@ class Capture:
                 raise Refused(str(exc), getattr(exc, "errno", None)) from exc
         elif hasattr(self.target, "prepare"):
             self.target.prepare()  # a remote target: ssh and the agent start while we mount
+        self._catch_up_scope(None)  # a fresh worker catches up once (catch_up_loop)
         if spec.kind == "fs":
             self._setup_fs()
         unclean = end is None and not first
@@ -352,6 +353,7 @@ class Capture:
     def request_catch_up(self, reason: str, discard: bool = False) -> None:
         """On the trio thread (atomic with capture): start tracking, drop what is moot."""
         self._hold_tracker()
+        self._catch_up_scope(None)
         self._full_pending = True
         if discard:
             self.journal.discard_through(self.journal.last_seq)
@@ -405,6 +407,8 @@ class Capture:
         # covered by the walk that starts here: not a second walk after it.
         if self._catch_up_wake is not None:
             self._catch_up_wake = trio.Event()
+        if self.remote:
+            self.target.begin_catch_up()  # the replica is inconsistent until the MARK below
         if self.journal.behind:
             self.journal.catch_up_from_behind()
             if not self._full_pending:
@@ -427,6 +431,8 @@ class Capture:
             self.catching = {"reason": self.reason, "stage": f"failed: {exc}"}
             return False
         self.resync_bytes += counts.get("bytes", counts.get("copied_bytes", 0))
+        if self._catch_up_wake is None or not self._catch_up_wake.is_set():  # none asked since
+            self._catch_up_scope(self.journal.last_seq)
         self.catching = None
         self.consistent = True
         self._full_pending = False
@@ -439,6 +445,14 @@ class Capture:
         log.info("%s: caught up (%s): %s", self.spec.key, self.reason, counts)
         self.last_catch_up = {"reason": self.reason, **counts, "finished": time.time()}
         return True
+
+    def _catch_up_scope(self, through: int | None) -> None:
+        """A local directory target: records up to `through` (None: all, a catch-up is to run)
+        are the catch-up's, superseded there by what it sends (target._apply_all). A remote
+        target's agent knows it from the replica's state (begin_catch_up, mark_consistent)."""
+        from app.engine.target import CATCHING_UP, LocalDirTarget
+        if isinstance(self.target, LocalDirTarget):
+            self.target.catch_up_through = CATCHING_UP if through is None else through
 
     def resync_room(self, nbytes: int) -> None:
         """In the reconciler's thread, before it commits `nbytes`: a resync never fills the

@@ -83,7 +83,8 @@ class RemoteTarget(Queried, Target):
         self.welcome: dict = {}
         self.rtt: float | None = None
         self.last_frame = 0.0
-        self.errors = 0
+        self.errors = 0  # records the agent could not apply (divergences), over all sessions
+        self._errors_before = 0
         self.last_error: str | None = None
         self.consistent = False
         self._tokens = 0.0
@@ -140,6 +141,7 @@ class RemoteTarget(Queried, Target):
         self._extra = extra
         self._failure, self._gap, self.paused, self._rewind = None, None, None, None
         self.queries.new_session()
+        self._errors_before = self.errors
         g["action"] = action
         g["go"].set()
         if not g["done"].wait(CONNECT_SECONDS):
@@ -232,6 +234,9 @@ class RemoteTarget(Queried, Target):
         with self._cv:
             self.pos = Positions(msg["received"], msg["applied"])
             self.consistent = bool(msg.get("consistent"))
+            if msg.get("apply_errors"):  # this session's agent's; those before it are kept
+                self.errors = self._errors_before + msg["apply_errors"]
+                self.last_error = msg.get("last_error") or self.last_error
             while self._inflight and self._inflight[0][0] <= self.pos.received:
                 self._inflight_bytes -= self._inflight.popleft()[1]
             self._cv.notify_all()
@@ -354,6 +359,14 @@ class RemoteTarget(Queried, Target):
     def mark_consistent(self, seq: int) -> None:
         """The catch-up has emitted everything: consistent once the agent applied `seq`."""
         self._send(wire.jframe(wire.MARK, {"seq": seq}))
+
+    def begin_catch_up(self) -> None:
+        """A catch-up begins: the replica is inconsistent until a MARK's seq is applied (the
+        agent refuses to promote it meanwhile), and a record that finds no such name there
+        is superseded by what the catch-up sends, not an apply error. Only to an agent that
+        says "catch-up-marks"; an older one learns it only after a gap (SKIP)."""
+        if "catch-up-marks" in self.welcome.get("features", ()):
+            self._send(wire.jframe(wire.MARK, {"begin": True}))
 
     # -- queries (wire.Queries: asked ahead by a walk, see sync.Ahead) ------------------------
     def compare_by_hashes(self, on: bool) -> None:

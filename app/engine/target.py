@@ -144,6 +144,11 @@ class LocalDirTarget(Target):
     """A directory on this host: records applied by FsApplier, compared through its fd."""
 
     kind = "fs"
+    # Records up to this seq belong to a catch-up (sync.Reconciler), which sends every node
+    # it lists whole when it reaches it: one of them that finds no such name here (the first
+    # copy has not made its directory yet) is superseded, not a divergence. -1: none.
+    catch_up_through = -1
+    superseded = 0
 
     def __init__(self, path: str, claim: Claim, state_dir: Path):
         self.path = path
@@ -275,12 +280,17 @@ class LocalBlockTarget(Target):
 
 PAUSE_ERRNOS = {errno.ENOSPC: "paused: target full", errno.EDQUOT: "paused: target over quota",
                 errno.EROFS: "paused: target read-only", errno.EIO: "paused: target I/O error"}
+NOT_THERE_YET = (errno.ENOENT, errno.ENOTDIR)  # a name a catch-up has not made yet
+CATCHING_UP = 1 << 62  # catch_up_through while a catch-up runs: every record so far and to come
 
 
 def _apply_all(target, records: list[Record], what) -> None:
     """Apply in order. A full, read-only or failing target pauses shipping at the record it
-    could not take (nothing skipped); any other error is a divergence, counted and shown."""
+    could not take (nothing skipped); a record of a catch-up about a name that is not there
+    yet is superseded (the catch-up sends that name whole); any other error is a divergence,
+    counted and shown."""
     from app.engine.shipper import TargetUnavailable
+    through = getattr(target, "catch_up_through", -1)
     for i, rec in enumerate(records):
         try:
             target.applier.apply(rec)
@@ -289,6 +299,9 @@ def _apply_all(target, records: list[Record], what) -> None:
                 taken = records[i - 1].seq if i else rec.seq - 1
                 raise TargetUnavailable(f"{PAUSE_ERRNOS[exc.errno]} ({target.label}: "
                                         f"{exc.strerror})", taken=taken if rec.seq else None) from exc
+            if exc.errno in NOT_THERE_YET and 0 < rec.seq <= through:
+                target.superseded += 1
+                continue
             target.errors += 1
             target.last_error = f"seq {rec.seq} {what(rec)}: {exc}"
 

@@ -11,8 +11,10 @@ The agent opens with a greeting line (GREETING), so whatever a login shell print
     WELCOME agent → source  JSON: version, generation, received, applied, consistent, free bytes
     DATA   source → agent   u8 flags (1: zstd) | records in the journal's on-disk encoding
     SKIP   source → agent   JSON {through}: records up to there never come (a resync replaces them)
-    MARK   source → agent   JSON {seq}: the target is consistent once it has applied seq
-    ACK    agent → source   JSON {received, applied, ts}: durable in its journal / on its data
+    MARK   source → agent   JSON {seq}: the target is consistent once it has applied seq;
+                            {begin: true}: a catch-up begins, it is inconsistent until then
+    ACK    agent → source   JSON {received, applied, ts, apply_errors?, last_error?}: durable in
+                            its journal / on its data; records it could not apply
     BEAT   both ways        JSON {ts, echo}: liveness, round-trip time, lag while idle
     PAUSE / RESUME          JSON {reason}: the agent cannot take more (disk full) / can again
     REWIND agent → source   JSON {received}: a batch was dropped (it came while paused, or after
@@ -47,8 +49,9 @@ FLAG_ZSTD = 1
 IOV_MAX = 1024  # pieces per writev (Linux's UIO_MAXIOV)
 # what an agent does beyond its wire version (said in its WELCOME; a source asks only what the
 # agent says): "hashed-listings": a `children` query with {"hashes": true} is answered
-# {"entries": listing, "hashes": {name: hash list}} for the regular files up to HASHED_LISTING_FILE
-FEATURES = ("hashed-listings",)
+# {"entries": listing, "hashes": {name: hash list}} for the regular files up to HASHED_LISTING_FILE;
+# "catch-up-marks": a MARK {"begin": true} makes the replica inconsistent (a catch-up begins)
+FEATURES = ("hashed-listings", "catch-up-marks")
 HASHED_LISTING_FILE = 4 << 20
 AHEAD_WINDOW = 1024  # queries a walk may have asked before it needs their answers (Queries)
 SAMPLE_FROM = 256 << 10  # a batch this big is compressed only when a sample of it compresses
