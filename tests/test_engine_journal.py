@@ -988,6 +988,9 @@ def test_small_files_go_to_the_capture_together_and_one_that_changed_is_sent_aga
             calls.append([[op for op, _a, _d in ops] for _c, ops in items])
             done = []
             for _check, ops in items:
+                if not all(done):  # after one that failed: not tried (sync.Sink.commit_many)
+                    done.append(None)
+                    continue
                 if not self.refused and any(a.get("path") == "d/f077" for _o, a, _d in ops):
                     self.refused = True  # changed since it was read: the capture refuses it
                     (src / "d" / "f077").write_bytes(b"changed meanwhile")
@@ -1188,6 +1191,42 @@ def test_a_symlink_made_anew_between_the_listing_and_the_stamp_is_not_sent_stale
     sink.walk()
     assert fired
     assert os.readlink(tgt / "link") == os.readlink(src / "link") == "new-target"
+
+
+def test_a_first_copy_costs_about_one_trip_to_the_capture_per_directory(tmp_path):
+    """Each trip to the capture thread is a thread switch and a wake-up of its event loop. A
+    first copy made about five per directory: the batch of files sent before the
+    directory's own record, that record, an empty directory's prune, and its times before and
+    with their own batch (770 trips for the standard library's 172 directories and 2,358
+    files, a quarter of the walk's thread in the profile). A directory made by the walk now
+    goes in one trip with the batch before it, needs no prune, and its times wait for the
+    next batch."""
+    from app.engine import sync
+    src, tgt = tmp_path / "src", tmp_path / "tgt"
+    for d in range(20):
+        for sub in ("", "/x", "/x/y"):
+            (src / f"d{d}{sub}").mkdir(parents=True)
+            for f in range(3):
+                (src / f"d{d}{sub}" / f"f{f}").write_bytes(b"%d" % f * 50)
+    tgt.mkdir()
+    trips = []
+
+    class Counting(sync.DirectSink):
+        def commit_many(self, items):
+            trips.append(len(items))
+            return super().commit_many(items)
+    fd = os.open(tgt, os.O_PATH | os.O_DIRECTORY)
+    src_fd = os.open(src, os.O_PATH | os.O_DIRECTORY)
+    try:
+        target = LocalDirTarget.on_fd(fd, str(tgt))
+        sync.Reconciler(src_fd, target, Counting(target)).run()
+    finally:
+        os.close(src_fd)
+        os.close(fd)
+    # each directory's mkdir and times, each file; the top's prune and times
+    assert sum(trips) == 60 * 2 + 180 + 2
+    assert len(trips) <= 60 + 2, trips  # one a directory (and the top's prune and times)
+    assert sorted(os.listdir(tgt / "d7" / "x" / "y")) == ["f0", "f1", "f2"]
 
 
 def test_a_file_made_where_the_walk_has_not_made_the_directory_yet_reaches_the_target(

@@ -785,16 +785,20 @@ class FsCaptureSink(_CaptureSink):
     def commit(self, check, ops) -> bool:
         return self.commit_many([(check, ops)])[0]
 
-    def commit_many(self, items) -> list[bool]:
+    def commit_many(self, items) -> list[bool | None]:
         """One trip to the capture thread for several files' records, each file checked there
-        (unchanged since it was read) right before its records are appended."""
+        (unchanged since it was read) right before its records are appended; after one that
+        fails, none is tried (None: sync.Sink.commit_many)."""
         import trio
         cap = self.cap
         cap.resync_room(sum(len(d) + 64 for _c, ops in items for _o, _a, d in ops))
 
         def on_capture_thread() -> list[bool]:
-            done = []
+            done: list[bool | None] = []
             for check, ops in items:
+                if not all(done):
+                    done.append(None)
+                    continue
                 if check is not None and not self.tracker.still(
                         check, lambda rel=check.rel: _lstat_key(cap.root_fd, rel)):
                     done.append(False)

@@ -365,9 +365,15 @@ class Sink:
     def commit(self, check: Check | None, ops: list[Op]) -> bool:
         raise NotImplementedError
 
-    def commit_many(self, items: list[tuple[Check | None, list[Op]]]) -> list[bool]:
-        """Several commits in order, each checked on its own (one trip where that costs)."""
-        return [self.commit(check, ops) for check, ops in items]
+    def commit_many(self, items: list[tuple[Check | None, list[Op]]]) -> list[bool | None]:
+        """Several commits in order (one trip where that costs), each checked on its own. After
+        the first that fails its check none is tried (None): the reconciler does that one
+        again, then sends them, so records keep the walk's order (a directory's times after
+        its files')."""
+        done: list[bool | None] = []
+        for check, ops in items:
+            done.append(self.commit(check, ops) if all(done) else None)
+        return done
 
     def frozen(self):
         """A context in which the source does not change (capture holds mutations)."""
@@ -429,8 +435,15 @@ class Reconciler:
 
     # -- commits
     def _commit(self, check: Check | None, ops: list[Op]) -> bool:
-        self._flush()
-        return self.sink.commit(check, ops)
+        """Commit now, after what waits in the batch, in one trip to the sink. False: the
+        check failed (the path changed since it was read)."""
+        while True:
+            batch, self._pending, self._pending_bytes = self._pending, [], 0
+            done = self.sink.commit_many([(c, o) for c, o, _ in batch] + [(check, ops)])
+            self._settle(batch, done)
+            if done[-1] is not None:
+                return done[-1]
+            # one before it failed: done again just now, the rest wait again, then this one
 
     def _frozen(self):
         self._flush()
@@ -446,9 +459,17 @@ class Reconciler:
     def _flush(self) -> None:
         while self._pending:
             batch, self._pending, self._pending_bytes = self._pending, [], 0
-            done = self.sink.commit_many([(check, ops) for check, ops, _ in batch])
-            for ok, (_check, _ops, then) in zip(done, batch):
-                then(ok)
+            self._settle(batch, self.sink.commit_many([(check, ops) for check, ops, _ in batch]))
+
+    def _settle(self, batch: list, done: list[bool | None]) -> None:
+        """Each deferred commit's outcome to its `done` callback, in order; those the sink did
+        not try (after one that failed, which is done again first) wait for the next trip."""
+        for ok, item in zip(done, batch):
+            if ok is None:
+                self._pending.append(item)
+                self._pending_bytes += sum(len(o[2]) for o in item[1])
+            else:
+                item[2](ok)
 
     def _report(self, final: bool = False) -> None:
         if self.progress and (final or self.counts["files"] % 100 == 0):
@@ -474,7 +495,10 @@ class Reconciler:
             kids = children(self.src, rel, dev=self.dev)
             if kids is None:
                 return  # gone since: the capture recorded its removal
-            tgt = self.target.children(rel) if known and not self._unknown(rel) else None
+            if not known:  # the walk made it at the target just now: since then only the
+                tgt = None  # capture put anything there, nodes made after it (nothing to prune)
+                break
+            tgt = self.target.children(rel) if not self._unknown(rel) else None
             keep = [os.fsdecode(n) for n in kids]
             if self._commit(check, [("prune", {"path": os.fsdecode(rel), "keep": keep}, b"")]):
                 break
@@ -496,7 +520,7 @@ class Reconciler:
         finally:
             if ahead is not None:
                 ahead.forget()
-        self._metadata(rel, made)
+        self._metadata(rel, made, defer=True)
 
     def _ahead(self, rel: bytes, kids: dict[bytes, Info], tgt: dict[bytes, Info] | None
                ) -> Ahead | None:
@@ -740,10 +764,11 @@ class Reconciler:
 
     # -- metadata
     def _metadata(self, rel: bytes, tinfo: Info | None, check: Check | None = None,
-                  frozen: bool = False) -> bool:
+                  frozen: bool = False, defer: bool = False) -> bool:
         """Owner, mode, xattrs and times as the source has them now (checked like the data;
         a path that keeps changing is held still once, like a file's data: the capture
-        records later changes, never the state a refused commit would have sent)."""
+        records later changes, never the state a refused commit would have sent). `defer`:
+        with the next batch; done again, not deferred, should its check fail then."""
         for _ in range(0 if frozen else COMMIT_TRIES):
             try:
                 info = lstat_info(self.src, rel)
@@ -759,6 +784,12 @@ class Reconciler:
                 check = None  # replaced meanwhile: read and stamp it anew
                 continue
             ops = self._metadata_ops(rel, info, tinfo)
+            if ops and defer:
+                def then(ok: bool) -> None:
+                    if not ok:
+                        self._metadata(rel, tinfo)
+                self._defer(check, ops, then)
+                return True
             if not ops or self._commit(check, ops):
                 return True
             check = None
