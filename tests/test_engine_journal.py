@@ -828,6 +828,16 @@ def test_confined_records_and_queries_never_leave_the_replica(tmp_path):
     apply("symlink", path="d", target=str(outside), uid=0, gid=0)
     with pytest.raises(OSError):
         apply("create", path="d/new", mode=0o644, uid=0, gid=0)
+    # a directory above a checked one (a/b) renamed away and replaced by a symlink
+    apply("mkdir", path="a", mode=0o755, uid=0, gid=0)
+    apply("mkdir", path="a/b", mode=0o755, uid=0, gid=0)
+    apply("create", path="a/b/f", mode=0o644, uid=0, gid=0)
+    apply("rename", old="a", new="z", flags=0)
+    (outside / "b").mkdir()
+    apply("symlink", path="a", target=str(outside), uid=0, gid=0)
+    with pytest.raises(OSError):
+        apply("create", path="a/b/new", mode=0o644, uid=0, gid=0)  # a/b was checked before
+    (outside / "b").rmdir()
     apply("mkdir", path="g", mode=0o755, uid=0, gid=0)
     apply("create", path="g/f", mode=0o644, uid=0, gid=0)
     apply("remove", path="g")
