@@ -3,17 +3,14 @@ subcommand group; the engine prints nothing here (it is only asked to run, for `
 
 Conventions (util-linux's): results on stdout, failures and refusals on stderr, `--json`
 results on stdout; one exit-code rule for every command (common.EXIT_CODES). Textual is
-imported only by the `tui` path, so scripted calls start fast.
+imported only by the `tui` path, so scripted calls start fast; `serve-target`, which sshd
+starts for every replication session, builds only its own parser.
 """
 
 from __future__ import annotations
 
 import argparse
-
-from app.cli import block, config, daemon, fs, manual, replica, service, status, target
-from app.cli.common import EXIT_CODES, add
-from app.cli.output import refusal
-from app.services.results import MirrorError
+import sys
 
 
 def cmd_tui(args) -> int:
@@ -22,6 +19,8 @@ def cmd_tui(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from app.cli import block, config, daemon, fs, manual, replica, service, status, target
+    from app.cli.common import EXIT_CODES, add
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--config", default=argparse.SUPPRESS, metavar="PATH",
                         help="configuration file (default: $MIRRORSETUP_CONFIG or "
@@ -48,7 +47,35 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def serve_target(argv: list[str]) -> int:
+    """`mirrorsetup serve-target --root DIR`, as the replication key's forced command runs it:
+    without the parser of every other command and their modules (about 60 ms of each
+    session's start, in series with the ssh handshake)."""
+    p = argparse.ArgumentParser(prog="mirrorsetup serve-target",
+                                description="The target side: serve replicas below --root "
+                                            "(run by sshd as the forced command of the "
+                                            "replication key).")
+    p.add_argument("--root", required=True)
+    return run_agent(p.parse_args(argv).root)
+
+
+def run_agent(root: str) -> int:
+    import os
+    from app.engine import agent
+    code = agent.main(root)  # its journal and replica state are closed and synced by now
+    # End here: a thread still blocked reading the session's input (the fail-back's replies)
+    # made the interpreter's shutdown abort ("Fatal Python error: _enter_buffered_busy").
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["serve-target"]:
+        return serve_target(argv[1:])
+    from app.cli.output import refusal
+    from app.services.results import MirrorError
     args = build_parser().parse_args(argv)
     # --config/--socket/--json may stand before or after the subcommand (SUPPRESS keeps either).
     for name, default in (("config", None), ("socket", None), ("json", False),

@@ -90,15 +90,8 @@ def cmd_authorized_key(args) -> int:
 
 
 def cmd_serve_target(args) -> int:
-    import os
-    import sys
-    from app.engine import agent
-    code = agent.main(args.root)  # its journal and replica state are closed and synced by now
-    # End here: a thread still blocked reading the session's input (the fail-back's replies)
-    # made the interpreter's shutdown abort ("Fatal Python error: _enter_buffered_busy").
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(code)
+    from app.cli import run_agent  # (sshd's `mirrorsetup serve-target` goes there directly)
+    return run_agent(args.root)
 
 
 def register(sub, common) -> None:
