@@ -407,8 +407,6 @@ class Capture:
         # covered by the walk that starts here: not a second walk after it.
         if self._catch_up_wake is not None:
             self._catch_up_wake = trio.Event()
-        if self.remote:
-            self.target.begin_catch_up()  # the replica is inconsistent until the MARK below
         if self.journal.behind:
             self.journal.catch_up_from_behind()
             if not self._full_pending:
@@ -420,8 +418,14 @@ class Capture:
         self.catching = {"reason": self.reason, "stage": "comparing", "done": 0, "total": None,
                          "bytes": 0, "started": time.time()}
         log.info("%s: catching up (%s)", self.spec.key, self.reason)
+        def walk() -> dict:
+            # The session's frames go from the walk's thread, not this one (which serves the
+            # file system's requests): a write may wait behind a batch on a slow link.
+            if self.remote:
+                self.target.begin_catch_up()  # the replica is inconsistent until the MARK below
+            return self._reconcile(False, dirty)
         try:
-            counts = await trio.to_thread.run_sync(self._reconcile, False, dirty, abandon_on_cancel=True)
+            counts = await trio.to_thread.run_sync(walk, abandon_on_cancel=True)
         except TargetUnavailable as exc:
             log.warning("%s: catching up paused: %s", self.spec.key, exc.state)
             self.catching = {"reason": self.reason, "stage": f"paused: {exc.state}"}
@@ -439,7 +443,7 @@ class Capture:
         self._dirty_scope.clear()
         if self.remote:  # the replica is consistent once the agent has applied all of it
             try:
-                self.target.mark_consistent(self.journal.last_seq)
+                await trio.to_thread.run_sync(self.target.mark_consistent, self.journal.last_seq)
             except OSError as exc:
                 log.warning("%s: could not mark the replica consistent now: %s", self.spec.key, exc)
         log.info("%s: caught up (%s): %s", self.spec.key, self.reason, counts)
