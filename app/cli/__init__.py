@@ -49,7 +49,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def serve_target(argv: list[str]) -> int:
     """`mirrorsetup serve-target --root DIR`, as the replication key's forced command runs it:
-    without the parser of every other command and their modules (about 60 ms of each
+    without the parser of every other command and their modules (about 35 ms of each
     session's start, in series with the ssh handshake)."""
     p = argparse.ArgumentParser(prog="mirrorsetup serve-target",
                                 description="The target side: serve replicas below --root "
