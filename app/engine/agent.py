@@ -489,9 +489,11 @@ class Agent:
             elif kind == wire.MARK:
                 mark = json.loads(payload)
                 if mark.get("begin"):  # a catch-up begins: inconsistent until its MARK {seq}
-                    self.state.pop("mark_seq", None)
-                    self._inconsistent()
-                    self.replica.save(self.state)
+                    had_mark = self.state.pop("mark_seq", None) is not None
+                    if self.state.get("consistent"):
+                        self._inconsistent()  # (saves)
+                    elif had_mark:
+                        self.replica.save(self.state)
                 else:
                     self.state["mark_seq"] = int(mark["seq"])
                     self._consistent_if_applied()

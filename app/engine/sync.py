@@ -437,13 +437,10 @@ class Reconciler:
     def _commit(self, check: Check | None, ops: list[Op]) -> bool:
         """Commit now, after what waits in the batch, in one trip to the sink. False: the
         check failed (the path changed since it was read)."""
-        while True:
-            batch, self._pending, self._pending_bytes = self._pending, [], 0
-            done = self.sink.commit_many([(c, o) for c, o, _ in batch] + [(check, ops)])
-            self._settle(batch, done)
-            if done[-1] is not None:
-                return done[-1]
-            # one before it failed: done again just now, the rest wait again, then this one
+        while True:  # None: one before it failed, was done again, the rest wait again
+            ok = self._trip((check, ops))
+            if ok is not None:
+                return ok
 
     def _frozen(self):
         self._flush()
@@ -451,25 +448,30 @@ class Reconciler:
 
     def _defer(self, check: Check | None, ops: list[Op], done: Callable[[bool], None]) -> None:
         """Commit with the next batch; `done(committed)` is called then."""
-        self._pending.append((check, ops, done))
-        self._pending_bytes += sum(len(o[2]) for o in ops)
+        self._queue((check, ops, done))
         if len(self._pending) >= BATCH_FILES or self._pending_bytes >= BATCH_BYTES:
             self._flush()
 
+    def _queue(self, item: tuple[Check | None, list[Op], Callable[[bool], None]]) -> None:
+        self._pending.append(item)
+        self._pending_bytes += sum(len(o[2]) for o in item[1])
+
     def _flush(self) -> None:
         while self._pending:
-            batch, self._pending, self._pending_bytes = self._pending, [], 0
-            self._settle(batch, self.sink.commit_many([(check, ops) for check, ops, _ in batch]))
+            self._trip()
 
-    def _settle(self, batch: list, done: list[bool | None]) -> None:
-        """Each deferred commit's outcome to its `done` callback, in order; those the sink did
-        not try (after one that failed, which is done again first) wait for the next trip."""
+    def _trip(self, now: tuple[Check | None, list[Op]] | None = None) -> bool | None:
+        """One trip to the sink: the batch, then `now` if given (its outcome is returned).
+        Each deferred commit's outcome goes to its `done` callback, in order; those the sink
+        did not try (after one that failed, which is done again first) wait for the next."""
+        batch, self._pending, self._pending_bytes = self._pending, [], 0
+        done = self.sink.commit_many([(c, o) for c, o, _ in batch] + ([now] if now else []))
         for ok, item in zip(done, batch):
             if ok is None:
-                self._pending.append(item)
-                self._pending_bytes += sum(len(o[2]) for o in item[1])
+                self._queue(item)
             else:
                 item[2](ok)
+        return done[-1] if now else None
 
     def _report(self, final: bool = False) -> None:
         if self.progress and (final or self.counts["files"] % 100 == 0):

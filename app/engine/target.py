@@ -87,6 +87,12 @@ class Target:
 
     kind = "fs"
     label = ""
+    # Records up to this seq belong to a catch-up (sync.Reconciler), which sends every node
+    # it lists whole when it reaches it: one of them that finds no such name here (the first
+    # copy has not made its directory yet) is superseded, not a divergence (_apply_all).
+    # -1: none. Set by the capture (a local target) or the agent (its replica).
+    catch_up_through = -1
+    superseded = 0
 
     def open(self) -> Positions | None:
         """Claim (or check the claim of) the target and return where it durably is; None when
@@ -144,11 +150,6 @@ class LocalDirTarget(Target):
     """A directory on this host: records applied by FsApplier, compared through its fd."""
 
     kind = "fs"
-    # Records up to this seq belong to a catch-up (sync.Reconciler), which sends every node
-    # it lists whole when it reaches it: one of them that finds no such name here (the first
-    # copy has not made its directory yet) is superseded, not a divergence. -1: none.
-    catch_up_through = -1
-    superseded = 0
 
     def __init__(self, path: str, claim: Claim, state_dir: Path):
         self.path = path
@@ -290,7 +291,7 @@ def _apply_all(target, records: list[Record], what) -> None:
     yet is superseded (the catch-up sends that name whole); any other error is a divergence,
     counted and shown."""
     from app.engine.shipper import TargetUnavailable
-    through = getattr(target, "catch_up_through", -1)
+    through = target.catch_up_through
     for i, rec in enumerate(records):
         try:
             target.applier.apply(rec)
