@@ -18,8 +18,37 @@ def cmd_tui(args) -> int:
     return run_tui(config_path=args.config, control_socket=args.socket)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    from app.cli import block, config, daemon, fs, manual, replica, service, status, target
+# Which module registers each command: a call that names its command builds only that one's
+# parser (about 30 ms of every scripted call, measured with `block detach-all`).
+COMMANDS = {"fs": "fs", "block": "block", "manual": "manual", "status": "status",
+            "daemon": "daemon", "service": "service", "config": "config", "target": "target",
+            "serve-target": "target", "switchover": "replica", "failback": "replica",
+            "replica": "replica"}
+_GROUPS = ("fs", "block", "manual", "status", "daemon", "service", "config", "target", "replica")
+
+
+def command_of(argv: list[str]) -> str | None:
+    """The command argv names, when nothing before it could mean anything else: only the
+    common options, spelled out (`--config PATH`, `--config=PATH`, `--socket …`, `--json`).
+    None (build every parser) for help, the version, an abbreviated option or no command."""
+    i = 0
+    while i < len(argv):
+        arg = argv[i]
+        if arg in ("--config", "--socket"):
+            i += 2
+        elif arg == "--json" or arg.startswith(("--config=", "--socket=")):
+            i += 1
+        elif arg in COMMANDS or arg == "tui":
+            return arg
+        else:
+            return None
+    return None
+
+
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The whole parser, or (with `command`, one of COMMANDS or "tui") only the parts that
+    parse that command's calls: the same results and errors for them."""
+    import importlib
     from app.cli.common import EXIT_CODES, add
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--config", default=argparse.SUPPRESS, metavar="PATH",
@@ -41,9 +70,11 @@ def build_parser() -> argparse.ArgumentParser:
                         help="print the version and exit")
     parser.set_defaults(func=cmd_tui)
     sub = parser.add_subparsers(title="commands", metavar="COMMAND")
-    add(sub, "tui", cmd_tui, "start the full-screen console (the default)", common)
-    for module in (fs, block, manual, status, daemon, service, config, target, replica):
-        module.register(sub, common)
+    if command in (None, "tui"):
+        add(sub, "tui", cmd_tui, "start the full-screen console (the default)", common)
+    groups = _GROUPS if command is None else (COMMANDS[command],) if command != "tui" else ()
+    for name in groups:
+        importlib.import_module(f"app.cli.{name}").register(sub, common)
     return parser
 
 
@@ -76,7 +107,7 @@ def main(argv: list[str] | None = None) -> int:
         return serve_target(argv[1:])
     from app.cli.output import refusal
     from app.services.results import MirrorError
-    args = build_parser().parse_args(argv)
+    args = build_parser(command_of(argv)).parse_args(argv)
     # --config/--socket/--json may stand before or after the subcommand (SUPPRESS keeps either).
     for name, default in (("config", None), ("socket", None), ("json", False),
                           ("state_dir", None)):
