@@ -4,7 +4,7 @@ Run as root from the repository's top directory (about 5-10 minutes with the def
 
     .venv/bin/python bench/remote.py [--runs 3] [--seconds 20] [--skip-mirror] [--skip-stream]
                                      [--skip-lag] [--skip-compress] [--resync-delay-ms MS]
-                                     [--block-mib MIB]
+                                     [--block-mib MIB] [--compression zstd|none]
 
 The bed is tests/netbed.py's TwoHosts (a target network namespace with its own sshd, joined by
 a veth pair); the remote target `backup1` is added exactly as tests/test_remote.py's Remote does
@@ -268,9 +268,12 @@ class Poller(threading.Thread):
 
 # -- setting up a remote entry ---------------------------------------------------------------
 
+COMPRESSION = None  # --compression: the target's, when given
+
+
 def add_remote(run_dir: Path, bed: TwoHosts, root: Path | None = None) -> Remote:
     """backup1 in run_dir's own config; its key authorized beside the bed's own (rsync's)."""
-    r = Remote(run_dir, bed, root)
+    r = Remote(run_dir, bed, root, **({"compression": COMPRESSION} if COMPRESSION else {}))
     bed.set_authorized_keys([bed.authorized_key_line(), r.authorized_line])
     return r
 
@@ -806,9 +809,13 @@ def main() -> None:
     ap.add_argument("--resync-delay-ms", type=float, default=10, help="section 5's one-way "
                     "delay; 0 skips the section")
     ap.add_argument("--block-mib", type=int, default=256, help="section 6's device; 0 skips it")
+    ap.add_argument("--compression", choices=("zstd", "none"), help="the target's (default: "
+                    "`target add`'s own)")
     for name in ("mirror", "stream", "lag", "compress"):
         ap.add_argument(f"--skip-{name}", action="store_true")
     args = ap.parse_args()
+    global COMPRESSION
+    COMPRESSION = args.compression
     args.warmup = min(args.warmup, args.seconds / 2)
     if os.geteuid() != 0:
         sys.exit("run as root (network namespaces, FUSE mounts)")
