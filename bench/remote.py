@@ -4,7 +4,7 @@ Run as root from the repository's top directory (about 5-10 minutes with the def
 
     .venv/bin/python bench/remote.py [--runs 3] [--seconds 20] [--skip-mirror] [--skip-stream]
                                      [--skip-lag] [--skip-compress] [--resync-delay-ms MS]
-                                     [--block-mib MIB] [--compression zstd|none]
+                                     [--block-mib MIB] [--compression zstd|none] [--trace]
 
 The bed is tests/netbed.py's TwoHosts (a target network namespace with its own sshd, joined by
 a veth pair); the remote target `backup1` is added exactly as tests/test_remote.py's Remote does
@@ -209,15 +209,26 @@ def settled(st: dict | None) -> bool:
                 and st["replication"] == "established" and st["target_data"] == "consistent")
 
 
+TRACE = False  # --trace: wait_settled prints each polled row of an initial mirror
+
+
 def wait_settled(client: ControlClient, key: str, timeout: float,
                  firsts: dict | None = None) -> dict:
     """Poll until `settled`; `firsts` gets the time each stage was first seen (captured,
     connected)."""
     deadline = time.monotonic() + timeout
     st = None
+    t0, trace = time.monotonic(), TRACE and firsts is not None
+    if trace:
+        print("    trace: seconds, last_seq, sent_seq, received_seq, applied_seq, catch-up stage, "
+              "connection", flush=True)
     while True:
         with contextlib.suppress(OSError):
             st = row(client, key)
+        if trace and st:
+            print(f"    {time.monotonic() - t0:6.3f} {st['last_seq']:7d} {st['sent_seq']:7d} "
+                  f"{st['received_seq']:7d} {st['applied_seq']:7d} "
+                  f"{(st['catch_up'] or {}).get('stage', '-')!s:>22} {st['connection']}", flush=True)
         if firsts is not None and st:
             walked = "connected" in firsts and st["catch_up"] is None
             for name, seen in (("captured", st["captured"]),
@@ -231,7 +242,7 @@ def wait_settled(client: ControlClient, key: str, timeout: float,
             return st
         if time.monotonic() > deadline:
             raise RuntimeError(f"{key} not settled after {timeout:.0f} s: {st}")
-        time.sleep(0.05)
+        time.sleep(0.01 if trace else 0.05)
 
 
 class Poller(threading.Thread):
@@ -809,13 +820,15 @@ def main() -> None:
     ap.add_argument("--resync-delay-ms", type=float, default=10, help="section 5's one-way "
                     "delay; 0 skips the section")
     ap.add_argument("--block-mib", type=int, default=256, help="section 6's device; 0 skips it")
+    ap.add_argument("--trace", action="store_true", help="print the entry's positions every "
+                    "10 ms of each initial mirror (where the time goes)")
     ap.add_argument("--compression", choices=("zstd", "none"), help="the target's (default: "
                     "`target add`'s own)")
     for name in ("mirror", "stream", "lag", "compress"):
         ap.add_argument(f"--skip-{name}", action="store_true")
     args = ap.parse_args()
-    global COMPRESSION
-    COMPRESSION = args.compression
+    global COMPRESSION, TRACE
+    COMPRESSION, TRACE = args.compression, args.trace
     args.warmup = min(args.warmup, args.seconds / 2)
     if os.geteuid() != 0:
         sys.exit("run as root (network namespaces, FUSE mounts)")
