@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+import threading
 import time
 
 import pytest
@@ -19,18 +20,30 @@ PARALLEL = 32
 
 
 def attach_all_at_once(cfg, *, socket: str, n: int = PARALLEL) -> list[tuple[float, float, list]]:
-    """n `block attach-all --json` started together; (start, end, results) of each."""
+    """n `block attach-all --json` started together; (start, end, results) of each. Each end
+    is taken when that process ends (a thread waits for each), not when the loop below gets
+    to it: read in turn, every end came after every start, and the overlap was always n."""
     env = {**os.environ, "MIRRORSETUP_SOCKET": socket}
     procs = []
     for _ in range(n):
         procs.append((time.monotonic(), subprocess.Popen(
             [sys.executable, "-m", "app", "--config", str(cfg), "block", "attach-all", "--json"],
             cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)))
+    ended: dict[int, tuple[float, str, str]] = {}
+
+    def wait(p) -> None:
+        stdout, stderr = p.communicate(timeout=600)
+        ended[p.pid] = (time.monotonic(), stdout, stderr)
+    waiters = [threading.Thread(target=wait, args=(p,)) for _s, p in procs]
+    for w in waiters:
+        w.start()
+    for w in waiters:
+        w.join()
     out = []
     for started, p in procs:
-        stdout, stderr = p.communicate(timeout=600)
+        end, stdout, stderr = ended[p.pid]
         assert p.returncode in (0, 1), stderr
-        out.append((started, time.monotonic(), json.loads(stdout)))
+        out.append((started, end, json.loads(stdout)))
     return out
 
 
