@@ -41,6 +41,7 @@ def attach_all_at_once(cfg, *, socket: str, n: int = PARALLEL) -> list[tuple[flo
         w.join()
     out = []
     for started, p in procs:
+        assert p.pid in ended, f"attach-all {p.pid} did not end within 600 s"
         end, stdout, stderr = ended[p.pid]
         assert p.returncode in (0, 1), stderr
         out.append((started, end, json.loads(stdout)))

@@ -19,7 +19,7 @@ def cmd_tui(args) -> int:
 
 
 # Which module registers each command: a call that names its command builds only that one's
-# parser (about 30 ms of every scripted call, measured with `block detach-all`).
+# parser (17 ms of the 171 of `block detach-all` with an empty configuration here).
 COMMANDS = {"fs": "fs", "block": "block", "manual": "manual", "status": "status",
             "daemon": "daemon", "service": "service", "config": "config", "target": "target",
             "serve-target": "target", "switchover": "replica", "failback": "replica",
