@@ -4,6 +4,7 @@ they call services; and a scripted CLI call never loads Textual."""
 
 from __future__ import annotations
 
+import argparse
 import ast
 import pkgutil
 import subprocess
@@ -119,3 +120,7 @@ def test_a_call_that_names_its_command_builds_only_that_ones_parser_with_the_sam
     assert {f"app.cli.{g}" for g in cli._GROUPS} & modules == {"app.cli.block"}
     usage = cli.build_parser().format_help()
     assert all(name in usage for name in cli.COMMANDS)
+    for name in cli.COMMANDS:  # each name's module registers it
+        sub = next(a for a in cli.build_parser(name)._actions
+                   if isinstance(a, argparse._SubParsersAction))
+        assert name in sub.choices, name

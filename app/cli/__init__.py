@@ -24,7 +24,7 @@ COMMANDS = {"fs": "fs", "block": "block", "manual": "manual", "status": "status"
             "daemon": "daemon", "service": "service", "config": "config", "target": "target",
             "serve-target": "target", "switchover": "replica", "failback": "replica",
             "replica": "replica"}
-_GROUPS = ("fs", "block", "manual", "status", "daemon", "service", "config", "target", "replica")
+_GROUPS = tuple(dict.fromkeys(COMMANDS.values()))  # every module once, in the help's order
 
 
 def command_of(argv: list[str]) -> str | None:
@@ -72,7 +72,10 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     sub = parser.add_subparsers(title="commands", metavar="COMMAND")
     if command in (None, "tui"):
         add(sub, "tui", cmd_tui, "start the full-screen console (the default)", common)
-    groups = _GROUPS if command is None else (COMMANDS[command],) if command != "tui" else ()
+    if command is None:
+        groups = _GROUPS
+    else:
+        groups = (COMMANDS[command],) if command in COMMANDS else ()
     for name in groups:
         importlib.import_module(f"app.cli.{name}").register(sub, common)
     return parser
