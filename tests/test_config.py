@@ -22,6 +22,7 @@ from hypothesis import strategies as st
 from app.services import config as config_module
 from app.services.config import (ENCRYPTION_REFUSAL, ROOT_REFUSAL, BlockEntry, Config, ConfigStore,
                                  FsEntry, config_from_toml, config_to_toml, default_path)
+from app.services.config_toml import plain_toml
 from app.services.results import ConfigError, MirrorError, Outcome
 from conftest import run
 
@@ -349,6 +350,59 @@ def test_any_toml_document_is_a_config_or_a_pointed_config_error(doc):
         else:
             pointed = text.splitlines()[exc.line - 1]
             assert exc.key in pointed or "missing" in str(exc)
+
+
+@given(_configs)
+def test_what_we_write_is_read_by_the_plain_reader_exactly_as_tomllib_reads_it(config):
+    text = config_to_toml(config)
+    doc = plain_toml(text)
+    if doc is None:  # only a string that needs an escape sends it to tomllib
+        assert "\\" in text
+    else:
+        assert doc == tomllib.loads(text)
+
+
+# Lines made of the pieces TOML is made of, most of them almost plain: the plain reader must
+# either decline (None) or agree with tomllib, and decline whatever tomllib refuses.
+_toml_keys = st.sampled_from(["a", "b", "block", "schema", "a.b", '"a"', "", "a b", "é", "-_"])
+_toml_values = st.sampled_from(["1", "0", "01", "+1", "-0", "+01", "9" * 18, "9" * 19, "1_0", "1.5",
+                                "0x1", "true", "True", "false", '"x"', '"x\\"', '"a\\tb"', "'x'",
+                                '"é"', '""', '"\x01"', '"\t"', "[]", "{}", "nan", "", '"a" "b"'])
+_toml_space = st.sampled_from(["", " ", "\t", "  "])
+_toml_comment = st.sampled_from(["", "#", " # c", "#\x01", "#\t é", "\r"])
+_toml_bits = st.sampled_from(["[[", "]]", "[", "]", "block", "=", " ", '"', "\\", "1", "#", "\r"])
+_toml_line = st.one_of(
+    st.tuples(_toml_space, _toml_keys, _toml_space, _toml_space, _toml_values, _toml_comment).map(
+        lambda t: f"{t[0]}{t[1]}{t[2]}={t[3]}{t[4]}{t[5]}"),
+    st.tuples(_toml_space, _toml_keys, _toml_space, _toml_comment).map(
+        lambda t: f"[[{t[0]}{t[1]}{t[2]}]]{t[3]}"),
+    st.tuples(_toml_keys, _toml_comment).map(lambda t: f"[{t[0]}]{t[1]}"),
+    _toml_comment,
+    st.lists(_toml_bits, max_size=8).map("".join))
+_toml_lines = st.lists(_toml_line, max_size=8)
+
+
+@settings(max_examples=1000, deadline=None)
+@given(_toml_lines)
+def test_the_plain_reader_declines_or_agrees_with_tomllib(lines):
+    text = "\n".join(lines)
+    doc = plain_toml(text)
+    try:
+        want = tomllib.loads(text)
+    except tomllib.TOMLDecodeError:
+        assert doc is None
+    else:
+        assert doc is None or doc == want
+
+
+def test_the_plain_reader_reads_keys_before_tables_and_declines_a_clash():
+    assert plain_toml('schema = 1 # the version\n\n[[ block ]]\ndevice = "/dev/vdb"\n'
+                      'offset = +512\nread_only = false\n[[block]]\ndevice="/x"') == {
+        "schema": 1, "block": [{"device": "/dev/vdb", "offset": 512, "read_only": False},
+                               {"device": "/x"}]}
+    for text in ('block = 1\n[[block]]', 'a = 1\na = 2', '[[b]]\nx = 1\nx = 2', 'a = 012',
+                 'a = "x\\ty"', 'a = 1\r', "a = 'x'", "a.b = 1", "[t]", "a = 1.5"):
+        assert plain_toml(text) is None, text
 
 
 @given(st.text(max_size=200))
