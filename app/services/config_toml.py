@@ -11,7 +11,6 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
-import tomli_w
 
 from app.services.results import ConfigError
 
@@ -175,6 +174,7 @@ def config_to_toml(config: Config) -> str:
     Each table is dumped on its own so tomli_w never folds them into inline arrays, which are
     harder to edit by hand; keys whose value is None are left out.
     """
+    import tomli_w  # here, not above: most calls only read the file
     parts = [HEADER, tomli_w.dumps({"schema": SCHEMA_VERSION})]
     for table, (_cls, spec) in TABLES.items():
         for entry in getattr(config, table):

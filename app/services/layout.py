@@ -21,7 +21,6 @@ Per entry (id = last path component + a hash of the path or device):
 from __future__ import annotations
 
 import errno
-import hashlib
 import os
 import stat
 from dataclasses import dataclass
@@ -47,7 +46,7 @@ def default_state_dir() -> str:
 def entry_id(key: str) -> str:
     """A directory name for an entry, stable per path or device: readable and unique."""
     base = os.path.basename(key.rstrip("/")) or "root"
-    return f"{base[:40]}-{hashlib.sha256(os.fsencode(key)).hexdigest()[:12]}"
+    return f"{base[:40]}-{_sha256(os.fsencode(key))[:12]}"
 
 
 QUEUE_LIMIT_SHARE = 10  # by default an entry's queue may take a tenth of its file system
@@ -62,7 +61,7 @@ def default_queue_limit(state_dir: str) -> int:
 
 
 def installation_tag(state_dir: str) -> str:
-    return hashlib.sha256(os.fsencode(os.path.realpath(state_dir))).hexdigest()[:10]
+    return _sha256(os.fsencode(os.path.realpath(state_dir)))[:10]
 
 
 @dataclass(frozen=True)
@@ -182,3 +181,8 @@ def target_is_empty(path: str) -> bool:
         return dir_is_empty(path)
     with open(path, "rb") as f:
         return not any(f.read(1 << 20))
+
+
+def _sha256(data: bytes) -> str:
+    import hashlib  # here, not above: its OpenSSL start costs 3 ms, and few calls need it
+    return hashlib.sha256(data).hexdigest()
