@@ -160,3 +160,5 @@ def test_version_is_printed_on_stdout(flag):
     from app import __version__
     proc = cli(flag)
     assert (proc.returncode, proc.stdout, proc.stderr) == (0, f"mirrorsetup {__version__}\n", "")
+    from importlib.metadata import version  # what the package says; the agent reports __version__
+    assert version("mirrorsetup") == __version__

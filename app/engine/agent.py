@@ -25,12 +25,10 @@ import json
 import logging
 import os
 import signal
-import socket
 import stat
 import sys
 import threading
 import time
-import uuid
 from collections import deque
 from pathlib import Path
 
@@ -277,7 +275,7 @@ class Agent:
         self.source_version = h["version"]  # what a fail-back may send it (wire.VERSION)
         action = h.get("action", "replicate")
         st = os.statvfs(self.root)
-        self.info = {"version": wire.VERSION, "agent": _version(), "host": socket.gethostname(),
+        self.info = {"version": wire.VERSION, "agent": _version(), "host": os.uname().nodename,
                      "free_bytes": st.f_bavail * st.f_frsize, "root": self.root,
                      "features": list(wire.FEATURES)}
         if action == "test":
@@ -323,7 +321,7 @@ class Agent:
         self._open_data(rel, kind, h)
         if not state or state.get("source") != source:
             self.state = state = {"source": source, "kind": kind, "path": rel, "role": "secondary",
-                                  "generation": h.get("generation") or uuid.uuid4().hex,
+                                  "generation": h.get("generation") or _new_generation(),
                                   "created": time.time(), "consistent": False, "consistent_seq": 0}
             self.replica.save(state)
         self.journal = Journal(self.replica.dir, kind=KIND_FS if kind == "fs" else KIND_BLOCK)
@@ -700,11 +698,15 @@ def _has_room(root: str, need: int = 8 << 20) -> bool:
 
 
 def _version() -> str:
-    try:
-        from importlib.metadata import version
-        return version("mirrorsetup")
-    except Exception:
-        return "unknown"
+    """What `mirrorsetup -V` says (not importlib.metadata's answer: that took 29 ms of every
+    session's start, in series with the ssh handshake; a test holds the two equal)."""
+    from app import __version__
+    return __version__
+
+
+def _new_generation() -> str:
+    import uuid  # here, not above: 4 ms of every session's start, for a rare new replica
+    return uuid.uuid4().hex
 
 
 def main(root: str) -> int:
@@ -777,13 +779,13 @@ def promote_state(state: dict, *, by: str, seq: int) -> None:
     state["promoted"] = {"time": time.time(), "by": by, "seq": seq,
                          "from_generation": state.get("generation")}
     state.setdefault("history", []).append({"promoted": state["promoted"]})
-    state.update(role="primary", generation=uuid.uuid4().hex)
+    state.update(role="primary", generation=_new_generation())
     state.pop("split_brain", None)
 
 
 def demote_state(state: dict, *, generation: str | None, consistent: bool, seq: int = 0) -> None:
     state.setdefault("history", []).append({"demoted": time.time(), "from": state.get("generation")})
-    state.update(role="secondary", generation=generation or uuid.uuid4().hex, consistent=consistent,
+    state.update(role="secondary", generation=generation or _new_generation(), consistent=consistent,
                  consistent_seq=seq if consistent else 0, consistent_time=time.time())
     for key in ("promoted", "split_brain", "mark_seq"):
         state.pop(key, None)

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import random
 import threading
 import time
 from collections import deque
@@ -162,6 +161,7 @@ class Shipper:
             except TargetUnavailable as exc:
                 self._unavailable(exc)
                 cap = BACKOFF_MAX_LOCAL if self.local or not exc.disconnect else BACKOFF_MAX
+                import random  # here, not above: the agent imports this module too
                 delay = min(backoff, cap) * random.uniform(0.8, 1.2)
                 backoff = min(backoff * 2, cap)
                 if exc.delay is not None:

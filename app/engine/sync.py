@@ -30,7 +30,6 @@ from __future__ import annotations
 import base64
 import contextlib
 import errno
-import hashlib
 import os
 import stat
 from collections.abc import Callable, Iterable
@@ -175,7 +174,7 @@ def block_hashes(fd: int, size: int, offset: int = 0, block: int = BLOCK) -> lis
     for start in range(0, size, block):
         n = min(block, size - start)
         data = os.pread(fd, n, offset + start)
-        out.append(hashlib.sha256(data).hexdigest())
+        out.append(sha256_hex(data))
     return out
 
 
@@ -196,9 +195,14 @@ def open_file(dir_fd: int, rel: bytes) -> int:
         return os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=d)
 
 
+def sha256_hex(data: bytes) -> str:
+    import hashlib  # here, not above: the agent's start does not wait for OpenSSL's (4 ms)
+    return hashlib.sha256(data).hexdigest()
+
+
 def whole_hash(hashes: list[str]) -> str:
     """One digest for a file from its block hashes (what verify compares)."""
-    return hashlib.sha256("".join(hashes).encode()).hexdigest()
+    return sha256_hex("".join(hashes).encode())
 
 
 def scan(root_fd: int, *, hashes: bool = True) -> dict[bytes, Info]:
@@ -704,7 +708,7 @@ class Reconciler:
             for i, start in enumerate(range(0, info.size, self.block)):
                 data = os.pread(fd, min(self.block, info.size - start), start)
                 if theirs is not None and i < len(theirs) and \
-                        hashlib.sha256(data).hexdigest() == theirs[i]:
+                        sha256_hex(data) == theirs[i]:
                     continue
                 ops.append(("write", {"path": p, "offset": start}, data))
                 sent += len(data)

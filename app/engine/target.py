@@ -20,7 +20,6 @@ import contextlib
 import errno
 import json
 import os
-import socket
 import stat
 from dataclasses import dataclass
 from pathlib import Path
@@ -75,7 +74,7 @@ class Claim:
 def host_id() -> str:
     """This host's name for claims: its machine-id when it has one, else its host name."""
     text = read_small_file(Path("/etc"), "machine-id")
-    return (text or "").strip() or socket.gethostname()
+    return (text or "").strip() or os.uname().nodename
 
 
 class TargetRefused(MirrorError):
