@@ -198,6 +198,7 @@ class Capture:
         self.fuse_dev: tuple[int, int] | None = None
         self.mount_point = ""
         self._catch_up_wake = None
+        self._connected_wake = None  # a trio.Event while a catch-up waits for its target
         self._trackers = 0
         self._held = False
         self._full_pending = True  # a fresh worker compares everything once
@@ -243,7 +244,8 @@ class Capture:
         from app.engine.shipper import Shipper
         from app.engine.remote import RemoteTarget
         self.remote = isinstance(self.target, RemoteTarget)
-        self.shipper = Shipper(self.journal, self.target, on_gap=self._on_gap, local=not self.remote)
+        self.shipper = Shipper(self.journal, self.target, on_gap=self._on_gap,
+                               on_connect=self._on_connect, local=not self.remote)
         self.shipper.start()
         return {"first": first, "unclean": unclean, "reason": self.reason,
                 "pid": os.getpid(), "fuse_dev": list(self.fuse_dev), "version": protocol.VERSION,
@@ -340,6 +342,14 @@ class Capture:
         trio.from_thread.run_sync(self.request_catch_up, f"journal gap ({gap})", True,
                                   trio_token=self.token)
 
+    def _on_connect(self) -> None:
+        """From the shipper's thread: a session is up; a catch-up waiting for it starts now."""
+        import trio
+        wake = self._connected_wake
+        if wake is not None:
+            with contextlib.suppress(trio.RunFinishedError):
+                self.token.run_sync_soon(wake.set)
+
     def _hold_tracker(self) -> None:
         """On the trio thread: track capture from this very record on, until a catch-up that
         starts later takes the hold over (what it compares must see every change since)."""
@@ -402,7 +412,10 @@ class Capture:
             return True
         while not self.shipper.connected:
             self.catching = {"reason": self.reason, "stage": WAITING_FOR_TARGET}
-            await trio.sleep(0.2)
+            self._connected_wake = trio.Event()
+            if not self.shipper.connected:  # (connected meanwhile: its wake went to the last one)
+                with trio.move_on_after(1.0):  # the wake is the way; this only bounds a miss
+                    await self._connected_wake.wait()
         # What was asked until now (a gap found while connecting, after an unclean stop) is
         # covered by the walk that starts here: not a second walk after it.
         if self._catch_up_wake is not None:

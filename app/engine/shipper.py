@@ -61,10 +61,12 @@ class Figures:
 
 
 class Shipper:
-    def __init__(self, journal: Journal, target, *, on_gap=None, local: bool = True):
+    def __init__(self, journal: Journal, target, *, on_gap=None, on_connect=None,
+                 local: bool = True):
         self.journal = journal
         self.target = target
         self.on_gap = on_gap
+        self.on_connect = on_connect  # from this thread, each time a session is up
         self.local = local
         journal.track_applied = not local  # the lag counts until applied there, not received
         self.fig = Figures(connection="local" if local else "connecting",
@@ -191,6 +193,8 @@ class Shipper:
         self._connected = self._ever_connected = True
         self.fig.connection = "local" if self.local else "connected"
         self.fig.last_error = self.fig.refusal = None
+        if self.on_connect is not None:
+            self.on_connect()
         if lost is not None and self.on_gap is not None:
             log.error("the target lost records %d..%d; a resync replaces them", lost.expected, lost.found)
             self.on_gap(lost)
