@@ -160,6 +160,58 @@ def test_files_made_while_the_target_was_unreachable_at_the_first_start_all_arri
     assert tree(src) == tree(r.root / "data")
     assert eng.verify(str(src)) == []
 
+def test_a_first_copy_walks_while_the_session_starts_and_sends_nothing_before_the_replica_is_known(
+        remote, tmp_path):
+    """The first copy no longer waits for ssh and the agent before it walks (a third of a
+    second and more of every first copy): it journals while the target is unreachable, and
+    nothing of it leaves before the agent has said the replica is empty."""
+    make, r = remote()
+    src = tmp_path / "src"
+    for i in range(40):
+        (src / f"d{i % 4}").mkdir(parents=True, exist_ok=True)
+        (src / f"d{i % 4}" / f"f{i}").write_bytes(os.urandom(3000 + i))
+    assert cli(r.cfg, "fs", "add", str(src), "--target", "backup1:data").returncode == 0
+    r.bed.reject()
+    eng, _, _ = make(config=r.cfg)
+    st = wait_for("the walk, with the target unreachable", lambda: (
+        lambda s: s if (s["catch_up"] or {}).get("stage") == "waiting for the target"
+        and s["last_seq"] >= 44 else None)(eng.status(str(src))))
+    assert st["connection"] != "connected" and st["sent_seq"] == 0, st
+    assert not (r.root / "data").exists()  # no session: nothing there, not even the directory
+    (src / "d0" / "later").write_bytes(b"written while the records waited")
+    r.bed.unblock()
+    eng.drain(str(src))
+    st = eng.status(str(src))
+    assert st["connection"] == "connected" and st["target_data"] == "consistent", st
+    assert tree(src) == tree(r.root / "data")
+    assert st["resync_bytes"] == sum(f.stat().st_size for f in src.rglob("f*"))
+
+
+def test_a_first_copy_to_a_replica_that_holds_the_files_already_sends_only_what_differs(
+        remote, tmp_path):
+    """A replica seeded by hand (copied over before the first start): the early walk's
+    records are dropped unsent once the agent shows the directory is not empty, and the
+    comparison that follows sends the one file that differs and removes the one extra."""
+    make, r = remote()
+    src = tmp_path / "src"
+    src.mkdir()
+    for i in range(30):
+        (src / f"f{i}").write_bytes(os.urandom(100_000))
+    seed = r.root / "data"
+    shutil.copytree(src, seed, copy_function=shutil.copy2)
+    shutil.copystat(src, seed)
+    (src / "f7").write_bytes(os.urandom(1000))  # changed since the seed was copied
+    (seed / "extra").write_bytes(b"only on the replica")
+    assert cli(r.cfg, "fs", "add", str(src), "--target", "backup1:data").returncode == 0
+    eng, _, _ = make(config=r.cfg)
+    eng.drain(str(src))
+    st = eng.status(str(src))
+    assert st["connection"] == "connected" and st["target_data"] == "consistent", st
+    assert tree(src) == tree(seed)
+    assert st["resync_bytes"] == 1000, st
+    assert st["logical_bytes"] < 100_000, st  # not one seeded file went again
+
+
 MiB = 1 << 20
 WRITER = r"""
 import os, sys, time

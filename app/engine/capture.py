@@ -34,6 +34,7 @@ import os
 import signal
 import socket
 import sys
+import threading
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -49,6 +50,7 @@ LOCK_FILE = "lock"  # flock: one capture per entry, whatever asks
 STOP_DRAIN_SECONDS = 30  # a clean stop ships what is queued for at most this long
 WAITING_FOR_TARGET = "waiting for the target"  # a catch-up's stage until the target answers
 CATCH_UP_RETRY_SECONDS = 5  # a catch-up that lost its target tries again after this
+EARLY_WALK_BYTES = 48 << 20  # a first copy journals at most this much before its target is known
 BEHIND_RESUME_FRACTION = 0.5  # pull-ahead: resync once the queue is below this share of its limit
 FUSE_OPTIONS_FS = ("subtype=mirrorfs", "allow_other", "default_permissions")
 FUSE_OPTIONS_BLOCK = ("subtype=mirrorblk", "default_permissions")
@@ -161,6 +163,24 @@ def generation(state: str) -> str:
     return gen
 
 
+class _NotEmpty(Exception):
+    """An early first copy's replica turned out to hold something: compare instead."""
+
+
+class _NothingThereYet:
+    """The replica as a first copy takes it before its session is up: empty. The walk asks it
+    nothing more (every directory and file it then finds is new there)."""
+
+    def info(self, rel: bytes):
+        return None
+
+    def children(self, rel: bytes):
+        return None
+
+    def file_hashes(self, rel: bytes):
+        return None
+
+
 class NoTarget:
     """An entry without a target: records are counted and released, nothing is written."""
 
@@ -199,6 +219,10 @@ class Capture:
         self.mount_point = ""
         self._catch_up_wake = None
         self._connected_wake = None  # a trio.Event while a catch-up waits for its target
+        self._session_up = threading.Event()  # the same word, for the walk's thread
+        self._early = False  # a first copy may walk before its session is up (start())
+        self._early_verdict: bool | None = None  # and then: was the replica empty?
+        self._early_walking = False
         self._trackers = 0
         self._held = False
         self._full_pending = True  # a fresh worker compares everything once
@@ -246,6 +270,13 @@ class Capture:
         self.remote = isinstance(self.target, RemoteTarget)
         self.shipper = Shipper(self.journal, self.target, on_gap=self._on_gap,
                                on_connect=self._on_connect, local=not self.remote)
+        # A first copy to a remote replica walks while ssh and the agent start (a third of a
+        # second and more): its records, and what capture journals meanwhile, wait behind the
+        # shipper's gate until the replica turns out empty (else they are dropped, compared).
+        self._early = bool(first and self.remote and spec.kind == "fs"
+                           and not (self.target.claim and self.target.claim.adopt))
+        if self._early:
+            self.shipper.close_gate()
         self.shipper.start()
         return {"first": first, "unclean": unclean, "reason": self.reason,
                 "pid": os.getpid(), "fuse_dev": list(self.fuse_dev), "version": protocol.VERSION,
@@ -345,6 +376,7 @@ class Capture:
     def _on_connect(self) -> None:
         """From the shipper's thread: a session is up; a catch-up waiting for it starts now."""
         import trio
+        self._session_up.set()
         wake = self._connected_wake
         if wake is not None:
             with contextlib.suppress(trio.RunFinishedError):
@@ -410,6 +442,10 @@ class Capture:
             self.journal.catch_up_from_behind()
             self.consistent = True
             return True
+        if self._early:
+            self._early = False
+            if await self._early_first_copy():
+                return True
         while not self.shipper.connected:
             self.catching = {"reason": self.reason, "stage": WAITING_FOR_TARGET}
             self._connected_wake = trio.Event()
@@ -447,6 +483,10 @@ class Capture:
             log.error("%s: catching up failed: %s", self.spec.key, exc)
             self.catching = {"reason": self.reason, "stage": f"failed: {exc}"}
             return False
+        return await self._caught_up(counts)
+
+    async def _caught_up(self, counts: dict) -> bool:
+        import trio
         self.resync_bytes += counts.get("bytes", counts.get("copied_bytes", 0))
         if self._catch_up_wake is None or not self._catch_up_wake.is_set():  # none asked since
             self._catch_up_scope(self.journal.last_seq)
@@ -463,6 +503,60 @@ class Capture:
         self.last_catch_up = {"reason": self.reason, **counts, "finished": time.time()}
         return True
 
+    async def _early_first_copy(self) -> bool:
+        """A first copy to a remote replica, walked while its session comes up (start()).
+        True: done (the replica was empty and new: the walk's records went). False: it holds
+        something, or the walk did not end: what was journalled meanwhile is dropped unsent
+        (the shipper's gate was closed) and the caller compares, as for any catch-up."""
+        import trio
+
+        from app.engine.shipper import TargetUnavailable
+        if self._catch_up_wake is not None:  # what was asked until now this walk covers
+            self._catch_up_wake = trio.Event()
+        self.catching = {"reason": self.reason, "stage": "comparing", "done": 0, "total": None,
+                         "bytes": 0, "started": time.time()}
+        log.info("%s: catching up (%s), while the target's session starts", self.spec.key,
+                 self.reason)
+
+        def walk() -> dict:
+            self._early_walking = True
+            try:
+                counts = self._reconcile(False, None, target=_NothingThereYet())
+            finally:
+                self._early_walking = False
+            if not self._confirm_early():
+                raise _NotEmpty()
+            return counts
+        try:
+            counts = await trio.to_thread.run_sync(walk, abandon_on_cancel=True)
+        except _NotEmpty:
+            why = "the replica was not empty: compared instead of copied whole"
+        except (TargetUnavailable, OSError) as exc:
+            why = f"first copy interrupted: {getattr(exc, 'state', exc)}"
+        else:
+            return await self._caught_up(counts)
+        log.info("%s: %s; what it journalled is dropped unsent", self.spec.key, why)
+        self.request_catch_up(why, discard=True)
+        self.shipper.open_gate()
+        return False
+
+    def _confirm_early(self) -> bool:
+        """In the early walk's thread: once the session is up, is the replica empty and new?
+        Then the shipper's gate opens (the walk's records and capture's go, in order). Asked
+        once: at the walk's end, or sooner when it has journalled EARLY_WALK_BYTES."""
+        if self._early_verdict is None:
+            self._progress({"stage": WAITING_FOR_TARGET})
+            self._session_up.wait()
+            self._progress({"stage": "walking"})
+            wake = self._catch_up_wake
+            ok = (self.shipper.fig.received_seq == 0 and not (wake is not None and wake.is_set())
+                  and not self.target.children(b""))
+            if ok:
+                self.target.begin_catch_up()
+                self.shipper.open_gate()
+            self._early_verdict = ok
+        return self._early_verdict
+
     def _catch_up_scope(self, through: int | None) -> None:
         """A local directory target: records up to `through` (None: all, a catch-up is to run)
         are the catch-up's, superseded there by what it sends (target._apply_all). A remote
@@ -476,6 +570,10 @@ class Capture:
         queue (it would go behind and start over) and keeps under the resync bandwidth, so
         live changes still get through."""
         limit = self.spec.queue_limit
+        if self._early_walking and self._early_verdict is None and self.journal.queued_bytes + \
+                nbytes > min(EARLY_WALK_BYTES, limit * 3 // 4 if limit else EARLY_WALK_BYTES) and \
+                not self._confirm_early():
+            raise _NotEmpty()
         while limit and self.journal.queued_bytes + nbytes > limit * 3 // 4 and \
                 self.journal.queued_bytes > 0:
             time.sleep(0.02)
@@ -492,13 +590,13 @@ class Capture:
         if self.catching is not None:
             self.catching.update(p)
 
-    def _reconcile(self, hashes: bool, scope, progress=None) -> dict:
+    def _reconcile(self, hashes: bool, scope, progress=None, target=None) -> dict:
         """In a thread: the whole reconcile, commits on the trio thread."""
         progress = progress or self._progress
         if self.spec.kind == "fs":
             from app.engine.sync import Reconciler
-            return Reconciler(self.root_fd, self.target, FsCaptureSink(self), hashes=hashes,
-                              progress=progress).run()
+            return Reconciler(self.root_fd, target or self.target, FsCaptureSink(self),
+                              hashes=hashes, progress=progress).run()
         from app.engine import blocksync
         sink = BlockCaptureSink(self)
         return blocksync.reconcile(self.raw, self.spec.offset, self.size, self.target, sink.commit,

@@ -74,6 +74,9 @@ class Shipper:
                            applied_seq=journal.released_seq)
         self._stop = threading.Event()
         self._hold = threading.Event()  # set: ship nothing (a gap awaits its resync)
+        # set: connect, but ship nothing yet (a first copy walked before the session was up:
+        # only once the replica is known to be empty do its records go)
+        self._gate = threading.Event()
         self._wake = threading.Event()
         self._kick = threading.Event()  # set: try the target again now (an administrator resolved it)
         self._thread: threading.Thread | None = None
@@ -90,7 +93,7 @@ class Shipper:
     def stop(self, *, drain_seconds: float = 0.0) -> bool:
         """Stop; first ship what is queued for up to `drain_seconds` (not when the target
         refuses us: that needs an administrator). True when drained."""
-        if self.fig.refusal is not None and not self._connected:
+        if self.fig.refusal is not None and not self._connected or self._gate.is_set():
             drain_seconds = 0.0
         drained = self.journal.wait_released(self.journal.last_seq, drain_seconds) \
             if drain_seconds else self.journal.released_seq >= self.journal.last_seq
@@ -110,6 +113,13 @@ class Shipper:
 
     def release_hold(self) -> None:
         self._hold.clear()
+        self._wake.set()
+
+    def close_gate(self) -> None:
+        self._gate.set()
+
+    def open_gate(self) -> None:
+        self._gate.clear()
         self._wake.set()
 
     def wait_applied(self, seq: int, timeout: float | None) -> bool:
@@ -152,6 +162,12 @@ class Shipper:
             try:
                 if not self._connected:
                     self._connect()
+                if self._gate.is_set():
+                    if not self.local:
+                        self.target.flush()  # a session that ended meanwhile is said here
+                    self._wake.wait(0.1)
+                    self._wake.clear()
+                    continue
                 self._ship_once()
                 backoff = BACKOFF_FIRST
                 self.fig.retry_at = None
