@@ -36,7 +36,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 from app.engine.lowlevel import beneath, proc_path
-from app.services.layout import MARKER_XATTR
+from app.services.layout import MARKER_XATTR, sha256_hex
 
 BLOCK = 1 << 20  # file content is compared and sent in blocks of this size
 XATTR_PREFIXES = ("user.", "security.", "trusted.", "system.posix_acl_")  # what is replicated, ACLs too
@@ -193,11 +193,6 @@ def open_file(dir_fd: int, rel: bytes) -> int:
     """A regular file below `dir_fd` for reading, however long its path, never through a link."""
     with beneath(dir_fd, rel) as (d, name):
         return os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=d)
-
-
-def sha256_hex(data: bytes) -> str:
-    import hashlib  # here, not above: the agent's start does not wait for OpenSSL's (4 ms)
-    return hashlib.sha256(data).hexdigest()
 
 
 def whole_hash(hashes: list[str]) -> str:

@@ -46,7 +46,7 @@ def default_state_dir() -> str:
 def entry_id(key: str) -> str:
     """A directory name for an entry, stable per path or device: readable and unique."""
     base = os.path.basename(key.rstrip("/")) or "root"
-    return f"{base[:40]}-{_sha256(os.fsencode(key))[:12]}"
+    return f"{base[:40]}-{sha256_hex(os.fsencode(key))[:12]}"
 
 
 QUEUE_LIMIT_SHARE = 10  # by default an entry's queue may take a tenth of its file system
@@ -61,7 +61,7 @@ def default_queue_limit(state_dir: str) -> int:
 
 
 def installation_tag(state_dir: str) -> str:
-    return _sha256(os.fsencode(os.path.realpath(state_dir)))[:10]
+    return sha256_hex(os.fsencode(os.path.realpath(state_dir)))[:10]
 
 
 @dataclass(frozen=True)
@@ -183,6 +183,6 @@ def target_is_empty(path: str) -> bool:
         return not any(f.read(1 << 20))
 
 
-def _sha256(data: bytes) -> str:
-    import hashlib  # here, not above: its OpenSSL start costs 3 ms, and few calls need it
+def sha256_hex(data: bytes) -> str:
+    import hashlib  # here, not above: OpenSSL's start costs 3-4 ms, and most calls hash nothing
     return hashlib.sha256(data).hexdigest()
