@@ -206,14 +206,14 @@ class Shipper:
             self.fig.received_seq, self.fig.applied_seq = pos.received, pos.applied
             self.journal.applied(pos.applied)
             self.fig.reconnects += 1 if self._ever_connected else 0
+        if lost is not None and self.on_gap is not None:  # asked while a catch-up still waits
+            log.error("the target lost records %d..%d; a resync replaces them", lost.expected, lost.found)
+            self.on_gap(lost)
         self._connected = self._ever_connected = True
         self.fig.connection = "local" if self.local else "connected"
         self.fig.last_error = self.fig.refusal = None
-        if self.on_connect is not None:
+        if self.on_connect is not None:  # the catch-up that waited starts: it covers the gap
             self.on_connect()
-        if lost is not None and self.on_gap is not None:
-            log.error("the target lost records %d..%d; a resync replaces them", lost.expected, lost.found)
-            self.on_gap(lost)
 
     def _unavailable(self, exc: TargetUnavailable) -> None:
         self.fig.connection = exc.state
