@@ -464,9 +464,7 @@ class Capture:
                 self._dirty_scope.update(self.ops.dirty_blocks())
                 self.ops.dirty[:] = bytes(len(self.ops.dirty))
         dirty = None if self._full_pending or self.spec.kind == "fs" else sorted(self._dirty_scope)
-        self.catching = {"reason": self.reason, "stage": "comparing", "done": 0, "total": None,
-                         "bytes": 0, "started": time.time()}
-        log.info("%s: catching up (%s)", self.spec.key, self.reason)
+        self._start_catching()
         def walk() -> dict:
             # The session's frames go from the walk's thread, not this one (which serves the
             # file system's requests): a write may wait behind a batch on a slow link.
@@ -484,6 +482,11 @@ class Capture:
             self.catching = {"reason": self.reason, "stage": f"failed: {exc}"}
             return False
         return await self._caught_up(counts)
+
+    def _start_catching(self, how: str = "") -> None:
+        self.catching = {"reason": self.reason, "stage": "comparing", "done": 0, "total": None,
+                         "bytes": 0, "started": time.time()}
+        log.info("%s: catching up (%s)%s", self.spec.key, self.reason, how)
 
     async def _caught_up(self, counts: dict) -> bool:
         import trio
@@ -513,10 +516,7 @@ class Capture:
         from app.engine.shipper import TargetUnavailable
         if self._catch_up_wake is not None:  # what was asked until now this walk covers
             self._catch_up_wake = trio.Event()
-        self.catching = {"reason": self.reason, "stage": "comparing", "done": 0, "total": None,
-                         "bytes": 0, "started": time.time()}
-        log.info("%s: catching up (%s), while the target's session starts", self.spec.key,
-                 self.reason)
+        self._start_catching(", while the target's session starts")
 
         def walk() -> dict:
             self._early_walking = True

@@ -11,7 +11,6 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
-
 from app.services.results import ConfigError
 
 SCHEMA_VERSION = 1
