@@ -1115,13 +1115,16 @@ class CaptureBesideTheWalk(sync.Sink):
         self.target = LocalDirTarget.on_fd(self.fd, str(tgt))
 
     def commit(self, check, ops):
-        if check is not None and not self.tracker.still(check, lambda: self._key(check.rel)):
+        if check is not None and not self.tracker.still(check, self._key):
             return False
         self.target.apply_ops(ops)
         return True
 
-    def _key(self, rel: bytes) -> tuple[int, int]:
-        st = os.lstat(self.src / os.fsdecode(rel))
+    def _key(self, rel: bytes) -> tuple[int, int] | None:
+        try:
+            st = os.lstat(self.src / os.fsdecode(rel))
+        except FileNotFoundError:
+            return None
         return st.st_dev, st.st_ino
 
     def frozen(self):
@@ -1237,6 +1240,85 @@ def test_a_first_copy_costs_about_one_trip_to_the_capture_per_directory(tmp_path
     assert sum(trips) == 60 * 2 + 180 + 2
     assert len(trips) <= 60 + 2, trips  # one a directory (and the top's prune and times)
     assert sorted(os.listdir(tgt / "d7" / "x" / "y")) == ["f0", "f1", "f2"]
+
+
+@pytest.mark.parametrize("first_name_committed", [True, False])
+def test_a_hard_link_whose_first_name_was_renamed_meanwhile_is_made_from_a_name_that_holds_it(
+        tmp_path, monkeypatch, first_name_committed):
+    """A file with two names: the walk sends the first whole, and links the second to it at
+    the target. An application renamed the first name in between (captured: the target's copy
+    moved with it). The link from the old name found nothing there, and a catch-up took that
+    as superseded: the second name never reached the target, and the rename's destination was
+    linked from the old name too (seen on a busy host: d2/f missing, `hard` with one name).
+    The second name now leads and goes whole; the destination, visited again, links to it.
+    Either with the first name's records committed before the rename, or still waiting in
+    the walk's batch (the rename reaches the target first, and is superseded there)."""
+    from app.engine import sync
+    src, tgt = tmp_path / "src", tmp_path / "tgt"
+    (src / "d").mkdir(parents=True)
+    (src / "d" / "f").write_bytes(b"two names")
+    os.link(src / "d" / "f", src / "d" / "g")
+    tgt.mkdir()
+    sink = CaptureBesideTheWalk(src, tgt)
+    real = sync.Reconciler._hard_link
+    moved = []
+
+    def renamed_before_the_second_name(self, rel, info, tinfo, listed):
+        leader = self._leaders.get(info.ino)
+        if leader is not None and not moved:
+            if first_name_committed:
+                self._flush()
+            old = leader[0]
+            new = old + b"2"
+            moved.append((old, new))
+            os.rename(src / os.fsdecode(old), src / os.fsdecode(new))
+            st = os.lstat(src / "d")
+            rec = {"old": os.fsdecode(old), "new": os.fsdecode(new), "flags": 0}
+            sink.tracker.observe((st.st_dev, st.st_ino), "rename", rec)
+            sink.target.apply_ops([("rename", rec, b"")])
+        return real(self, rel, info, tinfo, listed)
+    monkeypatch.setattr(sync.Reconciler, "_hard_link", renamed_before_the_second_name)
+    sink.walk()
+    assert moved
+    (old, new), = moved
+    names = sorted({b"d/f", b"d/g", new} - {old})
+    assert [os.fsencode(p.relative_to(tgt)) for p in sorted((tgt / "d").iterdir())] == names
+    ino = {(tgt / os.fsdecode(n)).stat().st_ino for n in names}
+    assert len(ino) == 1 and (tgt / os.fsdecode(names[0])).read_bytes() == b"two names"
+    if first_name_committed:
+        assert sink.target.errors == 0, sink.target.last_error
+    else:  # the stand-in's rename (no seq: not counted as the catch-up's) found nothing
+        assert sink.target.errors == 1 and "rename" in sink.target.last_error
+
+
+def test_a_file_removed_between_the_walks_check_and_its_commit_is_not_sent(tmp_path):
+    """The walk read a file; an application removed it before the walk's records were
+    committed, and the capture recorded the unlink first. The check compared the file's own
+    stamp, which an unlink (recorded against the directory) leaves alone: the walk's records
+    made the file again at the target, which the source no longer had. A removal now moves
+    the name, as a rename does, and the walk's check fails."""
+    src, tgt = tmp_path / "src", tmp_path / "tgt"
+    src.mkdir()
+    tgt.mkdir()
+    (src / "x").write_bytes(b"new content, longer")
+    (tgt / "x").write_bytes(b"old")
+
+    class RemovedJustBefore(CaptureBesideTheWalk):
+        fired = False
+
+        def commit(self, check, ops):
+            if not self.fired and any(a.get("path") == "x" for _o, a, _d in ops):
+                self.fired = True
+                os.unlink(src / "x")
+                st = os.lstat(src)
+                self.tracker.observe((st.st_dev, st.st_ino), "unlink", {"path": "x"})
+                self.target.apply_ops([("unlink", {"path": "x"}, b"")])
+            return super().commit(check, ops)
+    sink = RemovedJustBefore(src, tgt)
+    sink.walk()
+    assert sink.fired
+    assert not (tgt / "x").exists()
+    assert sink.target.errors == 0, sink.target.last_error
 
 
 def test_a_file_made_where_the_walk_has_not_made_the_directory_yet_reaches_the_target(

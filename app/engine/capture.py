@@ -915,7 +915,7 @@ class FsCaptureSink(_CaptureSink):
                     done.append(None)
                     continue
                 if check is not None and not self.tracker.still(
-                        check, lambda rel=check.rel: _lstat_key(cap.root_fd, rel)):
+                        check, lambda rel: _lstat_key(cap.root_fd, rel)):
                     done.append(False)
                     continue
                 for op, args, data in ops:

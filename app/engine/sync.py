@@ -277,8 +277,8 @@ def _link_groups(tree: dict[bytes, Info]) -> dict[bytes, frozenset[bytes]]:
 class Tracker:
     """What capture changed while a reconcile or verify runs (fed on the capture thread): per
     lower inode a stamp of its last change, the inodes created since and when (`clock`), the
-    names that rename/link moved (their identity at the target is unknown) and the
-    rename/link destinations a walk may already have passed (`revisit`)."""
+    names that rename, link, unlink or rmdir moved (their identity at the target is unknown)
+    and the rename/link destinations a walk may already have passed (`revisit`)."""
 
     def __init__(self) -> None:
         self.changes: dict[tuple[int, int], int] = {}
@@ -318,6 +318,9 @@ class Tracker:
         elif op == "link":
             self.changed(key)
             self.moved_name(os.fsencode(args["path"]), destination=True)
+        elif op in ("unlink", "rmdir"):  # `key` is the parent: the node itself keeps its
+            self.changed(key)  # stamp, so a walk's check of that name would have passed
+            self.moved_name(os.fsencode(args["path"]), destination=False)
         else:
             self.changed(key)
 
@@ -337,13 +340,19 @@ class Tracker:
             probe = probe.rpartition(b"/")[0]
 
     def still(self, check: Check, lstat_key) -> bool:
-        """Is the source at `check.rel` as it was read? `lstat_key()` gives its inode now."""
+        """Is the source at `check.rel` as it was read (and, for a hard link the walk makes,
+        does the name it links from still name the same file)? `lstat_key(rel)` gives the
+        inode a path names now."""
         changes, epoch = check.stamp
         if self.changes.get(check.key, 0) != changes:
             return False
+        if check.leader is not None:
+            lrel, lepoch = check.leader
+            if self.name_touched(lrel, lepoch) or lstat_key(lrel) != check.key:
+                return False
         if self.names_epoch == epoch:
             return True
-        return not self.name_touched(check.rel, epoch) and lstat_key() == check.key
+        return not self.name_touched(check.rel, epoch) and lstat_key(check.rel) == check.key
 
 
 @dataclass
@@ -353,6 +362,8 @@ class Check:
     rel: bytes
     key: tuple[int, int]
     stamp: tuple[int, int]
+    # a link's: the name it links from (sent before) and the names epoch it was sent under
+    leader: tuple[bytes, int] | None = None
 
 
 class Sink:
@@ -396,7 +407,9 @@ class Reconciler:
         self.put = put
         self.dev = os.stat(b".", dir_fd=src_fd).st_dev
         self.counts = {"files": 0, "copied": 0, "bytes": 0, "removed": 0}
-        self._leaders: dict[tuple[int, int], tuple[bytes, tuple[int, int] | None]] = {}
+        # per inode with several names: the name sent first, its inode at the target, and
+        # the names epoch before it was sent
+        self._leaders: dict[tuple[int, int], tuple[bytes, tuple[int, int] | None, int]] = {}
         # Small files' records wait here and go to the sink together; anything else the sink
         # gets sends them first, so records keep the walk's order (a directory's times after
         # its files, a hard link after the file it names).
@@ -594,12 +607,18 @@ class Reconciler:
             tinfo = None
         self._metadata(rel, tinfo)
 
-    def _commit_fresh(self, rel: bytes, info: Info, listed: int, ops: list[Op]) -> bool:
+    def _commit_fresh(self, rel: bytes, info: Info, listed: int, ops: list[Op],
+                      leader: tuple[bytes, int] | None = None) -> bool | None:
         """Commit records made from `info`; False when the path is gone or was replaced since
-        `info` was read (capture has it: what was made meanwhile is in the journal whole)."""
+        `info` was read (capture has it: what was made meanwhile is in the journal whole).
+        A link's `leader` (the name it links from, the names epoch it was sent under) is
+        checked with it: None when that name no longer holds the file (_hard_link)."""
         for _ in range(COMMIT_TRIES):
+            if leader is not None and self._led_astray(leader, info):
+                return None
             check = self._check(rel, info)
             if check is not None:
+                check.leader = leader
                 # looked at again after the stamp: a name removed and made anew between the
                 # listing and the stamp is another node (or the same inode number, reused,
                 # made since the listing), which the check alone cannot see
@@ -624,20 +643,38 @@ class Reconciler:
                 lstat_info(self.src, rel)
             except FileNotFoundError:
                 return False
+            if leader is not None and self._led_astray(leader, info):
+                return None
             return self._commit(None, ops)
 
     def _hard_link(self, rel: bytes, info: Info, tinfo: Info | None, listed: int) -> bool:
-        """A second name of a file already sent: link it at the target (True when done)."""
+        """A second name of a file already sent: link it at the target (True when done). The
+        name sent first leads while it still names that file. Once it was renamed or removed
+        (the capture's records moved it at the target: a link from it there found nothing,
+        and the name never got there), this name leads: False, it is sent whole (and the
+        leader's new name, a rename's destination, is visited again and linked to it)."""
+        epoch = self.tracker.names_epoch if self.tracker is not None else 0
         leader = self._leaders.get(info.ino)
-        if leader is None:
-            self._leaders[info.ino] = (rel, None if tinfo is None else tinfo.ino)
-            return False
-        lrel, ltino = leader
-        if tinfo is not None and ltino is not None and tinfo.ino == ltino:
+        if leader is not None:
+            lrel, ltino, lepoch = leader
+            if tinfo is not None and ltino is not None and tinfo.ino == ltino:
+                return True
+            if self._commit_fresh(rel, info, listed, [("link", {"src": os.fsdecode(lrel),
+                                                                "path": os.fsdecode(rel)}, b"")],
+                                  leader=(lrel, lepoch)) is not None:
+                return True
+        self._leaders[info.ino] = (rel, None if tinfo is None else tinfo.ino, epoch)
+        return False
+
+    def _led_astray(self, leader: tuple[bytes, int], info: Info) -> bool:
+        """Does the name a link would be made from no longer hold `info`'s file as sent?"""
+        lrel, epoch = leader
+        if self.tracker is not None and self.tracker.name_touched(lrel, epoch):
             return True
-        self._commit_fresh(rel, info, listed, [("link", {"src": os.fsdecode(lrel),
-                                                         "path": os.fsdecode(rel)}, b"")])
-        return True
+        try:
+            return lstat_info(self.src, lrel, with_xattrs=False).ino != info.ino
+        except (FileNotFoundError, NotADirectoryError):
+            return True
 
     # -- files
     def _file(self, rel: bytes, info: Info, tinfo: Info | None, defer: bool = True) -> None:
