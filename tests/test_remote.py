@@ -187,6 +187,27 @@ def test_a_first_copy_walks_while_the_session_starts_and_sends_nothing_before_th
     assert st["resync_bytes"] == sum(f.stat().st_size for f in src.rglob("f*"))
 
 
+def test_a_first_copy_ships_while_it_walks_once_the_session_is_up(remote, tmp_path):
+    """The early walk asks whether the replica is empty as soon as the session is up, not at
+    its end: a long walk (held to the resync rate here) has records received on the other
+    host while it still walks."""
+    make, r = remote(resync_bandwidth="256KiB/s")
+    src = tmp_path / "src"
+    for i in range(24):  # the walk commits (and is held to the rate) a directory at a time
+        (src / f"d{i // 2:02}").mkdir(parents=True, exist_ok=True)
+        (src / f"d{i // 2:02}" / f"f{i}").write_bytes(os.urandom(40_000))
+    assert cli(r.cfg, "fs", "add", str(src), "--target", "backup1:data").returncode == 0
+    eng, _, _ = make(config=r.cfg)
+    st = wait_for("records received while the walk goes on", lambda: (
+        lambda s: s if s["received_seq"] > 0 else None)(eng.status(str(src))))
+    assert (st["catch_up"] or {}).get("stage") == "walking", st
+    eng.drain(str(src))
+    st = eng.status(str(src))
+    assert st["target_data"] == "consistent", st
+    assert tree(src) == tree(r.root / "data")
+    assert st["resync_bytes"] == 24 * 40_000, st
+
+
 def test_a_first_copy_to_a_replica_that_holds_the_files_already_sends_only_what_differs(
         remote, tmp_path):
     """A replica seeded by hand (copied over before the first start): the early walk's

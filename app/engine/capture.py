@@ -543,7 +543,8 @@ class Capture:
     def _confirm_early(self) -> bool:
         """In the early walk's thread: once the session is up, is the replica empty and new?
         Then the shipper's gate opens (the walk's records and capture's go, in order). Asked
-        once: at the walk's end, or sooner when it has journalled EARLY_WALK_BYTES."""
+        once: as soon as the session is up (what the walk journals from then on ships while
+        it walks), when it has journalled EARLY_WALK_BYTES before that, or at its end."""
         if self._early_verdict is None:
             self._progress({"stage": WAITING_FOR_TARGET})
             self._session_up.wait()
@@ -570,8 +571,9 @@ class Capture:
         queue (it would go behind and start over) and keeps under the resync bandwidth, so
         live changes still get through."""
         limit = self.spec.queue_limit
-        if self._early_walking and self._early_verdict is None and self.journal.queued_bytes + \
-                nbytes > min(EARLY_WALK_BYTES, limit * 3 // 4 if limit else EARLY_WALK_BYTES) and \
+        if self._early_walking and self._early_verdict is None and (
+                self._session_up.is_set() or self.journal.queued_bytes + nbytes >
+                min(EARLY_WALK_BYTES, limit * 3 // 4 if limit else EARLY_WALK_BYTES)) and \
                 not self._confirm_early():
             raise _NotEmpty()
         while limit and self.journal.queued_bytes + nbytes > limit * 3 // 4 and \
