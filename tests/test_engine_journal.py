@@ -1475,3 +1475,39 @@ def test_a_block_verify_hashes_the_next_chunk_here_while_the_target_hashes_this_
     assert overlapped == [True, True]
     for k in range(3):
         assert events.index(("caught up", k)) < events.index(("asked", k)), events
+
+
+@pytest.mark.parametrize("behind", [False, True])
+def test_a_catch_up_during_which_the_queue_limit_was_reached_does_not_call_the_replica_consistent(
+        tmp_path, behind):
+    """Pull-ahead: once the queue limit is reached the journal stores nothing (applications
+    never wait), neither what they write nor the walk's own records. A catch-up that ended so
+    called itself done: a remote replica was marked consistent at the last seq although
+    records before it were never journalled (a fail-over would have promoted it), and the
+    flag the walk set for it was read nowhere. Now it is not consistent, keeps its scope, and
+    a resync of what was dropped follows."""
+    from types import SimpleNamespace
+
+    import trio
+
+    from app.engine.capture import Capture
+    from app.engine.journal import KIND_BLOCK, Journal
+    marks = []
+    cap = Capture(SimpleNamespace(key="/dev/test", kind="block"), None)
+    cap.journal = Journal(str(tmp_path), kind=KIND_BLOCK, limit_bytes=4096, on_full="pull-ahead")
+    cap.journal.append("write", {"offset": 0}, b"x" * 1024)
+    if behind:
+        assert cap.journal.append("write", {"offset": 4096}, b"y" * 8192) == 0
+    cap.target = SimpleNamespace(mark_consistent=marks.append)
+    cap.remote, cap.reason = True, "test"
+    cap._dirty_scope = {1}
+    try:
+        assert trio.run(cap._caught_up, {"copied_bytes": 1024}) is not behind
+    finally:
+        cap.journal.close()
+    assert cap.resync_bytes == 1024
+    if behind:
+        assert not cap.consistent and marks == [] and cap._full_pending and cap._dirty_scope == {1}
+        assert "queue limit" in cap.catching["stage"]
+    else:
+        assert cap.consistent and marks == [1] and cap.catching is None and not cap._dirty_scope

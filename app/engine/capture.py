@@ -489,8 +489,18 @@ class Capture:
         log.info("%s: catching up (%s)%s", self.spec.key, self.reason, how)
 
     async def _caught_up(self, counts: dict) -> bool:
+        """The walk ended. Consistent (a local replica; a remote one once its agent applied
+        the MARK) unless the queue limit was reached meanwhile: then records of the walk's, or
+        of what applications wrote, were not journalled, the replica is no prefix of the
+        source's history, and a resync of what was dropped follows (False: tried again)."""
         import trio
         self.resync_bytes += counts.get("bytes", counts.get("copied_bytes", 0))
+        if self.journal.behind:
+            log.warning("%s: the queue limit was reached while catching up (%s): not consistent; "
+                        "what was not journalled is resynced next", self.spec.key, self.reason)
+            self.catching = {"reason": self.reason,
+                             "stage": "queue limit reached: resync of what was not journalled next"}
+            return False
         if self._catch_up_wake is None or not self._catch_up_wake.is_set():  # none asked since
             self._catch_up_scope(self.journal.last_seq)
         self.catching = None
@@ -920,9 +930,8 @@ class FsCaptureSink(_CaptureSink):
                         check, lambda rel: _lstat_key(cap.root_fd, rel)):
                     done.append(False)
                     continue
-                for op, args, data in ops:
-                    if not cap.journal.append(op, args, data):
-                        cap.journal_behind_during_catch_up = True
+                for op, args, data in ops:  # not stored (behind): _caught_up sees it
+                    cap.journal.append(op, args, data)
                 done.append(True)
             return done
         return trio.from_thread.run_sync(on_capture_thread, trio_token=cap.token)
