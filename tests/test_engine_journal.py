@@ -1291,6 +1291,31 @@ def test_a_hard_link_whose_first_name_was_renamed_meanwhile_is_made_from_a_name_
         assert sink.target.errors == 1 and "rename" in sink.target.last_error
 
 
+def test_a_catch_ups_rename_with_nowhere_to_go_yet_takes_the_old_name_away(tmp_path):
+    """A rename the capture recorded during a catch-up whose new name's directory the walk
+    has not made at the target yet: superseded (the walk sends the node whole there). The
+    old name is gone at the source all the same; it stayed at the target for good when the
+    walk had passed it (bench/catchup_race.py: a directory renamed early in a first copy
+    was there twice). An exchange keeps both names (the walk visits both again); after the
+    catch-up the same failure is an apply error and touches nothing."""
+    from app.engine.journal import KIND_FS, Record
+    tgt = tmp_path / "tgt"
+    for name in ("old", "swap", "late"):
+        (tgt / name).mkdir(parents=True)
+        (tgt / name / "f").write_bytes(b"x")
+    fd = os.open(tgt, os.O_PATH | os.O_DIRECTORY)
+    try:
+        t = LocalDirTarget.on_fd(fd, str(tgt))
+        t.catch_up_through = 5
+        t.send([Record(3, KIND_FS, "rename", {"old": "old", "new": "nowhere/yet", "flags": 0}),
+                Record(4, KIND_FS, "rename", {"old": "swap", "new": "nowhere/else", "flags": 2}),
+                Record(6, KIND_FS, "rename", {"old": "late", "new": "nowhere/at-all", "flags": 0})])
+        assert (t.superseded, t.errors) == (2, 1) and "seq 6 rename" in t.last_error
+        assert sorted(os.listdir(tgt)) == ["late", "swap"]
+    finally:
+        os.close(fd)
+
+
 def test_a_file_removed_between_the_walks_check_and_its_commit_is_not_sent(tmp_path):
     """The walk read a file; an application removed it before the walk's records were
     committed, and the capture recorded the unlink first. The check compared the file's own
