@@ -287,6 +287,7 @@ class Tracker:
         self.names_epoch = 0
         self.moved: dict[bytes, int] = {}  # path -> names_epoch when it was moved or linked
         self.revisit: list[bytes] = []
+        self.links: list[tuple[bytes, bytes]] = []  # (from, to) of every link recorded
 
     def changed(self, key: tuple[int, int]) -> None:
         self.clock += 1
@@ -318,6 +319,8 @@ class Tracker:
         elif op == "link":
             self.changed(key)
             self.moved_name(os.fsencode(args["path"]), destination=True)
+            if "src" in args:
+                self.links.append((os.fsencode(args["src"]), os.fsencode(args["path"])))
         elif op in ("unlink", "rmdir"):  # `key` is the parent: the node itself keeps its
             self.changed(key)  # stamp, so a walk's check of that name would have passed
             self.moved_name(os.fsencode(args["path"]), destination=False)
@@ -407,9 +410,10 @@ class Reconciler:
         self.put = put
         self.dev = os.stat(b".", dir_fd=src_fd).st_dev
         self.counts = {"files": 0, "copied": 0, "bytes": 0, "removed": 0}
-        # per inode with several names: the name sent first, its inode at the target, and
-        # the names epoch before it was sent
-        self._leaders: dict[tuple[int, int], tuple[bytes, tuple[int, int] | None, int]] = {}
+        # per inode with several names: the name sent first, its inode at the target, the
+        # names epoch and its change stamp before it was sent, and the names linked to it since
+        self._leaders: dict[tuple[int, int],
+                            tuple[bytes, tuple[int, int] | None, int, int, list[bytes]]] = {}
         # Small files' records wait here and go to the sink together; anything else the sink
         # gets sends them first, so records keep the walk's order (a directory's times after
         # its files, a hard link after the file it names).
@@ -429,15 +433,21 @@ class Reconciler:
         if by_hashes is not None:
             by_hashes(True)
         try:
+            links = len(self.tracker.links) if self.tracker is not None else 0
             root = self.target.info(b"")
             self._dir(b"", known=root is not None and stat.S_ISDIR(root.mode))
             seen: set[bytes] = set()
-            while self.tracker is not None and self.tracker.revisit:
-                rel = self.tracker.revisit.pop(0)
-                if rel in seen:
-                    continue
-                seen.add(rel)
-                self._visit(rel)
+            while self.tracker is not None:
+                if self.tracker.revisit:
+                    rel = self.tracker.revisit.pop(0)
+                    if rel not in seen:
+                        seen.add(rel)
+                        self._visit(rel)
+                elif links < len(self.tracker.links):
+                    made, links = self.tracker.links[links:], len(self.tracker.links)
+                    self._relink(made)
+                else:
+                    break
             self._flush()
         finally:
             if by_hashes is not None:
@@ -490,7 +500,13 @@ class Reconciler:
             self.progress(dict(self.counts, stage="done" if final else "walking"))
 
     def _visit(self, rel: bytes) -> None:
-        """A rename/link destination made during the walk: reconcile it (whole) again."""
+        """A rename/link destination made during the walk: reconcile it (whole) again. What
+        it sends goes there anew (removed first): a file with several names that leads from
+        below it no longer holds the other names' file there (_hard_link)."""
+        prefix = rel + b"/"
+        for ino, (lrel, _tino, _epoch, stamp, linked) in self._leaders.items():
+            if lrel == rel or lrel.startswith(prefix):
+                self._leaders[ino] = (lrel, None, -1, stamp, linked)
         listed = self._clock()
         try:
             info = lstat_info(self.src, rel)
@@ -648,23 +664,86 @@ class Reconciler:
             return self._commit(None, ops)
 
     def _hard_link(self, rel: bytes, info: Info, tinfo: Info | None, listed: int) -> bool:
-        """A second name of a file already sent: link it at the target (True when done). The
-        name sent first leads while it still names that file. Once it was renamed or removed
-        (the capture's records moved it at the target: a link from it there found nothing,
-        and the name never got there), this name leads: False, it is sent whole (and the
-        leader's new name, a rename's destination, is visited again and linked to it)."""
-        epoch = self.tracker.names_epoch if self.tracker is not None else 0
+        """A name of a file with several: False for the first (the caller sends it), which
+        leads; any other is linked to the leader at the target (True). The leader leads while
+        its name holds the file as sent: once that name was renamed or removed (the capture's
+        records moved it at the target, a link from it there found nothing), sent anew by a
+        visit (epoch -1), or the file was changed since (through a name not at the target
+        yet, the capture's record of it was superseded there, and a link would not carry
+        it), this name leads: sent whole, with the names linked before linked to it again
+        (_lead_again)."""
         leader = self._leaders.get(info.ino)
-        if leader is not None:
-            lrel, ltino, lepoch = leader
-            if tinfo is not None and ltino is not None and tinfo.ino == ltino:
+        if leader is None:
+            self._leaders[info.ino] = (rel, None if tinfo is None else tinfo.ino,
+                                       *self._stamps(info), [])
+            return False
+        lrel, ltino, lepoch, lstamp, linked = leader
+        if tinfo is not None and ltino is not None and tinfo.ino == ltino:
+            linked.append(rel)
+            return True
+        if lepoch >= 0 and (self.tracker is None
+                            or self.tracker.changes.get(info.ino, 0) == lstamp):
+            done = self._link(lrel, lepoch, rel, info, listed)
+            if done is not None:
+                if done:
+                    linked.append(rel)
                 return True
-            if self._commit_fresh(rel, info, listed, [("link", {"src": os.fsdecode(lrel),
+        self._lead_again(info.ino, [rel, lrel, *linked])
+        return True
+
+    def _stamps(self, info: Info) -> tuple[int, int]:
+        """The names epoch and the file's change stamp, read before a leader is sent."""
+        if self.tracker is None:
+            return 0, 0
+        return self.tracker.names_epoch, self.tracker.changes.get(info.ino, 0)
+
+    def _lead_again(self, ino: tuple[int, int], names: list[bytes]) -> None:
+        """The first of `names` that still names file `ino` is sent whole and leads; the
+        others that do are linked to it (or they stay a copy of their own at the target)."""
+        listed = self._clock()
+        for i, rel in enumerate(names):
+            try:
+                info = lstat_info(self.src, rel)
+            except (FileNotFoundError, NotADirectoryError):
+                continue
+            if info.ino != ino or info.kind != stat.S_IFREG:
+                continue
+            epoch, stamp = self._stamps(info)
+            again: list[bytes] = []
+            self._leaders[ino] = (rel, None, epoch, stamp, again)
+            self._file(rel, info, None)
+            for other in dict.fromkeys(names[i + 1:]):
+                try:
+                    now = lstat_info(self.src, other, with_xattrs=False)
+                except (FileNotFoundError, NotADirectoryError):
+                    continue
+                if other != rel and now.ino == ino and self._link(rel, epoch, other, now, listed):
+                    again.append(other)
+            return
+
+    def _relink(self, links: list[tuple[bytes, bytes]]) -> None:
+        """Links the capture made while the walk ran. Such a record found its source name at
+        the target only when the walk had sent it before; the walk, meeting the new name (a
+        file it had not seen with two names), then sent it whole: a copy of its own there
+        (bench/catchup_race.py). Each file so linked is sent again from one of its names and
+        linked from the others, the names the walk knew for it included."""
+        files: dict[tuple[int, int], list[bytes]] = {}
+        for pair in links:
+            for rel in pair:
+                try:
+                    info = lstat_info(self.src, rel, with_xattrs=False)
+                except (FileNotFoundError, NotADirectoryError):
+                    continue
+                if info.kind == stat.S_IFREG:
+                    files.setdefault(info.ino, []).append(rel)
+        for ino, names in files.items():
+            leader = self._leaders.get(ino)
+            self._lead_again(ino, names + ([leader[0], *leader[4]] if leader else []))
+
+    def _link(self, lrel: bytes, lepoch: int, rel: bytes, info: Info, listed: int) -> bool | None:
+        return self._commit_fresh(rel, info, listed, [("link", {"src": os.fsdecode(lrel),
                                                                 "path": os.fsdecode(rel)}, b"")],
-                                  leader=(lrel, lepoch)) is not None:
-                return True
-        self._leaders[info.ino] = (rel, None if tinfo is None else tinfo.ino, epoch)
-        return False
+                                  leader=(lrel, lepoch))
 
     def _led_astray(self, leader: tuple[bytes, int], info: Info) -> bool:
         """Does the name a link would be made from no longer hold `info`'s file as sent?"""
