@@ -4,9 +4,14 @@ kind (writes, truncates, renames of files and directories, links, removals, mkdi
 symlinks, chmod, times, xattrs) while the first copy walks. Then drain and verify: any
 difference is a write lost or a node made again, and the round's directory is kept.
 
-    .venv/bin/python bench/catchup_race.py [--rounds 20] [--ops 400] [--seed N]
+    .venv/bin/python bench/catchup_race.py [--rounds 20] [--ops 400] [--seed N] [--remote]
 
-Runs as root, in a private temp directory per round, removed unless the round failed. Not a
+`--restart`: the changes race a comparing catch-up instead: the first copy drains, the daemon
+and its workers are killed (-9, an unclean stop) and started again, and the changes go on
+while the new worker compares the tree with the replica. `--remote`: the target is a directory on the other host of tests/netbed.py's two-host bed
+(a network namespace with its own sshd), reached over ssh as `backup1`; the first copy then
+walks while the session starts, and the agent applies. Runs as root, in a private temp
+directory per round, removed unless the round failed. Not a
 benchmark (nothing is timed) and not a test (it is random): a tool to look for what the
 fixed-order tests cannot think of. Seen with it: a hard link made from a name the application
 had renamed meanwhile (the second name never reached the target).
@@ -15,6 +20,7 @@ had renamed meanwhile (the second name never reached the target).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import random
 import shutil
@@ -28,6 +34,9 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "tests"))
 
 from test_engine_support import engine_maker, mirrorfs_mounts  # noqa: E402
+from test_remote import Remote, cli  # noqa: E402
+
+from app.services.results import MirrorError  # noqa: E402
 
 
 def seed_tree(root: Path, rng: random.Random) -> None:
@@ -98,18 +107,35 @@ def one_change(root: Path, rng: random.Random, n: int) -> None:
         os.setxattr(f, "user.race", rng.randbytes(8))
 
 
-def one_round(seed: int, ops: int) -> list[dict]:
+def one_round(seed: int, ops: int, bed=None, restart: bool = False) -> list[dict]:
     rng = random.Random(seed)
     tmp = Path(tempfile.mkdtemp(prefix="catchup-race-"))
     failed = True
     try:
         with engine_maker(tmp) as make:
-            eng, src, _tgt = make(seed=lambda p: seed_tree(p, rng), start=False)
+            config = None
+            if bed is not None:
+                (tmp / "src").mkdir()
+                seed_tree(tmp / "src", rng)
+                r = Remote(tmp, bed)
+                a = cli(r.cfg, "fs", "add", str(tmp / "src"), "--target", "backup1:data")
+                assert a.returncode == 0, a.stdout + a.stderr
+                config = r.cfg
+            eng, src, _tgt = make(seed=None if bed else lambda p: seed_tree(p, rng),
+                                  config=config, start=False)
             eng.start(wait=False)
             deadline = time.monotonic() + 60
             while src not in mirrorfs_mounts():
                 assert time.monotonic() < deadline, eng.logtext()
                 time.sleep(0.002)
+            if restart:
+                eng.drain(src)
+                eng.kill9()
+                eng.kill_orphan_workers()
+                eng.start(wait=False)
+                while not captured(eng, src):
+                    assert time.monotonic() < deadline + 60, eng.logtext()
+                    time.sleep(0.002)
             for n in range(ops):
                 try:
                     one_change(Path(src), rng, n)
@@ -118,6 +144,9 @@ def one_round(seed: int, ops: int) -> list[dict]:
             eng.drain(src)
             diffs = eng.verify(src)
             failed = bool(diffs)
+            print("  catch-ups:", "; ".join(line.split(": catching up ", 1)[1]
+                                           for line in eng.logtext().splitlines()
+                                           if ": catching up (" in line))
             if failed:
                 print(f"seed {seed}: kept {tmp}\n{eng.logtext()[-3000:]}")
             return diffs
@@ -126,18 +155,37 @@ def one_round(seed: int, ops: int) -> list[dict]:
             shutil.rmtree(tmp, ignore_errors=True)
 
 
+def captured(eng, src: str) -> bool:
+    try:
+        return eng.status(src)["captured"]
+    except (MirrorError, AssertionError):  # not answering yet, or not listed yet
+        return False
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rounds", type=int, default=20)
     ap.add_argument("--ops", type=int, default=400)
     ap.add_argument("--seed", type=int, default=None, help="the first round's (then +1 each)")
+    ap.add_argument("--remote", action="store_true", help="to a directory on the bed's other host")
+    ap.add_argument("--restart", action="store_true", help="race a comparing catch-up after kill -9")
     args = ap.parse_args()
     if os.geteuid() != 0:
         sys.exit("catchup_race: needs root (FUSE mounts)")
     first = args.seed if args.seed is not None else random.randrange(1 << 30)
+    with contextlib.ExitStack() as stack:
+        bed = None
+        if args.remote:
+            from netbed import TwoHosts
+            bed = stack.enter_context(TwoHosts(Path(stack.enter_context(
+                tempfile.TemporaryDirectory(prefix="catchup-race-bed-")))))
+        return rounds(first, args, bed)
+
+
+def rounds(first: int, args, bed) -> int:
     bad = 0
     for i in range(args.rounds):
-        diffs = one_round(first + i, args.ops)
+        diffs = one_round(first + i, args.ops, bed, args.restart)
         print(f"round {i + 1}/{args.rounds} seed {first + i}: "
               + ("equal" if not diffs else f"{len(diffs)} differences: {diffs[:6]}"), flush=True)
         bad += bool(diffs)
