@@ -1268,7 +1268,7 @@ def test_a_hard_link_whose_first_name_was_renamed_meanwhile_is_made_from_a_name_
         if leader is not None and not moved:
             if first_name_committed:
                 self._flush()
-            old = leader[0]
+            old = leader.rel
             new = old + b"2"
             moved.append((old, new))
             os.rename(src / os.fsdecode(old), src / os.fsdecode(new))

@@ -369,6 +369,18 @@ class Check:
     leader: tuple[bytes, int] | None = None
 
 
+@dataclass(slots=True)
+class _Leader:
+    """The name of a file with several that the walk sent (Reconciler._hard_link)."""
+
+    rel: bytes
+    tino: tuple[int, int] | None  # its inode at the target, when the target listed it
+    epoch: int  # the names epoch before it was sent
+    stamp: int  # the file's change stamp then
+    anew: int  # how many names visits had sent anew then (Reconciler._anew)
+    linked: list[bytes] = field(default_factory=list)  # names linked to it since
+
+
 class Sink:
     """Where reconcile records go. `commit` returns False when the check failed (the path
     changed since it was read): the reconciler reads it again."""
@@ -410,10 +422,8 @@ class Reconciler:
         self.put = put
         self.dev = os.stat(b".", dir_fd=src_fd).st_dev
         self.counts = {"files": 0, "copied": 0, "bytes": 0, "removed": 0}
-        # per inode with several names: the name sent first, its inode at the target, the
-        # names epoch and its change stamp before it was sent, and the names linked to it since
-        self._leaders: dict[tuple[int, int],
-                            tuple[bytes, tuple[int, int] | None, int, int, list[bytes]]] = {}
+        self._leaders: dict[tuple[int, int], _Leader] = {}  # per inode with several names
+        self._anew: list[bytes] = []  # names visits sent anew (removed there first), in order
         # Small files' records wait here and go to the sink together; anything else the sink
         # gets sends them first, so records keep the walk's order (a directory's times after
         # its files, a hard link after the file it names).
@@ -503,10 +513,7 @@ class Reconciler:
         """A rename/link destination made during the walk: reconcile it (whole) again. What
         it sends goes there anew (removed first): a file with several names that leads from
         below it no longer holds the other names' file there (_hard_link)."""
-        prefix = rel + b"/"
-        for ino, (lrel, _tino, _epoch, stamp, linked) in self._leaders.items():
-            if lrel == rel or lrel.startswith(prefix):
-                self._leaders[ino] = (lrel, None, -1, stamp, linked)
+        self._anew.append(rel)
         listed = self._clock()
         try:
             info = lstat_info(self.src, rel)
@@ -666,41 +673,43 @@ class Reconciler:
     def _hard_link(self, rel: bytes, info: Info, tinfo: Info | None, listed: int) -> bool:
         """A name of a file with several: False for the first (the caller sends it), which
         leads; any other is linked to the leader at the target (True). The leader leads while
-        its name holds the file as sent: once that name was renamed or removed (the capture's
-        records moved it at the target, a link from it there found nothing), sent anew by a
-        visit (epoch -1), or the file was changed since (through a name not at the target
-        yet, the capture's record of it was superseded there, and a link would not carry
-        it), this name leads: sent whole, with the names linked before linked to it again
-        (_lead_again)."""
+        its name holds the file there as sent: not once that name was renamed or removed (the
+        capture's records moved it at the target, a link from it there found nothing), sent
+        anew by a visit, or the file was changed since (through a name not at the target yet
+        the capture's record was superseded there, and a link would not carry it). Then this
+        name leads: sent whole, the names linked before linked to it again (_lead_again)."""
         leader = self._leaders.get(info.ino)
         if leader is None:
-            self._leaders[info.ino] = (rel, None if tinfo is None else tinfo.ino,
-                                       *self._stamps(info), [])
+            self._leaders[info.ino] = self._leader(rel, info, None if tinfo is None else tinfo.ino)
             return False
-        lrel, ltino, lepoch, lstamp, linked = leader
-        if tinfo is not None and ltino is not None and tinfo.ino == ltino:
-            linked.append(rel)
+        if tinfo is not None and leader.tino is not None and tinfo.ino == leader.tino:
+            leader.linked.append(rel)
             return True
-        if lepoch >= 0 and (self.tracker is None
-                            or self.tracker.changes.get(info.ino, 0) == lstamp):
-            done = self._link(lrel, lepoch, rel, info, listed)
+        if self._still_leads(leader, info):
+            done = self._link(leader.rel, leader.epoch, rel, info, listed)
             if done is not None:
                 if done:
-                    linked.append(rel)
+                    leader.linked.append(rel)
                 return True
-        self._lead_again(info.ino, [rel, lrel, *linked])
+        self._lead_again(info.ino, [rel, leader.rel, *leader.linked])
         return True
 
-    def _stamps(self, info: Info) -> tuple[int, int]:
-        """The names epoch and the file's change stamp, read before a leader is sent."""
-        if self.tracker is None:
-            return 0, 0
-        return self.tracker.names_epoch, self.tracker.changes.get(info.ino, 0)
+    def _leader(self, rel: bytes, info: Info, tino: tuple[int, int] | None) -> _Leader:
+        """`rel` leads for `info`'s file (stamps read before it is sent)."""
+        epoch, stamp = (0, 0) if self.tracker is None else \
+            (self.tracker.names_epoch, self.tracker.changes.get(info.ino, 0))
+        return _Leader(rel, tino, epoch, stamp, len(self._anew))
+
+    def _still_leads(self, leader: _Leader, info: Info) -> bool:
+        """Not sent anew by a visit nor changed since it was sent (moves: _led_astray)."""
+        rel = leader.rel
+        if any(rel == p or rel.startswith(p + b"/") for p in self._anew[leader.anew:]):
+            return False
+        return self.tracker is None or self.tracker.changes.get(info.ino, 0) == leader.stamp
 
     def _lead_again(self, ino: tuple[int, int], names: list[bytes]) -> None:
         """The first of `names` that still names file `ino` is sent whole and leads; the
         others that do are linked to it (or they stay a copy of their own at the target)."""
-        listed = self._clock()
         for i, rel in enumerate(names):
             try:
                 info = lstat_info(self.src, rel)
@@ -708,25 +717,28 @@ class Reconciler:
                 continue
             if info.ino != ino or info.kind != stat.S_IFREG:
                 continue
-            epoch, stamp = self._stamps(info)
-            again: list[bytes] = []
-            self._leaders[ino] = (rel, None, epoch, stamp, again)
+            leader = self._leaders[ino] = self._leader(rel, info, None)
+            listed = self._clock()
             self._file(rel, info, None)
+            if self._led_astray((rel, leader.epoch), info):
+                continue  # moved or removed while it went: the next name leads
             for other in dict.fromkeys(names[i + 1:]):
                 try:
                     now = lstat_info(self.src, other, with_xattrs=False)
                 except (FileNotFoundError, NotADirectoryError):
                     continue
-                if other != rel and now.ino == ino and self._link(rel, epoch, other, now, listed):
-                    again.append(other)
+                if other != rel and now.ino == ino and \
+                        self._link(rel, leader.epoch, other, now, listed):
+                    leader.linked.append(other)
             return
 
     def _relink(self, links: list[tuple[bytes, bytes]]) -> None:
         """Links the capture made while the walk ran. Such a record found its source name at
         the target only when the walk had sent it before; the walk, meeting the new name (a
         file it had not seen with two names), then sent it whole: a copy of its own there
-        (bench/catchup_race.py). Each file so linked is sent again from one of its names and
-        linked from the others, the names the walk knew for it included."""
+        (bench/catchup_race.py). A file so linked whose names are not all the walk's leader
+        and the names it linked to it is sent again from one of them and linked from the
+        others, the names the walk knew for it included."""
         files: dict[tuple[int, int], list[bytes]] = {}
         for pair in links:
             for rel in pair:
@@ -738,7 +750,9 @@ class Reconciler:
                     files.setdefault(info.ino, []).append(rel)
         for ino, names in files.items():
             leader = self._leaders.get(ino)
-            self._lead_again(ino, names + ([leader[0], *leader[4]] if leader else []))
+            if leader is not None and set(names) <= {leader.rel, *leader.linked}:
+                continue  # one file there already
+            self._lead_again(ino, names + ([leader.rel, *leader.linked] if leader else []))
 
     def _link(self, lrel: bytes, lepoch: int, rel: bytes, info: Info, listed: int) -> bool | None:
         return self._commit_fresh(rel, info, listed, [("link", {"src": os.fsdecode(lrel),
