@@ -1242,6 +1242,37 @@ def test_a_first_copy_costs_about_one_trip_to_the_capture_per_directory(tmp_path
     assert sorted(os.listdir(tgt / "d7" / "x" / "y")) == ["f0", "f1", "f2"]
 
 
+def a_file_with_two_names(tmp_path) -> CaptureBesideTheWalk:
+    """src/d/f and src/d/g, one file, to be walked onto an empty tgt."""
+    src, tgt = tmp_path / "src", tmp_path / "tgt"
+    (src / "d").mkdir(parents=True)
+    (src / "d" / "f").write_bytes(b"two names")
+    os.link(src / "d" / "f", src / "d" / "g")
+    tgt.mkdir()
+    return CaptureBesideTheWalk(src, tgt)
+
+
+def walk_a_file_with_two_names(tmp_path, monkeypatch, before_the_second) -> CaptureBesideTheWalk:
+    """a_file_with_two_names walked; `before_the_second(walk, sink, leader, rel, info)` runs
+    once, when the walk meets the second name (the first one sent, its records maybe still
+    in the walk's batch)."""
+    from app.engine import sync
+    sink = a_file_with_two_names(tmp_path)
+    real = sync.Reconciler._hard_link
+    fired = []
+
+    def hooked(self, rel, info, tinfo, listed):
+        leader = self._leaders.get(info.ino)
+        if leader is not None and not fired:
+            fired.append(rel)
+            before_the_second(self, sink, leader, rel, info)
+        return real(self, rel, info, tinfo, listed)
+    monkeypatch.setattr(sync.Reconciler, "_hard_link", hooked)
+    sink.walk()
+    assert fired
+    return sink
+
+
 @pytest.mark.parametrize("first_name_committed", [True, False])
 def test_a_hard_link_whose_first_name_was_renamed_meanwhile_is_made_from_a_name_that_holds_it(
         tmp_path, monkeypatch, first_name_committed):
@@ -1253,33 +1284,21 @@ def test_a_hard_link_whose_first_name_was_renamed_meanwhile_is_made_from_a_name_
     The second name now leads and goes whole; the destination, visited again, links to it.
     Either with the first name's records committed before the rename, or still waiting in
     the walk's batch (the rename reaches the target first, and is superseded there)."""
-    from app.engine import sync
-    src, tgt = tmp_path / "src", tmp_path / "tgt"
-    (src / "d").mkdir(parents=True)
-    (src / "d" / "f").write_bytes(b"two names")
-    os.link(src / "d" / "f", src / "d" / "g")
-    tgt.mkdir()
-    sink = CaptureBesideTheWalk(src, tgt)
-    real = sync.Reconciler._hard_link
     moved = []
 
-    def renamed_before_the_second_name(self, rel, info, tinfo, listed):
-        leader = self._leaders.get(info.ino)
-        if leader is not None and not moved:
-            if first_name_committed:
-                self._flush()
-            old = leader.rel
-            new = old + b"2"
-            moved.append((old, new))
-            os.rename(src / os.fsdecode(old), src / os.fsdecode(new))
-            st = os.lstat(src / "d")
-            rec = {"old": os.fsdecode(old), "new": os.fsdecode(new), "flags": 0}
-            sink.tracker.observe((st.st_dev, st.st_ino), "rename", rec)
-            sink.target.apply_ops([("rename", rec, b"")])
-        return real(self, rel, info, tinfo, listed)
-    monkeypatch.setattr(sync.Reconciler, "_hard_link", renamed_before_the_second_name)
-    sink.walk()
-    assert moved
+    def renamed(walk, sink, leader, rel, info):
+        if first_name_committed:
+            walk._flush()
+        old = leader.rel
+        new = old + b"2"
+        moved.append((old, new))
+        os.rename(sink.src / os.fsdecode(old), sink.src / os.fsdecode(new))
+        st = os.lstat(sink.src / "d")
+        rec = {"old": os.fsdecode(old), "new": os.fsdecode(new), "flags": 0}
+        sink.tracker.observe((st.st_dev, st.st_ino), "rename", rec)
+        sink.target.apply_ops([("rename", rec, b"")])
+    sink = walk_a_file_with_two_names(tmp_path, monkeypatch, renamed)
+    tgt = sink.tgt
     (old, new), = moved
     names = sorted({b"d/f", b"d/g", new} - {old})
     assert [os.fsencode(p.relative_to(tgt)) for p in sorted((tgt / "d").iterdir())] == names
@@ -1299,29 +1318,14 @@ def test_a_file_changed_through_a_name_not_at_the_target_yet_is_not_linked_stale
     as sent before the change: the attribute never reached the target (bench/catchup_race.py).
     A file changed since its first name was sent is sent again whole from this name, and
     the first linked to it."""
-    from app.engine import sync
-    src, tgt = tmp_path / "src", tmp_path / "tgt"
-    (src / "a").mkdir(parents=True)
-    (src / "a" / "f").write_bytes(b"two names")
-    os.link(src / "a" / "f", src / "a" / "g")
-    tgt.mkdir()
-    sink = CaptureBesideTheWalk(src, tgt)
-    real = sync.Reconciler._hard_link
-    fired = []
-
-    def changed_through_the_second_name(self, rel, info, tinfo, listed):
-        if self._leaders.get(info.ino) is not None and not fired:
-            fired.append(rel)
-            self._flush()
-            os.setxattr(src / os.fsdecode(rel), "user.later", b"set")
-            rec = {"path": os.fsdecode(rel), "name": "user.later"}
-            sink.tracker.observe(info.ino, "setxattr", rec)
-            sink.target.apply_ops([("setxattr", rec, b"set")])  # no such name there yet
-        return real(self, rel, info, tinfo, listed)
-    monkeypatch.setattr(sync.Reconciler, "_hard_link", changed_through_the_second_name)
-    sink.walk()
-    assert fired
-    f, g = tgt / "a" / "f", tgt / "a" / "g"
+    def changed(walk, sink, leader, rel, info):
+        walk._flush()
+        os.setxattr(sink.src / os.fsdecode(rel), "user.later", b"set")
+        rec = {"path": os.fsdecode(rel), "name": "user.later"}
+        sink.tracker.observe(info.ino, "setxattr", rec)
+        sink.target.apply_ops([("setxattr", rec, b"set")])  # no such name there yet
+    sink = walk_a_file_with_two_names(tmp_path, monkeypatch, changed)
+    f, g = sink.tgt / "d" / "f", sink.tgt / "d" / "g"
     assert f.stat().st_ino == g.stat().st_ino and f.read_bytes() == b"two names"
     assert os.getxattr(f, "user.later") == b"set"
     assert sink.target.errors == 1 and "setxattr" in sink.target.last_error  # the stand-in's
@@ -1333,16 +1337,11 @@ def test_a_rename_destination_sent_again_whole_leaves_no_link_to_a_name_it_remov
     two names in it had led from that directory: the visit linked its names to the name it
     had just removed there (a link from h to h), and both went missing at the target
     (bench/catchup_race.py). A leader the visit sends anew leads no more."""
-    src, tgt = tmp_path / "src", tmp_path / "tgt"
-    (src / "m").mkdir(parents=True)
-    (src / "m" / "h").write_bytes(b"two names")
-    os.link(src / "m" / "h", src / "m" / "x")
-    tgt.mkdir()
-    sink = CaptureBesideTheWalk(src, tgt)
-    st = os.lstat(src)
-    sink.tracker.observe((st.st_dev, st.st_ino), "rename", {"old": "was", "new": "m", "flags": 0})
+    sink = a_file_with_two_names(tmp_path)
+    st = os.lstat(sink.src)
+    sink.tracker.observe((st.st_dev, st.st_ino), "rename", {"old": "was", "new": "d", "flags": 0})
     sink.walk()
-    h, x = tgt / "m" / "h", tgt / "m" / "x"
+    h, x = sink.tgt / "d" / "f", sink.tgt / "d" / "g"
     assert h.stat().st_ino == x.stat().st_ino and h.read_bytes() == b"two names"
     assert sink.target.errors == 0, sink.target.last_error
 
