@@ -342,6 +342,12 @@ class Tracker:
                 return False
             probe = probe.rpartition(b"/")[0]
 
+    def leads(self, leader: tuple[bytes, int], key: tuple[int, int], lstat_key) -> bool:
+        """Does the name `leader` = (path, names epoch it was sent under) still hold file
+        `key`, not moved or removed since?"""
+        rel, epoch = leader
+        return not self.name_touched(rel, epoch) and lstat_key(rel) == key
+
     def still(self, check: Check, lstat_key) -> bool:
         """Is the source at `check.rel` as it was read (and, for a hard link the walk makes,
         does the name it links from still name the same file)? `lstat_key(rel)` gives the
@@ -349,10 +355,8 @@ class Tracker:
         changes, epoch = check.stamp
         if self.changes.get(check.key, 0) != changes:
             return False
-        if check.leader is not None:
-            lrel, lepoch = check.leader
-            if self.name_touched(lrel, lepoch) or lstat_key(lrel) != check.key:
-                return False
+        if check.leader is not None and not self.leads(check.leader, check.key, lstat_key):
+            return False
         if self.names_epoch == epoch:
             return True
         return not self.name_touched(check.rel, epoch) and lstat_key(check.rel) == check.key
@@ -711,11 +715,8 @@ class Reconciler:
         """The first of `names` that still names file `ino` is sent whole and leads; the
         others that do are linked to it (or they stay a copy of their own at the target)."""
         for i, rel in enumerate(names):
-            try:
-                info = lstat_info(self.src, rel)
-            except (FileNotFoundError, NotADirectoryError):
-                continue
-            if info.ino != ino or info.kind != stat.S_IFREG:
+            info = self._lstat(rel, with_xattrs=True)
+            if info is None or info.ino != ino or info.kind != stat.S_IFREG:
                 continue
             leader = self._leaders[ino] = self._leader(rel, info, None)
             listed = self._clock()
@@ -723,11 +724,8 @@ class Reconciler:
             if self._led_astray((rel, leader.epoch), info):
                 continue  # moved or removed while it went: the next name leads
             for other in dict.fromkeys(names[i + 1:]):
-                try:
-                    now = lstat_info(self.src, other, with_xattrs=False)
-                except (FileNotFoundError, NotADirectoryError):
-                    continue
-                if other != rel and now.ino == ino and \
+                now = self._lstat(other)
+                if other != rel and now is not None and now.ino == ino and \
                         self._link(rel, leader.epoch, other, now, listed):
                     leader.linked.append(other)
             return
@@ -742,11 +740,8 @@ class Reconciler:
         files: dict[tuple[int, int], list[bytes]] = {}
         for pair in links:
             for rel in pair:
-                try:
-                    info = lstat_info(self.src, rel, with_xattrs=False)
-                except (FileNotFoundError, NotADirectoryError):
-                    continue
-                if info.kind == stat.S_IFREG:
+                info = self._lstat(rel)
+                if info is not None and info.kind == stat.S_IFREG:
                     files.setdefault(info.ino, []).append(rel)
         for ino, names in files.items():
             leader = self._leaders.get(ino)
@@ -761,13 +756,20 @@ class Reconciler:
 
     def _led_astray(self, leader: tuple[bytes, int], info: Info) -> bool:
         """Does the name a link would be made from no longer hold `info`'s file as sent?"""
-        lrel, epoch = leader
-        if self.tracker is not None and self.tracker.name_touched(lrel, epoch):
-            return True
+        if self.tracker is not None:
+            return not self.tracker.leads(leader, info.ino, self._ino)
+        return self._ino(leader[0]) != info.ino
+
+    def _ino(self, rel: bytes) -> tuple[int, int] | None:
+        info = self._lstat(rel)
+        return None if info is None else info.ino
+
+    def _lstat(self, rel: bytes, with_xattrs: bool = False) -> Info | None:
+        """`rel` as it is now, None when there is no such name any more."""
         try:
-            return lstat_info(self.src, lrel, with_xattrs=False).ino != info.ino
+            return lstat_info(self.src, rel, with_xattrs=with_xattrs)
         except (FileNotFoundError, NotADirectoryError):
-            return True
+            return None
 
     # -- files
     def _file(self, rel: bytes, info: Info, tinfo: Info | None, defer: bool = True) -> None:
