@@ -124,12 +124,14 @@ class Engine:
 
     def drain(self, path: str, *, table: str = "filesystem") -> dict:
         """Wait until the target holds everything captured so far and any catching-up is
-        over (status is the witness)."""
+        over (status is the witness), a remote replica's word that it is consistent again
+        included: a catch-up's end is sent to the agent after its status row is cleared, and
+        a drain that came in between saw "inconsistent" (seen once, a block fail-back)."""
         deadline = time.monotonic() + DRAIN_SECONDS
         while True:
             st = self._row(table, path)
             if st["captured"] and st["applied_seq"] == st["last_seq"] and st["catch_up"] is None \
-                    and not st["behind"]:
+                    and not st["behind"] and st["target_data"] != "inconsistent":
                 return st
             assert time.monotonic() < deadline, f"journal did not drain: {st}"
             time.sleep(0.05)
