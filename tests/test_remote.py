@@ -7,6 +7,7 @@ import hashlib
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -206,6 +207,38 @@ def test_a_first_copy_ships_while_it_walks_once_the_session_is_up(remote, tmp_pa
     assert st["target_data"] == "consistent", st
     assert tree(src) == tree(r.root / "data")
     assert st["resync_bytes"] == 24 * 40_000, st
+
+
+def test_a_catch_ups_end_lost_with_its_session_is_said_again_and_shown_until_applied(remote, tmp_path):
+    """A catch-up ends by telling the agent "consistent once you have applied up to here"
+    (MARK). Told to a session that then died before the agent read it, the replica stayed
+    inconsistent until the next catch-up (no fail-over possible), and status showed no
+    catch-up meanwhile. The agent is stopped (SIGSTOP) while the walk goes on, so the walk's
+    end and its MARK stay in the pipes; killed then, the MARK dies with them. The catch-up's
+    row stays until the agent has said consistent, and the next session is told again."""
+    make, r = remote(resync_bandwidth="256KiB/s")
+    src = tmp_path / "src"
+    for i in range(24):
+        (src / f"d{i // 2:02}").mkdir(parents=True, exist_ok=True)
+        (src / f"d{i // 2:02}" / f"f{i}").write_bytes(os.urandom(40_000))
+    assert cli(r.cfg, "fs", "add", str(src), "--target", "backup1:data").returncode == 0
+    eng, _, _ = make(config=r.cfg)
+    wait_for("records received while the walk goes on",
+             lambda: eng.status(str(src))["received_seq"] > 0)
+    agent = r.bed.wait_target_process("serve-target")
+    r.bed.kill_on_target(agent, signal.SIGSTOP, wait=0)
+    assert (eng.status(str(src))["catch_up"] or {}).get("stage") == "walking", \
+        "the walk ended before the agent was stopped: the test proves nothing"
+    st = wait_for("the walk's end", lambda: (lambda s: s if (s["catch_up"] or {}).get("stage") !=
+                                             "walking" else None)(eng.status(str(src))), 60)
+    assert st["catch_up"] == {"reason": st["catch_up"]["reason"],
+                              "stage": "the target applies the rest"}, st
+    assert st["state"] == "catching up" and st["target_data"] == "inconsistent", st
+    r.bed.kill_on_target(agent)
+    st = wait_for("consistent at the target", lambda: (lambda s: s if s["target_data"] == "consistent"
+                                                       else None)(eng.status(str(src))), 90)
+    assert st["catch_up"] is None and st["reconnects"] >= 1, st
+    assert tree(src) == tree(r.root / "data")
 
 
 def test_a_first_copy_to_a_replica_that_holds_the_files_already_sends_only_what_differs(

@@ -223,7 +223,8 @@ class Agent:
         return {"received": j.last_seq, "applied": j.released_seq, "ts": time.time(),
                 "consistent": bool(self.state.get("consistent")), "paused": self.paused,
                 **({"apply_errors": t.errors, "last_error": t.last_error}
-                   if getattr(t, "errors", 0) else {})}
+                   if getattr(t, "errors", 0) else {}),
+                **({"superseded": t.superseded} if getattr(t, "superseded", 0) else {})}
 
     # -- session
     def run(self) -> int:
@@ -482,6 +483,10 @@ class Agent:
             elif kind == wire.SKIP:
                 through = int(json.loads(payload)["through"])
                 self.journal.skip_to(through)
+                # A resync follows: a catch-up's end said before the records it skips is no
+                # word for what follows (applied past it, that replica was called consistent).
+                if self.state.pop("mark_seq", None) is not None:
+                    self.replica.save(self.state)
                 self._inconsistent()
                 self.send(wire.ACK, self.positions())
             elif kind == wire.MARK:

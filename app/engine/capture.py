@@ -712,11 +712,16 @@ class Capture:
         fig = sh.fig
         logical, wire = sh.rates()
         catching = self.catching
+        if catching is None and self.consistent and getattr(self.target, "pending_mark", None) is not None:
+            # The walk is over and its end sent; the replica is not consistent until the agent
+            # has applied up to there and said so (a session lost meanwhile: said again).
+            catching = {"reason": self.reason, "stage": "the target applies the rest"}
         if catching is not None and catching.get("total"):
             pct = 100 * catching.get("bytes", 0) // max(1, catching["total"])
             replication = f"catching up {pct} %"
         elif catching is not None:
-            replication = f"catching up ({catching.get('stage', '')}, {catching.get('files', catching.get('done', 0))} done)"
+            done = catching.get("files", catching.get("done"))
+            replication = f"catching up ({catching.get('stage', '')}{'' if done is None else f', {done} done'})"
         elif j.behind:
             replication = "behind"
         else:
@@ -739,6 +744,7 @@ class Capture:
             "behind": j.behind, "connection": connection, "replication": replication,
             "target_data": target_data, "catch_up": catching,
             "apply_errors": getattr(self.target, "errors", 0),
+            "superseded": getattr(self.target, "superseded", 0),
             "last_error": getattr(self.target, "last_error", None) or fig.last_error,
             "reconnects": fig.reconnects, "resent_bytes": fig.resent_bytes,
             "resync_bytes": self.resync_bytes, "wire_bytes": fig.wire_bytes,

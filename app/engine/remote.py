@@ -85,6 +85,9 @@ class RemoteTarget(Queried, Target):
         self.last_frame = 0.0
         self.errors = 0  # records the agent could not apply (divergences), over all sessions
         self._errors_before = 0
+        self.superseded = 0  # catch-up records the agent found no place for (sent whole instead)
+        self._superseded_before = 0
+        self.pending_mark: int | None = None  # a catch-up's end, until the agent says it is consistent
         self.last_error: str | None = None
         self.consistent = False
         self._tokens = 0.0
@@ -141,7 +144,7 @@ class RemoteTarget(Queried, Target):
         self._extra = extra
         self._failure, self._gap, self.paused, self._rewind = None, None, None, None
         self.queries.new_session()
-        self._errors_before = self.errors
+        self._errors_before, self._superseded_before = self.errors, self.superseded
         g["action"] = action
         g["go"].set()
         if not g["done"].wait(CONNECT_SECONDS):
@@ -169,8 +172,10 @@ class RemoteTarget(Queried, Target):
         self._expect = self.pos.received + 1
         self._inflight.clear()
         self._inflight_bytes = 0
+        self._marked()
         threading.Thread(target=self._read_loop, args=(self.proc,), daemon=True).start()
         threading.Thread(target=self._beat_loop, args=(self.proc,), daemon=True).start()
+        self._say_mark_again()
         if self.journal_seqs is not None:
             last, released = self.journal_seqs()
             if self.pos.received > last:
@@ -234,9 +239,12 @@ class RemoteTarget(Queried, Target):
         with self._cv:
             self.pos = Positions(msg["received"], msg["applied"])
             self.consistent = bool(msg.get("consistent"))
+            self._marked()
             if msg.get("apply_errors"):  # this session's agent's; those before it are kept
                 self.errors = self._errors_before + msg["apply_errors"]
                 self.last_error = msg.get("last_error") or self.last_error
+            if msg.get("superseded"):
+                self.superseded = self._superseded_before + msg["superseded"]
             while self._inflight and self._inflight[0][0] <= self.pos.received:
                 self._inflight_bytes -= self._inflight.popleft()[1]
             self._cv.notify_all()
@@ -357,14 +365,28 @@ class RemoteTarget(Queried, Target):
         self._expect = seq + 1
 
     def mark_consistent(self, seq: int) -> None:
-        """The catch-up has emitted everything: consistent once the agent applied `seq`."""
+        """The catch-up has emitted everything: consistent once the agent applied `seq`. Said
+        again to the next session until the agent says it is (a session that ended first may
+        have lost it: the replica stayed inconsistent until the next catch-up)."""
+        self.pending_mark = seq
         self._send(wire.jframe(wire.MARK, {"seq": seq}))
+
+    def _say_mark_again(self) -> None:
+        """To a new session: a catch-up's end told to one that ended before the agent said it
+        had applied it (it may never have read it)."""
+        if self.pending_mark is not None:
+            self._send(wire.jframe(wire.MARK, {"seq": self.pending_mark}))
+
+    def _marked(self) -> None:
+        if self.pending_mark is not None and self.consistent and self.pos.applied >= self.pending_mark:
+            self.pending_mark = None  # (an answer from before the catch-up's MARK is none)
 
     def begin_catch_up(self) -> None:
         """A catch-up begins: the replica is inconsistent until a MARK's seq is applied (the
         agent refuses to promote it meanwhile), and a record that finds no such name there
         is superseded by what the catch-up sends, not an apply error. Only to an agent that
         says "catch-up-marks"; an older one learns it only after a gap (SKIP)."""
+        self.pending_mark = None
         if "catch-up-marks" in self.welcome.get("features", ()):
             self._send(wire.jframe(wire.MARK, {"begin": True}))
 

@@ -196,6 +196,7 @@ class CaptureRow:
     target_data: str = ""  # consistent | inconsistent | outdated | split-brain
     catch_up: dict[str, Any] | None = None  # progress of a resync while capturing
     apply_errors: int = 0
+    superseded: int = 0  # catch-up records with no place at the target yet: the walk sent those whole
     last_error: str | None = None
     reconnects: int = 0
     attempts: int = 0  # failed connection attempts

@@ -408,6 +408,9 @@ def replication_lines(row: CaptureRow | None) -> list[tuple[str, str]]:
         lines.append(("Recovery", f"{row.reconnects} reconnects, {row.attempts} failed attempts, "
                                   f"{human_size(row.resent_bytes)} resent, "
                                   f"{human_size(row.resync_bytes)} resynced"))
+    if row.superseded:
+        lines.append(("Superseded", f"{row.superseded} catch-up records found no place at the "
+                                    "target yet; the catch-up sent those names whole"))
     if row.rtt is not None:
         lines.append(("Round trip", f"{row.rtt * 1000:.1f} ms"))
     if row.apply_errors:

@@ -13,8 +13,9 @@ The agent opens with a greeting line (GREETING), so whatever a login shell print
     SKIP   source → agent   JSON {through}: records up to there never come (a resync replaces them)
     MARK   source → agent   JSON {seq}: the target is consistent once it has applied seq;
                             {begin: true}: a catch-up begins, it is inconsistent until then
-    ACK    agent → source   JSON {received, applied, ts, apply_errors?, last_error?}: durable in
-                            its journal / on its data; records it could not apply
+    ACK    agent → source   JSON {received, applied, ts, consistent, apply_errors?, last_error?,
+                            superseded?}: durable in its journal / on its data; records it
+                            could not apply; catch-up records sent whole by the walk instead
     BEAT   both ways        JSON {ts, echo}: liveness, round-trip time, lag while idle
     PAUSE / RESUME          JSON {reason}: the agent cannot take more (disk full) / can again
     REWIND agent → source   JSON {received}: a batch was dropped (it came while paused, or after
