@@ -1437,6 +1437,38 @@ def test_a_file_changed_through_a_name_not_at_the_target_yet_is_not_linked_stale
     assert sink.target.errors == 1 and "setxattr" in sink.target.last_error  # the stand-in's
 
 
+def test_two_walks_beside_each_other_both_visit_a_rename_destination_again(tmp_path, monkeypatch):
+    """A catch-up and a mirror (or two mirrors) walk at once over one tracker. A rename's
+    destination the walks had passed was a list each walk popped from: the one that took it
+    visited it again, the other never did, and its target lacked the file for good (in a
+    catch-up the rename's record was superseded there: the old name was not sent yet). Each
+    walk now reads the whole list from its own place in it."""
+    (tmp_path / "src" / "a").mkdir(parents=True)
+    (tmp_path / "src" / "z").mkdir()
+    (tmp_path / "src" / "z" / "f").write_bytes(b"renamed while both walk")
+    (tmp_path / "t1").mkdir()
+    (tmp_path / "t2").mkdir()
+    first, second = CaptureBesideTheWalk(tmp_path / "src", tmp_path / "t1"), \
+        CaptureBesideTheWalk(tmp_path / "src", tmp_path / "t2")
+    second.tracker = first.tracker
+    real = sync.Reconciler._child
+    fired = []
+
+    def hooked(self, parent, name, info, tinfo, listed):
+        if self.sink is first and name == b"z" and not fired:  # "a" walked, "z" not listed yet
+            fired.append(1)
+            os.rename(tmp_path / "src" / "z" / "f", tmp_path / "src" / "a" / "f")
+            first.tracker.observe(info.ino, "rename", {"old": "z/f", "new": "a/f"})
+            second.walk()  # the other walk, from start to end, meanwhile
+        return real(self, parent, name, info, tinfo, listed)
+    monkeypatch.setattr(sync.Reconciler, "_child", hooked)
+    first.walk()
+    assert fired
+    for t in ("t1", "t2"):
+        assert (tmp_path / t / "a" / "f").read_bytes() == b"renamed while both walk", t
+        assert not (tmp_path / t / "z" / "f").exists(), t
+
+
 def test_a_rename_destination_sent_again_whole_leaves_no_link_to_a_name_it_removed(tmp_path):
     """A directory renamed as the walk began is listed at its new name, and visited again
     at its end as the rename's destination: sent anew, removed there first. The file with

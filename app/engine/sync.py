@@ -286,7 +286,7 @@ class Tracker:
         self.clock = 0
         self.names_epoch = 0
         self.moved: dict[bytes, int] = {}  # path -> names_epoch when it was moved or linked
-        self.revisit: list[bytes] = []
+        self.revisit: list[bytes] = []  # read by each walk from its own place (several at once)
         self.links: list[tuple[bytes, bytes]] = []  # (from, to) of every link recorded
 
     def changed(self, key: tuple[int, int]) -> None:
@@ -451,9 +451,11 @@ class Reconciler:
             root = self.target.info(b"")
             self._dir(b"", known=root is not None and stat.S_ISDIR(root.mode))
             seen: set[bytes] = set()
+            revisited = 0  # a place of this walk's own: another walk beside it reads them too
             while self.tracker is not None:
-                if self.tracker.revisit:
-                    rel = self.tracker.revisit.pop(0)
+                if revisited < len(self.tracker.revisit):
+                    rel = self.tracker.revisit[revisited]
+                    revisited += 1
                     if rel not in seen:
                         seen.add(rel)
                         self._visit(rel)
