@@ -250,9 +250,9 @@ def test_a_catch_up_is_announced_only_to_an_agent_that_says_it_knows_how():
 
 def test_a_catch_ups_end_is_said_again_to_the_next_session_until_the_agent_says_consistent():
     """mark_consistent() went once: a session that ended before the agent read it left the
-    replica inconsistent until the next catch-up. It is said again after each WELCOME until
-    an answer says consistent at or past it; a new catch-up forgets it. (Over ssh, with the
-    session killed under it: tests/test_remote.py.)"""
+    replica inconsistent until the next catch-up. It is said again after each WELCOME of an
+    agent that knows "mark-again", until an answer says consistent at or past it; a new
+    catch-up forgets it. (Over ssh, with the session killed under it: tests/test_remote.py.)"""
     import io
     import json
     from app.services import wire
@@ -262,6 +262,8 @@ def test_a_catch_ups_end_is_said_again_to_the_next_session_until_the_agent_says_
     far._send = lambda f: sent.append(json.loads(wire.read_frame(io.BytesIO(f).read)[1]))
     far.begin_catch_up()
     far.mark_consistent(7)
+    far._say_mark_again()  # an agent of before: not told again
+    far.welcome = {"features": ["catch-up-marks", "mark-again"]}
     far._positions({"received": 7, "applied": 5, "consistent": False})
     far._say_mark_again()
     far._positions({"received": 7, "applied": 6, "consistent": True})  # from before the MARK
@@ -271,50 +273,20 @@ def test_a_catch_ups_end_is_said_again_to_the_next_session_until_the_agent_says_
     far.mark_consistent(9)
     far.begin_catch_up()
     far._say_mark_again()
-    assert sent == [{"begin": True}, {"seq": 7}, {"seq": 7}, {"seq": 7}, {"seq": 9}, {"begin": True}]
+    again = {"seq": 7, "again": True}
+    assert sent == [{"begin": True}, {"seq": 7}, again, again, {"seq": 9}, {"begin": True}]
+    assert "mark-again" in wire.FEATURES
 
 
-def test_catch_up_records_sent_whole_instead_are_counted_where_the_administrator_looks(tmp_path):
-    """A catch-up's record that finds no place at the target yet is skipped (the walk sends
-    that name whole): the count was kept by the applier and shown nowhere, and an agent did
-    not relay it. Each of stop 28's race-finder cases was such a skip that hid a loss."""
-    from types import SimpleNamespace
-    from app.engine.agent import Agent
-    from app.services.protocol import CaptureRow
-    from app.services.status import replication_lines
-    agent = Agent(str(tmp_path), None, None)
-    agent.journal, agent.state = SimpleNamespace(last_seq=9, released_seq=9), {"consistent": True}
-    agent.target = SimpleNamespace(errors=0, superseded=0)
-    assert "superseded" not in agent.positions()
-    agent.target.superseded = 2
-    far = _far_target("source")
-    far._positions(agent.positions())
-    far._superseded_before = far.superseded  # a second session's agent counts from 0
-    far._positions({**agent.positions(), "superseded": 1})
-    assert far.superseded == 3
-    row = CaptureRow.from_json({"kind": "fs", "key": "/srv", "captured": True, "superseded": 3})
-    assert ("Superseded", "3 catch-up records found no place at the target yet; the catch-up "
-            "sent those names whole") in replication_lines(row)
-
-
-def test_an_agent_told_records_never_come_forgets_the_catch_ups_end_it_was_told(tmp_path):
-    """MARK {seq} then SKIP (the source lost records, a resync follows): the agent kept the
-    mark, and once it had applied past it (the skipped seqs count as released) it called the
-    replica consistent before the resync had run; a fail-over would have promoted it."""
+def _agent_session(tmp_path, frames, until_applied: int) -> tuple[dict, dict]:
+    """An agent replicating "data" under tmp_path/root, fed `frames` after its WELCOME: the
+    first ACK that says records up to `until_applied` are applied (said after the agent's
+    check for consistency), and the replica's saved state after the session's end."""
     import json
     import threading
     from app.engine.agent import Agent, Replica
-    from app.engine.journal import KIND_FS, Record
     from app.services import wire
-    codec = wire.Codec("zstd")
-
-    def data(*recs):
-        parts = [p for r in recs for p in r.encode_parts()]
-        return b"".join(wire.frame_parts(wire.DATA, codec.pack_parts(parts, sum(map(len, parts)))))
-
-    def mkdir(seq, name):
-        return Record(seq, KIND_FS, "mkdir", {"path": name, "mode": 0o755, "uid": 0, "gid": 0})
-    (tmp_path / "root").mkdir()
+    (tmp_path / "root").mkdir(exist_ok=True)
     to_agent, from_agent = os.pipe(), os.pipe()
     rfile, wfile = os.fdopen(to_agent[0], "rb", buffering=0), os.fdopen(from_agent[1], "wb", buffering=0)
     out = os.fdopen(from_agent[0], "rb", buffering=0)
@@ -327,31 +299,66 @@ def test_an_agent_told_records_never_come_forgets_the_catch_ups_end_it_was_told(
                  "source": {"host": "h", "entry": "/e"}, "generation": "g1", "compression": "zstd"}
         os.write(to_agent[1], wire.jframe(wire.HELLO, hello))
         assert wire.read_frame(out.read)[0] == wire.WELCOME
-        for frame in (wire.jframe(wire.MARK, {"begin": True}), data(mkdir(1, "a"), mkdir(2, "b")),
-                      wire.jframe(wire.MARK, {"seq": 5}), wire.jframe(wire.SKIP, {"through": 10}),
-                      data(mkdir(11, "c"), mkdir(12, "d"))):
+        for frame in frames:
             os.write(to_agent[1], frame)
-        while True:  # the answer that says records up to 12 are applied (said after the check)
+        while True:
             kind, payload = wire.read_frame(out.read)
             msg = json.loads(payload)
-            if kind == wire.ACK and msg["applied"] == 12:
+            if kind == wire.ACK and msg["applied"] >= until_applied:
                 break
-        assert msg["consistent"] is False, msg
         os.close(to_agent[1])
         ran.join(30)
         fd = os.open(tmp_path / "root", os.O_PATH | os.O_DIRECTORY)
         try:
-            state = Replica(fd, str(tmp_path / "root"), "data", "fs").state()
+            return msg, Replica(fd, str(tmp_path / "root"), "data", "fs").state()
         finally:
             os.close(fd)
-        assert state["consistent"] is False and "mark_seq" not in state, state
-        assert {"c", "d"} <= set(os.listdir(tmp_path / "root" / "data"))
     finally:
         with contextlib.suppress(OSError):
             os.close(to_agent[1])
         ran.join(30)
+        for t in threading.enumerate():  # its applier ends at its next turn (stop is set)
+            if "_apply_loop" in t.name:
+                t.join(10)
         for f in (rfile, wfile, out):
             f.close()
+
+
+def _data_frame(*recs) -> bytes:
+    from app.services import wire
+    parts = [p for r in recs for p in r.encode_parts()]
+    return b"".join(wire.frame_parts(wire.DATA, wire.Codec("zstd").pack_parts(parts, sum(map(len, parts)))))
+
+
+def _mkdir(seq: int, name: str) -> Record:
+    return Record(seq, KIND_FS, "mkdir", {"path": name, "mode": 0o755, "uid": 0, "gid": 0})
+
+
+def test_an_agent_told_records_never_come_forgets_the_catch_ups_end_it_was_told(tmp_path):
+    """MARK {seq} then SKIP (the source lost records, a resync follows): the agent kept the
+    mark, and once it had applied past it (the skipped seqs count as released) it called the
+    replica consistent before the resync had run; a fail-over would have promoted it. The
+    same MARK said again to a new session after the SKIP is not taken either."""
+    from app.services import wire
+    ack, state = _agent_session(tmp_path, [
+        wire.jframe(wire.MARK, {"begin": True}), _data_frame(_mkdir(1, "a"), _mkdir(2, "b")),
+        wire.jframe(wire.MARK, {"seq": 5}), wire.jframe(wire.SKIP, {"through": 10}),
+        wire.jframe(wire.MARK, {"seq": 5, "again": True}),
+        _data_frame(_mkdir(11, "c"), _mkdir(12, "d"))], until_applied=12)
+    assert ack["consistent"] is False, ack
+    assert state["consistent"] is False and "mark_seq" not in state, state
+    assert {"c", "d"} <= set(os.listdir(tmp_path / "root" / "data"))
+
+
+def test_a_catch_ups_end_said_again_makes_the_replica_consistent_once_applied(tmp_path):
+    """The first MARK {seq} was lost with its session: the one said again is taken while
+    that catch-up is still the replica's last word."""
+    from app.services import wire
+    ack, state = _agent_session(tmp_path, [
+        wire.jframe(wire.MARK, {"begin": True}), _data_frame(_mkdir(1, "a"), _mkdir(2, "b")),
+        wire.jframe(wire.MARK, {"seq": 2, "again": True})], until_applied=2)
+    assert ack["consistent"] is True and state["consistent"] is True, (ack, state)
+    assert "catching_up" not in state and "mark_seq" not in state, state
 
 
 @pytest.mark.parametrize("side", ["source", "hashed", "agent"])

@@ -328,6 +328,7 @@ class Agent:
         self.journal = Journal(self.replica.dir, kind=KIND_FS if kind == "fs" else KIND_BLOCK)
         if self.journal.gap or self.journal.torn_bytes:  # our journal lost records: ask for a resync
             self.journal.skip_to(self.journal.last_seq)
+            self._forget_mark()
             self._inconsistent()
         self.codec = wire.Codec(h.get("compression", "zstd"))
         if action == "promote":
@@ -483,21 +484,21 @@ class Agent:
             elif kind == wire.SKIP:
                 through = int(json.loads(payload)["through"])
                 self.journal.skip_to(through)
-                # A resync follows: a catch-up's end said before the records it skips is no
-                # word for what follows (applied past it, that replica was called consistent).
-                if self.state.pop("mark_seq", None) is not None:
-                    self.replica.save(self.state)
+                self._forget_mark()
                 self._inconsistent()
                 self.send(wire.ACK, self.positions())
             elif kind == wire.MARK:
                 mark = json.loads(payload)
                 if mark.get("begin"):  # a catch-up begins: inconsistent until its MARK {seq}
-                    had_mark = self.state.pop("mark_seq", None) is not None
+                    self.state.pop("mark_seq", None)
+                    self.state["catching_up"] = True
                     if self.state.get("consistent"):
                         self._inconsistent()  # (saves)
-                    elif had_mark:
+                    else:
                         self.replica.save(self.state)
-                else:
+                elif not mark.get("again") or self.state.get("catching_up"):
+                    # (said again to a new session: only while the catch-up it ended is still
+                    # the replica's last word, not after a SKIP, a demotion or its own end)
                     self.state["mark_seq"] = int(mark["seq"])
                     self._consistent_if_applied()
                     self.replica.save(self.state)
@@ -558,6 +559,7 @@ class Agent:
         self.state.update(consistent=True, consistent_seq=self.journal.released_seq,
                           consistent_time=time.time())
         self.state.pop("mark_seq")
+        self.state.pop("catching_up", None)
         return True
 
     def _catch_up_through(self) -> int:
@@ -566,6 +568,13 @@ class Agent:
         if self.state.get("consistent"):
             return -1
         return self.state.get("mark_seq", CATCHING_UP)
+
+    def _forget_mark(self) -> None:
+        """Records will never come (SKIP), or our journal lost some: a resync follows, and a
+        catch-up's end said before it is no word for what follows (applied past it, the
+        skipped seqs counted as released, the replica was called consistent)."""
+        if (self.state.pop("mark_seq", None), self.state.pop("catching_up", None)) != (None, None):
+            self.replica.save(self.state)
 
     def _inconsistent(self) -> None:
         if self.state.get("consistent"):
@@ -792,7 +801,7 @@ def demote_state(state: dict, *, generation: str | None, consistent: bool, seq: 
     state.setdefault("history", []).append({"demoted": time.time(), "from": state.get("generation")})
     state.update(role="secondary", generation=generation or _new_generation(), consistent=consistent,
                  consistent_seq=seq if consistent else 0, consistent_time=time.time())
-    for key in ("promoted", "split_brain", "mark_seq"):
+    for key in ("promoted", "split_brain", "mark_seq", "catching_up"):
         state.pop(key, None)
 
 

@@ -175,7 +175,6 @@ class RemoteTarget(Queried, Target):
         self._marked()
         threading.Thread(target=self._read_loop, args=(self.proc,), daemon=True).start()
         threading.Thread(target=self._beat_loop, args=(self.proc,), daemon=True).start()
-        self._say_mark_again()
         if self.journal_seqs is not None:
             last, released = self.journal_seqs()
             if self.pos.received > last:
@@ -183,6 +182,7 @@ class RemoteTarget(Queried, Target):
                 raise TargetUnavailable(f"refused: the target holds records up to "
                                         f"{self.pos.received} but this source only up to {last}: "
                                         "its history is not ours (adopt_target replaces it)", retry=False)
+        self._say_mark_again()
         return self.pos
 
     def _hello(self, action: str) -> dict:
@@ -373,9 +373,12 @@ class RemoteTarget(Queried, Target):
 
     def _say_mark_again(self) -> None:
         """To a new session: a catch-up's end told to one that ended before the agent said it
-        had applied it (it may never have read it)."""
-        if self.pending_mark is not None:
-            self._send(wire.jframe(wire.MARK, {"seq": self.pending_mark}))
+        had applied it (it may never have read it). Only to an agent that takes it as such
+        ("mark-again": it honours it only while that catch-up is still the replica's last
+        word, not after a SKIP or a demotion); an older one stays inconsistent until the next
+        catch-up, as before."""
+        if self.pending_mark is not None and "mark-again" in self.welcome.get("features", ()):
+            self._send(wire.jframe(wire.MARK, {"seq": self.pending_mark, "again": True}))
 
     def _marked(self) -> None:
         if self.pending_mark is not None and self.consistent and self.pos.applied >= self.pending_mark:

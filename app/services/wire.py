@@ -12,7 +12,8 @@ The agent opens with a greeting line (GREETING), so whatever a login shell print
     DATA   source → agent   u8 flags (1: zstd) | records in the journal's on-disk encoding
     SKIP   source → agent   JSON {through}: records up to there never come (a resync replaces them)
     MARK   source → agent   JSON {seq}: the target is consistent once it has applied seq;
-                            {begin: true}: a catch-up begins, it is inconsistent until then
+                            {begin: true}: a catch-up begins, it is inconsistent until then;
+                            {seq, again: true}: the first one, to a new session (FEATURES)
     ACK    agent → source   JSON {received, applied, ts, consistent, apply_errors?, last_error?,
                             superseded?}: durable in its journal / on its data; records it
                             could not apply; catch-up records sent whole by the walk instead
@@ -51,8 +52,10 @@ IOV_MAX = 1024  # pieces per writev (Linux's UIO_MAXIOV)
 # what an agent does beyond its wire version (said in its WELCOME; a source asks only what the
 # agent says): "hashed-listings": a `children` query with {"hashes": true} is answered
 # {"entries": listing, "hashes": {name: hash list}} for the regular files up to HASHED_LISTING_FILE;
-# "catch-up-marks": a MARK {"begin": true} makes the replica inconsistent (a catch-up begins)
-FEATURES = ("hashed-listings", "catch-up-marks")
+# "catch-up-marks": a MARK {"begin": true} makes the replica inconsistent (a catch-up begins);
+# "mark-again": a MARK {"seq", "again": true} (a catch-up's end said again to a new session) is
+# taken only while that catch-up is still the replica's last word
+FEATURES = ("hashed-listings", "catch-up-marks", "mark-again")
 HASHED_LISTING_FILE = 4 << 20
 AHEAD_WINDOW = 1024  # queries a walk may have asked before it needs their answers (Queries)
 SAMPLE_FROM = 256 << 10  # a batch this big is compressed only when a sample of it compresses
