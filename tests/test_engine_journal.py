@@ -257,13 +257,11 @@ def test_a_catch_ups_end_is_said_again_to_the_next_session_until_the_agent_says_
     import json
     from app.services import wire
     far = _far_target("source")
-    far.welcome = {"features": ["catch-up-marks"]}
+    far.welcome = {"features": ["catch-up-marks", "mark-again"]}
     sent = []
     far._send = lambda f: sent.append(json.loads(wire.read_frame(io.BytesIO(f).read)[1]))
     far.begin_catch_up()
     far.mark_consistent(7)
-    far._say_mark_again()  # an agent of before: not told again
-    far.welcome = {"features": ["catch-up-marks", "mark-again"]}
     far._positions({"received": 7, "applied": 5, "consistent": False})
     far._say_mark_again()
     far._positions({"received": 7, "applied": 6, "consistent": True})  # from before the MARK
@@ -276,6 +274,10 @@ def test_a_catch_ups_end_is_said_again_to_the_next_session_until_the_agent_says_
     again = {"seq": 7, "again": True}
     assert sent == [{"begin": True}, {"seq": 7}, again, again, {"seq": 9}, {"begin": True}]
     assert "mark-again" in wire.FEATURES
+    far.mark_consistent(11)
+    far.welcome = {"features": ["catch-up-marks"]}  # an agent of before: not told again (and
+    far._say_mark_again()  # status stops saying that the target applies it)
+    assert sent[-1] == {"seq": 11} and far.pending_mark is None
 
 
 def _agent_session(tmp_path, frames, until_applied: int) -> tuple[dict, dict]:

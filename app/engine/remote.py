@@ -376,9 +376,13 @@ class RemoteTarget(Queried, Target):
         had applied it (it may never have read it). Only to an agent that takes it as such
         ("mark-again": it honours it only while that catch-up is still the replica's last
         word, not after a SKIP or a demotion); an older one stays inconsistent until the next
-        catch-up, as before."""
-        if self.pending_mark is not None and "mark-again" in self.welcome.get("features", ()):
-            self._send(wire.jframe(wire.MARK, {"seq": self.pending_mark, "again": True}))
+        catch-up, as before (and status no longer says the target applies it)."""
+        if self.pending_mark is None:
+            return
+        if "mark-again" not in self.welcome.get("features", ()):
+            self.pending_mark = None
+            return
+        self._send(wire.jframe(wire.MARK, {"seq": self.pending_mark, "again": True}))
 
     def _marked(self) -> None:
         if self.pending_mark is not None and self.consistent and self.pos.applied >= self.pending_mark:
