@@ -231,8 +231,8 @@ def test_a_catch_ups_end_lost_with_its_session_is_said_again_and_shown_until_app
         "the walk ended before the agent was stopped: the test proves nothing"
     st = wait_for("the walk's end", lambda: (lambda s: s if (s["catch_up"] or {}).get("stage") !=
                                              "walking" else None)(eng.status(str(src))), 60)
-    assert st["catch_up"] == {"reason": st["catch_up"]["reason"],
-                              "stage": "the target applies the rest"}, st
+    assert st["catch_up"] is not None and st["catch_up"] == {"reason": st["catch_up"]["reason"],
+                                                             "stage": "the target applies the rest"}, st
     assert st["state"] == "catching up" and st["target_data"] == "inconsistent", st
     r.bed.kill_on_target(agent)
     st = wait_for("consistent at the target", lambda: (lambda s: s if s["target_data"] == "consistent"

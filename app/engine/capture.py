@@ -511,7 +511,8 @@ class Capture:
             try:
                 await trio.to_thread.run_sync(self.target.mark_consistent, self.journal.last_seq)
             except OSError as exc:
-                log.warning("%s: could not mark the replica consistent now: %s", self.spec.key, exc)
+                log.warning("%s: could not mark the replica consistent now (said again to the next "
+                            "session): %s", self.spec.key, exc)
         log.info("%s: caught up (%s): %s", self.spec.key, self.reason, counts)
         self.last_catch_up = {"reason": self.reason, **counts, "finished": time.time()}
         return True
