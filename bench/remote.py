@@ -192,6 +192,14 @@ def target_cpu(bed: TwoHosts) -> dict[str, float]:
             "agent": sum(table[p][1] for p in agents) / CLK}
 
 
+def machine_busy() -> tuple[float, float]:
+    """(busy, iowait) seconds of all CPUs so far, from /proc/stat (kernel threads included:
+    the loop devices' workers, ext4's journal, softirqs of the veth)."""
+    f = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    user, nice, system, idle, iowait, irq, softirq, steal = (f + [0] * 8)[:8]
+    return (user + nice + system + irq + softirq + steal) / CLK, iowait / CLK
+
+
 def children_cpu() -> float:
     ru = resource.getrusage(resource.RUSAGE_CHILDREN)
     return ru.ru_utime + ru.ru_stime
@@ -212,6 +220,7 @@ def settled(st: dict | None) -> bool:
                 and st["replication"] == "established" and st["target_data"] == "consistent")
 
 
+PROFILE: Path | None = None  # --profile: py-spy on the daemon (and its children) per warm mirror
 TRACE = False  # --trace: wait_settled prints each polled row of an initial mirror
 
 
@@ -306,10 +315,11 @@ def fsync_write(path: Path, data: bytes) -> None:
 def rsync_once(bed: TwoHosts, src: Path, dest: Path) -> dict:
     ssh = " ".join(bed.ssh_argv()[:-1])  # the bed's ssh_config and options, without the host
     argv = ["rsync", "-a", "-e", ssh, f"{src}/", f"{bed.target_addr}:{dest}/"]
-    c0, t0c = children_cpu(), target_cpu(bed)
+    c0, t0c, m0 = children_cpu(), target_cpu(bed), machine_busy()
     t0 = time.monotonic()
     subprocess.run(argv, check=True, capture_output=True, text=True)
     took = time.monotonic() - t0
+    m1 = machine_busy()
     # rsync ends with its files in the target's page cache; ours ends when the agent has made
     # them durable (syncfs): the same made durable by hand, timed apart, for the like ratio
     subprocess.run(["sync", "-f", str(dest)], check=True)
@@ -318,7 +328,48 @@ def rsync_once(bed: TwoHosts, src: Path, dest: Path) -> dict:
     t1c = target_cpu(bed)
     equal = tree(src) == tree(dest)
     return {"seconds": took, "durable": durable, "src_cpu": children_cpu() - c0,
+            "busy": (m1[0] - m0[0]) / took, "iowait": (m1[1] - m0[1]) / took,
             "tgt_cpu": t1c["total"] - t0c["total"], "agent_cpu": 0.0, "equal": equal}
+
+
+def _py_spy(pid: int, out: Path) -> subprocess.Popen:
+    return subprocess.Popen([str(Path(sys.executable).with_name("py-spy")), "record", "--pid",
+                             str(pid), "--subprocesses", "--rate", "250", "--format", "raw",
+                             "--nonblocking", "-o", str(out)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+def start_profile(pid: int, name: str, bed: TwoHosts) -> list:
+    """py-spy sampling the daemon and its children (capture workers) into PROFILE/NAME-PID.txt
+    (collapsed stacks: one line per stack, its count last), and the agent the mirror starts on
+    the target (found as it appears) into PROFILE/NAME-agent-PID.txt."""
+    spies = [_py_spy(pid, PROFILE / f"{name}-{pid}.txt")]
+    before = {p for p, argv in bed.target_processes() if "serve-target" in argv}
+    done = threading.Event()
+
+    def agent() -> None:
+        while not done.wait(0.01):
+            new = [p for p, argv in bed.target_processes() if "serve-target" in argv
+                   and p not in before]
+            if new:
+                spies.append(_py_spy(new[0], PROFILE / f"{name}-agent-{new[0]}.txt"))
+                return
+    threading.Thread(target=agent, daemon=True).start()
+    spies.insert(0, done)
+    time.sleep(1.0)  # attached before the first request
+    return spies
+
+
+def stop_profile(spies: list) -> None:
+    spies[0].set()
+    time.sleep(0.05)
+    for spy in spies[1:]:
+        spy.send_signal(2)
+        try:
+            spy.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            spy.kill()
+            spy.wait()
 
 
 def ours_once(bed: TwoHosts, run_dir: Path, src: Path, timeout: float,
@@ -331,6 +382,8 @@ def ours_once(bed: TwoHosts, run_dir: Path, src: Path, timeout: float,
             eng, _, _ = make(config=r.cfg)
         s0 = source_cpu(eng.proc.pid)["total"] if warm else 0.0  # its start is not counted
         t0c = target_cpu(bed)
+        spy = start_profile(eng.proc.pid, run_dir.name, bed) if warm and PROFILE else None
+        m0 = machine_busy()
         t0 = time.monotonic()
         a = cli(r.cfg, "fs", "add", str(src), "--target", "backup1:data")
         if a.returncode != 0:
@@ -346,9 +399,13 @@ def ours_once(bed: TwoHosts, run_dir: Path, src: Path, timeout: float,
         firsts: dict = {}
         st = wait_settled(eng.client, str(src), timeout, firsts)
         took = time.monotonic() - t0
+        m1 = machine_busy()
+        if spy is not None:
+            stop_profile(spy)
         s_cpu, t1c = source_cpu(eng.proc.pid), target_cpu(bed)
         equal = tree(src) == tree(r.root / "data")
         out = {"seconds": took, "fs_add": t_add - t0, "daemon_up": t_up - t_add,
+               "busy": (m1[0] - m0[0]) / took, "iowait": (m1[1] - m0[1]) / took,
                "captured": firsts.get("captured", t_up) - t0,
                "connected": firsts.get("connected", t_up) - t0,
                **{k: firsts.get(k, t_up) - t0 for k in ("walked", "sent", "received")},
@@ -482,7 +539,8 @@ def bench_mirror(bed: TwoHosts, tmp: Path, origin: Path, args) -> dict:
         rs.append(r)
         say(f"mirror {i + 1}/{args.runs} rsync -a: {r['seconds']:.2f} s (durable after sync -f: "
             f"{r['durable']:.2f} s), equal={r['equal']}, "
-            f"cpu source {r['src_cpu']:.2f} s target {r['tgt_cpu']:.2f} s")
+            f"cpu source {r['src_cpu']:.2f} s target {r['tgt_cpu']:.2f} s, "
+            f"machine busy {r['busy']:.2f} of {os.cpu_count()} CPUs (iowait {r['iowait']:.2f})")
         if not fresh:
             shutil.rmtree(dest)
         o = ours_once(bed, pair, src, args.timeout, bed.target_disk(DISK).path if fresh else None)
@@ -494,7 +552,8 @@ def bench_mirror(bed: TwoHosts, tmp: Path, origin: Path, args) -> dict:
             f"cpu source {o['src_cpu']:.2f} s (ssh {o['ssh_cpu']:.2f}) target "
             f"{o['tgt_cpu']:.2f} s (agent {o['agent_cpu']:.2f}), resync_bytes "
             f"{o['resync_bytes']}, wire_bytes {o['wire_bytes']}, logical_bytes "
-            f"{o['logical_bytes']}" + (f", DIFFERENCES {o['n_differences']}: "
+            f"{o['logical_bytes']}, machine busy {o['busy']:.2f} of {os.cpu_count()} CPUs "
+            f"(iowait {o['iowait']:.2f})" + (f", DIFFERENCES {o['n_differences']}: "
                                        f"{o['differences']}" if not o["equal"] else ""))
         if args.warm:
             src2 = pair / "src-warm"
@@ -506,7 +565,8 @@ def bench_mirror(bed: TwoHosts, tmp: Path, origin: Path, args) -> dict:
             say(f"mirror {i + 1}/{args.runs} mirrorsetup, daemon running: {w['seconds']:.2f} s "
                 f"(fs add {w['fs_add']:.2f}, mount-all {w['daemon_up']:.2f}, captured at "
                 f"{w['captured']:.2f}, connected at {w['connected']:.2f}), equal={w['equal']}, "
-                f"cpu source {w['src_cpu']:.2f} s target {w['tgt_cpu']:.2f} s")
+                f"cpu source {w['src_cpu']:.2f} s target {w['tgt_cpu']:.2f} s, machine busy "
+                f"{w['busy']:.2f} of {os.cpu_count()} CPUs (iowait {w['iowait']:.2f})")
         shutil.rmtree(pair)  # the entry is gone with its daemon; nothing is mounted there now
     med_r = statistics.median(x["seconds"] for x in rs)
     med_o = statistics.median(x["seconds"] for x in ours)
@@ -835,13 +895,18 @@ def main() -> None:
     ap.add_argument("--block-mib", type=int, default=256, help="section 6's device; 0 skips it")
     ap.add_argument("--trace", action="store_true", help="print the entry's positions every "
                     "10 ms of each initial mirror (where the time goes)")
+    ap.add_argument("--profile", type=Path, help="directory for py-spy's collapsed stacks of "
+                    "the source daemon during each warm initial mirror (implies --warm)")
     ap.add_argument("--compression", choices=("zstd", "none"), help="the target's (default: "
                     "`target add`'s own)")
     for name in ("mirror", "stream", "lag", "compress"):
         ap.add_argument(f"--skip-{name}", action="store_true")
     args = ap.parse_args()
-    global COMPRESSION, TRACE
-    COMPRESSION, TRACE = args.compression, args.trace
+    global COMPRESSION, TRACE, PROFILE
+    COMPRESSION, TRACE, PROFILE = args.compression, args.trace, args.profile
+    if PROFILE:
+        args.warm = True
+        PROFILE.mkdir(parents=True, exist_ok=True)
     args.warmup = min(args.warmup, args.seconds / 2)
     if os.geteuid() != 0:
         sys.exit("run as root (network namespaces, FUSE mounts)")
