@@ -1478,7 +1478,8 @@ def test_two_walks_beside_each_other_both_visit_a_rename_destination_again(tmp_p
         assert not (tmp_path / t / "z" / "f").exists(), t
 
 
-def test_a_rename_destination_sent_again_whole_leaves_no_link_to_a_name_it_removed(tmp_path):
+def test_a_rename_destination_sent_again_whole_leaves_no_link_to_a_name_it_removed(
+        tmp_path, monkeypatch):
     """A directory renamed as the walk began is listed at its new name, and visited again
     at its end as the rename's destination: sent anew, removed there first. The file with
     two names in it had led from that directory: the visit linked its names to the name it
@@ -1486,8 +1487,18 @@ def test_a_rename_destination_sent_again_whole_leaves_no_link_to_a_name_it_remov
     (bench/catchup_race.py). A leader the visit sends anew leads no more."""
     sink = a_file_with_two_names(tmp_path)
     st = os.lstat(sink.src)
-    sink.tracker.observe((st.st_dev, st.st_ino), "rename", {"old": "was", "new": "d", "flags": 0})
+    begin, visits = sync.Tracker.begin_walk, []
+
+    def begun(self):  # the rename recorded once the walk has begun, before its first listing
+        got = begin(self)
+        self.observe((st.st_dev, st.st_ino), "rename", {"old": "was", "new": "d", "flags": 0})
+        return got
+    monkeypatch.setattr(sync.Tracker, "begin_walk", begun)
+    visit = sync.Reconciler._visit
+    monkeypatch.setattr(sync.Reconciler, "_visit", lambda self, rel: (visits.append(rel),
+                                                                     visit(self, rel))[1])
     sink.walk()
+    assert visits == [b"d"]  # visited again as the rename's destination
     h, x = sink.tgt / "d" / "f", sink.tgt / "d" / "g"
     assert h.stat().st_ino == x.stat().st_ino and h.read_bytes() == b"two names"
     assert sink.target.errors == 0, sink.target.last_error
@@ -1775,3 +1786,77 @@ def test_a_catch_up_during_which_the_queue_limit_was_reached_does_not_call_the_r
         assert "queue limit" in cap.catching["stage"]
     else:
         assert cap.consistent and marks == [1] and cap.catching is None and not cap._dirty_scope
+
+
+def test_a_tracker_keeps_walk_lists_only_while_a_walk_runs_and_folds_moved_names_at_its_limit():
+    """A tracker held for days (a catch-up waiting for a target that is away) under
+    applications that make and remove temporary names: `revisit` and `links` are kept only
+    while a walk reads them; `moved` stays under its limit by standing a directory for the
+    names below it, and no moved name is forgotten (each still counts as moved, after the
+    epoch it was moved in and not before)."""
+    t = sync.Tracker(moved_limit=8)
+    t.observe((1, 1), "rename", {"old": "a", "new": "b", "flags": 0})
+    t.observe((1, 1), "link", {"src": "b", "path": "c"})
+    assert t.revisit == [] and t.links == []  # no walk: nothing anybody would read
+    first = t.begin_walk()
+    t.observe((1, 1), "rename", {"old": "b", "new": "d", "flags": 0})
+    t.observe((1, 1), "link", {"src": "d", "path": "e"})
+    second = t.begin_walk()  # a second walk beside the first reads from its own start
+    t.observe((1, 1), "rename", {"old": "d", "new": "f", "flags": 0})
+    assert first == (0, 0) and second == (2, 1) and t.revisit == [b"d", b"e", b"f"]
+    assert t.links == [(b"d", b"e")]
+    t.end_walk()
+    assert t.revisit  # the first walk still reads them
+    t.end_walk()
+    assert t.revisit == [] and t.links == [] and t.walks == 0
+
+    t, epochs = sync.Tracker(moved_limit=8), {}
+    for i in range(40):  # temporary names churned in one directory, two names kept apart
+        t.observe((1, 2), "unlink", {"path": f"spool/deep/tmp{i}"})
+        epochs[f"spool/deep/tmp{i}".encode()] = t.names_epoch
+        if i == 20:
+            t.observe((1, 3), "rename", {"old": "keep/x", "new": "keep/y", "flags": 0})
+            epochs[b"keep/x"], epochs[b"keep/y"] = t.names_epoch - 1, t.names_epoch
+        assert len(t.moved) <= 8
+    assert t.collapsed >= 1
+    for name, epoch in epochs.items():
+        assert t.name_touched(name) and t.name_touched(name, epoch - 1), name
+    assert b"keep/x" in t.moved or b"keep" in t.moved  # the busy directory went first
+    assert not t.name_touched(b"other/z") and not t.name_touched(b"spool/deep/tmp1", t.names_epoch)
+    for i in range(200):  # names everywhere: at last the top stands for every name
+        t.observe((1, 4), "unlink", {"path": f"d{i}/f"})
+    assert len(t.moved) <= 8 and t.name_touched(b"anything/at/all")
+    assert not t.name_touched(b"anything", t.names_epoch)
+
+
+def test_a_catch_up_after_moved_names_were_folded_still_sends_every_name_whose_file_changed(
+        tmp_path):
+    """Two files of one size and one mtime swapped names by renames while capture was
+    held for a catch-up (size and times compare equal: only the moved names say the target's
+    files there are not the source's), then a churn of temporary names filled the tracker
+    past its limit and folded its names: the walk still sends both swapped names whole."""
+    src, tgt = tmp_path / "src", tmp_path / "tgt"
+    for top in (src, tgt):
+        (top / "keep").mkdir(parents=True)
+        (top / "spool").mkdir()
+        (top / "keep" / "x").write_bytes(b"AAAA")
+        (top / "keep" / "y").write_bytes(b"BBBB")
+        for name in ("x", "y"):
+            os.utime(top / "keep" / name, ns=(1_000_000_000, 1_000_000_000))
+    sink = CaptureBesideTheWalk(src, tgt)
+    sink.tracker = sync.Tracker(moved_limit=8)
+    keep = os.lstat(src / "keep")
+    for old, new in (("x", "t"), ("y", "x"), ("t", "y")):  # (capture: the target does not see
+        os.rename(src / "keep" / old, src / "keep" / new)  # them, the queue was dropped)
+        sink.tracker.observe((keep.st_dev, keep.st_ino), "rename",
+                             {"old": f"keep/{old}", "new": f"keep/{new}", "flags": 0})
+    spool = os.lstat(src / "spool")
+    for i in range(60):
+        (src / "spool" / f"tmp{i}").write_bytes(b"t")
+        os.unlink(src / "spool" / f"tmp{i}")
+        sink.tracker.observe((spool.st_dev, spool.st_ino), "unlink", {"path": f"spool/tmp{i}"})
+    assert sink.tracker.collapsed >= 1 and len(sink.tracker.moved) <= 8
+    sink.walk()
+    assert (tgt / "keep" / "x").read_bytes() == b"BBBB"
+    assert (tgt / "keep" / "y").read_bytes() == b"AAAA"
+    assert sorted(os.listdir(tgt / "spool")) == [] and sink.target.errors == 0

@@ -32,6 +32,7 @@ import contextlib
 import errno
 import os
 import stat
+import threading
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
@@ -47,6 +48,7 @@ BATCH_BYTES = 4 << 20
 # by hashes goes this many files per round trip (32: fs mirror of the standard library over a
 # 20 ms round trip 5.4 s, 128: 5.0 s; the agent answers in its order with 8 threads)
 AHEAD_PER_DIRECTORY = 128
+MOVED_LIMIT = 1 << 16  # names a Tracker remembers one by one before it folds them (Tracker)
 Progress = Callable[[dict], None]
 Op = tuple[str, dict, bytes]
 
@@ -278,16 +280,42 @@ class Tracker:
     """What capture changed while a reconcile or verify runs (fed on the capture thread): per
     lower inode a stamp of its last change, the inodes created since and when (`clock`), the
     names that rename, link, unlink or rmdir moved (their identity at the target is unknown)
-    and the rename/link destinations a walk may already have passed (`revisit`)."""
+    and, while a walk runs, the rename/link destinations it may already have passed
+    (`revisit`, `links`: each walk reads them from where they stood at its start).
 
-    def __init__(self) -> None:
+    Bounded however long it is held (a catch-up waiting for a target that is away for days,
+    under applications that make and remove temporary names all day): `revisit` and `links`
+    are kept only while a walk runs, and when `moved` holds MOVED_LIMIT names, the names of
+    the directories with the most moved names below them take their place (a name counts as
+    moved when a directory above it does: those trees are sent whole by the next catch-up
+    rather than compared, and nothing moved is forgotten)."""
+
+    def __init__(self, moved_limit: int | None = None) -> None:
         self.changes: dict[tuple[int, int], int] = {}
         self.created: dict[tuple[int, int], int] = {}  # inode -> clock when it was made
         self.clock = 0
         self.names_epoch = 0
         self.moved: dict[bytes, int] = {}  # path -> names_epoch when it was moved or linked
+        self.moved_limit = moved_limit or MOVED_LIMIT
+        self.collapsed = 0  # how often `moved` was folded into directories
         self.revisit: list[bytes] = []  # read by each walk from its own place (several at once)
         self.links: list[tuple[bytes, bytes]] = []  # (from, to) of every link recorded
+        self.walks = 0  # walks reading `revisit` and `links` now
+        self._walks_lock = threading.Lock()
+
+    def begin_walk(self) -> tuple[int, int]:
+        """A walk starts (before it lists anything): where it reads `revisit` and `links`
+        from. What was recorded before is in the tree it is about to list."""
+        with self._walks_lock:
+            self.walks += 1
+            return len(self.revisit), len(self.links)
+
+    def end_walk(self) -> None:
+        with self._walks_lock:
+            self.walks -= 1
+            if self.walks == 0:  # nobody reads them; the next walk starts from their end
+                self.revisit.clear()
+                self.links.clear()
 
     def changed(self, key: tuple[int, int]) -> None:
         self.clock += 1
@@ -304,8 +332,32 @@ class Tracker:
     def moved_name(self, path: bytes, *, destination: bool) -> None:
         self.names_epoch += 1
         self.moved[path] = self.names_epoch
-        if destination:
-            self.revisit.append(path)
+        if len(self.moved) > self.moved_limit:
+            self._collapse()
+        if destination and self.walks:  # (read after the change was made: a walk that
+            self.revisit.append(path)  # starts after this read lists the tree after it)
+
+    def _collapse(self) -> None:
+        """Fold `moved` to at most half its limit: the deepest names go into their parent
+        directory (with the latest epoch among them), busiest directories first, level by
+        level; as a last resort the top directory, b"", stands for every name. Made aside
+        and swapped in: a walk thread reading the old one meanwhile sees every name in it."""
+        want = max(1, self.moved_limit // 2)
+        moved = dict(self.moved)
+        while len(moved) > want:
+            depth = {p: p.count(b"/") + 1 if p else 0 for p in moved}
+            deepest = max(depth.values())
+            groups: dict[bytes, list[bytes]] = {}
+            for path, d in depth.items():
+                if d == deepest:
+                    groups.setdefault(path.rpartition(b"/")[0], []).append(path)
+            for parent, paths in sorted(groups.items(), key=lambda g: -len(g[1])):
+                epoch = max(moved.pop(p) for p in paths)
+                moved[parent] = max(epoch, moved.get(parent, 0))
+                if len(moved) <= want:
+                    break
+        self.moved = moved
+        self.collapsed += 1
 
     def observe(self, key: tuple[int, int], op: str, args: dict) -> None:
         """One journal record of the capture: `key` is the inode it was recorded for (the
@@ -319,7 +371,7 @@ class Tracker:
         elif op == "link":
             self.changed(key)
             self.moved_name(os.fsencode(args["path"]), destination=True)
-            if "src" in args:
+            if "src" in args and self.walks:
                 self.links.append((os.fsencode(args["src"]), os.fsencode(args["path"])))
         elif op in ("unlink", "rmdir"):  # `key` is the parent: the node itself keeps its
             self.changed(key)  # stamp, so a walk's check of that name would have passed
@@ -332,11 +384,12 @@ class Tracker:
 
     def name_touched(self, rel: bytes, since: int = 0) -> bool:
         """Was `rel`, or a directory above it, renamed or linked (after epoch `since`)?"""
-        if not self.moved:
+        moved = self.moved  # (one of them: _collapse swaps a new one in)
+        if not moved:
             return False
         probe = rel
         while True:
-            if self.moved.get(probe, 0) > since:
+            if moved.get(probe, 0) > since:
                 return True
             if not probe:
                 return False
@@ -446,26 +499,28 @@ class Reconciler:
         by_hashes = getattr(self.target, "compare_by_hashes", None) if self.hashes else None
         if by_hashes is not None:
             by_hashes(True)
+        tracker = self.tracker
+        revisited, links = tracker.begin_walk() if tracker is not None else (0, 0)
         try:
-            links = len(self.tracker.links) if self.tracker is not None else 0
             root = self.target.info(b"")
             self._dir(b"", known=root is not None and stat.S_ISDIR(root.mode))
-            seen: set[bytes] = set()
-            revisited = 0  # a place of this walk's own: another walk beside it reads them too
-            while self.tracker is not None:
-                if revisited < len(self.tracker.revisit):
-                    rel = self.tracker.revisit[revisited]
+            seen: set[bytes] = set()  # (revisited, links: places of this walk's own)
+            while tracker is not None:
+                if revisited < len(tracker.revisit):
+                    rel = tracker.revisit[revisited]
                     revisited += 1
                     if rel not in seen:
                         seen.add(rel)
                         self._visit(rel)
-                elif links < len(self.tracker.links):
-                    made, links = self.tracker.links[links:], len(self.tracker.links)
+                elif links < len(tracker.links):
+                    made, links = tracker.links[links:], len(tracker.links)
                     self._relink(made)
                 else:
                     break
             self._flush()
         finally:
+            if tracker is not None:
+                tracker.end_walk()
             if by_hashes is not None:
                 by_hashes(False)
         self._report(final=True)
