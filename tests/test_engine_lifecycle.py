@@ -454,3 +454,39 @@ def test_status_watch_prints_again_when_the_daemons_figures_move(setup):
     finally:
         watch.kill()
         watch.wait()
+
+
+@pytest.mark.parametrize("kind", ["adopted", "spawned"])
+def test_a_watched_worker_that_a_status_poll_finds_dead_first_still_wakes_its_watcher(kind):
+    """The daemon's watcher waits on a worker's pidfd while status asks `alive()` (poll) every
+    time it is called. When a poll finds the worker dead before the event loop has woken the
+    watcher, the watcher must still wake: otherwise the dead worker is never replaced (the CI
+    failure of the two tests above, whose status polls every 50 ms raced the watcher)."""
+    import trio
+    from app.engine.supervisor import AdoptedProcess, SpawnedChild
+    child = subprocess.Popen(["sleep", "60"])
+    try:
+        proc = AdoptedProcess(child.pid) if kind == "adopted" else SpawnedChild(child)
+        woke = []
+
+        async def main():
+            async with trio.open_nursery() as nursery:
+                async def watcher():
+                    await proc.wait()
+                    woke.append(proc.returncode)
+                nursery.start_soon(watcher)
+                await trio.sleep(0.1)  # the watcher is parked on the pidfd now
+                child.kill()
+                os.waitid(os.P_PID, child.pid, os.WEXITED | os.WNOWAIT)  # dead, not yielding to trio
+                assert proc.poll() is not None  # a status poll sees it first
+                with trio.move_on_after(5):
+                    while not woke:
+                        await trio.sleep(0.01)
+                nursery.cancel_scope.cancel()
+
+        trio.run(main)
+        assert woke, "the watcher never woke after a poll had found its worker dead"
+        assert woke[0] == (-1 if kind == "adopted" else -signal.SIGKILL)
+    finally:
+        child.kill()
+        child.wait()

@@ -58,8 +58,16 @@ class AdoptedProcess:
     def poll(self) -> int | None:
         if self.returncode is None and select.select([self._fd], [], [], 0)[0]:
             self.returncode = -1  # not our child: its exit status is not ours to read
-            os.close(self._fd)
+            self._close()
         return self.returncode
+
+    def _close(self) -> None:
+        """Close the pidfd; a task parked on it is woken first (`wait` then sees the end). A
+        pidfd closed under a waiter would never wake it: the dead worker would never be
+        replaced."""
+        if self._waiting:
+            trio.lowlevel.notify_closing(self._fd)
+        os.close(self._fd)
 
     def kill(self) -> None:
         if self.poll() is None:
@@ -74,6 +82,8 @@ class AdoptedProcess:
             self._waiting = True
             try:
                 await trio.lowlevel.wait_readable(self._fd)
+            except trio.ClosedResourceError:
+                pass  # a poll found the end first and closed the pidfd
             finally:
                 self._waiting = False
         return self.returncode
@@ -90,7 +100,7 @@ class SpawnedChild(AdoptedProcess):
 
     def poll(self) -> int | None:
         if self.returncode is None and select.select([self._fd], [], [], 0)[0]:
-            os.close(self._fd)
+            self._close()
             self.returncode = self.popen.wait()
         return self.returncode
 
