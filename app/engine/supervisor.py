@@ -57,17 +57,17 @@ class AdoptedProcess:
 
     def poll(self) -> int | None:
         if self.returncode is None and select.select([self._fd], [], [], 0)[0]:
-            self.returncode = -1  # not our child: its exit status is not ours to read
-            self._close()
+            # The pidfd is closed; a task parked on it is woken first (`wait` then sees the
+            # end): closed under a waiter, it never woke it, and the dead worker was never
+            # replaced.
+            if self._waiting:
+                trio.lowlevel.notify_closing(self._fd)
+            os.close(self._fd)
+            self.returncode = self._status()
         return self.returncode
 
-    def _close(self) -> None:
-        """Close the pidfd; a task parked on it is woken first (`wait` then sees the end). A
-        pidfd closed under a waiter would never wake it: the dead worker would never be
-        replaced."""
-        if self._waiting:
-            trio.lowlevel.notify_closing(self._fd)
-        os.close(self._fd)
+    def _status(self) -> int:
+        return -1  # not our child: its exit status is not ours to read
 
     def kill(self) -> None:
         if self.poll() is None:
@@ -98,11 +98,8 @@ class SpawnedChild(AdoptedProcess):
         super().__init__(popen.pid)
         self.popen = popen
 
-    def poll(self) -> int | None:
-        if self.returncode is None and select.select([self._fd], [], [], 0)[0]:
-            self._close()
-            self.returncode = self.popen.wait()
-        return self.returncode
+    def _status(self) -> int:
+        return self.popen.wait()  # ended: reaped at once
 
 
 @dataclass
