@@ -43,6 +43,7 @@ META = ".mirrorsetup"
 HEARTBEAT_TIMEOUT = 15.0  # no frame from the source for this long: the session is dead
 APPLY_SYNC_SECONDS = 1.0  # the applied position is made durable (syncfs) this often
 APPLY_SYNC_MIN_SECONDS = 0.05  # ... and when caught up, but not more often than this
+APPLY_IDLE_WAIT = 0.2  # the applier, caught up and synced, waits this long for records at a time
 PAUSE_RETRY_SECONDS = 2.0
 TAKE_OVER_SECONDS = 10.0  # a stale session of the same source is ended within this
 PATH_ARGS = ("path", "old", "new", "src")
@@ -589,7 +590,12 @@ class Agent:
         j = self.journal
         while not self.stop.is_set():
             try:
-                batch = j.read(512, timeout=0.2)
+                # Applied but not yet synced: wait for more only until that flush is due (a
+                # burst that ends within APPLY_SYNC_MIN_SECONDS of the last flush would
+                # otherwise be acknowledged a whole idle wait later).
+                wait = APPLY_IDLE_WAIT if j.sent_seq <= j.released_seq else min(
+                    APPLY_IDLE_WAIT, max(0.0, APPLY_SYNC_MIN_SECONDS - (time.monotonic() - last_sync)))
+                batch = j.read(512, timeout=wait)
                 if batch:
                     self.target.catch_up_through = self._catch_up_through()
                     self.target.send(batch)
