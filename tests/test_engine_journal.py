@@ -394,6 +394,56 @@ def test_an_agent_acknowledges_a_burst_as_applied_without_an_idle_wait(tmp_path,
     assert {"a", "b", "c"} <= set(os.listdir(tmp_path / "root" / "data"))
 
 
+def test_an_acknowledgement_shows_in_the_shippers_figures_as_it_arrives(tmp_path):
+    """Status reads received/applied from the shipper's figures, which its own thread set once
+    a turn: idle, a turn is a read that waits 0.1 s for records, so an acknowledgement of the
+    agent's showed up to that late (every mirror's end; the steady writer's lag). Here that
+    read is made to wait 5 s, and an ACK frame comes through the real RemoteTarget reader:
+    the figures must say it well before the shipper's next turn."""
+    import threading
+    from types import SimpleNamespace
+    from app.engine.remote import RemoteTarget
+    from app.engine.shipper import Shipper
+    from app.services import wire
+    from app.services.targets import Settings
+    j = Journal(tmp_path / "j", kind=KIND_FS)
+    idle = [5.0]
+    read = j.read
+    j.read = lambda *a, **kw: read(*a, **{**kw, "timeout": idle[0]})
+    rt = RemoteTarget(Settings(name="t", host="h", root="/r", path="p"), "fs", None, None)
+    sent: list[int] = []
+    r, w = os.pipe()
+    rt.proc = SimpleNamespace(stdout=os.fdopen(r, "rb", buffering=0), poll=lambda: None,
+                              stdin=SimpleNamespace(close=lambda: None), wait=lambda timeout=None: 0)
+    rt.open = lambda: rt.pos
+    rt.send = lambda recs: sent.extend(x.seq for x in recs) or 0
+    rt.close = lambda: None
+    sh = Shipper(j, rt, local=False)
+    reader = threading.Thread(target=rt._read_loop, args=(rt.proc,), daemon=True)
+    sh.start()
+    try:
+        j.append("mkdir", {"path": "a", "mode": 0o755, "uid": 0, "gid": 0})
+        deadline = time.monotonic() + 10
+        while not sent:
+            assert time.monotonic() < deadline, "the shipper never sent the record"
+            time.sleep(0.01)
+        time.sleep(0.2)  # the shipper's turn is over: it waits in its (5 s) read now
+        reader.start()
+        os.write(w, wire.jframe(wire.ACK, {"received": 1, "applied": 1, "consistent": True}))
+        t0 = time.monotonic()
+        while sh.fig.applied_seq < 1 and time.monotonic() - t0 < 3:
+            time.sleep(0.01)
+        assert (sh.fig.received_seq, sh.fig.applied_seq) == (1, 1), sh.fig
+    finally:
+        idle[0] = 0.1
+        j.append("mkdir", {"path": "b", "mode": 0o755, "uid": 0, "gid": 0})  # ends that read
+        sh.stop()
+        os.close(w)
+        reader.join(5)
+        rt.proc.stdout.close()
+        j.close()
+
+
 @pytest.mark.parametrize("side", ["source", "hashed", "agent"])
 def test_a_walk_asks_the_other_end_a_window_ahead_and_leaves_nothing_asked(tmp_path, monkeypatch,
                                                                             side):

@@ -93,6 +93,7 @@ class RemoteTarget(Queried, Target):
         self._tokens = 0.0
         self._tokens_at = time.monotonic()
         self._stderr: deque[str] = deque(maxlen=50)
+        self.on_positions = None  # (Positions) -> None, called by the reader as they arrive
 
     @classmethod
     def from_spec(cls, spec: dict, kind: str, size: int | None, claim, **kw) -> RemoteTarget:
@@ -211,6 +212,9 @@ class RemoteTarget(Queried, Target):
                 msg = json.loads(payload) if payload else {}
                 if kind in (wire.ACK, wire.BEAT, wire.RESUME, wire.PAUSE):
                     self._positions(msg)
+                    seen = self.on_positions
+                    if seen is not None and "received" in msg and proc is self.proc:
+                        seen(self.pos)
                 if kind == wire.BEAT and msg.get("echo"):
                     self.rtt = max(0.0, time.time() - msg["echo"])
                 elif kind == wire.PAUSE:

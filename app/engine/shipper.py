@@ -84,6 +84,9 @@ class Shipper:
         self._rates: deque[tuple[float, int, int]] = deque()  # (time, logical, wire)
         self._connected = local
         self._ever_connected = local
+        self._positions_lock = threading.Lock()
+        if not local:  # the agent's acknowledgements show in status as they arrive
+            target.on_positions = self._positions_seen
 
     # -- control ----------------------------------------------------------------------------
     def start(self) -> None:
@@ -203,7 +206,9 @@ class Shipper:
                 lost = JournalGap(pos.received + 1, released)
             else:
                 self.journal.rewind(pos.received)
-            self.fig.received_seq, self.fig.applied_seq = pos.received, pos.applied
+            with self._positions_lock:  # this session's: an acknowledgement since is newer
+                latest = self.target.pos
+                self.fig.received_seq, self.fig.applied_seq = latest.received, latest.applied
             self.journal.applied(pos.applied)
             self.fig.reconnects += 1 if self._ever_connected else 0
         if lost is not None and self.on_gap is not None:  # asked while a catch-up still waits
@@ -245,11 +250,19 @@ class Shipper:
             self._local_durable(bool(batch))
         else:
             pos = self.target.flush()
-            self.fig.received_seq, self.fig.applied_seq = pos.received, pos.applied
+            self._positions_seen(pos)
             self.journal.release(pos.received, persist=False)  # the target keeps its own
-            self.journal.applied(pos.applied)
         if self.fig.connection.startswith("paused") and batch:
             self.fig.connection = "local" if self.local else "connected"
+
+    def _positions_seen(self, pos) -> None:
+        """The agent's positions, from this thread's turn or from the session's reader as an
+        acknowledgement arrives (status shows it then, not up to the idle wait of this
+        thread's next read later). Within a session they only grow."""
+        with self._positions_lock:
+            self.fig.received_seq = max(self.fig.received_seq, pos.received)
+            self.fig.applied_seq = max(self.fig.applied_seq, pos.applied)
+        self.journal.applied(pos.applied)
 
     def _local_durable(self, busy: bool) -> None:
         """Local targets apply as they receive: sync the target now and then, then release."""
