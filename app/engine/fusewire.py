@@ -228,7 +228,7 @@ class Session:
 
     # -- the request loop -----------------------------------------------------------------------
     async def main(self) -> None:
-        """Answer requests until the file system is unmounted (ENODEV on /dev/fuse)."""
+        """Answer requests until the file system is unmounted or its connection aborted."""
         buf = bytearray(BUFFER)
         view = memoryview(buf)
         fd = self.fd
@@ -247,7 +247,9 @@ class Session:
                 except OSError as exc:
                     if exc.errno == errno.ENOENT:  # interrupted before we read it
                         continue
-                    if exc.errno == errno.ENODEV:  # unmounted
+                    # ENODEV: unmounted; ECONNABORTED: the connection was aborted (a stop of
+                    # ours writes /sys/fs/fuse/connections/N/abort, so may an administrator)
+                    if exc.errno in (errno.ENODEV, errno.ECONNABORTED):
                         break
                     raise
                 if n == 0:
@@ -316,9 +318,9 @@ class Session:
         try:
             os.writev(self.fd, bufs)
         except OSError as exc:
-            # ENOENT: the request was interrupted, nobody waits for it; ENODEV: unmounted, the
-            # request loop ends at its next read
-            if exc.errno not in (errno.ENOENT, errno.ENODEV):
+            # ENOENT: the request was interrupted, nobody waits for it; ENODEV, ECONNABORTED:
+            # unmounted or aborted, the request loop ends at its next read
+            if exc.errno not in (errno.ENOENT, errno.ENODEV, errno.ECONNABORTED):
                 raise
 
     # -- requests -------------------------------------------------------------------------------
