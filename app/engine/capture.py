@@ -1074,6 +1074,12 @@ def _abort_fuse(dev: tuple[int, int]) -> None:
     try:
         with open(path, "w") as f:
             f.write("1")
+    except FileNotFoundError as exc:  # fusectl not mounted (systemd mounts it, a container may not)
+        if os.path.ismount(os.path.dirname(os.path.dirname(path))):
+            log.error("abort FUSE connection %s: %s", path, exc)
+        else:  # our exit closes /dev/fuse, and that ends the connection all the same
+            log.info("fusectl is not mounted on %s: the FUSE connection ends as this worker exits",
+                     os.path.dirname(os.path.dirname(path)))
     except OSError as exc:
         log.error("abort FUSE connection %s: %s", path, exc)
 
