@@ -288,3 +288,18 @@ def test_a_fuse_session_ends_quietly_when_its_connection_is_aborted(tmp_path, mo
         if waker.ident is not None:
             waker.join(10)
     assert served and not waker.is_alive()
+
+
+def test_the_request_loop_polls_for_the_next_request_only_with_a_second_cpu():
+    """Polling /dev/fuse after an answer (fusewire.SPIN_NS) pays while the application runs on
+    another CPU; on one CPU it would only delay the application: then it is off."""
+    code = "from app.engine import fusewire; print(fusewire.SPIN_NS)"
+    env = {k: v for k, v in os.environ.items() if k != "MIRRORSETUP_FUSE_SPIN_US"}
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    one = subprocess.run(["taskset", "-c", "0", sys.executable, "-c", code], cwd=repo, env=env,
+                         capture_output=True, text=True, check=True)
+    assert one.stdout.strip() == "0"
+    if len(os.sched_getaffinity(0)) > 1:
+        two = subprocess.run([sys.executable, "-c", code], cwd=repo, env=env,
+                             capture_output=True, text=True, check=True)
+        assert int(two.stdout) > 0

@@ -8,7 +8,8 @@ the kernel adapts to that.
 
 `Session` parses each request into plain Python values, calls the file system's method of the
 same name and encodes what it returns; an OSError becomes the reply's errno. One trio task
-reads and answers requests in turn (the handlers make blocking system calls, in order). While
+reads and answers requests in turn (the handlers make blocking system calls, in order), and
+polls a few tens of microseconds for the next before it waits in trio (SPIN_NS). While
 the file system is frozen (a mirror or verify holds the tree still), requests that would change
 the tree wait in a queue, in arrival order, and the others are answered meanwhile.
 
@@ -23,6 +24,7 @@ import errno
 import logging
 import os
 import struct
+import time
 from collections import deque
 
 import trio
@@ -37,6 +39,12 @@ KERNEL_MAJOR, OUR_MINOR = 7, 39  # 7.39: FUSE_STATX
 MAX_WRITE = 1 << 20  # what libfuse asks for: 256 pages per request
 MAX_PAGES = MAX_WRITE // 4096
 BUFFER = MAX_WRITE + 4096  # a write request's headers and 1 MiB of data
+# After answering, poll /dev/fuse this long before parking in trio's epoll: an application
+# doing one request after another (tar, rm -rf, git) sends its next one within microseconds,
+# and parking then waking costs more than that. Only with a second CPU for the application to
+# run on; MIRRORSETUP_FUSE_SPIN_US sets it (0: never), for bench/apps.py's comparisons.
+SPIN_NS = int(os.environ.get("MIRRORSETUP_FUSE_SPIN_US",
+                             "50" if len(os.sched_getaffinity(0)) > 1 else "0")) * 1000
 CHECKPOINT_EVERY = 64  # requests answered back to back before other trio tasks get a turn
 
 # INIT flags (<linux/fuse.h>)
@@ -233,12 +241,19 @@ class Session:
         view = memoryview(buf)
         fd = self.fd
         served = 0
+        idle_since = None  # when the first read found nothing since the last request
+        spin = bool(SPIN_NS)
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
             while True:
                 try:
                     n = os.readv(fd, [buf])
                 except BlockingIOError:
+                    now = time.perf_counter_ns()
+                    if idle_since is None:  # the first empty read since a request
+                        idle_since = now
+                    if spin and now - idle_since < SPIN_NS:
+                        continue
                     await trio.lowlevel.wait_readable(fd)
                     served = 0
                     continue
@@ -254,6 +269,9 @@ class Session:
                     raise
                 if n == 0:
                     break
+                if idle_since is not None:  # spin again only while requests follow closely
+                    spin = SPIN_NS and time.perf_counter_ns() - idle_since < 2 * SPIN_NS
+                    idle_since = None
                 self._request(view[:n])
                 served += 1
                 if served >= CHECKPOINT_EVERY:
