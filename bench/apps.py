@@ -326,7 +326,8 @@ class FsSides:
     and --baseline's); settle() makes the next timed step start clean."""
 
     def __init__(self, work: Path, pll_mnt: Path, captures: dict[str, tuple[Daemon, Path]],
-                 protos: dict[str, FsProto]):
+                 protos: dict[str, FsProto], pll_pid: int):
+        self.pll_pid = pll_pid
         self.roots = {"native": work / "native", "passthrough_ll": pll_mnt,
                       **{name: src for name, (_, src) in captures.items()},
                       **{name: p.mnt for name, p in protos.items()}}
@@ -335,12 +336,23 @@ class FsSides:
         self.captures = captures
         self.names = list(self.roots)
         self.drains: dict[tuple[str, str], list[float]] = {}
+        self.cpu: dict[tuple[str, str], list[float]] = {}  # CPU seconds of pids(side)
 
     def row(self, side: str):
         if side in self.protos:
             return self.protos[side].row
         daemon, src = self.captures[side]
         return lambda: daemon.fs_row(str(src))
+
+    def pids(self, side: str) -> list[int]:
+        """The processes that serve `side` (none natively): their CPU is the side's cost."""
+        if side == "passthrough_ll":
+            return [self.pll_pid]
+        if side in self.protos:
+            return [self.protos[side].proc.pid]
+        if side in self.captures:
+            return self.captures[side][0].pids()  # the daemon and its workers
+        return []
 
     def settle(self, side: str, label: str) -> None:
         os.sync()
@@ -361,7 +373,11 @@ def rotated(seq, k: int) -> list:
 def fs_section(sides: FsSides, args, work: Path, tarball: Path, which: list[str]) -> dict:
     times: dict[tuple[str, str], list[float]] = {}
 
-    def record(label, side, seconds):
+    def record(label, side, fn, *fn_args):
+        pids = sides.pids(side)
+        c0 = cpu_seconds(pids)
+        seconds = fn(*fn_args)
+        sides.cpu.setdefault((label, side), []).append(cpu_seconds(pids) - c0)
         times.setdefault((label, side), []).append(seconds)
         sides.settle(side, label)
 
@@ -370,25 +386,35 @@ def fs_section(sides: FsSides, args, work: Path, tarball: Path, which: list[str]
     for r in range(args.runs):
         for side in rotated(sides.names, r):
             if "git" in which:
-                record("git", side, w_git(sides.fresh(side, f"git{r}"), home))
+                record("git", side, w_git, sides.fresh(side, f"git{r}"), home)
             if "sqlite" in which:
-                record("sqlite", side, w_sqlite(sides.fresh(side, f"sql{r}")))
+                record("sqlite", side, w_sqlite, sides.fresh(side, f"sql{r}"))
             if "tar" in which:
                 d = sides.fresh(side, f"tar{r}")
-                record("tar x", side, w_tar(d, tarball))
-                record("rm -rf", side, w_rm(d))
+                record("tar x", side, w_tar, d, tarball)
+                record("rm -rf", side, w_rm, d)
             if "small" in which:
                 d = sides.fresh(side, f"small{r}")
-                record("small files", side, w_small(d, args.files))
+                record("small files", side, w_small, d, args.files)
                 shutil.rmtree(d)
                 sides.settle(side, "cleanup")
             if "seq" in which:
                 d = sides.fresh(side, f"seq{r}")
-                record("sequential", side, w_seq(d, args.seq_size))
+                record("sequential", side, w_seq, d, args.seq_size)
                 shutil.rmtree(d)
                 sides.settle(side, "cleanup")
         print(f"  fs run {r + 1}/{args.runs} done", flush=True)
     return times
+
+
+def cpu_seconds(pids: list[int]) -> float:
+    """User + system CPU of these processes so far (a process gone meanwhile counts 0)."""
+    total = 0
+    for pid in pids:
+        with contextlib.suppress(OSError, IndexError, ValueError):
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+            total += int(fields[11]) + int(fields[12])  # utime, stime (fields 14 and 15)
+    return total / os.sysconf("SC_CLK_TCK")
 
 
 # -- block -----------------------------------------------------------------------------------
@@ -673,7 +699,8 @@ def each(v: list[float], fmt: str) -> str:
     return "/".join(fmt.format(x) for x in v)
 
 
-def report_fs(times: dict, drains: dict, names: list[str], files: int, seq: int) -> None:
+def report_fs(times: dict, drains: dict, names: list[str], files: int, seq: int,
+              cpu: dict | None = None) -> None:
     goals = {"git": 1.5, "sqlite": 1.5, "tar x": 1.5, "rm -rf": 1.5, "small files": 1 / 0.7,
              "sequential": 1 / 0.8}
     caps = names[2:]
@@ -691,6 +718,9 @@ def report_fs(times: dict, drains: dict, names: list[str], files: int, seq: int)
         print(line)
     for k in labels:
         print(f"  runs {k:11s} " + "; ".join(f"{s} " + each(times[(k, s)], "{:.2f}") for s in names))
+    for k in labels if cpu else ():
+        print(f"  cpu s {k:10s} " + "; ".join(f"{s} {med(cpu[(k, s)]):.2f}" for s in names[1:]
+                                              if (k, s) in cpu))
     if ("small files", "native") in times:
         print(f"  small files: {files} x 4 KiB -> files/s " + ", ".join(
             f"{s} {files / med(times[('small files', s)]):.0f}" for s in names))
@@ -880,7 +910,7 @@ def body(args, which: list[str], work: Path, used: set[str], registry: dict) -> 
         fs_protos["cfs"] = FsProto(binary, root / "src-cfs", root / "tgt-cfs", work / "cfs-state")
         registry["proto"].append(fs_protos["cfs"])
         print(f"cfs pid {fs_protos['cfs'].proc.pid}", flush=True)
-    sides = FsSides(root, root / "pll", captures, fs_protos)
+    sides = FsSides(root, root / "pll", captures, fs_protos, pll.proc.pid if pll else 0)
     results = {}
     if args.requests:
         print("\nFUSE requests per small file by opcode (perf, fuse:fuse_request_send/_end, 500 files), "
@@ -899,7 +929,7 @@ def body(args, which: list[str], work: Path, used: set[str], registry: dict) -> 
             tar_info = f"; tar x: {n} entries, {size / 1e6:.0f} MB"
         print(f"\nfs workloads, {args.runs} interleaved runs{tar_info} ...", flush=True)
         results["fs"] = fs_section(sides, args, root, tarball, which)
-        report_fs(results["fs"], sides.drains, sides.names, args.files, args.seq_size)
+        report_fs(results["fs"], sides.drains, sides.names, args.files, args.seq_size, sides.cpu)
     if "block" in which:
         print(f"\nfio random write direct qd16, {args.fio_seconds} s each, {args.runs} interleaved runs ...",
               flush=True)
