@@ -75,12 +75,25 @@ async def test_targets_and_replicas_are_listed_and_wrong_input_changes_nothing(
         await pilot.click("#add")
         await settle(pilot)
         assert "name, host and root are needed" in static_text(app.screen.query_one("#problem"))
-        for field, value in (("name", "b2"), ("host", "10.0.0.9"), ("root", "relative/dir")):
-            app.screen.query_one(f"#{field}").value = value
-        app.screen.query_one("#port").value = "99999"
+        app.screen.query_one("#name").value = "b2"
+        await settle(pilot)  # checked as typed first, then on Add
         await pilot.click("#add")
         await settle(pilot)
-        assert "'99999' is not a port number" in static_text(app.screen.query_one("#problem"))
+        assert "✘ host and root are needed" in static_text(app.screen.query_one("#problem"))
+        for field, value in (("host", "10.0.0.9"), ("root", "relative/dir")):
+            app.screen.query_one(f"#{field}").value = value
+        app.screen.query_one("#port").value = "99999"
+        await settle(pilot)
+        await pilot.click("#add")
+        await settle(pilot)
+        problem = static_text(app.screen.query_one("#problem")).replace("\n", " ")
+        assert "'99999' is not a port number; the root is an absolute path" in problem  # both at once
+        app.screen.query_one("#port").value = ""
+        await settle(pilot)
+        await pilot.click("#add")
+        await settle(pilot)
+        assert "✘ port is needed; the root is an absolute path" in static_text(
+            app.screen.query_one("#problem")).replace("\n", " ")
         app.screen.query_one("#port").value = "22"
         await pilot.click("#add")
         await settle(pilot)

@@ -99,12 +99,19 @@ class AddTargetDialog(ModalScreen["object | None"]):
         from app.services.results import ConfigError
         name, host, root, port = (self._value("name"), self._value("host"), self._value("root"),
                                   self._value("port"))
-        if final and (not name or not host or not root):
-            return "name, host and root are needed", None
-        if port and not (port.isdigit() and 0 < int(port) < 65536) or final and not port:
-            return f"port {port!r} is not a port number", None
+        problems = []  # every one at once: an administrator fixes them in one go
+        missing = [f for f, v in (("name", name), ("host", host), ("port", port), ("root", root))
+                   if not v]
+        if final and missing:
+            problems.append((" and ".join([", ".join(missing[:-1]), missing[-1]])
+                             if len(missing) > 1 else missing[0])
+                            + (" is" if len(missing) == 1 else " are") + " needed")
+        if port and not (port.isdigit() and 0 < int(port) < 65536):
+            problems.append(f"port {port!r} is not a port number")
         if root and not root.startswith("/"):
-            return "the root is an absolute path on the target", None
+            problems.append("the root is an absolute path on the target")
+        if problems:
+            return "; ".join(problems), None
         target = TargetHost(name=name or "x", host=host or "x", root=root or "/x",
                             port=int(port or 22), user=self._value("user") or None)
         try:
