@@ -303,3 +303,11 @@ def test_the_request_loop_polls_for_the_next_request_only_with_a_second_cpu():
         two = subprocess.run([sys.executable, "-c", code], cwd=repo, env=env,
                              capture_output=True, text=True, check=True)
         assert int(two.stdout) > 0
+        # the bench's knob: a wrong value is said and the default used, the worker still starts
+        wrong = subprocess.run([sys.executable, "-c", code], cwd=repo, capture_output=True, text=True,
+                               env={**env, "MIRRORSETUP_FUSE_SPIN_US": "fast"}, check=True)
+        assert wrong.stdout.strip() == two.stdout.strip()
+        assert "MIRRORSETUP_FUSE_SPIN_US='fast' is not a number of microseconds" in wrong.stderr
+    off = subprocess.run([sys.executable, "-c", code], cwd=repo, capture_output=True, text=True,
+                         env={**env, "MIRRORSETUP_FUSE_SPIN_US": "0"}, check=True)
+    assert off.stdout.strip() == "0"

@@ -43,8 +43,19 @@ BUFFER = MAX_WRITE + 4096  # a write request's headers and 1 MiB of data
 # doing one request after another (tar, rm -rf, git) sends its next one within microseconds,
 # and parking then waking costs more than that. Only with a second CPU for the application to
 # run on; MIRRORSETUP_FUSE_SPIN_US sets it (0: never), for bench/apps.py's comparisons.
-SPIN_NS = int(os.environ.get("MIRRORSETUP_FUSE_SPIN_US",
-                             "50" if len(os.sched_getaffinity(0)) > 1 else "0")) * 1000
+def _spin_ns() -> int:
+    default = 50 if len(os.sched_getaffinity(0)) > 1 else 0
+    raw = os.environ.get("MIRRORSETUP_FUSE_SPIN_US")
+    if raw is None:
+        return default * 1000
+    if not raw.strip().isdigit():
+        log.warning("MIRRORSETUP_FUSE_SPIN_US=%r is not a number of microseconds: %d is used",
+                    raw, default)
+        return default * 1000
+    return int(raw) * 1000
+
+
+SPIN_NS = _spin_ns()
 CHECKPOINT_EVERY = 64  # requests answered back to back before other trio tasks get a turn
 
 # INIT flags (<linux/fuse.h>)
