@@ -39,11 +39,13 @@ KERNEL_MAJOR, OUR_MINOR = 7, 39  # 7.39: FUSE_STATX
 MAX_WRITE = 1 << 20  # what libfuse asks for: 256 pages per request
 MAX_PAGES = MAX_WRITE // 4096
 BUFFER = MAX_WRITE + 4096  # a write request's headers and 1 MiB of data
-# After answering, poll /dev/fuse this long before parking in trio's epoll: an application
-# doing one request after another (tar, rm -rf, git) sends its next one within microseconds,
-# and parking then waking costs more than that. Only with a second CPU for the application to
-# run on; MIRRORSETUP_FUSE_SPIN_US sets it (0: never), for bench/apps.py's comparisons.
+
+
 def _spin_ns() -> int:
+    """After answering, how long to poll /dev/fuse before parking in trio's epoll: an
+    application doing one request after another (tar, rm -rf, git) sends its next one within
+    microseconds, and parking then waking costs more than that. Only with a second CPU for the
+    application to run on; MIRRORSETUP_FUSE_SPIN_US sets it (0: never), for bench comparisons."""
     default = 50 if len(os.sched_getaffinity(0)) > 1 else 0
     raw = os.environ.get("MIRRORSETUP_FUSE_SPIN_US")
     if raw is None:
