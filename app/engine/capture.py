@@ -1067,19 +1067,20 @@ def _listen(path: str) -> socket.socket:
     return sock
 
 
+FUSECTL = "/sys/fs/fuse/connections"  # where systemd mounts fusectl (a container may not)
+
+
 def _abort_fuse(dev: tuple[int, int]) -> None:
     """End our FUSE connection for every copy of the mount (other mount namespaces too)."""
+    if not os.path.ismount(FUSECTL):  # our exit closes /dev/fuse: that ends it all the same
+        log.info("fusectl is not mounted on %s: the FUSE connection ends as this worker exits",
+                 FUSECTL)
+        return
     major, minor = dev
-    path = f"/sys/fs/fuse/connections/{(major << 20) | minor}/abort"  # the kernel's s_dev
+    path = f"{FUSECTL}/{(major << 20) | minor}/abort"  # the kernel's s_dev
     try:
         with open(path, "w") as f:
             f.write("1")
-    except FileNotFoundError as exc:  # fusectl not mounted (systemd mounts it, a container may not)
-        if os.path.ismount(os.path.dirname(os.path.dirname(path))):
-            log.error("abort FUSE connection %s: %s", path, exc)
-        else:  # our exit closes /dev/fuse, and that ends the connection all the same
-            log.info("fusectl is not mounted on %s: the FUSE connection ends as this worker exits",
-                     os.path.dirname(os.path.dirname(path)))
     except OSError as exc:
         log.error("abort FUSE connection %s: %s", path, exc)
 
