@@ -871,6 +871,59 @@ def test_a_full_disk_never_leaves_a_torn_or_half_ingested_journal(tmp_path, tmpf
     assert Journal(small).torn_bytes == 0
 
 
+def test_an_fsyncs_spill_is_one_write_and_the_reader_gets_what_it_had_not_read_from_memory(
+        tmp_path, monkeypatch):
+    """An application's fsync writes the records in memory to disk: one write for the lot
+    (not one per record), exactly their encoded bytes. What the reader (applier, shipper)
+    had not read yet stays in memory too, so it is not read back from disk and decoded;
+    after a rewind past that, it comes from disk, the same records."""
+    j = Journal(tmp_path, segment_bytes=1 << 20)
+    for i in range(50):
+        j.append("write", {"path": "f", "offset": i}, b"%d" % i)
+    first = j.read(10)  # 1..10 read from memory before the spill
+    seg_writes, disk_reads = [], []
+    real_write, real_read_disk = os.write, Journal._read_disk
+
+    def write(fd, data):
+        if os.readlink(f"/proc/self/fd/{fd}").endswith(".seg"):
+            seg_writes.append(len(data))
+        return real_write(fd, data)
+    monkeypatch.setattr(os, "write", write)
+    monkeypatch.setattr(Journal, "_read_disk", lambda self, *a: (disk_reads.append(1), real_read_disk(self, *a)))
+    j.sync()
+    assert len(seg_writes) == 1
+    rest = j.read(1000)
+    assert [r.seq for r in first + rest] == list(range(1, 51)) and disk_reads == []
+    assert b"".join(s.read_bytes() for s in _segments(tmp_path)) == b"".join(r.encode() for r in first + rest)
+    j.rewind(5)
+    assert j.read(1000) == first[5:] + rest and disk_reads
+    j.close()
+
+
+def test_a_spill_that_finds_the_disk_full_keeps_what_it_did_not_store(tmp_path, tmpfs_mount):
+    """ENOSPC part way through an fsync's spill: the records that reached a segment are on
+    disk, the rest stay queued in memory, none torn or lost, in order; with room again the
+    next sync stores them."""
+    small = tmpfs_mount(tmp_path / "small")
+    subprocess.run(["mount", "-o", "remount,size=1m", str(small)], check=True)
+    j = Journal(small, segment_bytes=200_000)
+    for i in range(20):  # 2 MB in memory, 1 MB of room
+        j.append("write", {"path": "f", "offset": i}, b"d" * 100_000)
+    with pytest.raises(OSError) as exc:
+        j.sync()
+    assert exc.value.errno == errno.ENOSPC
+    got = j.read(100, max_bytes=1 << 30)
+    assert [r.seq for r in got] == list(range(1, 21))
+    assert [r.args["offset"] for r in got] == list(range(20))
+    j.release(20)  # applied: the space comes back
+    j.append("write", {"path": "f", "offset": 20}, b"e")
+    j.sync()
+    assert [r.seq for r in j.read(100)] == [21]
+    j.close()
+    again = Journal(small)  # 21 was never released: a reopen gives it again, whole
+    assert again.torn_bytes == 0 and [(r.seq, r.data) for r in again.read(100)] == [(21, b"e")]
+
+
 def test_ingested_records_are_read_back_from_memory_and_equal_what_is_on_disk(tmp_path, monkeypatch):
     """The agent applies what it has just made durable: those records come from memory (the
     disk is not read back and decoded again) as long as they fit `memory_bytes`; past that,

@@ -361,10 +361,7 @@ class Journal:
                 self._roll_back(mark)
                 raise
             for rec in records:
-                self._tail.append(rec)
-                self._tail_bytes += rec.size
-            while self._tail and self._tail_bytes > min(self.memory_bytes, TAIL_BYTES):
-                self._tail_bytes -= self._tail.popleft().size
+                self._keep_for_reader(rec)
             self._cv.notify_all()
             return self.last_seq
 
@@ -467,10 +464,32 @@ class Journal:
                 count -= 1
 
     def _spill(self) -> None:
-        while self._mem:
-            self._write(self._mem[0])  # a failed write keeps the record where it was
-            rec = self._mem.popleft()
-            self._mem_bytes -= rec.size
+        """Write the records in memory to disk, one write per segment (an fsync of an
+        application used to cost a write per record). A failed write keeps the records it did
+        not store where they were. Those the reader has not read yet stay in memory too (the
+        tail, as an agent's ingested records do): it does not read back and decode them."""
+        if not self._mem:
+            return
+        recs = list(self._mem)
+        try:
+            self._write_run(recs, [r.encode() for r in recs])
+        finally:
+            while self._mem and self._mem[0].seq <= self._disk_last:
+                rec = self._mem.popleft()
+                self._mem_bytes -= rec.size
+                if rec.seq > self.sent_seq:
+                    self._keep_for_reader(rec)
+
+    def _keep_for_reader(self, rec: Record) -> None:
+        """Keep a record that is on disk in memory for the reader too (its seqs consecutive,
+        at most TAIL_BYTES of them)."""
+        if self._tail and self._tail[-1].seq != rec.seq - 1:
+            self._tail.clear()
+            self._tail_bytes = 0
+        self._tail.append(rec)
+        self._tail_bytes += rec.size
+        while self._tail and self._tail_bytes > min(self.memory_bytes, TAIL_BYTES):
+            self._tail_bytes -= self._tail.popleft().size
 
     def _write(self, rec: Record) -> None:
         self._write_run([rec], [rec.encode()])
