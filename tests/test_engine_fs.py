@@ -311,3 +311,44 @@ def test_the_request_loop_polls_for_the_next_request_only_with_a_second_cpu():
     off = subprocess.run([sys.executable, "-c", code], cwd=repo, capture_output=True, text=True,
                          env={**env, "MIRRORSETUP_FUSE_SPIN_US": "0"}, check=True)
     assert off.stdout.strip() == "0"
+
+
+def test_an_fsync_makes_the_journal_durable_beside_the_file_on_one_kept_thread(tmp_path):
+    """fsync(2) through mirrorfs syncs the file and the journal side by side. The journal's
+    side runs on a thread kept for the next fsync (one started per fsync cost more than the
+    handoff), and an error there fails that fsync with its errno, not the next one."""
+    from app.engine.mirrorfs import Handle, MirrorFS
+
+    class Journal:
+        fail: OSError | None = None
+        threads: set[int] = set()
+        syncs = 0
+
+        def sync(self):
+            self.threads.add(threading.get_native_id())  # (thread ids are reused, tids not soon)
+            self.syncs += 1
+            if self.fail is not None:
+                raise self.fail
+    (tmp_path / "root").mkdir()
+    root_fd = os.open(tmp_path / "root", os.O_PATH | os.O_DIRECTORY)
+    fd = os.open(tmp_path / "root" / "f", os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        journal = Journal()
+        fs = MirrorFS(root_fd, journal)
+        fs._handles[1] = Handle(fd, 2, wrote=True)
+        before = threading.active_count()
+        for _ in range(20):
+            fs.fsync(1, datasync=False)
+        assert journal.syncs == 20 and len(journal.threads) == 1
+        assert threading.get_native_id() not in journal.threads
+        assert threading.active_count() <= before + 1
+        journal.fail = OSError(errno.ENOSPC, "No space left on device")
+        with pytest.raises(OSError) as exc:
+            fs.fsync(1, datasync=True)
+        assert exc.value.errno == errno.ENOSPC
+        journal.fail = None
+        fs.fsync(1, datasync=True)  # the error was that fsync's alone
+        assert journal.syncs == 22 and len(journal.threads) == 1
+    finally:
+        os.close(fd)
+        os.close(root_fd)

@@ -62,6 +62,7 @@ class MirrorFS(fusewire.Gate):
         self._dirs: dict[int, tuple[int, list[bytes] | None]] = {}
         self._next_fh = 1
         self._no_caps: set[int] = set()  # inodes known to have no security.capability
+        self._syncer: _Beside | None = None  # the journal's sync beside an fsync
         super().__init__()  # the gate a mirror or verify closes
         self.tracker = None  # a sync.Tracker while a resync or verify runs beside capture
 
@@ -480,15 +481,15 @@ class MirrorFS(fusewire.Gate):
         """The file and the journal are made durable side by side (one disk wait, not two);
         the application's fsync returns once both are."""
         h = self._handles[fh]
-        errors: list[BaseException] = []
-        other = threading.Thread(target=_catching, args=(self.journal.sync, errors), name="journal-sync")
-        other.start()
+        if self._syncer is None:
+            self._syncer = _Beside(self.journal.sync, "journal-sync")
+        self._syncer.go()
         try:
             (os.fdatasync if datasync else os.fsync)(h.fd)
         finally:
-            other.join()
-        if errors:
-            raise errors[0]
+            error = self._syncer.wait()
+        if error is not None:
+            raise error
 
     # -- directories --------------------------------------------------------------------------
     def opendir(self, ino: int) -> int:
@@ -544,11 +545,36 @@ class MirrorFS(fusewire.Gate):
         self.journal.sync()
 
 
-def _catching(fn, errors: list) -> None:
-    try:
-        fn()
-    except BaseException as exc:  # raised on the handler's thread
-        errors.append(exc)
+class _Beside:
+    """A thread that runs `fn` beside the caller, once per go() (the journal's sync beside a
+    file's fsync), kept for the next one: starting a thread per fsync cost more than the
+    handoff. One go() at a time (the FUSE request loop answers one request at a time);
+    wait() returns what `fn` raised."""
+
+    def __init__(self, fn, name: str):
+        self.fn = fn
+        self._go, self._done = threading.Event(), threading.Event()
+        self._error: BaseException | None = None
+        threading.Thread(target=self._run, name=name, daemon=True).start()
+
+    def go(self) -> None:
+        self._done.clear()
+        self._go.set()
+
+    def wait(self) -> BaseException | None:
+        self._done.wait()
+        error, self._error = self._error, None
+        return error
+
+    def _run(self) -> None:
+        while True:
+            self._go.wait()
+            self._go.clear()
+            try:
+                self.fn()
+            except BaseException as exc:  # raised on the caller's thread
+                self._error = exc
+            self._done.set()
 
 
 def mount(fs: MirrorFS, path: str, options) -> fusewire.Session:
