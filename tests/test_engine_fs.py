@@ -118,6 +118,65 @@ def test_files_belong_to_the_caller_with_its_umask(engine):
     assert (st.st_uid, st.st_gid) == (OTHER_UID, OTHER_GID)
 
 
+def test_set_id_bits_go_as_the_vfs_takes_them_when_a_caller_without_cap_fsetid_changes_a_file(engine):
+    """mirrorfs asks for FUSE_HANDLE_KILLPRIV_V2 (no security.capability question before every
+    write), so taking set-ID bits away is its job: a write, truncate, O_TRUNC open or fallocate
+    by a caller without CAP_FSETID takes the set-user-ID bit, and the set-group-ID bit when group
+    execute is set; root's write keeps them; a chown takes them from anyone. The same modes
+    reach the target."""
+    eng, src, tgt = engine()
+    os.chmod(src, 0o777)
+    modes = {"write": (0o4755, 0o755), "truncate": (0o4755, 0o755), "otrunc": (0o4755, 0o755),
+             "falloc": (0o4755, 0o755), "sgid-gx": (0o6775, 0o775), "sgid-no-gx": (0o2764, 0o2764),
+             "root-write": (0o4755, 0o4755), "root-chown": (0o6775, 0o775),
+             "root-chown-none": (0o4755, 0o755)}
+    for name, (before, _) in modes.items():
+        path = os.path.join(src, name)
+        with open(path, "wb") as f:
+            f.write(b"data")
+        os.chown(path, OTHER_UID, OTHER_GID)
+        os.chmod(path, before)
+    code = ("import os; os.chdir(%r); os.setgroups([]); os.setgid(%d); os.setuid(%d)\n"
+            "with open('write', 'r+b') as f: f.write(b'x')\n"
+            "os.truncate('truncate', 1)\n"
+            "os.close(os.open('otrunc', os.O_WRONLY | os.O_TRUNC))\n"
+            "fd = os.open('falloc', os.O_WRONLY); os.posix_fallocate(fd, 0, 1 << 16); os.close(fd)\n"
+            "for name in ('sgid-gx', 'sgid-no-gx'):\n"
+            "    with open(name, 'r+b') as f: f.write(b'x')\n" % (src, OTHER_GID, OTHER_UID))
+    subprocess.run([sys.executable, "-c", code], check=True)
+    with open(os.path.join(src, "root-write"), "r+b") as f:
+        f.write(b"x")
+    os.chown(os.path.join(src, "root-chown"), 0, 0)  # a chown takes them whoever calls it
+    os.chown(os.path.join(src, "root-chown-none"), -1, -1)
+    eng.drain(src)
+    for side in (src, tgt):
+        got = {name: stat.S_IMODE(os.stat(os.path.join(side, name)).st_mode) for name in modes}
+        assert got == {name: after for name, (_, after) in modes.items()}, side
+    assert eng.verify(src) == []
+
+
+def test_a_write_takes_file_capabilities_away_at_the_source_and_the_target(engine):
+    """File capabilities go on any write (the VFS's rule, whoever writes): mirrorfs' mount keeps
+    that under FUSE_HANDLE_KILLPRIV_V2, and the target loses them too."""
+    eng, src, tgt = engine()
+    path = os.path.join(src, "tool")
+    with open(path, "wb") as f:
+        f.write(b"#!/bin/true\n")
+    os.chmod(path, 0o755)
+    subprocess.run(["setcap", "cap_net_raw+ep", path], check=True)
+    eng.drain(src)
+    assert os.getxattr(os.path.join(tgt, "tool"), "security.capability")
+    with open(path, "r+b") as f:
+        f.seek(0, 2)
+        f.write(b"# changed\n")
+    eng.drain(src)
+    for side in (src, tgt):
+        with pytest.raises(OSError) as exc:
+            os.getxattr(os.path.join(side, "tool"), "security.capability")
+        assert exc.value.errno == errno.ENODATA, side
+    assert eng.verify(src) == []
+
+
 def test_awkward_names(engine):
     eng, src, tgt = engine()
     names = [b"with space", b"new\nline", b"caf\xe9-latin1", b"\xff\xfe", b"tab\there", b"-dash"]

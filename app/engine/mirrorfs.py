@@ -47,6 +47,8 @@ class Handle:
 
 
 class MirrorFS(fusewire.Gate):
+    kills_privileges = True  # FUSE_HANDLE_KILLPRIV_V2: set-ID bits are ours to take away (_kill_suidgid)
+
     def __init__(self, root_fd: int, journal: Journal, *, replicate_atime: bool = False):
         self.root_fd = root_fd
         self.journal = journal
@@ -272,6 +274,8 @@ class MirrorFS(fusewire.Gate):
         else:
             fd, name = self.inodes.at(ino)
         if ch.size is not None:
+            if ch.kill_suidgid:  # a truncate by a caller without CAP_FSETID
+                self._kill_suidgid(node, h.fd if h is not None else fd, None if h is not None else name)
             if h is not None:
                 os.ftruncate(h.fd, ch.size)
             elif name is None:
@@ -290,9 +294,13 @@ class MirrorFS(fusewire.Gate):
             else:
                 os.chmod(name, mode, dir_fd=fd)
             self._record_on(node, "chmod", mode=mode)
+        lstat = (lambda: os.fstat(fd)) if name is None else (
+            lambda: os.stat(name, dir_fd=fd, follow_symlinks=False))
+        before = None  # the mode before a chown: the lower file system may take set-ID bits
         if ch.uid is not None or ch.gid is not None:
             uid = -1 if ch.uid is None else ch.uid
             gid = -1 if ch.gid is None else ch.gid
+            before = lstat().st_mode
             if name is None:
                 os.fchown(fd, uid, gid)
             else:
@@ -300,12 +308,19 @@ class MirrorFS(fusewire.Gate):
             self._record_on(node, "chown", uid=uid, gid=gid)
         if ch.atime_ns is not None or ch.mtime_ns is not None:
             utimensat(fd, name, ch.atime_ns, ch.mtime_ns)
-        if ch.only_ctime():  # the lower file system updates the ctime as the caller's call did
+        if ch.only_ctime():
+            # chown(f, -1, -1): the lower file system updates the ctime and takes a file's
+            # set-ID bits as the caller's call did (recorded below). The kernel sends the same
+            # nothing when a write takes a file's capabilities away, so root's write to a file
+            # with both capabilities and set-ID bits loses the bits too: the safe side.
+            before = lstat().st_mode
             if name is None:
                 os.fchown(fd, -1, -1)
             else:
                 os.chown(name, -1, -1, dir_fd=fd, follow_symlinks=False)
-        st = os.fstat(fd) if name is None else os.stat(name, dir_fd=fd, follow_symlinks=False)
+        st = lstat()
+        if before is not None and stat.S_IMODE(st.st_mode) != stat.S_IMODE(before):
+            self._record_on(node, "chmod", mode=stat.S_IMODE(st.st_mode))  # what the chown took
         if ch.size is not None or ch.atime_ns is not None or ch.mtime_ns is not None:
             self._times(node, st, atime=ch.atime_ns is not None)  # a truncate moves the mtime too
         return st
@@ -341,8 +356,9 @@ class MirrorFS(fusewire.Gate):
                 self._record_on(node, "chmod", mode=mode)
 
     def getxattr(self, ino: int, name: bytes) -> bytes:
-        """The kernel asks for security.capability before every write(2): a file known to have
-        none (we made it, or the lower file system said so) is answered from memory."""
+        """The kernel asks for security.capability before a write(2) (under HANDLE_KILLPRIV_V2
+        only until it has found a file has none): a file known to have none (we made it, or the
+        lower file system said so) is answered from memory."""
         if name == CAPABILITY and ino in self._no_caps:
             raise OSError(errno.ENODATA, "no capabilities")
         try:
@@ -373,15 +389,22 @@ class MirrorFS(fusewire.Gate):
         self._open.setdefault(ino, []).append(h)
         return fh
 
-    def open(self, ino: int, flags: int) -> int:
+    def open(self, ino: int, flags: int, kill_suidgid: bool = False) -> int:
         dfd, name = self.inodes.at(ino)
         fd = os.open(name, (flags & ~OPEN_STRIP) | os.O_CLOEXEC | os.O_NOFOLLOW, dir_fd=dfd)
         truncated = bool(flags & os.O_TRUNC)
         if truncated:
+            if kill_suidgid:
+                try:
+                    self._kill_suidgid(self.inodes.node(ino), fd)
+                except OSError:
+                    os.close(fd)
+                    raise
             self._record_on(self.inodes.node(ino), "truncate", size=0)
         return self._handle(fd, ino, wrote=truncated)
 
-    def create(self, parent: int, name: bytes, mode: int, flags: int, ctx: Ctx):
+    def create(self, parent: int, name: bytes, mode: int, flags: int, ctx: Ctx,
+               kill_suidgid: bool = False):
         rel = self._path_of(parent, name)
         pfd = self.inodes.dirfd(parent)
         mode &= 0o7777
@@ -410,6 +433,13 @@ class MirrorFS(fusewire.Gate):
                          uid=uid, gid=gid)
             self._dir_times(parent)
         elif flags & os.O_TRUNC:
+            if kill_suidgid:
+                try:
+                    self._kill_suidgid(node, fd)
+                    st = os.fstat(fd)
+                except OSError:
+                    os.close(fd)
+                    raise
             self._record(node, "truncate", path=encode_path(rel), size=0)
         return node.ino, st, self._handle(fd, node.ino, wrote=True)
 
@@ -443,6 +473,28 @@ class MirrorFS(fusewire.Gate):
         h.read = True
         return os.pread(h.fd, size, off)
 
+    def kill_suidgid(self, fh: int) -> None:
+        """A write by a caller without CAP_FSETID is coming on `fh` (FUSE_WRITE_KILL_SUIDGID)."""
+        h = self._handles[fh]
+        self._kill_suidgid(self.inodes.node(h.ino), h.fd)
+
+    def _kill_suidgid(self, node: Node, fd: int, name: bytes | None = None) -> None:
+        """Take the set-user-ID bit away, and the set-group-ID bit if group execute is set (the
+        VFS's own rule for a write, truncate or O_TRUNC open by a caller without CAP_FSETID),
+        recorded as a chmod before the change that caused it. Under FUSE_HANDLE_KILLPRIV_V2
+        the kernel leaves this to us, and the lower file system would not do it: we are root.
+        `name` under directory `fd`, or the open file `fd`."""
+        st = os.fstat(fd) if name is None else os.stat(name, dir_fd=fd, follow_symlinks=False)
+        mode = stat.S_IMODE(st.st_mode)
+        keep = mode & ~(stat.S_ISUID | (stat.S_ISGID if mode & stat.S_IXGRP else 0))
+        if keep == mode or not stat.S_ISREG(st.st_mode):
+            return
+        if name is None:
+            os.fchmod(fd, keep)
+        else:
+            os.chmod(name, keep, dir_fd=fd)  # (a regular file: nothing to follow)
+        self._record_on(node, "chmod", mode=keep)
+
     def write(self, fh: int, off: int, buf: memoryview) -> int:
         h = self._handles[fh]
         n = os.pwrite(h.fd, buf, off)
@@ -450,8 +502,13 @@ class MirrorFS(fusewire.Gate):
         self._record_on(self.inodes.node(h.ino), "write", bytes(buf[:n]), offset=off)
         return n
 
-    def fallocate(self, fh: int, offset: int, length: int, mode: int) -> None:
+    def fallocate(self, fh: int, offset: int, length: int, mode: int, ctx: Ctx | None = None) -> None:
+        """The kernel sends no kill flag with a FALLOCATE: a caller without CAP_FSETID (its
+        effective capabilities, from /proc) takes set-ID bits away as a write would."""
         h = self._handles[fh]
+        if ctx is not None and os.fstat(h.fd).st_mode & (stat.S_ISUID | stat.S_ISGID) \
+                and not _has_fsetid(ctx.pid):
+            self._kill_suidgid(self.inodes.node(h.ino), h.fd)
         fallocate(h.fd, mode, offset, length)
         h.wrote = True  # its times are recorded at close, as after writes
         self._record_on(self.inodes.node(h.ino), "fallocate", offset=offset, length=length, mode=mode)
@@ -543,6 +600,22 @@ class MirrorFS(fusewire.Gate):
 
     def fsyncdir(self, fh: int, datasync: bool) -> None:
         self.journal.sync()
+
+
+CAP_FSETID = 4  # <linux/capability.h>
+
+
+def _has_fsetid(pid: int) -> bool:
+    """Whether process `pid` holds CAP_FSETID in its effective set (a caller that is gone:
+    no, the safe answer for a set-ID bit)."""
+    try:
+        with open(f"/proc/{pid}/status", "rb") as f:
+            for line in f:
+                if line.startswith(b"CapEff:"):
+                    return bool(int(line.split()[1], 16) >> CAP_FSETID & 1)
+    except (OSError, ValueError):
+        pass
+    return False
 
 
 class _Beside:
