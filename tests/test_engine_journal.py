@@ -2000,3 +2000,37 @@ def test_a_catch_up_after_moved_names_were_folded_still_sends_every_name_whose_f
     assert (tgt / "keep" / "x").read_bytes() == b"BBBB"
     assert (tgt / "keep" / "y").read_bytes() == b"AAAA"
     assert sorted(os.listdir(tgt / "spool")) == [] and sink.target.errors == 0
+
+
+def test_a_local_shipper_takes_a_trickle_of_records_in_batches_not_one_at_a_time(tmp_path):
+    """An application that writes small records keeps the shipper of a local target just
+    ahead of it: woken for every record, it applied them one by one, and the applier and the
+    FUSE request loop took the GIL from each other at every record. After a small batch it
+    lets the next records gather (LINGER_SECONDS) before it reads again: every record still
+    arrives, in order, in a fraction of the batches."""
+    from app.engine.shipper import Shipper
+    j = Journal(tmp_path / "j", kind=KIND_FS)
+    batches: list[list[int]] = []
+
+    class Target:
+        def open(self):
+            return None
+
+        def send(self, records):
+            batches.append([r.seq for r in records])
+
+        def flush(self):
+            return None
+    sh = Shipper(j, Target(), local=True)
+    sh.start()
+    try:
+        for i in range(200):  # a record every half millisecond or so
+            j.append("write", {"path": "f", "offset": i}, b"x")
+            time.sleep(0.0005)
+        deadline = time.monotonic() + 10
+        while sum(map(len, batches)) < 200 and time.monotonic() < deadline:
+            time.sleep(0.01)
+    finally:
+        sh.stop()
+    assert [s for b in batches for s in b] == list(range(1, 201))
+    assert len(batches) <= 100, [len(b) for b in batches]  # one at a time made about 200
