@@ -500,7 +500,7 @@ class Session:
 
     def _fallocate(self, nodeid, body, ctx):
         fh, offset, length, mode, _ = FALLOCATE_IN.unpack_from(body)
-        self.fs.fallocate(fh, offset, length, mode, ctx)
+        self.fs.fallocate(fh, offset, length, mode)
 
     def _lseek(self, nodeid, body, ctx):
         fh, offset, whence, _ = LSEEK_IN.unpack_from(body)

@@ -311,8 +311,10 @@ class MirrorFS(fusewire.Gate):
         if ch.only_ctime():
             # chown(f, -1, -1): the lower file system updates the ctime and takes a file's
             # set-ID bits as the caller's call did (recorded below). The kernel sends the same
-            # nothing when a write takes a file's capabilities away, so root's write to a file
-            # with both capabilities and set-ID bits loses the bits too: the safe side.
+            # nothing when a write or fallocate takes privileges away (file_remove_privs; a
+            # FALLOCATE has no kill flag of its own, so this is where its bits go), so root's
+            # write to a file with both capabilities and set-ID bits loses the bits too: the
+            # safe side.
             before = lstat().st_mode
             if name is None:
                 os.fchown(fd, -1, -1)
@@ -502,13 +504,8 @@ class MirrorFS(fusewire.Gate):
         self._record_on(self.inodes.node(h.ino), "write", bytes(buf[:n]), offset=off)
         return n
 
-    def fallocate(self, fh: int, offset: int, length: int, mode: int, ctx: Ctx | None = None) -> None:
-        """The kernel sends no kill flag with a FALLOCATE: a caller without CAP_FSETID (its
-        effective capabilities, from /proc) takes set-ID bits away as a write would."""
+    def fallocate(self, fh: int, offset: int, length: int, mode: int) -> None:
         h = self._handles[fh]
-        if ctx is not None and os.fstat(h.fd).st_mode & (stat.S_ISUID | stat.S_ISGID) \
-                and not _has_fsetid(ctx.pid):
-            self._kill_suidgid(self.inodes.node(h.ino), h.fd)
         fallocate(h.fd, mode, offset, length)
         h.wrote = True  # its times are recorded at close, as after writes
         self._record_on(self.inodes.node(h.ino), "fallocate", offset=offset, length=length, mode=mode)
@@ -600,22 +597,6 @@ class MirrorFS(fusewire.Gate):
 
     def fsyncdir(self, fh: int, datasync: bool) -> None:
         self.journal.sync()
-
-
-CAP_FSETID = 4  # <linux/capability.h>
-
-
-def _has_fsetid(pid: int) -> bool:
-    """Whether process `pid` holds CAP_FSETID in its effective set (a caller that is gone:
-    no, the safe answer for a set-ID bit)."""
-    try:
-        with open(f"/proc/{pid}/status", "rb") as f:
-            for line in f:
-                if line.startswith(b"CapEff:"):
-                    return bool(int(line.split()[1], 16) >> CAP_FSETID & 1)
-    except (OSError, ValueError):
-        pass
-    return False
 
 
 class _Beside:
