@@ -39,7 +39,8 @@ EOF
     chmod 755 "$policy"
     trap 'grep -qs "mirrorsetup packaging/setup.sh" "$policy" && rm -f "$policy"' EXIT
 fi
-# fuse3: fusermount for the FUSE mounts; libfuse3-dev/pkg-config/gcc: the benches build libfuse's
+# fuse3: fusermount for the FUSE mounts; gcc/python3-dev: pip builds app/engine/_fuseread.c;
+# libfuse3-dev/pkg-config/gcc: the benches build libfuse's
 # passthrough_ll (the FUSE limit they compare against); e2fsprogs, xfsprogs,
 # lvm2 (pvcreate) and util-linux (losetup, mkswap, findmnt, nsenter) are used by the tests as
 # witnesses; openssh-client carries replication to remote targets.

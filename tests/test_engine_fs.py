@@ -286,7 +286,8 @@ def test_listing_a_subdirectory_shows_its_parent_without_waiting_for_ourselves(e
     assert os.stat(os.path.join(src, "d", "..")).st_ino == os.stat(src).st_ino
 
 
-def test_a_fuse_session_ends_quietly_when_its_connection_is_aborted(tmp_path, monkeypatch):
+@pytest.mark.parametrize("reader", ["python", "compiled"])
+def test_a_fuse_session_ends_quietly_when_its_connection_is_aborted(tmp_path, monkeypatch, reader):
     """A stop of ours aborts the FUSE connection (/sys/fs/fuse/connections/N/abort; so may an
     administrator): the request loop's next read then fails with ECONNABORTED or ENODEV, and
     either must end it as an unmount does. CI's kernel answered ECONNABORTED once (a request
@@ -315,14 +316,28 @@ def test_a_fuse_session_ends_quietly_when_its_connection_is_aborted(tmp_path, mo
             return root_stat
 
     served = []
-    real_readv = os.readv
+    if reader == "python":
+        real_readv = os.readv
 
-    def readv(fd, buffers):
-        if served:
-            raise ConnectionAbortedError(errno.ECONNABORTED, os.strerror(errno.ECONNABORTED))
-        return real_readv(fd, buffers)
+        def readv(fd, buffers):
+            if served:
+                raise ConnectionAbortedError(errno.ECONNABORTED, os.strerror(errno.ECONNABORTED))
+            return real_readv(fd, buffers)
 
-    monkeypatch.setattr(fusewire.os, "readv", readv)
+        monkeypatch.setattr(fusewire, "_fuseread", None)
+        monkeypatch.setattr(fusewire.os, "readv", readv)
+    else:
+        compiled = fusewire._fuseread
+        if compiled is None:
+            pytest.skip("app/engine/_fuseread.c was not built (test_the_compiled_read_is_built "
+                        "says why)")
+
+        class Aborting:
+            @staticmethod
+            def read_request(fd, buf, spin_ns):
+                return -errno.ECONNABORTED if served else compiled.read_request(fd, buf, spin_ns)
+
+        monkeypatch.setattr(fusewire, "_fuseread", Aborting)
 
     def stat_unanswered():
         with contextlib.suppress(OSError):  # ENOTCONN once the session's fd is closed
@@ -347,6 +362,90 @@ def test_a_fuse_session_ends_quietly_when_its_connection_is_aborted(tmp_path, mo
         if waker.ident is not None:
             waker.join(10)
     assert served and not waker.is_alive()
+
+
+def test_the_compiled_read_is_built():
+    """packaging/setup.sh installs a C compiler and Python's headers, and `pip install -e .`
+    builds app/engine/_fuseread.c (optional: without it the request loop polls from Python,
+    more slowly). Where those are installed, as in CI, it must have been built."""
+    from app.engine import fusewire
+    if fusewire._fuseread is None:
+        if os.environ.get("CI") == "true":
+            pytest.fail("app.engine._fuseread is not built: run packaging/setup.sh (gcc, python3-dev)")
+        pytest.skip("app.engine._fuseread is not built (no C compiler or Python headers at install)")
+    buf = bytearray(64)
+    r, w = os.pipe()
+    try:
+        os.set_blocking(r, False)
+        t0 = time.monotonic()
+        assert fusewire._fuseread.read_request(r, buf, 2_000_000) == -errno.EAGAIN  # 2 ms of nothing
+        assert time.monotonic() - t0 >= 0.002
+        os.write(w, b"request")
+        assert fusewire._fuseread.read_request(r, buf, 0) == 7 and buf[:7] == b"request"
+        os.close(w)
+        w = -1
+        assert fusewire._fuseread.read_request(r, buf, 0) == 0  # end of file
+    finally:
+        os.close(r)
+        if w >= 0:
+            os.close(w)
+    assert fusewire._fuseread.read_request(r, buf, 0) == -errno.EBADF  # the errno, not a raise
+
+
+@pytest.mark.parametrize("reader", ["python", "compiled"])
+def test_a_sessions_idle_flag_is_clear_only_while_it_answers_requests_back_to_back(tmp_path, monkeypatch, reader):
+    """A local target's applier yields to the request loop while it is busy (shipper.py):
+    `Session.idle` is clear while the loop answers a request that woke it from its park, set
+    again once it parks with nothing to answer, and set for good when the loop ends."""
+    import trio
+
+    from app.engine import fusewire
+    if reader == "python":
+        monkeypatch.setattr(fusewire, "_fuseread", None)
+    elif fusewire._fuseread is None:
+        pytest.skip("app/engine/_fuseread.c was not built (test_the_compiled_read_is_built says why)")
+    where = tmp_path / "mnt"
+    where.mkdir()
+    root_stat = os.stat(where)
+    seen: list[bool] = []
+
+    class Tiny(fusewire.Gate):
+        dev = root_stat.st_dev
+
+        def init(self):
+            pass
+
+        def answered(self):
+            pass
+
+        def getattr(self, nodeid, fh):
+            seen.append(session.idle.is_set())
+            return root_stat
+
+    session = fusewire.Session(Tiny(), str(where), ["fsname=idle-test", "subtype=idle-test"])
+    assert session.idle.is_set()  # nothing served yet
+    session.mount()
+    parked_again = []
+    try:
+        async def main():
+            async def client():
+                await trio.sleep(0.05)  # the loop answered INIT and parked
+                await trio.to_thread.run_sync(os.stat, where)
+                deadline = trio.current_time() + 5
+                while not session.idle.is_set() and trio.current_time() < deadline:
+                    await trio.sleep(0.001)
+                parked_again.append(session.idle.is_set())
+                await trio.to_thread.run_sync(session.close, True)  # unmount: the loop ends
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(client)
+                with trio.fail_after(10):
+                    await session.main()
+        trio.run(main)
+    finally:
+        session.close(unmount=not parked_again)  # else the client unmounted it already
+    assert seen and seen[0] is False  # answering the request that woke it
+    assert parked_again == [True]
+    assert session.idle.is_set()  # ended
 
 
 def test_the_request_loop_polls_for_the_next_request_only_with_a_second_cpu():

@@ -6,6 +6,7 @@ import contextlib
 import errno
 import os
 import subprocess
+import threading
 import time
 
 import pytest
@@ -2074,3 +2075,59 @@ def test_a_busy_local_shipper_makes_the_target_durable_several_times_a_second(tm
     assert j.released_seq == n  # everything reached the target and was released after a flush
     during = [t for t, _ in flushes if t < busy_until]
     assert len(during) >= 4, [round(t - start, 3) for t, _ in flushes]  # once a second made 1
+
+
+def test_a_local_shipper_yields_to_a_busy_request_loop_unless_much_waits_or_someone_waits(tmp_path, monkeypatch):
+    """The applier of a local target and the capture's request loop take the GIL in turn.
+    While the loop answers requests back to back (its session's `idle` clear), the shipper
+    waits for it to park before it applies a few records; it does not wait when many records
+    wait (YIELD_UNDER), when a drain or wait_applied waits for it, or once the loop parks."""
+    from app.engine import shipper as shipper_mod
+    from app.engine.shipper import Shipper
+    monkeypatch.setattr(shipper_mod, "YIELD_SECONDS", 30.0)  # only the conditions can end a wait
+    monkeypatch.setattr(shipper_mod, "YIELD_UNDER", 100)
+    j = Journal(tmp_path / "j", kind=KIND_FS)
+    got: list[int] = []
+
+    class Target:
+        def open(self):
+            return None
+
+        def send(self, records):
+            got.extend(r.seq for r in records)
+
+        def flush(self):
+            return None
+
+    def until(n: int, seconds: float = 10) -> bool:
+        deadline = time.monotonic() + seconds
+        while len(got) < n and time.monotonic() < deadline:
+            time.sleep(0.005)
+        return len(got) >= n
+
+    busy = threading.Event()  # clear: the loop is answering requests back to back
+    sh = Shipper(j, Target(), local=True)
+    sh.quiet = busy
+    sh.start()
+    try:
+        for i in range(10):
+            j.append("write", {"path": "f", "offset": i}, b"x")
+        assert not until(10, 0.3) and got == []  # a few records wait while the loop is busy
+        busy.set()  # the loop parks
+        assert until(10)
+        busy.clear()
+        time.sleep(0.1)  # the shipper is back in a wait for the loop
+        for i in range(150):  # more than YIELD_UNDER: it applies them without waiting for the loop
+            j.append("write", {"path": "f", "offset": i}, b"x")
+        assert until(160, 5)
+        for i in range(5):
+            j.append("write", {"path": "f", "offset": i}, b"x")
+        time.sleep(0.1)
+        assert len(got) == 160
+        assert sh.wait_applied(j.last_seq, 10)  # a wait_applied ends the shipper's wait
+        for i in range(5):
+            j.append("write", {"path": "f", "offset": i}, b"x")
+        assert sh.stop(drain_seconds=10)  # a drain does not wait for the loop either
+    finally:
+        sh.stop()
+    assert got == list(range(1, j.last_seq + 1))

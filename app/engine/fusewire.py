@@ -9,7 +9,9 @@ the kernel adapts to that.
 `Session` parses each request into plain Python values, calls the file system's method of the
 same name and encodes what it returns; an OSError becomes the reply's errno. One trio task
 reads and answers requests in turn (the handlers make blocking system calls, in order), and
-polls a few tens of microseconds for the next before it waits in trio (SPIN_NS). While
+polls a few tens of microseconds for the next before it waits in trio (SPIN_NS), through
+app/engine/_fuseread.c (compiled by the install step: it polls without holding the GIL) or,
+when that was not built, from Python. While
 the file system is frozen (a mirror or verify holds the tree still), requests that would change
 the tree wait in a queue, in arrival order, and the others are answered meanwhile.
 
@@ -24,6 +26,7 @@ import errno
 import logging
 import os
 import struct
+import threading
 import time
 from collections import deque
 
@@ -58,6 +61,10 @@ def _spin_ns() -> int:
 
 
 SPIN_NS = _spin_ns()
+try:  # the compiled read (app/engine/_fuseread.c), built by the install step when it can be
+    from app.engine import _fuseread
+except ImportError:
+    _fuseread = None
 CHECKPOINT_EVERY = 64  # requests answered back to back before other trio tasks get a turn
 
 # INIT flags (<linux/fuse.h>)
@@ -123,6 +130,26 @@ def _split(ns: int) -> tuple[int, int]:
     return divmod(ns, 1_000_000_000)
 
 
+def _read_request(fd: int, buf: bytearray, spin_ns: int) -> int:
+    """The next request into `buf`: its length (0 at end of file), or minus the errno of the
+    read, -EAGAIN once `spin_ns` passed with nothing to read (the fd is non-blocking). What
+    app/engine/_fuseread.c does without the GIL, when it is built."""
+    start = None
+    while True:
+        try:
+            return os.readv(fd, [buf])
+        except BlockingIOError:
+            now = time.perf_counter_ns()
+            if start is None:
+                start = now
+            if now - start >= spin_ns:
+                return -errno.EAGAIN
+        except InterruptedError:
+            continue
+        except OSError as exc:
+            return -(exc.errno or errno.EIO)
+
+
 class Ctx:
     """Who asks: the caller's ids and, for creations, its umask (FUSE_DONT_MASK)."""
     __slots__ = ("uid", "gid", "pid", "umask")
@@ -184,6 +211,10 @@ class Session:
         self._deferred: deque[tuple[int, int, int, Ctx, bytes]] = deque()
         self._draining = False
         self._nursery: trio.Nursery | None = None
+        # Set while the request loop is parked (nothing to answer) or not running; clear while
+        # it answers requests back to back. A local target's applier yields to it (shipper.py).
+        self.idle = threading.Event()
+        self.idle.set()
         self._handlers = {
             LOOKUP: self._lookup, FORGET: self._forget, BATCH_FORGET: self._batch_forget,
             GETATTR: self._getattr, SETATTR: self._setattr, READLINK: self._readlink,
@@ -258,45 +289,48 @@ class Session:
         buf = bytearray(BUFFER)
         view = memoryview(buf)
         fd = self.fd
+        read = _fuseread.read_request if _fuseread is not None else _read_request
+        clock = time.perf_counter_ns
         served = 0
         idle_since = None  # when the first read found nothing since the last request
         spin = bool(SPIN_NS)
-        async with trio.open_nursery() as nursery:
-            self._nursery = nursery
-            while True:
-                try:
-                    n = os.readv(fd, [buf])
-                except BlockingIOError:
-                    now = time.perf_counter_ns()
-                    if idle_since is None:  # the first empty read since a request
-                        idle_since = now
-                    if spin and now - idle_since < SPIN_NS:
-                        continue
-                    await trio.lowlevel.wait_readable(fd)
-                    served = 0
-                    continue
-                except InterruptedError:
-                    continue
-                except OSError as exc:
-                    if exc.errno == errno.ENOENT:  # interrupted before we read it
-                        continue
-                    # ENODEV: unmounted; ECONNABORTED: the connection was aborted (a stop of
-                    # ours writes /sys/fs/fuse/connections/N/abort, so may an administrator)
-                    if exc.errno in (errno.ENODEV, errno.ECONNABORTED):
+        try:
+            async with trio.open_nursery() as nursery:
+                self._nursery = nursery
+                while True:
+                    called = clock()
+                    n = read(fd, buf, SPIN_NS if spin else 0)
+                    if n < 0:
+                        err = -n
+                        if err == errno.EAGAIN:  # nothing came while it polled: park
+                            if idle_since is None:
+                                idle_since = called
+                            self.idle.set()
+                            await trio.lowlevel.wait_readable(fd)
+                            self.idle.clear()
+                            served = 0
+                            continue
+                        if err == errno.ENOENT:  # interrupted before we read it
+                            continue
+                        # ENODEV: unmounted; ECONNABORTED: the connection was aborted (a stop of
+                        # ours writes /sys/fs/fuse/connections/N/abort, so may an administrator)
+                        if err in (errno.ENODEV, errno.ECONNABORTED):
+                            break
+                        raise OSError(err, os.strerror(err))
+                    if n == 0:
                         break
-                    raise
-                if n == 0:
-                    break
-                if idle_since is not None:  # spin again only while requests follow closely
-                    spin = SPIN_NS and time.perf_counter_ns() - idle_since < 2 * SPIN_NS
-                    idle_since = None
-                self._request(view[:n])
-                served += 1
-                if served >= CHECKPOINT_EVERY:
-                    served = 0
-                    await trio.lowlevel.checkpoint()
-            nursery.cancel_scope.cancel()
-        self._nursery = None
+                    if idle_since is not None:  # spin again only while requests follow closely
+                        spin = SPIN_NS and clock() - idle_since < 2 * SPIN_NS
+                        idle_since = None
+                    self._request(view[:n])
+                    served += 1
+                    if served >= CHECKPOINT_EVERY:
+                        served = 0
+                        await trio.lowlevel.checkpoint()
+                nursery.cancel_scope.cancel()
+        finally:
+            self._nursery = None
+            self.idle.set()
 
     def _request(self, msg: memoryview) -> None:
         length, opcode, unique, nodeid, uid, gid, pid, extlen, _ = IN_HEADER.unpack_from(msg)
@@ -305,6 +339,7 @@ class Session:
         if (opcode in CHANGES or (opcode == OPEN and U32.unpack_from(body)[0] & os.O_TRUNC)) and \
                 (self._deferred or self.fs.frozen()):
             self._deferred.append((opcode, unique, nodeid, ctx, bytes(body)))
+            self.idle.set()  # the freeze's holder waits for the applier: it must not yield
             if not self._draining:
                 self._draining = True
                 self._nursery.start_soon(self._drain_deferred)
