@@ -63,6 +63,9 @@ def test_the_engine_does_not_import_the_cli_the_screens_or_the_app():
     assert not _under(modules, "app.cli", "app.screens", "app.ui", "textual")
     for name in ENGINE:
         path = APP / "engine" / f"{name}.py"
+        if not path.exists():  # a compiled module (app/engine/_fuseread.c): it imports nothing
+            assert "PyImport_" not in (APP / "engine" / f"{name}.c").read_text(), name
+            continue
         assert not _under(_imports(path), "app.cli", "app.screens", "app.ui"), path
 
 
