@@ -286,6 +286,37 @@ def test_listing_a_subdirectory_shows_its_parent_without_waiting_for_ourselves(e
     assert os.stat(os.path.join(src, "d", "..")).st_ino == os.stat(src).st_ino
 
 
+def _tiny_fs(where, on_getattr=None):
+    """A FUSE file system of one empty directory `where` (made here) for fusewire.Session;
+    `on_getattr` is called as each GETATTR is answered."""
+    from app.engine import fusewire
+    where.mkdir()
+    root_stat = os.stat(where)
+
+    class Tiny(fusewire.Gate):
+        dev = root_stat.st_dev
+
+        def init(self):
+            pass
+
+        def answered(self):
+            pass
+
+        def getattr(self, nodeid, fh):
+            if on_getattr is not None:
+                on_getattr()
+            return root_stat
+
+    return Tiny()
+
+
+def _compiled_read_or_skip():
+    from app.engine import fusewire
+    if fusewire._fuseread is None:
+        pytest.skip("app/engine/_fuseread.c was not built (test_the_compiled_read_is_built says why)")
+    return fusewire._fuseread
+
+
 @pytest.mark.parametrize("reader", ["python", "compiled"])
 def test_a_fuse_session_ends_quietly_when_its_connection_is_aborted(tmp_path, monkeypatch, reader):
     """A stop of ours aborts the FUSE connection (/sys/fs/fuse/connections/N/abort; so may an
@@ -300,21 +331,7 @@ def test_a_fuse_session_ends_quietly_when_its_connection_is_aborted(tmp_path, mo
     from app.engine import fusewire
 
     where = tmp_path / "mnt"
-    where.mkdir()
-    root_stat = os.stat(where)
-
-    class Tiny(fusewire.Gate):
-        dev = root_stat.st_dev
-
-        def init(self):
-            pass
-
-        def answered(self):
-            pass
-
-        def getattr(self, nodeid, fh):
-            return root_stat
-
+    tiny = _tiny_fs(where)
     served = []
     if reader == "python":
         real_readv = os.readv
@@ -327,10 +344,7 @@ def test_a_fuse_session_ends_quietly_when_its_connection_is_aborted(tmp_path, mo
         monkeypatch.setattr(fusewire, "_fuseread", None)
         monkeypatch.setattr(fusewire.os, "readv", readv)
     else:
-        compiled = fusewire._fuseread
-        if compiled is None:
-            pytest.skip("app/engine/_fuseread.c was not built (test_the_compiled_read_is_built "
-                        "says why)")
+        compiled = _compiled_read_or_skip()
 
         class Aborting:
             @staticmethod
@@ -344,7 +358,7 @@ def test_a_fuse_session_ends_quietly_when_its_connection_is_aborted(tmp_path, mo
             os.stat(where / "absent")
 
     waker = threading.Thread(target=stat_unanswered, daemon=True)
-    session = fusewire.Session(Tiny(), str(where), ["fsname=abort-test", "subtype=abort-test"])
+    session = fusewire.Session(tiny, str(where), ["fsname=abort-test", "subtype=abort-test"])
     session.mount()
     try:
         async def main():
@@ -402,27 +416,12 @@ def test_a_sessions_idle_flag_is_clear_only_while_it_answers_requests_back_to_ba
     from app.engine import fusewire
     if reader == "python":
         monkeypatch.setattr(fusewire, "_fuseread", None)
-    elif fusewire._fuseread is None:
-        pytest.skip("app/engine/_fuseread.c was not built (test_the_compiled_read_is_built says why)")
+    else:
+        _compiled_read_or_skip()
     where = tmp_path / "mnt"
-    where.mkdir()
-    root_stat = os.stat(where)
     seen: list[bool] = []
-
-    class Tiny(fusewire.Gate):
-        dev = root_stat.st_dev
-
-        def init(self):
-            pass
-
-        def answered(self):
-            pass
-
-        def getattr(self, nodeid, fh):
-            seen.append(session.idle.is_set())
-            return root_stat
-
-    session = fusewire.Session(Tiny(), str(where), ["fsname=idle-test", "subtype=idle-test"])
+    tiny = _tiny_fs(where, lambda: seen.append(session.idle.is_set()))
+    session = fusewire.Session(tiny, str(where), ["fsname=idle-test", "subtype=idle-test"])
     assert session.idle.is_set()  # nothing served yet
     session.mount()
     parked_again = []
