@@ -2106,8 +2106,7 @@ def test_a_local_shipper_yields_to_a_busy_request_loop_unless_much_waits_or_some
         return len(got) >= n
 
     busy = threading.Event()  # clear: the loop is answering requests back to back
-    sh = Shipper(j, Target(), local=True)
-    sh.quiet = busy
+    sh = Shipper(j, Target(), local=True, quiet=busy)
     sh.start()
     try:
         for i in range(10):

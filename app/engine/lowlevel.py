@@ -110,6 +110,28 @@ def utimensat(dir_fd: int, name: bytes | None, atime, mtime) -> None:
         _raise(name)
 
 
+def stat_at(dir_fd: int, name: bytes | None) -> os.stat_result:
+    """lstat of `name` below dir_fd; with name None, fstat of the open file dir_fd itself (as
+    utimensat takes them)."""
+    return os.fstat(dir_fd) if name is None else os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+
+
+def chmod_at(dir_fd: int, name: bytes | None, mode: int) -> None:
+    """chmod of `name` below dir_fd, or of the open file dir_fd itself (name None)."""
+    if name is None:
+        os.fchmod(dir_fd, mode)
+    else:
+        os.chmod(name, mode, dir_fd=dir_fd)
+
+
+def chown_at(dir_fd: int, name: bytes | None, uid: int, gid: int) -> None:
+    """lchown of `name` below dir_fd, or fchown of the open file dir_fd itself (name None)."""
+    if name is None:
+        os.fchown(dir_fd, uid, gid)
+    else:
+        os.chown(name, uid, gid, dir_fd=dir_fd, follow_symlinks=False)
+
+
 def open_dir(dir_fd: int, rel: bytes) -> int:
     """An O_PATH fd of the directory `rel` below dir_fd, however deep: opened in pieces, each
     shorter than LONG_PATH, each relative to the last."""

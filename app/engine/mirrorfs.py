@@ -26,8 +26,8 @@ from app.engine import fusewire
 from app.engine.fusewire import Changes, Ctx
 from app.engine.inodes import ROOT, InodeTable, Node
 from app.engine.journal import Journal, encode_path
-from app.engine.lowlevel import (RENAME_EXCHANGE, fallocate, linkat_fd, proc_path, renameat2, statx,
-                                 umask, unshare_fs, utimensat)
+from app.engine.lowlevel import (RENAME_EXCHANGE, chmod_at, chown_at, fallocate, linkat_fd, proc_path,
+                                 renameat2, stat_at, statx, umask, unshare_fs, utimensat)
 from app.services import mounts
 
 # the kernel sends offsets (O_APPEND) and bypasses its own cache for O_DIRECT; our buffers are
@@ -289,22 +289,14 @@ class MirrorFS(fusewire.Gate):
             self._record_on(node, "truncate", size=ch.size)
         if ch.mode is not None:
             mode = stat.S_IMODE(ch.mode)
-            if name is None:
-                os.fchmod(fd, mode)
-            else:
-                os.chmod(name, mode, dir_fd=fd)
+            chmod_at(fd, name, mode)
             self._record_on(node, "chmod", mode=mode)
-        lstat = (lambda: os.fstat(fd)) if name is None else (
-            lambda: os.stat(name, dir_fd=fd, follow_symlinks=False))
         before = None  # the mode before a chown: the lower file system may take set-ID bits
         if ch.uid is not None or ch.gid is not None:
             uid = -1 if ch.uid is None else ch.uid
             gid = -1 if ch.gid is None else ch.gid
-            before = lstat().st_mode
-            if name is None:
-                os.fchown(fd, uid, gid)
-            else:
-                os.chown(name, uid, gid, dir_fd=fd, follow_symlinks=False)
+            before = stat_at(fd, name).st_mode
+            chown_at(fd, name, uid, gid)
             self._record_on(node, "chown", uid=uid, gid=gid)
         if ch.atime_ns is not None or ch.mtime_ns is not None:
             utimensat(fd, name, ch.atime_ns, ch.mtime_ns)
@@ -315,12 +307,9 @@ class MirrorFS(fusewire.Gate):
             # FALLOCATE has no kill flag of its own, so this is where its bits go), so root's
             # write to a file with both capabilities and set-ID bits loses the bits too: the
             # safe side.
-            before = lstat().st_mode
-            if name is None:
-                os.fchown(fd, -1, -1)
-            else:
-                os.chown(name, -1, -1, dir_fd=fd, follow_symlinks=False)
-        st = lstat()
+            before = stat_at(fd, name).st_mode
+            chown_at(fd, name, -1, -1)
+        st = stat_at(fd, name)
         if before is not None and stat.S_IMODE(st.st_mode) != stat.S_IMODE(before):
             self._record_on(node, "chmod", mode=stat.S_IMODE(st.st_mode))  # what the chown took
         if ch.size is not None or ch.atime_ns is not None or ch.mtime_ns is not None:
@@ -486,15 +475,12 @@ class MirrorFS(fusewire.Gate):
         recorded as a chmod before the change that caused it. Under FUSE_HANDLE_KILLPRIV_V2
         the kernel leaves this to us, and the lower file system would not do it: we are root.
         `name` under directory `fd`, or the open file `fd`."""
-        st = os.fstat(fd) if name is None else os.stat(name, dir_fd=fd, follow_symlinks=False)
+        st = stat_at(fd, name)
         mode = stat.S_IMODE(st.st_mode)
         keep = mode & ~(stat.S_ISUID | (stat.S_ISGID if mode & stat.S_IXGRP else 0))
         if keep == mode or not stat.S_ISREG(st.st_mode):
             return
-        if name is None:
-            os.fchmod(fd, keep)
-        else:
-            os.chmod(name, keep, dir_fd=fd)  # (a regular file: nothing to follow)
+        chmod_at(fd, name, keep)  # (a regular file: nothing to follow)
         self._record_on(node, "chmod", mode=keep)
 
     def write(self, fh: int, off: int, buf: memoryview) -> int:

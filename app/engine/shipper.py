@@ -85,14 +85,14 @@ class Figures:
 
 class Shipper:
     def __init__(self, journal: Journal, target, *, on_gap=None, on_connect=None,
-                 local: bool = True):
+                 local: bool = True, quiet: threading.Event | None = None):
         self.journal = journal
         self.target = target
         self.on_gap = on_gap
         self.on_connect = on_connect  # from this thread, each time a session is up
         self.local = local
         self._linger = False  # the last batch was small: let the next gather first (LINGER_SECONDS)
-        self.quiet: threading.Event | None = None  # the request loop's session.idle (local targets)
+        self.quiet = quiet  # set while the capture's request loop is idle (its session.idle)
         self._waiters = 0  # drains and wait_applied calls under way: no yielding meanwhile
         self._waiters_lock = threading.Lock()
         journal.track_applied = not local  # the lag counts until applied there, not received
