@@ -8,6 +8,12 @@ Per 1 MiB block it keeps a write generation (catching up and verify read a block
 no write reached it before they commit or conclude) and, while the journal is behind (its
 queue limit reached in pull-ahead mode), a dirty map of the blocks whose writes were not
 journalled: the resync sends exactly those.
+
+The writes are answered by the compiled request loop when it is built (fusewire's
+`_fuseread.serve_writes`, here `serve_writes`): it writes the device, keeps the bytes in a batch
+and replies; the batch is journalled before the next other request is answered or another task
+runs. It is used only while the journal has room for a whole batch (never behind, never waiting),
+the file system is not frozen and nothing waits at its gate; otherwise `write` below answers.
 """
 
 from __future__ import annotations
@@ -20,13 +26,20 @@ from array import array
 from types import SimpleNamespace
 
 from app.engine import fusewire
-from app.engine.journal import Journal
+from app.engine.journal import HEADER, BODY, Journal
 from app.engine.sync import BLOCK
 
 FILE_NAME = b"disk"
 ROOT_INO = fusewire.ROOT_ID
 FILE_INO = ROOT_INO + 1
 FOPEN_DIRECT_IO = 1 << 0
+BATCH_RECORDS = fusewire.CHECKPOINT_EVERY  # writes answered in C between two journal appends
+# Writes up to this size are answered in C. The bytes are copied twice there (into the batch,
+# then into the journal's record), once on the Python path: bench/apps.py, fio qd16, 3
+# interleaved runs against answering all in Python: 4 KiB 126 vs 78 MB/s, 64 KiB 241 vs 273.
+SMALL_WRITE = 16 << 10
+BATCH_BYTES = BATCH_RECORDS * SMALL_WRITE  # the batch's data buffer
+RECORD_BYTES = HEADER.size + BODY.size + 64  # what the journal counts for a record beyond its data
 
 
 class BlockFS(fusewire.Gate):
@@ -51,6 +64,9 @@ class BlockFS(fusewire.Gate):
         super().__init__()  # closed while a block that kept changing is held still
         self.stopping = False
         self.dev = os.fstat(raw_fd).st_rdev  # what fusewire compares inode numbers' devices with
+        compiled = getattr(fusewire._fuseread, "serve_writes", None)
+        self._batch = (compiled, bytearray(BATCH_BYTES), array("Q", bytes(16 * BATCH_RECORDS))) \
+            if compiled is not None and not read_only else None
         now = time.time_ns()
         self._stat = {
             FILE_INO: SimpleNamespace(
@@ -148,6 +164,31 @@ class BlockFS(fusewire.Gate):
                     self.dirty[b] = 1  # behind: the resync sends this block
             self.writes += 1
         return done
+
+    def serve_writes(self, fd: int, buf: bytearray, spin_ns: int) -> int | None:
+        """The session's next read, WRITEs answered in C (see the module), asked only while
+        nothing is frozen or waits at the gate: None when that is not possible now (the session
+        then reads and answers as usual), else what its read would have returned (-ENOBUFS: a
+        batch was full, read again)."""
+        if self._batch is None or self.stopping or \
+                not self.journal.has_room(BATCH_BYTES + BATCH_RECORDS * RECORD_BYTES):
+            return None
+        compiled, data, meta = self._batch
+        n, count, clock = compiled(fd, buf, spin_ns, self.raw_fd, self.offset, self.size, FILE_INO,
+                                   self.gen, self.clock, data, meta, BATCH_RECORDS, SMALL_WRITE)
+        if count:
+            self.clock = clock
+            self.writes += count
+            view, pos, items = memoryview(data), 0, []
+            for i in range(count):
+                off, done = meta[2 * i], meta[2 * i + 1]
+                items.append(({"offset": off}, bytes(view[pos:pos + done])))
+                pos += done
+            stored = self.journal.append_many("write", items)
+            for args, rec in items[stored:]:  # behind meanwhile (has_room said there was room)
+                for b in range(args["offset"] // BLOCK, (args["offset"] + len(rec) - 1) // BLOCK + 1):
+                    self.dirty[b] = 1
+        return n
 
     def fsync(self, fh: int, datasync: bool) -> None:
         os.fdatasync(self.raw_fd)

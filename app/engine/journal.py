@@ -281,43 +281,65 @@ class Journal:
     def append(self, op: str, args: dict, data: bytes = b"") -> int:
         """Queue one record, in order; returns its seq, or 0 when it was not stored (behind:
         the caller records what changed in its dirty map instead)."""
-        rec = Record(0, self.kind, op, args, data)
-        rec.size = rec.estimate_size()
         with self._cv:
-            if self.behind or self._full(rec.size):
-                if self.on_full == "block" and not self.behind:
-                    self._cv.wait_for(lambda: not self._full(rec.size))
-                else:
-                    self.behind = True
-                    self.dropped += 1
-                    self._cv.notify_all()
-                    return 0
-            seq = rec.seq = self.last_seq + 1
-            if seq > self._reserved:
-                try:
-                    self._reserve(seq + SEQ_RESERVE - 1)
-                except OSError as exc:  # its file system is full: capture goes on regardless
-                    logging.getLogger("mirrorsetup.journal").warning(
-                        "%s: could not reserve record numbers (%s): after a crash a remote "
-                        "target may refuse this source until it is adopted", self.dir, exc)
-                    self._reserved = seq + SEQ_RESERVE_RETRY - 1
-            self.last_seq = seq
-            self.captured_ops += 1
-            self._cum += rec.size
-            if not self._marks or self._cum - self._marks[-1][1] >= MARK_BYTES:
-                self._marks.append((seq, self._cum))
-            now = time.monotonic()
-            if not self._samples or now - self._samples[-1][1] >= LAG_SAMPLE_SECONDS:
-                self._samples.append((seq, now))
-            if self._mem_bytes + rec.size > self.memory_bytes:
-                self._spill()
-            if rec.size > self.memory_bytes:  # one record larger than the whole memory bound
-                self._write(rec)
-            else:
-                self._mem.append(rec)
-                self._mem_bytes += rec.size
+            seq = self._append(op, args, data)
             self._cv.notify_all()
             return seq
+
+    def append_many(self, op: str, items) -> int:
+        """Queue records of one op, (args, data) each, in order, under one lock: how many were
+        stored (the first ones; once behind, none of the rest)."""
+        stored = 0
+        with self._cv:
+            for args, data in items:
+                if not self._append(op, args, data):
+                    break
+                stored += 1
+            self._cv.notify_all()
+        return stored
+
+    def has_room(self, nbytes: int) -> bool:
+        """Whether records of `nbytes` bytes in all (their estimate_size) would all be stored
+        now, without waiting and without falling behind."""
+        with self._cv:
+            return not self.behind and not self._full(nbytes)
+
+    def _append(self, op: str, args: dict, data: bytes) -> int:
+        rec = Record(0, self.kind, op, args, data)
+        rec.size = rec.estimate_size()
+        if self.behind or self._full(rec.size):
+            if self.on_full == "block" and not self.behind:
+                self._cv.wait_for(lambda: not self._full(rec.size))
+            else:
+                self.behind = True
+                self.dropped += 1
+                self._cv.notify_all()
+                return 0
+        seq = rec.seq = self.last_seq + 1
+        if seq > self._reserved:
+            try:
+                self._reserve(seq + SEQ_RESERVE - 1)
+            except OSError as exc:  # its file system is full: capture goes on regardless
+                logging.getLogger("mirrorsetup.journal").warning(
+                    "%s: could not reserve record numbers (%s): after a crash a remote "
+                    "target may refuse this source until it is adopted", self.dir, exc)
+                self._reserved = seq + SEQ_RESERVE_RETRY - 1
+        self.last_seq = seq
+        self.captured_ops += 1
+        self._cum += rec.size
+        if not self._marks or self._cum - self._marks[-1][1] >= MARK_BYTES:
+            self._marks.append((seq, self._cum))
+        now = time.monotonic()
+        if not self._samples or now - self._samples[-1][1] >= LAG_SAMPLE_SECONDS:
+            self._samples.append((seq, now))
+        if self._mem_bytes + rec.size > self.memory_bytes:
+            self._spill()
+        if rec.size > self.memory_bytes:  # one record larger than the whole memory bound
+            self._write(rec)
+        else:
+            self._mem.append(rec)
+            self._mem_bytes += rec.size
+        return seq
 
     @property
     def queued_bytes(self) -> int:
