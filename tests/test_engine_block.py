@@ -344,7 +344,6 @@ def test_a_block_captures_writes_are_journalled_in_the_order_the_device_saw(tmp_
     the window, a short last write, block generations and a full journal kept: answered in
     Python, or, when `_fuseread` is built, small ones in C in batches (blockfs.serve_writes)
     and the others handed back to Python, as each arrives."""
-    import threading
 
     import trio
 
@@ -428,3 +427,46 @@ def test_a_block_captures_writes_are_journalled_in_the_order_the_device_saw(tmp_
     assert sum(batches) in ((5, 7) if path == "compiled" else (0,))
     journal.close()
     os.close(raw)
+
+
+@pytest.mark.parametrize("path", ["python", "compiled"])
+def test_a_block_target_applies_a_batch_in_order_and_pauses_at_the_write_that_found_it_full(tmp_path, monkeypatch, path):
+    """A local block target applies a shipped batch: the leading writes in one compiled call
+    (`_fuseread.pwrite_all`, when built), the rest one by one from the first other op or the
+    write that failed. A full target pauses shipping there, saying the last record it took."""
+    from app.engine import applier
+    from app.engine.journal import Record
+    from app.engine.shipper import TargetUnavailable
+    from app.engine.target import LocalBlockTarget
+
+    if path == "python":
+        monkeypatch.setattr(applier, "_pwrite_all", None)
+    elif applier._pwrite_all is None:
+        from test_engine_fs import _compiled_read_or_skip
+        _compiled_read_or_skip()
+        pytest.fail("app.engine._fuseread is built but has no pwrite_all")
+    small = tmp_path / "small"
+    small.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=32k,mode=0700", "tmpfs", str(small)], check=True)
+    fd = -1
+    try:
+        fd = os.open(small / "target", os.O_RDWR | os.O_CREAT, 0o600)
+        target = LocalBlockTarget.on_fd(fd, "small/target", 1 * MiB)
+        records = [Record(1, 2, "write", {"offset": 0}, b"a" * 4096),
+                   Record(2, 2, "write", {"offset": 8192}, memoryview(b"b" * 4096)),
+                   Record(3, 2, "zero", {"offset": 4096, "length": 100}),
+                   Record(4, 2, "write", {"offset": 12288}, b"c" * 4096)]
+        target.send(records)
+        assert os.pread(fd, 16384, 0) == b"a" * 4096 + b"\0" * 4096 + b"b" * 4096 + b"c" * 4096
+        full = [Record(5, 2, "write", {"offset": 16384}, b"d" * 4096),
+                Record(6, 2, "write", {"offset": 512 << 10}, b"e" * (64 << 10)),  # past 32 KiB
+                Record(7, 2, "write", {"offset": 20480}, b"f" * 4096)]
+        with pytest.raises(TargetUnavailable) as paused:
+            target.send(full)
+        assert paused.value.taken == 5 and paused.value.state.startswith("paused: target full")
+        assert os.pread(fd, 4096, 16384) == b"d" * 4096 and os.pread(fd, 4096, 20480) != b"f" * 4096
+        assert target.errors == 0
+    finally:
+        if fd >= 0:
+            os.close(fd)
+        subprocess.run(["umount", str(small)], check=True)

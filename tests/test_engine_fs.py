@@ -509,3 +509,32 @@ def test_an_fsync_makes_the_journal_durable_beside_the_file_on_one_kept_thread(t
     finally:
         os.close(fd)
         os.close(root_fd)
+
+
+def test_a_write_a_full_target_took_only_part_of_is_not_counted_as_applied(tmp_path):
+    """A target file system with room for part of a write: pwrite(2) returns the short count,
+    not an error. The applier counted the record as applied, and the rest of it was lost for
+    good when shipping paused at the next record (ENOSPC). Now it writes on, the error comes
+    at that record, and shipping pauses before it: it is sent again once there is room."""
+    from app.engine.journal import Record, encode_path
+    from app.engine.shipper import TargetUnavailable
+    from app.engine.target import LocalDirTarget
+
+    small = tmp_path / "small"
+    small.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=32k,mode=0700", "tmpfs", str(small)], check=True)
+    target = None
+    try:
+        fd = os.open(small, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+        target = LocalDirTarget.on_fd(fd, "small")
+        path = encode_path(b"f")
+        target.send([Record(1, 1, "create", {"path": path, "mode": 0o600, "uid": 0, "gid": 0})])
+        with pytest.raises(TargetUnavailable) as paused:
+            target.send([Record(2, 1, "write", {"path": path, "offset": 0}, b"x" * (64 << 10)),
+                         Record(3, 1, "write", {"path": path, "offset": 1 << 20}, b"y")])
+        assert paused.value.taken == 1 and paused.value.state.startswith("paused: target full")
+        assert target.errors == 0
+    finally:
+        if target is not None:
+            target.close()
+        subprocess.run(["umount", str(small)], check=True)

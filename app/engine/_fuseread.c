@@ -1,5 +1,6 @@
 /*
- * app.engine._fuseread: the request loop's read of /dev/fuse, compiled (issue 14).
+ * app.engine._fuseread: the capture's hot paths, compiled (issue 14): the request loop's read of
+ * /dev/fuse, a block capture's small writes, a block applier's writes.
  *
  * After answering a request the loop polls /dev/fuse for the next one for a few tens of
  * microseconds before it parks in trio's epoll (an application doing one request after another
@@ -13,6 +14,10 @@
  * copied into the caller's batch before its reply, and hands anything else back. The caller
  * puts the batch into the journal before it answers that other request or lets any other task
  * run, so the journal's order is still the order the device saw.
+ *
+ * pwrite_all() is a block applier's batch (app/engine/applier.py): one GIL release for a batch
+ * of records instead of one per record, so the applier and the request loop no longer hand the
+ * GIL to each other at every record.
  *
  * Optional: built by the project's own install step (pip install, a C compiler and Python's
  * headers); without it app/engine/fusewire.py polls from Python as before.
@@ -192,12 +197,75 @@ static PyObject *serve_writes(PyObject *self, PyObject *args)
 	return Py_BuildValue("nnK", n, count, clock);
 }
 
+/* pwrite_all(fd, base, offsets, datas) -> (count, errno): datas[i] (a bytes-like object)
+ * written whole at base + offsets[i], in order, with the GIL released once for them all (a
+ * short write is continued). Stops at the first that fails: count is how many were written,
+ * errno that one's (0: all were). */
+static PyObject *pwrite_all(PyObject *self, PyObject *args)
+{
+	int fd, err = 0;
+	unsigned long long base;
+	PyObject *offsets, *datas;
+	Py_ssize_t n, i = 0, got = 0;
+
+	if (!PyArg_ParseTuple(args, "iKO!O!:pwrite_all", &fd, &base, &PyList_Type, &offsets,
+			      &PyList_Type, &datas))
+		return NULL;
+	n = PyList_GET_SIZE(datas);
+	if (PyList_GET_SIZE(offsets) != n) {
+		PyErr_SetString(PyExc_ValueError, "pwrite_all: as many offsets as datas");
+		return NULL;
+	}
+	Py_buffer *bufs = PyMem_Calloc(n ? (size_t)n : 1, sizeof(Py_buffer));
+	unsigned long long *offs = PyMem_Calloc(n ? (size_t)n : 1, sizeof(unsigned long long));
+	if (!bufs || !offs) {
+		PyMem_Free(bufs);
+		PyMem_Free(offs);
+		return PyErr_NoMemory();
+	}
+	for (; got < n; got++) {
+		offs[got] = PyLong_AsUnsignedLongLong(PyList_GET_ITEM(offsets, got));
+		if (PyErr_Occurred() || PyObject_GetBuffer(PyList_GET_ITEM(datas, got), &bufs[got], PyBUF_SIMPLE) < 0)
+			break;
+	}
+	if (got == n) {
+		Py_BEGIN_ALLOW_THREADS
+		for (i = 0; i < n && !err; i++) {
+			const char *p = bufs[i].buf;
+			size_t left = (size_t)bufs[i].len;
+			unsigned long long off = base + offs[i];
+			while (left) {
+				ssize_t w = pwrite(fd, p, left, (off_t)off);
+				if (w < 0) {
+					if (errno == EINTR)
+						continue;
+					err = errno;
+					break;
+				}
+				p += w;
+				left -= (size_t)w;
+				off += (unsigned long long)w;
+			}
+		}
+		Py_END_ALLOW_THREADS
+	}
+	for (Py_ssize_t j = 0; j < got; j++)
+		PyBuffer_Release(&bufs[j]);
+	PyMem_Free(bufs);
+	PyMem_Free(offs);
+	if (got < n)
+		return NULL;
+	return Py_BuildValue("ni", err ? i - 1 : n, err);
+}
+
 static PyMethodDef methods[] = {
 	{"read_request", read_request, METH_VARARGS,
 	 "read_request(fd, buffer, spin_ns) -> length read, or -errno (-EAGAIN: nothing within spin_ns)"},
 	{"serve_writes", serve_writes, METH_VARARGS,
 	 "serve_writes(fd, buffer, spin_ns, raw_fd, base, size, file_ino, gen, clock, data, meta, "
 	 "max_records, largest) -> (n, count, clock): a block capture's WRITEs answered here (see the source)"},
+	{"pwrite_all", pwrite_all, METH_VARARGS,
+	 "pwrite_all(fd, base, offsets, datas) -> (count written, errno of the one that failed or 0)"},
 	{NULL, NULL, 0, NULL},
 };
 

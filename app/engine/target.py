@@ -263,7 +263,8 @@ class LocalBlockTarget(Target):
         return None
 
     def send(self, records: list[Record]) -> None:
-        _apply_all(self, records, lambda rec: f"write at {rec.args.get('offset')}")
+        done = self.applier.apply_many(records)  # the one that failed (if any) is tried again
+        _apply_all(self, records[done:] if done else records, lambda rec: f"write at {rec.args.get('offset')}")
 
     def flush(self) -> None:
         self.applier.sync()
