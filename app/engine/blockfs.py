@@ -19,6 +19,7 @@ the file system is not frozen and nothing waits at its gate; otherwise `write` b
 from __future__ import annotations
 
 import errno
+import mmap
 import os
 import stat
 import time
@@ -64,9 +65,8 @@ class BlockFS(fusewire.Gate):
         super().__init__()  # closed while a block that kept changing is held still
         self.stopping = False
         self.dev = os.fstat(raw_fd).st_rdev  # what fusewire compares inode numbers' devices with
-        compiled = getattr(fusewire._fuseread, "serve_writes", None)
-        self._batch = (compiled, bytearray(BATCH_BYTES), array("Q", bytes(16 * BATCH_RECORDS))) \
-            if compiled is not None and not read_only else None
+        self._serve = None if read_only else getattr(fusewire._fuseread, "serve_writes", None)
+        self._batch: tuple | None = None  # (data, meta), made at the first write answered in C
         now = time.time_ns()
         self._stat = {
             FILE_INO: SimpleNamespace(
@@ -170,11 +170,13 @@ class BlockFS(fusewire.Gate):
         nothing is frozen or waits at the gate: None when that is not possible now (the session
         then reads and answers as usual), else what its read would have returned (-ENOBUFS: a
         batch was full, read again)."""
-        if self._batch is None or self.stopping or \
+        if self._serve is None or self.stopping or \
                 not self.journal.has_room(BATCH_BYTES + BATCH_RECORDS * RECORD_BYTES):
             return None
-        compiled, data, meta = self._batch
-        n, count, clock = compiled(fd, buf, spin_ns, self.raw_fd, self.offset, self.size, FILE_INO,
+        if self._batch is None:  # anonymous memory: resident only as far as batches have used it
+            self._batch = (mmap.mmap(-1, BATCH_BYTES), array("Q", bytes(16 * BATCH_RECORDS)))
+        data, meta = self._batch
+        n, count, clock = self._serve(fd, buf, spin_ns, self.raw_fd, self.offset, self.size, FILE_INO,
                                    self.gen, self.clock, data, meta, BATCH_RECORDS, SMALL_WRITE)
         if count:
             self.clock = clock
