@@ -363,8 +363,8 @@ class BlockApplier:
         """Apply the leading "write" records with one GIL release (when `_fuseread` is built):
         how many were applied. Where it stops (another op, a failed write) `apply` goes on.
         One by one, the applier gave the GIL up and took it back at every record, and the
-        request loop beside it waited each time (bench/apps.py, fio 4 KiB qd16 on a captured
-        loop, 3 interleaved runs)."""
+        request loop beside it waited for it (bench/apps.py, fio qd16 on a captured loop, 3
+        interleaved runs against one by one: 64 KiB 304 vs 267 MB/s, 4 KiB 115 vs 117)."""
         if _pwrite_all is None:
             return 0
         run = 0
