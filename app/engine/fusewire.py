@@ -61,7 +61,7 @@ def _spin_ns() -> int:
 
 
 SPIN_NS = _spin_ns()
-try:  # the compiled read (app/engine/_fuseread.c), built by the install step when it can be
+try:  # the compiled hot paths (app/engine/_fuseread.c), built by the install step when it can be
     from app.engine import _fuseread
 except ImportError:
     _fuseread = None
@@ -290,6 +290,10 @@ class Session:
         view = memoryview(buf)
         fd = self.fd
         read = _fuseread.read_request if _fuseread is not None else _read_request
+        if _fuseread is None:  # said in the daemon's log, so a slow capture has its reason there
+            log.warning("%s: app/engine/_fuseread.c is not built (the install found no C compiler "
+                        "or Python headers): requests are read and block writes answered in "
+                        "Python, more slowly", self.mountpoint)
         fast = getattr(self.fs, "serve_writes", None)  # a block capture's writes, compiled
         clock = time.perf_counter_ns
         served = 0
