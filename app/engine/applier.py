@@ -20,8 +20,8 @@ import stat
 
 from app.engine.journal import Record, decode_path
 from app.engine.lowlevel import (FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, FALLOC_FL_ZERO_RANGE,
-                                 RENAME_EXCHANGE, _libc, beneath, fallocate, linkat_fd, open_dir,
-                                 proc_path, renameat2)
+                                 RENAME_EXCHANGE, _libc, beneath, compiled, fallocate, linkat_fd,
+                                 open_dir, proc_path, renameat2)
 
 log = logging.getLogger("mirrorsetup.applier")
 FD_CACHE = 64  # open target files kept between writes (sequential writes come in 128 KiB+ pieces)
@@ -40,10 +40,7 @@ def pwrite_whole(fd: int, data, offset: int) -> None:
             done += os.pwrite(fd, view[done:], offset + done)
 
 
-try:  # a block applier's batches, compiled (app/engine/_fuseread.c), when the install built it
-    from app.engine._fuseread import pwrite_all as _pwrite_all
-except ImportError:
-    _pwrite_all = None
+_pwrite_all = getattr(compiled, "pwrite_all", None)  # a block applier's batches, compiled
 FILE_OPS = {"write", "truncate", "fallocate"}  # records about a regular file's data
 NODE_OPS = {"times", "chmod", "chown", "setxattr", "removexattr"}  # about any node
 

@@ -157,11 +157,10 @@ class BlockFS(fusewire.Gate):
         done = os.pwrite(self.raw_fd, data, self.offset + off)
         if done:
             self.clock += 1
-            first, last = off // BLOCK, (off + done - 1) // BLOCK
-            for b in range(first, last + 1):
+            for b in _blocks(off, done):
                 self.gen[b] = self.clock
             if not self.journal.append("write", {"offset": off}, data[:done]):
-                for b in range(first, last + 1):
+                for b in _blocks(off, done):
                     self.dirty[b] = 1  # behind: the resync sends this block
             self.writes += 1
         return done
@@ -189,7 +188,7 @@ class BlockFS(fusewire.Gate):
                 pos += done
             stored = self.journal.append_many("write", items)
             for args, rec in items[stored:]:  # behind meanwhile (has_room said there was room)
-                for b in range(args["offset"] // BLOCK, (args["offset"] + len(rec) - 1) // BLOCK + 1):
+                for b in _blocks(args["offset"], len(rec)):
                     self.dirty[b] = 1
         return n
 
@@ -207,6 +206,11 @@ class BlockFS(fusewire.Gate):
         blocks = (self.size + 4095) // 4096
         return SimpleNamespace(f_blocks=blocks, f_bfree=0, f_bavail=0, f_files=1, f_ffree=0,
                                f_bsize=4096, f_namemax=255, f_frsize=4096)
+
+
+def _blocks(offset: int, length: int) -> range:
+    """The 1 MiB blocks a write of `length` (> 0) bytes at `offset` touches."""
+    return range(offset // BLOCK, (offset + length - 1) // BLOCK + 1)
 
 
 def open_raw(device: str, read_only: bool) -> int:

@@ -33,6 +33,7 @@ from collections import deque
 import trio
 
 from app.engine.lowlevel import NOW
+from app.engine.lowlevel import compiled as _fuseread  # the compiled hot paths, or None
 from app.services import mounts
 
 log = logging.getLogger("mirrorsetup.fusewire")
@@ -61,10 +62,6 @@ def _spin_ns() -> int:
 
 
 SPIN_NS = _spin_ns()
-try:  # the compiled hot paths (app/engine/_fuseread.c), built by the install step when it can be
-    from app.engine import _fuseread
-except ImportError:
-    _fuseread = None
 CHECKPOINT_EVERY = 64  # requests answered back to back before other trio tasks get a turn
 
 # INIT flags (<linux/fuse.h>)

@@ -313,8 +313,7 @@ class Journal:
             else:
                 self.behind = True
                 self.dropped += 1
-                self._cv.notify_all()
-                return 0
+                return 0  # (the caller notifies the waiters, as after every append)
         seq = rec.seq = self.last_seq + 1
         if seq > self._reserved:
             try:

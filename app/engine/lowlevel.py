@@ -1,5 +1,7 @@
 """System calls Python's os module lacks (renameat2, utimensat with UTIME_NOW, fallocate with
-modes, linkat with AT_EMPTY_PATH, unshare) and path helpers for fd-relative access."""
+modes, linkat with AT_EMPTY_PATH, unshare) and path helpers for fd-relative access; `compiled`,
+the capture's hot paths in C (app/engine/_fuseread.c), or None when the install could not build
+them."""
 
 from __future__ import annotations
 
@@ -19,6 +21,11 @@ NOW = "now"  # a time given as "the current time" (UTIME_NOW)
 LONG_PATH = 2048  # relative paths this long are walked in pieces: PATH_MAX is 4096 bytes, and
                   # /proc/self/fd/N/ prefixes need room too
 DIR_PATH = os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC
+
+try:  # built by the install step when it can be (a C compiler and Python's headers)
+    from app.engine import _fuseread as compiled
+except ImportError:
+    compiled = None
 
 _libc = ctypes.CDLL(None, use_errno=True)
 _libc.renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
