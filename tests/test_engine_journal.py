@@ -2077,6 +2077,56 @@ def test_a_busy_local_shipper_makes_the_target_durable_several_times_a_second(tm
     assert len(during) >= 4, [round(t - start, 3) for t, _ in flushes]  # once a second made 1
 
 
+def test_a_busy_local_shipper_flushes_before_applied_records_fill_the_queue(tmp_path, monkeypatch):
+    """Records a local target has applied stay queued until its next flush releases them.
+    Flushed only every PERSIST_SECONDS, a fast writer filled the journal's memory with them
+    and every append from then on spilled the whole queue to a segment file (encoded,
+    checksummed, written) in the capture's request loop: a 64 KiB fio on a captured loop
+    spent a third of its samples there. The shipper also flushes once FLUSH_SHARE of the
+    memory was applied since the last flush, so the queue does not fill and nothing spills."""
+    from app.engine import shipper as shipper_mod
+    from app.engine.shipper import FLUSH_SHARE, Shipper
+    monkeypatch.setattr(shipper_mod, "PERSIST_SECONDS", 60.0)  # only the share can flush while busy
+    memory = 2 << 20
+    j = Journal(tmp_path / "j", kind=KIND_FS, memory_bytes=memory)
+    spilled: list[int] = []
+    write_run = j._write_run
+
+    def counted(records, encoded):
+        spilled.extend(r.seq for r in records)
+        return write_run(records, encoded)
+    monkeypatch.setattr(j, "_write_run", counted)
+    flushes: list[int] = []
+
+    class Target:
+        def open(self):
+            return None
+
+        def send(self, records):
+            time.sleep(0.005)  # a batch takes a while: the queue does not run dry meanwhile
+
+        def flush(self):
+            flushes.append(j.sent_seq)
+
+    sh = Shipper(j, Target(), local=True)
+    sh.start()
+    n, data = 0, b"x" * 4096
+    try:
+        while n < 4000:  # 16 MiB, eight times the memory, about 8 records a millisecond
+            n += 1
+            assert j.append("write", {"path": "f", "offset": n * 4096}, data) == n
+            if n % 8 == 0:
+                time.sleep(0.001)
+        deadline = time.monotonic() + 10
+        while j.released_seq < n and time.monotonic() < deadline:
+            time.sleep(0.01)
+    finally:
+        sh.stop()
+    assert j.released_seq == n
+    assert spilled == [], f"{len(spilled)} records spilled to disk; flushes after seqs {flushes}"
+    assert len(flushes) >= 16 * memory // (FLUSH_SHARE * memory) // 8, flushes  # ~32 (old rule: 1)
+
+
 def test_a_local_shipper_yields_to_a_busy_request_loop_unless_much_waits_or_someone_waits(tmp_path, monkeypatch):
     """The applier of a local target and the capture's request loop take the GIL in turn.
     While the loop answers requests back to back (its session's `idle` clear), the shipper
