@@ -276,8 +276,8 @@ class AddFsEntryDialog(_EntryDialog):
 
     @staticmethod
     def _atime_words(on_: bool) -> Text:
-        return switch_text(on_, "Access times", "replicated: every read costs a replication "
-                           "operation", "not replicated (recommended; times at close are)")
+        return switch_text(on_, "Access times", "replicated: each read is a change to ship",
+                           "only those set at close (recommended)")
 
     def on_mount(self) -> None:
         self.query_one("#path").focus()
