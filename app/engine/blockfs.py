@@ -64,7 +64,6 @@ class BlockFS(fusewire.Gate):
         self.clock = 0
         self.dirty = bytearray(nblocks)  # written while the journal was behind
         super().__init__()  # closed while a block that kept changing is held still
-        self.stopping = False
         self.dev = os.fstat(raw_fd).st_rdev  # what fusewire compares inode numbers' devices with
         self._serve = None if read_only else getattr(fusewire._fuseread, "serve_writes", None)
         self._batch: tuple | None = None  # (data, meta), made at the first write answered in C
@@ -149,8 +148,6 @@ class BlockFS(fusewire.Gate):
         return os.pread(self.raw_fd, size, self.offset + off) if size else b""
 
     def write(self, fh: int, off: int, buf: memoryview) -> int:
-        if self.stopping:
-            raise OSError(errno.EIO, "capture has ended")  # nothing unjournalled lands
         if off >= self.size and len(buf):
             raise OSError(errno.ENOSPC, "past the end of the window")
         data = bytes(buf[:self.size - off])
@@ -170,7 +167,7 @@ class BlockFS(fusewire.Gate):
         nothing is frozen or waits at the gate: None when that is not possible now (the session
         then reads and answers as usual), else what its read would have returned (-ENOBUFS: a
         batch was full, read again)."""
-        if self._serve is None or self.stopping or \
+        if self._serve is None or \
                 not self.journal.has_room(BATCH_BYTES + BATCH_RECORDS * RECORD_BYTES):
             return None
         if self._batch is None:  # anonymous memory: resident only as far as batches have used it
