@@ -29,9 +29,11 @@ log = logging.getLogger("mirrorsetup.shipper")
 # time (3 interleaved runs: git 2.68/2.66 s, SQLite 5.01/5.06, tar x 1.82/1.82).
 PERSIST_SECONDS = 0.25
 # ... or sooner, once the records applied since the last flush fill this share of the journal's
-# memory. Until a flush releases them they stay queued; a fast writer filled the queue with them
-# between two flushes, and from then on every append spilled the queue to its segment file
-# (encoded, checksummed, written) in the capture's request loop, which the writer waits for.
+# memory (or of its queue limit, when that is smaller: else a writer faster than the limit per
+# PERSIST_SECONDS put a target that keeps up "behind"). Until a flush releases them they stay
+# queued; a fast writer filled the queue with them between two flushes, and from then on every
+# append spilled the queue to its segment file (encoded, checksummed, written) in the capture's
+# request loop, which the writer waits for.
 # bench/apps.py, 3 interleaved runs against flushing by time alone: fio 64 KiB qd16 on a captured
 # loop 752 vs 294 MB/s, mirrorfs 1 MiB sequential writes 270 vs 208 MB/s, lag p99 at half of
 # those rates 0.06 vs 0.30 s and 0.15 vs 0.32 s; 4 KiB fio (which did not fill it) 93 vs 92.
@@ -336,8 +338,10 @@ class Shipper:
         done = self.journal.sent_seq
         if done <= self.journal.released_seq:
             return
+        j = self.journal
+        room = j.memory_bytes if j.limit_bytes is None else min(j.memory_bytes, j.limit_bytes)
         if busy and time.monotonic() - self._last_flush < PERSIST_SECONDS and \
-                self._unflushed < FLUSH_SHARE * self.journal.memory_bytes:
+                self._unflushed < FLUSH_SHARE * room:
             return
         self.target.flush()
         self._last_flush = time.monotonic()
