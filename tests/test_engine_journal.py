@@ -872,9 +872,30 @@ def test_a_full_disk_never_leaves_a_torn_or_half_ingested_journal(tmp_path, tmpf
     assert Journal(small).torn_bytes == 0
 
 
+def test_a_spill_of_more_pieces_than_one_writev_takes_writes_every_record_whole(tmp_path):
+    """A spill writes each record's pieces (header, head, data) without joining them first,
+    IOV_MAX pieces per writev: 2,000 records (6,000 pieces) land exactly as their encodings,
+    in order, and a reopened journal reads them all back."""
+    from app.engine.journal import IOV_MAX
+    j = Journal(tmp_path, segment_bytes=1 << 20)
+    for i in range(2000):
+        j.append("write", {"path": "f", "offset": i}, b"%d" % i * (i % 7))
+    assert 3 * 2000 > 2 * IOV_MAX
+    expected = b"".join(r.encode() for r in j.read(5000))
+    j.rewind(0)
+    j.sync()
+    assert b"".join(s.read_bytes() for s in _segments(tmp_path)) == expected
+    j.close()
+    again = Journal(tmp_path, segment_bytes=1 << 20)
+    got = again.read(5000)
+    assert [(r.seq, r.args["offset"], r.data) for r in got] == \
+        [(i + 1, i, b"%d" % i * (i % 7)) for i in range(2000)]
+    again.close()
+
+
 def test_an_fsyncs_spill_is_one_write_and_the_reader_gets_what_it_had_not_read_from_memory(
         tmp_path, monkeypatch):
-    """An application's fsync writes the records in memory to disk: one write for the lot
+    """An application's fsync writes the records in memory to disk: one write(v) for the lot
     (not one per record), exactly their encoded bytes. What the reader (applier, shipper)
     had not read yet stays in memory too, so it is not read back from disk and decoded;
     after a rewind past that, it comes from disk, the same records."""
@@ -883,13 +904,19 @@ def test_an_fsyncs_spill_is_one_write_and_the_reader_gets_what_it_had_not_read_f
         j.append("write", {"path": "f", "offset": i}, b"%d" % i)
     first = j.read(10)  # 1..10 read from memory before the spill
     seg_writes, disk_reads = [], []
-    real_write, real_read_disk = os.write, Journal._read_disk
+    real_write, real_writev, real_read_disk = os.write, os.writev, Journal._read_disk
 
     def write(fd, data):
         if os.readlink(f"/proc/self/fd/{fd}").endswith(".seg"):
             seg_writes.append(len(data))
         return real_write(fd, data)
+
+    def writev(fd, pieces):  # the records' pieces as they are, not joined into a copy first
+        if os.readlink(f"/proc/self/fd/{fd}").endswith(".seg"):
+            seg_writes.append(sum(map(len, pieces)))
+        return real_writev(fd, pieces)
     monkeypatch.setattr(os, "write", write)
+    monkeypatch.setattr(os, "writev", writev)
     monkeypatch.setattr(Journal, "_read_disk", lambda self, *a: (disk_reads.append(1), real_read_disk(self, *a)))
     j.sync()
     assert len(seg_writes) == 1

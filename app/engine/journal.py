@@ -43,6 +43,7 @@ from pathlib import Path
 KIND_FS = 1
 KIND_BLOCK = 2
 SEGMENT_BYTES = 5 * 1000 * 1000  # the seed product's spill files were 5 MB each
+IOV_MAX = 1024  # pieces per writev(2) (Linux's UIO_MAXIOV)
 MEMORY_BYTES = 64 << 20  # in-memory queue bound; beyond it records spill to disk
 HEADER = struct.Struct("<IIQ")  # length of the rest, crc32 of the rest, seq
 BODY = struct.Struct("<BHI")  # kind, op length, args length
@@ -101,6 +102,15 @@ class Record:
 
 class CorruptRecord(Exception):
     """A record whose length runs past the end or whose checksum does not match."""
+
+
+def _write_pieces(fd: int, pieces: list) -> None:
+    """All of `pieces` appended to `fd`, IOV_MAX at a time; a short write (a full file
+    system) raises ENOSPC, as the caller cuts the file back."""
+    for k in range(0, len(pieces), IOV_MAX):
+        chunk = pieces[k:k + IOV_MAX]
+        if os.writev(fd, chunk) != sum(map(len, chunk)):
+            raise OSError(errno.ENOSPC, "short write to the journal")
 
 
 class JournalGap(Exception):
@@ -387,23 +397,33 @@ class Journal:
             return self.last_seq
 
     def _write_run(self, records: list[Record], encoded: list) -> None:
-        """Append consecutive records, already encoded: one write per segment they fall in."""
+        """Append consecutive records, already encoded (each as bytes, or as the pieces
+        encode_parts() gives, which go to the file as they are): one write per segment they
+        fall in. Joined first, a spill of 1 MiB records copied every byte twice more, into
+        fresh memory each time."""
+        sizes = [len(e) if isinstance(e, (bytes, bytearray, memoryview)) else sum(map(len, e))
+                 for e in encoded]
         i = 0
         while i < len(records):
-            if self._writer is None or self._writer_size + len(encoded[i]) > self.segment_bytes:
+            if self._writer is None or self._writer_size + sizes[i] > self.segment_bytes:
                 self._roll(records[i].seq)
             room, j = self.segment_bytes - self._writer_size, i
-            while j < len(records) and (j == i or len(encoded[j]) <= room):
-                room -= len(encoded[j])
+            while j < len(records) and (j == i or sizes[j] <= room):
+                room -= sizes[j]
                 j += 1
-            raw = b"".join(encoded[i:j])
+            pieces: list = []
+            for e in encoded[i:j]:
+                if isinstance(e, (bytes, bytearray, memoryview)):
+                    pieces.append(e)
+                else:
+                    pieces.extend(e)
+            total = sum(sizes[i:j])
             try:
-                if os.write(self._writer, raw) != len(raw):
-                    raise OSError(errno.ENOSPC, "short write to the journal")
+                _write_pieces(self._writer, pieces)
             except OSError:
                 os.ftruncate(self._writer, self._writer_size)  # no torn record stays behind
                 raise
-            self._writer_size += len(raw)
+            self._writer_size += total
             self._segments[-1].last = self._disk_last = records[j - 1].seq
             self._unsynced = True
             i = j
@@ -493,7 +513,7 @@ class Journal:
             return
         recs = list(self._mem)
         try:
-            self._write_run(recs, [r.encode() for r in recs])
+            self._write_run(recs, [r.encode_parts() for r in recs])
         finally:
             while self._mem and self._mem[0].seq <= self._disk_last:
                 rec = self._mem.popleft()
@@ -513,7 +533,7 @@ class Journal:
             self._tail_bytes -= self._tail.popleft().size
 
     def _write(self, rec: Record) -> None:
-        self._write_run([rec], [rec.encode()])
+        self._write_run([rec], [rec.encode_parts()])
 
     def _roll(self, seq: int) -> None:
         if self._writer is not None:
