@@ -3,8 +3,8 @@
 Records are read with the journal's cursor and handed to the target; they are released (freed
 from the journal) only once the target holds them durably: a local target after syncfs /
 fdatasync (at most every PERSIST_SECONDS, whenever the queue runs dry, and whenever what it
-applied since fills FLUSH_SHARE of the journal's memory), a remote one when
-its agent acknowledges them. A target that cannot take more (disk full, read-only, link down)
+applied since fills FLUSH_SHARE of the journal's memory or queue limit), a remote one when its
+agent acknowledges them. A target that cannot take more (disk full, read-only, link down)
 pauses the shipper: the cursor goes back to the first record it did not take, nothing is
 skipped, and the shipper tries again with exponential back-off and jitter. A hole in the
 journal stops shipping and asks the capture for a resync (`on_gap`), never skipping it.
@@ -335,10 +335,10 @@ class Shipper:
 
     def _local_durable(self, busy: bool) -> None:
         """Local targets apply as they receive: sync the target now and then, then release."""
-        done = self.journal.sent_seq
-        if done <= self.journal.released_seq:
-            return
         j = self.journal
+        done = j.sent_seq
+        if done <= j.released_seq:
+            return
         room = j.memory_bytes if j.limit_bytes is None else min(j.memory_bytes, j.limit_bytes)
         if busy and time.monotonic() - self._last_flush < PERSIST_SECONDS and \
                 self._unflushed < FLUSH_SHARE * room:
@@ -346,5 +346,5 @@ class Shipper:
         self.target.flush()
         self._last_flush = time.monotonic()
         self._unflushed = 0
-        self.journal.release(done, persist=True)
+        j.release(done, persist=True)
         self.fig.sent_seq = self.fig.received_seq = self.fig.applied_seq = done
