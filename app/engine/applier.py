@@ -26,6 +26,7 @@ from app.engine.lowlevel import (FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, FALL
 log = logging.getLogger("mirrorsetup.applier")
 FD_CACHE = 64  # open target files kept between writes (sequential writes come in 128 KiB+ pieces)
 ZERO_CHUNK = 1 << 20
+_pwrite_all = getattr(compiled, "pwrite_all", None)  # a block applier's batches, compiled
 
 
 def pwrite_whole(fd: int, data, offset: int) -> None:
@@ -40,7 +41,6 @@ def pwrite_whole(fd: int, data, offset: int) -> None:
             done += os.pwrite(fd, view[done:], offset + done)
 
 
-_pwrite_all = getattr(compiled, "pwrite_all", None)  # a block applier's batches, compiled
 FILE_OPS = {"write", "truncate", "fallocate"}  # records about a regular file's data
 NODE_OPS = {"times", "chmod", "chown", "setxattr", "removexattr"}  # about any node
 

@@ -27,7 +27,7 @@ from array import array
 from types import SimpleNamespace
 
 from app.engine import fusewire
-from app.engine.journal import HEADER, BODY, Journal
+from app.engine.journal import RECORD_OVERHEAD, Journal
 from app.engine.sync import BLOCK
 
 FILE_NAME = b"disk"
@@ -41,7 +41,6 @@ BATCH_RECORDS = fusewire.CHECKPOINT_EVERY  # writes answered in C between two jo
 # 126 vs 78 MB/s but 64 KiB 241 vs 273; up to 16 KiB in C, 114 vs 77 and 299 vs 278.
 SMALL_WRITE = 16 << 10
 BATCH_BYTES = BATCH_RECORDS * SMALL_WRITE  # the batch's data buffer
-RECORD_BYTES = HEADER.size + BODY.size + 64  # what the journal counts for a record beyond its data
 
 
 class BlockFS(fusewire.Gate):
@@ -168,7 +167,7 @@ class BlockFS(fusewire.Gate):
         then reads and answers as usual), else what its read would have returned (-ENOBUFS: a
         batch was full, read again)."""
         if self._serve is None or \
-                not self.journal.has_room(BATCH_BYTES + BATCH_RECORDS * RECORD_BYTES):
+                not self.journal.has_room(BATCH_BYTES + BATCH_RECORDS * RECORD_OVERHEAD):
             return None
         if self._batch is None:  # anonymous memory: resident only as far as batches have used it
             self._batch = (mmap.mmap(-1, BATCH_BYTES), array("Q", bytes(16 * BATCH_RECORDS)))

@@ -47,6 +47,7 @@ IOV_MAX = 1024  # pieces per writev(2) (Linux's UIO_MAXIOV)
 MEMORY_BYTES = 64 << 20  # in-memory queue bound; beyond it records spill to disk
 HEADER = struct.Struct("<IIQ")  # length of the rest, crc32 of the rest, seq
 BODY = struct.Struct("<BHI")  # kind, op length, args length
+RECORD_OVERHEAD = HEADER.size + BODY.size + 64  # what the queue counts for a record beyond its data
 RELEASED_FILE = "released"  # the highest seq the target holds durably
 RESERVED_FILE = "reserved"  # seqs up to here may have been handed out (and reached the target)
 SEQ_RESERVE = 1 << 20  # seqs reserved at a time: one durable small write per this many records
@@ -97,7 +98,7 @@ class Record:
     def estimate_size(self) -> int:
         """Bytes this record occupies in the queue: its data plus a small fixed allowance for
         the header and arguments (exact sizes are only needed on disk)."""
-        return HEADER.size + BODY.size + 64 + len(self.data)
+        return RECORD_OVERHEAD + len(self.data)
 
 
 class CorruptRecord(Exception):
@@ -364,7 +365,7 @@ class Journal:
         too (up to `memory_bytes`) for the reader that applies them: it does not read back
         and decode what was just written."""
         if encoded is None:
-            encoded = [r.encode() for r in records]
+            encoded = [r.encode_parts() for r in records]
         with self._cv:
             mark = (self.last_seq, len(self._segments), self._writer, self._writer_size,
                     len(self._mem), self._mem_bytes, self._cum, len(self._marks), self.captured_ops,
@@ -401,8 +402,8 @@ class Journal:
         encode_parts() gives, which go to the file as they are): one write per segment they
         fall in. Joined first, a spill of 1 MiB records copied every byte twice more, into
         fresh memory each time."""
-        sizes = [len(e) if isinstance(e, (bytes, bytearray, memoryview)) else sum(map(len, e))
-                 for e in encoded]
+        parts = [(e,) if isinstance(e, (bytes, bytearray, memoryview)) else e for e in encoded]
+        sizes = [sum(map(len, p)) for p in parts]
         i = 0
         while i < len(records):
             if self._writer is None or self._writer_size + sizes[i] > self.segment_bytes:
@@ -411,19 +412,12 @@ class Journal:
             while j < len(records) and (j == i or sizes[j] <= room):
                 room -= sizes[j]
                 j += 1
-            pieces: list = []
-            for e in encoded[i:j]:
-                if isinstance(e, (bytes, bytearray, memoryview)):
-                    pieces.append(e)
-                else:
-                    pieces.extend(e)
-            total = sum(sizes[i:j])
             try:
-                _write_pieces(self._writer, pieces)
+                _write_pieces(self._writer, list(itertools.chain.from_iterable(parts[i:j])))
             except OSError:
                 os.ftruncate(self._writer, self._writer_size)  # no torn record stays behind
                 raise
-            self._writer_size += total
+            self._writer_size += sum(sizes[i:j])
             self._segments[-1].last = self._disk_last = records[j - 1].seq
             self._unsynced = True
             i = j

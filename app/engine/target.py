@@ -264,7 +264,7 @@ class LocalBlockTarget(Target):
 
     def send(self, records: list[Record]) -> None:
         done = self.applier.apply_many(records)  # the one that failed (if any) is tried again
-        _apply_all(self, records[done:] if done else records, lambda rec: f"write at {rec.args.get('offset')}")
+        _apply_all(self, records[done:], lambda rec: f"write at {rec.args.get('offset')}")
 
     def flush(self) -> None:
         self.applier.sync()
