@@ -35,8 +35,8 @@ sequential MB/s, captured-loop 64 KiB MB/s); `memory` VmRSS / peak / PSS of each
 --entries N, of a second daemon capturing N entries (half fs, half block on 8 MiB loop disks):
 the daemon, its workers and the worker template they are forked from (MIRRORSETUP_ZYGOTE=0 in
 the environment: every worker starts Python anew, as before the template).
-`--requests` counts the FUSE requests per small file by opcode (perf, tracepoint
-fuse:fuse_request_send) through passthrough_ll and mirrorfs. `--block-proto bench/cblock/cblock.c`
+`--requests` counts the FUSE requests per small file, tar x entry and rm -rf entry by opcode
+(perf, tracepoint fuse:fuse_request_send) through passthrough_ll and mirrorfs. `--block-proto bench/cblock/cblock.c`
 builds the compiled block capture prototype (gcc, fuse3, zlib) and adds, for each --proto-args
 (default: one, empty; e.g. --proto-args "" --proto-args "--threads 4"), a captured loop served by
 it as one more block side, "proto" + its arguments. `--fs-proto bench/cblock/cfs.c` builds the
@@ -647,20 +647,25 @@ def memory100(args, work: Path, used: set[str], registry: dict) -> dict:
     return out
 
 
-# -- FUSE requests per small file -------------------------------------------------------------
+# -- FUSE requests per small file, per tar x and rm -rf entry ------------------------------------
 REQUEST_SCRIPT = ("import os,sys\nprint(os.getpid(),flush=True)\nd=sys.argv[1]\nb=b'x'*4096\nfor i in range(int(sys.argv[2])):\n"
                   "    fd=os.open(f'{d}/f{i:05d}',os.O_WRONLY|os.O_CREAT|os.O_EXCL,0o644)\n"
                   "    os.write(fd,b)\n    os.close(fd)\n")
+# a command that says its pid, then becomes the workload (the pid the kernel's sends carry)
+EXEC_SCRIPT = "import os,sys\nprint(os.getpid(),flush=True)\nos.execvp(sys.argv[1],sys.argv[1:])\n"
 
 
-def fuse_requests(d: Path, count: int) -> dict[str, tuple[float, float]]:
-    """Per file, by opcode: (requests, mean microseconds from send to end), as the kernel's
-    tracepoints fuse:fuse_request_send / _end see them (perf -a: a reply is sent from the
-    server's context; sends are counted from the writer's pid only, other mounts are ignored)."""
-    data = d.parent / f".perf-{d.name}.data"
+def fuse_requests(argv: list, count: int, scratch: Path) -> dict[str, tuple[float, float]]:
+    """Per item (`count` of them), by opcode: (requests, mean microseconds from send to end), as
+    the kernel's tracepoints fuse:fuse_request_send / _end see them for the workload `argv`, a
+    command that prints its pid first (perf -a: a reply is sent from the server's context; sends
+    are counted from the workload's pid only, other mounts are ignored)."""
+    fd, name = tempfile.mkstemp(prefix=".perf-", suffix=".data", dir=scratch)
+    os.close(fd)
+    data = Path(name)
     proc = subprocess.Popen(["perf", "record", "-a", "-q", "-o", str(data), "-e", "fuse:fuse_request_send",
-                             "-e", "fuse:fuse_request_end", "--", sys.executable, "-c", REQUEST_SCRIPT,
-                             str(d), str(count)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                             "-e", "fuse:fuse_request_end", "--", *map(str, argv)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     CHILDREN.append(proc)
     try:
         out, err = proc.communicate()
@@ -782,7 +787,8 @@ def main() -> int:
     p.add_argument("--fs", choices=("ext4", "tmpfs", "host"), default="ext4",
                    help="file system under the fs sides: a fresh ext4 on a loop (default), a private "
                    "tmpfs, or --dir's own")
-    p.add_argument("--requests", action="store_true", help="count FUSE requests per small file (perf)")
+    p.add_argument("--requests", action="store_true",
+                   help="count FUSE requests per small file, tar x and rm -rf entry (perf)")
     p.add_argument("--baseline", metavar="DIR", action="append", default=[],
                    help="also run mirrorfs and the captured loop from this checkout (`git archive REV app | "
                    "tar x -C DIR`), interleaved: before and after in one run (repeatable; sides are named "
@@ -913,13 +919,22 @@ def body(args, which: list[str], work: Path, used: set[str], registry: dict) -> 
     sides = FsSides(root, root / "pll", captures, fs_protos, pll.proc.pid if pll else 0)
     results = {}
     if args.requests:
-        print("\nFUSE requests per small file by opcode (perf, fuse:fuse_request_send/_end, 500 files), "
-              "mean microseconds from send to reply:")
+        tarball = work / "stdlib.tar"
+        entries, _ = make_tarball(tarball)
+        print("\nFUSE requests by opcode (perf, fuse:fuse_request_send/_end), mean microseconds from "
+              f"send to reply: per small file (500 4 KiB files), per tar x and rm -rf entry ({entries}):")
         for side in sides.names[1:]:
-            per = fuse_requests(sides.fresh(side, "requests"), 500)
-            total = sum(n for n, _ in per.values())
-            print(f"  {side:15s} {total:.2f} requests: " + ", ".join(f"{k} {n:.2f} ({us:.0f} us)"
-                                                                   for k, (n, us) in per.items()))
+            d = sides.fresh(side, "requests")
+            (d / "x").mkdir()
+            for label, argv, count in (
+                    ("small file", [sys.executable, "-c", REQUEST_SCRIPT, d, 500], 500),
+                    ("tar x", [sys.executable, "-c", EXEC_SCRIPT, "tar", "xf", tarball, "-C", d / "x"], entries),
+                    ("rm -rf", [sys.executable, "-c", EXEC_SCRIPT, "rm", "-rf", d / "x"], entries)):
+                sides.settle(side, label)
+                per = fuse_requests(argv, count, work)
+                total = sum(n for n, _ in per.values())
+                print(f"  {side:15s} {label:10s} {total:.2f} requests: "
+                      + ", ".join(f"{k} {n:.2f} ({us:.0f} us)" for k, (n, us) in per.items()), flush=True)
             sides.settle(side, "cleanup")
     if {"git", "sqlite", "tar", "small", "seq"} & set(which):
         tar_info = ""
