@@ -2160,15 +2160,81 @@ def test_a_busy_local_shipper_flushes_before_applied_records_fill_the_queue(tmp_
     assert len(flushes) >= 16 * room // (FLUSH_SHARE * room) // 8, flushes  # ~32 (old rule: 1)
 
 
+def test_after_large_records_a_local_shipper_goes_at_the_loops_first_park(tmp_path, monkeypatch):
+    """An applier of large writes spends its time in pwrite, without the GIL: once its last
+    batch's records were large (QUIET_UNDER_BYTES a record), it goes as soon as the request loop
+    parks, however soon the loop wakes again; after small ones it waits for the loop to stay
+    parked (QUIET_SECONDS)."""
+    from app.engine import shipper as shipper_mod
+    from app.engine.shipper import Shipper
+    monkeypatch.setattr(shipper_mod, "YIELD_SECONDS", 30.0)  # only the conditions can end a wait
+    monkeypatch.setattr(shipper_mod, "QUIET_SECONDS", 0.2)
+    j = Journal(tmp_path / "j", kind=KIND_FS)
+    got: list[int] = []
+
+    class Target:
+        def open(self):
+            return None
+
+        def send(self, records):
+            got.extend(r.seq for r in records)
+
+        def flush(self):
+            return None
+
+    class Loop:
+        idle = threading.Event()
+        wakeups = 0
+
+    def until(n: int, seconds: float) -> bool:
+        deadline = time.monotonic() + seconds
+        while len(got) < n and time.monotonic() < deadline:
+            time.sleep(0.002)
+        return len(got) >= n
+
+    def flicker(seconds: float) -> None:  # parks for moments between requests
+        end = time.monotonic() + seconds
+        while time.monotonic() < end:
+            Loop.idle.set()
+            time.sleep(0.01)
+            Loop.idle.clear()
+            Loop.wakeups += 1
+            time.sleep(0.005)
+
+    sh = Shipper(j, Target(), local=True, loop=Loop)
+    sh.start()
+    try:
+        big = b"x" * shipper_mod.QUIET_UNDER_BYTES
+        j.append("write", {"path": "f", "offset": 0}, big)
+        Loop.idle.set()
+        assert until(1, 5)  # the first park, which lasted
+        Loop.idle.clear()
+        time.sleep(0.1)
+        j.append("write", {"path": "f", "offset": 0}, big)
+        flicker(0.1)
+        assert got == [1, 2]  # large records: a park of 10 ms was enough
+        j.append("write", {"path": "f", "offset": 0}, b"x")
+        flicker(0.1)
+        j.append("write", {"path": "f", "offset": 0}, b"x")
+        flicker(0.6)
+        assert got == [1, 2, 3]  # small records: the 10 ms parks were not quiet enough
+        Loop.idle.set()
+        assert until(4, 5)
+    finally:
+        sh.stop()
+
+
 def test_a_local_shipper_yields_to_a_busy_request_loop_unless_much_waits_or_someone_waits(tmp_path, monkeypatch):
     """The applier of a local target and the capture's request loop take the GIL in turn.
-    While the loop answers requests back to back (its session's `idle` clear), the shipper
-    waits for it to park before it applies a few records; it does not wait when many records
-    wait (YIELD_UNDER), when a drain or wait_applied waits for it, or once the loop parks."""
+    While the loop answers requests (its session's `idle` clear), or parks only for moments
+    between them (woken again within QUIET_SECONDS), the shipper waits before it applies a few
+    records; it does not wait when many records wait (YIELD_UNDER), when a drain or
+    wait_applied waits for it, or once the loop stays parked."""
     from app.engine import shipper as shipper_mod
     from app.engine.shipper import Shipper
     monkeypatch.setattr(shipper_mod, "YIELD_SECONDS", 30.0)  # only the conditions can end a wait
     monkeypatch.setattr(shipper_mod, "YIELD_UNDER", 100)
+    monkeypatch.setattr(shipper_mod, "QUIET_SECONDS", 0.2)  # a busy host cannot flicker the loop faster than 1 ms
     j = Journal(tmp_path / "j", kind=KIND_FS)
     got: list[int] = []
 
@@ -2188,14 +2254,25 @@ def test_a_local_shipper_yields_to_a_busy_request_loop_unless_much_waits_or_some
             time.sleep(0.005)
         return len(got) >= n
 
-    busy = threading.Event()  # clear: the loop is answering requests back to back
-    sh = Shipper(j, Target(), local=True, quiet=busy)
+    class Loop:  # the parts of fusewire.Session the shipper looks at
+        idle = threading.Event()  # clear: the loop is answering requests
+        wakeups = 0
+    busy = Loop.idle
+    sh = Shipper(j, Target(), local=True, loop=Loop)
     sh.start()
     try:
         for i in range(10):
             j.append("write", {"path": "f", "offset": i}, b"x")
         assert not until(10, 0.3) and got == []  # a few records wait while the loop is busy
-        busy.set()  # the loop parks
+        flicker_until = time.monotonic() + 0.5
+        while time.monotonic() < flicker_until:  # it parks for moments between requests
+            busy.set()
+            time.sleep(0.01)  # (QUIET_SECONDS is 0.2 here)
+            busy.clear()
+            Loop.wakeups += 1
+            time.sleep(0.005)
+        assert got == []
+        busy.set()  # the loop parks and stays parked
         assert until(10)
         busy.clear()
         time.sleep(0.1)  # the shipper is back in a wait for the loop

@@ -271,7 +271,7 @@ class Capture:
         self.shipper = Shipper(self.journal, self.target, on_gap=self._on_gap,
                                on_connect=self._on_connect, local=not self.remote,
                                # a local applier yields to the request loop (YIELD_SECONDS)
-                               quiet=None if self.remote else self.session.idle)
+                               loop=None if self.remote else self.session)
         # A first copy to a remote replica walks while ssh and the agent start (a third of a
         # second and more): its records, and what capture journals meanwhile, wait behind the
         # shipper's gate until the replica turns out empty (else they are dropped, compared).

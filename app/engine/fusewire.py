@@ -212,6 +212,9 @@ class Session:
         # it answers requests back to back. A local target's applier yields to it (shipper.py).
         self.idle = threading.Event()
         self.idle.set()
+        # Bumped each time the parked loop wakes: the applier's yield tells a loop that parked
+        # for a moment between two requests from one that stayed parked.
+        self.wakeups = 0
         self._handlers = {
             LOOKUP: self._lookup, FORGET: self._forget, BATCH_FORGET: self._batch_forget,
             GETATTR: self._getattr, SETATTR: self._setattr, READLINK: self._readlink,
@@ -318,6 +321,7 @@ class Session:
                             self.idle.set()
                             await trio.lowlevel.wait_readable(fd)
                             self.idle.clear()
+                            self.wakeups += 1
                             served = 0
                             continue
                         if err == errno.ENOENT:  # interrupted before we read it

@@ -54,12 +54,24 @@ RATE_WINDOW = 5.0  # seconds over which rates are averaged
 LINGER_SECONDS = 0.002
 LINGER_UNDER = 64
 # A local target's applier yields to the capture's request loop: while the loop answers requests
-# back to back (its session's `idle` clear), the shipper waits up to YIELD_SECONDS for it to
-# park before it reads, as long as little waits (fewer than YIELD_UNDER records and
-# YIELD_UNDER_BYTES bytes), nobody waits for it (a drain, wait_applied) and the file system is
-# not frozen. Both take the GIL in turn; the loop's requests are what the application waits for
-# (bench/dispatch.py: a small file 217 us without the applier thread, 305 us with it).
+# (its session's `idle` clear), the shipper waits up to YIELD_SECONDS for it to park before it
+# reads, as long as little waits (fewer than YIELD_UNDER records and YIELD_UNDER_BYTES bytes) and
+# nobody waits for it (a drain, wait_applied: a freeze's holder is one). Both take the GIL in
+# turn; the loop's requests are what the application waits for (bench/dispatch.py: a small file
+# 217 us without the applier thread, 305 us with it).
 YIELD_SECONDS = 0.05
+# ... and the loop counts as parked only once it stayed so, answering nothing, for QUIET_SECONDS:
+# between two requests of tar or rm -rf it parks for some tens of microseconds each time, and an
+# applier that went at every such pause took the GIL and a CPU from the next request. bench/apps.py,
+# 3 interleaved runs against going at once, three times: rm -rf 0.52 vs 0.58, 0.50 vs 0.56 and
+# (with QUIET_UNDER_BYTES) 0.52 vs 0.61 s; tar x 2.20 vs 2.33, 2.10 vs 2.15 and 2.25 vs 2.18 s
+# (noise); 5,000 small files 1.69 vs 1.76 and 1.71 vs 1.69 s. 5 ms was no better than 1.
+QUIET_SECONDS = 0.001
+# ... but only while the records are small (the last batch's data under QUIET_UNDER_BYTES a record
+# on average): an applier of large writes spends its time in pwrite, without the GIL, and waiting
+# cost a sequential writer (256 MiB in 1 MiB writes) about a third more capture CPU (0.92 vs
+# 0.70 s, twice).
+QUIET_UNDER_BYTES = 16 << 10
 YIELD_SLICE = 0.005  # how often a yielding shipper looks at the other conditions
 YIELD_UNDER = 4096
 YIELD_UNDER_BYTES = 8 << 20
@@ -97,14 +109,17 @@ class Figures:
 
 class Shipper:
     def __init__(self, journal: Journal, target, *, on_gap=None, on_connect=None,
-                 local: bool = True, quiet: threading.Event | None = None):
+                 local: bool = True, loop=None):
         self.journal = journal
         self.target = target
         self.on_gap = on_gap
         self.on_connect = on_connect  # from this thread, each time a session is up
         self.local = local
         self._linger = False  # the last batch was small: let the next gather first (LINGER_SECONDS)
-        self.quiet = quiet  # set while the capture's request loop is idle (its session.idle)
+        self._small = True  # the last batch's records were small (QUIET_UNDER_BYTES)
+        # A local capture's request loop (its fusewire.Session: `idle` set while it is parked,
+        # `wakeups` counting its wake-ups from there), which the applier yields to; None: none
+        self.loop = loop
         self._waiters = 0  # drains and wait_applied calls under way: no yielding meanwhile
         self._waiters_lock = threading.Lock()
         journal.track_applied = not local  # the lag counts until applied there, not received
@@ -285,7 +300,7 @@ class Shipper:
     def _ship_once(self) -> None:
         if self._linger:
             self._stop.wait(LINGER_SECONDS)
-        if self.quiet is not None:
+        if self.loop is not None:
             self._yield()
         batch = self.journal.read(BATCH, max_bytes=min(BATCH_BYTES, getattr(
             self.target, "batch_bytes", None) or BATCH_BYTES), timeout=0.1)
@@ -298,6 +313,7 @@ class Shipper:
                 self._unflushed += sum(r.size for r in batch)
             self.fig.sent_seq = max(self.fig.sent_seq, batch[-1].seq)
             logical = sum(len(r.data) for r in batch)
+            self._small = logical < QUIET_UNDER_BYTES * len(batch)
             self.fig.logical_bytes += logical
             self.fig.wire_bytes += wire if isinstance(wire, int) else logical
             self._rates.append((time.monotonic(), self.fig.logical_bytes, self.fig.wire_bytes))
@@ -311,18 +327,28 @@ class Shipper:
             self.fig.connection = "local" if self.local else "connected"
 
     def _yield(self) -> None:
-        """Wait (up to YIELD_SECONDS, in slices) while the request loop is busy and nothing
-        says to go on: many records waiting, a waiter, a stop."""
-        quiet, j = self.quiet, self.journal
+        """Wait (up to YIELD_SECONDS, in slices) until the request loop has parked (and, after
+        small records, stayed parked for QUIET_SECONDS), or something says to go on: many
+        records waiting, a waiter, a stop."""
+        loop, j = self.loop, self.journal
+        parked = loop.idle
         deadline = None
-        while not quiet.is_set() and not self._waiters and not self._stop.is_set() \
+        while not self._waiters and not self._stop.is_set() \
                 and j.last_seq - j.sent_seq < YIELD_UNDER and j.queued_bytes < YIELD_UNDER_BYTES:
             now = time.monotonic()
             if deadline is None:
                 deadline = now + YIELD_SECONDS
             elif now >= deadline:
                 return
-            quiet.wait(min(YIELD_SLICE, deadline - now))
+            if parked.is_set():
+                if not self._small:
+                    return
+                seen = loop.wakeups
+                self._stop.wait(min(QUIET_SECONDS, deadline - now))
+                if parked.is_set() and loop.wakeups == seen:
+                    return
+                continue
+            parked.wait(min(YIELD_SLICE, deadline - now))
 
     def _positions_seen(self, pos) -> None:
         """The agent's positions, from this thread's turn or from the session's reader as an
