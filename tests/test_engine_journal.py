@@ -2160,6 +2160,29 @@ def test_a_busy_local_shipper_flushes_before_applied_records_fill_the_queue(tmp_
     assert len(flushes) >= 16 * room // (FLUSH_SHARE * room) // 8, flushes  # ~32 (old rule: 1)
 
 
+class _SeqsTarget:
+    """A local target that keeps the seqs it was sent, in order (`got`)."""
+
+    def __init__(self):
+        self.got: list[int] = []
+
+    def open(self):
+        return None
+
+    def send(self, records):
+        self.got.extend(r.seq for r in records)
+
+    def flush(self):
+        return None
+
+    def until(self, n: int, seconds: float = 10) -> bool:
+        """Wait up to `seconds` for `n` records to have arrived."""
+        deadline = time.monotonic() + seconds
+        while len(self.got) < n and time.monotonic() < deadline:
+            time.sleep(0.002)
+        return len(self.got) >= n
+
+
 def test_after_large_records_a_local_shipper_goes_at_the_loops_first_park(tmp_path, monkeypatch):
     """An applier of large writes spends its time in pwrite, without the GIL: once its last
     batch's records were large (QUIET_UNDER_BYTES a record), it goes as soon as the request loop
@@ -2170,27 +2193,12 @@ def test_after_large_records_a_local_shipper_goes_at_the_loops_first_park(tmp_pa
     monkeypatch.setattr(shipper_mod, "YIELD_SECONDS", 30.0)  # only the conditions can end a wait
     monkeypatch.setattr(shipper_mod, "QUIET_SECONDS", 0.2)
     j = Journal(tmp_path / "j", kind=KIND_FS)
-    got: list[int] = []
-
-    class Target:
-        def open(self):
-            return None
-
-        def send(self, records):
-            got.extend(r.seq for r in records)
-
-        def flush(self):
-            return None
+    target = _SeqsTarget()
+    got, until = target.got, target.until
 
     class Loop:
         idle = threading.Event()
         wakeups = 0
-
-    def until(n: int, seconds: float) -> bool:
-        deadline = time.monotonic() + seconds
-        while len(got) < n and time.monotonic() < deadline:
-            time.sleep(0.002)
-        return len(got) >= n
 
     def flicker(seconds: float) -> None:  # parks for moments between requests
         end = time.monotonic() + seconds
@@ -2201,7 +2209,7 @@ def test_after_large_records_a_local_shipper_goes_at_the_loops_first_park(tmp_pa
             Loop.wakeups += 1
             time.sleep(0.005)
 
-    sh = Shipper(j, Target(), local=True, loop=Loop)
+    sh = Shipper(j, target, local=True, loop=Loop)
     sh.start()
     try:
         big = b"x" * shipper_mod.QUIET_UNDER_BYTES
@@ -2236,29 +2244,14 @@ def test_a_local_shipper_yields_to_a_busy_request_loop_unless_much_waits_or_some
     monkeypatch.setattr(shipper_mod, "YIELD_UNDER", 100)
     monkeypatch.setattr(shipper_mod, "QUIET_SECONDS", 0.2)  # a busy host cannot flicker the loop faster than 1 ms
     j = Journal(tmp_path / "j", kind=KIND_FS)
-    got: list[int] = []
-
-    class Target:
-        def open(self):
-            return None
-
-        def send(self, records):
-            got.extend(r.seq for r in records)
-
-        def flush(self):
-            return None
-
-    def until(n: int, seconds: float = 10) -> bool:
-        deadline = time.monotonic() + seconds
-        while len(got) < n and time.monotonic() < deadline:
-            time.sleep(0.005)
-        return len(got) >= n
+    target = _SeqsTarget()
+    got, until = target.got, target.until
 
     class Loop:  # the parts of fusewire.Session the shipper looks at
         idle = threading.Event()  # clear: the loop is answering requests
         wakeups = 0
     busy = Loop.idle
-    sh = Shipper(j, Target(), local=True, loop=Loop)
+    sh = Shipper(j, target, local=True, loop=Loop)
     sh.start()
     try:
         for i in range(10):
