@@ -136,6 +136,41 @@ async def test_targets_and_replicas_are_listed_and_wrong_input_changes_nothing(
     assert config_bytes() == before
 
 
+@pilot_test
+async def test_a_host_whose_key_cannot_be_read_brings_the_dialog_back_as_typed(
+        tui, config_path, tmp_path, config_bytes):
+    """ssh-keyscan really runs, on a name that never resolves (RFC 6761's .invalid): the
+    dialog comes back with every field as typed and the reason, so a typo in the host is
+    corrected, not the whole form typed again; nothing is added."""
+    write_config(config_path, tmp_path)
+    before = config_bytes()
+    app = tui(is_root=True)
+    async with app.run_test(size=(80, 24)) as pilot:
+        await open_targets(pilot)
+        await pilot.press("a")
+        await settle(pilot)
+        typed = {"name": "b2", "host": "nowhere.invalid", "port": "2222", "user": "repl",
+                 "root": "/srv/b2"}
+        for field, value in typed.items():
+            app.screen.query_one(f"#{field}").value = value
+        await settle(pilot)
+        await pilot.click("#add")
+        await wait_until(pilot, lambda: isinstance(app.screen, AddTargetDialog)
+                         and "nowhere.invalid" in static_text(app.screen.query_one("#problem")),
+                         "the dialog back with the reason")
+        dialog = app.screen
+        assert {f: dialog.query_one(f"#{f}").value for f in typed} == typed
+        problem = static_text(dialog.query_one("#problem")).replace("\n", " ")
+        assert problem.startswith("✘ could not read the host key of nowhere.invalid port 2222"), problem
+        dialog.query_one("#host").value = "nowhere2.invalid"  # a change clears the old reason
+        await settle(pilot)
+        assert "✔ ready to add" in static_text(dialog.query_one("#problem"))
+        await pilot.press("escape")
+        await settle(pilot)
+        assert isinstance(app.screen, TargetsScreen)
+    assert config_bytes() == before
+
+
 @pytest.mark.root
 @pilot_test
 async def test_add_a_real_target_through_the_dialog_pins_its_key_and_tests_it(

@@ -69,6 +69,16 @@ class AddTargetDialog(ModalScreen["object | None"]):
     CSS_PATH = "dialogs.tcss"
     BINDINGS = [Binding("escape", "cancel", "Cancel")]
 
+    def __init__(self, typed=None, problem: str | None = None) -> None:
+        """`typed`: a TargetHost to show again, with the `problem` it met (its host key could
+        not be read): the administrator corrects a field instead of typing them all again."""
+        super().__init__()
+        self._given = None
+        if typed is not None:
+            self._given = {"name": typed.name, "host": typed.host, "port": str(typed.port),
+                           "user": typed.user or "", "root": typed.root}
+        self._given_problem = problem
+
     def compose(self) -> ComposeResult:
         with Vertical(classes="dialog wide", id="add-target"):
             yield Label(Text("Add a remote target (a host replicas are kept on)", style="bold"))
@@ -87,7 +97,12 @@ class AddTargetDialog(ModalScreen["object | None"]):
                 yield Button("Cancel", id="cancel", compact=True)
 
     def on_mount(self) -> None:
-        self.query_one("#name").focus()
+        for field, value in (self._given or {}).items():
+            self.query_one(f"#{field}", Input).value = value
+        self.query_one("#host" if self._given else "#name").focus()
+
+    def _values(self) -> dict[str, str]:
+        return {f: self.query_one(f"#{f}", Input).value for f in ("name", "host", "port", "user", "root")}
 
     def _value(self, field: str) -> str:
         return self.query_one(f"#{field}", Input).value.strip()
@@ -124,6 +139,8 @@ class AddTargetDialog(ModalScreen["object | None"]):
     def _typed(self) -> None:
         problem, _ = self._check(final=False)
         shown = self.query_one("#problem", Static)
+        if not problem and self._given_problem and self._values() == self._given:
+            problem = self._given_problem  # shown again: nothing was changed yet
         if problem:
             shown.update(Text("✘ " + problem, style="bold red"))
         elif self._value("name") and self._value("host") and self._value("root"):
@@ -249,9 +266,9 @@ class TargetsScreen(TaskScreen):
 
     def _scanned(self, host, keys, error) -> None:
         self._set_busy(False)
-        if error or not keys:
-            self.notify(shown(error or f"{host.host} offered no host key"), title="Add target",
-                        severity="error", markup=False)
+        if error or not keys:  # the dialog again, as typed, with what went wrong
+            self.app.push_screen(AddTargetDialog(host, shown(error or f"{host.host} offered no host key")),
+                                 self._add_typed)
             return
         _line, fp, kind = keys[0]
 
