@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import hashlib
 import sys
+from pathlib import Path
 
 import pytest
 from test_engine_support import Engine, block_mounts, write_config
@@ -453,6 +454,9 @@ async def test_the_picker_keeps_the_cursor_on_the_chosen_device_when_others_go(
         screen = await open_block_screen(pilot)
         devices = screen.query_one("#devices", DataTable)
         await wait_until(pilot, lambda: table_keys(devices) == made, "the four devices")
+        backing = Path(f"/sys/block/{Path(chosen).name}/loop/backing_file").read_text().strip()
+        said = cell(devices, chosen, "notes")  # whose loop it is: its file, the name kept
+        assert said.startswith("loop of ") and backing.endswith(said.removeprefix("loop of ").lstrip("…")), said
         devices.focus()
         devices.move_cursor(row=devices.get_row_index(chosen))
         await settle(pilot)

@@ -55,8 +55,12 @@ def entry_notes(snap) -> dict[str, str]:
 
 def device_row(dev, note: str | None = None) -> tuple:
     style = "grey50" if dev.excluded else ""
+    # a loop bound to a file (another program's, often): said, though it is not "in use" (a
+    # device's loop access point is said by in_use); the file's name, the end, is what tells
+    backed = [f"loop of {elide(dev.backing_file, NOTES_WIDTH - 8)}"] \
+        if dev.backing_file and not dev.backing_file.startswith("/dev/") and not note else []
     notes = f"excluded: {dev.excluded}" if dev.excluded else "; ".join(
-        ([note] if note else []) + list(dev.in_use))
+        ([note] if note else []) + list(dev.in_use) + backed)
     notes = shown(notes)
     if len(notes) > NOTES_WIDTH:  # the start says most (root file system, mounted on …)
         notes = notes[:NOTES_WIDTH - 1] + "…"
