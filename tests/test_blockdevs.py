@@ -439,3 +439,27 @@ def test_a_signature_written_but_not_yet_flushed_is_seen(scratch_loop):
         assert blockdevs.probe_signature(dev) == "swap"
     finally:
         os.close(fd)
+
+
+def test_block_add_refuses_the_root_disk_as_the_picker_does_before_opening_it(
+        tmp_path, monkeypatch, capsys):
+    """`mirrorsetup block add` of the disk that holds the root file system is refused with the
+    picker's reason and EBUSY, the configuration untouched, and the device never opened (on
+    this machine the open itself fails with EPERM, which said nothing useful). The disk is a
+    stand-in described as the root disk: a test never touches the real one."""
+    from app.cli import main
+    from app.services.blockdevs import BlockDevice
+    disk = tmp_path / "rootdisk"
+    disk.touch()
+    root = BlockDevice(str(disk), "rootdisk", 64 << 30, "disk", 252, 0, False, None, None,
+                       in_use=("partition rootdisk1 root file system",))
+    monkeypatch.setattr(blockdevs, "describe", lambda path: root)
+    opened = []
+    real_open = os.open
+    monkeypatch.setattr(os, "open", lambda path, *a, **k: opened.append(str(path)) or real_open(path, *a, **k))
+    config = tmp_path / "replication.toml"
+    rc = main(["--config", str(config), "--json", "block", "add", str(disk)])
+    out = json.loads(capsys.readouterr().out or "{}")
+    assert rc == 2 and out["errno_name"] == "EBUSY", out
+    assert out["error"].startswith(f"{disk} holds the root file system: it cannot be replicated")
+    assert not config.exists() and str(disk) not in opened

@@ -106,7 +106,15 @@ def _refused(exc: MirrorError) -> BlockCheck:
 
 
 def check_block(store: ConfigStore, entry: BlockEntry) -> BlockCheck:
-    """The same rules as add (the config's) and as attach (busy device, usable loop)."""
+    """The same rules as add (the config's) and as attach (busy device, usable loop), and the
+    picker's: the disk of the root file system is refused (said before anything opens it)."""
+    try:
+        described = blockdevs.describe(entry.device)
+    except MirrorError:
+        described = None  # no such block device: the config's rules say so below
+    refusal = device_refusal(described) if described is not None else None
+    if refusal is not None:
+        return BlockCheck(refusal, errno=errno.EBUSY if ROOT_FS in refusal else errno.EINVAL)
     try:
         store.validate_block(entry, adding=True)
     except MirrorError as exc:
@@ -114,7 +122,7 @@ def check_block(store: ConfigStore, entry: BlockEntry) -> BlockCheck:
     loop_problem = wanted_loop_problem(entry)
     if loop_problem:
         return BlockCheck(loop_problem, errno=errno.EBUSY)
-    return BlockCheck(None, device_busy(entry.device))
+    return BlockCheck(None, device_busy(entry.device, described))
 
 
 def wanted_loop_problem(entry: BlockEntry) -> str | None:
@@ -141,13 +149,15 @@ def wanted_loop_problem(entry: BlockEntry) -> str | None:
     return None
 
 
-def device_busy(device: str) -> list[str]:
+def device_busy(device: str, described: blockdevs.BlockDevice | None = None) -> list[str]:
     """What the picker and Attach all see on `device`: root file system, mounts, holders,
-    loops on it, our capture. Empty when it is free."""
-    try:
-        described = blockdevs.describe(device)
-    except MirrorError:
-        return []
+    loops on it, our capture. Empty when it is free. `described`: blockdevs.describe(device),
+    when the caller has it already."""
+    if described is None:
+        try:
+            described = blockdevs.describe(device)
+        except MirrorError:
+            return []
     reasons = list(described.in_use)
     try:
         reasons += [r for r in busy_reasons(device, View()) if r not in reasons]
