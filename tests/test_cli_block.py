@@ -138,6 +138,8 @@ def test_bad_input_is_refused_and_changes_nothing(config_path, disks, tmp_path):
         refusal = json.loads(proc.stdout)
         assert words in refusal["error"] and words in proc.stderr, (argv, refusal)
         assert config_path.read_bytes() == before, argv
+        if words == "not a block device":  # the errno a script reads, as stat(2) would say
+            assert refusal["errno_name"] == "ENOTBLK", refusal
     assert cli(config_path, "block", "add", disk, "--offset", "12x", check_rc=2).stderr
 
 

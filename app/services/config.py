@@ -219,10 +219,10 @@ class ConfigStore:
             raise ConfigError(ENCRYPTION_REFUSAL, key="encryption", obj=entry.device)
         device, loop = os.path.normpath(entry.device), entry.loop
 
-        def refuse(message: str, key: str = "device") -> ConfigError:
-            return ConfigError(message, key=key, obj=device)
+        def refuse(message: str, key: str = "device", code: int | None = None) -> ConfigError:
+            return ConfigError(message, key=key, obj=device, errno=code)
         if not stat.S_ISBLK(_stat(device, "device", "block device").st_mode):
-            raise refuse(f"{device} is not a block device")
+            raise refuse(f"{device} is not a block device", code=errno.ENOTBLK)
         me = _device_id(device)
         if loop is not None and _device_id(loop) == me:
             raise refuse(f"{device} cannot be its own loop device ({loop})", "loop")
