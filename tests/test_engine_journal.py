@@ -2200,9 +2200,9 @@ def test_after_large_records_a_local_shipper_goes_at_the_loops_first_park(tmp_pa
         idle = threading.Event()
         wakeups = 0
 
-    def flicker(seconds: float) -> None:  # parks for moments between requests
+    def flicker(seconds: float, until_got: int = 0) -> None:  # parks for moments between requests
         end = time.monotonic() + seconds
-        while time.monotonic() < end:
+        while time.monotonic() < end and not (until_got and len(got) >= until_got):
             Loop.idle.set()
             time.sleep(0.01)
             Loop.idle.clear()
@@ -2219,10 +2219,11 @@ def test_after_large_records_a_local_shipper_goes_at_the_loops_first_park(tmp_pa
         Loop.idle.clear()
         time.sleep(0.1)
         j.append("write", {"path": "f", "offset": 0}, big)
-        flicker(0.1)
+        flicker(5, until_got=2)
         assert got == [1, 2]  # large records: a park of 10 ms was enough
         j.append("write", {"path": "f", "offset": 0}, b"x")
-        flicker(0.1)
+        flicker(5, until_got=3)  # (the last batch was large: this one goes at a park too)
+        assert got == [1, 2, 3]
         j.append("write", {"path": "f", "offset": 0}, b"x")
         flicker(0.6)
         assert got == [1, 2, 3]  # small records: the 10 ms parks were not quiet enough
