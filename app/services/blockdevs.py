@@ -396,6 +396,8 @@ def list_block_devices(*, include_excluded: bool = True) -> list[BlockDevice]:
 def _block_rdev(path: str) -> int:
     try:
         st = os.stat(os.path.realpath(path))
+    except FileNotFoundError:  # the words the configuration's checks use
+        raise MirrorError(f"block device {path} does not exist", errno=errno.ENOENT, obj=path) from None
     except OSError as exc:
         raise MirrorError.from_oserror("describe", path, exc) from None
     if not stat.S_ISBLK(st.st_mode):
