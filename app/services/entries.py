@@ -114,7 +114,7 @@ def check_block(store: ConfigStore, entry: BlockEntry) -> BlockCheck:
         described = None  # no such block device: the config's rules say so below
     refusal = device_refusal(described) if described is not None else None
     if refusal is not None:
-        return BlockCheck(refusal, errno=errno.EBUSY if ROOT_FS in refusal else errno.EINVAL)
+        return BlockCheck(refusal, errno=errno.EINVAL if described.excluded else errno.EBUSY)
     try:
         store.validate_block(entry, adding=True)
     except MirrorError as exc:
