@@ -306,8 +306,8 @@ class Shipper:
             self.target, "batch_bytes", None) or BATCH_BYTES), timeout=0.1)
         self._linger = self.local and 0 < len(batch) < LINGER_UNDER
         if batch:
-            resent = sum(r.size for r in batch if r.seq <= self.fig.sent_seq)
-            self.fig.resent_bytes += resent
+            if batch[0].seq <= self.fig.sent_seq:  # sent before a rewind: resent
+                self.fig.resent_bytes += sum(r.size for r in batch if r.seq <= self.fig.sent_seq)
             wire = self.target.send(batch)
             if self.local:
                 self._unflushed += sum(r.size for r in batch)

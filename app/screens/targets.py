@@ -68,15 +68,14 @@ class AddTargetDialog(ModalScreen["object | None"]):
 
     CSS_PATH = "dialogs.tcss"
     BINDINGS = [Binding("escape", "cancel", "Cancel")]
+    FIELDS = ("name", "host", "port", "user", "root")  # the inputs' ids
 
     def __init__(self, typed=None, problem: str | None = None) -> None:
         """`typed`: a TargetHost to show again, with the `problem` it met (its host key could
         not be read): the administrator corrects a field instead of typing them all again."""
         super().__init__()
-        self._given = None
-        if typed is not None:
-            self._given = {"name": typed.name, "host": typed.host, "port": str(typed.port),
-                           "user": typed.user or "", "root": typed.root}
+        self._given = None if typed is None else \
+            {f: str(getattr(typed, f) or "") for f in self.FIELDS}  # TargetHost's own names
         self._given_problem = problem
 
     def compose(self) -> ComposeResult:
@@ -102,7 +101,7 @@ class AddTargetDialog(ModalScreen["object | None"]):
         self.query_one("#host" if self._given else "#name").focus()
 
     def _values(self) -> dict[str, str]:
-        return {f: self.query_one(f"#{f}", Input).value for f in ("name", "host", "port", "user", "root")}
+        return {f: self.query_one(f"#{f}", Input).value for f in self.FIELDS}
 
     def _value(self, field: str) -> str:
         return self.query_one(f"#{field}", Input).value.strip()
