@@ -15,6 +15,7 @@ from app.engine import sync
 from app.engine.applier import FsApplier
 from app.engine.journal import KIND_FS, Journal, JournalGap, Record, scan_segment
 from app.engine.target import LocalDirTarget
+from test_engine_support import resident
 
 
 def _segments(d):
@@ -122,6 +123,60 @@ def test_a_reservation_that_cannot_be_written_never_fails_a_capture(tmp_path, tm
         assert [j.append("write", {"path": "f", "offset": i}, b"a") for i in range(3)] == [1, 2, 3]
     assert "could not reserve record numbers" in caplog.text
     j.close()
+
+
+MiB = 1 << 20
+
+
+def _cached_file(path, size: int) -> int:
+    """A file of `size` random bytes, written back and then read, so that its pages are in the
+    page cache and clean (what a dropped range is checked against)."""
+    path.write_bytes(os.urandom(size))
+    fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+    os.fdatasync(fd)
+    os.pread(fd, size, 0)
+    assert sum(resident(path)) > 0.9 * size // 4096, "the file's pages were not cached to start with"
+    return fd
+
+
+def test_a_block_compare_drops_what_it_read_from_the_page_cache_and_nothing_ahead(tmp_path):
+    """Reads of a raw device or a block replica for hashes leave no (large) folios behind: a
+    later 4 KiB write into one walks all its buffer heads (sync.drop_cached)."""
+    f = tmp_path / "replica.img"
+    fd = _cached_file(f, 8 * MiB)
+    try:
+        whole = sync.block_hashes(fd, 8 * MiB)  # (as before: the cache stays)
+        assert sum(resident(f)) > 0.9 * 2048
+        assert sync.block_hashes(fd, 5 * MiB, uncached=True) == whole[:5]
+        pages = resident(f)
+        assert not any(pages[:4 * MiB // 4096]), "the first two 2 MiB windows it read stay cached"
+        assert all(pages[6 * MiB // 4096:]), "pages past what it read were dropped (readahead lost)"
+    finally:
+        os.close(fd)
+
+
+def test_a_block_applier_drops_the_cache_it_found_and_its_large_writes_once_synced(tmp_path):
+    from app.engine.applier import BlockApplier
+    from app.engine.journal import KIND_BLOCK
+    f = tmp_path / "replica.img"
+    fd = _cached_file(f, 8 * MiB)
+    try:
+        a = BlockApplier(fd)
+        assert not any(resident(f)), "the replica's cached pages from before stayed"
+        big, small = os.urandom(MiB), os.urandom(4096)
+        records = [Record(1, KIND_BLOCK, "write", {"offset": 2 * MiB}, big),
+                   Record(2, KIND_BLOCK, "write", {"offset": 6 * MiB}, small)]
+        done = a.apply_many(records)
+        for rec in records[done:]:
+            a.apply(rec)
+        assert all(resident(f)[2 * MiB // 4096:3 * MiB // 4096])  # dirty until synced
+        a.sync()
+        pages = resident(f)
+        assert not any(pages[2 * MiB // 4096:4 * MiB // 4096]), "a large write's window stayed cached"
+        assert pages[6 * MiB // 4096], "a small write's page was dropped too (only large folios cost)"
+        assert f.read_bytes()[2 * MiB:3 * MiB] == big and f.read_bytes()[6 * MiB:6 * MiB + 4096] == small
+    finally:
+        os.close(fd)
 
 
 def test_applier_replay_twice_converges(tmp_path):

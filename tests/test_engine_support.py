@@ -18,6 +18,35 @@ START_SECONDS = 60  # the first mount runs a difference mirror of the source
 DRAIN_SECONDS = 120
 
 
+def resident(path: str | Path) -> list[bool]:
+    """Which pages of a file or block device are in the page cache now (mincore(2) over a
+    mapping that is never touched, so looking brings nothing in)."""
+    import ctypes
+    import mmap
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.mmap.restype = ctypes.c_void_p
+    libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int,
+                          ctypes.c_long]
+    libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p]
+    libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        size = os.lseek(fd, 0, os.SEEK_END)
+        addr = libc.mmap(None, size, mmap.PROT_READ, mmap.MAP_SHARED, fd, 0)
+        if addr in (None, ctypes.c_void_p(-1).value):
+            raise OSError(ctypes.get_errno(), f"mmap {path}")
+    finally:
+        os.close(fd)
+    try:
+        pages = (size + mmap.PAGESIZE - 1) // mmap.PAGESIZE
+        vec = (ctypes.c_ubyte * pages)()
+        if libc.mincore(addr, size, vec) != 0:
+            raise OSError(ctypes.get_errno(), f"mincore {path}")
+        return [bool(v & 1) for v in vec]
+    finally:
+        libc.munmap(addr, size)
+
+
 def mirrorfs_mounts() -> list[str]:
     return [m.mount_point for m in read_mountinfo() if m.fstype == "fuse.mirrorfs"]
 

@@ -19,6 +19,7 @@ import shutil
 import stat
 
 from app.engine.journal import Record, decode_path
+from app.engine.sync import FOLIO_MAX, drop_cached
 from app.engine.lowlevel import (FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, FALLOC_FL_ZERO_RANGE,
                                  RENAME_EXCHANGE, _libc, beneath, compiled, fallocate, linkat_fd,
                                  open_dir, proc_path, renameat2)
@@ -26,6 +27,7 @@ from app.engine.lowlevel import (FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, FALL
 log = logging.getLogger("mirrorsetup.applier")
 FD_CACHE = 64  # open target files kept between writes (sequential writes come in 128 KiB+ pieces)
 ZERO_CHUNK = 1 << 20
+LARGE_WRITE = 256 << 10  # a block write this large can leave a large folio in the target's cache
 _pwrite_all = getattr(compiled, "pwrite_all", None)  # a block applier's batches, compiled
 
 
@@ -355,6 +357,15 @@ class BlockApplier:
     def __init__(self, fd: int, offset: int = 0):
         self.fd = fd
         self.offset = offset  # where the window starts in `fd` (0 for a target)
+        # FOLIO_MAX windows of `fd` that large writes went to since the last sync: dropped from
+        # the page cache once synced (sync.drop_cached); the cache it had before, at once
+        self._large: set[int] = set()
+        drop_cached(fd)
+
+    def _wrote(self, offset: int, length: int) -> None:
+        if length >= LARGE_WRITE:
+            at = self.offset + offset
+            self._large.update(range(at // FOLIO_MAX, (at + length - 1) // FOLIO_MAX + 1))
 
     def apply_many(self, records: list[Record]) -> int:
         """Apply the leading "write" records with one GIL release (when `_fuseread` is built):
@@ -373,22 +384,34 @@ class BlockApplier:
             return 0
         done, _ = _pwrite_all(self.fd, self.offset, [r.args["offset"] for r in records[:run]],
                               [r.data for r in records[:run]])
+        for rec in records[:done]:
+            self._wrote(rec.args["offset"], len(rec.data))
         return done
 
     def apply(self, rec: Record) -> None:
         if rec.op == "write":
             pwrite_whole(self.fd, rec.data, self.offset + rec.args["offset"])
+            self._wrote(rec.args["offset"], len(rec.data))
         elif rec.op == "zero":  # a run of zeros sent as its length (the wire's zero range)
             offset, length = self.offset + rec.args["offset"], rec.args["length"]
             zeros = bytes(min(length, ZERO_CHUNK))
             done = 0
             while done < length:
                 done += os.pwrite(self.fd, zeros[:length - done], offset + done)
+            self._wrote(rec.args["offset"], length)
         else:
             raise OSError(errno.EINVAL, f"unknown block journal op {rec.op!r}")
 
     def sync(self) -> None:
         os.fdatasync(self.fd)
+        windows, self._large = sorted(self._large), set()
+        i = 0
+        while i < len(windows):  # each run of adjacent windows in one call
+            j = i
+            while j + 1 < len(windows) and windows[j + 1] == windows[j] + 1:
+                j += 1
+            drop_cached(self.fd, windows[i] * FOLIO_MAX, (windows[j] + 1) * FOLIO_MAX)
+            i = j + 1
 
     def close(self) -> None:
         pass

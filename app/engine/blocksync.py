@@ -15,11 +15,10 @@ from __future__ import annotations
 
 import errno
 import hashlib
-import os
 from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 
-from app.engine.sync import BLOCK
+from app.engine.sync import BLOCK, pread_uncached
 
 CHUNK = 64  # blocks whose target hashes are asked for at once
 COMMIT_TRIES = 4
@@ -51,7 +50,7 @@ def _progress(stage: str, done: int, total: int, size: int, sent: int) -> dict:
 
 def read_block(fd: int, offset: int, size: int, b: int) -> bytes:
     length = min(BLOCK, size - b * BLOCK)
-    data = os.pread(fd, length, offset + b * BLOCK)
+    data = pread_uncached(fd, length, offset + b * BLOCK)
     if len(data) != length:
         raise OSError(errno.EIO, f"short read of the source at byte {offset + b * BLOCK} "
                                  f"({len(data)} of {length})")
