@@ -138,8 +138,9 @@ def register(sub, common) -> None:
     p = add(block, "detach-all", cmd_detach_all, "detach the loop devices of every entry now",
             common)
     p.add_argument("--dry-run", action="store_true", help="show the plan, change nothing")
-    p = add(block, "mirror", cmd_mirror, "copy the whole device (from its offset) to its "
-            "target, with a progress bar (via the daemon)", common)
+    p = add(block, "mirror", cmd_mirror, "make the target equal to the device (from its "
+            "offset): 1 MiB blocks whose hashes differ are copied, with a progress bar (via the "
+            "daemon)", common)
     p.add_argument("device")
     p = add(block, "verify", cmd_verify, "compare a device with its target by block hashes; "
             "print the differing ranges (via the daemon; exit 1 when one differs)", common)

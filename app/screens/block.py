@@ -330,15 +330,16 @@ class BlockScreen(TaskScreen):
             return
         window = f"from offset {human_size(entry.offset) if entry.offset else 0}" + (
             f", {human_size(entry.sizelimit)}" if entry.sizelimit else "")
-        held = (f"\nWrites through {state.loop} wait until it is done." if state.capture ==
-                "captured" else "")
+        going = (f"\nWrites through {state.loop} go on meanwhile." if state.capture == "captured"
+                 else "")
 
         def confirmed(yes: bool | None) -> None:
             if yes:
                 self._run_sync(verb, entry.device, entry.target)
         self.app.push_screen(ConfirmDialog(
-            f"Copy all of {shown(entry.device)} ({window}) to {shown(entry.target)}?\nEvery "
-            f"block of the target is overwritten.{held}", yes="Mirror"), confirmed)
+            f"Make {shown(entry.target)} equal to {shown(entry.device)} ({window})?\nThe two are "
+            f"compared 1 MiB at a time by hashes; blocks that differ are copied over the "
+            f"target's.{going}", yes="Mirror"), confirmed)
 
     def _run_sync(self, verb: str, device: str, target: str) -> None:
         if self._refuse_while_syncing():  # a second confirm dialog answered late
