@@ -153,6 +153,15 @@ def test_a_block_compare_drops_what_it_read_from_the_page_cache_and_nothing_ahea
         assert all(pages[6 * MiB // 4096:]), "pages past what it read were dropped (readahead lost)"
     finally:
         os.close(fd)
+    from app.engine import blocksync  # a compare's and a verify's reads of the raw device
+    raw = tmp_path / "raw.img"
+    fd = _cached_file(raw, 4 * MiB)
+    try:
+        for b in range(4):
+            blocksync.read_block(fd, 0, 4 * MiB, b)
+        assert not any(resident(raw))
+    finally:
+        os.close(fd)
 
 
 def test_a_block_applier_drops_the_cache_it_found_and_its_large_writes_once_synced(tmp_path):

@@ -19,10 +19,10 @@ import shutil
 import stat
 
 from app.engine.journal import Record, decode_path
-from app.engine.sync import FOLIO_MAX, drop_cached
 from app.engine.lowlevel import (FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, FALLOC_FL_ZERO_RANGE,
                                  RENAME_EXCHANGE, _libc, beneath, compiled, fallocate, linkat_fd,
                                  open_dir, proc_path, renameat2)
+from app.engine.sync import FOLIO_MAX, drop_cached
 
 log = logging.getLogger("mirrorsetup.applier")
 FD_CACHE = 64  # open target files kept between writes (sequential writes come in 128 KiB+ pieces)

@@ -191,9 +191,9 @@ def drop_cached(fd: int, start: int = 0, end: int | None = None) -> None:
     Why: a 4 KiB write into a large folio costs a walk of all the folio's buffer heads (in
     `__block_write_begin_int` and `ext4_block_write_begin`). The large folios come from reads
     (the readahead of a whole-device compare) and large writes (a mirror's 1 MiB blocks), and
-    a replica file's stay cached after it is closed. Left in place, fio 4 KiB on a captured loop took 35 instead of 15-17 us of capture
-    CPU a write. These pages are ours alone: applications use the loop device, never the raw
-    device, and nothing else reads a replica."""
+    a replica file's stay cached after it is closed. Left in place, fio 4 KiB on a captured
+    loop took 35 instead of 15-17 us of capture CPU a write. These pages are ours alone:
+    applications use the loop device, never the raw device, and nothing else reads a replica."""
     start -= start % FOLIO_MAX
     length = 0 if end is None else max(0, end - start)
     if end is not None and not length:
