@@ -404,14 +404,9 @@ class BlockApplier:
 
     def sync(self) -> None:
         os.fdatasync(self.fd)
-        windows, self._large = sorted(self._large), set()
-        i = 0
-        while i < len(windows):  # each run of adjacent windows in one call
-            j = i
-            while j + 1 < len(windows) and windows[j + 1] == windows[j] + 1:
-                j += 1
-            drop_cached(self.fd, windows[i] * FOLIO_MAX, (windows[j] + 1) * FOLIO_MAX)
-            i = j + 1
+        for w in self._large:
+            drop_cached(self.fd, w * FOLIO_MAX, (w + 1) * FOLIO_MAX)
+        self._large.clear()
 
     def close(self) -> None:
         pass

@@ -170,13 +170,14 @@ def subdirectories(dir_fd: int, rel: bytes) -> list[bytes]:
         os.close(fd)
 
 
-def block_hashes(fd: int, size: int, offset: int = 0, block: int = BLOCK, *,
-                 uncached: bool = False) -> list[str]:
-    """sha256 of each `block` bytes of [offset, offset + size) of an open file (`uncached`:
-    read as `pread_uncached` does)."""
-    read = pread_uncached if uncached else os.pread
-    return [sha256_hex(read(fd, min(block, size - start), offset + start))
-            for start in range(0, size, block)]
+def block_hashes(fd: int, size: int, offset: int = 0, block: int = BLOCK) -> list[str]:
+    """sha256 of each `block` bytes of [offset, offset + size) of an open file."""
+    out = []
+    for start in range(0, size, block):
+        n = min(block, size - start)
+        data = os.pread(fd, n, offset + start)
+        out.append(sha256_hex(data))
+    return out
 
 
 FOLIO_MAX = 2 << 20  # the largest page-cache folio (x86-64's PMD size), and how each is aligned
@@ -195,9 +196,9 @@ def drop_cached(fd: int, start: int = 0, end: int | None = None) -> None:
     loop took 35 instead of 15-17 us of capture CPU a write. These pages are ours alone:
     applications use the loop device, never the raw device, and nothing else reads a replica."""
     start -= start % FOLIO_MAX
-    length = 0 if end is None else max(0, end - start)
-    if end is not None and not length:
+    if end is not None and end <= start:
         return
+    length = 0 if end is None else end - start  # 0: to the end
     with contextlib.suppress(OSError):
         os.posix_fadvise(fd, start, length, os.POSIX_FADV_DONTNEED)
 

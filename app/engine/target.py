@@ -271,8 +271,8 @@ class LocalBlockTarget(Target):
         return None
 
     def block_hashes_of(self, blocks: list[int]) -> list[str]:
-        return [sync.block_hashes(self.fd, min(BLOCK, self.size - b * BLOCK), self.offset + b * BLOCK,
-                                  uncached=True)[0] for b in blocks]
+        return [sync.sha256_hex(sync.pread_uncached(self.fd, min(BLOCK, self.size - b * BLOCK),
+                                                     self.offset + b * BLOCK)) for b in blocks]
 
     def close(self) -> None:
         if self.fd is not None:
