@@ -371,7 +371,7 @@ async def test_verify_then_mirror_through_a_real_daemon(block_daemon):
         assert result.outcome.value == "failed" and "1 of 64 blocks differ" in result.message
         assert app.screen.notes == ["1 range of the target differs (1.0 MiB in all):",
                                     "  bytes 5242880-6291455 (1.0 MiB)",
-                                    "Press m (Mirror) to copy the device over the target."]
+                                    "Press m (Mirror) to copy the blocks that differ over the target's."]
         assert "bytes 5242880-6291455 (1.0 MiB)" in static_text(
             app.screen.query_one("#results-notes"))
         await pilot.press("enter")

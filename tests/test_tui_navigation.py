@@ -86,6 +86,44 @@ async def test_ctrl_q_quits_from_a_dialog_deep_down(tui):
 
 
 @pilot_test
+async def test_an_action_that_ends_after_its_screen_was_left_says_how_it_ended(tui, monkeypatch):
+    """Mount all may take a while; the administrator may go back meanwhile. Its results must
+    not be lost with the screen (a message to a screen that is gone is dropped): a notice on
+    whatever is shown says how it ended, and nothing is pushed over that screen."""
+    import threading
+
+    from app.services.results import Outcome, Result
+    release, asked = threading.Event(), threading.Event()
+
+    def slow_mount_all():
+        asked.set()
+        release.wait(20)
+        return [Result("mount", "/srv/data", Outcome.FAILED, "mount of /srv/data refused: busy")]
+    app = tui(is_root=True)
+    async with app.run_test(size=(80, 24)) as pilot:
+        await pilot.press("1")
+        await settle(pilot)
+        monkeypatch.setattr(app.services.replication, "mount_all", slow_mount_all)
+        await pilot.press("m")
+        for _ in range(200):  # not settle(): it waits for the action's worker, which waits for us
+            if asked.is_set():
+                break
+            await pilot.pause(0.05)
+        await pilot.press("escape")
+        await pilot.pause(0.2)
+        assert asked.is_set() and type(app.screen) is MainMenuScreen
+        release.set()
+        await settle(pilot)
+        for _ in range(100):
+            if any(n.title == "Mount all" for n in app._notifications):
+                break
+            await pilot.pause(0.05)
+        [notice] = [n for n in app._notifications if n.title == "Mount all"]
+        assert notice.message == "mount of /srv/data refused: busy" and notice.severity == "error"
+        assert type(app.screen) is MainMenuScreen
+
+
+@pilot_test
 async def test_command_palette_runs_a_screen_action(tui, config_bytes):
     app = tui()
     async with app.run_test(size=(120, 36)) as pilot:

@@ -171,6 +171,51 @@ async def test_a_host_whose_key_cannot_be_read_brings_the_dialog_back_as_typed(
     assert config_bytes() == before
 
 
+@pilot_test
+async def test_a_host_key_that_arrives_after_the_screen_was_left_adds_nothing_and_says_so(
+        tui, config_path, tmp_path, config_bytes, monkeypatch):
+    """The host key scan runs in a thread; the administrator may leave Targets meanwhile. Its
+    answer then must not push the pin confirmation over another screen, where a "Pin and add"
+    would start an action on a screen that is gone: a notice says the target was not added."""
+    import threading
+
+    from app.screens.main_menu import MainMenuScreen
+    from app.services import targets
+    write_config(config_path, tmp_path)
+    before = config_bytes()
+    release, asked = threading.Event(), threading.Event()
+
+    def slow_scan(host, port):
+        asked.set()
+        release.wait(20)
+        return [("b2.example.net ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIA", "SHA256:abc", "ED25519")]
+    monkeypatch.setattr(targets, "scan_host_keys", slow_scan)
+    app = tui(is_root=True)
+    async with app.run_test(size=(80, 24)) as pilot:
+        await open_targets(pilot)
+        await pilot.press("a")
+        await settle(pilot)
+        for field, value in {"name": "b2", "host": "b2.example.net", "root": "/srv/b2"}.items():
+            app.screen.query_one(f"#{field}").value = value
+        await settle(pilot)
+        await pilot.click("#add")
+        for _ in range(200):  # not settle(): it waits for the scan's worker, which waits for us
+            if asked.is_set():
+                break
+            await pilot.pause(0.05)
+        await pilot.pause(0.2)
+        await pilot.press("escape")  # back to the main menu while it scans
+        await pilot.pause(0.2)
+        assert asked.is_set() and isinstance(app.screen, MainMenuScreen), app.screen
+        release.set()
+        await wait_until(pilot, lambda: any("b2 was not added" in n for n in notices(app)), "the notice")
+        await settle(pilot)
+        assert isinstance(app.screen, MainMenuScreen)  # no dialog pushed over it
+        [notice] = [n for n in notices(app) if "b2 was not added" in n]
+        assert "Targets was left before b2.example.net answered" in notice, notice
+    assert config_bytes() == before
+
+
 @pytest.mark.root
 @pilot_test
 async def test_add_a_real_target_through_the_dialog_pins_its_key_and_tests_it(

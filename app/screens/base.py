@@ -418,11 +418,28 @@ class TaskScreen(Screen):
         if root and self.app.needs_root(title):
             return
         self._set_busy(True, waiting or f"{title}: working…")
-        self._action_worker(title, call, force)
+        self._action_worker(self.app, title, call, force)
+
+    def finish_from_thread(self, app, title: str, results: Sequence[Result], done: Callable[[], None]) -> None:
+        """From a worker thread that `app` (taken before it started) runs: on the UI thread,
+        `done()` while this screen is still in the App, else a notice of how `title` ended.
+        The administrator may leave the screen while it works; a message to a screen that is
+        gone is dropped, and in the worker `self.app` is not even found any more."""
+        def finish() -> None:
+            if self.is_attached:
+                done()
+                return
+            summary = "; ".join(shown(r.message) for r in results) or "done"
+            app.notify(summary, title=title, markup=False,
+                       severity="error" if any(r.failed for r in results) else "information")
+        try:
+            app.call_from_thread(finish)
+        except RuntimeError:  # the App itself has ended
+            pass
 
     @work(thread=True, exclusive=True, exit_on_error=False, group="action",
           description="apply an administrator's action")
-    def _action_worker(self, title: str, call, force) -> None:
+    def _action_worker(self, app, title: str, call, force) -> None:
         notes: list[str] = []
         try:
             out = call()
@@ -434,7 +451,8 @@ class TaskScreen(Screen):
         except Exception as exc:  # a bug below us must not leave the screen busy forever
             results = [Result(title, "", Outcome.FAILED, f"unexpected error: {exc!r}")]
         busy = any(r.failed and r.errno == EBUSY for r in results)
-        self.post_message(self.ActionDone(title, results, notes, force if busy else None))
+        self.finish_from_thread(app, title, results, lambda: self.post_message(
+            self.ActionDone(title, results, notes, force if busy else None)))
 
     def _set_busy(self, busy: bool, waiting: str = "") -> None:
         for widget in self.query(self.busy_target):

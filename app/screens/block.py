@@ -348,7 +348,7 @@ class BlockScreen(TaskScreen):
         self.query_one("#sync-progress", ProgressBar).update(total=None, progress=0)
         self._show_sync_label()
         self.query_one("#sync-box").display = True
-        self._sync_worker(verb, device)
+        self._sync_worker(self.app, verb, device)
 
     def _show_sync_label(self, done: int | None = None, total: int | None = None) -> None:
         verb, device, target = self._sync
@@ -359,11 +359,11 @@ class BlockScreen(TaskScreen):
 
     @work(thread=True, exit_on_error=False, group="sync",
           description="mirror or verify a block entry through the daemon")
-    def _sync_worker(self, verb: str, device: str) -> None:
+    def _sync_worker(self, app, verb: str, device: str) -> None:
         def progress(p: dict) -> None:  # from this thread; never blocks on the UI
             self.post_message(self.SyncProgress(dict(p)))
 
-        replication = self.services.replication
+        replication = app.services.replication  # (self.app is not found once the screen is left)
         notes: list[str] = []
         try:
             if verb == "mirror":
@@ -373,25 +373,17 @@ class BlockScreen(TaskScreen):
                 results, notes = list(results), range_lines(ranges)
                 if ranges:
                     notes.append(f"Press {actions.key_of(self.NAME, 'mirror')} (Mirror) to copy "
-                                 "the device over the target.")
+                                 "the blocks that differ over the target's.")
         except MirrorError as exc:
             results = [Result.from_error(verb, device, exc)]
         except Exception as exc:  # a bug below us must not leave the progress bar up forever
             results = [Result(verb, device, Outcome.FAILED, f"unexpected error: {exc!r}")]
-        if any(r.failed for r in results) and not self.services.daemon_running():
+        if any(r.failed for r in results) and not app.services.daemon_running():
             notes.append("Mirror and verify go through the daemon: the Daemon screen (5 in the "
                          "main menu) starts it.")
         title = f"{verb.capitalize()} {shown(device)}"
-        if self.is_attached:
-            self.post_message(self.SyncDone(title, results, notes))
-        elif self.app.is_running:  # the screen was left while it ran: say how it ended anyway
-            failed = any(r.failed for r in results)
-            summary = "; ".join(shown(r.message) for r in results) or "done"
-            try:
-                self.app.call_from_thread(self.app.notify, summary, title=title, markup=False,
-                                          severity="error" if failed else "information")
-            except RuntimeError:  # the App itself has ended
-                pass
+        self.finish_from_thread(app, title, results, lambda: self.post_message(
+            self.SyncDone(title, results, notes)))
 
     @on(SyncProgress)
     def _sync_progress(self, event: SyncProgress) -> None:

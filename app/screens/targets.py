@@ -251,19 +251,27 @@ class TargetsScreen(TaskScreen):
     def _add_typed(self, host) -> None:
         if host is not None:
             self._set_busy(True, f"asking {host.host} port {host.port} for its host key")
-            self._scan(host)
+            self._scan(self.app, host)
 
     @work(thread=True, exit_on_error=False, group="scan")
-    def _scan(self, host) -> None:
+    def _scan(self, app, host) -> None:
         from app.services import targets
         try:
             keys = targets.scan_host_keys(host.host, host.port)
             error = None
         except (MirrorError, OSError) as exc:
             keys, error = [], str(exc)
-        self.app.call_from_thread(self._scanned, host, keys, error)
+        try:  # (self.app is not found here once the screen was left)
+            app.call_from_thread(self._scanned, app, host, keys, error)
+        except RuntimeError:  # the App itself has ended
+            pass
 
-    def _scanned(self, host, keys, error) -> None:
+    def _scanned(self, app, host, keys, error) -> None:
+        if not self.is_attached:  # Targets was left while it asked: no dialog over another screen
+            app.notify(f"{host.name} was not added: Targets was left before {host.host} "
+                            "answered. Add it again there.", title="Add target",
+                            severity="warning", markup=False)
+            return
         self._set_busy(False)
         if error or not keys:  # the dialog again, as typed, with what went wrong
             self.app.push_screen(AddTargetDialog(host, shown(error or f"{host.host} offered no host key")),
