@@ -108,7 +108,8 @@ def register(sub, common) -> None:
             "daemon)", common)
     p.add_argument("--force", action="store_true", help="lazy-unmount even when files are open: "
                    "the path is detached now, the capture serves open files until they close")
-    p = add(fs, "mirror", cmd_mirror, "copy the whole tree of an entry to its target (via the "
+    p = add(fs, "mirror", cmd_mirror, "make an entry's target equal to it: files that differ "
+            "are copied, files the entry does not have are deleted from the target (via the "
             "daemon)", common)
     p.add_argument("path")
     p = add(fs, "verify", cmd_verify, "compare an entry with its target; list every difference "

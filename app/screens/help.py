@@ -41,8 +41,9 @@ are replicated either way.
 - The daemon **captures** an attached entry: it holds the device exclusively and journals every
   write through the loop device to the entry's **target** (a file or another block device).
   Without the daemon, Attach all still attaches a loop, but its writes are **not captured**;
-  the Capture column says which. **Mirror** copies the whole device to its target, **Verify**
-  compares them block by block and lists the byte ranges that differ.
+  the Capture column says which. **Mirror** makes the target equal to the device, copying
+  only the 1 MiB blocks whose hashes differ; **Verify** compares them the same way and lists
+  the byte ranges that differ.
 - Swap and LVM physical volumes are not offered (`x` shows them, greyed, with the reason); the
   disk holding the root file system cannot be picked.
 - Loop encryption no longer exists in Linux; put dm-crypt/LUKS under the device instead.

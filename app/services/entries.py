@@ -196,7 +196,8 @@ def toggle_atime(store: ConfigStore, path: str) -> Result:
 
 def fs_mirror(replication, path: str, progress: Callable[[dict], None] | None = None
               ) -> list[Result]:
-    """Copy the whole tree of an entry to its target, through the daemon."""
+    """Make an entry's target equal to it (what differs is copied, what the entry does not
+    have is deleted), through the daemon."""
     try:
         replication.daemon()  # refuses a daemon that works from another configuration file
         reply = replication.control.request("mirror", path=path, progress=progress)
