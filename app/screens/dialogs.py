@@ -35,6 +35,15 @@ BLOCK_NOTES = (
     "device from a script that runs after the daemon."
 )
 # The services word their hints for the command line; the results dialog has a Force button.
+def labelled(*fields: tuple[str, Input]) -> Horizontal:
+    """One line of a form: each input after its name. A placeholder alone names an empty
+    field only: once typed in or filled in advance (port 22, user root), its name is gone."""
+    children = []
+    for n, (name, field) in enumerate(fields):
+        children += [Label(name, classes="field-name next" if n else "field-name"), field]
+    return Horizontal(*children, classes="field")
+
+
 CLI_HINTS = (("(--force overrides)", "(Force… below overrides)"),
              ("or unmount with --force (lazy unmount)", "or use Force… below (lazy unmount)"),
              ("start it with `mirrorsetup daemon start` (or `systemctl start mirrorsetup`)",
@@ -261,13 +270,14 @@ class AddFsEntryDialog(_EntryDialog):
     def compose(self) -> ComposeResult:
         with Vertical(classes="dialog wide", id="add-fs"):
             yield Label(Text("Add a directory to replicate", style="bold"))
-            yield Input(placeholder="/srv/data  (highest directory to capture)", id="path",
-                        compact=True)
+            yield labelled(("Path", Input(placeholder="/srv/data  (highest directory to capture)",
+                                          id="path", compact=True)))
             yield DirectoryTree(self.start, id="picker")
             with Horizontal(classes="field"):
                 yield Switch(False, id="atime")
                 yield Label(self._atime_words(False), id="atime-state")
-            yield Input(placeholder="target directory (optional)", id="target", compact=True)
+            yield labelled(("Target", Input(placeholder="directory (optional)", id="target",
+                                            compact=True)))
             yield Static("", id="problem")
             yield Static(FS_NOTES, classes="notes")
             with Horizontal(classes="dialog-buttons"):
@@ -326,16 +336,16 @@ class AddBlockEntryDialog(_EntryDialog):
     def compose(self) -> ComposeResult:
         with Vertical(classes="dialog wide", id="add-block"):
             yield Label(Text("Add a block device to replicate", style="bold"))
-            yield Input(self.device, placeholder="device, e.g. /dev/sdb1", id="device",
-                        compact=True)
-            yield Input(placeholder="target (optional): file or block device the writes are "
-                        "replicated to", id="target", compact=True)
-            yield Input(placeholder="loop: first free, or /dev/loopN to keep the same one "
-                        "across restarts", id="loop", compact=True)
-            with Horizontal(classes="field"):
-                yield Input(placeholder="offset: 0  (512, 4K, 1M…)", id="offset", compact=True)
-                yield Input(placeholder="size limit: whole device", id="sizelimit",
-                            compact=True)
+            yield labelled(("Device", Input(self.device, placeholder="e.g. /dev/sdb1", id="device",
+                                            compact=True)))
+            yield labelled(("Target", Input(placeholder="(optional) file or block device the "
+                                            "writes are replicated to", id="target", compact=True)))
+            yield labelled(("Loop", Input(placeholder="first free, or /dev/loopN to keep the same "
+                                          "one across restarts", id="loop", compact=True)))
+            yield labelled(("Offset", Input(placeholder="0  (512, 4K, 1M…)", id="offset",
+                                            compact=True)),
+                           ("size limit", Input(placeholder="whole device", id="sizelimit",
+                                                compact=True)))
             with Horizontal(classes="field"):
                 yield Switch(False, id="read-only")
                 yield Label(self._ro_words(False), id="read-only-state")

@@ -18,7 +18,7 @@ from textual.widgets import Button, DataTable, Footer, Header, Input, Label, Sta
 
 from app.screens.banner import RootBanner
 from app.screens.base import Col, KeyedTable, TaskScreen, elide, selected_key
-from app.screens.dialogs import ConfirmDialog, DetailsDialog
+from app.screens.dialogs import ConfirmDialog, DetailsDialog, labelled
 from app.services.results import MirrorError, Outcome, Result
 from app.services.status import replication_lines
 from app.services.units import shown
@@ -81,13 +81,13 @@ class AddTargetDialog(ModalScreen["object | None"]):
     def compose(self) -> ComposeResult:
         with Vertical(classes="dialog wide", id="add-target"):
             yield Label(Text("Add a remote target (a host replicas are kept on)", style="bold"))
-            yield Input(placeholder="name, e.g. backup1", id="name", compact=True)
-            yield Input(placeholder="host (an address or ssh_config name)", id="host", compact=True)
-            with Horizontal(classes="field"):
-                yield Input("22", placeholder="port", id="port", compact=True)
-                yield Input("root", placeholder="user", id="user", compact=True)
-            yield Input(placeholder="root directory on the target, e.g. /srv/replicas", id="root",
-                        compact=True)
+            yield labelled(("Name", Input(placeholder="e.g. backup1", id="name", compact=True)))
+            yield labelled(("Host", Input(placeholder="an address or ssh_config name", id="host",
+                                          compact=True)))
+            yield labelled(("Port", Input("22", placeholder="22", id="port", compact=True)),
+                           ("user", Input("root", placeholder="root", id="user", compact=True)))
+            yield labelled(("Root", Input(placeholder="directory on the target, e.g. /srv/replicas",
+                                          id="root", compact=True)))
             yield Static("", id="problem")
             yield Static("A dedicated key is made; the host key is shown for you to compare "
                          "before it is pinned.", classes="notes")
