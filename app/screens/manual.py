@@ -45,17 +45,22 @@ class ManualScreen(TaskScreen):
         yield Static("", id="load-error", classes="banner error")
         with Vertical(classes="form"):
             yield Label("Attach a device now", classes="section-title")
+            with Horizontal(classes="row"):  # each field named beside it (a placeholder goes)
+                yield Label("Device", classes="field-name")
+                yield Input(placeholder="e.g. /dev/sdb1", id="device", compact=True)
+                yield Label("loop", classes="field-name next")
+                yield Input(placeholder="first free", id="loop", compact=True)
             with Horizontal(classes="row"):
-                yield Input(placeholder="device, e.g. /dev/sdb1", id="device", compact=True)
-                yield Input(placeholder="loop: first free", id="loop", compact=True)
-            with Horizontal(classes="row"):
-                yield Input(placeholder="offset: 0", id="offset", compact=True)
-                yield Input(placeholder="size limit: whole", id="sizelimit", compact=True)
+                yield Label("Offset", classes="field-name")
+                yield Input(placeholder="0", id="offset", compact=True)
+                yield Label("size limit", classes="field-name next")
+                yield Input(placeholder="whole", id="sizelimit", compact=True)
                 yield Switch(False, id="read-only")
                 yield Label(self._ro_words(False), id="read-only-state", classes="switch-label")
                 yield Button("Attach now", id="attach", compact=True, variant="warning")
             yield Label("Detach a loop device now", classes="section-title")
             with Horizontal(classes="row"):
+                yield Label("Loop", classes="field-name")
                 yield Input(placeholder="/dev/loopN", id="detach-loop", compact=True)
                 yield Button("Detach now", id="detach", compact=True, variant="warning")
         yield Label("Attached loop devices (all, from sysfs)", classes="section-title")
