@@ -77,7 +77,7 @@ def test_mounted_device_is_refused_unless_forced(config_path, disks, tmp_path):
     run("mkfs.ext4", "-q", disk)
     mnt = tmp_path / "mnt"
     mnt.mkdir()
-    run("mount", disk, str(mnt))
+    run("mount", "-t", "ext4", disk, str(mnt))
     try:
         cli(config_path, "block", "add", disk)
         proc = cli(config_path, "block", "attach-all", check_rc=1)
@@ -95,7 +95,7 @@ def test_detach_all_reports_a_mounted_loop_and_unmounts_nothing(config_path, dis
     run("mkfs.ext4", "-q", loop)
     mnt = tmp_path / "mnt"
     mnt.mkdir()
-    run("mount", loop, str(mnt))
+    run("mount", "-t", "ext4", loop, str(mnt))
     try:
         proc = cli(config_path, "block", "detach-all", "--json", check_rc=1)
         res = json.loads(proc.stdout)[0]

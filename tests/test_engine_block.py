@@ -83,7 +83,7 @@ def test_ext4_on_the_captured_loop_replicates_byte_for_byte(block_engine, tmp_pa
     mnt = tmp_path / "mnt"
     mnt.mkdir()
     run("mkfs.ext4", "-q", "-F", loop)
-    run("mount", loop, str(mnt))
+    run("mount", "-t", "ext4", loop, str(mnt))
     try:
         for i in range(20):
             (mnt / f"f{i}").write_bytes(os.urandom(64 * 1024 + i))
@@ -146,7 +146,7 @@ def test_attach_of_a_mounted_raw_device_is_refused(block_engine, disks, tmp_path
     run("mkfs.ext4", "-q", "-F", disk)
     mnt = tmp_path / "rawmnt"
     mnt.mkdir()
-    run("mount", disk, str(mnt))
+    run("mount", "-t", "ext4", disk, str(mnt))
     try:
         eng, disk, target, cfg = block_engine(disk=disk)
         r = cli(cfg, eng, "block", "attach-all")
@@ -164,7 +164,7 @@ def test_detach_reports_a_mounted_loop_and_a_pending_detach(block_engine, tmp_pa
     run("mkfs.ext4", "-q", "-F", loop)
     mnt = tmp_path / "mnt"
     mnt.mkdir()
-    run("mount", loop, str(mnt))
+    run("mount", "-t", "ext4", loop, str(mnt))
     try:
         r = cli(cfg, eng, "block", "detach-all")
         assert r.returncode == 1 and f"mounted on {mnt}" in r.stderr and "nothing was unmounted" in r.stderr

@@ -196,7 +196,7 @@ def ext2_target(tmp_path, scratch_loop):
     dev = scratch_loop(64 * MiB)
     subprocess.run(["mkfs.ext2", "-q", "-I", "256", dev], check=True)  # 256: nanosecond times
     (tmp_path / "tgt").mkdir()
-    subprocess.run(["mount", dev, str(tmp_path / "tgt")], check=True)
+    subprocess.run(["mount", "-t", "ext2", dev, str(tmp_path / "tgt")], check=True)
     # the premise, checked before the engine starts (its first copy removes what the source
     # does not have: a probe made beside it vanished under a busy host's slower start)
     fd = os.open(tmp_path / "tgt" / "probe", os.O_WRONLY | os.O_CREAT)

@@ -286,7 +286,7 @@ def test_fail_over_of_a_block_device_split_brain_then_the_source_wins(remote, di
     subprocess.run(["mkfs.ext4", "-q", "-F", loop], check=True)
     mnt = tmp_path / "mnt"
     mnt.mkdir()
-    subprocess.run(["mount", loop, str(mnt)], check=True)
+    subprocess.run(["mount", "-t", "ext4", loop, str(mnt)], check=True)
     try:
         for i in range(40):
             with open(mnt / f"f{i}", "wb") as f:

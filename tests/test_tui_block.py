@@ -530,7 +530,8 @@ async def test_the_add_dialog_checks_the_loop_and_the_device_as_typed(
             assert app.screen is dialog and config_bytes() is None  # refused at Add as well
 
             dialog.query_one("#loop", Input).value = ""
-            run("mount", disk, str(mnt))
+            await settle(pilot)  # its re-check opens the disk O_EXCL for a moment: not during mount
+            run("mount", "-t", "ext4", disk, str(mnt))
             dialog.query_one("#target", Input).value = str(tmp_path / "t.img")  # re-check
             await wait_until(pilot, lambda: f"mounted on {mnt}" in static_text(problem),
                              "the mount named as typed")
@@ -550,7 +551,7 @@ async def test_attach_all_of_a_mounted_device_offers_force_and_says_what_it_mean
     run("mkfs.ext4", "-q", disk)
     mnt = tmp_path / "mnt"
     mnt.mkdir()
-    run("mount", disk, str(mnt))
+    run("mount", "-t", "ext4", disk, str(mnt))
     store.add_block(disk)
     app = no_daemon_tui([disk])
     try:
