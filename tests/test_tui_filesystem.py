@@ -59,6 +59,43 @@ async def test_add_a_directory_with_the_form_then_remove_it(tui, store, tmp_path
 
 
 @pilot_test
+async def test_escape_while_an_add_runs_waits_for_its_result(tui, store, tmp_path, monkeypatch):
+    """Add cannot be taken back once pressed: Escape then says so and the dialog stays, so
+    the add's result is seen (closed, the entry might be added with nobody told, or, its
+    worker finding no App any more, not added with nobody told either)."""
+    data = tmp_path / "data"
+    data.mkdir()
+    release, asked = threading.Event(), threading.Event()
+    app = tui()
+    async with app.run_test(size=(80, 24)) as pilot:
+        dialog = await open_add_dialog(pilot)
+        real = app.services.replication.add_filesystem
+
+        def slow_add(*args, **kw):
+            asked.set()
+            release.wait(20)
+            return real(*args, **kw)
+        monkeypatch.setattr(app.services.replication, "add_filesystem", slow_add)
+        dialog.query_one("#path", Input).value = str(data)
+        await wait_until(pilot, lambda: "can be added" in static_text(dialog.query_one("#problem")),
+                         "the inline check to accept the path")
+        await pilot.click("#add")
+        for _ in range(200):  # not settle(): it waits for the add's worker, which waits for us
+            if asked.is_set():
+                break
+            await pilot.pause(0.05)
+        await pilot.press("escape")
+        await pilot.pause(0.2)
+        assert asked.is_set() and app.screen is dialog
+        assert any("being added" in str(n.message) for n in app._notifications)
+        release.set()
+        await wait_until(pilot, lambda: type(app.screen) is FilesystemScreen, "the dialog to close")
+        table = app.screen.query_one("#fs-entries", DataTable)
+        await wait_until(pilot, lambda: str(data) in table_keys(table), "the new row")
+    assert store.load().filesystem == (FsEntry(str(data), False, None),)
+
+
+@pilot_test
 async def test_remove_asks_first_and_no_keeps_the_entry(tui, store, tmp_path, config_bytes):
     store.add_filesystem(tmp_path)
     before = config_bytes()

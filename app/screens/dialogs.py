@@ -186,6 +186,7 @@ class _EntryDialog(ModalScreen[Result | None]):
 
     _checking = False
     _check_again = False
+    _submitting = False  # Add pressed and its worker not back yet: it cannot be taken back
 
     def entry(self):
         """The entry as typed; raises ValueError/MirrorError with the message to show."""
@@ -227,7 +228,7 @@ class _EntryDialog(ModalScreen[Result | None]):
 
     @on(Checked)
     def _checked(self, event: Checked) -> None:
-        self._checking = False
+        self._checking = self._submitting = False
         self.query_one("#add", Button).loading = False
         if event.submitted is not None and not event.submitted.failed:
             self.dismiss(event.submitted)
@@ -246,11 +247,15 @@ class _EntryDialog(ModalScreen[Result | None]):
             return
         self.query_one("#add", Button).loading = True
         self._check_again = False
-        self._checking = True
+        self._checking = self._submitting = True
         self._check_worker(True)
 
     @on(Button.Pressed, "#cancel")
     def action_cancel(self) -> None:
+        if self._submitting:  # closed now, the entry might still be added, its result unseen
+            self.notify("The entry is being added: its result is shown here in a moment.",
+                        title="Add", severity="warning", markup=False)
+            return
         self.dismiss(None)
 
 
