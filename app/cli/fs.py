@@ -71,8 +71,7 @@ def cmd_mirror(args) -> int:
 
 
 def cmd_verify(args) -> int:
-    from app.services.entries import configured_fs, fs_verify
-    from app.services.units import shown
+    from app.services.entries import configured_fs, describe_difference, fs_verify
     rep = replication(args)
     entry = require(configured_fs, rep.store, args.path)
     require_daemon(rep)
@@ -80,8 +79,7 @@ def cmd_verify(args) -> int:
     if args.json:
         dump({"differences": diffs, "results": [r.to_json() for r in results]})
     for d in [] if args.json else diffs:
-        print(f"  {shown(d['path'])}: {d['what']} (source {shown(str(d['source']))}, "
-              f"target {shown(str(d['target']))})")
+        print("  " + describe_difference(d))
     code = failures(results) if args.json else report(results)
     if diffs:
         complain(f"to make the target equal: mirrorsetup fs mirror {entry.path}")

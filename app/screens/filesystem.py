@@ -50,8 +50,8 @@ def fs_details(state) -> list[tuple[str, str]]:
 
 
 def difference_lines(diffs: list[dict]) -> list[str]:
-    lines = [f"{shown(d['path'])}: {d['what']} (source {shown(str(d['source']))}, target "
-             f"{shown(str(d['target']))})" for d in diffs[:MAX_DIFFERENCES_SHOWN]]
+    from app.services.entries import describe_difference
+    lines = [describe_difference(d) for d in diffs[:MAX_DIFFERENCES_SHOWN]]
     if len(diffs) > MAX_DIFFERENCES_SHOWN:
         lines.append(f"… and {len(diffs) - MAX_DIFFERENCES_SHOWN} more differences")
     return lines

@@ -206,6 +206,26 @@ def fs_mirror(replication, path: str, progress: Callable[[dict], None] | None = 
     return [Result.from_json(r) for r in reply.get("results", [])]
 
 
+def describe_difference(d: dict) -> str:
+    """One difference of `fs_verify` in words, for the screen and the CLI: times as local
+    times (to the nanosecond: a copy that lost precision differs there), a checksum by its
+    first 16 hex digits, a side that has nothing as "none". --json keeps the raw values."""
+    import time
+
+    from app.services.units import shown
+
+    def side(value) -> str:
+        if value is None:
+            return "none"
+        if d["what"] == "mtime" and isinstance(value, int):
+            sec, ns = divmod(value, 1_000_000_000)
+            return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(sec)) + f".{ns:09d}"
+        if d["what"] == "content" and isinstance(value, str) and len(value) > 16:
+            return f"sha256 {value[:16]}…"
+        return shown(str(value))
+    return f"{shown(d['path'])}: {d['what']} (source {side(d['source'])}, target {side(d['target'])})"
+
+
 def fs_verify(replication, path: str) -> tuple[list[Result], list[dict]]:
     """Compare an entry with its target through the daemon: results and every difference
     ({path, what, source, target})."""
