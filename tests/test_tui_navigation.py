@@ -231,3 +231,37 @@ async def test_a_table_gives_its_room_to_a_capped_column_and_marks_what_it_cuts(
         await pilot.pause()
         assert str(table.get_cell("/srv/a", "state")) == wordy
         assert table.columns["state"].width == len(wordy)
+
+
+@pilot_test
+async def test_a_table_narrows_an_important_column_before_it_drops_it():
+    """At 80 columns a long loop name (/dev/loop99999) left the picker one character short
+    and it dropped its "In use / excluded": a column kept 7 or more is now cut ("…") down to
+    16 characters before it goes; less important ones still go first, whole."""
+    from textual.app import App
+
+    from app.screens.base import Col, KeyedTable
+    notes = "the loop of replicated /dev/loop0, captured by the daemon"
+
+    class Picker(App):
+        def compose(self):
+            yield KeyedTable((Col("path", "Device", 9, 32), Col("size", "Size", 8),
+                              Col("type", "Type", 8), Col("mounts", "Mounted on", 4, 28),
+                              Col("notes", "In use", 7, 48)))
+
+    app = Picker()
+    async with app.run_test(size=(80, 10)) as pilot:
+        table = app.query_one(KeyedTable)
+        table.show_rows({"/dev/loop99999": ("/dev/loop99999", "1.0 MiB", "loop",
+                                            "/mnt/somewhere/deep", notes)})
+        await pilot.pause()
+        assert table.shown_columns == ("path", "size", "type", "notes")  # "Mounted on" went first
+        cut = str(table.get_cell("/dev/loop99999", "notes"))
+        assert cut.endswith("…") and notes.startswith(cut[:-1]), cut
+        await pilot.resize_terminal(40, 10)  # 16 characters of it do not fit either: it goes
+        await pilot.pause()
+        assert table.shown_columns == ("path", "size", "type")
+        await pilot.resize_terminal(120, 10)
+        await pilot.pause()
+        assert table.shown_columns == ("path", "size", "type", "mounts", "notes")
+        assert str(table.get_cell("/dev/loop99999", "notes")) == notes

@@ -81,6 +81,10 @@ def check_text(problem: str | None, warnings: Sequence[str] = (), ok: str = "can
 
 # -- tables ------------------------------------------------------------------------------------
 
+ELIDE_BEFORE_DROPPING = 7  # a column kept this much is narrowed (its cells end in "…") first
+ELIDED_WIDTH = 16  # ... but not below this (or its label's width)
+
+
 @dataclass(frozen=True)
 class Col:
     key: str
@@ -142,8 +146,9 @@ class KeyedTable(DataTable):
 
     def _fit(self) -> tuple[tuple[str, int], ...]:
         """The columns that fit the table's width (each takes its width plus padding),
-        dropping the lowest `keep` first; room left over goes to columns cut by their cap,
-        the last (wordiest) first."""
+        dropping the lowest `keep` first, but narrowing wide columns before an important one
+        goes (_elide); room left over goes to columns cut by their cap, the last (wordiest)
+        first."""
         room = (self.size.width or self.app.size.width) - 2  # the vertical scrollbar
         natural = dict(zip((c.key for c in self.spec), self._natural_widths()))
         columns = [(c, min(natural[c.key], c.cap)) for c in self.spec]
@@ -151,8 +156,9 @@ class KeyedTable(DataTable):
         while len(columns) > 1 and sum(w + pad for _, w in columns) > room:
             drop = min((c for c in columns if c[0].keep < 9), key=lambda c: c[0].keep,
                        default=None)
-            if drop is None:
-                break
+            if drop is None or drop[0].keep >= ELIDE_BEFORE_DROPPING:
+                if self._elide(columns, sum(w + pad for _, w in columns) - room) or drop is None:
+                    break
             columns.remove(drop)
         spare = room - sum(w + pad for _, w in columns)
         for i in reversed(range(len(columns))):
@@ -162,6 +168,22 @@ class KeyedTable(DataTable):
                 columns[i] = (c, w + more)
                 spare -= more
         return tuple((c.key, w) for c, w in columns)
+
+    @staticmethod
+    def _elide(columns: list, excess: int) -> bool:
+        """Narrow the widest columns, none below ELIDED_WIDTH (or its label), by `excess` in
+        all, if they can give that much: their cells then end in "…". An important column
+        (an entry's state, a device's use) is worth more cut than gone: at 80 columns a
+        /dev/loop99999 made the picker drop its "In use / excluded" for one character."""
+        floor = [max(ELIDED_WIDTH, cell_len(c.label)) for c, _ in columns]
+        if sum(max(0, w - f) for (_, w), f in zip(columns, floor)) < excess:
+            return False
+        while excess > 0:
+            i = max(range(len(columns)), key=lambda n: columns[n][1] - floor[n])
+            c, w = columns[i]
+            columns[i] = (c, w - 1)
+            excess -= 1
+        return True
 
     def _relayout(self) -> bool:
         """Rebuild the columns when the fitting set or a width changed; True if it did."""
