@@ -16,6 +16,7 @@ from app.services.blockplan import View, same_device
 from app.services.config import BlockEntry, ConfigStore
 from app.services.layout import FSTYPE_FS
 from app.services.results import MirrorError, Outcome, Result
+from app.services.units import human_size
 
 
 class Replication:
@@ -41,8 +42,10 @@ class Replication:
         except MirrorError as exc:
             return Result.from_error("add", device, exc)
         where = entry.loop or "the first free loop device"
-        return Result("add", entry.device, Outcome.OK,
-                      f"added {entry.device} (attaches to {where} at offset {entry.offset})")
+        window = (f"{human_size(entry.sizelimit)} from offset {entry.offset}" if entry.sizelimit
+                  else f"at offset {entry.offset}")
+        return Result("add", entry.device, Outcome.OK, f"added {entry.device} (attaches to {where} "
+                      f"{window}{', read-only' if entry.read_only else ''})")
 
     def remove_block(self, device: str) -> list[Result]:
         """Remove an entry; its loop is detached first, and a failed detach keeps the entry."""
