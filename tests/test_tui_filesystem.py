@@ -9,7 +9,8 @@ import threading
 import pytest
 from test_engine_support import engine_maker, mirrorfs_mounts
 from test_tui_support import (  # noqa: F401 (fixtures)
-    cell, config_bytes, pilot_test, run, settle, static_text, store, table_keys, tui, wait_until)
+    cell, config_bytes, pilot_test, run, settle, static_text, store, table_keys, tui, wait_until,
+    wait_while_a_worker_waits)
 from textual.widgets import DataTable, Input, Switch
 
 from app.screens.dialogs import AddFsEntryDialog, ConfirmDialog, ResultsDialog
@@ -80,10 +81,7 @@ async def test_escape_while_an_add_runs_waits_for_its_result(tui, store, tmp_pat
         await wait_until(pilot, lambda: "can be added" in static_text(dialog.query_one("#problem")),
                          "the inline check to accept the path")
         await pilot.click("#add")
-        for _ in range(200):  # not settle(): it waits for the add's worker, which waits for us
-            if asked.is_set():
-                break
-            await pilot.pause(0.05)
+        await wait_while_a_worker_waits(pilot, asked.is_set, "the add to start")
         await pilot.press("escape")
         await pilot.pause(0.2)
         assert asked.is_set() and app.screen is dialog

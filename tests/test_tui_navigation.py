@@ -3,7 +3,8 @@ back one level, ctrl+q from anywhere, the command palette, and the read-only mod
 
 from __future__ import annotations
 
-from test_tui_support import config_bytes, pilot_test, settle, static_text, tui  # noqa: F401 (fixtures)
+from test_tui_support import (  # noqa: F401 (fixtures)
+    config_bytes, pilot_test, settle, static_text, tui, wait_while_a_worker_waits)
 from textual.widgets import OptionList
 
 from app.screens.block import BlockScreen
@@ -105,19 +106,14 @@ async def test_an_action_that_ends_after_its_screen_was_left_says_how_it_ended(t
         await settle(pilot)
         monkeypatch.setattr(app.services.replication, "mount_all", slow_mount_all)
         await pilot.press("m")
-        for _ in range(200):  # not settle(): it waits for the action's worker, which waits for us
-            if asked.is_set():
-                break
-            await pilot.pause(0.05)
+        await wait_while_a_worker_waits(pilot, asked.is_set, "the action to start")
         await pilot.press("escape")
         await pilot.pause(0.2)
         assert asked.is_set() and type(app.screen) is MainMenuScreen
         release.set()
         await settle(pilot)
-        for _ in range(100):
-            if any(n.title == "Mount all" for n in app._notifications):
-                break
-            await pilot.pause(0.05)
+        await wait_while_a_worker_waits(pilot, lambda: any(n.title == "Mount all" for n in
+                                                           app._notifications), "the notice")
         [notice] = [n for n in app._notifications if n.title == "Mount all"]
         assert notice.message == "mount of /srv/data refused: busy" and notice.severity == "error"
         assert type(app.screen) is MainMenuScreen

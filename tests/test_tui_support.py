@@ -50,6 +50,16 @@ async def settle(pilot) -> None:
         await pilot.pause()
 
 
+async def wait_while_a_worker_waits(pilot, predicate, what: str) -> None:
+    """Poll the UI until `predicate()` is true without settle(), which waits for every worker:
+    for a test whose worker blocks until the test releases it. Fails after 10 s."""
+    for _ in range(200):
+        if predicate():
+            return
+        await pilot.pause(0.05)
+    raise AssertionError(f"gave up waiting for {what}")
+
+
 async def wait_until(pilot, predicate, what: str) -> None:
     """Poll the UI (not the clock) until `predicate()` is true; fail after WAIT_STEPS pauses."""
     for _ in range(WAIT_STEPS):
@@ -138,6 +148,7 @@ def store(config_path) -> ConfigStore:
     return ConfigStore(config_path)
 
 
-__all__ = ["pilot_test", "settle", "wait_until", "table_keys", "cell", "static_text", "tui",
+__all__ = ["pilot_test", "settle", "wait_until", "wait_while_a_worker_waits", "table_keys", "cell",
+           "static_text", "tui",
            "config_bytes", "loops_backed_by", "protected_device", "store", "losetup_json", "run",
            "own_devices", "notices"]

@@ -11,7 +11,8 @@ import sys
 from pathlib import Path
 
 import pytest
-from test_tui_support import cell, config_bytes, notices, pilot_test, settle, static_text, tui, wait_until  # noqa: F401
+from test_tui_support import (  # noqa: F401
+    cell, config_bytes, notices, pilot_test, settle, static_text, tui, wait_until, wait_while_a_worker_waits)
 
 from app.screens.dialogs import ConfirmDialog, DetailsDialog, ResultsDialog
 from app.screens.targets import AddTargetDialog, TargetsScreen
@@ -199,10 +200,7 @@ async def test_a_host_key_that_arrives_after_the_screen_was_left_adds_nothing_an
             app.screen.query_one(f"#{field}").value = value
         await settle(pilot)
         await pilot.click("#add")
-        for _ in range(200):  # not settle(): it waits for the scan's worker, which waits for us
-            if asked.is_set():
-                break
-            await pilot.pause(0.05)
+        await wait_while_a_worker_waits(pilot, asked.is_set, "the scan to start")
         await pilot.pause(0.2)
         await pilot.press("escape")  # back to the main menu while it scans
         await pilot.pause(0.2)
