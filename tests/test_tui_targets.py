@@ -176,8 +176,9 @@ async def test_a_host_whose_key_cannot_be_read_brings_the_dialog_back_as_typed(
 async def test_a_host_key_that_arrives_after_the_screen_was_left_adds_nothing_and_says_so(
         tui, config_path, tmp_path, config_bytes, monkeypatch):
     """The host key scan runs in a thread; the administrator may leave Targets meanwhile. Its
-    answer then must not push the pin confirmation over another screen, where a "Pin and add"
-    would start an action on a screen that is gone: a notice says the target was not added."""
+    answer was then lost without a word (in the worker, self.app is not found once the screen
+    is gone). It must not push the pin confirmation over another screen either, where "Pin
+    and add" would start an action on a screen that is gone: a notice says it was not added."""
     import threading
 
     from app.screens.main_menu import MainMenuScreen

@@ -442,7 +442,8 @@ class TaskScreen(Screen):
         self._set_busy(True, waiting or f"{title}: working…")
         self._action_worker(self.app, title, call, force)
 
-    def finish_from_thread(self, app, title: str, results: Sequence[Result], done: Callable[[], None]) -> None:
+    def finish_from_thread(self, app, title: str, results: Sequence[Result],
+                           done: Callable[[], None]) -> None:
         """From a worker thread that `app` (taken before it started) runs: on the UI thread,
         `done()` while this screen is still in the App, else a notice of how `title` ended.
         The administrator may leave the screen while it works; a message to a screen that is

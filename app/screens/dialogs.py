@@ -35,6 +35,12 @@ BLOCK_NOTES = (
     "device from a script that runs after the daemon."
 )
 # The services word their hints for the command line; the results dialog has a Force button.
+CLI_HINTS = (("(--force overrides)", "(Force… below overrides)"),
+             ("or unmount with --force (lazy unmount)", "or use Force… below (lazy unmount)"),
+             ("start it with `mirrorsetup daemon start` (or `systemctl start mirrorsetup`)",
+              "start it on the Daemon screen (5 in the main menu)"))
+
+
 def labelled(*fields: tuple[str, Input]) -> Horizontal:
     """One line of a form: each input after its name. A placeholder alone names an empty
     field only: once typed in or filled in advance (port 22, user root), its name is gone."""
@@ -42,12 +48,6 @@ def labelled(*fields: tuple[str, Input]) -> Horizontal:
     for n, (name, field) in enumerate(fields):
         children += [Label(name, classes="field-name next" if n else "field-name"), field]
     return Horizontal(*children, classes="field")
-
-
-CLI_HINTS = (("(--force overrides)", "(Force… below overrides)"),
-             ("or unmount with --force (lazy unmount)", "or use Force… below (lazy unmount)"),
-             ("start it with `mirrorsetup daemon start` (or `systemctl start mirrorsetup`)",
-              "start it on the Daemon screen (5 in the main menu)"))
 
 
 def tui_words(message: str) -> str:

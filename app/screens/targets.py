@@ -269,8 +269,8 @@ class TargetsScreen(TaskScreen):
     def _scanned(self, app, host, keys, error) -> None:
         if not self.is_attached:  # Targets was left while it asked: no dialog over another screen
             app.notify(f"{host.name} was not added: Targets was left before {host.host} "
-                            "answered. Add it again there.", title="Add target",
-                            severity="warning", markup=False)
+                       "answered. Add it again there.", title="Add target",
+                       severity="warning", markup=False)
             return
         self._set_busy(False)
         if error or not keys:  # the dialog again, as typed, with what went wrong
