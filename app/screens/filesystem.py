@@ -13,6 +13,7 @@ from app.screens.banner import RootBanner
 from app.screens.base import (Col, ForceOffer, KeyedTable, TaskScreen, elide,
                               selected_key, state_text)
 from app.screens.dialogs import AddFsEntryDialog, ConfirmDialog, DetailsDialog
+from app.services.entries import describe_difference
 from app.services.results import Result
 from app.services.status import replication_lines
 from app.services.units import shown
@@ -50,7 +51,6 @@ def fs_details(state) -> list[tuple[str, str]]:
 
 
 def difference_lines(diffs: list[dict]) -> list[str]:
-    from app.services.entries import describe_difference
     lines = [describe_difference(d) for d in diffs[:MAX_DIFFERENCES_SHOWN]]
     if len(diffs) > MAX_DIFFERENCES_SHOWN:
         lines.append(f"… and {len(diffs) - MAX_DIFFERENCES_SHOWN} more differences")

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import errno
 import os
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 
@@ -19,6 +20,7 @@ from app.services.config import BlockEntry, Config, ConfigStore, FsEntry, _match
 from app.services.blockplan import View, busy_reasons, same_device
 from app.services.layout import is_capture_of
 from app.services.results import ConfigError, MirrorError, Outcome, Result
+from app.services.units import shown
 
 
 # -- is it configured ---------------------------------------------------------------------
@@ -210,10 +212,6 @@ def describe_difference(d: dict) -> str:
     """One difference of `fs_verify` in words, for the screen and the CLI: times as local
     times (to the nanosecond: a copy that lost precision differs there), a checksum by its
     first 16 hex digits, a side that has nothing as "none". --json keeps the raw values."""
-    import time
-
-    from app.services.units import shown
-
     def side(value) -> str:
         if value is None:
             return "none"
