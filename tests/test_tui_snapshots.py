@@ -339,3 +339,28 @@ def test_nothing_hides_off_screen(snap_services, screen, size):
             assert footer.virtual_size.width <= footer.size.width == width, \
                 (footer.virtual_size.width, footer.size.width)
     check()
+
+
+@pytest.mark.parametrize("size", SIZES)
+def test_the_dashboard_keeps_each_entrys_replication_at_every_size(snap_services, size):
+    """The Engine column (is it replicating? connected?) is what the dashboard is for: at 80
+    columns it is cut short, not dropped (it was dropped whenever one entry's text was long,
+    e.g. a switched-over entry, or a disconnected one with its retry time); the block table has
+    one too (it had none: a block entry's replication was only in the side panel)."""
+    from app.screens.base import KeyedTable
+    from test_tui_support import pilot_test
+
+    @pilot_test
+    async def check():
+        app = snapshot_app(snap_services)
+        async with app.run_test(size=SIZES[size]) as pilot:
+            await LAYOUT_SCREENS["dashboard"](pilot)
+            fs, block = app.screen.query_one("#dash-fs", KeyedTable), \
+                app.screen.query_one("#dash-block", KeyedTable)
+            assert "engine" in fs.shown_columns, fs.shown_columns
+            assert "engine" in block.shown_columns, block.shown_columns
+            cell = str(fs.get_cell("/srv/data", "engine"))
+            assert cell.startswith("established · queued 12.0 KiB"), cell
+            assert str(block.get_cell("/dev/sdb1", "engine")).startswith("established"), \
+                block.get_cell("/dev/sdb1", "engine")
+    check()

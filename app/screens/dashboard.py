@@ -32,11 +32,13 @@ RATE_INTERVAL = 1.0  # seconds between disk-counter samples while the dashboard 
 RATE_HISTORY = 30  # samples kept per sparkline
 EVENTS_KEPT = 500
 NARROW_WARNINGS = 3  # warnings shown at 80 columns; `w` shows them all
+# An entry's replication (Engine) is what the dashboard is for: at 80 columns it is cut short,
+# not dropped (keep 7); `g` shows it whole.
 FS_COLUMNS = (Col("path", "Path", 9, 30), Col("state", "State", 8, 26),
-              Col("engine", "Engine", 6, 40))  # a path's end tells entries apart
+              Col("engine", "Engine", 7, 40))  # a path's end tells entries apart
 BLOCK_COLUMNS = (Col("device", "Device", 9, 24), Col("loop", "Loop", 8), Col("state", "State", 7, 18),
-                 Col("capture", "Capture", 8), Col("mounted", "Mounted", 4, 20),
-                 Col("offset", "Offset", 2), Col("flags", "Flags", 1))
+                 Col("capture", "Capture", 8), Col("engine", "Engine", 7, 24),
+                 Col("mounted", "Mounted", 4, 20), Col("offset", "Offset", 2), Col("flags", "Flags", 1))
 
 
 def mount_diff_lines(diff) -> list[str]:
@@ -272,6 +274,7 @@ class DashboardScreen(TaskScreen):
             # at the entry's offset on the device (a plain loop has the entry's offset itself).
             rows[s.entry.device] = (elide(s.entry.device, 24), lp.device if lp else "—",
                                     state_text(s.state, s.problem), capture_text(s.capture),
+                                    engine_cell(s.figures),
                                     ", ".join(shown(m) for m in s.loop_mounts) or "—",
                                     human_size(s.entry.offset) if s.entry.offset else "0",
                                     loop_flags(lp) if lp else "")
