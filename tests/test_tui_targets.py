@@ -76,11 +76,18 @@ async def test_targets_and_replicas_are_listed_and_wrong_input_changes_nothing(
         await pilot.click("#add")
         await settle(pilot)
         assert "name, host and root are needed" in static_text(app.screen.query_one("#problem"))
+        app.screen.query_one("#name").value = "b 2"  # a name the file refuses: said at once
+        await settle(pilot)
+        await pilot.click("#add")
+        await settle(pilot)
+        problem = static_text(app.screen.query_one("#problem")).replace("\n", " ")
+        assert "✘ host and root are needed; name: must be letters" in problem, problem
         app.screen.query_one("#name").value = "b2"
         await settle(pilot)  # checked as typed first, then on Add
         await pilot.click("#add")
         await settle(pilot)
         assert "✘ host and root are needed" in static_text(app.screen.query_one("#problem"))
+        assert "name:" not in static_text(app.screen.query_one("#problem"))
         for field, value in (("host", "10.0.0.9"), ("root", "relative/dir")):
             app.screen.query_one(f"#{field}").value = value
         app.screen.query_one("#port").value = "99999"
@@ -89,12 +96,18 @@ async def test_targets_and_replicas_are_listed_and_wrong_input_changes_nothing(
         await settle(pilot)
         problem = static_text(app.screen.query_one("#problem")).replace("\n", " ")
         assert "'99999' is not a port number; the root is an absolute path" in problem  # both at once
-        app.screen.query_one("#port").value = ""
+        app.screen.query_one("#port").value = ""  # ssh's 22, as the placeholder says
         await settle(pilot)
         await pilot.click("#add")
         await settle(pilot)
-        assert "✘ port is needed; the root is an absolute path" in static_text(
-            app.screen.query_one("#problem")).replace("\n", " ")
+        assert "✘ the root is an absolute path" in static_text(app.screen.query_one("#problem"))
+        assert "port" not in static_text(app.screen.query_one("#problem"))
+        assert app.screen._check(final=True)[1] is None
+        app.screen.query_one("#root").value = "/srv/b2"
+        await settle(pilot)
+        problem, target = app.screen._check(final=True)
+        assert problem is None and target.port == 22, (problem, target)
+        app.screen.query_one("#root").value = "relative/dir"
         app.screen.query_one("#port").value = "22"
         await pilot.click("#add")
         await settle(pilot)

@@ -114,24 +114,28 @@ class AddTargetDialog(ModalScreen["object | None"]):
         name, host, root, port = (self._value("name"), self._value("host"), self._value("root"),
                                   self._value("port"))
         problems = []  # every one at once: an administrator fixes them in one go
-        missing = [f for f, v in (("name", name), ("host", host), ("port", port), ("root", root))
-                   if not v]
+        # (an empty port is ssh's 22, as its placeholder says)
+        missing = [f for f, v in (("name", name), ("host", host), ("root", root)) if not v]
         if final and missing:
             problems.append((" and ".join([", ".join(missing[:-1]), missing[-1]])
                              if len(missing) > 1 else missing[0])
                             + (" is" if len(missing) == 1 else " are") + " needed")
-        if port and not (port.isdigit() and 0 < int(port) < 65536):
+        port_ok = port.isdigit() and 0 < int(port) < 65536
+        if port and not port_ok:
             problems.append(f"port {port!r} is not a port number")
         if root and not root.startswith("/"):
             problems.append("the root is an absolute path on the target")
+        # The configuration file's rules, for what is typed (a bad name is said at once, not
+        # only once the host and root are there); fields already refused above stand in.
+        target = TargetHost(name=name or "x", host=host or "x",
+                            root=root if root.startswith("/") else "/x",
+                            port=int(port) if port_ok else 22, user=self._value("user") or None)
+        try:
+            self.app.services.store.check_target(target)
+        except ConfigError as exc:
+            problems.append(str(exc))
         if problems:
             return "; ".join(problems), None
-        target = TargetHost(name=name or "x", host=host or "x", root=root or "/x",
-                            port=int(port or 22), user=self._value("user") or None)
-        try:
-            self.app.services.store.check_target(target)  # the configuration file's rules
-        except ConfigError as exc:
-            return str(exc), None
         return None, target
 
     @on(Input.Changed)
