@@ -281,7 +281,8 @@ class AddFsEntryDialog(_EntryDialog):
             with Horizontal(classes="field"):
                 yield Switch(False, id="atime")
                 yield Label(self._atime_words(False), id="atime-state")
-            yield labelled(("Target", Input(placeholder="directory (optional)", id="target",
+            yield labelled(("Target", Input(placeholder="(optional) directory, or NAME:PATH on a "
+                                            "remote target", id="target",
                                             compact=True)))
             yield Static("", id="problem")
             yield Static(FS_NOTES, classes="notes")
@@ -343,8 +344,9 @@ class AddBlockEntryDialog(_EntryDialog):
             yield Label(Text("Add a block device to replicate", style="bold"))
             yield labelled(("Device", Input(self.device, placeholder="e.g. /dev/sdb1", id="device",
                                             compact=True)))
-            yield labelled(("Target", Input(placeholder="(optional) file or block device the "
-                                            "writes are replicated to", id="target", compact=True)))
+            yield labelled(("Target", Input(placeholder="(optional) file or device, or "
+                                            "NAME:PATH on a remote target", id="target",
+                                            compact=True)))
             yield labelled(("Loop", Input(placeholder="first free, or /dev/loopN to keep the same "
                                           "one across restarts", id="loop", compact=True)))
             yield labelled(("Offset", Input(placeholder="0  (512, 4K, 1M…)", id="offset",
