@@ -12,7 +12,7 @@ import pytest
 from test_tui_support import pilot_test, settle, static_text, wait_until
 
 from app.screens.daemon import DaemonScreen
-from app.screens.dialogs import ResultsDialog
+from app.screens.dialogs import ConfirmDialog, ResultsDialog
 from app.services.control import ControlClient
 from app.services.daemonctl import SYSTEMD_RUNNING
 from app.ui import default_services, make_app
@@ -71,7 +71,16 @@ async def test_start_then_stop_the_daemon_from_the_screen(daemon_services):
             assert words in state, (words, state)
         assert info.log == os.path.join(os.path.dirname(client.socket_path), "daemon.log")
 
-        await pilot.click("#stop")
+        await pilot.click("#stop")  # one key ends replication: asked first, No keeps it
+        await wait_until(pilot, lambda: type(app.screen) is ConfirmDialog, "the question")
+        question = static_text(app.screen.query_one("#question"))
+        assert "Stop the replication daemon?" in question and "not replicated" in question
+        await pilot.press("n")
+        await settle(pilot)
+        assert app.screen is screen and client.is_running()
+        await pilot.press("p")
+        await wait_until(pilot, lambda: type(app.screen) is ConfirmDialog, "the question")
+        await pilot.click("#yes")
         await wait_until(pilot, lambda: type(app.screen) is ResultsDialog, "stop results")
         assert app.screen.results[0].outcome.value == "ok", app.screen.results[0].message
         assert not client.is_running()

@@ -13,11 +13,20 @@ from textual.widgets import Button, Footer, Header, Label, Static
 
 from app.screens.banner import RootBanner
 from app.screens.base import TaskScreen
+from app.screens.dialogs import ConfirmDialog
 from app.services.units import shown
 
 ABOUT = ("The daemon mounts mirrorfs on the file system entries, captures writes to the block "
          "entries' loop devices, and applies the journal to the targets. Start it before the "
          "applications (and before NFS/Samba) so no change is missed.")
+
+
+STOP_QUESTION = (
+    "Stop the replication daemon?\n\nWhat nothing uses now stops being captured: mirrorfs is "
+    "unmounted from those directories and those block devices' loops are detached. What is "
+    "written there until the daemon starts again is not replicated meanwhile (its next start "
+    "catches up by comparing with the targets). Captures in use are left running for the next "
+    "daemon.")
 
 
 def info_text(info, now: float) -> Table:
@@ -91,8 +100,15 @@ class DaemonScreen(TaskScreen):
                       "answer on its socket (up to 10 s)")
 
     def action_stop(self) -> None:
-        self._control("stop", "Stop the daemon", "stopping the daemon: it drains every entry to "
-                      "its target and unmounts it first (up to 10 s)")
+        """One key ends replication: asked first while the daemon runs."""
+        def stop(confirmed: bool | None = True) -> None:
+            if confirmed:
+                self._control("stop", "Stop the daemon", "stopping the daemon: it drains every "
+                              "entry to its target and unmounts it first (up to 10 s)")
+        if self._info is None or not self._info.running:
+            stop()  # nothing to lose: it says so
+            return
+        self.app.push_screen(ConfirmDialog(STOP_QUESTION, yes="Stop"), stop)
 
     def action_restart(self) -> None:
         self._control("restart", "Restart the daemon", "restarting the daemon: stop (drain and "
