@@ -261,7 +261,10 @@ async def test_add_a_real_target_through_the_dialog_pins_its_key_and_tests_it(
                 assert ConfigStore(config_path).load().target == ()
         await wait_until(pilot, lambda: isinstance(app.screen, ResultsDialog), "the result")
         notes = static_text(app.screen.query_one("#results-notes"))
-        assert "authorized_keys" in notes and "restrict ssh-ed25519" in notes.replace("\n", " ")
+        assert "authorized_keys" in notes and "k on this screen shows it again" in notes
+        shown_text = "".join(static_text(w) for w in app.screen.query(".result")) + notes
+        # the line once (it was twice: in the result and again below it)
+        assert shown_text.replace("\n", " ").count("restrict ssh-ed25519") == 1, shown_text
         await pilot.press("enter")
         await settle(pilot)
         host = ConfigStore(config_path).load().target_host("backup1")

@@ -299,9 +299,9 @@ class TargetsScreen(TaskScreen):
         result = targets.add_target(self.services.store, host, accept_host_key=fp)
         if result.failed:
             return result
-        added = self.services.store.load().target_host(host.name)
-        return [result], ["On the target, put this line in the user's ~/.ssh/authorized_keys "
-                          "(k shows it again):", targets.authorized_key_line(added)]
+        # (the result already holds the line: it was shown twice, and filled the dialog at 80x24)
+        return [result], ["That line goes in ~/.ssh/authorized_keys of the target's user; k on "
+                          "this screen shows it again."]
 
     def action_test(self) -> None:
         host = self._selected_target()
