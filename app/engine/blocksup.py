@@ -106,7 +106,7 @@ class BlockCaptures:
             return Result.from_error(action, dev, exc)
         cap.loop = st.device
         self.sup.register(cap)
-        target = f" replicated to {entry.target}" if entry.target else " (no target: captured only)"
+        target = f" and replicated to {entry.target}" if entry.target else " (no target: captured only)"
         note = f"; catching up in the background ({msg.get('reason')})" if msg.get("reason") else ""
         return Result(action, dev, Outcome.OK, f"attached {dev} as {st.device}, captured{target}{note}",
                       details={"loop": st.device, "captured": True, "pid": link.pid})
