@@ -22,10 +22,10 @@ ABOUT = ("The daemon mounts mirrorfs on the file system entries, captures writes
 
 
 STOP_QUESTION = (
-    "Stop the replication daemon?\n\nWhat nothing uses now stops being captured: mirrorfs is "
+    "Stop the replication daemon?\n\nEntries nothing is using stop being captured: mirrorfs is "
     "unmounted from those directories and those block devices' loops are detached. What is "
-    "written there until the daemon starts again is not replicated meanwhile (its next start "
-    "catches up by comparing with the targets). Captures in use are left running for the next "
+    "written there before the daemon starts again is not replicated until then (its next start "
+    "catches up by comparing with the targets). Captures in use keep running for the next "
     "daemon.")
 
 
@@ -105,7 +105,7 @@ class DaemonScreen(TaskScreen):
             if confirmed:
                 self._control("stop", "Stop the daemon", "stopping the daemon: it drains every "
                               "entry to its target and unmounts it first (up to 10 s)")
-        if self._info is None or not self._info.running:
+        if self._info is not None and not self._info.running:
             stop()  # nothing to lose: it says so
             return
         self.app.push_screen(ConfirmDialog(STOP_QUESTION, yes="Stop"), stop)
