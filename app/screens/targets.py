@@ -25,7 +25,7 @@ from app.services.units import shown
 
 TARGET_COLUMNS = (Col("name", "Name", 9, 16), Col("host", "Host", 8, 30), Col("root", "Root", 6, 30),
                   Col("bandwidth", "Bandwidth", 2, 14))
-REPLICA_COLUMNS = (Col("entry", "Entry", 9, 30), Col("target", "Replica", 4, 24),
+REPLICA_COLUMNS = (Col("entry", "Entry", 9, 30), Col("target", "Replica", 7, 24),
                    Col("role", "Role", 9, 16), Col("state", "State", 8, 40))
 NOTES = ("A replica on another host can take over: Switch over (planned), or on that host "
          "`mirrorsetup replica promote` when this one is gone. Fail back brings it home.")
