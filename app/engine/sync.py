@@ -172,12 +172,8 @@ def subdirectories(dir_fd: int, rel: bytes) -> list[bytes]:
 
 def block_hashes(fd: int, size: int, offset: int = 0, block: int = BLOCK) -> list[str]:
     """sha256 of each `block` bytes of [offset, offset + size) of an open file."""
-    out = []
-    for start in range(0, size, block):
-        n = min(block, size - start)
-        data = os.pread(fd, n, offset + start)
-        out.append(sha256_hex(data))
-    return out
+    return [sha256_hex(os.pread(fd, min(block, size - start), offset + start))
+            for start in range(0, size, block)]
 
 
 FOLIO_MAX = 2 << 20  # the largest page-cache folio (x86-64's PMD size), and how each is aligned

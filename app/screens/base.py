@@ -442,23 +442,24 @@ class TaskScreen(Screen):
         self._set_busy(True, waiting or f"{title}: working…")
         self._action_worker(self.app, title, call, force)
 
+    def from_thread(self, app, done: Callable[[], None], gone: Callable[[], None]) -> None:
+        """From a worker thread that `app` (taken before it started) runs: on the UI thread,
+        `done()` while this screen is still in the App, else `gone()`. The administrator may
+        leave the screen while it works; a message to a screen that is gone is dropped, and in
+        the worker `self.app` is not even found any more."""
+        try:
+            app.call_from_thread(lambda: done() if self.is_attached else gone())
+        except RuntimeError:  # the App itself has ended
+            pass
+
     def finish_from_thread(self, app, title: str, results: Sequence[Result],
                            done: Callable[[], None]) -> None:
-        """From a worker thread that `app` (taken before it started) runs: on the UI thread,
-        `done()` while this screen is still in the App, else a notice of how `title` ended.
-        The administrator may leave the screen while it works; a message to a screen that is
-        gone is dropped, and in the worker `self.app` is not even found any more."""
-        def finish() -> None:
-            if self.is_attached:
-                done()
-                return
+        """from_thread(), with a notice of how `title` ended once the screen is gone."""
+        def gone() -> None:
             summary = "; ".join(shown(r.message) for r in results) or "done"
             app.notify(summary, title=title, markup=False,
                        severity="error" if any(r.failed for r in results) else "information")
-        try:
-            app.call_from_thread(finish)
-        except RuntimeError:  # the App itself has ended
-            pass
+        self.from_thread(app, done, gone)
 
     @work(thread=True, exclusive=True, exit_on_error=False, group="action",
           description="apply an administrator's action")

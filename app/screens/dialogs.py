@@ -41,13 +41,14 @@ CLI_HINTS = (("(--force overrides)", "(Force… below overrides)"),
               "start it on the Daemon screen (5 in the main menu)"))
 
 
-def labelled(*fields: tuple[str, Input]) -> Horizontal:
-    """One line of a form: each input after its name. A placeholder alone names an empty
-    field only: once typed in or filled in advance (port 22, user root), its name is gone."""
+def labelled(*fields: tuple[str, Input], then=(), classes: str = "field") -> Horizontal:
+    """One line of a form: each input after its name, then the widgets `then` (a switch, a
+    button). A placeholder alone names an empty field only: once typed in or filled in
+    advance (port 22, user root), its name is gone."""
     children = []
     for n, (name, field) in enumerate(fields):
         children += [Label(name, classes="field-name next" if n else "field-name"), field]
-    return Horizontal(*children, classes="field")
+    return Horizontal(*children, *then, classes=classes)
 
 
 def tui_words(message: str) -> str:

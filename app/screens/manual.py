@@ -5,13 +5,13 @@ from __future__ import annotations
 
 from textual import on
 from textual.app import ComposeResult
-from textual.containers import Horizontal, Vertical
+from textual.containers import Vertical
 from textual.widgets import Button, DataTable, Footer, Header, Input, Label, Static, Switch
 
 from app.screens.banner import RootBanner
 from app.screens.base import (Col, KeyedTable, TaskScreen, elide, natural_key,
                               selected_key)
-from app.screens.dialogs import ResultsDialog, switch_text
+from app.screens.dialogs import ResultsDialog, labelled, switch_text
 from app.services.results import Result
 from app.services.units import human_size, parse_size, shown
 
@@ -45,24 +45,20 @@ class ManualScreen(TaskScreen):
         yield Static("", id="load-error", classes="banner error")
         with Vertical(classes="form"):
             yield Label("Attach a device now", classes="section-title")
-            with Horizontal(classes="row"):  # each field named beside it (a placeholder goes)
-                yield Label("Device", classes="field-name")
-                yield Input(placeholder="e.g. /dev/sdb1", id="device", compact=True)
-                yield Label("loop", classes="field-name next")
-                yield Input(placeholder="first free", id="loop", compact=True)
-            with Horizontal(classes="row"):
-                yield Label("Offset", classes="field-name")
-                yield Input(placeholder="0", id="offset", compact=True)
-                yield Label("size limit", classes="field-name next")
-                yield Input(placeholder="whole", id="sizelimit", compact=True)
-                yield Switch(False, id="read-only")
-                yield Label(self._ro_words(False), id="read-only-state", classes="switch-label")
-                yield Button("Attach now", id="attach", compact=True, variant="warning")
+            yield labelled(("Device", Input(placeholder="e.g. /dev/sdb1", id="device", compact=True)),
+                           ("loop", Input(placeholder="first free", id="loop", compact=True)),
+                           classes="row")
+            yield labelled(("Offset", Input(placeholder="0", id="offset", compact=True)),
+                           ("size limit", Input(placeholder="whole", id="sizelimit", compact=True)),
+                           then=(Switch(False, id="read-only"),
+                                 Label(self._ro_words(False), id="read-only-state",
+                                       classes="switch-label"),
+                                 Button("Attach now", id="attach", compact=True, variant="warning")),
+                           classes="row")
             yield Label("Detach a loop device now", classes="section-title")
-            with Horizontal(classes="row"):
-                yield Label("Loop", classes="field-name")
-                yield Input(placeholder="/dev/loopN", id="detach-loop", compact=True)
-                yield Button("Detach now", id="detach", compact=True, variant="warning")
+            yield labelled(("Loop", Input(placeholder="/dev/loopN", id="detach-loop", compact=True)),
+                           then=(Button("Detach now", id="detach", compact=True,
+                                        variant="warning"),), classes="row")
         yield Label("Attached loop devices (all, from sysfs)", classes="section-title")
         yield KeyedTable(LOOP_COLUMNS, id="loops", sort_key=natural_key)
         yield Static("", id="waiting")

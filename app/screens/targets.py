@@ -265,17 +265,12 @@ class TargetsScreen(TaskScreen):
             error = None
         except (MirrorError, OSError) as exc:
             keys, error = [], str(exc)
-        try:  # (self.app is not found here once the screen was left)
-            app.call_from_thread(self._scanned, app, host, keys, error)
-        except RuntimeError:  # the App itself has ended
-            pass
+        # Targets left while it asked: a notice, no dialog over another screen
+        self.from_thread(app, lambda: self._scanned(host, keys, error), lambda: app.notify(
+            f"{host.name} was not added: Targets was left before {host.host} answered. Add it "
+            "again there.", title="Add target", severity="warning", markup=False))
 
-    def _scanned(self, app, host, keys, error) -> None:
-        if not self.is_attached:  # Targets was left while it asked: no dialog over another screen
-            app.notify(f"{host.name} was not added: Targets was left before {host.host} "
-                       "answered. Add it again there.", title="Add target",
-                       severity="warning", markup=False)
-            return
+    def _scanned(self, host, keys, error) -> None:
         self._set_busy(False)
         if error or not keys:  # the dialog again, as typed, with what went wrong
             self.app.push_screen(AddTargetDialog(host, shown(error or f"{host.host} offered no host key")),
