@@ -4,14 +4,22 @@ socket, and every daemon a test starts is stopped at teardown, by its pid if nee
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
+import subprocess
+import sys
+import time
 
+import psutil
 import pytest
-from test_cli_conventions import cli
+from test_cli_conventions import REPO, cli
 
+from app.services import daemonctl
 from app.services.control import ControlClient
+from app.services.mounts import read_mountinfo
+from app.services.results import Outcome
 
 pytestmark = pytest.mark.root
 
@@ -79,3 +87,115 @@ def test_a_daemon_for_another_configuration_is_not_stopped(private, tmp_path):
         r = cli(*other, "daemon", action, env=env)
         assert r.returncode == 2 and "works from" in r.stderr, (action, r.stdout, r.stderr)
     assert status(prefix, env)["running"]
+
+
+def _capture_mount(path) -> int | None:
+    """The mount id of the mirrorfs over `path`, None when nothing is mounted there."""
+    ids = [m.mount_id for m in read_mountinfo() if m.mount_point == str(path)]
+    return ids[-1] if ids else None
+
+
+FAKE_SYSTEMCTL = """#!{python}
+# systemctl as far as `daemon restart|start` uses it (this machine runs no systemd): records
+# its arguments; `restart` sends SIGTERM to a daemon still running, as systemd does, then both
+# start `mirrorsetup daemon` detached, as the unit's ExecStart does.
+import os, signal, subprocess, sys, time
+sys.path.insert(0, {repo!r})
+from app.services.control import ControlClient
+with open({calls!r}, "a") as f:
+    f.write(" ".join(sys.argv[1:]) + "\\n")
+client = ControlClient({socket!r})
+if sys.argv[1] == "restart" and client.is_running():
+    os.kill(client.request("ping")["pid"], signal.SIGTERM)
+    while client.is_running():
+        time.sleep(0.05)
+if sys.argv[1] in ("start", "restart"):
+    with open({log!r}, "ab") as log:
+        proc = subprocess.Popen([sys.executable, "-m", "app", "daemon", "--config", {config!r},
+                          "--socket", {socket!r}, "--state-dir", {state!r}], cwd={repo!r},
+                         stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True)
+    with open({calls!r} + ".pids", "a") as f:
+        f.write(f"{{proc.pid}}\\n")
+"""
+
+
+@pytest.mark.parametrize("under_systemd", [False, True], ids=["detached", "systemd"])
+def test_a_restart_keeps_every_capture(private, tmp_path, monkeypatch, under_systemd):
+    """`daemon restart` leaves every capture to the next daemon: the mirrorfs mount over an
+    entry nothing uses stays the very same mount, and a write made after the restart reaches
+    the target. Under systemd too: a bare `systemctl restart` (SIGTERM) would end it, as a stop
+    does. This machine runs no systemd, so a stand-in `systemctl` (which does what systemd
+    does to the unit: SIGTERM, then ExecStart) is on PATH and restart() is called in-process
+    with the systemd path chosen."""
+    prefix, env, paths, started = private
+    src, tgt = tmp_path / "src", tmp_path / "tgt"
+    src.mkdir()
+    r = cli(*prefix, "fs", "add", str(src), "--target", str(tgt), env=env)
+    assert r.returncode == 0, r.stderr
+    assert cli(*prefix, "daemon", "start", env=env).returncode == 0
+    try:
+        first = status(prefix, env)
+        started.append(first["pid"])
+        deadline = time.monotonic() + 20
+        while _capture_mount(src) is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        mount_id = _capture_mount(src)
+        assert mount_id is not None, "the daemon did not mount the entry"
+        if under_systemd:
+            calls = tmp_path / "systemctl.calls"
+            fake = tmp_path / "bin" / "systemctl"
+            fake.parent.mkdir()
+            fake.write_text(FAKE_SYSTEMCTL.format(
+                python=sys.executable, repo=str(REPO), calls=str(calls), log=str(paths["log"]),
+                config=str(paths["config"]), socket=str(paths["socket"]),
+                state=str(paths["state"])))
+            fake.chmod(0o755)
+            monkeypatch.setenv("PATH", f"{fake.parent}:{os.environ['PATH']}")
+            monkeypatch.setattr(daemonctl, "_use_systemd", lambda settings: True)
+            monkeypatch.setenv("MIRRORSETUP_STATE_DIR", str(paths["state"]))
+            res = daemonctl.restart(daemonctl.DaemonSettings.resolve(
+                paths["config"], paths["socket"], paths["state"]))
+            assert res.outcome is Outcome.OK and "every capture kept" in res.message, res.message
+            assert calls.read_text() == "restart mirrorsetup\n"
+            deadline = time.monotonic() + 20
+            while not ControlClient(str(paths["socket"])).is_running() \
+                    and time.monotonic() < deadline:
+                time.sleep(0.05)
+        else:
+            r = cli(*prefix, "daemon", "restart", env=env)
+            assert r.returncode == 0 and "restarted the daemon" in r.stdout, r.stdout + r.stderr
+        after = status(prefix, env)
+        started.append(after["pid"])
+        assert after["running"] and after["pid"] != first["pid"]
+        assert _capture_mount(src) == mount_id  # never unmounted: the same capture goes on
+        (src / "after-restart").write_bytes(b"caught")
+        deadline = time.monotonic() + 20
+        landed = tgt / "after-restart"
+        while not (landed.exists() and landed.read_bytes() == b"caught") \
+                and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert landed.read_bytes() == b"caught"
+    finally:
+        # every daemon started (the stand-in's too, which may still be binding its socket)
+        # ends the capture it holds: nothing uses it, so it is unmounted
+        pids = {p for p in started}
+        spawned = tmp_path / "systemctl.calls.pids"
+        if spawned.exists():
+            pids |= {int(p) for p in spawned.read_text().split()}
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGTERM)
+        deadline = time.monotonic() + 20
+        while _capture_mount(src) is not None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        if _capture_mount(src) is not None:  # left with no daemon (a failed test): ours only
+            for proc in psutil.process_iter(["pid", "cmdline"]):
+                if str(src) in " ".join(proc.info["cmdline"] or ()):
+                    with contextlib.suppress(psutil.Error):
+                        proc.terminate()
+            time.sleep(0.5)
+            ours = [m.mount_point for m in read_mountinfo()
+                    if m.mount_point.startswith(f"{tmp_path}/")]  # src and the worker's own
+            for point in sorted(ours, key=len, reverse=True):
+                subprocess.run(["umount", "-l", point], check=False)
+        assert _capture_mount(src) is None

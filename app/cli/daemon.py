@@ -85,7 +85,8 @@ def register(sub, common) -> None:
             ("start", cmd_start, "start the daemon (systemctl with systemd, else a detached "
                                  "process logging to daemon.log beside the socket)"),
             ("stop", cmd_stop, "stop the daemon (entries are drained and unmounted)"),
-            ("restart", cmd_restart, "stop, then start the daemon"),
+            ("restart", cmd_restart, "start a new daemon that takes over every capture (nothing is "
+                                     "unmounted; under systemd too)"),
             ("status", cmd_status, "is it running: pid, uptime, config, socket, state "
                                    "directory, log (exit 1 when not running)")):
         q = actions.add_parser(name, parents=both, help=help, description=help, epilog=EXIT_CODES,

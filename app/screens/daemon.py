@@ -111,6 +111,6 @@ class DaemonScreen(TaskScreen):
         self.app.push_screen(ConfirmDialog(STOP_QUESTION, yes="Stop"), stop)
 
     def action_restart(self) -> None:
-        # (started from here, the old daemon leaves every capture to the new one: nothing is
-        # unmounted; under systemd, `systemctl restart` stops it as Stop does)
+        # (the old daemon leaves every capture to the new one, under systemd too: nothing is
+        # unmounted; a bare `systemctl restart` stops it as Stop does)
         self._control("restart", "Restart the daemon", "restarting the daemon (up to 20 s)")

@@ -192,26 +192,43 @@ def _control(action: str, settings: DaemonSettings) -> Result:
         return result(Outcome.UNCHANGED, f"the daemon is already running (pid {info.pid})")
     if action == "stop" and not info.running:
         return result(Outcome.UNCHANGED, "the daemon is not running")
-    if _use_systemd(settings):
-        proc = subprocess.run(["systemctl", action, SYSTEMD_UNIT], capture_output=True, text=True)
-        if proc.returncode == 0:
-            return result(Outcome.OK, f"systemctl {action} {SYSTEMD_UNIT}: done")
-        return result(Outcome.FAILED, f"systemctl {action} {SYSTEMD_UNIT} failed: "
-                      f"{proc.stderr.strip() or proc.returncode}")
     control = ControlClient(settings.socket)
-    if info.running:  # stop or restart
+    systemd = _use_systemd(settings)
+    # A restart leaves every capture running: the daemon is asked to leave them to the next
+    # one, which takes them over, so applications never see it (a stop ends the captures
+    # nothing uses). Under systemd too: `systemctl restart` alone would send SIGTERM, which
+    # ends them as a stop does; asked first, the daemon has exited by the time systemd starts
+    # the next one (KillMode=process: systemd signals only the daemon, never the captures).
+    if info.running and (action == "restart" or not systemd):
         try:
-            # a restart leaves every capture running: the new daemon takes them over, so
-            # applications never see it (a stop ends the captures nothing uses)
             control.request("shutdown", keep_captures=action == "restart")
         except MirrorError as exc:
             return result(Outcome.FAILED, f"could not stop the daemon: {exc}", exc.errno)
-        if not _wait_for(lambda: not control.is_running()):
+        if not _wait_for(lambda: not control.is_running() and not _alive(info.pid)):
             return result(Outcome.FAILED, f"asked the daemon (pid {info.pid}) to stop, but it "
-                          "still answers", errno.ETIMEDOUT)
+                          "is still running", errno.ETIMEDOUT)
         if action == "stop":
             return result(Outcome.OK, f"stopped the daemon (pid {info.pid})")
+    if systemd:
+        proc = subprocess.run(["systemctl", action, SYSTEMD_UNIT], capture_output=True, text=True)
+        if proc.returncode == 0:
+            return result(Outcome.OK, f"systemctl {action} {SYSTEMD_UNIT}: done"
+                          + (" (every capture kept)" if action == "restart" and info.running
+                             else ""))
+        return result(Outcome.FAILED, f"systemctl {action} {SYSTEMD_UNIT} failed: "
+                      f"{proc.stderr.strip() or proc.returncode}")
     return _spawn(action, settings, control)
+
+
+def _alive(pid: int | None) -> bool:
+    """Whether process `pid` still exists (a zombie counts as gone: it has exited)."""
+    if not pid:
+        return False
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            return f.read().rsplit(b")", 1)[-1].split()[0] != b"Z"
+    except (OSError, IndexError):
+        return False
 
 
 def _spawn(action: str, settings: DaemonSettings, control: ControlClient) -> Result:
