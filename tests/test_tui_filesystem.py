@@ -382,3 +382,44 @@ async def test_the_dashboard_shows_the_daemons_figures_move_without_any_event(tu
                 f.write("x")
         await wait_until(pilot, lambda: static_text(engine) != before, "the figures to move")
         assert "operations captured" in static_text(engine)
+
+
+@pytest.mark.root
+@pilot_test
+async def test_an_entrys_details_stay_live_while_open(tui, fs_daemon, config_path):
+    """The details (i) of an entry follow it while they are open: the engine's positions move
+    with writes into the directory, and once the entry is removed (here with the CLI) the
+    dialog keeps its last sight and says the entry is gone."""
+    from app.screens.dialogs import DetailsDialog
+    eng, src, _tgt = fs_daemon
+    eng.drain(src)
+    app = tui(control_socket=eng.socket, is_root=True)
+    async with app.run_test(size=(120, 36)) as pilot:
+        await pilot.press("4")
+        await settle(pilot)
+        table = app.screen.query_one("#dash-fs", DataTable)
+        await wait_until(pilot, lambda: src in table_keys(table), "the entry row")
+        await wait_until(pilot, lambda: cell(table, src, "engine") not in ("", "-", "—"),
+                         "the engine's figures")
+        table.focus()
+        table.move_cursor(row=table.get_row_index(src))
+        await pilot.press("i")
+        await wait_until(pilot, lambda: type(app.screen) is DetailsDialog, "the details")
+        dialog = app.screen
+        text = lambda: static_text(dialog.query_one("#details-text"))  # noqa: E731
+        await wait_until(pilot, lambda: "Operations:" in text(), "the engine's lines")
+        before = text()
+        for i in range(20):
+            with open(os.path.join(src, f"new{i}"), "w") as f:
+                f.write("x")
+        await wait_until(pilot, lambda: text() != before, "the details to move")
+        assert type(app.screen) is DetailsDialog and app.screen is dialog  # never reopened
+        r = run(sys.executable, "-m", "app", "--config", str(config_path), "--socket", eng.socket,
+                "fs", "remove", src)
+        assert r.returncode == 0, r.stdout + r.stderr
+        title = lambda: str(dialog.query_one("#details-title").render())  # noqa: E731
+        await wait_until(pilot, lambda: "no longer configured" in title(), "the entry gone")
+        assert "Operations:" in text()  # its last sight stays
+        await pilot.press("escape")
+        await settle(pilot)
+        assert type(app.screen) is not DetailsDialog

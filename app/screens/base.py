@@ -341,7 +341,7 @@ class TaskScreen(Screen):
             self._figures_timer = self.set_interval(FIGURES_INTERVAL, self._ask_figures)
 
     def on_screen_suspend(self) -> None:
-        if self._figures_timer is not None:
+        if self._figures_timer is not None and self._details is None:  # (shown live in it)
             self._figures_timer.pause()
 
     def on_screen_resume(self) -> None:
@@ -428,6 +428,27 @@ class TaskScreen(Screen):
         if error:
             error.first().display = False
         self.show(event.data)
+        if self._details is not None and self._details.is_attached:
+            self._details.follow_up()  # the entry's details as this state says
+
+    # -- details that stay live -----------------------------------------------------------
+    _details = None  # the DetailsDialog push_details() opened, while it is open
+
+    def push_details(self, title: str, follow: Callable[[], object]) -> None:
+        """Everything about one entry, read again from every state this screen loads while
+        the dialog is open (and the daemon's figures still asked for): a resync's percentage,
+        the queue and the lag move in it as in the table. `follow()` gives the body from the
+        screen's latest state, None once the entry is gone."""
+        from app.screens.dialogs import DetailsDialog
+        body = follow()
+        if body is None:
+            return
+        dialog = self._details = DetailsDialog(title, body, follow=follow)
+
+        def closed(_result) -> None:
+            if self._details is dialog:
+                self._details = None
+        self.app.push_screen(dialog, closed)
 
     # -- actions -------------------------------------------------------------------------
 

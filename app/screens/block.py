@@ -19,7 +19,7 @@ from app.screens import actions
 from app.screens.banner import RootBanner
 from app.screens.base import (Col, ForceOffer, KeyedTable, TaskScreen, capture_text,
                               elide, natural_key, selected_key, state_text)
-from app.screens.dialogs import AddBlockEntryDialog, ConfirmDialog, DetailsDialog, switch_text
+from app.screens.dialogs import AddBlockEntryDialog, ConfirmDialog, switch_text
 from app.services.results import MirrorError, Outcome, Result
 from app.services.status import replication_lines
 from app.services.units import human_size, shown
@@ -230,8 +230,9 @@ class BlockScreen(TaskScreen):
             self.notify("Select a replicated device in the lower table first.",
                         severity="warning")
             return
-        self.app.push_screen(DetailsDialog(f"Block entry {shown(state.entry.device)}",
-                                           entry_details(state)))
+        device = state.entry.device
+        self.push_details(f"Block entry {shown(device)}", lambda: next(
+            (entry_details(s) for s in self._snap.block if s.entry.device == device), None))
 
     def action_add(self) -> None:
         if self.app.needs_root("Adding a block device"):

@@ -335,14 +335,16 @@ class DashboardScreen(TaskScreen):
         table = focused if isinstance(focused, KeyedTable) else self.query_one("#dash-fs",
                                                                                KeyedTable)
         key = selected_key(table)
-        if table.id == "dash-block":
-            state = next((s for s in self._snap.block if s.entry.device == key), None)
-            body = entry_details(state) if state else None
-        else:
+        block = table.id == "dash-block"
+
+        def follow():
+            if block:
+                state = next((s for s in self._snap.block if s.entry.device == key), None)
+                return entry_details(state) if state else None
             state = next((s for s in self._snap.filesystem if s.entry.path == key), None)
-            body = fs_details(state) if state else None
-        if body:
-            self.app.push_screen(DetailsDialog(f"Entry {shown(key)}", body))
+            return fs_details(state) if state else None
+        if key is not None:
+            self.push_details(f"Entry {shown(key)}", follow)
 
     # -- rates ------------------------------------------------------------------------------
 

@@ -9,7 +9,7 @@ shows the service's message and leaves the file untouched.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from rich.text import Text
 from textual import on, work
@@ -138,10 +138,33 @@ class DetailsDialog(ModalScreen[None]):
     CSS_PATH = "dialogs.tcss"
     BINDINGS = [Binding("escape,enter,q,i", "close", "Close")]
 
-    def __init__(self, title: str, body: Text | Sequence[tuple[str, str]]) -> None:
+    def __init__(self, title: str, body: Text | Sequence[tuple[str, str]], *,
+                 follow: Callable[[], Text | Sequence[tuple[str, str]] | None] | None = None
+                 ) -> None:
         super().__init__(classes="dialog-screen")
         self.title_text = title
         self.body = body
+        self.follow = follow  # the body read again (TaskScreen.push_details); None: gone
+        self.gone = False
+
+    def follow_up(self) -> None:
+        """Show the body as `follow` reads it now; once it reads nothing the entry is gone:
+        the last body stays, and the title says so."""
+        if self.follow is None:
+            return
+        body = self.follow()
+        if body is None:
+            if not self.gone:
+                self.gone = True
+                self.query_one("#details-title", Label).update(Text(
+                    f"{self.title_text} (no longer configured: as last seen)", style="bold"))
+            return
+        if self.gone:
+            self.gone = False
+            self.query_one("#details-title", Label).update(Text(self.title_text, style="bold"))
+        if body != self.body:
+            self.body = body
+            self.query_one("#details-text", Static).update(self._text())
 
     def compose(self) -> ComposeResult:
         with Vertical(classes="dialog details"):

@@ -12,7 +12,7 @@ from app.screens import actions
 from app.screens.banner import RootBanner
 from app.screens.base import (Col, ForceOffer, KeyedTable, TaskScreen, elide,
                               selected_key, state_text)
-from app.screens.dialogs import AddFsEntryDialog, ConfirmDialog, DetailsDialog
+from app.screens.dialogs import AddFsEntryDialog, ConfirmDialog
 from app.services.entries import describe_difference
 from app.services.results import Result
 from app.services.status import replication_lines
@@ -128,8 +128,9 @@ class FilesystemScreen(TaskScreen):
     def action_details(self) -> None:
         state = self._selected_state()
         if state is not None:
-            self.app.push_screen(DetailsDialog(f"File system entry {shown(state.entry.path)}",
-                                               fs_details(state)))
+            path = state.entry.path
+            self.push_details(f"File system entry {shown(path)}", lambda: next(
+                (fs_details(s) for s in self._snap.filesystem if s.entry.path == path), None))
 
     def action_remove(self) -> None:
         state = self._selected_state()

@@ -365,12 +365,19 @@ class TargetsScreen(TaskScreen):
     @on(DataTable.RowSelected, "#replicas")
     def action_details(self) -> None:
         found = self._selected_replica()
-        if found is not None:
-            key, target, row = found
+        if found is None:
+            return
+        key, target, _row = found
+
+        def follow():
+            now = next((r for r in self._replicated() if r[:2] == (key, target)), None)
+            if now is None:  # removed, or replicated elsewhere now
+                return None
+            row = now[2]  # None while the daemon does not run
             role, state = role_and_state(row)
-            self.app.push_screen(DetailsDialog(f"{shown(key)} → {shown(target)}", [
-                ("Entry", key), ("Replica", target), ("Role", role.plain), ("State", state.plain)]
-                + replication_lines(row)))
+            return [("Entry", key), ("Replica", target), ("Role", role.plain),
+                    ("State", state.plain)] + replication_lines(row)
+        self.push_details(f"{shown(key)} → {shown(target)}", follow)
 
     def _on_replica(self, ask) -> None:
         """Confirm, then run, an action on the selected replica: `ask(key, target, host)` gives
