@@ -19,7 +19,7 @@ apt-get update -qq
 test_packages=""
 fresh_sshd=""
 if [ -n "$extras" ]; then
-    test_packages="openssh-server nftables iproute2 acl"
+    test_packages="openssh-server nftables iproute2 acl groff-base"
     dpkg-query -W -f='${Status}' openssh-server 2>/dev/null | grep -q "install ok installed" \
         || fresh_sshd=1
 fi

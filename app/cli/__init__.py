@@ -85,12 +85,18 @@ def serve_target(argv: list[str]) -> int:
     """`mirrorsetup serve-target --root DIR`, as the replication key's forced command runs it:
     without the parser of every other command and their modules (about 35 ms of each
     session's start, in series with the ssh handshake)."""
+    return run_agent(serve_target_parser().parse_args(argv).root)
+
+
+def serve_target_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="mirrorsetup serve-target",
                                 description="The target side: serve replicas below --root "
                                             "(run by sshd as the forced command of the "
                                             "replication key).")
-    p.add_argument("--root", required=True)
-    return run_agent(p.parse_args(argv).root)
+    p.add_argument("--root", required=True, metavar="DIR",
+                   help="the directory whose replicas this host keeps; nothing is written "
+                        "outside it")
+    return p
 
 
 def run_agent(root: str) -> int:

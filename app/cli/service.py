@@ -23,21 +23,36 @@ def unit_text(executable: str | None = None) -> str:
     return UNIT_SOURCE.read_text().replace("@MIRRORSETUP@", os.path.abspath(exe))
 
 
-def cmd_install(args) -> int:
-    dest_dir = Path(args.root or "/") / UNIT_DIR.lstrip("/")
-    dest_dir.mkdir(parents=True, exist_ok=True)
-    dest = dest_dir / UNIT_NAME
-    exe = sys.argv[0] if os.path.basename(sys.argv[0]) == "mirrorsetup" else None
+def _put(dest: Path, text: str) -> None:
+    """Write `text` to `dest` whole or not at all (mode 0644, as packages install)."""
+    dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = dest.with_suffix(".tmp")
-    tmp.write_text(unit_text(exe))
+    tmp.write_text(text)
     os.chmod(tmp, 0o644)
     os.replace(tmp, dest)
+
+
+def cmd_install(args) -> int:
+    from app.cli import manpage
+    root = Path(args.root or "/")
+    unit = root / UNIT_DIR.lstrip("/") / UNIT_NAME
+    exe = sys.argv[0] if os.path.basename(sys.argv[0]) == "mirrorsetup" else None
+    _put(unit, unit_text(exe))
+    page = root / manpage.MAN_DIR.lstrip("/") / manpage.MAN_NAME  # the unit's Documentation=
+    _put(page, manpage.page())
     if args.json:
-        dump({"installed": str(dest)})
+        dump({"installed": str(unit), "manual": str(page)})
     else:
-        say(f"installed {dest}")
+        say(f"installed {unit}")
+        say(f"installed {page} (man mirrorsetup)")
         if not args.root:
             say("next: systemctl daemon-reload && systemctl enable --now mirrorsetup")
+    return 0
+
+
+def cmd_man(args) -> int:
+    from app.cli import manpage
+    sys.stdout.write(manpage.page())
     return 0
 
 
@@ -76,9 +91,12 @@ def cmd_mount_units(args) -> int:
 
 def register(sub, common) -> None:
     service = group(sub, "service", "systemd service", "service actions")
-    p = add(service, "install", cmd_install, f"put {UNIT_NAME} into {UNIT_DIR}", common)
+    p = add(service, "install", cmd_install, f"put {UNIT_NAME} into {UNIT_DIR}, and this "
+            "manual page, mirrorsetup(8), into /usr/local/share/man/man8", common)
     p.add_argument("--root", default=None, help="install below this directory instead of / "
                    "(tests, images)")
+    add(service, "man", cmd_man, "print the manual page, mirrorsetup(8), as roff (read it with "
+        "`mirrorsetup service man | man -l -`)", common)
     p = add(service, "mount-units", cmd_mount_units, "show (or --write) systemd .mount units "
             "that mount the entries' fixed loop devices after mirrorsetup.service", common)
     p.add_argument("--write", action="store_true", help=f"write them into {UNIT_DIR} "
