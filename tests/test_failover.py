@@ -9,6 +9,8 @@ import errno
 import hashlib
 import json
 import os
+import re
+import shutil
 import sqlite3
 import subprocess
 import sys
@@ -385,3 +387,93 @@ def test_promoting_an_inconsistent_replica_needs_force_and_applies_what_arrived(
 
 def stat_mode(p: Path) -> int:
     return p.stat().st_mode & 0o7777
+
+
+def test_fail_back_to_a_rebuilt_source_needs_adopt_target(fs_remote):
+    """The source host died for good and was rebuilt: its directory is empty and its state
+    directory gone, so it holds no history the promoted replica came from. A fail-back to it
+    is refused, by name, as any other history is; an entry that says adopt_target takes the
+    promoted replica back whole, and the replica is its secondary from then on."""
+    eng, src, r = fs_remote()
+    s = Path(src)
+    (s / "d").mkdir()
+    (s / "d" / "f").write_bytes(os.urandom(300_000))
+    eng.drain(src)
+    r.bed.link_down()  # the source host dies
+    time.sleep(0.5)
+    eng.kill9()
+    eng.kill_orphan_workers()
+    subprocess.run(["umount", "-l", src], check=False)
+    for line in open("/proc/self/mountinfo"):  # the dead capture's own mounts under its run dir
+        point = line.split()[4]
+        if point.startswith(str(Path(eng.state).parent)) and "/run/" in point:
+            subprocess.run(["umount", "-l", point], check=False)
+    p = on_target(r.bed, "replica", "promote", "data", "--root", str(r.root))
+    assert p.returncode == 0, p.stdout + p.stderr
+    replica = r.root / "data"
+    (replica / "d" / "after-fail-over").write_text("written on the target")
+
+    # the rebuilt host: the same configuration, an empty directory, no state
+    r.bed.link_up()
+    shutil.rmtree(eng.state)
+    for child in s.iterdir():
+        shutil.rmtree(child) if child.is_dir() else child.unlink()
+    eng.start()
+    p = cli(r.cfg, "failback", src, "--yes", "--json", socket=eng.socket)
+    assert p.returncode == 1 and "adopt" in p.stderr, p.stdout + p.stderr
+    assert not (s / "d").exists() and replicas(r)[0]["role"] == "primary"
+
+    eng.stop()
+    assert cli(r.cfg, "fs", "remove", src).returncode == 0
+    assert cli(r.cfg, "fs", "add", src, "--target", "backup1:data", "--adopt-target").returncode == 0
+    eng.start()
+    p = cli(r.cfg, "failback", src, "--yes", "--json", socket=eng.socket)
+    assert p.returncode == 0, p.stdout + p.stderr
+    assert full_tree(s) == full_tree(replica)
+    assert (s / "d" / "after-fail-over").read_text() == "written on the target"
+    [rep] = replicas(r)
+    assert rep["role"] == "secondary", rep
+    (s / "back").write_text("replicated again")
+    st = eng.drain(src)
+    assert st["target_data"] == "consistent", st
+    assert (replica / "back").read_text() == "replicated again"
+    assert eng.verify(src) == []
+
+
+def test_fail_back_of_a_block_device_to_a_rebuilt_source(block_remote):
+    """The same for a block entry: the rebuilt host's device is blank and its state gone; with
+    adopt_target the promoted image comes back whole and replication goes on from there."""
+    eng, disk, r = block_remote()
+    dd(eng.block(disk)["loop"], mib=8, seek_mib=4)
+    eng.block_drain(disk)
+    r.bed.link_down()  # the source host dies
+    time.sleep(0.5)
+    eng.kill9()
+    eng.kill_orphan_workers()
+    p = on_target(r.bed, "replica", "promote", "disk.img", "--root", str(r.root))
+    assert p.returncode == 0, p.stdout + p.stderr
+    used = re.search(r"as (/dev/loop\d+)", p.stdout).group(1)  # where it is used there
+    dd(used, mib=2, seek_mib=40)
+    subprocess.run(["losetup", "-d", used], check=True)  # stopped using it, as fail-back asks
+    image = r.bed.target_view(r.root / "disk.img")
+
+    r.bed.link_up()  # the rebuilt host: a blank device, no state
+    shutil.rmtree(eng.state)
+    dd(disk, src="/dev/zero", mib=64)
+    eng.start()
+    p = cli(r.cfg, "failback", disk, "--yes", socket=eng.socket)
+    assert p.returncode == 1 and "adopt_target" in p.stderr, p.stdout + p.stderr
+    eng.stop()
+    assert cli(r.cfg, "block", "remove", disk).returncode == 0
+    a = cli(r.cfg, "block", "add", disk, "--target", "backup1:disk.img", "--adopt-target")
+    assert a.returncode == 0, a.stdout + a.stderr
+    eng.start()
+    p = cli(r.cfg, "failback", disk, "--yes", "--json", socket=eng.socket)
+    assert p.returncode == 0, p.stdout + p.stderr
+    assert sha(disk) == sha(image)
+    assert replicas(r)[0]["role"] == "secondary"
+    loop = wait_for("the loop", lambda: eng.block(disk)["loop"], 60)
+    dd(loop, mib=1, seek_mib=60)
+    st = eng.block_drain(disk)
+    assert st["target_data"] == "consistent", st
+    assert sha(disk) == sha(image)

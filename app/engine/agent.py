@@ -308,10 +308,21 @@ class Agent:
                              errno.EEXIST)
         if state.get("role") == "primary" and action == "replicate":
             self._split_brain(source)
-        if action in ("discard", "failback") and state.get("role") == "primary" and \
-                (state.get("promoted") or {}).get("from_generation") != h.get("generation"):
+        # A source rebuilt after its host was lost keeps no history the promoted replica came
+        # from: its fail-back takes the replica back whole only when its entry says adopt_target
+        rebuilt = action == "failback" and bool(h.get("adopt")) and state.get("role") == "primary"
+        if action in ("discard", "failback") and state.get("role") == "primary" and not rebuilt \
+                and (state.get("promoted") or {}).get("from_generation") != h.get("generation"):
             raise AgentError("not-ours", f"replica {rel} was promoted from another history than "
-                             "this source's: refusing", errno.EEXIST)
+                             "this source's: refusing" + (
+                                 " (a source rebuilt without its state: adopt_target on its entry "
+                                 "takes the promoted replica back whole)"
+                                 if action == "failback" else ""), errno.EEXIST)
+        if rebuilt and state.get("source") != source:
+            log.info("replica %s: fail-back to %s, a source rebuilt without its history (adopt)",
+                     rel, source)
+            state["source"] = source  # its promoted data goes back to the rebuilt source
+            self.replica.save(state)
         if action == "promote" and state.get("generation") != h.get("generation"):
             raise AgentError("not-ours", f"replica {rel} belongs to another history (generation "
                              f"{state.get('generation')}): not promoted", errno.EEXIST)
@@ -423,11 +434,13 @@ class Agent:
         back = Reverse(self)
         threading.Thread(target=self._read_replies, args=(back,), daemon=True).start()
         counts = back.run()
-        demote_state(self.state, generation=h.get("new_generation"), consistent=True,
-                     seq=int(h.get("last_seq") or 0))
-        self.journal.skip_to(int(h.get("last_seq") or 0))
+        # the source's records go on above anything this replica saw (a source rebuilt
+        # without its journal starts its seqs again; it skips to here)
+        seq = max(int(h.get("last_seq") or 0), self.journal.last_seq)
+        demote_state(self.state, generation=h.get("new_generation"), consistent=True, seq=seq)
+        self.journal.skip_to(seq)
         self.replica.save(self.state)
-        self.send(wire.ACK, {**self.positions(), "done": counts})
+        self.send(wire.ACK, {**self.positions(), "done": {**counts, "seq": seq}})
 
     def _read_replies(self, back: Reverse) -> None:
         try:

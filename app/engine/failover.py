@@ -408,6 +408,9 @@ class Failover:
             local.close()
         write_small_file(Path(state), "generation", new_gen + "\n")
         os.unlink(Path(state) / FAILBACK)
+        if counts.get("seq", last) > last:  # a rebuilt source: its seqs go on above the replica's
+            last = counts["seq"]
+            journal.skip_to(last)
         journal.discard_through(last)
         journal.close()
         write_end(state, {"seq": last, "released": last, "drained": True, "time": time.time(),
