@@ -361,12 +361,24 @@ async def test_unmount_all_says_what_it_waits_for_then_offers_a_lazy_unmount(tui
         busy.close()
 
 
+def write_files(src: str, n: int = 20) -> None:
+    """Changes no event the console hears tells of (no mount, no uevent): only the daemon's
+    figures move."""
+    for i in range(n):
+        with open(os.path.join(src, f"new{i}"), "w") as f:
+            f.write("x")
+
+
 @pytest.mark.root
 @pilot_test
-async def test_the_dashboard_shows_the_daemons_figures_move_without_any_event(tui, fs_daemon):
+async def test_the_dashboard_shows_the_daemons_figures_move_without_any_event(
+        tui, fs_daemon, config_path):
     """Writes into a captured directory raise no kernel event the console hears (no mount, no
-    uevent): the dashboard still shows the engine's figures moving while it is on screen."""
+    uevent): the dashboard still shows the engine's figures moving while it is on screen, and
+    so do an entry's details (i) while they are open; once the entry is removed (here with the
+    CLI) the details keep their last sight and say the entry is gone."""
     from app.screens.dashboard import DashboardScreen
+    from app.screens.dialogs import DetailsDialog
     eng, src, _tgt = fs_daemon
     eng.drain(src)
     app = tui(control_socket=eng.socket, is_root=True)
@@ -377,30 +389,11 @@ async def test_the_dashboard_shows_the_daemons_figures_move_without_any_event(tu
         engine = app.screen.query_one("#engine")
         await wait_until(pilot, lambda: "running (pid" in static_text(engine), "the engine panel")
         before = static_text(engine)
-        for i in range(20):
-            with open(os.path.join(src, f"new{i}"), "w") as f:
-                f.write("x")
+        write_files(src)
         await wait_until(pilot, lambda: static_text(engine) != before, "the figures to move")
         assert "operations captured" in static_text(engine)
 
-
-@pytest.mark.root
-@pilot_test
-async def test_an_entrys_details_stay_live_while_open(tui, fs_daemon, config_path):
-    """The details (i) of an entry follow it while they are open: the engine's positions move
-    with writes into the directory, and once the entry is removed (here with the CLI) the
-    dialog keeps its last sight and says the entry is gone."""
-    from app.screens.dialogs import DetailsDialog
-    eng, src, _tgt = fs_daemon
-    eng.drain(src)
-    app = tui(control_socket=eng.socket, is_root=True)
-    async with app.run_test(size=(120, 36)) as pilot:
-        await pilot.press("4")
-        await settle(pilot)
         table = app.screen.query_one("#dash-fs", DataTable)
-        await wait_until(pilot, lambda: src in table_keys(table), "the entry row")
-        await wait_until(pilot, lambda: cell(table, src, "engine") not in ("", "-", "—"),
-                         "the engine's figures")
         table.focus()
         table.move_cursor(row=table.get_row_index(src))
         await pilot.press("i")
@@ -409,11 +402,9 @@ async def test_an_entrys_details_stay_live_while_open(tui, fs_daemon, config_pat
         text = lambda: static_text(dialog.query_one("#details-text"))  # noqa: E731
         await wait_until(pilot, lambda: "Operations:" in text(), "the engine's lines")
         before = text()
-        for i in range(20):
-            with open(os.path.join(src, f"new{i}"), "w") as f:
-                f.write("x")
+        write_files(src, 40)
         await wait_until(pilot, lambda: text() != before, "the details to move")
-        assert type(app.screen) is DetailsDialog and app.screen is dialog  # never reopened
+        assert app.screen is dialog  # the same dialog, never reopened
         r = run(sys.executable, "-m", "app", "--config", str(config_path), "--socket", eng.socket,
                 "fs", "remove", src)
         assert r.returncode == 0, r.stdout + r.stderr
@@ -422,4 +413,4 @@ async def test_an_entrys_details_stay_live_while_open(tui, fs_daemon, config_pat
         assert "Operations:" in text()  # its last sight stays
         await pilot.press("escape")
         await settle(pilot)
-        assert type(app.screen) is not DetailsDialog
+        assert type(app.screen) is DashboardScreen
