@@ -23,9 +23,9 @@ DESCRIPTION = (
     "(/dev/loopN) that applications use instead of the device. A daemon journals every change "
     "durably and applies the journal to each target; after any fault it resumes from the "
     "target's own position.",
-    "Without a command, mirrorsetup starts the full-screen console (keyboard and mouse) over the "
-    "same calls as the commands below. Every command that changes something prints one line per "
-    "entry; --json prints the same results as JSON on standard output.")
+    "Without a command (or with tui), mirrorsetup starts the full-screen console (keyboard and "
+    "mouse) over the same calls as the commands below. Every command that changes something "
+    "prints one line per entry; --json prints the same results as JSON on standard output.")
 FILES = (
     (DEFAULT_PATH, "the configuration: directories, block devices, remote targets (TOML; "
                    "written atomically, under a lock)"),
