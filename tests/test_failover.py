@@ -453,8 +453,10 @@ def test_fail_back_of_a_block_device_to_a_rebuilt_source(block_remote):
     p = on_target(r.bed, "replica", "promote", "disk.img", "--root", str(r.root))
     assert p.returncode == 0, p.stdout + p.stderr
     used = re.search(r"as (/dev/loop\d+)", p.stdout).group(1)  # where it is used there
-    dd(used, mib=2, seek_mib=40)
-    subprocess.run(["losetup", "-d", used], check=True)  # stopped using it, as fail-back asks
+    try:
+        dd(used, mib=2, seek_mib=40)
+    finally:  # stopped using it, as fail-back asks (and never left bound by a failure)
+        subprocess.run(["losetup", "-d", used], check=True)
     image = r.bed.target_view(r.root / "disk.img")
 
     r.bed.link_up()  # the rebuilt host: a blank device, no state
