@@ -23,23 +23,15 @@ def unit_text(executable: str | None = None) -> str:
     return UNIT_SOURCE.read_text().replace("@MIRRORSETUP@", os.path.abspath(exe))
 
 
-def _put(dest: Path, text: str) -> None:
-    """Write `text` to `dest` whole or not at all (mode 0644, as packages install)."""
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dest.with_suffix(".tmp")
-    tmp.write_text(text)
-    os.chmod(tmp, 0o644)
-    os.replace(tmp, dest)
-
-
 def cmd_install(args) -> int:
     from app.cli import manpage
+    from app.engine.mountunits import install_text
     root = Path(args.root or "/")
     unit = root / UNIT_DIR.lstrip("/") / UNIT_NAME
     exe = sys.argv[0] if os.path.basename(sys.argv[0]) == "mirrorsetup" else None
-    _put(unit, unit_text(exe))
+    install_text(str(unit), unit_text(exe))
     page = root / manpage.MAN_DIR.lstrip("/") / manpage.MAN_NAME  # the unit's Documentation=
-    _put(page, manpage.page())
+    install_text(str(page), manpage.page())
     if args.json:
         dump({"installed": str(unit), "manual": str(page)})
     else:

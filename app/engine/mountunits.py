@@ -263,20 +263,26 @@ def foreign(path: str) -> str | None:
 
 
 def write(unit: MountUnit) -> None:
-    """Atomic: temp file in the same directory, fsync, rename, directory fsync; mode 0644."""
     if (why := foreign(unit.path)) is not None:
         raise MirrorError(f"{unit.path} {why}; not overwritten", errno=errno.EEXIST, obj=unit.path)
-    parent = os.path.dirname(unit.path)
+    install_text(unit.path, unit.text, "write unit")
+    unit.written = True
+
+
+def install_text(path: str, text: str, what: str = "install") -> None:
+    """Atomic: temp file in the same directory, fsync, rename, directory fsync; mode 0644 (a
+    unit, a manual page). MirrorError with its errno when it cannot."""
+    parent = os.path.dirname(path)
     tmp = None
     try:
         os.makedirs(parent, mode=0o755, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{unit.name}.", suffix=".tmp", dir=parent)
+        fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=parent)
         with os.fdopen(fd, "wb") as f:
             os.fchmod(f.fileno(), UNIT_MODE)
-            f.write(unit.text.encode("utf-8"))
+            f.write(text.encode("utf-8"))
             f.flush()
             os.fsync(f.fileno())
-        os.replace(tmp, unit.path)
+        os.replace(tmp, path)
         tmp = None
         dfd = os.open(parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         try:
@@ -284,11 +290,10 @@ def write(unit: MountUnit) -> None:
         finally:
             os.close(dfd)
     except OSError as exc:
-        raise MirrorError.from_oserror("write unit", unit.path, exc) from exc
+        raise MirrorError.from_oserror(what, path, exc) from exc
     finally:
         if tmp is not None:
             try:
                 os.unlink(tmp)
             except OSError:
                 pass
-    unit.written = True

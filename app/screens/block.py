@@ -231,8 +231,8 @@ class BlockScreen(TaskScreen):
                         severity="warning")
             return
         device = state.entry.device
-        self.push_details(f"Block entry {shown(device)}", lambda: next(
-            (entry_details(s) for s in self._snap.block if s.entry.device == device), None))
+        self.push_details(f"Block entry {shown(device)}", lambda: (
+            s := self._snap.block_state(device)) and entry_details(s))
 
     def action_add(self) -> None:
         if self.app.needs_root("Adding a block device"):
@@ -301,7 +301,7 @@ class BlockScreen(TaskScreen):
         device = selected_key(self.query_one("#block-entries", DataTable))
         if device is None or self._snap is None:
             return None
-        return next((s for s in self._snap.block if s.entry.device == device), None)
+        return self._snap.block_state(device)
 
     def action_mirror(self) -> None:
         self._start_sync("mirror")

@@ -338,11 +338,8 @@ class DashboardScreen(TaskScreen):
         block = table.id == "dash-block"
 
         def follow():
-            if block:
-                state = next((s for s in self._snap.block if s.entry.device == key), None)
-                return entry_details(state) if state else None
-            state = next((s for s in self._snap.filesystem if s.entry.path == key), None)
-            return fs_details(state) if state else None
+            state = self._snap.block_state(key) if block else self._snap.fs_state(key)
+            return None if state is None else (entry_details if block else fs_details)(state)
         if key is not None:
             self.push_details(f"Entry {shown(key)}", follow)
 

@@ -153,22 +153,20 @@ class DetailsDialog(ModalScreen[None]):
         if self.follow is None:
             return
         body = self.follow()
-        if body is None:
-            if not self.gone:
-                self.gone = True
-                self.query_one("#details-title", Label).update(Text(
-                    f"{self.title_text} (no longer configured: as last seen)", style="bold"))
-            return
-        if self.gone:
-            self.gone = False
-            self.query_one("#details-title", Label).update(Text(self.title_text, style="bold"))
-        if body != self.body:
+        if (body is None) != self.gone:
+            self.gone = body is None
+            self.query_one("#details-title", Label).update(self._title())
+        if body is not None and body != self.body:
             self.body = body
             self.query_one("#details-text", Static).update(self._text())
 
+    def _title(self) -> Text:
+        return Text(self.title_text + (" (no longer configured: as last seen)" if self.gone
+                                       else ""), style="bold")
+
     def compose(self) -> ComposeResult:
         with Vertical(classes="dialog details"):
-            yield Label(Text(self.title_text, style="bold"), id="details-title")
+            yield Label(self._title(), id="details-title")
             with VerticalScroll(id="details-body"):
                 yield Static(self._text(), id="details-text")
             with Horizontal(classes="dialog-buttons"):

@@ -122,15 +122,15 @@ class FilesystemScreen(TaskScreen):
         if path is None or self._snap is None:
             self.notify("No entry is selected.", severity="warning")
             return None
-        return next((s for s in self._snap.filesystem if s.entry.path == path), None)
+        return self._snap.fs_state(path)
 
     @on(DataTable.RowSelected, "#fs-entries")
     def action_details(self) -> None:
         state = self._selected_state()
         if state is not None:
             path = state.entry.path
-            self.push_details(f"File system entry {shown(path)}", lambda: next(
-                (fs_details(s) for s in self._snap.filesystem if s.entry.path == path), None))
+            self.push_details(f"File system entry {shown(path)}", lambda: (
+                s := self._snap.fs_state(path)) and fs_details(s))
 
     def action_remove(self) -> None:
         state = self._selected_state()

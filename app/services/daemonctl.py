@@ -222,12 +222,10 @@ def _control(action: str, settings: DaemonSettings) -> Result:
 
 def _alive(pid: int | None) -> bool:
     """Whether process `pid` still exists (a zombie counts as gone: it has exited)."""
-    if not pid:
-        return False
+    import psutil
     try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            return f.read().rsplit(b")", 1)[-1].split()[0] != b"Z"
-    except (OSError, IndexError):
+        return bool(pid) and psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.Error:
         return False
 
 

@@ -100,6 +100,12 @@ class StatusSnapshot:
     def summary(self) -> EngineSummary | None:
         return EngineSummary.from_reply(self.engine)
 
+    def fs_state(self, path: str | None) -> FsState | None:
+        return next((s for s in self.filesystem if s.entry.path == path), None)
+
+    def block_state(self, device: str | None) -> BlockState | None:
+        return next((s for s in self.block if s.entry.device == device), None)
+
     def to_json(self) -> dict[str, Any]:
         return {
             "taken_at": self.taken_at,
