@@ -148,6 +148,7 @@ def _bad_fields(disk: str) -> dict[str, dict[str, str]]:
         "offset-unaligned": {"offset": "1000"},
         "offset-not-a-size": {"offset": "ten"},
         "offset-past-end": {"offset": "1G"},
+        "sizelimit-not-a-size": {"sizelimit": "1.5G"},
         "loop-not-a-loop": {"loop": "/dev/sda"},
         "loop-is-itself": {"loop": disk},
         "missing-device": {"device": "/dev/mirrorsetup-no-such-disk"},
@@ -156,8 +157,9 @@ def _bad_fields(disk: str) -> dict[str, dict[str, str]]:
 
 def _expected_message(store, disk: str, fields: dict[str, str]) -> str:
     """What the services say about the same input (parse_size, then ConfigStore.validate_block)."""
-    try:
-        offset = parse_size(fields.get("offset", "0"))
+    try:  # (named as the dialog labels them)
+        offset = parse_size(fields.get("offset", "0"), what="offset")
+        parse_size(fields.get("sizelimit", "0"), what="size limit")
     except ValueError as exc:
         return str(exc)
     entry = BlockEntry(fields.get("device", disk), fields.get("loop"), offset)

@@ -51,7 +51,8 @@ async def test_attach_now_and_detach_now_leave_the_config_alone(tui, protected_d
 
 @pytest.mark.parametrize("field,value,words", [
     ("device", "/dev/mirrorsetup-no-such-disk", "mirrorsetup-no-such-disk"),
-    ("offset", "ten", "not a size"),
+    ("offset", "ten", "offset: not a size"),
+    ("sizelimit", "1.5G", "size limit: not a size"),
     ("loop", "/dev/sda", "/dev/loopN"),
 ])
 @pilot_test

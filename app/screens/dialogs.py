@@ -413,11 +413,8 @@ class AddBlockEntryDialog(_EntryDialog):
         if not device:
             raise ValueError("type the path of a block device, or pick one in the list")
         sizes = {}
-        for name in ("offset", "sizelimit"):
-            try:
-                sizes[name] = parse_size(self._value(name) or "0")
-            except ValueError as exc:
-                raise ValueError(f"{name}: {exc}") from None
+        for name, label in (("offset", "offset"), ("sizelimit", "size limit")):
+            sizes[name] = parse_size(self._value(name) or "0", what=label)
         return BlockEntry(device, self._value("loop") or None, sizes["offset"],
                           sizes["sizelimit"], self.query_one("#read-only", Switch).value,
                           None, self._value("target") or None)

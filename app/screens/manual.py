@@ -96,8 +96,8 @@ class ManualScreen(TaskScreen):
             self.query_one("#device").focus()
             return
         try:
-            offset = parse_size(self._value("offset") or "0")
-            sizelimit = parse_size(self._value("sizelimit") or "0")
+            offset, sizelimit = (parse_size(self._value(name) or "0", what=label)
+                                 for name, label in (("offset", "offset"), ("sizelimit", "size limit")))
         except ValueError as exc:
             self.app.push_screen(ResultsDialog("Manual attach", [
                 Result.from_error("manual attach", device or "(no device)", exc)]))

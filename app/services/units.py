@@ -8,13 +8,15 @@ _UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40, "p": 1 
 _SIZE = re.compile(r"^\s*(\d+)\s*([kmgtp]?)(?:i?b)?\s*$", re.IGNORECASE)
 
 
-def parse_size(text: str | int) -> int:
-    """Bytes from "1048576", "1M", "1MiB", "4k". Binary units, as losetup and dd use them."""
+def parse_size(text: str | int, what: str | None = None) -> int:
+    """Bytes from "1048576", "1M", "1MiB", "4k". Binary units, as losetup and dd use them.
+    `what`: the field's name as the screen labels it, said first in the error."""
     if isinstance(text, int):
         return text
     m = _SIZE.match(text)
     if not m:
-        raise ValueError(f"not a size: {text!r} (use bytes or a suffix: 512, 4K, 1M, 2G)")
+        raise ValueError(f"{what + ': ' if what else ''}not a size: {text!r} "
+                         "(use bytes or a suffix: 512, 4K, 1M, 2G)")
     return int(m.group(1)) * _UNITS[m.group(2).lower()]
 
 
