@@ -440,7 +440,7 @@ class Agent:
         demote_state(self.state, generation=h.get("new_generation"), consistent=True, seq=seq)
         self.journal.skip_to(seq)
         self.replica.save(self.state)
-        self.send(wire.ACK, {**self.positions(), "done": {**counts, "seq": seq}})
+        self.send(wire.ACK, {**self.positions(), "done": counts})  # received: seq
 
     def _read_replies(self, back: Reverse) -> None:
         try:

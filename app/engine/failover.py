@@ -395,7 +395,7 @@ class Failover:
         await send({"progress": {"stage": "comparing"}})
         target = make_target(spec, size)  # says the old history, the one it was promoted from
         try:
-            counts = await trio.to_thread.run_sync(lambda: receive_failback(
+            counts, at = await trio.to_thread.run_sync(lambda: receive_failback(
                 target, local, new_generation=new_gen, last_seq=last))
             already = False
         except TargetUnavailable as exc:
@@ -403,13 +403,13 @@ class Failover:
                 journal.close()
                 raise MirrorError(f"fail-back of {key}: {exc.state}", errno=_exc_error(exc),
                                   obj=key) from None
-            counts, already = {}, True  # the interrupted fail-back had finished there
+            counts, at, already = {}, last, True  # the interrupted fail-back had finished there
         finally:
             local.close()
         write_small_file(Path(state), "generation", new_gen + "\n")
         os.unlink(Path(state) / FAILBACK)
-        if counts.get("seq", last) > last:  # a rebuilt source: its seqs go on above the replica's
-            last = counts["seq"]
+        if at > last:  # a rebuilt source: its seqs go on above the replica's
+            last = at
             journal.skip_to(last)
         journal.discard_through(last)
         journal.close()
@@ -429,7 +429,8 @@ class Failover:
                     "dropped (the promoted replica won)")
         results.append(Result("failback", key, Outcome.OK, msg + f"; the replica is secondary "
                               f"again (generation {new_gen})",
-                              details={**counts, "generation": new_gen, "dropped_records": unsent}))
+                              details={**counts, "seq": last, "generation": new_gen,
+                                       "dropped_records": unsent}))
         return results
 
     # -- split brain: the source wins -------------------------------------------------------------

@@ -492,10 +492,13 @@ def _agent_error(msg: dict) -> TargetUnavailable:
     return TargetUnavailable(f"disconnected: {text}")
 
 
-def receive_failback(target: RemoteTarget, local, *, new_generation: str, last_seq: int) -> dict:
+def receive_failback(target: RemoteTarget, local, *, new_generation: str,
+                     last_seq: int) -> tuple[dict, int]:
     """Fail back, the source's side: the agent compares its promoted replica with `local`
     (this host's data: a LocalDirTarget or LocalBlockTarget), asking us (REQ), and sends what
-    differs (DATA records) which we apply; then it demotes its replica. Returns its counts."""
+    differs (DATA records) which we apply; then it demotes its replica. Returns its counts and
+    the seq the demoted replica is at, which this host's records go on from (above `last_seq`
+    when this host was rebuilt without its journal and its seqs started again)."""
     target.open("failback", new_generation=new_generation, last_seq=last_seq)
     proc = target.proc
     stop = threading.Event()
@@ -526,7 +529,7 @@ def receive_failback(target: RemoteTarget, local, *, new_generation: str, last_s
             elif kind == wire.ACK:
                 msg = json.loads(payload)
                 if "done" in msg:
-                    return msg["done"]
+                    return msg["done"], int(msg["received"])
             elif kind == wire.ERROR:
                 raise _agent_error(json.loads(payload))
     finally:
