@@ -281,6 +281,13 @@ class _EntryDialog(ModalScreen[Result | None]):
         self.dismiss(None)
 
 
+def window_sizes(value) -> tuple[int, int]:
+    """The offset and size limit typed into the #offset and #sizelimit fields (`value(id)`: a
+    field's text), empty meaning 0; ValueError names the field as it is labelled."""
+    return (parse_size(value("offset") or "0", what="offset"),
+            parse_size(value("sizelimit") or "0", what="size limit"))
+
+
 def switch_text(on_: bool, name: str, on_words: str, off_words: str) -> Text:
     """A switch's name and state in words beside it (never by colour alone)."""
     return Text.assemble((f"{name}: ", "bold"), ("ON" if on_ else "off", "bold" if on_ else ""),
@@ -412,11 +419,9 @@ class AddBlockEntryDialog(_EntryDialog):
         device = self._value("device")
         if not device:
             raise ValueError("type the path of a block device, or pick one in the list")
-        sizes = {}
-        for name, label in (("offset", "offset"), ("sizelimit", "size limit")):
-            sizes[name] = parse_size(self._value(name) or "0", what=label)
-        return BlockEntry(device, self._value("loop") or None, sizes["offset"],
-                          sizes["sizelimit"], self.query_one("#read-only", Switch).value,
+        offset, sizelimit = window_sizes(self._value)
+        return BlockEntry(device, self._value("loop") or None, offset,
+                          sizelimit, self.query_one("#read-only", Switch).value,
                           None, self._value("target") or None)
 
     def check_entry(self, entry: BlockEntry) -> tuple[str | None, list[str]]:

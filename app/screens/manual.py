@@ -11,9 +11,9 @@ from textual.widgets import Button, DataTable, Footer, Header, Input, Label, Sta
 from app.screens.banner import RootBanner
 from app.screens.base import (Col, KeyedTable, TaskScreen, elide, natural_key,
                               selected_key)
-from app.screens.dialogs import ResultsDialog, labelled, switch_text
+from app.screens.dialogs import ResultsDialog, labelled, switch_text, window_sizes
 from app.services.results import Result
-from app.services.units import human_size, parse_size, shown
+from app.services.units import human_size, shown
 
 LOOP_COLUMNS = (Col("loop", "Loop", 9), Col("backing", "Backing", 8, 48), Col("offset", "Offset", 3),
                 Col("size", "Size", 5), Col("flags", "Flags", 4))
@@ -96,8 +96,7 @@ class ManualScreen(TaskScreen):
             self.query_one("#device").focus()
             return
         try:
-            offset, sizelimit = (parse_size(self._value(name) or "0", what=label)
-                                 for name, label in (("offset", "offset"), ("sizelimit", "size limit")))
+            offset, sizelimit = window_sizes(self._value)
         except ValueError as exc:
             self.app.push_screen(ResultsDialog("Manual attach", [
                 Result.from_error("manual attach", device or "(no device)", exc)]))
