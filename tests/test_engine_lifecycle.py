@@ -248,6 +248,18 @@ def test_daemon_not_running_says_how_to_start_it(tmp_path):
     assert "mirrorsetup daemon" in str(exc.value) and "systemctl start mirrorsetup" in str(exc.value)
 
 
+def test_an_existing_socket_directory_keeps_its_mode(setup, tmp_path):
+    """A --socket in a directory that exists (e.g. /run/x.sock) is never chmodded: it was made
+    0700, which would have locked everyone else out of /run."""
+    run = tmp_path / "run"
+    run.mkdir()
+    os.chmod(run, 0o755)
+    eng, _, _ = setup([])
+    assert eng.client.request("ping")["ok"]
+    assert oct(os.stat(run).st_mode & 0o777) == "0o755"
+    assert oct(os.stat(eng.socket).st_mode & 0o777) == "0o600"
+
+
 def test_socket_not_root_only_is_refused(setup, tmp_path):
     eng, _, _ = setup([])
     os.chmod(eng.socket, 0o666)

@@ -34,7 +34,7 @@ from app.services import layout as layout_mod
 from app.services import protocol
 from app.services.blockplan import same_device
 from app.services.config import BlockEntry, ConfigStore, FsEntry
-from app.services.control import DIR_MODE, SOCKET_MODE, default_socket
+from app.services.control import SOCKET_MODE, default_socket
 from app.services.layout import Layout
 from app.services.protocol import CaptureRow
 from app.services.results import MirrorError, Outcome, Result
@@ -392,8 +392,10 @@ class Daemon:
         """Root-only socket in a root-only directory; a live one is never taken, a stale socket
         is replaced, anything that is not a socket is refused."""
         parent = os.path.dirname(self.socket_path)
+        # made root-only if missing; an existing one is only checked (root's, not writable by
+        # others), never changed: --socket /run/x.sock must not make /run 0700 (the socket
+        # itself is 0600)
         layout_mod.private_dir(parent, "run directory")
-        os.chmod(parent, DIR_MODE)
         try:
             st = os.lstat(self.socket_path)
         except FileNotFoundError:
