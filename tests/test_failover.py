@@ -172,6 +172,109 @@ def test_planned_switchover_of_a_directory_and_fail_back(fs_remote, writer):
     assert eng.verify(src) == []
 
 
+def test_fail_back_or_resolve_of_an_entry_never_switched_over_changes_nothing(fs_remote):
+    """Found by a walk: `failback` of an entry that was never switched over lifted its capture
+    before the agent answered "not promoted", and left nothing mounted; it had also recorded the
+    history it meant to hand over, so a second `failback` took the refusal for a fail-back
+    finished already and moved this side to a history the replica never had: every connection
+    was refused from then on. `replica resolve --discard-target` said it had discarded a
+    promotion and re-sent the whole entry. Now all three change nothing and say why."""
+    eng, src, r = fs_remote()
+    s = Path(src)
+    (s / "f").write_text("one")
+    eng.drain(src)
+    [rep] = replicas(r)
+    gen = rep["generation"]
+
+    def captured() -> bool:
+        return any("fuse.mirrorfs" in m for m in open("/proc/self/mountinfo") if f" {src} " in m)
+    for _ in range(2):  # captured: the capture knows, the target is not asked
+        p = cli(r.cfg, "failback", src, "--yes", socket=eng.socket)
+        assert p.returncode == 1 and "nothing to fail back" in p.stderr, p.stdout + p.stderr
+        assert "nothing was changed" in p.stderr and captured(), p.stderr
+    r.bed.reject()  # the target cannot be asked: the capture is lifted, then put back
+    r.bed.kill_on_target(r.bed.wait_target_process("serve-target"))
+    wait_for("disconnected", lambda: eng.status(src)["connection"] != "connected", 60, 0.2)
+    p = cli(r.cfg, "failback", src, "--yes", socket=eng.socket)
+    assert p.returncode == 1 and "fail-back of" in p.stderr, p.stdout + p.stderr
+    assert "mounted mirrorfs on" in p.stderr and captured(), p.stderr
+    r.bed.unblock()
+    wait_for("connected", lambda: eng.status(src)["connection"] == "connected", 60, 0.2)
+    p = cli(r.cfg, "replica", "resolve", src, "--discard-target", "--yes", "--json", socket=eng.socket)
+    assert p.returncode == 0, p.stdout + p.stderr
+    [res] = json.loads(p.stdout)
+    assert res["outcome"] == "unchanged" and "nothing to resolve" in res["message"], res
+    assert captured()
+
+    (res,) = eng.client.results("unmount", path=src, force=False)
+    assert res.outcome.value == "ok", res.message
+    for _ in range(2):  # not captured: the agent answers
+        p = cli(r.cfg, "failback", src, "--yes", socket=eng.socket)
+        assert p.returncode == 1 and "is not promoted" in p.stderr, p.stdout + p.stderr
+        assert not captured() and not list(Path(eng.state).rglob("failback")), "a fail-back left behind"
+    p = cli(r.cfg, "replica", "resolve", src, "--discard-target", "--yes", "--json", socket=eng.socket)
+    assert p.returncode == 0, p.stdout + p.stderr
+    assert json.loads(p.stdout)[0]["outcome"] == "unchanged", p.stdout
+    [rep] = replicas(r)
+    assert rep["generation"] == gen and rep["role"] == "secondary" and rep["consistent"], rep
+
+    if not captured():
+        (res,) = eng.client.results("mount_all")
+        assert res.outcome.value == "ok", res.message
+    (s / "after").write_text("replicated as before")
+    st = eng.drain(src)
+    assert st["target_data"] == "consistent" and st["last_error"] is None, st
+    assert (r.root / "data" / "after").read_text() == "replicated as before"
+    assert replicas(r)[0]["generation"] == gen
+
+
+def test_a_fail_back_interrupted_after_the_replica_was_handed_back_is_finished_by_the_next(fs_remote):
+    """The source chooses the new history before it asks, and keeps it until it is recorded:
+    when the source went down after the replica had taken it (the state directory below is put
+    back as it was then), the next fail-back finds the replica secondary in that very history
+    and only records it. A pending choice the replica never took (another history there) is
+    not taken for one: it is refused, and forgotten."""
+    eng, src, r = fs_remote()
+    (Path(src) / "f").write_text("before")
+    eng.drain(src)
+    p = cli(r.cfg, "switchover", src, socket=eng.socket)
+    assert p.returncode == 0, p.stdout + p.stderr
+    (r.root / "data" / "on-target").write_text("written there")
+    eng.stop()
+    then = Path(eng.state).parent / "state-then"
+    shutil.copytree(eng.state, then, symlinks=True)
+    eng.start()
+    p = cli(r.cfg, "failback", src, "--yes", socket=eng.socket)
+    assert p.returncode == 0, p.stdout + p.stderr
+    [rep] = replicas(r)
+    taken = rep["generation"]
+    assert rep["role"] == "secondary" and f"generation {taken}" in p.stdout, p.stdout
+
+    def as_then(pending: str) -> Path:
+        eng.stop()
+        shutil.rmtree(eng.state)
+        shutil.copytree(then, eng.state, symlinks=True)
+        [marker] = [m for m in Path(eng.state).rglob("switched")]  # the entry's state directory
+        (marker.parent / "failback").write_text(json.dumps({"generation": pending}) + "\n")
+        eng.start()
+        return marker.parent
+    state = as_then("0" * 32)  # a choice the replica never took
+    p = cli(r.cfg, "failback", src, "--yes", socket=eng.socket)
+    assert p.returncode == 1 and "is not promoted" in p.stderr, p.stdout + p.stderr
+    assert not (state / "failback").exists() and (state / "switched").exists()
+    assert (state / "generation").read_text().strip() != taken
+    state = as_then(taken)  # the one it took before the source went down
+    p = cli(r.cfg, "failback", src, "--yes", "--json", socket=eng.socket)
+    assert p.returncode == 0, p.stdout + p.stderr
+    res = json.loads(p.stdout)
+    assert "handed back already" in res[0]["message"] and res[0]["details"]["generation"] == taken, res
+    assert (state / "generation").read_text().strip() == taken
+    (Path(src) / "after").write_text("replicated again")
+    st = eng.drain(src)
+    assert st["target_data"] == "consistent" and st["last_error"] is None, st
+    assert (r.root / "data" / "after").read_text() == "replicated again"
+
+
 def test_block_switchover_then_fail_back_sends_only_what_changed(block_remote):
     eng, disk, r = block_remote()
     loop = eng.block(disk)["loop"]
@@ -201,9 +304,16 @@ def test_block_switchover_then_fail_back_sends_only_what_changed(block_remote):
     assert blocks_differing(disk, image, 64 * MiB) == 6
     source_before = sha(disk)
 
-    busy = r.bed.run_on_target(["losetup", "--show", "-f", str(r.root / "disk.img")])
-    target_loop = busy.stdout.strip()
+    # the promoted replica used on the target: the README's `replica promote` gives it a loop
+    # (it refused "already promoted" after a switch-over, leaving losetup by hand)
+    p = on_target(r.bed, "replica", "promote", "disk.img", "--root", str(r.root), "--json")
+    assert p.returncode == 0, p.stdout + p.stderr
+    done = json.loads(p.stdout)["done"]
+    assert "already promoted (switch-over at" in done[0], done
+    target_loop = re.search(r"as (/dev/loop\d+)", done[1]).group(1)
     try:
+        again = on_target(r.bed, "replica", "promote", "disk.img", "--root", str(r.root))
+        assert again.returncode == 2 and f"attached as {target_loop}" in again.stderr, again.stderr
         p = cli(r.cfg, "failback", disk, "--yes", socket=eng.socket)
         assert p.returncode == 1 and f"attached to {target_loop}" in p.stderr, p.stdout + p.stderr
         assert sha(disk) == source_before, "a refused fail-back wrote to the source"

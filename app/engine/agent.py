@@ -56,9 +56,9 @@ def replica_id(rel: str) -> str:
 
 
 class AgentError(Exception):
-    def __init__(self, code: str, message: str, err: int | None = None):
+    def __init__(self, code: str, message: str, err: int | None = None, **extra):
         super().__init__(message)
-        self.code, self.errno = code, err
+        self.code, self.errno, self.extra = code, err, extra  # extra: said beside the message
 
 
 class Replica:
@@ -252,7 +252,8 @@ class Agent:
                 self.serve()
         except AgentError as exc:
             log.error("%s", exc)
-            self.send(wire.ERROR, {"code": exc.code, "message": str(exc), "errno": exc.errno})
+            self.send(wire.ERROR, {**exc.extra, "code": exc.code, "message": str(exc),
+                                   "errno": exc.errno})
             return 1
         except (wire.WireError, ValueError) as exc:
             log.error("protocol: %s", exc)
@@ -411,6 +412,10 @@ class Agent:
     def _discard_promotion(self, h: dict) -> None:
         """`replica resolve --discard-target`: the source wins; this replica is its secondary
         again (inconsistent until the source's resync has made it equal)."""
+        if self.state.get("role") != "primary":  # no split brain: its data is left as it is
+            raise AgentError("not-promoted", f"replica {self.replica.rel} is not promoted: there "
+                             "is no promotion to discard", errno.EINVAL,
+                             generation=self.state.get("generation"))
         users = replica_users(self.root, self.replica.rel, self.replica.kind)
         if users:
             raise AgentError("in-use", f"the promoted replica {self.replica.rel} is in use on the "
@@ -424,8 +429,10 @@ class Agent:
         answers the comparisons and applies), then this replica is the source's secondary
         again, consistent at the source's position."""
         if self.state.get("role") != "primary":
+            # its generation tells the source whether an interrupted fail-back of its own
+            # finished here (the one it chose) or this replica was never handed over
             raise AgentError("not-promoted", f"replica {self.replica.rel} is not promoted: nothing "
-                             "to fail back from", errno.EINVAL)
+                             "to fail back from", errno.EINVAL, generation=self.state.get("generation"))
         users = replica_users(self.root, self.replica.rel, self.replica.kind)
         if users:
             raise AgentError("in-use", f"the promoted replica {self.replica.rel} is in use on the "
@@ -950,8 +957,8 @@ def promote(root: str, name: str, *, mount_at: str | None = None, loop: str | No
                                      "`mirrorsetup switchover` on the source instead", errno.EBUSY) from None
                 time.sleep(0.5)
         state = rep.state()
-        if state.get("role") == "primary":
-            raise AgentError("promoted", f"replica {name} is already promoted", errno.EEXIST)
+        if state.get("role") == "primary":  # a switch-over (or an earlier promote) made it primary
+            return state, _make_usable(rep, name, found["kind"], state, mount_at=mount_at, loop=loop)
         journal = Journal(rep.dir, kind=KIND_FS if found["kind"] == "fs" else KIND_BLOCK)
         done = []
         pending = journal.last_seq - journal.released_seq
@@ -999,6 +1006,44 @@ def promote(root: str, name: str, *, mount_at: str | None = None, loop: str | No
         return state, done
     finally:
         os.close(root_fd)
+
+
+def _make_usable(rep: Replica, name: str, kind: str, state: dict, *, mount_at: str | None,
+                 loop: str | None) -> list[str]:
+    """`replica promote` of a replica that is primary already (after a switch-over the source
+    promoted it): it is only made usable, as asked; asked nothing new, it is refused."""
+    from app.services import loop as loopdev
+    from app.services import mounts
+    p = state.get("promoted") or {}
+    when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(p.get("time", 0)))
+    path = os.path.join(rep.root, name)
+    said = f"replica {name} is already promoted ({p.get('by', '?')} at {when})"
+    if kind == "fs":
+        if not mount_at:
+            raise AgentError("promoted", f"{said}: use it at {path} (--mount DIR bind-mounts it "
+                             "there)", errno.EEXIST)
+        os.makedirs(mount_at, exist_ok=True)
+        mounts.mount(path, mount_at, None, mounts.MS_BIND)
+        return [said, f"bind-mounted {path} on {mount_at}"]
+    real = os.path.realpath(path)
+    bound = [f"/dev/loop{i}" for i, backing in loopdev.bound_backing().items() if backing == real]
+    if bound and (loop is None or loop in bound):
+        if not mount_at:
+            raise AgentError("promoted", f"{said} and attached as {', '.join(bound)} (--mount DIR "
+                             "mounts it)", errno.EEXIST)
+        os.makedirs(mount_at, exist_ok=True)
+        subprocess_mount(bound[0], mount_at)
+        return [said, f"mounted {bound[0]} on {mount_at}"]
+    if bound:  # two loops on one image would be two caches of it
+        raise AgentError("promoted", f"{said} and attached as {', '.join(bound)}, not {loop}",
+                         errno.EEXIST)
+    st = loopdev.attach(path, loop=loop)
+    done = [said, f"attached {path} as {st.device}"]
+    if mount_at:
+        os.makedirs(mount_at, exist_ok=True)
+        subprocess_mount(st.device, mount_at)
+        done.append(f"mounted {st.device} on {mount_at}")
+    return done
 
 
 def subprocess_mount(device: str, where: str) -> None:

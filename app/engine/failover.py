@@ -346,25 +346,42 @@ class Failover:
         state = spec.state
         results: list[Result] = []
         async with self._lock(kind, key):
+            sw = switched(state) or {}
             cap = self.sup.get(kind, key)
+            if cap is not None and sw.get("state") != "switched" and _read_json(state, FAILBACK) is None:
+                # capturing here: a capture its agent took is going on to a secondary (an agent
+                # refuses to replicate to a promoted replica); that is never lifted for nothing.
+                # Not connected, nobody knows yet: the agent answers, and a refusal re-mounts.
+                fig = await self.sup.figures(cap)
+                if fig.get("connection") == "connected" and fig.get("target_data") != "split-brain":
+                    raise MirrorError(
+                        f"{key} was not switched over and its replica on {entry.target} is not "
+                        f"promoted: its capture is connected to it (replication: "
+                        f"{fig.get('replication', '?')}): there is nothing to fail back; nothing "
+                        "was changed", errno=errno.EINVAL, obj=key)
+            lifted = False
             if cap is not None:  # the split-brain case: capturing here, refused there
                 results.append(await self._lift(kind, key, entry, cap))
+                lifted = True
             size = await self._size(kind, entry)
-            users = await trio.to_thread.run_sync(_local_users, kind, key, entry)
-            if users:
-                raise MirrorError(f"{key} is in use here: {'; '.join(users)}: its data is about to be "
-                                  "replaced by the promoted replica's; stop them first",
-                                  errno=errno.EBUSY, obj=key)
-            sw = switched(state) or {}
-            if sw.get("fence"):  # the data comes back through the directory or device itself
-                await trio.to_thread.run_sync(unfence, kind, key, entry, sw["fence"])
-                _mark(state, {**sw, "fence": {}})
             try:
+                users = await trio.to_thread.run_sync(_local_users, kind, key, entry)
+                if users:
+                    raise MirrorError(f"{key} is in use here: {'; '.join(users)}: its data is about "
+                                      "to be replaced by the promoted replica's; stop them first",
+                                      errno=errno.EBUSY, obj=key)
+                if sw.get("fence"):  # the data comes back through the directory or device itself
+                    await trio.to_thread.run_sync(unfence, kind, key, entry, sw["fence"])
+                    _mark(state, {**sw, "fence": {}})
                 results += await self._failback(kind, key, entry, send, spec, size)
-            except BaseException:
+            except BaseException as exc:
                 if sw.get("fence") and switched(state) is not None:  # still primary there
                     fenced = await trio.to_thread.run_sync(fence, kind, key, entry)
                     _mark(state, {**sw, "fence": fenced})
+                elif lifted and isinstance(exc, MirrorError):  # nothing came back: capture goes on
+                    again = await self._capture(kind, entry)
+                    raise MirrorError(f"{exc.message}; {again.message}", errno=exc.errno,
+                                      obj=key) from None
                 raise
         results.append(await self._capture(kind, entry))
         return results
@@ -399,10 +416,18 @@ class Failover:
                 target, local, new_generation=new_gen, last_seq=last))
             already = False
         except TargetUnavailable as exc:
-            if getattr(exc, "code", None) != "not-promoted" or pending is None:
+            code = getattr(exc, "code", None)
+            theirs = (getattr(exc, "said", None) or {}).get("generation", new_gen)
+            if code != "not-promoted" or pending is None or theirs != new_gen:
                 journal.close()
-                raise MirrorError(f"fail-back of {key}: {exc.state}", errno=_exc_error(exc),
-                                  obj=key) from None
+                if code is not None and (pending is None or code == "not-promoted"):
+                    # refused before it began: the replica never took this generation
+                    os.unlink(Path(state) / FAILBACK)
+                msg = f"fail-back of {key}: {exc.state}"
+                if code == "not-promoted" and (switched(state) or {}).get("state") != "switched":
+                    msg += (f" ({key} was not switched over; `mirrorsetup switchover {key}` hands "
+                            "the service over, `mirrorsetup status` shows the capture)")
+                raise MirrorError(msg, errno=_exc_error(exc), obj=key) from None
             counts, at, already = {}, last, True  # the interrupted fail-back had finished there
         finally:
             local.close()
@@ -442,6 +467,15 @@ class Failover:
                               f"{key}` keeps the promoted replica instead", errno=errno.EINVAL, obj=key)
         spec = self._spec(kind, key, entry)
         async with self._lock(kind, key):
+            sw = switched(spec.state) or {}
+            cap = self.sup.get(kind, key)
+            nothing = Result("resolve", key, Outcome.UNCHANGED, f"nothing to resolve: the replica "
+                             f"on {entry.target} is not promoted, it is {key}'s secondary (no split "
+                             "brain); nothing was changed")
+            if cap is not None and not sw:  # a capture sees the promotion without asking
+                fig = await self.sup.figures(cap)
+                if fig.get("connection") == "connected" and fig.get("target_data") != "split-brain":
+                    return [nothing]
             size = await self._size(kind, entry)
 
             def discard() -> dict:
@@ -453,16 +487,23 @@ class Failover:
                     t.close()
             try:
                 await trio.to_thread.run_sync(discard)
+                was = (f"discarded the promotion of the replica on {entry.target}: it is this "
+                       "entry's secondary again and is made equal to this side (only differences "
+                       "are sent)")
             except TargetUnavailable as exc:
-                raise MirrorError(f"resolve {key}: {exc.state}", errno=_exc_error(exc), obj=key) from None
-            sw = switched(spec.state) or {}
+                if getattr(exc, "code", None) != "not-promoted":
+                    raise MirrorError(f"resolve {key}: {exc.state}", errno=_exc_error(exc),
+                                      obj=key) from None
+                if not sw:
+                    return [nothing]
+                # a resolve or fail-back that was interrupted after the replica was demoted
+                was = f"the replica on {entry.target} was its secondary already"
             if sw.get("fence"):  # this side wins: it is written again
                 await trio.to_thread.run_sync(unfence, kind, key, entry, sw["fence"])
             _unmark(spec.state)
-            results = [Result("resolve", key, Outcome.OK, f"discarded the promotion of the replica on "
-                              f"{entry.target}: it is this entry's secondary again and is made equal "
-                              "to this side (only differences are sent)")]
-            cap = self.sup.get(kind, key)
+            with contextlib.suppress(FileNotFoundError):  # no fail-back is under way any more
+                os.unlink(Path(spec.state) / FAILBACK)
+            results = [Result("resolve", key, Outcome.OK, was)]
             if cap is not None:
                 reply = await cap.link.call("resync", reason="the replica's promotion was discarded")
                 if not reply.get("ok"):

@@ -487,7 +487,7 @@ def _agent_error(msg: dict) -> TargetUnavailable:
     if code in ("locked", "not-ours", "path", "version", "root", "split-brain", "in-use",
                 "not-promoted", "promoted", "incomplete"):
         exc = TargetUnavailable(f"refused: {text}", retry=False)
-        exc.code = code
+        exc.code, exc.said = code, msg
         return exc
     return TargetUnavailable(f"disconnected: {text}")
 
@@ -532,6 +532,9 @@ def receive_failback(target: RemoteTarget, local, *, new_generation: str,
                     return msg["done"], int(msg["received"])
             elif kind == wire.ERROR:
                 raise _agent_error(json.loads(payload))
+    except (wire.WireError, ConnectionError) as exc:  # the link or the agent went away mid-way
+        raise TargetUnavailable(f"disconnected: the session to {target.s.host} ended during the "
+                                f"fail-back ({exc})") from None
     finally:
         stop.set()
         target.close()
