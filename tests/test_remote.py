@@ -602,10 +602,38 @@ def test_a_changed_host_key_is_refused_before_any_data(fs_remote):
     before = tree(r.root / "data")
     r.bed.change_host_key()
     r.bed.kill_on_target(r.bed.wait_target_process("serve-target"))  # the next session meets the new key
-    (Path(src) / "after-the-change").write_text("must not reach an impostor")
+    (Path(src) / "after-the-change").write_text("written while the key was refused")
     st = wait_for("refused", lambda: (s := eng.status(src))["connection"].startswith("refused") and s, 60)
-    assert "host key" in st["connection"], st
+    assert "host key" in st["connection"] and "target rekey" in st["connection"], st
     assert tree(r.root / "data") == before  # nothing was written
+
+    # the target was reinstalled: its new key is checked, then pinned in place of the old one
+    def fingerprint(key) -> str:
+        return subprocess.run(["ssh-keygen", "-lf", f"{key}.pub"], capture_output=True, text=True,
+                              check=True).stdout.split()[1]
+    new, old = fingerprint(r.bed.host_key), r.add_output.split("pinned host key ")[1].split()[0]
+    assert new != old
+    host = ["--host", r.bed.target_addr, "--port", str(r.bed.port), "--root", str(r.root),
+            "--ssh-config", str(r.bed.ssh_config)]
+    added = cli(r.cfg, "target", "add", "backup2", *host, "--accept-host-key", new)  # it was added
+    assert added.returncode == 1, added.stdout + added.stderr  # with the old key checked: not silently
+    assert f"with the host key {old}, not {new}" in added.stderr and "target rekey" in added.stderr
+    assert [t["name"] for t in json.loads(cli(r.cfg, "target", "list", "--json").stdout)] == ["backup1"]
+    bad = cli(r.cfg, "target", "rekey", "backup1", "--accept-host-key", "d6:5f:00")
+    assert bad.returncode == 2 and "not a fingerprint" in bad.stderr, bad.stderr
+    wrong = cli(r.cfg, "target", "rekey", "backup1", "--accept-host-key", old)
+    assert wrong.returncode == 1 and f"is not {old}: it offers {new}" in wrong.stderr, wrong.stderr
+    asked = cli(r.cfg, "target", "rekey", "backup1")  # no terminal, no key given
+    assert asked.returncode == 1 and f"--accept-host-key {new}" in asked.stderr, asked.stderr
+    assert "host key" in eng.status(src)["connection"]  # still refused: nothing was changed
+    done = cli(r.cfg, "target", "rekey", "backup1", "--accept-host-key", new, "--json")
+    assert done.returncode == 0, done.stdout + done.stderr
+    [res] = json.loads(done.stdout)
+    assert res["details"]["was"] == [old] and res["details"]["fingerprint"] == new, res
+    again = cli(r.cfg, "target", "rekey", "backup1", "--accept-host-key", new, "--json")
+    assert json.loads(again.stdout)[0]["outcome"] == "unchanged", again.stdout
+    eng.drain(src)  # the capture connects with the new pin on its next try
+    assert (r.root / "data" / "after-the-change").read_text() == "written while the key was refused"
 
 
 def test_a_second_source_for_the_same_replica_is_refused_by_name(fs_remote, tmp_path):

@@ -29,22 +29,38 @@ def cmd_add(args) -> int:
                       bandwidth=args.bandwidth, resync_bandwidth=args.resync_bandwidth,
                       compression=args.compression, agent=args.agent)
     st = store(args)
+    if args.accept_host_key:
+        require(targets.check_fingerprint, args.accept_host_key)
     require(st.check_target, host)  # a malformed field or a name in use: refused, nothing made
     if require(st.load).target_host(args.name) is not None:
         raise Refused(f"a target named {args.name!r} is already configured", errno=errno.EEXIST,
                       obj=args.name)
 
+    return report([targets.add_target(st, host, accept_host_key=args.accept_host_key,
+                                      confirm=_confirm(args, args.host, args.port))], as_json=args.json)
+
+
+def _confirm(args, host: str, port: int):
     def confirm(keys) -> bool:
         """At a terminal only: show what the host offers and ask; scripts give the key."""
         if args.json or not sys.stdin.isatty():
             return False
         for _line, fp, kind in keys:
-            complain(f"{args.host} port {args.port} offers the host key {fp} ({kind})")
+            complain(f"{host} port {port} offers the host key {fp} ({kind})")
         answer = input(f"Pin {keys[0][1]} for target {args.name}? Compare it with "
                        "`ssh-keygen -lf /etc/ssh/ssh_host_ed25519_key.pub` on the target [y/N] ")
         return answer.strip().lower() in ("y", "yes")
-    return report([targets.add_target(st, host, accept_host_key=args.accept_host_key,
-                                      confirm=confirm)], as_json=args.json)
+    return confirm
+
+
+def cmd_rekey(args) -> int:
+    from app.services import targets
+    host = _host(args)  # a name that is not configured is a refusal (exit 2)
+    if args.accept_host_key:
+        require(targets.check_fingerprint, args.accept_host_key)
+    return report([targets.rekey_target(store(args), args.name, accept_host_key=args.accept_host_key,
+                                        confirm=_confirm(args, host.host, host.port))],
+                  as_json=args.json)
 
 
 def cmd_list(args) -> int:
@@ -116,6 +132,11 @@ def register(sub, common) -> None:
                    "for the authorized_keys line (default: mirrorsetup on its PATH)")
     p.add_argument("--accept-host-key", metavar="SHA256:…", default=None, help="pin the host key "
                    "with this fingerprint (scripts); without it a terminal is asked")
+    p = add(tgt, "rekey", cmd_rekey, "pin the host key a target offers now in place of the one "
+            "pinned (a reinstalled target; checked as at add, never accepted silently)", common)
+    p.add_argument("name")
+    p.add_argument("--accept-host-key", metavar="SHA256:…", default=None, help="the new host key's "
+                   "fingerprint (scripts); without it a terminal is asked")
     add(tgt, "list", cmd_list, "list the remote targets", common)
     p = add(tgt, "remove", cmd_remove, "remove a remote target that no entry uses", common)
     p.add_argument("name")

@@ -87,7 +87,8 @@ def ssh_failure_text(stderr: str, status: int | None) -> tuple[str, bool]:
     last = text.splitlines()[-1] if text else f"ssh exited with status {status}"
     low = text.lower()
     if "host key verification failed" in low or "remote host identification has changed" in low:
-        return f"refused: host key changed or not pinned ({last})", False
+        return (f"refused: host key changed or not pinned ({last}); if the target was "
+                "reinstalled, check its key there, then `mirrorsetup target rekey TARGET`"), False
     if "permission denied" in low:
         return f"refused: the target does not accept our key ({last})", False
     if "not responding" in low:
@@ -135,11 +136,107 @@ def scan_host_keys(host: str, port: int) -> list[tuple[str, str, str]]:
     return out
 
 
-def pinned(known_hosts: str, host: str, port: int) -> bool:
+def pinned_fingerprints(known_hosts: str, host: str, port: int) -> list[str]:
+    """The SHA256 fingerprints pinned for host:port in `known_hosts` (ours: unhashed lines)."""
     if not os.path.exists(known_hosts):
-        return False
+        return []
     r = _run(["ssh-keygen", "-F", host_pattern(host, port), "-f", known_hosts])
-    return r.returncode == 0 and bool(r.stdout.strip())
+    out = []
+    for line in r.stdout.decode(errors="replace").splitlines():
+        if line.strip() and not line.startswith("#"):
+            fp = _run(["ssh-keygen", "-l", "-E", "sha256", "-f", "-"], input=line.encode() + b"\n")
+            parts = fp.stdout.decode().split()
+            if fp.returncode == 0 and len(parts) >= 2:
+                out.append(parts[1])
+    return out
+
+
+def check_fingerprint(fp: str) -> None:
+    if not (fp.startswith("SHA256:") and len(fp) > 7):
+        raise ConfigError(f"--accept-host-key {fp!r} is not a fingerprint: give it as ssh-keygen "
+                          "-lf prints it, SHA256:… (e.g. ssh-keygen -lf "
+                          "/etc/ssh/ssh_host_ed25519_key.pub on the target)", errno=errno.EINVAL, obj=fp)
+
+
+def _repin(known_hosts: str, host: str, port: int, line: str) -> None:
+    """Replace every key pinned for host:port by `line` (atomically, under a lock on the file:
+    an ssh reading it sees the old pin or the new one)."""
+    pattern = host_pattern(host, port)
+    _keyhost, keytype, key = line.split(None, 2)
+    fd = os.open(known_hosts, os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC)
+    try:
+        import fcntl
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        with os.fdopen(os.dup(fd), "r", errors="surrogateescape") as f:
+            kept = [ln for ln in f.read().splitlines()
+                    if not ln.strip() or ln.startswith("#") or pattern not in ln.split()[0].split(",")]
+        kept.append(f"{pattern} {keytype} {key}")
+        tmp = f"{known_hosts}.{os.getpid()}.tmp"
+        out = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+        try:
+            os.write(out, ("\n".join(kept) + "\n").encode(errors="surrogateescape"))
+            os.fsync(out)
+        finally:
+            os.close(out)
+        os.rename(tmp, known_hosts)
+        dfd = os.open(os.path.dirname(known_hosts) or ".", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            os.fsync(dfd)
+        finally:
+            os.close(dfd)
+    finally:
+        os.close(fd)
+
+
+def rekey_target(store: ConfigStore, name: str, *, accept_host_key: str | None = None,
+                 confirm=None) -> Result:
+    """`target rekey NAME`: pin the key the host offers now in place of the one pinned (a
+    reinstalled target). Like add, the new key is never taken silently: `accept_host_key` must
+    match what the host offers, or `confirm(keys)` asks at a terminal."""
+    try:
+        host = store.load().target_host(name)
+        if host is None:
+            raise ConfigError(f"no remote target named {name!r} is configured (mirrorsetup target "
+                              "list)", errno=errno.ENOENT, obj=name)
+        if accept_host_key:
+            check_fingerprint(accept_host_key)
+        kh = host.known_hosts or default_known_hosts(store)
+        old = pinned_fingerprints(kh, host.host, host.port)
+        keys = scan_host_keys(host.host, host.port)
+        where = f"{host.host} port {host.port}"
+        shown = ", ".join(f"{fp} ({kind})" for _line, fp, kind in keys)
+        if accept_host_key:
+            chosen = next((k for k in keys if k[1] == accept_host_key), None)
+            if chosen is None:
+                raise MirrorError(f"the host key of {where} is not {accept_host_key}: it offers "
+                                  f"{shown}. Nothing was changed", errno=errno.EACCES, obj=name)
+        elif confirm is not None and confirm(keys):
+            chosen = keys[0]
+        else:
+            raise MirrorError(f"{where} offers {shown}; pinned: {', '.join(old) or 'nothing'}. Check "
+                              "it on the target (ssh-keygen -lf /etc/ssh/ssh_host_ed25519_key.pub) "
+                              f"and run again with --accept-host-key {keys[0][1]}. Nothing was "
+                              "changed", errno=errno.EACCES, obj=name)
+        if old == [chosen[1]]:
+            return Result("rekey target", name, Outcome.UNCHANGED, f"the host key of {where} is "
+                          f"pinned as {chosen[1]} already (in {kh})")
+        if old:
+            _repin(kh, host.host, host.port, chosen[0])
+        else:
+            _pin(kh, host.host, host.port, chosen[0])
+    except (MirrorError, subprocess.TimeoutExpired, OSError) as exc:
+        if isinstance(exc, OSError) and not isinstance(exc, MirrorError):
+            exc = MirrorError.from_oserror("rekey target", name, exc)
+        if isinstance(exc, subprocess.TimeoutExpired):
+            exc = MirrorError(f"{exc.cmd[0]} did not answer in {exc.timeout:.0f} s", errno=errno.ETIMEDOUT)
+        return Result.from_error("rekey target", name, exc)
+    users = [t.name for t in store.load().target
+             if (t.host, t.port) == (host.host, host.port) and (t.known_hosts or kh) == kh]
+    return Result("rekey target", name, Outcome.OK, f"pinned host key {chosen[1]} ({chosen[2]}) of "
+                  f"{where} in {kh}" + (f" in place of {', '.join(old)}" if old else "") +
+                  f"; targets using it: {', '.join(users)}. Their captures connect with it on their "
+                  "next try", details={"fingerprint": chosen[1], "was": old, "known_hosts": kh,
+                                       "targets": users})
 
 
 def _pin(known_hosts: str, host: str, port: int, line: str) -> None:
@@ -184,8 +281,19 @@ def add_target(store: ConfigStore, host: TargetHost, *, accept_host_key: str | N
         if host.known_hosts is None:
             host = replace(host, known_hosts=default_known_hosts(store))
         note = ""
-        if pinned(host.known_hosts, host.host, host.port):
-            note = f"host key of {host.host} already pinned in {host.known_hosts}"
+        if accept_host_key:
+            check_fingerprint(accept_host_key)
+        old = pinned_fingerprints(host.known_hosts, host.host, host.port)
+        if old and accept_host_key and accept_host_key not in old:
+            # pinned by an earlier add: another key now is a reinstall or a man in the middle
+            raise MirrorError(f"{host.host} port {host.port} is pinned in {host.known_hosts} with the "
+                              f"host key {', '.join(old)}, not {accept_host_key}. If the target was "
+                              "reinstalled, check its key there, add this target without "
+                              "--accept-host-key, then `mirrorsetup target rekey "
+                              f"{name} --accept-host-key {accept_host_key}`. Nothing was added",
+                              errno=errno.EACCES, obj=name)
+        if old:
+            note = f"host key of {host.host} already pinned in {host.known_hosts} ({', '.join(old)})"
         else:
             keys = scan_host_keys(host.host, host.port)
             shown = ", ".join(f"{fp} ({kind})" for _line, fp, kind in keys)
