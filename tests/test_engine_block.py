@@ -241,6 +241,9 @@ def test_kill9_of_the_daemon_under_write_load_keeps_io_alive_and_is_taken_over(b
         eng.kill9()  # the daemon only: its capture worker goes on serving the loop
         out = cli(cfg, eng, "status").stdout
         assert f"{loop}: its capture goes on without a daemon" in out, out
+        # its worker has the raw device open for writing: named ours by its command line, not
+        # "bypassing" the loop (an error said about our own capture before)
+        assert "has the raw device open for writing" not in out, out
         time.sleep(1)
         assert writer.poll() is None  # the application's writes never failed
         eng.start()

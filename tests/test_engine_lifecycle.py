@@ -82,6 +82,14 @@ def _stop(proc, flag: str) -> None:
     proc.wait(timeout=60)
 
 
+def _status_text(eng) -> str:
+    """`mirrorsetup status` as an administrator reads it (the daemon may be gone)."""
+    p = subprocess.run([sys.executable, "-m", "app", "--config", str(eng.config), "status"],
+                       env={**os.environ, "MIRRORSETUP_SOCKET": eng.socket}, capture_output=True,
+                       text=True, timeout=60)
+    return p.stdout + p.stderr
+
+
 def _fsynced_on_target(log: str, src: str, tgt: str) -> list[str]:
     names = open(log).read().split()
     for name in names:
@@ -102,6 +110,7 @@ def test_kill9_of_the_daemon_is_invisible_to_writers(setup, tmp_path):
         eng.kill9()
         before = open(log).read().count("\n")
         _wait_lines(log, before + 20)  # capture goes on without a daemon
+        assert f"{src}: its capture goes on without a daemon" in _status_text(eng), "not said"
         eng.start()
         st = eng.status(src)
         assert st["worker_pid"] == pid and st["captured"]
@@ -136,6 +145,8 @@ def test_kill9_of_daemon_and_worker_never_uncovers_the_path(setup, tmp_path):
             # this round's errors: the writer met the dead mount (the assertion was inside the
             # wait, so a writer slower than 20 ms to meet it failed the test)
             assert DEAD & set(open(errlog).read()[said:].split())
+            if _round == 0:  # a dead mount is not called a capture
+                assert f"{src}: mirrorfs is mounted here but its capture is gone" in _status_text(eng)
             eng.start()
             assert eng.status(src)["captured"]
             _wait_lines(log, open(log).read().count("\n") + 20)

@@ -7,6 +7,7 @@ TUI's dashboard both render this.
 
 from __future__ import annotations
 
+import json
 import os
 import time
 from dataclasses import asdict, dataclass, field, replace
@@ -149,6 +150,27 @@ def _device_mounts(path: str, table: list[mounts.MountEntry]) -> tuple[str, ...]
                  mounts.mounts_of_device(os.major(rdev), os.minor(rdev), table))
 
 
+def capture_workers(kind: str, key: str) -> frozenset[int]:
+    """The pids of the capture workers of an entry, as their command lines say (a worker is
+    `python -m app.engine.capture --spec JSON`, also when forked from the daemon's template)."""
+    found = set()
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                argv = f.read().split(b"\0")
+        except OSError:
+            continue
+        if b"app.engine.capture" not in argv[:3] or b"--spec" not in argv:
+            continue
+        try:
+            spec = json.loads(argv[argv.index(b"--spec") + 1])
+        except (IndexError, ValueError):
+            continue
+        if isinstance(spec, dict) and spec.get("kind") == kind and spec.get("key") == key:
+            found.add(int(pid))
+    return frozenset(found)
+
+
 def writers_of(device: str, exclude: set[int] | frozenset[int] = frozenset()) -> list[tuple[int, str]]:
     """(pid, command) of processes holding `device` open for writing, found via /proc/*/fd."""
     return openers_of(device, writing=True, exclude=exclude)
@@ -230,6 +252,15 @@ def snapshot(store: ConfigStore, control=None, *, scan_writers: bool = True) -> 
         row = rows.get(("fs", entry.path))
         if state == "not mounted":
             snap.warnings.append(_not_captured_warning(entry.path, row))
+        elif state == "mounted" and snap.engine is None:  # no daemon: is its worker there?
+            if _serving(os.path.join(entry.path, ".")):
+                snap.warnings.append(StatusWarning(entry.path, "its capture goes on without a daemon "
+                                                   "(the daemon stopped or died); start the daemon "
+                                                   "to take it over"))
+            else:
+                snap.warnings.append(StatusWarning(entry.path, "mirrorfs is mounted here but its "
+                                                   "capture is gone (its worker died): I/O there "
+                                                   "fails; unmount it and start the daemon", "error"))
         if row is not None:
             _replication_warnings(entry.path, row, snap.warnings)
         snap.filesystem.append(FsState(entry, state, other, row, flawed.get(id(entry))))
@@ -243,13 +274,15 @@ def snapshot(store: ConfigStore, control=None, *, scan_writers: bool = True) -> 
     return snap
 
 
-def _not_captured_warning(path: str, row: CaptureRow | None) -> StatusWarning:
-    """An entry without its capture mount: Mount all, unless it was handed over to its replica."""
+def _not_captured_warning(path: str, row: CaptureRow | None,
+                          what: str = "not mounted as mirrorfs: changes there are not captured "
+                                      "(Mount all)") -> StatusWarning:
+    """An entry without its capture: Mount all / Attach all, unless it was handed over to its
+    replica."""
     if row is not None and row.switched:
         return StatusWarning(path, _switched_text(row) + " (Targets screen: f fails back, "
                                    "o keeps this side)")
-    return StatusWarning(path, "not mounted as mirrorfs: changes there are not captured "
-                               "(Mount all)")
+    return StatusWarning(path, what)
 
 
 def _serving(capture_file: str | None) -> bool:
@@ -278,7 +311,8 @@ def _block_state(entry: BlockEntry, view: View, table,
     capture = ""
     if not ours:
         state = "detached"
-        warnings.append(StatusWarning(dev, "not attached to a loop device: its writes are not captured"))
+        warnings.append(_not_captured_warning(dev, engine, "not attached to a loop device: its "
+                                              "writes are not captured (Attach all)"))
     elif all(s.autoclear for s in ours) or (engine is not None and engine.pending_detach):
         # We never attach with autoclear, so it being set means a deferred LOOP_CLR_FD.
         state = "detach pending"
@@ -308,6 +342,8 @@ def _block_state(entry: BlockEntry, view: View, table,
                                      "writes there bypass the loop device and corrupt the target",
                                 "error"))
     if scan_writers and ours:
+        if capture == "no daemon":  # the daemon cannot name its workers: they say who they are
+            ours_pids = ours_pids | capture_workers("block", dev)
         for pid, comm in writers_of(dev, exclude=ours_pids):
             warnings.append(StatusWarning(dev, f"{comm} (pid {pid}) has the raw device open for writing, "
                                          f"bypassing {ours[0].device}", "error"))
