@@ -295,6 +295,8 @@ def test_block_switchover_then_fail_back_sends_only_what_changed(block_remote):
         os.close(fd)
     a = cli(r.cfg, "block", "attach-all", socket=eng.socket)
     assert a.returncode == 1 and "switched over" in a.stderr, a.stdout + a.stderr
+    said = cli(r.cfg, "status", socket=eng.socket).stdout  # not told to attach it
+    assert f"{disk}: switched over to backup1" in said and "not attached to a loop" not in said, said
 
     # an application on the target changes 10 % of the replica (three 2 MiB runs)
     for seek in (2, 30, 50):
