@@ -127,6 +127,7 @@ def test_filesystem_refusals_leave_the_file_untouched(store, dirs, tmp_path, mak
 
 @pytest.mark.parametrize("make_target, match", [
     (lambda t: "bak", r"must be an absolute path or NAME:PATH of a \[\[target\]\], got .bak.$"),
+    (lambda t: "backup1:.mirrorsetup/x", r"not be below \.mirrorsetup \(the agent's own\)"),
     (lambda t: f"{t}/src", "is the replicated directory itself"),
     (lambda t: f"{t}/src/copy", "is inside the replicated directory"),
     (lambda t: str(t), "contains the replicated directory"),

@@ -226,6 +226,11 @@ def test_fail_back_or_resolve_of_an_entry_never_switched_over_changes_nothing(fs
     assert st["target_data"] == "consistent" and st["last_error"] is None, st
     assert (r.root / "data" / "after").read_text() == "replicated as before"
     assert replicas(r)[0]["generation"] == gen
+    nosuch = src + "-nosuch"  # not an entry: refused (exit 2) like everywhere else
+    for argv in (["switchover", nosuch], ["failback", nosuch, "--yes"],
+                 ["replica", "resolve", nosuch, "--discard-target", "--yes"]):
+        p = cli(r.cfg, *argv, socket=eng.socket)
+        assert p.returncode == 2 and "is not a configured" in p.stderr, (argv, p.stderr)
 
 
 def test_a_fail_back_interrupted_after_the_replica_was_handed_back_is_finished_by_the_next(fs_remote):
@@ -438,6 +443,7 @@ def test_fail_over_of_a_block_device_split_brain_then_the_source_wins(remote, di
     eng.start()
     st = wait_for("split brain", lambda: (s := eng.block(disk))["target_data"] == "split-brain" and s, 120)
     assert "split brain: the target was promoted at" in st["last_error"], st
+    assert f"`mirrorsetup failback {disk}`" in st["last_error"], st  # not a literal ENTRY
     assert st["replication"] == "split brain" and "refused" in st["connection"]
     [rep] = replicas(r)
     assert rep["role"] == "primary" and rep["split_brain"], rep

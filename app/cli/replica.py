@@ -13,7 +13,7 @@ import json
 import os
 import sys
 
-from app.cli.common import Refused, add, group, replication, require_daemon
+from app.cli.common import Refused, add, group, replication, require, require_daemon, store
 from app.cli.output import dump, report, say
 from app.services.results import MirrorError, Outcome, Result
 
@@ -38,13 +38,27 @@ def _progress(args):
     return show
 
 
+def _require_entry(args) -> None:
+    """An entry that is not configured is a refusal (exit 2), as for every other command."""
+    from app.services.blockplan import same_device
+    config = require(store(args).load)
+    real = os.path.realpath(args.entry)
+    if any(e.path in (args.entry, real) for e in config.filesystem) or \
+            any(e.device == args.entry or same_device(e.device, args.entry) for e in config.block):
+        return
+    raise Refused(f"{args.entry} is not a configured file-system entry or block device "
+                  "(mirrorsetup fs list, block list)", errno=errno.ENOENT, obj=args.entry)
+
+
 def cmd_switchover(args) -> int:
+    _require_entry(args)
     rep = replication(args)
     require_daemon(rep)
     return report(rep.switchover(args.entry, _progress(args)), as_json=args.json)
 
 
 def cmd_failback(args) -> int:
+    _require_entry(args)
     rep = replication(args)
     require_daemon(rep)
     _confirm(args, f"Fail back {args.entry}: its data on THIS host is replaced by the promoted "
@@ -54,6 +68,7 @@ def cmd_failback(args) -> int:
 
 
 def cmd_resolve(args) -> int:
+    _require_entry(args)
     rep = replication(args)
     require_daemon(rep)
     if not args.discard_target:

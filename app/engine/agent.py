@@ -24,6 +24,7 @@ import fcntl
 import json
 import logging
 import os
+import shlex
 import signal
 import stat
 import sys
@@ -365,11 +366,12 @@ class Agent:
         self.state["split_brain"] = {"time": time.time(), "source": source}
         self.replica.save(self.state)
         when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(promoted.get("time", 0)))
+        entry = shlex.quote(str(source.get("entry") or "ENTRY").split(":", 1)[-1])
         raise AgentError("split-brain", f"split brain: the target was promoted at {when} "
                          f"(generation {self.state.get('generation')}); nothing was written. "
-                         "Choose: `mirrorsetup replica resolve ENTRY --discard-target` (the source "
-                         "wins) or `mirrorsetup failback ENTRY` (the promoted replica wins)",
-                         errno.EEXIST)
+                         f"Choose: `mirrorsetup replica resolve {entry} --discard-target` (the "
+                         f"source wins) or `mirrorsetup failback {entry}` (the promoted replica "
+                         "wins)", errno.EEXIST)
 
     def _settle(self, seq: int, deadline: float = 60) -> None:
         """Apply what our journal holds (everything up to `seq` must be there)."""

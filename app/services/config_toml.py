@@ -124,6 +124,8 @@ def field_problem(key: str, kind: type, value: Any) -> str | None:
         rel = m.group(2)
         if rel.startswith("/") or any(p in ("", ".", "..") for p in rel.split("/")):
             return f"the path on the target must be relative, without . or .., got {rel!r}"
+        if rel.split("/")[0] == ".mirrorsetup":  # app.engine.agent.META: the agent's own
+            return f"the path on the target must not be below .mirrorsetup (the agent's own), got {rel!r}"
     if kind is str and "\0" in value:
         return f"must not contain a NUL byte, got {value!r}"
     if kind is str and any("\ud800" <= ch <= "\udfff" for ch in value):  # surrogateescape'd bytes

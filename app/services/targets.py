@@ -301,7 +301,8 @@ def add_target(store: ConfigStore, host: TargetHost, *, accept_host_key: str | N
             if accept_host_key:
                 chosen = next((k for k in keys if k[1] == accept_host_key), None)
                 if chosen is None:
-                    raise MirrorError(f"the host key of {host.host} is not {accept_host_key}: it offers "
+                    raise MirrorError(f"the host key of {host.host} port {host.port} is not "
+                                      f"{accept_host_key}: it offers "
                                       f"{shown}. Nothing was added", errno=errno.EACCES, obj=name)
             elif confirm is not None and confirm(keys):
                 chosen = keys[0]
