@@ -30,6 +30,7 @@ import errno
 import fcntl
 import json
 import logging
+import math
 import os
 import signal
 import socket
@@ -742,7 +743,8 @@ class Capture:
         else:
             connection = fig.connection
             if fig.retry_at and not sh.connected:
-                connection += f", retry in {max(0, int(fig.retry_at - time.time()))} s"
+                left = math.ceil(fig.retry_at - time.time())  # 0.4 s is "in 1 s", not "in 0 s"
+                connection += f", retry in {left} s" if left > 0 else ", trying again now"
             ok = self.consistent and not j.behind and (not self.remote or self.target.consistent)
             target_data = "consistent" if ok else "inconsistent"
             if fig.refusal == "split-brain":  # the replica was promoted: nothing goes there

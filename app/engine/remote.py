@@ -270,8 +270,7 @@ class RemoteTarget(Queried, Target):
             if self._failure is None:
                 self._failure = exc
             self._cv.notify_all()
-        self.last_error = exc.state
-        self._end_ssh()
+        self._end_ssh()  # (said by the shipper, which clears it when a session is back)
 
     def _send(self, data: bytes) -> None:
         self._send_parts([data])
