@@ -91,7 +91,9 @@ def test_a_catch_up_leaves_the_replica_inconsistent_until_it_ends(fs_remote):
     st = eng.status(src)
     assert st["target_data"] == "consistent" and st["apply_errors"] == 0, st
     [rep] = replicas(r)
-    assert rep["consistent"], rep
+    assert rep["consistent"] and rep["inconsistent_since"] is None, rep  # not both at once
+    line = on_target(r.bed, "replica", "list", "--root", str(r.root)).stdout
+    assert f"consistent, applied up to position {rep['applied_seq']} (consistent since " in line, line
     assert tree(Path(src)) == tree(r.root / "data")
 
 

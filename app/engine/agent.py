@@ -583,6 +583,7 @@ class Agent:
                           consistent_time=time.time())
         self.state.pop("mark_seq")
         self.state.pop("catching_up", None)
+        self.state.pop("inconsistent_since", None)  # (replica list said both)
         return True
 
     def _catch_up_through(self) -> int:
@@ -829,8 +830,11 @@ def demote_state(state: dict, *, generation: str | None, consistent: bool, seq: 
     state.setdefault("history", []).append({"demoted": time.time(), "from": state.get("generation")})
     state.update(role="secondary", generation=generation or _new_generation(), consistent=consistent,
                  consistent_seq=seq if consistent else 0, consistent_time=time.time())
-    for key in ("promoted", "split_brain", "mark_seq", "catching_up"):
+    for key in ("promoted", "split_brain", "mark_seq", "catching_up") + (
+            ("inconsistent_since",) if consistent else ()):
         state.pop(key, None)
+    if not consistent:
+        state["inconsistent_since"] = time.time()
 
 
 def replica_users(root: str, rel: str, kind: str) -> list[str]:
@@ -926,7 +930,8 @@ def replica_line(r: dict) -> str:
         if r.get("split_brain"):
             state += f"; SPLIT BRAIN: the old source connected at {when(r['split_brain'].get('time'))}"
     elif r["consistent"]:
-        state = f"consistent at position {r['applied_seq']} ({when(r.get('consistent_time'))})"
+        state = (f"consistent, applied up to position {r['applied_seq']} (consistent since "
+                 f"{when(r.get('consistent_time'))}, from position {r.get('consistent_seq')})")
     else:
         state = ("inconsistent: a resync was running" + (f" since {when(r['inconsistent_since'])}"
                                                           if r.get("inconsistent_since") else ""))
