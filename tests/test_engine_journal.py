@@ -83,6 +83,26 @@ def test_sync_makes_records_durable_and_reopen_replays_unapplied(tmp_path):
     assert j2.append("unlink", {"path": "f"}) == 6
 
 
+def test_a_clean_close_keeps_the_records_that_were_only_in_memory(tmp_path):
+    """Records no application fsync'd live in memory; a capture that ends cleanly while its
+    target is away closes the journal "with N records kept for the next start". close()
+    dropped them: the next start began at seq 1 again, found the target holding seqs it
+    never had ("its history is not ours"), and what they said was not replicated. Found by
+    the fs-remove test in test_remote.py."""
+    j = Journal(tmp_path)
+    for i in range(7):
+        j.append("write", {"path": "f", "offset": i}, b"late %d" % i)
+    j.read(3)
+    j.release(2)  # the target holds 1..2
+    assert _segments(tmp_path) == []  # (in memory only so far)
+    j.close()
+    assert j.unstored == 0
+    j2 = Journal(tmp_path)
+    assert (j2.released_seq, j2.last_seq, j2.gap) == (2, 7, None)
+    assert [(r.seq, r.data) for r in j2.read(100)] == [(s, b"late %d" % (s - 1)) for s in range(3, 8)]
+    assert j2.append("unlink", {"path": "f"}) == 8
+
+
 def test_seqs_handed_out_are_reserved_durably_so_a_crash_never_gives_one_again(tmp_path):
     """Records only in memory die with the process, but a remote target may have received
     them: after a crash the journal must not hand their seqs to other changes (the target

@@ -913,3 +913,24 @@ def test_fs_mirror_over_the_link_finds_content_changed_behind_its_back(fs_remote
     # the two damaged files' blocks went again, not the tree (7 MiB)
     assert st["logical_bytes"] - before["logical_bytes"] < 2 * MiB + 64 * 1024, (before, st)
     assert eng.verify(src) == []
+
+
+def test_removing_an_entry_with_changes_not_at_the_target_says_what_becomes_of_them(fs_remote):
+    """`fs remove` of an entry whose target is unreachable ends its capture with changes still
+    in its journal "for the next start", and there is none once the entry is gone. The remove
+    says so; adding the entry again with the same target sends them."""
+    eng, src, r = fs_remote()
+    r.bed.reject()
+    r.bed.kill_on_target(r.bed.wait_target_process("serve-target"))
+    wait_for("disconnected", lambda: eng.status(src)["connection"] != "connected", 60, 0.2)
+    (Path(src) / "late").write_text("written while the target refused")
+    p = cli(r.cfg, "fs", "remove", src, socket=eng.socket)
+    assert p.returncode == 0, p.stdout + p.stderr
+    assert "kept in its journal for the next start" in p.stdout, p.stdout
+    assert "sent only if the entry is added again with the same target" in p.stdout, p.stdout
+    r.bed.unblock()
+    assert cli(r.cfg, "fs", "add", src, "--target", "backup1:data").returncode == 0
+    (res,) = eng.client.results("mount_all")
+    assert res.outcome.value == "ok", res.message
+    eng.drain(src)
+    assert (r.root / "data" / "late").read_text() == "written while the target refused"

@@ -824,9 +824,15 @@ class Capture:
         drained = self.shipper.stop(drain_seconds=STOP_DRAIN_SECONDS)
         self.journal.close()
         self.target.close()
+        self._marked = True
+        if self.journal.unstored:  # no clean end: the next start goes on above the reserved
+            # seqs and resyncs (what the records said is only in the data now)
+            log.error("%s: capture ended at seq %d; %d records not yet at the target could not be "
+                      "kept (the journal's disk failed): the next start resyncs", self.spec.key,
+                      self.journal.last_seq, self.journal.unstored)
+            return
         write_end(self.spec.state, {"seq": self.journal.last_seq, "released": self.journal.released_seq,
                                     "drained": drained, "time": time.time(), "pid": os.getpid()})
-        self._marked = True
         log.info("%s: capture ended at seq %d (%s)", self.spec.key, self.journal.last_seq,
                  "drained to the target" if drained else
                  f"{self.journal.last_seq - self.journal.released_seq} records kept for the next start")

@@ -243,6 +243,7 @@ class Journal:
         self._marks: deque[tuple[int, int]] = deque()  # (seq, _cum after it), every MARK_BYTES
         self.behind = False  # pull-ahead: records are not being stored (the capture keeps a dirty map)
         self.dropped = 0  # records not stored while behind
+        self.unstored = 0  # records close() could not write (they are lost with the process)
         self._samples: deque[tuple[int, float]] = deque()  # (seq, monotonic time) for the lag
         # A remote target acknowledges records received (released here) before it has applied
         # them: its shipper sets track_applied and says what is applied, and the lag counts
@@ -737,7 +738,17 @@ class Journal:
             return time.monotonic() - self._samples[0][1]
 
     def close(self) -> None:
+        """Everything not released goes to disk first: records that were only in memory (no
+        application fsync'd since) were lost by a close while the target was away, and the
+        next start reused their seqs. `unstored` says how many could not be written."""
         with self._cv:
+            try:
+                self._spill()
+            except OSError as exc:  # a full or failing disk: said by the caller (an unclean end)
+                logging.getLogger("mirrorsetup.journal").error(
+                    "journal %s: %d records could not be stored at close: %s", self.dir,
+                    len(self._mem), exc)
+            self.unstored = len(self._mem)
             if self.released_seq > self._persisted:  # what release() left unwritten
                 write_small_file(self.dir, RELEASED_FILE, f"{self.released_seq}\n")
                 self._persisted = self.released_seq

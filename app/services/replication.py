@@ -72,7 +72,8 @@ class Replication:
             self.store.remove_block(entry.device)
         except MirrorError as exc:
             return results + [Result.from_error("remove", entry.device, exc)]
-        return results + [Result("remove", entry.device, Outcome.OK, f"removed {entry.device}")]
+        return results + [Result("remove", entry.device, Outcome.OK,
+                                 f"removed {entry.device}{_kept_note(results)}")]
 
     def daemon(self):
         """The daemon's client when it answers, else None. Block entries are captured by the
@@ -235,7 +236,8 @@ class Replication:
             entry = self.store.remove_filesystem(path)
         except MirrorError as exc:
             return results + [Result.from_error("remove", path, exc)]
-        return results + [Result("remove", entry.path, Outcome.OK, f"removed {entry.path}")]
+        return results + [Result("remove", entry.path, Outcome.OK,
+                                 f"removed {entry.path}{_kept_note(results)}")]
 
     def mount_all(self, *, force: bool = False) -> list[Result]:
         return self._daemon_results("mount", "all file-system entries", "mount_all", force=force)
@@ -254,3 +256,12 @@ class Replication:
             return [Result.from_json(r) for r in reply.get("results", [])]
         except MirrorError as exc:
             return [Result.from_error(action, subject, exc)]
+
+
+def _kept_note(ended: list[Result]) -> str:
+    """A capture ended by a remove that kept changes not yet at the target (its "next start"
+    is no more): say what becomes of them."""
+    if not any("kept in its journal for the next start" in r.message for r in ended):
+        return ""
+    return ("; the changes its journal kept (not yet at the target) are sent only if the entry "
+            "is added again with the same target; otherwise that target stays without them")
