@@ -279,6 +279,24 @@ async def test_add_a_real_target_through_the_dialog_pins_its_key_and_tests_it(
         await wait_until(pilot, lambda: isinstance(app.screen, ResultsDialog), "the test")
         text = " ".join(static_text(w) for w in app.screen.query(".result"))
         assert "agent" in text and f"root {root}" in text and "round trip" in text, text
+        await pilot.press("enter")
+        await settle(pilot)
+
+        # the target is reinstalled: h shows the new key beside the pinned one, then pins it
+        bed.change_host_key()
+        new = subprocess.run(["ssh-keygen", "-lf", f"{bed.host_key}.pub"], capture_output=True,
+                             text=True, check=True).stdout.split()[1]
+        await pilot.press("h")
+        await wait_until(pilot, lambda: isinstance(app.screen, ConfirmDialog), "the new host key")
+        question = static_text(app.screen.query_one("#question"))
+        assert new in question and f"Pinned now: {fp}" in question, question
+        await pilot.press("y")
+        await wait_until(pilot, lambda: isinstance(app.screen, ResultsDialog), "the re-pin")
+        text = " ".join(static_text(w) for w in app.screen.query(".result"))
+        assert f"pinned host key {new}" in text and f"in place of {fp}" in text, text
+        pinned = subprocess.run(["ssh-keygen", "-lf", host.known_hosts], capture_output=True,
+                                text=True).stdout
+        assert new.split(":", 1)[1] in pinned and fp.split(":", 1)[1] not in pinned, pinned
 
 
 def test_a_switched_over_entry_is_said_as_such_not_as_mount_all(tmp_path):

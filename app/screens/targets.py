@@ -298,6 +298,55 @@ class TargetsScreen(TaskScreen):
         return [result], ["That line goes in ~/.ssh/authorized_keys of the target's user; k on "
                           "this screen shows it again."]
 
+    def action_rekey(self) -> None:
+        """A reinstalled target: what it offers now is shown beside what is pinned, asked,
+        then pinned in its place (target rekey)."""
+        host = self._selected_target()
+        if host is None or self.app.needs_root("Re-pinning a host key"):
+            return
+        self._set_busy(True, f"asking {host.host} port {host.port} for its host key")
+        self._scan_again(self.app, host)
+
+    @work(thread=True, exit_on_error=False, group="scan")
+    def _scan_again(self, app, host) -> None:
+        from app.services import targets
+        try:
+            keys = targets.scan_host_keys(host.host, host.port)
+            old = targets.pinned_fingerprints(host.known_hosts or targets.default_known_hosts(
+                self.services.store), host.host, host.port)
+            error = None
+        except (MirrorError, OSError) as exc:
+            keys, old, error = [], [], str(exc)
+        self.from_thread(app, lambda: self._rescanned(host, keys, old, error), lambda: app.notify(
+            f"the host key of {host.name} was not re-pinned: Targets was left before "
+            f"{host.host} answered.", title="Re-pin host key", severity="warning", markup=False))
+
+    def _rescanned(self, host, keys, old, error) -> None:
+        self._set_busy(False)
+        if error or not keys:
+            self.notify(shown(error or f"{host.host} offered no host key"), title="Re-pin host key",
+                        severity="error", markup=False)
+            return
+        _line, fp, kind = keys[0]
+        if old == [fp]:
+            self.notify(f"{host.host} port {host.port} offers {fp}, the key pinned already: "
+                        "nothing to re-pin.", title="Re-pin host key", markup=False)
+            return
+
+        def confirmed(yes: bool | None) -> None:
+            if yes:
+                from app.services import targets
+                self.run_action(f"Re-pin {host.name}", lambda: targets.rekey_target(
+                    self.services.store, host.name, accept_host_key=fp))
+            else:
+                self.notify(f"the host key of {host.name} was not re-pinned.",
+                            title="Re-pin host key", severity="warning", markup=False)
+        self.app.push_screen(ConfirmDialog(
+            f"{host.host} port {host.port} offers the host key\n\n  {fp} ({kind})\n\nPinned now: "
+            f"{', '.join(old) or 'nothing'}.\n\nA changed key is a reinstall or someone in between: "
+            "compare it with `ssh-keygen -lf /etc/ssh/ssh_host_ed25519_key.pub` on the target. "
+            "Pin it instead?", yes="Pin the new key"), confirmed)
+
     def action_test(self) -> None:
         host = self._selected_target()
         if host is None:
