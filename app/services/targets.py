@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import fcntl
 import json
 import os
 import shlex
@@ -159,14 +160,12 @@ def check_fingerprint(fp: str) -> None:
 
 
 def _repin(known_hosts: str, host: str, port: int, line: str) -> None:
-    """Replace every key pinned for host:port by `line` (atomically, under a lock on the file:
+    """Replace every key pinned for host:port by `line` (a new file renamed over the old one:
     an ssh reading it sees the old pin or the new one)."""
     pattern = host_pattern(host, port)
     _keyhost, keytype, key = line.split(None, 2)
-    fd = os.open(known_hosts, os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC)
+    fd = _locked(known_hosts)
     try:
-        import fcntl
-        fcntl.flock(fd, fcntl.LOCK_EX)
         with os.fdopen(os.dup(fd), "r", errors="surrogateescape") as f:
             kept = [ln for ln in f.read().splitlines()
                     if not ln.strip() or ln.startswith("#") or pattern not in ln.split()[0].split(",")]
@@ -176,9 +175,13 @@ def _repin(known_hosts: str, host: str, port: int, line: str) -> None:
         try:
             os.write(out, ("\n".join(kept) + "\n").encode(errors="surrogateescape"))
             os.fsync(out)
+            os.rename(tmp, known_hosts)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            raise
         finally:
             os.close(out)
-        os.rename(tmp, known_hosts)
         dfd = os.open(os.path.dirname(known_hosts) or ".", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         try:
             os.fsync(dfd)
@@ -239,11 +242,22 @@ def rekey_target(store: ConfigStore, name: str, *, accept_host_key: str | None =
                                        "targets": users})
 
 
+def _locked(known_hosts: str, flags: int = os.O_RDWR) -> int:
+    """`known_hosts` opened and flock'ed, and still the file at that name (a rekey before us
+    may have renamed a new one over it): pins and re-pins go one after the other."""
+    while True:
+        fd = os.open(known_hosts, flags | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        if os.fstat(fd).st_ino == os.stat(known_hosts).st_ino:
+            return fd
+        os.close(fd)
+
+
 def _pin(known_hosts: str, host: str, port: int, line: str) -> None:
     """Append `line` (as ssh-keyscan printed it) with the host named the way ssh looks it up."""
     _keyhost, keytype, key = line.split(None, 2)
     os.makedirs(os.path.dirname(known_hosts), mode=0o700, exist_ok=True)
-    fd = os.open(known_hosts, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    fd = _locked(known_hosts, os.O_WRONLY | os.O_APPEND | os.O_CREAT)
     try:
         os.write(fd, f"{host_pattern(host, port)} {keytype} {key}\n".encode())
         os.fsync(fd)
