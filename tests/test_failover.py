@@ -144,6 +144,16 @@ def test_planned_switchover_of_a_directory_and_fail_back(fs_remote, writer):
     assert rep["role"] == "primary" and rep["promoted"]["by"] == "switch-over", rep
     assert rep["promoted"]["seq"] == res[0]["details"]["seq"]
 
+    # made usable on the target (it is primary already: promote only binds it where asked)
+    p = on_target(r.bed, "replica", "promote", "data", "--root", str(r.root))
+    assert p.returncode == 2 and f"use it at {replica}" in p.stderr, p.stdout + p.stderr
+    where = r.root.parent / "served"
+    p = on_target(r.bed, "replica", "promote", "data", "--root", str(r.root), "--mount", str(where))
+    try:
+        assert p.returncode == 0 and f"bind-mounted {replica} on {where}" in p.stdout, p.stdout + p.stderr
+    finally:
+        r.bed.run_on_target(["umount", str(where)], check=False)
+
     # the promoted replica in use on the target: an application changes it
     (replica / "new-on-target").write_text("written after the switch-over")
     (replica / "d" / "f").write_bytes(b"changed on the target")
