@@ -353,3 +353,6 @@ def test_a_long_connection_state_is_short_in_a_cell_and_whole_in_the_warnings(tm
     row = CaptureRow.from_json(Control().request("status")["filesystem"][0])
     assert replication_text(row).startswith("split brain (refused: split brain, retry in 1 s)")
     assert refusal in replication_text(row, long=True)
+    due = CaptureRow.from_json({**Control().request("status")["filesystem"][0], "connection":
+                                refusal.replace(", retry in 1 s", ", trying again now")})
+    assert replication_text(due).startswith("split brain (refused: split brain, trying again now)")

@@ -387,6 +387,8 @@ def short_connection(text: str) -> str:
     "disconnected: the target stopped answering"), with the retry time; the whole of it is in
     the warnings, `status --json` and the details."""
     head, sep, retry = text.partition(", retry in ")
+    if not sep:  # the retry is due: being tried now
+        head, sep, retry = text.partition(", trying again now")
     parts = head.split(": ")
     short = ": ".join(parts[:2]).split(" (")[0].split(". ")[0]
     if len(short) > 60:
