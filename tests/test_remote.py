@@ -606,7 +606,7 @@ def test_a_changed_host_key_is_refused_before_any_data(fs_remote):
     r.bed.kill_on_target(r.bed.wait_target_process("serve-target"))  # the next session meets the new key
     (Path(src) / "after-the-change").write_text("written while the key was refused")
     st = wait_for("refused", lambda: (s := eng.status(src))["connection"].startswith("refused") and s, 60)
-    assert "host key" in st["connection"] and "target rekey" in st["connection"], st
+    assert "host key" in st["connection"] and "target rekey backup1`" in st["connection"], st
     assert tree(r.root / "data") == before  # nothing was written
 
     # the target was reinstalled: its new key is checked, then pinned in place of the old one
@@ -634,6 +634,8 @@ def test_a_changed_host_key_is_refused_before_any_data(fs_remote):
     assert res["details"]["was"] == [old] and res["details"]["fingerprint"] == new, res
     again = cli(r.cfg, "target", "rekey", "backup1", "--accept-host-key", new, "--json")
     assert json.loads(again.stdout)[0]["outcome"] == "unchanged", again.stdout
+    plain = cli(r.cfg, "target", "rekey", "backup1")  # no key given: the pinned one is offered still
+    assert plain.returncode == 0 and "nothing to re-pin" in plain.stdout, plain.stdout + plain.stderr
     eng.drain(src)  # the capture connects with the new pin on its next try
     assert (r.root / "data" / "after-the-change").read_text() == "written while the key was refused"
 

@@ -46,9 +46,9 @@ QUERY_SECONDS = 300.0
 _NONE = object()
 
 
-def ssh_failure(stderr: str, status: int | None) -> TargetUnavailable:
-    """What an ssh that ended before the agent answered means, in status words."""
-    state, retry = ssh_failure_text(stderr, status)
+def ssh_failure(stderr: str, status: int | None, target: str = "TARGET") -> TargetUnavailable:
+    """What an ssh to `target` that ended before the agent answered means, in status words."""
+    state, retry = ssh_failure_text(stderr, status, target)
     return TargetUnavailable(state, retry=retry)
 
 
@@ -155,7 +155,7 @@ class RemoteTarget(Queried, Target):
         got = g.get("frame")
         if got is None:
             status = self._end_ssh()
-            raise ssh_failure("\n".join(self._stderr), status)
+            raise ssh_failure("\n".join(self._stderr), status, self.s.name)
         kind, payload = got
         msg = json.loads(payload)
         if kind == wire.ERROR:
@@ -234,7 +234,7 @@ class RemoteTarget(Queried, Target):
         except (wire.WireError, OSError, ValueError) as exc:
             if proc is self.proc:
                 status = proc.poll()
-                self._fail(ssh_failure("\n".join(self._stderr), status) if self._stderr and status is not None
+                self._fail(ssh_failure("\n".join(self._stderr), status, self.s.name) if self._stderr and status is not None
                            else TargetUnavailable(f"disconnected: {exc}"))
 
     def _positions(self, msg: dict) -> None:

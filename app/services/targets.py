@@ -82,14 +82,14 @@ class Settings:
         return cls(**{k: v for k, v in spec.items() if k in cls.__dataclass_fields__}, path=path)
 
 
-def ssh_failure_text(stderr: str, status: int | None) -> tuple[str, bool]:
-    """(status words, retry?) for an ssh that ended before the agent answered."""
+def ssh_failure_text(stderr: str, status: int | None, target: str = "TARGET") -> tuple[str, bool]:
+    """(status words, retry?) for an ssh to `target` that ended before the agent answered."""
     text = stderr.strip()
     last = text.splitlines()[-1] if text else f"ssh exited with status {status}"
     low = text.lower()
     if "host key verification failed" in low or "remote host identification has changed" in low:
         return (f"refused: host key changed or not pinned ({last}); if the target was "
-                "reinstalled, check its key there, then `mirrorsetup target rekey TARGET`"), False
+                f"reinstalled, check its key there, then `mirrorsetup target rekey {target}`"), False
     if "permission denied" in low:
         return f"refused: the target does not accept our key ({last})", False
     if "not responding" in low:
@@ -208,6 +208,11 @@ def rekey_target(store: ConfigStore, name: str, *, accept_host_key: str | None =
         keys = scan_host_keys(host.host, host.port)
         where = f"{host.host} port {host.port}"
         shown = ", ".join(f"{fp} ({kind})" for _line, fp, kind in keys)
+        still = next((k for k in keys if old == [k[1]]), None)
+        if still is not None and accept_host_key in (None, still[1]):
+            # nothing to re-pin: the host still offers the key pinned (asked or not)
+            return Result("rekey target", name, Outcome.UNCHANGED, f"{where} still offers the "
+                          f"pinned host key {still[1]} ({still[2]}, in {kh}): nothing to re-pin")
         if accept_host_key:
             chosen = next((k for k in keys if k[1] == accept_host_key), None)
             if chosen is None:
@@ -394,7 +399,7 @@ def probe(host: TargetHost) -> dict:
         proc.wait()
     stderr = proc.stderr.read().decode(errors="replace")
     if "welcome" not in result:
-        state, _retry = ssh_failure_text(stderr, proc.returncode)
+        state, _retry = ssh_failure_text(stderr, proc.returncode, host.name)
         raise MirrorError(f"target {host.name}: {state}" + (f" ({result['error']})" if result.get("error")
                                                              and "ssh exited" in state else ""),
                           errno=errno.ECONNREFUSED, obj=host.name)
