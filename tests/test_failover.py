@@ -151,6 +151,10 @@ def test_planned_switchover_of_a_directory_and_fail_back(fs_remote, writer):
     p = on_target(r.bed, "replica", "promote", "data", "--root", str(r.root), "--mount", str(where))
     try:
         assert p.returncode == 0 and f"bind-mounted {replica} on {where}" in p.stdout, p.stdout + p.stderr
+        p = on_target(r.bed, "replica", "promote", "data", "--root", str(r.root), "--mount", str(where))
+        assert p.returncode == 0 and f"bind-mounted on {where} already" in p.stdout, p.stdout + p.stderr
+        table = r.bed.run_on_target(["cat", "/proc/self/mountinfo"]).stdout
+        assert sum(line.split()[4] == str(where) for line in table.splitlines()) == 1, table  # not stacked
     finally:
         r.bed.run_on_target(["umount", str(where)], check=False)
 
@@ -442,6 +446,8 @@ def test_fail_over_of_a_block_device_split_brain_then_the_source_wins(remote, di
     assert p.returncode == 0, p.stdout + p.stderr
     assert f"attached {r.root / 'disk.img'} as {unused_loop}" in p.stdout
     assert not (where / "f0").exists(), "the target's mount leaked into the source's view"
+    p = on_target(r.bed, "replica", "promote", "disk.img", "--root", str(r.root), "--mount", str(where))
+    assert p.returncode == 0 and f"mounted on {where} already" in p.stdout, p.stdout + p.stderr
     listing = r.bed.run_on_target(["ls", str(where)]).stdout.split()
     assert {f"f{i}" for i in range(40)} <= set(listing)
     r.bed.run_on_target(["umount", str(where)])

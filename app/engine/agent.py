@@ -1029,6 +1029,8 @@ def _make_usable(rep: Replica, name: str, kind: str, state: dict, *, mount_at: s
         if not mount_at:
             raise AgentError("promoted", f"{said}: use it at {path} (--mount DIR bind-mounts it "
                              "there)", errno.EEXIST)
+        if _shown_at(mount_at, os.stat(path)):  # asked twice: one mount, not two stacked
+            return [said, f"{path} is bind-mounted on {mount_at} already"]
         os.makedirs(mount_at, exist_ok=True)
         mounts.mount(path, mount_at, None, mounts.MS_BIND)
         return [said, f"bind-mounted {path} on {mount_at}"]
@@ -1038,6 +1040,8 @@ def _make_usable(rep: Replica, name: str, kind: str, state: dict, *, mount_at: s
         if not mount_at:
             raise AgentError("promoted", f"{said} and attached as {', '.join(bound)} (--mount DIR "
                              "mounts it)", errno.EEXIST)
+        if any(_shown_at(mount_at, os.stat(dev), block=True) for dev in bound):
+            return [said, f"{path} is attached and mounted on {mount_at} already"]
         os.makedirs(mount_at, exist_ok=True)
         subprocess_mount(bound[0], mount_at)
         return [said, f"mounted {bound[0]} on {mount_at}"]
@@ -1053,9 +1057,26 @@ def _make_usable(rep: Replica, name: str, kind: str, state: dict, *, mount_at: s
     return done
 
 
+def _shown_at(mount_at: str, st: os.stat_result, *, block: bool = False) -> bool:
+    """Whether `mount_at` is a mount point showing the replica: the directory itself (a bind
+    mount, `st` its stat) or the file system on its loop (`block`, `st` the loop's stat)."""
+    from app.services import mounts
+    try:  # mountinfo, not os.path.ismount: a bind mount from the same file system is one too
+        real = os.path.realpath(mount_at)
+        if not any(m.mount_point == real for m in mounts.read_mountinfo()):
+            return False
+        at = os.stat(real)
+    except OSError:
+        return False
+    if block:
+        return at.st_dev == st.st_rdev
+    return (at.st_dev, at.st_ino) == (st.st_dev, st.st_ino)
+
+
 def subprocess_mount(device: str, where: str) -> None:
     """mount(8) for a file system on a loop (it knows every file system's type)."""
     import subprocess
     r = subprocess.run(["mount", "--", device, where], capture_output=True, text=True)
     if r.returncode != 0:
-        raise AgentError("mount", f"mount {device} on {where}: {r.stderr.strip()}", errno.EIO)
+        said = "; ".join(line.strip() for line in r.stderr.splitlines() if line.strip())
+        raise AgentError("mount", f"mount {device} on {where}: {said}", errno.EIO)
