@@ -208,13 +208,22 @@ def test_fail_back_or_resolve_of_an_entry_never_switched_over_changes_nothing(fs
         p = cli(r.cfg, "failback", src, "--yes", socket=eng.socket)
         assert p.returncode == 1 and "nothing to fail back" in p.stderr, p.stdout + p.stderr
         assert "nothing was changed" in p.stderr and captured(), p.stderr
-    r.bed.reject()  # the target cannot be asked: the capture is lifted, then put back
+    def capture_mount() -> list[str]:
+        return [m.split()[0] for m in open("/proc/self/mountinfo") if f" {src} " in m and "fuse.mirrorfs" in m]
+    before = capture_mount()
+    r.bed.reject()  # not connected: the agent is asked first and the capture is never lifted
     r.bed.kill_on_target(r.bed.wait_target_process("serve-target"))
     wait_for("disconnected", lambda: eng.status(src)["connection"] != "connected", 60, 0.2)
     p = cli(r.cfg, "failback", src, "--yes", socket=eng.socket)
     assert p.returncode == 1 and "fail-back of" in p.stderr, p.stdout + p.stderr
-    assert "mounted mirrorfs on" in p.stderr and captured(), p.stderr
-    r.bed.unblock()
+    assert "nothing was changed (its capture goes on" in p.stderr, p.stderr
+    assert capture_mount() == before, "the capture was lifted"  # the same mount, never re-made
+    wait_for("a retry backed off to 3 s or more",  # refused a few times
+             lambda: re.search(r"retry in ([3-9]|\d\d+) s", eng.status(src)["connection"]), 90, 0.2)
+    r.bed.unblock()  # reachable while the capture waits to retry: the agent answers "not promoted"
+    p = cli(r.cfg, "failback", src, "--yes", socket=eng.socket)
+    assert p.returncode == 1 and "nothing to fail back" in p.stderr, p.stdout + p.stderr
+    assert capture_mount() == before, "the capture was lifted"
     wait_for("connected", lambda: eng.status(src)["connection"] == "connected", 60, 0.2)
     p = cli(r.cfg, "replica", "resolve", src, "--discard-target", "--yes", "--json", socket=eng.socket)
     assert p.returncode == 0, p.stdout + p.stderr

@@ -285,7 +285,7 @@ class Agent:
         if action == "test":
             self.send(wire.WELCOME, self.info)
             return
-        if action not in ("replicate", "promote", "discard", "failback"):
+        if action not in ("replicate", "promote", "discard", "failback", "probe"):
             raise AgentError("action", f"unknown action {action!r}")
         try:
             rel = safe_relpath(h["path"]).decode(errors="surrogateescape")
@@ -297,6 +297,8 @@ class Agent:
         if kind not in ("fs", "block"):
             raise AgentError("protocol", f"unknown replica kind {kind!r}")
         source = h.get("source") or {}
+        if action == "probe":
+            return self._probe(rel, source)
         self.replica = Replica(self.root_fd, self.root, rel, kind)
         self.replica.lock(source, action)
         self.state = state = self.replica.state()
@@ -425,6 +427,25 @@ class Agent:
         demote_state(self.state, generation=h.get("generation"), consistent=False)
         self.replica.save(self.state)
         self.send(wire.WELCOME, {**self.info, **self.positions(), "generation": self.state["generation"]})
+
+    def _probe(self, rel: str, source: dict) -> None:
+        """What a fail-back asks before it lifts its capture: is the replica promoted? Read
+        only: no lock is taken (the same source's replication session goes on), nothing made."""
+        state = {}
+        with contextlib.suppress(FileNotFoundError):
+            fd = open_beneath(self.root_fd, f"{META}/replicas/{replica_id(rel)}".encode())
+            try:
+                sfd = os.open("state.json", os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=fd)
+            finally:
+                os.close(fd)
+            try:
+                state = json.loads(os.read(sfd, 1 << 16) or b"{}")
+            finally:
+                os.close(sfd)
+        self.send(wire.WELCOME, {**self.info, "exists": bool(state), "role": state.get("role"),
+                                 "generation": state.get("generation"),
+                                 "ours": state.get("source") == source,
+                                 "promoted": state.get("promoted")})
 
     def _failback(self, h: dict) -> None:
         """Fail back: the promoted replica is sent to the source, only what differs (the source

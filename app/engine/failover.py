@@ -351,7 +351,7 @@ class Failover:
             if cap is not None and sw.get("state") != "switched" and _read_json(state, FAILBACK) is None:
                 # capturing here: a capture its agent took is going on to a secondary (an agent
                 # refuses to replicate to a promoted replica); that is never lifted for nothing.
-                # Not connected, nobody knows yet: the agent answers, and a refusal re-mounts.
+                # Not connected, nobody knows yet: the agent is asked (read only) first.
                 fig = await self.sup.figures(cap)
                 if fig.get("connection") == "connected" and fig.get("target_data") != "split-brain":
                     raise MirrorError(
@@ -359,6 +359,8 @@ class Failover:
                         f"promoted: its capture is connected to it (replication: "
                         f"{fig.get('replication', '?')}): there is nothing to fail back; nothing "
                         "was changed", errno=errno.EINVAL, obj=key)
+                if fig.get("target_data") != "split-brain":  # not known yet: ask, lift nothing
+                    await self._promoted_there(kind, key, entry, spec, fig)
             lifted = False
             if cap is not None:  # the split-brain case: capturing here, refused there
                 results.append(await self._lift(kind, key, entry, cap))
@@ -385,6 +387,35 @@ class Failover:
                 raise
         results.append(await self._capture(kind, entry))
         return results
+
+    async def _promoted_there(self, kind: str, key: str, entry, spec, fig: dict) -> None:
+        """Before a capture that is not connected (yet) is lifted for a fail-back: the agent
+        is asked, read only, whether the replica is promoted. Refuses when it is not, or when
+        the target cannot be reached (a fail-back could not either). An agent too old to be
+        asked leaves it to the fail-back itself (which re-mounts the capture on a refusal)."""
+        from app.engine.capture import make_target
+        size = await self._size(kind, entry)
+
+        def probe() -> dict:
+            t = make_target(spec, size)
+            try:
+                t.open("probe")
+                return t.welcome
+            finally:
+                t.close()
+        try:
+            said = await trio.to_thread.run_sync(probe)
+        except TargetUnavailable as exc:
+            if getattr(exc, "code", None) == "action":
+                return
+            raise MirrorError(f"fail-back of {key}: {exc.state}; nothing was changed (its capture "
+                              f"goes on: {fig.get('connection', '?')})", errno=_exc_error(exc),
+                              obj=key) from None
+        if said.get("role") != "primary":
+            raise MirrorError(
+                f"{key} was not switched over and its replica on {entry.target} is not promoted"
+                f" (its capture is {fig.get('connection', '?')}): there is nothing to fail back; "
+                "nothing was changed", errno=errno.EINVAL, obj=key)
 
     async def _failback(self, kind: str, key: str, entry, send, spec, size) -> list[Result]:
         from app.engine.capture import make_target, write_end
