@@ -100,7 +100,7 @@ class Services:
             return self._status()
         from app.services.status import snapshot
         return snapshot(self.store, self.control if self.daemon_running() else None,
-                        scan_writers=scan_writers)
+                        scan_writers=scan_writers, state_dir=self.daemon.state_dir)
 
     def list_loops(self) -> list:
         if self._list_loops is not None:

@@ -128,6 +128,12 @@ def test_planned_switchover_of_a_directory_and_fail_back(fs_remote, writer):
     assert refused.value.errno == errno.EROFS
     subprocess.run(["umount", src], check=True)  # as a reboot would: the read-only mount is gone
     eng.stop()
+    down = subprocess.run([sys.executable, "-m", "app", "--config", str(r.cfg), "status", "--json"],
+                          capture_output=True, text=True, cwd=REPO,
+                          env={**os.environ, "MIRRORSETUP_SOCKET": eng.socket,
+                               "MIRRORSETUP_STATE_DIR": eng.state})
+    said = [w["message"] for w in json.loads(down.stdout)["warnings"] if w["subject"] == src]
+    assert said and "switched over to backup1:data" in said[0] and "Mount all" not in said[0], said
     eng.start()  # ... and the daemon puts it back
     with pytest.raises(OSError) as refused:
         (s / "written-after-a-restart").write_text("would be lost")

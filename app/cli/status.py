@@ -10,12 +10,14 @@ from app.cli.output import print_status
 
 
 def cmd_status(args) -> int:
+    from app.services.layout import default_state_dir
     from app.services.status import snapshot
     s, client = store(args), control(args)
 
     def show() -> None:
         live = client if client.is_running() else None
-        print_status(require(snapshot, s, live), as_json=args.json)
+        print_status(require(snapshot, s, live, state_dir=args.state_dir or default_state_dir()),
+                     as_json=args.json)
         sys.stdout.flush()
 
     show()

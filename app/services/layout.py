@@ -43,6 +43,11 @@ def default_state_dir() -> str:
     return os.environ.get(STATE_ENV) or DEFAULT_STATE_DIR
 
 
+def entry_state(state_dir: str, kind: str, key: str) -> str:
+    """An entry's directory below the daemon's state directory (its journal, its markers)."""
+    return os.path.join(state_dir, "journal" if kind == "fs" else "block", entry_id(key))
+
+
 def entry_id(key: str) -> str:
     """A directory name for an entry, stable per path or device: readable and unique."""
     base = os.path.basename(key.rstrip("/")) or "root"
@@ -95,7 +100,7 @@ class Layout:
         return os.path.join(self.run("block", device), CAPTURE_FILE)
 
     def state(self, kind: str, key: str) -> str:
-        return os.path.join(self.state_dir, "journal" if kind == "fs" else "block", entry_id(key))
+        return entry_state(self.state_dir, kind, key)
 
     def is_ours(self, mount) -> bool:
         """A mount made by this installation's capture workers (a `mounts.MountEntry`)."""

@@ -18,7 +18,7 @@ from app.services import mounts
 from app.services.config import BlockEntry, ConfigStore, FsEntry
 from app.services.blockplan import View
 from app.services.entries import problems
-from app.services.layout import FSTYPE_FS
+from app.services.layout import FSTYPE_FS, entry_state
 from app.services.protocol import CaptureRow
 
 
@@ -213,8 +213,11 @@ def openers_of(device: str, *, writing: bool = False,
     return found
 
 
-def snapshot(store: ConfigStore, control=None, *, scan_writers: bool = True) -> StatusSnapshot:
-    """Read everything once; `control` is a ControlClient or None (engine figures omitted)."""
+def snapshot(store: ConfigStore, control=None, *, scan_writers: bool = True,
+             state_dir: str | None = None) -> StatusSnapshot:
+    """Read everything once; `control` is a ControlClient or None (engine figures omitted;
+    then the markers the daemon left in its `state_dir` say which entries were switched over)."""
+    marks = None if control is not None else state_dir
     config = store.load()
     table = mounts.read_mountinfo()
     loops = loopdev.list_attached()
@@ -251,7 +254,7 @@ def snapshot(store: ConfigStore, control=None, *, scan_writers: bool = True) -> 
             state, other = "not mounted", (top.fstype if top is not None else None)
         row = rows.get(("fs", entry.path))
         if state == "not mounted":
-            snap.warnings.append(_not_captured_warning(entry.path, row))
+            snap.warnings.append(_not_captured_warning(entry.path, row, state_dir=marks))
         elif state == "mounted" and snap.engine is None:  # no daemon: is its worker there?
             if _serving(os.path.join(entry.path, ".")):
                 snap.warnings.append(StatusWarning(entry.path, "its capture goes on without a daemon "
@@ -269,20 +272,36 @@ def snapshot(store: ConfigStore, control=None, *, scan_writers: bool = True) -> 
     ours_pids = frozenset((snap.engine or {}).get("pids", []))
     for entry in config.block:
         state = _block_state(entry, view, table, snap.warnings, scan_writers,
-                             rows.get(("block", entry.device)), ours_pids)
+                             rows.get(("block", entry.device)), ours_pids, marks)
         snap.block.append(replace(state, problem=flawed.get(id(entry))))
     return snap
 
 
 def _not_captured_warning(path: str, row: CaptureRow | None,
                           what: str = "not mounted as mirrorfs: changes there are not captured "
-                                      "(Mount all)") -> StatusWarning:
+                                      "(Mount all)", *, kind: str = "fs",
+                          state_dir: str | None = None) -> StatusWarning:
     """An entry without its capture: Mount all / Attach all, unless it was handed over to its
-    replica."""
-    if row is not None and row.switched:
-        return StatusWarning(path, _switched_text(row) + " (Targets screen: f fails back, "
-                                   "o keeps this side)")
+    replica (the daemon says so; without a daemon, its marker in `state_dir` does)."""
+    sw = row.switched if row is not None else _switched_marker(state_dir, kind, path)
+    if sw:
+        return StatusWarning(path, _switched_text(sw, row.target if row is not None else None) +
+                             " (Targets screen: f fails back, o keeps this side)")
     return StatusWarning(path, what)
+
+
+def _switched_marker(state_dir: str | None, kind: str, key: str) -> dict | None:
+    """The switch-over marker the daemon keeps in an entry's state directory (its SWITCHED)."""
+    if not state_dir:
+        return None
+    try:
+        with open(os.path.join(entry_state(state_dir, kind, key), "switched"), "rb") as f:
+            said = json.loads(f.read(1 << 16))
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError):
+        return {"state": "unreadable"}
+    return said if isinstance(said, dict) else {"state": "unreadable"}
 
 
 def _serving(capture_file: str | None) -> bool:
@@ -296,7 +315,7 @@ def _serving(capture_file: str | None) -> bool:
 
 def _block_state(entry: BlockEntry, view: View, table,
                  warnings: list[StatusWarning], scan_writers: bool, engine: CaptureRow | None,
-                 ours_pids: frozenset[int]) -> BlockState:
+                 ours_pids: frozenset[int], marks: str | None = None) -> BlockState:
     dev = entry.device
     if not os.path.exists(dev):
         warnings.append(StatusWarning(dev, "the device does not exist", "error"))
@@ -312,7 +331,8 @@ def _block_state(entry: BlockEntry, view: View, table,
     if not ours:
         state = "detached"
         warnings.append(_not_captured_warning(dev, engine, "not attached to a loop device: its "
-                                              "writes are not captured (Attach all)"))
+                                              "writes are not captured (Attach all)", kind="block",
+                                              state_dir=marks))
     elif all(s.autoclear for s in ours) or (engine is not None and engine.pending_detach):
         # We never attach with autoclear, so it being set means a deferred LOOP_CLR_FD.
         state = "detach pending"
@@ -372,9 +392,8 @@ def _replication_warnings(subject: str, row: CaptureRow, warnings: list[StatusWa
         warnings.append(StatusWarning(subject, f"not captured: {row.last_error}", "error"))
 
 
-def _switched_text(row: CaptureRow) -> str:
-    sw = row.switched or {}
-    where = sw.get("target") or row.target or "its replica"
+def _switched_text(sw: dict, target: str | None) -> str:
+    where = sw.get("target") or target or "its replica"
     if sw.get("state") == "switching":
         return f"switch-over to {where} interrupted: run it again, or resolve"
     fence = sw.get("fence") or {}
@@ -404,7 +423,7 @@ def replication_text(row: CaptureRow | None, *, long: bool = False) -> str:
     if row.error:
         return f"error: {row.error}"
     if row.switched:
-        return _switched_text(row)
+        return _switched_text(row.switched, row.target)
     if not row.captured:
         return f"not captured{': ' + row.last_error if row.last_error else ''}"
     text = row.replication or row.state
