@@ -474,6 +474,6 @@ class TargetsScreen(TaskScreen):
             f"Keep THIS host's data of {shown(key)} and discard the promotion on "
             f"{shown(host)}?\n\nOn {shown(host)}: everything written to {shown(target)} since it "
             "was promoted is OVERWRITTEN with this host's data (only what differs is sent).\nOn "
-            "THIS host: nothing changes; replication resumes.", "Discard the target's",
+            "THIS host: nothing changes; replication resumes.", "Discard promotion",
             lambda: rep.resolve(key, discard_target=True),
             f"handing {shown(target)} back to this host"))
