@@ -35,10 +35,11 @@ import trio
 from app.engine.journal import KIND_BLOCK, KIND_FS, Journal, read_small_file, write_small_file
 from app.engine.shipper import TargetUnavailable
 from app.engine.supervisor import capture_end, holders, mount_dev
+from app.services.layout import SWITCHED_MARKER
 from app.services.results import MirrorError, Outcome, Result
 
 log = logging.getLogger("mirrorsetup.failover")
-SWITCHED = "switched"  # in an entry's state directory: handed over to its remote replica
+SWITCHED = SWITCHED_MARKER  # in an entry's state directory: handed over to its remote replica
 FAILBACK = "failback"  # a fail-back under way: the generation the replica is handed back in
 DRAIN_SECONDS = 300  # a switch-over waits this long for the target to apply everything
 

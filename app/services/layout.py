@@ -43,6 +43,9 @@ def default_state_dir() -> str:
     return os.environ.get(STATE_ENV) or DEFAULT_STATE_DIR
 
 
+SWITCHED_MARKER = "switched"  # in an entry's state directory: handed over to its replica
+
+
 def entry_state(state_dir: str, kind: str, key: str) -> str:
     """An entry's directory below the daemon's state directory (its journal, its markers)."""
     return os.path.join(state_dir, "journal" if kind == "fs" else "block", entry_id(key))

@@ -18,7 +18,7 @@ from app.services import mounts
 from app.services.config import BlockEntry, ConfigStore, FsEntry
 from app.services.blockplan import View
 from app.services.entries import problems
-from app.services.layout import FSTYPE_FS, entry_state
+from app.services.layout import FSTYPE_FS, SWITCHED_MARKER, entry_state
 from app.services.protocol import CaptureRow
 
 
@@ -291,11 +291,11 @@ def _not_captured_warning(path: str, row: CaptureRow | None,
 
 
 def _switched_marker(state_dir: str | None, kind: str, key: str) -> dict | None:
-    """The switch-over marker the daemon keeps in an entry's state directory (its SWITCHED)."""
+    """The switch-over marker the daemon keeps in an entry's state directory."""
     if not state_dir:
         return None
     try:
-        with open(os.path.join(entry_state(state_dir, kind, key), "switched"), "rb") as f:
+        with open(os.path.join(entry_state(state_dir, kind, key), SWITCHED_MARKER), "rb") as f:
             said = json.loads(f.read(1 << 16))
     except FileNotFoundError:
         return None
