@@ -89,7 +89,8 @@ def ssh_failure_text(stderr: str, status: int | None, target: str = "TARGET") ->
     low = text.lower()
     if "host key verification failed" in low or "remote host identification has changed" in low:
         return (f"refused: host key changed or not pinned ({last}); if the target was "
-                f"reinstalled, check its key there, then `mirrorsetup target rekey {target}`"), False
+                f"reinstalled, check its key there, then `mirrorsetup target rekey {target}` "
+                "(Targets screen: h)"), False
     if "permission denied" in low:
         return f"refused: the target does not accept our key ({last})", False
     if "not responding" in low:
