@@ -151,6 +151,42 @@ async def test_targets_and_replicas_are_listed_and_wrong_input_changes_nothing(
 
 
 @pilot_test
+async def test_fail_back_and_keep_this_host_of_a_connected_secondary_ask_nothing(
+        tui, config_path, tmp_path, config_bytes):
+    """Found by a walk: f and o on an entry replicating as usual asked whether to REPLACE this
+    host's data (or OVERWRITE the replica) before the daemon refused with "nothing to fail
+    back". Now a connected secondary gets a notice; switch over still asks."""
+    from app.services.status import snapshot
+    write_config(config_path, tmp_path)
+    before = config_bytes()
+    src = str(tmp_path / "src")
+
+    class Control:
+        def request(self, what):
+            return {"filesystem": [{"kind": "fs", "key": src, "captured": True, "target": "backup1:data",
+                                    "state": "capturing", "replication": "established",
+                                    "connection": "connected", "target_data": "consistent"}],
+                    "block": []}
+    app = tui(is_root=True)
+    app.services._status = lambda: snapshot(ConfigStore(config_path), Control(), scan_writers=False)
+    async with app.run_test(size=(80, 24)) as pilot:
+        await open_targets(pilot)
+        screen = app.screen
+        await wait_until(pilot, lambda: screen.query_one("#replicas").row_count == 1, "the entry")
+        for key in ("f", "o"):
+            await pilot.press(key)
+            await settle(pilot)
+            assert app.screen is screen, f"{key} asked: {type(app.screen).__name__}"
+            assert f"{src} was not switched over" in notices(app)[-1], notices(app)
+        await pilot.press("s")  # a switch-over of it is what there is to do: asked
+        await settle(pilot)
+        assert isinstance(app.screen, ConfirmDialog)
+        await pilot.press("n")
+        await settle(pilot)
+    assert config_bytes() == before
+
+
+@pilot_test
 async def test_a_host_whose_key_cannot_be_read_brings_the_dialog_back_as_typed(
         tui, config_path, tmp_path, config_bytes):
     """ssh-keyscan really runs, on a name that never resolves (RFC 6761's .invalid): the

@@ -166,6 +166,13 @@ class AddTargetDialog(ModalScreen["object | None"]):
         self.dismiss(None)
 
 
+def healthy_secondary(row) -> bool:
+    """A replica its capture is connected to and replicating into: not switched over, not
+    split brain (fail-back and keep-this-host have nothing to do)."""
+    return (row is not None and row.captured and not row.switched and row.connection == "connected"
+            and row.target_data != "split-brain")
+
+
 class TargetsScreen(TaskScreen):
     NAME = "targets"
     CSS_PATH = ["task.tcss", "targets.tcss"]
@@ -428,15 +435,22 @@ class TargetsScreen(TaskScreen):
                     ("State", state.plain)] + replication_lines(row)
         self.push_details(f"{shown(key)} → {shown(target)}", follow)
 
-    def _on_replica(self, ask) -> None:
+    def _on_replica(self, ask, *, promoted_only: bool = False) -> None:
         """Confirm, then run, an action on the selected replica: `ask(key, target, host)` gives
-        (title, question, yes, call, what it waits for)."""
+        (title, question, yes, call, what it waits for). `promoted_only`: an action on a
+        promoted replica (fail back, keep this host)."""
         found = self._selected_replica()
         if found is None:
             return
-        key, target, _row = found
+        key, target, row = found
         title, question, yes, call, waiting = ask(key, target, self._host_of(target))
         if self.app.needs_root(title):
+            return
+        if promoted_only and healthy_secondary(row):
+            # what the daemon would refuse: no overwrite question for nothing
+            self.notify(f"{key} was not switched over and its replica {target} is not promoted: "
+                        "its capture is connected to it. There is nothing to fail back or keep.",
+                        title=title, severity="warning", markup=False)
             return
 
         def confirmed(ok: bool | None) -> None:
@@ -465,7 +479,8 @@ class TargetsScreen(TaskScreen):
             f"since the replica was promoted is lost. Capture starts again.\nOn {shown(host)}: "
             "the replica becomes a secondary again; applications there must have stopped using "
             "it.", "Fail back",
-            lambda: rep.failback(key), f"comparing {shown(key)} with the replica on {shown(host)}"))
+            lambda: rep.failback(key), f"comparing {shown(key)} with the replica on {shown(host)}"),
+            promoted_only=True)
 
     def action_resolve(self) -> None:
         rep = self.services.replication
@@ -476,4 +491,4 @@ class TargetsScreen(TaskScreen):
             "was promoted is OVERWRITTEN with this host's data (only what differs is sent).\nOn "
             "THIS host: nothing changes; replication resumes.", "Discard promotion",
             lambda: rep.resolve(key, discard_target=True),
-            f"handing {shown(target)} back to this host"))
+            f"handing {shown(target)} back to this host"), promoted_only=True)
