@@ -214,6 +214,11 @@ def test_fail_back_or_resolve_of_an_entry_never_switched_over_changes_nothing(fs
         p = cli(r.cfg, "failback", src, "--yes", socket=eng.socket)
         assert p.returncode == 1 and "nothing to fail back" in p.stderr, p.stdout + p.stderr
         assert "nothing was changed" in p.stderr and captured(), p.stderr
+    p = cli(r.cfg, "failback", src, socket=eng.socket)  # no --yes: nothing to confirm, said first
+    assert p.returncode == 1 and "nothing to fail back" in p.stderr and "--yes" not in p.stderr, p.stderr
+    p = cli(r.cfg, "replica", "resolve", src, "--discard-target", socket=eng.socket)
+    assert p.returncode == 0 and "nothing to fail back or keep" in p.stdout, p.stdout + p.stderr
+
     def capture_mount() -> list[str]:
         return [m.split()[0] for m in open("/proc/self/mountinfo") if f" {src} " in m and "fuse.mirrorfs" in m]
     before = capture_mount()

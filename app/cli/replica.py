@@ -12,6 +12,7 @@ import errno
 import json
 import os
 import sys
+from dataclasses import replace
 
 from app.cli.common import Refused, add, group, replication, require, require_daemon, store
 from app.cli.output import dump, report, say
@@ -50,6 +51,26 @@ def _require_entry(args) -> None:
                   "(mirrorsetup fs list, block list)", errno=errno.ENOENT, obj=args.entry)
 
 
+def _healthy_first(args, rep, action: str) -> Result | None:
+    """Before asking to confirm what would overwrite data: an entry replicating to its
+    connected secondary has nothing to fail back or keep (the daemon would say so after)."""
+    from app.services.protocol import CaptureRow
+    from app.services.status import healthy_secondary, nothing_to_fail_back
+    if args.yes:
+        return None  # the daemon says it
+    try:
+        said = rep.control.request("status")
+    except Exception:  # the daemon's own answer comes with the request itself
+        return None
+    real = os.path.realpath(args.entry)
+    for r in (*said.get("filesystem", []), *said.get("block", [])):
+        row = CaptureRow.from_json(r)
+        if row.key in (args.entry, real) and healthy_secondary(row):
+            return Result(action, row.key, Outcome.UNCHANGED,
+                          nothing_to_fail_back(row.key, row.target or "?"))
+    return None
+
+
 def cmd_switchover(args) -> int:
     _require_entry(args)
     rep = replication(args)
@@ -61,6 +82,10 @@ def cmd_failback(args) -> int:
     _require_entry(args)
     rep = replication(args)
     require_daemon(rep)
+    healthy = _healthy_first(args, rep, "failback")
+    if healthy is not None:  # refused (exit 1), as the daemon refuses it
+        return report([replace(healthy, outcome=Outcome.FAILED, errno=errno.EINVAL)],
+                      as_json=args.json)
     _confirm(args, f"Fail back {args.entry}: its data on THIS host is replaced by the promoted "
                    "replica's (only what differs is sent); changes made here since the replica was "
                    "promoted are lost. Applications on the target must have stopped. Go on?")
@@ -75,6 +100,9 @@ def cmd_resolve(args) -> int:
         raise Refused(f"say which side wins: --discard-target keeps {args.entry} as it is here "
                       f"(what was written on the target since its promotion is lost); `mirrorsetup "
                       f"failback {args.entry}` keeps the target's instead", errno=errno.EINVAL)
+    healthy = _healthy_first(args, rep, "resolve")
+    if healthy is not None:  # unchanged, as the daemon answers it
+        return report([healthy], as_json=args.json)
     _confirm(args, f"Discard the target's promotion of {args.entry}: what was written there since "
                    "it was promoted is overwritten by this host's data. Go on?")
     return report(rep.resolve(args.entry, discard_target=True), as_json=args.json)

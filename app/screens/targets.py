@@ -20,7 +20,7 @@ from app.screens.banner import RootBanner
 from app.screens.base import Col, KeyedTable, TaskScreen, elide, selected_key
 from app.screens.dialogs import ConfirmDialog, DetailsDialog, labelled
 from app.services.results import MirrorError, Outcome, Result
-from app.services.status import replication_lines
+from app.services.status import healthy_secondary, nothing_to_fail_back, replication_lines
 from app.services.units import shown
 
 TARGET_COLUMNS = (Col("name", "Name", 9, 16), Col("host", "Host", 8, 30), Col("root", "Root", 6, 30),
@@ -164,13 +164,6 @@ class AddTargetDialog(ModalScreen["object | None"]):
     @on(Button.Pressed, "#cancel")
     def action_cancel(self) -> None:
         self.dismiss(None)
-
-
-def healthy_secondary(row) -> bool:
-    """A replica its capture is connected to and replicating into: not switched over, not
-    split brain (fail-back and keep-this-host have nothing to do)."""
-    return (row is not None and row.captured and not row.switched and row.connection == "connected"
-            and row.target_data != "split-brain")
 
 
 class TargetsScreen(TaskScreen):
@@ -448,9 +441,8 @@ class TargetsScreen(TaskScreen):
             return
         if promoted_only and healthy_secondary(row):
             # what the daemon would refuse: no overwrite question for nothing
-            self.notify(f"{key} was not switched over and its replica {target} is not promoted: "
-                        "its capture is connected to it. There is nothing to fail back or keep.",
-                        title=title, severity="warning", markup=False)
+            self.notify(nothing_to_fail_back(key, target), title=title, severity="warning",
+                        markup=False)
             return
 
         def confirmed(ok: bool | None) -> None:

@@ -392,6 +392,18 @@ def _replication_warnings(subject: str, row: CaptureRow, warnings: list[StatusWa
         warnings.append(StatusWarning(subject, f"not captured: {row.last_error}", "error"))
 
 
+def healthy_secondary(row: CaptureRow | None) -> bool:
+    """A replica its capture is connected to and replicating into: not switched over, not
+    split brain (a fail-back or keep-this-host has nothing to do)."""
+    return (row is not None and row.captured and not row.switched and row.connection == "connected"
+            and row.target_data != "split-brain")
+
+
+def nothing_to_fail_back(key: str, target: str) -> str:
+    return (f"{key} was not switched over and its replica {target} is not promoted: its capture "
+            "is connected to it. There is nothing to fail back or keep; nothing was changed")
+
+
 def _switched_text(sw: dict, target: str | None) -> str:
     where = sw.get("target") or target or "its replica"
     if sw.get("state") == "switching":
