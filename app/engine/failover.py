@@ -389,23 +389,27 @@ class Failover:
         results.append(await self._capture(kind, entry))
         return results
 
+    @staticmethod
+    async def _ask(spec, action: str, size: int | None) -> dict:
+        """One session with the agent that only shakes hands for `action`: its WELCOME."""
+        from app.engine.capture import make_target
+
+        def once() -> dict:
+            t = make_target(spec, size)
+            try:
+                t.open(action)
+                return t.welcome
+            finally:
+                t.close()
+        return await trio.to_thread.run_sync(once)
+
     async def _promoted_there(self, kind: str, key: str, entry, spec, fig: dict) -> None:
         """Before a capture that is not connected (yet) is lifted for a fail-back: the agent
         is asked, read only, whether the replica is promoted. Refuses when it is not, or when
         the target cannot be reached (a fail-back could not either). An agent too old to be
         asked leaves it to the fail-back itself (which re-mounts the capture on a refusal)."""
-        from app.engine.capture import make_target
-        size = await self._size(kind, entry)
-
-        def probe() -> dict:
-            t = make_target(spec, size)
-            try:
-                t.open("probe")
-                return t.welcome
-            finally:
-                t.close()
         try:
-            said = await trio.to_thread.run_sync(probe)
+            said = await self._ask(spec, "probe", await self._size(kind, entry))
         except TargetUnavailable as exc:
             if getattr(exc, "code", None) == "action":
                 return
@@ -492,7 +496,6 @@ class Failover:
 
     # -- split brain: the source wins -------------------------------------------------------------
     async def resolve(self, kind: str, key: str, entry, discard_target: bool) -> list[Result]:
-        from app.engine.capture import make_target
         if not discard_target:
             raise MirrorError(f"say which side wins: --discard-target keeps {key} as it is here and "
                               "re-mirrors the replica (only differences); `mirrorsetup failback "
@@ -508,17 +511,8 @@ class Failover:
                 fig = await self.sup.figures(cap)
                 if fig.get("connection") == "connected" and fig.get("target_data") != "split-brain":
                     return [nothing]
-            size = await self._size(kind, entry)
-
-            def discard() -> dict:
-                t = make_target(spec, size)
-                try:
-                    t.open("discard")
-                    return t.welcome
-                finally:
-                    t.close()
             try:
-                await trio.to_thread.run_sync(discard)
+                await self._ask(spec, "discard", await self._size(kind, entry))
                 was = (f"discarded the promotion of the replica on {entry.target}: it is this "
                        "entry's secondary again and is made equal to this side (only differences "
                        "are sent)")
