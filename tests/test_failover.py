@@ -635,3 +635,41 @@ def test_fail_back_of_a_block_device_to_a_rebuilt_source(block_remote):
     st = eng.block_drain(disk)
     assert st["target_data"] == "consistent", st
     assert sha(disk) == sha(image)
+
+
+def test_the_fence_of_a_directory_is_told_by_what_it_is_not_by_a_mount_id(tmp_path):
+    """Found on a busy host: the read-only bind that fences a switched-over directory was
+    recognised by the mount id kept in its marker. Ids are reused (here by any mount made
+    meanwhile; after a reboot by any mount at all), so a fence whose id was not the kept one
+    was not seen: the daemon's start fenced again on top of it, and the fail-back lifted only
+    the top one and then found the entry "in use: mounted at" itself. Now the fence is a
+    read-only bind of the directory onto itself, whatever its id: made once, seen, lifted."""
+    from app.engine.failover import fence, fenced, unfence
+    from app.services import mounts
+    key = str(tmp_path / "entry")
+    os.mkdir(key)
+    (Path(key) / "f").write_text("here")
+
+    def stacked() -> int:
+        return sum(m.mount_point == key for m in mounts.read_mountinfo())
+    try:
+        info = fence("fs", key, None)
+        assert stacked() == 1 and "read_only_mount" in info, info
+        with pytest.raises(OSError) as refused:
+            (Path(key) / "g").write_text("refused")
+        assert refused.value.errno == errno.EROFS
+        stale = {"read_only_mount": info["read_only_mount"] + 100000}  # a marker naming another id
+        assert fenced("fs", key, None, stale)
+        again = fence("fs", key, None)  # the daemon's start after the marker lost track of it
+        assert stacked() == 1 and again == info, again
+        subprocess.run(["mount", "-t", "tmpfs", "-o", "ro", "stranger", key], check=True)
+        assert not fenced("fs", key, None, info)  # a read-only mount that is no bind of it
+        subprocess.run(["umount", key], check=True)
+        unfence("fs", key, None, stale)
+        assert stacked() == 0
+        (Path(key) / "g").write_text("written again")
+    finally:
+        for _ in range(8):
+            if not stacked():
+                break
+            subprocess.run(["umount", "-l", key], check=False)

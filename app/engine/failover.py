@@ -101,6 +101,25 @@ def _top_mount_id(path: str) -> int | None:
     return ids[-1] if ids else None  # the last one listed at a path is the one on top
 
 
+def _read_only_self_bind(path: str) -> int | None:
+    """The mount id of the mount on top at `path` when it is a read-only bind of `path` onto
+    itself (what fence() makes), else None. Told by what it is, not by the id kept in the
+    marker alone: ids are reused (after a reboot, or by any other mount meanwhile), so an id
+    could name another mount, and a fence whose id was not kept would be stacked on."""
+    from app.services import mounts
+    table = mounts.read_mountinfo()
+    at = [m for m in table if m.mount_point == path]
+    if not at:
+        return None
+    top = at[-1]  # the last one listed at a path is the one on top
+    below = next((m for m in table if m.mount_id == top.parent_id), None)
+    if below is None or "ro" not in top.options.split(","):
+        return None
+    inside = os.path.normpath(os.path.join(below.root, os.path.relpath(path, below.mount_point)))
+    same = (top.major, top.minor) == (below.major, below.minor) and top.root == inside
+    return top.mount_id if same else None
+
+
 def _set_ro(device: str, ro: bool) -> bool:
     """Set the device's read-only flag; returns what it was."""
     import ctypes
@@ -123,6 +142,9 @@ def fence(kind: str, key: str, entry) -> dict:
     from app.services import mounts
     try:
         if kind == "fs":  # recursive: file systems mounted below the entry stay in view (and rw)
+            there = _read_only_self_bind(key)
+            if there is not None:  # fenced already (its marker lost or stale): not a second one
+                return {"read_only_mount": there}
             mounts.mount(key, key, None, mounts.MS_BIND | mounts.MS_REC)
             try:
                 mounts.mount(None, key, None, mounts.MS_BIND | mounts.MS_REMOUNT | mounts.MS_RDONLY)
@@ -142,7 +164,7 @@ def fence(kind: str, key: str, entry) -> dict:
 def fenced(kind: str, key: str, entry, info: dict) -> bool:
     """Is what fence() did still in place (a reboot ends both kinds)?"""
     if kind == "fs":
-        return info.get("read_only_mount") is not None and _top_mount_id(key) == info["read_only_mount"]
+        return info.get("read_only_mount") is not None and _read_only_self_bind(key) is not None
     try:
         rdev = os.stat(entry.device).st_rdev
         with open(f"/sys/dev/block/{os.major(rdev)}:{os.minor(rdev)}/ro") as f:
@@ -154,9 +176,11 @@ def fenced(kind: str, key: str, entry, info: dict) -> bool:
 def unfence(kind: str, key: str, entry, info: dict) -> None:
     """Undo what fence() did (before data comes back or capture starts again)."""
     from app.services import mounts
-    mid = info.get("read_only_mount")
-    if kind == "fs" and mid is not None and _top_mount_id(key) == mid:
-        mounts.umount(key, mounts.MNT_DETACH)  # with what is mounted below it (users were refused)
+    if kind == "fs" and info.get("read_only_mount") is not None:
+        for _ in range(8):  # with what is mounted below it (users were refused); one fence
+            if _read_only_self_bind(key) is None:  # stacked by an older version lifted too
+                break
+            mounts.umount(key, mounts.MNT_DETACH)
     if kind == "block" and info.get("read_only_device") and not info.get("was_read_only"):
         try:
             _set_ro(entry.device, False)
