@@ -218,10 +218,15 @@ class Engine:
         # read-only fence (a directory bound onto itself), deepest first; nothing else of the
         # test's (a target disk, a tmpfs it made) is ours to unmount
         inside = str(self.tmp) + "/"
-        for mp in sorted({m.mount_point for m in read_mountinfo()
-                          if m.mount_point.startswith(run_dir) or (
-                              m.mount_point.startswith(inside)
-                              and (m.fstype in ("fuse.mirrorfs", "fuse.mirrorblk")
-                                   or (m.root != "/" and m.mount_point.endswith(m.root))))},
-                         key=len, reverse=True):
-            subprocess.run(["umount", "-l", mp], capture_output=True)
+
+        def ours(m) -> bool:
+            return m.mount_point.startswith(run_dir) or (
+                m.mount_point.startswith(inside)
+                and (m.fstype in ("fuse.mirrorfs", "fuse.mirrorblk")
+                     or (m.root != "/" and m.mount_point.endswith(m.root))))
+        for mp in sorted({m.mount_point for m in read_mountinfo() if ours(m)}, key=len, reverse=True):
+            for _ in range(8):  # stacked ones too (a fence made twice), while the top one is ours
+                top = [m for m in read_mountinfo() if m.mount_point == mp]
+                if not top or not ours(top[-1]):
+                    break
+                subprocess.run(["umount", "-l", mp], capture_output=True)
