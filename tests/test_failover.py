@@ -262,6 +262,21 @@ def test_fail_back_or_resolve_of_an_entry_never_switched_over_changes_nothing(fs
     assert st["target_data"] == "consistent" and st["last_error"] is None, st
     assert (r.root / "data" / "after").read_text() == "replicated as before"
     assert replicas(r)[0]["generation"] == gen
+    # a fail-back that could not reach the target keeps its record (it may have got there);
+    # once the capture is connected again that record is stale: it lifts nothing (found by a walk)
+    (res,) = eng.client.results("unmount", path=src, force=False)
+    r.bed.reject()
+    p = cli(r.cfg, "failback", src, "--yes", socket=eng.socket)
+    assert p.returncode == 1 and list(Path(eng.state).rglob("failback")), p.stdout + p.stderr
+    r.bed.unblock()
+    (res,) = eng.client.results("mount_all")
+    assert res.outcome.value == "ok", res.message
+    wait_for("connected", lambda: eng.status(src)["connection"] == "connected", 60, 0.2)
+    before = capture_mount()
+    p = cli(r.cfg, "failback", src, "--yes", socket=eng.socket)
+    assert p.returncode == 1 and "nothing to fail back" in p.stderr, p.stdout + p.stderr
+    assert capture_mount() == before and "mounted mirrorfs" not in p.stderr, p.stderr
+    assert not list(Path(eng.state).rglob("failback")), "a stale fail-back record is kept"
     nosuch = src + "-nosuch"  # not an entry: refused (exit 2) like everywhere else
     for argv in (["switchover", nosuch], ["failback", nosuch, "--yes"],
                  ["replica", "resolve", nosuch, "--discard-target", "--yes"]):

@@ -62,6 +62,11 @@ def _mark(state_dir: str, info: dict) -> None:
     write_small_file(Path(state_dir), SWITCHED, json.dumps(info) + "\n")
 
 
+def _forget_failback(state_dir: str) -> None:
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(Path(state_dir) / FAILBACK)
+
+
 def _unmark(state_dir: str) -> None:
     with contextlib.suppress(FileNotFoundError):
         os.unlink(Path(state_dir) / SWITCHED)
@@ -373,19 +378,23 @@ class Failover:
         async with self._lock(kind, key):
             sw = switched(state) or {}
             cap = self.sup.get(kind, key)
-            if cap is not None and sw.get("state") != "switched" and _read_json(state, FAILBACK) is None:
+            pending = _read_json(state, FAILBACK)
+            if cap is not None and sw.get("state") != "switched":
                 # capturing here: a capture its agent took is going on to a secondary (an agent
                 # refuses to replicate to a promoted replica); that is never lifted for nothing.
                 # Not connected, nobody knows yet: the agent is asked (read only) first.
                 fig = await self.sup.figures(cap)
                 if fig.get("connection") == "connected" and fig.get("target_data") != "split-brain":
+                    # a fail-back it records as under way never finished there: the replica
+                    # replicates in this side's history (a finished one would refuse it)
+                    _forget_failback(state)
                     raise MirrorError(
                         f"{key} was not switched over and its replica on {entry.target} is not "
                         f"promoted: its capture is connected to it (replication: "
                         f"{fig.get('replication', '?')}): there is nothing to fail back; nothing "
                         "was changed", errno=errno.EINVAL, obj=key)
                 if fig.get("target_data") != "split-brain":  # not known yet: ask, lift nothing
-                    await self._promoted_there(kind, key, entry, spec, fig)
+                    await self._promoted_there(kind, key, entry, spec, fig, pending)
             lifted = False
             if cap is not None:  # the split-brain case: capturing here, refused there
                 results.append(await self._lift(kind, key, entry, cap))
@@ -427,7 +436,8 @@ class Failover:
                 t.close()
         return await trio.to_thread.run_sync(once)
 
-    async def _promoted_there(self, kind: str, key: str, entry, spec, fig: dict) -> None:
+    async def _promoted_there(self, kind: str, key: str, entry, spec, fig: dict,
+                              pending: dict | None) -> None:
         """Before a capture that is not connected (yet) is lifted for a fail-back: the agent
         is asked, read only, whether the replica is promoted. Refuses when it is not, or when
         the target cannot be reached (a fail-back could not either). An agent too old to be
@@ -441,6 +451,9 @@ class Failover:
                               f"goes on: {fig.get('connection', '?')})", errno=_exc_error(exc),
                               obj=key) from None
         if said.get("role") != "primary":
+            if pending is not None and said.get("generation") == pending.get("generation"):
+                return  # an interrupted fail-back that finished there: the fail-back records it
+            _forget_failback(spec.state)  # one that never got there
             raise MirrorError(
                 f"{key} was not switched over and its replica on {entry.target} is not promoted"
                 f" (its capture is {fig.get('connection', '?')}): there is nothing to fail back; "
