@@ -556,6 +556,46 @@ def test_promoting_an_inconsistent_replica_needs_force_and_applies_what_arrived(
     assert (root / META).is_dir()
 
 
+def test_promote_checks_the_mount_point_before_it_promotes(tmp_path):
+    """`replica promote --mount` of a file, a relative path, a path whose parent is missing or
+    one inside the replicas' root was refused only by mount(2), after the promotion: "File
+    exists", exit 2, as if nothing had changed. Now refused first and nothing changes; a mount
+    that fails after the promotion says the replica was promoted (exit 1)."""
+    from app.engine.agent import Replica
+    root = tmp_path / "replicas"
+    (root / "data").mkdir(parents=True)
+    (root / "data" / "f").write_text("x")
+    fd = os.open(root, os.O_PATH | os.O_DIRECTORY)
+    try:
+        rep = Replica(fd, str(root), "data", "fs")
+    finally:
+        os.close(fd)
+    rep.save({"source": {"host": "h", "entry": "fs:/src"}, "kind": "fs", "path": "data",
+              "role": "secondary", "generation": "g1", "consistent": True, "consistent_seq": 0})
+
+    def promote(*extra):
+        return subprocess.run([sys.executable, "-m", "app", "replica", "promote", "data", "--root",
+                               str(root), *extra], capture_output=True, text=True, cwd=REPO)
+    a_file = tmp_path / "a-file"
+    a_file.write_text("")
+    for where, said in [(str(a_file), "not a directory"), ("relative/dir", "not an absolute path"),
+                        (str(tmp_path / "no" / "such" / "dir"), "neither it nor its parent"),
+                        (str(root / "elsewhere"), "inside the replicas' root")]:
+        p = promote("--mount", where)
+        assert p.returncode == 2 and said in p.stderr and where in p.stderr, (where, p.stderr)
+        assert rep.state()["role"] == "secondary", where
+    assert not (tmp_path / "no").exists() and not (root / "elsewhere").exists()
+
+    where = tmp_path / "usable"  # missing, its parent there: made, and said
+    p = promote("--mount", str(where))
+    try:
+        assert p.returncode == 0, p.stdout + p.stderr
+        assert f"made the directory {where}" in p.stdout and (where / "f").read_text() == "x"
+        assert rep.state()["role"] == "primary"
+    finally:
+        subprocess.run(["umount", str(where)], check=False)
+
+
 def stat_mode(p: Path) -> int:
     return p.stat().st_mode & 0o7777
 

@@ -970,6 +970,8 @@ def promote(root: str, name: str, *, mount_at: str | None = None, loop: str | No
     if found is None:
         raise AgentError("path", f"no replica named {name!r} below {root} (mirrorsetup replica list "
                          f"--root {root})", errno.ENOENT)
+    if mount_at is not None:  # before anything changes: a bad one refused, not met half-way
+        mount_at = mount_point(mount_at, root)
     root_fd = os.open(os.path.realpath(root), os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
     try:
         rep = Replica(root_fd, os.path.realpath(root), name, found["kind"])
@@ -1018,19 +1020,23 @@ def promote(root: str, name: str, *, mount_at: str | None = None, loop: str | No
         path = os.path.join(os.path.realpath(root), name)
         done.append(f"promoted {name}: generation {state['generation']} (the old source can no longer "
                     "write to it)")
-        if found["kind"] == "block":
-            st = loopdev.attach(path, loop=loop)
-            done.append(f"attached {path} as {st.device}")
-            if mount_at:
-                os.makedirs(mount_at, exist_ok=True)
-                subprocess_mount(st.device, mount_at)
-                done.append(f"mounted {st.device} on {mount_at}")
-        elif mount_at:
-            os.makedirs(mount_at, exist_ok=True)
-            mounts.mount(path, mount_at, None, mounts.MS_BIND)
-            done.append(f"bind-mounted {path} on {mount_at}")
-        else:
-            done.append(f"use it at {path}")
+        try:
+            if found["kind"] == "block":
+                st = loopdev.attach(path, loop=loop)
+                done.append(f"attached {path} as {st.device}")
+                if mount_at:
+                    _make_mount_point(mount_at, done)
+                    subprocess_mount(st.device, mount_at)
+                    done.append(f"mounted {st.device} on {mount_at}")
+            elif mount_at:
+                _make_mount_point(mount_at, done)
+                mounts.mount(path, mount_at, None, mounts.MS_BIND)
+                done.append(f"bind-mounted {path} on {mount_at}")
+            else:
+                done.append(f"use it at {path}")
+        except (AgentError, OSError) as exc:  # promoted all the same: say so, not "nothing changed"
+            raise AgentError("usable", f"{'; '.join(done)}; but then: {exc}",
+                             getattr(exc, "errno", None) or errno.EIO) from None
         return state, done
     finally:
         os.close(root_fd)
@@ -1052,9 +1058,10 @@ def _make_usable(rep: Replica, name: str, kind: str, state: dict, *, mount_at: s
                              "there)", errno.EEXIST)
         if _shown_at(mount_at, os.stat(path)):  # asked twice: one mount, not two stacked
             return [said, f"{path} is bind-mounted on {mount_at} already"]
-        os.makedirs(mount_at, exist_ok=True)
+        done = [said]
+        _make_mount_point(mount_at, done)
         mounts.mount(path, mount_at, None, mounts.MS_BIND)
-        return [said, f"bind-mounted {path} on {mount_at}"]
+        return [*done, f"bind-mounted {path} on {mount_at}"]
     real = os.path.realpath(path)
     bound = [f"/dev/loop{i}" for i, backing in loopdev.bound_backing().items() if backing == real]
     if bound and (loop is None or loop in bound):
@@ -1063,19 +1070,46 @@ def _make_usable(rep: Replica, name: str, kind: str, state: dict, *, mount_at: s
                              "mounts it)", errno.EEXIST)
         if any(_shown_at(mount_at, os.stat(dev), block=True) for dev in bound):
             return [said, f"{path} is attached and mounted on {mount_at} already"]
-        os.makedirs(mount_at, exist_ok=True)
+        done = [said]
+        _make_mount_point(mount_at, done)
         subprocess_mount(bound[0], mount_at)
-        return [said, f"mounted {bound[0]} on {mount_at}"]
+        return [*done, f"mounted {bound[0]} on {mount_at}"]
     if bound:  # two loops on one image would be two caches of it
         raise AgentError("promoted", f"{said} and attached as {', '.join(bound)}, not {loop}",
                          errno.EEXIST)
     st = loopdev.attach(path, loop=loop)
     done = [said, f"attached {path} as {st.device}"]
     if mount_at:
-        os.makedirs(mount_at, exist_ok=True)
+        _make_mount_point(mount_at, done)
         subprocess_mount(st.device, mount_at)
         done.append(f"mounted {st.device} on {mount_at}")
     return done
+
+
+def mount_point(mount_at: str, root: str) -> str:
+    """`replica promote --mount DIR`, checked before anything changes: an absolute path, a
+    directory or a missing one whose parent is (created then, and said), not below the
+    replicas' root (it would hide or nest in what the agent serves). Returns it resolved."""
+    if not os.path.isabs(mount_at):
+        raise AgentError("path", f"--mount {mount_at}: not an absolute path (where on this host "
+                         "should it be?)", errno.EINVAL)
+    real = os.path.realpath(mount_at)
+    top = os.path.realpath(root)
+    if real == top or real.startswith(top.rstrip("/") + "/"):
+        raise AgentError("path", f"--mount {mount_at}: inside the replicas' root {top}; mount it "
+                         "elsewhere", errno.EINVAL)
+    if os.path.lexists(real) and not os.path.isdir(real):
+        raise AgentError("path", f"--mount {mount_at}: not a directory", errno.ENOTDIR)
+    if not os.path.exists(real) and not os.path.isdir(os.path.dirname(real)):
+        raise AgentError("path", f"--mount {mount_at}: neither it nor its parent "
+                         f"{os.path.dirname(real)} exists (make the directory first)", errno.ENOENT)
+    return real
+
+
+def _make_mount_point(mount_at: str, done: list[str]) -> None:
+    if not os.path.isdir(mount_at):
+        os.mkdir(mount_at, 0o755)
+        done.append(f"made the directory {mount_at}")
 
 
 def _shown_at(mount_at: str, st: os.stat_result, *, block: bool = False) -> bool:
