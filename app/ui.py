@@ -85,7 +85,7 @@ class Services:
     def replication(self):
         if self._replication is None:
             from app.services.replication import Replication
-            self._replication = Replication(self.store, self.control)
+            self._replication = Replication(self.store, self.control, self.daemon.state_dir)
         return self._replication
 
     def list_devices(self, include_excluded: bool = True) -> list:

@@ -285,3 +285,34 @@ def test_a_loop_rebound_to_another_file_since_the_view_was_read_is_not_detached(
     finally:
         for loop in ours:
             loopdev.detach(loop)
+
+
+def test_attach_all_without_the_daemon_refuses_an_entry_switched_over(config_path, disks, tmp_path):
+    """An entry handed over to its remote replica (the daemon's marker in its state directory)
+    was attached by `block attach-all` without a daemon as a plain read-write loop, exit 0,
+    while the daemon and `fs mount-all` refuse it: writes there fork the replica's history."""
+    from app.services.layout import SWITCHED_MARKER, entry_state
+    disk = disks()
+    cli(config_path, "block", "add", disk)
+    state = tmp_path / "state"
+    marker = Path(entry_state(str(state), "block", disk)) / SWITCHED_MARKER
+    marker.parent.mkdir(parents=True)
+    marker.write_text(json.dumps({"state": "switched", "target": "backup1:disk.img", "seq": 7,
+                                  "time": 1_700_000_000}))
+    env = {**os.environ, "MIRRORSETUP_STATE_DIR": str(state)}
+
+    def attach_all():
+        return subprocess.run([sys.executable, "-m", "app", "--config", str(config_path), "block",
+                               "attach-all", "--json"], capture_output=True, text=True, env=env,
+                              cwd=Path(__file__).parent.parent)
+    p = attach_all()
+    assert p.returncode == 1, p.stdout + p.stderr
+    [r] = json.loads(p.stdout)
+    assert r["outcome"] == "failed" and "switched over to backup1:disk.img" in r["message"], r
+    assert "mirrorsetup failback" in r["message"] and loops_on(disk) == []
+    marker.unlink()  # failed back: attached as before
+    p = attach_all()
+    try:
+        assert p.returncode == 0 and json.loads(p.stdout)[0]["outcome"] == "ok", p.stdout + p.stderr
+    finally:
+        cli(config_path, "block", "detach-all", check_rc=None)

@@ -34,7 +34,7 @@ def control(args):
 
 def replication(args):
     from app.services.replication import Replication
-    return Replication(store(args), control(args))
+    return Replication(store(args), control(args), getattr(args, "state_dir", None))
 
 
 def require(call: Callable, *a, **kw):

@@ -35,7 +35,7 @@ import trio
 from app.engine.journal import KIND_BLOCK, KIND_FS, Journal, read_small_file, write_small_file
 from app.engine.shipper import TargetUnavailable
 from app.engine.supervisor import capture_end, holders, mount_dev
-from app.services.layout import SWITCHED_MARKER
+from app.services.layout import SWITCHED_MARKER, local_time, switched_marker, switched_refusal
 from app.services.results import MirrorError, Outcome, Result
 
 log = logging.getLogger("mirrorsetup.failover")
@@ -47,7 +47,7 @@ DRAIN_SECONDS = 300  # a switch-over waits this long for the target to apply eve
 # -- the marker ----------------------------------------------------------------------------------
 
 def switched(state_dir: str) -> dict | None:
-    return _read_json(state_dir, SWITCHED)
+    return switched_marker(state_dir)
 
 
 def _read_json(state_dir: str, name: str) -> dict | None:
@@ -72,25 +72,12 @@ def _unmark(state_dir: str) -> None:
         os.unlink(Path(state_dir) / SWITCHED)
 
 
-def _when(t: float | None) -> str:
-    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(t)) if t else "?"
+_when = local_time
 
 
 def refusal(layout, kind: str, key: str, action: str) -> Result | None:
     """Capture of an entry handed over to its replica is refused, with what to do."""
-    sw = switched(layout.state(kind, key))
-    if sw is None:
-        return None
-    if sw.get("state") == "switching":
-        why = (f"a switch-over of {key} to {sw.get('target')} began at {_when(sw.get('time'))} and "
-               f"did not finish: run `mirrorsetup switchover {key}` again to finish it, or "
-               f"`mirrorsetup replica resolve {key} --discard-target` to keep this side")
-    else:
-        why = (f"{key} was switched over to {sw.get('target')} at {_when(sw.get('time'))} (seq "
-               f"{sw.get('seq')}): the replica there is primary, capturing here would fork its "
-               f"history. Bring it back with `mirrorsetup failback {key}`, or keep this side "
-               f"with `mirrorsetup replica resolve {key} --discard-target`")
-    return Result(action, key, Outcome.FAILED, why, errno.EREMOTE)
+    return switched_refusal(switched(layout.state(kind, key)), key, action)
 
 
 # -- the fence: this side is read-only while its replica is primary ------------------------------

@@ -21,11 +21,13 @@ Per entry (id = last path component + a hash of the path or device):
 from __future__ import annotations
 
 import errno
+import json
 import os
 import stat
+import time
 from dataclasses import dataclass
 
-from app.services.results import MirrorError
+from app.services.results import MirrorError, Outcome, Result
 
 DEFAULT_STATE_DIR = "/var/lib/mirrorsetup"
 STATE_ENV = "MIRRORSETUP_STATE_DIR"
@@ -44,6 +46,51 @@ def default_state_dir() -> str:
 
 
 SWITCHED_MARKER = "switched"  # in an entry's state directory: handed over to its replica
+
+
+def switched_marker(entry_dir: str) -> dict | None:
+    """The switch-over marker the daemon keeps in an entry's state directory (entry_state()):
+    None when the entry was not handed over to its replica."""
+    try:
+        fd = os.open(os.path.join(entry_dir, SWITCHED_MARKER), os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return None
+    except OSError:
+        return {"state": "unreadable"}
+    try:
+        text = os.read(fd, 1 << 16)
+    except OSError:
+        return {"state": "unreadable"}
+    finally:
+        os.close(fd)
+    if not text:
+        return None
+    try:
+        said = json.loads(text)
+    except ValueError:
+        return {"state": "unreadable"}
+    return said if isinstance(said, dict) else {"state": "unreadable"}
+
+
+def local_time(t: float | None) -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(t)) if t else "?"
+
+
+def switched_refusal(sw: dict | None, key: str, action: str) -> Result | None:
+    """Capture of an entry handed over to its replica (`sw`, its marker) is refused, with what
+    to do: capturing here would fork the history the replica went on with."""
+    if sw is None:
+        return None
+    if sw.get("state") == "switching":
+        why = (f"a switch-over of {key} to {sw.get('target')} began at {local_time(sw.get('time'))} "
+               f"and did not finish: run `mirrorsetup switchover {key}` again to finish it, or "
+               f"`mirrorsetup replica resolve {key} --discard-target` to keep this side")
+    else:
+        why = (f"{key} was switched over to {sw.get('target')} at {local_time(sw.get('time'))} (seq "
+               f"{sw.get('seq')}): the replica there is primary, capturing here would fork its "
+               f"history. Bring it back with `mirrorsetup failback {key}`, or keep this side "
+               f"with `mirrorsetup replica resolve {key} --discard-target`")
+    return Result(action, key, Outcome.FAILED, why, errno.EREMOTE)
 
 
 def entry_state(state_dir: str, kind: str, key: str) -> str:

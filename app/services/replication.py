@@ -14,7 +14,7 @@ from app.services import blockdevs, blockplan, mounts
 from app.services import loop as loopdev
 from app.services.blockplan import View, same_device
 from app.services.config import BlockEntry, ConfigStore
-from app.services.layout import FSTYPE_FS
+from app.services.layout import FSTYPE_FS, default_state_dir, entry_state, switched_marker, switched_refusal
 from app.services.results import MirrorError, Outcome, Result
 from app.services.units import human_size
 
@@ -22,9 +22,10 @@ from app.services.units import human_size
 class Replication:
     """What the TUI's menus and the CLI's subcommands call; both report the returned Results."""
 
-    def __init__(self, store: ConfigStore, control=None):
+    def __init__(self, store: ConfigStore, control=None, state_dir: str | None = None):
         self.store = store
         self._control = control
+        self.state_dir = state_dir or default_state_dir()  # the daemon's: its switch-over markers
 
     @property
     def control(self):
@@ -136,6 +137,11 @@ class Replication:
 
     def _attach_plain(self, entry: BlockEntry, view: View, *, dry_run: bool, force: bool,
                       action: str, uncaptured: bool = False) -> Result:
+        # without the daemon too: an entry handed over to its replica stays read-only here
+        refused = switched_refusal(switched_marker(entry_state(self.state_dir, "block", entry.device)),
+                                   entry.device, action)
+        if refused is not None:
+            return refused
         plan = blockplan.plan_attach(entry, view, captured=False, force=force, action=action)
         if plan.result is not None:
             return plan.result

@@ -18,7 +18,7 @@ from app.services import mounts
 from app.services.config import BlockEntry, ConfigStore, FsEntry
 from app.services.blockplan import View
 from app.services.entries import problems
-from app.services.layout import FSTYPE_FS, SWITCHED_MARKER, entry_state
+from app.services.layout import FSTYPE_FS, entry_state, switched_marker
 from app.services.protocol import CaptureRow
 
 
@@ -292,16 +292,7 @@ def _not_captured_warning(path: str, row: CaptureRow | None,
 
 def _switched_marker(state_dir: str | None, kind: str, key: str) -> dict | None:
     """The switch-over marker the daemon keeps in an entry's state directory."""
-    if not state_dir:
-        return None
-    try:
-        with open(os.path.join(entry_state(state_dir, kind, key), SWITCHED_MARKER), "rb") as f:
-            said = json.loads(f.read(1 << 16))
-    except FileNotFoundError:
-        return None
-    except (OSError, ValueError):
-        return {"state": "unreadable"}
-    return said if isinstance(said, dict) else {"state": "unreadable"}
+    return switched_marker(entry_state(state_dir, kind, key)) if state_dir else None
 
 
 def _serving(capture_file: str | None) -> bool:
