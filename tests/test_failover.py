@@ -284,6 +284,41 @@ def test_fail_back_or_resolve_of_an_entry_never_switched_over_changes_nothing(fs
         assert p.returncode == 2 and "is not a configured" in p.stderr, (argv, p.stderr)
 
 
+def test_a_switchover_to_a_target_it_cannot_reach_changes_nothing(fs_remote):
+    """Found by a walk: with the target refusing (a changed host key) `switchover` lifted the
+    capture, failed to promote and made the capture again; with the target silently gone (DROP)
+    while records waited it waited the whole drain (300 s) without a word. Now both are
+    refused as soon as the capture knows, naming the connection, and the capture stays."""
+    eng, src, r = fs_remote()
+    s = Path(src)
+    (s / "f").write_text("one")
+    eng.drain(src)
+
+    def capture_mount() -> list[str]:
+        return [m.split()[0] for m in open("/proc/self/mountinfo") if f" {src} " in m and "fuse.mirrorfs" in m]
+    before = capture_mount()
+    assert before
+    r.bed.reject()
+    r.bed.kill_on_target(r.bed.wait_target_process("serve-target"))
+    wait_for("disconnected", lambda: eng.status(src)["connection"] != "connected", 60, 0.2)
+    p = cli(r.cfg, "switchover", src, socket=eng.socket)
+    assert p.returncode == 1 and "cannot reach the target" in p.stderr, p.stdout + p.stderr
+    assert "nothing was changed" in p.stderr and capture_mount() == before, p.stderr
+    assert not list(Path(eng.state).rglob("switched")), "a switch-over marker left behind"
+    r.bed.unblock()
+    wait_for("connected", lambda: eng.status(src)["connection"] == "connected", 90, 0.2)
+    r.bed.blackhole()  # silent: only the keep-alive tells
+    (s / "g").write_bytes(os.urandom(100_000))  # something to drain
+    p = cli(r.cfg, "switchover", src, socket=eng.socket)
+    r.bed.unblock()
+    assert p.returncode == 1 and "cannot reach the target" in p.stderr, p.stdout + p.stderr
+    assert capture_mount() == before and not list(Path(eng.state).rglob("switched")), p.stderr
+    st = eng.drain(src)  # replication goes on as before
+    assert st["target_data"] == "consistent", st
+    assert (r.root / "data" / "g").read_bytes() == (s / "g").read_bytes()
+    assert replicas(r)[0]["role"] == "secondary"
+
+
 def test_a_fail_back_interrupted_after_the_replica_was_handed_back_is_finished_by_the_next(fs_remote):
     """The source chooses the new history before it asks, and keeps it until it is recorded:
     when the source went down after the replica had taken it (the state directory below is put

@@ -676,18 +676,36 @@ class Capture:
         applied every record captured so far (or `timeout`). Says where that is."""
         import trio
         deadline = time.monotonic() + timeout
+
+        def unreachable() -> dict | None:
+            # a target that is not there cannot take over: said at once, not after `timeout`
+            # (and the capture is not lifted for a promotion that cannot happen)
+            conn = self.shipper.fig.connection
+            if conn in ("connected", "local"):
+                return None
+            return protocol.error(f"cannot reach the target ({conn}); try again once status says "
+                                  "connected", errno.ENOTCONN)
         while self.catching is not None or self.journal.behind or not self.consistent:
+            if (refused := unreachable()) is not None:
+                return refused
             if time.monotonic() > deadline:
                 return protocol.error(f"{self.spec.key} is still catching up with its target "
                                       f"({self.reason}): try again once status says consistent",
                                       errno.EAGAIN)
             await trio.sleep(0.2)
         seq = self.journal.last_seq
-        left = max(0.0, deadline - time.monotonic())
-        if not await trio.to_thread.run_sync(self.shipper.wait_applied, seq, left):
-            return protocol.error(f"the target has applied {self.shipper.fig.applied_seq} of {seq} "
-                                  f"records after {timeout:.0f} s ({self.shipper.fig.connection})",
-                                  errno.ETIMEDOUT)
+        while not await trio.to_thread.run_sync(self.shipper.wait_applied, seq,
+                                                min(1.0, max(0.0, deadline - time.monotonic()))):
+            if (refused := unreachable()) is not None:
+                return refused
+            if self.shipper.stopping:
+                return protocol.error(f"{self.spec.key}: its capture is ending", errno.ESHUTDOWN)
+            if time.monotonic() >= deadline:
+                return protocol.error(f"the target has applied {self.shipper.fig.applied_seq} of "
+                                      f"{seq} records after {timeout:.0f} s "
+                                      f"({self.shipper.fig.connection})", errno.ETIMEDOUT)
+        if (refused := unreachable()) is not None:  # applied, but the promotion must get there
+            return refused
         return protocol.ok(seq=seq, applied=self.shipper.fig.applied_seq)
 
     @contextlib.contextmanager

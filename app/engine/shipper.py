@@ -206,6 +206,10 @@ class Shipper:
     def connected(self) -> bool:
         return self._connected
 
+    @property
+    def stopping(self) -> bool:
+        return self._stop.is_set()
+
     def rates(self) -> tuple[float, float]:
         """(logical, wire) bytes per second over the last RATE_WINDOW seconds."""
         now = time.monotonic()
