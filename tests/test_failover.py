@@ -540,6 +540,19 @@ def test_fail_over_of_a_block_device_split_brain_then_the_source_wins(remote, di
     time.sleep(3)
     assert sha(image) == replica_before and sha(disk) == source_before, "split brain wrote data"
 
+    # the promoted replica in use there: a fail-back is refused before the capture is lifted
+    # (it was lifted, refused by the agent, and attached again; found by a walk)
+    p = on_target(r.bed, "replica", "promote", "disk.img", "--root", str(r.root))
+    assert p.returncode == 0, p.stdout + p.stderr
+    used = re.search(r"attached \S+ as (/dev/loop\d+)", p.stdout).group(1)
+    try:
+        p = cli(r.cfg, "failback", disk, "--yes", socket=eng.socket)
+        assert p.returncode == 1 and f"is in use there: attached to {used}" in p.stderr, p.stdout + p.stderr
+        assert "nothing was changed (its capture goes on" in p.stderr, p.stderr
+        assert eng.block(disk)["captured"] and sha(image) == replica_before
+    finally:
+        subprocess.run(["losetup", "-d", used], check=False)
+
     p = cli(r.cfg, "replica", "resolve", disk, socket=eng.socket)
     assert p.returncode == 2 and "say which side wins" in p.stderr
     p = cli(r.cfg, "replica", "resolve", disk, "--discard-target", "--yes", socket=eng.socket)

@@ -298,7 +298,7 @@ class Agent:
             raise AgentError("protocol", f"unknown replica kind {kind!r}")
         source = h.get("source") or {}
         if action == "probe":
-            return self._probe(rel, source)
+            return self._probe(rel, kind, source)
         self.replica = Replica(self.root_fd, self.root, rel, kind)
         self.replica.lock(source, action)
         self.state = state = self.replica.state()
@@ -428,9 +428,10 @@ class Agent:
         self.replica.save(self.state)
         self.send(wire.WELCOME, {**self.info, **self.positions(), "generation": self.state["generation"]})
 
-    def _probe(self, rel: str, source: dict) -> None:
-        """What a fail-back asks before it lifts its capture: is the replica promoted? Read
-        only: no lock is taken (the same source's replication session goes on), nothing made."""
+    def _probe(self, rel: str, kind: str, source: dict) -> None:
+        """What a fail-back asks before it lifts its capture: is the replica promoted, and who
+        uses it then (a fail-back would be refused)? Read only: no lock is taken (the same
+        source's replication session goes on), nothing made."""
         state = {}
         with contextlib.suppress(FileNotFoundError):
             fd = open_beneath(self.root_fd, f"{META}/replicas/{replica_id(rel)}".encode())
@@ -445,7 +446,9 @@ class Agent:
         self.send(wire.WELCOME, {**self.info, "exists": bool(state), "role": state.get("role"),
                                  "generation": state.get("generation"),
                                  "ours": state.get("source") == source,
-                                 "promoted": state.get("promoted")})
+                                 "promoted": state.get("promoted"),
+                                 "users": (replica_users(self.root, rel, kind)
+                                           if state.get("role") == "primary" else [])})
 
     def _failback(self, h: dict) -> None:
         """Fail back: the promoted replica is sent to the source, only what differs (the source

@@ -380,8 +380,8 @@ class Failover:
                         f"promoted: its capture is connected to it (replication: "
                         f"{fig.get('replication', '?')}): there is nothing to fail back; nothing "
                         "was changed", errno=errno.EINVAL, obj=key)
-                if fig.get("target_data") != "split-brain":  # not known yet: ask, lift nothing
-                    await self._promoted_there(kind, key, entry, spec, fig, pending)
+                # not known yet, or a split brain (its replica may be in use there): ask first
+                await self._promoted_there(kind, key, entry, spec, fig, pending)
             lifted = False
             if cap is not None:  # the split-brain case: capturing here, refused there
                 results.append(await self._lift(kind, key, entry, cap))
@@ -425,9 +425,10 @@ class Failover:
 
     async def _promoted_there(self, kind: str, key: str, entry, spec, fig: dict,
                               pending: dict | None) -> None:
-        """Before a capture that is not connected (yet) is lifted for a fail-back: the agent
-        is asked, read only, whether the replica is promoted. Refuses when it is not, or when
-        the target cannot be reached (a fail-back could not either). An agent too old to be
+        """Before a capture that is not connected (yet) or in a split brain is lifted for a
+        fail-back: the agent is asked, read only, whether the replica is promoted and who uses
+        it. Refuses when it is not, when it is in use there, or when the target cannot be
+        reached (a fail-back could not either). An agent too old to be
         asked leaves it to the fail-back itself (which re-mounts the capture on a refusal)."""
         try:
             said = await self._ask(spec, "probe", await self._size(kind, entry))
@@ -437,6 +438,11 @@ class Failover:
             raise MirrorError(f"fail-back of {key}: {exc.state}; nothing was changed (its capture "
                               f"goes on: {fig.get('connection', '?')})", errno=_exc_error(exc),
                               obj=key) from None
+        if said.get("role") == "primary" and said.get("users"):  # the fail-back would be refused
+            raise MirrorError(f"fail-back of {key}: the promoted replica on {entry.target} is in use "
+                              f"there: {'; '.join(said['users'])}: stop using it there first; "
+                              f"nothing was changed (its capture goes on: "
+                              f"{fig.get('connection', '?')})", errno=errno.EBUSY, obj=key)
         if said.get("role") != "primary":
             if pending is not None and said.get("generation") == pending.get("generation"):
                 return  # an interrupted fail-back that finished there: the fail-back records it
