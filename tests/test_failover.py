@@ -134,6 +134,8 @@ def test_planned_switchover_of_a_directory_and_fail_back(fs_remote, writer):
                                "MIRRORSETUP_STATE_DIR": eng.state})
     said = [w["message"] for w in json.loads(down.stdout)["warnings"] if w["subject"] == src]
     assert said and "switched over to backup1:data" in said[0] and "Mount all" not in said[0], said
+    [row] = json.loads(down.stdout)["filesystem"]  # its STATE too (it said "not mounted")
+    assert row["state"] == "switched over", row
     eng.start()  # ... and the daemon puts it back
     with pytest.raises(OSError) as refused:
         (s / "written-after-a-restart").write_text("would be lost")
@@ -141,6 +143,8 @@ def test_planned_switchover_of_a_directory_and_fail_back(fs_remote, writer):
 
     st = eng.status(src)
     assert st["state"] == "switched over" and st["switched"]["seq"] == res[0]["details"]["seq"], st
+    p = cli(r.cfg, "status", "--json", socket=eng.socket)
+    assert json.loads(p.stdout)["filesystem"][0]["state"] == "switched over", p.stdout
     assert st["switched"]["fence"].get("read_only_mount"), st  # put back by the restart
     m = cli(r.cfg, "fs", "mount-all", socket=eng.socket)  # capturing here would fork the history
     assert m.returncode == 1 and "switched over to backup1:data" in m.stderr, m.stdout + m.stderr
@@ -388,6 +392,8 @@ def test_block_switchover_then_fail_back_sends_only_what_changed(block_remote):
     assert a.returncode == 1 and "switched over" in a.stderr, a.stdout + a.stderr
     said = cli(r.cfg, "status", socket=eng.socket).stdout  # not told to attach it
     assert f"{disk}: switched over to backup1" in said and "not attached to a loop" not in said, said
+    p = cli(r.cfg, "status", "--json", socket=eng.socket)  # its STATE: not "detached"
+    assert json.loads(p.stdout)["block"][0]["state"] == "switched over", p.stdout
 
     # an application on the target changes 10 % of the replica (three 2 MiB runs)
     for seek in (2, 30, 50):

@@ -32,6 +32,7 @@ STATE_STYLE = {
     "mounted": "green", "attached": "green",
     "not mounted": "yellow", "detached": "yellow", "detach pending": "yellow",
     "path missing": "red", "device missing": "red", "invalid": "bold red",
+    "switched over": "cyan", "switch-over interrupted": "bold yellow",
 }
 CAPTURE_STYLE = {"captured": "green", "not captured": "bold yellow", "no daemon": "yellow",
                  "lost": "bold red"}

@@ -55,7 +55,7 @@ class StatusWarning:
 @dataclass(frozen=True)
 class FsState:
     entry: FsEntry
-    state: str  # "mounted" | "not mounted" | "path missing"
+    state: str  # "mounted" | "not mounted" | "path missing" | "switched over" | "switch-over interrupted"
     other_fstype: str | None = None  # what is mounted at the path when it is not us
     engine: CaptureRow | None = None  # the daemon's figures
     problem: str | None = None  # why the (hand-edited) entry is not valid as it stands
@@ -68,7 +68,8 @@ class FsState:
 @dataclass(frozen=True)
 class BlockState:
     entry: BlockEntry
-    state: str  # "attached" | "detached" | "detach pending" | "device missing"
+    state: str  # "attached" | "detached" | "detach pending" | "device missing" | "switched over"
+    #             | "switch-over interrupted" (detached, handed over to its replica)
     loops: tuple[loopdev.LoopStatus, ...] = ()
     raw_mounts: tuple[str, ...] = ()
     loop_mounts: tuple[str, ...] = ()
@@ -255,6 +256,8 @@ def snapshot(store: ConfigStore, control=None, *, scan_writers: bool = True,
         row = rows.get(("fs", entry.path))
         if state == "not mounted":
             snap.warnings.append(_not_captured_warning(entry.path, row, state_dir=marks))
+            if (shown := _switched_state(row, marks, "fs", entry.path)) is not None:
+                state, other = shown, None  # not "not mounted": Mount all would fork its history
         elif state == "mounted" and snap.engine is None:  # no daemon: is its worker there?
             if _serving(os.path.join(entry.path, ".")):
                 snap.warnings.append(StatusWarning(entry.path, "its capture goes on without a daemon "
@@ -290,6 +293,15 @@ def _not_captured_warning(path: str, row: CaptureRow | None,
     return StatusWarning(path, what)
 
 
+def _switched_state(row: CaptureRow | None, state_dir: str | None, kind: str, key: str) -> str | None:
+    """An entry's STATE when it was handed over to its replica (the daemon's word, else its
+    marker): "switched over", or "switch-over interrupted"; None when it was not."""
+    sw = row.switched if row is not None else _switched_marker(state_dir, kind, key)
+    if not sw:
+        return None
+    return "switch-over interrupted" if sw.get("state") == "switching" else "switched over"
+
+
 def _switched_marker(state_dir: str | None, kind: str, key: str) -> dict | None:
     """The switch-over marker the daemon keeps in an entry's state directory."""
     return switched_marker(entry_state(state_dir, kind, key)) if state_dir else None
@@ -320,7 +332,7 @@ def _block_state(entry: BlockEntry, view: View, table,
     live = bool(engine and engine.captured)
     capture = ""
     if not ours:
-        state = "detached"
+        state = _switched_state(engine, marks, "block", dev) or "detached"
         warnings.append(_not_captured_warning(dev, engine, "not attached to a loop device: its "
                                               "writes are not captured (Attach all)", kind="block",
                                               state_dir=marks))
