@@ -180,6 +180,7 @@ def test_planned_switchover_of_a_directory_and_fail_back(fs_remote, writer):
     assert p.returncode == 0, p.stdout + p.stderr
     res = json.loads(p.stdout)
     assert [x["action"] for x in res] == ["failback", "mount"], res
+    assert "capture was not in place" not in res[1]["message"], res  # nothing was missed
     assert res[0]["details"]["copied"] >= 2 and res[0]["details"]["removed"] >= 1, res
     assert res[0]["details"]["sent_bytes"] < 1 * MiB, res  # what differed, not the tree
     # said as what came back (51 bytes of contents and an xattr value, with their metadata),
@@ -484,6 +485,33 @@ def test_fail_over_of_a_sqlite_directory_after_the_source_died(fs_remote, tmp_pa
     assert rep["role"] == "primary" and rep["promoted"]["by"] == "fail-over", rep
     again = on_target(r.bed, "replica", "promote", "data", "--root", str(r.root))
     assert again.returncode == 2 and "already promoted" in again.stderr
+
+
+def test_a_split_brain_fail_back_says_once_what_became_of_the_changes_never_sent(fs_remote):
+    """The source came back after a fail-over, with changes its target never received: the
+    fail-back's lift said they were "kept in its journal for the next start" and the fail-back
+    that they were dropped (found by a walk). Now both say dropped, and the data is the
+    promoted replica's."""
+    eng, src, r = fs_remote()
+    s = Path(src)
+    (s / "a").write_text("replicated")
+    eng.drain(src)
+    r.bed.link_down()
+    (s / "b").write_text("captured here, never sent")
+    p = on_target(r.bed, "replica", "promote", "data", "--root", str(r.root))
+    assert p.returncode == 0, p.stdout + p.stderr
+    (r.root / "data" / "t").write_text("written on the promoted replica")
+    r.bed.link_up()
+    wait_for("split brain", lambda: eng.status(src)["target_data"] == "split-brain", 120, 0.2)
+    p = cli(r.cfg, "failback", src, "--yes", "--json", socket=eng.socket)
+    assert p.returncode == 0, p.stdout + p.stderr
+    res = json.loads(p.stdout)
+    assert [x["action"] for x in res] == ["unmount", "failback", "mount"], res
+    assert "were dropped by the fail-back" in res[0]["message"], res
+    assert "kept" not in res[0]["message"] and "were dropped" in res[1]["message"], res
+    assert res[1]["details"]["dropped_records"] >= 1, res
+    assert not (s / "b").exists() and (s / "t").read_text() == "written on the promoted replica"
+    assert replicas(r)[0]["role"] == "secondary"
 
 
 def test_fail_over_of_a_block_device_split_brain_then_the_source_wins(remote, disks, tmp_path,

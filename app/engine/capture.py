@@ -265,7 +265,8 @@ class Capture:
         self.reason = ("first start: initial copy" if first else
                        "unclean previous stop" if unclean else
                        "journal damaged" if broken else
-                       "capture was not in place since " + time.strftime(
+                       "checking it against the replica the fail-back came from" if end.get("failback")
+                       else "capture was not in place since " + time.strftime(
                            "%Y-%m-%d %H:%M:%S", time.localtime(end.get("time", 0))) if end.get("time")
                        else "capture restarted")
         if broken:  # lost records: the catch-up below repairs what they would have done

@@ -22,6 +22,7 @@ and attach are refused: capturing here again would fork the history).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import errno
 import json
 import logging
@@ -34,7 +35,7 @@ import trio
 
 from app.engine.journal import KIND_BLOCK, KIND_FS, Journal, read_small_file, write_small_file
 from app.engine.shipper import TargetUnavailable
-from app.engine.supervisor import capture_end, holders, mount_dev
+from app.engine.supervisor import KEPT, capture_end, holders, mount_dev
 from app.services.layout import SWITCHED_MARKER, local_time, switched_marker, switched_refusal
 from app.services.results import MirrorError, Outcome, Result
 
@@ -397,6 +398,10 @@ class Failover:
                     await trio.to_thread.run_sync(unfence, kind, key, entry, sw["fence"])
                     _mark(state, {**sw, "fence": {}})
                 results += await self._failback(kind, key, entry, send, spec, size)
+                if lifted and KEPT in results[0].message and "records captured here that never " \
+                        "reached the replica were dropped" in results[-1].message:  # not kept
+                    results[0] = dataclasses.replace(results[0], message=results[0].message.replace(
+                        KEPT, "were dropped by the fail-back (the promoted replica won)"))
             except BaseException as exc:
                 if sw.get("fence") and switched(state) is not None:  # still primary there
                     fenced = await trio.to_thread.run_sync(fence, kind, key, entry)

@@ -203,10 +203,11 @@ class Captured:
             return "its end was not marked (the worker did not finish cleanly): the next start resyncs"
         if end.get("drained"):
             return f"its journal was drained to the target (seq {end.get('seq')})"
-        return (f"{end.get('seq', 0) - end.get('released', 0)} changes not yet at the target are "
-                "kept in its journal for the next start")
+        return (f"{end.get('seq', 0) - end.get('released', 0)} changes not yet at the target "
+                f"{KEPT}")
 
 
+KEPT = "are kept in its journal for the next start"  # a lift's words: others match on them
 ZYGOTE_ENV = zygote_mod.ENV
 ZYGOTE_ANSWER_SECONDS = 60  # the first answer waits for the template's imports
 
