@@ -37,6 +37,7 @@ from app.engine.journal import KIND_BLOCK, KIND_FS, Journal, read_small_file, wr
 from app.engine.shipper import TargetUnavailable
 from app.engine.supervisor import KEPT, capture_end, holders, mount_dev
 from app.services.layout import SWITCHED_MARKER, local_time, switched_marker, switched_refusal
+from app.services.protocol import replicating
 from app.services.results import MirrorError, Outcome, Result
 
 log = logging.getLogger("mirrorsetup.failover")
@@ -372,7 +373,7 @@ class Failover:
                 # refuses to replicate to a promoted replica); that is never lifted for nothing.
                 # Not connected, nobody knows yet: the agent is asked (read only) first.
                 fig = await self.sup.figures(cap)
-                if fig.get("connection") == "connected" and fig.get("target_data") != "split-brain":
+                if replicating(fig.get("connection"), fig.get("target_data")):
                     # a fail-back it records as under way never finished there: the replica
                     # replicates in this side's history (a finished one would refuse it)
                     _forget_failback(state)
@@ -544,7 +545,7 @@ class Failover:
                              "brain); nothing was changed")
             if cap is not None and not sw:  # a capture sees the promotion without asking
                 fig = await self.sup.figures(cap)
-                if fig.get("connection") == "connected" and fig.get("target_data") != "split-brain":
+                if replicating(fig.get("connection"), fig.get("target_data")):
                     return [nothing]
             try:
                 await self._ask(spec, "discard", await self._size(kind, entry))

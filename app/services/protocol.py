@@ -169,6 +169,12 @@ def check_request(msg: dict, table: dict[str, Command]) -> tuple[str, dict]:
     return cmd, args
 
 
+def replicating(connection: str | None, target_data: str | None) -> bool:
+    """A capture connected to its replica and replicating into it (no split brain): a
+    fail-back or keep-this-host has nothing to do. The daemon's figures and status rows."""
+    return connection == "connected" and target_data != "split-brain"
+
+
 @dataclass
 class CaptureRow:
     """One entry's capture and replication as the daemon sees it (a file-system entry's key

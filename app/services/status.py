@@ -19,7 +19,7 @@ from app.services.config import BlockEntry, ConfigStore, FsEntry
 from app.services.blockplan import View
 from app.services.entries import problems
 from app.services.layout import FSTYPE_FS, entry_state, switched_marker
-from app.services.protocol import CaptureRow
+from app.services.protocol import CaptureRow, replicating
 
 
 Figures = CaptureRow  # the daemon's typed row for one entry (app/services/protocol.py)
@@ -398,8 +398,8 @@ def _replication_warnings(subject: str, row: CaptureRow, warnings: list[StatusWa
 def healthy_secondary(row: CaptureRow | None) -> bool:
     """A replica its capture is connected to and replicating into: not switched over, not
     split brain (a fail-back or keep-this-host has nothing to do)."""
-    return (row is not None and row.captured and not row.switched and row.connection == "connected"
-            and row.target_data != "split-brain")
+    return (row is not None and row.captured and not row.switched
+            and replicating(row.connection, row.target_data))
 
 
 def nothing_to_fail_back(key: str, target: str) -> str:
