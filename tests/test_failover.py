@@ -678,6 +678,48 @@ def test_promote_checks_the_mount_point_before_it_promotes(tmp_path):
         subprocess.run(["umount", str(where)], check=False)
 
 
+def test_promote_says_the_replica_was_promoted_when_making_it_usable_fails(tmp_path):
+    """`--loop` naming a loop that is busy (or not a loop) was met only after the promotion:
+    the error said only that step, exit 2 ("nothing changed") though the replica was primary
+    by then. Now refused before; a step that fails after the promotion says it happened."""
+    from app.engine.agent import Replica
+    root = tmp_path / "replicas"
+    root.mkdir()
+    with open(root / "disk.img", "wb") as f:
+        f.truncate(1 << 20)
+    fd = os.open(root, os.O_PATH | os.O_DIRECTORY)
+    try:
+        rep = Replica(fd, str(root), "disk.img", "block")
+    finally:
+        os.close(fd)
+    rep.save({"source": {"host": "h", "entry": "block:/dev/x"}, "kind": "block", "path": "disk.img",
+              "role": "secondary", "generation": "g1", "consistent": True, "consistent_seq": 0})
+    scratch = tmp_path / "scratch"
+    with open(scratch, "wb") as f:
+        f.truncate(1 << 20)
+    busy = subprocess.run(["losetup", "-f", "--show", str(scratch)], capture_output=True, text=True,
+                          check=True).stdout.strip()  # ours: attached to our own file
+    try:
+        def promote(*extra):
+            return subprocess.run([sys.executable, "-m", "app", "replica", "promote", "disk.img",
+                                   "--root", str(root), *extra], capture_output=True, text=True, cwd=REPO)
+        for loop, said in [(busy, f"--loop {busy} is busy (attached to {scratch})"),
+                           ("/dev/sda", "not a loop device path")]:
+            p = promote("--loop", loop)
+            assert p.returncode == 2 and said in p.stderr, p.stdout + p.stderr
+            assert rep.state()["role"] == "secondary"
+        p = promote("--mount", str(scratch.parent / "mnt"))  # mount(8) of a loop with no file system
+        assert p.returncode == 1, p.stdout + p.stderr
+        assert "promoted disk.img: generation" in p.stdout, p.stdout  # what was done, then what failed
+        assert "disk.img is promoted, but not usable yet: mount" in p.stderr, p.stderr
+        assert rep.state()["role"] == "primary"
+    finally:
+        for line in subprocess.run(["losetup", "-j", str(root / "disk.img")], capture_output=True,
+                                   text=True).stdout.splitlines():
+            subprocess.run(["losetup", "-d", line.split(":")[0]], check=False)
+        subprocess.run(["losetup", "-d", busy], check=False)
+
+
 def stat_mode(p: Path) -> int:
     return p.stat().st_mode & 0o7777
 

@@ -147,6 +147,14 @@ def cmd_promote(args) -> int:
         state, done = agent.promote(root, args.name, mount_at=args.mount, loop=args.loop,
                                     force=args.force)
     except agent.AgentError as exc:  # refused before anything changed, or failed on the way
+        if exc.code == "usable":  # promoted, then a step to make it usable failed: exit 1
+            failed = f"{args.name} is promoted, but not usable yet: {exc.extra['failed']}"
+            if args.json:
+                print(json.dumps({"state": exc.extra["state"], "done": exc.extra["done"],
+                                  "error": failed, "errno": exc.errno}, indent=2, default=str))
+                return 1
+            return report([Result("promote", args.name, Outcome.OK, line) for line in exc.extra["done"]]
+                          + [Result("promote", args.name, Outcome.FAILED, failed, exc.errno)])
         kind = Refused if exc.code in ("path", "promoted", "inconsistent", "locked") else MirrorError
         raise kind(str(exc), errno=exc.errno) from None
     except OSError as exc:

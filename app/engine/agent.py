@@ -969,12 +969,15 @@ def promote(root: str, name: str, *, mount_at: str | None = None, loop: str | No
     Returns the replica's new state and what was done (lines to print)."""
     from app.services import loop as loopdev
     from app.services import mounts
+    from app.services.results import MirrorError
     found = next((r for r in list_replicas(root) if r["name"] == name), None)
     if found is None:
         raise AgentError("path", f"no replica named {name!r} below {root} (mirrorsetup replica list "
                          f"--root {root})", errno.ENOENT)
     if mount_at is not None:  # before anything changes: a bad one refused, not met half-way
         mount_at = mount_point(mount_at, root)
+    if loop is not None:
+        _free_loop(loop, os.path.join(os.path.realpath(root), name), found["kind"])
     root_fd = os.open(os.path.realpath(root), os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
     try:
         rep = Replica(root_fd, os.path.realpath(root), name, found["kind"])
@@ -1037,9 +1040,10 @@ def promote(root: str, name: str, *, mount_at: str | None = None, loop: str | No
                 done.append(f"bind-mounted {path} on {mount_at}")
             else:
                 done.append(f"use it at {path}")
-        except (AgentError, OSError) as exc:  # promoted all the same: say so, not "nothing changed"
+        except (AgentError, OSError, MirrorError) as exc:  # promoted all the same: say so
             raise AgentError("usable", f"{'; '.join(done)}; but then: {exc}",
-                             getattr(exc, "errno", None) or errno.EIO) from None
+                             getattr(exc, "errno", None) or errno.EIO, done=done, state=state,
+                             failed=str(exc)) from None
         return state, done
     finally:
         os.close(root_fd)
@@ -1107,6 +1111,24 @@ def mount_point(mount_at: str, root: str) -> str:
         raise AgentError("path", f"--mount {mount_at}: neither it nor its parent "
                          f"{os.path.dirname(real)} exists (make the directory first)", errno.ENOENT)
     return real
+
+
+def _free_loop(loop: str, image: str, kind: str) -> None:
+    """`replica promote --loop`, checked before anything changes: a loop device path, of a
+    block replica, free or attached to this very image already."""
+    from app.services import loop as loopdev
+    from app.services.results import MirrorError
+    if kind != "block":
+        raise AgentError("path", f"--loop {loop}: {os.path.basename(image)} is a directory replica "
+                         "(--mount DIR bind-mounts it)", errno.EINVAL)
+    try:
+        index = loopdev.parse_loop_path(loop)
+    except MirrorError as exc:
+        raise AgentError("path", f"--loop {exc.message}", exc.errno or errno.EINVAL) from None
+    backing = loopdev.bound_backing().get(index)
+    if backing is not None and backing != os.path.realpath(image):
+        raise AgentError("path", f"--loop {loop} is busy (attached to {backing}): name a free one "
+                         "or leave --loop out", errno.EBUSY)
 
 
 def _make_mount_point(mount_at: str, done: list[str]) -> None:
