@@ -597,29 +597,37 @@ def test_fail_over_of_a_block_device_split_brain_then_the_source_wins(remote, di
     assert replicas(r)[0]["role"] == "secondary"
 
 
+def target_replica(root: Path, name: str, kind: str, **state):
+    """A replica as the agent keeps it below `root` (no source, no network): its bookkeeping
+    with `state`, and `promote(*options)` running `replica promote NAME --root ROOT` there."""
+    from app.engine.agent import Replica
+    fd = os.open(root, os.O_PATH | os.O_DIRECTORY)
+    try:
+        rep = Replica(fd, str(root), name, kind)
+    finally:
+        os.close(fd)
+    rep.save({"source": {"host": "h", "entry": f"{kind}:/src"}, "kind": kind, "path": name,
+              "role": "secondary", "generation": "g1", "consistent": True, "consistent_seq": 0,
+              **state})
+
+    def promote(*extra):
+        return subprocess.run([sys.executable, "-m", "app", "replica", "promote", name, "--root",
+                               str(root), *extra], capture_output=True, text=True, cwd=REPO)
+    return rep, promote
+
+
 def test_promoting_an_inconsistent_replica_needs_force_and_applies_what_arrived(tmp_path):
     """The target host's side alone (no source, no network): a replica whose resync was
     running is refused unless --force; what it received but had not applied is applied first."""
-    from app.engine.agent import META, Replica
+    from app.engine.agent import META
     from app.engine.journal import KIND_FS, Journal, Record
     root = tmp_path / "replicas"
     (root / "data").mkdir(parents=True)
-    fd = os.open(root, os.O_PATH | os.O_DIRECTORY)
-    try:
-        rep = Replica(fd, str(root), "data", "fs")
-    finally:
-        os.close(fd)
-    rep.save({"source": {"host": "h", "entry": "fs:/src"}, "kind": "fs", "path": "data",
-              "role": "secondary", "generation": "g1", "consistent": False, "consistent_seq": 0,
-              "inconsistent_since": time.time()})
+    rep, promote = target_replica(root, "data", "fs", consistent=False, inconsistent_since=time.time())
     j = Journal(rep.dir, kind=KIND_FS)
     j.ingest_durably([Record(1, KIND_FS, "mkdir", {"path": "arrived", "mode": 0o750, "uid": 0, "gid": 0}),
                       Record(2, KIND_FS, "create", {"path": "arrived/f", "mode": 0o640, "uid": 0, "gid": 0})])
     j.close()
-
-    def promote(*extra):
-        return subprocess.run([sys.executable, "-m", "app", "replica", "promote", "data", "--root",
-                               str(root), *extra], capture_output=True, text=True, cwd=REPO)
     listed = subprocess.run([sys.executable, "-m", "app", "replica", "list", "--root", str(root)],
                             capture_output=True, text=True, cwd=REPO).stdout
     assert "data (fs, replica of /src): inconsistent: a resync was running since" in listed, listed
@@ -643,21 +651,10 @@ def test_promote_checks_the_mount_point_before_it_promotes(tmp_path):
     one inside the replicas' root was refused only by mount(2), after the promotion: "File
     exists", exit 2, as if nothing had changed. Now refused first and nothing changes; a mount
     that fails after the promotion says the replica was promoted (exit 1)."""
-    from app.engine.agent import Replica
     root = tmp_path / "replicas"
     (root / "data").mkdir(parents=True)
     (root / "data" / "f").write_text("x")
-    fd = os.open(root, os.O_PATH | os.O_DIRECTORY)
-    try:
-        rep = Replica(fd, str(root), "data", "fs")
-    finally:
-        os.close(fd)
-    rep.save({"source": {"host": "h", "entry": "fs:/src"}, "kind": "fs", "path": "data",
-              "role": "secondary", "generation": "g1", "consistent": True, "consistent_seq": 0})
-
-    def promote(*extra):
-        return subprocess.run([sys.executable, "-m", "app", "replica", "promote", "data", "--root",
-                               str(root), *extra], capture_output=True, text=True, cwd=REPO)
+    rep, promote = target_replica(root, "data", "fs")
     a_file = tmp_path / "a-file"
     a_file.write_text("")
     for where, said in [(str(a_file), "not a directory"), ("relative/dir", "not an absolute path"),
@@ -682,27 +679,17 @@ def test_promote_says_the_replica_was_promoted_when_making_it_usable_fails(tmp_p
     """`--loop` naming a loop that is busy (or not a loop) was met only after the promotion:
     the error said only that step, exit 2 ("nothing changed") though the replica was primary
     by then. Now refused before; a step that fails after the promotion says it happened."""
-    from app.engine.agent import Replica
     root = tmp_path / "replicas"
     root.mkdir()
     with open(root / "disk.img", "wb") as f:
         f.truncate(1 << 20)
-    fd = os.open(root, os.O_PATH | os.O_DIRECTORY)
-    try:
-        rep = Replica(fd, str(root), "disk.img", "block")
-    finally:
-        os.close(fd)
-    rep.save({"source": {"host": "h", "entry": "block:/dev/x"}, "kind": "block", "path": "disk.img",
-              "role": "secondary", "generation": "g1", "consistent": True, "consistent_seq": 0})
+    rep, promote = target_replica(root, "disk.img", "block")
     scratch = tmp_path / "scratch"
     with open(scratch, "wb") as f:
         f.truncate(1 << 20)
     busy = subprocess.run(["losetup", "-f", "--show", str(scratch)], capture_output=True, text=True,
                           check=True).stdout.strip()  # ours: attached to our own file
     try:
-        def promote(*extra):
-            return subprocess.run([sys.executable, "-m", "app", "replica", "promote", "disk.img",
-                                   "--root", str(root), *extra], capture_output=True, text=True, cwd=REPO)
         for loop, said in [(busy, f"--loop {busy} is busy (attached to {scratch})"),
                            ("/dev/sda", "not a loop device path")]:
             p = promote("--loop", loop)
