@@ -303,7 +303,11 @@ def test_a_switchover_to_a_target_it_cannot_reach_changes_nothing(fs_remote):
         return [m.split()[0] for m in open("/proc/self/mountinfo") if f" {src} " in m and "fuse.mirrorfs" in m]
     before = capture_mount()
     assert before
-    r.bed.reject()
+    r.bed.reject()  # status still says connected (an idle session): the target is asked first
+    p = cli(r.cfg, "switchover", src, socket=eng.socket)
+    assert p.returncode == 1 and "cannot reach the target" in p.stderr, p.stdout + p.stderr
+    assert "nothing was changed" in p.stderr and capture_mount() == before, p.stderr
+    assert "catching up" not in p.stderr, p.stderr  # the capture was never lifted and made again
     r.bed.kill_on_target(r.bed.wait_target_process("serve-target"))
     wait_for("disconnected", lambda: eng.status(src)["connection"] != "connected", 60, 0.2)
     p = cli(r.cfg, "switchover", src, socket=eng.socket)
@@ -573,6 +577,9 @@ def test_fail_over_of_a_block_device_split_brain_then_the_source_wins(remote, di
     assert "SPLIT BRAIN" in line, line
     time.sleep(3)
     assert sha(image) == replica_before and sha(disk) == source_before, "split brain wrote data"
+
+    p = cli(r.cfg, "switchover", disk, socket=eng.socket)  # not "try again once connected"
+    assert p.returncode == 1 and "split brain): there is nothing to switch over to" in p.stderr, p.stderr
 
     # the promoted replica in use there: a fail-back is refused before the capture is lifted
     # (it was lifted, refused by the agent, and attached again; found by a walk)

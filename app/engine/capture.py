@@ -684,6 +684,12 @@ class Capture:
             conn = self.shipper.fig.connection
             if conn in ("connected", "local"):
                 return None
+            if self.shipper.fig.refusal == "split-brain":  # reachable, and will not be connected
+                return protocol.error("the target's replica was promoted meanwhile (split brain): "
+                                      "there is nothing to switch over to; end the split brain "
+                                      f"first (`mirrorsetup failback {self.spec.key}` or "
+                                      f"`mirrorsetup replica resolve {self.spec.key} "
+                                      "--discard-target`)", errno.EEXIST)
             return protocol.error(f"cannot reach the target ({conn}); try again once status says "
                                   "connected", errno.ENOTCONN)
         while self.catching is not None or self.journal.behind or not self.consistent:

@@ -303,6 +303,15 @@ class Failover:
                 if not reply.get("ok"):
                     raise MirrorError(f"switch-over of {key} refused: {reply.get('error')} (nothing "
                                       "was changed)", errno=reply.get("errno") or errno.EAGAIN, obj=key)
+                # an idle session says "connected" until its keep-alive misses: the target is
+                # asked (read only) before the capture is lifted for a promotion it must take
+                try:
+                    await self._ask(spec, "probe", await self._size(kind, entry))
+                except TargetUnavailable as exc:
+                    if getattr(exc, "code", None) != "action":  # an agent too old to be asked
+                        raise MirrorError(f"switch-over of {key} refused: cannot reach the target "
+                                          f"({exc.state}) (nothing was changed)",
+                                          errno=_exc_error(exc), obj=key) from None
                 _mark(state, {"state": "switching", "time": time.time(), "target": entry.target})
                 try:
                     await self._lift(kind, key, entry, cap)
