@@ -656,20 +656,32 @@ def test_promoting_an_inconsistent_replica_needs_force_and_applies_what_arrived(
 def test_promote_checks_the_mount_point_before_it_promotes(tmp_path):
     """`replica promote --mount` of a file, a relative path, a path whose parent is missing or
     one inside the replicas' root was refused only by mount(2), after the promotion: "File
-    exists", exit 2, as if nothing had changed. Now refused first and nothing changes; a mount
-    that fails after the promotion says the replica was promoted (exit 1)."""
+    exists", exit 2, as if nothing had changed; `/`, a parent of the root, /proc or a full
+    directory were mounted over (found by walks). Now refused first and nothing changes."""
     root = tmp_path / "replicas"
     (root / "data").mkdir(parents=True)
     (root / "data" / "f").write_text("x")
     rep, promote = target_replica(root, "data", "fs")
     a_file = tmp_path / "a-file"
     a_file.write_text("")
-    for where, said in [(str(a_file), "not a directory"), ("relative/dir", "not an absolute path"),
-                        (str(tmp_path / "no" / "such" / "dir"), "neither it nor its parent"),
-                        (str(root / "elsewhere"), "inside the replicas' root")]:
-        p = promote("--mount", where)
-        assert p.returncode == 2 and said in p.stderr and where in p.stderr, (where, p.stderr)
-        assert rep.state()["role"] == "secondary", where
+    full = tmp_path / "full"
+    full.mkdir()
+    (full / "important").write_text("would be hidden")
+    mounted = tmp_path / "mounted"
+    mounted.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "walk-tmpfs", str(mounted)], check=True)
+    try:
+        for where, said in [(str(a_file), "not a directory"), ("relative/dir", "not an absolute path"),
+                            (str(tmp_path / "no" / "such" / "dir"), "does not exist"),
+                            (str(a_file / "x"), f"its parent {a_file} is not a directory"),
+                            (str(root / "elsewhere"), "inside the replicas' root"),
+                            ("/", "the root directory"), (str(tmp_path), "above the replicas' root"),
+                            (str(full), "not empty"), (str(mounted), "something is mounted there")]:
+            p = promote("--mount", where)
+            assert p.returncode == 2 and said in p.stderr and where in p.stderr, (where, p.stderr)
+            assert rep.state()["role"] == "secondary", where
+    finally:
+        subprocess.run(["umount", str(mounted)], check=False)
     assert not (tmp_path / "no").exists() and not (root / "elsewhere").exists()
 
     where = tmp_path / "usable"  # missing, its parent there: made, and said
@@ -707,6 +719,10 @@ def test_promote_says_the_replica_was_promoted_when_making_it_usable_fails(tmp_p
         assert "promoted disk.img: generation" in p.stdout, p.stdout  # what was done, then what failed
         assert "disk.img is promoted, but not usable yet: mount" in p.stderr, p.stderr
         assert rep.state()["role"] == "primary"
+        p = promote("--mount", str(scratch.parent / "mnt"))  # asked again: the same, said the same way
+        assert p.returncode == 1 and "is already promoted" in p.stdout and "attached as /dev/loop" \
+            in p.stdout, p.stdout + p.stderr
+        assert "disk.img is promoted, but not usable yet: mount" in p.stderr, p.stderr
     finally:
         for line in subprocess.run(["losetup", "-j", str(root / "disk.img")], capture_output=True,
                                    text=True).stdout.splitlines():

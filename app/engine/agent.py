@@ -975,7 +975,8 @@ def promote(root: str, name: str, *, mount_at: str | None = None, loop: str | No
         raise AgentError("path", f"no replica named {name!r} below {root} (mirrorsetup replica list "
                          f"--root {root})", errno.ENOENT)
     if mount_at is not None:  # before anything changes: a bad one refused, not met half-way
-        mount_at = mount_point(mount_at, root)
+        mount_at = mount_point(mount_at, root, os.path.join(os.path.realpath(root), name),
+                               found["kind"])
     if loop is not None:
         _free_loop(loop, os.path.join(os.path.realpath(root), name), found["kind"])
     root_fd = os.open(os.path.realpath(root), os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
@@ -994,7 +995,16 @@ def promote(root: str, name: str, *, mount_at: str | None = None, loop: str | No
                 time.sleep(0.5)
         state = rep.state()
         if state.get("role") == "primary":  # a switch-over (or an earlier promote) made it primary
-            return state, _make_usable(rep, name, found["kind"], state, mount_at=mount_at, loop=loop)
+            done = []
+            try:
+                _make_usable(rep, name, found["kind"], state, mount_at=mount_at, loop=loop, done=done)
+            except AgentError as exc:
+                if exc.code == "promoted":  # asked nothing new: refused, nothing done
+                    raise
+                raise _not_usable(exc, done, state) from None
+            except (OSError, MirrorError) as exc:
+                raise _not_usable(exc, done, state) from None
+            return state, done
         journal = Journal(rep.dir, kind=KIND_FS if found["kind"] == "fs" else KIND_BLOCK)
         done = []
         pending = journal.last_seq - journal.released_seq
@@ -1041,18 +1051,17 @@ def promote(root: str, name: str, *, mount_at: str | None = None, loop: str | No
             else:
                 done.append(f"use it at {path}")
         except (AgentError, OSError, MirrorError) as exc:  # promoted all the same: say so
-            raise AgentError("usable", f"{'; '.join(done)}; but then: {exc}",
-                             getattr(exc, "errno", None) or errno.EIO, done=done, state=state,
-                             failed=str(exc)) from None
+            raise _not_usable(exc, done, state) from None
         return state, done
     finally:
         os.close(root_fd)
 
 
 def _make_usable(rep: Replica, name: str, kind: str, state: dict, *, mount_at: str | None,
-                 loop: str | None) -> list[str]:
+                 loop: str | None, done: list[str]) -> None:
     """`replica promote` of a replica that is primary already (after a switch-over the source
-    promoted it): it is only made usable, as asked; asked nothing new, it is refused."""
+    promoted it): it is only made usable, as asked (said in `done` step by step); asked
+    nothing new, it is refused."""
     from app.services import loop as loopdev
     from app.services import mounts
     p = state.get("promoted") or {}
@@ -1063,53 +1072,93 @@ def _make_usable(rep: Replica, name: str, kind: str, state: dict, *, mount_at: s
         if not mount_at:
             raise AgentError("promoted", f"{said}: use it at {path} (--mount DIR bind-mounts it "
                              "there)", errno.EEXIST)
+        done.append(said)
         if _shown_at(mount_at, os.stat(path)):  # asked twice: one mount, not two stacked
-            return [said, f"{path} is bind-mounted on {mount_at} already"]
-        done = [said]
+            done.append(f"{path} is bind-mounted on {mount_at} already")
+            return
         _make_mount_point(mount_at, done)
         mounts.mount(path, mount_at, None, mounts.MS_BIND)
-        return [*done, f"bind-mounted {path} on {mount_at}"]
+        done.append(f"bind-mounted {path} on {mount_at}")
+        return
     real = os.path.realpath(path)
     bound = [f"/dev/loop{i}" for i, backing in loopdev.bound_backing().items() if backing == real]
     if bound and (loop is None or loop in bound):
         if not mount_at:
             raise AgentError("promoted", f"{said} and attached as {', '.join(bound)} (--mount DIR "
                              "mounts it)", errno.EEXIST)
+        done += [said, f"attached as {', '.join(bound)}"]
         if any(_shown_at(mount_at, os.stat(dev), block=True) for dev in bound):
-            return [said, f"{path} is attached and mounted on {mount_at} already"]
-        done = [said]
+            done.append(f"{path} is attached and mounted on {mount_at} already")
+            return
         _make_mount_point(mount_at, done)
         subprocess_mount(bound[0], mount_at)
-        return [*done, f"mounted {bound[0]} on {mount_at}"]
+        done.append(f"mounted {bound[0]} on {mount_at}")
+        return
     if bound:  # two loops on one image would be two caches of it
         raise AgentError("promoted", f"{said} and attached as {', '.join(bound)}, not {loop}",
                          errno.EEXIST)
+    done.append(said)
     st = loopdev.attach(path, loop=loop)
-    done = [said, f"attached {path} as {st.device}"]
+    done.append(f"attached {path} as {st.device}")
     if mount_at:
         _make_mount_point(mount_at, done)
         subprocess_mount(st.device, mount_at)
         done.append(f"mounted {st.device} on {mount_at}")
-    return done
 
 
-def mount_point(mount_at: str, root: str) -> str:
-    """`replica promote --mount DIR`, checked before anything changes: an absolute path, a
-    directory or a missing one whose parent is (created then, and said), not below the
-    replicas' root (it would hide or nest in what the agent serves). Returns it resolved."""
+def _not_usable(exc: Exception, done: list[str], state: dict) -> AgentError:
+    """The replica is promoted, a step making it usable failed: said as both (exit 1)."""
+    return AgentError("usable", f"{'; '.join(done)}; but then: {exc}",
+                      getattr(exc, "errno", None) or errno.EIO, done=done, state=state, failed=str(exc))
+
+
+def mount_point(mount_at: str, root: str, image: str, kind: str) -> str:
+    """`replica promote --mount DIR`, checked before anything changes: an absolute path, not
+    `/`, not in or above the replicas' root; an empty directory that is no mount point, one
+    showing this replica already (asked twice), or a missing one whose parent is a directory
+    (made then, and said). What would hide files or break the host is refused. Returns it
+    resolved."""
+    from app.services import loop as loopdev
+    from app.services import mounts
+
+    def refused(why: str, err: int) -> AgentError:
+        return AgentError("path", f"--mount {mount_at}: {why}", err)
     if not os.path.isabs(mount_at):
-        raise AgentError("path", f"--mount {mount_at}: not an absolute path (where on this host "
-                         "should it be?)", errno.EINVAL)
+        raise refused("not an absolute path (where on this host should it be?)", errno.EINVAL)
     real = os.path.realpath(mount_at)
     top = os.path.realpath(root)
+    if real == "/":
+        raise refused("the root directory: mount it elsewhere", errno.EINVAL)
     if real == top or real.startswith(top.rstrip("/") + "/"):
-        raise AgentError("path", f"--mount {mount_at}: inside the replicas' root {top}; mount it "
-                         "elsewhere", errno.EINVAL)
-    if os.path.lexists(real) and not os.path.isdir(real):
-        raise AgentError("path", f"--mount {mount_at}: not a directory", errno.ENOTDIR)
-    if not os.path.exists(real) and not os.path.isdir(os.path.dirname(real)):
-        raise AgentError("path", f"--mount {mount_at}: neither it nor its parent "
-                         f"{os.path.dirname(real)} exists (make the directory first)", errno.ENOENT)
+        raise refused(f"inside the replicas' root {top}; mount it elsewhere", errno.EINVAL)
+    if top.startswith(real.rstrip("/") + "/"):
+        raise refused(f"above the replicas' root {top} (it would hide what the agent serves); "
+                      "mount it elsewhere", errno.EINVAL)
+    if not os.path.lexists(real):
+        parent = os.path.dirname(real)
+        if not os.path.isdir(parent):
+            raise refused(f"its parent {parent} " + ("is not a directory" if os.path.lexists(parent)
+                          else "does not exist (make the directory first)"),
+                          errno.ENOTDIR if os.path.lexists(parent) else errno.ENOENT)
+        return real
+    if not os.path.isdir(real):
+        raise refused("not a directory", errno.ENOTDIR)
+    there = [m for m in mounts.read_mountinfo() if m.mount_point == real]
+    if there:
+        if kind == "fs":
+            shows = _shown_at(real, os.stat(image))
+        else:
+            bound = [f"/dev/loop{i}" for i, b in loopdev.bound_backing().items() if b == image]
+            shows = any(_shown_at(real, os.stat(dev), block=True) for dev in bound)
+        if not shows:
+            m = there[-1]
+            raise refused(f"something is mounted there already ({m.source}, {m.fstype}); mount "
+                          "the replica elsewhere", errno.EBUSY)
+        return real
+    with os.scandir(real) as it:
+        if next(it, None) is not None:
+            raise refused("not empty: the replica mounted there would hide its files; name an "
+                          "empty directory", errno.ENOTEMPTY)
     return real
 
 
