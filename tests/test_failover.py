@@ -862,3 +862,49 @@ def test_the_fence_of_a_directory_is_told_by_what_it_is_not_by_a_mount_id(tmp_pa
             if not stacked():
                 break
             subprocess.run(["umount", "-l", key], check=False)
+
+
+def test_who_uses_a_promoted_replica_is_found_by_any_name_and_in_any_mount_namespace(tmp_path):
+    """A fail-back refused for a replica in use on the target missed (found by a walk): a bind
+    of it in another mount namespace (a container's), a loop attached through a hard link of
+    the image, and a process holding the image open by another name. Real mounts, a real
+    namespace (unshare), a real loop; everything made here is undone here."""
+    from app.engine.agent import replica_users
+    root = tmp_path / "replicas"
+    (root / "data").mkdir(parents=True)
+    with open(root / "disk.img", "wb") as f:
+        f.truncate(1 << 20)
+    assert replica_users(str(root), "data", "fs") == []
+    assert replica_users(str(root), "disk.img", "block") == []
+    elsewhere = tmp_path / "container-view"
+    elsewhere.mkdir()
+    ready = tmp_path / "ready"
+    holder = subprocess.Popen(["unshare", "--mount", "--propagation", "private", "sh", "-c",
+                               f'mount --bind "$0" "$1" && : > "$2" && exec sleep 300',
+                               str(root / "data"), str(elsewhere), str(ready)])
+    link = tmp_path / "another-name.img"
+    os.link(root / "disk.img", link)
+    loop = None
+    opener = None
+    try:
+        wait_for("the namespace's bind", ready.exists, 30, 0.05)
+        users = replica_users(str(root), "data", "fs")
+        assert users == [f"mounted at {elsewhere} in the mount namespace of pid {holder.pid} (sleep)"], users
+        loop = subprocess.run(["losetup", "-f", "--show", str(link)], capture_output=True, text=True,
+                              check=True).stdout.strip()
+        assert replica_users(str(root), "disk.img", "block") == [f"attached to {loop}"]
+        subprocess.run(["losetup", "-d", loop], check=True)
+        loop = None
+        opener = subprocess.Popen([sys.executable, "-c", "import sys, time; f = open(sys.argv[1]); "
+                                   "print('open', flush=True); time.sleep(300)", str(link)],
+                                  stdout=subprocess.PIPE, text=True)
+        assert opener.stdout.readline().strip() == "open"
+        users = replica_users(str(root), "disk.img", "block")
+        assert len(users) == 1 and users[0].startswith(f"open by pid {opener.pid} ("), users
+    finally:
+        for p in (holder, opener):
+            if p is not None:
+                p.kill()
+                p.wait()
+        if loop is not None:
+            subprocess.run(["losetup", "-d", loop], check=False)

@@ -863,13 +863,16 @@ def demote_state(state: dict, *, generation: str | None, consistent: bool, seq: 
 
 def replica_users(root: str, rel: str, kind: str) -> list[str]:
     """Who uses a (promoted) replica on this host: mounts of it (a bind of the directory, the
-    file system on its loop), loops on it, processes with files open there (named)."""
-    return path_users(os.path.join(root, rel), block=kind == "block")
+    file system on its loop; in any mount namespace: a container's too), loops on it (by any
+    name: a hard link of the image too), processes with files open there (named)."""
+    return path_users(os.path.join(root, rel), block=kind == "block", namespaces=True)
 
 
-def path_users(path: str, *, block: bool = False) -> list[str]:
-    """Mounts on or of `path` (binds of it too), loops on it (`block`: a file), processes with
-    a file or their working directory there."""
+def path_users(path: str, *, block: bool = False, namespaces: bool = False) -> list[str]:
+    """Mounts on or of `path` (binds of it too; `namespaces`: those of other mount namespaces
+    as well), loops on it (`block`: a file, told by device and inode), processes with a file
+    or their working directory there (a block image: by device and inode, whatever the name
+    or a lazy unmount made of the path)."""
     import psutil
 
     from app.services import loop as loopdev
@@ -878,19 +881,28 @@ def path_users(path: str, *, block: bool = False) -> list[str]:
     table = mounts.read_mountinfo()
     home = mounts.mount_containing(path, table)
     inside = os.path.join(home.root, os.path.relpath(path, home.mount_point)).rstrip("/")
+
+    def bound(m) -> bool:  # a bind of `path` or of something below it
+        return (m.major, m.minor) == (home.major, home.minor) and \
+            (m.root == inside or m.root.startswith(inside + "/"))
     for m in table:
         if m is home:
             continue
-        bound = (m.major, m.minor) == (home.major, home.minor) and \
-            (m.root == inside or m.root.startswith(inside + "/"))
-        if bound or m.mount_point == path or m.mount_point.startswith(path + "/"):
+        if bound(m) or m.mount_point == path or m.mount_point.startswith(path + "/"):
             users.append(f"mounted at {m.mount_point}")
+    if namespaces:  # copies of our own binds (a namespace made since) are said once, above
+        ours = {(m.mount_point, m.root) for m in table if bound(m)}
+        for pid, name, other in _other_mount_tables():
+            users += [f"mounted at {m.mount_point} in the mount namespace of pid {pid} ({name})"
+                      for m in other if bound(m) and (m.mount_point, m.root) not in ours]
+    img = os.stat(path) if block else None
     if block:
         for s in loopdev.list_attached():
-            if s.backing_file == path:
-                users.append(f"attached to {s.device}" + "".join(
-                    f", mounted at {m.mount_point}" for m in table
-                    if (m.major, m.minor) == (7, s.index) or m.source == s.device))
+            if s.backing_file != path and not _same_file(s.backing_file, img):
+                continue
+            users.append(f"attached to {s.device}" + "".join(
+                f", mounted at {m.mount_point}" for m in table
+                if (m.major, m.minor) == (7, s.index) or m.source == s.device))
     for proc in psutil.process_iter(["pid", "name"]):
         if proc.pid == os.getpid():
             continue  # the agent itself, which has the replica open
@@ -898,9 +910,59 @@ def path_users(path: str, *, block: bool = False) -> list[str]:
             files = [f.path for f in proc.open_files()] + [proc.cwd()]
         except (psutil.Error, OSError):
             continue
-        if any(f == path or f.startswith(path + "/") for f in files):
+        if any(f == path or f.startswith(path + "/") for f in files) or \
+                (img is not None and _holds(proc.pid, img)):
             users.append(f"open by pid {proc.pid} ({proc.info['name']})")
     return users
+
+
+def _same_file(name: str | None, st: os.stat_result) -> bool:
+    try:
+        there = os.stat(name) if name else None
+    except OSError:
+        return False
+    return there is not None and (there.st_dev, there.st_ino) == (st.st_dev, st.st_ino)
+
+
+def _holds(pid: int, st: os.stat_result) -> bool:
+    """Has process `pid` a descriptor on the file `st` (by device and inode)?"""
+    fds = f"/proc/{pid}/fd"
+    try:
+        names = os.listdir(fds)
+    except OSError:
+        return False
+    for n in names:
+        try:
+            there = os.stat(os.path.join(fds, n))
+        except OSError:
+            continue
+        if (there.st_dev, there.st_ino) == (st.st_dev, st.st_ino):
+            return True
+    return False
+
+
+def _other_mount_tables():
+    """(pid, name, mount table) once for each mount namespace other than ours."""
+    from app.services import mounts
+    from app.services.results import MirrorError
+    try:
+        seen = {os.readlink("/proc/self/ns/mnt")}
+    except OSError:
+        return
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit():
+            continue
+        try:
+            ns = os.readlink(f"/proc/{entry.name}/ns/mnt")
+            if ns in seen:
+                continue
+            seen.add(ns)
+            table = mounts.read_mountinfo(f"/proc/{entry.name}/mountinfo")
+            with open(f"/proc/{entry.name}/comm") as f:
+                name = f.read().strip()
+        except (OSError, MirrorError):
+            continue
+        yield int(entry.name), name, table
 
 
 # -- the target host's own commands: what replicas are kept here, promote one -------------------
