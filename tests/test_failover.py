@@ -165,6 +165,11 @@ def test_planned_switchover_of_a_directory_and_fail_back(fs_remote, writer):
         assert p.returncode == 0 and f"bind-mounted on {where} already" in p.stdout, p.stdout + p.stderr
         table = r.bed.run_on_target(["cat", "/proc/self/mountinfo"]).stdout
         assert sum(line.split()[4] == str(where) for line in table.splitlines()) == 1, table  # not stacked
+        # in use there: the fail-back is refused before this side is made writable
+        p = cli(r.cfg, "failback", src, "--yes", socket=eng.socket)
+        assert p.returncode == 1 and f"is in use there: mounted at {where}" in p.stderr, p.stderr
+        assert "nothing was changed (it stays read-only here)" in p.stderr, p.stderr
+        assert eng.status(src)["state"] == "switched over"
     finally:
         r.bed.run_on_target(["umount", str(where)], check=False)
 

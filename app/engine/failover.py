@@ -393,6 +393,8 @@ class Failover:
                         "was changed", errno=errno.EINVAL, obj=key)
                 # not known yet, or a split brain (its replica may be in use there): ask first
                 await self._promoted_there(kind, key, entry, spec, fig, pending)
+            elif cap is None and sw.get("state") == "switched":  # in use there: before unfencing
+                await self._promoted_there(kind, key, entry, spec, {}, pending, switched_over=True)
             lifted = False
             if cap is not None:  # the split-brain case: capturing here, refused there
                 results.append(await self._lift(kind, key, entry, cap))
@@ -439,25 +441,28 @@ class Failover:
         return await trio.to_thread.run_sync(once)
 
     async def _promoted_there(self, kind: str, key: str, entry, spec, fig: dict,
-                              pending: dict | None) -> None:
+                              pending: dict | None, *, switched_over: bool = False) -> None:
         """Before a capture that is not connected (yet) or in a split brain is lifted for a
         fail-back: the agent is asked, read only, whether the replica is promoted and who uses
         it. Refuses when it is not, when it is in use there, or when the target cannot be
         reached (a fail-back could not either). An agent too old to be
         asked leaves it to the fail-back itself (which re-mounts the capture on a refusal)."""
+        from app.services.status import short_connection
+        here = ("it stays read-only here" if switched_over else
+                f"its capture goes on: {short_connection(fig.get('connection') or '?')}")
         try:
             said = await self._ask(spec, "probe", await self._size(kind, entry))
         except TargetUnavailable as exc:
             if getattr(exc, "code", None) == "action":
                 return
-            raise MirrorError(f"fail-back of {key}: {exc.state}; nothing was changed (its capture "
-                              f"goes on: {fig.get('connection', '?')})", errno=_exc_error(exc),
-                              obj=key) from None
+            raise MirrorError(f"fail-back of {key}: {exc.state}; nothing was changed ({here})",
+                              errno=_exc_error(exc), obj=key) from None
         if said.get("role") == "primary" and said.get("users"):  # the fail-back would be refused
             raise MirrorError(f"fail-back of {key}: the promoted replica on {entry.target} is in use "
                               f"there: {'; '.join(said['users'])}: stop using it there first; "
-                              f"nothing was changed (its capture goes on: "
-                              f"{fig.get('connection', '?')})", errno=errno.EBUSY, obj=key)
+                              f"nothing was changed ({here})", errno=errno.EBUSY, obj=key)
+        if switched_over:  # the fail-back itself tells an interrupted one from a finished one
+            return
         if said.get("role") != "primary":
             if pending is not None and said.get("generation") == pending.get("generation"):
                 return  # an interrupted fail-back that finished there: the fail-back records it
