@@ -101,7 +101,8 @@ def test_a_target_without_the_agent_says_how_to_install_or_name_it(remote, tmp_p
                                                          'command="/nonexistent/mirrorsetup ')])
     t = cli(r.cfg, "target", "test", "backup1")
     assert t.returncode == 1
-    assert "cannot run the agent" in t.stderr and "--agent PATH" in t.stderr, t.stderr
+    assert "cannot run the agent" in t.stderr and "--agent PATH" not in t.stderr, t.stderr  # no edit command
+    assert "install mirrorsetup there" in t.stderr and "target authorized-key backup1" in t.stderr, t.stderr
 
 
 def test_fs_entry_replicates_every_kind_of_change_to_the_other_host(remote, tmp_path):
@@ -599,6 +600,11 @@ def test_bandwidth_cap_holds_and_compressible_data_compresses(block_remote):
     assert sha(r.root / "disk.img") == sha(disk)
 
 
+def fingerprint(key) -> str:
+    return subprocess.run(["ssh-keygen", "-lf", f"{key}.pub"], capture_output=True, text=True,
+                          check=True).stdout.split()[1]
+
+
 def test_a_changed_host_key_is_refused_before_any_data(fs_remote):
     eng, src, r = fs_remote()
     before = tree(r.root / "data")
@@ -607,12 +613,10 @@ def test_a_changed_host_key_is_refused_before_any_data(fs_remote):
     (Path(src) / "after-the-change").write_text("written while the key was refused")
     st = wait_for("refused", lambda: (s := eng.status(src))["connection"].startswith("refused") and s, 60)
     assert "host key" in st["connection"] and "target rekey backup1`" in st["connection"], st
+    assert f"(it offers {fingerprint(r.bed.host_key)}, not the key pinned" in st["connection"], st
     assert tree(r.root / "data") == before  # nothing was written
 
     # the target was reinstalled: its new key is checked, then pinned in place of the old one
-    def fingerprint(key) -> str:
-        return subprocess.run(["ssh-keygen", "-lf", f"{key}.pub"], capture_output=True, text=True,
-                              check=True).stdout.split()[1]
     new, old = fingerprint(r.bed.host_key), r.add_output.split("pinned host key ")[1].split()[0]
     assert new != old
     host = ["--host", r.bed.target_addr, "--port", str(r.bed.port), "--root", str(r.root),
@@ -936,3 +940,44 @@ def test_removing_an_entry_with_changes_not_at_the_target_says_what_becomes_of_t
     assert res.outcome.value == "ok", res.message
     eng.drain(src)
     assert (r.root / "data" / "late").read_text() == "written while the target refused"
+
+
+# OpenSSH 9.2's stderr (this machine's ssh) when the pinned host key is not the one offered
+CHANGED_KEY_STDERR = """\
+@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@
+@    WARNING: REMOTE HOST IDENTIFICATION HAS CHANGED!     @
+@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@
+IT IS POSSIBLE THAT SOMEONE IS DOING SOMETHING NASTY!
+Someone could be eavesdropping on you right now (man-in-the-middle attack)!
+It is also possible that a host key has just been changed.
+The fingerprint for the ED25519 key sent by the remote host is
+SHA256:5eGTXuMSCmhtuEU1I6fPq6rAOPlpPq6yrmlyPUeTWms.
+Please contact your system administrator.
+Add correct host key in /etc/mirrorsetup/known_hosts to get rid of this message.
+Offending ED25519 key in /etc/mirrorsetup/known_hosts:1
+  remove with:
+  ssh-keygen -f "/etc/mirrorsetup/known_hosts" -R "[10.5.0.2]:2222"
+Host key for [10.5.0.2]:2222 has changed and you have requested strict checking.
+Host key verification failed.
+"""
+
+
+def test_an_ssh_failure_is_told_by_its_verdict_not_by_its_banner_or_last_line():
+    """Found by walks: the reason shown was ssh's last line, or what of stderr had been read:
+    "Someone could be eavesdropping…", "@@@@", "ssh-keygen -f … -R …" (the remedy we advise
+    against), "remove with:"; an empty stderr gave no reason at all."""
+    from app.services.targets import ssh_failure_text, ssh_reason
+    for cut in (len(CHANGED_KEY_STDERR), CHANGED_KEY_STDERR.index("Host key for"),
+                CHANGED_KEY_STDERR.index("  ssh-keygen"), CHANGED_KEY_STDERR.index("Please")):
+        state, retry = ssh_failure_text(CHANGED_KEY_STDERR[:cut], 255, "backup1")
+        assert state.startswith("refused: the target's host key changed (it offers "
+                                "SHA256:5eGTXuMSCmhtuEU1I6fPq6rAOPlpPq6yrmlyPUeTWms, not"), state
+        assert "rekey backup1" in state and "eavesdropping" not in state and "@" not in state, state
+        assert "ssh-keygen" not in state and not retry
+    assert ssh_reason("Warning: Permanently added '[h]:22' (ED25519) to the list of known hosts.\r\n"
+                      "ssh: connect to host h port 22: Connection refused\r\n", 255) \
+        == "ssh: connect to host h port 22: Connection refused"
+    assert ssh_reason("", 255).startswith("ssh exited with status 255 and said nothing (it could not connect")
+    assert ssh_reason("@@@@\n", 1) == "ssh exited with status 1"
+    state, retry = ssh_failure_text("root@h: Permission denied (publickey).\n", 255, "b")
+    assert state == "refused: the target does not accept our key (root@h: Permission denied (publickey).)"

@@ -41,6 +41,7 @@ PREPARED_SECONDS = 10.0  # a prepared session not opened by then is started agai
 # ends a session that sends nothing for 15 s)
 WINDOW_MIN = 8 << 20
 QUERY_SECONDS = 300.0
+STDERR_SECONDS = 1.0  # an ended ssh's last words are read for at most this long
 
 
 _NONE = object()
@@ -113,7 +114,9 @@ class RemoteTarget(Queried, Target):
                                 start_new_session=True)
         self.proc = proc
         self._stderr = deque(maxlen=50)  # this session's own: an old one's words do not color it
-        threading.Thread(target=self._read_stderr, args=(proc, self._stderr), daemon=True).start()
+        self._stderr_reader = threading.Thread(target=self._read_stderr, args=(proc, self._stderr),
+                                               daemon=True)
+        self._stderr_reader.start()
         greeting = {"go": threading.Event(), "done": threading.Event(), "since": time.monotonic(),
                     "proc": proc}
 
@@ -155,7 +158,7 @@ class RemoteTarget(Queried, Target):
         got = g.get("frame")
         if got is None:
             status = self._end_ssh()
-            raise ssh_failure("\n".join(self._stderr), status, self.s.name)
+            raise ssh_failure(self._said(), status, self.s.name)
         kind, payload = got
         msg = json.loads(payload)
         if kind == wire.ERROR:
@@ -193,6 +196,14 @@ class RemoteTarget(Queried, Target):
                 "source": {"host": self.claim.host, "entry": self.claim.entry} if self.claim else {},
                 "adopt": bool(self.claim and self.claim.adopt), "generation": self.generation,
                 "last_seq": last, "released_seq": released, **getattr(self, "_extra", {})}
+
+    def _said(self) -> str:
+        """What the ended ssh wrote on stderr: all of it (its reader is given a moment to read
+        the rest; the verdict, e.g. "Host key verification failed.", comes last)."""
+        reader = getattr(self, "_stderr_reader", None)
+        if reader is not None and reader is not threading.current_thread():
+            reader.join(STDERR_SECONDS)
+        return "\n".join(self._stderr)
 
     def _read_stderr(self, proc, lines: deque) -> None:
         for line in proc.stderr:
@@ -234,7 +245,7 @@ class RemoteTarget(Queried, Target):
         except (wire.WireError, OSError, ValueError) as exc:
             if proc is self.proc:
                 status = proc.poll()
-                self._fail(ssh_failure("\n".join(self._stderr), status, self.s.name) if self._stderr and status is not None
+                self._fail(ssh_failure(self._said(), status, self.s.name) if self._stderr and status is not None
                            else TargetUnavailable(f"disconnected: {exc}"))
 
     def _positions(self, msg: dict) -> None:

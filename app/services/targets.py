@@ -17,6 +17,7 @@ import errno
 import fcntl
 import json
 import os
+import re
 import shlex
 import socket
 import subprocess
@@ -82,22 +83,56 @@ class Settings:
         return cls(**{k: v for k, v in spec.items() if k in cls.__dataclass_fields__}, path=path)
 
 
+# ssh's own last words, most telling first: the reason is the line that has one of them (its
+# banners, "@@@…" and "Someone could be eavesdropping…", and the remedies it suggests are not)
+SSH_VERDICTS = ("Host key verification failed", "REMOTE HOST IDENTIFICATION HAS CHANGED",
+                "Permission denied", "Could not resolve hostname", "Connection refused",
+                "Connection timed out", "No route to host", "Network is unreachable",
+                "not responding", "Connection closed by", "Connection reset by",
+                "kex_exchange_identification", "Broken pipe", "command not found")
+SSH_NOISE = ("@", "Warning: Permanently added", "Pseudo-terminal", "debug", "IT IS POSSIBLE",
+             "Someone could be", "It is also possible", "Please contact", "Add correct host key",
+             "Offending", "remove with", "ssh-keygen", "The fingerprint for", "SHA256:")
+
+
+def ssh_reason(stderr: str, status: int | None) -> str:
+    """The line of an ssh's stderr that says why it ended (a verdict; else its last line that
+    is not a banner or a remedy; else its exit status)."""
+    lines = [ln.strip() for ln in stderr.splitlines() if ln.strip()]
+    for verdict in SSH_VERDICTS:
+        said = [ln for ln in lines if verdict.lower() in ln.lower()]
+        if said:
+            return said[-1]
+    plain = [ln for ln in lines if not ln.startswith(SSH_NOISE) and any(c.isalpha() for c in ln)]
+    if plain:
+        return plain[-1]
+    if status == 255:
+        return "ssh exited with status 255 and said nothing (it could not connect, or was cut off)"
+    return f"ssh exited with status {status}"
+
+
 def ssh_failure_text(stderr: str, status: int | None, target: str = "TARGET") -> tuple[str, bool]:
     """(status words, retry?) for an ssh to `target` that ended before the agent answered."""
-    text = stderr.strip()
-    last = text.splitlines()[-1] if text else f"ssh exited with status {status}"
-    low = text.lower()
-    if "host key verification failed" in low or "remote host identification has changed" in low:
-        return (f"refused: host key changed or not pinned ({last}); if the target was "
-                f"reinstalled, check its key there, then `mirrorsetup target rekey {target}` "
-                "(Targets screen: h)"), False
+    last = ssh_reason(stderr, status)
+    low = stderr.lower()
+    if "remote host identification has changed" in low:
+        offered = re.search(r"sent by the remote host is\s+(SHA256:[A-Za-z0-9+/=]+)", stderr)
+        return ("refused: the target's host key changed" +
+                (f" (it offers {offered.group(1)}, not the key pinned for it)" if offered else "") +
+                f"; if the target was reinstalled, check its key there, then `mirrorsetup target "
+                f"rekey {target}` (Targets screen: h)"), False
+    if "host key verification failed" in low:
+        return (f"refused: host key not pinned or changed ({last}); check the target's key there, "
+                f"then `mirrorsetup target rekey {target}` (Targets screen: h)"), False
     if "permission denied" in low:
         return f"refused: the target does not accept our key ({last})", False
     if "not responding" in low:
         return f"disconnected: the target stopped answering ({last})", True
     if status == 127 or "command not found" in low:
-        return (f"refused: the target cannot run the agent ({last}); install mirrorsetup there "
-                "or name its path with `target add --agent PATH`"), True
+        return (f"refused: the target cannot run the agent ({last}); install mirrorsetup there so "
+                "that `mirrorsetup` is on the PATH of the forced command, or put its full path in "
+                f"the command= of the key's line (`mirrorsetup target authorized-key {target}` "
+                "prints it)"), True
     return f"disconnected: {last}", True
 
 
