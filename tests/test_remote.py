@@ -981,3 +981,30 @@ def test_an_ssh_failure_is_told_by_its_verdict_not_by_its_banner_or_last_line():
     assert ssh_reason("@@@@\n", 1) == "ssh exited with status 1"
     state, retry = ssh_failure_text("root@h: Permission denied (publickey).\n", 255, "b")
     assert state == "refused: the target does not accept our key (root@h: Permission denied (publickey).)"
+
+
+def test_a_malformed_host_key_fingerprint_is_refused_before_anything(tmp_path):
+    """Found by a walk: `--accept-host-key ""` was taken as no key at all, `SHA256:bogus` was
+    looked for on the network (exit 1) while `d6:5f:00` was refused (exit 2)."""
+    cfg = tmp_path / "etc" / "replication.toml"
+    for bad in ("", "SHA256:bogus", "d6:5f:00", "SHA256:" + "A" * 44):
+        for argv in (["target", "add", "t1", "--host", "host.invalid", "--root", "/srv/r"],
+                     ["target", "rekey", "t1"]):
+            p = cli(cfg, *argv, "--accept-host-key", bad)
+            assert p.returncode == 2 and "is not a fingerprint" in p.stderr, (argv, bad, p.stderr)
+            assert "could not read the host key" not in p.stderr, p.stderr  # nothing was tried
+    assert not cfg.exists()
+
+
+def test_a_host_that_refuses_the_key_scan_is_said_to_refuse(tmp_path):
+    """Found by a walk: a port that REJECTs gave "could not read the host key …: no answer"."""
+    import socket
+    cfg = tmp_path / "etc" / "replication.toml"
+    with socket.socket() as closed:  # bound, never listening: the kernel refuses connections
+        closed.bind(("127.0.0.1", 0))
+        port = closed.getsockname()[1]
+        p = cli(cfg, "target", "add", "t1", "--host", "127.0.0.1", "--port", str(port), "--root",
+                "/srv/r", "--accept-host-key", "SHA256:" + "A" * 43)
+    assert p.returncode == 1, p.stdout + p.stderr
+    assert f"could not read the host key of 127.0.0.1 port {port}: connection refused" in p.stderr, p.stderr
+    assert not cfg.exists()

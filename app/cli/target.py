@@ -29,7 +29,7 @@ def cmd_add(args) -> int:
                       bandwidth=args.bandwidth, resync_bandwidth=args.resync_bandwidth,
                       compression=args.compression, agent=args.agent)
     st = store(args)
-    if args.accept_host_key:
+    if args.accept_host_key is not None:  # "" too: not a fingerprint
         require(targets.check_fingerprint, args.accept_host_key)
     require(st.check_target, host)  # a malformed field or a name in use: refused, nothing made
     if require(st.load).target_host(args.name) is not None:
@@ -55,9 +55,9 @@ def _confirm(args, host: str, port: int):
 
 def cmd_rekey(args) -> int:
     from app.services import targets
-    host = _host(args)  # a name that is not configured is a refusal (exit 2)
-    if args.accept_host_key:
+    if args.accept_host_key is not None:  # "" too: not a fingerprint
         require(targets.check_fingerprint, args.accept_host_key)
+    host = _host(args)  # a name that is not configured is a refusal (exit 2)
     return report([targets.rekey_target(store(args), args.name, accept_host_key=args.accept_host_key,
                                         confirm=_confirm(args, host.host, host.port))],
                   as_json=args.json)

@@ -161,9 +161,16 @@ def scan_host_keys(host: str, port: int) -> list[tuple[str, str, str]]:
     if not lines:
         said = dict.fromkeys(ln.strip() for ln in r.stderr.decode(errors="replace").splitlines()
                              if ln.strip() and not ln.startswith("#"))  # once each, no \r
-        raise MirrorError(f"could not read the host key of {host} port {port}: "
-                          f"{'; '.join(said) or 'no answer'}",
-                          errno=errno.EHOSTUNREACH, obj=host)
+        err, why = errno.EHOSTUNREACH, "; ".join(said)
+        if not why:  # ssh-keyscan says nothing of a refused or unreachable port: ask the kernel
+            try:
+                socket.create_connection((host, port), timeout=KEYSCAN_SECONDS).close()
+                why = "it answered no ssh host key"
+            except OSError as exc:
+                err = exc.errno or errno.ETIMEDOUT
+                why = (os.strerror(exc.errno) if exc.errno else str(exc) or "timed out").lower()
+        raise MirrorError(f"could not read the host key of {host} port {port}: {why}",
+                          errno=err, obj=host)
     out = []
     for line in lines:
         fp = _run(["ssh-keygen", "-l", "-E", "sha256", "-f", "-"], input=line.encode() + b"\n")
@@ -189,7 +196,7 @@ def pinned_fingerprints(known_hosts: str, host: str, port: int) -> list[str]:
 
 
 def check_fingerprint(fp: str) -> None:
-    if not (fp.startswith("SHA256:") and len(fp) > 7):
+    if not re.fullmatch(r"SHA256:[A-Za-z0-9+/]{43}", fp):  # 32 bytes in base64, unpadded
         raise ConfigError(f"--accept-host-key {fp!r} is not a fingerprint: give it as ssh-keygen "
                           "-lf prints it, SHA256:… (e.g. ssh-keygen -lf "
                           "/etc/ssh/ssh_host_ed25519_key.pub on the target)", errno=errno.EINVAL, obj=fp)
@@ -237,7 +244,7 @@ def rekey_target(store: ConfigStore, name: str, *, accept_host_key: str | None =
         if host is None:
             raise ConfigError(f"no remote target named {name!r} is configured (mirrorsetup target "
                               "list)", errno=errno.ENOENT, obj=name)
-        if accept_host_key:
+        if accept_host_key is not None:
             check_fingerprint(accept_host_key)
         kh = host.known_hosts or default_known_hosts(store)
         old = pinned_fingerprints(kh, host.host, host.port)
@@ -336,7 +343,7 @@ def add_target(store: ConfigStore, host: TargetHost, *, accept_host_key: str | N
         if host.known_hosts is None:
             host = replace(host, known_hosts=default_known_hosts(store))
         note = ""
-        if accept_host_key:
+        if accept_host_key is not None:
             check_fingerprint(accept_host_key)
         old = pinned_fingerprints(host.known_hosts, host.host, host.port)
         if old and accept_host_key and accept_host_key not in old:
