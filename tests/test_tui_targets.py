@@ -187,6 +187,54 @@ async def test_fail_back_and_keep_this_host_of_a_connected_secondary_ask_nothing
 
 
 @pilot_test
+async def test_what_the_status_shown_rules_out_is_said_without_a_question(
+        tui, config_path, tmp_path, config_bytes):
+    """Found by a walk: s on an entry switched over already, and f while the target refuses
+    the connection, asked to confirm first and failed after. Now said at once."""
+    from app.services.status import snapshot
+    write_config(config_path, tmp_path)
+    before = config_bytes()
+    src = str(tmp_path / "src")
+    rows = {"switched": {"kind": "fs", "key": src, "captured": False, "target": "backup1:data",
+                         "state": "switched over", "switched": {"state": "switched", "seq": 9,
+                                                                "target": "backup1:data"}},
+            "refused": {"kind": "fs", "key": src, "captured": True, "target": "backup1:data",
+                        "state": "capturing", "replication": "established",
+                        "connection": "disconnected: ssh: connect to host backup1.example.net port "
+                                      "22: Connection refused, retry in 8 s",
+                        "target_data": "consistent"}}
+    now = {"row": rows["switched"]}
+
+    class Control:
+        def request(self, what):
+            return {"filesystem": [now["row"]], "block": []}
+    app = tui(is_root=True)
+    app.services._status = lambda: snapshot(ConfigStore(config_path), Control(), scan_writers=False)
+    async with app.run_test(size=(80, 24)) as pilot:
+        await open_targets(pilot)
+        screen = app.screen
+        await wait_until(pilot, lambda: screen.query_one("#replicas").row_count == 1, "the entry")
+        await pilot.press("s")
+        await settle(pilot)
+        assert app.screen is screen, f"s asked: {type(app.screen).__name__}"
+        assert f"{src} is switched over already: f fails back" in notices(app)[-1], notices(app)
+        await pilot.press("f")  # what there is to do: asked
+        await settle(pilot)
+        assert isinstance(app.screen, ConfirmDialog)
+        await pilot.press("n")
+        await settle(pilot)
+        now["row"] = rows["refused"]  # the daemon's figures moved: the screen reads again
+        screen.post_message(screen.FiguresMoved())
+        await wait_until(pilot, lambda: screen._replicated()[0][2].captured, "the new status")
+        for key in ("f", "s"):
+            await pilot.press(key)
+            await settle(pilot)
+            assert app.screen is screen, f"{key} asked: {type(app.screen).__name__}"
+            assert f"cannot reach the target of {src} (disconnected: ssh" in notices(app)[-1], notices(app)
+    assert config_bytes() == before
+
+
+@pilot_test
 async def test_a_host_whose_key_cannot_be_read_brings_the_dialog_back_as_typed(
         tui, config_path, tmp_path, config_bytes):
     """ssh-keyscan really runs, on a name that never resolves (RFC 6761's .invalid): the

@@ -20,7 +20,8 @@ from app.screens.banner import RootBanner
 from app.screens.base import Col, KeyedTable, TaskScreen, elide, selected_key
 from app.screens.dialogs import ConfirmDialog, DetailsDialog, labelled
 from app.services.results import MirrorError, Outcome, Result
-from app.services.status import healthy_secondary, nothing_to_fail_back, replication_lines
+from app.services.status import (healthy_secondary, nothing_to_fail_back, replication_lines,
+                                 short_connection)
 from app.services.units import shown
 
 TARGET_COLUMNS = (Col("name", "Name", 9, 16), Col("host", "Host", 8, 30), Col("root", "Root", 6, 30),
@@ -428,10 +429,11 @@ class TargetsScreen(TaskScreen):
                     ("State", state.plain)] + replication_lines(row)
         self.push_details(f"{shown(key)} → {shown(target)}", follow)
 
-    def _on_replica(self, ask, *, promoted_only: bool = False) -> None:
+    def _on_replica(self, ask, *, promoted_only: bool = False, switching: bool = False) -> None:
         """Confirm, then run, an action on the selected replica: `ask(key, target, host)` gives
         (title, question, yes, call, what it waits for). `promoted_only`: an action on a
-        promoted replica (fail back, keep this host)."""
+        promoted replica (fail back, keep this host); `switching`: the switch-over. What the
+        status shown already says cannot be done is said at once, without a question."""
         found = self._selected_replica()
         if found is None:
             return
@@ -443,6 +445,10 @@ class TargetsScreen(TaskScreen):
             # what the daemon would refuse: no overwrite question for nothing
             self.notify(nothing_to_fail_back(key, target), title=title, severity="warning",
                         markup=False)
+            return
+        refused = _cannot(key, row, switching=switching)
+        if refused:
+            self.notify(refused, title=title, severity="warning", markup=False)
             return
 
         def confirmed(ok: bool | None) -> None:
@@ -460,7 +466,8 @@ class TargetsScreen(TaskScreen):
             f"until the fail-back.\nOn {shown(host)}: "
             f"the replica {shown(target)} becomes primary and can be used there.\nNo data is lost "
             "or overwritten on either host.", "Switch over",
-            lambda: rep.switchover(key), f"draining {shown(key)} to {shown(host)}, then promoting"))
+            lambda: rep.switchover(key), f"draining {shown(key)} to {shown(host)}, then promoting"),
+            switching=True)
 
     def action_failback(self) -> None:
         rep = self.services.replication
@@ -484,3 +491,24 @@ class TargetsScreen(TaskScreen):
             "THIS host: nothing changes; replication resumes.", "Discard promotion",
             lambda: rep.resolve(key, discard_target=True),
             f"handing {shown(target)} back to this host"), promoted_only=True)
+
+
+def _cannot(key: str, row, *, switching: bool) -> str | None:
+    """Why the status shown says a switch-over (`switching`), a fail-back or keep-this-host
+    of `key` cannot be done now; None when only trying tells (the daemon checks it again)."""
+    if row is None:
+        return None  # no daemon: the action says so itself
+    sw = row.switched or {}
+    if switching and sw.get("state") == "switched":
+        return (f"{key} is switched over already: f fails back to this host, o keeps this "
+                "host's data. Nothing was changed.")
+    if switching and not row.captured and not sw:
+        return f"{key} is not captured: mount or attach it first (Mount all / Attach all)."
+    if row.target_data == "split-brain":
+        return (f"{key} is in a split brain: the replica was promoted meanwhile; f fails back, o "
+                "keeps this host. Nothing was changed.") if switching else None
+    conn = row.connection or ""
+    if row.captured and conn.startswith(("disconnected", "refused")):
+        return (f"cannot reach the target of {key} ({short_connection(conn)}): nothing was "
+                "changed; try again once it is connected.")
+    return None
