@@ -118,7 +118,7 @@ ACTIONS: tuple[Action, ...] = (
            "planned: drain, stop capturing here, promote the selected entry's replica"),
     Action("targets", "failback", "f", "Fail back", "Fail back from the replica",
            "the promoted replica's data comes back (what differs); capture here again"),
-    Action("targets", "resolve", "o", "Keep ours", "Split brain: this host wins",
+    Action("targets", "resolve", "o", "Keep this host", "Split brain: keep this host",
            "discard the replica's promotion; it is made equal to this host's data"),
     Action("targets", "details", "i", "Details", "Replica details",
            "everything about the selected entry's replication (Enter too)", footer=False,

@@ -193,7 +193,7 @@ class TargetsScreen(TaskScreen):
             yield Button("Test", id="test", compact=True)
             yield Button("Switch over", id="switchover", compact=True)
             yield Button("Fail back", id="failback", compact=True)
-            yield Button("This host wins", id="resolve", compact=True)
+            yield Button("Keep this host", id="resolve", compact=True)
         yield Footer(compact=True)
 
     def on_mount(self) -> None:
@@ -488,7 +488,7 @@ class TargetsScreen(TaskScreen):
             f"Keep THIS host's data of {shown(key)} and discard the promotion on "
             f"{shown(host)}?\n\nOn {shown(host)}: everything written to {shown(target)} since it "
             "was promoted is OVERWRITTEN with this host's data (only what differs is sent).\nOn "
-            "THIS host: nothing changes; replication resumes.", "Discard promotion",
+            "THIS host: nothing changes; replication resumes.", "Keep this host",
             lambda: rep.resolve(key, discard_target=True),
             f"handing {shown(target)} back to this host"), promoted_only=True)
 
