@@ -1029,7 +1029,6 @@ def promote(root: str, name: str, *, mount_at: str | None = None, loop: str | No
             force: bool = False) -> tuple[dict, list[str]]:
     """Fail-over: make a replica usable on this host. An inconsistent one only with `force`.
     Returns the replica's new state and what was done (lines to print)."""
-    from app.services import loop as loopdev
     from app.services import mounts
     from app.services.results import MirrorError
     found = next((r for r in list_replicas(root) if r["name"] == name), None)
@@ -1100,12 +1099,7 @@ def promote(root: str, name: str, *, mount_at: str | None = None, loop: str | No
                     "write to it)")
         try:
             if found["kind"] == "block":
-                st = loopdev.attach(path, loop=loop)
-                done.append(f"attached {path} as {st.device}")
-                if mount_at:
-                    _make_mount_point(mount_at, done)
-                    subprocess_mount(st.device, mount_at)
-                    done.append(f"mounted {st.device} on {mount_at}")
+                _attach_and_mount(path, loop, mount_at, done)
             elif mount_at:
                 _make_mount_point(mount_at, done)
                 mounts.mount(path, mount_at, None, mounts.MS_BIND)
@@ -1160,8 +1154,15 @@ def _make_usable(rep: Replica, name: str, kind: str, state: dict, *, mount_at: s
         raise AgentError("promoted", f"{said} and attached as {', '.join(bound)}, not {loop}",
                          errno.EEXIST)
     done.append(said)
-    st = loopdev.attach(path, loop=loop)
-    done.append(f"attached {path} as {st.device}")
+    _attach_and_mount(path, loop, mount_at, done)
+
+
+def _attach_and_mount(image: str, loop: str | None, mount_at: str | None, done: list[str]) -> None:
+    """A block replica made usable: attached (to `loop`, else the first free one), its file
+    system mounted at `mount_at` if asked; each step said in `done` as it is done."""
+    from app.services import loop as loopdev
+    st = loopdev.attach(image, loop=loop)
+    done.append(f"attached {image} as {st.device}")
     if mount_at:
         _make_mount_point(mount_at, done)
         subprocess_mount(st.device, mount_at)
