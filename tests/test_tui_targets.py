@@ -235,6 +235,53 @@ async def test_what_the_status_shown_rules_out_is_said_without_a_question(
 
 
 @pilot_test
+async def test_a_capture_still_connecting_or_paused_is_said_without_a_question(
+        tui, config_path, tmp_path, config_bytes):
+    """Found by a walk: with the target REJECTing, the capture says "connecting" until its first
+    attempt ends, and f and s asked to confirm first and failed after (a switch-over's drain
+    refuses anything but connected; a paused target too). Now said at once; f on a paused
+    target (reachable) still asks."""
+    from app.services.status import snapshot
+    write_config(config_path, tmp_path)
+    before = config_bytes()
+    src = str(tmp_path / "src")
+    row = {"kind": "fs", "key": src, "captured": True, "target": "backup1:data",
+           "state": "capturing", "replication": "waiting for the target",
+           "connection": "connecting", "target_data": "inconsistent"}
+    now = {"row": row}
+
+    class Control:
+        def request(self, what):
+            return {"filesystem": [now["row"]], "block": []}
+    app = tui(is_root=True)
+    app.services._status = lambda: snapshot(ConfigStore(config_path), Control(), scan_writers=False)
+    async with app.run_test(size=(80, 24)) as pilot:
+        await open_targets(pilot)
+        screen = app.screen
+        await wait_until(pilot, lambda: screen.query_one("#replicas").row_count == 1, "the entry")
+        for key in ("f", "s", "o"):
+            await pilot.press(key)
+            await settle(pilot)
+            assert app.screen is screen, f"{key} asked: {type(app.screen).__name__}"
+            assert f"the capture of {src} is still connecting to its target" in notices(app)[-1]
+        now["row"] = {**row, "connection": "paused: target full (ENOSPC)",
+                      "replication": "established"}
+        screen.post_message(screen.FiguresMoved())
+        await wait_until(pilot, lambda: screen._replicated()[0][2].connection.startswith("paused"),
+                         "the new status")
+        await pilot.press("s")
+        await settle(pilot)
+        assert app.screen is screen, f"s asked: {type(app.screen).__name__}"
+        assert f"the target of {src} takes no records now (paused: target full" in notices(app)[-1]
+        await pilot.press("f")  # reachable: the fail-back asks the target itself
+        await settle(pilot)
+        assert isinstance(app.screen, ConfirmDialog)
+        await pilot.press("n")
+        await settle(pilot)
+    assert config_bytes() == before
+
+
+@pilot_test
 async def test_a_host_whose_key_cannot_be_read_brings_the_dialog_back_as_typed(
         tui, config_path, tmp_path, config_bytes):
     """ssh-keyscan really runs, on a name that never resolves (RFC 6761's .invalid): the

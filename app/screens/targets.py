@@ -508,7 +508,17 @@ def _cannot(key: str, row, *, switching: bool) -> str | None:
         return (f"{key} is in a split brain: the replica was promoted meanwhile; f fails back, o "
                 "keeps this host. Nothing was changed.") if switching else None
     conn = row.connection or ""
-    if row.captured and conn.startswith(("disconnected", "refused")):
+    if not row.captured or conn in ("", "connected", "local", "none"):
+        return None
+    if conn.startswith(("disconnected", "refused")):
         return (f"cannot reach the target of {key} ({short_connection(conn)}): nothing was "
                 "changed; try again once it is connected.")
+    if conn.startswith("connecting"):  # no answer yet: refused, or promoted there, not known
+        return (f"the capture of {key} is still connecting to its target: whether it can be "
+                "reached is not known yet; nothing was changed. Try again once its state says "
+                "connected, or why not.")
+    if switching:  # paused: the switch-over's drain refuses anything but connected
+        return (f"the target of {key} takes no records now ({short_connection(conn)}): a "
+                "switch-over needs it to have them all; nothing was changed. Try again once it "
+                "is connected.")
     return None
