@@ -282,6 +282,75 @@ async def test_a_capture_still_connecting_or_paused_is_said_without_a_question(
 
 
 @pilot_test
+async def test_at_80_columns_the_state_is_readable_and_every_key_is_in_the_footer(
+        tui, config_path, tmp_path):
+    """Found by a walk at 80x24: the entries table cut the state ("replica consistent;
+    establ…", "since 2026-09-21 12:13 (se…"), a disconnected capture's reason came last and was
+    cut away, and h (re-pin) worked but was not in the footer. Now the replica's name (in the
+    details) gives way at 80 columns, the table's state is short (the seq is in the details),
+    a connection problem comes first, and every key of the screen is in the footer (the
+    palette's hint gives way at 80 columns; at 120 it is back)."""
+    from textual.widgets import Footer
+    from textual.widgets._footer import FooterKey
+    from app.screens import actions
+    from app.services.status import snapshot
+    write_config(config_path, tmp_path)
+    src = str(tmp_path / "src")
+    shared, other = tmp_path / "shared", tmp_path / "other"
+    shared.mkdir(), other.mkdir()
+    with config_path.open("a") as f:
+        f.write(f'\n[[filesystem]]\npath = "{shared}"\ntarget = "backup1:shared"\n'
+                f'\n[[filesystem]]\npath = "{other}"\ntarget = "backup1:other"\n')
+    rows = [{"kind": "fs", "key": src, "captured": True, "target": "backup1:data",
+             "state": "capturing", "replication": "established", "connection": "connected",
+             "target_data": "consistent"},
+            {"kind": "fs", "key": str(shared), "captured": False, "target": "backup1:shared",
+             "state": "switched over", "switched": {"state": "switched", "seq": 20417,
+                                                    "time": 1_790_000_000 - 7200,
+                                                    "target": "backup1:shared"}},
+            {"kind": "fs", "key": str(other), "captured": True, "target": "backup1:other",
+             "state": "capturing", "replication": "waiting for the target",
+             "connection": "disconnected: the target stopped answering (Timeout, server "
+                           "backup1.example.net not responding.), retry in 8 s",
+             "target_data": "consistent"}]
+
+    class Control:
+        def request(self, what):
+            return {"filesystem": rows, "block": []}
+    app = tui(is_root=True)
+    app.services._status = lambda: snapshot(ConfigStore(config_path), Control(), scan_writers=False)
+    async with app.run_test(size=(80, 24)) as pilot:
+        await open_targets(pilot)
+        screen = app.screen
+        table = screen.query_one("#replicas")
+        await wait_until(pilot, lambda: table.row_count == 3, "the entries")
+        assert table.shown_columns == ("entry", "role", "state"), table.shown_columns
+        state = {k: cell(table, k, "state") for k in (src, str(shared), str(other))}
+        assert state[src] == "replica consistent; established", state
+        assert state[str(shared)].startswith("primary there since 2026-") and \
+            "…" not in state[str(shared)], state
+        assert cell(table, str(shared), "role") == "switched over"
+        assert state[str(other)].startswith("disconnected: the target stopped"), state
+        footer = screen.query_one(Footer)
+        shown = {k.key for k in footer.query(FooterKey) if k.region.right <= 80}
+        wanted = {a.keys.split(",")[0] for a in actions.actions("targets") if a.footer}
+        assert "h" in wanted and wanted <= shown, (wanted, shown)
+        assert footer.virtual_size.width <= 80, footer.virtual_size.width
+        table.move_cursor(row=table.get_row_index(str(shared)))
+        await pilot.press("i")  # what the table leaves out is in the details
+        await settle(pilot)
+        assert isinstance(app.screen, DetailsDialog)
+        text = static_text(app.screen.query_one("#details-text"))
+        assert "backup1:shared" in text and "(seq 20417); not captured here" in text, text
+        await pilot.press("escape")
+        await settle(pilot)
+        await pilot.resize_terminal(120, 36)
+        await settle(pilot)
+        assert "replica" in table.shown_columns or "target" in table.shown_columns
+        assert "ctrl+p" in {k.key for k in screen.query_one(Footer).query(FooterKey)}
+
+
+@pilot_test
 async def test_a_host_whose_key_cannot_be_read_brings_the_dialog_back_as_typed(
         tui, config_path, tmp_path, config_bytes):
     """ssh-keyscan really runs, on a name that never resolves (RFC 6761's .invalid): the

@@ -293,6 +293,9 @@ class ForceOffer:
     title: str
 
 
+PALETTE_KEY_WIDTH = 12  # the footer's "│^p palette", docked right
+
+
 class TaskScreen(Screen):
     """A screen under the main menu. Subclasses implement `load()` (thread) and `show(data)`;
     their keys come from app.screens.actions under the screen's `NAME`."""
@@ -328,6 +331,23 @@ class TaskScreen(Screen):
 
     def on_mount(self) -> None:
         self.reload()
+        self._fit_footer(self.app.size.width)
+
+    def on_resize(self, event) -> None:
+        self._fit_footer(event.size.width)
+
+    def _fit_footer(self, width: int) -> None:
+        """The screen's own keys before "^p palette": where they need the room (the Targets
+        screen at 80 columns) the palette's hint goes; ctrl+p, the header's icon and Help
+        still say it."""
+        from textual.widgets import Footer
+        keys = sum(cell_len(actions.key_of(self.NAME, a.name)) + cell_len(a.label) + 2
+                   for a in actions.actions(self.NAME) if a.footer)
+        fits = keys + PALETTE_KEY_WIDTH <= width
+        for footer in self.query(Footer):
+            if footer.show_command_palette != fits:
+                footer.show_command_palette = fits
+                footer.refresh(recompose=True)
 
     # -- the daemon's figures: they move with every write and no event says so -----------------
     _figures_timer = None

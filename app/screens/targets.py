@@ -26,8 +26,15 @@ from app.services.units import shown
 
 TARGET_COLUMNS = (Col("name", "Name", 9, 16), Col("host", "Host", 8, 30), Col("root", "Root", 6, 30),
                   Col("bandwidth", "Bandwidth", 2, 14))
-REPLICA_COLUMNS = (Col("entry", "Entry", 9, 30), Col("target", "Replica", 7, 24),
+# the state is what the table is for: at 80 columns the replica's name (in the details, i) goes
+# before the state is cut
+REPLICA_COLUMNS = (Col("entry", "Entry", 9, 30), Col("target", "Replica", 3, 24),
                    Col("role", "Role", 9, 16), Col("state", "State", 8, 40))
+
+
+def entry_width(screen_width: int) -> int:
+    """An entry's path in the table (its end kept): narrower at 80 columns, for the state."""
+    return 20 if screen_width < 100 else 30
 NOTES = ("A replica on another host can take over: Switch over (planned), or on that host "
          "`mirrorsetup replica promote` when this one is gone. Fail back brings it home.")
 
@@ -40,16 +47,20 @@ def remote_name(target: str | None, config) -> str | None:
     return name if config.target_host(name) is not None else None
 
 
-def role_and_state(row) -> tuple[Text, Text]:
-    """An entry's role toward its replica, and the state of both, in words."""
+def role_and_state(row, *, long: bool = False) -> tuple[Text, Text]:
+    """An entry's role toward its replica, and the state of both, in words: what tells them
+    apart first (a cell's end is cut at 80 columns); `long`: the details' words, in full."""
     if row is None:
         return Text("?", style="yellow"), Text("the daemon is not running", style="yellow")
     sw = row.switched
     if sw:
         when = time.strftime("%Y-%m-%d %H:%M", time.localtime(sw.get("time") or 0))
         if sw.get("state") == "switched":
-            return (Text("replica primary", style="bold cyan"),
-                    Text(f"since {when} (seq {sw.get('seq')}); not captured here"))
+            if long:
+                return (Text("switched over", style="bold cyan"), Text(
+                    f"the replica is primary there since {when} (seq {sw.get('seq')}); not "
+                    "captured here"))
+            return Text("switched over", style="bold cyan"), Text(f"primary there since {when}")
         return Text("switching", style="bold yellow"), Text("a switch-over was interrupted: run it again")
     if row.target_data == "split-brain":
         return Text("SPLIT BRAIN", style="bold red"), Text(shown(row.last_error or "both sides moved on"))
@@ -59,9 +70,12 @@ def role_and_state(row) -> tuple[Text, Text]:
     data = row.target_data or "—"
     style = "green" if data == "consistent" else "yellow"
     how = row.replication or row.state
-    if row.connection not in ("connected", "local", ""):
-        how += f" ({row.connection})"
-    return Text("source", style="green"), Text(f"replica {data}; {how}", style=style)
+    conn = row.connection or ""
+    if conn in ("connected", "local", ""):
+        return Text("source", style="green"), Text(f"replica {data}; {how}", style=style)
+    # not connected: that first (the replica's data and the replication are known from before)
+    return Text("source", style="green"), Text(
+        f"{conn if long else short_connection(conn)}; replica {data}; {how}", style="yellow")
 
 
 class AddTargetDialog(ModalScreen["object | None"]):
@@ -215,13 +229,18 @@ class TargetsScreen(TaskScreen):
         rows = {}
         for key, target, row in self._replicated():
             role, state = role_and_state(row)
-            rows[key] = (elide(key, 30), elide(target, 28), role, state)
+            rows[key] = (elide(key, entry_width(self.app.size.width)), elide(target, 24), role,
+                         state)
         self.query_one("#replicas", KeyedTable).show_rows(rows)
         empty = self.query_one("#empty", Static)
         empty.update("No remote target yet: press a to add one, then give an entry the target "
                      "NAME:PATH." if not config.target else
                      "No entry replicates to a remote target: give one the target NAME:PATH.")
         empty.display = not rows
+
+    def on_resize(self) -> None:
+        if self._config is not None:  # the entries' paths: as wide as there is room for
+            self.show((self._config, self._snap))
 
     def _replicated(self):
         """(key, target, CaptureRow or None) of every entry with a remote target."""
@@ -424,7 +443,7 @@ class TargetsScreen(TaskScreen):
             if now is None:  # removed, or replicated elsewhere now
                 return None
             row = now[2]  # None while the daemon does not run
-            role, state = role_and_state(row)
+            role, state = role_and_state(row, long=True)
             return [("Entry", key), ("Replica", target), ("Role", role.plain),
                     ("State", state.plain)] + replication_lines(row)
         self.push_details(f"{shown(key)} → {shown(target)}", follow)
@@ -511,14 +530,14 @@ def _cannot(key: str, row, *, switching: bool) -> str | None:
     if not row.captured or conn in ("", "connected", "local", "none"):
         return None
     if conn.startswith(("disconnected", "refused")):
-        return (f"cannot reach the target of {key} ({short_connection(conn)}): nothing was "
+        return (f"cannot reach the target of {key} ({conn}): nothing was "
                 "changed; try again once it is connected.")
     if conn.startswith("connecting"):  # no answer yet: refused, or promoted there, not known
         return (f"the capture of {key} is still connecting to its target: whether it can be "
                 "reached is not known yet; nothing was changed. Try again once its state says "
                 "connected, or why not.")
     if switching:  # paused: the switch-over's drain refuses anything but connected
-        return (f"the target of {key} takes no records now ({short_connection(conn)}): a "
+        return (f"the target of {key} takes no records now ({conn}): a "
                 "switch-over needs it to have them all; nothing was changed. Try again once it "
                 "is connected.")
     return None
