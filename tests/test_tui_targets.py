@@ -11,11 +11,12 @@ import sys
 from pathlib import Path
 
 import pytest
+from textual.widgets import Static, TextArea
 from test_tui_support import (  # noqa: F401
     cell, config_bytes, notices, pilot_test, settle, static_text, tui, wait_until, wait_while_a_worker_waits)
 
 from app.screens.dialogs import ConfirmDialog, DetailsDialog, ResultsDialog
-from app.screens.targets import AddTargetDialog, TargetsScreen
+from app.screens.targets import AddTargetDialog, KeyLineDialog, TargetsScreen
 from app.services.config import ConfigStore
 
 AGENT = str(Path(sys.executable).parent / "mirrorsetup")
@@ -63,12 +64,25 @@ async def test_targets_and_replicas_are_listed_and_wrong_input_changes_nothing(
 
         await pilot.press("k")  # the authorized_keys line, as `target authorized-key` prints it
         await settle(pilot)
-        assert isinstance(app.screen, DetailsDialog)
-        text = static_text(app.screen.query_one("#details-text"))
+        assert isinstance(app.screen, KeyLineDialog)
         line = subprocess.run([sys.executable, "-m", "app", "--config", str(config_path), "target",
                                "authorized-key", "backup1"], capture_output=True, text=True).stdout
-        assert line.strip() in text.replace("\n", "") and 'serve-target --root /srv/replicas",restrict' in text
+        area = app.screen.query_one("#key-line", TextArea)
+        # one line, never wrapped (a wrapped one was copied from the terminal with breaks in it),
+        # selected whole; c copies it; the CLI that prints it is named
+        assert area.text == line.strip() and 'serve-target --root /srv/replicas",restrict' in area.text
+        assert not area.soft_wrap and area.read_only and area.wrapped_document.height == 1
+        assert area.selected_text == line.strip()
+        assert "mirrorsetup target authorized-key backup1" in "".join(
+            static_text(s) for s in app.screen.query(Static))
+        copied = []
+        app.copy_to_clipboard = copied.append
+        await pilot.press("c")
+        await settle(pilot)
+        assert copied == [line.strip()] and "clipboard" in notices(app)[-1]
         await pilot.press("escape")
+        await settle(pilot)
+        assert app.screen is screen
 
         await pilot.press("a")
         await settle(pilot)

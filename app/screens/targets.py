@@ -14,11 +14,11 @@ from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.containers import Horizontal, Vertical
 from textual.screen import ModalScreen
-from textual.widgets import Button, DataTable, Footer, Header, Input, Label, Static
+from textual.widgets import Button, DataTable, Footer, Header, Input, Label, Static, TextArea
 
 from app.screens.banner import RootBanner
 from app.screens.base import Col, KeyedTable, TaskScreen, elide, selected_key
-from app.screens.dialogs import ConfirmDialog, DetailsDialog, labelled
+from app.screens.dialogs import ConfirmDialog, labelled
 from app.services.results import MirrorError, Outcome, Result
 from app.services.status import (healthy_secondary, nothing_to_fail_back, replication_lines,
                                  short_connection)
@@ -178,6 +178,57 @@ class AddTargetDialog(ModalScreen["object | None"]):
 
     @on(Button.Pressed, "#cancel")
     def action_cancel(self) -> None:
+        self.dismiss(None)
+
+
+class KeyLineDialog(ModalScreen[None]):
+    """The authorized_keys line of a target, on one line that scrolls sideways (a line the
+    dialog wrapped was copied from the terminal with line breaks in it: a broken key), selected
+    whole; c copies it (OSC 52), and `target authorized-key NAME` prints it for a shell."""
+
+    CSS_PATH = "dialogs.tcss"
+    DEFAULT_CSS = """
+    #key-line { height: 2; margin: 1 0; background: $boost; }
+    """
+    BINDINGS = [Binding("escape,enter,q", "close", "Close"), Binding("c", "copy", "Copy")]
+
+    def __init__(self, name: str, line: str) -> None:
+        super().__init__(classes="dialog-screen")
+        self.target_name = name
+        self.line = line
+
+    def compose(self) -> ComposeResult:
+        with Vertical(classes="dialog details", id="key-line-dialog"):
+            yield Label(Text(f"authorized_keys line for {self.target_name}", style="bold"))
+            yield Static("Put this line in ~/.ssh/authorized_keys of the target's user: the key "
+                         "runs the agent and nothing else. It is one line (← → scroll it):",
+                         classes="notes")
+            yield TextArea(self.line, id="key-line", read_only=True, soft_wrap=False,
+                           compact=True, highlight_cursor_line=False)
+            yield Static(Text.assemble("c copies it (where the terminal lets an application set "
+                                       "the clipboard); also: ",
+                                       (f"mirrorsetup target authorized-key {self.target_name}",
+                                        "bold")), classes="notes")
+            with Horizontal(classes="dialog-buttons"):
+                yield Button("Copy", id="copy", compact=True)
+                yield Button("Close", id="close", variant="primary", compact=True)
+
+    def on_mount(self) -> None:
+        area = self.query_one("#key-line", TextArea)
+        area.focus()
+        area.select_all()  # (its end is under the cursor: the start is shown)
+        self.call_after_refresh(area.scroll_home, animate=False)
+
+    @on(Button.Pressed, "#copy")
+    def action_copy(self) -> None:
+        self.app.copy_to_clipboard(self.line)
+        self.notify(f"the authorized_keys line of {self.target_name} was sent to the terminal's "
+                    "clipboard (OSC 52); a terminal that does not take it copies nothing: "
+                    f"`mirrorsetup target authorized-key {self.target_name}` prints it",
+                    title="Key line", markup=False)
+
+    @on(Button.Pressed, "#close")
+    def action_close(self) -> None:
         self.dismiss(None)
 
 
@@ -394,10 +445,7 @@ class TargetsScreen(TaskScreen):
             self.notify(f"the key of {host.name} ({host.identity}.pub) cannot be read: {exc}",
                         title="Key line", severity="error", markup=False)
             return
-        self.app.push_screen(DetailsDialog(
-            f"authorized_keys line for {host.name}",
-            Text("Put this line in ~/.ssh/authorized_keys of the target's user: the key runs "
-                 "the agent and nothing else.\n\n" + line)))
+        self.app.push_screen(KeyLineDialog(host.name, line.strip()))
 
     def action_remove(self) -> None:
         host = self._selected_target()
