@@ -570,3 +570,14 @@ def test_a_long_connection_state_is_short_in_a_cell_and_whole_in_the_warnings(tm
     due = CaptureRow.from_json({**Control().request("status")["filesystem"][0], "connection":
                                 refusal.replace(", retry in 1 s", ", trying again now")})
     assert replication_text(due).startswith("split brain (refused: split brain, trying again now)")
+
+
+def test_a_short_connection_state_keeps_ssh_s_reason():
+    """Found by helper-11: "disconnected: ssh: connect to host H port 22: Connection refused"
+    was cut to "disconnected: ssh" in the tables, the dashboard and status."""
+    from app.services.status import short_connection
+    assert short_connection("disconnected: ssh: connect to host backup1.example.net port 22: "
+                            "Connection refused, retry in 8 s") \
+        == "disconnected: Connection refused, retry in 8 s"
+    assert short_connection("refused: split brain: the target was promoted at 12:00. Choose") \
+        == "refused: split brain"

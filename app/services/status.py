@@ -424,6 +424,8 @@ def short_connection(text: str) -> str:
     if not sep:  # the retry is due: being tried now
         head, sep, retry = text.partition(", trying again now")
     parts = head.split(": ")
+    if len(parts) > 3 and parts[1] == "ssh" and parts[2].startswith("connect to host"):
+        parts = [parts[0], parts[-1]]  # "disconnected: Connection refused", not "…: ssh"
     short = ": ".join(parts[:2]).split(" (")[0].split(". ")[0]
     if len(short) > 60:
         short = short[:59] + "…"
