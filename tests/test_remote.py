@@ -105,6 +105,27 @@ def test_a_target_without_the_agent_says_how_to_install_or_name_it(remote, tmp_p
     assert "install mirrorsetup there" in t.stderr and "target authorized-key backup1" in t.stderr, t.stderr
 
 
+def test_an_agent_that_is_there_but_not_executable_is_not_a_refused_key(remote, tmp_path):
+    """Found by a helper's check of OpenSSH's texts: the forced command naming a file that cannot
+    be run gives status 126 and bash's "…: Permission denied", which was told as 'refused: the
+    target does not accept our key'; a known_hosts with no key for the target was 'host key not
+    pinned or changed'. Fails on the old code."""
+    make, r = remote()
+    agent = tmp_path / "not-executable-mirrorsetup"
+    agent.write_text("#!/bin/sh\nexit 0\n")
+    agent.chmod(0o644)
+    r.bed.set_authorized_keys([r.authorized_line.replace(f'command="{AGENT} ', f'command="{agent} ')])
+    t = cli(r.cfg, "target", "test", "backup1")
+    assert t.returncode == 1, t.stdout + t.stderr
+    assert f"cannot run the agent (bash: line 1: {agent}: Permission denied)" in t.stderr, t.stderr
+    assert "does not accept our key" not in t.stderr and "cannot be run" in t.stderr, t.stderr
+    known = Path(json.loads(cli(r.cfg, "target", "list", "--json").stdout)[0]["known_hosts"])
+    known.write_text("")  # nothing pinned for it now: ssh says so, and so do we
+    t = cli(r.cfg, "target", "test", "backup1")
+    assert t.returncode == 1 and "refused: no host key is pinned for [" in t.stderr, t.stderr
+    assert "rekey backup1" in t.stderr, t.stderr
+
+
 def test_fs_entry_replicates_every_kind_of_change_to_the_other_host(remote, tmp_path):
     make, r = remote()
     src = tmp_path / "src"
@@ -1008,3 +1029,4 @@ def test_a_host_that_refuses_the_key_scan_is_said_to_refuse(tmp_path):
     assert p.returncode == 1, p.stdout + p.stderr
     assert f"could not read the host key of 127.0.0.1 port {port}: connection refused" in p.stderr, p.stderr
     assert not cfg.exists()
+

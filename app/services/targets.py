@@ -88,8 +88,10 @@ class Settings:
 SSH_VERDICTS = ("Host key verification failed", "REMOTE HOST IDENTIFICATION HAS CHANGED",
                 "Permission denied", "Could not resolve hostname", "Connection refused",
                 "Connection timed out", "No route to host", "Network is unreachable",
-                "not responding", "Connection closed by", "Connection reset by",
-                "kex_exchange_identification", "Broken pipe", "command not found")
+                "not responding", "kex_exchange_identification", "Connection closed by",
+                "Connection reset by", "Broken pipe", "command not found")
+# (kex_exchange_identification before "Connection closed by": OpenSSH 9.2 says both when the
+# server hangs up before the ssh handshake, and only the first says at what point)
 SSH_NOISE = ("@", "Warning: Permanently added", "Pseudo-terminal", "debug", "IT IS POSSIBLE",
              "Someone could be", "It is also possible", "Please contact", "Add correct host key",
              "Offending", "remove with", "ssh-keygen", "The fingerprint for", "SHA256:")
@@ -121,18 +123,28 @@ def ssh_failure_text(stderr: str, status: int | None, target: str = "TARGET") ->
                 (f" (it offers {offered.group(1)}, not the key pinned for it)" if offered else "") +
                 f"; if the target was reinstalled, check its key there, then `mirrorsetup target "
                 f"rekey {target}` (Targets screen: h)"), False
+    unknown = re.search(r"No (\S+) host key is known for (\S+)", stderr)
+    if unknown and "host key verification failed" in low:  # an empty or other known_hosts
+        return (f"refused: no host key is pinned for {unknown.group(2)} in the known_hosts ssh was "
+                f"given ({last}); check the target's key there, then `mirrorsetup target rekey "
+                f"{target}` (Targets screen: h)"), False
     if "host key verification failed" in low:
         return (f"refused: host key not pinned or changed ({last}); check the target's key there, "
                 f"then `mirrorsetup target rekey {target}` (Targets screen: h)"), False
-    if "permission denied" in low:
-        return f"refused: the target does not accept our key ({last})", False
-    if "not responding" in low:
-        return f"disconnected: the target stopped answering ({last})", True
+    if status == 126:  # the forced command's shell found the program and could not run it
+        return (f"refused: the target cannot run the agent ({last}); the program that the command= "
+                "of the key's line names is there but cannot be run (not executable?): fix it "
+                f"there, or that command= (`mirrorsetup target authorized-key {target}` prints the "
+                "line)"), True
     if status == 127 or "command not found" in low:
         return (f"refused: the target cannot run the agent ({last}); install mirrorsetup there so "
                 "that `mirrorsetup` is on the PATH of the forced command, or put its full path in "
                 f"the command= of the key's line (`mirrorsetup target authorized-key {target}` "
                 "prints it)"), True
+    if "permission denied (" in low:  # ssh's own: "user@host: Permission denied (publickey)."
+        return f"refused: the target does not accept our key ({last})", False
+    if "not responding" in low:
+        return f"disconnected: the target stopped answering ({last})", True
     return f"disconnected: {last}", True
 
 

@@ -1,0 +1,60 @@
+"""What an ssh failure is said to be, from OpenSSH's own words.
+
+The stderr texts below are what OpenSSH_9.2p1 (Debian 12) printed on this machine against the
+tests/netbed.py target and against listeners on 127.0.0.1 (collected while fixing the findings
+these tests stand for); the changed-host-key banner is in tests/test_remote.py.
+"""
+
+from __future__ import annotations
+
+from app.services.targets import ssh_failure_text, ssh_reason
+
+# (exit status, stderr) as ssh left them
+NOT_PINNED = (255, "No ED25519 host key is known for [10.173.165.250]:32063 and you have "
+                   "requested strict checking.\r\nHost key verification failed.\r\n")
+NOT_EXECUTABLE = (126, "bash: line 1: /srv/mirrorsetup/bin/mirrorsetup: Permission denied\n")
+NOT_INSTALLED = (127, "bash: line 1: /nonexistent/mirrorsetup: No such file or directory\n")
+KEY_REFUSED = (255, "root@10.173.165.250: Permission denied (publickey).\r\n")
+HUNG_UP_BEFORE_HANDSHAKE = (255, "kex_exchange_identification: Connection closed by remote host\r\n"
+                                 "Connection closed by 127.0.0.1 port 38419\r\n")
+RESET_BEFORE_HANDSHAKE = (255, "kex_exchange_identification: read: Connection reset by peer\r\n"
+                               "Connection reset by 127.0.0.1 port 44673\r\n")
+
+
+def test_a_host_key_not_pinned_at_all_is_said_so_not_changed():
+    """Before: 'refused: host key not pinned or changed (Host key verification failed.)' for a
+    known_hosts that holds no key for the target: ssh had said which it was."""
+    state, retry = ssh_failure_text(NOT_PINNED[1], NOT_PINNED[0], "backup1")
+    assert state.startswith("refused: no host key is pinned for [10.173.165.250]:32063 "), state
+    assert "changed" not in state and "target rekey backup1" in state and not retry, state
+
+
+def test_an_agent_that_cannot_be_executed_is_not_said_to_refuse_our_key():
+    """Before: status 126 with bash's 'Permission denied' (the forced command names a file that is
+    not executable) was 'refused: the target does not accept our key (…)', sending the
+    administrator to the authorized_keys key instead of the program."""
+    state, retry = ssh_failure_text(NOT_EXECUTABLE[1], NOT_EXECUTABLE[0], "backup1")
+    assert state.startswith("refused: the target cannot run the agent (bash: line 1: "
+                            "/srv/mirrorsetup/bin/mirrorsetup: Permission denied)"), state
+    assert "does not accept our key" not in state and "cannot be run" in state, state
+    assert "target authorized-key backup1" in state and "--agent" not in state, state
+    # the other two stay what they were
+    state, _ = ssh_failure_text(NOT_INSTALLED[1], NOT_INSTALLED[0], "backup1")
+    assert state.startswith("refused: the target cannot run the agent (bash: line 1: "
+                            "/nonexistent/mirrorsetup: No such file or directory); install"), state
+    state, retry = ssh_failure_text(KEY_REFUSED[1], KEY_REFUSED[0], "backup1")
+    assert state == "refused: the target does not accept our key (root@10.173.165.250: " \
+                    "Permission denied (publickey).)" and not retry
+
+
+def test_a_hang_up_before_the_ssh_handshake_is_told_by_the_line_that_says_so():
+    """Before: 'Connection closed by 127.0.0.1 port 38419' (the same as a session that ended
+    later): the kex_exchange_identification line says the server hung up before any ssh was
+    spoken (sshd's MaxStartups, a wrapper, or no sshd on that port)."""
+    assert ssh_reason(HUNG_UP_BEFORE_HANDSHAKE[1], 255) == \
+        "kex_exchange_identification: Connection closed by remote host"
+    assert ssh_reason(RESET_BEFORE_HANDSHAKE[1], 255) == \
+        "kex_exchange_identification: read: Connection reset by peer"
+    state, retry = ssh_failure_text(*reversed(HUNG_UP_BEFORE_HANDSHAKE))
+    assert state == "disconnected: kex_exchange_identification: Connection closed by remote host"
+    assert retry
