@@ -109,7 +109,8 @@ def test_an_agent_that_is_there_but_not_executable_is_not_a_refused_key(remote, 
     """Found by a helper's check of OpenSSH's texts: the forced command naming a file that cannot
     be run gives status 126 and bash's "…: Permission denied", which was told as 'refused: the
     target does not accept our key'; a known_hosts with no key for the target was 'host key not
-    pinned or changed'. Fails on the old code."""
+    pinned or changed'; `target test` gave every failure the errno ECONNREFUSED (a refused host
+    key, a port with no route). Fails on the old code."""
     make, r = remote()
     agent = tmp_path / "not-executable-mirrorsetup"
     agent.write_text("#!/bin/sh\nexit 0\n")
@@ -119,11 +120,24 @@ def test_an_agent_that_is_there_but_not_executable_is_not_a_refused_key(remote, 
     assert t.returncode == 1, t.stdout + t.stderr
     assert f"cannot run the agent (bash: line 1: {agent}: Permission denied)" in t.stderr, t.stderr
     assert "does not accept our key" not in t.stderr and "cannot be run" in t.stderr, t.stderr
+    t = cli(r.cfg, "target", "test", "backup1", "--json")  # its errno: EACCES, not ECONNREFUSED
+    assert t.returncode == 1 and json.loads(t.stdout)[0]["errno_name"] == "EACCES", t.stdout
     known = Path(json.loads(cli(r.cfg, "target", "list", "--json").stdout)[0]["known_hosts"])
     known.write_text("")  # nothing pinned for it now: ssh says so, and so do we
     t = cli(r.cfg, "target", "test", "backup1")
     assert t.returncode == 1 and "refused: no host key is pinned for [" in t.stderr, t.stderr
     assert "rekey backup1" in t.stderr, t.stderr
+    t = cli(r.cfg, "target", "test", "backup1", "--json")
+    assert json.loads(t.stdout)[0]["errno_name"] == "EACCES", t.stdout
+    r.bed.reject()  # the port refuses: ECONNREFUSED, and ssh's words
+    t = cli(r.cfg, "target", "test", "backup1", "--json")
+    got = json.loads(t.stdout)[0]
+    assert got["errno_name"] == "ECONNREFUSED" and "Connection refused" in got["message"], got
+    r.bed.unblock()
+    r.bed.reject(with_="icmpx type host-unreachable")
+    got = json.loads(cli(r.cfg, "target", "test", "backup1", "--json").stdout)[0]
+    assert got["errno_name"] == "EHOSTUNREACH" and "No route to host" in got["message"], got
+    r.bed.unblock()
 
 
 def test_fs_entry_replicates_every_kind_of_change_to_the_other_host(remote, tmp_path):

@@ -148,6 +148,27 @@ def ssh_failure_text(stderr: str, status: int | None, target: str = "TARGET") ->
     return f"disconnected: {last}", True
 
 
+# the errno an ssh failure stands for, by ssh's words (first that is said)
+SSH_ERRNOS = (("host key verification failed", errno.EACCES),
+              ("remote host identification has changed", errno.EACCES),
+              ("permission denied (", errno.EACCES), ("could not resolve hostname", errno.EHOSTUNREACH),
+              ("connection refused", errno.ECONNREFUSED), ("timed out", errno.ETIMEDOUT),
+              ("not responding", errno.ETIMEDOUT), ("no route to host", errno.EHOSTUNREACH),
+              ("network is unreachable", errno.ENETUNREACH), ("connection reset", errno.ECONNRESET),
+              ("connection closed by", errno.ECONNRESET), ("broken pipe", errno.EPIPE))
+
+
+def ssh_errno(stderr: str, status: int | None) -> int:
+    """The errno of an ssh that ended before the agent answered (ECONNREFUSED when ssh's words
+    name none: it was not let through to the agent)."""
+    if status == 127:  # the forced command's program is not there
+        return errno.ENOENT
+    if status == 126:  # there, and cannot be run
+        return errno.EACCES
+    low = stderr.lower()
+    return next((err for words, err in SSH_ERRNOS if words in low), errno.ECONNREFUSED)
+
+
 def keys_dir(store: ConfigStore) -> str:
     return os.path.join(os.path.dirname(os.path.abspath(store.path)), "keys")
 
@@ -457,7 +478,7 @@ def probe(host: TargetHost) -> dict:
         state, _retry = ssh_failure_text(stderr, proc.returncode, host.name)
         raise MirrorError(f"target {host.name}: {state}" + (f" ({result['error']})" if result.get("error")
                                                              and "ssh exited" in state else ""),
-                          errno=errno.ECONNREFUSED, obj=host.name)
+                          errno=ssh_errno(stderr, proc.returncode), obj=host.name)
     kind, msg = result["welcome"]
     if kind == wire.ERROR:
         raise MirrorError(f"target {host.name}: the agent refused: {msg.get('message')}",
