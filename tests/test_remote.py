@@ -1044,3 +1044,20 @@ def test_a_host_that_refuses_the_key_scan_is_said_to_refuse(tmp_path):
     assert f"could not read the host key of 127.0.0.1 port {port}: connection refused" in p.stderr, p.stderr
     assert not cfg.exists()
 
+
+def test_a_malformed_host_key_fingerprint_is_told_what_it_looks_like(tmp_path):
+    """Found by a helper's check: every malformed --accept-host-key got the same words ("'' is
+    not a fingerprint"), also the fingerprint copied from ssh's changed-key warning with the
+    sentence's '.' and an MD5 one. Fails on the old code."""
+    cfg = tmp_path / "etc" / "replication.toml"
+    fp = "SHA256:yORWyw4DuWOTf/E9jQcFF9Q4gRZF1rAhVgkIxjfNeRE"
+    for bad, said in (("", "an empty --accept-host-key is not a fingerprint"),
+                      (fp + ".", "drop the '.' after it"),
+                      ("d6:5f:00:1c", "it looks like an MD5 one (xx:xx:…), and only SHA256"),
+                      (fp[len("SHA256:"):], "it lacks the SHA256: in front")):
+        for argv in (["target", "add", "t1", "--host", "host.invalid", "--root", "/srv/r"],
+                     ["target", "rekey", "t1"]):
+            p = cli(cfg, *argv, "--accept-host-key", bad)
+            assert p.returncode == 2 and said in p.stderr, (argv, bad, p.stderr)
+            assert "SHA256: and 43 characters" in p.stderr, p.stderr
+    assert not cfg.exists()

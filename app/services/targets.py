@@ -229,10 +229,26 @@ def pinned_fingerprints(known_hosts: str, host: str, port: int) -> list[str]:
 
 
 def check_fingerprint(fp: str) -> None:
-    if not re.fullmatch(r"SHA256:[A-Za-z0-9+/]{43}", fp):  # 32 bytes in base64, unpadded
-        raise ConfigError(f"--accept-host-key {fp!r} is not a fingerprint: give it as ssh-keygen "
-                          "-lf prints it, SHA256:… (e.g. ssh-keygen -lf "
-                          "/etc/ssh/ssh_host_ed25519_key.pub on the target)", errno=errno.EINVAL, obj=fp)
+    """--accept-host-key as ssh-keygen -l prints it: SHA256: and 32 bytes in base64 without
+    padding (43 characters); anything else is refused before any host is asked, saying what
+    it looks like (the SHA256 form is the only one documented and compared)."""
+    if re.fullmatch(r"SHA256:[A-Za-z0-9+/]{43}", fp):
+        return
+    if not fp:
+        what = "an empty --accept-host-key is not a fingerprint"
+    elif re.fullmatch(r"SHA256:[A-Za-z0-9+/]{43}\.", fp):
+        what = (f"--accept-host-key {fp!r} is not a fingerprint: drop the '.' after it (ssh's "
+                "warning ends its sentence with one)")
+    elif re.fullmatch(r"(MD5:)?[0-9a-fA-F]{2}(:[0-9a-fA-F]{2})+", fp):
+        what = (f"--accept-host-key {fp!r} is not a fingerprint taken here: it looks like an MD5 "
+                "one (xx:xx:…), and only SHA256 ones are compared")
+    elif re.fullmatch(r"[A-Za-z0-9+/]{43}", fp):
+        what = f"--accept-host-key {fp!r} is not a fingerprint: it lacks the SHA256: in front"
+    else:
+        what = f"--accept-host-key {fp!r} is not a fingerprint"
+    raise ConfigError(f"{what}; give it as ssh-keygen -lf prints it, SHA256: and 43 characters "
+                      "(e.g. ssh-keygen -lf /etc/ssh/ssh_host_ed25519_key.pub on the target)",
+                      errno=errno.EINVAL, obj=fp or "--accept-host-key")
 
 
 def _repin(known_hosts: str, host: str, port: int, line: str) -> None:
