@@ -83,28 +83,55 @@ class Settings:
         return cls(**{k: v for k, v in spec.items() if k in cls.__dataclass_fields__}, path=path)
 
 
-# ssh's own last words, most telling first: the reason is the line that has one of them (its
-# banners, "@@@…" and "Someone could be eavesdropping…", and the remedies it suggests are not)
-SSH_VERDICTS = ("Host key verification failed", "REMOTE HOST IDENTIFICATION HAS CHANGED",
-                "Permission denied", "Could not resolve hostname", "Connection refused",
-                "Connection timed out", "No route to host", "Network is unreachable",
-                "not responding", "kex_exchange_identification", "Connection closed by",
-                "Connection reset by", "Broken pipe", "command not found")
+# ssh's own last words, most telling first, and the errno each stands for (None: it names none;
+# a later one said may). The reason shown is the line that has the first said (its banners,
+# "@@@…" and "Someone could be eavesdropping…", and the remedies it suggests are not); the errno
+# is the first said that names one.
+SSH_VERDICTS = (("Host key verification failed", errno.EACCES),
+                ("REMOTE HOST IDENTIFICATION HAS CHANGED", errno.EACCES),
+                ("Permission denied (", errno.EACCES),  # ssh's own: "… denied (publickey)."
+                ("Permission denied", None),  # a forced command's shell (its status 126 says)
+                ("Could not resolve hostname", errno.EHOSTUNREACH),
+                ("Connection refused", errno.ECONNREFUSED),
+                ("timed out", errno.ETIMEDOUT),  # also "Connection to H port P timed out"
+                ("No route to host", errno.EHOSTUNREACH),
+                ("Network is unreachable", errno.ENETUNREACH),
+                ("not responding", errno.ETIMEDOUT),
+                ("kex_exchange_identification", None),
+                ("Connection closed by", errno.ECONNRESET),
+                ("Connection reset", errno.ECONNRESET),
+                ("Broken pipe", errno.EPIPE),
+                ("command not found", None))
 # (kex_exchange_identification before "Connection closed by": OpenSSH 9.2 says both when the
-# server hangs up before the ssh handshake, and only the first says at what point)
+# server hangs up before the ssh handshake, and only the first says at what point; the second
+# gives the errno)
 SSH_NOISE = ("@", "Warning: Permanently added", "Pseudo-terminal", "debug", "IT IS POSSIBLE",
              "Someone could be", "It is also possible", "Please contact", "Add correct host key",
              "Offending", "remove with", "ssh-keygen", "The fingerprint for", "SHA256:")
 
 
+def ssh_verdict(stderr: str) -> tuple[str | None, int | None]:
+    """(the line of an ssh's stderr that has the first verdict said, the errno of the first
+    said that names one); None for what it does not say. SSH_VERDICTS read once for both."""
+    lines = [ln.strip() for ln in stderr.splitlines() if ln.strip()]
+    line = err = None
+    for words, words_errno in SSH_VERDICTS:
+        said = [ln for ln in lines if words.lower() in ln.lower()]
+        if said:
+            line = line or said[-1]
+            err = err or words_errno
+            if err:
+                break
+    return line, err
+
+
 def ssh_reason(stderr: str, status: int | None) -> str:
     """The line of an ssh's stderr that says why it ended (a verdict; else its last line that
     is not a banner or a remedy; else its exit status)."""
+    verdict, _ = ssh_verdict(stderr)
+    if verdict:
+        return verdict
     lines = [ln.strip() for ln in stderr.splitlines() if ln.strip()]
-    for verdict in SSH_VERDICTS:
-        said = [ln for ln in lines if verdict.lower() in ln.lower()]
-        if said:
-            return said[-1]
     plain = [ln for ln in lines if not ln.startswith(SSH_NOISE) and any(c.isalpha() for c in ln)]
     if plain:
         return plain[-1]
@@ -148,16 +175,6 @@ def ssh_failure_text(stderr: str, status: int | None, target: str = "TARGET") ->
     return f"disconnected: {last}", True
 
 
-# the errno an ssh failure stands for, by ssh's words (first that is said)
-SSH_ERRNOS = (("host key verification failed", errno.EACCES),
-              ("remote host identification has changed", errno.EACCES),
-              ("permission denied (", errno.EACCES), ("could not resolve hostname", errno.EHOSTUNREACH),
-              ("connection refused", errno.ECONNREFUSED), ("timed out", errno.ETIMEDOUT),
-              ("not responding", errno.ETIMEDOUT), ("no route to host", errno.EHOSTUNREACH),
-              ("network is unreachable", errno.ENETUNREACH), ("connection reset", errno.ECONNRESET),
-              ("connection closed by", errno.ECONNRESET), ("broken pipe", errno.EPIPE))
-
-
 def ssh_errno(stderr: str, status: int | None) -> int:
     """The errno of an ssh that ended before the agent answered (ECONNREFUSED when ssh's words
     name none: it was not let through to the agent)."""
@@ -165,8 +182,7 @@ def ssh_errno(stderr: str, status: int | None) -> int:
         return errno.ENOENT
     if status == 126:  # there, and cannot be run
         return errno.EACCES
-    low = stderr.lower()
-    return next((err for words, err in SSH_ERRNOS if words in low), errno.ECONNREFUSED)
+    return ssh_verdict(stderr)[1] or errno.ECONNREFUSED
 
 
 def keys_dir(store: ConfigStore) -> str:
