@@ -255,8 +255,9 @@ def snapshot(store: ConfigStore, control=None, *, scan_writers: bool = True,
             state, other = "not mounted", (top.fstype if top is not None else None)
         row = rows.get(("fs", entry.path))
         if state == "not mounted":
-            snap.warnings.append(_not_captured_warning(entry.path, row, state_dir=marks))
-            if (shown := _switched_state(row, marks, "fs", entry.path)) is not None:
+            sw = _switched(row, marks, "fs", entry.path)
+            snap.warnings.append(_not_captured_warning(entry.path, row, sw))
+            if (shown := _switched_state(sw)) is not None:
                 state, other = shown, None  # not "not mounted": Mount all would fork its history
         elif state == "mounted" and snap.engine is None:  # no daemon: is its worker there?
             if _serving(os.path.join(entry.path, ".")):
@@ -280,23 +281,26 @@ def snapshot(store: ConfigStore, control=None, *, scan_writers: bool = True,
     return snap
 
 
-def _not_captured_warning(path: str, row: CaptureRow | None,
+def _not_captured_warning(path: str, row: CaptureRow | None, sw: dict | None,
                           what: str = "not mounted as mirrorfs: changes there are not captured "
-                                      "(Mount all)", *, kind: str = "fs",
-                          state_dir: str | None = None) -> StatusWarning:
+                                      "(Mount all)") -> StatusWarning:
     """An entry without its capture: Mount all / Attach all, unless it was handed over to its
-    replica (the daemon says so; without a daemon, its marker in `state_dir` does)."""
-    sw = row.switched if row is not None else _switched_marker(state_dir, kind, path)
+    replica (`sw`: _switched())."""
     if sw:
         return StatusWarning(path, _switched_text(sw, row.target if row is not None else None) +
                              " (Targets screen: f fails back, o keeps this side)")
     return StatusWarning(path, what)
 
 
-def _switched_state(row: CaptureRow | None, state_dir: str | None, kind: str, key: str) -> str | None:
-    """An entry's STATE when it was handed over to its replica (the daemon's word, else its
-    marker): "switched over", or "switch-over interrupted"; None when it was not."""
-    sw = row.switched if row is not None else _switched_marker(state_dir, kind, key)
+def _switched(row: CaptureRow | None, state_dir: str | None, kind: str, key: str) -> dict | None:
+    """An entry's switch-over: the daemon's word, else (no daemon) its marker in `state_dir`;
+    read once per entry, for both its warning and its state."""
+    return row.switched if row is not None else _switched_marker(state_dir, kind, key)
+
+
+def _switched_state(sw: dict | None) -> str | None:
+    """An entry's STATE when it was handed over to its replica (`sw`: _switched()):
+    "switched over", or "switch-over interrupted"; None when it was not."""
     if not sw:
         return None
     return "switch-over interrupted" if sw.get("state") == "switching" else "switched over"
@@ -332,10 +336,10 @@ def _block_state(entry: BlockEntry, view: View, table,
     live = bool(engine and engine.captured)
     capture = ""
     if not ours:
-        state = _switched_state(engine, marks, "block", dev) or "detached"
-        warnings.append(_not_captured_warning(dev, engine, "not attached to a loop device: its "
-                                              "writes are not captured (Attach all)", kind="block",
-                                              state_dir=marks))
+        sw = _switched(engine, marks, "block", dev)
+        state = _switched_state(sw) or "detached"
+        warnings.append(_not_captured_warning(dev, engine, sw, "not attached to a loop device: its "
+                                              "writes are not captured (Attach all)"))
     elif all(s.autoclear for s in ours) or (engine is not None and engine.pending_detach):
         # We never attach with autoclear, so it being set means a deferred LOOP_CLR_FD.
         state = "detach pending"
