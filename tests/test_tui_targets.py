@@ -6,6 +6,7 @@ pinned, and tested."""
 
 from __future__ import annotations
 
+import contextlib
 import subprocess
 import sys
 from pathlib import Path
@@ -16,7 +17,7 @@ from test_tui_support import (  # noqa: F401
     cell, config_bytes, notices, pilot_test, settle, static_text, tui, wait_until, wait_while_a_worker_waits)
 
 from app.screens.dialogs import ConfirmDialog, DetailsDialog, ResultsDialog
-from app.screens.targets import AddTargetDialog, KeyLineDialog, TargetsScreen
+from app.screens.targets import AddTargetDialog, KeyLineDialog, TargetsScreen, remote_name
 from app.services.config import ConfigStore
 
 AGENT = str(Path(sys.executable).parent / "mirrorsetup")
@@ -46,6 +47,34 @@ async def open_targets(pilot):
     await pilot.press("7")
     await wait_until(pilot, lambda: isinstance(pilot.app.screen, TargetsScreen)
                      and pilot.app.screen.query_one("#targets").row_count == 1, "the targets")
+
+
+@pytest.fixture
+def canned_targets(tui, config_path):
+    """canned_targets(rows) -> async context of (app, pilot, screen): the real app on Targets
+    over the config file the test wrote, every replicated entry listed, the daemon's status
+    answering the file-system `rows` (a list, read at each refresh: change it in place, then
+    post FiguresMoved). `rows` None: no daemon runs."""
+    from app.services.status import snapshot
+
+    @contextlib.asynccontextmanager
+    async def run(rows):
+        class Control:
+            def request(self, what):
+                return {"filesystem": list(rows), "block": []}
+        app = tui(is_root=True)
+        app.services._status = lambda: snapshot(ConfigStore(config_path),
+                                                None if rows is None else Control(),
+                                                scan_writers=False)
+        config = ConfigStore(config_path).load()
+        replicated = [e for e in (*config.filesystem, *config.block) if remote_name(e.target, config)]
+        async with app.run_test(size=(80, 24)) as pilot:
+            await open_targets(pilot)
+            screen = app.screen
+            await wait_until(pilot, lambda: screen.query_one("#replicas").row_count ==
+                             len(replicated), "the replicated entries")
+            yield app, pilot, screen
+    return run
 
 
 @pilot_test
@@ -166,27 +195,17 @@ async def test_targets_and_replicas_are_listed_and_wrong_input_changes_nothing(
 
 @pilot_test
 async def test_fail_back_and_keep_this_host_of_a_connected_secondary_ask_nothing(
-        tui, config_path, tmp_path, config_bytes):
+        canned_targets, config_path, tmp_path, config_bytes):
     """Found by a walk: f and o on an entry replicating as usual asked whether to REPLACE this
     host's data (or OVERWRITE the replica) before the daemon refused with "nothing to fail
     back". Now a connected secondary gets a notice; switch over still asks."""
-    from app.services.status import snapshot
     write_config(config_path, tmp_path)
     before = config_bytes()
     src = str(tmp_path / "src")
-
-    class Control:
-        def request(self, what):
-            return {"filesystem": [{"kind": "fs", "key": src, "captured": True, "target": "backup1:data",
-                                    "state": "capturing", "replication": "established",
-                                    "connection": "connected", "target_data": "consistent"}],
-                    "block": []}
-    app = tui(is_root=True)
-    app.services._status = lambda: snapshot(ConfigStore(config_path), Control(), scan_writers=False)
-    async with app.run_test(size=(80, 24)) as pilot:
-        await open_targets(pilot)
-        screen = app.screen
-        await wait_until(pilot, lambda: screen.query_one("#replicas").row_count == 1, "the entry")
+    rows = [{"kind": "fs", "key": src, "captured": True, "target": "backup1:data",
+             "state": "capturing", "replication": "established", "connection": "connected",
+             "target_data": "consistent"}]
+    async with canned_targets(rows) as (app, pilot, screen):
         for key in ("f", "o"):
             await pilot.press(key)
             await settle(pilot)
@@ -202,10 +221,9 @@ async def test_fail_back_and_keep_this_host_of_a_connected_secondary_ask_nothing
 
 @pilot_test
 async def test_what_the_status_shown_rules_out_is_said_without_a_question(
-        tui, config_path, tmp_path, config_bytes):
+        canned_targets, config_path, tmp_path, config_bytes):
     """Found by a walk: s on an entry switched over already, and f while the target refuses
     the connection, asked to confirm first and failed after. Now said at once."""
-    from app.services.status import snapshot
     write_config(config_path, tmp_path)
     before = config_bytes()
     src = str(tmp_path / "src")
@@ -217,17 +235,8 @@ async def test_what_the_status_shown_rules_out_is_said_without_a_question(
                         "connection": "disconnected: ssh: connect to host backup1.example.net port "
                                       "22: Connection refused, retry in 8 s",
                         "target_data": "consistent"}}
-    now = {"row": rows["switched"]}
-
-    class Control:
-        def request(self, what):
-            return {"filesystem": [now["row"]], "block": []}
-    app = tui(is_root=True)
-    app.services._status = lambda: snapshot(ConfigStore(config_path), Control(), scan_writers=False)
-    async with app.run_test(size=(80, 24)) as pilot:
-        await open_targets(pilot)
-        screen = app.screen
-        await wait_until(pilot, lambda: screen.query_one("#replicas").row_count == 1, "the entry")
+    now = [rows["switched"]]
+    async with canned_targets(now) as (app, pilot, screen):
         await pilot.press("s")
         await settle(pilot)
         assert app.screen is screen, f"s asked: {type(app.screen).__name__}"
@@ -237,7 +246,7 @@ async def test_what_the_status_shown_rules_out_is_said_without_a_question(
         assert isinstance(app.screen, ConfirmDialog)
         await pilot.press("n")
         await settle(pilot)
-        now["row"] = rows["refused"]  # the daemon's figures moved: the screen reads again
+        now[0] = rows["refused"]  # the daemon's figures moved: the screen reads again
         screen.post_message(screen.FiguresMoved())
         await wait_until(pilot, lambda: screen._replicated()[0][2].captured, "the new status")
         for key in ("f", "s"):
@@ -250,36 +259,25 @@ async def test_what_the_status_shown_rules_out_is_said_without_a_question(
 
 @pilot_test
 async def test_a_capture_still_connecting_or_paused_is_said_without_a_question(
-        tui, config_path, tmp_path, config_bytes):
+        canned_targets, config_path, tmp_path, config_bytes):
     """Found by a walk: with the target REJECTing, the capture says "connecting" until its first
     attempt ends, and f and s asked to confirm first and failed after (a switch-over's drain
     refuses anything but connected; a paused target too). Now said at once; f on a paused
     target (reachable) still asks."""
-    from app.services.status import snapshot
     write_config(config_path, tmp_path)
     before = config_bytes()
     src = str(tmp_path / "src")
     row = {"kind": "fs", "key": src, "captured": True, "target": "backup1:data",
            "state": "capturing", "replication": "waiting for the target",
            "connection": "connecting", "target_data": "inconsistent"}
-    now = {"row": row}
-
-    class Control:
-        def request(self, what):
-            return {"filesystem": [now["row"]], "block": []}
-    app = tui(is_root=True)
-    app.services._status = lambda: snapshot(ConfigStore(config_path), Control(), scan_writers=False)
-    async with app.run_test(size=(80, 24)) as pilot:
-        await open_targets(pilot)
-        screen = app.screen
-        await wait_until(pilot, lambda: screen.query_one("#replicas").row_count == 1, "the entry")
+    now = [row]
+    async with canned_targets(now) as (app, pilot, screen):
         for key in ("f", "s", "o"):
             await pilot.press(key)
             await settle(pilot)
             assert app.screen is screen, f"{key} asked: {type(app.screen).__name__}"
             assert f"the capture of {src} is still connecting to its target" in notices(app)[-1]
-        now["row"] = {**row, "connection": "paused: target full (ENOSPC)",
-                      "replication": "established"}
+        now[0] = {**row, "connection": "paused: target full (ENOSPC)", "replication": "established"}
         screen.post_message(screen.FiguresMoved())
         await wait_until(pilot, lambda: screen._replicated()[0][2].connection.startswith("paused"),
                          "the new status")
@@ -297,7 +295,7 @@ async def test_a_capture_still_connecting_or_paused_is_said_without_a_question(
 
 @pilot_test
 async def test_at_80_columns_the_state_is_readable_and_every_key_is_in_the_footer(
-        tui, config_path, tmp_path):
+        canned_targets, config_path, tmp_path):
     """Found by a walk at 80x24: the entries table cut the state ("replica consistent;
     establ…", "since 2026-09-21 12:13 (se…"), a disconnected capture's reason came last and was
     cut away, and h (re-pin) worked but was not in the footer. Now the replica's name (in the
@@ -307,7 +305,6 @@ async def test_at_80_columns_the_state_is_readable_and_every_key_is_in_the_foote
     from textual.widgets import Footer
     from textual.widgets._footer import FooterKey
     from app.screens import actions
-    from app.services.status import snapshot
     write_config(config_path, tmp_path)
     src = str(tmp_path / "src")
     shared, other = tmp_path / "shared", tmp_path / "other"
@@ -327,17 +324,8 @@ async def test_at_80_columns_the_state_is_readable_and_every_key_is_in_the_foote
              "connection": "disconnected: the target stopped answering (Timeout, server "
                            "backup1.example.net not responding.), retry in 8 s",
              "target_data": "consistent"}]
-
-    class Control:
-        def request(self, what):
-            return {"filesystem": rows, "block": []}
-    app = tui(is_root=True)
-    app.services._status = lambda: snapshot(ConfigStore(config_path), Control(), scan_writers=False)
-    async with app.run_test(size=(80, 24)) as pilot:
-        await open_targets(pilot)
-        screen = app.screen
+    async with canned_targets(rows) as (app, pilot, screen):
         table = screen.query_one("#replicas")
-        await wait_until(pilot, lambda: table.row_count == 3, "the entries")
         assert table.shown_columns == ("entry", "role", "state"), table.shown_columns
         state = {k: cell(table, k, "state") for k in (src, str(shared), str(other))}
         assert state[src] == "replica consistent; established", state
