@@ -170,26 +170,37 @@ async def test_targets_and_replicas_are_listed_and_wrong_input_changes_nothing(
         await pilot.press("escape")
         await settle(pilot)
 
-        await pilot.press("s")  # switch over: what happens on which host, then No
+        await pilot.press("s")  # the daemon's work, and no daemon runs: said, not asked
         await settle(pilot)
-        assert isinstance(app.screen, ConfirmDialog)
-        question = static_text(app.screen.query_one("#question"))
-        assert "On THIS host: capture stops" in question and "On backup1.example.net: the " \
-            "replica backup1:data becomes primary" in question and "No data is lost" in question
-        await pilot.press("n")
-        await pilot.press("f")
+        assert app.screen is screen, f"s asked: {type(app.screen).__name__}"
+        assert f"the daemon is not running: the switch-over, fail-back and keep-this-host of " \
+               f"{src} are its work" in notices(app)[-1], notices(app)
+    assert config_bytes() == before
+
+
+@pilot_test
+async def test_without_the_daemon_fail_over_actions_say_so_at_once(
+        canned_targets, config_path, tmp_path, config_bytes):
+    """Found by a walk: with the daemon stopped, s (and f, o) asked to confirm a switch-over
+    (what happens on which host) and only then failed with "the daemon is not running". All
+    three are the daemon's work (app/engine/failover.py runs in it; the CLI requires the
+    daemon for them too): now said at once, from the status shown. What works without the
+    daemon still does (the key line)."""
+    write_config(config_path, tmp_path)
+    before = config_bytes()
+    src = str(tmp_path / "src")
+    async with canned_targets(None) as (app, pilot, screen):
+        assert cell(screen.query_one("#replicas"), src, "state") == "the daemon is not running"
+        for key in ("s", "f", "o"):
+            await pilot.press(key)
+            await settle(pilot)
+            assert app.screen is screen, f"{key} asked: {type(app.screen).__name__}"
+            assert f"the daemon is not running: the switch-over, fail-back and keep-this-host " \
+                   f"of {src} are its work. Start it on the Daemon screen (5 in the main menu)" \
+                   in notices(app)[-1], notices(app)
+        await pilot.press("k")
         await settle(pilot)
-        question = static_text(app.screen.query_one("#question"))
-        assert "is REPLACED by the replica's where it differs" in question
-        await pilot.press("n")
-        await pilot.press("o")
-        await settle(pilot)
-        question = static_text(app.screen.query_one("#question"))
-        assert "On backup1.example.net: everything written to backup1:data since it was " \
-               "promoted is OVERWRITTEN" in question
-        await pilot.press("n")
-        await settle(pilot)
-        assert isinstance(app.screen, TargetsScreen)
+        assert isinstance(app.screen, KeyLineDialog)
     assert config_bytes() == before
 
 
@@ -213,7 +224,10 @@ async def test_fail_back_and_keep_this_host_of_a_connected_secondary_ask_nothing
             assert f"{src} was not switched over" in notices(app)[-1], notices(app)
         await pilot.press("s")  # a switch-over of it is what there is to do: asked
         await settle(pilot)
-        assert isinstance(app.screen, ConfirmDialog)
+        assert isinstance(app.screen, ConfirmDialog)  # what happens on which host, then No
+        question = static_text(app.screen.query_one("#question"))
+        assert "On THIS host: capture stops" in question and "On backup1.example.net: the " \
+            "replica backup1:data becomes primary" in question and "No data is lost" in question
         await pilot.press("n")
         await settle(pilot)
     assert config_bytes() == before
@@ -244,8 +258,19 @@ async def test_what_the_status_shown_rules_out_is_said_without_a_question(
         await pilot.press("f")  # what there is to do: asked
         await settle(pilot)
         assert isinstance(app.screen, ConfirmDialog)
+        question = static_text(app.screen.query_one("#question"))
+        assert "is REPLACED by the replica's where it differs" in question
         await pilot.press("n")
         await settle(pilot)
+        await pilot.press("o")  # as is keeping this host's data
+        await settle(pilot)
+        assert isinstance(app.screen, ConfirmDialog)
+        question = static_text(app.screen.query_one("#question"))
+        assert "On backup1.example.net: everything written to backup1:data since it was " \
+               "promoted is OVERWRITTEN" in question
+        await pilot.press("n")
+        await settle(pilot)
+        assert app.screen is screen
         now[0] = rows["refused"]  # the daemon's figures moved: the screen reads again
         screen.post_message(screen.FiguresMoved())
         await wait_until(pilot, lambda: screen._replicated()[0][2].captured, "the new status")

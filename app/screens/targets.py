@@ -513,7 +513,10 @@ class TargetsScreen(TaskScreen):
             self.notify(nothing_to_fail_back(key, target), title=title, severity="warning",
                         markup=False)
             return
-        refused = _cannot(key, row, switching=switching)
+        # was the daemon running when the status shown was taken? (one that did not answer it
+        # is running: it may answer the action)
+        daemon = self._snap.engine is not None or self._snap.engine_error is not None
+        refused = _cannot(key, row, switching=switching, daemon=daemon)
         if refused:
             self.notify(refused, title=title, severity="warning", markup=False)
             return
@@ -560,11 +563,16 @@ class TargetsScreen(TaskScreen):
             f"handing {shown(target)} back to this host"), promoted_only=True)
 
 
-def _cannot(key: str, row, *, switching: bool) -> str | None:
+def _cannot(key: str, row, *, switching: bool, daemon: bool = True) -> str | None:
     """Why the status shown says a switch-over (`switching`), a fail-back or keep-this-host
-    of `key` cannot be done now; None when only trying tells (the daemon checks it again)."""
+    of `key` cannot be done now; None when only trying tells (the daemon checks it again).
+    `daemon`: the daemon was running when the status shown was taken."""
+    if not daemon:  # all three are the daemon's (app/engine/failover.py runs in it)
+        return ("the daemon is not running: the switch-over, fail-back and keep-this-host of "
+                f"{key} are its work. Start it on the Daemon screen (5 in the main menu), then "
+                "try again. Nothing was changed.")
     if row is None:
-        return None  # no daemon: the action says so itself
+        return None  # the daemon has no figures of it: the action says why
     sw = row.switched or {}
     if switching and sw.get("state") == "switched":
         return (f"{key} is switched over already: f fails back to this host, o keeps this "
