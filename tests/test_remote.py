@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -1061,3 +1062,19 @@ def test_a_malformed_host_key_fingerprint_is_told_what_it_looks_like(tmp_path):
             assert p.returncode == 2 and said in p.stderr, (argv, bad, p.stderr)
             assert "SHA256: and 43 characters" in p.stderr, p.stderr
     assert not cfg.exists()
+
+
+def test_a_host_that_drops_the_key_scan_is_said_to_time_out_once(two_hosts, monkeypatch):
+    """Found by a helper: ssh-keyscan says nothing when it times out, and the connect that then
+    asked the kernel why waited as long again (10 s + 10 s before "timed out")."""
+    import time
+    from app.services import targets
+    monkeypatch.setattr(targets, "KEYSCAN_SECONDS", 2)
+    two_hosts.blackhole(two_hosts.port)
+    began = time.monotonic()
+    with pytest.raises(targets.MirrorError) as got:
+        targets.scan_host_keys(two_hosts.target_addr, two_hosts.port)
+    took = time.monotonic() - began
+    assert got.value.errno == errno.ETIMEDOUT, got.value
+    assert f"port {two_hosts.port}: timed out: no ssh answer within 2 s" in str(got.value)
+    assert took < 3.9, took  # one wait of 2 s, not two (4 s and more)

@@ -203,14 +203,20 @@ def _run(argv: list[str], *, input: bytes | None = None, timeout: float = 30) ->
 
 def scan_host_keys(host: str, port: int) -> list[tuple[str, str, str]]:
     """(key line for known_hosts, fingerprint SHA256:…, type) for each key the host offers."""
+    began = time.monotonic()
     r = _run(["ssh-keyscan", "-T", str(KEYSCAN_SECONDS), "-p", str(port), "--", host],
              timeout=KEYSCAN_SECONDS + 10)
+    waited = time.monotonic() - began
     lines = [ln for ln in r.stdout.decode(errors="replace").splitlines()
              if ln.strip() and not ln.startswith("#")]
     if not lines:
         said = dict.fromkeys(ln.strip() for ln in r.stderr.decode(errors="replace").splitlines()
                              if ln.strip() and not ln.startswith("#"))  # once each, no \r
         err, why = errno.EHOSTUNREACH, "; ".join(said)
+        if not why and waited >= KEYSCAN_SECONDS:  # its own time-out (it says nothing of that
+            # either): a port that drops packets, or a service that never sends an ssh banner.
+            # Asked again, the kernel would wait as long once more.
+            err, why = errno.ETIMEDOUT, f"timed out: no ssh answer within {KEYSCAN_SECONDS} s"
         if not why:  # ssh-keyscan says nothing of a refused or unreachable port: ask the kernel
             try:
                 socket.create_connection((host, port), timeout=KEYSCAN_SECONDS).close()
