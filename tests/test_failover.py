@@ -333,6 +333,31 @@ def test_a_switchover_to_a_target_it_cannot_reach_changes_nothing(fs_remote):
     assert replicas(r)[0]["role"] == "secondary"
 
 
+def test_a_switchover_to_a_full_target_says_so_and_changes_nothing(fs_remote):
+    """Found at a final read: a target too full to take the last changes was refused as
+    "cannot reach the target (paused: target full)", though it answers; it is said for what it
+    is (ENOSPC), the capture stays, and once there is room the changes arrive."""
+    eng, src, r = fs_remote(disk=48 * MiB)
+    s = Path(src)
+    disk = r.bed._disks[-1]
+    disk.fill()
+    for i in range(20):
+        (s / f"big{i}").write_bytes(os.urandom(256 << 10))
+    wait_for("paused", lambda: eng.status(src)["connection"].startswith("paused"), 60)
+    before = [m.split()[4] for m in open("/proc/self/mountinfo") if " fuse.mirrorfs " in m]
+    p = cli(r.cfg, "--json", "switchover", src, socket=eng.socket)
+    assert p.returncode == 1, p.stdout + p.stderr
+    assert "the target cannot take the last changes (paused: target full" in p.stderr, p.stderr
+    assert "cannot reach" not in p.stderr and "nothing was changed" in p.stderr, p.stderr
+    assert json.loads(p.stdout)[0]["errno_name"] == "ENOSPC", p.stdout
+    assert [m.split()[4] for m in open("/proc/self/mountinfo") if " fuse.mirrorfs " in m] == before
+    assert not list(Path(eng.state).rglob("switched")), "a switch-over marker left behind"
+    disk.unfill()
+    st = eng.drain(src)
+    assert st["connection"] == "connected" and st["target_data"] == "consistent", st
+    assert tree(s) == tree(r.root / "data")
+
+
 def test_a_fail_back_interrupted_after_the_replica_was_handed_back_is_finished_by_the_next(fs_remote):
     """The source chooses the new history before it asks, and keeps it until it is recorded:
     when the source went down after the replica had taken it (the state directory below is put

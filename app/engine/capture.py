@@ -690,6 +690,10 @@ class Capture:
                                       f"first (`mirrorsetup failback {self.spec.key}` or "
                                       f"`mirrorsetup replica resolve {self.spec.key} "
                                       "--discard-target`)", errno.EEXIST)
+            if conn.startswith("paused"):  # reachable, but the last changes cannot get there
+                return protocol.error(f"the target cannot take the last changes ({conn}); free "
+                                      "room there, then try again once status says connected",
+                                      errno.ENOSPC if "full" in conn else errno.EAGAIN)
             return protocol.error(f"cannot reach the target ({conn}); try again once status says "
                                   "connected", errno.ENOTCONN)
         while self.catching is not None or self.journal.behind or not self.consistent:
