@@ -603,6 +603,29 @@ def test_two_entries_can_never_share_or_nest_a_replica(store, dirs, tmp_path):
     assert [e.path for e in store.load().filesystem] == [a, b]
 
 
+def test_remote_replicas_are_compared_by_where_they_lie_not_by_target_name(store, dirs):
+    """Found by a walk: a second target on the same host whose root lay inside the first's
+    replica (backup5 --root R/data1) took `fs add … --target backup5:inner`, and the first
+    entry's mirror then removed that replica ("2 removed") and its agent's journal."""
+    from app.services.config import TargetHost
+    a, b, c, d = dirs("a", "b", "c", "d")
+    store.add_target(TargetHost(name="backup1", host="Backup.example", root="/srv/r"))
+    store.add_target(TargetHost(name="backup5", host="backup.example", root="/srv/r/data1"))
+    store.add_target(TargetHost(name="alias", host="backup.example", root="/srv/r/"))
+    store.add_target(TargetHost(name="other", host="backup.example", port=2222, root="/srv/r"))
+    store.add_filesystem(a, target="backup1:data1")
+    for target in ("backup5:inner", "alias:data1", "alias:data1/x"):
+        with refused(store, rf"^target {re.escape(target)} overlaps backup1:data1, the target of "
+                            rf".*/a \(/srv/r/data1.* and /srv/r/data1 on backup.example port 22\)"):
+            store.add_filesystem(b, target=target)
+    with refused(store, r"^target backup1:data1/x overlaps backup1:data1, the target of .*/a: no two"):
+        store.add_filesystem(b, target="backup1:data1/x")
+    assert store.add_filesystem(b, target="alias:data2").target == "alias:data2"
+    assert store.add_filesystem(c, target="other:data1").target == "other:data1"  # another port
+    assert store.add_filesystem(d, target="backup1:data10").target == "backup1:data10"
+    assert [e.path for e in store.load().filesystem] == [a, b, c, d]
+
+
 @pytest.mark.root
 def test_block_targets_are_never_shared_with_devices_or_other_replicas(store, scratch_loop, dirs, tmp_path):
     d1, d2, d3 = scratch_loop(8 << 20), scratch_loop(8 << 20), scratch_loop(8 << 20)

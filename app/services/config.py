@@ -458,15 +458,29 @@ def _checked_remote_target(kind: str, source: str, target: str, config: Config) 
         known = ", ".join(t.name for t in config.target) or "none yet (mirrorsetup target add)"
         raise ConfigError(f"target {target}: no remote target named {name!r} is configured "
                           f"(configured: {known})", key="target", obj=target, errno=errno.ENOENT)
+    host, where = _remote_place(config, name, rel)
     for other in config.filesystem + config.block:
         key = getattr(other, "path", None) or getattr(other, "device", None)
         if key == source or not other.target or _local(other.target):
             continue
         oname, _, orel = other.target.partition(":")
-        if oname == name and _overlap("/" + rel, "/" + orel):
-            raise ConfigError(f"target {target} overlaps {other.target}, the target of {key}",
+        if config.target_host(oname) is None:
+            continue
+        ohost, theirs = _remote_place(config, oname, orel)
+        if ohost == host and _overlap(where, theirs):
+            # two target names may serve nested roots on one host: the place is compared,
+            # not the name (one replica inside another was pruned by the outer one's mirror)
+            there = "" if oname == name else f" ({where} and {theirs} on {host[0]} port {host[1]})"
+            raise ConfigError(f"target {target} overlaps {other.target}, the target of {key}"
+                              f"{there}: no two entries share or nest a replica",
                               key="target", obj=target, errno=errno.EEXIST)
     return target
+
+
+def _remote_place(config: Config, name: str, rel: str) -> tuple[tuple[str, int], str]:
+    """Where NAME:REL's replica lies: ((host, port), its path there below the target's root)."""
+    t = config.target_host(name)
+    return (t.host.lower(), t.port), os.path.normpath(os.path.join("/", t.root, rel))
 
 
 def _refuse_unclaimed(target: str, entry: str, adopt: bool) -> None:
