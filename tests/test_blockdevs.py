@@ -464,3 +464,23 @@ def test_block_add_refuses_the_root_disk_as_the_picker_does_before_opening_it(
     assert rc == 2 and out["errno_name"] == "EBUSY", out
     assert out["error"].startswith(f"{disk} holds the root file system: it cannot be replicated")
     assert not config.exists() and str(disk) not in opened
+
+
+@pytest.mark.root
+def test_exclusions_read_ahead_believe_udevs_record_and_without_one_the_signature(
+        scratch_loop, tmp_path, monkeypatch):
+    """Read ahead (Exclusions), a device is judged as exclusion_reason() alone judges it: by
+    udev's record where its database has one, by its own signature where the database does
+    not exist at all (no udevd: nothing to look up for each device)."""
+    blank, swap_sig = scratch_loop(16 << 20), scratch_loop(16 << 20)
+    run("mkswap", "-q", swap_sig)
+    rdev = os.stat(blank).st_rdev
+    monkeypatch.setattr(blockdevs, "UDEV_DATA", str(tmp_path / "none"))
+    known = blockdevs.Exclusions([blank, swap_sig])
+    assert [blockdevs.exclusion_reason(d, known) for d in (blank, swap_sig)] == \
+        [None, "swap (signature)"]
+    monkeypatch.setattr(blockdevs, "UDEV_DATA", str(tmp_path))
+    (tmp_path / f"b{os.major(rdev)}:{os.minor(rdev)}").write_text("E:ID_FS_TYPE=LVM2_member\n")
+    known = blockdevs.Exclusions([blank, swap_sig])
+    assert [blockdevs.exclusion_reason(d, known) for d in (blank, swap_sig)] == \
+        ["LVM2 physical volume", "swap (signature)"]
