@@ -89,6 +89,49 @@ def test_a_daemon_for_another_configuration_is_not_stopped(private, tmp_path):
     assert status(prefix, env)["running"]
 
 
+BAD_TARGET = """schema = 1
+
+[[target]]
+name = "backup1"
+host = "backup1.example"
+root = "/srv/replica"
+
+[[filesystem]]
+path = "/srv"
+target = "backup1:../../etc"
+"""
+
+
+def test_a_restart_with_a_bad_configuration_leaves_the_running_daemon(private):
+    """As `nginx -t` before a reload: the file is read and checked before the running daemon
+    is asked to stop. One the new daemon would refuse is refused (exit 2, the file and line on
+    stderr, the errno in --json) and the same daemon goes on running."""
+    prefix, env, paths, started = private
+    assert cli(*prefix, "daemon", "start", env=env).returncode == 0
+    first = status(prefix, env)
+    started.append(first["pid"])
+    paths["config"].parent.mkdir(exist_ok=True)
+    paths["config"].write_text(BAD_TARGET)
+    paths["config"].chmod(0o600)
+
+    r = cli(*prefix, "daemon", "restart", env=env)
+    assert r.returncode == 2, r.stdout + r.stderr
+    assert f"{paths['config'].resolve()} line 10: " in r.stderr and "must be relative" in r.stderr
+    assert f"the running daemon (pid {first['pid']}) was left as it is" in r.stderr
+    assert r.stdout == ""
+    r = cli(*prefix, "daemon", "restart", "--json", env=env)
+    assert r.returncode == 2 and json.loads(r.stdout)["errno_name"] == "EINVAL", r.stdout
+    after = status(prefix, env)
+    assert after["running"] and after["pid"] == first["pid"]
+
+    paths["config"].write_text("schema = 1\n")  # corrected: the restart goes ahead
+    r = cli(*prefix, "daemon", "restart", env=env)
+    assert r.returncode == 0 and "restarted the daemon" in r.stdout, r.stdout + r.stderr
+    again = status(prefix, env)
+    started.append(again["pid"])
+    assert again["running"] and again["pid"] != first["pid"]
+
+
 def _capture_mount(path) -> int | None:
     """The mount id of the mirrorfs over `path`, None when nothing is mounted there."""
     ids = [m.mount_id for m in read_mountinfo() if m.mount_point == str(path)]

@@ -17,10 +17,10 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from app.services.config import DEFAULT_PATH, default_path
+from app.services.config import DEFAULT_PATH, ConfigStore, default_path
 from app.services.control import DEFAULT_SOCKET, ControlClient, default_socket
 from app.services.layout import DEFAULT_STATE_DIR, STATE_ENV as STATE_DIR_ENV, default_state_dir
-from app.services.results import MirrorError, Outcome, Result
+from app.services.results import ConfigError, MirrorError, Outcome, Result
 
 SYSTEMD_RUNNING = "/run/systemd/system"  # exists only when systemd is PID 1 (sd_booted)
 SYSTEMD_UNIT = "mirrorsetup"
@@ -174,6 +174,8 @@ def stop(settings: DaemonSettings) -> Result:
 
 
 def restart(settings: DaemonSettings) -> Result:
+    """Reads and checks the configuration first (as `nginx -t` before a reload): a file the
+    new daemon would refuse raises ConfigError, and the running daemon is left as it is."""
     return _control("restart", settings)
 
 
@@ -192,6 +194,8 @@ def _control(action: str, settings: DaemonSettings) -> Result:
         return result(Outcome.UNCHANGED, f"the daemon is already running (pid {info.pid})")
     if action == "stop" and not info.running:
         return result(Outcome.UNCHANGED, "the daemon is not running")
+    if action == "restart":
+        _check_config(settings, info)
     control = ControlClient(settings.socket)
     systemd = _use_systemd(settings)
     # A restart leaves every capture running: the daemon is asked to leave them to the next
@@ -218,6 +222,20 @@ def _control(action: str, settings: DaemonSettings) -> Result:
         return result(Outcome.FAILED, f"systemctl {action} {SYSTEMD_UNIT} failed: "
                       f"{proc.stderr.strip() or proc.returncode}")
     return _spawn(action, settings, control)
+
+
+def _check_config(settings: DaemonSettings, info: DaemonInfo) -> None:
+    """The new daemon reads the file as its first step and exits (status 2) on what this
+    refuses; found only then, the old one would already have stopped, leaving none."""
+    try:
+        ConfigStore(settings.config).load()
+    except MirrorError as exc:
+        left = (f"the running daemon (pid {info.pid}) was left as it is" if info.running
+                else "no daemon was started")
+        raise ConfigError(f"{exc.message}; {left}: correct the file, then restart",
+                          line=getattr(exc, "line", None), key=getattr(exc, "key", None),
+                          obj=exc.obj or settings.config,
+                          errno=exc.errno or errno.EINVAL) from exc
 
 
 def _alive(pid: int | None) -> bool:
