@@ -154,3 +154,36 @@ def test_detach_with_a_copy_in_another_namespace_never_leaves_the_device_held(tm
             holder.wait()
     finally:
         eng.cleanup()
+
+
+def test_a_directory_that_holds_the_daemons_own_state_is_refused_not_hung(setup, tmp_path,
+                                                                          tmp_path_factory):
+    """Found by a walk: `fs add` of the state directory, then mount-all hung for good (the
+    capture's journal, written through its own capture, waited for itself; status and `ls`
+    hung with it). `fs add` refuses it; a configuration that has it anyway (another state
+    directory than the one `fs add` was told) gets the entry refused, not a hang."""
+    from app.services.config import ConfigStore
+    from app.services.results import ConfigError
+    other = tmp_path_factory.mktemp("replica-of-own-state")
+    store = ConfigStore(tmp_path / "etc2" / "replication.toml")
+    env = {"MIRRORSETUP_STATE_DIR": str(tmp_path / "state"),
+           "MIRRORSETUP_SOCKET": str(tmp_path / "run" / "control.sock")}
+    for path, words in ((tmp_path, "holds mirrorsetup's own state directory"),
+                        (tmp_path / "state", "holds mirrorsetup's own state directory"),
+                        (tmp_path / "run", "holds mirrorsetup's own run directory")):
+        path.mkdir(exist_ok=True)
+        old = {k: os.environ.get(k) for k in env}
+        os.environ.update(env)
+        try:
+            with pytest.raises(ConfigError, match=words):
+                store.add_filesystem(path, target=other / "x")
+        finally:
+            for k, v in old.items():
+                os.environ.pop(k) if v is None else os.environ.__setitem__(k, v)
+    eng, _, _ = setup([{"path": str(tmp_path), "target": str(other / "x")}])
+    p = subprocess.run([sys.executable, "-m", "app", "--config", str(eng.config), "--socket",
+                        eng.socket, "fs", "mount-all"], capture_output=True, text=True, timeout=60)
+    assert p.returncode == 1, p.stdout + p.stderr
+    assert f"{tmp_path} holds this capture's own journal {tmp_path}/state/" in p.stderr, p.stderr
+    assert str(tmp_path) not in mirrorfs_mounts()
+    assert not eng.status(str(tmp_path))["captured"]  # and the daemon still answers

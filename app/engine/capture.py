@@ -243,6 +243,12 @@ class Capture:
     def start(self) -> dict:
         from app.engine.journal import KIND_BLOCK, KIND_FS, Journal
         spec = self.spec
+        if spec.kind == "fs":  # before anything is made: its journal through itself waits forever
+            for what, own in (("journal", spec.state), ("run directory", spec.run)):
+                if os.path.realpath(own).startswith(os.path.realpath(spec.key).rstrip("/") + "/"):
+                    raise Refused(f"{spec.key} holds this capture's own {what} {own}: written "
+                                  "through its own capture it would wait for itself; replicate "
+                                  "the directories beside the state directory", errno.EINVAL)
         self.lock, first, end = open_state(spec)
         layout.private_dir(spec.run, "capture run directory")
         self.journal = Journal(spec.state, kind=KIND_FS if spec.kind == "fs" else KIND_BLOCK,

@@ -189,6 +189,8 @@ class ConfigStore:
         real = os.path.realpath(path)
         if real == "/":
             raise ConfigError(f"{ROOT_REFUSAL} ({path} leads to /)", key="path", obj=path)
+        if adding:
+            _refuse_own_dirs(real, path)
         for other in config.filesystem:
             if other.path == real:
                 alias = f" (as {real})" if real != path else ""
@@ -409,6 +411,22 @@ def check_file_safety(path: Path) -> None:
                           "could replace the configuration; refusing to use it "
                           f"(fix: chown root: {path.parent} && chmod 755 {path.parent})",
                           obj=str(path), errno=errno.EPERM)
+
+
+def _refuse_own_dirs(real: str, path: str) -> None:
+    """Not a directory that holds (or lies in) mirrorsetup's own state or run directory: a
+    capture's journal is written there, and written through its own capture it waits for
+    itself (found by a walk: `fs add` of the state directory, then mount-all hung for good)."""
+    from app.services.control import default_socket
+    from app.services.layout import default_state_dir
+    for what, own in (("state directory", default_state_dir()),
+                      ("run directory", os.path.dirname(default_socket()))):
+        own = os.path.realpath(own)
+        if _overlap(real, own):
+            raise ConfigError(f"{path} {'is inside' if _inside(real, own) else 'holds'} "
+                              f"mirrorsetup's own {what} {own}: its journals cannot be captured "
+                              "by themselves; replicate the directories beside it",
+                              key="path", obj=path, errno=errno.EINVAL)
 
 
 def _local(target: str | None) -> bool:
