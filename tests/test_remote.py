@@ -1078,3 +1078,54 @@ def test_a_host_that_drops_the_key_scan_is_said_to_time_out_once(two_hosts, monk
     assert got.value.errno == errno.ETIMEDOUT, got.value
     assert f"port {two_hosts.port}: timed out: no ssh answer within 2 s" in str(got.value)
     assert took < 3.9, took  # one wait of 2 s, not two (4 s and more)
+
+
+def test_a_target_root_of_slash_is_refused_before_anything(tmp_path):
+    """Found by a walk: `target add … --root /` was taken, and its authorized_keys line let
+    the agent write anywhere on the target host. Refused like an entry of / (exit 2, before any
+    network access or key generation); a name of dots is told what it must start with."""
+    cfg = tmp_path / "etc" / "replication.toml"
+    for root in ("/", "//", "/.", "/srv/.."):
+        p = cli(cfg, "target", "add", "t1", "--host", "192.0.2.1", "--root", root,
+                "--accept-host-key", "SHA256:" + "A" * 43)
+        assert p.returncode == 2, p.stdout + p.stderr
+        assert "must not be / (the agent would write anywhere on that host)" in p.stderr, p.stderr
+    p = cli(cfg, "target", "add", "..", "--host", "192.0.2.1", "--root", "/srv/r",
+            "--accept-host-key", "SHA256:" + "A" * 43)
+    assert p.returncode == 2 and "starting with a letter or digit" in p.stderr, p.stderr
+    assert not cfg.exists() and not (tmp_path / "etc" / "keys").exists()
+
+
+def test_a_new_replica_on_a_full_target_pauses_and_starts_once_there_is_room(fs_remote, tmp_path):
+    """Found by a walk: an entry added while the target's disk was full made the agent die in
+    its hello (ENOSPC writing the new replica's state, a traceback on its stderr); the source
+    said "disconnected: OSError …" and the replica's directory was left behind. Now the agent
+    refuses it as a full target: the entry is "paused: target full (…)" as an existing
+    replica is, nothing of it is left on the target, and once there is room it is copied."""
+    eng, src, r = fs_remote(disk=48 * MiB)
+    disk = r.bed._disks[-1]
+    new = tmp_path / "src2"
+    new.mkdir()
+    (new / "f").write_bytes(os.urandom(200_000))
+    disk.fill()
+    assert cli(r.cfg, "fs", "add", str(new), "--target", "backup1:data2").returncode == 0
+    results = {res.target: res for res in eng.client.results("mount_all")}
+    assert results[str(new)].outcome.value == "ok", results[str(new)].message
+    st = wait_for("paused", lambda: (s := eng.status(str(new)))["connection"].startswith("paused")
+                  and s["attempts"] >= 2 and s, 60)  # (tried again: still full)
+    assert "target full (No space left on device)" in st["connection"], st
+    assert not (r.root / "data2").exists()  # nothing of the new replica is left there
+    listed = cli(r.cfg, "replica", "list", "--root", str(r.root), "--json")
+    assert [x["name"] for x in json.loads(listed.stdout)] == ["data"], listed.stdout + listed.stderr
+    assert sorted(os.listdir(r.root / ".mirrorsetup" / "replicas")) == [_replica_id("data")]
+    assert eng.status(src)["connection"] == "connected"  # the replica that was there goes on
+    disk.unfill()
+    st = eng.drain(str(new))
+    assert st["connection"] == "connected" and st["target_data"] == "consistent", st
+    assert tree(new) == tree(r.root / "data2")
+    assert "Traceback" not in eng.logtext(), eng.logtext()[-3000:]
+
+
+def _replica_id(rel: str) -> str:
+    from app.engine.agent import replica_id
+    return replica_id(rel)

@@ -7,6 +7,7 @@ per-value check shared by loading and by ConfigStore's add/set validation.
 
 from __future__ import annotations
 
+import os
 import re
 from dataclasses import dataclass
 from typing import Any
@@ -139,7 +140,11 @@ def field_problem(key: str, kind: type, value: Any) -> str | None:
     if key == "port" and not 0 < value < 65536:
         return f"must be a TCP port (1-65535), got {value}"
     if key == "name" and not TARGET_NAME.fullmatch(value):
-        return f"must be letters, digits, '.', '_' or '-' (at most 64), got {value!r}"
+        return (f"must be letters, digits, '.', '_' or '-', starting with a letter or digit (at "
+                f"most 64), got {value!r}")
+    if key == "root" and value.startswith("/") and os.path.normpath(value) in ("/", "//"):
+        return ("must not be / (the agent would write anywhere on that host): give the "
+                "directory its replicas go to, e.g. /srv/replica")
     if key == "on_full" and value not in ("pull-ahead", "block"):
         return f"must be pull-ahead or block, got {value!r}"
     if key == "queue_limit":
