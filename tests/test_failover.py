@@ -333,6 +333,52 @@ def test_a_switchover_to_a_target_it_cannot_reach_changes_nothing(fs_remote):
     assert replicas(r)[0]["role"] == "secondary"
 
 
+def test_verify_or_mirror_after_a_switchover_is_refused_and_leaves_no_split_brain_there(fs_remote):
+    """Found by a walk: `fs verify` (read only) or `fs mirror` of an entry switched over went to
+    the promoted replica as the old source coming back: it failed with an internal error
+    (TargetUnavailable), and the target's `replica list` said SPLIT BRAIN from then on."""
+    eng, src, r = fs_remote()
+    (Path(src) / "f").write_text("one")
+    eng.drain(src)
+    p = cli(r.cfg, "switchover", src, socket=eng.socket)
+    assert p.returncode == 0, p.stdout + p.stderr
+    for argv in (["fs", "verify", src], ["fs", "mirror", src], ["--json", "fs", "verify", src]):
+        p = cli(r.cfg, *argv, socket=eng.socket)
+        assert p.returncode == 1, (argv, p.stdout + p.stderr)
+        assert f"{src} was switched over to backup1:data at " in p.stderr, p.stderr
+        assert "the replica there is primary" in p.stderr and "internal error" not in p.stderr
+    assert json.loads(p.stdout)["results"][0]["errno_name"] == "EREMOTE", p.stdout
+    (rep,) = replicas(r)
+    assert rep["role"] == "primary" and rep["split_brain"] is None, rep
+    p = cli(r.cfg, "failback", src, "--yes", socket=eng.socket)
+    assert p.returncode == 0, p.stdout + p.stderr
+    assert not eng.verify(src)  # after the fail-back it compares again
+
+
+def test_verify_and_mirror_with_the_target_unreachable_say_so_at_once(fs_remote):
+    """Found by a walk: with the link refused or dropped, `fs verify` sat silent for 120 s, then
+    said "TargetUnavailable: the target did not apply the queue within 120 s (…)" with no
+    errno. Now the connection state is said at once, with ENOTCONN."""
+    eng, src, r = fs_remote()
+    (Path(src) / "f").write_text("one")
+    eng.drain(src)
+    r.bed.reject()
+    r.bed.kill_on_target(r.bed.wait_target_process("serve-target"))
+    wait_for("disconnected", lambda: eng.status(src)["connection"] != "connected", 60, 0.2)
+    for argv in (["--json", "fs", "verify", src], ["--json", "fs", "mirror", src]):
+        began = time.monotonic()
+        p = cli(r.cfg, *argv, socket=eng.socket)
+        assert time.monotonic() - began < 20, argv  # not the 120 s wait
+        assert p.returncode == 1, (argv, p.stdout + p.stderr)
+        assert "cannot reach the target (disconnected" in p.stderr, p.stderr
+        assert "TargetUnavailable" not in p.stderr and "internal error" not in p.stderr, p.stderr
+        got = json.loads(p.stdout)  # verify: {"differences", "results"}; mirror: the results
+        assert (got["results"] if "results" in got else got)[0]["errno_name"] == "ENOTCONN", p.stdout
+    r.bed.unblock()
+    wait_for("connected", lambda: eng.status(src)["connection"] == "connected", 90, 0.2)
+    assert not eng.verify(src)
+
+
 def test_a_switchover_to_a_full_target_says_so_and_changes_nothing(fs_remote):
     """Found at a final read: a target too full to take the last changes was refused as
     "cannot reach the target (paused: target full)", though it answers; it is said for what it

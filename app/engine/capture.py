@@ -636,11 +636,17 @@ class Capture:
 
     # -- daemon requests
     async def _answer(self, msg: dict, out: _Sender) -> None:
+        from app.engine.shipper import TargetUnavailable
         try:
             cmd, args = protocol.check_request(msg, protocol.WORKER_COMMANDS)
             reply = await self.handle(cmd, args, out)
         except protocol.ProtocolError as exc:
             reply = protocol.error(str(exc), errno.EINVAL)
+        except TargetUnavailable as exc:  # a mirror or verify the target cannot serve now
+            said = exc.state if exc.state.startswith(("cannot", "the target")) else \
+                f"cannot reach the target ({exc.state})"  # a session lost while it asked
+            reply = protocol.error(said, errno.ENOSPC if exc.state.startswith("paused")
+                                   else errno.ETIMEDOUT if "within" in exc.state else errno.ENOTCONN)
         except Exception as exc:  # never die of a request: say it
             log.exception("request %s", msg)
             reply = protocol.error(f"{type(exc).__name__}: {exc}", getattr(exc, "errno", None))
@@ -668,6 +674,7 @@ class Capture:
 
         def progress(p: dict) -> None:
             trio.from_thread.run(lines.send, protocol.progress(**p), trio_token=token)
+        await trio.to_thread.run_sync(self._wait_connected)  # a target down is said at once
         with self.tracking():
             if cmd == "mirror":
                 counts = await trio.to_thread.run_sync(self._reconcile, True, None, progress)
@@ -741,10 +748,28 @@ class Capture:
                 self.ops.tracker = None
 
     def _wait_target(self, deadline: float = 120.0) -> None:
+        """Until the target holds everything captured so far. A remote one is asked through
+        its session: while the first one is still being made it is waited for (a query sent
+        before it greeted the agent was refused, "expected HELLO"); one that is down,
+        refused or paused is said at once, not after `deadline`."""
         from app.engine.shipper import TargetUnavailable
+        self._wait_connected(deadline)
         if not self.shipper.wait_applied(self.journal.last_seq, deadline):
             raise TargetUnavailable(f"the target did not apply the queue within {deadline:.0f} s "
                                     f"({self.shipper.fig.connection})")
+
+    def _wait_connected(self, deadline: float = 120.0) -> None:
+        from app.engine.shipper import TargetUnavailable
+        if self.remote:
+            end = time.monotonic() + deadline
+            while (conn := self.shipper.fig.connection) != "connected":
+                if conn.startswith("paused"):
+                    raise TargetUnavailable(f"the target cannot take the last changes ({conn}); "
+                                            "free room there, then try again")
+                if conn != "connecting" or time.monotonic() > end:
+                    raise TargetUnavailable(f"cannot reach the target ({conn}); try again once "
+                                            "status says connected")
+                time.sleep(0.05)
 
     def _verify(self, progress) -> dict:
         if self.spec.kind == "block":

@@ -35,7 +35,7 @@ from app.services import protocol
 from app.services.blockplan import same_device
 from app.services.config import BlockEntry, ConfigStore, FsEntry
 from app.services.control import SOCKET_MODE, default_socket
-from app.services.layout import Layout
+from app.services.layout import Layout, local_time
 from app.services.protocol import CaptureRow
 from app.services.results import MirrorError, Outcome, Result
 
@@ -287,6 +287,16 @@ class Daemon:
                 raise MirrorError(reply.get("error", f"{cmd} failed"), errno=reply.get("errno"))
             return reply
         async with self.sup.lock(kind, key):
+            sw = switched(self.layout.state(kind, key))
+            if sw is not None:  # its replica is primary there: compared (or written) from here
+                # the agent took us for the old source coming back, and called it a split brain
+                how = "was switched over" if sw.get("state") == "switched" else \
+                    "has a switch-over that did not finish"
+                raise MirrorError(f"{key} {how} to {sw.get('target')} at "
+                                  f"{local_time(sw.get('time'))}: the replica there is primary "
+                                  f"now and newer than this side, so there is nothing to {cmd} "
+                                  f"against it; `mirrorsetup failback {key}` brings it back "
+                                  "(nothing was changed)", errno=errno.EREMOTE, obj=key)
             spec = self.sup.spec(kind, key, entry, offset=getattr(entry, "offset", 0),
                                  sizelimit=getattr(entry, "sizelimit", 0))
             token = trio.lowlevel.current_trio_token()
