@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -80,3 +81,26 @@ def test_status_mirror_verify_unmount_all_through_the_cli(running):
     assert r.returncode == 0 and src not in mirrorfs_mounts()
     r = cli("fs", "verify", src, "--config", cfg, socket=eng.socket)  # offline verify works on the directories
     assert r.returncode == 0, r.stdout
+
+
+def test_mount_all_with_an_entry_naming_no_configured_target_fails_that_entry_only(tmp_path):
+    """Found by a walk: one [[filesystem]] whose target names no [[target]] (written by hand)
+    made `fs mount-all` say "FAILED all file-system entries: target ghost:x: …" (exit 1), while
+    it had mounted the others. Now that entry fails by its own name and the others say ok."""
+    good, ghost, tgt = tmp_path / "good", tmp_path / "ghost", tmp_path / "tgt"
+    good.mkdir()
+    ghost.mkdir()
+    cfg = write_config(tmp_path / "etc" / "replication.toml",
+                       [{"path": str(ghost), "target": "ghost:x"}, {"path": str(good), "target": str(tgt)}])
+    eng = Engine(tmp_path, cfg)
+    eng.start()
+    try:
+        cli("--config", str(cfg), "fs", "unmount-all", socket=eng.socket)
+        r = cli("--config", str(cfg), "fs", "mount-all", socket=eng.socket)
+        assert r.returncode == 1, r.stdout + r.stderr
+        assert "all file-system entries" not in r.stdout + r.stderr, r.stdout + r.stderr
+        assert f"{ghost}: target ghost:x: no remote target named 'ghost' is configured" in r.stderr, r.stderr
+        assert re.search(rf"^ *ok +{re.escape(str(good))}: mounted mirrorfs on ", r.stdout, re.M), r.stdout
+        assert str(good) in mirrorfs_mounts() and str(ghost) not in mirrorfs_mounts()
+    finally:
+        eng.cleanup()

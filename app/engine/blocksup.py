@@ -74,18 +74,21 @@ class BlockCaptures:
                 if dry_run:
                     return Result(action, dev, Outcome.SKIPPED,
                                   blockplan.describe(plan, captured=True, target=entry.target))
+                try:  # its target resolved before anything is done (a [[target]] not configured)
+                    spec = self.sup.spec("block", dev, entry, offset=entry.offset,
+                                         sizelimit=entry.sizelimit, read_only=entry.read_only)
+                except MirrorError as exc:
+                    return Result.from_error(action, dev, exc)
                 if plan.take_over is not None:  # idle and uncaptured: its number goes to capture
                     r = loopdev.detach(plan.take_over.device)
                     if r.outcome is not Outcome.OK:
                         return Result(action, dev, Outcome.FAILED, f"could not take over "
                                       f"{plan.take_over.device}, attached without capture: "
                                       f"{r.message}", r.errno or errno.EBUSY)
-                return await self._start(entry, plan, action)
+                return await self._start(entry, plan, spec, action)
 
-    async def _start(self, entry: BlockEntry, plan, action: str) -> Result:
+    async def _start(self, entry: BlockEntry, plan, spec, action: str) -> Result:
         dev = entry.device
-        spec = self.sup.spec("block", dev, entry, offset=entry.offset, sizelimit=entry.sizelimit,
-                             read_only=entry.read_only)
         link, msg = await spawn(spec)
         if link is None:
             return Result(action, dev, Outcome.FAILED, msg.get("message", "capture worker failed"),

@@ -603,9 +603,12 @@ class Supervisor:
             try:
                 if mount_dev(path, self.layout.fsname("fs")) is None:  # not a dead mount of ours
                     check_entry(entry)
+                # (its target resolved here: one naming no configured [[target]] is this
+                # entry's failure, not mount-all's, which went on with the others)
+                spec = self.spec("fs", path, entry, atime=entry.replicate_atime)
             except MirrorError as exc:
                 return Result.from_error("mount", path, exc)
-            link, msg = await spawn(self.spec("fs", path, entry, atime=entry.replicate_atime))
+            link, msg = await spawn(spec)
             if link is None:
                 return Result("mount", path, Outcome.FAILED, msg.get("message", "worker failed"),
                               msg.get("errno"))
