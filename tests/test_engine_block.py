@@ -474,3 +474,24 @@ def test_a_block_target_applies_a_batch_in_order_and_pauses_at_the_write_that_fo
         if fd >= 0:
             os.close(fd)
         subprocess.run(["umount", str(small)], check=True)
+
+
+def test_manual_detach_leaves_a_captured_entrys_loops_alone(block_engine):
+    """Found by a walk: `manual detach` of a capture's loop detached it (the entry uncaptured
+    from then on, attach-all saying "already attached … (captured)"), and of the replicated
+    device itself set it to autoclear under its capture (gone at the capture's end)."""
+    eng, disk, target, cfg = block_engine()
+    st = eng.block(disk)
+    loop = st["loop"]
+    for which, words in ((loop, "is the capture loop of a replicated block entry"),
+                         (disk, f"is the device the block entry {disk} replicates")):
+        p = cli(cfg, eng, "manual", "detach", which)
+        assert p.returncode == 1, p.stdout + p.stderr
+        assert f"{which} {words}" in p.stderr and "nothing was changed" in p.stderr, p.stderr
+    assert backing_of(loop) == st["file"] and sysfs_autoclear(disk) == "0"
+    st = eng.block(disk)
+    assert st["captured"] and st["loop"] == loop, st
+
+
+def sysfs_autoclear(loop: str) -> str:
+    return open(f"/sys/block/{os.path.basename(loop)}/loop/autoclear").read().strip()

@@ -14,7 +14,7 @@ from app.services import blockdevs, blockplan, mounts
 from app.services import loop as loopdev
 from app.services.blockplan import View, same_device
 from app.services.config import BlockEntry, ConfigStore
-from app.services.layout import FSTYPE_FS, default_state_dir, entry_state, switched_marker, switched_refusal
+from app.services.layout import FSTYPE_BLOCK, FSTYPE_FS, default_state_dir, entry_state, switched_marker, switched_refusal
 from app.services.results import MirrorError, Outcome, Result
 from app.services.units import human_size
 
@@ -212,10 +212,38 @@ class Replication:
         if not os.path.exists(loop_path):
             return Result("manual detach", loop_path, Outcome.FAILED, f"{loop_path} does not exist",
                           errno.ENOENT)
-        if loopdev.status(loop_path) is None:
+        st = loopdev.status(loop_path)
+        if st is None:
             return Result("manual detach", loop_path, Outcome.UNCHANGED, f"{loop_path} is not attached")
+        ours = self._replication_loop(st)
+        if ours:
+            return Result("manual detach", loop_path, Outcome.FAILED, f"{loop_path} {ours}; nothing "
+                          "was changed", errno.EBUSY)
         r = blockplan.detach_loop(loop_path, loop_path)
         return Result("manual detach", loop_path, r.outcome, r.message, r.errno, r.details)
+
+    def _replication_loop(self, st) -> str | None:
+        """Why a loop is not the Manual screen's to detach: a capture's loop (its backing file
+        is the capture's disk on a mirrorblk mount), or the device a block entry replicates
+        (its capture holds it open). Found by a walk: both were detached, the first leaving
+        the entry uncaptured with attach-all saying "already attached", the second set to
+        autoclear under its capture, gone at the capture's end."""
+        if st.backing_file:
+            try:
+                dev = os.stat(st.backing_file).st_dev
+            except OSError:
+                dev = None
+            mount = next((m for m in mounts.read_mountinfo() if m.fstype == FSTYPE_BLOCK
+                          and os.makedev(m.major, m.minor) == dev), None) if dev is not None else None
+            if mount is not None:
+                return (f"is the capture loop of a replicated block entry (on {st.backing_file}): "
+                        "`mirrorsetup block detach DEVICE` ends that capture")
+        entry = next((e for e in self.store.load().block if same_device(e.device, st.device)), None)
+        if entry is not None:
+            return (f"is the device the block entry {entry.device} replicates (applications use "
+                    "its capture's loop, and its capture holds it): remove the entry first "
+                    "(`mirrorsetup block remove`) to detach it by hand")
+        return None
 
     # -- file-system entries (mounted by the daemon) -------------------------------------
 
