@@ -7,6 +7,8 @@ these tests stand for); the changed-host-key banner is in tests/test_remote.py.
 
 from __future__ import annotations
 
+import pytest
+
 from app.services.targets import ssh_failure_text, ssh_reason
 
 # (exit status, stderr) as ssh left them
@@ -58,3 +60,21 @@ def test_a_hang_up_before_the_ssh_handshake_is_told_by_the_line_that_says_so():
     state, retry = ssh_failure_text(*reversed(HUNG_UP_BEFORE_HANDSHAKE))
     assert state == "disconnected: kex_exchange_identification: Connection closed by remote host"
     assert retry
+
+
+@pytest.mark.parametrize("ended_by", [KeyboardInterrupt, EOFError])
+def test_a_pin_question_ended_at_the_terminal_leaves_no_key(tmp_path, monkeypatch, ended_by):
+    """Found by a walk: ^C or ^D at `target add`'s pin question left the key generated for the
+    target (etc/keys/NAME_ed25519) though nothing was added; a plain "no" already removed it."""
+    from app.services import targets
+    from app.services.config import ConfigStore, TargetHost
+    store = ConfigStore(tmp_path / "etc" / "replication.toml")
+    monkeypatch.setattr(targets, "scan_host_keys", lambda host, port: [
+        ("h ssh-ed25519 AAAA", "SHA256:" + "B" * 43, "ED25519")])
+
+    def ask(keys):
+        raise ended_by()
+    with pytest.raises(ended_by):
+        targets.add_target(store, TargetHost(name="t4", host="192.0.2.1", root="/srv/r"), confirm=ask)
+    assert not (tmp_path / "etc" / "keys").exists() or not list((tmp_path / "etc" / "keys").iterdir())
+    assert not store.path.exists() or not store.load().target

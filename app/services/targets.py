@@ -448,13 +448,16 @@ def add_target(store: ConfigStore, host: TargetHost, *, accept_host_key: str | N
             _pin(host.known_hosts, host.host, host.port, chosen[0])
             note = f"pinned host key {chosen[1]} ({chosen[2]}) in {host.known_hosts}"
         store.add_target(host)
-    except (MirrorError, subprocess.TimeoutExpired, OSError) as exc:
-        if made_key:  # nothing was added: the key made for it goes too
+    except BaseException as exc:
+        if made_key:  # nothing was added: the key made for it goes too (also when the question
+            # at the terminal was ended by ^C or ^D: a walk found the key left then)
             for path in (host.identity, host.identity + ".pub"):
                 with contextlib.suppress(FileNotFoundError):
                     os.unlink(path)
             with contextlib.suppress(OSError):  # the keys directory, when it holds nothing else
                 os.rmdir(os.path.dirname(host.identity))
+        if not isinstance(exc, (MirrorError, subprocess.TimeoutExpired, OSError)):
+            raise
         if isinstance(exc, OSError) and not isinstance(exc, MirrorError):
             exc = MirrorError.from_oserror("add target", name, exc)
         if isinstance(exc, subprocess.TimeoutExpired):
