@@ -4,7 +4,7 @@ back one level, ctrl+q from anywhere, the command palette, and the read-only mod
 from __future__ import annotations
 
 from test_tui_support import (  # noqa: F401 (fixtures)
-    config_bytes, pilot_test, settle, static_text, tui, wait_while_a_worker_waits)
+    config_bytes, pilot_test, settle, static_text, tui, wait_until, wait_while_a_worker_waits)
 from textual.widgets import OptionList
 
 from app.screens.block import BlockScreen
@@ -261,3 +261,20 @@ async def test_a_table_narrows_an_important_column_before_it_drops_it():
         await pilot.pause()
         assert table.shown_columns == ("path", "size", "type", "mounts", "notes")
         assert str(table.get_cell("/dev/loop99999", "notes")) == notes
+
+
+@pilot_test
+async def test_a_long_details_dialog_keeps_close_on_an_80x24_screen(tui):
+    """Found by a walk: at 80x24 a remote entry's details (its live figures, some 25 lines)
+    filled the dialog and its Close button was below the screen's edge."""
+    from textual.widgets import Button
+
+    from app.screens.dialogs import DetailsDialog
+    app = tui(is_root=True)
+    async with app.run_test(size=(80, 24)) as pilot:
+        app.push_screen(DetailsDialog("many", [(f"field {i}", f"value {i}") for i in range(40)]))
+        await wait_until(pilot, lambda: type(app.screen) is DetailsDialog, "the details")
+        await pilot.pause()
+        close = app.screen.query_one("#close", Button)
+        assert 0 <= close.region.y < 24 and close.region.height == 1, close.region
+        assert app.screen.query_one("#details-body").max_scroll_y > 0  # the rest scrolls
