@@ -626,6 +626,18 @@ def test_remote_replicas_are_compared_by_where_they_lie_not_by_target_name(store
     assert [e.path for e in store.load().filesystem] == [a, b, c, d]
 
 
+@pytest.mark.parametrize("rel, words", [
+    ("data1/", "must not end with / or hold //"), ("a//b", "must not end with / or hold //"),
+    ("../x", "must be relative, without . or .."), ("/abs", "must be relative, without . or .."),
+    ("a/./b", "must be relative, without . or ..")])
+def test_a_remote_path_is_refused_for_what_is_wrong_with_it(rel, words):
+    """Found by a walk: `--target backup1:data1/` was told "must be relative, without . or ..",
+    which it is; a trailing / (or //) is said for what it is."""
+    from app.services.config_toml import field_problem
+    assert words in field_problem("target", str, f"backup1:{rel}")
+    assert field_problem("target", str, "backup1:data1/x") is None
+
+
 @pytest.mark.root
 def test_block_targets_are_never_shared_with_devices_or_other_replicas(store, scratch_loop, dirs, tmp_path):
     d1, d2, d3 = scratch_loop(8 << 20), scratch_loop(8 << 20), scratch_loop(8 << 20)

@@ -123,8 +123,10 @@ def field_problem(key: str, kind: type, value: Any) -> str | None:
         if not m:
             return f"must be an absolute path or NAME:PATH of a [[target]], got {value!r}"
         rel = m.group(2)
-        if rel.startswith("/") or any(p in ("", ".", "..") for p in rel.split("/")):
+        if rel.startswith("/") or any(p in (".", "..") for p in rel.split("/")):
             return f"the path on the target must be relative, without . or .., got {rel!r}"
+        if "" in rel.split("/"):  # (a walk was told 'without . or ..' of data1/)
+            return f"the path on the target must not end with / or hold //, got {rel!r}"
         if rel.split("/")[0] == ".mirrorsetup":  # app.engine.agent.META: the agent's own
             return f"the path on the target must not be below .mirrorsetup (the agent's own), got {rel!r}"
     if kind is str and "\0" in value:
