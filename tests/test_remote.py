@@ -1126,6 +1126,29 @@ def test_a_new_replica_on_a_full_target_pauses_and_starts_once_there_is_room(fs_
     assert "Traceback" not in eng.logtext(), eng.logtext()[-3000:]
 
 
+def test_a_new_block_replica_on_a_full_target_leaves_no_image(fs_remote, disks):
+    """As for a directory: the agent made the sparse image (a truncate takes no room), then
+    died writing the replica's state and left it. Now it is refused as full, the image is
+    removed, and once there is room the device is copied whole."""
+    eng, src, r = fs_remote(disk=48 * MiB)
+    disk = r.bed._disks[-1]
+    dev = disks(8 * MiB)
+    dd(dev, mib=8)
+    disk.fill()
+    assert cli(r.cfg, "block", "add", dev, "--target", "backup1:disk.img").returncode == 0
+    a = cli(r.cfg, "block", "attach-all", socket=eng.socket)
+    assert a.returncode == 0, a.stdout + a.stderr
+    st = wait_for("paused", lambda: (s := eng.block(dev))["connection"].startswith("paused")
+                  and s["attempts"] >= 2 and s, 60)
+    assert "target full (No space left on device)" in st["connection"], st
+    assert not (r.root / "disk.img").exists()
+    assert sorted(os.listdir(r.root / ".mirrorsetup" / "replicas")) == [_replica_id("data")]
+    disk.unfill()
+    st = eng.block_drain(dev)
+    assert st["connection"] == "connected" and st["target_data"] == "consistent", st
+    assert sha(r.root / "disk.img") == sha(dev)
+
+
 def _replica_id(rel: str) -> str:
     from app.engine.agent import replica_id
     return replica_id(rel)

@@ -68,10 +68,15 @@ class Replica:
     def __init__(self, root_fd: int, root: str, rel: str, kind: str):
         self.root_fd, self.root, self.rel, self.kind = root_fd, root, rel, kind
         self.id = replica_id(rel)
-        meta = open_beneath(root_fd, f"{META}/replicas/{self.id}".encode(), make_dirs=True)
-        os.close(meta)
         self.dir = Path(root) / META / "replicas" / self.id
         self.lock_fd: int | None = None
+        self._make_dir()
+
+    def _make_dir(self) -> None:
+        os.close(open_beneath(self.root_fd, f"{META}/replicas/{self.id}".encode(), make_dirs=True))
+
+    def _open_lock(self) -> int:
+        return os.open(self.dir / "lock", os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
 
     def state(self) -> dict:
         text = read_small_file(self.dir, "state.json")
@@ -86,12 +91,17 @@ class Replica:
         ends the same source's fail-over session (promote, discard, failback: an
         administrator's command, whose ssh would end with status 255): it waits for it, then
         is refused as busy, and its capture tries again later."""
-        fd = os.open(self.dir / "lock", os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+        fd = self._open_lock()
         deadline = time.monotonic() + TAKE_OVER_SECONDS
         while True:
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
+                if self._lock_is_there(fd):
+                    break
+                os.close(fd)  # a session that could not create this replica removed it (forget)
+                self._make_dir()
+                fd = self._open_lock()
+                continue
             except BlockingIOError:
                 holder = _holder(fd)
                 who = holder.get("source")  # None: its holder has not said who it is yet
@@ -118,6 +128,24 @@ class Replica:
         os.pwrite(fd, said, 0)
         os.ftruncate(fd, len(said))
         self.lock_fd = fd
+
+    def _lock_is_there(self, fd: int) -> bool:
+        try:
+            st = os.stat(self.dir / "lock", follow_symlinks=False)
+        except FileNotFoundError:
+            return False
+        held = os.fstat(fd)
+        return (st.st_dev, st.st_ino) == (held.st_dev, held.st_ino)
+
+    def forget(self) -> None:
+        """The bookkeeping of a replica whose creation failed (it holds no data yet): the lock
+        goes last, still held; a session waiting for it finds its file gone and makes it again."""
+        with contextlib.suppress(FileNotFoundError):
+            for name in os.listdir(self.dir):
+                if name != "lock":
+                    os.unlink(self.dir / name)
+            os.unlink(self.dir / "lock")
+            os.rmdir(self.dir)
 
 
 def _is_agent(pid) -> bool:
@@ -273,6 +301,43 @@ class Agent:
                 os._exit(3)
 
     def hello(self, h: dict) -> None:
+        """A target too full to create (or open) the replica refuses it as full, as a full disk
+        pauses an existing one; what this session made of a new replica is removed again. The
+        source tries again later, and the replica is made once there is room."""
+        self._made: tuple[int, bytes] | None = None  # (parent fd, name): the data this session made
+        self._fresh: bool | None = None  # whether the replica had no state when this session came
+        try:
+            self._hello(h)
+        except OSError as exc:
+            if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
+                raise
+            new = self.replica is not None and (
+                self._fresh if self._fresh is not None else not self.replica.state())
+            if new:
+                self._unmake()
+                self.replica.forget()
+            raise AgentError("full", f"target full ({exc.strerror}): no room below {self.root} "
+                             f"for {'the new ' if new else ''}replica {h.get('path')}",
+                             exc.errno) from None
+        finally:
+            if self._made is not None:
+                os.close(self._made[0])
+
+    def _unmake(self) -> None:
+        """The replica's directory or image this session created (nothing was written in it)."""
+        if self._made is None:
+            return
+        pfd, name = self._made
+        with contextlib.suppress(OSError):
+            if self.target is not None:
+                self.target.close()
+                self.target = None
+            if self.replica.kind == "fs":
+                os.rmdir(name, dir_fd=pfd)
+            else:
+                os.unlink(name, dir_fd=pfd)
+
+    def _hello(self, h: dict) -> None:
         if h.get("version") not in wire.ACCEPTED:
             raise AgentError("version", f"the source speaks wire version {h.get('version')}, this "
                              f"agent {wire.VERSION}: upgrade one side", errno.EPROTO)
@@ -302,6 +367,7 @@ class Agent:
         self.replica = Replica(self.root_fd, self.root, rel, kind)
         self.replica.lock(source, action)
         self.state = state = self.replica.state()
+        self._fresh = not state
         if state and state.get("source") != source and not h.get("adopt"):
             theirs = state.get("source", {})
             raise AgentError("not-ours", f"replica {rel} is the replica of "
@@ -497,6 +563,7 @@ class Agent:
             if kind == "fs":
                 try:
                     os.mkdir(name, 0o700, dir_fd=pfd)
+                    self._made, pfd = (pfd, name), os.dup(pfd)  # (hello closes the one it keeps)
                 except FileExistsError:
                     pass
                 fd = os.open(name, os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=pfd)
@@ -504,7 +571,12 @@ class Agent:
                 self.target.applier = ConfinedFsApplier(fd)
             else:
                 size = int(h.get("size") or 0)
-                fd = os.open(name, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600, dir_fd=pfd)
+                flags = os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC
+                try:
+                    fd = os.open(name, flags | os.O_CREAT | os.O_EXCL, 0o600, dir_fd=pfd)
+                    self._made, pfd = (pfd, name), os.dup(pfd)
+                except FileExistsError:
+                    fd = os.open(name, flags, dir_fd=pfd)
                 st = os.fstat(fd)
                 if not stat.S_ISREG(st.st_mode):
                     os.close(fd)

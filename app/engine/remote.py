@@ -499,6 +499,8 @@ def _agent_error(msg: dict) -> TargetUnavailable:
         exc = TargetUnavailable(f"refused: {text}", retry=False)
         exc.code, exc.said = code, msg
         return exc
+    if code == "full":  # no room for the replica there: tried again (with back-off) as it was
+        return TargetUnavailable(f"paused: {text}")
     return TargetUnavailable(f"disconnected: {text}")
 
 
