@@ -218,6 +218,31 @@ def test_unmount_all_and_mount_all_through_the_socket(setup):
     assert eng.client.results("mount", path=src)[0].outcome.value == "unchanged"
 
 
+def test_a_same_size_rewrite_with_its_mtime_put_back_while_not_captured_is_caught_up(setup):
+    """Found by a walk: rewritten while capture was off (same size, `touch -d` back to its
+    old mtime), a file was taken as equal by the catch-up (size and mtime) and stayed
+    different at the target for good, status saying all was well. Its ctime says it changed
+    in the gap: such files are compared by content."""
+    eng, src, tgt = setup()
+    a, b = os.path.join(src, "a.txt"), os.path.join(src, "b.txt")
+    for path in (a, b):
+        with open(path, "w") as f:
+            f.write("before-" + os.path.basename(path))
+    eng.drain(src)
+    assert [r.outcome.value for r in eng.client.results("unmount_all")] == ["ok"]
+    st = os.stat(a)
+    time.sleep(1.1)  # past the capture's end by more than the comparison's margin
+    with open(a, "w") as f:
+        f.write("after--a.txt")  # the same size
+    os.utime(a, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert [r.outcome.value for r in eng.client.results("mount_all")] == ["ok"]
+    eng.drain(src)
+    caught = [ln for ln in eng.logtext().splitlines() if "caught up (capture was not in place" in ln]
+    assert len(caught) == 1 and "'copied': 1," in caught[0], caught  # b.txt is left alone
+    assert open(os.path.join(tgt, "a.txt")).read() == "after--a.txt"
+    assert not eng.verify(src)
+
+
 def test_clean_stop_unmounts_drains_and_marks_the_end(setup):
     eng, src, tgt = setup()
     open(os.path.join(src, "f"), "w").write("x")

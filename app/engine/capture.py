@@ -275,6 +275,10 @@ class Capture:
                        else "capture was not in place since " + time.strftime(
                            "%Y-%m-%d %H:%M:%S", time.localtime(end.get("time", 0))) if end.get("time")
                        else "capture restarted")
+        # Not captured since then: what changed meanwhile is compared by content, whatever its
+        # size and mtime say (ctime cannot be set back); the first catch-up's, cleared after it
+        self.gap_since = end.get("time") if not (first or broken) and not end.get("failback") \
+            else None
         if broken:  # lost records: the catch-up below repairs what they would have done
             # Above every seq the dead capture may have handed out (a remote target may hold
             # records that were only in its memory: the next change must not reuse their seqs),
@@ -525,6 +529,7 @@ class Capture:
         self.consistent = True
         self._full_pending = False
         self._dirty_scope.clear()
+        self.gap_since = None  # compared: later catch-ups are for their own reasons
         if self.remote:  # the replica is consistent once the agent has applied all of it
             try:
                 await trio.to_thread.run_sync(self.target.mark_consistent, self.journal.last_seq)
@@ -626,8 +631,12 @@ class Capture:
         progress = progress or self._progress
         if self.spec.kind == "fs":
             from app.engine.sync import Reconciler
+            since = getattr(self, "gap_since", None)
             return Reconciler(self.root_fd, target or self.target, FsCaptureSink(self),
-                              hashes=hashes, progress=progress).run()
+                              hashes=hashes, progress=progress,
+                              # a second of margin: the kernel's file times are coarse
+                              changed_since_ns=None if since is None else int((since - 1) * 1e9)
+                              ).run()
         from app.engine import blocksync
         sink = BlockCaptureSink(self)
         return blocksync.reconcile(self.raw, self.spec.offset, self.size, self.target, sink.commit,

@@ -69,6 +69,7 @@ class Info:
     link: bytes | None = None
     xattrs: dict[str, bytes] = field(default_factory=dict)
     sha256: str | None = None
+    ctime_ns: int = 0  # the source's own (not sent): a catch-up's hint, see Reconciler
 
     @property
     def kind(self) -> int:
@@ -96,7 +97,7 @@ def lstat_info(dir_fd: int, rel: bytes, *, with_xattrs: bool = True) -> Info:
     with beneath(dir_fd, rel) as (d, name):
         st = os.stat(name, dir_fd=d, follow_symlinks=False)
         info = Info(st.st_mode, st.st_uid, st.st_gid, st.st_size, st.st_mtime_ns, st.st_atime_ns,
-                    (st.st_dev, st.st_ino), st.st_nlink, st.st_rdev)
+                    (st.st_dev, st.st_ino), st.st_nlink, st.st_rdev, ctime_ns=st.st_ctime_ns)
         if stat.S_ISLNK(st.st_mode):
             info.link = os.readlink(name, dir_fd=d)
         if with_xattrs:
@@ -495,9 +496,14 @@ class Reconciler:
     block hashes (mirror); otherwise files with equal size and mtime are taken as equal."""
 
     def __init__(self, src_fd: int, target, sink: Sink, *, hashes: bool = False,
-                 progress: Progress | None = None, block: int = BLOCK, put: bool = True):
+                 progress: Progress | None = None, block: int = BLOCK, put: bool = True,
+                 changed_since_ns: int | None = None):
         """`put`: a small file the target lacks may go as one "put" record (False when
-        whoever applies the records may not know it: a source of wire version 1)."""
+        whoever applies the records may not know it: a source of wire version 1).
+        `changed_since_ns`: when capture was not in place (a catch-up after a clean stop): a
+        file whose ctime is that late is compared by hashes even with equal size and mtime
+        (a walk found a same-size rewrite with its mtime put back missed for good)."""
+        self.changed_since_ns = changed_since_ns
         self.src = src_fd
         self.target = target
         self.sink = sink
@@ -660,7 +666,8 @@ class Reconciler:
             if t is None or t.kind != info.kind:
                 continue  # sent whole: nothing asked
             if info.kind == stat.S_IFREG and (self.hashes or t.size != info.size
-                                              or t.mtime_ns != info.mtime_ns):
+                                              or t.mtime_ns != info.mtime_ns
+                                              or self._changed_since(info)):
                 wanted.append((i, "file_hashes", _join(rel, name)))
             elif info.kind == stat.S_IFDIR:
                 child = _join(rel, name)
@@ -875,6 +882,9 @@ class Reconciler:
                 return
             self._file_once(rel, info, tinfo, frozen=True)
 
+    def _changed_since(self, info: Info) -> bool:
+        return self.changed_since_ns is not None and info.ctime_ns >= self.changed_since_ns
+
     def _file_once(self, rel: bytes, info: Info, tinfo: Info | None, frozen: bool = False,
                    defer: bool = False) -> bool:
         """Send what differs; False when the file changed meanwhile (read it again). With
@@ -883,7 +893,8 @@ class Reconciler:
         p = os.fsdecode(rel)
         fresh = tinfo is None or tinfo.kind != stat.S_IFREG
         same = not fresh and not self.hashes and tinfo.size == info.size \
-            and tinfo.mtime_ns == info.mtime_ns
+            and tinfo.mtime_ns == info.mtime_ns \
+            and not self._changed_since(info)
         check = None if frozen else self._check(rel, info)
         if same:
             return self._metadata(rel, tinfo, check, frozen)
