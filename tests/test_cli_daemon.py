@@ -132,6 +132,21 @@ def test_a_restart_with_a_bad_configuration_leaves_the_running_daemon(private):
     assert again["running"] and again["pid"] != first["pid"]
 
 
+def test_a_start_with_a_bad_configuration_is_refused_before_a_daemon_is_spawned(private):
+    """Left by the restart fix: `daemon start` spawned a daemon that read the file, exited with
+    status 2, and the start said "FAILED … exited with status 2" (exit 1). The file is read
+    first, as for a restart: exit 2, the file and line, and no daemon."""
+    prefix, env, paths, started = private
+    paths["config"].parent.mkdir(exist_ok=True)
+    paths["config"].write_text(BAD_TARGET)
+    paths["config"].chmod(0o600)
+    r = cli(*prefix, "daemon", "start", env=env)
+    assert r.returncode == 2, r.stdout + r.stderr
+    assert f"{paths['config'].resolve()} line 10: " in r.stderr and "must be relative" in r.stderr
+    assert "no daemon was started" in r.stderr and r.stdout == "", r.stdout + r.stderr
+    assert not status(prefix, env)["running"]
+
+
 def _capture_mount(path) -> int | None:
     """The mount id of the mirrorfs over `path`, None when nothing is mounted there."""
     ids = [m.mount_id for m in read_mountinfo() if m.mount_point == str(path)]

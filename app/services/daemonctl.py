@@ -194,7 +194,7 @@ def _control(action: str, settings: DaemonSettings) -> Result:
         return result(Outcome.UNCHANGED, f"the daemon is already running (pid {info.pid})")
     if action == "stop" and not info.running:
         return result(Outcome.UNCHANGED, "the daemon is not running")
-    if action == "restart":
+    if action in ("restart", "start"):  # a daemon that would exit on it is not started
         _check_config(settings, info)
     control = ControlClient(settings.socket)
     systemd = _use_systemd(settings)
