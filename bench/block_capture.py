@@ -58,7 +58,8 @@ sys.path.insert(0, str(REPO))
 from app.services import loop as loopdev  # noqa: E402
 from app.services import mounts  # noqa: E402
 from app.services._ioctl import LOOP_CTL_REMOVE  # noqa: E402
-from app.services.control import SOCKET_ENV, ControlClient  # noqa: E402
+from app.services.control import ControlClient  # noqa: E402
+from app.services.socketpath import SOCKET_ENV  # noqa: E402
 from app.services.results import MirrorError, Outcome  # noqa: E402
 from app.services.units import parse_size  # noqa: E402
 

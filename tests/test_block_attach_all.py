@@ -13,6 +13,7 @@ import pytest
 
 from app.cli import block
 from app.services.control import ControlClient
+from app.services.socketpath import SOCKET_ENV
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -21,9 +22,9 @@ REPO = Path(__file__).resolve().parent.parent
                                         ("/tmp/given.sock", "/tmp/env.sock")])
 def test_the_socket_looked_for_is_the_one_the_client_uses(given, env, monkeypatch):
     if env is None:
-        monkeypatch.delenv(block.SOCKET_ENV, raising=False)
+        monkeypatch.delenv(SOCKET_ENV, raising=False)
     else:
-        monkeypatch.setenv(block.SOCKET_ENV, env)
+        monkeypatch.setenv(SOCKET_ENV, env)
     args = argparse.Namespace(socket=given)
     assert block.socket_path(args) == ControlClient(given).socket_path
 

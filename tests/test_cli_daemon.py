@@ -102,6 +102,16 @@ target = "backup1:../../etc"
 """
 
 
+def write_bad_config(paths) -> None:
+    paths["config"].parent.mkdir(exist_ok=True)
+    paths["config"].write_text(BAD_TARGET)
+    paths["config"].chmod(0o600)
+
+
+def assert_names_the_bad_line(paths, r) -> None:
+    assert f"{paths['config'].resolve()} line 10: " in r.stderr and "must be relative" in r.stderr
+
+
 def test_a_restart_with_a_bad_configuration_leaves_the_running_daemon(private):
     """As `nginx -t` before a reload: the file is read and checked before the running daemon
     is asked to stop. One the new daemon would refuse is refused (exit 2, the file and line on
@@ -110,13 +120,11 @@ def test_a_restart_with_a_bad_configuration_leaves_the_running_daemon(private):
     assert cli(*prefix, "daemon", "start", env=env).returncode == 0
     first = status(prefix, env)
     started.append(first["pid"])
-    paths["config"].parent.mkdir(exist_ok=True)
-    paths["config"].write_text(BAD_TARGET)
-    paths["config"].chmod(0o600)
+    write_bad_config(paths)
 
     r = cli(*prefix, "daemon", "restart", env=env)
     assert r.returncode == 2, r.stdout + r.stderr
-    assert f"{paths['config'].resolve()} line 10: " in r.stderr and "must be relative" in r.stderr
+    assert_names_the_bad_line(paths, r)
     assert f"the running daemon (pid {first['pid']}) was left as it is" in r.stderr
     assert r.stdout == ""
     r = cli(*prefix, "daemon", "restart", "--json", env=env)
@@ -137,12 +145,10 @@ def test_a_start_with_a_bad_configuration_is_refused_before_a_daemon_is_spawned(
     status 2, and the start said "FAILED … exited with status 2" (exit 1). The file is read
     first, as for a restart: exit 2, the file and line, and no daemon."""
     prefix, env, paths, started = private
-    paths["config"].parent.mkdir(exist_ok=True)
-    paths["config"].write_text(BAD_TARGET)
-    paths["config"].chmod(0o600)
+    write_bad_config(paths)
     r = cli(*prefix, "daemon", "start", env=env)
     assert r.returncode == 2, r.stdout + r.stderr
-    assert f"{paths['config'].resolve()} line 10: " in r.stderr and "must be relative" in r.stderr
+    assert_names_the_bad_line(paths, r)
     assert "no daemon was started" in r.stderr and r.stdout == "", r.stdout + r.stderr
     assert not status(prefix, env)["running"]
 

@@ -11,11 +11,8 @@ from app.cli.common import (Refused, add, group, loop_options, replica_options, 
                             require_daemon, store)
 from app.cli.output import complain, dump, failures, print_devices, print_table, report
 from app.services.results import MirrorError
+from app.services.socketpath import default_socket
 from app.services.units import human_size
-
-# Where the daemon's client looks for its control socket (control.default_socket(); a test keeps
-# the two equal): attach-all and detach-all first look whether anything is there at all.
-SOCKET_ENV, DEFAULT_SOCKET = "MIRRORSETUP_SOCKET", "/run/mirrorsetup/control.sock"
 
 
 def cmd_devices(args) -> int:
@@ -82,7 +79,7 @@ class _NoSocket:
 
 
 def socket_path(args) -> str:
-    return args.socket or os.environ.get(SOCKET_ENV) or DEFAULT_SOCKET
+    return args.socket or default_socket()
 
 
 def replication_if_daemon(args):

@@ -34,7 +34,8 @@ from app.services import layout as layout_mod
 from app.services import protocol
 from app.services.blockplan import same_device
 from app.services.config import BlockEntry, ConfigStore, FsEntry
-from app.services.control import SOCKET_MODE, default_socket
+from app.services.control import SOCKET_MODE
+from app.services.socketpath import default_socket
 from app.services.layout import Layout, local_time
 from app.services.protocol import CaptureRow
 from app.services.results import MirrorError, Outcome, Result

@@ -417,7 +417,7 @@ def _refuse_own_dirs(real: str, path: str) -> None:
     """Not a directory that holds (or lies in) mirrorsetup's own state or run directory: a
     capture's journal is written there, and written through its own capture it waits for
     itself (found by a walk: `fs add` of the state directory, then mount-all hung for good)."""
-    from app.services.control import default_socket
+    from app.services.socketpath import default_socket
     from app.services.layout import default_state_dir
     for what, own in (("state directory", default_state_dir()),
                       ("run directory", os.path.dirname(default_socket()))):

@@ -16,19 +16,14 @@ from collections.abc import Callable
 
 from app.services import protocol
 from app.services.results import MirrorError, Result
+from app.services.socketpath import default_socket
 
-DEFAULT_SOCKET = "/run/mirrorsetup/control.sock"
-SOCKET_ENV = "MIRRORSETUP_SOCKET"
 SOCKET_MODE = 0o600
 DIR_MODE = 0o700
 
 
 class DaemonNotRunning(MirrorError):
     pass
-
-
-def default_socket() -> str:
-    return os.environ.get(SOCKET_ENV) or DEFAULT_SOCKET
 
 
 class ControlClient:

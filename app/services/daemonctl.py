@@ -18,7 +18,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from app.services.config import DEFAULT_PATH, ConfigStore, default_path
-from app.services.control import DEFAULT_SOCKET, ControlClient, default_socket
+from app.services.control import ControlClient
+from app.services.socketpath import DEFAULT_SOCKET, default_socket
 from app.services.layout import DEFAULT_STATE_DIR, STATE_ENV as STATE_DIR_ENV, default_state_dir
 from app.services.results import ConfigError, MirrorError, Outcome, Result
 
