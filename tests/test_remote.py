@@ -1112,8 +1112,11 @@ def test_a_new_replica_on_a_full_target_pauses_and_starts_once_there_is_room(fs_
     results = {res.target: res for res in eng.client.results("mount_all")}
     assert results[str(new)].outcome.value == "ok", results[str(new)].message
     st = wait_for("paused", lambda: (s := eng.status(str(new)))["connection"].startswith("paused")
-                  and s["attempts"] >= 2 and s, 60)  # (tried again: still full)
+                  and s["attempts"] >= 4 and "retry in" in s["connection"] and s, 60)
     assert "target full (No space left on device)" in st["connection"], st
+    # tried again as often as a replica paused in its session, not with the reconnect back-off
+    # (8, 16 … 60 s: room made then waited up to a minute)
+    assert int(st["connection"].rsplit("retry in ", 1)[1].split()[0]) <= 5, st
     assert not (r.root / "data2").exists()  # nothing of the new replica is left there
     listed = cli(r.cfg, "replica", "list", "--root", str(r.root), "--json")
     assert [x["name"] for x in json.loads(listed.stdout)] == ["data"], listed.stdout + listed.stderr

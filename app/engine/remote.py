@@ -30,7 +30,7 @@ from app.services import wire
 from app.services.targets import Settings, ssh_failure_text
 from app.engine.journal import JournalGap, Record
 from app.engine.journal import decode_at as decode_record
-from app.engine.shipper import TargetUnavailable
+from app.engine.shipper import BACKOFF_MAX_LOCAL, TargetUnavailable
 from app.engine.target import Positions, Queried, Target, listing_from_wire
 
 log = logging.getLogger("mirrorsetup.remote")
@@ -499,8 +499,10 @@ def _agent_error(msg: dict) -> TargetUnavailable:
         exc = TargetUnavailable(f"refused: {text}", retry=False)
         exc.code, exc.said = code, msg
         return exc
-    if code == "full":  # no room for the replica there: tried again (with back-off) as it was
-        return TargetUnavailable(f"paused: {text}")
+    if code == "full":  # no room for the replica there: tried again as often as a local target
+        # that was full, not with the reconnect back-off (it waited up to a minute after room
+        # was made, where a replica paused in its session goes on within seconds)
+        return TargetUnavailable(f"paused: {text}", delay=BACKOFF_MAX_LOCAL)
     return TargetUnavailable(f"disconnected: {text}")
 
 
