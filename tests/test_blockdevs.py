@@ -305,6 +305,42 @@ def test_mounted_device_says_where(scratch_loop, mounted):
 
 
 @pytest.mark.root
+def test_a_device_mounted_only_in_another_mount_namespace_is_in_use_and_named(scratch_loop, tmp_path):
+    """Found by a walk: the picker listed a loop mounted in another mount namespace (a
+    container's, `unshare -m`) as free, and attach refused it as "held open exclusively by
+    another program" without saying by whom. A real namespace and a real mount, both ended here."""
+    import subprocess
+    import sys
+    import time
+
+    from app.services import blockplan
+    dev = scratch_loop(32 << 20)
+    run("mkfs.ext4", "-q", dev)
+    where = tmp_path / "container-mnt"
+    where.mkdir()
+    ready = tmp_path / "ready"
+    holder = subprocess.Popen(["unshare", "--mount", "--propagation", "private", "sh", "-c",
+                               'mount "$0" "$1" && : > "$2" && exec sleep 300',
+                               dev, str(where), str(ready)])
+    try:
+        deadline = time.monotonic() + 30
+        while not ready.exists():
+            assert holder.poll() is None and time.monotonic() < deadline, "the namespace's mount"
+            time.sleep(0.05)
+        said = f"mounted on {where} in the mount namespace of pid {holder.pid} (sleep)"
+        row = listed()[dev]
+        assert said in row.in_use, row.in_use
+        assert row.mountpoints == ()  # not in our own table
+        assert blockdevs.describe(dev).in_use == row.in_use
+        assert blockplan.busy_reasons(dev, blockplan.View()) == [said]
+    finally:
+        holder.kill()
+        holder.wait()
+    # the namespace ended with its last process: the device is free again, and said so
+    assert listed()[dev].in_use == ()
+
+
+@pytest.mark.root
 def test_loop_over_loop_marks_both_ends(scratch_loop, loop_over):
     lower = scratch_loop(8 << 20)
     upper = loop_over(lower)

@@ -964,7 +964,7 @@ def path_users(path: str, *, block: bool = False, namespaces: bool = False) -> l
             users.append(f"mounted at {m.mount_point}")
     if namespaces:  # copies of our own binds (a namespace made since) are said once, above
         ours = {(m.mount_point, m.root) for m in table if bound(m)}
-        for pid, name, other in _other_mount_tables():
+        for pid, name, other in mounts.other_mount_tables():
             users += [f"mounted at {m.mount_point} in the mount namespace of pid {pid} ({name})"
                       for m in other if bound(m) and (m.mount_point, m.root) not in ours]
     img = os.stat(path) if block else None
@@ -1011,30 +1011,6 @@ def _holds(pid: int, st: os.stat_result) -> bool:
         if (there.st_dev, there.st_ino) == (st.st_dev, st.st_ino):
             return True
     return False
-
-
-def _other_mount_tables():
-    """(pid, name, mount table) once for each mount namespace other than ours."""
-    from app.services import mounts
-    from app.services.results import MirrorError
-    try:
-        seen = {os.readlink("/proc/self/ns/mnt")}
-    except OSError:
-        return
-    for entry in os.scandir("/proc"):
-        if not entry.name.isdigit():
-            continue
-        try:
-            ns = os.readlink(f"/proc/{entry.name}/ns/mnt")
-            if ns in seen:
-                continue
-            seen.add(ns)
-            table = mounts.read_mountinfo(f"/proc/{entry.name}/mountinfo")
-            with open(f"/proc/{entry.name}/comm") as f:
-                name = f.read().strip()
-        except (OSError, MirrorError):
-            continue
-        yield int(entry.name), name, table
 
 
 # -- the target host's own commands: what replicas are kept here, promote one -------------------

@@ -3,8 +3,9 @@
 The picker lists disks, partitions and attached loops from sysfs (via pyudev). Swap and LVM
 physical volumes are left out, as the old DTSetup did. Without udevd there is no udev database
 and so no ID_FS_TYPE: we then read the on-disk signatures ourselves, the way blkid does, with
-small read-only reads. /proc/swaps names the swap that is active; /proc/self/mountinfo, the
-holders directories and the loops' backing files say what is in use.
+small read-only reads. /proc/swaps names the swap that is active; /proc/self/mountinfo (and
+every other mount namespace's), the holders directories and the loops' backing files say what
+is in use.
 """
 
 from __future__ import annotations
@@ -278,6 +279,19 @@ class _SystemView:
             self.mounts.setdefault(rdev, []).append(entry.mount_point)
             if entry.mount_point == "/":
                 self.root = rdev  # the last "/" is the one this process sees
+        # Mounted only in another mount namespace (`unshare -m`, a container, `ip netns exec`):
+        # not in our table, yet the device is as busy (attach refused it, the picker said free).
+        # A copy of one of our own mounts, made when that namespace was, is said once, above.
+        self.elsewhere: dict[int, list[str]] = {}
+        for pid, comm, table in mounts.other_mount_tables():
+            for entry in table:
+                rdev = os.makedev(entry.major, entry.minor)
+                if entry.major == 0 or entry.mount_point in self.mounts.get(rdev, ()):
+                    continue
+                said = self.elsewhere.setdefault(rdev, [])
+                if not any(f"of pid {pid} " in x for x in said):
+                    said.append(f"mounted on {entry.mount_point} in the mount namespace of "
+                                f"pid {pid} ({comm})")
         self.swap_devices = _active_swaps()
         self.loops_on: dict[int, list[str]] = {}  # lower device number -> ["/dev/loopN"]
         try:
@@ -349,6 +363,7 @@ def _build(device: pyudev.Device, view: _SystemView, *, with_partitions: bool = 
     in_use: list[str] = []
     for mp in mountpoints:
         in_use.append("root file system" if rdev == view.root and mp == "/" else f"mounted on {mp}")
+    in_use += view.elsewhere.get(rdev, [])
     in_use += [f"held by {h}" for h in holders]
     lower = _backing_rdev(backing) if backing else None
     if lower is not None:

@@ -151,7 +151,11 @@ def busy_reasons(device: str, view: View) -> list[str]:
         except OSError as exc:
             if exc.errno != errno.EBUSY:
                 raise
-            reasons.append("held open exclusively by another program")
+            rdev = os.stat(device).st_rdev
+            elsewhere = mounts.namespace_holders(os.major(rdev), os.minor(rdev))
+            reasons += [f"mounted on {h['mount_point']} in the mount namespace of pid {h['pid']} "
+                        f"({h['comm']})" for h in elsewhere] or \
+                ["held open exclusively by another program"]
     return reasons
 
 

@@ -241,37 +241,37 @@ def move_mount(tree_fd: int, target: PathArg, *, beneath: bool = False) -> None:
         raise error
 
 
-def namespace_holders(major: int, minor: int, *, skip_own: bool = True) -> list[dict]:
-    """Other mount namespaces that hold a copy of a mount of device major:minor (`unshare -m`,
-    `ip netns exec`, containers): one {pid, comm, mount_point} per namespace, found through
-    /proc/PID/mountinfo. Such a copy keeps a FUSE mount (and its server) alive after we
-    unmount ours."""
+def other_mount_tables(*, skip_own: bool = True):
+    """(pid, comm, mount table) once for each mount namespace other than ours (`unshare -m`,
+    `ip netns exec`, containers), from the first process found in it: /proc/PID/mountinfo."""
     try:
-        own = os.readlink("/proc/self/ns/mnt")
+        seen = {os.readlink("/proc/self/ns/mnt")} if skip_own else set()
     except OSError:
-        own = None
-    seen: dict[str, dict] = {}
+        return
     for pid in filter(str.isdigit, os.listdir("/proc")):
         try:
             ns = os.readlink(f"/proc/{pid}/ns/mnt")
-        except OSError:
-            continue
-        if ns in seen or (skip_own and ns == own):
-            continue
-        try:
-            with open(f"/proc/{pid}/mountinfo", "rb") as f:
-                table = parse_mountinfo(os.fsdecode(f.read()))
-        except OSError:
-            continue
+            if ns in seen:
+                continue
+            seen.add(ns)
+            table = read_mountinfo(f"/proc/{pid}/mountinfo")
+            with open(f"/proc/{pid}/comm") as f:
+                comm = f.read().strip()
+        except (OSError, MirrorError):
+            continue  # it ended while we looked
+        yield int(pid), comm, table
+
+
+def namespace_holders(major: int, minor: int, *, skip_own: bool = True) -> list[dict]:
+    """Other mount namespaces that hold a copy of a mount of device major:minor: one {pid,
+    comm, mount_point} per namespace. Such a copy keeps a FUSE mount (and its server) alive
+    after we unmount ours, and a block device's file system mounted."""
+    found = []
+    for pid, comm, table in other_mount_tables(skip_own=skip_own):
         hits = [m.mount_point for m in table if (m.major, m.minor) == (major, minor)]
         if hits:
-            try:
-                with open(f"/proc/{pid}/comm") as f:
-                    comm = f.read().strip()
-            except OSError:
-                comm = "?"
-            seen[ns] = {"pid": int(pid), "comm": comm, "mount_point": hits[0]}
-    return list(seen.values())
+            found.append({"pid": pid, "comm": comm, "mount_point": hits[0]})
+    return found
 
 
 def describe_holders(holders: list[dict]) -> str:
