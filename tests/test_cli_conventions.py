@@ -41,7 +41,8 @@ def args(config: Path, *argv: str) -> list[str]:
     # 2**20: above every loop index the kernel hands out (LOOP_CTL_ADD refuses it: EINVAL), so
     # nobody can have made it (CI failed once a session by hand had left /dev/loop99999 unbound)
     ["block", "mirror", "/dev/nope"], ["manual", "detach", "/dev/loop1048576"],
-    ["fs", "add", "/nope"],
+    ["fs", "add", "/nope"], ["config", "import-legacy", "--fs", "/nope"],
+    ["config", "import-legacy", "--block", "/nope"],
 ])
 def test_the_same_mistake_is_refused_the_same_way(config, argv):
     """Naming something that does not exist: exit 2, the reason on stderr only, ENOENT in JSON."""
