@@ -629,13 +629,17 @@ def test_remote_replicas_are_compared_by_where_they_lie_not_by_target_name(store
 @pytest.mark.parametrize("rel, words", [
     ("data1/", "must not end with / or hold //"), ("a//b", "must not end with / or hold //"),
     ("../x", "must be relative, without . or .."), ("/abs", "must be relative, without . or .."),
-    ("a/./b", "must be relative, without . or ..")])
+    ("a/./b", "must be relative, without . or .."),
+    ("data1 ", "must not begin or end with white space"), (" data1", "must not begin or end with white space"),
+    ("a/b\t/c", "must not begin or end with white space")])
 def test_a_remote_path_is_refused_for_what_is_wrong_with_it(rel, words):
     """Found by a walk: `--target backup1:data1/` was told "must be relative, without . or ..",
-    which it is; a trailing / (or //) is said for what it is."""
+    which it is; a trailing / (or //) is said for what it is. `backup1:"data1 "` was taken
+    (a legal name no listing shows)."""
     from app.services.config_toml import field_problem
     assert words in field_problem("target", str, f"backup1:{rel}")
     assert field_problem("target", str, "backup1:data1/x") is None
+    assert field_problem("target", str, "backup1:my data/x y") is None  # spaces inside are fine
 
 
 @pytest.mark.root

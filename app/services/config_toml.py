@@ -127,6 +127,9 @@ def field_problem(key: str, kind: type, value: Any) -> str | None:
             return f"the path on the target must be relative, without . or .., got {rel!r}"
         if "" in rel.split("/"):  # (a walk was told 'without . or ..' of data1/)
             return f"the path on the target must not end with / or hold //, got {rel!r}"
+        if any(p != p.strip() for p in rel.split("/")):  # legal, but invisible in every listing
+            return (f"the path on the target must not begin or end with white space (in any of "
+                    f"its parts), got {rel!r}")
         if rel.split("/")[0] == ".mirrorsetup":  # app.engine.agent.META: the agent's own
             return f"the path on the target must not be below .mirrorsetup (the agent's own), got {rel!r}"
     if kind is str and "\0" in value:
