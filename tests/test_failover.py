@@ -665,6 +665,7 @@ def test_fail_over_of_a_block_device_split_brain_then_the_source_wins(remote, di
     try:
         p = cli(r.cfg, "failback", disk, "--yes", socket=eng.socket)
         assert p.returncode == 1 and f"is in use there: attached to {used}" in p.stderr, p.stdout + p.stderr
+        assert f"(to free it: losetup -d {used})" in p.stderr, p.stderr  # how, not only what
         assert "nothing was changed (its capture goes on" in p.stderr, p.stderr
         assert eng.block(disk)["captured"] and sha(image) == replica_before
     finally:
@@ -968,7 +969,8 @@ def test_who_uses_a_promoted_replica_is_found_by_any_name_and_in_any_mount_names
         assert users == [f"mounted at {elsewhere} in the mount namespace of pid {holder.pid} (sleep)"], users
         loop = subprocess.run(["losetup", "-f", "--show", str(link)], capture_output=True, text=True,
                               check=True).stdout.strip()
-        assert replica_users(str(root), "disk.img", "block") == [f"attached to {loop}"]
+        assert replica_users(str(root), "disk.img", "block") == [
+            f"attached to {loop} (to free it: losetup -d {loop})"]
         subprocess.run(["losetup", "-d", loop], check=True)
         loop = None
         opener = subprocess.Popen([sys.executable, "-c", "import sys, time; f = open(sys.argv[1]); "

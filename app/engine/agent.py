@@ -972,9 +972,14 @@ def path_users(path: str, *, block: bool = False, namespaces: bool = False) -> l
         for s in loopdev.list_attached():
             if s.backing_file != path and not _same_file(s.backing_file, img):
                 continue
-            users.append(f"attached to {s.device}" + "".join(
-                f", mounted at {m.mount_point}" for m in table
-                if (m.major, m.minor) == (7, s.index) or m.source == s.device))
+            where = [m.mount_point for m in table
+                     if (m.major, m.minor) == (7, s.index) or m.source == s.device]
+            # how to free it, said here: `replica promote` attached it, and nothing else says
+            # that a loop keeps the image busy after the file system on it is unmounted
+            free = f"umount {' '.join(where)}; losetup -d {s.device}" if where else \
+                f"losetup -d {s.device}"
+            users.append(f"attached to {s.device}" + "".join(f", mounted at {w}" for w in where)
+                         + f" (to free it: {free})")
     for proc in psutil.process_iter(["pid", "name"]):
         if proc.pid == os.getpid():
             continue  # the agent itself, which has the replica open
