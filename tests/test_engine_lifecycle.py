@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno
 import hashlib
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -274,6 +275,41 @@ def test_bad_entries_are_refused_and_nothing_changes(setup, tmp_path, tmpfs_moun
     assert want in r.message, r.message
     assert not [m for m in mirrorfs_mounts() if m.startswith(str(tmp_path))]
     assert not os.path.exists(target) or case == "same"
+
+
+def test_a_start_refused_before_capture_leaves_the_entry_as_it_was(setup, tmp_path):
+    """Found by a walk: after a start its target refused, the next start called it an
+    "unclean previous stop" (a first start too). A refused start now leaves the entry as it
+    was: a first start stays the first, a clean end stays clean."""
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "f").write_text("one")
+    target = tmp_path / "replica"
+    target.mkdir()
+    (target / "someone-elses").write_text("x")  # not empty, no marker: refused at the start
+    eng, _, _ = setup([{"path": str(src), "target": str(target)}])
+    (r,) = eng.client.results("mount", path=str(src))
+    assert r.failed and "carries no mirrorsetup marker" in r.message, r.message
+    (target / "someone-elses").unlink()
+    assert [r.outcome.value for r in eng.client.results("mount", path=str(src))] == ["ok"]
+    eng.drain(str(src))
+    log = eng.logtext()
+    assert "catching up (first start: initial copy)" in log and "unclean" not in log, log[-2000:]
+    assert [r.outcome.value for r in eng.client.results("unmount_all")] == ["ok"]
+    (src / "f").write_text("two")  # changed while not captured
+    target.rename(tmp_path / "put-aside")
+    target.mkdir()
+    (target / "someone-elses").write_text("x")
+    (r,) = eng.client.results("mount", path=str(src))
+    assert r.failed and "carries no mirrorsetup marker" in r.message, r.message
+    shutil.rmtree(target)
+    (tmp_path / "put-aside").rename(target)
+    assert [r.outcome.value for r in eng.client.results("mount", path=str(src))] == ["ok"]
+    eng.drain(str(src))
+    log = eng.logtext()
+    assert "unclean" not in log and "caught up (capture was not in place since" in log, log[-2000:]
+    assert (target / "f").read_text() == "two"
+    assert not eng.verify(str(src))
 
 
 def test_daemon_not_running_says_how_to_start_it(tmp_path):

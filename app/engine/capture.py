@@ -136,6 +136,16 @@ def open_state(spec: Spec) -> tuple[int, bool, dict | None]:
     return lock, first, end
 
 
+def undo_open_state(spec: Spec, first: bool, end: dict | None) -> None:
+    """What open_state changed, undone by a start refused before anything was captured."""
+    from app.engine.journal import write_small_file
+    with contextlib.suppress(OSError):
+        if first:
+            os.unlink(Path(spec.state) / ENTRY_MARKER)
+        elif end is not None:
+            write_small_file(Path(spec.state), CLEAN_MARKER, json.dumps(end) + "\n")
+
+
 def write_end(state: str, info: dict) -> None:
     from app.engine.journal import write_small_file
     write_small_file(Path(state), CLEAN_MARKER, json.dumps(info) + "\n")
@@ -241,7 +251,6 @@ class Capture:
 
     # -- start
     def start(self) -> dict:
-        from app.engine.journal import KIND_BLOCK, KIND_FS, Journal
         spec = self.spec
         if spec.kind == "fs":  # before anything is made: its journal through itself waits forever
             for what, own in (("journal", spec.state), ("run directory", spec.run)):
@@ -250,6 +259,18 @@ class Capture:
                                   "through its own capture it would wait for itself; replicate "
                                   "the directories beside the state directory", errno.EINVAL)
         self.lock, first, end = open_state(spec)
+        try:
+            return self._start(first, end)
+        except BaseException:
+            if self.shipper is None:  # refused before capture began: the entry is left as it
+                # was (a first start stays first, a clean end stays clean; it was then called
+                # an "unclean previous stop" by the start after a refused one)
+                undo_open_state(spec, first, end)
+            raise
+
+    def _start(self, first: bool, end: dict | None) -> dict:
+        from app.engine.journal import KIND_BLOCK, KIND_FS, Journal
+        spec = self.spec
         layout.private_dir(spec.run, "capture run directory")
         self.journal = Journal(spec.state, kind=KIND_FS if spec.kind == "fs" else KIND_BLOCK,
                                limit_bytes=spec.queue_limit, on_full=spec.on_full)
