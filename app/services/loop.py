@@ -427,6 +427,9 @@ def _status_from_fd(dev_fd: int, path: str, index: int) -> LoopStatus | None:
 
 # -- detach ----------------------------------------------------------------------------------
 
+DETACH_GRACE = 0.5  # seconds a detach waits for a brief opener's close before saying "pending"
+
+
 def detach(loop: str) -> Result:
     """LOOP_CLR_FD. The kernel only marks a device that is still open (autoclear) and detaches
     it at the last close: that is reported as PENDING, not as done and not as failed."""
@@ -448,6 +451,12 @@ def detach(loop: str) -> Result:
             return Result("detach", loop, Outcome.UNCHANGED, f"{loop}: not attached")
         return Result.from_error("detach", loop, MirrorError.from_oserror("detach", loop, exc))
     os.close(fd)        # our close may be the last one: the kernel detaches here
+    # ... or a moment later: an opener of a moment (udev's probe of a change event, a scan
+    # of the block devices, the console's own picker on a busy host) closes it soon, and then
+    # the detach is done, not pending (a test saw "pending" under a few hundred loops changing)
+    deadline = time.monotonic() + DETACH_GRACE
+    while _bound(index) and time.monotonic() < deadline:
+        time.sleep(0.01)
     after = status_of(index) if _bound(index) else None
     if after is None:
         return Result("detach", loop, Outcome.OK, f"{loop}: detached")
