@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import errno
 import hashlib
+import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -289,6 +291,50 @@ def test_kill9_of_daemon_and_worker_under_write_load_then_restart_resyncs(block_
     reply = eng.client.request("block_verify", device=disk)
     assert reply["ranges"] == [], reply
     assert sha(target) == sha(disk)
+
+
+def test_a_worker_that_dies_under_a_mounted_loop_is_an_error_until_unmounted_then_detached(
+        block_engine, tmp_path):
+    """Found by a walk: a block worker killed while a file system was mounted on its loop left
+    status green ("captured", no warning) while every write there failed with EIO, and the
+    dead loop stayed attached after the unmount, through daemon restarts, for good. Now status
+    says it (an error naming the mount), and the kernel detaches it at the unmount."""
+    eng, disk, target, cfg = block_engine()
+    before = eng.block(disk)
+    loop = before["loop"]
+    run("mkfs.ext4", "-q", loop)
+    where = tmp_path / "mnt"
+    where.mkdir()
+    run("mount", loop, str(where))
+    try:
+        os.kill(before["worker_pid"], signal.SIGKILL)
+
+        def said():
+            out = cli(cfg, eng, "status", "--json")
+            warnings = json.loads(out.stdout)["warnings"]
+            return [w for w in warnings if loop in w["message"] and "worker died" in w["message"]]
+        deadline = time.monotonic() + 30
+        while not (found := said()):
+            assert time.monotonic() < deadline, cli(cfg, eng, "status").stdout
+            time.sleep(0.2)
+        [w] = found
+        assert w["subject"] == disk and w["level"] == "error", w
+        assert f"mounted on {where}: unmount it" in w["message"] and "EIO" in w["message"], w
+        with pytest.raises(OSError) as exc:  # it is true: its I/O fails
+            with open(where / "x", "w") as f:
+                f.write("x")
+                f.flush()
+                os.fsync(f.fileno())
+        assert exc.value.errno == errno.EIO
+        st = eng.block(disk)  # the entry is captured again, through another loop
+        assert st["captured"] and st["loop"] != loop
+    finally:
+        run("umount", str(where), check=False)
+    deadline = time.monotonic() + 10
+    while os.path.exists(f"/sys/block/{os.path.basename(loop)}/loop"):
+        assert time.monotonic() < deadline, f"{loop} stayed attached after the unmount"
+        time.sleep(0.05)
+    assert not said()  # and status no longer names it
 
 
 def test_manual_attach_of_a_captured_device_is_refused(block_engine, tmp_path):

@@ -39,8 +39,13 @@ UMOUNT_TRIES = 50  # the loop lets go of its file a moment after LOOP_CLR_FD ret
 
 
 class BlockCaptures:
-    def __init__(self, sup: Supervisor):
+    def __init__(self, sup: Supervisor, devices=lambda: ()):
         self.sup = sup
+        self.devices = devices  # () -> the configured entries' devices (whose a dead mount was)
+        # Loops left on a dead capture because something still used them (a mounted file
+        # system): loop -> {key, identity of its backing file}. Their detach is deferred to the
+        # kernel (autoclear: at the last close); until then status says so, as an error.
+        self.dead: dict[str, dict] = {}
 
     def file(self, device: str) -> str:
         return self.sup.layout.capture_file(device)
@@ -226,7 +231,11 @@ class BlockCaptures:
 
     # -- failures ---------------------------------------------------------------------------
     async def clean_dead(self, device: str | None = None) -> list[Result]:
-        """Detach loops on dead capture files of ours and lift the dead FUSE mounts."""
+        """Detach loops on dead capture files of ours and lift the dead FUSE mounts. A loop
+        still in use (a file system mounted on it) cannot go now: its detach is left to the
+        kernel at its last close (autoclear), and until then it is remembered (`self.dead`):
+        status names it as an error, for its I/O fails. Lifted lazily, its capture file's path
+        no longer names it (sysfs then says `/disk`), so nothing else would."""
         out = []
         fsname = self.sup.layout.fsname("block")
         live = {os.path.dirname(self.file(c.key)) for c in self.sup.captures.values() if c.kind == "block"}
@@ -236,14 +245,11 @@ class BlockCaptures:
                 continue
             if not await _is_dead(m.mount_point):
                 continue
+            key = device or next((d for d in self.devices()
+                                  if os.path.dirname(self.file(d)) == m.mount_point), None)
             for s in loopdev.list_attached():
                 if s.backing_file == os.path.join(m.mount_point, CAPTURE_FILE):
-                    r = await trio.to_thread.run_sync(lambda: blockplan.detach_loop(s.device, s.device))
-                    msg = (f"{s.device} served a capture whose worker is gone: "
-                           + ("detached" if r.outcome is Outcome.OK else r.message +
-                              "; its I/O fails until it is unmounted/closed"))
-                    out.append(Result("detach", s.device, Outcome.OK if r.outcome is Outcome.OK
-                                      else Outcome.FAILED, msg, None if r.outcome is Outcome.OK else errno.EIO))
+                    out.append(await trio.to_thread.run_sync(self._detach_dead, s.device, key))
             try:
                 mounts.umount(m.mount_point, mounts.MNT_DETACH)
                 out.append(Result("unmount", m.mount_point, Outcome.OK, "lazy unmount of a dead "
@@ -251,6 +257,41 @@ class BlockCaptures:
             except MirrorError as exc:
                 out.append(Result.from_error("unmount", m.mount_point, exc))
         return out
+
+    def _detach_dead(self, loop: str, key: str | None) -> Result:
+        ident = loopdev.backing_identity(loop)
+        r = loopdev.detach(loop)  # not blockplan's, which refuses a mounted loop: this one is dead
+        if r.outcome in (Outcome.OK, Outcome.UNCHANGED):
+            return Result("detach", loop, Outcome.OK, f"{loop} served a capture whose worker is "
+                          "gone: detached")
+        if r.outcome is not Outcome.PENDING:
+            return Result("detach", loop, Outcome.FAILED, f"{loop} served a capture whose worker "
+                          f"is gone: {r.message}; its I/O fails until it is closed", errno.EIO)
+        self.dead[loop] = {"key": key, "identity": ident}
+        return Result("detach", loop, Outcome.FAILED, f"{loop} served a capture whose worker is "
+                      f"gone: {_dead_use(loop)}; its I/O fails (EIO) until then, and the kernel "
+                      "detaches it at its last close", errno.EIO)
+
+    def dead_loops(self) -> list[dict]:
+        """The loops left on dead captures that are still there, and who uses them."""
+        out = []
+        for loop, d in list(self.dead.items()):
+            if d["identity"] is None or loopdev.backing_identity(loop) != d["identity"]:
+                del self.dead[loop]  # detached at its last close (or the number bound anew)
+                continue
+            out.append({"loop": loop, "key": d["key"], "use": _dead_use(loop)})
+        return out
+
+
+def _dead_use(loop: str) -> str:
+    """'mounted on M' / 'open by pid N (comm)', and what ends it, for a loop on a dead capture."""
+    from app.services.status import openers_of
+    index = loopdev.parse_loop_path(loop)
+    where = [m.mount_point for m in mounts.read_mountinfo() if (m.major, m.minor) == (7, index)]
+    if where:
+        return f"mounted on {', '.join(where)}: unmount it"
+    who = ", ".join(f"pid {pid} ({comm})" for pid, comm in openers_of(loop))
+    return f"open by {who}: close it" if who else "still open: close it"
 
 
 @contextlib.asynccontextmanager

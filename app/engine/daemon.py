@@ -53,7 +53,7 @@ class Daemon:
         self.layout = Layout(os.path.dirname(socket_path), state_dir)
         self.sup = Supervisor(self.layout, host_id(), self.store)
         self.sup.on_death = self._on_death
-        self.blk = BlockCaptures(self.sup)
+        self.blk = BlockCaptures(self.sup, lambda: [e.device for e in self._blocks()])
         self.stopping = trio.Event()
         self.keep_captures = False
         self.commands = {
@@ -127,7 +127,8 @@ class Daemon:
                 orphans.append(row.to_json())
         return {"pid": os.getpid(), "socket": self.socket_path, "state_dir": self.state_dir,
                 "filesystem": [r.to_json() for r in fs_rows], "block": [r.to_json() for r in block_rows],
-                "orphans": orphans, "pids": sorted({os.getpid()} | self.sup.pids())}
+                "orphans": orphans, "pids": sorted({os.getpid()} | self.sup.pids()),
+                "dead_loops": await trio.to_thread.run_sync(self.blk.dead_loops)}
 
     async def _fs_row(self, e: FsEntry) -> CaptureRow:
         cap = self.sup.get("fs", e.path)

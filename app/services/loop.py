@@ -425,6 +425,23 @@ def _status_from_fd(dev_fd: int, path: str, index: int) -> LoopStatus | None:
                       bool(flags & LO_FLAGS_PARTSCAN), bool(flags & LO_FLAGS_DIRECT_IO))
 
 
+def backing_identity(loop: str) -> tuple[int, int] | None:
+    """(st_dev, st_ino) of the file a loop is bound to, from LOOP_GET_STATUS64: tells a loop
+    apart from a later binding of the same number, and a dead capture file from the live one
+    at the same path. None when it is not bound (or is gone)."""
+    try:
+        fd = os.open(loop, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        return None
+    try:
+        info = LOOP_INFO64.unpack(fcntl.ioctl(fd, LOOP_GET_STATUS64, bytes(LOOP_INFO64.size)))
+    except OSError:
+        return None
+    finally:
+        os.close(fd)
+    return info[0], info[1]
+
+
 # -- detach ----------------------------------------------------------------------------------
 
 DETACH_GRACE = 0.5  # seconds a detach waits for a brief opener's close before saying "pending"

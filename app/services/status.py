@@ -235,6 +235,11 @@ def snapshot(store: ConfigStore, control=None, *, scan_writers: bool = True,
     for o in snap.orphans:
         snap.warnings.append(StatusWarning(o.key, f"orphaned capture (pid {o.worker_pid}): "
                                                   f"{o.last_error}", "error"))
+    for d in (snap.engine or {}).get("dead_loops", []):
+        # a worker died under it: its I/O fails; the entry itself is captured again (another loop)
+        snap.warnings.append(StatusWarning(d.get("key") or d["loop"], f"{d['loop']} served a "
+                                           f"capture whose worker died: its I/O fails (EIO); "
+                                           f"{d['use']} (the kernel then detaches it)", "error"))
 
     flawed = problems(config, store)
     for entry in (*config.filesystem, *config.block):
