@@ -25,7 +25,7 @@ import os
 
 import trio
 
-from app.engine.supervisor import Captured, Supervisor, spawn
+from app.engine.supervisor import Captured, Supervisor, forced_end, spawn
 from app.services import blockplan, mounts
 from app.services import loop as loopdev
 from app.services.blockplan import View
@@ -176,9 +176,9 @@ class BlockCaptures:
         if r.failed or r.outcome is Outcome.SKIPPED:
             return Result("detach", dev, r.outcome, r.message, r.errno, {"loop": loop})
         note = await self._stop_worker(cap)
-        return Result("detach", dev, Outcome.OK, f"detached {loop}; capture of {dev} ended, "
-                      f"{cap.ended()}" + (f"; the capture was {note}: ended there too"
-                                          if note else ""), details={"loop": loop})
+        return Result("detach", dev, Outcome.OK, f"detached {loop}; " + (
+            forced_end(note, cap) if note else f"capture of {dev} ended, {cap.ended()}"),
+            details={"loop": loop})
 
     async def _finish_pending(self, cap: Captured) -> None:
         f = self.file(cap.key)

@@ -208,6 +208,13 @@ class Captured:
 
 
 KEPT = "are kept in its journal for the next start"  # a lift's words: others match on them
+
+
+def forced_end(note: str, cap: Captured) -> str:
+    """What a stop that had to end a capture (Supervisor.stop's `note`: who kept its mount, or
+    "still busy") says: that it was ended, why, and what became of its journal."""
+    copies = "" if note == "still busy" else " (those copies now answer ENOTCONN)"
+    return f"its capture was ended although it was {note}{copies}; {cap.ended()}"
 ZYGOTE_ENV = zygote_mod.ENV
 ZYGOTE_ANSWER_SECONDS = 60  # the first answer waits for the template's imports
 
@@ -655,9 +662,8 @@ class Supervisor:
                               details={"lazy": True, "holders": held})
             note = await self.stop(cap)
         if note:
-            return Result("unmount", path, Outcome.OK, f"unmounted mirrorfs from {path}; its capture "
-                          f"was {note}: ended there too after {cap.ended()} (those copies now "
-                          "answer ENOTCONN)", details={"holders": cap.holders})
+            return Result("unmount", path, Outcome.OK, f"unmounted mirrorfs from {path}; "
+                          f"{forced_end(note, cap)}", details={"holders": cap.holders})
         return Result("unmount", path, Outcome.OK, f"unmounted mirrorfs from {path}; {cap.ended()}")
 
     def detached_busy(self, path: str) -> Captured | None:
