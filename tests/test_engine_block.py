@@ -337,6 +337,26 @@ def test_a_worker_that_dies_under_a_mounted_loop_is_an_error_until_unmounted_the
     assert not said()  # and status no longer names it
 
 
+def test_daemon_stop_names_the_captures_it_leaves_running(block_engine, tmp_path):
+    """Found by a walk: with a file system mounted on a captured loop, `daemon stop` said only
+    "stopped the daemon (pid N)"; its log said the capture went on for the next daemon."""
+    eng, disk, target, cfg = block_engine()
+    st = eng.block(disk)
+    run("mkfs.ext4", "-q", st["loop"])
+    where = tmp_path / "mnt"
+    where.mkdir()
+    run("mount", st["loop"], str(where))
+    try:
+        out = cli(cfg, eng, "daemon", "stop", "--state-dir", eng.state)
+        assert out.returncode == 0, out.stdout + out.stderr
+        assert "still in use, these captures go on without it and the next daemon takes them " \
+               f"over: {disk} (pid {st['worker_pid']})" in out.stdout, out.stdout
+        (where / "f").write_text("still written")  # it is true: the capture goes on
+        os.sync()
+    finally:
+        run("umount", str(where), check=False)
+
+
 def test_manual_attach_of_a_captured_device_is_refused(block_engine, tmp_path):
     eng, disk, target, cfg = block_engine()
     loop = eng.block(disk)["loop"]

@@ -213,7 +213,10 @@ def _control(action: str, settings: DaemonSettings) -> Result:
             return result(Outcome.FAILED, f"asked the daemon (pid {info.pid}) to stop, but it "
                           "is still running", errno.ETIMEDOUT)
         if action == "stop":
-            return result(Outcome.OK, f"stopped the daemon (pid {info.pid})")
+            left = captures_left(settings.state_dir)
+            return result(Outcome.OK, f"stopped the daemon (pid {info.pid})" + (
+                "; still in use, these captures go on without it and the next daemon takes "
+                f"them over: {', '.join(left)}" if left else ""))
     if systemd:
         proc = subprocess.run(["systemctl", action, SYSTEMD_UNIT], capture_output=True, text=True)
         if proc.returncode == 0:
@@ -223,6 +226,27 @@ def _control(action: str, settings: DaemonSettings) -> Result:
         return result(Outcome.FAILED, f"systemctl {action} {SYSTEMD_UNIT} failed: "
                       f"{proc.stderr.strip() or proc.returncode}")
     return _spawn(action, settings, control)
+
+
+def captures_left(state_dir: str) -> list[str]:
+    """The capture workers of this installation (their journals in `state_dir`) still running:
+    a stop leaves those whose loop is in use (a file system mounted on it), so that its I/O
+    does not fail. 'KEY (pid N)', as their command lines say."""
+    import json
+    base = os.path.realpath(state_dir).rstrip("/") + "/"
+    found = []
+    for pid in sorted(filter(str.isdigit, os.listdir("/proc")), key=int):
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                argv = f.read().split(b"\0")
+            if b"app.engine.capture" not in argv[:3] or b"--spec" not in argv:
+                continue
+            spec = json.loads(argv[argv.index(b"--spec") + 1])
+        except (OSError, IndexError, ValueError):
+            continue
+        if isinstance(spec, dict) and str(spec.get("state", "")).startswith(base):
+            found.append(f"{spec.get('key')} (pid {pid})")
+    return found
 
 
 def _check_config(settings: DaemonSettings, info: DaemonInfo) -> None:
