@@ -210,7 +210,9 @@ def test_fail_back_or_resolve_of_an_entry_never_switched_over_changes_nothing(fs
     history it meant to hand over, so a second `failback` took the refusal for a fail-back
     finished already and moved this side to a history the replica never had: every connection
     was refused from then on. `replica resolve --discard-target` said it had discarded a
-    promotion and re-sent the whole entry. Now all three change nothing and say why."""
+    promotion and re-sent the whole entry. Now all three change nothing and say why. And
+    `failback`'s "nothing to fail back" was FAILED (exit 1) while resolve's same no-op was
+    unchanged (exit 0): by the README's exit rule it is unchanged (found by a walk)."""
     eng, src, r = fs_remote()
     s = Path(src)
     (s / "f").write_text("one")
@@ -222,10 +224,13 @@ def test_fail_back_or_resolve_of_an_entry_never_switched_over_changes_nothing(fs
         return any("fuse.mirrorfs" in m for m in open("/proc/self/mountinfo") if f" {src} " in m)
     for _ in range(2):  # captured: the capture knows, the target is not asked
         p = cli(r.cfg, "failback", src, "--yes", socket=eng.socket)
-        assert p.returncode == 1 and "nothing to fail back" in p.stderr, p.stdout + p.stderr
-        assert "nothing was changed" in p.stderr and captured(), p.stderr
+        # nothing to do is UNCHANGED, exit 0, on stdout (as resolve says it), not a failure
+        assert p.returncode == 0 and "nothing to fail back" in p.stdout, p.stdout + p.stderr
+        assert p.stdout.startswith("unchanged") and not p.stderr, p.stdout + p.stderr
+        assert "nothing was changed" in p.stdout and captured(), p.stdout
     p = cli(r.cfg, "failback", src, socket=eng.socket)  # no --yes: nothing to confirm, said first
-    assert p.returncode == 1 and "nothing to fail back" in p.stderr and "--yes" not in p.stderr, p.stderr
+    assert p.returncode == 0 and "nothing to fail back" in p.stdout and "--yes" not in p.stdout, \
+        p.stdout + p.stderr
     p = cli(r.cfg, "replica", "resolve", src, "--discard-target", socket=eng.socket)
     assert p.returncode == 0 and "nothing to fail back or keep" in p.stdout, p.stdout + p.stderr
 
@@ -242,8 +247,10 @@ def test_fail_back_or_resolve_of_an_entry_never_switched_over_changes_nothing(fs
     wait_for("a retry backed off to 3 s or more",  # refused a few times
              lambda: re.search(r"retry in ([3-9]|\d\d+) s", eng.status(src)["connection"]), 90, 0.2)
     r.bed.unblock()  # reachable while the capture waits to retry: the agent answers "not promoted"
-    p = cli(r.cfg, "failback", src, "--yes", socket=eng.socket)
-    assert p.returncode == 1 and "nothing to fail back" in p.stderr, p.stdout + p.stderr
+    p = cli(r.cfg, "failback", src, "--yes", "--json", socket=eng.socket)
+    assert p.returncode == 0, p.stdout + p.stderr
+    [res] = json.loads(p.stdout)
+    assert res["outcome"] == "unchanged" and "nothing to fail back" in res["message"], res
     assert capture_mount() == before, "the capture was lifted"
     wait_for("connected", lambda: eng.status(src)["connection"] == "connected", 60, 0.2)
     p = cli(r.cfg, "replica", "resolve", src, "--discard-target", "--yes", "--json", socket=eng.socket)
@@ -256,7 +263,8 @@ def test_fail_back_or_resolve_of_an_entry_never_switched_over_changes_nothing(fs
     assert res.outcome.value == "ok", res.message
     for _ in range(2):  # not captured: the agent answers
         p = cli(r.cfg, "failback", src, "--yes", socket=eng.socket)
-        assert p.returncode == 1 and "is not promoted" in p.stderr, p.stdout + p.stderr
+        assert p.returncode == 0 and "is not promoted" in p.stdout, p.stdout + p.stderr
+        assert "nothing to fail back" in p.stdout and p.stdout.startswith("unchanged"), p.stdout
         assert not captured() and not list(Path(eng.state).rglob("failback")), "a fail-back left behind"
     p = cli(r.cfg, "replica", "resolve", src, "--discard-target", "--yes", "--json", socket=eng.socket)
     assert p.returncode == 0, p.stdout + p.stderr
@@ -284,8 +292,8 @@ def test_fail_back_or_resolve_of_an_entry_never_switched_over_changes_nothing(fs
     wait_for("connected", lambda: eng.status(src)["connection"] == "connected", 60, 0.2)
     before = capture_mount()
     p = cli(r.cfg, "failback", src, "--yes", socket=eng.socket)
-    assert p.returncode == 1 and "nothing to fail back" in p.stderr, p.stdout + p.stderr
-    assert capture_mount() == before and "mounted mirrorfs" not in p.stderr, p.stderr
+    assert p.returncode == 0 and "nothing to fail back" in p.stdout, p.stdout + p.stderr
+    assert capture_mount() == before and "mounted mirrorfs" not in p.stdout, p.stdout
     assert not list(Path(eng.state).rglob("failback")), "a stale fail-back record is kept"
     nosuch = src + "-nosuch"  # not an entry: refused (exit 2) like everywhere else
     for argv in (["switchover", nosuch], ["failback", nosuch, "--yes"],

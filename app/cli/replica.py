@@ -12,7 +12,6 @@ import errno
 import json
 import os
 import sys
-from dataclasses import replace
 
 from app.cli.common import Refused, add, group, replication, require, require_daemon, store
 from app.cli.output import dump, report, say
@@ -83,9 +82,8 @@ def cmd_failback(args) -> int:
     rep = replication(args)
     require_daemon(rep)
     healthy = _healthy_first(args, rep, "failback")
-    if healthy is not None:  # refused (exit 1), as the daemon refuses it
-        return report([replace(healthy, outcome=Outcome.FAILED, errno=errno.EINVAL)],
-                      as_json=args.json)
+    if healthy is not None:  # unchanged: nothing to fail back, as the daemon answers it
+        return report([healthy], as_json=args.json)
     _confirm(args, f"Fail back {args.entry}: its data on THIS host is replaced by the promoted "
                    "replica's (only what differs is sent); changes made here since the replica was "
                    "promoted are lost. Applications on the target must have stopped. Go on?")

@@ -386,13 +386,15 @@ class Failover:
                     # a fail-back it records as under way never finished there: the replica
                     # replicates in this side's history (a finished one would refuse it)
                     _forget_failback(state)
-                    raise MirrorError(
-                        f"{key} was not switched over and its replica on {entry.target} is not "
-                        f"promoted: its capture is connected to it (replication: "
+                    return [_nothing_to_fail_back(
+                        key, f"{key} was not switched over and its replica on {entry.target} is "
+                        f"not promoted: its capture is connected to it (replication: "
                         f"{fig.get('replication', '?')}): there is nothing to fail back; nothing "
-                        "was changed", errno=errno.EINVAL, obj=key)
+                        "was changed")]
                 # not known yet, or a split brain (its replica may be in use there): ask first
-                await self._promoted_there(kind, key, entry, spec, fig, pending)
+                nothing = await self._promoted_there(kind, key, entry, spec, fig, pending)
+                if nothing is not None:
+                    return [nothing]
             elif cap is None and sw.get("state") == "switched":  # in use there: before unfencing
                 await self._promoted_there(kind, key, entry, spec, {}, pending, switched_over=True)
             lifted = False
@@ -409,7 +411,13 @@ class Failover:
                 if sw.get("fence"):  # the data comes back through the directory or device itself
                     await trio.to_thread.run_sync(unfence, kind, key, entry, sw["fence"])
                     _mark(state, {**sw, "fence": {}})
-                results += await self._failback(kind, key, entry, send, spec, size)
+                back = await self._failback(kind, key, entry, send, spec, size)
+                if back[0].outcome is Outcome.UNCHANGED:
+                    if not lifted:
+                        return back
+                    # the replica was demoted meanwhile: nothing came back, the capture goes on
+                    raise MirrorError(back[0].message, errno=errno.EINVAL, obj=key)
+                results += back
                 if lifted and KEPT in results[0].message and "records captured here that never " \
                         "reached the replica were dropped" in results[-1].message:  # not kept
                     results[0] = dataclasses.replace(results[0], message=results[0].message.replace(
@@ -441,12 +449,14 @@ class Failover:
         return await trio.to_thread.run_sync(once)
 
     async def _promoted_there(self, kind: str, key: str, entry, spec, fig: dict,
-                              pending: dict | None, *, switched_over: bool = False) -> None:
+                              pending: dict | None, *, switched_over: bool = False
+                              ) -> Result | None:
         """Before a capture that is not connected (yet) or in a split brain is lifted for a
         fail-back: the agent is asked, read only, whether the replica is promoted and who uses
-        it. Refuses when it is not, when it is in use there, or when the target cannot be
-        reached (a fail-back could not either). An agent too old to be
-        asked leaves it to the fail-back itself (which re-mounts the capture on a refusal)."""
+        it. Refuses when it is in use there, or when the target cannot be reached (a fail-back
+        could not either); when it is not promoted there is nothing to do (the UNCHANGED result
+        returned). An agent too old to be asked leaves it to the fail-back itself (which
+        re-mounts the capture on a refusal)."""
         from app.services.status import short_connection
         here = ("it stays read-only here" if switched_over else
                 f"its capture goes on: {short_connection(fig.get('connection') or '?')}")
@@ -467,10 +477,11 @@ class Failover:
             if pending is not None and said.get("generation") == pending.get("generation"):
                 return  # an interrupted fail-back that finished there: the fail-back records it
             _forget_failback(spec.state)  # one that never got there
-            raise MirrorError(
-                f"{key} was not switched over and its replica on {entry.target} is not promoted"
-                f" (its capture is {fig.get('connection', '?')}): there is nothing to fail back; "
-                "nothing was changed", errno=errno.EINVAL, obj=key)
+            return _nothing_to_fail_back(
+                key, f"{key} was not switched over and its replica on {entry.target} is not "
+                f"promoted (its capture is {fig.get('connection', '?')}): there is nothing to "
+                "fail back; nothing was changed")
+        return None
 
     async def _failback(self, kind: str, key: str, entry, send, spec, size) -> list[Result]:
         from app.engine.capture import make_target, write_end
@@ -509,11 +520,14 @@ class Failover:
                 if code is not None and (pending is None or code == "not-promoted"):
                     # refused before it began: the replica never took this generation
                     os.unlink(Path(state) / FAILBACK)
-                msg = f"fail-back of {key}: {exc.state}"
                 if code == "not-promoted" and (switched(state) or {}).get("state") != "switched":
-                    msg += (f" ({key} was not switched over; `mirrorsetup switchover {key}` hands "
-                            "the service over, `mirrorsetup status` shows the capture)")
-                raise MirrorError(msg, errno=_exc_error(exc), obj=key) from None
+                    return [_nothing_to_fail_back(
+                        key, f"{key} was not switched over and its replica on {entry.target} is "
+                        "not promoted: there is nothing to fail back; nothing was changed "
+                        f"(`mirrorsetup switchover {key}` hands the service over, `mirrorsetup "
+                        "status` shows the capture)")]
+                raise MirrorError(f"fail-back of {key}: {exc.state}", errno=_exc_error(exc),
+                                  obj=key) from None
             counts, at, already = {}, last, True  # the interrupted fail-back had finished there
         finally:
             local.close()
@@ -587,6 +601,12 @@ class Failover:
                                           reply.get("errno")))
                 return results
         return results + [await self._capture(kind, entry)]
+
+
+def _nothing_to_fail_back(key: str, message: str) -> Result:
+    """Not switched over and not promoted there: like `replica resolve`'s no-op, UNCHANGED
+    (exit 0), not a failure."""
+    return Result("failback", key, Outcome.UNCHANGED, message)
 
 
 def _local_users(kind: str, key: str, entry) -> list[str]:
