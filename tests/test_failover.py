@@ -523,6 +523,59 @@ def test_block_switchover_then_fail_back_sends_only_what_changed(block_remote):
     assert reply["differing"] == 0
 
 
+def test_a_fail_back_whose_link_drops_says_what_it_left_and_can_be_run_again_at_once(
+        block_remote, tmp_path):
+    """Found by a walk: a fail-back whose link dropped mid-transfer failed with only
+    "disconnected: the session … ended during the fail-back", though the device here was
+    already partly the replica's; and `failback` again at once was refused, "the promoted
+    replica … is in use there: open by pid N (mirrorsetup)": that was the interrupted
+    fail-back's own agent, not yet aware that its link was gone. Now the failure says this
+    host's copy is a mix until a fail-back finishes, and the next fail-back ends that stale
+    session (the replica's lock) instead of taking it for an application."""
+    eng, disk, r = block_remote()
+    p = cli(r.cfg, "switchover", disk, socket=eng.socket)
+    assert p.returncode == 0, p.stdout + p.stderr
+    image = r.bed.target_view(r.root / "disk.img")
+    r.bed.run_on_target(["dd", "if=/dev/urandom", f"of={r.root / 'disk.img'}", "bs=1M",
+                         "count=24", "seek=8", "conv=notrunc,fsync", "status=none"])
+    expected = tmp_path / "expected.img"  # read from here: nothing here may hold the replica open
+    shutil.copyfile(image, expected)
+    differing = blocks_differing(disk, expected, 64 * MiB)
+    assert differing == 24
+    r.bed.rate_limit(rate="16mbit", burst="32kb", direction="down")  # 12 s for what differs
+    first = subprocess.Popen([sys.executable, "-m", "app", "--config", str(r.cfg), "failback", disk,
+                              "--yes"], cwd=REPO, text=True, stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, env={**os.environ, "MIRRORSETUP_SOCKET": eng.socket})
+    try:
+        wait_for("part of the replica came back", lambda: first.poll() is not None or
+                 blocks_differing(disk, expected, 64 * MiB) < differing - 2, 60, 0.3)
+        assert first.poll() is None, first.communicate()
+        # the source's resets never reach the target: its agent lingers until its heartbeats
+        # time out (15 s), as when the link came back after the target's retransmissions
+        r.bed._nft_rule(f"tcp dport {r.bed.port} tcp flags & rst == rst drop")
+        r.bed.link_down()
+        out, err = first.communicate(timeout=60)
+    finally:
+        if first.poll() is None:
+            first.kill()
+            first.communicate()
+        r.bed.link_up()
+        r.bed.unlimit()
+    assert first.returncode == 1 and "ended during the fail-back" in err, out + err
+    assert f"interrupted: this host's copy of {disk} is a mix" in err, err
+    assert f"run `mirrorsetup failback {disk} --yes` again" in err, err
+    assert 0 < blocks_differing(disk, expected, 64 * MiB) < differing
+    stale = [pid for pid, argv in r.bed.target_processes() if "serve-target" in argv]
+    assert stale, "the interrupted fail-back's agent ended already: nothing was tried here"
+    p = cli(r.cfg, "failback", disk, "--yes", "--json", socket=eng.socket)  # at once
+    assert p.returncode == 0, p.stdout + p.stderr
+    assert "in use there" not in p.stderr, p.stderr
+    r.bed.unblock()
+    assert sha(disk) == sha(expected) == sha(image)
+    st = eng.block_drain(disk)
+    assert st["target_data"] == "consistent" and st["state"] != "switched over", st
+
+
 SQL_WRITER = r"""
 import os, sqlite3, sys
 db, log = sys.argv[1], sys.argv[2]
@@ -546,6 +599,9 @@ def test_fail_over_of_a_sqlite_directory_after_the_source_died(fs_remote, tmp_pa
     w = subprocess.Popen([sys.executable, "-c", SQL_WRITER, os.path.join(src, "db.sqlite"), log])
     try:
         wait_for("commits", lambda: lines(log) >= 200, 60)
+        # the source's resets never reach the target: its agent lingers until its heartbeats
+        # time out (15 s), as when the link came back after the target's retransmissions
+        r.bed._nft_rule(f"tcp dport {r.bed.port} tcp flags & rst == rst drop")
         r.bed.link_down()  # the source host dies: link cut, then everything of ours killed
         time.sleep(1)
         eng.kill9()
@@ -621,6 +677,9 @@ def test_fail_over_of_a_block_device_split_brain_then_the_source_wins(remote, di
                 f.flush()
                 os.fsync(f.fileno())
         eng.block_drain(disk)
+        # the source's resets never reach the target: its agent lingers until its heartbeats
+        # time out (15 s), as when the link came back after the target's retransmissions
+        r.bed._nft_rule(f"tcp dport {r.bed.port} tcp flags & rst == rst drop")
         r.bed.link_down()
         for i in range(40, 60):  # written, never shipped: the source dies with them
             (mnt / f"f{i}").write_bytes(os.urandom(64 << 10))

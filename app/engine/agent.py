@@ -936,15 +936,20 @@ def demote_state(state: dict, *, generation: str | None, consistent: bool, seq: 
 def replica_users(root: str, rel: str, kind: str) -> list[str]:
     """Who uses a (promoted) replica on this host: mounts of it (a bind of the directory, the
     file system on its loop; in any mount namespace: a container's too), loops on it (by any
-    name: a hard link of the image too), processes with files open there (named)."""
-    return path_users(os.path.join(root, rel), block=kind == "block", namespaces=True)
+    name: a hard link of the image too), processes with files open there (named). Agents
+    (serve-target sessions) are not users: the replica's lock decides about them (the same
+    source's stale session, e.g. of a fail-back whose link dropped, is ended by the next;
+    another source's is refused by name)."""
+    return path_users(os.path.join(root, rel), block=kind == "block", namespaces=True,
+                      agents=False)
 
 
-def path_users(path: str, *, block: bool = False, namespaces: bool = False) -> list[str]:
+def path_users(path: str, *, block: bool = False, namespaces: bool = False,
+               agents: bool = True) -> list[str]:
     """Mounts on or of `path` (binds of it too; `namespaces`: those of other mount namespaces
     as well), loops on it (`block`: a file, told by device and inode), processes with a file
     or their working directory there (a block image: by device and inode, whatever the name
-    or a lazy unmount made of the path)."""
+    or a lazy unmount made of the path); `agents`: serve-target processes too."""
     import psutil
 
     from app.services import loop as loopdev
@@ -984,6 +989,8 @@ def path_users(path: str, *, block: bool = False, namespaces: bool = False) -> l
         if proc.pid == os.getpid():
             continue  # the agent itself, which has the replica open
         try:
+            if not agents and "serve-target" in proc.cmdline():
+                continue  # another session
             files = [f.path for f in proc.open_files()] + [proc.cwd()]
         except (psutil.Error, OSError):
             continue

@@ -526,8 +526,12 @@ class Failover:
                         "not promoted: there is nothing to fail back; nothing was changed "
                         f"(`mirrorsetup switchover {key}` hands the service over, `mirrorsetup "
                         "status` shows the capture)")]
-                raise MirrorError(f"fail-back of {key}: {exc.state}", errno=_exc_error(exc),
-                                  obj=key) from None
+                msg = f"fail-back of {key}: {exc.state}"
+                if getattr(exc, "applied", 0):  # some of the replica's data was written here
+                    msg += (f"; interrupted: this host's copy of {key} is a mix of its own data "
+                            "and the replica's until a fail-back finishes; run `mirrorsetup "
+                            f"failback {key} --yes` again")
+                raise MirrorError(msg, errno=_exc_error(exc), obj=key) from None
             counts, at, already = {}, last, True  # the interrupted fail-back had finished there
         finally:
             local.close()

@@ -525,6 +525,7 @@ def receive_failback(target: RemoteTarget, local, *, new_generation: str,
                 return
     threading.Thread(target=beats, daemon=True).start()
     codec = wire.Codec(target.s.compression)
+    applied = 0  # records written to this host's data: an end after one leaves it a mix
     try:
         while True:
             got = wire.read_frame(proc.stdout.read)
@@ -540,6 +541,7 @@ def receive_failback(target: RemoteTarget, local, *, new_generation: str,
                     rec, pos = decode_record(raw, pos)
                     recs.append(rec)
                 local.send(recs)
+                applied += len(recs)
             elif kind == wire.ACK:
                 msg = json.loads(payload)
                 if "done" in msg:
@@ -547,8 +549,13 @@ def receive_failback(target: RemoteTarget, local, *, new_generation: str,
             elif kind == wire.ERROR:
                 raise _agent_error(json.loads(payload))
     except (wire.WireError, ConnectionError) as exc:  # the link or the agent went away mid-way
-        raise TargetUnavailable(f"disconnected: the session to {target.s.host} ended during the "
-                                f"fail-back ({exc})") from None
+        lost = TargetUnavailable(f"disconnected: the session to {target.s.host} ended during the "
+                                 f"fail-back ({exc})")
+        lost.applied = applied
+        raise lost from None
+    except TargetUnavailable as exc:
+        exc.applied = applied
+        raise
     finally:
         stop.set()
         target.close()
