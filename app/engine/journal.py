@@ -244,6 +244,9 @@ class Journal:
         self.behind = False  # pull-ahead: records are not being stored (the capture keeps a dirty map)
         self.dropped = 0  # records not stored while behind
         self.unstored = 0  # records close() could not write (they are lost with the process)
+        # (first, last): seqs the last skip_to passed over, no record of which was ever here
+        # (after an unclean stop: those the dead capture reserved ahead)
+        self.skipped: tuple[int, int] | None = None
         self._samples: deque[tuple[int, float]] = deque()  # (seq, monotonic time) for the lag
         # A remote target acknowledges records received (released here) before it has applied
         # them: its shipper sets track_applied and says what is applied, and the lag counts
@@ -465,6 +468,7 @@ class Journal:
         """Records up to `seq` will never come (the source resyncs instead): forget ours."""
         with self._cv:
             if seq > self.last_seq:
+                self.skipped = (self.last_seq + 1, seq)
                 self.last_seq = seq
         self.discard_through(seq)
 

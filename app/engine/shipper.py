@@ -265,12 +265,16 @@ class Shipper:
     def _connect(self) -> None:
         pos = self.target.open()
         lost = None
+        unused = False  # the seqs it lacks were only reserved here, never records we held
         if pos is not None:  # a remote target: resume from what it holds durably
             released = self.journal.released_seq
-            if pos.received < released:  # it lost records we no longer hold: skip, then resync
+            if pos.received < released:  # it lacks records we no longer hold: skip, then resync
                 self.target.skip_to(released)
                 self.journal.rewind(released)
                 lost = JournalGap(pos.received + 1, released)
+                skipped = self.journal.skipped
+                unused = skipped is not None and skipped[1] == released and \
+                    pos.received + 1 >= skipped[0]
             else:
                 self.journal.rewind(pos.received)
             with self._positions_lock:  # this session's: an acknowledgement since is newer
@@ -279,7 +283,13 @@ class Shipper:
             self.journal.applied(pos.applied)
             self.fig.reconnects += 1 if self._ever_connected else 0
         if lost is not None and self.on_gap is not None:  # asked while a catch-up still waits
-            log.error("the target lost records %d..%d; a resync replaces them", lost.expected, lost.found)
+            if unused:  # a capture after an unclean stop went on above its reservation
+                log.info("seqs %d..%d were reserved ahead by the previous capture, which did not "
+                         "stop cleanly, and no record of them is here or on the target: skipped; "
+                         "the catch-up compares the data with the replica", lost.expected, lost.found)
+            else:
+                log.error("the target lost records %d..%d; a resync replaces them", lost.expected,
+                          lost.found)
             self.on_gap(lost)
         self._connected = self._ever_connected = True
         self.fig.connection = "local" if self.local else "connected"
