@@ -78,3 +78,39 @@ def test_a_pin_question_ended_at_the_terminal_leaves_no_key(tmp_path, monkeypatc
         targets.add_target(store, TargetHost(name="t4", host="192.0.2.1", root="/srv/r"), confirm=ask)
     assert not (tmp_path / "etc" / "keys").exists() or not list((tmp_path / "etc" / "keys").iterdir())
     assert not store.path.exists() or not store.load().target
+
+
+def test_the_back_off_between_reconnects_never_goes_above_its_cap(tmp_path, monkeypatch):
+    """Found by a walk: status said `retry in 68 s` (65, 63) while the README says the back-off
+    doubles from 1 s to 60 s: the ±20 % jitter was applied after the cap."""
+    import random
+
+    from app.engine import shipper as shipper_mod
+    from app.engine.journal import Journal
+
+    class Gone:  # a remote target that is never reachable
+        on_positions = None
+
+        def open(self):
+            raise shipper_mod.TargetUnavailable("disconnected: the connection was refused")
+
+        def close(self):
+            pass
+
+    monkeypatch.setattr(random, "uniform", lambda a, b: b)  # the jitter at its largest
+    journal = Journal(tmp_path)
+    ship = shipper_mod.Shipper(journal, Gone(), local=False)
+    waits = []
+
+    def wait(delay):
+        waits.append(delay)
+        if len(waits) >= 12:
+            ship._stop.set()
+        return False
+    monkeypatch.setattr(ship._kick, "wait", wait)
+    try:
+        ship._run()
+    finally:
+        journal.close()
+    assert waits[0] == pytest.approx(1.2) and len(waits) == 12, waits
+    assert max(waits) == shipper_mod.BACKOFF_MAX == 60.0, waits

@@ -250,7 +250,9 @@ class Shipper:
                 self._unavailable(exc)
                 cap = BACKOFF_MAX_LOCAL if self.local or not exc.disconnect else BACKOFF_MAX
                 import random  # here, not above: the agent imports this module too
-                delay = min(backoff, cap) * random.uniform(0.8, 1.2)
+                # jittered (sources that lost the same target do not come back in step), and
+                # never above the cap the README promises (1 s doubling to 60 s)
+                delay = min(min(backoff, cap) * random.uniform(0.8, 1.2), cap)
                 backoff = min(backoff * 2, cap)
                 if exc.delay is not None:
                     delay = exc.delay
