@@ -114,3 +114,59 @@ def test_the_back_off_between_reconnects_never_goes_above_its_cap(tmp_path, monk
         journal.close()
     assert waits[0] == pytest.approx(1.2) and len(waits) == 12, waits
     assert max(waits) == shipper_mod.BACKOFF_MAX == 60.0, waits
+
+
+def test_a_session_that_broke_is_said_in_words_not_as_a_python_errno(tmp_path):
+    """Found by a walk: during a blackhole status said `disconnected: [Errno 32] Broken pipe`
+    (str() of the OSError from writing to the ssh that had ended). The words now say what
+    broke, with the errno's name."""
+    import errno
+
+    from app.services.targets import session_error_text
+
+    assert session_error_text(BrokenPipeError(errno.EPIPE, "Broken pipe")) == \
+        "the connection broke (EPIPE)"
+    assert session_error_text(ConnectionResetError(errno.ECONNRESET, "Connection reset by peer")) \
+        == "the connection was reset (ECONNRESET)"
+    assert session_error_text(OSError(errno.EIO, "Input/output error")) == "Input/output error (EIO)"
+    assert session_error_text(ValueError("stream ended inside a frame")) == "stream ended inside a frame"
+    state, retry = ssh_failure_text("client_loop: send disconnect: Broken pipe\r\n", 255)
+    assert state == "disconnected: the connection broke (client_loop: send disconnect: Broken pipe)"
+    assert retry
+
+
+def test_a_full_remote_target_says_where_to_make_room():
+    """Found by a walk: `paused: target full (data2: No space left on device)` said nothing of
+    what to do, nor where (the agent's words; it knows neither the name we reach its host by
+    nor the root the administrator configured)."""
+    from app.engine.remote import paused_text
+    from app.services.targets import Settings
+
+    s = Settings(name="backup1", host="backup1.example", root="/srv/replica", path="data2")
+    assert paused_text("target full (data2: No space left on device)", s) == \
+        "target full (data2: No space left on device): free space below /srv/replica on " \
+        "backup1.example"
+    assert paused_text("target over quota (data2: Disk quota exceeded)", s).endswith(
+        ": free space below /srv/replica on backup1.example, or raise the quota there")
+    assert paused_text("target read-only (data2: Read-only file system)", s) == \
+        "target read-only (data2: Read-only file system)"
+
+
+def test_a_session_whose_ssh_ended_under_the_sender_says_the_connection_broke():
+    """The walk's case itself: the sender writes to an ssh that has ended (EPIPE)."""
+    import subprocess
+
+    from app.engine.journal import KIND_FS, Record
+    from app.engine.remote import RemoteTarget
+    from app.engine.shipper import TargetUnavailable
+    from app.services.targets import Settings
+
+    t = RemoteTarget(Settings(name="backup1", host="backup1.example", root="/srv/replica",
+                              path="data", compression="none"), "fs", None, None)
+    t.proc = subprocess.Popen(["true"], stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,
+                              stderr=subprocess.DEVNULL, bufsize=0)
+    t.proc.wait()
+    t._expect = 1
+    with pytest.raises(TargetUnavailable) as lost:
+        t.send([Record(1, KIND_FS, "write", {"path": "f", "offset": 0}, b"x" * 100)])
+    assert lost.value.state == "disconnected: the connection broke (EPIPE)", lost.value.state

@@ -27,7 +27,7 @@ from collections import deque
 
 from app.engine import sync
 from app.services import wire
-from app.services.targets import Settings, ssh_failure_text
+from app.services.targets import Settings, session_error_text, ssh_failure_text
 from app.engine.journal import JournalGap, Record
 from app.engine.journal import decode_at as decode_record
 from app.engine.shipper import BACKOFF_MAX_LOCAL, TargetUnavailable
@@ -51,6 +51,16 @@ def ssh_failure(stderr: str, status: int | None, target: str = "TARGET") -> Targ
     """What an ssh to `target` that ended before the agent answered means, in status words."""
     state, retry = ssh_failure_text(stderr, status, target)
     return TargetUnavailable(state, retry=retry)
+
+
+def paused_text(reason: str, s: Settings) -> str:
+    """The agent's reason for a pause, with the next step when it is room (the agent knows
+    neither the name we reach its host by nor that the administrator reads it here)."""
+    if reason.startswith("target full"):
+        return f"{reason}: free space below {s.root} on {s.host}"
+    if reason.startswith("target over quota"):
+        return f"{reason}: free space below {s.root} on {s.host}, or raise the quota there"
+    return reason
 
 
 class RemoteTarget(Queried, Target):
@@ -229,7 +239,7 @@ class RemoteTarget(Queried, Target):
                 if kind == wire.BEAT and msg.get("echo"):
                     self.rtt = max(0.0, time.time() - msg["echo"])
                 elif kind == wire.PAUSE:
-                    self.paused = msg.get("reason", "target full")
+                    self.paused = paused_text(msg.get("reason", "target full"), self.s)
                 elif kind == wire.RESUME:
                     self.paused = None
                 elif kind == wire.REWIND:
@@ -246,7 +256,7 @@ class RemoteTarget(Queried, Target):
             if proc is self.proc:
                 status = proc.poll()
                 self._fail(ssh_failure(self._said(), status, self.s.name) if self._stderr and status is not None
-                           else TargetUnavailable(f"disconnected: {exc}"))
+                           else TargetUnavailable(f"disconnected: {session_error_text(exc)}"))
 
     def _positions(self, msg: dict) -> None:
         if "received" not in msg:
@@ -339,7 +349,7 @@ class RemoteTarget(Queried, Target):
         try:
             self._send_parts(wire.frame_parts(wire.DATA, payload))
         except OSError as exc:
-            self._fail(TargetUnavailable(f"disconnected: {exc}"))
+            self._fail(TargetUnavailable(f"disconnected: {session_error_text(exc)}"))
             raise self._failure from exc
         return wire_size
 
@@ -550,7 +560,7 @@ def receive_failback(target: RemoteTarget, local, *, new_generation: str,
                 raise _agent_error(json.loads(payload))
     except (wire.WireError, ConnectionError) as exc:  # the link or the agent went away mid-way
         lost = TargetUnavailable(f"disconnected: the session to {target.s.host} ended during the "
-                                 f"fail-back ({exc})")
+                                 f"fail-back ({session_error_text(exc)})")
         lost.applied = applied
         raise lost from None
     except TargetUnavailable as exc:

@@ -140,6 +140,22 @@ def ssh_reason(stderr: str, status: int | None) -> str:
     return f"ssh exited with status {status}"
 
 
+# A session's OSError in an administrator's words; its errno name is kept beside them
+SESSION_ERRORS = {errno.EPIPE: "the connection broke", errno.ECONNRESET: "the connection was reset",
+                  errno.ETIMEDOUT: "the connection timed out",
+                  errno.EHOSTUNREACH: "the target's host cannot be reached",
+                  errno.ENETUNREACH: "the target's network cannot be reached"}
+
+
+def session_error_text(exc: BaseException) -> str:
+    """What broke a session, as status words: "the connection broke (EPIPE)", not Python's
+    "[Errno 32] Broken pipe"; an error without an errno as it says itself."""
+    if isinstance(exc, OSError) and exc.errno:
+        words = SESSION_ERRORS.get(exc.errno) or exc.strerror or os.strerror(exc.errno)
+        return f"{words} ({errno.errorcode.get(exc.errno, 'E?')})"
+    return str(exc)
+
+
 def ssh_failure_text(stderr: str, status: int | None, target: str = "TARGET") -> tuple[str, bool]:
     """(status words, retry?) for an ssh to `target` that ended before the agent answered."""
     last = ssh_reason(stderr, status)
@@ -172,6 +188,8 @@ def ssh_failure_text(stderr: str, status: int | None, target: str = "TARGET") ->
         return f"refused: the target does not accept our key ({last})", False
     if "not responding" in low:
         return f"disconnected: the target stopped answering ({last})", True
+    if "broken pipe" in last.lower():  # "client_loop: send disconnect: Broken pipe"
+        return f"disconnected: the connection broke ({last})", True
     return f"disconnected: {last}", True
 
 
