@@ -744,3 +744,45 @@ def test_the_same_text_is_parsed_once_and_a_changed_file_again(tmp_path, monkeyp
     os.chmod(store.path, 0o666)
     with pytest.raises(MirrorError):
         store.load()  # unsafe now: refused even though the text is the same
+
+
+def test_bandwidth_zero_is_no_cap_and_a_resync_cap_above_the_bandwidth_cap_is_refused(
+        store, config_path):
+    """Found by a walk: `target add … --bandwidth 0` was listed as `0` (it meant no cap: the
+    sender skips a cap of 0, as rsync's --bwlimit=0); and `--resync-bandwidth 50MiB/s` above
+    `--bandwidth 20MiB/s` was taken although the help calls it a lower cap (it never applied).
+    0 is listed as unlimited now; the resync cap above is refused, exit 2, nothing made."""
+    import json
+    import subprocess
+    import sys
+
+    from app.services.config_toml import TargetHost
+
+    def cli(*argv):
+        return subprocess.run([sys.executable, "-m", "app", "--config", str(config_path), *argv],
+                              capture_output=True, text=True,
+                              cwd=Path(__file__).resolve().parent.parent)
+    r = cli("--json", "target", "add", "t1", "--host", "host.invalid", "--root", "/srv/r",
+            "--bandwidth", "20MiB/s", "--resync-bandwidth", "50MiB/s")
+    assert r.returncode == 2, r.stdout + r.stderr
+    assert r.stderr.startswith("mirrorsetup: resync_bandwidth: 50MiB/s is above bandwidth "
+                               "20MiB/s: it is a lower cap for resyncs"), r.stderr
+    assert "give at most 20MiB/s, or leave it out" in r.stderr, r.stderr
+    assert json.loads(r.stdout)["errno_name"] == "EINVAL"
+    assert not config_path.parent.exists(), "something was made"
+    with pytest.raises(ConfigError, match="^resync_bandwidth: 100Mbit/s is above bandwidth"):
+        store.add_target(TargetHost(name="t1", host="h", root="/srv/r", bandwidth="1MiB/s",
+                                    resync_bandwidth="100Mbit/s"))
+    for bw, resync in (("20MiB/s", "20MiB/s"), ("20MiB/s", "0"), ("0", "50MiB/s")):
+        store.check_target(TargetHost(name="t1", host="h", root="/srv/r", bandwidth=bw,
+                                      resync_bandwidth=resync))  # at most the cap, or no cap
+
+    store.add_target(TargetHost(name="t1", host="h", root="/srv/r", bandwidth="0"))
+    store.add_target(TargetHost(name="t2", host="h2", root="/srv/r", bandwidth="20MiB/s"))
+    r = cli("target", "list")
+    assert r.returncode == 0, r.stderr
+    rows = {line.split()[0]: line for line in r.stdout.splitlines()[1:]}
+    assert " unlimited " in rows["t1"] and " 0 " not in rows["t1"], r.stdout
+    assert " 20MiB/s " in rows["t2"], r.stdout
+    listed = json.loads(cli("target", "list", "--json").stdout)  # the file's own words
+    assert [t["bandwidth"] for t in listed] == ["0", "20MiB/s"], listed

@@ -64,9 +64,13 @@ def cmd_rekey(args) -> int:
 
 
 def cmd_list(args) -> int:
+    from app.services.units import cap_shown
     hosts = require(store(args).load).target
-    print_table([asdict(t) for t in hosts], ["name", "host", "port", "user", "root", "bandwidth",
-                                             "compression", "identity"], as_json=args.json)
+    rows = [asdict(t) for t in hosts]
+    if not args.json:  # the file's words in JSON; a table says what 0 means
+        rows = [{**r, "bandwidth": cap_shown(r["bandwidth"])} for r in rows]
+    print_table(rows, ["name", "host", "port", "user", "root", "bandwidth", "compression",
+                       "identity"], as_json=args.json)
     return 0
 
 
@@ -124,9 +128,11 @@ def register(sub, common) -> None:
                    "known_hosts next to the configuration)")
     p.add_argument("--ssh-config", default=None, help="an ssh_config to use instead of yours")
     p.add_argument("--root", required=True, help="what serve-target serves on the target")
-    p.add_argument("--bandwidth", default=None, help="cap on wire bytes, e.g. 20MiB/s or 100Mbit/s")
+    p.add_argument("--bandwidth", default=None, help="cap on wire bytes, e.g. 20MiB/s or "
+                   "100Mbit/s; 0 (as rsync's --bwlimit=0) or none given: no cap")
     p.add_argument("--resync-bandwidth", default=None, help="a lower cap for resyncs, so live "
-                   "changes still get through")
+                   "changes still get through (at most --bandwidth); 0 or none given: no cap "
+                   "of their own")
     p.add_argument("--compression", choices=("zstd", "none"), default="zstd")
     p.add_argument("--agent", default="mirrorsetup", help="the mirrorsetup command on the target, "
                    "for the authorized_keys line (default: mirrorsetup on its PATH)")

@@ -22,7 +22,7 @@ from app.screens.dialogs import ConfirmDialog, labelled
 from app.services.results import MirrorError, Outcome, Result
 from app.services.status import (healthy_secondary, nothing_to_fail_back, replication_lines,
                                  short_connection)
-from app.services.units import shown
+from app.services.units import cap_shown, shown
 
 TARGET_COLUMNS = (Col("name", "Name", 9, 16), Col("host", "Host", 8, 30), Col("root", "Root", 6, 30),
                   Col("bandwidth", "Bandwidth", 2, 14))
@@ -276,7 +276,7 @@ class TargetsScreen(TaskScreen):
         self._config, self._snap = config, snap
         self.query_one("#targets", KeyedTable).show_rows({
             t.name: (t.name, elide(f"{t.user + '@' if t.user else ''}{t.host}:{t.port}", 30),
-                     elide(t.root, 30), t.bandwidth or "—") for t in config.target})
+                     elide(t.root, 30), cap_shown(t.bandwidth) or "—") for t in config.target})
         rows = {}
         for key, target, row in self._replicated():
             role, state = role_and_state(row)

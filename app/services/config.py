@@ -21,7 +21,8 @@ from typing import Callable, Iterator, TypeVar
 
 from app.services.config_legacy import LEGACY_BLOCK_FILE, LEGACY_FS_FILE, import_line, legacy_lines
 from app.services.config_toml import (TABLES, BlockEntry, Config, FsEntry, TargetHost,
-                                      config_from_toml, config_to_toml, field_problem)
+                                      config_from_toml, config_to_toml, field_problem,
+                                      rates_problem)
 from app.services.results import ConfigError, MirrorError, Result
 from app.services.units import exact_size
 
@@ -117,12 +118,12 @@ class ConfigStore:
         return self._change(change)
 
     def check_target(self, host: TargetHost) -> None:
-        """A new target's fields on their own (before a key is made or a host is asked)."""
-        _check_fields(host, TABLES["target"][1])
+        """A new target's fields (before a key is made or a host is asked)."""
+        _check_target(host)
 
     def add_target(self, host: TargetHost) -> TargetHost:
         def change(config: Config) -> tuple[Config, TargetHost]:
-            _check_fields(host, TABLES["target"][1])
+            _check_target(host)
             if config.target_host(host.name) is not None:
                 raise ConfigError(f"a target named {host.name!r} is already configured",
                                   key="name", obj=host.name, errno=errno.EEXIST)
@@ -345,6 +346,15 @@ def _check_fields(entry, spec: dict[str, tuple[type, bool]]) -> None:
         problem = field_problem(key, kind, value)
         if problem:
             raise ConfigError(f"{key}: {problem}", key=key, errno=errno.EINVAL)
+
+
+def _check_target(host: TargetHost) -> None:
+    """Its fields on their own, then together (a file read keeps what it says: only a new
+    target is refused a resync cap above its bandwidth cap)."""
+    _check_fields(host, TABLES["target"][1])
+    problem = rates_problem(host.bandwidth, host.resync_bandwidth)
+    if problem:
+        raise ConfigError(f"resync_bandwidth: {problem}", key="resync_bandwidth", errno=errno.EINVAL)
 
 
 def _stat(path: str, key: str, what: str) -> os.stat_result:

@@ -61,6 +61,15 @@ def parse_rate(text: str | int) -> int:
     return int(value * _UNITS[prefix])
 
 
+def cap_shown(text: str | None) -> str | None:
+    """A configured bandwidth cap as it is listed: 0 (as rsync's --bwlimit=0) is no cap,
+    "unlimited"; None (none configured) stays None."""
+    try:
+        return "unlimited" if text is not None and parse_rate(text) == 0 else text
+    except ValueError:
+        return text
+
+
 def shown(text: str) -> str:
     """`text` safe for one line of a terminal or a table cell: control characters (a newline is
     legal in a path) become visible escapes (\\n, \\t, \\xNN), nothing else changes."""
