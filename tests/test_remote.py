@@ -509,6 +509,122 @@ def test_a_full_target_pauses_and_resumes_with_nothing_lost(fs_remote, tmp_path)
     assert tree(Path(src)) == tree(r.root / "data")
 
 
+def _fill(directory: Path) -> Path:
+    """Take all the room of the file system `directory` is on, with a ballast file."""
+    ballast = directory / ".ballast"
+    fd = os.open(ballast, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        for chunk in (b"\0" * MiB, b"\0" * 4096):
+            try:
+                while os.write(fd, chunk):
+                    pass
+            except OSError as exc:
+                if exc.errno != errno.ENOSPC:
+                    raise
+    finally:
+        os.close(fd)
+    return ballast
+
+
+@pytest.mark.parametrize("kind", ["block", "fs"])
+def test_a_replica_whose_received_changes_cannot_be_applied_is_listed_so_and_not_promoted(
+        remote, disks, tmpfs_mount, tmp_path, kind):
+    """Found by a walk: a replica's file system filled up while its agent held changes it had
+    received and not applied (paused: target full); the source was then lost. `replica list`
+    said nothing of those changes, and `replica promote` (--force --yes too) ended in a
+    traceback (TargetUnavailable, from applying them). Now the list shows received against
+    applied (with the bytes waiting), and the promotion fails in one line that says what
+    cannot be applied, why (ENOSPC) and what to do; nothing is promoted, and once there is room
+    the source resumes into it. The replica's own file system is a 16 MiB tmpfs below the
+    root (the agent's journal stays on the root's, so what arrives is always received)."""
+    make, r = remote()
+    vol = tmpfs_mount(r.root / "vol")
+    if kind == "block":
+        src, name = disks(64 * MiB), "vol/disk.img"
+        assert cli(r.cfg, "block", "add", src, "--target", f"backup1:{name}").returncode == 0
+    else:
+        src, name = str(tmp_path / "src"), "vol/data"
+        os.mkdir(src)
+        assert cli(r.cfg, "fs", "add", src, "--target", f"backup1:{name}").returncode == 0
+    eng, _, _ = make(config=r.cfg)
+    table = "block" if kind == "block" else "filesystem"
+    eng.drain(src, table=table)
+    ballast = _fill(vol)
+    if kind == "block":
+        dd(eng.block(src)["loop"], mib=4, seek_mib=8)
+    else:
+        for i in range(4):
+            (Path(src) / f"f{i}").write_bytes(os.urandom(MiB))
+    row = eng.block if kind == "block" else eng.status
+    st = wait_for("paused with changes received", lambda: (s := row(src))["connection"].startswith(
+        "paused") and s["received_seq"] > s["applied_seq"] and s, 60)
+    assert "target full" in st["connection"], st
+    eng.kill9()  # the source is lost
+    eng.kill_orphan_workers()
+
+    def listed():
+        p = cli(r.cfg, "replica", "list", "--root", str(r.root), "--json")
+        assert p.returncode == 0, p.stdout + p.stderr
+        [rep] = json.loads(p.stdout)
+        return rep
+    rep = wait_for("the agent's session to end", lambda: (x := listed())["session_pid"] is None and x, 60)
+    assert rep["role"] == "secondary" and rep["consistent"], rep
+    assert rep["received_seq"] >= st["received_seq"] > rep["applied_seq"], (rep, st)
+    assert rep["pending_bytes"] > 0, rep
+    line = cli(r.cfg, "replica", "list", "--root", str(r.root)).stdout
+    waiting = rep["received_seq"] - rep["applied_seq"]
+    assert f"received up to position {rep['received_seq']}, of which {waiting} record" in line, line
+    assert "not applied yet" in line, line
+
+    where = tmp_path / "promoted"
+    for extra in ((), ("--force", "--yes")):
+        p = cli(r.cfg, "replica", "promote", name, "--root", str(r.root), "--mount", str(where), *extra)
+        assert p.returncode == 1 and "Traceback" not in p.stderr, p.stdout + p.stderr
+        [said] = p.stderr.splitlines()
+        assert said.split()[:2] == ["FAILED", f"{name}:"], said
+        assert " it received cannot be applied: the file system below " \
+            f"{r.root} is full (No space left on device, ENOSPC); nothing was promoted" in said, said
+        assert f"Free space below {r.root}, then promote again" in said, said
+        assert not where.exists()
+    p = cli(r.cfg, "replica", "promote", name, "--root", str(r.root), "--json")
+    assert p.returncode == 1 and json.loads(p.stdout)[0]["errno_name"] == "ENOSPC", p.stdout + p.stderr
+    after = listed()
+    assert after["role"] == "secondary" and after["consistent"], after
+    assert after["received_seq"] == rep["received_seq"] and after["pending_bytes"] > 0, after
+
+    ballast.unlink()  # room again: the source comes back and resumes into its secondary
+    eng.start()
+    st = eng.drain(src, table=table)
+    assert st["target_data"] == "consistent", st
+    if kind == "block":
+        assert sha(r.root / name) == sha(src)
+    else:
+        assert tree(Path(src)) == tree(r.root / name)
+    assert listed()["pending_bytes"] == 0
+
+
+def test_what_a_journal_holds_above_its_released_seq_is_read_without_changing_it(tmp_path):
+    """`replica list` reads an agent's journal while a session may append to it: the last seq
+    and the bytes above the applied one, from the segment holding the applied seq and the last
+    one (those between count by size); a torn tail is not counted, and nothing is cut."""
+    from app.engine.journal import KIND_BLOCK, Journal, Record, held_on_disk
+    j = Journal(tmp_path / "j", kind=KIND_BLOCK, segment_bytes=3000)
+    recs = [Record(i, KIND_BLOCK, "write", {"offset": i * 1000}, os.urandom(1000)) for i in range(1, 11)]
+    j.ingest_durably(recs)
+    sizes = {r.seq: len(r.encode()) for r in recs}
+    assert len(list((tmp_path / "j").glob("*.seg"))) >= 4
+    for released in (0, 1, 2, 3, 4, 7, 9, 10):
+        assert held_on_disk(tmp_path / "j", released) == (
+            max(10, released), sum(n for s, n in sizes.items() if s > released)), released
+    j.close()
+    last = max((tmp_path / "j").glob("*.seg"))
+    with open(last, "ab") as f:
+        f.write(b"\x01\x02\x03")  # a record being written
+    size = last.stat().st_size
+    assert held_on_disk(tmp_path / "j", 4) == (10, sum(n for s, n in sizes.items() if s > 4))
+    assert last.stat().st_size == size
+
+
 @pytest.fixture
 def block_remote(remote, disks):
     """A block entry (a 64 MiB scratch disk) replicating to backup1:disk.img, captured."""

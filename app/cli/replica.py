@@ -153,6 +153,9 @@ def cmd_promote(args) -> int:
                 return 1
             return report([Result("promote", args.name, Outcome.OK, line) for line in exc.extra["done"]]
                           + [Result("promote", args.name, Outcome.FAILED, failed, exc.errno)])
+        if exc.code == "unapplied":  # nothing promoted: its file system cannot take it (exit 1)
+            return report([Result("promote", args.name, Outcome.FAILED, str(exc), exc.errno)],
+                          as_json=args.json)
         kind = Refused if exc.code in ("path", "promoted", "inconsistent", "locked") else MirrorError
         raise kind(str(exc), errno=exc.errno) from None
     except OSError as exc:

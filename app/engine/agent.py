@@ -34,7 +34,8 @@ from collections import deque
 from pathlib import Path
 
 from app.services import wire
-from app.engine.journal import KIND_BLOCK, KIND_FS, Journal, JournalGap, decode_at, read_small_file, write_small_file
+from app.engine.journal import (KIND_BLOCK, KIND_FS, Journal, JournalGap, decode_at, held_on_disk,
+                                read_small_file, write_small_file)
 from app.engine.lowlevel import open_beneath, safe_relpath
 from app.engine.shipper import TargetUnavailable
 from app.engine.target import CATCHING_UP, Queried
@@ -1038,13 +1039,17 @@ def list_replicas(root: str) -> list[dict]:
         state = json.loads(text)
         released = read_small_file(d, "released")
         applied = int(released.strip()) if released and released.strip().isdigit() else 0
+        # received (durable in the agent's journal) but not applied to the data yet: a
+        # target too full for the data, or a session at work
+        received, pending = held_on_disk(d, applied)
         lock = _holder_of(d / "lock")
         out.append({"name": state.get("path"), "id": d.name, "kind": state.get("kind"),
                     "role": state.get("role", "secondary"), "generation": state.get("generation"),
                     "source": state.get("source"), "consistent": bool(state.get("consistent")),
                     "consistent_seq": state.get("consistent_seq"), "consistent_time":
                     state.get("consistent_time"), "inconsistent_since": state.get("inconsistent_since"),
-                    "applied_seq": applied, "promoted": state.get("promoted"),
+                    "received_seq": received, "applied_seq": applied, "pending_bytes": pending,
+                    "promoted": state.get("promoted"),
                     "split_brain": state.get("split_brain"), "session_pid": lock,
                     "path": os.path.join(os.path.realpath(root), state.get("path", ""))})
     return out
@@ -1067,6 +1072,7 @@ def _holder_of(lock: Path) -> int | None:
 
 def replica_line(r: dict) -> str:
     """One replica as `replica list` says it."""
+    from app.services.units import human_size
     def when(t):
         return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(t)) if t else "?"
     src = (r.get("source") or {}).get("entry", "?").split(":", 1)[-1]
@@ -1081,6 +1087,11 @@ def replica_line(r: dict) -> str:
     else:
         state = ("inconsistent: a resync was running" + (f" since {when(r['inconsistent_since'])}"
                                                           if r.get("inconsistent_since") else ""))
+    received, applied = r.get("received_seq") or 0, r.get("applied_seq") or 0
+    if r["role"] != "primary" and received > applied:
+        n = received - applied
+        state += (f"; received up to position {received}, of which {n} record{'s' if n != 1 else ''} "
+                  f"({human_size(r.get('pending_bytes') or 0)}) not applied yet")
     busy = f"; a session is writing it (agent pid {r['session_pid']})" if r.get("session_pid") else ""
     return f"{r['name']} ({r['kind']}, replica of {src}): {state}{busy}"
 
@@ -1126,34 +1137,29 @@ def promote(root: str, name: str, *, mount_at: str | None = None, loop: str | No
             except (OSError, MirrorError) as exc:
                 raise _not_usable(exc, done, state) from None
             return state, done
-        journal = Journal(rep.dir, kind=KIND_FS if found["kind"] == "fs" else KIND_BLOCK)
-        done = []
-        pending = journal.last_seq - journal.released_seq
         if not state.get("consistent") and not force:
             raise AgentError("inconsistent", f"replica {name} is inconsistent (a resync was running): "
                              "its files or blocks mix old and new states. Promote with --force only "
                              "if that is acceptable (check it first: e2fsck -fn, an application's "
                              "own check)", errno.EAGAIN)
-        if pending:  # what arrived but was not applied yet: apply it first
-            from app.engine.target import LocalBlockTarget, LocalDirTarget
-            path = os.path.join(os.path.realpath(root), name)
-            if found["kind"] == "fs":
-                target = LocalDirTarget.on_fd(os.open(path, os.O_PATH | os.O_DIRECTORY), name)
-            else:
-                fd = os.open(path, os.O_RDWR)
-                target = LocalBlockTarget.on_fd(fd, name, os.fstat(fd).st_size)
+        journal = Journal(rep.dir, kind=KIND_FS if found["kind"] == "fs" else KIND_BLOCK)
+        done = []
+        try:
+            pending = journal.last_seq - journal.released_seq
+            if pending:  # what arrived but was not applied yet: apply it first
+                _apply_received(rep, journal, found["kind"], state)
+                done.append(f"applied the {pending} records received but not yet applied")
+            promote_state(state, by="fail-over" + (" (forced, inconsistent)" if not state.get("consistent")
+                                                   else ""), seq=journal.released_seq)
             try:
-                while batch := journal.read(512):
-                    target.send(batch)
-                target.flush()
-                journal.release(journal.sent_seq)
-            finally:
-                target.close()
-            done.append(f"applied the {pending} records received but not yet applied")
-        journal.close()
-        promote_state(state, by="fail-over" + (" (forced, inconsistent)" if not state.get("consistent")
-                                               else ""), seq=journal.released_seq)
-        rep.save(state)
+                rep.save(state)
+            except OSError as exc:  # (the state file is replaced whole or not at all)
+                if exc.errno not in CANNOT_WRITE:
+                    raise
+                raise _cannot_promote(rep, state, "its new state cannot be written", exc) from None
+        finally:
+            with contextlib.suppress(OSError):  # (its positions were written as they moved)
+                journal.close()
         path = os.path.join(os.path.realpath(root), name)
         done.append(f"promoted {name}: generation {state['generation']} (the old source can no longer "
                     "write to it)")
@@ -1171,6 +1177,66 @@ def promote(root: str, name: str, *, mount_at: str | None = None, loop: str | No
         return state, done
     finally:
         os.close(root_fd)
+
+
+def _apply_received(rep: Replica, journal: Journal, kind: str, state: dict) -> None:
+    """Before a promotion: apply what the replica received and had not applied yet. A target
+    that cannot take it (full, read-only, failing) is refused: nothing is promoted, what was
+    applied of it is made durable and counted as applied (the source's next session goes on
+    after it, as the agent's own applier would), and the rest stays in the journal."""
+    from app.engine.target import LocalBlockTarget, LocalDirTarget
+    path = os.path.join(rep.root, rep.rel)
+    if kind == "fs":
+        fd = os.open(path, os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        target = LocalDirTarget.on_fd(fd, rep.rel)
+    else:
+        fd = os.open(path, os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC)
+        target = LocalBlockTarget.on_fd(fd, rep.rel, os.fstat(fd).st_size)
+    try:
+        try:
+            while batch := journal.read(512):
+                target.send(batch)
+            target.flush()
+            journal.release(journal.sent_seq)
+        except TargetUnavailable as exc:
+            with contextlib.suppress(OSError):  # (full: then the next session applies it again)
+                if exc.taken is not None and exc.taken > journal.released_seq:
+                    target.flush()
+                    journal.release(exc.taken)
+            cause = exc.__cause__ if isinstance(exc.__cause__, OSError) else OSError(errno.EIO, str(exc))
+            raise _cannot_promote(rep, state, "", cause, journal) from None
+        except OSError as exc:  # the flush (a full thin disk, an I/O error)
+            if exc.errno not in CANNOT_WRITE:
+                raise
+            raise _cannot_promote(rep, state, "", exc, journal) from None
+    finally:
+        target.close()
+
+
+CANNOT_WRITE = {errno.ENOSPC: "is full", errno.EDQUOT: "is over its quota",
+                errno.EROFS: "is read-only", errno.EIO: "fails (I/O error)"}
+
+
+def _cannot_promote(rep: Replica, state: dict, what: str, exc: OSError,
+                    journal: Journal | None = None) -> AgentError:
+    """A promotion the replica's file system cannot take: what could not be done, why, that
+    nothing was promoted, and what to do (a failure, exit 1: nothing was wrong with the ask)."""
+    if journal is not None:  # what it received and cannot apply
+        from app.services.units import human_size
+        received, held = held_on_disk(rep.dir, journal.released_seq)
+        n = received - journal.released_seq
+        what = (f"{n} record{'s' if n != 1 else ''} ({human_size(held)}) it received cannot be "
+                "applied" if n > 0 else "the position of what it applied cannot be written")
+    name = errno.errorcode.get(exc.errno or 0, "E?")
+    fix = {errno.ENOSPC: "free space below", errno.EDQUOT: "raise the quota or free space below",
+           errno.EROFS: "make the file system writable below",
+           errno.EIO: "check the disk below"}.get(exc.errno, "check the file system below")
+    role = "consistent" if state.get("consistent") else "inconsistent"
+    return AgentError("unapplied", f"{what}: the file system below {rep.root} "
+                      f"{CANNOT_WRITE.get(exc.errno, 'fails')} ({exc.strerror or exc}, {name}); "
+                      f"nothing was promoted, it stays its source's {role} secondary (the source "
+                      f"resumes into it). {fix[0].upper()}{fix[1:]} {rep.root}, then promote again",
+                      exc.errno or errno.EIO)
 
 
 def _make_usable(rep: Replica, name: str, kind: str, state: dict, *, mount_at: str | None,

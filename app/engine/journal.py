@@ -165,6 +165,38 @@ def scan_segment(path: Path) -> tuple[list[int], int]:
     return seqs, pos
 
 
+def held_on_disk(directory: str | os.PathLike, released: int) -> tuple[int, int]:
+    """What a journal's segment files hold above `released`, read only (nothing is cut or
+    removed: its writer may be appending now): (the last seq, the bytes of the records above
+    `released`). Only the segment holding `released` and the last one are read; the ones
+    between are wholly above it and count by their size."""
+    segs = sorted((int(p.stem), p) for p in Path(directory).glob("*.seg") if p.stem.isdigit())
+    last, held = released, 0
+    for i, (first, path) in enumerate(segs):
+        if i + 1 < len(segs):  # not the last one
+            if first > released:  # wholly above it
+                with contextlib.suppress(FileNotFoundError):
+                    held += path.stat().st_size
+                continue
+            if segs[i + 1][0] <= released + 1:  # wholly at or below it
+                continue
+        try:
+            buf = path.read_bytes()
+        except FileNotFoundError:  # released and removed meanwhile
+            continue
+        pos = 0
+        while pos < len(buf):
+            try:
+                rec, nxt = decode_at(buf, pos)
+            except CorruptRecord:  # a torn tail, or one being written
+                break
+            if rec.seq > released:
+                held += nxt - pos
+                last = max(last, rec.seq)
+            pos = nxt
+    return last, held
+
+
 def encode_path(path: bytes) -> str:
     """File names are bytes; JSON carries them as surrogate-escaped text (lossless)."""
     return os.fsdecode(path)
