@@ -781,9 +781,10 @@ def test_promoting_an_inconsistent_replica_needs_force_and_applies_what_arrived(
     j.close()
     listed = subprocess.run([sys.executable, "-m", "app", "replica", "list", "--root", str(root)],
                             capture_output=True, text=True, cwd=REPO).stdout
-    assert "data (fs, replica of /src): inconsistent: a resync was running since" in listed, listed
+    assert "data (fs, replica of /src): inconsistent: a resync was interrupted (inconsistent since" \
+        in listed, listed
     p = promote()
-    assert p.returncode == 2 and "inconsistent" in p.stderr and "--force" in p.stderr, p.stderr
+    assert p.returncode == 2 and "inconsistent" in p.stderr and "--force --yes" in p.stderr, p.stderr
     assert not (root / "data" / "arrived").exists() and rep.state()["role"] == "secondary"
     p = promote("--force")  # no terminal: --force is confirmed with --yes
     assert p.returncode == 2 and "--yes" in p.stderr and rep.state()["role"] == "secondary"

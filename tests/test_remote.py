@@ -625,6 +625,47 @@ def test_what_a_journal_holds_above_its_released_seq_is_read_without_changing_it
     assert last.stat().st_size == size
 
 
+def test_replica_list_says_whether_a_first_copy_or_a_resync_runs_or_was_interrupted(tmp_path):
+    """Found by a walk: `replica list` said "inconsistent: a resync was running" of a replica
+    whose initial copy was running then (a live session). It now says which of the two it is,
+    and "is running" while a session holds the replica, "was interrupted" when none does; the
+    promotion's refusal says it as the list does, and names --force --yes (--force alone
+    asked for --yes)."""
+    from app.engine.agent import Replica
+    root = tmp_path / "replicas"
+    (root / "data").mkdir(parents=True)
+    fd = os.open(root, os.O_PATH | os.O_DIRECTORY)
+    try:
+        rep = Replica(fd, str(root), "data", "fs")
+    finally:
+        os.close(fd)
+    source = {"host": "h", "entry": "fs:/src"}
+    rep.save({"source": source, "kind": "fs", "path": "data", "role": "secondary", "generation": "g1",
+              "consistent": False, "consistent_seq": 0, "created": time.time()})
+
+    def run(*argv):
+        return subprocess.run([sys.executable, "-m", "app", "replica", *argv, "--root", str(root)],
+                              capture_output=True, text=True, cwd=REPO)
+
+    def listed() -> str:
+        p = run("list")
+        assert p.returncode == 0, p.stderr
+        return p.stdout.strip()
+    said = "data (fs, replica of /src): inconsistent: "
+    assert listed() == said + "the initial copy was interrupted"
+    rep.lock(source)  # a session of its source's holds it (this process, as an agent would)
+    try:
+        assert listed() == said + f"the initial copy is running; a session is writing it (agent pid {os.getpid()})"
+        rep.save({**rep.state(), "consistent_time": time.time() - 60, "inconsistent_since": time.time()})
+        assert listed().startswith(said + "a resync is running (inconsistent since "), listed()
+    finally:
+        os.close(rep.lock_fd)
+    assert listed().startswith(said + "a resync was interrupted (inconsistent since "), listed()
+    p = run("promote", "data")
+    assert p.returncode == 2 and "replica data is inconsistent (a resync was interrupted)" in p.stderr, p.stderr
+    assert "Promote with --force --yes only if" in p.stderr, p.stderr
+
+
 @pytest.fixture
 def block_remote(remote, disks):
     """A block entry (a 64 MiB scratch disk) replicating to backup1:disk.img, captured."""

@@ -1085,8 +1085,8 @@ def replica_line(r: dict) -> str:
         state = (f"consistent, applied up to position {r['applied_seq']} (consistent since "
                  f"{when(r.get('consistent_time'))}, from position {r.get('consistent_seq')})")
     else:
-        state = ("inconsistent: a resync was running" + (f" since {when(r['inconsistent_since'])}"
-                                                          if r.get("inconsistent_since") else ""))
+        state = (f"inconsistent: {catch_up_said(r)}" + (f" (inconsistent since "
+                 f"{when(r['inconsistent_since'])})" if r.get("inconsistent_since") else ""))
     received, applied = r.get("received_seq") or 0, r.get("applied_seq") or 0
     if r["role"] != "primary" and received > applied:
         n = received - applied
@@ -1094,6 +1094,14 @@ def replica_line(r: dict) -> str:
                   f"({human_size(r.get('pending_bytes') or 0)}) not applied yet")
     busy = f"; a session is writing it (agent pid {r['session_pid']})" if r.get("session_pid") else ""
     return f"{r['name']} ({r['kind']}, replica of {src}): {state}{busy}"
+
+
+def catch_up_said(r: dict) -> str:
+    """Why a replica (as list_replicas gives it) is inconsistent, in the tense that is true:
+    its first copy or a resync runs while a session holds it, and was interrupted when none
+    does (its source went away before the end; it goes on when the source is back)."""
+    what = "a resync" if r.get("consistent_time") or r.get("inconsistent_since") else "the initial copy"
+    return f"{what} {'is running' if r.get('session_pid') else 'was interrupted'}"
 
 
 def promote(root: str, name: str, *, mount_at: str | None = None, loop: str | None = None,
@@ -1138,9 +1146,10 @@ def promote(root: str, name: str, *, mount_at: str | None = None, loop: str | No
                 raise _not_usable(exc, done, state) from None
             return state, done
         if not state.get("consistent") and not force:
-            raise AgentError("inconsistent", f"replica {name} is inconsistent (a resync was running): "
-                             "its files or blocks mix old and new states. Promote with --force only "
-                             "if that is acceptable (check it first: e2fsck -fn, an application's "
+            raise AgentError("inconsistent", f"replica {name} is inconsistent "
+                             f"({catch_up_said({**found, 'session_pid': None})}): its files or "
+                             "blocks mix old and new states. Promote with --force --yes only if "
+                             "that is acceptable (check it first: e2fsck -fn, an application's "
                              "own check)", errno.EAGAIN)
         journal = Journal(rep.dir, kind=KIND_FS if found["kind"] == "fs" else KIND_BLOCK)
         done = []
