@@ -712,7 +712,7 @@ def test_fail_over_of_a_block_device_split_brain_then_the_source_wins(remote, di
     eng.start()
     st = wait_for("split brain", lambda: (s := eng.block(disk))["target_data"] == "split-brain" and s, 120)
     assert "split brain: the target was promoted at" in st["last_error"], st
-    assert f"`mirrorsetup failback {disk}`" in st["last_error"], st  # not a literal ENTRY
+    assert f"`mirrorsetup failback {disk} --yes`" in st["last_error"], st  # not a literal ENTRY
     assert st["replication"] == "split brain" and "refused" in st["connection"]
     [rep] = replicas(r)
     assert rep["role"] == "primary" and rep["split_brain"], rep

@@ -7,6 +7,8 @@ import errno
 import hashlib
 import json
 import os
+import re
+import shlex
 import shutil
 import signal
 import subprocess
@@ -664,6 +666,38 @@ def test_replica_list_says_whether_a_first_copy_or_a_resync_runs_or_was_interrup
     p = run("promote", "data")
     assert p.returncode == 2 and "replica data is inconsistent (a resync was interrupted)" in p.stderr, p.stderr
     assert "Promote with --force --yes only if" in p.stderr, p.stderr
+
+
+def _advised(text: str) -> list[list[str]]:
+    """The commands a message tells the administrator to run (`mirrorsetup …`)."""
+    return [shlex.split(c) for c in re.findall(r"`(mirrorsetup [^`]*)`", text)]
+
+
+def test_the_advice_after_a_fail_over_runs_as_printed_without_a_terminal():
+    """Found by a walk: the split brain's refusal (the agent's, shown on both sides) and a
+    switched-over entry's told `mirrorsetup replica resolve X --discard-target`, which then
+    refused for want of --yes (exit 2). Every command they print parses, and one that asks
+    for a confirmation carries its --yes."""
+    import types
+    from app.cli import build_parser, command_of
+    from app.engine.agent import Agent, AgentError
+    from app.services.layout import switched_refusal
+    agent = Agent.__new__(Agent)
+    agent.state = {"promoted": {"time": time.time()}, "generation": "g2"}
+    agent.replica = types.SimpleNamespace(save=lambda state: None)
+    with pytest.raises(AgentError) as split:
+        agent._split_brain({"host": "h", "entry": "fs:/srv/my data"})
+    messages = [str(split.value)] + [
+        switched_refusal({"state": state, "target": "backup1:data", "time": 1, "seq": 5},
+                         "/srv/my data", "mount").message for state in ("switched", "switching")]
+    commands = [c for m in messages for c in _advised(m)]
+    assert sorted({" ".join(c[1:3]) for c in commands}) == [
+        "failback /srv/my data", "replica resolve", "switchover /srv/my data"], commands
+    for argv in commands:
+        args = build_parser(command_of(argv[1:])).parse_args(argv[1:])
+        assert getattr(args, "yes", True), f"{shlex.join(argv)} asks to confirm: give --yes"
+        if argv[1:3] == ["replica", "resolve"]:
+            assert args.discard_target and args.entry == "/srv/my data", argv
 
 
 @pytest.fixture

@@ -97,7 +97,7 @@ def cmd_resolve(args) -> int:
     if not args.discard_target:
         raise Refused(f"say which side wins: --discard-target keeps {args.entry} as it is here "
                       f"(what was written on the target since its promotion is lost); `mirrorsetup "
-                      f"failback {args.entry}` keeps the target's instead", errno=errno.EINVAL)
+                      f"failback {args.entry} --yes` keeps the target's instead", errno=errno.EINVAL)
     healthy = _healthy_first(args, rep, "resolve")
     if healthy is not None:  # unchanged, as the daemon answers it
         return report([healthy], as_json=args.json)

@@ -438,9 +438,9 @@ class Agent:
         entry = shlex.quote(str(source.get("entry") or "ENTRY").split(":", 1)[-1])
         raise AgentError("split-brain", f"split brain: the target was promoted at {when} "
                          f"(generation {self.state.get('generation')}); nothing was written. "
-                         f"Choose: `mirrorsetup replica resolve {entry} --discard-target` (the "
-                         f"source wins) or `mirrorsetup failback {entry}` (the promoted replica "
-                         "wins)", errno.EEXIST)
+                         f"Choose: `mirrorsetup replica resolve {entry} --discard-target --yes` "
+                         f"(the source wins) or `mirrorsetup failback {entry} --yes` (the "
+                         "promoted replica wins)", errno.EEXIST)
 
     def _settle(self, seq: int, deadline: float = 60) -> None:
         """Apply what our journal holds (everything up to `seq` must be there)."""

@@ -730,9 +730,9 @@ class Capture:
             if self.shipper.fig.refusal == "split-brain":  # reachable, and will not be connected
                 return protocol.error("the target's replica was promoted meanwhile (split brain): "
                                       "there is nothing to switch over to; end the split brain "
-                                      f"first (`mirrorsetup failback {self.spec.key}` or "
+                                      f"first (`mirrorsetup failback {self.spec.key} --yes` or "
                                       f"`mirrorsetup replica resolve {self.spec.key} "
-                                      "--discard-target`)", errno.EEXIST)
+                                      "--discard-target --yes`)", errno.EEXIST)
             if conn.startswith("paused"):  # reachable, but the last changes cannot get there
                 return protocol.error(f"the target cannot take the last changes ({conn}); free "
                                       "room there, then try again once status says connected",

@@ -23,6 +23,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import shlex
 import stat
 import time
 from dataclasses import dataclass
@@ -81,15 +82,16 @@ def switched_refusal(sw: dict | None, key: str, action: str) -> Result | None:
     to do: capturing here would fork the history the replica went on with."""
     if sw is None:
         return None
+    arg = shlex.quote(key)  # (the commands said run as they are printed)
     if sw.get("state") == "switching":
         why = (f"a switch-over of {key} to {sw.get('target')} began at {local_time(sw.get('time'))} "
-               f"and did not finish: run `mirrorsetup switchover {key}` again to finish it, or "
-               f"`mirrorsetup replica resolve {key} --discard-target` to keep this side")
+               f"and did not finish: run `mirrorsetup switchover {arg}` again to finish it, or "
+               f"`mirrorsetup replica resolve {arg} --discard-target --yes` to keep this side")
     else:
         why = (f"{key} was switched over to {sw.get('target')} at {local_time(sw.get('time'))} (seq "
                f"{sw.get('seq')}): the replica there is primary, capturing here would fork its "
-               f"history. Bring it back with `mirrorsetup failback {key}`, or keep this side "
-               f"with `mirrorsetup replica resolve {key} --discard-target`")
+               f"history. Bring it back with `mirrorsetup failback {arg} --yes`, or keep this "
+               f"side with `mirrorsetup replica resolve {arg} --discard-target --yes`")
     return Result(action, key, Outcome.FAILED, why, errno.EREMOTE)
 
 
