@@ -668,6 +668,36 @@ def test_replica_list_says_whether_a_first_copy_or_a_resync_runs_or_was_interrup
     assert "Promote with --force --yes only if" in p.stderr, p.stderr
 
 
+def test_promote_applies_what_arrived_below_the_replica_only(tmp_path):
+    """What a replica received and had not applied is applied by `replica promote` as an
+    agent's session applies it: every path below the replica, never through a symlink there
+    (the promotion used the plain applier, and a record's path through a symlink in the
+    replica wrote outside it). Such a record is counted as not applied; the rest is."""
+    from app.engine.agent import Replica
+    from app.engine.journal import KIND_FS, Journal, Record
+    root, outside = tmp_path / "replicas", tmp_path / "outside"
+    (root / "data").mkdir(parents=True)
+    outside.mkdir()
+    (root / "data" / "esc").symlink_to(outside)
+    fd = os.open(root, os.O_PATH | os.O_DIRECTORY)
+    try:
+        rep = Replica(fd, str(root), "data", "fs")
+    finally:
+        os.close(fd)
+    rep.save({"source": {"host": "h", "entry": "fs:/src"}, "kind": "fs", "path": "data",
+              "role": "secondary", "generation": "g1", "consistent": True, "consistent_seq": 0})
+    j = Journal(rep.dir, kind=KIND_FS)
+    owner = {"mode": 0o640, "uid": 0, "gid": 0}
+    j.ingest_durably([Record(1, KIND_FS, "create", {"path": "esc/f", **owner}),
+                      Record(2, KIND_FS, "create", {"path": "g", **owner})])
+    j.close()
+    p = subprocess.run([sys.executable, "-m", "app", "replica", "promote", "data", "--root", str(root)],
+                       capture_output=True, text=True, cwd=REPO)
+    assert p.returncode == 0, p.stdout + p.stderr
+    assert os.listdir(outside) == [] and (root / "data" / "g").is_file()
+    assert rep.state()["role"] == "primary"
+
+
 def _advised(text: str) -> list[list[str]]:
     """The commands a message tells the administrator to run (`mirrorsetup …`)."""
     return [shlex.split(c) for c in re.findall(r"`(mirrorsetup [^`]*)`", text)]

@@ -1198,6 +1198,8 @@ def _apply_received(rep: Replica, journal: Journal, kind: str, state: dict) -> N
     if kind == "fs":
         fd = os.open(path, os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
         target = LocalDirTarget.on_fd(fd, rep.rel)
+        target.applier.close()
+        target.applier = ConfinedFsApplier(fd)  # the source chose its paths, as in a session
     else:
         fd = os.open(path, os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC)
         target = LocalBlockTarget.on_fd(fd, rep.rel, os.fstat(fd).st_size)
