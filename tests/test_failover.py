@@ -646,7 +646,10 @@ def test_a_split_brain_fail_back_says_once_what_became_of_the_changes_never_sent
     assert p.returncode == 0, p.stdout + p.stderr
     (r.root / "data" / "t").write_text("written on the promoted replica")
     r.bed.link_up()
-    wait_for("split brain", lambda: eng.status(src)["target_data"] == "split-brain", 120, 0.2)
+    st = wait_for("split brain", lambda: (x := eng.status(src))["target_data"] == "split-brain"
+                  and x, 120, 0.2)
+    assert st["replication"] == "split brain" and "split brain: the target was promoted" in \
+        st["last_error"], st  # b was captured here after the replica's last position
     p = cli(r.cfg, "failback", src, "--yes", "--json", socket=eng.socket)
     assert p.returncode == 0, p.stdout + p.stderr
     res = json.loads(p.stdout)
@@ -655,6 +658,36 @@ def test_a_split_brain_fail_back_says_once_what_became_of_the_changes_never_sent
     assert "kept" not in res[0]["message"] and "were dropped" in res[1]["message"], res
     assert res[1]["details"]["dropped_records"] >= 1, res
     assert not (s / "b").exists() and (s / "t").read_text() == "written on the promoted replica"
+    assert replicas(r)[0]["role"] == "secondary"
+
+
+def test_a_source_that_changed_nothing_since_the_promotion_is_failed_over_not_split(fs_remote):
+    """Found by a walk: the target was promoted while the link was down and written there; the
+    source, idle all along (its last position the one the replica had), was told "split
+    brain" (both sides moved on) when the link came back. It is a fail-over: said as such,
+    nothing marked on the target, and the same fail-back ends it."""
+    eng, src, r = fs_remote()
+    s = Path(src)
+    (s / "a").write_text("replicated")
+    eng.drain(src)
+    r.bed.link_down()
+    p = on_target(r.bed, "replica", "promote", "data", "--root", str(r.root))
+    assert p.returncode == 0, p.stdout + p.stderr
+    (r.root / "data" / "t").write_text("written on the promoted replica")
+    r.bed.link_up()
+    st = wait_for("refused", lambda: (x := eng.status(src))["target_data"] == "split-brain"
+                  and x, 120, 0.2)
+    assert st["replication"] == "failed over (no change here since)", st
+    assert "failed over: the target was promoted at" in st["last_error"], st
+    assert f"`mirrorsetup failback {src} --yes` brings it here" in st["last_error"], st
+    [rep] = replicas(r)
+    assert rep["role"] == "primary" and not rep.get("split_brain"), rep  # nothing marked there
+    p = cli(r.cfg, "switchover", src, socket=eng.socket)
+    assert p.returncode == 1 and "promoted meanwhile (fail-over)" in p.stderr, p.stderr
+    p = cli(r.cfg, "failback", src, "--yes", socket=eng.socket)
+    assert p.returncode == 0, p.stdout + p.stderr
+    assert (s / "t").read_text() == "written on the promoted replica" and \
+        (s / "a").read_text() == "replicated"
     assert replicas(r)[0]["role"] == "secondary"
 
 

@@ -378,7 +378,7 @@ class Agent:
             raise AgentError("not-ours", f"replica {rel} is a {state.get('kind')} replica, not {kind}",
                              errno.EEXIST)
         if state.get("role") == "primary" and action == "replicate":
-            self._split_brain(source)
+            self._split_brain(source, h)
         # A source rebuilt after its host was lost keeps no history the promoted replica came
         # from: its fail-back takes the replica back whole only when its entry says adopt_target
         rebuilt = action == "failback" and bool(h.get("adopt")) and state.get("role") == "primary"
@@ -428,14 +428,28 @@ class Agent:
         threading.Thread(target=self._apply_loop, daemon=True).start()
 
     # -- fail-over and fail-back ------------------------------------------------------------
-    def _split_brain(self, source: dict) -> None:
+    def _split_brain(self, source: dict, h: dict) -> None:
         """The old source came back after this replica was promoted: both have moved on. Say
-        so (here too: `replica list` shows it), write nothing."""
+        so (here too: `replica list` shows it), write nothing. When the source says it holds
+        every change it has (no catch-up pending, nothing dropped) and none after what this
+        replica had applied when it was promoted, only this side moved on: a fail-over, said
+        as such (nothing is marked here); the same choices end it."""
         promoted = self.state.get("promoted", {})
-        self.state["split_brain"] = {"time": time.time(), "source": source}
-        self.replica.save(self.state)
         when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(promoted.get("time", 0)))
         entry = shlex.quote(str(source.get("entry") or "ENTRY").split(":", 1)[-1])
+        last = h.get("last_seq")
+        if h.get("settled") is True and isinstance(last, int) and \
+                h.get("generation") == promoted.get("from_generation") and \
+                last <= int(promoted.get("seq") or 0):
+            raise AgentError("split-brain", f"failed over: the target was promoted at {when} "
+                             f"(generation {self.state.get('generation')}) and this source has "
+                             f"no change since (its last, position {last}, was there before); "
+                             "nothing was written. The replica's data is the newer: `mirrorsetup "
+                             f"failback {entry} --yes` brings it here (only what differs); "
+                             f"`mirrorsetup replica resolve {entry} --discard-target --yes` "
+                             "discards it", errno.EEXIST, changes_here=False)
+        self.state["split_brain"] = {"time": time.time(), "source": source}
+        self.replica.save(self.state)
         raise AgentError("split-brain", f"split brain: the target was promoted at {when} "
                          f"(generation {self.state.get('generation')}); nothing was written. "
                          f"Choose: `mirrorsetup replica resolve {entry} --discard-target --yes` "

@@ -277,6 +277,10 @@ class Capture:
         if spec.kind == "block":
             self._setup_block()  # the window's size first: a block target is checked against it
         self.target = make_target(spec, getattr(self, "size", None), self.journal) or NoTarget()
+        if hasattr(self.target, "settled"):  # a remote target's hello says it (a fail-over or
+            # a split brain, when its replica was promoted meanwhile)
+            self.target.settled = lambda: self.catching is None and self.consistent and \
+                not self.journal.behind
         if "local" in (spec.target or {}) or spec.target is None:
             try:
                 self.target.open()  # a local target is claimed before anything is mounted
@@ -728,7 +732,9 @@ class Capture:
             if conn in ("connected", "local"):
                 return None
             if self.shipper.fig.refusal == "split-brain":  # reachable, and will not be connected
-                return protocol.error("the target's replica was promoted meanwhile (split brain): "
+                how = "fail-over" if (self.shipper.fig.refusal_said or {}).get(
+                    "changes_here") is False else "split brain"
+                return protocol.error(f"the target's replica was promoted meanwhile ({how}): "
                                       "there is nothing to switch over to; end the split brain "
                                       f"first (`mirrorsetup failback {self.spec.key} --yes` or "
                                       f"`mirrorsetup replica resolve {self.spec.key} "
@@ -839,6 +845,8 @@ class Capture:
             target_data = "consistent" if ok else "inconsistent"
             if fig.refusal == "split-brain":  # the replica was promoted: nothing goes there
                 target_data, replication = "split-brain", "split brain"
+                if (fig.refusal_said or {}).get("changes_here") is False:  # only it moved on
+                    replication = "failed over (no change here since)"
         return {
             "state": "catching up" if catching is not None else "capturing",
             "captured_ops": j.captured_ops, "last_seq": j.last_seq, "sent_seq": fig.sent_seq,

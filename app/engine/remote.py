@@ -72,6 +72,10 @@ class RemoteTarget(Queried, Target):
         self.claim = claim
         self.generation = generation
         self.journal_seqs = journal_seqs  # () -> (last, released): what the HELLO says we hold
+        # () -> bool: every change of the source is in its journal (no catch-up pending or
+        # running, nothing dropped): its last seq then says whether it moved on (a fail-over
+        # is told from a split brain by it)
+        self.settled = None
         self.label = f"{settings.name}:{settings.path}"
         self.codec = wire.Codec(settings.compression)
         self.proc: subprocess.Popen | None = None
@@ -205,7 +209,8 @@ class RemoteTarget(Queried, Target):
                 "size": self.size, "compression": self.s.compression,
                 "source": {"host": self.claim.host, "entry": self.claim.entry} if self.claim else {},
                 "adopt": bool(self.claim and self.claim.adopt), "generation": self.generation,
-                "last_seq": last, "released_seq": released, **getattr(self, "_extra", {})}
+                "last_seq": last, "released_seq": released,
+                "settled": bool(self.settled and self.settled()), **getattr(self, "_extra", {})}
 
     def _said(self) -> str:
         """What the ended ssh wrote on stderr: all of it (its reader is given a moment to read

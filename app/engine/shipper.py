@@ -105,6 +105,7 @@ class Figures:
     last_error: str | None = None
     retry_at: float | None = None
     refusal: str | None = None  # the agent's code when it refused us ("split-brain", "not-ours", …)
+    refusal_said: dict | None = None  # ... and what it said beside it (e.g. changes_here)
 
 
 class Shipper:
@@ -303,6 +304,7 @@ class Shipper:
         self.fig.connection = exc.state
         self.fig.last_error = exc.state
         self.fig.refusal = getattr(exc, "code", None) if not exc.retry else None
+        self.fig.refusal_said = getattr(exc, "said", None) if not exc.retry else None
         if exc.taken is not None:  # everything after it goes again
             self.journal.rewind(max(exc.taken, self.journal.released_seq))
         else:

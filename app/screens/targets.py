@@ -62,6 +62,10 @@ def role_and_state(row, *, long: bool = False) -> tuple[Text, Text]:
                     "captured here"))
             return Text("switched over", style="bold cyan"), Text(f"primary there since {when}")
         return Text("switching", style="bold yellow"), Text("a switch-over was interrupted: run it again")
+    if row.target_data == "split-brain" and (row.replication or "").startswith("failed over"):
+        # promoted there while this host changed nothing: not both sides moved on
+        return Text("FAILED OVER", style="bold yellow"), Text(shown(row.last_error or
+                                                                   "the replica was promoted"))
     if row.target_data == "split-brain":
         return Text("SPLIT BRAIN", style="bold red"), Text(shown(row.last_error or "both sides moved on"))
     if not row.captured:
@@ -580,8 +584,11 @@ def _cannot(key: str, row, *, switching: bool, daemon: bool = True) -> str | Non
     if switching and not row.captured and not sw:
         return f"{key} is not captured: mount or attach it first (Mount all / Attach all)."
     if row.target_data == "split-brain":
-        return (f"{key} is in a split brain: the replica was promoted meanwhile; f fails back, o "
-                "keeps this host. Nothing was changed.") if switching else None
+        what = ("failed over (its replica was promoted meanwhile; nothing changed here since)"
+                if (row.replication or "").startswith("failed over") else
+                "in a split brain: the replica was promoted meanwhile")
+        return (f"{key} is {what}; f fails back, o keeps this host. Nothing was "
+                "changed.") if switching else None
     conn = row.connection or ""
     if not row.captured or conn in ("", "connected", "local", "none"):
         return None
