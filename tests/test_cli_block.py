@@ -116,6 +116,30 @@ def test_remove_detaches_first(config_path, disks):
     assert loops_on(disk) == [] and json.loads(cli(config_path, "block", "list", "--json").stdout) == []
 
 
+def test_remove_of_an_entry_whose_loop_is_mounted_fails_and_keeps_it(config_path, disks, tmp_path):
+    """Found by a walk: the entry kept because its loop was mounted printed as "plan" on stdout
+    (a dry run's word). The remove did not happen: FAILED, EBUSY, on stderr."""
+    disk = disks()
+    cli(config_path, "block", "add", disk)
+    loop = json.loads(cli(config_path, "block", "attach-all", "--json").stdout)[0]["details"]["loop"]
+    run("mkfs.ext4", "-q", loop)
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    run("mount", "-t", "ext4", loop, str(mnt))
+    try:
+        proc = cli(config_path, "block", "remove", disk, check_rc=1)
+        assert "plan" not in proc.stdout and proc.stdout == "", proc.stdout
+        assert f"FAILED  {disk}: kept {disk} in the configuration: its loop is still in use" \
+            in proc.stderr, proc.stderr
+        res = json.loads(cli(config_path, "block", "remove", disk, "--json", check_rc=1).stdout)
+        assert [(r["action"], r["outcome"]) for r in res] == [("detach", "failed"), ("remove", "failed")]
+        assert res[1]["errno_name"] == "EBUSY", res
+        assert [e["device"] for e in json.loads(cli(config_path, "block", "list", "--json").stdout)] == [disk]
+    finally:
+        run("umount", str(mnt), check=False)
+    cli(config_path, "block", "remove", disk)
+
+
 def test_bad_input_is_refused_and_changes_nothing(config_path, disks, tmp_path):
     disk = disks(8 << 20)
     cli(config_path, "block", "add", disk)

@@ -11,6 +11,8 @@ import errno
 import hashlib
 import json
 import os
+import re
+import shlex
 import signal
 import subprocess
 import sys
@@ -20,6 +22,8 @@ import pytest
 
 from conftest import losetup_json, run
 from test_engine_support import REPO, Engine, block_mounts, write_config
+
+from app.cli import build_parser, command_of
 
 pytestmark = pytest.mark.root
 MiB = 1 << 20
@@ -554,6 +558,11 @@ def test_manual_detach_leaves_a_captured_entrys_loops_alone(block_engine):
         p = cli(cfg, eng, "manual", "detach", which)
         assert p.returncode == 1, p.stdout + p.stderr
         assert f"{which} {words}" in p.stderr and "nothing was changed" in p.stderr, p.stderr
+        for argv in re.findall(r"`mirrorsetup ([^`]*)`", p.stderr):  # what it says to run exists
+            # ("`mirrorsetup block detach DEVICE` ends that capture": there was no such command)
+            argv = shlex.split(argv)
+            build_parser(command_of(argv)).parse_args(argv)
+        assert f"`mirrorsetup block remove {disk}`" in p.stderr, p.stderr  # its own entry
     assert backing_of(loop) == st["file"] and sysfs_autoclear(disk) == "0"
     st = eng.block(disk)
     assert st["captured"] and st["loop"] == loop, st

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import errno
 import os
+import shlex
 
 from app.services import blockdevs, blockplan, mounts
 from app.services import loop as loopdev
@@ -67,8 +68,10 @@ class Replication:
         else:
             results = self._detach_plain(entry)
         if any(r.failed for r in results):
-            return results + [Result("remove", entry.device, Outcome.SKIPPED,
-                                     f"kept {entry.device} in the configuration: its loop is still in use")]
+            # not a plan: the remove did not happen (it printed as "plan" on stdout)
+            return results + [Result("remove", entry.device, Outcome.FAILED,
+                                     f"kept {entry.device} in the configuration: its loop is "
+                                     "still in use", errno.EBUSY)]
         try:
             self.store.remove_block(entry.device)
         except MirrorError as exc:
@@ -236,13 +239,18 @@ class Replication:
             mount = next((m for m in mounts.read_mountinfo() if m.fstype == FSTYPE_BLOCK
                           and os.makedev(m.major, m.minor) == dev), None) if dev is not None else None
             if mount is not None:
+                view = View()
+                owner = next((e.device for e in self.store.load().block
+                              if any(c.device == st.device for c in view.captures_of(e.device))), None)
+                one = (f"`mirrorsetup block remove {shlex.quote(owner)}` ends it and removes the "
+                       "entry" if owner else "`mirrorsetup block remove` of its entry ends it")
                 return (f"is the capture loop of a replicated block entry (on {st.backing_file}): "
-                        "`mirrorsetup block detach DEVICE` ends that capture")
+                        f"{one}; `mirrorsetup block detach-all` ends every entry's capture")
         entry = next((e for e in self.store.load().block if same_device(e.device, st.device)), None)
         if entry is not None:
             return (f"is the device the block entry {entry.device} replicates (applications use "
                     "its capture's loop, and its capture holds it): remove the entry first "
-                    "(`mirrorsetup block remove`) to detach it by hand")
+                    f"(`mirrorsetup block remove {shlex.quote(entry.device)}`) to detach it by hand")
         return None
 
     # -- file-system entries (mounted by the daemon) -------------------------------------
@@ -264,8 +272,9 @@ class Replication:
         if any(m.mount_point == norm and m.fstype == FSTYPE_FS for m in mounts.read_mountinfo()):
             results = self._daemon_results("unmount", norm, path=norm, force=force)
             if any(r.failed for r in results):
-                return results + [Result("remove", norm, Outcome.SKIPPED,
-                                         f"kept {norm}: mirrorfs is still mounted there")]
+                return results + [Result("remove", norm, Outcome.FAILED,
+                                         f"kept {norm} in the configuration: mirrorfs is still "
+                                         "mounted there", errno.EBUSY)]
         try:
             entry = self.store.remove_filesystem(path)
         except MirrorError as exc:
