@@ -713,11 +713,17 @@ def test_the_advice_after_a_fail_over_runs_as_printed_without_a_terminal():
     from app.engine.agent import Agent, AgentError
     from app.services.layout import switched_refusal
     agent = Agent.__new__(Agent)
-    agent.state = {"promoted": {"time": time.time()}, "generation": "g2"}
+    agent.state = {"promoted": {"time": time.time(), "seq": 7, "from_generation": "g1"},
+                   "generation": "g2"}
     agent.replica = types.SimpleNamespace(save=lambda state: None)
+    source = {"host": "h", "entry": "fs:/srv/my data"}
     with pytest.raises(AgentError) as split:
-        agent._split_brain({"host": "h", "entry": "fs:/srv/my data"})
-    messages = [str(split.value)] + [
+        agent._split_brain(source, {})
+    with pytest.raises(AgentError) as over:  # the source changed nothing since: a fail-over
+        agent._split_brain(source, {"settled": True, "last_seq": 7, "generation": "g1"})
+    assert str(over.value).startswith("failed over: ") and over.value.extra == {"changes_here": False}
+    assert str(split.value).startswith("split brain: ") and not split.value.extra
+    messages = [str(split.value), str(over.value)] + [
         switched_refusal({"state": state, "target": "backup1:data", "time": 1, "seq": 5},
                          "/srv/my data", "mount").message for state in ("switched", "switching")]
     commands = [c for m in messages for c in _advised(m)]
