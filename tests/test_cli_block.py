@@ -175,7 +175,8 @@ def test_manual_attach_and_detach_are_not_persisted(config_path, disks, unused_l
     assert loop == unused_loop
     assert loops_on(disk) == [loop] and sysfs(loop, "../ro") == "1"
     assert not config_path.exists()
-    assert json.loads(cli(config_path, "manual", "detach", loop, "--json").stdout)[0]["outcome"] == "ok"
+    done = cli(config_path, "manual", "detach", loop)
+    assert done.stdout.split() == ["ok", f"{loop}:", "detached"], done.stdout  # named once
     assert loops_on(disk) == []
     again = json.loads(cli(config_path, "manual", "detach", loop, "--json").stdout)[0]
     assert again["outcome"] == "unchanged"

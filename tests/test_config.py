@@ -102,8 +102,9 @@ def test_symlinks_are_resolved_and_aliases_are_duplicates(store, dirs, tmp_path)
     (tmp_path / "link").symlink_to(real)
     assert store.add_filesystem(tmp_path / "link").path == real
     for alias in (real, real + "/", str(tmp_path / "link"), f"{tmp_path}/real/../real"):
-        with refused(store, "already configured"):
+        with refused(store, "already configured") as info:
             store.add_filesystem(alias)
+        assert info.value.errno == errno.EEXIST  # (it was None: --json said "errno": null)
 
 
 @pytest.mark.parametrize("make_path, match", [
@@ -537,8 +538,10 @@ def test_block_refusals_leave_the_file_untouched(store, scratch_loop, tmp_path):
         (dict(device=dev, target=dev), "is the replicated device itself"),
     ]
     for kw, match in cases:
-        with refused(store, match):
+        with refused(store, match) as info:
             store.add_block(**kw)
+        if "already configured" in match:
+            assert info.value.errno == errno.EEXIST, kw
     assert store.add_block(dev, offset=32 * MiB, sizelimit=32 * MiB).offset == 32 * MiB
 
 

@@ -233,7 +233,8 @@ class Daemon:
         reply = await self._run_on_target("verify", "fs", entry.path, entry, send)
         n = len(reply["differences"])
         res = Result("verify", entry.path, Outcome.OK if n == 0 else Outcome.FAILED,
-                     "target matches" if n == 0 else f"{n} differences", None if n == 0 else errno.EIO)
+                     "target matches" if n == 0 else f"{n} difference{'s' if n != 1 else ''}",
+                     None if n == 0 else errno.EIO)
         return {**reply, "results": [res.to_json()]}
 
     async def cmd_block_attach_all(self, send, dry_run=False, force=False):

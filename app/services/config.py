@@ -195,7 +195,8 @@ class ConfigStore:
         for other in config.filesystem:
             if other.path == real:
                 alias = f" (as {real})" if real != path else ""
-                raise ConfigError(f"{path} is already configured{alias}", key="path", obj=path)
+                raise ConfigError(f"{path} is already configured{alias}", key="path", obj=path,
+                                  errno=errno.EEXIST)
             for inner, outer, verb in ((real, other.path, "is inside"),
                                        (other.path, real, "contains")):
                 if _inside(inner, outer):
@@ -232,7 +233,7 @@ class ConfigStore:
         for other in config.block:
             if _device_id(other.device) == me:
                 alias = f" (as {other.device})" if other.device != device else ""
-                raise refuse(f"{device} is already configured{alias}")
+                raise refuse(f"{device} is already configured{alias}", code=errno.EEXIST)
             if other.loop is not None and _device_id(other.loop) == me:
                 raise refuse(f"{device} is the loop device of the entry for {other.device}")
             if loop is not None and other.loop == loop:

@@ -223,7 +223,9 @@ class Replication:
             return Result("manual detach", loop_path, Outcome.FAILED, f"{loop_path} {ours}; nothing "
                           "was changed", errno.EBUSY)
         r = blockplan.detach_loop(loop_path, loop_path)
-        return Result("manual detach", loop_path, r.outcome, r.message, r.errno, r.details)
+        # the line names the loop already: "/dev/loopN: detached", not "/dev/loopN: /dev/loopN: …"
+        message = r.message.removeprefix(f"{loop_path}: ")
+        return Result("manual detach", loop_path, r.outcome, message, r.errno, r.details)
 
     def _replication_loop(self, st) -> str | None:
         """Why a loop is not the Manual screen's to detach: a capture's loop (its backing file
