@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import hashlib
+import json
 import os
 import shutil
 import signal
@@ -205,6 +206,53 @@ def test_unmount_refused_while_held_then_forced_is_lazy(setup):
         while (r := eng.client.results("mount", path=src)[0]).failed and time.monotonic() < deadline:
             time.sleep(0.1)  # the old worker exits when the kernel ends the detached session
         assert r.outcome.value == "ok" and src in mirrorfs_mounts()
+    finally:
+        holder.kill()
+        holder.wait()
+
+
+def test_a_lazily_unmounted_entry_is_shown_with_its_capture_until_the_holder_closes(setup):
+    """Found by a walk: after `fs unmount-all --force` left a detached capture serving a file
+    held open, status said "not captured", no worker, no holders (the writes were replicated,
+    and only mount-all knew). Status says it is lazily unmounted, by whom, and which worker
+    serves it; once the holder closes, the entry is simply not mounted."""
+    eng, src, tgt = setup()
+    holder = subprocess.Popen([sys.executable, "-c",
+                               "import sys; f = open(sys.argv[1], 'w'); print('ok', flush=True); "
+                               "sys.stdin.readline(); f.write('written after the unmount'); f.close(); "
+                               "print('closed', flush=True); sys.stdin.readline()",
+                               os.path.join(src, "held")], stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+    try:
+        assert holder.stdout.readline().strip() == b"ok"
+        pid = eng.status(src)["worker_pid"]
+        (r,) = eng.client.results("unmount", path=src, force=True)
+        assert not r.failed and "lazy unmount" in r.message and src not in mirrorfs_mounts()
+        who = f"pid {holder.pid} (python"
+        row = eng.status(src)
+        assert row["captured"] and row["worker_pid"] == pid and not row["mounted"]
+        assert row["state"].startswith(f"lazily unmounted: capture goes on until {who}")
+        assert row["state"].endswith("closes its files")
+        assert [h for h in row["holders"] if h.startswith(who)]
+        snap = json.loads(subprocess.run(
+            [sys.executable, "-m", "app", "--config", str(eng.config), "--json", "status"],
+            env={**os.environ, "MIRRORSETUP_SOCKET": eng.socket}, capture_output=True, text=True,
+            timeout=60, check=True).stdout)
+        (fs,) = snap["filesystem"]
+        assert fs["state"] == "lazily unmounted" and fs["engine"]["worker_pid"] == pid
+        assert [w for w in snap["warnings"] if w["message"].startswith("lazily unmounted: capture "
+                                                                       f"goes on until {who}")]
+        text = _status_text(eng)
+        assert "lazily unmounted" in text and f"worker pid {pid}" in text
+        holder.stdin.write(b"\n")
+        holder.stdin.flush()
+        assert holder.stdout.readline().strip() == b"closed"
+        deadline = time.monotonic() + 30
+        while (row := eng.status(src))["captured"] and time.monotonic() < deadline:
+            time.sleep(0.1)  # the old worker exits when the kernel ends the detached session
+        assert not row["captured"] and row["state"] == "not captured" and row["worker_pid"] is None
+        assert open(os.path.join(tgt, "held")).read() == "written after the unmount"
+        text = _status_text(eng)
+        assert "lazily unmounted" not in text and "not mounted" in text
     finally:
         holder.kill()
         holder.wait()

@@ -29,7 +29,7 @@ from app.engine import sync
 from app.engine.blocksup import BlockCaptures
 from app.engine.failover import Failover, switched
 from app.engine.failover import refusal as _refusal
-from app.engine.supervisor import Captured, Supervisor, close_zygote, holders, mount_dev
+from app.engine.supervisor import Captured, Supervisor, close_zygote, holders, lazy_state, mount_dev
 from app.services import layout as layout_mod
 from app.services import protocol
 from app.services.blockplan import same_device
@@ -139,6 +139,11 @@ class Daemon:
             row.captured = True
             row.update(await self.sup.figures(cap))
             row.worker_pid = cap.link.pid
+        elif (old := self.sup.detached_busy(e.path)) is not None:  # lazily unmounted: still serving
+            row.captured = True
+            row.update(await self.sup.figures(old))
+            row.worker_pid, row.holders = old.link.pid, old.holders
+            row.state = lazy_state(old.holders)
         else:
             row.state = "not captured"
             row.last_error = self.sup.lost.get(("fs", e.path))

@@ -656,9 +656,8 @@ class Supervisor:
                 cap.holders = [f"pid {h['pid']} ({h['name']})" for h in held]
                 self.captures.pop(("fs", path), None)
                 self.detached.append(cap)
-                who = ", ".join(f"pid {h['pid']} ({h['name']})" for h in held) or "open files"
                 return Result("unmount", path, Outcome.OK, f"lazy unmount of {path}: detached now, "
-                              f"capture ends when {who} close their files",
+                              f"capture ends when {_who(cap.holders)} close their files",
                               details={"lazy": True, "holders": held})
             note = await self.stop(cap)
         if note:
@@ -669,6 +668,18 @@ class Supervisor:
     def detached_busy(self, path: str) -> Captured | None:
         self.detached = [c for c in self.detached if c.link.alive()]
         return next((c for c in self.detached if c.key == path), None)
+
+
+def _who(names: list[str]) -> str:
+    return ", ".join(names) or "open files"
+
+
+def lazy_state(names: list[str]) -> str:
+    """A lazily unmounted entry's state while its detached capture serves files open there."""
+    if not names:
+        return "lazily unmounted: capture goes on until the files open there are closed"
+    return (f"lazily unmounted: capture goes on until {', '.join(names)} "
+            f"{'closes its' if len(names) == 1 else 'close their'} files")
 
 
 def target_spec(target: str, config) -> dict:
@@ -718,5 +729,5 @@ def check_entry(entry: FsEntry) -> None:
                           else errno.EACCES, obj=entry.target)
 
 
-__all__ = ["Supervisor", "Captured", "WorkerLink", "Zygote", "spawn", "close_zygote", "adopt", "holders",
+__all__ = ["Supervisor", "Captured", "lazy_state", "WorkerLink", "Zygote", "spawn", "close_zygote", "adopt", "holders",
            "layout_mod"]

@@ -30,7 +30,7 @@ OUTCOME_STYLE = {
 }
 STATE_STYLE = {
     "mounted": "green", "attached": "green",
-    "not mounted": "yellow", "detached": "yellow", "detach pending": "yellow",
+    "not mounted": "yellow", "lazily unmounted": "yellow", "detached": "yellow", "detach pending": "yellow",
     "path missing": "red", "device missing": "red", "invalid": "bold red",
     "switched over": "cyan", "switch-over interrupted": "bold yellow",
 }

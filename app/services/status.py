@@ -52,10 +52,14 @@ class StatusWarning:
     level: str = "warning"  # "warning" | "error"
 
 
+LAZY = "lazily unmounted"  # its capture serves files still open there (the daemon's row says who)
+
+
 @dataclass(frozen=True)
 class FsState:
     entry: FsEntry
     state: str  # "mounted" | "not mounted" | "path missing" | "switched over" | "switch-over interrupted"
+    #             | "lazily unmounted"
     other_fstype: str | None = None  # what is mounted at the path when it is not us
     engine: CaptureRow | None = None  # the daemon's figures
     problem: str | None = None  # why the (hand-edited) entry is not valid as it stands
@@ -259,7 +263,12 @@ def snapshot(store: ConfigStore, control=None, *, scan_writers: bool = True,
         else:
             state, other = "not mounted", (top.fstype if top is not None else None)
         row = rows.get(("fs", entry.path))
-        if state == "not mounted":
+        if state == "not mounted" and row is not None and row.captured \
+                and row.state.startswith(LAZY):  # its detached capture still serves open files
+            state = LAZY
+            snap.warnings.append(StatusWarning(entry.path, f"{row.state} (worker pid "
+                                               f"{row.worker_pid}); mount it again once that capture has ended"))
+        elif state == "not mounted":
             sw = _switched(row, marks, "fs", entry.path)
             snap.warnings.append(_not_captured_warning(entry.path, row, sw))
             if (shown := _switched_state(sw)) is not None:
