@@ -398,13 +398,17 @@ def test_a_switchover_to_a_full_target_says_so_and_changes_nothing(fs_remote):
     for i in range(20):
         (s / f"big{i}").write_bytes(os.urandom(256 << 10))
     wait_for("paused", lambda: eng.status(src)["connection"].startswith("paused"), 60)
-    before = [m.split()[4] for m in open("/proc/self/mountinfo") if " fuse.mirrorfs " in m]
+    def ours() -> list[str]:  # this test's mirrorfs mounts (others come and go on a busy host)
+        return [m.split()[4] for m in open("/proc/self/mountinfo")
+                if " fuse.mirrorfs " in m and m.split()[4].startswith(os.path.dirname(src) + "/")]
+    before = ours()
+    assert before == [src], before
     p = cli(r.cfg, "--json", "switchover", src, socket=eng.socket)
     assert p.returncode == 1, p.stdout + p.stderr
     assert "the target cannot take the last changes (paused: target full" in p.stderr, p.stderr
     assert "cannot reach" not in p.stderr and "nothing was changed" in p.stderr, p.stderr
     assert json.loads(p.stdout)[0]["errno_name"] == "ENOSPC", p.stdout
-    assert [m.split()[4] for m in open("/proc/self/mountinfo") if " fuse.mirrorfs " in m] == before
+    assert ours() == before
     assert not list(Path(eng.state).rglob("switched")), "a switch-over marker left behind"
     disk.unfill()
     st = eng.drain(src)
