@@ -211,6 +211,7 @@ class BlockScreen(TaskScreen):
     @on(KeyedTable.SelectionGone, "#devices")
     def _device_gone(self, event: KeyedTable.SelectionGone) -> None:
         now = selected_key(event.table)
+        self._fell_on = now  # not chosen: the first Enter or a on it only says so
         self.notify(f"{event.key} went away (another program detached or removed it); the "
                     f"cursor is on {now or 'nothing'} now.", severity="warning",
                     title="Device gone", markup=False)
@@ -239,6 +240,12 @@ class BlockScreen(TaskScreen):
             return
         from app.services.entries import device_refusal
         path = selected_key(self.query_one("#devices", DataTable)) or ""
+        fell_on, self._fell_on = getattr(self, "_fell_on", None), None
+        if path and path == fell_on:  # the key was meant for the device that went away
+            self.notify(f"The device you chose went away; the cursor fell on {path}: press "
+                        f"Enter again to add {path}.", severity="warning", title="Not added",
+                        markup=False)
+            return
         device = next((d for d in self._devices if d.path == path), None)
         refusal = device_refusal(device) if device is not None else None
         if refusal:
