@@ -583,6 +583,7 @@ class Agent:
                     pass
                 fd = os.open(name, os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=pfd)
                 self.target = LocalDirTarget.on_fd(fd, rel)
+                self.target.applier.close()  # (its own fd: one leaked per session)
                 self.target.applier = ConfinedFsApplier(fd)
             else:
                 size = int(h.get("size") or 0)
