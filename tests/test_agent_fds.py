@@ -1,10 +1,16 @@
-"""The target host's agent alone (no source, no network): what a session leaves open."""
+"""The target host's agent alone (no source, no network): what a session leaves open, and
+what `replica promote` says."""
 
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
+
+from test_engine_support import REPO
 
 pytestmark = pytest.mark.root
 
@@ -37,3 +43,33 @@ def test_each_session_of_a_directory_replica_leaves_no_fd_open(tmp_path):
         assert (root / "data").is_dir()
     finally:
         os.close(agent.root_fd)
+
+
+def _replica(root: Path, name: str):
+    from app.engine.agent import Replica
+    fd = os.open(root, os.O_PATH | os.O_DIRECTORY)
+    try:
+        rep = Replica(fd, str(root), name, "fs")
+    finally:
+        os.close(fd)
+    rep.save({"source": {"host": "h", "entry": "fs:/src"}, "kind": "fs", "path": name,
+              "role": "secondary", "generation": "g1", "consistent": True, "consistent_seq": 0})
+    return rep
+
+
+def test_promote_says_one_record_in_the_singular(tmp_path):
+    """`replica promote` of a replica with one record received and not applied said "applied
+    the 1 records"; now "applied the 1 record received but not yet applied"."""
+    from app.engine.journal import KIND_FS, Journal, Record
+    root = tmp_path / "replicas"
+    (root / "data").mkdir(parents=True)
+    rep = _replica(root, "data")
+    j = Journal(rep.dir, kind=KIND_FS)
+    j.ingest_durably([Record(1, KIND_FS, "mkdir", {"path": "arrived", "mode": 0o750, "uid": 0,
+                                                   "gid": 0})])
+    j.close()
+    p = subprocess.run([sys.executable, "-m", "app", "replica", "promote", "data", "--root",
+                        str(root)], capture_output=True, text=True, cwd=REPO)
+    assert p.returncode == 0, p.stdout + p.stderr
+    assert "applied the 1 record received but not yet applied" in p.stdout, p.stdout
+    assert (root / "data" / "arrived").is_dir() and rep.state()["role"] == "primary"

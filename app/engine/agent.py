@@ -1172,7 +1172,8 @@ def promote(root: str, name: str, *, mount_at: str | None = None, loop: str | No
             pending = journal.last_seq - journal.released_seq
             if pending:  # what arrived but was not applied yet: apply it first
                 _apply_received(rep, journal, found["kind"], state)
-                done.append(f"applied the {pending} records received but not yet applied")
+                done.append(f"applied the {pending} record{'s' if pending != 1 else ''} received but "
+                            "not yet applied")
             promote_state(state, by="fail-over" + (" (forced, inconsistent)" if not state.get("consistent")
                                                    else ""), seq=journal.released_seq)
             try:
