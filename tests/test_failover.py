@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 
 from test_engine_support import REPO
-from test_remote import MiB, cli, dd, lines, sha, tree, wait_for
+from test_remote import MiB, _advised, cli, dd, lines, sha, tree, wait_for
 from test_remote import block_remote, fs_remote, remote, writer  # noqa: F401 (fixtures)
 
 pytestmark = pytest.mark.root
@@ -116,6 +116,8 @@ def test_planned_switchover_of_a_directory_and_fail_back(fs_remote, writer):
     res = json.loads(p.stdout)
     assert [x["outcome"] for x in res] == ["ok"], res
     assert res[0]["details"]["lost"] == 0 and "none lost" in res[0]["message"]
+    # the fail-back it names runs as printed (it said `mirrorsetup failback KEY`, without --yes)
+    assert [c[1:] for c in _advised(res[0]["message"])] == [["failback", src, "--yes"]], res
     replica = r.root / "data"
     assert full_tree(s) == full_tree(replica)  # byte for byte: contents, modes, owners, times, links, xattrs
     assert len([n for n in os.listdir(replica) if n.startswith("w")]) == written

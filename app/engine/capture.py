@@ -32,6 +32,7 @@ import json
 import logging
 import math
 import os
+import shlex
 import signal
 import socket
 import sys
@@ -736,9 +737,10 @@ class Capture:
                     "changes_here") is False else "split brain"
                 return protocol.error(f"the target's replica was promoted meanwhile ({how}): "
                                       "there is nothing to switch over to; end the split brain "
-                                      f"first (`mirrorsetup failback {self.spec.key} --yes` or "
-                                      f"`mirrorsetup replica resolve {self.spec.key} "
-                                      "--discard-target --yes`)", errno.EEXIST)
+                                      f"first (`mirrorsetup failback {shlex.quote(self.spec.key)} "
+                                      "--yes` or `mirrorsetup replica resolve "
+                                      f"{shlex.quote(self.spec.key)} --discard-target --yes`)",
+                                      errno.EEXIST)
             if conn.startswith("paused"):  # reachable, but the last changes cannot get there
                 return protocol.error(f"the target cannot take the last changes ({conn}); free "
                                       "room there, then try again once status says connected",
