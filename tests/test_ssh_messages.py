@@ -170,3 +170,79 @@ def test_a_session_whose_ssh_ended_under_the_sender_says_the_connection_broke():
     with pytest.raises(TargetUnavailable) as lost:
         t.send([Record(1, KIND_FS, "write", {"path": "f", "offset": 0}, b"x" * 100)])
     assert lost.value.state == "disconnected: the connection broke (EPIPE)", lost.value.state
+
+
+def test_a_reconnect_under_way_is_said_as_connecting_again_not_as_about_to_try(tmp_path):
+    """Found by a walk: while the shipper's next attempt was under way (ssh can take seconds to
+    answer or time out), status said `disconnected: …, trying again now` for all that time.
+    Now the capture's figures say `connecting again (last: …)`, and status keeps its warning,
+    its level and the reason in the short form."""
+    import threading
+    import time
+    import types
+
+    from app.engine import shipper as shipper_mod
+    from app.engine.capture import Capture
+    from app.engine.journal import Journal
+    from app.services.protocol import CaptureRow
+    from app.services.status import _replication_warnings, replication_text, short_connection
+
+    why = "disconnected: the connection was refused"
+    trying, release = threading.Event(), threading.Event()
+
+    class Slow:  # refuses, then its next attempt hangs until released
+        on_positions = None
+        tries = 0
+
+        def open(self):
+            self.tries += 1
+            if self.tries == 2:
+                trying.set()
+                release.wait(30)
+            raise shipper_mod.TargetUnavailable(why, delay=0.5 if self.tries == 1 else 30)
+
+        def close(self):
+            pass
+
+    journal = Journal(tmp_path)
+    ship = shipper_mod.Shipper(journal, Slow(), local=False)
+    cap = Capture.__new__(Capture)
+    cap.journal, cap.shipper, cap.catching, cap.consistent = journal, ship, None, True
+    cap.target = types.SimpleNamespace(consistent=True, rtt=None)
+    cap.remote, cap.resync_bytes = True, 0
+    cap.spec = types.SimpleNamespace(kind="fs")
+    cap.ops = types.SimpleNamespace(open_handles=lambda: 0)
+    runner = threading.Thread(target=ship._run, daemon=True)
+    runner.start()
+    try:
+        deadline = time.monotonic() + 10
+        while ship.fig.retry_at is None and time.monotonic() < deadline:
+            time.sleep(0.01)
+        waiting = cap.figures()["connection"]
+        assert waiting == f"{why}, retry in 1 s", waiting  # (the retry is not due yet)
+        assert trying.wait(10), "the second attempt never began"
+        time.sleep(0.2)
+        figures = cap.figures()
+    finally:
+        ship._stop.set()
+        ship._kick.set()  # (its back-off ends at once)
+        release.set()
+        runner.join(10)
+        journal.close()
+    assert figures["connection"] == f"connecting again (last: {why})", figures
+    row = CaptureRow("fs", "/srv/data", captured=True)
+    row.update(figures)
+    assert short_connection(row.connection) == \
+        "connecting again (last: disconnected: the connection was refused)"
+    assert "(connecting again (last: disconnected: the connection was refused))" in \
+        replication_text(row), replication_text(row)
+    warnings = []
+    _replication_warnings("/srv/data", row, warnings)
+    assert [(w.message, w.level) for w in warnings] == \
+        [(f"target: connecting again (last: {why})", "warning")], warnings
+    refused = CaptureRow("fs", "/srv/data", captured=True,
+                         connection="connecting again (last: refused: split brain: promoted. Choose)")
+    assert short_connection(refused.connection) == "connecting again (last: refused: split brain)"
+    warnings = []
+    _replication_warnings("/srv/data", refused, warnings)
+    assert [w.level for w in warnings] == ["error"], warnings

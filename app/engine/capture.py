@@ -842,7 +842,9 @@ class Capture:
             connection = fig.connection
             if fig.retry_at and not sh.connected:
                 left = math.ceil(fig.retry_at - time.time())  # 0.4 s is "in 1 s", not "in 0 s"
-                connection += f", retry in {left} s" if left > 0 else ", trying again now"
+                # the retry is due: the shipper is connecting (ssh may take seconds to answer)
+                connection = (f"{connection}, retry in {left} s" if left > 0 else
+                              f"{layout.CONNECTING_AGAIN}{connection})")
             ok = self.consistent and not j.behind and (not self.remote or self.target.consistent)
             target_data = "consistent" if ok else "inconsistent"
             if fig.refusal == "split-brain":  # the replica was promoted: nothing goes there

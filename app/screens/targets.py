@@ -592,7 +592,7 @@ def _cannot(key: str, row, *, switching: bool, daemon: bool = True) -> str | Non
     conn = row.connection or ""
     if not row.captured or conn in ("", "connected", "local", "none"):
         return None
-    if conn.startswith(("disconnected", "refused")):
+    if conn.startswith(("disconnected", "refused", "connecting again")):  # its last try failed
         return (f"cannot reach the target of {key} ({conn}): nothing was "
                 "changed; try again once it is connected.")
     if conn.startswith("connecting"):  # no answer yet: refused, or promoted there, not known

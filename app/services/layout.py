@@ -46,6 +46,9 @@ def default_state_dir() -> str:
     return os.environ.get(STATE_ENV) or DEFAULT_STATE_DIR
 
 
+# a capture's connection while it tries its target again: "connecting again (last: WHY)"
+# (its figures; status reads WHY for the warning and the short form)
+CONNECTING_AGAIN = "connecting again (last: "
 SWITCHED_MARKER = "switched"  # in an entry's state directory: handed over to its replica
 
 

@@ -197,7 +197,7 @@ class CaptureRow:
     lag_seconds: float | None = None
     behind: bool = False  # pull-ahead: records dropped, a dirty map kept for a resync
     # replication to the target
-    connection: str = ""  # local | connected | connecting, retry in N s (or ", trying again now") | disconnected … | paused: … | refused: …
+    connection: str = ""  # local | connected | connecting | disconnected …, retry in N s | connecting again (last: disconnected …) | paused: … | refused: …
     replication: str = ""  # established | catching up x % | verifying | behind | idle
     target_data: str = ""  # consistent | inconsistent | outdated | split-brain
     catch_up: dict[str, Any] | None = None  # progress of a resync while capturing

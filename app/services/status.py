@@ -18,7 +18,7 @@ from app.services import mounts
 from app.services.config import BlockEntry, ConfigStore, FsEntry
 from app.services.blockplan import View
 from app.services.entries import problems
-from app.services.layout import FSTYPE_FS, entry_state, switched_marker
+from app.services.layout import CONNECTING_AGAIN, FSTYPE_FS, entry_state, switched_marker
 from app.services.protocol import CaptureRow, replicating
 
 
@@ -403,9 +403,10 @@ def _replication_warnings(subject: str, row: CaptureRow, warnings: list[StatusWa
     if row.behind:
         warnings.append(StatusWarning(subject, "behind: the queue limit was reached; changes are "
                                                "tracked and resynced when the target catches up"))
-    if row.connection.startswith(("paused", "refused", "disconnected", "error")):
+    last = last_failure(row.connection)  # while it connects again: as the last attempt ended
+    if last.startswith(("paused", "refused", "disconnected", "error")):
         warnings.append(StatusWarning(subject, f"target: {row.connection}",
-                                      "error" if row.connection.startswith("refused") else "warning"))
+                                      "error" if last.startswith("refused") else "warning"))
     if row.apply_errors:
         warnings.append(StatusWarning(subject, f"{row.apply_errors} records failed to apply to the "
                                                f"target (last: {row.last_error}); run mirror", "error"))
@@ -434,10 +435,20 @@ def _switched_text(sw: dict, target: str | None) -> str:
     return f"switched over to {where}: primary there{here}; fail back to capture here"
 
 
+def last_failure(text: str) -> str:
+    """A connection state, or while the capture connects again ("connecting again (last:
+    WHY)"), WHY: how its last attempt ended."""
+    if text.startswith(CONNECTING_AGAIN) and text.endswith(")"):
+        return text[len(CONNECTING_AGAIN):-1]
+    return text
+
+
 def short_connection(text: str) -> str:
     """A connection state in a table cell: its kind and first reason ("refused: split brain",
-    "disconnected: the target stopped answering"), with the retry time; the whole of it is in
-    the warnings, `status --json` and the details."""
+    "disconnected: the target stopped answering"), with the retry time or "connecting again
+    (last: …)"; the whole of it is in the warnings, `status --json` and the details."""
+    if (last := last_failure(text)) != text:
+        return f"{CONNECTING_AGAIN}{short_connection(last)})"
     head, sep, retry = text.partition(", retry in ")
     if not sep:  # the retry is due: being tried now
         head, sep, retry = text.partition(", trying again now")
