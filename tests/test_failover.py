@@ -19,6 +19,8 @@ from pathlib import Path
 
 import pytest
 
+from app.services.protocol import CaptureRow
+from app.services.status import replication_text
 from test_engine_support import REPO
 from test_remote import MiB, _advised, cli, dd, lines, sha, tree, wait_for
 from test_remote import block_remote, fs_remote, remote, writer  # noqa: F401 (fixtures)
@@ -454,6 +456,9 @@ def test_a_fail_back_interrupted_after_the_replica_was_handed_back_is_finished_b
     assert not (state / "failback").exists() and (state / "switched").exists()
     assert (state / "generation").read_text().strip() != taken
     state = as_then(taken)  # the one it took before the source went down
+    st = eng.status(src)  # (its copy here is not known to be whole: "may be a mix")
+    assert st["state"] == "fail-back interrupted" and "may be a mix" in replication_text(
+        CaptureRow.from_json(st)), st
     p = cli(r.cfg, "failback", src, "--yes", "--json", socket=eng.socket)
     assert p.returncode == 0, p.stdout + p.stderr
     res = json.loads(p.stdout)
@@ -571,6 +576,8 @@ def test_a_fail_back_whose_link_drops_says_what_it_left_and_can_be_run_again_at_
     assert f"interrupted: this host's copy of {disk} is a mix" in err, err
     assert f"run `mirrorsetup failback {disk} --yes` again" in err, err
     assert 0 < blocks_differing(disk, expected, 64 * MiB) < differing
+    st = eng.block(disk)  # status says it too (it said "switched over", no hint)
+    assert st["state"] == "fail-back interrupted" and st["switched"]["failback_applied"] > 0, st
     stale = [pid for pid, argv in r.bed.target_processes() if "serve-target" in argv]
     assert stale, "the interrupted fail-back's agent ended already: nothing was tried here"
     p = cli(r.cfg, "failback", disk, "--yes", "--json", socket=eng.socket)  # at once

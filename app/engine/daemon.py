@@ -36,7 +36,7 @@ from app.services.blockplan import same_device
 from app.services.config import BlockEntry, ConfigStore, FsEntry
 from app.services.control import SOCKET_MODE
 from app.services.socketpath import default_socket
-from app.services.layout import Layout, local_time
+from app.services.layout import Layout, local_time, with_failback
 from app.services.protocol import CaptureRow
 from app.services.results import MirrorError, Outcome, Result
 
@@ -166,10 +166,14 @@ class Daemon:
         return row
 
     def _switched(self, row: CaptureRow) -> None:
-        sw = switched(self.layout.state(row.kind, row.key))
+        state = self.layout.state(row.kind, row.key)
+        sw = switched(state)
         if sw is not None:
-            row.switched = sw
-            row.state = "switched over" if sw.get("state") == "switched" else "switch-over interrupted"
+            lock = self.failover.locks.get((row.kind, row.key))  # held: a fail-back runs now
+            row.switched = sw = with_failback(sw, state, under_way=lock is not None and lock.locked())
+            row.state = ("fail-back interrupted" if sw.get("failback") == "interrupted" else
+                         "switched over" if sw.get("state") == "switched" else
+                         "switch-over interrupted")
             r = failover_refusal(self.layout, row.kind, row.key)
             row.last_error = r.message if r else None
 

@@ -37,13 +37,14 @@ import trio
 from app.engine.journal import KIND_BLOCK, KIND_FS, Journal, read_small_file, write_small_file
 from app.engine.shipper import TargetUnavailable
 from app.engine.supervisor import KEPT, capture_end, holders, mount_dev
-from app.services.layout import SWITCHED_MARKER, local_time, switched_marker, switched_refusal
+from app.services.layout import (FAILBACK_MARKER, SWITCHED_MARKER, local_time, switched_marker,
+                                  switched_refusal)
 from app.services.protocol import replicating
 from app.services.results import MirrorError, Outcome, Result
 
 log = logging.getLogger("mirrorsetup.failover")
 SWITCHED = SWITCHED_MARKER  # in an entry's state directory: handed over to its remote replica
-FAILBACK = "failback"  # a fail-back under way: the generation the replica is handed back in
+FAILBACK = FAILBACK_MARKER  # a fail-back under way: the generation the replica is handed back in
 DRAIN_SECONDS = 300  # a switch-over waits this long for the target to apply everything
 
 
@@ -534,6 +535,10 @@ class Failover:
                         f"({_command('switchover', key)} hands the service over, "
                         f"{_command('status')} shows the capture)")]
                 msg = f"fail-back of {key}: {exc.state}"
+                if getattr(exc, "applied", 0) and (Path(state) / FAILBACK).exists():
+                    # status says it: "fail-back interrupted", this host's copy a mix
+                    write_small_file(Path(state), FAILBACK, json.dumps(
+                        {"generation": new_gen, "applied": exc.applied}) + "\n")
                 if getattr(exc, "applied", 0):  # some of the replica's data was written here
                     msg += (f"; interrupted: this host's copy of {key} is a mix of its own data "
                             "and the replica's until a fail-back finishes; run "

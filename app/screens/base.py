@@ -33,6 +33,7 @@ STATE_STYLE = {
     "not mounted": "yellow", "lazily unmounted": "yellow", "detached": "yellow", "detach pending": "yellow",
     "path missing": "red", "device missing": "red", "invalid": "bold red",
     "switched over": "cyan", "switch-over interrupted": "bold yellow",
+    "fail-back interrupted": "bold red",
 }
 CAPTURE_STYLE = {"captured": "green", "not captured": "bold yellow", "no daemon": "yellow",
                  "lost": "bold red"}

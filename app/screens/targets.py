@@ -55,6 +55,10 @@ def role_and_state(row, *, long: bool = False) -> tuple[Text, Text]:
     sw = row.switched
     if sw:
         when = time.strftime("%Y-%m-%d %H:%M", time.localtime(sw.get("time") or 0))
+        if sw.get("failback") == "interrupted":  # this host's copy is a mix: said first
+            mix = "is a mix" if sw.get("failback_applied") else "may be a mix"
+            return (Text("fail-back interrupted", style="bold red"), Text(
+                f"this host's copy {mix} of its own data and the replica's: f fails back again"))
         if sw.get("state") == "switched":
             if long:
                 return (Text("switched over", style="bold cyan"), Text(

@@ -50,6 +50,40 @@ def default_state_dir() -> str:
 # (its figures; status reads WHY for the warning and the short form)
 CONNECTING_AGAIN = "connecting again (last: "
 SWITCHED_MARKER = "switched"  # in an entry's state directory: handed over to its replica
+# beside it: a fail-back began ({"generation": …}, and "applied": N once N of the replica's
+# records were written here); removed when it finished, or was refused before it began
+FAILBACK_MARKER = "failback"
+
+
+def failback_marker(entry_dir: str) -> dict | None:
+    """The fail-back marker the daemon keeps in an entry's state directory while a fail-back
+    has begun and not finished: None when there is none ({} when it cannot be read)."""
+    try:
+        fd = os.open(os.path.join(entry_dir, FAILBACK_MARKER), os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return None
+    except OSError:
+        return {}
+    try:
+        said = json.loads(os.read(fd, 1 << 16) or b"{}")
+    except (OSError, ValueError):
+        return {}
+    finally:
+        os.close(fd)
+    return said if isinstance(said, dict) else {}
+
+
+def with_failback(sw: dict | None, entry_dir: str, *, under_way: bool = False) -> dict | None:
+    """A switch-over marker (`sw`) with what became of a fail-back that began: "failback" is
+    "under way" (`under_way`: the daemon runs it now) or "interrupted" (its marker is left, and
+    "failback_applied" how many of the replica's records were written here, when known)."""
+    if not sw or sw.get("state") != "switched":
+        return sw
+    fb = failback_marker(entry_dir)
+    if fb is None:
+        return sw
+    return {**sw, "failback": "under way" if under_way else "interrupted",
+            **({"failback_applied": fb["applied"]} if isinstance(fb.get("applied"), int) else {})}
 
 
 def switched_marker(entry_dir: str) -> dict | None:

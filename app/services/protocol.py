@@ -185,6 +185,7 @@ class CaptureRow:
     target: str | None = None
     captured: bool = False  # a worker captures it now
     state: str = ""  # "capturing" | "catching up" | "stopping" | "not captured" | "orphaned" | "switched over"
+    #                  | "switch-over interrupted" | "fail-back interrupted"
     switched: dict[str, Any] | None = None  # handed over to the remote replica (switch-over)
     worker_pid: int | None = None
     # journal positions

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import time
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
@@ -18,7 +19,8 @@ from app.services import mounts
 from app.services.config import BlockEntry, ConfigStore, FsEntry
 from app.services.blockplan import View
 from app.services.entries import problems
-from app.services.layout import CONNECTING_AGAIN, FSTYPE_FS, entry_state, switched_marker
+from app.services.layout import (CONNECTING_AGAIN, FSTYPE_FS, entry_state, switched_marker,
+                                  with_failback)
 from app.services.protocol import CaptureRow, replicating
 
 
@@ -59,7 +61,7 @@ LAZY = "lazily unmounted"  # its capture serves files still open there (the daem
 class FsState:
     entry: FsEntry
     state: str  # "mounted" | "not mounted" | "path missing" | "switched over" | "switch-over interrupted"
-    #             | "lazily unmounted"
+    #             | "lazily unmounted" | "fail-back interrupted"
     other_fstype: str | None = None  # what is mounted at the path when it is not us
     engine: CaptureRow | None = None  # the daemon's figures
     problem: str | None = None  # why the (hand-edited) entry is not valid as it stands
@@ -73,7 +75,8 @@ class FsState:
 class BlockState:
     entry: BlockEntry
     state: str  # "attached" | "detached" | "detach pending" | "device missing" | "switched over"
-    #             | "switch-over interrupted" (detached, handed over to its replica)
+    #             | "switch-over interrupted" | "fail-back interrupted" (detached, handed
+    #             over to its replica)
     loops: tuple[loopdev.LoopStatus, ...] = ()
     raw_mounts: tuple[str, ...] = ()
     loop_mounts: tuple[str, ...] = ()
@@ -301,6 +304,9 @@ def _not_captured_warning(path: str, row: CaptureRow | None, sw: dict | None,
     """An entry without its capture: Mount all / Attach all, unless it was handed over to its
     replica (`sw`: _switched())."""
     if sw:
+        if sw.get("failback") == "interrupted":  # this side's data is not its own any more
+            return StatusWarning(path, _switched_text(sw, row.target if row is not None else None,
+                                                      path), "error")
         return StatusWarning(path, _switched_text(sw, row.target if row is not None else None) +
                              " (Targets screen: f fails back, o keeps this side)")
     return StatusWarning(path, what)
@@ -314,15 +320,22 @@ def _switched(row: CaptureRow | None, state_dir: str | None, kind: str, key: str
 
 def _switched_state(sw: dict | None) -> str | None:
     """An entry's STATE when it was handed over to its replica (`sw`: _switched()):
-    "switched over", or "switch-over interrupted"; None when it was not."""
+    "switched over", "switch-over interrupted" or "fail-back interrupted"; None when it was
+    not."""
     if not sw:
         return None
+    if sw.get("failback") == "interrupted":
+        return "fail-back interrupted"
     return "switch-over interrupted" if sw.get("state") == "switching" else "switched over"
 
 
 def _switched_marker(state_dir: str | None, kind: str, key: str) -> dict | None:
-    """The switch-over marker the daemon keeps in an entry's state directory."""
-    return switched_marker(entry_state(state_dir, kind, key)) if state_dir else None
+    """The switch-over marker the daemon keeps in an entry's state directory, with the
+    fail-back's beside it (no daemon: none is under way)."""
+    if not state_dir:
+        return None
+    entry_dir = entry_state(state_dir, kind, key)
+    return with_failback(switched_marker(entry_dir), entry_dir)
 
 
 def _serving(capture_file: str | None) -> bool:
@@ -426,8 +439,13 @@ def nothing_to_fail_back(key: str, target: str) -> str:
             "is connected to it. There is nothing to fail back or keep; nothing was changed")
 
 
-def _switched_text(sw: dict, target: str | None) -> str:
+def _switched_text(sw: dict, target: str | None, key: str = "ENTRY") -> str:
     where = sw.get("target") or target or "its replica"
+    if sw.get("failback") == "interrupted":
+        mix = "is a mix" if sw.get("failback_applied") else "may be a mix"
+        return (f"fail-back from {where} interrupted: this host's copy {mix} of its own data and "
+                "the replica's until a fail-back finishes: run `mirrorsetup failback "
+                f"{shlex.quote(key)} --yes` again")
     if sw.get("state") == "switching":
         return f"switch-over to {where} interrupted: run it again, or resolve"
     fence = sw.get("fence") or {}
@@ -469,7 +487,7 @@ def replication_text(row: CaptureRow | None, *, long: bool = False) -> str:
     if row.error:
         return f"error: {row.error}"
     if row.switched:
-        return _switched_text(row.switched, row.target)
+        return _switched_text(row.switched, row.target, row.key)
     if not row.captured:
         return f"not captured{': ' + row.last_error if row.last_error else ''}"
     text = row.replication or row.state
