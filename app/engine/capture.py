@@ -736,8 +736,8 @@ class Capture:
                 how = "fail-over" if (self.shipper.fig.refusal_said or {}).get(
                     "changes_here") is False else "split brain"
                 return protocol.error(f"the target's replica was promoted meanwhile ({how}): "
-                                      "there is nothing to switch over to; end the split brain "
-                                      f"first (`mirrorsetup failback {shlex.quote(self.spec.key)} "
+                                      "there is nothing to switch over to; end it first "
+                                      f"(`mirrorsetup failback {shlex.quote(self.spec.key)} "
                                       "--yes` or `mirrorsetup replica resolve "
                                       f"{shlex.quote(self.spec.key)} --discard-target --yes`)",
                                       errno.EEXIST)
