@@ -59,10 +59,11 @@ def test_a_switch_over_refused_by_a_split_brain_quotes_the_entry():
     from app.engine.capture import Capture
     cap = Capture.__new__(Capture)
     cap.spec = types.SimpleNamespace(key=ENTRY)
-    cap.shipper = types.SimpleNamespace(fig=types.SimpleNamespace(
-        connection="refused: split brain", refusal="split-brain"))
     cap.catching, cap.consistent = None, False
     cap.journal = types.SimpleNamespace(behind=False)
-    reply = trio.run(cap._drain, 5.0)
-    assert not reply.get("ok") and "split brain" in reply["error"], reply
-    runs_as_printed(reply["error"], verbs={"failback", "replica resolve"})
+    for said, how in ((None, "split brain"), ({"changes_here": False}, "fail-over")):
+        cap.shipper = types.SimpleNamespace(fig=types.SimpleNamespace(
+            connection="refused: split brain", refusal="split-brain", refusal_said=said))
+        reply = trio.run(cap._drain, 5.0)
+        assert not reply.get("ok") and f"promoted meanwhile ({how})" in reply["error"], reply
+        runs_as_printed(reply["error"], verbs={"failback", "replica resolve"})
