@@ -360,6 +360,16 @@ def test_a_start_refused_before_capture_leaves_the_entry_as_it_was(setup, tmp_pa
     assert not eng.verify(str(src))
 
 
+def test_an_entry_without_a_target_does_not_say_it_replicates(setup, tmp_path):
+    """Found by a walk: an entry added without --target showed replication "established"."""
+    src = tmp_path / "notgt"
+    src.mkdir()
+    eng, _, _ = setup([{"path": str(src)}])
+    (src / "f").write_text("x")
+    st = eng.status(str(src))
+    assert st["mounted"] and st["connection"] == "none" and st["replication"] == "no target", st
+
+
 def test_daemon_not_running_says_how_to_start_it(tmp_path):
     client = ControlClient(str(tmp_path / "none.sock"))
     assert client.is_running() is False

@@ -834,6 +834,8 @@ class Capture:
             replication = f"catching up ({catching.get('stage', '')}{'' if done is None else f', {done} done'})"
         elif j.behind:
             replication = "behind"
+        elif isinstance(self.target, NoTarget):  # captured, journalled, replicated nowhere
+            replication = "no target"
         else:
             replication = "established" if sh.connected else "waiting for the target"
         if isinstance(self.target, NoTarget):
