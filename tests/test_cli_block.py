@@ -88,7 +88,9 @@ def test_mounted_device_is_refused_unless_forced(config_path, disks, tmp_path):
         run("umount", "-l", str(mnt), check=False)
 
 
-def test_detach_all_reports_a_mounted_loop_and_unmounts_nothing(config_path, disks, tmp_path):
+def _entry_with_a_mounted_loop(config_path, disks, tmp_path) -> tuple[str, str, Path]:
+    """An entry attached (plain loop, no daemon) with ext4 mounted on its loop: (disk, loop,
+    mount point). The caller unmounts it."""
     disk = disks()
     cli(config_path, "block", "add", disk)
     loop = json.loads(cli(config_path, "block", "attach-all", "--json").stdout)[0]["details"]["loop"]
@@ -96,6 +98,11 @@ def test_detach_all_reports_a_mounted_loop_and_unmounts_nothing(config_path, dis
     mnt = tmp_path / "mnt"
     mnt.mkdir()
     run("mount", "-t", "ext4", loop, str(mnt))
+    return disk, loop, mnt
+
+
+def test_detach_all_reports_a_mounted_loop_and_unmounts_nothing(config_path, disks, tmp_path):
+    disk, loop, mnt = _entry_with_a_mounted_loop(config_path, disks, tmp_path)
     try:
         proc = cli(config_path, "block", "detach-all", "--json", check_rc=1)
         res = json.loads(proc.stdout)[0]
@@ -119,13 +126,7 @@ def test_remove_detaches_first(config_path, disks):
 def test_remove_of_an_entry_whose_loop_is_mounted_fails_and_keeps_it(config_path, disks, tmp_path):
     """Found by a walk: the entry kept because its loop was mounted printed as "plan" on stdout
     (a dry run's word). The remove did not happen: FAILED, EBUSY, on stderr."""
-    disk = disks()
-    cli(config_path, "block", "add", disk)
-    loop = json.loads(cli(config_path, "block", "attach-all", "--json").stdout)[0]["details"]["loop"]
-    run("mkfs.ext4", "-q", loop)
-    mnt = tmp_path / "mnt"
-    mnt.mkdir()
-    run("mount", "-t", "ext4", loop, str(mnt))
+    disk, _loop, mnt = _entry_with_a_mounted_loop(config_path, disks, tmp_path)
     try:
         proc = cli(config_path, "block", "remove", disk, check_rc=1)
         assert "plan" not in proc.stdout and proc.stdout == "", proc.stdout

@@ -644,6 +644,21 @@ def test_fail_over_of_a_sqlite_directory_after_the_source_died(fs_remote, tmp_pa
     assert again.returncode == 2 and "already promoted" in again.stderr
 
 
+def _promoted_while_the_link_was_down(eng, s: Path, r, meanwhile) -> dict:
+    """a is replicated; the link goes down, `meanwhile()` runs here, the replica is promoted and
+    t written there; the link comes back: the source's status once it is refused."""
+    (s / "a").write_text("replicated")
+    eng.drain(str(s))
+    r.bed.link_down()
+    meanwhile()
+    p = on_target(r.bed, "replica", "promote", "data", "--root", str(r.root))
+    assert p.returncode == 0, p.stdout + p.stderr
+    (r.root / "data" / "t").write_text("written on the promoted replica")
+    r.bed.link_up()
+    return wait_for("refused", lambda: (x := eng.status(str(s)))["target_data"] == "split-brain"
+                    and x, 120, 0.2)
+
+
 def test_a_split_brain_fail_back_says_once_what_became_of_the_changes_never_sent(fs_remote):
     """The source came back after a fail-over, with changes its target never received: the
     fail-back's lift said they were "kept in its journal for the next start" and the fail-back
@@ -651,16 +666,8 @@ def test_a_split_brain_fail_back_says_once_what_became_of_the_changes_never_sent
     promoted replica's."""
     eng, src, r = fs_remote()
     s = Path(src)
-    (s / "a").write_text("replicated")
-    eng.drain(src)
-    r.bed.link_down()
-    (s / "b").write_text("captured here, never sent")
-    p = on_target(r.bed, "replica", "promote", "data", "--root", str(r.root))
-    assert p.returncode == 0, p.stdout + p.stderr
-    (r.root / "data" / "t").write_text("written on the promoted replica")
-    r.bed.link_up()
-    st = wait_for("split brain", lambda: (x := eng.status(src))["target_data"] == "split-brain"
-                  and x, 120, 0.2)
+    st = _promoted_while_the_link_was_down(eng, s, r, lambda: (s / "b").write_text(
+        "captured here, never sent"))
     assert st["replication"] == "split brain" and "split brain: the target was promoted" in \
         st["last_error"], st  # b was captured here after the replica's last position
     p = cli(r.cfg, "failback", src, "--yes", "--json", socket=eng.socket)
@@ -681,15 +688,7 @@ def test_a_source_that_changed_nothing_since_the_promotion_is_failed_over_not_sp
     nothing marked on the target, and the same fail-back ends it."""
     eng, src, r = fs_remote()
     s = Path(src)
-    (s / "a").write_text("replicated")
-    eng.drain(src)
-    r.bed.link_down()
-    p = on_target(r.bed, "replica", "promote", "data", "--root", str(r.root))
-    assert p.returncode == 0, p.stdout + p.stderr
-    (r.root / "data" / "t").write_text("written on the promoted replica")
-    r.bed.link_up()
-    st = wait_for("refused", lambda: (x := eng.status(src))["target_data"] == "split-brain"
-                  and x, 120, 0.2)
+    st = _promoted_while_the_link_was_down(eng, s, r, lambda: None)
     assert st["replication"] == "failed over (no change here since)", st
     assert "failed over: the target was promoted at" in st["last_error"], st
     assert f"`mirrorsetup failback {src} --yes` brings it here" in st["last_error"], st

@@ -19,22 +19,7 @@ def test_each_switched_over_entry_s_marker_is_read_once_without_a_daemon(tmp_pat
     the same read."""
     src, disk, state_dir = tmp_path / "src", scratch_loop(), tmp_path / "state"
     src.mkdir()
-    config_path.parent.mkdir(parents=True)
-    config_path.write_text(f"""schema = 1
-
-[[target]]
-name = "backup1"
-host = "backup1.example.net"
-root = "/srv/replicas"
-
-[[filesystem]]
-path = "{src}"
-target = "backup1:data"
-
-[[block]]
-device = "{disk}"
-target = "backup1:disk"
-""")
+    _config(config_path, src, disk)
     entry_dirs = {}
     for kind, key, target in (("fs", str(src), "backup1:data"), ("block", disk, "backup1:disk")):
         entry_dirs[key] = Path(entry_state(str(state_dir), kind, key))
