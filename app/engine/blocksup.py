@@ -284,14 +284,14 @@ class BlockCaptures:
 
 
 def _dead_use(loop: str) -> str:
-    """'mounted on M' / 'open by pid N (comm)', and what ends it, for a loop on a dead capture."""
-    from app.services.status import openers_of
-    index = loopdev.parse_loop_path(loop)
-    where = [m.mount_point for m in mounts.read_mountinfo() if (m.major, m.minor) == (7, index)]
-    if where:
-        return f"mounted on {', '.join(where)}: unmount it"
-    who = ", ".join(f"pid {pid} ({comm})" for pid, comm in openers_of(loop))
-    return f"open by {who}: close it" if who else "still open: close it"
+    """How a loop on a dead capture is in use, and what ends it."""
+    try:
+        use = blockplan.loop_use(loop, View(attached=[]))  # (the mount table is all it reads)
+    except OSError:  # detached meanwhile
+        return "gone"
+    if use is None:
+        return "still open: close it"
+    return f"{use}: {'unmount' if use.startswith('mounted') else 'close'} it"
 
 
 @contextlib.asynccontextmanager

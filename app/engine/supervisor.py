@@ -215,6 +215,8 @@ def forced_end(note: str, cap: Captured) -> str:
     "still busy") says: that it was ended, why, and what became of its journal."""
     copies = "" if note == "still busy" else " (those copies now answer ENOTCONN)"
     return f"its capture was ended although it was {note}{copies}; {cap.ended()}"
+
+
 ZYGOTE_ENV = zygote_mod.ENV
 ZYGOTE_ANSWER_SECONDS = 60  # the first answer waits for the template's imports
 

@@ -159,13 +159,13 @@ def busy_reasons(device: str, view: View) -> list[str]:
     return reasons
 
 
-def _loop_use(s: loopdev.LoopStatus, view: View) -> str | None:
+def loop_use(loop: str, view: View) -> str | None:
     """How a loop is in use: 'mounted on …' or 'open by pid N (comm)'; None when idle."""
     from app.services.status import openers_of
-    where = view.mounted_on(s.device)
+    where = view.mounted_on(loop)
     if where:
         return f"mounted on {', '.join(where)}"
-    who = openers_of(s.device)
+    who = openers_of(loop)
     if who:
         return "open by " + ", ".join(f"pid {pid} ({comm})" for pid, comm in who)
     return None
@@ -194,10 +194,10 @@ def plan_attach(entry: BlockEntry, view: View, *, captured: bool, force: bool = 
         busy = busy_reasons(dev, view)
         plain = matching_loop(entry, view)
         others = [s for s in view.loops_on(dev) if s is not plain]
-        if captured and plain is not None and _loop_use(plain, view) is not None:
+        if captured and plain is not None and loop_use(plain.device, view) is not None:
             others.insert(0, plain)
             plain = None
-        reach = [f"reachable without capture through {s.device} ({_loop_use(s, view) or 'idle'})"
+        reach = [f"reachable without capture through {s.device} ({loop_use(s.device, view) or 'idle'})"
                  for s in others] if captured else []
     except MirrorError as exc:
         plan.result = Result.from_error(action, dev, exc)
@@ -231,7 +231,7 @@ def plan_attach(entry: BlockEntry, view: View, *, captured: bool, force: bool = 
         other = loopdev.status(plan.want)
         if other is not None and (plan.take_over is None or other.device != plan.take_over.device):
             plan.result = Result(action, dev, Outcome.FAILED, f"{plan.want} is busy: attached to "
-                                 f"{other.backing_file} ({_loop_use(other, view) or 'idle'})",
+                                 f"{other.backing_file} ({loop_use(other.device, view) or 'idle'})",
                                  errno.EBUSY)
     return plan
 

@@ -232,21 +232,10 @@ def captures_left(state_dir: str) -> list[str]:
     """The capture workers of this installation (their journals in `state_dir`) still running:
     a stop leaves those whose loop is in use (a file system mounted on it), so that its I/O
     does not fail. 'KEY (pid N)', as their command lines say."""
-    import json
+    from app.services.status import worker_specs
     base = os.path.realpath(state_dir).rstrip("/") + "/"
-    found = []
-    for pid in sorted(filter(str.isdigit, os.listdir("/proc")), key=int):
-        try:
-            with open(f"/proc/{pid}/cmdline", "rb") as f:
-                argv = f.read().split(b"\0")
-            if b"app.engine.capture" not in argv[:3] or b"--spec" not in argv:
-                continue
-            spec = json.loads(argv[argv.index(b"--spec") + 1])
-        except (OSError, IndexError, ValueError):
-            continue
-        if isinstance(spec, dict) and str(spec.get("state", "")).startswith(base):
-            found.append(f"{spec.get('key')} (pid {pid})")
-    return found
+    return [f"{spec.get('key')} (pid {pid})" for pid, spec in worker_specs()
+            if str(spec.get("state", "")).startswith(base)]
 
 
 def _check_config(settings: DaemonSettings, info: DaemonInfo) -> None:

@@ -158,25 +158,26 @@ def _device_mounts(path: str, table: list[mounts.MountEntry]) -> tuple[str, ...]
                  mounts.mounts_of_device(os.major(rdev), os.minor(rdev), table))
 
 
-def capture_workers(kind: str, key: str) -> frozenset[int]:
-    """The pids of the capture workers of an entry, as their command lines say (a worker is
+def worker_specs():
+    """(pid, spec) of every capture worker running, as their command lines say (a worker is
     `python -m app.engine.capture --spec JSON`, also when forked from the daemon's template)."""
-    found = set()
-    for pid in filter(str.isdigit, os.listdir("/proc")):
+    for pid in sorted(filter(str.isdigit, os.listdir("/proc")), key=int):
         try:
             with open(f"/proc/{pid}/cmdline", "rb") as f:
                 argv = f.read().split(b"\0")
-        except OSError:
-            continue
-        if b"app.engine.capture" not in argv[:3] or b"--spec" not in argv:
-            continue
-        try:
+            if b"app.engine.capture" not in argv[:3] or b"--spec" not in argv:
+                continue
             spec = json.loads(argv[argv.index(b"--spec") + 1])
-        except (IndexError, ValueError):
+        except (OSError, IndexError, ValueError):
             continue
-        if isinstance(spec, dict) and spec.get("kind") == kind and spec.get("key") == key:
-            found.add(int(pid))
-    return frozenset(found)
+        if isinstance(spec, dict):
+            yield int(pid), spec
+
+
+def capture_workers(kind: str, key: str) -> frozenset[int]:
+    """The pids of the capture workers of an entry."""
+    return frozenset(pid for pid, spec in worker_specs()
+                     if spec.get("kind") == kind and spec.get("key") == key)
 
 
 def writers_of(device: str, exclude: set[int] | frozenset[int] = frozenset()) -> list[tuple[int, str]]:
