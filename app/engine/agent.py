@@ -24,7 +24,6 @@ import fcntl
 import json
 import logging
 import os
-import shlex
 import signal
 import stat
 import sys
@@ -436,7 +435,10 @@ class Agent:
         as such (nothing is marked here); the same choices end it."""
         promoted = self.state.get("promoted", {})
         when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(promoted.get("time", 0)))
-        entry = shlex.quote(str(source.get("entry") or "ENTRY").split(":", 1)[-1])
+        from app.services.layout import command
+        entry = str(source.get("entry") or "ENTRY").split(":", 1)[-1]
+        back = command("failback", entry, "--yes")
+        keep = command("replica", "resolve", entry, "--discard-target", "--yes")
         last = h.get("last_seq")
         if h.get("settled") is True and isinstance(last, int) and \
                 h.get("generation") == promoted.get("from_generation") and \
@@ -444,17 +446,15 @@ class Agent:
             raise AgentError("split-brain", f"failed over: the target was promoted at {when} "
                              f"(generation {self.state.get('generation')}) and this source has "
                              f"no change since (its last, position {last}, was there before); "
-                             "nothing was written. The replica's data is the newer: `mirrorsetup "
-                             f"failback {entry} --yes` brings it here (only what differs); "
-                             f"`mirrorsetup replica resolve {entry} --discard-target --yes` "
-                             "discards it", errno.EEXIST, changes_here=False)
+                             "nothing was written. The replica's data is the newer: "
+                             f"{back} brings it here (only what differs); {keep} discards it",
+                             errno.EEXIST, changes_here=False)
         self.state["split_brain"] = {"time": time.time(), "source": source}
         self.replica.save(self.state)
         raise AgentError("split-brain", f"split brain: the target was promoted at {when} "
                          f"(generation {self.state.get('generation')}); nothing was written. "
-                         f"Choose: `mirrorsetup replica resolve {entry} --discard-target --yes` "
-                         f"(the source wins) or `mirrorsetup failback {entry} --yes` (the "
-                         "promoted replica wins)", errno.EEXIST)
+                         f"Choose: {keep} (the source wins) or {back} (the promoted replica "
+                         "wins)", errno.EEXIST)
 
     def _settle(self, seq: int, deadline: float = 60) -> None:
         """Apply what our journal holds (everything up to `seq` must be there)."""

@@ -32,7 +32,6 @@ import json
 import logging
 import math
 import os
-import shlex
 import signal
 import socket
 import sys
@@ -737,9 +736,9 @@ class Capture:
                     "changes_here") is False else "split brain"
                 return protocol.error(f"the target's replica was promoted meanwhile ({how}): "
                                       "there is nothing to switch over to; end it first "
-                                      f"(`mirrorsetup failback {shlex.quote(self.spec.key)} "
-                                      "--yes` or `mirrorsetup replica resolve "
-                                      f"{shlex.quote(self.spec.key)} --discard-target --yes`)",
+                                      f"({layout.command('failback', self.spec.key, '--yes')} or "
+                                      + layout.command("replica", "resolve", self.spec.key,
+                                                       "--discard-target", "--yes") + ")",
                                       errno.EEXIST)
             if conn.startswith("paused"):  # reachable, but the last changes cannot get there
                 return protocol.error(f"the target cannot take the last changes ({conn}); free "

@@ -27,7 +27,6 @@ import errno
 import json
 import logging
 import os
-import shlex
 import time
 import uuid
 from pathlib import Path
@@ -37,8 +36,8 @@ import trio
 from app.engine.journal import KIND_BLOCK, KIND_FS, Journal, read_small_file, write_small_file
 from app.engine.shipper import TargetUnavailable
 from app.engine.supervisor import KEPT, capture_end, holders, mount_dev
-from app.services.layout import (FAILBACK_MARKER, SWITCHED_MARKER, local_time, switched_marker,
-                                  switched_refusal)
+from app.services.layout import (FAILBACK_MARKER, SWITCHED_MARKER, command, local_time,
+                                  switched_marker, switched_refusal)
 from app.services.protocol import replicating
 from app.services.results import MirrorError, Outcome, Result
 
@@ -77,12 +76,6 @@ def _unmark(state_dir: str) -> None:
 
 
 _when = local_time
-
-
-def _command(*words: str) -> str:
-    """A command a message tells the administrator to run, as it runs when pasted: its words
-    quoted (an entry's path with a space), in backquotes. Give the --yes it needs."""
-    return f"`mirrorsetup {shlex.join(words)}`"
 
 
 def refusal(layout, kind: str, key: str, action: str) -> Result | None:
@@ -372,7 +365,7 @@ class Failover:
                            f"here was applied there, none lost; the replica on "
                            f"{welcome.get('host', 'the target')} is primary now (generation "
                            f"{welcome.get('generation', '?')}); {key} is no longer captured here; "
-                           f"{here}. {_command('failback', key, '--yes')} brings the service back",
+                           f"{here}. {command('failback', key, '--yes')} brings the service back",
                            details={"seq": seq, "lost": 0, "generation": welcome.get("generation"),
                                     "host": welcome.get("host"), "fence": fenced})]
 
@@ -532,8 +525,8 @@ class Failover:
                     return [_nothing_to_fail_back(
                         key, f"{key} was not switched over and its replica on {entry.target} is "
                         "not promoted: there is nothing to fail back; nothing was changed "
-                        f"({_command('switchover', key)} hands the service over, "
-                        f"{_command('status')} shows the capture)")]
+                        f"({command('switchover', key)} hands the service over, "
+                        f"{command('status')} shows the capture)")]
                 msg = f"fail-back of {key}: {exc.state}"
                 if getattr(exc, "applied", 0) and (Path(state) / FAILBACK).exists():
                     # status says it: "fail-back interrupted", this host's copy a mix
@@ -542,7 +535,7 @@ class Failover:
                 if getattr(exc, "applied", 0):  # some of the replica's data was written here
                     msg += (f"; interrupted: this host's copy of {key} is a mix of its own data "
                             "and the replica's until a fail-back finishes; run "
-                            f"{_command('failback', key, '--yes')} again")
+                            f"{command('failback', key, '--yes')} again")
                 raise MirrorError(msg, errno=_exc_error(exc), obj=key) from None
             counts, at, already = {}, last, True  # the interrupted fail-back had finished there
         finally:
@@ -579,7 +572,7 @@ class Failover:
         if not discard_target:
             raise MirrorError(f"say which side wins: --discard-target keeps {key} as it is here and "
                               "re-mirrors the replica (only differences); "
-                              f"{_command('failback', key, '--yes')} keeps the promoted replica "
+                              f"{command('failback', key, '--yes')} keeps the promoted replica "
                               "instead", errno=errno.EINVAL, obj=key)
         spec = self._spec(kind, key, entry)
         async with self._lock(kind, key):

@@ -110,6 +110,12 @@ def switched_marker(entry_dir: str) -> dict | None:
     return said if isinstance(said, dict) else {"state": "unreadable"}
 
 
+def command(*words: str) -> str:
+    """A command a message tells the administrator to run, as it runs when pasted: its words
+    quoted (an entry's path with a space), in backquotes. Give the --yes it needs."""
+    return f"`mirrorsetup {shlex.join(words)}`"
+
+
 def local_time(t: float | None) -> str:
     return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(t)) if t else "?"
 
@@ -119,16 +125,16 @@ def switched_refusal(sw: dict | None, key: str, action: str) -> Result | None:
     to do: capturing here would fork the history the replica went on with."""
     if sw is None:
         return None
-    arg = shlex.quote(key)  # (the commands said run as they are printed)
+    keep = command("replica", "resolve", key, "--discard-target", "--yes")
     if sw.get("state") == "switching":
         why = (f"a switch-over of {key} to {sw.get('target')} began at {local_time(sw.get('time'))} "
-               f"and did not finish: run `mirrorsetup switchover {arg}` again to finish it, or "
-               f"`mirrorsetup replica resolve {arg} --discard-target --yes` to keep this side")
+               f"and did not finish: run {command('switchover', key)} again to finish it, or "
+               f"{keep} to keep this side")
     else:
         why = (f"{key} was switched over to {sw.get('target')} at {local_time(sw.get('time'))} (seq "
                f"{sw.get('seq')}): the replica there is primary, capturing here would fork its "
-               f"history. Bring it back with `mirrorsetup failback {arg} --yes`, or keep this "
-               f"side with `mirrorsetup replica resolve {arg} --discard-target --yes`")
+               f"history. Bring it back with {command('failback', key, '--yes')}, or keep this "
+               f"side with {keep}")
     return Result(action, key, Outcome.FAILED, why, errno.EREMOTE)
 
 

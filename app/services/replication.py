@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import errno
 import os
-import shlex
 
 from app.services import blockdevs, blockplan, mounts
 from app.services import loop as loopdev
 from app.services.blockplan import View, same_device
 from app.services.config import BlockEntry, ConfigStore
-from app.services.layout import FSTYPE_BLOCK, FSTYPE_FS, default_state_dir, entry_state, switched_marker, switched_refusal
+from app.services.layout import (FSTYPE_BLOCK, FSTYPE_FS, command, default_state_dir, entry_state,
+                                  switched_marker, switched_refusal)
 from app.services.results import MirrorError, Outcome, Result
 from app.services.units import human_size
 
@@ -244,15 +244,15 @@ class Replication:
                 view = View()
                 owner = next((e.device for e in self.store.load().block
                               if any(c.device == st.device for c in view.captures_of(e.device))), None)
-                one = (f"`mirrorsetup block remove {shlex.quote(owner)}` ends it and removes the "
-                       "entry" if owner else "`mirrorsetup block remove` of its entry ends it")
+                one = (f"{command('block', 'remove', owner)} ends it and removes the entry"
+                       if owner else "`mirrorsetup block remove` of its entry ends it")
                 return (f"is the capture loop of a replicated block entry (on {st.backing_file}): "
                         f"{one}; `mirrorsetup block detach-all` ends every entry's capture")
         entry = next((e for e in self.store.load().block if same_device(e.device, st.device)), None)
         if entry is not None:
             return (f"is the device the block entry {entry.device} replicates (applications use "
                     "its capture's loop, and its capture holds it): remove the entry first "
-                    f"(`mirrorsetup block remove {shlex.quote(entry.device)}`) to detach it by hand")
+                    f"({command('block', 'remove', entry.device)}) to detach it by hand")
         return None
 
     # -- file-system entries (mounted by the daemon) -------------------------------------

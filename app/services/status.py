@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import shlex
 import time
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
@@ -19,8 +18,8 @@ from app.services import mounts
 from app.services.config import BlockEntry, ConfigStore, FsEntry
 from app.services.blockplan import View
 from app.services.entries import problems
-from app.services.layout import (CONNECTING_AGAIN, FSTYPE_FS, entry_state, switched_marker,
-                                  with_failback)
+from app.services.layout import (CONNECTING_AGAIN, FSTYPE_FS, command, entry_state,
+                                  switched_marker, with_failback)
 from app.services.protocol import CaptureRow, replicating
 
 
@@ -445,8 +444,8 @@ def _switched_text(sw: dict, target: str | None, key: str = "ENTRY") -> str:
     if sw.get("failback") == "interrupted":
         mix = "is a mix" if sw.get("failback_applied") else "may be a mix"
         return (f"fail-back from {where} interrupted: this host's copy {mix} of its own data and "
-                "the replica's until a fail-back finishes: run `mirrorsetup failback "
-                f"{shlex.quote(key)} --yes` again")
+                f"the replica's until a fail-back finishes: run "
+                f"{command('failback', key, '--yes')} again")
     if sw.get("state") == "switching":
         return f"switch-over to {where} interrupted: run it again, or resolve"
     fence = sw.get("fence") or {}
