@@ -511,6 +511,30 @@ def test_a_full_target_pauses_and_resumes_with_nothing_lost(fs_remote, tmp_path)
     assert tree(Path(src)) == tree(r.root / "data")
 
 
+def test_a_file_removed_on_a_full_target_gives_its_room_back(fs_remote):
+    """Found by a walk: a file bigger than the target's room paused replication (target full);
+    the source removed it, and the administrator removed the replica's partial copy to make
+    room. The agent still held that copy open (its applier keeps files open between records),
+    so no room came back and replication stayed paused for good (less room was left than the
+    agent waits for: the test takes the rest with a ballast). A paused agent closes them: the
+    room comes back, the queued writes to the removed copy find no file, the remove follows."""
+    eng, src, r = fs_remote(disk=48 * MiB)
+    big = Path(src) / "big"
+    with open(big, "wb") as f:
+        for _ in range(64):
+            f.write(os.urandom(MiB))
+    st = wait_for("paused", lambda: (s := eng.status(src))["connection"].startswith("paused") and s, 60)
+    assert "target full" in st["connection"], st
+    r.bed._disks[-1].fill()  # what room was left (less than a batch) is taken too
+    big.unlink()
+    (r.root / "data" / "big").unlink()  # the administrator makes room
+    st = eng.drain(src)
+    assert st["connection"] == "connected", st
+    assert tree(Path(src)) == tree(r.root / "data")
+    # the writes queued for the removed copy found no file: said as such, not lost
+    assert "No such file" in st["last_error"] and "big" in st["last_error"], st
+
+
 def _fill(directory: Path) -> Path:
     """Take all the room of the file system `directory` is on, with a ballast file."""
     ballast = directory / ".ballast"

@@ -215,6 +215,9 @@ class ConfinedFsApplier:
     def sync(self) -> None:
         self.inner.sync()
 
+    def close_files(self) -> None:
+        self.inner.close_files()
+
     def close(self) -> None:
         self.inner.close()
 
@@ -749,11 +752,14 @@ class Agent:
                         self.replica.save(self.state)
                     if not self.quiet:
                         self.send(wire.ACK, self.positions())
-                if not batch and self.paused and _has_room(self.root):
-                    self._resume()
+                if not batch and self.paused:
+                    self.target.close_files()
+                    if _has_room(self.root):
+                        self._resume()
             except TargetUnavailable as exc:
                 j.rewind(max(exc.taken or 0, j.released_seq))
                 self._pause(exc.state.removeprefix("paused: "))
+                self.target.close_files()
                 self.stop.wait(PAUSE_RETRY_SECONDS)
             except JournalGap as gap:
                 log.error("%s", gap)

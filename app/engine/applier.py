@@ -76,6 +76,11 @@ class FsApplier:
         _syncfs(self._sync_fd)
 
     # -- records ----------------------------------------------------------------------------
+    def close_files(self) -> None:
+        """Close the files kept open between records (opened again by name when next
+        written): a file removed meanwhile then gives its room back."""
+        self._close_fds()
+
     def _close_fds(self, path: bytes | None = None) -> None:
         for p in list(self._fds) if path is None else [path]:
             fd = self._fds.pop(p, None)

@@ -111,6 +111,9 @@ class Target:
         """Apply reconcile records directly (offline mirror: nobody captures the source)."""
         self.send([Record(0, 0, op, args, data) for op, args, data in ops])
 
+    def close_files(self) -> None:
+        """Close what is kept open between records (a full target's: see LocalDirTarget)."""
+
     def close(self) -> None:
         pass
 
@@ -222,6 +225,13 @@ class LocalDirTarget(Target):
         for rel in [r for r in tree if r == LOST_FOUND or r.startswith(LOST_FOUND + b"/")]:
             del tree[rel]  # the target file system's own, not part of the replica
         return tree
+
+    def close_files(self) -> None:
+        """The applier's open files, closed while the target is full: a file removed there
+        (the replica's copy of one the source removed too, while its writes still queue)
+        otherwise kept its room until the applier next closed it, and nothing resumed."""
+        if self.applier is not None:
+            self.applier.close_files()
 
     def close(self) -> None:
         if self.applier is not None:
