@@ -84,8 +84,10 @@ def entry_row(state) -> tuple:
 def entry_details(state) -> list[tuple[str, str]]:
     """Every field of a block entry and its live state, for the detail view."""
     e, f = state.entry, state.figures
+    figures = replication_lines(f)
     lines = [("Device", e.device), ("State", state.state), ("Loop now", state.loop or "none"),
-             ("Capture", state.capture or "—"), ("Target", e.target or "none (captured only)"),
+             ("Capture", capture_words(state.capture, figures)),
+             ("Target", e.target or "none (captured only)"),
              ("Loop wanted", e.loop or "the first free one"),
              ("Offset", f"{human_size(e.offset)} ({e.offset} bytes)" if e.offset else "0"),
              ("Size limit", human_size(e.sizelimit) if e.sizelimit else "the whole device"),
@@ -96,7 +98,18 @@ def entry_details(state) -> list[tuple[str, str]]:
         lines.append(("Mounted via loop", ", ".join(state.loop_mounts)))
     if state.raw_mounts:
         lines.append(("RAW DEVICE MOUNTED", ", ".join(state.raw_mounts)))
-    return lines + replication_lines(f)
+    return lines + figures
+
+
+def capture_words(capture: str, figures: list[tuple[str, str]]) -> str:
+    """One Capture line: the entry's capture as the table says it, with the daemon's word for
+    it (taken out of `figures`, which would say "Capture" a second time)."""
+    daemon = figures.pop(0)[1] if figures and figures[0][0] == "Capture" else ""
+    if not capture:
+        return daemon or "none: no loop is attached"
+    if not daemon or daemon.startswith(capture):  # "not captured: <why>" says it all
+        return daemon or capture
+    return f"{capture}: {daemon}"
 
 
 def range_lines(ranges) -> list[str]:
