@@ -100,6 +100,9 @@ async def test_add_attach_all_detach_all_remove_on_a_real_device(tui, store, pro
         assert cell(entries, disk, "state") == "attached"
 
         await pilot.press("d")
+        await settle(pilot)
+        assert type(app.screen) is ConfirmDialog  # it ends what is attached: asked first
+        await pilot.press("y")
         await wait_until(pilot, lambda: type(app.screen) is ResultsDialog, "detach results")
         assert [r.outcome.value for r in app.screen.results] == ["ok"]
         assert loops_backed_by(disk) == []

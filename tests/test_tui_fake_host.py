@@ -6,16 +6,103 @@ follows a typed path, and the Targets screen's keys in its footer."""
 
 from __future__ import annotations
 
-from test_tui_snapshots import snap_services, snapshot_app  # noqa: F401 (fixture)
+from test_tui_snapshots import (  # noqa: F401 (fixture)
+    SnapshotReplication, fake_status, snap_services, snapshot_app)
 from test_tui_support import pilot_test, settle, static_text
 
-from app.screens.dialogs import DetailsDialog
+from app.screens.dialogs import ConfirmDialog, DetailsDialog, ResultsDialog
+from app.services.status import StatusSnapshot
+
+
+class CountingReplication(SnapshotReplication):
+    """The fake host's Replication, counting the calls that would change something."""
+
+    def __init__(self, store) -> None:
+        super().__init__(store)
+        self.calls: list[str] = []
+
+    def unmount_all(self, force: bool = False):
+        self.calls.append("unmount_all")
+        return super().unmount_all(force)
+
+    def detach_all(self, dry_run: bool = False):
+        self.calls.append("detach_all")
+        return super().detach_all(dry_run)
+
+
+def counting(services) -> CountingReplication:
+    services._replication = CountingReplication(services.store)
+    return services._replication
 
 
 async def press(pilot, *keys: str) -> None:
     for key in keys:
         await pilot.press(key)
         await settle(pilot)
+
+
+@pilot_test
+async def test_unmount_all_asks_first_and_says_what_stops(snap_services):
+    """u used to unmount every directory at once, captures running; now a dialog says which
+    are captured and that their replication stops until Mount all; Esc and n change nothing."""
+    replication = counting(snap_services)
+    app = snapshot_app(snap_services)
+    async with app.run_test(size=(80, 24)) as pilot:
+        await settle(pilot)
+        await press(pilot, "1", "u")
+        assert type(app.screen) is ConfirmDialog
+        question = static_text(app.screen.query_one("#question"))
+        assert "1 directory is captured now" in question, question
+        assert "/srv/data → backup1:data" in question and "/home/shared" not in question
+        assert "until Mount all" in question
+        assert app.screen.query_one("#no").has_focus  # Enter on it says no too
+        await press(pilot, "escape")
+        await press(pilot, "u", "n")
+        assert replication.calls == []
+        assert type(app.screen).__name__ == "FilesystemScreen"
+        await press(pilot, "u", "y")
+        assert replication.calls == ["unmount_all"]
+        assert type(app.screen) is ResultsDialog
+
+
+@pilot_test
+async def test_detach_all_asks_first_and_says_what_stops(snap_services):
+    replication = counting(snap_services)
+    app = snapshot_app(snap_services)
+    async with app.run_test(size=(80, 24)) as pilot:
+        await settle(pilot)
+        await press(pilot, "2", "d")
+        assert type(app.screen) is ConfirmDialog
+        question = static_text(app.screen.query_one("#question"))
+        assert "2 block entries are attached, 1 of them captured now" in question, question
+        assert "/dev/sdb1 → /backup/sdb1.img: /dev/loop7, captured" in question
+        assert "/dev/sdc → /dev/sdf: /dev/loop8, not captured" in question
+        assert "/dev/sdg" not in question and "until Attach all" in question
+        await press(pilot, "escape")
+        await press(pilot, "d", "n")
+        assert replication.calls == []
+        await press(pilot, "d", "y")
+        assert replication.calls == ["detach_all"]
+        assert type(app.screen) is ResultsDialog
+
+
+@pilot_test
+async def test_with_nothing_mounted_or_attached_there_is_nothing_to_ask(snap_services):
+    replication = counting(snap_services)
+    snap_services._status = lambda: StatusSnapshot(
+        taken_at=0.0, filesystem=[s for s in fake_status().filesystem if s.state != "mounted"],
+        block=[s for s in fake_status().block if not s.loops])
+    app = snapshot_app(snap_services)
+    async with app.run_test(size=(80, 24)) as pilot:
+        await settle(pilot)
+        await press(pilot, "1", "u")
+        assert type(app.screen).__name__ == "FilesystemScreen"
+        await press(pilot, "escape", "2", "d")
+        assert type(app.screen).__name__ == "BlockScreen"
+        said = [n.message for n in app._notifications]
+        assert "Nothing to unmount: no directory is mounted as mirrorfs." in said, said
+        assert "Nothing to detach: no block entry is attached to a loop device." in said, said
+        assert replication.calls == []
 
 
 @pilot_test

@@ -340,6 +340,9 @@ async def test_unmount_all_says_what_it_waits_for_then_offers_a_lazy_unmount(tui
             table = app.screen.query_one("#fs-entries", DataTable)
             await wait_until(pilot, lambda: cell(table, src, "state") == "mounted", "mounted")
             await pilot.press("u")
+            await settle(pilot)
+            assert type(app.screen) is ConfirmDialog  # it ends the capture: asked first
+            await pilot.press("y")
             await pilot.pause()
             waiting = app.screen.query_one("#waiting")
             assert waiting.display

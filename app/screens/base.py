@@ -65,6 +65,20 @@ def elide(path: str, width: int = 28) -> str:
     return path if len(path) <= width else "…" + path[-(width - 1):]
 
 
+def counted(n: int, one: str, many: str) -> str:
+    return f"{n} {one if n == 1 else many}"
+
+
+MOST_LISTED = 8  # lines of a confirmation's list; the rest are counted
+
+
+def listed(lines: Sequence[str], most: int = MOST_LISTED) -> list[str]:
+    """The first `most` lines, then how many more (a dialog stays on an 80x24 screen)."""
+    if len(lines) <= most:
+        return list(lines)
+    return list(lines[:most - 1]) + [f"  … and {len(lines) - most + 1} more"]
+
+
 def natural_key(name: str) -> list:
     """loop2 before loop10."""
     return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", name)]

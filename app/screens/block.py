@@ -17,8 +17,8 @@ from textual.widgets import Button, DataTable, Footer, Header, Label, ProgressBa
 
 from app.screens import actions
 from app.screens.banner import RootBanner
-from app.screens.base import (Col, ForceOffer, KeyedTable, TaskScreen, capture_text,
-                              elide, natural_key, selected_key, state_text)
+from app.screens.base import (Col, ForceOffer, KeyedTable, TaskScreen, capture_text, counted,
+                              elide, listed, natural_key, selected_key, state_text)
 from app.screens.dialogs import AddBlockEntryDialog, ConfirmDialog, switch_text
 from app.services.results import MirrorError, Outcome, Result
 from app.services.status import replication_lines
@@ -298,9 +298,43 @@ class BlockScreen(TaskScreen):
                                          "Attach all (forced)"))
 
     def action_detach_all(self) -> None:
-        self.run_action("Detach all", lambda: self.services.replication.detach_all(),
-                        waiting="detaching every entry's loop (a capture drains its journal to "
-                        "the target first)")
+        """Asked first: it ends the capture of every attached entry at once; with no loop
+        attached there is nothing to ask."""
+        if self.app.needs_root("Detach all") or self._refuse_while_syncing():
+            return
+        question = self._detach_all_question()
+        if question is None:
+            self.notify("Nothing to detach: no block entry is attached to a loop device.",
+                        title="Detach all", markup=False)
+            return
+
+        def confirmed(yes: bool | None) -> None:
+            if yes:
+                self.run_action("Detach all", lambda: self.services.replication.detach_all(),
+                                waiting="detaching every entry's loop (a capture drains its "
+                                "journal to the target first)")
+        self.app.push_screen(ConfirmDialog(question, yes="Detach all"), confirmed)
+
+    def _detach_all_question(self) -> str | None:
+        """What Detach all stops, entry by entry; None when no entry has a loop."""
+        after = ("From then on, their writes are neither captured nor replicated until Attach "
+                 "all, and applications no longer have their /dev/loopN. A loop still mounted "
+                 "or open is not forced: it goes at its last close (detach pending) and keeps "
+                 "its capture until then. Nothing is unmounted.")
+        if self._snap is None:  # not read yet: ask without the list
+            return f"Detach the loop devices of every block entry?\n{after}"
+        going = [s for s in self._snap.block if s.loops]
+        if not going:
+            return None
+        captured = sum(1 for s in going if s.capture in ("captured", "no daemon"))
+        lines = [f"  {shown(s.entry.device)} → {shown(s.entry.target or 'no target')}: "
+                 f"{', '.join(lp.device for lp in s.loops)}, {s.capture or 'not captured'}"
+                 + (f", mounted on {', '.join(s.loop_mounts)}" if s.loop_mounts else "")
+                 for s in going]
+        return (f"Detach all: {counted(len(going), 'block entry is', 'block entries are')} "
+                f"attached, {captured} of them captured now; "
+                f"{'its loop is' if len(going) == 1 else 'their loops are'} detached.\n"
+                + "\n".join(listed(lines)) + f"\n{after}")
 
     def run_action(self, title, call, **kw) -> None:
         if self._refuse_while_syncing():

@@ -10,12 +10,12 @@ from textual.widgets import Button, DataTable, Footer, Header, Static
 
 from app.screens import actions
 from app.screens.banner import RootBanner
-from app.screens.base import (Col, ForceOffer, KeyedTable, TaskScreen, elide,
+from app.screens.base import (Col, ForceOffer, KeyedTable, TaskScreen, counted, elide, listed,
                               selected_key, state_text)
 from app.screens.dialogs import AddFsEntryDialog, ConfirmDialog
 from app.services.entries import describe_difference
 from app.services.results import Result
-from app.services.status import replication_lines
+from app.services.status import LAZY, replication_lines
 from app.services.units import shown
 
 COLUMNS = (Col("path", "Path", 9, 48), Col("state", "State", 8, 30),
@@ -166,12 +166,43 @@ class FilesystemScreen(TaskScreen):
                         waiting=self._waiting_text("mount"))
 
     def action_unmount_all(self) -> None:
+        """Asked first: it ends the capture of every directory mounted (nothing else does that
+        to all entries at once); with none mounted there is nothing to ask."""
+        if self.app.needs_root("Unmount all"):
+            return
+        question = self._unmount_all_question()
+        if question is None:
+            self.notify("Nothing to unmount: no directory is mounted as mirrorfs.",
+                        title="Unmount all", markup=False)
+            return
         replication = self.services.replication
-        self.run_action("Unmount all", lambda: replication.unmount_all(),
-                        waiting=self._waiting_text("unmount"),
-                        force=ForceOffer("Force: lazy unmount", LAZY_UNMOUNT,
-                                         lambda: replication.unmount_all(force=True),
-                                         "Unmount all (lazy where busy)"))
+
+        def confirmed(yes: bool | None) -> None:
+            if yes:
+                self.run_action("Unmount all", lambda: replication.unmount_all(),
+                                waiting=self._waiting_text("unmount"),
+                                force=ForceOffer("Force: lazy unmount", LAZY_UNMOUNT,
+                                                 lambda: replication.unmount_all(force=True),
+                                                 "Unmount all (lazy where busy)"))
+        self.app.push_screen(ConfirmDialog(question, yes="Unmount all"), confirmed)
+
+    def _unmount_all_question(self) -> str | None:
+        """What Unmount all stops, entry by entry; None when no directory is captured."""
+        after = ("From then on, changes made there are neither captured nor replicated to "
+                 "their targets until Mount all (which compares each directory with its target "
+                 "and copies what differs). Stop the applications that write there first.")
+        if self._snap is None:  # not read yet: ask without the list
+            return f"Unmount mirrorfs from every directory?\n{after}"
+        # a mirrorfs mount is its capture (a lazily unmounted one still serves open files)
+        going = [s for s in self._snap.filesystem
+                 if s.state in ("mounted", LAZY) or (s.engine and s.engine.captured)]
+        if not going:
+            return None
+        lines = [f"  {shown(s.entry.path)} → {shown(s.entry.target or 'no target')}"
+                 + ("" if s.state == "mounted" else f" ({s.state})") for s in going]
+        return (f"Unmount all: {counted(len(going), 'directory is', 'directories are')} "
+                f"captured now (mirrorfs mounted); {'its' if len(going) == 1 else 'their'} "
+                "capture ends.\n" + "\n".join(listed(lines)) + f"\n{after}")
 
     _pending: tuple[str, set[str]] | None = None  # (verb, paths not done) while Mount/Unmount all runs
 
