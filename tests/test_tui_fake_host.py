@@ -117,3 +117,45 @@ async def test_a_block_entrys_details_say_capture_once(snap_services):
         lines = static_text(app.screen.query_one("#details-text")).splitlines()
         capture = [line for line in lines if line.startswith("Capture:")]
         assert capture == ["Capture:          captured: capturing (worker pid 4243)"], lines
+
+
+def covering_toasts(screen, widget) -> list:
+    """The notices drawn over `widget`: their regions as the screen shows them (clipped)."""
+    from textual.errors import NoWidget
+    from textual.widgets._toast import Toast
+    covering = []
+    for toast in screen.query(Toast):
+        try:
+            geometry = screen.find_widget(toast)
+        except NoWidget:  # not drawn
+            continue
+        if geometry.region.intersection(geometry.clip).overlaps(widget.region):
+            covering.append(toast)
+    return covering
+
+
+@pilot_test
+async def test_notices_leave_a_dialogs_buttons_alone_at_80x24(snap_services):
+    """At 80x24 the notices (toasts), docked at the bottom right, hid the Add and Cancel of
+    the add dialog and the Yes and No of a confirmation. On a dialog they are drawn in the
+    upper half: every button stays visible and clickable, however many notices there are."""
+    app = snapshot_app(snap_services)
+    async with app.run_test(size=(80, 24), notifications=True) as pilot:
+        await settle(pilot)
+        for keys in (("1", "a"), ("escape", "u"), ("escape", "escape", "2", "d")):
+            await press(pilot, *keys)
+            dialog = app.screen
+            assert dialog.is_modal, keys
+            for n in range(3):
+                app.notify(f"notice {n}: a sentence long enough to take two lines in a toast "
+                           "at 80 columns", title="Notice", timeout=60)
+            await settle(pilot)
+            await pilot.pause(0.2)
+            buttons = list(dialog.query("Button"))
+            assert buttons
+            assert covering_toasts(dialog, dialog.query_one(".dialog")), "no notice drawn"
+            for button in buttons:
+                assert not covering_toasts(dialog, button), (keys, button.id)
+                x, y = button.region.center
+                assert dialog.get_widget_at(x, y)[0] is button, (keys, button.id)
+            app.clear_notifications()
