@@ -159,3 +159,36 @@ async def test_notices_leave_a_dialogs_buttons_alone_at_80x24(snap_services):
                 x, y = button.region.center
                 assert dialog.get_widget_at(x, y)[0] is button, (keys, button.id)
             app.clear_notifications()
+
+
+@pilot_test
+async def test_the_directory_picker_follows_a_typed_directory(snap_services):
+    """The tree stayed at its top whatever was typed into Path; now it opens its way down to
+    a typed directory that exists and puts its cursor there, leaving the input as typed."""
+    from textual.widgets import DirectoryTree, Input
+    browse = snap_services.browse_root
+    app = snapshot_app(snap_services)
+    async with app.run_test(size=(80, 24)) as pilot:
+        await settle(pilot)
+        await press(pilot, "1", "a")
+        dialog = app.screen
+        tree, path = dialog.query_one("#picker", DirectoryTree), dialog.query_one("#path", Input)
+
+        def at() -> str:
+            return str(tree.cursor_node.data.path)
+
+        path.value = f"{browse}/srv/da"  # on the way: no such directory, the tree stays
+        await settle(pilot)
+        assert at() == browse
+        path.value = f"{browse}/srv/data/"
+        await settle(pilot)
+        assert at() == f"{browse}/srv/data"
+        assert [n.data.path.name for n in tree.root.children if n.is_expanded] == ["srv"]
+        assert path.value == f"{browse}/srv/data/"  # as typed
+        assert tree.cursor_node.is_expanded  # its subdirectories, to pick one below
+        path.value = f"{browse}/var"
+        await settle(pilot)
+        assert at() == f"{browse}/var"
+        path.value = "/somewhere/else"  # not below the picker's top: it stays
+        await settle(pilot)
+        assert at() == f"{browse}/var"

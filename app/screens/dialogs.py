@@ -9,7 +9,10 @@ shows the service's message and leaves the file untouched.
 
 from __future__ import annotations
 
+import asyncio
+import os
 from collections.abc import Callable, Sequence
+from pathlib import Path
 
 from rich.text import Text
 from textual import on, work
@@ -330,6 +333,41 @@ class AddFsEntryDialog(_EntryDialog):
     @on(DirectoryTree.DirectorySelected)
     def _picked(self, event: DirectoryTree.DirectorySelected) -> None:
         self.query_one("#path", Input).value = str(event.path)
+
+    @on(Input.Changed, "#path")
+    def _typed(self, event: Input.Changed) -> None:
+        self._follow(event.value.strip())
+
+    @work(exclusive=True, group="follow", exit_on_error=False,
+          description="show the typed directory in the picker")
+    async def _follow(self, typed: str) -> None:
+        """The picker opens its way down to a directory typed into Path (one that exists
+        below the picker's top) and puts its cursor there, as if picked; the input is left as
+        typed. Each level is read as the tree reads it (in a thread: a path may be slow)."""
+        if not typed.startswith("/"):
+            return
+        path = Path(os.path.normpath(typed))
+        tree = self.query_one("#picker", DirectoryTree)
+        try:
+            parts = path.relative_to(tree.root.data.path).parts
+        except ValueError:  # not below the picker's top
+            return
+        if not await asyncio.to_thread(os.path.isdir, path):
+            return
+        node = tree.root
+        for part in parts:
+            if not node.children:  # not read yet (the top is read on mount)
+                if node is tree.root:
+                    return
+                await tree.reload_node(node)
+            node.expand()
+            node = next((c for c in node.children if c.data and c.data.path.name == part), None)
+            if node is None:  # e.g. created since that level was read
+                return
+        if not node.children and node is not tree.root:
+            await tree.reload_node(node)  # its subdirectories, to go on picking below it
+        node.expand()
+        tree.move_cursor(node, animate=False)
 
     @on(Switch.Changed, "#atime")
     def _atime(self, event: Switch.Changed) -> None:
