@@ -192,3 +192,23 @@ async def test_the_directory_picker_follows_a_typed_directory(snap_services):
         path.value = "/somewhere/else"  # not below the picker's top: it stays
         await settle(pilot)
         assert at() == f"{browse}/var"
+
+
+@pilot_test
+async def test_the_targets_screen_shows_its_remove_and_details_keys(snap_services):
+    """r removed a target and i showed an entry's details, but the screen said neither. Now r
+    is in the footer, as on the other screens (whole at 80 columns), and the replicas' title
+    says i, as the block screen's does."""
+    from textual.widgets import Footer
+    from textual.widgets._footer import FooterKey
+    for size in ((80, 24), (120, 36)):
+        app = snapshot_app(snap_services)
+        async with app.run_test(size=size) as pilot:
+            await settle(pilot)
+            await press(pilot, "7")
+            footer = app.screen.query_one(Footer)
+            shown = {k.key: k.description for k in footer.query(FooterKey)}
+            assert shown.get("r") == "Remove", shown
+            assert footer.virtual_size.width <= size[0]
+            titles = [static_text(t) for t in app.screen.query(".section-title")]
+            assert "Replicated entries and their replicas (i or Enter: details)" in titles

@@ -112,8 +112,9 @@ ACTIONS: tuple[Action, ...] = (
     Action("targets", "rekey", "h", "Re-pin", "Re-pin remote target host key",
            "after a reinstall: the key the selected target offers now is shown, then pinned"),
     Action("targets", "remove", "r,delete", "Remove", "Remove remote target",
-           "remove the selected target (refused while an entry uses it)", footer=False),
-    Action("targets", "switchover", "s", "Switch over", "Switch over to the replica",
+           "remove the selected target (refused while an entry uses it)"),
+    # "Switch", not "Switch over": the footer has room for r at 80 columns
+    Action("targets", "switchover", "s", "Switch", "Switch over to the replica",
            "planned: drain, stop capturing here, promote the selected entry's replica"),
     Action("targets", "failback", "f", "Fail back", "Fail back from the replica",
            "the promoted replica's data comes back (what differs); capture here again"),

@@ -256,7 +256,8 @@ class TargetsScreen(TaskScreen):
         yield Static("", id="load-error", classes="banner error")
         yield Static("Remote targets: hosts that keep replicas (over SSH)", classes="section-title")
         yield KeyedTable(TARGET_COLUMNS, id="targets", zebra_stripes=True)
-        yield Static("Replicated entries and their replicas", classes="section-title")
+        yield Static("Replicated entries and their replicas (i or Enter: details)",
+                     classes="section-title")
         yield KeyedTable(REPLICA_COLUMNS, id="replicas", zebra_stripes=True)
         yield Static("", id="empty", classes="notes")
         yield Static("", id="waiting")
