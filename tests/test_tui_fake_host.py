@@ -106,6 +106,34 @@ async def test_with_nothing_mounted_or_attached_there_is_nothing_to_ask(snap_ser
 
 
 @pilot_test
+async def test_a_capture_left_by_a_removed_entry_is_asked_about_too(snap_services):
+    """Unmount all and Detach all also end the captures whose entry was removed (orphans):
+    with nothing else mounted or attached, the question names them."""
+    from app.services.protocol import CaptureRow
+    replication = counting(snap_services)
+    snap_services._status = lambda: StatusSnapshot(
+        taken_at=0.0, filesystem=[s for s in fake_status().filesystem if s.state != "mounted"],
+        block=[s for s in fake_status().block if not s.loops],
+        orphans=[CaptureRow("fs", "/srv/old", captured=True, state="orphaned"),
+                 CaptureRow("block", "/dev/sdh", captured=True, state="orphaned",
+                            loop="/dev/loop9")])
+    app = snapshot_app(snap_services)
+    async with app.run_test(size=(80, 24)) as pilot:
+        await settle(pilot)
+        await press(pilot, "1", "u")
+        assert type(app.screen) is ConfirmDialog
+        question = static_text(app.screen.query_one("#question"))
+        assert "1 directory is captured now" in question, question
+        assert "/srv/old (orphaned: no longer configured)" in question
+        await press(pilot, "escape", "escape", "2", "d")
+        question = static_text(app.screen.query_one("#question"))
+        assert "1 block entry is attached, captured now" in question, question
+        assert "/dev/sdh: /dev/loop9, captured (orphaned" in question
+        await press(pilot, "escape")
+        assert replication.calls == []
+
+
+@pilot_test
 async def test_a_block_entrys_details_say_capture_once(snap_services):
     """The details listed "Capture: captured" and then the daemon's "Capture: capturing
     (worker pid 4243)"; one line says both."""

@@ -324,16 +324,23 @@ class BlockScreen(TaskScreen):
         if self._snap is None:  # not read yet: ask without the list
             return f"Detach the loop devices of every block entry?\n{after}"
         going = [s for s in self._snap.block if s.loops]
-        if not going:
-            return None
         captured = sum(1 for s in going if s.capture in ("captured", "no daemon"))
         lines = [f"  {shown(s.entry.device)} → {shown(s.entry.target or 'no target')}: "
                  f"{', '.join(lp.device for lp in s.loops)}, {s.capture or 'not captured'}"
                  + (f", mounted on {', '.join(s.loop_mounts)}" if s.loop_mounts else "")
                  for s in going]
-        return (f"Detach all: {counted(len(going), 'block entry is', 'block entries are')} "
-                f"attached, {captured} of them captured now; "
-                f"{'its loop is' if len(going) == 1 else 'their loops are'} detached.\n"
+        # Detach all ends these too: captures whose entry was removed
+        orphans = [o for o in self._snap.orphans if o.kind == "block"]
+        lines += [f"  {shown(o.key)}: {o.loop or 'its loop'}, captured (orphaned: no longer "
+                  "configured)" for o in orphans]
+        if not lines:
+            return None
+        captured += len(orphans)
+        how = (f"{captured} of them captured now" if len(lines) > 1 else
+               "captured now" if captured else "not captured")
+        return (f"Detach all: {counted(len(lines), 'block entry is', 'block entries are')} "
+                f"attached, {how}; "
+                f"{'its loop is' if len(lines) == 1 else 'their loops are'} detached.\n"
                 + "\n".join(listed(lines)) + f"\n{after}")
 
     def run_action(self, title, call, **kw) -> None:

@@ -196,13 +196,16 @@ class FilesystemScreen(TaskScreen):
         # a mirrorfs mount is its capture (a lazily unmounted one still serves open files)
         going = [s for s in self._snap.filesystem
                  if s.state in ("mounted", LAZY) or (s.engine and s.engine.captured)]
-        if not going:
-            return None
         lines = [f"  {shown(s.entry.path)} → {shown(s.entry.target or 'no target')}"
                  + ("" if s.state == "mounted" else f" ({s.state})") for s in going]
-        return (f"Unmount all: {counted(len(going), 'directory is', 'directories are')} "
-                f"captured now (mirrorfs mounted); {'its' if len(going) == 1 else 'their'} "
-                "capture ends.\n" + "\n".join(listed(lines)) + f"\n{after}")
+        # Unmount all ends these too: captures whose entry was removed
+        lines += [f"  {shown(o.key)} (orphaned: no longer configured)"
+                  for o in self._snap.orphans if o.kind == "fs"]
+        if not lines:
+            return None
+        return (f"Unmount all: {counted(len(lines), 'directory is', 'directories are')} "
+                f"captured now; {'its' if len(lines) == 1 else 'their'} capture ends.\n"
+                + "\n".join(listed(lines)) + f"\n{after}")
 
     _pending: tuple[str, set[str]] | None = None  # (verb, paths not done) while Mount/Unmount all runs
 
