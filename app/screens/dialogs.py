@@ -9,10 +9,7 @@ shows the service's message and leaves the file untouched.
 
 from __future__ import annotations
 
-import asyncio
-import os
 from collections.abc import Callable, Sequence
-from pathlib import Path
 
 from rich.text import Text
 from textual import on, work
@@ -291,6 +288,20 @@ def window_sizes(value) -> tuple[int, int]:
             parse_size(value("sizelimit") or "0", what="size limit"))
 
 
+def path_parts(path: str) -> list[str] | None:
+    """An absolute path's names, as the kernel walks them ("." and empty names dropped, ".."
+    going up); None for a relative path. Strings only: no file is looked at."""
+    if not path.startswith("/"):
+        return None
+    parts: list[str] = []
+    for name in path.split("/"):
+        if name == "..":
+            parts = parts[:-1]
+        elif name not in ("", "."):
+            parts.append(name)
+    return parts
+
+
 def switch_text(on_: bool, name: str, on_words: str, off_words: str) -> Text:
     """A switch's name and state in words beside it (never by colour alone)."""
     return Text.assemble((f"{name}: ", "bold"), ("ON" if on_ else "off", "bold" if on_ else ""),
@@ -341,29 +352,28 @@ class AddFsEntryDialog(_EntryDialog):
     @work(exclusive=True, group="follow", exit_on_error=False,
           description="show the typed directory in the picker")
     async def _follow(self, typed: str) -> None:
-        """The picker opens its way down to a directory typed into Path (one that exists
-        below the picker's top) and puts its cursor there, as if picked; the input is left as
-        typed. Each level is read as the tree reads it (in a thread: a path may be slow)."""
-        if not typed.startswith("/"):
-            return
-        path = Path(os.path.normpath(typed))
+        """The picker opens its way down to a directory typed into Path (one below the
+        picker's top), expands it and puts its cursor there; the input is left as typed. The
+        tree reads each level its own way (in a thread) and says what is a directory; a path
+        that leads nowhere leaves the tree as it was."""
         tree = self.query_one("#picker", DirectoryTree)
-        try:
-            parts = path.relative_to(tree.root.data.path).parts
-        except ValueError:  # not below the picker's top
+        parts, top = path_parts(typed), path_parts(str(tree.root.data.path))
+        if parts is None or top is None or parts[:len(top)] != top:
             return
-        if not await asyncio.to_thread(os.path.isdir, path):
-            return
-        node = tree.root
-        for part in parts:
-            if not node.children:  # not read yet (the top is read on mount)
-                if node is tree.root:
-                    return
+        node, opened = tree.root, []
+        for part in parts[len(top):]:
+            if not node.is_expanded:
+                opened.append(node)
+            if not node.children and node is not tree.root:  # not read yet
                 await tree.reload_node(node)
             node.expand()
-            node = next((c for c in node.children if c.data and c.data.path.name == part), None)
-            if node is None:  # e.g. created since that level was read
+            child = next((c for c in node.children
+                          if c.allow_expand and c.data and c.data.path.name == part), None)
+            if child is None:  # no such directory (yet: e.g. still being typed)
+                for was_closed in reversed(opened):
+                    was_closed.collapse()
                 return
+            node = child
         if not node.children and node is not tree.root:
             await tree.reload_node(node)  # its subdirectories, to go on picking below it
         node.expand()
