@@ -644,19 +644,21 @@ def test_fail_over_of_a_sqlite_directory_after_the_source_died(fs_remote, tmp_pa
     assert again.returncode == 2 and "already promoted" in again.stderr
 
 
-def _promoted_while_the_link_was_down(eng, s: Path, r, meanwhile) -> dict:
-    """a is replicated; the link goes down, `meanwhile()` runs here, the replica is promoted and
-    t written there; the link comes back: the source's status once it is refused."""
+def _promoted_while_the_link_was_down(eng, s: Path, r, meanwhile, before=lambda: None) -> dict:
+    """a is replicated (then `before()` runs); the link goes down, `meanwhile()` runs here, the
+    replica is promoted and t written there; the link comes back: the source's status once it
+    is refused."""
     (s / "a").write_text("replicated")
     eng.drain(str(s))
+    before()
     r.bed.link_down()
     meanwhile()
     p = on_target(r.bed, "replica", "promote", "data", "--root", str(r.root))
     assert p.returncode == 0, p.stdout + p.stderr
     (r.root / "data" / "t").write_text("written on the promoted replica")
     r.bed.link_up()
-    return wait_for("refused", lambda: (x := eng.status(str(s)))["target_data"] == "split-brain"
-                    and x, 120, 0.2)
+    return wait_for("refused", lambda: (x := eng.status(str(s)))["target_data"] in (
+        "split-brain", "promoted") and x, 120, 0.2)
 
 
 def test_a_split_brain_fail_back_says_once_what_became_of_the_changes_never_sent(fs_remote):
@@ -685,11 +687,21 @@ def test_a_source_that_changed_nothing_since_the_promotion_is_failed_over_not_sp
     """Found by a walk: the target was promoted while the link was down and written there; the
     source, idle all along (its last position the one the replica had), was told "split
     brain" (both sides moved on) when the link came back. It is a fail-over: said as such,
-    nothing marked on the target, and the same fail-back ends it."""
+    nothing marked on the target, and the same fail-back ends it. A second walk: its
+    target_data still said "split-brain", and last_error an old error applying a record (a file
+    the administrator had removed on the replica) instead of the fail-over, so the Targets
+    screen's FAILED OVER line named that old error."""
     eng, src, r = fs_remote()
     s = Path(src)
-    st = _promoted_while_the_link_was_down(eng, s, r, lambda: None)
+
+    def an_old_apply_error() -> None:
+        (r.root / "data" / "a").unlink()  # removed on the replica, then changed at the source
+        os.utime(s / "a", ns=(1, 1))
+        wait_for("the apply error", lambda: eng.status(src)["apply_errors"] > 0, 30)
+        eng.drain(src)
+    st = _promoted_while_the_link_was_down(eng, s, r, lambda: None, before=an_old_apply_error)
     assert st["replication"] == "failed over (no change here since)", st
+    assert st["target_data"] == "promoted", st
     assert "failed over: the target was promoted at" in st["last_error"], st
     assert f"`mirrorsetup failback {src} --yes` brings it here" in st["last_error"], st
     [rep] = replicas(r)
@@ -698,8 +710,8 @@ def test_a_source_that_changed_nothing_since_the_promotion_is_failed_over_not_sp
     assert p.returncode == 1 and "promoted meanwhile (fail-over)" in p.stderr, p.stderr
     p = cli(r.cfg, "failback", src, "--yes", socket=eng.socket)
     assert p.returncode == 0, p.stdout + p.stderr
-    assert (s / "t").read_text() == "written on the promoted replica" and \
-        (s / "a").read_text() == "replicated"
+    assert (s / "t").read_text() == "written on the promoted replica"
+    assert not (s / "a").exists()  # removed on the replica: the fail-back made this host the same
     assert replicas(r)[0]["role"] == "secondary"
 
 

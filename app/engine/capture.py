@@ -851,7 +851,7 @@ class Capture:
             if fig.refusal == "split-brain":  # the replica was promoted: nothing goes there
                 target_data, replication = "split-brain", "split brain"
                 if (fig.refusal_said or {}).get("changes_here") is False:  # only it moved on
-                    replication = "failed over (no change here since)"
+                    target_data, replication = "promoted", "failed over (no change here since)"
         return {
             "state": "catching up" if catching is not None else "capturing",
             "captured_ops": j.captured_ops, "last_seq": j.last_seq, "sent_seq": fig.sent_seq,
@@ -861,7 +861,9 @@ class Capture:
             "target_data": target_data, "catch_up": catching,
             "apply_errors": getattr(self.target, "errors", 0),
             "superseded": getattr(self.target, "superseded", 0),
-            "last_error": getattr(self.target, "last_error", None) or fig.last_error,
+            # a refusal is now; an error applying a record may be from long before it
+            "last_error": (fig.refusal and fig.last_error) or getattr(self.target, "last_error", None)
+            or fig.last_error,
             "reconnects": fig.reconnects, "resent_bytes": fig.resent_bytes,
             "resync_bytes": self.resync_bytes, "wire_bytes": fig.wire_bytes,
             "logical_bytes": fig.logical_bytes, "wire_rate": round(wire, 1),

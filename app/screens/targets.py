@@ -66,7 +66,7 @@ def role_and_state(row, *, long: bool = False) -> tuple[Text, Text]:
                     "captured here"))
             return Text("switched over", style="bold cyan"), Text(f"primary there since {when}")
         return Text("switching", style="bold yellow"), Text("a switch-over was interrupted: run it again")
-    if row.target_data == "split-brain" and (row.replication or "").startswith("failed over"):
+    if row.target_data == "promoted":
         # promoted there while this host changed nothing: not both sides moved on
         return Text("FAILED OVER", style="bold yellow"), Text(shown(row.last_error or
                                                                    "the replica was promoted"))
@@ -588,9 +588,9 @@ def _cannot(key: str, row, *, switching: bool, daemon: bool = True) -> str | Non
                 "host's data. Nothing was changed.")
     if switching and not row.captured and not sw:
         return f"{key} is not captured: mount or attach it first (Mount all / Attach all)."
-    if row.target_data == "split-brain":
+    if row.target_data in ("split-brain", "promoted"):
         what = ("failed over (its replica was promoted meanwhile; nothing changed here since)"
-                if (row.replication or "").startswith("failed over") else
+                if row.target_data == "promoted" else
                 "in a split brain: the replica was promoted meanwhile")
         return (f"{key} is {what}; f fails back, o keeps this host. Nothing was "
                 "changed.") if switching else None

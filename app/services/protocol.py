@@ -172,7 +172,7 @@ def check_request(msg: dict, table: dict[str, Command]) -> tuple[str, dict]:
 def replicating(connection: str | None, target_data: str | None) -> bool:
     """A capture connected to its replica and replicating into it (no split brain): a
     fail-back or keep-this-host has nothing to do. The daemon's figures and status rows."""
-    return connection == "connected" and target_data != "split-brain"
+    return connection == "connected" and target_data not in ("split-brain", "promoted")
 
 
 @dataclass
@@ -200,7 +200,8 @@ class CaptureRow:
     # replication to the target
     connection: str = ""  # local | connected | connecting | disconnected …, retry in N s | connecting again (last: disconnected …) | paused: … | refused: …
     replication: str = ""  # established | catching up x % | verifying | behind | idle
-    target_data: str = ""  # consistent | inconsistent | outdated | split-brain
+    target_data: str = ""  # consistent | inconsistent | outdated | split-brain | promoted (a
+    # fail-over: the replica was promoted and this source changed nothing since)
     catch_up: dict[str, Any] | None = None  # progress of a resync while capturing
     apply_errors: int = 0
     superseded: int = 0  # catch-up records with no place at the target yet: the walk sent those whole
