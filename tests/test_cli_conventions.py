@@ -20,9 +20,10 @@ from app.services.results import Outcome, Result
 REPO = Path(__file__).resolve().parent.parent
 
 
-def cli(*argv: str, env: dict | None = None) -> subprocess.CompletedProcess:
+def cli(*argv: str, env: dict | None = None, timeout: float | None = None
+        ) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "app", *argv], cwd=REPO, capture_output=True,
-                          text=True, env={**os.environ, **(env or {})})
+                          text=True, env={**os.environ, **(env or {})}, timeout=timeout)
 
 
 @pytest.fixture
@@ -46,6 +47,7 @@ def args(config: Path, *argv: str) -> list[str]:
 ])
 def test_the_same_mistake_is_refused_the_same_way(config, argv):
     """Naming something that does not exist: exit 2, the reason on stderr only, ENOENT in JSON."""
+    empty = write_empty(config)
     r = cli(*args(config, *argv))
     assert r.returncode == 2, (argv, r.returncode, r.stdout, r.stderr)
     named = argv[-1]
@@ -55,7 +57,42 @@ def test_the_same_mistake_is_refused_the_same_way(config, argv):
     refusal = json.loads(r.stdout)
     assert refusal["errno_name"] == "ENOENT" and named in refusal["error"], refusal
     assert named in r.stderr  # the human message stays on stderr
-    assert not config.exists()
+    assert config.read_bytes() == empty
+
+
+def write_empty(config: Path) -> bytes:
+    """An empty configuration file, as the CLI writes one."""
+    config.parent.mkdir(parents=True, exist_ok=True)
+    config.write_text("schema = 1\n")
+    config.chmod(0o600)
+    return config.read_bytes()
+
+
+@pytest.mark.parametrize("argv", [
+    ["fs", "list"], ["block", "list"], ["target", "list"], ["status"], ["status", "--watch"],
+    ["block", "attach-all"], ["block", "detach-all", "--dry-run"], ["fs", "mount-all"],
+    ["fs", "remove", "/srv/data"], ["block", "verify", "/dev/nope"], ["target", "test", "b1"],
+    ["switchover", "/srv/data"], ["service", "mount-units"],
+])
+def test_a_named_configuration_that_does_not_exist_is_refused_by_what_reads_it(config, argv):
+    """A mistyped --config (or $MIRRORSETUP_CONFIG) is not an empty configuration: a command
+    that only reads it is refused (exit 2) naming the file, ENOENT in JSON, nothing made."""
+    for how, env in (("--config", None), ("env", {"MIRRORSETUP_CONFIG": str(config)})):
+        argv_ = ["--socket", str(config.parent / "none.sock"), *argv] if env else args(config, *argv)
+        r = cli(*argv_, env=env, timeout=60)  # `status --watch` read an empty one for good
+        assert r.returncode == 2, (how, argv, r.returncode, r.stdout, r.stderr)
+        assert r.stdout == "" and f"configuration file {config} does not exist" in r.stderr, how
+        refusal = json.loads(cli(*argv_, "--json", env=env, timeout=60).stdout)
+        assert refusal["errno_name"] == "ENOENT" and str(config) in refusal["error"], refusal
+        assert not config.parent.exists()  # not even the lock file's directory
+
+
+def test_a_command_that_adds_an_entry_creates_the_named_configuration(config, tmp_path):
+    data = tmp_path / "data"
+    data.mkdir()
+    r = cli(*args(config, "fs", "add", str(data)))
+    assert r.returncode == 0, r.stderr
+    assert json.loads(cli(*args(config, "fs", "list", "--json")).stdout)[0]["path"] == str(data)
 
 
 def test_a_corrupt_configuration_is_a_refusal_on_stderr(config, tmp_path):
@@ -140,6 +177,7 @@ def test_status_watch_prints_again_when_the_configuration_changes(config, tmp_pa
     added by another command shows in the next print, without a timer."""
     data = tmp_path / "data"
     data.mkdir()
+    write_empty(config)
     watch = subprocess.Popen([sys.executable, "-m", "app", *args(config, "status", "--watch")],
                              cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:

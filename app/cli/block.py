@@ -41,7 +41,7 @@ def cmd_list(args) -> int:
 def cmd_add(args) -> int:
     from app.services.config import BlockEntry
     from app.services.entries import check_block
-    rep = replication(args)
+    rep = replication(args, missing_ok=True)
     opts = dict(adopt_target=args.adopt_target, queue_limit=args.queue_limit, on_full=args.on_full)
     entry = BlockEntry(args.device, args.loop, args.offset, args.sizelimit, args.read_only,
                        args.encryption, args.target, **opts)

@@ -22,9 +22,16 @@ class Refused(MirrorError):
     """The request itself is wrong or cannot be served: exit 2, nothing changed."""
 
 
-def store(args):
-    from app.services.config import ConfigStore
-    return ConfigStore(args.config)
+def store(args, *, missing_ok: bool = False):
+    """The configuration. A file named by --config or $MIRRORSETUP_CONFIG that does not exist
+    is refused (ENOENT), as util-linux refuses a mistyped file to read, unless `missing_ok`:
+    a command that adds an entry creates it, and the manual commands need none. The default
+    file's absence is a fresh installation: nothing configured yet."""
+    import os
+
+    from app.services.config import CONFIG_ENV, ConfigStore
+    named = args.config is not None or bool(os.environ.get(CONFIG_ENV))
+    return ConfigStore(args.config, must_exist=named and not missing_ok)
 
 
 def control(args):
@@ -32,9 +39,10 @@ def control(args):
     return ControlClient(args.socket)
 
 
-def replication(args):
+def replication(args, *, missing_ok: bool = False):
     from app.services.replication import Replication
-    return Replication(store(args), control(args), getattr(args, "state_dir", None))
+    return Replication(store(args, missing_ok=missing_ok), control(args),
+                       getattr(args, "state_dir", None))
 
 
 def require(call: Callable, *a, **kw):
@@ -47,7 +55,9 @@ def require(call: Callable, *a, **kw):
 
 
 def require_daemon(rep) -> None:
-    """Refused unless the daemon answers and works from this configuration file."""
+    """Refused unless the configuration can be read, and the daemon answers and works from
+    this configuration file."""
+    require(rep.store.load)
     require(rep.control.request, "ping")
     require(rep.daemon)
 

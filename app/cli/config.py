@@ -14,7 +14,8 @@ def cmd_import_legacy(args) -> int:
                       "/etc/DT/dtloop_devices)")
     for file in filter(None, (args.fs, args.block)):
         _readable(file)
-    return report(store(args).import_legacy(fs_file=args.fs, block_file=args.block),
+    return report(store(args, missing_ok=True).import_legacy(fs_file=args.fs,
+                                                             block_file=args.block),
                   as_json=args.json)
 
 

@@ -25,7 +25,7 @@ def cmd_list(args) -> int:
 
 def cmd_add(args) -> int:
     from app.services.config import FsEntry
-    rep = replication(args)
+    rep = replication(args, missing_ok=True)
     opts = dict(adopt_target=args.adopt_target, queue_limit=args.queue_limit, on_full=args.on_full)
     require(rep.store.validate_filesystem, FsEntry(args.path, args.atime, args.target, **opts),
             adding=True)

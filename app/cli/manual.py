@@ -11,7 +11,7 @@ from app.cli.output import report
 def cmd_attach(args) -> int:
     from app.services import blockdevs
     require(blockdevs.describe, args.device)  # no such device: refused, not "failed"
-    return report([replication(args).manual_attach(
+    return report([replication(args, missing_ok=True).manual_attach(
         args.device, loop=args.loop, offset=args.offset, sizelimit=args.sizelimit,
         read_only=args.read_only, force=args.force)], as_json=args.json)
 
@@ -23,7 +23,7 @@ def cmd_detach(args) -> int:
     require(loopdev.parse_loop_path, args.loop)
     if not os.path.exists(args.loop):
         raise Refused(f"{args.loop}: no such loop device", errno=errno.ENOENT, obj=args.loop)
-    return report([replication(args).manual_detach(args.loop)], as_json=args.json)
+    return report([replication(args, missing_ok=True).manual_detach(args.loop)], as_json=args.json)
 
 
 def register(sub, common) -> None:

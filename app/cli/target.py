@@ -28,7 +28,7 @@ def cmd_add(args) -> int:
                       identity=args.identity, known_hosts=args.known_hosts, ssh_config=args.ssh_config,
                       bandwidth=args.bandwidth, resync_bandwidth=args.resync_bandwidth,
                       compression=args.compression, agent=args.agent)
-    st = store(args)
+    st = store(args, missing_ok=True)
     if args.accept_host_key is not None:  # "" too: not a fingerprint
         require(targets.check_fingerprint, args.accept_host_key)
     require(st.check_target, host)  # a malformed field or a name in use: refused, nothing made

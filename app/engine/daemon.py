@@ -616,6 +616,9 @@ def run(args) -> int:
                     args.state_dir or layout_mod.default_state_dir())
     try:
         daemon.store.load()  # a corrupt or unsafe configuration is refused before anything starts
+        if not daemon.store.path.exists():  # a fresh installation, or a mistyped --config
+            log.warning("configuration file %s does not exist: nothing is replicated until an "
+                        "entry is added to it", daemon.store.path)
         return trio.run(daemon.run)
     except MirrorError as exc:
         print(f"mirrorsetup daemon: {exc}", file=sys.stderr)

@@ -47,8 +47,11 @@ def default_path() -> str:
 class ConfigStore:
     """The configuration file; every change is one locked, validated, atomic rewrite."""
 
-    def __init__(self, path: str | os.PathLike | None = None):
+    def __init__(self, path: str | os.PathLike | None = None, *, must_exist: bool = False):
+        """`must_exist`: a file that is not there is an error (ENOENT), not an empty
+        configuration: for a file the administrator named, when the caller only reads it."""
         self.path = Path(default_path() if path is None else path)
+        self.must_exist = must_exist
         self.lock_path = self.path.with_name(self.path.name + ".lock")
         self._parsed: tuple[str, Config] | None = None  # the last text parsed, and its result
 
@@ -59,6 +62,10 @@ class ConfigStore:
         try:
             data = self.path.read_bytes()
         except FileNotFoundError:
+            if self.must_exist:
+                raise ConfigError(f"configuration file {self.path} does not exist (adding an "
+                                  "entry creates it)", obj=str(self.path),
+                                  errno=errno.ENOENT) from None
             return Config()
         except OSError as exc:
             raise MirrorError.from_oserror("read configuration", str(self.path), exc) from exc
@@ -276,6 +283,8 @@ class ConfigStore:
 
     def _change(self, change: Callable[[Config], tuple[Config, T]]) -> T:
         """Load, change, validate and write while holding the lock; nothing is written on error."""
+        if self.must_exist:
+            self.load()  # a missing file is refused before the lock (and its directory) is made
         with self._locked():
             self._remove_stale_temporaries()
             config = self.load()  # a corrupt file raises here, before anything is written
