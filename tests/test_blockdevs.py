@@ -10,11 +10,13 @@ import errno
 import json
 import os
 import struct
+from pathlib import Path
 
 import pytest
 from conftest import losetup_json, run
 
 from app.services import blockdevs
+from app.services.mounts import read_mountinfo
 from app.services.results import MirrorError
 
 LVM_ENV = {**os.environ, "LVM_SUPPRESS_FD_WARNINGS": "1"}
@@ -305,6 +307,38 @@ def test_mounted_device_says_where(scratch_loop, mounted):
 
 
 @pytest.mark.root
+def test_a_device_lists_where_it_is_mounted_not_where_a_directory_of_it_is_bound(scratch_loop,
+                                                                                  tmp_path):
+    """The picker's MOUNTPOINTS are where the file system is mounted: not a bind of a directory
+    in it (the root disk's line listed `ip netns`'s /run/netns) nor a capture's lower directory
+    below a run directory. A device with only a bound directory left is still in use, said so."""
+    dev = scratch_loop(32 << 20)
+    run("mkfs.ext4", "-q", dev)
+    where, bound, door = tmp_path / "mnt", tmp_path / "bound", tmp_path / "run/fs/data-0123456789ab/lower"
+    for d in (where, bound, door):
+        d.mkdir(parents=True)
+    made: list[Path] = []
+    try:
+        run("mount", dev, str(where))
+        made.append(where)
+        (where / "sub").mkdir()
+        for source, point in ((where / "sub", bound), (where, door)):
+            run("mount", "--bind", str(source), str(point))
+            made.append(point)
+        row = listed()[dev]
+        assert row.mountpoints == (str(where),)
+        assert row.in_use == (f"mounted on {where}",)
+        run("umount", str(where))
+        made.remove(where)
+        row = listed()[dev]
+        assert row.mountpoints == ()
+        assert row.in_use == (f"mounted on {bound} (its /sub)",)  # the door is ours: not said
+    finally:
+        for point in reversed(made):
+            run("umount", str(point), check=False)
+
+
+@pytest.mark.root
 def test_a_device_mounted_only_in_another_mount_namespace_is_in_use_and_named(scratch_loop, tmp_path):
     """Found by a walk: the picker listed a loop mounted in another mount namespace (a
     container's, `unshare -m`) as free, and attach refused it as "held open exclusively by
@@ -360,6 +394,11 @@ def test_root_file_system_device_is_marked():
     if not rows:
         pytest.skip(f"/ is on {majmin}, not a block device (overlay, btrfs subvolume)")
     assert "root file system" in rows[0].in_use
+    # where its file system itself is mounted only (binds of its directories, e.g. /run/netns
+    # here, and our captures' lower directories are not mount points of the disk)
+    whole = {m.mount_point for m in read_mountinfo()
+             if f"{m.major}:{m.minor}" == majmin and m.root == "/"}
+    assert "/" in rows[0].mountpoints and set(rows[0].mountpoints) <= whole
 
 
 @pytest.mark.root

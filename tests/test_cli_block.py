@@ -223,6 +223,9 @@ def test_devices_json_lists_a_disk_and_excludes_swap(config_path, disks):
     good, swap = disks(16 << 20), disks(16 << 20)
     run("mkfs.ext4", "-q", good)
     run("mkswap", "-q", swap)
+    config_path.parent.mkdir()  # it says which are replicated: a named file must be there
+    config_path.write_text("schema = 1\n")
+    config_path.chmod(0o600)
     listed = {d["path"]: d for d in json.loads(cli(config_path, "block", "devices", "--json").stdout)}
     assert good in listed and swap not in listed
     assert listed[good]["fstype"] == "ext4" and listed[good]["size"] == 16 << 20
@@ -230,6 +233,29 @@ def test_devices_json_lists_a_disk_and_excludes_swap(config_path, disks):
     everything = {d["path"]: d for d in json.loads(cli(config_path, "block", "devices", "--all",
                                                        "--json").stdout)}
     assert "swap" in everything[swap]["excluded"]
+
+
+def test_devices_say_which_are_replicated_and_which_loop_is_an_entrys(config_path, disks):
+    """As the TUI's picker says it: the entry's device and its loop, by device number (the
+    entry may name the device by another path)."""
+    disk = disks(16 << 20)
+    alias = config_path.parent.parent / "disk-alias"
+    alias.symlink_to(disk)
+    cli(config_path, "block", "add", str(alias))
+    loop = json.loads(cli(config_path, "block", "attach-all", "--json").stdout)[0]["details"]["loop"]
+    try:
+        listed = {d["path"]: d for d in json.loads(cli(config_path, "block", "devices",
+                                                       "--json").stdout)}
+        assert listed[disk]["replicated"] == f"replicated: not captured via {loop}"
+        assert listed[loop]["replicated"] == f"the loop of replicated {alias}"
+        others = [d for p, d in listed.items() if p not in (disk, loop)]
+        assert all(d["replicated"] is None for d in others)
+        line = next(x for x in cli(config_path, "block", "devices").stdout.splitlines()
+                    if x.startswith(disk + " "))
+        assert f"replicated: not captured via {loop}" in line
+    finally:
+        cli(config_path, "block", "detach-all")
+    assert loops_on(disk) == []
 
 
 def test_attach_all_reads_the_loops_of_the_host_once(config_path, disks, tmp_path, monkeypatch):

@@ -72,7 +72,7 @@ def write_empty(config: Path) -> bytes:
     ["fs", "list"], ["block", "list"], ["target", "list"], ["status"], ["status", "--watch"],
     ["block", "attach-all"], ["block", "detach-all", "--dry-run"], ["fs", "mount-all"],
     ["fs", "remove", "/srv/data"], ["block", "verify", "/dev/nope"], ["target", "test", "b1"],
-    ["switchover", "/srv/data"], ["service", "mount-units"],
+    ["switchover", "/srv/data"], ["service", "mount-units"], ["block", "devices"],
 ])
 def test_a_named_configuration_that_does_not_exist_is_refused_by_what_reads_it(config, argv):
     """A mistyped --config (or $MIRRORSETUP_CONFIG) is not an empty configuration: a command

@@ -7,8 +7,8 @@ import errno
 import os
 import sys
 
-from app.cli.common import (Refused, add, group, loop_options, replica_options, replication, require,
-                            require_daemon, store)
+from app.cli.common import (Refused, add, control, group, loop_options, replica_options,
+                            replication, require, require_daemon, store)
 from app.cli.output import complain, dump, failures, print_devices, print_table, report
 from app.services.results import MirrorError
 from app.services.socketpath import default_socket
@@ -17,7 +17,14 @@ from app.services.units import human_size
 
 def cmd_devices(args) -> int:
     from app.services import blockdevs
-    print_devices(blockdevs.list_block_devices(include_excluded=args.all), as_json=args.json)
+    from app.services.entries import picker_notes
+    from app.services.layout import default_state_dir
+    from app.services.status import snapshot
+    client = control(args)
+    snap = require(snapshot, store(args), client if client.is_running() else None,
+                   scan_writers=False, state_dir=args.state_dir or default_state_dir())
+    print_devices(blockdevs.list_block_devices(include_excluded=args.all), picker_notes(snap),
+                  as_json=args.json)
     return 0
 
 

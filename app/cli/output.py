@@ -93,12 +93,19 @@ def refusal(exc: MirrorError, *, as_json: bool = False) -> int:
     return 2
 
 
-def print_devices(devices, *, as_json: bool = False) -> None:
+def print_devices(devices, notes: dict[int, str], *, as_json: bool = False) -> None:
+    """The picker's list; `notes` (entries.picker_notes): which are replicated, which are an
+    entry's loop, said first in "in use" as the TUI's picker says it."""
+    import os
+
+    def note(d) -> str | None:
+        return notes.get(os.makedev(d.major, d.minor))
     if as_json:
-        dump([d.to_json() for d in devices])
+        dump([{**d.to_json(), "replicated": note(d)} for d in devices])
         return
     rows = [{"path": d.path, "size": human_size(d.size), "type": d.type, "fstype": d.fstype,
-             "mountpoints": list(d.mountpoints), "in use": list(d.in_use),
+             "mountpoints": list(d.mountpoints),
+             "in use": [n for n in [note(d)] if n] + list(d.in_use),
              "excluded": d.excluded} for d in devices]
     print_table(rows, ["path", "size", "type", "fstype", "mountpoints", "in use", "excluded"])
 

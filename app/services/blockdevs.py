@@ -27,6 +27,7 @@ if TYPE_CHECKING:  # imported where used: a command that only attaches loops nev
     import pyudev
 
 from app.services import mounts
+from app.services.layout import is_door
 from app.services.results import MirrorError
 
 SYS_BLOCK = "/sys/class/block"
@@ -272,11 +273,17 @@ class _SystemView:
     """One consistent read of mounts, active swap and loop backings for a whole listing."""
 
     def __init__(self) -> None:
-        self.mounts: dict[int, list[str]] = {}
+        self.mounts: dict[int, list[str]] = {}  # where each file system is mounted (its root)
+        self.binds: dict[int, list[str]] = {}  # "X (its /sub)": binds of a directory in it
         self.root: int | None = None
+        every: dict[int, set[str]] = {}
         for entry in mounts.read_mountinfo():
             rdev = os.makedev(entry.major, entry.minor)
-            self.mounts.setdefault(rdev, []).append(entry.mount_point)
+            every.setdefault(rdev, set()).add(entry.mount_point)
+            if _real_mount(entry):
+                self.mounts.setdefault(rdev, []).append(entry.mount_point)
+            elif not is_door(entry.mount_point):
+                self.binds.setdefault(rdev, []).append(f"{entry.mount_point} (its {entry.root})")
             if entry.mount_point == "/":
                 self.root = rdev  # the last "/" is the one this process sees
         # Mounted only in another mount namespace (`unshare -m`, a container, `ip netns exec`):
@@ -286,7 +293,8 @@ class _SystemView:
         for pid, comm, table in mounts.other_mount_tables():
             for entry in table:
                 rdev = os.makedev(entry.major, entry.minor)
-                if entry.major == 0 or entry.mount_point in self.mounts.get(rdev, ()):
+                if entry.major == 0 or entry.mount_point in every.get(rdev, ()) \
+                        or not _real_mount(entry):
                     continue
                 said = self.elsewhere.setdefault(rdev, [])
                 if not any(f"of pid {pid} " in x for x in said):
@@ -303,6 +311,15 @@ class _SystemView:
             rdev = _backing_rdev(backing) if backing else None
             if rdev is not None:
                 self.loops_on.setdefault(rdev, []).append(f"/dev/{name}")
+
+
+def _real_mount(entry: mounts.MountEntry) -> bool:
+    """A mount of the file system itself, not a bind of a directory inside it (`ip netns`'s
+    /run/netns, a capture's lower directory) nor a capture's door: a btrfs subvolume mounted
+    by name counts (its root is the subvolume), as findmnt's TARGET would list it."""
+    if is_door(entry.mount_point):
+        return False
+    return entry.root == "/" or f"subvol={entry.root}" in entry.super_options.split(",")
 
 
 def _exclusion(rdev: int, fstype: str | None, view_swaps: set[int]) -> str | None:
@@ -363,6 +380,8 @@ def _build(device: pyudev.Device, view: _SystemView, *, with_partitions: bool = 
     in_use: list[str] = []
     for mp in mountpoints:
         in_use.append("root file system" if rdev == view.root and mp == "/" else f"mounted on {mp}")
+    if not mountpoints:  # only a directory of it is bound somewhere: in use all the same
+        in_use += [f"mounted on {bind}" for bind in view.binds.get(rdev, ())]
     in_use += view.elsewhere.get(rdev, [])
     in_use += [f"held by {h}" for h in holders]
     lower = _backing_rdev(backing) if backing else None

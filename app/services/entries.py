@@ -90,6 +90,24 @@ def problems(config: Config, store: ConfigStore) -> dict[int, str]:
     return found
 
 
+# -- what the device picker says about entries -----------------------------------------------
+
+def picker_notes(snap) -> dict[int, str]:
+    """Device number -> what the picker adds about a replicated device and its loop, in the
+    TUI's words (a status snapshot's block entries; an alias of the device matches)."""
+    notes: dict[int, str] = {}
+    for s in snap.block if snap is not None else ():
+        how = f"{s.capture} via {s.loop}" if s.loop and s.capture else (s.loop or s.state)
+        for path, note in ((s.entry.device, f"replicated: {how}"),
+                           *((lp.device, f"the loop of replicated {s.entry.device}")
+                             for lp in s.loops)):
+            try:
+                notes[os.stat(path).st_rdev] = note
+            except OSError:
+                pass  # a device that is gone is not in the list either
+    return notes
+
+
 # -- can it be attached as typed (the add dialog and `block add`) -----------------------------
 
 @dataclass(frozen=True)

@@ -226,6 +226,15 @@ def is_capture_of(device: str, backing: str | None, suffix: str | None = None) -
     return bool(backing) and backing.endswith(suffix or capture_suffix(device))
 
 
+def is_door(mount_point: str) -> bool:
+    """True for a file-system entry's lower directory bound below a run directory (RUN/fs/ID/
+    lower, any installation's): a capture's inner bind, not a place the administrator mounted."""
+    parts = mount_point.rsplit("/", 3)
+    return (len(parts) == 4 and parts[1] == "fs" and parts[3] == "lower"
+            and len(parts[2]) > 13 and parts[2][-13] == "-"
+            and all(c in "0123456789abcdef" for c in parts[2][-12:]))
+
+
 def private_dir(path: str, what: str) -> str:
     """Create `path` (and missing parents) root-only, or check an existing one is: owned by
     root, not a symlink, not writable by group or others. Refuses otherwise, with the fix."""
