@@ -211,6 +211,40 @@ def test_unmount_refused_while_held_then_forced_is_lazy(setup):
         holder.wait()
 
 
+def _hold(path: str) -> subprocess.Popen:
+    """A process that keeps `path` open for writing until it is killed."""
+    holder = subprocess.Popen([sys.executable, "-c",
+                               "import sys, time; f = open(sys.argv[1], 'w'); print('ok', flush=True); "
+                               "time.sleep(600)", path], stdout=subprocess.PIPE)
+    assert holder.stdout.readline().strip() == b"ok"
+    return holder
+
+
+def test_an_orphaned_capture_is_ended_by_the_command_status_prints(setup):
+    """An entry removed while its worker outlived the daemon, and the capture held: status
+    said to end it with `mirrorsetup capture end ID`, a command the CLI did not have."""
+    import re
+    import shlex
+    eng, src, _ = setup()
+    holder = _hold(os.path.join(src, "held"))
+    try:
+        eng.kill9()  # the worker goes on without its daemon
+        write_config(eng.config, [])  # meanwhile the entry was removed
+        eng.start()  # it takes the worker over; ending it is refused: a file is open there
+        (orphan,) = eng.client.request("status")["orphans"]
+        assert orphan["key"] == src and orphan["state"] == "orphaned"
+        (advised,) = re.findall(r"`(mirrorsetup [^`]*)`", orphan["last_error"])
+    finally:
+        holder.kill()
+        holder.wait()
+    r = subprocess.run([sys.executable, "-m", "app", *shlex.split(advised)[1:], "--config",
+                        str(eng.config), "--socket", eng.socket], capture_output=True, text=True,
+                       timeout=120)
+    assert r.returncode == 0, (advised, r.stdout, r.stderr)
+    assert "ended the orphaned capture of " + src in r.stdout
+    assert eng.client.request("status")["orphans"] == [] and src not in mirrorfs_mounts()
+
+
 def test_a_lazily_unmounted_entry_is_shown_with_its_capture_until_the_holder_closes(setup):
     """Found by a walk: after `fs unmount-all --force` left a detached capture serving a file
     held open, status said "not captured", no worker, no holders (the writes were replicated,

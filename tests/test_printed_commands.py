@@ -67,3 +67,46 @@ def test_a_switch_over_refused_by_a_split_brain_quotes_the_entry():
         reply = trio.run(cap._drain, 5.0)
         assert not reply.get("ok") and f"promoted meanwhile ({how})" in reply["error"], reply
         runs_as_printed(reply["error"], verbs={"failback", "replica resolve"})
+
+
+SSH_REFUSALS = [  # (ssh's stderr, its exit status): each ends in a hint naming a command
+    ("@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@\n@    WARNING: REMOTE HOST "
+     "IDENTIFICATION HAS CHANGED!     @\n", 255),
+    ("No ED25519 host key is known for backup1.example and you have requested strict "
+     "checking.\nHost key verification failed.\n", 255),
+    ("Host key verification failed.\n", 255),
+    ("sh: 1: mirrorsetup: Permission denied\n", 126),
+    ("sh: 1: mirrorsetup: not found\n", 127),
+]
+
+
+@pytest.mark.parametrize("stderr,status", SSH_REFUSALS)
+def test_the_target_hints_run_as_printed_and_come_from_the_one_builder(stderr, status,
+                                                                      monkeypatch):
+    """The rekey and authorized-key hints were f-strings of their own: each now is
+    layout.command's (quoted as every other printed command), and parses as printed."""
+    from app.cli import build_parser
+    from app.services import targets
+    text, _retry = targets.ssh_failure_text(stderr, status, "backup1")
+    (argv,) = advised(text)
+    args = build_parser("target").parse_args(argv[1:])
+    assert args.name == "backup1" and argv[2] in ("rekey", "authorized-key"), argv
+    monkeypatch.setattr(targets, "command", lambda *words: "<built: " + " ".join(words) + ">")
+    text, _retry = targets.ssh_failure_text(stderr, status, "backup1")
+    assert f"<built: target {argv[2]} backup1>" in text and "`mirrorsetup target" not in text, text
+
+
+def test_the_verify_hint_to_mirror_quotes_the_entry(monkeypatch, capsys):
+    """`fs verify`'s "to make the target equal" named the entry unquoted."""
+    from app.cli import fs
+    entry = types.SimpleNamespace(path=ENTRY)
+    monkeypatch.setattr("app.services.entries.configured_fs", lambda store, path: entry)
+    monkeypatch.setattr("app.services.entries.fs_verify",
+                        lambda rep, path: ([], [{"path": "x", "what": "content"}]))
+    monkeypatch.setattr(fs, "replication", lambda args: types.SimpleNamespace(store=None))
+    monkeypatch.setattr(fs, "require_daemon", lambda rep: None)
+    monkeypatch.setattr("app.services.entries.describe_difference", lambda d: "x differs")
+    assert fs.cmd_verify(types.SimpleNamespace(path=ENTRY, json=False)) == 1
+    from app.cli import build_parser
+    (argv,) = advised(capsys.readouterr().err)
+    assert argv[1:3] == ["fs", "mirror"] and build_parser("fs").parse_args(argv[1:]).path == ENTRY

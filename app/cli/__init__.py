@@ -23,7 +23,7 @@ def cmd_tui(args) -> int:
 COMMANDS = {"fs": "fs", "block": "block", "manual": "manual", "status": "status",
             "daemon": "daemon", "service": "service", "config": "config", "target": "target",
             "serve-target": "target", "switchover": "replica", "failback": "replica",
-            "replica": "replica"}
+            "replica": "replica", "capture": "capture"}
 _GROUPS = tuple(dict.fromkeys(COMMANDS.values()))  # every module once, in the help's order
 
 

@@ -10,6 +10,7 @@ import sys
 from app.cli.common import (Refused, add, control, group, loop_options, replica_options,
                             replication, require, require_daemon, store)
 from app.cli.output import complain, dump, failures, print_devices, print_table, report
+from app.services.layout import command
 from app.services.results import MirrorError
 from app.services.socketpath import default_socket
 from app.services.units import human_size
@@ -148,7 +149,7 @@ def cmd_verify(args) -> int:
             print(f"  differs: bytes {start}-{end - 1} of the target ({human_size(end - start)})")
         code = report(results)
     if ranges:
-        complain(f"to make the target equal: mirrorsetup block mirror {entry.device}")
+        complain(f"to make the target equal: {command('block', 'mirror', entry.device)}")
     return code
 
 

@@ -6,6 +6,7 @@ import sys
 
 from app.cli.common import add, group, replica_options, replication, require, require_daemon, store
 from app.cli.output import complain, dump, failures, print_table, report
+from app.services.layout import command
 
 
 def cmd_list(args) -> int:
@@ -82,7 +83,7 @@ def cmd_verify(args) -> int:
         print("  " + describe_difference(d))
     code = failures(results) if args.json else report(results)
     if diffs:
-        complain(f"to make the target equal: mirrorsetup fs mirror {entry.path}")
+        complain(f"to make the target equal: {command('fs', 'mirror', entry.path)}")
     return max(code, 1 if diffs else 0)
 
 

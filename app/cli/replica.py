@@ -11,11 +11,11 @@ from __future__ import annotations
 import errno
 import json
 import os
-import shlex
 import sys
 
 from app.cli.common import Refused, add, group, replication, require, require_daemon, store
 from app.cli.output import dump, report, say
+from app.services.layout import command
 from app.services.results import MirrorError, Outcome, Result
 
 
@@ -97,8 +97,8 @@ def cmd_resolve(args) -> int:
     require_daemon(rep)
     if not args.discard_target:
         raise Refused(f"say which side wins: --discard-target keeps {args.entry} as it is here "
-                      f"(what was written on the target since its promotion is lost); `mirrorsetup "
-                      f"failback {shlex.quote(args.entry)} --yes` keeps the target's instead",
+                      "(what was written on the target since its promotion is lost); "
+                      f"{command('failback', args.entry, '--yes')} keeps the target's instead",
                       errno=errno.EINVAL)
     healthy = _healthy_first(args, rep, "resolve")
     if healthy is not None:  # unchanged, as the daemon answers it

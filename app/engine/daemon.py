@@ -122,8 +122,8 @@ class Daemon:
                                  worker_pid=cap.link.pid, loop=cap.loop, holders=cap.holders)
                 row.update(await self.sup.figures(cap))
                 row.state = "orphaned"
-                row.last_error = (f"its entry is no longer configured; end it with "
-                                  f"`mirrorsetup capture end {layout_mod.entry_id(cap.key)}`")
+                row.last_error = ("its entry is no longer configured; end it with "
+                                  f"{layout_mod.command('capture', 'end', layout_mod.entry_id(cap.key))}")
                 orphans.append(row.to_json())
         return {"pid": os.getpid(), "socket": self.socket_path, "state_dir": self.state_dir,
                 "filesystem": [r.to_json() for r in fs_rows], "block": [r.to_json() for r in block_rows],
@@ -347,8 +347,9 @@ class Daemon:
                 r = await self.blk._detach_captured(cap)
         if r.failed or r.outcome is Outcome.PENDING:
             return Result("end", cap.key, Outcome.FAILED, f"orphaned capture of {cap.key} (its entry "
-                          f"was removed) kept running: {r.message}; end it with `mirrorsetup capture "
-                          f"end {layout_mod.entry_id(cap.key)}` once that is resolved", r.errno or errno.EBUSY)
+                          f"was removed) kept running: {r.message}; end it with "
+                          f"{layout_mod.command('capture', 'end', layout_mod.entry_id(cap.key))} once "
+                          "that is resolved", r.errno or errno.EBUSY)
         return Result("end", cap.key, Outcome.OK, f"ended the orphaned capture of {cap.key}: {r.message}")
 
     async def _on_death(self, cap: Captured) -> None:

@@ -28,6 +28,7 @@ from dataclasses import dataclass, replace
 from app.services import wire
 from app.services.config import ConfigStore
 from app.services.config_toml import TargetHost
+from app.services.layout import command
 from app.services.results import ConfigError, MirrorError, Outcome, Result
 
 KEYSCAN_SECONDS = 10
@@ -164,25 +165,25 @@ def ssh_failure_text(stderr: str, status: int | None, target: str = "TARGET") ->
         offered = re.search(r"sent by the remote host is\s+(SHA256:[A-Za-z0-9+/=]+)", stderr)
         return ("refused: the target's host key changed" +
                 (f" (it offers {offered.group(1)}, not the key pinned for it)" if offered else "") +
-                f"; if the target was reinstalled, check its key there, then `mirrorsetup target "
-                f"rekey {target}` (Targets screen: h)"), False
+                f"; if the target was reinstalled, check its key there, then "
+                f"{command('target', 'rekey', target)} (Targets screen: h)"), False
     unknown = re.search(r"No (\S+) host key is known for (\S+)", stderr)
     if unknown and "host key verification failed" in low:  # an empty or other known_hosts
         return (f"refused: no host key is pinned for {unknown.group(2)} in the known_hosts ssh was "
-                f"given ({last}); check the target's key there, then `mirrorsetup target rekey "
-                f"{target}` (Targets screen: h)"), False
+                f"given ({last}); check the target's key there, then "
+                f"{command('target', 'rekey', target)} (Targets screen: h)"), False
     if "host key verification failed" in low:
         return (f"refused: host key not pinned or changed ({last}); check the target's key there, "
-                f"then `mirrorsetup target rekey {target}` (Targets screen: h)"), False
+                f"then {command('target', 'rekey', target)} (Targets screen: h)"), False
     if status == 126:  # the forced command's shell found the program and could not run it
         return (f"refused: the target cannot run the agent ({last}); the program that the command= "
                 "of the key's line names is there but cannot be run (not executable?): fix it "
-                f"there, or that command= (`mirrorsetup target authorized-key {target}` prints the "
-                "line)"), True
+                f"there, or that command= ({command('target', 'authorized-key', target)} prints "
+                "the line)"), True
     if status == 127 or "command not found" in low:
         return (f"refused: the target cannot run the agent ({last}); install mirrorsetup there so "
                 "that `mirrorsetup` is on the PATH of the forced command, or put its full path in "
-                f"the command= of the key's line (`mirrorsetup target authorized-key {target}` "
+                f"the command= of the key's line ({command('target', 'authorized-key', target)} "
                 "prints it)"), True
     if "permission denied (" in low:  # ssh's own: "user@host: Permission denied (publickey)."
         return f"refused: the target does not accept our key ({last})", False
@@ -440,8 +441,9 @@ def add_target(store: ConfigStore, host: TargetHost, *, accept_host_key: str | N
             raise MirrorError(f"{host.host} port {host.port} is pinned in {host.known_hosts} with the "
                               f"host key {', '.join(old)}, not {accept_host_key}. If the target was "
                               "reinstalled, check its key there, add this target without "
-                              "--accept-host-key, then `mirrorsetup target rekey "
-                              f"{name} --accept-host-key {accept_host_key}`. Nothing was added",
+                              "--accept-host-key, then "
+                              f"{command('target', 'rekey', name, '--accept-host-key', accept_host_key)}"
+                              ". Nothing was added",
                               errno=errno.EACCES, obj=name)
         if old:
             note = f"host key of {host.host} already pinned in {host.known_hosts} ({', '.join(old)})"
@@ -494,8 +496,8 @@ def authorized_key_line(host: TargetHost) -> str:
     `restrict` (no pty, no forwarding, no agent, no X11)."""
     with open(f"{host.identity}.pub") as f:
         keytype, key = f.read().split()[:2]
-    command = shlex.join([host.agent, "serve-target", "--root", host.root]).replace('"', '\\"')
-    return f'command="{command}",restrict {keytype} {key} mirrorsetup@{socket.gethostname()}'
+    forced = shlex.join([host.agent, "serve-target", "--root", host.root]).replace('"', '\\"')
+    return f'command="{forced}",restrict {keytype} {key} mirrorsetup@{socket.gethostname()}'
 
 
 def probe(host: TargetHost) -> dict:
