@@ -3,6 +3,7 @@ what `replica promote` says."""
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -73,3 +74,32 @@ def test_promote_says_one_record_in_the_singular(tmp_path):
     assert p.returncode == 0, p.stdout + p.stderr
     assert "applied the 1 record received but not yet applied" in p.stdout, p.stdout
     assert (root / "data" / "arrived").is_dir() and rep.state()["role"] == "primary"
+
+
+def test_the_agents_test_answer_says_what_its_journals_take_of_the_free_space(tmp_path):
+    """`target test` reported the file system's free space as the replicas' room: the agent's
+    own journals take from it the room the agent keeps (it pauses below it) and the records
+    they hold not yet applied. Its answer says both; the source subtracts them."""
+    import io
+
+    from app.engine.agent import ROOM_BYTES, Agent, list_replicas
+    from app.engine.journal import KIND_FS, Journal, Record
+    from app.services import wire
+    from app.services.targets import room_for_replicas
+    root = tmp_path / "replicas"
+    (root / "data").mkdir(parents=True)
+    j = Journal(_replica(root, "data").dir, kind=KIND_FS)
+    j.ingest_durably([Record(1, KIND_FS, "mkdir", {"path": "arrived", "mode": 0o750, "uid": 0,
+                                                   "gid": 0})])
+    j.close()
+    (pending,) = [r["pending_bytes"] for r in list_replicas(str(root))]
+    assert pending > 0
+    out = io.BytesIO()
+    Agent(str(root), None, out)._hello({"version": wire.VERSION, "action": "test"})
+    kind, payload = wire.read_frame(io.BytesIO(out.getvalue()).read)
+    said = json.loads(payload)
+    assert kind == wire.WELCOME and said["free_bytes"] > ROOM_BYTES + pending
+    assert (said["journal_room_bytes"], said["journal_pending_bytes"]) == (ROOM_BYTES, pending)
+    assert room_for_replicas(said)["available_bytes"] == said["free_bytes"] - ROOM_BYTES - pending
+    older = {k: v for k, v in said.items() if not k.startswith("journal_")}
+    assert room_for_replicas(older)["available_bytes"] is None  # not a guess

@@ -92,6 +92,11 @@ def test_target_add_pins_the_host_key_and_test_reaches_the_agent(remote, tmp_pat
     info = json.loads(t.stdout)
     assert info["wire_version"] == info["source_wire_version"] and info["free_bytes"] > 0
     assert info["rtt_ms"] is not None and info["root"] == str(r.root)
+    # what replicas can use: the free space less what the agent's journals take there
+    assert info["available_bytes"] == max(0, info["free_bytes"] - info["journal_room_bytes"]
+                                          - info["journal_pending_bytes"])
+    said = cli(r.cfg, "target", "test", "backup1").stdout
+    assert " for replicas (" in said and "the agent keeps free for its journal" in said, said
     listed = json.loads(cli(r.cfg, "target", "list", "--json").stdout)
     assert [t["name"] for t in listed] == ["backup1"]
 

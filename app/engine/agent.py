@@ -351,7 +351,7 @@ class Agent:
                      "free_bytes": st.f_bavail * st.f_frsize, "root": self.root,
                      "features": list(wire.FEATURES)}
         if action == "test":
-            self.send(wire.WELCOME, self.info)
+            self.send(wire.WELCOME, {**self.info, **journal_space(self.root)})
             return
         if action not in ("replicate", "promote", "discard", "failback", "probe"):
             raise AgentError("action", f"unknown action {action!r}")
@@ -853,7 +853,10 @@ class Agent:
                 self.target.close()
 
 
-def _has_room(root: str, need: int = 8 << 20) -> bool:
+ROOM_BYTES = 8 << 20  # the free space below which the agent applies nothing (it pauses)
+
+
+def _has_room(root: str, need: int = ROOM_BYTES) -> bool:
     st = os.statvfs(root)
     return st.f_bavail * st.f_frsize >= need
 
@@ -1074,6 +1077,14 @@ def list_replicas(root: str) -> list[dict]:
                     "split_brain": state.get("split_brain"), "session_pid": lock,
                     "path": os.path.join(os.path.realpath(root), state.get("path", ""))})
     return out
+
+
+def journal_space(root: str) -> dict:
+    """What the agent's own journals take from the free space below `root` that replicas
+    cannot use: the room it keeps (it pauses below it) and the records its journals hold not
+    yet applied (applying them takes as much again before the journal lets them go)."""
+    return {"journal_room_bytes": ROOM_BYTES,
+            "journal_pending_bytes": sum(r["pending_bytes"] or 0 for r in list_replicas(root))}
 
 
 def _holder_of(lock: Path) -> int | None:

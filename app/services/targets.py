@@ -500,6 +500,17 @@ def authorized_key_line(host: TargetHost) -> str:
     return f'command="{forced}",restrict {keytype} {key} mirrorsetup@{socket.gethostname()}'
 
 
+def room_for_replicas(welcome: dict) -> dict:
+    """The agent's free space less what its own journals take there (the room it keeps free,
+    the records they hold not yet applied): what replicas can still use. An agent that does
+    not say what its journals take (an older one): None."""
+    free, room = welcome.get("free_bytes"), welcome.get("journal_room_bytes")
+    pending = welcome.get("journal_pending_bytes")
+    available = None if None in (free, room, pending) else max(0, free - room - pending)
+    return {"journal_room_bytes": room, "journal_pending_bytes": pending,
+            "available_bytes": available}
+
+
 def probe(host: TargetHost) -> dict:
     """Connect, greet the agent, time a heartbeat: versions, free space, round-trip time."""
     s = Settings.of(host)
@@ -547,5 +558,6 @@ def probe(host: TargetHost) -> dict:
     return {"target": host.name, "host": host.host, "port": host.port, "agent_version": msg.get("agent"),
             "wire_version": msg.get("version"), "source_wire_version": wire.VERSION,
             "agent_host": msg.get("host"), "root": msg.get("root"), "free_bytes": msg.get("free_bytes"),
+            **room_for_replicas(msg),
             "connect_seconds": round(result.get("connect", 0.0), 3),
             "rtt_ms": None if "rtt" not in result else round(result["rtt"] * 1000, 2)}
