@@ -268,6 +268,17 @@ def test_kill9_of_the_daemon_under_write_load_keeps_io_alive_and_is_taken_over(b
     assert eng.workers() == [] and backing_of(loop) != capture_file
 
 
+def test_a_detached_entry_leaves_no_run_directory(block_engine):
+    """The capture's mount point (RUN/block/ID) stayed, empty, after its capture ended."""
+    from pathlib import Path
+    eng, disk, _target, _cfg = block_engine()
+    run_block = Path(eng.socket).parent / "block"
+    (ours,) = [p for p in run_block.iterdir() if p.is_dir()]
+    (r,) = eng.client.results("block_detach", device=disk)
+    assert r.outcome.value == "ok", r
+    assert not ours.exists() and eng.workers() == []
+
+
 def test_kill9_of_daemon_and_worker_under_write_load_then_restart_resyncs(block_engine, tmp_path):
     eng, disk, target, cfg = block_engine()
     loop = eng.block(disk)["loop"]

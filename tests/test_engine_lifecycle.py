@@ -245,6 +245,33 @@ def test_an_orphaned_capture_is_ended_by_the_command_status_prints(setup):
     assert eng.client.request("status")["orphans"] == [] and src not in mirrorfs_mounts()
 
 
+def test_a_removed_entry_leaves_no_run_directory_and_nothing_else_there_is_touched(setup):
+    """The run directory of a removed entry (RUN/fs/ID with its empty lower and stage) stayed
+    for good. It goes when its capture ends; one left behind earlier goes at the next start;
+    a directory not shaped as ours, or with something in it, stays."""
+    from pathlib import Path
+    eng, src, _ = setup()
+    run_fs = Path(eng.socket).parent / "fs"
+    (ours,) = [p for p in run_fs.iterdir() if p.is_dir()]
+    assert (ours / "lower").is_dir()
+    foreign = run_fs / "notes"
+    foreign.mkdir()
+    kept = run_fs / "kept-0123456789ab" / "lower"
+    kept.mkdir(parents=True)
+    (kept / "file").write_text("x")
+    write_config(eng.config, [])
+    (r,) = eng.client.results("reload")
+    assert (r.action, r.outcome.value) == ("unmount", "ok"), r
+    assert not ours.exists() and src not in mirrorfs_mounts()
+    stale = run_fs / "old-0123456789ab"
+    for name in ("lower", "stage"):
+        (stale / name).mkdir(parents=True)
+    assert eng.stop() == 0
+    eng.start()
+    assert not stale.exists()
+    assert foreign.is_dir() and (kept / "file").read_text() == "x"
+
+
 def test_a_lazily_unmounted_entry_is_shown_with_its_capture_until_the_holder_closes(setup):
     """Found by a walk: after `fs unmount-all --force` left a detached capture serving a file
     held open, status said "not captured", no worker, no holders (the writes were replicated,

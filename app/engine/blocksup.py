@@ -30,7 +30,7 @@ from app.services import blockplan, mounts
 from app.services import loop as loopdev
 from app.services.blockplan import View
 from app.services.config import BlockEntry
-from app.services.layout import CAPTURE_FILE
+from app.services.layout import CAPTURE_FILE, remove_run_dir
 from app.services.results import MirrorError, Outcome, Result
 
 log = logging.getLogger("mirrorsetup.block")
@@ -210,7 +210,9 @@ class BlockCaptures:
         else:
             log.error("%s still busy; lazy unmount", mount_dir)
             mounts.umount(mount_dir, mounts.MNT_DETACH)
-        return await self.sup.stop(cap)
+        note = await self.sup.stop(cap)
+        remove_run_dir(mount_dir)  # the capture has ended: its mount point goes, when empty
+        return note
 
     async def stop_all(self) -> list[Result]:
         """At daemon stop: detach what can be. A loop still mounted or open keeps its capture

@@ -950,12 +950,14 @@ class Capture:
                 os.unlink(self.spec.adopt)
         if self.spec.kind == "fs":
             mounts_here = mounts.read_mountinfo()
-            if any(m.mount_point == self.door for m in mounts_here) and \
-                    not any(m.mount_point == self.spec.key and m.source == self.spec.fsname
-                            for m in mounts_here):
-                # capture ended on purpose: the door goes too (the lower file system is free)
-                with contextlib.suppress(mounts.MirrorError):
-                    mounts.umount(self.door, mounts.MNT_DETACH)
+            if not any(m.mount_point == self.spec.key and m.source == self.spec.fsname
+                       for m in mounts_here):
+                # capture ended on purpose: the door goes too (the lower file system is free),
+                # and the entry's run directory with it (a next capture makes it again)
+                if any(m.mount_point == self.door for m in mounts_here):
+                    with contextlib.suppress(mounts.MirrorError):
+                        mounts.umount(self.door, mounts.MNT_DETACH)
+                layout.remove_run_dir(self.spec.run)
 
     async def serve_daemons(self, ready: dict, adopt: socket.socket) -> None:
         """Say ready, answer the daemon; when it goes, keep capturing and wait for the next."""

@@ -336,6 +336,25 @@ class Daemon:
                 r = await self._end_orphan(cap, force=False)
                 log.info("%s %s: %s", r.outcome.value, r.target, r.message)
 
+    def _remove_stale_run_dirs(self) -> None:
+        """Run directories that captures which ended without their worker's last word left
+        behind (a worker killed, an entry removed while no daemon ran): the empty ones of
+        entries neither configured nor captured go (layout.remove_run_dir: rmdir only)."""
+        wanted = {(c.kind, c.key) for c in self.sup.captures.values()}
+        wanted |= {("fs", e.path) for e in self._entries()} | {("block", e.device) for e in self._blocks()}
+        keep = {self.layout.run(kind, key) for kind, key in wanted}
+        for kind in ("fs", "block"):
+            base = os.path.join(self.layout.run_dir, kind)
+            try:
+                names = os.listdir(base)
+            except OSError:
+                continue
+            for name in names:
+                path = os.path.join(base, name)
+                if layout_mod.is_entry_id(name) and path not in keep and not os.path.islink(path) \
+                        and os.path.isdir(path) and layout_mod.remove_run_dir(path):
+                    log.info("removed the run directory %s: its capture had ended", path)
+
     async def _end_orphan(self, cap: Captured, *, force: bool, dry_run: bool = False) -> Result:
         """A capture whose entry was removed: end it when nothing uses it (or `force`)."""
         if dry_run:
@@ -458,6 +477,7 @@ class Daemon:
                 await self._take_over()
                 for r in await self.blk.clean_dead():
                     log.info("%s %s: %s", r.outcome.value, r.target, r.message)
+                self._remove_stale_run_dirs()
                 for kind, entries in (("fs", self._entries()), ("block", self._blocks())):
                     for e in entries:  # switched over: read-only here, even after a reboot
                         try:

@@ -230,9 +230,33 @@ def is_door(mount_point: str) -> bool:
     """True for a file-system entry's lower directory bound below a run directory (RUN/fs/ID/
     lower, any installation's): a capture's inner bind, not a place the administrator mounted."""
     parts = mount_point.rsplit("/", 3)
-    return (len(parts) == 4 and parts[1] == "fs" and parts[3] == "lower"
-            and len(parts[2]) > 13 and parts[2][-13] == "-"
-            and all(c in "0123456789abcdef" for c in parts[2][-12:]))
+    return len(parts) == 4 and parts[1] == "fs" and parts[3] == "lower" and is_entry_id(parts[2])
+
+
+def is_entry_id(name: str) -> bool:
+    """Whether `name` is shaped as entry_id() makes them (NAME-<12 hex digits>)."""
+    return len(name) > 13 and name[-13] == "-" and all(c in "0123456789abcdef" for c in name[-12:])
+
+
+RUN_SUBDIRS = ("lower", "stage")  # what a file-system capture makes in its run directory
+
+
+def remove_run_dir(path: str) -> bool:
+    """An entry's run directory (RUN/fs/ID, RUN/block/ID) once its capture has ended: its empty
+    lower and stage directories, then itself. rmdir(2) only: anything left in it, or a mount on
+    it (EBUSY), keeps it. True when it is gone."""
+    for name in RUN_SUBDIRS:
+        try:
+            os.rmdir(os.path.join(path, name))
+        except OSError:
+            pass  # not there, not empty, or a mount point: the directory stays below
+    try:
+        os.rmdir(path)
+    except FileNotFoundError:
+        return True
+    except OSError:
+        return False
+    return True
 
 
 def private_dir(path: str, what: str) -> str:
