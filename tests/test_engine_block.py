@@ -352,6 +352,41 @@ def test_a_worker_that_dies_under_a_mounted_loop_is_an_error_until_unmounted_the
     assert not said()  # and status no longer names it
 
 
+def test_a_dead_loop_is_still_an_error_after_the_daemon_restarts(block_engine, tmp_path):
+    """The daemon's list of loops left on dead captures was its memory only: after a restart
+    status was green again while the loop's I/O still failed. The new daemon finds them again
+    (the loop still bound to that dead capture file, as the list said)."""
+    eng, disk, _target, cfg = block_engine()
+    before = eng.block(disk)
+    loop = before["loop"]
+    run("mkfs.ext4", "-q", loop)
+    where = tmp_path / "mnt"
+    where.mkdir()
+    run("mount", loop, str(where))
+
+    def said():
+        warnings = json.loads(cli(cfg, eng, "status", "--json").stdout)["warnings"]
+        return [w for w in warnings if loop in w["message"] and "worker died" in w["message"]]
+    try:
+        os.kill(before["worker_pid"], signal.SIGKILL)
+        deadline = time.monotonic() + 30
+        while not said():
+            assert time.monotonic() < deadline, cli(cfg, eng, "status").stdout
+            time.sleep(0.2)
+        assert eng.stop() == 0, eng.logtext()
+        eng.start()
+        [w] = said()
+        assert w["subject"] == disk and w["level"] == "error", w
+        assert f"mounted on {where}: unmount it" in w["message"], w
+    finally:
+        run("umount", str(where), check=False)
+    deadline = time.monotonic() + 10
+    while os.path.exists(f"/sys/block/{os.path.basename(loop)}/loop/backing_file"):
+        assert time.monotonic() < deadline, f"{loop} stayed attached after the unmount"
+        time.sleep(0.05)
+    assert not said()
+
+
 def test_daemon_stop_names_the_captures_it_leaves_running(block_engine, tmp_path):
     """Found by a walk: with a file system mounted on a captured loop, `daemon stop` said only
     "stopped the daemon (pid N)"; its log said the capture went on for the next daemon."""

@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
+import json
 import logging
 import os
 
@@ -43,7 +44,7 @@ class BlockCaptures:
         self.sup = sup
         self.devices = devices  # () -> the configured entries' devices (whose a dead mount was)
         # Loops left on a dead capture because something still used them (a mounted file
-        # system): loop -> {key, identity of its backing file}. Their detach is deferred to the
+        # system): loop -> {key, identity: which binding (loopdev.binding)}. Their detach is deferred to the
         # kernel (autoclear: at the last close); until then status says so, as an error.
         self.dead: dict[str, dict] = {}
 
@@ -261,7 +262,7 @@ class BlockCaptures:
         return out
 
     def _detach_dead(self, loop: str, key: str | None) -> Result:
-        ident = loopdev.backing_identity(loop)
+        ident = loopdev.binding(loop)
         r = loopdev.detach(loop)  # not blockplan's, which refuses a mounted loop: this one is dead
         if r.outcome in (Outcome.OK, Outcome.UNCHANGED):
             return Result("detach", loop, Outcome.OK, f"{loop} served a capture whose worker is "
@@ -270,6 +271,7 @@ class BlockCaptures:
             return Result("detach", loop, Outcome.FAILED, f"{loop} served a capture whose worker "
                           f"is gone: {r.message}; its I/O fails until it is closed", errno.EIO)
         self.dead[loop] = {"key": key, "identity": ident}
+        self._save_dead()
         return Result("detach", loop, Outcome.FAILED, f"{loop} served a capture whose worker is "
                       f"gone: {_dead_use(loop)}; its I/O fails (EIO) until then, and the kernel "
                       "detaches it at its last close", errno.EIO)
@@ -278,11 +280,52 @@ class BlockCaptures:
         """The loops left on dead captures that are still there, and who uses them."""
         out = []
         for loop, d in list(self.dead.items()):
-            if d["identity"] is None or loopdev.backing_identity(loop) != d["identity"]:
+            if d["identity"] is None or loopdev.binding(loop) != d["identity"]:
                 del self.dead[loop]  # detached at its last close (or the number bound anew)
+                self._save_dead()
                 continue
             out.append({"loop": loop, "key": d["key"], "use": _dead_use(loop)})
         return out
+
+    def rebuild_dead(self) -> None:
+        """At start: the loops a previous daemon left on dead captures, from its list (the dead
+        mount was lifted, so nothing else names them), each kept only while the host still
+        shows it so: the same binding (loopdev.binding), its detach deferred to its last close
+        (autoclear), and on no live capture file of ours."""
+        try:
+            with open(self.sup.layout.dead_loops_file) as f:
+                said = json.load(f)
+        except (OSError, ValueError):
+            said = {}
+        live = self.sup.layout.run_dir.rstrip("/") + "/"
+        for loop, d in (said.items() if isinstance(said, dict) else ()):
+            try:
+                ident = str(d["identity"])
+                st = loopdev.status(loop)
+            except (KeyError, TypeError, ValueError, MirrorError):
+                continue
+            if st is not None and st.autoclear and loopdev.binding(loop) == ident \
+                    and not (st.backing_file or "").startswith(live):
+                self.dead[loop] = {"key": d.get("key"), "identity": ident}
+                log.error("%s: left on the dead capture of %s, still in use (%s)", loop,
+                          d.get("key"), _dead_use(loop))
+        self._save_dead()
+
+    def _save_dead(self) -> None:
+        """The list where a next daemon finds it (rebuild_dead); none when it is empty."""
+        path = self.sup.layout.dead_loops_file
+        try:
+            if not self.dead:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(path)
+                return
+            tmp = f"{path}.{os.getpid()}.tmp"
+            with open(tmp, "w") as f:
+                json.dump({loop: {"key": d["key"], "identity": d["identity"]}
+                           for loop, d in self.dead.items()}, f)
+            os.replace(tmp, path)
+        except OSError as exc:  # said; status still says them while this daemon runs
+            log.error("%s: %s", path, exc)
 
 
 def _dead_use(loop: str) -> str:

@@ -475,6 +475,7 @@ class Daemon:
                 self.sup.nursery = nursery
                 nursery.start_soon(self._signals)
                 await self._take_over()
+                await trio.to_thread.run_sync(self.blk.rebuild_dead)
                 for r in await self.blk.clean_dead():
                     log.info("%s %s: %s", r.outcome.value, r.target, r.message)
                 self._remove_stale_run_dirs()

@@ -14,6 +14,8 @@ Per entry (id = last path component + a hash of the path or device):
     RUN/fs/ID.sock       where a worker whose daemon died waits to be taken over
     RUN/block/ID/disk    the block capture's one FUSE file, backing the entry's loop device
     RUN/block/ID.sock    likewise for block workers
+    RUN/block/dead-loops.json  loops left on dead block captures, still in use (the daemon's
+                         list, so that a next daemon still says them; gone at reboot with RUN)
     STATE/journal/ID     a file-system entry's journal and markers
     STATE/block/ID       a block entry's journal and markers
 """
@@ -37,6 +39,7 @@ FSTYPE_BLOCK = "fuse.mirrorblk"
 FSNAME_FS = "mirrorfs"
 FSNAME_BLOCK = "mirrorblk"
 CAPTURE_FILE = "disk"
+DEAD_LOOPS_FILE = "dead-loops.json"
 MARKER_XATTR = "trusted.mirrorsetup.replica"  # on a target: whose replica it is (never replicated)
 PRIVATE_DIR = 0o700
 PRIVATE_FILE = 0o600
@@ -184,6 +187,10 @@ class Layout:
 
     def adopt_socket(self, kind: str, key: str) -> str:
         return self.run(kind, key) + ".sock"
+
+    @property
+    def dead_loops_file(self) -> str:
+        return os.path.join(self.run_dir, "block", DEAD_LOOPS_FILE)
 
     def door(self, key: str) -> str:
         return os.path.join(self.run("fs", key), "lower")

@@ -442,6 +442,23 @@ def backing_identity(loop: str) -> tuple[int, int] | None:
     return info[0], info[1]
 
 
+def binding(loop: str) -> str | None:
+    """Which binding of `loop` this is, to tell it from a later one of the same number: the
+    kernel's disk sequence number, raised at every attach (sysfs `diskseq`, Linux 5.15), else
+    the backing file's identity. Not the identity first: on a dead FUSE file (a block capture
+    whose worker died) LOOP_GET_STATUS64 fails once the kernel's cached attributes expire, and
+    the loop looked unbound while it still failed every I/O. None when nothing is bound."""
+    name = os.path.basename(loop)
+    if not os.path.exists(os.path.join(SYS_ROOT, "block", name, "loop", "backing_file")):
+        return None
+    try:
+        with open(os.path.join(SYS_ROOT, "block", name, "diskseq")) as f:
+            return "diskseq:" + f.read().strip()
+    except OSError:
+        ident = backing_identity(loop)
+        return None if ident is None else f"file:{ident[0]}:{ident[1]}"
+
+
 # -- detach ----------------------------------------------------------------------------------
 
 DETACH_GRACE = 0.5  # seconds a detach waits for a brief opener's close before saying "pending"
