@@ -315,8 +315,8 @@ class _SystemView:
 
 def _real_mount(entry: mounts.MountEntry) -> bool:
     """A mount of the file system itself, not a bind of a directory inside it (`ip netns`'s
-    /run/netns, a capture's lower directory) nor a capture's door: a btrfs subvolume mounted
-    by name counts (its root is the subvolume), as findmnt's TARGET would list it."""
+    /run/netns) nor a capture's door (layout.is_door, its root may be the file system's): a
+    btrfs subvolume mounted by name counts (mountinfo's root is then the subvolume)."""
     if is_door(entry.mount_point):
         return False
     return entry.root == "/" or f"subvol={entry.root}" in entry.super_options.split(",")
