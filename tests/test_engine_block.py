@@ -341,8 +341,11 @@ def test_a_worker_that_dies_under_a_mounted_loop_is_an_error_until_unmounted_the
                 f.flush()
                 os.fsync(f.fileno())
         assert exc.value.errno == errno.EIO
-        st = eng.block(disk)  # the entry is captured again, through another loop
-        assert st["captured"] and st["loop"] != loop
+        deadline = time.monotonic() + 30  # the entry is captured again, through another loop
+        while not (st := eng.block(disk))["captured"]:  # (the daemon says the dead loop first,
+            assert time.monotonic() < deadline, st      # then attaches the entry anew)
+            time.sleep(0.1)
+        assert st["loop"] != loop
     finally:
         run("umount", str(where), check=False)
     deadline = time.monotonic() + 10
