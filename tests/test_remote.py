@@ -993,6 +993,13 @@ def test_target_add_refuses_malformed_fields_and_leaves_nothing_behind(tmp_path)
     r = cli(cfg, "target", "add", "x", "--host", "host.invalid", "--root", "/srv/r")
     assert r.returncode == 1 and "could not read the host key of host.invalid" in r.stderr
     assert "\\r" not in r.stderr and not (tmp_path / "etc" / "keys").exists() and not cfg.exists()
+    for action in ("remove", "test", "authorized-key"):  # no such file yet: a refusal naming it
+        r = cli(cfg, "--json", "target", action, "nosuch")
+        assert r.returncode == 2 and f"configuration file {cfg} does not exist" in r.stderr, r
+        assert json.loads(r.stdout)["errno_name"] == "ENOENT" and not cfg.exists()
+    cfg.parent.mkdir(exist_ok=True)
+    cfg.write_text("schema = 1\n")
+    cfg.chmod(0o600)
     for action in ("remove", "test", "authorized-key"):  # a name not configured: a refusal
         r = cli(cfg, "--json", "target", action, "nosuch")
         assert r.returncode == 2 and "no remote target named 'nosuch'" in r.stderr, (action, r)
