@@ -559,3 +559,26 @@ def test_exclusions_read_ahead_believe_udevs_record_and_without_one_the_signatur
     known = blockdevs.Exclusions([blank, swap_sig])
     assert [blockdevs.exclusion_reason(d, known) for d in (blank, swap_sig)] == \
         ["LVM2 physical volume", "swap (signature)"]
+
+
+def test_the_pickers_note_finds_a_replicated_device_by_any_of_its_names(tmp_path):
+    """The TUI's picker and `block devices` say which device is replicated with one function
+    (entries.picker_notes): by the path the entry names and by its device number, so a device
+    listed under another name than the entry's (a /dev/disk/by-id link) is marked too. The
+    TUI's copy matched by path alone."""
+    from types import SimpleNamespace
+
+    from app.services.entries import picker_note, picker_notes
+    alias = tmp_path / "by-id-null"
+    alias.symlink_to("/dev/null")  # a device node this test may look at, under another name
+    entry = SimpleNamespace(entry=SimpleNamespace(device=str(alias)), loop="/dev/loop7",
+                            capture="captured", state="attached",
+                            loops=[SimpleNamespace(device="/dev/loop7")])
+    notes = picker_notes(SimpleNamespace(block=[entry]))
+    rdev = os.stat("/dev/null").st_rdev
+    listed = SimpleNamespace(path="/dev/null", major=os.major(rdev), minor=os.minor(rdev))
+    assert picker_note(notes, listed) == "replicated: captured via /dev/loop7"
+    assert picker_note(notes, SimpleNamespace(path=str(alias), major=-1, minor=-1)) == \
+        "replicated: captured via /dev/loop7"  # by the entry's own name (a fake host's too)
+    assert picker_note(notes, SimpleNamespace(path="/dev/zero", major=-1, minor=-1)) is None
+    assert picker_notes(None) == {}

@@ -93,13 +93,13 @@ def refusal(exc: MirrorError, *, as_json: bool = False) -> int:
     return 2
 
 
-def print_devices(devices, notes: dict[int, str], *, as_json: bool = False) -> None:
+def print_devices(devices, notes: dict, *, as_json: bool = False) -> None:
     """The picker's list; `notes` (entries.picker_notes): which are replicated, which are an
     entry's loop, said first in "in use" as the TUI's picker says it."""
-    import os
+    from app.services.entries import picker_note
 
     def note(d) -> str | None:
-        return notes.get(os.makedev(d.major, d.minor))
+        return picker_note(notes, d)
     if as_json:
         dump([{**d.to_json(), "replicated": note(d)} for d in devices])
         return

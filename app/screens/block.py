@@ -20,6 +20,7 @@ from app.screens.banner import RootBanner
 from app.screens.base import (Col, ForceOffer, KeyedTable, TaskScreen, capture_text, counted,
                               elide, listed, natural_key, selected_key, state_text)
 from app.screens.dialogs import AddBlockEntryDialog, ConfirmDialog, switch_text
+from app.services.entries import picker_note, picker_notes
 from app.services.results import MirrorError, Outcome, Result
 from app.services.status import replication_lines
 from app.services.units import human_size, shown
@@ -40,17 +41,6 @@ FORCED_ATTACH = (
     "Attach even where the device is mounted or held?\n\nThen two paths write to the same "
     "device: writes through the mount or the holder bypass the loop device, are NOT captured, "
     "and corrupt the target. Only do this if you know the other user writes nothing.")
-
-
-def entry_notes(snap) -> dict[str, str]:
-    """What the picker adds about configured devices and their loops (from the status)."""
-    notes: dict[str, str] = {}
-    for s in snap.block if snap is not None else ():
-        how = f"{s.capture} via {s.loop}" if s.loop and s.capture else (s.loop or s.state)
-        notes[s.entry.device] = f"replicated: {how}"
-        for lp in s.loops:
-            notes[lp.device] = f"the loop of replicated {s.entry.device}"
-    return notes
 
 
 def device_row(dev, note: str | None = None) -> tuple:
@@ -150,6 +140,7 @@ class BlockScreen(TaskScreen):
         super().__init__()
         self._devices: list = []
         self._snap = None
+        self._notes: dict = {}  # entries.picker_notes of the snapshot
         self._sync: tuple[str, str, str] | None = None  # (verb, device, target) while one runs
 
     def compose(self) -> ComposeResult:
@@ -194,10 +185,11 @@ class BlockScreen(TaskScreen):
         self.query_one("#devices").focus()
 
     def load(self):
-        return self.services.list_devices(include_excluded=True), self.services.status()
+        devices, snap = self.services.list_devices(include_excluded=True), self.services.status()
+        return devices, snap, picker_notes(snap)
 
     def show(self, data) -> None:
-        self._devices, self._snap = data
+        self._devices, self._snap, self._notes = data
         self._show_devices()
         self.query_one("#block-entries", KeyedTable).show_rows(
             {s.entry.device: entry_row(s) for s in self._snap.block})
@@ -207,9 +199,8 @@ class BlockScreen(TaskScreen):
 
     def _show_devices(self) -> None:
         show_all = self.query_one("#show-excluded", Switch).value
-        notes = entry_notes(self._snap)
         self.query_one("#devices", KeyedTable).show_rows(
-            {d.path: device_row(d, notes.get(d.path)) for d in self._devices
+            {d.path: device_row(d, picker_note(self._notes, d)) for d in self._devices
              if show_all or not d.excluded})
 
     @on(Switch.Changed, "#show-excluded")

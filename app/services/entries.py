@@ -92,20 +92,29 @@ def problems(config: Config, store: ConfigStore) -> dict[int, str]:
 
 # -- what the device picker says about entries -----------------------------------------------
 
-def picker_notes(snap) -> dict[int, str]:
-    """Device number -> what the picker adds about a replicated device and its loop, in the
-    TUI's words (a status snapshot's block entries; an alias of the device matches)."""
-    notes: dict[int, str] = {}
+def picker_notes(snap) -> dict:
+    """What the picker adds about a replicated device and its loop (a status snapshot's block
+    entries), by the path the entry names and by (major, minor), so that another name of the
+    device matches too: look a device up with `picker_note`. The TUI's picker and `block
+    devices` say the same."""
+    notes: dict = {}
     for s in snap.block if snap is not None else ():
         how = f"{s.capture} via {s.loop}" if s.loop and s.capture else (s.loop or s.state)
         for path, note in ((s.entry.device, f"replicated: {how}"),
                            *((lp.device, f"the loop of replicated {s.entry.device}")
                              for lp in s.loops)):
+            notes[path] = note
             try:
-                notes[os.stat(path).st_rdev] = note
+                rdev = os.stat(path).st_rdev
+                notes[os.major(rdev), os.minor(rdev)] = note
             except OSError:
                 pass  # a device that is gone is not in the list either
     return notes
+
+
+def picker_note(notes: dict, dev) -> str | None:
+    """`picker_notes`' word for a listed device (blockdevs.BlockDevice), if any."""
+    return notes.get(dev.path) or notes.get((dev.major, dev.minor))
 
 
 # -- can it be attached as typed (the add dialog and `block add`) -----------------------------
