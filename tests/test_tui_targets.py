@@ -506,6 +506,8 @@ async def test_add_a_real_target_through_the_dialog_pins_its_key_and_tests_it(
         await wait_until(pilot, lambda: isinstance(app.screen, ResultsDialog), "the test")
         text = " ".join(static_text(w) for w in app.screen.query(".result"))
         assert "agent" in text and f"root {root}" in text and "round trip" in text, text
+        # the room for replicas, as `target test` says it (the screen said the bare free space)
+        assert " for replicas (" in text and "the agent keeps free for its journal" in text, text
         await pilot.press("enter")
         await settle(pilot)
 

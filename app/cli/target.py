@@ -98,19 +98,8 @@ def cmd_test(args) -> int:
     return report([Result("test target", args.name, Outcome.OK,
                           f"agent {info['agent_version']} on {info['agent_host']} (wire "
                           f"{info['wire_version']}, ours {info['source_wire_version']}), root "
-                          f"{info['root']} has {_room(info)}, connect "
+                          f"{info['root']} has {targets.room_text(info)}, connect "
                           f"{info['connect_seconds']} s, round trip {info['rtt_ms']} ms")])
-
-
-def _room(info: dict) -> str:
-    """What replicas can use there, and what was subtracted from the free space to say it."""
-    from app.services.units import human_size
-    free = human_size(info["free_bytes"] or 0)
-    if info.get("available_bytes") is None:
-        return f"{free} free (an older agent: what its journal takes is not known)"
-    return (f"{human_size(info['available_bytes'])} for replicas ({free} free, less "
-            f"{human_size(info['journal_room_bytes'])} the agent keeps free for its journal and "
-            f"{human_size(info['journal_pending_bytes'])} its journals hold not yet applied)")
 
 
 def cmd_authorized_key(args) -> int:

@@ -19,6 +19,7 @@ from textual.widgets import Button, DataTable, Footer, Header, Input, Label, Sta
 from app.screens.banner import RootBanner
 from app.screens.base import Col, KeyedTable, TaskScreen, elide, selected_key
 from app.screens.dialogs import ConfirmDialog, labelled
+from app.services import layout
 from app.services.results import MirrorError, Outcome, Result
 from app.services.status import (healthy_secondary, nothing_to_fail_back, replication_lines,
                                  short_connection)
@@ -215,8 +216,9 @@ class KeyLineDialog(ModalScreen[None]):
                            compact=True, highlight_cursor_line=False)
             yield Static(Text.assemble("c copies it (where the terminal lets an application set "
                                        "the clipboard); also: ",
-                                       (f"mirrorsetup target authorized-key {self.target_name}",
-                                        "bold")), classes="notes")
+                                       (layout.command("target", "authorized-key",
+                                                       self.target_name).strip("`"), "bold")),
+                         classes="notes")
             with Horizontal(classes="dialog-buttons"):
                 yield Button("Copy", id="copy", compact=True)
                 yield Button("Close", id="close", variant="primary", compact=True)
@@ -232,7 +234,7 @@ class KeyLineDialog(ModalScreen[None]):
         self.app.copy_to_clipboard(self.line)
         self.notify(f"the authorized_keys line of {self.target_name} was sent to the terminal's "
                     "clipboard (OSC 52); a terminal that does not take it copies nothing: "
-                    f"`mirrorsetup target authorized-key {self.target_name}` prints it",
+                    f"{layout.command('target', 'authorized-key', self.target_name)} prints it",
                     title="Key line", markup=False)
 
     @on(Button.Pressed, "#close")
@@ -434,12 +436,10 @@ class TargetsScreen(TaskScreen):
 
         def test():
             from app.services import targets
-            from app.services.units import human_size
             info = targets.probe(host)
             return Result("test target", host.name, Outcome.OK,
                           f"agent {info['agent_version']} on {info['agent_host']}, root {info['root']} "
-                          f"has {human_size(info['free_bytes'] or 0)} free, round trip "
-                          f"{info['rtt_ms']} ms")
+                          f"has {targets.room_text(info)}, round trip {info['rtt_ms']} ms")
         self.run_action(f"Test {host.name}", test, root=False,
                         waiting=f"connecting to {host.host} and greeting its agent")
 

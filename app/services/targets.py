@@ -561,3 +561,15 @@ def probe(host: TargetHost) -> dict:
             **room_for_replicas(msg),
             "connect_seconds": round(result.get("connect", 0.0), 3),
             "rtt_ms": None if "rtt" not in result else round(result["rtt"] * 1000, 2)}
+
+
+def room_text(info: dict) -> str:
+    """What replicas can use below a target's root (a `probe`'s answer), and what was
+    subtracted from the free space to say it: `target test` and the Targets screen's Test."""
+    from app.services.units import human_size
+    free = human_size(info["free_bytes"] or 0)
+    if info.get("available_bytes") is None:
+        return f"{free} free (an older agent: what its journal takes is not known)"
+    return (f"{human_size(info['available_bytes'])} for replicas ({free} free, less "
+            f"{human_size(info['journal_room_bytes'])} the agent keeps free for its journal and "
+            f"{human_size(info['journal_pending_bytes'])} its journals hold not yet applied)")
