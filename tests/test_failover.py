@@ -1028,6 +1028,39 @@ def test_fail_back_of_a_block_device_to_a_rebuilt_source(block_remote):
     assert sha(disk) == sha(image)
 
 
+def test_a_rebuilt_source_adopts_its_secondary_replica_with_adopt_target(block_remote):
+    """Found by helper-25's walk: a source rebuilt (state gone) whose replica was never promoted
+    is refused as another history, "adopt_target replaces it"; with adopt_target on its entry
+    the agent took the replica (its generation) but kept its journal's positions, so the
+    source refused it in turn, for good: "the target holds records up to N but this source
+    only up to 0: its history is not ours (adopt_target replaces it)". Adopted, the replica's
+    old records are no history of this source: it is compared and made equal instead."""
+    eng, disk, r = block_remote()
+    dd(eng.block(disk)["loop"], mib=8, seek_mib=4)
+    eng.block_drain(disk)
+    assert eng.stop() == 0
+    shutil.rmtree(eng.state)  # the rebuilt host: its state is gone, its device holds other data
+    dd(disk, mib=4, seek_mib=30)
+    assert cli(r.cfg, "block", "remove", disk).returncode == 0
+    a = cli(r.cfg, "block", "add", disk, "--target", "backup1:disk.img", "--adopt-target")
+    assert a.returncode == 0, a.stdout + a.stderr
+    eng.start()
+    deadline = time.monotonic() + 60
+    while True:
+        st = eng.block(disk)
+        if st["captured"] and st["catch_up"] is None and st["target_data"] == "consistent" \
+                and st["applied_seq"] == st["last_seq"]:
+            break
+        assert time.monotonic() < deadline, repr(st)
+        time.sleep(0.1)
+    assert st["connection"] == "connected" and st["last_error"] is None, st
+    assert sha(r.root / "disk.img") == sha(disk)
+    loop = eng.block(disk)["loop"]
+    dd(loop, mib=1, seek_mib=50)  # and replication goes on from there
+    eng.block_drain(disk)
+    assert sha(r.root / "disk.img") == sha(disk)
+
+
 def test_the_fence_of_a_directory_is_told_by_what_it_is_not_by_a_mount_id(tmp_path):
     """Found on a busy host: the read-only bind that fences a switched-over directory was
     recognised by the mount id kept in its marker. Ids are reused (here by any mount made

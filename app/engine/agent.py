@@ -33,7 +33,8 @@ from collections import deque
 from pathlib import Path
 
 from app.services import wire
-from app.engine.journal import (KIND_BLOCK, KIND_FS, Journal, JournalGap, decode_at, held_on_disk,
+from app.engine.journal import (KIND_BLOCK, KIND_FS, LEGACY_APPLIED_FILE, RELEASED_FILE,
+                                RESERVED_FILE, Journal, JournalGap, decode_at, held_on_disk,
                                 read_small_file, write_small_file)
 from app.engine.lowlevel import open_beneath, safe_relpath
 from app.engine.shipper import TargetUnavailable
@@ -371,6 +372,12 @@ class Agent:
         self.replica.lock(source, action)
         self.state = state = self.replica.state()
         self._fresh = not state
+        # adopt_target: a replica of another history (another source, or this one rebuilt
+        # without its state) becomes this source's; what its journal held is none of it
+        adopt = bool(state) and action == "replicate" and bool(h.get("adopt")) and \
+            state.get("role") != "primary"
+        adopting = adopt and (state.get("source") != source or
+                              state.get("generation") != h.get("generation"))
         if state and state.get("source") != source and not h.get("adopt"):
             theirs = state.get("source", {})
             raise AgentError("not-ours", f"replica {rel} is the replica of "
@@ -411,6 +418,10 @@ class Agent:
                                   "created": time.time(), "consistent": False, "consistent_seq": 0}
             self.replica.save(state)
         self.journal = Journal(self.replica.dir, kind=KIND_FS if kind == "fs" else KIND_BLOCK)
+        last = h.get("last_seq")
+        if adopting and (self.journal.last_seq or self.journal.released_seq) or adopt and \
+                isinstance(last, int) and self.journal.last_seq > last:  # (adopted before)
+            self._forget_positions(kind)
         if self.journal.gap or self.journal.torn_bytes:  # our journal lost records: ask for a resync
             self.journal.skip_to(self.journal.last_seq)
             self._forget_mark()
@@ -428,6 +439,24 @@ class Agent:
         self.send(wire.WELCOME, {**self.info, **self.positions(), "generation": state["generation"],
                                  "consistent_seq": state.get("consistent_seq", 0)})
         threading.Thread(target=self._apply_loop, daemon=True).start()
+
+    def _forget_positions(self, kind: str) -> None:
+        """An adopted replica starts at its new source's positions: the records of the history
+        it had (received, applied) are not that source's, whose seqs start again. Kept, they
+        made the source refuse the replica as ahead of it ("its history is not ours"), for
+        good. The data stays; the source compares it (the replica is inconsistent until then)."""
+        log.info("replica %s adopted by another history: its journal's positions (received %d, "
+                 "applied %d) are forgotten", self.replica.rel, self.journal.last_seq,
+                 self.journal.released_seq)
+        self.journal.close()
+        for name in os.listdir(self.replica.dir):
+            if name.endswith(".seg") or name in (RELEASED_FILE, RESERVED_FILE, LEGACY_APPLIED_FILE):
+                os.unlink(self.replica.dir / name)
+        self.journal = Journal(self.replica.dir, kind=KIND_FS if kind == "fs" else KIND_BLOCK)
+        self._forget_mark()  # a catch-up's end in the old numbering says nothing now
+        self._inconsistent()
+        self.state["consistent_seq"] = 0
+        self.replica.save(self.state)
 
     # -- fail-over and fail-back ------------------------------------------------------------
     def _split_brain(self, source: dict, h: dict) -> None:
