@@ -791,6 +791,35 @@ def dd(dest: str, *, src: str = "/dev/urandom", mib: int, seek_mib: int = 0) -> 
                     "oflag=direct", "conv=fsync,notrunc", "status=none"], check=True)
 
 
+def test_a_block_replica_deleted_on_the_target_is_not_called_consistent_but_copied_again(
+        block_remote):
+    """Found by helper-25's walk: the replica's image was removed on the target (by hand, a
+    cleanup); the next session's agent made a new, empty (sparse) image in its place and went
+    on from the positions its state kept: status and `replica list` said "consistent" over
+    16 MiB of zeros, which a fail-over would have promoted. A replica whose data is gone while
+    its state says it holds records is now told as such: it starts again from nothing, so the
+    source copies it whole, and it is consistent once that is done."""
+    eng, disk, r = block_remote()
+    loop = eng.block(disk)["loop"]
+    dd(loop, mib=8, seek_mib=4)
+    st = eng.block_drain(disk)
+    assert st["target_data"] == "consistent" and sha(r.root / "disk.img") == sha(disk), st
+    (r.root / "disk.img").unlink()
+    r.bed.kill_on_target(r.bed.wait_target_process("serve-target"))  # the next session opens it
+    dd(loop, mib=1, seek_mib=30)
+    deadline = time.monotonic() + 90
+    while True:
+        st = eng.block(disk)
+        if st["catch_up"] is None and st["target_data"] == "consistent" and \
+                st["connection"] == "connected" and st["applied_seq"] == st["last_seq"] and \
+                (r.root / "disk.img").exists():
+            break
+        assert time.monotonic() < deadline, repr(st)
+        time.sleep(0.1)
+    assert sha(r.root / "disk.img") == sha(disk), "the replica was called consistent: " + repr(st)
+    assert st["resync_bytes"] >= 8 * MiB, st
+
+
 def test_block_entry_replicates_to_the_other_host(block_remote):
     eng, disk, r = block_remote()
     loop = eng.block(disk)["loop"]

@@ -419,8 +419,20 @@ class Agent:
             self.replica.save(state)
         self.journal = Journal(self.replica.dir, kind=KIND_FS if kind == "fs" else KIND_BLOCK)
         last = h.get("last_seq")
-        if adopting and (self.journal.last_seq or self.journal.released_seq) or adopt and \
+        held = self.journal.last_seq or self.journal.released_seq
+        if adopting and held or adopt and \
                 isinstance(last, int) and self.journal.last_seq > last:  # (adopted before)
+            self._forget_positions(kind)
+        elif held and self._made is not None and action in ("promote", "failback"):
+            self._unmake()  # (left, the next session would take it for the replica's data)
+            raise AgentError("gone", f"replica {rel} holds no data: it was removed on this host "
+                             f"(records up to {self.journal.released_seq} had been applied to it); "
+                             f"nothing was {'promoted' if action == 'promote' else 'sent back'}",
+                             errno.ENOENT)
+        elif held and self._made is not None:  # its data was removed here behind our back
+            log.warning("replica %s: its data was gone (removed on this host) though %d records "
+                        "were applied to it: made anew, empty; the source copies it whole", rel,
+                        self.journal.released_seq)
             self._forget_positions(kind)
         if self.journal.gap or self.journal.torn_bytes:  # our journal lost records: ask for a resync
             self.journal.skip_to(self.journal.last_seq)
@@ -441,13 +453,12 @@ class Agent:
         threading.Thread(target=self._apply_loop, daemon=True).start()
 
     def _forget_positions(self, kind: str) -> None:
-        """An adopted replica starts at its new source's positions: the records of the history
-        it had (received, applied) are not that source's, whose seqs start again. Kept, they
-        made the source refuse the replica as ahead of it ("its history is not ours"), for
-        good. The data stays; the source compares it (the replica is inconsistent until then)."""
-        log.info("replica %s adopted by another history: its journal's positions (received %d, "
-                 "applied %d) are forgotten", self.replica.rel, self.journal.last_seq,
-                 self.journal.released_seq)
+        """The replica starts again from position 0: an adopted one, whose records (received,
+        applied) are of another history (kept, they made the source refuse the replica as ahead
+        of it, "its history is not ours", for good), or one whose data was made anew. The
+        source, which holds more, resyncs it (the replica is inconsistent until then)."""
+        log.info("replica %s: its journal's positions (received %d, applied %d) are forgotten",
+                 self.replica.rel, self.journal.last_seq, self.journal.released_seq)
         self.journal.close()
         for name in os.listdir(self.replica.dir):
             if name.endswith(".seg") or name in (RELEASED_FILE, RESERVED_FILE, LEGACY_APPLIED_FILE):
