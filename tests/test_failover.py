@@ -855,6 +855,21 @@ def test_promoting_an_inconsistent_replica_needs_force_and_applies_what_arrived(
     assert (root / META).is_dir()
 
 
+def test_promote_of_a_replica_whose_data_was_removed_promotes_nothing(tmp_path):
+    """Found by helper-25's walk: the image of a block replica was removed on the target, then
+    `replica promote` (fail-over) promoted it, a new generation the old source is refused by,
+    and only then failed: "promoted, but not usable yet: … No such file or directory". Now it
+    is refused first, by name (exit 2: refused before anything changed), and nothing changes."""
+    root = tmp_path / "replicas"
+    root.mkdir()
+    rep, promote = target_replica(root, "disk.img", "block")
+    p = promote()
+    assert p.returncode == 2 and "holds no data" in p.stderr and "nothing was promoted" in \
+        p.stderr, p.stdout + p.stderr
+    assert "promoted disk.img" not in p.stdout, p.stdout
+    assert rep.state()["role"] == "secondary" and rep.state()["generation"] == "g1"
+
+
 def test_promote_checks_the_mount_point_before_it_promotes(tmp_path):
     """`replica promote --mount` of a file, a relative path, a path whose parent is missing or
     one inside the replicas' root was refused only by mount(2), after the promotion: "File

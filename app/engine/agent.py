@@ -1223,6 +1223,12 @@ def promote(root: str, name: str, *, mount_at: str | None = None, loop: str | No
                              "blocks mix old and new states. Promote with --force --yes only if "
                              "that is acceptable (check it first: e2fsck -fn, an application's "
                              "own check)", errno.EAGAIN)
+        try:  # its data must be there: a new generation over nothing is no fail-over
+            os.lstat(os.path.join(os.path.realpath(root), name))
+        except FileNotFoundError:
+            raise AgentError("gone", f"replica {name} holds no data: "
+                             f"{os.path.join(os.path.realpath(root), name)} was removed on this "
+                             "host; nothing was promoted", errno.ENOENT) from None
         journal = Journal(rep.dir, kind=KIND_FS if found["kind"] == "fs" else KIND_BLOCK)
         done = []
         try:
