@@ -820,6 +820,29 @@ def test_a_block_replica_deleted_on_the_target_is_not_called_consistent_but_copi
     assert st["resync_bytes"] >= 8 * MiB, st
 
 
+def test_a_block_replica_deleted_under_a_running_session_is_made_anew_and_copied(block_remote):
+    """The same removal while the agent's session runs (helper-25's walk): it went on writing
+    into the unlinked image, status said consistent, `block verify` "target matches" (it read
+    the same nameless file) while the target held no replica at all. The agent now sees its
+    data lose its name and ends the session; the next one makes it anew, copied whole."""
+    eng, disk, r = block_remote()
+    loop = eng.block(disk)["loop"]
+    dd(loop, mib=8, seek_mib=4)
+    eng.block_drain(disk)
+    (r.root / "disk.img").unlink()
+    dd(loop, mib=1, seek_mib=30)
+    deadline = time.monotonic() + 90
+    while True:
+        st = eng.block(disk)
+        if (r.root / "disk.img").exists() and st["catch_up"] is None and \
+                st["target_data"] == "consistent" and st["connection"] == "connected" and \
+                st["applied_seq"] == st["last_seq"] and sha(r.root / "disk.img") == sha(disk):
+            break
+        assert time.monotonic() < deadline, repr(st)
+        time.sleep(0.2)
+    assert eng.client.request("block_verify", device=disk)["differing"] == 0
+
+
 def test_block_entry_replicates_to_the_other_host(block_remote):
     eng, disk, r = block_remote()
     loop = eng.block(disk)["loop"]

@@ -298,11 +298,32 @@ class Agent:
         return 0
 
     def _watchdog(self) -> None:
+        removed_said = False
         while not self.stop.wait(1.0):
             if time.monotonic() - self.last_frame > HEARTBEAT_TIMEOUT:
                 log.error("no frame from the source for %.0f s: ending the session", HEARTBEAT_TIMEOUT)
                 self.finish()
                 os._exit(3)
+            if not removed_said and self._data_removed():
+                # what is written now goes to a file no name leads to: a replica nobody could
+                # promote, verified "equal" all the same. The source ends the session at this
+                # word; the next one makes the data anew and the source copies it whole.
+                removed_said = True
+                text = (f"replica {self.replica.rel}: its data was removed on this host "
+                        f"({self.root}); the next session makes it anew and the source copies it whole")
+                log.error("%s", text)
+                with contextlib.suppress(OSError):
+                    self.send(wire.ERROR, {"code": "gone", "message": text, "errno": errno.ENOENT})
+
+    def _data_removed(self) -> bool:
+        """The replica's data (image or directory) this session writes has no name any more."""
+        fd = getattr(getattr(self, "target", None), "fd", None)
+        if fd is None or getattr(self, "replica", None) is None:
+            return False
+        try:
+            return os.fstat(fd).st_nlink == 0
+        except OSError:
+            return False
 
     def hello(self, h: dict) -> None:
         """A target too full to create (or open) the replica refuses it as full, as a full disk
