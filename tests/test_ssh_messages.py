@@ -246,3 +246,18 @@ def test_a_reconnect_under_way_is_said_as_connecting_again_not_as_about_to_try(t
     warnings = []
     _replication_warnings("/srv/data", refused, warnings)
     assert [w.level for w in warnings] == ["error"], warnings
+
+
+def test_a_killed_agents_last_log_line_is_not_said_as_the_reason():
+    """Found by a walk: after the agent was killed, status said "disconnected:
+    mirrorsetup-agent[N] WARNING paused: …", its last log line, which read as the cause. Log
+    lines below ERROR are what it was doing; an ERROR line is still the reason."""
+    said = "mirrorsetup-agent[4242] INFO session from h\nmirrorsetup-agent[4242] WARNING paused: target full\n"
+    state, retry = ssh_failure_text(said, 255, "backup1")
+    assert "WARNING" not in state and "paused" not in state, state
+    assert state == "disconnected: the agent ended without saying why (killed?); ssh exited with status 255"
+    assert retry
+    error = said + "mirrorsetup-agent[4242] ERROR records missing: the source must resync\n"
+    assert ssh_reason(error, 1) == "mirrorsetup-agent[4242] ERROR records missing: the source must resync"
+    assert ssh_reason("ssh: connect to host 10.0.0.1 port 22: Connection refused\n", 255) == \
+        "ssh: connect to host 10.0.0.1 port 22: Connection refused"

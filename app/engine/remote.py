@@ -225,7 +225,7 @@ class RemoteTarget(Queried, Target):
             text = line.decode(errors="replace").rstrip()
             lines.append(text)
             if text and not text.startswith("mirrorsetup-agent") or "ERROR" in text:
-                log.info("%s: ssh: %s", self.label, text)
+                log.info("%s: ssh: %s", self.label, text.removeprefix("ssh: "))  # (ssh's own)
 
     def _read_loop(self, proc) -> None:
         try:

@@ -110,6 +110,11 @@ SSH_NOISE = ("@", "Warning: Permanently added", "Pseudo-terminal", "debug", "IT 
              "Someone could be", "It is also possible", "Please contact", "Add correct host key",
              "Offending", "remove with", "ssh-keygen", "The fingerprint for", "SHA256:")
 
+# The agent's own log lines below ERROR, on ssh's stderr (agent.py's logging format): what it
+# was doing, not why the session ended ("mirrorsetup-agent[N] WARNING paused: …" was said as
+# the reason of a killed agent's disconnect)
+AGENT_CHATTER = re.compile(r"mirrorsetup-agent\[\d+\] (DEBUG|INFO|WARNING) ")
+
 
 def ssh_verdict(stderr: str) -> tuple[str | None, int | None]:
     """(the line of an ssh's stderr that has the first verdict said, the errno of the first
@@ -133,9 +138,13 @@ def ssh_reason(stderr: str, status: int | None) -> str:
     if verdict:
         return verdict
     lines = [ln.strip() for ln in stderr.splitlines() if ln.strip()]
-    plain = [ln for ln in lines if not ln.startswith(SSH_NOISE) and any(c.isalpha() for c in ln)]
+    plain = [ln for ln in lines if not ln.startswith(SSH_NOISE) and any(c.isalpha() for c in ln)
+             and not AGENT_CHATTER.match(ln)]
     if plain:
         return plain[-1]
+    if any(ln.startswith("mirrorsetup-agent[") for ln in lines):
+        return (f"the agent ended without saying why (killed?); ssh exited with status {status}"
+                if status is not None else "the agent ended without saying why (killed?)")
     if status == 255:
         return "ssh exited with status 255 and said nothing (it could not connect, or was cut off)"
     return f"ssh exited with status {status}"
