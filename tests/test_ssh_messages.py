@@ -261,3 +261,32 @@ def test_a_killed_agents_last_log_line_is_not_said_as_the_reason():
     assert ssh_reason(error, 1) == "mirrorsetup-agent[4242] ERROR records missing: the source must resync"
     assert ssh_reason("ssh: connect to host 10.0.0.1 port 22: Connection refused\n", 255) == \
         "ssh: connect to host 10.0.0.1 port 22: Connection refused"
+
+
+def test_an_agent_whose_root_is_missing_says_how_to_make_it(tmp_path):
+    """Found by a walk: `target test` of a target whose --root did not exist said only "serve-
+    target root R is not a directory", not where or what to do."""
+    import json
+    import subprocess
+    import sys
+
+    from app.services import wire
+    root = tmp_path / "no such root"
+    out = subprocess.run([sys.executable, "-m", "app", "serve-target", "--root", str(root)],
+                         input=b"", capture_output=True, timeout=60).stdout
+    assert out.startswith(wire.GREETING), out
+    kind, payload = wire.read_frame(_reader(out[len(wire.GREETING):]))
+    msg = json.loads(payload)
+    assert kind == wire.ERROR and msg["code"] == "root", msg
+    assert f"create it there (mkdir -m 700 -p '{root}')" in msg["message"], msg
+    assert "or correct the --root of the key's command= line there" in msg["message"], msg
+
+
+def _reader(data: bytes):
+    pos = 0
+
+    def read(n: int) -> bytes:
+        nonlocal pos
+        pos += n
+        return data[pos - n:pos]
+    return read

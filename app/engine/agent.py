@@ -940,8 +940,13 @@ def main(root: str) -> int:
     os.umask(0)  # replicated modes are set explicitly; our own files name theirs
     if not os.path.isdir(root):
         sys.stdout.buffer.write(wire.GREETING)
+        import shlex
+        how = (f"create it there (mkdir -m 700 -p {shlex.quote(root)})" if not os.path.lexists(root)
+               else "it is something else there")
         sys.stdout.buffer.write(wire.jframe(wire.ERROR, {"code": "root", "message":
-                                f"serve-target root {root} is not a directory", "errno": errno.ENOENT}))
+                                f"serve-target root {root} is not a directory on "
+                                f"{os.uname().nodename}: {how}, or correct the --root of the "
+                                "key's command= line there", "errno": errno.ENOENT}))
         sys.stdout.buffer.flush()
         return 1
     agent = Agent(root, sys.stdin.buffer, sys.stdout.buffer)
