@@ -107,6 +107,20 @@ def test_symlinks_are_resolved_and_aliases_are_duplicates(store, dirs, tmp_path)
         assert info.value.errno == errno.EEXIST  # (it was None: --json said "errno": null)
 
 
+def test_adding_an_entry_again_to_adopt_its_target_says_how(store, dirs, tmp_path):
+    """Found by a walk: refusals say "adopt_target replaces it (CLI: --adopt-target)", but an
+    add with --adopt-target of an entry that is there already said only "already configured"."""
+    (real,) = dirs("real")
+    store.add_filesystem(real)
+    with refused(store, "already configured$"):
+        store.add_filesystem(real)
+    with refused(store, "already configured; to let it adopt its target, set adopt_target = true "
+                        "in its table of the configuration file") as info:
+        store.add_filesystem(real, adopt_target=True)
+    assert info.value.errno == errno.EEXIST
+    assert not store.load().filesystem[0].adopt_target  # nothing changed
+
+
 @pytest.mark.parametrize("make_path, match", [
     (lambda t: "srv/data", "must be an absolute path, got 'srv/data'"),
     (lambda t: "/", f"^{ROOT_REFUSAL}$"),

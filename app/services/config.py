@@ -202,8 +202,8 @@ class ConfigStore:
         for other in config.filesystem:
             if other.path == real:
                 alias = f" (as {real})" if real != path else ""
-                raise ConfigError(f"{path} is already configured{alias}", key="path", obj=path,
-                                  errno=errno.EEXIST)
+                raise ConfigError(f"{path} is already configured{alias}{_adopt_hint(entry)}",
+                                  key="path", obj=path, errno=errno.EEXIST)
             for inner, outer, verb in ((real, other.path, "is inside"),
                                        (other.path, real, "contains")):
                 if _inside(inner, outer):
@@ -240,7 +240,8 @@ class ConfigStore:
         for other in config.block:
             if _device_id(other.device) == me:
                 alias = f" (as {other.device})" if other.device != device else ""
-                raise refuse(f"{device} is already configured{alias}", code=errno.EEXIST)
+                raise refuse(f"{device} is already configured{alias}{_adopt_hint(entry)}",
+                             code=errno.EEXIST)
             if other.loop is not None and _device_id(other.loop) == me:
                 raise refuse(f"{device} is the loop device of the entry for {other.device}")
             if loop is not None and other.loop == loop:
@@ -519,6 +520,16 @@ def _remote_place(config: Config, name: str, rel: str) -> tuple[tuple[str, int],
     """Where NAME:REL's replica lies: ((host, port), its path there below the target's root)."""
     t = config.target_host(name)
     return (t.host.lower(), t.port), os.path.normpath(os.path.join("/", t.root, rel))
+
+
+def _adopt_hint(entry) -> str:
+    """An add with --adopt-target of an entry that is there already: how its target is adopted
+    (the refusals that name adopt_target say "CLI: --adopt-target"; add cannot change it)."""
+    if not getattr(entry, "adopt_target", False):
+        return ""
+    return ("; to let it adopt its target, set adopt_target = true in its table of the "
+            "configuration file and start its capture again (a capture takes it when it starts), "
+            "or remove the entry and add it again with --adopt-target")
 
 
 def _refuse_unclaimed(target: str, entry: str, adopt: bool) -> None:
