@@ -290,3 +290,19 @@ def _reader(data: bytes):
         pos += n
         return data[pos - n:pos]
     return read
+
+
+def test_a_verify_whose_session_was_lost_says_to_try_again_once_connected():
+    """Found by a walk: `block verify` while the link had just died ended, seconds later, in
+    "cannot reach the target (disconnected: …)" without the next step that `block mirror`,
+    refused at once, gave: the session was lost while the verify asked it."""
+    import errno
+
+    from app.engine.capture import unavailable_reply
+    lost = unavailable_reply("disconnected: the target stopped answering (Timeout, server not responding.)")
+    assert lost["error"] == ("cannot reach the target (disconnected: the target stopped answering "
+                             "(Timeout, server not responding.)); try again once status says connected")
+    assert lost["errno"] == errno.ENOTCONN
+    said = "cannot reach the target (connecting); try again once status says connected"
+    assert unavailable_reply(said)["error"] == said  # said already: not twice
+    assert unavailable_reply("paused: target full")["errno"] == errno.ENOSPC

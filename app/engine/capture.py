@@ -220,6 +220,18 @@ class NoTarget:
 
 # -- the worker ------------------------------------------------------------------------------------
 
+def unavailable_reply(state: str) -> dict:
+    """The daemon's answer to a mirror or verify the target cannot serve now (`state`, a
+    TargetUnavailable's). Said as it is when it says why already ("cannot reach the target
+    (...); try again once status says connected", "the target cannot take..."); a session lost
+    while the request asked (a link that died under a block verify) gets the same words and
+    next step: it said only "cannot reach the target (disconnected: ...)"."""
+    said = state if state.startswith(("cannot", "the target")) else \
+        f"cannot reach the target ({state}); try again once status says connected"
+    return protocol.error(said, errno.ENOSPC if state.startswith("paused")
+                          else errno.ETIMEDOUT if "within" in state else errno.ENOTCONN)
+
+
 class Capture:
     def __init__(self, spec: Spec, chan: Channel):
         self.spec = spec
@@ -677,10 +689,7 @@ class Capture:
         except protocol.ProtocolError as exc:
             reply = protocol.error(str(exc), errno.EINVAL)
         except TargetUnavailable as exc:  # a mirror or verify the target cannot serve now
-            said = exc.state if exc.state.startswith(("cannot", "the target")) else \
-                f"cannot reach the target ({exc.state})"  # a session lost while it asked
-            reply = protocol.error(said, errno.ENOSPC if exc.state.startswith("paused")
-                                   else errno.ETIMEDOUT if "within" in exc.state else errno.ENOTCONN)
+            reply = unavailable_reply(exc.state)
         except Exception as exc:  # never die of a request: say it
             log.exception("request %s", msg)
             reply = protocol.error(f"{type(exc).__name__}: {exc}", getattr(exc, "errno", None))
