@@ -446,6 +446,25 @@ def test_a_dead_loop_is_named_after_the_capture_files_cached_attributes_expired(
     assert not [w for w in warnings if loop in w["message"]], warnings
 
 
+def test_a_device_that_grew_under_its_capture_is_said(block_engine):
+    """Found by helper-25's walk: the replicated device grew (64 -> 96 MiB) while captured; its
+    loop and replica stayed at 64 MiB and nothing said so (status, verify "target matches")."""
+    eng, disk, target, cfg = block_engine()
+    backing = run("losetup", "-nO", "BACK-FILE", disk).stdout.strip()
+    os.truncate(backing, 96 * MiB)
+    run("losetup", "-c", disk)  # the kernel reads the file's new size
+    deadline = time.monotonic() + 10
+    while True:
+        warnings = json.loads(cli(cfg, eng, "status", "--json").stdout)["warnings"]
+        said = [w["message"] for w in warnings if w["subject"] == disk and "grew" in w["message"]]
+        if said or time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
+    assert said == ["the device grew to 96.0 MiB since its capture started; its loop and replica "
+                    "still have 64.0 MiB: detach it and attach it again (Detach all, Attach all) "
+                    "to use and replicate the rest"], warnings
+
+
 def test_manual_attach_of_a_captured_device_is_refused(block_engine, tmp_path):
     eng, disk, target, cfg = block_engine()
     loop = eng.block(disk)["loop"]

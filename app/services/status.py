@@ -347,6 +347,16 @@ def _serving(capture_file: str | None) -> bool:
         return False
 
 
+def _sysfs_size(dev: str) -> int | None:
+    """A block device's size now, from sysfs (the device is not opened: status must not hold
+    up a detach); None when it cannot be read."""
+    try:
+        with open(f"/sys/class/block/{os.path.basename(os.path.realpath(dev))}/size") as f:
+            return int(f.read()) * 512
+    except (OSError, ValueError):
+        return None
+
+
 def _block_state(entry: BlockEntry, view: View, table,
                  warnings: list[StatusWarning], scan_writers: bool, engine: CaptureRow | None,
                  ours_pids: frozenset[int], marks: str | None = None) -> BlockState:
@@ -387,6 +397,14 @@ def _block_state(entry: BlockEntry, view: View, table,
         capture = "not captured"
         warnings.append(StatusWarning(dev, f"{plain[0].device} is attached without capture (daemon not "
                                      "running then): its writes are not replicated"))
+    if live and engine.size and not entry.sizelimit:
+        now = _sysfs_size(dev)
+        if now is not None and now - entry.offset > engine.size:
+            from app.services.units import human_size
+            warnings.append(StatusWarning(dev, f"the device grew to {human_size(now)} since its capture "
+                                         f"started; its loop and replica still have "
+                                         f"{human_size(engine.size)}: detach it and attach it again "
+                                         "(Detach all, Attach all) to use and replicate the rest"))
     if captured and raw_loops:
         warnings.append(StatusWarning(dev, f"{', '.join(s.device for s in raw_loops)} reach the raw "
                                      "device directly: writes there bypass capture and corrupt the "
