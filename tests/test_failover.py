@@ -118,6 +118,8 @@ def test_planned_switchover_of_a_directory_and_fail_back(fs_remote, writer):
     res = json.loads(p.stdout)
     assert [x["outcome"] for x in res] == ["ok"], res
     assert res[0]["details"]["lost"] == 0 and "none lost" in res[0]["message"]
+    # where the data is on the target (helper-25's walk: it said nothing of the other side)
+    assert f"on {res[0]['details']['host']} its data is at {r.root / 'data'};" in res[0]["message"], res
     # the fail-back it names runs as printed (it said `mirrorsetup failback KEY`, without --yes)
     assert [c[1:] for c in _advised(res[0]["message"])] == [["failback", src, "--yes"]], res
     replica = r.root / "data"
@@ -477,6 +479,9 @@ def test_block_switchover_then_fail_back_sends_only_what_changed(block_remote):
     eng.block_drain(disk)
     p = cli(r.cfg, "switchover", disk, "--json", socket=eng.socket)
     assert p.returncode == 0, p.stdout + p.stderr
+    said = json.loads(p.stdout)[0]["message"]  # and how it is used there, a command that runs
+    assert ["replica", "promote", "disk.img", "--root", str(r.root)] in [c[1:] for c in _advised(said)] \
+        and "attaches it to a loop device (with --mount DIR also mounts it)" in said, said
     image = r.bed.target_view(r.root / "disk.img")
     assert sha(image) == sha(disk)
     assert eng.block(disk)["state"] == "switched over"

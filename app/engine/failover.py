@@ -204,6 +204,20 @@ def block_users(loop: str, ours: set[int]) -> list[str]:
     return users
 
 
+def _use_there(kind: str, spec, host: str) -> str:
+    """A switch-over's next step on the target host: where the promoted replica is, and the
+    command that makes it usable there (helper-25's walk: a block replica needs a loop, and
+    the switch-over said nothing of how)."""
+    remote = (spec.target or {}).get("remote") or {}
+    root, rel = remote.get("root"), remote.get("path")
+    if not root or not rel:
+        return ""
+    if kind == "fs":
+        return f"; on {host} its data is at {os.path.join(root, rel)}"
+    return (f"; on {host} {command('replica', 'promote', rel, '--root', root)} attaches it to a "
+            "loop device (with --mount DIR also mounts it)")
+
+
 def _exc_error(exc: TargetUnavailable) -> int:
     return {"in-use": errno.EBUSY, "split-brain": errno.EEXIST, "not-ours": errno.EEXIST,
             "locked": errno.EBUSY, "incomplete": errno.EIO, "promoted": errno.EEXIST,
@@ -360,11 +374,12 @@ class Failover:
                     "overwritten by it)" if "unfenced" not in fenced else
                     f"{key} could NOT be made read-only here ({fenced['unfenced']}): what is "
                     "written here is overwritten by the fail-back")
+            host = welcome.get("host", "the target")
             return [Result("switchover", key, Outcome.OK,
                            f"switched over to {entry.target} at seq {seq}: every record captured "
-                           f"here was applied there, none lost; the replica on "
-                           f"{welcome.get('host', 'the target')} is primary now (generation "
-                           f"{welcome.get('generation', '?')}); {key} is no longer captured here; "
+                           f"here was applied there, none lost; the replica on {host} is primary "
+                           f"now (generation {welcome.get('generation', '?')}){_use_there(kind, spec, host)}; "
+                           f"{key} is no longer captured here; "
                            f"{here}. {command('failback', key, '--yes')} brings the service back",
                            details={"seq": seq, "lost": 0, "generation": welcome.get("generation"),
                                     "host": welcome.get("host"), "fence": fenced})]
