@@ -245,6 +245,32 @@ def test_an_orphaned_capture_is_ended_by_the_command_status_prints(setup):
     assert eng.client.request("status")["orphans"] == [] and src not in mirrorfs_mounts()
 
 
+def test_capture_end_refuses_the_capture_of_a_configured_entry(setup):
+    """`capture end` is for orphans, but given a configured entry's path it lazily unmounted
+    that entry (files open) and called it 'the orphaned capture': the entry lost its capture
+    with nothing said (helper-26's walk). Now refused (exit 2, EBUSY), the mount and the open
+    file are untouched; an id no capture has is refused too (exit 2, ENOENT), not 'FAILED'."""
+    eng, src, _ = setup()
+    holder = _hold(os.path.join(src, "held"))
+    try:
+        def end(id_: str):
+            return subprocess.run([sys.executable, "-m", "app", "--json", "capture", "end", id_,
+                                   "--config", str(eng.config), "--socket", eng.socket],
+                                  capture_output=True, text=True, timeout=120)
+        r = end(src)
+        assert r.returncode == 2, (r.stdout, r.stderr)
+        assert json.loads(r.stdout)["errno_name"] == "EBUSY"
+        assert "is a configured entry" in r.stderr and "fs unmount-all" in r.stderr
+        assert src in mirrorfs_mounts()
+        assert os.path.exists(f"/proc/{holder.pid}") and holder.poll() is None
+        r = end("no-such-capture")
+        assert r.returncode == 2, (r.stdout, r.stderr)
+        assert json.loads(r.stdout)["errno_name"] == "ENOENT"
+    finally:
+        holder.kill()
+        holder.wait()
+
+
 def test_a_removed_entry_leaves_no_run_directory_and_nothing_else_there_is_touched(setup):
     """The run directory of a removed entry (RUN/fs/ID with its empty lower and stage) stayed
     for good. It goes when its capture ends; one left behind earlier goes at the next start;

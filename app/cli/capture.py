@@ -3,14 +3,18 @@ command (its entry was removed while something kept the capture running)."""
 
 from __future__ import annotations
 
-from app.cli.common import add, group, replication, require_daemon
+from app.cli.common import add, group, replication, require, require_daemon
 from app.cli.output import report
 
 
 def cmd_end(args) -> int:
+    """The daemon looks the capture up before it ends anything: no such capture, or the
+    capture of an entry still configured, is a refusal (exit 2), not a failed entry."""
+    from app.services.results import Result
     rep = replication(args)
     require_daemon(rep)
-    return report(rep.end_capture(args.id), as_json=args.json)
+    reply = require(rep.control.request, "capture_end", id=args.id)
+    return report([Result.from_json(r) for r in reply.get("results", [])], as_json=args.json)
 
 
 def register(sub, common) -> None:

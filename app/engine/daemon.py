@@ -212,9 +212,21 @@ class Daemon:
         return _results(results)
 
     async def cmd_capture_end(self, send, id=""):
-        """End an orphaned capture: its entry was removed but something kept it running."""
+        """End an orphaned capture: its entry was removed but something kept it running. The
+        capture of an entry still configured is no orphan: ending it (lazily, files open) took
+        the entry's capture away behind its back, so it is refused before anything is done."""
         for cap in list(self.sup.captures.values()):
             if layout_mod.entry_id(cap.key) == id or cap.key == id:
+                configured = (self._entries() if cap.kind == "fs" else self._blocks())
+                if any((e.path if cap.kind == "fs" else e.device) == cap.key for e in configured):
+                    fs = cap.kind == "fs"
+                    raise MirrorError(
+                        f"{cap.key} is a configured entry: its capture is not orphaned; "
+                        f"{'unmount' if fs else 'detach'} it with "
+                        f"{layout_mod.command('fs' if fs else 'block', 'unmount-all' if fs else 'detach-all')}"
+                        f" or remove the entry with "
+                        f"{layout_mod.command('fs' if fs else 'block', 'remove', cap.key)}",
+                        errno=errno.EBUSY, obj=cap.key)
                 return _results([await self._end_orphan(cap, force=True)])
         raise MirrorError(f"no capture {id!r} is running (see `mirrorsetup status`)", errno=errno.ENOENT, obj=id)
 

@@ -184,11 +184,6 @@ class Replication:
         """Planned: drain, lift capture, promote the remote replica (nothing may use `entry`)."""
         return self._daemon_results("switchover", entry, progress=progress, entry=entry)
 
-    def end_capture(self, capture_id: str) -> list[Result]:
-        """End an orphaned capture (its entry was removed while something kept it running),
-        by the id status shows for it."""
-        return self._daemon_results("end", capture_id, "capture_end", id=capture_id)
-
     def failback(self, entry: str, progress=None) -> list[Result]:
         """The promoted replica's data comes back (only what differs), capture starts again."""
         return self._daemon_results("failback", entry, progress=progress, entry=entry)
