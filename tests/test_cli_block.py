@@ -184,6 +184,21 @@ def test_manual_attach_and_detach_are_not_persisted(config_path, disks, unused_l
     assert "/dev/loopN" in cli(config_path, "manual", "detach", "/dev/sda", check_rc=2).stderr
 
 
+def test_manual_attach_refuses_a_bad_window_as_block_add_does(config_path, disks):
+    """`manual attach --offset 100` said 'FAILED … must be a multiple of 512' with exit 1 (an
+    entry failed) where `block add --offset 100` refuses it, exit 2 (helper-26's walk). Bad
+    arguments are refused, with EINVAL, and no loop is attached."""
+    disk = disks(8 << 20)
+    for argv, words in ((["--offset", "100"], "512"), (["--sizelimit", "100"], "512"),
+                        (["--offset", "1G"], "past the end"),
+                        (["--offset", "4M", "--sizelimit", "8M"], "past the end")):
+        proc = cli(config_path, "manual", "attach", disk, *argv, "--json", check_rc=2)
+        refusal = json.loads(proc.stdout)
+        assert words in refusal["error"] and refusal["errno_name"] == "EINVAL", (argv, refusal)
+        assert proc.stderr.startswith("mirrorsetup: "), proc.stderr
+        assert loops_on(disk) == []
+
+
 def test_detach_pending_while_the_loop_is_open(config_path, disks):
     disk = disks()
     loop = json.loads(cli(config_path, "manual", "attach", disk, "--json").stdout)[0]["details"]["loop"]

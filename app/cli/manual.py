@@ -10,7 +10,11 @@ from app.cli.output import report
 
 def cmd_attach(args) -> int:
     from app.services import blockdevs
+    from app.services.config import check_window
     require(blockdevs.describe, args.device)  # no such device: refused, not "failed"
+    # a bad window is a bad argument, refused as `block add` refuses it, not a FAILED attach
+    require(check_window, args.device, args.offset, args.sizelimit,
+            require(blockdevs.device_size, args.device))
     return report([replication(args, missing_ok=True).manual_attach(
         args.device, loop=args.loop, offset=args.offset, sizelimit=args.sizelimit,
         read_only=args.read_only, force=args.force)], as_json=args.json)

@@ -256,13 +256,7 @@ class ConfigStore:
             raise ConfigError(exc.message, key="device", obj=device, errno=exc.errno) from exc
         if reason:
             raise refuse(f"{device} cannot be replicated: {reason}")
-        if entry.offset >= size:
-            raise refuse(f"offset {exact_size(entry.offset)} is past the end of {device}"
-                         f" ({exact_size(size)})", "offset")
-        if entry.sizelimit and entry.offset + entry.sizelimit > size:
-            raise refuse(f"offset {exact_size(entry.offset)} + sizelimit "
-                         f"{exact_size(entry.sizelimit)} runs past the end of {device}"
-                         f" ({exact_size(size)})", "sizelimit")
+        check_window(device, entry.offset, entry.sizelimit, size)
         if entry.target is not None and not _local(entry.target):
             _checked_remote_target("block", device, entry.target, config)
         elif entry.target is not None:
@@ -347,6 +341,23 @@ class ConfigStore:
 
 def _fspath(value):
     return None if value is None else os.fspath(value)
+
+
+def check_window(device: str, offset: int, sizelimit: int, size: int) -> None:
+    """The window of `device` (`size` bytes) a loop is to show, checked as `block add` checks
+    it; `manual attach` checks it the same way, so a bad offset is refused there too (exit 2)
+    rather than tried and failed."""
+    for key, value in (("offset", offset), ("sizelimit", sizelimit)):
+        problem = field_problem(key, int, value)
+        if problem:
+            raise ConfigError(f"{key}: {problem}", key=key, obj=device, errno=errno.EINVAL)
+    if offset >= size:
+        raise ConfigError(f"offset {exact_size(offset)} is past the end of {device}"
+                          f" ({exact_size(size)})", key="offset", obj=device, errno=errno.EINVAL)
+    if sizelimit and offset + sizelimit > size:
+        raise ConfigError(f"offset {exact_size(offset)} + sizelimit {exact_size(sizelimit)} runs "
+                          f"past the end of {device} ({exact_size(size)})", key="sizelimit",
+                          obj=device, errno=errno.EINVAL)
 
 
 def _check_fields(entry, spec: dict[str, tuple[type, bool]]) -> None:
