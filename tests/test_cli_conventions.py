@@ -87,6 +87,30 @@ def test_a_named_configuration_that_does_not_exist_is_refused_by_what_reads_it(c
         assert not config.parent.exists()  # not even the lock file's directory
 
 
+@pytest.mark.parametrize("argv", [
+    ["block", "add", "/dev/nope", "--offset", "10X"], ["manual", "attach", "/dev/nope",
+                                                        "--sizelimit", "-5"],
+    ["fs", "nosuch"], ["fs", "add"], ["status", "--bogus"], ["nosuch"],
+])
+def test_bad_arguments_with_json_give_the_refusal_object_on_stdout(config, argv):
+    """argparse's refusals printed nothing on stdout under --json (helper-26's walk): a
+    script's json.loads read '' for `--offset 10X`, an object for `--queue-limit 10X`. Now
+    the same {error, errno, errno_name} as every refusal; usage and reason stay on stderr,
+    and without --json stdout stays empty."""
+    for where in ("before", "after"):
+        argv_ = ["--json", *argv] if where == "before" else [*argv, "--json"]
+        if argv == ["nosuch"] and where == "after":
+            continue  # argparse stops at the unknown command
+        r = cli(*args(config, *argv_))
+        assert r.returncode == 2, (argv_, r.stdout, r.stderr)
+        refusal = json.loads(r.stdout)
+        assert refusal["errno_name"] == "EINVAL" and refusal["error"].startswith("mirrorsetup"), refusal
+        assert "error:" in r.stderr and "usage:" in r.stderr
+    r = cli(*args(config, *argv))
+    assert r.returncode == 2 and r.stdout == "" and "error:" in r.stderr
+    assert not config.exists()
+
+
 def test_a_command_that_adds_an_entry_creates_the_named_configuration(config, tmp_path):
     data = tmp_path / "data"
     data.mkdir()

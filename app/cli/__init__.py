@@ -49,7 +49,7 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     """The whole parser, or (with `command`, one of COMMANDS or "tui") only the parts that
     parse that command's calls: the same results and errors for them."""
     import importlib
-    from app.cli.common import EXIT_CODES, add
+    from app.cli.common import EXIT_CODES, Parser, add
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--config", default=argparse.SUPPRESS, metavar="PATH",
                         help="configuration file (default: $MIRRORSETUP_CONFIG or "
@@ -60,7 +60,7 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     common.add_argument("--json", action="store_true", default=argparse.SUPPRESS,
                         help="machine-readable output on stdout")
 
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="mirrorsetup", parents=[common], epilog=EXIT_CODES,
         formatter_class=argparse.RawDescriptionHelpFormatter,
         description="Choose what is replicated, and see live whether it is. Without a "
@@ -116,6 +116,9 @@ def main(argv: list[str] | None = None) -> int:
         return serve_target(argv[1:])
     from app.cli.output import refusal
     from app.services.results import MirrorError
+    from app.cli.common import Parser
+    words = argv[:argv.index("--")] if "--" in argv else argv
+    Parser.json_wanted = "--json" in words
     args = build_parser(command_of(argv)).parse_args(argv)
     # --config/--socket/--json may stand before or after the subcommand (SUPPRESS keeps either).
     for name, default in (("config", None), ("socket", None), ("json", False),

@@ -4,6 +4,7 @@ that make a mistake a refusal (exit 2) before anything is tried, and the parser 
 from __future__ import annotations
 
 import argparse
+import sys
 from collections.abc import Callable
 
 from app.services.results import MirrorError
@@ -16,6 +17,25 @@ exit status (every command):
   2  refused before anything changed: bad arguments, an entry that is not configured or
      not valid, a configuration file that cannot be read, or a daemon that is needed but
      not running (or works from another configuration file)"""
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse's parser, whose refusal of bad arguments (exit 2) also gives `--json`'s refusal
+    object on stdout, as every other refusal does: a script read nothing there for
+    `--offset 10X` but an object for `--queue-limit 10X`. Its subcommands' parsers are of this
+    class too (argparse makes them of their parent's)."""
+
+    json_wanted = False  # set by main() from the command line, before parsing
+
+    def error(self, message: str):
+        if Parser.json_wanted:
+            import errno
+
+            from app.cli.output import dump
+            dump({"error": f"{self.prog}: {message}", "errno": errno.EINVAL,
+                  "errno_name": "EINVAL"})
+            sys.stdout.flush()
+        super().error(message)
 
 
 class Refused(MirrorError):
