@@ -220,6 +220,30 @@ def test_status_watch_prints_again_when_the_configuration_changes(config, tmp_pa
         watch.wait()
 
 
+def test_status_watch_json_prints_one_document_per_line(config, tmp_path):
+    """`status --json --watch` printed indented documents one after another, which no JSON
+    reader splits (helper-26's walk). Each print is now one line (JSON Lines)."""
+    data = tmp_path / "data"
+    data.mkdir()
+    write_empty(config)
+    watch = subprocess.Popen([sys.executable, "-m", "app", *args(config, "status", "--watch",
+                                                                   "--json")],
+                             cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        first = json.loads(watch.stdout.readline())
+        assert first["filesystem"] == []
+        assert cli(*args(config, "fs", "add", str(data))).returncode == 0
+        while True:
+            line = watch.stdout.readline()
+            assert line, watch.stderr.read()
+            if json.loads(line)["filesystem"]:
+                break
+        assert json.loads(line)["filesystem"][0]["path"] == str(data)
+    finally:
+        watch.kill()
+        watch.wait()
+
+
 @pytest.mark.parametrize("flag", ["-V", "--version"])
 def test_version_is_printed_on_stdout(flag):
     from app import __version__

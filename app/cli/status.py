@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import queue
 import sys
 
@@ -16,8 +17,11 @@ def cmd_status(args) -> int:
 
     def show() -> None:
         live = client if client.is_running() else None
-        print_status(require(snapshot, s, live, state_dir=args.state_dir or default_state_dir()),
-                     as_json=args.json)
+        snap = require(snapshot, s, live, state_dir=args.state_dir or default_state_dir())
+        if args.json and args.watch:  # JSON Lines: a reader takes one document per line
+            print(json.dumps(snap.to_json(), default=str))
+        else:
+            print_status(snap, as_json=args.json)
         sys.stdout.flush()
 
     show()
@@ -52,4 +56,5 @@ def register(sub, common) -> None:
             common)
     p.add_argument("--watch", action="store_true", help="print again on every mount, device, "
                    "daemon or configuration change, and when the daemon's figures move "
-                   "(positions, queue, lag, connection: asked every 2 s)")
+                   "(positions, queue, lag, connection: asked every 2 s); with --json one document "
+                   "per line (JSON Lines)")
