@@ -111,6 +111,20 @@ def test_bad_arguments_with_json_give_the_refusal_object_on_stdout(config, argv)
     assert not config.exists()
 
 
+def test_fs_add_of_a_file_says_enotdir_in_json(config, tmp_path):
+    """A file where a directory is expected said errno null in --json (block add says
+    ENOTBLK for its like); the path and the target now say ENOTDIR, as stat(2)'s callers do,
+    and a target whose parent is missing ENOENT (helper-26's walk)."""
+    data, plain = tmp_path / "data", tmp_path / "plain"
+    data.mkdir()
+    plain.write_text("x")
+    for argv, name in ((["fs", "add", str(plain)], "ENOTDIR"),
+                       (["fs", "add", str(data), "--target", str(plain)], "ENOTDIR"),
+                       (["fs", "add", str(data), "--target", str(tmp_path / "no" / "t")], "ENOENT")):
+        r = cli(*args(config, *argv, "--json"))
+        assert r.returncode == 2 and json.loads(r.stdout)["errno_name"] == name, (argv, r.stdout)
+
+
 def test_a_command_that_adds_an_entry_creates_the_named_configuration(config, tmp_path):
     data = tmp_path / "data"
     data.mkdir()

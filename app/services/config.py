@@ -193,7 +193,8 @@ class ConfigStore:
         if os.path.normpath(path) == "/":
             raise ConfigError(ROOT_REFUSAL, key="path", obj=path)
         if not stat.S_ISDIR(_stat(path, "path", "directory").st_mode):
-            raise ConfigError(f"{path} is not a directory", key="path", obj=path)
+            raise ConfigError(f"{path} is not a directory", key="path", obj=path,
+                              errno=errno.ENOTDIR)
         real = os.path.realpath(path)
         if real == "/":
             raise ConfigError(f"{ROOT_REFUSAL} ({path} leads to /)", key="path", obj=path)
@@ -573,8 +574,8 @@ def _refuse_unclaimed(target: str, entry: str, adopt: bool) -> None:
 
 
 def _checked_fs_target(source: str, target: str, config: Config) -> str:
-    def refuse(message: str) -> ConfigError:
-        return ConfigError(f"target {target} {message}", key="target", obj=target)
+    def refuse(message: str, code: int | None = None) -> ConfigError:
+        return ConfigError(f"target {target} {message}", key="target", obj=target, errno=code)
     real = os.path.realpath(target)
     if real == source:
         raise refuse("is the replicated directory itself")
@@ -588,13 +589,14 @@ def _checked_fs_target(source: str, target: str, config: Config) -> str:
     _refuse_shared_target("fs", source, target, config)
     parent = os.path.dirname(real)
     if not os.path.isdir(parent):
-        raise refuse(f"cannot be created: its parent {parent} does not exist")
+        raise refuse(f"cannot be created: its parent {parent} does not exist", errno.ENOENT)
     if os.path.lexists(real) and not os.path.isdir(real):
-        raise refuse("is not a directory")
+        raise refuse("is not a directory", errno.ENOTDIR)
     probe = real if os.path.lexists(real) else parent
     if not os.access(probe, os.W_OK) or os.statvfs(probe).f_flag & os.ST_RDONLY:
         ro = os.statvfs(probe).f_flag & os.ST_RDONLY
-        raise refuse("is not writable" + (" (read-only file system)" if ro else ""))
+        raise refuse("is not writable" + (" (read-only file system)" if ro else ""),
+                     errno.EROFS if ro else errno.EACCES)
     return real
 
 
