@@ -6,6 +6,8 @@ follows a typed path, and the Targets screen's keys in its footer."""
 
 from __future__ import annotations
 
+import pytest
+
 from test_tui_snapshots import (  # noqa: F401 (fixture)
     SnapshotReplication, fake_status, snap_services, snapshot_app)
 from test_tui_support import pilot_test, settle, static_text
@@ -41,48 +43,35 @@ async def press(pilot, *keys: str) -> None:
         await settle(pilot)
 
 
+@pytest.mark.parametrize("menu, key, call, screen, says, not_said", [
+    ("1", "u", "unmount_all", "FilesystemScreen",
+     ["1 directory is captured now", "/srv/data → backup1:data", "until Mount all"],
+     ["/home/shared"]),
+    ("2", "d", "detach_all", "BlockScreen",
+     ["2 block entries are attached, 1 of them captured now",
+      "/dev/sdb1 → /backup/sdb1.img: /dev/loop7, captured",
+      "/dev/sdc → /dev/sdf: /dev/loop8, not captured", "until Attach all"],
+     ["/dev/sdg"])])
 @pilot_test
-async def test_unmount_all_asks_first_and_says_what_stops(snap_services):
-    """u used to unmount every directory at once, captures running; now a dialog says which
-    are captured and that their replication stops until Mount all; Esc and n change nothing."""
+async def test_unmount_all_and_detach_all_ask_first_and_say_what_stops(
+        snap_services, menu, key, call, screen, says, not_said):
+    """u and d used to end every capture at once; now a dialog says which entries are captured
+    and that their replication stops until Mount all / Attach all; Esc and n change nothing."""
     replication = counting(snap_services)
     app = snapshot_app(snap_services)
     async with app.run_test(size=(80, 24)) as pilot:
         await settle(pilot)
-        await press(pilot, "1", "u")
+        await press(pilot, menu, key)
         assert type(app.screen) is ConfirmDialog
         question = static_text(app.screen.query_one("#question"))
-        assert "1 directory is captured now" in question, question
-        assert "/srv/data → backup1:data" in question and "/home/shared" not in question
-        assert "until Mount all" in question
+        assert all(x in question for x in says) and not any(x in question for x in not_said), question
         assert app.screen.query_one("#no").has_focus  # Enter on it says no too
         await press(pilot, "escape")
-        await press(pilot, "u", "n")
+        await press(pilot, key, "n")
         assert replication.calls == []
-        assert type(app.screen).__name__ == "FilesystemScreen"
-        await press(pilot, "u", "y")
-        assert replication.calls == ["unmount_all"]
-        assert type(app.screen) is ResultsDialog
-
-
-@pilot_test
-async def test_detach_all_asks_first_and_says_what_stops(snap_services):
-    replication = counting(snap_services)
-    app = snapshot_app(snap_services)
-    async with app.run_test(size=(80, 24)) as pilot:
-        await settle(pilot)
-        await press(pilot, "2", "d")
-        assert type(app.screen) is ConfirmDialog
-        question = static_text(app.screen.query_one("#question"))
-        assert "2 block entries are attached, 1 of them captured now" in question, question
-        assert "/dev/sdb1 → /backup/sdb1.img: /dev/loop7, captured" in question
-        assert "/dev/sdc → /dev/sdf: /dev/loop8, not captured" in question
-        assert "/dev/sdg" not in question and "until Attach all" in question
-        await press(pilot, "escape")
-        await press(pilot, "d", "n")
-        assert replication.calls == []
-        await press(pilot, "d", "y")
-        assert replication.calls == ["detach_all"]
+        assert type(app.screen).__name__ == screen
+        await press(pilot, key, "y")
+        assert replication.calls == [call]
         assert type(app.screen) is ResultsDialog
 
 
