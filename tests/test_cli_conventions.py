@@ -125,6 +125,22 @@ def test_fs_add_of_a_file_says_enotdir_in_json(config, tmp_path):
         assert r.returncode == 2 and json.loads(r.stdout)["errno_name"] == name, (argv, r.stdout)
 
 
+def test_an_entry_refused_as_wrong_says_einval_in_json(config, tmp_path):
+    """helper-26's walk: `fs add /` and many refusals of the configuration's checks ("is
+    inside …, which is already replicated", "overlaps …") said "errno": null in --json: a
+    script could not tell them from a success's missing field. A wrong entry is EINVAL; a
+    missing one stays ENOENT."""
+    top = tmp_path / "top"
+    (top / "inner").mkdir(parents=True)
+    assert cli(*args(config, "fs", "add", str(top))).returncode == 0
+    for argv, name in ((["fs", "add", "/"], "EINVAL"),
+                       (["fs", "add", str(top / "inner")], "EINVAL"),
+                       (["fs", "add", str(tmp_path / "nowhere")], "ENOENT")):
+        r = cli(*args(config, *argv, "--json"))
+        said = json.loads(r.stdout)
+        assert r.returncode == 2 and said["errno_name"] == name and said["errno"], (argv, r.stdout)
+
+
 def test_a_command_that_adds_an_entry_creates_the_named_configuration(config, tmp_path):
     data = tmp_path / "data"
     data.mkdir()

@@ -4,6 +4,7 @@ that make a mistake a refusal (exit 2) before anything is tried, and the parser 
 from __future__ import annotations
 
 import argparse
+import errno
 import sys
 from collections.abc import Callable
 
@@ -29,8 +30,6 @@ class Parser(argparse.ArgumentParser):
 
     def error(self, message: str):
         if Parser.json_wanted:
-            import errno
-
             from app.cli.output import dump
             dump({"error": f"{self.prog}: {message}", "errno": errno.EINVAL,
                   "errno_name": "EINVAL"})
@@ -68,10 +67,14 @@ def replication(args, *, missing_ok: bool = False):
 def require(call: Callable, *a, **kw):
     """Run a check; its MirrorError (with the errno a missing object deserves) is a refusal."""
     from app.services.entries import with_errno
+    from app.services.results import ConfigError
     try:
         return call(*a, **kw)
     except MirrorError as exc:
-        raise Refused(with_errno(exc).message, errno=exc.errno, obj=exc.obj) from exc
+        with_errno(exc)  # a missing object: ENOENT
+        if exc.errno is None and isinstance(exc, ConfigError):  # an entry or file that is wrong
+            exc.errno = errno.EINVAL  # (--json said "errno": null for `fs add /`, "is inside …")
+        raise Refused(exc.message, errno=exc.errno, obj=exc.obj) from exc
 
 
 def require_daemon(rep) -> None:
