@@ -141,6 +141,17 @@ def test_an_entry_refused_as_wrong_says_einval_in_json(config, tmp_path):
         assert r.returncode == 2 and said["errno_name"] == name and said["errno"], (argv, r.stdout)
 
 
+def test_fs_add_takes_a_relative_path_as_remove_does(config, tmp_path):
+    """helper-26's walk: `fs add data` said "must be an absolute path" while `fs remove data`
+    (and mirror, verify) took it from the working directory, as mount(8) and losetup(8) do."""
+    (tmp_path / "data").mkdir()
+    r = subprocess.run([sys.executable, "-m", "app", "--config", str(config), "fs", "add", "data"],
+                       capture_output=True, text=True, cwd=tmp_path)
+    assert r.returncode == 0 and f"added {tmp_path / 'data'}" in r.stdout, r.stdout + r.stderr
+    listed = json.loads(cli(*args(config, "fs", "list", "--json")).stdout)
+    assert [e["path"] for e in listed] == [str(tmp_path / "data")], listed
+
+
 def test_a_command_that_adds_an_entry_creates_the_named_configuration(config, tmp_path):
     data = tmp_path / "data"
     data.mkdir()

@@ -25,7 +25,12 @@ def cmd_list(args) -> int:
 
 
 def cmd_add(args) -> int:
+    import os
+
     from app.services.config import FsEntry
+    # a relative PATH is the working directory's, as mount(8) and losetup(8) take theirs (and
+    # as fs remove/mirror/verify took it already; add alone said "must be an absolute path")
+    args.path = os.path.abspath(args.path) if args.path and not os.path.isabs(args.path) else args.path
     rep = replication(args, missing_ok=True)
     opts = dict(adopt_target=args.adopt_target, queue_limit=args.queue_limit, on_full=args.on_full)
     require(rep.store.validate_filesystem, FsEntry(args.path, args.atime, args.target, **opts),
