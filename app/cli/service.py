@@ -65,8 +65,8 @@ def cmd_mount_units(args) -> int:
         else:
             say(f"==> {unit.path}{' (refused: see below)' if unit.refused else ''}")
             print(unit.text)
-    for skip in plan.skipped:
-        say(f"no unit for {skip['device']}: {skip['reason']}")
+    for skip in plan.skipped:  # (they make the exit status 1: their lines go to stderr)
+        print(f"no unit for {skip['device']}: {skip['reason']}", file=sys.stderr)
     for problem in plan.problems:
         print(f"problem: {problem['device']}: {problem['message']}", file=sys.stderr)
     if not config.block:
