@@ -182,5 +182,7 @@ def register(sub, common) -> None:
             "daemon)", common)
     p.add_argument("device")
     p = add(block, "verify", cmd_verify, "compare a device with its target by block hashes; "
-            "print the differing ranges (via the daemon; exit 1 when one differs)", common)
+            "print the differing ranges (via the daemon; exit 1 when one differs; with --json "
+            "each range is [start, end): byte offsets from the entry's offset, the end not in it)",
+            common)
     p.add_argument("device")
