@@ -436,6 +436,19 @@ def test_a_device_that_grew_under_its_capture_is_said(block_engine):
                     "to use and replicate the rest"], warnings
 
 
+def test_an_entrys_own_loop_given_for_the_entry_is_named_as_such(block_engine):
+    """helper-26's walk: `block verify /dev/loopN` of the loop an entry's capture serves said
+    only "is not a configured block device"; it names the entry to give instead, and changes
+    nothing (exit 2, ENOENT)."""
+    eng, disk, target, cfg = block_engine()
+    loop = eng.block(disk)["loop"]
+    for action in ("verify", "mirror", "remove"):
+        r = cli(cfg, eng, "block", action, loop)
+        assert r.returncode == 2, r.stdout + r.stderr
+        assert f"{loop} is the loop device of the entry for {disk}: give {disk}" in r.stderr, r.stderr
+    assert eng.block(disk)["captured"]
+
+
 def test_manual_attach_of_a_captured_device_is_refused(block_engine, tmp_path):
     eng, disk, target, cfg = block_engine()
     loop = eng.block(disk)["loop"]

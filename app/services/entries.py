@@ -35,12 +35,32 @@ def configured_fs(store: ConfigStore, path: str) -> FsEntry:
 
 
 def configured_block(store: ConfigStore, device: str) -> BlockEntry:
-    """The entry for `device` (an alias of the same device matches); refused with ENOENT."""
-    entry = _match_block(store.load(), os.fspath(device))
+    """The entry for `device` (an alias of the same device matches); refused with ENOENT. An
+    entry's own loop device (its fixed loop, or the loop its capture serves) is named as such,
+    with the device to give instead (helper-26's walk: `block verify /dev/loop2` said only
+    "is not a configured block device")."""
+    config = store.load()
+    entry = _match_block(config, os.fspath(device))
     if entry is None:
-        raise ConfigError(f"{device} is not a configured block device", obj=str(device),
+        owner = _entry_of_loop(config, os.fspath(device))
+        raise ConfigError(f"{device} is the loop device of the entry for {owner.device}: give "
+                          f"{owner.device}" if owner is not None else
+                          f"{device} is not a configured block device", obj=str(device),
                           errno=errno.ENOENT)
     return entry
+
+
+def _entry_of_loop(config: Config, device: str) -> BlockEntry | None:
+    """The block entry whose loop `device` is: its fixed loop, or a loop bound to its capture."""
+    try:
+        st = loopdev.status(device)
+    except (MirrorError, ValueError, OSError):
+        return None  # not a loop device (or gone)
+    for e in config.block:
+        if e.loop and os.path.realpath(e.loop) == os.path.realpath(device) or \
+                st is not None and is_capture_of(e.device, st.backing_file):
+            return e
+    return None
 
 
 def with_errno(exc: MirrorError) -> MirrorError:
