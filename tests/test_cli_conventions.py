@@ -152,6 +152,18 @@ def test_fs_add_takes_a_relative_path_as_remove_does(config, tmp_path):
     assert [e["path"] for e in listed] == [str(tmp_path / "data")], listed
 
 
+def test_an_entry_added_without_a_target_is_told_so(config, tmp_path):
+    """helper-26's walk: `fs add DIR` without --target was taken in silence (`fs list` then
+    showed TARGET "-" and nothing said what that means)."""
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    r = cli(*args(config, "fs", "add", str(tmp_path / "a")))
+    assert r.returncode == 0 and "no target: its changes are captured and replicated nowhere until " \
+        "it has one (remove it and add it again with --target)" in r.stdout, r.stdout
+    r = cli(*args(config, "fs", "add", str(tmp_path / "b"), "--target", str(tmp_path / "t")))
+    assert r.returncode == 0 and "no target" not in r.stdout, r.stdout
+
+
 def test_a_command_that_adds_an_entry_creates_the_named_configuration(config, tmp_path):
     data = tmp_path / "data"
     data.mkdir()

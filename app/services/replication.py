@@ -47,7 +47,7 @@ class Replication:
         window = (f"{human_size(entry.sizelimit)} from offset {entry.offset}" if entry.sizelimit
                   else f"at offset {entry.offset}")
         return Result("add", entry.device, Outcome.OK, f"added {entry.device} (attaches to {where} "
-                      f"{window}{', read-only' if entry.read_only else ''})")
+                      f"{window}{', read-only' if entry.read_only else ''}){_no_target(entry)}")
 
     def remove_block(self, device: str) -> list[Result]:
         """Remove an entry; its loop is detached first, and a failed detach keeps the entry."""
@@ -264,8 +264,8 @@ class Replication:
             return Result.from_error("add", path, exc)
         atime = "with" if entry.replicate_atime else "without"
         return Result("add", entry.path, Outcome.OK,
-                      f"added {entry.path} ({atime} access times); mount it now with Mount all, "
-                      f"or it is mounted when the daemon starts")
+                      f"added {entry.path} ({atime} access times){_no_target(entry)}; mount it "
+                      "now with Mount all, or it is mounted when the daemon starts")
 
     def remove_filesystem(self, path: str, *, force: bool = False) -> list[Result]:
         """Remove an entry; a capture still mounted there is unmounted first through the daemon."""
@@ -310,3 +310,12 @@ def _kept_note(ended: list[Result]) -> str:
         return ""
     return ("; the changes its journal kept (not yet at the target) are sent only if the entry "
             "is added again with the same target; otherwise that target stays without them")
+
+
+def _no_target(entry) -> str:
+    """An entry added without a target, said so at its add (helper-26's walk: `fs add DIR`
+    took it in silence, and `fs list` showed TARGET "-" without saying what that means)."""
+    if entry.target:
+        return ""
+    return ("; no target: its changes are captured and replicated nowhere until it has one "
+            "(remove it and add it again with --target)")
