@@ -161,14 +161,14 @@ def register(sub, common) -> None:
     add(block, "list", cmd_list, "list the configured block devices (an invalid entry is "
         "flagged)", common)
     p = add(block, "add", cmd_add, "add a block device entry", common)
-    p.add_argument("device")
+    p.add_argument("device", help="the block device (never its /dev/loopN: applications use that)")
     loop_options(p)
     p.add_argument("--encryption", help=argparse.SUPPRESS)  # legacy field: refused with a reason
     p.add_argument("--target", help="file or device the writes are replicated to, or NAME:PATH "
                    "on a remote target (mirrorsetup target add)")
     replica_options(p)
     p = add(block, "remove", cmd_remove, "detach and remove a block device entry", common)
-    p.add_argument("device")
+    p.add_argument("device", help="a configured block device (not its loop)")
     p = add(block, "attach-all", cmd_attach_all, "attach every entry to its loop device now "
             "(captured when the daemon runs)", common)
     p.add_argument("--dry-run", action="store_true", help="show the plan, change nothing")
@@ -180,9 +180,9 @@ def register(sub, common) -> None:
     p = add(block, "mirror", cmd_mirror, "make the target equal to the device (from its "
             "offset): 1 MiB blocks whose hashes differ are copied, with a progress bar (via the "
             "daemon)", common)
-    p.add_argument("device")
+    p.add_argument("device", help="a configured block device (not its loop)")
     p = add(block, "verify", cmd_verify, "compare a device with its target by block hashes; "
             "print the differing ranges (via the daemon; exit 1 when one differs; with --json "
             "each range is [start, end): byte offsets from the entry's offset, the end not in it)",
             common)
-    p.add_argument("device")
+    p.add_argument("device", help="a configured block device (not its loop)")

@@ -97,14 +97,14 @@ def register(sub, common) -> None:
     add(fs, "list", cmd_list, "list the configured directories (an invalid entry is flagged)",
         common)
     p = add(fs, "add", cmd_add, "add the highest directory to capture (never /)", common)
-    p.add_argument("path")
+    p.add_argument("path", help="the directory (a relative path is the working directory's)")
     p.add_argument("--atime", action="store_true", help="replicate access times (off by default; "
                    "times at close are always replicated)")
     p.add_argument("--target", help="directory the changes are replicated to, or NAME:PATH on a "
                    "remote target (mirrorsetup target add)")
     replica_options(p)
     p = add(fs, "remove", cmd_remove, "remove an entry (its mirrorfs is unmounted first)", common)
-    p.add_argument("path")
+    p.add_argument("path", help="a configured directory")
     p.add_argument("--force", action="store_true", help="lazy-unmount even when files are open")
     add(fs, "mount-all", cmd_mount_all, "mount mirrorfs on every entry now (via the daemon)",
         common)
@@ -115,7 +115,7 @@ def register(sub, common) -> None:
     p = add(fs, "mirror", cmd_mirror, "make an entry's target equal to it: files that differ "
             "are copied, files the entry does not have are deleted from the target (via the "
             "daemon)", common)
-    p.add_argument("path")
+    p.add_argument("path", help="a configured directory")
     p = add(fs, "verify", cmd_verify, "compare an entry with its target; list every difference "
             "(exit 1 when there is one)", common)
-    p.add_argument("path")
+    p.add_argument("path", help="a configured directory")

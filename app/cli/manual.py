@@ -33,7 +33,7 @@ def cmd_detach(args) -> int:
 def register(sub, common) -> None:
     manual = group(sub, "manual", "attach or detach now, not persisted", "manual actions")
     p = add(manual, "attach", cmd_attach, "attach a block device to a loop device now", common)
-    p.add_argument("device")
+    p.add_argument("device", help="the block device to attach")
     loop_options(p)
     p.add_argument("--force", action="store_true", help="attach even over a mounted or held "
                    "device")

@@ -174,13 +174,13 @@ def register(sub, common) -> None:
     p.add_argument("entry", help="a file-system entry's path or a block entry's device")
     p = add(sub, "failback", cmd_failback, "bring a promoted remote replica's data back (only what "
             "differs), make it secondary again and capture here again", common)
-    p.add_argument("entry")
+    p.add_argument("entry", help="a file-system entry's path or a block entry's device")
     p.add_argument("--yes", action="store_true", help="confirm (scripts)")
     rep = group(sub, "replica", "remote replicas: fail-over on the target host, split brain",
                 "replica actions")
     p = add(rep, "resolve", cmd_resolve, "end a split brain, this host's data wins (the target's "
             "promotion is discarded and it is re-mirrored, only differences)", common)
-    p.add_argument("entry")
+    p.add_argument("entry", help="a file-system entry's path or a block entry's device")
     p.add_argument("--discard-target", action="store_true", help="the source wins")
     p.add_argument("--yes", action="store_true", help="confirm (scripts)")
     p = add(rep, "list", cmd_list, "on the target host: every replica kept below --root, its role "
