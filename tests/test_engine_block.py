@@ -308,6 +308,31 @@ def test_kill9_of_daemon_and_worker_under_write_load_then_restart_resyncs(block_
     assert sha(target) == sha(disk)
 
 
+def _ext4_mounted_on_its_loop(block_engine, tmp_path):
+    """A block entry captured, an ext4 made and mounted on its loop: (engine, disk, config,
+    its status row, the mount point)."""
+    eng, disk, _target, cfg = block_engine()
+    before = eng.block(disk)
+    run("mkfs.ext4", "-q", before["loop"])
+    where = tmp_path / "mnt"
+    where.mkdir()
+    run("mount", before["loop"], str(where))
+    return eng, disk, cfg, before, where
+
+
+def _dead_loop_said(cfg, eng, loop: str) -> list[dict]:
+    """status --json's warnings that name `loop` as a dead capture's."""
+    warnings = json.loads(cli(cfg, eng, "status", "--json").stdout)["warnings"]
+    return [w for w in warnings if loop in w["message"] and "worker died" in w["message"]]
+
+
+def _wait_detached(loop: str) -> None:
+    deadline = time.monotonic() + 10
+    while os.path.exists(f"/sys/block/{os.path.basename(loop)}/loop"):
+        assert time.monotonic() < deadline, f"{loop} stayed attached after the unmount"
+        time.sleep(0.05)
+
+
 @pytest.mark.parametrize("attributes_expired", [False, True])
 def test_a_worker_that_dies_under_a_mounted_loop_is_an_error_until_unmounted_then_detached(
         block_engine, tmp_path, attributes_expired):
@@ -319,22 +344,15 @@ def test_a_worker_that_dies_under_a_mounted_loop_is_an_error_until_unmounted_the
     identity from LOOP_GET_STATUS64, which asks the dead FUSE file; within a second of its last
     answer the kernel's cached attributes answered, later ENOTCONN, and the loop was forgotten
     (status green on the new loop). It is known by its diskseq now."""
-    eng, disk, target, cfg = block_engine()
-    before = eng.block(disk)
+    eng, disk, cfg, before, where = _ext4_mounted_on_its_loop(block_engine, tmp_path)
     loop = before["loop"]
-    run("mkfs.ext4", "-q", loop)
-    where = tmp_path / "mnt"
-    where.mkdir()
-    run("mount", loop, str(where))
     try:
         if attributes_expired:
             time.sleep(1.5)  # the capture file's attributes (cached 1 s) expire, as on a real host
         os.kill(before["worker_pid"], signal.SIGKILL)
 
         def said():
-            out = cli(cfg, eng, "status", "--json")
-            warnings = json.loads(out.stdout)["warnings"]
-            return [w for w in warnings if loop in w["message"] and "worker died" in w["message"]]
+            return _dead_loop_said(cfg, eng, loop)
         deadline = time.monotonic() + 30
         while not (found := said()):
             assert time.monotonic() < deadline, cli(cfg, eng, "status").stdout
@@ -355,10 +373,7 @@ def test_a_worker_that_dies_under_a_mounted_loop_is_an_error_until_unmounted_the
         assert st["loop"] != loop
     finally:
         run("umount", str(where), check=False)
-    deadline = time.monotonic() + 10
-    while os.path.exists(f"/sys/block/{os.path.basename(loop)}/loop"):
-        assert time.monotonic() < deadline, f"{loop} stayed attached after the unmount"
-        time.sleep(0.05)
+    _wait_detached(loop)
     assert not said()  # and status no longer names it
 
 
@@ -366,17 +381,11 @@ def test_a_dead_loop_is_still_an_error_after_the_daemon_restarts(block_engine, t
     """The daemon's list of loops left on dead captures was its memory only: after a restart
     status was green again while the loop's I/O still failed. The new daemon finds them again
     (the loop still bound to that dead capture file, as the list said)."""
-    eng, disk, _target, cfg = block_engine()
-    before = eng.block(disk)
+    eng, disk, cfg, before, where = _ext4_mounted_on_its_loop(block_engine, tmp_path)
     loop = before["loop"]
-    run("mkfs.ext4", "-q", loop)
-    where = tmp_path / "mnt"
-    where.mkdir()
-    run("mount", loop, str(where))
 
     def said():
-        warnings = json.loads(cli(cfg, eng, "status", "--json").stdout)["warnings"]
-        return [w for w in warnings if loop in w["message"] and "worker died" in w["message"]]
+        return _dead_loop_said(cfg, eng, loop)
     try:
         os.kill(before["worker_pid"], signal.SIGKILL)
         deadline = time.monotonic() + 30
@@ -390,22 +399,14 @@ def test_a_dead_loop_is_still_an_error_after_the_daemon_restarts(block_engine, t
         assert f"mounted on {where}: unmount it" in w["message"], w
     finally:
         run("umount", str(where), check=False)
-    deadline = time.monotonic() + 10
-    while os.path.exists(f"/sys/block/{os.path.basename(loop)}/loop/backing_file"):
-        assert time.monotonic() < deadline, f"{loop} stayed attached after the unmount"
-        time.sleep(0.05)
+    _wait_detached(loop)
     assert not said()
 
 
 def test_daemon_stop_names_the_captures_it_leaves_running(block_engine, tmp_path):
     """Found by a walk: with a file system mounted on a captured loop, `daemon stop` said only
     "stopped the daemon (pid N)"; its log said the capture went on for the next daemon."""
-    eng, disk, target, cfg = block_engine()
-    st = eng.block(disk)
-    run("mkfs.ext4", "-q", st["loop"])
-    where = tmp_path / "mnt"
-    where.mkdir()
-    run("mount", st["loop"], str(where))
+    eng, disk, cfg, st, where = _ext4_mounted_on_its_loop(block_engine, tmp_path)
     try:
         out = cli(cfg, eng, "daemon", "stop", "--state-dir", eng.state)
         assert out.returncode == 0, out.stdout + out.stderr
