@@ -86,6 +86,11 @@ class Daemon:
     def _blocks(self) -> tuple[BlockEntry, ...]:
         return self.store.load().block
 
+    def _configured(self, config=None) -> set[tuple[str, str]]:
+        """(kind, key) of every configured entry: a capture of none of them is an orphan."""
+        config = config or self.store.load()
+        return {("fs", e.path) for e in config.filesystem} | {("block", e.device) for e in config.block}
+
     def _block(self, device: str) -> BlockEntry:
         for e in self._blocks():
             if e.device == device or same_device(e.device, device):
@@ -114,7 +119,7 @@ class Daemon:
         config = self.store.load()
         fs_rows = [await self._fs_row(e) for e in config.filesystem]
         block_rows = [await self._block_row(e) for e in config.block]
-        configured = {("fs", e.path) for e in config.filesystem} | {("block", e.device) for e in config.block}
+        configured = self._configured(config)
         orphans = []
         for cap in list(self.sup.captures.values()):
             if (cap.kind, cap.key) not in configured:
@@ -217,8 +222,7 @@ class Daemon:
         the entry's capture away behind its back, so it is refused before anything is done."""
         for cap in list(self.sup.captures.values()):
             if layout_mod.entry_id(cap.key) == id or cap.key == id:
-                configured = (self._entries() if cap.kind == "fs" else self._blocks())
-                if any((e.path if cap.kind == "fs" else e.device) == cap.key for e in configured):
+                if (cap.kind, cap.key) in self._configured():
                     fs = cap.kind == "fs"
                     raise MirrorError(
                         f"{cap.key} is a configured entry: its capture is not orphaned; "
@@ -352,8 +356,7 @@ class Daemon:
         """Run directories that captures which ended without their worker's last word left
         behind (a worker killed, an entry removed while no daemon ran): the empty ones of
         entries neither configured nor captured go (layout.remove_run_dir: rmdir only)."""
-        wanted = {(c.kind, c.key) for c in self.sup.captures.values()}
-        wanted |= {("fs", e.path) for e in self._entries()} | {("block", e.device) for e in self._blocks()}
+        wanted = {(c.kind, c.key) for c in self.sup.captures.values()} | self._configured()
         keep = {self.layout.run(kind, key) for kind, key in wanted}
         for kind in ("fs", "block"):
             base = os.path.join(self.layout.run_dir, kind)
