@@ -542,6 +542,17 @@ class TaskScreen(Screen):
             line.update(Text("… " + waiting, style="yellow") if busy else "")
             line.display = busy
 
+    def ask_first(self, title: str, question: str | None, nothing: str,
+                  act: Callable[[], None]) -> None:
+        """An action that ends captures, asked first (its Yes says `title`); `question` None:
+        nothing it would change, and `nothing` says so instead of asking."""
+        from app.screens.dialogs import ConfirmDialog
+        if question is None:
+            self.notify(nothing, title=title, markup=False)
+            return
+        self.app.push_screen(ConfirmDialog(question, yes=title),
+                             lambda yes: act() if yes else None)
+
     def set_waiting(self, text: str) -> None:
         """Say what a running action waits for now (e.g. which entries are still mounted)."""
         for line in self.query("#waiting"):

@@ -293,18 +293,12 @@ class BlockScreen(TaskScreen):
         attached there is nothing to ask."""
         if self.app.needs_root("Detach all") or self._refuse_while_syncing():
             return
-        question = self._detach_all_question()
-        if question is None:
-            self.notify("Nothing to detach: no block entry is attached to a loop device.",
-                        title="Detach all", markup=False)
-            return
-
-        def confirmed(yes: bool | None) -> None:
-            if yes:
-                self.run_action("Detach all", lambda: self.services.replication.detach_all(),
-                                waiting="detaching every entry's loop (a capture drains its "
-                                "journal to the target first)")
-        self.app.push_screen(ConfirmDialog(question, yes="Detach all"), confirmed)
+        self.ask_first("Detach all", self._detach_all_question(),
+                       "Nothing to detach: no block entry is attached to a loop device.",
+                       lambda: self.run_action(
+                           "Detach all", lambda: self.services.replication.detach_all(),
+                           waiting="detaching every entry's loop (a capture drains its journal "
+                           "to the target first)"))
 
     def _detach_all_question(self) -> str | None:
         """What Detach all stops, entry by entry; None when no entry has a loop."""

@@ -170,21 +170,15 @@ class FilesystemScreen(TaskScreen):
         to all entries at once); with none mounted there is nothing to ask."""
         if self.app.needs_root("Unmount all"):
             return
-        question = self._unmount_all_question()
-        if question is None:
-            self.notify("Nothing to unmount: no directory is mounted as mirrorfs.",
-                        title="Unmount all", markup=False)
-            return
         replication = self.services.replication
-
-        def confirmed(yes: bool | None) -> None:
-            if yes:
-                self.run_action("Unmount all", lambda: replication.unmount_all(),
-                                waiting=self._waiting_text("unmount"),
-                                force=ForceOffer("Force: lazy unmount", LAZY_UNMOUNT,
-                                                 lambda: replication.unmount_all(force=True),
-                                                 "Unmount all (lazy where busy)"))
-        self.app.push_screen(ConfirmDialog(question, yes="Unmount all"), confirmed)
+        self.ask_first("Unmount all", self._unmount_all_question(),
+                       "Nothing to unmount: no directory is mounted as mirrorfs.",
+                       lambda: self.run_action(
+                           "Unmount all", lambda: replication.unmount_all(),
+                           waiting=self._waiting_text("unmount"),
+                           force=ForceOffer("Force: lazy unmount", LAZY_UNMOUNT,
+                                            lambda: replication.unmount_all(force=True),
+                                            "Unmount all (lazy where busy)")))
 
     def _unmount_all_question(self) -> str | None:
         """What Unmount all stops, entry by entry; None when no directory is captured."""
