@@ -57,3 +57,8 @@ modprobe fuse 2>/dev/null || true
 [ -x .venv/bin/python ] || python3 -m venv .venv
 .venv/bin/python -m pip install -q --upgrade pip
 .venv/bin/python -m pip install -q -e ".$extras"
+# Byte-compile the project now: an editable install leaves that to each first import, and with
+# PYTHONDONTWRITEBYTECODE set (or a read-only tree) every start of the CLI, the daemon and the
+# target's agent (sshd's forced command, once per session) would compile ~20 modules again:
+# `fs add` took 0.12 s instead of 0.09 s, the agent's imports 0.12 s instead of 0.075 s (medians of 15).
+.venv/bin/python -m compileall -q app >/dev/null
