@@ -830,10 +830,15 @@ class Capture:
         fig = sh.fig
         logical, wire = sh.rates()
         catching = self.catching
-        if catching is None and self.consistent and getattr(self.target, "pending_mark", None) is not None:
+        mark = getattr(self.target, "pending_mark", None)
+        if catching is None and self.consistent and mark is not None:
             # The walk is over and its end sent; the replica is not consistent until the agent
-            # has applied up to there and said so (a session lost meanwhile: said again).
-            catching = {"reason": self.reason, "stage": "the target applies the rest"}
+            # has applied up to there and said so (a session lost meanwhile: said again). Its
+            # records may still wait here (a window in flight, a slow link): said so, not that
+            # the target has them.
+            queued = mark - fig.sent_seq
+            catching = {"reason": self.reason, "stage": "the target applies the rest"
+                        if queued <= 0 else f"sending the rest ({queued} records queued here)"}
         if catching is not None and catching.get("total"):
             pct = 100 * catching.get("bytes", 0) // max(1, catching["total"])
             replication = f"catching up {pct} %"
