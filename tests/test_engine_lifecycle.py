@@ -644,6 +644,73 @@ def test_holders_are_found_without_asking_a_mount_that_does_not_answer(setup, tm
             p.wait()
 
 
+def test_who_uses_a_replica_or_a_device_is_found_without_asking_a_mount_that_does_not_answer(
+        setup, tmp_path, scratch_loop):
+    """The agent's users of a replica (promote, switch-over, fail-back) and switch-over's
+    users of an entry: psutil's open_files() stat'ed every descriptor of every process; one on
+    a FUSE mount that does not answer (here a stopped worker's, its attributes cached 1 s)
+    hung the agent's fail-back hello until its session was ended (8 minutes on a busy host).
+    Processes are found by the kernel's names of their descriptors and working directory,
+    and an image by its mount and inode: the holders are named, the stuck one is not asked
+    (nor the backing file of a loop on it, stat'ed to tell a hard link of the image). The same for the writers of a device (status's "a writer bypassing the loop", detach,
+    switch-over): every descriptor was stat'ed for its rdev; now only those on local file
+    systems are."""
+    from app.engine.agent import path_users
+    from app.services.status import openers_of, writers_of
+    device = scratch_loop(1 << 20)
+    eng, src, _ = setup()
+    replica = tmp_path / "replica"
+    (replica / "sub").mkdir(parents=True)
+    image = tmp_path / "image"
+    image.write_bytes(b"\0" * 4096)
+    os.link(image, tmp_path / "image.other-name")
+    script = ("import os, sys, time; fs = [open(p) for p in sys.argv[1:]]; print('ok', flush=True); "
+              "time.sleep(600)")
+    stuck = subprocess.Popen([sys.executable, "-c", script, os.path.join(src, "held")],
+                             cwd=src, stdout=subprocess.PIPE)
+    open(os.path.join(src, "held"), "w").close()
+    in_dir = subprocess.Popen([sys.executable, "-c", script], cwd=replica / "sub", stdout=subprocess.PIPE)
+    on_image = subprocess.Popen([sys.executable, "-c", script, str(tmp_path / "image.other-name")],
+                                stdout=subprocess.PIPE)
+    writer = subprocess.Popen([sys.executable, "-c", script.replace("open(p)", "open(p, 'r+b')"),
+                               device], stdout=subprocess.PIPE)
+    with open(os.path.join(src, "loop-file"), "wb") as f:  # another loop, on the stuck mount
+        f.truncate(1 << 20)
+    other_loop = subprocess.run(["losetup", "--find", "--show", os.path.join(src, "loop-file")],
+                                capture_output=True, text=True, check=True).stdout.strip()
+    worker = eng.status(src)["worker_pid"]
+    try:
+        for p in (stuck, in_dir, on_image, writer):
+            assert p.stdout.readline().strip() == b"ok"
+        os.kill(worker, signal.SIGSTOP)
+        time.sleep(1.5)  # the stuck mount's cached attributes expire: a stat would ask it
+        box: dict = {}
+
+        def ask():
+            box["dir"] = path_users(str(replica), namespaces=True, agents=False)
+            box["image"] = path_users(str(image), block=True)
+            box["writers"] = writers_of(device)
+            box["openers"] = openers_of(device)
+        t = threading.Thread(target=ask, daemon=True)
+        t.start()
+        t.join(20)
+        assert "image" in box, "looking for a replica's users hung on the stopped worker's mount"
+        assert "openers" in box, "looking for a device's writers hung on the stopped worker's mount"
+        assert [pid for pid, _ in box["writers"]] == [writer.pid], box
+        assert writer.pid in [pid for pid, _ in box["openers"]] and \
+            stuck.pid not in [pid for pid, _ in box["openers"]], box
+        assert [u for u in box["dir"] if u.startswith(f"open by pid {in_dir.pid} (")], box
+        assert not [u for u in box["dir"] + box["image"] if f"pid {stuck.pid} " in u], box
+        assert [u for u in box["image"] if u.startswith(f"open by pid {on_image.pid} ")], box
+        assert not [u for u in box["image"] if f"pid {in_dir.pid} " in u], box
+    finally:
+        os.kill(worker, signal.SIGCONT)
+        for p in (stuck, in_dir, on_image, writer):
+            p.kill()
+            p.wait()
+        subprocess.run(["losetup", "-d", other_loop], check=True)
+
+
 def test_without_the_template_workers_start_anew(setup, monkeypatch):
     """MIRRORSETUP_ZYGOTE=0 (and the fall-back when the template cannot answer): the worker is
     `python -m app.engine.capture` started by the daemon itself, and captures as well."""

@@ -1041,8 +1041,6 @@ def path_users(path: str, *, block: bool = False, namespaces: bool = False,
     as well), loops on it (`block`: a file, told by device and inode), processes with a file
     or their working directory there (a block image: by device and inode, whatever the name
     or a lazy unmount made of the path); `agents`: serve-target processes too."""
-    import psutil
-
     from app.services import loop as loopdev
     from app.services import mounts
     users = []
@@ -1066,7 +1064,7 @@ def path_users(path: str, *, block: bool = False, namespaces: bool = False,
     img = os.stat(path) if block else None
     if block:
         for s in loopdev.list_attached():
-            if s.backing_file != path and not _same_file(s.backing_file, img):
+            if s.backing_file != path and not _same_file(s.backing_file, img, table):
                 continue
             where = [m.mount_point for m in table
                      if (m.major, m.minor) == (7, s.index) or m.source == s.device]
@@ -1076,44 +1074,85 @@ def path_users(path: str, *, block: bool = False, namespaces: bool = False,
                 f"losetup -d {s.device}"
             users.append(f"attached to {s.device}" + "".join(f", mounted at {w}" for w in where)
                          + f" (to free it: {free})")
-    for proc in psutil.process_iter(["pid", "name"]):
-        if proc.pid == os.getpid():
-            continue  # the agent itself, which has the replica open
-        try:
-            if not agents and "serve-target" in proc.cmdline():
-                continue  # another session
-            files = [f.path for f in proc.open_files()] + [proc.cwd()]
-        except (psutil.Error, OSError):
+    return users + _process_users(path, img, agents)
+
+
+def _process_users(path: str, img: os.stat_result | None, agents: bool) -> list[str]:
+    """"open by pid N (comm)" for every process with a descriptor or its working directory
+    at `path` or below (by the kernel's names of them), or a descriptor on the file `img` (by
+    its mount and inode, whatever the name). Nothing is stat'ed or looked up on any file
+    system: psutil's open_files() stat'ed every descriptor of every process, and one on a
+    FUSE mount whose server does not answer hung the agent (a fail-back's hello: no WELCOME,
+    the source's session ended after 15 s; a scan on a busy host took 8 minutes)."""
+    me, found, ids_of = os.getpid(), [], {}
+    for name in os.listdir("/proc"):
+        if not name.isdigit() or int(name) == me:  # (the agent, which has the replica open)
             continue
-        if any(f == path or f.startswith(path + "/") for f in files) or \
-                (img is not None and _holds(proc.pid, img)):
-            users.append(f"open by pid {proc.pid} ({proc.info['name']})")
-    return users
+        base = f"/proc/{name}"
+        try:
+            if not agents:
+                with open(f"{base}/cmdline", "rb") as f:
+                    if b"serve-target" in f.read().split(b"\0"):
+                        continue  # another session
+            fds = os.listdir(f"{base}/fd")
+        except OSError:
+            continue
+        held = False
+        with contextlib.suppress(OSError):
+            cwd = os.readlink(f"{base}/cwd")
+            held = cwd == path or cwd.startswith(path + "/")
+        for n in fds if not held else ():
+            with contextlib.suppress(OSError):
+                there = os.readlink(f"{base}/fd/{n}")  # the kernel's name: no lookup
+                if there == path or there.startswith(path + "/") or \
+                        (img is not None and _fd_is(base, n, img, ids_of)):
+                    held = True
+                    break
+        if held:
+            try:
+                with open(f"{base}/comm") as f:
+                    comm = f.read().strip()
+            except OSError:
+                comm = "?"
+            found.append(f"open by pid {name} ({comm})")
+    return found
 
 
-def _same_file(name: str | None, st: os.stat_result) -> bool:
+def _fd_is(base: str, fd: str, st: os.stat_result, ids_of: dict) -> bool:
+    """Is descriptor `fd` of process `base` (/proc/PID) the file `st`? Its fdinfo gives its
+    mount id and inode; the mount ids that are st's file system come from the process's own
+    mount table (read once per mount namespace)."""
+    from app.services import mounts
+    with open(f"{base}/fdinfo/{fd}", "rb") as f:
+        info = dict(line.split(b":", 1) for line in f.read().splitlines() if b":" in line)
+    if int(info.get(b"ino", b"-1")) != st.st_ino:
+        return False
+    ns = os.readlink(f"{base}/ns/mnt")
+    ids = ids_of.get(ns)
+    if ids is None:
+        with open(f"{base}/mountinfo", "rb") as f:
+            table = mounts.parse_mountinfo(os.fsdecode(f.read()))
+        dev = (os.major(st.st_dev), os.minor(st.st_dev))
+        ids = ids_of[ns] = frozenset(m.mount_id for m in table if (m.major, m.minor) == dev)
+    return int(info.get(b"mnt_id", b"-1")) in ids
+
+
+def _same_file(name: str | None, st: os.stat_result, table) -> bool:
+    """Is the file `name` the file `st`? Stat'ed only when the mount `name` is on (by the
+    mount table) is st's file system: a loop's backing file on a FUSE mount that does not
+    answer (another capture's, stopped) would hang the caller."""
+    # by the names alone (mounts.mount_containing resolves the path: an lstat of each part)
+    under = [m for m in table if name and (name == m.mount_point or name.startswith(
+        m.mount_point.rstrip("/") + "/"))]
+    home = max(reversed(under), key=lambda m: len(m.mount_point), default=None)  # (the last
+    # mounted of equal names wins: max keeps the first it meets)
+    if home is None or (home.major, home.minor) != (os.major(st.st_dev), os.minor(st.st_dev)):
+        return False
     try:
         there = os.stat(name) if name else None
     except OSError:
         return False
     return there is not None and (there.st_dev, there.st_ino) == (st.st_dev, st.st_ino)
-
-
-def _holds(pid: int, st: os.stat_result) -> bool:
-    """Has process `pid` a descriptor on the file `st` (by device and inode)?"""
-    fds = f"/proc/{pid}/fd"
-    try:
-        names = os.listdir(fds)
-    except OSError:
-        return False
-    for n in names:
-        try:
-            there = os.stat(os.path.join(fds, n))
-        except OSError:
-            continue
-        if (there.st_dev, there.st_ino) == (st.st_dev, st.st_ino):
-            return True
-    return False
 
 
 # -- the target host's own commands: what replicas are kept here, promote one -------------------

@@ -184,31 +184,51 @@ def writers_of(device: str, exclude: set[int] | frozenset[int] = frozenset()) ->
     return openers_of(device, writing=True, exclude=exclude)
 
 
+# File systems where a stat of an open file is answered by the kernel from memory, never by a
+# server (a FUSE daemon, NFS, SMB) that may not answer: device nodes live on these.
+LOCAL_FSTYPES = frozenset({"devtmpfs", "tmpfs", "ramfs", "ext2", "ext3", "ext4", "xfs", "btrfs",
+                           "overlay", "squashfs", "vfat"})
+
+
 def openers_of(device: str, *, writing: bool = False,
                exclude: set[int] | frozenset[int] = frozenset()) -> list[tuple[int, str]]:
-    """(pid, command) of processes holding `device` open (for writing only, when asked)."""
+    """(pid, command) of processes holding `device` open (for writing only, when asked).
+
+    A descriptor is stat'ed (its rdev compared) only when its fdinfo says it is on a local
+    file system of its process's mount table (read once per mount namespace): a stat of
+    every descriptor asked a FUSE or NFS server for the attributes of each file open there,
+    and one that does not answer (a stopped capture, an sshfs whose server is gone) hung
+    `status`, the dashboard's refresh, detach and switch-over. Sockets, pipes and anonymous
+    inodes (mounts of no table) are not stat'ed either."""
     try:
         rdev = os.stat(device).st_rdev
     except OSError:
         return []
     found = []
+    local_of: dict[str, frozenset[int]] = {}
     for pid in filter(str.isdigit, os.listdir("/proc")):
         if int(pid) in exclude:
             continue
         fd_dir = f"/proc/{pid}/fd"
         try:
             fds = os.listdir(fd_dir)
+            ns = os.readlink(f"/proc/{pid}/ns/mnt")
+            local = local_of.get(ns)
+            if local is None:
+                with open(f"/proc/{pid}/mountinfo", "rb") as f:
+                    table = mounts.parse_mountinfo(os.fsdecode(f.read()))
+                local = local_of[ns] = frozenset(m.mount_id for m in table
+                                                 if m.fstype in LOCAL_FSTYPES)
         except OSError:
             continue
         for fd in fds:
             try:
-                if os.stat(f"{fd_dir}/{fd}").st_rdev != rdev:
+                with open(f"/proc/{pid}/fdinfo/{fd}", "rb") as f:
+                    info = dict(line.split(b":", 1) for line in f.read().splitlines() if b":" in line)
+                if int(info[b"mnt_id"]) not in local or os.stat(f"{fd_dir}/{fd}").st_rdev != rdev:
                     continue
-                flags = os.O_RDWR
-                if writing:
-                    with open(f"/proc/{pid}/fdinfo/{fd}") as f:
-                        flags = next(int(line.split()[1], 8) for line in f if line.startswith("flags:"))
-            except (OSError, ValueError, IndexError, StopIteration):
+                flags = int(info[b"flags"], 8) if writing else os.O_RDWR
+            except (OSError, ValueError, KeyError):
                 continue
             if flags & (os.O_WRONLY | os.O_RDWR):
                 try:
