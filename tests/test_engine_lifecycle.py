@@ -711,6 +711,29 @@ def test_who_uses_a_replica_or_a_device_is_found_without_asking_a_mount_that_doe
         subprocess.run(["losetup", "-d", other_loop], check=True)
 
 
+def test_a_status_given_up_on_a_worker_leaves_its_late_answer_to_no_other_call(setup):
+    """The daemon asks a worker for its figures and gives up after 10 s (a stopped or hung
+    worker): its answer came later all the same, and the next call read it as its own, so
+    from then on every status showed the figures of the call before (and a drain, a mirror
+    could have taken a status's answer for theirs). A late answer is now set aside."""
+    eng, src, tgt = setup()
+    worker = eng.status(src)["worker_pid"]
+    os.kill(worker, signal.SIGSTOP)
+    try:
+        st = eng.status(src)
+        assert "did not answer" in (st.get("error") or ""), st
+    finally:
+        os.kill(worker, signal.SIGCONT)
+    before = eng.status(src)
+    assert before.get("error") is None and before["captured_ops"] is not None, before
+    with open(os.path.join(src, "after"), "w") as f:
+        f.write("x")
+    after = eng.status(src)  # written through the mount: counted by the time it is closed
+    assert after["captured_ops"] > before["captured_ops"], (before, after)
+    eng.drain(src)
+    assert open(os.path.join(tgt, "after")).read() == "x"
+
+
 def test_without_the_template_workers_start_anew(setup, monkeypatch):
     """MIRRORSETUP_ZYGOTE=0 (and the fall-back when the template cannot answer): the worker is
     `python -m app.engine.capture` started by the daemon itself, and captures as well."""

@@ -114,6 +114,7 @@ class WorkerLink:
     _send_lock: trio.Lock = field(default_factory=trio.Lock)
     _figures: tuple[float, dict] | None = None  # (when, the worker's status figures)
     _waiters: list = field(default_factory=list)  # status asks waiting for figures
+    _owed: int = 0  # replies to calls given up after sending (a status's 10 s): not ours
 
     @property
     def pid(self) -> int:
@@ -130,9 +131,11 @@ class WorkerLink:
                 return protocol.ok(**figures)
         async with self.lock:
             self.busy = None if cmd == "status" else cmd
+            sent = answered = False
             try:
                 async with self._send_lock:
                     await self.lines.send({"cmd": cmd, "args": args})
+                sent = True
                 while True:
                     msg = await self.lines.next()
                     if msg is None:
@@ -142,13 +145,21 @@ class WorkerLink:
                         self._wake()
                         continue
                     if protocol.is_progress(msg):
-                        if progress:
+                        if progress and not self._owed:
                             await progress(msg["progress"])
                         continue
+                    if self._owed:  # the late answer of a call given up before (the worker
+                        # answers in order): taken as this one's, every later status showed
+                        # old figures, and a drain or mirror could take a status's answer
+                        self._owed -= 1
+                        continue
+                    answered = True
                     return msg
             except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
                 raise MirrorError(f"capture worker pid {self.pid}: {exc}", errno=errno.EPIPE) from exc
             finally:
+                if sent and not answered:
+                    self._owed += 1  # (cancelled: its answer is still to come)
                 self.busy = None
                 self._wake()  # a status ask still waiting goes the ordinary way now
 
