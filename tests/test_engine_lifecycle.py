@@ -734,6 +734,36 @@ def test_a_status_given_up_on_a_worker_leaves_its_late_answer_to_no_other_call(s
     assert open(os.path.join(tgt, "after")).read() == "x"
 
 
+def test_status_and_fs_list_answer_while_a_capture_does_not(setup):
+    """A capture that does not answer (stopped here; hung in life): `status` and `fs list`
+    checked each entry as if it were to be added (lstat, stat and realpath of its path, the
+    mirrorfs mount point), and hung with it; the administrator's first tools to see what is
+    wrong. The mount table says the path is a mirrorfs mount: it is not looked at, and the
+    snapshot says the entry is mounted."""
+    from app.services import status
+    from app.services.config import ConfigStore
+    from app.services.entries import problems
+    eng, src, _ = setup()
+    worker = eng.status(src)["worker_pid"]
+    store = ConfigStore(eng.config)
+    os.kill(worker, signal.SIGSTOP)
+    try:
+        time.sleep(1.5)  # the mount's cached attributes expire: a stat would ask the worker
+        box: dict = {}
+
+        def ask():
+            box["problems"] = problems(store.load(), store)
+            box["snap"] = status.snapshot(store, None, scan_writers=True)
+        t = threading.Thread(target=ask, daemon=True)
+        t.start()
+        t.join(20)
+        assert "snap" in box, f"status hung on the stopped capture ({sorted(box)} done)"
+        assert box["problems"] == {}, box
+        assert [e.state for e in box["snap"].filesystem] == ["mounted"], box["snap"].filesystem
+    finally:
+        os.kill(worker, signal.SIGCONT)
+
+
 def test_without_the_template_workers_start_anew(setup, monkeypatch):
     """MIRRORSETUP_ZYGOTE=0 (and the fall-back when the template cannot answer): the worker is
     `python -m app.engine.capture` started by the daemon itself, and captures as well."""

@@ -152,9 +152,12 @@ class ConfigStore:
         return self._change(change)
 
     def validate_filesystem(self, entry: FsEntry, config: Config | None = None, *,
-                            adding: bool = False) -> None:
-        """`adding`: also what the target holds (a configured entry's target is its replica)."""
-        self._checked_fs(entry, self.load() if config is None else config, adding=adding)
+                            adding: bool = False, captured: bool = False) -> None:
+        """`adding`: also what the target holds (a configured entry's target is its replica).
+        `captured`: the path is a mirrorfs mount point (the mount table says so): it is a
+        directory and is not looked at (a capture that does not answer would hang us)."""
+        self._checked_fs(entry, self.load() if config is None else config, adding=adding,
+                         captured=captured)
 
     def validate_block(self, entry: BlockEntry, config: Config | None = None, *,
                        adding: bool = False) -> None:
@@ -186,16 +189,18 @@ class ConfigStore:
 
     # ---- validation: each returns the entry as stored, or raises ConfigError saying why not
 
-    def _checked_fs(self, entry: FsEntry, config: Config, *, adding: bool = False) -> FsEntry:
+    def _checked_fs(self, entry: FsEntry, config: Config, *, adding: bool = False,
+                    captured: bool = False) -> FsEntry:
         entry = replace(entry, path=os.fspath(entry.path), target=_fspath(entry.target))
         _check_fields(entry, TABLES["filesystem"][1])
         path = entry.path
         if os.path.normpath(path) == "/":
             raise ConfigError(ROOT_REFUSAL, key="path", obj=path)
-        if not stat.S_ISDIR(_stat(path, "path", "directory").st_mode):
+        if not captured and not stat.S_ISDIR(_stat(path, "path", "directory").st_mode):
             raise ConfigError(f"{path} is not a directory", key="path", obj=path,
                               errno=errno.ENOTDIR)
-        real = os.path.realpath(path)
+        real = os.path.realpath(path) if not captured else \
+            os.path.join(os.path.realpath(os.path.dirname(path)), os.path.basename(path))
         if real == "/":
             raise ConfigError(f"{ROOT_REFUSAL} ({path} leads to /)", key="path", obj=path)
         if adding:

@@ -73,14 +73,20 @@ def with_errno(exc: MirrorError) -> MirrorError:
 
 # -- is a loaded entry valid -----------------------------------------------------------------
 
-def fs_problem(entry: FsEntry, config: Config, store: ConfigStore) -> str | None:
+def fs_problem(entry: FsEntry, config: Config, store: ConfigStore, table=None) -> str | None:
     """Why a loaded (possibly hand-edited) entry could not be added as it stands, or None.
-    A missing directory is a state the status shows, not a flaw of the entry."""
-    if not os.path.lexists(entry.path) and os.path.normpath(entry.path) != "/":
+    A missing directory is a state the status shows, not a flaw of the entry. A path that is
+    a mirrorfs mount point (by the mount table `table`, read when not given) is not looked
+    at: a capture that does not answer (stopped, hung) hung `status` and `fs list` here."""
+    from app.services import mounts
+    from app.services.layout import FSTYPE_FS
+    table = mounts.read_mountinfo() if table is None else table
+    captured = any(m.mount_point == entry.path and m.fstype == FSTYPE_FS for m in table)
+    if not captured and not os.path.lexists(entry.path) and os.path.normpath(entry.path) != "/":
         return None
     others = replace(config, filesystem=tuple(e for e in config.filesystem if e is not entry))
     try:
-        store.validate_filesystem(entry, others)
+        store.validate_filesystem(entry, others, captured=captured)
     except MirrorError as exc:
         return exc.message
     return None
@@ -100,9 +106,10 @@ def block_problem(entry: BlockEntry, config: Config, store: ConfigStore) -> str 
 
 def problems(config: Config, store: ConfigStore) -> dict[int, str]:
     """id(entry) -> why it is invalid, for every flawed entry of `config`."""
-    found = {}
+    from app.services import mounts
+    found, table = {}, mounts.read_mountinfo()
     for entry in config.filesystem:
-        if (why := fs_problem(entry, config, store)) is not None:
+        if (why := fs_problem(entry, config, store, table)) is not None:
             found[id(entry)] = why
     for entry in config.block:
         if (why := block_problem(entry, config, store)) is not None:

@@ -278,7 +278,7 @@ def snapshot(store: ConfigStore, control=None, *, scan_writers: bool = True,
     by_point = {m.mount_point: m for m in table}  # later lines win: the top mount of a path
     for entry in config.filesystem:
         top = by_point.get(entry.path)
-        if not os.path.isdir(entry.path) and top is None:
+        if top is None and not os.path.isdir(entry.path):  # (a mount point is not looked at)
             state, other = "path missing", None
             snap.warnings.append(StatusWarning(entry.path, "the directory does not exist", "error"))
         elif top is not None and top.fstype == FSTYPE_FS:
@@ -297,7 +297,7 @@ def snapshot(store: ConfigStore, control=None, *, scan_writers: bool = True,
             if (shown := _switched_state(sw)) is not None:
                 state, other = shown, None  # not "not mounted": Mount all would fork its history
         elif state == "mounted" and snap.engine is None:  # no daemon: is its worker there?
-            if _serving(os.path.join(entry.path, ".")):
+            if _serving("fs", entry.path):
                 snap.warnings.append(StatusWarning(entry.path, "its capture goes on without a daemon "
                                                    "(the daemon stopped or died); start the daemon "
                                                    "to take it over"))
@@ -358,13 +358,11 @@ def _switched_marker(state_dir: str | None, kind: str, key: str) -> dict | None:
     return with_failback(switched_marker(entry_dir), entry_dir)
 
 
-def _serving(capture_file: str | None) -> bool:
-    """Is the capture worker behind this FUSE file still answering? (a dead one: ENOTCONN)"""
-    try:
-        os.statvfs(os.path.dirname(capture_file or "/nonexistent/x"))
-        return bool(capture_file)
-    except OSError:
-        return False
+def _serving(kind: str, key: str) -> bool:
+    """Is the capture worker of this entry still there? By the workers' command lines, not
+    by asking its mount (a statvfs of it: ENOTCONN when the worker is dead, but no answer at
+    all, and `status` hung, when it is stopped or hung)."""
+    return bool(capture_workers(kind, key))
 
 
 def _sysfs_size(dev: str) -> int | None:
@@ -405,7 +403,7 @@ def _block_state(entry: BlockEntry, view: View, table,
         state = "attached"
     if captured and live:
         capture = "captured"
-    elif captured and _serving(captured[0].backing_file):
+    elif captured and _serving("block", dev):
         capture = "no daemon"
         warnings.append(StatusWarning(dev, f"{captured[0].device}: its capture goes on without a daemon "
                                      "(the daemon stopped or died); start the daemon to take it over"))
