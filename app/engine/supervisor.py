@@ -115,6 +115,7 @@ class WorkerLink:
     _figures: tuple[float, dict] | None = None  # (when, the worker's status figures)
     _waiters: list = field(default_factory=list)  # status asks waiting for figures
     _owed: int = 0  # replies to calls given up after sending (a status's 10 s): not ours
+    silent_since: float | None = None  # when the first call still unanswered was sent
 
     @property
     def pid(self) -> int:
@@ -132,6 +133,7 @@ class WorkerLink:
         async with self.lock:
             self.busy = None if cmd == "status" else cmd
             sent = answered = False
+            asked = time.monotonic()
             try:
                 async with self._send_lock:
                     await self.lines.send({"cmd": cmd, "args": args})
@@ -153,13 +155,14 @@ class WorkerLink:
                         # old figures, and a drain or mirror could take a status's answer
                         self._owed -= 1
                         continue
-                    answered = True
+                    answered, self.silent_since = True, None
                     return msg
             except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
                 raise MirrorError(f"capture worker pid {self.pid}: {exc}", errno=errno.EPIPE) from exc
             finally:
                 if sent and not answered:
                     self._owed += 1  # (cancelled: its answer is still to come)
+                    self.silent_since = self.silent_since or asked
                 self.busy = None
                 self._wake()  # a status ask still waiting goes the ordinary way now
 
@@ -595,11 +598,17 @@ class Supervisor:
         return note
 
     async def figures(self, cap: Captured) -> dict:
+        link = cap.link
+        # A worker that left a call unanswered is given a second, not ten, by every status
+        # after (the dashboard's refresh and `status` waited 10 s each time it was asked)
+        patience = 1 if link._owed else 10
         try:
-            with trio.move_on_after(10):
-                reply = await cap.link.call("status")
+            with trio.move_on_after(patience):
+                reply = await link.call("status")
                 return {k: v for k, v in reply.items() if k != "ok"}
-            return {"error": "the worker did not answer within 10 s"}
+            since = link.silent_since or time.monotonic()
+            return {"error": f"the worker (pid {link.pid}) has not answered for "
+                             f"{max(patience, round(time.monotonic() - since))} s"}
         except MirrorError as exc:
             return {"error": str(exc)}
 
