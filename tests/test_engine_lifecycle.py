@@ -723,11 +723,20 @@ def test_a_status_given_up_on_a_worker_leaves_its_late_answer_to_no_other_call(s
     os.kill(worker, signal.SIGSTOP)
     try:
         st = eng.status(src)
-        assert st.get("error") == f"the worker (pid {worker}) has not answered for 10 s", st
+        stopped = f" (stopped by a signal: kill -CONT {worker} resumes it)"
+        assert st.get("error") == f"the worker (pid {worker}) has not answered for 10 s{stopped}", st
         t0 = time.monotonic()  # asked again: a second of patience, not ten
         st = eng.status(src)
         assert time.monotonic() - t0 < 5 and re.fullmatch(
-            rf"the worker \(pid {worker}\) has not answered for 1\d s", st.get("error") or ""), st
+            rf"the worker \(pid {worker}\) has not answered for 1\d s" + re.escape(stopped),
+            st.get("error") or ""), st
+        from app.services.config import ConfigStore
+        from app.services.status import snapshot
+        from app.services.control import ControlClient
+        snap = snapshot(ConfigStore(eng.config), ControlClient(eng.socket), scan_writers=False)
+        assert [w.message for w in snap.warnings if w.level == "error"] == [
+            f"capture: {snap.filesystem[0].figures.error}; writes through it wait until it does"], \
+            snap.warnings
     finally:
         os.kill(worker, signal.SIGCONT)
     before = eng.status(src)

@@ -156,6 +156,8 @@ def _replication(f) -> str | None:
     if f is None or not f.captured:
         return None
     from app.services.status import short_connection
+    if f.error:  # e.g. the worker has not answered for N s (the whole of it: in the warnings)
+        return "not answering" if "not answered" in f.error else "error"
     text = f.replication or f.state
     if f.connection and f.connection not in ("local", "none", "connected"):
         text += f" ({short_connection(f.connection)})"  # the whole of it: in the warnings

@@ -481,6 +481,18 @@ def capture_end(state: str) -> dict | None:
         return None
 
 
+def _process_state(pid: int) -> str:
+    """Why a worker may not answer, as the kernel says: stopped, or waiting on I/O."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            state = f.read().rsplit(b")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return ""
+    return {b"T": f" (stopped by a signal: kill -CONT {pid} resumes it)",
+            b"t": " (stopped by a debugger)",
+            b"D": " (waiting in the kernel, on I/O)"}.get(state, "")
+
+
 def mount_dev(path: str, fsname: str) -> tuple[int, int] | None:
     for m in reversed(mounts.read_mountinfo()):
         if m.mount_point == path and m.source == fsname:
@@ -608,7 +620,8 @@ class Supervisor:
                 return {k: v for k, v in reply.items() if k != "ok"}
             since = link.silent_since or time.monotonic()
             return {"error": f"the worker (pid {link.pid}) has not answered for "
-                             f"{max(patience, round(time.monotonic() - since))} s"}
+                             f"{max(patience, round(time.monotonic() - since))} s"
+                             f"{_process_state(link.pid)}"}
         except MirrorError as exc:
             return {"error": str(exc)}
 

@@ -444,7 +444,11 @@ def _block_state(entry: BlockEntry, view: View, table,
 
 def _replication_warnings(subject: str, row: CaptureRow, warnings: list[StatusWarning]) -> None:
     """What an administrator must know about replication (never silent): catching up, behind,
-    paused or refused targets, apply errors, a capture lost."""
+    paused or refused targets, apply errors, a capture lost, a capture that does not answer."""
+    if row.error:
+        stuck = "not answered" in row.error
+        warnings.append(StatusWarning(subject, f"capture: {row.error}" + (
+            "; writes through it wait until it does" if stuck else ""), "error"))
     if row.catch_up is not None:
         warnings.append(StatusWarning(subject, f"catching up ({row.catch_up.get('reason')}): the "
                                                f"target is not yet equal to the source "
