@@ -596,3 +596,15 @@ def test_a_short_connection_state_keeps_ssh_s_reason():
         == "disconnected: Connection refused, retry in 8 s"
     assert short_connection("refused: split brain: the target was promoted at 12:00. Choose") \
         == "refused: split brain"
+
+
+def test_an_entry_whose_capture_does_not_answer_is_said_so_not_as_an_unknown_replica():
+    """The daemon's row of a capture that has not answered carries only its error: the
+    Targets screen said "replica —; " (its data and replication unknown, nothing said)."""
+    from app.screens.targets import role_and_state
+    from app.services.protocol import CaptureRow
+    row = CaptureRow("fs", "/srv/data", target="backup1:data", captured=True,
+                     error="the worker (pid 5) has not answered for 12 s")
+    role, state = role_and_state(row)
+    assert (role.plain, state.plain) == ("source", "capture: the worker (pid 5) has not answered "
+                                                   "for 12 s"), (role, state)

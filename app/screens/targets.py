@@ -76,6 +76,8 @@ def role_and_state(row, *, long: bool = False) -> tuple[Text, Text]:
     if not row.captured:
         return Text("source", style="yellow"), Text("not captured" + (f": {row.last_error}"
                                                                       if row.last_error else ""))
+    if row.error:  # its figures are not known (e.g. the worker has not answered for N s)
+        return Text("source", style="yellow"), Text(f"capture: {row.error}", style="bold red")
     data = row.target_data or "—"
     style = "green" if data == "consistent" else "yellow"
     how = row.replication or row.state
