@@ -16,6 +16,7 @@ import shlex
 import signal
 import subprocess
 import sys
+import threading
 import time
 
 import pytest
@@ -659,3 +660,33 @@ def test_manual_detach_leaves_a_captured_entrys_loops_alone(block_engine):
 
 def sysfs_autoclear(loop: str) -> str:
     return open(f"/sys/block/{os.path.basename(loop)}/loop/autoclear").read().strip()
+
+
+def test_status_and_the_picker_answer_while_a_block_capture_does_not(block_engine):
+    """Every loop was indexed by a stat of its backing file, a captured loop's too: that file
+    is the block capture's FUSE file, and with the worker stopped (hung in life) `status`,
+    `block devices`, the picker and attach hung on it. Only files on local file systems are
+    stat'ed now; the capture is still told by its file's name."""
+    from app.services import blockdevs, status
+    from app.services.blockplan import View
+    from app.services.config import ConfigStore
+    eng, disk, _, cfg = block_engine()
+    st = eng.block(disk)
+    worker = st["worker_pid"]
+    os.kill(worker, signal.SIGSTOP)
+    try:
+        time.sleep(1.5)  # the capture file's cached attributes expire: a stat would ask it
+        box: dict = {}
+
+        def ask():
+            box["view"] = View().captures_of(disk)
+            box["devices"] = blockdevs.list_block_devices()
+            box["snap"] = status.snapshot(ConfigStore(cfg), None, scan_writers=True)
+        t = threading.Thread(target=ask, daemon=True)
+        t.start()
+        t.join(20)
+        assert "snap" in box, f"hung on the stopped block capture ({sorted(box)} done)"
+        assert [s.device for s in box["view"]] == [st["loop"]], box["view"]
+        assert [b.capture for b in box["snap"].block] == ["no daemon"], box["snap"].block
+    finally:
+        os.kill(worker, signal.SIGCONT)

@@ -206,11 +206,25 @@ def probe_signature(path: str) -> str | None:
     except OSError:
         return None
     try:
+        if _file_may_not_answer(os.fstat(fd).st_rdev):
+            return None  # unknown: not read
         return _probe_fd(fd)
     except OSError:
         return None  # e.g. EIO from a failing disk: unknown, not a reason to crash the list
     finally:
         os.close(fd)
+
+
+def _file_may_not_answer(rdev: int) -> bool:
+    """Is this a loop (or a partition of one) whose file is not on a local file system: a
+    block capture's FUSE file, a file on NFS or sshfs? Reading it waits for that server, in
+    the kernel and unkillable (state D): with a block capture stopped or hung, `block
+    devices`, the picker and `block add` never returned."""
+    base = f"/sys/dev/block/{os.major(rdev)}:{os.minor(rdev)}"
+    backing = _read_sys(f"{base}/loop/backing_file")
+    if backing is None and os.path.exists(f"{base}/partition"):
+        backing = _read_sys(f"{base}/../loop/backing_file")
+    return bool(backing) and not mounts.on_local_fs(backing, mounts.read_mountinfo())
 
 
 def device_size(path: str) -> int:
@@ -260,8 +274,13 @@ def _active_swaps() -> set[int]:
     return devices
 
 
-def _backing_rdev(backing_file: str) -> int | None:
-    """Device number of a loop's backing file when that file is itself a block device."""
+def _backing_rdev(backing_file: str, table: list[mounts.MountEntry]) -> int | None:
+    """Device number of a loop's backing file when that file is itself a block device.
+    Stat'ed only on a local file system (by `table`): device nodes live there, and a stat of
+    a capture file (a block capture's FUSE mount) or of a file on NFS waited for its server;
+    one stopped or gone hung the picker and `block devices`."""
+    if not mounts.on_local_fs(backing_file, table):
+        return None
     try:
         st = os.stat(backing_file)
     except OSError:
@@ -277,7 +296,8 @@ class _SystemView:
         self.binds: dict[int, list[str]] = {}  # "X (its /sub)": binds of a directory in it
         self.root: int | None = None
         every: dict[int, set[str]] = {}
-        for entry in mounts.read_mountinfo():
+        self.table = mounts.read_mountinfo()
+        for entry in self.table:
             rdev = os.makedev(entry.major, entry.minor)
             every.setdefault(rdev, set()).add(entry.mount_point)
             if _real_mount(entry):
@@ -308,7 +328,7 @@ class _SystemView:
             names = []
         for name in names:
             backing = _read_sys(f"{SYS_BLOCK}/{name}/loop/backing_file")
-            rdev = _backing_rdev(backing) if backing else None
+            rdev = _backing_rdev(backing, self.table) if backing else None
             if rdev is not None:
                 self.loops_on.setdefault(rdev, []).append(f"/dev/{name}")
 
@@ -384,7 +404,7 @@ def _build(device: pyudev.Device, view: _SystemView, *, with_partitions: bool = 
         in_use += [f"mounted on {bind}" for bind in view.binds.get(rdev, ())]
     in_use += view.elsewhere.get(rdev, [])
     in_use += [f"held by {h}" for h in holders]
-    lower = _backing_rdev(backing) if backing else None
+    lower = _backing_rdev(backing, view.table) if backing else None
     if lower is not None:
         in_use.append(f"loop access point for /dev/{_name_of(lower) or backing}")
     in_use += [f"backs {loop}" for loop in sorted(view.loops_on.get(rdev, ()), key=_natural_key)]

@@ -59,11 +59,18 @@ class View:
                 self._index(s.index, s.backing_file)
 
     def _index(self, index: int, backing: str | None) -> None:
+        """By the backing file's identity (a stat) when it is on a local file system, and a
+        capture file by its name: a stat of a capture file (a block capture's FUSE mount) or
+        of a file on NFS or sshfs waited for its server, and one stopped or gone hung every
+        `status`, `block devices`, attach and the dashboard. A loop on such a file is not
+        found by loops_on() (no device node is there)."""
         self._backing[index] = backing
-        if (key := device_id(backing)) is not None:
-            self.by_backing.setdefault(key, []).append(index)
-        if (suffix := capture_key(backing)) is not None:
+        suffix = capture_key(backing)
+        if suffix is not None:
             self.by_capture.setdefault(suffix, []).append(index)
+        elif backing and mounts.on_local_fs(backing, self.table) and \
+                (key := device_id(backing)) is not None:
+            self.by_backing.setdefault(key, []).append(index)
 
     def _loops(self, indexes) -> list[loopdev.LoopStatus]:
         """Statuses of indexed loops; one rebound or detached since it was indexed is left out."""

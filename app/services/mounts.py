@@ -279,6 +279,22 @@ def describe_holders(holders: list[dict]) -> str:
                      + (f" at {h['mount_point']}" if h.get("mount_point") else "") for h in holders)
 
 
+# File systems where a stat is answered by the kernel from memory or a local disk, never by a
+# server that may not answer (a FUSE daemon, stopped or hung; NFS, SMB, sshfs): device nodes
+# and the files of local loops live on these.
+LOCAL_FSTYPES = frozenset({"devtmpfs", "tmpfs", "ramfs", "ext2", "ext3", "ext4", "xfs", "btrfs",
+                           "overlay", "squashfs", "vfat"})
+
+
+def on_local_fs(path: str, table: list[MountEntry]) -> bool:
+    """Is `path` on a file system of LOCAL_FSTYPES, by the mount table's names alone (the
+    longest mount point that is a prefix of it; nothing is looked up)?"""
+    under = [m for m in table if _contains(m.mount_point, path)]
+    home = max(reversed(under), key=lambda m: len(m.mount_point), default=None)  # (the last
+    # mounted of equal names: max keeps the first it meets)
+    return home is not None and home.fstype in LOCAL_FSTYPES
+
+
 def _contains(mount_point: str, path: str) -> bool:
     return mount_point == "/" or path == mount_point or path.startswith(mount_point + "/")
 

@@ -184,12 +184,6 @@ def writers_of(device: str, exclude: set[int] | frozenset[int] = frozenset()) ->
     return openers_of(device, writing=True, exclude=exclude)
 
 
-# File systems where a stat of an open file is answered by the kernel from memory, never by a
-# server (a FUSE daemon, NFS, SMB) that may not answer: device nodes live on these.
-LOCAL_FSTYPES = frozenset({"devtmpfs", "tmpfs", "ramfs", "ext2", "ext3", "ext4", "xfs", "btrfs",
-                           "overlay", "squashfs", "vfat"})
-
-
 def openers_of(device: str, *, writing: bool = False,
                exclude: set[int] | frozenset[int] = frozenset()) -> list[tuple[int, str]]:
     """(pid, command) of processes holding `device` open (for writing only, when asked).
@@ -218,7 +212,7 @@ def openers_of(device: str, *, writing: bool = False,
                 with open(f"/proc/{pid}/mountinfo", "rb") as f:
                     table = mounts.parse_mountinfo(os.fsdecode(f.read()))
                 local = local_of[ns] = frozenset(m.mount_id for m in table
-                                                 if m.fstype in LOCAL_FSTYPES)
+                                                 if m.fstype in mounts.LOCAL_FSTYPES)
         except OSError:
             continue
         for fd in fds:
