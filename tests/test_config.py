@@ -678,6 +678,52 @@ def test_block_targets_are_never_shared_with_devices_or_other_replicas(store, sc
     assert [e.device for e in store.load().block] == [d1, d3]
 
 
+@pytest.fixture
+def partitioned(sparse_file):
+    """make() -> (disk, first partition, second partition): a --partscan loop with two 16 MiB
+    partitions made with addpart (this kernel parses no partition tables)."""
+    made: list[str] = []
+
+    def make() -> tuple[str, str, str]:
+        disk = run("losetup", "--find", "--show", "--partscan", str(sparse_file(64 * MiB))).stdout.strip()
+        made.append(disk)
+        for n, start in ((1, 2048), (2, 2048 + 32768)):
+            run("addpart", disk, str(n), str(start), str(16 * MiB // 512))
+        return disk, f"{disk}p1", f"{disk}p2"
+    yield make
+    for disk in made:
+        for n in (1, 2):
+            run("delpart", disk, str(n), check=False)
+        run("losetup", "-d", disk, check=False)
+
+
+@pytest.mark.root
+def test_a_partition_and_its_disk_never_replicate_to_or_over_each_other(store, partitioned,
+                                                                        scratch_loop, tmp_path):
+    """Found by helper-27's walk: `block add DISKp1 --target DISK` was refused only as a target
+    "not empty … add the entry with --adopt-target", and with --adopt-target it was taken: its
+    mirror writes the partition over the disk's first bytes, partition table and the partition
+    itself. The disk and its partition were also taken as two entries, and a partition of a
+    replicated disk as another entry's target (writes there bypass the disk's capture). Told
+    by their numbers alone they were different devices."""
+    disk, p1, p2 = partitioned()
+    with refused(store, f"^target {re.escape(disk)} lies on the bytes {re.escape(p1)} "
+                        "replicates .*: its mirror would overwrite what it copies"):
+        store.add_block(p1, target=disk, adopt_target=True)
+    with refused(store, f"^target {re.escape(p1)} lies on the bytes {re.escape(disk)} replicates"):
+        store.add_block(disk, target=p1, adopt_target=True)
+    # a window of the disk that leaves the partition out may keep its replica there
+    assert store.add_block(disk, sizelimit=1 * MiB, target=p2, adopt_target=True).target == p2
+    store.remove_block(disk)
+    store.add_block(p1, target=str(tmp_path / "p1.img"))
+    with refused(store, f"^{re.escape(disk)} overlaps {re.escape(p1)}, which is already "
+                        r"replicated \(a partition and its disk\)"):
+        store.add_block(disk, target=str(tmp_path / "disk.img"))
+    with refused(store, f"^target {re.escape(disk)} lies on {re.escape(p1)}, a replicated device"):
+        store.add_block(scratch_loop(8 * MiB), target=disk, adopt_target=True)
+    assert [e.device for e in store.load().block] == [p1]
+
+
 def test_a_target_with_something_in_it_is_refused_unless_adopted(store, dirs, tmp_path):
     (src,) = dirs("src")
     old = tmp_path / "backup"

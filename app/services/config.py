@@ -14,6 +14,7 @@ import errno
 import fcntl
 import os
 import stat
+import time
 from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
@@ -254,6 +255,9 @@ class ConfigStore:
                 raise refuse(f"loop {loop} is already used by the entry for {other.device}", "loop")
             if loop is not None and _device_id(other.device) == _device_id(loop):
                 raise refuse(f"loop {loop} is itself configured for replication", "loop")
+            if _shares_bytes(device, other.device):  # a partition and its disk
+                raise refuse(f"{device} overlaps {other.device}, which is already replicated (a "
+                             "partition and its disk): replicate one of them", code=errno.EBUSY)
         from app.services import blockdevs  # imported late: it probes devices, config need not
         try:
             reason = blockdevs.exclusion_reason(device)
@@ -266,10 +270,14 @@ class ConfigStore:
         if entry.target is not None and not _local(entry.target):
             _checked_remote_target("block", device, entry.target, config)
         elif entry.target is not None:
+            window = entry.sizelimit or size - entry.offset
             if _device_id(entry.target) in (me, loop and _device_id(loop)):
                 raise refuse(f"target {entry.target} is the replicated device itself", "target")
+            if _shares_bytes(device, entry.target, (entry.offset, window)):
+                raise refuse(f"target {entry.target} lies on the bytes {device} replicates (a "
+                             "partition and its disk): its mirror would overwrite what it copies",
+                             "target")
             _refuse_shared_target("block", device, entry.target, config)
-            window = entry.sizelimit or size - entry.offset
             problem = _block_target_problem(entry.target, window)
             if problem:
                 raise refuse(f"target {entry.target} {problem}", "target")
@@ -278,6 +286,9 @@ class ConfigStore:
         for other in config.block:  # this device may not be where another entry replicates to
             if other.target and _device_id(other.target) == me:
                 raise refuse(f"{device} is the target of the entry for {other.device}")
+            if other.target and _shares_bytes(device, other.target):
+                raise refuse(f"{device} lies on {other.target}, the target of the entry for "
+                             f"{other.device} (a partition and its disk)")
         return replace(entry, device=device, encryption=None)
 
     # ---- locking and writing
@@ -410,6 +421,58 @@ def _device_id(path: str) -> int | str:
     return os.path.realpath(path)
 
 
+_WHOLE: dict[int, tuple[float, int]] = {}  # whole disks seen: rdev -> (when, bytes)
+_WHOLE_SECONDS = 1.0  # a check of every entry against every other reads each disk once
+
+
+def _extent(rdev: int) -> tuple[int, int, int, bool]:
+    """Where a block device lies on its disk: (the whole disk's number, first byte, bytes, is
+    a partition), from sysfs (which counts 512-byte sectors). A whole disk is kept a second
+    (the entries' checks ask it of each device once per other entry); a partition is read
+    every time: its number is handed to the next partition made as soon as it is gone."""
+    now = time.monotonic()
+    kept = _WHOLE.get(rdev)
+    if kept is not None and now - kept[0] < _WHOLE_SECONDS:
+        return rdev, 0, kept[1], False
+    here = f"/sys/dev/block/{os.major(rdev)}:{os.minor(rdev)}"
+    size = int(_sysfs_text(f"{here}/size")) * 512
+    if os.path.exists(f"{here}/partition"):
+        # the kernel resolves ".." after the link: the partition's disk
+        major, minor = _sysfs_text(f"{here}/../dev").split(":")
+        return (os.makedev(int(major), int(minor)), int(_sysfs_text(f"{here}/start")) * 512,
+                size, True)
+    if len(_WHOLE) > 4096:
+        _WHOLE.clear()
+    _WHOLE[rdev] = (now, size)
+    return rdev, 0, size, False
+
+
+def _sysfs_text(path: str) -> str:
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        return os.read(fd, 64).decode()
+    finally:
+        os.close(fd)
+
+
+def _shares_bytes(a: str, b: str, a_window: tuple[int, int] | None = None) -> bool:
+    """Whether two different block devices lie on the same bytes of one disk: a partition and
+    its disk (a by `a_window`, (offset, bytes) into a, when given). Their numbers differ, so
+    _device_id does not tell. Anything not a block device shares none."""
+    try:
+        ra, rb = os.stat(a), os.stat(b)
+        if not (stat.S_ISBLK(ra.st_mode) and stat.S_ISBLK(rb.st_mode)) or ra.st_rdev == rb.st_rdev:
+            return False
+        (da, start, size, pa), (db, b_start, b_size, pb) = _extent(ra.st_rdev), _extent(rb.st_rdev)
+    except (OSError, ValueError):
+        return False
+    if not (pa or pb) or da != db:
+        return False  # two whole disks, or partitions of two disks
+    if a_window is not None:
+        start, size = start + a_window[0], a_window[1]
+    return start < b_start + b_size and b_start < start + size
+
+
 def _block_target_problem(target: str, window: int) -> str | None:
     """What is wrong with a block entry's target: it must be a block device of at least the
     window's size, a regular file (extended to the window) or a new file in an existing directory."""
@@ -499,9 +562,13 @@ def _refuse_shared_target(kind: str, source: str, target: str, config: Config) -
         if _device_id(other.device) == mine:
             raise refuse(f"is {other.device}, a replicated device (writes there would bypass "
                          "its capture)")
+        if _shares_bytes(target, other.device):
+            raise refuse(f"lies on {other.device}, a replicated device (a partition and its "
+                         "disk: writes there would bypass its capture)")
         if _local(other.target):
             theirs = os.path.realpath(other.target)
-            if _device_id(other.target) == mine or _overlap(real, theirs):
+            if _device_id(other.target) == mine or _overlap(real, theirs) \
+                    or _shares_bytes(target, other.target):
                 raise refuse(f"is (or holds) {other.target}, the target of {other.device}")
 
 
