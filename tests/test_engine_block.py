@@ -438,6 +438,34 @@ def test_a_device_that_grew_under_its_capture_is_said(block_engine):
                     "to use and replicate the rest"], warnings
 
 
+def test_a_device_that_shrank_under_its_capture_is_said_as_an_error(block_engine):
+    """Found by helper-27's walk: the replicated device shrank (96 -> 48 MiB) while captured;
+    writes past 48 MiB through its loop failed (ENOSPC) and reads (EIO), and status was green
+    (the growth check only looked up)."""
+    eng, disk, target, cfg = block_engine(96 * MiB)
+    loop = eng.block_drain(disk)["loop"]  # the first copy is over (it would fail too: said)
+    backing = run("losetup", "-nO", "BACK-FILE", disk).stdout.strip()
+    os.truncate(backing, 48 * MiB)
+    run("losetup", "-c", disk)
+    fd = os.open(loop, os.O_WRONLY | os.O_DIRECT)  # it is true: the loop's end fails
+    try:
+        with pytest.raises(OSError):
+            os.pwrite(fd, bytes(4096), 60 * MiB)
+    finally:
+        os.close(fd)
+    deadline = time.monotonic() + 10
+    while True:
+        warnings = json.loads(cli(cfg, eng, "status", "--json").stdout)["warnings"]
+        said = [w for w in warnings if w["subject"] == disk and "shrank" in w["message"]]
+        if said or time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
+    assert [(w["message"], w["level"]) for w in said] == [(
+        "the device shrank to 48.0 MiB since its capture started; its loop still has 96.0 MiB: "
+        "reads and writes past 48.0 MiB of it fail (EIO, ENOSPC). Give the device its size back, "
+        "or unmount the loop and detach it", "error")], warnings
+
+
 def test_an_entrys_own_loop_given_for_the_entry_is_named_as_such(block_engine):
     """helper-26's walk: `block verify /dev/loopN` of the loop an entry's capture serves said
     only "is not a configured block device"; it names the entry to give instead, and changes

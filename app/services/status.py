@@ -369,6 +369,28 @@ def _sysfs_size(dev: str) -> int | None:
         return None
 
 
+def _size_changed(dev: str, entry: BlockEntry, window: int, now: int | None,
+                  warnings: list[StatusWarning]) -> None:
+    """A device resized under its capture: grown, its loop and replica miss the rest (an
+    entry without a size limit); shrunk below the window, I/O past its end through the loop
+    fails, and a file system there loses writes."""
+    from app.services.units import human_size
+    if now is None:
+        return
+    if now < entry.offset + window:
+        left = max(0, now - entry.offset)
+        warnings.append(StatusWarning(dev, f"the device shrank to {human_size(now)} since its capture "
+                                     f"started; its loop still has {human_size(window)}: reads and "
+                                     f"writes past {human_size(left)} of it fail (EIO, ENOSPC). Give "
+                                     "the device its size back, or unmount the loop and detach it",
+                                "error"))
+    elif not entry.sizelimit and now - entry.offset > window:
+        warnings.append(StatusWarning(dev, f"the device grew to {human_size(now)} since its capture "
+                                     f"started; its loop and replica still have "
+                                     f"{human_size(window)}: detach it and attach it again "
+                                     "(Detach all, Attach all) to use and replicate the rest"))
+
+
 def _block_state(entry: BlockEntry, view: View, table,
                  warnings: list[StatusWarning], scan_writers: bool, engine: CaptureRow | None,
                  ours_pids: frozenset[int], marks: str | None = None) -> BlockState:
@@ -409,14 +431,8 @@ def _block_state(entry: BlockEntry, view: View, table,
         capture = "not captured"
         warnings.append(StatusWarning(dev, f"{plain[0].device} is attached without capture (daemon not "
                                      "running then): its writes are not replicated"))
-    if live and engine.size and not entry.sizelimit:
-        now = _sysfs_size(dev)
-        if now is not None and now - entry.offset > engine.size:
-            from app.services.units import human_size
-            warnings.append(StatusWarning(dev, f"the device grew to {human_size(now)} since its capture "
-                                         f"started; its loop and replica still have "
-                                         f"{human_size(engine.size)}: detach it and attach it again "
-                                         "(Detach all, Attach all) to use and replicate the rest"))
+    if live and engine.size:
+        _size_changed(dev, entry, engine.size, _sysfs_size(dev), warnings)
     if captured and raw_loops:
         warnings.append(StatusWarning(dev, f"{', '.join(s.device for s in raw_loops)} reach the raw "
                                      "device directly: writes there bypass capture and corrupt the "
