@@ -220,6 +220,31 @@ def test_daemon_takes_over_an_uncaptured_loop(block_engine, tmp_path):
         assert backing_of(plain[0]) not in (disk, st["file"]), "the number was kept free for nobody"
 
 
+def test_a_plain_loop_the_daemon_left_because_it_is_mounted_says_what_to_do(block_engine, tmp_path):
+    """Found by helper-27's walk: a plain loop attached without the daemon and mounted, then the
+    daemon started: it refused to take the loop over (it is in use), and status said only
+    'attached without capture (daemon not running then)', with the daemon running and nothing
+    of why it stayed uncaptured nor what to do."""
+    eng, disk, target, cfg = block_engine(start=False)
+    assert cli(cfg, eng, "block", "attach-all").returncode == 0
+    (plain,) = [d["name"] for d in losetup_json() if d["back-file"] == disk]
+    run("mkfs.ext4", "-q", "-F", plain)
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    run("mount", "-t", "ext4", plain, str(mnt))
+    try:
+        eng.start()
+        warnings = json.loads(cli(cfg, eng, "status", "--json").stdout)["warnings"]
+        said = [w["message"] for w in warnings if w["subject"] == disk]
+        assert said == [f"{plain} is attached without capture: its writes are not replicated, and "
+                        f"the daemon takes over only an idle loop: it is mounted on {mnt}; unmount "
+                        "(or close) it, then Attach all"], warnings
+    finally:
+        run("umount", str(mnt))
+    assert cli(cfg, eng, "block", "attach-all").returncode == 0  # as it says
+    assert eng.block(disk)["captured"]
+
+
 WRITER = """
 import mmap, os, sys
 fd = os.open(sys.argv[1], os.O_WRONLY | os.O_DIRECT)

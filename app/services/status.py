@@ -369,6 +369,20 @@ def _sysfs_size(dev: str) -> int | None:
         return None
 
 
+def _plain_loop_text(loop: str, view: View, engine: CaptureRow | None) -> str:
+    """A loop straight on the device: attached while no daemon ran (the daemon takes it over
+    at its start), or one the running daemon did not take over because it is in use."""
+    text = f"{loop} is attached without capture"
+    if engine is None:
+        return text + " (daemon not running then): its writes are not replicated"
+    from app.services.blockplan import loop_use
+    use = loop_use(loop, view)
+    if use is None:
+        return text + ": its writes are not replicated (Attach all takes it over)"
+    return (text + f": its writes are not replicated, and the daemon takes over only an idle loop: "
+            f"it is {use}; unmount (or close) it, then Attach all")
+
+
 def _size_changed(dev: str, entry: BlockEntry, window: int, now: int | None,
                   warnings: list[StatusWarning]) -> None:
     """A device resized under its capture: grown, its loop and replica miss the rest (an
@@ -429,8 +443,7 @@ def _block_state(entry: BlockEntry, view: View, table,
                                      "its I/O fails; unmount/close it and start the daemon", "error"))
     elif plain:
         capture = "not captured"
-        warnings.append(StatusWarning(dev, f"{plain[0].device} is attached without capture (daemon not "
-                                     "running then): its writes are not replicated"))
+        warnings.append(StatusWarning(dev, _plain_loop_text(plain[0].device, view, engine)))
     if live and engine.size:
         _size_changed(dev, entry, engine.size, _sysfs_size(dev), warnings)
     if captured and raw_loops:
