@@ -489,6 +489,9 @@ def test_a_device_that_shrank_under_its_capture_is_said_as_an_error(block_engine
         "the device shrank to 48.0 MiB since its capture started; its loop still has 96.0 MiB: "
         "reads and writes past 48.0 MiB of it fail (EIO, ENOSPC). Give the device its size back, "
         "or unmount the loop and detach it", "error")], warnings
+    r = cli(cfg, eng, "block", "verify", disk)  # said in words, not "short read of the source"
+    assert r.returncode == 1 and "the device ends at byte 50331648, inside the window (bytes " \
+        "0-100663295): it shrank since its capture started" in r.stderr, r.stdout + r.stderr
 
 
 def test_an_entrys_own_loop_given_for_the_entry_is_named_as_such(block_engine):

@@ -51,9 +51,10 @@ def _progress(stage: str, done: int, total: int, size: int, sent: int) -> dict:
 def read_block(fd: int, offset: int, size: int, b: int) -> bytes:
     length = min(BLOCK, size - b * BLOCK)
     data = pread_uncached(fd, length, offset + b * BLOCK)
-    if len(data) != length:
-        raise OSError(errno.EIO, f"short read of the source at byte {offset + b * BLOCK} "
-                                 f"({len(data)} of {length})")
+    if len(data) != length:  # the device ends inside the window: it shrank under its capture
+        raise OSError(errno.EIO, f"the device ends at byte {offset + b * BLOCK + len(data)}, "
+                                 f"inside the window (bytes {offset}-{offset + size - 1}): it "
+                                 "shrank since its capture started")
     return data
 
 
