@@ -245,6 +245,28 @@ def test_a_plain_loop_the_daemon_left_because_it_is_mounted_says_what_to_do(bloc
     assert eng.block(disk)["captured"]
 
 
+def test_a_capture_without_a_fixed_loop_leaves_the_loop_another_entry_keeps(disks, tmp_path):
+    """Found by helper-27's walk on a busy host: the daemon attached the first entry's capture
+    to the first free loop, /dev/loop40, the loop the next entry keeps; that entry then failed
+    '/dev/loop40 is busy: attached to …/run/block/loop5-…/disk', its neighbour's capture."""
+    from app.services import loop as loopdev
+    first, second = disks(), disks()
+    kept = loopdev.find_free()  # the first free loop now: the one the first capture would get
+    cfg = write_config(tmp_path / "etc" / "replication.toml", [],
+                       [{"device": first, "target": str(tmp_path / "first.img")},
+                        {"device": second, "loop": kept, "target": str(tmp_path / "second.img")}])
+    eng = Engine(tmp_path, cfg)
+    try:
+        eng.start()
+        assert eng.block(first)["captured"] and eng.block(first)["loop"] != kept
+        if not eng.block(second)["captured"]:  # a busy host: only another's loop may be in its way
+            assert str(tmp_path) not in (backing_of(kept) or ""), eng.logtext()
+        else:
+            assert eng.block(second)["loop"] == kept
+    finally:
+        eng.cleanup()
+
+
 WRITER = """
 import mmap, os, sys
 fd = os.open(sys.argv[1], os.O_WRONLY | os.O_DIRECT)

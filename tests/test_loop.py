@@ -255,6 +255,17 @@ def test_allocation_retries_when_another_process_took_the_free_loop(sparse_file,
     assert _sysfs(st.index, "loop/backing_file") == str(img)
 
 
+@pytest.mark.root
+def test_a_first_free_loop_is_never_one_another_entry_keeps(sparse_file, loops):
+    """Found by helper-27's walk on a busy host: attach-all gave an entry without a fixed loop
+    the first free one, /dev/loop40, which the next entry keeps as its fixed loop; that entry
+    then failed '/dev/loop40 is busy: attached to …/loop5-…/disk', ours. `avoid` names the
+    kept ones."""
+    kept = loop.parse_loop_path(loop.find_free())
+    st = loops(str(sparse_file(4 * MiB)), avoid={kept})
+    assert st.index != kept
+
+
 BAD_GEOMETRY = [
     ({"offset": 9 * MiB}, "past the end"),
     ({"offset": 8 * MiB}, "past the end"),

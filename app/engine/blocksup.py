@@ -101,15 +101,20 @@ class BlockCaptures:
                           msg.get("errno"))
         cap = Captured("block", dev, entry, link)
         try:
+            avoid = blockplan.kept_loops(self.sup.store.load().block, entry)
+        except MirrorError:  # the file broke since the entry was read: no loop is kept then
+            avoid = frozenset()
+        try:
             try:
                 st = await trio.to_thread.run_sync(lambda: loopdev.attach(
-                    msg["file"], loop=plan.want, read_only=entry.read_only, direct_io=True))
+                    msg["file"], loop=plan.want, read_only=entry.read_only, direct_io=True,
+                    avoid=avoid))
             except MirrorError as exc:
                 if entry.loop or not plan.want or exc.errno != errno.EBUSY:
                     raise
                 # the number came from a plain loop we took over; someone took it meanwhile
                 st = await trio.to_thread.run_sync(lambda: loopdev.attach(
-                    msg["file"], read_only=entry.read_only, direct_io=True))
+                    msg["file"], read_only=entry.read_only, direct_io=True, avoid=avoid))
         except MirrorError as exc:
             await self._stop_worker(cap)
             return Result.from_error(action, dev, exc)

@@ -255,12 +255,21 @@ def describe(plan: AttachPlan, *, captured: bool, target: str | None) -> str:
             + (f" (taking over {plan.take_over.device})" if plan.take_over else ""))
 
 
-def attach_plain(plan: AttachPlan, *, action: str, uncaptured: bool, view: View | None = None) -> Result:
-    """Carry out a plain plan (the caller holds attach_lock); the new loop joins `view`."""
+def kept_loops(entries, entry: BlockEntry) -> frozenset[int]:
+    """The fixed loops (`loop = …`) of the entries other than `entry`: a first free loop is
+    never one of them, or that entry's attach then finds its own loop taken by ours."""
+    return frozenset(loopdev.parse_loop_path(e.loop) for e in entries
+                     if e.loop and e.device != entry.device)
+
+
+def attach_plain(plan: AttachPlan, *, action: str, uncaptured: bool, view: View | None = None,
+                 avoid: frozenset[int] = frozenset()) -> Result:
+    """Carry out a plain plan (the caller holds attach_lock); the new loop joins `view`.
+    `avoid`: kept_loops()."""
     e = plan.entry
     try:
         st = loopdev.attach(e.device, loop=e.loop, offset=e.offset, sizelimit=e.sizelimit,
-                            read_only=e.read_only)
+                            read_only=e.read_only, avoid=avoid)
     except MirrorError as exc:
         return Result.from_error(action, e.device, exc)
     if view is not None:

@@ -18,7 +18,7 @@ import sys
 import time
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
-from typing import Iterator
+from typing import Collection, Iterator
 
 from app.services._ioctl import (
     BLKROGET, LO_FLAGS_AUTOCLEAR, LO_FLAGS_DIRECT_IO, LO_FLAGS_PARTSCAN, LO_FLAGS_READ_ONLY,
@@ -346,10 +346,23 @@ def _busy(path: str, index: int) -> MirrorError:
                        errno=errno.EBUSY, obj=path)
 
 
+def _free_index(ctl: int, avoid: Collection[int]) -> int:
+    """The first free loop that is not in `avoid`: GET_FREE names the lowest free one, so past
+    a kept one we look upwards ourselves (one not made yet is free: _ensure makes it)."""
+    index = _get_free(ctl)
+    if index not in avoid:
+        return index
+    index += 1
+    while index in avoid or status_of(index) is not None:
+        index += 1
+    return index
+
+
 def attach(backing: str, *, loop: str | None = None, offset: int = 0, sizelimit: int = 0,
            read_only: bool = False, autoclear: bool = False, partscan: bool = False,
-           direct_io: bool = False, block_size: int = 0) -> LoopStatus:
-    """Bind `backing` to `loop` (or the first free loop) and return what sysfs then shows.
+           direct_io: bool = False, block_size: int = 0, avoid: Collection[int] = ()) -> LoopStatus:
+    """Bind `backing` to `loop` (or the first free loop not in `avoid`: the numbers other
+    entries keep as their fixed loops) and return what sysfs then shows.
 
     With autoclear the kernel detaches at the last close; if nothing else opened the device,
     that is our own close right after binding, so the returned status is its last sight.
@@ -370,7 +383,7 @@ def attach(backing: str, *, loop: str | None = None, offset: int = 0, sizelimit:
                 return _attach_at(loop, index, file_fd, info, direct_io, block_size,
                                   fixed=True)
             for _ in range(ALLOC_RETRIES):
-                index = _get_free(ctl)
+                index = _free_index(ctl, avoid)
                 path = f"/dev/loop{index}"
                 _ensure(ctl, path, index)
                 got = _attach_at(path, index, file_fd, info, direct_io, block_size,

@@ -121,7 +121,8 @@ class Replication:
             results = []
             for e in config.block:
                 results.append(self._attach_plain(e, view, dry_run=dry_run, force=force,
-                                                  action="attach", uncaptured=True))
+                                                  action="attach", uncaptured=True,
+                                                  avoid=blockplan.kept_loops(config.block, e)))
             return results
 
     def detach_all(self, *, dry_run: bool = False) -> list[Result]:
@@ -139,7 +140,8 @@ class Replication:
         return results
 
     def _attach_plain(self, entry: BlockEntry, view: View, *, dry_run: bool, force: bool,
-                      action: str, uncaptured: bool = False) -> Result:
+                      action: str, uncaptured: bool = False,
+                      avoid: frozenset[int] = frozenset()) -> Result:
         # without the daemon too: an entry handed over to its replica stays read-only here
         refused = switched_refusal(switched_marker(entry_state(self.state_dir, "block", entry.device)),
                                    entry.device, action)
@@ -151,8 +153,8 @@ class Replication:
         if dry_run:
             return Result(action, entry.device, Outcome.SKIPPED,
                           blockplan.describe(plan, captured=False, target=None))
-        return blockplan.attach_plain(plan, action=action, uncaptured=uncaptured,
-                                      view=view)  # what we attached is in the next entry's picture
+        return blockplan.attach_plain(plan, action=action, uncaptured=uncaptured, view=view,
+                                      avoid=avoid)  # what we attached is in the next entry's picture
 
     def _detach_plain(self, entry: BlockEntry, view: View | None = None, *,
                       dry_run: bool = False) -> list[Result]:
