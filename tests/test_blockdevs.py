@@ -375,6 +375,44 @@ def test_a_device_mounted_only_in_another_mount_namespace_is_in_use_and_named(sc
 
 
 @pytest.mark.root
+def test_an_exclusive_holder_is_named_by_the_attach_refusal(scratch_loop, sparse_file, tmp_path):
+    """Found by helper-27's walk: attach-all of a device a process held open with O_EXCL, or of
+    a disk whose partition is mounted, was refused 'held open exclusively by another program',
+    naming nobody. The kernel does not say which opener is exclusive: its openers are named;
+    a mounted partition (it claims its disk) is named as such."""
+    import subprocess
+    import sys
+
+    from app.services import blockplan
+    dev = scratch_loop(8 << 20)
+    holder = subprocess.Popen([sys.executable, "-c", "import os, sys, time\n"
+                               f"os.open({dev!r}, os.O_RDONLY | os.O_EXCL)\n"
+                               "print('held', flush=True)\ntime.sleep(300)\n"],
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline() == "held\n"
+        assert blockplan.busy_reasons(dev, blockplan.View()) == [
+            f"held open exclusively by another program (open by pid {holder.pid} "
+            f"({Path(sys.executable).name[:15]}))"]
+    finally:
+        holder.kill()
+        holder.wait()
+    disk = run("losetup", "--find", "--show", "--partscan", str(sparse_file(32 << 20))).stdout.strip()
+    where = tmp_path / "partmnt"
+    where.mkdir()
+    try:
+        run("addpart", disk, "1", str(PART_START_SECTOR), str((16 << 20) // 512))
+        run("mkfs.ext4", "-q", f"{disk}p1")
+        run("mount", f"{disk}p1", str(where))
+        assert blockplan.busy_reasons(disk, blockplan.View()) == [
+            f"partition {os.path.basename(disk)}p1 mounted on {where}"]
+    finally:
+        run("umount", str(where), check=False)
+        run("delpart", disk, "1", check=False)
+        run("losetup", "-d", disk, check=False)
+
+
+@pytest.mark.root
 def test_loop_over_loop_marks_both_ends(scratch_loop, loop_over):
     lower = scratch_loop(8 << 20)
     upper = loop_over(lower)

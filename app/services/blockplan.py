@@ -158,12 +158,34 @@ def busy_reasons(device: str, view: View) -> list[str]:
         except OSError as exc:
             if exc.errno != errno.EBUSY:
                 raise
-            rdev = os.stat(device).st_rdev
-            elsewhere = mounts.namespace_holders(os.major(rdev), os.minor(rdev))
-            reasons += [f"mounted on {h['mount_point']} in the mount namespace of pid {h['pid']} "
-                        f"({h['comm']})" for h in elsewhere] or \
-                ["held open exclusively by another program"]
+            reasons += _exclusive_holders(device, view)
     return reasons
+
+
+def _exclusive_holders(device: str, view: View) -> list[str]:
+    """Who holds `device` exclusively, as far as the host tells: a mount in another namespace,
+    a mounted partition (it claims its disk), else the processes that have it open (the kernel
+    does not say which of them opened it exclusively)."""
+    from app.services.status import openers_of
+    rdev = os.stat(device).st_rdev
+    elsewhere = mounts.namespace_holders(os.major(rdev), os.minor(rdev))
+    if elsewhere:
+        return [f"mounted on {h['mount_point']} in the mount namespace of pid {h['pid']} "
+                f"({h['comm']})" for h in elsewhere]
+    sys_dir = os.path.realpath(f"/sys/dev/block/{os.major(rdev)}:{os.minor(rdev)}")
+    found = []
+    for part in sorted(os.listdir(sys_dir)) if os.path.isdir(sys_dir) else ():
+        try:
+            major, minor = map(int, open(f"{sys_dir}/{part}/dev").read().split(":"))
+        except (OSError, ValueError):
+            continue  # not a partition (no dev file), or gone meanwhile
+        found += [f"partition {part} mounted on {m.mount_point}"
+                  for m in mounts.mounts_of_device(major, minor, view.table)]
+    who = openers_of(device, exclude={os.getpid()})
+    if who and not found:
+        found.append("held open exclusively by another program (open by "
+                     + ", ".join(f"pid {pid} ({comm})" for pid, comm in who) + ")")
+    return found or ["held open exclusively by another program"]
 
 
 def loop_use(loop: str, view: View) -> str | None:
