@@ -724,6 +724,39 @@ def test_a_partition_and_its_disk_never_replicate_to_or_over_each_other(store, p
     assert [e.device for e in store.load().block] == [p1]
 
 
+@pytest.mark.root
+def test_a_block_target_file_never_lies_in_a_file_system_on_its_own_device(store, partitioned,
+                                                                          scratch_loop, tmp_path):
+    """Found by helper-27's walk: `block add DEV --target M/t.img`, M where DEV's own file
+    system is mounted (from the device, a partition of it, or a loop over it), was taken: once
+    the file system is mounted through the entry's loop the replica's writes are captured
+    again, and before that they land under its mount point."""
+    disk, p1, p2 = partitioned()
+    run("mkfs.ext4", "-q", p1)
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    run("mount", p1, str(mnt))
+    try:
+        for device, target in ((p1, mnt / "t.img"), (disk, mnt / "sub" / "t.img")):
+            with refused(store, f"^target {re.escape(str(target))} lies in a file system on "
+                                f"{re.escape(p1)}, the device it replicates"):
+                store.add_block(device, target=str(target))
+        assert store.add_block(p2, target=str(mnt / "p2.img")).target == str(mnt / "p2.img")
+    finally:
+        run("umount", str(mnt))
+    dev = scratch_loop(32 * MiB)
+    over = run("losetup", "--find", "--show", dev).stdout.strip()
+    try:
+        run("mkfs.ext4", "-q", over)
+        run("mount", over, str(mnt))
+        with refused(store, f"^target .*/mnt/t.img lies in a file system on a loop over "
+                            f"{re.escape(dev)}, the device it replicates"):
+            store.add_block(dev, target=str(mnt / "t.img"))
+    finally:
+        run("umount", str(mnt), check=False)
+        run("losetup", "-d", over, check=False)
+
+
 def test_a_target_with_something_in_it_is_refused_unless_adopted(store, dirs, tmp_path):
     (src,) = dirs("src")
     old = tmp_path / "backup"

@@ -277,6 +277,11 @@ class ConfigStore:
                 raise refuse(f"target {entry.target} lies on the bytes {device} replicates (a "
                              "partition and its disk): its mirror would overwrite what it copies",
                              "target")
+            on = _file_system_on_device(entry.target, device, (entry.offset, window))
+            if on:
+                raise refuse(f"target {entry.target} lies in a file system on {on}, the device "
+                             "it replicates: its replica's writes would be captured again (or "
+                             "hidden under that file system's mount point)", "target")
             _refuse_shared_target("block", device, entry.target, config)
             problem = _block_target_problem(entry.target, window)
             if problem:
@@ -463,7 +468,14 @@ def _shares_bytes(a: str, b: str, a_window: tuple[int, int] | None = None) -> bo
         ra, rb = os.stat(a), os.stat(b)
         if not (stat.S_ISBLK(ra.st_mode) and stat.S_ISBLK(rb.st_mode)) or ra.st_rdev == rb.st_rdev:
             return False
-        (da, start, size, pa), (db, b_start, b_size, pb) = _extent(ra.st_rdev), _extent(rb.st_rdev)
+    except OSError:
+        return False
+    return _rdevs_share_bytes(ra.st_rdev, rb.st_rdev, a_window)
+
+
+def _rdevs_share_bytes(ra: int, rb: int, a_window: tuple[int, int] | None = None) -> bool:
+    try:
+        (da, start, size, pa), (db, b_start, b_size, pb) = _extent(ra), _extent(rb)
     except (OSError, ValueError):
         return False
     if not (pa or pb) or da != db:
@@ -471,6 +483,42 @@ def _shares_bytes(a: str, b: str, a_window: tuple[int, int] | None = None) -> bo
     if a_window is not None:
         start, size = start + a_window[0], a_window[1]
     return start < b_start + b_size and b_start < start + size
+
+
+def _file_system_on_device(target: str, device: str, window: tuple[int, int]) -> str | None:
+    """Where a target file would lie in a file system on the replicated device itself: mounted
+    from the device (or a partition or disk over its window) or from a loop over it (its
+    capture's or a plain one). Its replica's writes would then be captured again, or land
+    under the loop's mount point once it is mounted. None when it lies elsewhere."""
+    here = target
+    while True:
+        try:
+            st = os.stat(here)
+            if stat.S_ISBLK(st.st_mode):
+                return None  # a device target: judged by its bytes, not a file system
+            st_dev = st.st_dev
+            break
+        except FileNotFoundError:
+            if os.path.dirname(here) == here:
+                return None
+            here = os.path.dirname(here)
+        except OSError:
+            return None
+    me = os.stat(device).st_rdev
+    if st_dev == me:
+        return device
+    if _rdevs_share_bytes(me, st_dev, window):  # a partition of it, or the disk it is one of
+        return "/dev/" + os.path.basename(os.path.realpath(
+            f"/sys/dev/block/{os.major(st_dev)}:{os.minor(st_dev)}"))
+    try:
+        backing = Path(f"/sys/dev/block/{os.major(st_dev)}:{os.minor(st_dev)}/loop/backing_file"
+                       ).read_text().rstrip("\n")
+    except OSError:
+        return None  # not a loop
+    from app.services.layout import is_capture_of
+    if is_capture_of(device, backing) or _device_id(backing) == me:
+        return f"a loop over {device}"
+    return None
 
 
 def _block_target_problem(target: str, window: int) -> str | None:
