@@ -678,6 +678,19 @@ def test_block_targets_are_never_shared_with_devices_or_other_replicas(store, sc
     assert [e.device for e in store.load().block] == [d1, d3]
 
 
+@pytest.mark.root
+def test_a_directory_holding_a_block_target_is_not_replicated_too(store, scratch_loop, dirs, tmp_path):
+    """Found by helper-27's walk: a block target in a replicated directory is refused, but the
+    directory added after the block entry was taken: its mirrorfs then captured the block
+    replica's writes a second time (and ships the image whole to its own target)."""
+    (holder,) = dirs("holder")
+    store.add_block(scratch_loop(8 << 20), target=str(tmp_path / "holder" / "disk.img"))
+    for path in (holder, str(tmp_path)):
+        with refused(store, f"^{re.escape(path)} holds .*/holder/disk.img, the target of "
+                            "/dev/loop[0-9]+: its replica's writes would be captured here too$"):
+            store.add_filesystem(path, target=tmp_path / "elsewhere")
+
+
 @pytest.fixture
 def partitioned(sparse_file):
     """make() -> (disk, first partition, second partition): a --partscan loop with two 16 MiB

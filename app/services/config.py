@@ -220,6 +220,11 @@ class ConfigStore:
                                  or _inside(other.target, real)):
                 raise ConfigError(f"{real} overlaps {other.target}, the target of {other.path}",
                                   key="path", obj=path)
+        for other in config.block:  # as a block target in a replicated directory is refused
+            if _local(other.target) and _overlap(os.path.realpath(other.target), real):
+                raise ConfigError(f"{real} holds {other.target}, the target of {other.device}: "
+                                  "its replica's writes would be captured here too",
+                                  key="path", obj=path, errno=errno.EINVAL)
         target = None
         if entry.target is not None and not _local(entry.target):
             target = _checked_remote_target("fs", real, entry.target, config)
