@@ -691,6 +691,27 @@ def test_a_directory_holding_a_block_target_is_not_replicated_too(store, scratch
             store.add_filesystem(path, target=tmp_path / "elsewhere")
 
 
+@pytest.mark.root
+def test_a_block_target_is_never_a_loop_onto_a_replicated_device(store, scratch_loop, unused_loop,
+                                                                  tmp_path):
+    """Found by helper-27's walk: `block add B --target /dev/loopN --adopt-target` was taken
+    where /dev/loopN is the fixed loop entry A keeps, a loop over A's device (its capture's or
+    a plain one) or a loop over B itself: the replica's writes then land on that device."""
+    a, b = scratch_loop(8 << 20), scratch_loop(8 << 20)
+    store.add_block(a, loop=unused_loop, target=str(tmp_path / "a.img"))
+    over_a, over_b = (run("losetup", "--find", "--show", d).stdout.strip() for d in (a, b))
+    try:
+        for target, what in ((unused_loop, f"the loop the entry for {re.escape(a)} keeps"),
+                             (over_a, f"a loop over {re.escape(a)}"),
+                             (over_b, f"a loop over {re.escape(b)}, the device it replicates")):
+            with refused(store, f"^target {re.escape(target)} is {what}: the replica's writes "
+                                "would overwrite that device$"):
+                store.add_block(b, target=target, adopt_target=True)
+    finally:
+        for loop in (over_a, over_b):
+            run("losetup", "-d", loop, check=False)
+
+
 @pytest.fixture
 def partitioned(sparse_file):
     """make() -> (disk, first partition, second partition): a --partscan loop with two 16 MiB

@@ -516,6 +516,17 @@ def test_a_device_that_shrank_under_its_capture_is_said_as_an_error(block_engine
         "0-100663295): it shrank since its capture started" in r.stderr, r.stdout + r.stderr
 
 
+def test_a_captures_loop_is_not_another_entrys_target(block_engine, disks, tmp_path):
+    """Found by helper-27's walk: `block add B --target /dev/loopN --adopt-target`, loopN the
+    loop an entry's capture serves, was taken: B's replica would be written through A's
+    capture over A's data."""
+    eng, disk, target, cfg = block_engine()
+    loop = eng.block(disk)["loop"]
+    r = cli(cfg, eng, "block", "add", disks(), "--target", loop, "--adopt-target")
+    assert r.returncode == 2 and f"target {loop} is a loop over {disk}: the replica's writes " \
+        "would overwrite that device" in r.stderr, r.stdout + r.stderr
+
+
 def test_an_entrys_own_loop_given_for_the_entry_is_named_as_such(block_engine):
     """helper-26's walk: `block verify /dev/loopN` of the loop an entry's capture serves said
     only "is not a configured block device"; it names the entry to give instead, and changes

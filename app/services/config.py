@@ -282,6 +282,10 @@ class ConfigStore:
                 raise refuse(f"target {entry.target} lies on the bytes {device} replicates (a "
                              "partition and its disk): its mirror would overwrite what it copies",
                              "target")
+            over = _loop_to_an_entry(entry.target, replace(entry, device=device), config)
+            if over:
+                raise refuse(f"target {entry.target} is {over}: the replica's writes would "
+                             "overwrite that device", "target")
             on = _file_system_on_device(entry.target, device, (entry.offset, window))
             if on:
                 raise refuse(f"target {entry.target} lies in a file system on {on}, the device "
@@ -460,7 +464,7 @@ def _extent(rdev: int) -> tuple[int, int, int, bool]:
 def _sysfs_text(path: str) -> str:
     fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     try:
-        return os.read(fd, 64).decode()
+        return os.read(fd, 4096).decode("utf-8", "surrogateescape")
     finally:
         os.close(fd)
 
@@ -488,6 +492,34 @@ def _rdevs_share_bytes(ra: int, rb: int, a_window: tuple[int, int] | None = None
     if a_window is not None:
         start, size = start + a_window[0], a_window[1]
     return start < b_start + b_size and b_start < start + size
+
+
+def _loop_to_an_entry(target: str, entry: BlockEntry, config: Config) -> str | None:
+    """What a loop device target leads to, when that is a replicated device: the fixed loop
+    another entry keeps, or a loop over a replicated device or its capture file (a capture's
+    loop, a plain one). Writing a replica there writes that device. None otherwise."""
+    others = [e for e in config.block if e.device != entry.device]
+    for other in others:  # by its path too: a fixed loop need not exist before it is attached
+        if other.loop and _device_id(other.loop) == _device_id(target):
+            return f"the loop the entry for {other.device} keeps"
+    try:
+        st = os.stat(target)
+    except OSError:
+        return None
+    if not stat.S_ISBLK(st.st_mode):
+        return None
+    try:
+        backing = _sysfs_text(f"/sys/dev/block/{os.major(st.st_rdev)}:{os.minor(st.st_rdev)}"
+                              "/loop/backing_file").rstrip("\n")
+    except OSError:
+        return None  # not a loop, or not attached
+    from app.services.layout import is_capture_of
+    for other in [entry, *others]:
+        if is_capture_of(other.device, backing) or _device_id(backing) == _device_id(other.device) \
+                or _shares_bytes(backing, other.device):
+            return f"a loop over {other.device}" + (", the device it replicates"
+                                                     if other is entry else "")
+    return None
 
 
 def _file_system_on_device(target: str, device: str, window: tuple[int, int]) -> str | None:
