@@ -250,7 +250,8 @@ class ConfigStore:
         if loop is not None and _device_id(loop) == me:
             raise refuse(f"{device} cannot be its own loop device ({loop})", "loop")
         for other in config.block:
-            if _device_id(other.device) == me:
+            theirs = _device_id(other.device)
+            if theirs == me:
                 alias = f" (as {other.device})" if other.device != device else ""
                 raise refuse(f"{device} is already configured{alias}{_adopt_hint(entry)}",
                              code=errno.EEXIST)
@@ -260,7 +261,7 @@ class ConfigStore:
                 raise refuse(f"loop {loop} is already used by the entry for {other.device}", "loop")
             if loop is not None and _device_id(other.device) == _device_id(loop):
                 raise refuse(f"loop {loop} is itself configured for replication", "loop")
-            if _shares_bytes(device, other.device):  # a partition and its disk
+            if _ids_share_bytes(me, theirs):  # a partition and its disk
                 raise refuse(f"{device} overlaps {other.device}, which is already replicated (a "
                              "partition and its disk): replicate one of them", code=errno.EBUSY)
         from app.services import blockdevs  # imported late: it probes devices, config need not
@@ -276,9 +277,10 @@ class ConfigStore:
             _checked_remote_target("block", device, entry.target, config)
         elif entry.target is not None:
             window = entry.sizelimit or size - entry.offset
-            if _device_id(entry.target) in (me, loop and _device_id(loop)):
+            target_id = _device_id(entry.target)
+            if target_id in (me, loop and _device_id(loop)):
                 raise refuse(f"target {entry.target} is the replicated device itself", "target")
-            if _shares_bytes(device, entry.target, (entry.offset, window)):
+            if _ids_share_bytes(me, target_id, (entry.offset, window)):
                 raise refuse(f"target {entry.target} lies on the bytes {device} replicates (a "
                              "partition and its disk): its mirror would overwrite what it copies",
                              "target")
@@ -298,9 +300,10 @@ class ConfigStore:
             if adding:
                 _refuse_unclaimed(entry.target, f"block:{device}", entry.adopt_target)
         for other in config.block:  # this device may not be where another entry replicates to
-            if other.target and _device_id(other.target) == me:
+            theirs = _device_id(other.target) if other.target else None
+            if theirs == me:
                 raise refuse(f"{device} is the target of the entry for {other.device}")
-            if other.target and _shares_bytes(device, other.target):
+            if _ids_share_bytes(me, theirs):
                 raise refuse(f"{device} lies on {other.target}, the target of the entry for "
                              f"{other.device} (a partition and its disk)")
         return replace(entry, device=device, encryption=None)
@@ -482,6 +485,13 @@ def _shares_bytes(a: str, b: str, a_window: tuple[int, int] | None = None) -> bo
     return _rdevs_share_bytes(ra.st_rdev, rb.st_rdev, a_window)
 
 
+def _ids_share_bytes(a, b, a_window: tuple[int, int] | None = None) -> bool:
+    """_shares_bytes of two _device_id()s (read once by the caller): numbers of block devices,
+    or paths of anything else (which share no bytes)."""
+    return isinstance(a, int) and isinstance(b, int) and a != b \
+        and _rdevs_share_bytes(a, b, a_window)
+
+
 def _rdevs_share_bytes(ra: int, rb: int, a_window: tuple[int, int] | None = None) -> bool:
     try:
         (da, start, size, pa), (db, b_start, b_size, pb) = _extent(ra), _extent(rb)
@@ -498,9 +508,12 @@ def _loop_to_an_entry(target: str, entry: BlockEntry, config: Config) -> str | N
     """What a loop device target leads to, when that is a replicated device: the fixed loop
     another entry keeps, or a loop over a replicated device or its capture file (a capture's
     loop, a plain one). Writing a replica there writes that device. None otherwise."""
+    mine = _device_id(target)
+    if not isinstance(mine, int) and not mine.startswith("/dev/"):
+        return None  # a file target (the common case: no stat of every other entry's loop)
     others = [e for e in config.block if e.device != entry.device]
     for other in others:  # by its path too: a fixed loop need not exist before it is attached
-        if other.loop and _device_id(other.loop) == _device_id(target):
+        if other.loop and _device_id(other.loop) == mine:
             return f"the loop the entry for {other.device} keeps"
     try:
         st = os.stat(target)
@@ -644,16 +657,17 @@ def _refuse_shared_target(kind: str, source: str, target: str, config: Config) -
     for other in config.block:
         if other.device == source:
             continue
-        if _device_id(other.device) == mine:
+        theirs = _device_id(other.device)
+        if theirs == mine:
             raise refuse(f"is {other.device}, a replicated device (writes there would bypass "
                          "its capture)")
-        if _shares_bytes(target, other.device):
+        if _ids_share_bytes(mine, theirs):
             raise refuse(f"lies on {other.device}, a replicated device (a partition and its "
                          "disk: writes there would bypass its capture)")
         if _local(other.target):
-            theirs = os.path.realpath(other.target)
-            if _device_id(other.target) == mine or _overlap(real, theirs) \
-                    or _shares_bytes(target, other.target):
+            their_id = _device_id(other.target)
+            if their_id == mine or _overlap(real, os.path.realpath(other.target)) \
+                    or _ids_share_bytes(mine, their_id):
                 raise refuse(f"is (or holds) {other.target}, the target of {other.device}")
 
 
