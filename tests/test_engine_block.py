@@ -527,6 +527,30 @@ def test_a_captures_loop_is_not_another_entrys_target(block_engine, disks, tmp_p
         "would overwrite that device" in r.stderr, r.stdout + r.stderr
 
 
+def test_verify_of_a_device_shorter_than_its_window_compares_nothing_and_says_so(
+        block_engine, unused_loop, tmp_path):
+    """Found by helper-27's walk: `block verify` of an entry nobody captured said 'target
+    matches' for a device with nothing left (a loop with nothing attached, size 0) and compared
+    only what was left of a window the device had shrunk below; mirror copied that part."""
+    eng, disk, target, cfg = block_engine(sizelimit=32 * MiB)
+    assert cli(cfg, eng, "block", "detach-all").returncode == 0
+    backing = run("losetup", "-nO", "BACK-FILE", disk).stdout.strip()
+    os.truncate(backing, 16 * MiB)
+    run("losetup", "-c", disk)
+    for action, word in (("verify", "compared"), ("mirror", "copied")):
+        r = cli(cfg, eng, "block", action, disk)
+        assert r.returncode == 1 and f"{disk} ends at byte {16 * MiB}, before the end of its " \
+            f"window (offset 0 + size limit {32 * MiB}): nothing was {word}" in r.stderr, r.stderr
+    # a loop node with nothing attached, size 0 (not the disk's own number: on a busy host
+    # another user attaches something to a freed number at once)
+    from app.services import loop as loopdev
+    loopdev.ensure_device(unused_loop)
+    cfg = write_config(cfg, [], [{"device": unused_loop, "target": target}])
+    r = cli(cfg, eng, "block", "verify", unused_loop)
+    assert r.returncode == 1 and f"{unused_loop} ends at byte 0 (size 0: no medium, or a loop " \
+        "with nothing attached)" in r.stderr, r.stdout + r.stderr
+
+
 def test_an_entrys_own_loop_given_for_the_entry_is_named_as_such(block_engine):
     """helper-26's walk: `block verify /dev/loopN` of the loop an entry's capture serves said
     only "is not a configured block device"; it names the entry to give instead, and changes

@@ -595,7 +595,14 @@ def _offline(cmd: str, spec, token, send) -> dict:
     src = os.open(spec.key, os.O_RDONLY | os.O_CLOEXEC)
     try:
         end = os.lseek(src, 0, os.SEEK_END)
-        size = min(spec.sizelimit or end - spec.offset, end - spec.offset)
+        size = spec.sizelimit or end - spec.offset
+        if size <= 0 or spec.offset + size > end:  # never a part of it said "matches"
+            empty = " (size 0: no medium, or a loop with nothing attached)" if end == 0 else ""
+            limit = f" + size limit {spec.sizelimit}" if spec.sizelimit else ""
+            raise MirrorError(f"{spec.key} ends at byte {end}{empty}, before the end of its "
+                              f"window (offset {spec.offset}{limit}): nothing was "
+                              f"{'compared' if cmd == 'verify' else 'copied'}",
+                              errno=errno.EINVAL, obj=spec.key)
         target = make_target(spec, size)
         target.open()
         try:
