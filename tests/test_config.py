@@ -599,7 +599,12 @@ def test_block_target_refusals(store, scratch_loop, tmp_path):
     (tmp_path / "adir").mkdir()
     for target, match in [(str(tmp_path / "adir"), "is neither a regular file nor a block device"),
                           (str(tmp_path / "no" / "t.img"), "cannot be created: .*/no is not a directory"),
-                          (small, "holds 4 MiB, less than the 8 MiB it must mirror")]:
+                          (small, "holds 4 MiB, less than the 8 MiB it must mirror"),
+                          # helper-27's walk: a mistyped device was taken as a new file in
+                          # /dev, on devtmpfs (memory)
+                          ("/dev/sdz-mistyped", "does not exist: a device target must be there "
+                                                r"already \(a file made in /dev would be kept in "
+                                                r"memory, on devtmpfs\)")]:
         with refused(store, f"^target {re.escape(target)} {match}"):
             store.add_block(disk, target=target)
     assert store.add_block(disk, offset=4 << 20, target=small).target == small  # the window fits

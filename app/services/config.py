@@ -578,6 +578,9 @@ def _block_target_problem(target: str, window: int) -> str | None:
         st = os.stat(target)
     except FileNotFoundError:
         parent = os.path.dirname(target)
+        if os.path.realpath(target).startswith("/dev/"):  # a mistyped device name
+            return ("does not exist: a device target must be there already (a file made in "
+                    "/dev would be kept in memory, on devtmpfs)")
         return None if os.path.isdir(parent) else f"cannot be created: {parent} is not a directory"
     except OSError as exc:
         return f"cannot be inspected: {exc.strerror}"
