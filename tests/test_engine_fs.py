@@ -118,6 +118,29 @@ def test_files_belong_to_the_caller_with_its_umask(engine):
     assert (st.st_uid, st.st_gid) == (OTHER_UID, OTHER_GID)
 
 
+def test_roots_files_in_a_set_gid_directory_take_its_group_at_the_source_and_the_target(engine):
+    """A file root creates needs no chown of ours when the kernel already gave it the owner the
+    rules say (root, and a set-GID directory's group; mirrorfs then leaves the chown out): the
+    same owner, group and mode below and at the target, as for a file made elsewhere."""
+    eng, src, tgt = engine()
+    shared = os.path.join(src, "shared")
+    os.mkdir(shared)
+    os.chown(shared, 0, OTHER_GID)
+    os.chmod(shared, 0o2775)
+    for name, mode in (("plain", 0o644), ("setgid", 0o2755), ("setuid", 0o4755)):
+        fd = os.open(os.path.join(shared, name), os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
+        os.write(fd, b"x")
+        os.close(fd)
+    eng.drain(src)
+    for side in (src, tgt):
+        got = {name: (st.st_uid, st.st_gid, stat.S_IMODE(st.st_mode))
+               for name in ("plain", "setgid", "setuid")
+               for st in [os.stat(os.path.join(side, "shared", name))]}
+        assert got == {"plain": (0, OTHER_GID, 0o644), "setgid": (0, OTHER_GID, 0o2755),
+                       "setuid": (0, OTHER_GID, 0o4755)}, side
+    assert eng.verify(src) == []
+
+
 def test_set_id_bits_go_as_the_vfs_takes_them_when_a_caller_without_cap_fsetid_changes_a_file(engine):
     """mirrorfs asks for FUSE_HANDLE_KILLPRIV_V2 (no security.capability question before every
     write), so taking set-ID bits away is its job: a write, truncate, O_TRUNC open or fallocate

@@ -134,7 +134,10 @@ class MirrorFS(fusewire.Gate):
 
     def _owner(self, parent: int, ctx: Ctx) -> tuple[int, int]:
         """The caller owns what it creates; a set-group-ID directory hands down its group."""
-        pst = os.stat(b".", dir_fd=self.inodes.dirfd(parent))
+        return self._owner_of(os.stat(b".", dir_fd=self.inodes.dirfd(parent)), ctx)
+
+    @staticmethod
+    def _owner_of(pst: os.stat_result, ctx: Ctx) -> tuple[int, int]:
         return ctx.uid, (pst.st_gid if pst.st_mode & stat.S_ISGID else ctx.gid)
 
     def _give(self, dir_fd: int, name: bytes, uid: int, gid: int, special: int) -> None:
@@ -409,20 +412,26 @@ class MirrorFS(fusewire.Gate):
                 raise
             fd, made = os.open(name, base, dir_fd=pfd), False
         try:
-            if made:
-                uid, gid = self._owner(parent, ctx)
-                os.fchown(fd, uid, gid)
-                if mode & SPECIAL_BITS:
-                    os.fchmod(fd, stat.S_IMODE(os.fstat(fd).st_mode) | (mode & SPECIAL_BITS))
             st = os.fstat(fd)
+            if made:  # the parent as the creation left it: its owner rule, then its times
+                pst = os.stat(b".", dir_fd=pfd)
+                uid, gid = self._owner_of(pst, ctx)
+                # made by us with the caller's owner already (root's own file; a set-GID
+                # parent's group): no chown, which would only move the ctime by microseconds
+                if st.st_uid != uid or st.st_gid != gid or mode & SPECIAL_BITS:
+                    os.fchown(fd, uid, gid)
+                    if mode & SPECIAL_BITS:
+                        os.fchmod(fd, stat.S_IMODE(os.fstat(fd).st_mode) | (mode & SPECIAL_BITS))
+                    st = os.fstat(fd)
         except OSError:
             os.close(fd)
             raise
         node = self.inodes.lookup(parent, name, st)
         if made:
+            self._no_caps.add(node.ino)  # a file just made has no security.capability
             self._record(node, "create", path=encode_path(rel), mode=stat.S_IMODE(st.st_mode),
                          uid=uid, gid=gid)
-            self._dir_times(parent)
+            self._times(self.inodes.node(parent), pst)  # (the chown of the new file left it)
         elif flags & os.O_TRUNC:
             if kill_suidgid:
                 try:
