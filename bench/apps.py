@@ -49,7 +49,9 @@ its own entry with a local target, like mirrorfs).
 With --baseline DIR a second daemon runs the code of that checkout (`git archive REV app | tar x
 -C DIR`) on its own entry and loop disk: sides "mirrorfs@DIR" and "captured@DIR", so a change
 and its baseline are measured interleaved in one run on a shared, noisy machine (repeatable: the
-sides are then named after each DIR's last component).
+sides are then named after each DIR's last component). Copy the compiled module in too (`cp
+app/engine/_fuseread*.so DIR/app/engine/`) and compile DIR's bytecode (`python -m compileall -q
+DIR/app`; PYTHONDONTWRITEBYTECODE may be set): the bench warns when either is missing.
 
 Medians of --runs runs; within each run the sides take turns (the order rotates every run).
 Between timed steps: sync, and the journal drained (its drain time is printed, not charged).
@@ -859,6 +861,16 @@ def body(args, which: list[str], work: Path, used: set[str], registry: dict) -> 
     print(f"fs sides on {args.fs} ({root})", flush=True)
     # one daemon per checkout: "" is this one, "@base" the --baseline one
     checkouts = {"": REPO, **{f"@{Path(b).name}": Path(b).resolve() for b in args.baseline}}
+    for c, repo in checkouts.items():
+        # `git archive` leaves out the compiled module (built by the install step, untracked):
+        # without it a side polls and answers block writes in Python, and loses for that alone;
+        # a side without bytecode compiles every module at each worker's start
+        if not list((repo / "app" / "engine").glob("_fuseread*.so")):
+            print(f"warning: {repo} has no compiled app/engine/_fuseread*.so: copy it in (or build "
+                  "it) for a fair comparison", flush=True)
+        if not (repo / "app" / "engine" / "__pycache__").is_dir():
+            print(f"warning: {repo} has no bytecode: run `python -m compileall -q {repo / 'app'}` "
+                  "(PYTHONDONTWRITEBYTECODE may be set)", flush=True)
     devs: dict[str, str] = {}
     protos = {proto_name(a): a for a in args.proto_args}
     if block_wanted:
