@@ -431,6 +431,23 @@ def test_link_down_20s_under_a_writer_resumes_without_resync(fs_remote, writer):
     assert eng.verify(src) == []
 
 
+def test_a_verify_with_the_link_just_dead_says_so_within_the_keep_alive(fs_remote):
+    """A verify first waits until the target has applied what is queued; with the link gone
+    (not yet noticed: the keep-alive's seconds) it waited its whole 120 s and then said "the
+    target did not apply the queue within 120 s". Now the lost session is said as soon as it
+    is noticed, with the next step."""
+    eng, src, r = fs_remote()
+    r.bed.link_down()
+    Path(src, "after-the-link").write_bytes(b"queued")
+    t0 = time.monotonic()
+    v = subprocess.run([sys.executable, "-m", "app", "--socket", eng.socket, "--config", str(r.cfg),
+                        "fs", "verify", src], capture_output=True, text=True, cwd=REPO, timeout=100)
+    took = time.monotonic() - t0
+    assert v.returncode != 0 and "try again once status says connected" in v.stderr, v.stdout + v.stderr
+    assert took < 30, f"{took:.0f} s: {v.stderr}"
+    r.bed.link_up()
+
+
 def test_blackhole_is_noticed_and_reject_backs_off(fs_remote):
     import psutil
     eng, src, r = fs_remote()

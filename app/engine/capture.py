@@ -799,10 +799,17 @@ class Capture:
         before it greeted the agent was refused, "expected HELLO"); one that is down,
         refused or paused is said at once, not after `deadline`."""
         from app.engine.shipper import TargetUnavailable
-        self._wait_connected(deadline)
-        if not self.shipper.wait_applied(self.journal.last_seq, deadline):
-            raise TargetUnavailable(f"the target did not apply the queue within {deadline:.0f} s "
-                                    f"({self.shipper.fig.connection})")
+        end = time.monotonic() + deadline
+        seq = self.journal.last_seq
+        while True:
+            # a session lost meanwhile (the keep-alive's seconds) is said as such, not after
+            # the whole deadline (a verify with the link just dead waited 120 s)
+            self._wait_connected(max(0.0, end - time.monotonic()))
+            if self.shipper.wait_applied(seq, min(1.0, max(0.0, end - time.monotonic()))):
+                return
+            if time.monotonic() >= end:
+                raise TargetUnavailable(f"the target did not apply the queue within "
+                                        f"{deadline:.0f} s ({self.shipper.fig.connection})")
 
     def _wait_connected(self, deadline: float = 120.0) -> None:
         from app.engine.shipper import TargetUnavailable
