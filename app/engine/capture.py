@@ -690,6 +690,13 @@ class Capture:
             reply = protocol.error(str(exc), errno.EINVAL)
         except TargetUnavailable as exc:  # a mirror or verify the target cannot serve now
             reply = unavailable_reply(exc.state)
+        except OSError as exc:  # an I/O error of a mirror or verify: in words, with its errno
+            # (it read "OSError: [Errno 5] short read of the source at byte N")
+            code = errno.errorcode.get(exc.errno or 0)
+            text = (exc.strerror or str(exc)) + (f": {exc.filename}" if exc.filename else "") + \
+                (f" ({code})" if code else "")
+            log.error("request %s: %s", msg.get("cmd"), text)
+            reply = protocol.error(text, exc.errno)
         except Exception as exc:  # never die of a request: say it
             log.exception("request %s", msg)
             reply = protocol.error(f"{type(exc).__name__}: {exc}", getattr(exc, "errno", None))
