@@ -1141,11 +1141,8 @@ def _same_file(name: str | None, st: os.stat_result, table) -> bool:
     """Is the file `name` the file `st`? Stat'ed only when the mount `name` is on (by the
     mount table) is st's file system: a loop's backing file on a FUSE mount that does not
     answer (another capture's, stopped) would hang the caller."""
-    # by the names alone (mounts.mount_containing resolves the path: an lstat of each part)
-    under = [m for m in table if name and (name == m.mount_point or name.startswith(
-        m.mount_point.rstrip("/") + "/"))]
-    home = max(reversed(under), key=lambda m: len(m.mount_point), default=None)  # (the last
-    # mounted of equal names wins: max keeps the first it meets)
+    from app.services import mounts
+    home = mounts.mount_by_name(name, table) if name else None
     if home is None or (home.major, home.minor) != (os.major(st.st_dev), os.minor(st.st_dev)):
         return False
     try:

@@ -286,12 +286,19 @@ LOCAL_FSTYPES = frozenset({"devtmpfs", "tmpfs", "ramfs", "ext2", "ext3", "ext4",
                            "overlay", "squashfs", "vfat"})
 
 
-def on_local_fs(path: str, table: list[MountEntry]) -> bool:
-    """Is `path` on a file system of LOCAL_FSTYPES, by the mount table's names alone (the
-    longest mount point that is a prefix of it; nothing is looked up)?"""
+def mount_by_name(path: str, table: list[MountEntry]) -> MountEntry | None:
+    """The mount `path` is on by the mount table's names alone: the longest mount point that
+    is a prefix of it (the last mounted of equal ones). Nothing is looked up, unlike
+    mount_containing(), whose realpath lstat's every part: on a FUSE or NFS mount that does
+    not answer, that waits for good."""
     under = [m for m in table if _contains(m.mount_point, path)]
-    home = max(reversed(under), key=lambda m: len(m.mount_point), default=None)  # (the last
-    # mounted of equal names: max keeps the first it meets)
+    return max(reversed(under), key=lambda m: len(m.mount_point), default=None)  # (max keeps
+    # the first it meets)
+
+
+def on_local_fs(path: str, table: list[MountEntry]) -> bool:
+    """Is `path` on a file system of LOCAL_FSTYPES (by mount_by_name)?"""
+    home = mount_by_name(path, table)
     return home is not None and home.fstype in LOCAL_FSTYPES
 
 
