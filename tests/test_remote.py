@@ -966,6 +966,44 @@ def test_queue_limit_pull_ahead_never_blocks_writers_and_resyncs_only_what_chang
     assert sha(r.root / "disk.img") == sha(disk)
 
 
+def test_queue_limit_block_holds_writers_and_status_still_answers(remote, tmp_path, writer):
+    """Found by helper-28's walk: with on_full = "block" and the link down, the writer that
+    found the queue full waited inside its FUSE request, which stopped the capture's whole
+    event loop: status got no answer from it ("did not answer within 10 s", `status` took
+    minutes), nor would a stop. Changes now wait at the file system's gate; status answers
+    and says that writers wait, and they go on once the target takes the queue."""
+    from app.services.control import ControlClient
+    make, r = remote()
+    src = tmp_path / "src"
+    src.mkdir()
+    assert cli(r.cfg, "fs", "add", str(src), "--target", "backup1:data", "--queue-limit", "1MiB",
+               "--on-full", "block").returncode == 0
+    eng, _, _ = make(config=r.cfg)
+    eng.drain(str(src))
+    quick = ControlClient(eng.socket, timeout=8)
+    r.bed.blackhole()
+    log = writer(str(src))
+
+    def row():
+        return next(e for e in quick.request("status")["filesystem"] if e["key"] == str(src))
+    try:  # (a writer held at the gate cannot be killed: the link must come back whatever fails)
+        st = wait_for("writers waiting", lambda: (s := row())["replication"] == "queue full: writers wait"
+                      and s, 60)
+        assert not st.get("error") and not st["behind"], st
+        held = lines(log)
+        time.sleep(2)
+        assert lines(log) - held <= 1, "the writer did not wait"  # (one may have been answered)
+        said = cli(r.cfg, "status", socket=eng.socket)
+        assert "writers wait until the target takes what is queued" in said.stdout + said.stderr, said
+    finally:
+        r.bed.unblock()
+    wait_for("the writer going on", lambda: lines(log) > held + 20, 120)
+    writer.stop()
+    st = eng.drain(str(src))
+    assert st["target_data"] == "consistent" and st["resync_bytes"] == 0, st  # nothing was dropped
+    assert tree(src) == tree(r.root / "data")
+
+
 def test_bandwidth_cap_holds_and_compressible_data_compresses(block_remote):
     eng, disk, r = block_remote(bandwidth="4MiB/s")
     loop = eng.block(disk)["loop"]

@@ -861,6 +861,8 @@ class Capture:
             replication = f"catching up ({catching.get('stage', '')}{'' if done is None else f', {done} done'})"
         elif j.behind:
             replication = "behind"
+        elif self.ops.waits_for_room:  # on_full = "block": changes wait at the gate for room
+            replication = layout.WRITERS_WAIT
         elif isinstance(self.target, NoTarget):  # captured, journalled, replicated nowhere
             replication = "no target"
         else:

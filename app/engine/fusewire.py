@@ -188,12 +188,27 @@ class Gate:
         self.unfrozen = trio.Event()
         self.unfrozen.set()
 
-    def frozen(self) -> bool:
-        return not self.unfrozen.is_set()
+    journal = None  # the file system's: a full queue in "block" mode holds changes here too
+    waits_for_room = False  # changes are held now until the queue has room for them
 
-    async def wait_unfrozen(self) -> None:
-        while not self.unfrozen.is_set():
-            await self.unfrozen.wait()
+    def frozen(self, nbytes: int = 0) -> bool:
+        """Whether a change (of about `nbytes`) waits at the gate now."""
+        return not self.unfrozen.is_set() or (
+            self.journal is not None and self.journal.writers_wait(nbytes))
+
+    async def wait_unfrozen(self, nbytes: int = 0) -> None:
+        while True:
+            if not self.unfrozen.is_set():
+                await self.unfrozen.wait()
+            elif self.journal is not None and self.journal.writers_wait(nbytes):
+                self.waits_for_room = True
+                try:
+                    await trio.to_thread.run_sync(self.journal.wait_room, nbytes, 1.0,
+                                                  abandon_on_cancel=True)
+                finally:
+                    self.waits_for_room = False
+            else:
+                return
 
 
 class Session:
@@ -351,7 +366,7 @@ class Session:
         body = msg[IN_HEADER.size:length - extlen * 8]
         ctx = Ctx(uid, gid, pid)
         if (opcode in CHANGES or (opcode == OPEN and U32.unpack_from(body)[0] & os.O_TRUNC)) and \
-                (self._deferred or self.fs.frozen()):
+                (self._deferred or self.fs.frozen(len(body))):
             self._deferred.append((opcode, unique, nodeid, ctx, bytes(body)))
             self.idle.set()  # the freeze's holder waits for the applier: it must not yield
             if not self._draining:
@@ -364,7 +379,7 @@ class Session:
         """Answer the queued changes, in order, once the file system is no longer frozen."""
         try:
             while self._deferred:
-                await self.fs.wait_unfrozen()
+                await self.fs.wait_unfrozen(len(self._deferred[0][4]))
                 opcode, unique, nodeid, ctx, body = self._deferred.popleft()
                 self._answer(opcode, unique, nodeid, ctx, memoryview(body))
         finally:

@@ -351,6 +351,19 @@ class Journal:
         with self._cv:
             return not self.behind and not self._full(nbytes)
 
+    def writers_wait(self, nbytes: int) -> bool:
+        """"block" mode: whether a change of about `nbytes` would wait for room now. The FUSE
+        session holds such a change at its gate (fusewire.Gate) rather than let it wait inside
+        its request: that wait stopped the capture's whole event loop, so status, a mirror or
+        a stop got no answer until the target took the queue (a link down: for good)."""
+        return self.on_full == "block" and not self.behind and \
+            self._full(nbytes + RECORD_OVERHEAD + 4096)  # its path (PATH_MAX) and its times
+
+    def wait_room(self, nbytes: int, timeout: float) -> None:
+        """Wait (in a thread) until writers_wait(nbytes) is over, or `timeout` seconds."""
+        with self._cv:
+            self._cv.wait_for(lambda: not self.writers_wait(nbytes), timeout)
+
     def _append(self, op: str, args: dict, data: bytes) -> int:
         rec = Record(0, self.kind, op, args, data)
         rec.size = rec.estimate_size()

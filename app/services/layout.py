@@ -52,6 +52,7 @@ def default_state_dir() -> str:
 # a capture's connection while it tries its target again: "connecting again (last: WHY)"
 # (its figures; status reads WHY for the warning and the short form)
 CONNECTING_AGAIN = "connecting again (last: "
+WRITERS_WAIT = "queue full: writers wait"  # on_full = "block" and the queue limit reached
 SWITCHED_MARKER = "switched"  # in an entry's state directory: handed over to its replica
 # beside it: a fail-back began ({"generation": …}, and "applied": N once N of the replica's
 # records were written here); removed when it finished, or was refused before it began

@@ -18,7 +18,7 @@ from app.services import mounts
 from app.services.config import BlockEntry, ConfigStore, FsEntry
 from app.services.blockplan import View
 from app.services.entries import problems
-from app.services.layout import (CONNECTING_AGAIN, FSTYPE_FS, command, entry_state,
+from app.services.layout import (CONNECTING_AGAIN, WRITERS_WAIT, FSTYPE_FS, command, entry_state,
                                   switched_marker, with_failback)
 from app.services.protocol import CaptureRow, replicating
 
@@ -479,6 +479,10 @@ def _replication_warnings(subject: str, row: CaptureRow, warnings: list[StatusWa
     if row.behind:
         warnings.append(StatusWarning(subject, "behind: the queue limit was reached; changes are "
                                                "tracked and resynced when the target catches up"))
+    if row.replication == WRITERS_WAIT:
+        warnings.append(StatusWarning(subject, "queue full: the queue limit was reached and "
+                                               "on_full is \"block\": writers wait until the "
+                                               "target takes what is queued"))
     last = last_failure(row.connection)  # while it connects again: as the last attempt ended
     if last.startswith(("paused", "refused", "disconnected", "error")):
         warnings.append(StatusWarning(subject, f"target: {row.connection}",
