@@ -860,7 +860,7 @@ class Capture:
             done = catching.get("files", catching.get("done"))
             replication = f"catching up ({catching.get('stage', '')}{'' if done is None else f', {done} done'})"
         elif j.behind:
-            replication = "behind"
+            replication = "behind" if j.full_error is None else f"behind: {j.full_error}"
         elif self.ops.waits_for_room:  # on_full = "block": changes wait at the gate for room
             replication = layout.WRITERS_WAIT
         elif isinstance(self.target, NoTarget):  # captured, journalled, replicated nowhere

@@ -251,6 +251,7 @@ class Journal:
         self.segment_bytes = segment_bytes
         self.limit_bytes = limit_bytes
         self.on_full = on_full
+        self.full_error: str | None = None  # why the last record could not be stored (its disk)
         self._cv = threading.Condition()
         self._mem: deque[Record] = deque()  # unreleased records not on disk, oldest first
         self._mem_bytes = 0
@@ -383,6 +384,18 @@ class Journal:
                     "%s: could not reserve record numbers (%s): after a crash a remote "
                     "target may refuse this source until it is adopted", self.dir, exc)
                 self._reserved = seq + SEQ_RESERVE_RETRY - 1
+        try:
+            if self._mem_bytes + rec.size > self.memory_bytes:
+                self._spill()
+            if rec.size > self.memory_bytes:  # one record larger than the whole memory bound
+                self._write(rec)
+        except OSError as exc:
+            # Its file system is full: as a full queue (the change is done below already; a
+            # resync sends it later). Not stored, its seq not used.
+            self._disk_full(exc)
+            self.behind = True
+            self.dropped += 1
+            return 0
         self.last_seq = seq
         self.captured_ops += 1
         self._cum += rec.size
@@ -391,11 +404,7 @@ class Journal:
         now = time.monotonic()
         if not self._samples or now - self._samples[-1][1] >= LAG_SAMPLE_SECONDS:
             self._samples.append((seq, now))
-        if self._mem_bytes + rec.size > self.memory_bytes:
-            self._spill()
-        if rec.size > self.memory_bytes:  # one record larger than the whole memory bound
-            self._write(rec)
-        else:
+        if rec.size <= self.memory_bytes:  # (a larger one was written above)
             self._mem.append(rec)
             self._mem_bytes += rec.size
         return seq
@@ -470,6 +479,7 @@ class Journal:
             self._segments[-1].last = self._disk_last = records[j - 1].seq
             self._unsynced = True
             i = j
+        self.full_error = None  # (room again: said again when it is full again)
 
     def _roll_back(self, mark) -> None:
         """Undo an ingest: segments made since go, the one it wrote to is cut back, and the
@@ -527,10 +537,27 @@ class Journal:
             self.behind = False
             return self.last_seq
 
+    def _disk_full(self, exc: OSError) -> None:
+        """Its file system is full: said once (status shows it), or `exc` raised if it is
+        another error."""
+        if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise exc
+        if self.full_error is None:
+            self.full_error = (f"the journal's file system is full ({os.strerror(exc.errno)}, "
+                               f"{errno.errorcode[exc.errno]}: {self.dir})")
+            logging.getLogger("mirrorsetup.journal").warning(
+                "%s: changes are not journalled but resynced later", self.full_error)
+
     def sync(self) -> int:
-        """Make every record so far durable on disk (an application's fsync); returns last seq."""
+        """Make every record so far durable on disk (an application's fsync); returns last seq.
+        When its file system is full, those it cannot write stay in memory, in order, and go
+        to the target from there: the application's own fsync did not fail, nor does its
+        fsync here (a crash before they are stored is an unclean stop: resynced)."""
         with self._cv:
-            self._spill()
+            try:
+                self._spill()
+            except OSError as exc:
+                self._disk_full(exc)
             self._sync_rolled()
             if self._writer is not None and self._unsynced:
                 os.fdatasync(self._writer)

@@ -476,7 +476,10 @@ def _replication_warnings(subject: str, row: CaptureRow, warnings: list[StatusWa
         warnings.append(StatusWarning(subject, f"catching up ({row.catch_up.get('reason')}): the "
                                                f"target is not yet equal to the source "
                                                f"[{row.catch_up.get('stage', '')}]"))
-    if row.behind:
+    if row.behind and row.replication.startswith("behind: "):  # its journal's disk is full
+        warnings.append(StatusWarning(subject, f"{row.replication}; changes are tracked and "
+                                               "resynced when there is room there again"))
+    elif row.behind:
         warnings.append(StatusWarning(subject, "behind: the queue limit was reached; changes are "
                                                "tracked and resynced when the target catches up"))
     if row.replication == WRITERS_WAIT:
