@@ -1004,6 +1004,43 @@ def test_queue_limit_block_holds_writers_and_status_still_answers(remote, tmp_pa
     assert tree(src) == tree(r.root / "data")
 
 
+def test_a_change_dropped_while_behind_is_resynced_though_its_mtime_was_put_back(remote, tmp_path):
+    """Found by helper-28's walk: pull-ahead dropped the records of a same-size rewrite whose
+    application put the mtime back (as rsync -t or tar do); the resync that followed compared
+    files by size and time only, so the replica kept the old bytes and was called consistent.
+    So did the next start after a clean stop while behind (it compared by content only what
+    changed after the capture's end). Both now compare by content what changed since the
+    first change was dropped."""
+    make, r = remote()
+    src = tmp_path / "src"
+    src.mkdir()
+    for name in ("a", "b"):
+        (src / name).write_bytes(b"0" * 50_000)
+    assert cli(r.cfg, "fs", "add", str(src), "--target", "backup1:data", "--queue-limit", "1MiB").returncode == 0
+    eng, _, _ = make(config=r.cfg)
+
+    def behind_with_a_rewrite(name: str) -> None:
+        eng.drain(str(src))
+        r.bed.link_down()
+        for i in range(3):  # 1.5 MiB: the queue is full, what follows is dropped
+            (src / f"{name}{i}").write_bytes(os.urandom(500_000))
+        st = os.stat(src / name)
+        with open(src / name, "r+b") as f:
+            f.write(b"rewritten, same size")
+        os.utime(src / name, ns=(st.st_atime_ns, st.st_mtime_ns))
+        assert eng.status(str(src))["behind"]
+    behind_with_a_rewrite("a")
+    r.bed.link_up()
+    eng.drain(str(src))
+    assert tree(src) == tree(r.root / "data"), "a change dropped while behind was not resynced"
+    behind_with_a_rewrite("b")
+    eng.stop()  # a clean stop while behind
+    r.bed.link_up()
+    eng.start()
+    eng.drain(str(src))
+    assert tree(src) == tree(r.root / "data"), "a change dropped before a clean stop was not resynced"
+
+
 def test_bandwidth_cap_holds_and_compressible_data_compresses(block_remote):
     eng, disk, r = block_remote(bandwidth="4MiB/s")
     loop = eng.block(disk)["loop"]

@@ -314,8 +314,8 @@ class Capture:
                        else "capture restarted")
         # Not captured since then: what changed meanwhile is compared by content, whatever its
         # size and mtime say (ctime cannot be set back); the first catch-up's, cleared after it
-        self.gap_since = end.get("time") if not (first or broken) and not end.get("failback") \
-            else None
+        self.gap_since = end.get("compare_since", end.get("time")) \
+            if not (first or broken) and not end.get("failback") else None
         if broken:  # lost records: the catch-up below repairs what they would have done
             # Above every seq the dead capture may have handed out (a remote target may hold
             # records that were only in its memory: the next change must not reuse their seqs),
@@ -516,6 +516,11 @@ class Capture:
         if self._catch_up_wake is not None:
             self._catch_up_wake = trio.Event()
         if self.journal.behind:
+            # What was not journalled is compared by content (an application may have put its
+            # mtime back, as when not captured at all), from when the first change was dropped
+            since = self.journal.behind_since
+            if since is not None and (self.gap_since is None or since < self.gap_since):
+                self.gap_since = since
             self.journal.catch_up_from_behind()
             if not self._full_pending:
                 self.reason = "the queue limit was reached: resync of what was not journalled"
@@ -966,8 +971,14 @@ class Capture:
                       "kept (the journal's disk failed): the next start resyncs", self.spec.key,
                       self.journal.last_seq, self.journal.unstored)
             return
+        # since when changes are not all journalled or compared: the next start compares from
+        # then (changes dropped while behind, a gap whose catch-up did not end)
+        now = time.time()
+        since = [t for t in (now, getattr(self, "gap_since", None),
+                             self.journal.behind_since if self.journal.behind else None) if t is not None]
         write_end(self.spec.state, {"seq": self.journal.last_seq, "released": self.journal.released_seq,
-                                    "drained": drained, "time": time.time(), "pid": os.getpid()})
+                                    "drained": drained, "time": now, "compare_since": min(since),
+                                    "pid": os.getpid()})
         log.info("%s: capture ended at seq %d (%s)", self.spec.key, self.journal.last_seq,
                  "drained to the target" if drained else
                  f"{self.journal.last_seq - self.journal.released_seq} records kept for the next start")

@@ -275,6 +275,7 @@ class Journal:
         self._released_cum = 0  # of which the target holds
         self._marks: deque[tuple[int, int]] = deque()  # (seq, _cum after it), every MARK_BYTES
         self.behind = False  # pull-ahead: records are not being stored (the capture keeps a dirty map)
+        self.behind_since: float | None = None  # when the first record was not stored (time.time())
         self.dropped = 0  # records not stored while behind
         self.unstored = 0  # records close() could not write (they are lost with the process)
         # (first, last): seqs the last skip_to passed over, no record of which was ever here
@@ -372,8 +373,7 @@ class Journal:
             if self.on_full == "block" and not self.behind:
                 self._cv.wait_for(lambda: not self._full(rec.size))
             else:
-                self.behind = True
-                self.dropped += 1
+                self._go_behind()
                 return 0  # (the caller notifies the waiters, as after every append)
         seq = rec.seq = self.last_seq + 1
         if seq > self._reserved:
@@ -393,8 +393,7 @@ class Journal:
             # Its file system is full: as a full queue (the change is done below already; a
             # resync sends it later). Not stored, its seq not used.
             self._disk_full(exc)
-            self.behind = True
-            self.dropped += 1
+            self._go_behind()
             return 0
         self.last_seq = seq
         self.captured_ops += 1
@@ -536,6 +535,12 @@ class Journal:
         with self._cv:
             self.behind = False
             return self.last_seq
+
+    def _go_behind(self) -> None:
+        if not self.behind:
+            self.behind_since = time.time()
+        self.behind = True
+        self.dropped += 1
 
     def _disk_full(self, exc: OSError) -> None:
         """Its file system is full: said once (status shows it), or `exc` raised if it is
