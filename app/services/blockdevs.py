@@ -224,7 +224,22 @@ def _file_may_not_answer(rdev: int) -> bool:
     backing = _read_sys(f"{base}/loop/backing_file")
     if backing is None and os.path.exists(f"{base}/partition"):
         backing = _read_sys(f"{base}/../loop/backing_file")
-    return bool(backing) and not mounts.on_local_fs(backing, mounts.read_mountinfo())
+    return bool(backing) and not mounts.on_local_fs(backing, _recent_mount_table())
+
+
+_table_lock = threading.Lock()
+_table: tuple[float, list] = (0.0, [])
+
+
+def _recent_mount_table() -> list[mounts.MountEntry]:
+    """The mount table, read again when a second old: an attach-all of hundreds of loops
+    probes each one (a parse of the whole table per probe would be most of its time)."""
+    global _table
+    import time
+    with _table_lock:
+        if time.monotonic() - _table[0] > 1.0:
+            _table = (time.monotonic(), mounts.read_mountinfo())
+        return _table[1]
 
 
 def device_size(path: str) -> int:
