@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import hashlib
 import json
@@ -777,6 +778,35 @@ def test_status_and_fs_list_answer_while_a_capture_does_not(setup):
         assert [e.state for e in box["snap"].filesystem] == ["mounted"], box["snap"].filesystem
     finally:
         os.kill(worker, signal.SIGCONT)
+
+
+def test_an_unmount_ends_a_capture_that_does_not_answer(setup):
+    """Unmount of an entry whose worker does not answer (stopped here; hung in life): the
+    mount went, then the daemon asked the worker to stop and waited for its answer without
+    end, and `fs unmount-all` never returned. It is now given a few seconds (it left a status
+    unanswered already), then ended; the result says so and that the next start resyncs."""
+    import psutil
+    eng, src, _ = setup()
+    worker = eng.status(src)["worker_pid"]
+    os.kill(worker, signal.SIGSTOP)
+    try:
+        assert "has not answered" in (eng.status(src).get("error") or "")
+        box: dict = {}
+        t0 = time.monotonic()
+        t = threading.Thread(target=lambda: box.update(r=eng.client.results(
+            "unmount", path=src, force=False)), daemon=True)
+        t.start()
+        t.join(60)
+        assert "r" in box, "the unmount waited for the stopped worker without end"
+        (r,) = box["r"]
+        assert time.monotonic() - t0 < 30, time.monotonic() - t0
+        assert f"not answering (stopped by a signal: kill -CONT {worker} resumes it)" in r.message \
+            and "the next start resyncs" in r.message, r.message
+        assert not psutil.pid_exists(worker) or psutil.Process(worker).status() == psutil.STATUS_ZOMBIE
+        assert src not in mirrorfs_mounts()
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(worker, signal.SIGCONT)
 
 
 def test_without_the_template_workers_start_anew(setup, monkeypatch):

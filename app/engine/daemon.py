@@ -77,9 +77,13 @@ class Daemon:
         return self.store.load().filesystem
 
     def _entry(self, path: str) -> FsEntry:
+        entries = self._entries()
+        for e in entries:  # first as given: realpath lstat's the path, in the event loop, and
+            if e.path == path:  # a capture that does not answer hung the whole daemon on it
+                return e
         real = os.path.realpath(path) if path else path
-        for e in self._entries():
-            if e.path in (path, real):
+        for e in entries:
+            if e.path == real:
                 return e
         raise MirrorError(f"{path} is not a configured file-system entry", errno=errno.ENOENT, obj=path)
 

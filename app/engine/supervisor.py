@@ -227,7 +227,8 @@ KEPT = "are kept in its journal for the next start"  # a lift's words: others ma
 def forced_end(note: str, cap: Captured) -> str:
     """What a stop that had to end a capture (Supervisor.stop's `note`: who kept its mount, or
     "still busy") says: that it was ended, why, and what became of its journal."""
-    copies = "" if note == "still busy" else " (those copies now answer ENOTCONN)"
+    copies = "" if note == "still busy" or note.startswith("not answering") else \
+        " (those copies now answer ENOTCONN)"
     return f"its capture was ended although it was {note}{copies}; {cap.ended()}"
 
 
@@ -595,11 +596,19 @@ class Supervisor:
             copies = mounts.namespace_holders(*dev) if dev else []
             cap.holders = [mounts.describe_holders([h]) for h in copies]
             note = mounts.describe_holders(copies) if copies else "still busy"
-            try:
-                await cap.link.call("stop", abort=True)
-            except MirrorError:
-                pass
-            with trio.move_on_after(STOP_WAIT_SECONDS):
+            answered = False
+            # a worker that does not answer (stopped, hung) is not waited for without end (an
+            # unmount-all hung on it for good, its mount already gone); one that left a call
+            # unanswered already is given a few seconds
+            with trio.move_on_after(5 if cap.link._owed else STOP_WAIT_SECONDS):
+                try:
+                    await cap.link.call("stop", abort=True)
+                except MirrorError:
+                    pass
+                answered = True
+            if not answered:
+                note = f"not answering{_process_state(cap.link.pid)}"
+            with trio.move_on_after(STOP_WAIT_SECONDS if answered else 0):
                 await cap.link.proc.wait()
             if cap.link.alive():
                 log.error("%s: worker pid %s did not end; killing it", cap.key, cap.link.pid)
