@@ -103,8 +103,10 @@ class Daemon:
 
     def _any(self, entry: str):
         """(kind, key, entry) of a file-system entry's path or a block entry's device."""
-        real = os.path.realpath(entry) if entry else entry
-        for e in self._entries():
+        entries = self._entries()
+        given = next((e for e in entries if e.path == entry), None)  # as _entry: no lstat of it
+        real = os.path.realpath(entry) if entry and given is None else entry
+        for e in entries:
             if e.path in (entry, real):
                 return "fs", e.path, e
         for e in self._blocks():
