@@ -211,7 +211,7 @@ def test_a_reconnect_under_way_is_said_as_connecting_again_not_as_about_to_try(t
     cap.target = types.SimpleNamespace(consistent=True, rtt=None)
     cap.remote, cap.resync_bytes = True, 0
     cap.spec = types.SimpleNamespace(kind="fs")
-    cap.ops = types.SimpleNamespace(open_handles=lambda: 0)
+    cap.ops = types.SimpleNamespace(open_handles=lambda: 0, waits_for_room=False)
     runner = threading.Thread(target=ship._run, daemon=True)
     runner.start()
     try:
