@@ -11,11 +11,12 @@ from app.services.layout import command
 
 def cmd_list(args) -> int:
     from app.services.entries import fs_problem
+    from app.services.mounts import read_mountinfo
     s = store(args)
     config = require(s.load)
-    rows = []
+    rows, table = [], read_mountinfo()
     for e in config.filesystem:
-        problem = fs_problem(e, config, s)
+        problem = fs_problem(e, config, s, table)
         rows.append({"path": e.path, "replicate_atime": e.replicate_atime, "target": e.target,
                      "problem": problem})
         if problem:

@@ -1123,17 +1123,12 @@ def _fd_is(base: str, fd: str, st: os.stat_result, ids_of: dict) -> bool:
     mount id and inode; the mount ids that are st's file system come from the process's own
     mount table (read once per mount namespace)."""
     from app.services import mounts
-    with open(f"{base}/fdinfo/{fd}", "rb") as f:
-        info = dict(line.split(b":", 1) for line in f.read().splitlines() if b":" in line)
+    info = mounts.fdinfo(f"{base}/fdinfo/{fd}")
     if int(info.get(b"ino", b"-1")) != st.st_ino:
         return False
-    ns = os.readlink(f"{base}/ns/mnt")
-    ids = ids_of.get(ns)
-    if ids is None:
-        with open(f"{base}/mountinfo", "rb") as f:
-            table = mounts.parse_mountinfo(os.fsdecode(f.read()))
-        dev = (os.major(st.st_dev), os.minor(st.st_dev))
-        ids = ids_of[ns] = frozenset(m.mount_id for m in table if (m.major, m.minor) == dev)
+    dev = (os.major(st.st_dev), os.minor(st.st_dev))
+    ids = mounts.namespace_mount_ids(base.rsplit("/", 1)[1], ids_of,
+                                     lambda m: (m.major, m.minor) == dev)
     return int(info.get(b"mnt_id", b"-1")) in ids
 
 

@@ -76,15 +76,21 @@ class Daemon:
     def _entries(self) -> tuple[FsEntry, ...]:
         return self.store.load().filesystem
 
-    def _entry(self, path: str) -> FsEntry:
+    def _named(self, path: str) -> FsEntry | None:
+        """The file-system entry `path` names: as given first, resolved only if none is
+        (realpath lstat's the path, in the event loop: a capture that does not answer hung
+        the whole daemon on its mount point)."""
         entries = self._entries()
-        for e in entries:  # first as given: realpath lstat's the path, in the event loop, and
-            if e.path == path:  # a capture that does not answer hung the whole daemon on it
+        for e in entries:
+            if e.path == path:
                 return e
         real = os.path.realpath(path) if path else path
-        for e in entries:
-            if e.path == real:
-                return e
+        return next((e for e in entries if e.path == real), None)
+
+    def _entry(self, path: str) -> FsEntry:
+        e = self._named(path)
+        if e is not None:
+            return e
         raise MirrorError(f"{path} is not a configured file-system entry", errno=errno.ENOENT, obj=path)
 
     def _blocks(self) -> tuple[BlockEntry, ...]:
@@ -103,12 +109,9 @@ class Daemon:
 
     def _any(self, entry: str):
         """(kind, key, entry) of a file-system entry's path or a block entry's device."""
-        entries = self._entries()
-        given = next((e for e in entries if e.path == entry), None)  # as _entry: no lstat of it
-        real = os.path.realpath(entry) if entry and given is None else entry
-        for e in entries:
-            if e.path in (entry, real):
-                return "fs", e.path, e
+        e = self._named(entry)
+        if e is not None:
+            return "fs", e.path, e
         for e in self._blocks():
             if e.device == entry or same_device(e.device, entry):
                 return "block", e.device, e

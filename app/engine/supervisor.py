@@ -121,6 +121,11 @@ class WorkerLink:
     def pid(self) -> int:
         return self.proc.pid
 
+    @property
+    def unanswered(self) -> bool:
+        """A call was given up on and its answer has not come yet."""
+        return self._owed > 0
+
     def alive(self) -> bool:
         return self.proc.poll() is None
 
@@ -413,12 +418,7 @@ def holders(path: str, dev: tuple[int, int], exclude: set[int]) -> list[dict]:
             continue
         pid = int(name)
         try:
-            ns = os.readlink(f"/proc/{pid}/ns/mnt")
-            ids = ids_of.get(ns)
-            if ids is None:
-                with open(f"/proc/{pid}/mountinfo", "rb") as f:
-                    table = mounts.parse_mountinfo(os.fsdecode(f.read()))
-                ids = ids_of[ns] = frozenset(m.mount_id for m in table if (m.major, m.minor) == want)
+            ids = mounts.namespace_mount_ids(pid, ids_of, lambda m: (m.major, m.minor) == want)
         except OSError:
             continue
         if not ids:  # its namespace does not see the mount: nothing of it can be held there
@@ -436,13 +436,9 @@ def holders(path: str, dev: tuple[int, int], exclude: set[int]) -> list[dict]:
 
 def _fdinfo_mount_id(path: str) -> int | None:
     try:
-        with open(path, "rb") as f:
-            for line in f.read().splitlines():
-                if line.startswith(b"mnt_id:"):
-                    return int(line.split()[1])
-    except (OSError, ValueError, IndexError):
-        pass
-    return None
+        return int(mounts.fdinfo(path)[b"mnt_id"])
+    except (OSError, ValueError, KeyError):
+        return None
 
 
 def _held_in(pid: int, ids: frozenset[int], path: str) -> str | None:
@@ -600,7 +596,7 @@ class Supervisor:
             # a worker that does not answer (stopped, hung) is not waited for without end (an
             # unmount-all hung on it for good, its mount already gone); one that left a call
             # unanswered already is given a few seconds
-            with trio.move_on_after(5 if cap.link._owed else STOP_WAIT_SECONDS):
+            with trio.move_on_after(5 if cap.link.unanswered else STOP_WAIT_SECONDS):
                 try:
                     await cap.link.call("stop", abort=True)
                 except MirrorError:
@@ -622,7 +618,7 @@ class Supervisor:
         link = cap.link
         # A worker that left a call unanswered is given a second, not ten, by every status
         # after (the dashboard's refresh and `status` waited 10 s each time it was asked)
-        patience = 1 if link._owed else 10
+        patience = 1 if link.unanswered else 10
         try:
             with trio.move_on_after(patience):
                 reply = await link.call("status")

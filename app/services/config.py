@@ -465,11 +465,8 @@ def _extent(rdev: int) -> tuple[int, int, int, bool]:
 
 
 def _sysfs_text(path: str) -> str:
-    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-    try:
-        return os.read(fd, 4096).decode("utf-8", "surrogateescape")
-    finally:
-        os.close(fd)
+    from app.services.loop import _read_sys  # (loop's: open, read, close; no buffering)
+    return _read_sys(path)
 
 
 def _shares_bytes(a: str, b: str, a_window: tuple[int, int] | None = None) -> bool:
@@ -523,7 +520,7 @@ def _loop_to_an_entry(target: str, entry: BlockEntry, config: Config) -> str | N
         return None
     try:
         backing = _sysfs_text(f"/sys/dev/block/{os.major(st.st_rdev)}:{os.minor(st.st_rdev)}"
-                              "/loop/backing_file").rstrip("\n")
+                              "/loop/backing_file")
     except OSError:
         return None  # not a loop, or not attached
     from app.services.layout import is_capture_of
@@ -561,8 +558,7 @@ def _file_system_on_device(target: str, device: str, window: tuple[int, int]) ->
         return "/dev/" + os.path.basename(os.path.realpath(
             f"/sys/dev/block/{os.major(st_dev)}:{os.minor(st_dev)}"))
     try:
-        backing = Path(f"/sys/dev/block/{os.major(st_dev)}:{os.minor(st_dev)}/loop/backing_file"
-                       ).read_text().rstrip("\n")
+        backing = _sysfs_text(f"/sys/dev/block/{os.major(st_dev)}:{os.minor(st_dev)}/loop/backing_file")
     except OSError:
         return None  # not a loop
     from app.services.layout import is_capture_of

@@ -262,6 +262,25 @@ def other_mount_tables(*, skip_own: bool = True):
         yield int(pid), comm, table
 
 
+def fdinfo(path: str) -> dict[bytes, bytes]:
+    """The fields of a /proc/PID/fdinfo/N file (pos, flags, mnt_id, ino, ...): what a
+    descriptor is on, read without touching its file system. OSError when it is gone."""
+    with open(path, "rb") as f:
+        return dict(line.split(b":", 1) for line in f.read().splitlines() if b":" in line)
+
+
+def namespace_mount_ids(pid: int | str, cache: dict, keep) -> frozenset[int]:
+    """Ids of the mounts of process `pid`'s mount namespace for which keep(entry) holds, its
+    table read once per namespace (`cache`: namespace -> ids, the caller's for one scan)."""
+    ns = os.readlink(f"/proc/{pid}/ns/mnt")
+    ids = cache.get(ns)
+    if ids is None:
+        with open(f"/proc/{pid}/mountinfo", "rb") as f:
+            table = parse_mountinfo(os.fsdecode(f.read()))
+        ids = cache[ns] = frozenset(m.mount_id for m in table if keep(m))
+    return ids
+
+
 def namespace_holders(major: int, minor: int, *, skip_own: bool = True) -> list[dict]:
     """Other mount namespaces that hold a copy of a mount of device major:minor: one {pid,
     comm, mount_point} per namespace. Such a copy keeps a FUSE mount (and its server) alive

@@ -206,19 +206,13 @@ def openers_of(device: str, *, writing: bool = False,
         fd_dir = f"/proc/{pid}/fd"
         try:
             fds = os.listdir(fd_dir)
-            ns = os.readlink(f"/proc/{pid}/ns/mnt")
-            local = local_of.get(ns)
-            if local is None:
-                with open(f"/proc/{pid}/mountinfo", "rb") as f:
-                    table = mounts.parse_mountinfo(os.fsdecode(f.read()))
-                local = local_of[ns] = frozenset(m.mount_id for m in table
-                                                 if m.fstype in mounts.LOCAL_FSTYPES)
+            local = mounts.namespace_mount_ids(pid, local_of,
+                                               lambda m: m.fstype in mounts.LOCAL_FSTYPES)
         except OSError:
             continue
         for fd in fds:
             try:
-                with open(f"/proc/{pid}/fdinfo/{fd}", "rb") as f:
-                    info = dict(line.split(b":", 1) for line in f.read().splitlines() if b":" in line)
+                info = mounts.fdinfo(f"/proc/{pid}/fdinfo/{fd}")
                 if int(info[b"mnt_id"]) not in local or os.stat(f"{fd_dir}/{fd}").st_rdev != rdev:
                     continue
                 flags = int(info[b"flags"], 8) if writing else os.O_RDWR
