@@ -297,6 +297,45 @@ def test_status_watch_json_prints_one_document_per_line(config, tmp_path):
         watch.wait()
 
 
+@pytest.mark.root
+def test_status_watch_prints_again_for_an_entrys_mount_not_for_other_tools_mounts(config, tmp_path):
+    """On a host churning other tools' mounts, `status --watch` printed everything again for
+    each (reading every loop and every process's descriptors each time); it prints again only
+    for what can change it (events.Interest): here a mount at the entry's directory."""
+    data, elsewhere = tmp_path / "data", tmp_path / "elsewhere"
+    data.mkdir()
+    elsewhere.mkdir()
+    write_empty(config)
+    assert cli(*args(config, "fs", "add", str(data))).returncode == 0
+    watch = subprocess.Popen([sys.executable, "-m", "app", *args(config, "status", "--watch",
+                                                                   "--json")],
+                             cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    mounted = []
+
+    def next_line() -> str:  # (a watch that prints nothing more fails the test, never hangs it)
+        import queue
+        import threading
+        got: queue.Queue = queue.Queue()
+        threading.Thread(target=lambda: got.put(watch.stdout.readline()), daemon=True).start()
+        return got.get(timeout=60)
+    try:
+        first = json.loads(next_line())
+        assert first["filesystem"][0]["other_fstype"] is None
+        for _ in range(3):  # another tool's mounts
+            subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "watch-test", str(elsewhere)],
+                           check=True)
+            subprocess.run(["umount", str(elsewhere)], check=True)
+        subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "watch-test", str(data)], check=True)
+        mounted.append(data)
+        second = json.loads(next_line())  # the next print is the entry's mount
+        assert second["filesystem"][0]["other_fstype"] == "tmpfs", second
+    finally:
+        watch.kill()
+        watch.wait()
+        for point in mounted:
+            subprocess.run(["umount", "-l", str(point)], check=False)
+
+
 @pytest.mark.parametrize("flag", ["-V", "--version"])
 def test_version_is_printed_on_stdout(flag):
     from app import __version__

@@ -5,19 +5,25 @@ from __future__ import annotations
 import json
 import queue
 import sys
+import time
 
 from app.cli.common import add, control, require, store
 from app.cli.output import print_status
 
 
 def cmd_status(args) -> int:
+    from app.services.events import Interest
     from app.services.layout import default_state_dir
     from app.services.status import snapshot
     s, client = store(args), control(args)
 
+    interest = None  # which mount and block events can change what is printed
+
     def show() -> None:
+        nonlocal interest
         live = client if client.is_running() else None
         snap = require(snapshot, s, live, state_dir=args.state_dir or default_state_dir())
+        interest = Interest.of(snap)
         if args.json and args.watch:  # JSON Lines: a reader takes one document per line
             print(json.dumps(snap.to_json(), default=str))
         else:
@@ -33,19 +39,30 @@ def cmd_status(args) -> int:
     watchers = Watchers(events.put, config_path=s.path, control=client)
     watchers.start()
     figures = moving_figures(client)
+    ask_at = time.monotonic() + FIGURES_INTERVAL  # when the daemon's figures are asked next
     try:
         while True:
             try:
-                events.get(timeout=FIGURES_INTERVAL)
-            except queue.Empty:  # no event: did the daemon's figures move meanwhile?
-                now = moving_figures(client)
-                if now is None or now == figures:
-                    continue
-                figures = now
-            else:
+                event = events.get(timeout=max(0.0, ask_at - time.monotonic()))
+            except queue.Empty:
+                event = None
+            if event is not None:
+                wanted = interest.wants(event)
                 while not events.empty():  # one redraw for a burst
-                    events.get_nowait()
-                figures = moving_figures(client)
+                    wanted = interest.wants(events.get_nowait()) or wanted
+                if wanted:
+                    figures = moving_figures(client)
+                    show()
+                    ask_at = time.monotonic() + FIGURES_INTERVAL
+                    continue
+                # another tool's loops and mounts: nothing printed changed
+                if time.monotonic() < ask_at:
+                    continue
+            ask_at = time.monotonic() + FIGURES_INTERVAL  # did the figures move meanwhile?
+            now = moving_figures(client)
+            if now is None or now == figures:
+                continue
+            figures = now
             show()
     finally:
         watchers.close()

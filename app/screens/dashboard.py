@@ -25,12 +25,14 @@ from app.screens.base import (Col, KeyedTable, TaskScreen, capture_text, elide,
                               selected_key, state_text)
 from app.screens.dialogs import DetailsDialog
 from app.screens.manual import loop_flags
+from app.services.events import BlockUevents, Interest, MountsChanged
 from app.services.status import replication_text
 from app.services.units import human_size, shown
 
 RATE_INTERVAL = 1.0  # seconds between disk-counter samples while the dashboard is shown
 RATE_HISTORY = 30  # samples kept per sparkline
 EVENTS_KEPT = 500
+OTHER_MOUNT_LINES = 5  # other tools' mount changes logged one by one a second; more: counted
 NARROW_WARNINGS = 3  # warnings shown at 80 columns; `w` shows them all
 # An entry's replication (Engine) is what the dashboard is for: at 80 columns it is cut short,
 # not dropped (keep 7); `g` shows it whole.
@@ -41,13 +43,21 @@ BLOCK_COLUMNS = (Col("device", "Device", 9, 24), Col("loop", "Loop", 8), Col("st
                  Col("mounted", "Mounted", 4, 20), Col("offset", "Offset", 2), Col("flags", "Flags", 1))
 
 
-def mount_diff_lines(diff) -> list[str]:
-    lines = [f"mounted {m.fstype} {shown(m.source)} on {shown(m.mount_point)}" for m in diff.added]
-    lines += [f"unmounted {m.fstype} {shown(m.source)} from {shown(m.mount_point)}"
+def mount_diff_lines(diff, interest=None) -> tuple[list[str], list[str]]:
+    """The log's lines for a mount-table change: those of the entries (all of them without an
+    events.Interest), and those of other tools' mounts."""
+    items = [(f"mounted {m.fstype} {shown(m.source)} on {shown(m.mount_point)}", (m,))
+             for m in diff.added]
+    items += [(f"unmounted {m.fstype} {shown(m.source)} from {shown(m.mount_point)}", (m,))
               for m in diff.removed]
-    lines += [f"remounted {shown(new.mount_point)} ({old.options} → {new.options})"
+    items += [(f"remounted {shown(new.mount_point)} ({old.options} → {new.options})", (old, new))
               for old, new in diff.changed]
-    return lines
+    if interest is None:
+        return [line for line, _ in items], []
+    ours, others = [], []
+    for line, ms in items:
+        (ours if any(interest.mount(m) for m in ms) else others).append(line)
+    return ours, others
 
 
 def engine_cell(figures) -> str:
@@ -166,6 +176,11 @@ class DashboardScreen(TaskScreen):
         self._last: tuple[dict, float] | None = None
         self._rate_timer = None
         self._snap = None
+        self._interest: Interest | None = None  # which events can change the picture
+        self._other_lines: deque[float] = deque()  # when other tools' mounts were logged
+        self._other_mounts = 0  # other tools' mount changes counted, not logged yet
+        self._other_uevents = 0  # other loops' uevents, the same
+        self._others_timer = None  # logs both counts (_log_others)
 
     def compose(self) -> ComposeResult:
         yield Header()
@@ -225,9 +240,41 @@ class DashboardScreen(TaskScreen):
         self.query_one("#events", RichLog).write(Text.assemble((stamp, "cyan"), " ", line))
 
     def _mounts_changed(self, diff) -> None:
-        for line in mount_diff_lines(diff):
+        ours, others = mount_diff_lines(diff, self._interest)
+        for line in ours:
             self.log_event(line)
-        self.reload()
+        # Other tools' mounts: one by one up to OTHER_MOUNT_LINES a second; beyond, counted
+        # and the count logged once a second (a host churning mounts flooded the log, and
+        # redrawing it kept a CPU busy)
+        now = time.monotonic()
+        while self._other_lines and self._other_lines[0] < now - 1.0:
+            self._other_lines.popleft()
+        for line in others:
+            if not self._other_mounts and len(self._other_lines) < OTHER_MOUNT_LINES:
+                self._other_lines.append(now)
+                self.log_event(line)
+            else:
+                self._other_mounts += 1
+                if self._others_timer is None:
+                    self._others_timer = self.set_timer(1.0, self._log_others)
+        self._reload_if(MountsChanged(diff))
+
+    def _log_others(self) -> None:
+        """What other tools did in the last second, counted."""
+        self._others_timer = None
+        if self._other_mounts:
+            self.log_event(f"{self._other_mounts} changes of other mounts (none of an entry's)")
+            # still counted for the next second: one by one again after a quiet one
+            self._other_lines = deque([time.monotonic()] * OTHER_MOUNT_LINES)
+        if self._other_uevents > 1:  # (one alone is another tool's everyday business)
+            self.log_event(f"{self._other_uevents} uevents of other loop devices")
+        self._other_mounts = self._other_uevents = 0
+
+    def _reload_if(self, event) -> None:
+        """Read the state again when the event can change it (events.Interest): every event
+        is logged or counted, but another tool's loops and mounts leave the entries as they are."""
+        if self._interest is None or self._interest.wants(event):
+            self.reload()
 
     def _daemon_changed(self, running: bool) -> None:
         self.log_event("the daemon started: capture state read again" if running else
@@ -235,21 +282,22 @@ class DashboardScreen(TaskScreen):
         self.reload()
 
     def _block_events(self, batch) -> None:
-        """Log uevents of protected devices, their loops and real disks (not every loop
-        another tool makes); any of them may change the picture, so reload on all."""
-        other = 0
+        """Log uevents of protected devices, their loops and real disks; other loops' are
+        counted, the count logged at most once a second. Read the state again when one can
+        change it (events.Interest)."""
         for action, name in batch:
             if name in self._watched or not name.startswith("loop"):
                 self.log_event(f"uevent {action} {name}")
             else:
-                other += 1
-        if other > 1:
-            self.log_event(f"{other} uevents of other loop devices")
-        self.reload()
+                self._other_uevents += 1
+        if self._other_uevents and self._others_timer is None:
+            self._others_timer = self.set_timer(1.0, self._log_others)
+        self._reload_if(BlockUevents(tuple(batch)))
 
     def load(self):
         from app.services.status import kernel_name
         snap = self.services.status()
+        self._interest = Interest.of(snap)
         devices: dict[str, str] = {}
         for state in snap.block:
             devices[kernel_name(state.entry.device)] = state.entry.device

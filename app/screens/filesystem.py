@@ -14,6 +14,7 @@ from app.screens.base import (Col, ForceOffer, KeyedTable, TaskScreen, counted, 
                               selected_key, state_text)
 from app.screens.dialogs import AddFsEntryDialog, ConfirmDialog
 from app.services.entries import describe_difference
+from app.services.events import Interest, MountsChanged
 from app.services.results import Result
 from app.services.status import LAZY, replication_lines
 from app.services.units import shown
@@ -65,6 +66,7 @@ class FilesystemScreen(TaskScreen):
     def __init__(self) -> None:
         super().__init__()
         self._snap = None
+        self._interest: Interest | None = None  # which mount events can change the rows
 
     def compose(self) -> ComposeResult:
         yield Header()
@@ -88,12 +90,14 @@ class FilesystemScreen(TaskScreen):
 
     def on_mount(self) -> None:
         super().on_mount()
-        self.reload_on(self.app.mounts_signal, self.app.daemon_signal, self.app.config_signal)
+        self.reload_on(self.app.daemon_signal, self.app.config_signal)
         self.app.mounts_signal.subscribe(self, self._mounts_changed)
         self.query_one("#fs-entries").focus()
 
     def load(self):
-        return self.services.status(scan_writers=False)  # no block rows shown here
+        snap = self.services.status(scan_writers=False)  # no block rows shown here
+        self._interest = Interest.of(snap)
+        return snap
 
     def show(self, snap) -> None:
         self._snap = snap
@@ -221,6 +225,8 @@ class FilesystemScreen(TaskScreen):
                 + ", ".join(shown(p) for p in sorted(paths)))
 
     def _mounts_changed(self, diff) -> None:
+        if self._interest is None or self._interest.wants(MountsChanged(diff)):
+            self.reload()  # (not for another tool's mounts: events.Interest)
         if self._pending is None:
             return
         verb, paths = self._pending

@@ -1,7 +1,8 @@
 """What changed, as the kernel, the daemon and the configuration file say it: one set of
 watcher threads for the TUI and for `status --watch`, never a timer.
 
-- the mount table: poll() on mountinfo (MountWatcher), one diff per wake;
+- the mount table: poll() on mountinfo (MountWatcher), one diff per wake, read at most every
+  MOUNT_GAP seconds (a lone mount is seen at once; a host churning them costs a few reads);
 - block devices: kernel uevents, delivered in batches: the first at once, then at most one per
   UEVENT_BATCH seconds (a host attaching hundreds of loops must not flood the console);
 - the daemon: a held `watch` connection ends when it stops or dies; its socket appearing
@@ -24,6 +25,7 @@ from dataclasses import dataclass
 from app.services.inotify import PathWatch
 
 UEVENT_BATCH = 0.25  # seconds: uevents after the first are gathered this long, then delivered
+MOUNT_GAP = 0.05  # seconds at least between two reads of the mount table (then one diff of all)
 DAEMON_ARM_TRIES = 10  # × DAEMON_ARM_STEP: the socket file appears at bind(), before listen()
 DAEMON_ARM_STEP = 0.05
 
@@ -48,6 +50,106 @@ class ConfigChanged:
     path: str
 
 
+def _related(a: str, b: str) -> bool:
+    """One path is the other, or lies beneath it."""
+    return a == b or a.startswith(b.rstrip("/") + "/") or b.startswith(a.rstrip("/") + "/")
+
+
+@dataclass(frozen=True)
+class Interest:
+    """Which mount and block events can change a picture of the configured entries (the
+    dashboard, the file-system screen, `status --watch`): taken from the last picture, so a
+    host that attaches and mounts hundreds of other things does not have every entry's state
+    read again each time. That read lists every loop and walks every process's descriptors;
+    on a host churning 100 loops and 20 mounts it kept a dashboard nobody touched about a
+    third of a CPU busy. `None` as a screen's interest (no picture yet): every event matters.
+
+    An event matters when it is about an entry's directory (a mount at it, above it or below
+    it), a local target's path, an entry's device or any loop on it or on its capture file
+    (attached, detached, mounted: the warnings about bypassing loops and raw mounts). The
+    daemon's figures, the daemon and the configuration are watched on their own."""
+
+    paths: tuple[str, ...] = ()  # entry directories, local targets
+    rdevs: frozenset[int] = frozenset()  # entry devices and every loop on them or their captures
+    names: frozenset[str] = frozenset()  # the same as kernel names (a uevent carries only those)
+    devices: frozenset[int] = frozenset()  # entry devices alone: a new loop's backing is one?
+    captures: frozenset[str] = frozenset()  # layout.capture_suffix of each block entry
+
+    def wants(self, event) -> bool:
+        if isinstance(event, MountsChanged):
+            d = event.diff
+            return any(self.mount(m) for m in (*d.added, *d.removed, *(m for pair in d.changed
+                                                                      for m in pair)))
+        if isinstance(event, BlockUevents):
+            return any(self._uevent(name) for _, name in event.events)
+        return True  # the daemon, the configuration
+
+    def mount(self, m) -> bool:
+        """One mounts.MountEntry (added, removed or changed) matters."""
+        # (a block capture's own FUSE mount is followed by its loop's uevent, which matters)
+        return os.makedev(m.major, m.minor) in self.rdevs or \
+            any(_related(m.mount_point, p) for p in self.paths)
+
+    def _uevent(self, name: str) -> bool:
+        """A loop not known to be ours matters when it is bound now to an entry's device or
+        capture file (sysfs and devtmpfs only: nothing here waits on a file system)."""
+        if name in self.names or not name.startswith("loop"):
+            return True  # ours, or a real disk (logged and shown: their events are few)
+        if not name[4:].isdigit():  # a loop's partition: as its loop
+            return "loop" + name[4:].partition("p")[0] in self.names
+        from app.services import loop as loopdev
+        from app.services.layout import capture_key
+        try:
+            backing = loopdev._read_sys(os.path.join(loopdev.SYS_ROOT, "block", name, "loop",
+                                                     "backing_file"))
+        except OSError:  # not bound (any more): nothing of ours
+            return False
+        if capture_key(backing) in self.captures:
+            return True
+        if backing.startswith("/dev/"):
+            try:
+                return os.stat(backing).st_rdev in self.devices
+            except OSError:
+                return False
+        return False
+
+    @classmethod
+    def of(cls, snap) -> Interest:
+        """From a status.StatusSnapshot (stats of device nodes only: call it where reading is
+        allowed, a load thread)."""
+        from app.services.layout import capture_key, capture_suffix
+        from app.services.status import kernel_name
+        paths = [s.entry.path for s in snap.filesystem]
+        paths += [t for s in (*snap.filesystem, *snap.block)
+                  if isinstance(t := getattr(s.entry, "target", None), str) and t.startswith("/")]
+        devices, names = set(), set()
+        for s in snap.block:
+            names.add(kernel_name(s.entry.device))
+            if s.entry.loop:  # its fixed loop: another tool taking it is shown
+                names.add(os.path.basename(s.entry.loop))
+            try:
+                devices.add(os.stat(s.entry.device).st_rdev)
+            except OSError:
+                pass
+        captures = frozenset(capture_suffix(s.entry.device) for s in snap.block)
+        rdevs = set(devices)
+        for lp in snap.loops:
+            backing = lp.backing_file or ""
+            ours = capture_key(backing) in captures
+            if not ours and backing.startswith("/dev/"):
+                try:
+                    ours = os.stat(backing).st_rdev in devices
+                except OSError:
+                    pass
+            if ours:
+                names.add(os.path.basename(lp.device))
+                try:
+                    rdevs.add(os.stat(lp.device).st_rdev)
+                except OSError:
+                    pass
+        return cls(tuple(paths), frozenset(rdevs), frozenset(names), frozenset(devices), captures)
+
+
 class Watchers:
     """Start with start(); close() wakes every thread and they end. Threads are daemonic so a
     crashed caller never hangs on them."""
@@ -64,6 +166,7 @@ class Watchers:
         self._mount_watcher = None
         self._files = None  # the configuration file and the daemon's socket (inotify)
         self._closed = False
+        self._stopping = threading.Event()  # set by close(): a pause between two reads ends
         self._lock = threading.Lock()  # eventfds are written and closed under it, never after
         self._watch_sock = None
         self.threads: list[threading.Thread] = []
@@ -104,6 +207,7 @@ class Watchers:
             if self._closed:
                 return
             self._closed = True
+            self._stopping.set()
             for fd in (self._wake, self._uevent_wake):
                 if fd >= 0:
                     os.eventfd_write(fd, 1)
@@ -126,7 +230,16 @@ class Watchers:
     # -- threads ---------------------------------------------------------------------------
 
     def _mounts(self) -> None:
-        for diff in self._mount_watcher:  # ends when close() closes it
+        watcher, last = self._mount_watcher, 0.0
+        while True:
+            # One read of the table per MOUNT_GAP at most: what changes meanwhile comes as one
+            # diff (a host churning mounts had every change read and parsed on its own)
+            if self._stopping.wait(max(0.0, last + MOUNT_GAP - time.monotonic())):
+                return
+            diff = watcher.wait()
+            if diff is None:  # closed
+                return
+            last = time.monotonic()
             self.deliver(MountsChanged(diff))
             if not self.watching_daemon:
                 self.poke_daemon()
