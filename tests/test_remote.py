@@ -1597,3 +1597,43 @@ def test_a_new_block_replica_on_a_full_target_leaves_no_image(fs_remote, disks):
 def _replica_id(rel: str) -> str:
     from app.engine.agent import replica_id
     return replica_id(rel)
+
+
+def _every_kind_of_change(src: Path) -> None:
+    """The changes of test_fs_entry_replicates_every_kind_of_change_to_the_other_host."""
+    (src / "d").mkdir(mode=0o750)
+    (src / "d" / "f").write_bytes(os.urandom(300_000))
+    with open(src / "d" / "f", "r+b") as f:
+        f.seek(5000)
+        f.write(b"patched")
+    os.symlink("d/f", src / "link")
+    os.link(src / "d" / "f", src / "hard")
+    os.rename(src / "before", src / "d" / "moved")
+    os.chmod(src / "d" / "moved", 0o600)
+    os.truncate(src / "hard", 1000)
+    (src / "gone").write_text("x")
+    os.unlink(src / "gone")
+
+
+def test_changes_of_every_kind_made_while_the_first_copy_walks_all_arrive(remote, tmp_path):
+    """CI once failed the test above (then without waiting for the first copy) at
+    resync_bytes > 0 on a slow host: the changes came while the early first copy walked.
+    Here they come at once and after small delays, so they meet the walk at different
+    places (a new entry, a new first copy each time); whatever the walk copied, the replica
+    must equal the source and say consistent."""
+    make, r = remote()
+    eng, _, _ = make(config=r.cfg)
+    for i, delay in enumerate((0, 0, 0.002, 0.005, 0.01, 0.02, 0.05)):
+        src = tmp_path / f"src{i}"
+        src.mkdir()
+        (src / "before").write_text("there before the first mount")
+        assert cli(r.cfg, "fs", "add", str(src), "--target", f"backup1:data{i}").returncode == 0
+        res = eng.client.results("mount", path=str(src))
+        assert [x.outcome.value for x in res] == ["ok"], res
+        time.sleep(delay)
+        _every_kind_of_change(src)
+        eng.drain(str(src))
+        st = eng.status(str(src))
+        assert st["connection"] == "connected" and st["target_data"] == "consistent", (delay, st)
+        assert tree(src) == tree(r.root / f"data{i}"), (delay, st)
+        assert eng.verify(str(src)) == [], delay
