@@ -1637,3 +1637,68 @@ def test_changes_of_every_kind_made_while_the_first_copy_walks_all_arrive(remote
         assert st["connection"] == "connected" and st["target_data"] == "consistent", (delay, st)
         assert tree(src) == tree(r.root / f"data{i}"), (delay, st)
         assert eng.verify(str(src)) == [], delay
+
+
+def _capture_beside_the_walk(src: Path, tgt: Path):
+    """test_engine_journal's stand-in for the capture beside a walk, recording as mirrorfs
+    does: the record, the tracker told, then the times of the directories it changed (so the
+    trees can be compared as verify does, directory times included)."""
+    from test_engine_journal import CaptureBesideTheWalk
+
+    class Capture(CaptureBesideTheWalk):
+        def record(self, node: Path, op: str, args: dict) -> None:
+            st = os.lstat(node)  # the node mirrorfs records it for (Tracker.observe)
+            self.tracker.observe((st.st_dev, st.st_ino), op, args)
+            self.target.apply_ops([(op, args, b"")])
+            for parent in dict.fromkeys(os.path.dirname(args[k]) for k in ("old", "new", "path")
+                                        if k in args):
+                pst = os.lstat(src / parent)
+                self.tracker.changed((pst.st_dev, pst.st_ino))
+                self.target.apply_ops([("times", {"path": parent or ".", "atime": None,
+                                                  "mtime": pst.st_mtime_ns}, b"")])
+
+        def differences(self) -> list[dict]:
+            from app.engine import sync
+            fd = os.open(tgt, os.O_PATH | os.O_DIRECTORY)
+            src_fd = os.open(src, os.O_PATH | os.O_DIRECTORY)
+            try:
+                return sync.compare_trees(sync.scan(src_fd), sync.scan(fd))
+            finally:
+                os.close(fd)
+                os.close(src_fd)
+    return Capture(src, tgt)
+
+
+def test_names_a_walk_links_again_at_its_end_leave_their_directories_times_as_they_were(
+        tmp_path, monkeypatch):
+    """The walk sent a/f and was done with a; an application linked the file as zz/l
+    (captured: zz's times after it). At its end the walk made the capture's links again:
+    a/f sent whole (removed there first), zz/l linked to it. Both directories' times at the
+    target were then those of the walk's own changes there, and stayed so while the entry
+    said consistent (verify: mtime of a and zz). Their times now go again after them."""
+    from app.engine import sync
+    src, tgt = tmp_path / "src", tmp_path / "tgt"
+    (src / "a").mkdir(parents=True)
+    (src / "zz").mkdir()
+    (src / "a" / "f").write_bytes(b"one file")
+    (src / "zz" / "other").write_bytes(b"x")
+    tgt.mkdir()
+    sink = _capture_beside_the_walk(src, tgt)
+    real, again = sync.Reconciler._file, sync.Reconciler._lead_again
+    fired, led = [], []
+    monkeypatch.setattr(sync.Reconciler, "_lead_again",
+                        lambda self, ino, names: (led.append(names), again(self, ino, names))[1])
+
+    def linked_once_sent(self, rel, info, tinfo, defer=True):
+        real(self, rel, info, tinfo, defer)
+        if rel == b"a/f" and not fired:
+            fired.append(1)
+            self._flush()  # its records are at the target before the capture's link
+            os.link(src / "a" / "f", src / "zz" / "l")
+            sink.record(src / "zz" / "l", "link", {"path": "zz/l", "src": "a/f"})
+    monkeypatch.setattr(sync.Reconciler, "_file", linked_once_sent)
+    time.sleep(0.01)  # the walk's changes at the target get times of their own
+    sink.walk()
+    assert fired and led, "the walk did not link again at its end: the test proves nothing"
+    assert (tgt / "zz" / "l").stat().st_ino == (tgt / "a" / "f").stat().st_ino
+    assert sink.differences() == []

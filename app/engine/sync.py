@@ -805,7 +805,11 @@ class Reconciler:
 
     def _lead_again(self, ino: tuple[int, int], names: list[bytes]) -> None:
         """The first of `names` that still names file `ino` is sent whole and leads; the
-        others that do are linked to it (or they stay a copy of their own at the target)."""
+        others that do are linked to it (or they stay a copy of their own at the target).
+        Each name so sent was removed there first: its directory's times there moved, and go
+        again (as a visit's do), else the target kept them (a directory the walk had finished,
+        or the top of a first copy that relinked at its end: verify found its mtime newer)."""
+        sent: list[bytes] = []
         for i, rel in enumerate(names):
             info = self._lstat(rel, with_xattrs=True)
             if info is None or info.ino != ino or info.kind != stat.S_IFREG:
@@ -813,6 +817,7 @@ class Reconciler:
             leader = self._leaders[ino] = self._leader(rel, info, None)
             listed = self._clock()
             self._file(rel, info, None)
+            sent.append(rel)
             if self._led_astray((rel, leader.epoch), info):
                 continue  # moved or removed while it went: the next name leads
             for other in dict.fromkeys(names[i + 1:]):
@@ -820,7 +825,10 @@ class Reconciler:
                 if other != rel and now is not None and now.ino == ino and \
                         self._link(rel, leader.epoch, other, now, listed):
                     leader.linked.append(other)
-            return
+                    sent.append(other)
+            break
+        for parent in dict.fromkeys(name.rpartition(b"/")[0] for name in sent):
+            self._metadata(parent, None)
 
     def _relink(self, links: list[tuple[bytes, bytes]]) -> None:
         """Links the capture made while the walk ran. Such a record found its source name at
