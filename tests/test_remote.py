@@ -1669,6 +1669,47 @@ def _capture_beside_the_walk(src: Path, tgt: Path):
     return Capture(src, tgt)
 
 
+@pytest.mark.parametrize("change", ["rename", "link"])
+def test_a_name_made_while_the_walks_last_batch_waits_for_the_capture_is_sent(
+        tmp_path, change):
+    """What the CI failure above was (resync_bytes 0, d/moved missing at the target while the
+    entry said consistent): the early first copy had listed "before" and held its records in
+    its batch, looked for rename and link destinations made during the walk (none yet), and
+    only then sent the batch. The capture thread, busy with the application's changes, took
+    the rename of "before" to d/moved first: the rename reached the target before "before"
+    did (superseded there), the batch's check failed, "before" was gone when read again, and
+    d/moved was never looked at. Here the application renames (or links) the name right when
+    the walk's last batch reaches the capture; the walk now sends its batch before it decides
+    that no destination is left to visit. Compared as verify does (directory times too)."""
+    src, tgt = tmp_path / "src", tmp_path / "tgt"
+    src.mkdir()
+    tgt.mkdir()
+    (src / "before").write_text("there before the first mount")
+    sink = _capture_beside_the_walk(src, tgt)
+    walk_commits = sink.commit_many
+    fired = []
+
+    def commit_many(items):
+        if not fired and any(op == "put" for _c, ops in items for op, _a, _d in ops):
+            fired.append(1)  # the capture thread takes the application's change first
+            if change == "link":
+                os.link(src / "before", src / "hard")
+                sink.record(src / "hard", "link", {"src": "before", "path": "hard"})
+            else:
+                (src / "d").mkdir()
+                sink.record(src / "d", "mkdir", {"path": "d", "mode": 0o755, "uid": 0, "gid": 0})
+                os.rename(src / "before", src / "d" / "moved")
+                sink.record(src, "rename", {"old": "before", "new": "d/moved", "flags": 0})
+        return walk_commits(items)
+    sink.commit_many = commit_many
+    time.sleep(0.01)  # the walk's changes at the target get times of their own
+    sink.walk()
+    assert fired
+    assert sink.tracker.walks == 0
+    assert tree(src) == tree(tgt)
+    assert sink.differences() == []
+
+
 def test_names_a_walk_links_again_at_its_end_leave_their_directories_times_as_they_were(
         tmp_path, monkeypatch):
     """The walk sent a/f and was done with a; an application linked the file as zz/l

@@ -549,6 +549,11 @@ class Reconciler:
                 elif links < len(tracker.links):
                     made, links = tracker.links[links:], len(tracker.links)
                     self._relink(made)
+                elif self._pending:
+                    # The batch goes before the walk is called done: a rename or link the
+                    # capture took while it waited (its commit's check then fails, the name
+                    # read again is gone) has its destination above, to be visited
+                    self._flush()
                 else:
                     break
             self._flush()
