@@ -1743,3 +1743,44 @@ def test_names_a_walk_links_again_at_its_end_leave_their_directories_times_as_th
     assert fired and led, "the walk did not link again at its end: the test proves nothing"
     assert (tgt / "zz" / "l").stat().st_ino == (tgt / "a" / "f").stat().st_ino
     assert sink.differences() == []
+
+
+def test_a_destination_renamed_onto_again_after_its_visit_is_visited_again(tmp_path, monkeypatch):
+    """A walk visits each rename destination made while it walked. x was renamed to b and E
+    to F as it began: both visited at its end, F sent anew (removed there first) with F/y in
+    the visit's batch. The application renamed F/y to b right then: superseded at the target
+    (no F/y there yet), the batch's check failed, F/y gone; b, already visited once, was not
+    visited again, and the target kept x's content under b for good. A destination is now
+    visited again for renames recorded after its visit began."""
+    from app.engine import sync
+    src, tgt = tmp_path / "src", tmp_path / "tgt"
+    (src / "E").mkdir(parents=True)
+    (src / "E" / "y").write_text("the second content of b")
+    (src / "x").write_text("the first content of b")
+    tgt.mkdir()
+    sink = _capture_beside_the_walk(src, tgt)
+    begin = sync.Tracker.begin_walk
+
+    def begun(self):  # recorded once the walk has begun, before its first listing
+        got = begin(self)
+        for old, new in (("x", "b"), ("E", "F")):
+            os.rename(src / old, src / new)
+            sink.record(src, "rename", {"old": old, "new": new, "flags": 0})
+        return got
+    monkeypatch.setattr(sync.Tracker, "begin_walk", begun)
+    walk_commits = sink.commit_many
+    batches = []
+
+    def commit_many(items):
+        if any(a.get("path") == "F/y" for _c, ops in items for _o, a, _d in ops):
+            batches.append(1)  # the first: the walk's listing; the second: the visit of F
+            if len(batches) == 2:
+                os.rename(src / "F" / "y", src / "b")
+                sink.record(src, "rename", {"old": "F/y", "new": "b", "flags": 0})
+        return walk_commits(items)
+    sink.commit_many = commit_many
+    time.sleep(0.01)  # the walk's changes at the target get times of their own
+    sink.walk()
+    assert len(batches) >= 2 and not (src / "F" / "y").exists()
+    assert (tgt / "b").read_text() == "the second content of b"
+    assert sink.differences() == []

@@ -538,13 +538,16 @@ class Reconciler:
         try:
             root = self.target.info(b"")
             self._dir(b"", known=root is not None and stat.S_ISDIR(root.mode))
-            seen: set[bytes] = set()  # (revisited, links: places of this walk's own)
+            # (revisited, links: places of this walk's own.) A destination is visited once
+            # for the renames recorded before its visit began; one recorded after that (its
+            # source maybe sent by the visit of another, still in the batch) is visited again
+            began: dict[bytes, int] = {}  # destination -> len(revisit) when its visit began
             while tracker is not None:
                 if revisited < len(tracker.revisit):
                     rel = tracker.revisit[revisited]
                     revisited += 1
-                    if rel not in seen:
-                        seen.add(rel)
+                    if began.get(rel, -1) < revisited:
+                        began[rel] = len(tracker.revisit)
                         self._visit(rel)
                 elif links < len(tracker.links):
                     made, links = tracker.links[links:], len(tracker.links)
