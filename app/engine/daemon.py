@@ -29,7 +29,7 @@ from app.engine import sync
 from app.engine.blocksup import BlockCaptures
 from app.engine.failover import Failover, switched
 from app.engine.failover import refusal as _refusal
-from app.engine.supervisor import Captured, Supervisor, close_zygote, holders, lazy_state, mount_dev
+from app.engine.supervisor import Captured, Supervisor, close_zygote, gather, holders, lazy_state, mount_dev
 from app.services import layout as layout_mod
 from app.services import protocol
 from app.services.blockplan import same_device
@@ -126,19 +126,22 @@ class Daemon:
 
     async def cmd_status(self, send):
         config = self.store.load()
-        fs_rows = [await self._fs_row(e) for e in config.filesystem]
-        block_rows = [await self._block_row(e) for e in config.block]
+        # every worker asked at once (one after another, N that did not answer took N x 10 s)
         configured = self._configured(config)
+        lost = [cap for cap in self.sup.captures.values() if (cap.kind, cap.key) not in configured]
+        rows = await gather(*[lambda e=e: self._fs_row(e) for e in config.filesystem],
+                            *[lambda e=e: self._block_row(e) for e in config.block],
+                            lambda: self.sup.figures_of(lost))
+        fs_rows, block_rows = rows[:len(config.filesystem)], rows[len(config.filesystem):-1]
         orphans = []
-        for cap in list(self.sup.captures.values()):
-            if (cap.kind, cap.key) not in configured:
-                row = CaptureRow(cap.kind, cap.key, captured=True, state="orphaned",
-                                 worker_pid=cap.link.pid, loop=cap.loop, holders=cap.holders)
-                row.update(await self.sup.figures(cap))
-                row.state = "orphaned"
-                row.last_error = ("its entry is no longer configured; end it with "
-                                  f"{layout_mod.command('capture', 'end', layout_mod.entry_id(cap.key))}")
-                orphans.append(row.to_json())
+        for cap, figures in zip(lost, rows[-1]):
+            row = CaptureRow(cap.kind, cap.key, captured=True, state="orphaned",
+                             worker_pid=cap.link.pid, loop=cap.loop, holders=cap.holders)
+            row.update(figures)
+            row.state = "orphaned"
+            row.last_error = ("its entry is no longer configured; end it with "
+                              f"{layout_mod.command('capture', 'end', layout_mod.entry_id(cap.key))}")
+            orphans.append(row.to_json())
         return {"pid": os.getpid(), "socket": self.socket_path, "state_dir": self.state_dir,
                 "filesystem": [r.to_json() for r in fs_rows], "block": [r.to_json() for r in block_rows],
                 "orphans": orphans, "pids": sorted({os.getpid()} | self.sup.pids()),
