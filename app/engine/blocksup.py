@@ -202,6 +202,7 @@ class BlockCaptures:
         it in another mount namespace is ended too. Returns who kept it, or ""."""
         cap.ending = True
         mount_dir = os.path.dirname(self.file(cap.key))
+        lifted = True
         for _ in range(UMOUNT_TRIES):
             try:
                 mounts.umount(mount_dir, 0)
@@ -216,7 +217,8 @@ class BlockCaptures:
         else:
             log.error("%s still busy; lazy unmount", mount_dir)
             mounts.umount(mount_dir, mounts.MNT_DETACH)
-        note = await self.sup.stop(cap)
+            lifted = False
+        note = await self.sup.stop(cap, lifted=lifted)
         remove_run_dir(mount_dir)  # the capture has ended: its mount point goes, when empty
         return note
 

@@ -156,14 +156,29 @@ class Shipper:
             drain_seconds = 0.0
         with self._waiters_lock:
             self._waiters += 1
-        drained = self.journal.wait_released(self.journal.last_seq, drain_seconds) \
-            if drain_seconds else self.journal.released_seq >= self.journal.last_seq
+        drained = self._drain(drain_seconds) if drain_seconds else \
+            self.journal.released_seq >= self.journal.last_seq
         self._stop.set()
         self._wake.set()
         self._kick.set()
         if self._thread is not None:
             self._thread.join()
         return drained
+
+    def _drain(self, seconds: float) -> bool:
+        """Until the target holds everything queued, for up to `seconds`; given up as soon as
+        the session is found lost (the keep-alive's seconds): a detach with the link down
+        waited the whole time for a target it could not reach. What is left stays queued."""
+        end, seq = time.monotonic() + seconds, self.journal.last_seq
+        while not self.journal.wait_released(seq, max(0.0, min(0.2, end - time.monotonic()))):
+            if time.monotonic() >= end or self.lost:
+                return False
+        return True
+
+    @property
+    def lost(self) -> bool:
+        """A remote target's session was lost (not a first connect still under way)."""
+        return not self.local and not self._connected and self.fig.connection != "connecting"
 
     def kick(self) -> None:
         """Connect again now instead of at the end of the back-off."""

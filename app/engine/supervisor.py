@@ -222,8 +222,12 @@ class Captured:
             return "its end was not marked (the worker did not finish cleanly): the next start resyncs"
         if end.get("drained"):
             return f"its journal was drained to the target (seq {end.get('seq')})"
-        return (f"{end.get('seq', 0) - end.get('released', 0)} changes not yet at the target "
-                f"{KEPT}")
+        conn = end.get("connection")
+        why = "" if conn in (None, "connected", "local") else \
+            f"the target was unreachable ({conn}): " if conn == "connecting" or \
+            conn.startswith("disconnected") else f"the target did not take them ({conn}): "
+        return (f"{why}{end.get('seq', 0) - end.get('released', 0)} changes not yet at the "
+                f"target {KEPT}")
 
 
 KEPT = "are kept in its journal for the next start"  # a lift's words: others match on them
@@ -579,17 +583,26 @@ class Supervisor:
                     found.append((kind, link))
         return found
 
-    async def stop(self, cap: Captured, *, abort: bool = False) -> str:
+    async def stop(self, cap: Captured, *, abort: bool = False, lifted: bool = True) -> str:
         """Let a worker end (its mount is gone) or end it (`abort`: its mount lives on in other
         mount namespaces): it drains its journal and marks the end first. Returns a note
-        naming who kept the mount, or ""."""
+        naming who kept the mount, or "". `lifted`: our unmount was not a lazy one."""
         cap.ending = True
         with trio.move_on_after(0 if abort else ABORT_AFTER_SECONDS):
             await cap.link.proc.wait()
         note = ""
+        copies = []
         if cap.link.alive():
             dev = cap.link.info.get("fuse_dev")
             copies = mounts.namespace_holders(*dev) if dev else []
+            if not copies and lifted and not abort and not cap.link.unanswered and \
+                    not _process_state(cap.link.pid):
+                # its mount is gone everywhere: it ships what is queued (up to 30 s, less once
+                # it finds its target unreachable) and ends. That is not "still busy" (a detach
+                # with the target's link down said so after 30 s)
+                with trio.move_on_after(STOP_WAIT_SECONDS):
+                    await cap.link.proc.wait()
+        if cap.link.alive():
             cap.holders = [mounts.describe_holders([h]) for h in copies]
             note = mounts.describe_holders(copies) if copies else "still busy"
             answered = False
