@@ -385,6 +385,9 @@ def check_window(device: str, offset: int, sizelimit: int, size: int) -> None:
         problem = field_problem(key, int, value)
         if problem:
             raise ConfigError(f"{key}: {problem}", key=key, obj=device, errno=errno.EINVAL)
+    if size == 0:  # (not "offset 0 is past the end": the offset is not what is wrong)
+        raise ConfigError(f"{device} is empty (0 bytes): there is nothing on it to replicate",
+                          key="device", obj=device, errno=errno.EINVAL)
     if offset >= size:
         raise ConfigError(f"offset {exact_size(offset)} is past the end of {device}"
                           f" ({exact_size(size)})", key="offset", obj=device, errno=errno.EINVAL)
