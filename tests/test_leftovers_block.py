@@ -32,3 +32,32 @@ def test_an_empty_device_is_refused_as_empty_not_as_an_offset_past_its_end(confi
     assert not config_path.exists() or empty not in config_path.read_text()
     r = cli(config_path, "--json", "block", "add", empty)
     assert r.returncode == 2 and f'"errno": {errno.EINVAL}' in r.stdout + r.stderr, r.stdout + r.stderr
+
+
+def test_a_loop_that_is_another_entrys_capture_loop_is_refused_naming_that_entry(tmp_path, disks):
+    """`block add DISK --loop /dev/loopN` where loopN is the loop another entry is captured
+    through: the refusal named the capture's FUSE file (…/capture), which says nothing to an
+    administrator; it names the entry whose loop it is (its device) now; so does the daemon's
+    attach of an entry configured (by hand) with that loop."""
+    from test_engine_support import engine_maker, write_config
+    first, second = disks(8 << 20), disks(8 << 20)
+    with engine_maker(tmp_path) as make:
+        cfg = write_config(tmp_path / "etc" / "replication.toml", [],
+                           [{"device": first, "target": str(tmp_path / "first.img")}])
+        eng, _, _ = make(config=cfg)
+        loop = eng.block(first)["loop"]
+        assert loop, eng.block(first)
+        before = cfg.read_text()
+        r = subprocess.run([sys.executable, "-m", "app", "--socket", eng.socket, "--config",
+                            str(cfg), "block", "add", second, "--loop", loop],
+                           capture_output=True, text=True, cwd=REPO)
+        print(r.returncode, r.stdout, r.stderr)
+        assert r.returncode == 2, (r.returncode, r.stdout, r.stderr)
+        assert loop in r.stderr and f"the entry for {first}" in r.stderr, r.stderr
+        assert cfg.read_text() == before
+        # the same loop written into the configuration by hand: the daemon's attach says whose
+        write_config(cfg, [], [{"device": first, "target": str(tmp_path / "first.img")},
+                               {"device": second, "loop": loop}])
+        (r,) = eng.client.results("block_attach", device=second)
+        assert r.failed and r.errno == errno.EBUSY, r.message
+        assert f"{loop} is busy: the capture loop of the entry for {first}" in r.message, r.message

@@ -72,9 +72,13 @@ class BlockCaptures:
                 return refused
             if not dry_run:
                 await self.clean_dead(dev)
+            try:  # a loop another entry captures through is named by that entry
+                devices = list(self.devices())
+            except MirrorError:
+                devices = []
             async with host_attach_lock():
                 plan = await trio.to_thread.run_sync(lambda: blockplan.plan_attach(
-                    entry, View(), captured=True, action=action))
+                    entry, View(), captured=True, action=action, devices=devices))
                 if plan.result is not None:
                     return plan.result
                 if dry_run:

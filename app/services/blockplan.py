@@ -209,9 +209,22 @@ class AttachPlan:
     forced_over: list[str] = field(default_factory=list)
 
 
+def attached_to(backing: str | None, devices=()) -> str:
+    """What a loop is attached to, in words: a capture file is named by its entry, one of
+    `devices` (the configured ones): the path below the run directory says nothing to an
+    administrator."""
+    if capture_key(backing) is None:
+        return f"attached to {backing}"
+    owner = next((d for d in devices if backing.endswith(capture_suffix(d))), None)
+    if owner is not None:
+        return f"the capture loop of the entry for {owner} (on its capture file {backing})"
+    return f"the capture loop of a block device not configured here (on {backing})"
+
+
 def plan_attach(entry: BlockEntry, view: View, *, captured: bool, force: bool = False,
-                action: str = "attach") -> AttachPlan:
-    """`captured`: the daemon attaches through capture (an idle plain loop of the entry is
+                action: str = "attach", devices=()) -> AttachPlan:
+    """`devices`: the configured ones (whose capture loop a busy loop is, named so).
+    `captured`: the daemon attaches through capture (an idle plain loop of the entry is
     taken over, keeping its number); otherwise a plain loop straight on the device."""
     dev = entry.device
     plan = AttachPlan(entry)
@@ -259,9 +272,9 @@ def plan_attach(entry: BlockEntry, view: View, *, captured: bool, force: bool = 
     if plan.want:
         other = loopdev.status(plan.want)
         if other is not None and (plan.take_over is None or other.device != plan.take_over.device):
-            plan.result = Result(action, dev, Outcome.FAILED, f"{plan.want} is busy: attached to "
-                                 f"{other.backing_file} ({loop_use(other.device, view) or 'idle'})",
-                                 errno.EBUSY)
+            plan.result = Result(action, dev, Outcome.FAILED, f"{plan.want} is busy: "
+                                 f"{attached_to(other.backing_file, devices)} "
+                                 f"({loop_use(other.device, view) or 'idle'})", errno.EBUSY)
     return plan
 
 

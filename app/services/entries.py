@@ -17,7 +17,7 @@ from dataclasses import dataclass, field, replace
 from app.services import blockdevs
 from app.services import loop as loopdev
 from app.services.config import BlockEntry, Config, ConfigStore, FsEntry, _match_block, _match_fs
-from app.services.blockplan import View, busy_reasons, same_device
+from app.services.blockplan import View, attached_to, busy_reasons, same_device
 from app.services.layout import is_capture_of
 from app.services.results import ConfigError, MirrorError, Outcome, Result
 from app.services.units import shown
@@ -175,14 +175,19 @@ def check_block(store: ConfigStore, entry: BlockEntry) -> BlockCheck:
         store.validate_block(entry, adding=True)
     except MirrorError as exc:
         return _refused(exc)
-    loop_problem = wanted_loop_problem(entry)
+    try:
+        config = store.load()
+    except MirrorError:
+        config = None
+    loop_problem = wanted_loop_problem(entry, config)
     if loop_problem:
         return BlockCheck(loop_problem, errno=errno.EBUSY)
     return BlockCheck(None, device_busy(entry.device, described))
 
 
-def wanted_loop_problem(entry: BlockEntry) -> str | None:
-    """A fixed loop that is attached to something else, mounted or swap cannot be ours."""
+def wanted_loop_problem(entry: BlockEntry, config: Config | None = None) -> str | None:
+    """A fixed loop that is attached to something else, mounted or swap cannot be ours.
+    `config`: whose capture loop it is is named from it (not only its capture file)."""
     if entry.loop is None:
         return None
     try:
@@ -194,8 +199,9 @@ def wanted_loop_problem(entry: BlockEntry) -> str | None:
     ours = same_device(now.backing_file, entry.device) or is_capture_of(entry.device,
                                                                         now.backing_file)
     if not ours:
-        return (f"loop {entry.loop} is in use: it is attached to {now.backing_file}; choose "
-                "another loop or leave it empty for the first free one")
+        devices = [e.device for e in config.block] if config is not None else ()
+        return (f"loop {entry.loop} is in use: it is {attached_to(now.backing_file, devices)}; "
+                "choose another loop or leave it empty for the first free one")
     try:
         why = blockdevs.exclusion_reason(entry.loop)
     except MirrorError:
