@@ -978,7 +978,8 @@ class Capture:
                              self.journal.behind_since if self.journal.behind else None) if t is not None]
         write_end(self.spec.state, {"seq": self.journal.last_seq, "released": self.journal.released_seq,
                                     "drained": drained, "time": now, "compare_since": min(since),
-                                    "pid": os.getpid(), "connection": self.shipper.fig.connection})
+                                    "pid": os.getpid(), "connection": self.shipper.fig.connection,
+                                    "consistent": bool(self.consistent)})
         log.info("%s: capture ended at seq %d (%s)", self.spec.key, self.journal.last_seq,
                  "drained to the target" if drained else
                  f"{self.journal.last_seq - self.journal.released_seq} records kept for the next start")

@@ -220,10 +220,17 @@ class Captured:
         end = self.end
         if not end:
             return "its end was not marked (the worker did not finish cleanly): the next start resyncs"
+        conn = end.get("connection")  # (ends marked before these two were kept: not said)
+        off = conn not in (None, "connected", "local")
         if end.get("drained"):
+            if off:  # nothing was queued, and nothing reached it either (a split brain)
+                return (f"nothing was left in its journal (seq {end.get('seq')}), but the target "
+                        f"is not a copy of it ({conn})")
+            if end.get("consistent") is False:  # a catch-up (a first copy) did not end
+                return (f"nothing was left in its journal (seq {end.get('seq')}), but the target "
+                        "is not a copy yet (its catch-up had not ended): the next start catches up")
             return f"its journal was drained to the target (seq {end.get('seq')})"
-        conn = end.get("connection")
-        why = "" if conn in (None, "connected", "local") else \
+        why = "" if not off else \
             f"the target was unreachable ({conn}): " if conn == "connecting" or \
             conn.startswith("disconnected") else f"the target did not take them ({conn}): "
         return (f"{why}{end.get('seq', 0) - end.get('released', 0)} changes not yet at the "
