@@ -225,10 +225,11 @@ class Captured:
         if end.get("drained"):
             if off:  # nothing was queued, and nothing reached it either (a split brain)
                 return (f"nothing was left in its journal (seq {end.get('seq')}), but the target "
-                        f"is not a copy of it ({conn})")
+                        f"is not known to be a copy of it ({conn})")
             if end.get("consistent") is False:  # a catch-up (a first copy) did not end
                 return (f"nothing was left in its journal (seq {end.get('seq')}), but the target "
-                        "is not a copy yet (its catch-up had not ended): the next start catches up")
+                        "is not known to be a copy yet (its catch-up had not ended): the next "
+                        "start catches up")
             return f"its journal was drained to the target (seq {end.get('seq')})"
         why = "" if not off else \
             f"the target was unreachable ({conn}): " if conn == "connecting" or \
