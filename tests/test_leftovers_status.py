@@ -52,3 +52,28 @@ def test_status_asks_workers_that_do_not_answer_at_once_not_one_after_another(se
         for pid in workers:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGCONT)
+
+
+def test_gather_runs_at_once_keeps_order_and_raises_an_error_as_itself():
+    """status's rows are asked with supervisor.gather: at once, in order, and an error is the
+    MirrorError the callers catch (not a nursery's ExceptionGroup around it)."""
+    import trio
+
+    from app.engine.supervisor import gather
+    from app.services.results import MirrorError
+
+    async def main():
+        async def value(v, delay):
+            await trio.sleep(delay)
+            return v
+
+        async def failing():
+            await trio.sleep(0.01)
+            raise MirrorError("boom", errno=5)
+        t0 = trio.current_time()
+        assert await gather(lambda: value(1, 0.3), lambda: value(2, 0.1), lambda: value(3, 0.3)) == [1, 2, 3]
+        assert trio.current_time() - t0 < 0.5
+        with pytest.raises(MirrorError, match="boom"):
+            await gather(lambda: value(1, 0.05), failing)
+        assert await gather() == []
+    trio.run(main)

@@ -737,15 +737,22 @@ class Supervisor:
 
 
 async def gather(*thunks) -> list:
-    """Each async thunk run at once, their results in the thunks' order (an exception in one
-    cancels the others and is raised)."""
+    """Each async thunk run at once, their results in the thunks' order. An exception is
+    raised as itself (the first one, once all have ended), not in a nursery's ExceptionGroup:
+    callers catch MirrorError as they did when these ran one after another."""
     results: list = [None] * len(thunks)
+    errors: list[BaseException] = []
 
     async def one(i, thunk):
-        results[i] = await thunk()
+        try:
+            results[i] = await thunk()
+        except Exception as exc:  # noqa: BLE001 - raised below, unwrapped
+            errors.append(exc)
     async with trio.open_nursery() as nursery:
         for i, thunk in enumerate(thunks):
             nursery.start_soon(one, i, thunk)
+    if errors:
+        raise errors[0]
     return results
 
 
