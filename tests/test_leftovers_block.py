@@ -61,3 +61,18 @@ def test_a_loop_that_is_another_entrys_capture_loop_is_refused_naming_that_entry
         (r,) = eng.client.results("block_attach", device=second)
         assert r.failed and r.errno == errno.EBUSY, r.message
         assert f"{loop} is busy: the capture loop of the entry for {first}" in r.message, r.message
+
+
+def test_a_capture_loop_is_named_by_its_entry_and_never_said_unconfigured_unknowingly():
+    """blockplan.attached_to: a capture file is named by the configured entry it belongs to;
+    without the configuration (a caller that does not have it) it is not said to be "not
+    configured here"."""
+    from app.services.blockplan import attached_to
+    from app.services.layout import capture_suffix
+    capture = "/run/mirrorsetup" + capture_suffix("/dev/sdz")
+    assert attached_to(capture, ["/dev/sdy", "/dev/sdz"]) == \
+        f"the capture loop of the entry for /dev/sdz (on its capture file {capture})"
+    assert attached_to(capture, ["/dev/sdy"]) == \
+        f"the capture loop of a block device not configured here (on {capture})"
+    assert attached_to(capture) == f"the capture loop of a block entry (on its capture file {capture})"
+    assert attached_to("/srv/disk.img", ["/dev/sdz"]) == "attached to /srv/disk.img"

@@ -75,7 +75,7 @@ class BlockCaptures:
             try:  # a loop another entry captures through is named by that entry
                 devices = list(self.devices())
             except MirrorError:
-                devices = []
+                devices = None  # (not known: not said to be configured or not)
             async with host_attach_lock():
                 plan = await trio.to_thread.run_sync(lambda: blockplan.plan_attach(
                     entry, View(), captured=True, action=action, devices=devices))

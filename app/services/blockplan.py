@@ -209,20 +209,22 @@ class AttachPlan:
     forced_over: list[str] = field(default_factory=list)
 
 
-def attached_to(backing: str | None, devices=()) -> str:
+def attached_to(backing: str | None, devices=None) -> str:
     """What a loop is attached to, in words: a capture file is named by its entry, one of
-    `devices` (the configured ones): the path below the run directory says nothing to an
-    administrator."""
+    `devices` (the configured ones; None: not known here): the path below the run directory
+    says nothing to an administrator."""
     if capture_key(backing) is None:
         return f"attached to {backing}"
-    owner = next((d for d in devices if backing.endswith(capture_suffix(d))), None)
+    owner = next((d for d in devices or () if backing.endswith(capture_suffix(d))), None)
     if owner is not None:
         return f"the capture loop of the entry for {owner} (on its capture file {backing})"
+    if devices is None:
+        return f"the capture loop of a block entry (on its capture file {backing})"
     return f"the capture loop of a block device not configured here (on {backing})"
 
 
 def plan_attach(entry: BlockEntry, view: View, *, captured: bool, force: bool = False,
-                action: str = "attach", devices=()) -> AttachPlan:
+                action: str = "attach", devices=None) -> AttachPlan:
     """`devices`: the configured ones (whose capture loop a busy loop is, named so).
     `captured`: the daemon attaches through capture (an idle plain loop of the entry is
     taken over, keeping its number); otherwise a plain loop straight on the device."""

@@ -199,7 +199,7 @@ def wanted_loop_problem(entry: BlockEntry, config: Config | None = None) -> str 
     ours = same_device(now.backing_file, entry.device) or is_capture_of(entry.device,
                                                                         now.backing_file)
     if not ours:
-        devices = [e.device for e in config.block] if config is not None else ()
+        devices = [e.device for e in config.block] if config is not None else None
         return (f"loop {entry.loop} is in use: it is {attached_to(now.backing_file, devices)}; "
                 "choose another loop or leave it empty for the first free one")
     try:
