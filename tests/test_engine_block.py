@@ -43,7 +43,7 @@ def sha(path: str, offset: int = 0, size: int | None = None) -> str:
 
 def ours(disk: str, tmp_path) -> list[dict]:
     """The loops over this test's disk or its files (other users of the host's loops ignored)."""
-    return [d for d in losetup_json() if d["back-file"] == disk or d["back-file"].startswith(str(tmp_path))]
+    return [d for d in losetup_json() if d["back-file"] == disk or (d["back-file"] or "").startswith(str(tmp_path))]
 
 
 def backing_of(loop: str) -> str | None:

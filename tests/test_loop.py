@@ -36,7 +36,8 @@ def _witness(device: str) -> dict | None:
 
 
 def _ours(tmp_path: Path) -> list[str]:
-    return [d["name"] for d in losetup_json() if d["back-file"].startswith(str(tmp_path))]
+    # (losetup lists a loop another user is attaching or detaching with a null back-file)
+    return [d["name"] for d in losetup_json() if (d["back-file"] or "").startswith(str(tmp_path))]
 
 
 @pytest.fixture
