@@ -38,6 +38,7 @@ STATE_STYLE = {
 CAPTURE_STYLE = {"captured": "green", "not captured": "bold yellow", "no daemon": "yellow",
                  "lost": "bold red"}
 MAX_READ_GAP = 1.0  # seconds: the longest a pending re-read waits after a slow read
+MIN_READ_GAP = 0.5  # seconds: the shortest (events during a read: a storm of them, maybe)
 REBUILD_OVER = 24  # rows added + removed at once: clearing and refilling beats row by row
 
 
@@ -421,8 +422,9 @@ class TaskScreen(Screen):
     def reload(self) -> None:
         """Read the state again; while a read is running, ask for one more after it (so a
         burst of events costs at most two reads, never a pile of threads), and that one
-        waits as long as the last read took: under a storm of events the reading thread is
-        busy at most half the time and the keys stay quick."""
+        waits as long as the last read took, and at least MIN_READ_GAP: under a storm of
+        events (a host churning loops: the block screens list them all) the reading thread is
+        busy at most half the time, reads at most twice a second, and the keys stay quick."""
         if self._loading:
             self._reload_pending = True
             return
@@ -454,7 +456,8 @@ class TaskScreen(Screen):
         if self._reload_pending:
             self._reload_pending = False
             self._loading = True  # no other read starts before the delayed one
-            self.set_timer(min(self._last_read, MAX_READ_GAP), self._load_worker)
+            self.set_timer(max(MIN_READ_GAP, min(self._last_read, MAX_READ_GAP)),
+                           self._load_worker)
         error = self.query("#load-error")
         if isinstance(event.data, MirrorError):
             if error:

@@ -20,6 +20,7 @@ from app.screens.banner import RootBanner
 from app.screens.base import Col, KeyedTable, TaskScreen, elide, selected_key
 from app.screens.dialogs import ConfirmDialog, labelled
 from app.services import layout
+from app.services.events import Interest, MountsChanged
 from app.services.results import MirrorError, Outcome, Result
 from app.services.status import (healthy_secondary, nothing_to_fail_back, replication_lines,
                                  short_connection)
@@ -253,6 +254,7 @@ class TargetsScreen(TaskScreen):
         super().__init__()
         self._config = None
         self._snap = None
+        self._interest: Interest | None = None  # which mount events can change the rows
 
     def compose(self) -> ComposeResult:
         yield Header()
@@ -276,13 +278,21 @@ class TargetsScreen(TaskScreen):
 
     def on_mount(self) -> None:
         super().on_mount()
-        # the replicas' rows are the daemon's; block uevents (a busy host's loops) change nothing here
-        self.reload_on(self.app.mounts_signal, self.app.daemon_signal, self.app.config_signal)
+        # the replicas' rows are the daemon's; block uevents (a busy host's loops) change
+        # nothing here, nor do other tools' mounts (events.Interest)
+        self.reload_on(self.app.daemon_signal, self.app.config_signal)
+        self.app.mounts_signal.subscribe(self, self._mounts_changed)
         self.follow_daemon_figures()  # connection, positions, lag
         self.query_one("#replicas").focus()
 
     def load(self):
-        return self.services.store.load(), self.services.status(scan_writers=False)
+        snap = self.services.status(scan_writers=False)
+        self._interest = Interest.of(snap)
+        return self.services.store.load(), snap
+
+    def _mounts_changed(self, diff) -> None:
+        if self._interest is None or self._interest.wants(MountsChanged(diff)):
+            self.reload()
 
     def show(self, data) -> None:
         config, snap = data
