@@ -254,6 +254,11 @@ def keys(*presses, click: str | None = None):
         if click:
             await pilot.click(click)
             await settle(pilot)
+        # A focused input's cursor blinks: on a loaded host the picture was taken in its dark
+        # half now and then (filesystem_add, block_add_busy_device failed so); held visible
+        from textual.widgets import Input
+        for field in pilot.app.screen.query(Input):
+            field.cursor_blink = False
         await pilot.pause()
     return run_before
 
