@@ -156,24 +156,13 @@ def test_fs_entry_replicates_every_kind_of_change_to_the_other_host(remote, tmp_
     a = cli(r.cfg, "fs", "add", str(src), "--target", "backup1:data")
     assert a.returncode == 0, a.stdout + a.stderr
     eng, _, _ = make(config=r.cfg)
-    # The first copy is waited for: with the changes below made while it walks (a slow CI
-    # host), capture's records may carry every byte and the walk copy none (resync_bytes 0)
+    # The first copy is waited for (the same changes made while it walks are
+    # test_changes_of_every_kind_made_while_the_first_copy_walks_all_arrive's)
     eng.drain(str(src))
     first = eng.status(str(src))
     assert first["target_data"] == "consistent" and first["resync_bytes"] == len(
         "there before the first mount"), first
-    (src / "d").mkdir(mode=0o750)
-    (src / "d" / "f").write_bytes(os.urandom(300_000))
-    with open(src / "d" / "f", "r+b") as f:
-        f.seek(5000)
-        f.write(b"patched")
-    os.symlink("d/f", src / "link")
-    os.link(src / "d" / "f", src / "hard")
-    os.rename(src / "before", src / "d" / "moved")
-    os.chmod(src / "d" / "moved", 0o600)
-    os.truncate(src / "hard", 1000)
-    (src / "gone").write_text("x")
-    os.unlink(src / "gone")
+    _every_kind_of_change(src)
     eng.drain(str(src))
     st = eng.status(str(src))
     assert st["connection"] == "connected" and st["target_data"] == "consistent", st
