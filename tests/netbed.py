@@ -963,8 +963,10 @@ class TargetDisk:
         if self.device and self._loop_backs_image():
             run(["losetup", "-d", self.device])
             # While anyone holds the loop open (udev, or another test probing every loop
-            # device), the kernel only marks it for detach at the last close.
-            deadline = time.monotonic() + STOP_TIMEOUT
+            # device), the kernel only marks it for detach at the last close. (10 s was not
+            # always enough with the suite under busy_host.py and load 10-13: helper-31's run
+            # failed at teardown with the loop gone by the end)
+            deadline = time.monotonic() + 3 * STOP_TIMEOUT
             while self._loop_backs_image() and time.monotonic() < deadline:
                 time.sleep(0.05)
 
