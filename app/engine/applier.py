@@ -164,10 +164,9 @@ class FsApplier:
             try:
                 os.mkdir(name, a["mode"], dir_fd=d)
             except FileExistsError:
-                pass
-            # (no-follow even for one just made: another user of the target's tree could put
-            # a symlink in its place between the two calls)
-            _chmod_nofollow(d, name, a["mode"])
+                _chmod_nofollow(d, name, a["mode"])
+            else:  # the directory just made: nothing there to follow
+                os.chmod(name, a["mode"], dir_fd=d)
             os.chown(name, a["uid"], a["gid"], dir_fd=d, follow_symlinks=False)
         elif op == "mknod":
             self._close_fds(path)  # what _replace_missing may replace: the cached fd is not it
