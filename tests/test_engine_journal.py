@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
-import stat
 import subprocess
 import threading
 import time
@@ -2454,37 +2453,3 @@ def test_a_skip_over_reserved_seqs_is_not_said_to_be_records_the_target_lost(
                          "skipped; the catch-up compares the data with the replica")], said
     else:
         assert said == [("ERROR", "the target lost records 4..1005; a resync replaces them")], said
-
-
-def test_node_records_of_a_file_the_applier_holds_open_go_to_that_file_and_only_while_it_has_the_name(tmp_path):
-    """Times, mode and owner of a file the applier's fd cache holds (tar: each file's times,
-    owner and mode right after its data) are applied through that fd; a replay that puts a
-    symlink, a device node or a directory where the cached file was gives the later records
-    to the new node, never to the replaced file's fd."""
-    t = tmp_path / "t"
-    t.mkdir()
-    fd = os.open(t, os.O_PATH | os.O_DIRECTORY)
-    try:
-        ap = FsApplier(fd)
-        for seq, (op, args, data) in enumerate([
-                ("create", {"path": "f", "mode": 0o600, "uid": 0, "gid": 0}, b""),
-                ("write", {"path": "f", "offset": 0}, b"data"),
-                ("times", {"path": "f", "atime": 5_000_000_000, "mtime": 7_000_000_000}, b""),
-                ("chown", {"path": "f", "uid": 12, "gid": 34}, b""),
-                ("chmod", {"path": "f", "mode": 0o640}, b""),
-                ("create", {"path": "g", "mode": 0o600, "uid": 0, "gid": 0}, b""),
-                ("symlink", {"path": "g", "target": "f", "uid": 0, "gid": 0}, b""),  # replayed over g
-                ("times", {"path": "g", "atime": 1_000_000_000, "mtime": 2_000_000_000}, b""),
-                ("create", {"path": "h", "mode": 0o600, "uid": 0, "gid": 0}, b""),
-                ("mknod", {"path": "h", "mode": stat.S_IFIFO | 0o600, "rdev": 0, "uid": 0, "gid": 0}, b""),
-                ("chmod", {"path": "h", "mode": 0o604}, b"")], 1):
-            ap.apply(Record(seq, KIND_FS, op, args, data))
-        st = os.stat(t / "f")
-        assert (st.st_atime_ns, st.st_mtime_ns, st.st_uid, st.st_gid, stat.S_IMODE(st.st_mode)) == \
-            (5_000_000_000, 7_000_000_000, 12, 34, 0o640)
-        assert os.lstat(t / "g").st_mtime_ns == 2_000_000_000 and os.readlink(t / "g") == "f"
-        assert stat.S_ISFIFO(os.lstat(t / "h").st_mode) and stat.S_IMODE(os.lstat(t / "h").st_mode) == 0o604
-        assert os.stat(t / "f").st_mtime_ns == 7_000_000_000  # the symlink's times did not go to f
-        ap.close()
-    finally:
-        os.close(fd)

@@ -117,11 +117,6 @@ class FsApplier:
             _apply_fd(op, a, rec.data, self._tmp_fd(a["tmp"]) if "tmp" in a else self._fd(path))
         elif "tmp" in a and op in NODE_OPS:
             _apply_fd(op, a, rec.data, self._tmp_fd(a["tmp"]))
-        elif op in NODE_OPS and path in self._fds:
-            # a file the fd cache holds open (made or written just before: tar's times, owner
-            # and mode after its data): through that fd, one call; by name a chmod took four
-            # (its O_PATH open, fstat, chmod through /proc, close)
-            _apply_fd(op, a, rec.data, self._fds[path])
         elif op == "tmpfile":
             with beneath(self.tfd, path) as (d, name):
                 fd = os.open(name, os.O_RDWR | os.O_TMPFILE | os.O_CLOEXEC, a["mode"], dir_fd=d)
@@ -160,22 +155,18 @@ class FsApplier:
                 fd = os.open(name, os.O_WRONLY | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=d)
             self._keep_fd(path, _made_file(fd, a))  # its data records come next
         elif op == "mkdir":
-            self._close_fds(path)  # (a replayed file of that name: its fd is not this)
             try:
                 os.mkdir(name, a["mode"], dir_fd=d)
             except FileExistsError:
-                _chmod_nofollow(d, name, a["mode"])
-            else:  # the directory just made: nothing there to follow
-                os.chmod(name, a["mode"], dir_fd=d)
+                pass
+            _chmod_nofollow(d, name, a["mode"])
             os.chown(name, a["uid"], a["gid"], dir_fd=d, follow_symlinks=False)
         elif op == "mknod":
-            self._close_fds(path)  # what _replace_missing may replace: the cached fd is not it
             _replace_missing(d, name, lambda: os.mknod(name, a["mode"], a["rdev"], dir_fd=d))
             os.chown(name, a["uid"], a["gid"], dir_fd=d, follow_symlinks=False)
             if a["mode"] & (stat.S_ISUID | stat.S_ISGID):
                 _chmod_nofollow(d, name, stat.S_IMODE(a["mode"]))
         elif op == "symlink":
-            self._close_fds(path)
             target = decode_path(a["target"])
             _replace_missing(d, name, lambda: os.symlink(target, name, dir_fd=d))
             os.chown(name, a["uid"], a["gid"], dir_fd=d, follow_symlinks=False)
