@@ -529,12 +529,14 @@ class MirrorFS(fusewire.Gate):
     def fsync(self, fh: int, datasync: bool) -> None:
         """The file and the journal are made durable side by side (one disk wait, not two);
         the application's fsync returns once both are."""
-        h = self._handles[fh]
+        self._sync_beside_journal(self._handles[fh].fd, datasync)
+
+    def _sync_beside_journal(self, fd: int, datasync: bool) -> None:
         if self._syncer is None:
             self._syncer = _Beside(self.journal.sync, "journal-sync")
         self._syncer.go()
         try:
-            (os.fdatasync if datasync else os.fsync)(h.fd)
+            (os.fdatasync if datasync else os.fsync)(fd)
         finally:
             error = self._syncer.wait()
         if error is not None:
@@ -591,7 +593,19 @@ class MirrorFS(fusewire.Gate):
         self._dirs.pop(fh, None)
 
     def fsyncdir(self, fh: int, datasync: bool) -> None:
-        self.journal.sync()
+        """The directory below and the journal, made durable side by side: an application that
+        renames a file into place and fsyncs the directory (git, SQLite, every careful writer)
+        has the new name on the source's disk when this returns, as it would without mirrorfs.
+        Only the journal was synced: the name was durable in the journal (and so at the target)
+        but not on the source's own file system until its next commit, and a crash in between
+        left the source without it."""
+        ino, _ = self._dirs[fh]
+        fd = os.open(b".", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC,
+                     dir_fd=self.inodes.dirfd(ino))
+        try:
+            self._sync_beside_journal(fd, datasync)
+        finally:
+            os.close(fd)
 
 
 class _Beside:
