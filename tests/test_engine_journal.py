@@ -2453,3 +2453,45 @@ def test_a_skip_over_reserved_seqs_is_not_said_to_be_records_the_target_lost(
                          "skipped; the catch-up compares the data with the replica")], said
     else:
         assert said == [("ERROR", "the target lost records 4..1005; a resync replaces them")], said
+
+
+def test_a_times_record_a_later_one_of_the_same_batch_replaces_is_not_applied(tmp_path):
+    """A directory's times are recorded after every change in it and a file's at each close:
+    of several `times` records of one name in a batch only the last is applied, unless the
+    name was made, removed or moved in between (then each is its own node's), or the earlier
+    one sets the access time and the later one does not. The target ends with the same times."""
+    tgt = tmp_path / "tgt"
+    (tgt / "d").mkdir(parents=True)
+    for name in ("a", "b", "p"):
+        (tgt / "d" / name).write_text(name)
+    T = 1_600_000_000_000_000_000
+    recs = [("times", {"path": "d", "atime": None, "mtime": T + 1}),          # 1 replaced by 3
+            ("unlink", {"path": "d/a"}),                                      # 2 (a name in d)
+            ("times", {"path": "d", "atime": None, "mtime": T + 3}),          # 3 a rename follows
+            ("rename", {"old": "d/b", "new": "d/e", "flags": 0}),             # 4
+            ("times", {"path": "d/e", "atime": None, "mtime": T + 5}),        # 5 replaced by 6
+            ("times", {"path": "d/e", "atime": T, "mtime": T + 6}),           # 6 sets atime: kept
+            ("times", {"path": "d/e", "atime": None, "mtime": T + 7}),        # 7
+            ("times", {"path": "d/p", "atime": None, "mtime": T + 8}),        # 8 p removed, made again
+            ("unlink", {"path": "d/p"}),                                      # 9
+            ("create", {"path": "d/p", "mode": 0o644, "uid": 0, "gid": 0}),    # 10
+            ("times", {"path": "d/p", "atime": None, "mtime": T + 11}),       # 11
+            ("times", {"path": "d", "atime": None, "mtime": T + 12}),         # 12 replaced by 13
+            ("times", {"path": "d", "atime": None, "mtime": T + 13})]         # 13
+    batch = [Record(seq, KIND_FS, op, args) for seq, (op, args) in enumerate(recs, 1)]
+    fd = os.open(tgt, os.O_PATH | os.O_DIRECTORY)
+    target = LocalDirTarget.on_fd(fd, str(tgt))
+    applied = []
+    real_apply = target.applier.apply
+    target.applier.apply = lambda rec: (applied.append(rec.seq), real_apply(rec))
+    try:
+        target.send(batch)
+        target.flush()
+    finally:
+        target.close()
+    assert applied == [2, 3, 4, 6, 7, 8, 9, 10, 11, 13]
+    assert target.errors == 0, target.last_error
+    assert os.stat(tgt / "d").st_mtime_ns == T + 13
+    e = os.stat(tgt / "d" / "e")
+    assert (e.st_atime_ns, e.st_mtime_ns) == (T, T + 7)  # 6's atime, 7's mtime
+    assert os.stat(tgt / "d" / "p").st_mtime_ns == T + 11 and not (tgt / "d" / "a").exists()

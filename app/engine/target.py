@@ -196,7 +196,8 @@ class LocalDirTarget(Target):
         return None
 
     def send(self, records: list[Record]) -> None:
-        _apply_all(self, records, lambda rec: f"{rec.op} {rec.args.get('path')}")
+        _apply_all(self, records, lambda rec: f"{rec.op} {rec.args.get('path')}",
+                   skip=replaced_times(records))
 
     def flush(self) -> None:
         self.applier.sync()
@@ -305,14 +306,61 @@ NOT_THERE_YET = (errno.ENOENT, errno.ENOTDIR)  # a name a catch-up has not made 
 CATCHING_UP = 1 << 62  # catch_up_through while a catch-up runs: every record so far and to come
 
 
-def _apply_all(target, records: list[Record], what) -> None:
-    """Apply in order. A full, read-only or failing target pauses shipping at the record it
-    could not take (nothing skipped); a record of a catch-up about a name that is not there
-    yet is superseded (the catch-up sends that name whole); any other error is a divergence,
-    counted and shown."""
+# Records after which a later `times` record of the same name no longer sets the same node's
+# times: the name is made, moved or removed (or, for a rename, any name: its subtree moves).
+NAME_OPS = {"create", "mkdir", "mknod", "symlink", "link", "tmpfile", "unlink", "rmdir", "remove",
+            "prune", "put"}
+
+
+def replaced_times(records: list[Record]) -> set[int]:
+    """Indices of `times` records that a later `times` record of the same batch replaces: same
+    path, no rename in between and nothing that makes or removes that name or a directory above
+    it, and the later one sets the access time too if the earlier did. The node's times end as
+    the later record sets them whatever came between (a write, a chmod, a name made or removed
+    in it). Capture records a file's times at every close and each directory's after every
+    change in it: `tar x` sent three or four for each file and directory, `rm -rf` one per
+    name removed, each an lstat and a utimensat at the target (and the GIL taken from the
+    capture's request loop for them)."""
+    later: dict[str, bool] = {}  # path -> a later times record sets its atime
+    skip: set[int] = set()
+    for i in range(len(records) - 1, -1, -1):
+        rec = records[i]
+        op, a = rec.op, rec.args
+        if op == "times":
+            path = a.get("path")
+            if path is None:  # an unnamed (O_TMPFILE) file's
+                continue
+            sets_atime = a.get("atime") is not None
+            if path in later and (later[path] or not sets_atime):
+                skip.add(i)
+            else:
+                later[path] = sets_atime
+        elif op == "rename":
+            later.clear()
+        elif later and op in NAME_OPS:
+            gone = a.get("path")
+            if gone is None:
+                continue
+            if gone in later:
+                del later[gone]
+            below = gone + "/"
+            for path in [p for p in later if p.startswith(below)]:
+                del later[path]
+            if not gone:  # the entry's root itself
+                later.clear()
+    return skip
+
+
+def _apply_all(target, records: list[Record], what, skip: set[int] = frozenset()) -> None:
+    """Apply in order (but the records at indices `skip`). A full, read-only or failing target
+    pauses shipping at the record it could not take (nothing skipped); a record of a catch-up
+    about a name that is not there yet is superseded (the catch-up sends that name whole); any
+    other error is a divergence, counted and shown."""
     from app.engine.shipper import TargetUnavailable
     through = target.catch_up_through
     for i, rec in enumerate(records):
+        if i in skip:
+            continue
         try:
             target.applier.apply(rec)
         except OSError as exc:
