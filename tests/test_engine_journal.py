@@ -2470,8 +2470,8 @@ def test_a_times_record_a_later_one_of_the_same_batch_replaces_is_not_applied(tm
             ("times", {"path": "d", "atime": None, "mtime": T + 3}),          # 3 a rename follows
             ("rename", {"old": "d/b", "new": "d/e", "flags": 0}),             # 4
             ("times", {"path": "d/e", "atime": None, "mtime": T + 5}),        # 5 replaced by 6
-            ("times", {"path": "d/e", "atime": T, "mtime": T + 6}),           # 6 sets atime: kept
-            ("times", {"path": "d/e", "atime": None, "mtime": T + 7}),        # 7
+            ("times", {"path": "d/e", "atime": T, "mtime": T + 6}),           # 6 replaced by 7,
+            ("times", {"path": "d/e", "atime": None, "mtime": T + 7}),        # 7 ... which takes its atime
             ("times", {"path": "d/p", "atime": None, "mtime": T + 8}),        # 8 p removed, made again
             ("unlink", {"path": "d/p"}),                                      # 9
             ("create", {"path": "d/p", "mode": 0o644, "uid": 0, "gid": 0}),    # 10
@@ -2489,9 +2489,44 @@ def test_a_times_record_a_later_one_of_the_same_batch_replaces_is_not_applied(tm
         target.flush()
     finally:
         target.close()
-    assert applied == [2, 3, 4, 6, 7, 8, 9, 10, 11, 13]
+    assert applied == [2, 3, 4, 7, 8, 9, 10, 11, 13]
     assert target.errors == 0, target.last_error
     assert os.stat(tgt / "d").st_mtime_ns == T + 13
     e = os.stat(tgt / "d" / "e")
     assert (e.st_atime_ns, e.st_mtime_ns) == (T, T + 7)  # 6's atime, 7's mtime
     assert os.stat(tgt / "d" / "p").st_mtime_ns == T + 11 and not (tgt / "d" / "a").exists()
+    assert batch[6].args["atime"] is None  # the record itself is left as it was
+
+
+def test_a_full_target_between_a_skipped_times_record_and_its_replacement_takes_it_again(tmp_path):
+    """The target fills up after a times record that a later one replaces was skipped: shipping
+    resumes from that skipped record, not after it (else the access time it gave the later one
+    was lost: the later one comes again alone)."""
+    from app.engine.shipper import TargetUnavailable
+    tgt = tmp_path / "tgt"
+    (tgt / "d").mkdir(parents=True)
+    (tgt / "d" / "f").write_text("f")
+    T = 1_600_000_000_000_000_000
+    batch = [Record(10, KIND_FS, "chmod", {"path": "d/f", "mode": 0o600}),
+             Record(11, KIND_FS, "times", {"path": "d/f", "atime": T, "mtime": T}),
+             Record(12, KIND_FS, "write", {"path": "d/f", "offset": 0}, b"x"),
+             Record(13, KIND_FS, "times", {"path": "d/f", "atime": None, "mtime": T + 1})]
+    fd = os.open(tgt, os.O_PATH | os.O_DIRECTORY)
+    target = LocalDirTarget.on_fd(fd, str(tgt))
+    real_apply = target.applier.apply
+
+    def full_at_the_write(rec):
+        if rec.op == "write":
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real_apply(rec)
+    target.applier.apply = full_at_the_write
+    try:
+        with pytest.raises(TargetUnavailable) as exc:
+            target.send(batch)
+        assert exc.value.taken == 10  # 11 goes again
+        target.applier.apply = real_apply
+        target.send(batch[1:])
+    finally:
+        target.close()
+    f = os.stat(tgt / "d" / "f")
+    assert (f.st_atime_ns, f.st_mtime_ns) == (T, T + 1)

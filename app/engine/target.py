@@ -196,8 +196,8 @@ class LocalDirTarget(Target):
         return None
 
     def send(self, records: list[Record]) -> None:
-        _apply_all(self, records, lambda rec: f"{rec.op} {rec.args.get('path')}",
-                   skip=replaced_times(records))
+        skip, instead = replaced_times(records)
+        _apply_all(self, records, lambda rec: f"{rec.op} {rec.args.get('path')}", skip, instead)
 
     def flush(self) -> None:
         self.applier.sync()
@@ -312,17 +312,20 @@ NAME_OPS = {"create", "mkdir", "mknod", "symlink", "link", "tmpfile", "unlink", 
             "prune", "put"}
 
 
-def replaced_times(records: list[Record]) -> set[int]:
-    """Indices of `times` records that a later `times` record of the same batch replaces: same
-    path, no rename in between and nothing that makes or removes that name or a directory above
-    it, and the later one sets the access time too if the earlier did. The node's times end as
-    the later record sets them whatever came between (a write, a chmod, a name made or removed
-    in it). Capture records a file's times at every close and each directory's after every
-    change in it: `tar x` sent three or four for each file and directory, `rm -rf` one per
-    name removed, each an lstat and a utimensat at the target (and the GIL taken from the
-    capture's request loop for them)."""
-    later: dict[str, bool] = {}  # path -> a later times record sets its atime
-    skip: set[int] = set()
+def replaced_times(records: list[Record]) -> tuple[dict[int, int], dict[int, Record]]:
+    """(skip, instead): the indices of `times` records that a later `times` record of the same
+    batch replaces (each mapped to the index of that one) (same path; no rename in between, nor anything that makes or removes that
+    name or a directory above it), and the later records to apply in another form: one that
+    leaves the access time as it is takes the access time of an earlier one it replaces (the
+    applier sets nothing else that moves it). The node's times end as they would have: the
+    later record sets them whatever came between (a write, a chmod, a name made or removed in
+    it). Capture records a file's times at every close and each directory's after every change
+    in it: `tar x` sent three or four for each file and directory, `rm -rf` one per name
+    removed, each an lstat and a utimensat at the target (and the GIL taken from the capture's
+    request loop for them)."""
+    later: dict[str, tuple[int, bool]] = {}  # path -> (its later times record, it sets the atime)
+    skip: dict[int, int] = {}
+    instead: dict[int, Record] = {}
     for i in range(len(records) - 1, -1, -1):
         rec = records[i]
         op, a = rec.op, rec.args
@@ -330,42 +333,50 @@ def replaced_times(records: list[Record]) -> set[int]:
             path = a.get("path")
             if path is None:  # an unnamed (O_TMPFILE) file's
                 continue
-            sets_atime = a.get("atime") is not None
-            if path in later and (later[path] or not sets_atime):
-                skip.add(i)
-            else:
-                later[path] = sets_atime
+            atime = a.get("atime")
+            if path not in later:
+                later[path] = (i, atime is not None)
+                continue
+            j, sets_atime = later[path]
+            skip[i] = j
+            if atime is not None and not sets_atime:
+                kept = instead.get(j, records[j])
+                instead[j] = Record(kept.seq, kept.kind, kept.op, {**kept.args, "atime": atime})
+                later[path] = (j, True)
         elif op == "rename":
             later.clear()
         elif later and op in NAME_OPS:
             gone = a.get("path")
             if gone is None:
                 continue
-            if gone in later:
-                del later[gone]
+            if not gone:  # the entry's root itself
+                later.clear()
+                continue
+            later.pop(gone, None)
             below = gone + "/"
             for path in [p for p in later if p.startswith(below)]:
                 del later[path]
-            if not gone:  # the entry's root itself
-                later.clear()
-    return skip
+    return skip, instead
 
 
-def _apply_all(target, records: list[Record], what, skip: set[int] = frozenset()) -> None:
-    """Apply in order (but the records at indices `skip`). A full, read-only or failing target
-    pauses shipping at the record it could not take (nothing skipped); a record of a catch-up
+def _apply_all(target, records: list[Record], what, skip=None, instead=None) -> None:
+    """Apply in order (but the records at the indices `skip` maps to the later record that
+    replaces them, and at those of `instead` the record there). A full, read-only or failing
+    target pauses shipping at the record it could not take (nothing skipped: from a skipped one
+    on whose replacement is not applied yet); a record of a catch-up
     about a name that is not there yet is superseded (the catch-up sends that name whole); any
     other error is a divergence, counted and shown."""
     from app.engine.shipper import TargetUnavailable
     through = target.catch_up_through
     for i, rec in enumerate(records):
-        if i in skip:
+        if skip and i in skip:
             continue
         try:
-            target.applier.apply(rec)
+            target.applier.apply(instead.get(i, rec) if instead else rec)
         except OSError as exc:
             if exc.errno in PAUSE_ERRNOS:
-                taken = records[i - 1].seq if i else rec.seq - 1
+                first = min([i] + [j for j, r in (skip or {}).items() if j < i <= r])
+                taken = records[first - 1].seq if first else records[0].seq - 1
                 raise TargetUnavailable(f"{PAUSE_ERRNOS[exc.errno]} ({target.label}: "
                                         f"{exc.strerror})", taken=taken if rec.seq else None) from exc
             if exc.errno in NOT_THERE_YET and 0 < rec.seq <= through:
