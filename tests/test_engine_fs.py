@@ -626,3 +626,20 @@ def test_fsync_of_a_directory_makes_a_rename_durable_on_the_source(tmp_path, scr
             assert os.path.exists(tmp_path / "tgt" / name)
     finally:
         subprocess.run(["umount", "-l", str(src)], check=False)
+
+
+def test_fsync_of_a_directory_removed_while_open_succeeds_as_below(engine):
+    """fsync(2) of an open directory that was removed since succeeds on the file system below;
+    through mirrorfs too (there is nothing of it left to make durable but the journal)."""
+    eng, src, _ = engine()
+    plain = os.path.join(os.path.dirname(src), "plain")
+    for top in (plain, src):
+        os.makedirs(os.path.join(top, "d", "e"))
+        fd = os.open(os.path.join(top, "d", "e"), os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            os.rmdir(os.path.join(top, "d", "e"))
+            os.rmdir(os.path.join(top, "d"))
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    eng.drain(src)

@@ -600,8 +600,14 @@ class MirrorFS(fusewire.Gate):
         but not on the source's own file system until its next commit, and a crash in between
         left the source without it."""
         ino, _ = self._dirs[fh]
-        fd = os.open(b".", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC,
-                     dir_fd=self.inodes.dirfd(ino))
+        try:
+            dfd = self.inodes.dirfd(ino)
+        except OSError as exc:
+            if exc.errno != errno.ENOENT:
+                raise
+            self.journal.sync()  # removed while open: nothing of it is left to make durable
+            return
+        fd = os.open(b".", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC, dir_fd=dfd)
         try:
             self._sync_beside_journal(fd, datasync)
         finally:
