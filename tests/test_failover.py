@@ -594,6 +594,73 @@ def test_a_fail_back_whose_link_drops_says_what_it_left_and_can_be_run_again_at_
     assert st["target_data"] == "consistent" and st["state"] != "switched over", st
 
 
+def test_a_split_brain_fail_back_cut_mid_way_leaves_the_mix_uncaptured_and_never_kept(
+        block_remote, tmp_path):
+    """Found by helper-35's walk: a split brain (both sides written), `failback --yes`, the link
+    cut mid-way. The failure said "this host's copy is a mix", and then the capture was
+    attached again over that mix: its loop usable, status saying only "split brain" with the
+    advice `replica resolve --discard-target --yes` (the source wins), which copied the mix over
+    the replica, the only whole copy of what was written there. Now the mix is not captured
+    (it is handed over and read-only here, as after a switch-over: status says "fail-back
+    interrupted"), attach and resolve are refused saying why, and the next fail-back ends it."""
+    eng, disk, r = block_remote()
+    loop = eng.block(disk)["loop"]
+    r.bed.link_down()
+    dd(loop, mib=2)  # captured here, never sent
+    p = on_target(r.bed, "replica", "promote", "disk.img", "--root", str(r.root))
+    assert p.returncode == 0, p.stdout + p.stderr
+    used = re.search(r"attached \S+ as (/dev/loop\d+)", p.stdout).group(1)
+    subprocess.run(["losetup", "-d", used], check=True)
+    image = r.bed.target_view(r.root / "disk.img")
+    r.bed.run_on_target(["dd", "if=/dev/urandom", f"of={r.root / 'disk.img'}", "bs=1M",
+                         "count=24", "seek=8", "conv=notrunc,fsync", "status=none"])
+    expected = tmp_path / "expected.img"
+    shutil.copyfile(image, expected)
+    r.bed.link_up()
+    wait_for("split brain", lambda: eng.block(disk)["target_data"] == "split-brain", 120, 0.2)
+    differing = blocks_differing(disk, expected, 64 * MiB)
+    assert differing >= 24
+    r.bed.rate_limit(rate="16mbit", burst="32kb", direction="down")  # 12 s for what differs
+    first = subprocess.Popen([sys.executable, "-m", "app", "--config", str(r.cfg), "failback", disk,
+                              "--yes"], cwd=REPO, text=True, stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, env={**os.environ, "MIRRORSETUP_SOCKET": eng.socket})
+    try:
+        wait_for("part of the replica came back", lambda: first.poll() is not None or
+                 blocks_differing(disk, expected, 64 * MiB) < differing - 2, 60, 0.3)
+        assert first.poll() is None, first.communicate()
+        r.bed._nft_rule(f"tcp dport {r.bed.port} tcp flags & rst == rst drop")
+        r.bed.link_down()
+        out, err = first.communicate(timeout=60)
+    finally:
+        if first.poll() is None:
+            first.kill()
+            first.communicate()
+        r.bed.link_up()
+        r.bed.unlimit()
+    assert first.returncode == 1 and f"this host's copy of {disk} is a mix" in err, out + err
+    assert f"{disk} is not captured and is read-only here until then" in err, err
+    st = eng.block(disk)
+    assert not st["captured"] and st["state"] == "fail-back interrupted", st
+    assert st["switched"]["failback_applied"] > 0, st
+    assert subprocess.run(["blockdev", "--getro", disk], capture_output=True,  # nothing
+                          text=True).stdout.strip() == "1"  # writes into the mix
+    p = cli(r.cfg, "block", "attach-all", socket=eng.socket)
+    assert p.returncode == 1 and f"a fail-back of {disk} from backup1:disk.img was interrupted: " \
+        "this host's copy is a mix" in p.stderr, p.stdout + p.stderr
+    replica = sha(image)
+    p = cli(r.cfg, "replica", "resolve", disk, "--discard-target", "--yes", socket=eng.socket)
+    assert p.returncode == 1 and "keeping this host would overwrite the replica with that mix" \
+        in p.stderr, p.stdout + p.stderr
+    assert f"Run `mirrorsetup failback {disk} --yes` again" in p.stderr, p.stderr
+    r.bed.unblock()
+    assert sha(image) == replica and [x["role"] for x in replicas(r)] == ["primary"]
+    p = cli(r.cfg, "failback", disk, "--yes", socket=eng.socket)
+    assert p.returncode == 0, p.stdout + p.stderr
+    assert sha(disk) == sha(expected) == sha(image)
+    st = eng.block_drain(disk)
+    assert st["target_data"] == "consistent" and st["state"] != "fail-back interrupted", st
+
+
 SQL_WRITER = r"""
 import os, sqlite3, sys
 db, log = sys.argv[1], sys.argv[2]

@@ -37,7 +37,7 @@ from app.engine.journal import KIND_BLOCK, KIND_FS, Journal, read_small_file, wr
 from app.engine.shipper import TargetUnavailable
 from app.engine.supervisor import KEPT, capture_end, holders, mount_dev
 from app.services.layout import (FAILBACK_MARKER, SWITCHED_MARKER, command, local_time,
-                                  switched_marker, switched_refusal)
+                                  switched_marker, switched_refusal, with_failback)
 from app.services.protocol import replicating
 from app.services.results import MirrorError, Outcome, Result
 
@@ -80,7 +80,8 @@ _when = local_time
 
 def refusal(layout, kind: str, key: str, action: str) -> Result | None:
     """Capture of an entry handed over to its replica is refused, with what to do."""
-    return switched_refusal(switched(layout.state(kind, key)), key, action)
+    state = layout.state(kind, key)
+    return switched_refusal(with_failback(switched(state), state), key, action)
 
 
 # -- the fence: this side is read-only while its replica is primary ------------------------------
@@ -442,6 +443,20 @@ class Failover:
                 if sw.get("fence") and switched(state) is not None:  # still primary there
                     fenced = await trio.to_thread.run_sync(fence, kind, key, entry)
                     _mark(state, {**sw, "fence": fenced})
+                elif lifted and _mixed(state, exc):
+                    # a split brain's fail-back that wrote some of the replica's data here: this
+                    # copy is neither history, so it is not captured (nor written) as this
+                    # host's; it is handed over as after a switch-over, and the next fail-back
+                    # finishes it (status: "fail-back interrupted")
+                    info = {"state": "switched", "time": time.time(),
+                            "seq": (capture_end(state) or {}).get("seq"), "target": entry.target}
+                    _mark(state, info)
+                    fenced = await trio.to_thread.run_sync(fence, kind, key, entry)
+                    _mark(state, {**info, "fence": fenced})
+                    if isinstance(exc, MirrorError):
+                        raise MirrorError(f"{exc.message}; {key} is not captured and "
+                                          f"{'is read-only ' if 'unfenced' not in fenced else ''}"
+                                          "here until then", errno=exc.errno, obj=key) from None
                 elif lifted and isinstance(exc, MirrorError):  # nothing came back: capture goes on
                     again = await self._capture(kind, entry)
                     raise MirrorError(f"{exc.message}; {again.message}", errno=exc.errno,
@@ -543,10 +558,16 @@ class Failover:
                         f"({command('switchover', key)} hands the service over, "
                         f"{command('status')} shows the capture)")]
                 msg = f"fail-back of {key}: {exc.state}"
-                if getattr(exc, "applied", 0) and (Path(state) / FAILBACK).exists():
-                    # status says it: "fail-back interrupted", this host's copy a mix
-                    write_small_file(Path(state), FAILBACK, json.dumps(
-                        {"generation": new_gen, "applied": exc.applied}) + "\n")
+                if (Path(state) / FAILBACK).exists():
+                    # status says it: "fail-back interrupted", this host's copy a mix; 0 (this
+                    # one and those before it wrote nothing here, e.g. its open failed: it is
+                    # still this host's own, a resolve may keep it) is recorded too, unless one
+                    # before it ended without saying (a crash)
+                    before = 0 if pending is None else pending.get("applied")
+                    now = getattr(exc, "applied", 0)
+                    if now or before is not None:
+                        write_small_file(Path(state), FAILBACK, json.dumps(
+                            {"generation": new_gen, "applied": (before or 0) + now}) + "\n")
                 if getattr(exc, "applied", 0):  # some of the replica's data was written here
                     msg += (f"; interrupted: this host's copy of {key} is a mix of its own data "
                             "and the replica's until a fail-back finishes; run "
@@ -592,6 +613,16 @@ class Failover:
         spec = self._spec(kind, key, entry)
         async with self._lock(kind, key):
             sw = switched(spec.state) or {}
+            mixed = _read_json(spec.state, FAILBACK)
+            if mixed is not None and mixed.get("applied") != 0:
+                # an interrupted fail-back wrote (or may have written) some of the replica's data
+                # here: keeping this side would copy that mix over the only whole copy
+                raise MirrorError(
+                    f"resolve {key}: refused: a fail-back from {entry.target} was interrupted and "
+                    f"this host's copy {'is' if mixed.get('applied') else 'may be'} a mix of its "
+                    "own data and the replica's: keeping this host would overwrite the replica "
+                    f"with that mix. Run {command('failback', key, '--yes')} again to finish it "
+                    "(the replica's data wins); nothing was changed", errno=errno.EBUSY, obj=key)
             cap = self.sup.get(kind, key)
             nothing = Result("resolve", key, Outcome.UNCHANGED, f"nothing to resolve: the replica "
                              f"on {entry.target} is not promoted, it is {key}'s secondary (no split "
@@ -626,6 +657,16 @@ class Failover:
                                           reply.get("errno")))
                 return results
         return results + [await self._capture(kind, entry)]
+
+
+def _mixed(state: str, exc: BaseException) -> bool:
+    """Did a fail-back that ended with `exc` leave this host's copy a mix (some of the
+    replica's data written here), or may it have (it ended by something else than a refusal or
+    a lost link that counted what it wrote)?"""
+    fb = _read_json(state, FAILBACK)
+    if fb is None:  # it never began, or it was refused before it began
+        return False
+    return fb.get("applied") != 0 if "applied" in fb else not isinstance(exc, MirrorError)
 
 
 def _nothing_to_fail_back(key: str, message: str) -> Result:

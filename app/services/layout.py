@@ -130,7 +130,11 @@ def switched_refusal(sw: dict | None, key: str, action: str) -> Result | None:
     if sw is None:
         return None
     keep = command("replica", "resolve", key, "--discard-target", "--yes")
-    if sw.get("state") == "switching":
+    if sw.get("failback") == "interrupted":  # with_failback(): neither history here
+        why = (f"a fail-back of {key} from {sw.get('target')} was interrupted: this host's copy "
+               f"{'is' if sw.get('failback_applied') else 'may be'} a mix of its own data and the "
+               f"replica's; run {command('failback', key, '--yes')} again to finish it")
+    elif sw.get("state") == "switching":
         why = (f"a switch-over of {key} to {sw.get('target')} began at {local_time(sw.get('time'))} "
                f"and did not finish: run {command('switchover', key)} again to finish it, or "
                f"{keep} to keep this side")

@@ -15,7 +15,7 @@ from app.services import loop as loopdev
 from app.services.blockplan import View, same_device
 from app.services.config import BlockEntry, ConfigStore
 from app.services.layout import (FSTYPE_BLOCK, FSTYPE_FS, command, default_state_dir, entry_state,
-                                  switched_marker, switched_refusal)
+                                  switched_marker, switched_refusal, with_failback)
 from app.services.results import MirrorError, Outcome, Result
 from app.services.units import human_size
 
@@ -143,8 +143,8 @@ class Replication:
                       action: str, uncaptured: bool = False,
                       avoid: frozenset[int] = frozenset()) -> Result:
         # without the daemon too: an entry handed over to its replica stays read-only here
-        refused = switched_refusal(switched_marker(entry_state(self.state_dir, "block", entry.device)),
-                                   entry.device, action)
+        state = entry_state(self.state_dir, "block", entry.device)
+        refused = switched_refusal(with_failback(switched_marker(state), state), entry.device, action)
         if refused is not None:
             return refused
         plan = blockplan.plan_attach(entry, view, captured=False, force=force, action=action)
