@@ -422,6 +422,35 @@ def test_a_switchover_to_a_full_target_says_so_and_changes_nothing(fs_remote):
     assert tree(s) == tree(r.root / "data")
 
 
+def test_an_entry_switched_over_is_not_removed_until_it_is_failed_back(fs_remote):
+    """Found by helper-35's walk: `fs remove` of an entry switched over said "removed" and left
+    its replica primary there, its read-only fence here (no longer in any status) and the
+    switch-over marker (the same entry added again later refused capture). The remove is
+    refused now, with the daemon and without it, saying how to end the hand-over first."""
+    eng, src, r = fs_remote()
+    (Path(src) / "f").write_text("before")
+    eng.drain(src)
+    p = cli(r.cfg, "switchover", src, socket=eng.socket)
+    assert p.returncode == 0, p.stdout + p.stderr
+    p = cli(r.cfg, "fs", "remove", src, socket=eng.socket)
+    assert p.returncode == 1, p.stdout + p.stderr
+    assert f"{src} was switched over to backup1:data at " in p.stderr, p.stderr
+    assert "Remove the entry after that" in p.stderr and "nothing was changed" in p.stderr
+    assert f"`mirrorsetup failback {src} --yes`" in p.stderr, p.stderr
+    listed = json.loads(cli(r.cfg, "fs", "list", "--json").stdout)
+    assert [e["path"] for e in listed] == [src], listed
+    eng.stop()  # the marker is read from the state directory then
+    env = {**os.environ, "MIRRORSETUP_SOCKET": eng.socket, "MIRRORSETUP_STATE_DIR": eng.state}
+    p = subprocess.run([sys.executable, "-m", "app", "--config", str(r.cfg), "fs", "remove", src],
+                       capture_output=True, text=True, cwd=REPO, env=env)
+    assert p.returncode == 1 and "was switched over to backup1:data" in p.stderr, p.stdout + p.stderr
+    eng.start()
+    p = cli(r.cfg, "failback", src, "--yes", socket=eng.socket)
+    assert p.returncode == 0, p.stdout + p.stderr
+    p = cli(r.cfg, "fs", "remove", src, socket=eng.socket)
+    assert p.returncode == 0 and f"removed {src}" in p.stdout, p.stdout + p.stderr
+
+
 def test_a_fail_back_interrupted_after_the_replica_was_handed_back_is_finished_by_the_next(fs_remote):
     """The source chooses the new history before it asks, and keeps it until it is recorded:
     when the source went down after the replica had taken it (the state directory below is put

@@ -7,6 +7,8 @@ the control socket; nothing here fakes them with bind mounts.
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import errno
 import os
 
@@ -62,6 +64,9 @@ class Replication:
         daemon, refusal = self._daemon_or_refusal("remove", entry.device)
         if refusal:
             return refusal
+        handed = self._handed_over("block", entry.device, daemon)
+        if handed is not None:
+            return [handed]
         if daemon is not None:
             results = self._daemon_results("detach", entry.device, "block_detach", checked=True,
                                            device=entry.device)
@@ -78,6 +83,27 @@ class Replication:
             return results + [Result.from_error("remove", entry.device, exc)]
         return results + [Result("remove", entry.device, Outcome.OK,
                                  f"removed {entry.device}{_kept_note(results)}")]
+
+    def _handed_over(self, kind: str, key: str, daemon) -> Result | None:
+        """A remove of an entry switched over to its replica (or in the middle of it, or of a
+        fail-back) is refused: nothing would end the hand-over after it (its replica stays
+        primary there, the read-only fence here stays, unexplained), and the marker would make
+        an entry added again later refuse capture all the same. The daemon's state directory
+        holds the marker when it runs (it may not be $MIRRORSETUP_STATE_DIR)."""
+        state_dir = self.state_dir
+        if daemon is not None:
+            with contextlib.suppress(MirrorError):
+                state_dir = daemon.request("ping").get("state_dir") or state_dir
+        state = entry_state(state_dir, kind, key)
+        sw = with_failback(switched_marker(state), state)
+        refused = switched_refusal(sw, key, "remove")
+        if refused is None:
+            return None
+        fenced = (sw.get("fence") or {}) and "unfenced" not in sw["fence"]
+        return dataclasses.replace(refused, message=(
+            f"{refused.message}. Remove the entry after that: removed now, nothing would end the "
+            "hand-over (its replica stays primary there"
+            f"{f' and {key} stays read-only here' if fenced else ''}); nothing was changed"))
 
     def daemon(self):
         """The daemon's client when it answers, else None. Block entries are captured by the
@@ -273,6 +299,13 @@ class Replication:
         """Remove an entry; a capture still mounted there is unmounted first through the daemon."""
         results: list[Result] = []
         norm = os.path.realpath(path) if path != "/" else path
+        try:
+            daemon = self.daemon()
+        except MirrorError:  # another configuration's daemon: its state directory is not ours
+            daemon = None
+        handed = self._handed_over("fs", norm, daemon)
+        if handed is not None:
+            return [handed]
         if any(m.mount_point == norm and m.fstype == FSTYPE_FS for m in mounts.read_mountinfo()):
             results = self._daemon_results("unmount", norm, path=norm, force=force)
             if any(r.failed for r in results):
