@@ -205,6 +205,50 @@ async def test_without_the_daemon_fail_over_actions_say_so_at_once(
 
 
 @pilot_test
+async def test_without_the_daemon_an_entry_switched_over_is_said_so_not_unknown(
+        tui, config_path, tmp_path, config_bytes):
+    """Found by helper-35's walk: with the daemon stopped, `status` and the dashboard read the
+    switch-over marker from the state directory and said "switched over", while this screen
+    said role "?", "the daemon is not running" (the one screen where the hand-over is ended
+    hid it). Now it says switched over (or fail-back interrupted) too, and that the daemon is
+    not running."""
+    import json
+
+    from app.services.layout import entry_state
+    from app.services.status import snapshot
+    write_config(config_path, tmp_path)
+    src = str(tmp_path / "src")
+    state = tmp_path / "state"
+    marker = Path(entry_state(str(state), "fs", src))
+    marker.mkdir(parents=True)
+    (marker / "switched").write_text(json.dumps({"state": "switched", "time": 1, "seq": 9,
+                                                 "target": "backup1:data"}) + "\n")
+    before = config_bytes()
+    app = tui(is_root=True)
+    app.services._status = lambda: snapshot(ConfigStore(config_path), None, scan_writers=False,
+                                            state_dir=str(state))
+    async with app.run_test(size=(80, 24)) as pilot:
+        await open_targets(pilot)
+        screen = app.screen
+        table = screen.query_one("#replicas")
+        await wait_until(pilot, lambda: table.row_count == 1, "the replicated entry")
+        assert cell(table, src, "role") == "switched over", cell(table, src, "role")
+        await pilot.press("i")
+        await wait_until(pilot, lambda: isinstance(app.screen, DetailsDialog), "the details")
+        said = static_text(app.screen.query_one("#details-text"))
+        assert "the replica is primary there since" in said and "(seq 9)" in said, said
+        assert "(the daemon is not running)" in said, said
+        await pilot.press("escape")
+        (marker / "failback").write_text(json.dumps({"generation": "0" * 32, "applied": 3}) + "\n")
+        screen.reload()
+        await wait_until(pilot, lambda: cell(table, src, "role").startswith("fail-back inter"),
+                         "the interrupted fail-back")  # (cut at 80 columns)
+        assert cell(table, src, "state").startswith("this host's copy is a mix"), \
+            cell(table, src, "state")
+    assert config_bytes() == before
+
+
+@pilot_test
 async def test_fail_back_and_keep_this_host_of_a_connected_secondary_ask_nothing(
         canned_targets, config_path, tmp_path, config_bytes):
     """Found by a walk: f and o on an entry replicating as usual asked whether to REPLACE this

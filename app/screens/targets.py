@@ -49,25 +49,38 @@ def remote_name(target: str | None, config) -> str | None:
     return name if config.target_host(name) is not None else None
 
 
-def role_and_state(row, *, long: bool = False) -> tuple[Text, Text]:
+def role_and_state(row, *, long: bool = False, marked: dict | None = None) -> tuple[Text, Text]:
     """An entry's role toward its replica, and the state of both, in words: what tells them
-    apart first (a cell's end is cut at 80 columns); `long`: the details' words, in full."""
+    apart first (a cell's end is cut at 80 columns); `long`: the details' words, in full.
+    `marked`: without a daemon, the switch-over marker its state directory holds (status
+    reads it, so this screen says "switched over" as the dashboard and `status` do)."""
     if row is None:
+        if marked:
+            role, state = _handed_over(marked, long)
+            return role, Text(f"{state.plain} (the daemon is not running)", style=state.style)
         return Text("?", style="yellow"), Text("the daemon is not running", style="yellow")
-    sw = row.switched
-    if sw:
-        when = time.strftime("%Y-%m-%d %H:%M", time.localtime(sw.get("time") or 0))
-        if sw.get("failback") == "interrupted":  # this host's copy is a mix: said first
-            mix = "is a mix" if sw.get("failback_applied") else "may be a mix"
-            return (Text("fail-back interrupted", style="bold red"), Text(
-                f"this host's copy {mix} of its own data and the replica's: f fails back again"))
-        if sw.get("state") == "switched":
-            if long:
-                return (Text("switched over", style="bold cyan"), Text(
-                    f"the replica is primary there since {when} (seq {sw.get('seq')}); not "
-                    "captured here"))
-            return Text("switched over", style="bold cyan"), Text(f"primary there since {when}")
-        return Text("switching", style="bold yellow"), Text("a switch-over was interrupted: run it again")
+    if row.switched:
+        return _handed_over(row.switched, long)
+    return _source_role_and_state(row, long)
+
+
+def _handed_over(sw: dict, long: bool) -> tuple[Text, Text]:
+    """An entry handed over to its replica (`sw`: its switch-over marker)."""
+    when = time.strftime("%Y-%m-%d %H:%M", time.localtime(sw.get("time") or 0))
+    if sw.get("failback") == "interrupted":  # this host's copy is a mix: said first
+        mix = "is a mix" if sw.get("failback_applied") else "may be a mix"
+        return (Text("fail-back interrupted", style="bold red"), Text(
+            f"this host's copy {mix} of its own data and the replica's: f fails back again"))
+    if sw.get("state") == "switched":
+        if long:
+            return (Text("switched over", style="bold cyan"), Text(
+                f"the replica is primary there since {when} (seq {sw.get('seq')}); not "
+                "captured here"))
+        return Text("switched over", style="bold cyan"), Text(f"primary there since {when}")
+    return Text("switching", style="bold yellow"), Text("a switch-over was interrupted: run it again")
+
+
+def _source_role_and_state(row, long: bool) -> tuple[Text, Text]:
     if row.target_data == "promoted":
         # promoted there while this host changed nothing: not both sides moved on
         return Text("FAILED OVER", style="bold yellow"), Text(shown(row.last_error or
@@ -302,7 +315,7 @@ class TargetsScreen(TaskScreen):
                      elide(t.root, 30), cap_shown(t.bandwidth) or "—") for t in config.target})
         rows = {}
         for key, target, row in self._replicated():
-            role, state = role_and_state(row)
+            role, state = role_and_state(row, marked=self._marked(key))
             rows[key] = (elide(key, entry_width(self.app.size.width)), elide(target, 24), role,
                          state)
         self.query_one("#replicas", KeyedTable).show_rows(rows)
@@ -315,6 +328,13 @@ class TargetsScreen(TaskScreen):
     def on_resize(self) -> None:
         if self._config is not None:  # the entries' paths: as wide as there is room for
             self.show((self._config, self._snap))
+
+    def _marked(self, key: str) -> dict | None:
+        """An entry's switch-over marker as status read it without a daemon (else None)."""
+        if self._snap is None:
+            return None
+        state = self._snap.fs_state(key) or self._snap.block_state(key)
+        return state.switched if state is not None else None
 
     def _replicated(self):
         """(key, target, CaptureRow or None) of every entry with a remote target."""
@@ -512,7 +532,7 @@ class TargetsScreen(TaskScreen):
             if now is None:  # removed, or replicated elsewhere now
                 return None
             row = now[2]  # None while the daemon does not run
-            role, state = role_and_state(row, long=True)
+            role, state = role_and_state(row, long=True, marked=self._marked(key))
             return [("Entry", key), ("Replica", target), ("Role", role.plain),
                     ("State", state.plain)] + replication_lines(row)
         self.push_details(f"{shown(key)} → {shown(target)}", follow)

@@ -64,6 +64,7 @@ class FsState:
     other_fstype: str | None = None  # what is mounted at the path when it is not us
     engine: CaptureRow | None = None  # the daemon's figures
     problem: str | None = None  # why the (hand-edited) entry is not valid as it stands
+    switched: dict | None = None  # its switch-over marker, read without a daemon (else engine's)
 
     @property
     def figures(self) -> CaptureRow | None:
@@ -83,6 +84,7 @@ class BlockState:
     #                    | "lost" (worker dead too) | "" (no loop)
     engine: CaptureRow | None = None  # the daemon's figures for a captured entry
     problem: str | None = None  # why the (hand-edited) entry is not valid as it stands
+    switched: dict | None = None  # its switch-over marker, read without a daemon (else engine's)
 
     @property
     def loop(self) -> str | None:
@@ -274,6 +276,7 @@ def snapshot(store: ConfigStore, control=None, *, scan_writers: bool = True,
         else:
             state, other = "not mounted", (top.fstype if top is not None else None)
         row = rows.get(("fs", entry.path))
+        sw = None
         if state == "not mounted" and row is not None and row.captured \
                 and row.state.startswith(LAZY):  # its detached capture still serves open files
             state = LAZY
@@ -295,7 +298,8 @@ def snapshot(store: ConfigStore, control=None, *, scan_writers: bool = True,
                                                    "fails; unmount it and start the daemon", "error"))
         if row is not None:
             _replication_warnings(entry.path, row, snap.warnings)
-        snap.filesystem.append(FsState(entry, state, other, row, flawed.get(id(entry))))
+        snap.filesystem.append(FsState(entry, state, other, row, flawed.get(id(entry)),
+                                       sw if row is None else None))
 
     view = View(attached=loops, table=table)
     ours_pids = frozenset((snap.engine or {}).get("pids", []))
@@ -414,6 +418,7 @@ def _block_state(entry: BlockEntry, view: View, table,
     loop_mounts = tuple(mp for s in ours for mp in _device_mounts(s.device, table))
     live = bool(engine and engine.captured)
     capture = ""
+    sw = None
     if not ours:
         sw = _switched(engine, marks, "block", dev)
         state = _switched_state(sw) or "detached"
@@ -456,7 +461,8 @@ def _block_state(entry: BlockEntry, view: View, table,
                                          f"bypassing {ours[0].device}", "error"))
     if engine is not None:
         _replication_warnings(dev, engine, warnings)
-    return BlockState(entry, state, ours, raw_mounts, loop_mounts, capture, engine)
+    return BlockState(entry, state, ours, raw_mounts, loop_mounts, capture, engine,
+                      switched=sw if engine is None else None)
 
 
 def _replication_warnings(subject: str, row: CaptureRow, warnings: list[StatusWarning]) -> None:
