@@ -327,6 +327,42 @@ async def test_what_the_status_shown_rules_out_is_said_without_a_question(
 
 
 @pilot_test
+async def test_keep_this_host_of_a_mix_left_by_an_interrupted_fail_back_is_refused_at_once(
+        canned_targets, config_path, tmp_path, config_bytes):
+    """Found by helper-35's walk: after a fail-back cut mid-way, o asked "Keep THIS host's data
+    … OVERWRITTEN with this host's data" although this host's copy is a mix of both (the
+    daemon now refuses that resolve). Said at once; f (finish the fail-back) is still asked."""
+    write_config(config_path, tmp_path)
+    before = config_bytes()
+    src = str(tmp_path / "src")
+    now = [{"kind": "fs", "key": src, "captured": False, "target": "backup1:data",
+            "state": "fail-back interrupted",
+            "switched": {"state": "switched", "seq": 9, "target": "backup1:data",
+                         "failback": "interrupted", "failback_applied": 5}}]
+    async with canned_targets(now) as (app, pilot, screen):
+        await pilot.press("o")
+        await settle(pilot)
+        assert app.screen is screen, f"o asked: {type(app.screen).__name__}"
+        assert f"a fail-back of {src} was interrupted: this host's copy is a mix" in \
+            notices(app)[-1], notices(app)
+        await pilot.press("f")
+        await settle(pilot)
+        assert isinstance(app.screen, ConfirmDialog)
+        await pilot.press("n")
+        await settle(pilot)
+        now[0] = {**now[0], "switched": {**now[0]["switched"], "failback_applied": 0}}
+        screen.post_message(screen.FiguresMoved())  # nothing came back: this host's own data
+        await wait_until(pilot, lambda: screen._replicated()[0][2].switched[
+            "failback_applied"] == 0, "the new status")
+        await pilot.press("o")
+        await settle(pilot)
+        assert isinstance(app.screen, ConfirmDialog)
+        await pilot.press("n")
+        await settle(pilot)
+    assert config_bytes() == before
+
+
+@pilot_test
 async def test_a_capture_still_connecting_or_paused_is_said_without_a_question(
         canned_targets, config_path, tmp_path, config_bytes):
     """Found by a walk: with the target REJECTing, the capture says "connecting" until its first

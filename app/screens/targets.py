@@ -537,11 +537,13 @@ class TargetsScreen(TaskScreen):
                     ("State", state.plain)] + replication_lines(row)
         self.push_details(f"{shown(key)} → {shown(target)}", follow)
 
-    def _on_replica(self, ask, *, promoted_only: bool = False, switching: bool = False) -> None:
+    def _on_replica(self, ask, *, promoted_only: bool = False, switching: bool = False,
+                    keeping: bool = False) -> None:
         """Confirm, then run, an action on the selected replica: `ask(key, target, host)` gives
         (title, question, yes, call, what it waits for). `promoted_only`: an action on a
-        promoted replica (fail back, keep this host); `switching`: the switch-over. What the
-        status shown already says cannot be done is said at once, without a question."""
+        promoted replica (fail back, keep this host); `switching`: the switch-over; `keeping`:
+        keep this host. What the status shown already says cannot be done is said at once,
+        without a question."""
         found = self._selected_replica()
         if found is None:
             return
@@ -557,7 +559,7 @@ class TargetsScreen(TaskScreen):
         # was the daemon running when the status shown was taken? (one that did not answer it
         # is running: it may answer the action)
         daemon = self._snap.engine is not None or self._snap.engine_error is not None
-        refused = _cannot(key, row, switching=switching, daemon=daemon)
+        refused = _cannot(key, row, switching=switching, daemon=daemon, keeping=keeping)
         if refused:
             self.notify(refused, title=title, severity="warning", markup=False)
             return
@@ -601,13 +603,14 @@ class TargetsScreen(TaskScreen):
             "was promoted is OVERWRITTEN with this host's data (only what differs is sent).\nOn "
             "THIS host: nothing changes; replication resumes.", "Keep this host",
             lambda: rep.resolve(key, discard_target=True),
-            f"handing {shown(target)} back to this host"), promoted_only=True)
+            f"handing {shown(target)} back to this host"), promoted_only=True, keeping=True)
 
 
-def _cannot(key: str, row, *, switching: bool, daemon: bool = True) -> str | None:
+def _cannot(key: str, row, *, switching: bool, daemon: bool = True,
+            keeping: bool = False) -> str | None:
     """Why the status shown says a switch-over (`switching`), a fail-back or keep-this-host
-    of `key` cannot be done now; None when only trying tells (the daemon checks it again).
-    `daemon`: the daemon was running when the status shown was taken."""
+    (`keeping`) of `key` cannot be done now; None when only trying tells (the daemon checks it
+    again). `daemon`: the daemon was running when the status shown was taken."""
     if not daemon:  # all three are the daemon's (app/engine/failover.py runs in it)
         return ("the daemon is not running: the switch-over, fail-back and keep-this-host of "
                 f"{key} are its work. Start it on the Daemon screen (5 in the main menu), then "
@@ -615,6 +618,12 @@ def _cannot(key: str, row, *, switching: bool, daemon: bool = True) -> str | Non
     if row is None:
         return None  # the daemon has no figures of it: the action says why
     sw = row.switched or {}
+    if keeping and sw.get("failback") == "interrupted" and sw.get("failback_applied") != 0:
+        # (the daemon refuses it too: app/engine/failover.py, resolve)
+        return (f"a fail-back of {key} was interrupted: this host's copy "
+                f"{'is' if sw.get('failback_applied') else 'may be'} a mix of its own data and "
+                "the replica's; keeping it would overwrite the replica with that mix. f fails "
+                "back again (the replica's data wins). Nothing was changed.")
     if switching and sw.get("state") == "switched":
         return (f"{key} is switched over already: f fails back to this host, o keeps this "
                 "host's data. Nothing was changed.")
