@@ -7,6 +7,8 @@ these tests stand for); the changed-host-key banner is in tests/test_remote.py.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from app.services.targets import ssh_failure_text, ssh_reason
@@ -78,6 +80,50 @@ def test_a_pin_question_ended_at_the_terminal_leaves_no_key(tmp_path, monkeypatc
         targets.add_target(store, TargetHost(name="t4", host="192.0.2.1", root="/srv/r"), confirm=ask)
     assert not (tmp_path / "etc" / "keys").exists() or not list((tmp_path / "etc" / "keys").iterdir())
     assert not store.path.exists() or not store.load().target
+
+
+def test_an_identity_without_its_public_key_or_a_missing_ssh_config_adds_nothing(
+        tmp_path, monkeypatch):
+    """Found by helper-35's walk: `target add --identity FILE` whose FILE.pub is not there (or
+    FILE the .pub itself) pinned the host key, wrote the target into the configuration and
+    then died with a Python traceback (FileNotFoundError) making its authorized_keys line; a
+    missing --ssh-config was added, and every connection then failed ("Can't open user config
+    file"). Each is refused now, naming the file, and nothing is added; `target
+    authorized-key` of a target whose .pub went says so instead of a traceback."""
+    import subprocess
+
+    from app.services import targets
+    from app.services.config import ConfigStore, TargetHost
+    from app.services.results import MirrorError
+    store = ConfigStore(tmp_path / "etc" / "replication.toml")
+    monkeypatch.setattr(targets, "scan_host_keys", lambda host, port: [
+        ("h ssh-ed25519 AAAA", "SHA256:" + "B" * 43, "ED25519")])
+    fp = "SHA256:" + "B" * 43
+    key = tmp_path / "k"
+    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(key)], check=True)
+    junk = tmp_path / "junk"
+    junk.write_text("not a key\n")
+    cases = [(dict(identity=str(junk)), f"the public key {junk}.pub of identity {junk} does not exist"),
+             (dict(identity=f"{key}.pub"), f"identity {key}.pub is a public key: give the private key"),
+             (dict(identity=str(key), ssh_config=str(tmp_path / "nope")),
+              f"ssh_config {tmp_path / 'nope'} does not exist")]
+    for opts, said in cases:
+        r = targets.add_target(store, TargetHost(name="t1", host="192.0.2.1", root="/srv/r", **opts),
+                               accept_host_key=fp)
+        assert r.failed and said in r.message, r.message
+        assert not store.path.exists() or not store.load().target, opts
+    (tmp_path / "junk.pub").write_text("junk\n")
+    r = targets.add_target(store, TargetHost(name="t1", host="192.0.2.1", root="/srv/r",
+                                             identity=str(junk)), accept_host_key=fp)
+    assert r.failed and f"{junk}.pub is not an OpenSSH public key" in r.message, r.message
+    assert not store.path.exists() or not store.load().target
+    r = targets.add_target(store, TargetHost(name="t1", host="192.0.2.1", root="/srv/r",
+                                             identity=str(key)), accept_host_key=fp)
+    assert not r.failed and r.details["authorized_key"].startswith(
+        'command="mirrorsetup serve-target --root /srv/r",restrict ssh-ed25519 '), r.message
+    Path(f"{key}.pub").unlink()
+    with pytest.raises(MirrorError, match=f"the public key {key}.pub of identity {key} does not exist"):
+        targets.authorized_key_line(store.load().target_host("t1"))
 
 
 def test_the_back_off_between_reconnects_never_goes_above_its_cap(tmp_path, monkeypatch):

@@ -482,6 +482,9 @@ class TargetsScreen(TaskScreen):
         from app.services import targets
         try:
             line = targets.authorized_key_line(host)
+        except MirrorError as exc:  # missing, or not a public key: it says which
+            self.notify(exc.message, title="Key line", severity="error", markup=False)
+            return
         except (OSError, TypeError, ValueError) as exc:
             self.notify(f"the key of {host.name} ({host.identity}.pub) cannot be read: {exc}",
                         title="Key line", severity="error", markup=False)

@@ -439,6 +439,14 @@ def add_target(store: ConfigStore, host: TargetHost, *, accept_host_key: str | N
                 made_key = True
         elif not os.path.exists(host.identity):
             raise ConfigError(f"identity {host.identity} does not exist", obj=host.identity, errno=errno.ENOENT)
+        elif _public_key_fields(host.identity) is not None:
+            raise ConfigError(f"identity {host.identity} is a public key: give the private key "
+                              "(its .pub beside it)", obj=host.identity, errno=errno.EINVAL)
+        line = authorized_key_line(host)  # its public key, read before anything is pinned
+        if host.ssh_config is not None and not os.path.isfile(host.ssh_config):
+            raise ConfigError(f"ssh_config {host.ssh_config} does not exist (ssh would refuse "
+                              "every connection: \"Can't open user config file\")",
+                              obj=host.ssh_config, errno=errno.ENOENT)
         if host.known_hosts is None:
             host = replace(host, known_hosts=default_known_hosts(store))
         note = ""
@@ -495,16 +503,39 @@ def add_target(store: ConfigStore, host: TargetHost, *, accept_host_key: str | N
     key_note = f"; generated key {host.identity}" if made_key else ""
     return Result("add target", name, Outcome.OK, f"added target {name} ({host.user + '@' if host.user else ''}"
                   f"{host.host}:{host.port}, root {host.root}); {note}{key_note}. Put this line in "
-                  f"the target's authorized_keys: {authorized_key_line(host)}",
-                  details={"authorized_key": authorized_key_line(host), "identity": host.identity,
+                  f"the target's authorized_keys: {line}",
+                  details={"authorized_key": line, "identity": host.identity,
                            "known_hosts": host.known_hosts})
+
+
+def _public_key_fields(path: str) -> tuple[str, str] | None:
+    """(type, key) of an OpenSSH public key file (its first line), else None."""
+    with open(path, "rb") as f:
+        fields = f.readline(1 << 16).split()
+    if len(fields) >= 2 and re.fullmatch(rb"(ssh|ecdsa|sk)-[A-Za-z0-9@.-]+", fields[0]) \
+            and re.fullmatch(rb"[A-Za-z0-9+/]+={0,2}", fields[1]):
+        return fields[0].decode(), fields[1].decode()
+    return None
 
 
 def authorized_key_line(host: TargetHost) -> str:
     """The exact line for the target's ~/.ssh/authorized_keys: the agent as a forced command,
-    `restrict` (no pty, no forwarding, no agent, no X11)."""
-    with open(f"{host.identity}.pub") as f:
-        keytype, key = f.read().split()[:2]
+    `restrict` (no pty, no forwarding, no agent, no X11). A public key that is missing or is
+    not one: MirrorError, naming it."""
+    pub = f"{host.identity}.pub"
+    try:
+        fields = _public_key_fields(pub)
+    except FileNotFoundError:
+        raise MirrorError(f"the public key {pub} of identity {host.identity} does not exist (the "
+                          f"authorized_keys line is made from it): `ssh-keygen -y -f "
+                          f"{host.identity} > {pub}` writes it", errno=errno.ENOENT,
+                          obj=pub) from None
+    except OSError as exc:
+        raise MirrorError.from_oserror("read the public key", pub, exc) from None
+    if fields is None:
+        raise MirrorError(f"{pub} is not an OpenSSH public key (a line such as 'ssh-ed25519 "
+                          "AAAA… comment')", errno=errno.EINVAL, obj=pub)
+    keytype, key = fields
     forced = shlex.join([host.agent, "serve-target", "--root", host.root]).replace('"', '\\"')
     return f'command="{forced}",restrict {keytype} {key} mirrorsetup@{socket.gethostname()}'
 
