@@ -9,6 +9,8 @@ import multiprocessing
 import os
 import re
 import stat
+import subprocess
+import sys
 import tempfile
 import tomllib
 from contextlib import contextmanager
@@ -921,3 +923,21 @@ def test_bandwidth_zero_is_no_cap_and_a_resync_cap_above_the_bandwidth_cap_is_re
     assert " 20MiB/s " in rows["t2"], r.stdout
     listed = json.loads(cli("target", "list", "--json").stdout)  # the file's own words
     assert [t["bandwidth"] for t in listed] == ["0", "20MiB/s"], listed
+
+
+def test_a_target_root_with_dot_dot_is_refused_before_anything(tmp_path):
+    """Found by helper-35's walk: `target add … --root /srv/replica/../etc` was taken as typed
+    (fs add and local targets are made absolute and normal): the authorized_keys line's
+    forced command served /srv/etc on the target while every listing showed
+    /srv/replica/../etc.
+    Refused (exit 2) before any key or network access, saying what it may mean."""
+    config_path = tmp_path / "etc" / "replication.toml"
+    for root, meant in (("/srv/replica/../etc", "/srv/etc"), ("/srv/./replica", "/srv/replica")):
+        r = subprocess.run([sys.executable, "-m", "app", "--config", str(config_path), "target",
+                            "add", "t1", "--host", "192.0.2.1", "--root", root,
+                            "--accept-host-key", "SHA256:" + "A" * 43],
+                           capture_output=True, text=True, cwd=Path(__file__).resolve().parent.parent)
+        assert r.returncode == 2, r.stdout + r.stderr
+        assert f"root: must name the directory without . or .. parts (is it {meant!r}?), got " \
+               f"{root!r}" in r.stderr, r.stderr
+        assert not config_path.parent.exists(), "something was made"

@@ -150,6 +150,11 @@ def field_problem(key: str, kind: type, value: Any) -> str | None:
     if key == "root" and value.startswith("/") and os.path.normpath(value) in ("/", "//"):
         return ("must not be / (the agent would write anywhere on that host): give the "
                 "directory its replicas go to, e.g. /srv/replica")
+    if key == "root" and value.startswith("/") and any(p in (".", "..") for p in value.split("/")):
+        # the target host resolves it, not this one: its authorized_keys line would name a
+        # directory other than the one shown, and two targets could name one replica unseen
+        return (f"must name the directory without . or .. parts (is it "
+                f"{os.path.normpath(value)!r}?), got {value!r}")
     if key == "on_full" and value not in ("pull-ahead", "block"):
         return f"must be pull-ahead or block, got {value!r}"
     if key == "queue_limit":
