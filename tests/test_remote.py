@@ -324,7 +324,9 @@ def test_a_first_copy_to_a_replica_that_holds_the_files_already_sends_only_what_
     shutil.copystat(src, seed)
     (src / "f7").write_bytes(os.urandom(1000))  # changed since the seed was copied
     (seed / "extra").write_bytes(b"only on the replica")
-    assert cli(r.cfg, "fs", "add", str(src), "--target", "backup1:data").returncode == 0
+    # (without --adopt-target a directory that is no replica of ours is refused: next test)
+    assert cli(r.cfg, "fs", "add", str(src), "--target", "backup1:data",
+               "--adopt-target").returncode == 0
     eng, _, _ = make(config=r.cfg)
     eng.drain(str(src))
     st = eng.status(str(src))
@@ -332,6 +334,45 @@ def test_a_first_copy_to_a_replica_that_holds_the_files_already_sends_only_what_
     assert tree(src) == tree(seed)
     assert st["resync_bytes"] == 1000, st
     assert st["logical_bytes"] < 100_000, st  # not one seeded file went again
+
+
+def test_a_remote_directory_or_image_that_is_no_replica_of_ours_is_never_overwritten(
+        remote, disks, tmp_path):
+    """Found by helper-35's walk: an entry named a directory on the target that held another
+    program's files and was never a replica (no agent state), and its first copy deleted them;
+    an image file the same. Refused now, as a local target without our marker is: status
+    says why, nothing at the target changes; --adopt-target takes it over."""
+    make, r = remote()
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "mine").write_bytes(b"source data")
+    foreign = r.root / "foreign"
+    foreign.mkdir()
+    (foreign / "precious").write_bytes(b"another program's data")
+    image = r.root / "foreign.img"
+    image.write_bytes(b"not zeros" * 1000)
+    disk = disks(8 * MiB)
+    assert cli(r.cfg, "fs", "add", str(src), "--target", "backup1:foreign").returncode == 0
+    a = cli(r.cfg, "block", "add", disk, "--target", "backup1:foreign.img")
+    assert a.returncode == 0, a.stdout + a.stderr
+    eng, _, _ = make(config=r.cfg)
+    for st in (wait_for("the refusal", lambda: (s := eng.status(str(src)))["connection"].startswith(
+                   "refused") and s),
+               wait_for("the block refusal", lambda: (s := eng.block(disk))["connection"].startswith(
+                   "refused") and s)):
+        assert "is not empty and is no replica of a mirrorsetup source" in st["connection"], st
+        assert "adopt_target" in st["connection"], st
+    assert sorted(os.listdir(foreign)) == ["precious"]
+    assert (foreign / "precious").read_bytes() == b"another program's data"
+    assert image.read_bytes() == b"not zeros" * 1000
+    eng.stop()
+    # the administrator says it is to be taken over
+    assert cli(r.cfg, "fs", "remove", str(src)).returncode == 0
+    assert cli(r.cfg, "fs", "add", str(src), "--target", "backup1:foreign",
+               "--adopt-target").returncode == 0
+    eng2, _, _ = make(config=r.cfg)
+    eng2.drain(str(src))
+    assert sorted(os.listdir(foreign)) == ["mine"]
 
 
 MiB = 1 << 20

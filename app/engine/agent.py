@@ -432,7 +432,10 @@ class Agent:
             raise AgentError("not-ours", f"replica {rel} belongs to another history (generation "
                              f"{state.get('generation')}, the source's is {h.get('generation')}): "
                              "refusing to overwrite it (adopt_target replaces it)", errno.EEXIST)
-        self._open_data(rel, kind, h)
+        # as a local target that carries no marker: a directory or image that was here before
+        # and is no replica of ours is never overwritten by accident (its first copy removed
+        # whatever the source did not have)
+        self._open_data(rel, kind, h, guard=not state and action == "replicate" and not h.get("adopt"))
         if not state or state.get("source") != source:
             self.state = state = {"source": source, "kind": kind, "path": rel, "role": "secondary",
                                   "generation": h.get("generation") or _new_generation(),
@@ -633,7 +636,38 @@ class Agent:
             pass
         back.reply(None)
 
-    def _open_data(self, rel: str, kind: str, h: dict) -> None:
+    @staticmethod
+    def _refuse_foreign(rel: str, kind: str, fd: int) -> None:
+        """Refuse data that was here before this replica (`fd`) unless it is empty: a directory
+        with nothing in it (but an empty lost+found), an image whose first MiB is zeros (a new
+        sparse file)."""
+        if not Agent._data_empty(kind, fd):
+            raise AgentError("not-ours", f"replica {rel} is not empty and is no replica of a "
+                             "mirrorsetup source: refusing to overwrite it (adopt_target on the "
+                             "entry takes it over, e.g. a replica seeded by hand)", errno.ENOTEMPTY)
+
+    @staticmethod
+    def _data_empty(kind: str, data_fd: int) -> bool:
+        from app.engine.target import LOST_FOUND, _zeros
+        if kind != "fs":
+            return _zeros(data_fd)
+        fd = os.open(b".", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC, dir_fd=data_fd)
+        try:
+            names = os.listdir(fd)
+            if names == [LOST_FOUND.decode()]:
+                sub = os.open(LOST_FOUND, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC,
+                              dir_fd=fd)
+                try:
+                    return not os.listdir(sub)
+                finally:
+                    os.close(sub)
+            return not names
+        finally:
+            os.close(fd)
+
+    def _open_data(self, rel: str, kind: str, h: dict, *, guard: bool = False) -> None:
+        """Open (or make) the replica's data; `guard`: data that was here already must be
+        empty (_refuse_foreign), checked before anything is changed in it."""
         from app.engine.target import LocalBlockTarget, LocalDirTarget
         raw = rel.encode(errors="surrogateescape")
         parent, _, name = raw.rpartition(b"/")
@@ -646,6 +680,12 @@ class Agent:
                 except FileExistsError:
                     pass
                 fd = os.open(name, os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=pfd)
+                if guard and self._made is None:
+                    try:
+                        self._refuse_foreign(rel, kind, fd)
+                    except BaseException:
+                        os.close(fd)
+                        raise
                 self.target = LocalDirTarget.on_fd(fd, rel)
                 self.target.applier.close()  # (its own fd: one leaked per session)
                 self.target.applier = ConfinedFsApplier(fd)
@@ -661,6 +701,12 @@ class Agent:
                 if not stat.S_ISREG(st.st_mode):
                     os.close(fd)
                     raise AgentError("path", f"replica {rel} is not a regular file", errno.EINVAL)
+                if guard and self._made is None:
+                    try:
+                        self._refuse_foreign(rel, kind, fd)
+                    except BaseException:
+                        os.close(fd)
+                        raise
                 if st.st_size < size:
                     os.ftruncate(fd, size)
                 self.target = LocalBlockTarget.on_fd(fd, rel, size)
