@@ -491,6 +491,9 @@ def test_blackhole_is_noticed_and_reject_backs_off(fs_remote):
     st = wait_for("the silent link noticed", lambda: (s := eng.status(src))["connection"].startswith(
         "disconnected") and s, 30)
     assert st["last_error"] and ("retry in" in st["connection"] or "again now" in st["connection"])
+    # its reason, not "the session ended" (ssh's words and exit were looked at before they came:
+    # helper-35's walk, with several entries, every time)
+    assert "stopped answering" in st["last_error"] or "no answer from the agent" in st["last_error"], st
     r.bed.unblock()
     wait_for("reconnected", lambda: eng.status(src)["connection"] == "connected", 120)
     assert eng.status(src)["last_error"] is None  # the silent link's error was kept after it

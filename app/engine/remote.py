@@ -259,8 +259,18 @@ class RemoteTarget(Queried, Target):
                     return
         except (wire.WireError, OSError, ValueError) as exc:
             if proc is self.proc:
+                # ssh's stdout ends as it exits: its last words (e.g. "Timeout, server … not
+                # responding.") and its exit status are waited for a moment before the reason
+                # is chosen. Looked at at once, both were often not there yet, and a blackhole
+                # was told as "the session ended" (helper-35's walk, several entries at once)
+                said = self._said()
                 status = proc.poll()
-                self._fail(ssh_failure(self._said(), status, self.s.name) if self._stderr and status is not None
+                if status is None:
+                    try:
+                        status = proc.wait(STDERR_SECONDS)
+                    except subprocess.TimeoutExpired:
+                        pass
+                self._fail(ssh_failure(said, status, self.s.name) if said.strip() and status is not None
                            else TargetUnavailable(f"disconnected: {session_error_text(exc)}"))
 
     def _positions(self, msg: dict) -> None:
