@@ -189,8 +189,10 @@ def source_cpu(daemon_pid: int) -> dict[str, float]:
     table = _table()
     pids = _descendants({daemon_pid}, table)
     ssh = [p for p in pids if os.path.basename((_argv(p) or [""])[0]) == "ssh"]
+    workers = [p for p in pids if "app.engine.capture" in _argv(p)]
     return {"total": sum(table[p][1] for p in pids) / CLK,
-            "ssh": sum(table[p][1] for p in ssh) / CLK}
+            "ssh": sum(table[p][1] for p in ssh) / CLK,
+            "worker": sum(table[p][1] for p in workers) / CLK}
 
 
 def target_cpu(bed: TwoHosts) -> dict[str, float]:
@@ -422,6 +424,7 @@ def ours_once(bed: TwoHosts, run_dir: Path, src: Path, timeout: float,
                "connected": firsts.get("connected", t_up) - t0,
                **{k: firsts.get(k, t_up) - t0 for k in ("walked", "sent", "received")},
                "src_cpu": s_cpu["total"] - s0, "ssh_cpu": s_cpu["ssh"],
+               "worker_cpu": s_cpu["worker"],  # (its own time: its ssh is a child of its own)
                "tgt_cpu": t1c["total"] - t0c["total"], "agent_cpu": t1c["agent"] - t0c["agent"],
                "equal": equal, "resync_bytes": st["resync_bytes"], "wire_bytes": st["wire_bytes"],
                "logical_bytes": st["logical_bytes"], "reconnects": st["reconnects"]}
@@ -599,7 +602,8 @@ def bench_mirror(bed: TwoHosts, tmp: Path, origin: Path, args) -> dict:
             say(f"mirror {i + 1}/{args.runs} mirrorsetup, daemon running: {w['seconds']:.2f} s "
                 f"(fs add {w['fs_add']:.2f}, mount-all {w['daemon_up']:.2f}, captured at "
                 f"{w['captured']:.2f}, connected at {w['connected']:.2f}), equal={w['equal']}, "
-                f"cpu source {w['src_cpu']:.2f} s target {w['tgt_cpu']:.2f} s, machine busy "
+                f"cpu source {w['src_cpu']:.2f} s target {w['tgt_cpu']:.2f} s (capture worker "
+                f"{w['worker_cpu']:.2f}, ssh {w['ssh_cpu']:.2f}, agent {w['agent_cpu']:.2f}), machine busy "
                 f"{w['busy']:.2f} of {os.cpu_count()} CPUs (iowait {w['iowait']:.2f})")
         shutil.rmtree(pair)  # the entry is gone with its daemon; nothing is mounted there now
     med_r = statistics.median(x["seconds"] for x in rs)
@@ -623,6 +627,10 @@ def bench_mirror(bed: TwoHosts, tmp: Path, origin: Path, args) -> dict:
         "ours_from_connected": statistics.median(x["seconds"] - x["connected"] for x in ours),
         "warm": statistics.median(x["seconds"] for x in warms) if warms else None,
         "runs_warm": [x["seconds"] for x in warms],
+        # CPU of the mirrors with the daemon running: the daemon's own start not in it
+        **({f"warm_{k}_ms": statistics.median(x[k] for x in warms) * 1000 / mib
+            for k in ("src_cpu", "worker_cpu", "ssh_cpu", "tgt_cpu", "agent_cpu")}
+           if warms else {}),
         "all_equal_warm": all(x["equal"] for x in warms),
     }
 
@@ -858,7 +866,10 @@ def table(m: dict | None, s: dict, args) -> str:
         lines += [
             f"| initial mirror with the daemon already running (fs add, fs mount-all -> settled), "
             f"median | {m['warm']:.2f} s (runs {', '.join(f'{x:.2f}' for x in m['runs_warm'])}); "
-            f"ratio to rsync {m['warm'] / m['rsync']:.2f}; equal {m['all_equal_warm']} | |"]
+            f"ratio to rsync {m['warm'] / m['rsync']:.2f}; equal {m['all_equal_warm']} | |",
+            f"| CPU ms/MiB with the daemon running, source (capture worker; ssh) / target (agent) | "
+            f"{m['warm_src_cpu_ms']:.1f} ({m['warm_worker_cpu_ms']:.1f}; {m['warm_ssh_cpu_ms']:.1f}) / "
+            f"{m['warm_tgt_cpu_ms']:.1f} ({m['warm_agent_cpu_ms']:.1f}) | |"]
     if "ssh_ref_mbit" in s:
         lines.append(f"| plain ssh through tbf {args.link_mbit} Mbit/s | "
                      f"{s['ssh_ref_mbit']:.1f} Mbit/s ({s['ssh_ref_mbit'] / args.link_mbit:.1%}) | |")
