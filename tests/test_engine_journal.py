@@ -2530,3 +2530,34 @@ def test_a_full_target_between_a_skipped_times_record_and_its_replacement_takes_
         target.close()
     f = os.stat(tgt / "d" / "f")
     assert (f.st_atime_ns, f.st_mtime_ns) == (T, T + 1)
+
+
+def test_a_walk_reads_each_files_extended_attributes_once_after_its_check(tmp_path, monkeypatch):
+    """A first copy read every entry's extended attributes twice: in the directory's listing
+    (never used: what a record states of a path's metadata is read again after its check's
+    stamp) and again for the record. A listxattr through /proc per entry less; the replica
+    still gets them."""
+    from collections import Counter
+    src, tgt = tmp_path / "src", tmp_path / "tgt"
+    (src / "d").mkdir(parents=True)
+    tgt.mkdir()
+    for i in range(5):
+        (src / "d" / f"f{i}").write_bytes(b"x" * i)
+    os.setxattr(src / "d" / "f3", "user.k", b"v3")
+    os.setxattr(src / "d", "user.dk", b"dv")
+    read = Counter()
+    real = sync.lstat_info
+
+    def counted(dir_fd, rel, *, with_xattrs=True):
+        if with_xattrs:
+            read[rel] += 1
+        return real(dir_fd, rel, with_xattrs=with_xattrs)
+    monkeypatch.setattr(sync, "lstat_info", counted)
+    sink = CaptureBesideTheWalk(src, tgt)
+    sink.walk()
+    assert {rel: n for rel, n in read.items() if rel.startswith(b"d/")} == \
+        {b"d/f%d" % i: 1 for i in range(5)}
+    assert os.getxattr(tgt / "d" / "f3", "user.k") == b"v3"
+    assert os.getxattr(tgt / "d", "user.dk") == b"dv"
+    assert [(tgt / "d" / f"f{i}").read_bytes() for i in range(5)] == [b"x" * i for i in range(5)]
+
