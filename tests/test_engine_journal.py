@@ -2590,3 +2590,36 @@ def test_a_walk_reads_a_files_extended_attributes_through_the_file_it_opened(tmp
         assert (tgt / "d" / name).read_bytes() == (src / "d" / name).read_bytes()
     assert os.getxattr(tgt / "d" / "f", "trusted.t") == b"t"
     assert os.getxattr(tgt / "d", "user.dk") == b"dv"
+
+
+def test_a_replicas_state_saved_by_two_threads_at_once_is_written_whole_each_time(tmp_path):
+    """An agent's session reader (a MARK) and its applier (consistent once applied) both save
+    the replica's state, through the same temporary file: the second rename found it gone and
+    the agent ended with FileNotFoundError (seen as a traceback in test_remote's source-crash
+    test on a loaded host)."""
+    import json as json_
+    from app.engine.agent import Replica
+    root = tmp_path / "root"
+    root.mkdir()
+    fd = os.open(root, os.O_PATH | os.O_DIRECTORY)
+    try:
+        rep = Replica(fd, str(root), "data", "fs")
+        errors = []
+
+        def saver(n: int) -> None:
+            state = {"writer": n}
+            try:
+                for i in range(150):
+                    state["i"] = i
+                    rep.save(state)
+            except Exception as exc:
+                errors.append(exc)
+        threads = [threading.Thread(target=saver, args=(n,)) for n in range(2)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    finally:
+        os.close(fd)
+    assert errors == []
+    assert json_.loads((rep.dir / "state.json").read_text())["i"] == 149

@@ -71,6 +71,7 @@ class Replica:
         self.id = replica_id(rel)
         self.dir = Path(root) / META / "replicas" / self.id
         self.lock_fd: int | None = None
+        self._save_lock = threading.Lock()
         self._make_dir()
 
     def _make_dir(self) -> None:
@@ -84,7 +85,14 @@ class Replica:
         return json.loads(text) if text else {}
 
     def save(self, state: dict) -> None:
-        write_small_file(self.dir, "state.json", json.dumps(state, indent=1, sort_keys=True) + "\n")
+        """Written whole, one writer at a time: the session's reader (a MARK) and its applier
+        (consistent once applied) both save it, through the same temporary file, and the
+        second rename found it gone (FileNotFoundError, the agent ended: a traceback in
+        tests/test_remote.py's source-crash test under load). The dict is copied first (one
+        step under the GIL): the other thread may be changing it."""
+        with self._save_lock:
+            text = json.dumps(dict(state), indent=1, sort_keys=True) + "\n"
+            write_small_file(self.dir, "state.json", text)
 
     def lock(self, source: dict, action: str = "replicate") -> None:
         """One session per replica. The same source's stale session (a lost connection not yet
