@@ -106,12 +106,18 @@ def test_an_identity_without_its_public_key_or_a_missing_ssh_config_adds_nothing
     cases = [(dict(identity=str(junk)), f"the public key {junk}.pub of identity {junk} does not exist"),
              (dict(identity=f"{key}.pub"), f"identity {key}.pub is a public key: give the private key"),
              (dict(identity=str(key), ssh_config=str(tmp_path / "nope")),
-              f"ssh_config {tmp_path / 'nope'} does not exist")]
+              f"ssh_config {tmp_path / 'nope'} does not exist"),
+             # (mine: its directories were made, every one of them, and the host key pinned)
+             (dict(identity=str(key), known_hosts=str(tmp_path / "no" / "such" / "kh")),
+              f"known_hosts {tmp_path / 'no' / 'such' / 'kh'}: its directory {tmp_path / 'no' / 'such'} "
+              "does not exist"),
+             (dict(identity=str(key), known_hosts=str(tmp_path)), f"known_hosts {tmp_path} is a directory")]
     for opts, said in cases:
         r = targets.add_target(store, TargetHost(name="t1", host="192.0.2.1", root="/srv/r", **opts),
                                accept_host_key=fp)
         assert r.failed and said in r.message, r.message
         assert not store.path.exists() or not store.load().target, opts
+    assert not (tmp_path / "no").exists()
     (tmp_path / "junk.pub").write_text("junk\n")
     r = targets.add_target(store, TargetHost(name="t1", host="192.0.2.1", root="/srv/r",
                                              identity=str(junk)), accept_host_key=fp)

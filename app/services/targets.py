@@ -447,7 +447,16 @@ def add_target(store: ConfigStore, host: TargetHost, *, accept_host_key: str | N
             raise ConfigError(f"ssh_config {host.ssh_config} does not exist (ssh would refuse "
                               "every connection: \"Can't open user config file\")",
                               obj=host.ssh_config, errno=errno.ENOENT)
-        if host.known_hosts is None:
+        if host.known_hosts is not None:  # the default one's directory is the configuration's
+            where = os.path.dirname(os.path.abspath(host.known_hosts))
+            if os.path.isdir(host.known_hosts):
+                raise ConfigError(f"known_hosts {host.known_hosts} is a directory: give a file",
+                                  obj=host.known_hosts, errno=errno.EISDIR)
+            if not os.path.isdir(where):  # (it was made, with every directory above it)
+                raise ConfigError(f"known_hosts {host.known_hosts}: its directory {where} does not "
+                                  "exist: create it, or leave --known-hosts out (known_hosts next "
+                                  "to the configuration)", obj=host.known_hosts, errno=errno.ENOENT)
+        else:
             host = replace(host, known_hosts=default_known_hosts(store))
         note = ""
         if accept_host_key is not None:
