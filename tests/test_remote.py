@@ -362,6 +362,7 @@ def test_a_remote_directory_or_image_that_is_no_replica_of_ours_is_never_overwri
                    "refused") and s)):
         assert "is not empty and is no replica of a mirrorsetup source" in st["connection"], st
         assert "adopt_target" in st["connection"], st
+        assert st["target_data"] == "not ours", st  # (was "inconsistent": helper-35's walk)
     assert sorted(os.listdir(foreign)) == ["precious"]
     assert (foreign / "precious").read_bytes() == b"another program's data"
     assert image.read_bytes() == b"not zeros" * 1000

@@ -883,6 +883,8 @@ class Capture:
                               f"{layout.CONNECTING_AGAIN}{connection})")
             ok = self.consistent and not j.behind and (not self.remote or self.target.consistent)
             target_data = "consistent" if ok else "inconsistent"
+            if fig.refusal == "not-ours":  # another source's or history's, or foreign data:
+                target_data = "not ours"     # nothing of ours is there (not "inconsistent")
             if fig.refusal == "split-brain":  # the replica was promoted: nothing goes there
                 target_data, replication = "split-brain", "split brain"
                 if (fig.refusal_said or {}).get("changes_here") is False:  # only it moved on
