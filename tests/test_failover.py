@@ -58,6 +58,31 @@ def replicas(r) -> list[dict]:
     return json.loads(p.stdout)
 
 
+def fail_back_cut_mid_way(r, eng, disk: str, expected, differing: int):
+    """`failback DISK --yes` through a 16 Mbit/s link, cut once part of the replica came back:
+    (the ended process, its stdout, its stderr)."""
+    r.bed.rate_limit(rate="16mbit", burst="32kb", direction="down")  # 12 s for what differs
+    first = subprocess.Popen([sys.executable, "-m", "app", "--config", str(r.cfg), "failback", disk,
+                              "--yes"], cwd=REPO, text=True, stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, env={**os.environ, "MIRRORSETUP_SOCKET": eng.socket})
+    try:
+        wait_for("part of the replica came back", lambda: first.poll() is not None or
+                 blocks_differing(disk, expected, 64 * MiB) < differing - 2, 60, 0.3)
+        assert first.poll() is None, first.communicate()
+        # the source's resets never reach the target: its agent lingers until its heartbeats
+        # time out (15 s), as when the link came back after the target's retransmissions
+        r.bed._nft_rule(f"tcp dport {r.bed.port} tcp flags & rst == rst drop")
+        r.bed.link_down()
+        out, err = first.communicate(timeout=60)
+    finally:
+        if first.poll() is None:
+            first.kill()
+            first.communicate()
+        r.bed.link_up()
+        r.bed.unlimit()
+    return first, out, err
+
+
 def blocks_differing(a: str, b: str, size: int) -> int:
     n = 0
     with open(a, "rb") as fa, open(b, "rb") as fb:
@@ -587,25 +612,7 @@ def test_a_fail_back_whose_link_drops_says_what_it_left_and_can_be_run_again_at_
     shutil.copyfile(image, expected)
     differing = blocks_differing(disk, expected, 64 * MiB)
     assert differing == 24
-    r.bed.rate_limit(rate="16mbit", burst="32kb", direction="down")  # 12 s for what differs
-    first = subprocess.Popen([sys.executable, "-m", "app", "--config", str(r.cfg), "failback", disk,
-                              "--yes"], cwd=REPO, text=True, stdout=subprocess.PIPE,
-                             stderr=subprocess.PIPE, env={**os.environ, "MIRRORSETUP_SOCKET": eng.socket})
-    try:
-        wait_for("part of the replica came back", lambda: first.poll() is not None or
-                 blocks_differing(disk, expected, 64 * MiB) < differing - 2, 60, 0.3)
-        assert first.poll() is None, first.communicate()
-        # the source's resets never reach the target: its agent lingers until its heartbeats
-        # time out (15 s), as when the link came back after the target's retransmissions
-        r.bed._nft_rule(f"tcp dport {r.bed.port} tcp flags & rst == rst drop")
-        r.bed.link_down()
-        out, err = first.communicate(timeout=60)
-    finally:
-        if first.poll() is None:
-            first.kill()
-            first.communicate()
-        r.bed.link_up()
-        r.bed.unlimit()
+    first, out, err = fail_back_cut_mid_way(r, eng, disk, expected, differing)
     assert first.returncode == 1 and "ended during the fail-back" in err, out + err
     assert f"interrupted: this host's copy of {disk} is a mix" in err, err
     assert f"run `mirrorsetup failback {disk} --yes` again" in err, err
@@ -649,23 +656,7 @@ def test_a_split_brain_fail_back_cut_mid_way_leaves_the_mix_uncaptured_and_never
     wait_for("split brain", lambda: eng.block(disk)["target_data"] == "split-brain", 120, 0.2)
     differing = blocks_differing(disk, expected, 64 * MiB)
     assert differing >= 24
-    r.bed.rate_limit(rate="16mbit", burst="32kb", direction="down")  # 12 s for what differs
-    first = subprocess.Popen([sys.executable, "-m", "app", "--config", str(r.cfg), "failback", disk,
-                              "--yes"], cwd=REPO, text=True, stdout=subprocess.PIPE,
-                             stderr=subprocess.PIPE, env={**os.environ, "MIRRORSETUP_SOCKET": eng.socket})
-    try:
-        wait_for("part of the replica came back", lambda: first.poll() is not None or
-                 blocks_differing(disk, expected, 64 * MiB) < differing - 2, 60, 0.3)
-        assert first.poll() is None, first.communicate()
-        r.bed._nft_rule(f"tcp dport {r.bed.port} tcp flags & rst == rst drop")
-        r.bed.link_down()
-        out, err = first.communicate(timeout=60)
-    finally:
-        if first.poll() is None:
-            first.kill()
-            first.communicate()
-        r.bed.link_up()
-        r.bed.unlimit()
+    first, out, err = fail_back_cut_mid_way(r, eng, disk, expected, differing)
     assert first.returncode == 1 and f"this host's copy of {disk} is a mix" in err, out + err
     assert f"{disk} is not captured and is read-only here until then" in err, err
     st = eng.block(disk)

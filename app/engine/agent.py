@@ -646,10 +646,16 @@ class Agent:
 
     @staticmethod
     def _refuse_foreign(rel: str, kind: str, fd: int) -> None:
-        """Refuse data that was here before this replica (`fd`) unless it is empty: a directory
-        with nothing in it (but an empty lost+found), an image whose first MiB is zeros (a new
-        sparse file)."""
-        if not Agent._data_empty(kind, fd):
+        """Refuse data that was here before this replica (`fd`, closed then) unless it is
+        empty: a directory with nothing in it (but an empty lost+found), an image whose first
+        MiB is zeros (a new sparse file)."""
+        try:
+            empty = Agent._data_empty(kind, fd)
+        except BaseException:
+            os.close(fd)
+            raise
+        if not empty:
+            os.close(fd)
             raise AgentError("not-ours", f"replica {rel} is not empty and is no replica of a "
                              "mirrorsetup source: refusing to overwrite it (adopt_target on the "
                              "entry takes it over, e.g. a replica seeded by hand)", errno.ENOTEMPTY)
@@ -689,11 +695,7 @@ class Agent:
                     pass
                 fd = os.open(name, os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=pfd)
                 if guard and self._made is None:
-                    try:
-                        self._refuse_foreign(rel, kind, fd)
-                    except BaseException:
-                        os.close(fd)
-                        raise
+                    self._refuse_foreign(rel, kind, fd)
                 self.target = LocalDirTarget.on_fd(fd, rel)
                 self.target.applier.close()  # (its own fd: one leaked per session)
                 self.target.applier = ConfinedFsApplier(fd)
@@ -710,11 +712,7 @@ class Agent:
                     os.close(fd)
                     raise AgentError("path", f"replica {rel} is not a regular file", errno.EINVAL)
                 if guard and self._made is None:
-                    try:
-                        self._refuse_foreign(rel, kind, fd)
-                    except BaseException:
-                        os.close(fd)
-                        raise
+                    self._refuse_foreign(rel, kind, fd)
                 if st.st_size < size:
                     os.ftruncate(fd, size)
                 self.target = LocalBlockTarget.on_fd(fd, rel, size)
