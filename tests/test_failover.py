@@ -372,6 +372,96 @@ def test_a_switchover_to_a_target_it_cannot_reach_changes_nothing(fs_remote):
     assert replicas(r)[0]["role"] == "secondary"
 
 
+def _switchover_losing_its_answer(eng, key: str, r) -> tuple[int, str, str]:
+    """`switchover KEY` whose link drops once the agent has promoted the replica, before its
+    answer is sent (the agent holds it: MIRRORSETUP_TEST_PROMOTE_REPLY_DELAY in the forced
+    command); the link comes back once the switch-over has ended."""
+    r.bed.set_authorized_keys([r.authorized_line.replace(
+        'command="', 'command="MIRRORSETUP_TEST_PROMOTE_REPLY_DELAY=8 ', 1)])
+    sw = subprocess.Popen([sys.executable, "-m", "app", "--config", str(r.cfg), "switchover", key],
+                          cwd=REPO, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                          env={**os.environ, "MIRRORSETUP_SOCKET": eng.socket})
+    try:
+        wait_for("the replica promoted", lambda: sw.poll() is not None or
+                 replicas(r)[0]["role"] == "primary", 60, 0.1)
+        assert sw.poll() is None, sw.communicate()
+        r.bed.link_down()  # the answer is still held by the agent: it never arrives
+        out, err = sw.communicate(timeout=120)
+    finally:
+        if sw.poll() is None:
+            sw.kill()
+            sw.communicate()
+        r.bed.link_up()
+    # the interrupted agent ends once its held answer finds the session gone
+    wait_for("the agent gone", lambda: not any("serve-target" in argv for _, argv in
+                                              r.bed.target_processes()), 60, 0.3)
+    return sw.returncode, out, err
+
+
+def test_a_switchover_whose_answer_is_lost_after_the_promotion_stays_fenced_not_captured(fs_remote):
+    """Found by reading the code (helper-36 reproduced it): the link dropped after the agent had
+    promoted the replica but before its answer came back; the source said "nothing was
+    promoted", removed its switch-over marker and captured (and wrote) again while the replica
+    there was primary: a split brain, seen only when the capture reconnected. The promotion's
+    outcome is unknown then: the entry stays uncaptured and read-only, its switch-over under
+    way, and the failure says so and what to run; that switch-over finishes it.
+    The agent holds its answer a few seconds (MIRRORSETUP_TEST_PROMOTE_REPLY_DELAY, set in the
+    forced command; tests only): this machine has no netem, and nothing else could cut the link
+    between the promotion and its answer."""
+    eng, src, r = fs_remote()
+    s = Path(src)
+    (s / "f").write_text("one")
+    eng.drain(src)
+    rc, out, err = _switchover_losing_its_answer(eng, src, r)
+    assert rc == 1, out + err
+    assert "nothing was promoted" not in err, err
+    assert f"switch-over of {src}: " in err and "may be primary" in err, err
+    assert f"run `mirrorsetup switchover {src}` again" in err, err
+    assert not any("fuse.mirrorfs" in m for m in open("/proc/self/mountinfo") if f" {src} " in m), \
+        "captured again although the replica there may be primary"
+    [marker] = Path(eng.state).rglob("switched")
+    assert json.loads(marker.read_text())["state"] == "switching"
+    with pytest.raises(OSError) as e:  # fenced: nothing written here meanwhile
+        (s / "g").write_text("written while the replica is primary")
+    assert e.value.errno == errno.EROFS
+    assert eng.status(src)["state"] == "switch-over interrupted"
+    p = cli(r.cfg, "switchover", src, socket=eng.socket)  # finishes it
+    assert p.returncode == 0 and "switched over to backup1" in p.stdout, p.stdout + p.stderr
+    assert "(generation ?)" not in p.stdout, p.stdout  # the agent says which, asked again
+    assert replicas(r)[0]["role"] == "primary"
+    p = cli(r.cfg, "failback", src, "--yes", socket=eng.socket)
+    assert p.returncode == 0, p.stdout + p.stderr
+    (s / "h").write_text("written again")
+    st = eng.drain(src)
+    assert st["target_data"] == "consistent", st
+    assert tree(s) == tree(r.root / "data")
+
+
+def test_a_block_switchover_whose_answer_is_lost_keeps_the_device_read_only_then_finishes(
+        block_remote):
+    """The block side of the test above: the device is fenced (read-only flag) while the
+    promotion's outcome is unknown; the switch-over run again finishes it, and the fail-back
+    makes the device writable again (the second fence must not take the first one's
+    read-only flag for the device's own)."""
+    eng, disk, r = block_remote()
+    dd(eng.block(disk)["loop"], mib=1, seek_mib=2)  # through its capture
+    eng.block_drain(disk)
+    rc, out, err = _switchover_losing_its_answer(eng, disk, r)
+    assert rc == 1 and "nothing was promoted" not in err and "may be primary" in err, out + err
+    assert eng.block(disk)["state"] == "switch-over interrupted"
+    ro = lambda: subprocess.run(["blockdev", "--getro", disk], capture_output=True,  # noqa: E731
+                                text=True, check=True).stdout.strip()
+    assert ro() == "1"
+    p = cli(r.cfg, "switchover", disk, socket=eng.socket)
+    assert p.returncode == 0 and "switched over to backup1" in p.stdout, p.stdout + p.stderr
+    assert ro() == "1"
+    p = cli(r.cfg, "failback", disk, "--yes", socket=eng.socket)
+    assert p.returncode == 0, p.stdout + p.stderr
+    assert ro() == "0"
+    st = eng.block_drain(disk)
+    assert st["target_data"] == "consistent" and st["state"] != "switched over", st
+
+
 def test_verify_or_mirror_after_a_switchover_is_refused_and_leaves_no_split_brain_there(fs_remote):
     """Found by a walk: `fs verify` (read only) or `fs mirror` of an entry switched over went to
     the promoted replica as the old source coming back: it failed with an internal error

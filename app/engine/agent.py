@@ -432,6 +432,14 @@ class Agent:
                      rel, source)
             state["source"] = source  # its promoted data goes back to the rebuilt source
             self.replica.save(state)
+        promoted = state.get("promoted") or {}
+        if action == "promote" and state.get("role") == "primary" \
+                and promoted.get("from_generation") == h.get("generation") \
+                and int(promoted.get("seq") or 0) >= int(h.get("last_seq") or 0):
+            # asked again by the switch-over that promoted it (its answer was lost): done already
+            raise AgentError("promoted", f"replica {rel} is already primary (promoted from this "
+                             f"source's history at seq {promoted.get('seq')})", errno.EEXIST,
+                             generation=state.get("generation"), host=self.info.get("host"))
         if action == "promote" and state.get("generation") != h.get("generation"):
             raise AgentError("not-ours", f"replica {rel} belongs to another history (generation "
                              f"{state.get('generation')}): not promoted", errno.EEXIST)
@@ -566,6 +574,9 @@ class Agent:
                              "did not finish): nothing was promoted", errno.EIO)
         promote_state(self.state, by="switch-over", seq=seq)
         self.replica.save(self.state)
+        # tests only (tests/test_failover.py): the reply is held so that a test can cut the
+        # link between the promotion and its answer (this machine has no netem to time it)
+        time.sleep(float(os.environ.get("MIRRORSETUP_TEST_PROMOTE_REPLY_DELAY") or 0))
         self.send(wire.WELCOME, {**self.info, **self.positions(), "generation": self.state["generation"],
                                  "promoted": self.state["promoted"]})
 

@@ -282,7 +282,11 @@ class Failover:
         key = entry.path if kind == "fs" else entry.device
         state = self.sup.layout.state(kind, key)  # any entry: most were never switched over
         sw = switched(state)
-        if not sw or sw.get("state") != "switched" or "unfenced" in (sw.get("fence") or {}):
+        if not sw or "unfenced" in (sw.get("fence") or {}):
+            return
+        # (a switch-over whose promotion's answer was lost was fenced too: its replica may be
+        # primary until the switch-over is run again)
+        if sw.get("state") != "switched" and not (sw.get("state") == "switching" and sw.get("fence")):
             return
         info = sw.get("fence") or {}
         if info and await trio.to_thread.run_sync(fenced, kind, key, entry, info):
@@ -348,27 +352,63 @@ class Failover:
             seq = int(end["seq"])
             await send({"progress": {"stage": "promoting", "seq": seq}})
             size = await self._size(kind, entry)
+            marker = switched(state) or {}
+            # a promotion asked for before (a lost answer, a crash meanwhile) may have happened
+            asked_before = bool(marker.get("promote_sent"))
+            if not asked_before:  # said before it is sent: a crash after it leaves it unknown
+                marker = {**marker, "promote_sent": True}
+                _mark(state, marker)
 
             def promote() -> dict:
                 t = make_target(spec, size)
                 try:
                     t.open("promote", last_seq=seq)
                     return t.welcome
+                except TargetUnavailable as exc:
+                    exc.sent = getattr(t, "request_sent", lambda: True)()
+                    raise
                 finally:
                     t.close()
             try:
                 welcome = await trio.to_thread.run_sync(promote)
             except TargetUnavailable as exc:
-                if getattr(exc, "code", None) != "promoted":
-                    _unmark(state)
-                    again = await self._capture(kind, entry)
-                    raise MirrorError(f"switch-over of {key}: {exc.state}; nothing was promoted; "
-                                      f"{again.message}", errno=_exc_error(exc), obj=key) from None
-                welcome = {}  # an interrupted switch-over had promoted it already
+                code = getattr(exc, "code", None)
+                if code != "promoted":
+                    # not promoted: the agent refused it (it answered), or it was never asked
+                    # (the session failed before the request was written); either only when no
+                    # request before this one may have promoted it
+                    if not asked_before and (code is not None or not getattr(exc, "sent", True)):
+                        _unmark(state)
+                        again = await self._capture(kind, entry)
+                        raise MirrorError(f"switch-over of {key}: {exc.state}; nothing was "
+                                          f"promoted; {again.message}", errno=_exc_error(exc),
+                                          obj=key) from None
+                    # unknown: the replica there may be primary now. Capturing (or writing)
+                    # here could fork its history: the entry stays uncaptured and is fenced
+                    if not marker.get("fence"):
+                        marker = {**marker, "fence": await trio.to_thread.run_sync(
+                            fence, kind, key, entry)}
+                        _mark(state, marker)
+                    ro = ("read-only here" if "unfenced" not in marker["fence"] else
+                          f"NOT read-only here ({marker['fence']['unfenced']})")
+                    why = (f"a promotion asked of {entry.target} before got no answer, and this "
+                           f"one did not finish ({exc.state})" if asked_before else
+                           f"the promotion was asked of {entry.target} but no answer came "
+                           f"({exc.state})")
+                    raise MirrorError(
+                        f"switch-over of {key}: {why}: the replica there may be primary now. {key} "
+                        f"is not captured and is {ro} until the switch-over finishes: run "
+                        f"{command('switchover', key)} again to finish it (once {entry.target} "
+                        f"is reachable), or keep this side with "
+                        f"{command('replica', 'resolve', key, '--discard-target', '--yes')}",
+                        errno=_exc_error(exc), obj=key) from None
+                welcome = getattr(exc, "said", None) or {}  # an interrupted one had promoted it
             info = {"state": "switched", "time": time.time(), "seq": seq, "target": entry.target,
                     "generation": welcome.get("generation"), "host": welcome.get("host")}
-            _mark(state, info)
+            _mark(state, {**info, **({"fence": marker["fence"]} if marker.get("fence") else {})})
             fenced = await trio.to_thread.run_sync(fence, kind, key, entry)
+            if "was_read_only" in (marker.get("fence") or {}) and "was_read_only" in fenced:
+                fenced["was_read_only"] = marker["fence"]["was_read_only"]  # before our fence
             _mark(state, {**info, "fence": fenced})
             log.info("%s switched over to %s at seq %d", key, entry.target, seq)
             here = (f"{key} is read-only here until the fail-back (what is written here would be "

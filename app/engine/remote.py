@@ -140,6 +140,7 @@ class RemoteTarget(Queried, Target):
                 greeting["go"].wait()  # until open() says what the session is for
                 if greeting.get("action") is None:
                     return  # closed before any open()
+                greeting["sent"] = True  # (from here on the agent may have acted on it)
                 self._send(wire.jframe(wire.HELLO, self._hello(greeting["action"])))
                 greeting["frame"] = wire.read_frame(proc.stdout.read)
             except (wire.WireError, OSError) as exc:
@@ -148,6 +149,11 @@ class RemoteTarget(Queried, Target):
                 greeting["done"].set()
         self._greeting = greeting
         threading.Thread(target=greet, daemon=True).start()
+
+    def request_sent(self) -> bool:
+        """Was the last open()'s hello (its request: promote, ...) written to the session? Until
+        then the agent cannot have acted on it; after, a failure leaves that unknown."""
+        return bool((getattr(self, "_greeting", None) or {}).get("sent"))
 
     def open(self, action: str = "replicate", **extra) -> Positions:
         """Connect and shake hands. `action` other than "replicate": the agent's answer is in
