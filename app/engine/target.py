@@ -314,12 +314,12 @@ NAME_OPS = {"create", "mkdir", "mknod", "symlink", "link", "tmpfile", "unlink", 
 
 def replaced_times(records: list[Record]) -> tuple[dict[int, int], dict[int, Record]]:
     """(skip, instead): the indices of `times` records that a later `times` record of the same
-    batch replaces (each mapped to the index of that one) (same path; no rename in between, nor anything that makes or removes that
-    name or a directory above it), and the later records to apply in another form: one that
-    leaves the access time as it is takes the access time of an earlier one it replaces (the
-    applier sets nothing else that moves it). The node's times end as they would have: the
-    later record sets them whatever came between (a write, a chmod, a name made or removed in
-    it). Capture records a file's times at every close and each directory's after every change
+    batch replaces, each mapped to the index of that one (same path; no rename in between, nor
+    anything that makes or removes that name or a directory above it), and the later records to
+    apply in another form: one that leaves the access time as it is takes the access time of
+    an earlier one it replaces (the applier sets nothing else that moves it). The node's times
+    end as they would have: the later record sets them whatever came between (a write, a chmod,
+    a name made or removed in it). Capture records a file's times at every close and each directory's after every change
     in it: `tar x` sent three or four for each file and directory, `rm -rf` one per name
     removed, each an lstat and a utimensat at the target (and the GIL taken from the capture's
     request loop for them)."""
@@ -363,9 +363,9 @@ def _apply_all(target, records: list[Record], what, skip=None, instead=None) -> 
     """Apply in order (but the records at the indices `skip` maps to the later record that
     replaces them, and at those of `instead` the record there). A full, read-only or failing
     target pauses shipping at the record it could not take (nothing skipped: from a skipped one
-    on whose replacement is not applied yet); a record of a catch-up
-    about a name that is not there yet is superseded (the catch-up sends that name whole); any
-    other error is a divergence, counted and shown."""
+    on whose replacement is not applied yet); a record of a catch-up about a name that is not
+    there yet is superseded (the catch-up sends that name whole); any other error is a
+    divergence, counted and shown."""
     from app.engine.shipper import TargetUnavailable
     through = target.catch_up_through
     for i, rec in enumerate(records):
