@@ -673,22 +673,10 @@ class Agent:
 
     @staticmethod
     def _data_empty(kind: str, data_fd: int) -> bool:
-        from app.engine.target import LOST_FOUND, _zeros
-        if kind != "fs":
-            return _zeros(data_fd)
-        fd = os.open(b".", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC, dir_fd=data_fd)
-        try:
-            names = os.listdir(fd)
-            if names == [LOST_FOUND.decode()]:
-                sub = os.open(LOST_FOUND, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC,
-                              dir_fd=fd)
-                try:
-                    return not os.listdir(sub)
-                finally:
-                    os.close(sub)
-            return not names
-        finally:
-            os.close(fd)
+        """As a local target's claim judges it (LocalDirTarget.open, target._zeros)."""
+        from app.engine.target import _zeros
+        from app.services.layout import dir_is_empty
+        return dir_is_empty(f"/proc/self/fd/{data_fd}") if kind == "fs" else _zeros(data_fd)
 
     def _open_data(self, rel: str, kind: str, h: dict, *, guard: bool = False) -> None:
         """Open (or make) the replica's data; `guard`: data that was here already must be
