@@ -425,6 +425,9 @@ def test_a_switchover_whose_answer_is_lost_after_the_promotion_stays_fenced_not_
         (s / "g").write_text("written while the replica is primary")
     assert e.value.errno == errno.EROFS
     assert eng.status(src)["state"] == "switch-over interrupted"
+    p = cli(r.cfg, "fs", "remove", src, "--keep-replica-primary", socket=eng.socket)
+    assert p.returncode == 1 and "did not finish" in p.stderr, p.stdout + p.stderr  # not known
+    assert "nothing was changed" in p.stderr and marker.exists(), p.stderr
     p = cli(r.cfg, "switchover", src, socket=eng.socket)  # finishes it
     assert p.returncode == 0 and "switched over to backup1" in p.stdout, p.stdout + p.stderr
     assert "(generation ?)" not in p.stdout, p.stdout  # the agent says which, asked again
@@ -460,6 +463,14 @@ def test_a_block_switchover_whose_answer_is_lost_keeps_the_device_read_only_then
     assert ro() == "0"
     st = eng.block_drain(disk)
     assert st["target_data"] == "consistent" and st["state"] != "switched over", st
+    # then moved for good: the device is made writable again, the entry removed, the replica
+    # left primary there
+    p = cli(r.cfg, "switchover", disk, socket=eng.socket)
+    assert p.returncode == 0 and ro() == "1", p.stdout + p.stderr
+    p = cli(r.cfg, "block", "remove", disk, "--keep-replica-primary", socket=eng.socket)
+    assert p.returncode == 0 and f"removed {disk}" in p.stdout, p.stdout + p.stderr
+    assert ro() == "0" and replicas(r)[0]["role"] == "primary"
+    assert json.loads(cli(r.cfg, "block", "list", "--json").stdout) == []
 
 
 def test_verify_or_mirror_after_a_switchover_is_refused_and_leaves_no_split_brain_there(fs_remote):
@@ -564,6 +575,49 @@ def test_an_entry_switched_over_is_not_removed_until_it_is_failed_back(fs_remote
     assert p.returncode == 0, p.stdout + p.stderr
     p = cli(r.cfg, "fs", "remove", src, socket=eng.socket)
     assert p.returncode == 0 and f"removed {src}" in p.stdout, p.stdout + p.stderr
+
+
+def test_an_entry_moved_for_good_is_removed_here_and_its_replica_stays_primary(fs_remote):
+    """The gap the refusal above left (note 50): a service moved to the replica's host for
+    good (a planned migration, this host to be retired) had no way out but deleting the marker
+    by hand: fail-back brings the data back, resolve overwrites the replica. `fs remove
+    --keep-replica-primary` ends the hand-over: the replica stays primary and untouched, the
+    read-only fence and the markers here go, the entry is removed. Refused, changing nothing,
+    for an entry never switched over and (below) while a switch-over is unfinished."""
+    eng, src, r = fs_remote()
+    s = Path(src)
+    (s / "f").write_text("before")
+    eng.drain(src)
+    p = cli(r.cfg, "fs", "remove", src, "--keep-replica-primary", socket=eng.socket)
+    assert p.returncode == 1 and f"{src} was not switched over to its replica" in p.stderr, \
+        p.stdout + p.stderr
+    assert "nothing was changed" in p.stderr and eng.status(src)["captured"], p.stderr
+    p = cli(r.cfg, "switchover", src, socket=eng.socket)
+    assert p.returncode == 0, p.stdout + p.stderr
+    (r.root / "data" / "there").write_text("written there, where the service runs now")
+    with pytest.raises(OSError) as e:
+        (s / "g").write_text("fenced")
+    assert e.value.errno == errno.EROFS
+    eng.stop()  # ending it is the daemon's work (the fence): refused without it
+    env = {**os.environ, "MIRRORSETUP_SOCKET": eng.socket, "MIRRORSETUP_STATE_DIR": eng.state}
+    p = subprocess.run([sys.executable, "-m", "app", "--config", str(r.cfg), "fs", "remove", src,
+                        "--keep-replica-primary"], capture_output=True, text=True, cwd=REPO, env=env)
+    assert p.returncode == 1 and "the daemon is not running" in p.stderr, p.stdout + p.stderr
+    assert list(Path(eng.state).rglob("switched")), "the marker went without the daemon"
+    eng.start()
+    p = cli(r.cfg, "fs", "remove", src, "--keep-replica-primary", socket=eng.socket)
+    assert p.returncode == 0, p.stdout + p.stderr
+    assert f"ended the hand-over of {src}: its replica backup1:data" in p.stdout, p.stdout
+    assert "stays primary there" in p.stdout and f"removed {src}" in p.stdout, p.stdout
+    assert "as it was at the switch-over" in p.stdout, p.stdout
+    assert json.loads(cli(r.cfg, "fs", "list", "--json").stdout) == []
+    assert not list(Path(eng.state).rglob("switched")), "the switch-over marker was left"
+    (s / "g").write_text("writable again")  # the fence is gone, nothing captures it
+    assert not any(f" {src} " in m for m in open("/proc/self/mountinfo")), "a mount left at src"
+    [rep] = replicas(r)
+    assert rep["role"] == "primary", rep
+    assert (r.root / "data" / "there").exists() and not (r.root / "data" / "g").exists()
+    assert (r.root / "data" / "f").read_text() == "before"
 
 
 def test_a_fail_back_interrupted_after_the_replica_was_handed_back_is_finished_by_the_next(fs_remote):

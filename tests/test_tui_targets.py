@@ -327,6 +327,40 @@ async def test_what_the_status_shown_rules_out_is_said_without_a_question(
 
 
 @pilot_test
+async def test_moved_for_good_asks_only_for_an_entry_switched_over_and_no_changes_nothing(
+        canned_targets, config_path, tmp_path, config_bytes):
+    """m (`fs remove --keep-replica-primary`): on a secondary it is said at once that only a
+    service that moved there can be left to it; on an entry switched over the question says
+    what stays on which host, and No changes nothing."""
+    write_config(config_path, tmp_path)
+    before = config_bytes()
+    src = str(tmp_path / "src")
+    now = [{"kind": "fs", "key": src, "captured": True, "target": "backup1:data",
+            "state": "capturing", "replication": "established", "connection": "connected",
+            "target_data": "consistent"}]
+    async with canned_targets(now) as (app, pilot, screen):
+        await pilot.press("m")
+        await settle(pilot)
+        assert app.screen is screen, f"m asked: {type(app.screen).__name__}"
+        assert f"{src} is not switched over to its replica" in notices(app)[-1], notices(app)
+        now[0] = {"kind": "fs", "key": src, "captured": False, "target": "backup1:data",
+                  "state": "switched over", "switched": {"state": "switched", "seq": 9,
+                                                         "target": "backup1:data"}}
+        screen.post_message(screen.FiguresMoved())
+        await wait_until(pilot, lambda: screen._replicated()[0][2].switched, "the new status")
+        await pilot.press("m")
+        await settle(pilot)
+        assert isinstance(app.screen, ConfirmDialog), type(app.screen).__name__
+        question = static_text(app.screen.query_one("#question"))
+        assert "On backup1.example.net: the replica backup1:data stays primary" in question, question
+        assert f"{src} is made writable again, is no longer replicated and is removed" in question
+        await pilot.press("n")
+        await settle(pilot)
+        assert app.screen is screen
+    assert config_bytes() == before
+
+
+@pilot_test
 async def test_keep_this_host_of_a_mix_left_by_an_interrupted_fail_back_is_refused_at_once(
         canned_targets, config_path, tmp_path, config_bytes):
     """Found by helper-35's walk: after a fail-back cut mid-way, o asked "Keep THIS host's data

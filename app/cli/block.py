@@ -7,8 +7,8 @@ import errno
 import os
 import sys
 
-from app.cli.common import (Refused, add, control, group, loop_options, replica_options,
-                            replication, require, require_daemon, store)
+from app.cli.common import (Refused, add, control, group, keep_primary_option, loop_options,
+                            replica_options, replication, require, require_daemon, store)
 from app.cli.output import complain, dump, failures, print_devices, print_table, report
 from app.services.layout import command
 from app.services.results import MirrorError
@@ -70,7 +70,8 @@ def cmd_remove(args) -> int:
     from app.services.entries import configured_block
     rep = replication(args)
     entry = require(configured_block, rep.store, args.device)
-    return report(rep.remove_block(entry.device), as_json=args.json)
+    return report(rep.remove_block(entry.device, keep_replica_primary=args.keep_replica_primary),
+                  as_json=args.json)
 
 
 class _NoSocket:
@@ -169,6 +170,7 @@ def register(sub, common) -> None:
     replica_options(p)
     p = add(block, "remove", cmd_remove, "detach and remove a block device entry", common)
     p.add_argument("device", help="a configured block device (not its loop)")
+    keep_primary_option(p)
     p = add(block, "attach-all", cmd_attach_all, "attach every entry to its loop device now "
             "(captured when the daemon runs)", common)
     p.add_argument("--dry-run", action="store_true", help="show the plan, change nothing")

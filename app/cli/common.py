@@ -115,6 +115,13 @@ def replica_options(p: argparse.ArgumentParser) -> None:
                    "writers wait (block)")
 
 
+def keep_primary_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--keep-replica-primary", action="store_true", help="of an entry switched over "
+                   "to its remote replica, for good (a planned migration): the replica stays "
+                   "primary there, this host's copy is made writable again and the entry is "
+                   "removed (otherwise refused until a fail-back or resolve)")
+
+
 def loop_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--loop", metavar="/dev/loopN", help="always use this loop device "
                    "(default: the first free one)")

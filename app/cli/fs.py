@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import sys
 
-from app.cli.common import add, group, replica_options, replication, require, require_daemon, store
+from app.cli.common import (add, group, keep_primary_option, replica_options, replication, require,
+                            require_daemon, store)
 from app.cli.output import complain, dump, failures, print_table, report
 from app.services.layout import command
 
@@ -44,7 +45,9 @@ def cmd_remove(args) -> int:
     from app.services.entries import configured_fs
     rep = replication(args)
     entry = require(configured_fs, rep.store, args.path)
-    return report(rep.remove_filesystem(entry.path, force=args.force), as_json=args.json)
+    return report(rep.remove_filesystem(entry.path, force=args.force,
+                                        keep_replica_primary=args.keep_replica_primary),
+                  as_json=args.json)
 
 
 def cmd_mount_all(args) -> int:
@@ -107,6 +110,7 @@ def register(sub, common) -> None:
     p = add(fs, "remove", cmd_remove, "remove an entry (its mirrorfs is unmounted first)", common)
     p.add_argument("path", help="a configured directory")
     p.add_argument("--force", action="store_true", help="lazy-unmount even when files are open")
+    keep_primary_option(p)
     add(fs, "mount-all", cmd_mount_all, "mount mirrorfs on every entry now (via the daemon)",
         common)
     p = add(fs, "unmount-all", cmd_unmount_all, "unmount mirrorfs from every entry now (via the "

@@ -67,7 +67,7 @@ class Daemon:
             "block_mirror": self.cmd_block_mirror, "block_verify": self.cmd_block_verify,
             "capture_end": self.cmd_capture_end,
             "switchover": self.cmd_switchover, "failback": self.cmd_failback,
-            "resolve": self.cmd_resolve,
+            "resolve": self.cmd_resolve, "end_handover": self.cmd_end_handover,
         }
         self.failover = Failover(self)
         assert set(self.commands) == set(protocol.COMMANDS), "the command table and the protocol differ"
@@ -257,6 +257,10 @@ class Daemon:
     async def cmd_resolve(self, send, entry="", discard_target=False):
         kind, key, e = self._any(entry)
         return _results(await self.failover.resolve(kind, key, e, bool(discard_target)))
+
+    async def cmd_end_handover(self, send, entry=""):
+        kind, key, e = self._any(entry)
+        return _results(await self.failover.end_handover(kind, key, e))
 
     async def cmd_mirror(self, send, path=""):
         entry = self._entry(path)

@@ -37,7 +37,7 @@ from app.engine.journal import KIND_BLOCK, KIND_FS, Journal, read_small_file, wr
 from app.engine.shipper import TargetUnavailable
 from app.engine.supervisor import KEPT, capture_end, holders, mount_dev
 from app.services.layout import (FAILBACK_MARKER, SWITCHED_MARKER, command, local_time,
-                                  switched_marker, switched_refusal, with_failback)
+                                  mix_words, switched_marker, switched_refusal, with_failback)
 from app.services.protocol import replicating
 from app.services.results import MirrorError, Outcome, Result
 
@@ -659,8 +659,8 @@ class Failover:
                 # here: keeping this side would copy that mix over the only whole copy
                 raise MirrorError(
                     f"resolve {key}: refused: a fail-back from {entry.target} was interrupted and "
-                    f"this host's copy {'is' if mixed.get('applied') else 'may be'} a mix of its "
-                    "own data and the replica's: keeping this host would overwrite the replica "
+                    f"this host's copy {mix_words(mixed.get('applied'))}: keeping this host "
+                    "would overwrite the replica "
                     f"with that mix. Run {command('failback', key, '--yes')} again to finish it "
                     "(the replica's data wins); nothing was changed", errno=errno.EBUSY, obj=key)
             cap = self.sup.get(kind, key)
@@ -697,6 +697,48 @@ class Failover:
                                           reply.get("errno")))
                 return results
         return results + [await self._capture(kind, entry)]
+
+    # -- the hand-over made for good: the replica stays primary, the entry is forgotten here ------
+    async def end_handover(self, kind: str, key: str, entry) -> list[Result]:
+        """Before `remove --keep-replica-primary`: the service moved to the replica's host for
+        good (a planned migration, this host to be retired). This side's read-only fence is
+        lifted and its markers dropped; the replica is not asked or touched (it stays primary
+        there, in its own generation: an entry added again with that target is refused by it).
+        Refused unless the entry was switched over: a switch-over that did not finish may not
+        have promoted the replica, and then this host's copy is the only current one."""
+        state = self.sup.layout.state(kind, key)
+        async with self._lock(kind, key):
+            sw = with_failback(switched(state), state)
+            if sw is None:
+                raise MirrorError(f"{key} was not switched over to its replica: there is no "
+                                  "hand-over to end (--keep-replica-primary is for an entry whose "
+                                  f"replica took over); remove it without that option; nothing "
+                                  "was changed", errno=errno.EINVAL, obj=key)
+            if sw.get("state") != "switched":
+                why = (f"a switch-over of {key} to {sw.get('target')} did not finish: whether the "
+                       f"replica there is primary is not known. Run {command('switchover', key)} "
+                       "again to finish it, then remove the entry"
+                       if sw.get("state") == "switching" else
+                       f"the switch-over marker of {key} cannot be read ({state})")
+                raise MirrorError(f"{why}; nothing was changed", errno=errno.EBUSY, obj=key)
+            if self.sup.get(kind, key) is not None:  # never, unless a marker was put back by hand
+                raise MirrorError(f"{key} is captured here although it is marked switched over: "
+                                  "nothing was changed", errno=errno.EBUSY, obj=key)
+            fence_info = sw.get("fence") or {}
+            if fence_info and "unfenced" not in fence_info:
+                await trio.to_thread.run_sync(unfence, kind, key, entry, fence_info)
+            _forget_failback(state)
+            _unmark(state)
+            log.info("%s: hand-over to %s ended for good: the replica stays primary there", key,
+                     sw.get("target"))
+            copy = (f"this host's copy {mix_words(sw.get('failback_applied'))}: do not use it"
+                    if sw.get("failback") == "interrupted" else
+                    f"this host's copy is as it was at the switch-over ({_when(sw.get('time'))}, "
+                    f"seq {sw.get('seq')}), older than the replica")
+            host = f" ({sw['host']})" if sw.get("host") else ""
+            return [Result("end hand-over", key, Outcome.OK,
+                           f"ended the hand-over of {key}: its replica {sw.get('target')}{host} "
+                           f"stays primary there; {key} is no longer read-only here, and {copy}")]
 
 
 def _mixed(state: str, exc: BaseException) -> bool:

@@ -120,6 +120,9 @@ ACTIONS: tuple[Action, ...] = (
            "the promoted replica's data comes back (what differs); capture here again"),
     Action("targets", "resolve", "o", "Keep this host", "Split brain: keep this host",
            "discard the replica's promotion; it is made equal to this host's data"),
+    Action("targets", "moved", "m", "Moved for good", "Moved for good: remove the entry here",
+           "the service moved to the replica's host for good (switched over): it stays primary "
+           "there, the entry is removed here and its copy made writable", footer=False),
     Action("targets", "details", "i", "Details", "Replica details",
            "everything about the selected entry's replication (Enter too)", footer=False,
            palette=False),

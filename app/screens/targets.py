@@ -68,9 +68,8 @@ def _handed_over(sw: dict, long: bool) -> tuple[Text, Text]:
     """An entry handed over to its replica (`sw`: its switch-over marker)."""
     when = time.strftime("%Y-%m-%d %H:%M", time.localtime(sw.get("time") or 0))
     if sw.get("failback") == "interrupted":  # this host's copy is a mix: said first
-        mix = "is a mix" if sw.get("failback_applied") else "may be a mix"
         return (Text("fail-back interrupted", style="bold red"), Text(
-            f"this host's copy {mix} of its own data and the replica's: f fails back again"))
+            f"this host's copy {layout.mix_words(sw.get('failback_applied'))}: f fails back again"))
     if sw.get("state") == "switched":
         if long:
             return (Text("switched over", style="bold cyan"), Text(
@@ -608,6 +607,45 @@ class TargetsScreen(TaskScreen):
             lambda: rep.resolve(key, discard_target=True),
             f"handing {shown(target)} back to this host"), promoted_only=True, keeping=True)
 
+    def action_moved(self) -> None:
+        """`fs/block remove --keep-replica-primary`: a switch-over made for good."""
+        found = self._selected_replica()
+        if found is None:
+            return
+        key, target, row = found
+        title = f"Moved for good: {shown(key)}"
+        if self.app.needs_root(title):
+            return
+        sw = (row.switched if row is not None else self._marked(key)) or {}
+        if sw.get("state") != "switched":
+            self.notify(f"{key} is not switched over to its replica: only the entry of a service "
+                        "that moved there (s switches over) can be left to it for good. Nothing "
+                        "was changed.", title=title, severity="warning", markup=False)
+            return
+        if self._snap.engine is None and self._snap.engine_error is None:
+            self.notify(_cannot(key, row, switching=False, daemon=False), title=title,
+                        severity="warning", markup=False)
+            return
+        host = self._host_of(target)
+        rep = self.services.replication
+        fs = self._snap.fs_state(key) is not None
+        copy = (f"this host's copy {layout.mix_words(sw.get('failback_applied'))}"
+                if sw.get("failback") == "interrupted" else
+                "its data stays as it was at the switch-over")
+        question = (f"Has the service of {shown(key)} moved to {shown(host)} for good?\n\nOn "
+                    f"{shown(host)}: the replica {shown(target)} stays primary; it is not "
+                    f"touched.\nOn THIS host: {shown(key)} is made writable again, is no longer "
+                    f"replicated and is removed from the configuration ({copy}). To bring the "
+                    "service back later, add the entry again with a new target.")
+
+        def confirmed(ok: bool | None) -> None:
+            if ok:
+                self.run_action(title, (lambda: rep.remove_filesystem(key, keep_replica_primary=True))
+                                if fs else
+                                (lambda: rep.remove_block(key, keep_replica_primary=True)),
+                                waiting=f"ending the hand-over of {shown(key)}")
+        self.app.push_screen(ConfirmDialog(question, yes="Remove here"), confirmed)
+
 
 def _cannot(key: str, row, *, switching: bool, daemon: bool = True,
             keeping: bool = False) -> str | None:
@@ -624,8 +662,8 @@ def _cannot(key: str, row, *, switching: bool, daemon: bool = True,
     if keeping and sw.get("failback") == "interrupted" and sw.get("failback_applied") != 0:
         # (the daemon refuses it too: app/engine/failover.py, resolve)
         return (f"a fail-back of {key} was interrupted: this host's copy "
-                f"{'is' if sw.get('failback_applied') else 'may be'} a mix of its own data and "
-                "the replica's; keeping it would overwrite the replica with that mix. f fails "
+                f"{layout.mix_words(sw.get('failback_applied'))}; keeping it would overwrite the "
+                "replica with that mix. f fails "
                 "back again (the replica's data wins). Nothing was changed.")
     if switching and sw.get("state") == "switched":
         return (f"{key} is switched over already: f fails back to this host, o keeps this "

@@ -124,6 +124,12 @@ def local_time(t: float | None) -> str:
     return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(t)) if t else "?"
 
 
+def mix_words(applied) -> str:
+    """What an interrupted fail-back left this host's copy (`applied`: how many of the
+    replica's records it wrote here, None when not known): the words every message uses."""
+    return f"{'is' if applied else 'may be'} a mix of its own data and the replica's"
+
+
 def switched_refusal(sw: dict | None, key: str, action: str) -> Result | None:
     """Capture of an entry handed over to its replica (`sw`, its marker) is refused, with what
     to do: capturing here would fork the history the replica went on with."""
@@ -132,8 +138,8 @@ def switched_refusal(sw: dict | None, key: str, action: str) -> Result | None:
     keep = command("replica", "resolve", key, "--discard-target", "--yes")
     if sw.get("failback") == "interrupted":  # with_failback(): neither history here
         why = (f"a fail-back of {key} from {sw.get('target')} was interrupted: this host's copy "
-               f"{'is' if sw.get('failback_applied') else 'may be'} a mix of its own data and the "
-               f"replica's; run {command('failback', key, '--yes')} again to finish it")
+               f"{mix_words(sw.get('failback_applied'))}; run {command('failback', key, '--yes')} "
+               "again to finish it")
     elif sw.get("state") == "switching":
         why = (f"a switch-over of {key} to {sw.get('target')} began at {local_time(sw.get('time'))} "
                f"and did not finish: run {command('switchover', key)} again to finish it, or "

@@ -138,6 +138,8 @@ COMMANDS: dict[str, Command] = {
                         "capture again"),
     "resolve": Command(("entry", "discard_target"), "end a split brain: the source wins, the "
                        "target's promotion is discarded"),
+    "end_handover": Command(("entry",), "a switch-over made for good: lift this side's fence and "
+                            "drop its markers (the replica stays primary; the entry is removed next)"),
 }
 
 # What the daemon asks a capture worker.

@@ -51,8 +51,9 @@ class Replication:
         return Result("add", entry.device, Outcome.OK, f"added {entry.device} (attaches to {where} "
                       f"{window}{', read-only' if entry.read_only else ''}){_no_target(entry)}")
 
-    def remove_block(self, device: str) -> list[Result]:
-        """Remove an entry; its loop is detached first, and a failed detach keeps the entry."""
+    def remove_block(self, device: str, *, keep_replica_primary: bool = False) -> list[Result]:
+        """Remove an entry; its loop is detached first, and a failed detach keeps the entry.
+        `keep_replica_primary`: of an entry switched over, for good (see _handed_over)."""
         try:
             entry = next(e for e in self.store.load().block if same_device(e.device, device)
                          or e.device == device)
@@ -64,10 +65,12 @@ class Replication:
         daemon, refusal = self._daemon_or_refusal("remove", entry.device)
         if refusal:
             return refusal
-        handed = self._handed_over("block", entry.device, daemon)
+        handed, ended = self._handed_over("block", entry.device, daemon, keep_replica_primary)
         if handed is not None:
             return [handed]
-        if daemon is not None:
+        if ended:
+            results = ended
+        elif daemon is not None:
             results = self._daemon_results("detach", entry.device, "block_detach", checked=True,
                                            device=entry.device)
         else:
@@ -84,12 +87,16 @@ class Replication:
         return results + [Result("remove", entry.device, Outcome.OK,
                                  f"removed {entry.device}{_kept_note(results)}")]
 
-    def _handed_over(self, kind: str, key: str, daemon) -> Result | None:
-        """A remove of an entry switched over to its replica (or in the middle of it, or of a
-        fail-back) is refused: nothing would end the hand-over after it (its replica stays
-        primary there, the read-only fence here stays, unexplained), and the marker would make
-        an entry added again later refuse capture all the same. The daemon's state directory
-        holds the marker when it runs (it may not be $MIRRORSETUP_STATE_DIR)."""
+    def _handed_over(self, kind: str, key: str, daemon, keep_replica_primary: bool = False
+                     ) -> tuple[Result | None, list[Result]]:
+        """(refusal, results of ending the hand-over) before a remove. A remove of an entry
+        switched over to its replica (or in the middle of it, or of a fail-back) is refused:
+        nothing would end the hand-over after it (its replica stays primary there, the
+        read-only fence here stays, unexplained), and the marker would make an entry added
+        again later refuse capture all the same. `keep_replica_primary` (the service moved for
+        good): the daemon ends the hand-over first (lifts the fence, drops the markers; the
+        replica stays primary), then the entry is removed. The daemon's state directory holds
+        the marker when it runs (it may not be $MIRRORSETUP_STATE_DIR)."""
         state_dir = self.state_dir
         if daemon is not None:
             with contextlib.suppress(MirrorError):
@@ -97,13 +104,31 @@ class Replication:
         state = entry_state(state_dir, kind, key)
         sw = with_failback(switched_marker(state), state)
         refused = switched_refusal(sw, key, "remove")
+        if keep_replica_primary:
+            if refused is None:
+                return Result("remove", key, Outcome.FAILED, f"{key} was not switched over to its "
+                              "replica: --keep-replica-primary is only for an entry whose replica "
+                              "took over; remove it without that option; nothing was changed",
+                              errno.EINVAL), []
+            if daemon is None:
+                return Result("remove", key, Outcome.FAILED, "the daemon is not running: ending "
+                              f"the hand-over of {key} (lifting its read-only fence) is its work; "
+                              f"start it ({command('daemon', 'start')}) and run the remove "
+                              "again; nothing was changed", errno.ENOTCONN), []
+            ended = self._daemon_results("end hand-over", key, "end_handover", checked=True,
+                                         entry=key)
+            if any(r.failed for r in ended):
+                return ended[-1], []
+            return None, ended
         if refused is None:
-            return None
+            return None, []
         fenced = (sw.get("fence") or {}) and "unfenced" not in sw["fence"]
         return dataclasses.replace(refused, message=(
             f"{refused.message}. Remove the entry after that: removed now, nothing would end the "
             "hand-over (its replica stays primary there"
-            f"{f' and {key} stays read-only here' if fenced else ''}); nothing was changed"))
+            f"{f' and {key} stays read-only here' if fenced else ''}; to leave it primary for "
+            f"good and remove the entry here, add --keep-replica-primary); nothing was "
+            "changed")), []
 
     def daemon(self):
         """The daemon's client when it answers, else None. Block entries are captured by the
@@ -295,15 +320,16 @@ class Replication:
                       f"added {entry.path} ({atime} access times){_no_target(entry)}; mount it "
                       "now with Mount all, or it is mounted when the daemon starts")
 
-    def remove_filesystem(self, path: str, *, force: bool = False) -> list[Result]:
-        """Remove an entry; a capture still mounted there is unmounted first through the daemon."""
-        results: list[Result] = []
+    def remove_filesystem(self, path: str, *, force: bool = False,
+                          keep_replica_primary: bool = False) -> list[Result]:
+        """Remove an entry; a capture still mounted there is unmounted first through the daemon.
+        `keep_replica_primary`: of an entry switched over, for good (see _handed_over)."""
         norm = os.path.realpath(path) if path != "/" else path
         try:
             daemon = self.daemon()
         except MirrorError:  # another configuration's daemon: its state directory is not ours
             daemon = None
-        handed = self._handed_over("fs", norm, daemon)
+        handed, results = self._handed_over("fs", norm, daemon, keep_replica_primary)
         if handed is not None:
             return [handed]
         if any(m.mount_point == norm and m.fstype == FSTYPE_FS for m in mounts.read_mountinfo()):
