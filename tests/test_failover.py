@@ -440,6 +440,42 @@ def test_a_switchover_whose_answer_is_lost_after_the_promotion_stays_fenced_not_
     assert tree(s) == tree(r.root / "data")
 
 
+def test_a_fail_back_of_a_switchover_interrupted_before_the_promotion_captures_again(fs_remote):
+    """Reported by helper-36: a switch-over interrupted after its promotion was asked, whose
+    replica was in fact not promoted (the request never reached the agent), then `failback`:
+    it lifted the read-only fence, said "was not switched over … nothing to fail back; nothing
+    was changed" and left the entry uncaptured, writable and marked, so what was written here
+    next was never replicated. Now it says the switch-over is abandoned and captures again,
+    as a switch-over that failed before its promotion does. The state directory is put as such
+    an interruption leaves it (marker "switching", promotion asked, fenced at the daemon's
+    start): cutting the link between the request's write and its arrival cannot be timed here."""
+    from app.services.layout import entry_state
+    eng, src, r = fs_remote()
+    s = Path(src)
+    (s / "f").write_text("one")
+    eng.drain(src)
+    eng.stop()
+    marker = Path(entry_state(eng.state, "fs", src)) / "switched"
+    marker.write_text(json.dumps({"state": "switching", "time": time.time(), "target": "backup1:data",
+                                  "promote_sent": True, "fence": {"read_only_mount": None}}) + "\n")
+    eng.start()
+    assert eng.status(src)["state"] == "switch-over interrupted"
+    with pytest.raises(OSError) as e:  # fenced again at the daemon's start
+        (s / "g").write_text("x")
+    assert e.value.errno == errno.EROFS
+    assert replicas(r)[0]["role"] == "secondary"
+    p = cli(r.cfg, "failback", src, "--yes", socket=eng.socket)
+    assert p.returncode == 0, p.stdout + p.stderr
+    assert "had not promoted its replica" in p.stdout and "switch-over is abandoned" in p.stdout, \
+        p.stdout
+    assert not marker.exists()
+    (s / "g").write_text("captured again")
+    st = eng.drain(src)
+    assert st["captured"] and st["target_data"] == "consistent", st
+    assert (r.root / "data" / "g").read_text() == "captured again"
+    assert tree(s) == tree(r.root / "data")
+
+
 def test_a_block_switchover_whose_answer_is_lost_keeps_the_device_read_only_then_finishes(
         block_remote):
     """The block side of the test above: the device is fenced (read-only flag) while the

@@ -360,15 +360,23 @@ class Failover:
                 _mark(state, marker)
 
             def promote() -> dict:
-                t = make_target(spec, size)
+                t = None
                 try:
+                    t = make_target(spec, size)
                     t.open("promote", last_seq=seq)
                     return t.welcome
                 except TargetUnavailable as exc:
                     exc.sent = getattr(t, "request_sent", lambda: True)()
                     raise
+                except (OSError, MirrorError) as exc:  # e.g. ssh could not be started: said
+                    # as a session that failed (it left the marker with neither capture nor
+                    # fence: what was written here meanwhile was lost at the fail-back)
+                    failed = TargetUnavailable(f"the promotion failed: {exc}")
+                    failed.sent = t is not None and getattr(t, "request_sent", lambda: True)()
+                    raise failed from exc
                 finally:
-                    t.close()
+                    if t is not None:
+                        t.close()
             try:
                 welcome = await trio.to_thread.run_sync(promote)
             except TargetUnavailable as exc:
@@ -470,6 +478,12 @@ class Failover:
                     _mark(state, {**sw, "fence": {}})
                 back = await self._failback(kind, key, entry, send, spec, size)
                 if back[0].outcome is Outcome.UNCHANGED:
+                    if sw.get("state") == "switching" and not lifted:
+                        # its promotion never happened: as a switch-over that failed before
+                        # it, the entry is captured again (it was left writable, uncaptured
+                        # and marked, the fence lifted, "nothing was changed")
+                        _unmark(state)
+                        return back + [await self._capture(kind, entry)]
                     if not lifted:
                         return back
                     # the replica was demoted meanwhile: nothing came back, the capture goes on
@@ -591,6 +605,11 @@ class Failover:
                 if code is not None and (pending is None or code == "not-promoted"):
                     # refused before it began: the replica never took this generation
                     os.unlink(Path(state) / FAILBACK)
+                if code == "not-promoted" and (switched(state) or {}).get("state") == "switching":
+                    return [_nothing_to_fail_back(  # failback() captures it again
+                        key, f"the switch-over of {key} that was interrupted had not promoted "
+                        f"its replica on {entry.target} (it is still this entry's secondary): "
+                        "there is nothing to fail back; the switch-over is abandoned")]
                 if code == "not-promoted" and (switched(state) or {}).get("state") != "switched":
                     return [_nothing_to_fail_back(
                         key, f"{key} was not switched over and its replica on {entry.target} is "
