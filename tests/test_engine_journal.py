@@ -2623,3 +2623,29 @@ def test_a_replicas_state_saved_by_two_threads_at_once_is_written_whole_each_tim
         os.close(fd)
     assert errors == []
     assert json_.loads((rep.dir / "state.json").read_text())["i"] == 149
+
+
+@pytest.mark.root
+def test_a_state_file_replaced_is_on_the_disk_when_the_write_returns(tmp_path, scratch_loop):
+    """write_small_file (a switch-over marker, a replica's role and generation, a capture's
+    end): temp file, fsync, rename. The rename stayed in the page cache until the file
+    system's next commit (ext4: 5 s by default, here 60 s), so a crash in between lost the new
+    state: a switch-over marker lost lets the source capture again while its replica is
+    primary. The directory is fsync'd now. A power cut is stood in for by a copy of the loop's
+    backing file, replayed by e2fsck (test_engine_fs._names_on_disk)."""
+    from pathlib import Path
+
+    from app.engine.journal import write_small_file
+    from test_engine_fs import _names_on_disk
+    dev = scratch_loop(64 << 20)
+    image = open(f"/sys/block/{os.path.basename(dev)}/loop/backing_file").read().strip()
+    subprocess.run(["mkfs.ext4", "-q", "-F", dev], check=True)
+    state = tmp_path / "state"
+    state.mkdir()
+    subprocess.run(["mount", "-t", "ext4", "-o", "commit=60", dev, str(state)], check=True)
+    try:
+        write_small_file(Path(state), "switched", '{"state": "switched"}\n')
+        on_disk = _names_on_disk(image, tmp_path, "switched")
+        assert "switched" in on_disk and "switched.tmp" not in on_disk, on_disk
+    finally:
+        subprocess.run(["umount", "-l", str(state)], check=False)

@@ -212,8 +212,12 @@ def decode_path(text: str) -> bytes:
     return os.fsencode(text)
 
 
-def write_small_file(directory: Path, name: str, text: str) -> None:
-    """Replace a small state file atomically (temp + fsync + rename), never through a symlink."""
+def write_small_file(directory: Path, name: str, text: str, *, sync_dir: bool = True) -> None:
+    """Replace a small state file atomically (temp + fsync + rename), never through a symlink.
+    `sync_dir`: the directory is fsync'd too, so that the rename itself survives a crash (a
+    switch-over marker, a replica's role: lost, they would let a history fork); without it the
+    file system commits it later (ext4: within its commit interval, 5 s), for what may be
+    stale after a crash (a released position: records kept a little longer)."""
     tmp = directory / (name + ".tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, FILE_MODE)
     try:
@@ -222,6 +226,12 @@ def write_small_file(directory: Path, name: str, text: str) -> None:
     finally:
         os.close(fd)
     os.replace(tmp, directory / name)
+    if sync_dir:
+        fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
 
 
 def read_small_file(directory: Path, name: str) -> str | None:
@@ -516,12 +526,7 @@ class Journal:
 
     def _reserve(self, seq: int) -> None:
         """Say durably that seqs up to `seq` may be handed out (before the first of them is)."""
-        write_small_file(self.dir, RESERVED_FILE, f"{seq}\n")
-        fd = os.open(self.dir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-        try:
-            os.fsync(fd)  # the rename itself must survive a crash
-        finally:
-            os.close(fd)
+        write_small_file(self.dir, RESERVED_FILE, f"{seq}\n")  # (the rename synced too)
         self._reserved = seq
 
     def skip_to(self, seq: int) -> None:
@@ -758,7 +763,7 @@ class Journal:
             if seq >= self.last_seq:
                 self._released_cum = self._cum
             if persist or self._droppable():
-                write_small_file(self.dir, RELEASED_FILE, f"{seq}\n")
+                write_small_file(self.dir, RELEASED_FILE, f"{seq}\n", sync_dir=False)
                 self._persisted = seq
             self._drop_released_segments()
             self._cv.notify_all()
@@ -837,7 +842,7 @@ class Journal:
                     len(self._mem), exc)
             self.unstored = len(self._mem)
             if self.released_seq > self._persisted:  # what release() left unwritten
-                write_small_file(self.dir, RELEASED_FILE, f"{self.released_seq}\n")
+                write_small_file(self.dir, RELEASED_FILE, f"{self.released_seq}\n", sync_dir=False)
                 self._persisted = self.released_seq
             self._sync_rolled()
             if self._writer is not None:
