@@ -585,19 +585,29 @@ def _names_on_disk(image, tmp_path, label: str) -> set[str]:
     return {f.split("/")[5] for f in out.splitlines() if f.count("/") >= 6} - {".", ".."}
 
 
+@contextlib.contextmanager
+def ext4_committing_late(scratch_loop, mount_point):
+    """A fresh ext4 on a scratch loop mounted at `mount_point` (made) with commit=60, so that
+    what is not fsync'd stays in the page cache: yields the loop's backing file, for
+    _names_on_disk. Lazily unmounted at the end."""
+    dev = scratch_loop(64 << 20)
+    image = open(f"/sys/block/{os.path.basename(dev)}/loop/backing_file").read().strip()
+    subprocess.run(["mkfs.ext4", "-q", "-F", dev], check=True)
+    mount_point.mkdir()
+    subprocess.run(["mount", "-t", "ext4", "-o", "commit=60", dev, str(mount_point)], check=True)
+    try:
+        yield image
+    finally:
+        subprocess.run(["umount", "-l", str(mount_point)], check=False)
+
+
 def test_fsync_of_a_directory_makes_a_rename_durable_on_the_source(tmp_path, scratch_loop):
     """rename(tmp, name) + fsync(directory): when fsync returns, the new name is on the
     source's own disk, as on the file system below. mirrorfs synced only its journal, and the
     name stayed in the source's page cache until ext4's next commit (here 60 s): a crash in
     between lost it at the source while the target had it. A power cut is stood in for by a
     copy of the loop's backing file (what the disk got), checked after e2fsck's replay."""
-    dev = scratch_loop(64 << 20)
-    image = open(f"/sys/block/{os.path.basename(dev)}/loop/backing_file").read().strip()
-    subprocess.run(["mkfs.ext4", "-q", "-F", dev], check=True)
-    src = tmp_path / "src"
-    src.mkdir()
-    subprocess.run(["mount", "-t", "ext4", "-o", "commit=60", dev, str(src)], check=True)
-    try:
+    with ext4_committing_late(scratch_loop, tmp_path / "src") as image:
         with engine_maker(tmp_path) as make:
             eng, src_s, _ = make()
             # a `sync` of another process (a busy host) between the rename and the copy commits
@@ -624,8 +634,6 @@ def test_fsync_of_a_directory_makes_a_rename_durable_on_the_source(tmp_path, scr
             assert name in after and tmp not in after, after
             eng.drain(src_s)
             assert os.path.exists(tmp_path / "tgt" / name)
-    finally:
-        subprocess.run(["umount", "-l", str(src)], check=False)
 
 
 def test_fsync_of_a_directory_removed_while_open_succeeds_as_below(engine):

@@ -2633,19 +2633,9 @@ def test_a_state_file_replaced_is_on_the_disk_when_the_write_returns(tmp_path, s
     state: a switch-over marker lost lets the source capture again while its replica is
     primary. The directory is fsync'd now. A power cut is stood in for by a copy of the loop's
     backing file, replayed by e2fsck (test_engine_fs._names_on_disk)."""
-    from pathlib import Path
-
     from app.engine.journal import write_small_file
-    from test_engine_fs import _names_on_disk
-    dev = scratch_loop(64 << 20)
-    image = open(f"/sys/block/{os.path.basename(dev)}/loop/backing_file").read().strip()
-    subprocess.run(["mkfs.ext4", "-q", "-F", dev], check=True)
-    state = tmp_path / "state"
-    state.mkdir()
-    subprocess.run(["mount", "-t", "ext4", "-o", "commit=60", dev, str(state)], check=True)
-    try:
-        write_small_file(Path(state), "switched", '{"state": "switched"}\n')
+    from test_engine_fs import _names_on_disk, ext4_committing_late
+    with ext4_committing_late(scratch_loop, tmp_path / "state") as image:
+        write_small_file(tmp_path / "state", "switched", '{"state": "switched"}\n')
         on_disk = _names_on_disk(image, tmp_path, "switched")
         assert "switched" in on_disk and "switched.tmp" not in on_disk, on_disk
-    finally:
-        subprocess.run(["umount", "-l", str(state)], check=False)

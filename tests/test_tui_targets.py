@@ -261,7 +261,7 @@ async def test_fail_back_and_keep_this_host_of_a_connected_secondary_ask_nothing
              "state": "capturing", "replication": "established", "connection": "connected",
              "target_data": "consistent"}]
     async with canned_targets(rows) as (app, pilot, screen):
-        for key in ("f", "o"):
+        for key in ("f", "o", "m"):  # m: moved for good (remove --keep-replica-primary)
             await pilot.press(key)
             await settle(pilot)
             assert app.screen is screen, f"{key} asked: {type(app.screen).__name__}"
@@ -327,27 +327,18 @@ async def test_what_the_status_shown_rules_out_is_said_without_a_question(
 
 
 @pilot_test
-async def test_moved_for_good_asks_only_for_an_entry_switched_over_and_no_changes_nothing(
+async def test_moved_for_good_of_an_entry_switched_over_says_what_stays_where(
         canned_targets, config_path, tmp_path, config_bytes):
-    """m (`fs remove --keep-replica-primary`): on a secondary it is said at once that only a
-    service that moved there can be left to it; on an entry switched over the question says
-    what stays on which host, and No changes nothing."""
+    """m (`fs remove --keep-replica-primary`) on an entry switched over: the question says
+    what stays on which host, and No changes nothing (on a secondary it is refused at once:
+    test_fail_back_and_keep_this_host_of_a_connected_secondary_ask_nothing)."""
     write_config(config_path, tmp_path)
     before = config_bytes()
     src = str(tmp_path / "src")
-    now = [{"kind": "fs", "key": src, "captured": True, "target": "backup1:data",
-            "state": "capturing", "replication": "established", "connection": "connected",
-            "target_data": "consistent"}]
+    now = [{"kind": "fs", "key": src, "captured": False, "target": "backup1:data",
+            "state": "switched over", "switched": {"state": "switched", "seq": 9,
+                                                   "target": "backup1:data"}}]
     async with canned_targets(now) as (app, pilot, screen):
-        await pilot.press("m")
-        await settle(pilot)
-        assert app.screen is screen, f"m asked: {type(app.screen).__name__}"
-        assert f"{src} is not switched over to its replica" in notices(app)[-1], notices(app)
-        now[0] = {"kind": "fs", "key": src, "captured": False, "target": "backup1:data",
-                  "state": "switched over", "switched": {"state": "switched", "seq": 9,
-                                                         "target": "backup1:data"}}
-        screen.post_message(screen.FiguresMoved())
-        await wait_until(pilot, lambda: screen._replicated()[0][2].switched, "the new status")
         await pilot.press("m")
         await settle(pilot)
         assert isinstance(app.screen, ConfirmDialog), type(app.screen).__name__

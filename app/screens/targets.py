@@ -618,7 +618,7 @@ class TargetsScreen(TaskScreen):
             return
         sw = (row.switched if row is not None else self._marked(key)) or {}
         if sw.get("state") != "switched":
-            self.notify(f"{key} is not switched over to its replica: only the entry of a service "
+            self.notify(f"{key} was not switched over to its replica: only the entry of a service "
                         "that moved there (s switches over) can be left to it for good. Nothing "
                         "was changed.", title=title, severity="warning", markup=False)
             return
