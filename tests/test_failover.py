@@ -599,6 +599,7 @@ def test_an_entry_switched_over_is_not_removed_until_it_is_failed_back(fs_remote
     assert f"{src} was switched over to backup1:data at " in p.stderr, p.stderr
     assert "Remove the entry after that" in p.stderr and "nothing was changed" in p.stderr
     assert f"`mirrorsetup failback {src} --yes`" in p.stderr, p.stderr
+    assert f"`mirrorsetup fs remove {src} --keep-replica-primary`" in p.stderr, p.stderr
     listed = json.loads(cli(r.cfg, "fs", "list", "--json").stdout)
     assert [e["path"] for e in listed] == [src], listed
     eng.stop()  # the marker is read from the state directory then

@@ -123,11 +123,13 @@ class Replication:
         if refused is None:
             return None, []
         fenced = (sw.get("fence") or {}) and "unfenced" not in sw["fence"]
+        for_good = "" if sw.get("state") != "switched" else (
+            "; to leave it primary for good and remove the entry here: "
+            f"{command(kind, 'remove', key, '--keep-replica-primary')} (m on the Targets screen)")
         return dataclasses.replace(refused, message=(
             f"{refused.message}. Remove the entry after that: removed now, nothing would end the "
             "hand-over (its replica stays primary there"
-            f"{f' and {key} stays read-only here' if fenced else ''}; to leave it primary for "
-            f"good and remove the entry here, add --keep-replica-primary); nothing was "
+            f"{f' and {key} stays read-only here' if fenced else ''}){for_good}; nothing was "
             "changed")), []
 
     def daemon(self):
@@ -333,7 +335,7 @@ class Replication:
         if handed is not None:
             return [handed]
         if any(m.mount_point == norm and m.fstype == FSTYPE_FS for m in mounts.read_mountinfo()):
-            results = self._daemon_results("unmount", norm, path=norm, force=force)
+            results = results + self._daemon_results("unmount", norm, path=norm, force=force)
             if any(r.failed for r in results):
                 return results + [Result("remove", norm, Outcome.FAILED,
                                          f"kept {norm} in the configuration: mirrorfs is still "
