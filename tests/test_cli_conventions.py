@@ -343,3 +343,36 @@ def test_version_is_printed_on_stdout(flag):
     assert (proc.returncode, proc.stdout, proc.stderr) == (0, f"mirrorsetup {__version__}\n", "")
     from importlib.metadata import version  # what the package says; the agent reports __version__
     assert version("mirrorsetup") == __version__
+
+
+def test_removing_a_target_an_entry_uses_is_a_refusal(config, tmp_path):
+    """`target remove` of a target an entry still uses changes nothing: refused (exit 2, as
+    the README's rule says), EBUSY and the entry named; it said FAILED and exited 1."""
+    data = tmp_path / "data"
+    data.mkdir()
+    config.parent.mkdir(parents=True)
+    config.write_text(f'schema = 1\n\n[[target]]\nname = "b1"\nhost = "b1.example"\n'
+                      f'root = "/srv/replica"\n\n[[filesystem]]\npath = "{data}"\n'
+                      f'target = "b1:data"\n')
+    before = config.read_bytes()
+    r = cli(*args(config, "target", "remove", "b1"))
+    assert r.returncode == 2, (r.returncode, r.stdout, r.stderr)
+    assert r.stdout == "" and "used by" in r.stderr and str(data) in r.stderr
+    r = cli(*args(config, "target", "remove", "b1", "--json"))
+    assert r.returncode == 2 and json.loads(r.stdout)["errno_name"] == "EBUSY"
+    assert config.read_bytes() == before
+
+
+def test_an_entry_refused_before_anything_changed_exits_2_not_1(capsys):
+    """A result failed as a refusal (nothing was changed, e.g. a switch-over of an entry in
+    use) exits 2; once something was done, or something really failed, it is 1."""
+    from app.services.results import Refusal
+    busy = Result.from_error("switchover", "/srv/data", Refusal("/srv/data is in use", errno=16))
+    assert busy.refused and busy.to_json()["details"] == {"refused": True}
+    assert Result.from_json(busy.to_json()).refused  # as it crosses the daemon's socket
+    assert report([busy]) == 2
+    done = Result("attach", "/dev/a", Outcome.OK, "attached /dev/a as /dev/loop4")
+    assert report([done, busy]) == 1
+    broke = Result("switchover", "/srv/b", Outcome.FAILED, "promotion got no answer", 5)
+    assert report([busy, broke]) == 1
+    assert report([busy, Result("attach", "/dev/c", Outcome.UNCHANGED, "attached")]) == 2

@@ -8,7 +8,7 @@ import errno
 import sys
 from collections.abc import Callable
 
-from app.services.results import MirrorError
+from app.services.results import MirrorError, Refusal
 from app.services.units import parse_size
 
 EXIT_CODES = """\
@@ -16,8 +16,9 @@ exit status (every command):
   0  done: every entry is ok, unchanged, pending (e.g. a deferred detach) or planned
   1  some entry failed; its line is on stderr (the others on stdout)
   2  refused before anything changed: bad arguments, an entry that is not configured or
-     not valid, a configuration file that cannot be read, or a daemon that is needed but
-     not running (or works from another configuration file)"""
+     not valid, a configuration file that cannot be read, a daemon that is needed but not
+     running (or works from another configuration file), or what is still in use (a target
+     an entry replicates to, an entry a process holds at a switch-over)"""
 
 
 class Parser(argparse.ArgumentParser):
@@ -37,7 +38,7 @@ class Parser(argparse.ArgumentParser):
         super().error(message)
 
 
-class Refused(MirrorError):
+class Refused(Refusal):
     """The request itself is wrong or cannot be served: exit 2, nothing changed."""
 
 

@@ -61,8 +61,8 @@ def result_line(r: Result) -> str:
 
 
 def report(results: list[Result], *, as_json: bool = False) -> int:
-    """One line per entry, in the TUI's words; failed lines go to stderr. The exit code: 0, or
-    1 when an entry failed."""
+    """One line per entry, in the TUI's words; failed lines go to stderr. The exit code: 0, 1
+    when an entry failed, 2 when what failed was refused and nothing was done."""
     if as_json:
         dump([r.to_json() for r in results])
     elif not results:
@@ -75,7 +75,7 @@ def report(results: list[Result], *, as_json: bool = False) -> int:
 
 
 def failures(results: list[Result]) -> int:
-    """The failed entries' lines on stderr; 1 when there was one."""
+    """The failed entries' lines on stderr; the exit code (results.exit_code)."""
     for r in results:
         if r.failed:
             print(result_line(r), file=sys.stderr)

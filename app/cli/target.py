@@ -10,7 +10,7 @@ from dataclasses import asdict
 
 from app.cli.common import Refused, add, group, require, store
 from app.cli.output import complain, print_table, report
-from app.services.results import MirrorError, Outcome, Result
+from app.services.results import ConfigError, MirrorError, Outcome, Result
 
 
 def _host(args):
@@ -78,6 +78,8 @@ def cmd_remove(args) -> int:
     _host(args)  # a name that is not configured is a refusal (exit 2), as for test and the others
     try:
         host = store(args).remove_target(args.name)
+    except ConfigError as exc:  # used by an entry: refused, nothing was changed (exit 2)
+        raise Refused(exc.message, errno=exc.errno, obj=exc.obj) from None
     except MirrorError as exc:
         return report([Result.from_error("remove target", args.name, exc)], as_json=args.json)
     return report([Result("remove target", args.name, Outcome.OK, f"removed target {host.name} "

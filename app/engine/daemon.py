@@ -38,7 +38,7 @@ from app.services.control import SOCKET_MODE
 from app.services.socketpath import default_socket
 from app.services.layout import Layout, local_time, with_failback
 from app.services.protocol import CaptureRow
-from app.services.results import MirrorError, Outcome, Result
+from app.services.results import MirrorError, Outcome, Refusal, Result
 
 DETACHED_WAIT_SECONDS = 10  # at stop, lazily unmounted entries get this long to see files closed
 log = logging.getLogger("mirrorsetup.daemon")
@@ -443,8 +443,8 @@ class Daemon:
             return protocol.ok(**await self.commands[cmd](send, **args))
         except protocol.ProtocolError as exc:
             return protocol.error(f"bad request: {exc}", errno.EINVAL)
-        except MirrorError as exc:
-            return protocol.error(str(exc), exc.errno)
+        except MirrorError as exc:  # a Refusal changed nothing: the CLI exits 2 for it
+            return protocol.error(str(exc), exc.errno, refused=isinstance(exc, Refusal))
         except OSError as exc:
             return protocol.error(str(MirrorError.from_oserror("daemon", "request", exc)), exc.errno)
         except (trio.BrokenResourceError, trio.ClosedResourceError):

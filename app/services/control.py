@@ -15,7 +15,7 @@ import stat
 from collections.abc import Callable
 
 from app.services import protocol
-from app.services.results import MirrorError, Result
+from app.services.results import MirrorError, Refusal, Result
 from app.services.socketpath import default_socket
 
 SOCKET_MODE = 0o600
@@ -74,7 +74,8 @@ class ControlClient:
 
     def request(self, cmd: str, *, progress: Callable[[dict], None] | None = None, **args) -> dict:
         """Send one command; progress lines go to `progress`, the final reply is returned.
-        A refusal (`ok: false`) raises MirrorError with the daemon's message and errno."""
+        A refusal (`ok: false`) raises MirrorError with the daemon's message and errno (a
+        Refusal when the daemon says nothing was changed: the CLI exits 2 for it)."""
         if cmd not in protocol.COMMANDS:
             raise MirrorError(f"unknown daemon command {cmd!r}", errno=errno.EINVAL)
         sock = self._connect()
@@ -87,7 +88,8 @@ class ControlClient:
                         progress(msg["progress"])
                     continue
                 if not msg.get("ok"):
-                    raise MirrorError(msg.get("error", "the daemon refused"), errno=msg.get("errno"))
+                    kind = Refusal if msg.get("refused") is True else MirrorError
+                    raise kind(msg.get("error", "the daemon refused"), errno=msg.get("errno"))
                 return msg
             raise MirrorError("the daemon closed the connection without a reply",
                               errno=errno.ECONNRESET, obj=self.socket_path)

@@ -6,6 +6,7 @@ take-over socket) speak the same thing: one JSON object per line.
     request   {"cmd": NAME, "args": {...}}
     progress  {"progress": {...}}                (any number, before the reply)
     reply     {"ok": true, ...}                  or  {"ok": false, "error": TEXT, "errno": N}
+                                                 ("refused": true: nothing was changed)
     event     {"event": "ready" | "error", ...}  (a worker, once, when it starts)
 
 The daemon's commands and their arguments are listed in COMMANDS (the daemon binds each to a
@@ -51,9 +52,10 @@ def ok(**data) -> dict:
     return {"ok": True, **data}
 
 
-def error(message: str, err: int | None = None) -> dict:
+def error(message: str, err: int | None = None, *, refused: bool = False) -> dict:
     return {"ok": False, "error": message, "errno": err,
-            "errno_name": errno_module.errorcode.get(err) if err else None}
+            "errno_name": errno_module.errorcode.get(err) if err else None,
+            **({"refused": True} if refused else {})}
 
 
 def progress(**data) -> dict:

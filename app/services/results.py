@@ -36,6 +36,11 @@ class Result:
     def failed(self) -> bool:
         return self.outcome is Outcome.FAILED
 
+    @property
+    def refused(self) -> bool:
+        """Failed as a refusal: nothing was changed (e.g. the object is in use)."""
+        return self.failed and self.details.get("refused") is True
+
     def to_json(self) -> dict[str, Any]:
         return {
             "action": self.action,
@@ -56,7 +61,8 @@ class Result:
     @classmethod
     def from_error(cls, action: str, target: str, exc: BaseException) -> Result:
         err = getattr(exc, "errno", None)
-        return cls(action, target, Outcome.FAILED, str(exc), err if isinstance(err, int) else None)
+        return cls(action, target, Outcome.FAILED, str(exc), err if isinstance(err, int) else None,
+                   {"refused": True} if isinstance(exc, Refusal) else {})
 
 
 class MirrorError(Exception):
@@ -79,6 +85,11 @@ class MirrorError(Exception):
         return cls(f"{what} {obj}: {reason} ({name})", errno=exc.errno, obj=obj)
 
 
+class Refusal(MirrorError):
+    """A request refused before anything was changed (the object is in use, or not in the
+    state the request needs): the CLI exits 2 for it, as for bad arguments, not 1."""
+
+
 class ConfigError(MirrorError):
     """The configuration file or an entry is wrong; `line` and `key` point at it when known."""
 
@@ -90,5 +101,10 @@ class ConfigError(MirrorError):
 
 
 def exit_code(results: list[Result]) -> int:
-    """0 only when no entry failed (the CLI contract)."""
-    return 1 if any(r.failed for r in results) else 0
+    """The CLI contract: 0 when no entry failed; 2 when every failed entry was refused and
+    nothing was done (no entry ok or pending); else 1."""
+    failed = [r for r in results if r.failed]
+    if not failed:
+        return 0
+    done = any(r.outcome in (Outcome.OK, Outcome.PENDING) for r in results)
+    return 2 if all(r.refused for r in failed) and not done else 1
