@@ -372,6 +372,35 @@ def test_a_switchover_to_a_target_it_cannot_reach_changes_nothing(fs_remote):
     assert replicas(r)[0]["role"] == "secondary"
 
 
+def test_a_switchover_refused_as_in_use_names_the_command_itself_and_exits_2(fs_remote):
+    """Run from a shell inside the entry (its working directory, or its output redirected into
+    a file there), `switchover` holds the mount itself and the unmount would fail: the refusal
+    named "pid N (python3) holds …", which an administrator could not tell was this very
+    command, and exited 1 though nothing was changed. Now it says it is this command and what
+    to change, and exits 2 (refused before anything changed)."""
+    eng, src, r = fs_remote()
+    s = Path(src)
+    (s / "f").write_text("one")
+    eng.drain(src)
+    env = {**os.environ, "MIRRORSETUP_SOCKET": eng.socket, "PYTHONPATH": str(REPO)}
+    argv = [sys.executable, "-m", "app", "--config", str(r.cfg), "switchover", src]
+
+    def captured() -> bool:
+        return any(f" {src} " in m and "fuse.mirrorfs" in m for m in open("/proc/self/mountinfo"))
+    p = subprocess.run(argv, cwd=src, env=env, capture_output=True, text=True)
+    assert p.returncode == 2, p.stdout + p.stderr
+    assert "this command itself (pid " in p.stderr and f"runs in {src}: run it from outside " \
+        f"{src}" in p.stderr and "nothing was changed" in p.stderr, p.stderr
+    assert captured() and not list(Path(eng.state).rglob("switched")), p.stderr
+    with open(s / "out", "w") as out:
+        p = subprocess.run(argv, cwd=REPO, env=env, stdout=out, stderr=subprocess.PIPE, text=True)
+    assert p.returncode == 2, p.stderr
+    assert re.search(r"this command itself \(pid \d+, python", p.stderr), p.stderr
+    assert f"has {s / 'out'} as its standard output: redirect it outside {src}" in p.stderr, p.stderr
+    assert captured()
+    assert eng.status(src)["target_data"] == "consistent"
+
+
 def _switchover_losing_its_answer(eng, key: str, r) -> tuple[int, str, str]:
     """`switchover KEY` whose link drops once the agent has promoted the replica, before its
     answer is sent (the agent holds it: MIRRORSETUP_TEST_PROMOTE_REPLY_DELAY in the forced

@@ -27,7 +27,7 @@ import trio
 
 from app.engine import sync
 from app.engine.blocksup import BlockCaptures
-from app.engine.failover import Failover, switched
+from app.engine.failover import REQUESTER, Failover, switched
 from app.engine.failover import refusal as _refusal
 from app.engine.supervisor import Captured, Supervisor, close_zygote, gather, holders, lazy_state, mount_dev
 from app.services import layout as layout_mod
@@ -422,6 +422,7 @@ class Daemon:
     # -- socket -----------------------------------------------------------------------------
     async def serve_client(self, stream: trio.SocketStream) -> None:
         lines = protocol.TrioLines(stream)
+        REQUESTER.set(_peer_pid(stream.socket))  # this client's task only (a contextvar)
         async with stream:
             while True:
                 try:
@@ -683,6 +684,17 @@ def run(args) -> int:
     except MirrorError as exc:
         print(f"mirrorsetup daemon: {exc}", file=sys.stderr)
         return 2
+
+
+def _peer_pid(sock) -> int | None:
+    """The pid of the process at the other end of a control connection (SO_PEERCRED)."""
+    import struct
+    try:
+        pid, _uid, _gid = struct.unpack("3i", sock.getsockopt(
+            socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i")))
+    except OSError:
+        return None
+    return pid or None
 
 
 if __name__ == "__main__":

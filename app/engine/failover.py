@@ -22,6 +22,7 @@ and attach are refused: capturing here again would fork the history).
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import dataclasses
 import errno
 import json
@@ -39,11 +40,14 @@ from app.engine.supervisor import KEPT, capture_end, holders, mount_dev
 from app.services.layout import (FAILBACK_MARKER, SWITCHED_MARKER, command, local_time,
                                   mix_words, switched_marker, switched_refusal, with_failback)
 from app.services.protocol import replicating
-from app.services.results import MirrorError, Outcome, Result
+from app.services.results import MirrorError, Outcome, Refusal, Result
 
 log = logging.getLogger("mirrorsetup.failover")
 SWITCHED = SWITCHED_MARKER  # in an entry's state directory: handed over to its remote replica
 FAILBACK = FAILBACK_MARKER  # a fail-back under way: the generation the replica is handed back in
+# The pid of the process whose request the daemon serves (its control connection's peer),
+# set per client task: a switch-over names the asking command itself among the holders.
+REQUESTER: contextvars.ContextVar[int | None] = contextvars.ContextVar("requester", default=None)
 DRAIN_SECONDS = 300  # a switch-over waits this long for the target to apply everything
 
 
@@ -259,15 +263,17 @@ class Failover:
         if kind == "fs":
             dev = mount_dev(key, self.sup.layout.fsname("fs"))
             held = await trio.to_thread.run_sync(holders, key, dev, ours) if dev else []
-            if held:
-                names = "; ".join(f"pid {h['pid']} ({h['name']}) holds {h['file']}" for h in held)
-                raise MirrorError(f"{key} is in use: {names}: stop them first (nothing was changed)",
-                                  errno=errno.EBUSY, obj=key)
+            if held:  # the asking command's own cwd or file blocks the unmount as any other's
+                asker = REQUESTER.get()
+                names = "; ".join(_own_hold(h, key) if h["pid"] == asker else
+                                  f"pid {h['pid']} ({h['name']}) holds {h['file']}" for h in held)
+                raise Refusal(f"{key} is in use: {names}: stop them first (nothing was changed)",
+                              errno=errno.EBUSY, obj=key)
         elif cap.loop:
             users = await trio.to_thread.run_sync(block_users, cap.loop, ours)
             if users:
-                raise MirrorError(f"{key} is in use through {cap.loop}: {'; '.join(users)}: stop "
-                                  "them first (nothing was changed)", errno=errno.EBUSY, obj=key)
+                raise Refusal(f"{key} is in use through {cap.loop}: {'; '.join(users)}: stop "
+                              "them first (nothing was changed)", errno=errno.EBUSY, obj=key)
         if kind == "fs":
             r = await self.sup.unmount(key)
         else:
@@ -783,3 +789,27 @@ def _local_users(kind: str, key: str, entry) -> list[str]:
         return path_users(key)
     from app.services.blockplan import View, busy_reasons
     return busy_reasons(entry.device, View())
+
+
+_STREAMS = {0: "standard input", 1: "standard output", 2: "standard error"}
+
+
+def _own_hold(h: dict, key: str) -> str:
+    """A holder that is the command asking for the switch-over (its shell gave it a working
+    directory or a file below the entry): it blocks the unmount as any other process, so it is
+    named, in words that say what to change."""
+    who = f"this command itself (pid {h['pid']}, {h['name']})"
+    if h["file"].endswith(" (working directory)"):
+        where = h["file"][:-len(" (working directory)")]
+        return f"{who} runs in {where}: run it from outside {key}"
+    fd = None
+    with contextlib.suppress(OSError):
+        for n in sorted(os.listdir(f"/proc/{h['pid']}/fd"), key=int):
+            with contextlib.suppress(OSError):
+                if os.readlink(f"/proc/{h['pid']}/fd/{n}") == h["file"]:  # the kernel's name
+                    fd = int(n)
+                    break
+    if fd in _STREAMS:
+        return f"{who} has {h['file']} as its {_STREAMS[fd]}: redirect it outside {key}"
+    return f"{who} has {h['file']} open{f' (fd {fd})' if fd is not None else ''}: close it or " \
+           f"run the command without it"
