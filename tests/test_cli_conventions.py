@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -376,3 +377,54 @@ def test_an_entry_refused_before_anything_changed_exits_2_not_1(capsys):
     broke = Result("switchover", "/srv/b", Outcome.FAILED, "promotion got no answer", 5)
     assert report([busy, broke]) == 1
     assert report([busy, Result("attach", "/dev/c", Outcome.UNCHANGED, "attached")]) == 2
+
+
+def test_status_at_80_columns_keeps_the_replicas_state_readable(monkeypatch, capsys):
+    """At 80 columns a long connection state ("disconnected since …: …, retry in …") made the
+    file-system row 120 columns wide: the terminal wrapped it and the replica's state was lost
+    in the wrap (the table did not even say it). The data state has its own column, and a
+    table wider than the terminal prints the replication text on its own wrapped line under
+    the row: no line is wider than 80, nothing is cut. Piped without $COLUMNS, rows stay whole."""
+    import tempfile
+
+    from app.cli.output import print_status
+    from app.services.config import ConfigStore
+    from app.services.status import snapshot
+    top = Path(tempfile.mkdtemp(prefix="h38-"))  # a short path, as an administrator's
+    try:
+        (top / "src").mkdir()
+        cfg = top / "replication.toml"
+        cfg.write_text(f'schema = 1\n\n[[target]]\nname = "backup1"\nhost = "backup1.example.net"\n'
+                       f'root = "/srv/replicas"\n\n[[filesystem]]\npath = "{top / "src"}"\n'
+                       f'target = "backup1:data"\n')
+        connection = ("disconnected since 10:52:01: no answer from backup1.example.net within 15 s"
+                      ", retry in 12 s")
+
+        class Control:
+            def request(self, what):
+                return {"filesystem": [{"kind": "fs", "key": str(top / "src"), "captured": True,
+                                        "target": "backup1:data", "state": "capturing",
+                                        "replication": "waiting for the target",
+                                        "connection": connection, "target_data": "consistent",
+                                        "bytes_queued": 4096, "lag_seconds": 3.5}], "block": []}
+
+        snap = snapshot(ConfigStore(cfg), Control(), scan_writers=False)
+        monkeypatch.setenv("COLUMNS", "80")
+        print_status(snap)
+        out = capsys.readouterr().out
+        assert max(len(line) for line in out.splitlines()) <= 80, out
+        lines = out.splitlines()
+        [i] = [n for n, line in enumerate(lines) if line.startswith(str(top / "src"))]
+        assert "REPLICA" in lines[i - 1] and "consistent" in lines[i].split(), out
+        [j] = [n for n, line in enumerate(lines) if line.startswith("    replication: ")]
+        below = " ".join(x.strip() for x in lines[j:j + 2])
+        assert "    lag s: 3.5" in lines[i + 1:j], out  # moved too: the rest fits
+        assert below.startswith("replication: waiting for the target (disconnected since "
+                                "10:52:01: no answer from backup1.example"), out
+        assert "retry in 12 s)" in below, out
+        monkeypatch.delenv("COLUMNS")
+        print_status(snap)  # piped (capsys is no terminal), no $COLUMNS: one line per row
+        [row] = [x for x in capsys.readouterr().out.splitlines() if x.startswith(str(top / "src"))]
+        assert "consistent" in row.split() and row.rstrip().endswith("retry in 12 s)"), row
+    finally:
+        shutil.rmtree(top)

@@ -6,7 +6,10 @@ from __future__ import annotations
 
 import errno as errno_module
 import json
+import os
+import shutil
 import sys
+import textwrap
 from typing import Any
 
 from app.services.results import MirrorError, Outcome, Result, exit_code
@@ -42,7 +45,12 @@ def _cell(value: Any) -> str:
     return shown(str(value))
 
 
-def print_table(rows: list[dict[str, Any]], columns: list[str], *, as_json: bool = False) -> None:
+def print_table(rows: list[dict[str, Any]], columns: list[str], *, as_json: bool = False,
+                below: tuple[str, ...] = ()) -> None:
+    """Aligned columns. A table wider than the terminal prints `below`'s columns (long free
+    text first), one by one until the rest fits, on indented lines under each row, wrapped:
+    the other cells stay readable and nothing is cut. Piped without $COLUMNS, rows stay
+    whole lines (as util-linux's tables)."""
     if as_json:
         dump(rows)
         return
@@ -51,9 +59,29 @@ def print_table(rows: list[dict[str, Any]], columns: list[str], *, as_json: bool
         return
     cells = [[_cell(r.get(c)) for c in columns] for r in rows]
     widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(columns)]
-    print("  ".join(c.upper().ljust(w) for c, w in zip(columns, widths)).rstrip())
+    width = _terminal_width() if below else None
+    moved: set[str] = set()
+    for name in below if width is not None else ():  # moved one by one until the rest fits
+        kept = [w for c, w in zip(columns, widths) if c not in moved]
+        if sum(kept) + 2 * (len(kept) - 1) <= width:
+            break
+        moved.add(name)
+    keep = [i for i, c in enumerate(columns) if c not in moved]
+    print("  ".join(columns[i].upper().ljust(widths[i]) for i in keep).rstrip())
     for row in cells:
-        print("  ".join(v.ljust(w) for v, w in zip(row, widths)).rstrip())
+        print("  ".join(row[i].ljust(widths[i]) for i in keep).rstrip())
+        for i in [i for i, c in enumerate(columns) if c in moved]:
+            if row[i] != "-":
+                print("\n".join(textwrap.wrap(f"{columns[i]}: {row[i]}", max(width, 40),
+                                               initial_indent="    ", subsequent_indent="      ",
+                                               break_on_hyphens=False)))
+
+
+def _terminal_width() -> int | None:
+    """The width a person reads the table at: the terminal's, or $COLUMNS."""
+    if os.environ.get("COLUMNS", "").isdigit() or sys.stdout.isatty():
+        return shutil.get_terminal_size().columns
+    return None
 
 
 def result_line(r: Result) -> str:
@@ -121,22 +149,25 @@ def print_status(snap, *, as_json: bool = False) -> None:
         f = s.figures
         rows.append({"path": s.entry.path, "state": "INVALID" if s.problem else s.state,
                      "atime": s.entry.replicate_atime, "target": s.entry.target,
-                     "replication": _replication(f),
+                     "replica": _replica(f), "replication": _replication(f),
                      "queued": human_size(f.bytes_queued) if f else None,
                      "lag s": _lag(f)})
-    print_table(rows, ["path", "state", "atime", "target", "replication", "queued", "lag s"])
+    print_table(rows, ["path", "state", "atime", "target", "replica", "queued", "lag s",
+                       "replication"], below=("replication", "lag s", "queued"))
     print("\nBlock-device replication")
     rows = []
     for s in snap.block:
         f = s.figures
         rows.append({"device": s.entry.device, "state": "INVALID" if s.problem else s.state,
                      "capture": s.capture or None, "loop wanted": s.entry.loop, "loop": s.loop,
-                     "offset": s.entry.offset, "target": s.entry.target,
+                     "offset": s.entry.offset, "target": s.entry.target, "replica": _replica(f),
                      "replication": _replication(f) if f and f.captured else None,
                      "queued": human_size(f.bytes_queued) if f and f.captured else None,
                      "lag s": _lag(f), "mounted via loop": list(s.loop_mounts)})
     print_table(rows, ["device", "state", "capture", "loop wanted", "loop", "offset", "target",
-                       "replication", "queued", "lag s", "mounted via loop"])
+                       "replica", "queued", "lag s", "replication", "mounted via loop"],
+                below=("replication", "mounted via loop", "lag s", "queued", "loop wanted",
+                       "offset"))
     summary = snap.summary
     if snap.engine_error:
         print(f"\nDaemon: {shown(snap.engine_error)}")
@@ -146,8 +177,11 @@ def print_status(snap, *, as_json: bool = False) -> None:
         print(f"\nDaemon: running (pid {summary.pid})")
     if snap.warnings:
         print("\nWarnings")
+        width = _terminal_width()
         for w in snap.warnings:
-            print(f"  {w.level.upper()}: {shown(w.subject)}: {shown(w.message)}")
+            line = f"  {w.level.upper()}: {shown(w.subject)}: {shown(w.message)}"
+            print(line if width is None else "\n".join(textwrap.wrap(
+                line, max(width, 40), subsequent_indent="    ", break_on_hyphens=False)))
 
 
 def _replication(f) -> str | None:
@@ -162,6 +196,13 @@ def _replication(f) -> str | None:
     if f.connection and f.connection not in ("local", "none", "connected"):
         text += f" ({short_connection(f.connection)})"  # the whole of it: in the warnings
     return text
+
+
+def _replica(f) -> str | None:
+    """The target's data: consistent, inconsistent, not ours, split-brain, promoted."""
+    if f is None or not f.captured or f.error:
+        return None
+    return getattr(f, "target_data", None) or None
 
 
 def _lag(f) -> str | None:
