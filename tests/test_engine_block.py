@@ -804,3 +804,62 @@ def test_status_and_the_picker_answer_while_a_block_capture_does_not(block_engin
         assert [b.capture for b in box["snap"].block] == ["no daemon"], box["snap"].block
     finally:
         os.kill(worker, signal.SIGCONT)
+
+
+def test_a_capture_started_on_a_device_that_became_empty_says_so_without_a_traceback(block_engine):
+    """The loop a block entry's device is had its backing file emptied while the daemon was
+    stopped: the next start's capture said "offset 0 is past the end of /dev/loopN (0
+    bytes)", as if the offset were wrong. It says the device is empty and why (its file has
+    no data), and nothing of the worker's end is a traceback."""
+    eng, disk, target, cfg = block_engine(16 * MiB)
+    eng.block_drain(disk)
+    backing = run("losetup", "-nO", "BACK-FILE", disk).stdout.strip()
+    eng.stop()
+    os.truncate(backing, 0)
+    run("losetup", "-c", disk)  # (the loop stays attached: it is this test's)
+    eng.start()
+    r = cli(cfg, eng, "block", "attach-all")
+    assert r.returncode == 1, r.stdout + r.stderr
+    assert f"{disk} is empty (0 bytes): its backing file {backing} has no data" in r.stderr, r.stderr
+    assert "offset" not in r.stderr and "past the end" not in eng.logtext(), r.stderr
+    assert not eng.block(disk)["captured"]
+    assert "Traceback" not in eng.logtext(), eng.logtext()
+
+
+def test_a_worker_whose_daemon_is_gone_says_why_it_ends_in_one_line(caplog):
+    """A worker refused (here: its device is empty) after the daemon that started it had gone
+    (it gave up waiting, or stopped) died of a BrokenPipeError traceback while telling it why.
+    It logs the reason in one line and ends (exit status 1)."""
+    import logging
+    import socket
+
+    from app.engine import capture
+    ours, theirs = socket.socketpair()
+    theirs.close()
+
+    def refused(chan):
+        raise capture.Refused("/dev/loop7 is empty (0 bytes): there is nothing on it to capture",
+                              errno.EINVAL)
+    mask = os.umask(0o022)  # guarded() sets the worker's umask (0): this process's is put back
+    try:
+        with caplog.at_level(logging.INFO):
+            assert capture.guarded(ours.detach(), refused) == 1
+    finally:
+        os.umask(mask)
+    said = [r.getMessage() for r in caplog.records]
+    assert any("capture not started: /dev/loop7 is empty (0 bytes)" in m and "daemon that asked "
+               "for it is gone" in m for m in said), said
+    assert not any(r.exc_info for r in caplog.records)
+
+
+def test_a_detached_loop_is_said_as_detached_not_as_empty(unused_loop):
+    """An entry's device that is a loop detached before the capture (re)started (a loop's
+    device node stays, of 0 bytes): said as a loop with nothing attached, ENXIO."""
+    from app.engine.capture import _empty_device
+    from app.services import loop as loopdev
+    loopdev.ensure_device(unused_loop)  # the node, with nothing attached (its own number)
+    with open(f"/sys/class/block/{os.path.basename(unused_loop)}/size") as f:
+        assert int(f.read()) == 0
+    said, err = _empty_device(unused_loop)
+    assert said.startswith(f"{unused_loop} is a loop device with nothing attached (it was "
+                           "detached)") and err == errno.ENXIO, said

@@ -383,6 +383,8 @@ class Capture:
         except OSError as exc:
             raise Refused(str(exc.strerror), exc.errno) from None
         end = os.lseek(self.raw, 0, os.SEEK_END)
+        if end == 0:  # (not "offset 0 is past the end": the offset is not what is wrong)
+            raise Refused(*_empty_device(spec.key))
         if spec.offset >= end:
             raise Refused(f"offset {spec.offset} is past the end of {spec.key} ({end} bytes)",
                           errno.EINVAL)
@@ -1270,13 +1272,48 @@ def guarded(fd: int, run) -> int:
                 prof.dump_stats(profile_to)
         return run(chan)
     except Refused as exc:
-        chan.send({"event": "error", "message": str(exc), "errno": exc.errno})
+        _tell(chan, {"event": "error", "message": str(exc), "errno": exc.errno})
         return 1
     except Exception as exc:  # reported to the daemon, which turns it into a FAILED result
         log.exception("worker failed")
-        chan.send({"event": "error", "message": f"{type(exc).__name__}: {exc}",
-                   "errno": getattr(exc, "errno", None)})
+        _tell(chan, {"event": "error", "message": f"{type(exc).__name__}: {exc}",
+                     "errno": getattr(exc, "errno", None)})
         return 1
+
+
+def _tell(chan: Channel, event: dict) -> None:
+    """Why this worker ends, to the daemon that started it; if that daemon is gone (it gave
+    up waiting, or stopped) the reason is logged, in one line, not as a BrokenPipe traceback."""
+    try:
+        chan.send(event)
+    except OSError as exc:
+        log.error("capture not started: %s (the daemon that asked for it is gone: %s)",
+                  event["message"], exc.strerror or exc)
+
+
+def _empty_device(device: str) -> tuple[str, int]:
+    """Why a device of 0 bytes cannot be captured, in the words of what happened to it: a
+    loop that was detached, a loop whose file was emptied, or a device that is empty."""
+    try:
+        rdev = os.stat(device).st_rdev
+        base = f"/sys/dev/block/{os.major(rdev)}:{os.minor(rdev)}"
+        is_loop = os.major(rdev) == 7  # LOOP_MAJOR
+    except OSError:
+        base, is_loop = "", False
+    if is_loop:
+        try:
+            with open(f"{base}/loop/backing_file") as f:
+                backing = f.read().strip()
+        except FileNotFoundError:
+            return (f"{device} is a loop device with nothing attached (it was detached): there is "
+                    f"nothing to capture; attach its file to it again (losetup {device} FILE) or "
+                    "correct the entry", errno.ENXIO)
+        except OSError:
+            backing = ""
+        if backing:
+            return (f"{device} is empty (0 bytes): its backing file {backing} has no data (it "
+                    "was truncated or replaced); there is nothing to capture", errno.EINVAL)
+    return f"{device} is empty (0 bytes): there is nothing on it to capture", errno.EINVAL
 
 
 def main(argv: list[str] | None = None) -> int:
