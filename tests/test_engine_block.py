@@ -760,7 +760,7 @@ def test_manual_detach_leaves_a_captured_entrys_loops_alone(block_engine):
     for which, words in ((loop, "is the capture loop of a replicated block entry"),
                          (disk, f"is the device the block entry {disk} replicates")):
         p = cli(cfg, eng, "manual", "detach", which)
-        assert p.returncode == 1, p.stdout + p.stderr
+        assert p.returncode == 2, p.stdout + p.stderr  # refused before anything changed
         assert f"{which} {words}" in p.stderr and "nothing was changed" in p.stderr, p.stderr
         for argv in re.findall(r"`mirrorsetup ([^`]*)`", p.stderr):  # what it says to run exists
             # ("`mirrorsetup block detach DEVICE` ends that capture": there was no such command)

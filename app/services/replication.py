@@ -274,9 +274,9 @@ class Replication:
         if st is None:
             return Result("manual detach", loop_path, Outcome.UNCHANGED, f"{loop_path} is not attached")
         ours = self._replication_loop(st)
-        if ours:
+        if ours:  # a refusal: nothing was changed (exit 2)
             return Result("manual detach", loop_path, Outcome.FAILED, f"{loop_path} {ours}; nothing "
-                          "was changed", errno.EBUSY)
+                          "was changed", errno.EBUSY, {"refused": True})
         r = blockplan.detach_loop(loop_path, loop_path)
         # the line names the loop already: "/dev/loopN: detached", not "/dev/loopN: /dev/loopN: …"
         message = r.message.removeprefix(f"{loop_path}: ")
