@@ -1119,15 +1119,16 @@ def test_a_changed_host_key_is_refused_before_any_data(fs_remote):
     host = ["--host", r.bed.target_addr, "--port", str(r.bed.port), "--root", str(r.root),
             "--ssh-config", str(r.bed.ssh_config)]
     added = cli(r.cfg, "target", "add", "backup2", *host, "--accept-host-key", new)  # it was added
-    assert added.returncode == 1, added.stdout + added.stderr  # with the old key checked: not silently
+    assert added.returncode == 2, added.stdout + added.stderr  # with the old key checked: not silently
+    # (refused, exit 2: nothing was added; it said FAILED, exit 1)
     assert f"with the host key {old}, not {new}" in added.stderr and "target rekey" in added.stderr
     assert [t["name"] for t in json.loads(cli(r.cfg, "target", "list", "--json").stdout)] == ["backup1"]
     bad = cli(r.cfg, "target", "rekey", "backup1", "--accept-host-key", "d6:5f:00")
     assert bad.returncode == 2 and "not a fingerprint" in bad.stderr, bad.stderr
     wrong = cli(r.cfg, "target", "rekey", "backup1", "--accept-host-key", old)
-    assert wrong.returncode == 1 and f"is not {old}: it offers {new}" in wrong.stderr, wrong.stderr
+    assert wrong.returncode == 2 and f"is not {old}: it offers {new}" in wrong.stderr, wrong.stderr
     asked = cli(r.cfg, "target", "rekey", "backup1")  # no terminal, no key given
-    assert asked.returncode == 1 and f"--accept-host-key {new}" in asked.stderr, asked.stderr
+    assert asked.returncode == 2 and f"--accept-host-key {new}" in asked.stderr, asked.stderr
     assert "host key" in eng.status(src)["connection"]  # still refused: nothing was changed
     done = cli(r.cfg, "target", "rekey", "backup1", "--accept-host-key", new, "--json")
     assert done.returncode == 0, done.stdout + done.stderr

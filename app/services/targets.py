@@ -29,7 +29,7 @@ from app.services import wire
 from app.services.config import ConfigStore
 from app.services.config_toml import TargetHost
 from app.services.layout import command
-from app.services.results import ConfigError, MirrorError, Outcome, Result
+from app.services.results import ConfigError, MirrorError, Outcome, Refusal, Result
 
 KEYSCAN_SECONDS = 10
 PROBE_SECONDS = 30
@@ -358,12 +358,12 @@ def rekey_target(store: ConfigStore, name: str, *, accept_host_key: str | None =
         if accept_host_key:
             chosen = next((k for k in keys if k[1] == accept_host_key), None)
             if chosen is None:
-                raise MirrorError(f"the host key of {where} is not {accept_host_key}: it offers "
+                raise Refusal(f"the host key of {where} is not {accept_host_key}: it offers "
                                   f"{shown}. Nothing was changed", errno=errno.EACCES, obj=name)
         elif confirm is not None and confirm(keys):
             chosen = keys[0]
         else:
-            raise MirrorError(f"{where} offers {shown}; pinned: {', '.join(old) or 'nothing'}. Check "
+            raise Refusal(f"{where} offers {shown}; pinned: {', '.join(old) or 'nothing'}. Check "
                               "it on the target (ssh-keygen -lf /etc/ssh/ssh_host_ed25519_key.pub) "
                               f"and run again with --accept-host-key {keys[0][1]}. Nothing was "
                               "changed", errno=errno.EACCES, obj=name)
@@ -464,7 +464,7 @@ def add_target(store: ConfigStore, host: TargetHost, *, accept_host_key: str | N
         old = pinned_fingerprints(host.known_hosts, host.host, host.port)
         if old and accept_host_key and accept_host_key not in old:
             # pinned by an earlier add: another key now is a reinstall or a man in the middle
-            raise MirrorError(f"{host.host} port {host.port} is pinned in {host.known_hosts} with the "
+            raise Refusal(f"{host.host} port {host.port} is pinned in {host.known_hosts} with the "
                               f"host key {', '.join(old)}, not {accept_host_key}. If the target was "
                               "reinstalled, check its key there, add this target without "
                               "--accept-host-key, then "
@@ -480,13 +480,13 @@ def add_target(store: ConfigStore, host: TargetHost, *, accept_host_key: str | N
             if accept_host_key:
                 chosen = next((k for k in keys if k[1] == accept_host_key), None)
                 if chosen is None:
-                    raise MirrorError(f"the host key of {host.host} port {host.port} is not "
+                    raise Refusal(f"the host key of {host.host} port {host.port} is not "
                                       f"{accept_host_key}: it offers "
                                       f"{shown}. Nothing was added", errno=errno.EACCES, obj=name)
             elif confirm is not None and confirm(keys):
                 chosen = keys[0]
             else:
-                raise MirrorError(f"the host key of {host.host} port {host.port} is not pinned: it offers "
+                raise Refusal(f"the host key of {host.host} port {host.port} is not pinned: it offers "
                                   f"{shown}. Check it on the target (ssh-keygen -lf "
                                   "/etc/ssh/ssh_host_ed25519_key.pub) and add the target again with "
                                   f"--accept-host-key {keys[0][1]}. Nothing was added",
