@@ -178,9 +178,9 @@ def test_planned_switchover_of_a_directory_and_fail_back(fs_remote, writer):
     assert json.loads(p.stdout)["filesystem"][0]["state"] == "switched over", p.stdout
     assert st["switched"]["fence"].get("read_only_mount"), st  # put back by the restart
     m = cli(r.cfg, "fs", "mount-all", socket=eng.socket)  # capturing here would fork the history
-    assert m.returncode == 1 and "switched over to backup1:data" in m.stderr, m.stdout + m.stderr
+    assert m.returncode == 2 and "switched over to backup1:data" in m.stderr, m.stdout + m.stderr
     again = cli(r.cfg, "switchover", src, socket=eng.socket)
-    assert again.returncode == 1 and "already switched over" in again.stderr
+    assert again.returncode == 2 and "already switched over" in again.stderr
     [rep] = replicas(r)
     assert rep["role"] == "primary" and rep["promoted"]["by"] == "switch-over", rep
     assert rep["promoted"]["seq"] == res[0]["details"]["seq"]
@@ -198,7 +198,7 @@ def test_planned_switchover_of_a_directory_and_fail_back(fs_remote, writer):
         assert sum(line.split()[4] == str(where) for line in table.splitlines()) == 1, table  # not stacked
         # in use there: the fail-back is refused before this side is made writable
         p = cli(r.cfg, "failback", src, "--yes", socket=eng.socket)
-        assert p.returncode == 1 and f"is in use there: mounted at {where}" in p.stderr, p.stderr
+        assert p.returncode == 2 and f"is in use there: mounted at {where}" in p.stderr, p.stderr
         assert "nothing was changed (it stays read-only here)" in p.stderr, p.stderr
         assert eng.status(src)["state"] == "switched over"
     finally:
@@ -479,7 +479,7 @@ def test_a_switchover_whose_answer_is_lost_after_the_promotion_stays_fenced_not_
     assert e.value.errno == errno.EROFS
     assert eng.status(src)["state"] == "switch-over interrupted"
     p = cli(r.cfg, "fs", "remove", src, "--keep-replica-primary", socket=eng.socket)
-    assert p.returncode == 1 and "did not finish" in p.stderr, p.stdout + p.stderr  # not known
+    assert p.returncode == 2 and "did not finish" in p.stderr, p.stdout + p.stderr  # not known
     assert "nothing was changed" in p.stderr and marker.exists(), p.stderr
     p = cli(r.cfg, "switchover", src, socket=eng.socket)  # finishes it
     assert p.returncode == 0 and "switched over to backup1" in p.stdout, p.stdout + p.stderr
@@ -648,7 +648,7 @@ def test_an_entry_switched_over_is_not_removed_until_it_is_failed_back(fs_remote
     p = cli(r.cfg, "switchover", src, socket=eng.socket)
     assert p.returncode == 0, p.stdout + p.stderr
     p = cli(r.cfg, "fs", "remove", src, socket=eng.socket)
-    assert p.returncode == 1, p.stdout + p.stderr
+    assert p.returncode == 2, p.stdout + p.stderr
     assert f"{src} was switched over to backup1:data at " in p.stderr, p.stderr
     assert "Remove the entry after that" in p.stderr and "nothing was changed" in p.stderr
     assert f"`mirrorsetup failback {src} --yes`" in p.stderr, p.stderr
@@ -659,7 +659,7 @@ def test_an_entry_switched_over_is_not_removed_until_it_is_failed_back(fs_remote
     env = {**os.environ, "MIRRORSETUP_SOCKET": eng.socket, "MIRRORSETUP_STATE_DIR": eng.state}
     p = subprocess.run([sys.executable, "-m", "app", "--config", str(r.cfg), "fs", "remove", src],
                        capture_output=True, text=True, cwd=REPO, env=env)
-    assert p.returncode == 1 and "was switched over to backup1:data" in p.stderr, p.stdout + p.stderr
+    assert p.returncode == 2 and "was switched over to backup1:data" in p.stderr, p.stdout + p.stderr
     eng.start()
     p = cli(r.cfg, "failback", src, "--yes", socket=eng.socket)
     assert p.returncode == 0, p.stdout + p.stderr
@@ -679,7 +679,7 @@ def test_an_entry_moved_for_good_is_removed_here_and_its_replica_stays_primary(f
     (s / "f").write_text("before")
     eng.drain(src)
     p = cli(r.cfg, "fs", "remove", src, "--keep-replica-primary", socket=eng.socket)
-    assert p.returncode == 1 and f"{src} was not switched over to its replica" in p.stderr, \
+    assert p.returncode == 2 and f"{src} was not switched over to its replica" in p.stderr, \
         p.stdout + p.stderr
     assert "nothing was changed" in p.stderr and eng.status(src)["captured"], p.stderr
     p = cli(r.cfg, "switchover", src, socket=eng.socket)
@@ -692,7 +692,7 @@ def test_an_entry_moved_for_good_is_removed_here_and_its_replica_stays_primary(f
     env = {**os.environ, "MIRRORSETUP_SOCKET": eng.socket, "MIRRORSETUP_STATE_DIR": eng.state}
     p = subprocess.run([sys.executable, "-m", "app", "--config", str(r.cfg), "fs", "remove", src,
                         "--keep-replica-primary"], capture_output=True, text=True, cwd=REPO, env=env)
-    assert p.returncode == 1 and "the daemon is not running" in p.stderr, p.stdout + p.stderr
+    assert p.returncode == 2 and "the daemon is not running" in p.stderr, p.stdout + p.stderr
     assert list(Path(eng.state).rglob("switched")), "the marker went without the daemon"
     eng.start()
     p = cli(r.cfg, "fs", "remove", src, "--keep-replica-primary", socket=eng.socket)
@@ -782,7 +782,7 @@ def test_block_switchover_then_fail_back_sends_only_what_changed(block_remote):
     finally:
         os.close(fd)
     a = cli(r.cfg, "block", "attach-all", socket=eng.socket)
-    assert a.returncode == 1 and "switched over" in a.stderr, a.stdout + a.stderr
+    assert a.returncode == 2 and "switched over" in a.stderr, a.stdout + a.stderr
     said = cli(r.cfg, "status", socket=eng.socket).stdout  # not told to attach it
     assert f"{disk}: switched over to backup1" in said and "not attached to a loop" not in said, said
     p = cli(r.cfg, "status", "--json", socket=eng.socket)  # its STATE: not "detached"
@@ -807,7 +807,7 @@ def test_block_switchover_then_fail_back_sends_only_what_changed(block_remote):
         again = on_target(r.bed, "replica", "promote", "disk.img", "--root", str(r.root))
         assert again.returncode == 2 and f"attached as {target_loop}" in again.stderr, again.stderr
         p = cli(r.cfg, "failback", disk, "--yes", socket=eng.socket)
-        assert p.returncode == 1 and f"attached to {target_loop}" in p.stderr, p.stdout + p.stderr
+        assert p.returncode == 2 and f"attached to {target_loop}" in p.stderr, p.stdout + p.stderr
         assert sha(disk) == source_before, "a refused fail-back wrote to the source"
     finally:
         r.bed.run_on_target(["losetup", "-d", target_loop], check=False)
@@ -899,11 +899,11 @@ def test_a_split_brain_fail_back_cut_mid_way_leaves_the_mix_uncaptured_and_never
     assert subprocess.run(["blockdev", "--getro", disk], capture_output=True,  # nothing
                           text=True).stdout.strip() == "1"  # writes into the mix
     p = cli(r.cfg, "block", "attach-all", socket=eng.socket)
-    assert p.returncode == 1 and f"a fail-back of {disk} from backup1:disk.img was interrupted: " \
+    assert p.returncode == 2 and f"a fail-back of {disk} from backup1:disk.img was interrupted: " \
         "this host's copy is a mix" in p.stderr, p.stdout + p.stderr
     replica = sha(image)
     p = cli(r.cfg, "replica", "resolve", disk, "--discard-target", "--yes", socket=eng.socket)
-    assert p.returncode == 1 and "keeping this host would overwrite the replica with that mix" \
+    assert p.returncode == 2 and "keeping this host would overwrite the replica with that mix" \
         in p.stderr, p.stdout + p.stderr
     assert f"Run `mirrorsetup failback {disk} --yes` again" in p.stderr, p.stderr
     r.bed.unblock()
@@ -1114,7 +1114,7 @@ def test_fail_over_of_a_block_device_split_brain_then_the_source_wins(remote, di
     used = re.search(r"attached \S+ as (/dev/loop\d+)", p.stdout).group(1)
     try:
         p = cli(r.cfg, "failback", disk, "--yes", socket=eng.socket)
-        assert p.returncode == 1 and f"is in use there: attached to {used}" in p.stderr, p.stdout + p.stderr
+        assert p.returncode == 2 and f"is in use there: attached to {used}" in p.stderr, p.stdout + p.stderr
         assert f"(to free it: losetup -d {used})" in p.stderr, p.stderr  # how, not only what
         assert "nothing was changed (its capture goes on" in p.stderr, p.stderr
         assert eng.block(disk)["captured"] and sha(image) == replica_before

@@ -245,8 +245,8 @@ class Failover:
                              sizelimit=getattr(entry, "sizelimit", 0))
         if not spec.target or "remote" not in spec.target:
             where = entry.target or "no target"
-            raise MirrorError(f"{key} replicates to {where}, not to another host: there is no "
-                              "replica that could take over", errno=errno.EINVAL, obj=key)
+            raise Refusal(f"{key} replicates to {where}, not to another host: there is no "
+                          "replica that could take over", errno=errno.EINVAL, obj=key)
         return spec
 
     async def _size(self, kind: str, entry) -> int | None:
@@ -316,19 +316,20 @@ class Failover:
         async with self._lock(kind, key):
             sw = switched(state)
             if sw is not None and sw.get("state") == "switched":
-                raise MirrorError(f"{key} was already switched over to {sw.get('target')} at "
-                                  f"{_when(sw.get('time'))}", errno=errno.EALREADY, obj=key)
+                raise Refusal(f"{key} was already switched over to {sw.get('target')} at "
+                              f"{_when(sw.get('time'))}", errno=errno.EALREADY, obj=key)
             cap = self.sup.get(kind, key)
             if sw is None:
                 if cap is None:
-                    raise MirrorError(f"{key} is not captured: mount or attach it first (its capture "
-                                      "catches up with what changed meanwhile), then switch over",
-                                      errno=errno.EINVAL, obj=key)
+                    raise Refusal(f"{key} is not captured: mount or attach it first (its capture "
+                                  "catches up with what changed meanwhile), then switch over",
+                                  errno=errno.EINVAL, obj=key)
                 await send({"progress": {"stage": "draining"}})
                 reply = await cap.link.call("drain", timeout=DRAIN_SECONDS)
                 if not reply.get("ok"):
-                    raise MirrorError(f"switch-over of {key} refused: {reply.get('error')} (nothing "
-                                      "was changed)", errno=reply.get("errno") or errno.EAGAIN, obj=key)
+                    raise MirrorError(f"switch-over of {key} refused: {reply.get('error')} "
+                                      "(nothing was changed)",
+                                      errno=reply.get("errno") or errno.EAGAIN, obj=key)
                 # an idle session says "connected" until its keep-alive misses: the target is
                 # asked (read only) before the capture is lifted for a promotion it must take
                 try:
@@ -559,9 +560,9 @@ class Failover:
             raise MirrorError(f"fail-back of {key}: {exc.state}; nothing was changed ({here})",
                               errno=_exc_error(exc), obj=key) from None
         if said.get("role") == "primary" and said.get("users"):  # the fail-back would be refused
-            raise MirrorError(f"fail-back of {key}: the promoted replica on {entry.target} is in use "
-                              f"there: {'; '.join(said['users'])}: stop using it there first; "
-                              f"nothing was changed ({here})", errno=errno.EBUSY, obj=key)
+            raise Refusal(f"fail-back of {key}: the promoted replica on {entry.target} is in use "
+                          f"there: {'; '.join(said['users'])}: stop using it there first; "
+                          f"nothing was changed ({here})", errno=errno.EBUSY, obj=key)
         if switched_over:  # the fail-back itself tells an interrupted one from a finished one
             return
         if said.get("role") != "primary":
@@ -671,10 +672,10 @@ class Failover:
     # -- split brain: the source wins -------------------------------------------------------------
     async def resolve(self, kind: str, key: str, entry, discard_target: bool) -> list[Result]:
         if not discard_target:
-            raise MirrorError(f"say which side wins: --discard-target keeps {key} as it is here and "
-                              "re-mirrors the replica (only differences); "
-                              f"{command('failback', key, '--yes')} keeps the promoted replica "
-                              "instead", errno=errno.EINVAL, obj=key)
+            raise Refusal(f"say which side wins: --discard-target keeps {key} as it is here and "
+                          "re-mirrors the replica (only differences); "
+                          f"{command('failback', key, '--yes')} keeps the promoted replica "
+                          "instead", errno=errno.EINVAL, obj=key)
         spec = self._spec(kind, key, entry)
         async with self._lock(kind, key):
             sw = switched(spec.state) or {}
@@ -682,7 +683,7 @@ class Failover:
             if mixed is not None and mixed.get("applied") != 0:
                 # an interrupted fail-back wrote (or may have written) some of the replica's data
                 # here: keeping this side would copy that mix over the only whole copy
-                raise MirrorError(
+                raise Refusal(
                     f"resolve {key}: refused: a fail-back from {entry.target} was interrupted and "
                     f"this host's copy {mix_words(mixed.get('applied'))}: keeping this host "
                     "would overwrite the replica "
@@ -735,20 +736,20 @@ class Failover:
         async with self._lock(kind, key):
             sw = with_failback(switched(state), state)
             if sw is None:
-                raise MirrorError(f"{key} was not switched over to its replica: there is no "
-                                  "hand-over to end (--keep-replica-primary is for an entry whose "
-                                  f"replica took over); remove it without that option; nothing "
-                                  "was changed", errno=errno.EINVAL, obj=key)
+                raise Refusal(f"{key} was not switched over to its replica: there is no "
+                              "hand-over to end (--keep-replica-primary is for an entry whose "
+                              f"replica took over); remove it without that option; nothing "
+                              "was changed", errno=errno.EINVAL, obj=key)
             if sw.get("state") != "switched":
                 why = (f"a switch-over of {key} to {sw.get('target')} did not finish: whether the "
                        f"replica there is primary is not known. Run {command('switchover', key)} "
                        "again to finish it, then remove the entry"
                        if sw.get("state") == "switching" else
                        f"the switch-over marker of {key} cannot be read ({state})")
-                raise MirrorError(f"{why}; nothing was changed", errno=errno.EBUSY, obj=key)
+                raise Refusal(f"{why}; nothing was changed", errno=errno.EBUSY, obj=key)
             if self.sup.get(kind, key) is not None:  # never, unless a marker was put back by hand
-                raise MirrorError(f"{key} is captured here although it is marked switched over: "
-                                  "nothing was changed", errno=errno.EBUSY, obj=key)
+                raise Refusal(f"{key} is captured here although it is marked switched over: "
+                              "nothing was changed", errno=errno.EBUSY, obj=key)
             fence_info = sw.get("fence") or {}
             if fence_info and "unfenced" not in fence_info:
                 await trio.to_thread.run_sync(unfence, kind, key, entry, fence_info)

@@ -149,7 +149,7 @@ def switched_refusal(sw: dict | None, key: str, action: str) -> Result | None:
                f"{sw.get('seq')}): the replica there is primary, capturing here would fork its "
                f"history. Bring it back with {command('failback', key, '--yes')}, or keep this "
                f"side with {keep}")
-    return Result(action, key, Outcome.FAILED, why, errno.EREMOTE)
+    return Result(action, key, Outcome.FAILED, why, errno.EREMOTE, {"refused": True})
 
 
 def entry_state(state_dir: str, kind: str, key: str) -> str:

@@ -22,6 +22,9 @@ from app.services.results import MirrorError, Outcome, Result
 from app.services.units import human_size
 
 
+REFUSED = {"refused": True}  # a Result's details: refused, nothing was changed (CLI: exit 2)
+
+
 class Replication:
     """What the TUI's menus and the CLI's subcommands call; both report the returned Results."""
 
@@ -109,12 +112,12 @@ class Replication:
                 return Result("remove", key, Outcome.FAILED, f"{key} was not switched over to its "
                               "replica: --keep-replica-primary is only for an entry whose replica "
                               "took over; remove it without that option; nothing was changed",
-                              errno.EINVAL), []
+                              errno.EINVAL, REFUSED), []
             if daemon is None:
                 return Result("remove", key, Outcome.FAILED, "the daemon is not running: ending "
                               f"the hand-over of {key} (lifting its read-only fence) is its work; "
                               f"start it ({command('daemon', 'start')}) and run the remove "
-                              "again; nothing was changed", errno.ENOTCONN), []
+                              "again; nothing was changed", errno.ENOTCONN, REFUSED), []
             ended = self._daemon_results("end hand-over", key, "end_handover", checked=True,
                                          entry=key)
             if any(r.failed for r in ended):
@@ -130,7 +133,7 @@ class Replication:
             f"{refused.message}. Remove the entry after that: removed now, nothing would end the "
             "hand-over (its replica stays primary there"
             f"{f' and {key} stays read-only here' if fenced else ''}){for_good}; nothing was "
-            "changed")), []
+            "changed"), details={**refused.details, **REFUSED}), []
 
     def daemon(self):
         """The daemon's client when it answers, else None. Block entries are captured by the
