@@ -308,7 +308,6 @@ class Agent:
     def _watchdog(self) -> None:
         removed_said = False
         while not self.stop.wait(1.0):
-            self._say_heard()
             if time.monotonic() - self.last_frame > HEARTBEAT_TIMEOUT:
                 log.error("no frame from the source for %.0f s: ending the session", HEARTBEAT_TIMEOUT)
                 self.finish()
@@ -323,16 +322,6 @@ class Agent:
                 log.error("%s", text)
                 with contextlib.suppress(OSError):
                     self.send(wire.ERROR, {"code": "gone", "message": text, "errno": errno.ENOENT})
-
-    def _say_heard(self) -> None:
-        """The replica's lock file's time is when its source was last heard: `replica promote`
-        on this host refuses a session that still hears its source at once (and waits only
-        for one that went silent, which ends by itself)."""
-        fd = self.replica.lock_fd if self.replica is not None else None
-        if fd is not None:
-            heard = time.time() - (time.monotonic() - self.last_frame)
-            with contextlib.suppress(OSError):
-                os.utime(fd, (heard, heard))
 
     def _data_removed(self) -> bool:
         """The replica's data (image or directory) this session writes has no name any more."""
@@ -1295,67 +1284,6 @@ def catch_up_said(r: dict) -> str:
     return f"{what} {'is running' if r.get('session_pid') else 'was interrupted'}"
 
 
-def _lock_to_promote(rep: Replica, name: str) -> None:
-    """The replica's lock, for a promotion. A session that hears its source while we look
-    (a heartbeat a second: the lock file's time, _say_heard, moves past our start) is
-    refused as soon as it does, naming it (it was waited for 20 s, then refused); one that
-    stays silent (the source host died, the link is down) ends by itself within
-    HEARTBEAT_TIMEOUT of its last frame, and is waited for."""
-    deadline = time.monotonic() + HEARTBEAT_TIMEOUT + 5
-    # (the time it says is computed from a monotonic clock: it wobbles by microseconds)
-    began = time.time() + 0.05
-    while True:
-        try:
-            rep.lock({"promote": os.getpid()})
-            return
-        except AgentError as exc:
-            if exc.code not in ("locked", "busy"):
-                raise
-        holder, heard = _lock_holder(rep.dir / "lock")
-        pid, src = holder.get("pid"), holder.get("source") or {}
-        if "promote" in src:  # another `replica promote`, still running (its flock says so)
-            raise AgentError("locked", f"replica {name} is being promoted by another "
-                             f"`mirrorsetup replica promote` (pid {src['promote']}): nothing was "
-                             "done", errno.EBUSY)
-        live = heard is not None and heard > began  # its source was heard since we looked
-        if live or time.monotonic() > deadline:
-            entry = str(src.get("entry") or "?").split(":", 1)[-1]
-            what = holder.get("action", "replicate")
-            where = " ".join(filter(None, (_ssh_client(pid), f"(host id {src['host']})"
-                                           if src.get("host") else None))) or "an unknown host"
-            whose = (f"the {'replication' if what == 'replicate' else what} session of its source "
-                     f"{entry} on {where} (agent pid {pid or '?'})")
-            why = "which is connected" if live else "which has not ended"
-            raise AgentError("locked", f"replica {name} is held by {whose}, {why}: nothing was "
-                             "promoted; to hand over a source that is up, run `mirrorsetup "
-                             f"switchover {entry}` there instead", errno.EBUSY)
-        time.sleep(0.2)
-
-
-def _ssh_client(pid) -> str | None:
-    """The address an agent session's ssh connection comes from (sshd's SSH_CONNECTION)."""
-    try:
-        with open(f"/proc/{int(pid)}/environ", "rb") as f:
-            env = dict(v.partition(b"=")[::2] for v in f.read().split(b"\0") if b"=" in v)
-    except (OSError, TypeError, ValueError):
-        return None
-    said = (env.get(b"SSH_CONNECTION") or env.get(b"SSH_CLIENT") or b"").split()
-    return said[0].decode(errors="replace") if said else None
-
-
-def _lock_holder(lock: Path) -> tuple[dict, float | None]:
-    """Who holds a replica's lock (its words in the file) and when its session last heard its
-    source (the file's time), without taking it."""
-    try:
-        fd = os.open(lock, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
-    except OSError:
-        return {}, None
-    try:
-        return _holder(fd), os.fstat(fd).st_mtime
-    finally:
-        os.close(fd)
-
-
 def promote(root: str, name: str, *, mount_at: str | None = None, loop: str | None = None,
             force: bool = False) -> tuple[dict, list[str]]:
     """Fail-over: make a replica usable on this host. An inconsistent one only with `force`.
@@ -1374,7 +1302,17 @@ def promote(root: str, name: str, *, mount_at: str | None = None, loop: str | No
     root_fd = os.open(os.path.realpath(root), os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
     try:
         rep = Replica(root_fd, os.path.realpath(root), name, found["kind"])
-        _lock_to_promote(rep, name)
+        deadline = time.monotonic() + HEARTBEAT_TIMEOUT + 5  # a lost session ends on its own
+        while True:
+            try:
+                rep.lock({"promote": os.getpid()})
+                break
+            except AgentError:
+                if time.monotonic() > deadline:
+                    raise AgentError("locked", f"replica {name} is being written by agent pid "
+                                     f"{found.get('session_pid')} (its source is connected): use "
+                                     "`mirrorsetup switchover` on the source instead", errno.EBUSY) from None
+                time.sleep(0.5)
         state = rep.state()
         if state.get("role") == "primary":  # a switch-over (or an earlier promote) made it primary
             done = []
