@@ -202,18 +202,21 @@ class ConfinedFsApplier:
         self._safe: set[bytes] = {b""}
         self._above: set[bytes] = {b""}  # the checked parents and every directory above them
 
-    def _check(self, text: str) -> None:
-        parent = check_beneath(self.fd, text, self._safe).rpartition(b"/")[0]
+    def _check(self, text: str) -> bytes:
+        rel = check_beneath(self.fd, text, self._safe)
+        parent = rel.rpartition(b"/")[0]
         while parent not in self._above:
             self._above.add(parent)
             parent = parent.rpartition(b"/")[0]
+        return rel
 
     def apply(self, rec) -> None:
+        args, checked = rec.args, {}
         for key in PATH_ARGS:
-            if key in rec.args and rec.args[key]:
-                self._check(rec.args[key])
-        if rec.op in self.GONE_OPS and any(safe_relpath(rec.args[key]) in self._above for key in
-                                             ("path", "old", "new") if rec.args.get(key)):
+            if args.get(key):
+                checked[key] = self._check(args[key])
+        if rec.op in self.GONE_OPS and any(checked.get(key) in self._above
+                                             for key in ("path", "old", "new")):
             # a checked directory, or one above it, goes or moves: every check again from
             # here on (any other name's removal, the usual case in a mirror, keeps them; an
             # lstat of each such name to see whether it was a directory cost a fifth of the
