@@ -5,6 +5,7 @@ Run as root from the repository's top directory (about 5-10 minutes with the def
     .venv/bin/python bench/remote.py [--runs 3] [--seconds 20] [--skip-mirror] [--skip-stream]
                                      [--skip-lag] [--skip-compress] [--resync-delay-ms MS]
                                      [--block-mib MIB] [--compression zstd|none] [--trace]
+                                     [--ssh-kex ALGORITHMS]
 
 The bed is tests/netbed.py's TwoHosts (a target network namespace with its own sshd, joined by
 a veth pair); the remote target `backup1` is added exactly as tests/test_remote.py's Remote does
@@ -41,6 +42,15 @@ counters.
    measured and not kept: the agent's journal without its fdatasync (0.49 s vs 0.54: within
    the noise) and `--compression none` (0.48 s, ratio 1.69 vs 1.76: the same). Whatever the copy
    gains, the set-up before it (0.43 s) alone is 0.7 of rsync's whole run.
+   SSH KEY EXCHANGE (helper-37, OpenSSH 9.2 here): ssh's default kex, the post-quantum
+   hybrid sntrup761x25519-sha512, is most of every session's set-up on this host: `ssh true`
+   over the bed took 296 ms and 147 ms of the ssh client's CPU (medians of 12), with
+   `KexAlgorithms curve25519-sha256` 152 ms and 18 ms; the greeting of an agent 352-385 ms
+   after spawning ssh, of which its interpreter and imports are ~100. rsync's ssh pays the
+   same. --ssh-kex sets it for both tools (ssh CPU of our mirror 3.0 -> 1.0-1.3 ms/MiB; the
+   ratio moved within the noise of the loaded host, 1.70-1.94 either way). Which kex the
+   target uses is the administrator's choice (their ssh_config; `target add --ssh-config`):
+   mirrorsetup does not give up the post-quantum one by itself.
 2. Sustained replication through tbf (--link-mbit, default 100 Mbit/s, on the source end of the
    veth, as bench/netbed.py sets it): first the plain-ssh reference (`ssh cat >/dev/null`
    through the same tbf); then a writer of incompressible files (os.urandom, 4 MiB, fsync) as
@@ -944,6 +954,8 @@ def main() -> None:
                     "the source daemon during each warm initial mirror (implies --warm)")
     ap.add_argument("--compression", choices=("zstd", "none"), help="the target's (default: "
                     "`target add`'s own)")
+    ap.add_argument("--ssh-kex", metavar="ALGORITHMS", help="KexAlgorithms for every ssh of the "
+                    "run, rsync's and ours alike (in the bed's ssh_config; default: ssh's own)")
     for name in ("mirror", "stream", "lag", "compress"):
         ap.add_argument(f"--skip-{name}", action="store_true")
     args = ap.parse_args()
@@ -964,6 +976,10 @@ def main() -> None:
         own_agent(tmp)
         with TwoHosts(tmp) as bed:
             say(f"bed {bed.netns}: {bed.source_addr} -> {bed.target_addr}:{bed.port}")
+            if args.ssh_kex:  # (under the file's one `Host *`: rsync's ssh and ours read it)
+                with open(bed.ssh_config, "a") as f:
+                    f.write(f"  KexAlgorithms {args.ssh_kex}\n")
+                say(f"ssh key exchange: {args.ssh_kex}")
             if not args.skip_mirror:
                 m = bench_mirror(bed, tmp, origin, args)
             if not (args.skip_stream and args.skip_lag and args.skip_compress):
