@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -103,3 +104,66 @@ def test_the_agents_test_answer_says_what_its_journals_take_of_the_free_space(tm
     assert room_for_replicas(said)["available_bytes"] == said["free_bytes"] - ROOM_BYTES - pending
     older = {k: v for k, v in said.items() if not k.startswith("journal_")}
     assert room_for_replicas(older)["available_bytes"] is None  # not a guess
+
+
+def test_the_agent_reads_the_next_frames_while_it_handles_one_within_its_bound(tmp_path,
+                                                                                monkeypatch):
+    """A session's next batch crossed ssh only once the agent had decoded and journalled
+    the one before (it read between batches; the pipes hold 64 KiB), so both ends waited
+    in turn. The agent reads ahead while it handles a batch, up to READ_AHEAD_BYTES, in
+    order, and a broken frame is still said after the good ones before it."""
+    import threading
+
+    from app.engine import agent as agent_mod
+    from app.services import wire
+    monkeypatch.setattr(agent_mod, "READ_AHEAD_BYTES", 1 << 20, raising=False)
+    r, w = os.pipe()
+    agent = agent_mod.Agent(str(tmp_path), os.fdopen(r, "rb", buffering=0), None)
+    handled, release = [], threading.Event()
+
+    def data(payload):  # the first batch is "decoded and journalled" until released
+        handled.append(bytes(payload[:1]))
+        if len(handled) == 1:
+            release.wait(30)
+    agent._data = data
+    big = [wire.frame(wire.DATA, bytes([n]) * (768 << 10)) for n in (2, 3, 4)]
+    writes = {}
+
+    def write(name, blob):
+        _write_all(w, blob)
+        writes[name] = True
+    served = {}
+
+    def serve():
+        try:
+            agent.serve()
+        except Exception as exc:
+            served["error"] = exc
+    threading.Thread(target=serve, daemon=True).start()
+    write("first", wire.frame(wire.DATA, b"\x01"))
+    t = threading.Thread(target=lambda: [write(f"big{i}", b) for i, b in enumerate(big)], daemon=True)
+    t.start()
+    deadline = time.monotonic() + 10
+    while "big1" not in writes and time.monotonic() < deadline:
+        time.sleep(0.01)
+    # two batches of 768 KiB were taken while the first is handled (over 64 KiB of pipe);
+    # the third waits for room (1 MiB ahead at most)
+    assert handled == [b"\x01"] and "big1" in writes, (handled, writes)
+    time.sleep(0.3)
+    assert "big2" not in writes, "read past READ_AHEAD_BYTES"
+    release.set()
+    t.join(10)
+    assert "big2" in writes
+    os.write(w, b"\x00" * 9)  # not a frame: said after every good one
+    deadline = time.monotonic() + 10
+    while "error" not in served and time.monotonic() < deadline:
+        time.sleep(0.01)
+    os.close(w)
+    assert handled == [b"\x01", b"\x02", b"\x03", b"\x04"], handled
+    assert isinstance(served.get("error"), wire.WireError), served
+
+
+def _write_all(fd: int, blob: bytes) -> None:
+    view = memoryview(blob)
+    while view:
+        view = view[os.write(fd, view):]

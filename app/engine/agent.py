@@ -50,6 +50,7 @@ PAUSE_RETRY_SECONDS = 2.0
 TAKE_OVER_SECONDS = 10.0  # a stale session of the same source is ended within this
 PATH_ARGS = ("path", "old", "new", "src")
 QUERY_THREADS = 8  # queries answered at a time (a walk sends many ahead of itself)
+READ_AHEAD_BYTES = 8 << 20  # frames read while an earlier one is handled (Agent._frames)
 
 
 def replica_id(rel: str) -> str:
@@ -721,10 +722,55 @@ class Agent:
         finally:
             os.close(pfd)
 
-    def serve(self) -> None:
+    def _frames(self):
+        """The session's frames in order, read by a thread of their own up to READ_AHEAD_BYTES
+        ahead of the one being handled. Read only between batches (the session's pipes and
+        sshd hold a few hundred KiB), a 4 MiB batch crossed ssh while its predecessor was
+        decoded and journalled, and neither side worked meanwhile; now the next batch
+        arrives during that work. A read's error is raised here, in its place in the order."""
+        cv = threading.Condition()
+        ahead: deque = deque()
+        held = 0
+
+        def read() -> None:
+            nonlocal held
+            try:
+                while True:
+                    got = wire.read_frame(self.rfile.read)
+                    self.last_frame = time.monotonic()
+                    with cv:
+                        ahead.append(got)
+                        cv.notify_all()
+                        if got is None:
+                            return
+                        held += len(got[1])
+                        while held > READ_AHEAD_BYTES:
+                            if self.stop.is_set():  # (nobody takes them any more)
+                                return
+                            cv.wait(1.0)
+            except BaseException as exc:  # (the session ends: raised where it is handled)
+                with cv:
+                    ahead.append(exc)
+                    cv.notify_all()
+        threading.Thread(target=read, name="reader", daemon=True).start()
         while True:
-            got = wire.read_frame(self.rfile.read)
-            self.last_frame = time.monotonic()
+            with cv:
+                while not ahead:
+                    if self.stop.is_set():  # finished meanwhile (the watchdog): no more
+                        return
+                    cv.wait(1.0)
+                got = ahead.popleft()
+                if isinstance(got, tuple):
+                    held -= len(got[1])
+                    cv.notify_all()
+            if isinstance(got, BaseException):
+                raise got
+            yield got
+            if got is None:
+                return
+
+    def serve(self) -> None:
+        for got in self._frames():
             if got is None:
                 return
             kind, payload = got
