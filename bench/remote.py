@@ -42,6 +42,14 @@ counters.
    measured and not kept: the agent's journal without its fdatasync (0.49 s vs 0.54: within
    the noise) and `--compression none` (0.48 s, ratio 1.69 vs 1.76: the same). Whatever the copy
    gains, the set-up before it (0.43 s) alone is 0.7 of rsync's whole run.
+   READ AHEAD (helper-37): the agent read the session only between batches, and the
+   pipes and sshd hold a few hundred KiB, so a batch bigger than that (one not worth
+   compressing: 4 MiB) crossed ssh while the agent handled the one before, each end waiting
+   in turn. Now a thread reads up to 8 MiB ahead. Interleaved --trace pairs, connected ->
+   settled: this tree (one such batch) medians 0.98 vs 1.06 s over 12 pairs (within the
+   loaded host's noise); a tree of 80 random files (43 MiB, --tree) cold 0.52-0.81 vs
+   0.98-1.04 s, whole mirror 1.33-1.66 vs 2.13-2.33 s; with the daemon running 1.26-1.49 vs
+   1.24-1.69 s (3 pairs each).
    SSH KEY EXCHANGE (helper-37, OpenSSH 9.2 here): ssh's default kex, the post-quantum
    hybrid sntrup761x25519-sha512, is most of every session's set-up on this host: `ssh true`
    over the bed took 296 ms and 147 ms of the ssh client's CPU (medians of 12), with
