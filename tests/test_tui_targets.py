@@ -352,6 +352,89 @@ async def test_moved_for_good_of_an_entry_switched_over_says_what_stays_where(
 
 
 @pilot_test
+async def test_moved_for_good_that_cannot_be_done_says_why_and_what_can(
+        canned_targets, config_path, tmp_path, config_bytes):
+    """Found by helper-39's walk: m on an entry whose replica was promoted by a fail-over (split
+    brain, or failed over) said "was not switched over … (s switches over)", and s is refused
+    there; on a switch-over that was interrupted it said "was not switched over" (it may be
+    primary there). Now each says what it is and what does it: r
+    on File system replication removes an entry failed over (its replica is not touched), s finishes the switch-over."""
+    write_config(config_path, tmp_path)
+    before = config_bytes()
+    src = str(tmp_path / "src")
+    rows = {"split-brain": {"kind": "fs", "key": src, "captured": True, "target": "backup1:data",
+                            "state": "capturing", "replication": "split brain",
+                            "connection": "refused: split brain, retry in 9 s",
+                            "target_data": "split-brain"},
+            "switching": {"kind": "fs", "key": src, "captured": False, "target": "backup1:data",
+                          "state": "switch-over interrupted",
+                          "switched": {"state": "switching", "time": 1, "target": "backup1:data",
+                                       "promote_sent": True}}}
+    now = [rows["split-brain"]]
+    async with canned_targets(now) as (app, pilot, screen):
+        for data in ("split-brain", "promoted"):
+            now[0] = {**rows["split-brain"], "target_data": data}
+            screen.post_message(screen.FiguresMoved())
+            await wait_until(pilot, lambda: screen._replicated()[0][2].target_data == data,
+                             "the new status")
+            await pilot.press("m")
+            await settle(pilot)
+            assert app.screen is screen, f"m asked: {type(app.screen).__name__}"
+            said = notices(app)[-1]
+            assert "s switches over" not in said and "was not switched over" not in said, said
+            assert f"the replica of {src} was promoted there by a fail-over" in said, said
+            assert "r on File system replication (1 in the main menu) removes the entry here" \
+                in said and \
+                "the replica there is not touched" in said and "Nothing was changed" in said, said
+        now[0] = rows["switching"]
+        screen.post_message(screen.FiguresMoved())
+        await wait_until(pilot, lambda: screen._replicated()[0][2].switched is not None,
+                         "the new status")
+        await pilot.press("m")
+        await settle(pilot)
+        assert app.screen is screen, f"m asked: {type(app.screen).__name__}"
+        said = notices(app)[-1]
+        assert "was not switched over" not in said, said
+        assert f"the switch-over of {src} did not finish: whether its replica is primary there " \
+               "is not known; s runs it again to finish it, then m" in said, said
+    assert config_bytes() == before
+
+
+@pilot_test
+async def test_moved_for_good_without_the_daemon_says_that_ending_the_hand_over_is_its_work(
+        tui, config_path, tmp_path, config_bytes):
+    """Found by helper-39's walk: m with the daemon stopped said "the switch-over, fail-back
+    and keep-this-host of … are its work", not what m does (end the hand-over)."""
+    import json
+
+    from app.services.layout import entry_state
+    from app.services.status import snapshot
+    write_config(config_path, tmp_path)
+    src = str(tmp_path / "src")
+    state = tmp_path / "state"
+    marker = Path(entry_state(str(state), "fs", src))
+    marker.mkdir(parents=True)
+    (marker / "switched").write_text(json.dumps({"state": "switched", "time": 1, "seq": 9,
+                                                 "target": "backup1:data"}) + "\n")
+    before = config_bytes()
+    app = tui(is_root=True)
+    app.services._status = lambda: snapshot(ConfigStore(config_path), None, scan_writers=False,
+                                            state_dir=str(state))
+    async with app.run_test(size=(80, 24)) as pilot:
+        await open_targets(pilot)
+        screen = app.screen
+        await wait_until(pilot, lambda: screen.query_one("#replicas").row_count == 1, "the entry")
+        await pilot.press("m")
+        await settle(pilot)
+        assert app.screen is screen, f"m asked: {type(app.screen).__name__}"
+        said = notices(app)[-1]
+        assert f"the daemon is not running: ending the hand-over of {src} (lifting its " \
+               "read-only fence here) is its work. Start it on the Daemon screen (5 in the main " \
+               "menu), then try again. Nothing was changed." in said, said
+    assert (marker / "switched").exists() and config_bytes() == before
+
+
+@pilot_test
 async def test_keep_this_host_of_a_mix_left_by_an_interrupted_fail_back_is_refused_at_once(
         canned_targets, config_path, tmp_path, config_bytes):
     """Found by helper-35's walk: after a fail-back cut mid-way, o asked "Keep THIS host's data

@@ -617,18 +617,14 @@ class TargetsScreen(TaskScreen):
         if self.app.needs_root(title):
             return
         sw = (row.switched if row is not None else self._marked(key)) or {}
-        if sw.get("state") != "switched":
-            self.notify(f"{key} was not switched over to its replica: only the entry of a service "
-                        "that moved there (s switches over) can be left to it for good. Nothing "
-                        "was changed.", title=title, severity="warning", markup=False)
-            return
-        if self._snap.engine is None and self._snap.engine_error is None:
-            self.notify(_cannot(key, row, switching=False, daemon=False), title=title,
-                        severity="warning", markup=False)
+        fs = self._snap.fs_state(key) is not None
+        refused = _cannot_move(key, row, sw, fs=fs, daemon=self._snap.engine is not None
+                               or self._snap.engine_error is not None)
+        if refused:
+            self.notify(refused, title=title, severity="warning", markup=False)
             return
         host = self._host_of(target)
         rep = self.services.replication
-        fs = self._snap.fs_state(key) is not None
         copy = (f"this host's copy {layout.mix_words(sw.get('failback_applied'))}"
                 if sw.get("failback") == "interrupted" else
                 "its data stays as it was at the switch-over")
@@ -645,6 +641,28 @@ class TargetsScreen(TaskScreen):
                                 (lambda: rep.remove_block(key, keep_replica_primary=True)),
                                 waiting=f"ending the hand-over of {shown(key)}")
         self.app.push_screen(ConfirmDialog(question, yes="Remove here"), confirmed)
+
+
+def _cannot_move(key: str, row, sw: dict, *, fs: bool, daemon: bool) -> str | None:
+    """Why m (moved for good: `remove --keep-replica-primary`) cannot be done now, from the
+    status shown (`sw`: the entry's switch-over marker); None when it is asked."""
+    if sw.get("state") == "switching":  # the daemon refuses it too (failover.end_handover)
+        return (f"the switch-over of {key} did not finish: whether its replica is primary there "
+                "is not known; s runs it again to finish it, then m. Nothing was changed.")
+    if sw.get("state") != "switched":
+        if row is not None and row.target_data in ("split-brain", "promoted"):
+            screen = "File system replication (1" if fs else "Block device replication (2"
+            return (f"the replica of {key} was promoted there by a fail-over, not handed over by "
+                    "a switch-over: f fails back, o keeps this host. To leave the service there "
+                    f"for good, r on {screen} in the main menu) removes the entry here; the "
+                    "replica there is not touched. Nothing was changed.")
+        return (f"{key} was not switched over to its replica: only the entry of a service that "
+                "moved there (s switches over) can be left to it for good. Nothing was changed.")
+    if not daemon:
+        return (f"the daemon is not running: ending the hand-over of {key} (lifting its "
+                "read-only fence here) is its work. Start it on the Daemon screen (5 in the main "
+                "menu), then try again. Nothing was changed.")
+    return None
 
 
 def _cannot(key: str, row, *, switching: bool, daemon: bool = True,
