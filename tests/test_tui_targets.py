@@ -14,7 +14,8 @@ from pathlib import Path
 import pytest
 from textual.widgets import Static, TextArea
 from test_tui_support import (  # noqa: F401
-    cell, config_bytes, notices, pilot_test, settle, static_text, tui, wait_until, wait_while_a_worker_waits)
+    cell, config_bytes, notices, pilot_test, settle, static_text, table_keys, tui, wait_until,
+    wait_while_a_worker_waits)
 
 from app.screens.dialogs import ConfirmDialog, DetailsDialog, ResultsDialog
 from app.screens.targets import AddTargetDialog, KeyLineDialog, TargetsScreen, remote_name
@@ -432,6 +433,88 @@ async def test_moved_for_good_without_the_daemon_says_that_ending_the_hand_over_
                "read-only fence here) is its work. Start it on the Daemon screen (5 in the main " \
                "menu), then try again. Nothing was changed." in said, said
     assert (marker / "switched").exists() and config_bytes() == before
+
+
+def _mark_switched(tmp_path: Path, kind: str, key: str, **marker) -> Path:
+    """An entry's switch-over marker in the test's state directory, as the daemon leaves it."""
+    import json
+
+    from app.services.layout import entry_state
+    where = Path(entry_state(str(tmp_path / "state"), kind, key))
+    where.mkdir(parents=True, exist_ok=True)
+    (where / "switched").write_text(json.dumps({"time": 1, "seq": 9, **marker}) + "\n")
+    return where / "switched"
+
+
+@pilot_test
+async def test_remove_of_an_entry_switched_over_says_at_once_which_keys_end_the_hand_over(
+        tui, config_path, tmp_path, config_bytes):
+    """Found by helper-39's walk: r on File system replication for an entry switched over asked
+    "Stop replicating …?" and then failed with the daemon's "… to leave it primary for good and
+    remove the entry here, add --keep-replica-primary" (a CLI option: there is nothing to add
+    in the app). Now said at once, with the keys of Remote targets and fail-over (m moves it
+    for good); the entry and its marker stay."""
+    from app.screens.filesystem import FilesystemScreen
+    write_config(config_path, tmp_path)
+    src = str(tmp_path / "src")
+    marker = _mark_switched(tmp_path, "fs", src, state="switched", target="backup1:data")
+    before = config_bytes()
+    app = tui(is_root=True, state_dir=str(tmp_path / "state"))
+    async with app.run_test(size=(80, 24)) as pilot:
+        await settle(pilot)
+        await pilot.press("1")
+        await wait_until(pilot, lambda: isinstance(app.screen, FilesystemScreen) and cell(
+            app.screen.query_one("#fs-entries"), src, "state") == "switched over", "the entry")
+        screen = app.screen
+        await pilot.press("r")
+        await settle(pilot)
+        assert app.screen is screen, f"r asked: {type(app.screen).__name__}"
+        said = notices(app)[-1]
+        assert f"{src} was switched over to backup1:data: removing the entry here would not end " \
+               "the hand-over" in said and "--keep-replica-primary" not in said, said
+        assert "On Remote targets and fail-over (7 in the main menu): f fails back, o keeps this " \
+               "host's data, m leaves the service there for good" in said, said
+        _mark_switched(tmp_path, "fs", src, state="switching", target="backup1:data")
+        screen.reload()
+        await wait_until(pilot, lambda: cell(screen.query_one("#fs-entries"), src, "state")
+                         == "switch-over interrupted", "the interrupted switch-over")
+        await pilot.press("r")
+        await settle(pilot)
+        assert app.screen is screen, f"r asked: {type(app.screen).__name__}"
+        assert f"a switch-over of {src} to backup1:data did not finish" in notices(app)[-1] and \
+            "s runs it again to finish it" in notices(app)[-1], notices(app)
+    assert marker.exists() and config_bytes() == before
+
+
+@pytest.mark.root
+@pilot_test
+async def test_remove_of_a_block_entry_switched_over_says_at_once_which_keys_end_it(
+        tui, config_path, tmp_path, config_bytes, scratch_loop):
+    """As for a directory (above), on Block device replication."""
+    from app.screens.block import BlockScreen
+    write_config(config_path, tmp_path)
+    disk = scratch_loop(8 << 20)
+    with config_path.open("a") as f:
+        f.write(f'\n[[block]]\ndevice = "{disk}"\ntarget = "backup1:disk.img"\n')
+    marker = _mark_switched(tmp_path, "block", disk, state="switched", target="backup1:disk.img")
+    before = config_bytes()
+    app = tui(devices=[disk], is_root=True, state_dir=str(tmp_path / "state"))
+    async with app.run_test(size=(80, 24)) as pilot:
+        await settle(pilot)
+        await pilot.press("2")
+        await wait_until(pilot, lambda: isinstance(app.screen, BlockScreen) and disk in
+                         table_keys(app.screen.query_one("#block-entries")), "the entry")
+        screen = app.screen
+        table = screen.query_one("#block-entries")
+        table.focus()
+        table.move_cursor(row=table.get_row_index(disk))
+        await pilot.press("r")
+        await settle(pilot)
+        assert app.screen is screen, f"r asked: {type(app.screen).__name__}"
+        said = notices(app)[-1]
+        assert f"{disk} was switched over to backup1:disk.img: removing the entry here would " \
+               "not end the hand-over" in said and "m leaves the service there for good" in said, said
+    assert marker.exists() and config_bytes() == before
 
 
 @pilot_test

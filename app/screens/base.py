@@ -582,3 +582,29 @@ class TaskScreen(Screen):
 
 
 EBUSY = 16  # errno.EBUSY: the refusals Force can override
+
+
+HANDED_OVER = ("switched over", "switch-over interrupted", "fail-back interrupted")
+
+
+def handed_over_removal(key: str, target: str | None, state: str) -> str | None:
+    """Why Remove on the File system / Block device screen is refused for an entry handed over
+    to its replica (`state`: its STATE), and what ends the hand-over on the Targets screen; None
+    for any other entry. (The daemon refuses that remove too, naming a CLI option: said here
+    before a question, with the keys.)"""
+    if state not in HANDED_OVER:
+        return None
+    where = "On Remote targets and fail-over (7 in the main menu)"
+    if state == "switch-over interrupted":
+        return (f"a switch-over of {key} to {target} did not finish (its replica there may be "
+                f"primary): removing the entry here would not end it. {where}: s runs it again "
+                "to finish it, o keeps this host's data. Nothing was changed.")
+    if state == "fail-back interrupted":
+        return (f"a fail-back of {key} from {target} was interrupted (this host's copy is a mix): "
+                f"removing the entry here would not end the hand-over. {where}: f fails back "
+                "again to finish it; m leaves the service there for good and removes the entry "
+                "here. Nothing was changed.")
+    return (f"{key} was switched over to {target}: removing the entry here would not end the "
+            f"hand-over (its replica stays primary there, {key} read-only here). {where}: f fails "
+            "back, o keeps this host's data, m leaves the service there for good and removes the "
+            "entry here. Nothing was changed.")

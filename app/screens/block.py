@@ -18,7 +18,8 @@ from textual.widgets import Button, DataTable, Footer, Header, Label, ProgressBa
 from app.screens import actions
 from app.screens.banner import RootBanner
 from app.screens.base import (Col, ForceOffer, KeyedTable, TaskScreen, capture_text, counted,
-                              elide, listed, natural_key, selected_key, state_text)
+                              elide, handed_over_removal, listed, natural_key, selected_key,
+                              state_text)
 from app.screens.dialogs import AddBlockEntryDialog, ConfirmDialog, switch_text
 from app.services.entries import picker_note, picker_notes
 from app.services.results import MirrorError, Outcome, Result
@@ -268,6 +269,11 @@ class BlockScreen(TaskScreen):
             self.notify("Select a replicated device in the lower table first.", severity="warning")
             return
         if self.app.needs_root("Removing a block device"):
+            return
+        state = self._snap.block_state(device) if self._snap is not None else None
+        handed = state and handed_over_removal(device, state.entry.target, state.state)
+        if handed:  # nothing to ask: the daemon would refuse it
+            self.notify(handed, title=f"Remove {shown(device)}", severity="warning", markup=False)
             return
 
         def confirmed(yes: bool | None) -> None:

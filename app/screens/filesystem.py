@@ -10,8 +10,8 @@ from textual.widgets import Button, DataTable, Footer, Header, Static
 
 from app.screens import actions
 from app.screens.banner import RootBanner
-from app.screens.base import (Col, ForceOffer, KeyedTable, TaskScreen, counted, elide, listed,
-                              selected_key, state_text)
+from app.screens.base import (Col, ForceOffer, KeyedTable, TaskScreen, counted, elide,
+                              handed_over_removal, listed, selected_key, state_text)
 from app.screens.dialogs import AddFsEntryDialog, ConfirmDialog
 from app.services.entries import describe_difference
 from app.services.events import Interest, MountsChanged
@@ -142,6 +142,10 @@ class FilesystemScreen(TaskScreen):
             return
         path = state.entry.path
         replication = self.services.replication
+        handed = handed_over_removal(path, state.entry.target, state.state)
+        if handed:  # nothing to ask: the daemon would refuse it
+            self.notify(handed, title=f"Remove {shown(path)}", severity="warning", markup=False)
+            return
 
         def confirmed(yes: bool | None) -> None:
             if yes:
