@@ -684,6 +684,18 @@ def test_an_entry_moved_for_good_is_removed_here_and_its_replica_stays_primary(f
     assert rep["role"] == "primary", rep
     assert (r.root / "data" / "there").exists() and not (r.root / "data" / "g").exists()
     assert (r.root / "data" / "f").read_text() == "before"
+    # the service comes back (what Moved for good's question says): the same entry added again
+    # with that target is a split brain there (its history went on here), and its fail-back
+    # brings the replica's data
+    assert cli(r.cfg, "fs", "add", src, "--target", "backup1:data").returncode == 0
+    (res,) = eng.client.results("mount_all")
+    assert res.outcome.value == "ok", res.message
+    wait_for("the split brain", lambda: eng.status(src)["target_data"] == "split-brain", 60, 0.2)
+    assert (r.root / "data" / "there").exists() and not (r.root / "data" / "g").exists()
+    p = cli(r.cfg, "failback", src, "--yes", socket=eng.socket)
+    assert p.returncode == 0, p.stdout + p.stderr
+    assert (s / "there").read_text() == "written there, where the service runs now"
+    assert not (s / "g").exists() and replicas(r)[0]["role"] == "secondary"
 
 
 def test_a_fail_back_interrupted_after_the_replica_was_handed_back_is_finished_by_the_next(fs_remote):

@@ -346,6 +346,10 @@ async def test_moved_for_good_of_an_entry_switched_over_says_what_stays_where(
         question = static_text(app.screen.query_one("#question"))
         assert "On backup1.example.net: the replica backup1:data stays primary" in question, question
         assert f"{src} is made writable again, is no longer replicated and is removed" in question
+        # how it comes back (helper-39's walk: "add the entry again with a new target" would
+        # copy this host's old data there; the same target and a fail-back bring the replica's
+        # back: test_an_entry_moved_for_good_is_removed_here_and_its_replica_stays_primary)
+        assert "add the entry again with the same target, then f fails back" in question, question
         await pilot.press("n")
         await settle(pilot)
         assert app.screen is screen

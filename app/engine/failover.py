@@ -729,7 +729,8 @@ class Failover:
         """Before `remove --keep-replica-primary`: the service moved to the replica's host for
         good (a planned migration, this host to be retired). This side's read-only fence is
         lifted and its markers dropped; the replica is not asked or touched (it stays primary
-        there, in its own generation: an entry added again with that target is refused by it).
+        there, in its own generation: the same entry added again with that target is a split
+        brain there, which its fail-back ends: the way the service comes back).
         Refused unless the entry was switched over: a switch-over that did not finish may not
         have promoted the replica, and then this host's copy is the only current one."""
         state = self.sup.layout.state(kind, key)

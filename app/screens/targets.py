@@ -632,7 +632,8 @@ class TargetsScreen(TaskScreen):
                     f"{shown(host)}: the replica {shown(target)} stays primary; it is not "
                     f"touched.\nOn THIS host: {shown(key)} is made writable again, is no longer "
                     f"replicated and is removed from the configuration ({copy}). To bring the "
-                    "service back later, add the entry again with a new target.")
+                    "service back here later: add the entry again with the same target, then f "
+                    "fails back (the replica's data comes back).")
 
         def confirmed(ok: bool | None) -> None:
             if ok:
