@@ -827,6 +827,32 @@ def test_a_switched_over_entry_is_said_as_such_not_as_mount_all(tmp_path):
     assert replication_text(row).startswith("switch-over to backup1:x interrupted")
 
 
+def test_the_warning_of_an_entry_handed_over_names_the_keys_that_end_it(tmp_path):
+    """Found by helper-39's walk: the warning of an entry switched over named f and o, not m
+    (moved for good, the third way out, found only in Help); an interrupted switch-over's
+    named f, where s finishes it (m is refused there)."""
+    from app.services.status import snapshot
+    src = str(tmp_path / "src")
+    row = {"kind": "fs", "key": src, "target": "backup1:data", "state": "switched over",
+           "switched": {"state": "switched", "time": 1, "seq": 9, "target": "backup1:data"}}
+
+    class Control:
+        def request(self, what):
+            return {"filesystem": [row], "block": []}
+
+    cfg = tmp_path / "etc" / "replication.toml"
+    write_config(cfg, tmp_path)
+    [warning] = [w for w in snapshot(ConfigStore(cfg), Control(), scan_writers=False).warnings
+                 if w.subject == src]
+    assert warning.message.endswith("(Targets screen: f fails back, o keeps this side, m: moved "
+                                    "there for good)"), warning.message
+    row["switched"] = {"state": "switching", "time": 1, "target": "backup1:data"}
+    [warning] = [w for w in snapshot(ConfigStore(cfg), Control(), scan_writers=False).warnings
+                 if w.subject == src]
+    assert warning.message.endswith("(Targets screen: s runs it again, o keeps this side)"), \
+        warning.message
+
+
 def test_a_long_connection_state_is_short_in_a_cell_and_whole_in_the_warnings(tmp_path, capsys):
     """A split brain's refusal is a paragraph (what happened, both ways out): `status` printed
     all of it in the table's replication cell (a 300-column row, found by hand) and the

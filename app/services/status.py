@@ -319,8 +319,10 @@ def _not_captured_warning(path: str, row: CaptureRow | None, sw: dict | None,
         if sw.get("failback") == "interrupted":  # this side's data is not its own any more
             return StatusWarning(path, _switched_text(sw, row.target if row is not None else None,
                                                       path), "error")
+        keys = ("s runs it again, o keeps this side" if sw.get("state") == "switching" else
+                "f fails back, o keeps this side, m: moved there for good")
         return StatusWarning(path, _switched_text(sw, row.target if row is not None else None) +
-                             " (Targets screen: f fails back, o keeps this side)")
+                             f" (Targets screen: {keys})")
     return StatusWarning(path, what)
 
 
