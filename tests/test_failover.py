@@ -401,6 +401,39 @@ def test_a_switchover_refused_as_in_use_names_the_command_itself_and_exits_2(fs_
     assert eng.status(src)["target_data"] == "consistent"
 
 
+def test_keep_this_host_that_cannot_reach_the_target_says_nothing_was_changed(fs_remote):
+    """Found by helper-39's walk: `replica resolve --discard-target` of an entry switched over,
+    with the target unreachable or its replica in use there, said only "resolve KEY: WHY"
+    (fail-back says "nothing was changed (it stays read-only here)"): whether this side was
+    made writable, or its marker dropped, was not said. Nothing was, and now it says so."""
+    eng, src, r = fs_remote()
+    s = Path(src)
+    (s / "f").write_text("one")
+    eng.drain(src)
+    p = cli(r.cfg, "switchover", src, socket=eng.socket)
+    assert p.returncode == 0, p.stdout + p.stderr
+    r.bed.reject()
+    p = cli(r.cfg, "replica", "resolve", src, "--discard-target", "--yes", socket=eng.socket)
+    r.bed.unblock()
+    assert p.returncode == 1 and f"resolve {src}: " in p.stderr, p.stdout + p.stderr
+    assert "; nothing was changed here (it stays read-only here)" in p.stderr, p.stderr
+    with pytest.raises(OSError) as refused:
+        (s / "g").write_text("fenced still")
+    assert refused.value.errno == errno.EROFS
+    assert eng.status(src)["state"] == "switched over"
+    where = r.root.parent / "served"
+    p = on_target(r.bed, "replica", "promote", "data", "--root", str(r.root), "--mount", str(where))
+    assert p.returncode == 0, p.stdout + p.stderr
+    try:  # in use there: the agent refuses the discard
+        p = cli(r.cfg, "replica", "resolve", src, "--discard-target", "--yes", socket=eng.socket)
+        assert p.returncode == 1 and f"is in use on the target: mounted at {where}" in p.stderr, \
+            p.stdout + p.stderr
+        assert "; nothing was changed here (it stays read-only here)" in p.stderr, p.stderr
+        assert eng.status(src)["state"] == "switched over" and replicas(r)[0]["role"] == "primary"
+    finally:
+        r.bed.run_on_target(["umount", str(where)], check=False)
+
+
 def _switchover_losing_its_answer(eng, key: str, r) -> tuple[int, str, str]:
     """`switchover KEY` whose link drops once the agent has promoted the replica, before its
     answer is sent (the agent holds it: MIRRORSETUP_TEST_PROMOTE_REPLY_DELAY in the forced

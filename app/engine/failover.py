@@ -704,7 +704,13 @@ class Failover:
                        "are sent)")
             except TargetUnavailable as exc:
                 if getattr(exc, "code", None) != "not-promoted":
-                    raise MirrorError(f"resolve {key}: {exc.state}", errno=_exc_error(exc),
+                    # (this side is unfenced and unmarked only after the agent said yes)
+                    put = sw.get("fence") or {}
+                    here = ("it stays read-only here" if put and "unfenced" not in put else
+                            "it stays switched over" if sw else
+                            "its capture goes on" if cap is not None else "")
+                    raise MirrorError(f"resolve {key}: {exc.state}; nothing was changed here"
+                                      f"{f' ({here})' if here else ''}", errno=_exc_error(exc),
                                       obj=key) from None
                 if not sw:
                     return [nothing]
