@@ -434,6 +434,34 @@ def test_keep_this_host_that_cannot_reach_the_target_says_nothing_was_changed(fs
         r.bed.run_on_target(["umount", str(where)], check=False)
 
 
+def test_a_fail_back_refused_because_this_side_is_in_use_says_nothing_was_changed(fs_remote):
+    """Found by helper-39's walk: a fail-back refused because something uses the entry here (a
+    shell's working directory) said only "… is in use here: …: stop them first", where its
+    refusal for a replica in use there says "nothing was changed (it stays read-only here)". It
+    stays read-only and switched over, and now says so."""
+    eng, src, r = fs_remote()
+    s = Path(src)
+    (s / "f").write_text("one")
+    eng.drain(src)
+    p = cli(r.cfg, "switchover", src, socket=eng.socket)
+    assert p.returncode == 0, p.stdout + p.stderr
+    user = subprocess.Popen(["sleep", "60"], cwd=src)
+    try:
+        p = cli(r.cfg, "failback", src, "--yes", socket=eng.socket)
+    finally:
+        user.kill()
+        user.wait()
+    assert p.returncode == 1 and f"{src} is in use here: " in p.stderr and f"pid {user.pid}" \
+        in p.stderr, p.stdout + p.stderr
+    assert "stop them first; nothing was changed (it stays read-only here)" in p.stderr, p.stderr
+    with pytest.raises(OSError) as refused:
+        (s / "g").write_text("fenced still")
+    assert refused.value.errno == errno.EROFS
+    assert eng.status(src)["state"] == "switched over" and replicas(r)[0]["role"] == "primary"
+    p = cli(r.cfg, "failback", src, "--yes", socket=eng.socket)  # once it is free
+    assert p.returncode == 0, p.stdout + p.stderr
+
+
 def _switchover_losing_its_answer(eng, key: str, r) -> tuple[int, str, str]:
     """`switchover KEY` whose link drops once the agent has promoted the replica, before its
     answer is sent (the agent holds it: MIRRORSETUP_TEST_PROMOTE_REPLY_DELAY in the forced

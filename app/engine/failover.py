@@ -476,10 +476,14 @@ class Failover:
             size = await self._size(kind, entry)
             try:
                 users = await trio.to_thread.run_sync(_local_users, kind, key, entry)
-                if users:
+                if users:  # (a capture lifted for it is made again below, and says so)
+                    put = sw.get("fence") or {}
+                    kept = "" if lifted else ("; nothing was changed (it stays read-only here)"
+                                              if put and "unfenced" not in put else
+                                              "; nothing was changed")
                     raise MirrorError(f"{key} is in use here: {'; '.join(users)}: its data is about "
-                                      "to be replaced by the promoted replica's; stop them first",
-                                      errno=errno.EBUSY, obj=key)
+                                      "to be replaced by the promoted replica's; stop them first"
+                                      f"{kept}", errno=errno.EBUSY, obj=key)
                 if sw.get("fence"):  # the data comes back through the directory or device itself
                     await trio.to_thread.run_sync(unfence, kind, key, entry, sw["fence"])
                     _mark(state, {**sw, "fence": {}})
