@@ -462,6 +462,34 @@ def test_a_fail_back_refused_because_this_side_is_in_use_says_nothing_was_change
     assert p.returncode == 0, p.stdout + p.stderr
 
 
+def test_a_fail_back_refused_before_anything_came_back_leaves_this_copy_its_own(fs_remote):
+    """Found by helper-39's walk: the promoted replica's directory moved away on the target, a
+    fail-back is refused by the agent before anything came back (applied 0 recorded); status
+    then said as an ERROR that this host's copy "may be a mix", and moving it for good said
+    "may be a mix …: do not use it". Nothing of the replica's was written here: said so, and
+    moved for good it is the copy as at the switch-over."""
+    eng, src, r = fs_remote()
+    s = Path(src)
+    (s / "f").write_text("one")
+    eng.drain(src)
+    p = cli(r.cfg, "switchover", src, socket=eng.socket)
+    assert p.returncode == 0, p.stdout + p.stderr
+    (r.root / "data").rename(r.root / "data.moved")
+    p = cli(r.cfg, "failback", src, "--yes", socket=eng.socket)
+    assert p.returncode == 1 and "nothing was sent back" in p.stderr, p.stdout + p.stderr
+    assert (s / "f").read_text() == "one"
+    down = json.loads(cli(r.cfg, "status", "--json", socket=eng.socket).stdout)
+    [w] = [w for w in down["warnings"] if w["subject"] == src]
+    assert w["level"] == "warning" and "mix" not in w["message"], w
+    assert "this host's copy is still its own data" in w["message"], w
+    p = cli(r.cfg, "fs", "remove", src, "--keep-replica-primary", socket=eng.socket)
+    assert p.returncode == 0, p.stdout + p.stderr
+    assert "mix" not in p.stdout and "do not use it" not in p.stdout, p.stdout
+    assert "this host's copy is as it was at the switch-over" in p.stdout, p.stdout
+    (s / "g").write_text("writable again")
+    assert (r.root / "data.moved" / "f").read_text() == "one"  # nothing there was touched
+
+
 def _switchover_losing_its_answer(eng, key: str, r) -> tuple[int, str, str]:
     """`switchover KEY` whose link drops once the agent has promoted the replica, before its
     answer is sent (the agent holds it: MIRRORSETUP_TEST_PROMOTE_REPLY_DELAY in the forced

@@ -853,6 +853,65 @@ def test_the_warning_of_an_entry_handed_over_names_the_keys_that_end_it(tmp_path
         warning.message
 
 
+def test_a_fail_back_that_brought_nothing_back_is_not_said_to_leave_a_mix(tmp_path):
+    """Found by helper-39's walk on the two-host bed: a fail-back refused by the agent before
+    anything came back (the promoted replica's directory had been moved away there) records
+    applied = 0, and the daemon then allows keeping this host's data; status said, as an ERROR,
+    "this host's copy may be a mix of its own data and the replica's" (0 was read as not
+    known). Now it says the copy is its own, as a warning, with both ways on; a copy that
+    is a mix is said as before."""
+    from app.services.status import snapshot
+    src = str(tmp_path / "src")
+    row = {"kind": "fs", "key": src, "target": "backup1:data", "state": "fail-back interrupted",
+           "switched": {"state": "switched", "time": 1, "seq": 9, "target": "backup1:data",
+                        "failback": "interrupted", "failback_applied": 0}}
+
+    class Control:
+        def request(self, what):
+            return {"filesystem": [row], "block": []}
+
+    cfg = tmp_path / "etc" / "replication.toml"
+    write_config(cfg, tmp_path)
+    [warning] = [w for w in snapshot(ConfigStore(cfg), Control(), scan_writers=False).warnings
+                 if w.subject == src]
+    assert warning.level == "warning" and "mix" not in warning.message, warning
+    assert "this host's copy is still its own data (nothing of the replica's was written here)" \
+        in warning.message and f"mirrorsetup replica resolve {src} --discard-target --yes" in \
+        warning.message and f"mirrorsetup failback {src} --yes" in warning.message, warning
+    row["switched"] = {**row["switched"], "failback_applied": 3}
+    [warning] = [w for w in snapshot(ConfigStore(cfg), Control(), scan_writers=False).warnings
+                 if w.subject == src]
+    assert warning.level == "error" and "this host's copy is a mix of its own data and the " \
+        "replica's" in warning.message, warning
+
+
+@pilot_test
+async def test_the_targets_screen_says_a_fail_back_that_brought_nothing_back_left_no_mix(
+        canned_targets, config_path, tmp_path, config_bytes):
+    """As above, on the Targets screen: its state said "this host's copy may be a mix", and m's
+    question "(this host's copy may be a mix …)"; nothing came back."""
+    write_config(config_path, tmp_path)
+    before = config_bytes()
+    src = str(tmp_path / "src")
+    now = [{"kind": "fs", "key": src, "captured": False, "target": "backup1:data",
+            "state": "fail-back interrupted",
+            "switched": {"state": "switched", "seq": 9, "time": 1, "target": "backup1:data",
+                         "failback": "interrupted", "failback_applied": 0}}]
+    async with canned_targets(now) as (app, pilot, screen):
+        table = screen.query_one("#replicas")
+        assert cell(table, src, "state") == "nothing came back: f again or o", \
+            cell(table, src, "state")  # (at 80 columns; the details and warning say it whole)
+        await pilot.press("m")
+        await settle(pilot)
+        assert isinstance(app.screen, ConfirmDialog), type(app.screen).__name__
+        question = static_text(app.screen.query_one("#question"))
+        assert "mix" not in question and "its data stays as it was at the switch-over" in \
+            question, question
+        await pilot.press("n")
+        await settle(pilot)
+    assert config_bytes() == before
+
+
 def test_a_long_connection_state_is_short_in_a_cell_and_whole_in_the_warnings(tmp_path, capsys):
     """A split brain's refusal is a paragraph (what happened, both ways out): `status` printed
     all of it in the table's replication cell (a 300-column row, found by hand) and the

@@ -769,7 +769,8 @@ class Failover:
             log.info("%s: hand-over to %s ended for good: the replica stays primary there", key,
                      sw.get("target"))
             copy = (f"this host's copy {mix_words(sw.get('failback_applied'))}: do not use it"
-                    if sw.get("failback") == "interrupted" else
+                    if sw.get("failback") == "interrupted" and sw.get("failback_applied") != 0
+                    else
                     f"this host's copy is as it was at the switch-over ({_when(sw.get('time'))}, "
                     f"seq {sw.get('seq')}), older than the replica")
             host = f" ({sw['host']})" if sw.get("host") else ""

@@ -587,20 +587,25 @@ EBUSY = 16  # errno.EBUSY: the refusals Force can override
 HANDED_OVER = ("switched over", "switch-over interrupted", "fail-back interrupted")
 
 
-def handed_over_removal(key: str, target: str | None, state: str) -> str | None:
+def handed_over_removal(key: str, target: str | None, entry_state) -> str | None:
     """Why Remove on the File system / Block device screen is refused for an entry handed over
-    to its replica (`state`: its STATE), and what ends the hand-over on the Targets screen; None
-    for any other entry. (The daemon refuses that remove too, naming a CLI option: said here
-    before a question, with the keys.)"""
+    to its replica (`entry_state`: its FsState / BlockState), and what ends the hand-over on the
+    Targets screen; None for any other entry. (The daemon refuses that remove too, naming a CLI
+    option: said here before a question, with the keys.)"""
+    from app.services.status import copy_words
+    state = entry_state.state
     if state not in HANDED_OVER:
         return None
+    row = entry_state.engine
+    sw = (row.switched if row is not None else entry_state.switched) or {}
     where = "On Remote targets and fail-over (7 in the main menu)"
     if state == "switch-over interrupted":
         return (f"a switch-over of {key} to {target} did not finish (its replica there may be "
                 f"primary): removing the entry here would not end it. {where}: s runs it again "
                 "to finish it, o keeps this host's data. Nothing was changed.")
     if state == "fail-back interrupted":
-        return (f"a fail-back of {key} from {target} was interrupted (this host's copy is a mix): "
+        return (f"a fail-back of {key} from {target} was interrupted (this host's copy "
+                f"{copy_words(sw.get('failback_applied'))}): "
                 f"removing the entry here would not end the hand-over. {where}: f fails back "
                 "again to finish it; m leaves the service there for good and removes the entry "
                 "here. Nothing was changed.")

@@ -271,7 +271,7 @@ class BlockScreen(TaskScreen):
         if self.app.needs_root("Removing a block device"):
             return
         state = self._snap.block_state(device) if self._snap is not None else None
-        handed = state and handed_over_removal(device, state.entry.target, state.state)
+        handed = state and handed_over_removal(device, state.entry.target, state)
         if handed:  # nothing to ask: the daemon would refuse it
             self.notify(handed, title=f"Remove {shown(device)}", severity="warning", markup=False)
             return

@@ -142,7 +142,7 @@ class FilesystemScreen(TaskScreen):
             return
         path = state.entry.path
         replication = self.services.replication
-        handed = handed_over_removal(path, state.entry.target, state.state)
+        handed = handed_over_removal(path, state.entry.target, state)
         if handed:  # nothing to ask: the daemon would refuse it
             self.notify(handed, title=f"Remove {shown(path)}", severity="warning", markup=False)
             return

@@ -22,8 +22,8 @@ from app.screens.dialogs import ConfirmDialog, labelled
 from app.services import layout
 from app.services.events import Interest, MountsChanged
 from app.services.results import MirrorError, Outcome, Result
-from app.services.status import (healthy_secondary, nothing_to_fail_back, replication_lines,
-                                 short_connection)
+from app.services.status import (copy_words, healthy_secondary, nothing_to_fail_back,
+                                 replication_lines, short_connection)
 from app.services.units import cap_shown, shown
 
 TARGET_COLUMNS = (Col("name", "Name", 9, 16), Col("host", "Host", 8, 30), Col("root", "Root", 6, 30),
@@ -67,9 +67,15 @@ def role_and_state(row, *, long: bool = False, marked: dict | None = None) -> tu
 def _handed_over(sw: dict, long: bool) -> tuple[Text, Text]:
     """An entry handed over to its replica (`sw`: its switch-over marker)."""
     when = time.strftime("%Y-%m-%d %H:%M", time.localtime(sw.get("time") or 0))
+    if sw.get("failback") == "interrupted" and sw.get("failback_applied") == 0:
+        # nothing came back: still switched over, this host's data its own
+        return (Text("fail-back interrupted", style="bold yellow"), Text(
+            f"nothing came back: this host's copy {copy_words(0)}; the replica is primary there; "
+            "f fails back again, o keeps this host's data" if long else
+            "nothing came back: f again or o"))
     if sw.get("failback") == "interrupted":  # this host's copy is a mix: said first
         return (Text("fail-back interrupted", style="bold red"), Text(
-            f"this host's copy {layout.mix_words(sw.get('failback_applied'))}: f fails back again"))
+            f"this host's copy {copy_words(sw.get('failback_applied'))}: f fails back again"))
     if sw.get("state") == "switched":
         if long:
             return (Text("switched over", style="bold cyan"), Text(
@@ -625,8 +631,8 @@ class TargetsScreen(TaskScreen):
             return
         host = self._host_of(target)
         rep = self.services.replication
-        copy = (f"this host's copy {layout.mix_words(sw.get('failback_applied'))}"
-                if sw.get("failback") == "interrupted" else
+        copy = (f"this host's copy {copy_words(sw.get('failback_applied'))}"
+                if sw.get("failback") == "interrupted" and sw.get("failback_applied") != 0 else
                 "its data stays as it was at the switch-over")
         question = (f"Has the service of {shown(key)} moved to {shown(host)} for good?\n\nOn "
                     f"{shown(host)}: the replica {shown(target)} stays primary; it is not "
@@ -681,7 +687,7 @@ def _cannot(key: str, row, *, switching: bool, daemon: bool = True,
     if keeping and sw.get("failback") == "interrupted" and sw.get("failback_applied") != 0:
         # (the daemon refuses it too: app/engine/failover.py, resolve)
         return (f"a fail-back of {key} was interrupted: this host's copy "
-                f"{layout.mix_words(sw.get('failback_applied'))}; keeping it would overwrite the "
+                f"{copy_words(sw.get('failback_applied'))}; keeping it would overwrite the "
                 "replica with that mix. f fails "
                 "back again (the replica's data wins). Nothing was changed.")
     if switching and sw.get("state") == "switched":

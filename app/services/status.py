@@ -19,7 +19,7 @@ from app.services.config import BlockEntry, ConfigStore, FsEntry
 from app.services.blockplan import View
 from app.services.entries import problems
 from app.services.layout import (CONNECTING_AGAIN, WRITERS_WAIT, FSTYPE_FS, command, entry_state,
-                                  switched_marker, with_failback)
+                                  mix_words, switched_marker, with_failback)
 from app.services.protocol import CaptureRow, replicating
 
 
@@ -316,9 +316,10 @@ def _not_captured_warning(path: str, row: CaptureRow | None, sw: dict | None,
     """An entry without its capture: Mount all / Attach all, unless it was handed over to its
     replica (`sw`: _switched())."""
     if sw:
-        if sw.get("failback") == "interrupted":  # this side's data is not its own any more
+        if sw.get("failback") == "interrupted":  # this side's data may not be its own any more
             return StatusWarning(path, _switched_text(sw, row.target if row is not None else None,
-                                                      path), "error")
+                                                      path),
+                                 "warning" if sw.get("failback_applied") == 0 else "error")
         keys = ("s runs it again, o keeps this side" if sw.get("state") == "switching" else
                 "f fails back, o keeps this side, m: moved there for good")
         return StatusWarning(path, _switched_text(sw, row.target if row is not None else None) +
@@ -511,12 +512,26 @@ def nothing_to_fail_back(key: str, target: str) -> str:
             "is connected to it. There is nothing to fail back or keep; nothing was changed")
 
 
+def copy_words(applied) -> str:
+    """What an interrupted fail-back left this host's copy (`applied`: how many of the
+    replica's records it wrote here, None when not known): layout.mix_words, but 0 (known:
+    none; e.g. the replica's data was gone there, the link dropped before any came) is this
+    host's own data, which it said "may be a mix"."""
+    if applied == 0 and applied is not False:
+        return "is still its own data (nothing of the replica's was written here)"
+    return mix_words(applied)
+
+
 def _switched_text(sw: dict, target: str | None, key: str = "ENTRY") -> str:
     where = sw.get("target") or target or "its replica"
     if sw.get("failback") == "interrupted":
-        mix = "is a mix" if sw.get("failback_applied") else "may be a mix"
-        return (f"fail-back from {where} interrupted: this host's copy {mix} of its own data and "
-                f"the replica's until a fail-back finishes: run "
+        if sw.get("failback_applied") == 0:
+            return (f"fail-back from {where} interrupted: this host's copy {copy_words(0)}; the "
+                    f"replica there is still primary: run {command('failback', key, '--yes')} "
+                    f"again, or keep this host's data with "
+                    f"{command('replica', 'resolve', key, '--discard-target', '--yes')}")
+        return (f"fail-back from {where} interrupted: this host's copy "
+                f"{copy_words(sw.get('failback_applied'))} until a fail-back finishes: run "
                 f"{command('failback', key, '--yes')} again")
     if sw.get("state") == "switching":
         return f"switch-over to {where} interrupted: run it again, or resolve"
