@@ -592,7 +592,7 @@ def handed_over_removal(key: str, target: str | None, entry_state) -> str | None
     to its replica (`entry_state`: its FsState / BlockState), and what ends the hand-over on the
     Targets screen; None for any other entry. (The daemon refuses that remove too, naming a CLI
     option: said here before a question, with the keys.)"""
-    from app.services.status import copy_words
+    from app.services.layout import mix_words
     state = entry_state.state
     if state not in HANDED_OVER:
         return None
@@ -605,7 +605,7 @@ def handed_over_removal(key: str, target: str | None, entry_state) -> str | None
                 "to finish it, o keeps this host's data. Nothing was changed.")
     if state == "fail-back interrupted":
         return (f"a fail-back of {key} from {target} was interrupted (this host's copy "
-                f"{copy_words(sw.get('failback_applied'))}): "
+                f"{mix_words(sw.get('failback_applied'))}): "
                 f"removing the entry here would not end the hand-over. {where}: f fails back "
                 "again to finish it; m leaves the service there for good and removes the entry "
                 "here. Nothing was changed.")

@@ -22,7 +22,7 @@ from app.screens.dialogs import ConfirmDialog, labelled
 from app.services import layout
 from app.services.events import Interest, MountsChanged
 from app.services.results import MirrorError, Outcome, Result
-from app.services.status import (copy_words, healthy_secondary, nothing_to_fail_back,
+from app.services.status import (healthy_secondary, nothing_to_fail_back,
                                  replication_lines, short_connection)
 from app.services.units import cap_shown, shown
 
@@ -70,12 +70,12 @@ def _handed_over(sw: dict, long: bool) -> tuple[Text, Text]:
     if sw.get("failback") == "interrupted" and sw.get("failback_applied") == 0:
         # nothing came back: still switched over, this host's data its own
         return (Text("fail-back interrupted", style="bold yellow"), Text(
-            f"nothing came back: this host's copy {copy_words(0)}; the replica is primary there; "
+            f"nothing came back: this host's copy {layout.mix_words(0)}; the replica is primary there; "
             "f fails back again, o keeps this host's data" if long else
             "nothing came back: f again or o"))
     if sw.get("failback") == "interrupted":  # this host's copy is a mix: said first
         return (Text("fail-back interrupted", style="bold red"), Text(
-            f"this host's copy {copy_words(sw.get('failback_applied'))}: f fails back again"))
+            f"this host's copy {layout.mix_words(sw.get('failback_applied'))}: f fails back again"))
     if sw.get("state") == "switched":
         if long:
             return (Text("switched over", style="bold cyan"), Text(
@@ -631,7 +631,7 @@ class TargetsScreen(TaskScreen):
             return
         host = self._host_of(target)
         rep = self.services.replication
-        copy = (f"this host's copy {copy_words(sw.get('failback_applied'))}"
+        copy = (f"this host's copy {layout.mix_words(sw.get('failback_applied'))}"
                 if sw.get("failback") == "interrupted" and sw.get("failback_applied") != 0 else
                 "its data stays as it was at the switch-over")
         question = (f"Has the service of {shown(key)} moved to {shown(host)} for good?\n\nOn "
@@ -687,7 +687,7 @@ def _cannot(key: str, row, *, switching: bool, daemon: bool = True,
     if keeping and sw.get("failback") == "interrupted" and sw.get("failback_applied") != 0:
         # (the daemon refuses it too: app/engine/failover.py, resolve)
         return (f"a fail-back of {key} was interrupted: this host's copy "
-                f"{copy_words(sw.get('failback_applied'))}; keeping it would overwrite the "
+                f"{layout.mix_words(sw.get('failback_applied'))}; keeping it would overwrite the "
                 "replica with that mix. f fails "
                 "back again (the replica's data wins). Nothing was changed.")
     if switching and sw.get("state") == "switched":

@@ -126,7 +126,11 @@ def local_time(t: float | None) -> str:
 
 def mix_words(applied) -> str:
     """What an interrupted fail-back left this host's copy (`applied`: how many of the
-    replica's records it wrote here, None when not known): the words every message uses."""
+    replica's records it wrote here, None when not known): the words every message uses. 0
+    (known: none, e.g. the replica's data was gone there, or the link dropped before any came)
+    is this host's own data still."""
+    if applied == 0 and applied is not None:
+        return "is still its own data (nothing of the replica's was written here)"
     return f"{'is' if applied else 'may be'} a mix of its own data and the replica's"
 
 

@@ -512,26 +512,16 @@ def nothing_to_fail_back(key: str, target: str) -> str:
             "is connected to it. There is nothing to fail back or keep; nothing was changed")
 
 
-def copy_words(applied) -> str:
-    """What an interrupted fail-back left this host's copy (`applied`: how many of the
-    replica's records it wrote here, None when not known): layout.mix_words, but 0 (known:
-    none; e.g. the replica's data was gone there, the link dropped before any came) is this
-    host's own data, which it said "may be a mix"."""
-    if applied == 0 and applied is not False:
-        return "is still its own data (nothing of the replica's was written here)"
-    return mix_words(applied)
-
-
 def _switched_text(sw: dict, target: str | None, key: str = "ENTRY") -> str:
     where = sw.get("target") or target or "its replica"
     if sw.get("failback") == "interrupted":
         if sw.get("failback_applied") == 0:
-            return (f"fail-back from {where} interrupted: this host's copy {copy_words(0)}; the "
+            return (f"fail-back from {where} interrupted: this host's copy {mix_words(0)}; the "
                     f"replica there is still primary: run {command('failback', key, '--yes')} "
                     f"again, or keep this host's data with "
                     f"{command('replica', 'resolve', key, '--discard-target', '--yes')}")
         return (f"fail-back from {where} interrupted: this host's copy "
-                f"{copy_words(sw.get('failback_applied'))} until a fail-back finishes: run "
+                f"{mix_words(sw.get('failback_applied'))} until a fail-back finishes: run "
                 f"{command('failback', key, '--yes')} again")
     if sw.get("state") == "switching":
         return f"switch-over to {where} interrupted: run it again, or resolve"
