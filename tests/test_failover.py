@@ -83,6 +83,17 @@ def fail_back_cut_mid_way(r, eng, disk: str, expected, differing: int):
     return first, out, err
 
 
+def switched_over(fs_remote):
+    """An entry replicating to backup1:data with one file, switched over: (engine, its path,
+    the remote)."""
+    eng, src, r = fs_remote()
+    (Path(src) / "f").write_text("one")
+    eng.drain(src)
+    p = cli(r.cfg, "switchover", src, socket=eng.socket)
+    assert p.returncode == 0, p.stdout + p.stderr
+    return eng, src, r
+
+
 def blocks_differing(a: str, b: str, size: int) -> int:
     n = 0
     with open(a, "rb") as fa, open(b, "rb") as fb:
@@ -406,12 +417,8 @@ def test_keep_this_host_that_cannot_reach_the_target_says_nothing_was_changed(fs
     with the target unreachable or its replica in use there, said only "resolve KEY: WHY"
     (fail-back says "nothing was changed (it stays read-only here)"): whether this side was
     made writable, or its marker dropped, was not said. Nothing was, and now it says so."""
-    eng, src, r = fs_remote()
+    eng, src, r = switched_over(fs_remote)
     s = Path(src)
-    (s / "f").write_text("one")
-    eng.drain(src)
-    p = cli(r.cfg, "switchover", src, socket=eng.socket)
-    assert p.returncode == 0, p.stdout + p.stderr
     r.bed.reject()
     p = cli(r.cfg, "replica", "resolve", src, "--discard-target", "--yes", socket=eng.socket)
     r.bed.unblock()
@@ -439,12 +446,8 @@ def test_a_fail_back_refused_because_this_side_is_in_use_says_nothing_was_change
     shell's working directory) said only "… is in use here: …: stop them first", where its
     refusal for a replica in use there says "nothing was changed (it stays read-only here)". It
     stays read-only and switched over, and now says so."""
-    eng, src, r = fs_remote()
+    eng, src, r = switched_over(fs_remote)
     s = Path(src)
-    (s / "f").write_text("one")
-    eng.drain(src)
-    p = cli(r.cfg, "switchover", src, socket=eng.socket)
-    assert p.returncode == 0, p.stdout + p.stderr
     user = subprocess.Popen(["sleep", "60"], cwd=src)
     try:
         p = cli(r.cfg, "failback", src, "--yes", socket=eng.socket)
@@ -468,12 +471,8 @@ def test_a_fail_back_refused_before_anything_came_back_leaves_this_copy_its_own(
     then said as an ERROR that this host's copy "may be a mix", and moving it for good said
     "may be a mix …: do not use it". Nothing of the replica's was written here: said so, and
     moved for good it is the copy as at the switch-over."""
-    eng, src, r = fs_remote()
+    eng, src, r = switched_over(fs_remote)
     s = Path(src)
-    (s / "f").write_text("one")
-    eng.drain(src)
-    p = cli(r.cfg, "switchover", src, socket=eng.socket)
-    assert p.returncode == 0, p.stdout + p.stderr
     (r.root / "data").rename(r.root / "data.moved")
     p = cli(r.cfg, "failback", src, "--yes", socket=eng.socket)
     assert p.returncode == 1 and "nothing was sent back" in p.stderr, p.stdout + p.stderr

@@ -240,6 +240,17 @@ async def test_without_the_daemon_an_entry_switched_over_is_said_so_not_unknown(
         assert "the replica is primary there since" in said and "(seq 9)" in said, said
         assert "(the daemon is not running)" in said, said
         await pilot.press("escape")
+        await wait_until(pilot, lambda: app.screen is screen, "the details closed")
+        # found by helper-39's walk: m said "the switch-over, fail-back and keep-this-host of
+        # … are its work", not what m does
+        await pilot.press("m")
+        await settle(pilot)
+        assert app.screen is screen, f"m asked: {type(app.screen).__name__}"
+        said = notices(app)[-1]
+        assert f"the daemon is not running: ending the hand-over of {src} (lifting its " \
+               "read-only fence here) is its work. Start it on the Daemon screen (5 in the main " \
+               "menu), then try again. Nothing was changed." in said, said
+        assert (marker / "switched").exists()
         (marker / "failback").write_text(json.dumps({"generation": "0" * 32, "applied": 3}) + "\n")
         screen.reload()
         await wait_until(pilot, lambda: cell(table, src, "role").startswith("fail-back inter"),
@@ -403,40 +414,6 @@ async def test_moved_for_good_that_cannot_be_done_says_why_and_what_can(
         assert f"the switch-over of {src} did not finish: whether its replica is primary there " \
                "is not known; s runs it again to finish it, then m" in said, said
     assert config_bytes() == before
-
-
-@pilot_test
-async def test_moved_for_good_without_the_daemon_says_that_ending_the_hand_over_is_its_work(
-        tui, config_path, tmp_path, config_bytes):
-    """Found by helper-39's walk: m with the daemon stopped said "the switch-over, fail-back
-    and keep-this-host of … are its work", not what m does (end the hand-over)."""
-    import json
-
-    from app.services.layout import entry_state
-    from app.services.status import snapshot
-    write_config(config_path, tmp_path)
-    src = str(tmp_path / "src")
-    state = tmp_path / "state"
-    marker = Path(entry_state(str(state), "fs", src))
-    marker.mkdir(parents=True)
-    (marker / "switched").write_text(json.dumps({"state": "switched", "time": 1, "seq": 9,
-                                                 "target": "backup1:data"}) + "\n")
-    before = config_bytes()
-    app = tui(is_root=True)
-    app.services._status = lambda: snapshot(ConfigStore(config_path), None, scan_writers=False,
-                                            state_dir=str(state))
-    async with app.run_test(size=(80, 24)) as pilot:
-        await open_targets(pilot)
-        screen = app.screen
-        await wait_until(pilot, lambda: screen.query_one("#replicas").row_count == 1, "the entry")
-        await pilot.press("m")
-        await settle(pilot)
-        assert app.screen is screen, f"m asked: {type(app.screen).__name__}"
-        said = notices(app)[-1]
-        assert f"the daemon is not running: ending the hand-over of {src} (lifting its " \
-               "read-only fence here) is its work. Start it on the Daemon screen (5 in the main " \
-               "menu), then try again. Nothing was changed." in said, said
-    assert (marker / "switched").exists() and config_bytes() == before
 
 
 def _mark_switched(tmp_path: Path, kind: str, key: str, **marker) -> Path:
@@ -826,29 +803,37 @@ def test_a_switched_over_entry_is_said_as_such_not_as_mount_all(tmp_path):
                                                                   "target": "backup1:x"})
     assert replication_text(row).startswith("switch-over to backup1:x interrupted")
 
-
-def test_the_warning_of_an_entry_handed_over_names_the_keys_that_end_it(tmp_path):
-    """Found by helper-39's walk: the warning of an entry switched over named f and o, not m
-    (moved for good, the third way out, found only in Help); an interrupted switch-over's
-    named f, where s finishes it (m is refused there)."""
+def warning_of(tmp_path: Path, row: dict):
+    """Status's warning of the entry of the daemon's status `row` (a file-system entry of the
+    test's configuration, written the first time)."""
     from app.services.status import snapshot
-    src = str(tmp_path / "src")
-    row = {"kind": "fs", "key": src, "target": "backup1:data", "state": "switched over",
-           "switched": {"state": "switched", "time": 1, "seq": 9, "target": "backup1:data"}}
 
     class Control:
         def request(self, what):
             return {"filesystem": [row], "block": []}
 
     cfg = tmp_path / "etc" / "replication.toml"
-    write_config(cfg, tmp_path)
+    if not cfg.exists():
+        write_config(cfg, tmp_path)
     [warning] = [w for w in snapshot(ConfigStore(cfg), Control(), scan_writers=False).warnings
-                 if w.subject == src]
+                 if w.subject == row["key"]]
+    return warning
+
+
+
+def test_the_warning_of_an_entry_handed_over_names_the_keys_that_end_it(tmp_path):
+    """Found by helper-39's walk: the warning of an entry switched over named f and o, not m
+    (moved for good, the third way out, found only in Help); an interrupted switch-over's
+    named f, where s finishes it (m is refused there)."""
+    src = str(tmp_path / "src")
+    row = {"kind": "fs", "key": src, "target": "backup1:data", "state": "switched over",
+           "switched": {"state": "switched", "time": 1, "seq": 9, "target": "backup1:data"}}
+
+    warning = warning_of(tmp_path, row)
     assert warning.message.endswith("(Targets screen: f fails back, o keeps this side, m: moved "
                                     "there for good)"), warning.message
     row["switched"] = {"state": "switching", "time": 1, "target": "backup1:data"}
-    [warning] = [w for w in snapshot(ConfigStore(cfg), Control(), scan_writers=False).warnings
-                 if w.subject == src]
+    warning = warning_of(tmp_path, row)
     assert warning.message.endswith("(Targets screen: s runs it again, o keeps this side)"), \
         warning.message
 
@@ -860,27 +845,18 @@ def test_a_fail_back_that_brought_nothing_back_is_not_said_to_leave_a_mix(tmp_pa
     "this host's copy may be a mix of its own data and the replica's" (0 was read as not
     known). Now it says the copy is its own, as a warning, with both ways on; a copy that
     is a mix is said as before."""
-    from app.services.status import snapshot
     src = str(tmp_path / "src")
     row = {"kind": "fs", "key": src, "target": "backup1:data", "state": "fail-back interrupted",
            "switched": {"state": "switched", "time": 1, "seq": 9, "target": "backup1:data",
                         "failback": "interrupted", "failback_applied": 0}}
 
-    class Control:
-        def request(self, what):
-            return {"filesystem": [row], "block": []}
-
-    cfg = tmp_path / "etc" / "replication.toml"
-    write_config(cfg, tmp_path)
-    [warning] = [w for w in snapshot(ConfigStore(cfg), Control(), scan_writers=False).warnings
-                 if w.subject == src]
+    warning = warning_of(tmp_path, row)
     assert warning.level == "warning" and "mix" not in warning.message, warning
     assert "this host's copy is still its own data (nothing of the replica's was written here)" \
         in warning.message and f"mirrorsetup replica resolve {src} --discard-target --yes" in \
         warning.message and f"mirrorsetup failback {src} --yes" in warning.message, warning
     row["switched"] = {**row["switched"], "failback_applied": 3}
-    [warning] = [w for w in snapshot(ConfigStore(cfg), Control(), scan_writers=False).warnings
-                 if w.subject == src]
+    warning = warning_of(tmp_path, row)
     assert warning.level == "error" and "this host's copy is a mix of its own data and the " \
         "replica's" in warning.message, warning
 
