@@ -373,7 +373,7 @@ def test_attach_all_without_the_daemon_refuses_an_entry_switched_over(config_pat
                                "attach-all", "--json"], capture_output=True, text=True, env=env,
                               cwd=Path(__file__).parent.parent)
     p = attach_all()
-    assert p.returncode == 1, p.stdout + p.stderr
+    assert p.returncode == 2, p.stdout + p.stderr  # refused: nothing was changed
     [r] = json.loads(p.stdout)
     assert r["outcome"] == "failed" and "switched over to backup1:disk.img" in r["message"], r
     assert "mirrorsetup failback" in r["message"] and loops_on(disk) == []
