@@ -58,29 +58,43 @@ def replicas(r) -> list[dict]:
     return json.loads(p.stdout)
 
 
+def cli_cut_mid_way(r, eng, argv: list[str], what: str, ready, cut, *, every: float,
+                    timeout: float) -> tuple[subprocess.Popen, str, str]:
+    """The CLI's `argv` run against the daemon; once `ready()` (waited for as `what`) `cut()`
+    cuts the link, and the command is let end: (the ended process, its stdout, its stderr).
+    The link comes back at the end."""
+    proc = subprocess.Popen([sys.executable, "-m", "app", "--config", str(r.cfg), *argv],
+                            cwd=REPO, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            env={**os.environ, "MIRRORSETUP_SOCKET": eng.socket})
+    try:
+        wait_for(what, lambda: proc.poll() is not None or ready(), 60, every)
+        assert proc.poll() is None, proc.communicate()
+        cut()
+        out, err = proc.communicate(timeout=timeout)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+        r.bed.link_up()
+    return proc, out, err
+
+
 def fail_back_cut_mid_way(r, eng, disk: str, expected, differing: int):
     """`failback DISK --yes` through a 16 Mbit/s link, cut once part of the replica came back:
     (the ended process, its stdout, its stderr)."""
-    r.bed.rate_limit(rate="16mbit", burst="32kb", direction="down")  # 12 s for what differs
-    first = subprocess.Popen([sys.executable, "-m", "app", "--config", str(r.cfg), "failback", disk,
-                              "--yes"], cwd=REPO, text=True, stdout=subprocess.PIPE,
-                             stderr=subprocess.PIPE, env={**os.environ, "MIRRORSETUP_SOCKET": eng.socket})
-    try:
-        wait_for("part of the replica came back", lambda: first.poll() is not None or
-                 blocks_differing(disk, expected, 64 * MiB) < differing - 2, 60, 0.3)
-        assert first.poll() is None, first.communicate()
+    def cut():
         # the source's resets never reach the target: its agent lingers until its heartbeats
         # time out (15 s), as when the link came back after the target's retransmissions
         r.bed._nft_rule(f"tcp dport {r.bed.port} tcp flags & rst == rst drop")
         r.bed.link_down()
-        out, err = first.communicate(timeout=60)
+    r.bed.rate_limit(rate="16mbit", burst="32kb", direction="down")  # 12 s for what differs
+    try:
+        return cli_cut_mid_way(
+            r, eng, ["failback", disk, "--yes"], "part of the replica came back",
+            lambda: blocks_differing(disk, expected, 64 * MiB) < differing - 2, cut,
+            every=0.3, timeout=60)
     finally:
-        if first.poll() is None:
-            first.kill()
-            first.communicate()
-        r.bed.link_up()
         r.bed.unlimit()
-    return first, out, err
 
 
 def switched_over(fs_remote):
@@ -495,20 +509,9 @@ def _switchover_losing_its_answer(eng, key: str, r) -> tuple[int, str, str]:
     command); the link comes back once the switch-over has ended."""
     r.bed.set_authorized_keys([r.authorized_line.replace(
         'command="', 'command="MIRRORSETUP_TEST_PROMOTE_REPLY_DELAY=8 ', 1)])
-    sw = subprocess.Popen([sys.executable, "-m", "app", "--config", str(r.cfg), "switchover", key],
-                          cwd=REPO, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                          env={**os.environ, "MIRRORSETUP_SOCKET": eng.socket})
-    try:
-        wait_for("the replica promoted", lambda: sw.poll() is not None or
-                 replicas(r)[0]["role"] == "primary", 60, 0.1)
-        assert sw.poll() is None, sw.communicate()
-        r.bed.link_down()  # the answer is still held by the agent: it never arrives
-        out, err = sw.communicate(timeout=120)
-    finally:
-        if sw.poll() is None:
-            sw.kill()
-            sw.communicate()
-        r.bed.link_up()
+    sw, out, err = cli_cut_mid_way(  # the answer is still held by the agent: it never arrives
+        r, eng, ["switchover", key], "the replica promoted",
+        lambda: replicas(r)[0]["role"] == "primary", r.bed.link_down, every=0.1, timeout=120)
     # the interrupted agent ends once its held answer finds the session gone
     wait_for("the agent gone", lambda: not any("serve-target" in argv for _, argv in
                                               r.bed.target_processes()), 60, 0.3)
