@@ -152,7 +152,7 @@ def test_set_id_bits_go_as_the_vfs_takes_them_when_a_caller_without_cap_fsetid_c
     modes = {"write": (0o4755, 0o755), "truncate": (0o4755, 0o755), "otrunc": (0o4755, 0o755),
              "falloc": (0o4755, 0o755), "sgid-gx": (0o6775, 0o775), "sgid-no-gx": (0o2764, 0o2764),
              "root-write": (0o4755, 0o4755), "root-chown": (0o6775, 0o775),
-             "root-chown-none": (0o4755, 0o755)}
+             "root-chown-none": (0o4755, 0o755), "root-chown-same": (0o6775, 0o775)}
     for name, (before, _) in modes.items():
         path = os.path.join(src, name)
         with open(path, "wb") as f:
@@ -171,10 +171,14 @@ def test_set_id_bits_go_as_the_vfs_takes_them_when_a_caller_without_cap_fsetid_c
         f.write(b"x")
     os.chown(os.path.join(src, "root-chown"), 0, 0)  # a chown takes them whoever calls it
     os.chown(os.path.join(src, "root-chown-none"), -1, -1)
+    # the owner it has already: not recorded as a chown, what it took recorded as a chmod
+    os.chown(os.path.join(src, "root-chown-same"), OTHER_UID, OTHER_GID)
     eng.drain(src)
     for side in (src, tgt):
         got = {name: stat.S_IMODE(os.stat(os.path.join(side, name)).st_mode) for name in modes}
         assert got == {name: after for name, (_, after) in modes.items()}, side
+        owners = {name: os.stat(os.path.join(side, name))[4:6] for name in modes}
+        assert owners == {**{name: (OTHER_UID, OTHER_GID) for name in modes}, "root-chown": (0, 0)}
     assert eng.verify(src) == []
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
+import stat
 import subprocess
 import threading
 import time
@@ -16,6 +17,11 @@ from app.engine.applier import FsApplier
 from app.engine.journal import KIND_FS, Journal, JournalGap, Record, scan_segment
 from app.engine.target import LocalDirTarget
 from test_engine_support import resident
+
+
+def lowlevel_compiled():
+    from app.engine.lowlevel import compiled
+    return compiled
 
 
 def _segments(d):
@@ -273,6 +279,37 @@ def test_applier_replay_twice_converges(tmp_path):
         assert os.stat(src / "c").st_ino == os.stat(src / "d" / "b").st_ino
         ap.close()
     finally:
+        os.close(fd)
+
+
+@pytest.mark.parametrize("fchmodat2", [True, False], ids=["fchmodat2", "before-linux-6.6"])
+def test_an_applied_chmod_changes_the_name_itself_and_never_what_a_symlink_points_to(
+        tmp_path, monkeypatch, fchmodat2):
+    """The applier's chmod (one fchmodat2 call, or the O_PATH way where the kernel has none):
+    set-ID and sticky bits as recorded, a symlink named by a record left alone and what it
+    points to unchanged, a missing name an error naming it."""
+    from app.engine import lowlevel
+    monkeypatch.setattr(lowlevel, "_fchmodat2", [fchmodat2])
+    tgt = tmp_path / "target"
+    tgt.mkdir()
+    (tgt / "f").write_bytes(b"x")
+    os.chmod(tgt / "f", 0o644)
+    (tgt / "l").symlink_to("f")
+    fd = os.open(tgt, os.O_PATH | os.O_DIRECTORY)
+    ap = FsApplier(fd)
+    try:
+        def chmod(path, mode, seq):
+            ap.apply(Record(seq, KIND_FS, "chmod", {"path": path, "mode": mode}))
+        chmod("f", 0o4750, 1)
+        chmod("l", 0o777, 2)
+        ap.apply(Record(3, KIND_FS, "mkdir", {"path": "d", "mode": 0o1777, "uid": 0, "gid": 0}))
+        assert stat.S_IMODE(os.stat(tgt / "f").st_mode) == 0o4750  # not the symlink's 0o777
+        assert stat.S_ISLNK(os.lstat(tgt / "l").st_mode)
+        assert stat.S_IMODE(os.stat(tgt / "d").st_mode) == 0o1777
+        with pytest.raises(FileNotFoundError, match="gone"):
+            chmod("gone", 0o600, 4)
+    finally:
+        ap.close()
         os.close(fd)
 
 
@@ -2482,8 +2519,14 @@ def test_a_times_record_a_later_one_of_the_same_batch_replaces_is_not_applied(tm
     fd = os.open(tgt, os.O_PATH | os.O_DIRECTORY)
     target = LocalDirTarget.on_fd(fd, str(tgt))
     applied = []
-    real_apply = target.applier.apply
+    real_apply, real_run = target.applier.apply, target.applier.apply_run
     target.applier.apply = lambda rec: (applied.append(rec.seq), real_apply(rec))
+
+    def run(records, start, skip=None, instead=None):  # the compiled runs' records too
+        end = real_run(records, start, skip, instead)
+        applied.extend(records[k].seq for k in range(start, end) if not (skip and k in skip))
+        return end
+    target.applier.apply_run = run
     try:
         target.send(batch)
         target.flush()
@@ -2519,17 +2562,83 @@ def test_a_full_target_between_a_skipped_times_record_and_its_replacement_takes_
         if rec.op == "write":
             raise OSError(errno.ENOSPC, "No space left on device")
         real_apply(rec)
+    real_run = target.applier.apply_run
+
+    def run_stops_at_the_write(records, start, skip=None, instead=None):  # as a failed one does
+        w = next((k for k in range(start, len(records)) if records[k].op == "write"), len(records))
+        return real_run(records[:w], start, skip, instead)
     target.applier.apply = full_at_the_write
+    target.applier.apply_run = run_stops_at_the_write
     try:
         with pytest.raises(TargetUnavailable) as exc:
             target.send(batch)
         assert exc.value.taken == 10  # 11 goes again
-        target.applier.apply = real_apply
+        target.applier.apply, target.applier.apply_run = real_apply, real_run
         target.send(batch[1:])
     finally:
         target.close()
     f = os.stat(tgt / "d" / "f")
     assert (f.st_atime_ns, f.st_mtime_ns) == (T, T + 1)
+
+
+@pytest.mark.skipif(not getattr(lowlevel_compiled(), "fs_apply_run", None),
+                    reason="app.engine._fuseread is not built (needs a C compiler and Python's headers)")
+def test_a_directory_appliers_compiled_run_applies_single_call_records_and_stops_where_one_fails(
+        tmp_path, tmpfs_mount):
+    """Files made, written, removed, their times, chmod and chown go in runs with one GIL
+    release (applier.apply_run): the target ends as record by record, a file made and removed
+    within a run is not kept open, a symlink's chmod is left to `apply` (which leaves the
+    symlink alone), and a target that fills up mid-run pauses at the write it could not take,
+    resuming from there once there is room."""
+    from app.engine.shipper import TargetUnavailable
+    tgt = tmpfs_mount(tmp_path / "tgt")  # 16 MiB
+    T = 1_600_000_000_000_000_000
+    # (numbered in order below)
+    batch = [Record(0, KIND_FS, "mkdir", {"path": "d", "mode": 0o755, "uid": 0, "gid": 0}),
+             Record(0, KIND_FS, "create", {"path": "d/f", "mode": 0o644, "uid": 0, "gid": 0}),
+             Record(0, KIND_FS, "write", {"path": "d/f", "offset": 0}, b"a" * 4096),
+             Record(0, KIND_FS, "chown", {"path": "d/f", "uid": 1234, "gid": 5678}),
+             Record(0, KIND_FS, "chmod", {"path": "d/f", "mode": 0o4750}),
+             Record(0, KIND_FS, "times", {"path": "d/f", "atime": T - 7, "mtime": T}),
+             Record(0, KIND_FS, "symlink", {"path": "d/l", "target": "f", "uid": 0, "gid": 0}),
+             Record(0, KIND_FS, "chmod", {"path": "d/l", "mode": 0o777}),
+             Record(0, KIND_FS, "times", {"path": "d", "atime": None, "mtime": T + 1}),
+             Record(0, KIND_FS, "create", {"path": "big", "mode": 0o600, "uid": 0, "gid": 0})]
+    batch[8:8] = [Record(0, KIND_FS, "create", {"path": "d/g", "mode": 0o600, "uid": 0, "gid": 0}),
+                  Record(0, KIND_FS, "write", {"path": "d/g", "offset": 0}, b"g"),
+                  Record(0, KIND_FS, "unlink", {"path": "d/g"}),  # made and removed in one run
+                  Record(0, KIND_FS, "unlink", {"path": "d/never"})]  # (gone already: no error)
+    chunk = b"z" * (4 << 20)
+    batch += [Record(0, KIND_FS, "write", {"path": "big", "offset": k * len(chunk)}, chunk)
+              for k in range(5)]  # 20 MiB: the fourth or fifth does not fit
+    for seq, rec in enumerate(batch, 1):
+        rec.seq = seq
+    fd = os.open(tgt, os.O_PATH | os.O_DIRECTORY)
+    target = LocalDirTarget.on_fd(fd, str(tgt))
+    by_python = []
+    real_apply = target.applier.apply
+    target.applier.apply = lambda rec: (by_python.append(rec.seq), real_apply(rec))
+    try:
+        with pytest.raises(TargetUnavailable) as exc:
+            target.send(batch)
+        assert exc.value.state.startswith("paused: target full")
+        taken = exc.value.taken
+        assert 16 <= taken < 19, taken  # a write of big did not fit: from there on again
+        # the rest went in compiled runs: the symlink's chmod is `apply`'s (it leaves it alone)
+        assert by_python == [1, 7, 8, taken + 1], by_python
+        assert sorted(target.applier._fds) == [b"big", b"d/f"] and not (tgt / "d" / "g").exists()
+        f = os.lstat(tgt / "d" / "f")
+        assert (stat.S_IMODE(f.st_mode), f.st_uid, f.st_gid) == (0o4750, 1234, 5678)
+        assert (f.st_atime_ns, f.st_mtime_ns, f.st_size) == (T - 7, T, 4096)
+        assert os.path.islink(tgt / "d" / "l") and os.readlink(tgt / "d" / "l") == "f"
+        assert os.stat(tgt / "d").st_mtime_ns == T + 1
+        target.close_files()
+        os.truncate(tgt / "big", 0)  # room again: the rest comes
+        target.send([r for r in batch if r.seq > taken])
+        target.flush()
+    finally:
+        target.close()
+    assert os.path.getsize(tgt / "big") == 20 << 20 and target.errors == 0, target.last_error
 
 
 def test_a_walk_reads_each_files_extended_attributes_once_after_its_check(tmp_path, monkeypatch):

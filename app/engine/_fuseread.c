@@ -19,13 +19,19 @@
  * of records instead of one per record, so the applier and the request loop no longer hand the
  * GIL to each other at every record.
  *
+ * fs_apply_run() is a directory applier's run of single-call records (app/engine/applier.py):
+ * writes to files it holds open, times, chmod and chown by name, one GIL release for the run.
+ *
  * Optional: built by the project's own install step (pip install, a C compiler and Python's
  * headers); without it app/engine/fusewire.py polls from Python as before.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 #include <errno.h>
+#include <fcntl.h>
 #include <stdint.h>
+#include <sys/stat.h>
+#include <sys/syscall.h>
 #include <string.h>
 #include <sys/uio.h>
 #include <time.h>
@@ -258,6 +264,200 @@ static PyObject *pwrite_all(PyObject *self, PyObject *args)
 	return Py_BuildValue("ni", err ? i - 1 : n, err);
 }
 
+/* fs_apply_run(dir_fd, ops) -> (count, errno, made): a directory applier's records, in order,
+ * with the GIL released once for them all. Each op is a tuple:
+ *   (0, fd, offset, data)          data written whole at offset of the open file fd; fd -k-1:
+ *                                  the file op k (a create of this run) made
+ *   (1, name, atime, mtime)        utimensat(dir_fd, name, AT_SYMLINK_NOFOLLOW), times in ns,
+ *                                  atime None: left as it is (UTIME_OMIT)
+ *   (2, name, mode)                fchmodat2(dir_fd, name, mode, AT_SYMLINK_NOFOLLOW)
+ *   (3, name, uid, gid)            fchownat(dir_fd, name, uid, gid, AT_SYMLINK_NOFOLLOW)
+ *   (4, name, mode, uid, gid)      a file made (O_EXCL; one already there is opened and
+ *                                  truncated, never through a symlink), then fchown, fchmod
+ *   (5, name)                      unlinkat(dir_fd, name): a name already gone is no error
+ * made: [(k, fd)] the files the creates made, open, for the caller to keep (and close).
+ * Stops at the first that fails: count is how many were done, errno that one's (0: all were);
+ * the caller applies that one again its own way, which says why (or, for a symlink's chmod,
+ * leaves it alone). */
+enum { OP_WRITE, OP_TIMES, OP_CHMOD, OP_CHOWN, OP_CREATE, OP_UNLINK };
+#ifndef SYS_fchmodat2
+#define SYS_fchmodat2 452
+#endif
+
+struct fs_op {
+	int op, fd;
+	const char *name;
+	long long a, b, c; /* offset | atime, mtime | mode | uid, gid */
+	int omit_atime;
+	Py_buffer buf;
+	int has_buf;
+};
+
+static void split_ns(long long ns, struct timespec *ts)
+{
+	ts->tv_sec = ns / 1000000000LL;
+	ts->tv_nsec = ns % 1000000000LL;
+	if (ts->tv_nsec < 0) { /* floor, as Python's divmod */
+		ts->tv_nsec += 1000000000LL;
+		ts->tv_sec -= 1;
+	}
+}
+
+static int fs_op_parse(PyObject *t, struct fs_op *o)
+{
+	if (!PyTuple_Check(t) || PyTuple_GET_SIZE(t) < 2) {
+		PyErr_SetString(PyExc_TypeError, "fs_apply_run: each op is a tuple (code, ...)");
+		return -1;
+	}
+	Py_ssize_t size = PyTuple_GET_SIZE(t);
+	o->op = (int)PyLong_AsLong(PyTuple_GET_ITEM(t, 0));
+	if (PyErr_Occurred())
+		return -1;
+	if (o->op == OP_WRITE) {
+		if (size != 4)
+			goto bad;
+		o->fd = (int)PyLong_AsLong(PyTuple_GET_ITEM(t, 1));
+		o->a = PyLong_AsLongLong(PyTuple_GET_ITEM(t, 2));
+		if (PyErr_Occurred() || PyObject_GetBuffer(PyTuple_GET_ITEM(t, 3), &o->buf, PyBUF_SIMPLE) < 0)
+			return -1;
+		o->has_buf = 1;
+		return 0;
+	}
+	PyObject *name = PyTuple_GET_ITEM(t, 1);
+	if (!PyBytes_Check(name) || (size_t)PyBytes_GET_SIZE(name) != strlen(PyBytes_AS_STRING(name))) {
+		PyErr_SetString(PyExc_ValueError, "fs_apply_run: a name is bytes without NUL");
+		return -1;
+	}
+	o->name = PyBytes_AS_STRING(name);
+	if (o->op == OP_TIMES && size == 4) {
+		PyObject *atime = PyTuple_GET_ITEM(t, 2);
+		o->omit_atime = atime == Py_None;
+		o->a = o->omit_atime ? 0 : PyLong_AsLongLong(atime);
+		o->b = PyLong_AsLongLong(PyTuple_GET_ITEM(t, 3));
+	} else if (o->op == OP_CHMOD && size == 3) {
+		o->a = PyLong_AsLongLong(PyTuple_GET_ITEM(t, 2));
+	} else if (o->op == OP_CHOWN && size == 4) {
+		o->a = PyLong_AsLongLong(PyTuple_GET_ITEM(t, 2));
+		o->b = PyLong_AsLongLong(PyTuple_GET_ITEM(t, 3));
+	} else if (o->op == OP_CREATE && size == 5) {
+		o->a = PyLong_AsLongLong(PyTuple_GET_ITEM(t, 2));
+		o->b = PyLong_AsLongLong(PyTuple_GET_ITEM(t, 3));
+		o->c = PyLong_AsLongLong(PyTuple_GET_ITEM(t, 4));
+	} else if (o->op == OP_UNLINK && size == 2) {
+		/* the name alone */
+	} else {
+		goto bad;
+	}
+	return PyErr_Occurred() ? -1 : 0;
+bad:
+	PyErr_SetString(PyExc_ValueError, "fs_apply_run: an op of an unknown code or size");
+	return -1;
+}
+
+static int fs_op_do(int dir_fd, struct fs_op *o, struct fs_op *ops)
+{
+	int r;
+	if (o->op == OP_WRITE) {
+		int fd = o->fd >= 0 ? o->fd : ops[-o->fd - 1].fd;
+		const char *p = o->buf.buf;
+		size_t left = (size_t)o->buf.len;
+		off_t off = (off_t)o->a;
+		while (left) {
+			ssize_t w = pwrite(fd, p, left, off);
+			if (w < 0) {
+				if (errno == EINTR)
+					continue;
+				return errno;
+			}
+			if (w == 0)
+				return ENOSPC;
+			p += w;
+			left -= (size_t)w;
+			off += w;
+		}
+		return 0;
+	}
+	if (o->op == OP_TIMES) {
+		struct timespec ts[2];
+		if (o->omit_atime) {
+			ts[0].tv_sec = 0;
+			ts[0].tv_nsec = UTIME_OMIT;
+		} else {
+			split_ns(o->a, &ts[0]);
+		}
+		split_ns(o->b, &ts[1]);
+		r = utimensat(dir_fd, o->name, ts, AT_SYMLINK_NOFOLLOW);
+	} else if (o->op == OP_CHMOD) {
+		r = (int)syscall(SYS_fchmodat2, dir_fd, o->name, (mode_t)o->a, AT_SYMLINK_NOFOLLOW);
+	} else if (o->op == OP_CREATE) {
+		int fd = openat(dir_fd, o->name, O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, (mode_t)o->a);
+		if (fd < 0 && errno == EEXIST) /* replayed: the file starts again */
+			fd = openat(dir_fd, o->name, O_WRONLY | O_TRUNC | O_NOFOLLOW | O_CLOEXEC);
+		if (fd < 0)
+			return errno;
+		if (fchown(fd, (uid_t)o->b, (gid_t)o->c) < 0 || fchmod(fd, (mode_t)o->a) < 0) {
+			int err = errno;
+			close(fd);
+			return err;
+		}
+		o->fd = fd;
+		return 0;
+	} else if (o->op == OP_UNLINK) {
+		r = unlinkat(dir_fd, o->name, 0);
+		if (r < 0 && errno == ENOENT)
+			r = 0;
+	} else {
+		r = fchownat(dir_fd, o->name, (uid_t)o->a, (gid_t)o->b, AT_SYMLINK_NOFOLLOW);
+	}
+	return r < 0 ? errno : 0;
+}
+
+static PyObject *fs_apply_run(PyObject *self, PyObject *args)
+{
+	int dir_fd, err = 0;
+	PyObject *ops;
+	Py_ssize_t n, got = 0, i = 0;
+
+	if (!PyArg_ParseTuple(args, "iO!:fs_apply_run", &dir_fd, &PyList_Type, &ops))
+		return NULL;
+	n = PyList_GET_SIZE(ops);
+	struct fs_op *o = PyMem_Calloc(n ? (size_t)n : 1, sizeof(struct fs_op));
+	if (!o)
+		return PyErr_NoMemory();
+	for (; got < n; got++)
+		if (fs_op_parse(PyList_GET_ITEM(ops, got), &o[got]) < 0)
+			break;
+	if (got == n) {
+		Py_BEGIN_ALLOW_THREADS
+		for (i = 0; i < n; i++)
+			if ((err = fs_op_do(dir_fd, &o[i], o)) != 0)
+				break;
+		Py_END_ALLOW_THREADS
+	}
+	for (Py_ssize_t j = 0; j <= got && j < n; j++)
+		if (o[j].has_buf)
+			PyBuffer_Release(&o[j].buf);
+	if (got < n) { /* an op that would not parse: nothing was done */
+		PyMem_Free(o);
+		return NULL;
+	}
+	PyObject *made = PyList_New(0);
+	for (Py_ssize_t j = 0; made && j < i; j++) {
+		if (o[j].op != OP_CREATE)
+			continue;
+		PyObject *pair = Py_BuildValue("ni", j, o[j].fd);
+		if (!pair || PyList_Append(made, pair) < 0)
+			Py_CLEAR(made);
+		Py_XDECREF(pair);
+	}
+	if (!made) /* (no memory left: the files made are closed, and the error goes up) */
+		for (Py_ssize_t j = 0; j < i; j++)
+			if (o[j].op == OP_CREATE)
+				close(o[j].fd);
+	PyMem_Free(o);
+	return made ? Py_BuildValue("niN", i, err, made) : NULL;
+}
+
 static PyMethodDef methods[] = {
 	{"read_request", read_request, METH_VARARGS,
 	 "read_request(fd, buffer, spin_ns) -> length read, or -errno (-EAGAIN: nothing within spin_ns)"},
@@ -266,6 +466,8 @@ static PyMethodDef methods[] = {
 	 "max_records, largest) -> (n, count, clock): a block capture's WRITEs answered here (see the source)"},
 	{"pwrite_all", pwrite_all, METH_VARARGS,
 	 "pwrite_all(fd, base, offsets, datas) -> (count written, errno of the one that failed or 0)"},
+	{"fs_apply_run", fs_apply_run, METH_VARARGS,
+	 "fs_apply_run(dir_fd, ops) -> (count done, errno of the one that failed or 0, [(op, fd made)]): see the source"},
 	{NULL, NULL, 0, NULL},
 };
 

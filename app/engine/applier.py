@@ -20,8 +20,9 @@ import stat
 
 from app.engine.journal import Record, decode_path
 from app.engine.lowlevel import (FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, FALLOC_FL_ZERO_RANGE,
-                                 RENAME_EXCHANGE, _libc, beneath, compiled, fallocate, linkat_fd,
-                                 open_dir, proc_path, renameat2)
+                                 LONG_PATH, RENAME_EXCHANGE, _libc, beneath, chmod_nofollow,
+                                 chmod_nofollow_compiled, compiled, fallocate, linkat_fd, open_dir,
+                                 proc_path, renameat2)
 from app.engine.sync import FOLIO_MAX, drop_cached
 
 log = logging.getLogger("mirrorsetup.applier")
@@ -29,6 +30,9 @@ FD_CACHE = 64  # open target files kept between writes (sequential writes come i
 ZERO_CHUNK = 1 << 20
 LARGE_WRITE = 256 << 10  # a block write this large can leave a large folio in the target's cache
 _pwrite_all = getattr(compiled, "pwrite_all", None)  # a block applier's batches, compiled
+_fs_apply_run = getattr(compiled, "fs_apply_run", None)  # a directory applier's runs, compiled
+OP_WRITE, OP_TIMES, OP_CHMOD, OP_CHOWN, OP_CREATE, OP_UNLINK = range(6)  # fs_apply_run's ops
+RUN_OPS = {"write", "times", "chmod", "chown", "create", "unlink"}  # a run's (not O_TMPFILE ones)
 
 
 def pwrite_whole(fd: int, data, offset: int) -> None:
@@ -109,6 +113,79 @@ class FsApplier:
             raise OSError(errno.EBADF, f"O_TMPFILE file of record {seq} is not open at the target")
         return fd
 
+    def apply_run(self, records: list[Record], start: int, skip=None, instead=None) -> int:
+        """Apply records[start:] while each is a system call or two about one short name or a
+        file held open (a write, times, chmod, chown, a file made or a name removed), with one
+        GIL release for them all (when `_fuseread` is built); `skip` and `instead` as
+        `target._apply_all` takes them. Returns the index of the first record not applied:
+        `apply` goes on from there, and says why when one failed. One by one, the applier gave
+        the GIL up and took it back at every system call, and the capture's request loop
+        beside it waited for it."""
+        if _fs_apply_run is None:
+            return start
+        ops, at = [], []  # the ops, and the index of the record each one is
+        made: dict[bytes, int] = {}  # a file made by this run: its create's op
+        gone: set[bytes] = set()  # names this run removes (their kept files closed after it)
+        i, n = start, len(records)
+        while i < n:
+            if skip and i in skip:
+                i += 1
+                continue
+            rec = instead.get(i, records[i]) if instead else records[i]
+            op, a = rec.op, rec.args
+            if op not in RUN_OPS or "tmp" in a:
+                break
+            path = decode_path(a["path"]) if "path" in a else b""
+            if len(path) >= LONG_PATH or path in gone:
+                break  # (opened in pieces by `apply`; a name removed, then named again)
+            name = path or b"."
+            if op == "write":
+                k = made.get(path)
+                if k is not None:
+                    fd = -k - 1
+                else:
+                    fd = self._fds.get(path)
+                    if fd is None:
+                        if len(self._fds) >= FD_CACHE:
+                            break  # (opening one more closes those the ops so far use)
+                        try:
+                            fd = self._fd(path)
+                        except OSError:
+                            break  # `apply` tries again and says why
+                ops.append((OP_WRITE, fd, a["offset"], rec.data))
+            elif op == "times":
+                ops.append((OP_TIMES, name, a["atime"], a["mtime"]))
+            elif op == "chmod":
+                if not chmod_nofollow_compiled():
+                    break
+                ops.append((OP_CHMOD, name, a["mode"]))
+            elif op == "chown":
+                ops.append((OP_CHOWN, name, a["uid"], a["gid"]))
+            elif op == "create":
+                if not path:
+                    break
+                made[path] = len(ops)
+                ops.append((OP_CREATE, name, a["mode"], a["uid"], a["gid"]))
+            else:  # unlink
+                if not path:
+                    break
+                made.pop(path, None)
+                gone.add(path)
+                ops.append((OP_UNLINK, name))
+            at.append(i)
+            i += 1
+        if not ops:
+            return i
+        done, _, files = _fs_apply_run(self.tfd, ops)
+        for k, fd in files:  # kept for the records that write them next, as `apply` keeps them
+            if k < done and ops[k][1] in made and made[ops[k][1]] == k:
+                self._keep_fd(ops[k][1], fd)
+            else:  # removed again within the run, or made again: that one is kept
+                os.close(fd)
+        for path in gone:
+            self._close_fds(path)
+        return i if done == len(ops) else at[done]
+
     def apply(self, rec: Record) -> None:
         a = rec.args
         op = rec.op
@@ -159,13 +236,13 @@ class FsApplier:
                 os.mkdir(name, a["mode"], dir_fd=d)
             except FileExistsError:
                 pass
-            _chmod_nofollow(d, name, a["mode"])
+            chmod_nofollow(d, name, a["mode"])
             os.chown(name, a["uid"], a["gid"], dir_fd=d, follow_symlinks=False)
         elif op == "mknod":
             _replace_missing(d, name, lambda: os.mknod(name, a["mode"], a["rdev"], dir_fd=d))
             os.chown(name, a["uid"], a["gid"], dir_fd=d, follow_symlinks=False)
             if a["mode"] & (stat.S_ISUID | stat.S_ISGID):
-                _chmod_nofollow(d, name, stat.S_IMODE(a["mode"]))
+                chmod_nofollow(d, name, stat.S_IMODE(a["mode"]))
         elif op == "symlink":
             target = decode_path(a["target"])
             _replace_missing(d, name, lambda: os.symlink(target, name, dir_fd=d))
@@ -177,7 +254,7 @@ class FsApplier:
             self._close_fds()
             _missing_ok(lambda: os.rmdir(name, dir_fd=d))
         elif op == "chmod":
-            _chmod_nofollow(d, name, a["mode"])
+            chmod_nofollow(d, name, a["mode"])
         elif op == "chown":
             os.chown(name, a["uid"], a["gid"], dir_fd=d, follow_symlinks=False)
         elif op == "setxattr":
@@ -321,18 +398,6 @@ def _fallocate(fd: int, mode: int, offset: int, length: int) -> None:
             pwrite_whole(fd, zeros[:stop - at_], at_)
     elif not mode & FALLOC_FL_KEEP_SIZE and end > size:
         os.ftruncate(fd, end)
-
-
-def _chmod_nofollow(d: int, name: bytes, mode: int) -> None:
-    """chmod of the name itself, never of what a symlink there points to (Linux gives symlinks
-    no mode of their own, and chmod(2) would follow one out of the replica)."""
-    fd = os.open(name, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=d)
-    try:
-        if stat.S_ISLNK(os.fstat(fd).st_mode):
-            return
-        os.chmod(f"/proc/self/fd/{fd}", mode)
-    finally:
-        os.close(fd)
 
 
 def _replace_missing(d: int, name: bytes, make) -> None:

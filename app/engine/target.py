@@ -368,14 +368,22 @@ def _apply_all(target, records: list[Record], what, skip=None, instead=None) -> 
     divergence, counted and shown."""
     from app.engine.shipper import TargetUnavailable
     through = target.catch_up_through
-    for i, rec in enumerate(records):
-        if skip and i in skip:
+    run = getattr(target.applier, "apply_run", None)  # single-call records, compiled
+    i, n = 0, len(records)
+    while i < n:
+        if run is not None:
+            i = run(records, i, skip, instead)
+            if i >= n:
+                break
+        k, rec = i, records[i]
+        i += 1
+        if skip and k in skip:
             continue
         try:
-            target.applier.apply(instead.get(i, rec) if instead else rec)
+            target.applier.apply(instead.get(k, rec) if instead else rec)
         except OSError as exc:
             if exc.errno in PAUSE_ERRNOS:
-                first = min([i] + [j for j, r in (skip or {}).items() if j < i <= r])
+                first = min([k] + [j for j, r in (skip or {}).items() if j < k <= r])
                 taken = records[first - 1].seq if first else records[0].seq - 1
                 raise TargetUnavailable(f"{PAUSE_ERRNOS[exc.errno]} ({target.label}: "
                                         f"{exc.strerror})", taken=taken if rec.seq else None) from exc
