@@ -2607,7 +2607,12 @@ def test_a_directory_appliers_compiled_run_applies_single_call_records_and_stops
     batch[8:8] = [Record(0, KIND_FS, "create", {"path": "d/g", "mode": 0o600, "uid": 0, "gid": 0}),
                   Record(0, KIND_FS, "write", {"path": "d/g", "offset": 0}, b"g"),
                   Record(0, KIND_FS, "unlink", {"path": "d/g"}),  # made and removed in one run
-                  Record(0, KIND_FS, "unlink", {"path": "d/never"})]  # (gone already: no error)
+                  Record(0, KIND_FS, "unlink", {"path": "d/never"}),  # (gone already: no error)
+                  Record(0, KIND_FS, "create", {"path": "d/h", "mode": 0o600, "uid": 0, "gid": 0}),
+                  Record(0, KIND_FS, "write", {"path": "d/h", "offset": 0}, b"old"),
+                  Record(0, KIND_FS, "unlink", {"path": "d/h"}),
+                  Record(0, KIND_FS, "create", {"path": "d/h", "mode": 0o640, "uid": 0, "gid": 0}),
+                  Record(0, KIND_FS, "write", {"path": "d/h", "offset": 0}, b"new")]  # made again
     chunk = b"z" * (4 << 20)
     batch += [Record(0, KIND_FS, "write", {"path": "big", "offset": k * len(chunk)}, chunk)
               for k in range(5)]  # 20 MiB: the fourth or fifth does not fit
@@ -2623,10 +2628,12 @@ def test_a_directory_appliers_compiled_run_applies_single_call_records_and_stops
             target.send(batch)
         assert exc.value.state.startswith("paused: target full")
         taken = exc.value.taken
-        assert 16 <= taken < 19, taken  # a write of big did not fit: from there on again
+        assert 21 <= taken < 24, taken  # a write of big did not fit: from there on again
         # the rest went in compiled runs: the symlink's chmod is `apply`'s (it leaves it alone)
         assert by_python == [1, 7, 8, taken + 1], by_python
-        assert sorted(target.applier._fds) == [b"big", b"d/f"] and not (tgt / "d" / "g").exists()
+        assert sorted(target.applier._fds) == [b"big", b"d/f", b"d/h"]
+        assert not (tgt / "d" / "g").exists() and (tgt / "d" / "h").read_bytes() == b"new"
+        assert stat.S_IMODE(os.stat(tgt / "d" / "h").st_mode) == 0o640
         f = os.lstat(tgt / "d" / "f")
         assert (stat.S_IMODE(f.st_mode), f.st_uid, f.st_gid) == (0o4750, 1234, 5678)
         assert (f.st_atime_ns, f.st_mtime_ns, f.st_size) == (T - 7, T, 4096)
@@ -2639,6 +2646,30 @@ def test_a_directory_appliers_compiled_run_applies_single_call_records_and_stops
     finally:
         target.close()
     assert os.path.getsize(tgt / "big") == 20 << 20 and target.errors == 0, target.last_error
+
+
+@pytest.mark.skipif(not getattr(lowlevel_compiled(), "fs_apply_run", None),
+                    reason="app.engine._fuseread is not built (needs a C compiler and Python's headers)")
+def test_a_compiled_run_refuses_ops_it_cannot_do_and_then_does_none(tmp_path):
+    """An op list the applier never makes (a write to a file no earlier create of the run
+    makes, an unknown op, a name with a NUL) is a ValueError before anything is done."""
+    run = lowlevel_compiled().fs_apply_run
+    fd = os.open(tmp_path, os.O_PATH | os.O_DIRECTORY)
+    try:
+        for bad in ([(4, b"a", 0o600, 0, 0), (0, -2, 0, b"x")],  # op 1 is no create
+                    [(0, -1, 0, b"x"), (4, b"a", 0o600, 0, 0)],  # a create after the write
+                    [(4, b"a", 0o600, 0, 0), (9, b"b")],
+                    [(4, b"a", 0o600, 0, 0), (5, b"b\0c")]):
+            with pytest.raises(ValueError):
+                run(fd, bad)
+            assert os.listdir(tmp_path) == []
+        done, err, made = run(fd, [(4, b"a", 0o600, 0, 0), (0, -1, 0, b"x")])
+        for _, kept in made:
+            os.close(kept)
+        assert (done, err, len(made)) == (2, 0, 1)
+    finally:
+        os.close(fd)
+    assert (tmp_path / "a").read_bytes() == b"x"
 
 
 def test_a_walk_reads_each_files_extended_attributes_once_after_its_check(tmp_path, monkeypatch):

@@ -424,9 +424,17 @@ static PyObject *fs_apply_run(PyObject *self, PyObject *args)
 	struct fs_op *o = PyMem_Calloc(n ? (size_t)n : 1, sizeof(struct fs_op));
 	if (!o)
 		return PyErr_NoMemory();
-	for (; got < n; got++)
+	for (; got < n; got++) {
 		if (fs_op_parse(PyList_GET_ITEM(ops, got), &o[got]) < 0)
 			break;
+		long k = -(long)o[got].fd - 1; /* a write to a file this run makes: an earlier create */
+		if (o[got].op == OP_WRITE && o[got].fd < 0 && (k >= got || o[k].op != OP_CREATE)) {
+			PyErr_SetString(PyExc_ValueError, "fs_apply_run: a write to a file no earlier op makes");
+			PyBuffer_Release(&o[got].buf);
+			o[got].has_buf = 0;
+			break;
+		}
+	}
 	if (got == n) {
 		Py_BEGIN_ALLOW_THREADS
 		for (i = 0; i < n; i++)

@@ -124,7 +124,7 @@ class FsApplier:
         if _fs_apply_run is None:
             return start
         ops, at = [], []  # the ops, and the index of the record each one is
-        made: dict[bytes, int] = {}  # a file made by this run: its create's op
+        made: dict[bytes, int] = {}  # a file made by this run (and not removed since): its op
         gone: set[bytes] = set()  # names this run removes (their kept files closed after it)
         i, n = start, len(records)
         while i < n:
@@ -136,13 +136,15 @@ class FsApplier:
             if op not in RUN_OPS or "tmp" in a:
                 break
             path = decode_path(a["path"]) if "path" in a else b""
-            if len(path) >= LONG_PATH or path in gone:
-                break  # (opened in pieces by `apply`; a name removed, then named again)
+            if len(path) >= LONG_PATH:
+                break  # (opened in pieces by `apply`)
             name = path or b"."
             if op == "write":
                 k = made.get(path)
                 if k is not None:
                     fd = -k - 1
+                elif path in gone:
+                    break  # (no file of that name to keep open now: `apply` says so)
                 else:
                     fd = self._fds.get(path)
                     if fd is None:
@@ -177,13 +179,13 @@ class FsApplier:
         if not ops:
             return i
         done, _, files = _fs_apply_run(self.tfd, ops)
+        for path in gone:  # (first: a file of that name made after its removal is kept below)
+            self._close_fds(path)
         for k, fd in files:  # kept for the records that write them next, as `apply` keeps them
-            if k < done and ops[k][1] in made and made[ops[k][1]] == k:
+            if made.get(ops[k][1]) == k:
                 self._keep_fd(ops[k][1], fd)
             else:  # removed again within the run, or made again: that one is kept
                 os.close(fd)
-        for path in gone:
-            self._close_fds(path)
         return i if done == len(ops) else at[done]
 
     def apply(self, rec: Record) -> None:
