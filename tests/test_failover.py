@@ -484,23 +484,56 @@ def test_a_fail_back_refused_before_anything_came_back_leaves_this_copy_its_own(
     fail-back is refused by the agent before anything came back (applied 0 recorded); status
     then said as an ERROR that this host's copy "may be a mix", and moving it for good said
     "may be a mix …: do not use it". Nothing of the replica's was written here: said so, and
-    moved for good it is the copy as at the switch-over."""
+    moved for good it is the copy as at the switch-over. The agent's refusal ("holds no data")
+    was shown as "disconnected: … it was removed on this host", the agent's own words: it is
+    a refusal by the target now, said from this side, and leaves no fail-back interrupted."""
     eng, src, r = switched_over(fs_remote)
     s = Path(src)
     (r.root / "data").rename(r.root / "data.moved")
     p = cli(r.cfg, "failback", src, "--yes", socket=eng.socket)
     assert p.returncode == 1 and "nothing was sent back" in p.stderr, p.stdout + p.stderr
+    # a refusal by the target, in the words of this side (it said "disconnected: … it was
+    # removed on this host", the agent's own words)
+    assert f"fail-back of {src}: refused: replica data holds no data: it was removed on the " \
+        f"target ({r.root.resolve() / 'data'}; " in p.stderr, p.stderr
+    assert "disconnected" not in p.stderr and "this host" not in p.stderr, p.stderr
     assert (s / "f").read_text() == "one"
     down = json.loads(cli(r.cfg, "status", "--json", socket=eng.socket).stdout)
     [w] = [w for w in down["warnings"] if w["subject"] == src]
     assert w["level"] == "warning" and "mix" not in w["message"], w
-    assert "this host's copy is still its own data" in w["message"], w
+    # refused before it began: no fail-back is left interrupted, the entry is switched over
+    assert "interrupted" not in w["message"] and "switched over to backup1:data" in w["message"], w
     p = cli(r.cfg, "fs", "remove", src, "--keep-replica-primary", socket=eng.socket)
     assert p.returncode == 0, p.stdout + p.stderr
     assert "mix" not in p.stdout and "do not use it" not in p.stdout, p.stdout
     assert "this host's copy is as it was at the switch-over" in p.stdout, p.stdout
     (s / "g").write_text("writable again")
     assert (r.root / "data.moved" / "f").read_text() == "one"  # nothing there was touched
+
+
+def test_a_switchover_whose_replica_data_was_moved_away_there_is_refused_and_captured_again(
+        fs_remote):
+    """The replica's directory moved away on the target while its capture ran: the agent
+    refuses the promotion ("holds no data"). That refusal was taken for a lost session
+    ("disconnected: … removed on this host"): the entry was left fenced, uncaptured, "the
+    replica there may be primary now", though nothing was promoted. Now it is a refusal named
+    from this side: nothing promoted, the capture made again."""
+    eng, src, r = fs_remote()
+    s = Path(src)
+    (s / "f").write_text("one")
+    eng.drain(src)
+    (r.root / "data").rename(r.root / "data.moved")
+    p = cli(r.cfg, "switchover", src, socket=eng.socket)
+    assert p.returncode == 1, p.stdout + p.stderr
+    assert f"switch-over of {src}: refused: replica data holds no data: it was removed on the " \
+        "target (" in p.stderr and "; nothing was promoted; " in p.stderr, p.stderr
+    assert "disconnected" not in p.stderr and "may be primary" not in p.stderr, p.stderr
+    assert not list(Path(eng.state).rglob("switched")), "a switch-over marker left behind"
+    assert replicas(r)[0]["role"] == "secondary"
+    (s / "g").write_text("captured again")  # writable: not fenced
+    st = eng.drain(src)  # replication goes on: the replica is made anew and copied whole
+    assert st["target_data"] == "consistent" and st["state"] != "switched over", st
+    assert (r.root / "data" / "g").read_text() == "captured again"
 
 
 def _switchover_losing_its_answer(eng, key: str, r) -> tuple[int, str, str]:

@@ -321,7 +321,7 @@ class Agent:
                 # promote, verified "equal" all the same. The source ends the session at this
                 # word; the next one makes the data anew and the source copies it whole.
                 removed_said = True
-                text = (f"replica {self.replica.rel}: its data was removed on this host "
+                text = (f"replica {self.replica.rel}: its data was removed on the target "
                         f"({self.root}); the next session makes it anew and the source copies it whole")
                 log.error("%s", text)
                 with contextlib.suppress(OSError):
@@ -469,10 +469,11 @@ class Agent:
             self._forget_positions(kind)
         elif held and self._made is not None and action in ("promote", "failback"):
             self._unmake()  # (left, the next session would take it for the replica's data)
-            raise AgentError("gone", f"replica {rel} holds no data: it was removed on this host "
-                             f"(records up to {self.journal.released_seq} had been applied to it); "
-                             f"nothing was {'promoted' if action == 'promote' else 'sent back'}",
-                             errno.ENOENT)
+            # a refusal the source shows as such (not a lost session), in its own words
+            raise AgentError("no-data", f"replica {rel} holds no data: it was removed on the "
+                             f"target ({os.path.join(self.root, rel)}; records up to "
+                             f"{self.journal.released_seq} had been applied to it); nothing was "
+                             f"{'promoted' if action == 'promote' else 'sent back'}", errno.ENOENT)
         elif held and self._made is not None:  # its data was removed here behind our back
             log.warning("replica %s: its data was gone (removed on this host) though %d records "
                         "were applied to it: made anew, empty; the source copies it whole", rel,

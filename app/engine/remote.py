@@ -526,7 +526,7 @@ class RemoteTarget(Queried, Target):
 def _agent_error(msg: dict) -> TargetUnavailable:
     code, text = msg.get("code", "error"), msg.get("message", "the agent refused")
     if code in ("locked", "not-ours", "path", "version", "root", "split-brain", "in-use",
-                "not-promoted", "promoted", "incomplete", "action"):
+                "not-promoted", "promoted", "incomplete", "action", "no-data"):
         exc = TargetUnavailable(f"refused: {text}", retry=False)
         exc.code, exc.said = code, msg
         return exc
