@@ -7,6 +7,7 @@ pinned, and tested."""
 from __future__ import annotations
 
 import contextlib
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -778,6 +779,32 @@ async def test_add_a_real_target_through_the_dialog_pins_its_key_and_tests_it(
         pinned = subprocess.run(["ssh-keygen", "-lf", host.known_hosts], capture_output=True,
                                 text=True).stdout
         assert new.split(":", 1)[1] in pinned and fp.split(":", 1)[1] not in pinned, pinned
+
+
+@pilot_test
+async def test_testing_a_target_that_does_not_answer_names_it_and_says_why(
+        tui, config_path, tmp_path):
+    """t on a target whose host does not answer showed "✘ failed" with an empty subject, the
+    reason alone below it. The result names the target, as `target test` does, and says why."""
+    write_config(config_path, tmp_path)
+    with socket.socket() as s:  # a port nobody listens on: the connection is refused at once
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    text = config_path.read_text().replace('host = "backup1.example.net"',
+                                           f'host = "127.0.0.1"\nport = {port}')
+    config_path.write_text(text)
+    app = tui(is_root=True)
+    async with app.run_test(size=(80, 24)) as pilot:
+        await open_targets(pilot)
+        await pilot.press("t")
+        await wait_until(pilot, lambda: isinstance(app.screen, ResultsDialog), "the test")
+        text = " ".join(static_text(w) for w in app.screen.query(".result"))
+        assert text.startswith("✘ failed    backup1\n"), text
+        assert "connection refused" in text.lower() and f"port {port}" in text, text
+        cli = subprocess.run([sys.executable, "-m", "app", "--config", str(config_path), "target",
+                              "test", "backup1"], capture_output=True, text=True)
+        said = cli.stderr.split("backup1: ", 1)[1].strip()  # the CLI's words, after its subject
+        assert " ".join(said.split()) in " ".join(text.split()), (said, text)
 
 
 def test_a_switched_over_entry_is_said_as_such_not_as_mount_all(tmp_path):

@@ -473,7 +473,10 @@ class TargetsScreen(TaskScreen):
 
         def test():
             from app.services import targets
-            info = targets.probe(host)
+            try:
+                info = targets.probe(host)
+            except MirrorError as exc:  # named as `target test` names it: run_action cannot
+                return Result.from_error("test target", host.name, exc)
             return Result("test target", host.name, Outcome.OK,
                           f"agent {info['agent_version']} on {info['agent_host']}, root {info['root']} "
                           f"has {targets.room_text(info)}, round trip {info['rtt_ms']} ms")
