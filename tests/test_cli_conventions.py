@@ -418,7 +418,7 @@ def test_status_at_80_columns_keeps_the_replicas_state_readable(monkeypatch, cap
         assert "REPLICA" in lines[i - 1] and "consistent" in lines[i].split(), out
         [j] = [n for n, line in enumerate(lines) if line.startswith("    replication: ")]
         below = " ".join(x.strip() for x in lines[j:j + 2])
-        assert "    lag s: 3.5" in lines[i + 1:j], out  # moved too: the rest fits
+        assert "    lag 3.5 s" in lines[i + 1:j], out  # moved too: the rest fits
         assert below.startswith("replication: waiting for the target (disconnected since "
                                 "10:52:01: no answer from backup1.example"), out
         assert "retry in 12 s)" in below, out
@@ -426,5 +426,47 @@ def test_status_at_80_columns_keeps_the_replicas_state_readable(monkeypatch, cap
         print_status(snap)  # piped (capsys is no terminal), no $COLUMNS: one line per row
         [row] = [x for x in capsys.readouterr().out.splitlines() if x.startswith(str(top / "src"))]
         assert "consistent" in row.split() and row.rstrip().endswith("retry in 12 s)"), row
+    finally:
+        shutil.rmtree(top)
+
+
+def test_status_at_80_columns_says_the_figures_under_a_row_with_their_units_after(
+        monkeypatch, capsys):
+    """The lag and the queue moved under a row at 80 columns read "lag s: 12.2" and
+    "queued: 1.2 MiB", the table's column names. They read as the rest of the product says
+    them ("queued 1.2 MiB · lag 12.2 s"): "lag 12.2 s", "queued 1.2 MiB"."""
+    import tempfile
+
+    from app.cli.output import print_status
+    from app.services.config import ConfigStore
+    from app.services.status import snapshot
+    top = Path(tempfile.mkdtemp(prefix="h40-"))  # a short path, as an administrator's
+    try:
+        (top / "src").mkdir()
+        (top / "disk.img").write_bytes(b"")
+        cfg = top / "replication.toml"
+        cfg.write_text(f'schema = 1\n\n[[target]]\nname = "backup1"\nhost = "backup1.example.net"\n'
+                       f'root = "/srv/replicas"\n\n[[filesystem]]\npath = "{top / "src"}"\n'
+                       f'target = "backup1:data"\n\n[[block]]\ndevice = "{top / "disk.img"}"\n'
+                       'target = "backup1:disk.img"\n')
+        figures = {"captured": True, "state": "capturing", "connection": "connected",
+                   "target_data": "consistent", "bytes_queued": 1234567, "lag_seconds": 12.2}
+
+        class Control:
+            def request(self, what):
+                return {"filesystem": [{**figures, "kind": "fs", "key": str(top / "src"),
+                                        "target": "backup1:data", "replication": "established"}],
+                        "block": [{**figures, "kind": "block", "key": str(top / "disk.img"),
+                                   "target": "backup1:disk.img", "replication": "established"}]}
+        monkeypatch.setenv("COLUMNS", "80")
+        print_status(snapshot(ConfigStore(cfg), Control(), scan_writers=False))
+        out = capsys.readouterr().out
+        assert max(len(line) for line in out.splitlines()) <= 80, out
+        lines = out.splitlines()
+        [b] = [n for n, line in enumerate(lines) if line.startswith(str(top / "disk.img"))]
+        under = lines[b + 1:lines.index("", b)]
+        assert "    lag 12.2 s" in under and "    queued 1.2 MiB" in under, out
+        assert "    lag 12.2 s" in lines[:b], out  # the file-system row's too
+        assert "lag s" not in out and "queued:" not in out, out
     finally:
         shutil.rmtree(top)

@@ -46,11 +46,12 @@ def _cell(value: Any) -> str:
 
 
 def print_table(rows: list[dict[str, Any]], columns: list[str], *, as_json: bool = False,
-                below: tuple[str, ...] = ()) -> None:
+                below: tuple[str, ...] = (), below_words: dict[str, str] | None = None) -> None:
     """Aligned columns. A table wider than the terminal prints `below`'s columns (long free
     text first), one by one until the rest fits, on indented lines under each row, wrapped:
-    the other cells stay readable and nothing is cut. Piped without $COLUMNS, rows stay
-    whole lines (as util-linux's tables)."""
+    the other cells stay readable and nothing is cut. Such a line reads "COLUMN: value", or
+    as `below_words` says it ("lag {} s": the unit after the number, as a sentence says it,
+    not "lag s: 3.5"). Piped without $COLUMNS, rows stay whole lines (as util-linux's tables)."""
     if as_json:
         dump(rows)
         return
@@ -72,7 +73,8 @@ def print_table(rows: list[dict[str, Any]], columns: list[str], *, as_json: bool
         print("  ".join(row[i].ljust(widths[i]) for i in keep).rstrip())
         for i in [i for i, c in enumerate(columns) if c in moved]:
             if row[i] != "-":
-                print("\n".join(textwrap.wrap(f"{columns[i]}: {row[i]}", max(width, 40),
+                words = (below_words or {}).get(columns[i], columns[i] + ": {}").format(row[i])
+                print("\n".join(textwrap.wrap(words, max(width, 40),
                                                initial_indent="    ", subsequent_indent="      ",
                                                break_on_hyphens=False)))
 
@@ -138,6 +140,10 @@ def print_devices(devices, notes: dict, *, as_json: bool = False) -> None:
     print_table(rows, ["path", "size", "type", "fstype", "mountpoints", "in use", "excluded"])
 
 
+# status's figures on a line of their own under a row, as the dashboard says them
+BELOW_WORDS = {"lag s": "lag {} s", "queued": "queued {}"}
+
+
 def print_status(snap, *, as_json: bool = False) -> None:
     """The dashboard's content as text: entries, their live state and the daemon's figures."""
     if as_json:
@@ -153,7 +159,8 @@ def print_status(snap, *, as_json: bool = False) -> None:
                      "queued": human_size(f.bytes_queued) if f else None,
                      "lag s": _lag(f)})
     print_table(rows, ["path", "state", "atime", "target", "replica", "queued", "lag s",
-                       "replication"], below=("replication", "lag s", "queued"))
+                       "replication"], below=("replication", "lag s", "queued"),
+                below_words=BELOW_WORDS)
     print("\nBlock-device replication")
     rows = []
     for s in snap.block:
@@ -167,7 +174,7 @@ def print_status(snap, *, as_json: bool = False) -> None:
     print_table(rows, ["device", "state", "capture", "loop wanted", "loop", "offset", "target",
                        "replica", "queued", "lag s", "replication", "mounted via loop"],
                 below=("replication", "mounted via loop", "lag s", "queued", "loop wanted",
-                       "offset"))
+                       "offset"), below_words=BELOW_WORDS)
     summary = snap.summary
     if snap.engine_error:
         print(f"\nDaemon: {shown(snap.engine_error)}")
