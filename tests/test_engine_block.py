@@ -822,8 +822,38 @@ def test_a_capture_started_on_a_device_that_became_empty_says_so_without_a_trace
     assert r.returncode == 1, r.stdout + r.stderr
     assert f"{disk} is empty (0 bytes): its backing file {backing} has no data" in r.stderr, r.stderr
     assert "offset" not in r.stderr and "past the end" not in eng.logtext(), r.stderr
-    assert not eng.block(disk)["captured"]
+    st = eng.block(disk)
+    assert not st["captured"]
+    # why it is not captured: status said nothing, and --json carried no last_error
+    assert f"{disk} is empty (0 bytes)" in (st["last_error"] or ""), st
+    out = cli(cfg, eng, "status", "--json").stdout
+    [row] = [b for b in json.loads(out)["block"] if b["device"] == disk]
+    assert f"{disk} is empty (0 bytes)" in (row["engine"]["last_error"] or ""), row
     assert "Traceback" not in eng.logtext(), eng.logtext()
+
+
+def test_a_worker_that_died_and_could_not_start_again_says_the_newest_reason(block_engine):
+    """A block worker died, and the daemon's start of a new one failed (here: the device had
+    become empty meanwhile). status kept saying "its worker (pid N) died" as the reason the
+    entry is not captured, though the newest failure was the start's. It says that one now,
+    with the death before it."""
+    eng, disk, target, cfg = block_engine(16 * MiB)
+    st = eng.block_drain(disk)
+    backing = run("losetup", "-nO", "BACK-FILE", disk).stdout.strip()
+    os.truncate(backing, 0)
+    run("losetup", "-c", disk)  # (the loop stays attached: it is this test's)
+    worker = st["worker_pid"]
+    os.kill(worker, signal.SIGKILL)
+    deadline = time.monotonic() + 30
+    while "empty" not in ((st := eng.block(disk))["last_error"] or ""):
+        assert time.monotonic() < deadline and "Traceback" not in eng.logtext(), st
+        time.sleep(0.2)
+    assert not st["captured"], st
+    assert f"{disk} is empty (0 bytes): its backing file {backing} has no data" in \
+        st["last_error"] and st["last_error"].startswith(
+            f"its worker (pid {worker}) died, and starting it again failed: "), st
+    out = cli(cfg, eng, "status").stdout
+    assert "is empty (0 bytes)" in " ".join(out.split()), out
 
 
 def test_a_worker_whose_daemon_is_gone_says_why_it_ends_in_one_line(caplog):

@@ -101,8 +101,9 @@ class BlockCaptures:
         dev = entry.device
         link, msg = await spawn(spec)
         if link is None:
-            return Result(action, dev, Outcome.FAILED, msg.get("message", "capture worker failed"),
-                          msg.get("errno"))
+            return self.sup.start_failed("block", dev, Result(
+                action, dev, Outcome.FAILED, msg.get("message", "capture worker failed"),
+                msg.get("errno")))
         cap = Captured("block", dev, entry, link)
         try:
             avoid = blockplan.kept_loops(self.sup.store.load().block, entry)
@@ -121,7 +122,7 @@ class BlockCaptures:
                     msg["file"], read_only=entry.read_only, direct_io=True, avoid=avoid))
         except MirrorError as exc:
             await self._stop_worker(cap)
-            return Result.from_error(action, dev, exc)
+            return self.sup.start_failed("block", dev, Result.from_error(action, dev, exc))
         cap.loop = st.device
         self.sup.register(cap)
         target = f" and replicated to {entry.target}" if entry.target else " (no target: captured only)"

@@ -527,7 +527,9 @@ class Supervisor:
         self.nursery: trio.Nursery | None = None
         self.on_death = None  # async (Captured) -> None: set by the daemon
         self.deaths: dict[tuple[str, str], list[float]] = {}
-        self.lost: dict[tuple[str, str], str] = {}  # why a capture is not running (its worker died)
+        self.lost: dict[tuple[str, str], str] = {}  # why a capture is not running (its worker
+        # died, or the start of a worker failed: the newest of them)
+        self.died: dict[tuple[str, str], str] = {}  # its worker died (and none runs since)
         self.detached: list[Captured] = []  # lazily unmounted, still serving files open there
 
     def lock(self, kind: str, key: str) -> trio.Lock:
@@ -560,6 +562,7 @@ class Supervisor:
     def register(self, cap: Captured) -> None:
         self.captures[(cap.kind, cap.key)] = cap
         self.lost.pop((cap.kind, cap.key), None)
+        self.died.pop((cap.kind, cap.key), None)
         if self.nursery is not None:
             self.nursery.start_soon(self._watch, cap)
 
@@ -574,7 +577,8 @@ class Supervisor:
         deaths = [t for t in self.deaths.get((cap.kind, cap.key), []) if time.monotonic() - t < RESPAWN_WINDOW]
         deaths.append(time.monotonic())
         self.deaths[(cap.kind, cap.key)] = deaths
-        self.lost[(cap.kind, cap.key)] = f"its worker (pid {cap.link.pid}) died"
+        self.lost[(cap.kind, cap.key)] = self.died[(cap.kind, cap.key)] = \
+            f"its worker (pid {cap.link.pid}) died"
         if self.on_death is not None and len(deaths) < RESPAWN_LIMIT:
             await self.on_death(cap)
         elif len(deaths) >= RESPAWN_LIMIT:
@@ -657,6 +661,14 @@ class Supervisor:
             return {"error": str(exc)}
 
     # -- file-system entries ----------------------------------------------------------------
+    def start_failed(self, kind: str, key: str, r: Result) -> Result:
+        """A worker that could not be started: its reason is why status says the entry is not
+        captured (last_error) until one runs, the newest failure, after a death before it."""
+        died = self.died.get((kind, key))
+        self.lost[(kind, key)] = f"{died}, and starting it again failed: {r.message}" if died \
+            else r.message
+        return r
+
     async def mount(self, entry: FsEntry) -> Result:
         path = entry.path
         async with self.lock("fs", path):
@@ -683,8 +695,9 @@ class Supervisor:
                 return Result.from_error("mount", path, exc)
             link, msg = await spawn(spec)
             if link is None:
-                return Result("mount", path, Outcome.FAILED, msg.get("message", "worker failed"),
-                              msg.get("errno"))
+                return self.start_failed("fs", path, Result(
+                    "mount", path, Outcome.FAILED, msg.get("message", "worker failed"),
+                    msg.get("errno")))
             self.register(Captured("fs", path, entry, link))
         note = f"; catching up in the background ({msg.get('reason')})" if msg.get("reason") else ""
         nested = nested_mounts(path)
