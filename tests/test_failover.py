@@ -5,6 +5,7 @@ differs, the source winning a split brain."""
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import hashlib
 import json
@@ -14,6 +15,7 @@ import shutil
 import sqlite3
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -393,6 +395,60 @@ def test_a_switchover_to_a_target_it_cannot_reach_changes_nothing(fs_remote):
     assert capture_mount() == before and not list(Path(eng.state).rglob("switched")), p.stderr
     st = eng.drain(src)  # replication goes on as before
     assert st["target_data"] == "consistent", st
+    assert (r.root / "data" / "g").read_bytes() == (s / "g").read_bytes()
+    assert replicas(r)[0]["role"] == "secondary"
+
+
+def test_a_daemon_killed_during_a_switch_overs_drain_is_said_with_what_it_left(fs_remote):
+    """The daemon killed (-9) while a switch-over waited for its drain (the link cut): the
+    command said only "the daemon closed the connection without a reply". It says that the
+    daemon ended during the switch-over and what the entry's markers tell: none written, so
+    nothing was handed over; and what to run. Exit 1. The daemon started again takes the
+    capture over and replication goes on."""
+    import pty
+    eng, src, r = fs_remote()
+    s = Path(src)
+    r.bed.link_down()  # the drain waits for the target
+    try:
+        (s / "g").write_bytes(os.urandom(200_000))
+        master, slave = pty.openpty()  # a terminal: the command says its stages ("draining")
+        proc = subprocess.Popen([sys.executable, "-m", "app", "--config", str(r.cfg), "switchover",
+                                 src], cwd=REPO, stdout=subprocess.PIPE, stderr=slave, text=True,
+                                env={**os.environ, "MIRRORSETUP_SOCKET": eng.socket})
+        os.close(slave)
+        said = []
+
+        def read_all():
+            with contextlib.suppress(OSError):  # EIO: the command has ended
+                while chunk := os.read(master, 4096):
+                    said.append(chunk.decode(errors="replace"))
+        reader = threading.Thread(target=read_all)
+        reader.start()
+        try:
+            wait_for("the drain", lambda: proc.poll() is not None or "draining" in "".join(said),
+                     30, 0.1)
+            assert proc.poll() is None, "".join(said)
+            eng.kill9()
+            out = proc.communicate(timeout=30)[0]
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+            reader.join(10)
+            os.close(master)
+    finally:
+        r.bed.link_up()
+    err = " ".join("".join(said).split())
+    assert proc.returncode == 1, out + err
+    assert "closed the connection without a reply" not in err, err
+    assert f"the daemon ended during the switch-over of {src}: its switch-over marker is not " \
+        "written, so nothing was handed over" in err, err
+    assert "the daemon is not running now: start it with `mirrorsetup daemon start`, then run " \
+        "`mirrorsetup status`" in err, err
+    assert not list(Path(eng.state).rglob("switched")), "a switch-over marker"
+    eng.start()  # as it says: its capture is taken over, nothing was handed over
+    st = eng.drain(src)
+    assert st["captured"] and st["target_data"] == "consistent" and not st.get("switched"), st
     assert (r.root / "data" / "g").read_bytes() == (s / "g").read_bytes()
     assert replicas(r)[0]["role"] == "secondary"
 

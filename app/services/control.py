@@ -26,6 +26,11 @@ class DaemonNotRunning(MirrorError):
     pass
 
 
+class DaemonEnded(MirrorError):
+    """The daemon's connection ended before its reply: it died (or was killed) while it
+    worked on the request. What it had done by then is for its state directory to tell."""
+
+
 class ControlClient:
     def __init__(self, socket_path: str | None = None, *, timeout: float | None = None):
         self.socket_path = socket_path or default_socket()
@@ -91,11 +96,14 @@ class ControlClient:
                     kind = Refusal if msg.get("refused") is True else MirrorError
                     raise kind(msg.get("error", "the daemon refused"), errno=msg.get("errno"))
                 return msg
-            raise MirrorError("the daemon closed the connection without a reply",
+            raise DaemonEnded("the daemon closed the connection without a reply",
                               errno=errno.ECONNRESET, obj=self.socket_path)
         except protocol.ProtocolError as exc:
             raise MirrorError(f"the daemon's reply to {cmd}: {exc}", errno=errno.EPROTO,
                               obj=self.socket_path) from exc
+        except ConnectionResetError as exc:  # it ended with our request unread
+            raise DaemonEnded("the daemon reset the connection without a reply",
+                              errno=errno.ECONNRESET, obj=self.socket_path) from exc
         except OSError as exc:
             raise MirrorError.from_oserror(f"talk to the daemon ({cmd})", self.socket_path, exc) from exc
         finally:

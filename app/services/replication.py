@@ -239,8 +239,11 @@ class Replication:
     # -- fail-over (a remote replica takes over, and gives back) -----------------------------
 
     def switchover(self, entry: str, progress=None) -> list[Result]:
-        """Planned: drain, lift capture, promote the remote replica (nothing may use `entry`)."""
-        return self._daemon_results("switchover", entry, progress=progress, entry=entry)
+        """Planned: drain, lift capture, promote the remote replica (nothing may use `entry`).
+        A daemon that ends before its answer: what its markers say it left is said."""
+        state_dir = self._daemon_state_dir()  # asked first: an ended daemon cannot say it
+        return self._daemon_results("switchover", entry, progress=progress, entry=entry,
+                                    ended=lambda: self._ended_during_switchover(entry, state_dir))
 
     def failback(self, entry: str, progress=None) -> list[Result]:
         """The promoted replica's data comes back (only what differs), capture starts again."""
@@ -357,16 +360,65 @@ class Replication:
         return self._daemon_results("unmount", "all file-system entries", "unmount_all", force=force)
 
     def _daemon_results(self, action: str, subject: str, cmd: str | None = None, progress=None,
-                        checked: bool = False, **args) -> list[Result]:
+                        checked: bool = False, ended=None, **args) -> list[Result]:
         """Ask the daemon; unless the caller has `checked` it already, first refuse a daemon
-        that works from another configuration file."""
+        that works from another configuration file. `ended()`: the result when the daemon
+        ended before its reply (killed while it worked)."""
+        from app.services.control import DaemonEnded
         try:
             if not checked:
                 self.daemon()
             reply = self.control.request(cmd or action, progress=progress, **args)
             return [Result.from_json(r) for r in reply.get("results", [])]
+        except DaemonEnded as exc:
+            return [ended() if ended is not None else Result.from_error(action, subject, exc)]
         except MirrorError as exc:
             return [Result.from_error(action, subject, exc)]
+
+    def _daemon_state_dir(self) -> str:
+        """The running daemon's state directory (its entries' markers), else ours."""
+        with contextlib.suppress(MirrorError):
+            return self.control.request("ping").get("state_dir") or self.state_dir
+        return self.state_dir
+
+    def _ended_during_switchover(self, entry: str, state_dir: str) -> Result:
+        """The daemon ended (killed, crashed) during a switch-over of `entry`: what its marker
+        says was done by then, and what to run."""
+        try:
+            config = self.store.load()
+        except MirrorError:  # (read a moment ago; changed since): the entry as it was given
+            config = None
+        real = os.path.realpath(entry)
+        fs = None if not config else next(
+            (e for e in config.filesystem if e.path in (entry, real)), None)
+        block = None if fs or not config else next(
+            (e for e in config.block if e.device == entry or same_device(e.device, entry)), None)
+        key = fs.path if fs else block.device if block else entry
+        target = (fs or block).target if (fs or block) else "its target"
+        sw = switched_marker(entry_state(state_dir, "fs" if fs else "block", key))
+        if sw is None:
+            left = ("its switch-over marker is not written, so nothing was handed over (its "
+                    "replica was not asked to take over)")
+        elif sw.get("state") == "switched":
+            left = (f"the switch-over had finished: {key} is switched over to {target} (its "
+                    "replica there is primary)")
+        elif sw.get("promote_sent"):
+            left = (f"its replica on {target} was asked to take over and may be primary now: "
+                    f"{key} is not captured; run {command('switchover', key)} again to finish it")
+        else:
+            left = (f"the switch-over had begun (its marker says so) but its replica on {target} "
+                    f"was not asked to take over: run {command('switchover', key)} again to "
+                    "finish it, or "
+                    f"{command('replica', 'resolve', key, '--discard-target', '--yes')} to keep "
+                    "this side")
+        try:
+            running = bool(self.control.request("ping").get("ok"))
+        except MirrorError:
+            running = False
+        then = (f"run {command('status')}" if running else "the daemon is not running now: "
+                f"start it with {command('daemon', 'start')}, then run {command('status')}")
+        return Result("switchover", key, Outcome.FAILED, f"the daemon ended during the "
+                      f"switch-over of {key}: {left}; {then}", errno.ECONNRESET)
 
 
 def _kept_note(ended: list[Result]) -> str:
