@@ -148,3 +148,54 @@ def test_an_interrupted_fail_back_is_said_by_the_daemon_and_one_under_way_is_not
     _says_the_fail_back_was_interrupted(snap, src, disk)
     assert status.replication_text(rows["fs"]).startswith(
         "fail-back from backup1:data interrupted: this host's copy is a mix"), rows["fs"]
+
+
+def test_a_daemon_that_ended_during_a_switch_over_is_said_with_what_its_marker_left(tmp_path,
+                                                                                     config_path):
+    """The switch-over's answer never came (the daemon was killed): what the entry's marker
+    says it had done, and what to run, for each state the marker can be in, and whether the
+    daemon answers again (restarted by systemd meanwhile) or not."""
+    import errno as errno_mod
+
+    from app.services.replication import Replication
+    from app.services.results import MirrorError
+    src, state_dir = tmp_path / "src", tmp_path / "state"
+    src.mkdir()
+    config_path.parent.mkdir(parents=True)
+    config_path.write_text(f'schema = 1\n\n[[target]]\nname = "backup1"\nhost = "b1"\n'
+                           f'root = "/srv"\n\n[[filesystem]]\npath = "{src}"\n'
+                           f'target = "backup1:data"\n')
+
+    class Control:  # the daemon as the command finds it afterwards
+        running = False
+
+        def request(self, cmd, **args):
+            if not self.running:
+                raise MirrorError("the daemon is not running", errno=errno_mod.ECONNREFUSED)
+            return {"pid": 1, "state_dir": str(state_dir)}
+    control = Control()
+    rep = Replication(ConfigStore(config_path), control, state_dir=str(state_dir))
+    entry_dir = Path(entry_state(str(state_dir), "fs", str(src)))
+    said = {}
+    for marker in (None, {"state": "switching"}, {"state": "switching", "promote_sent": True},
+                   {"state": "switched"}):
+        if marker is not None:
+            entry_dir.mkdir(parents=True, exist_ok=True)
+            (entry_dir / SWITCHED_MARKER).write_text(json.dumps(marker))
+        for running in (False, True):
+            control.running = running
+            r = rep._ended_during_switchover(str(src), str(state_dir))
+            assert r.errno == errno_mod.ECONNRESET and r.target == str(src) and r.failed, r
+            assert r.message.startswith(f"the daemon ended during the switch-over of {src}: "), r
+            said[(json.dumps(marker), running)] = r.message
+    for (marker, running), message in said.items():
+        then = "run `mirrorsetup status`" if running else \
+            "the daemon is not running now: start it with `mirrorsetup daemon start`, then run " \
+            "`mirrorsetup status`"
+        assert message.endswith(then) and ("not running" in message) is not running, message
+    assert "nothing was handed over" in said[("null", False)]
+    assert "was not asked to take over: run `mirrorsetup switchover" in \
+        said[(json.dumps({"state": "switching"}), True)]
+    assert "may be primary now" in said[(json.dumps({"state": "switching", "promote_sent": True}),
+                                         False)]
+    assert "the switch-over had finished" in said[(json.dumps({"state": "switched"}), True)]

@@ -226,7 +226,8 @@ def _use_there(kind: str, spec, host: str) -> str:
 def _exc_error(exc: TargetUnavailable) -> int:
     return {"in-use": errno.EBUSY, "split-brain": errno.EEXIST, "not-ours": errno.EEXIST,
             "locked": errno.EBUSY, "incomplete": errno.EIO, "promoted": errno.EEXIST,
-            "not-promoted": errno.EINVAL, "no-data": errno.ENOENT}.get(getattr(exc, "code", None), errno.EHOSTUNREACH)
+            "not-promoted": errno.EINVAL, "no-data": errno.ENOENT,
+            }.get(getattr(exc, "code", None), errno.EHOSTUNREACH)
 
 
 class Failover:
