@@ -152,7 +152,7 @@ def chmod_nofollow(dir_fd: int, name: bytes, mode: int) -> None:
         elif err in (errno.EOPNOTSUPP, errno.ENOTSUP) and \
                 stat.S_ISLNK(os.stat(name, dir_fd=dir_fd, follow_symlinks=False).st_mode):
             return
-        else:
+        elif err != errno.EPERM:  # (a seccomp filter may say EPERM to a call it does not know)
             raise OSError(err, os.strerror(err), os.fsdecode(name))
     fd = os.open(name, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dir_fd)
     try:

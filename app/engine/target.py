@@ -156,11 +156,12 @@ class LocalDirTarget(Target):
     are one system call or two each go to C with one GIL release (FsApplier.apply_run: the
     request loop beside it waited for the GIL at each of the applier's calls before). Tried
     and not kept: the applier in a child forked from the worker (records over a socketpair of
-    8 MiB buffers, each batch answered before `send` returns). bench/dispatch.py liked it (a small file 309
-    instead of 341 us, 1 MiB writes 1394 instead of 1469 us), but bench/apps.py, 3 interleaved
-    runs against the thread, twice (the second with the child at nice 10), did not: small files
-    7-8 % faster, tar x -3 and +12 %, git equal, SQLite 9-14 % slower, rm -rf 4-8 % slower, 256
-    MiB of 1 MiB writes + fsync 40-65 % slower (the data copied three times more on its way).
+    8 MiB buffers, each batch answered before `send` returns). bench/dispatch.py liked it (a
+    small file 309 instead of 341 us, 1 MiB writes 1394 instead of 1469 us), but bench/apps.py,
+    3 interleaved runs against the thread, twice (the second with the child at nice 10), did
+    not: small files 7-8 % faster, tar x -3 and +12 %, git equal, SQLite 9-14 % slower, rm -rf
+    4-8 % slower, 256 MiB of 1 MiB writes + fsync 40-65 % slower (the data copied three times
+    more on its way).
     """
 
     kind = "fs"
