@@ -939,6 +939,25 @@ def test_concurrent_append_spill_read_release_loses_nothing_and_never_stalls(tmp
     assert len(list(tmp_path.glob("*.seg"))) <= 1  # released segments are gone
 
 
+def test_a_journal_gap_found_as_the_capture_ends_is_logged_not_a_traceback(caplog):
+    """The shipper found a hole in the journal just as the capture's trio run ended (helper-40
+    saw it at a test's teardown: `trio.RunFinishedError: run() has exited` from the shipper's
+    thread). The resync cannot be asked for any more; the next capture catches up, and says so."""
+    import logging
+
+    import trio
+
+    from app.engine.capture import Capture
+    from app.engine.journal import JournalGap
+
+    async def token():
+        return trio.lowlevel.current_trio_token()
+    ended = type("Ended", (), {"token": trio.run(token), "request_catch_up": None})()
+    with caplog.at_level(logging.INFO, logger="mirrorsetup.capture"):
+        Capture._on_gap(ended, JournalGap(5, 9))
+    assert "the next capture catches up" in caplog.text, caplog.text
+
+
 def test_rewind_resends_from_the_targets_position(tmp_path):
     j = Journal(tmp_path, memory_bytes=300, segment_bytes=1000)  # half in memory, half on disk
     for i in range(40):

@@ -431,8 +431,11 @@ class Capture:
     def _on_gap(self, gap) -> None:
         """From the shipper's thread: a hole in the journal. Resync, never skip it."""
         import trio
-        trio.from_thread.run_sync(self.request_catch_up, f"journal gap ({gap})", True,
-                                  trio_token=self.token)
+        try:
+            trio.from_thread.run_sync(self.request_catch_up, f"journal gap ({gap})", True,
+                                      trio_token=self.token)
+        except trio.RunFinishedError:  # the capture ended meanwhile (its shipper is held)
+            log.info("journal gap (%s) as the capture ended: the next capture catches up", gap)
 
     def _on_connect(self) -> None:
         """From the shipper's thread: a session is up; a catch-up waiting for it starts now."""
