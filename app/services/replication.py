@@ -15,7 +15,7 @@ import os
 from app.services import blockdevs, blockplan, mounts
 from app.services import loop as loopdev
 from app.services.blockplan import View, same_device
-from app.services.config import BlockEntry, ConfigStore
+from app.services.config import BlockEntry, ConfigStore, _match_block, _match_fs
 from app.services.layout import (FSTYPE_BLOCK, FSTYPE_FS, command, default_state_dir, entry_state,
                                   switched_marker, switched_refusal, with_failback)
 from app.services.results import MirrorError, Outcome, Result
@@ -139,6 +139,11 @@ class Replication:
         """The daemon's client when it answers, else None. Block entries are captured by the
         daemon; without it they are attached as plain loops and said to be uncaptured.
         Raises MirrorError when the daemon that answers works from another configuration file."""
+        return None if self._checked_ping() is None else self.control
+
+    def _checked_ping(self) -> dict | None:
+        """daemon()'s check: the daemon's answer to ping (its state directory, its configuration
+        file), None when none answers."""
         try:
             control = self.control
         except ImportError:
@@ -152,7 +157,7 @@ class Replication:
             raise MirrorError(f"the daemon on {control.socket_path} works from {theirs}, not {ours}: "
                               "use its configuration (--config) or start a daemon for this one",
                               errno=errno.EINVAL, obj=ours)
-        return control
+        return ping
 
     def _daemon_or_refusal(self, action: str, subject: str):
         """(daemon client or None, None) — or (None, [FAILED result]) for a daemon that works
@@ -241,8 +246,13 @@ class Replication:
     def switchover(self, entry: str, progress=None) -> list[Result]:
         """Planned: drain, lift capture, promote the remote replica (nothing may use `entry`).
         A daemon that ends before its answer: what its markers say it left is said."""
-        state_dir = self._daemon_state_dir()  # asked first: an ended daemon cannot say it
-        return self._daemon_results("switchover", entry, progress=progress, entry=entry,
+        try:  # its state directory asked first (with the check): an ended daemon cannot say it
+            ping = self._checked_ping()
+        except MirrorError as exc:
+            return [Result.from_error("switchover", entry, exc)]
+        state_dir = (ping or {}).get("state_dir") or self.state_dir
+        return self._daemon_results("switchover", entry, progress=progress, checked=True,
+                                    entry=entry,
                                     ended=lambda: self._ended_during_switchover(entry, state_dir))
 
     def failback(self, entry: str, progress=None) -> list[Result]:
@@ -375,12 +385,6 @@ class Replication:
         except MirrorError as exc:
             return [Result.from_error(action, subject, exc)]
 
-    def _daemon_state_dir(self) -> str:
-        """The running daemon's state directory (its entries' markers), else ours."""
-        with contextlib.suppress(MirrorError):
-            return self.control.request("ping").get("state_dir") or self.state_dir
-        return self.state_dir
-
     def _ended_during_switchover(self, entry: str, state_dir: str) -> Result:
         """The daemon ended (killed, crashed) during a switch-over of `entry`: what its marker
         says was done by then, and what to run."""
@@ -388,11 +392,8 @@ class Replication:
             config = self.store.load()
         except MirrorError:  # (read a moment ago; changed since): the entry as it was given
             config = None
-        real = os.path.realpath(entry)
-        fs = None if not config else next(
-            (e for e in config.filesystem if e.path in (entry, real)), None)
-        block = None if fs or not config else next(
-            (e for e in config.block if e.device == entry or same_device(e.device, entry)), None)
+        fs = None if not config else _match_fs(config, entry)
+        block = None if fs or not config else _match_block(config, entry)
         key = fs.path if fs else block.device if block else entry
         target = (fs or block).target if (fs or block) else "its target"
         sw = switched_marker(entry_state(state_dir, "fs" if fs else "block", key))
