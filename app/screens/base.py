@@ -493,14 +493,15 @@ class TaskScreen(Screen):
 
     def run_action(self, title: str, call: Callable[[], Iterable[Result] | Result | tuple],
                    *, root: bool = True, waiting: str | None = None,
-                   force: ForceOffer | None = None) -> None:
+                   force: ForceOffer | None = None, subject: str = "") -> None:
         """Run a service call in a thread; show its per-entry results (and notes, when it
         returns (results, notes)), then reload. `waiting` says what it waits for while it
-        runs; `force` is offered when a result was refused as busy (EBUSY)."""
+        runs; `force` is offered when a result was refused as busy (EBUSY); `subject` names
+        what failed when the call raises instead of returning a result."""
         if root and self.app.needs_root(title):
             return
         self._set_busy(True, waiting or f"{title}: working…")
-        self._action_worker(self.app, title, call, force)
+        self._action_worker(self.app, title, call, force, subject)
 
     def from_thread(self, app, done: Callable[[], None], gone: Callable[[], None]) -> None:
         """From a worker thread that `app` (taken before it started) runs: on the UI thread,
@@ -523,7 +524,7 @@ class TaskScreen(Screen):
 
     @work(thread=True, exclusive=True, exit_on_error=False, group="action",
           description="apply an administrator's action")
-    def _action_worker(self, app, title: str, call, force) -> None:
+    def _action_worker(self, app, title: str, call, force, subject: str = "") -> None:
         notes: list[str] = []
         try:
             out = call()
@@ -531,7 +532,7 @@ class TaskScreen(Screen):
                 out, notes = out
             results = [out] if isinstance(out, Result) else list(out)
         except MirrorError as exc:
-            results = [Result.from_error(title, "", exc)]
+            results = [Result.from_error(title, subject, exc)]
         except Exception as exc:  # a bug below us must not leave the screen busy forever
             results = [Result(title, "", Outcome.FAILED, f"unexpected error: {exc!r}")]
         busy = any(r.failed and r.errno == EBUSY for r in results)

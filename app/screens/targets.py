@@ -473,14 +473,11 @@ class TargetsScreen(TaskScreen):
 
         def test():
             from app.services import targets
-            try:
-                info = targets.probe(host)
-            except MirrorError as exc:  # named as `target test` names it: run_action cannot
-                return Result.from_error("test target", host.name, exc)
+            info = targets.probe(host)
             return Result("test target", host.name, Outcome.OK,
                           f"agent {info['agent_version']} on {info['agent_host']}, root {info['root']} "
                           f"has {targets.room_text(info)}, round trip {info['rtt_ms']} ms")
-        self.run_action(f"Test {host.name}", test, root=False,
+        self.run_action(f"Test {host.name}", test, root=False, subject=host.name,
                         waiting=f"connecting to {host.host} and greeting its agent")
 
     def action_key_line(self) -> None:
