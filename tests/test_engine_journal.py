@@ -2675,6 +2675,81 @@ def test_a_directory_appliers_compiled_run_applies_single_call_records_and_stops
 
 @pytest.mark.skipif(not getattr(lowlevel_compiled(), "fs_apply_run", None),
                     reason="app.engine._fuseread is not built (needs a C compiler and Python's headers)")
+def test_the_agents_applier_puts_a_walks_files_in_compiled_runs_after_its_path_checks(tmp_path):
+    """A first copy over the link is mostly puts (a walk's whole small files): the agent's
+    applier (ConfinedFsApplier) applies them in compiled runs, each record's path checked
+    first. What `apply` alone did stays its: a name already there (a file, a directory's
+    tree) is removed and made anew, a path through a symlink is refused and nothing is
+    written outside the replica, a put over a checked directory ends the run (its checks
+    are forgotten). The target is what record by record made."""
+    from app.engine.agent import ConfinedFsApplier
+    tgt, outside = tmp_path / "tgt", tmp_path / "outside"
+    (tgt / "d" / "tree" / "sub").mkdir(parents=True)
+    (tgt / "d" / "tree" / "sub" / "x").write_text("x")
+    (tgt / "d" / "old").write_text("an old file, longer than the new one")
+    outside.mkdir()
+    os.symlink(outside, tgt / "esc")
+    T = 1_600_000_000_000_000_000
+
+    def put(path, data, size=None, times=True, mode=0o640):
+        args = {"path": path, "mode": mode, "uid": 1234, "gid": 5678,
+                "size": len(data) if size is None else size}
+        if times:
+            args.update(atime=T - 5, mtime=T)
+        return Record(0, KIND_FS, "put", args, data)
+    batch = [put("d/a", b"a" * 5000),                                                  # 1
+             put("d/sparse", b"s", size=1 << 20, times=False),                         # 2
+             Record(0, KIND_FS, "write", {"path": "d/a", "offset": 5000}, b"tail"),    # 3
+             put("d/old", b"new"),                                                     # 4 there
+             put("d/b", b"", mode=0o4750),                                             # 5
+             put("d/tree", b"was a tree"),                                             # 6 a tree
+             put("d/c", b"c"),                                                         # 7
+             put("esc/evil", b"escaped"),                                              # 8 refused
+             put("d", b"over a checked directory"),                                    # 9
+             Record(0, KIND_FS, "times", {"path": "", "atime": None, "mtime": T})]     # 10
+    for seq, rec in enumerate(batch, 1):
+        rec.seq = seq
+    fd = os.open(tgt, os.O_PATH | os.O_DIRECTORY)
+    target = LocalDirTarget.on_fd(fd, str(tgt))
+    target.applier = ConfinedFsApplier(fd)
+    by_python = []
+    real_apply = target.applier.apply
+    target.applier.apply = lambda rec: (by_python.append(rec.seq), real_apply(rec))
+    try:
+        target.send(batch)
+        target.flush()
+    finally:
+        target.close()
+    assert by_python == [4, 6, 8, 9], by_python
+    assert target.errors == 1 and "seq 8" in target.last_error, target.last_error
+    assert os.listdir(outside) == []
+    assert (tgt / "d").read_bytes() == b"over a checked directory"  # (record 9: the tree went)
+    # what 1-7 made, seen before 9 took the directory: a second run of the batch up to 7
+    (tgt / "d").unlink()
+    (tgt / "d").mkdir()
+    fd = os.open(tgt, os.O_PATH | os.O_DIRECTORY)
+    target = LocalDirTarget.on_fd(fd, str(tgt))
+    target.applier = ConfinedFsApplier(fd)
+    try:
+        target.send(batch[:7])
+        target.flush()
+    finally:
+        target.close()
+    a = os.stat(tgt / "d" / "a")
+    assert (tgt / "d" / "a").read_bytes() == b"a" * 5000 + b"tail"
+    assert (stat.S_IMODE(a.st_mode), a.st_uid, a.st_gid) == (0o640, 1234, 5678)
+    assert (a.st_atime_ns, a.st_mtime_ns) != (T - 5, T)  # the write after the put moved them
+    s = os.stat(tgt / "d" / "sparse")
+    assert s.st_size == 1 << 20 and s.st_blocks * 512 < 1 << 20 and s.st_mtime_ns != T
+    assert (tgt / "d" / "old").read_bytes() == b"new" and (tgt / "d" / "tree").read_bytes() == b"was a tree"
+    b = os.stat(tgt / "d" / "b")
+    assert (stat.S_IMODE(b.st_mode), b.st_size, b.st_uid) == (0o4750, 0, 1234)  # set-ID after the chown
+    c = os.stat(tgt / "d" / "c")
+    assert (c.st_atime_ns, c.st_mtime_ns) == (T - 5, T)
+
+
+@pytest.mark.skipif(not getattr(lowlevel_compiled(), "fs_apply_run", None),
+                    reason="app.engine._fuseread is not built (needs a C compiler and Python's headers)")
 def test_a_compiled_run_refuses_ops_it_cannot_do_and_then_does_none(tmp_path):
     """An op list the applier never makes (a write to a file no earlier create of the run
     makes, an unknown op, a name with a NUL) is a ValueError before anything is done."""

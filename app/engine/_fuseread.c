@@ -20,7 +20,8 @@
  * GIL to each other at every record.
  *
  * fs_apply_run() is a directory applier's run of single-call records (app/engine/applier.py):
- * writes to files it holds open, times, chmod and chown by name, one GIL release for the run.
+ * writes to files it holds open, times, chmod and chown by name, files made or removed, a
+ * walk's whole small files (puts), one GIL release for the run.
  *
  * Optional: built by the project's own install step (pip install, a C compiler and Python's
  * headers); without it app/engine/fusewire.py polls from Python as before.
@@ -275,11 +276,17 @@ static PyObject *pwrite_all(PyObject *self, PyObject *args)
  *   (4, name, mode, uid, gid)      a file made (O_EXCL; one already there is opened and
  *                                  truncated, never through a symlink), then fchown, fchmod
  *   (5, name)                      unlinkat(dir_fd, name): a name already gone is no error
- * made: [(k, fd)] the files the creates made, open, for the caller to keep (and close).
+ *   (6, name, mode, uid, gid, data, size, atime, mtime)
+ *                                  a whole small file (a walk's put): made O_EXCL (a name
+ *                                  already there is EEXIST: the caller removes it its own way),
+ *                                  fchown, fchmod, data written at 0, ftruncate to size when
+ *                                  that differs, futimens; mtime None: times left alone
+ * made: [(k, fd)] the files the creates and puts made, open, for the caller to keep (and
+ * close); a write's fd -k-1 may name a put's file as well as a create's.
  * Stops at the first that fails: count is how many were done, errno that one's (0: all were);
  * the caller applies that one again its own way, which says why (or, for a symlink's chmod,
  * leaves it alone). */
-enum { OP_WRITE, OP_TIMES, OP_CHMOD, OP_CHOWN, OP_CREATE, OP_UNLINK };
+enum { OP_WRITE, OP_TIMES, OP_CHMOD, OP_CHOWN, OP_CREATE, OP_UNLINK, OP_PUT };
 #ifndef SYS_fchmodat2
 #define SYS_fchmodat2 452
 #endif
@@ -288,7 +295,8 @@ struct fs_op {
 	int op, fd;
 	const char *name;
 	long long a, b, c; /* offset | atime, mtime | mode | uid, gid */
-	int omit_atime;
+	long long size, atime, mtime; /* a put's */
+	int omit_atime, has_times;
 	Py_buffer buf;
 	int has_buf;
 };
@@ -345,6 +353,20 @@ static int fs_op_parse(PyObject *t, struct fs_op *o)
 		o->c = PyLong_AsLongLong(PyTuple_GET_ITEM(t, 4));
 	} else if (o->op == OP_UNLINK && size == 2) {
 		/* the name alone */
+	} else if (o->op == OP_PUT && size == 9) {
+		o->a = PyLong_AsLongLong(PyTuple_GET_ITEM(t, 2));
+		o->b = PyLong_AsLongLong(PyTuple_GET_ITEM(t, 3));
+		o->c = PyLong_AsLongLong(PyTuple_GET_ITEM(t, 4));
+		o->size = PyLong_AsLongLong(PyTuple_GET_ITEM(t, 6));
+		o->has_times = PyTuple_GET_ITEM(t, 8) != Py_None;
+		if (o->has_times) {
+			o->atime = PyLong_AsLongLong(PyTuple_GET_ITEM(t, 7));
+			o->mtime = PyLong_AsLongLong(PyTuple_GET_ITEM(t, 8));
+		}
+		if (PyErr_Occurred() || PyObject_GetBuffer(PyTuple_GET_ITEM(t, 5), &o->buf, PyBUF_SIMPLE) < 0)
+			return -1;
+		o->has_buf = 1;
+		return 0;
 	} else {
 		goto bad;
 	}
@@ -354,29 +376,61 @@ bad:
 	return -1;
 }
 
+/* pwrite all of it: a write cut short goes on until done or an error says why */
+static int write_whole(int fd, const char *p, size_t left, off_t off)
+{
+	while (left) {
+		ssize_t w = pwrite(fd, p, left, off);
+		if (w < 0) {
+			if (errno == EINTR)
+				continue;
+			return errno;
+		}
+		if (w == 0)
+			return ENOSPC;
+		p += w;
+		left -= (size_t)w;
+		off += w;
+	}
+	return 0;
+}
+
+/* a put: the file made, owned, its mode, data, size and times (as applier._made_file) */
+static int fs_put(int dir_fd, struct fs_op *o)
+{
+	int err = 0;
+	int fd = openat(dir_fd, o->name, O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, (mode_t)o->a);
+	if (fd < 0)
+		return errno;
+	if (fchown(fd, (uid_t)o->b, (gid_t)o->c) < 0 || fchmod(fd, (mode_t)o->a) < 0)
+		err = errno;
+	if (!err)
+		err = write_whole(fd, o->buf.buf, (size_t)o->buf.len, 0);
+	if (!err && o->size != (long long)o->buf.len && ftruncate(fd, (off_t)o->size) < 0)
+		err = errno;
+	if (!err && o->has_times) {
+		struct timespec ts[2];
+		split_ns(o->atime, &ts[0]);
+		split_ns(o->mtime, &ts[1]);
+		if (futimens(fd, ts) < 0)
+			err = errno;
+	}
+	if (err) {
+		close(fd);
+		return err;
+	}
+	o->fd = fd;
+	return 0;
+}
+
 static int fs_op_do(int dir_fd, struct fs_op *o, struct fs_op *ops)
 {
 	int r;
-	if (o->op == OP_WRITE) {
-		int fd = o->fd >= 0 ? o->fd : ops[-o->fd - 1].fd;
-		const char *p = o->buf.buf;
-		size_t left = (size_t)o->buf.len;
-		off_t off = (off_t)o->a;
-		while (left) {
-			ssize_t w = pwrite(fd, p, left, off);
-			if (w < 0) {
-				if (errno == EINTR)
-					continue;
-				return errno;
-			}
-			if (w == 0)
-				return ENOSPC;
-			p += w;
-			left -= (size_t)w;
-			off += w;
-		}
-		return 0;
-	}
+	if (o->op == OP_WRITE)
+		return write_whole(o->fd >= 0 ? o->fd : ops[-o->fd - 1].fd, o->buf.buf,
+				   (size_t)o->buf.len, (off_t)o->a);
+	if (o->op == OP_PUT)
+		return fs_put(dir_fd, o);
 	if (o->op == OP_TIMES) {
 		struct timespec ts[2];
 		if (o->omit_atime) {
@@ -427,8 +481,9 @@ static PyObject *fs_apply_run(PyObject *self, PyObject *args)
 	for (; got < n; got++) {
 		if (fs_op_parse(PyList_GET_ITEM(ops, got), &o[got]) < 0)
 			break;
-		long k = -(long)o[got].fd - 1; /* a write to a file this run makes: an earlier create */
-		if (o[got].op == OP_WRITE && o[got].fd < 0 && (k >= got || o[k].op != OP_CREATE)) {
+		long k = -(long)o[got].fd - 1; /* a write to a file this run makes: an earlier create or put */
+		if (o[got].op == OP_WRITE && o[got].fd < 0 &&
+		    (k >= got || (o[k].op != OP_CREATE && o[k].op != OP_PUT))) {
 			PyErr_SetString(PyExc_ValueError, "fs_apply_run: a write to a file no earlier op makes");
 			PyBuffer_Release(&o[got].buf);
 			o[got].has_buf = 0;
@@ -451,7 +506,7 @@ static PyObject *fs_apply_run(PyObject *self, PyObject *args)
 	}
 	PyObject *made = PyList_New(0);
 	for (Py_ssize_t j = 0; made && j < i; j++) {
-		if (o[j].op != OP_CREATE)
+		if (o[j].op != OP_CREATE && o[j].op != OP_PUT)
 			continue;
 		PyObject *pair = Py_BuildValue("ni", j, o[j].fd);
 		if (!pair || PyList_Append(made, pair) < 0)
@@ -460,7 +515,7 @@ static PyObject *fs_apply_run(PyObject *self, PyObject *args)
 	}
 	if (!made) /* (no memory left: the files made are closed, and the error goes up) */
 		for (Py_ssize_t j = 0; j < i; j++)
-			if (o[j].op == OP_CREATE)
+			if (o[j].op == OP_CREATE || o[j].op == OP_PUT)
 				close(o[j].fd);
 	PyMem_Free(o);
 	return made ? Py_BuildValue("niN", i, err, made) : NULL;

@@ -225,6 +225,21 @@ class ConfinedFsApplier:
             self._safe, self._above = {b""}, {b""}
         self.inner.apply(rec)
 
+    def apply_run(self, records, start: int, skip=None, instead=None) -> int:
+        """The inner applier's compiled runs, each record's paths checked as `apply` checks
+        them first. A run's records make and remove files, never a directory or a symlink, so
+        what a check found stays true while the run is applied; a record that could undo a
+        check (a name removed or put over that is, or is above, a checked directory) ends the
+        run, and `apply` does it."""
+        return self.inner.apply_run(records, start, skip, instead, check=self._run_check)
+
+    def _run_check(self, rec) -> bool:
+        try:
+            checked = [self._check(rec.args[key]) for key in PATH_ARGS if rec.args.get(key)]
+        except (OSError, ValueError):
+            return False  # (`apply` checks it again and says why)
+        return not (rec.op in self.GONE_OPS and any(c in self._above for c in checked))
+
     def sync(self) -> None:
         self.inner.sync()
 

@@ -31,8 +31,8 @@ ZERO_CHUNK = 1 << 20
 LARGE_WRITE = 256 << 10  # a block write this large can leave a large folio in the target's cache
 _pwrite_all = getattr(compiled, "pwrite_all", None)  # a block applier's batches, compiled
 _fs_apply_run = getattr(compiled, "fs_apply_run", None)  # a directory applier's runs, compiled
-OP_WRITE, OP_TIMES, OP_CHMOD, OP_CHOWN, OP_CREATE, OP_UNLINK = range(6)  # fs_apply_run's ops
-RUN_OPS = {"write", "times", "chmod", "chown", "create", "unlink"}  # a run's (not O_TMPFILE ones)
+OP_WRITE, OP_TIMES, OP_CHMOD, OP_CHOWN, OP_CREATE, OP_UNLINK, OP_PUT = range(7)  # fs_apply_run's
+RUN_OPS = {"write", "times", "chmod", "chown", "create", "unlink", "put"}  # a run's (no O_TMPFILE)
 
 
 def pwrite_whole(fd: int, data, offset: int) -> None:
@@ -113,14 +113,16 @@ class FsApplier:
             raise OSError(errno.EBADF, f"O_TMPFILE file of record {seq} is not open at the target")
         return fd
 
-    def apply_run(self, records: list[Record], start: int, skip=None, instead=None) -> int:
+    def apply_run(self, records: list[Record], start: int, skip=None, instead=None,
+                  check=None) -> int:
         """Apply records[start:] while each is a system call or two about one short name or a
-        file held open (a write, times, chmod, chown, a file made or a name removed), with one
-        GIL release for them all (when `_fuseread` is built); `skip` and `instead` as
-        `target._apply_all` takes them. Returns the index of the first record not applied:
-        `apply` goes on from there, and says why when one failed. One by one, the applier gave
-        the GIL up and took it back at every system call, and the capture's request loop
-        beside it waited for it."""
+        file held open (a write, times, chmod, chown, a file made or a name removed, a walk's
+        whole small file), with one GIL release for them all (when `_fuseread` is built);
+        `skip` and `instead` as `target._apply_all` takes them; `check(record)` (the agent's
+        path checks) False ends the run before that record. Returns the index of the first
+        record not applied: `apply` goes on from there, and says why when one failed. One by
+        one, the applier gave the GIL up and took it back at every system call, and the
+        capture's request loop (or the agent's reader and journal) beside it waited for it."""
         if _fs_apply_run is None:
             return start
         ops, at = [], []  # the ops, and the index of the record each one is
@@ -136,8 +138,8 @@ class FsApplier:
             if op not in RUN_OPS or "tmp" in a:
                 break
             path = decode_path(a["path"]) if "path" in a else b""
-            if len(path) >= LONG_PATH:
-                break  # (opened in pieces by `apply`)
+            if len(path) >= LONG_PATH or (check is not None and not check(rec)):
+                break  # (opened in pieces by `apply`; refused or checked again by it)
             name = path or b"."
             if op == "write":
                 k = made.get(path)
@@ -163,11 +165,16 @@ class FsApplier:
                 ops.append((OP_CHMOD, name, a["mode"]))
             elif op == "chown":
                 ops.append((OP_CHOWN, name, a["uid"], a["gid"]))
-            elif op == "create":
-                if not path:
-                    break
+            elif op in ("create", "put"):
+                if not path or len(made) + len(self._fds) >= FD_CACHE:
+                    break  # (`apply` keeps it, closing the others first)
                 made[path] = len(ops)
-                ops.append((OP_CREATE, name, a["mode"], a["uid"], a["gid"]))
+                if op == "create":
+                    ops.append((OP_CREATE, name, a["mode"], a["uid"], a["gid"]))
+                else:  # (one already there is EEXIST: `apply` removes it, a tree too)
+                    times = (a["atime"], a["mtime"]) if "mtime" in a else (None, None)
+                    ops.append((OP_PUT, name, a["mode"], a["uid"], a["gid"], rec.data,
+                                a["size"], *times))
             else:  # unlink
                 if not path:
                     break
