@@ -1299,6 +1299,29 @@ def test_fail_over_of_a_block_device_split_brain_then_the_source_wins(remote, di
     assert replicas(r)[0]["role"] == "secondary"
 
 
+def test_promote_while_the_source_is_connected_is_refused_within_seconds_and_changes_nothing(
+        fs_remote):
+    """`replica promote` on the target while the source's session is alive waited out a lost
+    session's timeout (20 s) before it refused. The agent now stamps the replica's lock with
+    the time of the source's last frame (its heartbeats come every second): promote refuses
+    as soon as a frame comes while it waits. A source that died lately (no frame since) is
+    still waited for: test_fail_over_of_a_sqlite_directory_after_the_source_died."""
+    eng, src, r = fs_remote()
+    (Path(src) / "f").write_bytes(b"replicated")
+    eng.drain(src)
+    t0 = time.monotonic()
+    p = on_target(r.bed, "replica", "promote", "data", "--root", str(r.root))
+    took = time.monotonic() - t0
+    assert p.returncode != 0 and "its source is connected" in p.stderr, p.stdout + p.stderr
+    assert "sent a frame while promote waited" in p.stderr and "switchover" in p.stderr, p.stderr
+    assert took < 12, took  # (it was 20 s: the heartbeat timeout and 5 s)
+    [rep] = replicas(r)
+    assert rep["role"] == "secondary" and rep["consistent"], rep
+    (Path(src) / "g").write_bytes(b"still replicated")
+    eng.drain(src)
+    assert (r.root / "data" / "g").read_bytes() == b"still replicated"
+
+
 def target_replica(root: Path, name: str, kind: str, **state):
     """A replica as the agent keeps it below `root` (no source, no network): its bookkeeping
     with `state`, and `promote(*options)` running `replica promote NAME --root ROOT` there."""

@@ -327,6 +327,7 @@ class Agent:
     def _watchdog(self) -> None:
         removed_said = False
         while not self.stop.wait(1.0):
+            self._say_heard()
             if time.monotonic() - self.last_frame > HEARTBEAT_TIMEOUT:
                 log.error("no frame from the source for %.0f s: ending the session", HEARTBEAT_TIMEOUT)
                 self.finish()
@@ -341,6 +342,16 @@ class Agent:
                 log.error("%s", text)
                 with contextlib.suppress(OSError):
                     self.send(wire.ERROR, {"code": "gone", "message": text, "errno": errno.ENOENT})
+
+    def _say_heard(self) -> None:
+        """The replica's lock file's mtime: when the last frame came from the source (its
+        heartbeats come every second). `replica promote` refuses as soon as it sees a frame
+        come while it waits for the lock, instead of waiting out this session's timeout."""
+        fd = self.replica.lock_fd if self.replica is not None else None
+        if fd is not None:
+            heard = time.time_ns() - int((time.monotonic() - self.last_frame) * 1e9)
+            with contextlib.suppress(OSError):
+                os.utime(fd, ns=(heard, heard))
 
     def _data_removed(self) -> bool:
         """The replica's data (image or directory) this session writes has no name any more."""
@@ -1300,6 +1311,21 @@ def journal_space(root: str) -> dict:
             "journal_pending_bytes": sum(r["pending_bytes"] or 0 for r in list_replicas(root))}
 
 
+def _source_heard(rep: Replica) -> float | None:
+    """When the replication session holding `rep` last heard from its source (the time its
+    agent gives the lock file, Agent._say_heard), or None (no such session, or an action's)."""
+    try:
+        fd = os.open(rep.dir / "lock", os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError:
+        return None
+    try:
+        if _holder(fd).get("action", "replicate") != "replicate":
+            return None
+        return os.fstat(fd).st_mtime
+    finally:
+        os.close(fd)
+
+
 def _holder_of(lock: Path) -> int | None:
     """The pid of the agent session holding a replica's lock, or None."""
     try:
@@ -1367,16 +1393,20 @@ def promote(root: str, name: str, *, mount_at: str | None = None, loop: str | No
     root_fd = os.open(os.path.realpath(root), os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
     try:
         rep = Replica(root_fd, os.path.realpath(root), name, found["kind"])
+        began = time.time()
         deadline = time.monotonic() + HEARTBEAT_TIMEOUT + 5  # a lost session ends on its own
         while True:
             try:
                 rep.lock({"promote": os.getpid()})
                 break
             except AgentError:
-                if time.monotonic() > deadline:
+                heard = _source_heard(rep)  # a source that died lately is still waited for
+                if time.monotonic() > deadline or (heard is not None and heard > began):
                     raise AgentError("locked", f"replica {name} is being written by agent pid "
-                                     f"{found.get('session_pid')} (its source is connected): use "
-                                     "`mirrorsetup switchover` on the source instead", errno.EBUSY) from None
+                                     f"{found.get('session_pid')} (its source is connected"
+                                     f"{': it sent a frame while promote waited' if heard else ''}): "
+                                     "use `mirrorsetup switchover` on the source instead",
+                                     errno.EBUSY) from None
                 time.sleep(0.5)
         state = rep.state()
         if state.get("role") == "primary":  # a switch-over (or an earlier promote) made it primary
