@@ -453,6 +453,48 @@ def test_a_daemon_killed_during_a_switch_overs_drain_is_said_with_what_it_left(f
     assert replicas(r)[0]["role"] == "secondary"
 
 
+def test_a_daemon_killed_during_a_fail_back_is_said_with_what_its_markers_left(fs_remote):
+    """The daemon killed (-9) while a fail-back brought the replica's data back (through a
+    16 Mbit/s link): the command said only "the daemon closed the connection without a
+    reply". It says that the daemon ended during the fail-back, that its marker says it had
+    begun (this host's copy may be a mix) and what to run; exit 1. Run as it says, the
+    daemon started again and the fail-back run again finish it."""
+    eng, src, r = switched_over(fs_remote)
+    (r.root / "data" / "big").write_bytes(os.urandom(24 * MiB))  # written there: comes back
+    r.bed.rate_limit(rate="16mbit", burst="32kb", direction="down")  # 12 s for it
+    try:
+        proc = subprocess.Popen([sys.executable, "-m", "app", "--config", str(r.cfg), "failback",
+                                 src, "--yes"], cwd=REPO, text=True, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE,
+                                env={**os.environ, "MIRRORSETUP_SOCKET": eng.socket})
+        try:
+            wait_for("the fail-back's marker", lambda: proc.poll() is not None or any(
+                Path(eng.state).rglob("failback")), 60, 0.1)
+            assert proc.poll() is None, proc.communicate()
+            eng.kill9()
+            out, err = proc.communicate(timeout=30)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.communicate()
+    finally:
+        r.bed.unlimit()
+    err = " ".join(err.split())
+    assert proc.returncode == 1, out + err
+    assert "closed the connection without a reply" not in err, err
+    assert f"the daemon ended during the fail-back of {src}: the fail-back had begun (its marker " \
+        "says so) and did not finish: this host's copy may be a mix of its own data and the " \
+        f"replica's; {src} is not captured; run `mirrorsetup failback {src} --yes` again to " \
+        "finish it; the daemon is not running now: start it with `mirrorsetup daemon start`, " \
+        "then run `mirrorsetup status`" in err, err
+    eng.start()  # as it says
+    assert eng.status(src)["state"] == "fail-back interrupted"
+    p = cli(r.cfg, "failback", src, "--yes", socket=eng.socket)
+    assert p.returncode == 0, p.stdout + p.stderr
+    assert full_tree(Path(src)) == full_tree(r.root / "data")
+    assert eng.drain(src)["switched"] is None and replicas(r)[0]["role"] == "secondary"
+
+
 def test_a_switchover_refused_as_in_use_names_the_command_itself_and_exits_2(fs_remote):
     """Run from a shell inside the entry (its working directory, or its output redirected into
     a file there), `switchover` holds the mount itself and the unmount would fail: the refusal

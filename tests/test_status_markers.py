@@ -150,52 +150,160 @@ def test_an_interrupted_fail_back_is_said_by_the_daemon_and_one_under_way_is_not
         "fail-back from backup1:data interrupted: this host's copy is a mix"), rows["fs"]
 
 
+class _EndedDaemon:
+    """The daemon as a switch-over, fail-back or resolve finds it: it ends (killed) before its
+    answer to `ends` (None: it is asked only what is left); afterwards it answers a ping
+    (restarted by systemd meanwhile) when `running`, else it is not running."""
+
+    def __init__(self, state_dir, ends=None):
+        self.state_dir, self.ends, self.running, self.asked = str(state_dir), ends, True, []
+
+    def request(self, cmd, **args):
+        import errno as errno_mod
+
+        from app.services.control import DaemonEnded
+        from app.services.results import MirrorError
+        self.asked.append(cmd)
+        if cmd == self.ends:
+            self.running = False
+            raise DaemonEnded("the daemon closed the connection without a reply",
+                              errno=errno_mod.ECONNRESET, obj="/run/x.sock")
+        if not self.running:
+            raise MirrorError("the daemon is not running", errno=errno_mod.ECONNREFUSED)
+        return {"pid": 1, "state_dir": self.state_dir}
+
+
+def _ended_during(tmp_path, config_path, action, markers):
+    """The daemon ended during `action` of a directory entry, for each (switch-over marker,
+    fail-back marker) in `markers`, with the daemon down and answering again afterwards: its
+    results' messages by (markers, running)."""
+    import errno as errno_mod
+
+    from app.services.replication import Replication
+    src, state_dir = tmp_path / "src", tmp_path / "state"
+    src.mkdir(exist_ok=True)
+    config_path.parent.mkdir(parents=True, exist_ok=True)
+    config_path.write_text(f'schema = 1\n\n[[target]]\nname = "backup1"\nhost = "b1"\n'
+                           f'root = "/srv"\n\n[[filesystem]]\npath = "{src}"\n'
+                           f'target = "backup1:data"\n')
+    control = _EndedDaemon(state_dir)
+    rep = Replication(ConfigStore(config_path), control, state_dir=str(state_dir))
+    entry_dir = Path(entry_state(str(state_dir), "fs", str(src)))
+    entry_dir.mkdir(parents=True, exist_ok=True)
+    said = {}
+    for sw, fb in markers:
+        for name, marker in ((SWITCHED_MARKER, sw), (FAILBACK_MARKER, fb)):
+            (entry_dir / name).unlink(missing_ok=True)
+            if marker is not None:
+                (entry_dir / name).write_text(json.dumps(marker))
+        for running in (False, True):
+            control.running = running
+            r = rep._ended_during(action, str(src), str(state_dir))
+            assert r.errno == errno_mod.ECONNRESET and r.target == str(src) and r.failed, r
+            assert r.action == action, r
+            said[(json.dumps(sw), json.dumps(fb), running)] = r.message
+    for (*_, running), message in said.items():
+        then = "run `mirrorsetup status`" if running else \
+            "the daemon is not running now: start it with `mirrorsetup daemon start`, then run " \
+            "`mirrorsetup status`"
+        assert message.endswith(then) and ("not running" in message) is not running, message
+    return src, {k: m.removeprefix(f"the daemon ended during the {_WORDS[action]} of {src}: ")
+                 for k, m in said.items()}, said
+
+
+_WORDS = {"switchover": "switch-over", "failback": "fail-back", "resolve": "resolve"}
+_SWITCHED = {"state": "switched", "target": "backup1:data", "seq": 9, "time": 1}
+
+
 def test_a_daemon_that_ended_during_a_switch_over_is_said_with_what_its_marker_left(tmp_path,
                                                                                      config_path):
     """The switch-over's answer never came (the daemon was killed): what the entry's marker
     says it had done, and what to run, for each state the marker can be in, and whether the
     daemon answers again (restarted by systemd meanwhile) or not."""
-    import errno as errno_mod
+    src, left, said = _ended_during(tmp_path, config_path, "switchover", [
+        (None, None), ({"state": "switching"}, None),
+        ({"state": "switching", "promote_sent": True}, None), ({"state": "switched"}, None)])
+    assert all(m != left[k] for k, m in said.items()), said  # each says what it ended during
+    assert "nothing was handed over" in left[("null", "null", False)]
+    assert "was not asked to take over: run `mirrorsetup switchover" in \
+        left[(json.dumps({"state": "switching"}), "null", True)]
+    assert "may be primary now" in left[(json.dumps({"state": "switching", "promote_sent": True}),
+                                          "null", False)]
+    assert "the switch-over had finished" in left[(json.dumps({"state": "switched"}), "null", True)]
 
+
+def test_a_daemon_that_ended_during_a_fail_back_is_said_with_what_its_markers_left(tmp_path,
+                                                                                   config_path):
+    """The fail-back's answer never came (the daemon was killed): the command said only "the
+    daemon closed the connection without a reply". It says, as after a switch-over, that the
+    daemon ended during the fail-back, what the entry's markers say (the fail-back had begun:
+    this copy may be a mix; nothing had come back: still switched over; neither: finished or
+    not begun), and what to run, with the daemon down and answering again."""
+    fb_left = (_SWITCHED, {"generation": "g1"})
+    src, left, said = _ended_during(tmp_path, config_path, "failback", [
+        (None, None), (_SWITCHED, None), ({"state": "switching"}, None), fb_left,
+        (_SWITCHED, {"generation": "g1", "applied": 7}), (None, {"generation": "g1"})])
+    again = f"run `mirrorsetup failback {src} --yes` again"
+    for (sw, fb, running), message in left.items():
+        assert (again in message) is (sw != "null" or fb != "null"), message
+    assert "the fail-back had finished" in left[("null", "null", True)]
+    assert f"daemon captures {src} when it starts" in left[("null", "null", False)]
+    assert "still switched over to backup1:data" in left[(json.dumps(_SWITCHED), "null", True)]
+    assert "that did not finish is still marked so" in \
+        left[(json.dumps({"state": "switching"}), "null", False)]
+    begun = left[(json.dumps(fb_left[0]), json.dumps(fb_left[1]), False)]
+    assert begun.startswith("the fail-back had begun (its marker says so) and did not finish: "
+                            "this host's copy may be a mix of its own data and the replica's; "
+                            f"{src} is not captured; {again} to finish it"), begun
+    assert "copy is a mix" in left[(json.dumps(_SWITCHED), json.dumps(
+        {"generation": "g1", "applied": 7}), True)]
+    # a split brain's fail-back (no switch-over marker) that had begun: the same
+    assert left[("null", json.dumps({"generation": "g1"}), False)] == begun
+
+
+def test_a_daemon_that_ended_during_a_resolve_is_said_with_what_its_marker_left(tmp_path,
+                                                                                config_path):
+    """`replica resolve --discard-target` whose daemon was killed: that it ended during the
+    resolve, whether this side was taken back (its switch-over marker), and to run it again."""
+    src, left, _ = _ended_during(tmp_path, config_path, "resolve", [(None, None), (_SWITCHED, None)])
+    again = f"run `mirrorsetup replica resolve {src} --discard-target --yes` again"
+    assert all(again in m and "had discarded its promotion is not known" in m
+               for m in left.values()), left
+    assert left[("null", "null", True)].startswith("no switch-over marker is left (this side is "
+                                                   "kept)"), left
+    assert left[(json.dumps(_SWITCHED), "null", False)].startswith(
+        "this side was not taken back yet (its switch-over marker is still there)"), left
+
+
+def test_a_fail_back_or_resolve_whose_daemon_ends_says_so_not_only_that_the_connection_closed(
+        tmp_path, config_path):
+    """Through Replication.failback / resolve (what the CLI and the Targets screen call): the
+    daemon's state directory is asked before the request, and a daemon that ends before its
+    answer is said as the action it ended during, not as "the daemon closed the connection
+    without a reply"."""
     from app.services.replication import Replication
-    from app.services.results import MirrorError
-    src, state_dir = tmp_path / "src", tmp_path / "state"
+    src, state_dir = tmp_path / "src", tmp_path / "daemon-state"
     src.mkdir()
     config_path.parent.mkdir(parents=True)
     config_path.write_text(f'schema = 1\n\n[[target]]\nname = "backup1"\nhost = "b1"\n'
                            f'root = "/srv"\n\n[[filesystem]]\npath = "{src}"\n'
                            f'target = "backup1:data"\n')
-
-    class Control:  # the daemon as the command finds it afterwards
-        running = False
-
-        def request(self, cmd, **args):
-            if not self.running:
-                raise MirrorError("the daemon is not running", errno=errno_mod.ECONNREFUSED)
-            return {"pid": 1, "state_dir": str(state_dir)}
-    control = Control()
-    rep = Replication(ConfigStore(config_path), control, state_dir=str(state_dir))
-    entry_dir = Path(entry_state(str(state_dir), "fs", str(src)))
+    entry_dir = Path(entry_state(str(state_dir), "fs", str(src)))  # the daemon's, not ours
+    entry_dir.mkdir(parents=True)
+    (entry_dir / SWITCHED_MARKER).write_text(json.dumps(_SWITCHED))
+    (entry_dir / FAILBACK_MARKER).write_text(json.dumps({"generation": "g1"}))
     said = {}
-    for marker in (None, {"state": "switching"}, {"state": "switching", "promote_sent": True},
-                   {"state": "switched"}):
-        if marker is not None:
-            entry_dir.mkdir(parents=True, exist_ok=True)
-            (entry_dir / SWITCHED_MARKER).write_text(json.dumps(marker))
-        for running in (False, True):
-            control.running = running
-            r = rep._ended_during_switchover(str(src), str(state_dir))
-            assert r.errno == errno_mod.ECONNRESET and r.target == str(src) and r.failed, r
-            assert r.message.startswith(f"the daemon ended during the switch-over of {src}: "), r
-            said[(json.dumps(marker), running)] = r.message
-    for (marker, running), message in said.items():
-        then = "run `mirrorsetup status`" if running else \
-            "the daemon is not running now: start it with `mirrorsetup daemon start`, then run " \
-            "`mirrorsetup status`"
-        assert message.endswith(then) and ("not running" in message) is not running, message
-    assert "nothing was handed over" in said[("null", False)]
-    assert "was not asked to take over: run `mirrorsetup switchover" in \
-        said[(json.dumps({"state": "switching"}), True)]
-    assert "may be primary now" in said[(json.dumps({"state": "switching", "promote_sent": True}),
-                                         False)]
-    assert "the switch-over had finished" in said[(json.dumps({"state": "switched"}), True)]
+    for action, call in (("failback", lambda rep: rep.failback(str(src))),
+                         ("resolve", lambda rep: rep.resolve(str(src), discard_target=True))):
+        control = _EndedDaemon(state_dir, ends=action)
+        rep = Replication(ConfigStore(config_path), control, state_dir=str(tmp_path / "other"))
+        [r] = call(rep)
+        assert r.failed and r.action == action and r.target == str(src), r
+        assert "closed the connection" not in r.message, r
+        assert r.message.startswith(f"the daemon ended during the {_WORDS[action]} of {src}: "), r
+        assert r.message.endswith("the daemon is not running now: start it with "
+                                  "`mirrorsetup daemon start`, then run `mirrorsetup status`"), r
+        assert control.asked == ["ping", action, "ping"], control.asked
+        said[action] = r.message
+    assert "the fail-back had begun (its marker says so)" in said["failback"], said  # the daemon's
+    assert "this side was not taken back yet" in said["resolve"], said

@@ -17,7 +17,8 @@ from app.services import loop as loopdev
 from app.services.blockplan import View, same_device
 from app.services.config import BlockEntry, ConfigStore, _match_block, _match_fs
 from app.services.layout import (FSTYPE_BLOCK, FSTYPE_FS, command, default_state_dir, entry_state,
-                                  switched_marker, switched_refusal, with_failback)
+                                  failback_marker, mix_words, switched_marker,
+                                  switched_refusal, with_failback)
 from app.services.results import MirrorError, Outcome, Result
 from app.services.units import human_size
 
@@ -244,24 +245,28 @@ class Replication:
     # -- fail-over (a remote replica takes over, and gives back) -----------------------------
 
     def switchover(self, entry: str, progress=None) -> list[Result]:
-        """Planned: drain, lift capture, promote the remote replica (nothing may use `entry`).
-        A daemon that ends before its answer: what its markers say it left is said."""
-        try:  # its state directory asked first (with the check): an ended daemon cannot say it
-            ping = self._checked_ping()
-        except MirrorError as exc:
-            return [Result.from_error("switchover", entry, exc)]
-        state_dir = (ping or {}).get("state_dir") or self.state_dir
-        return self._daemon_results("switchover", entry, progress=progress, checked=True,
-                                    entry=entry,
-                                    ended=lambda: self._ended_during_switchover(entry, state_dir))
+        """Planned: drain, lift capture, promote the remote replica (nothing may use `entry`)."""
+        return self._handover_request("switchover", entry, progress=progress)
 
     def failback(self, entry: str, progress=None) -> list[Result]:
         """The promoted replica's data comes back (only what differs), capture starts again."""
-        return self._daemon_results("failback", entry, progress=progress, entry=entry)
+        return self._handover_request("failback", entry, progress=progress)
 
     def resolve(self, entry: str, *, discard_target: bool) -> list[Result]:
         """A split brain ends with this side's data: the replica's promotion is discarded."""
-        return self._daemon_results("resolve", entry, entry=entry, discard_target=discard_target)
+        return self._handover_request("resolve", entry, discard_target=discard_target)
+
+    def _handover_request(self, action: str, entry: str, **args) -> list[Result]:
+        """A switch-over, fail-back or resolve through the daemon. A daemon that ends before
+        its answer: what the entry's markers say it left is said (_ended_during)."""
+        try:  # its state directory asked first (with the check): an ended daemon cannot say it
+            ping = self._checked_ping()
+        except MirrorError as exc:
+            return [Result.from_error(action, entry, exc)]
+        state_dir = (ping or {}).get("state_dir") or self.state_dir
+        return self._daemon_results(action, entry, checked=True, entry=entry,
+                                    ended=lambda: self._ended_during(action, entry, state_dir),
+                                    **args)
 
     # -- manual (not persisted) ----------------------------------------------------------
 
@@ -385,9 +390,9 @@ class Replication:
         except MirrorError as exc:
             return [Result.from_error(action, subject, exc)]
 
-    def _ended_during_switchover(self, entry: str, state_dir: str) -> Result:
-        """The daemon ended (killed, crashed) during a switch-over of `entry`: what its marker
-        says was done by then, and what to run."""
+    def _ended_during(self, action: str, entry: str, state_dir: str) -> Result:
+        """The daemon ended (killed, crashed) during a switch-over, fail-back or resolve
+        (`action`) of `entry`: what its markers say was done by then, and what to run."""
         try:
             config = self.store.load()
         except MirrorError:  # (read a moment ago; changed since): the entry as it was given
@@ -396,22 +401,8 @@ class Replication:
         block = None if fs or not config else _match_block(config, entry)
         key = fs.path if fs else block.device if block else entry
         target = (fs or block).target if (fs or block) else "its target"
-        sw = switched_marker(entry_state(state_dir, "fs" if fs else "block", key))
-        if sw is None:
-            left = ("its switch-over marker is not written, so nothing was handed over (its "
-                    "replica was not asked to take over)")
-        elif sw.get("state") == "switched":
-            left = (f"the switch-over had finished: {key} is switched over to {target} (its "
-                    "replica there is primary)")
-        elif sw.get("promote_sent"):
-            left = (f"its replica on {target} was asked to take over and may be primary now: "
-                    f"{key} is not captured; run {command('switchover', key)} again to finish it")
-        else:
-            left = (f"the switch-over had begun (its marker says so) but its replica on {target} "
-                    f"was not asked to take over: run {command('switchover', key)} again to "
-                    "finish it, or "
-                    f"{command('replica', 'resolve', key, '--discard-target', '--yes')} to keep "
-                    "this side")
+        entry_dir = entry_state(state_dir, "fs" if fs else "block", key)
+        left = _LEFT[action](key, target, switched_marker(entry_dir), failback_marker(entry_dir))
         try:
             self.control.request("ping")  # (its answer carries no "ok": any answer is one)
             running = True
@@ -419,9 +410,59 @@ class Replication:
             running = False
         then = (f"run {command('status')}" if running else "the daemon is not running now: "
                 f"start it with {command('daemon', 'start')}, then run {command('status')}")
-        return Result("switchover", key, Outcome.FAILED, f"the daemon ended during the "
-                      f"switch-over of {key}: {left}; {then}", errno.ECONNRESET)
+        return Result(action, key, Outcome.FAILED, f"the daemon ended during the "
+                      f"{_WORDS[action]} of {key}: {left}; {then}", errno.ECONNRESET)
 
+
+def _left_by_switchover(key: str, target: str, sw: dict | None, fb: dict | None) -> str:
+    if sw is None:
+        return ("its switch-over marker is not written, so nothing was handed over (its "
+                "replica was not asked to take over)")
+    if sw.get("state") == "switched":
+        return (f"the switch-over had finished: {key} is switched over to {target} (its "
+                "replica there is primary)")
+    if sw.get("promote_sent"):
+        return (f"its replica on {target} was asked to take over and may be primary now: "
+                f"{key} is not captured; run {command('switchover', key)} again to finish it")
+    return (f"the switch-over had begun (its marker says so) but its replica on {target} was "
+            f"not asked to take over: run {command('switchover', key)} again to finish it, or "
+            f"{command('replica', 'resolve', key, '--discard-target', '--yes')} to keep this side")
+
+
+def _left_by_failback(key: str, target: str, sw: dict | None, fb: dict | None) -> str:
+    again = command("failback", key, "--yes")
+    if fb is not None:  # its count is of fail-backs interrupted before: this one wrote too
+        return (f"the fail-back had begun (its marker says so) and did not finish: this host's "
+                f"copy {mix_words(fb.get('applied') or None)}; {key} is not captured; run "
+                f"{again} again to finish it")
+    if sw is None:
+        return ("neither a switch-over nor a fail-back marker is left: the fail-back had "
+                f"finished (the replica on {target} is {key}'s secondary again) or had not "
+                "begun to bring anything back (this host's copy is its own); either way the "
+                f"daemon captures {key} when it starts")
+    if sw.get("state") == "switched":
+        return (f"nothing of the replica's had come back (its fail-back marker is not "
+                f"written): {key} is still switched over to {target} (its replica there is "
+                f"primary); run {again} again")
+    return (f"nothing of the replica's had come back (its fail-back marker is not written): "
+            f"the switch-over of {key} to {target} that did not finish is still marked so; run "
+            f"{again} again")
+
+
+def _left_by_resolve(key: str, target: str, sw: dict | None, fb: dict | None) -> str:
+    again = command("replica", "resolve", key, "--discard-target", "--yes")
+    if sw is None:
+        return (f"no switch-over marker is left (this side is kept): whether its replica on "
+                f"{target} had discarded its promotion is not known: run {again} again (it "
+                "says so when there is nothing left to resolve)")
+    return (f"this side was not taken back yet (its switch-over marker is still there) and "
+            f"whether its replica on {target} had discarded its promotion is not known: run "
+            f"{again} again to finish it")
+
+
+_LEFT = {"switchover": _left_by_switchover, "failback": _left_by_failback,
+         "resolve": _left_by_resolve}
+_WORDS = {"switchover": "switch-over", "failback": "fail-back", "resolve": "resolve"}
 
 def _kept_note(ended: list[Result]) -> str:
     """A capture ended by a remove that kept changes not yet at the target (its "next start"
