@@ -144,3 +144,25 @@ async def test_the_uptime_counts_on_without_asking_the_daemon_again(daemon_servi
         await wait_until(pilot, lambda: "up 2 min 5 s" in static_text(
             app.screen.query_one("#daemon-state")), "the uptime to count on")
         assert len(asked) == calls
+
+
+@pilot_test
+async def test_a_start_refused_for_a_bad_configuration_names_the_daemon(daemon_services,
+                                                                        config_path):
+    """Start with a configuration file the daemon would refuse raises instead of returning a
+    result (nothing is spawned): the results dialog said "✘ failed" with an empty subject
+    above the file's line. It names the daemon, as the results of Start and Stop do."""
+    config_path.parent.mkdir(parents=True, exist_ok=True)
+    config_path.write_text('schema = 1\n\n[[filesystem]]\npath = "not/absolute"\n')
+    app = make_app(services=daemon_services, is_root=True)
+    async with app.run_test(size=(80, 24)) as pilot:
+        await pilot.press("5")
+        await settle(pilot)
+        await pilot.press("s")
+        await wait_until(pilot, lambda: type(app.screen) is ResultsDialog, "start results")
+        [result] = app.screen.results
+        assert result.failed and result.target == "daemon", result
+        assert "no daemon was started" in result.message and str(config_path) in result.message
+        text = static_text(app.screen.query_one(".result"))
+        assert text.startswith("✘ failed    daemon\n"), text
+    assert not daemon_services.control.is_running()

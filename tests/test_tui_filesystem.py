@@ -110,6 +110,61 @@ async def test_remove_asks_first_and_no_keeps_the_entry(tui, store, tmp_path, co
     assert config_bytes() == before
 
 
+class RaisingReplication:
+    """The real Replication, whose forced remove raises (a service call that fails without a
+    result) after the plain one was refused as busy (EBUSY: Force is offered)."""
+
+    def __init__(self, real) -> None:
+        self.real = real
+
+    def __getattr__(self, name):
+        return getattr(self.real, name)
+
+    def remove_filesystem(self, path: str, force: bool = False):
+        from app.services.results import MirrorError, Outcome, Result
+        if force:
+            raise MirrorError("umount2: Operation not permitted", errno=1, obj=path)
+        return [Result("remove", path, Outcome.FAILED, "mirrorfs is still mounted there", 16)]
+
+
+@pilot_test
+async def test_actions_that_raise_name_the_entry_they_are_about(tui, store, tmp_path,
+                                                                monkeypatch):
+    """A call that raises instead of returning results (a forced remove; a fault below the
+    access-time toggle) was shown as "✘ failed" with an empty subject. It names the entry."""
+    store.add_filesystem(tmp_path)
+    app = tui(is_root=True)
+    app.services._replication = RaisingReplication(app.services.replication)
+
+    def broken(entry):
+        raise RuntimeError("a fault below")
+    monkeypatch.setattr(app.services.store, "set_filesystem", broken)
+    async with app.run_test(size=(80, 24)) as pilot:
+        await pilot.press("1")
+        await settle(pilot)
+        await pilot.press("t")  # the access-time toggle
+        await wait_until(pilot, lambda: type(app.screen) is ResultsDialog, "the toggle's results")
+        [result] = app.screen.results
+        assert result.failed and result.target == str(tmp_path), result
+        assert "a fault below" in result.message, result
+        assert static_text(app.screen.query_one(".result")).startswith(
+            f"✘ failed    {tmp_path}\n")
+        await pilot.press("enter")
+        await settle(pilot)
+        await pilot.press("r")
+        await settle(pilot)
+        await pilot.press("y")
+        await wait_until(pilot, lambda: type(app.screen) is ResultsDialog, "the remove's results")
+        await pilot.click("#force")
+        await settle(pilot)
+        await pilot.press("y")
+        await wait_until(pilot, lambda: type(app.screen) is ResultsDialog and app.screen.results[
+            0].errno == 1, "the forced remove's results")
+        [result] = app.screen.results
+        assert result.failed and result.target == str(tmp_path), result
+        assert result.message == "umount2: Operation not permitted", result
+
+
 def _bad_paths(tmp_path):
     (tmp_path / "a-file").write_text("not a directory\n")
     return {"root": "/", "missing": str(tmp_path / "missing"), "file": str(tmp_path / "a-file"),

@@ -58,6 +58,7 @@ async def test_attach_now_and_detach_now_leave_the_config_alone(tui, protected_d
 @pilot_test
 async def test_bad_input_is_refused_with_a_message(tui, protected_device, config_bytes,
                                                    field, value, words):
+    """Each wrong input is refused with a message that names the device."""
     disk = protected_device()
     app = tui()
     async with app.run_test(size=(80, 24)) as pilot:
@@ -68,6 +69,11 @@ async def test_bad_input_is_refused_with_a_message(tui, protected_device, config
         await wait_until(pilot, lambda: type(app.screen) is ResultsDialog, "the refusal")
         [result] = app.screen.results
         assert result.failed and words in result.message
+        # the device it is about, also when the call raised (a loop that is not /dev/loopN:
+        # "✘ failed" had an empty subject)
+        assert result.target == (value if field == "device" else disk), result
+        assert static_text(app.screen.query_one(".result")).startswith(
+            f"✘ failed    {result.target}\n")
     assert loops_backed_by(disk) == []
     assert config_bytes() is None
 

@@ -307,6 +307,7 @@ class ForceOffer:
     explain: str
     call: Callable[[], Iterable[Result] | Result]
     title: str
+    subject: str = ""  # what the forced call is about (run_action's subject)
 
 
 PALETTE_KEY_WIDTH = 12  # the footer's "│^p palette", docked right
@@ -534,7 +535,7 @@ class TaskScreen(Screen):
         except MirrorError as exc:
             results = [Result.from_error(title, subject, exc)]
         except Exception as exc:  # a bug below us must not leave the screen busy forever
-            results = [Result(title, "", Outcome.FAILED, f"unexpected error: {exc!r}")]
+            results = [Result(title, subject, Outcome.FAILED, f"unexpected error: {exc!r}")]
         busy = any(r.failed and r.errno == EBUSY for r in results)
         self.finish_from_thread(app, title, results, lambda: self.post_message(
             self.ActionDone(title, results, notes, force if busy else None)))
@@ -575,7 +576,7 @@ class TaskScreen(Screen):
 
                 def confirmed(yes: bool | None) -> None:
                     if yes:
-                        self.run_action(offer.title, offer.call)
+                        self.run_action(offer.title, offer.call, subject=offer.subject)
                 self.app.push_screen(ConfirmDialog(offer.explain, yes=offer.label), confirmed)
         self.app.push_screen(ResultsDialog(event.title, event.results, event.notes,
                                            force=event.force.label if event.force else None),

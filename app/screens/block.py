@@ -280,7 +280,8 @@ class BlockScreen(TaskScreen):
             if yes:
                 self.run_action(f"Remove {shown(device)}",
                                 lambda: self.services.replication.remove_block(device),
-                                waiting=f"detaching {shown(device)}, then removing the entry")
+                                waiting=f"detaching {shown(device)}, then removing the entry",
+                                subject=device)
         self.app.push_screen(ConfirmDialog(
             f"Detach and stop replicating {shown(device)}?\nA loop device that is still mounted "
             "is not detached, and the entry is then kept.", yes="Remove"), confirmed)

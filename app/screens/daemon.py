@@ -93,7 +93,7 @@ class DaemonScreen(TaskScreen):
                 return self.services.daemon_action(action)
             finally:
                 self.app.call_from_thread(self.app.daemon_changed_here)
-        self.run_action(title, call, waiting=waiting)
+        self.run_action(title, call, waiting=waiting, subject="daemon")  # as its results
 
     def action_start(self) -> None:
         self._control("start", "Start the daemon", "starting the daemon: waiting for it to "

@@ -152,9 +152,10 @@ class FilesystemScreen(TaskScreen):
                 self.run_action(
                     f"Remove {shown(path)}", lambda: replication.remove_filesystem(path),
                     waiting=f"removing {shown(path)}: the daemon drains and unmounts it first",
+                    subject=path,
                     force=ForceOffer("Force: lazy unmount", LAZY_UNMOUNT,
                                      lambda: replication.remove_filesystem(path, force=True),
-                                     f"Remove {shown(path)} (lazy unmount)"))
+                                     f"Remove {shown(path)} (lazy unmount)", path))
         self.app.push_screen(ConfirmDialog(
             f"Stop replicating {shown(path)}?\nIf mirrorfs is mounted there it is unmounted "
             "first; stop the applications using it before you do this.", yes="Remove"),
@@ -167,7 +168,7 @@ class FilesystemScreen(TaskScreen):
         from app.services.entries import toggle_atime
         path = state.entry.path
         self.run_action(f"Access times for {shown(path)}",
-                        lambda: toggle_atime(self.services.store, path))
+                        lambda: toggle_atime(self.services.store, path), subject=path)
 
     def action_mount_all(self) -> None:
         self.run_action("Mount all", lambda: self.services.replication.mount_all(),
@@ -268,7 +269,7 @@ class FilesystemScreen(TaskScreen):
                                 lambda: fs_mirror(self.services.replication, entry.path),
                                 waiting=f"copying {shown(entry.path)} to {shown(entry.target)}: "
                                 "files that differ are copied, files the source no longer has "
-                                "are deleted on the target")
+                                "are deleted on the target", subject=entry.path)
         self.app.push_screen(ConfirmDialog(
             f"Make {shown(entry.target)} equal to {shown(entry.path)}?\nFiles that differ are "
             "copied over the target's, and files the source does not have are deleted from the "
@@ -293,4 +294,4 @@ class FilesystemScreen(TaskScreen):
 
         self.run_action(f"Verify {shown(entry.path)}", verify,
                         waiting=f"comparing {shown(entry.path)} with {shown(entry.target)} "
-                        "(every file is hashed)")
+                        "(every file is hashed)", subject=entry.path)

@@ -106,7 +106,7 @@ class ManualScreen(TaskScreen):
         self.run_action(f"Manual attach {shown(device)} (not persisted)",
                         lambda: self.services.replication.manual_attach(
                             device, loop=loop, offset=offset, sizelimit=sizelimit,
-                            read_only=read_only))
+                            read_only=read_only), subject=device)
 
     @on(Button.Pressed, "#detach")
     @on(Input.Submitted, "#detach-loop")
@@ -118,7 +118,7 @@ class ManualScreen(TaskScreen):
             self.query_one("#detach-loop").focus()
             return
         self.run_action(f"Manual detach {shown(loop)} (not persisted)",
-                        lambda: self.services.replication.manual_detach(loop))
+                        lambda: self.services.replication.manual_detach(loop), subject=loop)
 
     def action_detach_selected(self) -> None:
         loop = selected_key(self.query_one("#loops", DataTable))

@@ -399,7 +399,8 @@ class TargetsScreen(TaskScreen):
 
         def confirmed(yes: bool | None) -> None:
             if yes:
-                self.run_action(f"Add target {host.name}", lambda: self._add(host, fp))
+                self.run_action(f"Add target {host.name}", lambda: self._add(host, fp),
+                                subject=host.name)
             else:  # the safe default: say so, an Enter on "No" must not look like nothing
                 self.notify(f"{host.name} was not added: its host key was not pinned.",
                             title="Add target", severity="warning", markup=False)
@@ -456,7 +457,7 @@ class TargetsScreen(TaskScreen):
             if yes:
                 from app.services import targets
                 self.run_action(f"Re-pin {host.name}", lambda: targets.rekey_target(
-                    self.services.store, host.name, accept_host_key=fp))
+                    self.services.store, host.name, accept_host_key=fp), subject=host.name)
             else:
                 self.notify(f"the host key of {host.name} was not re-pinned.",
                             title="Re-pin host key", severity="warning", markup=False)
@@ -511,7 +512,7 @@ class TargetsScreen(TaskScreen):
 
         def confirmed(yes: bool | None) -> None:
             if yes:
-                self.run_action(f"Remove target {host.name}", remove)
+                self.run_action(f"Remove target {host.name}", remove, subject=host.name)
         self.app.push_screen(ConfirmDialog(
             f"Remove the remote target {host.name} ({host.host})?\nRefused while an entry "
             "replicates to it. Nothing on the target is deleted.", yes="Remove"), confirmed)
@@ -574,7 +575,7 @@ class TargetsScreen(TaskScreen):
 
         def confirmed(ok: bool | None) -> None:
             if ok:
-                self.run_action(title, call, waiting=waiting)
+                self.run_action(title, call, waiting=waiting, subject=key)
         self.app.push_screen(ConfirmDialog(question, yes=yes), confirmed)
 
     def action_switchover(self) -> None:
@@ -646,7 +647,7 @@ class TargetsScreen(TaskScreen):
                 self.run_action(title, (lambda: rep.remove_filesystem(key, keep_replica_primary=True))
                                 if fs else
                                 (lambda: rep.remove_block(key, keep_replica_primary=True)),
-                                waiting=f"ending the hand-over of {shown(key)}")
+                                waiting=f"ending the hand-over of {shown(key)}", subject=key)
         self.app.push_screen(ConfirmDialog(question, yes="Remove here"), confirmed)
 
 
