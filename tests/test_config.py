@@ -719,6 +719,33 @@ def test_a_block_target_is_never_a_loop_onto_a_replicated_device(store, scratch_
             run("losetup", "-d", loop, check=False)
 
 
+@pytest.mark.root
+def test_a_block_target_is_never_the_file_its_loop_device_lies_on(store, scratch_loop, partitioned,
+                                                                  tmp_path):
+    """Found by helper-42's walk: `block add /dev/loopN --target F`, F the very file /dev/loopN
+    is a loop over, was taken (the Add dialog said "can be added"), as a window too: the
+    replica's writes land on the device's own bytes (with an offset, on bytes outside the
+    window it copies). By another name of F (a hard link), or from a partition of such a loop,
+    the same."""
+    def backing(loop: str) -> str:
+        rdev = os.stat(loop).st_rdev
+        return Path(f"/sys/dev/block/{os.major(rdev)}:{os.minor(rdev)}/loop/backing_file"
+                    ).read_text().strip()
+    dev = scratch_loop(16 * MiB)
+    link = tmp_path / "another-name.img"
+    os.link(backing(dev), link)
+    disk, p1, _p2 = partitioned()
+    for device, target, kw in ((dev, backing(dev), {}), (dev, backing(dev), {"offset": 8 * MiB}),
+                               (dev, str(link), {}), (p1, backing(disk), {})):
+        with refused(store, f"^target {re.escape(target)} is the file {re.escape(device)} lies "
+                            "on \\(the backing file of its loop device\\): the replica's writes "
+                            "would overwrite the device it copies$"):
+            store.add_block(device, target=target, adopt_target=True, **kw)
+    assert store.load().block == ()
+    elsewhere = str(tmp_path / "elsewhere.img")  # any other file is taken as before
+    assert store.add_block(dev, target=elsewhere).target == elsewhere
+
+
 @pytest.fixture
 def partitioned(sparse_file):
     """make() -> (disk, first partition, second partition): a --partscan loop with two 16 MiB

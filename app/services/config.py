@@ -288,6 +288,10 @@ class ConfigStore:
             if over:
                 raise refuse(f"target {entry.target} is {over}: the replica's writes would "
                              "overwrite that device", "target")
+            if _backing_file_of(entry.target, me):
+                raise refuse(f"target {entry.target} is the file {device} lies on (the backing "
+                             "file of its loop device): the replica's writes would overwrite "
+                             "the device it copies", "target")
             on = _file_system_on_device(entry.target, device, (entry.offset, window))
             if on:
                 raise refuse(f"target {entry.target} lies in a file system on {on}, the device "
@@ -533,6 +537,21 @@ def _loop_to_an_entry(target: str, entry: BlockEntry, config: Config) -> str | N
             return f"a loop over {other.device}" + (", the device it replicates"
                                                      if other is entry else "")
     return None
+
+
+def _backing_file_of(target: str, rdev: int) -> bool:
+    """Whether a target file is the one the replicated device (`rdev`) reads and writes: the
+    backing file of the loop device it is, or is a partition of (by inode: any name of it)."""
+    try:
+        st = os.stat(target)
+        if not stat.S_ISREG(st.st_mode):
+            return False
+        disk = _extent(rdev)[0]
+        backing = os.stat(_sysfs_text(f"/sys/dev/block/{os.major(disk)}:{os.minor(disk)}"
+                                      "/loop/backing_file"))
+    except (OSError, ValueError):  # not a loop (or not attached), a new file
+        return False
+    return (st.st_dev, st.st_ino) == (backing.st_dev, backing.st_ino)
 
 
 def _file_system_on_device(target: str, device: str, window: tuple[int, int]) -> str | None:
