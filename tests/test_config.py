@@ -599,8 +599,12 @@ def test_block_target_refusals(store, scratch_loop, tmp_path):
     disk = scratch_loop(8 << 20)
     small = scratch_loop(4 << 20)
     (tmp_path / "adir").mkdir()
+    (tmp_path / "afile").write_text("")
     for target, match in [(str(tmp_path / "adir"), "is neither a regular file nor a block device"),
-                          (str(tmp_path / "no" / "t.img"), "cannot be created: .*/no is not a directory"),
+                          # helper-42's walk: a missing directory was said "not a directory"
+                          (str(tmp_path / "no" / "t.img"),
+                           "cannot be created: its parent .*/no does not exist$"),
+                          (str(tmp_path / "afile" / "t.img"), "cannot be inspected: Not a directory$"),
                           (small, "holds 4 MiB, less than the 8 MiB it must mirror"),
                           # helper-27's walk: a mistyped device was taken as a new file in
                           # /dev, on devtmpfs (memory)

@@ -599,7 +599,8 @@ def _block_target_problem(target: str, window: int) -> str | None:
         if os.path.realpath(target).startswith("/dev/"):  # a mistyped device name
             return ("does not exist: a device target must be there already (a file made in "
                     "/dev would be kept in memory, on devtmpfs)")
-        return None if os.path.isdir(parent) else f"cannot be created: {parent} is not a directory"
+        # (a parent that is a file is ENOTDIR: "cannot be inspected" below)
+        return None if os.path.isdir(parent) else f"cannot be created: its parent {parent} does not exist"
     except OSError as exc:
         return f"cannot be inspected: {exc.strerror}"
     if stat.S_ISBLK(st.st_mode):
