@@ -163,6 +163,9 @@ async def test_a_start_refused_for_a_bad_configuration_names_the_daemon(daemon_s
         [result] = app.screen.results
         assert result.failed and result.target == "daemon", result
         assert "no daemon was started" in result.message and str(config_path) in result.message
+        # what to do next, as Start (it said "correct the file, then restart")
+        assert result.message.endswith("; no daemon was started: correct the file, then start "
+                                       "it"), result
         text = static_text(app.screen.query_one(".result"))
         assert text.startswith("✘ failed    daemon\n"), text
     assert not daemon_services.control.is_running()

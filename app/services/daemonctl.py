@@ -196,7 +196,7 @@ def _control(action: str, settings: DaemonSettings) -> Result:
     if action == "stop" and not info.running:
         return result(Outcome.UNCHANGED, "the daemon is not running")
     if action in ("restart", "start"):  # a daemon that would exit on it is not started
-        _check_config(settings, info)
+        _check_config(settings, info, action)
     control = ControlClient(settings.socket)
     systemd = _use_systemd(settings)
     # A restart leaves every capture running: the daemon is asked to leave them to the next
@@ -238,7 +238,7 @@ def captures_left(state_dir: str) -> list[str]:
             if str(spec.get("state", "")).startswith(base)]
 
 
-def _check_config(settings: DaemonSettings, info: DaemonInfo) -> None:
+def _check_config(settings: DaemonSettings, info: DaemonInfo, action: str) -> None:
     """The new daemon reads the file as its first step and exits (status 2) on what this
     refuses; found only then, the old one would already have stopped, leaving none."""
     try:
@@ -246,7 +246,7 @@ def _check_config(settings: DaemonSettings, info: DaemonInfo) -> None:
     except MirrorError as exc:
         left = (f"the running daemon (pid {info.pid}) was left as it is" if info.running
                 else "no daemon was started")
-        raise ConfigError(f"{exc.message}; {left}: correct the file, then restart",
+        raise ConfigError(f"{exc.message}; {left}: correct the file, then {action} it",
                           line=getattr(exc, "line", None), key=getattr(exc, "key", None),
                           obj=exc.obj or settings.config,
                           errno=exc.errno or errno.EINVAL) from exc
