@@ -173,6 +173,17 @@ class _EndedDaemon:
         return {"pid": 1, "state_dir": self.state_dir}
 
 
+def _one_directory(tmp_path, config_path) -> Path:
+    """A configuration of one directory entry (made) replicating to backup1:data: its path."""
+    src = tmp_path / "src"
+    src.mkdir(exist_ok=True)
+    config_path.parent.mkdir(parents=True, exist_ok=True)
+    config_path.write_text(f'schema = 1\n\n[[target]]\nname = "backup1"\nhost = "b1"\n'
+                           f'root = "/srv"\n\n[[filesystem]]\npath = "{src}"\n'
+                           f'target = "backup1:data"\n')
+    return src
+
+
 def _ended_during(tmp_path, config_path, action, markers):
     """The daemon ended during `action` of a directory entry, for each (switch-over marker,
     fail-back marker) in `markers`, with the daemon down and answering again afterwards: its
@@ -180,12 +191,7 @@ def _ended_during(tmp_path, config_path, action, markers):
     import errno as errno_mod
 
     from app.services.replication import Replication
-    src, state_dir = tmp_path / "src", tmp_path / "state"
-    src.mkdir(exist_ok=True)
-    config_path.parent.mkdir(parents=True, exist_ok=True)
-    config_path.write_text(f'schema = 1\n\n[[target]]\nname = "backup1"\nhost = "b1"\n'
-                           f'root = "/srv"\n\n[[filesystem]]\npath = "{src}"\n'
-                           f'target = "backup1:data"\n')
+    src, state_dir = _one_directory(tmp_path, config_path), tmp_path / "state"
     control = _EndedDaemon(state_dir)
     rep = Replication(ConfigStore(config_path), control, state_dir=str(state_dir))
     entry_dir = Path(entry_state(str(state_dir), "fs", str(src)))
@@ -282,12 +288,7 @@ def test_a_fail_back_or_resolve_whose_daemon_ends_says_so_not_only_that_the_conn
     answer is said as the action it ended during, not as "the daemon closed the connection
     without a reply"."""
     from app.services.replication import Replication
-    src, state_dir = tmp_path / "src", tmp_path / "daemon-state"
-    src.mkdir()
-    config_path.parent.mkdir(parents=True)
-    config_path.write_text(f'schema = 1\n\n[[target]]\nname = "backup1"\nhost = "b1"\n'
-                           f'root = "/srv"\n\n[[filesystem]]\npath = "{src}"\n'
-                           f'target = "backup1:data"\n')
+    src, state_dir = _one_directory(tmp_path, config_path), tmp_path / "daemon-state"
     entry_dir = Path(entry_state(str(state_dir), "fs", str(src)))  # the daemon's, not ours
     entry_dir.mkdir(parents=True)
     (entry_dir / SWITCHED_MARKER).write_text(json.dumps(_SWITCHED))
