@@ -84,6 +84,10 @@ async def test_start_then_stop_the_daemon_from_the_screen(daemon_services):
         await wait_until(pilot, lambda: type(app.screen) is ResultsDialog, "stop results")
         assert app.screen.results[0].outcome.value == "ok", app.screen.results[0].message
         assert not client.is_running()
+        # the console started it, so it is its child: reaped once it has exited (helper-42's
+        # walk: it stayed a zombie, <defunct>, until the console ended)
+        await wait_until(pilot, lambda: not os.path.exists(f"/proc/{info.pid}"),
+                         "the stopped daemon to be reaped")
 
 
 @pilot_test

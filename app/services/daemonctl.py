@@ -13,6 +13,7 @@ import os
 import shutil
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -274,12 +275,16 @@ def _spawn(action: str, settings: DaemonSettings, control: ControlClient) -> Res
     except OSError as exc:
         err = MirrorError.from_oserror("start the daemon, log", log_path, exc)
         return Result(action, "daemon", Outcome.FAILED, err.message, exc.errno)
-    if _wait_for(lambda: control.is_running() or proc.poll() is not None) and proc.poll() is None:
-        return Result(action, "daemon", Outcome.OK,
-                      f"{'re' if action == 'restart' else ''}started the daemon (pid {proc.pid}, "
-                      f"log {log_path}); systemd is not running it, so nothing restarts it if "
-                      "it dies")
+    answers = _wait_for(lambda: control.is_running() or proc.poll() is not None)
     if proc.poll() is None:
+        # reaped when it exits (a stop, a crash): the console that started it runs on, and
+        # kept a zombie of it until its own end (from here on poll() says None: not asked)
+        threading.Thread(target=proc.wait, name="reap the daemon", daemon=True).start()
+        if answers:
+            return Result(action, "daemon", Outcome.OK,
+                          f"{'re' if action == 'restart' else ''}started the daemon (pid "
+                          f"{proc.pid}, log {log_path}); systemd is not running it, so nothing "
+                          "restarts it if it dies")
         return Result(action, "daemon", Outcome.PENDING,
                       f"started the daemon (pid {proc.pid}), but it does not answer on "
                       f"{settings.socket} yet (log {log_path})")
