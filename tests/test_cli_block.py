@@ -197,6 +197,11 @@ def test_manual_attach_refuses_a_bad_window_as_block_add_does(config_path, disks
         assert words in refusal["error"] and refusal["errno_name"] == "EINVAL", (argv, refusal)
         assert proc.stderr.startswith("mirrorsetup: "), proc.stderr
         assert loops_on(disk) == []
+    # the device as its own loop: refused as block add refuses it (it said the loop was busy)
+    proc = cli(config_path, "manual", "attach", disk, "--loop", disk, "--json", check_rc=2)
+    [refusal] = json.loads(proc.stdout)
+    assert "cannot be its own loop device" in refusal["message"], refusal
+    assert refusal["errno_name"] == "EINVAL" and loops_on(disk) == []
 
 
 def test_detach_pending_while_the_loop_is_open(config_path, disks):

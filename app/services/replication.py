@@ -19,7 +19,7 @@ from app.services.config import BlockEntry, ConfigStore, _match_block, _match_fs
 from app.services.layout import (FSTYPE_BLOCK, FSTYPE_FS, command, default_state_dir, entry_state,
                                   failback_marker, mix_words, switched_marker,
                                   switched_refusal, with_failback)
-from app.services.results import MirrorError, Outcome, Result
+from app.services.results import MirrorError, Outcome, Refusal, Result
 from app.services.units import human_size
 
 
@@ -275,6 +275,9 @@ class Replication:
         """Attach now, as the old "manual" menu did; nothing is written to the configuration."""
         try:
             blockdevs.describe(device)
+            if same_device(device, loop):  # (block add refuses it too; here it was "busy")
+                raise Refusal(f"{device} cannot be its own loop device ({loop})", obj=device,
+                              errno=errno.EINVAL)
             entry = BlockEntry(device=device, loop=loop, offset=offset, sizelimit=sizelimit,
                                read_only=read_only)
         except MirrorError as exc:
