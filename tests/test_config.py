@@ -637,6 +637,10 @@ def test_remote_replicas_are_compared_by_where_they_lie_not_by_target_name(store
     entry's mirror then removed that replica ("2 removed") and its agent's journal."""
     from app.services.config import TargetHost
     a, b, c, d = dirs("a", "b", "c", "d")
+    with refused(store, r"no remote target named 'backup1' is configured \(configured: none yet: "
+                        r"add one with mirrorsetup target add, or on the console's Remote targets "
+                        r"screen\)"):  # (the console's Add dialog says it too: not only the CLI)
+        store.add_filesystem(a, target="backup1:data1")
     store.add_target(TargetHost(name="backup1", host="Backup.example", root="/srv/r"))
     store.add_target(TargetHost(name="backup5", host="backup.example", root="/srv/r/data1"))
     store.add_target(TargetHost(name="alias", host="backup.example", root="/srv/r/"))

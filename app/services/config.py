@@ -699,7 +699,9 @@ def _checked_remote_target(kind: str, source: str, target: str, config: Config) 
     capture connects (the agent refuses another source's replica by name)."""
     name, _, rel = target.partition(":")
     if config.target_host(name) is None:
-        known = ", ".join(t.name for t in config.target) or "none yet (mirrorsetup target add)"
+        known = ", ".join(t.name for t in config.target) or (
+            "none yet: add one with mirrorsetup target add, or on the console's Remote targets "
+            "screen")
         raise ConfigError(f"target {target}: no remote target named {name!r} is configured "
                           f"(configured: {known})", key="target", obj=target, errno=errno.ENOENT)
     host, where = _remote_place(config, name, rel)
