@@ -90,15 +90,21 @@ async def test_start_then_stop_the_daemon_from_the_screen(daemon_services):
                          "the stopped daemon to be reaped")
 
 
+async def _daemon_screen_result(app, pilot, key: str, what: str):
+    """The one result of pressing `key` on the Daemon screen (5 in the main menu)."""
+    await pilot.press("5")
+    await settle(pilot)
+    await pilot.press(key)
+    await wait_until(pilot, lambda: type(app.screen) is ResultsDialog, what)
+    [result] = app.screen.results
+    return result
+
+
 @pilot_test
 async def test_stop_when_not_running_changes_nothing(daemon_services):
     app = make_app(services=daemon_services, is_root=True)
     async with app.run_test(size=(80, 24)) as pilot:
-        await pilot.press("5")
-        await settle(pilot)
-        await pilot.press("p")
-        await wait_until(pilot, lambda: type(app.screen) is ResultsDialog, "stop results")
-        [result] = app.screen.results
+        result = await _daemon_screen_result(app, pilot, "p", "stop results")
         assert result.outcome.value == "unchanged" and "not running" in result.message
     assert not daemon_services.control.is_running()
 
@@ -160,11 +166,7 @@ async def test_a_start_refused_for_a_bad_configuration_names_the_daemon(daemon_s
     config_path.write_text('schema = 1\n\n[[filesystem]]\npath = "not/absolute"\n')
     app = make_app(services=daemon_services, is_root=True)
     async with app.run_test(size=(80, 24)) as pilot:
-        await pilot.press("5")
-        await settle(pilot)
-        await pilot.press("s")
-        await wait_until(pilot, lambda: type(app.screen) is ResultsDialog, "start results")
-        [result] = app.screen.results
+        result = await _daemon_screen_result(app, pilot, "s", "start results")
         assert result.failed and result.target == "daemon", result
         assert "no daemon was started" in result.message and str(config_path) in result.message
         # what to do next, as Start (it said "correct the file, then restart")
