@@ -68,12 +68,13 @@ def replication(args, *, missing_ok: bool = False):
 
 
 def require(call: Callable, *a, **kw):
-    """Run a check; its MirrorError (with the errno a missing object deserves) is a refusal."""
-    from app.services.entries import with_errno
-    from app.services.results import ConfigError
+    """Run a check; its MirrorError (with the errno a missing object deserves) is a refusal.
+    The entries module is loaded for a refusal only: attach-all and detach-all need none of it."""
     try:
         return call(*a, **kw)
     except MirrorError as exc:
+        from app.services.entries import with_errno
+        from app.services.results import ConfigError
         with_errno(exc)  # a missing object: ENOENT
         if exc.errno is None and isinstance(exc, ConfigError):  # an entry or file that is wrong
             exc.errno = errno.EINVAL  # (--json said "errno": null for `fs add /`, "is inside …")

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import replace
-from typing import Callable
+from collections.abc import Callable
 
 from app.services.config_toml import BlockEntry, Config, FsEntry
 from app.services.results import ConfigError, MirrorError, Outcome, Result

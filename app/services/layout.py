@@ -23,9 +23,7 @@ Per entry (id = last path component + a hash of the path or device):
 from __future__ import annotations
 
 import errno
-import json
 import os
-import shlex
 import stat
 import time
 from dataclasses import dataclass
@@ -68,6 +66,7 @@ def failback_marker(entry_dir: str) -> dict | None:
         return None
     except OSError:
         return {}
+    import json
     try:
         said = json.loads(os.read(fd, 1 << 16) or b"{}")
     except (OSError, ValueError):
@@ -107,6 +106,7 @@ def switched_marker(entry_dir: str) -> dict | None:
         os.close(fd)
     if not text:
         return None
+    import json
     try:
         said = json.loads(text)
     except ValueError:
@@ -117,6 +117,7 @@ def switched_marker(entry_dir: str) -> dict | None:
 def command(*words: str) -> str:
     """A command a message tells the administrator to run, as it runs when pasted: its words
     quoted (an entry's path with a space), in backquotes. Give the --yes it needs."""
+    import shlex
     return f"`mirrorsetup {shlex.join(words)}`"
 
 
