@@ -542,6 +542,37 @@ def test_exclusions_read_once_for_many_devices_say_what_each_device_alone_says(
 
 
 @pytest.mark.root
+def test_a_path_read_ahead_is_not_resolved_again(scratch_loop, monkeypatch):
+    """exclusion_reason() takes the device number Exclusions found for a path it was given (an
+    attach-all resolved each entry's path twice: a realpath and a stat more per entry); a path
+    it was not given is resolved as before, and each reason is the same."""
+    blank, swap_sig, other = (scratch_loop(16 << 20) for _ in range(3))
+    run("mkswap", "-q", swap_sig)
+    known = blockdevs.Exclusions([blank, swap_sig])
+    resolved = []
+    real = blockdevs._resolve_block
+    monkeypatch.setattr(blockdevs, "_resolve_block", lambda path: resolved.append(path) or real(path))
+    assert [blockdevs.exclusion_reason(d, known) for d in (blank, swap_sig)] == \
+        [None, "swap (signature)"]
+    assert resolved == []
+    assert blockdevs.exclusion_reason(other, known) is None and resolved == [other]
+
+
+def test_sysfs_attributes_are_read_without_a_buffered_open(monkeypatch):
+    """The probe of every device of an attach-all reads its loop's backing file in sysfs:
+    open/read/close, not a buffered open() (an fstat, an ioctl, a seek and a second read more)."""
+    import builtins
+    name = sorted(os.listdir("/sys/class/block"))[0]
+    size = Path(f"/sys/class/block/{name}/size").read_text().rstrip("\n")
+
+    def buffered(*args, **kwargs):
+        raise AssertionError(f"buffered open of {args[0]}")
+    monkeypatch.setattr(builtins, "open", buffered)
+    assert blockdevs._read_sys(f"/sys/class/block/{name}/size") == size
+    assert blockdevs._read_sys(f"/sys/class/block/{name}/no-such-attribute") is None
+
+
+@pytest.mark.root
 def test_a_signature_written_but_not_yet_flushed_is_seen(scratch_loop):
     """The probe reads past the page cache (O_DIRECT): what another program wrote through it
     and has not flushed must still be seen (the kernel writes the range back first)."""

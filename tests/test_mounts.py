@@ -438,3 +438,27 @@ def test_in_private_namespace_quiet_close_and_large_table(tmp_path):
     assert got["table"] == got["watcher"] == got["findmnt"]
     assert got["bytes"] > 16 * 4096  # many 4 KiB reads for one table
     assert entries_at(base) == []  # nothing leaked into our namespace
+
+
+# Mount points made of a few names, so that tables nest, repeat a mount point (mounted over)
+# and name a file; paths from the same names, with the odd empty part, trailing slash and
+# relative name.
+_parts = st.sampled_from(["a", "b", "a b", "ab", "x.img"])
+_points = st.one_of(st.just("/"), st.lists(_parts, min_size=1, max_size=4).map(
+    lambda p: "/" + "/".join(p)))
+_paths = st.one_of(_points, _points.map(lambda p: p + "/"), _points.map(lambda p: p + "/ab"),
+                   _points.map(lambda p: p.replace("/", "//", 1)), st.just(""), st.just("a/b"),
+                   _points.map(lambda p: p + " (deleted)"))
+
+
+@given(st.lists(st.tuples(_points, st.sampled_from(["ext4", "fuse", "tmpfs", "nfs4"])),
+                max_size=8), st.lists(_paths, min_size=1, max_size=6))
+def test_mount_names_answer_as_mount_by_name(points, paths):
+    """MountNames (one table, many paths: a picture of every loop's backing file) finds the very
+    entry mount_by_name finds by scanning the table, and so says local exactly as it does."""
+    table = [MountEntry(i + 1, 1, 0, i, "/", mp, "rw", (), fstype, "src", "rw")
+             for i, (mp, fstype) in enumerate(points)]
+    names = mounts.MountNames(table)
+    for path in paths:
+        assert names.mount_of(path) is mounts.mount_by_name(path, table), path
+        assert names.on_local_fs(path) == mounts.on_local_fs(path, table), path

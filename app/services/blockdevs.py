@@ -224,21 +224,21 @@ def _file_may_not_answer(rdev: int) -> bool:
     backing = _read_sys(f"{base}/loop/backing_file")
     if backing is None and os.path.exists(f"{base}/partition"):
         backing = _read_sys(f"{base}/../loop/backing_file")
-    return bool(backing) and not mounts.on_local_fs(backing, _recent_mount_table())
+    return bool(backing) and not _recent_mount_names().on_local_fs(backing)
 
 
 _table_lock = threading.Lock()
-_table: tuple[float, list] = (0.0, [])
+_table: tuple[float, mounts.MountNames | None] = (0.0, None)
 
 
-def _recent_mount_table() -> list[mounts.MountEntry]:
+def _recent_mount_names() -> mounts.MountNames:
     """The mount table, read again when a second old: an attach-all of hundreds of loops
     probes each one (a parse of the whole table per probe would be most of its time)."""
     global _table
     import time
     with _table_lock:
-        if time.monotonic() - _table[0] > 1.0:
-            _table = (time.monotonic(), mounts.read_mountinfo())
+        if _table[1] is None or time.monotonic() - _table[0] > 1.0:
+            _table = (time.monotonic(), mounts.MountNames(mounts.read_mountinfo()))
         return _table[1]
 
 
@@ -260,11 +260,19 @@ def device_size(path: str) -> int:
 # ---------------------------------------------------------------- the system's view
 
 def _read_sys(path: str) -> str | None:
+    """A sysfs attribute (the kernel hands it whole to one read of a page or more), None when
+    it cannot be read. open/read/close only: a buffered open() adds an fstat, an ioctl, a seek
+    and a second read, and an attach-all probes this for every device."""
     try:
-        with open(path, "rb") as f:
-            return os.fsdecode(f.read()).rstrip("\n")
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     except OSError:
         return None
+    try:
+        return os.fsdecode(os.read(fd, 8192)).rstrip("\n")
+    except OSError:
+        return None
+    finally:
+        os.close(fd)
 
 
 def _active_swaps() -> set[int]:
@@ -520,7 +528,9 @@ def exclusion_reason(path: str, known: Exclusions | None = None) -> str | None:
     Cheaper than describe(): no mount table, no loops, only /proc/swaps and the signature.
     `known`: what an action read once for all its devices (Exclusions).
     """
-    rdev = _block_rdev(path)
+    rdev = known.rdevs.get(path) if known is not None else None
+    if rdev is None:
+        rdev = _block_rdev(path)
     swaps = _active_swaps() if known is None else known.swaps
     if rdev in swaps:
         return REASON_SWAP_ACTIVE
@@ -551,17 +561,20 @@ class Exclusions:
     probed by PROBE_THREADS threads together (an attach-all waited for each device's read in
     turn: ~60 ms of its ~200 ms of work for 256 loops here). A device given here that is not a block device is left out; its
     exclusion_reason() then says why. Each path is resolved once, here (the threads probe the
-    resolved one), and udev's database is looked in only where it exists."""
+    resolved one, and exclusion_reason() takes the device number found here), and udev's
+    database is looked in only where it exists."""
 
     def __init__(self, paths) -> None:
         self.swaps = _active_swaps()
         self.fstypes: dict[int, str | None] = {}
+        self.rdevs: dict[str, int] = {}  # each path's device number, as it was probed
         todo = []
         for path in paths:
             try:
                 real, rdev = _resolve_block(path)
             except MirrorError:
                 continue
+            self.rdevs[path] = rdev
             todo.append((rdev, real))
         work = iter(todo)
         lock = threading.Lock()

@@ -45,6 +45,7 @@ class View:
     def __init__(self, attached: list[loopdev.LoopStatus] | None = None,
                  table: list[mounts.MountEntry] | None = None) -> None:
         self.table = mounts.read_mountinfo() if table is None else table
+        self._names = mounts.MountNames(self.table)
         self.exclusions: blockdevs.Exclusions | None = None  # read ahead for many devices
         self._status: dict[int, loopdev.LoopStatus | None] = {}
         self._backing: dict[int, str | None] = {}
@@ -68,7 +69,7 @@ class View:
         suffix = capture_key(backing)
         if suffix is not None:
             self.by_capture.setdefault(suffix, []).append(index)
-        elif backing and mounts.on_local_fs(backing, self.table) and \
+        elif backing and self._names.on_local_fs(backing) and \
                 (key := device_id(backing)) is not None:
             self.by_backing.setdefault(key, []).append(index)
 
