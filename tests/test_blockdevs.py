@@ -551,7 +551,8 @@ def test_a_path_read_ahead_is_not_resolved_again(scratch_loop, monkeypatch):
     known = blockdevs.Exclusions([blank, swap_sig])
     resolved = []
     real = blockdevs._resolve_block
-    monkeypatch.setattr(blockdevs, "_resolve_block", lambda path: resolved.append(path) or real(path))
+    monkeypatch.setattr(blockdevs, "_resolve_block",
+                        lambda path: resolved.append(path) or real(path))
     assert [blockdevs.exclusion_reason(d, known) for d in (blank, swap_sig)] == \
         [None, "swap (signature)"]
     assert resolved == []

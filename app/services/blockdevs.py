@@ -21,8 +21,9 @@ import struct
 import threading
 import zlib
 from dataclasses import dataclass, field
+
 TYPE_CHECKING = False  # typing is not imported at run time: ~5 ms of every command's start
-if TYPE_CHECKING:  # pyudev is imported where used: a command that only attaches loops never loads it
+if TYPE_CHECKING:  # pyudev is imported where used: a command that only attaches loops skips it
     import pyudev
 
 from app.services import mounts

@@ -15,10 +15,10 @@ import fcntl
 import os
 import stat
 import time
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
-from collections.abc import Callable, Iterator
 
 from app.services.config_legacy import LEGACY_BLOCK_FILE, LEGACY_FS_FILE, import_line, legacy_lines
 from app.services.config_toml import (TABLES, BlockEntry, Config, FsEntry, TargetHost,

@@ -9,8 +9,8 @@ one locked change.
 from __future__ import annotations
 
 import re
-from dataclasses import replace
 from collections.abc import Callable
+from dataclasses import replace
 
 from app.services.config_toml import BlockEntry, Config, FsEntry
 from app.services.results import ConfigError, MirrorError, Outcome, Result

@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import re
 from dataclasses import dataclass
+
 TYPE_CHECKING = False  # typing is not imported at run time: ~5 ms of every command's start
 if TYPE_CHECKING:
     from typing import Any

@@ -16,9 +16,9 @@ import re
 import stat
 import sys
 import time
+from collections.abc import Collection, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
-from collections.abc import Collection, Iterator
 
 from app.services._ioctl import (
     BLKROGET, LO_FLAGS_AUTOCLEAR, LO_FLAGS_DIRECT_IO, LO_FLAGS_PARTSCAN, LO_FLAGS_READ_ONLY,

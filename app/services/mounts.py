@@ -15,8 +15,8 @@ import re
 import select
 import threading
 import time
-from dataclasses import asdict, dataclass
 from collections.abc import Iterator
+from dataclasses import asdict, dataclass
 
 from app.services.results import MirrorError
 

@@ -10,6 +10,7 @@ import errno as errno_module
 import os
 from dataclasses import dataclass, field
 from enum import Enum
+
 TYPE_CHECKING = False  # typing is not imported at run time: ~5 ms of every command's start
 if TYPE_CHECKING:
     from typing import Any
