@@ -559,6 +559,28 @@ def test_a_path_read_ahead_is_not_resolved_again(scratch_loop, monkeypatch):
     assert blockdevs.exclusion_reason(other, known) is None and resolved == [other]
 
 
+@pytest.mark.root
+def test_a_name_that_names_another_device_since_it_was_read_ahead_is_judged_anew(
+        scratch_loop, tmp_path):
+    """A path read ahead by Exclusions that names another device by the time its entry is
+    planned (a /dev/disk/by-id link made again, a node replaced) is resolved and judged again:
+    the reason is the device's it names now, not the one read at the start of the action."""
+    blank, swap_sig = scratch_loop(16 << 20), scratch_loop(16 << 20)
+    run("mkswap", "-q", swap_sig)
+    link = tmp_path / "by-id-disk"
+    link.symlink_to(blank)
+    known = blockdevs.Exclusions([str(link)])
+    assert blockdevs.exclusion_reason(str(link), known) is None
+    link.unlink()
+    link.symlink_to(swap_sig)
+    assert blockdevs.exclusion_reason(str(link), known) == "swap (signature)"
+    link.unlink()
+    link.write_bytes(b"x")  # now no device at all: refused by name, as without read-ahead
+    with pytest.raises(MirrorError) as exc:
+        blockdevs.exclusion_reason(str(link), known)
+    assert str(link) in exc.value.message
+
+
 def test_sysfs_attributes_are_read_without_a_buffered_open(monkeypatch):
     """The probe of every device of an attach-all reads its loop's backing file in sysfs:
     open/read/close, not a buffered open() (an fstat, an ioctl, a seek and a second read more)."""

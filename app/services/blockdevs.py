@@ -527,10 +527,11 @@ def exclusion_reason(path: str, known: Exclusions | None = None) -> str | None:
     """Why `path` may never be replicated (swap, LVM PV), or None. MirrorError if no block device.
 
     Cheaper than describe(): no mount table, no loops, only /proc/swaps and the signature.
-    `known`: what an action read once for all its devices (Exclusions).
+    `known`: what an action read once for all its devices (Exclusions). A path it read is
+    resolved again only when it names another device now (one stat, not a realpath's walk).
     """
     rdev = known.rdevs.get(path) if known is not None else None
-    if rdev is None:
+    if rdev is None or _rdev_now(path) != rdev:
         rdev = _block_rdev(path)
     swaps = _active_swaps() if known is None else known.swaps
     if rdev in swaps:
@@ -539,6 +540,15 @@ def exclusion_reason(path: str, known: Exclusions | None = None) -> str | None:
     if fstype is False:  # not read ahead
         fstype = _fstype(rdev, path)
     return _exclusion(rdev, fstype, swaps)
+
+
+def _rdev_now(path: str) -> int | None:
+    """The number of the block device `path` names now; None when it names none."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return st.st_rdev if stat.S_ISBLK(st.st_mode) else None
 
 
 def _fstype(rdev: int, path: str) -> str | None:
@@ -562,8 +572,8 @@ class Exclusions:
     probed by PROBE_THREADS threads together (an attach-all waited for each device's read in
     turn: ~60 ms of its ~200 ms of work for 256 loops here). A device given here that is not a block device is left out; its
     exclusion_reason() then says why. Each path is resolved once, here (the threads probe the
-    resolved one, and exclusion_reason() takes the device number found here), and udev's
-    database is looked in only where it exists."""
+    resolved one, and exclusion_reason() takes the device number found here while the path
+    still names that device), and udev's database is looked in only where it exists."""
 
     def __init__(self, paths) -> None:
         self.swaps = _active_swaps()
