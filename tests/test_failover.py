@@ -1074,15 +1074,11 @@ def test_a_fail_back_whose_link_drops_says_what_it_left_and_can_be_run_again_at_
     assert st["target_data"] == "consistent" and st["state"] != "switched over", st
 
 
-def test_a_split_brain_fail_back_cut_mid_way_leaves_the_mix_uncaptured_and_never_kept(
-        block_remote, tmp_path):
-    """Found by helper-35's walk: a split brain (both sides written), `failback --yes`, the link
-    cut mid-way. The failure said "this host's copy is a mix", and then the capture was
-    attached again over that mix: its loop usable, status saying only "split brain" with the
-    advice `replica resolve --discard-target --yes` (the source wins), which copied the mix over
-    the replica, the only whole copy of what was written there. Now the mix is not captured
-    (it is handed over and read-only here, as after a switch-over: status says "fail-back
-    interrupted"), attach and resolve are refused saying why, and the next fail-back ends it."""
+def block_split_brain(block_remote, tmp_path):
+    """A block entry captured here and written while its link was down, its replica promoted
+    there (`replica promote`) and written too: a split brain once the link is back. (engine,
+    device, remote, the replica's image seen from here, a copy of it, how many MiB blocks
+    differ)"""
     eng, disk, r = block_remote()
     loop = eng.block(disk)["loop"]
     r.bed.link_down()
@@ -1100,6 +1096,19 @@ def test_a_split_brain_fail_back_cut_mid_way_leaves_the_mix_uncaptured_and_never
     wait_for("split brain", lambda: eng.block(disk)["target_data"] == "split-brain", 120, 0.2)
     differing = blocks_differing(disk, expected, 64 * MiB)
     assert differing >= 24
+    return eng, disk, r, image, expected, differing
+
+
+def test_a_split_brain_fail_back_cut_mid_way_leaves_the_mix_uncaptured_and_never_kept(
+        block_remote, tmp_path):
+    """Found by helper-35's walk: a split brain (both sides written), `failback --yes`, the link
+    cut mid-way. The failure said "this host's copy is a mix", and then the capture was
+    attached again over that mix: its loop usable, status saying only "split brain" with the
+    advice `replica resolve --discard-target --yes` (the source wins), which copied the mix over
+    the replica, the only whole copy of what was written there. Now the mix is not captured
+    (it is handed over and read-only here, as after a switch-over: status says "fail-back
+    interrupted"), attach and resolve are refused saying why, and the next fail-back ends it."""
+    eng, disk, r, image, expected, differing = block_split_brain(block_remote, tmp_path)
     first, out, err = fail_back_cut_mid_way(r, eng, disk, expected, differing)
     assert first.returncode == 1 and f"this host's copy of {disk} is a mix" in err, out + err
     assert f"{disk} is not captured and is read-only here until then" in err, err
@@ -1123,6 +1132,60 @@ def test_a_split_brain_fail_back_cut_mid_way_leaves_the_mix_uncaptured_and_never
     assert sha(disk) == sha(expected) == sha(image)
     st = eng.block_drain(disk)
     assert st["target_data"] == "consistent" and st["state"] != "fail-back interrupted", st
+
+
+def test_a_daemon_killed_during_a_split_brain_fail_back_does_not_capture_the_mix_at_its_start(
+        block_remote, tmp_path):
+    """A split brain's fail-back (the capture lifted for it: no switch-over marker) whose daemon
+    was killed (-9) once part of the replica had come back left only its fail-back marker, which
+    was ignored: the daemon started again attached the mix as this host's own data, status
+    saying nothing. Now it is not captured: status says "fail-back interrupted", this host's
+    copy may be a mix, and what to run; attach-all refuses it (exit 2); the fail-back run again
+    finishes it."""
+    eng, disk, r, image, expected, differing = block_split_brain(block_remote, tmp_path)
+    r.bed.rate_limit(rate="16mbit", burst="32kb", direction="down")  # 12 s for what differs
+    try:
+        proc = subprocess.Popen([sys.executable, "-m", "app", "--config", str(r.cfg), "failback",
+                                 disk, "--yes"], cwd=REPO, text=True, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE,
+                                env={**os.environ, "MIRRORSETUP_SOCKET": eng.socket})
+        try:
+            wait_for("part of the replica came back", lambda: proc.poll() is not None or
+                     blocks_differing(disk, expected, 64 * MiB) < differing - 2, 60, 0.3)
+            assert proc.poll() is None, proc.communicate()
+            eng.kill9()
+            out, err = proc.communicate(timeout=30)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.communicate()
+    finally:
+        r.bed.unlimit()
+    assert proc.returncode == 1 and f"the daemon ended during the fail-back of {disk}" in err, \
+        out + err
+    assert 0 < blocks_differing(disk, expected, 64 * MiB) < differing  # a mix
+    assert [m.name for m in Path(eng.state).rglob("*") if m.name in ("switched", "failback")] \
+        == ["failback"], "not only the fail-back's marker left"
+    eng.start()
+    st = eng.block(disk)
+    assert not st["captured"] and st["state"] == "fail-back interrupted", st
+    assert f"a fail-back of {disk} from backup1:disk.img was interrupted: this host's copy may " \
+        "be a mix of its own data and the replica's" in st["last_error"], st
+    p = cli(r.cfg, "status", socket=eng.socket)
+    said = " ".join((p.stdout + p.stderr).split())
+    assert "fail-back interrupted" in said and "fail-back from backup1:disk.img interrupted: " \
+        "this host's copy may be a mix of its own data and the replica's until a fail-back " \
+        f"finishes: run `mirrorsetup failback {disk} --yes` again" in said, said
+    p = cli(r.cfg, "block", "attach-all", socket=eng.socket)
+    assert p.returncode == 2 and f"a fail-back of {disk} from backup1:disk.img was interrupted: " \
+        "this host's copy may be a mix" in p.stderr, p.stdout + p.stderr
+    assert not eng.block(disk)["captured"]
+    p = cli(r.cfg, "failback", disk, "--yes", socket=eng.socket)
+    assert p.returncode == 0, p.stdout + p.stderr
+    assert sha(disk) == sha(expected) == sha(image)
+    st = eng.block_drain(disk)
+    assert st["target_data"] == "consistent" and st["state"] != "fail-back interrupted", st
+    assert [x["role"] for x in replicas(r)] == ["secondary"]
 
 
 SQL_WRITER = r"""

@@ -308,3 +308,71 @@ def test_a_fail_back_or_resolve_whose_daemon_ends_says_so_not_only_that_the_conn
         said[action] = r.message
     assert "the fail-back had begun (its marker says so)" in said["failback"], said  # the daemon's
     assert "this side was not taken back yet" in said["resolve"], said
+
+
+def test_a_split_brain_fail_back_the_daemon_ended_during_is_not_captured_unless_it_wrote_nothing(
+        tmp_path, config_path, scratch_loop):
+    """A split brain's fail-back (the capture lifted for it, no switch-over marker) whose
+    daemon was killed leaves only its fail-back marker: it was ignored, and the daemon's next
+    start captured the (maybe mixed) copy as this host's own, status saying nothing. Now an
+    entry whose marker says some of the replica's records were (or may have been) written here
+    is refused capture ("fail-back interrupted", by the daemon and without one); one whose
+    marker says none were (applied 0: refused, or cut before anything came, while capture went
+    on) is this host's own data: captured as before, the marker no reason to refuse."""
+    import types
+
+    from app.engine.daemon import Daemon
+    from app.engine.failover import refusal
+    from app.services.layout import Layout
+    from app.services.protocol import CaptureRow
+    src, disk, state_dir = tmp_path / "my src", scratch_loop(), tmp_path / "state"
+    src.mkdir()
+    _config(config_path, src, disk)
+    layout = Layout(str(tmp_path / "run"), str(state_dir))
+    daemon = types.SimpleNamespace(layout=layout, failover=types.SimpleNamespace(locks={}))
+    targets = {"fs": "backup1:data", "block": "backup1:disk"}
+    keys = {"fs": str(src), "block": disk}
+    for kind, key in keys.items():
+        Path(layout.state(kind, key)).mkdir(parents=True)
+
+    def marked(fs_marker, block_marker):
+        for (kind, key), marker in zip(keys.items(), (fs_marker, block_marker)):
+            (Path(layout.state(kind, key)) / FAILBACK_MARKER).write_text(json.dumps(marker))
+        rows = {kind: CaptureRow(kind, key, target=targets[kind], state="not captured")
+                for kind, key in keys.items()}
+        for row in rows.values():
+            Daemon._switched(daemon, row)
+        snap = status.snapshot(ConfigStore(config_path), None, scan_writers=False,
+                               state_dir=str(state_dir))
+        said = {w.subject: (w.message, w.level) for w in snap.warnings}
+        return rows, snap, said
+
+    # written here (3 records), and not known (the daemon killed before it could count)
+    rows, snap, said = marked({"generation": "g2", "target": "backup1:data", "applied": 3},
+                              {"generation": "g3"})  # (written by a version without "target")
+    for kind, key in keys.items():
+        r = refusal(layout, kind, key, "mount" if kind == "fs" else "attach")
+        assert r is not None and r.failed and r.details.get("refused"), (kind, r)
+        assert r.message.startswith(f"a fail-back of {key} from "
+                                    f"{'backup1:data' if kind == 'fs' else 'its replica'} was "
+                                    "interrupted: this host's copy "), r.message
+        assert f"run `mirrorsetup failback {shlex.quote(key)} --yes` again" in r.message, r
+        assert rows[kind].state == "fail-back interrupted", rows[kind]
+    assert "is a mix of its own data" in refusal(layout, "fs", str(src), "mount").message
+    assert "may be a mix of its own data" in refusal(layout, "block", disk, "attach").message
+    _says_the_fail_back_was_interrupted(snap, src, disk)  # without a daemon, as after a switch-over
+    from app.screens.targets import role_and_state  # the Targets screen, with and without one
+    for role, state in (role_and_state(rows["fs"]),
+                        role_and_state(None, marked=snap.filesystem[0].switched)):
+        assert role.plain == "fail-back interrupted" and "copy is a mix" in state.plain, state
+    assert "Mount all" not in said[str(src)][0] and "Attach all" not in said[disk][0], said
+
+    # none written here: captured as before, not said as interrupted
+    rows, snap, said = marked({"generation": "g2", "target": "backup1:data", "applied": 0},
+                              {"generation": "g3", "applied": 0})
+    for kind, key in keys.items():
+        assert refusal(layout, kind, key, "mount" if kind == "fs" else "attach") is None, kind
+        assert rows[kind].state == "not captured" and rows[kind].switched is None, rows[kind]
+    assert [s.state for s in snap.filesystem] == ["not mounted"], snap.filesystem
+    assert [b.state for b in snap.block] == ["detached"], snap.block
+    assert "interrupted" not in " ".join(m for m, _ in said.values()), said

@@ -184,10 +184,10 @@ class Daemon:
 
     def _switched(self, row: CaptureRow) -> None:
         state = self.layout.state(row.kind, row.key)
-        sw = switched(state)
-        if sw is not None:
-            lock = self.failover.locks.get((row.kind, row.key))  # held: a fail-back runs now
-            row.switched = sw = with_failback(sw, state, under_way=lock is not None and lock.locked())
+        lock = self.failover.locks.get((row.kind, row.key))  # held: a fail-back runs now
+        sw = with_failback(switched(state), state, under_way=lock is not None and lock.locked())
+        if sw is not None:  # (also a split brain's fail-back the daemon ended during)
+            row.switched = sw
             row.state = ("fail-back interrupted" if sw.get("failback") == "interrupted" else
                          "switched over" if sw.get("state") == "switched" else
                          "switch-over interrupted")

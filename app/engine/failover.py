@@ -602,7 +602,9 @@ class Failover:
         # interrupted after the replica took it is finished by the next one
         pending = _read_json(state, FAILBACK)
         new_gen = (pending or {}).get("generation") or uuid.uuid4().hex
-        write_small_file(Path(state), FAILBACK, json.dumps({"generation": new_gen}) + "\n")
+        # (its target too: a split brain's has no switch-over marker that names it)
+        write_small_file(Path(state), FAILBACK, json.dumps(
+            {"generation": new_gen, "target": entry.target}) + "\n")
         await send({"progress": {"stage": "comparing"}})
         target = make_target(spec, size)  # says the old history, the one it was promoted from
         try:
@@ -638,7 +640,8 @@ class Failover:
                     now = getattr(exc, "applied", 0)
                     if now or before is not None:
                         write_small_file(Path(state), FAILBACK, json.dumps(
-                            {"generation": new_gen, "applied": (before or 0) + now}) + "\n")
+                            {"generation": new_gen, "target": entry.target,
+                             "applied": (before or 0) + now}) + "\n")
                 if getattr(exc, "applied", 0):  # some of the replica's data was written here
                     msg += (f"; interrupted: this host's copy of {key} is a mix of its own data "
                             "and the replica's until a fail-back finishes; run "

@@ -52,8 +52,8 @@ def default_state_dir() -> str:
 CONNECTING_AGAIN = "connecting again (last: "
 WRITERS_WAIT = "queue full: writers wait"  # on_full = "block" and the queue limit reached
 SWITCHED_MARKER = "switched"  # in an entry's state directory: handed over to its replica
-# beside it: a fail-back began ({"generation": …}, and "applied": N once N of the replica's
-# records were written here); removed when it finished, or was refused before it began
+# beside it: a fail-back began ({"generation": …, "target": …}, and "applied": N once N of the
+# replica's records were written here); removed when it finished, or was refused before it began
 FAILBACK_MARKER = "failback"
 
 
@@ -79,7 +79,22 @@ def failback_marker(entry_dir: str) -> dict | None:
 def with_failback(sw: dict | None, entry_dir: str, *, under_way: bool = False) -> dict | None:
     """A switch-over marker (`sw`) with what became of a fail-back that began: "failback" is
     "under way" (`under_way`: the daemon runs it now) or "interrupted" (its marker is left, and
-    "failback_applied" how many of the replica's records were written here, when known)."""
+    "failback_applied" how many of the replica's records were written here, when known).
+    Without a switch-over marker (a split brain's fail-back: this side was captured, its replica
+    promoted by a fail-over) the daemon ended (killed, crashed) before its own error path could
+    mark the entry handed over: when that fail-back wrote, or may have written, some of the
+    replica's records here, the entry is as handed over all the same (no time, seq or fence):
+    this copy is neither history, so it is not captured here and a fail-back finishes it. One
+    that wrote nothing here (applied 0: refused, or cut before anything came, while capture went
+    on) leaves this host's own data: ignored."""
+    if sw is None and not under_way:
+        fb = failback_marker(entry_dir)
+        if fb is None or (isinstance(fb.get("applied"), int) and fb["applied"] == 0):
+            return None
+        applied = fb.get("applied")
+        return {"state": "switched", "target": fb.get("target"), "failback": "interrupted",
+                "split_brain": True,
+                **({"failback_applied": applied} if isinstance(applied, int) else {})}
     if not sw or sw.get("state") != "switched":
         return sw
     fb = failback_marker(entry_dir)
@@ -142,7 +157,8 @@ def switched_refusal(sw: dict | None, key: str, action: str) -> Result | None:
         return None
     keep = command("replica", "resolve", key, "--discard-target", "--yes")
     if sw.get("failback") == "interrupted":  # with_failback(): neither history here
-        why = (f"a fail-back of {key} from {sw.get('target')} was interrupted: this host's copy "
+        why = (f"a fail-back of {key} from {sw.get('target') or 'its replica'} was interrupted: "
+               "this host's copy "
                f"{mix_words(sw.get('failback_applied'))}; run {command('failback', key, '--yes')} "
                "again to finish it")
     elif sw.get("state") == "switching":

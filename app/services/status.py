@@ -284,7 +284,7 @@ def snapshot(store: ConfigStore, control=None, *, scan_writers: bool = True,
                                                f"{row.worker_pid}); mount it again once that capture has ended"))
         elif state == "not mounted":
             sw = _switched(row, marks, "fs", entry.path)
-            snap.warnings.append(_not_captured_warning(entry.path, row, sw))
+            snap.warnings.append(_not_captured_warning(entry.path, row, sw, entry.target))
             if (shown := _switched_state(sw)) is not None:
                 state, other = shown, None  # not "not mounted": Mount all would fork its history
         elif state == "mounted" and snap.engine is None:  # no daemon: is its worker there?
@@ -310,20 +310,19 @@ def snapshot(store: ConfigStore, control=None, *, scan_writers: bool = True,
     return snap
 
 
-def _not_captured_warning(path: str, row: CaptureRow | None, sw: dict | None,
+def _not_captured_warning(path: str, row: CaptureRow | None, sw: dict | None, target: str | None,
                           what: str = "not mounted as mirrorfs: changes there are not captured "
                                       "(Mount all)") -> StatusWarning:
     """An entry without its capture: Mount all / Attach all, unless it was handed over to its
-    replica (`sw`: _switched())."""
+    replica (`sw`: _switched(); `target`: the entry's, when its marker does not name it)."""
     if sw:
+        target = row.target if row is not None else target
         if sw.get("failback") == "interrupted":  # this side's data may not be its own any more
-            return StatusWarning(path, _switched_text(sw, row.target if row is not None else None,
-                                                      path),
+            return StatusWarning(path, _switched_text(sw, target, path),
                                  "warning" if sw.get("failback_applied") == 0 else "error")
         keys = ("s runs it again, o keeps this side" if sw.get("state") == "switching" else
                 "f fails back, o keeps this side, m: moved there for good")
-        return StatusWarning(path, _switched_text(sw, row.target if row is not None else None) +
-                             f" (Targets screen: {keys})")
+        return StatusWarning(path, _switched_text(sw, target) + f" (Targets screen: {keys})")
     return StatusWarning(path, what)
 
 
@@ -425,8 +424,9 @@ def _block_state(entry: BlockEntry, view: View, table,
     if not ours:
         sw = _switched(engine, marks, "block", dev)
         state = _switched_state(sw) or "detached"
-        warnings.append(_not_captured_warning(dev, engine, sw, "not attached to a loop device: its "
-                                              "writes are not captured (Attach all)"))
+        warnings.append(_not_captured_warning(dev, engine, sw, entry.target, "not attached to a "
+                                              "loop device: its writes are not captured (Attach "
+                                              "all)"))
     elif all(s.autoclear for s in ours) or (engine is not None and engine.pending_detach):
         # We never attach with autoclear, so it being set means a deferred LOOP_CLR_FD.
         state = "detach pending"
