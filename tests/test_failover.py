@@ -495,6 +495,63 @@ def test_a_daemon_killed_during_a_fail_back_is_said_with_what_its_markers_left(f
     assert eng.drain(src)["switched"] is None and replicas(r)[0]["role"] == "secondary"
 
 
+# Put on the daemon's PYTHONPATH: its os.unlink SIGKILLs the daemon at the second of an entry's
+# two handover markers removed ("switched", "failback": the first one is gone already), once,
+# while the file named by $MIRRORSETUP_TEST_ARMED exists (it is removed then)
+KILL_BETWEEN_THE_MARKERS = """
+import os, signal
+_unlink, _pair = os.unlink, {"switched": "failback", "failback": "switched"}
+def unlink(path, *args, **kwargs):
+    p = os.fspath(path)
+    other = _pair.get(os.path.basename(p))
+    armed = os.environ.get("MIRRORSETUP_TEST_ARMED")
+    if (other and armed and os.path.exists(armed) and os.path.exists(p)
+            and not os.path.exists(os.path.join(os.path.dirname(p), other))):
+        _unlink(armed)
+        os.kill(os.getpid(), signal.SIGKILL)
+    return _unlink(path, *args, **kwargs)
+os.unlink = unlink
+"""
+
+
+def test_a_daemon_killed_between_the_fail_backs_two_marker_removals_leaves_it_to_finish(
+        fs_remote, tmp_path, monkeypatch):
+    """A fail-back ends by removing the entry's fail-back marker and its switch-over marker. The
+    fail-back's went first: the daemon killed between the two left "switched over", and the
+    next fail-back failed (its replica, handed back already, is not promoted). The fault is
+    injected there (a sitecustomize on the daemon's PYTHONPATH kills it at the second
+    removal). Now the switch-over marker goes first: what is left says "fail-back
+    interrupted", the entry is not captured, and the next fail-back finishes it."""
+    eng, src, r = switched_over(fs_remote)
+    (r.root / "data" / "there").write_text("written on the promoted replica")
+    shim, armed = tmp_path / "shim", tmp_path / "armed"
+    shim.mkdir()
+    (shim / "sitecustomize.py").write_text(KILL_BETWEEN_THE_MARKERS)
+    armed.touch()
+    eng.stop()
+    with monkeypatch.context() as m:
+        m.setenv("PYTHONPATH", str(shim))
+        m.setenv("MIRRORSETUP_TEST_ARMED", str(armed))
+        eng.start()
+        p = cli(r.cfg, "failback", src, "--yes", socket=eng.socket)
+        eng.proc.wait(timeout=30)
+    assert not armed.exists(), "the fault was not injected"
+    assert p.returncode == 1 and f"the daemon ended during the fail-back of {src}" in p.stderr, \
+        p.stdout + p.stderr
+    assert [m.name for m in Path(eng.state).rglob("*") if m.name in ("switched", "failback")] \
+        == ["failback"], "not the fail-back's marker alone"
+    eng.start()
+    st = eng.status(src)
+    assert not st["captured"] and st["state"] == "fail-back interrupted", st
+    p = cli(r.cfg, "failback", src, "--yes", socket=eng.socket)
+    assert p.returncode == 0 and "had been handed back already" in p.stdout, p.stdout + p.stderr
+    assert (Path(src) / "there").read_text() == "written on the promoted replica"
+    assert full_tree(Path(src)) == full_tree(r.root / "data")
+    st = eng.drain(src)
+    assert st["captured"] and st["switched"] is None, st
+    assert replicas(r)[0]["role"] == "secondary"
+
+
 def test_a_switchover_refused_as_in_use_names_the_command_itself_and_exits_2(fs_remote):
     """Run from a shell inside the entry (its working directory, or its output redirected into
     a file there), `switchover` holds the mount itself and the unmount would fail: the refusal

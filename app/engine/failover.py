@@ -651,7 +651,6 @@ class Failover:
         finally:
             local.close()
         write_small_file(Path(state), "generation", new_gen + "\n")
-        os.unlink(Path(state) / FAILBACK)
         if at > last:  # a rebuilt source: its seqs go on above the replica's
             last = at
             journal.skip_to(last)
@@ -659,7 +658,12 @@ class Failover:
         journal.close()
         write_end(state, {"seq": last, "released": last, "drained": True, "time": time.time(),
                           "failback": True})
+        # the switch-over marker goes first, the fail-back's last: a kill before the second
+        # leaves the fail-back's ("fail-back interrupted", not captured), and the next one finds
+        # the replica handed back in its generation and finishes. The other way round left
+        # "switched over" alone, and the next fail-back failed (its replica not promoted)
         _unmark(state)
+        os.unlink(Path(state) / FAILBACK)
         came = (f"{counts.get('data_bytes', 0)} bytes of data came back "
                 f"({counts.get('sent_bytes', 0)} bytes on the wire)")
         what = (f"{counts.get('differing', 0)} of {counts.get('blocks', 0)} blocks differed"
