@@ -755,6 +755,33 @@ def test_a_block_target_is_never_the_file_its_loop_device_lies_on(store, scratch
     assert store.add_block(dev, target=elsewhere).target == elsewhere
 
 
+@pytest.mark.root
+def test_a_block_device_is_never_a_loop_over_another_entry_s_target_file(store, scratch_loop,
+                                                                          partitioned, tmp_path):
+    """The reverse of the check above: `block add /dev/loopN`, /dev/loopN a loop over the file
+    another entry replicates to, was taken: that entry's mirror overwrites the device, and its
+    capture writes into that replica. Refused, by inode (a loop over another name of the
+    file too), for the loop and for a partition of it; a loop over any other file is taken."""
+    def backing(loop: str) -> str:
+        rdev = os.stat(loop).st_rdev
+        return Path(f"/sys/dev/block/{os.major(rdev)}:{os.minor(rdev)}/loop/backing_file"
+                    ).read_text().strip()
+    source = scratch_loop(16 * MiB)
+    disk, p1, _p2 = partitioned()
+    target = str(tmp_path / "replica.img")
+    os.link(backing(disk), target)  # the entry names the file by another name than the loop
+    store.add_block(source, target=target, adopt_target=True)
+    for device in (disk, p1):
+        with refused(store, f"^{re.escape(device)} lies on {re.escape(target)}, the target of "
+                            f"the entry for {re.escape(source)} \\(the backing file of its loop "
+                            "device\\): that entry's mirror would overwrite this device, and "
+                            "this capture would write into its replica$"):
+            store.add_block(device)
+    other = scratch_loop(16 * MiB)  # a loop over any other file is taken as before
+    assert store.add_block(other).device == other
+    assert [e.device for e in store.load().block] == [source, other]
+
+
 @pytest.fixture
 def partitioned(sparse_file):
     """make() -> (disk, first partition, second partition): a --partscan loop with two 16 MiB

@@ -313,6 +313,11 @@ class ConfigStore:
             if _ids_share_bytes(me, theirs):
                 raise refuse(f"{device} lies on {other.target}, the target of the entry for "
                              f"{other.device} (a partition and its disk)")
+            if _local(other.target) and _backing_file_of(other.target, me):
+                raise refuse(f"{device} lies on {other.target}, the target of the entry for "
+                             f"{other.device} (the backing file of its loop device): that "
+                             "entry's mirror would overwrite this device, and this capture "
+                             "would write into its replica")
         return replace(entry, device=device, encryption=None)
 
     # ---- locking and writing
