@@ -248,7 +248,8 @@ def test_a_daemon_that_ended_during_a_fail_back_is_said_with_what_its_markers_le
     fb_left = (_SWITCHED, {"generation": "g1"})
     src, left, said = _ended_during(tmp_path, config_path, "failback", [
         (None, None), (_SWITCHED, None), ({"state": "switching"}, None), fb_left,
-        (_SWITCHED, {"generation": "g1", "applied": 7}), (None, {"generation": "g1"})])
+        (_SWITCHED, {"generation": "g1", "applied": 7}), (None, {"generation": "g1"}),
+        (None, {"generation": "g1", "applied": 0})])
     again = f"run `mirrorsetup failback {src} --yes` again"
     for (sw, fb, running), message in left.items():
         assert (again in message) is (sw != "null" or fb != "null"), message
@@ -265,6 +266,13 @@ def test_a_daemon_that_ended_during_a_fail_back_is_said_with_what_its_markers_le
         {"generation": "g1", "applied": 7}), True)]
     # a split brain's fail-back (no switch-over marker) that had begun: the same
     assert left[("null", json.dumps({"generation": "g1"}), False)] == begun
+    # one before it that wrote nothing here left its marker (applied 0): this one ended before
+    # it wrote its own (without a count): nothing came back, and the daemon captures it at its
+    # start (it said "is not captured")
+    nothing = left[("null", json.dumps({"generation": "g1", "applied": 0}), True)]
+    assert nothing.startswith("nothing of the replica's had come back") and "is still its own " \
+        f"data" in nothing and f"the daemon captures {src} when it starts" in nothing, nothing
+    assert "not captured" not in nothing, nothing
 
 
 def test_a_daemon_that_ended_during_a_resolve_is_said_with_what_its_marker_left(tmp_path,

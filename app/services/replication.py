@@ -434,6 +434,12 @@ def _left_by_switchover(key: str, target: str, sw: dict | None, fb: dict | None)
 
 def _left_by_failback(key: str, target: str, sw: dict | None, fb: dict | None) -> str:
     again = command("failback", key, "--yes")
+    if fb is not None and sw is None and fb.get("applied") == 0:
+        # an earlier split brain's fail-back that wrote nothing here: this one ended before it
+        # wrote its own marker (which has no count), so nothing came back; not handed over
+        return (f"nothing of the replica's had come back (its fail-back marker, left by one "
+                f"before it, says none was written here): this host's copy {mix_words(0)}; the "
+                f"daemon captures {key} when it starts; run {again} again to fail back")
     if fb is not None:  # its count is of fail-backs interrupted before: this one wrote too
         return (f"the fail-back had begun (its marker says so) and did not finish: this host's "
                 f"copy {mix_words(fb.get('applied') or None)}; {key} is not captured; run "
