@@ -1196,9 +1196,9 @@ def test_a_daemon_killed_during_a_split_brain_fail_back_does_not_capture_the_mix
     """A split brain's fail-back (the capture lifted for it: no switch-over marker) whose daemon
     was killed (-9) once part of the replica had come back left only its fail-back marker, which
     was ignored: the daemon started again attached the mix as this host's own data, status
-    saying nothing. Now it is not captured: status says "fail-back interrupted", this host's
-    copy may be a mix, and what to run; attach-all refuses it (exit 2); the fail-back run again
-    finishes it."""
+    saying nothing. Now it is not captured (and is read-only here, as the fail-back's own error
+    path leaves it): status says "fail-back interrupted", this host's copy may be a mix, and
+    what to run; attach-all refuses it (exit 2); the fail-back run again finishes it."""
     eng, disk, r, image, expected, differing = block_split_brain(block_remote, tmp_path)
     r.bed.rate_limit(rate="16mbit", burst="32kb", direction="down")  # 12 s for what differs
     try:
@@ -1228,6 +1228,7 @@ def test_a_daemon_killed_during_a_split_brain_fail_back_does_not_capture_the_mix
     assert not st["captured"] and st["state"] == "fail-back interrupted", st
     assert f"a fail-back of {disk} from backup1:disk.img was interrupted: this host's copy may " \
         "be a mix of its own data and the replica's" in st["last_error"], st
+    assert getro(disk) == "1", "the mix is writable"  # as its own error path leaves it
     p = cli(r.cfg, "status", socket=eng.socket)
     said = " ".join((p.stdout + p.stderr).split())
     assert "fail-back interrupted" in said and "fail-back from backup1:disk.img interrupted: " \
@@ -1242,7 +1243,12 @@ def test_a_daemon_killed_during_a_split_brain_fail_back_does_not_capture_the_mix
     assert sha(disk) == sha(expected) == sha(image)
     st = eng.block_drain(disk)
     assert st["target_data"] == "consistent" and st["state"] != "fail-back interrupted", st
-    assert [x["role"] for x in replicas(r)] == ["secondary"]
+    assert [x["role"] for x in replicas(r)] == ["secondary"] and getro(disk) == "0"
+
+
+def getro(device: str) -> str:
+    return subprocess.run(["blockdev", "--getro", device], capture_output=True,
+                          text=True).stdout.strip()
 
 
 SQL_WRITER = r"""

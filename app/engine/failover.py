@@ -289,6 +289,17 @@ class Failover:
         key = entry.path if kind == "fs" else entry.device
         state = self.sup.layout.state(kind, key)  # any entry: most were never switched over
         sw = switched(state)
+        if sw is None and (with_failback(None, state) or {}).get("failback") == "interrupted":
+            # a split brain's fail-back this daemon's predecessor ended during (killed) left a
+            # mix here: handed over and fenced, as its own error path would have done
+            put = await _hand_over_the_mix(kind, key, entry, state)
+            log.error("%s: a fail-back from %s was interrupted (the daemon ended during it): "
+                      "this host's copy may be a mix of its own data and the replica's; it is "
+                      "not captured and %s until %s finishes it", key, entry.target,
+                      "is read-only here" if "unfenced" not in put else
+                      f"could NOT be made read-only ({put['unfenced']})",
+                      command("failback", key, "--yes"))
+            return
         if not sw or "unfenced" in (sw.get("fence") or {}):
             return
         # (a switch-over whose promotion's answer was lost was fenced too: its replica may be
@@ -509,16 +520,8 @@ class Failover:
                 if sw.get("fence") and switched(state) is not None:  # still primary there
                     fenced = await trio.to_thread.run_sync(fence, kind, key, entry)
                     _mark(state, {**sw, "fence": fenced})
-                elif lifted and _mixed(state, exc):
-                    # a split brain's fail-back that wrote some of the replica's data here: this
-                    # copy is neither history, so it is not captured (nor written) as this
-                    # host's; it is handed over as after a switch-over, and the next fail-back
-                    # finishes it (status: "fail-back interrupted")
-                    info = {"state": "switched", "time": time.time(),
-                            "seq": (capture_end(state) or {}).get("seq"), "target": entry.target}
-                    _mark(state, info)
-                    fenced = await trio.to_thread.run_sync(fence, kind, key, entry)
-                    _mark(state, {**info, "fence": fenced})
+                elif lifted and _mixed(state, exc):  # a mix here: neither history
+                    fenced = await _hand_over_the_mix(kind, key, entry, state)
                     if isinstance(exc, MirrorError):
                         raise MirrorError(f"{exc.message}; {key} is not captured and "
                                           f"{'is read-only ' if 'unfenced' not in fenced else ''}"
@@ -785,6 +788,19 @@ class Failover:
             return [Result("end hand-over", key, Outcome.OK,
                            f"ended the hand-over of {key}: its replica {sw.get('target')}{host} "
                            f"stays primary there; {key} is no longer read-only here, and {copy}")]
+
+
+async def _hand_over_the_mix(kind: str, key: str, entry, state: str) -> dict:
+    """A split brain's fail-back that wrote (or may have written) some of the replica's data
+    here and did not finish: this copy is neither history, so it is not captured (nor written)
+    as this host's; it is handed over as after a switch-over (marked, fenced), and the next
+    fail-back finishes it (status: "fail-back interrupted"). What fence() did."""
+    info = {"state": "switched", "time": time.time(),
+            "seq": (capture_end(state) or {}).get("seq"), "target": entry.target}
+    _mark(state, info)
+    fenced = await trio.to_thread.run_sync(fence, kind, key, entry)
+    _mark(state, {**info, "fence": fenced})
+    return fenced
 
 
 def _mixed(state: str, exc: BaseException) -> bool:
