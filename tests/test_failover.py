@@ -99,6 +99,29 @@ def fail_back_cut_mid_way(r, eng, disk: str, expected, differing: int):
         r.bed.unlimit()
 
 
+def fail_back_killed_mid_way(r, eng, key: str, what: str, ready, *, every: float):
+    """`failback KEY --yes` through a 16 Mbit/s link, the daemon killed (-9) once `ready()`
+    (waited for as `what`): (the ended process, its stdout, its stderr)."""
+    r.bed.rate_limit(rate="16mbit", burst="32kb", direction="down")
+    try:
+        proc = subprocess.Popen([sys.executable, "-m", "app", "--config", str(r.cfg), "failback",
+                                 key, "--yes"], cwd=REPO, text=True, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE,
+                                env={**os.environ, "MIRRORSETUP_SOCKET": eng.socket})
+        try:
+            wait_for(what, lambda: proc.poll() is not None or ready(), 60, every)
+            assert proc.poll() is None, proc.communicate()
+            eng.kill9()
+            out, err = proc.communicate(timeout=30)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.communicate()
+    finally:
+        r.bed.unlimit()
+    return proc, out, err
+
+
 def switched_over(fs_remote):
     """An entry replicating to backup1:data with one file, switched over: (engine, its path,
     the remote)."""
@@ -461,24 +484,8 @@ def test_a_daemon_killed_during_a_fail_back_is_said_with_what_its_markers_left(f
     daemon started again and the fail-back run again finish it."""
     eng, src, r = switched_over(fs_remote)
     (r.root / "data" / "big").write_bytes(os.urandom(24 * MiB))  # written there: comes back
-    r.bed.rate_limit(rate="16mbit", burst="32kb", direction="down")  # 12 s for it
-    try:
-        proc = subprocess.Popen([sys.executable, "-m", "app", "--config", str(r.cfg), "failback",
-                                 src, "--yes"], cwd=REPO, text=True, stdout=subprocess.PIPE,
-                                stderr=subprocess.PIPE,
-                                env={**os.environ, "MIRRORSETUP_SOCKET": eng.socket})
-        try:
-            wait_for("the fail-back's marker", lambda: proc.poll() is not None or any(
-                Path(eng.state).rglob("failback")), 60, 0.1)
-            assert proc.poll() is None, proc.communicate()
-            eng.kill9()
-            out, err = proc.communicate(timeout=30)
-        finally:
-            if proc.poll() is None:
-                proc.kill()
-                proc.communicate()
-    finally:
-        r.bed.unlimit()
+    proc, out, err = fail_back_killed_mid_way(r, eng, src, "the fail-back's marker", lambda: any(
+        Path(eng.state).rglob("failback")), every=0.1)
     err = " ".join(err.split())
     assert proc.returncode == 1, out + err
     assert "closed the connection without a reply" not in err, err
@@ -1200,24 +1207,9 @@ def test_a_daemon_killed_during_a_split_brain_fail_back_does_not_capture_the_mix
     path leaves it): status says "fail-back interrupted", this host's copy may be a mix, and
     what to run; attach-all refuses it (exit 2); the fail-back run again finishes it."""
     eng, disk, r, image, expected, differing = block_split_brain(block_remote, tmp_path)
-    r.bed.rate_limit(rate="16mbit", burst="32kb", direction="down")  # 12 s for what differs
-    try:
-        proc = subprocess.Popen([sys.executable, "-m", "app", "--config", str(r.cfg), "failback",
-                                 disk, "--yes"], cwd=REPO, text=True, stdout=subprocess.PIPE,
-                                stderr=subprocess.PIPE,
-                                env={**os.environ, "MIRRORSETUP_SOCKET": eng.socket})
-        try:
-            wait_for("part of the replica came back", lambda: proc.poll() is not None or
-                     blocks_differing(disk, expected, 64 * MiB) < differing - 2, 60, 0.3)
-            assert proc.poll() is None, proc.communicate()
-            eng.kill9()
-            out, err = proc.communicate(timeout=30)
-        finally:
-            if proc.poll() is None:
-                proc.kill()
-                proc.communicate()
-    finally:
-        r.bed.unlimit()
+    proc, out, err = fail_back_killed_mid_way(
+        r, eng, disk, "part of the replica came back",
+        lambda: blocks_differing(disk, expected, 64 * MiB) < differing - 2, every=0.3)
     assert proc.returncode == 1 and f"the daemon ended during the fail-back of {disk}" in err, \
         out + err
     assert 0 < blocks_differing(disk, expected, 64 * MiB) < differing  # a mix
