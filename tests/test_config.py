@@ -782,6 +782,49 @@ def test_a_block_device_is_never_a_loop_over_another_entry_s_target_file(store, 
     assert [e.device for e in store.load().block] == [source, other]
 
 
+@pytest.mark.root
+def test_no_replica_holds_the_file_a_replicated_loop_device_lies_on(store, dirs, tmp_path):
+    """A loop device over a file in a directory replica (or over another entry's replica file)
+    was taken as a block entry, and such a directory or file as a target beside a block
+    entry: that replica's writes, and its mirror's removal of what its source lacks, would
+    overwrite or remove the file under a replicated device. Refused both ways; a loop over a
+    file elsewhere is taken."""
+    src, other_src = dirs("src", "other")
+    rep = tmp_path / "rep"
+    rep.mkdir()
+    attached = []
+
+    def loop_over(path: Path) -> str:
+        with open(path, "wb") as f:
+            f.truncate(16 * MiB)
+        attached.append(run("losetup", "--find", "--show", str(path)).stdout.strip())
+        return attached[-1]
+    try:
+        store.add_filesystem(src, target=str(rep))
+        inside = loop_over(rep / "sub.img")  # (made before the entry: a replica file of its)
+        with refused(store, f"^{re.escape(inside)} lies on {re.escape(str(rep / 'sub.img'))}, "
+                            f"inside {re.escape(str(rep))}, the target of {re.escape(str(src))} "
+                            "\\(the backing file of its loop device\\): that entry's "
+                            "replication would overwrite or remove it under this device$"):
+            store.add_block(inside)
+        (tmp_path / "elsewhere").mkdir()
+        dev = loop_over(tmp_path / "elsewhere" / "disk.img")
+        store.add_block(dev)  # a loop over a file in no replica: taken
+        with refused(store, f"^target {re.escape(str(tmp_path / 'elsewhere'))} holds "
+                            f"{re.escape(str(tmp_path / 'elsewhere' / 'disk.img'))}, the file "
+                            f"{re.escape(dev)} lies on \\(its loop device's backing file\\)"):
+            store.add_filesystem(other_src, target=str(tmp_path / "elsewhere"))
+        with refused(store, f"^target {re.escape(str(tmp_path / 'elsewhere' / 'disk.img'))} is "
+                            f"the file {re.escape(dev)} lies on"):
+            store.add_block(inside, target=str(tmp_path / "elsewhere" / "disk.img"),
+                            adopt_target=True)
+        assert [e.path for e in store.load().filesystem] == [str(src)]
+        assert [e.device for e in store.load().block] == [dev]
+    finally:
+        for loop in attached:
+            run("losetup", "-d", loop, check=False)
+
+
 @pytest.fixture
 def partitioned(sparse_file):
     """make() -> (disk, first partition, second partition): a --partscan loop with two 16 MiB

@@ -318,6 +318,11 @@ class ConfigStore:
                              f"{other.device} (the backing file of its loop device): that "
                              "entry's mirror would overwrite this device, and this capture "
                              "would write into its replica")
+        for fs in config.filesystem:  # nor a file in a directory replica
+            if _local(fs.target) and (backing := _backing_below(me, fs.target)):
+                raise refuse(f"{device} lies on {backing}, inside {fs.target}, the target of "
+                             f"{fs.path} (the backing file of its loop device): that entry's "
+                             "replication would overwrite or remove it under this device")
         return replace(entry, device=device, encryption=None)
 
     # ---- locking and writing
@@ -547,19 +552,41 @@ def _loop_to_an_entry(target: str, entry: BlockEntry, config: Config) -> str | N
     return None
 
 
+def _loop_backing(rdev: int | None) -> str | None:
+    """The file a loop device (or a partition of one) lies on, as the kernel names it; None
+    when `rdev` is no attached loop."""
+    if rdev is None:
+        return None
+    try:
+        disk = _extent(rdev)[0]
+        return _sysfs_text(f"/sys/dev/block/{os.major(disk)}:{os.minor(disk)}/loop/backing_file")
+    except (OSError, ValueError):
+        return None
+
+
 def _backing_file_of(target: str, rdev: int) -> bool:
     """Whether a target file is the one the replicated device (`rdev`) reads and writes: the
     backing file of the loop device it is, or is a partition of (by inode: any name of it)."""
+    backing = _loop_backing(rdev)
     try:
         st = os.stat(target)
-        if not stat.S_ISREG(st.st_mode):
+        if backing is None or not stat.S_ISREG(st.st_mode):
             return False
-        disk = _extent(rdev)[0]
-        backing = os.stat(_sysfs_text(f"/sys/dev/block/{os.major(disk)}:{os.minor(disk)}"
-                                      "/loop/backing_file"))
-    except (OSError, ValueError):  # not a loop (or not attached), a new file
+        there = os.stat(backing)
+    except OSError:  # a new file; a backing file gone since
         return False
-    return (st.st_dev, st.st_ino) == (backing.st_dev, backing.st_ino)
+    return (st.st_dev, st.st_ino) == (there.st_dev, there.st_ino)
+
+
+def _backing_below(rdev: int | None, target: str) -> str | None:
+    """The file the loop device `rdev` (or the loop it is a partition of) lies on, when it is
+    `target` or lies below it (a directory replica: its mirror removes and rewrites what is
+    there, its capture's target writes into it)."""
+    backing = _loop_backing(rdev)
+    if backing is None or not os.path.exists(backing):
+        return None
+    real, where = os.path.realpath(backing), os.path.realpath(target)
+    return backing if real == where or _inside(real, where) else None
 
 
 def _file_system_on_device(target: str, device: str, window: tuple[int, int]) -> str | None:
@@ -691,6 +718,11 @@ def _refuse_shared_target(kind: str, source: str, target: str, config: Config) -
         if theirs == mine:
             raise refuse(f"is {other.device}, a replicated device (writes there would bypass "
                          "its capture)")
+        if backing := _backing_below(theirs, target):
+            where = "is" if os.path.realpath(backing) == real else f"holds {backing},"
+            raise refuse(f"{where} the file {other.device} lies on (its loop device's backing "
+                         "file): this replica's writes (and its mirror's removals) would "
+                         "overwrite a replicated device")
         if _ids_share_bytes(mine, theirs):
             raise refuse(f"lies on {other.device}, a replicated device (a partition and its "
                          "disk: writes there would bypass its capture)")
