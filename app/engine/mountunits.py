@@ -21,6 +21,7 @@ from datetime import datetime
 
 from app.services import loop as loopsvc
 from app.services.mounts import MountEntry
+from app.services.mounts import block_rdev as _rdev
 from app.services.layout import is_capture_of
 from app.services.results import MirrorError
 
@@ -96,14 +97,6 @@ def _unit_safe(text: str) -> bool:
 
 def _pct(text: str) -> str:
     return text.replace("%", "%%")  # What=, Where=, Options=, Description= expand specifiers
-
-
-def _rdev(path: str) -> int | None:
-    try:
-        st = os.stat(path)
-    except OSError:
-        return None
-    return st.st_rdev if stat.S_ISBLK(st.st_mode) else None
 
 
 def _mounts_of(path: str, rdev: int | None, table: list[MountEntry]) -> list[MountEntry]:

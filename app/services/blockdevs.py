@@ -531,7 +531,7 @@ def exclusion_reason(path: str, known: Exclusions | None = None) -> str | None:
     resolved again only when it names another device now (one stat, not a realpath's walk).
     """
     rdev = known.rdevs.get(path) if known is not None else None
-    if rdev is None or _rdev_now(path) != rdev:
+    if rdev is None or mounts.block_rdev(path) != rdev:
         rdev = _block_rdev(path)
     swaps = _active_swaps() if known is None else known.swaps
     if rdev in swaps:
@@ -540,15 +540,6 @@ def exclusion_reason(path: str, known: Exclusions | None = None) -> str | None:
     if fstype is False:  # not read ahead
         fstype = _fstype(rdev, path)
     return _exclusion(rdev, fstype, swaps)
-
-
-def _rdev_now(path: str) -> int | None:
-    """The number of the block device `path` names now; None when it names none."""
-    try:
-        st = os.stat(path)
-    except OSError:
-        return None
-    return st.st_rdev if stat.S_ISBLK(st.st_mode) else None
 
 
 def _fstype(rdev: int, path: str) -> str | None:

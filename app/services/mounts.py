@@ -13,6 +13,7 @@ import functools
 import os
 import re
 import select
+import stat
 import threading
 import time
 from collections.abc import Iterator
@@ -487,3 +488,12 @@ class MountWatcher:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def block_rdev(path: str) -> int | None:
+    """The number of the block device `path` names now (one stat); None when it names none."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return st.st_rdev if stat.S_ISBLK(st.st_mode) else None
