@@ -454,11 +454,19 @@ _paths = st.one_of(_points, _points.map(lambda p: p + "/"), _points.map(lambda p
 @given(st.lists(st.tuples(_points, st.sampled_from(["ext4", "fuse", "tmpfs", "nfs4"])),
                 max_size=8), st.lists(_paths, min_size=1, max_size=6))
 def test_mount_names_answer_as_mount_by_name(points, paths):
-    """MountNames (one table, many paths: a picture of every loop's backing file) finds the very
-    entry mount_by_name finds by scanning the table, and so says local exactly as it does."""
+    """MountNames (one table, many paths: a picture of every loop's backing file; mount_by_name
+    and on_local_fs are it too) finds the very entry a scan of the table finds (the longest
+    mount point that is a prefix of the path, the last mounted of equal ones), and so says
+    local exactly as that entry does."""
     table = [MountEntry(i + 1, 1, 0, i, "/", mp, "rw", (), fstype, "src", "rw")
              for i, (mp, fstype) in enumerate(points)]
+
+    def scanned(path):  # (mount_by_name's own scan before it used MountNames)
+        under = [m for m in table if mounts._contains(m.mount_point, path)]
+        return max(reversed(under), key=lambda m: len(m.mount_point), default=None)
     names = mounts.MountNames(table)
     for path in paths:
-        assert names.mount_of(path) is mounts.mount_by_name(path, table), path
-        assert names.on_local_fs(path) == mounts.on_local_fs(path, table), path
+        assert names.mount_of(path) is scanned(path) is mounts.mount_by_name(path, table), path
+        home = scanned(path)
+        assert names.on_local_fs(path) == (home is not None and home.fstype in mounts.LOCAL_FSTYPES) \
+            == mounts.on_local_fs(path, table), path

@@ -313,16 +313,13 @@ def mount_by_name(path: str, table: list[MountEntry]) -> MountEntry | None:
     """The mount `path` is on by the mount table's names alone: the longest mount point that
     is a prefix of it (the last mounted of equal ones). Nothing is looked up, unlike
     mount_containing(), whose realpath lstat's every part: on a FUSE or NFS mount that does
-    not answer, that waits for good."""
-    under = [m for m in table if _contains(m.mount_point, path)]
-    return max(reversed(under), key=lambda m: len(m.mount_point), default=None)  # (max keeps
-    # the first it meets)
+    not answer, that waits for good. Many paths over one table: MountNames."""
+    return MountNames(table).mount_of(path)
 
 
 def on_local_fs(path: str, table: list[MountEntry]) -> bool:
     """Is `path` on a file system of LOCAL_FSTYPES (by mount_by_name)?"""
-    home = mount_by_name(path, table)
-    return home is not None and home.fstype in LOCAL_FSTYPES
+    return MountNames(table).on_local_fs(path)
 
 
 def _contains(mount_point: str, path: str) -> bool:
@@ -330,9 +327,9 @@ def _contains(mount_point: str, path: str) -> bool:
 
 
 class MountNames:
-    """mount_by_name() and on_local_fs() of many paths over one table, with the same answers:
-    the table's mount points in a dict, and a path's own name, then its parents' looked up,
-    deepest first (a picture of 512 loops scanned the whole table once for each backing file)."""
+    """mount_by_name() and on_local_fs() of many paths over one table: the table's mount points
+    in a dict, and a path's own name, then its parents' looked up, deepest first (a picture of
+    512 loops scanned the whole table once for each backing file)."""
 
     def __init__(self, table: list[MountEntry]) -> None:
         self._at = {m.mount_point: m for m in table}  # the last mounted of equal ones
