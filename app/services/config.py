@@ -250,6 +250,7 @@ class ConfigStore:
         if not stat.S_ISBLK(_stat(device, "device", "block device").st_mode):
             raise refuse(f"{device} is not a block device", code=errno.ENOTBLK)
         me = _device_id(device)
+        backing = _loop_backing(me)  # (read once for every check below)
         if loop is not None and _device_id(loop) == me:
             raise refuse(f"{device} cannot be its own loop device ({loop})", "loop")
         for other in config.block:
@@ -291,7 +292,7 @@ class ConfigStore:
             if over:
                 raise refuse(f"target {entry.target} is {over}: the replica's writes would "
                              "overwrite that device", "target")
-            if _backing_file_of(entry.target, me):
+            if _backing_file_of(entry.target, backing):
                 raise refuse(f"target {entry.target} is the file {device} lies on (the backing "
                              "file of its loop device): the replica's writes would overwrite "
                              "the device it copies", "target")
@@ -313,13 +314,13 @@ class ConfigStore:
             if _ids_share_bytes(me, theirs):
                 raise refuse(f"{device} lies on {other.target}, the target of the entry for "
                              f"{other.device} (a partition and its disk)")
-            if _local(other.target) and _backing_file_of(other.target, me):
+            if _local(other.target) and _backing_file_of(other.target, backing):
                 raise refuse(f"{device} lies on {other.target}, the target of the entry for "
                              f"{other.device} (the backing file of its loop device): that "
                              "entry's mirror would overwrite this device, and this capture "
                              "would write into its replica")
         for fs in config.filesystem:  # nor a file in a directory replica
-            if _local(fs.target) and (backing := _backing_below(me, fs.target)):
+            if _local(fs.target) and _backing_below(backing, fs.target):
                 raise refuse(f"{device} lies on {backing}, inside {fs.target}, the target of "
                              f"{fs.path} (the backing file of its loop device): that entry's "
                              "replication would overwrite or remove it under this device")
@@ -552,10 +553,10 @@ def _loop_to_an_entry(target: str, entry: BlockEntry, config: Config) -> str | N
     return None
 
 
-def _loop_backing(rdev: int | None) -> str | None:
+def _loop_backing(rdev: int | str | None) -> str | None:
     """The file a loop device (or a partition of one) lies on, as the kernel names it; None
-    when `rdev` is no attached loop."""
-    if rdev is None:
+    when `rdev` (a _device_id) is no attached loop."""
+    if not isinstance(rdev, int):
         return None
     try:
         disk = _extent(rdev)[0]
@@ -564,10 +565,9 @@ def _loop_backing(rdev: int | None) -> str | None:
         return None
 
 
-def _backing_file_of(target: str, rdev: int) -> bool:
-    """Whether a target file is the one the replicated device (`rdev`) reads and writes: the
-    backing file of the loop device it is, or is a partition of (by inode: any name of it)."""
-    backing = _loop_backing(rdev)
+def _backing_file_of(target: str, backing: str | None) -> bool:
+    """Whether a target file is `backing` (_loop_backing: the file a replicated loop device, or
+    the loop it is a partition of, reads and writes), by inode: any name of it."""
     try:
         st = os.stat(target)
         if backing is None or not stat.S_ISREG(st.st_mode):
@@ -578,11 +578,9 @@ def _backing_file_of(target: str, rdev: int) -> bool:
     return (st.st_dev, st.st_ino) == (there.st_dev, there.st_ino)
 
 
-def _backing_below(rdev: int | None, target: str) -> str | None:
-    """The file the loop device `rdev` (or the loop it is a partition of) lies on, when it is
-    `target` or lies below it (a directory replica: its mirror removes and rewrites what is
-    there, its capture's target writes into it)."""
-    backing = _loop_backing(rdev)
+def _backing_below(backing: str | None, target: str) -> str | None:
+    """`backing` (_loop_backing) when it is `target` or lies below it (a directory replica: its
+    mirror removes and rewrites what is there, its capture's target writes into it)."""
     if backing is None or not os.path.exists(backing):
         return None
     real, where = os.path.realpath(backing), os.path.realpath(target)
@@ -718,7 +716,7 @@ def _refuse_shared_target(kind: str, source: str, target: str, config: Config) -
         if theirs == mine:
             raise refuse(f"is {other.device}, a replicated device (writes there would bypass "
                          "its capture)")
-        if backing := _backing_below(theirs, target):
+        if backing := _backing_below(_loop_backing(theirs), target):
             where = "is" if os.path.realpath(backing) == real else f"holds {backing},"
             raise refuse(f"{where} the file {other.device} lies on (its loop device's backing "
                          "file): this replica's writes (and its mirror's removals) would "

@@ -473,6 +473,7 @@ _LEFT = {"switchover": _left_by_switchover, "failback": _left_by_failback,
          "resolve": _left_by_resolve}
 _WORDS = {"switchover": "switch-over", "failback": "fail-back", "resolve": "resolve"}
 
+
 def _kept_note(ended: list[Result]) -> str:
     """A capture ended by a remove that kept changes not yet at the target (its "next start"
     is no more): say what becomes of them."""
