@@ -1807,7 +1807,7 @@ def test_who_uses_a_promoted_replica_is_found_by_any_name_and_in_any_mount_names
     elsewhere.mkdir()
     ready = tmp_path / "ready"
     holder = subprocess.Popen(["unshare", "--mount", "--propagation", "private", "sh", "-c",
-                               f'mount --bind "$0" "$1" && : > "$2" && exec sleep 300',
+                               'mount --bind "$0" "$1" && : > "$2" && exec sleep 300',
                                str(root / "data"), str(elsewhere), str(ready)])
     link = tmp_path / "another-name.img"
     os.link(root / "disk.img", link)

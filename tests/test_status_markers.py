@@ -271,7 +271,7 @@ def test_a_daemon_that_ended_during_a_fail_back_is_said_with_what_its_markers_le
     # start (it said "is not captured")
     nothing = left[("null", json.dumps({"generation": "g1", "applied": 0}), True)]
     assert nothing.startswith("nothing of the replica's had come back") and "is still its own " \
-        f"data" in nothing and f"the daemon captures {src} when it starts" in nothing, nothing
+        "data" in nothing and f"the daemon captures {src} when it starts" in nothing, nothing
     assert "not captured" not in nothing, nothing
 
 

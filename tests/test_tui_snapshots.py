@@ -85,7 +85,7 @@ SRV, SHARED = FsEntry("/srv/data", False, "backup1:data"), FsEntry("/home/shared
 SDB1 = BlockEntry("/dev/sdb1", "/dev/loop7", target="/backup/sdb1.img")
 SDC = BlockEntry("/dev/sdc", offset=1 << 20, target="/dev/sdf")
 SDG = BlockEntry("/dev/sdg")
-CONFIG = f"""\
+CONFIG = """\
 schema = 1
 
 [[target]]

@@ -69,6 +69,15 @@ def _mark(state_dir: str, info: dict) -> None:
     write_small_file(Path(state_dir), SWITCHED, json.dumps(info) + "\n")
 
 
+def _mark_failback(state_dir: str, generation: str, target: str, applied: int | None = None) -> None:
+    """The fail-back marker: the new history chosen, the target it comes from and, once one was
+    interrupted, how many of the replica's records were written here (status: "a mix")."""
+    info = {"generation": generation, "target": target}
+    if applied is not None:
+        info["applied"] = applied
+    write_small_file(Path(state_dir), FAILBACK, json.dumps(info) + "\n")
+
+
 def _forget_failback(state_dir: str) -> None:
     with contextlib.suppress(FileNotFoundError):
         os.unlink(Path(state_dir) / FAILBACK)
@@ -606,8 +615,7 @@ class Failover:
         pending = _read_json(state, FAILBACK)
         new_gen = (pending or {}).get("generation") or uuid.uuid4().hex
         # (its target too: a split brain's has no switch-over marker that names it)
-        write_small_file(Path(state), FAILBACK, json.dumps(
-            {"generation": new_gen, "target": entry.target}) + "\n")
+        _mark_failback(state, new_gen, entry.target)
         await send({"progress": {"stage": "comparing"}})
         target = make_target(spec, size)  # says the old history, the one it was promoted from
         try:
@@ -642,9 +650,7 @@ class Failover:
                     before = 0 if pending is None else pending.get("applied")
                     now = getattr(exc, "applied", 0)
                     if now or before is not None:
-                        write_small_file(Path(state), FAILBACK, json.dumps(
-                            {"generation": new_gen, "target": entry.target,
-                             "applied": (before or 0) + now}) + "\n")
+                        _mark_failback(state, new_gen, entry.target, (before or 0) + now)
                 if getattr(exc, "applied", 0):  # some of the replica's data was written here
                     msg += (f"; interrupted: this host's copy of {key} is a mix of its own data "
                             "and the replica's until a fail-back finishes; run "

@@ -98,14 +98,14 @@ class ConfigStore:
 
     def remove_filesystem(self, path) -> FsEntry:
         def change(config: Config) -> tuple[Config, FsEntry]:
-            entry = _configured(_match_fs(config, os.fspath(path)), path)
+            entry = _configured(match_fs(config, os.fspath(path)), path)
             return replace(config, filesystem=_without(config.filesystem, entry)), entry
         return self._change(change)
 
     def set_filesystem(self, entry: FsEntry) -> FsEntry:
         """Edit the entry for the same path (e.g. toggle replicate_atime, change the target)."""
         def change(config: Config) -> tuple[Config, FsEntry]:
-            old = _configured(_match_fs(config, os.fspath(entry.path)), entry.path)
+            old = _configured(match_fs(config, os.fspath(entry.path)), entry.path)
             new = self._checked_fs(entry, replace(config, filesystem=_without(config.filesystem, old)))
             return replace(config, filesystem=tuple(new if e is old else e
                                                     for e in config.filesystem)), new
@@ -124,7 +124,7 @@ class ConfigStore:
 
     def remove_block(self, device) -> BlockEntry:
         def change(config: Config) -> tuple[Config, BlockEntry]:
-            entry = _configured(_match_block(config, os.fspath(device)), device)
+            entry = _configured(match_block(config, os.fspath(device)), device)
             return replace(config, block=_without(config.block, entry)), entry
         return self._change(change)
 
@@ -183,8 +183,8 @@ class ConfigStore:
             results: list[Result] = []
             for file, kind in sources:
                 fs = kind == "filesystem"
-                match, check = ((_match_fs, self._checked_fs) if fs
-                                else (_match_block, self._checked_block))
+                match, check = ((match_fs, self._checked_fs) if fs
+                                else (match_block, self._checked_block))
                 for number, text in legacy_lines(file, defaults, results):
                     config = import_line(config, kind, file, number, text, results,
                                          match=match, check=check)
@@ -833,12 +833,14 @@ def _checked_fs_target(source: str, target: str, config: Config) -> str:
     return real
 
 
-def _match_fs(config: Config, path: str) -> FsEntry | None:
+def match_fs(config: Config, path: str) -> FsEntry | None:
+    """The entry for `path` as typed, normalised or resolved; None if none."""
     wanted = {os.path.normpath(os.path.abspath(path)), os.path.realpath(path)}
     return next((e for e in config.filesystem if e.path in wanted), None)
 
 
-def _match_block(config: Config, device: str) -> BlockEntry | None:
+def match_block(config: Config, device: str) -> BlockEntry | None:
+    """The entry for `device` or another name of the same device; None if none."""
     me = _device_id(device)
     return next((e for e in config.block
                  if e.device == os.path.normpath(device) or _device_id(e.device) == me), None)

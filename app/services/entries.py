@@ -16,7 +16,7 @@ from dataclasses import dataclass, field, replace
 
 from app.services import blockdevs
 from app.services import loop as loopdev
-from app.services.config import BlockEntry, Config, ConfigStore, FsEntry, _match_block, _match_fs
+from app.services.config import BlockEntry, Config, ConfigStore, FsEntry, match_block, match_fs
 from app.services.blockplan import View, attached_to, busy_reasons, same_device
 from app.services.layout import is_capture_of
 from app.services.results import ConfigError, MirrorError, Outcome, Result
@@ -27,7 +27,7 @@ from app.services.units import shown
 
 def configured_fs(store: ConfigStore, path: str) -> FsEntry:
     """The entry for `path` (as typed, normalised or resolved); refused with ENOENT if none."""
-    entry = _match_fs(store.load(), os.fspath(path))
+    entry = match_fs(store.load(), os.fspath(path))
     if entry is None:
         raise ConfigError(f"{path} is not a configured file-system entry", obj=str(path),
                           errno=errno.ENOENT)
@@ -40,7 +40,7 @@ def configured_block(store: ConfigStore, device: str) -> BlockEntry:
     with the device to give instead (helper-26's walk: `block verify /dev/loop2` said only
     "is not a configured block device")."""
     config = store.load()
-    entry = _match_block(config, os.fspath(device))
+    entry = match_block(config, os.fspath(device))
     if entry is None:
         owner = _entry_of_loop(config, os.fspath(device))
         raise ConfigError(f"{device} is the loop device of the entry for {owner.device}: give "

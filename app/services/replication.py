@@ -15,7 +15,7 @@ import os
 from app.services import blockdevs, blockplan, mounts
 from app.services import loop as loopdev
 from app.services.blockplan import View, same_device
-from app.services.config import BlockEntry, ConfigStore, _match_block, _match_fs
+from app.services.config import BlockEntry, ConfigStore, match_block, match_fs
 from app.services.layout import (FSTYPE_BLOCK, FSTYPE_FS, command, default_state_dir, entry_state,
                                   failback_marker, mix_words, switched_marker,
                                   switched_refusal, with_failback)
@@ -400,8 +400,8 @@ class Replication:
             config = self.store.load()
         except MirrorError:  # (read a moment ago; changed since): the entry as it was given
             config = None
-        fs = None if not config else _match_fs(config, entry)
-        block = None if fs or not config else _match_block(config, entry)
+        fs = None if not config else match_fs(config, entry)
+        block = None if fs or not config else match_block(config, entry)
         key = fs.path if fs else block.device if block else entry
         target = (fs or block).target if (fs or block) else "its target"
         entry_dir = entry_state(state_dir, "fs" if fs else "block", key)
