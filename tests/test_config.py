@@ -1047,3 +1047,83 @@ def test_a_target_root_with_dot_dot_is_refused_before_anything(tmp_path):
         assert f"root: must name the directory without . or .. parts (is it {meant!r}?), got " \
                f"{root!r}" in r.stderr, r.stderr
         assert not config_path.parent.exists(), "something was made"
+
+
+def test_target_add_says_every_malformed_option_at_once_and_changes_nothing(tmp_path):
+    """Found by a walk: `target add` said its argument errors one at a time (a bad --port,
+    then, once fixed, a bad --bandwidth): argparse ended the run at a --port that is no
+    number, and the fields' check at the first malformed one. Every one is said now, each on
+    its own stderr line naming the option and the value; exit 2, nothing made."""
+    import json
+    config_path = tmp_path / "etc" / "replication.toml"
+
+    def add(*argv):
+        return subprocess.run([sys.executable, "-m", "app", "--config", str(config_path),
+                               "target", "add", *argv], capture_output=True, text=True,
+                              cwd=Path(__file__).resolve().parent.parent)
+    wrong = {"port": "sixty", "bandwidth": "20XB/s", "compression": "lz4"}
+    r = add("t1", "--host", "192.0.2.1", "--root", "/srv/r",
+            *[w for k, v in wrong.items() for w in (f"--{k}", v)])
+    assert r.returncode == 2, r.stdout + r.stderr
+    lines = r.stderr.splitlines()
+    for key, value in wrong.items():
+        assert [ln for ln in lines if ln.startswith(f"mirrorsetup: {key}: ") and repr(value) in ln], \
+            (key, r.stderr)
+    assert len(lines) == len(wrong), r.stderr
+    assert not config_path.parent.exists(), "something was made"
+
+    # a port that is a number but no TCP port, a resync cap above the cap, a malformed name
+    # and host key: all four, and --json has each with its key and errno
+    r = add("--json", "t 1", "--host", "192.0.2.1", "--root", "/srv/r", "--port", "70000",
+            "--bandwidth", "1MiB/s", "--resync-bandwidth", "2MiB/s", "--accept-host-key", "xyz")
+    assert r.returncode == 2, r.stdout + r.stderr
+    said = json.loads(r.stdout)
+    assert [e["key"] for e in said["errors"]] == ["name", "port", "resync_bandwidth", None], said
+    assert {e["errno_name"] for e in said["errors"]} == {"EINVAL"}, said
+    assert said["errno_name"] == "EINVAL"
+    assert len(r.stderr.splitlines()) == 4 and "'t 1'" in r.stderr and "70000" in r.stderr \
+        and "2MiB/s is above bandwidth 1MiB/s" in r.stderr and "'xyz'" in r.stderr, r.stderr
+    assert not config_path.parent.exists(), "something was made"
+
+    # a name in use is said with the malformed options, not after them
+    store = ConfigStore(config_path)
+    from app.services.config_toml import TargetHost
+    store.add_target(TargetHost(name="t1", host="192.0.2.1", root="/srv/r"))
+    before = config_path.read_bytes()
+    r = add("t1", "--host", "192.0.2.2", "--root", "/srv/r", "--port", "0")
+    assert r.returncode == 2, r.stdout + r.stderr
+    assert "port: must be a TCP port (1-65535), got 0" in r.stderr, r.stderr
+    assert "a target named 't1' is already configured" in r.stderr, r.stderr
+    assert config_path.read_bytes() == before
+
+
+def test_a_new_targets_fields_are_checked_all_at_once(store):
+    """The check the CLI's `target add` and the Targets screen's dialog share: every malformed
+    field in one ConfigErrors (each with its own key), one alone as itself."""
+    from app.services.config_toml import TargetHost
+    from app.services.results import ConfigErrors
+    with pytest.raises(ConfigErrors) as got:
+        store.check_target(TargetHost(name="b 1", host="-oProxyCommand=x", root="/srv/r",
+                                      port=0, bandwidth="lots"))
+    assert [e.key for e in got.value.errors] == ["name", "host", "port", "bandwidth"]
+    assert str(got.value) == "; ".join(str(e) for e in got.value.errors)
+    with pytest.raises(ConfigError, match="^port: must be a TCP port") as got:
+        store.check_target(TargetHost(name="b1", host="h", root="/srv/r", port=0))
+    assert not isinstance(got.value, ConfigErrors)
+    assert not store.path.exists()
+
+
+def test_fs_add_says_every_malformed_option_at_once(tmp_path):
+    """The fields' check said the first malformed one (a relative --target hid a too small
+    --queue-limit until it was fixed): each is said now, on its own line; exit 2, nothing made."""
+    config_path = tmp_path / "etc" / "replication.toml"
+    (tmp_path / "d").mkdir()
+    r = subprocess.run([sys.executable, "-m", "app", "--config", str(config_path), "fs", "add",
+                        str(tmp_path / "d"), "--target", "rel", "--queue-limit", "1K"],
+                       capture_output=True, text=True, cwd=Path(__file__).resolve().parent.parent)
+    assert r.returncode == 2, r.stdout + r.stderr
+    lines = r.stderr.splitlines()
+    assert [ln for ln in lines if ln.startswith("mirrorsetup: target: ") and "'rel'" in ln], lines
+    assert [ln for ln in lines if ln.startswith("mirrorsetup: queue_limit: ") and "'1K'" in ln], lines
+    assert len(lines) == 2, lines
+    assert not config_path.exists()

@@ -181,6 +181,33 @@ async def test_targets_and_replicas_are_listed_and_wrong_input_changes_nothing(
 
 
 @pilot_test
+async def test_the_add_dialog_says_every_field_the_configuration_refuses_at_once(
+        tui, config_path, tmp_path, config_bytes):
+    """The dialog checks its fields by the rule `target add` uses (ConfigStore.check_target):
+    it said the first field that rule refused (a bad name hid a bad host until it was fixed);
+    now every one, as `target add` does."""
+    write_config(config_path, tmp_path)
+    before = config_bytes()
+    app = tui(is_root=True)
+    async with app.run_test(size=(80, 24)) as pilot:
+        await open_targets(pilot)
+        await pilot.press("a")
+        await settle(pilot)
+        assert isinstance(app.screen, AddTargetDialog)
+        for field, value in (("name", "b 2"), ("host", "-oProxyCommand=x"), ("root", "/srv/b2")):
+            app.screen.query_one(f"#{field}").value = value
+        await settle(pilot)
+        await pilot.click("#add")
+        await settle(pilot)
+        problem = static_text(app.screen.query_one("#problem")).replace("\n", " ")
+        assert "name: must be letters" in problem and "host: must be an address" in problem, problem
+        assert isinstance(app.screen, AddTargetDialog)
+        await pilot.press("escape")
+        await settle(pilot)
+    assert config_bytes() == before
+
+
+@pilot_test
 async def test_without_the_daemon_fail_over_actions_say_so_at_once(
         canned_targets, config_path, tmp_path, config_bytes):
     """Found by a walk: with the daemon stopped, s (and f, o) asked to confirm a switch-over

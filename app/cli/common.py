@@ -74,11 +74,14 @@ def require(call: Callable, *a, **kw):
         return call(*a, **kw)
     except MirrorError as exc:
         from app.services.entries import with_errno
-        from app.services.results import ConfigError
+        from app.services.results import ConfigError, ConfigErrors
         with_errno(exc)  # a missing object: ENOENT
         if exc.errno is None and isinstance(exc, ConfigError):  # an entry or file that is wrong
             exc.errno = errno.EINVAL  # (--json said "errno": null for `fs add /`, "is inside …")
-        raise Refused(exc.message, errno=exc.errno, obj=exc.obj) from exc
+        refused = Refused(exc.message, errno=exc.errno, obj=exc.obj)
+        if isinstance(exc, ConfigErrors):  # every problem at once: each said on its own line
+            refused.errors = exc.errors
+        raise refused from exc
 
 
 def require_daemon(rep) -> None:

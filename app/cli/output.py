@@ -119,12 +119,17 @@ def failures(results: list[Result]) -> int:
 
 def refusal(exc: MirrorError, *, as_json: bool = False) -> int:
     """A request refused before anything was changed: stderr, and JSON on stdout. Exit 2."""
-    complain(str(exc))
+    errors = getattr(exc, "errors", [exc])  # ConfigErrors: every problem, each on its line
+    for e in errors:
+        complain(str(e))
     if as_json:
         err = exc.errno if isinstance(exc.errno, int) else None
         dump({"error": str(exc), "errno": err,
               "errno_name": errno_module.errorcode.get(err) if err else None,
-              **({"line": exc.line, "key": exc.key} if hasattr(exc, "line") else {})})
+              **({"line": exc.line, "key": exc.key} if hasattr(exc, "line") else {}),
+              **({"errors": [{"error": str(e), "key": e.key, "errno": e.errno,
+                              "errno_name": errno_module.errorcode.get(e.errno)}
+                             for e in errors]} if len(errors) > 1 else {})})
     return 2
 
 

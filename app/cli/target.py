@@ -10,7 +10,7 @@ from dataclasses import asdict
 
 from app.cli.common import Refused, add, group, require, store
 from app.cli.output import complain, print_table, report
-from app.services.results import ConfigError, MirrorError, Outcome, Result
+from app.services.results import ConfigError, ConfigErrors, MirrorError, Outcome, Result
 
 
 def _host(args):
@@ -23,21 +23,40 @@ def _host(args):
 
 def cmd_add(args) -> int:
     from app.services import targets
+    from app.services.config import target_errors
     from app.services.config_toml import TargetHost
-    host = TargetHost(name=args.name, host=args.host, root=args.root, port=args.port, user=args.user,
-                      identity=args.identity, known_hosts=args.known_hosts, ssh_config=args.ssh_config,
-                      bandwidth=args.bandwidth, resync_bandwidth=args.resync_bandwidth,
-                      compression=args.compression, agent=args.agent)
+    host = TargetHost(name=args.name, host=args.host, root=args.root, port=_port(args.port),
+                      user=args.user, identity=args.identity, known_hosts=args.known_hosts,
+                      ssh_config=args.ssh_config, bandwidth=args.bandwidth,
+                      resync_bandwidth=args.resync_bandwidth, compression=args.compression,
+                      agent=args.agent)
     st = store(args, missing_ok=True)
+    config = require(st.load)
+    # every malformed field and a name in use, all said at once (one line each): refused,
+    # nothing made. The Targets screen's dialog checks its fields with the same target_errors
+    errors = target_errors(host)
     if args.accept_host_key is not None:  # "" too: not a fingerprint
-        require(targets.check_fingerprint, args.accept_host_key)
-    require(st.check_target, host)  # a malformed field or a name in use: refused, nothing made
-    if require(st.load).target_host(args.name) is not None:
-        raise Refused(f"a target named {args.name!r} is already configured", errno=errno.EEXIST,
-                      obj=args.name)
+        try:
+            targets.check_fingerprint(args.accept_host_key)
+        except ConfigError as exc:
+            errors.append(exc)
+    if config.target_host(args.name) is not None:
+        errors.append(ConfigError(f"a target named {args.name!r} is already configured",
+                                  key="name", obj=args.name, errno=errno.EEXIST))
+    if errors:
+        raise ConfigErrors.of(errors)
 
     return report([targets.add_target(st, host, accept_host_key=args.accept_host_key,
                                       confirm=_confirm(args, args.host, args.port))], as_json=args.json)
+
+
+def _port(text):
+    """--port as a number; text that is none is kept, to be said with every other malformed
+    field (argparse's own refusal of it ended the run before they were looked at)."""
+    try:
+        return int(text)
+    except (TypeError, ValueError):
+        return text
 
 
 def _confirm(args, host: str, port: int):
@@ -121,7 +140,7 @@ def register(sub, common) -> None:
             "pinned (never accepted silently)", common)
     p.add_argument("name")
     p.add_argument("--host", required=True, help="ssh destination (your ssh_config applies)")
-    p.add_argument("--port", type=int, default=22)
+    p.add_argument("--port", default=22)  # checked with the other fields (_port)
     p.add_argument("--user", default=None)
     p.add_argument("--identity", default=None, help="private key (default: a new ed25519 key "
                    "next to the configuration, keys/NAME_ed25519)")
@@ -134,7 +153,7 @@ def register(sub, common) -> None:
     p.add_argument("--resync-bandwidth", default=None, help="a lower cap for resyncs, so live "
                    "changes still get through (at most --bandwidth); 0 or none given: no cap "
                    "of their own")
-    p.add_argument("--compression", choices=("zstd", "none"), default="zstd")
+    p.add_argument("--compression", metavar="{zstd,none}", default="zstd")  # checked with the others
     p.add_argument("--agent", default="mirrorsetup", help="the mirrorsetup command on the target, "
                    "for the authorized_keys line (default: mirrorsetup on its PATH)")
     p.add_argument("--accept-host-key", metavar="SHA256:…", default=None, help="pin the host key "

@@ -24,7 +24,7 @@ from app.services.config_legacy import LEGACY_BLOCK_FILE, LEGACY_FS_FILE, import
 from app.services.config_toml import (TABLES, BlockEntry, Config, FsEntry, TargetHost,
                                       config_from_toml, config_to_toml, field_problem,
                                       rates_problem)
-from app.services.results import ConfigError, MirrorError, Result
+from app.services.results import ConfigError, ConfigErrors, MirrorError, Result
 from app.services.units import exact_size
 
 DEFAULT_PATH = "/etc/mirrorsetup/replication.toml"
@@ -415,23 +415,40 @@ def check_window(device: str, offset: int, sizelimit: int, size: int) -> None:
                           obj=device, errno=errno.EINVAL)
 
 
-def _check_fields(entry, spec: dict[str, tuple[type, bool]]) -> None:
+def _field_errors(entry, spec: dict[str, tuple[type, bool]]) -> list[ConfigError]:
+    errors = []
     for key, (kind, required) in spec.items():
         value = getattr(entry, key)
         if value is None and not required:
             continue
         problem = field_problem(key, kind, value)
         if problem:
-            raise ConfigError(f"{key}: {problem}", key=key, errno=errno.EINVAL)
+            errors.append(ConfigError(f"{key}: {problem}", key=key, errno=errno.EINVAL))
+    return errors
+
+
+def _check_fields(entry, spec: dict[str, tuple[type, bool]]) -> None:
+    """Every field's problem at once (ConfigErrors), not only the first."""
+    error = ConfigErrors.of(_field_errors(entry, spec))
+    if error is not None:
+        raise error
+
+
+def target_errors(host: TargetHost) -> list[ConfigError]:
+    """Every problem of a new target's fields: on their own, then together (a file read keeps
+    what it says: only a new target is refused a resync cap above its bandwidth cap)."""
+    errors = _field_errors(host, TABLES["target"][1])
+    problem = rates_problem(host.bandwidth, host.resync_bandwidth)
+    if problem:
+        errors.append(ConfigError(f"resync_bandwidth: {problem}", key="resync_bandwidth",
+                                  errno=errno.EINVAL))
+    return errors
 
 
 def _check_target(host: TargetHost) -> None:
-    """Its fields on their own, then together (a file read keeps what it says: only a new
-    target is refused a resync cap above its bandwidth cap)."""
-    _check_fields(host, TABLES["target"][1])
-    problem = rates_problem(host.bandwidth, host.resync_bandwidth)
-    if problem:
-        raise ConfigError(f"resync_bandwidth: {problem}", key="resync_bandwidth", errno=errno.EINVAL)
+    error = ConfigErrors.of(target_errors(host))
+    if error is not None:
+        raise error
 
 
 def _stat(path: str, key: str, what: str) -> os.stat_result:

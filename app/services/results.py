@@ -103,6 +103,23 @@ class ConfigError(MirrorError):
         self.key = key
 
 
+class ConfigErrors(ConfigError):
+    """Every problem of one request at once, so an administrator fixes them in one go rather
+    than meeting the next at each try. `errors` keep their own key and errno; the message is
+    theirs joined by "; " (the CLI says each on its own line)."""
+
+    def __init__(self, errors: list[ConfigError]):
+        first = errors[0]
+        super().__init__("; ".join(e.message for e in errors), line=first.line, key=first.key,
+                         obj=first.obj, errno=first.errno)
+        self.errors = list(errors)
+
+    @classmethod
+    def of(cls, errors: list[ConfigError]) -> ConfigError | None:
+        """None for no problem, the error itself for one, else all of them."""
+        return None if not errors else errors[0] if len(errors) == 1 else cls(errors)
+
+
 def exit_code(results: list[Result]) -> int:
     """The CLI contract: 0 when no entry failed; 2 when every failed entry was refused and
     nothing was done (no entry ok or pending); else 1."""
