@@ -857,6 +857,43 @@ def block_remote(remote, disks):
     return build
 
 
+def test_block_add_warns_when_the_remote_target_has_no_room_for_the_device(remote, disks):
+    """Found by a walk: `block add DEV --target NAME:PATH` said nothing when the target host
+    had no room for the device, where a local device target that small is refused in these
+    words. It warns now (the room as `target test` tells it), and says when the room could not
+    be checked; either way the entry is added (room can be made there before it is captured)."""
+    make, r = remote(disk=32 * MiB)  # the target's root: a 32 MiB ext4
+    info = json.loads(cli(r.cfg, "target", "test", "backup1", "--json").stdout)
+    room = info["available_bytes"]
+    assert room < 64 * MiB, info
+    big, small = disks(64 * MiB), disks(4 * MiB)
+    a = cli(r.cfg, "block", "add", big, "--target", "backup1:big.img")
+    assert a.returncode == 0, a.stdout + a.stderr
+    from app.services.units import exact_size
+    assert f"mirrorsetup: warning: target backup1:big.img has {exact_size(room)} for replicas " \
+           f"({r.root} on {r.bed.target_addr}), less than the 64 MiB it must mirror" in a.stderr, a.stderr
+    assert f"added {big}" in a.stdout, a.stdout
+    a = cli(r.cfg, "block", "add", small, "--target", "backup1:small.img")
+    assert a.returncode == 0 and "warning" not in a.stderr, a.stdout + a.stderr
+    listed = [e["device"] for e in json.loads(cli(r.cfg, "block", "list", "--json").stdout)]
+    assert listed == [big, small], listed
+
+    r.bed.reject()  # the target cannot be reached: said, and the entry is added all the same
+    try:
+        other = disks(8 * MiB)
+        a = cli(r.cfg, "--json", "block", "add", other, "--target", "backup1:other.img")
+        assert a.returncode == 0, a.stdout + a.stderr
+        assert "mirrorsetup: warning: the room for backup1:other.img could not be checked " \
+               "(target backup1: " in a.stderr, a.stderr
+        assert "`mirrorsetup target test backup1` tells it once the target answers" in a.stderr
+        [added] = json.loads(a.stdout)
+        assert added["outcome"] == "ok" and "could not be checked" in added["details"]["warnings"][0]
+    finally:
+        r.bed.unblock()
+    listed = [e["device"] for e in json.loads(cli(r.cfg, "block", "list", "--json").stdout)]
+    assert listed == [big, small, other], listed
+
+
 def sha(path, size=None) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:

@@ -250,6 +250,36 @@ async def test_a_target_typed_in_the_dialog_is_saved_and_shown(no_daemon_tui, st
     assert not target.exists()  # nothing is replicated without the daemon
 
 
+@pilot_test
+async def test_a_remote_target_whose_room_cannot_be_checked_is_added_with_a_warning(
+        no_daemon_tui, store, protected_device):
+    """`block add` to a remote target checks the room there (as `target test` tells it); the
+    dialog's add says what that found, here that the target could not be reached (a port held
+    closed by this test), and the entry is added all the same."""
+    import socket
+
+    from app.services.config_toml import TargetHost
+    disk = protected_device()
+    with socket.socket() as closed:  # bound, never listening: a connect to it is refused
+        closed.bind(("127.0.0.1", 0))
+        store.add_target(TargetHost(name="backup1", host="127.0.0.1", root="/srv/r",
+                                    port=closed.getsockname()[1]))
+        app = no_daemon_tui([disk])
+        async with app.run_test(size=(80, 24)) as pilot:
+            screen = await open_block_screen(pilot)
+            dialog = await pick(pilot, screen, disk)
+            await pilot.press(*"backup1:disk.img")
+            problem = dialog.query_one("#problem")
+            await wait_until(pilot, lambda: "can be added" in static_text(problem),
+                             f"the inline check to accept the target ({static_text(problem)!r})")
+            await pilot.press("enter")
+            await wait_until(pilot, lambda: app.screen is screen, "the dialog to close")
+            said = [n for n in notices(app) if "the room for backup1:disk.img could not be "
+                    "checked (target backup1: " in n]
+            assert said and "mirrorsetup target test backup1" in said[0], notices(app)
+    assert [e.device for e in store.load().block] == [disk]
+
+
 @pytest.mark.parametrize("case", ["the-device-itself", "no-such-directory", "smaller-device"])
 @pilot_test
 async def test_a_refused_target_shows_the_service_message_and_changes_nothing(

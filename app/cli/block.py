@@ -56,10 +56,12 @@ def cmd_add(args) -> int:
     check = require(check_block, rep.store, entry)
     if check.refusal:
         raise Refused(check.refusal, errno=check.errno, obj=args.device)
-    code = report([rep.add_block(args.device, loop=args.loop, offset=args.offset,
-                                 sizelimit=args.sizelimit, read_only=args.read_only,
-                                 encryption=args.encryption, target=args.target, **opts)],
-                  as_json=args.json)
+    added = rep.add_block(args.device, loop=args.loop, offset=args.offset,
+                          sizelimit=args.sizelimit, read_only=args.read_only,
+                          encryption=args.encryption, target=args.target, **opts)
+    code = report([added], as_json=args.json)
+    for warning in added.details.get("warnings", ()):  # a remote target without room
+        complain(f"warning: {warning}")
     for warning in check.warnings:
         complain(f"warning: {args.device} is {warning}: attach-all refuses it until that ends "
                  "(--force attaches anyway)")

@@ -261,6 +261,8 @@ class BlockScreen(TaskScreen):
     def _added(self, result) -> None:
         if result is not None:
             self.notify(shown(result.message), title="Added", markup=False)
+            for warning in result.details.get("warnings", ()):  # a remote target without room
+                self.notify(shown(warning), title="Added, but", severity="warning", markup=False)
             self.reload()
 
     def action_remove(self) -> None:

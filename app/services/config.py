@@ -148,7 +148,7 @@ class ConfigStore:
                 raise ConfigError(f"no remote target named {name!r} is configured", obj=name,
                                   errno=errno.ENOENT)
             users = [getattr(e, "path", None) or e.device for e in config.filesystem + config.block
-                     if e.target and e.target.partition(":")[0] == name and not _local(e.target)]
+                     if e.target and e.target.partition(":")[0] == name and not is_local_target(e.target)]
             if users:
                 raise ConfigError(f"target {name} is used by {', '.join(users)}: remove those "
                                   "entries (or change their target) first", obj=name, errno=errno.EBUSY)
@@ -224,12 +224,12 @@ class ConfigStore:
                 raise ConfigError(f"{real} overlaps {other.target}, the target of {other.path}",
                                   key="path", obj=path)
         for other in config.block:  # as a block target in a replicated directory is refused
-            if _local(other.target) and _overlap(os.path.realpath(other.target), real):
+            if is_local_target(other.target) and _overlap(os.path.realpath(other.target), real):
                 raise ConfigError(f"{real} holds {other.target}, the target of {other.device}: "
                                   "its replica's writes would be captured here too",
                                   key="path", obj=path, errno=errno.EINVAL)
         target = None
-        if entry.target is not None and not _local(entry.target):
+        if entry.target is not None and not is_local_target(entry.target):
             target = _checked_remote_target("fs", real, entry.target, config)
         elif entry.target is not None:
             target = _checked_fs_target(real, entry.target, config)
@@ -277,7 +277,7 @@ class ConfigStore:
         if reason:
             raise refuse(f"{device} cannot be replicated: {reason}")
         check_window(device, entry.offset, entry.sizelimit, size)
-        if entry.target is not None and not _local(entry.target):
+        if entry.target is not None and not is_local_target(entry.target):
             _checked_remote_target("block", device, entry.target, config)
         elif entry.target is not None:
             window = entry.sizelimit or size - entry.offset
@@ -314,13 +314,13 @@ class ConfigStore:
             if _ids_share_bytes(me, theirs):
                 raise refuse(f"{device} lies on {other.target}, the target of the entry for "
                              f"{other.device} (a partition and its disk)")
-            if _local(other.target) and _backing_file_of(other.target, backing):
+            if is_local_target(other.target) and _backing_file_of(other.target, backing):
                 raise refuse(f"{device} lies on {other.target}, the target of the entry for "
                              f"{other.device} (the backing file of its loop device): that "
                              "entry's mirror would overwrite this device, and this capture "
                              "would write into its replica")
         for fs in config.filesystem:  # nor a file in a directory replica
-            if _local(fs.target) and _backing_below(backing, fs.target):
+            if is_local_target(fs.target) and _backing_below(backing, fs.target):
                 raise refuse(f"{device} lies on {backing}, inside {fs.target}, the target of "
                              f"{fs.path} (the backing file of its loop device): that entry's "
                              "replication would overwrite or remove it under this device")
@@ -639,6 +639,12 @@ def _file_system_on_device(target: str, device: str, window: tuple[int, int]) ->
     return None
 
 
+def short_of(has: str, window: int) -> str:
+    """A block target with less room than the window it copies: a local device's refusal and
+    a remote target's warning at add say it in these words."""
+    return f"{has}, less than the {exact_size(window)} it must mirror"
+
+
 def _block_target_problem(target: str, window: int) -> str | None:
     """What is wrong with a block entry's target: it must be a block device of at least the
     window's size, a regular file (extended to the window) or a new file in an existing directory."""
@@ -656,8 +662,7 @@ def _block_target_problem(target: str, window: int) -> str | None:
     if stat.S_ISBLK(st.st_mode):
         from app.services import blockdevs
         have = blockdevs.device_size(target)
-        return None if have >= window else (f"holds {exact_size(have)}, less than the "
-                                            f"{exact_size(window)} it must mirror")
+        return None if have >= window else short_of(f"holds {exact_size(have)}", window)
     if not stat.S_ISREG(st.st_mode):
         return "is neither a regular file nor a block device"
     return None
@@ -700,7 +705,8 @@ def _refuse_own_dirs(real: str, path: str) -> None:
                               key="path", obj=path, errno=errno.EINVAL)
 
 
-def _local(target: str | None) -> bool:
+def is_local_target(target: str | None) -> bool:
+    """A local target (an absolute path), not NAME:PATH on a remote target nor none."""
     return bool(target) and target.startswith("/")
 
 
@@ -711,7 +717,7 @@ def _overlap(a: str, b: str) -> bool:
 def _refuse_shared_target(kind: str, source: str, target: str, config: Config) -> None:
     """No two entries share a replica, and no replica lies where another entry's mirror would
     prune it or its capture would write behind it."""
-    if not _local(target):
+    if not is_local_target(target):
         return
     real = os.path.realpath(target)
     mine = _device_id(target)
@@ -723,7 +729,7 @@ def _refuse_shared_target(kind: str, source: str, target: str, config: Config) -
             continue
         if _overlap(real, other.path):
             raise refuse(f"overlaps {other.path}, which is replicated")
-        if _local(other.target) and _overlap(real, os.path.realpath(other.target)):
+        if is_local_target(other.target) and _overlap(real, os.path.realpath(other.target)):
             raise refuse(f"overlaps {other.target}, the target of {other.path}: its mirror would "
                          "remove what is not its own")
     for other in config.block:
@@ -741,7 +747,7 @@ def _refuse_shared_target(kind: str, source: str, target: str, config: Config) -
         if _ids_share_bytes(mine, theirs):
             raise refuse(f"lies on {other.device}, a replicated device (a partition and its "
                          "disk: writes there would bypass its capture)")
-        if _local(other.target):
+        if is_local_target(other.target):
             their_id = _device_id(other.target)
             if their_id == mine or _overlap(real, os.path.realpath(other.target)) \
                     or _ids_share_bytes(mine, their_id):
@@ -762,7 +768,7 @@ def _checked_remote_target(kind: str, source: str, target: str, config: Config) 
     host, where = _remote_place(config, name, rel)
     for other in config.filesystem + config.block:
         key = getattr(other, "path", None) or getattr(other, "device", None)
-        if key == source or not other.target or _local(other.target):
+        if key == source or not other.target or is_local_target(other.target):
             continue
         oname, _, orel = other.target.partition(":")
         if config.target_host(oname) is None:
@@ -798,7 +804,7 @@ def _refuse_unclaimed(target: str, entry: str, adopt: bool) -> None:
     """A target that already holds something is written only when it is this entry's replica
     (its marker says so) or the administrator said to adopt it."""
     from app.services.layout import read_marker, target_is_empty
-    if not _local(target) or adopt:
+    if not is_local_target(target) or adopt:
         return
     marker = read_marker(target)
     if marker is not None:

@@ -15,7 +15,7 @@ import os
 from app.services import blockdevs, blockplan, mounts
 from app.services import loop as loopdev
 from app.services.blockplan import View, same_device
-from app.services.config import BlockEntry, ConfigStore, match_block, match_fs
+from app.services.config import BlockEntry, ConfigStore, is_local_target, match_block, match_fs
 from app.services.layout import (FSTYPE_BLOCK, FSTYPE_FS, command, default_state_dir, entry_state,
                                   failback_marker, mix_words, switched_marker,
                                   switched_refusal, with_failback)
@@ -52,8 +52,25 @@ class Replication:
         where = entry.loop or "the first free loop device"
         window = (f"{human_size(entry.sizelimit)} from offset {entry.offset}" if entry.sizelimit
                   else f"at offset {entry.offset}")
+        warning = self._remote_room(entry)
         return Result("add", entry.device, Outcome.OK, f"added {entry.device} (attaches to {where} "
-                      f"{window}{', read-only' if entry.read_only else ''}){_no_target(entry)}")
+                      f"{window}{', read-only' if entry.read_only else ''}){_no_target(entry)}",
+                      details={"warnings": [warning]} if warning else {})
+
+    def _remote_room(self, entry: BlockEntry) -> str | None:
+        """A remote target without room for the entry's window, said as a local device target
+        that small is refused (config.short_of); or that its room could not be checked."""
+        if not entry.target or is_local_target(entry.target):
+            return None
+        from app.services.targets import room_warning
+        try:
+            host = self.store.load().target_host(entry.target.partition(":")[0])
+            size = blockdevs.device_size(entry.device)
+        except MirrorError:  # (the add just read both)
+            return None
+        if host is None:
+            return None
+        return room_warning(host, entry.target, entry.sizelimit or size - entry.offset)
 
     def remove_block(self, device: str, *, keep_replica_primary: bool = False) -> list[Result]:
         """Remove an entry; its loop is detached first, and a failed detach keeps the entry.

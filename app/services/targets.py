@@ -612,6 +612,24 @@ def probe(host: TargetHost) -> dict:
             "rtt_ms": None if "rtt" not in result else round(result["rtt"] * 1000, 2)}
 
 
+def room_warning(host: TargetHost, target: str, window: int) -> str | None:
+    """A block entry's remote `target` (NAME:PATH on `host`) without room for its `window`, as
+    `target test` tells the room (probe); or that the room could not be checked. A warning at
+    its add, never a refusal: room can be made there before it is captured."""
+    from app.services.config import short_of
+    from app.services.units import exact_size
+    try:
+        info = probe(host)
+    except MirrorError as exc:
+        return (f"the room for {target} could not be checked ({exc}); "
+                f"{command('target', 'test', host.name)} tells it once the target answers")
+    room = info["available_bytes"] if info.get("available_bytes") is not None else info["free_bytes"]
+    if room is None or room >= window:
+        return None
+    return f"target {target} " + short_of(f"has {exact_size(room)} for replicas ({host.root} on "
+                                          f"{host.host})", window)
+
+
 def room_text(info: dict) -> str:
     """What replicas can use below a target's root (a `probe`'s answer), and what was
     subtracted from the free space to say it: `target test` and the Targets screen's Test."""
