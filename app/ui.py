@@ -133,10 +133,11 @@ class Services:
     def daemon_running(self) -> bool:
         return self.control.is_running()
 
-    def daemon_action(self, action: str):
-        """start / stop / restart: one Result. Blocking (a thread worker calls it)."""
+    def daemon_action(self, action: str, **kw):
+        """start / stop / restart: one Result. Blocking (a thread worker calls it). `kw`: a
+        stop's `say` (daemonctl.stop)."""
         from app.services import daemonctl
-        return getattr(daemonctl, action)(self.daemon)
+        return getattr(daemonctl, action)(self.daemon, **kw)
 
 
 def default_services(config_path=None, control_socket=None, state_dir=None) -> Services:

@@ -77,3 +77,43 @@ def test_gather_runs_at_once_keeps_order_and_raises_an_error_as_itself():
             await gather(lambda: value(1, 0.05), failing)
         assert await gather() == []
     trio.run(main)
+
+
+def test_daemon_stop_says_which_worker_it_waits_for_and_waits_as_long_as_the_daemon_does(
+        setup, tmp_path):
+    """A stop waits for each capture to end (up to 45 s for one that ships its queue, 45 s for
+    one that does not answer, then it is killed). `daemon stop` said nothing meanwhile and gave
+    up after 10 s ('still running', exit 1) while the daemon went on waiting. Now it says what
+    the daemon waits for as it begins, naming the entry and its worker and the limit, and waits
+    as long as the daemon does: here the worker is stopped (SIGSTOP), the line says how to
+    resume it, and once it is resumed the stop ends cleanly."""
+    import select
+    (tmp_path / "a").mkdir()
+    src = str(tmp_path / "a")
+    eng, _, _ = setup([{"path": src, "target": str(tmp_path / "a.tgt")}])
+    pid = eng.status(src)["worker_pid"]
+    env = {**os.environ, "MIRRORSETUP_SOCKET": eng.socket}
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        p = subprocess.Popen([sys.executable, "-m", "app", "--config", str(eng.config), "daemon",
+                              "stop", "--state-dir", eng.state], cwd=REPO, env=env, text=True,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        said, deadline = "", time.monotonic() + 40
+        while f"kill -CONT {pid}" not in said and time.monotonic() < deadline:
+            if select.select([p.stderr], [], [], 1)[0]:
+                line = p.stderr.readline()
+                if not line:  # it ended without saying it
+                    break
+                said += line
+        assert f"mirrorsetup: stopping the daemon: {src}: asked its capture to end" in said, said
+        assert f"worker pid {pid} (stopped by a signal: kill -CONT {pid} resumes it); given up " \
+               "after 45 s, then it is killed" in said, said
+        os.kill(pid, signal.SIGCONT)  # as the line says: the worker answers, drains and ends
+        out, err = p.communicate(timeout=120)
+        assert p.returncode == 0, said + out + err
+        assert "stopped the daemon" in out, out
+        assert eng.proc.wait(timeout=30) == 0
+        assert "did not end; killing it" not in eng.logtext()
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGCONT)

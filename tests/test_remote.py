@@ -414,6 +414,29 @@ def fs_remote(remote, tmp_path):
     return build
 
 
+def test_daemon_stop_says_it_waits_for_a_capture_shipping_its_queue_and_waits_it_out(fs_remote):
+    """Found by a walk: with changes still queued for a slow target, `daemon stop` said nothing
+    and gave up after 10 s ('still running', exit 1) while the daemon rightly waited for the
+    capture to ship them (up to 45 s). It says what is waited for now, and waits as long as the
+    daemon does: the queue reaches the replica whole, nothing is killed."""
+    eng, src, r = fs_remote(bandwidth="512KiB/s")
+    data = os.urandom(8 * MiB)  # 16 s at the cap
+    Path(src, "big").write_bytes(data)
+    env = {**os.environ, "MIRRORSETUP_SOCKET": eng.socket}
+    began = time.monotonic()
+    p = subprocess.run([sys.executable, "-m", "app", "--config", str(r.cfg), "daemon", "stop",
+                        "--state-dir", eng.state], cwd=REPO, env=env, text=True,
+                       capture_output=True, timeout=120)
+    took = time.monotonic() - began
+    assert p.returncode == 0, p.stdout + p.stderr
+    assert f"mirrorsetup: stopping the daemon: {src}: waiting for its capture to ship what is " \
+           "queued to its target and end; worker pid " in p.stderr, p.stderr
+    assert "given up after 45 s" in p.stderr, p.stderr
+    assert took > 10, f"the queue shipped in {took:.1f} s: nothing was waited for"
+    assert "did not end; killing it" not in eng.logtext()
+    assert (r.root / "data" / "big").read_bytes() == data
+
+
 @pytest.fixture
 def writer(tmp_path):
     procs = []

@@ -42,7 +42,8 @@ def cmd_stop(args) -> int:
     from app.services import daemonctl
     s = settings(args)
     _refuse_foreign(s)
-    return report([daemonctl.stop(s)], as_json=args.json)
+    return report([daemonctl.stop(s, say=lambda what: complain(f"stopping the daemon: {what}"))],
+                  as_json=args.json)
 
 
 def cmd_restart(args) -> int:

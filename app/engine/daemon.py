@@ -122,7 +122,8 @@ class Daemon:
     async def cmd_ping(self, send):
         return {"pid": os.getpid(), "version": protocol.VERSION,
                 "config": os.path.realpath(self.store.path), "state_dir": self.state_dir,
-                "socket": self.socket_path}
+                "socket": self.socket_path,
+                **({"stopping": self.sup.waits_now()} if self.stopping.is_set() else {})}
 
     async def cmd_status(self, send):
         config = self.store.load()

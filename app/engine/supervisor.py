@@ -531,6 +531,27 @@ class Supervisor:
         # died, or the start of a worker failed: the newest of them)
         self.died: dict[tuple[str, str], str] = {}  # its worker died (and none runs since)
         self.detached: list[Captured] = []  # lazily unmounted, still serving files open there
+        self.waits: dict[tuple[str, str], tuple[str, float]] = {}  # what a stop waits for now:
+        # (words, when it gives up: monotonic); `ping` says it while the daemon stops
+
+    @contextlib.contextmanager
+    def waiting(self, cap: Captured, what: str, seconds: float, then: str = ""):
+        """A stop's wait on a worker, said in the log and by `ping`: a `daemon stop` sat in
+        these up to 45 s per entry without a word (the CLI gave up after 10 s: 'still running')."""
+        words = (f"{cap.key}: {what}; worker pid {cap.link.pid}{_process_state(cap.link.pid)}; "
+                 f"given up after {seconds:.0f} s{then}")
+        log.info("%s", words)
+        self.waits[(cap.kind, cap.key)] = (words, time.monotonic() + seconds)
+        try:
+            with trio.move_on_after(seconds):
+                yield
+        finally:
+            self.waits.pop((cap.kind, cap.key), None)
+
+    def waits_now(self) -> list[dict]:
+        now = time.monotonic()
+        return [{"entry": key, "what": words, "seconds_left": max(0, round(until - now, 1))}
+                for (_kind, key), (words, until) in self.waits.items()]
 
     def lock(self, kind: str, key: str) -> trio.Lock:
         return self.locks.setdefault((kind, key), trio.Lock())
@@ -612,7 +633,8 @@ class Supervisor:
                 # its mount is gone everywhere: it ships what is queued (up to 30 s, less once
                 # it finds its target unreachable) and ends. That is not "still busy" (a detach
                 # with the target's link down said so after 30 s)
-                with trio.move_on_after(STOP_WAIT_SECONDS):
+                with self.waiting(cap, "waiting for its capture to ship what is queued to "
+                                  "its target and end", STOP_WAIT_SECONDS):
                     await cap.link.proc.wait()
         if cap.link.alive():
             cap.holders = [mounts.describe_holders([h]) for h in copies]
@@ -621,7 +643,9 @@ class Supervisor:
             # a worker that does not answer (stopped, hung) is not waited for without end (an
             # unmount-all hung on it for good, its mount already gone); one that left a call
             # unanswered already is given a few seconds
-            with trio.move_on_after(5 if cap.link.unanswered else STOP_WAIT_SECONDS):
+            with self.waiting(cap, f"asked its capture to end ({note}), waiting for its answer",
+                              5 if cap.link.unanswered else STOP_WAIT_SECONDS,
+                              ", then it is killed"):
                 try:
                     await cap.link.call("stop", abort=True)
                 except MirrorError:
@@ -629,8 +653,12 @@ class Supervisor:
                 answered = True
             if not answered:
                 note = f"not answering{_process_state(cap.link.pid)}"
-            with trio.move_on_after(STOP_WAIT_SECONDS if answered else 0):
-                await cap.link.proc.wait()
+                with trio.move_on_after(0):
+                    await cap.link.proc.wait()
+            else:
+                with self.waiting(cap, "waiting for its capture to drain its journal and end",
+                                  STOP_WAIT_SECONDS, ", then it is killed"):
+                    await cap.link.proc.wait()
             if cap.link.alive():
                 log.error("%s: worker pid %s did not end; killing it", cap.key, cap.link.pid)
                 os.kill(cap.link.pid, 9)

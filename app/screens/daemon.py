@@ -88,9 +88,14 @@ class DaemonScreen(TaskScreen):
         getattr(self, f"action_{event.button.id}")()
 
     def _control(self, action: str, title: str, waiting: str) -> None:
+        def say(what: str) -> None:  # what a stop waits for (a capture shipping its queue…)
+            self.app.call_from_thread(self.notify, what, title="Stopping the daemon",
+                                      severity="warning", timeout=30, markup=False)
+
         def call():
             try:
-                return self.services.daemon_action(action)
+                return self.services.daemon_action(action, **({"say": say} if action == "stop"
+                                                              else {}))
             finally:
                 self.app.call_from_thread(self.app.daemon_changed_here)
         self.run_action(title, call, waiting=waiting, subject="daemon")  # as its results
@@ -104,7 +109,8 @@ class DaemonScreen(TaskScreen):
         def stop(confirmed: bool | None = True) -> None:
             if confirmed:
                 self._control("stop", "Stop the daemon", "stopping the daemon: it drains every "
-                              "entry to its target and unmounts it first (up to 10 s)")
+                              "entry to its target and unmounts it first (what it waits for "
+                              "is said as it waits)")
         if self._info is not None and not self._info.running:
             stop()  # nothing to lose: it says so
             return
