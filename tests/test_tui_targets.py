@@ -51,6 +51,18 @@ async def open_targets(pilot):
                      and pilot.app.screen.query_one("#targets").row_count == 1, "the targets")
 
 
+async def add_with(pilot, typed: dict[str, str]) -> None:
+    """On the Targets screen, a: the Add dialog's fields typed as `typed` says, Add pressed."""
+    await open_targets(pilot)
+    await pilot.press("a")
+    await settle(pilot)
+    assert isinstance(pilot.app.screen, AddTargetDialog)
+    for field, value in typed.items():
+        pilot.app.screen.query_one(f"#{field}").value = value
+    await settle(pilot)
+    await pilot.click("#add")
+
+
 @pytest.fixture
 def canned_targets(tui, config_path):
     """canned_targets(rows) -> async context of (app, pilot, screen): the real app on Targets
@@ -190,14 +202,7 @@ async def test_the_add_dialog_says_every_field_the_configuration_refuses_at_once
     before = config_bytes()
     app = tui(is_root=True)
     async with app.run_test(size=(80, 24)) as pilot:
-        await open_targets(pilot)
-        await pilot.press("a")
-        await settle(pilot)
-        assert isinstance(app.screen, AddTargetDialog)
-        for field, value in (("name", "b 2"), ("host", "-oProxyCommand=x"), ("root", "/srv/b2")):
-            app.screen.query_one(f"#{field}").value = value
-        await settle(pilot)
-        await pilot.click("#add")
+        await add_with(pilot, {"name": "b 2", "host": "-oProxyCommand=x", "root": "/srv/b2"})
         await settle(pilot)
         problem = static_text(app.screen.query_one("#problem")).replace("\n", " ")
         assert "name: must be letters" in problem and "host: must be an address" in problem, problem
@@ -667,15 +672,9 @@ async def test_a_host_whose_key_cannot_be_read_brings_the_dialog_back_as_typed(
     before = config_bytes()
     app = tui(is_root=True)
     async with app.run_test(size=(80, 24)) as pilot:
-        await open_targets(pilot)
-        await pilot.press("a")
-        await settle(pilot)
         typed = {"name": "b2", "host": "nowhere.invalid", "port": "2222", "user": "repl",
                  "root": "/srv/b2"}
-        for field, value in typed.items():
-            app.screen.query_one(f"#{field}").value = value
-        await settle(pilot)
-        await pilot.click("#add")
+        await add_with(pilot, typed)
         await wait_until(pilot, lambda: isinstance(app.screen, AddTargetDialog)
                          and "nowhere.invalid" in static_text(app.screen.query_one("#problem")),
                          "the dialog back with the reason")
