@@ -117,3 +117,34 @@ def test_daemon_stop_says_which_worker_it_waits_for_and_waits_as_long_as_the_dae
     finally:
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGCONT)
+
+
+def test_daemon_stop_ends_the_captures_at_once_not_one_after_another(setup, tmp_path):
+    """Each capture's end may wait (up to 45 s for one that ships its queue; 45 s, then it is
+    killed, for one that does not answer). The daemon ended them one after another: two
+    workers that did not answer made a stop take over 90 s (systemd's stop timeout is 90 s,
+    then it kills the daemon). They are ended at once now: one wait, whatever N, each said."""
+    entries = []
+    for name in ("a", "b"):
+        (tmp_path / name).mkdir()
+        entries.append({"path": str(tmp_path / name), "target": str(tmp_path / f"{name}.tgt")})
+    eng, _, _ = setup(entries)
+    workers = [eng.status(e["path"])["worker_pid"] for e in entries]
+    env = {**os.environ, "MIRRORSETUP_SOCKET": eng.socket}
+    try:
+        for pid in workers:
+            os.kill(pid, signal.SIGSTOP)
+        t0 = time.monotonic()
+        r = subprocess.run([sys.executable, "-m", "app", "--config", str(eng.config), "daemon",
+                            "stop", "--state-dir", eng.state], cwd=REPO, env=env, text=True,
+                           capture_output=True, timeout=200)
+        took = time.monotonic() - t0
+        assert r.returncode == 0, r.stdout + r.stderr
+        for e, pid in zip(entries, workers):
+            assert f"stopping the daemon: {e['path']}: asked its capture to end" in r.stderr \
+                and f"worker pid {pid} (stopped by a signal" in r.stderr, r.stderr
+        assert took < 80, f"daemon stop took {took:.1f} s with 2 workers that did not answer"
+    finally:
+        for pid in workers:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGCONT)

@@ -26,7 +26,7 @@ import os
 
 import trio
 
-from app.engine.supervisor import Captured, Supervisor, forced_end, spawn
+from app.engine.supervisor import Captured, Supervisor, forced_end, gather, spawn
 from app.services import blockplan, mounts
 from app.services import loop as loopdev
 from app.services.blockplan import View
@@ -230,8 +230,7 @@ class BlockCaptures:
     async def stop_all(self) -> list[Result]:
         """At daemon stop: detach what can be. A loop still mounted or open keeps its capture
         worker running (the next daemon takes it over), so its I/O does not fail."""
-        results = []
-        for cap in [c for c in self.sup.captures.values() if c.kind == "block"]:
+        async def end(cap: Captured) -> Result:
             async with self.sup.lock("block", cap.key):
                 r = await self._detach_captured(cap)
             if r.failed or r.outcome is Outcome.PENDING:
@@ -241,8 +240,10 @@ class BlockCaptures:
                 cap.ending = True
                 self.sup.captures.pop(("block", cap.key), None)
                 await cap.link.close()
-            results.append(r)
-        return results
+            return r
+        # all at once: each may wait for its capture to ship its queue (up to 45 s)
+        return await gather(*[lambda cap=cap: end(cap)
+                              for cap in [c for c in self.sup.captures.values() if c.kind == "block"]])
 
     # -- failures ---------------------------------------------------------------------------
     async def clean_dead(self, device: str | None = None) -> list[Result]:

@@ -549,22 +549,29 @@ class Daemon:
             return
         for r in await self.blk.stop_all():
             log.info("%s %s: %s", r.outcome.value, r.target, r.message)
-        for cap in [c for c in self.sup.captures.values() if c.kind == "fs"]:
-            dev = mount_dev(cap.key, self.layout.fsname("fs"))
-            busy = await trio.to_thread.run_sync(
-                holders, cap.key, dev, {os.getpid()} | self.sup.pids()) if dev else []
-            if busy:
-                cap.ending = True
-                await cap.link.close()
-                names = ", ".join(f"pid {h['pid']} ({h['name']})" for h in busy)
-                log.info("%s is in use by %s: its capture goes on in pid %s and the next daemon "
-                         "takes it over", cap.key, names, cap.link.pid)
-                continue
-            r = await self.sup.unmount(cap.key)
-            log.info("%s %s: %s", r.outcome.value, r.target, r.message)
+        # every entry ended at once: each may wait for its capture to ship its queue (up to
+        # 45 s); one after another, N of them took N times that (beyond systemd's stop timeout)
+        await gather(*[lambda cap=cap: self._end_fs_capture(cap)
+                       for cap in [c for c in self.sup.captures.values() if c.kind == "fs"]])
         with trio.move_on_after(DETACHED_WAIT_SECONDS):
             for c in self.sup.detached:
                 await c.link.proc.wait()
+
+    async def _end_fs_capture(self, cap: Captured) -> None:
+        """At daemon stop: unmount and end it, unless files are open there (then it goes on
+        and the next daemon takes it over)."""
+        dev = mount_dev(cap.key, self.layout.fsname("fs"))
+        busy = await trio.to_thread.run_sync(
+            holders, cap.key, dev, {os.getpid()} | self.sup.pids()) if dev else []
+        if busy:
+            cap.ending = True
+            await cap.link.close()
+            names = ", ".join(f"pid {h['pid']} ({h['name']})" for h in busy)
+            log.info("%s is in use by %s: its capture goes on in pid %s and the next daemon "
+                     "takes it over", cap.key, names, cap.link.pid)
+            return
+        r = await self.sup.unmount(cap.key)
+        log.info("%s %s: %s", r.outcome.value, r.target, r.message)
 
     async def _signals(self) -> None:
         with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
