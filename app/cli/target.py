@@ -153,7 +153,8 @@ def register(sub, common) -> None:
     p.add_argument("--resync-bandwidth", default=None, help="a lower cap for resyncs, so live "
                    "changes still get through (at most --bandwidth); 0 or none given: no cap "
                    "of their own")
-    p.add_argument("--compression", metavar="{zstd,none}", default="zstd")  # checked with the others
+    # (no choices=: a wrong one is said with the other malformed fields, not alone)
+    p.add_argument("--compression", metavar="{zstd,none}", default="zstd")
     p.add_argument("--agent", default="mirrorsetup", help="the mirrorsetup command on the target, "
                    "for the authorized_keys line (default: mirrorsetup on its PATH)")
     p.add_argument("--accept-host-key", metavar="SHA256:…", default=None, help="pin the host key "

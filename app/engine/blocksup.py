@@ -242,8 +242,8 @@ class BlockCaptures:
                 await cap.link.close()
             return r
         # all at once: each may wait for its capture to ship its queue (up to 45 s)
-        return await gather(*[lambda cap=cap: end(cap)
-                              for cap in [c for c in self.sup.captures.values() if c.kind == "block"]])
+        caps = [c for c in self.sup.captures.values() if c.kind == "block"]
+        return await gather(*[lambda cap=cap: end(cap) for cap in caps])
 
     # -- failures ---------------------------------------------------------------------------
     async def clean_dead(self, device: str | None = None) -> list[Result]:

@@ -623,7 +623,9 @@ def room_warning(host: TargetHost, target: str, window: int) -> str | None:
     except MirrorError as exc:
         return (f"the room for {target} could not be checked ({exc}); "
                 f"{command('target', 'test', host.name)} tells it once the target answers")
-    room = info["available_bytes"] if info.get("available_bytes") is not None else info["free_bytes"]
+    room = info.get("available_bytes")
+    if room is None:  # an older agent: its free space
+        room = info["free_bytes"]
     if room is None or room >= window:
         return None
     return f"target {target} " + short_of(f"has {exact_size(room)} for replicas ({host.root} on "
