@@ -115,7 +115,8 @@ class Command:
 
 # The daemon's control commands. Arguments not listed are refused (EINVAL).
 COMMANDS: dict[str, Command] = {
-    "ping": Command((), "pid, version, configuration file and state directory"),
+    "ping": Command((), "pid, version, configuration file and state directory; while it stops, "
+                        "what its stop waits for (stopping: entry, what, seconds_left)"),
     "status": Command((), "one CaptureRow per entry and the daemon's own figures"),
     "watch": Command((), "held open while the daemon runs: its end says the daemon stopped"),
     "shutdown": Command(("keep_captures",), "stop the daemon; captures in use go on (all of them "
