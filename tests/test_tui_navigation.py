@@ -265,6 +265,56 @@ async def test_a_table_narrows_an_important_column_before_it_drops_it():
         assert str(table.get_cell("/dev/loop99999", "notes")) == notes
 
 
+WORDY = "switched over to b1:data3: primary there; read-only here"
+
+
+def _path_columns():
+    """(columns, the path's column, what the other cells say): the paths that lead their
+    table are narrowed beside wordy cells; every path is cut by its cap beside short ones."""
+    from app.screens import block, dashboard, filesystem, targets
+    leading = [(dashboard.FS_COLUMNS, "path"), (dashboard.BLOCK_COLUMNS, "device"),
+               (filesystem.COLUMNS, "path"), (block.ENTRY_COLUMNS, "device"),
+               (targets.REPLICA_COLUMNS, "entry")]
+    return [(*c, WORDY) for c in leading] + [(*c, "x") for c in leading] + [
+        (filesystem.COLUMNS, "target", "x"), (block.ENTRY_COLUMNS, "target", "x"),
+        (targets.REPLICA_COLUMNS, "target", "x"), (targets.TARGET_COLUMNS, "root", "x")]
+
+
+@pytest.mark.parametrize("columns,path_key,filler", _path_columns(),
+                         ids=lambda v: v if isinstance(v, str) and len(v) < 10 else "")
+@pilot_test
+async def test_a_path_cut_to_fit_keeps_its_end_so_rows_stay_apart(columns, path_key, filler):
+    """Found by a walk at 80x24: the dashboard showed three directory entries as the same
+    '…r/tmp/helper44-bHv5/work/…' once one of them was switched over (its state wider): the
+    path, already shortened to its end, was narrowed to fit and cut at its end as prose is.
+    A path is cut at its start; the rest of the row (prose) still at its end."""
+    from textual.app import App
+
+    from app.screens.base import KeyedTable
+    prefix = "/var/tmp/a-long-common-prefix/of-every-entry/in-this-table"
+    names = ("alpha", "beta", "gamma")
+
+    class Screen80(App):
+        def compose(self):
+            yield KeyedTable(columns)
+
+    app = Screen80()
+    async with app.run_test(size=(80, 10)) as pilot:
+        table = app.query_one(KeyedTable)
+        table.show_rows({name: tuple(f"{prefix}/{name}" if c.key == path_key else filler
+                                     for c in columns) for name in names})
+        await pilot.pause()
+        assert path_key in table.shown_columns
+        shown = {name: str(table.get_cell(name, path_key)) for name in names}
+        for name, text in shown.items():
+            assert text.startswith("…") and text.endswith("/" + name), shown
+            assert f"{prefix}/{name}".endswith(text[1:]), shown
+        prose = [k for k in table.shown_columns if k != path_key and filler == WORDY]
+        for key in prose:  # the prose beside it is still cut at its end
+            text = str(table.get_cell(names[0], key))
+            assert text == WORDY or (text.endswith("…") and WORDY.startswith(text[:-1])), text
+
+
 @pilot_test
 async def test_a_long_details_dialog_keeps_close_on_an_80x24_screen(tui):
     """Found by a walk: at 80x24 a remote entry's details (its live figures, some 25 lines)

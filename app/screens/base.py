@@ -118,6 +118,7 @@ class Col:
     keep: int = 0  # which columns go first when the table is too narrow: lowest keep first;
     #                keep=9 is never dropped. What is dropped is in the row's detail view.
     cap: int = 40  # widest the column grows (cells are elided by the caller)
+    path: bool = False  # a cell cut to fit keeps its end, which tells paths apart (as elide)
 
 
 class KeyedTable(DataTable):
@@ -233,14 +234,18 @@ class KeyedTable(DataTable):
 
     def _project(self, cells: tuple) -> tuple:
         """The shown columns' cells; one wider than its column ends in "…" (the row's details
-        say it all), except a sorted table's first column, which its sort reads."""
+        say it all), a path's begins with it, except a sorted table's first column, which its
+        sort reads."""
         shown = []
         for n, (key, width) in enumerate(self._layout):
             cell = cells[self._index[key]]
             cut = _cell_width(cell) > width and "\n" not in _plain(cell)
             if cut and (n or self.sort_key is None):
                 cell = cell.copy() if isinstance(cell, Text) else Text(str(cell))
-                cell.truncate(width, overflow="ellipsis")
+                if self.spec[self._index[key]].path:
+                    cell = _cut_start(cell, width)
+                else:
+                    cell.truncate(width, overflow="ellipsis")
             shown.append(cell)
         return tuple(shown)
 
@@ -284,6 +289,14 @@ class KeyedTable(DataTable):
                 self.move_cursor(row=index)
         else:
             self.post_message(self.SelectionGone(self, selected))
+
+
+def _cut_start(cell: Text, width: int) -> Text:
+    """`cell` in `width` columns: "…" and as much of its end as fits (its style kept)."""
+    start = len(cell.plain)
+    while start > 0 and cell_len(cell.plain[start - 1:]) <= width - 1:
+        start -= 1
+    return Text("…", style=cell.style) + cell[start:]
 
 
 def _plain(cell) -> str:

@@ -26,15 +26,16 @@ from app.services.results import MirrorError, Outcome, Result
 from app.services.status import replication_lines
 from app.services.units import human_size, shown
 
-DEVICE_COLUMNS = (Col("path", "Device", 9, 32), Col("size", "Size", 8), Col("type", "Type", 6),
-                  Col("fstype", "FS", 5, 12), Col("mounts", "Mounted on", 4, 28),
+DEVICE_COLUMNS = (Col("path", "Device", 9, 32, path=True), Col("size", "Size", 8),
+                  Col("type", "Type", 6), Col("fstype", "FS", 5, 12),
+                  Col("mounts", "Mounted on", 4, 28, path=True),
                   Col("notes", "In use / excluded", 7, 48))
 NOTES_WIDTH = 48
 # What the kernel and the daemon say first (readable at 80 columns), the configuration after;
 # what does not fit is in the entry's detail view (i or Enter).
-ENTRY_COLUMNS = (Col("device", "Device", 9, 28), Col("actual", "Loop now", 8),
+ENTRY_COLUMNS = (Col("device", "Device", 9, 28, path=True), Col("actual", "Loop now", 8),
                  Col("capture", "Capture", 7), Col("state", "State", 8, 24),
-                 Col("target", "Target", 5, 28), Col("wanted", "Loop wanted", 3),
+                 Col("target", "Target", 5, 28, path=True), Col("wanted", "Loop wanted", 3),
                  Col("offset", "Offset", 2), Col("sizelimit", "Size limit", 1),
                  Col("ro", "RO", 0))
 MAX_RANGES_SHOWN = 100  # a verify of a very different target lists the first ones, then a count

@@ -36,11 +36,12 @@ OTHER_MOUNT_LINES = 5  # other tools' mount changes logged one by one a second; 
 NARROW_WARNINGS = 3  # warnings shown at 80 columns; `w` shows them all
 # An entry's replication (Engine) is what the dashboard is for: at 80 columns it is cut short,
 # not dropped (keep 7); `g` shows it whole.
-FS_COLUMNS = (Col("path", "Path", 9, 30), Col("state", "State", 8, 26),
+FS_COLUMNS = (Col("path", "Path", 9, 30, path=True), Col("state", "State", 8, 26),
               Col("engine", "Engine", 7, 40))  # a path's end tells entries apart
-BLOCK_COLUMNS = (Col("device", "Device", 9, 24), Col("loop", "Loop", 8), Col("state", "State", 7, 18),
-                 Col("capture", "Capture", 8), Col("engine", "Engine", 7, 24),
-                 Col("mounted", "Mounted", 4, 20), Col("offset", "Offset", 2), Col("flags", "Flags", 1))
+BLOCK_COLUMNS = (Col("device", "Device", 9, 24, path=True), Col("loop", "Loop", 8),
+                 Col("state", "State", 7, 18), Col("capture", "Capture", 8),
+                 Col("engine", "Engine", 7, 24), Col("mounted", "Mounted", 4, 20, path=True),
+                 Col("offset", "Offset", 2), Col("flags", "Flags", 1))
 
 
 def mount_diff_lines(diff, interest=None) -> tuple[list[str], list[str]]:

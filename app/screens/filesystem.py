@@ -19,8 +19,8 @@ from app.services.results import Result
 from app.services.status import LAZY, replication_lines
 from app.services.units import shown
 
-COLUMNS = (Col("path", "Path", 9, 48), Col("state", "State", 8, 30),
-           Col("target", "Target", 5, 32), Col("atime", "Access times", 3))
+COLUMNS = (Col("path", "Path", 9, 48, path=True), Col("state", "State", 8, 30),
+           Col("target", "Target", 5, 32, path=True), Col("atime", "Access times", 3))
 LAZY_UNMOUNT = (
     "Unmount lazily (MNT_DETACH) where files are still open?\n\nThe path is detached now: new "
     "opens see the directory below, not mirrorfs, and their changes are NOT replicated. Files "

@@ -15,8 +15,8 @@ from app.screens.dialogs import ResultsDialog, labelled, switch_text, window_siz
 from app.services.results import Result
 from app.services.units import human_size, shown
 
-LOOP_COLUMNS = (Col("loop", "Loop", 9), Col("backing", "Backing", 8, 48), Col("offset", "Offset", 3),
-                Col("size", "Size", 5), Col("flags", "Flags", 4))
+LOOP_COLUMNS = (Col("loop", "Loop", 9), Col("backing", "Backing", 8, 48, path=True),
+                Col("offset", "Offset", 3), Col("size", "Size", 5), Col("flags", "Flags", 4))
 NOT_PERSISTED = ("DEPRECATED · NOT PERSISTED: what you attach or detach here is not written to "
                  "the configuration and is lost at the next restart. Use block device "
                  "replication (menu 2) to keep it.")

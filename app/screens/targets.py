@@ -26,12 +26,13 @@ from app.services.status import (healthy_secondary, nothing_to_fail_back,
                                  replication_lines, short_connection)
 from app.services.units import cap_shown, shown
 
-TARGET_COLUMNS = (Col("name", "Name", 9, 16), Col("host", "Host", 8, 30), Col("root", "Root", 6, 30),
-                  Col("bandwidth", "Bandwidth", 2, 14))
+TARGET_COLUMNS = (Col("name", "Name", 9, 16), Col("host", "Host", 8, 30),
+                  Col("root", "Root", 6, 30, path=True), Col("bandwidth", "Bandwidth", 2, 14))
 # the state is what the table is for: at 80 columns the replica's name (in the details, i) goes
 # before the state is cut
-REPLICA_COLUMNS = (Col("entry", "Entry", 9, 30), Col("target", "Replica", 3, 24),
-                   Col("role", "Role", 9, 16), Col("state", "State", 8, 40))
+REPLICA_COLUMNS = (Col("entry", "Entry", 9, 30, path=True),
+                   Col("target", "Replica", 3, 24, path=True), Col("role", "Role", 9, 16),
+                   Col("state", "State", 8, 40))
 
 
 def entry_width(screen_width: int) -> int:
