@@ -138,6 +138,23 @@ def test_offset_and_sizelimit_window_only(block_engine, disks):
     assert raw[MiB:2 * MiB] == b"\x11" * MiB  # the window starts at the offset on the device
 
 
+def test_a_window_edited_by_hand_while_captured_is_said_with_what_applies_it(block_engine, tmp_path):
+    """A block entry's target and window changed in the file while its capture ran: status
+    gave the new ones as the capture's own (target and offset), while the loop still served
+    the old window into the old target. It now says what runs and that Detach all, then
+    Attach all applies the file."""
+    eng, disk, target, cfg = block_engine(offset=MiB)
+    eng.block_drain(disk)
+    elsewhere = str(tmp_path / "elsewhere.img")
+    write_config(cfg, [], [{"device": disk, "target": elsewhere, "offset": 2 * MiB}])
+    row = eng.block(disk)
+    assert (row["target"], row["offset"]) == (target, MiB), row
+    assert row["not_applied"] == {"target": [target, elsewhere], "offset": [MiB, 2 * MiB]}, row
+    said = cli(cfg, eng, "status").stdout.replace("\n    ", " ")
+    assert f"its capture replicates to {target} as the entry was when it started" in said, said
+    assert f"offset {2 * MiB} (running: {MiB})" in said and "Detach all, then Attach all" in said
+
+
 def test_raw_device_cannot_be_mounted_while_protected(block_engine, tmp_path):
     eng, disk, target, cfg = block_engine()
     loop = eng.block(disk)["loop"]

@@ -7,6 +7,7 @@ import os
 import re
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -81,6 +82,40 @@ def test_status_mirror_verify_unmount_all_through_the_cli(running):
     assert r.returncode == 0 and src not in mirrorfs_mounts()
     r = cli("fs", "verify", src, "--config", cfg, socket=eng.socket)  # offline verify works on the directories
     assert r.returncode == 0, r.stdout
+
+
+def test_a_target_edited_by_hand_while_captured_is_not_shown_as_the_one_replicated_to(running):
+    """Found by a walk: an entry's target changed in the file by hand while its capture ran
+    (b1:data3 to b1:data3x); status showed the new target "consistent, established" while
+    every change still went to the old one (the capture reads its target when it starts),
+    and the new one did not exist. Status now says where it replicates and what applies it."""
+    eng, src, tgt, cfg = running
+    open(os.path.join(src, "b"), "w").write("beta")
+    eng.drain(src)
+    moved = tgt + "-moved"
+    write_config(Path(cfg), [{"path": src, "target": moved, "queue_limit": "64MiB"}])
+    r = cli("--config", cfg, "status", "--json", socket=eng.socket)
+    assert r.returncode == 0, r.stderr
+    said = json.loads(r.stdout)
+    row = said["filesystem"][0]
+    assert row["target"] == moved and row["engine"]["target"] == tgt, row  # the file / the truth
+    assert row["engine"]["not_applied"] == {"target": [tgt, moved], "queue_limit": [None, "64MiB"]}
+    warning = [w for w in said["warnings"] if w["subject"] == src and "configuration" in w["message"]]
+    assert len(warning) == 1, said["warnings"]
+    text = warning[0]["message"]
+    assert f"replicates to {tgt}" in text and f"target {moved}" in text, text
+    assert "Unmount all, then Mount all" in text, text
+    r = cli("--config", cfg, "status", socket=eng.socket)
+    assert f"replicates to {tgt}" in r.stdout.replace("\n    ", " "), r.stdout
+    open(os.path.join(src, "c"), "w").write("gamma")  # still replicated where it says
+    eng.drain(src)
+    assert open(os.path.join(tgt, "c")).read() == "gamma" and not os.path.exists(moved)
+    r = cli("--config", cfg, "fs", "unmount-all", socket=eng.socket)
+    assert r.returncode == 0, r.stderr
+    r = cli("--config", cfg, "fs", "mount-all", socket=eng.socket)
+    assert r.returncode == 0, r.stderr
+    row = json.loads(cli("--config", cfg, "status", "--json", socket=eng.socket).stdout)["filesystem"][0]
+    assert row["engine"]["target"] == moved and row["engine"]["not_applied"] == {}, row
 
 
 def test_mount_all_with_an_entry_naming_no_configured_target_fails_that_entry_only(tmp_path):

@@ -40,6 +40,11 @@ from app.services.layout import Layout, local_time, with_failback
 from app.services.protocol import CaptureRow
 from app.services.results import MirrorError, Outcome, Refusal, Result
 
+# What a capture takes from its entry when it starts; a hand edit of these while it runs
+# applies at its next start (Unmount all / Mount all, Detach all / Attach all).
+SETTINGS_AT_START = {"fs": ("target", "replicate_atime", "queue_limit", "on_full"),
+                     "block": ("target", "offset", "sizelimit", "read_only", "queue_limit",
+                               "on_full")}
 DETACHED_WAIT_SECONDS = 10  # at stop, lazily unmounted entries get this long to see files closed
 log = logging.getLogger("mirrorsetup.daemon")
 
@@ -157,6 +162,7 @@ class Daemon:
             row.captured = True
             row.update(await self.sup.figures(cap))
             row.worker_pid = cap.link.pid
+            _as_running(row, cap, e)
         elif (old := self.sup.detached_busy(e.path)) is not None:  # lazily unmounted: still serving
             row.captured = True
             row.update(await self.sup.figures(old))
@@ -177,6 +183,7 @@ class Daemon:
             row.file = self.blk.file(e.device)
             row.update(await self.sup.figures(cap))
             row.worker_pid = cap.link.pid
+            _as_running(row, cap, e)
         else:
             row.state = "not captured"
             row.last_error = self.sup.lost.get(("block", e.device))
@@ -582,6 +589,21 @@ class Daemon:
 
 def failover_refusal(layout, kind: str, key: str):
     return _refusal(layout, kind, key, "capture")
+
+
+def _as_running(row: CaptureRow, cap: Captured, configured) -> None:
+    """The row says what the running capture does: its entry as it was when it started
+    (a target edited by hand meanwhile is not where its changes go), and what of the file
+    it does not do yet (`not_applied`: {setting: [running, configured]})."""
+    running = cap.entry
+    if running is None or running == configured:
+        return
+    row.target = running.target
+    if row.kind == "block":
+        row.offset = running.offset
+    row.not_applied = {name: [getattr(running, name), getattr(configured, name)]
+                       for name in SETTINGS_AT_START[row.kind]
+                       if getattr(running, name) != getattr(configured, name)}
 
 
 def sync_nested(path: str) -> list[str]:

@@ -233,6 +233,9 @@ class CaptureRow:
     pending_detach: bool = False
     holders: list[str] = field(default_factory=list)  # who keeps a pending detach or a mount alive
     error: str | None = None  # the daemon could not ask the worker
+    # settings the running capture started with that the configuration no longer says (a
+    # hand edit; applied at its next start): {setting: [running, configured]}
+    not_applied: dict[str, list] = field(default_factory=dict)
 
     def to_json(self) -> dict:
         return asdict(self)

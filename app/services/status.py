@@ -493,11 +493,28 @@ def _replication_warnings(subject: str, row: CaptureRow, warnings: list[StatusWa
     if last.startswith(("paused", "refused", "disconnected", "error")):
         warnings.append(StatusWarning(subject, f"target: {row.connection}",
                                       "error" if last.startswith("refused") else "warning"))
+    if row.not_applied:
+        warnings.append(StatusWarning(subject, _not_applied_text(row)))
     if row.apply_errors:
         warnings.append(StatusWarning(subject, f"{row.apply_errors} records failed to apply to the "
                                                f"target (last: {row.last_error}); run mirror", "error"))
     if not row.captured and row.last_error and not row.switched:  # switched: said once, above
         warnings.append(StatusWarning(subject, f"not captured: {row.last_error}", "error"))
+
+
+def _not_applied_text(row: CaptureRow) -> str:
+    """A hand edit of the entry while its capture runs: what it still does, what the file
+    says, and what applies it (a capture reads its entry when it starts)."""
+    def said(value) -> str:
+        return "unset" if value is None else str(value).lower() if isinstance(value, bool) \
+            else str(value)
+    changes = ", ".join(f"{name} {said(new)} (running: {said(old)})"
+                        for name, (old, new) in row.not_applied.items())
+    doing = (f"its capture replicates to {said(row.target)}" if "target" in row.not_applied
+             else "its capture runs")
+    again = "Unmount all, then Mount all" if row.kind == "fs" else "Detach all, then Attach all"
+    return (f"{doing} as the entry was when it started; the configuration now says {changes}: "
+            f"{again} applies it")
 
 
 def healthy_secondary(row: CaptureRow | None) -> bool:
