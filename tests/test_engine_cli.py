@@ -118,6 +118,25 @@ def test_a_target_edited_by_hand_while_captured_is_not_shown_as_the_one_replicat
     assert row["engine"]["target"] == moved and row["engine"]["not_applied"] == {}, row
 
 
+def test_a_target_edited_while_no_daemon_ran_is_said_by_the_daemon_that_takes_it_over(running):
+    """The capture outlived its daemon (a file open there) and the target was edited in the
+    file before the next daemon took it over: that daemon knew the entry only from the file,
+    and said the new target was the one replicated to. The worker says its own target."""
+    eng, src, tgt, cfg = running
+    held = open(os.path.join(src, "a"))  # keeps the capture running without its daemon
+    try:
+        eng.stop()
+        moved = tgt + "-moved"
+        write_config(Path(cfg), [{"path": src, "target": moved}])
+        eng.start()
+        row = json.loads(cli("--config", cfg, "status", "--json", socket=eng.socket).stdout)
+        engine = row["filesystem"][0]["engine"]
+        assert engine["captured"] and engine["target"] == tgt, engine
+        assert engine["not_applied"] == {"target": [tgt, moved]}, engine
+    finally:
+        held.close()
+
+
 def test_mount_all_with_an_entry_naming_no_configured_target_fails_that_entry_only(tmp_path):
     """Found by a walk: one [[filesystem]] whose target names no [[target]] (written by hand)
     made `fs mount-all` say "FAILED all file-system entries: target ghost:x: …" (exit 1), while

@@ -26,7 +26,7 @@ import os
 
 import trio
 
-from app.engine.supervisor import Captured, Supervisor, forced_end, gather, spawn
+from app.engine.supervisor import Captured, Supervisor, forced_end, gather, running_entry, spawn
 from app.services import blockplan, mounts
 from app.services import loop as loopdev
 from app.services.blockplan import View
@@ -133,7 +133,7 @@ class BlockCaptures:
     def adopted(self, link, entry: BlockEntry | None) -> Captured:
         """A worker left running by a previous daemon: record it (its loop is found by file)."""
         dev = link.info["key"]
-        cap = Captured("block", dev, entry, link, adopted=True)
+        cap = Captured("block", dev, running_entry(entry, link.info), link, adopted=True)
         cap.loop = self._loop_of(dev)
         self.sup.register(cap)
         return cap

@@ -340,8 +340,9 @@ class Capture:
         return {"first": first, "unclean": unclean, "reason": self.reason,
                 "pid": os.getpid(), "fuse_dev": list(self.fuse_dev), "version": protocol.VERSION,
                 "features": [protocol.FIGURES_WHILE_BUSY], "key": spec.key,
-                "kind": spec.kind, **({"file": os.path.join(spec.run, "disk"), "size": self.size}
-                                      if spec.kind == "block" else {})}
+                "kind": spec.kind, "target": spec.target,
+                **({"file": os.path.join(spec.run, "disk"), "size": self.size}
+                   if spec.kind == "block" else {})}
 
     def _setup_fs(self) -> None:
         from app.engine.mirrorfs import MirrorFS

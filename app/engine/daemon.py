@@ -29,7 +29,8 @@ from app.engine import sync
 from app.engine.blocksup import BlockCaptures
 from app.engine.failover import REQUESTER, Failover, switched
 from app.engine.failover import refusal as _refusal
-from app.engine.supervisor import Captured, Supervisor, close_zygote, gather, holders, lazy_state, mount_dev
+from app.engine.supervisor import (Captured, Supervisor, close_zygote, gather, holders, lazy_state,
+                                   mount_dev, running_entry)
 from app.services import layout as layout_mod
 from app.services import protocol
 from app.services.blockplan import same_device
@@ -363,7 +364,7 @@ class Daemon:
             key = link.info.get("key")
             entry = (fs if kind == "fs" else blocks).get(key)
             if kind == "fs":
-                cap = Captured("fs", key, entry, link, adopted=True)
+                cap = Captured("fs", key, running_entry(entry, link.info), link, adopted=True)
                 self.sup.register(cap)
             else:
                 cap = self.blk.adopted(link, entry)

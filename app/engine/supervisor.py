@@ -26,7 +26,7 @@ import signal
 import socket
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import trio
 
@@ -819,6 +819,17 @@ def target_spec(target: str, config) -> dict:
         raise MirrorError(f"target {target}: no remote target named {name!r} is configured",
                           errno=errno.ENOENT, obj=target)
     return {"remote": {**remote.to_spec(), "path": rel}}
+
+
+def running_entry(entry, info: dict):
+    """The entry an adopted worker captures, as its hello says it (its target): the file may
+    have been edited while no daemon ran, and the worker still replicates where it did."""
+    spec = info.get("target", ...)
+    if entry is None or spec is ...:  # (a worker of before the hello said it)
+        return entry
+    target = None if spec is None else spec.get("local") or \
+        f"{spec['remote']['name']}:{spec['remote']['path']}"
+    return replace(entry, target=target)
 
 
 def _inside(inner: str, outer: str) -> bool:
