@@ -588,6 +588,27 @@ def test_a_switchover_refused_as_in_use_names_the_command_itself_and_exits_2(fs_
     assert eng.status(src)["target_data"] == "consistent"
 
 
+def test_a_switchover_of_an_entry_whose_target_was_edited_while_captured_changes_nothing(
+        fs_remote):
+    """Found by a walk: the target edited in the file while the capture ran (its changes still
+    go to the old replica); `switchover` drained into the old replica, asked the new one to be
+    promoted (the agent refused: 'another history'), and mounted the entry again capturing
+    into the new one (exit 1). It is now refused before anything changes (exit 2), naming
+    both targets and what applies the edit."""
+    eng, src, r = fs_remote()
+    (Path(src) / "f").write_text("one")
+    eng.drain(src)
+    r.cfg.write_text(r.cfg.read_text().replace('target = "backup1:data"\n',
+                                               'target = "backup1:data-new"\n'))
+    p = cli(r.cfg, "switchover", src, socket=eng.socket)
+    assert p.returncode == 2, p.stdout + p.stderr
+    assert "replicates to backup1:data" in p.stderr and "backup1:data-new" in p.stderr, p.stderr
+    assert "Unmount all, then Mount all" in p.stderr and "nothing was changed" in p.stderr
+    st = eng.status(src)
+    assert st["captured"] and st["target"] == "backup1:data", st
+    assert not list(Path(eng.state).rglob("switched")) and not (r.root / "data-new").exists()
+
+
 def test_keep_this_host_that_cannot_reach_the_target_says_nothing_was_changed(fs_remote):
     """Found by helper-39's walk: `replica resolve --discard-target` of an entry switched over,
     with the target unreachable or its replica in use there, said only "resolve KEY: WHY"

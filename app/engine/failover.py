@@ -39,7 +39,7 @@ from app.engine.shipper import TargetUnavailable
 from app.engine.supervisor import KEPT, capture_end, holders, mount_dev
 from app.services.layout import (FAILBACK_MARKER, SWITCHED_MARKER, command, local_time,
                                   mix_words, switched_marker, switched_refusal, with_failback)
-from app.services.protocol import replicating
+from app.services.protocol import CAPTURE_AGAIN, replicating
 from app.services.results import MirrorError, Outcome, Refusal, Result
 
 log = logging.getLogger("mirrorsetup.failover")
@@ -345,6 +345,11 @@ class Failover:
                     raise Refusal(f"{key} is not captured: mount or attach it first (its capture "
                                   "catches up with what changed meanwhile), then switch over",
                                   errno=errno.EINVAL, obj=key)
+                if cap.entry is not None and cap.entry.target != entry.target:  # a hand edit
+                    raise Refusal(f"{key}: its capture replicates to {cap.entry.target} (as the "
+                                  f"entry was when it started), the configuration now says "
+                                  f"{entry.target}: {CAPTURE_AGAIN[kind]} applies it, then "
+                                  "switch over (nothing was changed)", errno=errno.EINVAL, obj=key)
                 await send({"progress": {"stage": "draining"}})
                 reply = await cap.link.call("drain", timeout=DRAIN_SECONDS)
                 if not reply.get("ok"):

@@ -180,6 +180,10 @@ def replicating(connection: str | None, target_data: str | None) -> bool:
     return connection == "connected" and target_data not in ("split-brain", "promoted")
 
 
+# What starts an entry's capture anew, so that it reads its entry again (CaptureRow.not_applied)
+CAPTURE_AGAIN = {"fs": "Unmount all, then Mount all", "block": "Detach all, then Attach all"}
+
+
 @dataclass
 class CaptureRow:
     """One entry's capture and replication as the daemon sees it (a file-system entry's key

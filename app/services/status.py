@@ -20,7 +20,7 @@ from app.services.blockplan import View
 from app.services.entries import problems
 from app.services.layout import (CONNECTING_AGAIN, WRITERS_WAIT, FSTYPE_FS, command, entry_state,
                                   mix_words, switched_marker, with_failback)
-from app.services.protocol import CaptureRow, replicating
+from app.services.protocol import CAPTURE_AGAIN, CaptureRow, replicating
 
 
 Figures = CaptureRow  # the daemon's typed row for one entry (app/services/protocol.py)
@@ -512,9 +512,8 @@ def _not_applied_text(row: CaptureRow) -> str:
                         for name, (old, new) in row.not_applied.items())
     doing = (f"its capture replicates to {said(row.target)}" if "target" in row.not_applied
              else "its capture runs")
-    again = "Unmount all, then Mount all" if row.kind == "fs" else "Detach all, then Attach all"
     return (f"{doing} as the entry was when it started; the configuration now says {changes}: "
-            f"{again} applies it")
+            f"{CAPTURE_AGAIN[row.kind]} applies it")
 
 
 def healthy_secondary(row: CaptureRow | None) -> bool:
