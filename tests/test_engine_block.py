@@ -153,6 +153,7 @@ def test_a_window_edited_by_hand_while_captured_is_said_with_what_applies_it(blo
     said = cli(cfg, eng, "status").stdout.replace("\n    ", " ")
     assert f"its capture replicates to {target} as the entry was when it started" in said, said
     assert f"offset {2 * MiB} (running: {MiB})" in said and "Detach all, then Attach all" in said
+    assert "shrank" not in said and "grew" not in said, said  # measured by the running window
 
 
 def test_raw_device_cannot_be_mounted_while_protected(block_engine, tmp_path):

@@ -446,8 +446,10 @@ def _block_state(entry: BlockEntry, view: View, table,
     elif plain:
         capture = "not captured"
         warnings.append(StatusWarning(dev, _plain_loop_text(plain[0].device, view, engine)))
-    if live and engine.size:
-        _size_changed(dev, entry, engine.size, _sysfs_size(dev), warnings)
+    if live and engine.size:  # against the window its capture runs with (not a hand edit's)
+        running = replace(entry, offset=engine.offset, sizelimit=engine.not_applied.get(
+            "sizelimit", [entry.sizelimit])[0])
+        _size_changed(dev, running, engine.size, _sysfs_size(dev), warnings)
     if captured and raw_loops:
         warnings.append(StatusWarning(dev, f"{', '.join(s.device for s in raw_loops)} reach the raw "
                                      "device directly: writes there bypass capture and corrupt the "
