@@ -10,6 +10,7 @@ import errno
 import json
 import os
 import struct
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -676,3 +677,47 @@ def test_the_pickers_note_finds_a_replicated_device_by_any_of_its_names(tmp_path
         "replicated: captured via /dev/loop7"  # by the entry's own name (a fake host's too)
     assert picker_note(notes, SimpleNamespace(path="/dev/zero", major=-1, minor=-1)) is None
     assert picker_notes(None) == {}
+
+
+@pytest.mark.root
+def test_a_devices_identity_names_its_loop_file_and_a_partitions_place(sparse_file):
+    """device_identity (what a block entry's first capture records, app/engine/blockfs.py
+    check_identity): a loop device by its file and offset; a partition of it by its number and
+    first sector as well; another loop's file is another identity, and check_identity refuses
+    it (EMEDIUMTYPE) once the first was recorded. The partition is made with addpart, as
+    above (this kernel parses no partition tables)."""
+    from app.engine.blockfs import check_identity
+    img, other = sparse_file(32 << 20), sparse_file(8 << 20)
+    disk = run("losetup", "--find", "--show", "--partscan", str(img)).stdout.strip()
+    second = run("losetup", "--find", "--show", "-o", "4096", str(other)).stdout.strip()
+    part = f"{disk}p1"
+    state = tempfile.mkdtemp(dir=os.path.dirname(str(img)))
+    try:
+        run("addpart", disk, "1", str(PART_START_SECTOR), str((16 << 20) // 512))
+        ids = {}
+        for dev in (disk, part, second):
+            fd = os.open(dev, os.O_RDONLY | os.O_CLOEXEC)
+            try:
+                ids[dev] = blockdevs.device_identity(fd)
+            finally:
+                os.close(fd)
+        ino = os.stat(img).st_ino
+        assert ids[disk] == {"loop file": f"{img} (inode {ino})", "loop offset": "0"}, ids
+        assert ids[part] == {**ids[disk], "partition": f"number 1, from sector {PART_START_SECTOR}"}
+        assert ids[second] == {"loop file": f"{other} (inode {os.stat(other).st_ino})",
+                               "loop offset": "4096"}, ids
+        fd, fd2 = os.open(disk, os.O_RDONLY), os.open(second, os.O_RDONLY)
+        try:
+            check_identity(state, disk, fd)  # the first: recorded
+            check_identity(state, disk, fd)  # the same device: taken
+            with pytest.raises(OSError) as exc:
+                check_identity(state, disk, fd2)
+            assert exc.value.errno == errno.EMEDIUMTYPE
+            assert f"its loop file was {img} (inode {ino}), it is now {other}" in str(exc.value)
+        finally:
+            os.close(fd)
+            os.close(fd2)
+    finally:
+        run("delpart", disk, "1", check=False)
+        run("losetup", "-d", disk, check=False)
+        run("losetup", "-d", second, check=False)

@@ -911,3 +911,49 @@ def test_a_detached_loop_is_said_as_detached_not_as_empty(unused_loop):
     said, err = _empty_device(unused_loop)
     assert said.startswith(f"{unused_loop} is a loop device with nothing attached (it was "
                            "detached)") and err == errno.ENXIO, said
+
+
+def test_a_device_name_that_names_another_device_now_is_not_captured_nor_its_replica_touched(
+        block_engine, disks, tmp_path):
+    """An entry is a device name, and a name can pass to another device: a disk's at a
+    reboot, a loop number that another program attached to its own file (helper-44's walk on
+    a busy host). Its capture took that device and caught the replica up from it: the replica
+    became a copy of another disk. The first capture records what the device is (here a loop's
+    file); a later one on another device is refused and nothing is written to the replica.
+    `block accept-device` takes the device as it is now. The name here is a symlink moved from
+    one of this test's loops to the other (a loop number cannot be kept free on a busy host)."""
+    first, second = disks(16 * MiB), disks(16 * MiB)
+    for dev, byte in ((first, b"A"), (second, b"B")):
+        fd = os.open(dev, os.O_WRONLY)
+        try:
+            os.pwrite(fd, byte * MiB, 0)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    link = str(tmp_path / "disk-by-name")
+    os.symlink(first, link)
+    eng, _, target, cfg = block_engine(disk=link)
+    eng.block_drain(link)
+    replica = sha(target)
+    assert replica == sha(first)
+    files = {dev: backing_of(dev) for dev in (first, second)}
+    assert eng.stop() == 0
+    os.unlink(link)
+    os.symlink(second, link)
+    eng.start()
+    r = cli(cfg, eng, "block", "attach-all")
+    assert r.returncode == 1, r.stdout + r.stderr
+    said = f"{link} is not the device this entry was made for: its loop file was {files[first]}"
+    assert said in r.stderr and f"it is now {files[second]}" in r.stderr, r.stderr
+    assert "`mirrorsetup block remove" in r.stderr and "accept-device" in r.stderr, r.stderr
+    st = eng.block(link)
+    assert not st["captured"] and said in (st["last_error"] or ""), st
+    assert sha(target) == replica  # not one block of the other device
+    r = cli(cfg, eng, "block", "accept-device", link)
+    assert r.returncode == 0 and "is forgotten" in r.stdout, r.stdout + r.stderr
+    r = cli(cfg, eng, "block", "attach-all")
+    assert r.returncode == 0, r.stdout + r.stderr
+    eng.block_drain(link)
+    assert sha(target) == sha(second)
+    r = cli(cfg, eng, "block", "accept-device", link)
+    assert r.returncode == 0 and "nothing to accept" in r.stdout, r.stdout + r.stderr

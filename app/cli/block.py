@@ -76,6 +76,13 @@ def cmd_remove(args) -> int:
                   as_json=args.json)
 
 
+def cmd_accept_device(args) -> int:
+    from app.services.entries import configured_block
+    rep = replication(args)
+    entry = require(configured_block, rep.store, args.device)
+    return report([rep.accept_device(entry.device)], as_json=args.json)
+
+
 class _NoSocket:
     """The daemon's client where its socket does not exist: asked whether a daemon answers, it
     fails as the client itself would (no socket), without the client's imports (socket, the
@@ -173,6 +180,10 @@ def register(sub, common) -> None:
     p = add(block, "remove", cmd_remove, "detach and remove a block device entry", common)
     p.add_argument("device", help="a configured block device (not its loop)")
     keep_primary_option(p)
+    p = add(block, "accept-device", cmd_accept_device, "take the entry's device as it is now, "
+            "although it is not the device its first capture recorded (the disk was replaced, "
+            "the loop's file moved): its next capture makes the replica equal to it", common)
+    p.add_argument("device", help="a configured block device (not its loop)")
     p = add(block, "attach-all", cmd_attach_all, "attach every entry to its loop device now "
             "(captured when the daemon runs)", common)
     p.add_argument("--dry-run", action="store_true", help="show the plan, change nothing")

@@ -377,10 +377,11 @@ class Capture:
         self.mount_point = spec.key
 
     def _setup_block(self) -> None:
-        from app.engine.blockfs import BlockFS, open_raw
+        from app.engine.blockfs import BlockFS, check_identity, open_raw
         spec = self.spec
         try:
             self.raw = open_raw(spec.key, spec.read_only)
+            check_identity(spec.state, spec.key, self.raw)  # before anything is read or written
         except OSError as exc:
             raise Refused(str(exc.strerror), exc.errno) from None
         end = os.lseek(self.raw, 0, os.SEEK_END)

@@ -598,6 +598,7 @@ class Failover:
         return None
 
     async def _failback(self, kind: str, key: str, entry, send, spec, size) -> list[Result]:
+        from app.engine.blockfs import check_identity
         from app.engine.capture import make_target, write_end
         from app.engine.remote import receive_failback
         from app.engine.target import LocalBlockTarget, LocalDirTarget
@@ -611,6 +612,11 @@ class Failover:
                 fd = os.open(entry.device, os.O_RDWR | os.O_EXCL | os.O_CLOEXEC)
             except OSError as exc:
                 raise MirrorError.from_oserror("open (exclusive)", entry.device, exc) from None
+            try:  # the replica's data never goes onto another disk that took the device's name
+                check_identity(state, entry.device, fd)
+            except OSError as exc:
+                os.close(fd)
+                raise MirrorError(exc.strerror, errno=exc.errno, obj=entry.device) from None
             local = LocalBlockTarget.on_fd(fd, entry.device, size, entry.offset)
         journal = Journal(state, kind=KIND_FS if kind == "fs" else KIND_BLOCK)
         last = journal.last_seq

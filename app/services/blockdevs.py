@@ -276,6 +276,38 @@ def _read_sys(path: str) -> str | None:
         os.close(fd)
 
 
+def device_identity(fd: int) -> dict[str, str]:
+    """What tells the block device open at `fd` from another that later takes its name: a loop
+    device's file (its path and inode) and offset, a partition's number and first sector, the
+    disk's WWID or serial number as the kernel shows them. Read from the kernel, not udev (at
+    boot the daemon may start before udev has said its piece). {} when nothing tells it."""
+    from app.services import _ioctl
+    rdev = os.fstat(fd).st_rdev
+    sys_dir = os.path.realpath(f"/sys/dev/block/{os.major(rdev)}:{os.minor(rdev)}")
+    ident: dict[str, str] = {}
+    part = _read_sys(os.path.join(sys_dir, "partition"))
+    disk = os.path.dirname(sys_dir) if part else sys_dir
+    if part:
+        start = _read_sys(os.path.join(sys_dir, "start"))
+        ident["partition"] = f"number {part.strip()}, from sector {(start or '?').strip()}"
+    if os.path.isdir(os.path.join(disk, "loop")):
+        try:
+            info = _ioctl.LOOP_INFO64.unpack(fcntl.ioctl(fd, _ioctl.LOOP_GET_STATUS64,
+                                                         bytes(_ioctl.LOOP_INFO64.size)))
+        except OSError:
+            info = None
+        if info is not None:
+            ident["loop file"] = (f"{_read_sys(os.path.join(disk, 'loop', 'backing_file'))} "
+                                  f"(inode {info[1]})")
+            ident["loop offset"] = str(info[3])
+    for key, rel in (("WWID", "wwid"), ("WWID", "device/wwid"), ("serial number", "serial"),
+                     ("serial number", "device/serial")):
+        value = None if key in ident else (_read_sys(os.path.join(disk, rel)) or "").strip()
+        if value:
+            ident[key] = value
+    return ident
+
+
 def _active_swaps() -> set[int]:
     """Device numbers of the block devices in use as swap now (swap files are not devices)."""
     devices: set[int] = set()
