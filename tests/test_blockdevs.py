@@ -681,12 +681,12 @@ def test_the_pickers_note_finds_a_replicated_device_by_any_of_its_names(tmp_path
 
 @pytest.mark.root
 def test_a_devices_identity_names_its_loop_file_and_a_partitions_place(sparse_file):
-    """device_identity (what a block entry's first capture records, app/engine/blockfs.py
+    """device_identity (what a block entry's first capture records, app/engine/capture.py
     check_identity): a loop device by its file and offset; a partition of it by its number and
     first sector as well; another loop's file is another identity, and check_identity refuses
     it (EMEDIUMTYPE) once the first was recorded. The partition is made with addpart, as
     above (this kernel parses no partition tables)."""
-    from app.engine.blockfs import check_identity
+    from app.engine.capture import check_identity
     img, other = sparse_file(32 << 20), sparse_file(8 << 20)
     disk = run("losetup", "--find", "--show", "--partscan", str(img)).stdout.strip()
     second = run("losetup", "--find", "--show", "-o", "4096", str(other)).stdout.strip()
@@ -708,10 +708,10 @@ def test_a_devices_identity_names_its_loop_file_and_a_partitions_place(sparse_fi
                                "loop offset": "4096"}, ids
         fd, fd2 = os.open(disk, os.O_RDONLY), os.open(second, os.O_RDONLY)
         try:
-            check_identity(state, disk, fd)  # the first: recorded
-            check_identity(state, disk, fd)  # the same device: taken
+            check_identity(state, "block", disk, blockdevs.device_identity(fd))  # recorded
+            check_identity(state, "block", disk, blockdevs.device_identity(fd))  # the same: taken
             with pytest.raises(OSError) as exc:
-                check_identity(state, disk, fd2)
+                check_identity(state, "block", disk, blockdevs.device_identity(fd2))
             assert exc.value.errno == errno.EMEDIUMTYPE
             assert f"its loop file was {img} (inode {ino}), it is now {other}" in str(exc.value)
         finally:

@@ -158,3 +158,43 @@ def test_mount_all_with_an_entry_naming_no_configured_target_fails_that_entry_on
         assert str(good) in mirrorfs_mounts() and str(ghost) not in mirrorfs_mounts()
     finally:
         eng.cleanup()
+
+
+def test_a_directory_whose_file_system_did_not_come_up_is_not_captured_nor_its_replica_emptied(
+        tmp_path, tmpfs_mount):
+    """The directory an entry names is the mount point of its own file system, and at the next
+    start that file system is not mounted (a disk that did not come up at boot): the directory
+    below is empty, and the catch-up made the replica equal to it, removing every file there
+    (seen by hand: 174 names to 2). The first capture records the file system the directory
+    lies on (its type and mount point, app/services/mounts.tree_identity); a capture on another
+    one is refused, the replica untouched. `fs accept-filesystem` takes it as it is."""
+    src, tgt = tmp_path / "src", tmp_path / "tgt"
+    tmpfs_mount(src)
+    (src / "d").mkdir()
+    for i in range(20):
+        (src / "d" / f"f{i}").write_text(f"file {i}")
+    cfg = write_config(tmp_path / "etc" / "replication.toml", [{"path": str(src), "target": str(tgt)}])
+    eng = Engine(tmp_path, cfg)
+    try:
+        eng.start()
+        eng.drain(str(src))
+        assert len(os.listdir(tgt / "d")) == 20
+        assert eng.stop() == 0
+        subprocess.run(["umount", str(src)], check=True)  # "the disk did not come up"
+        assert os.listdir(src) == []
+        eng.start()
+        r = cli("--config", str(cfg), "fs", "mount-all", socket=eng.socket)
+        assert r.returncode == 1, r.stdout + r.stderr
+        said = f"{src} is not on the file system this entry was made for: its file system was " \
+            f"tmpfs mounted on {src}, it is now"
+        assert said in r.stderr and "accept-filesystem" in r.stderr, r.stderr
+        assert not eng.status(str(src))["captured"]
+        assert len(os.listdir(tgt / "d")) == 20  # not one name removed
+        r = cli("--config", str(cfg), "fs", "accept-filesystem", str(src), socket=eng.socket)
+        assert r.returncode == 0 and "is forgotten" in r.stdout, r.stdout + r.stderr
+        r = cli("--config", str(cfg), "fs", "mount-all", socket=eng.socket)
+        assert r.returncode == 0, r.stdout + r.stderr
+        eng.drain(str(src))
+        assert not (tgt / "d").exists()  # what the administrator accepted: the empty directory
+    finally:
+        eng.cleanup()

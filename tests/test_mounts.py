@@ -470,3 +470,25 @@ def test_mount_names_answer_as_mount_by_name(points, paths):
         home = scanned(path)
         assert names.on_local_fs(path) == (home is not None and home.fstype in mounts.LOCAL_FSTYPES) \
             == mounts.on_local_fs(path, table), path
+
+
+@pytest.mark.root
+def test_tree_identity_is_the_file_system_below_a_directory_not_a_bind_of_itself(tmp_path,
+                                                                                tmpfs_mount):
+    """What a directory entry's first capture records (app/engine/capture.py check_identity):
+    the type and mount point of the file system it lies on. A read-only bind of the
+    directory onto itself (a switch-over's fence) is not another file system; a file system
+    mounted on it is, and so is its absence once it is unmounted."""
+    d = tmp_path / "entry"
+    d.mkdir()
+    plain = mounts.tree_identity(str(d))
+    assert plain and f"mounted on {d}" not in plain["file system"], plain
+    subprocess.run(["mount", "--bind", str(d), str(d)], check=True)
+    try:
+        subprocess.run(["mount", "-o", "remount,bind,ro", str(d)], check=True)
+        assert mounts.tree_identity(str(d)) == plain
+    finally:
+        subprocess.run(["umount", str(d)], check=True)
+    tmpfs_mount(d)
+    assert mounts.tree_identity(str(d)) == {"file system": f"tmpfs mounted on {d}"}
+    assert mounts.tree_identity(str(d / "below")) == {"file system": f"tmpfs mounted on {d}"}

@@ -80,7 +80,7 @@ def cmd_accept_device(args) -> int:
     from app.services.entries import configured_block
     rep = replication(args)
     entry = require(configured_block, rep.store, args.device)
-    return report([rep.accept_device(entry.device)], as_json=args.json)
+    return report([rep.accept_identity("block", entry.device)], as_json=args.json)
 
 
 class _NoSocket:

@@ -50,6 +50,13 @@ def cmd_remove(args) -> int:
                   as_json=args.json)
 
 
+def cmd_accept_filesystem(args) -> int:
+    from app.services.entries import configured_fs
+    rep = replication(args)
+    entry = require(configured_fs, rep.store, args.path)
+    return report([rep.accept_identity("fs", entry.path)], as_json=args.json)
+
+
 def cmd_mount_all(args) -> int:
     rep = replication(args)
     require_daemon(rep)
@@ -111,6 +118,11 @@ def register(sub, common) -> None:
     p.add_argument("path", help="a configured directory")
     p.add_argument("--force", action="store_true", help="lazy-unmount even when files are open")
     keep_primary_option(p)
+    p = add(fs, "accept-filesystem", cmd_accept_filesystem, "take the file system the entry's "
+            "directory lies on as it is now, although it is not the one its first capture "
+            "recorded (the data was moved there on purpose): its next capture makes the replica "
+            "equal to it", common)
+    p.add_argument("path", help="a configured directory")
     add(fs, "mount-all", cmd_mount_all, "mount mirrorfs on every entry now (via the daemon)",
         common)
     p = add(fs, "unmount-all", cmd_unmount_all, "unmount mirrorfs from every entry now (via the "

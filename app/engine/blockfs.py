@@ -209,42 +209,6 @@ def _blocks(offset: int, length: int) -> range:
     return range(offset // BLOCK, (offset + length - 1) // BLOCK + 1)
 
 
-def check_identity(state: str, device: str, fd: int) -> None:
-    """Raise OSError(EMEDIUMTYPE) when the device open at `fd` is not the one the entry's
-    journal and replica were made from: a device name can pass to another disk at a reboot, a
-    loop number to another program's file. Its capture would make the replica a copy of that
-    device, a fail-back would overwrite it with the replica. The first capture records what
-    the device is (an entry of an older version, at its next capture)."""
-    import json
-    from pathlib import Path
-
-    from app.engine.journal import read_small_file, write_small_file
-    from app.services.blockdevs import device_identity
-    from app.services.layout import DEVICE_IDENTITY, command
-    now = device_identity(fd)
-    text = read_small_file(Path(state), DEVICE_IDENTITY)
-    was = None
-    if text is not None:
-        try:
-            was = json.loads(text)
-        except ValueError:
-            was = None
-    if not isinstance(was, dict):
-        write_small_file(Path(state), DEVICE_IDENTITY, json.dumps(now) + "\n")
-        return
-    changed = [f"its {key} was {value}, it is now {now.get(key) or 'none'}"
-               for key, value in was.items() if now.get(key) != value]
-    if changed:
-        raise OSError(errno.EMEDIUMTYPE, (
-            f"{device} is not the device this entry was made for: {'; '.join(changed)} (a device "
-            "name can pass to another disk at a reboot, a loop number to another file); nothing "
-            f"was captured or written and its replica was not touched. If {device} is the right "
-            f"device now (the disk was replaced, the file moved), "
-            f"{command('block', 'accept-device', device)} takes it as it is (its replica is "
-            f"then made equal to it); else {command('block', 'remove', device)} leaves the "
-            "replica as it is"), device)
-
-
 def open_raw(device: str, read_only: bool) -> int:
     """The raw device, exclusively: EBUSY when it is mounted or held (by a file system, a
     device-mapper table, another exclusive opener)."""

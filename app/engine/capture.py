@@ -136,6 +136,46 @@ def open_state(spec: Spec) -> tuple[int, bool, dict | None]:
     return lock, first, end
 
 
+def check_identity(state: str, kind: str, key: str, now: dict[str, str]) -> None:
+    """Raise OSError(EMEDIUMTYPE) when the entry's device (block) or the file system its
+    directory lies on (fs) is not what its first capture saw (`now` against the record in its
+    state directory). A device name can pass to another disk at a reboot, a loop number to
+    another program's file; a directory's own file system may not have come up, leaving an
+    empty directory below its mount point. A capture would make the replica a copy of that
+    (the catch-up removes what the source lacks), a fail-back would write onto it. The first
+    capture records it (an entry of an older version, at its next capture)."""
+    from app.engine.journal import read_small_file, write_small_file
+    from app.services.layout import IDENTITY_RECORD, command
+    text = read_small_file(Path(state), IDENTITY_RECORD)
+    was = None
+    if text is not None:
+        with contextlib.suppress(ValueError):
+            was = json.loads(text)
+    if not isinstance(was, dict):
+        write_small_file(Path(state), IDENTITY_RECORD, json.dumps(now) + "\n")
+        return
+    changed = [f"its {name} was {value}, it is now {now.get(name) or 'none'}"
+               for name, value in was.items() if now.get(name) != value]
+    changed += [f"its {name} is now {value} (none before)" for name, value in now.items()
+                if name not in was]
+    if not changed:
+        return
+    if kind == "block":
+        what, why = "device", ("a device name can pass to another disk at a reboot, a loop "
+                               "number to another file")
+        right = "the disk was replaced, the file moved"
+    else:
+        what, why = "file system", "a file system that did not come up leaves its mount point empty"
+        right = "the data was moved there on purpose"
+    accept = command(kind, "accept-device" if kind == "block" else "accept-filesystem", key)
+    raise OSError(errno.EMEDIUMTYPE, (
+        f"{key} is not {'' if kind == 'block' else 'on '}the {what} this entry was made for: "
+        f"{'; '.join(changed)} ({why}); "
+        "nothing was captured or written and its replica was not touched. If it is right now "
+        f"({right}), {accept} takes it as it is (its replica is then made equal to it); else "
+        f"{command(kind, 'remove', key)} leaves the replica as it is"), key)
+
+
 def undo_open_state(spec: Spec, first: bool, end: dict | None) -> None:
     """What open_state changed, undone by a start refused before anything was captured."""
     from app.engine.journal import write_small_file
@@ -350,6 +390,10 @@ class Capture:
         self.door = os.path.join(spec.run, "lower")
         self.stage = os.path.join(spec.run, "stage")
         table = mounts.read_mountinfo()
+        try:  # before anything is mounted or compared: not a file system that did not come up
+            check_identity(spec.state, "fs", spec.key, mounts.tree_identity(spec.key, table))
+        except OSError as exc:
+            raise Refused(str(exc.strerror), exc.errno) from None
         door_mounted = any(m.mount_point == self.door for m in table)
         if door_mounted:
             self.root_fd = os.open(self.door, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
@@ -377,11 +421,13 @@ class Capture:
         self.mount_point = spec.key
 
     def _setup_block(self) -> None:
-        from app.engine.blockfs import BlockFS, check_identity, open_raw
+        from app.engine.blockfs import BlockFS, open_raw
+        from app.services.blockdevs import device_identity
         spec = self.spec
         try:
             self.raw = open_raw(spec.key, spec.read_only)
-            check_identity(spec.state, spec.key, self.raw)  # before anything is read or written
+            # before anything is read or written
+            check_identity(spec.state, "block", spec.key, device_identity(self.raw))
         except OSError as exc:
             raise Refused(str(exc.strerror), exc.errno) from None
         end = os.lseek(self.raw, 0, os.SEEK_END)

@@ -598,8 +598,8 @@ class Failover:
         return None
 
     async def _failback(self, kind: str, key: str, entry, send, spec, size) -> list[Result]:
-        from app.engine.blockfs import check_identity
-        from app.engine.capture import make_target, write_end
+        from app.engine.capture import check_identity, make_target, write_end
+        from app.services.blockdevs import device_identity
         from app.engine.remote import receive_failback
         from app.engine.target import LocalBlockTarget, LocalDirTarget
         state = spec.state
@@ -613,7 +613,7 @@ class Failover:
             except OSError as exc:
                 raise MirrorError.from_oserror("open (exclusive)", entry.device, exc) from None
             try:  # the replica's data never goes onto another disk that took the device's name
-                check_identity(state, entry.device, fd)
+                check_identity(state, "block", entry.device, device_identity(fd))
             except OSError as exc:
                 os.close(fd)
                 raise MirrorError(exc.strerror, errno=exc.errno, obj=entry.device) from None

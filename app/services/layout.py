@@ -55,9 +55,9 @@ SWITCHED_MARKER = "switched"  # in an entry's state directory: handed over to it
 # beside it: a fail-back began ({"generation": …, "target": …}, and "applied": N once N of the
 # replica's records were written here); removed when it finished, or was refused before it began
 FAILBACK_MARKER = "failback"
-# beside them, a block entry's: what told its device from another when it was first captured
-# (app/engine/blockfs.py check_identity); removed with the entry (`block remove`)
-DEVICE_IDENTITY = "device"
+# beside them: what told the entry's device (block) or file system (directory) from another
+# when it was first captured (app/engine/capture.py check_identity); removed with the entry
+IDENTITY_RECORD = "identity"
 
 
 def failback_marker(entry_dir: str) -> dict | None:

@@ -16,7 +16,7 @@ from app.services import blockdevs, blockplan, mounts
 from app.services import loop as loopdev
 from app.services.blockplan import View, same_device
 from app.services.config import BlockEntry, ConfigStore, is_local_target, match_block, match_fs
-from app.services.layout import (DEVICE_IDENTITY, FSTYPE_BLOCK, FSTYPE_FS, command,
+from app.services.layout import (IDENTITY_RECORD, FSTYPE_BLOCK, FSTYPE_FS, command,
                                   default_state_dir, entry_state, failback_marker, mix_words,
                                   switched_marker, switched_refusal, with_failback)
 from app.services.results import MirrorError, Outcome, Refusal, Result
@@ -106,23 +106,23 @@ class Replication:
         except MirrorError as exc:
             return results + [Result.from_error("remove", entry.device, exc)]
         # an entry added again under this name is a new one: its device is what it is then
-        self._forget_device(entry.device, daemon)
+        self._forget_identity("block", entry.device, daemon)
         return results + [Result("remove", entry.device, Outcome.OK,
                                  f"removed {entry.device}{_kept_note(results)}")]
 
-    def _device_record(self, device: str, daemon) -> str:
-        """Where the daemon keeps what told the entry's device from another
-        (app/engine/blockfs.check_identity)."""
+    def _identity_record(self, kind: str, key: str, daemon) -> str:
+        """Where the daemon keeps what told the entry's device or file system from another
+        (app/engine/capture.py check_identity)."""
         state_dir = self.state_dir
         if daemon is not None:
             with contextlib.suppress(MirrorError):
                 state_dir = daemon.request("ping").get("state_dir") or state_dir
-        return os.path.join(entry_state(state_dir, "block", device), DEVICE_IDENTITY)
+        return os.path.join(entry_state(state_dir, kind, key), IDENTITY_RECORD)
 
-    def _recorded_device(self, device: str, daemon) -> dict | None:
+    def _recorded_identity(self, kind: str, key: str, daemon) -> dict | None:
         import json
         try:
-            with open(self._device_record(device, daemon), "rb") as f:
+            with open(self._identity_record(kind, key, daemon), "rb") as f:
                 was = json.loads(f.read())
         except FileNotFoundError:
             return None
@@ -130,39 +130,42 @@ class Replication:
             return {}
         return was if isinstance(was, dict) else {}
 
-    def _forget_device(self, device: str, daemon) -> dict | None:
-        """Drop that record: the next capture takes the device as it is then. What was
-        recorded, or None."""
-        was = self._recorded_device(device, daemon)
+    def _forget_identity(self, kind: str, key: str, daemon) -> dict | None:
+        """Drop that record: the next capture takes the device or file system as it is then.
+        What was recorded, or None."""
+        was = self._recorded_identity(kind, key, daemon)
         with contextlib.suppress(FileNotFoundError):
-            os.unlink(self._device_record(device, daemon))
+            os.unlink(self._identity_record(kind, key, daemon))
         return was
 
-    def accept_device(self, device: str) -> Result:
-        """The entry's device is the right one although it is no longer the device its first
-        capture saw (the disk was replaced, its file moved): the next capture records it and
-        makes the replica equal to it; a fail-back may write onto it."""
-        entry = next(e for e in self.store.load().block if same_device(e.device, device)
-                     or e.device == device)
+    def accept_identity(self, kind: str, key: str) -> Result:
+        """The entry's device (block) or file system (fs) is the right one although it is not
+        what its first capture saw (the disk was replaced, its file moved; the data moved to
+        another file system on purpose): the next capture records it and makes the replica
+        equal to it; a fail-back may write onto it. `key`: the entry's path or device."""
+        action = "accept-device" if kind == "block" else "accept-filesystem"
         daemon = None
         if self.control is not None and self.control.is_running():
             daemon = self.control
         try:
-            fd = os.open(entry.device, os.O_RDONLY | os.O_CLOEXEC)
-            try:
-                now = blockdevs.device_identity(fd)
-            finally:
-                os.close(fd)
+            if kind == "block":
+                fd = os.open(key, os.O_RDONLY | os.O_CLOEXEC)
+                try:
+                    now = blockdevs.device_identity(fd)
+                finally:
+                    os.close(fd)
+            else:
+                now = mounts.tree_identity(key)
         except OSError as exc:
-            return Result.from_error("accept-device", entry.device,
-                                     MirrorError.from_oserror("open", entry.device, exc))
-        if self._recorded_device(entry.device, daemon) in (None, now):
-            return Result("accept-device", entry.device, Outcome.UNCHANGED,
-                          f"{entry.device}: no other device was recorded for it; nothing to accept")
-        was = self._forget_device(entry.device, daemon)
-        said = "; ".join(f"{k} {v}" for k, v in was.items())
-        return Result("accept-device", entry.device, Outcome.OK,
-                      f"{entry.device}: the device recorded for it ({said}) is forgotten; its next "
+            return Result.from_error(action, key, MirrorError.from_oserror("open", key, exc))
+        what = "device" if kind == "block" else "file system"
+        if self._recorded_identity(kind, key, daemon) in (None, now):
+            return Result(action, key, Outcome.UNCHANGED,
+                          f"{key}: no other {what} was recorded for it; nothing to accept")
+        was = self._forget_identity(kind, key, daemon)
+        said = "; ".join(f"{k} {v}" for k, v in (was or {}).items()) or "unreadable"
+        return Result(action, key, Outcome.OK,
+                      f"{key}: the {what} recorded for it ({said}) is forgotten; its next "
                       "capture takes it as it is now and makes its replica equal to it")
 
     def _handed_over(self, kind: str, key: str, daemon, keep_replica_primary: bool = False
@@ -442,6 +445,7 @@ class Replication:
             entry = self.store.remove_filesystem(path)
         except MirrorError as exc:
             return results + [Result.from_error("remove", path, exc)]
+        self._forget_identity("fs", entry.path, daemon)  # (an entry added again is a new one)
         return results + [Result("remove", entry.path, Outcome.OK,
                                  f"removed {entry.path}{_kept_note(results)}")]
 
