@@ -917,6 +917,54 @@ def test_block_add_warns_when_the_remote_target_has_no_room_for_the_device(remot
     assert listed == [big, small, other], listed
 
 
+def test_block_add_counts_the_image_a_re_added_entry_reuses_on_the_remote_target(remote, disks):
+    """Found by a helper: re-adding an entry whose replica image is still on the target warned
+    that there was no room, the free space not counting the image that is there and would be
+    reused. The agent tells what the image takes (its `test` answer) and the room counts it."""
+    make, r = remote(disk=32 * MiB)
+    image = 16 * MiB
+    with open(r.root / "re.img", "wb") as f:  # the image a removed entry left there, written
+        for _ in range(image // MiB):
+            f.write(b"\1" * MiB)
+        os.fsync(f.fileno())
+    info = json.loads(cli(r.cfg, "target", "test", "backup1", "--json").stdout)
+    without = info["free_bytes"] + image - info["journal_room_bytes"] - info["journal_pending_bytes"]
+    assert info["available_bytes"] < image <= without < 2 * image, info  # the old code warned
+    dev = disks(image)
+    a = cli(r.cfg, "block", "add", dev, "--target", "backup1:re.img")
+    assert a.returncode == 0 and "warning" not in a.stderr, a.stdout + a.stderr
+    from app.services.units import exact_size
+    rm = cli(r.cfg, "block", "remove", dev)
+    assert rm.returncode == 0 and (r.root / "re.img").stat().st_size == image, rm.stdout + rm.stderr
+    big = disks(2 * image)  # more than the room with the image: said, the image counted
+    a = cli(r.cfg, "block", "add", big, "--target", "backup1:re.img")
+    assert a.returncode == 0, a.stdout + a.stderr
+    assert f"mirrorsetup: warning: target backup1:re.img has {exact_size(without)} for replicas " \
+           f"({r.root} on {r.bed.target_addr}, with the {exact_size(image)} its image there " \
+           f"takes), less than the 32 MiB it must mirror" in a.stderr, a.stderr
+
+
+def test_block_add_says_soon_that_a_silent_target_could_not_be_checked(remote, disks):
+    """Found by a helper: a target that drops packets held `block add` for ssh's ConnectTimeout
+    (10 s, what replication waits) before its room was said not checked. The check's own
+    connect timeout is 3 s; the entry is added all the same."""
+    make, r = remote()
+    dev = disks(8 * MiB)
+    r.bed.blackhole()
+    try:
+        started = time.monotonic()
+        a = cli(r.cfg, "block", "add", dev, "--target", "backup1:dev.img")
+        took = time.monotonic() - started
+    finally:
+        r.bed.unblock()
+    assert a.returncode == 0, a.stdout + a.stderr
+    assert "mirrorsetup: warning: the room for backup1:dev.img could not be checked (target " \
+           "backup1: " in a.stderr and "timed out" in a.stderr, a.stderr
+    assert took < 8, f"{took:.1f} s"  # 3 s and the CLI's start on a busy host; 10.5 s before
+    cfg = r.cfg.read_text()
+    assert "connect_timeout" not in cfg or "connect_timeout = 10" in cfg, cfg  # replication's
+
+
 def sha(path, size=None) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:

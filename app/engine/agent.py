@@ -411,7 +411,7 @@ class Agent:
                      "free_bytes": st.f_bavail * st.f_frsize, "root": self.root,
                      "features": list(wire.FEATURES)}
         if action == "test":
-            self.send(wire.WELCOME, {**self.info, **journal_space(self.root)})
+            self.send(wire.WELCOME, {**self.info, **journal_space(self.root), **self._held(h)})
             return
         if action not in ("replicate", "promote", "discard", "failback", "probe"):
             raise AgentError("action", f"unknown action {action!r}")
@@ -625,6 +625,22 @@ class Agent:
         demote_state(self.state, generation=h.get("generation"), consistent=False)
         self.replica.save(self.state)
         self.send(wire.WELCOME, {**self.info, **self.positions(), "generation": self.state["generation"]})
+
+    def _held(self, h: dict) -> dict:
+        """What the image at a `test` HELLO's path takes below the root already (a `block add`'s
+        room check): a re-added entry reuses it, so that room is its own. Nothing when it cannot
+        be told (no path asked, none there, not a regular file, a path refused)."""
+        if not h.get("path"):
+            return {}
+        try:
+            fd = open_beneath(self.root_fd, safe_relpath(str(h["path"])), os.O_PATH)
+        except (OSError, ValueError):
+            return {}
+        try:
+            st = os.fstat(fd)
+        finally:
+            os.close(fd)
+        return {"replica_bytes": st.st_blocks * 512} if stat.S_ISREG(st.st_mode) else {}
 
     def _probe(self, rel: str, kind: str, source: dict) -> None:
         """What a fail-back asks before it lifts its capture: is the replica promoted, and who

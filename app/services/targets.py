@@ -33,6 +33,10 @@ from app.services.results import ConfigError, MirrorError, Outcome, Refusal, Res
 
 KEYSCAN_SECONDS = 10
 PROBE_SECONDS = 30
+# a `block add`'s room check: a target that drops packets is said at once, not after the
+# ConnectTimeout replication waits for (Settings.connect_timeout)
+ROOM_CONNECT_SECONDS = 3
+ROOM_SECONDS = 10
 
 
 @dataclass(frozen=True)
@@ -560,9 +564,14 @@ def room_for_replicas(welcome: dict) -> dict:
             "available_bytes": available}
 
 
-def probe(host: TargetHost) -> dict:
-    """Connect, greet the agent, time a heartbeat: versions, free space, round-trip time."""
+def probe(host: TargetHost, *, image: str | None = None, connect_timeout: int | None = None,
+          seconds: float = PROBE_SECONDS) -> dict:
+    """Connect, greet the agent, time a heartbeat: versions, free space, round-trip time; and
+    what the replica `image` (a path below its root) takes there already, if the agent tells."""
     s = Settings.of(host)
+    if connect_timeout is not None:
+        s = replace(s, connect_timeout=connect_timeout)
+    hello = {"version": wire.VERSION, "action": "test", **({"path": image} if image else {})}
     started = time.monotonic()
     proc = subprocess.Popen(s.ssh_argv("mirrorsetup-agent"), stdin=subprocess.PIPE,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, bufsize=0)
@@ -571,7 +580,7 @@ def probe(host: TargetHost) -> dict:
     def talk() -> None:
         try:
             wire.skip_to_greeting(proc.stdout.read)
-            proc.stdin.write(wire.jframe(wire.HELLO, {"version": wire.VERSION, "action": "test"}))
+            proc.stdin.write(wire.jframe(wire.HELLO, hello))
             kind, payload = wire.read_frame(proc.stdout.read) or (None, b"{}")
             result["welcome"] = (kind, json.loads(payload))
             result["connect"] = time.monotonic() - started
@@ -584,7 +593,7 @@ def probe(host: TargetHost) -> dict:
             result["error"] = str(exc)
     t = threading.Thread(target=talk, daemon=True)
     t.start()
-    t.join(PROBE_SECONDS)
+    t.join(seconds)
     try:
         proc.stdin.close()
     except OSError:
@@ -607,7 +616,7 @@ def probe(host: TargetHost) -> dict:
     return {"target": host.name, "host": host.host, "port": host.port, "agent_version": msg.get("agent"),
             "wire_version": msg.get("version"), "source_wire_version": wire.VERSION,
             "agent_host": msg.get("host"), "root": msg.get("root"), "free_bytes": msg.get("free_bytes"),
-            **room_for_replicas(msg),
+            **room_for_replicas(msg), **({"image_bytes": msg.get("replica_bytes")} if image else {}),
             "connect_seconds": round(result.get("connect", 0.0), 3),
             "rtt_ms": None if "rtt" not in result else round(result["rtt"] * 1000, 2)}
 
@@ -615,21 +624,27 @@ def probe(host: TargetHost) -> dict:
 def room_warning(host: TargetHost, target: str, window: int) -> str | None:
     """A block entry's remote `target` (NAME:PATH on `host`) without room for its `window`, as
     `target test` tells the room (probe); or that the room could not be checked. A warning at
-    its add, never a refusal: room can be made there before it is captured."""
+    its add, never a refusal: room can be made there before it is captured. An image already
+    there (a re-added entry's) is reused: the room it takes counts as the entry's."""
     from app.services.config import short_of
     from app.services.units import exact_size
     try:
-        info = probe(host)
+        info = probe(host, image=target.partition(":")[2], connect_timeout=ROOM_CONNECT_SECONDS,
+                     seconds=ROOM_SECONDS)
     except MirrorError as exc:
         return (f"the room for {target} could not be checked ({exc}); "
                 f"{command('target', 'test', host.name)} tells it once the target answers")
     room = info.get("available_bytes")
     if room is None:  # an older agent: its free space
         room = info["free_bytes"]
+    held = info.get("image_bytes") or 0  # (an older agent tells neither)
+    if held:  # the room replicas would have without it
+        room = room_for_replicas({**info, "free_bytes": info["free_bytes"] + held})["available_bytes"]
     if room is None or room >= window:
         return None
-    return f"target {target} " + short_of(f"has {exact_size(room)} for replicas ({host.root} on "
-                                          f"{host.host})", window)
+    there = f", with the {exact_size(held)} its image there takes" if held else ""
+    return f"target {target} " + short_of(f"has {exact_size(room)} for replicas ({host.root} "
+                                          f"on {host.host}{there})", window)
 
 
 def room_text(info: dict) -> str:

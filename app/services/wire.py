@@ -8,7 +8,8 @@ The agent opens with a greeting line (GREETING), so whatever a login shell print
 
     HELLO  source → agent   JSON: version, replica path, kind, size, source claim, generation,
                             last/released seq, what to do (replicate | test | promote …)
-    WELCOME agent → source  JSON: version, generation, received, applied, consistent, free bytes
+    WELCOME agent → source  JSON: version, generation, received, applied, consistent, free bytes;
+                            to a test naming a path, what the image there takes (replica_bytes)
     DATA   source → agent   u8 flags (1: zstd) | records in the journal's on-disk encoding
     SKIP   source → agent   JSON {through}: records up to there never come (a resync replaces them)
     MARK   source → agent   JSON {seq}: the target is consistent once it has applied seq;
