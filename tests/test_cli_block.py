@@ -168,6 +168,32 @@ def test_bad_input_is_refused_and_changes_nothing(config_path, disks, tmp_path):
     assert cli(config_path, "block", "add", disk, "--offset", "12x", check_rc=2).stderr
 
 
+def test_block_add_says_every_malformed_option_at_once(config_path, disks):
+    """A bad --offset, --sizelimit and --loop were said joined by "; " on one line (and a
+    --offset that is no size alone, by argparse, before the others were looked at), where
+    `target add` says each on its own line. Each is its own stderr line now, --json lists them
+    in the entry's field order; exit 2, nothing changed."""
+    disk = disks(8 << 20)
+    wrong = {"loop": "/dev/sda", "offset": "ten", "sizelimit": "100", "queue_limit": "1K"}
+    proc = cli(config_path, "block", "add", disk, "--json",
+               *[w for k, v in wrong.items() for w in (f"--{k.replace('_', '-')}", v)], check_rc=2)
+    lines = proc.stderr.splitlines()
+    for key, value in wrong.items():
+        assert [ln for ln in lines if ln.startswith(f"mirrorsetup: {key}: ") and value in ln], \
+            (key, proc.stderr)
+    assert len(lines) == len(wrong), proc.stderr
+    said = json.loads(proc.stdout)
+    assert [e["key"] for e in said["errors"]] == list(wrong), said
+    assert {e["errno_name"] for e in said["errors"]} == {"EINVAL"}, said
+    assert not config_path.exists() and loops_on(disk) == []
+    # two sizes that are none: both said, not the first alone
+    proc = cli(config_path, "block", "add", disk, "--offset", "12x", "--sizelimit", "1.5G", check_rc=2)
+    assert proc.stderr.splitlines() == [
+        "mirrorsetup: offset: not a size: '12x' (use bytes or a suffix: 512, 4K, 1M, 2G)",
+        "mirrorsetup: sizelimit: not a size: '1.5G' (use bytes or a suffix: 512, 4K, 1M, 2G)"]
+    assert not config_path.exists()
+
+
 def test_manual_attach_and_detach_are_not_persisted(config_path, disks, unused_loop):
     disk = disks()
     out = json.loads(cli(config_path, "manual", "attach", disk, "--read-only", "--loop",

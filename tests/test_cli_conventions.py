@@ -89,7 +89,7 @@ def test_a_named_configuration_that_does_not_exist_is_refused_by_what_reads_it(c
 
 
 @pytest.mark.parametrize("argv", [
-    ["block", "add", "/dev/nope", "--offset", "10X"], ["manual", "attach", "/dev/nope",
+    ["block", "add", "/dev/nope", "--on-full", "10X"], ["manual", "attach", "/dev/nope",
                                                         "--sizelimit", "-5"],
     ["fs", "nosuch"], ["fs", "add"], ["status", "--bogus"], ["nosuch"],
 ])

@@ -162,7 +162,7 @@ def _expected_message(store, disk: str, fields: dict[str, str]) -> str:
     """What the services say about the same input (parse_size, then ConfigStore.validate_block)."""
     try:  # (named as the dialog labels them)
         offset = parse_size(fields.get("offset", "0"), what="offset")
-        parse_size(fields.get("sizelimit", "0"), what="size limit")
+        parse_size(fields.get("sizelimit", "0"), what="sizelimit")
     except ValueError as exc:
         return str(exc)
     entry = BlockEntry(fields.get("device", disk), fields.get("loop"), offset)
@@ -187,6 +187,31 @@ async def test_refused_input_shows_the_service_message_and_changes_nothing(
         await pilot.click("#add")
         await wait_until(pilot, lambda: expected in static_text(dialog.query_one("#problem")),
                          f"the message {expected!r}")
+        assert app.screen is dialog
+    assert config_bytes() is None
+    assert loops_backed_by(disk) == []
+
+
+@pilot_test
+async def test_the_add_dialog_says_every_malformed_field_at_once(
+        tui, store, protected_device, config_bytes):
+    """The dialog said the first malformed field (an offset that is no size hid a bad loop
+    and size limit until it was fixed); now every one, as `block add` says them."""
+    disk = protected_device()
+    fields = {"loop": "/dev/sda", "offset": "ten", "sizelimit": "100"}
+    app = tui(devices=[disk])
+    async with app.run_test(size=(120, 36)) as pilot:
+        screen = await open_block_screen(pilot)
+        dialog = await pick(pilot, screen, disk)
+        for name, value in fields.items():
+            dialog.query_one(f"#{name}", Input).value = value
+        await pilot.click("#add")
+
+        def said() -> str:
+            return static_text(dialog.query_one("#problem")).replace("\n", " ")
+        await wait_until(pilot, lambda: all(f"{k}: " in said() for k in fields), "every field")
+        for key, value in fields.items():
+            assert f"{key}: " in said() and value in said(), said()
         assert app.screen is dialog
     assert config_bytes() is None
     assert loops_backed_by(disk) == []

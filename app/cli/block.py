@@ -48,16 +48,20 @@ def cmd_list(args) -> int:
 
 def cmd_add(args) -> int:
     from app.services.config import BlockEntry
-    from app.services.entries import check_block
+    from app.services.entries import check_block, window_fields
     rep = replication(args, missing_ok=True)
     opts = dict(adopt_target=args.adopt_target, queue_limit=args.queue_limit, on_full=args.on_full)
-    entry = BlockEntry(args.device, args.loop, args.offset, args.sizelimit, args.read_only,
+    offset, sizelimit, typed = window_fields(args.offset, args.sizelimit)
+    entry = BlockEntry(args.device, args.loop, offset, sizelimit, args.read_only,
                        args.encryption, args.target, **opts)
-    check = require(check_block, rep.store, entry)
-    if check.refusal:
-        raise Refused(check.refusal, errno=check.errno, obj=args.device)
-    added = rep.add_block(args.device, loop=args.loop, offset=args.offset,
-                          sizelimit=args.sizelimit, read_only=args.read_only,
+    check = require(check_block, rep.store, entry).with_typed(typed)
+    if check.refusal:  # every problem at once, each on its own line
+        refused = Refused(check.refusal, errno=check.errno, obj=args.device)
+        if len(check.errors) > 1:
+            refused.errors = check.errors
+        raise refused
+    added = rep.add_block(args.device, loop=args.loop, offset=offset,
+                          sizelimit=sizelimit, read_only=args.read_only,
                           encryption=args.encryption, target=args.target, **opts)
     code = report([added], as_json=args.json)
     for warning in added.details.get("warnings", ()):  # a remote target without room
@@ -172,7 +176,7 @@ def register(sub, common) -> None:
         "flagged)", common)
     p = add(block, "add", cmd_add, "add a block device entry", common)
     p.add_argument("device", help="the block device (never its /dev/loopN: applications use that)")
-    loop_options(p)
+    loop_options(p, sizes=str)
     p.add_argument("--encryption", help=argparse.SUPPRESS)  # legacy field: refused with a reason
     p.add_argument("--target", help="file or device the writes are replicated to, or NAME:PATH "
                    "on a remote target (mirrorsetup target add)")

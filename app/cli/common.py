@@ -129,10 +129,12 @@ def keep_primary_option(p: argparse.ArgumentParser) -> None:
                    "removed (otherwise refused until a fail-back or resolve)")
 
 
-def loop_options(p: argparse.ArgumentParser) -> None:
+def loop_options(p: argparse.ArgumentParser, *, sizes: Callable = size) -> None:
+    """`sizes`: str keeps --offset and --sizelimit as typed, to be checked with the entry's
+    other fields (entries.window_fields), not refused alone before them by argparse."""
     p.add_argument("--loop", metavar="/dev/loopN", help="always use this loop device "
                    "(default: the first free one)")
-    p.add_argument("--offset", type=size, default=0, help="start this far into the device "
+    p.add_argument("--offset", type=sizes, default=0, help="start this far into the device "
                    "(bytes, or 512, 4K, 1M …; a multiple of 512)")
-    p.add_argument("--sizelimit", type=size, default=0, help="use at most this many bytes")
+    p.add_argument("--sizelimit", type=sizes, default=0, help="use at most this many bytes")
     p.add_argument("--read-only", action="store_true", help="attach read-only")

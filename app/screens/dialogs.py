@@ -22,6 +22,7 @@ from textual.widgets import Button, DirectoryTree, Input, Label, Static, Switch
 
 from app.screens.base import OUTCOME_STYLE, check_text
 from app.services.config import BlockEntry, FsEntry
+from app.services.entries import window_fields
 from app.services.results import MirrorError, Result
 from app.services.units import parse_size, shown
 
@@ -467,13 +468,15 @@ class AddBlockEntryDialog(_EntryDialog):
         device = self._value("device")
         if not device:
             raise ValueError("type the path of a block device, or pick one in the list")
-        offset, sizelimit = window_sizes(self._value)
+        # an offset or size limit that is no size is said with the entry's other problems
+        offset, sizelimit, self._malformed = window_fields(self._value("offset"),
+                                                           self._value("sizelimit"))
         return BlockEntry(device, self._value("loop") or None, offset,
                           sizelimit, self.query_one("#read-only", Switch).value,
                           None, self._value("target") or None)
 
     def check_entry(self, entry: BlockEntry) -> tuple[str | None, list[str]]:
-        check = self.app.services.check_block(entry)
+        check = self.app.services.check_block(entry).with_typed(self._malformed)
         return check.refusal, [f"{entry.device} is {w}: Attach all refuses it until that "
                                "ends (Force… overrides)" for w in check.warnings]
 

@@ -17,10 +17,11 @@ from dataclasses import dataclass, field, replace
 from app.services import blockdevs
 from app.services import loop as loopdev
 from app.services.config import BlockEntry, Config, ConfigStore, FsEntry, match_block, match_fs
+from app.services.config_toml import TABLES
 from app.services.blockplan import View, attached_to, busy_reasons, same_device
 from app.services.layout import is_capture_of
-from app.services.results import ConfigError, MirrorError, Outcome, Result
-from app.services.units import shown
+from app.services.results import ConfigError, ConfigErrors, MirrorError, Outcome, Result
+from app.services.units import parse_size, shown
 
 
 # -- is it configured ---------------------------------------------------------------------
@@ -154,11 +155,39 @@ class BlockCheck:
     refusal: str | None = None
     warnings: list[str] = field(default_factory=list)
     errno: int | None = None  # the refusal's
+    errors: list[ConfigError] = field(default_factory=list)  # the refusal's problems, each its own
+
+    def with_typed(self, typed: list[ConfigError]) -> BlockCheck:
+        """This check with the problems of fields that could not even be typed into the entry
+        (window_fields), all said at once in the entry's field order (one ConfigErrors)."""
+        if not typed:
+            return self
+        order = list(TABLES["block"][1])
+        mine = self.errors or ([ConfigError(self.refusal, errno=self.errno)] if self.refusal else [])
+        errors = sorted([*typed, *mine], key=lambda e: order.index(e.key) if e.key in order
+                        else len(order))
+        return BlockCheck(ConfigErrors.of(errors).message, self.warnings, errors[0].errno, errors)
+
+
+def window_fields(offset: str | int | None, sizelimit: str | int | None
+                  ) -> tuple[int, int, list[ConfigError]]:
+    """An entry's offset and size limit as typed (`block add`'s options, the Add dialog's
+    fields; empty is 0), in bytes; one that is no size counts as 0, and its ConfigError is said
+    with every other problem of the entry (BlockCheck.with_typed), not alone before them."""
+    sizes, errors = [], []
+    for key, text in (("offset", offset), ("sizelimit", sizelimit)):
+        try:
+            sizes.append(parse_size(text or 0))
+        except ValueError as exc:
+            sizes.append(0)
+            errors.append(ConfigError(f"{key}: {exc}", key=key, errno=errno.EINVAL))
+    return sizes[0], sizes[1], errors
 
 
 def _refused(exc: MirrorError) -> BlockCheck:
     exc = with_errno(exc)
-    return BlockCheck(exc.message, errno=exc.errno)
+    errors = getattr(exc, "errors", [exc] if isinstance(exc, ConfigError) else [])
+    return BlockCheck(exc.message, errno=exc.errno, errors=list(errors))
 
 
 def check_block(store: ConfigStore, entry: BlockEntry) -> BlockCheck:
