@@ -88,6 +88,20 @@ def engine_maker(tmp_path: Path):
             raise AssertionError("the daemon logged a traceback:\n" + text[max(0, at - 600):at + 2400])
 
 
+def stderr_until(p: subprocess.Popen, words: str, seconds: float = 40) -> str:
+    """What `p` (text, stderr piped) said on stderr until it said `words` (or ended, or
+    `seconds` passed): a CLI that says what it waits for while it waits."""
+    import select
+    said, deadline = "", time.monotonic() + seconds
+    while words not in said and time.monotonic() < deadline:
+        if select.select([p.stderr], [], [], 1)[0]:
+            line = p.stderr.readline()
+            if not line:  # it ended without saying it
+                break
+            said += line
+    return said
+
+
 def block_mounts() -> list[str]:
     return [m.mount_point for m in read_mountinfo() if m.fstype == "fuse.mirrorblk"]
 

@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-from test_engine_support import REPO, engine_maker
+from test_engine_support import REPO, engine_maker, stderr_until
 
 pytestmark = pytest.mark.root
 
@@ -79,6 +79,39 @@ def test_gather_runs_at_once_keeps_order_and_raises_an_error_as_itself():
     trio.run(main)
 
 
+def _cli(eng, *argv: str) -> subprocess.Popen:
+    """The CLI on `eng`'s daemon, running: its stderr read as it says it (stderr_until)."""
+    return subprocess.Popen([sys.executable, "-m", "app", "--config", str(eng.config), *argv],
+                            cwd=REPO, env={**os.environ, "MIRRORSETUP_SOCKET": eng.socket},
+                            text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+
+
+def test_unmount_all_says_which_worker_it_waits_for(setup, tmp_path):
+    """`fs unmount-all` waits where `daemon stop` waits (a capture shipping its queue, up to
+    45 s; a worker that does not answer, 45 s, then it is killed) and sat there without a word.
+    It says each wait now as it begins, in daemon stop's words: here a stopped worker (SIGSTOP),
+    and how to resume it; resumed, the unmount ends cleanly."""
+    (tmp_path / "a").mkdir()
+    src = str(tmp_path / "a")
+    eng, _, _ = setup([{"path": src, "target": str(tmp_path / "a.tgt")}])
+    pid = eng.status(src)["worker_pid"]
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        p = _cli(eng, "fs", "unmount-all")
+        said = stderr_until(p, f"kill -CONT {pid}")
+        assert f"mirrorsetup: unmount-all: {src}: asked its capture to end" in said, said
+        assert f"worker pid {pid} (stopped by a signal: kill -CONT {pid} resumes it); given up " \
+               "after 45 s, then it is killed" in said, said
+        os.kill(pid, signal.SIGCONT)  # as the line says: the worker answers, drains and ends
+        out, err = p.communicate(timeout=120)
+        assert p.returncode == 0, said + out + err
+        assert f"{src}: unmounted" in out, out
+        assert "did not end; killing it" not in eng.logtext()
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGCONT)
+
+
 def test_daemon_stop_says_which_worker_it_waits_for_and_waits_as_long_as_the_daemon_does(
         setup, tmp_path):
     """A stop waits for each capture to end (up to 45 s for one that ships its queue, 45 s for
@@ -87,24 +120,14 @@ def test_daemon_stop_says_which_worker_it_waits_for_and_waits_as_long_as_the_dae
     the daemon waits for as it begins, naming the entry and its worker and the limit, and waits
     as long as the daemon does: here the worker is stopped (SIGSTOP), the line says how to
     resume it, and once it is resumed the stop ends cleanly."""
-    import select
     (tmp_path / "a").mkdir()
     src = str(tmp_path / "a")
     eng, _, _ = setup([{"path": src, "target": str(tmp_path / "a.tgt")}])
     pid = eng.status(src)["worker_pid"]
-    env = {**os.environ, "MIRRORSETUP_SOCKET": eng.socket}
     os.kill(pid, signal.SIGSTOP)
     try:
-        p = subprocess.Popen([sys.executable, "-m", "app", "--config", str(eng.config), "daemon",
-                              "stop", "--state-dir", eng.state], cwd=REPO, env=env, text=True,
-                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-        said, deadline = "", time.monotonic() + 40
-        while f"kill -CONT {pid}" not in said and time.monotonic() < deadline:
-            if select.select([p.stderr], [], [], 1)[0]:
-                line = p.stderr.readline()
-                if not line:  # it ended without saying it
-                    break
-                said += line
+        p = _cli(eng, "daemon", "stop", "--state-dir", eng.state)
+        said = stderr_until(p, f"kill -CONT {pid}")
         assert f"mirrorsetup: stopping the daemon: {src}: asked its capture to end" in said, said
         assert f"worker pid {pid} (stopped by a signal: kill -CONT {pid} resumes it); given up " \
                "after 45 s, then it is killed" in said, said

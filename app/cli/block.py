@@ -125,7 +125,9 @@ def cmd_detach_all(args) -> int:
     rep = replication_if_daemon(args)
     require(rep.store.load)
     require(rep.daemon)
-    return report(rep.detach_all(dry_run=args.dry_run), as_json=args.json)
+    return report(rep.detach_all(dry_run=args.dry_run,
+                                 say=lambda what: complain(f"detach-all: {what}")),
+                  as_json=args.json)
 
 
 def cmd_mirror(args) -> int:

@@ -66,7 +66,9 @@ def cmd_mount_all(args) -> int:
 def cmd_unmount_all(args) -> int:
     rep = replication(args)
     require_daemon(rep)
-    return report(rep.unmount_all(force=args.force), as_json=args.json)
+    return report(rep.unmount_all(force=args.force,
+                                  say=lambda what: complain(f"unmount-all: {what}")),
+                  as_json=args.json)
 
 
 def cmd_mirror(args) -> int:

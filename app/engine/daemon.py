@@ -14,6 +14,7 @@ with its error, the daemon never dies of a client. The config file is re-read by
 from __future__ import annotations
 
 import argparse
+import contextlib
 import errno
 import logging
 import os
@@ -222,7 +223,10 @@ class Daemon:
     async def cmd_unmount_all(self, send, force=False):
         configured = [e.path for e in self._entries()]
         extra = [c.key for c in self.sup.captures.values() if c.kind == "fs" and c.key not in configured]
-        return _results([await self.sup.unmount(p, bool(force)) for p in configured + extra])
+
+        async def work():
+            return [await self.sup.unmount(p, bool(force)) for p in configured + extra]
+        return _results(await self.sup.says_waits("fs", _saying(send), work))
 
     async def cmd_mount(self, send, path=""):
         return _results([await self.sup.mount(self._entry(path))])
@@ -294,13 +298,17 @@ class Daemon:
         return _results(results)
 
     async def cmd_block_detach_all(self, send, dry_run=False):
-        results = []
         configured = {e.device for e in self._blocks()}
-        for e in self._blocks():
-            results += await self.blk.detach(e, dry_run=bool(dry_run))
-        for cap in [c for c in self.sup.captures.values() if c.kind == "block" and c.key not in configured]:
-            results.append(await self._end_orphan(cap, force=False, dry_run=bool(dry_run)))
-        return _results(results)
+
+        async def work():
+            results = []
+            for e in self._blocks():
+                results += await self.blk.detach(e, dry_run=bool(dry_run))
+            for cap in [c for c in self.sup.captures.values()
+                        if c.kind == "block" and c.key not in configured]:
+                results.append(await self._end_orphan(cap, force=False, dry_run=bool(dry_run)))
+            return results
+        return _results(await self.sup.says_waits("block", _saying(send), work))
 
     async def cmd_block_attach(self, send, device=""):
         return _results([await self.blk.attach(self._block(device))])
@@ -619,6 +627,15 @@ def _loops():
 
 def _results(results: list[Result]) -> dict:
     return {"results": [r.to_json() for r in results]}
+
+
+def _saying(send):
+    """A request's `send` for what its stops wait for (Supervisor.says_waits), as progress
+    lines {"waiting": words}; a client that went away is not told, the work goes on."""
+    async def say(words: str) -> None:
+        with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
+            await send(protocol.progress(waiting=words))
+    return say
 
 
 def _offline(cmd: str, spec, token, send) -> dict:

@@ -532,7 +532,9 @@ class Supervisor:
         self.died: dict[tuple[str, str], str] = {}  # its worker died (and none runs since)
         self.detached: list[Captured] = []  # lazily unmounted, still serving files open there
         self.waits: dict[tuple[str, str], tuple[str, float]] = {}  # what a stop waits for now:
-        # (words, when it gives up: monotonic); `ping` says it while the daemon stops
+        # (words, when it gives up: monotonic); `ping` says it while the daemon stops, and
+        # unmount-all / detach-all as it begins (says_waits)
+        self._waits_changed = trio.Event()
 
     @contextlib.contextmanager
     def waiting(self, cap: Captured, what: str, seconds: float, then: str = ""):
@@ -542,16 +544,38 @@ class Supervisor:
                  f"given up after {seconds:.0f} s{then}")
         log.info("%s", words)
         self.waits[(cap.kind, cap.key)] = (words, time.monotonic() + seconds)
+        self._waits_changed.set()
+        self._waits_changed = trio.Event()
         try:
             with trio.move_on_after(seconds):
                 yield
         finally:
             self.waits.pop((cap.kind, cap.key), None)
 
-    def waits_now(self) -> list[dict]:
+    def waits_now(self, kind: str | None = None) -> list[dict]:
         now = time.monotonic()
         return [{"entry": key, "what": words, "seconds_left": max(0, round(until - now, 1))}
-                for (_kind, key), (words, until) in self.waits.items()]
+                for (k, key), (words, until) in self.waits.items() if kind in (None, k)]
+
+    async def says_waits(self, kind: str, say, work):
+        """`await work()`, and each wait of a stop of a `kind` capture meanwhile told to
+        `say(words)` once, as it begins (unmount-all and detach-all sat in them without a word,
+        up to 45 s each: a capture shipping its queue, a worker that does not answer)."""
+        async def tell() -> None:
+            said: set[str] = set()
+            while True:
+                changed = self._waits_changed  # (the one a new wait sets: taken before looking)
+                for w in self.waits_now(kind):
+                    if w["what"] not in said:
+                        said.add(w["what"])
+                        await say(w["what"])
+                await changed.wait()
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(tell)
+            try:
+                return await work()
+            finally:
+                nursery.cancel_scope.cancel()
 
     def lock(self, kind: str, key: str) -> trio.Lock:
         return self.locks.setdefault((kind, key), trio.Lock())

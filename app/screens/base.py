@@ -579,6 +579,20 @@ class TaskScreen(Screen):
         self.app.push_screen(ConfirmDialog(question, yes=title),
                              lambda yes: act() if yes else None)
 
+    def waits_said(self, title: str) -> Callable[[str], None]:
+        """For a service call's `say` (in its worker thread): each thing the daemon waits for
+        (a capture shipping its queue to its target, a worker that does not answer: up to 45 s
+        each) shown as a notice titled `title`, as it begins."""
+        app = self.app
+
+        def say(what: str) -> None:
+            try:
+                app.call_from_thread(app.notify, what, title=title, severity="warning",
+                                     timeout=30, markup=False)
+            except RuntimeError:  # the App itself has ended
+                pass
+        return say
+
     def set_waiting(self, text: str) -> None:
         """Say what a running action waits for now (e.g. which entries are still mounted)."""
         for line in self.query("#waiting"):

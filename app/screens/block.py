@@ -303,10 +303,11 @@ class BlockScreen(TaskScreen):
         attached there is nothing to ask."""
         if self.app.needs_root("Detach all") or self._refuse_while_syncing():
             return
+        say = self.waits_said("Detach all")
         self.ask_first("Detach all", self._detach_all_question(),
                        "Nothing to detach: no block entry is attached to a loop device.",
                        lambda: self.run_action(
-                           "Detach all", lambda: self.services.replication.detach_all(),
+                           "Detach all", lambda: self.services.replication.detach_all(say=say),
                            waiting="detaching every entry's loop (a capture drains its journal "
                            "to the target first)"))
 

@@ -88,9 +88,7 @@ class DaemonScreen(TaskScreen):
         getattr(self, f"action_{event.button.id}")()
 
     def _control(self, action: str, title: str, waiting: str) -> None:
-        def say(what: str) -> None:  # what a stop waits for (a capture shipping its queue…)
-            self.app.call_from_thread(self.notify, what, title="Stopping the daemon",
-                                      severity="warning", timeout=30, markup=False)
+        say = self.waits_said("Stopping the daemon")  # what a stop waits for
 
         def call():
             try:

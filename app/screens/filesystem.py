@@ -180,13 +180,14 @@ class FilesystemScreen(TaskScreen):
         if self.app.needs_root("Unmount all"):
             return
         replication = self.services.replication
+        say = self.waits_said("Unmount all")
         self.ask_first("Unmount all", self._unmount_all_question(),
                        "Nothing to unmount: no directory is mounted as mirrorfs.",
                        lambda: self.run_action(
-                           "Unmount all", lambda: replication.unmount_all(),
+                           "Unmount all", lambda: replication.unmount_all(say=say),
                            waiting=self._waiting_text("unmount"),
                            force=ForceOffer("Force: lazy unmount", LAZY_UNMOUNT,
-                                            lambda: replication.unmount_all(force=True),
+                                            lambda: replication.unmount_all(force=True, say=say),
                                             "Unmount all (lazy where busy)")))
 
     def _unmount_all_question(self) -> str | None:

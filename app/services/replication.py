@@ -11,6 +11,7 @@ import contextlib
 import dataclasses
 import errno
 import os
+from collections.abc import Callable
 
 from app.services import blockdevs, blockplan, mounts
 from app.services import loop as loopdev
@@ -264,14 +265,17 @@ class Replication:
                                                   avoid=blockplan.kept_loops(config.block, e)))
             return results
 
-    def detach_all(self, *, dry_run: bool = False) -> list[Result]:
-        """Detach only the loops our configuration names; a mounted loop is reported, not forced."""
+    def detach_all(self, *, dry_run: bool = False, say: Callable[[str], None] | None = None
+                   ) -> list[Result]:
+        """Detach only the loops our configuration names; a mounted loop is reported, not forced.
+        `say`: told what the daemon waits for, once, as it begins (a capture shipping its queue
+        to its target, a worker that does not answer: up to 45 s each)."""
         daemon, refusal = self._daemon_or_refusal("detach", "all block entries")
         if refusal:
             return refusal
         if daemon is not None:
             return self._daemon_results("detach", "all block entries", "block_detach_all",
-                                        checked=True, dry_run=dry_run)
+                                        progress=_waits_to(say), checked=True, dry_run=dry_run)
         results: list[Result] = []
         view = View()  # read sysfs and the mount table once, not once per entry
         for entry in self.store.load().block:
@@ -452,8 +456,11 @@ class Replication:
     def mount_all(self, *, force: bool = False) -> list[Result]:
         return self._daemon_results("mount", "all file-system entries", "mount_all", force=force)
 
-    def unmount_all(self, *, force: bool = False) -> list[Result]:
-        return self._daemon_results("unmount", "all file-system entries", "unmount_all", force=force)
+    def unmount_all(self, *, force: bool = False, say: Callable[[str], None] | None = None
+                    ) -> list[Result]:
+        """`say`: as detach_all's."""
+        return self._daemon_results("unmount", "all file-system entries", "unmount_all",
+                                    progress=_waits_to(say), force=force)
 
     def _daemon_results(self, action: str, subject: str, cmd: str | None = None, progress=None,
                         checked: bool = False, ended=None, **args) -> list[Result]:
@@ -493,6 +500,14 @@ class Replication:
                 f"start it with {command('daemon', 'start')}, then run {command('status')}")
         return Result(action, key, Outcome.FAILED, f"the daemon ended during the "
                       f"{_WORDS[action]} of {key}: {left}; {then}", errno.ECONNRESET)
+
+
+def _waits_to(say: Callable[[str], None] | None):
+    """A daemon request's progress lines that say what it waits for, to `say` (Supervisor.
+    says_waits)."""
+    if say is None:
+        return None
+    return lambda p: say(p["waiting"]) if "waiting" in p else None
 
 
 def _left_by_switchover(key: str, target: str, sw: dict | None, fb: dict | None) -> str:
