@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import errno
+import json
 import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from conftest import loops_on
 
 pytestmark = pytest.mark.root
 
@@ -73,6 +75,45 @@ def test_a_capture_loop_is_named_by_its_entry_and_never_said_unconfigured_unknow
     assert attached_to(capture, ["/dev/sdy", "/dev/sdz"]) == \
         f"the capture loop of the entry for /dev/sdz (on its capture file {capture})"
     assert attached_to(capture, ["/dev/sdy"]) == \
-        f"the capture loop of a block device not configured here (on {capture})"
-    assert attached_to(capture) == f"the capture loop of a block entry (on its capture file {capture})"
+        f"the capture loop of /dev/sdz, not configured here (on {capture})"  # (its name says it)
+    assert attached_to(capture) == f"the capture loop of the entry for /dev/sdz (on its capture file {capture})"
+    elsewhere = "/run/mirrorsetup" + capture_suffix("/srv/disks/sdz")  # not below /dev
+    assert attached_to(elsewhere) == f"the capture loop of a block entry (on its capture file {elsewhere})"
+    assert attached_to(elsewhere, ["/dev/sdy"]) == \
+        f"the capture loop of a block device, not configured here (on {elsewhere})"
     assert attached_to("/srv/disk.img", ["/dev/sdz"]) == "attached to /srv/disk.img"
+
+
+def test_without_the_daemon_a_loop_that_is_an_entrys_capture_loop_is_refused_naming_it(
+        tmp_path, disks):
+    """Found by a walk: without the daemon (its block captures outlive it), `manual attach
+    DEV --loop L` and `block attach-all` of an entry configured with L, L another entry's
+    capture loop, said only 'the capture loop of a block entry (on its capture file …)': the
+    entry was not named (attach-all did not look at the configuration it had; manual attach
+    has none) nor what to do. The entry is named now (by the configuration, else by its
+    capture file's name) and the refusal says to choose another loop."""
+    from test_engine_support import engine_maker, write_config
+    first, second = disks(8 << 20), disks(8 << 20)
+    with engine_maker(tmp_path) as make:
+        cfg = write_config(tmp_path / "etc" / "replication.toml", [],
+                           [{"device": first, "target": str(tmp_path / "first.img")}])
+        eng, _, _ = make(config=cfg)
+        loop = eng.block(first)["loop"]
+        assert loop, eng.block(first)
+        eng.kill9()  # its capture goes on without it
+        whose = f"{loop} is busy: the capture loop of the entry for {first} (on its capture file "
+        what = "choose another loop or leave it empty for the first free one"
+        nodaemon = ("--socket", str(tmp_path / "none.sock"))  # (not another session's daemon)
+        r = cli(cfg, *nodaemon, "manual", "attach", second, "--loop", loop)
+        assert r.returncode == 1 and whose in r.stderr and what in r.stderr, r.stdout + r.stderr
+        # with no configuration (manual attach needs none): named by its capture file's name
+        r = cli(tmp_path / "none.toml", *nodaemon, "manual", "attach", second, "--loop", loop)
+        assert r.returncode == 1 and f"{loop} is busy: the capture loop of {first}, not " \
+            "configured here (on " in r.stderr and what in r.stderr, r.stdout + r.stderr
+        write_config(cfg, [], [{"device": first, "target": str(tmp_path / "first.img")},
+                               {"device": second, "loop": loop}])
+        r = cli(cfg, *nodaemon, "--json", "block", "attach-all")
+        said = {x["target"]: x for x in json.loads(r.stdout)}
+        assert whose in said[second]["message"] and what in said[second]["message"], said
+        assert said[second]["errno_name"] == "EBUSY", said
+        assert loops_on(second) == [], "attached"

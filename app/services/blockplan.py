@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from app.services import blockdevs, mounts
 from app.services import loop as loopdev
 from app.services.config import BlockEntry
-from app.services.layout import capture_key, capture_suffix
+from app.services.layout import capture_key, capture_owner, capture_suffix
 from app.services.results import MirrorError, Outcome, Result
 
 ATTACH_LOCK = "/run/mirrorsetup.attach.lock"  # host-wide, root-only (/run is root's)
@@ -219,9 +219,15 @@ def attached_to(backing: str | None, devices=None) -> str:
     owner = next((d for d in devices or () if backing.endswith(capture_suffix(d))), None)
     if owner is not None:
         return f"the capture loop of the entry for {owner} (on its capture file {backing})"
+    owner = capture_owner(backing)  # (its name says it: no configuration needed)
     if devices is None:
-        return f"the capture loop of a block entry (on its capture file {backing})"
-    return f"the capture loop of a block device not configured here (on {backing})"
+        return (f"the capture loop of {f'the entry for {owner}' if owner else 'a block entry'} "
+                f"(on its capture file {backing})")
+    return (f"the capture loop of {owner or 'a block device'}, not configured here (on "
+            f"{backing})")
+
+
+OTHER_LOOP = "choose another loop or leave it empty for the first free one"
 
 
 def plan_attach(entry: BlockEntry, view: View, *, captured: bool, force: bool = False,
@@ -277,7 +283,8 @@ def plan_attach(entry: BlockEntry, view: View, *, captured: bool, force: bool = 
         if other is not None and (plan.take_over is None or other.device != plan.take_over.device):
             plan.result = Result(action, dev, Outcome.FAILED, f"{plan.want} is busy: "
                                  f"{attached_to(other.backing_file, devices)} "
-                                 f"({loop_use(other.device, view) or 'idle'})", errno.EBUSY)
+                                 f"({loop_use(other.device, view) or 'idle'}); {OTHER_LOOP}",
+                                 errno.EBUSY)
     return plan
 
 

@@ -18,7 +18,7 @@ from app.services import blockdevs
 from app.services import loop as loopdev
 from app.services.config import BlockEntry, Config, ConfigStore, FsEntry, match_block, match_fs
 from app.services.config_toml import TABLES
-from app.services.blockplan import View, attached_to, busy_reasons, same_device
+from app.services.blockplan import OTHER_LOOP, View, attached_to, busy_reasons, same_device
 from app.services.layout import is_capture_of
 from app.services.results import ConfigError, ConfigErrors, MirrorError, Outcome, Result
 from app.services.units import parse_size, shown
@@ -230,7 +230,7 @@ def wanted_loop_problem(entry: BlockEntry, config: Config | None = None) -> str 
     if not ours:
         devices = [e.device for e in config.block] if config is not None else None
         return (f"loop {entry.loop} is in use: it is {attached_to(now.backing_file, devices)}; "
-                "choose another loop or leave it empty for the first free one")
+                f"{OTHER_LOOP}")
     try:
         why = blockdevs.exclusion_reason(entry.loop)
     except MirrorError:

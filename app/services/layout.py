@@ -261,6 +261,18 @@ def capture_key(backing: str | None) -> str | None:
     return None
 
 
+def capture_owner(backing: str | None) -> str | None:
+    """The device whose capture file `backing` is, when its run directory's name (entry_id:
+    the device's name and a hash of its path) says it: /dev/NAME or /dev/mapper/NAME. None
+    when it is no capture file, or of a device elsewhere (its path cannot be read back)."""
+    if capture_key(backing) is None:
+        return None
+    dir_name = backing.rsplit("/", 2)[1]
+    name = dir_name.rpartition("-")[0]
+    return next((d for d in (f"/dev/{name}", f"/dev/mapper/{name}") if entry_id(d) == dir_name),
+                None)
+
+
 def is_capture_of(device: str, backing: str | None, suffix: str | None = None) -> bool:
     """True when a loop's backing file is a capture file of `device` (any installation's,
     live or left dead): such a loop reaches the device through a capture. `suffix`:

@@ -290,7 +290,12 @@ class Replication:
         refused = switched_refusal(with_failback(switched_marker(state), state), entry.device, action)
         if refused is not None:
             return refused
-        plan = blockplan.plan_attach(entry, view, captured=False, force=force, action=action)
+        try:  # a busy loop that is an entry's capture loop is named by its entry
+            devices = [e.device for e in self.store.load().block]
+        except MirrorError:  # (manual attach needs no configuration)
+            devices = None
+        plan = blockplan.plan_attach(entry, view, captured=False, force=force, action=action,
+                                     devices=devices)
         if plan.result is not None:
             return plan.result
         if dry_run:
