@@ -187,7 +187,8 @@ def test_block_add_says_every_malformed_option_at_once(config_path, disks):
     assert {e["errno_name"] for e in said["errors"]} == {"EINVAL"}, said
     assert not config_path.exists() and loops_on(disk) == []
     # two sizes that are none: both said, not the first alone
-    proc = cli(config_path, "block", "add", disk, "--offset", "12x", "--sizelimit", "1.5G", check_rc=2)
+    proc = cli(config_path, "block", "add", disk, "--offset", "12x", "--sizelimit", "1.5G",
+               check_rc=2)
     assert proc.stderr.splitlines() == [
         "mirrorsetup: offset: not a size: '12x' (use bytes or a suffix: 512, 4K, 1M, 2G)",
         "mirrorsetup: sizelimit: not a size: '1.5G' (use bytes or a suffix: 512, 4K, 1M, 2G)"]

@@ -7,7 +7,6 @@ Witnesses: the target's bytes, the raw device's bytes, /proc/self/mountinfo, sys
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import hashlib
 import json
@@ -23,7 +22,7 @@ import time
 import pytest
 
 from conftest import losetup_json, run
-from test_engine_support import REPO, Engine, block_mounts, stderr_until, write_config
+from test_engine_support import REPO, Engine, block_mounts, said_while_stopped, write_config
 
 from app.cli import build_parser, command_of
 
@@ -490,25 +489,10 @@ def test_detach_all_says_which_worker_it_waits_for(block_engine):
     45 s; a worker that does not answer, 45 s, then it is killed) and sat there without a word.
     It says each wait now as it begins, in daemon stop's words: here a stopped worker (SIGSTOP),
     and how to resume it; resumed, the detach ends cleanly."""
-    eng, disk, _, cfg = block_engine()
-    worker = eng.block(disk)["worker_pid"]
-    os.kill(worker, signal.SIGSTOP)
-    try:
-        p = subprocess.Popen([sys.executable, "-m", "app", "--config", str(cfg), "block",
-                              "detach-all"], cwd=REPO, text=True, stdout=subprocess.PIPE,
-                             stderr=subprocess.PIPE, env={**os.environ, "MIRRORSETUP_SOCKET": eng.socket})
-        said = stderr_until(p, f"kill -CONT {worker}")
-        assert f"mirrorsetup: detach-all: {disk}: asked its capture to end" in said, said
-        assert f"worker pid {worker} (stopped by a signal: kill -CONT {worker} resumes it); " \
-               "given up after 45 s, then it is killed" in said, said
-        os.kill(worker, signal.SIGCONT)  # as the line says: the worker answers, drains and ends
-        out, err = p.communicate(timeout=120)
-        assert p.returncode == 0, said + out + err
-        assert f"{disk}: detached" in out, out
-        assert "did not end; killing it" not in eng.logtext()
-    finally:
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(worker, signal.SIGCONT)
+    eng, disk, _, _ = block_engine()
+    out = said_while_stopped(eng, eng.block(disk)["worker_pid"], ["block", "detach-all"],
+                             f"detach-all: {disk}: asked its capture to end")
+    assert f"{disk}: detached" in out, out
 
 
 def test_a_device_that_grew_under_its_capture_is_said(block_engine):

@@ -102,6 +102,30 @@ def stderr_until(p: subprocess.Popen, words: str, seconds: float = 40) -> str:
     return said
 
 
+def said_while_stopped(eng, pid: int, argv: list[str], words: str) -> str:
+    """The CLI `argv` on `eng`'s daemon while its worker `pid` is stopped (SIGSTOP): it must
+    say (stderr) `words`, then that it waits for that worker, how to resume it and when it
+    gives up; resumed as the line says, it must end cleanly (exit 0, no worker killed). Its
+    stdout. The worker is resumed whatever happens."""
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        p = subprocess.Popen([sys.executable, "-m", "app", "--config", str(eng.config), *argv],
+                             cwd=REPO, env={**os.environ, "MIRRORSETUP_SOCKET": eng.socket},
+                             text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        said = stderr_until(p, f"kill -CONT {pid}")
+        assert f"mirrorsetup: {words}" in said, said
+        assert f"worker pid {pid} (stopped by a signal: kill -CONT {pid} resumes it); given up " \
+               "after 45 s, then it is killed" in said, said
+        os.kill(pid, signal.SIGCONT)  # the worker answers, drains and ends
+        out, err = p.communicate(timeout=120)
+        assert p.returncode == 0, said + out + err
+        assert "did not end; killing it" not in eng.logtext()
+        return out
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGCONT)
+
+
 def block_mounts() -> list[str]:
     return [m.mount_point for m in read_mountinfo() if m.fstype == "fuse.mirrorblk"]
 

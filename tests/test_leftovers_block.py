@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import os
@@ -36,11 +37,10 @@ def test_an_empty_device_is_refused_as_empty_not_as_an_offset_past_its_end(confi
     assert r.returncode == 2 and f'"errno": {errno.EINVAL}' in r.stdout + r.stderr, r.stdout + r.stderr
 
 
-def test_a_loop_that_is_another_entrys_capture_loop_is_refused_naming_that_entry(tmp_path, disks):
-    """`block add DISK --loop /dev/loopN` where loopN is the loop another entry is captured
-    through: the refusal named the capture's FUSE file (…/capture), which says nothing to an
-    administrator; it names the entry whose loop it is (its device) now; so does the daemon's
-    attach of an entry configured (by hand) with that loop."""
+@contextlib.contextmanager
+def first_captured(tmp_path, disks):
+    """(engine, config, first, second, loop): two disks, the first configured and captured
+    through `loop` by a daemon; the second not configured."""
     from test_engine_support import engine_maker, write_config
     first, second = disks(8 << 20), disks(8 << 20)
     with engine_maker(tmp_path) as make:
@@ -49,6 +49,16 @@ def test_a_loop_that_is_another_entrys_capture_loop_is_refused_naming_that_entry
         eng, _, _ = make(config=cfg)
         loop = eng.block(first)["loop"]
         assert loop, eng.block(first)
+        yield eng, cfg, first, second, loop
+
+
+def test_a_loop_that_is_another_entrys_capture_loop_is_refused_naming_that_entry(tmp_path, disks):
+    """`block add DISK --loop /dev/loopN` where loopN is the loop another entry is captured
+    through: the refusal named the capture's FUSE file (…/capture), which says nothing to an
+    administrator; it names the entry whose loop it is (its device) now; so does the daemon's
+    attach of an entry configured (by hand) with that loop."""
+    from test_engine_support import write_config
+    with first_captured(tmp_path, disks) as (eng, cfg, first, second, loop):
         before = cfg.read_text()
         r = subprocess.run([sys.executable, "-m", "app", "--socket", eng.socket, "--config",
                             str(cfg), "block", "add", second, "--loop", loop],
@@ -76,9 +86,11 @@ def test_a_capture_loop_is_named_by_its_entry_and_never_said_unconfigured_unknow
         f"the capture loop of the entry for /dev/sdz (on its capture file {capture})"
     assert attached_to(capture, ["/dev/sdy"]) == \
         f"the capture loop of /dev/sdz, not configured here (on {capture})"  # (its name says it)
-    assert attached_to(capture) == f"the capture loop of the entry for /dev/sdz (on its capture file {capture})"
+    assert attached_to(capture) == \
+        f"the capture loop of the entry for /dev/sdz (on its capture file {capture})"
     elsewhere = "/run/mirrorsetup" + capture_suffix("/srv/disks/sdz")  # not below /dev
-    assert attached_to(elsewhere) == f"the capture loop of a block entry (on its capture file {elsewhere})"
+    assert attached_to(elsewhere) == \
+        f"the capture loop of a block entry (on its capture file {elsewhere})"
     assert attached_to(elsewhere, ["/dev/sdy"]) == \
         f"the capture loop of a block device, not configured here (on {elsewhere})"
     assert attached_to("/srv/disk.img", ["/dev/sdz"]) == "attached to /srv/disk.img"
@@ -92,14 +104,8 @@ def test_without_the_daemon_a_loop_that_is_an_entrys_capture_loop_is_refused_nam
     entry was not named (attach-all did not look at the configuration it had; manual attach
     has none) nor what to do. The entry is named now (by the configuration, else by its
     capture file's name) and the refusal says to choose another loop."""
-    from test_engine_support import engine_maker, write_config
-    first, second = disks(8 << 20), disks(8 << 20)
-    with engine_maker(tmp_path) as make:
-        cfg = write_config(tmp_path / "etc" / "replication.toml", [],
-                           [{"device": first, "target": str(tmp_path / "first.img")}])
-        eng, _, _ = make(config=cfg)
-        loop = eng.block(first)["loop"]
-        assert loop, eng.block(first)
+    from test_engine_support import write_config
+    with first_captured(tmp_path, disks) as (eng, cfg, first, second, loop):
         eng.kill9()  # its capture goes on without it
         whose = f"{loop} is busy: the capture loop of the entry for {first} (on its capture file "
         what = "choose another loop or leave it empty for the first free one"

@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-from test_engine_support import REPO, engine_maker, stderr_until
+from test_engine_support import REPO, engine_maker, said_while_stopped
 
 pytestmark = pytest.mark.root
 
@@ -79,13 +79,6 @@ def test_gather_runs_at_once_keeps_order_and_raises_an_error_as_itself():
     trio.run(main)
 
 
-def _cli(eng, *argv: str) -> subprocess.Popen:
-    """The CLI on `eng`'s daemon, running: its stderr read as it says it (stderr_until)."""
-    return subprocess.Popen([sys.executable, "-m", "app", "--config", str(eng.config), *argv],
-                            cwd=REPO, env={**os.environ, "MIRRORSETUP_SOCKET": eng.socket},
-                            text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-
-
 def test_unmount_all_says_which_worker_it_waits_for(setup, tmp_path):
     """`fs unmount-all` waits where `daemon stop` waits (a capture shipping its queue, up to
     45 s; a worker that does not answer, 45 s, then it is killed) and sat there without a word.
@@ -94,22 +87,9 @@ def test_unmount_all_says_which_worker_it_waits_for(setup, tmp_path):
     (tmp_path / "a").mkdir()
     src = str(tmp_path / "a")
     eng, _, _ = setup([{"path": src, "target": str(tmp_path / "a.tgt")}])
-    pid = eng.status(src)["worker_pid"]
-    os.kill(pid, signal.SIGSTOP)
-    try:
-        p = _cli(eng, "fs", "unmount-all")
-        said = stderr_until(p, f"kill -CONT {pid}")
-        assert f"mirrorsetup: unmount-all: {src}: asked its capture to end" in said, said
-        assert f"worker pid {pid} (stopped by a signal: kill -CONT {pid} resumes it); given up " \
-               "after 45 s, then it is killed" in said, said
-        os.kill(pid, signal.SIGCONT)  # as the line says: the worker answers, drains and ends
-        out, err = p.communicate(timeout=120)
-        assert p.returncode == 0, said + out + err
-        assert f"{src}: unmounted" in out, out
-        assert "did not end; killing it" not in eng.logtext()
-    finally:
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGCONT)
+    out = said_while_stopped(eng, eng.status(src)["worker_pid"], ["fs", "unmount-all"],
+                             f"unmount-all: {src}: asked its capture to end")
+    assert f"{src}: unmounted" in out, out
 
 
 def test_daemon_stop_says_which_worker_it_waits_for_and_waits_as_long_as_the_daemon_does(
@@ -123,23 +103,11 @@ def test_daemon_stop_says_which_worker_it_waits_for_and_waits_as_long_as_the_dae
     (tmp_path / "a").mkdir()
     src = str(tmp_path / "a")
     eng, _, _ = setup([{"path": src, "target": str(tmp_path / "a.tgt")}])
-    pid = eng.status(src)["worker_pid"]
-    os.kill(pid, signal.SIGSTOP)
-    try:
-        p = _cli(eng, "daemon", "stop", "--state-dir", eng.state)
-        said = stderr_until(p, f"kill -CONT {pid}")
-        assert f"mirrorsetup: stopping the daemon: {src}: asked its capture to end" in said, said
-        assert f"worker pid {pid} (stopped by a signal: kill -CONT {pid} resumes it); given up " \
-               "after 45 s, then it is killed" in said, said
-        os.kill(pid, signal.SIGCONT)  # as the line says: the worker answers, drains and ends
-        out, err = p.communicate(timeout=120)
-        assert p.returncode == 0, said + out + err
-        assert "stopped the daemon" in out, out
-        assert eng.proc.wait(timeout=30) == 0
-        assert "did not end; killing it" not in eng.logtext()
-    finally:
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGCONT)
+    out = said_while_stopped(eng, eng.status(src)["worker_pid"],
+                             ["daemon", "stop", "--state-dir", eng.state],
+                             f"stopping the daemon: {src}: asked its capture to end")
+    assert "stopped the daemon" in out, out
+    assert eng.proc.wait(timeout=30) == 0
 
 
 def test_daemon_stop_ends_the_captures_at_once_not_one_after_another(setup, tmp_path):

@@ -928,7 +928,8 @@ def test_block_add_counts_the_image_a_re_added_entry_reuses_on_the_remote_target
             f.write(b"\1" * MiB)
         os.fsync(f.fileno())
     info = json.loads(cli(r.cfg, "target", "test", "backup1", "--json").stdout)
-    without = info["free_bytes"] + image - info["journal_room_bytes"] - info["journal_pending_bytes"]
+    without = (info["free_bytes"] + image - info["journal_room_bytes"]
+               - info["journal_pending_bytes"])
     assert info["available_bytes"] < image <= without < 2 * image, info  # the old code warned
     dev = disks(image)
     a = cli(r.cfg, "block", "add", dev, "--target", "backup1:re.img")

@@ -171,6 +171,16 @@ def _expected_message(store, disk: str, fields: dict[str, str]) -> str:
     return str(refused.value)
 
 
+async def add_with(pilot, disk: str, fields: dict[str, str]) -> AddBlockEntryDialog:
+    """The Add dialog for `disk` (picked on the Block screen), `fields` typed, Add pressed."""
+    screen = await open_block_screen(pilot)
+    dialog = await pick(pilot, screen, disk)
+    for name, value in fields.items():
+        dialog.query_one(f"#{name}", Input).value = value
+    await pilot.click("#add")
+    return dialog
+
+
 @pytest.mark.parametrize("case", list(_bad_fields("/dev/x")))
 @pilot_test
 async def test_refused_input_shows_the_service_message_and_changes_nothing(
@@ -180,11 +190,7 @@ async def test_refused_input_shows_the_service_message_and_changes_nothing(
     expected = _expected_message(store, disk, fields)
     app = tui(devices=[disk])
     async with app.run_test(size=(120, 36)) as pilot:
-        screen = await open_block_screen(pilot)
-        dialog = await pick(pilot, screen, disk)
-        for name, value in fields.items():
-            dialog.query_one(f"#{name}", Input).value = value
-        await pilot.click("#add")
+        dialog = await add_with(pilot, disk, fields)
         await wait_until(pilot, lambda: expected in static_text(dialog.query_one("#problem")),
                          f"the message {expected!r}")
         assert app.screen is dialog
@@ -201,11 +207,7 @@ async def test_the_add_dialog_says_every_malformed_field_at_once(
     fields = {"loop": "/dev/sda", "offset": "ten", "sizelimit": "100"}
     app = tui(devices=[disk])
     async with app.run_test(size=(120, 36)) as pilot:
-        screen = await open_block_screen(pilot)
-        dialog = await pick(pilot, screen, disk)
-        for name, value in fields.items():
-            dialog.query_one(f"#{name}", Input).value = value
-        await pilot.click("#add")
+        dialog = await add_with(pilot, disk, fields)
 
         def said() -> str:
             return static_text(dialog.query_one("#problem")).replace("\n", " ")

@@ -163,7 +163,8 @@ class BlockCheck:
         if not typed:
             return self
         order = list(TABLES["block"][1])
-        mine = self.errors or ([ConfigError(self.refusal, errno=self.errno)] if self.refusal else [])
+        mine = self.errors or ([ConfigError(self.refusal, errno=self.errno)] if self.refusal
+                               else [])
         errors = sorted([*typed, *mine], key=lambda e: order.index(e.key) if e.key in order
                         else len(order))
         return BlockCheck(ConfigErrors.of(errors).message, self.warnings, errors[0].errno, errors)

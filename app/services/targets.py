@@ -616,7 +616,8 @@ def probe(host: TargetHost, *, image: str | None = None, connect_timeout: int | 
     return {"target": host.name, "host": host.host, "port": host.port, "agent_version": msg.get("agent"),
             "wire_version": msg.get("version"), "source_wire_version": wire.VERSION,
             "agent_host": msg.get("host"), "root": msg.get("root"), "free_bytes": msg.get("free_bytes"),
-            **room_for_replicas(msg), **({"image_bytes": msg.get("replica_bytes")} if image else {}),
+            **room_for_replicas(msg),
+            **({"image_bytes": msg.get("replica_bytes")} if image else {}),
             "connect_seconds": round(result.get("connect", 0.0), 3),
             "rtt_ms": None if "rtt" not in result else round(result["rtt"] * 1000, 2)}
 
@@ -639,7 +640,8 @@ def room_warning(host: TargetHost, target: str, window: int) -> str | None:
         room = info["free_bytes"]
     held = info.get("image_bytes") or 0  # (an older agent tells neither)
     if held:  # the room replicas would have without it
-        room = room_for_replicas({**info, "free_bytes": info["free_bytes"] + held})["available_bytes"]
+        room = room_for_replicas({**info, "free_bytes": info["free_bytes"] + held}
+                                 )["available_bytes"]
     if room is None or room >= window:
         return None
     there = f", with the {exact_size(held)} its image there takes" if held else ""
