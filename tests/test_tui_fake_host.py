@@ -23,13 +23,13 @@ class CountingReplication(SnapshotReplication):
         super().__init__(store)
         self.calls: list[str] = []
 
-    def unmount_all(self, force: bool = False):
+    def unmount_all(self, force: bool = False, **kw):
         self.calls.append("unmount_all")
-        return super().unmount_all(force)
+        return super().unmount_all(force=force, **kw)
 
-    def detach_all(self, dry_run: bool = False):
+    def detach_all(self, dry_run: bool = False, **kw):
         self.calls.append("detach_all")
-        return super().detach_all(dry_run)
+        return super().detach_all(dry_run=dry_run, **kw)
 
 
 def counting(services) -> CountingReplication:

@@ -375,9 +375,9 @@ class HeldReplication:
     def __getattr__(self, name):
         return getattr(self.real, name)
 
-    def unmount_all(self, force: bool = False):
+    def unmount_all(self, force: bool = False, **kw):
         assert self.go.wait(60)
-        return self.real.unmount_all(force=force)
+        return self.real.unmount_all(force=force, **kw)
 
 
 @pytest.mark.root

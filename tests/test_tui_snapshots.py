@@ -166,7 +166,7 @@ class SnapshotReplication:
                 Result("mount", "/home/shared", Outcome.FAILED, "mount mirrorfs on /home/shared: "
                        "ext4 is mounted there; unmount it first", errno.EBUSY)]
 
-    def unmount_all(self, force: bool = False) -> list[Result]:
+    def unmount_all(self, force: bool = False, say=None) -> list[Result]:
         return [Result("unmount", "/srv/data", Outcome.FAILED, "/srv/data is busy: bash (pid "
                        "3112), vim (pid 3190) have files open there; close them or unmount "
                        "with --force (lazy unmount)", errno.EBUSY),
@@ -184,7 +184,7 @@ class SnapshotReplication:
                        "/mnt/scratch; writes there would bypass the loop device and corrupt the "
                        "target (--force overrides)", errno.EBUSY)]
 
-    def detach_all(self, dry_run: bool = False) -> list[Result]:
+    def detach_all(self, dry_run: bool = False, say=None) -> list[Result]:
         return [Result("detach", "/dev/sdb1", Outcome.PENDING, "/dev/loop7: detach pending "
                        "(still mounted on /srv/db)")]
 
