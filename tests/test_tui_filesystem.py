@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+import signal
 import sys
 import threading
 
 import pytest
 from test_engine_support import engine_maker, mirrorfs_mounts
 from test_tui_support import (  # noqa: F401 (fixtures)
-    cell, config_bytes, pilot_test, run, settle, static_text, store, table_keys, tui, wait_until,
-    wait_while_a_worker_waits)
+    cell, config_bytes, notices, pilot_test, run, settle, static_text, store, table_keys, tui,
+    wait_until, wait_while_a_worker_waits)
 from textual.widgets import DataTable, Input, Switch
 
 from app.screens.dialogs import AddFsEntryDialog, ConfirmDialog, ResultsDialog
@@ -380,6 +382,18 @@ class HeldReplication:
         return self.real.unmount_all(force=force, **kw)
 
 
+async def unmount_all_of_the_mounted(app, pilot, src: str) -> None:
+    """On the Filesystem screen, once `src` shows mounted: Unmount all, asked first, Yes."""
+    await pilot.press("1")
+    await settle(pilot)
+    table = app.screen.query_one("#fs-entries", DataTable)
+    await wait_until(pilot, lambda: cell(table, src, "state") == "mounted", "mounted")
+    await pilot.press("u")
+    await settle(pilot)
+    assert type(app.screen) is ConfirmDialog  # it ends the capture: asked first
+    await pilot.press("y")
+
+
 @pytest.mark.root
 @pilot_test
 async def test_unmount_all_says_what_it_waits_for_then_offers_a_lazy_unmount(tui, fs_daemon):
@@ -390,14 +404,7 @@ async def test_unmount_all_says_what_it_waits_for_then_offers_a_lazy_unmount(tui
     busy = open(os.path.join(src, "a"))  # a file open under the entry: unmount refuses
     try:
         async with app.run_test(size=(80, 24)) as pilot:
-            await pilot.press("1")
-            await settle(pilot)
-            table = app.screen.query_one("#fs-entries", DataTable)
-            await wait_until(pilot, lambda: cell(table, src, "state") == "mounted", "mounted")
-            await pilot.press("u")
-            await settle(pilot)
-            assert type(app.screen) is ConfirmDialog  # it ends the capture: asked first
-            await pilot.press("y")
+            await unmount_all_of_the_mounted(app, pilot, src)
             await pilot.pause()
             waiting = app.screen.query_one("#waiting")
             assert waiting.display
@@ -417,6 +424,32 @@ async def test_unmount_all_says_what_it_waits_for_then_offers_a_lazy_unmount(tui
             assert src not in mirrorfs_mounts()
     finally:
         busy.close()
+
+
+@pytest.mark.root
+@pilot_test
+async def test_unmount_all_says_the_worker_it_waits_for_as_a_notice(tui, fs_daemon):
+    """Unmount all waits where a daemon stop waits (a worker that does not answer: 45 s, then
+    it is killed) and said nothing meanwhile: the wait is a notice now, as the Daemon screen's
+    stop says it, naming the worker and how to resume it."""
+    eng, src, tgt = fs_daemon
+    pid = eng.status(src)["worker_pid"]
+    app = tui(control_socket=eng.socket, is_root=True)
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        async with app.run_test(size=(80, 24)) as pilot:
+            await unmount_all_of_the_mounted(app, pilot, src)
+            said = f"{src}: asked its capture to end"
+            await wait_until(pilot, lambda: any(said in n and f"kill -CONT {pid} resumes it" in n
+                                                for n in notices(app)), "the notice")
+            # (a worker the screen's refresh asked already is given 5 s, then killed)
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGCONT)
+            await wait_until(pilot, lambda: type(app.screen) is ResultsDialog, "the results")
+            assert [r.target for r in app.screen.results] == [src], app.screen.results
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGCONT)
 
 
 def write_files(src: str, n: int = 20) -> None:
