@@ -163,16 +163,19 @@ def check_identity(state: str, kind: str, key: str, now: dict[str, str]) -> None
     if kind == "block":
         what, why = "device", ("a device name can pass to another disk at a reboot, a loop "
                                "number to another file")
+        fix = "give the name back to that device (or name it by /dev/disk/by-id), then Attach all"
         right = "the disk was replaced, the file moved"
     else:
         what, why = "file system", "a file system that did not come up leaves its mount point empty"
+        fix = "mount that file system there, then Mount all"
         right = "the data was moved there on purpose"
     accept = command(kind, "accept-device" if kind == "block" else "accept-filesystem", key)
     raise OSError(errno.EMEDIUMTYPE, (
         f"{key} is not {'' if kind == 'block' else 'on '}the {what} this entry was made for: "
         f"{'; '.join(changed)} ({why}); "
-        "nothing was captured or written and its replica was not touched. If it is right now "
-        f"({right}), {accept} takes it as it is (its replica is then made equal to it); else "
+        f"nothing was captured or written and its replica was not touched: {fix}. If it is "
+        f"right now ({right}), {accept} takes it as it is (its replica is then made equal to "
+        "it); else "
         f"{command(kind, 'remove', key)} leaves the replica as it is"), key)
 
 
