@@ -144,14 +144,10 @@ def check_identity(state: str, kind: str, key: str, now: dict[str, str]) -> None
     empty directory below its mount point. A capture would make the replica a copy of that
     (the catch-up removes what the source lacks), a fail-back would write onto it. The first
     capture records it (an entry of an older version, at its next capture)."""
-    from app.engine.journal import read_small_file, write_small_file
-    from app.services.layout import IDENTITY_RECORD, command
-    text = read_small_file(Path(state), IDENTITY_RECORD)
-    was = None
-    if text is not None:
-        with contextlib.suppress(ValueError):
-            was = json.loads(text)
-    if not isinstance(was, dict):
+    from app.engine.journal import write_small_file
+    from app.services.layout import IDENTITY_RECORD, command, identity_record
+    was = identity_record(state)
+    if was is None:
         write_small_file(Path(state), IDENTITY_RECORD, json.dumps(now) + "\n")
         return
     changed = [f"its {name} was {value}, it is now {now.get(name) or 'none'}"

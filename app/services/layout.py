@@ -60,6 +60,19 @@ FAILBACK_MARKER = "failback"
 IDENTITY_RECORD = "identity"
 
 
+def identity_record(entry_dir: str) -> dict | None:
+    """What the entry's first capture recorded about its device or file system (capture.
+    check_identity); None when there is none or it cannot be read (the next capture records
+    it again)."""
+    import json
+    try:
+        with open(os.path.join(entry_dir, IDENTITY_RECORD), "rb") as f:
+            was = json.loads(f.read())
+    except (OSError, ValueError):
+        return None
+    return was if isinstance(was, dict) else None
+
+
 def failback_marker(entry_dir: str) -> dict | None:
     """The fail-back marker the daemon keeps in an entry's state directory while a fail-back
     has begun and not finished: None when there is none ({} when it cannot be read)."""

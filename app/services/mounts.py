@@ -499,21 +499,15 @@ def block_rdev(path: str) -> int | None:
 def tree_identity(path: str, table: list[MountEntry] | None = None) -> dict[str, str]:
     """What tells the file system a directory entry lies on from another (a directory
     entry's first capture records it, app/engine/capture.py check_identity): the type of the
-    mount nearest above it and where that is mounted. Not its device number, which can change
-    at a reboot. Left out: mirrorfs, and a bind of the file system below onto the directory
-    itself (a switch-over's read-only fence)."""
+    mount it is on by name (mount_by_name) and where that is mounted. Not its device number,
+    which can change at a reboot. Left out: mirrorfs, and a bind of the file system below onto
+    the directory itself (a switch-over's read-only fence)."""
     from app.services.layout import FSTYPE_FS
-    table = read_mountinfo() if table is None else table
-    below, here = None, None
-    for m in table:  # the last of those at the longest mount point: the top of a stack
-        if m.fstype == FSTYPE_FS:
-            continue
-        if m.mount_point == path:
-            here = m
-        elif path.startswith(m.mount_point.rstrip("/") + "/"):
-            if below is None or len(m.mount_point) >= len(below.mount_point):
-                below = m
-    if here is not None and not (below is not None and (here.major, here.minor) ==
-                                 (below.major, below.minor)):
-        below = here
-    return {} if below is None else {"file system": f"{below.fstype} mounted on {below.mount_point}"}
+    names = MountNames([m for m in (read_mountinfo() if table is None else table)
+                        if m.fstype != FSTYPE_FS])
+    home = names.mount_of(path)
+    if home is not None and home.mount_point == path and path != "/":
+        below = names.mount_of(os.path.dirname(path))
+        if below is not None and (below.major, below.minor) == (home.major, home.minor):
+            home = below
+    return {} if home is None else {"file system": f"{home.fstype} mounted on {home.mount_point}"}

@@ -18,7 +18,7 @@ from app.services import loop as loopdev
 from app.services.blockplan import View, same_device
 from app.services.config import BlockEntry, ConfigStore, is_local_target, match_block, match_fs
 from app.services.layout import (IDENTITY_RECORD, FSTYPE_BLOCK, FSTYPE_FS, command,
-                                  default_state_dir, entry_state, failback_marker, mix_words,
+                                  default_state_dir, entry_state, failback_marker, identity_record, mix_words,
                                   switched_marker, switched_refusal, with_failback)
 from app.services.results import MirrorError, Outcome, Refusal, Result
 from app.services.units import human_size
@@ -111,32 +111,22 @@ class Replication:
         return results + [Result("remove", entry.device, Outcome.OK,
                                  f"removed {entry.device}{_kept_note(results)}")]
 
-    def _identity_record(self, kind: str, key: str, daemon) -> str:
-        """Where the daemon keeps what told the entry's device or file system from another
-        (app/engine/capture.py check_identity)."""
-        state_dir = self.state_dir
+    def _state_dir(self, daemon) -> str:
+        """The daemon's state directory when it runs (it may not be $MIRRORSETUP_STATE_DIR),
+        else ours."""
         if daemon is not None:
             with contextlib.suppress(MirrorError):
-                state_dir = daemon.request("ping").get("state_dir") or state_dir
-        return os.path.join(entry_state(state_dir, kind, key), IDENTITY_RECORD)
-
-    def _recorded_identity(self, kind: str, key: str, daemon) -> dict | None:
-        import json
-        try:
-            with open(self._identity_record(kind, key, daemon), "rb") as f:
-                was = json.loads(f.read())
-        except FileNotFoundError:
-            return None
-        except (OSError, ValueError):
-            return {}
-        return was if isinstance(was, dict) else {}
+                return daemon.request("ping").get("state_dir") or self.state_dir
+        return self.state_dir
 
     def _forget_identity(self, kind: str, key: str, daemon) -> dict | None:
-        """Drop that record: the next capture takes the device or file system as it is then.
-        What was recorded, or None."""
-        was = self._recorded_identity(kind, key, daemon)
+        """Drop what told the entry's device or file system from another (app/engine/
+        capture.py check_identity): the next capture takes it as it is then. What was
+        recorded, or None."""
+        entry_dir = entry_state(self._state_dir(daemon), kind, key)
+        was = identity_record(entry_dir)
         with contextlib.suppress(FileNotFoundError):
-            os.unlink(self._identity_record(kind, key, daemon))
+            os.unlink(os.path.join(entry_dir, IDENTITY_RECORD))
         return was
 
     def accept_identity(self, kind: str, key: str) -> Result:
@@ -160,11 +150,14 @@ class Replication:
         except OSError as exc:
             return Result.from_error(action, key, MirrorError.from_oserror("open", key, exc))
         what = "device" if kind == "block" else "file system"
-        if self._recorded_identity(kind, key, daemon) in (None, now):
+        entry_dir = entry_state(self._state_dir(daemon), kind, key)
+        was = identity_record(entry_dir)
+        if was is None or was == now:
             return Result(action, key, Outcome.UNCHANGED,
                           f"{key}: no other {what} was recorded for it; nothing to accept")
-        was = self._forget_identity(kind, key, daemon)
-        said = "; ".join(f"{k} {v}" for k, v in (was or {}).items()) or "unreadable"
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(os.path.join(entry_dir, IDENTITY_RECORD))
+        said = "; ".join(f"{k} {v}" for k, v in was.items()) or "nothing"
         return Result(action, key, Outcome.OK,
                       f"{key}: the {what} recorded for it ({said}) is forgotten; its next "
                       "capture takes it as it is now and makes its replica equal to it")
@@ -179,11 +172,7 @@ class Replication:
         good): the daemon ends the hand-over first (lifts the fence, drops the markers; the
         replica stays primary), then the entry is removed. The daemon's state directory holds
         the marker when it runs (it may not be $MIRRORSETUP_STATE_DIR)."""
-        state_dir = self.state_dir
-        if daemon is not None:
-            with contextlib.suppress(MirrorError):
-                state_dir = daemon.request("ping").get("state_dir") or state_dir
-        state = entry_state(state_dir, kind, key)
+        state = entry_state(self._state_dir(daemon), kind, key)
         sw = with_failback(switched_marker(state), state)
         refused = switched_refusal(sw, key, "remove")
         if keep_replica_primary:
