@@ -950,6 +950,36 @@ def test_an_entry_switched_over_is_not_removed_until_it_is_failed_back(fs_remote
     assert p.returncode == 0 and f"removed {src}" in p.stdout, p.stdout + p.stderr
 
 
+def test_an_entry_that_is_its_own_file_systems_mount_point_fails_back(remote, tmp_path,
+                                                                      tmpfs_mount):
+    """The usual case of a data disk: the entry is the mount point of its own file system.
+    The fail-back's check of who uses this side took that file system, under the read-only
+    fence, for a user ("in use here: mounted at …") and refused every time. The fence and the
+    file system under it are the entry's own; another mount of it is still named."""
+    make, r = remote()
+    src = tmp_path / "src"
+    tmpfs_mount(src)
+    assert cli(r.cfg, "fs", "add", str(src), "--target", "backup1:data").returncode == 0
+    eng, _, _ = make(config=r.cfg)
+    (src / "f").write_text("before")
+    eng.drain(str(src))
+    p = cli(r.cfg, "switchover", str(src), socket=eng.socket)
+    assert p.returncode == 0, p.stdout + p.stderr
+    (r.root / "data" / "f").write_text("written on the promoted replica")
+    user = subprocess.Popen(["sleep", "600"], cwd=src)
+    try:
+        p = cli(r.cfg, "failback", str(src), "--yes", socket=eng.socket)
+        assert p.returncode != 0, p.stdout + p.stderr
+        assert f"{src} is in use here: " in p.stderr and f"pid {user.pid}" in p.stderr, p.stderr
+        assert f"mounted at {src}" not in p.stderr, p.stderr
+    finally:
+        user.kill()
+        user.wait()
+    p = cli(r.cfg, "failback", str(src), "--yes", socket=eng.socket)
+    assert p.returncode == 0, p.stdout + p.stderr
+    assert (src / "f").read_text() == "written on the promoted replica"
+
+
 def test_an_entry_moved_for_good_is_removed_here_and_its_replica_stays_primary(fs_remote):
     """The gap the refusal above left (note 50): a service moved to the replica's host for
     good (a planned migration, this host to be retired) had no way out but deleting the marker

@@ -1179,11 +1179,12 @@ def replica_users(root: str, rel: str, kind: str) -> list[str]:
 
 
 def path_users(path: str, *, block: bool = False, namespaces: bool = False,
-               agents: bool = True) -> list[str]:
+               agents: bool = True, own: frozenset[int] = frozenset()) -> list[str]:
     """Mounts on or of `path` (binds of it too; `namespaces`: those of other mount namespaces
     as well), loops on it (`block`: a file, told by device and inode), processes with a file
     or their working directory there (a block image: by device and inode, whatever the name
-    or a lazy unmount made of the path); `agents`: serve-target processes too."""
+    or a lazy unmount made of the path); `agents`: serve-target processes too. Mounts whose
+    ids are in `own` are the path's own (not users)."""
     from app.services import loop as loopdev
     from app.services import mounts
     users = []
@@ -1195,7 +1196,7 @@ def path_users(path: str, *, block: bool = False, namespaces: bool = False,
         return (m.major, m.minor) == (home.major, home.minor) and \
             (m.root == inside or m.root.startswith(inside + "/"))
     for m in table:
-        if m is home:
+        if m is home or m.mount_id in own:
             continue
         if bound(m) or m.mount_point == path or m.mount_point.startswith(path + "/"):
             users.append(f"mounted at {m.mount_point}")
