@@ -198,3 +198,40 @@ def test_a_directory_whose_file_system_did_not_come_up_is_not_captured_nor_its_r
         assert not (tgt / "d").exists()  # what the administrator accepted: the empty directory
     finally:
         eng.cleanup()
+
+
+def test_a_new_empty_file_system_in_the_old_ones_place_does_not_empty_the_replica(
+        tmp_path, tmpfs_mount):
+    """The entry's disk failed; a new one, formatted with the same file system type, is
+    mounted at the same place, empty, and the daemon starts: type and mount point are the
+    same, and the catch-up made the replica equal to the empty directory. The file system's
+    own UUID (recorded at the first capture) tells them apart: refused, the replica kept."""
+    src, tgt = tmp_path / "src", tmp_path / "tgt"
+    tmpfs_mount(src)
+    for i in range(20):
+        (src / f"f{i}").write_text(f"file {i}")
+    cfg = write_config(tmp_path / "etc" / "replication.toml", [{"path": str(src), "target": str(tgt)}])
+    eng = Engine(tmp_path, cfg)
+    try:
+        eng.start()
+        eng.drain(str(src))
+        assert len(os.listdir(tgt)) == 20
+        assert eng.stop() == 0
+        subprocess.run(["umount", str(src)], check=True)  # the old disk is gone
+        tmpfs_mount(src)  # "a new disk, formatted": same type, same place, empty
+        eng.start()
+        r = cli("--config", str(cfg), "fs", "mount-all", socket=eng.socket)
+        assert r.returncode == 1, r.stdout + r.stderr
+        assert f"{src} is not on the file system this entry was made for: its file system " \
+            "UUID was " in r.stderr, r.stderr
+        assert "another file system of its type is mounted in its place" in r.stderr, r.stderr
+        assert not eng.status(str(src))["captured"]
+        assert len(os.listdir(tgt)) == 20  # not one name removed
+        r = cli("--config", str(cfg), "fs", "accept-filesystem", str(src), socket=eng.socket)
+        assert r.returncode == 0 and "is forgotten" in r.stdout, r.stdout + r.stderr
+        r = cli("--config", str(cfg), "fs", "mount-all", socket=eng.socket)
+        assert r.returncode == 0, r.stdout + r.stderr
+        eng.drain(str(src))
+        assert os.listdir(tgt) == []  # what the administrator accepted
+    finally:
+        eng.cleanup()

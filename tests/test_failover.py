@@ -955,7 +955,7 @@ def test_an_entry_that_is_its_own_file_systems_mount_point_fails_back(remote, tm
     """The usual case of a data disk: the entry is the mount point of its own file system.
     The fail-back's check of who uses this side took that file system, under the read-only
     fence, for a user ("in use here: mounted at …") and refused every time. The fence and the
-    file system under it are the entry's own; another mount of it is still named."""
+    file system under it are the entry's own; a process there is still named."""
     make, r = remote()
     src = tmp_path / "src"
     tmpfs_mount(src)
@@ -978,6 +978,41 @@ def test_an_entry_that_is_its_own_file_systems_mount_point_fails_back(remote, tm
     p = cli(r.cfg, "failback", str(src), "--yes", socket=eng.socket)
     assert p.returncode == 0, p.stdout + p.stderr
     assert (src / "f").read_text() == "written on the promoted replica"
+
+
+def test_a_fail_back_onto_another_file_system_in_the_entrys_place_is_refused(remote, tmp_path,
+                                                                              tmpfs_mount):
+    """The entry is the mount point of its own file system; after the switch-over that disk
+    died and a new one, formatted and empty, is mounted in its place (or none came up and the
+    directory below shows). A fail-back wrote the replica's data onto whatever was there; it
+    now checks the file system as a capture does (type, mount point, UUID) and refuses, naming
+    the way on: `fs accept-filesystem`, then the fail-back writes the replica's data there."""
+    make, r = remote()
+    src = tmp_path / "src"
+    tmpfs_mount(src)
+    assert cli(r.cfg, "fs", "add", str(src), "--target", "backup1:data").returncode == 0
+    eng, _, _ = make(config=r.cfg)
+    (src / "f").write_text("kept on the replica")
+    eng.drain(str(src))
+    p = cli(r.cfg, "switchover", str(src), socket=eng.socket)
+    assert p.returncode == 0, p.stdout + p.stderr
+    assert eng.stop() == 0
+    while os.path.ismount(src):  # the fence, then the file system under it: the disk is gone
+        subprocess.run(["umount", "-l", str(src)], check=True)
+    tmpfs_mount(src)  # the new disk, formatted: same type, same place, empty
+    eng.start()
+    p = cli(r.cfg, "failback", str(src), "--yes", socket=eng.socket)
+    assert p.returncode != 0, p.stdout + p.stderr
+    assert f"{src} is not on the file system this entry was made for: its file system UUID " \
+        "was " in p.stderr, p.stderr
+    assert "nothing was written to it" in p.stderr and "then fail back again" in p.stderr, p.stderr
+    assert f"mirrorsetup fs accept-filesystem {src}" in p.stderr, p.stderr
+    assert os.listdir(src) == []
+    p = cli(r.cfg, "fs", "accept-filesystem", str(src), socket=eng.socket)
+    assert p.returncode == 0 and "is forgotten" in p.stdout, p.stdout + p.stderr
+    p = cli(r.cfg, "failback", str(src), "--yes", socket=eng.socket)
+    assert p.returncode == 0, p.stdout + p.stderr
+    assert (src / "f").read_text() == "kept on the replica"
 
 
 def test_an_entry_moved_for_good_is_removed_here_and_its_replica_stays_primary(fs_remote):

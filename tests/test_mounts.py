@@ -15,6 +15,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import re
 import subprocess
 import sys
 import threading
@@ -25,6 +26,7 @@ import pytest
 from hypothesis import given, settings, strategies as st
 
 from app.services import mounts
+from app.services.layout import IDENTITY_FS_UUID, IDENTITY_RECORD, identity_changes
 from app.services.mounts import (MS_BIND, MS_NODEV, MS_NOSUID, MS_RDONLY, MS_REMOUNT, MS_SHARED,
                                  MS_SLAVE, MNT_DETACH, MountEntry, MountWatcher, decode_field,
                                  mount, mount_containing, mounts_of_device, parse_mountinfo,
@@ -490,5 +492,39 @@ def test_tree_identity_is_the_file_system_below_a_directory_not_a_bind_of_itself
     finally:
         subprocess.run(["umount", str(d)], check=True)
     tmpfs_mount(d)
-    assert mounts.tree_identity(str(d)) == {"file system": f"tmpfs mounted on {d}"}
-    assert mounts.tree_identity(str(d / "below")) == {"file system": f"tmpfs mounted on {d}"}
+    first = mounts.tree_identity(str(d))
+    assert first["file system"] == f"tmpfs mounted on {d}", first
+    (d / "below").mkdir()
+    assert mounts.tree_identity(str(d / "below")) == first
+    # the file system's own UUID (a tmpfs has a new one at each mount): a new, empty file
+    # system of the same type mounted in the old one's place is another one
+    assert re.fullmatch(r"[0-9a-f]{8}(-[0-9a-f]{4}){3}-[0-9a-f]{12}", first[IDENTITY_FS_UUID]), first
+    tmpfs_mount(d)
+    second = mounts.tree_identity(str(d))
+    assert second["file system"] == first["file system"]
+    assert second[IDENTITY_FS_UUID] != first[IDENTITY_FS_UUID]
+    assert identity_changes(first, second) == [
+        f"its file system UUID was {first[IDENTITY_FS_UUID]}, it is now {second[IDENTITY_FS_UUID]}"]
+
+
+def test_an_identity_record_without_a_uuid_is_the_same_file_system_and_takes_one(tmp_path):
+    """A record of an older version has no UUID: that is no difference (no refusal after an
+    upgrade), and the next capture's check adds it. A UUID not said now (under mirrorfs) is
+    none either; a UUID that differs is."""
+    from app.engine.capture import check_identity
+    old = {"file system": "ext4 mounted on /srv"}
+    now = {**old, IDENTITY_FS_UUID: "5abe9cc0-a7f1-4098-9076-eaaf3095c5a2"}
+    assert identity_changes(old, now) == [] and identity_changes(now, old) == []
+    state = tmp_path / "state"
+    state.mkdir()
+    (state / IDENTITY_RECORD).write_text(json.dumps(old))
+    check_identity(str(state), "fs", "/srv/data", now)
+    assert json.loads((state / IDENTITY_RECORD).read_text()) == now
+    check_identity(str(state), "fs", "/srv/data", old)  # said nothing of its UUID
+    other = {**old, IDENTITY_FS_UUID: "98b07b1a-e300-4c3f-88c4-67898b7c968c"}
+    with pytest.raises(OSError) as refused:
+        check_identity(str(state), "fs", "/srv/data", other)
+    assert refused.value.errno == errno.EMEDIUMTYPE
+    assert "its file system UUID was 5abe9cc0-" in refused.value.strerror
+    assert "another file system of its type is mounted in its place" in refused.value.strerror
+    assert json.loads((state / IDENTITY_RECORD).read_text()) == now

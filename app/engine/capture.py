@@ -136,39 +136,51 @@ def open_state(spec: Spec) -> tuple[int, bool, dict | None]:
     return lock, first, end
 
 
-def check_identity(state: str, kind: str, key: str, now: dict[str, str]) -> None:
+def check_identity(state: str, kind: str, key: str, now: dict[str, str], *,
+                   failback: bool = False) -> None:
     """Raise OSError(EMEDIUMTYPE) when the entry's device (block) or the file system its
     directory lies on (fs) is not what its first capture saw (`now` against the record in its
     state directory). A device name can pass to another disk at a reboot, a loop number to
     another program's file; a directory's own file system may not have come up, leaving an
     empty directory below its mount point. A capture would make the replica a copy of that
-    (the catch-up removes what the source lacks), a fail-back would write onto it. The first
-    capture records it (an entry of an older version, at its next capture)."""
+    (the catch-up removes what the source lacks), a fail-back would write onto it (`failback`:
+    the refusal says what to do then). The first capture records it (an entry of an older
+    version, at its next capture)."""
     from app.engine.journal import write_small_file
-    from app.services.layout import IDENTITY_RECORD, command, identity_record
+    from app.services.layout import IDENTITY_RECORD, command, identity_changes, identity_record
     was = identity_record(state)
     if was is None:
         write_small_file(Path(state), IDENTITY_RECORD, json.dumps(now) + "\n")
         return
-    changed = [f"its {name} was {value}, it is now {now.get(name) or 'none'}"
-               for name, value in was.items() if now.get(name) != value]
-    changed += [f"its {name} is now {value} (none before)" for name, value in now.items()
-                if name not in was]
+    changed = identity_changes(was, now)
     if not changed:
+        if now.keys() - was.keys():  # a record of an older version: it takes what it lacked
+            write_small_file(Path(state), IDENTITY_RECORD, json.dumps({**was, **now}) + "\n")
         return
     if kind == "block":
         what, why = "device", ("a device name can pass to another disk at a reboot, a loop "
                                "number to another file")
         fix = "give the name back to that device (or name it by /dev/disk/by-id), then Attach all"
         right = "the disk was replaced, the file moved"
+    elif was.get("file system") == now.get("file system"):  # same type and place: the UUID
+        what, why = "file system", ("another file system of its type is mounted in its place, "
+                                    "e.g. a new disk formatted after the old one failed")
+        fix = "mount that file system there, then Mount all"
+        right = "the data was copied or restored onto it on purpose"
     else:
         what, why = "file system", "a file system that did not come up leaves its mount point empty"
         fix = "mount that file system there, then Mount all"
         right = "the data was moved there on purpose"
     accept = command(kind, "accept-device" if kind == "block" else "accept-filesystem", key)
-    raise OSError(errno.EMEDIUMTYPE, (
-        f"{key} is not {'' if kind == 'block' else 'on '}the {what} this entry was made for: "
-        f"{'; '.join(changed)} ({why}); "
+    said = (f"{key} is not {'' if kind == 'block' else 'on '}the {what} this entry was made "
+            f"for: {'; '.join(changed)} ({why}); ")
+    if failback:
+        raise OSError(errno.EMEDIUMTYPE, said + (
+            f"nothing was written to it: {fix.rpartition(', then')[0]}, then fail back again. "
+            f"If it is right now (a new {'disk' if kind == 'block' else 'file system'} in the "
+            f"failed one's place), {accept} takes it as it is, and a fail-back then writes "
+            "the replica's data onto it"), key)
+    raise OSError(errno.EMEDIUMTYPE, said + (
         f"nothing was captured or written and its replica was not touched: {fix}. If it is "
         f"right now ({right}), {accept} takes it as it is (its replica is then made equal to "
         "it); else "
@@ -389,11 +401,13 @@ class Capture:
         self.door = os.path.join(spec.run, "lower")
         self.stage = os.path.join(spec.run, "stage")
         table = mounts.read_mountinfo()
-        try:  # before anything is mounted or compared: not a file system that did not come up
-            check_identity(spec.state, "fs", spec.key, mounts.tree_identity(spec.key, table))
+        door_mounted = any(m.mount_point == self.door for m in table)
+        try:  # before anything is mounted or compared: not a file system that did not come up,
+            # nor a new one in its place (a dead capture's door reaches the directory below)
+            check_identity(spec.state, "fs", spec.key, mounts.tree_identity(
+                spec.key, table, lower=self.door if door_mounted else None))
         except OSError as exc:
             raise Refused(str(exc.strerror), exc.errno) from None
-        door_mounted = any(m.mount_point == self.door for m in table)
         if door_mounted:
             self.root_fd = os.open(self.door, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
         else:

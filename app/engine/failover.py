@@ -602,9 +602,15 @@ class Failover:
         from app.services.blockdevs import device_identity
         from app.engine.remote import receive_failback
         from app.engine.target import LocalBlockTarget, LocalDirTarget
+        from app.services import mounts
         state = spec.state
         results: list[Result] = []
         if kind == "fs":
+            try:  # nor into the directory below a file system that did not come up, nor onto
+                # another one in its place (accept-filesystem says it is right)
+                check_identity(state, "fs", key, mounts.tree_identity(key), failback=True)
+            except OSError as exc:
+                raise MirrorError(exc.strerror, errno=exc.errno, obj=key) from None
             fd = os.open(key, os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
             local = LocalDirTarget.on_fd(fd, key)
         else:
@@ -613,7 +619,7 @@ class Failover:
             except OSError as exc:
                 raise MirrorError.from_oserror("open (exclusive)", entry.device, exc) from None
             try:  # the replica's data never goes onto another disk that took the device's name
-                check_identity(state, "block", entry.device, device_identity(fd))
+                check_identity(state, "block", entry.device, device_identity(fd), failback=True)
             except OSError as exc:
                 os.close(fd)
                 raise MirrorError(exc.strerror, errno=exc.errno, obj=entry.device) from None

@@ -73,6 +73,24 @@ def identity_record(entry_dir: str) -> dict | None:
     return was if isinstance(was, dict) else None
 
 
+# a key of the record that older versions did not write: compared only when the record has
+# it (a record without it takes it at the next capture, app/engine/capture.py check_identity)
+IDENTITY_FS_UUID = "file system UUID"
+IDENTITY_LATER = (IDENTITY_FS_UUID,)
+
+
+def identity_changes(was: dict, now: dict) -> list[str]:
+    """How `now` (what the entry's device or file system is) differs from the record `was`,
+    one phrase each ("its file system was …, it is now …"); [] when it is the same one. A key
+    the record has and `now` cannot say (IDENTITY_LATER: a UUID not read under mirrorfs) is not
+    a difference, nor one of those the record lacks."""
+    changed = [f"its {name} was {value}, it is now {now.get(name) or 'none'}"
+               for name, value in was.items()
+               if now.get(name) != value and not (name in IDENTITY_LATER and name not in now)]
+    return changed + [f"its {name} is now {value} (none before)" for name, value in now.items()
+                      if name not in was and name not in IDENTITY_LATER]
+
+
 def failback_marker(entry_dir: str) -> dict | None:
     """The fail-back marker the daemon keeps in an entry's state directory while a fail-back
     has begun and not finished: None when there is none ({} when it cannot be read)."""

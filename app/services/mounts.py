@@ -496,18 +496,53 @@ def block_rdev(path: str) -> int | None:
     return st.st_rdev if stat.S_ISBLK(st.st_mode) else None
 
 
-def tree_identity(path: str, table: list[MountEntry] | None = None) -> dict[str, str]:
+def tree_identity(path: str, table: list[MountEntry] | None = None, *,
+                  lower: str | None = None) -> dict[str, str]:
     """What tells the file system a directory entry lies on from another (a directory
     entry's first capture records it, app/engine/capture.py check_identity): the type of the
-    mount it is on by name (mount_by_name) and where that is mounted. Not its device number,
-    which can change at a reboot. Left out: mirrorfs, and a bind of the file system below onto
-    the directory itself (a switch-over's read-only fence)."""
-    from app.services.layout import FSTYPE_FS
-    names = MountNames([m for m in (read_mountinfo() if table is None else table)
-                        if m.fstype != FSTYPE_FS])
+    mount it is on by name (mount_by_name), where that is mounted, and the file system's own
+    UUID (FS_IOC_GETFSUUID: ext4's and XFS's are the one on the disk, a tmpfs has a new one
+    at each mount), so a fresh empty file system of the same type mounted in the old one's
+    place is told from it. Not its device number, which can change at a reboot. Left out:
+    mirrorfs, and a bind of the file system below onto the directory itself (a switch-over's
+    read-only fence). `lower`: where the directory is reached without the mirrorfs laid
+    over it (a capture's door); a directory under mirrorfs otherwise has no UUID said."""
+    from app.services.layout import FSTYPE_FS, IDENTITY_FS_UUID
+    table = read_mountinfo() if table is None else table
+    names = MountNames([m for m in table if m.fstype != FSTYPE_FS])
     home = names.mount_of(path)
     if home is not None and home.mount_point == path and path != "/":
         below = names.mount_of(os.path.dirname(path))
         if below is not None and (below.major, below.minor) == (home.major, home.minor):
             home = below
-    return {} if home is None else {"file system": f"{home.fstype} mounted on {home.mount_point}"}
+    if home is None:
+        return {}
+    said = {"file system": f"{home.fstype} mounted on {home.mount_point}"}
+    covered = any(m.fstype == FSTYPE_FS and m.mount_point == path for m in table)
+    uuid = fs_uuid(lower) if lower is not None else None if covered else fs_uuid(path)
+    if uuid is not None:
+        said[IDENTITY_FS_UUID] = uuid
+    return said
+
+
+FS_IOC_GETFSUUID = 0x80111500  # _IOR(0x15, 0, struct fsuuid2 {u8 len; u8 uuid[16]})
+
+
+def fs_uuid(path: str) -> str | None:
+    """The UUID of the file system `path` is on, as blkid shows it; None when the file system
+    has none (or all zeros), the kernel cannot say (before 6.5), or `path` cannot be opened."""
+    import fcntl
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC | os.O_NONBLOCK)
+    except OSError:
+        return None
+    try:
+        got = fcntl.ioctl(fd, FS_IOC_GETFSUUID, bytes(17))
+    except OSError:
+        return None
+    finally:
+        os.close(fd)
+    raw = got[1:1 + min(got[0], 16)].hex()
+    if len(raw) != 32 or not raw.strip("0"):
+        return None
+    return "-".join((raw[:8], raw[8:12], raw[12:16], raw[16:20], raw[20:]))

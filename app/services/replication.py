@@ -18,8 +18,9 @@ from app.services import loop as loopdev
 from app.services.blockplan import View, same_device
 from app.services.config import BlockEntry, ConfigStore, is_local_target, match_block, match_fs
 from app.services.layout import (IDENTITY_RECORD, FSTYPE_BLOCK, FSTYPE_FS, command,
-                                  default_state_dir, entry_state, failback_marker, identity_record, mix_words,
-                                  switched_marker, switched_refusal, with_failback)
+                                  default_state_dir, entry_state, failback_marker, identity_changes,
+                                  identity_record, mix_words, switched_marker, switched_refusal,
+                                  with_failback)
 from app.services.results import MirrorError, Outcome, Refusal, Result
 from app.services.units import human_size
 
@@ -152,7 +153,7 @@ class Replication:
         what = "device" if kind == "block" else "file system"
         entry_dir = entry_state(self._state_dir(daemon), kind, key)
         was = identity_record(entry_dir)
-        if was is None or was == now:
+        if was is None or not identity_changes(was, now):
             return Result(action, key, Outcome.UNCHANGED,
                           f"{key}: no other {what} was recorded for it; nothing to accept")
         with contextlib.suppress(FileNotFoundError):
