@@ -3,7 +3,8 @@
 On the source host (through the daemon): `mirrorsetup switchover ENTRY`, `mirrorsetup failback
 ENTRY`, `mirrorsetup replica resolve ENTRY --discard-target`.
 On the target host (no daemon there; the replicas serve-target keeps under --root):
-`mirrorsetup replica list --root DIR`, `mirrorsetup replica promote NAME --root DIR`.
+`mirrorsetup replica list --root DIR`, `mirrorsetup replica promote NAME --root DIR`,
+`mirrorsetup replica remove NAME --root DIR`.
 """
 
 from __future__ import annotations
@@ -168,6 +169,24 @@ def cmd_promote(args) -> int:
     return report([Result("promote", args.name, Outcome.OK, line) for line in done])
 
 
+def cmd_remove(args) -> int:
+    from app.engine import agent
+
+    def confirm(found: dict) -> None:
+        _confirm(args, f"Remove the replica {agent.replica_line(found)}: its data "
+                       f"{found['path']} and its journal and state are deleted for good. Go on?")
+    try:
+        done = agent.remove(_root(args), args.name, confirm=confirm)
+    except agent.AgentError as exc:
+        if exc.code == "removing":  # failed on the way: what was removed is said (exit 1)
+            return report([Result("remove", args.name, Outcome.FAILED, str(exc), exc.errno,
+                                  exc.extra["done"])], as_json=args.json)
+        raise Refused(str(exc), errno=exc.errno, obj=args.name) from None
+    message = done.pop("message")
+    return report([Result("remove", args.name, Outcome.OK, message, details=done)],
+                  as_json=args.json)
+
+
 def register(sub, common) -> None:
     p = add(sub, "switchover", cmd_switchover, "planned switch-over of an entry to its remote "
             "replica: checks nothing uses it, drains, lifts capture, promotes the replica", common)
@@ -195,3 +214,9 @@ def register(sub, common) -> None:
     p.add_argument("--loop", metavar="/dev/loopN", help="attach a block replica to this loop")
     p.add_argument("--force", action="store_true", help="promote an inconsistent replica")
     p.add_argument("--yes", action="store_true", help="confirm --force (scripts)")
+    p = add(rep, "remove", cmd_remove, "on the target host: delete a replica no source "
+            "replicates to any more (e.g. an interrupted first copy's), its data, journal and "
+            "state; refused while a session holds it or anything uses it", common)
+    p.add_argument("name", help="the replica's path below --root (as `replica list` shows it)")
+    p.add_argument("--root", required=True)
+    p.add_argument("--yes", action="store_true", help="confirm (scripts)")

@@ -1307,7 +1307,7 @@ def list_replicas(root: str) -> list[dict]:
         # received (durable in the agent's journal) but not applied to the data yet: a
         # target too full for the data, or a session at work
         received, pending = held_on_disk(d, applied)
-        lock = _holder_of(d / "lock")
+        holder = _holder_of(d / "lock")
         out.append({"name": state.get("path"), "id": d.name, "kind": state.get("kind"),
                     "role": state.get("role", "secondary"), "generation": state.get("generation"),
                     "source": state.get("source"), "consistent": bool(state.get("consistent")),
@@ -1315,7 +1315,8 @@ def list_replicas(root: str) -> list[dict]:
                     state.get("consistent_time"), "inconsistent_since": state.get("inconsistent_since"),
                     "received_seq": received, "applied_seq": applied, "pending_bytes": pending,
                     "promoted": state.get("promoted"),
-                    "split_brain": state.get("split_brain"), "session_pid": lock,
+                    "split_brain": state.get("split_brain"),
+                    "session_pid": (holder or {}).get("pid"),
                     "path": os.path.join(os.path.realpath(root), state.get("path", ""))})
     return out
 
@@ -1343,8 +1344,9 @@ def _source_heard(rep: Replica) -> float | None:
         os.close(fd)
 
 
-def _holder_of(lock: Path) -> int | None:
-    """The pid of the agent session holding a replica's lock, or None."""
+def _holder_of(lock: Path) -> dict | None:
+    """Who holds a replica's lock, in its words (the session's pid, source and action; {}
+    when it has not said yet), or None when nobody does."""
     try:
         fd = os.open(lock, os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC)
     except FileNotFoundError:
@@ -1353,7 +1355,7 @@ def _holder_of(lock: Path) -> int | None:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         return None
     except BlockingIOError:
-        return _holder(fd).get("pid")
+        return _holder(fd)
     finally:
         os.close(fd)
 
@@ -1708,3 +1710,169 @@ def subprocess_mount(device: str, where: str) -> None:
     if r.returncode != 0:
         said = "; ".join(line.strip() for line in r.stderr.splitlines() if line.strip())
         raise AgentError("mount", f"mount {device} on {where}: {said}", errno.EIO)
+
+
+# -- `replica remove`: a replica no source needs any more, gone with its bookkeeping ------------
+
+def remove(root: str, name: str, *, confirm=lambda found: None) -> dict:
+    """Remove the replica `name` (as list_replicas names it): its data, then its journal and
+    state. Refused, nothing removed, while a session holds its lock (said by whom) or anything
+    uses it on this host (replica_users), and for a name that would leave the root. `confirm`
+    (the replica as listed) is asked once those checks pass; it raises to say no. Returns what
+    was removed and the space that freed."""
+    from app.services.layout import command
+    top = os.path.realpath(root)
+    listed = list_replicas(top)
+    found = next((r for r in listed if r["name"] == name), None)
+    if found is None:
+        names = ", ".join(sorted(str(r["name"]) for r in listed))
+        raise AgentError("path", f"no replica named {name!r} below {top}: " +
+                         (f"the replicas there are {names}" if names else "it keeps none") +
+                         f" ({command('replica', 'list', '--root', top)})", errno.ENOENT)
+    root_fd = os.open(top, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        data = _data_beneath(root_fd, top, found)
+        try:
+            _refuse_held(found, _holder_of(Path(top) / META / "replicas" / found["id"] / "lock"))
+            _refuse_used(top, found, data)
+            confirm(found)
+            rep = Replica(root_fd, top, found["name"], found["kind"])
+            try:
+                rep.lock({"remove": os.getpid()}, "remove")
+            except AgentError:  # a session came meanwhile
+                _refuse_held(found, _holder_of(rep.dir / "lock") or {})
+                raise
+            try:
+                _refuse_used(top, found, data)
+                return _remove_locked(rep, found, data)
+            finally:
+                os.close(rep.lock_fd)  # (its file is gone once the bookkeeping is)
+        finally:
+            if data is not None:
+                os.close(data[0])
+    except OSError as exc:  # a name that leaves the root: refused as the agent refuses it
+        why = ("a directory on its way there is a symlink or no directory (a session refuses "
+               "it too)" if exc.errno in (errno.ENOTDIR, errno.ELOOP) else exc.strerror)
+        raise AgentError("path", f"replica {name} ({os.path.join(top, name)}): {why} "
+                         f"({errno.errorcode.get(exc.errno, 'E?')}); nothing was removed",
+                         exc.errno) from None
+    finally:
+        os.close(root_fd)
+
+
+def _data_beneath(root_fd: int, top: str, found: dict) -> tuple[int, bytes] | None:
+    """(its parent's fd, its name) of a replica's data, reached as a session reaches it (no
+    `..`, no symlink on the way, not the agent's own directory), or None when it is gone.
+    Its bookkeeping must be the agent's too: the directory named after it (no symlink)."""
+    name = found["name"]
+    try:
+        rel = check_beneath(root_fd, name)
+    except ValueError as exc:
+        raise AgentError("path", f"replica {name}: {exc}: refused, nothing was removed",
+                         errno.EINVAL) from None
+    if rel.split(b"/")[0] == META.encode() or replica_id(name) != found["id"]:
+        raise AgentError("path", f"replica {name}: {top}/{META}/replicas/{found['id']} is not "
+                         "the agent's bookkeeping of that name: refused, nothing was removed",
+                         errno.EINVAL)
+    os.close(open_beneath(root_fd, f"{META}/replicas/{found['id']}".encode()))
+    parent, _, base = rel.rpartition(b"/")
+    pfd = open_beneath(root_fd, parent)
+    try:
+        st = os.stat(base, dir_fd=pfd, follow_symlinks=False)
+    except FileNotFoundError:
+        os.close(pfd)
+        return None
+    if stat.S_ISLNK(st.st_mode) or not (stat.S_ISDIR(st.st_mode) if found["kind"] == "fs"
+                                        else stat.S_ISREG(st.st_mode)):
+        os.close(pfd)
+        raise AgentError("path", f"replica {name}: {os.path.join(top, name)} is not the "
+                         f"{'directory' if found['kind'] == 'fs' else 'image file'} a session "
+                         "makes (a symlink or something else put there): refused, nothing was "
+                         "removed", errno.ELOOP if stat.S_ISLNK(st.st_mode) else errno.EINVAL)
+    return pfd, base
+
+
+def _refuse_held(found: dict, holder: dict | None) -> None:
+    """A session holds the replica's lock: refused, saying whose and what to do first."""
+    from app.services.layout import command
+    if holder is None:
+        return
+    name, pid, who = found["name"], holder.get("pid", "?"), holder.get("source") or {}
+    action = holder.get("action", "replicate")
+    kind, _, entry = str(who.get("entry", "")).partition(":")
+    if entry:
+        what = "replication" if action == "replicate" else action
+        said = (f"the {what} session of {entry} on {who.get('host', '?')} (agent pid {pid}): "
+                f"stop that entry on its source first (on {who.get('host', '?')}: "
+                f"{command('fs' if kind == 'fs' else 'block', 'remove', entry)} ends its "
+                "replication), then remove the replica here")
+    elif "promote" in who or "remove" in who:
+        said = f"a replica {next(iter(who))} of it (pid {pid}): let it end first"
+    else:
+        said = f"pid {pid}, which has not said whose session it is yet: try again in a moment"
+    raise AgentError("locked", f"replica {name} is locked by {said}; nothing was removed",
+                     errno.EBUSY)
+
+
+def _refuse_used(top: str, found: dict, data) -> None:
+    """Anything on this host that uses the replica's data (a mount, a loop, an open file) keeps
+    it: its space would not be freed, and what uses it would lose it."""
+    users = replica_users(top, found["name"], found["kind"]) if data is not None else []
+    if users:
+        promoted = "promoted and " if found["role"] == "primary" else ""
+        raise AgentError("in-use", f"replica {found['name']} is {promoted}in use on this host: "
+                         f"{'; '.join(users)}: stop using it first; nothing was removed",
+                         errno.EBUSY)
+
+
+def _remove_locked(rep: Replica, found: dict, data) -> dict:
+    """The data, then the bookkeeping (its lock last, still held), each measured first. A
+    failure on the way is said with what was removed by then (code "removing")."""
+    from app.engine.applier import _remove_tree
+    from app.services.units import human_size
+    path = os.path.join(rep.root, found["name"])
+    done = {"name": found["name"], "id": found["id"], "kind": found["kind"],
+            "role": found["role"], "source": found.get("source"), "data": path,
+            "data_bytes": 0, "bookkeeping": str(rep.dir), "bookkeeping_bytes": 0, "removed": []}
+    try:
+        if data is not None:
+            done["data_bytes"] = _bytes_freed(*data)
+            _remove_tree(*data)
+            done["removed"].append(path)
+        done["bookkeeping_bytes"] = sum(os.lstat(rep.dir / n).st_blocks * 512
+                                        for n in os.listdir(rep.dir))
+        rep.forget()
+        done["removed"].append(str(rep.dir))
+    except OSError as exc:
+        raise AgentError("removing", f"replica {found['name']}: {exc.strerror} "
+                         f"({exc.filename or path}, {errno.errorcode.get(exc.errno, 'E?')}); "
+                         f"removed by then: {', '.join(done['removed']) or 'nothing'}",
+                         exc.errno, done=done) from None
+    done["freed_bytes"] = done["data_bytes"] + done["bookkeeping_bytes"]
+    src = (found.get("source") or {}).get("entry", "?").split(":", 1)[-1]
+    done["message"] = (
+        f"removed replica {found['name']} ({found['kind']}, replica of {src}): " +
+        (f"its data {path} ({human_size(done['data_bytes'])})" if data is not None else
+         f"its data {path} was not there") +
+        f" and its journal and state {rep.dir} ({human_size(done['bookkeeping_bytes'])}); "
+        f"{human_size(done['freed_bytes'])} freed")
+    return done
+
+
+def _bytes_freed(parent_fd: int, name: bytes) -> int:
+    """What removing `name` below `parent_fd` frees: its blocks, and those of every file and
+    directory under it (a file with a name outside it too frees nothing)."""
+    st = os.stat(name, dir_fd=parent_fd, follow_symlinks=False)
+    if not stat.S_ISDIR(st.st_mode):
+        return st.st_blocks * 512 if st.st_nlink <= 1 else 0
+    seen: dict[tuple[int, int], list] = {}
+    fd = os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=parent_fd)
+    try:
+        for _, dirs, files, dfd in os.fwalk(".", dir_fd=fd):
+            for n in dirs + files:
+                s = os.stat(n, dir_fd=dfd, follow_symlinks=False)
+                seen.setdefault((s.st_dev, s.st_ino), [s, 0])[1] += 1
+    finally:
+        os.close(fd)
+    return st.st_blocks * 512 + sum(s.st_blocks * 512 for s, names in seen.values()
+                                    if stat.S_ISDIR(s.st_mode) or names >= s.st_nlink)
