@@ -50,6 +50,9 @@ def two_replicas(root: Path):
         f.write(os.urandom(200_000))
     data, _ = target_replica(root, "data", "fs", consistent=False)
     disk, _ = target_replica(root, "disk.img", "block", consistent=False)
+    for rep in (data, disk):  # the lock its session held, as that session left it
+        rep.lock({"host": "h", "entry": f"{rep.kind}:/src"})
+        os.close(rep.lock_fd)
     return data, disk
 
 
@@ -77,12 +80,14 @@ def test_remove_takes_that_replica_its_journal_and_state_and_leaves_the_other(tm
            f"({human_size(data_bytes)}) and its journal and state {data.dir} " \
            f"({human_size(journal_bytes)}); {human_size(data_bytes + journal_bytes)} freed" in said, said
 
+    disk_bytes, disk_journal_bytes = used_bytes(root / "disk.img"), used_bytes(disk.dir)
     r = remove(root, "disk.img", "--yes", "--json")
     assert r.returncode == 0, r.stdout + r.stderr
     [done] = json.loads(r.stdout)
     d = done["details"]
     assert done["outcome"] == "ok" and d["name"] == "disk.img" and d["kind"] == "block"
-    assert d["data_bytes"] >= 200_000 and d["freed_bytes"] == d["data_bytes"] + d["bookkeeping_bytes"]
+    assert (d["data_bytes"], d["bookkeeping_bytes"]) == (disk_bytes, disk_journal_bytes)
+    assert d["data_bytes"] >= 200_000 and d["freed_bytes"] == disk_bytes + disk_journal_bytes
     assert d["removed"] == [str(root / "disk.img"), str(disk.dir)]
     assert listed(root) == [] and not (root / "disk.img").exists() and not disk.dir.exists()
 
@@ -113,6 +118,29 @@ def test_remove_without_yes_is_refused_when_nobody_can_answer(tmp_path):
         if extra:
             assert json.loads(r.stdout)["errno_name"] == "EINVAL"
     assert listed(root) == ["data", "disk.img"] and (root / "data" / "sub" / "f").is_file()
+
+
+def test_remove_at_a_terminal_asks_first(tmp_path):
+    """At a terminal it asks, as failback does: no keeps it (exit 2), yes removes it."""
+    import pty
+    root = tmp_path / "replicas"
+    two_replicas(root)
+    for answer, code in (("n", 2), ("y", 0)):
+        master, slave = pty.openpty()
+        try:
+            os.write(master, f"{answer}\n".encode())
+            r = subprocess.run([sys.executable, "-m", "app", "replica", "remove", "data", "--root",
+                                str(root)], cwd=REPO, capture_output=True, text=True, stdin=slave,
+                               timeout=60)
+        finally:
+            os.close(master)
+            os.close(slave)
+        assert r.returncode == code, (answer, r.stdout + r.stderr)
+        assert "Remove the replica data (fs, replica of /src)" in r.stdout, r.stdout
+        if answer == "n":
+            assert "not confirmed: nothing was changed" in r.stderr, r.stderr
+            assert listed(root) == ["data", "disk.img"] and (root / "data" / "g").is_file()
+    assert "removed replica data" in r.stdout and listed(root) == ["disk.img"]
 
 
 def test_remove_while_a_sources_session_holds_it_names_the_session_then_goes_once_it_ended(
@@ -171,6 +199,14 @@ def test_remove_of_a_promoted_replica_in_use_names_who_uses_it(tmp_path):
             f"mounted at {mnt}: stop using it first" in r.stderr, r.stdout + r.stderr
         assert json.loads(remove(root, "data", "--yes", "--json").stdout)["errno_name"] == "EBUSY"
         subprocess.run(["umount", str(mnt)], check=True)
+        inner = root / "data" / "inner"  # another file system below it: never walked into
+        inner.mkdir()
+        subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "helper-tmpfs", str(inner)],
+                       check=True)
+        (inner / "theirs").write_text("on another file system")
+        r = remove(root, "data", "--yes")
+        subprocess.run(["umount", str(inner)], check=True)
+        assert r.returncode == 2 and f"mounted at {inner}" in r.stderr, r.stdout + r.stderr
         loop = subprocess.run(["losetup", "-f", "--show", str(root / "disk.img")],
                               capture_output=True, text=True, check=True).stdout.strip()
         r = remove(root, "disk.img", "--yes")
@@ -193,6 +229,7 @@ def test_remove_of_a_promoted_replica_in_use_names_who_uses_it(tmp_path):
         if loop is not None:
             subprocess.run(["losetup", "-d", loop], check=False)
         subprocess.run(["umount", str(mnt)], check=False, capture_output=True)
+        subprocess.run(["umount", str(root / "data" / "inner")], check=False, capture_output=True)
     for name in ("data", "disk.img"):
         r = remove(root, name, "--yes")
         assert r.returncode == 0, r.stdout + r.stderr

@@ -1839,8 +1839,11 @@ def _remove_locked(rep: Replica, found: dict, data) -> dict:
             done["data_bytes"] = _bytes_freed(*data)
             _remove_tree(*data)
             done["removed"].append(path)
-        done["bookkeeping_bytes"] = sum(os.lstat(rep.dir / n).st_blocks * 512
-                                        for n in os.listdir(rep.dir))
+        bfd = open_beneath(rep.root_fd, f"{META}/replicas".encode())
+        try:
+            done["bookkeeping_bytes"] = _bytes_freed(bfd, rep.id.encode())
+        finally:
+            os.close(bfd)
         rep.forget()
         done["removed"].append(str(rep.dir))
     except OSError as exc:
