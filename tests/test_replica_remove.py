@@ -269,3 +269,21 @@ def test_remove_never_reaches_outside_the_root(tmp_path):
     assert (outside / "data" / "precious").read_text() == "not the replica's"
     assert listed(root) == sorted(["../outside/data", "via/data", "link", "elsewhere"])
     assert stat.S_ISLNK((root / "link").lstat().st_mode) and (root / "elsewhere").is_dir()
+
+
+def test_remove_of_a_replica_whose_data_is_gone_removes_its_journal_and_state(tmp_path):
+    """Its data removed by hand already (and, for one, the directory above it): what is left
+    of it, its journal and state, is removed, and that its data was not there is said."""
+    root = tmp_path / "replicas"
+    root.mkdir()
+    gone, _ = target_replica(root, "gone", "fs")
+    (root / "a" / "b").mkdir(parents=True)
+    above, _ = target_replica(root, "a/b/disk.img", "block")
+    (root / "a" / "b").rmdir()
+    for rep in (gone, above):
+        r = remove(root, rep.rel, "--yes")
+        assert r.returncode == 0, r.stdout + r.stderr
+        assert f"its data {root / rep.rel} was not there and its journal and state {rep.dir}" \
+            in r.stdout, r.stdout
+        assert not rep.dir.exists()
+    assert listed(root) == [] and (root / "a").is_dir()  # what is above it is left

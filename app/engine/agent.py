@@ -1766,7 +1766,7 @@ def _data_beneath(root_fd: int, top: str, found: dict) -> tuple[int, bytes] | No
     Its bookkeeping must be the agent's too: the directory named after it (no symlink)."""
     name = found["name"]
     try:
-        rel = check_beneath(root_fd, name)
+        rel = safe_relpath(name)
     except ValueError as exc:
         raise AgentError("path", f"replica {name}: {exc}: refused, nothing was removed",
                          errno.EINVAL) from None
@@ -1776,7 +1776,10 @@ def _data_beneath(root_fd: int, top: str, found: dict) -> tuple[int, bytes] | No
                          errno.EINVAL)
     os.close(open_beneath(root_fd, f"{META}/replicas/{found['id']}".encode()))
     parent, _, base = rel.rpartition(b"/")
-    pfd = open_beneath(root_fd, parent)
+    try:
+        pfd = open_beneath(root_fd, parent)
+    except FileNotFoundError:  # (a directory above it was removed, and it with it)
+        return None
     try:
         st = os.stat(base, dir_fd=pfd, follow_symlinks=False)
     except FileNotFoundError:
