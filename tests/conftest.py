@@ -152,21 +152,33 @@ def unused_loop():
         os.close(ctl)
 
 
+def _mount_ids_at(path: Path) -> list[int]:
+    """The ids of the mounts at `path`, bottom first (/proc/self/mountinfo's order)."""
+    with open("/proc/self/mountinfo") as f:
+        return [int(line.split()[0]) for line in f
+                if line.split()[4].encode().decode("unicode_escape") == str(path)]
+
+
 @pytest.fixture
 def tmpfs_mount(tmp_path):
-    """make(path) mounts a small tmpfs at `path` (created if needed); lazily unmounted at teardown."""
-    made: list[Path] = []
+    """make(path) mounts a small tmpfs at `path` (created if needed); lazily unmounted at
+    teardown, with whatever the test left stacked on it (a switch-over's fence, a capture
+    still mounted when this runs before the engine's own cleanup): by its mount id."""
+    made: list[tuple[Path, int]] = []
 
     def make(path: Path | None = None) -> Path:
         path = Path(path or tmp_path / f"tmpfs{len(made)}")
         path.mkdir(parents=True, exist_ok=True)
         run("mount", "-t", "tmpfs", "-o", "size=16m", "mirrorsetup-test", str(path))
-        made.append(path)
+        made.append((path, _mount_ids_at(path)[-1]))
         return path
 
     yield make
-    for path in reversed(made):
-        run("umount", "-l", str(path), check=False)
+    for path, mount_id in reversed(made):
+        for _ in range(8):  # the top one each time, down to ours
+            if mount_id not in _mount_ids_at(path):
+                break
+            run("umount", "-l", str(path), check=False)
 
 
 @pytest.fixture

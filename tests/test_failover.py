@@ -950,8 +950,8 @@ def test_an_entry_switched_over_is_not_removed_until_it_is_failed_back(fs_remote
     assert p.returncode == 0 and f"removed {src}" in p.stdout, p.stdout + p.stderr
 
 
-def test_an_entry_that_is_its_own_file_systems_mount_point_fails_back(remote, tmp_path,
-                                                                      tmpfs_mount):
+def test_an_entry_that_is_its_own_file_systems_mount_point_fails_back(tmpfs_mount, remote,
+                                                                      tmp_path):
     """The usual case of a data disk: the entry is the mount point of its own file system.
     The fail-back's check of who uses this side took that file system, under the read-only
     fence, for a user ("in use here: mounted at …") and refused every time. The fence and the
@@ -980,8 +980,8 @@ def test_an_entry_that_is_its_own_file_systems_mount_point_fails_back(remote, tm
     assert (src / "f").read_text() == "written on the promoted replica"
 
 
-def test_a_fail_back_onto_another_file_system_in_the_entrys_place_is_refused(remote, tmp_path,
-                                                                              tmpfs_mount):
+def test_a_fail_back_onto_another_file_system_in_the_entrys_place_is_refused(tmpfs_mount, remote,
+                                                                             tmp_path):
     """The entry is the mount point of its own file system; after the switch-over that disk
     died and a new one, formatted and empty, is mounted in its place (or none came up and the
     directory below shows). A fail-back wrote the replica's data onto whatever was there; it
