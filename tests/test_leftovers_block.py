@@ -123,3 +123,23 @@ def test_without_the_daemon_a_loop_that_is_an_entrys_capture_loop_is_refused_nam
         assert whose in said[second]["message"] and what in said[second]["message"], said
         assert said[second]["errno_name"] == "EBUSY", said
         assert loops_on(second) == [], "attached"
+
+
+def test_manual_attach_of_an_entrys_capture_loop_is_refused_as_another_name_for_it(tmp_path,
+                                                                                   disks):
+    """Found by helper-46's walk: `manual attach /dev/loopN` of an entry's capture loop stacked
+    a plain loop on it, a second name for the captured device that status knew nothing of.
+    Refused now (exit 2, nothing attached), saying whose capture loop it is and that it is used
+    as it is; --force attaches one all the same."""
+    with first_captured(tmp_path, disks) as (eng, cfg, first, second, loop):
+        try:
+            r = cli(cfg, "--socket", eng.socket, "manual", "attach", loop)
+            assert r.returncode == 2, (r.returncode, r.stdout, r.stderr)
+            assert f"{loop} is the capture loop of the entry for {first} (on its capture file " \
+                in r.stderr and "applications use it as it is" in r.stderr, r.stderr
+            assert loops_on(loop) == [], "a loop was stacked on the capture loop"
+            r = cli(cfg, "--socket", eng.socket, "manual", "attach", loop, "--force")
+            assert r.returncode == 0 and len(loops_on(loop)) == 1, (r.stdout, r.stderr)
+        finally:  # (the ones this test stacked on its own capture loop)
+            for stacked in loops_on(loop):
+                subprocess.run(["losetup", "-d", stacked], check=False)

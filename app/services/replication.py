@@ -17,7 +17,7 @@ from app.services import blockdevs, blockplan, mounts
 from app.services import loop as loopdev
 from app.services.blockplan import View, same_device
 from app.services.config import BlockEntry, ConfigStore, is_local_target, match_block, match_fs
-from app.services.layout import (IDENTITY_RECORD, FSTYPE_BLOCK, FSTYPE_FS, command,
+from app.services.layout import (IDENTITY_RECORD, FSTYPE_BLOCK, FSTYPE_FS, capture_key, command,
                                   default_state_dir, entry_state, failback_marker, identity_changes,
                                   identity_record, mix_words, switched_marker, switched_refusal,
                                   with_failback)
@@ -354,6 +354,12 @@ class Replication:
             if same_device(device, loop):  # (block add refuses it too; here it was "busy")
                 raise Refusal(f"{device} cannot be its own loop device ({loop})", obj=device,
                               errno=errno.EINVAL)
+            capture = None if force else self._capture_loop(device)
+            if capture is not None:  # a second name for it, which status knows nothing of
+                raise Refusal(f"{device} is {capture}: applications use it as it is (what is "
+                              "written through it is captured); a loop on it would only be "
+                              "another name for the same device; nothing was changed (--force "
+                              "attaches one all the same)", obj=device, errno=errno.EINVAL)
             entry = BlockEntry(device=device, loop=loop, offset=offset, sizelimit=sizelimit,
                                read_only=read_only)
         except MirrorError as exc:
@@ -361,6 +367,22 @@ class Replication:
         with blockplan.attach_lock():
             return self._attach_plain(entry, View(), dry_run=False, force=force,
                                       action="manual attach")
+
+    def _capture_loop(self, device: str) -> str | None:
+        """What `device` is in words when it is a block entry's capture loop, else None."""
+        real = os.path.realpath(device)
+        try:
+            loopdev.parse_loop_path(real)
+        except MirrorError:
+            return None
+        st = loopdev.status(real)
+        if st is None or capture_key(st.backing_file) is None:
+            return None
+        try:
+            devices = [e.device for e in self.store.load().block]
+        except MirrorError:  # (manual attach needs no configuration)
+            devices = None
+        return blockplan.attached_to(st.backing_file, devices)
 
     def manual_detach(self, loop_path: str) -> Result:
         try:
