@@ -143,3 +143,28 @@ def test_manual_attach_of_an_entrys_capture_loop_is_refused_as_another_name_for_
         finally:  # (the ones this test stacked on its own capture loop)
             for stacked in loops_on(loop):
                 subprocess.run(["losetup", "-d", stacked], check=False)
+
+
+def test_attach_all_without_the_daemon_leaves_a_capture_that_goes_on_as_it_is(tmp_path, disks):
+    """Found by helper-46's walk: with the daemon killed (a block capture outlives it),
+    `block attach-all` refused the entry as "captured by the mirrorsetup daemon …: unmount or
+    detach it first (--force overrides)", and --force would have put a plain loop beside the
+    capture, writes through it not captured. Now: unchanged, its capture goes on and the
+    daemon takes it over at its start; when the capture's worker is gone too, the loop's I/O
+    fails and that is said (exit 2, nothing attached)."""
+    from app.services.status import capture_workers
+    with first_captured(tmp_path, disks) as (eng, cfg, first, second, loop):
+        eng.kill9()
+        nodaemon = ("--socket", str(tmp_path / "none.sock"))
+        for force in ((), ("--force",)):
+            r = cli(cfg, *nodaemon, "block", "attach-all", *force)
+            assert r.returncode == 0, (r.stdout, r.stderr)
+            assert f"{first} is already attached as {loop}, captured: its capture goes on " \
+                "without the daemon, which takes it over at its start" in r.stdout, r.stdout
+            assert loops_on(first) == [], "a plain loop beside the capture"
+        for pid in capture_workers("block", first):
+            os.kill(pid, 9)
+        r = cli(cfg, *nodaemon, "block", "attach-all", "--force")
+        assert r.returncode == 2, (r.returncode, r.stdout, r.stderr)
+        assert f"{loop} serves a capture of {first} that is gone" in r.stderr, r.stderr
+        assert loops_on(first) == [], "a plain loop beside the dead capture"

@@ -250,6 +250,10 @@ class Replication:
             view.exclusions = blockdevs.Exclusions([e.device for e in config.block])
             results = []
             for e in config.block:
+                captured = _captured_without_daemon(e.device, view)
+                if captured is not None:  # not a plain loop's business, --force or not
+                    results.append(captured)
+                    continue
                 results.append(self._attach_plain(e, view, dry_run=dry_run, force=force,
                                                   action="attach", uncaptured=True,
                                                   avoid=blockplan.kept_loops(config.block, e)))
@@ -582,6 +586,27 @@ def _left_by_resolve(key: str, target: str, sw: dict | None, fb: dict | None) ->
 _LEFT = {"switchover": _left_by_switchover, "failback": _left_by_failback,
          "resolve": _left_by_resolve}
 _WORDS = {"switchover": "switch-over", "failback": "fail-back", "resolve": "resolve"}
+
+
+def _captured_without_daemon(device: str, view: View) -> Result | None:
+    """An entry whose capture loop is there while no daemon runs (block captures outlive the
+    daemon): its capture goes on (unchanged: the daemon takes it over at its start), or it is
+    gone and the loop's I/O fails. Either way a plain loop beside it is no answer: it would
+    let writes bypass the capture (this said "unmount or detach it first (--force
+    overrides)")."""
+    from app.services.status import capture_workers
+    caps = view.captures_of(device)
+    if not caps:
+        return None
+    start = command("daemon", "start")
+    if capture_workers("block", device):
+        return Result("attach", device, Outcome.UNCHANGED,
+                      f"{device} is already attached as {caps[0].device}, captured: its capture "
+                      f"goes on without the daemon, which takes it over at its start ({start})")
+    return Result("attach", device, Outcome.FAILED,
+                  f"{caps[0].device} serves a capture of {device} that is gone (the daemon and "
+                  f"its worker died): its I/O fails; unmount or close it, then {start} captures "
+                  "the device again; nothing was changed", errno.ENOTCONN, {"refused": True})
 
 
 def _kept_note(ended: list[Result]) -> str:
