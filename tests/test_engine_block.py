@@ -729,9 +729,11 @@ def test_a_block_captures_writes_are_journalled_in_the_order_the_device_saw(tmp_
     assert fs.writes == len(writes) + 2
     # generations: the clock at the last write of each block (0: never written)
     assert list(fs.gen) == [4, 7, 5, 8] and fs.clock == 8
-    # in C: the 5 small ones before the limit, and the 2 after it when the loop still polled in
-    # C as the limit was set (then found not stored, their blocks dirty all the same)
-    assert sum(batches) in ((5, 7) if path == "compiled" else (0,))
+    # in C: the 5 small ones before the limit, and of the 2 after it those that came while the
+    # loop still polled in C as the limit was set (then found not stored, their blocks dirty
+    # all the same): the first only, when the loop went back to Python after it (seen under
+    # load: 6)
+    assert sum(batches) in ((5, 6, 7) if path == "compiled" else (0,))
     journal.close()
     os.close(raw)
 
