@@ -235,3 +235,33 @@ def test_a_new_empty_file_system_in_the_old_ones_place_does_not_empty_the_replic
         assert os.listdir(tgt) == []  # what the administrator accepted
     finally:
         eng.cleanup()
+
+
+def test_what_an_entry_is_is_recorded_as_it_is_added_not_at_its_first_capture(
+        tmp_path, tmpfs_mount):
+    """The record of what an entry is (its file system here) was written by its first capture,
+    which trusted what it found: an entry added while its disk was mounted, first captured
+    after a start at which another (empty) one was there, recorded that one, and its catch-up
+    made a replica kept from before equal to it. `fs add` records it now."""
+    src, tgt = tmp_path / "src", tmp_path / "tgt"
+    tmpfs_mount(src)
+    (src / "f").write_text("on the disk")
+    tgt.mkdir()
+    (tgt / "f").write_text("on the disk")  # a replica kept from before (an earlier entry)
+    cfg = tmp_path / "etc" / "replication.toml"
+    eng = Engine(tmp_path, cfg)  # (not started: the entry is added without the daemon)
+    r = subprocess.run([sys.executable, "-m", "app", "--config", str(cfg), "fs", "add", str(src),
+                        "--target", str(tgt), "--adopt-target"], cwd=REPO, text=True,
+                       capture_output=True, env={**os.environ, "MIRRORSETUP_SOCKET": eng.socket,
+                                                 "MIRRORSETUP_STATE_DIR": eng.state})
+    assert r.returncode == 0, r.stdout + r.stderr
+    subprocess.run(["umount", str(src)], check=True)
+    tmpfs_mount(src)  # at the next start another, empty, file system is there
+    try:
+        eng.start()
+        r = cli("--config", str(cfg), "fs", "mount-all", socket=eng.socket)
+        assert r.returncode == 1, r.stdout + r.stderr
+        assert f"{src} is not on the file system this entry was made for" in r.stderr, r.stderr
+        assert (tgt / "f").read_text() == "on the disk"
+    finally:
+        eng.cleanup()

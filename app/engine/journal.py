@@ -40,6 +40,8 @@ from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from app.services.layout import write_small_file
+
 KIND_FS = 1
 KIND_BLOCK = 2
 SEGMENT_BYTES = 5 * 1000 * 1000  # the seed product's spill files were 5 MB each
@@ -210,28 +212,6 @@ def encode_path(path: bytes) -> str:
 
 def decode_path(text: str) -> bytes:
     return os.fsencode(text)
-
-
-def write_small_file(directory: Path, name: str, text: str, *, sync_dir: bool = True) -> None:
-    """Replace a small state file atomically (temp + fsync + rename), never through a symlink.
-    `sync_dir`: the directory is fsync'd too, so that the rename itself survives a crash (a
-    switch-over marker, a replica's role: lost, they would let a history fork); without it the
-    file system commits it later (ext4: within its commit interval, 5 s), for what may be
-    stale after a crash (a released position: records kept a little longer)."""
-    tmp = directory / (name + ".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, FILE_MODE)
-    try:
-        os.write(fd, text.encode())
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.replace(tmp, directory / name)
-    if sync_dir:
-        fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
 
 
 def read_small_file(directory: Path, name: str) -> str | None:

@@ -60,6 +60,28 @@ FAILBACK_MARKER = "failback"
 IDENTITY_RECORD = "identity"
 
 
+def write_small_file(directory, name: str, text: str, *, sync_dir: bool = True) -> None:
+    """Replace a small state file atomically (temp + fsync + rename), never through a symlink.
+    `sync_dir`: the directory is fsync'd too, so that the rename itself survives a crash (a
+    switch-over marker, a replica's role: lost, they would let a history fork); without it the
+    file system commits it later (ext4: within its commit interval, 5 s), for what may be
+    stale after a crash (a released position: records kept a little longer)."""
+    tmp = os.path.join(directory, name + ".tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    try:
+        os.write(fd, text.encode())
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(tmp, os.path.join(directory, name))
+    if sync_dir:
+        fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
 def identity_record(entry_dir: str) -> dict | None:
     """What the entry's first capture recorded about its device or file system (capture.
     check_identity); None when there is none or it cannot be read (the next capture records

@@ -20,7 +20,7 @@ from app.services.config import BlockEntry, ConfigStore, is_local_target, match_
 from app.services.layout import (IDENTITY_RECORD, FSTYPE_BLOCK, FSTYPE_FS, capture_key, command,
                                   default_state_dir, entry_state, failback_marker, identity_changes,
                                   identity_record, mix_words, switched_marker, switched_refusal,
-                                  with_failback)
+                                  with_failback, write_small_file)
 from app.services.results import MirrorError, Outcome, Refusal, Result
 from app.services.units import human_size
 
@@ -51,6 +51,7 @@ class Replication:
             entry = self.store.add_block(device, **kw)
         except MirrorError as exc:
             return Result.from_error("add", device, exc)
+        self._record_identity("block", entry.device)
         where = entry.loop or "the first free loop device"
         window = (f"{human_size(entry.sizelimit)} from offset {entry.offset}" if entry.sizelimit
                   else f"at offset {entry.offset}")
@@ -130,6 +131,20 @@ class Replication:
             os.unlink(os.path.join(entry_dir, IDENTITY_RECORD))
         return was
 
+    def _record_identity(self, kind: str, key: str) -> None:
+        """What the entry's name leads to now, recorded as it is added (capture.check_identity):
+        its very first capture then refuses another device or file system, as each later one
+        does (a first capture that only recorded what it found could make a replica kept from
+        an earlier entry equal to an empty directory). Nothing is recorded when it cannot be
+        read, or when a record is there (the first capture records it then)."""
+        import json
+        with contextlib.suppress(OSError):
+            now = _identity_now(kind, key)
+            entry_dir = entry_state(self._state_dir(self.control), kind, key)
+            if identity_record(entry_dir) is None:
+                os.makedirs(entry_dir, mode=0o700, exist_ok=True)
+                write_small_file(entry_dir, IDENTITY_RECORD, json.dumps(now) + "\n")
+
     def accept_identity(self, kind: str, key: str) -> Result:
         """The entry's device (block) or file system (fs) is the right one although it is not
         what its first capture saw (the disk was replaced, its file moved; the data moved to
@@ -140,14 +155,7 @@ class Replication:
         if self.control is not None and self.control.is_running():
             daemon = self.control
         try:
-            if kind == "block":
-                fd = os.open(key, os.O_RDONLY | os.O_CLOEXEC)
-                try:
-                    now = blockdevs.device_identity(fd)
-                finally:
-                    os.close(fd)
-            else:
-                now = mounts.tree_identity(key)
+            now = _identity_now(kind, key)
         except OSError as exc:
             return Result.from_error(action, key, MirrorError.from_oserror("open", key, exc))
         what = "device" if kind == "block" else "file system"
@@ -443,6 +451,7 @@ class Replication:
             entry = self.store.add_filesystem(path, **kw)
         except MirrorError as exc:
             return Result.from_error("add", path, exc)
+        self._record_identity("fs", entry.path)
         atime = "with" if entry.replicate_atime else "without"
         return Result("add", entry.path, Outcome.OK,
                       f"added {entry.path} ({atime} access times){_no_target(entry)}; mount it "
@@ -588,16 +597,28 @@ _LEFT = {"switchover": _left_by_switchover, "failback": _left_by_failback,
 _WORDS = {"switchover": "switch-over", "failback": "fail-back", "resolve": "resolve"}
 
 
+def _identity_now(kind: str, key: str) -> dict[str, str]:
+    """What a block entry's device or a directory entry's file system is now (the record
+    capture.check_identity compares)."""
+    if kind == "fs":
+        return mounts.tree_identity(key)
+    fd = os.open(key, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        return blockdevs.device_identity(fd)
+    finally:
+        os.close(fd)
+
+
 def _captured_without_daemon(device: str, view: View) -> Result | None:
     """An entry whose capture loop is there while no daemon runs (block captures outlive the
     daemon): its capture goes on (unchanged: the daemon takes it over at its start), or it is
     gone and the loop's I/O fails. Either way a plain loop beside it is no answer: it would
     let writes bypass the capture (this said "unmount or detach it first (--force
     overrides)")."""
-    from app.services.status import capture_workers
     caps = view.captures_of(device)
     if not caps:
         return None
+    from app.services.status import capture_workers  # (only then: attach-all loads little)
     start = command("daemon", "start")
     if capture_workers("block", device):
         return Result("attach", device, Outcome.UNCHANGED,
