@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import re
@@ -188,12 +189,14 @@ def test_a_directory_whose_file_system_did_not_come_up_is_not_captured_nor_its_r
         said = f"{src} is not on the file system this entry was made for: its file system was " \
             f"tmpfs mounted on {src}, it is now"
         assert said in r.stderr and "accept-filesystem" in r.stderr, r.stderr
-        assert not eng.status(str(src))["captured"]
+        row = eng.status(str(src))
+        assert not row["captured"] and row["last_errno"] == errno.EMEDIUMTYPE, row  # (the TUI's n)
         assert len(os.listdir(tgt / "d")) == 20  # not one name removed
         r = cli("--config", str(cfg), "fs", "accept-filesystem", str(src), socket=eng.socket)
         assert r.returncode == 0 and "is forgotten" in r.stdout, r.stdout + r.stderr
         r = cli("--config", str(cfg), "fs", "mount-all", socket=eng.socket)
         assert r.returncode == 0, r.stdout + r.stderr
+        assert eng.status(str(src))["last_errno"] is None
         eng.drain(str(src))
         assert not (tgt / "d").exists()  # what the administrator accepted: the empty directory
     finally:

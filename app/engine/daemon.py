@@ -173,6 +173,7 @@ class Daemon:
         else:
             row.state = "not captured"
             row.last_error = self.sup.lost.get(("fs", e.path))
+            row.last_errno = self.sup.refused.get(("fs", e.path))
             self._switched(row)
         return row
 
@@ -189,6 +190,7 @@ class Daemon:
         else:
             row.state = "not captured"
             row.last_error = self.sup.lost.get(("block", e.device))
+            row.last_errno = self.sup.refused.get(("block", e.device))
             self._switched(row)
         return row
 

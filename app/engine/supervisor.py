@@ -529,6 +529,8 @@ class Supervisor:
         self.deaths: dict[tuple[str, str], list[float]] = {}
         self.lost: dict[tuple[str, str], str] = {}  # why a capture is not running (its worker
         # died, or the start of a worker failed: the newest of them)
+        self.refused: dict[tuple[str, str], int] = {}  # the errno of that failed start (e.g.
+        # EMEDIUMTYPE: not the device the entry was made for), while it is the newest
         self.died: dict[tuple[str, str], str] = {}  # its worker died (and none runs since)
         self.detached: list[Captured] = []  # lazily unmounted, still serving files open there
         self.waits: dict[tuple[str, str], tuple[str, float]] = {}  # what a stop waits for now:
@@ -608,6 +610,7 @@ class Supervisor:
         self.captures[(cap.kind, cap.key)] = cap
         self.lost.pop((cap.kind, cap.key), None)
         self.died.pop((cap.kind, cap.key), None)
+        self.refused.pop((cap.kind, cap.key), None)
         if self.nursery is not None:
             self.nursery.start_soon(self._watch, cap)
 
@@ -624,6 +627,7 @@ class Supervisor:
         self.deaths[(cap.kind, cap.key)] = deaths
         self.lost[(cap.kind, cap.key)] = self.died[(cap.kind, cap.key)] = \
             f"its worker (pid {cap.link.pid}) died"
+        self.refused.pop((cap.kind, cap.key), None)
         if self.on_death is not None and len(deaths) < RESPAWN_LIMIT:
             await self.on_death(cap)
         elif len(deaths) >= RESPAWN_LIMIT:
@@ -719,6 +723,10 @@ class Supervisor:
         died = self.died.get((kind, key))
         self.lost[(kind, key)] = f"{died}, and starting it again failed: {r.message}" if died \
             else r.message
+        if r.errno:
+            self.refused[(kind, key)] = r.errno
+        else:
+            self.refused.pop((kind, key), None)
         return r
 
     async def mount(self, entry: FsEntry) -> Result:

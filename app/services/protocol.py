@@ -215,6 +215,7 @@ class CaptureRow:
     apply_errors: int = 0
     superseded: int = 0  # catch-up records with no place at the target yet: the walk sent those whole
     last_error: str | None = None
+    last_errno: int | None = None  # not captured: the errno of its refused start (last_error)
     reconnects: int = 0
     attempts: int = 0  # failed connection attempts
     rtt: float | None = None
