@@ -147,7 +147,8 @@ def check_identity(state: str, kind: str, key: str, now: dict[str, str], *,
     the refusal says what to do then). The first capture records it (an entry of an older
     version, at its next capture)."""
     from app.engine.journal import write_small_file
-    from app.services.layout import IDENTITY_RECORD, command, identity_changes, identity_record
+    from app.services.layout import (IDENTITY_RECORD, command, identity_changes, identity_record,
+                                      identity_words_of)
     was = identity_record(state)
     if was is None:
         write_small_file(Path(state), IDENTITY_RECORD, json.dumps(now) + "\n")
@@ -157,20 +158,7 @@ def check_identity(state: str, kind: str, key: str, now: dict[str, str], *,
         if now.keys() - was.keys():  # a record of an older version: it takes what it lacked
             write_small_file(Path(state), IDENTITY_RECORD, json.dumps({**was, **now}) + "\n")
         return
-    if kind == "block":
-        what, why = "device", ("a device name can pass to another disk at a reboot, a loop "
-                               "number to another file")
-        fix = "give the name back to that device (or name it by /dev/disk/by-id), then Attach all"
-        right = "the disk was replaced, the file moved"
-    elif was.get("file system") == now.get("file system"):  # same type and place: the UUID
-        what, why = "file system", ("another file system of its type is mounted in its place, "
-                                    "e.g. a new disk formatted after the old one failed")
-        fix = "mount that file system there, then Mount all"
-        right = "the data was copied or restored onto it on purpose"
-    else:
-        what, why = "file system", "a file system that did not come up leaves its mount point empty"
-        fix = "mount that file system there, then Mount all"
-        right = "the data was moved there on purpose"
+    what, why, fix, right = identity_words_of(kind, was, now)
     accept = command(kind, "accept-device" if kind == "block" else "accept-filesystem", key)
     said = (f"{key} is not {'' if kind == 'block' else 'on '}the {what} this entry was made "
             f"for: {'; '.join(changed)} ({why}); ")

@@ -100,6 +100,29 @@ def identity_record(entry_dir: str) -> dict | None:
 IDENTITY_FS_UUID = "file system UUID"
 IDENTITY_LATER = (IDENTITY_FS_UUID,)
 
+# What an identity refusal says (capture.check_identity), and the TUI's Accept asks with, of
+# each kind of entry: what it names, why that can change, what to do when the change is wrong,
+# and when it is right.
+IDENTITY_WORDS = {
+    "block": ("device", "a device name can pass to another disk at a reboot, a loop number to "
+              "another file", "give the name back to that device (or name it by "
+              "/dev/disk/by-id), then Attach all", "the disk was replaced, the file moved"),
+    "fs": ("file system", "a file system that did not come up leaves its mount point empty",
+           "mount that file system there, then Mount all", "the data was moved there on purpose"),
+}
+# ... of a directory on a file system of its type at its place that is another one (its UUID)
+IDENTITY_WORDS_IN_ITS_PLACE = (
+    "file system", "another file system of its type is mounted in its place, e.g. a new disk "
+    "formatted after the old one failed", "mount that file system there, then Mount all",
+    "the data was copied or restored onto it on purpose")
+
+
+def identity_words_of(kind: str, was: dict, now: dict) -> tuple[str, str, str, str]:
+    """IDENTITY_WORDS for what changed between the record `was` and `now`."""
+    if kind == "fs" and was.get("file system") == now.get("file system"):
+        return IDENTITY_WORDS_IN_ITS_PLACE
+    return IDENTITY_WORDS[kind]
+
 
 def identity_changes(was: dict, now: dict) -> list[str]:
     """How `now` (what the entry's device or file system is) differs from the record `was`,
@@ -111,6 +134,12 @@ def identity_changes(was: dict, now: dict) -> list[str]:
                if now.get(name) != value and not (name in IDENTITY_LATER and name not in now)]
     return changed + [f"its {name} is now {value} (none before)" for name, value in now.items()
                       if name not in was and name not in IDENTITY_LATER]
+
+
+def identity_words(ident: dict) -> str:
+    """A device's or file system's identity (blockdevs.device_identity, mounts.tree_identity)
+    in one line."""
+    return "; ".join(f"{name} {value}" for name, value in ident.items()) or "nothing"
 
 
 def failback_marker(entry_dir: str) -> dict | None:

@@ -17,9 +17,10 @@ from app.services import blockdevs, blockplan, mounts
 from app.services import loop as loopdev
 from app.services.blockplan import View, same_device
 from app.services.config import BlockEntry, ConfigStore, is_local_target, match_block, match_fs
-from app.services.layout import (IDENTITY_RECORD, FSTYPE_BLOCK, FSTYPE_FS, capture_key, command,
-                                  default_state_dir, entry_state, failback_marker, identity_changes,
-                                  identity_record, mix_words, switched_marker, switched_refusal,
+from app.services.layout import (IDENTITY_RECORD, IDENTITY_WORDS, FSTYPE_BLOCK, FSTYPE_FS,
+                                  capture_key, command, default_state_dir, entry_state,
+                                  failback_marker, identity_changes, identity_record,
+                                  identity_words, mix_words, switched_marker, switched_refusal,
                                   with_failback, write_small_file)
 from app.services.results import MirrorError, Outcome, Refusal, Result
 from app.services.units import human_size
@@ -145,31 +146,49 @@ class Replication:
                 os.makedirs(entry_dir, mode=0o700, exist_ok=True)
                 write_small_file(entry_dir, IDENTITY_RECORD, json.dumps(now) + "\n")
 
-    def accept_identity(self, kind: str, key: str) -> Result:
-        """The entry's device (block) or file system (fs) is the right one although it is not
-        what its first capture saw (the disk was replaced, its file moved; the data moved to
-        another file system on purpose): the next capture records it and makes the replica
-        equal to it; a fail-back may write onto it. `key`: the entry's path or device."""
-        action = "accept-device" if kind == "block" else "accept-filesystem"
-        daemon = None
-        if self.control is not None and self.control.is_running():
-            daemon = self.control
+    def identity_change(self, kind: str, key: str) -> tuple[dict, dict] | None:
+        """(recorded, now) when the entry's device (block) or the file system its directory
+        lies on (fs) is not what its first capture recorded, which its capture refuses
+        (capture.check_identity); None when no other was recorded. `key`: the entry's path or
+        device. Raises MirrorError when what it is now cannot be read."""
+        _, was, now = self._identity(kind, key)
+        return None if was is None or not identity_changes(was, now) else (was, now)
+
+    def _identity(self, kind: str, key: str) -> tuple[str, dict | None, dict]:
+        """(the entry's state directory, what its first capture recorded, what it is now)."""
         try:
             now = _identity_now(kind, key)
         except OSError as exc:
-            return Result.from_error(action, key, MirrorError.from_oserror("open", key, exc))
-        what = "device" if kind == "block" else "file system"
-        entry_dir = entry_state(self._state_dir(daemon), kind, key)
-        was = identity_record(entry_dir)
+            raise MirrorError.from_oserror("open", key, exc) from None
+        entry_dir = entry_state(self._state_dir(self.control), kind, key)
+        return entry_dir, identity_record(entry_dir), now
+
+    def accept_identity(self, kind: str, key: str, *, expected: dict | None = None) -> Result:
+        """The entry's device (block) or file system (fs) is the right one although it is not
+        what its first capture saw (the disk was replaced, its file moved; the data moved to
+        another file system on purpose): the next capture records it and makes the replica
+        equal to it; a fail-back may write onto it. `key`: the entry's path or device.
+        `expected`: what the administrator was shown it is now (the TUI's question); refused
+        when it is something else by then."""
+        action = "accept-device" if kind == "block" else "accept-filesystem"
+        try:
+            entry_dir, was, now = self._identity(kind, key)
+        except MirrorError as exc:
+            return Result.from_error(action, key, exc)
+        what = IDENTITY_WORDS[kind][0]
         if was is None or not identity_changes(was, now):
             return Result(action, key, Outcome.UNCHANGED,
                           f"{key}: no other {what} was recorded for it; nothing to accept")
+        if expected is not None and now != expected:
+            return Result(action, key, Outcome.FAILED, f"{key}: its {what} changed since it was "
+                          f"shown: it is now {identity_words(now)}, not "
+                          f"{identity_words(expected)}; nothing was accepted: look at it again",
+                          errno.EAGAIN, REFUSED)
         with contextlib.suppress(FileNotFoundError):
             os.unlink(os.path.join(entry_dir, IDENTITY_RECORD))
-        said = "; ".join(f"{k} {v}" for k, v in was.items()) or "nothing"
         return Result(action, key, Outcome.OK,
-                      f"{key}: the {what} recorded for it ({said}) is forgotten; its next "
-                      "capture takes it as it is now and makes its replica equal to it")
+                      f"{key}: the {what} recorded for it ({identity_words(was)}) is forgotten; "
+                      "its next capture takes it as it is now and makes its replica equal to it")
 
     def _handed_over(self, kind: str, key: str, daemon, keep_replica_primary: bool = False
                      ) -> tuple[Result | None, list[Result]]:
