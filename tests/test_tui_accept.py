@@ -9,11 +9,20 @@ import errno
 import json
 from pathlib import Path
 
+import pytest
+from test_engine_support import engine_maker, mirrorfs_mounts
+from test_tui_support import (  # noqa: F401 (fixtures)
+    cell, pilot_test, settle, static_text, store, tui, wait_until)
+from textual.widgets import DataTable
+
+from app.screens.accept import AcceptDialog
+from app.screens.dashboard import DashboardScreen
+from app.screens.dialogs import ResultsDialog
+from app.screens.filesystem import FilesystemScreen
 from app.services import mounts
 from app.services.control import ControlClient
 from app.services.layout import IDENTITY_RECORD, entry_state, private_dir
 from app.services.replication import Replication
-from test_tui_support import store  # noqa: F401 (fixture)
 
 
 def record_another_file_system(state_dir: str, src: str) -> Path:
@@ -24,6 +33,80 @@ def record_another_file_system(state_dir: str, src: str) -> Path:
     record = Path(entry_dir) / IDENTITY_RECORD
     record.write_text(json.dumps({"file system": f"tmpfs mounted on {src}"}) + "\n")
     return record
+
+
+@pytest.fixture
+def refused_fs(tmp_path):
+    """(engine, src, record): a real daemon whose one entry's capture was refused at its start
+    (EMEDIUMTYPE): its state directory records another file system than its directory is on."""
+    with engine_maker(tmp_path) as make:
+        eng, src, _ = make(seed=lambda s: (s / "a").write_text("alpha"), start=False)
+        record = record_another_file_system(eng.state, src)
+        eng.start()
+        yield eng, src, record
+
+
+def offered(app) -> bool:
+    """n (Accept) is in the footer: the screen's active bindings."""
+    return "n" in app.screen.active_bindings
+
+
+async def ask(pilot, what: str) -> AcceptDialog:
+    await pilot.press("n")
+    await wait_until(pilot, lambda: type(pilot.app.screen) is AcceptDialog, what)
+    return pilot.app.screen
+
+
+@pytest.mark.root
+@pilot_test
+async def test_a_refused_directory_is_accepted_from_its_row_and_cancel_changes_nothing(
+        tui, refused_fs):
+    eng, src, record = refused_fs
+    before = record.read_bytes()
+    now = mounts.tree_identity(src)["file system"]
+    app = tui(control_socket=eng.socket, is_root=True)
+    async with app.run_test(size=(80, 24)) as pilot:
+        await pilot.press("1")
+        await wait_until(pilot, lambda: offered(app), "n on the refused entry's row")
+        rows = app.screen.query_one("#fs-entries", DataTable)
+        assert cell(rows, src, "state") == "not mounted (other FS)"
+        dialog = await ask(pilot, "the question")
+        question = static_text(dialog.query_one("#question"))
+        assert f"recorded: file system tmpfs mounted on {src}" in question, question
+        assert f"now:      file system {now}" in question, question
+        assert "Mount all" in question and "deleted from it" in question, question
+        assert dialog.focused.id == "no"  # Cancel is the default
+        await pilot.press("enter")
+        await settle(pilot)
+        assert type(app.screen) is FilesystemScreen
+        assert record.read_bytes() == before and offered(app)
+
+        await pilot.press("escape", "4")  # the dashboard offers it on the entry's row too
+        await wait_until(pilot, lambda: type(app.screen) is DashboardScreen and offered(app),
+                         "n on the dashboard")
+        dialog = await ask(pilot, "the dashboard's question")
+        await pilot.press("escape")
+        await settle(pilot)
+        assert record.read_bytes() == before
+
+        await pilot.press("escape", "1")
+        await wait_until(pilot, lambda: offered(app), "n on the File systems screen again")
+        await ask(pilot, "the question again")
+        await pilot.press("y")
+        await wait_until(pilot, lambda: type(app.screen) is ResultsDialog, "the result")
+        [result] = app.screen.results
+        assert result.outcome.value == "ok" and "is forgotten" in result.message, result
+        notes = static_text(app.screen.query_one("#results-notes"))
+        assert "Mount all (m on the File systems screen" in notes, notes
+        assert not record.exists()
+        await pilot.press("enter")
+        await pilot.press("m")  # the next step it said
+        await wait_until(pilot, lambda: type(app.screen) is ResultsDialog, "mount all")
+        assert [r.outcome.value for r in app.screen.results] == ["ok"], app.screen.results
+        assert src in mirrorfs_mounts()
+        await pilot.press("enter")
+        await wait_until(pilot, lambda: not offered(app), "n gone: the entry is captured")
+    assert json.loads(record.read_text()) == {"file system": now}  # what the capture took
 
 
 def test_an_accept_is_refused_when_the_file_system_changed_since_it_was_shown(tmp_path, store):

@@ -155,6 +155,37 @@ def fake_status() -> StatusSnapshot:
         engine={"pid": 4242, "filesystem": [ENGINE_SRV.to_json()], "block": [ENGINE_SDB1.to_json()]})
 
 
+WWW = FsEntry("/srv/www", False, "backup1:www")
+# What two entries' first captures recorded, and what they are now: their captures are refused
+IDENTITY_CHANGES = {
+    ("fs", "/srv/www"): ({"file system": "ext4 mounted on /srv/www"},
+                         {"file system": "ext4 mounted on /"}),
+    ("block", "/dev/sdg"): ({"WWID": "naa.5000c500a1b2c3d4"}, {"WWID": "naa.5000c500e5f60718"}),
+}
+
+
+def refused_row(kind: str, key: str) -> CaptureRow:
+    (was,), (now,) = (d.values() for d in IDENTITY_CHANGES[(kind, key)])
+    what = "the device" if kind == "block" else "on the file system"
+    return CaptureRow(kind, key, state="not captured", last_errno=errno.EMEDIUMTYPE,
+                      last_error=f"{key} is not {what} this entry was made for: its "
+                      f"{next(iter(IDENTITY_CHANGES[(kind, key)][0]))} was {was}, it is now "
+                      f"{now}; nothing was captured or written")
+
+
+def refused_status() -> StatusSnapshot:
+    """fake_status(), with a directory and /dev/sdg first in their tables, whose captures were
+    refused: each is not on what its first capture recorded (IDENTITY_CHANGES)."""
+    snap = fake_status()
+    www, sdg = refused_row("fs", WWW.path), refused_row("block", SDG.device)
+    snap.filesystem.insert(0, FsState(WWW, "not mounted", None, www))
+    snap.block = [BlockState(SDG, "detached", raw_mounts=("/mnt/scratch",), engine=sdg),
+                  *snap.block[:-1]]
+    snap.warnings[:0] = [StatusWarning(r.key, f"not captured: {r.last_error}", "error")
+                         for r in (www, sdg)]
+    return snap
+
+
 class SnapshotReplication:
     """Answers like Replication does for the fake host above; changes nothing, opens nothing."""
 
@@ -212,6 +243,9 @@ class SnapshotReplication:
 
     def daemon(self):
         return None
+
+    def identity_change(self, kind: str, key: str):
+        return IDENTITY_CHANGES.get((kind, key))
 
 
 def fake_check(entry: BlockEntry) -> BlockCheck:
@@ -308,6 +342,20 @@ def snapshot_app(services, is_root: bool = True):
 def test_screen(snap_compare, snap_services, screen, size):
     assert snap_compare(snapshot_app(snap_services), terminal_size=SIZES[size],
                         run_before=SCREENS[screen])
+
+
+ACCEPT_SCREENS = {"filesystem_refused": keys("1"), "filesystem_accept_confirm": keys("1", "n"),
+                  "block_accept_confirm": keys("2", "n")}
+
+
+@pytest.mark.parametrize("size", SIZES)
+@pytest.mark.parametrize("screen", ACCEPT_SCREENS)
+def test_accept(snap_compare, snap_services, screen, size):
+    """A directory and a device whose captures were refused (not what their first capture
+    recorded): n on the row, and its question."""
+    snap_services._status = refused_status
+    assert snap_compare(snapshot_app(snap_services), terminal_size=SIZES[size],
+                        run_before=ACCEPT_SCREENS[screen])
 
 
 @pytest.mark.parametrize("size", SIZES)

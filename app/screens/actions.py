@@ -70,6 +70,10 @@ ACTIONS: tuple[Action, ...] = (
            "make the selected directory's target equal to it (what differs is copied)"),
     Action("filesystem", "verify", "v", "Verify", "Verify file system entry",
            "compare the selected directory with its target, list every difference"),
+    Action("filesystem", "accept", "n", "Accept FS", "Accept a directory's new file system",
+           "the selected directory's capture was refused: it is not on the file system its first "
+           "capture recorded; take that as it is now (shown first; its replica is then made "
+           "equal to it)"),
     Action("filesystem", "details", "i", "Details", "File system entry details",
            "everything about the selected directory (Enter too)", footer=False, palette=False),
 
@@ -87,6 +91,10 @@ ACTIONS: tuple[Action, ...] = (
            "compare the selected entry with its target, list the ranges that differ"),
     Action("block", "toggle_excluded", "x", "Swap", "Show excluded block devices",
            "show or hide swap and LVM physical volumes in the picker"),
+    Action("block", "accept", "n", "Accept dev", "Accept a block entry's new device",
+           "the selected entry's capture was refused: its device is not the one its first "
+           "capture recorded; take it as it is now (shown first; its replica is then made "
+           "equal to it)"),
     Action("block", "details", "i", "Details", "Block entry details",
            "everything about the selected entry (Enter in the lower table too)", footer=False,
            palette=False),
@@ -100,6 +108,9 @@ ACTIONS: tuple[Action, ...] = (
            "the daemon's figures per entry and the I/O rates"),
     Action("dashboard", "warnings", "w", "Warnings", "Dashboard warnings",
            "every warning in full"),
+    Action("dashboard", "accept", "n", "Accept", "Accept an entry's new device or file system",
+           "the selected entry's capture was refused: it is not on the device or file system "
+           "its first capture recorded; take that as it is now (shown first)"),
     Action("dashboard", "details", "i", "Details", "Dashboard entry details",
            "everything about the selected entry (Enter too)", footer=False, palette=False),
 

@@ -378,10 +378,11 @@ class TaskScreen(Screen):
     def _fit_footer(self, width: int) -> None:
         """The screen's own keys before "^p palette": where they need the room (the Targets
         screen at 80 columns) the palette's hint goes; ctrl+p, the header's icon and Help
-        still say it."""
+        still say it. A key its screen hides (check_action) takes none."""
         from textual.widgets import Footer
         keys = sum(cell_len(actions.key_of(self.NAME, a.name)) + cell_len(a.label) + 2
-                   for a in actions.actions(self.NAME) if a.footer)
+                   for a in actions.actions(self.NAME)
+                   if a.footer and self.check_action(a.name, ()) is not False)
         fits = keys + PALETTE_KEY_WIDTH <= width
         for footer in self.query(Footer):
             if footer.show_command_palette != fits:

@@ -16,6 +16,7 @@ from textual.message import Message
 from textual.widgets import Button, DataTable, Footer, Header, Label, ProgressBar, Static, Switch
 
 from app.screens import actions
+from app.screens.accept import AcceptsIdentity, state_label
 from app.screens.banner import RootBanner
 from app.screens.base import (Col, ForceOffer, KeyedTable, TaskScreen, capture_text, counted,
                               elide, handed_over_removal, listed, natural_key, selected_key,
@@ -68,7 +69,8 @@ def device_row(dev, note: str | None = None) -> tuple:
 def entry_row(state) -> tuple:
     e = state.entry
     return (elide(e.device, 28), state.loop or "—", capture_text(state.capture),
-            state_text(state.state, state.problem), elide(e.target) if e.target else "—",
+            state_text(state_label("block", state), state.problem),
+            elide(e.target) if e.target else "—",
             e.loop or "first free", human_size(e.offset) if e.offset else "0",
             human_size(e.sizelimit) if e.sizelimit else "whole", "yes" if e.read_only else "")
 
@@ -119,7 +121,7 @@ def range_lines(ranges) -> list[str]:
     return lines
 
 
-class BlockScreen(TaskScreen):
+class BlockScreen(AcceptsIdentity, TaskScreen):
     NAME = "block"
     CSS_PATH = ["task.tcss", "block.tcss"]
     busy_target = "#block-entries"
@@ -198,6 +200,7 @@ class BlockScreen(TaskScreen):
         empty = self.query_one("#block-empty", Static)
         empty.update("No block devices are replicated yet: pick one above.")
         empty.display = not self._snap.block
+        self.refresh_accept()
 
     def _show_devices(self) -> None:
         show_all = self.query_one("#show-excluded", Switch).value
@@ -359,6 +362,10 @@ class BlockScreen(TaskScreen):
         if device is None or self._snap is None:
             return None
         return self._snap.block_state(device)
+
+    def accept_subject(self):
+        state = self._selected_state()
+        return None if state is None else ("block", state)
 
     def action_mirror(self) -> None:
         self._start_sync("mirror")

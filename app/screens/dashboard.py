@@ -20,6 +20,7 @@ from textual.containers import Horizontal, Vertical, VerticalScroll
 from textual.message import Message
 from textual.widgets import DataTable, Footer, Header, Label, RichLog, Sparkline, Static
 
+from app.screens.accept import AcceptsIdentity, state_label
 from app.screens.banner import RootBanner
 from app.screens.base import (Col, KeyedTable, TaskScreen, capture_text, elide,
                               selected_key, state_text)
@@ -156,7 +157,7 @@ class DeviceRate(Vertical):
                 f"write {human_size(int(self.writes[-1]))}/s")
 
 
-class DashboardScreen(TaskScreen):
+class DashboardScreen(AcceptsIdentity, TaskScreen):
     NAME = "dashboard"
     CSS_PATH = ["task.tcss", "dashboard.tcss"]
     HORIZONTAL_BREAKPOINTS = [(0, "-narrow"), (100, "-wide")]  # the layout at 80 columns
@@ -313,8 +314,7 @@ class DashboardScreen(TaskScreen):
         self._log_transitions(snap)
         self.query_one("#dash-fs", KeyedTable).show_rows({
             s.entry.path: (elide(s.entry.path, 30),
-                           state_text(s.state + (f" ({s.other_fstype} here)" if s.other_fstype
-                                                 else ""), s.problem),
+                           state_text(state_label("fs", s), s.problem),
                            engine_cell(s.figures)) for s in snap.filesystem})
         rows = {}
         for s in snap.block:
@@ -322,7 +322,8 @@ class DashboardScreen(TaskScreen):
             # The entry's offset: a captured loop sits at 0 of the capture file, which starts
             # at the entry's offset on the device (a plain loop has the entry's offset itself).
             rows[s.entry.device] = (elide(s.entry.device, 24), lp.device if lp else "—",
-                                    state_text(s.state, s.problem), capture_text(s.capture),
+                                    state_text(state_label("block", s), s.problem),
+                                    capture_text(s.capture),
                                     engine_cell(s.figures),
                                     ", ".join(shown(m) for m in s.loop_mounts) or "—",
                                     human_size(s.entry.offset) if s.entry.offset else "0",
@@ -335,6 +336,7 @@ class DashboardScreen(TaskScreen):
         self.query_one("#engine-line", Static).update(engine_line(snap))
         self._show_rate_devices(devices)
         self.query_one("#rates-empty", Static).display = not devices
+        self.refresh_accept()
 
     def _log_transitions(self, snap) -> None:
         """Log each entry whose state changed since the last read (not on the first read)."""
@@ -374,17 +376,28 @@ class DashboardScreen(TaskScreen):
                     if self.services.samples_rates else "rates are not sampled in this session")
         self.app.push_screen(DetailsDialog("Engine and I/O rates", text))
 
+    def _selected(self) -> tuple[bool, str | None]:
+        """(a block entry?, its key) of the row selected in the focused table (the file-system
+        table's when neither is focused)."""
+        focused = self.focused
+        table = focused if isinstance(focused, KeyedTable) else self.query_one("#dash-fs",
+                                                                               KeyedTable)
+        return table.id == "dash-block", selected_key(table)
+
+    def accept_subject(self):
+        if self._snap is None:
+            return None
+        block, key = self._selected()
+        state = self._snap.block_state(key) if block else self._snap.fs_state(key)
+        return None if state is None else ("block" if block else "fs", state)
+
     @on(DataTable.RowSelected)
     def action_details(self) -> None:
         from app.screens.block import entry_details
         from app.screens.filesystem import fs_details
         if self._snap is None:
             return
-        focused = self.focused
-        table = focused if isinstance(focused, KeyedTable) else self.query_one("#dash-fs",
-                                                                               KeyedTable)
-        key = selected_key(table)
-        block = table.id == "dash-block"
+        block, key = self._selected()
 
         def follow():
             state = self._snap.block_state(key) if block else self._snap.fs_state(key)

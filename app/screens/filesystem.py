@@ -9,6 +9,7 @@ from textual.containers import Horizontal
 from textual.widgets import Button, DataTable, Footer, Header, Static
 
 from app.screens import actions
+from app.screens.accept import AcceptsIdentity, state_label
 from app.screens.banner import RootBanner
 from app.screens.base import (Col, ForceOffer, KeyedTable, TaskScreen, counted, elide,
                               handed_over_removal, listed, selected_key, state_text)
@@ -31,10 +32,7 @@ MAX_DIFFERENCES_SHOWN = 100
 
 def fs_row(state) -> tuple:
     entry = state.entry
-    label = state.state
-    if state.other_fstype:
-        label += f" ({state.other_fstype} here)"
-    return (shown(entry.path), state_text(label, state.problem),
+    return (shown(entry.path), state_text(state_label("fs", state), state.problem),
             elide(entry.target, 32) if entry.target else "—",
             "replicated" if entry.replicate_atime else "off")
 
@@ -58,7 +56,7 @@ def difference_lines(diffs: list[dict]) -> list[str]:
     return lines
 
 
-class FilesystemScreen(TaskScreen):
+class FilesystemScreen(AcceptsIdentity, TaskScreen):
     NAME = "filesystem"
     CSS_PATH = ["task.tcss", "filesystem.tcss"]
     busy_target = "#fs-entries"
@@ -106,6 +104,7 @@ class FilesystemScreen(TaskScreen):
         empty = self.query_one("#fs-empty", Static)
         empty.update("No directories are replicated yet: press a to add one.")
         empty.display = not snap.filesystem
+        self.refresh_accept()
 
     @on(Button.Pressed)
     def _button(self, event: Button.Pressed) -> None:
@@ -120,6 +119,11 @@ class FilesystemScreen(TaskScreen):
         if result is not None:
             self.notify(shown(result.message), title="Added", markup=False)
             self.reload()
+
+    def accept_subject(self):
+        state = self._snap and self._snap.fs_state(selected_key(self.query_one("#fs-entries",
+                                                                               DataTable)))
+        return None if state is None else ("fs", state)
 
     def _selected_state(self):
         path = selected_key(self.query_one("#fs-entries", DataTable))
