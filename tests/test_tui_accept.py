@@ -10,16 +10,17 @@ import json
 from pathlib import Path
 
 import pytest
-from test_engine_support import engine_maker, mirrorfs_mounts
+from test_engine_support import Engine, engine_maker, mirrorfs_mounts, write_config
 from test_tui_support import (  # noqa: F401 (fixtures)
     cell, pilot_test, settle, static_text, store, tui, wait_until)
 from textual.widgets import DataTable
 
 from app.screens.accept import AcceptDialog
+from app.screens.block import BlockScreen
 from app.screens.dashboard import DashboardScreen
 from app.screens.dialogs import ResultsDialog
 from app.screens.filesystem import FilesystemScreen
-from app.services import mounts
+from app.services import blockdevs, mounts
 from app.services.control import ControlClient
 from app.services.layout import IDENTITY_RECORD, entry_state, private_dir
 from app.services.replication import Replication
@@ -107,6 +108,66 @@ async def test_a_refused_directory_is_accepted_from_its_row_and_cancel_changes_n
         await pilot.press("enter")
         await wait_until(pilot, lambda: not offered(app), "n gone: the entry is captured")
     assert json.loads(record.read_text()) == {"file system": now}  # what the capture took
+
+
+@pytest.fixture
+def refused_block(tmp_path, disks):
+    """(engine, disk, record): a real daemon whose block entry's capture was refused at its
+    start (EMEDIUMTYPE): its state directory records another loop file than the disk's."""
+    disk = disks(16 << 20)
+    cfg = write_config(tmp_path / "etc" / "replication.toml", [],
+                       [{"device": disk, "target": str(tmp_path / "target.img")}])
+    eng = Engine(tmp_path, cfg)
+    entry_dir = entry_state(eng.state, "block", disk)
+    private_dir(entry_dir, "entry state directory")
+    record = Path(entry_dir) / IDENTITY_RECORD
+    record.write_text(json.dumps({"loop file": f"{tmp_path}/gone.img (inode 12)",
+                                  "loop offset": "0"}) + "\n")
+    try:
+        eng.start()
+        yield eng, disk, record
+    finally:
+        eng.cleanup()
+
+
+@pytest.mark.root
+@pilot_test
+async def test_a_refused_device_is_accepted_by_mouse_on_the_block_screen(
+        tui, refused_block, tmp_path):
+    eng, disk, record = refused_block
+    before = record.read_bytes()
+    app = tui(devices=[disk], control_socket=eng.socket, is_root=True)
+    async with app.run_test(size=(80, 24)) as pilot:
+        await pilot.press("2")
+        await wait_until(pilot, lambda: type(app.screen) is BlockScreen and offered(app),
+                         "n on the refused entry's row")
+        rows = app.screen.query_one("#block-entries", DataTable)
+        assert cell(rows, disk, "state") == "detached (other device)"
+        dialog = await ask(pilot, "the question")
+        question = static_text(dialog.query_one("#question"))
+        assert f"recorded: loop file {tmp_path}/gone.img (inode 12); loop offset 0" in question
+        assert "now:      loop file " in question and "Attach all" in question, question
+        await pilot.click("#no")
+        await settle(pilot)
+        assert type(app.screen) is BlockScreen and record.read_bytes() == before
+
+        await ask(pilot, "the question again")
+        await pilot.click("#yes")
+        await wait_until(pilot, lambda: type(app.screen) is ResultsDialog, "the result")
+        [result] = app.screen.results
+        assert result.outcome.value == "ok" and "is forgotten" in result.message, result
+        notes = static_text(app.screen.query_one("#results-notes"))
+        assert "Attach all (t on the Block devices screen" in notes, notes
+        assert not record.exists()
+        await pilot.press("enter")
+        await pilot.press("t")  # the next step it said
+        await wait_until(pilot, lambda: type(app.screen) is ResultsDialog, "attach all")
+        assert [r.outcome.value for r in app.screen.results] == ["ok"], app.screen.results
+        await pilot.press("enter")
+        await wait_until(pilot, lambda: cell(rows, disk, "capture") == "captured", "captured")
+        assert not offered(app)
+    with open(disk, "rb") as f:
+        assert json.loads(record.read_text()) == blockdevs.device_identity(f.fileno())
 
 
 def test_an_accept_is_refused_when_the_file_system_changed_since_it_was_shown(tmp_path, store):
