@@ -71,6 +71,13 @@ async def test_a_refused_directory_is_accepted_from_its_row_and_cancel_changes_n
         await wait_until(pilot, lambda: offered(app), "n on the refused entry's row")
         rows = app.screen.query_one("#fs-entries", DataTable)
         assert cell(rows, src, "state") == "not mounted (other FS)"
+        await pilot.press("m")  # refused again: its result names the key, not the CLI's command
+        await wait_until(pilot, lambda: type(app.screen) is ResultsDialog, "mount all")
+        [result] = app.screen.results
+        assert result.failed and result.errno == errno.EMEDIUMTYPE, result
+        said = static_text(app.screen.query_one(".result"))
+        assert "Accept (n on its row) takes it" in said and "accept-filesystem" not in said, said
+        await pilot.press("enter")
         dialog = await ask(pilot, "the question")
         question = static_text(dialog.query_one("#question"))
         assert f"recorded: file system tmpfs mounted on {src}" in question, question
@@ -85,6 +92,8 @@ async def test_a_refused_directory_is_accepted_from_its_row_and_cancel_changes_n
         await pilot.press("escape", "4")  # the dashboard offers it on the entry's row too
         await wait_until(pilot, lambda: type(app.screen) is DashboardScreen and offered(app),
                          "n on the dashboard")
+        warnings = static_text(app.screen.query_one("#warnings"))
+        assert "Accept (n on its row) takes it" in warnings, warnings
         dialog = await ask(pilot, "the dashboard's question")
         await pilot.press("escape")
         await settle(pilot)

@@ -24,7 +24,7 @@ from app.screens.accept import AcceptsIdentity, state_label
 from app.screens.banner import RootBanner
 from app.screens.base import (Col, KeyedTable, TaskScreen, capture_text, elide,
                               selected_key, state_text)
-from app.screens.dialogs import DetailsDialog
+from app.screens.dialogs import DetailsDialog, accept_hint
 from app.screens.manual import loop_flags
 from app.services.events import BlockUevents, Interest, MountsChanged
 from app.services.status import replication_text
@@ -119,7 +119,7 @@ def warnings_text(warnings, limit: int | None = None) -> Text:
         style = "bold red" if w.level == "error" else "yellow"
         text.append("✘ " if w.level == "error" else "! ", style=style)
         text.append(f"{shown(w.subject)}: ", style="bold")
-        text.append(shown(w.message) + "\n")
+        text.append(shown(accept_hint(w.message)) + "\n")
     if limit is not None and len(warnings) > limit:
         text.append(f"… {len(warnings) - limit} more: w shows all", style="dim")
     text.rstrip()

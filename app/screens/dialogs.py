@@ -9,6 +9,7 @@ shows the service's message and leaves the file untouched.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Sequence
 
 from rich.text import Text
@@ -20,6 +21,7 @@ from textual.message import Message
 from textual.screen import ModalScreen
 from textual.widgets import Button, DirectoryTree, Input, Label, Static, Switch
 
+from app.screens import actions
 from app.screens.base import OUTCOME_STYLE, check_text
 from app.services.config import BlockEntry, FsEntry
 from app.services.entries import window_fields
@@ -52,10 +54,20 @@ def labelled(*fields: tuple[str, Input], then=(), classes: str = "field") -> Hor
     return Horizontal(*children, *then, classes=classes)
 
 
+# An identity refusal (capture.check_identity) names the CLI's accept; the TUI's is a key on
+# the entry's row (app/screens/accept.py), on the screens that show its results and warnings
+ACCEPT_COMMAND = re.compile(r"`mirrorsetup (?:fs accept-filesystem|block accept-device) [^`]*`")
+
+
+def accept_hint(message: str) -> str:
+    return ACCEPT_COMMAND.sub(f"Accept ({actions.key_of('filesystem', 'accept')} on its row)",
+                              message)
+
+
 def tui_words(message: str) -> str:
     for cli, tui in CLI_HINTS:
         message = message.replace(cli, tui)
-    return shown(message)
+    return shown(accept_hint(message))
 
 
 class ConfirmDialog(ModalScreen[bool]):
