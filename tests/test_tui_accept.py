@@ -26,14 +26,20 @@ from app.services.layout import IDENTITY_RECORD, entry_state, private_dir
 from app.services.replication import Replication
 
 
-def record_another_file_system(state_dir: str, src: str) -> Path:
-    """What a first capture would have recorded had `src` been a tmpfs of its own (that did
-    not come up since): the entry's identity record, as capture.check_identity writes it."""
-    entry_dir = entry_state(state_dir, "fs", src)
+def record_identity(state_dir: str, kind: str, key: str, ident: dict) -> Path:
+    """An entry's identity record, as capture.check_identity writes it at its first capture:
+    here one of another file system or device than the entry's."""
+    entry_dir = entry_state(state_dir, kind, key)
     private_dir(entry_dir, "entry state directory")
     record = Path(entry_dir) / IDENTITY_RECORD
-    record.write_text(json.dumps({"file system": f"tmpfs mounted on {src}"}) + "\n")
+    record.write_text(json.dumps(ident) + "\n")
     return record
+
+
+def record_another_file_system(state_dir: str, src: str) -> Path:
+    """What a first capture would have recorded had `src` been a tmpfs of its own (that did
+    not come up since)."""
+    return record_identity(state_dir, "fs", src, {"file system": f"tmpfs mounted on {src}"})
 
 
 @pytest.fixture
@@ -56,6 +62,24 @@ async def ask(pilot, what: str) -> AcceptDialog:
     await pilot.press("n")
     await wait_until(pilot, lambda: type(pilot.app.screen) is AcceptDialog, what)
     return pilot.app.screen
+
+
+async def accept_then_capture(pilot, record: Path, accept, key: str, next_step: str) -> None:
+    """Accept (`accept()`: a key or a click) in the question: its result, which says the next
+    step, the record forgotten; then that step (`key`: Mount all, Attach all), which is done."""
+    app = pilot.app
+    await accept()
+    await wait_until(pilot, lambda: type(app.screen) is ResultsDialog, "the result")
+    [result] = app.screen.results
+    assert result.outcome.value == "ok" and "is forgotten" in result.message, result
+    notes = static_text(app.screen.query_one("#results-notes"))
+    assert next_step in notes, notes
+    assert not record.exists()
+    await pilot.press("enter")
+    await pilot.press(key)
+    await wait_until(pilot, lambda: type(app.screen) is ResultsDialog, next_step)
+    assert [r.outcome.value for r in app.screen.results] == ["ok"], app.screen.results
+    await pilot.press("enter")
 
 
 @pytest.mark.root
@@ -94,7 +118,7 @@ async def test_a_refused_directory_is_accepted_from_its_row_and_cancel_changes_n
                          "n on the dashboard")
         warnings = static_text(app.screen.query_one("#warnings"))
         assert "Accept (n on its row) takes it" in warnings, warnings
-        dialog = await ask(pilot, "the dashboard's question")
+        await ask(pilot, "the dashboard's question")
         await pilot.press("escape")
         await settle(pilot)
         assert record.read_bytes() == before
@@ -102,19 +126,9 @@ async def test_a_refused_directory_is_accepted_from_its_row_and_cancel_changes_n
         await pilot.press("escape", "1")
         await wait_until(pilot, lambda: offered(app), "n on the File systems screen again")
         await ask(pilot, "the question again")
-        await pilot.press("y")
-        await wait_until(pilot, lambda: type(app.screen) is ResultsDialog, "the result")
-        [result] = app.screen.results
-        assert result.outcome.value == "ok" and "is forgotten" in result.message, result
-        notes = static_text(app.screen.query_one("#results-notes"))
-        assert "Mount all (m on the File systems screen" in notes, notes
-        assert not record.exists()
-        await pilot.press("enter")
-        await pilot.press("m")  # the next step it said
-        await wait_until(pilot, lambda: type(app.screen) is ResultsDialog, "mount all")
-        assert [r.outcome.value for r in app.screen.results] == ["ok"], app.screen.results
+        await accept_then_capture(pilot, record, lambda: pilot.press("y"), "m",
+                                  "Mount all (m on the File systems screen")
         assert src in mirrorfs_mounts()
-        await pilot.press("enter")
         await wait_until(pilot, lambda: not offered(app), "n gone: the entry is captured")
     assert json.loads(record.read_text()) == {"file system": now}  # what the capture took
 
@@ -127,11 +141,8 @@ def refused_block(tmp_path, disks):
     cfg = write_config(tmp_path / "etc" / "replication.toml", [],
                        [{"device": disk, "target": str(tmp_path / "target.img")}])
     eng = Engine(tmp_path, cfg)
-    entry_dir = entry_state(eng.state, "block", disk)
-    private_dir(entry_dir, "entry state directory")
-    record = Path(entry_dir) / IDENTITY_RECORD
-    record.write_text(json.dumps({"loop file": f"{tmp_path}/gone.img (inode 12)",
-                                  "loop offset": "0"}) + "\n")
+    record = record_identity(eng.state, "block", disk, {
+        "loop file": f"{tmp_path}/gone.img (inode 12)", "loop offset": "0"})
     try:
         eng.start()
         yield eng, disk, record
@@ -161,18 +172,8 @@ async def test_a_refused_device_is_accepted_by_mouse_on_the_block_screen(
         assert type(app.screen) is BlockScreen and record.read_bytes() == before
 
         await ask(pilot, "the question again")
-        await pilot.click("#yes")
-        await wait_until(pilot, lambda: type(app.screen) is ResultsDialog, "the result")
-        [result] = app.screen.results
-        assert result.outcome.value == "ok" and "is forgotten" in result.message, result
-        notes = static_text(app.screen.query_one("#results-notes"))
-        assert "Attach all (t on the Block devices screen" in notes, notes
-        assert not record.exists()
-        await pilot.press("enter")
-        await pilot.press("t")  # the next step it said
-        await wait_until(pilot, lambda: type(app.screen) is ResultsDialog, "attach all")
-        assert [r.outcome.value for r in app.screen.results] == ["ok"], app.screen.results
-        await pilot.press("enter")
+        await accept_then_capture(pilot, record, lambda: pilot.click("#yes"), "t",
+                                  "Attach all (t on the Block devices screen")
         await wait_until(pilot, lambda: cell(rows, disk, "capture") == "captured", "captured")
         assert not offered(app)
     with open(disk, "rb") as f:
@@ -189,7 +190,8 @@ def test_an_accept_is_refused_when_the_file_system_changed_since_it_was_shown(tm
     before = record.read_bytes()
     rep = Replication(store, ControlClient(str(tmp_path / "no.sock")), str(tmp_path / "state"))
     was, now = rep.identity_change("fs", str(src))
-    assert was == {"file system": f"tmpfs mounted on {src}"} and now == mounts.tree_identity(str(src))
+    assert was == {"file system": f"tmpfs mounted on {src}"}
+    assert now == mounts.tree_identity(str(src))
     shown = {"file system": "xfs mounted on /elsewhere"}
     r = rep.accept_identity("fs", str(src), expected=shown)
     assert r.failed and r.refused and r.errno == errno.EAGAIN, r

@@ -47,7 +47,8 @@ def state_label(kind: str, state) -> str:
 def next_capture(kind: str) -> str:
     """Mount all / Attach all, with its key and where it is."""
     label, screen, name, where, menu = CAPTURE_ON[kind]
-    return f"{label} ({actions.key_of(screen, name)} on the {where} screen, {menu} in the main menu)"
+    return (f"{label} ({actions.key_of(screen, name)} on the {where} screen, {menu} in the "
+            "main menu)")
 
 
 def accept_question(kind: str, key: str, target: str | None, was: dict, now: dict) -> str:
