@@ -194,6 +194,9 @@ def test_a_directory_whose_file_system_did_not_come_up_is_not_captured_nor_its_r
         assert len(os.listdir(tgt / "d")) == 20  # not one name removed
         r = cli("--config", str(cfg), "fs", "accept-filesystem", str(src), socket=eng.socket)
         assert r.returncode == 0 and "is forgotten" in r.stdout, r.stdout + r.stderr
+        row = eng.status(str(src))  # not the refusal any more, nor its errno: what captures it
+        assert row["last_errno"] is None and "accepted since, and Mount all captures it" in \
+            row["last_error"], row
         r = cli("--config", str(cfg), "fs", "mount-all", socket=eng.socket)
         assert r.returncode == 0, r.stdout + r.stderr
         assert eng.status(str(src))["last_errno"] is None

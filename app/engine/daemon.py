@@ -172,8 +172,7 @@ class Daemon:
             row.state = lazy_state(old.holders)
         else:
             row.state = "not captured"
-            row.last_error = self.sup.lost.get(("fs", e.path))
-            row.last_errno = self.sup.refused.get(("fs", e.path))
+            self._not_captured(row)
             self._switched(row)
         return row
 
@@ -189,10 +188,23 @@ class Daemon:
             _as_running(row, cap, e)
         else:
             row.state = "not captured"
-            row.last_error = self.sup.lost.get(("block", e.device))
-            row.last_errno = self.sup.refused.get(("block", e.device))
+            self._not_captured(row)
             self._switched(row)
         return row
+
+    def _not_captured(self, row: CaptureRow) -> None:
+        """Why the entry is not captured (its newest failure) and the errno of a refused start;
+        an identity refusal (EMEDIUMTYPE) accepted since (its record forgotten: accept-device,
+        accept-filesystem, the TUI's n) says what captures it now instead."""
+        key = (row.kind, row.key)
+        row.last_error, row.last_errno = self.sup.lost.get(key), self.sup.refused.get(key)
+        if row.last_errno == errno.EMEDIUMTYPE and \
+                layout_mod.identity_record(self.layout.state(*key)) is None:
+            what = layout_mod.IDENTITY_WORDS[row.kind][0]
+            row.last_errno = None
+            row.last_error = (f"its capture was refused: its {what} was not the one it was "
+                              f"made for; that was accepted since, and "
+                              f"{protocol.CAPTURE[row.kind]} captures it")
 
     def _switched(self, row: CaptureRow) -> None:
         state = self.layout.state(row.kind, row.key)

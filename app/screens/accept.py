@@ -19,12 +19,13 @@ from textual.widgets import Button, Label, Static
 from app.screens import actions
 from app.screens.dialogs import ConfirmDialog
 from app.services.layout import IDENTITY_WORDS, identity_words
+from app.services.protocol import CAPTURE
 from app.services.results import MirrorError, Outcome
 from app.services.units import shown
 
 # Where the next capture is started, after an accept (the daemon does not try again by itself)
-CAPTURE_ON = {"fs": ("Mount all", "filesystem", "mount_all", "File systems", "1"),
-              "block": ("Attach all", "block", "attach_all", "Block devices", "2")}
+CAPTURE_ON = {"fs": ("filesystem", "mount_all", "File systems", "1"),
+              "block": ("block", "attach_all", "Block devices", "2")}
 
 
 def identity_refused(row) -> bool:
@@ -46,8 +47,8 @@ def state_label(kind: str, state) -> str:
 
 def next_capture(kind: str) -> str:
     """Mount all / Attach all, with its key and where it is."""
-    label, screen, name, where, menu = CAPTURE_ON[kind]
-    return (f"{label} ({actions.key_of(screen, name)} on the {where} screen, {menu} in the "
+    screen, name, where, menu = CAPTURE_ON[kind]
+    return (f"{CAPTURE[kind]} ({actions.key_of(screen, name)} on the {where} screen, {menu} in the "
             "main menu)")
 
 
@@ -63,7 +64,7 @@ def accept_question(kind: str, key: str, target: str | None, was: dict, now: dic
             f"  recorded: {shown(identity_words(was))}\n"
             f"  now:      {shown(identity_words(now))}\n\n"
             f"Accept only if this is right ({right}). If it is not: Cancel, {fix}.\n\n"
-            f"Accept forgets the record: the next capture ({CAPTURE_ON[kind][0]}) records the "
+            f"Accept forgets the record: the next capture ({CAPTURE[kind]}) records the "
             f"{what} as it is now and {replica}.")
 
 

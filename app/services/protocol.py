@@ -180,6 +180,8 @@ def replicating(connection: str | None, target_data: str | None) -> bool:
     return connection == "connected" and target_data not in ("split-brain", "promoted")
 
 
+# What starts an entry's capture (its first, or one after a refused start)
+CAPTURE = {"fs": "Mount all", "block": "Attach all"}
 # What starts an entry's capture anew, so that it reads its entry again (CaptureRow.not_applied)
 CAPTURE_AGAIN = {"fs": "Unmount all, then Mount all", "block": "Detach all, then Attach all"}
 
