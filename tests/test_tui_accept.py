@@ -200,3 +200,30 @@ def test_an_accept_is_refused_when_the_file_system_changed_since_it_was_shown(tm
     r = rep.accept_identity("fs", str(src), expected=now)
     assert r.outcome.value == "ok" and not record.exists(), r
     assert rep.identity_change("fs", str(src)) is None
+
+
+@pilot_test
+async def test_without_the_daemon_the_palette_accepts_and_says_its_start_captures_it(
+        tui, store, tmp_path):
+    """No daemon: no capture was refused (n is not on the row), but the command palette's
+    entry still asks with what was recorded and what it is now, and the result says the
+    daemon's start captures it."""
+    src = tmp_path / "src"
+    src.mkdir()
+    store.add_filesystem(str(src))
+    record = record_another_file_system(str(tmp_path / "state"), str(src))
+    app = tui(is_root=True)
+    async with app.run_test(size=(80, 24)) as pilot:
+        await pilot.press("1")
+        await settle(pilot)
+        assert not offered(app)
+        app.run_on("filesystem", "accept")
+        await wait_until(pilot, lambda: type(app.screen) is AcceptDialog, "the question")
+        question = static_text(app.screen.query_one("#question"))
+        assert f"recorded: file system tmpfs mounted on {src}" in question, question
+        await pilot.press("y")
+        await wait_until(pilot, lambda: type(app.screen) is ResultsDialog, "the result")
+        assert [r.outcome.value for r in app.screen.results] == ["ok"], app.screen.results
+        notes = static_text(app.screen.query_one("#results-notes"))
+        assert f"The daemon captures {src} when it starts" in notes, notes
+    assert not record.exists()
