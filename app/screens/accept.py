@@ -18,7 +18,7 @@ from textual.widgets import Button, Label, Static
 
 from app.screens import actions
 from app.screens.dialogs import ConfirmDialog
-from app.services.layout import IDENTITY_WORDS, identity_words
+from app.services.layout import IDENTITY_WORDS, identity_words, identity_words_of
 from app.services.protocol import CAPTURE
 from app.services.results import MirrorError, Outcome
 from app.services.units import shown
@@ -54,7 +54,7 @@ def next_capture(kind: str) -> str:
 
 def accept_question(kind: str, key: str, target: str | None, was: dict, now: dict) -> str:
     """What was recorded, what it is now, and what Accept does."""
-    what, _why, fix, right = IDENTITY_WORDS[kind]
+    what, _why, fix, right = identity_words_of(kind, was, now)
     replica = (f"makes its replica ({target}) equal to what is there now" + (
         ": files the replica has and the directory lacks are deleted from it" if kind == "fs"
         else ": the blocks that differ are copied over the replica's")
