@@ -379,6 +379,31 @@ def test_an_entry_refused_before_anything_changed_exits_2_not_1(capsys):
     assert report([busy, Result("attach", "/dev/c", Outcome.UNCHANGED, "attached")]) == 2
 
 
+def test_a_refusal_says_refused_and_a_failure_failed_as_the_exit_status_tells_them_apart(capsys):
+    """One rule (results.refuses, Result.word) for the CLI's exit 2 and the TUI's word: an
+    error raised before anything changed (a Refusal, a wrong entry or file, a daemon that is
+    needed but not running) is "refused"; the line said FAILED for it, as for a syscall that
+    failed while it was done, and only the exit status told them apart."""
+    import errno
+
+    from app.services.control import ControlClient, DaemonNotRunning
+    from app.services.results import ConfigError, MirrorError
+    wrong = Result.from_error("add", "/", ConfigError("/ is never replicated", obj="/"))
+    no_daemon = Result.from_error("verify", "/dev/a", DaemonNotRunning("the daemon is not running"))
+    broke = Result.from_error("unmount", "/srv/b", MirrorError("umount2: Operation not permitted",
+                                                              errno=errno.EPERM))
+    assert (wrong.word, no_daemon.word, broke.word) == ("refused", "refused", "failed")
+    for refused in (wrong, no_daemon):
+        assert report([refused]) == 2
+        assert capsys.readouterr().err.split()[:2] == ["REFUSED", f"{refused.target}:"]
+    assert report([broke]) == 1
+    assert capsys.readouterr().err.split()[:2] == ["FAILED", "/srv/b:"]
+    # what the client raises for a socket nobody serves is such a refusal
+    with pytest.raises(DaemonNotRunning) as exc:
+        ControlClient("/nonexistent/mirrorsetup-control.sock").request("ping")
+    assert Result.from_error("ping", "daemon", exc.value).refused
+
+
 def test_status_at_80_columns_keeps_the_replicas_state_readable(monkeypatch, capsys):
     """At 80 columns a long connection state ("disconnected since …: …, retry in …") made the
     file-system row 120 columns wide: the terminal wrapped it and the replica's state was lost

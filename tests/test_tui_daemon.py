@@ -161,7 +161,8 @@ async def test_a_start_refused_for_a_bad_configuration_names_the_daemon(daemon_s
                                                                         config_path):
     """Start with a configuration file the daemon would refuse raises instead of returning a
     result (nothing is spawned): the results dialog said "✘ failed" with an empty subject
-    above the file's line. It names the daemon, as the results of Start and Stop do."""
+    above the file's line. It names the daemon, as the results of Start and Stop do, and says
+    "refused", as the CLI's exit 2 does (it said "✘ failed")."""
     config_path.parent.mkdir(parents=True, exist_ok=True)
     config_path.write_text('schema = 1\n\n[[filesystem]]\npath = "not/absolute"\n')
     app = make_app(services=daemon_services, is_root=True)
@@ -173,5 +174,5 @@ async def test_a_start_refused_for_a_bad_configuration_names_the_daemon(daemon_s
         assert result.message.endswith("; no daemon was started: correct the file, then start "
                                        "it"), result
         text = static_text(app.screen.query_one(".result"))
-        assert text.startswith("✘ failed    daemon\n"), text
+        assert text.startswith("✘ refused   daemon\n"), text
     assert not daemon_services.control.is_running()

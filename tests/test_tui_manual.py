@@ -52,13 +52,16 @@ async def test_attach_now_and_detach_now_leave_the_config_alone(tui, protected_d
 @pytest.mark.parametrize("field,value,words", [
     ("device", "/dev/mirrorsetup-no-such-disk", "mirrorsetup-no-such-disk"),
     ("offset", "ten", "offset: not a size"),
+    ("offset", "513", "multiple of 512"),
     ("sizelimit", "1.5G", "size limit: not a size"),
     ("loop", "/dev/sda", "/dev/loopN"),
 ])
 @pilot_test
 async def test_bad_input_is_refused_with_a_message(tui, protected_device, config_bytes,
                                                    field, value, words):
-    """Each wrong input is refused with a message that names the device."""
+    """Each wrong input is refused with a message that names the device: "✘ refused", as the
+    CLI refuses it (exit 2, nothing changed); it said "✘ failed", the word of an attach that
+    failed while it was done."""
     disk = protected_device()
     app = tui()
     async with app.run_test(size=(80, 24)) as pilot:
@@ -72,8 +75,9 @@ async def test_bad_input_is_refused_with_a_message(tui, protected_device, config
         # the device it is about, also when the call raised (a loop that is not /dev/loopN:
         # "✘ failed" had an empty subject)
         assert result.target == (value if field == "device" else disk), result
+        assert result.refused, result
         assert static_text(app.screen.query_one(".result")).startswith(
-            f"✘ failed    {result.target}\n")
+            f"✘ refused   {result.target}\n")
     assert loops_backed_by(disk) == []
     assert config_bytes() is None
 

@@ -88,8 +88,13 @@ async def test_ctrl_q_quits_from_a_dialog_deep_down(tui):
     assert not app.is_running
 
 
+@pytest.mark.parametrize("refused,said,severity", [
+    (False, "mount of /srv/data failed: Input/output error", "error"),
+    # a refusal (nothing was changed: the CLI's exit 2) said as one; it read as a failure
+    (True, "refused: /srv/data is in use: pid 3190 (vim)", "warning")])
 @pilot_test
-async def test_an_action_that_ends_after_its_screen_was_left_says_how_it_ended(tui, monkeypatch):
+async def test_an_action_that_ends_after_its_screen_was_left_says_how_it_ended(
+        tui, monkeypatch, refused, said, severity):
     """Mount all may take a while; the administrator may go back meanwhile. Its results must
     not be lost with the screen (a message to a screen that is gone is dropped): a notice on
     whatever is shown says how it ended, and nothing is pushed over that screen."""
@@ -101,7 +106,8 @@ async def test_an_action_that_ends_after_its_screen_was_left_says_how_it_ended(t
     def slow_mount_all():
         asked.set()
         release.wait(20)
-        return [Result("mount", "/srv/data", Outcome.FAILED, "mount of /srv/data refused: busy")]
+        return [Result("mount", "/srv/data", Outcome.FAILED, said.removeprefix("refused: "),
+                       16 if refused else 5, {"refused": True} if refused else {})]
     app = tui(is_root=True)
     async with app.run_test(size=(80, 24)) as pilot:
         await pilot.press("1")
@@ -117,8 +123,32 @@ async def test_an_action_that_ends_after_its_screen_was_left_says_how_it_ended(t
         await wait_while_a_worker_waits(pilot, lambda: any(n.title == "Mount all" for n in
                                                            app._notifications), "the notice")
         [notice] = [n for n in app._notifications if n.title == "Mount all"]
-        assert notice.message == "mount of /srv/data refused: busy" and notice.severity == "error"
+        assert (notice.message, notice.severity) == (said, severity)
         assert type(app.screen) is MainMenuScreen
+
+
+@pilot_test
+async def test_the_results_say_refused_for_what_the_daemon_refused(tui, monkeypatch):
+    """An entry the daemon refused before it changed anything (in use at a switch-over, a
+    mount of an entry switched over: the CLI exits 2) said "✘ failed" in the results, the
+    word of what failed while it was done. It says "✘ refused"; a failure still "✘ failed"."""
+    from app.services.results import Outcome, Result
+
+    def mount_all():
+        return [Result("mount", "/srv/data", Outcome.FAILED, "/srv/data was switched over to "
+                       "backup1:data: fail back first", 66, {"refused": True}),
+                Result("mount", "/srv/logs", Outcome.FAILED, "mount mirrorfs on /srv/logs: "
+                       "Input/output error (EIO)", 5)]
+    app = tui(is_root=True)
+    async with app.run_test(size=(80, 24)) as pilot:
+        await pilot.press("1")
+        await settle(pilot)
+        monkeypatch.setattr(app.services.replication, "mount_all", mount_all)
+        await pilot.press("m")
+        await wait_until(pilot, lambda: type(app.screen) is ResultsDialog, "the results")
+        lines = [static_text(r) for r in app.screen.query(".result")]
+        assert lines[0].startswith("✘ refused   /srv/data\n"), lines
+        assert lines[1].startswith("✘ failed    /srv/logs\n"), lines
 
 
 @pilot_test

@@ -18,8 +18,10 @@ if TYPE_CHECKING:
 from app.services.results import MirrorError, Outcome, Result, exit_code
 from app.services.units import human_size, shown
 
-MARK = {Outcome.OK: "ok", Outcome.UNCHANGED: "unchanged", Outcome.PENDING: "PENDING",
-        Outcome.SKIPPED: "plan", Outcome.FAILED: "FAILED"}
+# each result's word (Result.word: the TUI's too) as a line starts with it
+MARK = {Outcome.OK.value: "ok", Outcome.UNCHANGED.value: "unchanged",
+        Outcome.PENDING.value: "PENDING", Outcome.SKIPPED.value: "plan",
+        Outcome.FAILED.value: "FAILED", "refused": "REFUSED"}
 PROG = "mirrorsetup"
 
 
@@ -92,7 +94,7 @@ def _terminal_width() -> int | None:
 
 
 def result_line(r: Result) -> str:
-    return f"{MARK[r.outcome]:>9}  {shown(r.target)}: {shown(r.message)}"
+    return f"{MARK[r.word]:>9}  {shown(r.target)}: {shown(r.message)}"
 
 
 def report(results: list[Result], *, as_json: bool = False) -> int:

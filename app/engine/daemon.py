@@ -40,7 +40,7 @@ from app.services.control import SOCKET_MODE
 from app.services.socketpath import default_socket
 from app.services.layout import Layout, local_time, with_failback
 from app.services.protocol import CaptureRow
-from app.services.results import MirrorError, Outcome, Refusal, Result
+from app.services.results import MirrorError, Outcome, Result, refuses
 
 # What a capture takes from its entry when it starts; a hand edit of these while it runs
 # applies at its next start (Unmount all / Mount all, Detach all / Attach all).
@@ -475,8 +475,8 @@ class Daemon:
             return protocol.ok(**await self.commands[cmd](send, **args))
         except protocol.ProtocolError as exc:
             return protocol.error(f"bad request: {exc}", errno.EINVAL)
-        except MirrorError as exc:  # a Refusal changed nothing: the CLI exits 2 for it
-            return protocol.error(str(exc), exc.errno, refused=isinstance(exc, Refusal))
+        except MirrorError as exc:  # a refusal changed nothing: the CLI exits 2 for it
+            return protocol.error(str(exc), exc.errno, refused=refuses(exc))
         except OSError as exc:
             return protocol.error(str(MirrorError.from_oserror("daemon", "request", exc)), exc.errno)
         except (trio.BrokenResourceError, trio.ClosedResourceError):

@@ -21,12 +21,13 @@ from app.screens import actions
 from app.services.results import MirrorError, Outcome, Result
 from app.services.units import shown
 
-OUTCOME_STYLE = {
-    Outcome.OK: ("✔", "green"),
-    Outcome.UNCHANGED: ("=", "cyan"),
-    Outcome.PENDING: ("…", "yellow"),
-    Outcome.SKIPPED: ("-", "grey62"),
-    Outcome.FAILED: ("✘", "bold red"),
+OUTCOME_STYLE = {  # by Result.word: a refusal (nothing was changed) is no failure
+    Outcome.OK.value: ("✔", "green"),
+    Outcome.UNCHANGED.value: ("=", "cyan"),
+    Outcome.PENDING.value: ("…", "yellow"),
+    Outcome.SKIPPED.value: ("-", "grey62"),
+    Outcome.FAILED.value: ("✘", "bold red"),
+    "refused": ("✘", "bold yellow"),
 }
 STATE_STYLE = {
     "mounted": "green", "attached": "green",
@@ -52,8 +53,8 @@ REBUILD_OVER = 24  # rows added + removed at once: clearing and refilling beats 
 
 
 def outcome_text(result: Result) -> Text:
-    mark, style = OUTCOME_STYLE[result.outcome]
-    return Text(f"{mark} {result.outcome.value}", style=style)
+    mark, style = OUTCOME_STYLE[result.word]
+    return Text(f"{mark} {result.word}", style=style)
 
 
 def state_text(state: str, problem: str | None = None) -> Text:
@@ -540,9 +541,13 @@ class TaskScreen(Screen):
                            done: Callable[[], None]) -> None:
         """from_thread(), with a notice of how `title` ended once the screen is gone."""
         def gone() -> None:
-            summary = "; ".join(shown(r.message) for r in results) or "done"
+            # a refusal says so (its severity is a warning's: nothing was changed)
+            summary = "; ".join(f"refused: {shown(r.message)}" if r.refused else shown(r.message)
+                                for r in results) or "done"
+            failed = [r for r in results if r.failed]
             app.notify(summary, title=title, markup=False,
-                       severity="error" if any(r.failed for r in results) else "information")
+                       severity="information" if not failed else
+                       "warning" if all(r.refused for r in failed) else "error")
         self.from_thread(app, done, gone)
 
     @work(thread=True, exclusive=True, exit_on_error=False, group="action",

@@ -121,10 +121,10 @@ class ResultsDialog(ModalScreen[str | None]):
                 if not self.results:
                     yield Static("Nothing to do: no entries are configured.")
                 for r in self.results:
-                    mark, style = OUTCOME_STYLE[r.outcome]
-                    line = Text.assemble((f"{mark} {r.outcome.value:<10}", style),
+                    mark, style = OUTCOME_STYLE[r.word]
+                    line = Text.assemble((f"{mark} {r.word:<10}", style),
                                          (shown(r.target), "bold"), "\n  ", tui_words(r.message))
-                    yield Static(line, classes=f"result {r.outcome.value}")
+                    yield Static(line, classes=f"result {r.word}")
                 if self.notes:
                     yield Static(Text("\n".join(shown(n) for n in self.notes)), id="results-notes")
             with Horizontal(classes="dialog-buttons"):

@@ -99,7 +99,7 @@ class ManualScreen(TaskScreen):
             offset, sizelimit = window_sizes(self._value)
         except ValueError as exc:
             self.app.push_screen(ResultsDialog("Manual attach", [
-                Result.from_error("manual attach", device or "(no device)", exc)]))
+                Result.from_error("manual attach", device or "(no device)", exc, refused=True)]))
             return
         loop = self._value("loop") or None
         read_only = self.query_one("#read-only", Switch).value

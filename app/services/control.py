@@ -22,8 +22,9 @@ SOCKET_MODE = 0o600
 DIR_MODE = 0o700
 
 
-class DaemonNotRunning(MirrorError):
-    pass
+class DaemonNotRunning(Refusal):
+    """A daemon that is needed but not running: nothing was asked of it, so nothing changed
+    (the CLI exits 2, the TUI says "refused")."""
 
 
 class DaemonEnded(MirrorError):

@@ -16,7 +16,8 @@ from collections.abc import Callable
 from app.services import blockdevs, blockplan, mounts
 from app.services import loop as loopdev
 from app.services.blockplan import View, same_device
-from app.services.config import BlockEntry, ConfigStore, is_local_target, match_block, match_fs
+from app.services.config import (BlockEntry, ConfigStore, check_window, is_local_target,
+                                 match_block, match_fs)
 from app.services.layout import (IDENTITY_RECORD, IDENTITY_WORDS, FSTYPE_BLOCK, FSTYPE_FS,
                                   capture_key, command, default_state_dir, entry_state,
                                   failback_marker, identity_changes, identity_record,
@@ -382,6 +383,7 @@ class Replication:
         """Attach now, as the old "manual" menu did; nothing is written to the configuration."""
         try:
             blockdevs.describe(device)
+            check_window(device, offset, sizelimit, blockdevs.device_size(device))
             if same_device(device, loop):  # (block add refuses it too; here it was "busy")
                 raise Refusal(f"{device} cannot be its own loop device ({loop})", obj=device,
                               errno=errno.EINVAL)
@@ -393,8 +395,8 @@ class Replication:
                               "attaches one all the same)", obj=device, errno=errno.EINVAL)
             entry = BlockEntry(device=device, loop=loop, offset=offset, sizelimit=sizelimit,
                                read_only=read_only)
-        except MirrorError as exc:
-            return Result.from_error("manual attach", device, exc)
+        except MirrorError as exc:  # its checks: nothing was changed (the CLI's exit 2)
+            return Result.from_error("manual attach", device, exc, refused=True)
         with blockplan.attach_lock():
             return self._attach_plain(entry, View(), dry_run=False, force=force,
                                       action="manual attach")
@@ -422,7 +424,7 @@ class Replication:
             return Result.from_error("manual detach", loop_path, exc)
         if not os.path.exists(loop_path):
             return Result("manual detach", loop_path, Outcome.FAILED, f"{loop_path} does not exist",
-                          errno.ENOENT)
+                          errno.ENOENT, REFUSED)
         st = loopdev.status(loop_path)
         if st is None:
             return Result("manual detach", loop_path, Outcome.UNCHANGED, f"{loop_path} is not attached")

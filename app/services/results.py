@@ -44,6 +44,13 @@ class Result:
         """Failed as a refusal: nothing was changed (e.g. the object is in use)."""
         return self.failed and self.details.get("refused") is True
 
+    @property
+    def word(self) -> str:
+        """What happened, in the word the TUI shows and the CLI prints (in capitals): "refused"
+        for a refusal (the CLI's exit 2: nothing was changed), "failed" only for what failed
+        while it was being done."""
+        return "refused" if self.refused else self.outcome.value
+
     def to_json(self) -> dict[str, Any]:
         return {
             "action": self.action,
@@ -62,10 +69,14 @@ class Result:
                    data.get("errno"), data.get("details") or {})
 
     @classmethod
-    def from_error(cls, action: str, target: str, exc: BaseException) -> Result:
+    def from_error(cls, action: str, target: str, exc: BaseException, *,
+                   refused: bool | None = None) -> Result:
+        """`refused`: True where the caller knows nothing was changed yet (its checks raised,
+        which the CLI refuses with exit 2 before it asks); by default by the error (refuses())."""
         err = getattr(exc, "errno", None)
+        refused = refuses(exc) if refused is None else refused
         return cls(action, target, Outcome.FAILED, str(exc), err if isinstance(err, int) else None,
-                   {"refused": True} if isinstance(exc, Refusal) else {})
+                   {"refused": True} if refused else {})
 
 
 class MirrorError(Exception):
@@ -118,6 +129,14 @@ class ConfigErrors(ConfigError):
     def of(cls, errors: list[ConfigError]) -> ConfigError | None:
         """None for no problem, the error itself for one, else all of them."""
         return None if not errors else errors[0] if len(errors) == 1 else cls(errors)
+
+
+def refuses(exc: BaseException) -> bool:
+    """Whether `exc` refused a request before anything was changed, the one rule of the CLI's
+    exit 2 and the TUI's "refused": a Refusal (in use, not in the state the action is for, a
+    daemon that is needed but not running) or a ConfigError (bad input: an entry or a
+    configuration file that is wrong). Any other error failed while the action was done."""
+    return isinstance(exc, (Refusal, ConfigError))
 
 
 def exit_code(results: list[Result]) -> int:
