@@ -398,6 +398,12 @@ def test_a_refusal_says_refused_and_a_failure_failed_as_the_exit_status_tells_th
         assert capsys.readouterr().err.split()[:2] == ["REFUSED", f"{refused.target}:"]
     assert report([broke]) == 1
     assert capsys.readouterr().err.split()[:2] == ["FAILED", "/srv/b:"]
+    # a manual detach of a loop that does not exist changed nothing either (the CLI refuses it)
+    from app.services.config import ConfigStore
+    from app.services.replication import Replication
+    gone = Replication(ConfigStore("/nonexistent/replication.toml"), ControlClient(
+        "/nonexistent/mirrorsetup-control.sock")).manual_detach("/dev/loop999999")
+    assert (gone.errno, gone.word) == (errno.ENOENT, "refused"), gone
     # what the client raises for a socket nobody serves is such a refusal
     with pytest.raises(DaemonNotRunning) as exc:
         ControlClient("/nonexistent/mirrorsetup-control.sock").request("ping")
