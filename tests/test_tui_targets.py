@@ -807,6 +807,57 @@ async def test_add_a_real_target_through_the_dialog_pins_its_key_and_tests_it(
         assert new.split(":", 1)[1] in pinned and fp.split(":", 1)[1] not in pinned, pinned
 
 
+@pytest.mark.root
+@pilot_test
+async def test_a_host_key_pinned_already_is_not_asked_again_and_another_one_still_is(
+        tui, config_path, tmp_path, make_two_hosts):
+    """A second target on a host whose key is pinned already (target add backup1 pinned it):
+    the Add dialog asked to pin that very key again. It adds it saying the key is pinned
+    already, with its fingerprint, as `target add` does. After a reinstall (another key) it
+    still asks, and the add is refused: a key is never pinned in place of another silently."""
+    bed = make_two_hosts()
+
+    def fingerprint() -> str:
+        return subprocess.run(["ssh-keygen", "-lf", f"{bed.host_key}.pub"], capture_output=True,
+                              text=True, check=True).stdout.split()[1]
+    fp = fingerprint()
+    root = tmp_path / "replicas"
+    root.mkdir()
+    where = ["--host", bed.target_addr, "--port", str(bed.port), "--root", str(root)]
+    added = subprocess.run([sys.executable, "-m", "app", "--config", str(config_path), "target",
+                            "add", "backup1", *where, "--accept-host-key", fp],
+                           capture_output=True, text=True)
+    assert added.returncode == 0, added.stderr
+    app = tui(is_root=True)
+    async with app.run_test(size=(80, 24)) as pilot:
+        await add_with(pilot, {"name": "backup2", "host": bed.target_addr,
+                               "port": str(bed.port), "root": str(root)})
+        await wait_until(pilot, lambda: isinstance(app.screen, (ResultsDialog, ConfirmDialog)),
+                         "the result")
+        assert isinstance(app.screen, ResultsDialog), static_text(app.screen.query_one("#question"))
+        text = " ".join(static_text(w) for w in app.screen.query(".result")).replace("\n  ", " ")
+        assert text.startswith("✔ ok") and "already pinned" in text and fp in text, text
+        await pilot.press("enter")
+        await settle(pilot)
+
+        bed.change_host_key()  # reinstalled: another key, asked as before, then refused
+        new = fingerprint()
+        await pilot.press("a")
+        await settle(pilot)
+        for field, value in {"name": "backup3", "host": bed.target_addr, "port": str(bed.port),
+                             "root": str(root)}.items():
+            app.screen.query_one(f"#{field}").value = value
+        await settle(pilot)
+        await pilot.click("#add")
+        await wait_until(pilot, lambda: isinstance(app.screen, ConfirmDialog), "the question")
+        assert new in static_text(app.screen.query_one("#question"))
+        await pilot.press("y")
+        await wait_until(pilot, lambda: isinstance(app.screen, ResultsDialog), "the refusal")
+        [result] = app.screen.results
+        assert result.refused and fp in result.message and new in result.message, result
+    assert [t.name for t in ConfigStore(config_path).load().target] == ["backup1", "backup2"]
+
+
 @pilot_test
 async def test_testing_a_target_that_does_not_answer_names_it_and_says_why(
         tui, config_path, tmp_path):

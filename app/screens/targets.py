@@ -382,19 +382,28 @@ class TargetsScreen(TaskScreen):
         from app.services import targets
         try:
             keys = targets.scan_host_keys(host.host, host.port)
+            # app's services, not self's: the screen may be gone by now, and self.app with it
+            _known_hosts, old = targets.pinned_for(app.services.store, host)
             error = None
         except (MirrorError, OSError) as exc:
-            keys, error = [], str(exc)
+            keys, old, error = [], [], str(exc)
         # Targets left while it asked: a notice, no dialog over another screen
-        self.from_thread(app, lambda: self._scanned(host, keys, error), lambda: app.notify(
+        self.from_thread(app, lambda: self._scanned(host, keys, old, error), lambda: app.notify(
             f"{host.name} was not added: Targets was left before {host.host} answered. Add it "
             "again there.", title="Add target", severity="warning", markup=False))
 
-    def _scanned(self, host, keys, error) -> None:
+    def _scanned(self, host, keys, old, error) -> None:
+        from app.services import targets
         self._set_busy(False)
         if error or not keys:  # the dialog again, as typed, with what went wrong
             self.app.push_screen(AddTargetDialog(host, shown(error or f"{host.host} offered no host key")),
                                  self._add_typed)
+            return
+        pinned = targets.offered_and_pinned(keys, old)
+        if pinned is not None:  # (another target on that host): nothing to ask, the result
+            # says it is pinned already, with its fingerprint, as `target add` says it
+            self.run_action(f"Add target {host.name}", lambda: self._add(host, pinned[1]),
+                            subject=host.name)
             return
         _line, fp, kind = keys[0]
 
@@ -433,8 +442,7 @@ class TargetsScreen(TaskScreen):
         from app.services import targets
         try:
             keys = targets.scan_host_keys(host.host, host.port)
-            old = targets.pinned_fingerprints(host.known_hosts or targets.default_known_hosts(
-                self.services.store), host.host, host.port)
+            _known_hosts, old = targets.pinned_for(self.services.store, host)
             error = None
         except (MirrorError, OSError) as exc:
             keys, old, error = [], [], str(exc)

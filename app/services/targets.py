@@ -337,6 +337,21 @@ def _repin(known_hosts: str, host: str, port: int, line: str) -> None:
         os.close(fd)
 
 
+def pinned_for(store: ConfigStore, host: TargetHost) -> tuple[str, list[str]]:
+    """(known_hosts, the fingerprints pinned there for the host and port): what add and rekey
+    compare the key the host offers with (its own known_hosts, else the configuration's)."""
+    known_hosts = host.known_hosts or default_known_hosts(store)
+    return known_hosts, pinned_fingerprints(known_hosts, host.host, host.port)
+
+
+def offered_and_pinned(keys: list[tuple[str, str, str]], pinned: list[str]
+                       ) -> tuple[str, str, str] | None:
+    """Of the keys a host offers (scan_host_keys), the one pinned already: an add asks nothing
+    for it (as `target add` asks nothing for a host pinned already). None: none is, and a key
+    is never pinned without a question (or --accept-host-key), nor in place of another."""
+    return next((k for k in keys if k[1] in pinned), None)
+
+
 def rekey_target(store: ConfigStore, name: str, *, accept_host_key: str | None = None,
                  confirm=None) -> Result:
     """`target rekey NAME`: pin the key the host offers now in place of the one pinned (a
@@ -349,8 +364,7 @@ def rekey_target(store: ConfigStore, name: str, *, accept_host_key: str | None =
                               "list)", errno=errno.ENOENT, obj=name)
         if accept_host_key is not None:
             check_fingerprint(accept_host_key)
-        kh = host.known_hosts or default_known_hosts(store)
-        old = pinned_fingerprints(kh, host.host, host.port)
+        kh, old = pinned_for(store, host)
         keys = scan_host_keys(host.host, host.port)
         where = f"{host.host} port {host.port}"
         shown = ", ".join(f"{fp} ({kind})" for _line, fp, kind in keys)
@@ -465,7 +479,7 @@ def add_target(store: ConfigStore, host: TargetHost, *, accept_host_key: str | N
         note = ""
         if accept_host_key is not None:
             check_fingerprint(accept_host_key)
-        old = pinned_fingerprints(host.known_hosts, host.host, host.port)
+        _known_hosts, old = pinned_for(store, host)
         if old and accept_host_key and accept_host_key not in old:
             # pinned by an earlier add: another key now is a reinstall or a man in the middle
             raise Refusal(f"{host.host} port {host.port} is pinned in {host.known_hosts} with the "
