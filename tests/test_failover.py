@@ -217,6 +217,7 @@ def test_planned_switchover_of_a_directory_and_fail_back(fs_remote, writer):
     assert said and "switched over to backup1:data" in said[0] and "Mount all" not in said[0], said
     [row] = json.loads(down.stdout)["filesystem"]  # its STATE too (it said "not mounted")
     assert row["state"] == "switched over", row
+    _replica_is_said_primary(r, eng, src, daemon=False)
     eng.start()  # ... and the daemon puts it back
     with pytest.raises(OSError) as refused:
         (s / "written-after-a-restart").write_text("would be lost")
@@ -226,6 +227,7 @@ def test_planned_switchover_of_a_directory_and_fail_back(fs_remote, writer):
     assert st["state"] == "switched over" and st["switched"]["seq"] == res[0]["details"]["seq"], st
     p = cli(r.cfg, "status", "--json", socket=eng.socket)
     assert json.loads(p.stdout)["filesystem"][0]["state"] == "switched over", p.stdout
+    _replica_is_said_primary(r, eng, src, daemon=True)
     assert st["switched"]["fence"].get("read_only_mount"), st  # put back by the restart
     m = cli(r.cfg, "fs", "mount-all", socket=eng.socket)  # capturing here would fork the history
     assert m.returncode == 2 and "switched over to backup1:data" in m.stderr, m.stdout + m.stderr
@@ -283,6 +285,22 @@ def test_planned_switchover_of_a_directory_and_fail_back(fs_remote, writer):
     assert (replica / "after").read_text() == "replicated again"
     assert replicas(r)[0]["role"] == "secondary"
     assert eng.verify(src) == []
+
+
+def _replica_is_said_primary(r, eng, src: str, *, daemon: bool) -> None:
+    """status's REPLICA of an entry switched over says its replica is primary there (it said
+    "-", as for an entry with no replica at all), with the daemon's row or, without a daemon,
+    from the entry's switch-over marker."""
+    p = subprocess.run([sys.executable, "-m", "app", "--config", str(r.cfg), "status"],
+                       capture_output=True, text=True, cwd=REPO,
+                       env={**{k: v for k, v in os.environ.items() if k != "COLUMNS"},
+                            "MIRRORSETUP_SOCKET": eng.socket, "MIRRORSETUP_STATE_DIR": eng.state})
+    assert ("Daemon: not running" in p.stdout) is not daemon, p.stdout
+    lines = p.stdout.splitlines()
+    head = lines[1]  # File-system replication, then its header: the REPLICA cell where it says
+    [line] = [ln for ln in lines if ln.startswith(f"{src} ")]
+    start = head.index("REPLICA")
+    assert line[start:].startswith("primary (switched over) "), p.stdout
 
 
 def test_fail_back_or_resolve_of_an_entry_never_switched_over_changes_nothing(fs_remote):

@@ -161,13 +161,14 @@ def print_status(snap, *, as_json: bool = False) -> None:
     if as_json:
         dump(snap.to_json())
         return
+    from app.services.status import replica_text
     print("File-system replication")
     rows = []
     for s in snap.filesystem:
         f = s.figures
         rows.append({"path": s.entry.path, "state": "INVALID" if s.problem else s.state,
                      "atime": s.entry.replicate_atime, "target": s.entry.target,
-                     "replica": _replica(f), "replication": _replication(f),
+                     "replica": replica_text(s), "replication": _replication(f),
                      "queued": human_size(f.bytes_queued) if f else None,
                      "lag s": _lag(f)})
     print_table(rows, ["path", "state", "atime", "target", "replica", "queued", "lag s",
@@ -179,7 +180,7 @@ def print_status(snap, *, as_json: bool = False) -> None:
         f = s.figures
         rows.append({"device": s.entry.device, "state": "INVALID" if s.problem else s.state,
                      "capture": s.capture or None, "loop wanted": s.entry.loop, "loop": s.loop,
-                     "offset": s.entry.offset, "target": s.entry.target, "replica": _replica(f),
+                     "offset": s.entry.offset, "target": s.entry.target, "replica": replica_text(s),
                      "replication": _replication(f) if f and f.captured else None,
                      "queued": human_size(f.bytes_queued) if f and f.captured else None,
                      "lag s": _lag(f), "mounted via loop": list(s.loop_mounts)})
@@ -217,12 +218,6 @@ def _replication(f) -> str | None:
         text += f" ({short_connection(f.connection)})"  # the whole of it: in the warnings
     return text
 
-
-def _replica(f) -> str | None:
-    """The target's data: consistent, inconsistent, not ours, split-brain, promoted."""
-    if f is None or not f.captured or f.error:
-        return None
-    return getattr(f, "target_data", None) or None
 
 
 def _lag(f) -> str | None:

@@ -343,6 +343,25 @@ def _switched_state(sw: dict | None) -> str | None:
     return "switch-over interrupted" if sw.get("state") == "switching" else "switched over"
 
 
+# What the replica of an entry handed over to it is, by the entry's STATE (_switched_state)
+REPLICA_HANDED_OVER = {"switched over": "primary (switched over)",
+                       "fail-back interrupted": "primary (fail-back interrupted)",
+                       "switch-over interrupted": "primary or not (switch-over interrupted)"}
+
+
+def replica_text(state: FsState | BlockState) -> str | None:
+    """An entry's REPLICA (status, the dashboard's text): the target's data while captured
+    (consistent, inconsistent, not ours, split-brain, promoted); of an entry handed over to
+    its replica, that the replica is primary there (it said nothing: "-"); else None."""
+    row = state.engine
+    handed = _switched_state(row.switched if row is not None else state.switched)
+    if handed is not None:
+        return REPLICA_HANDED_OVER[handed]
+    if row is None or not row.captured or row.error:
+        return None
+    return row.target_data or None
+
+
 def _switched_marker(state_dir: str | None, kind: str, key: str) -> dict | None:
     """The switch-over marker the daemon keeps in an entry's state directory, with the
     fail-back's beside it (no daemon: none is under way)."""
