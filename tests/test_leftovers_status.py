@@ -7,6 +7,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 
 import pytest
@@ -108,6 +109,65 @@ def test_daemon_stop_says_which_worker_it_waits_for_and_waits_as_long_as_the_dae
                              f"stopping the daemon: {src}: asked its capture to end")
     assert "stopped the daemon" in out, out
     assert eng.proc.wait(timeout=30) == 0
+
+
+FAKE_SYSTEMCTL_STOP = """#!{python}
+# systemctl as far as `daemon stop` uses it (this machine runs no systemd as PID 1): `stop`
+# sends SIGTERM to the daemon, as systemd does, and returns once it has exited (its socket
+# gone), saying nothing meanwhile
+import os, signal, sys, time
+sys.path.insert(0, {repo!r})
+from app.services.control import ControlClient
+assert sys.argv[1:] == ["stop", "mirrorsetup"], sys.argv
+client = ControlClient({socket!r})
+os.kill(client.request("ping")["pid"], signal.SIGTERM)
+while client.is_running():
+    time.sleep(0.05)
+"""
+
+
+def test_daemon_stop_under_systemd_says_what_it_waits_for_while_systemctl_runs(
+        setup, tmp_path, monkeypatch):
+    """Under systemd `daemon stop` runs `systemctl stop`, which says nothing while the daemon
+    waits for its captures (up to 45 s each): it printed nothing for a minute, while without
+    systemd it says each wait as it begins. It asks the daemon meanwhile and says the same.
+    This machine runs no systemd as PID 1, so a stand-in `systemctl` on PATH (SIGTERM, then
+    waits for the daemon to exit, as systemd does) and stop() in-process with the systemd
+    path chosen."""
+    from app.services import daemonctl
+    from app.services.results import Outcome
+    (tmp_path / "a").mkdir()
+    src = str(tmp_path / "a")
+    eng, _, _ = setup([{"path": src, "target": str(tmp_path / "a.tgt")}])
+    fake = tmp_path / "bin" / "systemctl"
+    fake.parent.mkdir()
+    fake.write_text(FAKE_SYSTEMCTL_STOP.format(python=sys.executable, repo=str(REPO),
+                                               socket=eng.socket))
+    fake.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{fake.parent}:{os.environ['PATH']}")
+    monkeypatch.setattr(daemonctl, "_use_systemd", lambda settings: True)
+    worker = eng.status(src)["worker_pid"]
+    said: list[str] = []
+    done: list = []
+    settings = daemonctl.DaemonSettings.resolve(eng.config, eng.socket, eng.state)
+    os.kill(worker, signal.SIGSTOP)
+    stopping = threading.Thread(target=lambda: done.append(daemonctl.stop(settings, said.append)))
+    try:
+        stopping.start()
+        deadline = time.monotonic() + 30  # (the daemon gives up on the worker after 45 s)
+        while not any(f"kill -CONT {worker}" in w for w in said) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert [w for w in said if w.startswith(f"{src}: asked its capture to end")], said
+        assert f"worker pid {worker} (stopped by a signal: kill -CONT {worker} resumes it); " \
+               "given up after 45 s, then it is killed" in said[0], said
+    finally:
+        os.kill(worker, signal.SIGCONT)  # it answers, drains and ends
+        stopping.join(timeout=120)
+    [result] = done
+    assert result.outcome is Outcome.OK and "systemctl stop mirrorsetup: done" in result.message
+    assert len(said) == len(set(said)), said  # each wait said once (then: its drain)
+    assert eng.proc.wait(timeout=30) == 0
+    assert "did not end; killing it" not in eng.logtext()
 
 
 def test_daemon_stop_ends_the_captures_at_once_not_one_after_another(setup, tmp_path):

@@ -224,7 +224,7 @@ def _control(action: str, settings: DaemonSettings, say: Callable[[str], None] |
                 "; still in use, these captures go on without it and the next daemon takes "
                 f"them over: {', '.join(left)}" if left else ""))
     if systemd:
-        proc = subprocess.run(["systemctl", action, SYSTEMD_UNIT], capture_output=True, text=True)
+        proc = _systemctl(action, control if action == "stop" else None, say)
         if proc.returncode == 0:
             return result(Outcome.OK, f"systemctl {action} {SYSTEMD_UNIT}: done"
                           + (" (every capture kept)" if action == "restart" and info.running
@@ -232,6 +232,25 @@ def _control(action: str, settings: DaemonSettings, say: Callable[[str], None] |
         return result(Outcome.FAILED, f"systemctl {action} {SYSTEMD_UNIT} failed: "
                       f"{proc.stderr.strip() or proc.returncode}")
     return _spawn(action, settings, control)
+
+
+def _systemctl(action: str, stopping: ControlClient | None,
+               say: Callable[[str], None] | None) -> subprocess.CompletedProcess:
+    """`systemctl ACTION mirrorsetup`. A stop (`stopping`: the daemon's socket) may take a
+    minute while the captures drain, and systemctl says nothing meanwhile: the daemon's `ping`
+    is asked in the meantime and each thing it waits for told to `say` once, as without
+    systemd (_wait_stopped)."""
+    argv = ["systemctl", action, SYSTEMD_UNIT]
+    proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    said: set[str] = set()
+    while True:
+        try:  # (read while it runs: a pipe left unread could make it wait on us)
+            out, err = proc.communicate(timeout=WAIT_STEP)
+            return subprocess.CompletedProcess(argv, proc.returncode, out, err)
+        except subprocess.TimeoutExpired:
+            if stopping is not None:
+                _stop_waits(stopping, said, say)
 
 
 def captures_left(state_dir: str) -> list[str]:
@@ -319,21 +338,32 @@ def _wait_stopped(control: ControlClient, pid: int | None,
     waits: list[str] = []
     deadline = time.monotonic() + WAIT_STEPS * WAIT_STEP
     while True:
-        try:
-            waiting = control.request("ping").get("stopping", [])
-        except MirrorError:  # its socket is gone (or no longer answers): its process says
+        waiting = _stop_waits(control, said, say)
+        if waiting is None:  # its socket is gone (or no longer answers): its process says
             if not _alive(pid):
                 return True, []
             waiting = []
         waits = [w["what"] for w in waiting]
         for w in waiting:
             deadline = max(deadline, time.monotonic() + w["seconds_left"] + WAIT_STEPS * WAIT_STEP)
-            if w["what"] not in said and say is not None:
-                say(w["what"])
-            said.add(w["what"])
         if time.monotonic() >= deadline:
             return False, waits
         time.sleep(WAIT_STEP)
+
+
+def _stop_waits(control: ControlClient, said: set[str], say: Callable[[str], None] | None
+                ) -> list[dict] | None:
+    """What a stopping daemon waits for now, as its `ping` says it; each not in `said` yet is
+    told to `say` and added there. None when its socket is gone or does not answer."""
+    try:
+        waiting = control.request("ping").get("stopping", [])
+    except MirrorError:
+        return None
+    for w in waiting:
+        if w["what"] not in said and say is not None:
+            say(w["what"])
+        said.add(w["what"])
+    return waiting
 
 
 def _wait_for(condition: Callable[[], bool]) -> bool:
