@@ -88,6 +88,14 @@ async def test_ctrl_q_quits_from_a_dialog_deep_down(tui):
     assert not app.is_running
 
 
+async def mount_all_on_filesystem(pilot, monkeypatch, mount_all) -> None:
+    """On the File system screen, m (Mount all), whose service call is `mount_all`."""
+    await pilot.press("1")
+    await settle(pilot)
+    monkeypatch.setattr(pilot.app.services.replication, "mount_all", mount_all)
+    await pilot.press("m")
+
+
 @pytest.mark.parametrize("refused,said,severity", [
     (False, "mount of /srv/data failed: Input/output error", "error"),
     # a refusal (nothing was changed: the CLI's exit 2) said as one; it read as a failure
@@ -110,10 +118,7 @@ async def test_an_action_that_ends_after_its_screen_was_left_says_how_it_ended(
                        16 if refused else 5, {"refused": True} if refused else {})]
     app = tui(is_root=True)
     async with app.run_test(size=(80, 24)) as pilot:
-        await pilot.press("1")
-        await settle(pilot)
-        monkeypatch.setattr(app.services.replication, "mount_all", slow_mount_all)
-        await pilot.press("m")
+        await mount_all_on_filesystem(pilot, monkeypatch, slow_mount_all)
         await wait_while_a_worker_waits(pilot, asked.is_set, "the action to start")
         await pilot.press("escape")
         await pilot.pause(0.2)
@@ -141,10 +146,7 @@ async def test_the_results_say_refused_for_what_the_daemon_refused(tui, monkeypa
                        "Input/output error (EIO)", 5)]
     app = tui(is_root=True)
     async with app.run_test(size=(80, 24)) as pilot:
-        await pilot.press("1")
-        await settle(pilot)
-        monkeypatch.setattr(app.services.replication, "mount_all", mount_all)
-        await pilot.press("m")
+        await mount_all_on_filesystem(pilot, monkeypatch, mount_all)
         await wait_until(pilot, lambda: type(app.screen) is ResultsDialog, "the results")
         lines = [static_text(r) for r in app.screen.query(".result")]
         assert lines[0].startswith("✘ refused   /srv/data\n"), lines
