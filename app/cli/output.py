@@ -219,6 +219,5 @@ def _replication(f) -> str | None:
     return text
 
 
-
 def _lag(f) -> str | None:
     return None if f is None or f.lag_seconds is None else f"{f.lag_seconds:.1f}"
