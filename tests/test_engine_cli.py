@@ -235,6 +235,7 @@ def test_a_new_empty_file_system_in_the_old_ones_place_does_not_empty_the_replic
         assert len(os.listdir(tgt)) == 20  # not one name removed
         r = cli("--config", str(cfg), "fs", "accept-filesystem", str(src), socket=eng.socket)
         assert r.returncode == 0 and "is forgotten" in r.stdout, r.stdout + r.stderr
+        assert "; `mirrorsetup fs mount-all` captures it now" in r.stdout, r.stdout  # the next step
         r = cli("--config", str(cfg), "fs", "mount-all", socket=eng.socket)
         assert r.returncode == 0, r.stdout + r.stderr
         eng.drain(str(src))

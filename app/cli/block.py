@@ -7,8 +7,9 @@ import errno
 import os
 import sys
 
-from app.cli.common import (Refused, add, control, group, keep_primary_option, loop_options,
-                            replica_options, replication, require, require_daemon, store)
+from app.cli.common import (Refused, accept, add, control, group, keep_primary_option,
+                            loop_options, replica_options, replication, require, require_daemon,
+                            store)
 from app.cli.output import complain, dump, failures, print_devices, print_table, report
 from app.services.layout import command
 from app.services.results import MirrorError
@@ -84,7 +85,7 @@ def cmd_accept_device(args) -> int:
     from app.services.entries import configured_block
     rep = replication(args)
     entry = require(configured_block, rep.store, args.device)
-    return report([rep.accept_identity("block", entry.device)], as_json=args.json)
+    return accept(rep, args, "block", entry.device)
 
 
 class _NoSocket:

@@ -92,6 +92,25 @@ def require_daemon(rep) -> None:
     require(rep.daemon)
 
 
+def accept(rep, args, kind: str, key: str) -> int:
+    """`fs accept-filesystem` / `block accept-device` of the entry `key`: the result says the
+    next step (the daemon does not try a refused capture again by itself)."""
+    from dataclasses import replace
+
+    from app.cli.output import report
+    from app.services.layout import command
+    from app.services.results import Outcome
+    r = rep.accept_identity(kind, key)
+    if r.outcome is Outcome.OK:
+        if rep.control is not None and rep.control.is_running():
+            then = command(*(("fs", "mount-all") if kind == "fs" else ("block", "attach-all")))
+            then += " captures it now"
+        else:
+            then = f"the daemon captures it when it starts ({command('daemon', 'start')})"
+        r = replace(r, message=f"{r.message}; {then}")
+    return report([r], as_json=args.json)
+
+
 def size(text: str) -> int:
     try:
         return parse_size(text)

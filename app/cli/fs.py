@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import sys
 
-from app.cli.common import (add, group, keep_primary_option, replica_options, replication, require,
-                            require_daemon, store)
+from app.cli.common import (accept, add, group, keep_primary_option, replica_options, replication,
+                            require, require_daemon, store)
 from app.cli.output import complain, dump, failures, print_table, report
 from app.services.layout import command
 
@@ -54,7 +54,7 @@ def cmd_accept_filesystem(args) -> int:
     from app.services.entries import configured_fs
     rep = replication(args)
     entry = require(configured_fs, rep.store, args.path)
-    return report([rep.accept_identity("fs", entry.path)], as_json=args.json)
+    return accept(rep, args, "fs", entry.path)
 
 
 def cmd_mount_all(args) -> int:
