@@ -968,21 +968,28 @@ def test_an_entry_switched_over_is_not_removed_until_it_is_failed_back(fs_remote
     assert p.returncode == 0 and f"removed {src}" in p.stdout, p.stdout + p.stderr
 
 
+def switched_over_mount_point(tmpfs_mount, remote, tmp_path, text: str):
+    """An entry that is the mount point of its own file system (a tmpfs), replicating to
+    backup1:data with one file holding `text`, switched over: (engine, its path, the remote)."""
+    make, r = remote()
+    src = tmp_path / "src"
+    tmpfs_mount(src)
+    assert cli(r.cfg, "fs", "add", str(src), "--target", "backup1:data").returncode == 0
+    eng, _, _ = make(config=r.cfg)
+    (src / "f").write_text(text)
+    eng.drain(str(src))
+    p = cli(r.cfg, "switchover", str(src), socket=eng.socket)
+    assert p.returncode == 0, p.stdout + p.stderr
+    return eng, src, r
+
+
 def test_an_entry_that_is_its_own_file_systems_mount_point_fails_back(tmpfs_mount, remote,
                                                                       tmp_path):
     """The usual case of a data disk: the entry is the mount point of its own file system.
     The fail-back's check of who uses this side took that file system, under the read-only
     fence, for a user ("in use here: mounted at …") and refused every time. The fence and the
     file system under it are the entry's own; a process there is still named."""
-    make, r = remote()
-    src = tmp_path / "src"
-    tmpfs_mount(src)
-    assert cli(r.cfg, "fs", "add", str(src), "--target", "backup1:data").returncode == 0
-    eng, _, _ = make(config=r.cfg)
-    (src / "f").write_text("before")
-    eng.drain(str(src))
-    p = cli(r.cfg, "switchover", str(src), socket=eng.socket)
-    assert p.returncode == 0, p.stdout + p.stderr
+    eng, src, r = switched_over_mount_point(tmpfs_mount, remote, tmp_path, "before")
     (r.root / "data" / "f").write_text("written on the promoted replica")
     user = subprocess.Popen(["sleep", "600"], cwd=src)
     try:
@@ -1005,15 +1012,7 @@ def test_a_fail_back_onto_another_file_system_in_the_entrys_place_is_refused(tmp
     directory below shows). A fail-back wrote the replica's data onto whatever was there; it
     now checks the file system as a capture does (type, mount point, UUID) and refuses, naming
     the way on: `fs accept-filesystem`, then the fail-back writes the replica's data there."""
-    make, r = remote()
-    src = tmp_path / "src"
-    tmpfs_mount(src)
-    assert cli(r.cfg, "fs", "add", str(src), "--target", "backup1:data").returncode == 0
-    eng, _, _ = make(config=r.cfg)
-    (src / "f").write_text("kept on the replica")
-    eng.drain(str(src))
-    p = cli(r.cfg, "switchover", str(src), socket=eng.socket)
-    assert p.returncode == 0, p.stdout + p.stderr
+    eng, src, r = switched_over_mount_point(tmpfs_mount, remote, tmp_path, "kept on the replica")
     assert eng.stop() == 0
     while os.path.ismount(src):  # the fence, then the file system under it: the disk is gone
         subprocess.run(["umount", "-l", str(src)], check=True)
