@@ -188,8 +188,9 @@ def register(sub, common) -> None:
     p.add_argument("device", help="a configured block device (not its loop)")
     keep_primary_option(p)
     p = add(block, "accept-device", cmd_accept_device, "take the entry's device as it is now, "
-            "although it is not the device its first capture recorded (the disk was replaced, "
-            "the loop's file moved): its next capture makes the replica equal to it", common)
+            "although it is not the device recorded for it when it was added (the disk was "
+            "replaced, the loop's file moved): its next capture makes the replica equal to it",
+            common)
     p.add_argument("device", help="a configured block device (not its loop)")
     p = add(block, "attach-all", cmd_attach_all, "attach every entry to its loop device now "
             "(captured when the daemon runs)", common)

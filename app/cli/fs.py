@@ -121,9 +121,9 @@ def register(sub, common) -> None:
     p.add_argument("--force", action="store_true", help="lazy-unmount even when files are open")
     keep_primary_option(p)
     p = add(fs, "accept-filesystem", cmd_accept_filesystem, "take the file system the entry's "
-            "directory lies on as it is now, although it is not the one its first capture "
-            "recorded (the data was moved there on purpose): its next capture makes the replica "
-            "equal to it", common)
+            "directory lies on as it is now, although it is not the one recorded for it when it "
+            "was added (the data was moved there on purpose): its next capture makes the "
+            "replica equal to it", common)
     p.add_argument("path", help="a configured directory")
     add(fs, "mount-all", cmd_mount_all, "mount mirrorfs on every entry now (via the daemon)",
         common)

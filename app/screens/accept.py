@@ -59,8 +59,8 @@ def accept_question(kind: str, key: str, target: str | None, was: dict, now: dic
         ": files the replica has and the directory lacks are deleted from it" if kind == "fs"
         else ": the blocks that differ are copied over the replica's")
         if target else "captures it (it has no target: nothing is copied)")
-    return (f"{key} is not {'' if kind == 'block' else 'on '}the {what} its first capture "
-            f"recorded, so its capture is refused.\n"
+    return (f"{key} is not {'' if kind == 'block' else 'on '}the {what} "
+            f"recorded for it, so its capture is refused.\n"
             f"  recorded: {shown(identity_words(was))}\n"
             f"  now:      {shown(identity_words(now))}\n\n"
             f"Accept only if this is right ({right}). If it is not: Cancel, {fix}.\n\n"
@@ -145,8 +145,8 @@ class AcceptsIdentity:
             self.notify(shown(str(change)), title=title, severity="error", markup=False)
             return
         if change is None:
-            self.notify(f"Nothing to accept: {shown(key)} is on the {what} its first capture "
-                        f"recorded (or none was recorded). {next_capture(kind)} captures it.",
+            self.notify(f"Nothing to accept: {shown(key)} is on the {what} recorded for it "
+                        f"(or none was recorded). {next_capture(kind)} captures it.",
                         title=title, markup=False)
             return
         was, now = change

@@ -110,7 +110,7 @@ ACTIONS: tuple[Action, ...] = (
            "every warning in full"),
     Action("dashboard", "accept", "n", "Accept", "Accept an entry's new device or file system",
            "the selected entry's capture was refused: it is not on the device or file system "
-           "its first capture recorded; take that as it is now (shown first)"),
+           "recorded for it; take that as it is now (shown first)"),
     Action("dashboard", "details", "i", "Details", "Dashboard entry details",
            "everything about the selected entry (Enter too)", footer=False, palette=False),
 
