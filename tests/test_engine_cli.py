@@ -232,6 +232,10 @@ def test_a_new_empty_file_system_in_the_old_ones_place_does_not_empty_the_replic
             "UUID was " in r.stderr, r.stderr
         assert "another file system of its type is mounted in its place" in r.stderr, r.stderr
         assert not eng.status(str(src))["captured"]
+        said = cli("--config", str(cfg), "status", socket=eng.socket).stdout
+        assert "changes there are not captured (its capture is refused: it is not on the file " \
+            "system or device recorded for it; see below)" in " ".join(said.split()), said
+        assert "(Mount all)" not in said, said  # which this refusal refuses
         assert len(os.listdir(tgt)) == 20  # not one name removed
         r = cli("--config", str(cfg), "fs", "accept-filesystem", str(src), socket=eng.socket)
         assert r.returncode == 0 and "is forgotten" in r.stdout, r.stdout + r.stderr

@@ -7,6 +7,7 @@ TUI's dashboard both render this.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import time
@@ -323,6 +324,9 @@ def _not_captured_warning(path: str, row: CaptureRow | None, sw: dict | None, ta
         keys = ("s runs it again, o keeps this side" if sw.get("state") == "switching" else
                 "f fails back, o keeps this side, m: moved there for good")
         return StatusWarning(path, _switched_text(sw, target) + f" (Targets screen: {keys})")
+    if row is not None and row.last_errno == errno.EMEDIUMTYPE:  # Mount all is refused too
+        what = what.rpartition(" (")[0] + (" (its capture is refused: it is not on the file "
+                                           "system or device recorded for it; see below)")
     return StatusWarning(path, what)
 
 
