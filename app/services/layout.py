@@ -56,7 +56,7 @@ SWITCHED_MARKER = "switched"  # in an entry's state directory: handed over to it
 # replica's records were written here); removed when it finished, or was refused before it began
 FAILBACK_MARKER = "failback"
 # beside them: what told the entry's device (block) or file system (directory) from another
-# when it was first captured (app/engine/capture.py check_identity); removed with the entry
+# when it was added (app/engine/capture.py check_identity); removed with the entry
 IDENTITY_RECORD = "identity"
 
 
@@ -83,9 +83,9 @@ def write_small_file(directory, name: str, text: str, *, sync_dir: bool = True) 
 
 
 def identity_record(entry_dir: str) -> dict | None:
-    """What the entry's first capture recorded about its device or file system (capture.
-    check_identity); None when there is none or it cannot be read (the next capture records
-    it again)."""
+    """What was recorded about the entry's device or file system when it was added (or by
+    the first capture of an entry an older version added; capture.check_identity); None when
+    there is none or it cannot be read (the next capture records it again)."""
     import json
     try:
         with open(os.path.join(entry_dir, IDENTITY_RECORD), "rb") as f:
