@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import argparse
 import errno
 import json
 import sys
@@ -80,6 +81,37 @@ def cmd_rekey(args) -> int:
     return report([targets.rekey_target(store(args), args.name, accept_host_key=args.accept_host_key,
                                         confirm=_confirm(args, host.host, host.port))],
                   as_json=args.json)
+
+
+def cmd_set(args) -> int:
+    from dataclasses import replace
+    from app.services import targets
+    from app.services.config import target_errors
+    from app.services.layout import command
+    errors = [ConfigError(f"{flag}: the {key} of a target cannot be changed: its replicas are "
+                          f"there. Remove the target and add it again "
+                          f"({command('target', 'remove', args.name)}, then "
+                          f"{command('target', 'add', args.name, '--host', 'H', '--root', 'DIR')}"
+                          f"); for a host key that changed, {command('target', 'rekey', args.name)}",
+                          key=key, obj=args.name, errno=errno.EINVAL)
+              for key, flag in (("host", "--host"), ("root", "--root"))
+              if getattr(args, key) is not None]
+    changes = {key: getattr(args, key) for key in targets.SETTABLE if getattr(args, key) is not None}
+    for key in ("bandwidth", "resync_bandwidth"):  # none: no cap (the key goes from the file)
+        if changes.get(key) == "none":
+            changes[key] = None
+    if "port" in changes:
+        changes["port"] = _port(changes["port"])
+    if not changes and not errors:
+        errors.append(ConfigError("nothing to set: give at least one of --"
+                                  + ", --".join(k.replace("_", "-") for k in targets.SETTABLE),
+                                  obj=args.name, errno=errno.EINVAL))
+    host = _host(args)  # a name that is not configured is a refusal (exit 2)
+    # every malformed value said at once, one line each, as target add says them
+    errors += target_errors(replace(host, **changes))
+    if errors:
+        raise ConfigErrors.of(errors)
+    return report([targets.set_target(store(args), args.name, changes)], as_json=args.json)
 
 
 def cmd_list(args) -> int:
@@ -164,6 +196,23 @@ def register(sub, common) -> None:
     p.add_argument("name")
     p.add_argument("--accept-host-key", metavar="SHA256:…", default=None, help="the new host key's "
                    "fingerprint (scripts); without it a terminal is asked")
+    p = add(tgt, "set", cmd_set, "change how a target is reached or how fast (not its host or "
+            "root: remove and add it again); running captures take it at their next start",
+            common)
+    p.add_argument("name")
+    p.add_argument("--bandwidth", default=None, help="cap on wire bytes, e.g. 20MiB/s; 0 or "
+                   "none: no cap")
+    p.add_argument("--resync-bandwidth", default=None, help="a lower cap for resyncs (at most "
+                   "--bandwidth); 0 or none: no cap of their own")
+    p.add_argument("--compression", metavar="{zstd,none}", default=None)
+    p.add_argument("--port", default=None)  # checked with the other values (_port)
+    p.add_argument("--user", default=None)
+    p.add_argument("--identity", default=None, help="another private key (its .pub beside it; "
+                   "its authorized_keys line is printed)")
+    p.add_argument("--known-hosts", default=None, help="another file the host key is pinned in "
+                   "(the key pinned now is copied there if the host offers it)")
+    for flag in ("--host", "--root"):  # refused with what to do instead
+        p.add_argument(flag, default=None, help=argparse.SUPPRESS)
     add(tgt, "list", cmd_list, "list the remote targets", common)
     p = add(tgt, "remove", cmd_remove, "remove a remote target that no entry uses", common)
     p.add_argument("name")

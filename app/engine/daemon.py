@@ -39,7 +39,7 @@ from app.services.config import BlockEntry, ConfigStore, FsEntry
 from app.services.control import SOCKET_MODE
 from app.services.socketpath import default_socket
 from app.services.layout import Layout, local_time, with_failback
-from app.services.protocol import CaptureRow
+from app.services.protocol import TARGET_SETTINGS_AT_START, CaptureRow
 from app.services.results import MirrorError, Outcome, Result, refuses
 
 # What a capture takes from its entry when it starts; a hand edit of these while it runs
@@ -137,8 +137,8 @@ class Daemon:
         # every worker asked at once (one after another, N that did not answer took N x 10 s)
         configured = self._configured(config)
         lost = [cap for cap in self.sup.captures.values() if (cap.kind, cap.key) not in configured]
-        rows = await gather(*[lambda e=e: self._fs_row(e) for e in config.filesystem],
-                            *[lambda e=e: self._block_row(e) for e in config.block],
+        rows = await gather(*[lambda e=e: self._fs_row(e, config) for e in config.filesystem],
+                            *[lambda e=e: self._block_row(e, config) for e in config.block],
                             lambda: self.sup.figures_of(lost))
         fs_rows, block_rows = rows[:len(config.filesystem)], rows[len(config.filesystem):-1]
         orphans = []
@@ -155,7 +155,7 @@ class Daemon:
                 "orphans": orphans, "pids": sorted({os.getpid()} | self.sup.pids()),
                 "dead_loops": await trio.to_thread.run_sync(self.blk.dead_loops)}
 
-    async def _fs_row(self, e: FsEntry) -> CaptureRow:
+    async def _fs_row(self, e: FsEntry, config) -> CaptureRow:
         cap = self.sup.get("fs", e.path)
         row = CaptureRow("fs", e.path, target=e.target, replicate_atime=e.replicate_atime,
                          mounted=mount_dev(e.path, self.layout.fsname("fs")) is not None,
@@ -164,7 +164,7 @@ class Daemon:
             row.captured = True
             row.update(await self.sup.figures(cap))
             row.worker_pid = cap.link.pid
-            _as_running(row, cap, e)
+            _as_running(row, cap, e, config)
         elif (old := self.sup.detached_busy(e.path)) is not None:  # lazily unmounted: still serving
             row.captured = True
             row.update(await self.sup.figures(old))
@@ -176,7 +176,7 @@ class Daemon:
             self._switched(row)
         return row
 
-    async def _block_row(self, e: BlockEntry) -> CaptureRow:
+    async def _block_row(self, e: BlockEntry, config) -> CaptureRow:
         cap = self.sup.get("block", e.device)
         row = CaptureRow("block", e.device, target=e.target, offset=e.offset)
         if cap is not None:
@@ -185,7 +185,7 @@ class Daemon:
             row.file = self.blk.file(e.device)
             row.update(await self.sup.figures(cap))
             row.worker_pid = cap.link.pid
-            _as_running(row, cap, e)
+            _as_running(row, cap, e, config)
         else:
             row.state = "not captured"
             self._not_captured(row)
@@ -614,19 +614,41 @@ def failover_refusal(layout, kind: str, key: str):
     return _refusal(layout, kind, key, "capture")
 
 
-def _as_running(row: CaptureRow, cap: Captured, configured) -> None:
+def _as_running(row: CaptureRow, cap: Captured, configured, config) -> None:
     """The row says what the running capture does: its entry as it was when it started
     (a target edited by hand meanwhile is not where its changes go), and what of the file
-    it does not do yet (`not_applied`: {setting: [running, configured]})."""
+    it does not do yet (`not_applied`: {setting: [running, configured]}), its remote
+    target's settings (`target set`) too."""
     running = cap.entry
-    if running is None or running == configured:
+    if running is None:
         return
-    row.target = running.target
-    if row.kind == "block":
-        row.offset = running.offset
-    row.not_applied = {name: [getattr(running, name), getattr(configured, name)]
-                       for name in SETTINGS_AT_START[row.kind]
-                       if getattr(running, name) != getattr(configured, name)}
+    if running != configured:
+        row.target = running.target
+        if row.kind == "block":
+            row.offset = running.offset
+        row.not_applied = {name: [getattr(running, name), getattr(configured, name)]
+                           for name in SETTINGS_AT_START[row.kind]
+                           if getattr(running, name) != getattr(configured, name)}
+    row.not_applied.update(_target_not_applied(cap, configured, config))
+
+
+def _target_not_applied(cap: Captured, configured, config) -> dict[str, list]:
+    """The remote target's settings the capture started with (its hello's spec) that its
+    [[target]] no longer says: {setting: [running, configured]}, rates in bytes a second
+    (None: no cap). Nothing for a capture that replicates elsewhere now (its target is
+    said), nor for a worker of before (its hello named no target)."""
+    spec = (cap.link.info.get("target") or {}).get("remote")
+    if spec is None or cap.entry.target != configured.target:
+        return {}
+    host = config.target_host(spec.get("name"))
+    if host is None:
+        return {}
+    now = host.to_spec()
+
+    def value(d: dict, name: str):
+        return (d.get(name) or None) if name.endswith("bandwidth") else d.get(name)
+    return {name: [value(spec, name), value(now, name)] for name in TARGET_SETTINGS_AT_START
+            if value(spec, name) != value(now, name)}
 
 
 def sync_nested(path: str) -> list[str]:

@@ -141,14 +141,35 @@ class ConfigStore:
             return replace(config, target=config.target + (host,)), host
         return self._change(change)
 
+    def set_target(self, name: str, check: Callable[[TargetHost, TargetHost], TargetHost],
+                   **changes) -> tuple[TargetHost, TargetHost]:
+        """Change a [[target]]'s settings (not its name, host or root: its replicas are there):
+        (as it was, as it is now). `check(old, new)` runs under the lock, before the write,
+        and may refuse (or complete the new one); nothing is written when nothing changes."""
+        unsettable = sorted(set(changes) & {"name", "host", "root"})
+        if unsettable:
+            raise ConfigError(f"{', '.join(unsettable)} of a target cannot be changed",
+                              key=unsettable[0], obj=name, errno=errno.EINVAL)
+
+        def change(config: Config) -> tuple[Config, tuple[TargetHost, TargetHost]]:
+            old = config.target_host(name)
+            if old is None:
+                raise ConfigError(f"no remote target named {name!r} is configured", obj=name,
+                                  errno=errno.ENOENT)
+            new = replace(old, **changes)
+            _check_target(new)
+            new = check(old, new)
+            return (replace(config, target=tuple(new if t is old else t for t in config.target)),
+                    (old, new))
+        return self._change(change)
+
     def remove_target(self, name: str) -> TargetHost:
         def change(config: Config) -> tuple[Config, TargetHost]:
             host = config.target_host(name)
             if host is None:
                 raise ConfigError(f"no remote target named {name!r} is configured", obj=name,
                                   errno=errno.ENOENT)
-            users = [getattr(e, "path", None) or e.device for e in config.filesystem + config.block
-                     if e.target and e.target.partition(":")[0] == name and not is_local_target(e.target)]
+            users = [key for _kind, key in target_users(config, name)]
             if users:
                 raise ConfigError(f"target {name} is used by {', '.join(users)}: remove those "
                                   "entries (or change their target) first", obj=name, errno=errno.EBUSY)
@@ -708,6 +729,13 @@ def _refuse_own_dirs(real: str, path: str) -> None:
 def is_local_target(target: str | None) -> bool:
     """A local target (an absolute path), not NAME:PATH on a remote target nor none."""
     return bool(target) and target.startswith("/")
+
+
+def target_users(config: Config, name: str) -> list[tuple[str, str]]:
+    """The entries that replicate to the remote target `name`: (kind, path or device)."""
+    return [("fs", e.path) if isinstance(e, FsEntry) else ("block", e.device)
+            for e in config.filesystem + config.block
+            if e.target and e.target.partition(":")[0] == name and not is_local_target(e.target)]
 
 
 def _overlap(a: str, b: str) -> bool:

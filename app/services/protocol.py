@@ -184,6 +184,10 @@ def replicating(connection: str | None, target_data: str | None) -> bool:
 CAPTURE = {"fs": "Mount all", "block": "Attach all"}
 # What starts an entry's capture anew, so that it reads its entry again (CaptureRow.not_applied)
 CAPTURE_AGAIN = {"fs": "Unmount all, then Mount all", "block": "Detach all, then Attach all"}
+# What a capture takes from its remote target's [[target]] when it starts: `target set` (or a
+# hand edit) while it runs applies at its next start too (CaptureRow.not_applied)
+TARGET_SETTINGS_AT_START = ("port", "user", "identity", "known_hosts", "ssh_config", "bandwidth",
+                            "resync_bandwidth", "compression")
 
 
 @dataclass
@@ -241,7 +245,8 @@ class CaptureRow:
     holders: list[str] = field(default_factory=list)  # who keeps a pending detach or a mount alive
     error: str | None = None  # the daemon could not ask the worker
     # settings the running capture started with that the configuration no longer says (a
-    # hand edit; applied at its next start): {setting: [running, configured]}
+    # hand edit, `target set`; applied at its next start): {setting: [running, configured]}; a
+    # remote target's rates in bytes a second
     not_applied: dict[str, list] = field(default_factory=dict)
 
     def to_json(self) -> dict:

@@ -21,7 +21,8 @@ from app.services.blockplan import View
 from app.services.entries import problems
 from app.services.layout import (CONNECTING_AGAIN, WRITERS_WAIT, FSTYPE_FS, command, entry_state,
                                   mix_words, switched_marker, with_failback)
-from app.services.protocol import CAPTURE_AGAIN, CaptureRow, replicating
+from app.services.protocol import (CAPTURE_AGAIN, TARGET_SETTINGS_AT_START, CaptureRow,
+                                   replicating)
 
 
 Figures = CaptureRow  # the daemon's typed row for one entry (app/services/protocol.py)
@@ -530,14 +531,21 @@ def _replication_warnings(subject: str, row: CaptureRow, warnings: list[StatusWa
 def _not_applied_text(row: CaptureRow) -> str:
     """A hand edit of the entry while its capture runs: what it still does, what the file
     says, and what applies it (a capture reads its entry when it starts)."""
-    def said(value) -> str:
+    from app.services.units import human_size
+
+    def said(name: str, value) -> str:
+        if name.endswith("bandwidth") and isinstance(value, int):  # a target's, in bytes/s
+            return f"{human_size(value)}/s"
         return "unset" if value is None else str(value).lower() if isinstance(value, bool) \
             else str(value)
-    changes = ", ".join(f"{name} {said(new)} (running: {said(old)})"
+    changes = ", ".join(f"{name} {said(name, new)} (running: {said(name, old)})"
                         for name, (old, new) in row.not_applied.items())
-    doing = (f"its capture replicates to {said(row.target)}" if "target" in row.not_applied
+    doing = (f"its capture replicates to {row.target}" if "target" in row.not_applied
              else "its capture runs")
-    return (f"{doing} as the entry was when it started; the configuration now says {changes}: "
+    what = "the entry was"
+    if row.not_applied.keys() & set(TARGET_SETTINGS_AT_START):  # `target set` (or a hand edit)
+        what = f"the entry and its target {(row.target or '').partition(':')[0]} were"
+    return (f"{doing} as {what} when it started; the configuration now says {changes}: "
             f"{CAPTURE_AGAIN[row.kind]} applies it")
 
 

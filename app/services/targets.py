@@ -393,11 +393,7 @@ def rekey_target(store: ConfigStore, name: str, *, accept_host_key: str | None =
         else:
             _pin(kh, host.host, host.port, chosen[0])
     except (MirrorError, subprocess.TimeoutExpired, OSError) as exc:
-        if isinstance(exc, OSError) and not isinstance(exc, MirrorError):
-            exc = MirrorError.from_oserror("rekey target", name, exc)
-        if isinstance(exc, subprocess.TimeoutExpired):
-            exc = MirrorError(f"{exc.cmd[0]} did not answer in {exc.timeout:.0f} s", errno=errno.ETIMEDOUT)
-        return Result.from_error("rekey target", name, exc)
+        return _failed("rekey target", name, exc)
     users = [t.name for t in store.load().target
              if (t.host, t.port) == (host.host, host.port) and (t.known_hosts or kh) == kh]
     return Result("rekey target", name, Outcome.OK, f"pinned host key {chosen[1]} ({chosen[2]}) of "
@@ -405,6 +401,89 @@ def rekey_target(store: ConfigStore, name: str, *, accept_host_key: str | None =
                   f"; targets using it: {', '.join(users)}. Their captures connect with it on their "
                   "next try", details={"fingerprint": chosen[1], "was": old, "known_hosts": kh,
                                        "targets": users})
+
+
+# What `target set` may change: how the target is reached and how fast. Its name, host and
+# root are where its replicas are (remove and add it again; `rekey` for a new host key).
+SETTABLE = ("bandwidth", "resync_bandwidth", "compression", "port", "user", "identity",
+            "known_hosts")
+
+
+def setting_shown(value) -> str:
+    return "none" if value is None else str(value)
+
+
+def set_target(store: ConfigStore, name: str, changes: dict) -> Result:
+    """`target set NAME`: change how a target is reached or how fast, checked as `target add`
+    checks them. No connection is made for a new user or identity (the target may be down;
+    `target test` tells whether it takes them). A new known_hosts or port must hold a pin for
+    the host there: one missing is filled from the key pinned now, if the host offers that
+    very key there (ssh-keyscan); any other key is refused, never pinned silently."""
+    try:
+        seen = store.load().target_host(name)
+        if seen is None:
+            raise ConfigError(f"no remote target named {name!r} is configured (mirrorsetup target "
+                              "list)", errno=errno.ENOENT, obj=name)
+        wanted = replace(seen, **changes)
+        changed = {k: [getattr(seen, k), getattr(wanted, k)] for k in SETTABLE
+                   if getattr(seen, k) != getattr(wanted, k)}
+        if not changed:
+            return Result("set target", name, Outcome.UNCHANGED, f"target {name} has these "
+                          "settings already: nothing was changed")
+        store.check_target(wanted)
+        if "identity" in changed:
+            check_identity(wanted.identity)
+        line = authorized_key_line(wanted)  # a new identity's public key is readable
+        if "known_hosts" in changed:
+            check_known_hosts_place(wanted.known_hosts)
+        note = ""
+        if changed.keys() & {"known_hosts", "port"}:
+            note = _pin_moved(store, seen, wanted)
+
+        def same_as_seen(old: TargetHost, new: TargetHost) -> TargetHost:
+            if old != seen:  # another console changed it while the host was asked
+                raise Refusal(f"target {name} was changed meanwhile; nothing was changed: look "
+                              "at it again (mirrorsetup target list)", errno=errno.EAGAIN, obj=name)
+            return new
+        store.set_target(name, same_as_seen, **changes)
+    except (MirrorError, subprocess.TimeoutExpired, OSError) as exc:
+        return _failed("set target", name, exc)
+    from app.services.config import target_users
+    from app.services.protocol import CAPTURE_AGAIN
+    users = target_users(store.load(), name)
+    said = ", ".join(f"{k} {setting_shown(old)} -> {setting_shown(new)}"
+                     for k, (old, new) in changed.items())
+    # a running capture reads its target's settings when it starts (CaptureRow.not_applied)
+    then = "".join(f"; {', '.join(key for k, key in users if k == kind)}: a running capture "
+                   f"keeps the old settings until {CAPTURE_AGAIN[kind]} (status says them not "
+                   "applied until then)" for kind in ("fs", "block")
+                   if any(k == kind for k, _key in users))
+    key = (f"; put this line in the target's authorized_keys, then "
+           f"{command('target', 'test', name)}: {line}") if "identity" in changed else ""
+    return Result("set target", name, Outcome.OK, f"changed {said}{note}{then}{key}",
+                  details={"changed": changed, "entries": [key for _kind, key in users],
+                           **({"authorized_key": line} if key else {})})
+
+
+def _pin_moved(store: ConfigStore, old: TargetHost, new: TargetHost) -> str:
+    """The host's key pinned where `new` looks it up (its known_hosts, its port): there
+    already, or pinned from `old`'s pin when the host offers that key there. Else a Refusal."""
+    kh, pinned = pinned_for(store, new)
+    if pinned:
+        return ""
+    _old_kh, was = pinned_for(store, old)
+    keys = scan_host_keys(new.host, new.port)
+    same = offered_and_pinned(keys, was)
+    where = f"{new.host} port {new.port}"
+    if same is None:
+        shown = ", ".join(f"{fp} ({kind})" for _line, fp, kind in keys)
+        raise Refusal(f"no host key is pinned for {where} in {kh}, and it offers {shown}, not the "
+                      f"key pinned for target {new.name} ({', '.join(was) or 'none'}): its "
+                      "connections would be refused. Check the key on the target (ssh-keygen -lf "
+                      "/etc/ssh/ssh_host_ed25519_key.pub) and pin it there, or keep the old "
+                      "setting. Nothing was changed", errno=errno.EACCES, obj=new.name)
+    _pin(kh, new.host, new.port, same[0])
+    return f"; pinned its host key {same[1]} ({same[2]}) for {where} in {kh}"
 
 
 def _locked(known_hosts: str, flags: int = os.O_RDWR) -> int:
@@ -455,25 +534,15 @@ def add_target(store: ConfigStore, host: TargetHost, *, accept_host_key: str | N
             if not os.path.exists(host.identity):
                 generate_key(host.identity)
                 made_key = True
-        elif not os.path.exists(host.identity):
-            raise ConfigError(f"identity {host.identity} does not exist", obj=host.identity, errno=errno.ENOENT)
-        elif _public_key_fields(host.identity) is not None:
-            raise ConfigError(f"identity {host.identity} is a public key: give the private key "
-                              "(its .pub beside it)", obj=host.identity, errno=errno.EINVAL)
+        else:
+            check_identity(host.identity)
         line = authorized_key_line(host)  # its public key, read before anything is pinned
         if host.ssh_config is not None and not os.path.isfile(host.ssh_config):
             raise ConfigError(f"ssh_config {host.ssh_config} does not exist (ssh would refuse "
                               "every connection: \"Can't open user config file\")",
                               obj=host.ssh_config, errno=errno.ENOENT)
         if host.known_hosts is not None:  # the default one's directory is the configuration's
-            where = os.path.dirname(os.path.abspath(host.known_hosts))
-            if os.path.isdir(host.known_hosts):
-                raise ConfigError(f"known_hosts {host.known_hosts} is a directory: give a file",
-                                  obj=host.known_hosts, errno=errno.EISDIR)
-            if not os.path.isdir(where):  # (it was made, with every directory above it)
-                raise ConfigError(f"known_hosts {host.known_hosts}: its directory {where} does not "
-                                  "exist: create it, or leave --known-hosts out (known_hosts next "
-                                  "to the configuration)", obj=host.known_hosts, errno=errno.ENOENT)
+            check_known_hosts_place(host.known_hosts)
         else:
             host = replace(host, known_hosts=default_known_hosts(store))
         note = ""
@@ -522,17 +591,44 @@ def add_target(store: ConfigStore, host: TargetHost, *, accept_host_key: str | N
                 os.rmdir(os.path.dirname(host.identity))
         if not isinstance(exc, (MirrorError, subprocess.TimeoutExpired, OSError)):
             raise
-        if isinstance(exc, OSError) and not isinstance(exc, MirrorError):
-            exc = MirrorError.from_oserror("add target", name, exc)
-        if isinstance(exc, subprocess.TimeoutExpired):
-            exc = MirrorError(f"{exc.cmd[0]} did not answer in {exc.timeout:.0f} s", errno=errno.ETIMEDOUT)
-        return Result.from_error("add target", name, exc)
+        return _failed("add target", name, exc)
     key_note = f"; generated key {host.identity}" if made_key else ""
     return Result("add target", name, Outcome.OK, f"added target {name} ({host.user + '@' if host.user else ''}"
                   f"{host.host}:{host.port}, root {host.root}); {note}{key_note}. Put this line in "
                   f"the target's authorized_keys: {line}",
                   details={"authorized_key": line, "identity": host.identity,
                            "known_hosts": host.known_hosts})
+
+
+def check_identity(identity: str) -> None:
+    """A given --identity: a private key that is there (add and set refuse it otherwise)."""
+    if not os.path.exists(identity):
+        raise ConfigError(f"identity {identity} does not exist", obj=identity, errno=errno.ENOENT)
+    if _public_key_fields(identity) is not None:
+        raise ConfigError(f"identity {identity} is a public key: give the private key (its .pub "
+                          "beside it)", obj=identity, errno=errno.EINVAL)
+
+
+def check_known_hosts_place(known_hosts: str) -> None:
+    """A given --known-hosts: a file (there or not yet) in a directory that is there."""
+    where = os.path.dirname(os.path.abspath(known_hosts))
+    if os.path.isdir(known_hosts):
+        raise ConfigError(f"known_hosts {known_hosts} is a directory: give a file",
+                          obj=known_hosts, errno=errno.EISDIR)
+    if not os.path.isdir(where):  # (it was made, with every directory above it)
+        raise ConfigError(f"known_hosts {known_hosts}: its directory {where} does not exist: "
+                          "create it, or leave --known-hosts out (known_hosts next to the "
+                          "configuration)", obj=known_hosts, errno=errno.ENOENT)
+
+
+def _failed(action: str, name: str, exc: MirrorError | subprocess.TimeoutExpired | OSError
+            ) -> Result:
+    """An add, rekey or set that ended on `exc`: its Result (a ConfigError or Refusal: refused)."""
+    if isinstance(exc, OSError) and not isinstance(exc, MirrorError):
+        exc = MirrorError.from_oserror(action, name, exc)
+    if isinstance(exc, subprocess.TimeoutExpired):
+        exc = MirrorError(f"{exc.cmd[0]} did not answer in {exc.timeout:.0f} s", errno=errno.ETIMEDOUT)
+    return Result.from_error(action, name, exc)
 
 
 def _public_key_fields(path: str) -> tuple[str, str] | None:

@@ -1,0 +1,166 @@
+"""`mirrorsetup target set NAME`: a remote target's settings changed without editing the
+file by hand, checked as `target add` checks them; running captures are told as not applied
+until their next start."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from test_engine_support import REPO
+from test_remote import cli, fs_remote, remote, wait_for  # noqa: F401 - the fixtures
+
+MiB = 1 << 20
+
+
+def keygen(path: Path) -> Path:
+    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(path)], check=True)
+    return path
+
+
+@pytest.fixture
+def two_targets(tmp_path):
+    """A configuration with two targets, b1 and b2, as `target add` writes them (no host is
+    asked: nothing here connects)."""
+    etc = tmp_path / "etc"
+    etc.mkdir()
+    key = keygen(etc / "k")
+    (etc / "known_hosts").write_text(f"10.231.9.2 ssh-ed25519 {key.with_suffix('.pub').read_text().split()[1]}\n")
+    cfg = etc / "replication.toml"
+    tables = "".join(f'\n[[target]]\nname = "{n}"\nhost = "10.231.9.2"\nroot = "/srv/{n}"\n'
+                     f'identity = "{key}"\nknown_hosts = "{etc / "known_hosts"}"\n'
+                     'bandwidth = "20MiB/s"\n' for n in ("b1", "b2"))
+    cfg.write_text("schema = 1\n" + tables)
+    cfg.chmod(0o600)
+    return cfg
+
+
+def targets(cfg: Path) -> dict[str, dict]:
+    listed = cli(cfg, "target", "list", "--json")
+    assert listed.returncode == 0, listed.stderr  # the file is still valid
+    return {t["name"]: t for t in json.loads(listed.stdout)}
+
+
+def test_target_set_changes_what_it_is_given_and_nothing_else(two_targets, tmp_path):
+    cfg = two_targets
+    before = targets(cfg)
+    other = keygen(tmp_path / "etc" / "other")
+    r = cli(cfg, "--json", "target", "set", "b1", "--bandwidth", "5MiB/s", "--resync-bandwidth",
+            "1MiB/s", "--compression", "none", "--user", "repl", "--identity", str(other))
+    assert r.returncode == 0, r.stdout + r.stderr
+    [res] = json.loads(r.stdout)
+    assert res["outcome"] == "ok", res
+    assert res["details"]["changed"] == {"bandwidth": ["20MiB/s", "5MiB/s"],
+                                         "resync_bandwidth": [None, "1MiB/s"],
+                                         "compression": ["zstd", "none"], "user": [None, "repl"],
+                                         "identity": [before["b1"]["identity"], str(other)]}
+    # a new identity: the line for the target's authorized_keys is its public key's
+    public = other.with_suffix(".pub").read_text().split()[1]
+    assert public in res["details"]["authorized_key"], res
+    after = targets(cfg)
+    assert after["b2"] == before["b2"]  # the other target is untouched
+    changed = {k for k in after["b1"] if after["b1"][k] != before["b1"][k]}
+    assert changed == {"bandwidth", "resync_bandwidth", "compression", "user", "identity"}
+    assert after["b1"]["bandwidth"] == "5MiB/s" and after["b1"]["user"] == "repl"
+    said = cli(cfg, "target", "set", "b1", "--bandwidth", "none")  # none: no cap
+    assert said.returncode == 0 and "bandwidth 5MiB/s -> none" in said.stdout, said
+    assert targets(cfg)["b1"]["bandwidth"] is None
+    assert "\nbandwidth = " not in cfg.read_text().split("[[target]]")[1]  # the key is gone
+
+
+def test_target_set_of_the_same_values_is_unchanged_and_writes_nothing(two_targets):
+    cfg = two_targets
+    text, mtime = cfg.read_text(), cfg.stat().st_mtime_ns
+    r = cli(cfg, "--json", "target", "set", "b1", "--bandwidth", "20MiB/s", "--compression", "zstd")
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)[0]["outcome"] == "unchanged"
+    assert cfg.read_text() == text and cfg.stat().st_mtime_ns == mtime
+
+
+def test_target_set_refuses_bad_values_all_at_once_and_changes_nothing(two_targets, tmp_path):
+    cfg = two_targets
+    text = cfg.read_text()
+    r = cli(cfg, "--json", "target", "set", "b1", "--bandwidth", "fast", "--port", "70000",
+            "--compression", "lz4", "--host", "elsewhere", "--root", "/srv/x")
+    assert r.returncode == 2, r.stdout + r.stderr
+    said = r.stderr.splitlines()
+    assert len(said) == 5, said  # one line each
+    for word in ("--host:", "--root:", "port:", "bandwidth:", "compression:"):
+        assert any(line.startswith(f"mirrorsetup: {word}") for line in said), (word, said)
+    # host and root are where the replicas are: what to do instead
+    assert "target remove b1" in r.stderr and "target rekey b1" in r.stderr, r.stderr
+    assert json.loads(r.stdout)["errno_name"] == "EINVAL"
+    etc = tmp_path / "etc"
+    for argv, words, name in (
+            ([], "nothing to set: give at least one of --bandwidth", "EINVAL"),
+            (["--resync-bandwidth", "40MiB/s"], "is above bandwidth 20MiB/s", "EINVAL"),
+            (["--identity", str(etc / "k.pub")], "is a public key: give the private key", "EINVAL"),
+            (["--identity", str(etc / "missing")], f"identity {etc / 'missing'} does not exist",
+             "ENOENT"),
+            (["--known-hosts", str(etc)], "is a directory: give a file", "EISDIR"),
+            (["--known-hosts", str(etc / "no" / "kh")], "does not exist: create it", "ENOENT")):
+        r = cli(cfg, "--json", "target", "set", "b1", *argv)
+        assert r.returncode == 2 and words in r.stderr, (argv, r.stdout, r.stderr)
+        got = json.loads(r.stdout)
+        assert (got[0] if isinstance(got, list) else got)["errno_name"] == name, (argv, got)
+    r = cli(cfg, "--json", "target", "set", "nosuch", "--port", "2222")
+    assert r.returncode == 2 and "no remote target named 'nosuch'" in r.stderr, r.stderr
+    assert cfg.read_text() == text  # nothing was changed
+
+
+def test_help_names_every_setting_and_not_host_or_root():
+    r = subprocess.run([sys.executable, "-m", "app", "target", "set", "--help"], cwd=REPO,
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    for flag in ("--bandwidth", "--resync-bandwidth", "--compression", "--port", "--user",
+                 "--identity", "--known-hosts", "--json"):
+        assert flag in r.stdout, flag
+    assert "--host" not in r.stdout and "--root" not in r.stdout
+
+
+@pytest.mark.root
+def test_a_running_capture_is_told_not_applied_until_its_next_start(fs_remote, tmp_path):
+    """`target set` while an entry replicates to the target: its capture keeps the settings it
+    started with, and status says so, with what applies them, until Unmount all / Mount all."""
+    eng, src, r = fs_remote()
+    old_kh = targets(r.cfg)["backup1"]["known_hosts"]
+    kh = tmp_path / "etc" / "pins"  # a file of its own: the key pinned now is copied there
+    done = cli(r.cfg, "--json", "target", "set", "backup1", "--bandwidth", "8MiB/s",
+               "--known-hosts", str(kh))
+    assert done.returncode == 0, done.stdout + done.stderr
+    [res] = json.loads(done.stdout)
+    assert res["details"]["entries"] == [src], res
+    assert "pinned its host key SHA256:" in res["message"] and "until Unmount all, then Mount all" \
+        in res["message"], res
+    assert f"{r.bed.target_addr}]:{r.bed.port} ssh-ed25519 " in kh.read_text()
+
+    def engine_row() -> tuple[dict, list[str]]:
+        said = json.loads(cli(r.cfg, "status", "--json", socket=eng.socket).stdout)
+        return (said["filesystem"][0]["engine"],
+                [w["message"] for w in said["warnings"] if w["subject"] == src])
+    row, warnings = engine_row()
+    assert row["not_applied"] == {"bandwidth": [None, 8 * MiB], "known_hosts": [old_kh, str(kh)]}
+    [text] = [w for w in warnings if "configuration now says" in w]
+    assert "as the entry and its target backup1 were when it started" in text, text
+    assert "bandwidth 8.0 MiB/s (running: unset)" in text and "Unmount all, then Mount all" in text
+
+    for action in ("unmount-all", "mount-all"):
+        step = cli(r.cfg, "fs", action, socket=eng.socket)
+        assert step.returncode == 0, step.stdout + step.stderr
+    row, warnings = engine_row()
+    assert row["not_applied"] == {} and not [w for w in warnings if "configuration" in w], row
+    Path(src, "after").write_text("through the new pins")
+    eng.drain(src)  # the new capture connects with them
+    assert (r.root / "data" / "after").read_text() == "through the new pins"
+
+    # another key at the host: a file without a pin for it is refused, never pinned silently
+    r.bed.change_host_key()
+    text = r.cfg.read_text()
+    refused = cli(r.cfg, "target", "set", "backup1", "--known-hosts", str(tmp_path / "etc" / "n"))
+    assert refused.returncode == 2, refused.stdout + refused.stderr
+    assert "no host key is pinned for" in refused.stderr and "Nothing was changed" in refused.stderr
+    assert r.cfg.read_text() == text and not (tmp_path / "etc" / "n").exists()
