@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from test_engine_support import REPO
-from test_remote import cli, fs_remote, remote, wait_for  # noqa: F401 - the fixtures
+from test_remote import cli, fs_remote, remote  # noqa: F401 - the fixtures
 
 MiB = 1 << 20
 

@@ -328,6 +328,7 @@ SCREENS = {
     "targets_failback_confirm": keys("7", "down", "f"),
     "targets_failback_done": keys("7", "down", "f", "y"),
     "targets_add": keys("7", "a"),
+    "targets_edit": keys("7", "e"),
 }
 
 

@@ -116,6 +116,10 @@ ACTIONS: tuple[Action, ...] = (
 
     Action("targets", "add", "a", "Add", "Add remote target",
            "add a host that keeps replicas: a dedicated key, its host key shown and pinned"),
+    # (not in the footer: no room at 80 columns; the screen has its button)
+    Action("targets", "edit", "e", "Edit", "Edit remote target",
+           "change the selected target's port, user, key, pins, bandwidth or compression (not "
+           "its host or root)", footer=False),
     Action("targets", "test", "t", "Test", "Test remote target",
            "connect to the selected target and greet its agent"),
     Action("targets", "key_line", "k", "Key line", "Remote target authorized_keys line",

@@ -289,6 +289,7 @@ class TargetsScreen(TaskScreen):
         yield Static(NOTES, classes="notes")
         with Horizontal(classes="buttons"):
             yield Button("Add target", id="add", compact=True)
+            yield Button("Edit", id="edit", compact=True)
             yield Button("Test", id="test", compact=True)
             yield Button("Switch over", id="switchover", compact=True)
             yield Button("Fail back", id="failback", compact=True)
@@ -427,6 +428,21 @@ class TargetsScreen(TaskScreen):
         # (the result already holds the line: it was shown twice, and filled the dialog at 80x24)
         return [result], ["That line goes in ~/.ssh/authorized_keys of the target's user; k on "
                           "this screen shows it again."]
+
+    def action_edit(self) -> None:
+        """`target set`: the selected target's settings, filled in; run off the UI thread."""
+        host = self._selected_target()
+        if host is None or self.app.needs_root("Editing a remote target"):
+            return
+        from app.screens.target_edit import EditTargetDialog
+
+        def typed(changes: dict | None) -> None:
+            if changes is not None:
+                from app.services import targets
+                self.run_action(f"Edit target {host.name}", lambda: targets.set_target(
+                    self.services.store, host.name, changes), subject=host.name,
+                    waiting=f"changing {host.name}")
+        self.app.push_screen(EditTargetDialog(host), typed)
 
     def action_rekey(self) -> None:
         """A reinstalled target: what it offers now is shown beside what is pinned, asked,
