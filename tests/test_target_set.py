@@ -164,3 +164,20 @@ def test_a_running_capture_is_told_not_applied_until_its_next_start(fs_remote, t
     assert refused.returncode == 2, refused.stdout + refused.stderr
     assert "no host key is pinned for" in refused.stderr and "Nothing was changed" in refused.stderr
     assert r.cfg.read_text() == text and not (tmp_path / "etc" / "n").exists()
+
+
+def test_target_set_says_every_bad_file_and_field_at_once(two_targets, tmp_path):
+    """A missing key, a known_hosts in a directory that is not there and a bad port: three
+    lines, not the first one alone."""
+    cfg = two_targets
+    text = cfg.read_text()
+    missing, nowhere = tmp_path / "etc" / "missing", tmp_path / "no" / "kh"
+    r = cli(cfg, "target", "set", "b1", "--identity", str(missing), "--known-hosts", str(nowhere),
+            "--port", "0")
+    assert r.returncode == 2, r.stdout + r.stderr
+    said = r.stderr.splitlines()
+    assert len(said) == 3, said
+    assert f"mirrorsetup: identity {missing} does not exist" in said, said
+    assert any(line.startswith(f"mirrorsetup: known_hosts {nowhere}: its directory") for line in said)
+    assert any(line.startswith("mirrorsetup: port:") for line in said), said
+    assert cfg.read_text() == text

@@ -86,7 +86,6 @@ def cmd_rekey(args) -> int:
 def cmd_set(args) -> int:
     from dataclasses import replace
     from app.services import targets
-    from app.services.config import target_errors
     from app.services.layout import command
     errors = [ConfigError(f"{flag}: the {key} of a target cannot be changed: its replicas are "
                           f"there. Remove the target and add it again "
@@ -108,7 +107,7 @@ def cmd_set(args) -> int:
                                   obj=args.name, errno=errno.EINVAL))
     host = _host(args)  # a name that is not configured is a refusal (exit 2)
     # every malformed value said at once, one line each, as target add says them
-    errors += target_errors(replace(host, **changes))
+    errors += targets.set_errors(replace(host, **changes), changes)
     if errors:
         raise ConfigErrors.of(errors)
     return report([targets.set_target(store(args), args.name, changes)], as_json=args.json)

@@ -75,7 +75,8 @@ class EditTargetDialog(ModalScreen["dict | None"]):
 
     def _problem(self, changes: dict) -> str | None:
         """Every problem of the values typed, by the rules `target set` checks them with."""
-        from app.services.config import target_errors
+        from app.services.config import target_errors  # (no file is read here: Save's
+        # worker checks the key and known_hosts files, as `target set` does)
         if "port" in changes and not isinstance(changes["port"], int):
             return f"port {changes['port']!r} is not a port number"
         if not changes.get("compression", "zstd"):

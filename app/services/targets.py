@@ -29,7 +29,7 @@ from app.services import wire
 from app.services.config import ConfigStore
 from app.services.config_toml import TargetHost
 from app.services.layout import command
-from app.services.results import ConfigError, MirrorError, Outcome, Refusal, Result
+from app.services.results import ConfigError, ConfigErrors, MirrorError, Outcome, Refusal, Result
 
 KEYSCAN_SECONDS = 10
 PROBE_SECONDS = 30
@@ -430,12 +430,10 @@ def set_target(store: ConfigStore, name: str, changes: dict) -> Result:
         if not changed:
             return Result("set target", name, Outcome.UNCHANGED, f"target {name} has these "
                           "settings already: nothing was changed")
-        store.check_target(wanted)
-        if "identity" in changed:
-            check_identity(wanted.identity)
-        line = authorized_key_line(wanted)  # a new identity's public key is readable
-        if "known_hosts" in changed:
-            check_known_hosts_place(wanted.known_hosts)
+        error = ConfigErrors.of(set_errors(wanted, changed))
+        if error is not None:
+            raise error
+        line = authorized_key_line(wanted)
         note = ""
         if changed.keys() & {"known_hosts", "port"}:
             note = _pin_moved(store, seen, wanted)
@@ -463,6 +461,25 @@ def set_target(store: ConfigStore, name: str, changes: dict) -> Result:
     return Result("set target", name, Outcome.OK, f"changed {said}{note}{then}{key}",
                   details={"changed": changed, "entries": [key for _kind, key in users],
                            **({"authorized_key": line} if key else {})})
+
+
+def set_errors(wanted: TargetHost, changed) -> list[ConfigError]:
+    """Every problem of a target as `target set` would write it (`changed`: the settings it
+    changes): its fields, then the files a changed identity or known_hosts names, all at once
+    (the CLI says each on its line, the Targets screen's Edit says them together)."""
+    from app.services.config import target_errors
+    errors = target_errors(wanted)
+    bad = {e.key for e in errors}
+    checks = {"identity": lambda: (check_identity(wanted.identity), authorized_key_line(wanted)),
+              "known_hosts": lambda: check_known_hosts_place(wanted.known_hosts)}
+    for key, check in checks.items():
+        if key in changed and key not in bad:
+            try:
+                check()
+            except MirrorError as exc:  # (a public key that is missing: its own words)
+                errors.append(exc if isinstance(exc, ConfigError) else
+                              ConfigError(exc.message, key=key, obj=exc.obj, errno=exc.errno))
+    return errors
 
 
 def _pin_moved(store: ConfigStore, old: TargetHost, new: TargetHost) -> str:
