@@ -199,17 +199,19 @@ def register(sub, common) -> None:
             "root: remove and add it again); running captures take it at their next start",
             common)
     p.add_argument("name")
-    p.add_argument("--bandwidth", default=None, help="cap on wire bytes, e.g. 20MiB/s; 0 or "
-                   "none: no cap")
-    p.add_argument("--resync-bandwidth", default=None, help="a lower cap for resyncs (at most "
-                   "--bandwidth); 0 or none: no cap of their own")
+    p.add_argument("--bandwidth", metavar="RATE|none", default=None, help="cap on wire bytes, "
+                   "e.g. 20MiB/s; 0 or none: no cap")
+    p.add_argument("--resync-bandwidth", metavar="RATE|none", default=None, help="a lower cap "
+                   "for resyncs (at most --bandwidth); 0 or none: no cap of their own")
     p.add_argument("--compression", metavar="{zstd,none}", default=None)
-    p.add_argument("--port", default=None)  # checked with the other values (_port)
-    p.add_argument("--user", default=None)
-    p.add_argument("--identity", default=None, help="another private key (its .pub beside it; "
-                   "its authorized_keys line is printed)")
-    p.add_argument("--known-hosts", default=None, help="another file the host key is pinned in "
-                   "(the key pinned now is copied there if the host offers it)")
+    p.add_argument("--port", metavar="P", default=None, help="another ssh port (the host key "
+                   "pinned now is pinned for it too if the host offers it there)")
+    p.add_argument("--user", metavar="U", default=None)
+    p.add_argument("--identity", metavar="FILE", default=None, help="another private key (its "
+                   ".pub beside it; its authorized_keys line is printed: put it on the target, "
+                   "then target test)")
+    p.add_argument("--known-hosts", metavar="FILE", default=None, help="another file the host "
+                   "key is pinned in (the key pinned now is copied there if the host offers it)")
     for flag in ("--host", "--root"):  # refused with what to do instead
         p.add_argument(flag, default=None, help=argparse.SUPPRESS)
     add(tgt, "list", cmd_list, "list the remote targets", common)
