@@ -276,3 +276,46 @@ def test_what_an_entry_is_is_recorded_as_it_is_added_not_at_its_first_capture(
         assert (tgt / "f").read_text() == "on the disk"
     finally:
         eng.cleanup()
+
+
+def test_a_bind_mounted_directory_that_is_not_bound_is_not_captured_nor_its_replica_emptied(
+        tmp_path, tmpfs_mount):
+    """Found by a walk: the entry is a directory bind-mounted from another directory of the
+    same file system (`mount --bind /disk/store /disk/src`), and at the next start the bind
+    is not made. The record said only "tmpfs mounted on /disk" (the bind of the same file
+    system was taken for a switch-over's fence of the directory onto itself), the empty
+    directory below matched it, and the catch-up emptied the replica. The record now says
+    which directory of the file system the entry shows."""
+    disk = tmpfs_mount(tmp_path / "disk")
+    store, src, tgt = disk / "store", disk / "src", tmp_path / "tgt"
+    store.mkdir()
+    src.mkdir()
+    for i in range(20):
+        (store / f"f{i}").write_text(f"file {i}")
+    subprocess.run(["mount", "--bind", str(store), str(src)], check=True)
+    cfg = write_config(tmp_path / "etc" / "replication.toml", [{"path": str(src), "target": str(tgt)}])
+    eng = Engine(tmp_path, cfg)
+    try:
+        eng.start()
+        eng.drain(str(src))
+        assert len(os.listdir(tgt)) == 20
+        assert eng.stop() == 0
+        subprocess.run(["umount", str(src)], check=True)  # "the bind was not made at boot"
+        assert os.listdir(src) == []
+        eng.start()
+        r = cli("--config", str(cfg), "fs", "mount-all", socket=eng.socket)
+        assert r.returncode == 1, r.stdout + r.stderr
+        said = f"{src} is not on the file system this entry was made for: its directory of " \
+            "the file system was /store, it is now /src"
+        assert said in r.stderr and "accept-filesystem" in r.stderr, r.stderr
+        assert "a bind mount that was not made" in r.stderr, r.stderr
+        assert not eng.status(str(src))["captured"]
+        assert len(os.listdir(tgt)) == 20  # not one name removed
+        subprocess.run(["mount", "--bind", str(store), str(src)], check=True)  # made again
+        r = cli("--config", str(cfg), "fs", "mount-all", socket=eng.socket)
+        assert r.returncode == 0, r.stdout + r.stderr
+        eng.drain(str(src))
+        assert len(os.listdir(tgt)) == 20
+    finally:
+        eng.cleanup()
+        subprocess.run(["umount", "-l", str(src)], check=False)

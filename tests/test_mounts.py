@@ -26,7 +26,8 @@ import pytest
 from hypothesis import given, settings, strategies as st
 
 from app.services import mounts
-from app.services.layout import IDENTITY_FS_UUID, IDENTITY_RECORD, identity_changes
+from app.services.layout import (IDENTITY_FS_DIRECTORY, IDENTITY_FS_UUID, IDENTITY_RECORD,
+                                 identity_changes)
 from app.services.mounts import (MS_BIND, MS_NODEV, MS_NOSUID, MS_RDONLY, MS_REMOUNT, MS_SHARED,
                                  MS_SLAVE, MNT_DETACH, MountEntry, MountWatcher, decode_field,
                                  mount, mount_containing, mounts_of_device, parse_mountinfo,
@@ -495,7 +496,9 @@ def test_tree_identity_is_the_file_system_below_a_directory_not_a_bind_of_itself
     first = mounts.tree_identity(str(d))
     assert first["file system"] == f"tmpfs mounted on {d}", first
     (d / "below").mkdir()
-    assert mounts.tree_identity(str(d / "below")) == first
+    below = mounts.tree_identity(str(d / "below"))  # the same file system, another directory
+    assert (first[IDENTITY_FS_DIRECTORY], below[IDENTITY_FS_DIRECTORY]) == ("/", "/below")
+    assert {**below, IDENTITY_FS_DIRECTORY: "/"} == first
     # the file system's own UUID (a tmpfs has a new one at each mount): a new, empty file
     # system of the same type mounted in the old one's place is another one
     assert re.fullmatch(r"[0-9a-f]{8}(-[0-9a-f]{4}){3}-[0-9a-f]{12}", first[IDENTITY_FS_UUID]), first

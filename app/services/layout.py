@@ -98,7 +98,8 @@ def identity_record(entry_dir: str) -> dict | None:
 # a key of the record that older versions did not write: compared only when the record has
 # it (a record without it takes it at the next capture, app/engine/capture.py check_identity)
 IDENTITY_FS_UUID = "file system UUID"
-IDENTITY_LATER = (IDENTITY_FS_UUID,)
+IDENTITY_FS_DIRECTORY = "directory of the file system"  # the mount's root joined with the rest
+IDENTITY_LATER = (IDENTITY_FS_UUID, IDENTITY_FS_DIRECTORY)
 
 # What an identity refusal says (capture.check_identity), and the TUI's Accept asks with, of
 # each kind of entry: what it names, why that can change, what to do when the change is wrong,
@@ -117,8 +118,17 @@ IDENTITY_WORDS_IN_ITS_PLACE = (
     "the data was copied or restored onto it on purpose")
 
 
+# ... of a directory shown by a bind mount that was not made (the one below, same file system)
+IDENTITY_WORDS_BIND_NOT_MADE = (
+    "file system", "a bind mount that was not made leaves the directory below it in its place",
+    "bind-mount that directory there, then Mount all", "the data was moved there on purpose")
+
+
 def identity_words_of(kind: str, was: dict, now: dict) -> tuple[str, str, str, str]:
     """IDENTITY_WORDS for what changed between the record `was` and `now`."""
+    if kind == "fs" and {name for name in was if now.get(name, was[name]) != was[name]} == \
+            {IDENTITY_FS_DIRECTORY}:
+        return IDENTITY_WORDS_BIND_NOT_MADE
     if kind == "fs" and was.get("file system") == now.get("file system"):
         return IDENTITY_WORDS_IN_ITS_PLACE
     return IDENTITY_WORDS[kind]

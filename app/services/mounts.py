@@ -500,26 +500,32 @@ def tree_identity(path: str, table: list[MountEntry] | None = None, *,
                   lower: str | None = None) -> dict[str, str]:
     """What tells the file system a directory entry lies on from another (recorded when the
     entry is added, app/engine/capture.py check_identity): the type of the mount it is on by
-    name (mount_by_name), where that is mounted, and the file system's own UUID
+    name (mount_by_name), where that is mounted, the file system's own UUID
     (FS_IOC_GETFSUUID: ext4's and XFS's are the one on the disk, a tmpfs has a new one at each
     mount), so a fresh empty file system of the same type mounted in the old one's place is
-    told from it. Not its device number, which can change at a reboot. Left out: mirrorfs, and
-    a bind of the file system below onto the directory itself (a switch-over's read-only
-    fence). `lower`: where the directory is reached without the mirrorfs laid over it (a
-    capture's door); a directory under mirrorfs otherwise has no UUID said, nor one on a
-    file system that is not local (LOCAL_FSTYPES: an NFS or FUSE server that does not answer
-    would hang the open)."""
-    from app.services.layout import FSTYPE_FS, IDENTITY_FS_UUID
+    told from it, and which directory of it the entry shows (a bind mount of another
+    directory onto the entry's, not made at boot, leaves the empty directory below on the
+    same file system). Not its device number, which can change at a reboot. Left out:
+    mirrorfs, and a bind of the file system below onto the directory itself (a switch-over's
+    read-only fence). `lower`: where the directory is reached without the mirrorfs laid over
+    it (a capture's door); a directory under mirrorfs otherwise has no UUID said, nor one on
+    a file system that is not local (LOCAL_FSTYPES: an NFS or FUSE server that does not
+    answer would hang the open)."""
+    from app.services.layout import FSTYPE_FS, IDENTITY_FS_DIRECTORY, IDENTITY_FS_UUID
     table = read_mountinfo() if table is None else table
     names = MountNames([m for m in table if m.fstype != FSTYPE_FS])
     home = names.mount_of(path)
+    # (a fence shows the very directory it covers: told apart from a bind of another one)
+    shown = None if home is None else \
+        os.path.normpath(os.path.join(home.root, os.path.relpath(path, home.mount_point)))
     if home is not None and home.mount_point == path and path != "/":
         below = names.mount_of(os.path.dirname(path))
         if below is not None and (below.major, below.minor) == (home.major, home.minor):
             home = below
     if home is None:
         return {}
-    said = {"file system": f"{home.fstype} mounted on {home.mount_point}"}
+    said = {"file system": f"{home.fstype} mounted on {home.mount_point}",
+            IDENTITY_FS_DIRECTORY: shown}
     covered = any(m.fstype == FSTYPE_FS and m.mount_point == path for m in table)
     uuid = None if home.fstype not in LOCAL_FSTYPES else fs_uuid(lower) if lower is not None \
         else None if covered else fs_uuid(path)
