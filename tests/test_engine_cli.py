@@ -85,6 +85,41 @@ def test_status_mirror_verify_unmount_all_through_the_cli(running):
     assert r.returncode == 0, r.stdout
 
 
+def test_an_ext4_entrys_own_lost_and_found_is_no_difference_at_verify(tmp_path, scratch_loop):
+    """Found by a walk: the entry is the mount point of its own ext4 (a data disk), whose
+    root has a lost+found. A target leaves its root's lost+found out as the file system's own
+    (app/engine/target.py), the source's was compared: every verify of such an entry said
+    "lost+found: missing at target" and exit 1, and the mirror it advised changed nothing.
+    A difference below the entry is still found."""
+    src, tgt = tmp_path / "src", tmp_path / "tgt"
+    dev = scratch_loop(64 << 20)
+    subprocess.run(["mkfs.ext4", "-q", "-F", dev], check=True)
+    src.mkdir()
+    subprocess.run(["mount", dev, str(src)], check=True)
+    try:
+        (src / "a").write_text("alpha")
+        cfg = write_config(tmp_path / "etc" / "replication.toml", [{"path": str(src), "target": str(tgt)}])
+        eng = Engine(tmp_path, cfg)
+        try:
+            eng.start()
+            eng.drain(str(src))
+            r = cli("--config", str(cfg), "fs", "verify", str(src), "--json", socket=eng.socket)
+            assert r.returncode == 0 and json.loads(r.stdout)["differences"] == [], r.stdout + r.stderr
+            os.unlink(tgt / "a")  # damage the target behind the engine's back
+            r = cli("--config", str(cfg), "fs", "verify", str(src), socket=eng.socket)
+            assert r.returncode == 1 and "a: missing at target" in r.stdout, r.stdout + r.stderr
+            assert "lost+found" not in r.stdout, r.stdout
+            assert cli("--config", str(cfg), "fs", "unmount-all", socket=eng.socket).returncode == 0
+            r = cli("--config", str(cfg), "fs", "mirror", str(src), socket=eng.socket)
+            assert r.returncode == 0, r.stdout + r.stderr
+            r = cli("--config", str(cfg), "fs", "verify", str(src), socket=eng.socket)  # offline
+            assert r.returncode == 0, r.stdout + r.stderr
+        finally:
+            eng.cleanup()
+    finally:
+        subprocess.run(["umount", "-l", str(src)], check=False)
+
+
 def test_a_target_edited_by_hand_while_captured_is_not_shown_as_the_one_replicated_to(running):
     """Found by a walk: an entry's target changed in the file by hand while its capture ran
     (b1:data3 to b1:data3x); status showed the new target "consistent, established" while

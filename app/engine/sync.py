@@ -264,10 +264,22 @@ def scan(root_fd: int, *, hashes: bool = True) -> dict[bytes, Info]:
 
 # -- verify ------------------------------------------------------------------------------------
 
+LOST_FOUND = b"lost+found"  # at the root: a file system's own, not part of a replica
+
+
+def without_lost_found(tree: dict[bytes, Info]) -> dict[bytes, Info]:
+    """A scan without the root's lost+found and what is below it: a target that is a file
+    system's root keeps its own, and an entry that is the mount point of its own ext4 has one."""
+    return {rel: info for rel, info in tree.items()
+            if rel != LOST_FOUND and not rel.startswith(LOST_FOUND + b"/")}
+
+
 def compare_trees(src: dict[bytes, Info], dst: dict[bytes, Info],
                   paths: Iterable[bytes] | None = None) -> list[dict]:
-    """Every difference between two scans: path, what differs, both values."""
+    """Every difference between two scans: path, what differs, both values. The root's
+    lost+found is no difference (without_lost_found: a target leaves its own out)."""
     diffs: list[dict] = []
+    src, dst = without_lost_found(src), without_lost_found(dst)
 
     def diff(rel: bytes, what: str, a, b) -> None:
         diffs.append({"path": os.fsdecode(rel) or ".", "what": what, "source": a, "target": b})

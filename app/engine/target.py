@@ -32,8 +32,7 @@ from app.engine.sync import BLOCK
 from app.services.layout import MARKER_XATTR, dir_is_empty
 from app.services.results import MirrorError
 
-CLAIM_FILE = "target-claim"
-LOST_FOUND = b"lost+found"  # a target that is a file system's root keeps its own  # in the entry's state directory, for targets without a marker
+CLAIM_FILE = "target-claim"  # in the entry's state directory, for targets without a marker
 
 
 @dataclass(frozen=True)
@@ -215,7 +214,7 @@ class LocalDirTarget(Target):
     def children(self, rel: bytes) -> dict[bytes, sync.Info] | None:
         kids = sync.children(self.fd, rel)
         if kids is not None and not rel:
-            kids.pop(LOST_FOUND, None)
+            kids.pop(sync.LOST_FOUND, None)  # a target that is a file system's root keeps its own
         return kids
 
     def file_hashes(self, rel: bytes) -> list[str] | None:
@@ -225,10 +224,7 @@ class LocalDirTarget(Target):
             return None
 
     def scan(self, *, hashes: bool = True) -> dict[bytes, sync.Info]:
-        tree = sync.scan(self.fd, hashes=hashes)
-        for rel in [r for r in tree if r == LOST_FOUND or r.startswith(LOST_FOUND + b"/")]:
-            del tree[rel]  # the target file system's own, not part of the replica
-        return tree
+        return sync.without_lost_found(sync.scan(self.fd, hashes=hashes))
 
     def close_files(self) -> None:
         """The applier's open files, closed while the target is full: a file removed there
