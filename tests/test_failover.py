@@ -1005,6 +1005,42 @@ def test_an_entry_that_is_its_own_file_systems_mount_point_fails_back(tmpfs_moun
     assert (src / "f").read_text() == "written on the promoted replica"
 
 
+def test_an_entry_with_a_file_system_mounted_below_it_fails_back_and_that_one_is_untouched(
+        remote, tmp_path, tmpfs_mount):
+    """Found by a walk: another file system mounted below the entry (a second disk at
+    ENTRY/archive). Capture passes it through unrecorded and the switch-over lets it be, but
+    every fail-back was refused as "in use here: mounted at ENTRY/archive; mounted at
+    ENTRY/archive" (it, and its copy in the recursive fence), and the copy under the fence
+    could not even be unmounted by its name. The fail-back does not cross into it either:
+    not a user; it stays mounted and as it was. A process there is still named."""
+    make, r = remote()
+    src = tmp_path / "src"
+    tmpfs_mount(src)
+    archive = tmpfs_mount(src / "archive")
+    (archive / "old").write_text("on the second disk")
+    assert cli(r.cfg, "fs", "add", str(src), "--target", "backup1:data").returncode == 0
+    eng, _, _ = make(config=r.cfg)
+    (src / "f").write_text("before")
+    eng.drain(str(src))
+    p = cli(r.cfg, "switchover", str(src), socket=eng.socket)
+    assert p.returncode == 0, p.stdout + p.stderr
+    (r.root / "data" / "f").write_text("written on the promoted replica")
+    user = subprocess.Popen(["sleep", "600"], cwd=archive)
+    try:
+        p = cli(r.cfg, "failback", str(src), "--yes", socket=eng.socket)
+        assert p.returncode != 0 and f"pid {user.pid}" in p.stderr, p.stdout + p.stderr
+        assert f"mounted at {archive}" not in p.stderr, p.stderr
+    finally:
+        user.kill()
+        user.wait()
+    p = cli(r.cfg, "failback", str(src), "--yes", socket=eng.socket)
+    assert p.returncode == 0, p.stdout + p.stderr
+    assert "0 removed" in p.stdout, p.stdout
+    assert (src / "f").read_text() == "written on the promoted replica"
+    assert os.listdir(archive) == ["old"] and (archive / "old").read_text() == "on the second disk"
+    assert eng.status(str(src))["nested_mounts"] == [str(archive)]
+
+
 def test_a_fail_back_onto_another_file_system_in_the_entrys_place_is_refused(tmpfs_mount, remote,
                                                                              tmp_path):
     """The entry is the mount point of its own file system; after the switch-over that disk

@@ -327,8 +327,11 @@ class FsApplier:
         except (FileNotFoundError, NotADirectoryError):
             return  # replayed after the directory went: nothing to prune
         try:
+            dev = os.fstat(d).st_dev
             for name in [os.fsencode(n) for n in os.listdir(f"/proc/self/fd/{d}")]:
-                if name not in keep:
+                # another file system mounted there is not the replica's (a fail-back writes
+                # into the entry itself, where one may be mounted below; capture leaves it out)
+                if name not in keep and _lstat_dev(d, name) in (dev, None):
                     _missing_ok(lambda: _remove_tree(d, name))
         finally:
             os.close(d)
@@ -415,6 +418,15 @@ def _replace_missing(d: int, name: bytes, make) -> None:
     except FileExistsError:
         os.unlink(name, dir_fd=d)
         make()
+
+
+def _lstat_dev(d: int, name: bytes) -> int | None:
+    """The device of `name` in directory `d` (a mount point: the file system mounted there);
+    None when it is gone."""
+    try:
+        return os.lstat(name, dir_fd=d).st_dev
+    except FileNotFoundError:
+        return None
 
 
 def _missing_ok(fn) -> None:

@@ -844,16 +844,20 @@ def _nothing_to_fail_back(key: str, message: str) -> Result:
 
 def _local_users(kind: str, key: str, entry) -> list[str]:
     """Who uses this side's data (nothing may during a fail-back). A directory's fence and the
-    entry's own file system under it (the entry is its mount point) are not users."""
+    entry's own file system under it (the entry is its mount point) are not users, nor other
+    file systems mounted below the entry (and their copies in the recursive fence): the
+    fail-back does not cross into them, as capture does not (sync.children)."""
     if kind == "fs":
         from app.engine.agent import path_users
         from app.services import mounts
-        fence = _read_only_self_bind(key)
-        if fence is None:  # (the entry's own file system on top is path_users' home)
-            return path_users(key)
         table = mounts.read_mountinfo()
-        under = next((m.parent_id for m in table if m.mount_id == fence), None)
-        own = {fence} | {m.mount_id for m in table if m.mount_id == under and m.mount_point == key}
+        dev = os.stat(key).st_dev
+        own = {m.mount_id for m in table if m.mount_point.startswith(key.rstrip("/") + "/")
+               and os.makedev(m.major, m.minor) != dev}
+        fence = _read_only_self_bind(key)
+        if fence is not None:  # (else the entry's own file system on top is path_users' home)
+            under = next((m.parent_id for m in table if m.mount_id == fence), None)
+            own |= {fence} | {m.mount_id for m in table if m.mount_id == under and m.mount_point == key}
         return path_users(key, own=frozenset(own))
     from app.services.blockplan import View, busy_reasons
     return busy_reasons(entry.device, View())

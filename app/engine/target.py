@@ -212,7 +212,8 @@ class LocalDirTarget(Target):
             return None
 
     def children(self, rel: bytes) -> dict[bytes, sync.Info] | None:
-        kids = sync.children(self.fd, rel)
+        # (a file system mounted below is left out, as sync.scan does: a fail-back's this side)
+        kids = sync.children(self.fd, rel, dev=os.fstat(self.fd).st_dev)
         if kids is not None and not rel:
             kids.pop(sync.LOST_FOUND, None)  # a target that is a file system's root keeps its own
         return kids
