@@ -85,6 +85,23 @@ def test_status_mirror_verify_unmount_all_through_the_cli(running):
     assert r.returncode == 0, r.stdout
 
 
+def test_status_warns_that_a_file_system_mounted_below_an_entry_is_not_replicated(running):
+    """Found by a walk: a second disk mounted below a captured entry (ENTRY/nested) is passed
+    through unrecorded: nothing written there reaches the target. Only Mount all's result and
+    the daemon's log said so; status and the dashboard showed the entry "established" with
+    no warning, and `status --json` had it only in the engine's nested_mounts."""
+    eng, src, tgt, cfg = running
+    nested = os.path.join(src, "nested")
+    r = cli("--config", cfg, "status", "--json", socket=eng.socket)
+    assert r.returncode == 0, r.stderr
+    said = [w for w in json.loads(r.stdout)["warnings"] if w["subject"] == src]
+    assert [w["message"] for w in said] == [
+        f"not captured below it: {nested} (another file system mounted there: what is written "
+        "there is not replicated; add it as an entry of its own to replicate it)"], said
+    r = cli("--config", cfg, "status", socket=eng.socket)
+    assert f"not captured below it: {nested}" in r.stdout.replace("\n    ", " "), r.stdout
+
+
 def test_an_ext4_entrys_own_lost_and_found_is_no_difference_at_verify(tmp_path, scratch_loop):
     """Found by a walk: the entry is the mount point of its own ext4 (a data disk), whose
     root has a lost+found. A target leaves its root's lost+found out as the file system's own

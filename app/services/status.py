@@ -300,6 +300,12 @@ def snapshot(store: ConfigStore, control=None, *, scan_writers: bool = True,
                                                    "fails; unmount it and start the daemon", "error"))
         if row is not None:
             _replication_warnings(entry.path, row, snap.warnings)
+        if row is not None and row.captured and row.nested_mounts:  # passed through unrecorded
+            snap.warnings.append(StatusWarning(entry.path, f"not captured below it: "
+                                               f"{', '.join(row.nested_mounts)} (another file "
+                                               "system mounted there: what is written there is "
+                                               "not replicated; add it as an entry of its own "
+                                               "to replicate it)"))
         snap.filesystem.append(FsState(entry, state, other, row, flawed.get(id(entry)),
                                        sw if row is None else None))
 
