@@ -968,12 +968,14 @@ def test_an_entry_switched_over_is_not_removed_until_it_is_failed_back(fs_remote
     assert p.returncode == 0 and f"removed {src}" in p.stdout, p.stdout + p.stderr
 
 
-def switched_over_mount_point(tmpfs_mount, remote, tmp_path, text: str):
-    """An entry that is the mount point of its own file system (a tmpfs), replicating to
-    backup1:data with one file holding `text`, switched over: (engine, its path, the remote)."""
+def switched_over_mount_point(tmpfs_mount, remote, tmp_path, text: str, prepare=lambda: None):
+    """An entry that is the mount point of its own file system (a tmpfs; `prepare()` runs once
+    it is mounted), replicating to backup1:data with one file holding `text`, switched over:
+    (engine, its path, the remote)."""
     make, r = remote()
     src = tmp_path / "src"
     tmpfs_mount(src)
+    prepare()
     assert cli(r.cfg, "fs", "add", str(src), "--target", "backup1:data").returncode == 0
     eng, _, _ = make(config=r.cfg)
     (src / "f").write_text(text)
@@ -1006,24 +1008,19 @@ def test_an_entry_that_is_its_own_file_systems_mount_point_fails_back(tmpfs_moun
 
 
 def test_an_entry_with_a_file_system_mounted_below_it_fails_back_and_that_one_is_untouched(
-        remote, tmp_path, tmpfs_mount):
+        tmpfs_mount, remote, tmp_path):
     """Found by a walk: another file system mounted below the entry (a second disk at
     ENTRY/archive). Capture passes it through unrecorded and the switch-over lets it be, but
     every fail-back was refused as "in use here: mounted at ENTRY/archive; mounted at
     ENTRY/archive" (it, and its copy in the recursive fence), and the copy under the fence
     could not even be unmounted by its name. The fail-back does not cross into it either:
     not a user; it stays mounted and as it was. A process there is still named."""
-    make, r = remote()
-    src = tmp_path / "src"
-    tmpfs_mount(src)
-    archive = tmpfs_mount(src / "archive")
-    (archive / "old").write_text("on the second disk")
-    assert cli(r.cfg, "fs", "add", str(src), "--target", "backup1:data").returncode == 0
-    eng, _, _ = make(config=r.cfg)
-    (src / "f").write_text("before")
-    eng.drain(str(src))
-    p = cli(r.cfg, "switchover", str(src), socket=eng.socket)
-    assert p.returncode == 0, p.stdout + p.stderr
+    archive = tmp_path / "src" / "archive"
+
+    def second_disk() -> None:
+        tmpfs_mount(archive)
+        (archive / "old").write_text("on the second disk")
+    eng, src, r = switched_over_mount_point(tmpfs_mount, remote, tmp_path, "before", second_disk)
     (r.root / "data" / "f").write_text("written on the promoted replica")
     user = subprocess.Popen(["sleep", "600"], cwd=archive)
     try:
@@ -1039,6 +1036,43 @@ def test_an_entry_with_a_file_system_mounted_below_it_fails_back_and_that_one_is
     assert (src / "f").read_text() == "written on the promoted replica"
     assert os.listdir(archive) == ["old"] and (archive / "old").read_text() == "on the second disk"
     assert eng.status(str(src))["nested_mounts"] == [str(archive)]
+
+
+def test_a_fail_back_never_writes_the_replicas_data_onto_a_file_system_mounted_below(
+        tmpfs_mount, remote, tmp_path):
+    """While the replica was primary, the service there wrote into ENTRY/archive, a plain
+    directory there, a second disk here. The fail-back wrote those files onto the second
+    disk and pruned it to the replica's listing (its own files removed). It stops before
+    that now, saying how to go on; moved aside there, they come back under that name, and
+    the second disk never got any of them."""
+    src = tmp_path / "src"
+    archive, peek = src / "archive", tmp_path / "peek"
+
+    def second_disk() -> None:
+        tmpfs_mount(archive)
+        (archive / "old").write_text("on the second disk")
+        peek.mkdir()
+        subprocess.run(["mount", "--bind", str(archive), str(peek)], check=True)
+    try:
+        eng, _, r = switched_over_mount_point(tmpfs_mount, remote, tmp_path, "before", second_disk)
+        (r.root / "data" / "f").write_text("written on the promoted replica")
+        (r.root / "data" / "archive").mkdir()
+        (r.root / "data" / "archive" / "new").write_text("written there")
+        p = cli(r.cfg, "failback", str(src), "--yes", socket=eng.socket)
+        assert p.returncode == 1, p.stdout + p.stderr
+        assert f"the replica has {archive} (or something below it), where another file system " \
+            "is mounted here" in p.stderr, p.stderr
+        assert "move it aside on the replica's host" in p.stderr, p.stderr
+        assert "fail back again" in p.stderr, p.stderr
+        assert os.listdir(peek) == ["old"] and (peek / "old").read_text() == "on the second disk"
+        (r.root / "data" / "archive").rename(r.root / "data" / "archive-there")
+        p = cli(r.cfg, "failback", str(src), "--yes", socket=eng.socket)
+        assert p.returncode == 0, p.stdout + p.stderr
+        assert (src / "archive-there" / "new").read_text() == "written there"
+        assert (src / "f").read_text() == "written on the promoted replica"
+        assert os.listdir(peek) == ["old"]
+    finally:
+        subprocess.run(["umount", "-l", str(peek)], check=False)
 
 
 def test_a_fail_back_onto_another_file_system_in_the_entrys_place_is_refused(tmpfs_mount, remote,

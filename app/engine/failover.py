@@ -613,6 +613,8 @@ class Failover:
                 raise MirrorError(exc.strerror, errno=exc.errno, obj=key) from None
             fd = os.open(key, os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
             local = LocalDirTarget.on_fd(fd, key)
+            if below := _other_file_systems_below(key):
+                local.applier = _BesideOtherFileSystems(local.applier, key, below)
         else:
             try:
                 fd = os.open(entry.device, os.O_RDWR | os.O_EXCL | os.O_CLOEXEC)
@@ -842,6 +844,55 @@ def _nothing_to_fail_back(key: str, message: str) -> Result:
     return Result("failback", key, Outcome.UNCHANGED, message)
 
 
+def _other_file_systems_below(key: str) -> list[str]:
+    """The mount points below the directory `key` of file systems other than its own."""
+    from app.services import mounts
+    dev = os.stat(key).st_dev
+    return sorted({m.mount_point for m in mounts.read_mountinfo()
+                   if m.mount_point.startswith(key.rstrip("/") + "/")
+                   and os.makedev(m.major, m.minor) != dev})
+
+
+class _BesideOtherFileSystems:
+    """A fail-back's applier on this side while other file systems are mounted below the
+    entry (`below`): the replica's data never goes onto one of them (a directory of the same
+    name there, written while the replica was primary, would be written into it, and pruned
+    to its listing). A record about one, or below it, stops the fail-back before it is
+    applied; what the replica holds there stays there."""
+
+    def __init__(self, inner, key: str, below: list[str]):
+        from app.engine.agent import PATH_ARGS
+        self.inner, self.key, self.paths = inner, key, PATH_ARGS
+        self.below = {os.fsencode(os.path.relpath(m, key)): m for m in below}
+
+    def _onto(self, rec) -> str | None:
+        from app.engine.journal import decode_path
+        for name in self.paths:
+            if rec.args.get(name):
+                rel = decode_path(rec.args[name])
+                for top, mount in self.below.items():
+                    if rel == top or rel.startswith(top + b"/"):
+                        return mount
+        return None
+
+    def apply(self, rec) -> None:
+        from app.engine.shipper import TargetUnavailable
+        if (mount := self._onto(rec)) is not None:
+            raise TargetUnavailable(
+                f"stopped: the replica has {mount} (or something below it), where another file "
+                "system is mounted here: its data is not written onto that one; move it aside "
+                "on the replica's host (another name in the replica), and fail back again",
+                retry=False)
+        self.inner.apply(rec)
+
+    def apply_run(self, records, start: int, skip=None, instead=None) -> int:
+        return self.inner.apply_run(records, start, skip, instead,
+                                    check=lambda rec: self._onto(rec) is None)
+
+    def __getattr__(self, name: str):  # sync, close_files, …: the inner applier's
+        return getattr(self.inner, name)
+
+
 def _local_users(kind: str, key: str, entry) -> list[str]:
     """Who uses this side's data (nothing may during a fail-back). A directory's fence and the
     entry's own file system under it (the entry is its mount point) are not users, nor other
@@ -851,9 +902,8 @@ def _local_users(kind: str, key: str, entry) -> list[str]:
         from app.engine.agent import path_users
         from app.services import mounts
         table = mounts.read_mountinfo()
-        dev = os.stat(key).st_dev
-        own = {m.mount_id for m in table if m.mount_point.startswith(key.rstrip("/") + "/")
-               and os.makedev(m.major, m.minor) != dev}
+        below = _other_file_systems_below(key)
+        own = {m.mount_id for m in table if m.mount_point in below}
         fence = _read_only_self_bind(key)
         if fence is not None:  # (else the entry's own file system on top is path_users' home)
             under = next((m.parent_id for m in table if m.mount_id == fence), None)
