@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import os
@@ -258,6 +259,29 @@ def test_a_directory_whose_file_system_did_not_come_up_is_not_captured_nor_its_r
         eng.cleanup()
 
 
+@contextlib.contextmanager
+def refused_after(tmp_path, src, tgt, change):
+    """The entry `src` (20 files) replicated to `tgt`, the daemon stopped, `change()` made, the
+    daemon started: its Mount all is refused (exit 1) and the replica keeps its 20 files.
+    Yields (engine, configuration, the refusal's stderr); the engine is cleaned up after."""
+    cfg = write_config(tmp_path / "etc" / "replication.toml", [{"path": str(src), "target": str(tgt)}])
+    eng = Engine(tmp_path, cfg)
+    try:
+        eng.start()
+        eng.drain(str(src))
+        assert len(os.listdir(tgt)) == 20
+        assert eng.stop() == 0
+        change()
+        eng.start()
+        r = cli("--config", str(cfg), "fs", "mount-all", socket=eng.socket)
+        assert r.returncode == 1, r.stdout + r.stderr
+        assert not eng.status(str(src))["captured"]
+        assert len(os.listdir(tgt)) == 20  # not one name removed
+        yield eng, cfg, r.stderr
+    finally:
+        eng.cleanup()
+
+
 def test_a_new_empty_file_system_in_the_old_ones_place_does_not_empty_the_replica(
         tmp_path, tmpfs_mount):
     """The entry's disk failed; a new one, formatted with the same file system type, is
@@ -268,27 +292,18 @@ def test_a_new_empty_file_system_in_the_old_ones_place_does_not_empty_the_replic
     tmpfs_mount(src)
     for i in range(20):
         (src / f"f{i}").write_text(f"file {i}")
-    cfg = write_config(tmp_path / "etc" / "replication.toml", [{"path": str(src), "target": str(tgt)}])
-    eng = Engine(tmp_path, cfg)
-    try:
-        eng.start()
-        eng.drain(str(src))
-        assert len(os.listdir(tgt)) == 20
-        assert eng.stop() == 0
+
+    def new_disk() -> None:
         subprocess.run(["umount", str(src)], check=True)  # the old disk is gone
         tmpfs_mount(src)  # "a new disk, formatted": same type, same place, empty
-        eng.start()
-        r = cli("--config", str(cfg), "fs", "mount-all", socket=eng.socket)
-        assert r.returncode == 1, r.stdout + r.stderr
+    with refused_after(tmp_path, src, tgt, new_disk) as (eng, cfg, err):
         assert f"{src} is not on the file system this entry was made for: its file system " \
-            "UUID was " in r.stderr, r.stderr
-        assert "another file system of its type is mounted in its place" in r.stderr, r.stderr
-        assert not eng.status(str(src))["captured"]
+            "UUID was " in err, err
+        assert "another file system of its type is mounted in its place" in err, err
         said = cli("--config", str(cfg), "status", socket=eng.socket).stdout
         assert "changes there are not captured (its capture is refused: it is not on the file " \
             "system or device recorded for it; see below)" in " ".join(said.split()), said
         assert "(Mount all)" not in said, said  # which this refusal refuses
-        assert len(os.listdir(tgt)) == 20  # not one name removed
         r = cli("--config", str(cfg), "fs", "accept-filesystem", str(src), socket=eng.socket)
         assert r.returncode == 0 and "is forgotten" in r.stdout, r.stdout + r.stderr
         assert "; `mirrorsetup fs mount-all` captures it now" in r.stdout, r.stdout  # the next step
@@ -296,8 +311,6 @@ def test_a_new_empty_file_system_in_the_old_ones_place_does_not_empty_the_replic
         assert r.returncode == 0, r.stdout + r.stderr
         eng.drain(str(src))
         assert os.listdir(tgt) == []  # what the administrator accepted
-    finally:
-        eng.cleanup()
 
 
 def test_what_an_entry_is_is_recorded_as_it_is_added_not_at_its_first_capture(
@@ -345,29 +358,20 @@ def test_a_bind_mounted_directory_that_is_not_bound_is_not_captured_nor_its_repl
     for i in range(20):
         (store / f"f{i}").write_text(f"file {i}")
     subprocess.run(["mount", "--bind", str(store), str(src)], check=True)
-    cfg = write_config(tmp_path / "etc" / "replication.toml", [{"path": str(src), "target": str(tgt)}])
-    eng = Engine(tmp_path, cfg)
-    try:
-        eng.start()
-        eng.drain(str(src))
-        assert len(os.listdir(tgt)) == 20
-        assert eng.stop() == 0
+
+    def not_bound() -> None:
         subprocess.run(["umount", str(src)], check=True)  # "the bind was not made at boot"
         assert os.listdir(src) == []
-        eng.start()
-        r = cli("--config", str(cfg), "fs", "mount-all", socket=eng.socket)
-        assert r.returncode == 1, r.stdout + r.stderr
-        said = f"{src} is not on the file system this entry was made for: its directory of " \
-            "the file system was /store, it is now /src"
-        assert said in r.stderr and "accept-filesystem" in r.stderr, r.stderr
-        assert "a bind mount that was not made" in r.stderr, r.stderr
-        assert not eng.status(str(src))["captured"]
-        assert len(os.listdir(tgt)) == 20  # not one name removed
-        subprocess.run(["mount", "--bind", str(store), str(src)], check=True)  # made again
-        r = cli("--config", str(cfg), "fs", "mount-all", socket=eng.socket)
-        assert r.returncode == 0, r.stdout + r.stderr
-        eng.drain(str(src))
-        assert len(os.listdir(tgt)) == 20
+    try:
+        with refused_after(tmp_path, src, tgt, not_bound) as (eng, cfg, err):
+            said = f"{src} is not on the file system this entry was made for: its directory " \
+                "of the file system was /store, it is now /src"
+            assert said in err and "accept-filesystem" in err, err
+            assert "a bind mount that was not made" in err, err
+            subprocess.run(["mount", "--bind", str(store), str(src)], check=True)  # made again
+            r = cli("--config", str(cfg), "fs", "mount-all", socket=eng.socket)
+            assert r.returncode == 0, r.stdout + r.stderr
+            eng.drain(str(src))
+            assert len(os.listdir(tgt)) == 20
     finally:
-        eng.cleanup()
         subprocess.run(["umount", "-l", str(src)], check=False)

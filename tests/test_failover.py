@@ -985,6 +985,19 @@ def switched_over_mount_point(tmpfs_mount, remote, tmp_path, text: str, prepare=
     return eng, src, r
 
 
+def fail_back_refused_while_used_from(eng, r, src, cwd) -> str:
+    """A fail-back of `src` while a process works in `cwd`: refused, naming that process; what
+    it said."""
+    user = subprocess.Popen(["sleep", "600"], cwd=cwd)
+    try:
+        p = cli(r.cfg, "failback", str(src), "--yes", socket=eng.socket)
+        assert p.returncode != 0 and f"pid {user.pid}" in p.stderr, p.stdout + p.stderr
+        return p.stderr
+    finally:
+        user.kill()
+        user.wait()
+
+
 def test_an_entry_that_is_its_own_file_systems_mount_point_fails_back(tmpfs_mount, remote,
                                                                       tmp_path):
     """The usual case of a data disk: the entry is the mount point of its own file system.
@@ -993,15 +1006,8 @@ def test_an_entry_that_is_its_own_file_systems_mount_point_fails_back(tmpfs_moun
     file system under it are the entry's own; a process there is still named."""
     eng, src, r = switched_over_mount_point(tmpfs_mount, remote, tmp_path, "before")
     (r.root / "data" / "f").write_text("written on the promoted replica")
-    user = subprocess.Popen(["sleep", "600"], cwd=src)
-    try:
-        p = cli(r.cfg, "failback", str(src), "--yes", socket=eng.socket)
-        assert p.returncode != 0, p.stdout + p.stderr
-        assert f"{src} is in use here: " in p.stderr and f"pid {user.pid}" in p.stderr, p.stderr
-        assert f"mounted at {src}" not in p.stderr, p.stderr
-    finally:
-        user.kill()
-        user.wait()
+    said = fail_back_refused_while_used_from(eng, r, src, src)
+    assert f"{src} is in use here: " in said and f"mounted at {src}" not in said, said
     p = cli(r.cfg, "failback", str(src), "--yes", socket=eng.socket)
     assert p.returncode == 0, p.stdout + p.stderr
     assert (src / "f").read_text() == "written on the promoted replica"
@@ -1022,14 +1028,8 @@ def test_an_entry_with_a_file_system_mounted_below_it_fails_back_and_that_one_is
         (archive / "old").write_text("on the second disk")
     eng, src, r = switched_over_mount_point(tmpfs_mount, remote, tmp_path, "before", second_disk)
     (r.root / "data" / "f").write_text("written on the promoted replica")
-    user = subprocess.Popen(["sleep", "600"], cwd=archive)
-    try:
-        p = cli(r.cfg, "failback", str(src), "--yes", socket=eng.socket)
-        assert p.returncode != 0 and f"pid {user.pid}" in p.stderr, p.stdout + p.stderr
-        assert f"mounted at {archive}" not in p.stderr, p.stderr
-    finally:
-        user.kill()
-        user.wait()
+    said = fail_back_refused_while_used_from(eng, r, src, archive)
+    assert f"mounted at {archive}" not in said, said
     p = cli(r.cfg, "failback", str(src), "--yes", socket=eng.socket)
     assert p.returncode == 0, p.stdout + p.stderr
     assert "0 removed" in p.stdout, p.stdout
