@@ -319,6 +319,38 @@ def test_an_applied_chmod_changes_the_name_itself_and_never_what_a_symlink_point
         os.close(fd)
 
 
+@pytest.mark.root
+def test_a_remove_or_prune_never_goes_into_a_file_system_mounted_below(tmp_path, tmpfs_mount):
+    """Found in the review of helper-50's fail-back fixes: the applier removed a directory's
+    tree with shutil.rmtree, which went into a file system mounted below it and emptied it (a
+    fail-back's remove, or prune, of a directory above a second disk mounted in the entry).
+    Everything on the directory's own file system goes; the other one is left whole, with the
+    directories above it, and that is said (EBUSY)."""
+    tgt = tmp_path / "target"
+    (tgt / "data" / "sub").mkdir(parents=True)
+    (tgt / "data" / "sub" / "ours").write_text("removed")
+    (tgt / "data" / "mine").write_text("removed")
+    disk = tmpfs_mount(tgt / "data" / "sub" / "disk")
+    (disk / "theirs").write_text("never removed")
+    (tgt / "gone").mkdir()
+    (tgt / "gone" / "f").write_text("removed")
+    fd = os.open(tgt, os.O_PATH | os.O_DIRECTORY)
+    ap = FsApplier(fd)
+    try:
+        with pytest.raises(OSError) as kept:
+            ap.apply(Record(1, KIND_FS, "remove", {"path": "data"}))
+        assert kept.value.errno == errno.EBUSY and "another file system is mounted there" in \
+            str(kept.value) and "data/sub/disk" in str(kept.value), kept.value
+        assert (disk / "theirs").read_text() == "never removed"
+        assert sorted(os.listdir(tgt / "data")) == ["sub"] and os.listdir(tgt / "data" / "sub") == ["disk"]
+        with pytest.raises(OSError):  # the prune of the root: its other names go all the same
+            ap.apply(Record(2, KIND_FS, "prune", {"path": "", "keep": []}))
+        assert sorted(os.listdir(tgt)) == ["data"] and (disk / "theirs").read_text() == "never removed"
+    finally:
+        ap.close()
+        os.close(fd)
+
+
 def test_a_put_makes_the_whole_file_whatever_had_its_name_and_replays(tmp_path):
     """"put" (a walk's whole small file) replaces a file, a directory with its tree (an fd the
     applier kept for a file below it is dropped, never written through) and a symlink (not

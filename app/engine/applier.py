@@ -15,7 +15,6 @@ import ctypes
 import errno
 import logging
 import os
-import shutil
 import stat
 
 from app.engine.journal import Record, decode_path
@@ -326,15 +325,23 @@ class FsApplier:
             d = open_dir(self.tfd, path) if path else os.dup(self.tfd)
         except (FileNotFoundError, NotADirectoryError):
             return  # replayed after the directory went: nothing to prune
+        busy: OSError | None = None
         try:
             dev = os.fstat(d).st_dev
             for name in [os.fsencode(n) for n in os.listdir(f"/proc/self/fd/{d}")]:
                 # another file system mounted there is not the replica's (a fail-back writes
                 # into the entry itself, where one may be mounted below; capture leaves it out)
                 if name not in keep and _lstat_dev(d, name) in (dev, None):
-                    _missing_ok(lambda: _remove_tree(d, name))
+                    try:
+                        _missing_ok(lambda: _remove_tree(d, name))
+                    except OSError as exc:  # one left above a mount: the others go all the same
+                        if exc.errno != errno.EBUSY:
+                            raise
+                        busy = busy or exc
         finally:
             os.close(d)
+        if busy is not None:
+            raise busy
 
     def _rename(self, old: bytes, new: bytes, flags: int) -> None:
         self._close_fds()
@@ -505,8 +512,37 @@ class BlockApplier:
 
 
 def _remove_tree(dir_fd: int, name: bytes) -> None:
+    """Remove `name` in `dir_fd`, a directory with its whole tree, but never anything on
+    another file system mounted below it (shutil.rmtree went into one and emptied it: a
+    fail-back's remove or prune of a directory above a second disk mounted in the entry):
+    the mount point and the directories above it are left, and that is said (EBUSY)."""
     st = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
-    if stat.S_ISDIR(st.st_mode):
-        shutil.rmtree(proc_path(dir_fd, name))
-    else:
+    if not stat.S_ISDIR(st.st_mode):
         os.unlink(name, dir_fd=dir_fd)
+        return
+    kept = _remove_on(dir_fd, name, st.st_dev)
+    if kept:
+        raise OSError(errno.EBUSY, f"left {kept[0].decode(errors='replace')}: another file "
+                      "system is mounted there", name.decode(errors="replace"))
+
+
+def _remove_on(dir_fd: int, name: bytes, dev: int) -> list[bytes]:
+    """Remove the directory `name` in `dir_fd` and its tree on the device `dev`: the paths
+    (below `name`) of mount points of other file systems it left, with their parents."""
+    fd = os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dir_fd)
+    kept: list[bytes] = []
+    try:
+        if os.fstat(fd).st_dev != dev:
+            return [name]
+        with os.scandir(fd) as it:
+            entries = [(os.fsencode(e.name), e.is_dir(follow_symlinks=False)) for e in it]
+        for child, is_dir in entries:
+            if is_dir:
+                kept += [name + b"/" + k for k in _remove_on(fd, child, dev)]
+            else:
+                os.unlink(child, dir_fd=fd)
+    finally:
+        os.close(fd)
+    if not kept:
+        os.rmdir(name, dir_fd=dir_fd)
+    return kept
