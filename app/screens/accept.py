@@ -1,6 +1,6 @@
 """Accept an entry's new device or file system: the TUI's `block accept-device` and `fs
 accept-filesystem`. A capture refuses an entry whose device (or the file system its directory
-lies on) is not what its first capture recorded (app/engine/capture.py check_identity); the
+lies on) is not what was recorded for it (app/engine/capture.py check_identity); the
 daemon's row says so (last_errno EMEDIUMTYPE), and the screens that show the entry (File
 systems, Block devices, the dashboard) then offer n on its row. What was recorded and what it
 is now are read in a thread and shown before anything is done; Cancel is the default."""

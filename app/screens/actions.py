@@ -71,9 +71,8 @@ ACTIONS: tuple[Action, ...] = (
     Action("filesystem", "verify", "v", "Verify", "Verify file system entry",
            "compare the selected directory with its target, list every difference"),
     Action("filesystem", "accept", "n", "Accept FS", "Accept a directory's new file system",
-           "the selected directory's capture was refused: it is not on the file system its first "
-           "capture recorded; take that as it is now (shown first; its replica is then made "
-           "equal to it)"),
+           "the selected directory's capture was refused: it is not on the file system recorded "
+           "for it; take that as it is now (shown first; its replica is then made equal to it)"),
     Action("filesystem", "details", "i", "Details", "File system entry details",
            "everything about the selected directory (Enter too)", footer=False, palette=False),
 
@@ -92,9 +91,8 @@ ACTIONS: tuple[Action, ...] = (
     Action("block", "toggle_excluded", "x", "Swap", "Show excluded block devices",
            "show or hide swap and LVM physical volumes in the picker"),
     Action("block", "accept", "n", "Accept dev", "Accept a block entry's new device",
-           "the selected entry's capture was refused: its device is not the one its first "
-           "capture recorded; take it as it is now (shown first; its replica is then made "
-           "equal to it)"),
+           "the selected entry's capture was refused: its device is not the one recorded for it; "
+           "take it as it is now (shown first; its replica is then made equal to it)"),
     Action("block", "details", "i", "Details", "Block entry details",
            "everything about the selected entry (Enter in the lower table too)", footer=False,
            palette=False),

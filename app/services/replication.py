@@ -149,14 +149,14 @@ class Replication:
 
     def identity_change(self, kind: str, key: str) -> tuple[dict, dict] | None:
         """(recorded, now) when the entry's device (block) or the file system its directory
-        lies on (fs) is not what its first capture recorded, which its capture refuses
+        lies on (fs) is not what was recorded for it, which its capture refuses
         (capture.check_identity); None when no other was recorded. `key`: the entry's path or
         device. Raises MirrorError when what it is now cannot be read."""
         _, was, now = self._identity(kind, key)
         return None if was is None or not identity_changes(was, now) else (was, now)
 
     def _identity(self, kind: str, key: str) -> tuple[str, dict | None, dict]:
-        """(the entry's state directory, what its first capture recorded, what it is now)."""
+        """(the entry's state directory, what was recorded for it, what it is now)."""
         try:
             now = _identity_now(kind, key)
         except OSError as exc:
@@ -166,7 +166,7 @@ class Replication:
 
     def accept_identity(self, kind: str, key: str, *, expected: dict | None = None) -> Result:
         """The entry's device (block) or file system (fs) is the right one although it is not
-        what its first capture saw (the disk was replaced, its file moved; the data moved to
+        what was recorded for it (the disk was replaced, its file moved; the data moved to
         another file system on purpose): the next capture records it and makes the replica
         equal to it; a fail-back may write onto it. `key`: the entry's path or device.
         `expected`: what the administrator was shown it is now (the TUI's question); refused
