@@ -140,9 +140,9 @@ def check_identity(state: str, kind: str, key: str, now: dict[str, str], *,
                    failback: bool = False) -> None:
     """Raise OSError(EMEDIUMTYPE) when the entry's device (block) or the file system its
     directory lies on (fs) is not what was recorded for it (`now` against the record in its
-    state directory, made when the entry was added). A device name can pass to another disk at a reboot, a loop number to
-    another program's file; a directory's own file system may not have come up, leaving an
-    empty directory below its mount point. A capture would make the replica a copy of that
+    state directory, made when the entry was added). A device name can pass to another disk
+    at a reboot, a loop number to another program's file; a directory's own file system may
+    not have come up, leaving an empty directory below its mount point. A capture would make the replica a copy of that
     (the catch-up removes what the source lacks), a fail-back would write onto it (`failback`:
     the refusal says what to do then). An entry an older version added without a record gets
     it here, at its next capture."""

@@ -138,7 +138,7 @@ class Replication:
         its very first capture then refuses another device or file system, as each later one
         does (a first capture that only recorded what it found could make a replica kept from
         an earlier entry equal to an empty directory). Nothing is recorded when it cannot be
-        read, or when a record is there (the first capture records it then)."""
+        read (the first capture records it then), nor over a record that is there already."""
         import json
         with contextlib.suppress(OSError):
             now = _identity_now(kind, key)
@@ -648,7 +648,7 @@ def _captured_without_daemon(device: str, view: View) -> Result | None:
     return Result("attach", device, Outcome.FAILED,
                   f"{caps[0].device} serves a capture of {device} that is gone (the daemon and "
                   f"its worker died): its I/O fails; unmount or close it, then {start} captures "
-                  "the device again; nothing was changed", errno.ENOTCONN, {"refused": True})
+                  "the device again; nothing was changed", errno.ENOTCONN, REFUSED)
 
 
 def _kept_note(ended: list[Result]) -> str:
