@@ -844,11 +844,12 @@ def _nothing_to_fail_back(key: str, message: str) -> Result:
     return Result("failback", key, Outcome.UNCHANGED, message)
 
 
-def _other_file_systems_below(key: str) -> list[str]:
-    """The mount points below the directory `key` of file systems other than its own."""
+def _other_file_systems_below(key: str, table=None) -> list[str]:
+    """The mount points below the directory `key` of file systems other than its own (in the
+    mount table `table`, read when not given)."""
     from app.services import mounts
     dev = os.stat(key).st_dev
-    return sorted({m.mount_point for m in mounts.read_mountinfo()
+    return sorted({m.mount_point for m in (mounts.read_mountinfo() if table is None else table)
                    if m.mount_point.startswith(key.rstrip("/") + "/")
                    and os.makedev(m.major, m.minor) != dev})
 
@@ -902,7 +903,7 @@ def _local_users(kind: str, key: str, entry) -> list[str]:
         from app.engine.agent import path_users
         from app.services import mounts
         table = mounts.read_mountinfo()
-        below = _other_file_systems_below(key)
+        below = _other_file_systems_below(key, table)
         own = {m.mount_id for m in table if m.mount_point in below}
         fence = _read_only_self_bind(key)
         if fence is not None:  # (else the entry's own file system on top is path_users' home)

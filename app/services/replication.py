@@ -140,10 +140,9 @@ class Replication:
         an earlier entry equal to an empty directory). Nothing is recorded when it cannot be
         read (the first capture records it then), nor over a record that is there already."""
         import json
-        with contextlib.suppress(OSError):
-            now = _identity_now(kind, key)
-            entry_dir = entry_state(self._state_dir(self.control), kind, key)
-            if identity_record(entry_dir) is None:
+        with contextlib.suppress(OSError, MirrorError):
+            entry_dir, was, now = self._identity(kind, key)
+            if was is None:
                 os.makedirs(entry_dir, mode=0o700, exist_ok=True)
                 write_small_file(entry_dir, IDENTITY_RECORD, json.dumps(now) + "\n")
 
