@@ -1474,6 +1474,39 @@ def test_a_batch_goes_out_in_pieces_and_random_data_costs_no_compression():
     assert back == records
 
 
+def test_an_uncapped_sender_compresses_only_while_the_link_is_the_slower_part():
+    """`compression = "zstd"` without a bandwidth cap: batches go out compressed while the
+    writes say the link is slower than compressing saves, as they are while it is faster (zstd
+    then only spent CPU on both hosts), and compressed again when the link slows; the status
+    row says which. A capped sender and a codec nobody tells about its writes always compress."""
+    from app.services import wire
+    from app.services.protocol import CaptureRow
+    from app.services.status import replication_lines
+    text = Path(wire.__file__).read_bytes() * 200  # over SAMPLE_FROM, compressible
+    squeezed = bytes([wire.FLAG_ZSTD])
+    codec = wire.Codec("zstd", adaptive=True)
+    assert codec.pack_parts([text], len(text))[0] == squeezed  # not measured yet: compressed
+    assert codec.state == "zstd"
+    codec.wrote(64 << 20, 0.001)  # 64 MiB in a millisecond: far faster than zstd
+    assert codec.pack_parts([text], len(text))[0] == b"\0"
+    assert codec.state == "zstd off: the link is faster than compressing"
+    for _ in range(3):  # the link slows (its writes block): 1 MiB/s
+        codec.wrote(16 << 20, 16.0)
+    assert codec.pack_parts([text], len(text))[0] == squeezed
+    assert codec.state == "zstd"
+
+    for fixed in (wire.Codec("zstd"), wire.Codec("zstd", adaptive=False)):
+        fixed.wrote(64 << 20, 0.001)
+        assert fixed.pack_parts([text], len(text))[0] == squeezed
+    assert wire.Codec("none").state == "none"
+
+    row = CaptureRow(kind="fs", key="/srv/data", captured=True, state="capturing",
+                     logical_bytes=10 << 20, wire_bytes=10 << 20,
+                     compression="zstd off: the link is faster than compressing")
+    traffic = dict(replication_lines(row))["Traffic"]
+    assert "(×1.0, zstd off: the link is faster than compressing)" in traffic, traffic
+
+
 def test_a_record_read_from_the_journal_is_sent_on_with_its_checksum_and_rechecked_when_changed():
     """A big record decoded from the journal keeps its checksum for the wire encoding (one
     crc32 pass over its data less); a record changed since is checksummed anew, so the agent's

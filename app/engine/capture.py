@@ -959,7 +959,8 @@ class Capture:
             "resync_bytes": self.resync_bytes, "wire_bytes": fig.wire_bytes,
             "logical_bytes": fig.logical_bytes, "wire_rate": round(wire, 1),
             "logical_rate": round(logical, 1), "worker_pid": os.getpid(),
-            **({"rtt": self.target.rtt, "attempts": fig.attempts} if self.remote else {}),
+            **({"rtt": self.target.rtt, "attempts": fig.attempts,
+                "compression": self.target.codec.state} if self.remote else {}),
             "open_handles": self.ops.open_handles() if self.spec.kind == "fs" else self.ops.opened,
             **({"size": self.size, "file": os.path.join(self.spec.run, "disk")}
                if self.spec.kind == "block" else {}),

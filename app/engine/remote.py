@@ -77,7 +77,8 @@ class RemoteTarget(Queried, Target):
         # is told from a split brain by it)
         self.settled = None
         self.label = f"{settings.name}:{settings.path}"
-        self.codec = wire.Codec(settings.compression)
+        # uncapped: compressed only while the link is the slower part (wire.Codec)
+        self.codec = wire.Codec(settings.compression, adaptive=not settings.bandwidth)
         self.proc: subprocess.Popen | None = None
         self._wlock = threading.Lock()
         self._cv = threading.Condition()
@@ -368,7 +369,9 @@ class RemoteTarget(Queried, Target):
             self._inflight.append((records[-1].seq, size))
             self._inflight_bytes += size
         try:
+            t = time.monotonic()
             self._send_parts(wire.frame_parts(wire.DATA, payload))
+            self.codec.wrote(wire_size, time.monotonic() - t)
         except OSError as exc:
             self._fail(TargetUnavailable(f"disconnected: {session_error_text(exc)}"))
             raise self._failure from exc

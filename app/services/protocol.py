@@ -231,6 +231,9 @@ class CaptureRow:
     logical_bytes: int = 0
     wire_rate: float = 0.0
     logical_rate: float = 0.0
+    # a remote target's compression now: "zstd", "none" (the configuration's), or "zstd off: …"
+    # while the link is faster than compressing saves (wire.Codec.adaptive); None: local target
+    compression: str | None = None
     open_handles: int = 0
     # file-system entries
     mounted: bool = False

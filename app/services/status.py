@@ -661,8 +661,11 @@ def replication_lines(row: CaptureRow | None) -> list[tuple[str, str]]:
         lines.append(("Catching up", f"{c.get('reason')}: {c.get('stage')}"))
     if row.wire_bytes:
         ratio = row.logical_bytes / row.wire_bytes if row.wire_bytes else 0
+        squeeze = f"×{ratio:.1f}"
+        if row.compression and row.compression != "zstd":  # why it is not compressed now
+            squeeze += f", {row.compression}"
         lines.append(("Traffic", f"{human_size(row.logical_bytes)} logical, {human_size(row.wire_bytes)} "
-                                 f"on the wire (×{ratio:.1f}); now {human_size(int(row.logical_rate))}/s"))
+                                 f"on the wire ({squeeze}); now {human_size(int(row.logical_rate))}/s"))
     if row.reconnects or row.attempts or row.resent_bytes or row.resync_bytes:
         lines.append(("Recovery", f"{row.reconnects} reconnects, {row.attempts} failed attempts, "
                                   f"{human_size(row.resent_bytes)} resent, "

@@ -141,9 +141,19 @@ def skip_to_greeting(read) -> None:
 
 @dataclass
 class Codec:
-    """zstd level 1 per DATA batch, kept only when it is smaller (random data passes through)."""
+    """zstd level 1 per DATA batch, kept only when it is smaller (random data passes through).
+
+    `adaptive` (a sender without a bandwidth cap): a batch is compressed only while the link
+    is the slower part, as `zstd --adaptive` does: when sending a byte costs more time than
+    compressing it saves (the link's rate, from the time the sender's writes took, under the
+    compressor's rate times the share it saves). On a fast link compressing only spent CPU
+    on both hosts (measured: the mirror proper of 39 MiB took 0.85 s compressed, 0.68 s not,
+    over the bench's link of two namespaces); on a slow or congested one the writes block
+    and compression comes back within a few batches. A capped sender always compresses (the
+    cap makes the link the slower part)."""
 
     compression: str = "zstd"
+    adaptive: bool = False
 
     def __post_init__(self) -> None:
         self._c = self._d = None
@@ -152,6 +162,39 @@ class Codec:
             self._c = zstandard.ZstdCompressor(level=1)
         import zstandard as zs
         self._d = zs.ZstdDecompressor()
+        self._link = [0, 0.0]  # bytes written lately, seconds the writes took
+        self._zip = [0, 0.0, 0]  # bytes compressed lately, seconds it took, bytes it made
+
+    @property
+    def compresses(self) -> bool:
+        """Does the next compressible batch go out compressed?"""
+        if self._c is None:
+            return False
+        if not self.adaptive:
+            return True
+        sent, took = self._link
+        done, spent, made = self._zip
+        if not sent or not done or spent <= 0:
+            return True  # not measured yet: compressed (a slow link is the one it matters on)
+        link_rate, zip_rate = sent / max(took, 1e-6), done / spent
+        return link_rate < zip_rate * (1 - made / done)
+
+    @property
+    def state(self) -> str:
+        """In status words: "none" (the configuration's), "zstd", or why zstd is off now."""
+        if self._c is None:
+            return "none"
+        return "zstd" if self.compresses else "zstd off: the link is faster than compressing"
+
+    def wrote(self, nbytes: int, seconds: float) -> None:
+        """A frame of `nbytes` took the sender `seconds` to write (the link's rate)."""
+        _decay(self._link, nbytes, seconds)
+
+    def _compress(self, data, size: int) -> bytes:
+        t = time.perf_counter()
+        out = self._c.compress(data)
+        _decay(self._zip, size, time.perf_counter() - t, len(out))
+        return out
 
     def pack(self, raw: bytes) -> bytes:
         return b"".join(self.pack_parts([raw], len(raw)))
@@ -161,8 +204,8 @@ class Codec:
         [flags, compressed]. A big batch is compressed only when a sample of it compresses
         to under 90 % (random data, or compressed files, cost no compression attempt)."""
         if self._c is not None and size > 256 and (
-                size < SAMPLE_FROM or self._worth_it(parts, size)):
-            packed = self._c.compress(b"".join(parts))
+                size < SAMPLE_FROM or self._worth_it(parts, size)) and self.compresses:
+            packed = self._compress(b"".join(parts), size)
             if len(packed) < size:
                 return [bytes([FLAG_ZSTD]), packed]
         return [b"\0", *parts]
@@ -177,7 +220,7 @@ class Codec:
                 want += 1
             pos = end
         sample = b"".join(sample)
-        return len(self._c.compress(sample)) < 0.9 * len(sample)
+        return len(self._compress(sample, len(sample))) < 0.9 * len(sample)
 
     def unpack(self, payload: bytes) -> bytes | memoryview:
         """The records of a DATA payload (a view of it when it was not compressed: a batch
@@ -188,6 +231,16 @@ class Codec:
         if payload[0] & FLAG_ZSTD:
             return self._d.decompress(view, max_output_size=MAX_FRAME)
         return view
+
+
+def _decay(sums: list, *add) -> None:
+    """Running sums of the last few MiB: halved once their bytes pass 16 MiB, so a rate follows
+    the link or the data as they change."""
+    for i, v in enumerate(add):
+        sums[i] += v
+    if sums[0] > 16 << 20:
+        for i in range(len(sums)):
+            sums[i] /= 2
 
 
 def is_zeros(data: bytes) -> bool:
