@@ -101,6 +101,39 @@ def test_target_add_pins_the_host_key_and_test_reaches_the_agent(remote, tmp_pat
     assert [t["name"] for t in listed] == ["backup1"]
 
 
+def test_a_multiplexing_ssh_config_does_not_carry_the_targets_sessions(remote, tmp_path):
+    """An administrator's ssh_config with `ControlMaster auto` and `ControlPersist` (a common
+    one): the target's sessions are connections of their own (its key, its forced command, its
+    pinned host key). Found by reading ssh_argv: the first session became a master that
+    outlived it, and the next rode on it, or on one the administrator had opened."""
+    import tempfile
+
+    import psutil
+    make, r = remote()
+    cm = Path(tempfile.mkdtemp(prefix="cm-"))  # (a socket's path is at most 107 bytes)
+    conf = r.bed.ssh_config.read_text()
+    assert "ControlMaster no" in conf and "ControlPath none" in conf
+    r.bed.ssh_config.write_text(conf.replace("ControlMaster no", "ControlMaster auto")
+                                .replace("ControlPath none", f"ControlPath {cm}/%C")
+                                + "  ControlPersist 600\n")
+
+    def masters() -> list[psutil.Process]:
+        found = []
+        for p in psutil.process_iter(["cmdline"]):
+            if str(cm) in " ".join(p.info["cmdline"] or ()):
+                found.append(p)
+        return found
+    try:
+        for _ in range(2):
+            t = cli(r.cfg, "target", "test", "backup1", "--json")
+            assert t.returncode == 0, t.stdout + t.stderr
+        assert list(cm.iterdir()) == [] and masters() == []
+    finally:
+        for p in masters():  # (the old code's: a master that outlives the session)
+            p.kill()
+        shutil.rmtree(cm)
+
+
 def test_a_target_without_the_agent_says_how_to_install_or_name_it(remote, tmp_path):
     """The forced command names `mirrorsetup`; on a host where that is not installed (or not on
     the PATH) ssh says 'command not found' and exits 127: status says what to do."""

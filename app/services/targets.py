@@ -67,7 +67,12 @@ class Settings:
                 "ServerAliveInterval": str(self.alive_interval),
                 "ServerAliveCountMax": str(self.alive_count),
                 "ConnectTimeout": str(self.connect_timeout), "LogLevel": "INFO",
-                "ForwardAgent": "no", "ForwardX11": "no", "ClearAllForwardings": "yes"}
+                "ForwardAgent": "no", "ForwardX11": "no", "ClearAllForwardings": "yes",
+                # a connection of its own, whatever ssh_config says: one over an administrator's
+                # multiplexing master (ControlMaster auto, …) is authenticated by the master's
+                # key and host key, not this target's, and runs the remote command without the
+                # forced one; one that became a master outlived its session (ControlPersist)
+                "ControlMaster": "no", "ControlPath": "none"}
         if self.known_hosts:
             opts["UserKnownHostsFile"] = self.known_hosts
             opts["GlobalKnownHostsFile"] = "/dev/null"
