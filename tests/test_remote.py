@@ -105,7 +105,8 @@ def test_a_multiplexing_ssh_config_does_not_carry_the_targets_sessions(remote, t
     """An administrator's ssh_config with `ControlMaster auto` and `ControlPersist` (a common
     one): the target's sessions are connections of their own (its key, its forced command, its
     pinned host key). Found by reading ssh_argv: the first session became a master that
-    outlived it, and the next rode on it, or on one the administrator had opened."""
+    outlived it, and the next rode on it, or on one the administrator had opened. A
+    `RemoteCommand` there (for one's own logins) made every session fail."""
     import tempfile
 
     import psutil
@@ -115,7 +116,8 @@ def test_a_multiplexing_ssh_config_does_not_carry_the_targets_sessions(remote, t
     assert "ControlMaster no" in conf and "ControlPath none" in conf
     r.bed.ssh_config.write_text(conf.replace("ControlMaster no", "ControlMaster auto")
                                 .replace("ControlPath none", f"ControlPath {cm}/%C")
-                                + "  ControlPersist 600\n")
+                                + "  ControlPersist 600\n"
+                                + "  RemoteCommand tmux attach\n")  # (for one's own logins)
 
     def masters() -> list[psutil.Process]:
         found = []

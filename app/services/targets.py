@@ -72,7 +72,10 @@ class Settings:
                 # multiplexing master (ControlMaster auto, …) is authenticated by the master's
                 # key and host key, not this target's, and runs the remote command without the
                 # forced one; one that became a master outlived its session (ControlPersist)
-                "ControlMaster": "no", "ControlPath": "none"}
+                "ControlMaster": "no", "ControlPath": "none",
+                # a RemoteCommand there (e.g. "tmux attach" for that host) made ssh refuse the
+                # agent's command line: "Cannot execute command-line and remote command."
+                "RemoteCommand": "none"}
         if self.known_hosts:
             opts["UserKnownHostsFile"] = self.known_hosts
             opts["GlobalKnownHostsFile"] = "/dev/null"
