@@ -236,6 +236,7 @@ def test_a_reconnect_under_way_is_said_as_connecting_again_not_as_about_to_try(t
     from app.engine import shipper as shipper_mod
     from app.engine.capture import Capture
     from app.engine.journal import Journal
+    from app.services import wire
     from app.services.protocol import CaptureRow
     from app.services.status import _replication_warnings, replication_text, short_connection
 
@@ -260,7 +261,7 @@ def test_a_reconnect_under_way_is_said_as_connecting_again_not_as_about_to_try(t
     ship = shipper_mod.Shipper(journal, Slow(), local=False)
     cap = Capture.__new__(Capture)
     cap.journal, cap.shipper, cap.catching, cap.consistent = journal, ship, None, True
-    cap.target = types.SimpleNamespace(consistent=True, rtt=None)
+    cap.target = types.SimpleNamespace(consistent=True, rtt=None, codec=wire.Codec("zstd"))
     cap.remote, cap.resync_bytes = True, 0
     cap.spec = types.SimpleNamespace(kind="fs")
     cap.ops = types.SimpleNamespace(open_handles=lambda: 0, waits_for_room=False)
