@@ -136,6 +136,53 @@ def test_a_multiplexing_ssh_config_does_not_carry_the_targets_sessions(remote, t
         shutil.rmtree(cm)
 
 
+RELAY = """import os, socket, sys, threading
+s = socket.create_connection((sys.argv[1], int(sys.argv[2])))
+def up():
+    while (b := os.read(0, 65536)):
+        s.sendall(b)
+    s.shutdown(socket.SHUT_WR)
+threading.Thread(target=up, daemon=True).start()
+while (b := s.recv(65536)):
+    os.write(1, b)
+"""
+
+
+def test_a_host_ssh_config_names_another_way_or_reaches_through_a_proxy_is_added_and_reached(
+        remote, tmp_path):
+    """`--host` is an ssh destination and ssh_config applies: an alias (Host/HostName) and a
+    host behind a ProxyCommand (a bastion's, here a relay of our own) are added with their host
+    key pinned under the name ssh looks it up by, and reached. ssh-keyscan, which reads no
+    ssh_config, could resolve neither: both adds failed."""
+    make, r = remote()
+    relay = tmp_path / "relay.py"
+    relay.write_text(RELAY)
+    conf = tmp_path / "ssh_config"
+    conf.write_text("Host backup-alias\n"
+                    f"  HostName {r.bed.target_addr}\n"
+                    "Host backup-behind\n"
+                    f"  ProxyCommand {sys.executable} {relay} {r.bed.target_addr} %p\n"
+                    + r.bed.ssh_config.read_text())
+    fp = subprocess.run(["ssh-keygen", "-lf", f"{r.bed.host_key}.pub"], capture_output=True,
+                        text=True, check=True).stdout.split()[1]
+    identity = json.loads(cli(r.cfg, "target", "list", "--json").stdout)[0]["identity"]
+    for name, host, pinned_as in (("alias", "backup-alias", f"[{r.bed.target_addr}]:{r.bed.port}"),
+                                  ("behind", "backup-behind", f"[backup-behind]:{r.bed.port}")):
+        kh = tmp_path / f"known_hosts_{name}"
+        add = cli(r.cfg, "target", "add", name, "--host", host, "--port", str(r.bed.port),
+                  "--user", "root", "--root", str(r.root), "--agent", AGENT, "--identity", identity,
+                  "--ssh-config", str(conf), "--known-hosts", str(kh), "--accept-host-key", fp)
+        assert add.returncode == 0, add.stdout + add.stderr
+        assert [ln.split()[0] for ln in kh.read_text().splitlines()] == [pinned_as]
+        t = cli(r.cfg, "target", "test", name, "--json")
+        assert t.returncode == 0, t.stdout + t.stderr
+        assert json.loads(t.stdout)["root"] == str(r.root)
+    wrong = cli(r.cfg, "target", "add", "nobody", "--host", "backup-nowhere", "--port", "22",
+                "--root", str(r.root), "--identity", identity, "--ssh-config", str(conf),
+                "--known-hosts", str(tmp_path / "known_hosts_nobody"), "--accept-host-key", fp)
+    assert wrong.returncode != 0 and "backup-nowhere" in wrong.stderr, wrong.stderr
+
+
 def test_a_target_without_the_agent_says_how_to_install_or_name_it(remote, tmp_path):
     """The forced command names `mirrorsetup`; on a host where that is not installed (or not on
     the PATH) ssh says 'command not found' and exits 127: status says what to do."""

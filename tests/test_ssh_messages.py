@@ -71,7 +71,7 @@ def test_a_pin_question_ended_at_the_terminal_leaves_no_key(tmp_path, monkeypatc
     from app.services import targets
     from app.services.config import ConfigStore, TargetHost
     store = ConfigStore(tmp_path / "etc" / "replication.toml")
-    monkeypatch.setattr(targets, "scan_host_keys", lambda host, port: [
+    monkeypatch.setattr(targets, "scan_host_keys", lambda host, port, ssh_config=None: [
         ("h ssh-ed25519 AAAA", "SHA256:" + "B" * 43, "ED25519")])
 
     def ask(keys):
@@ -96,7 +96,7 @@ def test_an_identity_without_its_public_key_or_a_missing_ssh_config_adds_nothing
     from app.services.config import ConfigStore, TargetHost
     from app.services.results import MirrorError
     store = ConfigStore(tmp_path / "etc" / "replication.toml")
-    monkeypatch.setattr(targets, "scan_host_keys", lambda host, port: [
+    monkeypatch.setattr(targets, "scan_host_keys", lambda host, port, ssh_config=None: [
         ("h ssh-ed25519 AAAA", "SHA256:" + "B" * 43, "ED25519")])
     fp = "SHA256:" + "B" * 43
     key = tmp_path / "k"

@@ -706,7 +706,7 @@ async def test_a_host_key_that_arrives_after_the_screen_was_left_adds_nothing_an
     before = config_bytes()
     release, asked = threading.Event(), threading.Event()
 
-    def slow_scan(host, port):
+    def slow_scan(host, port, ssh_config=None):
         asked.set()
         release.wait(20)
         return [("b2.example.net ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIA", "SHA256:abc", "ED25519")]

@@ -382,7 +382,7 @@ class TargetsScreen(TaskScreen):
     def _scan(self, app, host) -> None:
         from app.services import targets
         try:
-            keys = targets.scan_host_keys(host.host, host.port)
+            keys = targets.scan_host_keys(host.host, host.port, host.ssh_config)
             # app's services, not self's: the screen may be gone by now, and self.app with it
             _known_hosts, old = targets.pinned_for(app.services.store, host)
             error = None
@@ -457,7 +457,7 @@ class TargetsScreen(TaskScreen):
     def _scan_again(self, app, host) -> None:
         from app.services import targets
         try:
-            keys = targets.scan_host_keys(host.host, host.port)
+            keys = targets.scan_host_keys(host.host, host.port, host.ssh_config)
             _known_hosts, old = targets.pinned_for(self.services.store, host)
             error = None
         except (MirrorError, OSError) as exc:

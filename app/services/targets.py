@@ -19,8 +19,10 @@ import json
 import os
 import re
 import shlex
+import shutil
 import socket
 import subprocess
+import tempfile
 import threading
 import time
 from dataclasses import dataclass, replace
@@ -237,14 +239,44 @@ def host_pattern(host: str, port: int) -> str:
     return host if port == 22 else f"[{host}]:{port}"
 
 
+def ssh_resolved(host: str, port: int, ssh_config: str | None = None) -> dict[str, str]:
+    """What ssh makes of the destination after ssh_config (`ssh -G`, which connects nowhere):
+    its hostname, port, hostkeyalias, proxyjump, proxycommand. An ssh that cannot read the
+    configuration says so at the first connection: the destination is taken as given here."""
+    argv = ["ssh", "-G", *(["-F", ssh_config] if ssh_config else []), "-p", str(port), "--", host]
+    try:
+        r = _run(argv, timeout=KEYSCAN_SECONDS)
+    except (OSError, subprocess.TimeoutExpired):
+        r = None
+    if r is None or r.returncode != 0:
+        return {"hostname": host, "port": str(port)}
+    said = dict(line.partition(" ")[::2] for line in r.stdout.decode(errors="replace").splitlines())
+    return {k: v for k, v in said.items() if v and v != "none"}
+
+
+def known_name(host: str, port: int, ssh_config: str | None = None) -> str:
+    """The name ssh looks the host key up by in known_hosts: a HostKeyAlias, else the host name
+    ssh_config gives (HostName) with the port. The destination as typed was pinned before, and
+    a host reached by an alias of ssh_config was refused at every connection."""
+    g = ssh_resolved(host, port, ssh_config)
+    if "hostkeyalias" in g:
+        return g["hostkeyalias"]
+    return host_pattern(g.get("hostname") or host, port)
+
+
 def _run(argv: list[str], *, input: bytes | None = None, timeout: float = 30) -> subprocess.CompletedProcess:
     return subprocess.run(argv, input=input, capture_output=True, timeout=timeout, check=False)
 
 
-def scan_host_keys(host: str, port: int) -> list[tuple[str, str, str]]:
-    """(key line for known_hosts, fingerprint SHA256:…, type) for each key the host offers."""
+def scan_host_keys(host: str, port: int, ssh_config: str | None = None) -> list[tuple[str, str, str]]:
+    """(key line for known_hosts, fingerprint SHA256:…, type) for each key the host offers.
+    ssh-keyscan reads no ssh_config: a host reached through a ProxyJump or ProxyCommand is asked
+    by ssh itself (its key is all it keeps of that connection), an alias by its HostName."""
+    g = ssh_resolved(host, port, ssh_config)
+    if "proxyjump" in g or "proxycommand" in g:
+        return _keys_through_ssh(host, port, ssh_config)
     began = time.monotonic()
-    r = _run(["ssh-keyscan", "-T", str(KEYSCAN_SECONDS), "-p", str(port), "--", host],
+    r = _run(["ssh-keyscan", "-T", str(KEYSCAN_SECONDS), "-p", str(port), "--", g.get("hostname") or host],
              timeout=KEYSCAN_SECONDS + 10)
     waited = time.monotonic() - began
     lines = [ln for ln in r.stdout.decode(errors="replace").splitlines()
@@ -266,6 +298,10 @@ def scan_host_keys(host: str, port: int) -> list[tuple[str, str, str]]:
                 why = (os.strerror(exc.errno) if exc.errno else str(exc) or "timed out").lower()
         raise MirrorError(f"could not read the host key of {host} port {port}: {why}",
                           errno=err, obj=host)
+    return _fingerprinted(lines)
+
+
+def _fingerprinted(lines: list[str]) -> list[tuple[str, str, str]]:
     out = []
     for line in lines:
         fp = _run(["ssh-keygen", "-l", "-E", "sha256", "-f", "-"], input=line.encode() + b"\n")
@@ -275,11 +311,47 @@ def scan_host_keys(host: str, port: int) -> list[tuple[str, str, str]]:
     return out
 
 
-def pinned_fingerprints(known_hosts: str, host: str, port: int) -> list[str]:
-    """The SHA256 fingerprints pinned for host:port in `known_hosts` (ours: unhashed lines)."""
+def _keys_through_ssh(host: str, port: int, ssh_config: str | None) -> list[tuple[str, str, str]]:
+    """The host key of a host behind a ProxyJump or ProxyCommand: ssh connects through it,
+    writes the key it is offered to a known_hosts file of its own (accept-new, in a directory
+    made for it and removed after) and offers no credentials (at most `true` runs there). The
+    key is shown and pinned as an ssh-keyscan one is: never trusted by this."""
+    tmp = tempfile.mkdtemp(prefix="mirrorsetup-hostkey-")
+    try:
+        seen = os.path.join(tmp, "known_hosts")
+        opts = {"StrictHostKeyChecking": "accept-new", "UserKnownHostsFile": seen,
+                "GlobalKnownHostsFile": "/dev/null", "HashKnownHosts": "no", "BatchMode": "yes",
+                "PreferredAuthentications": "none", "ConnectTimeout": str(KEYSCAN_SECONDS),
+                "ControlMaster": "no", "ControlPath": "none", "RemoteCommand": "none",
+                "UpdateHostKeys": "no", "LogLevel": "ERROR"}
+        argv = ["ssh", *(["-F", ssh_config] if ssh_config else [])]
+        for k, v in opts.items():
+            argv += ["-o", f"{k}={v}"]
+        r = _run([*argv, "-p", str(port), "-T", "--", host, "true"], timeout=KEYSCAN_SECONDS + 20)
+        try:
+            with open(seen, errors="replace") as f:
+                lines = [ln.strip() for ln in f if ln.strip() and not ln.startswith("#")]
+        except FileNotFoundError:
+            lines = []
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    if not lines:
+        said = r.stderr.decode(errors="replace")
+        line, err = ssh_verdict(said)
+        why = line or "; ".join(ln.strip() for ln in said.splitlines() if ln.strip()) or \
+            f"ssh ended with status {r.returncode}"
+        raise MirrorError(f"could not read the host key of {host} port {port} through its "
+                          f"ProxyJump/ProxyCommand: {why}", errno=err or errno.EHOSTUNREACH, obj=host)
+    return _fingerprinted(lines)
+
+
+def pinned_fingerprints(known_hosts: str, host: str, port: int,
+                        ssh_config: str | None = None) -> list[str]:
+    """The SHA256 fingerprints pinned for host:port in `known_hosts` (ours: unhashed lines),
+    under the name ssh looks it up by (known_name)."""
     if not os.path.exists(known_hosts):
         return []
-    r = _run(["ssh-keygen", "-F", host_pattern(host, port), "-f", known_hosts])
+    r = _run(["ssh-keygen", "-F", known_name(host, port, ssh_config), "-f", known_hosts])
     out = []
     for line in r.stdout.decode(errors="replace").splitlines():
         if line.strip() and not line.startswith("#"):
@@ -313,10 +385,10 @@ def check_fingerprint(fp: str) -> None:
                       errno=errno.EINVAL, obj=fp or "--accept-host-key")
 
 
-def _repin(known_hosts: str, host: str, port: int, line: str) -> None:
+def _repin(known_hosts: str, host: str, port: int, line: str, ssh_config: str | None = None) -> None:
     """Replace every key pinned for host:port by `line` (a new file renamed over the old one:
     an ssh reading it sees the old pin or the new one)."""
-    pattern = host_pattern(host, port)
+    pattern = known_name(host, port, ssh_config)
     _keyhost, keytype, key = line.split(None, 2)
     fd = _locked(known_hosts)
     try:
@@ -349,7 +421,7 @@ def pinned_for(store: ConfigStore, host: TargetHost) -> tuple[str, list[str]]:
     """(known_hosts, the fingerprints pinned there for the host and port): what add and rekey
     compare the key the host offers with (its own known_hosts, else the configuration's)."""
     known_hosts = host.known_hosts or default_known_hosts(store)
-    return known_hosts, pinned_fingerprints(known_hosts, host.host, host.port)
+    return known_hosts, pinned_fingerprints(known_hosts, host.host, host.port, host.ssh_config)
 
 
 def offered_and_pinned(keys: list[tuple[str, str, str]], pinned: list[str]
@@ -373,7 +445,7 @@ def rekey_target(store: ConfigStore, name: str, *, accept_host_key: str | None =
         if accept_host_key is not None:
             check_fingerprint(accept_host_key)
         kh, old = pinned_for(store, host)
-        keys = scan_host_keys(host.host, host.port)
+        keys = scan_host_keys(host.host, host.port, host.ssh_config)
         where = f"{host.host} port {host.port}"
         shown = ", ".join(f"{fp} ({kind})" for _line, fp, kind in keys)
         still = next((k for k in keys if old == [k[1]]), None)
@@ -397,9 +469,9 @@ def rekey_target(store: ConfigStore, name: str, *, accept_host_key: str | None =
             return Result("rekey target", name, Outcome.UNCHANGED, f"the host key of {where} is "
                           f"pinned as {chosen[1]} already (in {kh})")
         if old:
-            _repin(kh, host.host, host.port, chosen[0])
+            _repin(kh, host.host, host.port, chosen[0], host.ssh_config)
         else:
-            _pin(kh, host.host, host.port, chosen[0])
+            _pin(kh, host.host, host.port, chosen[0], host.ssh_config)
     except (MirrorError, subprocess.TimeoutExpired, OSError) as exc:
         return _failed("rekey target", name, exc)
     users = [t.name for t in store.load().target
@@ -497,7 +569,7 @@ def _pin_moved(store: ConfigStore, old: TargetHost, new: TargetHost) -> str:
     if pinned:
         return ""
     _old_kh, was = pinned_for(store, old)
-    keys = scan_host_keys(new.host, new.port)
+    keys = scan_host_keys(new.host, new.port, new.ssh_config)
     same = offered_and_pinned(keys, was)
     where = f"{new.host} port {new.port}"
     if same is None:
@@ -507,7 +579,7 @@ def _pin_moved(store: ConfigStore, old: TargetHost, new: TargetHost) -> str:
                       "connections would be refused. Check the key on the target (ssh-keygen -lf "
                       "/etc/ssh/ssh_host_ed25519_key.pub) and pin it there, or keep the old "
                       "setting. Nothing was changed", errno=errno.EACCES, obj=new.name)
-    _pin(kh, new.host, new.port, same[0])
+    _pin(kh, new.host, new.port, same[0], new.ssh_config)
     return f"; pinned its host key {same[1]} ({same[2]}) for {where} in {kh}"
 
 
@@ -522,13 +594,13 @@ def _locked(known_hosts: str, flags: int = os.O_RDWR) -> int:
         os.close(fd)
 
 
-def _pin(known_hosts: str, host: str, port: int, line: str) -> None:
+def _pin(known_hosts: str, host: str, port: int, line: str, ssh_config: str | None = None) -> None:
     """Append `line` (as ssh-keyscan printed it) with the host named the way ssh looks it up."""
     _keyhost, keytype, key = line.split(None, 2)
     os.makedirs(os.path.dirname(known_hosts), mode=0o700, exist_ok=True)
     fd = _locked(known_hosts, os.O_WRONLY | os.O_APPEND | os.O_CREAT)
     try:
-        os.write(fd, f"{host_pattern(host, port)} {keytype} {key}\n".encode())
+        os.write(fd, f"{known_name(host, port, ssh_config)} {keytype} {key}\n".encode())
         os.fsync(fd)
     finally:
         os.close(fd)
@@ -586,7 +658,7 @@ def add_target(store: ConfigStore, host: TargetHost, *, accept_host_key: str | N
         if old:
             note = f"host key of {host.host} already pinned in {host.known_hosts} ({', '.join(old)})"
         else:
-            keys = scan_host_keys(host.host, host.port)
+            keys = scan_host_keys(host.host, host.port, host.ssh_config)
             shown = ", ".join(f"{fp} ({kind})" for _line, fp, kind in keys)
             chosen = None
             if accept_host_key:
@@ -603,7 +675,7 @@ def add_target(store: ConfigStore, host: TargetHost, *, accept_host_key: str | N
                                   "/etc/ssh/ssh_host_ed25519_key.pub) and add the target again with "
                                   f"--accept-host-key {keys[0][1]}. Nothing was added",
                                   errno=errno.EACCES, obj=name)
-            _pin(host.known_hosts, host.host, host.port, chosen[0])
+            _pin(host.known_hosts, host.host, host.port, chosen[0], host.ssh_config)
             note = f"pinned host key {chosen[1]} ({chosen[2]}) in {host.known_hosts}"
         store.add_target(host)
     except BaseException as exc:
