@@ -275,8 +275,8 @@ def scan_host_keys(host: str, port: int, ssh_config: str | None = None) -> list[
     g = ssh_resolved(host, port, ssh_config)
     if "proxyjump" in g or "proxycommand" in g:
         return _keys_through_ssh(host, port, ssh_config)
-    began = time.monotonic()
-    r = _run(["ssh-keyscan", "-T", str(KEYSCAN_SECONDS), "-p", str(port), "--", g.get("hostname") or host],
+    began, named = time.monotonic(), g.get("hostname") or host
+    r = _run(["ssh-keyscan", "-T", str(KEYSCAN_SECONDS), "-p", str(port), "--", named],
              timeout=KEYSCAN_SECONDS + 10)
     waited = time.monotonic() - began
     lines = [ln for ln in r.stdout.decode(errors="replace").splitlines()
@@ -291,7 +291,7 @@ def scan_host_keys(host: str, port: int, ssh_config: str | None = None) -> list[
             err, why = errno.ETIMEDOUT, f"timed out: no ssh answer within {KEYSCAN_SECONDS} s"
         if not why:  # ssh-keyscan says nothing of a refused or unreachable port: ask the kernel
             try:
-                socket.create_connection((host, port), timeout=KEYSCAN_SECONDS).close()
+                socket.create_connection((named, port), timeout=KEYSCAN_SECONDS).close()
                 why = "it answered no ssh host key"
             except OSError as exc:
                 err = exc.errno or errno.ETIMEDOUT
