@@ -181,6 +181,11 @@ def test_a_host_ssh_config_names_another_way_or_reaches_through_a_proxy_is_added
                 "--root", str(r.root), "--identity", identity, "--ssh-config", str(conf),
                 "--known-hosts", str(tmp_path / "known_hosts_nobody"), "--accept-host-key", fp)
     assert wrong.returncode != 0 and "backup-nowhere" in wrong.stderr, wrong.stderr
+    closed = cli(r.cfg, "target", "add", "closed", "--host", "backup-alias", "--port",
+                 str(r.bed.port + 1), "--root", str(r.root), "--identity", identity,
+                 "--ssh-config", str(conf), "--known-hosts", str(tmp_path / "known_hosts_closed"),
+                 "--accept-host-key", fp)  # (nothing listens there: the alias's host refuses)
+    assert closed.returncode != 0 and "connection refused" in closed.stderr, closed.stderr
 
 
 def test_a_target_without_the_agent_says_how_to_install_or_name_it(remote, tmp_path):
