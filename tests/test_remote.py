@@ -150,16 +150,18 @@ while (b := s.recv(65536)):
 
 def test_a_host_ssh_config_names_another_way_or_reaches_through_a_proxy_is_added_and_reached(
         remote, tmp_path):
-    """`--host` is an ssh destination and ssh_config applies: an alias (Host/HostName) and a
-    host behind a ProxyCommand (a bastion's, here a relay of our own) are added with their host
-    key pinned under the name ssh looks it up by, and reached. ssh-keyscan, which reads no
-    ssh_config, could resolve neither: both adds failed."""
+    """`--host` is an ssh destination and ssh_config applies: an alias (Host/HostName, its Port
+    taken when --port is not given) and a host behind a ProxyCommand (a bastion's, here a relay
+    of our own) are added with their host key pinned under the name ssh looks it up by, and
+    reached. ssh-keyscan, which reads no ssh_config, could resolve neither: both adds failed,
+    and without --port the port was 22 whatever ssh_config said."""
     make, r = remote()
     relay = tmp_path / "relay.py"
     relay.write_text(RELAY)
     conf = tmp_path / "ssh_config"
     conf.write_text("Host backup-alias\n"
                     f"  HostName {r.bed.target_addr}\n"
+                    f"  Port {r.bed.port}\n"
                     "Host backup-behind\n"
                     f"  ProxyCommand {sys.executable} {relay} {r.bed.target_addr} %p\n"
                     + r.bed.ssh_config.read_text())
@@ -169,7 +171,8 @@ def test_a_host_ssh_config_names_another_way_or_reaches_through_a_proxy_is_added
     for name, host, pinned_as in (("alias", "backup-alias", f"[{r.bed.target_addr}]:{r.bed.port}"),
                                   ("behind", "backup-behind", f"[backup-behind]:{r.bed.port}")):
         kh = tmp_path / f"known_hosts_{name}"
-        add = cli(r.cfg, "target", "add", name, "--host", host, "--port", str(r.bed.port),
+        port = [] if name == "alias" else ["--port", str(r.bed.port)]  # (ssh_config's Port)
+        add = cli(r.cfg, "target", "add", name, "--host", host, *port,
                   "--user", "root", "--root", str(r.root), "--agent", AGENT, "--identity", identity,
                   "--ssh-config", str(conf), "--known-hosts", str(kh), "--accept-host-key", fp)
         assert add.returncode == 0, add.stdout + add.stderr
@@ -177,6 +180,8 @@ def test_a_host_ssh_config_names_another_way_or_reaches_through_a_proxy_is_added
         t = cli(r.cfg, "target", "test", name, "--json")
         assert t.returncode == 0, t.stdout + t.stderr
         assert json.loads(t.stdout)["root"] == str(r.root)
+    ports = {t["name"]: t["port"] for t in json.loads(cli(r.cfg, "target", "list", "--json").stdout)}
+    assert ports == {"backup1": r.bed.port, "alias": r.bed.port, "behind": r.bed.port}
     wrong = cli(r.cfg, "target", "add", "nobody", "--host", "backup-nowhere", "--port", "22",
                 "--root", str(r.root), "--identity", identity, "--ssh-config", str(conf),
                 "--known-hosts", str(tmp_path / "known_hosts_nobody"), "--accept-host-key", fp)

@@ -26,7 +26,10 @@ def cmd_add(args) -> int:
     from app.services import targets
     from app.services.config import target_errors
     from app.services.config_toml import TargetHost
-    host = TargetHost(name=args.name, host=args.host, root=args.root, port=_port(args.port),
+    port = args.port
+    if port is None:  # the port ssh_config gives the host (Port), as ssh itself would use
+        port = targets.ssh_resolved(args.host, None, args.ssh_config).get("port", 22)
+    host = TargetHost(name=args.name, host=args.host, root=args.root, port=_port(port),
                       user=args.user, identity=args.identity, known_hosts=args.known_hosts,
                       ssh_config=args.ssh_config, bandwidth=args.bandwidth,
                       resync_bandwidth=args.resync_bandwidth, compression=args.compression,
@@ -171,7 +174,8 @@ def register(sub, common) -> None:
             "pinned (never accepted silently)", common)
     p.add_argument("name")
     p.add_argument("--host", required=True, help="ssh destination (your ssh_config applies)")
-    p.add_argument("--port", default=22)  # checked with the other fields (_port)
+    p.add_argument("--port", default=None,  # checked with the other fields (_port)
+                   help="ssh port (default: the one ssh_config gives the host, else 22)")
     p.add_argument("--user", default=None)
     p.add_argument("--identity", default=None, help="private key (default: a new ed25519 key "
                    "next to the configuration, keys/NAME_ed25519)")

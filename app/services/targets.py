@@ -239,17 +239,19 @@ def host_pattern(host: str, port: int) -> str:
     return host if port == 22 else f"[{host}]:{port}"
 
 
-def ssh_resolved(host: str, port: int, ssh_config: str | None = None) -> dict[str, str]:
+def ssh_resolved(host: str, port: int | None, ssh_config: str | None = None) -> dict[str, str]:
     """What ssh makes of the destination after ssh_config (`ssh -G`, which connects nowhere):
-    its hostname, port, hostkeyalias, proxyjump, proxycommand. An ssh that cannot read the
-    configuration says so at the first connection: the destination is taken as given here."""
-    argv = ["ssh", "-G", *(["-F", ssh_config] if ssh_config else []), "-p", str(port), "--", host]
+    its hostname, port (ssh_config's when `port` is None), hostkeyalias, proxyjump, proxycommand.
+    An ssh that cannot read the configuration says so at the first connection: the destination
+    is taken as given here."""
+    argv = ["ssh", "-G", *(["-F", ssh_config] if ssh_config else []),
+            *(["-p", str(port)] if port is not None else []), "--", host]
     try:
         r = _run(argv, timeout=KEYSCAN_SECONDS)
     except (OSError, subprocess.TimeoutExpired):
         r = None
     if r is None or r.returncode != 0:
-        return {"hostname": host, "port": str(port)}
+        return {"hostname": host, "port": str(port or 22)}
     said = dict(line.partition(" ")[::2] for line in r.stdout.decode(errors="replace").splitlines())
     return {k: v for k, v in said.items() if v and v != "none"}
 
