@@ -89,6 +89,39 @@ def test_a_daemon_for_another_configuration_is_not_stopped(private, tmp_path):
     assert status(prefix, env)["running"]
 
 
+def test_a_stop_of_a_daemon_that_does_not_answer_names_it_and_gives_up(private):
+    """A daemon that holds its socket but does not answer (here SIGSTOPped) made `daemon stop`
+    wait forever for its ping. Now it waits ANSWER_SECONDS, then refuses on stderr naming the
+    process, that it does not answer and how to resume it, exit 2, and signals nothing: once
+    resumed, that same daemon answers and stops."""
+    prefix, env, paths, started = private
+    assert cli(*prefix, "daemon", "start", env=env).returncode == 0
+    pid = status(prefix, env)["pid"]
+    started.append(pid)
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        t0 = time.monotonic()
+        r = cli(*prefix, "daemon", "stop", env=env, timeout=60)
+        took = time.monotonic() - t0
+        assert r.returncode == 2, r.stdout + r.stderr
+        assert r.stdout == ""
+        assert (f"the daemon (pid {pid}) on {paths['socket']} does not answer (no reply to ping "
+                f"in {daemonctl.ANSWER_SECONDS} s) (stopped by a signal: kill -CONT {pid} "
+                "resumes it): nothing was asked of it") in r.stderr, r.stderr
+        assert daemonctl.ANSWER_SECONDS <= took < daemonctl.ANSWER_SECONDS + 10, took
+        assert psutil.Process(pid).status() == psutil.STATUS_STOPPED  # nothing was sent to it
+        r = cli(*prefix, "daemon", "stop", "--json", env=env, timeout=60)
+        assert r.returncode == 2 and json.loads(r.stdout)["errno_name"] == "ETIMEDOUT", r.stdout
+        info = status(prefix, env)
+        assert (info["running"], info["answers"], info["pid"]) == (True, False, pid), info
+        text = cli(*prefix, "daemon", "status", env=env, timeout=60)
+        assert text.returncode == 1 and f"not answering (pid {pid}, up " in text.stdout, text
+    finally:
+        os.kill(pid, signal.SIGCONT)
+    r = cli(*prefix, "daemon", "stop", env=env, timeout=60)
+    assert r.returncode == 0 and f"stopped the daemon (pid {pid})" in r.stdout, r.stdout + r.stderr
+
+
 BAD_TARGET = """schema = 1
 
 [[target]]

@@ -4,6 +4,7 @@ runs), or start / stop / restart / status it as a service (app.services.daemonct
 from __future__ import annotations
 
 import argparse
+import errno
 import time
 
 from app.cli.common import EXIT_CODES, Refused
@@ -28,7 +29,8 @@ def _refuse_foreign(s) -> None:
     from app.services import daemonctl
     info = daemonctl.describe(s)
     if info.running and info.problem:
-        raise Refused(info.problem, obj=s.socket)
+        raise Refused(info.problem, obj=s.socket,
+                      errno=None if info.answers else errno.ETIMEDOUT)
 
 
 def cmd_start(args) -> int:

@@ -34,6 +34,7 @@ from app.engine import zygote as zygote_mod
 from app.services import layout as layout_mod
 from app.services import mounts, protocol
 from app.services.config import FsEntry
+from app.services.host import process_state
 from app.services.layout import Layout
 from app.services.results import MirrorError, Outcome, Result
 
@@ -490,18 +491,6 @@ def capture_end(state: str) -> dict | None:
         return None
 
 
-def _process_state(pid: int) -> str:
-    """Why a worker may not answer, as the kernel says: stopped, or waiting on I/O."""
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            state = f.read().rsplit(b")", 1)[1].split()[0]
-    except (OSError, IndexError):
-        return ""
-    return {b"T": f" (stopped by a signal: kill -CONT {pid} resumes it)",
-            b"t": " (stopped by a debugger)",
-            b"D": " (waiting in the kernel, on I/O)"}.get(state, "")
-
-
 def mount_dev(path: str, fsname: str) -> tuple[int, int] | None:
     for m in reversed(mounts.read_mountinfo()):
         if m.mount_point == path and m.source == fsname:
@@ -542,7 +531,7 @@ class Supervisor:
     def waiting(self, cap: Captured, what: str, seconds: float, then: str = ""):
         """A stop's wait on a worker, said in the log and by `ping`: a `daemon stop` sat in
         these up to 45 s per entry without a word (the CLI gave up after 10 s: 'still running')."""
-        words = (f"{cap.key}: {what}; worker pid {cap.link.pid}{_process_state(cap.link.pid)}; "
+        words = (f"{cap.key}: {what}; worker pid {cap.link.pid}{process_state(cap.link.pid)}; "
                  f"given up after {seconds:.0f} s{then}")
         log.info("%s", words)
         self.waits[(cap.kind, cap.key)] = (words, time.monotonic() + seconds)
@@ -657,7 +646,7 @@ class Supervisor:
             dev = cap.link.info.get("fuse_dev")
             copies = mounts.namespace_holders(*dev) if dev else []
             if not copies and lifted and not abort and not cap.link.unanswered and \
-                    not _process_state(cap.link.pid):
+                    not process_state(cap.link.pid):
                 # its mount is gone everywhere: it ships what is queued (up to 30 s, less once
                 # it finds its target unreachable) and ends. That is not "still busy" (a detach
                 # with the target's link down said so after 30 s)
@@ -680,7 +669,7 @@ class Supervisor:
                     pass
                 answered = True
             if not answered:
-                note = f"not answering{_process_state(cap.link.pid)}"
+                note = f"not answering{process_state(cap.link.pid)}"
                 with trio.move_on_after(0):
                     await cap.link.proc.wait()
             else:
@@ -712,7 +701,7 @@ class Supervisor:
             since = link.silent_since or time.monotonic()
             return {"error": f"the worker (pid {link.pid}) has not answered for "
                              f"{max(patience, round(time.monotonic() - since))} s"
-                             f"{_process_state(link.pid)}"}
+                             f"{process_state(link.pid)}"}
         except MirrorError as exc:
             return {"error": str(exc)}
 

@@ -12,6 +12,7 @@ import errno
 import os
 import socket
 import stat
+import struct
 from collections.abc import Callable
 
 from app.services import protocol
@@ -32,7 +33,21 @@ class DaemonEnded(MirrorError):
     worked on the request. What it had done by then is for its state directory to tell."""
 
 
+class DaemonNotAnswering(MirrorError):
+    """A process holds the socket but sent no reply within the client's timeout: stopped,
+    stuck, or still starting (the daemon binds its socket before it takes over its captures
+    and mounts its entries, and answers only then). `pid`: the process listening there, as the
+    kernel says (SO_PEERCRED); None when even the connection was not accepted."""
+
+    def __init__(self, message: str, *, pid: int | None, obj: str):
+        super().__init__(message, errno=errno.ETIMEDOUT, obj=obj)
+        self.pid = pid
+
+
 class ControlClient:
+    """`timeout`: seconds to wait for the daemon at each step (connect, send, each reply line);
+    None waits as long as it takes. Past it, DaemonNotAnswering."""
+
     def __init__(self, socket_path: str | None = None, *, timeout: float | None = None):
         self.socket_path = socket_path or default_socket()
         self.timeout = timeout
@@ -64,6 +79,9 @@ class ControlClient:
         sock.settimeout(self.timeout)
         try:
             sock.connect(self.socket_path)
+        except TimeoutError:  # its backlog is full: nobody accepts
+            sock.close()
+            raise self._not_answering(None, "no connection accepted") from None
         except (ConnectionRefusedError, FileNotFoundError):
             sock.close()
             raise self._not_running("nobody listening on the socket") from None
@@ -71,6 +89,11 @@ class ControlClient:
             sock.close()
             raise MirrorError.from_oserror("connect to the daemon", self.socket_path, exc) from exc
         return sock
+
+    def _not_answering(self, pid: int | None, what: str) -> DaemonNotAnswering:
+        who = f"the daemon (pid {pid})" if pid else "the daemon"
+        return DaemonNotAnswering(f"{who} on {self.socket_path} does not answer ({what} in "
+                                  f"{self.timeout:g} s)", pid=pid, obj=self.socket_path)
 
     def is_running(self) -> bool:
         try:
@@ -102,6 +125,8 @@ class ControlClient:
         except protocol.ProtocolError as exc:
             raise MirrorError(f"the daemon's reply to {cmd}: {exc}", errno=errno.EPROTO,
                               obj=self.socket_path) from exc
+        except TimeoutError:
+            raise self._not_answering(_listener_pid(sock), f"no reply to {cmd}") from None
         except ConnectionResetError as exc:  # it ended with our request unread
             raise DaemonEnded("the daemon reset the connection without a reply",
                               errno=errno.ECONNRESET, obj=self.socket_path) from exc
@@ -123,3 +148,14 @@ class ControlClient:
 
     def results(self, cmd: str, **args) -> list[Result]:
         return [Result.from_json(r) for r in self.request(cmd, **args).get("results", [])]
+
+
+def _listener_pid(sock: socket.socket) -> int | None:
+    """The process that listens on the socket `sock` is connected to (its credentials as at
+    listen(), kept by the kernel for the connection)."""
+    try:
+        pid, _uid, _gid = struct.unpack("3i", sock.getsockopt(
+            socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i")))
+    except OSError:
+        return None
+    return pid or None

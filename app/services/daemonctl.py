@@ -19,7 +19,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from app.services.config import DEFAULT_PATH, ConfigStore, default_path
-from app.services.control import ControlClient
+from app.services.control import ControlClient, DaemonNotAnswering
+from app.services.host import process_state
 from app.services.socketpath import DEFAULT_SOCKET, default_socket
 from app.services.layout import DEFAULT_STATE_DIR, STATE_ENV as STATE_DIR_ENV, default_state_dir
 from app.services.results import ConfigError, MirrorError, Outcome, Result
@@ -31,6 +32,11 @@ LOG_NAME = "daemon.log"  # beside the control socket, when we start the daemon o
 RUN_DIR_MODE = 0o700  # as the daemon makes /run/mirrorsetup: root's only
 WAIT_STEPS = 100  # × WAIT_STEP: up to 10 s for the daemon to bind its socket or let go of it
 WAIT_STEP = 0.1
+# How long an answer to ping or shutdown is waited for: the daemon answers at once from its
+# event loop, so one that stays silent this long is stopped, stuck, or still starting (it
+# binds its socket before it takes over its captures and mounts its entries). Without a bound
+# a SIGSTOPped daemon made `daemon stop` wait forever.
+ANSWER_SECONDS = 10
 
 
 @dataclass(frozen=True)
@@ -70,18 +76,23 @@ class DaemonInfo:
     state_dir: str | None = None
     log: str | None = None
     problem: str | None = None  # why we cannot tell, or a daemon for another config
+    answers: bool = True  # False: a process holds the socket but does not answer (problem says)
 
     def to_json(self) -> dict:
         return {"running": self.running, "pid": self.pid, "started_at": self.started_at,
                 "config": self.config, "socket": self.socket, "state_dir": self.state_dir,
-                "log": self.log, "problem": self.problem}
+                "log": self.log, "problem": self.problem, "answers": self.answers}
 
 
 def describe(settings: DaemonSettings, control: ControlClient | None = None) -> DaemonInfo:
     """Ask the daemon on the settings' socket who it is; its process says the rest."""
-    control = control or ControlClient(settings.socket)
+    control = control or ControlClient(settings.socket, timeout=ANSWER_SECONDS)
     try:
         ping = control.request("ping")
+    except DaemonNotAnswering as exc:
+        pid, log = exc.pid, _log_of(exc.pid)
+        return DaemonInfo(True, settings.socket, pid, _started_at(pid), None, _state_dir_of(pid),
+                          log, _not_answering_text(exc, log), answers=False)
     except MirrorError as exc:
         problem = None if exc.errno == errno.ENOENT else exc.message
         return DaemonInfo(False, settings.socket, state_dir=settings.state_dir,
@@ -94,6 +105,22 @@ def describe(settings: DaemonSettings, control: ControlClient | None = None) -> 
                    "configuration on another socket (--socket)")
     return DaemonInfo(True, settings.socket, pid, _started_at(pid), config,
                       _state_dir_of(pid), _log_of(pid), problem)
+
+
+def _not_answering_text(exc: DaemonNotAnswering, log: str | None) -> str:
+    """Who does not answer, that nothing was asked of it, and what the administrator can do;
+    nothing is killed for them (its captures would be left to a daemon that may yet answer)."""
+    pid = exc.pid
+    if pid is None:
+        return (f"{exc.message}: nothing was asked of it; `ss -xlp` names the process "
+                "listening there")
+    state = process_state(pid)
+    if state:  # e.g. stopped by a signal: what resumes it
+        return f"{exc.message}{state}: nothing was asked of it"
+    return (f"{exc.message}: nothing was asked of it. A daemon that is still starting answers "
+            f"once its log ({log or 'its stderr'}) says it is ready; one that stays stuck: "
+            f"`kill {pid}` asks it to stop as `daemon stop` does, `kill -KILL {pid}` ends it at "
+            "once (its captures go on and the next daemon takes them over)")
 
 
 def _started_at(pid: int | None) -> float | None:
@@ -151,7 +178,8 @@ def info_lines(info: DaemonInfo, now: float) -> list[tuple[str, str]]:
     """What the Daemon screen and `daemon status` say, as (label, value) lines."""
     if info.running:
         up = f", up {uptime_text(now - info.started_at)}" if info.started_at else ""
-        return [("state", f"running (pid {info.pid}{up})"), ("config", info.config or "?"),
+        state = "running" if info.answers else "not answering"
+        return [("state", f"{state} (pid {info.pid}{up})"), ("config", info.config or "?"),
                 ("socket", info.socket), ("state directory", info.state_dir or "?"),
                 ("log", info.log or "?")]
     return [("state", "not running"), ("socket", f"{info.socket} (nothing listening)"),
@@ -195,13 +223,16 @@ def _control(action: str, settings: DaemonSettings, say: Callable[[str], None] |
                       errno.EINVAL)
     if not info.running and info.problem:  # e.g. a socket that is not root-only
         return result(Outcome.FAILED, info.problem, errno.EPERM)
+    if not info.answers:
+        return Result(action, "daemon", Outcome.FAILED, info.problem, errno.ETIMEDOUT,
+                      {"refused": True})
     if action == "start" and info.running:
         return result(Outcome.UNCHANGED, f"the daemon is already running (pid {info.pid})")
     if action == "stop" and not info.running:
         return result(Outcome.UNCHANGED, "the daemon is not running")
     if action in ("restart", "start"):  # a daemon that would exit on it is not started
         _check_config(settings, info, action)
-    control = ControlClient(settings.socket)
+    control = ControlClient(settings.socket, timeout=ANSWER_SECONDS)
     systemd = _use_systemd(settings)
     # A restart leaves every capture running: the daemon is asked to leave them to the next
     # one, which takes them over, so applications never see it (a stop ends the captures
@@ -231,7 +262,8 @@ def _control(action: str, settings: DaemonSettings, say: Callable[[str], None] |
                              else ""))
         return result(Outcome.FAILED, f"systemctl {action} {SYSTEMD_UNIT} failed: "
                       f"{proc.stderr.strip() or proc.returncode}")
-    return _spawn(action, settings, control)
+    # (a new daemon answers only once it has mounted its entries: its wait is its own)
+    return _spawn(action, settings, ControlClient(settings.socket))
 
 
 def _systemctl(action: str, stopping: ControlClient | None,
