@@ -15,11 +15,12 @@ export DEBIAN_FRONTEND=noninteractive
 apt-get update -qq
 # openssh-server, nftables, iproute2: the two-host test bed (tests/netbed.py) runs its own sshd
 # in a network namespace (ip netns, veth, tc tbf) and makes faults with nft drop/reject; acl:
-# setfacl/getfacl, the POSIX ACL tests' witnesses (not on every Debian image).
+# setfacl/getfacl, the POSIX ACL tests' witnesses (not on every Debian image); strace: stops a
+# process at a chosen system call (test_replica_remove: an agent before it writes its state).
 test_packages=""
 fresh_sshd=""
 if [ -n "$extras" ]; then
-    test_packages="openssh-server nftables iproute2 acl groff-base"
+    test_packages="openssh-server nftables iproute2 acl groff-base strace"
     dpkg-query -W -f='${Status}' openssh-server 2>/dev/null | grep -q "install ok installed" \
         || fresh_sshd=1
 fi

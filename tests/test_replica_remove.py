@@ -7,9 +7,11 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import stat
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -287,3 +289,116 @@ def test_remove_of_a_replica_whose_data_is_gone_removes_its_journal_and_state(tm
             in r.stdout, r.stdout
         assert not rep.dir.exists()
     assert listed(root) == [] and (root / "a").is_dir()  # what is above it is left
+
+
+def session_before_its_state(root: Path, name: str, kind: str, **hello):
+    """A real agent (serve-target) making the new replica `name`, stopped (SIGSTOP, by strace
+    as it opens its state.json.tmp) after it made the bookkeeping, took the lock and made the
+    data, before it wrote state.json: (strace's process, the agent's pid)."""
+    import psutil
+    from app.engine.agent import META, replica_id
+    from app.services import wire
+    tmp = root / META / "replicas" / replica_id(name) / "state.json.tmp"
+    tracer = subprocess.Popen(
+        ["strace", "-f", "-qq", "-o", "/dev/null", "-P", str(tmp), "-e", "trace=openat",
+         "-e", "inject=openat:signal=STOP", sys.executable, "-m", "app", "serve-target",
+         "--root", str(root)], cwd=REPO, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL)
+    wire.skip_to_greeting(tracer.stdout.read)
+    tracer.stdin.write(wire.jframe(wire.HELLO, {
+        "version": wire.VERSION, "action": "replicate", "path": name, "kind": kind,
+        "source": {"host": "src1", "entry": f"{kind}:/srv/{name}"}, "generation": "g1", **hello}))
+    tracer.stdin.flush()
+    stopped = (psutil.STATUS_STOPPED, psutil.STATUS_TRACING_STOP)  # (traced: "t")
+    deadline, seen = time.monotonic() + 30, 0
+    while time.monotonic() < deadline and seen < 5:  # (a traced syscall stops it a moment)
+        agents = psutil.Process(tracer.pid).children()
+        seen = seen + 1 if agents and (root / name).exists() and \
+            agents[0].status() in stopped else 0
+        time.sleep(0.1)
+    assert seen == 5, "the agent did not reach its state.json"
+    return tracer, agents[0].pid
+
+
+def test_remove_of_a_replica_whose_session_was_killed_before_it_wrote_its_state(tmp_path):
+    """A session killed after it made a new replica's bookkeeping, lock and data but before its
+    state.json left what `replica list` does not show, and `replica remove NAME` said 'no
+    replica named NAME … it keeps none' (exit 2): the root kept it for good. It is removed
+    now (the data empty, as its session left it), with the refusals of any replica: held by a
+    session, without --yes, in use."""
+    from app.engine.agent import META, replica_id
+    root = tmp_path / "replicas"
+    root.mkdir()
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    for name, kind, hello in (("data", "fs", {}), ("disk.img", "block", {"size": 4 << 20})):
+        bookkeeping = root / META / "replicas" / replica_id(name)
+        tracer, agent = session_before_its_state(root, name, kind, **hello)
+        try:
+            assert (root / name).exists() and (bookkeeping / "lock").is_file()
+            assert not (bookkeeping / "state.json").exists() and listed(root) == []
+            r = remove(root, name, "--yes")  # its session (stopped) still holds the lock
+            assert r.returncode == 2 and f"replica {name} is locked by the replication session " \
+                f"of /srv/{name} on src1 (agent pid {agent})" in r.stderr, r.stdout + r.stderr
+        finally:
+            os.kill(agent, signal.SIGKILL)  # killed before it wrote its state
+            tracer.wait(30)
+            tracer.stdin.close()
+            tracer.stdout.close()
+        assert not (bookkeeping / "state.json").exists()
+        r = subprocess.run([sys.executable, "-m", "app", "replica", "remove", name, "--root",
+                            str(root)], cwd=REPO, capture_output=True, text=True,
+                           stdin=subprocess.DEVNULL)
+        assert r.returncode == 2 and f"Remove the replica {name} (no state.json: left by a " \
+            "session that ended before it wrote one)" in r.stderr, r.stdout + r.stderr
+        assert "give --yes to confirm (nothing was changed)" in r.stderr
+        if kind == "fs":
+            subprocess.run(["mount", "--bind", str(root / name), str(mnt)], check=True)
+            try:
+                r = remove(root, name, "--yes")
+            finally:
+                subprocess.run(["umount", str(mnt)], check=True)
+            assert r.returncode == 2 and f"replica {name} is in use on this host: mounted at " \
+                f"{mnt}: stop using it first; nothing was removed" in r.stderr, r.stderr
+        assert (root / name).exists() and (bookkeeping / "lock").is_file()
+        r = remove(root, name, "--yes")
+        assert r.returncode == 0, r.stdout + r.stderr
+        assert f"removed replica {name} (no state.json: left by a session that ended before it " \
+               f"wrote one): its data {root / name} (" in r.stdout, r.stdout
+        assert f"and its bookkeeping {bookkeeping} (" in r.stdout, r.stdout
+        assert not (root / name).exists() and not bookkeeping.exists()
+    assert sorted(os.listdir(root)) == [META] and os.listdir(root / META / "replicas") == []
+
+
+def test_remove_of_what_a_refused_session_left_keeps_the_data_it_refused(tmp_path):
+    """A session refuses data that was there before (not empty, no replica of ours) and ends
+    before it writes a state, leaving the bookkeeping: that goes; the data, which no state says
+    a session wrote, is kept and said so."""
+    from app.engine.agent import META, replica_id
+    from app.services import wire
+    root = tmp_path / "replicas"
+    (root / "data").mkdir(parents=True)
+    (root / "data" / "precious").write_text("was here before")
+    agent = subprocess.Popen([sys.executable, "-m", "app", "serve-target", "--root", str(root)],
+                             cwd=REPO, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                             stderr=subprocess.DEVNULL)
+    try:
+        wire.skip_to_greeting(agent.stdout.read)
+        agent.stdin.write(wire.jframe(wire.HELLO, {
+            "version": wire.VERSION, "action": "replicate", "path": "data", "kind": "fs",
+            "source": {"host": "src1", "entry": "fs:/srv/data"}, "generation": "g1"}))
+        agent.stdin.flush()
+        kind, payload = wire.read_frame(agent.stdout.read)
+        assert kind == wire.ERROR and json.loads(payload)["code"] == "not-ours", payload
+    finally:
+        agent.stdin.close()
+        agent.wait(30)
+        agent.stdout.close()
+    bookkeeping = root / META / "replicas" / replica_id("data")
+    assert (bookkeeping / "lock").is_file() and not (bookkeeping / "state.json").exists()
+    r = remove(root, "data", "--yes")
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert f"removed its bookkeeping {bookkeeping} (" in r.stdout, r.stdout
+    assert f"its data {root / 'data'} was kept: not empty, and no state says a session wrote " \
+           "it" in r.stdout, r.stdout
+    assert not bookkeeping.exists() and (root / "data" / "precious").read_text() == "was here before"

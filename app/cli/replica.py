@@ -173,8 +173,11 @@ def cmd_remove(args) -> int:
     from app.engine import agent
 
     def confirm(found: dict) -> None:
-        _confirm(args, f"Remove the replica {agent.replica_line(found)}: its data "
-                       f"{found['path']} and its journal and state are deleted for good. Go on?")
+        what = (f"its bookkeeping, and its data {found['path']} if it is as its session left it "
+                "(empty), are" if found.get("stateless") else
+                f"its data {found['path']} and its journal and state are")
+        _confirm(args, f"Remove the replica {agent.replica_line(found)}: {what} deleted for "
+                       "good. Go on?")
     try:
         done = agent.remove(_root(args), args.name, confirm=confirm)
     except agent.AgentError as exc:

@@ -51,6 +51,8 @@ TAKE_OVER_SECONDS = 10.0  # a stale session of the same source is ended within t
 PATH_ARGS = ("path", "old", "new", "src")
 QUERY_THREADS = 8  # queries answered at a time (a walk sends many ahead of itself)
 READ_AHEAD_BYTES = 8 << 20  # frames read while an earlier one is handled (Agent._frames)
+# a replica's bookkeeping without its state (remove() finds it by name: _stateless)
+STATELESS = "no state.json: left by a session that ended before it wrote one"
 
 
 def replica_id(rel: str) -> str:
@@ -1365,6 +1367,8 @@ def replica_line(r: dict) -> str:
     from app.services.units import human_size
     def when(t):
         return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(t)) if t else "?"
+    if r.get("stateless"):
+        return f"{r['name']} ({STATELESS})"
     src = (r.get("source") or {}).get("entry", "?").split(":", 1)[-1]
     if r["role"] == "primary":
         p = r.get("promoted") or {}
@@ -1723,7 +1727,7 @@ def remove(root: str, name: str, *, confirm=lambda found: None) -> dict:
     from app.services.layout import command
     top = os.path.realpath(root)
     listed = list_replicas(top)
-    found = next((r for r in listed if r["name"] == name), None)
+    found = next((r for r in listed if r["name"] == name), None) or _stateless(top, name)
     if found is None:
         names = ", ".join(sorted(str(r["name"]) for r in listed))
         raise AgentError("path", f"no replica named {name!r} below {top}: " +
@@ -1744,7 +1748,8 @@ def remove(root: str, name: str, *, confirm=lambda found: None) -> dict:
                 raise
             try:
                 _refuse_used(top, found, data)
-                return _remove_locked(rep, found, data)
+                kept = _stateless_data_kept(rep, found, data) if found.get("stateless") else ""
+                return _remove_locked(rep, found, data, kept)
             finally:
                 os.close(rep.lock_fd)  # (its file is gone once the bookkeeping is)
         finally:
@@ -1795,6 +1800,60 @@ def _data_beneath(root_fd: int, top: str, found: dict) -> tuple[int, bytes] | No
     return pfd, base
 
 
+def _stateless(top: str, name: str) -> dict | None:
+    """The replica `name` as remove() needs it when its bookkeeping has no state.json (so
+    list_replicas does not show it): a session makes ROOT/.mirrorsetup/replicas/ID, takes its
+    lock and makes the data before it writes its state, and one killed (or refused the data it
+    found there) in between leaves them so. Found by its name's ID; None when there is no such
+    bookkeeping (or it has a state: then it is listed under the name that state says). Its
+    kind is what is at its place (a directory: fs; else block: _data_beneath judges it)."""
+    try:
+        safe_relpath(name)
+    except ValueError:
+        return None
+    rid = replica_id(name)
+    bookkeeping = Path(top) / META / "replicas" / rid
+    try:
+        if not stat.S_ISDIR(os.lstat(bookkeeping).st_mode) \
+                or read_small_file(bookkeeping, "state.json") is not None:
+            return None
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+    path = os.path.join(top, name)
+    try:
+        kind = "fs" if stat.S_ISDIR(os.lstat(path).st_mode) else "block"
+    except (FileNotFoundError, NotADirectoryError):
+        kind = None
+    return {"name": name, "id": rid, "kind": kind, "role": "secondary", "source": None,
+            "consistent": False, "path": path, "stateless": True}
+
+
+def _stateless_data_kept(rep: Replica, found: dict, data) -> str:
+    """Under the replica's lock: why the data of a replica without state is kept ("" when it
+    goes with the bookkeeping). A session writes into the data only after its state, so what
+    it left is empty (a directory with nothing in it, an image whose first MiB is zeros, as a
+    session judges data it finds); anything else was there before (the data a session refused)
+    or is not known to be a replica's: it is kept. A state written meanwhile (a session came
+    and went before we locked it) is refused: it is a replica now, to be looked at again."""
+    if read_small_file(rep.dir, "state.json") is not None:
+        from app.services.layout import command
+        raise AgentError("changed", f"replica {found['name']} has a state now (a session wrote "
+                         "it meanwhile): nothing was removed; look at it again "
+                         f"({command('replica', 'list', '--root', rep.root)})", errno.EAGAIN)
+    if data is None:
+        return ""
+    pfd, base = data
+    fd = os.open(base, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC |
+                 (os.O_DIRECTORY if found["kind"] == "fs" else 0), dir_fd=pfd)
+    try:
+        empty = Agent._data_empty(found["kind"], fd)
+    finally:
+        os.close(fd)
+    return "" if empty else ("not empty, and no state says a session wrote it (data that was "
+                             "there before the replica, which a session refuses to overwrite): "
+                             "look at it, and remove it yourself if nothing needs it")
+
+
 def _refuse_held(found: dict, holder: dict | None) -> None:
     """A session holds the replica's lock: refused, saying whose and what to do first."""
     from app.services.layout import command
@@ -1828,9 +1887,10 @@ def _refuse_used(top: str, found: dict, data) -> None:
                          errno.EBUSY)
 
 
-def _remove_locked(rep: Replica, found: dict, data) -> dict:
+def _remove_locked(rep: Replica, found: dict, data, kept: str = "") -> dict:
     """The data, then the bookkeeping (its lock last, still held), each measured first. A
-    failure on the way is said with what was removed by then (code "removing")."""
+    failure on the way is said with what was removed by then (code "removing"). `kept`: why
+    the data stays (a replica without state whose data is not what its session left)."""
     from app.engine.applier import _remove_tree
     from app.services.units import human_size
     path = os.path.join(rep.root, found["name"])
@@ -1838,7 +1898,7 @@ def _remove_locked(rep: Replica, found: dict, data) -> dict:
             "role": found["role"], "source": found.get("source"), "data": path,
             "data_bytes": 0, "bookkeeping": str(rep.dir), "bookkeeping_bytes": 0, "removed": []}
     try:
-        if data is not None:
+        if data is not None and not kept:
             done["data_bytes"] = _bytes_freed(*data)
             _remove_tree(*data)
             done["removed"].append(path)
@@ -1855,13 +1915,21 @@ def _remove_locked(rep: Replica, found: dict, data) -> dict:
                          f"removed by then: {', '.join(done['removed']) or 'nothing'}",
                          exc.errno, done=done) from None
     done["freed_bytes"] = done["data_bytes"] + done["bookkeeping_bytes"]
-    src = (found.get("source") or {}).get("entry", "?").split(":", 1)[-1]
-    done["message"] = (
-        f"removed replica {found['name']} ({found['kind']}, replica of {src}): " +
-        (f"its data {path} ({human_size(done['data_bytes'])})" if data is not None else
-         f"its data {path} was not there") +
-        f" and its journal and state {rep.dir} ({human_size(done['bookkeeping_bytes'])}); "
-        f"{human_size(done['freed_bytes'])} freed")
+    if found.get("stateless"):
+        head, bookkeeping = f"{found['name']} ({STATELESS})", "its bookkeeping"
+    else:
+        src = (found.get("source") or {}).get("entry", "?").split(":", 1)[-1]
+        head = f"{found['name']} ({found['kind']}, replica of {src})"
+        bookkeeping = "its journal and state"
+    bookkeeping += f" {rep.dir} ({human_size(done['bookkeeping_bytes'])})"
+    freed = f"{human_size(done['freed_bytes'])} freed"
+    if kept:
+        done["message"] = (f"removed {bookkeeping} of replica {head}, {freed}; its data {path} "
+                           f"was kept: {kept}")
+        return done
+    data_said = (f"its data {path} ({human_size(done['data_bytes'])})" if data is not None else
+                 f"its data {path} was not there")
+    done["message"] = f"removed replica {head}: {data_said} and {bookkeeping}; {freed}"
     return done
 
 
