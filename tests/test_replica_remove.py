@@ -58,6 +58,34 @@ def two_replicas(root: Path):
     return data, disk
 
 
+def agent_asked(root: Path, name: str, kind: str = "fs", *, under: tuple = (),
+                **hello) -> subprocess.Popen:
+    """A real agent (serve-target below `root`, run `under` a tracer if given) asked to
+    replicate `name` for /srv/NAME on src1; its answer is for the caller to read."""
+    from app.services import wire
+    agent = subprocess.Popen([*under, sys.executable, "-m", "app", "serve-target", "--root",
+                              str(root)], cwd=REPO, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                             stderr=subprocess.DEVNULL)
+    try:
+        wire.skip_to_greeting(agent.stdout.read)
+        agent.stdin.write(wire.jframe(wire.HELLO, {
+            "version": wire.VERSION, "action": "replicate", "path": name, "kind": kind,
+            "source": {"host": "src1", "entry": f"{kind}:/srv/{name}"}, "generation": "g1",
+            **hello}))
+        agent.stdin.flush()
+    except BaseException:
+        agent.kill()
+        agent.wait()
+        raise
+    return agent
+
+
+def end(agent: subprocess.Popen) -> None:
+    agent.stdin.close()
+    agent.wait(30)
+    agent.stdout.close()
+
+
 def test_remove_takes_that_replica_its_journal_and_state_and_leaves_the_other(tmp_path):
     from app.engine.journal import KIND_FS, Journal, Record
     root = tmp_path / "replicas"
@@ -151,15 +179,8 @@ def test_remove_while_a_sources_session_holds_it_names_the_session_then_goes_onc
     from app.services import wire
     root = tmp_path / "replicas"
     root.mkdir()
-    agent = subprocess.Popen([sys.executable, "-m", "app", "serve-target", "--root", str(root)],
-                             cwd=REPO, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                             stderr=subprocess.DEVNULL)
+    agent = agent_asked(root, "data")
     try:
-        wire.skip_to_greeting(agent.stdout.read)
-        agent.stdin.write(wire.jframe(wire.HELLO, {
-            "version": wire.VERSION, "action": "replicate", "path": "data", "kind": "fs",
-            "source": {"host": "src1", "entry": "fs:/srv/data"}, "generation": "g1"}))
-        agent.stdin.flush()
         assert wire.read_frame(agent.stdout.read)[0] == wire.WELCOME
         (root / "data" / "f").write_bytes(b"a first copy's file")
         r = remove(root, "data", "--yes")
@@ -172,9 +193,7 @@ def test_remove_while_a_sources_session_holds_it_names_the_session_then_goes_onc
         assert refusal["errno_name"] == "EBUSY"
         assert (root / "data" / "f").is_file() and listed(root) == ["data"]
     finally:
-        agent.stdin.close()
-        agent.wait(30)
-        agent.stdout.close()
+        end(agent)
     r = remove(root, "data", "--yes")
     assert r.returncode == 0, r.stdout + r.stderr
     assert listed(root) == [] and not (root / "data").exists()
@@ -297,18 +316,10 @@ def session_before_its_state(root: Path, name: str, kind: str, **hello):
     data, before it wrote state.json: (strace's process, the agent's pid)."""
     import psutil
     from app.engine.agent import META, replica_id
-    from app.services import wire
     tmp = root / META / "replicas" / replica_id(name) / "state.json.tmp"
-    tracer = subprocess.Popen(
-        ["strace", "-f", "-qq", "-o", "/dev/null", "-P", str(tmp), "-e", "trace=openat",
-         "-e", "inject=openat:signal=STOP", sys.executable, "-m", "app", "serve-target",
-         "--root", str(root)], cwd=REPO, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-        stderr=subprocess.DEVNULL)
-    wire.skip_to_greeting(tracer.stdout.read)
-    tracer.stdin.write(wire.jframe(wire.HELLO, {
-        "version": wire.VERSION, "action": "replicate", "path": name, "kind": kind,
-        "source": {"host": "src1", "entry": f"{kind}:/srv/{name}"}, "generation": "g1", **hello}))
-    tracer.stdin.flush()
+    tracer = agent_asked(root, name, kind, under=(
+        "strace", "-f", "-qq", "-o", "/dev/null", "-P", str(tmp), "-e", "trace=openat",
+        "-e", "inject=openat:signal=STOP"), **hello)
     stopped = (psutil.STATUS_STOPPED, psutil.STATUS_TRACING_STOP)  # (traced: "t")
     deadline, seen = time.monotonic() + 30, 0
     while time.monotonic() < deadline and seen < 5:  # (a traced syscall stops it a moment)
@@ -342,9 +353,7 @@ def test_remove_of_a_replica_whose_session_was_killed_before_it_wrote_its_state(
                 f"of /srv/{name} on src1 (agent pid {agent})" in r.stderr, r.stdout + r.stderr
         finally:
             os.kill(agent, signal.SIGKILL)  # killed before it wrote its state
-            tracer.wait(30)
-            tracer.stdin.close()
-            tracer.stdout.close()
+            end(tracer)
         assert not (bookkeeping / "state.json").exists()
         r = subprocess.run([sys.executable, "-m", "app", "replica", "remove", name, "--root",
                             str(root)], cwd=REPO, capture_output=True, text=True,
@@ -379,21 +388,12 @@ def test_remove_of_what_a_refused_session_left_keeps_the_data_it_refused(tmp_pat
     root = tmp_path / "replicas"
     (root / "data").mkdir(parents=True)
     (root / "data" / "precious").write_text("was here before")
-    agent = subprocess.Popen([sys.executable, "-m", "app", "serve-target", "--root", str(root)],
-                             cwd=REPO, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                             stderr=subprocess.DEVNULL)
+    agent = agent_asked(root, "data")
     try:
-        wire.skip_to_greeting(agent.stdout.read)
-        agent.stdin.write(wire.jframe(wire.HELLO, {
-            "version": wire.VERSION, "action": "replicate", "path": "data", "kind": "fs",
-            "source": {"host": "src1", "entry": "fs:/srv/data"}, "generation": "g1"}))
-        agent.stdin.flush()
         kind, payload = wire.read_frame(agent.stdout.read)
         assert kind == wire.ERROR and json.loads(payload)["code"] == "not-ours", payload
     finally:
-        agent.stdin.close()
-        agent.wait(30)
-        agent.stdout.close()
+        end(agent)
     bookkeeping = root / META / "replicas" / replica_id("data")
     assert (bookkeeping / "lock").is_file() and not (bookkeeping / "state.json").exists()
     r = remove(root, "data", "--yes")

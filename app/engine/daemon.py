@@ -36,7 +36,7 @@ from app.services import layout as layout_mod
 from app.services import protocol
 from app.services.blockplan import same_device
 from app.services.config import BlockEntry, ConfigStore, FsEntry
-from app.services.control import SOCKET_MODE
+from app.services.control import SOCKET_MODE, peer_pid
 from app.services.socketpath import default_socket
 from app.services.layout import Layout, local_time, with_failback
 from app.services.protocol import TARGET_SETTINGS_AT_START, CaptureRow
@@ -453,7 +453,7 @@ class Daemon:
     # -- socket -----------------------------------------------------------------------------
     async def serve_client(self, stream: trio.SocketStream) -> None:
         lines = protocol.TrioLines(stream)
-        REQUESTER.set(_peer_pid(stream.socket))  # this client's task only (a contextvar)
+        REQUESTER.set(peer_pid(stream.socket))  # this client's task only (a contextvar)
         async with stream:
             while True:
                 try:
@@ -768,17 +768,6 @@ def run(args) -> int:
     except MirrorError as exc:
         print(f"mirrorsetup daemon: {exc}", file=sys.stderr)
         return 2
-
-
-def _peer_pid(sock) -> int | None:
-    """The pid of the process at the other end of a control connection (SO_PEERCRED)."""
-    import struct
-    try:
-        pid, _uid, _gid = struct.unpack("3i", sock.getsockopt(
-            socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i")))
-    except OSError:
-        return None
-    return pid or None
 
 
 if __name__ == "__main__":

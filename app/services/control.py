@@ -126,7 +126,7 @@ class ControlClient:
             raise MirrorError(f"the daemon's reply to {cmd}: {exc}", errno=errno.EPROTO,
                               obj=self.socket_path) from exc
         except TimeoutError:
-            raise self._not_answering(_listener_pid(sock), f"no reply to {cmd}") from None
+            raise self._not_answering(peer_pid(sock), f"no reply to {cmd}") from None
         except ConnectionResetError as exc:  # it ended with our request unread
             raise DaemonEnded("the daemon reset the connection without a reply",
                               errno=errno.ECONNRESET, obj=self.socket_path) from exc
@@ -150,9 +150,9 @@ class ControlClient:
         return [Result.from_json(r) for r in self.request(cmd, **args).get("results", [])]
 
 
-def _listener_pid(sock: socket.socket) -> int | None:
-    """The process that listens on the socket `sock` is connected to (its credentials as at
-    listen(), kept by the kernel for the connection)."""
+def peer_pid(sock) -> int | None:
+    """The pid of the process at the other end of a control connection (SO_PEERCRED): on the
+    client's side, the one that listens (its credentials as at listen(), kept by the kernel)."""
     try:
         pid, _uid, _gid = struct.unpack("3i", sock.getsockopt(
             socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i")))
