@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import signal
 import subprocess
@@ -109,6 +110,53 @@ def test_daemon_stop_says_which_worker_it_waits_for_and_waits_as_long_as_the_dae
                              f"stopping the daemon: {src}: asked its capture to end")
     assert "stopped the daemon" in out, out
     assert eng.proc.wait(timeout=30) == 0
+
+
+@pytest.mark.parametrize("when", ["before_its_shutdown", "while_it_stops"])
+def test_daemon_stop_of_a_daemon_that_stops_answering_says_so_and_kills_nothing(
+        setup, tmp_path, monkeypatch, when):
+    """A daemon that answered `daemon stop`'s first question and then hangs (stopped here:
+    SIGSTOP), before it reads the shutdown or while it stops (waiting for a stopped worker),
+    made the stop wait forever for an answer. It gives up after ANSWER_SECONDS now, saying
+    which process does not answer and what resumes it, and signals nothing: resumed, the
+    daemon reads what was asked and stops by itself."""
+    from app.services import daemonctl
+    from app.services.control import ControlClient
+    from app.services.results import Outcome
+    (tmp_path / "a").mkdir()
+    src = str(tmp_path / "a")
+    eng, _, _ = setup([{"path": src, "target": str(tmp_path / "a.tgt")}])
+    daemon, worker = eng.proc.pid, eng.status(src)["worker_pid"]
+    asked = ControlClient.request
+
+    def request(client, cmd, **args):
+        if cmd == "shutdown" and when == "before_its_shutdown":
+            os.kill(daemon, signal.SIGSTOP)
+        answer = asked(client, cmd, **args)
+        if cmd == "shutdown" and when == "while_it_stops":  # it waits for its worker
+            os.kill(daemon, signal.SIGSTOP)
+        return answer
+    monkeypatch.setattr(ControlClient, "request", request)
+    settings = daemonctl.DaemonSettings.resolve(eng.config, eng.socket, eng.state)
+    done: list = []
+    stopping = threading.Thread(target=lambda: done.append(daemonctl.stop(settings)))
+    os.kill(worker, signal.SIGSTOP)
+    try:
+        stopping.start()
+        stopping.join(timeout=3 * daemonctl.ANSWER_SECONDS)
+        assert not stopping.is_alive(), "daemon stop still waits for the daemon's answer"
+        [result] = done
+        assert result.outcome is Outcome.FAILED and result.errno == errno.ETIMEDOUT, result
+        assert result.message == (
+            f"asked the daemon (pid {daemon}) to stop, but it does not answer on {eng.socket} "
+            f"(nothing in {daemonctl.ANSWER_SECONDS} s) (stopped by a signal: kill -CONT "
+            f"{daemon} resumes it): resumed, it goes on and stops"), result.message
+        assert eng.proc.poll() is None  # nothing was killed
+    finally:
+        os.kill(daemon, signal.SIGCONT)
+        os.kill(worker, signal.SIGCONT)
+        stopping.join(timeout=120)
+    assert eng.proc.wait(timeout=60) == 0  # it read the shutdown and stopped
 
 
 FAKE_SYSTEMCTL_STOP = """#!{python}

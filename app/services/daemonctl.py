@@ -107,6 +107,10 @@ def describe(settings: DaemonSettings, control: ControlClient | None = None) -> 
                       _state_dir_of(pid), _log_of(pid), problem)
 
 
+_KILL_TEXT = ("`kill -KILL {pid}` ends it at once (its captures go on and the next daemon takes "
+              "them over)")
+
+
 def _not_answering_text(exc: DaemonNotAnswering, log: str | None) -> str:
     """Who does not answer, that nothing was asked of it, and what the administrator can do;
     nothing is killed for them (its captures would be left to a daemon that may yet answer)."""
@@ -119,8 +123,19 @@ def _not_answering_text(exc: DaemonNotAnswering, log: str | None) -> str:
         return f"{exc.message}{state}: nothing was asked of it"
     return (f"{exc.message}: nothing was asked of it. A daemon that is still starting answers "
             f"once its log ({log or 'its stderr'}) says it is ready; one that stays stuck: "
-            f"`kill {pid}` asks it to stop as `daemon stop` does, `kill -KILL {pid}` ends it at "
-            "once (its captures go on and the next daemon takes them over)")
+            f"`kill {pid}` asks it to stop as `daemon stop` does, {_KILL_TEXT.format(pid=pid)}")
+
+
+def _asked_but_silent(info: DaemonInfo) -> str:
+    """A daemon asked to stop that answers no more (its shutdown sent, or stopping already):
+    which, and what the administrator can do; it is not killed for them either."""
+    said = (f"asked the daemon (pid {info.pid}) to stop, but it does not answer on {info.socket} "
+            f"(nothing in {ANSWER_SECONDS} s)")
+    state = process_state(info.pid) if info.pid else ""
+    if state:  # (resumed, it reads what was asked and stops)
+        return f"{said}{state}: resumed, it goes on and stops"
+    return (f"{said}: its log ({info.log or 'its stderr'}) says what it does; if it stays stuck, "
+            + _KILL_TEXT.format(pid=info.pid))
 
 
 def _started_at(pid: int | None) -> float | None:
@@ -242,9 +257,13 @@ def _control(action: str, settings: DaemonSettings, say: Callable[[str], None] |
     if info.running and (action == "restart" or not systemd):
         try:
             control.request("shutdown", keep_captures=action == "restart")
+        except DaemonNotAnswering:  # (sent: it reads it once it goes on)
+            return result(Outcome.FAILED, _asked_but_silent(info), errno.ETIMEDOUT)
         except MirrorError as exc:
             return result(Outcome.FAILED, f"could not stop the daemon: {exc}", exc.errno)
-        stopped, waits = _wait_stopped(control, info.pid, say)
+        stopped, waits, silent = _wait_stopped(control, info.pid, say)
+        if silent:
+            return result(Outcome.FAILED, _asked_but_silent(info), errno.ETIMEDOUT)
         if not stopped:
             return result(Outcome.FAILED, f"asked the daemon (pid {info.pid}) to stop, but it "
                           "is still running" + (f": {'; '.join(waits)}" if waits else ""),
@@ -360,26 +379,28 @@ def _last_line(path: str) -> str:
 
 
 def _wait_stopped(control: ControlClient, pid: int | None,
-                  say: Callable[[str], None] | None) -> tuple[bool, list[str]]:
-    """(gone, what it still waits for) of a daemon asked to stop. It answers `ping` while it
-    stops, with what it waits for and until when (a capture shipping its queue to its target:
-    up to 45 s, a worker that does not answer: 45 s, then it is killed): waited for as long
-    as it says, each said once through `say`; otherwise WAIT_STEPS × WAIT_STEP, as a start.
-    (It was 10 s whatever the daemon waited for: 'still running', with no reason.)"""
+                  say: Callable[[str], None] | None) -> tuple[bool, list[str], bool]:
+    """(gone, what it still waits for, silent: it no longer answered) of a daemon asked to
+    stop. It answers `ping` while it stops, with what it waits for and until when (a capture
+    shipping its queue to its target: up to 45 s, a worker that does not answer: 45 s, then it
+    is killed): waited for as long as it says, each said once through `say`; otherwise
+    WAIT_STEPS × WAIT_STEP, as a start. (It was 10 s whatever the daemon waited for: 'still
+    running', with no reason.)"""
     said: set[str] = set()
     waits: list[str] = []
     deadline = time.monotonic() + WAIT_STEPS * WAIT_STEP
     while True:
         waiting = _stop_waits(control, said, say)
-        if waiting is None:  # its socket is gone (or no longer answers): its process says
+        silent = waiting is None
+        if silent:  # its socket is gone (or no longer answers): its process says
             if not _alive(pid):
-                return True, []
+                return True, [], False
             waiting = []
         waits = [w["what"] for w in waiting]
         for w in waiting:
             deadline = max(deadline, time.monotonic() + w["seconds_left"] + WAIT_STEPS * WAIT_STEP)
         if time.monotonic() >= deadline:
-            return False, waits
+            return False, waits, silent
         time.sleep(WAIT_STEP)
 
 
