@@ -122,6 +122,36 @@ def test_a_stop_of_a_daemon_that_does_not_answer_names_it_and_gives_up(private):
     assert r.returncode == 0 and f"stopped the daemon (pid {pid})" in r.stdout, r.stdout + r.stderr
 
 
+def test_a_stop_of_a_stuck_process_on_the_socket_says_what_can_be_done(private):
+    """A process that holds the socket and is not stopped but never answers (stuck, or a
+    daemon still starting): refused after ANSWER_SECONDS, naming it, its log, and what ends it,
+    and nothing is sent to it."""
+    prefix, env, paths, started = private
+    sock = paths["socket"]
+    sock.parent.mkdir(mode=0o700)
+    stuck = subprocess.Popen([sys.executable, "-c", (
+        "import os, socket, sys, time; s = socket.socket(socket.AF_UNIX); "
+        "os.umask(0o177); s.bind(sys.argv[1]); s.listen(); print('listening', flush=True); "
+        "time.sleep(300)"), str(sock)], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+        text=True)
+    try:
+        assert stuck.stdout.readline().strip() == "listening"
+        r = cli(*prefix, "daemon", "stop", env=env, timeout=60)
+        assert r.returncode == 2, r.stdout + r.stderr
+        assert (f"the daemon (pid {stuck.pid}) on {sock} does not answer (no reply to ping in "
+                f"{daemonctl.ANSWER_SECONDS} s): nothing was asked of it. A daemon that is still "
+                "starting answers once its log (") in r.stderr, r.stderr
+        assert f"`kill {stuck.pid}` asks it to stop as `daemon stop` does, `kill -KILL " \
+               f"{stuck.pid}` ends it at once (its captures go on and the next daemon takes " \
+               "them over)" in r.stderr, r.stderr
+        assert stuck.poll() is None
+    finally:
+        stuck.kill()
+        stuck.wait()
+        stuck.stdout.close()
+        sock.unlink()
+
+
 BAD_TARGET = """schema = 1
 
 [[target]]
