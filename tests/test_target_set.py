@@ -181,3 +181,34 @@ def test_target_set_says_every_bad_file_and_field_at_once(two_targets, tmp_path)
     assert any(line.startswith(f"mirrorsetup: known_hosts {nowhere}: its directory") for line in said)
     assert any(line.startswith("mirrorsetup: port:") for line in said), said
     assert cfg.read_text() == text
+
+
+def test_a_port_that_makes_two_entries_share_a_replica_is_refused_and_changes_nothing(tmp_path):
+    """Two targets of one host on two ports with the same root, an entry on each with the same
+    replica path: `target set b2 --port 22` made both name one replica there (fs add refuses
+    that; set did not check it) and `fs list` then called both entries invalid. Refused now,
+    the file untouched, and a port that makes no such overlap is still taken."""
+    etc = tmp_path / "etc"
+    etc.mkdir()
+    key = keygen(etc / "k")
+    public = key.with_suffix(".pub").read_text().split()[1]
+    (etc / "known_hosts").write_text("".join(f"{h} ssh-ed25519 {public}\n" for h in (
+        "10.231.9.2", "[10.231.9.2]:2222", "[10.231.9.2]:2200")))
+    srcs = [tmp_path / n for n in ("a", "b")]
+    for d in srcs:
+        d.mkdir()
+    cfg = etc / "replication.toml"
+    cfg.write_text("schema = 1\n" + "".join(
+        f'\n[[target]]\nname = "{n}"\nhost = "10.231.9.2"\nport = {port}\nroot = "/srv/r"\n'
+        f'identity = "{key}"\nknown_hosts = "{etc / "known_hosts"}"\n'
+        for n, port in (("b1", 22), ("b2", 2222))) + "".join(
+        f'\n[[filesystem]]\npath = "{d}"\ntarget = "{n}:data"\n' for d, n in zip(srcs, ("b1", "b2"))))
+    cfg.chmod(0o600)
+    before = cfg.read_bytes()
+    r = cli(cfg, "target", "set", "b2", "--port", "22")
+    assert r.returncode != 0, r.stdout + r.stderr
+    assert "port 22: target b2:data overlaps b1:data" in r.stderr and "nothing was changed" in r.stderr, r.stderr
+    assert cfg.read_bytes() == before
+    ok = cli(cfg, "target", "set", "b2", "--port", "2200")
+    assert ok.returncode == 0, ok.stdout + ok.stderr
+    assert targets(cfg)["b2"]["port"] == 2200

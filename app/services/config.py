@@ -158,6 +158,7 @@ class ConfigStore:
                                   errno=errno.ENOENT)
             new = replace(old, **changes)
             _check_target(new)
+            _refuse_shared_after_move(config, old, new)  # (before `check` pins anything)
             new = check(old, new)
             return (replace(config, target=tuple(new if t is old else t for t in config.target)),
                     (old, new))
@@ -810,6 +811,25 @@ def _checked_remote_target(kind: str, source: str, target: str, config: Config) 
                               f"{there}: no two entries share or nest a replica",
                               key="target", obj=target, errno=errno.EEXIST)
     return target
+
+
+def _refuse_shared_after_move(config: Config, old: TargetHost, new: TargetHost) -> None:
+    """A target set to another port may then serve the same places as another target of the
+    same host: its entries' replicas are checked as `fs add` / `block add` check them (two
+    entries then wrote one replica, and both were refused at their next start)."""
+    if new.port == old.port:
+        return
+    moved = replace(config, target=tuple(new if t is old else t for t in config.target))
+    for entry in moved.filesystem + moved.block:
+        if not entry.target or is_local_target(entry.target) or \
+                entry.target.partition(":")[0] != new.name:
+            continue
+        kind, key = ("fs", entry.path) if isinstance(entry, FsEntry) else ("block", entry.device)
+        try:
+            _checked_remote_target(kind, key, entry.target, moved)
+        except ConfigError as exc:
+            raise ConfigError(f"port {new.port}: {exc.message}; nothing was changed", key="port",
+                              obj=new.name, errno=exc.errno) from None
 
 
 def _remote_place(config: Config, name: str, rel: str) -> tuple[tuple[str, int], str]:
