@@ -98,9 +98,13 @@ class Services:
         """`scan_writers`: also look through /proc for raw-device writers (the dashboard)."""
         if self._status is not None:
             return self._status()
-        from app.services.status import snapshot
-        return snapshot(self.store, self.control if self.daemon_running() else None,
+        from app.services.status import daemon_answering, snapshot
+        answers, silent = daemon_answering(self.control)  # (a silent one is said, not waited on)
+        snap = snapshot(self.store, self.control if answers else None,
                         scan_writers=scan_writers, state_dir=self.daemon.state_dir)
+        if silent:
+            snap.engine_error = silent
+        return snap
 
     def list_loops(self) -> list:
         if self._list_loops is not None:
@@ -131,7 +135,8 @@ class Services:
         return daemonctl.describe(self.daemon, self.control)
 
     def daemon_running(self) -> bool:
-        return self.control.is_running()
+        from app.services.control import ANSWER_SECONDS
+        return self.control.is_running(ANSWER_SECONDS)
 
     def daemon_action(self, action: str, **kw):
         """start / stop / restart: one Result. Blocking (a thread worker calls it). `kw`: a

@@ -432,7 +432,7 @@ def test_status_at_80_columns_keeps_the_replicas_state_readable(monkeypatch, cap
                       ", retry in 12 s")
 
         class Control:
-            def request(self, what):
+            def request(self, what, **_):
                 return {"filesystem": [{"kind": "fs", "key": str(top / "src"), "captured": True,
                                         "target": "backup1:data", "state": "capturing",
                                         "replication": "waiting for the target",
@@ -484,7 +484,7 @@ def test_status_at_80_columns_says_the_figures_under_a_row_with_their_units_afte
                    "target_data": "consistent", "bytes_queued": 1234567, "lag_seconds": 12.2}
 
         class Control:
-            def request(self, what):
+            def request(self, what, **_):
                 return {"filesystem": [{**figures, "kind": "fs", "key": str(top / "src"),
                                         "target": "backup1:data", "replication": "established"}],
                         "block": [{**figures, "kind": "block", "key": str(top / "disk.img"),

@@ -152,6 +152,39 @@ def test_a_stop_of_a_stuck_process_on_the_socket_says_what_can_be_done(private):
         sock.unlink()
 
 
+
+def test_status_of_a_daemon_that_does_not_answer_says_so_and_does_not_wait_for_it(private):
+    """`mirrorsetup status` (and the dashboard's snapshot) asked the daemon without a bound: a
+    daemon stopped by a signal, or stuck, made status hang. It says who does not answer now,
+    with how to resume it, after ANSWER_SECONDS, and shows the rest of what it reads."""
+    prefix, env, paths, started = private
+    paths["config"].parent.mkdir()
+    paths["config"].write_text("schema = 1\n")
+    sock = paths["socket"]
+    sock.parent.mkdir(mode=0o700)
+    stuck = subprocess.Popen([sys.executable, "-c", (
+        "import os, socket, sys, time; s = socket.socket(socket.AF_UNIX); "
+        "os.umask(0o177); s.bind(sys.argv[1]); s.listen(); print('listening', flush=True); "
+        "time.sleep(300)"), str(sock)], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+        text=True)
+    try:
+        assert stuck.stdout.readline().strip() == "listening"
+        os.kill(stuck.pid, signal.SIGSTOP)
+        t0 = time.monotonic()
+        r = cli(*prefix, "status", env=env, timeout=60)
+        took = time.monotonic() - t0
+        said = r.stdout + r.stderr
+        assert (f"the daemon (pid {stuck.pid}) on {sock} does not answer (no reply to ping in "
+                f"{daemonctl.ANSWER_SECONDS} s) (stopped by a signal: kill -CONT {stuck.pid} "
+                "resumes it)") in said, said
+        assert daemonctl.ANSWER_SECONDS <= took < daemonctl.ANSWER_SECONDS + 15, took
+        assert psutil.Process(stuck.pid).status() == psutil.STATUS_STOPPED
+    finally:
+        stuck.kill()
+        stuck.wait()
+        stuck.stdout.close()
+        sock.unlink()
+
 BAD_TARGET = """schema = 1
 
 [[target]]

@@ -142,7 +142,7 @@ def test_an_interrupted_fail_back_is_said_by_the_daemon_and_one_under_way_is_not
         assert row.state == "fail-back interrupted", row
 
     class Control:
-        def request(self, what):
+        def request(self, what, **_):
             return {"filesystem": [rows["fs"].to_json()], "block": [rows["block"].to_json()]}
     snap = status.snapshot(ConfigStore(config_path), Control(), scan_writers=False)
     _says_the_fail_back_was_interrupted(snap, src, disk)

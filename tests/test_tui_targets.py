@@ -74,7 +74,7 @@ def canned_targets(tui, config_path):
     @contextlib.asynccontextmanager
     async def run(rows):
         class Control:
-            def request(self, what):
+            def request(self, what, **_):
                 return {"filesystem": list(rows), "block": []}
         app = tui(is_root=True)
         app.services._status = lambda: snapshot(ConfigStore(config_path),
@@ -891,7 +891,7 @@ def test_a_switched_over_entry_is_said_as_such_not_as_mount_all(tmp_path):
     from app.services.status import replication_text, snapshot
 
     class Control:
-        def request(self, what):
+        def request(self, what, **_):
             return {"filesystem": [{"kind": "fs", "key": str(tmp_path / "src"),
                                     "target": "backup1:data", "state": "switched over",
                                     "switched": {"state": "switched", "time": 1, "seq": 9,
@@ -913,7 +913,7 @@ def warning_of(tmp_path: Path, row: dict):
     from app.services.status import snapshot
 
     class Control:
-        def request(self, what):
+        def request(self, what, **_):
             return {"filesystem": [row], "block": []}
 
     cfg = tmp_path / "etc" / "replication.toml"
@@ -1005,7 +1005,7 @@ def test_a_long_connection_state_is_short_in_a_cell_and_whole_in_the_warnings(tm
                "--discard-target` (the source wins) or `mirrorsetup failback ENTRY`, retry in 1 s")
 
     class Control:
-        def request(self, what):
+        def request(self, what, **_):
             return {"filesystem": [{"kind": "fs", "key": str(tmp_path / "src"), "captured": True,
                                     "target": "backup1:data", "state": "captured",
                                     "replication": "split brain", "connection": refusal,

@@ -21,9 +21,9 @@ def cmd_devices(args) -> int:
     from app.services import blockdevs
     from app.services.entries import picker_notes
     from app.services.layout import default_state_dir
-    from app.services.status import snapshot
+    from app.services.status import daemon_answering, snapshot
     client = control(args)
-    snap = require(snapshot, store(args), client if client.is_running() else None,
+    snap = require(snapshot, store(args), client if daemon_answering(client)[0] else None,
                    scan_writers=False, state_dir=args.state_dir or default_state_dir())
     print_devices(blockdevs.list_block_devices(include_excluded=args.all), picker_notes(snap),
                   as_json=args.json)

@@ -102,7 +102,8 @@ def accept(rep, args, kind: str, key: str) -> int:
     from app.services.results import Outcome
     r = rep.accept_identity(kind, key)
     if r.outcome is Outcome.OK:
-        if rep.control is not None and rep.control.is_running():
+        from app.services.control import ANSWER_SECONDS
+        if rep.control is not None and rep.control.is_running(ANSWER_SECONDS):
             then = command(*(("fs", "mount-all") if kind == "fs" else ("block", "attach-all")))
             then += " captures it now"
         else:

@@ -14,15 +14,18 @@ from app.cli.output import print_status
 def cmd_status(args) -> int:
     from app.services.events import Interest
     from app.services.layout import default_state_dir
-    from app.services.status import snapshot
+    from app.services.status import daemon_answering, snapshot
     s, client = store(args), control(args)
 
     interest = None  # which mount and block events can change what is printed
 
     def show() -> None:
         nonlocal interest
-        live = client if client.is_running() else None
-        snap = require(snapshot, s, live, state_dir=args.state_dir or default_state_dir())
+        answers, silent = daemon_answering(client)  # (one that does not answer is not waited on)
+        snap = require(snapshot, s, client if answers else None,
+                       state_dir=args.state_dir or default_state_dir())
+        if silent:
+            snap.engine_error = silent
         interest = Interest.of(snap)
         if args.json and args.watch:  # JSON Lines: a reader takes one document per line
             print(json.dumps(snap.to_json(), default=str))

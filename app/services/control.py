@@ -44,6 +44,15 @@ class DaemonNotAnswering(MirrorError):
         self.pid = pid
 
 
+# How long an answer the daemon gives from its event loop (ping, shutdown, status) is waited
+# for: one silent this long is stopped, stuck, or still starting (it binds its socket before it
+# takes over its captures and mounts its entries). Commands that do work (mount-all, mirror,
+# verify, ...) wait as long as they take.
+ANSWER_SECONDS = 10
+# status asks every capture worker too, giving one that does not answer 10 s (all at once)
+STATUS_ANSWER_SECONDS = 30
+
+
 class ControlClient:
     """`timeout`: seconds to wait for the daemon at each step (connect, send, each reply line);
     None waits as long as it takes. Past it, DaemonNotAnswering."""
@@ -73,15 +82,15 @@ class ControlClient:
                               f"{st.st_uid}, mode {stat.S_IMODE(st.st_mode):04o}); refusing to use it",
                               errno=errno.EPERM, obj=self.socket_path)
 
-    def _connect(self) -> socket.socket:
+    def _connect(self, timeout: float | None) -> socket.socket:
         self._check_socket()
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
-        sock.settimeout(self.timeout)
+        sock.settimeout(timeout)
         try:
             sock.connect(self.socket_path)
         except TimeoutError:  # its backlog is full: nobody accepts
             sock.close()
-            raise self._not_answering(None, "no connection accepted") from None
+            raise self._not_answering(None, "no connection accepted", timeout) from None
         except (ConnectionRefusedError, FileNotFoundError):
             sock.close()
             raise self._not_running("nobody listening on the socket") from None
@@ -90,24 +99,28 @@ class ControlClient:
             raise MirrorError.from_oserror("connect to the daemon", self.socket_path, exc) from exc
         return sock
 
-    def _not_answering(self, pid: int | None, what: str) -> DaemonNotAnswering:
+    def _not_answering(self, pid: int | None, what: str, timeout: float) -> DaemonNotAnswering:
         who = f"the daemon (pid {pid})" if pid else "the daemon"
         return DaemonNotAnswering(f"{who} on {self.socket_path} does not answer ({what} in "
-                                  f"{self.timeout:g} s)", pid=pid, obj=self.socket_path)
+                                  f"{timeout:g} s)", pid=pid, obj=self.socket_path)
 
-    def is_running(self) -> bool:
+    def is_running(self, answer_within: float | None = None) -> bool:
+        """Does the daemon answer a ping (within `answer_within` s, else the client's timeout)?"""
         try:
-            return bool(self.request("ping").get("ok"))
+            return bool(self.request("ping", answer_within=answer_within).get("ok"))
         except MirrorError:
             return False
 
-    def request(self, cmd: str, *, progress: Callable[[dict], None] | None = None, **args) -> dict:
+    def request(self, cmd: str, *, progress: Callable[[dict], None] | None = None,
+                answer_within: float | None = None, **args) -> dict:
         """Send one command; progress lines go to `progress`, the final reply is returned.
         A refusal (`ok: false`) raises MirrorError with the daemon's message and errno (a
-        Refusal when the daemon says nothing was changed: the CLI exits 2 for it)."""
+        Refusal when the daemon says nothing was changed: the CLI exits 2 for it).
+        `answer_within`: this request's bound in place of the client's `timeout`."""
         if cmd not in protocol.COMMANDS:
             raise MirrorError(f"unknown daemon command {cmd!r}", errno=errno.EINVAL)
-        sock = self._connect()
+        timeout = self.timeout if answer_within is None else answer_within
+        sock = self._connect(timeout)
         try:
             sock.sendall(protocol.request(cmd, **args))
             reader = protocol.LineReader(sock)
@@ -126,7 +139,7 @@ class ControlClient:
             raise MirrorError(f"the daemon's reply to {cmd}: {exc}", errno=errno.EPROTO,
                               obj=self.socket_path) from exc
         except TimeoutError:
-            raise self._not_answering(peer_pid(sock), f"no reply to {cmd}") from None
+            raise self._not_answering(peer_pid(sock), f"no reply to {cmd}", timeout) from None
         except ConnectionResetError as exc:  # it ended with our request unread
             raise DaemonEnded("the daemon reset the connection without a reply",
                               errno=errno.ECONNRESET, obj=self.socket_path) from exc
@@ -138,7 +151,7 @@ class ControlClient:
     def open_watch(self) -> socket.socket:
         """A connection the daemon holds open while it runs: it becomes readable (a reply or end
         of file) when the daemon stops or dies. Raises DaemonNotRunning when there is none."""
-        sock = self._connect()
+        sock = self._connect(self.timeout)
         try:
             sock.sendall(protocol.request("watch"))
         except OSError as exc:

@@ -19,7 +19,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from app.services.config import DEFAULT_PATH, ConfigStore, default_path
-from app.services.control import ControlClient, DaemonNotAnswering
+from app.services.control import ANSWER_SECONDS, ControlClient, DaemonNotAnswering
 from app.services.host import process_state
 from app.services.socketpath import DEFAULT_SOCKET, default_socket
 from app.services.layout import DEFAULT_STATE_DIR, STATE_ENV as STATE_DIR_ENV, default_state_dir
@@ -32,11 +32,8 @@ LOG_NAME = "daemon.log"  # beside the control socket, when we start the daemon o
 RUN_DIR_MODE = 0o700  # as the daemon makes /run/mirrorsetup: root's only
 WAIT_STEPS = 100  # × WAIT_STEP: up to 10 s for the daemon to bind its socket or let go of it
 WAIT_STEP = 0.1
-# How long an answer to ping or shutdown is waited for: the daemon answers at once from its
-# event loop, so one that stays silent this long is stopped, stuck, or still starting (it
-# binds its socket before it takes over its captures and mounts its entries). Without a bound
-# a SIGSTOPped daemon made `daemon stop` wait forever.
-ANSWER_SECONDS = 10
+# ping and shutdown are waited for ANSWER_SECONDS (control.py): without a bound a SIGSTOPped
+# daemon made `daemon stop` wait forever.
 
 
 @dataclass(frozen=True)

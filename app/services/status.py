@@ -17,8 +17,10 @@ from typing import Any
 from app.services import loop as loopdev
 from app.services import mounts
 from app.services.config import BlockEntry, ConfigStore, FsEntry
+from app.services.control import ANSWER_SECONDS, STATUS_ANSWER_SECONDS, DaemonNotAnswering
 from app.services.blockplan import View
 from app.services.entries import problems
+from app.services.host import process_state
 from app.services.layout import (CONNECTING_AGAIN, WRITERS_WAIT, FSTYPE_FS, command, entry_state,
                                   mix_words, switched_marker, with_failback)
 from app.services.protocol import (CAPTURE_AGAIN, TARGET_SETTINGS_AT_START, CaptureRow,
@@ -233,6 +235,24 @@ def openers_of(device: str, *, writing: bool = False,
     return found
 
 
+def not_answering_text(exc: DaemonNotAnswering) -> str:
+    """A daemon that holds its socket and does not answer, with why as the kernel says."""
+    return str(exc) + (process_state(exc.pid) if exc.pid else "")
+
+
+def daemon_answering(control) -> tuple[bool, str | None]:
+    """(does the daemon answer a ping within ANSWER_SECONDS, why not when one holds the socket
+    and stays silent): asked before a snapshot, whose daemon figures need it to answer."""
+    from app.services.results import MirrorError
+    try:
+        control.request("ping", answer_within=ANSWER_SECONDS)
+        return True, None
+    except DaemonNotAnswering as exc:
+        return False, not_answering_text(exc)
+    except MirrorError:
+        return False, None
+
+
 def snapshot(store: ConfigStore, control=None, *, scan_writers: bool = True,
              state_dir: str | None = None) -> StatusSnapshot:
     """Read everything once; `control` is a ControlClient or None (engine figures omitted;
@@ -244,8 +264,10 @@ def snapshot(store: ConfigStore, control=None, *, scan_writers: bool = True,
     snap = StatusSnapshot(taken_at=time.time(), loops=loops)
 
     if control is not None:
-        try:
-            snap.engine = control.request("status")
+        try:  # (a daemon that does not answer, e.g. stopped by a signal, is said, not waited on)
+            snap.engine = control.request("status", answer_within=STATUS_ANSWER_SECONDS)
+        except DaemonNotAnswering as exc:
+            snap.engine_error = not_answering_text(exc)
         except Exception as exc:  # the daemon's absence is a state to show, not a crash
             snap.engine_error = str(exc)
     rows = {(r["kind"], r["key"]): CaptureRow.from_json(r) for table in ("filesystem", "block")
@@ -693,7 +715,7 @@ def moving_figures(control) -> list | None:
     does not answer. The figures change with every write and no event says so: a live view
     asks for these every FIGURES_INTERVAL and reads everything again only when they moved."""
     try:
-        reply = control.request("status")
+        reply = control.request("status", answer_within=STATUS_ANSWER_SECONDS)
     except Exception:  # noqa: BLE001 - not running, or busy: the daemon watch says when it is back
         return None
     return [(r.get("key"), int(r.get("lag_seconds") or 0), *(r.get(k) for k in MOVING))
