@@ -184,7 +184,7 @@ class Codec:
         """In status words: "none" (the configuration's), "zstd", or why zstd is off now."""
         if self._c is None:
             return "none"
-        return "zstd" if self.compresses else "zstd off: the link is faster than compressing"
+        return "zstd" if self.compresses else "zstd off: link faster"
 
     def wrote(self, nbytes: int, seconds: float) -> None:
         """A frame of `nbytes` took the sender `seconds` to write (the link's rate)."""
