@@ -156,7 +156,8 @@ def test_a_stop_of_a_stuck_process_on_the_socket_says_what_can_be_done(private):
 def test_status_of_a_daemon_that_does_not_answer_says_so_and_does_not_wait_for_it(private):
     """`mirrorsetup status` (and the dashboard's snapshot) asked the daemon without a bound: a
     daemon stopped by a signal, or stuck, made status hang. It says who does not answer now,
-    with how to resume it, after ANSWER_SECONDS, and shows the rest of what it reads."""
+    with how to resume it, after ANSWER_SECONDS, and shows the rest of what it reads. A
+    command that may take long (mount-all) is not sent after an unanswered ping either."""
     prefix, env, paths, started = private
     paths["config"].parent.mkdir()
     paths["config"].write_text("schema = 1\n")
@@ -178,6 +179,15 @@ def test_status_of_a_daemon_that_does_not_answer_says_so_and_does_not_wait_for_i
                 f"{daemonctl.ANSWER_SECONDS} s) (stopped by a signal: kill -CONT {stuck.pid} "
                 "resumes it)") in said, said
         assert daemonctl.ANSWER_SECONDS <= took < daemonctl.ANSWER_SECONDS + 15, took
+        # a command that may take long is not sent to it either (it waited forever)
+        t0 = time.monotonic()
+        r = cli(*prefix, "fs", "mount-all", env=env, timeout=60)
+        took = time.monotonic() - t0
+        assert r.returncode != 0, r.stdout + r.stderr
+        assert (f"the daemon (pid {stuck.pid}) on {sock} does not answer (no reply to ping in "
+                f"{daemonctl.ANSWER_SECONDS} s) (stopped by a signal: kill -CONT {stuck.pid} "
+                "resumes it): nothing was asked of it") in r.stderr, r.stderr
+        assert took < daemonctl.ANSWER_SECONDS + 15, took
         assert psutil.Process(stuck.pid).status() == psutil.STATUS_STOPPED
     finally:
         stuck.kill()

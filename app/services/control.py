@@ -99,6 +99,15 @@ class ControlClient:
             raise MirrorError.from_oserror("connect to the daemon", self.socket_path, exc) from exc
         return sock
 
+    def _answers_at_all(self, cmd: str) -> None:
+        """Before a command that may take long (a mount-all, a mirror: waited for as long as
+        it takes): a ping answered within ANSWER_SECONDS, else nothing is asked of a daemon
+        that is stopped by a signal, stuck or still starting (the command waited forever)."""
+        try:
+            self.request("ping", answer_within=ANSWER_SECONDS)
+        except DaemonNotAnswering as exc:
+            raise not_asked(exc, f"{cmd.replace('_', ' ')} was not asked of it") from None
+
     def _not_answering(self, pid: int | None, what: str, timeout: float) -> DaemonNotAnswering:
         who = f"the daemon (pid {pid})" if pid else "the daemon"
         return DaemonNotAnswering(f"{who} on {self.socket_path} does not answer ({what} in "
@@ -120,6 +129,8 @@ class ControlClient:
         if cmd not in protocol.COMMANDS:
             raise MirrorError(f"unknown daemon command {cmd!r}", errno=errno.EINVAL)
         timeout = self.timeout if answer_within is None else answer_within
+        if timeout is None and cmd not in ("ping", "watch"):
+            self._answers_at_all(cmd)
         sock = self._connect(timeout)
         try:
             sock.sendall(protocol.request(cmd, **args))
@@ -161,6 +172,16 @@ class ControlClient:
 
     def results(self, cmd: str, **args) -> list[Result]:
         return [Result.from_json(r) for r in self.request(cmd, **args).get("results", [])]
+
+
+def not_asked(exc: DaemonNotAnswering, done: str) -> DaemonNotAnswering:
+    """A daemon that did not answer, said with why (the kernel's word), what `done` of it (e.g.
+    "nothing was asked of it"), and what the administrator can do about it."""
+    from app.services.host import process_state
+    state = process_state(exc.pid) if exc.pid else ""
+    return DaemonNotAnswering(f"{exc.message}{state}: {done} (a daemon still "
+                              "starting answers once its log says it is ready; `mirrorsetup daemon "
+                              "status` says more)", pid=exc.pid, obj=exc.obj)
 
 
 def peer_pid(sock) -> int | None:

@@ -119,8 +119,10 @@ class Replication:
         """The daemon's state directory when it runs (it may not be $MIRRORSETUP_STATE_DIR),
         else ours."""
         if daemon is not None:
+            from app.services.control import ANSWER_SECONDS
             with contextlib.suppress(MirrorError):
-                return daemon.request("ping").get("state_dir") or self.state_dir
+                return daemon.request("ping", answer_within=ANSWER_SECONDS).get("state_dir") \
+                    or self.state_dir
         return self.state_dir
 
     def _forget_identity(self, kind: str, key: str, daemon) -> dict | None:
@@ -244,8 +246,11 @@ class Replication:
             control = self.control
         except ImportError:
             return None
+        from app.services.control import ANSWER_SECONDS, DaemonNotAnswering, not_asked
         try:
-            ping = control.request("ping")
+            ping = control.request("ping", answer_within=ANSWER_SECONDS)
+        except DaemonNotAnswering as exc:  # one is there: not taken for none (a command
+            raise not_asked(exc, "nothing was asked of it") from None  # would act without it)
         except MirrorError:
             return None
         theirs, ours = ping.get("config"), os.path.realpath(self.store.path)
@@ -541,8 +546,11 @@ class Replication:
         target = (fs or block).target if (fs or block) else "its target"
         entry_dir = entry_state(state_dir, "fs" if fs else "block", key)
         left = _LEFT[action](key, target, switched_marker(entry_dir), failback_marker(entry_dir))
-        try:
-            self.control.request("ping")  # (its answer carries no "ok": any answer is one)
+        from app.services.control import ANSWER_SECONDS, DaemonNotAnswering
+        try:  # (its answer carries no "ok": any answer is one; a silent one is there too)
+            self.control.request("ping", answer_within=ANSWER_SECONDS)
+            running = True
+        except DaemonNotAnswering:
             running = True
         except MirrorError:
             running = False
