@@ -279,7 +279,8 @@ class Replication:
         config = self.store.load()
         with blockplan.attach_lock():  # planned and done under one host-wide lock
             view = View()
-            view.exclusions = blockdevs.Exclusions([e.device for e in config.block])
+            devices = [e.device for e in config.block]
+            view.exclusions = blockdevs.Exclusions(devices)
             results = []
             for e in config.block:
                 captured = _captured_without_daemon(e.device, view)
@@ -288,7 +289,8 @@ class Replication:
                     continue
                 results.append(self._attach_plain(e, view, dry_run=dry_run, force=force,
                                                   action="attach", uncaptured=True,
-                                                  avoid=blockplan.kept_loops(config.block, e)))
+                                                  avoid=blockplan.kept_loops(config.block, e),
+                                                  devices=devices))
             return results
 
     def detach_all(self, *, dry_run: bool = False, say: Callable[[str], None] | None = None
@@ -310,16 +312,20 @@ class Replication:
 
     def _attach_plain(self, entry: BlockEntry, view: View, *, dry_run: bool, force: bool,
                       action: str, uncaptured: bool = False,
-                      avoid: frozenset[int] = frozenset()) -> Result:
+                      avoid: frozenset[int] = frozenset(), devices: list[str] | None = None
+                      ) -> Result:
+        """`devices`: the configured ones, as the caller loaded them (attach-all read the
+        whole file again for each entry); None: loaded here."""
         # without the daemon too: an entry handed over to its replica stays read-only here
         state = entry_state(self.state_dir, "block", entry.device)
         refused = switched_refusal(with_failback(switched_marker(state), state), entry.device, action)
         if refused is not None:
             return refused
-        try:  # a busy loop that is an entry's capture loop is named by its entry
-            devices = [e.device for e in self.store.load().block]
-        except MirrorError:  # (manual attach needs no configuration)
-            devices = None
+        if devices is None:
+            try:  # a busy loop that is an entry's capture loop is named by its entry
+                devices = [e.device for e in self.store.load().block]
+            except MirrorError:  # (manual attach needs no configuration)
+                devices = None
         plan = blockplan.plan_attach(entry, view, captured=False, force=force, action=action,
                                      devices=devices)
         if plan.result is not None:
