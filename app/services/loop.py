@@ -502,9 +502,11 @@ def detach(loop: str) -> Result:
     # of the block devices, the console's own picker on a busy host) closes it soon, and then
     # the detach is done, not pending (a test saw "pending" under a few hundred loops changing)
     deadline = time.monotonic() + DETACH_GRACE
-    while _bound(index) and time.monotonic() < deadline:
+    bound = _bound(index)  # (its last answer is the one that counts: a detach-all looked
+    while bound and time.monotonic() < deadline:  # a third time at each loop, ~4 ms of 256)
         time.sleep(0.01)
-    after = status_of(index) if _bound(index) else None
+        bound = _bound(index)
+    after = status_of(index) if bound else None
     if after is None:
         return Result("detach", loop, Outcome.OK, f"{loop}: detached")
     return Result("detach", loop, Outcome.PENDING,
