@@ -344,6 +344,19 @@ def _compiled_read_or_skip():
     return fusewire._fuseread
 
 
+def _serve_beside(session, client) -> None:
+    """Run the session's request loop beside `client` (an async function without arguments)
+    until the loop ends, for 10 s at most."""
+    import trio
+
+    async def main():
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(client)
+            with trio.fail_after(10):
+                await session.main()
+    trio.run(main)
+
+
 @pytest.mark.parametrize("reader", ["python", "compiled"])
 def test_a_fuse_session_ends_quietly_when_its_connection_is_aborted(tmp_path, monkeypatch, reader):
     """A stop of ours aborts the FUSE connection (/sys/fs/fuse/connections/N/abort; so may an
@@ -388,16 +401,11 @@ def test_a_fuse_session_ends_quietly_when_its_connection_is_aborted(tmp_path, mo
     session = fusewire.Session(tiny, str(where), ["fsname=abort-test", "subtype=abort-test"])
     session.mount()
     try:
-        async def main():
-            async def abort_once_served():
-                await trio.to_thread.run_sync(os.stat, where)  # INIT and GETATTR answered
-                served.append(True)
-                waker.start()  # a request that wakes the loop for its next read
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(abort_once_served)
-                with trio.fail_after(10):
-                    await session.main()  # raised ConnectionAbortedError before the fix
-        trio.run(main)
+        async def abort_once_served():
+            await trio.to_thread.run_sync(os.stat, where)  # INIT and GETATTR answered
+            served.append(True)
+            waker.start()  # a request that wakes the loop for its next read
+        _serve_beside(session, abort_once_served)  # raised ConnectionAbortedError before the fix
     finally:
         session.close(unmount=True)
         if waker.ident is not None:
@@ -454,22 +462,17 @@ def test_a_sessions_idle_flag_is_clear_only_while_it_answers_requests_back_to_ba
     session.mount()
     parked_again = []
     try:
-        async def main():
-            async def client():
-                await trio.sleep(0.05)  # the loop answered INIT and parked
-                await trio.to_thread.run_sync(os.stat, where)
-                deadline = trio.current_time() + 5
-                while not session.idle.is_set() and trio.current_time() < deadline:
-                    await trio.sleep(0.001)
-                parked_again.append(session.idle.is_set())
-                # unmount only: the loop ends. Closing /dev/fuse here, under the loop's epoll
-                # wait, could drop the wake-up the unmount queued (CI hung on it once)
-                await trio.to_thread.run_sync(fusewire.mounts.umount, str(where), fusewire.mounts.MNT_DETACH)
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(client)
-                with trio.fail_after(10):
-                    await session.main()
-        trio.run(main)
+        async def client():
+            await trio.sleep(0.05)  # the loop answered INIT and parked
+            await trio.to_thread.run_sync(os.stat, where)
+            deadline = trio.current_time() + 5
+            while not session.idle.is_set() and trio.current_time() < deadline:
+                await trio.sleep(0.001)
+            parked_again.append(session.idle.is_set())
+            # unmount only: the loop ends. Closing /dev/fuse here, under the loop's epoll
+            # wait, could drop the wake-up the unmount queued (CI hung on it once)
+            await trio.to_thread.run_sync(fusewire.mounts.umount, str(where), fusewire.mounts.MNT_DETACH)
+        _serve_beside(session, client)
     finally:
         session.close(unmount=not parked_again)  # else the client unmounted it already
     assert seen and seen[0] is False  # answering the request that woke it
@@ -479,6 +482,55 @@ def test_a_sessions_idle_flag_is_clear_only_while_it_answers_requests_back_to_ba
     assert len(missing) == (1 if reader == "python" else 0)
     if missing:
         assert missing[0].levelname == "WARNING" and str(where) in missing[0].getMessage()
+
+
+def _resident_bytes(address: int) -> int:
+    """Rss of the mapping of this process that holds `address` (/proc/self/smaps)."""
+    inside = False
+    with open("/proc/self/smaps") as f:
+        for line in f:
+            head = line.split()[0]
+            if "-" in head and not head.endswith(":"):
+                start, end = (int(x, 16) for x in head.split("-"))
+                inside = start <= address < end
+            elif inside and head == "Rss:":
+                return int(line.split()[1]) * 1024
+    raise AssertionError(f"no mapping holds {address:#x}")
+
+
+def test_a_sessions_request_buffer_is_resident_only_as_far_as_requests_filled_it(tmp_path):
+    """The 1 MiB (+ 4 KiB) a request is read into was a bytearray, zeroed whole: 1 MiB
+    resident in every capture worker, idle or not (of the 100-entry memory goal, issue 14,
+    100 MiB). After INIT and a GETATTR only the pages those filled are."""
+    import ctypes
+    import gc
+
+    import trio
+
+    from app.engine import fusewire
+    where = tmp_path / "mnt"
+    resident: list[int] = []
+
+    def measure():
+        views = [o for o in gc.get_objects()
+                 if isinstance(o, memoryview) and o.nbytes == fusewire.BUFFER]
+        assert len(views) == 1, views
+        first = ctypes.c_char.from_buffer(views[0].obj)  # the buffer's first byte
+        resident.append(_resident_bytes(ctypes.addressof(first)))
+        del first
+
+    tiny = _tiny_fs(where, measure)
+    session = fusewire.Session(tiny, str(where), ["fsname=buffer-test", "subtype=buffer-test"])
+    session.mount()
+    try:
+        async def client():
+            await trio.to_thread.run_sync(os.stat, where)
+            await trio.to_thread.run_sync(fusewire.mounts.umount, str(where),
+                                          fusewire.mounts.MNT_DETACH)
+        _serve_beside(session, client)
+    finally:
+        session.close()
+    assert resident and resident[0] <= 64 * 1024, resident
 
 
 def test_the_request_loop_polls_for_the_next_request_only_with_a_second_cpu():

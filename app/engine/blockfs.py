@@ -161,7 +161,7 @@ class BlockFS(fusewire.Gate):
             self.writes += 1
         return done
 
-    def serve_writes(self, fd: int, buf: bytearray, spin_ns: int) -> int | None:
+    def serve_writes(self, fd: int, buf: mmap.mmap, spin_ns: int) -> int | None:
         """The session's next read, WRITEs answered in C (see the module), asked only while
         nothing is frozen or waits at the gate: None when that is not possible now (the session
         then reads and answers as usual), else what its read would have returned (-ENOBUFS: a

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import errno
 import logging
+import mmap
 import os
 import struct
 import threading
@@ -127,7 +128,7 @@ def _split(ns: int) -> tuple[int, int]:
     return divmod(ns, 1_000_000_000)
 
 
-def _read_request(fd: int, buf: bytearray, spin_ns: int) -> int:
+def _read_request(fd: int, buf: mmap.mmap, spin_ns: int) -> int:
     """The next request into `buf`: its length (0 at end of file), or minus the errno of the
     read, -EAGAIN once `spin_ns` passed with nothing to read (the fd is non-blocking). What
     app/engine/_fuseread.c does without the GIL, when it is built."""
@@ -301,7 +302,9 @@ class Session:
     # -- the request loop -----------------------------------------------------------------------
     async def main(self) -> None:
         """Answer requests until the file system is unmounted or its connection aborted."""
-        buf = bytearray(BUFFER)
+        # Anonymous memory: resident only as far as requests have filled it. A bytearray was
+        # zeroed whole, 1 MiB resident in every capture worker, idle or not.
+        buf = mmap.mmap(-1, BUFFER, flags=mmap.MAP_PRIVATE)
         view = memoryview(buf)
         fd = self.fd
         read = _fuseread.read_request if _fuseread is not None else _read_request
