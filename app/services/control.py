@@ -16,8 +16,9 @@ import struct
 from collections.abc import Callable
 
 from app.services import protocol
-from app.services.results import MirrorError, Refusal, Result
-from app.services.socketpath import default_socket
+from app.services.results import DaemonNotAnswering, MirrorError, Refusal, Result
+from app.services.socketpath import ANSWER_SECONDS, default_socket
+
 
 SOCKET_MODE = 0o600
 DIR_MODE = 0o700
@@ -31,26 +32,6 @@ class DaemonNotRunning(Refusal):
 class DaemonEnded(MirrorError):
     """The daemon's connection ended before its reply: it died (or was killed) while it
     worked on the request. What it had done by then is for its state directory to tell."""
-
-
-class DaemonNotAnswering(MirrorError):
-    """A process holds the socket but sent no reply within the client's timeout: stopped,
-    stuck, or still starting (the daemon binds its socket before it takes over its captures
-    and mounts its entries, and answers only then). `pid`: the process listening there, as the
-    kernel says (SO_PEERCRED); None when even the connection was not accepted."""
-
-    def __init__(self, message: str, *, pid: int | None, obj: str):
-        super().__init__(message, errno=errno.ETIMEDOUT, obj=obj)
-        self.pid = pid
-
-
-# How long an answer the daemon gives from its event loop (ping, shutdown, status) is waited
-# for: one silent this long is stopped, stuck, or still starting (it binds its socket before it
-# takes over its captures and mounts its entries). Commands that do work (mount-all, mirror,
-# verify, ...) wait as long as they take.
-ANSWER_SECONDS = 10
-# status asks every capture worker too, giving one that does not answer 10 s (all at once)
-STATUS_ANSWER_SECONDS = 30
 
 
 class ControlClient:

@@ -246,11 +246,13 @@ class Replication:
             control = self.control
         except ImportError:
             return None
-        from app.services.control import ANSWER_SECONDS, DaemonNotAnswering, not_asked
-        try:
+        from app.services.results import DaemonNotAnswering
+        from app.services.socketpath import ANSWER_SECONDS  # (not the client's imports: see
+        try:  # cli/block.py _NoSocket)
             ping = control.request("ping", answer_within=ANSWER_SECONDS)
         except DaemonNotAnswering as exc:  # one is there: not taken for none (a command
-            raise not_asked(exc, "nothing was asked of it") from None  # would act without it)
+            from app.services.control import not_asked  # would act without it)
+            raise not_asked(exc, "nothing was asked of it") from None
         except MirrorError:
             return None
         theirs, ours = ping.get("config"), os.path.realpath(self.store.path)

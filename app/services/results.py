@@ -147,3 +147,14 @@ def exit_code(results: list[Result]) -> int:
         return 0
     done = any(r.outcome in (Outcome.OK, Outcome.PENDING) for r in results)
     return 2 if all(r.refused for r in failed) and not done else 1
+
+
+class DaemonNotAnswering(MirrorError):
+    """A process holds the socket but sent no reply within the client's timeout: stopped,
+    stuck, or still starting (the daemon binds its socket before it takes over its captures
+    and mounts its entries, and answers only then). `pid`: the process listening there, as the
+    kernel says (SO_PEERCRED); None when even the connection was not accepted."""
+
+    def __init__(self, message: str, *, pid: int | None, obj: str):
+        super().__init__(message, errno=errno_module.ETIMEDOUT, obj=obj)
+        self.pid = pid

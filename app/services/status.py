@@ -17,7 +17,8 @@ from typing import Any
 from app.services import loop as loopdev
 from app.services import mounts
 from app.services.config import BlockEntry, ConfigStore, FsEntry
-from app.services.control import ANSWER_SECONDS, STATUS_ANSWER_SECONDS, DaemonNotAnswering
+from app.services.results import DaemonNotAnswering
+from app.services.socketpath import ANSWER_SECONDS, STATUS_ANSWER_SECONDS
 from app.services.blockplan import View
 from app.services.entries import problems
 from app.services.host import process_state
