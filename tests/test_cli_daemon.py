@@ -122,12 +122,10 @@ def test_a_stop_of_a_daemon_that_does_not_answer_names_it_and_gives_up(private):
     assert r.returncode == 0 and f"stopped the daemon (pid {pid})" in r.stdout, r.stdout + r.stderr
 
 
-def test_a_stop_of_a_stuck_process_on_the_socket_says_what_can_be_done(private):
-    """A process that holds the socket and is not stopped but never answers (stuck, or a
-    daemon still starting): refused after ANSWER_SECONDS, naming it, its log, and what ends it,
-    and nothing is sent to it."""
-    prefix, env, paths, started = private
-    sock = paths["socket"]
+@contextlib.contextmanager
+def silent_on(sock):
+    """A process that listens on the daemon's socket and never answers (stuck, or a daemon
+    still starting); killed, and its socket removed, at the end."""
     sock.parent.mkdir(mode=0o700)
     stuck = subprocess.Popen([sys.executable, "-c", (
         "import os, socket, sys, time; s = socket.socket(socket.AF_UNIX); "
@@ -136,6 +134,21 @@ def test_a_stop_of_a_stuck_process_on_the_socket_says_what_can_be_done(private):
         text=True)
     try:
         assert stuck.stdout.readline().strip() == "listening"
+        yield stuck
+    finally:
+        stuck.kill()
+        stuck.wait()
+        stuck.stdout.close()
+        sock.unlink()
+
+
+def test_a_stop_of_a_stuck_process_on_the_socket_says_what_can_be_done(private):
+    """A process that holds the socket and is not stopped but never answers (stuck, or a
+    daemon still starting): refused after ANSWER_SECONDS, naming it, its log, and what ends it,
+    and nothing is sent to it."""
+    prefix, env, paths, started = private
+    sock = paths["socket"]
+    with silent_on(sock) as stuck:
         r = cli(*prefix, "daemon", "stop", env=env, timeout=60)
         assert r.returncode == 2, r.stdout + r.stderr
         assert (f"the daemon (pid {stuck.pid}) on {sock} does not answer (no reply to ping in "
@@ -145,12 +158,6 @@ def test_a_stop_of_a_stuck_process_on_the_socket_says_what_can_be_done(private):
                f"{stuck.pid}` ends it at once (its captures go on and the next daemon takes " \
                "them over)" in r.stderr, r.stderr
         assert stuck.poll() is None
-    finally:
-        stuck.kill()
-        stuck.wait()
-        stuck.stdout.close()
-        sock.unlink()
-
 
 
 def test_status_of_a_daemon_that_does_not_answer_says_so_and_does_not_wait_for_it(private):
@@ -162,14 +169,7 @@ def test_status_of_a_daemon_that_does_not_answer_says_so_and_does_not_wait_for_i
     paths["config"].parent.mkdir()
     paths["config"].write_text("schema = 1\n")
     sock = paths["socket"]
-    sock.parent.mkdir(mode=0o700)
-    stuck = subprocess.Popen([sys.executable, "-c", (
-        "import os, socket, sys, time; s = socket.socket(socket.AF_UNIX); "
-        "os.umask(0o177); s.bind(sys.argv[1]); s.listen(); print('listening', flush=True); "
-        "time.sleep(300)"), str(sock)], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
-        text=True)
-    try:
-        assert stuck.stdout.readline().strip() == "listening"
+    with silent_on(sock) as stuck:
         os.kill(stuck.pid, signal.SIGSTOP)
         t0 = time.monotonic()
         r = cli(*prefix, "status", env=env, timeout=60)
@@ -189,11 +189,7 @@ def test_status_of_a_daemon_that_does_not_answer_says_so_and_does_not_wait_for_i
                 "resumes it): nothing was asked of it") in r.stderr, r.stderr
         assert took < daemonctl.ANSWER_SECONDS + 15, took
         assert psutil.Process(stuck.pid).status() == psutil.STATUS_STOPPED
-    finally:
-        stuck.kill()
-        stuck.wait()
-        stuck.stdout.close()
-        sock.unlink()
+
 
 BAD_TARGET = """schema = 1
 
