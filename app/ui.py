@@ -103,7 +103,7 @@ class Services:
         snap = snapshot(self.store, self.control if answers else None,
                         scan_writers=scan_writers, state_dir=self.daemon.state_dir)
         if silent:
-            snap.engine_error = silent
+            snap.daemon_silent(silent)
         return snap
 
     def list_loops(self) -> list:

@@ -162,3 +162,23 @@ async def test_other_tools_mounts_beyond_five_a_second_are_counted_in_one_line(t
             return sum(int(line.split()[1]) for line in screen.events
                        if line.endswith("changes of other mounts (none of an entry's)"))
         await wait_until(pilot, lambda: counted() >= 15, "the count")  # (and the host's, if any)
+
+
+def test_a_daemon_that_does_not_answer_is_said_in_the_line_and_why_behind_g():
+    """The daemon line at 80 columns cut 'the daemon (pid N) on SOCKET does …' before what
+    matters (a tmux walk with a SIGSTOPped daemon): it says 'not answering (pid N)' and where
+    the rest is; the Engine view (g) has the whole text, with what resumes it."""
+    from app.screens.dashboard import engine_line, engine_text
+    from app.services.results import DaemonNotAnswering
+    from app.services.status import StatusSnapshot
+    snap = StatusSnapshot(taken_at=0.0)
+    exc = DaemonNotAnswering("the daemon (pid 4242) on /run/mirrorsetup/control.sock does not "
+                             "answer (no reply to ping in 10 s)", pid=4242,
+                             obj="/run/mirrorsetup/control.sock")
+    snap.daemon_silent(exc)
+    line = engine_line(snap).plain
+    assert line == "daemon: not answering (pid 4242); g says why and what to do", line
+    assert len(line) <= 78
+    assert engine_text(snap).plain.startswith("the daemon (pid 4242) on /run/mirrorsetup/"
+                                              "control.sock does not answer (no reply to ping")
+    assert StatusSnapshot(taken_at=0.0, engine_error="gone").engine_silent is None

@@ -25,7 +25,7 @@ def cmd_status(args) -> int:
         snap = require(snapshot, s, client if answers else None,
                        state_dir=args.state_dir or default_state_dir())
         if silent:
-            snap.engine_error = silent
+            snap.daemon_silent(silent)
         interest = Interest.of(snap)
         if args.json and args.watch:  # JSON Lines: a reader takes one document per line
             print(json.dumps(snap.to_json(), default=str))

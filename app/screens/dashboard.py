@@ -99,6 +99,9 @@ def engine_text(snap) -> Text:
 def engine_line(snap) -> Text:
     """The engine in one line, for 80 columns (`g` shows it all)."""
     summary = snap.summary
+    if snap.engine_silent is not None:  # (what resumes or ends it is long: `g` says it)
+        pid = f" (pid {snap.engine_silent})" if snap.engine_silent else ""
+        return Text(f"daemon: not answering{pid}; g says why and what to do", style="yellow")
     if summary is None:
         return Text("daemon: " + shown(snap.engine_error or "not running (menu 5 starts it)"),
                     style="yellow")

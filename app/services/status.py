@@ -109,7 +109,12 @@ class StatusSnapshot:
     warnings: list[StatusWarning] = field(default_factory=list)
     engine: dict[str, Any] | None = None  # the daemon's whole status reply
     engine_error: str | None = None
+    engine_silent: int | None = None  # the pid of a daemon that holds its socket, silent
     orphans: list[CaptureRow] = field(default_factory=list)
+
+    def daemon_silent(self, exc: DaemonNotAnswering) -> None:
+        """The daemon did not answer (stopped by a signal, stuck, still starting): said."""
+        self.engine_error, self.engine_silent = not_answering_text(exc), exc.pid or 0
 
     @property
     def summary(self) -> EngineSummary | None:
@@ -241,15 +246,15 @@ def not_answering_text(exc: DaemonNotAnswering) -> str:
     return str(exc) + (process_state(exc.pid) if exc.pid else "")
 
 
-def daemon_answering(control) -> tuple[bool, str | None]:
-    """(does the daemon answer a ping within ANSWER_SECONDS, why not when one holds the socket
+def daemon_answering(control) -> tuple[bool, DaemonNotAnswering | None]:
+    """(does the daemon answer a ping within ANSWER_SECONDS, the error when one holds the socket
     and stays silent): asked before a snapshot, whose daemon figures need it to answer."""
     from app.services.results import MirrorError
     try:
         control.request("ping", answer_within=ANSWER_SECONDS)
         return True, None
     except DaemonNotAnswering as exc:
-        return False, not_answering_text(exc)
+        return False, exc
     except MirrorError:
         return False, None
 
@@ -268,7 +273,7 @@ def snapshot(store: ConfigStore, control=None, *, scan_writers: bool = True,
         try:  # (a daemon that does not answer, e.g. stopped by a signal, is said, not waited on)
             snap.engine = control.request("status", answer_within=STATUS_ANSWER_SECONDS)
         except DaemonNotAnswering as exc:
-            snap.engine_error = not_answering_text(exc)
+            snap.daemon_silent(exc)
         except Exception as exc:  # the daemon's absence is a state to show, not a crash
             snap.engine_error = str(exc)
     rows = {(r["kind"], r["key"]): CaptureRow.from_json(r) for table in ("filesystem", "block")
