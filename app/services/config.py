@@ -158,10 +158,10 @@ class ConfigStore:
                                   errno=errno.ENOENT)
             new = replace(old, **changes)
             _check_target(new)
-            _refuse_shared_after_move(config, old, new)  # (before `check` pins anything)
+            if new.port != old.port:  # (before `check` pins anything)
+                _refuse_shared_after_move(_with_target(config, old, new), new)
             new = check(old, new)
-            return (replace(config, target=tuple(new if t is old else t for t in config.target)),
-                    (old, new))
+            return _with_target(config, old, new), (old, new)
         return self._change(change)
 
     def remove_target(self, name: str) -> TargetHost:
@@ -813,13 +813,14 @@ def _checked_remote_target(kind: str, source: str, target: str, config: Config) 
     return target
 
 
-def _refuse_shared_after_move(config: Config, old: TargetHost, new: TargetHost) -> None:
+def _with_target(config: Config, old: TargetHost, new: TargetHost) -> Config:
+    return replace(config, target=tuple(new if t is old else t for t in config.target))
+
+
+def _refuse_shared_after_move(moved: Config, new: TargetHost) -> None:
     """A target set to another port may then serve the same places as another target of the
     same host: its entries' replicas are checked as `fs add` / `block add` check them (two
     entries then wrote one replica, and both were refused at their next start)."""
-    if new.port == old.port:
-        return
-    moved = replace(config, target=tuple(new if t is old else t for t in config.target))
     for entry in moved.filesystem + moved.block:
         if not entry.target or is_local_target(entry.target) or \
                 entry.target.partition(":")[0] != new.name:

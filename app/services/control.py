@@ -158,9 +158,7 @@ class ControlClient:
 def not_asked(exc: DaemonNotAnswering, done: str) -> DaemonNotAnswering:
     """A daemon that did not answer, said with why (the kernel's word), what `done` of it (e.g.
     "nothing was asked of it"), and what the administrator can do about it."""
-    from app.services.host import process_state
-    state = process_state(exc.pid) if exc.pid else ""
-    return DaemonNotAnswering(f"{exc.message}{state}: {done} (a daemon still "
+    return DaemonNotAnswering(f"{exc.said}: {done} (a daemon still "
                               "starting answers once its log says it is ready; `mirrorsetup daemon "
                               "status` says more)", pid=exc.pid, obj=exc.obj)
 

@@ -158,3 +158,9 @@ class DaemonNotAnswering(MirrorError):
     def __init__(self, message: str, *, pid: int | None, obj: str):
         super().__init__(message, errno=errno_module.ETIMEDOUT, obj=obj)
         self.pid = pid
+
+    @property
+    def said(self) -> str:
+        """The message, with why as the kernel says (e.g. stopped by a signal: what resumes it)."""
+        from app.services.host import process_state
+        return self.message + (process_state(self.pid) if self.pid else "")

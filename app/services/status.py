@@ -21,7 +21,6 @@ from app.services.results import DaemonNotAnswering
 from app.services.socketpath import ANSWER_SECONDS, STATUS_ANSWER_SECONDS
 from app.services.blockplan import View
 from app.services.entries import problems
-from app.services.host import process_state
 from app.services.layout import (CONNECTING_AGAIN, WRITERS_WAIT, FSTYPE_FS, command, entry_state,
                                   mix_words, switched_marker, with_failback)
 from app.services.protocol import (CAPTURE_AGAIN, TARGET_SETTINGS_AT_START, CaptureRow,
@@ -114,7 +113,7 @@ class StatusSnapshot:
 
     def daemon_silent(self, exc: DaemonNotAnswering) -> None:
         """The daemon did not answer (stopped by a signal, stuck, still starting): said."""
-        self.engine_error, self.engine_silent = not_answering_text(exc), exc.pid or 0
+        self.engine_error, self.engine_silent = exc.said, exc.pid or 0
 
     @property
     def summary(self) -> EngineSummary | None:
@@ -239,11 +238,6 @@ def openers_of(device: str, *, writing: bool = False,
                 found.append((int(pid), comm))
                 break
     return found
-
-
-def not_answering_text(exc: DaemonNotAnswering) -> str:
-    """A daemon that holds its socket and does not answer, with why as the kernel says."""
-    return str(exc) + (process_state(exc.pid) if exc.pid else "")
 
 
 def daemon_answering(control) -> tuple[bool, DaemonNotAnswering | None]:
