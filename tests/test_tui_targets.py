@@ -153,7 +153,7 @@ async def test_targets_and_replicas_are_listed_and_wrong_input_changes_nothing(
         await settle(pilot)
         problem = static_text(app.screen.query_one("#problem")).replace("\n", " ")
         assert "'99999' is not a port number; the root is an absolute path" in problem  # both at once
-        app.screen.query_one("#port").value = ""  # ssh's 22, as the placeholder says
+        app.screen.query_one("#port").value = ""  # ssh_config's, else 22, as the placeholder says
         await settle(pilot)
         await pilot.click("#add")
         await settle(pilot)
@@ -163,7 +163,7 @@ async def test_targets_and_replicas_are_listed_and_wrong_input_changes_nothing(
         app.screen.query_one("#root").value = "/srv/b2"
         await settle(pilot)
         problem, target = app.screen._check(final=True)
-        assert problem is None and target.port == 22, (problem, target)
+        assert problem is None and target.port is None, (problem, target)  # read when asked
         app.screen.query_one("#root").value = "relative/dir"
         app.screen.query_one("#port").value = "22"
         await pilot.click("#add")
@@ -731,6 +731,52 @@ async def test_a_host_key_that_arrives_after_the_screen_was_left_adds_nothing_an
         assert isinstance(app.screen, MainMenuScreen)  # no dialog pushed over it
         [notice] = [n for n in notices(app) if "b2 was not added" in n]
         assert "Targets was left before b2.example.net answered" in notice, notice
+    assert config_bytes() == before
+
+
+@pilot_test
+async def test_a_port_and_user_left_empty_are_what_ssh_config_gives_the_host(
+        tui, config_path, tmp_path, config_bytes, monkeypatch):
+    """The dialog offered port 22 and user root filled in, so a host whose ssh_config says
+    `Port 2222` (or another User) was asked on 22 and written so, where `target add` without
+    --port takes ssh_config's port (ssh -G), as ssh itself would. Now both start empty and the
+    port is read from ssh_config in the scan's thread. What ssh -G answers is stood in for: the
+    ssh_config it reads is root's own (~/.ssh/config, /etc/ssh/ssh_config), not ours to write;
+    tests/test_remote.py runs the real ssh -G with an ssh_config of its own."""
+    from app.services import targets
+    from app.services.results import MirrorError
+    write_config(config_path, tmp_path)
+    before = config_bytes()
+    resolved, scanned = [], []
+
+    def ssh_resolved(host, port, ssh_config=None):
+        resolved.append((host, port))
+        return {"hostname": "10.9.9.9", "port": "2222"}
+
+    def scan(host, port, ssh_config=None):
+        scanned.append((host, port))
+        raise MirrorError(f"could not read the host key of {host} port {port}: connection refused")
+    monkeypatch.setattr(targets, "ssh_resolved", ssh_resolved)
+    monkeypatch.setattr(targets, "scan_host_keys", scan)
+    app = tui(is_root=True)
+    async with app.run_test(size=(80, 24)) as pilot:
+        await open_targets(pilot)
+        await pilot.press("a")
+        await settle(pilot)
+        assert {f: app.screen.query_one(f"#{f}").value for f in ("port", "user")} == \
+            {"port": "", "user": ""}
+        for field, value in {"name": "b2", "host": "b2-alias", "root": "/srv/b2"}.items():
+            app.screen.query_one(f"#{field}").value = value
+        await settle(pilot)
+        await pilot.click("#add")
+        await wait_until(pilot, lambda: isinstance(app.screen, AddTargetDialog)
+                         and "port 2222" in static_text(app.screen.query_one("#problem")),
+                         "the dialog back with the reason")
+        assert resolved == [("b2-alias", None)] and scanned == [("b2-alias", 2222)]
+        # back as typed: the port still ssh_config's to choose
+        assert app.screen.query_one("#port").value == "" and app.screen.query_one("#user").value == ""
+        await pilot.press("escape")
+        await settle(pilot)
     assert config_bytes() == before
 
 

@@ -6,6 +6,7 @@ which host's data."""
 
 from __future__ import annotations
 
+import dataclasses
 import time
 
 from rich.text import Text
@@ -130,8 +131,12 @@ class AddTargetDialog(ModalScreen["object | None"]):
             yield labelled(("Name", Input(placeholder="e.g. backup1", id="name", compact=True)))
             yield labelled(("Host", Input(placeholder="an address or ssh_config name", id="host",
                                           compact=True)))
-            yield labelled(("Port", Input("22", placeholder="22", id="port", compact=True)),
-                           ("user", Input("root", placeholder="root", id="user", compact=True)))
+            # empty: what ssh_config gives the host (Port, User), else 22 and root, as
+            # `target add` without --port and --user, and as ssh itself would connect
+            yield labelled(("Port", Input(placeholder="ssh_config's or 22", id="port",
+                                          compact=True)),
+                           ("user", Input(placeholder="ssh_config's or root", id="user",
+                                          compact=True)))
             yield labelled(("Root", Input(placeholder="directory on the target, e.g. /srv/replicas",
                                           id="root", compact=True)))
             yield Static("", id="problem")
@@ -160,7 +165,7 @@ class AddTargetDialog(ModalScreen["object | None"]):
         name, host, root, port = (self._value("name"), self._value("host"), self._value("root"),
                                   self._value("port"))
         problems = []  # every one at once: an administrator fixes them in one go
-        # (an empty port is ssh's 22, as its placeholder says)
+        # (an empty port is ssh_config's for the host, else 22, as its placeholder says)
         missing = [f for f, v in (("name", name), ("host", host), ("root", root)) if not v]
         if final and missing:
             problems.append((" and ".join([", ".join(missing[:-1]), missing[-1]])
@@ -182,6 +187,8 @@ class AddTargetDialog(ModalScreen["object | None"]):
             problems.append(str(exc))
         if problems:
             return "; ".join(problems), None
+        if not port:  # read from ssh_config off the UI thread, when the host key is asked for
+            target = dataclasses.replace(target, port=None)
         return None, target
 
     @on(Input.Changed)
@@ -375,13 +382,18 @@ class TargetsScreen(TaskScreen):
 
     def _add_typed(self, host) -> None:
         if host is not None:
-            self._set_busy(True, f"asking {host.host} port {host.port} for its host key")
+            port = "" if host.port is None else f" port {host.port}"
+            self._set_busy(True, f"asking {host.host}{port} for its host key")
             self._scan(self.app, host)
 
     @work(thread=True, exit_on_error=False, group="scan")
-    def _scan(self, app, host) -> None:
+    def _scan(self, app, typed) -> None:
         from app.services import targets
+        host = typed
         try:
+            if host.port is None:  # not typed: ssh_config's Port for the host, else 22
+                port = targets.ssh_resolved(host.host, None, host.ssh_config).get("port", "22")
+                host = dataclasses.replace(host, port=int(port) if port.isdigit() else 22)
             keys = targets.scan_host_keys(host.host, host.port, host.ssh_config)
             # app's services, not self's: the screen may be gone by now, and self.app with it
             _known_hosts, old = targets.pinned_for(app.services.store, host)
@@ -389,15 +401,15 @@ class TargetsScreen(TaskScreen):
         except (MirrorError, OSError) as exc:
             keys, old, error = [], [], str(exc)
         # Targets left while it asked: a notice, no dialog over another screen
-        self.from_thread(app, lambda: self._scanned(host, keys, old, error), lambda: app.notify(
+        self.from_thread(app, lambda: self._scanned(host, keys, old, error, typed), lambda: app.notify(
             f"{host.name} was not added: Targets was left before {host.host} answered. Add it "
             "again there.", title="Add target", severity="warning", markup=False))
 
-    def _scanned(self, host, keys, old, error) -> None:
+    def _scanned(self, host, keys, old, error, typed) -> None:
         from app.services import targets
         self._set_busy(False)
         if error or not keys:  # the dialog again, as typed, with what went wrong
-            self.app.push_screen(AddTargetDialog(host, shown(error or f"{host.host} offered no host key")),
+            self.app.push_screen(AddTargetDialog(typed, shown(error or f"{host.host} offered no host key")),
                                  self._add_typed)
             return
         pinned = targets.offered_and_pinned(keys, old)
