@@ -1,18 +1,19 @@
 """`mirrorsetup target set NAME`: a remote target's settings changed without editing the
-file by hand, checked as `target add` checks them; running captures are told as not applied
-until their next start."""
+file by hand, checked as `target add` checks them; the daemon's running captures take them."""
 
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 
 from test_engine_support import REPO
-from test_remote import cli, fs_remote, remote  # noqa: F401 - the fixtures
+from test_remote import block_remote, cli, dd, fs_remote, remote, sha  # noqa: F401 - the fixtures
 
 MiB = 1 << 20
 
@@ -123,47 +124,112 @@ def test_help_names_every_setting_and_not_host_or_root():
 
 
 @pytest.mark.root
-def test_a_running_capture_is_told_not_applied_until_its_next_start(fs_remote, tmp_path):
-    """`target set` while an entry replicates to the target: its capture keeps the settings it
-    started with, and status says so, with what applies them, until Unmount all / Mount all."""
+def test_the_daemons_running_captures_take_target_set_at_once(fs_remote, tmp_path):
+    """`target set` applies to the running captures of the target (as `drbdadm adjust` does):
+    a rate at once, in the same session; what ssh is started with (known_hosts here) by a new
+    session that resumes where the last one was (no resync). Before, a running capture kept
+    the settings it started with until Unmount all / Mount all, which an administrator cannot
+    do with applications using the file system. A `target set` that does not reach the daemon
+    says so, status says the settings not applied, and `target apply` applies them."""
     eng, src, r = fs_remote()
     old_kh = targets(r.cfg)["backup1"]["known_hosts"]
     kh = tmp_path / "etc" / "pins"  # a file of its own: the key pinned now is copied there
-    done = cli(r.cfg, "--json", "target", "set", "backup1", "--bandwidth", "8MiB/s",
-               "--known-hosts", str(kh))
-    assert done.returncode == 0, done.stdout + done.stderr
-    [res] = json.loads(done.stdout)
-    assert res["details"]["entries"] == [src], res
-    assert "pinned its host key SHA256:" in res["message"] and "until Unmount all, then Mount all" \
-        in res["message"], res
-    assert f"{r.bed.target_addr}]:{r.bed.port} ssh-ed25519 " in kh.read_text()
 
     def engine_row() -> tuple[dict, list[str]]:
         said = json.loads(cli(r.cfg, "status", "--json", socket=eng.socket).stdout)
         return (said["filesystem"][0]["engine"],
                 [w["message"] for w in said["warnings"] if w["subject"] == src])
+
+    # not reaching the daemon (another socket): the file changes, the capture is told later
+    done = cli(r.cfg, "--json", "target", "set", "backup1", "--known-hosts", str(kh),
+               socket=str(tmp_path / "nodaemon.sock"))
+    assert done.returncode == 0, done.stdout + done.stderr
+    [res] = json.loads(done.stdout)
+    assert res["details"]["entries"] == [src], res
+    assert "pinned its host key SHA256:" in res["message"] and "mirrorsetup target apply backup1" \
+        in res["message"], res
+    assert f"{r.bed.target_addr}]:{r.bed.port} ssh-ed25519 " in kh.read_text()
     row, warnings = engine_row()
-    assert row["not_applied"] == {"bandwidth": [None, 8 * MiB], "known_hosts": [old_kh, str(kh)]}
+    assert row["not_applied"] == {"known_hosts": [old_kh, str(kh)]}, row
     [text] = [w for w in warnings if "configuration now says" in w]
     assert "as the entry and its target backup1 were when it started" in text, text
-    assert "bandwidth 8.0 MiB/s (running: unset)" in text and "Unmount all, then Mount all" in text
+    assert "`mirrorsetup target apply backup1` (or Unmount all, then Mount all) applies it" in text, text
 
-    for action in ("unmount-all", "mount-all"):
-        step = cli(r.cfg, "fs", action, socket=eng.socket)
-        assert step.returncode == 0, step.stdout + step.stderr
+    before = eng.status(src)
+    applied = cli(r.cfg, "--json", "target", "apply", "backup1", socket=eng.socket)
+    assert applied.returncode == 0, applied.stdout + applied.stderr
+    [res] = json.loads(applied.stdout)
+    assert res["outcome"] == "ok" and res["target"] == src, res
+    assert "known_hosts applied to its running capture: a new session to backup1 took over" \
+        in res["message"], res
     row, warnings = engine_row()
     assert row["not_applied"] == {} and not [w for w in warnings if "configuration" in w], row
     Path(src, "after").write_text("through the new pins")
-    eng.drain(src)  # the new capture connects with them
+    eng.drain(src)
     assert (r.root / "data" / "after").read_text() == "through the new pins"
+    now = eng.status(src)
+    assert now["reconnects"] == before["reconnects"] + 1 and now["resync_bytes"] == 0, now
+    assert now["connection"] == "connected", now
+
+    # a rate, through the daemon: the session goes on, and the cap holds for what comes next
+    done = cli(r.cfg, "--json", "target", "set", "backup1", "--bandwidth", "256KiB/s",
+               socket=eng.socket)
+    assert done.returncode == 0, done.stdout + done.stderr
+    said, res = json.loads(done.stdout)
+    assert "until" not in said["message"], said  # nothing is said to wait for a next start
+    assert res["outcome"] == "ok" and "bandwidth applied to its running capture (its session " \
+        "goes on)" in res["message"], res
+    assert engine_row()[0]["not_applied"] == {}
+    data = os.urandom(2 * MiB)  # 8 s at the cap; far less than a second without it
+    Path(src, "capped").write_bytes(data)
+    time.sleep(1.5)
+    row = eng.status(src)
+    assert row["applied_seq"] < row["last_seq"], f"2 MiB went in 1.5 s at a 256 KiB/s cap: {row}"
+    done = cli(r.cfg, "--json", "target", "set", "backup1", "--bandwidth", "none", socket=eng.socket)
+    assert done.returncode == 0, done.stdout + done.stderr
+    eng.drain(src)
+    assert (r.root / "data" / "capped").read_bytes() == data
+    assert eng.status(src)["reconnects"] == now["reconnects"]  # rates: the same session
+
+    # applied again: nothing to do
+    again = cli(r.cfg, "--json", "target", "apply", "backup1", socket=eng.socket)
+    assert again.returncode == 0 and json.loads(again.stdout)[0]["outcome"] == "unchanged", again.stdout
 
     # another key at the host: a file without a pin for it is refused, never pinned silently
     r.bed.change_host_key()
     text = r.cfg.read_text()
-    refused = cli(r.cfg, "target", "set", "backup1", "--known-hosts", str(tmp_path / "etc" / "n"))
+    refused = cli(r.cfg, "target", "set", "backup1", "--known-hosts", str(tmp_path / "etc" / "n"),
+                  socket=eng.socket)
     assert refused.returncode == 2, refused.stdout + refused.stderr
     assert "no host key is pinned for" in refused.stderr and "Nothing was changed" in refused.stderr
     assert r.cfg.read_text() == text and not (tmp_path / "etc" / "n").exists()
+
+
+@pytest.mark.root
+def test_a_block_capture_that_went_on_without_the_daemon_takes_target_set_at_its_start(
+        block_remote):
+    """A block capture outlives its daemon; `target set` while no daemon runs cannot reach it.
+    The next daemon takes the capture over and applies the settings then (a new session:
+    compression here), instead of leaving it on the old ones until Detach all / Attach all."""
+    eng, disk, r = block_remote()
+    before = eng.block(disk)
+    assert before["compression"] != "none", before
+    eng.kill9()  # the worker goes on alone
+    done = cli(r.cfg, "--json", "target", "set", "backup1", "--compression", "none",
+               socket=eng.socket)
+    assert done.returncode == 0, done.stdout + done.stderr
+    [res] = json.loads(done.stdout)
+    assert "mirrorsetup target apply backup1" in res["message"], res
+    eng.start()
+    row = eng.block(disk)
+    assert row["worker_pid"] == before["worker_pid"], (row, before)  # taken over, not restarted
+    assert row["not_applied"] == {} and row["compression"] == "none", row
+    dd(eng.block(disk)["loop"], mib=2, seek_mib=8)
+    st = eng.block_drain(disk)
+    assert st["connection"] == "connected" and st["resync_bytes"] == 0, st
+    assert sha(r.root / "disk.img") == sha(disk)
+    assert "compression applied to its running capture: a new session" in eng.logtext()
+    assert "Traceback" not in eng.logtext(), eng.logtext()[-3000:]
 
 
 def test_target_set_says_every_bad_file_and_field_at_once(two_targets, tmp_path):

@@ -9,7 +9,7 @@ import json
 import sys
 from dataclasses import asdict
 
-from app.cli.common import Refused, add, group, require, store
+from app.cli.common import Refused, add, group, replication, require, store
 from app.cli.output import complain, print_table, report
 from app.services.results import ConfigError, ConfigErrors, MirrorError, Outcome, Result
 
@@ -113,7 +113,13 @@ def cmd_set(args) -> int:
     errors += targets.set_errors(replace(host, **changes), changes)
     if errors:
         raise ConfigErrors.of(errors)
-    return report([targets.set_target(store(args), args.name, changes)], as_json=args.json)
+    # then the running captures of the target take them (the daemon, when it runs)
+    return report(replication(args).set_target(args.name, changes), as_json=args.json)
+
+
+def cmd_apply(args) -> int:
+    _host(args)  # a name that is not configured is a refusal (exit 2)
+    return report(replication(args).apply_target(args.name), as_json=args.json)
 
 
 def cmd_list(args) -> int:
@@ -200,8 +206,8 @@ def register(sub, common) -> None:
     p.add_argument("--accept-host-key", metavar="SHA256:…", default=None, help="the new host key's "
                    "fingerprint (scripts); without it a terminal is asked")
     p = add(tgt, "set", cmd_set, "change how a target is reached or how fast (not its host or "
-            "root: remove and add it again); running captures take it at their next start",
-            common)
+            "root: remove and add it again); the daemon's running captures take it at once "
+            "(rates) or by a new session that resumes where the last one was", common)
     p.add_argument("name")
     p.add_argument("--bandwidth", metavar="RATE|none", default=None, help="cap on wire bytes, "
                    "e.g. 20MiB/s; 0 or none: no cap")
@@ -218,6 +224,10 @@ def register(sub, common) -> None:
                    "key is pinned in (the key pinned now is copied there if the host offers it)")
     for flag in ("--host", "--root"):  # refused with what to do instead
         p.add_argument(flag, default=None, help=argparse.SUPPRESS)
+    p = add(tgt, "apply", cmd_apply, "make the running captures of a target take its settings "
+            "as the configuration says them now (after a hand edit; target set does it itself)",
+            common)
+    p.add_argument("name")
     add(tgt, "list", cmd_list, "list the remote targets", common)
     p = add(tgt, "remove", cmd_remove, "remove a remote target that no entry uses", common)
     p.add_argument("name")

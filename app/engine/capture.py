@@ -773,6 +773,23 @@ class Capture:
             return protocol.ok(stopping=True)
         if isinstance(self.target, NoTarget):
             return protocol.error(f"{self.spec.key} has no target", errno.EINVAL)
+        if cmd == "target_settings":  # `target set` of our remote target, applied now
+            if not self.remote:
+                return protocol.error(f"{self.spec.key} replicates to a local target", errno.EINVAL)
+            spec = args.get("remote")
+            if not isinstance(spec, dict):
+                return protocol.error("target_settings: remote must be an object", errno.EINVAL)
+            try:
+                changed, reconnect = await trio.to_thread.run_sync(self.target.adjust, spec)
+            except (TypeError, ValueError) as exc:
+                return protocol.error(f"target_settings: {exc}", errno.EINVAL)
+            if changed:
+                # what the next daemon's hello says and what the resync rate is read from
+                self.spec.target["remote"] = {**self.spec.target["remote"], **spec}
+                log.info("%s: target settings %s applied%s", self.spec.key, ", ".join(changed),
+                         ": a new session takes them" if reconnect else "")
+                self.shipper.kick()  # backing off after a failure: tried again now, with them
+            return protocol.ok(changed=changed, reconnect=reconnect)
         if cmd == "resync":  # the target was handed back to us (a discarded promotion)
             self.shipper.kick()
             self.request_catch_up(args.get("reason") or "resync asked for")

@@ -72,7 +72,7 @@ class Daemon:
             "block_attach_all": self.cmd_block_attach_all, "block_detach_all": self.cmd_block_detach_all,
             "block_attach": self.cmd_block_attach, "block_detach": self.cmd_block_detach,
             "block_mirror": self.cmd_block_mirror, "block_verify": self.cmd_block_verify,
-            "capture_end": self.cmd_capture_end,
+            "capture_end": self.cmd_capture_end, "target_settings": self.cmd_target_settings,
             "switchover": self.cmd_switchover, "failback": self.cmd_failback,
             "resolve": self.cmd_resolve, "end_handover": self.cmd_end_handover,
         }
@@ -273,6 +273,66 @@ class Daemon:
                 return _results([await self._end_orphan(cap, force=True)])
         raise MirrorError(f"no capture {id!r} is running (see `mirrorsetup status`)", errno=errno.ENOENT, obj=id)
 
+    async def cmd_target_settings(self, send, name=""):
+        """`target set NAME` applied to the running captures that replicate to NAME (DRBD's
+        `adjust`): rates at once, what ssh is started with by a new session, which resumes
+        from the target's position. A capture busy with a mirror or verify is given
+        ANSWER_SECONDS, then said not applied (status says so until it is)."""
+        return _results(await self._apply_target(name, self.store.load()))
+
+    async def _apply_target(self, name: str, config) -> list[Result]:
+        from app.services.protocol import CAPTURE_AGAIN
+        from app.services.socketpath import ANSWER_SECONDS
+        host = config.target_host(name)
+        if host is None:
+            raise MirrorError(f"no remote target named {name!r} is configured (mirrorsetup target "
+                              "list)", errno=errno.ENOENT, obj=name)
+        entries = {("fs", e.path): e for e in config.filesystem}
+        entries.update({("block", e.device): e for e in config.block})
+        results = []
+        for cap in list(self.sup.captures.values()):
+            spec = (cap.link.info.get("target") or {}).get("remote")
+            configured = entries.get((cap.kind, cap.key))
+            if not spec or spec.get("name") != name or cap.ending or configured is None:
+                continue
+            action = "apply target settings"
+            if cap.entry is not None and cap.entry.target != configured.target:
+                results.append(Result(action, cap.key, Outcome.UNCHANGED, f"its entry names "
+                                      f"{configured.target} now: its capture takes that at its "
+                                      f"next start ({CAPTURE_AGAIN[cap.kind]})"))
+                continue
+            if not _target_not_applied(cap, configured, config):
+                results.append(Result(action, cap.key, Outcome.UNCHANGED,
+                                      f"its capture uses the settings of {name} already"))
+                continue
+            new = {**spec, **host.to_spec()}
+            reply = None
+            try:
+                with trio.move_on_after(ANSWER_SECONDS):
+                    reply = await cap.link.call("target_settings", remote=new)
+            except MirrorError as exc:  # its worker ended: its death is said in status
+                results.append(Result.from_error(action, cap.key, exc))
+                continue
+            if reply is None:
+                busy = f"busy with a {cap.link.busy}" if cap.link.busy else "not answering"
+                results.append(Result(action, cap.key, Outcome.FAILED, f"its capture (pid "
+                                      f"{cap.link.pid}) is {busy}: the settings may not be "
+                                      f"applied (status says it); {layout_mod.command('target', 'set', name)}"
+                                      f" with any setting applies them again, or "
+                                      f"{CAPTURE_AGAIN[cap.kind]}", errno=errno.EBUSY))
+                continue
+            if not reply.get("ok"):
+                results.append(Result(action, cap.key, Outcome.FAILED, reply.get("error", "?"),
+                                      errno=reply.get("errno")))
+                continue
+            cap.link.info["target"]["remote"] = new  # (status: nothing left not applied)
+            changed = ", ".join(reply.get("changed") or ())
+            results.append(Result(action, cap.key, Outcome.OK, f"{changed} applied to its running "
+                                  "capture" + (f": a new session to {name} took over where the "
+                                               "last one was" if reply.get("reconnect")
+                                               else " (its session goes on)")))
+        return results
+
     async def cmd_switchover(self, send, entry=""):
         kind, key, e = self._any(entry)
         return _results(await self.failover.switchover(kind, key, e, send))
@@ -398,6 +458,18 @@ class Daemon:
             if entry is None:
                 r = await self._end_orphan(cap, force=False)
                 log.info("%s %s: %s", r.outcome.value, r.target, r.message)
+        # `target set` while no daemon ran: the captures that went on take the settings now
+        names = {((c.link.info.get("target") or {}).get("remote") or {}).get("name")
+                 for c in self.sup.captures.values()}
+        for name in sorted(n for n in names if n and config.target_host(n) is not None):
+            try:
+                applied = await self._apply_target(name, config)
+            except MirrorError as exc:  # a worker that ended meanwhile: its death is said
+                log.error("apply the settings of target %s: %s", name, exc)
+                continue
+            for r in applied:
+                if r.outcome is not Outcome.UNCHANGED:
+                    log.info("%s %s: %s", r.outcome.value, r.target, r.message)
 
     def _remove_stale_run_dirs(self) -> None:
         """Run directories that captures which ended without their worker's last word left

@@ -24,6 +24,7 @@ import subprocess
 import threading
 import time
 from collections import deque
+from dataclasses import asdict
 
 from app.engine import sync
 from app.services import wire
@@ -42,6 +43,7 @@ PREPARED_SECONDS = 10.0  # a prepared session not opened by then is started agai
 WINDOW_MIN = 8 << 20
 QUERY_SECONDS = 300.0
 STDERR_SECONDS = 1.0  # an ended ssh's last words are read for at most this long
+LIVE_SETTINGS = {"bandwidth", "resync_bandwidth"}  # taken by a running session (adjust)
 
 
 _NONE = object()
@@ -128,6 +130,7 @@ class RemoteTarget(Queried, Target):
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, bufsize=0,
                                 start_new_session=True)
         self.proc = proc
+        self._spawned_with = self.s  # (adjust() during a connect: that session is not kept)
         self._stderr = deque(maxlen=50)  # this session's own: an old one's words do not color it
         self._stderr_reader = threading.Thread(target=self._read_stderr, args=(proc, self._stderr),
                                                daemon=True)
@@ -192,6 +195,10 @@ class RemoteTarget(Queried, Target):
         self.last_frame = time.monotonic()
         if action != "replicate":
             return Positions(0, 0)
+        if self._spawned_with is not self.s:  # target set while it connected: a new one
+            self.close()
+            raise TargetUnavailable("connecting: the target's settings changed (target set): "
+                                    "a new session takes them", delay=0.0)
         self.pos = Positions(msg["received"], msg["applied"])
         self.consistent = bool(msg.get("consistent"))
         self._expect = self.pos.received + 1
@@ -344,6 +351,37 @@ class RemoteTarget(Queried, Target):
                 self._inflight_bytes = 0
             self._expect = taken + 1
             raise TargetUnavailable("connected", taken=taken, disconnect=False, delay=0.0)
+
+    def adjust(self, spec: dict) -> tuple[list[str], bool]:
+        """`target set` while the capture runs (the daemon's target_settings): new settings of
+        the same target and replica. (changed setting names, whether the session started
+        again). The rates are taken by the next batch; what ssh or the agent was started with
+        (port, user, identity, known_hosts, ssh_config, compression, keep-alive) needs a new
+        session: the current one ends and the shipper (kicked by the caller) connects again at
+        once with them, resuming from the target's own position as after any fault. Blocking
+        (ssh is waited for): called from a thread."""
+        known = Settings.__dataclass_fields__
+        new = Settings(**{k: v for k, v in {**asdict(self.s), **spec}.items() if k in known})
+        if (new.name, new.host, new.root, new.path) != (self.s.name, self.s.host, self.s.root,
+                                                         self.s.path):
+            raise ValueError(f"{new.name}:{new.path} is not {self.label}: not a change of settings")
+        changed = [k for k in known if getattr(new, k) != getattr(self.s, k)]
+        if not changed:
+            return [], False
+        self.s = new
+        if {"compression", "bandwidth"} & set(changed):  # (adaptive only while uncapped)
+            self.codec = wire.Codec(new.compression, adaptive=not new.bandwidth)
+        with self._cv:
+            self._tokens = min(self._tokens, (new.bandwidth or 0) * 0.25)
+        reconnect = bool(set(changed) - LIVE_SETTINGS)
+        if reconnect:
+            g = getattr(self, "_greeting", None)
+            if g is not None and "action" not in g:  # prepared with the old settings: unused
+                self.close()
+            elif self.proc is not None:
+                self._fail(TargetUnavailable(f"connecting: {', '.join(changed)} changed "
+                                             "(target set): a new session takes them", delay=0.0))
+        return changed, reconnect
 
     # -- shipping ---------------------------------------------------------------------------
     def send(self, records: list[Record]) -> int:

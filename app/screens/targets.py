@@ -449,11 +449,9 @@ class TargetsScreen(TaskScreen):
         from app.screens.target_edit import EditTargetDialog
 
         def typed(changes: dict | None) -> None:
-            if changes is not None:
-                from app.services import targets
-                self.run_action(f"Edit target {host.name}", lambda: targets.set_target(
-                    self.services.store, host.name, changes), subject=host.name,
-                    waiting=f"changing {host.name}")
+            if changes is not None:  # the running captures of the target take them too
+                self.run_action(f"Edit target {host.name}", lambda: self.services.replication.set_target(
+                    host.name, changes), subject=host.name, waiting=f"changing {host.name}")
         self.app.push_screen(EditTargetDialog(host), typed)
 
     def action_rekey(self) -> None:

@@ -135,6 +135,8 @@ COMMANDS: dict[str, Command] = {
     "block_mirror": Command(("device",), "copy what differs of a block entry to its target"),
     "block_verify": Command(("device",), "compare a block entry with its target"),
     "capture_end": Command(("id",), "end an orphaned capture (its entry was removed)"),
+    "target_settings": Command(("name",), "apply a remote target's settings (target set) to "
+                               "the running captures that replicate to it"),
     "switchover": Command(("entry",), "planned switch-over: drain, lift capture, promote the "
                           "remote replica"),
     "failback": Command(("entry",), "bring the promoted remote replica back (what differs) and "
@@ -155,6 +157,8 @@ WORKER_COMMANDS: dict[str, Command] = {
     "verify": Command(),
     "drain": Command(("timeout",), "until the target applied every record captured so far"),
     "resync": Command(("reason",), "connect to the target again now and catch up with it"),
+    "target_settings": Command(("remote",), "the remote target's new settings (target set): "
+                               "rates at once, the rest by a new session"),
     "stop": Command(("abort",), "end capture: drain, mark clean; abort the FUSE connection if "
                     "the mount lives on elsewhere"),
 }

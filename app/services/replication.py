@@ -516,6 +516,35 @@ class Replication:
         return results + [Result("remove", entry.path, Outcome.OK,
                                  f"removed {entry.path}{_kept_note(results)}")]
 
+    def set_target(self, name: str, changes: dict) -> list[Result]:
+        """`target set`: the configuration, then the running captures that replicate to the
+        target, which the daemon makes take the new settings now (rates at once; the rest by a
+        new session, resuming where the last one was). Without a daemon, its next start does.
+        Asked of the daemon even when the file has them already: a capture that was busy the
+        first time takes them then."""
+        from app.services import targets
+        try:
+            daemon = self.daemon()
+        except MirrorError:  # another configuration's, or one that does not answer: not asked
+            daemon = None
+        result = targets.set_target(self.store, name, changes, live=daemon is not None)
+        if result.failed or daemon is None:
+            return [result]
+        return [result, *self.apply_target(name, checked=True)]
+
+    def apply_target(self, name: str, *, checked: bool = False) -> list[Result]:
+        """`target apply`: the running captures that replicate to the target take its settings
+        as the configuration says them now (after a hand edit, or a capture that was busy)."""
+        action, subject = "apply target settings", f"target {name}"
+        if not checked:
+            daemon, refused = self._daemon_or_refusal(action, subject)
+            if refused:
+                return refused
+            if daemon is None:
+                return [Result(action, subject, Outcome.SKIPPED, "the daemon is not running: "
+                               "captures that went on without it take them when it starts")]
+        return self._daemon_results(action, subject, "target_settings", checked=True, name=name)
+
     def mount_all(self, *, force: bool = False) -> list[Result]:
         return self._daemon_results("mount", "all file-system entries", "mount_all", force=force)
 

@@ -570,11 +570,15 @@ def _not_applied_text(row: CaptureRow) -> str:
                         for name, (old, new) in row.not_applied.items())
     doing = (f"its capture replicates to {row.target}" if "target" in row.not_applied
              else "its capture runs")
-    what = "the entry was"
+    what, applies = "the entry was", CAPTURE_AGAIN[row.kind]
     if row.not_applied.keys() & set(TARGET_SETTINGS_AT_START):  # `target set` (or a hand edit)
-        what = f"the entry and its target {(row.target or '').partition(':')[0]} were"
+        name = (row.target or '').partition(':')[0]
+        what = f"the entry and its target {name} were"
+        if row.not_applied.keys() <= set(TARGET_SETTINGS_AT_START):  # the daemon applies those
+            from app.services.layout import command
+            applies = f"{command('target', 'apply', name)} (or {applies})"
     return (f"{doing} as {what} when it started; the configuration now says {changes}: "
-            f"{CAPTURE_AGAIN[row.kind]} applies it")
+            f"{applies} applies it")
 
 
 def healthy_secondary(row: CaptureRow | None) -> bool:

@@ -495,12 +495,14 @@ def setting_shown(value) -> str:
     return "none" if value is None else str(value)
 
 
-def set_target(store: ConfigStore, name: str, changes: dict) -> Result:
+def set_target(store: ConfigStore, name: str, changes: dict, *, live: bool = False) -> Result:
     """`target set NAME`: change how a target is reached or how fast, checked as `target add`
     checks them. No connection is made for a new user or identity (the target may be down;
     `target test` tells whether it takes them). A new known_hosts or port must hold a pin for
     the host there: one missing is filled from the key pinned now, if the host offers that
-    very key there (ssh-keyscan); any other key is refused, never pinned silently."""
+    very key there (ssh-keyscan); any other key is refused, never pinned silently.
+    `live`: the daemon applies them to the running captures next (Replication.set_target),
+    so the result does not say they keep the old ones."""
     try:
         seen = store.load().target_host(name)
         if seen is None:
@@ -534,10 +536,11 @@ def set_target(store: ConfigStore, name: str, changes: dict) -> Result:
     said = ", ".join(f"{k} {setting_shown(old)} -> {setting_shown(new)}"
                      for k, (old, new) in changed.items())
     # a running capture reads its target's settings when it starts (CaptureRow.not_applied)
-    then = "".join(f"; {', '.join(key for k, key in users if k == kind)}: a running capture "
-                   f"keeps the old settings until {CAPTURE_AGAIN[kind]} (status says them not "
-                   "applied until then)" for kind in ("fs", "block")
-                   if any(k == kind for k, _key in users))
+    then = "" if live else "".join(
+        f"; {', '.join(key for k, key in users if k == kind)}: a running capture keeps the old "
+        f"settings until the daemon applies them ({command('target', 'apply', name)}; its start "
+        f"does too) or {CAPTURE_AGAIN[kind]} (status says them not applied until then)"
+        for kind in ("fs", "block") if any(k == kind for k, _key in users))
     key = (f"; put this line in the target's authorized_keys, then "
            f"{command('target', 'test', name)}: {line}") if "identity" in changed else ""
     return Result("set target", name, Outcome.OK, f"changed {said}{note}{then}{key}",
