@@ -136,6 +136,23 @@ def test_a_multiplexing_ssh_config_does_not_carry_the_targets_sessions(remote, t
         shutil.rmtree(cm)
 
 
+def test_an_ssh_config_that_starts_no_session_or_no_input_does_not_stop_the_targets(remote):
+    """`SessionType none`, `StdinNull yes` and `ForkAfterAuthentication yes` (OpenSSH 8.7's
+    -N, -n and -f as ssh_config options, e.g. for a host used for tunnels) made every session
+    of the target fail: no agent ran, or it read nothing, or ssh went to the background. They
+    are set back for our sessions where the client knows them; `target test` and replication
+    work through such an ssh_config."""
+    from app.services.targets import ssh_version
+    if ssh_version() < (8, 7):
+        pytest.skip(f"OpenSSH {ssh_version()} has none of these options")
+    make, r = remote()
+    r.bed.ssh_config.write_text(r.bed.ssh_config.read_text() + "  SessionType none\n"
+                                "  StdinNull yes\n  ForkAfterAuthentication yes\n")
+    t = cli(r.cfg, "target", "test", "backup1", "--json")
+    assert t.returncode == 0, t.stdout + t.stderr
+    assert json.loads(t.stdout)["root"] == str(r.root)
+
+
 RELAY = """import os, socket, sys, threading
 s = socket.create_connection((sys.argv[1], int(sys.argv[2])))
 def up():

@@ -41,6 +41,22 @@ ROOM_CONNECT_SECONDS = 3
 ROOM_SECONDS = 10
 
 
+_SSH_VERSION: list = []
+
+
+def ssh_version() -> tuple[int, int]:
+    """The OpenSSH client's version (`ssh -V`, once per process); (0, 0) when it does not say."""
+    if not _SSH_VERSION:
+        try:
+            said = subprocess.run(["ssh", "-V"], capture_output=True, timeout=10).stderr.decode(
+                errors="replace")
+        except (OSError, subprocess.TimeoutExpired):
+            said = ""
+        m = re.search(r"OpenSSH_(\d+)\.(\d+)", said)
+        _SSH_VERSION.append((int(m.group(1)), int(m.group(2))) if m else (0, 0))
+    return _SSH_VERSION[0]
+
+
 @dataclass(frozen=True)
 class Settings:
     """A configured [[target]] and the path of one replica below its root."""
@@ -78,6 +94,10 @@ class Settings:
                 # a RemoteCommand there (e.g. "tmux attach" for that host) made ssh refuse the
                 # agent's command line: "Cannot execute command-line and remote command."
                 "RemoteCommand": "none"}
+        if ssh_version() >= (8, 7):  # options older clients refuse: set only where known
+            # ssh_config's SessionType none (-N), StdinNull yes (-n) and ForkAfterAuthentication
+            # yes (-f) for a host: no agent ran, or it read nothing, and every session failed
+            opts.update(SessionType="default", StdinNull="no", ForkAfterAuthentication="no")
         if self.known_hosts:
             opts["UserKnownHostsFile"] = self.known_hosts
             opts["GlobalKnownHostsFile"] = "/dev/null"
