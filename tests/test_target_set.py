@@ -160,7 +160,7 @@ def test_the_daemons_running_captures_take_target_set_at_once(fs_remote, tmp_pat
     assert applied.returncode == 0, applied.stdout + applied.stderr
     [res] = json.loads(applied.stdout)
     assert res["outcome"] == "ok" and res["target"] == src, res
-    assert "known_hosts applied to its running capture: a new session to backup1 took over" \
+    assert "known_hosts applied to its running capture: a new session to backup1 takes them" \
         in res["message"], res
     row, warnings = engine_row()
     assert row["not_applied"] == {} and not [w for w in warnings if "configuration" in w], row

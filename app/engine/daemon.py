@@ -328,8 +328,8 @@ class Daemon:
             cap.link.info["target"]["remote"] = new  # (status: nothing left not applied)
             changed = ", ".join(reply.get("changed") or ())
             results.append(Result(action, cap.key, Outcome.OK, f"{changed} applied to its running "
-                                  "capture" + (f": a new session to {name} took over where the "
-                                               "last one was" if reply.get("reconnect")
+                                  "capture" + (f": a new session to {name} takes them, resuming "
+                                               "where the last one was" if reply.get("reconnect")
                                                else " (its session goes on)")))
         return results
 

@@ -50,8 +50,8 @@ class EditTargetDialog(ModalScreen["dict | None"]):
                                                  compact=True)))
             yield Static("", id="problem")
             yield Static("Host and root are where the replicas are: not changed here (remove "
-                         "the target and add it again). Running captures take the new settings "
-                         "at their next start.", classes="notes")
+                         "the target and add it again). The daemon's running captures take the "
+                         "new settings at once.", classes="notes")
             with Horizontal(classes="dialog-buttons"):
                 yield Button("Save", id="save", variant="primary", compact=True)
                 yield Button("Cancel", id="cancel", compact=True)
