@@ -760,15 +760,7 @@ async def test_a_port_and_user_left_empty_are_what_ssh_config_gives_the_host(
     monkeypatch.setattr(targets, "scan_host_keys", scan)
     app = tui(is_root=True)
     async with app.run_test(size=(80, 24)) as pilot:
-        await open_targets(pilot)
-        await pilot.press("a")
-        await settle(pilot)
-        assert {f: app.screen.query_one(f"#{f}").value for f in ("port", "user")} == \
-            {"port": "", "user": ""}
-        for field, value in {"name": "b2", "host": "b2-alias", "root": "/srv/b2"}.items():
-            app.screen.query_one(f"#{field}").value = value
-        await settle(pilot)
-        await pilot.click("#add")
+        await add_with(pilot, {"name": "b2", "host": "b2-alias", "root": "/srv/b2"})
         await wait_until(pilot, lambda: isinstance(app.screen, AddTargetDialog)
                          and "port 2222" in static_text(app.screen.query_one("#problem")),
                          "the dialog back with the reason")
