@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from test_engine_support import REPO
-from test_remote import block_remote, cli, dd, fs_remote, remote, sha  # noqa: F401 - the fixtures
+from test_remote import block_remote, cli, dd, fs_remote, remote, sha, wait_for  # noqa: F401 - the fixtures
 
 MiB = 1 << 20
 
@@ -203,6 +203,34 @@ def test_the_daemons_running_captures_take_target_set_at_once(fs_remote, tmp_pat
     assert refused.returncode == 2, refused.stdout + refused.stderr
     assert "no host key is pinned for" in refused.stderr and "Nothing was changed" in refused.stderr
     assert r.cfg.read_text() == text and not (tmp_path / "etc" / "n").exists()
+
+
+@pytest.mark.root
+def test_a_new_key_not_yet_on_the_target_is_tried_again_by_target_apply(fs_remote, tmp_path):
+    """`target set --identity` takes effect at once, so until the new key's line is on the
+    target the capture is refused there (said in status, tried again with back-off). Once the
+    line is there, `target apply` says so and has it connect now, not at the end of the back-off;
+    nothing written meanwhile is lost."""
+    eng, src, r = fs_remote()
+    key = keygen(tmp_path / "etc" / "newkey")
+    done = cli(r.cfg, "--json", "target", "set", "backup1", "--identity", str(key), socket=eng.socket)
+    assert done.returncode == 0, done.stdout + done.stderr
+    said, res = json.loads(done.stdout)
+    line = said["details"]["authorized_key"]
+    assert "identity applied to its running capture: a new session" in res["message"], res
+    Path(src, "meanwhile").write_text("written while the target refused the key")
+    refused = wait_for("the refusal", lambda: next((row for row in [eng.status(src)]
+                                                    if "ermission denied" in (row["connection"] or "")), None), 60)
+    assert refused["applied_seq"] < refused["last_seq"], refused
+    r.bed.set_authorized_keys([line])
+    again = cli(r.cfg, "--json", "target", "apply", "backup1", socket=eng.socket)
+    assert again.returncode == 0, again.stdout + again.stderr
+    [res] = json.loads(again.stdout)
+    assert res["outcome"] == "unchanged" and "uses the settings of backup1 already; it was " \
+        "refused" in res["message"] and "it tries again now" in res["message"], res
+    eng.drain(src)
+    assert (r.root / "data" / "meanwhile").read_text() == "written while the target refused the key"
+    assert eng.status(src)["resync_bytes"] == 0
 
 
 @pytest.mark.root

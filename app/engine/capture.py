@@ -783,13 +783,16 @@ class Capture:
                 changed, reconnect = await trio.to_thread.run_sync(self.target.adjust, spec)
             except (TypeError, ValueError) as exc:
                 return protocol.error(f"target_settings: {exc}", errno.EINVAL)
+            connection = self.shipper.fig.connection
             if changed:
                 # what the next daemon's hello says and what the resync rate is read from
                 self.spec.target["remote"] = {**self.spec.target["remote"], **spec}
                 log.info("%s: target settings %s applied%s", self.spec.key, ", ".join(changed),
                          ": a new session takes them" if reconnect else "")
-                self.shipper.kick()  # backing off after a failure: tried again now, with them
-            return protocol.ok(changed=changed, reconnect=reconnect)
+            # backing off after a failure (e.g. a new key not yet in authorized_keys there):
+            # tried again now, not at the end of the back-off
+            self.shipper.kick()
+            return protocol.ok(changed=changed, reconnect=reconnect, connection=connection)
         if cmd == "resync":  # the target was handed back to us (a discarded promotion)
             self.shipper.kick()
             self.request_catch_up(args.get("reason") or "resync asked for")

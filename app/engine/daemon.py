@@ -301,11 +301,8 @@ class Daemon:
                                       f"{configured.target} now: its capture takes that at its "
                                       f"next start ({CAPTURE_AGAIN[cap.kind]})"))
                 continue
-            if not _target_not_applied(cap, configured, config):
-                results.append(Result(action, cap.key, Outcome.UNCHANGED,
-                                      f"its capture uses the settings of {name} already"))
-                continue
-            new = {**spec, **host.to_spec()}
+            new = {**spec, **host.to_spec()}  # (asked even when nothing changed: it connects
+            # now if it was waiting to try again, e.g. for a new key to be put on the target)
             reply = None
             try:
                 with trio.move_on_after(ANSWER_SECONDS):
@@ -327,6 +324,12 @@ class Daemon:
                 continue
             cap.link.info["target"]["remote"] = new  # (status: nothing left not applied)
             changed = ", ".join(reply.get("changed") or ())
+            if not changed:
+                was = reply.get("connection") or "connected"
+                again = "" if was in ("connected", "local") else f"; it was {was}: it tries again now"
+                results.append(Result(action, cap.key, Outcome.UNCHANGED,
+                                      f"its capture uses the settings of {name} already{again}"))
+                continue
             results.append(Result(action, cap.key, Outcome.OK, f"{changed} applied to its running "
                                   "capture" + (f": a new session to {name} takes them, resuming "
                                                "where the last one was" if reply.get("reconnect")
