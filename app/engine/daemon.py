@@ -314,9 +314,9 @@ class Daemon:
                 busy = f"busy with a {cap.link.busy}" if cap.link.busy else "not answering"
                 results.append(Result(action, cap.key, Outcome.FAILED, f"its capture (pid "
                                       f"{cap.link.pid}) is {busy}: the settings may not be "
-                                      f"applied (status says it); {layout_mod.command('target', 'set', name)}"
-                                      f" with any setting applies them again, or "
-                                      f"{CAPTURE_AGAIN[cap.kind]}", errno=errno.EBUSY))
+                                      f"applied (status says it); {layout_mod.command('target', 'apply', name)}"
+                                      f" once it is done applies them, or {CAPTURE_AGAIN[cap.kind]}",
+                                      errno=errno.EBUSY))
                 continue
             if not reply.get("ok"):
                 results.append(Result(action, cap.key, Outcome.FAILED, reply.get("error", "?"),

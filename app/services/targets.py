@@ -555,7 +555,8 @@ def set_target(store: ConfigStore, name: str, changes: dict, *, live: bool = Fal
     users = target_users(store.load(), name)
     said = ", ".join(f"{k} {setting_shown(old)} -> {setting_shown(new)}"
                      for k, (old, new) in changed.items())
-    # a running capture reads its target's settings when it starts (CaptureRow.not_applied)
+    # not `live`: a running capture keeps what it has until the daemon applies the settings
+    # (CaptureRow.not_applied says them meanwhile)
     then = "" if live else "".join(
         f"; {', '.join(key for k, key in users if k == kind)}: a running capture keeps the old "
         f"settings until the daemon applies them ({command('target', 'apply', name)}; its start "
