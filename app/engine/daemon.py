@@ -280,7 +280,9 @@ class Daemon:
         ANSWER_SECONDS, then said not applied (status says so until it is)."""
         return _results(await self._apply_target(name, self.store.load()))
 
-    async def _apply_target(self, name: str, config) -> list[Result]:
+    async def _apply_target(self, name: str, config, *, changed_only: bool = False) -> list[Result]:
+        """`changed_only`: only the captures whose settings differ from the file's (the start's
+        take-over asks no worker that has nothing to take)."""
         from app.services.protocol import CAPTURE_AGAIN
         from app.services.socketpath import ANSWER_SECONDS
         host = config.target_host(name)
@@ -300,6 +302,8 @@ class Daemon:
                 results.append(Result(action, cap.key, Outcome.UNCHANGED, f"its entry names "
                                       f"{configured.target} now: its capture takes that at its "
                                       f"next start ({CAPTURE_AGAIN[cap.kind]})"))
+                continue
+            if changed_only and not _target_not_applied(cap, configured, config):
                 continue
             new = {**spec, **host.to_spec()}  # (asked even when nothing changed: it connects
             # now if it was waiting to try again, e.g. for a new key to be put on the target)
@@ -466,7 +470,7 @@ class Daemon:
                  for c in self.sup.captures.values()}
         for name in sorted(n for n in names if n and config.target_host(n) is not None):
             try:
-                applied = await self._apply_target(name, config)
+                applied = await self._apply_target(name, config, changed_only=True)
             except MirrorError as exc:  # a worker that ended meanwhile: its death is said
                 log.error("apply the settings of target %s: %s", name, exc)
                 continue

@@ -575,7 +575,6 @@ def _not_applied_text(row: CaptureRow) -> str:
         name = (row.target or '').partition(':')[0]
         what = f"the entry and its target {name} were"
         if row.not_applied.keys() <= set(TARGET_SETTINGS_AT_START):  # the daemon applies those
-            from app.services.layout import command
             applies = f"{command('target', 'apply', name)} (or {applies})"
     return (f"{doing} as {what} when it started; the configuration now says {changes}: "
             f"{applies} applies it")
