@@ -80,8 +80,9 @@ def test_mounted_device_is_refused_unless_forced(config_path, disks, tmp_path):
     run("mount", "-t", "ext4", disk, str(mnt))
     try:
         cli(config_path, "block", "add", disk)
-        proc = cli(config_path, "block", "attach-all", check_rc=1)
-        assert f"mounted on {mnt}" in proc.stderr and loops_on(disk) == []
+        proc = cli(config_path, "block", "attach-all", check_rc=2)  # refused: nothing changed
+        assert f"REFUSED  {disk}: {disk} is mounted on {mnt}" in proc.stderr, proc.stderr
+        assert "refused: " not in proc.stderr and loops_on(disk) == []
         forced = json.loads(cli(config_path, "block", "attach-all", "--force", "--json").stdout)
         assert forced[0]["outcome"] == "ok" and len(loops_on(disk)) == 1
     finally:
@@ -104,7 +105,7 @@ def _entry_with_a_mounted_loop(config_path, disks, tmp_path) -> tuple[str, str, 
 def test_detach_all_reports_a_mounted_loop_and_unmounts_nothing(config_path, disks, tmp_path):
     disk, loop, mnt = _entry_with_a_mounted_loop(config_path, disks, tmp_path)
     try:
-        proc = cli(config_path, "block", "detach-all", "--json", check_rc=1)
+        proc = cli(config_path, "block", "detach-all", "--json", check_rc=2)
         res = json.loads(proc.stdout)[0]
         assert res["errno_name"] == "EBUSY" and str(mnt) in res["message"]
         assert loops_on(disk) == [loop]
@@ -123,16 +124,18 @@ def test_remove_detaches_first(config_path, disks):
     assert loops_on(disk) == [] and json.loads(cli(config_path, "block", "list", "--json").stdout) == []
 
 
-def test_remove_of_an_entry_whose_loop_is_mounted_fails_and_keeps_it(config_path, disks, tmp_path):
+def test_remove_of_an_entry_whose_loop_is_mounted_is_refused_and_keeps_it(config_path, disks,
+                                                                          tmp_path):
     """Found by a walk: the entry kept because its loop was mounted printed as "plan" on stdout
-    (a dry run's word). The remove did not happen: FAILED, EBUSY, on stderr."""
+    (a dry run's word). The remove did not happen: REFUSED (exit 2: nothing was changed, as
+    the exit-status rule says of what is in use; it said FAILED, exit 1), EBUSY, on stderr."""
     disk, _loop, mnt = _entry_with_a_mounted_loop(config_path, disks, tmp_path)
     try:
-        proc = cli(config_path, "block", "remove", disk, check_rc=1)
+        proc = cli(config_path, "block", "remove", disk, check_rc=2)
         assert "plan" not in proc.stdout and proc.stdout == "", proc.stdout
-        assert f"FAILED  {disk}: kept {disk} in the configuration: its loop is still in use" \
+        assert f"REFUSED  {disk}: kept {disk} in the configuration: its loop is still in use" \
             in proc.stderr, proc.stderr
-        res = json.loads(cli(config_path, "block", "remove", disk, "--json", check_rc=1).stdout)
+        res = json.loads(cli(config_path, "block", "remove", disk, "--json", check_rc=2).stdout)
         assert [(r["action"], r["outcome"]) for r in res] == [("detach", "failed"), ("remove", "failed")]
         assert res[1]["errno_name"] == "EBUSY", res
         assert [e["device"] for e in json.loads(cli(config_path, "block", "list", "--json").stdout)] == [disk]

@@ -175,8 +175,8 @@ def test_attach_of_a_mounted_raw_device_is_refused(block_engine, disks, tmp_path
     try:
         eng, disk, target, cfg = block_engine(disk=disk)
         r = cli(cfg, eng, "block", "attach-all")
-        assert r.returncode == 1
-        assert f"mounted on {mnt}" in r.stderr and "bypass capture" in r.stderr  # a failure
+        assert r.returncode == 2, r.stdout + r.stderr  # refused: nothing was changed
+        assert f"mounted on {mnt}" in r.stderr and "bypass capture" in r.stderr
         assert eng.block(disk)["captured"] is False
         assert not os.path.exists(target)
     finally:
@@ -192,7 +192,7 @@ def test_detach_reports_a_mounted_loop_and_a_pending_detach(block_engine, tmp_pa
     run("mount", "-t", "ext4", loop, str(mnt))
     try:
         r = cli(cfg, eng, "block", "detach-all")
-        assert r.returncode == 1 and f"mounted on {mnt}" in r.stderr and "nothing was unmounted" in r.stderr
+        assert r.returncode == 2 and f"mounted on {mnt}" in r.stderr and "nothing was unmounted" in r.stderr
         assert any(str(mnt) in m for m in open("/proc/self/mountinfo"))
     finally:
         run("umount", str(mnt))
@@ -599,8 +599,9 @@ def test_manual_attach_of_a_captured_device_is_refused(block_engine, tmp_path):
     loop = eng.block(disk)["loop"]
     before = ours(disk, tmp_path)
     r = cli(cfg, eng, "manual", "attach", disk)
-    assert r.returncode == 1
-    assert f"captured by the mirrorsetup daemon through {loop}" in r.stderr
+    assert r.returncode == 2, r.stdout + r.stderr  # refused: nothing was changed (it said FAILED, 1)
+    assert f"REFUSED  {disk}: {disk} is captured by the mirrorsetup daemon through {loop}" \
+        in r.stderr, r.stderr
     assert ours(disk, tmp_path) == before  # nothing attached behind the capture
 
 

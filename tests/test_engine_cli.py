@@ -80,6 +80,11 @@ def test_status_mirror_verify_unmount_all_through_the_cli(running):
     r = cli("fs", "unmount-all", socket=eng.socket)  # another config than the daemon's: refused
     assert r.returncode == 2 and f"works from {os.path.realpath(cfg)}" in r.stderr
     assert src in mirrorfs_mounts()
+    with open(os.path.join(src, "a")) as held:  # in use: refused (exit 2, nothing was changed;
+        r = cli("--config", cfg, "fs", "unmount-all", socket=eng.socket)  # it said FAILED, 1)
+    assert r.returncode == 2 and f"REFUSED  {src}: files are open under {src}: pid {os.getpid()}" \
+        in r.stderr and "nothing was changed" in r.stderr, r.stdout + r.stderr
+    assert src in mirrorfs_mounts() and held.closed
     r = cli("--config", cfg, "fs", "unmount-all", socket=eng.socket)
     assert r.returncode == 0 and src not in mirrorfs_mounts()
     r = cli("fs", "verify", src, "--config", cfg, socket=eng.socket)  # offline verify works on the directories

@@ -111,10 +111,10 @@ def test_without_the_daemon_a_loop_that_is_an_entrys_capture_loop_is_refused_nam
         what = "choose another loop or leave it empty for the first free one"
         nodaemon = ("--socket", str(tmp_path / "none.sock"))  # (not another session's daemon)
         r = cli(cfg, *nodaemon, "manual", "attach", second, "--loop", loop)
-        assert r.returncode == 1 and whose in r.stderr and what in r.stderr, r.stdout + r.stderr
+        assert r.returncode == 2 and whose in r.stderr and what in r.stderr, r.stdout + r.stderr
         # with no configuration (manual attach needs none): named by its capture file's name
         r = cli(tmp_path / "none.toml", *nodaemon, "manual", "attach", second, "--loop", loop)
-        assert r.returncode == 1 and f"{loop} is busy: the capture loop of {first}, not " \
+        assert r.returncode == 2 and f"{loop} is busy: the capture loop of {first}, not " \
             "configured here (on " in r.stderr and what in r.stderr, r.stdout + r.stderr
         write_config(cfg, [], [{"device": first, "target": str(tmp_path / "first.img")},
                                {"device": second, "loop": loop}])

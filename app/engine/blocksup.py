@@ -185,7 +185,7 @@ class BlockCaptures:
             return Result("detach", dev, Outcome.PENDING, f"{r.message}; capture goes on until "
                           "then", details={"loop": loop})
         if r.failed or r.outcome is Outcome.SKIPPED:
-            return Result("detach", dev, r.outcome, r.message, r.errno, {"loop": loop})
+            return Result("detach", dev, r.outcome, r.message, r.errno, {**r.details, "loop": loop})
         note = await self._stop_worker(cap)
         return Result("detach", dev, Outcome.OK, f"detached {loop}; " + (
             forced_end(note, cap) if note else f"capture of {dev} ended, {cap.ended()}"),

@@ -36,7 +36,7 @@ from app.services import mounts, protocol
 from app.services.config import FsEntry
 from app.services.host import process_state
 from app.services.layout import Layout
-from app.services.results import MirrorError, Outcome, Result
+from app.services.results import REFUSED, MirrorError, Outcome, Result
 
 log = logging.getLogger("mirrorsetup.daemon")
 READY_SECONDS = 120  # a worker mounts (and claims its target) within this
@@ -733,7 +733,8 @@ class Supervisor:
                 who = ", ".join(old.holders) or "processes"
                 return Result("mount", path, Outcome.FAILED, f"{path} was lazily unmounted and its "
                               f"capture (worker pid {old.link.pid}) still serves files that {who} "
-                              "keep open there; mount again once they are closed", errno.EBUSY)
+                              "keep open there; mount again once they are closed", errno.EBUSY,
+                              REFUSED)
             try:
                 if mount_dev(path, self.layout.fsname("fs")) is None:  # not a dead mount of ours
                     check_entry(entry)
@@ -766,8 +767,8 @@ class Supervisor:
             if held and not force:
                 names = "; ".join(f"pid {h['pid']} ({h['name']}) holds {h['file']}" for h in held)
                 return Result("unmount", path, Outcome.FAILED, f"files are open under {path}: {names}; "
-                              "close them or unmount with --force (lazy unmount)", errno.EBUSY,
-                              details={"holders": held})
+                              "close them or unmount with --force (lazy unmount); nothing was "
+                              "changed", errno.EBUSY, details={"holders": held, **REFUSED})
             lazy = False
             if dev is not None:
                 try:

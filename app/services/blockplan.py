@@ -19,7 +19,7 @@ from app.services import blockdevs, mounts
 from app.services import loop as loopdev
 from app.services.config import BlockEntry
 from app.services.layout import capture_key, capture_owner, capture_suffix
-from app.services.results import MirrorError, Outcome, Result
+from app.services.results import REFUSED, MirrorError, Outcome, Result
 
 ATTACH_LOCK = "/run/mirrorsetup.attach.lock"  # host-wide, root-only (/run is root's)
 UNCAPTURED = ("; NOT captured: the replication daemon is not running, so writes through it are "
@@ -238,7 +238,8 @@ def plan_attach(entry: BlockEntry, view: View, *, captured: bool, force: bool = 
     dev = entry.device
     plan = AttachPlan(entry)
     if not os.path.exists(dev):
-        plan.result = Result(action, dev, Outcome.FAILED, f"{dev} does not exist", errno.ENOENT)
+        plan.result = Result(action, dev, Outcome.FAILED, f"{dev} does not exist; nothing was "
+                             "changed", errno.ENOENT, REFUSED)
         return plan
     try:
         reason = blockdevs.exclusion_reason(dev, view.exclusions)
@@ -258,7 +259,7 @@ def plan_attach(entry: BlockEntry, view: View, *, captured: bool, force: bool = 
         return plan
     if reason:
         plan.result = Result(action, dev, Outcome.FAILED,
-                             f"refused: {dev} is {reason}; it cannot be replicated", errno.EINVAL)
+                             f"{dev} is {reason}: it cannot be replicated", errno.EINVAL, REFUSED)
         return plan
     if not captured and plain is not None:
         note = ""
@@ -271,9 +272,10 @@ def plan_attach(entry: BlockEntry, view: View, *, captured: bool, force: bool = 
     busy += reach
     if busy and not (force and not captured):
         plan.result = Result(action, dev, Outcome.FAILED,
-                             f"refused: {dev} is {', '.join(busy)}; writes there would bypass "
-                             "capture and corrupt the target. Unmount or detach it first"
-                             + ("" if captured else " (--force overrides)"), errno.EBUSY)
+                             f"{dev} is {', '.join(busy)}; writes there would bypass capture and "
+                             "corrupt the target. Unmount or detach it first"
+                             + ("" if captured else " (--force overrides)") + "; nothing was "
+                             "changed", errno.EBUSY, REFUSED)
         return plan
     plan.forced_over = busy
     plan.take_over = plain if captured else None
@@ -284,7 +286,7 @@ def plan_attach(entry: BlockEntry, view: View, *, captured: bool, force: bool = 
             plan.result = Result(action, dev, Outcome.FAILED, f"{plan.want} is busy: "
                                  f"{attached_to(other.backing_file, devices)} "
                                  f"({loop_use(other.device, view) or 'idle'}); {OTHER_LOOP}",
-                                 errno.EBUSY)
+                                 errno.EBUSY, REFUSED)
     return plan
 
 
@@ -335,7 +337,7 @@ def detach_loop(loop: str, subject: str, view: View | None = None, *, dry_run: b
     if where:
         return Result("detach", subject, Outcome.FAILED,
                       f"{loop} is mounted on {', '.join(where)}: unmount it first "
-                      f"(nothing was unmounted)", errno.EBUSY, {"loop": loop})
+                      f"(nothing was unmounted)", errno.EBUSY, {"loop": loop, **REFUSED})
     if dry_run:
         return Result("detach", subject, Outcome.SKIPPED, f"would detach {loop}", details={"loop": loop})
     r = loopdev.detach(loop)

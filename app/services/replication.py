@@ -23,11 +23,14 @@ from app.services.layout import (IDENTITY_RECORD, IDENTITY_WORDS, FSTYPE_BLOCK, 
                                   failback_marker, identity_changes, identity_record,
                                   identity_words, mix_words, switched_marker, switched_refusal,
                                   with_failback, write_small_file)
-from app.services.results import MirrorError, Outcome, Refusal, Result
+from app.services.results import REFUSED, MirrorError, Outcome, Refusal, Result
 from app.services.units import human_size
 
 
-REFUSED = {"refused": True}  # a Result's details: refused, nothing was changed (CLI: exit 2)
+def _refused_if(results: list[Result]) -> dict:
+    """A remove kept because what came before it failed: refused (nothing was changed) when
+    each of those was refused (a mounted loop, files open), else failed as they did."""
+    return REFUSED if all(r.refused for r in results if r.failed) else {}
 
 
 class Replication:
@@ -105,7 +108,7 @@ class Replication:
             # not a plan: the remove did not happen (it printed as "plan" on stdout)
             return results + [Result("remove", entry.device, Outcome.FAILED,
                                      f"kept {entry.device} in the configuration: its loop is "
-                                     "still in use", errno.EBUSY)]
+                                     "still in use", errno.EBUSY, _refused_if(results))]
         try:
             self.store.remove_block(entry.device)
         except MirrorError as exc:
@@ -507,7 +510,7 @@ class Replication:
             if any(r.failed for r in results):
                 return results + [Result("remove", norm, Outcome.FAILED,
                                          f"kept {norm} in the configuration: mirrorfs is still "
-                                         "mounted there", errno.EBUSY)]
+                                         "mounted there", errno.EBUSY, _refused_if(results))]
         try:
             entry = self.store.remove_filesystem(path)
         except MirrorError as exc:

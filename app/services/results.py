@@ -24,6 +24,9 @@ class Outcome(str, Enum):
     FAILED = "failed"
 
 
+REFUSED = {"refused": True}  # a Result's details: refused, nothing was changed (CLI: exit 2)
+
+
 @dataclass(frozen=True)
 class Result:
     """What happened to one entry: `target` names it the way an administrator would."""
