@@ -171,6 +171,34 @@ def test_target_on_a_read_only_file_system_is_refused(store, dirs, tmpfs_mount, 
     assert store.add_filesystem(src, target=tmp_path / "new").target == str(tmp_path / "new")
 
 
+@pytest.mark.root
+@pytest.mark.parametrize("fstype", ["proc", "sysfs"])
+def test_a_kernel_pseudo_file_system_is_refused_at_add_and_at_mount(store, tmp_path, fstype):
+    """Found by a walk: `fs add /proc` was accepted (and Mount all would have laid mirrorfs
+    over the kernel's own view of itself: every reader of /proc, the daemon included, through
+    FUSE). A directory on proc, sysfs, devtmpfs, cgroup… is refused by its mount's type, the
+    file untouched; an entry written into the file by hand is refused when it is mounted.
+    The test mounts its own instance of `fstype`, unmounted at the end."""
+    from app.engine.supervisor import check_entry
+    where = tmp_path / fstype
+    where.mkdir()
+    run("mount", "-t", fstype, f"mirrorsetup-test-{fstype}", str(where))
+    try:
+        inner = next(p for p in where.iterdir() if p.is_dir() and not p.is_symlink())
+        for path in (where, inner):
+            with refused(store, rf"^{path} is on {fstype} \(mounted on {where}\), a view of the "
+                                "kernel's own state, not data: it cannot be replicated$") as info:
+                store.add_filesystem(path)
+            assert info.value.errno == errno.EINVAL
+        with pytest.raises(MirrorError, match=rf"^{where} is on {fstype} ") as raised:
+            check_entry(FsEntry(str(where)))  # what mount-all checks of a hand-made entry
+        assert raised.value.errno == errno.EINVAL
+    finally:
+        run("umount", "-l", str(where))
+    with refused(store, r"^/proc is on proc \(mounted on /proc\)"):
+        store.add_filesystem("/proc")  # (refused: nothing of the host's /proc is touched)
+
+
 def test_set_and_remove_filesystem(store, dirs):
     a, b = dirs("a", "b")
     store.add_filesystem(a)

@@ -866,6 +866,9 @@ def check_entry(entry: FsEntry) -> None:
     if not os.path.isdir(path):
         raise MirrorError(f"entry path {path} does not exist or is not a directory",
                           errno=errno.ENOENT, obj=path)
+    why = mounts.pseudo_fs_refusal(os.path.realpath(path), path)  # (a hand-made entry)
+    if why:
+        raise MirrorError(why, errno=errno.EINVAL, obj=path)
     if entry.target is None or not entry.target.startswith("/"):
         return
     real, target = os.path.realpath(path), os.path.realpath(entry.target)

@@ -231,6 +231,7 @@ class ConfigStore:
             raise ConfigError(f"{ROOT_REFUSAL} ({path} leads to /)", key="path", obj=path)
         if adding:
             _refuse_own_dirs(real, path)
+            _refuse_pseudo_fs(real, path)
         for other in config.filesystem:
             if other.path == real:
                 alias = f" (as {real})" if real != path else ""
@@ -725,6 +726,17 @@ def _refuse_own_dirs(real: str, path: str) -> None:
                               f"mirrorsetup's own {what} {own}: its journals cannot be captured "
                               "by themselves; replicate the directories beside it",
                               key="path", obj=path, errno=errno.EINVAL)
+
+
+def _refuse_pseudo_fs(real: str, path: str) -> None:
+    """Not a directory on /proc, /sys, /dev and their kind (mounts.PSEUDO_FSTYPES)."""
+    from app.services import mounts
+    try:
+        why = mounts.pseudo_fs_refusal(real, path)
+    except MirrorError as exc:
+        raise ConfigError(exc.message, key="path", obj=path, errno=exc.errno) from exc
+    if why:
+        raise ConfigError(why, key="path", obj=path, errno=errno.EINVAL)
 
 
 def is_local_target(target: str | None) -> bool:

@@ -309,6 +309,26 @@ LOCAL_FSTYPES = frozenset({"devtmpfs", "tmpfs", "ramfs", "ext2", "ext3", "ext4",
                            "overlay", "squashfs", "vfat"})
 
 
+# The kernel's views of its own state (and the device nodes' file systems): never data to
+# replicate. mirrorfs laid over one would put every reader of it (the daemon's own reads of
+# /proc among them) behind FUSE, and a FUSE mount's nodev turns device nodes into plain files.
+PSEUDO_FSTYPES = frozenset({"proc", "sysfs", "devtmpfs", "devpts", "cgroup", "cgroup2", "debugfs",
+                            "tracefs", "securityfs", "pstore", "bpf", "configfs", "fusectl",
+                            "mqueue", "efivarfs", "binfmt_misc", "autofs", "selinuxfs",
+                            "rpc_pipefs", "nsfs", "hugetlbfs"})
+
+
+def pseudo_fs_refusal(path: str, name: str | None = None) -> str | None:
+    """Why the directory `path` (named `name`, as the administrator typed it) cannot be
+    replicated because of the file system it is on (one of PSEUDO_FSTYPES), else None."""
+    home = mount_containing(path)
+    if home.fstype not in PSEUDO_FSTYPES:
+        return None
+    return (f"{_display(name or path)} is on {home.fstype} (mounted on "
+            f"{_display(home.mount_point)}), a "
+            "view of the kernel's own state, not data: it cannot be replicated")
+
+
 def mount_by_name(path: str, table: list[MountEntry]) -> MountEntry | None:
     """The mount `path` is on by the mount table's names alone: the longest mount point that
     is a prefix of it (the last mounted of equal ones). Nothing is looked up, unlike
