@@ -501,3 +501,32 @@ def test_status_at_80_columns_says_the_figures_under_a_row_with_their_units_afte
         assert "lag s" not in out and "queued:" not in out, out
     finally:
         shutil.rmtree(top)
+
+
+def test_fs_set_changes_the_access_time_choice_as_the_consoles_t_does(config, tmp_path):
+    """The console's t (toggle access-time replication) had no command: a script could only
+    remove the entry and add it again. `fs set PATH --atime/--no-atime` sets it; already so is
+    unchanged (the file not written); no choice, both, or an entry not configured: refused."""
+    data = tmp_path / "data"
+    data.mkdir()
+    assert cli(*args(config, "fs", "add", str(data))).returncode == 0
+
+    def listed() -> bool:
+        out = cli(*args(config, "fs", "list", "--json"))
+        return json.loads(out.stdout)[0]["replicate_atime"]
+    r = cli(*args(config, "fs", "set", str(data), "--atime", "--json"))
+    assert r.returncode == 0 and json.loads(r.stdout)[0]["outcome"] == "ok", r.stdout + r.stderr
+    assert listed() is True and "replicate_atime = true" in config.read_text()
+    before = config.read_bytes()
+    r = cli(*args(config, "fs", "set", str(data), "--atime"))
+    assert r.returncode == 0 and "already" in r.stdout and config.read_bytes() == before, r.stdout
+    for argv, said in ((["fs", "set", str(data)], "one of the arguments --atime --no-atime is "
+                                                  "required"),
+                       (["fs", "set", str(data), "--atime", "--no-atime"], "not allowed with"),
+                       (["fs", "set", str(tmp_path / "nope"), "--no-atime"],
+                        "is not a configured file-system entry")):
+        r = cli(*args(config, *argv))
+        assert r.returncode == 2 and said in r.stderr and r.stdout == "", (argv, r.stderr)
+        assert config.read_bytes() == before
+    r = cli(*args(config, "fs", "set", str(data), "--no-atime"))
+    assert r.returncode == 0 and "now not replicated" in r.stdout and listed() is False, r.stdout

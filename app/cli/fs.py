@@ -50,6 +50,13 @@ def cmd_remove(args) -> int:
                   as_json=args.json)
 
 
+def cmd_set(args) -> int:
+    from app.services.entries import configured_fs, set_atime
+    s = store(args)
+    entry = require(configured_fs, s, args.path)
+    return report([set_atime(s, entry.path, args.atime)], as_json=args.json)
+
+
 def cmd_accept_filesystem(args) -> int:
     from app.services.entries import configured_fs
     rep = replication(args)
@@ -120,6 +127,14 @@ def register(sub, common) -> None:
     p.add_argument("path", help="a configured directory")
     p.add_argument("--force", action="store_true", help="lazy-unmount even when files are open")
     keep_primary_option(p)
+    p = add(fs, "set", cmd_set, "change an entry's access-time choice (the console's t); it "
+            "takes effect at the entry's next mount", common)
+    p.add_argument("path", help="a configured directory")
+    atime = p.add_mutually_exclusive_group(required=True)
+    atime.add_argument("--atime", dest="atime", action="store_true", default=None,
+                       help="replicate access times")
+    atime.add_argument("--no-atime", dest="atime", action="store_false",
+                       help="do not replicate access times (times at close always are)")
     p = add(fs, "accept-filesystem", cmd_accept_filesystem, "take the file system the entry's "
             "directory lies on as it is now, although it is not the one recorded for it when it "
             "was added (the data was moved there on purpose): its next capture makes the "

@@ -275,13 +275,26 @@ ROOT_FS = "root file system"  # blockdevs' in_use word for the disk (and partiti
 # -- entry actions that are not plan + apply --------------------------------------------------
 
 def toggle_atime(store: ConfigStore, path: str) -> Result:
-    """Flip an entry's replicate_atime; takes effect at its next mount."""
+    """Flip an entry's replicate_atime (the TUI's t); takes effect at its next mount."""
     try:
         entry = configured_fs(store, path)
-        new = store.set_filesystem(replace(entry, replicate_atime=not entry.replicate_atime))
     except MirrorError as exc:
         return Result.from_error("edit", path, exc)
-    word = "replicated" if new.replicate_atime else "not replicated"
+    return set_atime(store, entry.path, not entry.replicate_atime)
+
+
+def set_atime(store: ConfigStore, path: str, replicate: bool) -> Result:
+    """Set an entry's replicate_atime (`fs set PATH --atime/--no-atime`); takes effect at its
+    next mount. Unchanged when it is so already (the file is not written)."""
+    word = "replicated" if replicate else "not replicated"
+    try:
+        entry = configured_fs(store, path)
+        if entry.replicate_atime == replicate:
+            return Result("edit", entry.path, Outcome.UNCHANGED,
+                          f"access times are {word} for {entry.path} already")
+        new = store.set_filesystem(replace(entry, replicate_atime=replicate))
+    except MirrorError as exc:
+        return Result.from_error("edit", path, exc)
     return Result("edit", new.path, Outcome.OK, f"access times are now {word} for {new.path} "
                   "(takes effect at the next mount)")
 
