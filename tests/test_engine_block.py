@@ -594,6 +594,34 @@ def test_an_entrys_own_loop_given_for_the_entry_is_named_as_such(block_engine):
     assert eng.block(disk)["captured"]
 
 
+def test_a_write_to_the_raw_device_outside_the_loop_is_said_and_repaired(block_engine):
+    """Found by a walk: `dd` to a captured entry's raw device (not through its loop) changed
+    the device and not the replica, and once dd had closed it nothing said so (status names a
+    writer only while it holds the device open): the replica differed without a word. Its
+    close is seen now (IN_CLOSE_WRITE on the device node): status says it, and the entry is
+    compared with its replica, only what differs sent: the target equals the device again."""
+    eng, disk, target, cfg = block_engine(16 * MiB)
+    eng.block_drain(disk)
+    data = os.urandom(4096)
+    with open(disk, "r+b", buffering=0) as raw:  # a writer beside the capture, as dd would be
+        raw.seek(5 * MiB)
+        raw.write(data)
+        os.fsync(raw.fileno())
+    deadline = time.monotonic() + 30
+    while not (eng.block(disk).get("raw_writes") or {}).get("count"):
+        assert time.monotonic() < deadline, eng.block(disk)
+        time.sleep(0.1)
+    st = eng.block_drain(disk)
+    assert st["raw_writes"]["count"] == 1 and st["target_data"] == "consistent", st
+    assert sha(target) == sha(disk, 0, 16 * MiB)  # the write reached the replica
+    said = cli(cfg, eng, "status").stdout.replace("\n    ", " ")
+    assert f"the raw device was opened for writing outside {st['loop']} and closed (1 time" in said, said
+    with open(st["loop"], "r+b", buffering=0) as loop:  # through the loop: nothing said
+        loop.write(os.urandom(4096))
+        os.fsync(loop.fileno())
+    assert eng.block_drain(disk)["raw_writes"]["count"] == 1
+
+
 def test_manual_attach_of_a_captured_device_is_refused(block_engine, tmp_path):
     eng, disk, target, cfg = block_engine()
     loop = eng.block(disk)["loop"]

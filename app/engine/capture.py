@@ -299,6 +299,8 @@ class Capture:
         self._dirty_scope: set[int] = set()  # block: what pull-ahead dropped, not yet resynced
         self._resync_tokens, self._resync_at = 0.0, time.monotonic()
         self.last_catch_up: dict | None = None
+        self.raw_watch = None  # block: closes of the raw device by writers outside the loop
+        self.raw_writes: dict | None = None  # {"count": n, "last": time} once there were any
 
     # -- start
     def start(self) -> dict:
@@ -438,6 +440,12 @@ class Capture:
             raise Refused(f"offset {spec.offset} is past the end of {spec.key} ({end} bytes)",
                           errno.EINVAL)
         self.size = min(spec.sizelimit or end - spec.offset, end - spec.offset)
+        from app.services.inotify import WriteCloses
+        try:  # from here on a write to the raw device outside the loop is seen (run())
+            self.raw_watch = WriteCloses(spec.key)
+        except OSError as exc:  # e.g. max_user_watches reached: status names open writers only
+            log.warning("%s: cannot watch the raw device for writers outside the loop: %s",
+                        spec.key, exc)
         self.ops = BlockFS(self.raw, spec.offset, self.size, self.journal, spec.read_only)
         self.mount_point = spec.run
 
@@ -982,8 +990,8 @@ class Capture:
             **({"rtt": self.target.rtt, "attempts": fig.attempts,
                 "compression": self.target.codec.state} if self.remote else {}),
             "open_handles": self.ops.open_handles() if self.spec.kind == "fs" else self.ops.opened,
-            **({"size": self.size, "file": os.path.join(self.spec.run, "disk")}
-               if self.spec.kind == "block" else {}),
+            **({"size": self.size, "file": os.path.join(self.spec.run, "disk"),
+                "raw_writes": self.raw_writes} if self.spec.kind == "block" else {}),
         }
 
     # -- the event loop
@@ -1000,6 +1008,8 @@ class Capture:
                 nursery.start_soon(self._place_then_serve, ready, adopt)
                 nursery.start_soon(self.catch_up_loop)
                 nursery.start_soon(self._stop_on_request, nursery)
+                if self.raw_watch is not None:
+                    nursery.start_soon(self._raw_writes_loop)
                 await self.session.main()  # returns when the last mount of ours is gone
                 nursery.cancel_scope.cancel()
 
@@ -1009,6 +1019,29 @@ class Capture:
             self.finish(adopt)
             self.session.close(unmount=False)
         return 0
+
+    async def _raw_writes_loop(self) -> None:
+        """A block entry's raw device opened for writing outside the loop and closed again (dd,
+        a partitioning tool, a stray script): what it wrote was not captured, and its replica
+        would differ from it without a word. Said in the log and in status (raw_writes), and
+        the entry is compared with its replica (only what differs is sent), as after a journal
+        gap. A writer that keeps the device open is named by status while it does
+        (status.writers_of); this sees it at its close."""
+        import trio
+        watch = self.raw_watch
+        while True:
+            await trio.lowlevel.wait_readable(watch.fileno())
+            closes = watch.read()
+            if not closes:
+                continue
+            now = time.time()
+            self.raw_writes = {"count": (self.raw_writes or {}).get("count", 0) + closes,
+                               "last": now}
+            when = time.strftime("%H:%M:%S", time.localtime(now))
+            log.warning("%s: the raw device was opened for writing outside its loop and closed "
+                        "(%s): its writes were not captured; comparing it with its replica",
+                        self.spec.key, when)
+            self.request_catch_up(f"the raw device was written outside its loop at {when}")
 
     async def _place_then_serve(self, ready: dict, adopt) -> None:
         import trio
@@ -1063,6 +1096,8 @@ class Capture:
 
     def finish(self, adopt: socket.socket | None) -> None:
         self._drain_and_mark()
+        if self.raw_watch is not None:
+            self.raw_watch.close()
         if adopt is not None:
             adopt.close()
             with contextlib.suppress(FileNotFoundError):

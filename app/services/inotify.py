@@ -110,3 +110,46 @@ def _nearest_dir(path: str) -> str:
             break
         path = parent
     return path
+
+
+class WriteCloses:
+    """Closes of one file itself (a block device's node) by openers that had it open for
+    writing: IN_CLOSE_WRITE on its inode, as udev's "watch" of block devices sees them. The
+    caller's own descriptor, kept open, raises none; its writes raise IN_MODIFY, not asked for.
+    A path that is a symbolic link is followed (/dev/disk/by-id/… names the node)."""
+
+    def __init__(self, path: str) -> None:
+        self.fd = libc.inotify_init1(IN_NONBLOCK | IN_CLOEXEC)
+        if self.fd < 0:
+            err = ctypes.get_errno()
+            raise OSError(err, os.strerror(err), "inotify_init1")
+        if libc.inotify_add_watch(self.fd, os.fsencode(path), IN_CLOSE_WRITE) < 0:
+            err = ctypes.get_errno()
+            os.close(self.fd)
+            raise OSError(err, os.strerror(err), path)
+
+    def fileno(self) -> int:
+        return self.fd
+
+    def read(self) -> int:
+        """How many such closes were queued since the last read."""
+        count = 0
+        while True:
+            try:
+                data = os.read(self.fd, READ_SIZE)
+            except BlockingIOError:
+                return count
+            except OSError as exc:
+                if exc.errno == errno.EINTR:
+                    continue
+                raise
+            offset = 0
+            while offset < len(data):
+                _wd, mask, _cookie, size = EVENT_HEAD.unpack_from(data, offset)
+                offset += EVENT_HEAD.size + size
+                count += bool(mask & IN_CLOSE_WRITE)
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1

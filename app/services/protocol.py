@@ -250,6 +250,8 @@ class CaptureRow:
     file: str | None = None
     pending_detach: bool = False
     holders: list[str] = field(default_factory=list)  # who keeps a pending detach or a mount alive
+    # the raw device opened for writing outside the loop and closed: {"count": n, "last": time}
+    raw_writes: dict[str, Any] | None = None
     error: str | None = None  # the daemon could not ask the worker
     # settings the running capture started with that the configuration no longer says (a
     # hand edit, `target set`; applied at its next start): {setting: [running, configured]}; a

@@ -516,6 +516,14 @@ def _block_state(entry: BlockEntry, view: View, table,
         for pid, comm in writers_of(dev, exclude=ours_pids):
             warnings.append(StatusWarning(dev, f"{comm} (pid {pid}) has the raw device open for writing, "
                                          f"bypassing {ours[0].device}", "error"))
+    if engine is not None and engine.raw_writes:
+        n, last = engine.raw_writes.get("count", 1), engine.raw_writes.get("last") or 0
+        warnings.append(StatusWarning(dev, f"the raw device was opened for writing outside "
+                                     f"{ours[0].device if ours else 'its loop'} and closed "
+                                     f"({n} time{'s' if n != 1 else ''}, last at "
+                                     f"{time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(last))}): "
+                                     "those writes bypassed capture; the entry was compared with "
+                                     "its replica then and what differed sent. Use the loop device"))
     if engine is not None:
         _replication_warnings(dev, engine, warnings)
     return BlockState(entry, state, ours, raw_mounts, loop_mounts, capture, engine,
