@@ -72,28 +72,15 @@ class PathWatch:
     def read(self) -> set[str]:
         """The watched paths touched by the queued events (empty when none were ours)."""
         touched: set[str] = set()
-        while True:
-            try:
-                data = os.read(self.fd, READ_SIZE)
-            except BlockingIOError:
-                break
-            except OSError as exc:
-                if exc.errno == errno.EINTR:
-                    continue
-                raise
-            offset = 0
-            while offset < len(data):
-                wd, mask, _cookie, size = EVENT_HEAD.unpack_from(data, offset)
-                raw = data[offset + EVENT_HEAD.size:offset + EVENT_HEAD.size + size]
-                offset += EVENT_HEAD.size + size
-                directory = self._dirs.get(wd)
-                if mask & IN_IGNORED:
-                    self._dirs.pop(wd, None)
-                if directory is None:
-                    continue
-                name = os.fsdecode(raw.rstrip(b"\0"))
-                where = os.path.join(directory, name) if name else directory
-                touched.update(p for p in self.paths if p == where or p.startswith(where + "/"))
+        for wd, mask, raw in _queued(self.fd):
+            directory = self._dirs.get(wd)
+            if mask & IN_IGNORED:
+                self._dirs.pop(wd, None)
+            if directory is None:
+                continue
+            name = os.fsdecode(raw.rstrip(b"\0"))
+            where = os.path.join(directory, name) if name else directory
+            touched.update(p for p in self.paths if p == where or p.startswith(where + "/"))
         self._arm()  # directories may have appeared or gone
         return touched
 
@@ -101,6 +88,24 @@ class PathWatch:
         if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1
+
+
+def _queued(fd: int):
+    """Every event queued on the inotify descriptor `fd` (non-blocking): (wd, mask, name)."""
+    while True:
+        try:
+            data = os.read(fd, READ_SIZE)
+        except BlockingIOError:
+            return
+        except OSError as exc:
+            if exc.errno == errno.EINTR:
+                continue
+            raise
+        offset = 0
+        while offset < len(data):
+            wd, mask, _cookie, size = EVENT_HEAD.unpack_from(data, offset)
+            yield wd, mask, data[offset + EVENT_HEAD.size:offset + EVENT_HEAD.size + size]
+            offset += EVENT_HEAD.size + size
 
 
 def _nearest_dir(path: str) -> str:
@@ -133,21 +138,7 @@ class WriteCloses:
 
     def read(self) -> int:
         """How many such closes were queued since the last read."""
-        count = 0
-        while True:
-            try:
-                data = os.read(self.fd, READ_SIZE)
-            except BlockingIOError:
-                return count
-            except OSError as exc:
-                if exc.errno == errno.EINTR:
-                    continue
-                raise
-            offset = 0
-            while offset < len(data):
-                _wd, mask, _cookie, size = EVENT_HEAD.unpack_from(data, offset)
-                offset += EVENT_HEAD.size + size
-                count += bool(mask & IN_CLOSE_WRITE)
+        return sum(bool(mask & IN_CLOSE_WRITE) for _wd, mask, _name in _queued(self.fd))
 
     def close(self) -> None:
         if self.fd >= 0:
