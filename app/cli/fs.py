@@ -54,7 +54,7 @@ def cmd_set(args) -> int:
     from app.services.entries import configured_fs, set_atime
     s = store(args)
     entry = require(configured_fs, s, args.path)
-    return report([set_atime(s, entry.path, args.atime)], as_json=args.json)
+    return report([set_atime(s, entry, args.atime)], as_json=args.json)
 
 
 def cmd_accept_filesystem(args) -> int:

@@ -280,21 +280,20 @@ def toggle_atime(store: ConfigStore, path: str) -> Result:
         entry = configured_fs(store, path)
     except MirrorError as exc:
         return Result.from_error("edit", path, exc)
-    return set_atime(store, entry.path, not entry.replicate_atime)
+    return set_atime(store, entry, not entry.replicate_atime)
 
 
-def set_atime(store: ConfigStore, path: str, replicate: bool) -> Result:
-    """Set an entry's replicate_atime (`fs set PATH --atime/--no-atime`); takes effect at its
-    next mount. Unchanged when it is so already (the file is not written)."""
+def set_atime(store: ConfigStore, entry: FsEntry, replicate: bool) -> Result:
+    """Set a configured entry's replicate_atime (`fs set PATH --atime/--no-atime`); takes
+    effect at its next mount. Unchanged when it is so already (the file is not written)."""
     word = "replicated" if replicate else "not replicated"
+    if entry.replicate_atime == replicate:
+        return Result("edit", entry.path, Outcome.UNCHANGED,
+                      f"access times are {word} for {entry.path} already")
     try:
-        entry = configured_fs(store, path)
-        if entry.replicate_atime == replicate:
-            return Result("edit", entry.path, Outcome.UNCHANGED,
-                          f"access times are {word} for {entry.path} already")
         new = store.set_filesystem(replace(entry, replicate_atime=replicate))
     except MirrorError as exc:
-        return Result.from_error("edit", path, exc)
+        return Result.from_error("edit", entry.path, exc)
     return Result("edit", new.path, Outcome.OK, f"access times are now {word} for {new.path} "
                   "(takes effect at the next mount)")
 

@@ -46,10 +46,7 @@ class PathWatch:
 
     def __init__(self, paths) -> None:
         self.paths = tuple(os.path.abspath(os.fspath(p)) for p in paths)
-        self.fd = libc.inotify_init1(IN_NONBLOCK | IN_CLOEXEC)
-        if self.fd < 0:
-            err = ctypes.get_errno()
-            raise OSError(err, os.strerror(err), "inotify_init1")
+        self.fd = _init()
         self._dirs: dict[int, str] = {}  # watch descriptor -> directory
         self._arm()
 
@@ -90,6 +87,15 @@ class PathWatch:
             self.fd = -1
 
 
+def _init() -> int:
+    """A new non-blocking inotify descriptor."""
+    fd = libc.inotify_init1(IN_NONBLOCK | IN_CLOEXEC)
+    if fd < 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err), "inotify_init1")
+    return fd
+
+
 def _queued(fd: int):
     """Every event queued on the inotify descriptor `fd` (non-blocking): (wd, mask, name)."""
     while True:
@@ -124,10 +130,7 @@ class WriteCloses:
     A path that is a symbolic link is followed (/dev/disk/by-id/… names the node)."""
 
     def __init__(self, path: str) -> None:
-        self.fd = libc.inotify_init1(IN_NONBLOCK | IN_CLOEXEC)
-        if self.fd < 0:
-            err = ctypes.get_errno()
-            raise OSError(err, os.strerror(err), "inotify_init1")
+        self.fd = _init()
         if libc.inotify_add_watch(self.fd, os.fsencode(path), IN_CLOSE_WRITE) < 0:
             err = ctypes.get_errno()
             os.close(self.fd)

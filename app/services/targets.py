@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
+import functools
 import json
 import os
 import re
@@ -41,20 +42,16 @@ ROOM_CONNECT_SECONDS = 3
 ROOM_SECONDS = 10
 
 
-_SSH_VERSION: list = []
-
-
+@functools.cache
 def ssh_version() -> tuple[int, int]:
     """The OpenSSH client's version (`ssh -V`, once per process); (0, 0) when it does not say."""
-    if not _SSH_VERSION:
-        try:
-            said = subprocess.run(["ssh", "-V"], capture_output=True, timeout=10).stderr.decode(
-                errors="replace")
-        except (OSError, subprocess.TimeoutExpired):
-            said = ""
-        m = re.search(r"OpenSSH_(\d+)\.(\d+)", said)
-        _SSH_VERSION.append((int(m.group(1)), int(m.group(2))) if m else (0, 0))
-    return _SSH_VERSION[0]
+    try:
+        said = subprocess.run(["ssh", "-V"], capture_output=True, timeout=10).stderr.decode(
+            errors="replace")
+    except (OSError, subprocess.TimeoutExpired):
+        said = ""
+    m = re.search(r"OpenSSH_(\d+)\.(\d+)", said)
+    return (int(m.group(1)), int(m.group(2))) if m else (0, 0)
 
 
 @dataclass(frozen=True)
