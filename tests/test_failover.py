@@ -648,7 +648,8 @@ def test_keep_this_host_that_cannot_reach_the_target_says_nothing_was_changed(fs
     assert p.returncode == 0, p.stdout + p.stderr
     try:  # in use there: the agent refuses the discard
         p = cli(r.cfg, "replica", "resolve", src, "--discard-target", "--yes", socket=eng.socket)
-        assert p.returncode == 1 and f"is in use on the target: mounted at {where}" in p.stderr, \
+        # in use there is a refusal: exit 2, as the exit-status rule says (it was 1)
+        assert p.returncode == 2 and f"is in use on the target: mounted at {where}" in p.stderr, \
             p.stdout + p.stderr
         assert "; nothing was changed here (it stays read-only here)" in p.stderr, p.stderr
         assert eng.status(src)["state"] == "switched over" and replicas(r)[0]["role"] == "primary"
@@ -669,7 +670,8 @@ def test_a_fail_back_refused_because_this_side_is_in_use_says_nothing_was_change
     finally:
         user.kill()
         user.wait()
-    assert p.returncode == 1 and f"{src} is in use here: " in p.stderr and f"pid {user.pid}" \
+    # in use here, nothing changed: a refusal, exit 2 (it was 1, against the exit-status rule)
+    assert p.returncode == 2 and f"{src} is in use here: " in p.stderr and f"pid {user.pid}" \
         in p.stderr, p.stdout + p.stderr
     assert "stop them first; nothing was changed (it stays read-only here)" in p.stderr, p.stderr
     with pytest.raises(OSError) as refused:

@@ -18,9 +18,10 @@ exit status (every command):
   2  refused before anything changed: bad arguments, an entry that is not configured or
      not valid, a configuration file that cannot be read, a daemon that is needed but not
      running (or works from another configuration file), what is still in use (a target
-     an entry replicates to, an entry a process holds at a switch-over), or an entry in a
-     state the action is not for (mounting one switched over, removing one, or switching it
-     over again; a fail-back whose replica is in use there)"""
+     an entry replicates to, an entry a process holds at a switch-over or a fail-back, a
+     promoted replica in use on its host at a fail-back or `replica resolve`), or an entry
+     in a state the action is not for (mounting one switched over, removing one, or
+     switching it over again)"""
 
 
 class Parser(argparse.ArgumentParser):

@@ -507,9 +507,12 @@ class Failover:
                     kept = "" if lifted else ("; nothing was changed (it stays read-only here)"
                                               if put and "unfenced" not in put else
                                               "; nothing was changed")
-                    raise MirrorError(f"{key} is in use here: {'; '.join(users)}: its data is about "
-                                      "to be replaced by the promoted replica's; stop them first"
-                                      f"{kept}", errno=errno.EBUSY, obj=key)
+                    # refused (exit 2) when nothing was changed; a capture lifted for it is
+                    # made again below, which is a change: then it failed
+                    raise (MirrorError if lifted else Refusal)(
+                        f"{key} is in use here: {'; '.join(users)}: its data is about to be "
+                        f"replaced by the promoted replica's; stop them first{kept}",
+                        errno=errno.EBUSY, obj=key)
                 if sw.get("fence"):  # the data comes back through the directory or device itself
                     await trio.to_thread.run_sync(unfence, kind, key, entry, sw["fence"])
                     _mark(state, {**sw, "fence": {}})
@@ -749,9 +752,11 @@ class Failover:
                     here = ("it stays read-only here" if put and "unfenced" not in put else
                             "it stays switched over" if sw else
                             "its capture goes on" if cap is not None else "")
-                    raise MirrorError(f"resolve {key}: {exc.state}; nothing was changed here"
-                                      f"{f' ({here})' if here else ''}", errno=_exc_error(exc),
-                                      obj=key) from None
+                    # the replica in use there is a refusal (exit 2); unreachable, a failure
+                    raise (Refusal if getattr(exc, "code", None) == "in-use" else MirrorError)(
+                        f"resolve {key}: {exc.state}; nothing was changed here"
+                        f"{f' ({here})' if here else ''}", errno=_exc_error(exc),
+                        obj=key) from None
                 if not sw:
                     return [nothing]
                 # a resolve or fail-back that was interrupted after the replica was demoted
