@@ -32,7 +32,9 @@ def sysfs(loop: str, key: str) -> str:
 
 def test_add_attach_all_detach_all(config_path, disks):
     disk = disks()
-    cli(config_path, "block", "add", disk, "--offset", "1M")
+    said = cli(config_path, "block", "add", disk, "--offset", "1M").stdout
+    # the offset in the size's words (it was "1 MiB … from offset 1048576", bytes beside MiB)
+    assert "at offset 1 MiB" in said, said
     listed = json.loads(cli(config_path, "block", "list", "--json").stdout)
     assert [(e["device"], e["offset"]) for e in listed] == [(disk, 1 << 20)]
 

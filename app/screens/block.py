@@ -25,7 +25,7 @@ from app.screens.dialogs import AddBlockEntryDialog, ConfirmDialog, switch_text
 from app.services.entries import picker_note, picker_notes
 from app.services.results import MirrorError, Outcome, Result
 from app.services.status import replication_lines
-from app.services.units import human_size, shown
+from app.services.units import exact_size, human_size, shown
 
 DEVICE_COLUMNS = (Col("path", "Device", 9, 32, path=True), Col("size", "Size", 8),
                   Col("type", "Type", 6), Col("fstype", "FS", 5, 12),
@@ -393,8 +393,8 @@ class BlockScreen(AcceptsIdentity, TaskScreen):
         if verb == "verify":
             self._run_sync(verb, entry.device, entry.target)
             return
-        window = f"from offset {human_size(entry.offset) if entry.offset else 0}" + (
-            f", {human_size(entry.sizelimit)}" if entry.sizelimit else "")
+        window = f"from offset {exact_size(entry.offset) if entry.offset else 0}" + (
+            f", {exact_size(entry.sizelimit)}" if entry.sizelimit else "")
         going = (f"\nWrites through {state.loop} go on meanwhile." if state.capture == "captured"
                  else "")
 

@@ -24,7 +24,7 @@ from app.services.layout import (IDENTITY_RECORD, IDENTITY_WORDS, FSTYPE_BLOCK, 
                                   identity_words, mix_words, switched_marker, switched_refusal,
                                   with_failback, write_small_file)
 from app.services.results import REFUSED, MirrorError, Outcome, Refusal, Result
-from app.services.units import human_size
+from app.services.units import exact_size
 
 
 def _refused_if(results: list[Result]) -> dict:
@@ -58,8 +58,9 @@ class Replication:
             return Result.from_error("add", device, exc)
         self._record_identity("block", entry.device)
         where = entry.loop or "the first free loop device"
-        window = (f"{human_size(entry.sizelimit)} from offset {entry.offset}" if entry.sizelimit
-                  else f"at offset {entry.offset}")
+        offset = exact_size(entry.offset) if entry.offset else "0"  # in the size's own words
+        window = (f"{exact_size(entry.sizelimit)} from offset {offset}" if entry.sizelimit
+                  else f"at offset {offset}")
         warning = self._remote_room(entry)
         return Result("add", entry.device, Outcome.OK, f"added {entry.device} (attaches to {where} "
                       f"{window}{', read-only' if entry.read_only else ''}){_no_target(entry)}",
