@@ -505,3 +505,32 @@ async def test_the_dashboard_shows_the_daemons_figures_move_without_any_event(
         await pilot.press("escape")
         await settle(pilot)
         assert type(app.screen) is DashboardScreen
+
+
+@pilot_test
+async def test_a_toast_at_80x24_leaves_the_button_row_uncovered(tui, store, tmp_path):
+    """Found by a walk: at 80x24 the toast of an add covered Unmount all, Mirror and Verify for
+    its five seconds (a click there went to the toast). Toasts end above the button row."""
+    from textual.widgets import Button
+    from textual.widgets._toast import Toast
+    data = tmp_path / "data"
+    data.mkdir()
+    app = tui()
+    async with app.run_test(size=(80, 24), notifications=True) as pilot:
+        dialog = await open_add_dialog(pilot)
+        dialog.query_one("#path", Input).value = str(data)
+        await wait_until(pilot, lambda: "can be added" in static_text(dialog.query_one("#problem")),
+                         "the inline check to accept the path")
+        await pilot.click("#add")
+        await wait_until(pilot, lambda: type(app.screen) is FilesystemScreen, "the dialog to close")
+        await wait_until(pilot, lambda: notices(app), "the add's toast")
+        await settle(pilot)
+        # (queries leave Textual's own widgets out: the rack is found by its id)
+        rack = app.screen.get_child_by_id("textual-toastrack")
+        await wait_until(pilot, lambda: any(isinstance(w, Toast) for w in rack.walk_children()),
+                         "the toast to be shown")
+        toast = [w for w in rack.walk_children() if isinstance(w, Toast)][-1].region
+        buttons = [b.region for b in app.screen.query(Button)]
+        assert len(buttons) == 6 and all(b.height for b in buttons), buttons
+        assert not any(toast.overlaps(b) for b in buttons), (toast, buttons)
+        assert toast.bottom <= min(b.y for b in buttons), (toast, buttons)
