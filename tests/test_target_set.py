@@ -306,3 +306,46 @@ def test_a_port_that_makes_two_entries_share_a_replica_is_refused_and_changes_no
     ok = cli(cfg, "target", "set", "b2", "--port", "2200")
     assert ok.returncode == 0, ok.stdout + ok.stderr
     assert targets(cfg)["b2"]["port"] == 2200
+
+
+def test_target_set_while_a_mirror_runs_is_pending_and_taken_when_it_ends(fs_remote):
+    """A capture busy with a mirror for more than 10 s was given up on: `target set` said FAILED
+    (exit 1) and the capture kept its old settings until the administrator ran `target apply`
+    after the mirror; nothing told them when. Now the call waits its turn in the daemon: said
+    pending (exit 0), taken as soon as the mirror ends, and the daemon's log says so."""
+    eng, src, r = fs_remote()
+    data = os.urandom(8 * MiB)
+    Path(src, "big").write_bytes(data)
+    eng.drain(src)
+    capped = cli(r.cfg, "target", "set", "backup1", "--bandwidth", "512KiB/s", socket=eng.socket)
+    assert capped.returncode == 0 and "bandwidth applied to its running capture" in capped.stdout, \
+        capped.stdout + capped.stderr
+    (r.root / "data" / "big").write_bytes(os.urandom(8 * MiB))  # sent again: 16 s at the cap
+    env = {**os.environ, "MIRRORSETUP_SOCKET": eng.socket}
+    mirror = subprocess.Popen([sys.executable, "-m", "app", "--config", str(r.cfg), "fs",
+                               "mirror", src], cwd=REPO, env=env, text=True,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        wait_for("the mirror to send", lambda: eng.status(src)["resync_bytes"] > 0, 30, 0.1)
+        p = cli(r.cfg, "--json", "target", "set", "backup1", "--bandwidth", "9MiB/s",
+                socket=eng.socket)
+        out, err = mirror.communicate(timeout=120)
+    finally:
+        if mirror.poll() is None:
+            mirror.kill()
+            mirror.wait()
+    assert mirror.returncode == 0, out + err
+    assert p.returncode == 0, p.stdout + p.stderr
+    said = json.loads(p.stdout)
+    [pending] = [x for x in said if x["target"] == src]
+    assert pending["outcome"] == "pending" and "is busy with a mirror" in pending["message"], said
+    assert "applied as soon as it is done" in pending["message"], pending
+    # taken once the mirror ended, without `target apply`
+    row = wait_for("the settings to be taken", lambda: (
+        lambda e: e if e["not_applied"] == {} else None)(
+            json.loads(cli(r.cfg, "status", "--json", socket=eng.socket).stdout)
+            ["filesystem"][0]["engine"]), 20, 0.2)
+    assert row["not_applied"] == {}, row
+    assert f"{src}: the settings of target backup1 applied once its capture was free " \
+           "(bandwidth)" in eng.logtext(), eng.logtext()[-2000:]
+    assert (r.root / "data" / "big").read_bytes() == data

@@ -307,26 +307,30 @@ class Daemon:
                 continue
             new = {**spec, **host.to_spec()}  # (asked even when nothing changed: it connects
             # now if it was waiting to try again, e.g. for a new key to be put on the target)
-            reply = None
-            try:
-                with trio.move_on_after(ANSWER_SECONDS):
-                    reply = await cap.link.call("target_settings", remote=new)
-            except MirrorError as exc:  # its worker ended: its death is said in status
-                results.append(Result.from_error(action, cap.key, exc))
-                continue
-            if reply is None:
+            # The call is the daemon's own task: one that waits for a mirror or verify to end
+            # goes on after this answer (calls are served in order: the last settings win)
+            answer: dict = {}
+            done = trio.Event()
+            self.sup.nursery.start_soon(self._settings_call, cap, name, new, answer, done)
+            with trio.move_on_after(ANSWER_SECONDS):
+                await done.wait()
+            if not done.is_set():
+                answer["late"] = True  # (the task logs its outcome itself)
                 busy = f"busy with a {cap.link.busy}" if cap.link.busy else "not answering"
-                results.append(Result(action, cap.key, Outcome.FAILED, f"its capture (pid "
-                                      f"{cap.link.pid}) is {busy}: the settings may not be "
-                                      f"applied (status says it); {layout_mod.command('target', 'apply', name)}"
-                                      f" once it is done applies them, or {CAPTURE_AGAIN[cap.kind]}",
-                                      errno=errno.EBUSY))
+                results.append(Result(action, cap.key, Outcome.PENDING, f"its capture (pid "
+                                      f"{cap.link.pid}) is {busy}: the settings are applied "
+                                      "as soon as it is done (status says them not applied "
+                                      f"until then; the daemon's log says when), or "
+                                      f"{CAPTURE_AGAIN[cap.kind]}", errno=errno.EBUSY))
                 continue
+            if "error" in answer:  # its worker ended: its death is said in status
+                results.append(Result.from_error(action, cap.key, answer["error"]))
+                continue
+            reply = answer["reply"]
             if not reply.get("ok"):
                 results.append(Result(action, cap.key, Outcome.FAILED, reply.get("error", "?"),
                                       errno=reply.get("errno")))
                 continue
-            cap.link.info["target"]["remote"] = new  # (status: nothing left not applied)
             changed = ", ".join(reply.get("changed") or ())
             if not changed:
                 was = reply.get("connection") or "connected"
@@ -339,6 +343,32 @@ class Daemon:
                                                "where the last one was" if reply.get("reconnect")
                                                else " (its session goes on)")))
         return results
+
+    @staticmethod
+    async def _settings_call(cap: Captured, name: str, new: dict, answer: dict,
+                             done: trio.Event) -> None:
+        """One `target_settings` call to a capture, as the daemon's task (see _apply_target):
+        the reply in `answer`; recorded as the capture's settings when it took them; said in
+        the log when nobody waited for it any more (`answer["late"]`)."""
+        try:
+            answer["reply"] = reply = await cap.link.call("target_settings", remote=new)
+        except MirrorError as exc:
+            answer["error"] = exc
+            if answer.get("late"):
+                log.error("%s: the settings of target %s were not applied: %s", cap.key, name, exc)
+            return
+        finally:
+            done.set()
+        if reply.get("ok"):
+            cap.link.info["target"]["remote"] = new  # (status: nothing left not applied)
+        if answer.get("late"):
+            changed = ", ".join(reply.get("changed") or ()) or "nothing new"
+            if reply.get("ok"):
+                log.info("%s: the settings of target %s applied once its capture was free "
+                         "(%s)", cap.key, name, changed)
+            else:
+                log.error("%s: the settings of target %s were not applied: %s", cap.key, name,
+                          reply.get("error", "?"))
 
     async def cmd_switchover(self, send, entry=""):
         kind, key, e = self._any(entry)
