@@ -532,6 +532,8 @@ class Capture:
         queue has drained (then only what was dropped). A catch-up that loses its target is
         tried again."""
         import trio
+
+        from app.engine.lowlevel import release_free_memory
         self._catch_up_wake = trio.Event()
         pending = True
         while True:
@@ -542,6 +544,8 @@ class Capture:
                         self._trackers -= 1
                     try:
                         pending = not await self._catch_up_once()
+                        if not pending:  # what the copy took is free: given back
+                            release_free_memory()
                     except Exception as exc:  # a bug here must not end capture: said, retried
                         log.exception("%s: catching up", self.spec.key)
                         self.catching = {"reason": self.reason, "stage": f"failed: {exc!r}"}
