@@ -380,3 +380,58 @@ def test_a_bind_mounted_directory_that_is_not_bound_is_not_captured_nor_its_repl
             assert len(os.listdir(tgt)) == 20
     finally:
         subprocess.run(["umount", "-l", str(src)], check=False)
+
+
+def test_a_directory_reachable_beside_its_capture_is_said(tmp_path, tmpfs_mount):
+    """Found by thinking of the raw device's twin: a directory's file system mounted a second
+    time (the same disk at /mnt/disk and, by a bind, at the entry), or a bind of a directory in
+    the entry made before Mount all (an application's, a container's), reaches the directory
+    beneath mirrorfs: what is written there is not captured, and status said nothing. Said
+    now, naming where; a bind made after Mount all shows the capture and is not said."""
+    disk = tmpfs_mount(tmp_path / "disk")
+    src, tgt = disk / "data", tmp_path / "tgt"
+    (src / "sub").mkdir(parents=True)
+    second, bound, later = tmp_path / "second", tmp_path / "bound", tmp_path / "later"
+    made: list[Path] = []
+
+    def bind(what: Path, where: Path) -> None:
+        where.mkdir(exist_ok=True)
+        subprocess.run(["mount", "--bind", str(what), str(where)], check=True)
+        made.append(where)
+
+    def said() -> list[str]:
+        r = cli("--config", str(cfg), "status", "--json", socket=eng.socket)
+        assert r.returncode == 0, r.stdout + r.stderr
+        return [w["message"] for w in json.loads(r.stdout)["warnings"]
+                if w["subject"] == str(src) and "reachable beside its capture" in w["message"]]
+    try:
+        bind(disk, second)  # the file system a second time
+        bind(src / "sub", bound)  # a directory in the entry, before Mount all
+        cfg = write_config(tmp_path / "etc" / "replication.toml",
+                           [{"path": str(src), "target": str(tgt)}])
+        eng = Engine(tmp_path, cfg)
+        eng.start()
+        try:
+            found = said()
+            assert len(found) == 2, found
+            assert any(f"also reachable beside its capture at {second}/data (mirrorsetup-test "
+                       f"mounted at {second}): changes made there are not captured" in t
+                       for t in found), found
+            assert any(f"at {bound} (a bind of sub in it)" in t for t in found), found
+            # what it says is so: a write there is not replicated, one through the entry is
+            (second / "data" / "beside").write_text("not captured")
+            (src / "through").write_text("captured")
+            eng.drain(str(src))
+            assert (tgt / "through").read_text() == "captured" and not (tgt / "beside").exists()
+            bind(src / "sub", later)  # after Mount all: a bind of the capture
+            for where in (second, bound):
+                subprocess.run(["umount", str(where)], check=True)
+                made.remove(where)
+            assert said() == []
+            subprocess.run(["umount", str(later)], check=True)  # (it holds the capture's mount)
+            made.remove(later)
+        finally:
+            eng.cleanup()
+    finally:
+        for where in reversed(made):
+            subprocess.run(["umount", "-l", str(where)], check=False)

@@ -21,8 +21,8 @@ from app.services.results import DaemonNotAnswering
 from app.services.socketpath import ANSWER_SECONDS, STATUS_ANSWER_SECONDS
 from app.services.blockplan import View
 from app.services.entries import problems
-from app.services.layout import (CONNECTING_AGAIN, WRITERS_WAIT, FSTYPE_FS, command, entry_state,
-                                  mix_words, switched_marker, with_failback)
+from app.services.layout import (CONNECTING_AGAIN, WRITERS_WAIT, FSTYPE_FS, command, entry_id,
+                                  entry_state, is_door, mix_words, switched_marker, with_failback)
 from app.services.protocol import (CAPTURE_AGAIN, TARGET_SETTINGS_AT_START, CaptureRow,
                                    replicating)
 
@@ -290,6 +290,7 @@ def snapshot(store: ConfigStore, control=None, *, scan_writers: bool = True,
                                                "remove it or correct the file", "error"))
 
     by_point = {m.mount_point: m for m in table}  # later lines win: the top mount of a path
+    index = None  # (other_ways_in's, made at the first mounted entry)
     for entry in config.filesystem:
         top = by_point.get(entry.path)
         if top is None and not os.path.isdir(entry.path):  # (a mount point is not looked at)
@@ -320,6 +321,10 @@ def snapshot(store: ConfigStore, control=None, *, scan_writers: bool = True,
                 snap.warnings.append(StatusWarning(entry.path, "mirrorfs is mounted here but its "
                                                    "capture is gone (its worker died): I/O there "
                                                    "fails; unmount it and start the daemon", "error"))
+        if state == "mounted":
+            index = index or door_index(table)
+            snap.warnings += [StatusWarning(entry.path, text) for text in
+                              other_ways_in(entry.path, table, index)]
         if row is not None:
             _replication_warnings(entry.path, row, snap.warnings)
         if row is not None and row.captured and row.nested_mounts:  # passed through unrecorded
@@ -338,6 +343,66 @@ def snapshot(store: ConfigStore, control=None, *, scan_writers: bool = True,
                              rows.get(("block", entry.device)), ours_pids, marks)
         snap.block.append(replace(state, problem=flawed.get(id(entry))))
     return snap
+
+
+def door_index(table: list[mounts.MountEntry]) -> tuple[dict, dict]:
+    """For other_ways_in over many entries, the table read once: the captures' doors by entry
+    id, and the other mounts (not mirrorfs, not doors) by device."""
+    doors, by_dev = {}, {}
+    for m in table:
+        if m.fstype == FSTYPE_FS:
+            continue
+        if is_door(m.mount_point):
+            doors[m.mount_point.rsplit("/", 2)[1]] = m
+        else:
+            by_dev.setdefault((m.major, m.minor), []).append(m)
+    return doors, by_dev
+
+
+def other_ways_in(path: str, table: list[mounts.MountEntry],
+                  index: tuple[dict, dict] | None = None) -> list[str]:
+    """A captured directory is also reachable beside its capture, in this mount namespace:
+    its file system mounted a second time (the same disk at /mnt/disk and, by a bind, at the
+    entry), or a bind of it or of a directory below it made before Mount all (an application's
+    or a container's). What is written there is not captured, and the replica misses it
+    without a word, as a raw device written beside its loop. The directory beneath mirrorfs
+    is known by the capture's own door (its bind below the run directory), so nothing of the
+    entry is looked up (a capture that does not answer would hang us)."""
+    doors, by_dev = index or door_index(table)
+    door = doors.get(entry_id(path))
+    if door is None:  # (not placed yet, or of an older worker)
+        return []
+    inside, said = door.root.rstrip("/") or "/", []
+    for m in by_dev.get((door.major, door.minor), ()):
+        if _below(m.root, inside):  # a bind of the entry or of a directory in it
+            shown, what = m.mount_point, "a bind of " + (
+                "it" if m.root.rstrip("/") == inside else f"{os.path.relpath(m.root, inside)} in it")
+        elif _below(inside, m.root):  # its file system, or a directory above it, mounted there
+            rel = "" if inside == (m.root.rstrip("/") or "/") else os.path.relpath(inside, m.root)
+            shown = os.path.join(m.mount_point, rel).rstrip("/") or "/"
+            what = f"{m.source} mounted at {m.mount_point}" + (
+                f" (a bind of {m.root})" if m.root != "/" else "")
+        else:
+            continue
+        if _covered(shown, m, table):  # mirrorfs there (the entry itself), or hidden
+            continue
+        said.append(f"also reachable beside its capture at {shown} ({what}): changes made there "
+                    "are not captured and its replica misses them; unmount it there, or mount "
+                    "it again after Mount all (it then shows the capture)")
+    return said
+
+
+def _below(path: str, top: str) -> bool:
+    """`path` is `top` or inside it (paths within one file system, as mountinfo's roots)."""
+    top = top.rstrip("/")
+    return path.rstrip("/") == top or path.startswith(top + "/")
+
+
+def _covered(shown: str, m: mounts.MountEntry, table: list[mounts.MountEntry]) -> bool:
+    """Is `shown` (a path through `m`) hidden by another mount, on it or on a directory above
+    it below `m`'s mount point (mirrorfs on the entry is one)?"""
+    return any(x is not m and x.mount_id != m.parent_id and _below(shown, x.mount_point)
+               and len(x.mount_point) >= len(m.mount_point) for x in table)
 
 
 def _not_captured_warning(path: str, row: CaptureRow | None, sw: dict | None, target: str | None,
