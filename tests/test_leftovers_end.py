@@ -58,3 +58,8 @@ def test_what_an_end_marker_says():
     down = said({"seq": 9, "released": 7, "drained": False, "connection": "disconnected: gone"})
     assert down == f"the target was unreachable (disconnected: gone): 2 changes not yet at the target {KEPT}"
     assert said({"seq": 9, "released": 7, "drained": False}) == f"2 changes not yet at the target {KEPT}"
+    # an entry without a target (found by a walk: Unmount all said it was drained to one)
+    from app.services.config import FsEntry
+    cap = Captured("fs", "/srv/e", FsEntry("/srv/e", False, None), link=None)
+    cap.end = {"seq": 3, "released": 3, "drained": True, "connection": "local", "consistent": True}
+    assert cap.ended() == "it has no target: nothing was replicated (seq 3)", cap.ended()

@@ -223,6 +223,9 @@ class Captured:
             return "its end was not marked (the worker did not finish cleanly): the next start resyncs"
         conn = end.get("connection")  # (ends marked before these two were kept: not said)
         off = conn not in (None, "connected", "local")
+        if end.get("drained") and self.entry is not None and not self.entry.target:
+            # (it said "drained to the target" of an entry that has none)
+            return f"it has no target: nothing was replicated (seq {end.get('seq')})"
         if end.get("drained"):
             if off:  # nothing was queued, and nothing reached it either (a split brain)
                 return (f"nothing was left in its journal (seq {end.get('seq')}), but the target "
