@@ -28,6 +28,16 @@ def pytest_runtest_setup(item):
         pytest.skip(reason)
 
 
+@pytest.fixture(autouse=True)
+def _not_the_callers_installation(monkeypatch):
+    """Every test starts without the caller's MIRRORSETUP_* variables (its configuration,
+    socket, state directory, bench knobs): a shell that had exported an installation's
+    MIRRORSETUP_CONFIG had the CLI tests that name none read that file (two failed: "…
+    does not exist"). Tests that want one set it themselves."""
+    for name in [n for n in os.environ if n.startswith("MIRRORSETUP_")]:
+        monkeypatch.delenv(name)
+
+
 def run(*argv: str, check: bool = True, **kw) -> subprocess.CompletedProcess:
     """Run a tool with an argv list (never a shell string); output captured as text."""
     return subprocess.run(list(argv), check=check, capture_output=True, text=True, **kw)
