@@ -277,7 +277,7 @@ class Daemon:
         """`target set NAME` applied to the running captures that replicate to NAME (DRBD's
         `adjust`): rates at once, what ssh is started with by a new session, which resumes
         from the target's position. A capture busy with a mirror or verify is given
-        ANSWER_SECONDS, then said not applied (status says so until it is)."""
+        ANSWER_SECONDS, then said pending: it takes them when it is done (_settings_call)."""
         return _results(await self._apply_target(name, self.store.load()))
 
     async def _apply_target(self, name: str, config, *, changed_only: bool = False) -> list[Result]:
