@@ -374,10 +374,10 @@ def other_ways_in(path: str, table: list[mounts.MountEntry],
         return []
     inside, said = door.root.rstrip("/") or "/", []
     for m in by_dev.get((door.major, door.minor), ()):
-        if _below(m.root, inside):  # a bind of the entry or of a directory in it
+        if mounts._contains(inside, m.root):  # a bind of the entry or of a directory in it
             shown, what = m.mount_point, "a bind of " + (
                 "it" if m.root.rstrip("/") == inside else f"{os.path.relpath(m.root, inside)} in it")
-        elif _below(inside, m.root):  # its file system, or a directory above it, mounted there
+        elif mounts._contains(m.root, inside):  # its file system, or a directory above it, mounted there
             rel = "" if inside == (m.root.rstrip("/") or "/") else os.path.relpath(inside, m.root)
             shown = os.path.join(m.mount_point, rel).rstrip("/") or "/"
             what = f"{m.source} mounted at {m.mount_point}" + (
@@ -392,16 +392,10 @@ def other_ways_in(path: str, table: list[mounts.MountEntry],
     return said
 
 
-def _below(path: str, top: str) -> bool:
-    """`path` is `top` or inside it (paths within one file system, as mountinfo's roots)."""
-    top = top.rstrip("/")
-    return path.rstrip("/") == top or path.startswith(top + "/")
-
-
 def _covered(shown: str, m: mounts.MountEntry, table: list[mounts.MountEntry]) -> bool:
     """Is `shown` (a path through `m`) hidden by another mount, on it or on a directory above
     it below `m`'s mount point (mirrorfs on the entry is one)?"""
-    return any(x is not m and x.mount_id != m.parent_id and _below(shown, x.mount_point)
+    return any(x is not m and x.mount_id != m.parent_id and mounts._contains(x.mount_point, shown)
                and len(x.mount_point) >= len(m.mount_point) for x in table)
 
 
