@@ -868,7 +868,8 @@ def test_a_block_switchover_whose_answer_is_lost_keeps_the_device_read_only_then
 def test_verify_or_mirror_after_a_switchover_is_refused_and_leaves_no_split_brain_there(fs_remote):
     """Found by a walk: `fs verify` (read only) or `fs mirror` of an entry switched over went to
     the promoted replica as the old source coming back: it failed with an internal error
-    (TargetUnavailable), and the target's `replica list` said SPLIT BRAIN from then on."""
+    (TargetUnavailable), and the target's `replica list` said SPLIT BRAIN from then on. It is a
+    refusal (exit 2: an entry in a state the action is not for), as mounting it is."""
     eng, src, r = fs_remote()
     (Path(src) / "f").write_text("one")
     eng.drain(src)
@@ -876,7 +877,7 @@ def test_verify_or_mirror_after_a_switchover_is_refused_and_leaves_no_split_brai
     assert p.returncode == 0, p.stdout + p.stderr
     for argv in (["fs", "verify", src], ["fs", "mirror", src], ["--json", "fs", "verify", src]):
         p = cli(r.cfg, *argv, socket=eng.socket)
-        assert p.returncode == 1, (argv, p.stdout + p.stderr)
+        assert p.returncode == 2, (argv, p.stdout + p.stderr)  # refused: nothing was changed
         assert f"{src} was switched over to backup1:data at " in p.stderr, p.stderr
         assert "the replica there is primary" in p.stderr and "internal error" not in p.stderr
     assert json.loads(p.stdout)["results"][0]["errno_name"] == "EREMOTE", p.stdout

@@ -20,8 +20,8 @@ exit status (every command):
      running (or works from another configuration file), what is still in use (a target
      an entry replicates to, an entry a process holds at a switch-over or a fail-back, a
      promoted replica in use on its host at a fail-back or `replica resolve`), or an entry
-     in a state the action is not for (mounting one switched over, removing one, or
-     switching it over again)"""
+     in a state the action is not for (mounting, mirroring or verifying one switched
+     over, removing one, or switching it over again)"""
 
 
 class Parser(argparse.ArgumentParser):

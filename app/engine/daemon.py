@@ -40,7 +40,7 @@ from app.services.control import SOCKET_MODE, peer_pid
 from app.services.socketpath import default_socket
 from app.services.layout import Layout, local_time, with_failback
 from app.services.protocol import TARGET_SETTINGS_AT_START, CaptureRow
-from app.services.results import MirrorError, Outcome, Result, refuses
+from app.services.results import MirrorError, Outcome, Refusal, Result, refuses
 
 # What a capture takes from its entry when it starts; a hand edit of these while it runs
 # applies at its next start (Unmount all / Mount all, Detach all / Attach all).
@@ -464,7 +464,7 @@ class Daemon:
                 # the agent took us for the old source coming back, and called it a split brain
                 how = "was switched over" if sw.get("state") == "switched" else \
                     "has a switch-over that did not finish"
-                raise MirrorError(f"{key} {how} to {sw.get('target')} at "
+                raise Refusal(f"{key} {how} to {sw.get('target')} at "
                                   f"{local_time(sw.get('time'))}: the replica there is primary "
                                   f"now and newer than this side, so there is nothing to {cmd} "
                                   f"against it; {layout_mod.command('failback', key, '--yes')} "
