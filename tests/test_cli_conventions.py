@@ -160,7 +160,7 @@ def test_an_entry_added_without_a_target_is_told_so(config, tmp_path):
     (tmp_path / "b").mkdir()
     r = cli(*args(config, "fs", "add", str(tmp_path / "a")))
     assert r.returncode == 0 and "no target: its changes are captured and replicated nowhere until " \
-        "it has one (remove it and add it again with --target)" in r.stdout, r.stdout
+        f"it has one (`mirrorsetup fs set {tmp_path / 'a'} --target DIR`)" in r.stdout, r.stdout
     r = cli(*args(config, "fs", "add", str(tmp_path / "b"), "--target", str(tmp_path / "t")))
     assert r.returncode == 0 and "no target" not in r.stdout, r.stdout
 
@@ -520,8 +520,9 @@ def test_fs_set_changes_the_access_time_choice_as_the_consoles_t_does(config, tm
     before = config.read_bytes()
     r = cli(*args(config, "fs", "set", str(data), "--atime"))
     assert r.returncode == 0 and "already" in r.stdout and config.read_bytes() == before, r.stdout
-    for argv, said in ((["fs", "set", str(data)], "one of the arguments --atime --no-atime is "
-                                                  "required"),
+    for argv, said in ((["fs", "set", str(data)], "say what to set: --atime, --no-atime, "
+                                                  "--target DIR or --no-target"),
+                       (["fs", "set", str(data), "--adopt-target"], "say what to set"),
                        (["fs", "set", str(data), "--atime", "--no-atime"], "not allowed with"),
                        (["fs", "set", str(tmp_path / "nope"), "--no-atime"],
                         "is not a configured file-system entry")):

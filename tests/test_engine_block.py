@@ -999,3 +999,37 @@ def test_a_device_name_that_names_another_device_now_is_not_captured_nor_its_rep
     assert sha(target) == sha(second)
     r = cli(cfg, eng, "block", "accept-device", link)
     assert r.returncode == 0 and "nothing to accept" in r.stdout, r.stdout + r.stderr
+
+
+def test_a_block_entrys_target_is_set_while_it_is_detached(block_engine, tmp_path):
+    """`block set --target`: refused while the entry is attached (applications use its loop:
+    detaching it is the administrator's step); once detached, the next capture makes the new
+    target equal to the device; the old replica is left as it was."""
+    eng, disk, target, cfg = block_engine(16 * MiB)
+    st = eng.block(disk)
+    loop = st["loop"]
+    with open(loop, "r+b") as f:
+        f.write(os.urandom(MiB))
+    eng.block_drain(disk)
+    new = str(tmp_path / "new.img")
+    r = cli(cfg, eng, "block", "set", disk, "--target", new)
+    assert r.returncode == 2 and f"is attached and captured now (as {loop})" in r.stderr, r.stderr
+    assert "block detach-all" in r.stderr and not os.path.exists(new)
+    r = cli(cfg, eng, "block", "detach-all")
+    assert r.returncode == 0, r.stdout + r.stderr
+    with open(disk, "r+b") as f:  # while nothing captures it: the next capture's catch-up copies it
+        f.seek(4 * MiB)
+        f.write(os.urandom(MiB))
+    old = sha(target)
+    r = cli(cfg, eng, "block", "set", disk, "--target", new)
+    assert r.returncode == 0, r.stdout + r.stderr
+    out = r.stdout.replace("\n", " ")
+    assert f"{disk} replicates to {new} now" in out and f"its replica at {target} is left" in out
+    r = cli(cfg, eng, "block", "attach-all")
+    assert r.returncode == 0 and f"replicated to {new}" in r.stdout, r.stdout + r.stderr
+    st = eng.block_drain(disk)
+    assert st["target"] == new, st
+    assert sha(new) == sha(disk, 0, 16 * MiB)  # (drained: its catch-up is over)
+    assert sha(target) == old
+    r = cli(cfg, eng, "--json", "block", "verify", disk)
+    assert r.returncode == 0 and '"ranges": []' in r.stdout, r.stdout + r.stderr

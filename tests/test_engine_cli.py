@@ -435,3 +435,48 @@ def test_a_directory_reachable_beside_its_capture_is_said(tmp_path, tmpfs_mount)
     finally:
         for where in reversed(made):
             subprocess.run(["umount", "-l", str(where)], check=False)
+
+
+def test_an_entrys_target_is_set_by_the_cli_captured_or_not(running, tmp_path):
+    """An entry's target could only be changed by removing the entry and adding it again (the
+    add's own hint said so). `fs set --target` checks the new target as an add does, lifts the
+    capture and makes it again (refused, naming who, when something uses the directory), and
+    the new capture makes the new target equal to the directory; the old replica is left."""
+    eng, src, tgt, cfg = running
+    open(os.path.join(src, "b"), "w").write("beta")
+    eng.drain(src)
+    configured = lambda: json.loads(cli("--config", cfg, "--json", "fs", "list").stdout)[0]["target"]  # noqa: E731
+    full = tmp_path / "full"
+    full.mkdir()
+    (full / "theirs").write_text("not ours")
+    new = str(tmp_path / "new")
+    r = cli("--config", cfg, "fs", "set", src, "--target", str(full), socket=eng.socket)
+    assert r.returncode == 2 and f"target {full} is not empty" in r.stderr, r.stdout + r.stderr
+    assert "--adopt-target" in r.stderr and "unmounted" not in r.stdout, r.stdout
+    r = cli("--config", cfg, "fs", "set", src, socket=eng.socket)
+    assert r.returncode == 2 and "say what to set" in r.stderr, r.stderr
+    holder = subprocess.Popen(["sleep", "60"], cwd=src)
+    try:
+        r = cli("--config", cfg, "fs", "set", src, "--target", new, socket=eng.socket)
+        assert r.returncode == 2, r.stdout + r.stderr
+        assert f"pid {holder.pid} (sleep)" in r.stderr and "kept the target" in r.stderr, r.stderr
+    finally:
+        holder.kill()
+        holder.wait()
+    assert configured() == tgt and src in mirrorfs_mounts() and (full / "theirs").exists()
+    r = cli("--config", cfg, "fs", "set", src, "--target", new, socket=eng.socket)
+    assert r.returncode == 0, r.stdout + r.stderr
+    out = r.stdout.replace("\n", " ")
+    assert f"{src} replicates to {new} now" in out and f"its replica at {tgt} is left" in out, out
+    assert f"mounted mirrorfs on {src}" in out and configured() == new, out
+    open(os.path.join(src, "c"), "w").write("gamma")
+    eng.drain(src)
+    assert eng.status(src)["target"] == new
+    assert sorted(os.listdir(new)) >= ["a", "b", "c"], os.listdir(new)
+    assert [open(os.path.join(new, n)).read() for n in "abc"] == ["alpha", "beta", "gamma"]
+    assert not os.path.exists(os.path.join(tgt, "c")) and os.path.exists(os.path.join(tgt, "b"))
+    r = cli("--config", cfg, "fs", "set", src, "--target", new, socket=eng.socket)
+    assert r.returncode == 0 and "unchanged" in r.stdout and "unmounted" not in r.stdout, r.stdout
+    r = cli("--config", cfg, "fs", "set", src, "--no-target", socket=eng.socket)
+    assert r.returncode == 0 and "has no target now" in r.stdout, r.stdout + r.stderr
+    assert configured() is None and src in mirrorfs_mounts()

@@ -875,7 +875,8 @@ def test_verify_or_mirror_after_a_switchover_is_refused_and_leaves_no_split_brai
     eng.drain(src)
     p = cli(r.cfg, "switchover", src, socket=eng.socket)
     assert p.returncode == 0, p.stdout + p.stderr
-    for argv in (["fs", "verify", src], ["fs", "mirror", src], ["--json", "fs", "verify", src]):
+    for argv in (["fs", "verify", src], ["fs", "mirror", src], ["fs", "set", src, "--no-target"],
+                 ["--json", "fs", "verify", src]):
         p = cli(r.cfg, *argv, socket=eng.socket)
         assert p.returncode == 2, (argv, p.stdout + p.stderr)  # refused: nothing was changed
         assert f"{src} was switched over to backup1:data at " in p.stderr, p.stderr

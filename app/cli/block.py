@@ -9,7 +9,7 @@ import sys
 
 from app.cli.common import (Refused, accept, add, control, group, keep_primary_option,
                             loop_options, replica_options, replication, require, require_daemon,
-                            store)
+                            set_target_of, store, target_options)
 from app.cli.output import complain, dump, failures, print_devices, print_table, report
 from app.services.layout import command
 from app.services.results import MirrorError
@@ -79,6 +79,15 @@ def cmd_remove(args) -> int:
     entry = require(configured_block, rep.store, args.device)
     return report(rep.remove_block(entry.device, keep_replica_primary=args.keep_replica_primary),
                   as_json=args.json)
+
+
+def cmd_set(args) -> int:
+    from app.services.entries import configured_block
+    if args.target is None and not args.no_target:
+        raise Refused("say what to set: --target FILE or --no-target; nothing was changed",
+                      errno=errno.EINVAL)
+    entry = require(configured_block, store(args), args.device)
+    return report(set_target_of(args, "block", entry.device), as_json=args.json)
 
 
 def cmd_accept_device(args) -> int:
@@ -187,6 +196,10 @@ def register(sub, common) -> None:
     p = add(block, "remove", cmd_remove, "detach and remove a block device entry", common)
     p.add_argument("device", help="a configured block device (not its loop)")
     keep_primary_option(p)
+    p = add(block, "set", cmd_set, "change an entry's target (while it is not attached)",
+            common)
+    p.add_argument("device", help="a configured block device (not its loop)")
+    target_options(p, "file or device")
     p = add(block, "accept-device", cmd_accept_device, "take the entry's device as it is now, "
             "although it is not the device recorded for it when it was added (the disk was "
             "replaced, the loop's file moved): its next capture makes the replica equal to it",

@@ -143,6 +143,29 @@ def replica_options(p: argparse.ArgumentParser) -> None:
                    "writers wait (block)")
 
 
+def target_options(p: argparse.ArgumentParser, what: str) -> None:
+    """`fs set` / `block set`: another target for an entry, or none."""
+    which = p.add_mutually_exclusive_group()
+    which.add_argument("--target", help=f"{what} the changes are replicated to from now on, or "
+                       "NAME:PATH on a remote target; its next capture makes it equal to the "
+                       "entry (the old replica is left as it is)")
+    which.add_argument("--no-target", action="store_true", help="replicate the entry nowhere "
+                       "(its changes are still captured)")
+    p.add_argument("--adopt-target", action="store_true", help="with --target: replace the "
+                   "contents of a target that is not empty and is no replica of ours "
+                   "(otherwise refused)")
+
+
+def set_target_of(args, kind: str, key: str) -> list:
+    """The results of `fs set`/`block set`'s --target/--no-target, [] when neither was given."""
+    if args.adopt_target and args.target is None:
+        raise Refused("--adopt-target goes with --target (the target to adopt); nothing was "
+                      "changed", errno=errno.EINVAL)
+    if args.target is None and not args.no_target:
+        return []
+    return replication(args).set_entry_target(kind, key, args.target, adopt=args.adopt_target)
+
+
 def keep_primary_option(p: argparse.ArgumentParser) -> None:
     p.add_argument("--keep-replica-primary", action="store_true", help="of an entry switched over "
                    "to its remote replica, for good (a planned migration): the replica stays "

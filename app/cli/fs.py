@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import errno
 import sys
 
-from app.cli.common import (accept, add, group, keep_primary_option, replica_options, replication,
-                            require, require_daemon, store)
+from app.cli.common import (Refused, accept, add, group, keep_primary_option, replica_options,
+                            replication, require, require_daemon, set_target_of, store,
+                            target_options)
 from app.cli.output import complain, dump, failures, print_table, report
 from app.services.layout import command
 
@@ -52,9 +54,15 @@ def cmd_remove(args) -> int:
 
 def cmd_set(args) -> int:
     from app.services.entries import configured_fs, set_atime
+    if args.atime is None and args.target is None and not args.no_target:
+        raise Refused("say what to set: --atime, --no-atime, --target DIR or --no-target; "
+                      "nothing was changed", errno=errno.EINVAL)
     s = store(args)
     entry = require(configured_fs, s, args.path)
-    return report([set_atime(s, entry, args.atime)], as_json=args.json)
+    results = set_target_of(args, "fs", entry.path)
+    if args.atime is not None and not any(r.failed for r in results):
+        results.append(set_atime(s, s.entry("fs", entry.path), args.atime))
+    return report(results, as_json=args.json)
 
 
 def cmd_accept_filesystem(args) -> int:
@@ -127,14 +135,16 @@ def register(sub, common) -> None:
     p.add_argument("path", help="a configured directory")
     p.add_argument("--force", action="store_true", help="lazy-unmount even when files are open")
     keep_primary_option(p)
-    p = add(fs, "set", cmd_set, "change an entry's access-time choice (the console's t); it "
-            "takes effect at the entry's next mount", common)
+    p = add(fs, "set", cmd_set, "change an entry's access-time choice (the console's t; it "
+            "takes effect at the entry's next mount) or its target (a directory captured now "
+            "is unmounted and mounted again)", common)
     p.add_argument("path", help="a configured directory")
-    atime = p.add_mutually_exclusive_group(required=True)
+    atime = p.add_mutually_exclusive_group()
     atime.add_argument("--atime", dest="atime", action="store_true", default=None,
                        help="replicate access times")
     atime.add_argument("--no-atime", dest="atime", action="store_false",
                        help="do not replicate access times (times at close always are)")
+    target_options(p, "directory")
     p = add(fs, "accept-filesystem", cmd_accept_filesystem, "take the file system the entry's "
             "directory lies on as it is now, although it is not the one recorded for it when it "
             "was added (the data was moved there on purpose): its next capture makes the "

@@ -111,6 +111,37 @@ class ConfigStore:
                                                     for e in config.filesystem)), new
         return self._change(change)
 
+    def entry(self, kind: str, key: str) -> FsEntry | BlockEntry:
+        """The configured entry `key` names (a path or device, as the CLI takes it)."""
+        config = self.load()
+        return _configured((match_fs if kind == "fs" else match_block)(config, key), key)
+
+    def set_entry_target(self, kind: str, key: str, target: str | None, adopt: bool = False
+                         ) -> tuple[FsEntry | BlockEntry, FsEntry | BlockEntry]:
+        """(the entry before, after) its target is set to `target` (None: no target): checked
+        as at an add, a target that holds something else included (`adopt`: replace it)."""
+        return self._change(self._target_change(kind, key, target, adopt))
+
+    def check_entry_target(self, kind: str, key: str, target: str | None, adopt: bool = False
+                           ) -> tuple[FsEntry | BlockEntry, FsEntry | BlockEntry]:
+        """What set_entry_target would make of the entry, or the ConfigError it would raise;
+        nothing is written."""
+        return self._target_change(kind, key, target, adopt)(self.load())[1]
+
+    def _target_change(self, kind: str, key: str, target: str | None, adopt: bool):
+        field, match = ("filesystem", match_fs) if kind == "fs" else ("block", match_block)
+
+        def change(config: Config):
+            entries = getattr(config, field)
+            old = _configured(match(config, os.fspath(key)), key)
+            wanted = replace(old, target=_fspath(target), adopt_target=bool(adopt))
+            rest = replace(config, **{field: _without(entries, old)})
+            check = self._checked_fs if kind == "fs" else self._checked_block
+            new = check(wanted, rest, claim=target is not None)
+            return replace(config, **{field: tuple(new if e is old else e for e in entries)}), \
+                (old, new)
+        return change
+
     def add_block(self, device, *, loop=None, offset=0, sizelimit=0, read_only=False,
                   encryption=None, target=None, adopt_target=False, queue_limit=None,
                   on_full=None) -> BlockEntry:
@@ -216,7 +247,9 @@ class ConfigStore:
     # ---- validation: each returns the entry as stored, or raises ConfigError saying why not
 
     def _checked_fs(self, entry: FsEntry, config: Config, *, adding: bool = False,
-                    captured: bool = False) -> FsEntry:
+                    captured: bool = False, claim: bool = False) -> FsEntry:
+        """`claim`: the target is chosen now (an entry's target set), so what it holds is
+        checked as at an add."""
         entry = replace(entry, path=os.fspath(entry.path), target=_fspath(entry.target))
         _check_fields(entry, TABLES["filesystem"][1])
         path = entry.path
@@ -256,11 +289,12 @@ class ConfigStore:
             target = _checked_remote_target("fs", real, entry.target, config)
         elif entry.target is not None:
             target = _checked_fs_target(real, entry.target, config)
-            if adding:  # what a target holds is checked when it is chosen (and at capture)
+            if adding or claim:  # what a target holds is checked when it is chosen (and at capture)
                 _refuse_unclaimed(target, f"fs:{real}", entry.adopt_target)
         return replace(entry, path=real, target=target)
 
-    def _checked_block(self, entry: BlockEntry, config: Config, *, adding: bool = False) -> BlockEntry:
+    def _checked_block(self, entry: BlockEntry, config: Config, *, adding: bool = False,
+                       claim: bool = False) -> BlockEntry:
         entry = replace(entry, device=os.fspath(entry.device), loop=_fspath(entry.loop),
                         target=_fspath(entry.target))
         _check_fields(entry, TABLES["block"][1])
@@ -328,7 +362,7 @@ class ConfigStore:
             problem = _block_target_problem(entry.target, window)
             if problem:
                 raise refuse(f"target {entry.target} {problem}", "target")
-            if adding:
+            if adding or claim:
                 _refuse_unclaimed(entry.target, f"block:{device}", entry.adopt_target)
         for other in config.block:  # this device may not be where another entry replicates to
             theirs = _device_id(other.target) if other.target else None
@@ -886,7 +920,7 @@ def _refuse_unclaimed(target: str, entry: str, adopt: bool) -> None:
     if not empty:
         raise ConfigError(f"target {target} is not empty and carries no mirrorsetup marker: "
                           "refusing to overwrite it; to replace its contents with this entry's "
-                          "replica, add the entry with --adopt-target", key="target", obj=target,
+                          "replica, add the entry (or set its target) with --adopt-target", key="target", obj=target,
                           errno=errno.ENOTEMPTY)
 
 

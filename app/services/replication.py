@@ -520,6 +520,95 @@ class Replication:
         return results + [Result("remove", entry.path, Outcome.OK,
                                  f"removed {entry.path}{_kept_note(results)}")]
 
+    def set_entry_target(self, kind: str, key: str, target: str | None, *,
+                         adopt: bool = False) -> list[Result]:
+        """`fs set --target` / `block set --target` (None: `--no-target`): the entry replicates
+        to another target from its next capture on, whose catch-up makes that target equal to
+        it (what differs is copied; the old replica is left as it is). The new target is
+        checked as at an add. A directory captured now is unmounted first and mounted again
+        (the daemon's; refused, with who holds it, when something uses it); a block entry
+        attached now is refused: detaching it is the administrator's step (applications use
+        its loop). Refused too while the entry is switched over to its replica."""
+        action = "set target"
+        try:
+            daemon = self.daemon()
+        except MirrorError as exc:  # another configuration's daemon: its state is not ours
+            return [Result.from_error(action, key, exc)]
+        try:
+            entry = self.store.entry(kind, key)
+        except MirrorError as exc:
+            return [Result.from_error(action, key, exc)]
+        key = entry.path if kind == "fs" else entry.device
+        state = entry_state(self._state_dir(daemon), kind, key)
+        refused = switched_refusal(with_failback(switched_marker(state), state), key, action)
+        if refused is not None:
+            return [dataclasses.replace(refused, message=(
+                f"{refused.message}; its target is set after that; nothing was changed"))]
+        try:  # checked before a capture is lifted: a refused target changes nothing
+            old, new = self.store.check_entry_target(kind, key, target, adopt)
+        except MirrorError as exc:
+            return [Result.from_error(action, key, exc)]
+        if old == new:
+            return [self._target_set(action, key, old, new, state, False)]
+        results: list[Result] = []
+        lifted = False
+        if old.target == new.target:  # only adopt_target: a capture reads it when it starts
+            pass
+        elif kind == "fs" and any(m.mount_point == key and m.fstype == FSTYPE_FS
+                                  for m in mounts.read_mountinfo()):
+            if daemon is None:
+                return [Result(action, key, Outcome.FAILED, f"{key} is captured (mirrorfs is "
+                               "mounted there) and the daemon is not running: its capture is "
+                               f"lifted and made again by the daemon ({command('daemon', 'start')}"
+                               "); nothing was changed", errno.ENOTCONN, REFUSED)]
+            results = self._daemon_results("unmount", key, path=key)
+            if any(r.failed for r in results):
+                return results + [Result(action, key, Outcome.FAILED, f"kept the target of {key}: "
+                                         "its capture could not be lifted (above)", errno.EBUSY,
+                                         _refused_if(results))]
+            lifted = True
+        elif kind == "block":
+            loops = [c.device for c in View().captures_of(key)]
+            if loops:
+                return [Result(action, key, Outcome.FAILED, f"{key} is attached and captured "
+                               f"now (as {', '.join(loops)}): its target is set while it is "
+                               f"not; detach it first ({command('block', 'detach-all')}, or "
+                               "Detach all on the Block screen), then set it and attach it again; "
+                               "nothing was changed", errno.EBUSY, REFUSED)]
+        try:
+            old, new = self.store.set_entry_target(kind, key, target, adopt)
+        except MirrorError as exc:
+            results.append(Result.from_error(action, key, exc))
+        else:
+            results.append(self._target_set(action, key, old, new, state, lifted))
+        if lifted:
+            results += self._daemon_results("mount", key, path=key)
+        return results
+
+    @staticmethod
+    def _target_set(action: str, key: str, old, new, state: str, lifted: bool) -> Result:
+        """The result of an entry's target set: what becomes of the old replica, when the new
+        one is made."""
+        if old == new:
+            return Result(action, key, Outcome.UNCHANGED, f"{key} replicates to {new.target} "
+                          "already" if new.target else f"{key} has no target already")
+        if old.target == new.target:
+            return Result(action, key, Outcome.OK, f"{key} replicates to {new.target} as "
+                          f"before; adopt_target = {str(new.adopt_target).lower()}")
+        words = [f"{key} replicates to {new.target} now" if new.target else
+                 f"{key} has no target now: its changes are captured and replicated nowhere"]
+        if old.target:
+            end = _clean_end(state)
+            missing = "" if end is None or end.get("seq", 0) <= end.get("released", 0) else (
+                f" ({end['seq'] - end['released']} changes its journal had not sent there "
+                "stay out of it)")
+            words.append(f"its replica at {old.target} is left as it is and no longer updated"
+                         f"{missing}")
+        if new.target:
+            when = "its capture, made again now," if lifted else "its next capture"
+            words.append(f"{when} makes {new.target} equal to {key} (what differs is copied)")
+        return Result(action, key, Outcome.OK, "; ".join(words))
+
     def set_target(self, name: str, changes: dict) -> list[Result]:
         """`target set`: the configuration, then the running captures that replicate to the
         target, which the daemon makes take the new settings now (rates at once; the rest by a
@@ -699,6 +788,20 @@ def _captured_without_daemon(device: str, view: View) -> Result | None:
                   "the device again; nothing was changed", errno.ENOTCONN, REFUSED)
 
 
+def _clean_end(state: str) -> dict | None:
+    """What the entry's last capture recorded at its clean end (app/engine/capture.py
+    write_end: its last seq, and up to which the target had them), None when it did not end
+    cleanly or was never made."""
+    import json
+    try:
+        with open(os.path.join(state, "clean"), "rb") as f:
+            end = json.loads(f.read(4096))
+    except (OSError, ValueError):
+        return None
+    return end if isinstance(end, dict) and isinstance(end.get("seq"), int) \
+        and isinstance(end.get("released"), int) else None
+
+
 def _kept_note(ended: list[Result]) -> str:
     """A capture ended by a remove that kept changes not yet at the target (its "next start"
     is no more): say what becomes of them."""
@@ -713,5 +816,6 @@ def _no_target(entry) -> str:
     took it in silence, and `fs list` showed TARGET "-" without saying what that means)."""
     if entry.target:
         return ""
+    kind, key = ("fs", entry.path) if hasattr(entry, "path") else ("block", entry.device)
     return ("; no target: its changes are captured and replicated nowhere until it has one "
-            "(remove it and add it again with --target)")
+            f"({command(kind, 'set', key, '--target', 'DIR' if kind == 'fs' else 'FILE')})")
