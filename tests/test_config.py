@@ -116,8 +116,8 @@ def test_adding_an_entry_again_to_adopt_its_target_says_how(store, dirs, tmp_pat
     store.add_filesystem(real)
     with refused(store, "already configured$"):
         store.add_filesystem(real)
-    with refused(store, "already configured; to let it adopt its target, set adopt_target = true "
-                        "in its table of the configuration file") as info:
+    with refused(store, "already configured; to let it adopt its target: `mirrorsetup fs set "
+                        f"{real} --target TARGET --adopt-target`") as info:
         store.add_filesystem(real, adopt_target=True)
     assert info.value.errno == errno.EEXIST
     assert not store.load().filesystem[0].adopt_target  # nothing changed

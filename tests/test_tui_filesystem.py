@@ -229,6 +229,45 @@ async def test_access_time_toggle_rewrites_the_entry(tui, store, tmp_path):
 
 
 @pilot_test
+async def test_an_entrys_target_is_set_with_e_checked_as_typed(tui, store, tmp_path):
+    """e (Target): the selected entry's target, checked as typed as an add checks it (a
+    directory that holds something that is not our replica is refused), then set; the row
+    shows it. The add's hint had said: remove the entry and add it again."""
+    from app.screens.dialogs import SetTargetDialog
+    src, full, new = tmp_path / "src", tmp_path / "full", tmp_path / "new"
+    src.mkdir()
+    full.mkdir()
+    (full / "theirs").write_text("not ours")
+    store.add_filesystem(src)
+    app = tui(control_socket=str(tmp_path / "no-daemon.sock"))
+    async with app.run_test(size=(80, 24)) as pilot:
+        await pilot.press("1")
+        await settle(pilot)
+        await pilot.press("e")
+        await wait_until(pilot, lambda: type(app.screen) is SetTargetDialog, "the target dialog")
+        dialog = app.screen
+        problem = lambda: static_text(dialog.query_one("#problem"))  # noqa: E731
+        assert "it has no target now" in problem()
+        bottom = dialog.query_one("#set").region.bottom  # usable at 80x24: Set on screen
+        assert 0 < bottom <= 23, dialog.query_one("#set").region
+        field = dialog.query_one("#target", Input)
+        field.value = str(full)
+        await wait_until(pilot, lambda: f"✘ target {full} is not empty" in problem(),
+                         "the refusal of a target that is not ours")
+        field.value = str(new)
+        await wait_until(pilot, lambda: f"can be set: {new}" in problem(), "the check to pass")
+        await pilot.click("#set")
+        await wait_until(pilot, lambda: type(app.screen) is ResultsDialog, "the results")
+        [result] = app.screen.results
+        assert result.outcome.value == "ok" and f"replicates to {new} now" in result.message, result
+        await pilot.press("escape")
+        await pilot.press("i")  # (at 80 columns the table leaves the target to the details)
+        await wait_until(pilot, lambda: app.screen.query("#details-text") and str(new) in
+                         static_text(app.screen.query_one("#details-text")), "the details to show it")
+    assert store.load().filesystem[0].target == str(new) and (full / "theirs").exists()
+
+
+@pilot_test
 async def test_mount_all_without_a_daemon_says_so_per_entry(tui, store, tmp_path, config_bytes):
     """No daemon runs in the test (none is started): the results say how to start it."""
     store.add_filesystem(tmp_path)

@@ -304,6 +304,7 @@ SCREENS = {
     "filesystem_details": keys("1", "i"),
     "filesystem_add": keys("1", "a"),
     "filesystem_remove_confirm": keys("1", "r"),
+    "filesystem_set_target": keys("1", "e"),
     "filesystem_unmount_all_confirm": keys("1", "u"),
     "filesystem_unmount_all_force": keys("1", "u", "y"),
     "filesystem_lazy_unmount_confirm": keys("1", "u", "y", click="#force"),
@@ -312,6 +313,7 @@ SCREENS = {
     "block_root_disk_refused": keys("2", "down", "down", "a"),  # loop7, loop8, sda
     "block_add_busy_device": keys("2", *["down"] * 8, "a"),  # … sdf, sdg
     "block_details": keys("2", "i"),
+    "block_set_target": keys("2", "e"),
     "block_attach_all_force": keys("2", "t"),
     "block_detach_all_confirm": keys("2", "d"),
     "block_mirror_confirm": keys("2", "m"),

@@ -21,7 +21,7 @@ from app.screens.banner import RootBanner
 from app.screens.base import (Col, ForceOffer, KeyedTable, TaskScreen, capture_text, counted,
                               elide, handed_over_removal, listed, natural_key, selected_key,
                               state_text)
-from app.screens.dialogs import AddBlockEntryDialog, ConfirmDialog, switch_text
+from app.screens.dialogs import AddBlockEntryDialog, ConfirmDialog, SetTargetDialog, switch_text
 from app.services.entries import picker_note, picker_notes
 from app.services.results import MirrorError, Outcome, Result
 from app.services.status import replication_lines
@@ -367,6 +367,24 @@ class BlockScreen(AcceptsIdentity, TaskScreen):
         state = self._selected_state()
         return None if state is None else ("block", state)
 
+    def action_set_target(self) -> None:
+        state = self._selected_state()
+        if state is None:
+            self.notify("Select a replicated device in the lower table first.",
+                        severity="warning")
+            return
+        if self.app.needs_root("Setting a target"):
+            return
+        device = state.entry.device
+
+        def chosen(wanted) -> None:
+            if wanted is not None:
+                target, adopt = wanted
+                self.run_action(f"Target of {shown(device)}",
+                                lambda: self.services.replication.set_entry_target(
+                                    "block", device, target, adopt=adopt), subject=device)
+        self.app.push_screen(SetTargetDialog("block", device, state.entry.target), chosen)
+
     def action_mirror(self) -> None:
         self._start_sync("mirror")
 
@@ -387,7 +405,7 @@ class BlockScreen(AcceptsIdentity, TaskScreen):
         entry = state.entry
         if not entry.target:
             self.notify(f"{shown(entry.device)} has no target to {verb}: its writes are captured "
-                        "only. Remove the entry and add it again with a target.",
+                        "only. Give it one with e (Target), while it is detached.",
                         severity="warning", title="No target", markup=False)
             return
         if verb == "verify":

@@ -496,3 +496,92 @@ class AddBlockEntryDialog(_EntryDialog):
         return self.app.services.replication.add_block(
             entry.device, loop=entry.loop, offset=entry.offset, sizelimit=entry.sizelimit,
             read_only=entry.read_only, target=entry.target)
+
+
+SET_TARGET_NOTES = (
+    "Empty: no target (its changes are captured only). The next capture makes the new target "
+    "equal to the entry (what differs is copied); the old replica is left as it is, no longer "
+    "updated. A directory captured now is unmounted and mounted again (refused while something "
+    "uses it); a block entry is set while detached.")
+
+
+class SetTargetDialog(ModalScreen[tuple[str | None, bool] | None]):
+    """An entry's target (`fs set / block set --target`): typed, prefilled with the one it
+    has, checked as typed as an add checks it; Adopt replaces what a target holds that is not
+    a replica of ours. Dismissed with (target or None, adopt); the screen sets it."""
+
+    CSS_PATH = "dialogs.tcss"
+    BINDINGS = [Binding("escape", "cancel", "Cancel")]
+
+    def __init__(self, kind: str, key: str, current: str | None) -> None:
+        super().__init__(classes="dialog-screen")
+        self.kind, self.key, self.current = kind, key, current
+
+    def compose(self) -> ComposeResult:
+        what = "directory" if self.kind == "fs" else "file or device"
+        with Vertical(classes="dialog wide", id="set-target"):
+            yield Label(Text(f"Target of {shown(self.key)}", style="bold"))
+            yield labelled(("Target", Input(self.current or "", placeholder=f"{what}, or "
+                                            "NAME:PATH on a remote target; empty: none",
+                                            id="target", compact=True)))
+            with Horizontal(classes="field"):
+                yield Switch(False, id="adopt")
+                yield Label(self._adopt_words(False), id="adopt-state")
+            yield Static(check_text(None, (), ok=self._unchanged_words()), id="problem")
+            yield Static(SET_TARGET_NOTES, classes="notes")
+            with Horizontal(classes="dialog-buttons"):
+                yield Button("Set", id="set", variant="primary", compact=True)
+                yield Button("Cancel", id="cancel", compact=True)
+
+    def _unchanged_words(self) -> str:
+        return f"its target now: {shown(self.current)}" if self.current else "it has no target now"
+
+    @staticmethod
+    def _adopt_words(on_: bool) -> Text:
+        return switch_text(on_, "Adopt", "a target that holds something else is replaced",
+                           "a target that holds something else is refused")
+
+    def on_mount(self) -> None:
+        self.query_one("#target").focus()
+
+    def wanted(self) -> tuple[str | None, bool]:
+        return (self.query_one("#target", Input).value.strip() or None,
+                self.query_one("#adopt", Switch).value)
+
+    @on(Switch.Changed, "#adopt")
+    def _adopt(self, event: Switch.Changed) -> None:
+        self.query_one("#adopt-state", Label).update(self._adopt_words(event.value))
+
+    @on(Input.Changed)
+    @on(Switch.Changed)
+    def _changed(self) -> None:
+        self._check(*self.wanted())
+
+    @work(thread=True, exclusive=True, exit_on_error=False, group="validate",
+          description="check the target with the services")
+    def _check(self, target: str | None, adopt: bool) -> None:
+        try:
+            old, new = self.app.services.store.check_entry_target(self.kind, self.key, target,
+                                                                  adopt)
+        except MirrorError as exc:
+            text = check_text(shown(exc.message))
+        except Exception as exc:  # never leave the dialog without a word
+            text = check_text(f"unexpected error: {exc!r}")
+        else:
+            text = check_text(None, (), ok=self._unchanged_words() if old == new else
+                              f"can be set: {shown(new.target)}" if new.target else
+                              "can be set: no target")
+        self.app.call_from_thread(self._show, text, (target, adopt))
+
+    def _show(self, text: Text, checked: tuple[str | None, bool]) -> None:
+        if self.is_attached and checked == self.wanted():  # (an older check's answer: dropped)
+            self.query_one("#problem", Static).update(text)
+
+    @on(Button.Pressed, "#set")
+    @on(Input.Submitted)
+    def action_set(self) -> None:
+        self.dismiss(self.wanted())
+
+    @on(Button.Pressed, "#cancel")
+    def action_cancel(self) -> None:
+        self.dismiss(None)

@@ -13,7 +13,7 @@ from app.screens.accept import AcceptsIdentity, state_label
 from app.screens.banner import RootBanner
 from app.screens.base import (Col, ForceOffer, KeyedTable, TaskScreen, counted, elide,
                               handed_over_removal, listed, selected_key, state_text)
-from app.screens.dialogs import AddFsEntryDialog, ConfirmDialog
+from app.screens.dialogs import AddFsEntryDialog, ConfirmDialog, SetTargetDialog
 from app.services.entries import describe_difference
 from app.services.events import Interest, MountsChanged
 from app.services.results import Result
@@ -174,6 +174,22 @@ class FilesystemScreen(AcceptsIdentity, TaskScreen):
         self.run_action(f"Access times for {shown(path)}",
                         lambda: toggle_atime(self.services.store, path), subject=path)
 
+    def action_set_target(self) -> None:
+        state = self._selected_state()
+        if state is None or self.app.needs_root("Setting a target"):
+            return
+        path = state.entry.path
+
+        def chosen(wanted) -> None:
+            if wanted is not None:
+                target, adopt = wanted
+                self.run_action(f"Target of {shown(path)}",
+                                lambda: self.services.replication.set_entry_target(
+                                    "fs", path, target, adopt=adopt),
+                                waiting=f"setting the target of {shown(path)}: a capture is "
+                                "unmounted and mounted again", subject=path)
+        self.app.push_screen(SetTargetDialog("fs", path, state.entry.target), chosen)
+
     def action_mount_all(self) -> None:
         self.run_action("Mount all", lambda: self.services.replication.mount_all(),
                         waiting=self._waiting_text("mount"))
@@ -257,7 +273,7 @@ class FilesystemScreen(AcceptsIdentity, TaskScreen):
             return None
         if not state.entry.target:
             self.notify(f"{shown(state.entry.path)} has no target to {verb}: its changes are "
-                        "captured only. Remove the entry and add it again with a target.",
+                        "captured only. Give it one with e (Target).",
                         severity="warning", title="No target", markup=False)
             return None
         return state.entry

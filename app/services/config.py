@@ -887,12 +887,14 @@ def _remote_place(config: Config, name: str, rel: str) -> tuple[tuple[str, int],
 
 def _adopt_hint(entry) -> str:
     """An add with --adopt-target of an entry that is there already: how its target is adopted
-    (the refusals that name adopt_target say "CLI: --adopt-target"; add cannot change it)."""
+    (the refusals that name adopt_target say "CLI: --adopt-target"; add cannot change it, a
+    set can)."""
     if not getattr(entry, "adopt_target", False):
         return ""
-    return ("; to let it adopt its target, set adopt_target = true in its table of the "
-            "configuration file and start its capture again (a capture takes it when it starts), "
-            "or remove the entry and add it again with --adopt-target")
+    from app.services.layout import command
+    kind, key = ("fs", entry.path) if isinstance(entry, FsEntry) else ("block", entry.device)
+    how = command(kind, "set", key, "--target", entry.target or "TARGET", "--adopt-target")
+    return f"; to let it adopt its target: {how} (a capture takes it when it starts)"
 
 
 def _refuse_unclaimed(target: str, entry: str, adopt: bool) -> None:

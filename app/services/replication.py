@@ -594,7 +594,8 @@ class Replication:
                           "already" if new.target else f"{key} has no target already")
         if old.target == new.target:
             return Result(action, key, Outcome.OK, f"{key} replicates to {new.target} as "
-                          f"before; adopt_target = {str(new.adopt_target).lower()}")
+                          f"before; adopt_target = {str(new.adopt_target).lower()} (taken at "
+                          "its next capture)")
         words = [f"{key} replicates to {new.target} now" if new.target else
                  f"{key} has no target now: its changes are captured and replicated nowhere"]
         if old.target:
