@@ -2062,3 +2062,23 @@ def test_a_destination_renamed_onto_again_after_its_visit_is_visited_again(tmp_p
     assert len(batches) >= 2 and not (src / "F" / "y").exists()
     assert (tgt / "b").read_text() == "the second content of b"
     assert sink.differences() == []
+
+
+def test_an_entrys_target_set_to_another_remote_place_is_made_equal_there(fs_remote):
+    """`fs set --target` from backup1:data to backup1:data2 while captured: the capture is
+    made again and its catch-up makes the new place equal to the directory (a new replica:
+    nothing there to resume from); the old replica stays as it was."""
+    eng, src, r = fs_remote()
+    Path(src, "a").write_text("alpha")
+    os.makedirs(os.path.join(src, "d"))
+    Path(src, "d", "b").write_bytes(os.urandom(300_000))
+    eng.drain(src)
+    before = tree(r.root / "data")
+    p = cli(r.cfg, "fs", "set", src, "--target", "backup1:data2", socket=eng.socket)
+    assert p.returncode == 0, p.stdout + p.stderr
+    assert f"{src} replicates to backup1:data2 now" in p.stdout.replace("\n", " "), p.stdout
+    Path(src, "c").write_text("gamma")
+    st = eng.drain(src)
+    assert st["target"] == "backup1:data2", st
+    assert tree(r.root / "data2") == tree(Path(src))
+    assert tree(r.root / "data") == before
