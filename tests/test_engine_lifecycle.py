@@ -698,7 +698,7 @@ def test_who_uses_a_replica_or_a_device_is_found_without_asking_a_mount_that_doe
         t.join(20)
         assert "image" in box, "looking for a replica's users hung on the stopped worker's mount"
         assert "openers" in box, "looking for a device's writers hung on the stopped worker's mount"
-        assert [pid for pid, _ in box["writers"]] == [writer.pid], box
+        assert [w[0] for w in box["writers"]] == [writer.pid], box
         assert writer.pid in [pid for pid, _ in box["openers"]] and \
             stuck.pid not in [pid for pid, _ in box["openers"]], box
         assert [u for u in box["dir"] if u.startswith(f"open by pid {in_dir.pid} (")], box

@@ -440,12 +440,19 @@ class Capture:
             raise Refused(f"offset {spec.offset} is past the end of {spec.key} ({end} bytes)",
                           errno.EINVAL)
         self.size = min(spec.sizelimit or end - spec.offset, end - spec.offset)
+        from app.services.blockdevs import sharing_nodes
         from app.services.inotify import WriteCloses
-        try:  # from here on a write to the raw device outside the loop is seen (run())
-            self.raw_watch = WriteCloses(spec.key)
+        try:  # from here on a write to the raw device outside the loop is seen (run()), and
+            # one through a device that holds its bytes too (its disk, a partition of it)
+            self.raw_watch = WriteCloses(spec.key, sharing_nodes(spec.key, spec.offset,
+                                                                 self.size).values())
         except OSError as exc:  # e.g. max_user_watches reached: status names open writers only
             log.warning("%s: cannot watch the raw device for writers outside the loop: %s",
                         spec.key, exc)
+        else:
+            for node, exc in self.raw_watch.missed:
+                log.warning("%s: cannot watch %s, which holds bytes of it, for writers: %s",
+                            spec.key, node, exc)
         self.ops = BlockFS(self.raw, spec.offset, self.size, self.journal, spec.read_only)
         self.mount_point = spec.run
 
@@ -1039,12 +1046,15 @@ class Capture:
             if not closes:
                 continue
             now = time.time()
-            self.raw_writes = {"count": (self.raw_writes or {}).get("count", 0) + closes,
-                               "last": now}
+            nodes = sorted(set(closes))
+            self.raw_writes = {"count": (self.raw_writes or {}).get("count", 0) + len(closes),
+                               "last": now, "nodes": sorted(set(
+                                   (self.raw_writes or {}).get("nodes", [])) | set(nodes))}
             when = time.strftime("%H:%M:%S", time.localtime(now))
-            log.warning("%s: the raw device was opened for writing outside its loop and closed "
-                        "(%s): its writes were not captured; comparing it with its replica",
-                        self.spec.key, when)
+            log.warning("%s: %s was opened for writing outside its loop and closed (%s): its "
+                        "writes were not captured; comparing it with its replica", self.spec.key,
+                        " and ".join(n if n == self.spec.key else f"{n} (which holds bytes of it)"
+                                     for n in nodes), when)
             self.request_catch_up(f"the raw device was written outside its loop at {when}")
 
     async def _place_then_serve(self, ready: dict, adopt) -> None:

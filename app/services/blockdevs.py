@@ -498,6 +498,52 @@ def _name_of(rdev: int) -> str | None:
 
 # ---------------------------------------------------------------- public API
 
+def sharing_nodes(device: str, offset: int = 0, size: int = 0) -> dict[int, str]:
+    """The other block devices that hold bytes of `device`'s window (from `offset`, `size`
+    bytes; 0: to its end), as {device number: its /dev node}: its disk when it is a
+    partition, the partitions of its disk that overlap the window. A write through one of
+    those reaches the entry's bytes without going through its loop. Nodes named after the
+    kernel's device name (devtmpfs makes them); one that is not there, or is another device
+    now, is left out. {} when sysfs cannot say (not a block device)."""
+    try:
+        rdev = os.stat(device).st_rdev
+        here = os.path.realpath(f"/sys/dev/block/{os.major(rdev)}:{os.minor(rdev)}")
+        own = int(_read_sys(f"{here}/size") or "") * 512
+    except (OSError, ValueError):
+        return {}
+    start = 0
+    disk = here
+    if os.path.exists(f"{here}/partition"):
+        disk = os.path.dirname(here)
+        try:
+            start = int(_read_sys(f"{here}/start") or "") * 512
+        except ValueError:
+            return {}
+    first = start + offset
+    last = start + (offset + size if size else own)
+    found: dict[int, str] = {}
+    for sys_dir in [disk] * (disk != here) + [f"{disk}/{p}" for p in _partitions_of(disk)]:
+        if sys_dir == here:
+            continue
+        try:
+            begin = 0 if sys_dir == disk else int(_read_sys(f"{sys_dir}/start") or "") * 512
+            length = int(_read_sys(f"{sys_dir}/size") or "") * 512
+            major, minor = (_read_sys(f"{sys_dir}/dev") or "").split(":")
+            theirs = os.makedev(int(major), int(minor))
+        except ValueError:
+            continue
+        if not (begin < last and first < begin + length):
+            continue
+        node = f"/dev/{os.path.basename(sys_dir)}"
+        try:
+            st = os.stat(node)
+        except OSError:
+            continue
+        if stat.S_ISBLK(st.st_mode) and st.st_rdev == theirs:
+            found[theirs] = node
+    return found
+
+
 def list_block_devices(*, include_excluded: bool = True) -> list[BlockDevice]:
     """Every block device with a size, in name order; excluded ones only when asked."""
     import pyudev

@@ -11,6 +11,7 @@ import ctypes
 import errno
 import os
 import struct
+from collections.abc import Iterable
 
 from app.services.mounts import _libc
 
@@ -127,21 +128,32 @@ class WriteCloses:
     """Closes of one file itself (a block device's node) by openers that had it open for
     writing: IN_CLOSE_WRITE on its inode, as udev's "watch" of block devices sees them. The
     caller's own descriptor, kept open, raises none; its writes raise IN_MODIFY, not asked for.
-    A path that is a symbolic link is followed (/dev/disk/by-id/… names the node)."""
+    A path that is a symbolic link is followed (/dev/disk/by-id/… names the node). `also`:
+    more nodes watched the same way (a partition or the disk of a block entry); one that
+    cannot be watched is left out (`missed` names it), the first raises OSError."""
 
-    def __init__(self, path: str) -> None:
+    def __init__(self, path: str, also: Iterable[str] = ()) -> None:
         self.fd = _init()
-        if libc.inotify_add_watch(self.fd, os.fsencode(path), IN_CLOSE_WRITE) < 0:
+        self.names: dict[int, str] = {}
+        self.missed: list[tuple[str, OSError]] = []
+        for n, node in enumerate((path, *also)):
+            wd = libc.inotify_add_watch(self.fd, os.fsencode(node), IN_CLOSE_WRITE)
+            if wd >= 0:
+                self.names[wd] = node
+                continue
             err = ctypes.get_errno()
-            os.close(self.fd)
-            raise OSError(err, os.strerror(err), path)
+            if n == 0:
+                os.close(self.fd)
+                raise OSError(err, os.strerror(err), node)
+            self.missed.append((node, OSError(err, os.strerror(err), node)))
 
     def fileno(self) -> int:
         return self.fd
 
-    def read(self) -> int:
-        """How many such closes were queued since the last read."""
-        return sum(bool(mask & IN_CLOSE_WRITE) for _wd, mask, _name in _queued(self.fd))
+    def read(self) -> list[str]:
+        """The node of each such close queued since the last read (in order)."""
+        return [self.names.get(wd, "?") for wd, mask, _name in _queued(self.fd)
+                if mask & IN_CLOSE_WRITE]
 
     def close(self) -> None:
         if self.fd >= 0:

@@ -190,14 +190,31 @@ def capture_workers(kind: str, key: str) -> frozenset[int]:
                      if spec.get("kind") == kind and spec.get("key") == key)
 
 
-def writers_of(device: str, exclude: set[int] | frozenset[int] = frozenset()) -> list[tuple[int, str]]:
-    """(pid, command) of processes holding `device` open for writing, found via /proc/*/fd."""
-    return openers_of(device, writing=True, exclude=exclude)
+def writers_of(device: str, exclude: set[int] | frozenset[int] = frozenset(),
+               also: dict[int, str] | None = None) -> list[tuple[int, str, str]]:
+    """(pid, command, node) of processes holding `device`, or one of the devices `also` names
+    ({device number: node}: its disk, its partitions), open for writing, via /proc/*/fd."""
+    try:
+        rdevs = {os.stat(device).st_rdev: device, **(also or {})}
+    except OSError:
+        return []
+    return _openers(rdevs, writing=True, exclude=exclude)
 
 
 def openers_of(device: str, *, writing: bool = False,
                exclude: set[int] | frozenset[int] = frozenset()) -> list[tuple[int, str]]:
-    """(pid, command) of processes holding `device` open (for writing only, when asked).
+    """(pid, command) of processes holding `device` open (for writing only, when asked)."""
+    try:
+        rdev = os.stat(device).st_rdev
+    except OSError:
+        return []
+    return [(pid, comm) for pid, comm, _node in _openers({rdev: device}, writing=writing,
+                                                         exclude=exclude)]
+
+
+def _openers(rdevs: dict[int, str], *, writing: bool,
+             exclude: set[int] | frozenset[int]) -> list[tuple[int, str, str]]:
+    """(pid, command, node) of processes holding one of the devices `rdevs` names open.
 
     A descriptor is stat'ed (its rdev compared) only when its fdinfo says it is on a local
     file system of its process's mount table (read once per mount namespace): a stat of
@@ -205,10 +222,6 @@ def openers_of(device: str, *, writing: bool = False,
     and one that does not answer (a stopped capture, an sshfs whose server is gone) hung
     `status`, the dashboard's refresh, detach and switch-over. Sockets, pipes and anonymous
     inodes (mounts of no table) are not stat'ed either."""
-    try:
-        rdev = os.stat(device).st_rdev
-    except OSError:
-        return []
     found = []
     local_of: dict[str, frozenset[int]] = {}
     for pid in filter(str.isdigit, os.listdir("/proc")):
@@ -224,7 +237,10 @@ def openers_of(device: str, *, writing: bool = False,
         for fd in fds:
             try:
                 info = mounts.fdinfo(f"/proc/{pid}/fdinfo/{fd}")
-                if int(info[b"mnt_id"]) not in local or os.stat(f"{fd_dir}/{fd}").st_rdev != rdev:
+                if int(info[b"mnt_id"]) not in local:
+                    continue
+                node = rdevs.get(os.stat(f"{fd_dir}/{fd}").st_rdev)
+                if node is None:
                     continue
                 flags = int(info[b"flags"], 8) if writing else os.O_RDWR
             except (OSError, ValueError, KeyError):
@@ -235,7 +251,7 @@ def openers_of(device: str, *, writing: bool = False,
                         comm = f.read().strip()
                 except OSError:
                     comm = "?"
-                found.append((int(pid), comm))
+                found.append((int(pid), comm, node))
                 break
     return found
 
@@ -572,12 +588,20 @@ def _block_state(entry: BlockEntry, view: View, table,
     if scan_writers and ours:
         if capture == "no daemon":  # the daemon cannot name its workers: they say who they are
             ours_pids = ours_pids | capture_workers("block", dev)
-        for pid, comm in writers_of(dev, exclude=ours_pids):
-            warnings.append(StatusWarning(dev, f"{comm} (pid {pid}) has the raw device open for writing, "
+        window = (engine.offset, engine.size) if live and engine.size else \
+            (entry.offset, entry.sizelimit)
+        from app.services.blockdevs import sharing_nodes
+        for pid, comm, node in writers_of(dev, exclude=ours_pids,
+                                          also=sharing_nodes(dev, *window)):
+            what = "the raw device" if node == dev else f"{node}, which holds bytes of it,"
+            warnings.append(StatusWarning(dev, f"{comm} (pid {pid}) has {what} open for writing, "
                                          f"bypassing {ours[0].device}", "error"))
     if engine is not None and engine.raw_writes:
         n, last = engine.raw_writes.get("count", 1), engine.raw_writes.get("last") or 0
-        warnings.append(StatusWarning(dev, f"the raw device was opened for writing outside "
+        others = [node for node in engine.raw_writes.get("nodes") or () if node != dev]
+        via = "" if not others else (f" (through {', '.join(others)}, which hold"
+                                     f"{'s' if len(others) == 1 else ''} bytes of it)")
+        warnings.append(StatusWarning(dev, f"the raw device{via} was opened for writing outside "
                                      f"{ours[0].device if ours else 'its loop'} and closed "
                                      f"({n} time{'s' if n != 1 else ''}, last at "
                                      f"{time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(last))}): "
