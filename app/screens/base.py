@@ -515,6 +515,24 @@ class TaskScreen(Screen):
 
     # -- actions -------------------------------------------------------------------------
 
+    def ask_target(self, kind: str, key: str, current: str | None) -> None:
+        """e (Target) on an entry: its target asked for (SetTargetDialog), then set through
+        the service (`fs set / block set --target`), its results shown."""
+        if self.app.needs_root("Setting a target"):
+            return
+        from app.screens.dialogs import SetTargetDialog
+
+        def chosen(wanted) -> None:
+            if wanted is not None:
+                target, adopt = wanted
+                self.run_action(f"Target of {shown(key)}",
+                                lambda: self.services.replication.set_entry_target(
+                                    kind, key, target, adopt=adopt), subject=key,
+                                waiting=f"setting the target of {shown(key)}" + (
+                                    ": a capture is unmounted and mounted again"
+                                    if kind == "fs" else ""))
+        self.app.push_screen(SetTargetDialog(kind, key, current), chosen)
+
     def run_action(self, title: str, call: Callable[[], Iterable[Result] | Result | tuple],
                    *, root: bool = True, waiting: str | None = None,
                    force: ForceOffer | None = None, subject: str = "") -> None:

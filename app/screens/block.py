@@ -21,7 +21,7 @@ from app.screens.banner import RootBanner
 from app.screens.base import (Col, ForceOffer, KeyedTable, TaskScreen, capture_text, counted,
                               elide, handed_over_removal, listed, natural_key, selected_key,
                               state_text)
-from app.screens.dialogs import AddBlockEntryDialog, ConfirmDialog, SetTargetDialog, switch_text
+from app.screens.dialogs import AddBlockEntryDialog, ConfirmDialog, switch_text
 from app.services.entries import picker_note, picker_notes
 from app.services.results import MirrorError, Outcome, Result
 from app.services.status import replication_lines
@@ -373,17 +373,7 @@ class BlockScreen(AcceptsIdentity, TaskScreen):
             self.notify("Select a replicated device in the lower table first.",
                         severity="warning")
             return
-        if self.app.needs_root("Setting a target"):
-            return
-        device = state.entry.device
-
-        def chosen(wanted) -> None:
-            if wanted is not None:
-                target, adopt = wanted
-                self.run_action(f"Target of {shown(device)}",
-                                lambda: self.services.replication.set_entry_target(
-                                    "block", device, target, adopt=adopt), subject=device)
-        self.app.push_screen(SetTargetDialog("block", device, state.entry.target), chosen)
+        self.ask_target("block", state.entry.device, state.entry.target)
 
     def action_mirror(self) -> None:
         self._start_sync("mirror")

@@ -13,7 +13,7 @@ from app.screens.accept import AcceptsIdentity, state_label
 from app.screens.banner import RootBanner
 from app.screens.base import (Col, ForceOffer, KeyedTable, TaskScreen, counted, elide,
                               handed_over_removal, listed, selected_key, state_text)
-from app.screens.dialogs import AddFsEntryDialog, ConfirmDialog, SetTargetDialog
+from app.screens.dialogs import AddFsEntryDialog, ConfirmDialog
 from app.services.entries import describe_difference
 from app.services.events import Interest, MountsChanged
 from app.services.results import Result
@@ -176,19 +176,8 @@ class FilesystemScreen(AcceptsIdentity, TaskScreen):
 
     def action_set_target(self) -> None:
         state = self._selected_state()
-        if state is None or self.app.needs_root("Setting a target"):
-            return
-        path = state.entry.path
-
-        def chosen(wanted) -> None:
-            if wanted is not None:
-                target, adopt = wanted
-                self.run_action(f"Target of {shown(path)}",
-                                lambda: self.services.replication.set_entry_target(
-                                    "fs", path, target, adopt=adopt),
-                                waiting=f"setting the target of {shown(path)}: a capture is "
-                                "unmounted and mounted again", subject=path)
-        self.app.push_screen(SetTargetDialog("fs", path, state.entry.target), chosen)
+        if state is not None:
+            self.ask_target("fs", state.entry.path, state.entry.target)
 
     def action_mount_all(self) -> None:
         self.run_action("Mount all", lambda: self.services.replication.mount_all(),
