@@ -1035,46 +1035,53 @@ def test_a_block_entrys_target_is_set_while_it_is_detached(block_engine, tmp_pat
     assert r.returncode == 0 and '"ranges": []' in r.stdout, r.stdout + r.stderr
 
 
-def _one_partition(disk: str, first: int, size: int) -> str:
-    """An MBR partition table with one partition on `disk` (this kernel parses none itself:
-    partx adds it with BLKPG); its node. The caller removes it (partx -d)."""
+def _partition_table(dev: str, *parts: tuple[int, int]) -> None:
+    """An MBR partition table of `parts` ((first byte, bytes) each) written to `dev`."""
     import struct
     mbr = bytearray(512)
-    mbr[446:462] = struct.pack("<B3sB3sII", 0, bytes(3), 0x83, bytes(3), first // 512, size // 512)
+    for n, (first, size) in enumerate(parts):
+        mbr[446 + 16 * n:462 + 16 * n] = struct.pack("<B3sB3sII", 0, bytes(3), 0x83, bytes(3),
+                                                     first // 512, size // 512)
     mbr[510:512] = b"\x55\xaa"
-    with open(disk, "r+b", buffering=0) as f:
+    with open(dev, "r+b", buffering=0) as f:
         f.write(mbr)
         os.fsync(f.fileno())
-    run("partx", "-a", disk)
-    return f"{disk}p1"
 
 
 def test_a_write_through_a_partition_of_the_captured_disk_is_said_and_repaired(block_engine):
     """The raw device's own node was watched, not the other nodes that reach its bytes: a
     write through a partition of a captured whole disk (dd to /dev/sdb1 with /dev/sdb
     replicated) bypassed the loop, the replica differed and nothing said so. Its writers are
-    named while they hold it, its close is seen and repaired as the raw device's is."""
+    named while they hold it, its close is seen and repaired as the raw device's is, of a
+    partition made while the capture runs too. (This kernel parses no partition table:
+    partx adds the partitions with BLKPG.)"""
     eng, disk, target, cfg = block_engine(32 * MiB, start=False)
-    part = _one_partition(disk, MiB, 16 * MiB)
+    _partition_table(disk, (MiB, 8 * MiB))
+    run("partx", "-a", disk)
+    part, later = f"{disk}p1", f"{disk}p2"
     try:
         eng.start()
-        eng.block_drain(disk)
-        with open(part, "r+b", buffering=0) as raw:  # a writer beside the capture
-            raw.seek(2 * MiB)
-            raw.write(os.urandom(8192))
-            os.fsync(raw.fileno())
-            said = cli(cfg, eng, "status").stdout.replace("\n    ", " ")
-            assert f"(pid {os.getpid()}) has {part}, which holds bytes of it, open for writing" \
-                in said, said
+        st = eng.block_drain(disk)
+        _partition_table(st["loop"], (MiB, 8 * MiB), (16 * MiB, 8 * MiB))  # (through the loop)
+        run("partx", "-a", "--nr", "2", disk)
+        for node in (part, later):
+            with open(node, "r+b", buffering=0) as raw:  # a writer beside the capture
+                raw.seek(2 * MiB)
+                raw.write(os.urandom(8192))
+                os.fsync(raw.fileno())
+                said = cli(cfg, eng, "status").stdout.replace("\n    ", " ")
+                assert f"(pid {os.getpid()}) has {node}, which holds bytes of it, open for " \
+                       "writing" in said, said
         deadline = time.monotonic() + 30
-        while not (eng.block(disk).get("raw_writes") or {}).get("count"):
+        while (eng.block(disk).get("raw_writes") or {}).get("count", 0) < 2:
             assert time.monotonic() < deadline, eng.block(disk)
             time.sleep(0.1)
         st = eng.block_drain(disk)
-        assert st["raw_writes"]["nodes"] == [part] and st["target_data"] == "consistent", st
-        assert sha(target) == sha(disk, 0, 32 * MiB)  # the write reached the replica
+        assert st["raw_writes"]["nodes"] == [part, later], st
+        assert st["target_data"] == "consistent", st
+        assert sha(target) == sha(disk, 0, 32 * MiB)  # the writes reached the replica
         said = cli(cfg, eng, "status").stdout.replace("\n    ", " ")
-        assert f"the raw device (through {part}, which holds bytes of it) was opened for " \
-               f"writing outside {st['loop']} and closed (1 time" in said, said
+        assert f"the raw device (through {part}, {later}, which hold bytes of it) was opened " \
+               f"for writing outside {st['loop']} and closed (2 times" in said, said
     finally:
         run("partx", "-d", disk, check=False)

@@ -440,12 +440,14 @@ class Capture:
             raise Refused(f"offset {spec.offset} is past the end of {spec.key} ({end} bytes)",
                           errno.EINVAL)
         self.size = min(spec.sizelimit or end - spec.offset, end - spec.offset)
-        from app.services.blockdevs import sharing_nodes
+        from app.services.blockdevs import disk_name, sharing_nodes
         from app.services.inotify import WriteCloses
         try:  # from here on a write to the raw device outside the loop is seen (run()), and
             # one through a device that holds its bytes too (its disk, a partition of it)
-            self.raw_watch = WriteCloses(spec.key, sharing_nodes(spec.key, spec.offset,
-                                                                 self.size).values())
+            def sharing() -> list[str]:
+                return list(sharing_nodes(spec.key, spec.offset, self.size).values())
+            self.raw_watch = WriteCloses(spec.key, sharing(), rescan=sharing,
+                                         prefix=disk_name(spec.key))
         except OSError as exc:  # e.g. max_user_watches reached: status names open writers only
             log.warning("%s: cannot watch the raw device for writers outside the loop: %s",
                         spec.key, exc)

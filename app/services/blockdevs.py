@@ -498,6 +498,18 @@ def _name_of(rdev: int) -> str | None:
 
 # ---------------------------------------------------------------- public API
 
+def disk_name(device: str) -> str:
+    """The kernel name of the disk `device` is (or is a partition of): its partitions' names
+    begin with it. "" when sysfs cannot say."""
+    try:
+        rdev = os.stat(device).st_rdev
+        here = os.path.realpath(f"/sys/dev/block/{os.major(rdev)}:{os.minor(rdev)}")
+    except OSError:
+        return ""
+    return os.path.basename(os.path.dirname(here) if os.path.exists(f"{here}/partition")
+                            else here)
+
+
 def sharing_nodes(device: str, offset: int = 0, size: int = 0) -> dict[int, str]:
     """The other block devices that hold bytes of `device`'s window (from `offset`, `size`
     bytes; 0: to its end), as {device number: its /dev node}: its disk when it is a

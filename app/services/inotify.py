@@ -11,7 +11,7 @@ import ctypes
 import errno
 import os
 import struct
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 from app.services.mounts import _libc
 
@@ -130,30 +130,53 @@ class WriteCloses:
     caller's own descriptor, kept open, raises none; its writes raise IN_MODIFY, not asked for.
     A path that is a symbolic link is followed (/dev/disk/by-id/… names the node). `also`:
     more nodes watched the same way (a partition or the disk of a block entry); one that
-    cannot be watched is left out (`missed` names it), the first raises OSError."""
+    cannot be watched is left out (`missed` names it), the first raises OSError. `rescan`:
+    asked again for those nodes when /dev gets a node whose name begins with `prefix` (a
+    partition made while this watches: loop0p1 of loop0); new ones are watched from then on."""
 
-    def __init__(self, path: str, also: Iterable[str] = ()) -> None:
+    def __init__(self, path: str, also: Iterable[str] = (), *,
+                 rescan: Callable[[], Iterable[str]] | None = None, prefix: str = "") -> None:
         self.fd = _init()
         self.names: dict[int, str] = {}
         self.missed: list[tuple[str, OSError]] = []
+        self.rescan, self.prefix, self.dev_wd = rescan, os.fsencode(prefix), -1
         for n, node in enumerate((path, *also)):
-            wd = libc.inotify_add_watch(self.fd, os.fsencode(node), IN_CLOSE_WRITE)
-            if wd >= 0:
-                self.names[wd] = node
-                continue
-            err = ctypes.get_errno()
-            if n == 0:
+            err = self._watch(node)
+            if err is not None and n == 0:
                 os.close(self.fd)
-                raise OSError(err, os.strerror(err), node)
-            self.missed.append((node, OSError(err, os.strerror(err), node)))
+                raise err
+            if err is not None:
+                self.missed.append((node, err))
+        if rescan is not None and prefix:
+            self.dev_wd = libc.inotify_add_watch(self.fd, b"/dev", IN_CREATE)
+
+    def _watch(self, node: str) -> OSError | None:
+        wd = libc.inotify_add_watch(self.fd, os.fsencode(node), IN_CLOSE_WRITE)
+        if wd < 0:
+            err = ctypes.get_errno()
+            return OSError(err, os.strerror(err), node)
+        self.names[wd] = node
+        return None
 
     def fileno(self) -> int:
         return self.fd
 
     def read(self) -> list[str]:
         """The node of each such close queued since the last read (in order)."""
-        return [self.names.get(wd, "?") for wd, mask, _name in _queued(self.fd)
-                if mask & IN_CLOSE_WRITE]
+        closes, created = [], False
+        for wd, mask, name in _queued(self.fd):
+            if wd == self.dev_wd:
+                created = created or name.rstrip(b"\0").startswith(self.prefix)
+            elif mask & IN_IGNORED:  # the node is gone (a partition deleted)
+                self.names.pop(wd, None)
+            elif mask & IN_CLOSE_WRITE:
+                closes.append(self.names.get(wd, "?"))
+        if created and self.rescan is not None:
+            watched = set(self.names.values())
+            for node in self.rescan():
+                if node not in watched and self._watch(node) is None:
+                    watched.add(node)
+        return closes
 
     def close(self) -> None:
         if self.fd >= 0:
