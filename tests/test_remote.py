@@ -2082,3 +2082,37 @@ def test_an_entrys_target_set_to_another_remote_place_is_made_equal_there(fs_rem
     assert st["target"] == "backup1:data2", st
     assert tree(r.root / "data2") == tree(Path(src))
     assert tree(r.root / "data") == before
+
+
+def test_a_target_set_while_changes_wait_for_the_old_one_makes_the_new_one_equal(fs_remote):
+    """`fs set --target` of an entry whose capture ended with changes kept in its journal for
+    its old target (unreachable): the set says how many the old replica lacks, and those
+    changes, older than what the next capture's catch-up copies, never reach the new replica
+    over its newer data (f was written again while nothing captured it)."""
+    eng, src, r = fs_remote()
+    f = Path(src) / "f"
+    f.write_text("one")
+    eng.drain(src)
+    r.bed.reject()
+    r.bed.kill_on_target(r.bed.wait_target_process("serve-target"))
+    wait_for("disconnected", lambda: eng.status(src)["connection"] != "connected", 60, 0.2)
+    f.write_text("two, while the target refused")
+    (Path(src) / "g").write_text("made while the target refused")
+    eng.stop()  # its capture ends with those changes kept for the old target
+    f.write_text("three, while nothing captured it")
+    p = subprocess.run([sys.executable, "-m", "app", "--config", str(r.cfg), "fs", "set", src,
+                        "--target", "backup1:data2"], capture_output=True, text=True, cwd=REPO,
+                       env={**os.environ, "MIRRORSETUP_SOCKET": eng.socket,
+                            "MIRRORSETUP_STATE_DIR": eng.state})
+    out = p.stdout.replace("\n", " ")
+    assert p.returncode == 0, p.stdout + p.stderr
+    assert re.search(r"its replica at backup1:data is left as it is and no longer updated \(\d+ "
+                     r"changes its journal had not sent there stay out of it\)", out), out
+    r.bed.unblock()
+    eng.start()
+    st = eng.drain(src)
+    new = r.root / "data2"
+    assert st["target"] == "backup1:data2" and tree(new) == tree(Path(src)), \
+        (tree(new), tree(Path(src)))
+    assert (new / "f").read_text() == "three, while nothing captured it"
+    assert (r.root / "data" / "f").read_text() == "one"

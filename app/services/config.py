@@ -289,7 +289,7 @@ class ConfigStore:
             target = _checked_remote_target("fs", real, entry.target, config)
         elif entry.target is not None:
             target = _checked_fs_target(real, entry.target, config)
-            if adding or claim:  # what a target holds is checked when it is chosen (and at capture)
+            if adding or claim:  # what a target holds is checked when chosen (and at capture)
                 _refuse_unclaimed(target, f"fs:{real}", entry.adopt_target)
         return replace(entry, path=real, target=target)
 
@@ -922,8 +922,8 @@ def _refuse_unclaimed(target: str, entry: str, adopt: bool) -> None:
     if not empty:
         raise ConfigError(f"target {target} is not empty and carries no mirrorsetup marker: "
                           "refusing to overwrite it; to replace its contents with this entry's "
-                          "replica, add the entry (or set its target) with --adopt-target", key="target", obj=target,
-                          errno=errno.ENOTEMPTY)
+                          "replica, add the entry (or set its target) with --adopt-target",
+                          key="target", obj=target, errno=errno.ENOTEMPTY)
 
 
 def _checked_fs_target(source: str, target: str, config: Config) -> str:
