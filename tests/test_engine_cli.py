@@ -164,6 +164,7 @@ def test_a_target_edited_by_hand_while_captured_is_not_shown_as_the_one_replicat
     text = warning[0]["message"]
     assert f"replicates to {tgt}" in text and f"target {moved}" in text, text
     assert "Unmount all, then Mount all" in text, text
+    assert f"`mirrorsetup fs set {src} --target {moved}` (or Unmount all" in text, text
     r = cli("--config", cfg, "status", socket=eng.socket)
     assert f"replicates to {tgt}" in r.stdout.replace("\n    ", " "), r.stdout
     open(os.path.join(src, "c"), "w").write("gamma")  # still replicated where it says
@@ -480,3 +481,21 @@ def test_an_entrys_target_is_set_by_the_cli_captured_or_not(running, tmp_path):
     r = cli("--config", cfg, "fs", "set", src, "--no-target", socket=eng.socket)
     assert r.returncode == 0 and "has no target now" in r.stdout, r.stdout + r.stderr
     assert configured() is None and src in mirrorfs_mounts()
+
+
+def test_a_target_set_to_what_a_hand_edit_named_applies_it_to_the_capture(running):
+    """The file was edited by hand while the capture ran (status says the capture still
+    replicates to the old target). `fs set --target` with that very target said "unchanged:
+    it replicates there already" and left the capture where it was; it makes it again now."""
+    eng, src, tgt, cfg = running
+    moved = tgt + "-moved"
+    write_config(Path(cfg), [{"path": src, "target": moved}])
+    r = cli("--config", cfg, "fs", "set", src, "--target", moved, socket=eng.socket)
+    out = r.stdout.replace("\n", " ")
+    assert r.returncode == 0 and f"its capture, which replicated to {tgt} (it began before the " \
+        "configuration was edited), was made again" in out, out + r.stderr
+    open(os.path.join(src, "c"), "w").write("gamma")
+    st = eng.drain(src)
+    assert st["target"] == moved and open(os.path.join(moved, "c")).read() == "gamma"
+    r = cli("--config", cfg, "fs", "set", src, "--target", moved, socket=eng.socket)
+    assert r.returncode == 0 and "unchanged" in r.stdout and "unmounted" not in r.stdout, r.stdout

@@ -548,11 +548,14 @@ class Replication:
             old, new = self.store.check_entry_target(kind, key, target, adopt)
         except MirrorError as exc:
             return [Result.from_error(action, key, exc)]
-        if old == new:
+        # a capture that started before the file was edited by hand replicates elsewhere
+        running = self._running_target(daemon, kind, key)
+        stale = running is not None and running[0] != new.target
+        if old == new and not stale:
             return [self._target_set(action, key, old, new, state, False)]
         results: list[Result] = []
         lifted = False
-        if old.target == new.target:  # only adopt_target: a capture reads it when it starts
+        if old.target == new.target and not stale:  # only adopt_target: read at capture start
             pass
         elif kind == "fs" and any(m.mount_point == key and m.fstype == FSTYPE_FS
                                   for m in mounts.read_mountinfo()):
@@ -569,6 +572,12 @@ class Replication:
             lifted = True
         elif kind == "block":
             loops = [c.device for c in View().captures_of(key)]
+            if loops and old == new:  # (stale: a hand edit its capture began before)
+                return [Result(action, key, Outcome.FAILED, f"{key}'s capture (as "
+                               f"{', '.join(loops)}) replicates to {running[0]}: it began "
+                               "before the configuration was edited to name "
+                               f"{new.target or 'no target'}; Detach all, then Attach all "
+                               "applies it; nothing was changed", errno.EBUSY, REFUSED)]
             if loops:
                 return [Result(action, key, Outcome.FAILED, f"{key} is attached and captured "
                                f"now (as {', '.join(loops)}): its target is set while it is "
@@ -580,15 +589,41 @@ class Replication:
         except MirrorError as exc:
             results.append(Result.from_error(action, key, exc))
         else:
-            results.append(self._target_set(action, key, old, new, state, lifted))
+            results.append(self._target_set(action, key, old, new, state, lifted,
+                                            running[0] if stale else None))
         if lifted:
             results += self._daemon_results("mount", key, path=key)
         return results
 
+    def _running_target(self, daemon, kind: str, key: str) -> tuple[str | None] | None:
+        """(the target the entry's running capture replicates to,) as the daemon says it; None
+        when no capture of it runs (or no daemon answers)."""
+        if daemon is None:
+            return None
+        from app.services.socketpath import STATUS_ANSWER_SECONDS
+        try:
+            reply = daemon.request("status", answer_within=STATUS_ANSWER_SECONDS)
+        except MirrorError:
+            return None
+        for row in reply.get("filesystem" if kind == "fs" else "block", []):
+            if row.get("key") == key and row.get("captured"):
+                return (row.get("target") or None,)
+        return None
+
     @staticmethod
-    def _target_set(action: str, key: str, old, new, state: str, lifted: bool) -> Result:
+    def _target_set(action: str, key: str, old, new, state: str, lifted: bool,
+                    ran: str | None = None) -> Result:
         """The result of an entry's target set: what becomes of the old replica, when the new
-        one is made."""
+        one is made. `ran`: the target a capture that began before a hand edit of the file
+        replicated to (the file named `new` already)."""
+        if old == new and ran is not None:
+            return Result(action, key, Outcome.OK, f"its capture, which replicated to {ran} "
+                          "(it began before the configuration was edited), was made again: it "
+                          f"replicates to {new.target} now and makes it equal to {key} (what "
+                          f"differs is copied); the replica at {ran} is left as it is"
+                          if new.target else f"its capture, which replicated to {ran} (it "
+                          "began before the configuration was edited), was made again: it "
+                          "replicates nowhere now")
         if old == new:
             return Result(action, key, Outcome.UNCHANGED, f"{key} replicates to {new.target} "
                           "already" if new.target else f"{key} has no target already")

@@ -667,6 +667,10 @@ def _not_applied_text(row: CaptureRow) -> str:
         what = f"the entry and its target {name} were"
         if row.not_applied.keys() <= set(TARGET_SETTINGS_AT_START):  # the daemon applies those
             applies = f"{command('target', 'apply', name)} (or {applies})"
+    elif row.kind == "fs" and "target" in row.not_applied:  # this entry alone, made again
+        wanted = row.not_applied["target"][1]
+        how = ("--target", wanted) if wanted else ("--no-target",)
+        applies = f"{command('fs', 'set', row.key, *how)} (or {applies})"
     return (f"{doing} as {what} when it started; the configuration now says {changes}: "
             f"{applies} applies it")
 
