@@ -465,10 +465,10 @@ class Daemon:
                 how = "was switched over" if sw.get("state") == "switched" else \
                     "has a switch-over that did not finish"
                 raise Refusal(f"{key} {how} to {sw.get('target')} at "
-                                  f"{local_time(sw.get('time'))}: the replica there is primary "
-                                  f"now and newer than this side, so there is nothing to {cmd} "
-                                  f"against it; {layout_mod.command('failback', key, '--yes')} "
-                                  "brings it back (nothing was changed)", errno=errno.EREMOTE, obj=key)
+                              f"{local_time(sw.get('time'))}: the replica there is primary "
+                              f"now and newer than this side, so there is nothing to {cmd} "
+                              f"against it; {layout_mod.command('failback', key, '--yes')} "
+                              "brings it back (nothing was changed)", errno=errno.EREMOTE, obj=key)
             spec = self.sup.spec(kind, key, entry, offset=getattr(entry, "offset", 0),
                                  sizelimit=getattr(entry, "sizelimit", 0))
             token = trio.lowlevel.current_trio_token()

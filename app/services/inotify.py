@@ -149,6 +149,13 @@ class WriteCloses:
                 self.missed.append((node, err))
         if rescan is not None and prefix:
             self.dev_wd = libc.inotify_add_watch(self.fd, b"/dev", IN_CREATE)
+            self._add_new(rescan())  # (one made before /dev was watched, after `also`)
+
+    def _add_new(self, nodes: Iterable[str]) -> None:
+        watched = set(self.names.values())
+        for node in nodes:
+            if node not in watched and self._watch(node) is None:
+                watched.add(node)
 
     def _watch(self, node: str) -> OSError | None:
         wd = libc.inotify_add_watch(self.fd, os.fsencode(node), IN_CLOSE_WRITE)
@@ -172,10 +179,7 @@ class WriteCloses:
             elif mask & IN_CLOSE_WRITE:
                 closes.append(self.names.get(wd, "?"))
         if created and self.rescan is not None:
-            watched = set(self.names.values())
-            for node in self.rescan():
-                if node not in watched and self._watch(node) is None:
-                    watched.add(node)
+            self._add_new(self.rescan())
         return closes
 
     def close(self) -> None:
