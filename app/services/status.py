@@ -598,8 +598,10 @@ def _block_state(entry: BlockEntry, view: View, table,
                                          f"bypassing {ours[0].device}", "error"))
     if engine is not None and engine.raw_writes:
         n, last = engine.raw_writes.get("count", 1), engine.raw_writes.get("last") or 0
-        others = [node for node in engine.raw_writes.get("nodes") or () if node != dev]
-        via = "" if not others else (f" (through {', '.join(others)}, which hold"
+        nodes = engine.raw_writes.get("nodes") or ()
+        others = [node for node in nodes if node != dev]
+        via = "" if not others else (f" ({'itself, and ' if dev in nodes else ''}through "
+                                     f"{', '.join(others)}, which hold"
                                      f"{'s' if len(others) == 1 else ''} bytes of it)")
         warnings.append(StatusWarning(dev, f"the raw device{via} was opened for writing outside "
                                      f"{ours[0].device if ours else 'its loop'} and closed "
