@@ -204,15 +204,22 @@ def test_manual_attach_and_detach_are_not_persisted(config_path, disks, unused_l
     disk = disks()
     out = json.loads(cli(config_path, "manual", "attach", disk, "--read-only", "--loop",
                          unused_loop, "--json").stdout)[0]
-    loop = out["details"]["loop"]  # a number nobody takes once we free it (detached twice below)
+    loop = out["details"]["loop"]
     assert loop == unused_loop
     assert loops_on(disk) == [loop] and sysfs(loop, "../ro") == "1"
     assert not config_path.exists()
     done = cli(config_path, "manual", "detach", loop)
     assert done.stdout.split() == ["ok", f"{loop}:", "detached"], done.stdout  # named once
     assert loops_on(disk) == []
-    again = json.loads(cli(config_path, "manual", "detach", loop, "--json").stdout)[0]
-    assert again["outcome"] == "unchanged"
+    # Detached twice: on a busy host another program may attach the number we freed (the
+    # project's CI saw it once), and a second detach would end its loop. Held exclusively, it
+    # cannot be attached (an attach claims the device) and it stays ours to ask about.
+    held = os.open(loop, os.O_RDONLY | os.O_EXCL | os.O_CLOEXEC)
+    try:
+        again = json.loads(cli(config_path, "manual", "detach", loop, "--json").stdout)[0]
+    finally:
+        os.close(held)
+    assert again["outcome"] == "unchanged", again
     assert "/dev/loopN" in cli(config_path, "manual", "detach", "/dev/sda", check_rc=2).stderr
 
 
