@@ -45,7 +45,7 @@ from app.services.results import MirrorError
 
 log = logging.getLogger("mirrorsetup.capture")
 PROFILE_ENV = "MIRRORSETUP_WORKER_PROFILE"
-CLEAN_MARKER = "clean"  # written at the end of a capture, consumed at the start of the next
+CLEAN_MARKER = layout.CLEAN_MARKER  # written at a capture's end, consumed at the next start
 ENTRY_MARKER = "entry"  # which directory or device this journal belongs to
 LOCK_FILE = "lock"  # flock: one capture per entry, whatever asks
 STOP_DRAIN_SECONDS = 30  # a clean stop ships what is queued for at most this long

@@ -871,7 +871,7 @@ def _refuse_shared_after_move(moved: Config, new: TargetHost) -> None:
         if not entry.target or is_local_target(entry.target) or \
                 entry.target.partition(":")[0] != new.name:
             continue
-        kind, key = ("fs", entry.path) if isinstance(entry, FsEntry) else ("block", entry.device)
+        kind, key = kind_and_key(entry)
         try:
             _checked_remote_target(kind, key, entry.target, moved)
         except ConfigError as exc:
@@ -892,7 +892,7 @@ def _adopt_hint(entry) -> str:
     if not getattr(entry, "adopt_target", False):
         return ""
     from app.services.layout import command
-    kind, key = ("fs", entry.path) if isinstance(entry, FsEntry) else ("block", entry.device)
+    kind, key = kind_and_key(entry)
     how = command(kind, "set", key, "--target", entry.target or "TARGET", "--adopt-target")
     return f"; to let it adopt its target: {how} (a capture takes it when it starts)"
 
@@ -964,6 +964,12 @@ def match_block(config: Config, device: str) -> BlockEntry | None:
     me = _device_id(device)
     return next((e for e in config.block
                  if e.device == os.path.normpath(device) or _device_id(e.device) == me), None)
+
+
+def kind_and_key(entry: FsEntry | BlockEntry) -> tuple[str, str]:
+    """("fs", its path) or ("block", its device): how commands and state directories name
+    an entry."""
+    return ("fs", entry.path) if isinstance(entry, FsEntry) else ("block", entry.device)
 
 
 def _configured(entry: T | None, name) -> T:

@@ -58,6 +58,9 @@ FAILBACK_MARKER = "failback"
 # beside them: what told the entry's device (block) or file system (directory) from another
 # when it was added (app/engine/capture.py check_identity); removed with the entry
 IDENTITY_RECORD = "identity"
+# written at the end of a capture (its last seq, up to which the target had them, ...),
+# consumed at the start of the next (app/engine/capture.py write_end)
+CLEAN_MARKER = "clean"
 
 
 def write_small_file(directory, name: str, text: str, *, sync_dir: bool = True) -> None:
@@ -93,6 +96,19 @@ def identity_record(entry_dir: str) -> dict | None:
     except (OSError, ValueError):
         return None
     return was if isinstance(was, dict) else None
+
+
+def clean_end(entry_dir: str) -> dict | None:
+    """What the entry's last capture recorded at its clean end ("seq", "released": up to
+    which its target had them), None when it did not end cleanly or was never made."""
+    import json
+    try:
+        with open(os.path.join(entry_dir, CLEAN_MARKER), "rb") as f:
+            end = json.loads(f.read(1 << 16))
+    except (OSError, ValueError):
+        return None
+    return end if isinstance(end, dict) and isinstance(end.get("seq"), int) \
+        and isinstance(end.get("released"), int) else None
 
 
 # a key of the record that older versions did not write: compared only when the record has

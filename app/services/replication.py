@@ -17,9 +17,9 @@ from app.services import blockdevs, blockplan, mounts
 from app.services import loop as loopdev
 from app.services.blockplan import View, same_device
 from app.services.config import (BlockEntry, ConfigStore, check_window, is_local_target,
-                                 match_block, match_fs)
+                                 kind_and_key, match_block, match_fs)
 from app.services.layout import (IDENTITY_RECORD, IDENTITY_WORDS, FSTYPE_BLOCK, FSTYPE_FS,
-                                  capture_key, command, default_state_dir, entry_state,
+                                  capture_key, clean_end, command, default_state_dir, entry_state,
                                   failback_marker, identity_changes, identity_record,
                                   identity_words, mix_words, switched_marker, switched_refusal,
                                   with_failback, write_small_file)
@@ -634,7 +634,7 @@ class Replication:
         words = [f"{key} replicates to {new.target} now" if new.target else
                  f"{key} has no target now: its changes are captured and replicated nowhere"]
         if old.target:
-            end = _clean_end(state)
+            end = clean_end(state)
             missing = "" if end is None or end.get("seq", 0) <= end.get("released", 0) else (
                 f" ({end['seq'] - end['released']} changes its journal had not sent there "
                 "stay out of it)")
@@ -824,20 +824,6 @@ def _captured_without_daemon(device: str, view: View) -> Result | None:
                   "the device again; nothing was changed", errno.ENOTCONN, REFUSED)
 
 
-def _clean_end(state: str) -> dict | None:
-    """What the entry's last capture recorded at its clean end (app/engine/capture.py
-    write_end: its last seq, and up to which the target had them), None when it did not end
-    cleanly or was never made."""
-    import json
-    try:
-        with open(os.path.join(state, "clean"), "rb") as f:
-            end = json.loads(f.read(4096))
-    except (OSError, ValueError):
-        return None
-    return end if isinstance(end, dict) and isinstance(end.get("seq"), int) \
-        and isinstance(end.get("released"), int) else None
-
-
 def _kept_note(ended: list[Result]) -> str:
     """A capture ended by a remove that kept changes not yet at the target (its "next start"
     is no more): say what becomes of them."""
@@ -852,6 +838,6 @@ def _no_target(entry) -> str:
     took it in silence, and `fs list` showed TARGET "-" without saying what that means)."""
     if entry.target:
         return ""
-    kind, key = ("fs", entry.path) if hasattr(entry, "path") else ("block", entry.device)
+    kind, key = kind_and_key(entry)
     return ("; no target: its changes are captured and replicated nowhere until it has one "
             f"({command(kind, 'set', key, '--target', 'DIR' if kind == 'fs' else 'FILE')})")
