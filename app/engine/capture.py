@@ -1047,17 +1047,27 @@ class Capture:
             closes = watch.read()
             if not closes:
                 continue
-            now = time.time()
+            now, before = time.time(), self.raw_writes or {}
+            lost = watch.OVERFLOW in closes  # closes after a full queue were not seen
+            closes = [node for node in closes if node != watch.OVERFLOW]
             nodes = sorted(set(closes))
-            self.raw_writes = {"count": (self.raw_writes or {}).get("count", 0) + len(closes),
-                               "last": now, "nodes": sorted(set(
-                                   (self.raw_writes or {}).get("nodes", [])) | set(nodes))}
+            self.raw_writes = {"count": before.get("count", 0) + len(closes), "last": now,
+                               "nodes": sorted(set(before.get("nodes", [])) | set(nodes)),
+                               "overflows": before.get("overflows", 0) + lost}
             when = time.strftime("%H:%M:%S", time.localtime(now))
-            log.warning("%s: %s was opened for writing outside its loop and closed (%s): its "
-                        "writes were not captured; comparing it with its replica", self.spec.key,
-                        " and ".join(n if n == self.spec.key else f"{n} (which holds bytes of it)"
-                                     for n in nodes), when)
-            self.request_catch_up(f"the raw device was written outside its loop at {when}")
+            if nodes:
+                log.warning("%s: %s was opened for writing outside its loop and closed (%s): its "
+                            "writes were not captured; comparing it with its replica",
+                            self.spec.key, " and ".join(
+                                n if n == self.spec.key else f"{n} (which holds bytes of it)"
+                                for n in nodes), when)
+            if lost:
+                log.warning("%s: the watch for writers outside its loop lost events (its inotify "
+                            "queue overflowed at %s): comparing it with its replica",
+                            self.spec.key, when)
+            self.request_catch_up(f"the raw device was written outside its loop at {when}"
+                                  if nodes else "the watch for writers outside the loop lost "
+                                  f"events at {when}")
 
     async def _place_then_serve(self, ready: dict, adopt) -> None:
         import trio

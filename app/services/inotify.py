@@ -26,6 +26,7 @@ IN_CREATE = 0x00000100
 IN_DELETE = 0x00000200
 IN_DELETE_SELF = 0x00000400
 IN_MOVE_SELF = 0x00000800
+IN_Q_OVERFLOW = 0x00004000  # events were lost: the queue was full (wd -1)
 IN_IGNORED = 0x00008000  # the watch is gone (its directory was removed)
 IN_ONLYDIR = 0x01000000
 IN_NONBLOCK = os.O_NONBLOCK
@@ -71,6 +72,9 @@ class PathWatch:
         """The watched paths touched by the queued events (empty when none were ours)."""
         touched: set[str] = set()
         for wd, mask, raw in _queued(self.fd):
+            if mask & IN_Q_OVERFLOW:  # what was lost is unknown: any of them may have changed
+                touched.update(self.paths)
+                continue
             directory = self._dirs.get(wd)
             if mask & IN_IGNORED:
                 self._dirs.pop(wd, None)
@@ -132,7 +136,11 @@ class WriteCloses:
     more nodes watched the same way (a partition or the disk of a block entry); one that
     cannot be watched is left out (`missed` names it), the first raises OSError. `rescan`:
     asked again for those nodes when /dev gets a node whose name begins with `prefix` (a
-    partition made while this watches: loop0p1 of loop0); new ones are watched from then on."""
+    partition made while this watches: loop0p1 of loop0); new ones are watched from then on.
+    A full event queue (IN_Q_OVERFLOW) may have lost closes: read() then says OVERFLOW among
+    them, and looks for new nodes again (a creation may have been lost too)."""
+
+    OVERFLOW = "(closes lost: the inotify queue overflowed)"
 
     def __init__(self, path: str, also: Iterable[str] = (), *,
                  rescan: Callable[[], Iterable[str]] | None = None, prefix: str = "") -> None:
@@ -172,7 +180,10 @@ class WriteCloses:
         """The node of each such close queued since the last read (in order)."""
         closes, created = [], False
         for wd, mask, name in _queued(self.fd):
-            if wd == self.dev_wd:
+            if mask & IN_Q_OVERFLOW:
+                closes.append(self.OVERFLOW)
+                created = True
+            elif wd == self.dev_wd:
                 created = created or name.rstrip(b"\0").startswith(self.prefix)
             elif mask & IN_IGNORED:  # the node is gone (a partition deleted)
                 self.names.pop(wd, None)

@@ -596,8 +596,14 @@ def _block_state(entry: BlockEntry, view: View, table,
             what = "the raw device" if node == dev else f"{node}, which holds bytes of it,"
             warnings.append(StatusWarning(dev, f"{comm} (pid {pid}) has {what} open for writing, "
                                          f"bypassing {ours[0].device}", "error"))
-    if engine is not None and engine.raw_writes:
-        n, last = engine.raw_writes.get("count", 1), engine.raw_writes.get("last") or 0
+    if engine is not None and engine.raw_writes and engine.raw_writes.get("overflows"):
+        n = engine.raw_writes["overflows"]
+        warnings.append(StatusWarning(dev, "writers outside its loop may have been missed: the "
+                                     f"watch's event queue overflowed ({n} time"
+                                     f"{'s' if n != 1 else ''}); the entry was compared with its "
+                                     "replica then and what differed sent"))
+    if engine is not None and engine.raw_writes and engine.raw_writes.get("count"):
+        n, last = engine.raw_writes["count"], engine.raw_writes.get("last") or 0
         nodes = engine.raw_writes.get("nodes") or ()
         others = [node for node in nodes if node != dev]
         via = "" if not others else (f" ({'itself, and ' if dev in nodes else ''}through "
