@@ -565,6 +565,14 @@ class Replication:
                                f"lifted and made again by the daemon ({command('daemon', 'start')}"
                                "); nothing was changed", errno.ENOTCONN, REFUSED)]
             results = self._daemon_results("unmount", key, path=key)
+            held = [h for r in results if r.failed for h in r.details.get("holders", ())]
+            if held:  # (the unmount's own words name its --force, which a set does not have)
+                who = "; ".join(f"pid {h['pid']} ({h['name']}) holds {h['file']}" for h in held)
+                return [Result(action, key, Outcome.FAILED, f"kept the target of {key}: files "
+                               f"are open under it ({who}), and its capture is lifted and made "
+                               "again to change the target; close them and set it again; "
+                               "nothing was changed", errno.EBUSY,
+                               {"holders": held, **REFUSED})]
             if any(r.failed for r in results):
                 return results + [Result(action, key, Outcome.FAILED, f"kept the target of {key}: "
                                          "its capture could not be lifted (above)", errno.EBUSY,
