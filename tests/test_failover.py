@@ -21,6 +21,7 @@ from pathlib import Path
 
 import pytest
 
+from app.services import mounts
 from app.services.protocol import CaptureRow
 from app.services.status import replication_text
 from test_engine_support import REPO
@@ -1537,6 +1538,7 @@ def test_a_source_that_changed_nothing_since_the_promotion_is_failed_over_not_sp
     assert f"`mirrorsetup failback {src} --yes` brings it here" in st["last_error"], st
     [rep] = replicas(r)
     assert rep["role"] == "primary" and not rep.get("split_brain"), rep  # nothing marked there
+    _read_only_after_the_fail_over(eng, r, s)
     p = cli(r.cfg, "switchover", src, socket=eng.socket)
     assert p.returncode == 1 and "promoted meanwhile (fail-over)" in p.stderr, p.stderr
     p = cli(r.cfg, "failback", src, "--yes", socket=eng.socket)
@@ -1544,6 +1546,55 @@ def test_a_source_that_changed_nothing_since_the_promotion_is_failed_over_not_sp
     assert (s / "t").read_text() == "written on the promoted replica"
     assert not (s / "a").exists()  # removed on the replica: the fail-back made this host the same
     assert replicas(r)[0]["role"] == "secondary"
+    (s / "after").write_text("written after the fail-back")  # writable again, and replicated
+    eng.drain(src)
+    assert (r.root / "data" / "after").read_text() == "written after the fail-back"
+
+
+def _read_only_after_the_fail_over(eng, r, s: Path) -> None:
+    """The source after a fail-over is read-only (its replica is the newer copy: a write here
+    would fork the history, and the fail-back would drop it), and status says so."""
+    wait_for("read-only here", lambda: eng.status(str(s))["read_only_here"] is True, 30)
+    with pytest.raises(OSError) as refused:
+        (s / "late").write_text("written here after the promotion")
+    assert refused.value.errno == errno.EROFS
+    said = cli(r.cfg, "status", socket=eng.socket).stdout.replace("\n    ", " ")
+    assert "read-only here: its replica was promoted and nothing changed here since" in said, said
+    assert eng.status(str(s))["replication"] == "failed over (no change here since)"
+
+
+def test_the_source_after_a_fail_over_is_read_only_until_it_wins_again(fs_remote):
+    """An old source that came back after its replica was promoted accepted writes: each one
+    turned the fail-over into a split brain (and a fail-back would drop it). Its mirrorfs mount
+    is read-only now (its atime choice kept), refused while a file is open for writing there
+    (status names who; tried again at the next refusal), and writable again once this host
+    wins (`replica resolve --discard-target`)."""
+    eng, src, r = fs_remote()
+    s = Path(src)
+    held = None
+
+    def hold() -> None:  # open for writing (changing nothing) as the link comes back
+        nonlocal held
+        held = open(s / "a", "r+")
+
+    def status() -> str:
+        return cli(r.cfg, "status", socket=eng.socket).stdout.replace("\n    ", " ")
+    _promoted_while_the_link_was_down(eng, s, r, hold)
+    said = wait_for("the writer named", lambda: "could NOT be made read-only" in (x := status())
+                    and x, 30)
+    assert f"pid {os.getpid()} (" in said and f"holds {s}/a" in said, said
+    assert eng.status(src)["replication"] == "failed over (no change here since)"  # not written
+    held.close()
+    _read_only_after_the_fail_over(eng, r, s)
+    options = [m.options for m in mounts.read_mountinfo() if m.mount_point == src][-1]
+    assert "ro" in options.split(","), options
+    p = cli(r.cfg, "replica", "resolve", src, "--discard-target", "--yes", socket=eng.socket)
+    assert p.returncode == 0, p.stdout + p.stderr
+    wait_for("writable", lambda: eng.status(src)["read_only_here"] is None, 60)
+    (s / "kept").write_text("this host won")
+    eng.drain(src)
+    assert (r.root / "data" / "kept").read_text() == "this host won"
+    assert not (r.root / "data" / "t").exists()  # the promoted replica's write was discarded
 
 
 def test_fail_over_of_a_block_device_split_brain_then_the_source_wins(remote, disks, tmp_path,

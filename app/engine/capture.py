@@ -286,6 +286,8 @@ class Capture:
         self.stop_requested = False
         self.abort_connection = False
         self.fuse_dev: tuple[int, int] | None = None
+        # after a fail-over (_on_refused): True read-only, else why it could not be made so
+        self.read_only_here: bool | str | None = None
         self.mount_point = ""
         self._catch_up_wake = None
         self._connected_wake = None  # a trio.Event while a catch-up waits for its target
@@ -367,7 +369,8 @@ class Capture:
         from app.engine.remote import RemoteTarget
         self.remote = isinstance(self.target, RemoteTarget)
         self.shipper = Shipper(self.journal, self.target, on_gap=self._on_gap,
-                               on_connect=self._on_connect, local=not self.remote,
+                               on_connect=self._on_connect, on_refused=self._on_refused,
+                               local=not self.remote,
                                # a local applier yields to the request loop (YIELD_SECONDS)
                                loop=None if self.remote else self.session)
         # A first copy to a remote replica walks while ssh and the agent start (a third of a
@@ -507,10 +510,47 @@ class Capture:
         """From the shipper's thread: a session is up; a catch-up waiting for it starts now."""
         import trio
         self._session_up.set()
+        if self.read_only_here is True:  # its replica is our secondary again (resolve)
+            self._read_only(False)
         wake = self._connected_wake
         if wake is not None:
             with contextlib.suppress(trio.RunFinishedError):
                 self.token.run_sync_soon(wake.set)
+
+    # -- the old source after a fail-over
+    def _on_refused(self, code: str, said: dict | None) -> None:
+        """From the shipper's thread: the agent refused the session. Its replica was promoted
+        while nothing changed here since (a fail-over: this host died or was cut off, and came
+        back): the replica is the newer copy, and a write here would fork the history (a split
+        brain, whose fail-back drops it). A directory's mirrorfs mount is made read-only, as a
+        secondary is, until the replica is this entry's secondary again (`replica resolve
+        --discard-target`: the session is taken, _on_connect) or a fail-back ends this
+        capture. Refused while a file is open for writing: tried again at each refusal."""
+        if self.spec.kind != "fs" or code != "split-brain" or self.read_only_here is True \
+                or (said or {}).get("changes_here") is not False:
+            return
+        self._read_only(True)
+
+    def _read_only(self, read_only: bool) -> None:
+        key, top = self.spec.key, None
+        try:
+            top = _top_mount(mounts.read_mountinfo(), key)
+            if top is None or (top.major, top.minor) != self.fuse_dev:
+                raise MirrorError(f"{key}: mirrorfs is not the mount on top there", errno.ENOENT)
+            mounts.set_read_only(key, read_only)
+        except (OSError, MirrorError) as exc:
+            why = str(exc)
+            if exc.errno == errno.EBUSY and top is not None:
+                why += "; open for writing: " + ("; ".join(_writers(top.mount_id)) or "?")
+            if read_only and self.read_only_here != why:  # (said once, not at each retry)
+                log.error("%s: its replica was promoted and nothing changed here since, but it "
+                          "could not be made read-only: %s", key, why)
+            self.read_only_here = why if read_only else None
+            return
+        self.read_only_here = True if read_only else None
+        log.warning("%s: %s", key, "read-only: its replica was promoted and nothing changed here "
+                    "since (a fail-over); writes here would fork its history" if read_only else
+                    "writable again: its replica is its secondary again")
 
     def _hold_tracker(self) -> None:
         """On the trio thread: track capture from this very record on, until a catch-up that
@@ -1000,6 +1040,7 @@ class Capture:
             "resync_bytes": self.resync_bytes, "wire_bytes": fig.wire_bytes,
             "logical_bytes": fig.logical_bytes, "wire_rate": round(wire, 1),
             "logical_rate": round(logical, 1), "worker_pid": os.getpid(),
+            "read_only_here": self.read_only_here,
             **({"rtt": self.target.rtt, "attempts": fig.attempts,
                 "compression": self.target.codec.state} if self.remote else {}),
             "open_handles": self.ops.open_handles() if self.spec.kind == "fs" else self.ops.opened,
@@ -1328,6 +1369,30 @@ def _lstat_key(root_fd: int, rel: bytes) -> tuple[int, int] | None:
     except OSError:
         return None
     return st.st_dev, st.st_ino
+
+
+def _writers(mount_id: int) -> list[str]:
+    """Who has a file on mount `mount_id` open for writing ("pid N (comm) holds FILE"), from
+    /proc/PID/fdinfo (its mnt_id and flags): nothing on the mount is looked up."""
+    found = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            fds = os.listdir(f"/proc/{pid}/fdinfo")
+        except OSError:
+            continue
+        for fd in fds:
+            try:
+                with open(f"/proc/{pid}/fdinfo/{fd}") as f:
+                    info = dict(line.split(":", 1) for line in f.read().splitlines() if ":" in line)
+                if int(info.get("mnt_id", -1)) != mount_id or not int(info["flags"], 8) & 3:
+                    continue
+                held = os.readlink(f"/proc/{pid}/fd/{fd}")
+                with open(f"/proc/{pid}/comm") as f:
+                    comm = f.read().strip()
+            except (OSError, ValueError, KeyError):
+                continue
+            found.append(f"pid {pid} ({comm}) holds {held}")
+    return found
 
 
 def _top_mount(table, path: str):

@@ -110,11 +110,12 @@ class Figures:
 
 class Shipper:
     def __init__(self, journal: Journal, target, *, on_gap=None, on_connect=None,
-                 local: bool = True, loop=None):
+                 on_refused=None, local: bool = True, loop=None):
         self.journal = journal
         self.target = target
         self.on_gap = on_gap
         self.on_connect = on_connect  # from this thread, each time a session is up
+        self.on_refused = on_refused  # (code, said) from this thread, each time it is refused
         self.local = local
         self._linger = False  # the last batch was small: let the next gather first (LINGER_SECONDS)
         self._small = True  # the last batch's records were small (QUIET_UNDER_BYTES)
@@ -320,6 +321,8 @@ class Shipper:
         self.fig.last_error = exc.state
         self.fig.refusal = getattr(exc, "code", None) if not exc.retry else None
         self.fig.refusal_said = getattr(exc, "said", None) if not exc.retry else None
+        if self.fig.refusal is not None and self.on_refused is not None:
+            self.on_refused(self.fig.refusal, self.fig.refusal_said)
         if exc.taken is not None:  # everything after it goes again
             self.journal.rewind(max(exc.taken, self.journal.released_seq))
         else:

@@ -245,6 +245,29 @@ def move_mount(tree_fd: int, target: PathArg, *, beneath: bool = False) -> None:
         raise error
 
 
+SYS_MOUNT_SETATTR = 442  # (Linux 5.12)
+MOUNT_ATTR_RDONLY = 0x1
+
+
+def set_read_only(path: PathArg, read_only: bool) -> None:
+    """mount_setattr(2) of the mount on top at `path`: its read-only flag alone, set or
+    cleared (MS_REMOUNT|MS_BIND would set every per-mount flag, an entry's atime choice with
+    them). Making it read-only fails with EBUSY while a file there is open for writing."""
+    import ctypes
+
+    class MountAttr(ctypes.Structure):
+        _fields_ = [("attr_set", ctypes.c_uint64), ("attr_clr", ctypes.c_uint64),
+                    ("propagation", ctypes.c_uint64), ("userns_fd", ctypes.c_uint64)]
+    attr = MountAttr(MOUNT_ATTR_RDONLY if read_only else 0, 0 if read_only else MOUNT_ATTR_RDONLY)
+    if _libc().syscall(SYS_MOUNT_SETATTR, ctypes.c_int(AT_FDCWD), _arg(path), ctypes.c_uint(0),
+                       ctypes.byref(attr), ctypes.c_size_t(ctypes.sizeof(attr))) != 0:
+        err = _errno()
+        error = MirrorError.from_oserror(f"make {'read-only' if read_only else 'writable'}",
+                                         _display(os.fsdecode(path)), OSError(err, os.strerror(err)))
+        error.obj = os.fsdecode(path)
+        raise error
+
+
 def other_mount_tables(*, skip_own: bool = True):
     """(pid, comm, mount table) once for each mount namespace other than ours (`unshare -m`,
     `ip netns exec`, containers), from the first process found in it: /proc/PID/mountinfo."""

@@ -239,6 +239,9 @@ class CaptureRow:
     # while the link is faster than compressing saves (wire.Codec.adaptive); None: local target
     compression: str | None = None
     open_handles: int = 0
+    # its replica promoted and nothing changed here since (a fail-over): True, made read-only
+    # here; a str: why it could not be (a file open for writing); None: neither
+    read_only_here: bool | str | None = None
     # file-system entries
     mounted: bool = False
     replicate_atime: bool = False

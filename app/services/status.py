@@ -646,6 +646,19 @@ def _replication_warnings(subject: str, row: CaptureRow, warnings: list[StatusWa
     if last.startswith(("paused", "refused", "disconnected", "error")):
         warnings.append(StatusWarning(subject, f"target: {row.connection}",
                                       "error" if last.startswith("refused") else "warning"))
+    if row.read_only_here is True:
+        warnings.append(StatusWarning(subject, "read-only here: its replica was promoted and "
+                                      "nothing changed here since (a fail-over), so writes are "
+                                      "refused (EROFS) rather than fork its history; "
+                                      f"{command('failback', row.key, '--yes')} brings the "
+                                      "replica's data here, "
+                                      f"{command('replica', 'resolve', row.key, '--discard-target', '--yes')}"
+                                      " keeps this host's"))
+    elif isinstance(row.read_only_here, str):
+        warnings.append(StatusWarning(subject, "its replica was promoted and nothing changed "
+                                      "here since (a fail-over), but it could NOT be made "
+                                      f"read-only ({row.read_only_here}): a write here now is a "
+                                      "split brain", "error"))
     if row.not_applied:
         warnings.append(StatusWarning(subject, _not_applied_text(row)))
     if row.apply_errors:
