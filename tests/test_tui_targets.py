@@ -1086,3 +1086,19 @@ def test_an_entry_whose_capture_does_not_answer_is_said_so_not_as_an_unknown_rep
     role, state = role_and_state(row)
     assert (role.plain, state.plain) == ("source", "capture: the worker (pid 5) has not answered "
                                                    "for 12 s"), (role, state)
+
+
+def test_a_failed_over_source_says_whether_it_is_read_only_here():
+    """The source after a fail-over is read-only (its capture's mount), or not while a file is
+    open for writing: the Targets screen's FAILED OVER line says which, before the reason."""
+    from app.screens.targets import _source_role_and_state
+    from app.services.protocol import CaptureRow
+    said = "failed over: the target was promoted at 12:00"
+    base = {"kind": "fs", "key": "/srv/data", "captured": True, "target": "backup1:data",
+            "target_data": "promoted", "last_error": said}
+    for read_only, start in ((True, "read-only here; "),
+                             ("EBUSY; open for writing: pid 7 (vi) holds /srv/data/a",
+                              "NOT read-only here (status says why); "), (None, "")):
+        role, state = _source_role_and_state(CaptureRow.from_json(
+            {**base, "read_only_here": read_only}), long=True)
+        assert role.plain == "FAILED OVER" and state.plain.startswith(start + "failed over"), state

@@ -90,8 +90,10 @@ def _handed_over(sw: dict, long: bool) -> tuple[Text, Text]:
 def _source_role_and_state(row, long: bool) -> tuple[Text, Text]:
     if row.target_data == "promoted":
         # promoted there while this host changed nothing: not both sides moved on
-        return Text("FAILED OVER", style="bold yellow"), Text(shown(row.last_error or
-                                                                   "the replica was promoted"))
+        here = ("read-only here; " if row.read_only_here is True else
+                "NOT read-only here (status says why); " if row.read_only_here else "")
+        return Text("FAILED OVER", style="bold yellow"), Text(here + shown(
+            row.last_error or "the replica was promoted"))
     if row.target_data == "split-brain":
         return Text("SPLIT BRAIN", style="bold red"), Text(shown(row.last_error or "both sides moved on"))
     if not row.captured:
