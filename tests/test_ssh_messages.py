@@ -262,7 +262,7 @@ def test_a_reconnect_under_way_is_said_as_connecting_again_not_as_about_to_try(t
     cap = Capture.__new__(Capture)
     cap.journal, cap.shipper, cap.catching, cap.consistent = journal, ship, None, True
     cap.target = types.SimpleNamespace(consistent=True, rtt=None, codec=wire.Codec("zstd"))
-    cap.remote, cap.resync_bytes = True, 0
+    cap.remote, cap.resync_bytes, cap.read_only_here = True, 0, None
     cap.spec = types.SimpleNamespace(kind="fs")
     cap.ops = types.SimpleNamespace(open_handles=lambda: 0, waits_for_room=False)
     runner = threading.Thread(target=ship._run, daemon=True)

@@ -526,8 +526,10 @@ class Capture:
         secondary is, until the replica is this entry's secondary again (`replica resolve
         --discard-target`: the session is taken, _on_connect) or a fail-back ends this
         capture. Refused while a file is open for writing: tried again at each refusal."""
-        if self.spec.kind != "fs" or code != "split-brain" or self.read_only_here is True \
-                or (said or {}).get("changes_here") is not False:
+        if self.spec.kind != "fs" or self.read_only_here is True:
+            return
+        if code != "split-brain" or (said or {}).get("changes_here") is not False:
+            self.read_only_here = None  # (a write got in while it could not be: a split brain)
             return
         self._read_only(True)
 
@@ -545,7 +547,9 @@ class Capture:
             if read_only and self.read_only_here != why:  # (said once, not at each retry)
                 log.error("%s: its replica was promoted and nothing changed here since, but it "
                           "could not be made read-only: %s", key, why)
-            self.read_only_here = why if read_only else None
+            elif not read_only:  # still read-only (said so): tried again at the next session
+                log.error("%s: could not be made writable again: %s", key, why)
+            self.read_only_here = why if read_only else True
             return
         self.read_only_here = True if read_only else None
         log.warning("%s: %s", key, "read-only: its replica was promoted and nothing changed here "

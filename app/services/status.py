@@ -653,7 +653,7 @@ def _replication_warnings(subject: str, row: CaptureRow, warnings: list[StatusWa
                                       f"{command('failback', row.key, '--yes')} brings the "
                                       "replica's data here, "
                                       f"{command('replica', 'resolve', row.key, '--discard-target', '--yes')}"
-                                      " keeps this host's"))
+                                      " keeps this host's data and makes it writable"))
     elif isinstance(row.read_only_here, str):
         warnings.append(StatusWarning(subject, "its replica was promoted and nothing changed "
                                       "here since (a fail-over), but it could NOT be made "
