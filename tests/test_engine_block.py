@@ -607,10 +607,7 @@ def test_a_write_to_the_raw_device_outside_the_loop_is_said_and_repaired(block_e
         raw.seek(5 * MiB)
         raw.write(data)
         os.fsync(raw.fileno())
-    deadline = time.monotonic() + 30
-    while not (eng.block(disk).get("raw_writes") or {}).get("count"):
-        assert time.monotonic() < deadline, eng.block(disk)
-        time.sleep(0.1)
+    _wait_raw_writes(eng, disk, "count")
     st = eng.block_drain(disk)
     assert st["raw_writes"]["count"] == 1 and st["target_data"] == "consistent", st
     assert sha(target) == sha(disk, 0, 16 * MiB)  # the write reached the replica
@@ -1035,6 +1032,14 @@ def test_a_block_entrys_target_is_set_while_it_is_detached(block_engine, tmp_pat
     assert r.returncode == 0 and '"ranges": []' in r.stdout, r.stdout + r.stderr
 
 
+def _wait_raw_writes(eng: Engine, disk: str, key: str, at_least: int = 1) -> None:
+    """Until the capture's raw_writes figure `key` (count, overflows) reaches `at_least`."""
+    deadline = time.monotonic() + 30
+    while (eng.block(disk).get("raw_writes") or {}).get(key, 0) < at_least:
+        assert time.monotonic() < deadline, eng.block(disk)
+        time.sleep(0.1)
+
+
 def _partition_table(dev: str, *parts: tuple[int, int]) -> None:
     """An MBR partition table of `parts` ((first byte, bytes) each) written to `dev`."""
     import struct
@@ -1072,10 +1077,7 @@ def test_a_write_through_a_partition_of_the_captured_disk_is_said_and_repaired(b
                 said = cli(cfg, eng, "status").stdout.replace("\n    ", " ")
                 assert f"(pid {os.getpid()}) has {node}, which holds bytes of it, open for " \
                        "writing" in said, said
-        deadline = time.monotonic() + 30
-        while (eng.block(disk).get("raw_writes") or {}).get("count", 0) < 2:
-            assert time.monotonic() < deadline, eng.block(disk)
-            time.sleep(0.1)
+        _wait_raw_writes(eng, disk, "count", 2)
         st = eng.block_drain(disk)
         assert st["raw_writes"]["nodes"] == [part, later], st
         assert st["target_data"] == "consistent", st
@@ -1113,10 +1115,7 @@ def test_writers_lost_to_a_full_watch_queue_are_said_and_repaired(block_engine):
                 os.fsync(raw.fileno())
         finally:
             os.kill(pid, signal.SIGCONT)
-        deadline = time.monotonic() + 30
-        while not (eng.block(disk).get("raw_writes") or {}).get("overflows"):
-            assert time.monotonic() < deadline, eng.block(disk)
-            time.sleep(0.1)
+        _wait_raw_writes(eng, disk, "overflows")
         st = eng.block_drain(disk)
         assert st["raw_writes"]["overflows"] == 1 and st["target_data"] == "consistent", st
         assert sha(target) == sha(disk, 0, 32 * MiB)  # the write reached the replica
