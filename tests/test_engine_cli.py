@@ -461,7 +461,7 @@ def test_an_entrys_target_is_set_by_the_cli_captured_or_not(running, tmp_path):
         r = cli("--config", cfg, "fs", "set", src, "--target", new, socket=eng.socket)
         assert r.returncode == 2, r.stdout + r.stderr
         assert f"pid {holder.pid} (sleep)" in r.stderr and "kept the target" in r.stderr, r.stderr
-        assert "close them and set it again" in r.stderr and "--force" not in r.stderr, r.stderr
+        assert "set it again once they let go of it" in r.stderr and "--force" not in r.stderr, r.stderr
     finally:
         holder.kill()
         holder.wait()

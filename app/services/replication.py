@@ -568,9 +568,9 @@ class Replication:
             held = [h for r in results if r.failed for h in r.details.get("holders", ())]
             if held:  # (the unmount's own words name its --force, which a set does not have)
                 who = "; ".join(f"pid {h['pid']} ({h['name']}) holds {h['file']}" for h in held)
-                return [Result(action, key, Outcome.FAILED, f"kept the target of {key}: files "
-                               f"are open under it ({who}), and its capture is lifted and made "
-                               "again to change the target; close them and set it again; "
+                return [Result(action, key, Outcome.FAILED, f"kept the target of {key}: it "
+                               f"is in use ({who}), and its capture is lifted and made again to "
+                               "change the target; set it again once they let go of it; "
                                "nothing was changed", errno.EBUSY,
                                {"holders": held, **REFUSED})]
             if any(r.failed for r in results):
