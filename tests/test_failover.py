@@ -1579,15 +1579,22 @@ def test_the_source_after_a_fail_over_is_read_only_until_it_wins_again(fs_remote
 
     def status() -> str:
         return cli(r.cfg, "status", socket=eng.socket).stdout.replace("\n    ", " ")
-    _promoted_while_the_link_was_down(eng, s, r, hold)
-    said = wait_for("the writer named", lambda: "could NOT be made read-only" in (x := status())
-                    and x, 30)
-    assert f"pid {os.getpid()} (" in said and f"holds {s}/a" in said, said
-    assert eng.status(src)["replication"] == "failed over (no change here since)"  # not written
-    held.close()
+
+    def options() -> set[str]:
+        return set([m.options for m in mounts.read_mountinfo() if m.mount_point == src][-1]
+                   .split(","))
+    before = options()
+    try:
+        _promoted_while_the_link_was_down(eng, s, r, hold)
+        said = wait_for("the writer named", lambda: "could NOT be made read-only" in
+                        (x := status()) and x, 30)
+        assert f"pid {os.getpid()} (" in said and f"holds {s}/a" in said, said
+        assert eng.status(src)["replication"] == "failed over (no change here since)"  # not written
+    finally:
+        if held is not None:
+            held.close()
     _read_only_after_the_fail_over(eng, r, s)
-    options = [m.options for m in mounts.read_mountinfo() if m.mount_point == src][-1]
-    assert "ro" in options.split(","), options
+    assert "rw" in before and options() == before - {"rw"} | {"ro"}, (before, options())
     p = cli(r.cfg, "replica", "resolve", src, "--discard-target", "--yes", socket=eng.socket)
     assert p.returncode == 0, p.stdout + p.stderr
     wait_for("writable", lambda: eng.status(src)["read_only_here"] is None, 60)

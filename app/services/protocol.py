@@ -253,7 +253,8 @@ class CaptureRow:
     file: str | None = None
     pending_detach: bool = False
     holders: list[str] = field(default_factory=list)  # who keeps a pending detach or a mount alive
-    # the raw device opened for writing outside the loop and closed: {"count": n, "last": time}
+    # the raw device (or a node sharing its bytes) opened for writing outside the loop and
+    # closed: {"count": n, "last": time, "nodes": [...], "overflows": n (the watch lost events)}
     raw_writes: dict[str, Any] | None = None
     error: str | None = None  # the daemon could not ask the worker
     # settings the running capture started with that the configuration no longer says (a
