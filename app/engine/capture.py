@@ -534,7 +534,7 @@ class Capture:
         self._read_only(True)
 
     def _read_only(self, read_only: bool) -> None:
-        key, top = self.spec.key, None
+        key = self.spec.key
         try:
             top = _top_mount(mounts.read_mountinfo(), key)
             if top is None or (top.major, top.minor) != self.fuse_dev:
@@ -542,8 +542,11 @@ class Capture:
             mounts.set_read_only(key, read_only)
         except (OSError, MirrorError) as exc:
             why = str(exc)
-            if exc.errno == errno.EBUSY and top is not None:
-                why += "; open for writing: " + ("; ".join(_writers(top.mount_id)) or "?")
+            if exc.errno == errno.EBUSY:
+                from app.engine.supervisor import holders
+                held = holders(key, self.fuse_dev, {os.getpid()}, writing=True)
+                why += "; open for writing: " + ("; ".join(
+                    f"pid {h['pid']} ({h['name']}) holds {h['file']}" for h in held) or "?")
             if read_only and self.read_only_here != why:  # (said once, not at each retry)
                 log.error("%s: its replica was promoted and nothing changed here since, but it "
                           "could not be made read-only: %s", key, why)
@@ -1373,30 +1376,6 @@ def _lstat_key(root_fd: int, rel: bytes) -> tuple[int, int] | None:
     except OSError:
         return None
     return st.st_dev, st.st_ino
-
-
-def _writers(mount_id: int) -> list[str]:
-    """Who has a file on mount `mount_id` open for writing ("pid N (comm) holds FILE"), from
-    /proc/PID/fdinfo (its mnt_id and flags): nothing on the mount is looked up."""
-    found = []
-    for pid in filter(str.isdigit, os.listdir("/proc")):
-        try:
-            fds = os.listdir(f"/proc/{pid}/fdinfo")
-        except OSError:
-            continue
-        for fd in fds:
-            try:
-                with open(f"/proc/{pid}/fdinfo/{fd}") as f:
-                    info = dict(line.split(":", 1) for line in f.read().splitlines() if ":" in line)
-                if int(info.get("mnt_id", -1)) != mount_id or not int(info["flags"], 8) & 3:
-                    continue
-                held = os.readlink(f"/proc/{pid}/fd/{fd}")
-                with open(f"/proc/{pid}/comm") as f:
-                    comm = f.read().strip()
-            except (OSError, ValueError, KeyError):
-                continue
-            found.append(f"pid {pid} ({comm}) holds {held}")
-    return found
 
 
 def _top_mount(table, path: str):

@@ -417,8 +417,10 @@ async def adopt(path: str) -> WorkerLink | None:
     return None
 
 
-def holders(path: str, dev: tuple[int, int], exclude: set[int]) -> list[dict]:
-    """Processes with a file or cwd on the mount of device `dev` at `path` (in any namespace).
+def holders(path: str, dev: tuple[int, int], exclude: set[int], *,
+            writing: bool = False) -> list[dict]:
+    """Processes with a file or cwd on the mount of device `dev` at `path` (in any namespace);
+    `writing`: only those with a file there open for writing.
 
     Matched by mount, not by name: a file opened in the lower tree before the mount has the
     same path but does not hold the mount. Nothing is looked up or stat'ed on any file system
@@ -439,7 +441,7 @@ def holders(path: str, dev: tuple[int, int], exclude: set[int]) -> list[dict]:
             continue
         if not ids:  # its namespace does not see the mount: nothing of it can be held there
             continue
-        held = _held_in(pid, ids, path)
+        held = _held_in(pid, ids, path, writing)
         if held is not None:
             try:
                 with open(f"/proc/{pid}/comm") as f:
@@ -457,10 +459,11 @@ def _fdinfo_mount_id(path: str) -> int | None:
         return None
 
 
-def _held_in(pid: int, ids: frozenset[int], path: str) -> str | None:
-    """What of `pid` is on one of the mounts `ids`: its working directory or an open file."""
+def _held_in(pid: int, ids: frozenset[int], path: str, writing: bool = False) -> str | None:
+    """What of `pid` is on one of the mounts `ids`: its working directory or an open file
+    (`writing`: a file open for writing only)."""
     try:
-        fd = os.open(f"/proc/{pid}/cwd", os.O_PATH | os.O_CLOEXEC)
+        fd = None if writing else os.open(f"/proc/{pid}/cwd", os.O_PATH | os.O_CLOEXEC)
     except OSError:
         fd = None
     if fd is not None:
@@ -474,11 +477,19 @@ def _held_in(pid: int, ids: frozenset[int], path: str) -> str | None:
     except OSError:
         return None
     for n in fds:
-        if _fdinfo_mount_id(f"/proc/{pid}/fdinfo/{n}") in ids:
+        if writing:
             try:
-                return os.readlink(f"/proc/{pid}/fd/{n}")  # the kernel's name: no lookup
-            except OSError:
-                return f"{path} (fd {n})"
+                info = mounts.fdinfo(f"/proc/{pid}/fdinfo/{n}")
+                if int(info[b"mnt_id"]) not in ids or not int(info[b"flags"], 8) & 3:
+                    continue  # (O_WRONLY or O_RDWR)
+            except (OSError, ValueError, KeyError):
+                continue
+        elif _fdinfo_mount_id(f"/proc/{pid}/fdinfo/{n}") not in ids:
+            continue
+        try:
+            return os.readlink(f"/proc/{pid}/fd/{n}")  # the kernel's name: no lookup
+        except OSError:
+            return f"{path} (fd {n})"
     return None
 
 
