@@ -120,6 +120,9 @@ def test_offset_and_sizelimit_window_only(block_engine, disks):
     eng, disk, target, cfg = block_engine(disk=disk, offset=MiB, sizelimit=8 * MiB)
     loop = eng.block(disk)["loop"]
     assert int(run("blockdev", "--getsize64", loop).stdout) == 8 * MiB
+    with pytest.raises(OSError) as resized:  # (it raised AttributeError inside: EIO, logged)
+        os.truncate(eng.block(disk)["file"], MiB)
+    assert resized.value.errno == errno.EPERM
     with open(loop, "r+b", buffering=0) as f:
         f.write(b"\x11" * MiB)
         f.seek(7 * MiB)

@@ -127,7 +127,7 @@ class BlockFS(fusewire.Gate):
         pass
 
     def setattr(self, ino: int, ch, ctx):
-        if ch.valid & fusewire.FATTR_SIZE and ch.size != self.size:
+        if ch.size is not None and ch.size != self.size:  # (Changes has no `valid`: it raised)
             raise OSError(errno.EPERM, "the window's size is the device's")
         return self.getattr(ino, None)
 
