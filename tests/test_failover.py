@@ -1604,6 +1604,49 @@ def test_the_source_after_a_fail_over_is_read_only_until_it_wins_again(fs_remote
     assert not (r.root / "data" / "t").exists()  # the promoted replica's write was discarded
 
 
+def test_a_block_source_after_a_fail_over_refuses_writes_until_it_wins_again(block_remote):
+    """The block side of the test above: an old source whose replica was promoted while the
+    link was down (nothing changed here since) went on taking writes through its loop, each
+    one a split brain. Its capture now refuses them (the loop fails them: EIO), unless the
+    loop is open for writing or mounted as the link comes back: status then names who, and
+    it is tried again at the next refusal. `replica resolve --discard-target` makes it
+    writable, and a write then reaches the replica."""
+    eng, disk, r = block_remote()
+    dev = eng.block(disk)["loop"]
+    dd(dev, mib=1, seek_mib=2)
+    eng.block_drain(disk)
+    r.bed.link_down()
+    p = on_target(r.bed, "replica", "promote", "disk.img", "--root", str(r.root))
+    assert p.returncode == 0, p.stdout + p.stderr
+    used = re.search(r"attached \S+ as (/dev/loop\d+)", p.stdout).group(1)
+    subprocess.run(["losetup", "-d", used], check=True)  # promoted, not used there
+    held = os.open(dev, os.O_WRONLY | os.O_CLOEXEC)  # open for writing (writing nothing)
+    try:
+        r.bed.link_up()
+        said = wait_for("the writer named", lambda: "could NOT be made read-only" in (x := cli(
+            r.cfg, "status", socket=eng.socket).stdout.replace("\n    ", " ")) and x, 60, 0.2)
+        assert f"pid {os.getpid()} (" in said and f"holds {dev} open for writing" in said, said
+        assert eng.block(disk)["replication"] == "failed over (no change here since)"
+    finally:
+        os.close(held)
+    wait_for("writes refused", lambda: eng.block(disk)["read_only_here"] is True, 90, 0.2)
+    image = r.bed.target_view(r.root / "disk.img")
+    replica_before = sha(image)
+    with pytest.raises(subprocess.CalledProcessError):
+        dd(dev, mib=1, seek_mib=4)
+    said = cli(r.cfg, "status", socket=eng.socket).stdout.replace("\n    ", " ")
+    assert "read-only here: its replica was promoted" in said and "(its loop fails them: EIO)" \
+        in said, said
+    assert eng.block(disk)["replication"] == "failed over (no change here since)"
+    p = cli(r.cfg, "replica", "resolve", disk, "--discard-target", "--yes", socket=eng.socket)
+    assert p.returncode == 0, p.stdout + p.stderr
+    wait_for("writable", lambda: eng.block(disk)["read_only_here"] is None, 60, 0.2)
+    dd(dev, mib=1, seek_mib=6)
+    st = eng.block_drain(disk)
+    assert st["target_data"] == "consistent", st
+    assert sha(image) == sha(disk) != replica_before
+
+
 def test_fail_over_of_a_block_device_split_brain_then_the_source_wins(remote, disks, tmp_path,
                                                                        unused_loop):
     make, r = remote(bed_opts={"private_mounts": True})

@@ -56,6 +56,9 @@ class BlockFS(fusewire.Gate):
         self.raw_fd, self.offset, self.size = raw_fd, offset, size
         self.journal = journal
         self.read_only = read_only
+        # after a fail-over, while nothing held its loop for writing (capture.py _fence_block):
+        # writes refused here, in this process only (a BLKROSET of the loop would outlive it)
+        self.fenced = False
         self.opened = 0
         self.writes = 0
         nblocks = (size + BLOCK - 1) // BLOCK
@@ -147,6 +150,8 @@ class BlockFS(fusewire.Gate):
         return os.pread(self.raw_fd, size, self.offset + off) if size else b""
 
     def write(self, fh: int, off: int, buf: memoryview) -> int:
+        if self.fenced:
+            raise OSError(errno.EROFS, "its replica was promoted (a fail-over)")
         if off >= self.size and len(buf):
             raise OSError(errno.ENOSPC, "past the end of the window")
         data = bytes(buf[:self.size - off])
@@ -166,7 +171,7 @@ class BlockFS(fusewire.Gate):
         nothing is frozen or waits at the gate: None when that is not possible now (the session
         then reads and answers as usual), else what its read would have returned (-ENOBUFS: a
         batch was full, read again)."""
-        if self._serve is None or \
+        if self._serve is None or self.fenced or \
                 not self.journal.has_room(BATCH_BYTES + BATCH_RECORDS * RECORD_OVERHEAD):
             return None
         if self._batch is None:  # anonymous memory: resident only as far as batches have used it

@@ -511,7 +511,7 @@ class Capture:
         import trio
         self._session_up.set()
         if self.read_only_here is True:  # its replica is our secondary again (resolve)
-            self._read_only(False)
+            (self._read_only if self.spec.kind == "fs" else self._fence_block)(False)
         wake = self._connected_wake
         if wake is not None:
             with contextlib.suppress(trio.RunFinishedError):
@@ -525,13 +525,49 @@ class Capture:
         brain, whose fail-back drops it). A directory's mirrorfs mount is made read-only, as a
         secondary is, until the replica is this entry's secondary again (`replica resolve
         --discard-target`: the session is taken, _on_connect) or a fail-back ends this
-        capture. Refused while a file is open for writing: tried again at each refusal."""
-        if self.spec.kind != "fs" or self.read_only_here is True:
+        capture. Refused while a file is open for writing: tried again at each refusal. A
+        block entry's writes through its loop are refused instead (_fence_block)."""
+        if self.read_only_here is True:
             return
         if code != "split-brain" or (said or {}).get("changes_here") is not False:
             self.read_only_here = None  # (a write got in while it could not be: a split brain)
             return
-        self._read_only(True)
+        (self._read_only if self.spec.kind == "fs" else self._fence_block)(True)
+
+    def _fence_block(self, fence: bool) -> None:
+        """A block entry after a fail-over: its capture file refuses writes (the loop on it
+        fails them: EIO), as long as nothing has that loop mounted or open for writing, which
+        is said instead (a file system mounted there would take the errors as a broken disk);
+        tried again at each refusal. Nothing is set in the kernel: a BLKROSET of the loop
+        would outlive this capture (a detach keeps it, and the next user of that loop number
+        would find it read-only)."""
+        key = self.spec.key
+        if not fence:
+            self.ops.fenced = False
+            self.read_only_here = None
+            log.warning("%s: writable again: its replica is its secondary again", key)
+            return
+        from app.services import loop as loops
+        from app.services.blockplan import View
+        from app.services.status import openers_of
+        disk = os.path.join(self.spec.run, "disk")
+        users = []
+        for st in loops.list_attached():
+            if st.backing_file == disk:
+                users += [f"{st.device} is mounted on {m}" for m in View().mounted_on(st.device)]
+                users += [f"pid {pid} ({comm}) holds {st.device} open for writing" for pid, comm
+                          in openers_of(st.device, writing=True, exclude={os.getpid()})]
+        if users:
+            why = "in use: " + "; ".join(users)
+            if self.read_only_here != why:  # (said once, not at each retry)
+                log.error("%s: its replica was promoted and nothing changed here since, but its "
+                          "writes could not be refused: %s", key, why)
+            self.read_only_here = why
+            return
+        self.ops.fenced = True
+        self.read_only_here = True
+        log.warning("%s: writes through its loop refused: its replica was promoted and nothing "
+                    "changed here since (a fail-over); writes here would fork its history", key)
 
     def _read_only(self, read_only: bool) -> None:
         key = self.spec.key

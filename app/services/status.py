@@ -649,7 +649,9 @@ def _replication_warnings(subject: str, row: CaptureRow, warnings: list[StatusWa
     if row.read_only_here is True:
         warnings.append(StatusWarning(subject, "read-only here: its replica was promoted and "
                                       "nothing changed here since (a fail-over), so writes are "
-                                      "refused (EROFS) rather than fork its history; "
+                                      + ("refused (EROFS)" if row.kind == "fs" else
+                                         "refused (its loop fails them: EIO)")
+                                      + " rather than fork its history; "
                                       f"{command('failback', row.key, '--yes')} brings the "
                                       "replica's data here, "
                                       f"{command('replica', 'resolve', row.key, '--discard-target', '--yes')}"
