@@ -384,3 +384,25 @@ def test_a_split_brain_fail_back_the_daemon_ended_during_is_not_captured_unless_
     assert [s.state for s in snap.filesystem] == ["not mounted"], snap.filesystem
     assert [b.state for b in snap.block] == ["detached"], snap.block
     assert "interrupted" not in " ".join(m for m, _ in said.values()), said
+
+
+def test_the_capture_end_marker_has_one_reader_for_the_daemon_and_the_set_command(tmp_path):
+    """layout.capture_end is what the daemon's supervisor and the fail-over read (it had a
+    reader of its own there); clean_end, what `fs set` reads, is it with "seq" and "released"
+    checked. Neither follows a symbolic link nor takes what is not a JSON object."""
+    from app.services.layout import CLEAN_MARKER, capture_end, clean_end
+    marker = tmp_path / CLEAN_MARKER
+    assert capture_end(str(tmp_path)) is None and clean_end(str(tmp_path)) is None
+    marker.write_text(json.dumps({"seq": 9, "released": 7, "drained": True}) + "\n")
+    assert capture_end(str(tmp_path)) == {"seq": 9, "released": 7, "drained": True}
+    assert clean_end(str(tmp_path)) == {"seq": 9, "released": 7, "drained": True}
+    marker.write_text(json.dumps({"drained": False}))
+    assert capture_end(str(tmp_path)) == {"drained": False} and clean_end(str(tmp_path)) is None
+    for text in ("[1, 2]", "7", "not json"):
+        marker.write_text(text)
+        assert capture_end(str(tmp_path)) is None and clean_end(str(tmp_path)) is None
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.write_text(json.dumps({"seq": 1, "released": 1}))
+    marker.unlink()
+    marker.symlink_to(elsewhere)
+    assert capture_end(str(tmp_path)) is None and clean_end(str(tmp_path)) is None

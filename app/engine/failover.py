@@ -36,8 +36,8 @@ import trio
 
 from app.engine.journal import KIND_BLOCK, KIND_FS, Journal, read_small_file, write_small_file
 from app.engine.shipper import TargetUnavailable
-from app.engine.supervisor import KEPT, capture_end, holders, mount_dev
-from app.services.layout import (FAILBACK_MARKER, SWITCHED_MARKER, command, local_time,
+from app.engine.supervisor import KEPT, holders, mount_dev
+from app.services.layout import (FAILBACK_MARKER, SWITCHED_MARKER, capture_end, command, local_time,
                                   mix_words, switched_marker, switched_refusal, with_failback)
 from app.services.protocol import CAPTURE_AGAIN, replicating
 from app.services.results import MirrorError, Outcome, Refusal, Result

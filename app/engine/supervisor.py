@@ -35,7 +35,7 @@ from app.services import layout as layout_mod
 from app.services import mounts, protocol
 from app.services.config import FsEntry
 from app.services.host import process_state
-from app.services.layout import Layout
+from app.services.layout import Layout, capture_end
 from app.services.results import REFUSED, MirrorError, Outcome, Result
 
 log = logging.getLogger("mirrorsetup.daemon")
@@ -491,18 +491,6 @@ def _held_in(pid: int, ids: frozenset[int], path: str, writing: bool = False) ->
         except OSError:
             return f"{path} (fd {n})"
     return None
-
-
-def capture_end(state: str) -> dict | None:
-    from app.engine.capture import CLEAN_MARKER
-    from app.engine.journal import read_small_file
-    import json
-    from pathlib import Path
-    try:
-        text = read_small_file(Path(state), CLEAN_MARKER)
-        return json.loads(text) if text else None
-    except (OSError, ValueError):
-        return None
 
 
 def mount_dev(path: str, fsname: str) -> tuple[int, int] | None:

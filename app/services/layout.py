@@ -98,16 +98,29 @@ def identity_record(entry_dir: str) -> dict | None:
     return was if isinstance(was, dict) else None
 
 
+def capture_end(entry_dir: str) -> dict | None:
+    """The marker the entry's last capture wrote at its end (its "seq", "released", whether
+    it "drained", ...), None when there is none or it is not a JSON object. Not followed
+    through a symbolic link."""
+    import json
+    try:
+        fd = os.open(os.path.join(entry_dir, CLEAN_MARKER), os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError:
+        return None
+    try:
+        end = json.loads(os.read(fd, 1 << 16))
+    except (OSError, ValueError):
+        return None
+    finally:
+        os.close(fd)
+    return end if isinstance(end, dict) else None
+
+
 def clean_end(entry_dir: str) -> dict | None:
     """What the entry's last capture recorded at its clean end ("seq", "released": up to
     which its target had them), None when it did not end cleanly or was never made."""
-    import json
-    try:
-        with open(os.path.join(entry_dir, CLEAN_MARKER), "rb") as f:
-            end = json.loads(f.read(1 << 16))
-    except (OSError, ValueError):
-        return None
-    return end if isinstance(end, dict) and isinstance(end.get("seq"), int) \
+    end = capture_end(entry_dir)
+    return end if end is not None and isinstance(end.get("seq"), int) \
         and isinstance(end.get("released"), int) else None
 
 
