@@ -359,3 +359,32 @@ def test_a_verify_whose_session_was_lost_says_to_try_again_once_connected():
     said = "cannot reach the target (connecting); try again once status says connected"
     assert unavailable_reply(said)["error"] == said  # said already: not twice
     assert unavailable_reply("paused: target full")["errno"] == errno.ENOSPC
+
+
+def test_a_block_fence_whose_loop_cannot_be_looked_at_is_said_not_set_blind(tmp_path, monkeypatch):
+    """Review of the block fence after a fail-over: the loops are looked at (is one mounted or
+    open for writing?) from the shipper's thread, as the agent refuses the session. A loop
+    detached meanwhile raised out of that callback; now it is said (status: could NOT be made
+    read-only, why) and the writes are not refused blind (a file system there would take the
+    errors as a broken disk); the next refusal tries again and fences once nothing uses it."""
+    import types
+
+    from app.engine.capture import Capture
+    from app.services import loop as loops
+    cap = Capture.__new__(Capture)
+    cap.read_only_here = None
+    cap.spec = types.SimpleNamespace(kind="block", key="/dev/xvdq", run=str(tmp_path))
+    cap.ops = types.SimpleNamespace(fenced=False)
+
+    def gone():
+        raise FileNotFoundError(2, "No such file or directory", "/dev/loop77")
+    monkeypatch.setattr(loops, "list_attached", gone)
+    cap._on_refused("split-brain", {"changes_here": False})
+    assert cap.ops.fenced is False
+    assert isinstance(cap.read_only_here, str) and "its loop could not be looked at" in \
+        cap.read_only_here and "/dev/loop77" in cap.read_only_here, cap.read_only_here
+    monkeypatch.setattr(loops, "list_attached", lambda: [])  # (its loop is not there now)
+    cap._on_refused("split-brain", {"changes_here": False})
+    assert cap.ops.fenced is True and cap.read_only_here is True
+    cap._fence_block(False)  # what _on_connect does once resolve has taken the session
+    assert cap.ops.fenced is False and cap.read_only_here is None

@@ -552,13 +552,16 @@ class Capture:
         from app.services.status import openers_of
         disk = os.path.join(self.spec.run, "disk")
         users = []
-        for st in loops.list_attached():
-            if st.backing_file == disk:
-                users += [f"{st.device} is mounted on {m}" for m in View().mounted_on(st.device)]
-                users += [f"pid {pid} ({comm}) holds {st.device} open for writing" for pid, comm
-                          in openers_of(st.device, writing=True, exclude={os.getpid()})]
-        if users:
+        try:
+            for st in loops.list_attached():
+                if st.backing_file == disk:
+                    users += [f"{st.device} is mounted on {m}" for m in View().mounted_on(st.device)]
+                    users += [f"pid {pid} ({comm}) holds {st.device} open for writing" for pid, comm
+                              in openers_of(st.device, writing=True, exclude={os.getpid()})]
             why = "in use: " + "; ".join(users)
+        except (OSError, MirrorError) as exc:  # (a loop detached as it was looked at): not
+            users, why = [exc], f"its loop could not be looked at: {exc}"  # fenced blind
+        if users:
             if self.read_only_here != why:  # (said once, not at each retry)
                 log.error("%s: its replica was promoted and nothing changed here since, but its "
                           "writes could not be refused: %s", key, why)
