@@ -473,6 +473,47 @@ def test_a_catch_ups_end_is_said_again_to_the_next_session_until_the_agent_says_
     assert sent[-1] == {"seq": 11} and far.pending_mark is None
 
 
+def test_records_dropped_for_a_catch_up_are_said_gone_before_its_marks_never_after():
+    """Records dropped unsent for a catch-up (request_catch_up) were said gone (SKIP) only
+    with the next records the shipper sent, while the catch-up's MARKs went at once from
+    its walk: a SKIP that came after the end MARK made the agent forget it, and the replica
+    stayed inconsistent for good (status "catching up (the target applies the rest)"; seen
+    once in CI, test_failover). The catch-up's begin says them gone first now; a batch read
+    before the drop may still go (the agent drops it as held) and asks no SKIP again."""
+    import io
+    import json
+
+    from app.engine.journal import KIND_FS
+    from app.services import wire
+    far = _far_target("source")
+    far.welcome = {"features": ["catch-up-marks", "mark-again"]}
+    far._failure = far._gap = far.paused = far._rewind = None
+    far._expect = 4  # the agent holds records up to 3
+    sent = []
+
+    def out(parts):
+        kind, payload = wire.read_frame(io.BytesIO(b"".join(bytes(p) for p in parts)).read)
+        sent.append((wire.NAMES[kind], json.loads(payload) if kind != wire.DATA else None))
+        with far._cv:  # acknowledged at once (the window never fills)
+            far._inflight.clear()
+            far._inflight_bytes = 0
+    far._send_parts = out
+
+    def rec(seq):
+        return Record(seq, KIND_FS, "mkdir", {"path": f"d{seq}", "mode": 0o755})
+    far.begin_catch_up(7)  # records 4..7 were dropped for it
+    far.send([rec(5), rec(6)])  # read by the shipper before the drop
+    far.send([rec(8), rec(9)])  # the walk's
+    far.mark_consistent(9)
+    far.send([rec(10)])
+    assert sent == [("SKIP", {"through": 7}), ("MARK", {"begin": True}), ("DATA", None),
+                    ("DATA", None), ("MARK", {"seq": 9}), ("DATA", None)], sent
+    sent.clear()
+    far.begin_catch_up(7)  # nothing dropped since: said once
+    far.send([rec(12)])  # dropped after the begin (a catch-up asked meanwhile): said with it
+    assert sent == [("MARK", {"begin": True}), ("SKIP", {"through": 11}), ("DATA", None)], sent
+
+
 def _agent_session(tmp_path, frames, until_applied: int, waited: list | None = None
                    ) -> tuple[dict, dict]:
     """An agent replicating "data" under tmp_path/root, fed `frames` after its WELCOME: the
@@ -2164,6 +2205,38 @@ def test_a_catch_up_during_which_the_queue_limit_was_reached_does_not_call_the_r
         assert "queue limit" in cap.catching["stage"]
     else:
         assert cap.consistent and marks == [1] and cap.catching is None and not cap._dirty_scope
+
+
+def test_a_catch_up_asked_for_while_one_walked_is_not_called_done_by_the_walk_that_ends(tmp_path):
+    """A catch-up asked for while one walked (a journal gap, the raw device written beside
+    its loop): the walk that ended sent the agent its end MARK (the replica called consistent
+    at its last seq, though what was asked for may be behind the walk) and cleared the ask's
+    "compare it all", so a block entry's next catch-up compared only its dirty blocks (often
+    none): the write beside the loop never reached the replica. Now the walk that ends says
+    nothing to the agent and the next one compares everything."""
+    from types import SimpleNamespace
+
+    import trio
+
+    from app.engine.capture import Capture
+    from app.engine.journal import KIND_BLOCK
+    marks = []
+    cap = Capture(SimpleNamespace(key="/dev/test", kind="block"), None)
+    cap.journal = Journal(str(tmp_path), kind=KIND_BLOCK)
+    cap.target = SimpleNamespace(mark_consistent=marks.append)
+    cap.remote, cap.reason = True, "test"
+    cap._dirty_scope = {1}
+
+    async def walk_ends_after_an_ask():
+        cap._catch_up_wake = trio.Event()
+        cap._full_pending = True  # as request_catch_up leaves it
+        cap._catch_up_wake.set()
+        return await cap._caught_up({"copied_bytes": 0})
+    try:
+        assert trio.run(walk_ends_after_an_ask)
+    finally:
+        cap.journal.close()
+    assert marks == [] and cap._full_pending and not cap._dirty_scope
 
 
 def test_a_tracker_keeps_walk_lists_only_while_a_walk_runs_and_folds_moved_names_at_its_limit():

@@ -293,6 +293,7 @@ class Capture:
         self._connected_wake = None  # a trio.Event while a catch-up waits for its target
         self._session_up = threading.Event()  # the same word, for the walk's thread
         self._early = False  # a first copy may walk before its session is up (start())
+        self._dropped_through = 0  # the last seq dropped unsent for a catch-up (request_catch_up)
         self._early_verdict: bool | None = None  # and then: was the replica empty?
         self._early_walking = False
         self._trackers = 0
@@ -614,7 +615,8 @@ class Capture:
         self._catch_up_scope(None)
         self._full_pending = True
         if discard:
-            self.journal.discard_through(self.journal.last_seq)
+            self._dropped_through = self.journal.last_seq
+            self.journal.discard_through(self._dropped_through)
             self.shipper.release_hold()
         if (self.catching or {}).get("stage") != WAITING_FOR_TARGET:
             self.reason = reason  # (one that waits already covers it, and keeps its own reason)
@@ -694,7 +696,9 @@ class Capture:
             # The session's frames go from the walk's thread, not this one (which serves the
             # file system's requests): a write may wait behind a batch on a slow link.
             if self.remote:
-                self.target.begin_catch_up()  # the replica is inconsistent until the MARK below
+                # the replica is inconsistent until the MARK below; what the walk covers
+                # and was dropped unsent is said to be gone before it
+                self.target.begin_catch_up(self._dropped_through)
             return self._reconcile(False, dirty)
         try:
             counts = await trio.to_thread.run_sync(walk, abandon_on_cancel=True)
@@ -726,14 +730,19 @@ class Capture:
             self.catching = {"reason": self.reason,
                              "stage": "queue limit reached: resync of what was not journalled next"}
             return False
-        if self._catch_up_wake is None or not self._catch_up_wake.is_set():  # none asked since
+        asked = self._catch_up_wake is not None and self._catch_up_wake.is_set()
+        if not asked:  # none asked since
             self._catch_up_scope(self.journal.last_seq)
         self.catching = None
         self.consistent = True
-        self._full_pending = False
+        if not asked:  # (asked: request_catch_up wants the next one whole, not only what is dirty)
+            self._full_pending = False
         self._dirty_scope.clear()
         self.gap_since = None  # compared: later catch-ups are for their own reasons
-        if self.remote:  # the replica is consistent once the agent has applied all of it
+        # The replica is consistent once the agent has applied all of it, unless another
+        # catch-up was asked for while this one walked (what it is for, a change dropped or
+        # written beside capture, may be behind the walk): then that one's end says it.
+        if self.remote and not asked:
             try:
                 await trio.to_thread.run_sync(self.target.mark_consistent, self.journal.last_seq)
             except OSError as exc:
@@ -790,7 +799,7 @@ class Capture:
             ok = (self.shipper.fig.received_seq == 0 and not (wake is not None and wake.is_set())
                   and not self.target.children(b""))
             if ok:
-                self.target.begin_catch_up()
+                self.target.begin_catch_up(self._dropped_through)
                 self.shipper.open_gate()
             self._early_verdict = ok
         return self._early_verdict

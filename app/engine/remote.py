@@ -87,6 +87,7 @@ class RemoteTarget(Queried, Target):
         self._inflight: deque[tuple[int, int]] = deque()  # (last seq of a DATA frame, its bytes)
         self._inflight_bytes = 0
         self._expect = 0  # the next seq the agent expects
+        self._order = threading.Lock()  # a SKIP of dropped records, and `_expect`, in order
         self._hashed = False  # listings bring hash lists (compare_by_hashes)
         self._hash_lists: dict[str, list[str] | None] = {}  # path -> hashes, from a listing
         self._failure: TargetUnavailable | None = None
@@ -201,7 +202,8 @@ class RemoteTarget(Queried, Target):
                                     "a new session takes them", delay=0.0)
         self.pos = Positions(msg["received"], msg["applied"])
         self.consistent = bool(msg.get("consistent"))
-        self._expect = self.pos.received + 1
+        with self._order:
+            self._expect = self.pos.received + 1
         self._inflight.clear()
         self._inflight_bytes = 0
         self._marked()
@@ -349,7 +351,8 @@ class RemoteTarget(Queried, Target):
             with self._cv:
                 self._inflight.clear()
                 self._inflight_bytes = 0
-            self._expect = taken + 1
+            with self._order:
+                self._expect = taken + 1
             raise TargetUnavailable("connected", taken=taken, disconnect=False, delay=0.0)
 
     def adjust(self, spec: dict) -> tuple[list[str], bool]:
@@ -386,9 +389,11 @@ class RemoteTarget(Queried, Target):
     # -- shipping ---------------------------------------------------------------------------
     def send(self, records: list[Record]) -> int:
         self._check()
-        if records[0].seq > self._expect:  # records the journal dropped for a resync: say so
-            self._send(wire.jframe(wire.SKIP, {"through": records[0].seq - 1}))
-        self._expect = records[-1].seq + 1
+        with self._order:
+            self._skip_dropped(records[0].seq - 1)  # records the journal dropped for a resync
+            # (max: records read before a drop that begin_catch_up said already go as well;
+            # the agent drops them as held)
+            self._expect = max(self._expect, records[-1].seq + 1)
         parts: list = []
         for r in records:
             parts += self._wire_record(r).encode_parts()  # the data is never copied here
@@ -447,8 +452,18 @@ class RemoteTarget(Queried, Target):
 
     def skip_to(self, seq: int) -> None:
         """Records up to `seq` will never come: the agent forgets its own, a resync follows."""
-        self._send(wire.jframe(wire.SKIP, {"through": seq}))
-        self._expect = seq + 1
+        with self._order:
+            self._send(wire.jframe(wire.SKIP, {"through": seq}))
+            self._expect = seq + 1
+
+    def _skip_dropped(self, through: int) -> None:
+        """Under `_order`: records up to `through` that the agent has not had were dropped
+        from the journal for a resync (Capture.request_catch_up): the agent is told (SKIP) it
+        will never get them. It forgets a catch-up's marks then, so a SKIP must never follow
+        the MARK of the catch-up that covers them (begin_catch_up)."""
+        if through >= max(self._expect, 1):
+            self._send(wire.jframe(wire.SKIP, {"through": through}))
+            self._expect = through + 1
 
     def mark_consistent(self, seq: int) -> None:
         """The catch-up has emitted everything: consistent once the agent applied `seq`. Said
@@ -474,14 +489,20 @@ class RemoteTarget(Queried, Target):
         if self.pending_mark is not None and self.consistent and self.pos.applied >= self.pending_mark:
             self.pending_mark = None  # (an answer from before the catch-up's MARK is none)
 
-    def begin_catch_up(self) -> None:
+    def begin_catch_up(self, dropped_through: int = 0) -> None:
         """A catch-up begins: the replica is inconsistent until a MARK's seq is applied (the
         agent refuses to promote it meanwhile), and a record that finds no such name there
         is superseded by what the catch-up sends, not an apply error. Only to an agent that
-        says "catch-up-marks"; an older one learns it only after a gap (SKIP)."""
+        says "catch-up-marks"; an older one learns it only after a gap (SKIP).
+        Records up to `dropped_through` were dropped for this catch-up: said first (SKIP).
+        The shipper said it only with the next records it sent, and a SKIP that came after
+        this catch-up's end MARK made the agent forget that MARK: the replica stayed
+        inconsistent for good (status: "catching up (the target applies the rest)")."""
         self.pending_mark = None
-        if "catch-up-marks" in self.welcome.get("features", ()):
-            self._send(wire.jframe(wire.MARK, {"begin": True}))
+        with self._order:
+            self._skip_dropped(dropped_through)
+            if "catch-up-marks" in self.welcome.get("features", ()):
+                self._send(wire.jframe(wire.MARK, {"begin": True}))
 
     # -- queries (wire.Queries: asked ahead by a walk, see sync.Ahead) ------------------------
     def compare_by_hashes(self, on: bool) -> None:
