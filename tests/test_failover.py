@@ -840,8 +840,17 @@ def test_a_block_switchover_whose_answer_is_lost_keeps_the_device_read_only_then
     makes the device writable again (the second fence must not take the first one's
     read-only flag for the device's own)."""
     eng, disk, r = block_remote()
-    dd(eng.block(disk)["loop"], mib=1, seek_mib=2)  # through its capture
+    dev = eng.block(disk)["loop"]
+    dd(dev, mib=1, seek_mib=2)  # through its capture
     eng.block_drain(disk)
+    held = os.open(dev, os.O_RDONLY | os.O_CLOEXEC)  # in use: refused, the holder named
+    try:
+        p = cli(r.cfg, "switchover", disk, socket=eng.socket)
+    finally:
+        os.close(held)
+    assert p.returncode != 0 and f"{disk} is in use through {dev}: open by pid {os.getpid()} (" \
+        in p.stderr and "nothing was changed" in p.stderr, p.stdout + p.stderr
+    assert replicas(r)[0]["role"] == "secondary" and eng.block(disk)["captured"]
     rc, out, err = _switchover_losing_its_answer(eng, disk, r)
     assert rc == 1 and "nothing was promoted" not in err and "may be primary" in err, out + err
     assert eng.block(disk)["state"] == "switch-over interrupted"
@@ -1625,7 +1634,7 @@ def test_a_block_source_after_a_fail_over_refuses_writes_until_it_wins_again(blo
         r.bed.link_up()
         said = wait_for("the writer named", lambda: "could NOT be made read-only" in (x := cli(
             r.cfg, "status", socket=eng.socket).stdout.replace("\n    ", " ")) and x, 60, 0.2)
-        assert f"pid {os.getpid()} (" in said and f"holds {dev} open for writing" in said, said
+        assert f"{dev} open for writing by pid {os.getpid()} (" in said, said
         assert eng.block(disk)["replication"] == "failed over (no change here since)"
     finally:
         os.close(held)

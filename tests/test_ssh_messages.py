@@ -370,7 +370,7 @@ def test_a_block_fence_whose_loop_cannot_be_looked_at_is_said_not_set_blind(tmp_
     import types
 
     from app.engine.capture import Capture
-    from app.services import loop as loops
+    from app.services import blockplan
     cap = Capture.__new__(Capture)
     cap.read_only_here = None
     cap.spec = types.SimpleNamespace(kind="block", key="/dev/xvdq", run=str(tmp_path))
@@ -378,12 +378,13 @@ def test_a_block_fence_whose_loop_cannot_be_looked_at_is_said_not_set_blind(tmp_
 
     def gone():
         raise FileNotFoundError(2, "No such file or directory", "/dev/loop77")
-    monkeypatch.setattr(loops, "list_attached", gone)
+    monkeypatch.setattr(blockplan, "View", gone)
     cap._on_refused("split-brain", {"changes_here": False})
     assert cap.ops.fenced is False
     assert isinstance(cap.read_only_here, str) and "its loop could not be looked at" in \
         cap.read_only_here and "/dev/loop77" in cap.read_only_here, cap.read_only_here
-    monkeypatch.setattr(loops, "list_attached", lambda: [])  # (its loop is not there now)
+    monkeypatch.setattr(blockplan, "View", lambda: types.SimpleNamespace(  # (its loop is gone)
+        captures_of=lambda key: []))
     cap._on_refused("split-brain", {"changes_here": False})
     assert cap.ops.fenced is True and cap.read_only_here is True
     cap._fence_block(False)  # what _on_connect does once resolve has taken the session

@@ -548,17 +548,15 @@ class Capture:
             self.read_only_here = None
             log.warning("%s: writable again: its replica is its secondary again", key)
             return
-        from app.services import loop as loops
-        from app.services.blockplan import View
-        from app.services.status import openers_of
+        from app.services.blockplan import View, loop_users
         disk = os.path.join(self.spec.run, "disk")
         users = []
         try:
-            for st in loops.list_attached():
-                if st.backing_file == disk:
-                    users += [f"{st.device} is mounted on {m}" for m in View().mounted_on(st.device)]
-                    users += [f"pid {pid} ({comm}) holds {st.device} open for writing" for pid, comm
-                              in openers_of(st.device, writing=True, exclude={os.getpid()})]
+            view = View()
+            for st in view.captures_of(key):
+                if st.backing_file == disk:  # (ours, not another installation's)
+                    users += [f"{st.device} {u}" for u in
+                              loop_users(st.device, view, writing=True, exclude={os.getpid()})]
             why = "in use: " + "; ".join(users)
         except (OSError, MirrorError) as exc:  # (a loop detached as it was looked at): not
             users, why = [exc], f"its loop could not be looked at: {exc}"  # fenced blind

@@ -210,14 +210,6 @@ def window_size(entry) -> int:
     return min(entry.sizelimit, left) if entry.sizelimit else left
 
 
-def block_users(loop: str, ours: set[int]) -> list[str]:
-    from app.services.blockplan import View
-    from app.services.status import openers_of
-    users = [f"mounted on {m}" for m in View().mounted_on(loop)]
-    users += [f"open by pid {pid} ({comm})" for pid, comm in openers_of(loop, exclude=ours)]
-    return users
-
-
 def _use_there(kind: str, spec, host: str) -> str:
     """A switch-over's next step on the target host: where the promoted replica is, and the
     command that makes it usable there (helper-25's walk: a block replica needs a loop, and
@@ -280,7 +272,8 @@ class Failover:
                 raise Refusal(f"{key} is in use: {names}: stop them first (nothing was changed)",
                               errno=errno.EBUSY, obj=key)
         elif cap.loop:
-            users = await trio.to_thread.run_sync(block_users, cap.loop, ours)
+            from app.services.blockplan import View, loop_users
+            users = await trio.to_thread.run_sync(lambda: loop_users(cap.loop, View(), exclude=ours))
             if users:
                 raise Refusal(f"{key} is in use through {cap.loop}: {'; '.join(users)}: stop "
                               "them first (nothing was changed)", errno=errno.EBUSY, obj=key)

@@ -189,6 +189,16 @@ def _exclusive_holders(device: str, view: View) -> list[str]:
     return found or ["held open exclusively by another program"]
 
 
+def loop_users(loop: str, view: View, *, writing: bool = False,
+               exclude: set[int] | frozenset[int] = frozenset()) -> list[str]:
+    """Who uses a loop: 'mounted on …' per mount, 'open by pid N (comm)' per process (only
+    those holding it open for writing, 'open for writing by …', when `writing`)."""
+    from app.services.status import openers_of
+    how = "open for writing by" if writing else "open by"
+    return [f"mounted on {m}" for m in view.mounted_on(loop)] + [
+        f"{how} pid {pid} ({comm})" for pid, comm in openers_of(loop, writing=writing, exclude=exclude)]
+
+
 def loop_use(loop: str, view: View) -> str | None:
     """How a loop is in use: 'mounted on …' or 'open by pid N (comm)'; None when idle."""
     from app.services.status import openers_of
