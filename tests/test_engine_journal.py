@@ -514,6 +514,67 @@ def test_records_dropped_for_a_catch_up_are_said_gone_before_its_marks_never_aft
     assert sent == [("MARK", {"begin": True}), ("SKIP", {"through": 11}), ("DATA", None)], sent
 
 
+@pytest.mark.parametrize("damage", ["garbage{", "[1]", "symlink"])
+def test_a_damaged_replica_state_is_named_not_a_traceback_and_the_others_still_listed(
+        tmp_path, damage):
+    """One replica's state.json that is not a JSON object (a damaged disk, a hand edit, a
+    symbolic link): `replica list` ended in a traceback (JSONDecodeError, or AttributeError on
+    a list, or ELOOP without a name) and listed nothing, and so did `target test` (its answer
+    sums every replica's journal) and `replica remove`; a session for that replica raised out
+    of its hello. Now the list names it by its ID and file, the others are listed, and a
+    session is refused naming the file (EUCLEAN; ELOOP kept), the file left as it was."""
+    import json
+    import threading
+
+    from app.engine import agent as agent_mod
+    from app.engine.agent import Agent, journal_space, list_replicas, replica_id, replica_line
+    from app.services import wire
+    root = tmp_path / "root"
+    books = root / ".mirrorsetup" / "replicas"
+    for name in ("data", "good"):
+        (books / replica_id(name)).mkdir(parents=True)
+    (books / replica_id("good") / "state.json").write_text(json.dumps({"path": "good", "kind": "fs"}))
+    bad = books / replica_id("data") / "state.json"
+    if damage == "symlink":
+        bad.symlink_to(tmp_path / "elsewhere.json")
+        (tmp_path / "elsewhere.json").write_text("{}")
+    else:
+        bad.write_text(damage)
+    listed = {r["id"]: r for r in list_replicas(str(root))}
+    assert listed[replica_id("good")]["name"] == "good"
+    damaged = listed[replica_id("data")]
+    said = replica_line(damaged)
+    assert said.startswith(f"replica {replica_id('data')}: its state file {bad} ") and \
+        ("could not be read: Too many levels of symbolic links (ELOOP)" if damage == "symlink"
+         else "is damaged (not") in said, said
+    assert damaged["errno"] == (errno.ELOOP if damage == "symlink" else errno.EUCLEAN)
+    assert journal_space(str(root))["journal_pending_bytes"] == 0
+    to_agent, from_agent = os.pipe(), os.pipe()
+    out = os.fdopen(from_agent[0], "rb", buffering=0)
+    agent = Agent(str(root), os.fdopen(to_agent[0], "rb", buffering=0),
+                  os.fdopen(from_agent[1], "wb", buffering=0))
+    ran = threading.Thread(target=agent.run)
+    heartbeat, agent_mod.HEARTBEAT_TIMEOUT = agent_mod.HEARTBEAT_TIMEOUT, 24 * 3600.0
+    ran.start()
+    try:
+        wire.skip_to_greeting(out.read)
+        os.write(to_agent[1], wire.jframe(wire.HELLO, {
+            "version": wire.VERSION, "action": "replicate", "path": "data", "kind": "fs",
+            "source": {"host": "h", "entry": "/e"}, "generation": "g1", "compression": "zstd"}))
+        kind, payload = wire.read_frame(out.read)
+        msg = json.loads(payload)
+        assert kind == wire.ERROR and msg["code"] == "state", msg
+        assert f"replica data: its state file {bad} " in msg["message"] and \
+            msg["message"].endswith(": nothing was changed") and msg["errno"] == damaged["errno"], msg
+    finally:
+        os.close(to_agent[1])
+        ran.join(30)
+        agent_mod.HEARTBEAT_TIMEOUT = heartbeat
+        out.close()
+    assert not ran.is_alive()
+    assert bad.is_symlink() if damage == "symlink" else bad.read_text() == damage
+
+
 def _agent_session(tmp_path, frames, until_applied: int, waited: list | None = None
                    ) -> tuple[dict, dict]:
     """An agent replicating "data" under tmp_path/root, fed `frames` after its WELCOME: the

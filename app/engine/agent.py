@@ -66,6 +66,35 @@ class AgentError(Exception):
         self.code, self.errno, self.extra = code, err, extra  # extra: said beside the message
 
 
+class DamagedState(Exception):
+    """A replica's state.json that cannot be read as its state (a damaged disk, a hand edit)."""
+
+    def __init__(self, message: str, err: int):
+        super().__init__(message)
+        self.errno = err
+
+
+def read_state(directory: Path) -> dict | None:
+    """A replica's state.json, the one reader of it: None when there is none (or it is empty),
+    DamagedState (its errno kept, EUCLEAN for its contents) when it is not a JSON object."""
+    path = directory / "state.json"
+    try:
+        text = read_small_file(directory, "state.json")
+    except OSError as exc:
+        raise DamagedState(f"its state file {path} could not be read: {exc.strerror} "
+                           f"({errno.errorcode.get(exc.errno, exc.errno)})", exc.errno) from None
+    if not text:
+        return None
+    try:
+        state = json.loads(text)
+    except ValueError as exc:
+        raise DamagedState(f"its state file {path} is damaged (not JSON: {exc})", errno.EUCLEAN) \
+            from None
+    if not isinstance(state, dict):
+        raise DamagedState(f"its state file {path} is damaged (not a JSON object)", errno.EUCLEAN)
+    return state
+
+
 class Replica:
     """One replica's bookkeeping under ROOT/.mirrorsetup/replicas/ID."""
 
@@ -84,8 +113,13 @@ class Replica:
         return os.open(self.dir / "lock", os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
 
     def state(self) -> dict:
-        text = read_small_file(self.dir, "state.json")
-        return json.loads(text) if text else {}
+        """Its state ({} for a new replica); a damaged state file refuses the session or the
+        command, naming the file (AgentError "state"), rather than raising out of it."""
+        try:
+            return read_state(self.dir) or {}
+        except DamagedState as exc:
+            raise AgentError("state", f"replica {self.rel}: {exc}: nothing was changed", exc.errno) \
+                from None
 
     def save(self, state: dict) -> None:
         """Written whole, one writer at a time: the session's reader (a MARK) and its applier
@@ -1300,10 +1334,14 @@ def list_replicas(root: str) -> list[dict]:
     base = Path(os.path.realpath(root)) / META / "replicas"
     out = []
     for d in sorted(base.glob("*")) if base.is_dir() else []:
-        text = read_small_file(d, "state.json")
-        if not text:
+        try:
+            state = read_state(d)
+        except DamagedState as exc:  # listed as such (by its ID: its name is in that file)
+            out.append({"name": None, "id": d.name, "damaged": str(exc), "errno": exc.errno,
+                        "pending_bytes": None})
             continue
-        state = json.loads(text)
+        if not state:
+            continue
         released = read_small_file(d, "released")
         applied = int(released.strip()) if released and released.strip().isdigit() else 0
         # received (durable in the agent's journal) but not applied to the data yet: a
@@ -1369,6 +1407,8 @@ def replica_line(r: dict) -> str:
         return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(t)) if t else "?"
     if r.get("stateless"):
         return f"{r['name']} ({STATELESS})"
+    if r.get("damaged"):
+        return f"replica {r['id']}: {r['damaged']}"
     src = (r.get("source") or {}).get("entry", "?").split(":", 1)[-1]
     if r["role"] == "primary":
         p = r.get("promoted") or {}
@@ -1729,7 +1769,7 @@ def remove(root: str, name: str, *, confirm=lambda found: None) -> dict:
     listed = list_replicas(top)
     found = next((r for r in listed if r["name"] == name), None) or _stateless(top, name)
     if found is None:
-        names = ", ".join(sorted(str(r["name"]) for r in listed))
+        names = ", ".join(sorted(str(r["name"]) for r in listed if r["name"] is not None))
         raise AgentError("path", f"no replica named {name!r} below {top}: " +
                          (f"the replicas there are {names}" if names else "it keeps none") +
                          f" ({command('replica', 'list', '--root', top)})", errno.ENOENT)
