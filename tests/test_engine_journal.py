@@ -549,29 +549,30 @@ def test_a_damaged_replica_state_is_named_not_a_traceback_and_the_others_still_l
          else "is damaged (not") in said, said
     assert damaged["errno"] == (errno.ELOOP if damage == "symlink" else errno.EUCLEAN)
     assert journal_space(str(root))["journal_pending_bytes"] == 0
-    to_agent, from_agent = os.pipe(), os.pipe()
-    out = os.fdopen(from_agent[0], "rb", buffering=0)
-    agent = Agent(str(root), os.fdopen(to_agent[0], "rb", buffering=0),
-                  os.fdopen(from_agent[1], "wb", buffering=0))
-    ran = threading.Thread(target=agent.run)
-    heartbeat, agent_mod.HEARTBEAT_TIMEOUT = agent_mod.HEARTBEAT_TIMEOUT, 24 * 3600.0
-    ran.start()
-    try:
-        wire.skip_to_greeting(out.read)
-        os.write(to_agent[1], wire.jframe(wire.HELLO, {
-            "version": wire.VERSION, "action": "replicate", "path": "data", "kind": "fs",
-            "source": {"host": "h", "entry": "/e"}, "generation": "g1", "compression": "zstd"}))
-        kind, payload = wire.read_frame(out.read)
-        msg = json.loads(payload)
-        assert kind == wire.ERROR and msg["code"] == "state", msg
-        assert f"replica data: its state file {bad} " in msg["message"] and \
-            msg["message"].endswith(": nothing was changed") and msg["errno"] == damaged["errno"], msg
-    finally:
-        os.close(to_agent[1])
-        ran.join(30)
-        agent_mod.HEARTBEAT_TIMEOUT = heartbeat
-        out.close()
-    assert not ran.is_alive()
+    for action in ("replicate", "probe"):  # (probe: a fail-back's question, read only)
+        to_agent, from_agent = os.pipe(), os.pipe()
+        out = os.fdopen(from_agent[0], "rb", buffering=0)
+        agent = Agent(str(root), os.fdopen(to_agent[0], "rb", buffering=0),
+                      os.fdopen(from_agent[1], "wb", buffering=0))
+        ran = threading.Thread(target=agent.run)
+        heartbeat, agent_mod.HEARTBEAT_TIMEOUT = agent_mod.HEARTBEAT_TIMEOUT, 24 * 3600.0
+        ran.start()
+        try:
+            wire.skip_to_greeting(out.read)
+            os.write(to_agent[1], wire.jframe(wire.HELLO, {
+                "version": wire.VERSION, "action": action, "path": "data", "kind": "fs",
+                "source": {"host": "h", "entry": "/e"}, "generation": "g1", "compression": "zstd"}))
+            kind, payload = wire.read_frame(out.read)
+            msg = json.loads(payload)
+            assert kind == wire.ERROR and msg["code"] == "state", (action, msg)
+            assert f"replica data: its state file {bad} " in msg["message"] and msg["message"] \
+                .endswith(": nothing was changed") and msg["errno"] == damaged["errno"], (action, msg)
+        finally:
+            os.close(to_agent[1])
+            ran.join(30)
+            agent_mod.HEARTBEAT_TIMEOUT = heartbeat
+            out.close()
+        assert not ran.is_alive()
     assert bad.is_symlink() if damage == "symlink" else bad.read_text() == damage
 
 

@@ -74,12 +74,23 @@ class DamagedState(Exception):
         self.errno = err
 
 
-def read_state(directory: Path) -> dict | None:
+def read_state(directory: Path, dir_fd: int | None = None) -> dict | None:
     """A replica's state.json, the one reader of it: None when there is none (or it is empty),
-    DamagedState (its errno kept, EUCLEAN for its contents) when it is not a JSON object."""
+    DamagedState (its errno kept, EUCLEAN for its contents) when it is not a JSON object.
+    `dir_fd`: `directory` opened already (beneath the root), read through it."""
     path = directory / "state.json"
     try:
-        text = read_small_file(directory, "state.json")
+        if dir_fd is None:
+            text = read_small_file(directory, "state.json")
+        else:
+            try:
+                fd = os.open("state.json", os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dir_fd)
+            except FileNotFoundError:
+                return None
+            try:
+                text = os.read(fd, 1 << 16).decode(errors="replace")
+            finally:
+                os.close(fd)
     except OSError as exc:
         raise DamagedState(f"its state file {path} could not be read: {exc.strerror} "
                            f"({errno.errorcode.get(exc.errno, exc.errno)})", exc.errno) from None
@@ -683,16 +694,16 @@ class Agent:
         uses it then (a fail-back would be refused)? Read only: no lock is taken (the same
         source's replication session goes on), nothing made."""
         state = {}
+        books = f"{META}/replicas/{replica_id(rel)}"
         with contextlib.suppress(FileNotFoundError):
-            fd = open_beneath(self.root_fd, f"{META}/replicas/{replica_id(rel)}".encode())
+            fd = open_beneath(self.root_fd, books.encode())
             try:
-                sfd = os.open("state.json", os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=fd)
+                state = read_state(Path(self.root) / books, dir_fd=fd) or {}
+            except DamagedState as exc:
+                raise AgentError("state", f"replica {rel}: {exc}: nothing was changed", exc.errno) \
+                    from None
             finally:
                 os.close(fd)
-            try:
-                state = json.loads(os.read(sfd, 1 << 16) or b"{}")
-            finally:
-                os.close(sfd)
         self.send(wire.WELCOME, {**self.info, "exists": bool(state), "role": state.get("role"),
                                  "generation": state.get("generation"),
                                  "ours": state.get("source") == source,
