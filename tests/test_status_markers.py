@@ -406,3 +406,30 @@ def test_the_capture_end_marker_has_one_reader_for_the_daemon_and_the_set_comman
     marker.unlink()
     marker.symlink_to(elsewhere)
     assert capture_end(str(tmp_path)) is None and clean_end(str(tmp_path)) is None
+
+
+def test_a_capture_end_marker_that_is_no_json_object_is_an_unclean_stop_not_a_crash(tmp_path):
+    """A capture's start reads the marker its last capture wrote at its end (capture.open_state,
+    the worker's own reader beside layout.capture_end): a JSON list or number there raised
+    AttributeError at the start (end.get), and a symbolic link OSError (ELOOP): the worker
+    died and the entry stayed uncaptured. Now both are an unclean stop (the catch-up
+    compares everything) and the marker is gone; a good one still says the clean end."""
+    import os
+
+    from app.engine.capture import CLEAN_MARKER, Spec, open_state
+    state = tmp_path / "state"
+    spec = Spec(kind="fs", key="/srv/x", state=str(state), run=str(tmp_path / "run"),
+                adopt="", fsname="mirrorsetup", target=None, claim={})
+    for marker, want in (("[1]", None), ("7", None), ("", None), ("link", None),
+                         ('{"seq": 5, "released": 5}', {"seq": 5, "released": 5})):
+        state.mkdir(mode=0o700, exist_ok=True)
+        (state / "entry").write_text("/srv/x\n")  # (not a first start)
+        if marker == "link":
+            (tmp_path / "elsewhere").write_text('{"seq": 9}')
+            (state / CLEAN_MARKER).symlink_to(tmp_path / "elsewhere")
+        else:
+            (state / CLEAN_MARKER).write_text(marker)
+        lock, first, end = open_state(spec)
+        os.close(lock)
+        assert (first, end) == (False, want), marker
+        assert not os.path.lexists(state / CLEAN_MARKER), marker

@@ -125,13 +125,20 @@ def open_state(spec: Spec) -> tuple[int, bool, dict | None]:
     first = read_small_file(state, ENTRY_MARKER) is None
     if first:
         write_small_file(state, ENTRY_MARKER, spec.key + "\n")
-    text = read_small_file(state, CLEAN_MARKER)
+    try:
+        text = read_small_file(state, CLEAN_MARKER)
+    except OSError as exc:  # (a symbolic link: ELOOP) taken as no end said: compared again
+        log.warning("%s: its capture-end marker could not be read (%s): taken as an unclean stop",
+                    spec.key, exc)
+        text = ""
     end = None
     if text is not None:
         try:
             end = json.loads(text)
         except ValueError:
-            end = {"legacy": text.strip()}
+            end = {"legacy": text.strip()} if text.strip() else None
+        if not isinstance(end, dict):  # damaged (a list, a number): not a clean end
+            end = None
         os.unlink(state / CLEAN_MARKER)
     return lock, first, end
 
