@@ -956,6 +956,29 @@ def test_a_target_marked_as_another_entrys_replica_is_refused_even_when_adopting
         store.add_filesystem(src, target=replica)
 
 
+@pytest.mark.root
+@pytest.mark.parametrize("marker", [b"[1]", b'"fs:/srv/x"', b'{"entry": 5}'])
+def test_a_target_whose_marker_is_no_json_object_is_refused_as_someone_elses_not_a_crash(
+        store, dirs, tmp_path, marker):
+    """A replica marker set by hand or by another tool that is JSON but no object (or whose
+    entry is no string): `fs add --target` raised AttributeError (a traceback) and so did the
+    capture's claim of it. Refused now as another's ("something else"), as an unreadable one
+    was; nothing is written."""
+    from app.engine.target import Claim
+    (src,) = dirs("src")
+    replica = tmp_path / "replica"
+    replica.mkdir()
+    os.setxattr(replica, "trusted.mirrorsetup.replica", marker)
+    owner = "5" if marker == b'{"entry": 5}' else "something else"
+    with refused(store, f"^target .*/replica is the replica of {owner}: refusing to share it"):
+        store.add_filesystem(src, target=replica)
+    assert os.getxattr(replica, "trusted.mirrorsetup.replica") == marker
+    claim = Claim("fs:/srv/x", "h")
+    assert not claim.mine(marker.decode())
+    assert Claim.describe(marker.decode()) == ("the replica of 5 on ?" if owner == "5" else
+                                               "claimed by something else (unreadable marker)")
+
+
 def test_a_config_file_others_could_write_is_refused(store, dirs):
     (a,) = dirs("a")
     store.add_filesystem(a)

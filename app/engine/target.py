@@ -29,7 +29,7 @@ from app.engine.applier import BlockApplier, FsApplier
 from app.engine.journal import Record, read_small_file, write_small_file
 from app.engine.lowlevel import RENAME_EXCHANGE
 from app.engine.sync import BLOCK
-from app.services.layout import MARKER_XATTR, dir_is_empty
+from app.services.layout import MARKER_XATTR, dir_is_empty, marker_fields
 from app.services.results import MirrorError
 
 CLAIM_FILE = "target-claim"  # in the entry's state directory, for targets without a marker
@@ -56,19 +56,15 @@ class Claim:
         return json.dumps({"entry": self.entry, "host": self.host}, sort_keys=True)
 
     def mine(self, marker: str | None) -> bool:
-        try:
-            other = json.loads(marker or "")
-        except ValueError:
-            return False
-        return other.get("entry") == self.entry and other.get("host") == self.host
+        other = marker_fields(marker)
+        return other is not None and other.get("entry") == self.entry and other.get("host") == self.host
 
     @staticmethod
     def describe(marker: str) -> str:
-        try:
-            other = json.loads(marker)
-            return f"the replica of {other.get('entry', '?').split(':', 1)[-1]} on {other.get('host', '?')}"
-        except ValueError:
+        other = marker_fields(marker)
+        if other is None:
             return "claimed by something else (unreadable marker)"
+        return f"the replica of {str(other.get('entry', '?')).split(':', 1)[-1]} on {other.get('host', '?')}"
 
 
 def host_id() -> str:
@@ -472,6 +468,8 @@ def _state_claim(state_dir: Path, fd: int) -> str | None:
     try:
         d = json.loads(text)
     except ValueError:
+        return None
+    if not isinstance(d, dict):
         return None
     st = os.fstat(fd)
     same = d.get("rdev") == st.st_rdev if st.st_rdev else (d.get("dev"), d.get("ino")) == (st.st_dev, st.st_ino)

@@ -900,18 +900,15 @@ def _adopt_hint(entry) -> str:
 def _refuse_unclaimed(target: str, entry: str, adopt: bool) -> None:
     """A target that already holds something is written only when it is this entry's replica
     (its marker says so) or the administrator said to adopt it."""
-    from app.services.layout import read_marker, target_is_empty
+    from app.services.layout import marker_fields, read_marker, target_is_empty
     if not is_local_target(target) or adopt:
         return
     marker = read_marker(target)
     if marker is not None:
-        import json
-        try:
-            if json.loads(marker).get("entry") == entry:
-                return
-            owner = json.loads(marker).get("entry", "?").split(":", 1)[-1]
-        except ValueError:
-            owner = "something else"
+        fields = marker_fields(marker)
+        if fields is not None and fields.get("entry") == entry:
+            return
+        owner = "something else" if fields is None else str(fields.get("entry", "?")).split(":", 1)[-1]
         raise ConfigError(f"target {target} is the replica of {owner}: refusing to share it",
                           key="target", obj=target, errno=errno.EEXIST)
     try:

@@ -468,6 +468,17 @@ def read_marker(path: str) -> str | None:
         return None
 
 
+def marker_fields(marker: str | None) -> dict | None:
+    """A replica marker's fields ("entry", "host"), None when it is none or not a JSON object
+    (a hand-set or foreign attribute: "claimed by something else")."""
+    import json
+    try:
+        fields = json.loads(marker or "")
+    except ValueError:
+        return None
+    return fields if isinstance(fields, dict) else None
+
+
 def dir_is_empty(path: str) -> bool:
     """Nothing in it but, maybe, an empty lost+found (a fresh file system's root)."""
     names = os.listdir(path)
