@@ -979,6 +979,25 @@ def test_a_target_whose_marker_is_no_json_object_is_refused_as_someone_elses_not
                                                "claimed by something else (unreadable marker)")
 
 
+def test_a_block_targets_claim_file_that_is_no_json_object_is_no_claim_not_a_crash(tmp_path):
+    """A target that takes no marker (a block device, a file system without user xattrs) is
+    claimed in the entry's state directory (target-claim): a list there raised AttributeError
+    in the capture's claim. It is no claim now: the target is judged as unmarked."""
+    import json
+
+    from app.engine.target import CLAIM_FILE, _state_claim
+    (tmp_path / CLAIM_FILE).write_text("[1]")
+    fd = os.open(tmp_path, os.O_RDONLY)
+    try:
+        assert _state_claim(tmp_path, fd) is None
+        st = os.fstat(fd)
+        (tmp_path / CLAIM_FILE).write_text(json.dumps(
+            {"entry": "block:/dev/x", "host": "h", "dev": st.st_dev, "ino": st.st_ino, "rdev": 0}))
+        assert json.loads(_state_claim(tmp_path, fd)) == {"entry": "block:/dev/x", "host": "h"}
+    finally:
+        os.close(fd)
+
+
 def test_a_config_file_others_could_write_is_refused(store, dirs):
     (a,) = dirs("a")
     store.add_filesystem(a)

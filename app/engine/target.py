@@ -465,11 +465,8 @@ def _state_claim(state_dir: Path, fd: int) -> str | None:
     text = read_small_file(state_dir, CLAIM_FILE)
     if not text:
         return None
-    try:
-        d = json.loads(text)
-    except ValueError:
-        return None
-    if not isinstance(d, dict):
+    d = marker_fields(text)  # (a marker's fields and the target's identity)
+    if d is None:  # damaged: no claim of ours (the target is judged as unmarked)
         return None
     st = os.fstat(fd)
     same = d.get("rdev") == st.st_rdev if st.st_rdev else (d.get("dev"), d.get("ino")) == (st.st_dev, st.st_ino)
