@@ -73,6 +73,10 @@ class DamagedState(Exception):
         super().__init__(message)
         self.errno = err
 
+    def refusal(self, rel: str) -> AgentError:
+        """How a session or a command for the replica `rel` is refused."""
+        return AgentError("state", f"replica {rel}: {self}: nothing was changed", self.errno)
+
 
 def read_state(directory: Path, dir_fd: int | None = None) -> dict | None:
     """A replica's state.json, the one reader of it: None when there is none (or it is empty),
@@ -80,17 +84,7 @@ def read_state(directory: Path, dir_fd: int | None = None) -> dict | None:
     `dir_fd`: `directory` opened already (beneath the root), read through it."""
     path = directory / "state.json"
     try:
-        if dir_fd is None:
-            text = read_small_file(directory, "state.json")
-        else:
-            try:
-                fd = os.open("state.json", os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dir_fd)
-            except FileNotFoundError:
-                return None
-            try:
-                text = os.read(fd, 1 << 16).decode(errors="replace")
-            finally:
-                os.close(fd)
+        text = read_small_file(directory, "state.json", dir_fd=dir_fd)
     except OSError as exc:
         raise DamagedState(f"its state file {path} could not be read: {exc.strerror} "
                            f"({errno.errorcode.get(exc.errno, exc.errno)})", exc.errno) from None
@@ -129,8 +123,7 @@ class Replica:
         try:
             return read_state(self.dir) or {}
         except DamagedState as exc:
-            raise AgentError("state", f"replica {self.rel}: {exc}: nothing was changed", exc.errno) \
-                from None
+            raise exc.refusal(self.rel) from None
 
     def save(self, state: dict) -> None:
         """Written whole, one writer at a time: the session's reader (a MARK) and its applier
@@ -700,8 +693,7 @@ class Agent:
             try:
                 state = read_state(Path(self.root) / books, dir_fd=fd) or {}
             except DamagedState as exc:
-                raise AgentError("state", f"replica {rel}: {exc}: nothing was changed", exc.errno) \
-                    from None
+                raise exc.refusal(rel) from None
             finally:
                 os.close(fd)
         self.send(wire.WELCOME, {**self.info, "exists": bool(state), "role": state.get("role"),

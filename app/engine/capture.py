@@ -125,20 +125,11 @@ def open_state(spec: Spec) -> tuple[int, bool, dict | None]:
     first = read_small_file(state, ENTRY_MARKER) is None
     if first:
         write_small_file(state, ENTRY_MARKER, spec.key + "\n")
-    try:
-        text = read_small_file(state, CLEAN_MARKER)
-    except OSError as exc:  # (a symbolic link: ELOOP) taken as no end said: compared again
-        log.warning("%s: its capture-end marker could not be read (%s): taken as an unclean stop",
-                    spec.key, exc)
-        text = ""
-    end = None
-    if text is not None:
-        try:
-            end = json.loads(text)
-        except ValueError:
-            end = {"legacy": text.strip()} if text.strip() else None
-        if not isinstance(end, dict):  # damaged (a list, a number): not a clean end
-            end = None
+    end = layout.capture_end(spec.state)  # the one reader (the daemon's too)
+    if os.path.lexists(state / CLEAN_MARKER):
+        if end is None:  # damaged (not a JSON object, a symbolic link): compared again
+            log.warning("%s: its capture-end marker is no JSON object: taken as an unclean stop",
+                        spec.key)
         os.unlink(state / CLEAN_MARKER)
     return lock, first, end
 

@@ -214,9 +214,12 @@ def decode_path(text: str) -> bytes:
     return os.fsencode(text)
 
 
-def read_small_file(directory: Path, name: str) -> str | None:
+def read_small_file(directory: Path, name: str, dir_fd: int | None = None) -> str | None:
+    """`name` in `directory` (not followed through a symbolic link), None when it is not
+    there; `dir_fd`: that directory opened already (then `name` is opened through it)."""
     try:
-        fd = os.open(directory / name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        fd = os.open(name if dir_fd is not None else directory / name,
+                     os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dir_fd)
     except FileNotFoundError:
         return None
     try:
